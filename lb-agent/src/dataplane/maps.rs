@@ -1,0 +1,213 @@
+//! Typed reads and writes of the program's maps. Callers speak in lb-common's types;
+//! map names, fds and inner-map plumbing stay here.
+
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash,
+};
+use lb_common::{
+    Backend, Flow, FlowKey, Frontend, FrontendKey, Reason, ReasonStats, RevNat, ServiceStats,
+    maps::{self, BPF_F_INNER_MAP, MAGLEV_SIZE_SLOT},
+};
+
+use super::{Dataplane, DataplaneError};
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// A missing key on delete is success: the state we want is "absent".
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl Dataplane {
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    pub fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<(), DataplaneError> {
+        let name = maps::FRONTENDS;
+        let mut m: HashMap<_, FrontendKey, Frontend> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(key, value, 0).map_err(map_err(name))
+    }
+
+    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
+        let name = maps::FRONTENDS;
+        let mut m: HashMap<_, FrontendKey, Frontend> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        absent_ok(m.remove(key)).map_err(map_err(name))
+    }
+
+    pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
+        let name = maps::BACKENDS;
+        let mut m: HashMap<_, u32, Backend> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(id, value, 0).map_err(map_err(name))
+    }
+
+    pub fn remove_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let name = maps::BACKENDS;
+        let mut m: HashMap<_, u32, Backend> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        absent_ok(m.remove(&id)).map_err(map_err(name))
+    }
+
+    /// Installs `table` (backend ids, length M, prime) as the service's Maglev table in
+    /// one atomic step: a fresh inner array is filled first, then swapped into the
+    /// outer map, so a packet sees either the whole old table or the whole new one.
+    pub fn set_maglev_table(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+        let name = maps::MAGLEV;
+        let size = u32::try_from(table.len()).map_err(|_| DataplaneError::Map {
+            name,
+            source: MapError::OutOfBounds {
+                index: u32::MAX,
+                max_entries: u32::MAX,
+            },
+        })?;
+        let mut inner: Array<MapData, u32> =
+            Array::create(size + 1, BPF_F_INNER_MAP).map_err(map_err(name))?;
+        inner.set(MAGLEV_SIZE_SLOT, size, 0).map_err(map_err(name))?;
+        for (slot, id) in (1..).zip(table) {
+            inner.set(slot, id, 0).map_err(map_err(name))?;
+        }
+        let mut outer: ArrayOfMaps<_, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        outer.set(service_id, &inner, 0).map_err(map_err(name))
+    }
+
+    /// Removes the service's table: its frontends then count `drop_no_backend`.
+    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        let name = maps::MAGLEV;
+        let map = self.map_mut(name)?;
+        let data: &mut MapData = match map {
+            aya::maps::Map::ArrayOfMaps(data) => data,
+            _ => {
+                return Err(DataplaneError::Map {
+                    name,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            }
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd());
+        absent_ok(delete_elem(fd, &service_id)).map_err(map_err(name))
+    }
+
+    /// Lets the program redirect to `ifindex` through the devmap.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let name = maps::TX_PORTS;
+        let mut m = DevMapHash::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(ifindex, ifindex, None, 0)
+            .map_err(|e| DataplaneError::Interface {
+                name: format!("ifindex {ifindex}"),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The conntrack entry for a client -> frontend flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>, DataplaneError> {
+        let name = maps::CONNTRACK;
+        let m: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(m.get(key, 0)).map_err(map_err(name))
+    }
+
+    /// The reply translation for a backend -> client flow, if any.
+    pub fn rev_nat(&self, key: &FlowKey) -> Result<Option<RevNat>, DataplaneError> {
+        let name = maps::REVNAT;
+        let m: HashMap<_, FlowKey, RevNat> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(m.get(key, 0)).map_err(map_err(name))
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_stats(&self, service_id: u32) -> Result<ServiceStats, DataplaneError> {
+        let name = maps::SERVICE_STATS;
+        let m: PerCpuArray<_, ServiceStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let per_cpu = m.get(&service_id, 0).map_err(map_err(name))?;
+        Ok(per_cpu.iter().fold(ServiceStats::default(), |mut sum, s| {
+            sum.packets += s.packets;
+            sum.bytes += s.bytes;
+            sum.new_flows += s.new_flows;
+            sum.reply_packets += s.reply_packets;
+            sum.reply_bytes += s.reply_bytes;
+            sum
+        }))
+    }
+
+    /// Counters for every reason, summed over CPUs.
+    pub fn reason_stats(&self) -> Result<Vec<(Reason, ReasonStats)>, DataplaneError> {
+        let name = maps::REASON_STATS;
+        let m: PerCpuArray<_, ReasonStats> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu = m.get(&(reason as u32), 0).map_err(map_err(name))?;
+                let sum = per_cpu.iter().fold(ReasonStats::default(), |mut sum, s| {
+                    sum.packets += s.packets;
+                    sum.bytes += s.bytes;
+                    sum
+                });
+                Ok((reason, sum))
+            })
+            .collect()
+    }
+}
+
+fn optional<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM` on an array-of-maps slot (aya 0.14 has no typed delete for it).
+fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: &u32) -> Result<(), MapError> {
+    use std::os::fd::AsRawFd as _;
+    // union bpf_attr for BPF_MAP_DELETE_ELEM: map_fd (u32), pad, key (u64 pointer).
+    #[repr(C)]
+    struct DeleteAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = DeleteAttr {
+        map_fd: fd.as_raw_fd().cast_unsigned(),
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for this command and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &raw const attr,
+            size_of::<DeleteAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let io_error = std::io::Error::last_os_error();
+    if io_error.raw_os_error() == Some(libc::ENOENT) {
+        return Err(MapError::KeyNotFound);
+    }
+    Err(MapError::IoError(io_error))
+}

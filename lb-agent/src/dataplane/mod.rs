@@ -1,0 +1,8 @@
+//! The only module that talks to the kernel's BPF side: loading and attaching the
+//! XDP program, pinning, and typed access to its maps.
+
+pub mod loader;
+pub mod maps;
+pub mod object;
+
+pub use loader::{Dataplane, DataplaneError, TestRunOutput};

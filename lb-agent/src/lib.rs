@@ -1,0 +1,5 @@
+//! xlb agent library: turns desired services into BPF map contents.
+pub mod dataplane;
+pub mod frames;
+pub mod maglev;
+pub mod testbed;

@@ -1,0 +1,71 @@
+//! Test support: real network topologies in network namespaces, for the
+//! end-to-end tests, the demo and the benchmarks.
+//!
+//! Project rules this module enforces:
+//! - It changes only namespaces it created: every command is `ip -n NS …` or
+//!   `ip netns exec NS …`, veth peers are created directly in their target
+//!   namespace, and sockets are opened on a thread that entered the
+//!   namespace. The root namespace's links, routes, sysctls and firewall are
+//!   never touched.
+//! - Addresses come from the documentation ranges only (see [`Topology`]).
+//! - Names are `xlb-<tag>-<pid>-<counter>`, unique across the threads of a
+//!   test process and across processes; interface names are short and fixed
+//!   per namespace.
+//! - Dropping a [`Netns`] (also while a failed test unwinds) kills the
+//!   processes started in it by PID and deletes it; every command and wait
+//!   is bounded in time; a failed command reports its full command line and
+//!   stderr.
+//!
+//! It needs root (`CAP_NET_ADMIN` and `CAP_SYS_ADMIN`); without them every
+//! constructor fails with an error that says so.
+
+mod cmd;
+mod netns;
+pub mod node;
+mod topology;
+mod traffic;
+
+#[cfg(test)]
+mod tests;
+
+pub use netns::{
+    EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, remove_stale_namespaces, testbed_namespaces,
+    veth_pair,
+};
+pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
+pub use traffic::{ServerHandle, spawn_tcp_name_server, spawn_udp_name_server, tcp_ask, udp_ask};
+
+/// Bit numbers from linux/capability.h.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Fails unless this process may create and enter network namespaces
+/// (effective `CAP_NET_ADMIN` and `CAP_SYS_ADMIN`, i.e. root), with a message
+/// saying how to run the tests. Privileged tests call it so that they fail
+/// loudly instead of being skipped.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| anyhow::anyhow!("cannot read /proc/self/status: {e}"))?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| cap_eff & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "the testbed needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to create network \
+             namespaces; missing {}; run the tests as root",
+            missing.join(" and ")
+        )
+    }
+}

@@ -1,0 +1,307 @@
+//! Small, bounded traffic helpers: name servers in backend namespaces and
+//! one-shot clients that ask them who they are.
+//!
+//! Everything runs in-process (no external binaries). Sockets are created
+//! on a thread that has entered the namespace (namespaces are per thread,
+//! and a socket keeps the namespace it was created in), then used anywhere.
+//! Every wait has a deadline and every loop stops by itself.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::netns::Netns;
+
+/// How often a server notices that its handle was dropped.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// A server's deadline for writing its reply to one client, so a stuck
+/// client cannot stall it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most bytes a client reads as a reply.
+const MAX_REPLY: usize = 4096;
+
+/// Most connections a TCP server accepts before looking at its stop flag.
+const ACCEPT_BATCH: usize = 256;
+
+/// A running name server; dropping it stops the server and joins its thread
+/// (within about 50 ms).
+#[derive(Debug)]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The bound address (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections (TCP) or datagrams (UDP) answered so far, e.g. to check
+    /// how a load balancer spread its flows. Counted before the reply is
+    /// sent, so a client that has its reply is already included.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::warn!(addr = %self.local_addr, "name server thread panicked");
+        }
+    }
+}
+
+/// Runs a TCP server in `ns`, bound to `bind`, that answers every connection
+/// with `name` and a newline (e.g. `"backend-0\n"`) and then closes it. It
+/// serves on its own thread until the handle is dropped.
+///
+/// Binding `[::]:port` accepts IPv4 and IPv6.
+pub fn spawn_tcp_name_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    name: &str,
+) -> anyhow::Result<ServerHandle> {
+    let listener = ns
+        .run_in(|| TcpListener::bind(bind))?
+        .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
+    listener.set_nonblocking(true)?;
+    let local_addr = listener.local_addr()?;
+    let reply = format!("{name}\n").into_bytes();
+    spawn_server(local_addr, "tcp", move |stop, served| {
+        serve_tcp(&listener, &reply, stop, served);
+    })
+}
+
+/// Runs a UDP server in `ns`, bound to `bind`, that answers every datagram
+/// with `name` and a newline, sent back to the datagram's source. It serves
+/// on its own thread until the handle is dropped.
+pub fn spawn_udp_name_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    name: &str,
+) -> anyhow::Result<ServerHandle> {
+    let socket = ns
+        .run_in(|| UdpSocket::bind(bind))?
+        .with_context(|| format!("cannot bind UDP {bind} in netns {}", ns.name()))?;
+    socket.set_read_timeout(Some(STOP_POLL))?;
+    let local_addr = socket.local_addr()?;
+    let reply = format!("{name}\n").into_bytes();
+    spawn_server(local_addr, "udp", move |stop, served| {
+        serve_udp(&socket, &reply, stop, served);
+    })
+}
+
+fn spawn_server(
+    local_addr: SocketAddr,
+    proto: &str,
+    serve: impl FnOnce(&AtomicBool, &AtomicU64) + Send + 'static,
+) -> anyhow::Result<ServerHandle> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let thread = std::thread::Builder::new()
+        .name(format!("{proto}-name-{}", local_addr.port()))
+        .spawn({
+            let stop = Arc::clone(&stop);
+            let served = Arc::clone(&served);
+            move || serve(&stop, &served)
+        })
+        .context("cannot start a server thread")?;
+    Ok(ServerHandle {
+        local_addr,
+        stop,
+        served,
+        thread: Some(thread),
+    })
+}
+
+fn serve_tcp(listener: &TcpListener, reply: &[u8], stop: &AtomicBool, served: &AtomicU64) {
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = wait_readable(listener, STOP_POLL) {
+            tracing::warn!(error = %e, "poll on name server failed");
+            std::thread::sleep(STOP_POLL);
+            continue;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = answer_tcp(stream, reply) {
+                        tracing::debug!(%peer, error = %e, "could not answer");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // E.g. ECONNABORTED: the client gave up; keep serving.
+                    tracing::debug!(error = %e, "accept failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn answer_tcp(mut stream: TcpStream, reply: &[u8]) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    stream.write_all(reply)?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Waits until `listener` has a connection to accept or `timeout` passes.
+fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is one valid pollfd for the duration of the call and the
+    // listener's descriptor stays open while we borrow it.
+    let rc = unsafe { libc::poll(&raw mut fd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn serve_udp(socket: &UdpSocket, reply: &[u8], stop: &AtomicBool, served: &AtomicU64) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                served.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = socket.send_to(reply, peer) {
+                    tracing::debug!(%peer, error = %e, "could not answer");
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                // E.g. a queued ICMP error from an earlier reply.
+                tracing::debug!(error = %e, "recv failed");
+            }
+        }
+    }
+}
+
+/// From `ns`, connects to `addr`, reads the reply line and returns it
+/// without the newline. The whole exchange must finish within `timeout`.
+pub fn tcp_ask(ns: &Netns, addr: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = deadline_after(timeout)?;
+    ns.run_in(|| -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 512];
+        while !reply.contains(&b'\n') && reply.len() < MAX_REPLY {
+            stream.set_read_timeout(Some(remaining(deadline)?))?;
+            let n = stream.read(&mut buf).map_err(timeout_error)?;
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        reply_line(&reply)
+    })
+    .and_then(|reply| reply)
+    .with_context(|| {
+        format!(
+            "tcp_ask {addr} from netns {} (timeout {timeout:?})",
+            ns.name()
+        )
+    })
+}
+
+/// From `ns`, sends one datagram to `addr` (from `local_port`, or an
+/// ephemeral port) and returns the first reply line from `addr`, without the
+/// newline. Sends exactly once (no retries, so a lost packet is visible as
+/// a timeout); replies from other sources are ignored (the socket is
+/// connected), so a reply that was not translated back fails the ask.
+pub fn udp_ask(
+    ns: &Netns,
+    local_port: Option<u16>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = deadline_after(timeout)?;
+    let port = local_port.unwrap_or(0);
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    ns.run_in(|| -> anyhow::Result<String> {
+        let socket = UdpSocket::bind(local).with_context(|| format!("cannot bind {local}"))?;
+        socket.connect(addr)?;
+        socket.send(b"who?\n")?;
+        let mut buf = [0u8; MAX_REPLY];
+        socket.set_read_timeout(Some(remaining(deadline)?))?;
+        let n = socket.recv(&mut buf).map_err(timeout_error)?;
+        reply_line(&buf[..n])
+    })
+    .and_then(|reply| reply)
+    .with_context(|| {
+        format!(
+            "udp_ask {addr} from netns {} (timeout {timeout:?})",
+            ns.name()
+        )
+    })
+}
+
+fn deadline_after(timeout: Duration) -> anyhow::Result<Instant> {
+    if timeout.is_zero() {
+        bail!("timeout must be positive");
+    }
+    Ok(Instant::now() + timeout)
+}
+
+fn remaining(deadline: Instant) -> anyhow::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("timed out");
+    }
+    Ok(left)
+}
+
+/// Names the socket timeout plainly (Linux reports it as EAGAIN).
+fn timeout_error(e: io::Error) -> anyhow::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        anyhow::anyhow!("timed out waiting for a reply")
+    } else {
+        e.into()
+    }
+}
+
+fn reply_line(reply: &[u8]) -> anyhow::Result<String> {
+    let text = String::from_utf8_lossy(reply);
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        bail!("no reply (got {} bytes)", reply.len());
+    }
+    Ok(line.to_owned())
+}

@@ -1,0 +1,73 @@
+//! Maps pin under one bpffs directory by their versioned names, and `bpftool map dump`
+//! prints their keys and values field by field (BTF), as operators will read them.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use lb_agent::{dataplane::Dataplane, testbed};
+use lb_common::{Backend, FAMILY_V4, Frontend, FrontendKey, PROTO_TCP, maps};
+
+/// Removes the test's pin directory, also when the test fails.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pinned_maps_dump_typed_entries_with_bpftool() {
+    testbed::check_privileges().expect("privileges");
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-test-pins-{}",
+        std::process::id()
+    )));
+    let mut dp = Dataplane::load(None).expect("load (run through `cargo xtask test`)");
+    let key = FrontendKey {
+        addr: [203, 0, 113, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    };
+    dp.set_frontend(key, Frontend { service_id: 7, flags: 0 })
+        .expect("frontend");
+    dp.set_backend(
+        42,
+        Backend {
+            addr: [192, 0, 2, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 8080u16.to_be(),
+            family: FAMILY_V4,
+            _pad: 0,
+            service_id: 7,
+        },
+    )
+    .expect("backend");
+    dp.set_maglev_table(7, &[42; 7]).expect("table");
+    dp.pin_maps(&dir.0).expect("pin");
+
+    for name in maps::ALL {
+        assert!(dir.0.join(name).exists(), "{name} pinned");
+    }
+    let dump = |name: &str| -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(dir.0.join(name))
+            .output()
+            .expect("run bpftool (installed by `cargo xtask test`)");
+        assert!(
+            out.status.success(),
+            "bpftool map dump {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    };
+    let frontends = dump(maps::FRONTENDS);
+    let entry = &frontends[0]["formatted"];
+    assert_eq!(entry["value"]["service_id"], 7, "typed value: {frontends}");
+    assert_eq!(entry["key"]["proto"], 6, "typed key: {frontends}");
+    assert_eq!(entry["key"]["family"], 4, "typed key: {frontends}");
+    let backends = dump(maps::BACKENDS);
+    assert_eq!(backends[0]["formatted"]["value"]["service_id"], 7, "{backends}");
+    assert_eq!(backends[0]["formatted"]["key"], 42, "{backends}");
+}

@@ -1,0 +1,83 @@
+//! Why the XDP program let a packet go the way it did. Every exit of the program counts
+//! exactly one reason (per-CPU packets and bytes in `REASON_STATS_V1`, indexed by the
+//! discriminant), so the counters add up to the packets the program saw.
+
+/// The kernel's XDP verdicts (`enum xdp_action`).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $name:ident = $value:literal => $metric:literal, $action:ident;)*) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $name = $value,)*
+        }
+
+        impl Reason {
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            /// Stable snake_case name, used as the metrics label.
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$name => $metric,)* }
+            }
+
+            /// The verdict the program returns for this reason when it has no better
+            /// one (a redirect's verdict comes from the redirect helper).
+            pub const fn action(self) -> u32 {
+                match self { $(Reason::$name => $action,)* }
+            }
+
+            pub const fn from_u32(value: u32) -> Option<Reason> {
+                match value { $($value => Some(Reason::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    PassNotIp = 0 => "pass_not_ip", XDP_PASS;
+    /// IP, but not TCP or UDP directly after the IP header (ICMP, SCTP, IPv6 extension
+    /// headers).
+    PassNotL4 = 1 => "pass_not_l4", XDP_PASS;
+    /// TCP/UDP for no frontend and no tracked reply.
+    PassNotFrontend = 2 => "pass_not_frontend", XDP_PASS;
+    /// Headers too short or inconsistent to identify a frontend; the kernel decides.
+    PassMalformed = 3 => "pass_malformed", XDP_PASS;
+    /// IP fragment that is not for a frontend (or cannot be attributed to one).
+    PassFragment = 4 => "pass_fragment", XDP_PASS;
+    /// TTL / hop limit would expire here: handed untranslated to the kernel, which
+    /// answers with ICMP time exceeded.
+    PassTtlExceeded = 5 => "pass_ttl_exceeded", XDP_PASS;
+    /// Translated, but the next hop's MAC is not resolved yet: the kernel forwards it
+    /// and resolves the neighbour for the packets that follow.
+    PassNoNeigh = 6 => "pass_no_neigh", XDP_PASS;
+    /// Translated, but the FIB does not forward it from XDP (local destination,
+    /// forwarding disabled, fragmentation needed, unreachable ...): the kernel handles it.
+    PassFibOther = 7 => "pass_fib_other", XDP_PASS;
+    /// Translated client -> backend packet sent on through a devmap redirect.
+    FwdRedirect = 8 => "fwd_redirect", XDP_REDIRECT;
+    /// Translated client -> backend packet sent back out of the interface it came in on.
+    FwdTx = 9 => "fwd_tx", XDP_TX;
+    /// Translated backend -> client reply sent on through a devmap redirect.
+    ReplyRedirect = 10 => "reply_redirect", XDP_REDIRECT;
+    /// Translated backend -> client reply sent out of the interface it came in on.
+    ReplyTx = 11 => "reply_tx", XDP_TX;
+    /// The frontend's service has no backend (empty Maglev slot or no table).
+    DropNoBackend = 12 => "drop_no_backend", XDP_DROP;
+    /// Addressed to a frontend, but the L4 header is inconsistent with the IP header.
+    DropMalformed = 13 => "drop_malformed", XDP_DROP;
+    /// First fragment addressed to a frontend: fragments cannot be balanced per flow.
+    DropFragment = 14 => "drop_fragment", XDP_DROP;
+    /// Backend and frontend families differ (the agent never writes that; defence).
+    DropFamilyMismatch = 15 => "drop_family_mismatch", XDP_DROP;
+}
+
+impl Reason {
+    /// Number of reasons; the size of `REASON_STATS_V1`.
+    pub const COUNT: u32 = Reason::ALL.len() as u32;
+}

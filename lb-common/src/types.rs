@@ -1,0 +1,139 @@
+//! Map keys and values. Addresses are 16 bytes in network order; an IPv4 address uses
+//! the first 4 bytes and leaves the rest zero. Ports are kept in network byte order, as
+//! they appear on the wire, so the data path never swaps bytes.
+
+/// Address family tags used in keys (not the kernel's `AF_*` numbers).
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Frontend flag: choose the backend by client address only (sessionAffinity ClientIP).
+pub const FRONTEND_F_CLIENT_AFFINITY: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    pub service_id: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// The service this backend serves; conntrack reuses a backend only for this service,
+    /// so a recycled id can never carry another service's flow.
+    pub service_id: u32,
+}
+
+/// A 5-tuple as seen on the wire (source first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key of the reply direction after DNAT to `backend`: backend -> client.
+    pub const fn reply_after_dnat(&self, backend: &Backend) -> FlowKey {
+        FlowKey {
+            src: backend.addr,
+            dst: self.src,
+            sport: backend.port,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Conntrack value for the client -> frontend direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+/// What a reply from a backend is translated back to (the frontend the client used).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Client -> backend packets and bytes (whole frames).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that got a backend from the Maglev table (new, or re-selected).
+    pub new_flows: u64,
+    /// Backend -> client packets and bytes translated back.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReasonStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], Copy, and has no implicit padding (checked by
+    // the size assertions below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::Frontend {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::ReasonStats {}
+}
+
+// No implicit padding anywhere: the sums of the field sizes.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
+    assert!(size_of::<Frontend>() == 8);
+    assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
+    assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
+    assert!(size_of::<Flow>() == 8);
+    assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4);
+    assert!(size_of::<ServiceStats>() == 5 * 8);
+    assert!(size_of::<ReasonStats>() == 2 * 8);
+};

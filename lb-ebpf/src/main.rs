@@ -1,0 +1,88 @@
+//! xlb's XDP data plane: VIP -> backend DNAT with Maglev selection, connection
+//! tracking, reverse translation of replies, and FIB-based forwarding.
+//!
+//! The per-packet path reads as Cilium's lb.h does: parse -> lookup frontend ->
+//! (conntrack hit: reuse backend | Maglev select + remember) -> translate -> forward.
+//! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod fib;
+mod maglev;
+mod maps;
+mod nat;
+mod packet;
+mod parse;
+mod service;
+mod stats;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use lb_common::{Reason, reason::XDP_PASS};
+
+use crate::packet::Packet;
+
+/// The load balancer, attached to every interface of the node.
+#[xdp]
+pub fn xlb_xdp(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (action, reason) = match process(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => (reason.action(), reason),
+    };
+    stats::count_reason(reason, bytes);
+    action
+}
+
+/// A program that only returns XDP_PASS: the baseline `cargo xtask bench packet`
+/// measures xlb against in the same run.
+#[xdp]
+pub fn xlb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+    let mut pkt = parse::parse(ctx)?;
+    match service::lookup_frontend(&pkt) {
+        Some(frontend) => to_backend(ctx, &mut pkt, frontend),
+        None => to_client(ctx, &mut pkt),
+    }
+}
+
+/// Client -> frontend: choose (or keep) the backend, DNAT, forward.
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    frontend: lb_common::Frontend,
+) -> Result<(u32, Reason), Reason> {
+    pkt.check_translatable()?;
+    nat::check_ttl(ctx, pkt)?;
+    let bytes = pkt.frame_len(ctx);
+    let (backend, new_flow) = conntrack::backend_for(pkt, &frontend)?;
+    nat::dnat(ctx, pkt, &backend)?;
+    stats::count_service(frontend.service_id, bytes, new_flow);
+    fib::forward(ctx, pkt, fib::Direction::ToBackend)
+}
+
+/// Anything else: a reply from a backend of a tracked flow is translated back to the
+/// frontend the client used; everything else passes untouched.
+fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
+    let rev = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+    pkt.check_reply_translatable()?;
+    nat::check_ttl(ctx, pkt)?;
+    let bytes = pkt.frame_len(ctx);
+    nat::rev_snat(ctx, pkt, &rev)?;
+    stats::count_reply(rev.service_id, bytes);
+    fib::forward(ctx, pkt, fib::Direction::ToClient)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

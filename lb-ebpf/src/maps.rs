@@ -1,0 +1,47 @@
+//! Every map of the program, in one place. Names are versioned (`_V1`): see
+//! `lb_common::maps`. All are BTF maps, so `bpftool map dump` prints typed entries.
+
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, Flow, FlowKey, Frontend, FrontendKey, Reason, ReasonStats, RevNat, ServiceStats,
+    maps::{
+        BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
+        MAX_SERVICES, MAX_TX_PORTS,
+    },
+};
+
+const fn n(v: u32) -> usize {
+    v as usize
+}
+
+#[btf_map]
+pub static FRONTENDS_V1: HashMap<FrontendKey, Frontend, { n(MAX_FRONTENDS) }> = HashMap::new();
+
+#[btf_map]
+pub static BACKENDS_V1: HashMap<u32, Backend, { n(MAX_BACKENDS) }> = HashMap::new();
+
+/// Outer map indexed by service id; each inner array is one service's Maglev table
+/// (slot 0: table size M, slots 1..=M: backend ids), replaced whole by the agent.
+#[btf_map]
+pub static MAGLEV_V1: ArrayOfMaps<
+    Array<u32, { n(MAGLEV_TEMPLATE_ENTRIES) }, { n(BPF_F_INNER_MAP) }>,
+    { n(MAX_SERVICES) },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+pub static CONNTRACK_V1: LruHashMap<FlowKey, Flow, { n(CONNTRACK_ENTRIES) }> = LruHashMap::new();
+
+#[btf_map]
+pub static REVNAT_V1: LruHashMap<FlowKey, RevNat, { n(CONNTRACK_ENTRIES) }> = LruHashMap::new();
+
+#[btf_map]
+pub static SVC_STATS_V1: PerCpuArray<ServiceStats, { n(MAX_SERVICES) }> = PerCpuArray::new();
+
+#[btf_map]
+pub static REASON_STATS_V1: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = PerCpuArray::new();
+
+#[btf_map]
+pub static TX_PORTS_V1: DevMapHash<{ n(MAX_TX_PORTS) }> = DevMapHash::new();

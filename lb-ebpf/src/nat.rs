@@ -1,0 +1,121 @@
+//! Address and port translation with incremental checksums (RFC 1624), IPv4 and IPv6.
+//! Forwarding is a router hop, so the TTL / hop limit is decremented as well.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Backend, PROTO_UDP, Reason, RevNat, csum::CsumDelta};
+
+use crate::packet::{Packet, load, store};
+
+/// Which end of the flow a translation rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Src,
+    Dst,
+}
+
+/// Refuses to forward a packet whose TTL / hop limit would expire here; the kernel
+/// then answers with ICMP time exceeded, as any router would.
+#[inline(always)]
+pub fn check_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
+    match load::<[u8; 2]>(ctx, ttl_word(pkt)) {
+        Some(word) if word[ttl_index(pkt)] > 1 => Ok(()),
+        Some(_) => Err(Reason::PassTtlExceeded),
+        None => Err(Reason::PassMalformed),
+    }
+}
+
+/// The 16-bit word holding the TTL (IPv4: TTL, protocol) or hop limit (IPv6: next
+/// header, hop limit). Accessed as two bytes: a one-byte access at a variable offset
+/// compiles to a bounds check the verifier cannot use.
+#[inline(always)]
+fn ttl_word(pkt: &Packet) -> usize {
+    if pkt.is_v4() { pkt.l3() + 8 } else { pkt.l3() + 6 }
+}
+
+#[inline(always)]
+fn ttl_index(pkt: &Packet) -> usize {
+    if pkt.is_v4() { 0 } else { 1 }
+}
+
+/// Client -> frontend becomes client -> backend.
+#[inline(always)]
+pub fn dnat(ctx: &XdpContext, pkt: &mut Packet, backend: &Backend) -> Result<(), Reason> {
+    rewrite(ctx, pkt, Side::Dst, &backend.addr, backend.port)
+}
+
+/// Backend -> client becomes frontend -> client.
+#[inline(always)]
+pub fn rev_snat(ctx: &XdpContext, pkt: &mut Packet, rev: &RevNat) -> Result<(), Reason> {
+    rewrite(ctx, pkt, Side::Src, &rev.addr, rev.port)
+}
+
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    side: Side,
+    addr: &[u8; 16],
+    port: u16,
+) -> Result<(), Reason> {
+    let mut l4 = CsumDelta::new();
+    let old_addr = if side == Side::Dst {
+        pkt.key.dst
+    } else {
+        pkt.key.src
+    };
+    if pkt.is_v4() {
+        let mut ip = CsumDelta::new();
+        let old: [u8; 4] = [old_addr[0], old_addr[1], old_addr[2], old_addr[3]];
+        let new: [u8; 4] = [addr[0], addr[1], addr[2], addr[3]];
+        l4.replace_bytes(&old, &new);
+        ip.replace_bytes(&old, &new);
+        let addr_off = pkt.l3() + if side == Side::Dst { 16 } else { 12 };
+        store(ctx, addr_off, new)?;
+        // TTL shares a 16-bit word with the protocol.
+        let ttl_proto = load::<[u8; 2]>(ctx, ttl_word(pkt)).ok_or(Reason::DropMalformed)?;
+        let decremented = [ttl_proto[0].wrapping_sub(1), ttl_proto[1]];
+        ip.replace_bytes(&ttl_proto, &decremented);
+        store(ctx, ttl_word(pkt), decremented)?;
+        let check = load::<[u8; 2]>(ctx, pkt.l3() + 10).ok_or(Reason::DropMalformed)?;
+        let check = ip.apply(u16::from_be_bytes(check));
+        store(ctx, pkt.l3() + 10, check.to_be_bytes())?;
+    } else {
+        l4.replace_bytes(&old_addr, addr);
+        let addr_off = pkt.l3() + if side == Side::Dst { 24 } else { 8 };
+        store(ctx, addr_off, *addr)?;
+        let nh_hop = load::<[u8; 2]>(ctx, ttl_word(pkt)).ok_or(Reason::DropMalformed)?;
+        store(ctx, ttl_word(pkt), [nh_hop[0], nh_hop[1].wrapping_sub(1)])?;
+    }
+
+    // Ports are kept in wire order, so their in-memory bytes are the wire bytes.
+    let (old_port, port_off) = if side == Side::Dst {
+        (pkt.key.dport, pkt.l4() + 2)
+    } else {
+        (pkt.key.sport, pkt.l4())
+    };
+    l4.replace_bytes(&old_port.to_ne_bytes(), &port.to_ne_bytes());
+    store(ctx, port_off, port)?;
+
+    let udp = pkt.key.proto == PROTO_UDP;
+    let csum_off = pkt.l4() + if udp { 6 } else { 16 };
+    let check = load::<[u8; 2]>(ctx, csum_off).ok_or(Reason::DropMalformed)?;
+    let check = u16::from_be_bytes(check);
+    // A zero UDP checksum over IPv4 means "none" and stays zero.
+    if !(udp && pkt.is_v4() && check == 0) {
+        let mut updated = l4.apply(check);
+        if udp && updated == 0 {
+            // In UDP, 0 means "no checksum"; a computed zero is sent as all ones.
+            updated = 0xffff;
+        }
+        store(ctx, csum_off, updated.to_be_bytes())?;
+    }
+
+    if side == Side::Dst {
+        pkt.key.dst = *addr;
+        pkt.key.dport = port;
+    } else {
+        pkt.key.src = *addr;
+        pkt.key.sport = port;
+    }
+    Ok(())
+}

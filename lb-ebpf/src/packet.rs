@@ -1,0 +1,123 @@
+//! Bounds-checked access to the frame and the parsed view of one packet.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FlowKey, Reason};
+
+/// Reads a `T` at byte offset `off`, or `None` when the frame is shorter.
+/// The explicit `data + off + size <= data_end` check is what the verifier needs.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked above; packet data has no alignment guarantee.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// Whether the frame holds `end` bytes. Compared as `data + end <= data_end`, never
+/// as a length: a length derived from `data_end - data` lets LLVM drop later bounds
+/// checks that the verifier, which only follows packet pointers, still needs.
+#[inline(always)]
+pub fn fits(ctx: &XdpContext, end: usize) -> bool {
+    ctx.data() + end <= ctx.data_end()
+}
+
+/// Writes a `T` at byte offset `off`; `Err` when the frame is shorter.
+#[inline(always)]
+pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Result<(), Reason> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return Err(Reason::DropMalformed);
+    }
+    // SAFETY: bounds checked above; packet data has no alignment guarantee.
+    unsafe { core::ptr::write_unaligned((start + off) as *mut T, value) };
+    Ok(())
+}
+
+/// Where an IP fragment stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    None,
+    /// Offset 0 with more fragments: has the L4 header, but the flow cannot be
+    /// translated consistently (the other fragments carry no ports).
+    First,
+}
+
+/// A parsed TCP/UDP packet: header offsets and the 5-tuple as on the wire.
+pub struct Packet {
+    /// Offset of the IP header (after Ethernet and an optional 802.1Q tag). Kept as a
+    /// byte: wherever the struct lives, the verifier then knows the offset is < 256.
+    l3: u8,
+    /// Offset of the TCP/UDP header (honours IPv4 IHL; at most 18 + 60).
+    l4: u8,
+    /// IPv4 total length or IPv6 payload length + 40, for the FIB's MTU check.
+    pub ip_len: u16,
+    pub key: FlowKey,
+    pub fragment: Fragment,
+    /// The L4 header lies wholly inside the IP payload and the frame (TCP: data
+    /// offset >= 5), so its checksum can be updated.
+    pub l4_complete: bool,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn new(
+        l3: usize,
+        l4: usize,
+        ip_len: u16,
+        key: FlowKey,
+        fragment: Fragment,
+        l4_complete: bool,
+    ) -> Packet {
+        Packet {
+            l3: l3 as u8,
+            l4: l4 as u8,
+            ip_len,
+            key,
+            fragment,
+            l4_complete,
+        }
+    }
+
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        usize::from(self.l3)
+    }
+
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        usize::from(self.l4)
+    }
+
+    pub fn is_v4(&self) -> bool {
+        self.key.family == FAMILY_V4
+    }
+
+    pub fn frame_len(&self, ctx: &XdpContext) -> u64 {
+        (ctx.data_end() - ctx.data()) as u64
+    }
+
+    /// A packet for a frontend can be translated only when whole and unfragmented.
+    pub fn check_translatable(&self) -> Result<(), Reason> {
+        if self.fragment == Fragment::First {
+            return Err(Reason::DropFragment);
+        }
+        if !self.l4_complete {
+            return Err(Reason::DropMalformed);
+        }
+        Ok(())
+    }
+
+    /// A reply we cannot translate is left to the kernel rather than dropped: it is
+    /// not addressed to anything of ours.
+    pub fn check_reply_translatable(&self) -> Result<(), Reason> {
+        if self.fragment == Fragment::First {
+            return Err(Reason::PassFragment);
+        }
+        if !self.l4_complete {
+            return Err(Reason::PassMalformed);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! `cargo xtask test`: the project's one test command (CI runs it as root via .ci/run).
+//! Lint and test steps all run even if one fails, so a CI log shows every problem at once.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::run::run;
+use crate::toolchain::{self, Toolchain};
+use crate::{EBPF_OBJECT_VAR, ebpf, host_cargo, privilege};
+
+/// Runs the test pipeline and prints the time each step took, whatever the outcome.
+pub fn test(no_lint: bool, extra: &[String]) -> Result<()> {
+    let mut steps = Steps::default();
+    let result = run_steps(&mut steps, no_lint, extra);
+    steps.summary();
+    let failed: Vec<&str> = steps
+        .done
+        .iter()
+        .filter(|(_, _, ok)| !ok)
+        .map(|(name, _, _)| *name)
+        .collect();
+    // Each failing step already printed its error; end with the list.
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join("; "));
+    }
+    result
+}
+
+fn run_steps(steps: &mut Steps, no_lint: bool, extra: &[String]) -> Result<()> {
+    steps.run("privileges and bpffs", privilege::ensure_test_privileges)?;
+    let (toolchain, object) = steps.run("toolchain and build-ebpf --release", || {
+        let toolchain = toolchain::ensure()?;
+        let object = ebpf::build(&toolchain, true)?;
+        eprintln!("xtask: eBPF object {}", object.display());
+        Ok((toolchain, object))
+    })?;
+
+    // From here on a failing step does not stop the others: its error is printed and the
+    // summary marks it, so one run shows every problem.
+    if !no_lint {
+        let _ = steps.run("cargo fmt --all --check", || {
+            run(host_cargo().args(["fmt", "--all", "--check"]))
+        });
+        let _ = steps.run("cargo +nightly fmt --check (lb-ebpf)", || {
+            toolchain.ensure_lint_components()?;
+            ebpf_cargo(&toolchain, &["fmt", "--check"])
+        });
+        let _ = steps.run("cargo clippy --workspace --all-targets", || {
+            run(host_cargo()
+                .args(["clippy", "--workspace", "--all-targets"])
+                .args(["--", "-D", "warnings"])
+                .env(EBPF_OBJECT_VAR, &object))
+        });
+        let _ = steps.run("cargo +nightly clippy (lb-ebpf)", || {
+            toolchain.ensure_lint_components()?;
+            ebpf_cargo(
+                &toolchain,
+                &[
+                    "clippy",
+                    "--target",
+                    ebpf::TARGET,
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )
+        });
+    }
+    let _ = steps.run("cargo test --workspace", || {
+        run(host_cargo()
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env(EBPF_OBJECT_VAR, &object))
+    });
+    Ok(())
+}
+
+/// `cargo +nightly <args>` in lb-ebpf with the eBPF build environment.
+fn ebpf_cargo(toolchain: &Toolchain, args: &[&str]) -> Result<()> {
+    run(toolchain.nightly_cargo(&ebpf::dir()?)?.args(args))
+}
+
+/// Named, timed steps, each announced with a `==> ` line on stderr.
+#[derive(Default)]
+struct Steps {
+    done: Vec<(&'static str, Duration, bool)>,
+}
+
+impl Steps {
+    /// Runs one step; a failure is printed right away (and recorded for the summary).
+    fn run<T>(&mut self, name: &'static str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+        eprintln!("==> {name}");
+        let start = Instant::now();
+        let result = step();
+        if let Err(err) = &result {
+            eprintln!("xtask: {name}: {err:#}");
+        }
+        self.done.push((name, start.elapsed(), result.is_ok()));
+        result
+    }
+
+    fn summary(&self) {
+        eprintln!("==> summary");
+        for (name, elapsed, ok) in &self.done {
+            let verdict = if *ok { "ok" } else { "FAILED" };
+            eprintln!("{:>8.1}s  {verdict:<6}  {name}", elapsed.as_secs_f64());
+        }
+    }
+}

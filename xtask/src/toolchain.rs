@@ -1,0 +1,401 @@
+//! Toolchain bootstrap for the eBPF side. A fresh machine needs no hand set-up: each step
+//! checks for its piece (cheaply, so a warm run stays fast and quiet) and installs it only
+//! when missing, saying on stderr what it runs.
+
+use std::env;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::run::{probe, run};
+
+/// The toolchain that builds lb-ebpf (`-Z build-std` needs nightly). Always named
+/// explicitly: `RUSTUP_AUTO_INSTALL=0` is set on these machines.
+pub const NIGHTLY: &str = "nightly";
+/// bpf-linker release known to work with nightly's LLVM 22 (feature `llvm-22`).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_FEATURES: &str = "llvm-22";
+/// The nightly libLLVM that bpf-linker links against: `libLLVM.so.22.1-rust-*-nightly`.
+const LLVM_LIB_PREFIX: &str = "libLLVM.so.22.1-rust-";
+const LLVM_LIB_SUFFIX: &str = "-nightly";
+/// eBPF rustflags: BTF lets `bpftool map dump` print typed keys and values.
+const EBPF_RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
+
+/// Variables that the outer (stable) `cargo xtask` run leaves in our environment and that
+/// would make a nested cargo pick the stable toolchain or the wrong target/flags.
+const OUTER_CARGO_VARS: &[&str] = &[
+    "RUSTUP_TOOLCHAIN",
+    "RUSTUP_TOOLCHAIN_SOURCE",
+    "RUSTC",
+    "RUSTDOC",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_ENCODED_RUSTFLAGS",
+];
+
+/// Command-line tools the tests use, with the Debian package that provides each.
+const SYSTEM_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+];
+
+/// Everything the eBPF build needs, found (or installed) by [`ensure`].
+pub struct Toolchain {
+    /// `rustc +nightly --print sysroot`; its `lib` holds the libLLVM bpf-linker needs.
+    pub sysroot: PathBuf,
+    /// The tools folder; bpf-linker lives in its `bin`.
+    pub tools: PathBuf,
+    /// Whether a step had to install something; a warm run passes `--quiet` to cargo.
+    pub installed: bool,
+}
+
+/// Makes sure the nightly toolchain, its rust-src, bpf-linker and the system tools the
+/// tests use are present, installing what is missing.
+pub fn ensure() -> Result<Toolchain> {
+    let (sysroot, mut installed) = ensure_nightly()?;
+    installed |= ensure_rust_src(&sysroot)?;
+    let tools = tools_dir()?;
+    installed |= ensure_bpf_linker(&sysroot, &tools)?;
+    installed |= ensure_system_tools()?;
+    Ok(Toolchain {
+        sysroot,
+        tools,
+        installed,
+    })
+}
+
+impl Toolchain {
+    /// `cargo +nightly` in `dir` with the eBPF build environment: bpf-linker on PATH, the
+    /// nightly libLLVM loadable, BTF rustflags, and the outer stable run's variables gone.
+    pub fn nightly_cargo(&self, dir: &Path) -> Result<Command> {
+        let mut cmd = Command::new("cargo");
+        cmd.arg(format!("+{NIGHTLY}")).current_dir(dir);
+        strip_outer_cargo_env(&mut cmd);
+        cmd.env("PATH", prepend_path("PATH", &self.tools.join("bin"))?)
+            .env("LD_LIBRARY_PATH", self.ld_library_path()?)
+            .env("RUSTFLAGS", EBPF_RUSTFLAGS);
+        Ok(cmd)
+    }
+
+    /// Installs nightly's rustfmt and clippy when missing; a minimal profile lacks them and
+    /// the lint steps run `cargo +nightly fmt` / `cargo +nightly clippy` for lb-ebpf.
+    pub fn ensure_lint_components(&self) -> Result<()> {
+        let bin = self.sysroot.join("bin");
+        let missing: Vec<&str> = [("rustfmt", "rustfmt"), ("clippy", "cargo-clippy")]
+            .into_iter()
+            .filter(|(_, exe)| !bin.join(exe).is_file())
+            .map(|(component, _)| component)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing.join(" ");
+        say(&format!(
+            "installing {list} for the {NIGHTLY} toolchain (rustup component add {list} --toolchain {NIGHTLY})"
+        ));
+        run(Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing)
+            .args(["--toolchain", NIGHTLY])
+            .stdout(io::stderr()))
+    }
+
+    fn ld_library_path(&self) -> Result<OsString> {
+        prepend_path("LD_LIBRARY_PATH", &self.sysroot.join("lib"))
+    }
+}
+
+/// Removes [`OUTER_CARGO_VARS`] from a nested cargo's environment.
+pub fn strip_outer_cargo_env(cmd: &mut Command) {
+    for var in OUTER_CARGO_VARS {
+        cmd.env_remove(var);
+    }
+}
+
+/// Prints what an install step does; all our chatter goes to stderr so stdout stays
+/// reserved for results (build-ebpf's object path).
+pub fn say(message: &str) {
+    eprintln!("xtask: {message}");
+}
+
+/// Returns nightly's sysroot (installing the toolchain when it is missing) and whether it
+/// had to be installed.
+fn ensure_nightly() -> Result<(PathBuf, bool)> {
+    if let Some(sysroot) = nightly_sysroot() {
+        return Ok((sysroot, false));
+    }
+    say(&format!(
+        "installing the {NIGHTLY} toolchain (rustup toolchain install {NIGHTLY} --profile minimal --no-self-update)"
+    ));
+    // --no-self-update: installing a toolchain must not also replace rustup itself.
+    run(Command::new("rustup")
+        .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+        .arg("--no-self-update")
+        .stdout(io::stderr()))?;
+    let sysroot = nightly_sysroot().with_context(|| {
+        format!(
+            "`rustup run {NIGHTLY} rustc --print sysroot` still fails after installing {NIGHTLY}"
+        )
+    })?;
+    Ok((sysroot, true))
+}
+
+fn nightly_sysroot() -> Option<PathBuf> {
+    probe(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+}
+
+fn ensure_rust_src(sysroot: &Path) -> Result<bool> {
+    if sysroot.join("lib/rustlib/src/rust/library").is_dir() {
+        return Ok(false);
+    }
+    say(&format!(
+        "installing rust-src for the {NIGHTLY} toolchain (rustup component add rust-src --toolchain {NIGHTLY})"
+    ));
+    run(Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
+        .stdout(io::stderr()))?;
+    Ok(true)
+}
+
+/// `$XLB_TOOLS_DIR`, or `$HOME/.cache/xlb/tools`: a known folder shared across runs so the
+/// minute-long bpf-linker build happens once per machine.
+fn tools_dir() -> Result<PathBuf> {
+    let dir = if let Some(dir) = env::var_os("XLB_TOOLS_DIR").filter(|d| !d.is_empty()) {
+        PathBuf::from(dir)
+    } else {
+        let home = env::var_os("HOME").context("neither XLB_TOOLS_DIR nor HOME is set")?;
+        Path::new(&home).join(".cache/xlb/tools")
+    };
+    if dir.is_absolute() {
+        Ok(dir)
+    } else {
+        Ok(env::current_dir()?.join(dir))
+    }
+}
+
+fn ensure_bpf_linker(sysroot: &Path, tools: &Path) -> Result<bool> {
+    let bin = tools.join("bin/bpf-linker");
+    let lib = sysroot.join("lib");
+    let version = || {
+        probe(Command::new(&bin).arg("--version").env(
+            "LD_LIBRARY_PATH",
+            prepend_path("LD_LIBRARY_PATH", &lib).ok()?,
+        ))
+    };
+    match version() {
+        Some(v) if v.contains(BPF_LINKER_VERSION) => return Ok(false),
+        Some(v) => say(&format!(
+            "{} reports `{v}`, not {BPF_LINKER_VERSION}; reinstalling",
+            bin.display()
+        )),
+        None if bin.exists() => say(&format!(
+            "{} does not run (`--version` failed); reinstalling",
+            bin.display()
+        )),
+        None => {}
+    }
+
+    // bpf-linker's build looks for LLVM under LLVM_PREFIX; no system LLVM 22 exists here, so
+    // point it at the nightly toolchain's own libLLVM.
+    let llvm = tools.join("llvm");
+    let llvm_lib = llvm.join("lib");
+    fs::create_dir_all(&llvm_lib)
+        .with_context(|| format!("could not create {}", llvm_lib.display()))?;
+    let names = fs::read_dir(&lib)
+        .with_context(|| format!("could not list {}", lib.display()))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect::<Vec<_>>();
+    let target = lib.join(pick_llvm_lib(&names, &lib)?);
+    let link = llvm_lib.join("libLLVM.so");
+    if link.symlink_metadata().is_ok() {
+        fs::remove_file(&link).with_context(|| format!("could not remove {}", link.display()))?;
+    }
+    std::os::unix::fs::symlink(&target, &link)
+        .with_context(|| format!("could not link {} -> {}", link.display(), target.display()))?;
+
+    let install = |locked: bool| {
+        let mut cmd = Command::new("cargo");
+        strip_outer_cargo_env(&mut cmd);
+        // Keep the toolchain that runs xtask: the nested cargo builds a host tool.
+        if let Some(toolchain) = env::var_os("RUSTUP_TOOLCHAIN") {
+            cmd.env("RUSTUP_TOOLCHAIN", toolchain);
+        }
+        cmd.env("LLVM_PREFIX", &llvm)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", BPF_LINKER_FEATURES])
+            .arg("--root")
+            .arg(tools)
+            // Replaces a registered but broken install (e.g. after a nightly update).
+            .arg("--force")
+            .stdout(io::stderr());
+        if locked {
+            cmd.arg("--locked");
+        }
+        say(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} into {} (LLVM_PREFIX={} cargo install bpf-linker --version {BPF_LINKER_VERSION} --no-default-features --features {BPF_LINKER_FEATURES} --root {}{}; about a minute)",
+            tools.display(),
+            llvm.display(),
+            tools.display(),
+            if locked { " --locked" } else { "" },
+        ));
+        run(&mut cmd)
+    };
+    if let Err(err) = install(true) {
+        say(&format!("{err:#}; retrying without --locked"));
+        install(false)?;
+    }
+    match version() {
+        Some(v) if v.contains(BPF_LINKER_VERSION) => Ok(true),
+        other => bail!(
+            "bpf-linker was installed into {} but `{} --version` gives {other:?}, not {BPF_LINKER_VERSION}",
+            tools.display(),
+            bin.display()
+        ),
+    }
+}
+
+/// Picks `libLLVM.so.22.1-rust-*-nightly` among the nightly sysroot's `lib` entries.
+fn pick_llvm_lib<'a>(names: &'a [String], lib: &Path) -> Result<&'a str> {
+    if let Some(name) = names
+        .iter()
+        .find(|n| n.starts_with(LLVM_LIB_PREFIX) && n.ends_with(LLVM_LIB_SUFFIX))
+    {
+        return Ok(name);
+    }
+    let others: Vec<&str> = names
+        .iter()
+        .filter(|n| n.starts_with("libLLVM"))
+        .map(String::as_str)
+        .collect();
+    bail!(
+        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{NIGHTLY}` toolchain on LLVM 22 (verified: rustc 1.97.0-nightly of 2026-05-19)",
+        lib.display(),
+        if others.is_empty() {
+            "no libLLVM at all".to_owned()
+        } else {
+            others.join(", ")
+        }
+    )
+}
+
+/// Installs bpftool, ip (iproute2) and ethtool with apt-get when any is missing: the tests
+/// drive network namespaces, veths and pinned maps with them.
+pub fn ensure_system_tools() -> Result<bool> {
+    let packages: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(tool, _)| find_tool(tool).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if packages.is_empty() {
+        return Ok(false);
+    }
+    let list = packages.join(" ");
+    if find_tool("apt-get").is_none() {
+        bail!(
+            "the tests need {list} (bpftool, ip, ethtool) and apt-get is not available; install them"
+        );
+    }
+    if let Some(uid) = effective_uid().filter(|&uid| uid != 0) {
+        bail!(
+            "the tests need {list}; installing them with apt-get needs root (effective uid is {uid}): run as root (sudo -E) or install them yourself"
+        );
+    }
+    say(&format!(
+        "installing {list} (apt-get update; apt-get install -y --no-install-recommends {list})"
+    ));
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(io::stderr()))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(io::stderr()))?;
+    for (tool, package) in SYSTEM_TOOLS {
+        if find_tool(tool).is_none() {
+            bail!("`{tool}` is still missing after installing {package}");
+        }
+    }
+    Ok(true)
+}
+
+/// Looks for an executable on PATH and in /usr/sbin and /sbin, which a non-root PATH
+/// often lacks although that is where bpftool, ip and ethtool live.
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The effective uid from `/proc/self/status` (`Uid: real effective saved fs`).
+fn effective_uid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `dir` followed by the current value of the list variable `var`.
+fn prepend_path(var: &str, dir: &Path) -> Result<OsString> {
+    let current = env::var_os(var).unwrap_or_default();
+    let dirs = std::iter::once(dir.to_path_buf())
+        .chain(env::split_paths(&current).filter(|p| !p.as_os_str().is_empty()));
+    env::join_paths(dirs).with_context(|| format!("{} cannot go into {var}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_nightly_llvm_22_library() {
+        let names = [
+            "librustc_driver-b5a965480ee51f9a.so",
+            "libLLVM-22-rust-1.97.0-nightly.so",
+            "libLLVM.so.22.1-rust-1.97.0-nightly",
+        ]
+        .map(String::from);
+        assert_eq!(
+            pick_llvm_lib(&names, Path::new("/s/lib")).unwrap(),
+            "libLLVM.so.22.1-rust-1.97.0-nightly"
+        );
+    }
+
+    #[test]
+    fn explains_a_missing_or_different_llvm() {
+        let names = ["libLLVM.so.23.1-rust-1.99.0-nightly".to_owned()];
+        let err = pick_llvm_lib(&names, Path::new("/s/lib")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("libLLVM.so.23.1-rust-1.99.0-nightly"), "{msg}");
+        assert!(msg.contains("llvm-22"), "{msg}");
+        assert!(pick_llvm_lib(&[], Path::new("/s/lib")).is_err());
+    }
+
+    #[test]
+    fn prepends_to_list_variables() {
+        let joined = prepend_path("XTASK_TEST_UNSET_VAR", Path::new("/t/bin")).unwrap();
+        assert_eq!(joined, OsString::from("/t/bin"));
+    }
+}
