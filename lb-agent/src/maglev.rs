@@ -142,7 +142,7 @@ pub fn build_table(backends: &[Backend<'_>], size: u32) -> Result<Vec<u32>, Magl
         while !active.is_empty() {
             for &i in &active {
                 let state = &mut states[i];
-                let slot = state.claim(&mut filled, size);
+                let slot = state.claim(&mut filled);
                 table[slot as usize] = state.id;
                 remaining -= 1;
                 if remaining == 0 {
@@ -209,38 +209,27 @@ fn gcd(mut a: u32, mut b: u32) -> u32 {
     a
 }
 
-/// Candidate slots a cursor examines per step of its walk. Checking several
-/// at once breaks the add-then-compare dependency chain between consecutive
-/// candidates, which matters when the table is nearly full and a turn has to
-/// pass over many taken slots.
-const PROBES: usize = 4;
-
 /// A backend's position in its permutation while the table is being filled.
 struct Cursor {
     /// Next candidate slot, `(offset + j * skip) % M` for the backend's
     /// current `j`, advanced incrementally instead of precomputing the
     /// permutation.
     next: u32,
-    /// `(k + 1) * skip % M` for `k` in `0..PROBES`: the distances from `next`
-    /// to the following candidates.
-    strides: [u32; PROBES],
+    /// `skip` and `2 * skip % M`, to walk two candidates per step.
+    skip: Stride,
+    skip2: Stride,
     id: u32,
     weight: u32,
 }
 
 impl Cursor {
     fn new(offset: u32, skip: u32, size: u32, id: u32, weight: u32) -> Self {
-        let mut strides = [0; PROBES];
-        let mut k = 0;
-        for stride in &mut strides {
-            k += 1;
-            // k * skip < PROBES * MAX_TABLE_SIZE: no overflow in u64.
-            let s = u64::from(skip) * k % u64::from(size);
-            *stride = u32::try_from(s).expect("stride < size");
-        }
+        // skip < M <= MAX_TABLE_SIZE, so 2 * skip does not overflow.
+        let skip2 = 2 * skip % size;
         Self {
             next: offset,
-            strides,
+            skip: Stride::new(skip, size),
+            skip2: Stride::new(skip2, size),
             id,
             weight,
         }
@@ -249,53 +238,72 @@ impl Cursor {
     /// Claims the backend's next preferred free slot. Terminates while any
     /// slot is free: `skip` is coprime with the prime `M`, so the walk visits
     /// every slot, and a slot it passed over was already taken for good.
-    fn claim(&mut self, filled: &mut SlotSet, size: u32) -> u32 {
-        // Both operands are below `size`, so the sum stays below
-        // 2 * MAX_TABLE_SIZE and one subtraction reduces it.
-        let add = |a: u32, b: u32| {
-            let s = a + b;
-            if s >= size { s - size } else { s }
-        };
+    ///
+    /// Most of the build time is spent here near the end of the fill, passing
+    /// over taken slots, so the loop is tuned: the walk stays in locals and
+    /// `filled` is only read (a store per step would put a store-to-load
+    /// round trip on the critical path), and it takes two candidates per step
+    /// so that consecutive candidates do not wait on each other.
+    fn claim(&mut self, filled: &mut SlotSet) -> u32 {
+        let mut next = self.next;
         loop {
-            // Candidates j, j + 1, ..., j + PROBES (the last is only the
-            // continuation point).
-            let mut slots = [self.next; PROBES + 1];
-            for (slot, &stride) in slots[1..].iter_mut().zip(&self.strides) {
-                *slot = add(self.next, stride);
+            let first = next;
+            let second = self.skip.add(first);
+            next = self.skip2.add(first);
+            if filled.is_free(first) {
+                filled.insert(first);
+                self.next = second;
+                return first;
             }
-            let mut free = 0u32;
-            for (k, &slot) in slots[..PROBES].iter().enumerate() {
-                free |= u32::from(filled.is_free(slot)) << k;
+            if filled.is_free(second) {
+                filled.insert(second);
+                self.next = next;
+                return second;
             }
-            if free == 0 {
-                self.next = slots[PROBES];
-                continue;
-            }
-            // The first free candidate in walk order, as a one-at-a-time walk
-            // would find it.
-            let k = free.trailing_zeros() as usize;
-            filled.insert(slots[k]);
-            self.next = slots[k + 1];
-            return slots[k];
         }
+    }
+}
+
+/// A step `d` (`0 <= d < M`) along the ring of `M` slots.
+#[derive(Clone, Copy)]
+struct Stride {
+    d: u32,
+    /// `M - d`: slots at or past it wrap around.
+    wrap: u32,
+}
+
+impl Stride {
+    fn new(d: u32, size: u32) -> Self {
+        Self { d, wrap: size - d }
+    }
+
+    /// `(x + d) % M` for `x < M`. Both outcomes are computed from `x` and one
+    /// picked without a branch (wrapping is a coin flip the branch predictor
+    /// cannot learn), which also keeps the dependency on `x` short.
+    fn add(self, x: u32) -> u32 {
+        std::hint::select_unpredictable(
+            x < self.wrap,
+            x.wrapping_add(self.d),
+            x.wrapping_sub(self.wrap),
+        )
     }
 }
 
 /// Bitset of taken slots: 16 KiB at `MAX_TABLE_SIZE`, small enough to stay in
 /// L1 cache during the random probing of the fill loop.
-struct SlotSet(Vec<u64>);
+struct SlotSet(Vec<bool>);
 
 impl SlotSet {
     fn new(size: u32) -> Self {
-        Self(vec![0; size.div_ceil(64) as usize])
+        Self(vec![false; size as usize])
     }
 
     fn is_free(&self, slot: u32) -> bool {
-        self.0[(slot / 64) as usize] >> (slot % 64) & 1 == 0
+        !self.0[slot as usize]
     }
 
     fn insert(&mut self, slot: u32) {
-        self.0[(slot / 64) as usize] |= 1 << (slot % 64);
+        self.0[slot as usize] = true;
     }
 }
 
@@ -1399,11 +1407,36 @@ mod scratch_count {
     #[test]
     #[ignore]
     fn count_probes() {
-        let m = 65_537u32; let n = 1000;
-        let ids: Vec<String> = (0..n).map(|i| format!("10.0.{}.{}:8080/TCP", i / 256, i % 256)).collect();
+        let m = 65_537u32;
+        let n = 1000;
+        let ids: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8080/TCP", i / 256, i % 256))
+            .collect();
         let mut st: Vec<(u32, u32)> = ids.iter().map(|s| permutation(s.as_bytes(), m)).collect();
-        let mut filled = vec![false; m as usize]; let mut rem = m; let mut probes = 0u64; let mut tail = 0u64;
-        'o: loop { for (next, skip) in st.iter_mut() { loop { probes += 1; if rem < 3277 { tail += 1; } let c = *next; *next = (*next + *skip) % m; if !filled[c as usize] { filled[c as usize] = true; rem -= 1; break; } } if rem == 0 { break 'o; } } }
+        let mut filled = vec![false; m as usize];
+        let mut rem = m;
+        let mut probes = 0u64;
+        let mut tail = 0u64;
+        'o: loop {
+            for (next, skip) in st.iter_mut() {
+                loop {
+                    probes += 1;
+                    if rem < 3277 {
+                        tail += 1;
+                    }
+                    let c = *next;
+                    *next = (*next + *skip) % m;
+                    if !filled[c as usize] {
+                        filled[c as usize] = true;
+                        rem -= 1;
+                        break;
+                    }
+                }
+                if rem == 0 {
+                    break 'o;
+                }
+            }
+        }
         println!("P probes {probes} tail(last 5%) {tail}");
     }
 }

@@ -5,8 +5,12 @@
 
 /// Frontend (VIP, port, protocol) -> service. `FrontendKey` -> `Frontend`.
 pub const FRONTENDS: &str = "FRONTENDS_V1";
-/// Backend id -> backend address. `u32` -> `Backend`.
+/// Backend id -> backend address (array: ids are dense). `u32` -> `Backend`.
 pub const BACKENDS: &str = "BACKENDS_V1";
+/// Backend id -> cached next hop towards it. `u32` -> `NextHop`.
+pub const NEXTHOPS: &str = "NEXTHOPS_V1";
+/// Address pre-filter: `addr_filter_slot(addr)` -> `ADDR_F_*` bits.
+pub const ADDR_FILTER: &str = "ADDR_FILTER_V1";
 /// Service id -> Maglev table (array of maps; inner arrays are swapped whole).
 pub const MAGLEV: &str = "MAGLEV_V1";
 /// Forward connection state: client flow -> chosen backend. `FlowKey` -> `Flow`.
@@ -21,9 +25,11 @@ pub const REASON_STATS: &str = "REASON_STATS_V1";
 pub const TX_PORTS: &str = "TX_PORTS_V1";
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 10] = [
     FRONTENDS,
     BACKENDS,
+    NEXTHOPS,
+    ADDR_FILTER,
     MAGLEV,
     CONNTRACK,
     REVNAT,
@@ -35,8 +41,11 @@ pub const ALL: [&str; 8] = [
 /// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned.
 pub const MAX_SERVICES: u32 = 4096;
 pub const MAX_FRONTENDS: u32 = 16_384;
-/// Backend ids are 1..=MAX_BACKENDS; 0 marks an empty Maglev slot (Katran's convention).
+/// Backend ids are 1..MAX_BACKENDS (array indexes); 0 marks an empty Maglev slot
+/// (Katran's convention).
 pub const MAX_BACKENDS: u32 = 65_536;
+/// How long a cached next hop is used before the FIB is asked again.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 pub const MAX_TX_PORTS: u32 = 256;

@@ -34,6 +34,7 @@ pub struct Backend {
     pub addr: [u8; 16],
     /// Network byte order.
     pub port: u16,
+    /// 0 marks an empty slot of the backend array.
     pub family: u8,
     pub _pad: u8,
     /// The service this backend serves; conntrack reuses a backend only for this service,
@@ -79,6 +80,22 @@ pub struct Flow {
     pub service_id: u32,
 }
 
+/// A cached `bpf_fib_lookup` result, so established traffic skips the FIB (its most
+/// expensive step). Refreshed when it expires or when a packet is longer than any the
+/// path has carried (so the FIB still checks the MTU for it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` deadline; 0 = empty.
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    /// Longest IP packet the FIB accepted for this path.
+    pub max_len: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
 /// What a reply from a backend is translated back to (the frontend the client used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +106,8 @@ pub struct RevNat {
     pub family: u8,
     pub _pad: u8,
     pub service_id: u32,
+    /// Next hop towards the client.
+    pub next_hop: NextHop,
 }
 
 #[repr(C)]
@@ -121,6 +140,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::ReasonStats {}
 }
@@ -133,7 +153,28 @@ const _: () = {
     assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
     assert!(size_of::<Flow>() == 8);
-    assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4);
+    assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
+    assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ServiceStats>() == 5 * 8);
     assert!(size_of::<ReasonStats>() == 2 * 8);
 };
+
+/// Address pre-filter bits (`ADDR_FILTER_V1[addr_filter_slot(addr)]`): the program
+/// looks up frontends only for destinations, and reply translations only for sources,
+/// whose slot has the bit; everything else passes after two array reads.
+pub const ADDR_F_FRONTEND: u8 = 1;
+pub const ADDR_F_BACKEND: u8 = 2;
+/// Slots in the address pre-filter.
+pub const ADDR_FILTER_SLOTS: u32 = 1 << 16;
+
+/// The pre-filter slot of an address: its four words folded to 16 bits.
+#[inline(always)]
+pub const fn addr_filter_slot(addr: &[u8; 16]) -> u32 {
+    let mut x = 0u32;
+    let mut i = 0;
+    while i < 16 {
+        x ^= u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+        i += 4;
+    }
+    (x ^ (x >> 16)) & (ADDR_FILTER_SLOTS - 1)
+}

@@ -2,7 +2,7 @@
 //! exists (even when the Maglev table changes); a new flow, or one whose backend is
 //! gone, gets one from the table and is remembered with its reply translation.
 
-use lb_common::{Backend, Flow, Frontend, Reason, RevNat};
+use lb_common::{Backend, Flow, Frontend, NextHop, Reason, RevNat};
 
 use crate::{
     maglev,
@@ -12,20 +12,31 @@ use crate::{
 
 #[inline(always)]
 fn backend(id: u32, service_id: u32) -> Option<Backend> {
-    // SAFETY: copied out at once.
-    let backend = unsafe { BACKENDS_V1.get(&id).copied() }?;
-    (backend.service_id == service_id).then_some(backend)
+    let backend = *BACKENDS_V1.get(id)?;
+    (backend.family != 0 && backend.service_id == service_id).then_some(backend)
 }
 
-/// The backend for this packet and whether its flow was (re)selected now.
+/// The backend chosen for a packet.
+pub struct Chosen {
+    pub id: u32,
+    pub backend: Backend,
+    /// The flow got its backend from the table just now (new or re-selected).
+    pub new_flow: bool,
+}
+
+/// The backend for this packet: the tracked one while it exists, else the table's.
 #[inline(always)]
-pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<(Backend, bool), Reason> {
+pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> {
     // SAFETY: copied out at once.
     let tracked = unsafe { CONNTRACK_V1.get(&pkt.key).copied() };
     if let Some(flow) = tracked {
         if flow.service_id == frontend.service_id {
             if let Some(b) = backend(flow.backend_id, flow.service_id) {
-                return Ok((b, false));
+                return Ok(Chosen {
+                    id: flow.backend_id,
+                    backend: b,
+                    new_flow: false,
+                });
             }
         }
     }
@@ -44,18 +55,23 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<(Backend, bool),
         family: pkt.key.family,
         _pad: 0,
         service_id: frontend.service_id,
+        next_hop: NextHop::default(),
     };
     // The reply entry first: a reply can only follow a forwarded packet. A failed
     // insert (LRU full of locked entries, which does not happen in practice) only
     // means the next packet selects again, to the same backend.
     let _ = REVNAT_V1.insert(&pkt.key.reply_after_dnat(&b), &rev, 0);
     let _ = CONNTRACK_V1.insert(&pkt.key, &flow, 0);
-    Ok((b, true))
+    Ok(Chosen {
+        id,
+        backend: b,
+        new_flow: true,
+    })
 }
 
-/// The translation for a reply from a backend, if this packet is one.
+/// The translation for a reply from a backend, if this packet is one. A pointer into
+/// the LRU entry, so the next-hop cache in it can be refreshed in place.
 #[inline(always)]
-pub fn reply_nat(pkt: &Packet) -> Option<RevNat> {
-    // SAFETY: copied out at once.
-    unsafe { REVNAT_V1.get(&pkt.key).copied() }
+pub fn reply_nat(pkt: &Packet) -> Option<*mut RevNat> {
+    REVNAT_V1.get_ptr_mut(&pkt.key)
 }

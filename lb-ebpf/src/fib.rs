@@ -5,13 +5,13 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Reason, reason::XDP_TX};
+use lb_common::{NextHop, Reason, maps::NEXTHOP_TTL_NS, reason::XDP_TX};
 
 use crate::{
-    maps::TX_PORTS_V1,
+    maps::{NEXTHOPS_V1, TX_PORTS_V1},
     packet::{Packet, store},
 };
 
@@ -33,8 +33,41 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// The next-hop cache slot of a backend.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, dir: Direction) -> Result<(u32, Reason), Reason> {
+pub fn backend_next_hop(backend_id: u32) -> Option<*mut NextHop> {
+    NEXTHOPS_V1.get_ptr_mut(backend_id)
+}
+
+/// Sends the (translated) packet on: by the cached next hop while it is fresh and the
+/// packet no longer than the path has carried, else by a FIB lookup that refreshes it.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    dir: Direction,
+    cache: Option<*mut NextHop>,
+) -> Result<(u32, Reason), Reason> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(cache) = cache {
+        // SAFETY: a valid map value pointer; copied out at once.
+        let hop = unsafe { *cache };
+        if now < hop.expires_ns && pkt.ip_len <= hop.max_len {
+            return send(ctx, &hop, dir);
+        }
+    }
+    let hop = lookup(ctx, pkt, now)?;
+    if let Some(cache) = cache {
+        // SAFETY: as above. Concurrent writers store the same kind of value; a reader
+        // racing a refresh sees the old or the new next hop.
+        unsafe { *cache = hop };
+    }
+    send(ctx, &hop, dir)
+}
+
+#[inline(always)]
+fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let src = words(&pkt.key.src);
@@ -71,23 +104,35 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, dir: Direction) -> Result<(u32, R
             Reason::PassFibOther
         });
     }
-    store(ctx, 0, params.dmac)?;
-    store(ctx, 6, params.smac)?;
+    Ok(NextHop {
+        expires_ns: now + NEXTHOP_TTL_NS,
+        ifindex: params.ifindex,
+        max_len: pkt.ip_len,
+        smac: params.smac,
+        dmac: params.dmac,
+        _pad: [0; 6],
+    })
+}
 
+#[inline(always)]
+fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason), Reason> {
+    store(ctx, 0, hop.dmac)?;
+    store(ctx, 6, hop.smac)?;
+    let ingress = ctx.ingress_ifindex() as u32;
     let (tx, redirect) = match dir {
         Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect),
         Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect),
     };
-    if params.ifindex == ingress {
+    if hop.ifindex == ingress {
         return Ok((XDP_TX, tx));
     }
-    let action = match TX_PORTS_V1.redirect(params.ifindex, 0) {
+    let action = match TX_PORTS_V1.redirect(hop.ifindex, 0) {
         Ok(action) => action,
         // Not in the devmap (an interface the agent did not attach to): the slower
         // generic redirect still delivers it.
         Err(_) => {
             // SAFETY: plain helper call.
-            let action = unsafe { bpf_redirect(params.ifindex, 0) };
+            let action = unsafe { bpf_redirect(hop.ifindex, 0) };
             action as u32
         }
     };

@@ -58,22 +58,29 @@ fn to_backend(
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = pkt.frame_len(ctx);
-    let (backend, new_flow) = conntrack::backend_for(pkt, &frontend)?;
-    nat::dnat(ctx, pkt, &backend)?;
-    stats::count_service(frontend.service_id, bytes, new_flow);
-    fib::forward(ctx, pkt, fib::Direction::ToBackend)
+    let chosen = conntrack::backend_for(pkt, &frontend)?;
+    nat::dnat(ctx, pkt, &chosen.backend)?;
+    stats::count_service(frontend.service_id, bytes, chosen.new_flow);
+    fib::forward(ctx, pkt, fib::Direction::ToBackend, fib::backend_next_hop(chosen.id))
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
 /// frontend the client used; everything else passes untouched.
 fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
-    let rev = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+    if !service::from_backend(pkt) {
+        return Err(Reason::PassNotFrontend);
+    }
+    let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+    // SAFETY: a valid map value pointer; copied out at once.
+    let rev = unsafe { *entry };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = pkt.frame_len(ctx);
     nat::rev_snat(ctx, pkt, &rev)?;
     stats::count_reply(rev.service_id, bytes);
-    fib::forward(ctx, pkt, fib::Direction::ToClient)
+    // SAFETY: the field of a valid map value.
+    let cache = unsafe { &raw mut (*entry).next_hop };
+    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache))
 }
 
 #[cfg(not(test))]

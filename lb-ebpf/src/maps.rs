@@ -6,7 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Flow, FlowKey, Frontend, FrontendKey, Reason, ReasonStats, RevNat, ServiceStats,
+    ADDR_FILTER_SLOTS, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop, Reason,
+    ReasonStats, RevNat, ServiceStats,
     maps::{
         BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
         MAX_SERVICES, MAX_TX_PORTS,
@@ -20,8 +21,15 @@ const fn n(v: u32) -> usize {
 #[btf_map]
 pub static FRONTENDS_V1: HashMap<FrontendKey, Frontend, { n(MAX_FRONTENDS) }> = HashMap::new();
 
+/// Arrays, not hashes: ids are dense and array lookups are inlined by the verifier.
 #[btf_map]
-pub static BACKENDS_V1: HashMap<u32, Backend, { n(MAX_BACKENDS) }> = HashMap::new();
+pub static BACKENDS_V1: Array<Backend, { n(MAX_BACKENDS) }> = Array::new();
+
+#[btf_map]
+pub static NEXTHOPS_V1: Array<NextHop, { n(MAX_BACKENDS) }> = Array::new();
+
+#[btf_map]
+pub static ADDR_FILTER_V1: Array<u8, { n(ADDR_FILTER_SLOTS) }> = Array::new();
 
 /// Outer map indexed by service id; each inner array is one service's Maglev table
 /// (slot 0: table size M, slots 1..=M: backend ids), replaced whole by the agent.

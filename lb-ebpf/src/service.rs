@@ -1,11 +1,31 @@
 //! Frontend lookup: (destination address, port, protocol) -> service.
 
-use lb_common::{Frontend, FrontendKey};
+use lb_common::{ADDR_F_BACKEND, ADDR_F_FRONTEND, Frontend, FrontendKey, addr_filter_slot};
 
-use crate::{maps::FRONTENDS_V1, packet::Packet};
+use crate::{
+    maps::{ADDR_FILTER_V1, FRONTENDS_V1},
+    packet::Packet,
+};
+
+/// Whether `addr` may be one of ours (`ADDR_F_*`); false positives only cost a lookup.
+#[inline(always)]
+pub fn may_be(addr: &[u8; 16], flag: u8) -> bool {
+    ADDR_FILTER_V1
+        .get(addr_filter_slot(addr))
+        .is_some_and(|bits| bits & flag != 0)
+}
+
+/// Whether the packet's source may be a backend (a reply to translate).
+#[inline(always)]
+pub fn from_backend(pkt: &Packet) -> bool {
+    may_be(&pkt.key.src, ADDR_F_BACKEND)
+}
 
 #[inline(always)]
 pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
+    if !may_be(&pkt.key.dst, ADDR_F_FRONTEND) {
+        return None;
+    }
     let key = FrontendKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,

@@ -110,7 +110,7 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
                     2 => non_vip.build(),
                     _ => established_v6.build(),
                 };
-                let b = dp.test_run_baseline(&frame)?;
+                let b = dp.test_run_baseline(&frame, Some(client_if))?;
                 let r = dp.test_run(&frame, Some(client_if))?;
                 if r.action != want {
                     bail!("{case}: verdict {} instead of {want}", r.action);

@@ -60,6 +60,7 @@ pub struct TestRunOutput {
 /// The loaded program and its maps. One owner writes the maps.
 pub struct Dataplane {
     pub(super) ebpf: Ebpf,
+    pub(super) filter: super::maps::FilterShadow,
 }
 
 impl Dataplane {
@@ -68,7 +69,10 @@ impl Dataplane {
     pub fn load(object: Option<&PathBuf>) -> Result<Self, DataplaneError> {
         let bytes = object_bytes(object)?;
         let ebpf = EbpfLoader::new().load(&bytes)?;
-        let mut dp = Dataplane { ebpf };
+        let mut dp = Dataplane {
+            ebpf,
+            filter: super::maps::FilterShadow::default(),
+        };
         for name in [PROGRAM, BASELINE_PROGRAM] {
             dp.xdp_mut(name)?
                 .load()
@@ -124,9 +128,20 @@ impl Dataplane {
         run(self.xdp(PROGRAM)?, PROGRAM, frame, ingress_ifindex, 1)
     }
 
-    /// Runs the trivial XDP_PASS program once on `frame` (the benchmark baseline).
-    pub fn test_run_baseline(&self, frame: &[u8]) -> Result<TestRunOutput, DataplaneError> {
-        run(self.xdp(BASELINE_PROGRAM)?, BASELINE_PROGRAM, frame, None, 1)
+    /// Runs the trivial XDP_PASS program once on `frame` (the benchmark baseline),
+    /// with the same context as `test_run`.
+    pub fn test_run_baseline(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<TestRunOutput, DataplaneError> {
+        run(
+            self.xdp(BASELINE_PROGRAM)?,
+            BASELINE_PROGRAM,
+            frame,
+            ingress_ifindex,
+            1,
+        )
     }
 
     /// Pins every map under `dir` (created if missing) by its versioned name.

@@ -4,8 +4,11 @@
 use aya::maps::{
     Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash,
 };
+use std::collections::{HashMap as StdHashMap, HashSet};
+
 use lb_common::{
-    Backend, Flow, FlowKey, Frontend, FrontendKey, Reason, ReasonStats, RevNat, ServiceStats,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop,
+    Reason, ReasonStats, RevNat, ServiceStats, addr_filter_slot,
     maps::{self, BPF_F_INNER_MAP, MAGLEV_SIZE_SLOT},
 };
 
@@ -23,7 +26,42 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// What the address pre-filter was built from: how many frontends and backends use
+/// each slot, so removing one address never clears a bit another still needs.
+#[derive(Default)]
+pub struct FilterShadow {
+    frontends: HashSet<FrontendKey>,
+    backends: StdHashMap<u32, [u8; 16]>,
+    counts: StdHashMap<u32, [u32; 2]>,
+}
+
+impl FilterShadow {
+    /// Adjusts the count of `addr` as a frontend (`which` 0) or backend (1) and returns
+    /// the slot and its new bits.
+    fn bump(&mut self, addr: &[u8; 16], which: usize, up: bool) -> (u32, u8) {
+        let slot = addr_filter_slot(addr);
+        let counts = self.counts.entry(slot).or_default();
+        if up {
+            counts[which] += 1;
+        } else {
+            counts[which] = counts[which].saturating_sub(1);
+        }
+        let bits = if counts[0] > 0 { ADDR_F_FRONTEND } else { 0 }
+            | if counts[1] > 0 { ADDR_F_BACKEND } else { 0 };
+        if bits == 0 {
+            self.counts.remove(&slot);
+        }
+        (slot, bits)
+    }
+}
+
 impl Dataplane {
+    fn write_filter(&mut self, (slot, bits): (u32, u8)) -> Result<(), DataplaneError> {
+        let name = maps::ADDR_FILTER;
+        let mut m: Array<_, u8> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(slot, bits, 0).map_err(map_err(name))
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
         self.ebpf
             .map_mut(name)
@@ -38,28 +76,61 @@ impl Dataplane {
         let name = maps::FRONTENDS;
         let mut m: HashMap<_, FrontendKey, Frontend> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.insert(key, value, 0).map_err(map_err(name))
+        m.insert(key, value, 0).map_err(map_err(name))?;
+        if self.filter.frontends.insert(key) {
+            let bits = self.filter.bump(&key.addr, 0, true);
+            self.write_filter(bits)?;
+        }
+        Ok(())
     }
 
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
         let name = maps::FRONTENDS;
         let mut m: HashMap<_, FrontendKey, Frontend> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        absent_ok(m.remove(key)).map_err(map_err(name))
+        absent_ok(m.remove(key)).map_err(map_err(name))?;
+        if self.filter.frontends.remove(key) {
+            let bits = self.filter.bump(&key.addr, 0, false);
+            self.write_filter(bits)?;
+        }
+        Ok(())
     }
 
+    /// Writes backend `id` (1..MAX_BACKENDS) and forgets its cached next hop.
     pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
-        let name = maps::BACKENDS;
-        let mut m: HashMap<_, u32, Backend> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.insert(id, value, 0).map_err(map_err(name))
+        self.write_backend(id, value)?;
+        match self.filter.backends.insert(id, value.addr) {
+            Some(old) if old == value.addr => Ok(()),
+            old => {
+                if let Some(old) = old {
+                    let bits = self.filter.bump(&old, 1, false);
+                    self.write_filter(bits)?;
+                }
+                let bits = self.filter.bump(&value.addr, 1, true);
+                self.write_filter(bits)
+            }
+        }
     }
 
+    /// Empties backend `id`'s slot: tracked flows to it are re-selected.
     pub fn remove_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.write_backend(id, Backend::default())?;
+        if let Some(old) = self.filter.backends.remove(&id) {
+            let bits = self.filter.bump(&old, 1, false);
+            self.write_filter(bits)?;
+        }
+        Ok(())
+    }
+
+    fn write_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
         let name = maps::BACKENDS;
-        let mut m: HashMap<_, u32, Backend> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        absent_ok(m.remove(&id)).map_err(map_err(name))
+        let mut m: Array<_, Backend> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(id, value, 0).map_err(map_err(name))?;
+        let name = maps::NEXTHOPS;
+        let mut m: Array<_, NextHop> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(id, NextHop::default(), 0).map_err(map_err(name))
     }
 
     /// Installs `table` (backend ids, length M, prime) as the service's Maglev table in
