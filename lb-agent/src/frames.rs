@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
-    SingleVlanHeader, TcpHeader, UdpHeader, VlanId, VlanPcp,
+    EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, SingleVlanHeader,
+    TcpHeader, UdpHeader, VlanId, VlanPcp,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +60,7 @@ impl Frame {
         }
     }
 
+    #[must_use]
     pub fn syn(mut self) -> Frame {
         if let L4::Tcp { syn, .. } = &mut self.l4 {
             *syn = true;
@@ -68,6 +69,7 @@ impl Frame {
         self
     }
 
+    #[must_use]
     pub fn macs(mut self, src: [u8; 6], dst: [u8; 6]) -> Frame {
         self.src_mac = src;
         self.dst_mac = dst;
@@ -151,8 +153,9 @@ impl Frame {
                         tcp.write(&mut out).expect("write to Vec");
                     }
                     L4::Udp { sport, dport } => {
-                        let mut udp = UdpHeader::with_ipv4_checksum(sport, dport, &ip, &self.payload)
-                            .expect("checksum");
+                        let mut udp =
+                            UdpHeader::with_ipv4_checksum(sport, dport, &ip, &self.payload)
+                                .expect("checksum");
                         if self.udp_no_checksum {
                             udp.checksum = 0;
                         }
@@ -216,18 +219,18 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                         .to_header()
                         .calc_checksum_ipv4(&header, tcp.payload())
                         .map_err(|e| e.to_string())?;
-                    (want == tcp.checksum())
-                        .then_some(())
-                        .ok_or_else(|| format!("bad TCP checksum {:#06x} != {want:#06x}", tcp.checksum()))
+                    (want == tcp.checksum()).then_some(()).ok_or_else(|| {
+                        format!("bad TCP checksum {:#06x} != {want:#06x}", tcp.checksum())
+                    })
                 }
                 Some(TransportSlice::Udp(udp)) if udp.checksum() != 0 => {
                     let want = udp
                         .to_header()
                         .calc_checksum_ipv4(&header, udp.payload())
                         .map_err(|e| e.to_string())?;
-                    (want == udp.checksum())
-                        .then_some(())
-                        .ok_or_else(|| format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum()))
+                    (want == udp.checksum()).then_some(()).ok_or_else(|| {
+                        format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum())
+                    })
                 }
                 _ => Ok(()),
             }
@@ -240,18 +243,18 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                         .to_header()
                         .calc_checksum_ipv6(&header, tcp.payload())
                         .map_err(|e| e.to_string())?;
-                    (want == tcp.checksum())
-                        .then_some(())
-                        .ok_or_else(|| format!("bad TCP checksum {:#06x} != {want:#06x}", tcp.checksum()))
+                    (want == tcp.checksum()).then_some(()).ok_or_else(|| {
+                        format!("bad TCP checksum {:#06x} != {want:#06x}", tcp.checksum())
+                    })
                 }
                 Some(TransportSlice::Udp(udp)) => {
                     let want = udp
                         .to_header()
                         .calc_checksum_ipv6(&header, udp.payload())
                         .map_err(|e| e.to_string())?;
-                    (want == udp.checksum())
-                        .then_some(())
-                        .ok_or_else(|| format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum()))
+                    (want == udp.checksum()).then_some(()).ok_or_else(|| {
+                        format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum())
+                    })
                 }
                 _ => Ok(()),
             }

@@ -1,5 +1,6 @@
 //! xlb agent library: turns desired services into BPF map contents.
 pub mod dataplane;
+pub mod demo;
 pub mod frames;
 pub mod maglev;
 pub mod testbed;

@@ -1,6 +1,6 @@
 //! Packets in, packets out: each fixture is a frame, the interface it arrives on, and
 //! the verdict and exact output frame the XDP program must produce, run through
-//! BPF_PROG_TEST_RUN in a namespace that plays the node. Expected frames are rebuilt
+//! `BPF_PROG_TEST_RUN` in a namespace that plays the node. Expected frames are rebuilt
 //! from fields by etherparse (every checksum computed from scratch), so a byte-equal
 //! output proves the incremental checksum updates. Needs root (run by `cargo xtask test`).
 
@@ -75,12 +75,13 @@ impl Node {
             case.description, out.action, case.action
         );
         let want = case.output.as_ref().unwrap_or(&case.input);
-        if out.frame != *want {
-            panic!(
-                "{}: output frame differs\n got: {:02x?}\nwant: {:02x?}",
-                case.description, out.frame, want
-            );
-        }
+        assert!(
+            out.frame == *want,
+            "{}: output frame differs\n got: {:02x?}\nwant: {:02x?}",
+            case.description,
+            out.frame,
+            want
+        );
         if case.action != XDP_PASS && case.action != XDP_DROP {
             lb_agent::frames::verify_checksums(&out.frame)
                 .unwrap_or_else(|e| panic!("{}: {e}", case.description));
@@ -109,7 +110,11 @@ fn last_octet(ip: IpAddr) -> u8 {
 
 fn client_frame(svc: &Service, sport: u16) -> Frame {
     let (vip, port, proto) = svc.frontend;
-    let src = if vip.is_ipv4() { client_v4() } else { client_v6() };
+    let src = if vip.is_ipv4() {
+        client_v4()
+    } else {
+        client_v6()
+    };
     let f = if proto == lb_common::PROTO_TCP {
         Frame::tcp(src, sport, vip, port).syn()
     } else {
@@ -124,9 +129,22 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
     let (_, backend, bport) = svc.expected_backend(&f);
     let n = last_octet(backend);
     let before = node.dp.service_stats(svc.id).expect("stats").new_flows;
-    node.check(&Case::forward(what, &f, Ingress::Client, &dnat(&f, backend, bport, TO_BACKEND(n))));
-    assert_eq!(node.dp.service_stats(svc.id).expect("stats").new_flows, before + 1, "{what}: new flow counted");
-    let tracked = node.dp.flow(&flow_key(&f)).expect("conntrack").expect("flow tracked");
+    node.check(&Case::forward(
+        what,
+        &f,
+        Ingress::Client,
+        &dnat(&f, backend, bport, TO_BACKEND(n)),
+    ));
+    assert_eq!(
+        node.dp.service_stats(svc.id).expect("stats").new_flows,
+        before + 1,
+        "{what}: new flow counted"
+    );
+    let tracked = node
+        .dp
+        .flow(&flow_key(&f))
+        .expect("conntrack")
+        .expect("flow tracked");
     assert_eq!(tracked.service_id, svc.id, "{what}: conntrack service");
 
     // The same flow again (a data segment): same backend, no new flow.
@@ -135,13 +153,27 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
         *syn = false;
     }
     again.payload = b"more data".to_vec();
-    node.check(&Case::forward(what, &again, Ingress::Client, &dnat(&again, backend, bport, TO_BACKEND(n))));
-    assert_eq!(node.dp.service_stats(svc.id).expect("stats").new_flows, before + 1, "{what}: established flow");
+    node.check(&Case::forward(
+        what,
+        &again,
+        Ingress::Client,
+        &dnat(&again, backend, bport, TO_BACKEND(n)),
+    ));
+    assert_eq!(
+        node.dp.service_stats(svc.id).expect("stats").new_flows,
+        before + 1,
+        "{what}: established flow"
+    );
 
     // The backend's reply: source back to VIP:port, towards the client.
     let reply = reply_from(&f, backend, bport, n);
     let (vip, vport, _) = svc.frontend;
-    node.check(&Case::forward(what, &reply, Ingress::Backend, &rev_snat(&reply, vip, vport, TO_CLIENT)));
+    node.check(&Case::forward(
+        what,
+        &reply,
+        Ingress::Backend,
+        &rev_snat(&reply, vip, vport, TO_CLIENT),
+    ));
 }
 
 #[test]
@@ -167,6 +199,10 @@ fn packet_fixtures() {
         .expect("run in the router namespace");
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one fixture table, read top to bottom"
+)]
 fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     // --- IPv4 and IPv6 x TCP and UDP: new flow, same flow, reply.
     flow_round_trip(node, &svcs[0], 40_001, "IPv4 TCP to VIP");
@@ -180,7 +216,12 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         let f = client_frame(&svcs[0], sport);
         let (id, backend, bport) = svcs[0].expected_backend(&f);
         seen.insert(id);
-        node.check(&Case::forward("IPv4 TCP flow spread", &f, Ingress::Client, &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend)))));
+        node.check(&Case::forward(
+            "IPv4 TCP flow spread",
+            &f,
+            Ingress::Client,
+            &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
+        ));
     }
     assert_eq!(seen.len(), 2, "64 flows reach both backends");
 
@@ -190,7 +231,12 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     let (_, backend, bport) = svcs[1].expected_backend(&f);
     let mut want = dnat(&f, backend, bport, TO_BACKEND(last_octet(backend)));
     want.udp_no_checksum = true;
-    let case = Case::forward("IPv4 UDP, zero checksum stays zero", &f, Ingress::Client, &want);
+    let case = Case::forward(
+        "IPv4 UDP, zero checksum stays zero",
+        &f,
+        Ingress::Client,
+        &want,
+    );
     assert_eq!(&case.output.as_ref().expect("output")[40..42], &[0, 0]);
     node.check(&case);
 
@@ -198,30 +244,69 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     let mut f = client_frame(&svcs[0], 40_020);
     f.vlan = Some(100);
     let (_, backend, bport) = svcs[0].expected_backend(&f);
-    node.check(&Case::forward("VLAN-tagged IPv4 TCP", &f, Ingress::Client, &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend)))));
+    node.check(&Case::forward(
+        "VLAN-tagged IPv4 TCP",
+        &f,
+        Ingress::Client,
+        &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
+    ));
 
     // --- IPv4 with options (IHL 8): L4 found after the options.
     let mut f = client_frame(&svcs[0], 40_030);
-    f.ipv4_options = vec![0x01, 0x01, 0x01, 0x01, 0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
+    f.ipv4_options = vec![
+        0x01, 0x01, 0x01, 0x01, 0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00,
+    ];
     let (_, backend, bport) = svcs[0].expected_backend(&f);
-    node.check(&Case::forward("IPv4 with options", &f, Ingress::Client, &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend)))));
+    node.check(&Case::forward(
+        "IPv4 with options",
+        &f,
+        Ingress::Client,
+        &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
+    ));
 
     // --- Not for us: untouched.
-    let other = Frame::tcp(client_v4(), 40_040, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)), 80)
-        .macs(CLIENT_MAC, LB_CLIENT_MAC);
+    let other = Frame::tcp(
+        client_v4(),
+        40_040,
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
+        80,
+    )
+    .macs(CLIENT_MAC, LB_CLIENT_MAC);
     node.check(&Case::pass("non-VIP TCP", other.build(), Ingress::Client));
-    let wrong_port = Frame::tcp(client_v4(), 40_041, vip_v4(), 8443).macs(CLIENT_MAC, LB_CLIENT_MAC);
-    node.check(&Case::pass("VIP on a port that is no frontend", wrong_port.build(), Ingress::Client));
+    let wrong_port =
+        Frame::tcp(client_v4(), 40_041, vip_v4(), 8443).macs(CLIENT_MAC, LB_CLIENT_MAC);
+    node.check(&Case::pass(
+        "VIP on a port that is no frontend",
+        wrong_port.build(),
+        Ingress::Client,
+    ));
     let wrong_proto = Frame::udp(client_v4(), 40_042, vip_v4(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
-    node.check(&Case::pass("VIP port with the other protocol", wrong_proto.build(), Ingress::Client));
+    node.check(&Case::pass(
+        "VIP port with the other protocol",
+        wrong_proto.build(),
+        Ingress::Client,
+    ));
     node.check(&Case::pass("ARP request", arp_request(), Ingress::Client));
     let before = node.reason(Reason::PassNotIp);
-    node.check(&Case::pass("ARP request again", arp_request(), Ingress::Client));
-    assert_eq!(node.reason(Reason::PassNotIp), before + 1, "ARP counted as pass_not_ip");
+    node.check(&Case::pass(
+        "ARP request again",
+        arp_request(),
+        Ingress::Client,
+    ));
+    assert_eq!(
+        node.reason(Reason::PassNotIp),
+        before + 1,
+        "ARP counted as pass_not_ip"
+    );
 
     // --- A reply-looking packet nobody asked for: untouched.
-    let stray = Frame::tcp(backend_v4(11), 8080, client_v4(), 49_999).macs(backend_mac(11), LB_BACKEND_MAC);
-    node.check(&Case::pass("untracked packet from a backend", stray.build(), Ingress::Backend));
+    let stray =
+        Frame::tcp(backend_v4(11), 8080, client_v4(), 49_999).macs(backend_mac(11), LB_BACKEND_MAC);
+    node.check(&Case::pass(
+        "untracked packet from a backend",
+        stray.build(),
+        Ingress::Backend,
+    ));
 
     // --- TTL 1 would expire here: to the kernel untranslated.
     let mut f = client_frame(&svcs[0], 40_050);
@@ -237,7 +322,11 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         action: XDP_DROP,
         output: None,
     });
-    node.check(&Case::pass("later IPv4 fragment to VIP", set_fragment(f.build(), 0x0010), Ingress::Client));
+    node.check(&Case::pass(
+        "later IPv4 fragment to VIP",
+        set_fragment(f.build(), 0x0010),
+        Ingress::Client,
+    ));
 
     // --- Truncated: IP total length beyond the frame.
     let mut bytes = client_frame(&svcs[0], 40_070).build();
@@ -274,7 +363,12 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         .syn()
         .macs(NEAR_CLIENT_MAC, LB_BACKEND_MAC);
     let (_, backend, bport) = svcs[0].expected_backend(&f);
-    let mut case = Case::forward("client on the backend side", &f, Ingress::Backend, &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))));
+    let mut case = Case::forward(
+        "client on the backend side",
+        &f,
+        Ingress::Backend,
+        &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
+    );
     case.action = XDP_TX;
     node.check(&case);
 
@@ -285,26 +379,70 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         let f = client_frame(&svcs[6], sport);
         let (other_id, backend, bport) = svcs[6].expected_backend(&f);
         assert_eq!(id, other_id);
-        node.check(&Case::forward("affinity by client IP", &f, Ingress::Client, &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend)))));
+        node.check(&Case::forward(
+            "affinity by client IP",
+            &f,
+            Ingress::Client,
+            &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
+        ));
     }
 
     // --- Established flows keep their backend when the table changes ...
     let f = client_frame(&svcs[0], 40_001);
     let (old_id, old_backend, bport) = svcs[0].expected_backend(&f);
-    let survivor = svcs[0].backends.iter().copied().find(|b| b.0 != old_id).expect("two backends");
+    let survivor = svcs[0]
+        .backends
+        .iter()
+        .copied()
+        .find(|b| b.0 != old_id)
+        .expect("two backends");
     svcs[0].backends = vec![survivor];
     svcs[0].rebuild_table();
-    node.dp.set_maglev_table(1, &svcs[0].table).expect("new table");
-    node.check(&Case::forward("established flow after a table change", &f, Ingress::Client, &dnat(&f, old_backend, bport, TO_BACKEND(last_octet(old_backend)))));
+    node.dp
+        .set_maglev_table(1, &svcs[0].table)
+        .expect("new table");
+    node.check(&Case::forward(
+        "established flow after a table change",
+        &f,
+        Ingress::Client,
+        &dnat(&f, old_backend, bport, TO_BACKEND(last_octet(old_backend))),
+    ));
     // ... and are re-selected when their backend is deleted.
     node.dp.remove_backend(old_id).expect("delete backend");
     let before = node.dp.service_stats(1).expect("stats").new_flows;
-    node.check(&Case::forward("flow whose backend was deleted", &f, Ingress::Client, &dnat(&f, survivor.1, survivor.2, TO_BACKEND(last_octet(survivor.1)))));
-    assert_eq!(node.dp.service_stats(1).expect("stats").new_flows, before + 1, "re-selection counts as a new flow");
-    assert_eq!(node.dp.flow(&flow_key(&f)).expect("ct").expect("flow").backend_id, survivor.0);
+    node.check(&Case::forward(
+        "flow whose backend was deleted",
+        &f,
+        Ingress::Client,
+        &dnat(
+            &f,
+            survivor.1,
+            survivor.2,
+            TO_BACKEND(last_octet(survivor.1)),
+        ),
+    ));
+    assert_eq!(
+        node.dp.service_stats(1).expect("stats").new_flows,
+        before + 1,
+        "re-selection counts as a new flow"
+    );
+    assert_eq!(
+        node.dp
+            .flow(&flow_key(&f))
+            .expect("ct")
+            .expect("flow")
+            .backend_id,
+        survivor.0
+    );
 
     // --- Every run counted exactly one reason.
-    let total: u64 = node.dp.reason_stats().expect("stats").iter().map(|(_, s)| s.packets).sum();
+    let total: u64 = node
+        .dp
+        .reason_stats()
+        .expect("stats")
+        .iter()
+        .map(|(_, s)| s.packets)
+        .sum();
     assert_eq!(total, node.runs, "one reason per packet");
 }
 

@@ -1,18 +1,18 @@
 //! Robustness: well over 100,000 generated and mutated frames (every truncation
 //! length, random header fields, bad IHL, fragments, IPv6 extension headers, broken
-//! checksums) through the XDP program by BPF_PROG_TEST_RUN. Whatever comes in:
-//! - the verdict is one of PASS / DROP / TX / REDIRECT (never ABORTED);
+//! checksums) through the XDP program by `BPF_PROG_TEST_RUN`. Whatever comes in:
+//! - the verdict is one of PASS / DROP / TX / REDIRECT (never `XDP_ABORTED`);
 //! - a frame that leaves changed was translated: client -> a backend *of the frontend
 //!   it was addressed to*, or backend -> the frontend of that backend's service;
 //! - a translated frame whose input had valid checksums has valid checksums.
 //!
 //! The verifier accepting the program is checked by loading it. The RNG seed is fixed
-//! (override with XLB_FUZZ_SEED) so a failure reproduces.
+//! (override with `XLB_FUZZ_SEED`) so a failure reproduces.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_agent::testbed::node::*;
 use lb_agent::frames::{Frame, L4, verify_checksums};
+use lb_agent::testbed::node::*;
 use lb_common::reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -35,12 +35,22 @@ fn tuple(f: &[u8]) -> Option<(Endpoint, Endpoint)> {
             let ihl = usize::from(f.get(l3)? & 0x0f) * 4;
             let a: [u8; 4] = f.get(l3 + 12..l3 + 16)?.try_into().ok()?;
             let b: [u8; 4] = f.get(l3 + 16..l3 + 20)?.try_into().ok()?;
-            (IpAddr::V4(a.into()), IpAddr::V4(b.into()), *f.get(l3 + 9)?, l3 + ihl)
+            (
+                IpAddr::V4(a.into()),
+                IpAddr::V4(b.into()),
+                *f.get(l3 + 9)?,
+                l3 + ihl,
+            )
         }
         0x86dd => {
             let a: [u8; 16] = f.get(l3 + 8..l3 + 24)?.try_into().ok()?;
             let b: [u8; 16] = f.get(l3 + 24..l3 + 40)?.try_into().ok()?;
-            (IpAddr::V6(a.into()), IpAddr::V6(b.into()), *f.get(l3 + 6)?, l3 + 40)
+            (
+                IpAddr::V6(a.into()),
+                IpAddr::V6(b.into()),
+                *f.get(l3 + 6)?,
+                l3 + 40,
+            )
         }
         _ => return None,
     };
@@ -81,7 +91,10 @@ impl Oracle {
                 .service_of_frontend(idst)
                 .ok_or_else(|| format!("rewrote {idst:?}, which is no frontend"))?;
             if !Self::is_backend_of(svc, odst) {
-                return Err(format!("sent to {odst:?}, not a backend of service {}", svc.id));
+                return Err(format!(
+                    "sent to {odst:?}, not a backend of service {}",
+                    svc.id
+                ));
             }
             if osrc != isrc {
                 return Err("forward translation changed the source".into());
@@ -92,7 +105,10 @@ impl Oracle {
                 .service_of_frontend(osrc)
                 .ok_or_else(|| format!("reply source {osrc:?} is no frontend"))?;
             if !Self::is_backend_of(svc, isrc) {
-                return Err(format!("reply from {isrc:?}, not a backend of service {}", svc.id));
+                return Err(format!(
+                    "reply from {isrc:?}, not a backend of service {}",
+                    svc.id
+                ));
             }
         }
         if action == XDP_PASS && output[..12] != input[..12] {
@@ -157,7 +173,11 @@ fn random_frame(rng: &mut StdRng, svcs: &[Service], replies: &[Frame]) -> Frame 
 
 /// Damages a frame's bytes in one of several ways.
 fn mutate(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
-    let ip = if b.get(12..14) == Some(&[0x81, 0x00]) { 18 } else { 14 };
+    let ip = if b.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
     match rng.random_range(0..8) {
         0 => {
             let n = rng.random_range(ETH_HLEN..=b.len());
@@ -193,7 +213,9 @@ fn mutate(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
         }
         6 => {
             // Random bytes after the IP header start, checksums resealed for IPv4.
-            let i = rng.random_range(ip..b.len().max(ip + 1)).min(b.len().saturating_sub(1));
+            let i = rng
+                .random_range(ip..b.len().max(ip + 1))
+                .min(b.len().saturating_sub(1));
             if !b.is_empty() {
                 b[i] ^= 1 << rng.random_range(0..8);
             }
@@ -286,18 +308,20 @@ fn hundred_thousand_frames_keep_the_invariants() {
                 }
                 // Remember replies for flows that went to a backend, to exercise the
                 // reverse path (with its own mutations next time round).
-                if !from_backend && out != bytes && replies.len() < 4096 {
-                    if let (Some((_, (bip, bport, _))), Some(svc)) = (
+                if !from_backend
+                    && out != bytes
+                    && replies.len() < 4096
+                    && let (Some((_, (bip, bport, _))), Some(svc)) = (
                         tuple(&out),
                         oracle.service_of_frontend(tuple(&bytes).expect("tuple").1),
-                    ) {
-                        let n = match bip {
-                            IpAddr::V4(v) => v.octets()[3],
-                            IpAddr::V6(v) => v.octets()[15],
-                        };
-                        if svc.backends.iter().any(|b| b.1 == bip) {
-                            replies.push(reply_from(&f, bip, bport, n));
-                        }
+                    )
+                {
+                    let n = match bip {
+                        IpAddr::V4(v) => v.octets()[3],
+                        IpAddr::V6(v) => v.octets()[15],
+                    };
+                    if svc.backends.iter().any(|b| b.1 == bip) {
+                        replies.push(reply_from(&f, bip, bport, n));
                     }
                 }
                 if rng.next_u32() % 1000 == 0 {
@@ -306,7 +330,10 @@ fn hundred_thousand_frames_keep_the_invariants() {
             }
             assert!(runs >= MIN_FRAMES);
             // The generator is not degenerate: plenty of frames were translated.
-            assert!(translated > runs / 10, "only {translated} of {runs} frames were translated");
+            assert!(
+                translated > runs / 10,
+                "only {translated} of {runs} frames were translated"
+            );
             eprintln!("{runs} frames, {translated} translated, seed {seed}");
         })
         .expect("run in the router namespace");

@@ -30,8 +30,14 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
         proto: PROTO_TCP,
         family: FAMILY_V4,
     };
-    dp.set_frontend(key, Frontend { service_id: 7, flags: 0 })
-        .expect("frontend");
+    dp.set_frontend(
+        key,
+        Frontend {
+            service_id: 7,
+            flags: 0,
+        },
+    )
+    .expect("frontend");
     dp.set_backend(
         42,
         Backend {

@@ -40,7 +40,9 @@ impl CsumDelta {
         let mut sum = (!check) as u32 + (self.0 & 0xffff) + (self.0 >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
-        !(sum as u16)
+        #[expect(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
+        let folded = sum as u16;
+        !folded
     }
 }
 
@@ -76,6 +78,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "random bytes from random words"
+    )]
     fn incremental_matches_full_recompute() {
         // A deterministic pseudo-random walk over buffers and edits (no_std: no rand).
         let mut x: u32 = 0x1234_5678;

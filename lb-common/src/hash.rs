@@ -56,6 +56,10 @@ const fn final_mix(mut a: u32, mut b: u32, mut c: u32) -> u32 {
 
 /// lookup3 `hashword` over exactly `N` words (N a multiple of 3 keeps it branch-free).
 #[inline(always)]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "a, b, c, k are the names of the published algorithm"
+)]
 pub const fn hash_words<const N: usize>(k: &[u32; N], seed: u32) -> u32 {
     #[expect(clippy::cast_possible_truncation, reason = "N is a small constant")]
     let init = 0xdead_beef_u32

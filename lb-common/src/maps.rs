@@ -41,7 +41,7 @@ pub const ALL: [&str; 10] = [
 /// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned.
 pub const MAX_SERVICES: u32 = 4096;
 pub const MAX_FRONTENDS: u32 = 16_384;
-/// Backend ids are 1..MAX_BACKENDS (array indexes); 0 marks an empty Maglev slot
+/// Backend ids are `1..MAX_BACKENDS` (array indexes); 0 marks an empty Maglev slot
 /// (Katran's convention).
 pub const MAX_BACKENDS: u32 = 65_536;
 /// How long a cached next hop is used before the FIB is asked again.

@@ -20,7 +20,7 @@ macro_rules! reasons {
         impl Reason {
             pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
 
-            /// Stable snake_case name, used as the metrics label.
+            /// Stable `snake_case` name, used as the metrics label.
             pub const fn name(self) -> &'static str {
                 match self { $(Reason::$name => $metric,)* }
             }
@@ -79,5 +79,6 @@ reasons! {
 
 impl Reason {
     /// Number of reasons; the size of `REASON_STATS_V1`.
+    #[expect(clippy::cast_possible_truncation, reason = "a handful of reasons")]
     pub const COUNT: u32 = Reason::ALL.len() as u32;
 }

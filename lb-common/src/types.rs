@@ -8,7 +8,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Frontend flag: choose the backend by client address only (sessionAffinity ClientIP).
+/// Frontend flag: choose the backend by client address only (sessionAffinity `ClientIP`).
 pub const FRONTEND_F_CLIENT_AFFINITY: u32 = 1;
 
 #[repr(C)]
@@ -59,6 +59,7 @@ pub struct FlowKey {
 
 impl FlowKey {
     /// The key of the reply direction after DNAT to `backend`: backend -> client.
+    #[must_use]
     pub const fn reply_after_dnat(&self, backend: &Backend) -> FlowKey {
         FlowKey {
             src: backend.addr,

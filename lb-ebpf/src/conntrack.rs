@@ -29,16 +29,15 @@ pub struct Chosen {
 pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> {
     // SAFETY: copied out at once.
     let tracked = unsafe { CONNTRACK_V1.get(&pkt.key).copied() };
-    if let Some(flow) = tracked {
-        if flow.service_id == frontend.service_id {
-            if let Some(b) = backend(flow.backend_id, flow.service_id) {
-                return Ok(Chosen {
-                    id: flow.backend_id,
-                    backend: b,
-                    new_flow: false,
-                });
-            }
-        }
+    if let Some(flow) = tracked
+        && flow.service_id == frontend.service_id
+        && let Some(b) = backend(flow.backend_id, flow.service_id)
+    {
+        return Ok(Chosen {
+            id: flow.backend_id,
+            backend: b,
+            new_flow: false,
+        });
     }
     let id = maglev::select_backend_id(pkt, frontend)?;
     let b = backend(id, frontend.service_id).ok_or(Reason::DropNoBackend)?;

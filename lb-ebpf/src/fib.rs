@@ -1,4 +1,4 @@
-//! Next hop by `bpf_fib_lookup`, then out through the devmap (or XDP_TX when the next
+//! Next hop by `bpf_fib_lookup`, then out through the devmap (or `XDP_TX` when the next
 //! hop is behind the interface the packet came in on). An unresolved neighbour hands
 //! the translated packet to the kernel, which resolves it for the packets after.
 
@@ -18,6 +18,7 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+#[derive(Clone, Copy)]
 pub enum Direction {
     ToBackend,
     ToClient,
@@ -126,15 +127,17 @@ fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason)
     if hop.ifindex == ingress {
         return Ok((XDP_TX, tx));
     }
-    let action = match TX_PORTS_V1.redirect(hop.ifindex, 0) {
-        Ok(action) => action,
-        // Not in the devmap (an interface the agent did not attach to): the slower
-        // generic redirect still delivers it.
-        Err(_) => {
-            // SAFETY: plain helper call.
-            let action = unsafe { bpf_redirect(hop.ifindex, 0) };
-            action as u32
-        }
-    };
+    // Not in the devmap (an interface the agent did not attach to): the slower generic
+    // redirect still delivers it.
+    let action = TX_PORTS_V1.redirect(hop.ifindex, 0).unwrap_or_else(|_| {
+        // SAFETY: plain helper call.
+        let action = unsafe { bpf_redirect(hop.ifindex, 0) };
+        #[expect(
+            clippy::cast_sign_loss,
+            reason = "returns an XDP action, never negative"
+        )]
+        let action = action as u32;
+        action
+    });
     Ok((action, redirect))
 }

@@ -24,8 +24,12 @@ use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node.
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands the context over by value"
+)]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let bytes = packet::frame_len(&ctx);
     let (action, reason) = match process(&ctx) {
         Ok(verdict) => verdict,
         Err(reason) => (reason.action(), reason),
@@ -34,7 +38,7 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
-/// A program that only returns XDP_PASS: the baseline `cargo xtask bench packet`
+/// A program that only returns `XDP_PASS`: the baseline `cargo xtask bench packet`
 /// measures xlb against in the same run.
 #[xdp]
 pub fn xlb_pass(_ctx: XdpContext) -> u32 {
@@ -57,11 +61,16 @@ fn to_backend(
 ) -> Result<(u32, Reason), Reason> {
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
-    let bytes = pkt.frame_len(ctx);
+    let bytes = packet::frame_len(ctx);
     let chosen = conntrack::backend_for(pkt, &frontend)?;
     nat::dnat(ctx, pkt, &chosen.backend)?;
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
-    fib::forward(ctx, pkt, fib::Direction::ToBackend, fib::backend_next_hop(chosen.id))
+    fib::forward(
+        ctx,
+        pkt,
+        fib::Direction::ToBackend,
+        fib::backend_next_hop(chosen.id),
+    )
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
@@ -75,7 +84,7 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     let rev = unsafe { *entry };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
-    let bytes = pkt.frame_len(ctx);
+    let bytes = packet::frame_len(ctx);
     nat::rev_snat(ctx, pkt, &rev)?;
     stats::count_reply(rev.service_id, bytes);
     // SAFETY: the field of a valid map value.

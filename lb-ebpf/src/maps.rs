@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ADDR_FILTER_SLOTS, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop, Reason,
-    ReasonStats, RevNat, ServiceStats,
+    ADDR_FILTER_SLOTS, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop, Reason, ReasonStats,
+    RevNat, ServiceStats,
     maps::{
         BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
         MAX_SERVICES, MAX_TX_PORTS,

@@ -29,12 +29,16 @@ pub fn check_ttl(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
 /// compiles to a bounds check the verifier cannot use.
 #[inline(always)]
 fn ttl_word(pkt: &Packet) -> usize {
-    if pkt.is_v4() { pkt.l3() + 8 } else { pkt.l3() + 6 }
+    if pkt.is_v4() {
+        pkt.l3() + 8
+    } else {
+        pkt.l3() + 6
+    }
 }
 
 #[inline(always)]
 fn ttl_index(pkt: &Packet) -> usize {
-    if pkt.is_v4() { 0 } else { 1 }
+    usize::from(!pkt.is_v4())
 }
 
 /// Client -> frontend becomes client -> backend.

@@ -35,6 +35,12 @@ pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Result<(), Reas
     Ok(())
 }
 
+/// The frame's length in bytes (for byte counters).
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
+
 /// Where an IP fragment stands.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fragment {
@@ -92,10 +98,6 @@ impl Packet {
 
     pub fn is_v4(&self) -> bool {
         self.key.family == FAMILY_V4
-    }
-
-    pub fn frame_len(&self, ctx: &XdpContext) -> u64 {
-        (ctx.data_end() - ctx.data()) as u64
     }
 
     /// A packet for a frontend can be translated only when whole and unfragmented.

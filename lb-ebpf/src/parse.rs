@@ -75,7 +75,15 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     };
     key.src[..4].copy_from_slice(&src);
     key.dst[..4].copy_from_slice(&dst);
-    finish_l4(ctx, l3, l3 + ihl, l3 + usize::from(ip_len), ip_len, key, fragment)
+    finish_l4(
+        ctx,
+        l3,
+        l3 + ihl,
+        l3 + usize::from(ip_len),
+        ip_len,
+        key,
+        fragment,
+    )
 }
 
 #[inline(always)]

@@ -12,8 +12,14 @@ use crate::{EBPF_OBJECT_VAR, ebpf, host_cargo, privilege};
 /// Runs the test pipeline and prints the time each step took, whatever the outcome.
 pub fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     let mut steps = Steps::default();
-    let result = run_steps(&mut steps, no_lint, extra);
+    let mut totals = Totals::default();
+    let result = run_steps(&mut steps, &mut totals, no_lint, extra);
     steps.summary();
+    // The closing line CI reads: every test binary's counts added up.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     let failed: Vec<&str> = steps
         .done
         .iter()
@@ -27,7 +33,12 @@ pub fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     result
 }
 
-fn run_steps(steps: &mut Steps, no_lint: bool, extra: &[String]) -> Result<()> {
+fn run_steps(
+    steps: &mut Steps,
+    totals: &mut Totals,
+    no_lint: bool,
+    extra: &[String],
+) -> Result<()> {
     steps.run("privileges and bpffs", privilege::ensure_test_privileges)?;
     let (toolchain, object) = steps.run("toolchain and build-ebpf --release", || {
         let toolchain = toolchain::ensure()?;
@@ -70,12 +81,91 @@ fn run_steps(steps: &mut Steps, no_lint: bool, extra: &[String]) -> Result<()> {
         });
     }
     let _ = steps.run("cargo test --workspace", || {
-        run(host_cargo()
-            .args(["test", "--workspace"])
-            .args(extra)
-            .env(EBPF_OBJECT_VAR, &object))
+        run_counting(
+            host_cargo()
+                .args(["test", "--workspace"])
+                .args(extra)
+                .env(EBPF_OBJECT_VAR, &object),
+            totals,
+        )
     });
     Ok(())
+}
+
+/// Test counts summed over every `test result:` line of `cargo test`.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds one libtest summary line (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`).
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, passing its stdout through line by line while counting test results.
+fn run_counting(cmd: &mut std::process::Command, totals: &mut Totals) -> Result<()> {
+    use std::io::BufRead as _;
+    let shown = crate::run::show(cmd);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start `{shown}`: {e}"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn totals_add_up_libtest_summaries() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 54 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 5.54s");
+        t.add_line(
+            "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 55,
+                failed: 1,
+                ignored: 2
+            }
+        );
+    }
 }
 
 /// `cargo +nightly <args>` in lb-ebpf with the eBPF build environment.

@@ -1,9 +1,9 @@
 //! Benchmarks (run through `cargo xtask bench <name>`). Every figure is printed as a
 //! ratio against a baseline measured in the same run, never as a bare time.
 //!
-//! `packet`: per-packet cost by BPF_PROG_TEST_RUN with repeat=1 on a fresh copy of the
+//! `packet`: per-packet cost by `BPF_PROG_TEST_RUN` with repeat=1 on a fresh copy of the
 //! frame for every call (the program rewrites frames, so repeat>1 would time the pass
-//! path after the first run), interleaved call by call with a trivial XDP_PASS program
+//! path after the first run), interleaved call by call with a trivial `XDP_PASS` program
 //! loaded from the same object.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Per-packet cost of the XDP program against a trivial XDP_PASS program.
+    /// Per-packet cost of the XDP program against a trivial `XDP_PASS` program.
     Packet {
         /// Calls per case (each case also runs the baseline this many times).
         #[arg(long, default_value_t = 20_000)]
@@ -60,6 +60,10 @@ fn median(mut v: Vec<Duration>) -> u64 {
     u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "set-up, the four cases, and the report"
+)]
 fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
@@ -71,10 +75,17 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
         for s in services() {
             s.install(&mut dp);
         }
-        let established = Frame::tcp(client_v4(), 40_000, vip_v4(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
-        let established_v6 = Frame::tcp(client_v6(), 40_000, vip_v6(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
-        let non_vip = Frame::tcp(client_v4(), 40_000, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)), 80)
-            .macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let established =
+            Frame::tcp(client_v4(), 40_000, vip_v4(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let established_v6 =
+            Frame::tcp(client_v6(), 40_000, vip_v6(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let non_vip = Frame::tcp(
+            client_v4(),
+            40_000,
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
+            80,
+        )
+        .macs(CLIENT_MAC, LB_CLIENT_MAC);
         // Open the established flows once.
         for f in [&established, &established_v6] {
             let out = dp.test_run(&f.build(), Some(client_if))?;
@@ -82,7 +93,9 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
                 bail!("set-up: flow not forwarded (verdict {})", out.action);
             }
         }
-        let syn = Frame::tcp(client_v4(), 0, vip_v4(), 80).syn().macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let syn = Frame::tcp(client_v4(), 0, vip_v4(), 80)
+            .syn()
+            .macs(CLIENT_MAC, LB_CLIENT_MAC);
 
         let mut results = Vec::new();
         let cases: [(&'static str, f64, u32); 4] = [
@@ -134,9 +147,12 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
     })??;
 
     println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
-    println!("interleaved with a trivial XDP_PASS program; {iterations} calls per case.");
+    println!("interleaved with a trivial `XDP_PASS` program; {iterations} calls per case.");
     println!();
-    println!("{:<30} {:>10} {:>13} {:>7} {:>8}", "case", "xlb ns", "baseline ns", "ratio", "target");
+    println!(
+        "{:<30} {:>10} {:>13} {:>7} {:>8}",
+        "case", "xlb ns", "baseline ns", "ratio", "target"
+    );
     for r in &results {
         println!(
             "{:<30} {:>10} {:>13} {:>7.2} {:>6.1} {}",
@@ -151,7 +167,8 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
     println!();
     println!("reproduce: cargo xtask bench packet --iterations {iterations}");
     if let Some(path) = json {
-        let body = serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results });
+        let body =
+            serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results });
         std::fs::write(&path, serde_json::to_vec_pretty(&body)?)
             .with_context(|| format!("write {}", path.display()))?;
     }

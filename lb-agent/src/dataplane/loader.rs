@@ -1,5 +1,5 @@
 //! Loading the object, attaching to interfaces, pinning, and running the program on
-//! synthetic frames (BPF_PROG_TEST_RUN) for tests and benchmarks.
+//! synthetic frames (`BPF_PROG_TEST_RUN`) for tests and benchmarks.
 
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,7 @@ pub enum DataplaneError {
     Pin { path: PathBuf, reason: String },
 }
 
-/// Verdict and output frame of one BPF_PROG_TEST_RUN call.
+/// Verdict and output frame of one `BPF_PROG_TEST_RUN` call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestRunOutput {
     pub action: u32,
@@ -118,7 +118,7 @@ impl Dataplane {
     }
 
     /// Runs the load balancer once on `frame`. `ingress_ifindex` sets the context's
-    /// receiving interface (the FIB lookup and XDP_TX decision use it); `None` leaves
+    /// receiving interface (the FIB lookup and `XDP_TX` decision use it); `None` leaves
     /// the kernel's default (loopback of the caller's network namespace).
     pub fn test_run(
         &self,
@@ -128,7 +128,7 @@ impl Dataplane {
         run(self.xdp(PROGRAM)?, PROGRAM, frame, ingress_ifindex, 1)
     }
 
-    /// Runs the trivial XDP_PASS program once on `frame` (the benchmark baseline),
+    /// Runs the trivial `XDP_PASS` program once on `frame` (the benchmark baseline),
     /// with the same context as `test_run`.
     pub fn test_run_baseline(
         &self,
@@ -152,7 +152,10 @@ impl Dataplane {
         })?;
         for name in maps::ALL {
             let path = dir.join(name);
-            let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(DataplaneError::MissingMap(name))?;
             map.pin(&path).map_err(|e| DataplaneError::Pin {
                 path,
                 reason: e.to_string(),

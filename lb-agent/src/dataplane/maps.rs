@@ -1,9 +1,7 @@
 //! Typed reads and writes of the program's maps. Callers speak in lb-common's types;
 //! map names, fds and inner-map plumbing stay here.
 
-use aya::maps::{
-    Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash,
-};
+use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash};
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use lb_common::{
@@ -72,7 +70,11 @@ impl Dataplane {
         self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
     }
 
-    pub fn set_frontend(&mut self, key: FrontendKey, value: Frontend) -> Result<(), DataplaneError> {
+    pub fn set_frontend(
+        &mut self,
+        key: FrontendKey,
+        value: Frontend,
+    ) -> Result<(), DataplaneError> {
         let name = maps::FRONTENDS;
         let mut m: HashMap<_, FrontendKey, Frontend> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -96,7 +98,7 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes backend `id` (1..MAX_BACKENDS) and forgets its cached next hop.
+    /// Writes backend `id` (`1..MAX_BACKENDS`) and forgets its cached next hop.
     pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
         self.write_backend(id, value)?;
         match self.filter.backends.insert(id, value.addr) {
@@ -136,7 +138,11 @@ impl Dataplane {
     /// Installs `table` (backend ids, length M, prime) as the service's Maglev table in
     /// one atomic step: a fresh inner array is filled first, then swapped into the
     /// outer map, so a packet sees either the whole old table or the whole new one.
-    pub fn set_maglev_table(&mut self, service_id: u32, table: &[u32]) -> Result<(), DataplaneError> {
+    pub fn set_maglev_table(
+        &mut self,
+        service_id: u32,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
         let name = maps::MAGLEV;
         let size = u32::try_from(table.len()).map_err(|_| DataplaneError::Map {
             name,
@@ -147,7 +153,9 @@ impl Dataplane {
         })?;
         let mut inner: Array<MapData, u32> =
             Array::create(size + 1, BPF_F_INNER_MAP).map_err(map_err(name))?;
-        inner.set(MAGLEV_SIZE_SLOT, size, 0).map_err(map_err(name))?;
+        inner
+            .set(MAGLEV_SIZE_SLOT, size, 0)
+            .map_err(map_err(name))?;
         for (slot, id) in (1..).zip(table) {
             inner.set(slot, id, 0).map_err(map_err(name))?;
         }

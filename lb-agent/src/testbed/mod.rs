@@ -29,8 +29,8 @@ mod traffic;
 mod tests;
 
 pub use netns::{
-    EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, remove_stale_namespaces, testbed_namespaces,
-    veth_pair,
+    EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
+    testbed_namespaces, veth_pair,
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
 pub use traffic::{ServerHandle, spawn_tcp_name_server, spawn_udp_name_server, tcp_ask, udp_ask};

@@ -321,6 +321,16 @@ fn setns_net(ns: &File) -> io::Result<()> {
     }
 }
 
+/// Makes a veth end run NAPI, so frames XDP-redirected into its peer are received
+/// rather than dropped. GRO must be switched *on while the device is up* for the
+/// kernel to start NAPI: "on" when ethtool already shows it on is a no-op, and
+/// enslaving a port to a bridge can leave it without. So: off, then on.
+pub fn enable_napi(ns: &Netns, ifname: &str) -> anyhow::Result<()> {
+    ns.exec("ethtool", &["-K", ifname, "gro", "off"])?;
+    ns.exec("ethtool", &["-K", ifname, "gro", "on"])?;
+    Ok(())
+}
+
 /// Creates a veth pair: `a_if` in `a`, its peer `b_if` created directly in
 /// `b` (never in the root namespace), both with MTU 1500 and up.
 ///
@@ -337,8 +347,9 @@ pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result
     ])?;
     let configure = || -> anyhow::Result<()> {
         for (ns, ifname) in [(a, a_if), (b, b_if)] {
-            ns.exec("ethtool", &["-K", ifname, "tx", "off", "gro", "on"])?;
+            ns.exec("ethtool", &["-K", ifname, "tx", "off"])?;
             ns.ip(&["link", "set", "dev", ifname, "up"])?;
+            enable_napi(ns, ifname)?;
         }
         Ok(())
     };

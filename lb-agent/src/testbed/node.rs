@@ -1,4 +1,4 @@
-//! A single namespace that plays the load-balancer node for BPF_PROG_TEST_RUN (one
+//! A single namespace that plays the load-balancer node for `BPF_PROG_TEST_RUN` (one
 //! interface towards clients, one towards backends, static neighbours so the FIB
 //! lookup resolves), a set of services written into the maps, and the expected-backend
 //! oracle (the same flow hash, applied to the same Maglev tables). Shared by the packet
@@ -20,7 +20,7 @@ use lb_common::{
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
 pub const LB_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-/// A client that sits on the backend-facing network (XDP_TX case).
+/// A client that sits on the backend-facing network (`XDP_TX` case).
 pub const NEAR_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x50];
 pub const TABLE_SIZE: u32 = 251;
 
@@ -39,7 +39,7 @@ pub fn vip_v4() -> IpAddr {
 pub fn vip_v6() -> IpAddr {
     IpAddr::V6("2001:db8:f::10".parse().expect("address"))
 }
-/// Backend `n` (11, 12, 13 ...): 192.0.2.n / 2001:db8:b::n.
+/// Backend `n` (11, 12, 13 ...): 192.0.2.n / `2001:db8:b::n`.
 pub fn backend_v4(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))
 }
@@ -71,14 +71,36 @@ impl Router {
         let lb_client_mac = mac(LB_CLIENT_MAC);
         let lb_backend_mac = mac(LB_BACKEND_MAC);
         let mut cmds: Vec<Vec<String>> = vec![
-            vec!["link", "add", "cl", "address", &lb_client_mac, "type", "veth", "peer", "name", "clp"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
-            vec!["link", "add", "bk", "address", &lb_backend_mac, "type", "veth", "peer", "name", "bkp"]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            vec![
+                "link",
+                "add",
+                "cl",
+                "address",
+                &lb_client_mac,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "clp",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "link",
+                "add",
+                "bk",
+                "address",
+                &lb_backend_mac,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "bkp",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
         ];
         for line in [
             "link set cl up",
@@ -94,10 +116,20 @@ impl Router {
         }
         let mut neigh = |addr: String, m: [u8; 6], dev: &str| {
             cmds.push(
-                ["neigh", "replace", &addr, "lladdr", &mac(m), "dev", dev, "nud", "permanent"]
-                    .into_iter()
-                    .map(String::from)
-                    .collect(),
+                [
+                    "neigh",
+                    "replace",
+                    &addr,
+                    "lladdr",
+                    &mac(m),
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect(),
             );
         };
         neigh(client_v4().to_string(), CLIENT_MAC, "cl");
@@ -112,7 +144,8 @@ impl Router {
             ns.ip(&args).expect("configure the router namespace");
         }
         ns.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1").expect("sysctl");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("sysctl");
         Router { ns }
     }
 }
@@ -216,7 +249,11 @@ impl Service {
             self.frontend_key(),
             Frontend {
                 service_id: self.id,
-                flags: if self.affinity { FRONTEND_F_CLIENT_AFFINITY } else { 0 },
+                flags: if self.affinity {
+                    FRONTEND_F_CLIENT_AFFINITY
+                } else {
+                    0
+                },
             },
         )
         .expect("frontend");
@@ -327,7 +364,11 @@ pub fn services() -> Vec<Service> {
             vec![(41, backend_v6(11), 5353), (42, backend_v6(12), 5353)],
         ),
         // No endpoints.
-        Service::new(5, (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 50)), 80, tcp), vec![]),
+        Service::new(
+            5,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 50)), 80, tcp),
+            vec![],
+        ),
         // One backend whose MAC the node has not resolved.
         Service::new(
             6,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::netns::{Netns, veth_pair};
+use super::netns::{Netns, enable_napi, veth_pair};
 
 /// Most backends a topology can have (addresses 192.0.2.11 ..= 192.0.2.50).
 pub const MAX_BACKENDS: usize = 40;
@@ -173,11 +173,13 @@ impl Topology {
             "master",
             Self::BRIDGE,
         ])?;
+        enable_napi(&self.switch, Self::SWITCH_LB_PORT)?;
         for (i, backend) in self.backends.iter().enumerate() {
             let port = Self::switch_port(i);
             veth_pair(backend, Self::BACKEND_IF, &self.switch, &port)?;
             self.switch
                 .ip(&["link", "set", "dev", &port, "master", Self::BRIDGE])?;
+            enable_napi(&self.switch, &port)?;
         }
 
         // Addresses and routes.
