@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use aya::programs::XdpMode;
-use lb_common::{Backend, FAMILY_V4, FAMILY_V6, Frontend, FrontendKey, PROTO_TCP, Reason};
+use lb_common::{Backend, Frontend, FrontendKey, PROTO_TCP, Reason};
 
 use crate::dataplane::Dataplane;
 use crate::maglev;
+use crate::testbed::node::{addr16, family};
 use crate::testbed::{self, Topology, TopologyConfig};
 
 /// Backend port of the demo's TCP servers.
@@ -30,21 +31,6 @@ pub struct Report {
     pub answers: BTreeMap<String, BTreeMap<String, u64>>,
     pub failures: u64,
     pub reasons: Vec<(Reason, u64)>,
-}
-
-fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&v4.octets());
-            a
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
 
 /// Writes one TCP service: `vip`:80 -> every backend's `addr`:8080.

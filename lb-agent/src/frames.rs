@@ -144,9 +144,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
-                        tcp.syn = syn;
-                        tcp.ack = !syn;
+                        let mut tcp = tcp_header(sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv4(&ip, &self.payload)
                             .expect("checksum");
@@ -176,9 +174,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
-                        tcp.syn = syn;
-                        tcp.ack = !syn;
+                        let mut tcp = tcp_header(sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv6(&ip, &self.payload)
                             .expect("checksum");
@@ -197,6 +193,14 @@ impl Frame {
         out.extend_from_slice(&self.payload);
         out
     }
+}
+
+/// A TCP header as the tests send it: a SYN, or an ACK carrying data.
+fn tcp_header(sport: u16, dport: u16, syn: bool) -> TcpHeader {
+    let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
+    tcp.syn = syn;
+    tcp.ack = !syn;
+    tcp
 }
 
 /// Checks every checksum of a frame from scratch (IPv4 header, TCP/UDP with its

@@ -8,6 +8,20 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// An IP address as keys hold it: 16 bytes (IPv4 in the first 4) and its family tag.
+pub const fn addr_key(ip: core::net::IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        core::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (
+                [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                FAMILY_V4,
+            )
+        }
+        core::net::IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
 /// Frontend flag: choose the backend by client address only (sessionAffinity `ClientIP`).
 pub const FRONTEND_F_CLIENT_AFFINITY: u32 = 1;
 

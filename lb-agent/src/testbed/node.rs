@@ -13,8 +13,7 @@ use crate::{
     testbed::{self, Netns},
 };
 use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey,
-    PROTO_TCP, PROTO_UDP, hash,
+    Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey, PROTO_TCP, PROTO_UDP, hash,
 };
 
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
@@ -164,19 +163,14 @@ pub fn load_dataplane() -> Dataplane {
     dp
 }
 
+/// The 16-byte key form of an address.
 pub fn addr16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&v4.octets());
-            a
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
+    lb_common::addr_key(ip).0
 }
 
+/// The family tag of an address.
 pub fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+    lb_common::addr_key(ip).1
 }
 
 /// A service as the tests install it.
