@@ -147,7 +147,7 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
     })??;
 
     println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
-    println!("interleaved with a trivial `XDP_PASS` program; {iterations} calls per case.");
+    println!("interleaved with a trivial XDP_PASS program; {iterations} calls per case.");
     println!();
     println!(
         "{:<30} {:>10} {:>13} {:>7} {:>8}",
