@@ -468,13 +468,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Identities like `"10.0.3.7:8080/TCP"`; `salt` varies the port so that
+    /// Identities like `"[2001:db8::3:7]:8080/TCP"` (documentation addresses);
+    /// `salt` varies the port so that
     /// proptest explores different hash values.
     fn identities(n: usize, salt: u16) -> Vec<String> {
         (0..n)
             .map(|i| {
                 format!(
-                    "10.{}.{}.{}:{}/TCP",
+                    "[2001:db8::{:x}:{:x}:{:x}]:{}/TCP",
                     (i >> 16) & 0xff,
                     (i >> 8) & 0xff,
                     i & 0xff,
@@ -899,7 +900,7 @@ mod tests {
         }
         // Exact for M = 16381 = 6 * 2730 + 1: 2730 full rounds, then a
         // partial round in which only the first backend in identity order
-        // (10.0.0.0, weight 1) gets its first turn.
+        // ([2001:db8::0:0:0], weight 1) gets its first turn.
         let table = build_table(&weighted(&idents, &[1, 2, 3, 0]), DEFAULT_TABLE_SIZE).unwrap();
         assert_eq!(counts(&table, 4), vec![0, 2731, 5460, 8190, 0]);
     }
