@@ -16,18 +16,17 @@ fn tcp_through_vips_reaches_every_backend() {
         // 60 flows over 3 equal backends: each gets some (P(one gets none) ~ 3e-11).
         assert_eq!(per_backend.len(), 3, "{vip} reaches all backends: {report}");
     }
-    let forwarded: u64 = report
-        .reasons
-        .iter()
-        .filter(|(r, _)| r.name().starts_with("fwd_"))
-        .map(|(_, n)| n)
-        .sum();
-    let replies: u64 = report
-        .reasons
-        .iter()
-        .filter(|(r, _)| r.name().starts_with("reply_"))
-        .map(|(_, n)| n)
-        .sum();
+    // Packets the XDP program counted under reasons starting with `prefix`.
+    let counted = |prefix: &str| -> u64 {
+        report
+            .reasons
+            .iter()
+            .filter(|(r, _)| r.name().starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let forwarded = counted("fwd_");
+    let replies = counted("reply_");
     assert!(forwarded > u64::from(requests), "XDP forwarded: {report}");
     assert!(
         replies > u64::from(requests),

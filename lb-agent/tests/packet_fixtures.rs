@@ -88,6 +88,13 @@ impl Node {
         }
     }
 
+    fn new_flows(&self, service_id: u32) -> u64 {
+        self.dp
+            .service_stats(service_id)
+            .expect("service stats")
+            .new_flows
+    }
+
     fn reason(&self, reason: Reason) -> u64 {
         self.dp
             .reason_stats()
@@ -99,6 +106,12 @@ impl Node {
 }
 
 const TO_BACKEND: fn(u8) -> ([u8; 6], [u8; 6]) = |n| (LB_BACKEND_MAC, backend_mac(n));
+
+/// `input` from a client, translated to `backend`:`port` and redirected towards it.
+fn to_backend(description: &'static str, input: &Frame, backend: IpAddr, port: u16) -> Case {
+    let output = dnat(input, backend, port, TO_BACKEND(last_octet(backend)));
+    Case::forward(description, input, Ingress::Client, &output)
+}
 const TO_CLIENT: ([u8; 6], [u8; 6]) = (LB_CLIENT_MAC, CLIENT_MAC);
 
 fn last_octet(ip: IpAddr) -> u8 {
@@ -128,15 +141,10 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
     let f = client_frame(svc, sport);
     let (_, backend, bport) = svc.expected_backend(&f);
     let n = last_octet(backend);
-    let before = node.dp.service_stats(svc.id).expect("stats").new_flows;
-    node.check(&Case::forward(
-        what,
-        &f,
-        Ingress::Client,
-        &dnat(&f, backend, bport, TO_BACKEND(n)),
-    ));
+    let before = node.new_flows(svc.id);
+    node.check(&to_backend(what, &f, backend, bport));
     assert_eq!(
-        node.dp.service_stats(svc.id).expect("stats").new_flows,
+        node.new_flows(svc.id),
         before + 1,
         "{what}: new flow counted"
     );
@@ -153,14 +161,9 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
         *syn = false;
     }
     again.payload = b"more data".to_vec();
-    node.check(&Case::forward(
-        what,
-        &again,
-        Ingress::Client,
-        &dnat(&again, backend, bport, TO_BACKEND(n)),
-    ));
+    node.check(&to_backend(what, &again, backend, bport));
     assert_eq!(
-        node.dp.service_stats(svc.id).expect("stats").new_flows,
+        node.new_flows(svc.id),
         before + 1,
         "{what}: established flow"
     );
@@ -216,12 +219,7 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         let f = client_frame(&svcs[0], sport);
         let (id, backend, bport) = svcs[0].expected_backend(&f);
         seen.insert(id);
-        node.check(&Case::forward(
-            "IPv4 TCP flow spread",
-            &f,
-            Ingress::Client,
-            &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
-        ));
+        node.check(&to_backend("IPv4 TCP flow spread", &f, backend, bport));
     }
     assert_eq!(seen.len(), 2, "64 flows reach both backends");
 
@@ -244,12 +242,7 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     let mut f = client_frame(&svcs[0], 40_020);
     f.vlan = Some(100);
     let (_, backend, bport) = svcs[0].expected_backend(&f);
-    node.check(&Case::forward(
-        "VLAN-tagged IPv4 TCP",
-        &f,
-        Ingress::Client,
-        &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
-    ));
+    node.check(&to_backend("VLAN-tagged IPv4 TCP", &f, backend, bport));
 
     // --- IPv4 with options (IHL 8): L4 found after the options.
     let mut f = client_frame(&svcs[0], 40_030);
@@ -257,12 +250,7 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         0x01, 0x01, 0x01, 0x01, 0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00,
     ];
     let (_, backend, bport) = svcs[0].expected_backend(&f);
-    node.check(&Case::forward(
-        "IPv4 with options",
-        &f,
-        Ingress::Client,
-        &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
-    ));
+    node.check(&to_backend("IPv4 with options", &f, backend, bport));
 
     // --- Not for us: untouched.
     let other = Frame::tcp(
@@ -379,12 +367,7 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
         let f = client_frame(&svcs[6], sport);
         let (other_id, backend, bport) = svcs[6].expected_backend(&f);
         assert_eq!(id, other_id);
-        node.check(&Case::forward(
-            "affinity by client IP",
-            &f,
-            Ingress::Client,
-            &dnat(&f, backend, bport, TO_BACKEND(last_octet(backend))),
-        ));
+        node.check(&to_backend("affinity by client IP", &f, backend, bport));
     }
 
     // --- Established flows keep their backend when the table changes ...
@@ -401,28 +384,23 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     node.dp
         .set_maglev_table(1, &svcs[0].table)
         .expect("new table");
-    node.check(&Case::forward(
+    node.check(&to_backend(
         "established flow after a table change",
         &f,
-        Ingress::Client,
-        &dnat(&f, old_backend, bport, TO_BACKEND(last_octet(old_backend))),
+        old_backend,
+        bport,
     ));
     // ... and are re-selected when their backend is deleted.
     node.dp.remove_backend(old_id).expect("delete backend");
-    let before = node.dp.service_stats(1).expect("stats").new_flows;
-    node.check(&Case::forward(
+    let before = node.new_flows(1);
+    node.check(&to_backend(
         "flow whose backend was deleted",
         &f,
-        Ingress::Client,
-        &dnat(
-            &f,
-            survivor.1,
-            survivor.2,
-            TO_BACKEND(last_octet(survivor.1)),
-        ),
+        survivor.1,
+        survivor.2,
     ));
     assert_eq!(
-        node.dp.service_stats(1).expect("stats").new_flows,
+        node.new_flows(1),
         before + 1,
         "re-selection counts as a new flow"
     );
