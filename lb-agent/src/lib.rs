@@ -1,4 +1,5 @@
 //! xlb agent library: turns desired services into BPF map contents.
+pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod frames;
