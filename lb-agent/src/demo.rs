@@ -74,7 +74,7 @@ fn install_service(
         },
         Frontend {
             service_id,
-            flags: 0,
+            ..Frontend::default()
         },
     )?;
     Ok(())

@@ -34,7 +34,7 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
         key,
         Frontend {
             service_id: 7,
-            flags: 0,
+            ..Frontend::default()
         },
     )
     .expect("frontend");

@@ -23,9 +23,15 @@ pub const SERVICE_STATS: &str = "SVC_STATS_V1";
 pub const REASON_STATS: &str = "REASON_STATS_V1";
 /// Interfaces the program may redirect to (devmap hash keyed by ifindex).
 pub const TX_PORTS: &str = "TX_PORTS_V1";
+/// Session affinity: (client, service) -> last backend. `AffinityKey` -> `Affinity`.
+pub const AFFINITY: &str = "AFFINITY_V1";
+/// Agent-only metadata per service id. `u32` -> `ServiceMeta`.
+pub const SERVICE_META: &str = "SVC_META_V1";
+/// Agent-only metadata per backend id. `u32` -> `BackendMeta`.
+pub const BACKEND_META: &str = "BACKEND_META_V1";
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 13] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
@@ -36,6 +42,9 @@ pub const ALL: [&str; 10] = [
     SERVICE_STATS,
     REASON_STATS,
     TX_PORTS,
+    AFFINITY,
+    SERVICE_META,
+    BACKEND_META,
 ];
 
 /// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned.
@@ -49,6 +58,7 @@ pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 pub const MAX_TX_PORTS: u32 = 256;
+pub const AFFINITY_ENTRIES: u32 = 65_536;
 
 /// Layout of one Maglev inner array: slot 0 holds the table size M (prime), slots
 /// 1..=M hold backend ids. Keeping M inside the table makes a size change part of the

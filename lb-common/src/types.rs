@@ -40,6 +40,80 @@ pub struct FrontendKey {
 pub struct Frontend {
     pub service_id: u32,
     pub flags: u32,
+    /// With `FRONTEND_F_CLIENT_AFFINITY`: how long a client keeps its backend after
+    /// its last new connection (kube-proxy's `sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Session affinity: which backend a client address last got for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: [u8; 16],
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the client's last new connection.
+    pub last_seen_ns: u64,
+}
+
+/// Longest service name the metadata map holds (bytes, NUL-padded).
+pub const SERVICE_NAME_LEN: usize = 128;
+/// `ServiceMeta::flags`: the slot holds a service.
+pub const SERVICE_META_F_IN_USE: u32 = 1;
+/// `ServiceMeta::flags`: every backend is unhealthy or drained, so new flows are dropped.
+pub const SERVICE_META_F_NO_BACKENDS: u32 = 2;
+
+/// What the agent wrote for a service id. The program never reads it: it lets a
+/// restarted agent restore its ids and `lb-agent status` name services from the pins alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    pub name: [u8; SERVICE_NAME_LEN],
+    pub flags: u32,
+    /// Maglev table size M.
+    pub table_size: u32,
+    pub _pad: [u32; 2],
+}
+
+impl Default for ServiceMeta {
+    fn default() -> Self {
+        ServiceMeta {
+            name: [0; SERVICE_NAME_LEN],
+            flags: 0,
+            table_size: 0,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// `BackendMeta::health`.
+pub const HEALTH_UNCHECKED: u8 = 0;
+pub const HEALTH_UP: u8 = 1;
+pub const HEALTH_DOWN: u8 = 2;
+
+/// What the agent wrote for a backend id, also while the backend is out of `BACKENDS`
+/// (unhealthy): the address, weight and health that status and a restarted agent read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendMeta {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    /// 0 marks an unused id.
+    pub family: u8,
+    pub health: u8,
+    pub service_id: u32,
+    pub weight: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -151,6 +225,10 @@ mod pod {
     // the size assertions below), so any byte pattern is a valid value.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::Frontend {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::BackendMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
@@ -164,7 +242,11 @@ mod pod {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
-    assert!(size_of::<Frontend>() == 8);
+    assert!(size_of::<Frontend>() == 16);
+    assert!(size_of::<AffinityKey>() == 16 + 4 + 1 + 3);
+    assert!(size_of::<Affinity>() == 16);
+    assert!(size_of::<ServiceMeta>() == SERVICE_NAME_LEN + 16);
+    assert!(size_of::<BackendMeta>() == 16 + 2 + 1 + 1 + 12);
     assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
     assert!(size_of::<Flow>() == 8);

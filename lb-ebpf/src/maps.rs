@@ -6,11 +6,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ADDR_FILTER_SLOTS, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop, Reason, ReasonStats,
-    RevNat, ServiceStats,
+    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend,
+    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
     maps::{
-        BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS,
-        MAX_SERVICES, MAX_TX_PORTS,
+        AFFINITY_ENTRIES, BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES,
+        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_TX_PORTS,
     },
 };
 
@@ -53,3 +53,15 @@ pub static REASON_STATS_V1: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = Per
 
 #[btf_map]
 pub static TX_PORTS_V1: DevMapHash<{ n(MAX_TX_PORTS) }> = DevMapHash::new();
+
+#[btf_map]
+pub static AFFINITY_V1: LruHashMap<AffinityKey, Affinity, { n(AFFINITY_ENTRIES) }> =
+    LruHashMap::new();
+
+/// Written and read by the agent only; declared here so they are BTF maps that
+/// `bpftool map dump` prints typed, pinned beside the others.
+#[btf_map]
+pub static SVC_META_V1: Array<ServiceMeta, { n(MAX_SERVICES) }> = Array::new();
+
+#[btf_map]
+pub static BACKEND_META_V1: Array<BackendMeta, { n(MAX_BACKENDS) }> = Array::new();

@@ -248,6 +248,8 @@ impl Service {
                 } else {
                     0
                 },
+                affinity_timeout_s: 10_800,
+                _pad: 0,
             },
         )
         .expect("frontend");
