@@ -74,3 +74,10 @@ pub enum Probe {
 pub struct SessionAffinity {
     pub timeout: Duration,
 }
+
+impl ServiceSpec {
+    /// The health check that applies to `backend`: its own, else the service's.
+    pub fn health_for<'a>(&'a self, backend: &'a BackendSpec) -> Option<&'a HealthCheck> {
+        backend.health.as_ref().or(self.health.as_ref())
+    }
+}

@@ -4,4 +4,6 @@ pub mod dataplane;
 pub mod demo;
 pub mod frames;
 pub mod maglev;
+pub mod model;
+pub mod plan;
 pub mod testbed;

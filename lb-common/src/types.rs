@@ -81,7 +81,9 @@ pub struct ServiceMeta {
     pub flags: u32,
     /// Maglev table size M.
     pub table_size: u32,
-    pub _pad: [u32; 2],
+    /// Digest of the installed Maglev table; 0 when the service has none. A restarted
+    /// agent compares it with the table it computes and rewrites only on a difference.
+    pub table_digest: u64,
 }
 
 impl Default for ServiceMeta {
@@ -90,7 +92,7 @@ impl Default for ServiceMeta {
             name: [0; SERVICE_NAME_LEN],
             flags: 0,
             table_size: 0,
-            _pad: [0; 2],
+            table_digest: 0,
         }
     }
 }

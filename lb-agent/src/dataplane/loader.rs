@@ -1,11 +1,12 @@
 //! Loading the object, attaching to interfaces, pinning, and running the program on
 //! synthetic frames (`BPF_PROG_TEST_RUN`) for tests and benchmarks.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapError,
+    maps::{Map, MapData, MapError},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::maps;
@@ -46,6 +47,16 @@ pub enum DataplaneError {
     Interface { name: String, reason: String },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error(
+        "pinned map {path} has {what}, this agent needs {want}: it was pinned by an \
+         incompatible version; `lb-agent run --replace` starts from scratch (drops tracked \
+         connections), `lb-agent detach` removes everything"
+    )]
+    Incompatible {
+        path: PathBuf,
+        what: String,
+        want: String,
+    },
 }
 
 /// Verdict and output frame of one `BPF_PROG_TEST_RUN` call.
@@ -59,18 +70,75 @@ pub struct TestRunOutput {
 
 /// The loaded program and its maps. One owner writes the maps.
 pub struct Dataplane {
-    pub(super) ebpf: Ebpf,
+    /// The programs; `None` when only the pinned maps were opened (`lb-agent status`).
+    pub(super) ebpf: Option<Ebpf>,
+    pub(super) maps: HashMap<&'static str, Map>,
     pub(super) filter: super::maps::FilterShadow,
 }
 
 impl Dataplane {
     /// Loads the object (see `object::object_bytes`) and both programs; the verifier
-    /// runs here, so a successful load means the kernel accepted the program.
+    /// runs here, so a successful load means the kernel accepted the program. The maps
+    /// are fresh and unpinned (tests, benchmarks).
     pub fn load(object: Option<&PathBuf>) -> Result<Self, DataplaneError> {
         let bytes = object_bytes(object)?;
-        let ebpf = EbpfLoader::new().load(&bytes)?;
+        Self::from_ebpf(EbpfLoader::new().load(&bytes)?)
+    }
+
+    /// Loads the object with every map pinned under `dir`: maps already pinned there
+    /// are reused with their contents (an agent restart), missing ones are created and
+    /// pinned. Returns whether any map was adopted. A pinned map whose layout differs
+    /// from this build's is an error that names it: adopting it would misread its bytes.
+    pub fn load_pinned(
+        object: Option<&PathBuf>,
+        dir: &Path,
+    ) -> Result<(Self, bool), DataplaneError> {
+        super::pins::create_dir(dir)?;
+        let adopted = super::pins::check_compatible(dir)?;
+        let bytes = object_bytes(object)?;
+        let paths: Vec<(&'static str, PathBuf)> = maps::ALL
+            .iter()
+            .map(|&name| (name, dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Ok((Self::from_ebpf(loader.load(&bytes)?)?, adopted))
+    }
+
+    /// Opens the maps pinned under `dir` without loading any program, for reading
+    /// (`lb-agent status`) or writing while another agent runs.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        super::pins::check_compatible(dir)?;
+        let mut maps = HashMap::new();
+        for name in maps::ALL {
+            let path = dir.join(name);
+            let data =
+                MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+            maps.insert(
+                name,
+                Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source })?,
+            );
+        }
+        Ok(Dataplane {
+            ebpf: None,
+            maps,
+            filter: super::maps::FilterShadow::default(),
+        })
+    }
+
+    fn from_ebpf(mut ebpf: Ebpf) -> Result<Self, DataplaneError> {
+        let mut maps = HashMap::new();
+        for name in maps::ALL {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(DataplaneError::MissingMap(name))?;
+            maps.insert(name, map);
+        }
         let mut dp = Dataplane {
-            ebpf,
+            ebpf: Some(ebpf),
+            maps,
             filter: super::maps::FilterShadow::default(),
         };
         for name in [PROGRAM, BASELINE_PROGRAM] {
@@ -81,9 +149,10 @@ impl Dataplane {
         Ok(dp)
     }
 
-    fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
+    pub(super) fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         self.ebpf
-            .program_mut(name)
+            .as_mut()
+            .and_then(|ebpf| ebpf.program_mut(name))
             .ok_or(DataplaneError::Program {
                 name,
                 source: ProgramError::NotLoaded,
@@ -94,7 +163,8 @@ impl Dataplane {
 
     fn xdp(&self, name: &'static str) -> Result<&Xdp, DataplaneError> {
         self.ebpf
-            .program(name)
+            .as_ref()
+            .and_then(|ebpf| ebpf.program(name))
             .ok_or(DataplaneError::Program {
                 name,
                 source: ProgramError::NotLoaded,
@@ -153,8 +223,8 @@ impl Dataplane {
         for name in maps::ALL {
             let path = dir.join(name);
             let map = self
-                .ebpf
-                .map(name)
+                .maps
+                .get(name)
                 .ok_or(DataplaneError::MissingMap(name))?;
             map.pin(&path).map_err(|e| DataplaneError::Pin {
                 path,

@@ -1,12 +1,15 @@
 //! Typed reads and writes of the program's maps. Callers speak in lb-common's types;
 //! map names, fds and inner-map plumbing stay here.
 
-use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, xdp::DevMapHash};
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash,
+};
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, Flow, FlowKey, Frontend, FrontendKey, NextHop,
-    Reason, ReasonStats, RevNat, ServiceStats, addr_filter_slot,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey,
+    NextHop, Reason, ReasonStats, RevNat, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats,
+    addr_filter_slot,
     maps::{self, BPF_F_INNER_MAP, MAGLEV_SIZE_SLOT},
 };
 
@@ -61,13 +64,13 @@ impl Dataplane {
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
-        self.ebpf
-            .map_mut(name)
+        self.maps
+            .get_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
-        self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+        self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
     }
 
     pub fn set_frontend(
@@ -241,6 +244,121 @@ impl Dataplane {
                 Ok((reason, sum))
             })
             .collect()
+    }
+}
+
+/// Everything the agent keeps in the maps, read back after a restart.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub frontends: Vec<(FrontendKey, Frontend)>,
+    /// Service id -> metadata, for slots marked in use.
+    pub services: Vec<(u32, ServiceMeta)>,
+    /// Backend id -> metadata, and whether the backend slot is filled (forwarding).
+    pub backends: Vec<(u32, BackendMeta, bool)>,
+}
+
+impl Dataplane {
+    pub fn set_service_meta(&mut self, id: u32, meta: &ServiceMeta) -> Result<(), DataplaneError> {
+        let name = maps::SERVICE_META;
+        let mut m: Array<_, ServiceMeta> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(id, meta, 0).map_err(map_err(name))
+    }
+
+    pub fn set_backend_meta(&mut self, id: u32, meta: &BackendMeta) -> Result<(), DataplaneError> {
+        let name = maps::BACKEND_META;
+        let mut m: Array<_, BackendMeta> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(id, meta, 0).map_err(map_err(name))
+    }
+
+    /// Zeroes a service id's counters, so a recycled id starts from nothing.
+    pub fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let name = maps::SERVICE_STATS;
+        let mut m: PerCpuArray<_, ServiceStats> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+            name,
+            source: MapError::IoError(e),
+        })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| {
+            DataplaneError::Map {
+                name,
+                source: MapError::IoError(e),
+            }
+        })?;
+        m.set(id, zeros, 0).map_err(map_err(name))
+    }
+
+    /// Reads back what an agent wrote (after a restart), and rebuilds the address
+    /// pre-filter's bookkeeping from it.
+    pub fn snapshot(&mut self) -> Result<Snapshot, DataplaneError> {
+        let mut snap = Snapshot::default();
+        {
+            let name = maps::FRONTENDS;
+            let m: HashMap<_, FrontendKey, Frontend> =
+                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+            for entry in m.iter() {
+                snap.frontends.push(entry.map_err(map_err(name))?);
+            }
+            snap.frontends.sort_by_key(|(k, _)| *k);
+        }
+        {
+            let name = maps::SERVICE_META;
+            let m: Array<_, ServiceMeta> =
+                Array::try_from(self.map(name)?).map_err(map_err(name))?;
+            for id in 1..maps::MAX_SERVICES {
+                let meta = m.get(&id, 0).map_err(map_err(name))?;
+                if meta.flags & SERVICE_META_F_IN_USE != 0 {
+                    snap.services.push((id, meta));
+                }
+            }
+        }
+        {
+            let meta_name = maps::BACKEND_META;
+            let metas: Array<_, BackendMeta> =
+                Array::try_from(self.map(meta_name)?).map_err(map_err(meta_name))?;
+            let name = maps::BACKENDS;
+            let slots: Array<_, Backend> =
+                Array::try_from(self.map(name)?).map_err(map_err(name))?;
+            for id in 1..maps::MAX_BACKENDS {
+                let meta = metas.get(&id, 0).map_err(map_err(meta_name))?;
+                if meta.family == 0 {
+                    continue;
+                }
+                let slot = slots.get(&id, 0).map_err(map_err(name))?;
+                snap.backends.push((id, meta, slot.family != 0));
+            }
+        }
+        self.filter = FilterShadow::default();
+        for (key, _) in &snap.frontends {
+            self.filter.frontends.insert(*key);
+            self.filter.bump(&key.addr, 0, true);
+        }
+        for (id, meta, filled) in &snap.backends {
+            if *filled {
+                self.filter.backends.insert(*id, meta.addr);
+                self.filter.bump(&meta.addr, 1, true);
+            }
+        }
+        Ok(snap)
+    }
+
+    /// A service's Maglev table as installed (backend ids, without the size slot).
+    pub fn maglev_table(&self, service_id: u32) -> Result<Option<Vec<u32>>, DataplaneError> {
+        let name = maps::MAGLEV;
+        let outer: ArrayOfMaps<_, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map(name)?).map_err(map_err(name))?;
+        let inner = match outer.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        let size = inner.get(&MAGLEV_SIZE_SLOT, 0).map_err(map_err(name))?;
+        (1..=size)
+            .map(|slot| inner.get(&slot, 0).map_err(map_err(name)))
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
     }
 }
 

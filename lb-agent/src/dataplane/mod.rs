@@ -4,5 +4,6 @@
 pub mod loader;
 pub mod maps;
 pub mod object;
+pub mod pins;
 
 pub use loader::{Dataplane, DataplaneError, TestRunOutput};

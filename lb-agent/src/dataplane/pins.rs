@@ -1,0 +1,312 @@
+//! The pin directory: every map by its versioned name, and one XDP link per interface
+//! (`link_<interface>`). A restarted agent adopts what is there; `detach` removes it.
+
+use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapInfo;
+use aya::programs::XdpMode;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use lb_common::{
+    Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey, NextHop,
+    ReasonStats, RevNat, ServiceMeta, ServiceStats, maps,
+};
+
+use super::loader::{PROGRAM, ifindex};
+use super::{Dataplane, DataplaneError};
+
+/// The default pin directory.
+pub const DEFAULT_DIR: &str = "/sys/fs/bpf/xlb";
+const LINK_PREFIX: &str = "link_";
+
+fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
+    DataplaneError::Pin {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Creates `dir` on a bpffs, failing clearly when it is not on one (pins need bpffs).
+pub fn create_dir(dir: &Path) -> Result<(), DataplaneError> {
+    std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct it fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let cpath =
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| pin_err(dir, e))?;
+    // SAFETY: see above; `st` outlives the call.
+    if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
+        return Err(pin_err(dir, io::Error::last_os_error()));
+    }
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type's width differs by libc target"
+    )]
+    if i64::from(st.f_type) != i64::from(BPF_FS_MAGIC) {
+        return Err(pin_err(
+            dir,
+            "not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`",
+        ));
+    }
+    Ok(())
+}
+
+/// Key and value sizes each map must have; `None` skips the value check (devmap
+/// values are the kernel's own struct).
+fn expected_layout(name: &str) -> (usize, Option<usize>) {
+    use std::mem::size_of;
+    match name {
+        maps::FRONTENDS => (size_of::<FrontendKey>(), Some(size_of::<Frontend>())),
+        maps::BACKENDS => (4, Some(size_of::<Backend>())),
+        maps::NEXTHOPS => (4, Some(size_of::<NextHop>())),
+        maps::ADDR_FILTER => (4, Some(1)),
+        maps::MAGLEV => (4, Some(4)),
+        maps::CONNTRACK => (size_of::<FlowKey>(), Some(size_of::<Flow>())),
+        maps::REVNAT => (size_of::<FlowKey>(), Some(size_of::<RevNat>())),
+        maps::SERVICE_STATS => (4, Some(size_of::<ServiceStats>())),
+        maps::REASON_STATS => (4, Some(size_of::<ReasonStats>())),
+        maps::AFFINITY => (size_of::<AffinityKey>(), Some(size_of::<Affinity>())),
+        maps::SERVICE_META => (4, Some(size_of::<ServiceMeta>())),
+        maps::BACKEND_META => (4, Some(size_of::<BackendMeta>())),
+        _ => (4, None),
+    }
+}
+
+/// Checks every map already pinned under `dir` against this build's layouts; returns
+/// whether any map is pinned (so this start adopts state).
+pub fn check_compatible(dir: &Path) -> Result<bool, DataplaneError> {
+    let mut any = false;
+    for name in maps::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        any = true;
+        let info = MapInfo::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+        let (key, value) = expected_layout(name);
+        let got_key = info.key_size() as usize;
+        let got_value = info.value_size() as usize;
+        if got_key != key || value.is_some_and(|v| v != got_value) {
+            return Err(DataplaneError::Incompatible {
+                path,
+                what: format!("key size {got_key} and value size {got_value}"),
+                want: format!(
+                    "key size {key} and value size {}",
+                    value.map_or("any".into(), |v| v.to_string())
+                ),
+            });
+        }
+    }
+    Ok(any)
+}
+
+/// Where the link of `interface` is pinned.
+pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{interface}"))
+}
+
+/// Interfaces that have a pinned link under `dir`.
+pub fn pinned_interfaces(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(LINK_PREFIX))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// How an interface got the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attachment {
+    /// A pinned link existed: the program in it was replaced atomically, traffic never
+    /// stopped.
+    Adopted,
+    /// Newly attached in this mode and pinned.
+    Attached(XdpMode),
+}
+
+/// How to attach where no link is pinned yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeChoice {
+    Native,
+    Generic,
+    /// Native, else generic with a warning naming the interface.
+    Auto,
+}
+
+impl Dataplane {
+    /// Makes `interface` run this program through a link pinned under `dir`: an
+    /// existing pinned link gets the new program in one `bpf_link_update` (the
+    /// interface is never without a program); otherwise the program is attached and
+    /// the link pinned. Either way the interface joins the redirect ports.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: ModeChoice,
+        dir: &Path,
+    ) -> Result<Attachment, DataplaneError> {
+        let index = ifindex(interface)?;
+        let path = link_path(dir, interface);
+        let result = if path.exists() {
+            match self.adopt_link(&path) {
+                Ok(()) => Ok(Attachment::Adopted),
+                Err(e) => {
+                    // The pinned link is stale (its interface was deleted and
+                    // recreated): drop it and attach afresh.
+                    tracing::warn!(interface, "pinned link unusable ({e}); attaching anew");
+                    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                    self.attach_and_pin(interface, mode, &path)
+                }
+            }
+        } else {
+            self.attach_and_pin(interface, mode, &path)
+        };
+        let attachment = result?;
+        self.add_tx_port(index)?;
+        Ok(attachment)
+    }
+
+    fn adopt_link(&mut self, path: &Path) -> Result<(), DataplaneError> {
+        let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(path, e))?;
+        let fd_link: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd_link).map_err(|e| pin_err(path, e))?;
+        self.xdp_mut(PROGRAM)?
+            .attach_to_link(link)
+            .map_err(|source| DataplaneError::Program {
+                name: PROGRAM,
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn attach_and_pin(
+        &mut self,
+        interface: &str,
+        mode: ModeChoice,
+        path: &Path,
+    ) -> Result<Attachment, DataplaneError> {
+        let (link_id, used) = match mode {
+            ModeChoice::Native => (
+                self.attach_mode(interface, XdpMode::Driver)?,
+                XdpMode::Driver,
+            ),
+            ModeChoice::Generic => (self.attach_mode(interface, XdpMode::Skb)?, XdpMode::Skb),
+            ModeChoice::Auto => match self.attach_mode(interface, XdpMode::Driver) {
+                Ok(id) => (id, XdpMode::Driver),
+                Err(e) => {
+                    tracing::warn!(
+                        interface,
+                        "native XDP attach failed ({e}); using generic (skb) mode, which is \
+                         much slower"
+                    );
+                    (self.attach_mode(interface, XdpMode::Skb)?, XdpMode::Skb)
+                }
+            },
+        };
+        let prog = self.xdp_mut(PROGRAM)?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|source| DataplaneError::Program {
+                name: PROGRAM,
+                source,
+            })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| {
+            pin_err(
+                path,
+                format!("the kernel attached XDP without a BPF link ({e}); links need Linux 5.9+"),
+            )
+        })?;
+        fd_link.pin(path).map_err(|e| pin_err(path, e))?;
+        Ok(Attachment::Attached(used))
+    }
+
+    fn attach_mode(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+    ) -> Result<aya::programs::xdp::XdpLinkId, DataplaneError> {
+        self.xdp_mut(PROGRAM)?
+            .attach(interface, mode)
+            .map_err(|source| DataplaneError::Interface {
+                name: interface.to_owned(),
+                reason: format!("XDP attach ({mode:?}) failed: {source}"),
+            })
+    }
+}
+
+/// Detaches the program from `interface` now (`BPF_LINK_DETACH`, effective even while
+/// a running agent holds the link open) and removes the pin.
+pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    let path = link_path(dir, interface);
+    let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+    let fd_link: FdLink = pinned.unpin().map_err(|e| pin_err(&path, e))?;
+    // FdLink does not expose its fd; the link info's id reopens it.
+    let id = fd_link.info().map_err(|e| pin_err(&path, e))?.id();
+    link_detach_by_id(id).map_err(|e| pin_err(&path, e))?;
+    Ok(())
+}
+
+/// Removes every link and map pinned under `dir`, then `dir` itself. Tracked
+/// connections are gone afterwards; traffic to VIPs is no longer translated.
+pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for interface in pinned_interfaces(dir) {
+        detach_link(dir, &interface)?;
+        removed.push(format!("link {interface}"));
+    }
+    for name in maps::ALL {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+            removed.push(format!("map {name}"));
+        }
+    }
+    std::fs::remove_dir(dir).map_err(|e| pin_err(dir, e))?;
+    Ok(removed)
+}
+
+/// `BPF_LINK_GET_FD_BY_ID` then `BPF_LINK_DETACH` (Linux 5.9+); aya 0.14 has neither.
+fn link_detach_by_id(id: u32) -> io::Result<()> {
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    // union bpf_attr, the prefix both commands read: a u32 (link id / link fd).
+    #[repr(C)]
+    struct Attr {
+        value: u32,
+        _pad: [u32; 3],
+    }
+    let bpf = |cmd: libc::c_long, value: u32| -> io::Result<libc::c_long> {
+        let attr = Attr {
+            value,
+            _pad: [0; 3],
+        };
+        // SAFETY: attr is a valid bpf_attr prefix for both commands and outlives the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, size_of::<Attr>()) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, id)?;
+    // SAFETY: the kernel just returned this new fd; we own it.
+    let fd = unsafe {
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
+            i32::try_from(fd).map_err(io::Error::other)?,
+        )
+    };
+    bpf(BPF_LINK_DETACH, fd.as_fd().as_raw_fd().cast_unsigned()).map(drop)
+}

@@ -1,0 +1,189 @@
+//! The desired state: services as the data plane should serve them, whatever source
+//! they came from (config file today, Kubernetes later). Pure data; `plan` turns the
+//! difference between this and what the maps hold into writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::config::{FrontendSpec, ServiceSpec};
+
+/// A backend's identity within a service: its address and port. Its text form
+/// (`192.0.2.11:8080`, `[2001:db8::11]:8080`) is the Maglev identity, so every agent
+/// that sees the same backends builds the same table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SocketAddr::new(self.addr, self.port).fmt(f)
+    }
+}
+
+/// What health checking says about a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No health check configured: always used.
+    Unchecked,
+    Up,
+    /// Out of the table and of the backend array: its flows are re-selected.
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendModel {
+    /// Maglev weight; 0 = drained (kept for established flows, no new ones).
+    pub weight: u32,
+    pub health: Health,
+}
+
+impl BackendModel {
+    /// Established flows may keep using it.
+    pub fn forwarding(&self) -> bool {
+        self.health != Health::Down
+    }
+
+    /// New flows may be given to it.
+    pub fn selectable(&self) -> bool {
+        self.forwarding() && self.weight > 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceModel {
+    pub frontends: BTreeSet<FrontendSpec>,
+    pub backends: BTreeMap<Endpoint, BackendModel>,
+    /// Session affinity by client address, in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    pub table_size: u32,
+}
+
+impl ServiceModel {
+    /// True when no backend can take a new flow (none configured, all down or drained).
+    pub fn has_no_backends(&self) -> bool {
+        !self.backends.values().any(BackendModel::selectable)
+    }
+}
+
+/// Every service by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub services: BTreeMap<String, ServiceModel>,
+}
+
+/// Builds the desired state from validated specs. `health` answers for backends that
+/// have a health check (service name, endpoint); the others are `Unchecked`.
+pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Health) -> Desired {
+    let services = specs
+        .iter()
+        .map(|spec| {
+            let backends = spec
+                .backends
+                .iter()
+                .map(|b| {
+                    let endpoint = Endpoint {
+                        addr: b.address,
+                        port: b.port,
+                    };
+                    let state = if spec.health_for(b).is_some() {
+                        health(&spec.name, endpoint)
+                    } else {
+                        Health::Unchecked
+                    };
+                    (
+                        endpoint,
+                        BackendModel {
+                            weight: b.weight,
+                            health: state,
+                        },
+                    )
+                })
+                .collect();
+            let model = ServiceModel {
+                frontends: spec.frontends.iter().copied().collect(),
+                backends,
+                affinity_timeout_s: spec
+                    .session_affinity
+                    .map(|a| u32::try_from(a.timeout.as_secs()).unwrap_or(u32::MAX)),
+                table_size: spec.maglev_table_size,
+            };
+            (spec.name.clone(), model)
+        })
+        .collect();
+    Desired { services }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendSpec, HealthCheck, Probe, Protocol, SessionAffinity};
+    use std::time::Duration;
+
+    fn spec() -> ServiceSpec {
+        let check = HealthCheck {
+            probe: Probe::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+            port: None,
+        };
+        ServiceSpec {
+            name: "web".into(),
+            frontends: vec![FrontendSpec {
+                address: "203.0.113.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            backends: vec![
+                BackendSpec {
+                    address: "192.0.2.11".parse().unwrap(),
+                    port: 8080,
+                    weight: 1,
+                    health: None,
+                },
+                BackendSpec {
+                    address: "192.0.2.12".parse().unwrap(),
+                    port: 8080,
+                    weight: 2,
+                    health: Some(check),
+                },
+            ],
+            health: None,
+            session_affinity: Some(SessionAffinity {
+                timeout: Duration::from_secs(3 * 3600),
+            }),
+            maglev_table_size: 251,
+        }
+    }
+
+    #[test]
+    fn health_applies_only_to_checked_backends() {
+        let desired = from_specs(&[spec()], |_, _| Health::Down);
+        let web = &desired.services["web"];
+        let states: Vec<Health> = web.backends.values().map(|b| b.health).collect();
+        assert_eq!(states, [Health::Unchecked, Health::Down]);
+        assert_eq!(web.affinity_timeout_s, Some(10_800));
+        assert!(!web.has_no_backends(), "the unchecked backend still serves");
+    }
+
+    #[test]
+    fn all_down_or_drained_means_no_backends() {
+        let mut s = spec();
+        s.backends[0].weight = 0;
+        let desired = from_specs(&[s], |_, _| Health::Down);
+        assert!(desired.services["web"].has_no_backends());
+    }
+
+    #[test]
+    fn endpoint_text_is_the_socket_address() {
+        let v6 = Endpoint {
+            addr: "2001:db8:b::11".parse().unwrap(),
+            port: 8080,
+        };
+        assert_eq!(v6.to_string(), "[2001:db8:b::11]:8080");
+    }
+}

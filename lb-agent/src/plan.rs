@@ -1,0 +1,474 @@
+//! The difference between the desired state and what the maps hold, as an ordered
+//! list of map writes. Pure: the writer executes the ops and mirrors each successful
+//! one into `Applied`, so `Applied` always equals the maps.
+//!
+//! Order makes every change hitless (a packet never meets a half-written service):
+//! 1. new services' metadata; 2. backends that will be needed (slot and metadata);
+//! 3. each changed Maglev table swapped whole, then its digest recorded; 4. frontends
+//! added or changed; 5. frontends removed; 6. what nothing uses any more: tables of
+//! removed services, backend slots (their tracked flows are re-selected), metadata.
+//! At every step, every id in an installed table names a filled slot of its service.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{
+    Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey, HEALTH_DOWN,
+    HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE,
+    SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta, addr_key,
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+};
+
+use crate::config::{FrontendSpec, Protocol};
+use crate::maglev;
+use crate::model::{Desired, Endpoint, Health, ServiceModel};
+
+/// One map write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    SetServiceMeta {
+        id: u32,
+        meta: ServiceMeta,
+    },
+    /// Zeroes a (recycled) service id's counters.
+    ResetStats {
+        id: u32,
+    },
+    /// Fills backend slot `id`: the data plane forwards to it.
+    SetBackend {
+        id: u32,
+        backend: Backend,
+    },
+    SetBackendMeta {
+        id: u32,
+        meta: BackendMeta,
+    },
+    /// Swaps in a service's whole Maglev table.
+    SetTable {
+        service_id: u32,
+        table: Vec<u32>,
+    },
+    RemoveTable {
+        service_id: u32,
+    },
+    SetFrontend {
+        key: FrontendKey,
+        value: Frontend,
+    },
+    RemoveFrontend {
+        key: FrontendKey,
+    },
+    /// Empties backend slot `id`: flows tracked to it are re-selected.
+    RemoveBackend {
+        id: u32,
+    },
+    ClearBackendMeta {
+        id: u32,
+    },
+    ClearServiceMeta {
+        id: u32,
+    },
+}
+
+/// What the maps hold, as far as the agent wrote it (restored from them on restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub services: BTreeMap<u32, ServiceMeta>,
+    pub backends: BTreeMap<u32, BackendMeta>,
+    /// Filled backend slots.
+    pub slots: BTreeSet<u32>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+impl Applied {
+    /// Mirrors one successful write.
+    pub fn record(&mut self, op: &Op) {
+        match op {
+            Op::SetServiceMeta { id, meta } => {
+                self.services.insert(*id, *meta);
+            }
+            Op::ClearServiceMeta { id } => {
+                self.services.remove(id);
+            }
+            Op::SetBackend { id, .. } => {
+                self.slots.insert(*id);
+            }
+            Op::RemoveBackend { id } => {
+                self.slots.remove(id);
+            }
+            Op::SetBackendMeta { id, meta } => {
+                self.backends.insert(*id, *meta);
+            }
+            Op::ClearBackendMeta { id } => {
+                self.backends.remove(id);
+            }
+            Op::SetFrontend { key, value } => {
+                self.frontends.insert(*key, *value);
+            }
+            Op::RemoveFrontend { key } => {
+                self.frontends.remove(key);
+            }
+            // Recorded by the digest in the service's metadata that follows.
+            Op::ResetStats { .. } | Op::SetTable { .. } | Op::RemoveTable { .. } => {}
+        }
+    }
+
+    fn service_id(&self, name: &str) -> Option<u32> {
+        self.services
+            .iter()
+            .find(|(_, meta)| service_name(meta) == name)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// The name stored in a service's metadata.
+pub fn service_name(meta: &ServiceMeta) -> &str {
+    let end = meta
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(SERVICE_NAME_LEN);
+    std::str::from_utf8(&meta.name[..end]).unwrap_or("<invalid name>")
+}
+
+/// The endpoint a backend's metadata describes.
+pub fn meta_endpoint(meta: &BackendMeta) -> Endpoint {
+    let addr = if meta.family == lb_common::FAMILY_V6 {
+        std::net::IpAddr::from(meta.addr)
+    } else {
+        std::net::IpAddr::from([meta.addr[0], meta.addr[1], meta.addr[2], meta.addr[3]])
+    };
+    Endpoint {
+        addr,
+        port: u16::from_be(meta.port),
+    }
+}
+
+/// What could not be planned; the rest of the plan still applies.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("service {service}: no free service id (at most {max} services)", max = MAX_SERVICES - 1)]
+    NoServiceId { service: String },
+    #[error("service {service}: no free backend id for {endpoint} (at most {max} backends)", max = MAX_BACKENDS - 1)]
+    NoBackendId { service: String, endpoint: Endpoint },
+    #[error("service {service}: name longer than {SERVICE_NAME_LEN} bytes")]
+    NameTooLong { service: String },
+    #[error("service {service}: {source}")]
+    Maglev {
+        service: String,
+        source: maglev::MaglevError,
+    },
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub errors: Vec<PlanError>,
+}
+
+/// The frontend key of a spec.
+pub fn frontend_key(spec: &FrontendSpec) -> FrontendKey {
+    let (addr, family) = addr_key(spec.address);
+    FrontendKey {
+        addr,
+        port: spec.port.to_be(),
+        proto: match spec.protocol {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        },
+        family,
+    }
+}
+
+/// An order-sensitive 64-bit FNV-1a digest of a table; never 0 (0 means "no table").
+pub fn table_digest(table: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in table.iter().flat_map(|id| id.to_le_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// Lowest ids in `1..max` not in `used`, handed out in order.
+struct Ids {
+    used: BTreeSet<u32>,
+    max: u32,
+}
+
+impl Ids {
+    fn take(&mut self) -> Option<u32> {
+        let id = (1..self.max).find(|id| !self.used.contains(id))?;
+        self.used.insert(id);
+        Some(id)
+    }
+}
+
+/// Ordered phases; concatenated at the end.
+#[derive(Default)]
+struct Phases {
+    new_services: Vec<Op>,
+    backends: Vec<Op>,
+    tables: Vec<Op>,
+    add_frontends: Vec<Op>,
+    remove_frontends: Vec<Op>,
+    cleanup: Vec<Op>,
+}
+
+/// The writes that make the maps hold `desired`, given that they hold `applied`.
+pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
+    let mut phases = Phases::default();
+    let mut errors = Vec::new();
+    let mut service_ids = Ids {
+        used: applied.services.keys().copied().collect(),
+        max: MAX_SERVICES,
+    };
+    let mut backend_ids = Ids {
+        used: applied.backends.keys().copied().collect(),
+        max: MAX_BACKENDS,
+    };
+    let mut kept_services = BTreeSet::new();
+    let mut kept_backends = BTreeSet::new();
+    let mut wanted_frontends = BTreeSet::new();
+
+    for (name, service) in &desired.services {
+        let Ok(name_bytes) = name_field(name) else {
+            errors.push(PlanError::NameTooLong {
+                service: name.clone(),
+            });
+            continue;
+        };
+        let (id, old_meta) = if let Some(id) = applied.service_id(name) {
+            (id, applied.services.get(&id).copied())
+        } else if let Some(id) = service_ids.take() {
+            let meta = ServiceMeta {
+                name: name_bytes,
+                flags: SERVICE_META_F_IN_USE,
+                table_size: service.table_size,
+                table_digest: 0,
+            };
+            phases.new_services.push(Op::ResetStats { id });
+            phases.new_services.push(Op::SetServiceMeta { id, meta });
+            (id, Some(meta))
+        } else {
+            errors.push(PlanError::NoServiceId {
+                service: name.clone(),
+            });
+            continue;
+        };
+        kept_services.insert(id);
+        let ids = plan_backends(
+            name,
+            id,
+            service,
+            applied,
+            &mut backend_ids,
+            &mut phases,
+            &mut errors,
+        );
+        kept_backends.extend(ids.values().copied());
+
+        // The table over the backends that take new flows.
+        let members: Vec<(u32, String, u32)> = service
+            .backends
+            .iter()
+            .filter(|(_, b)| b.selectable())
+            .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
+            .collect();
+        let digest = if members.is_empty() {
+            0
+        } else {
+            let input: Vec<maglev::Backend<'_>> = members
+                .iter()
+                .map(|(bid, identity, weight)| maglev::Backend {
+                    id: *bid,
+                    identity: identity.as_bytes(),
+                    weight: *weight,
+                })
+                .collect();
+            match maglev::build_table(&input, service.table_size) {
+                Ok(table) => {
+                    let digest = table_digest(&table);
+                    if old_meta.is_none_or(|m| m.table_digest != digest) {
+                        phases.tables.push(Op::SetTable {
+                            service_id: id,
+                            table,
+                        });
+                    }
+                    digest
+                }
+                Err(source) => {
+                    errors.push(PlanError::Maglev {
+                        service: name.clone(),
+                        source,
+                    });
+                    old_meta.map_or(0, |m| m.table_digest)
+                }
+            }
+        };
+        if digest == 0 && old_meta.is_some_and(|m| m.table_digest != 0) {
+            phases.tables.push(Op::RemoveTable { service_id: id });
+        }
+        let meta = ServiceMeta {
+            name: name_bytes,
+            flags: SERVICE_META_F_IN_USE
+                | if service.has_no_backends() {
+                    SERVICE_META_F_NO_BACKENDS
+                } else {
+                    0
+                },
+            table_size: service.table_size,
+            table_digest: digest,
+        };
+        if old_meta != Some(meta) {
+            phases.tables.push(Op::SetServiceMeta { id, meta });
+        }
+
+        let value = Frontend {
+            service_id: id,
+            flags: if service.affinity_timeout_s.is_some() {
+                FRONTEND_F_CLIENT_AFFINITY
+            } else {
+                0
+            },
+            affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
+            _pad: 0,
+        };
+        for spec in &service.frontends {
+            let key = frontend_key(spec);
+            wanted_frontends.insert(key);
+            if applied.frontends.get(&key) != Some(&value) {
+                phases.add_frontends.push(Op::SetFrontend { key, value });
+            }
+        }
+    }
+
+    for key in applied.frontends.keys() {
+        if !wanted_frontends.contains(key) {
+            phases
+                .remove_frontends
+                .push(Op::RemoveFrontend { key: *key });
+        }
+    }
+    for (&id, meta) in &applied.services {
+        if !kept_services.contains(&id) && meta.table_digest != 0 {
+            phases.cleanup.push(Op::RemoveTable { service_id: id });
+        }
+    }
+    for &id in applied.backends.keys() {
+        if !kept_backends.contains(&id) {
+            if applied.slots.contains(&id) {
+                phases.cleanup.push(Op::RemoveBackend { id });
+            }
+            phases.cleanup.push(Op::ClearBackendMeta { id });
+        }
+    }
+    // Slots filled without metadata (a write interrupted by a crash).
+    for &id in &applied.slots {
+        if !applied.backends.contains_key(&id) {
+            phases.cleanup.push(Op::RemoveBackend { id });
+        }
+    }
+    for &id in applied.services.keys() {
+        if !kept_services.contains(&id) {
+            phases.cleanup.push(Op::ClearServiceMeta { id });
+        }
+    }
+
+    let Phases {
+        new_services,
+        backends,
+        mut tables,
+        add_frontends,
+        remove_frontends,
+        cleanup,
+    } = phases;
+    // Down backends leave their slot only after the tables no longer name them.
+    let (late, early): (Vec<Op>, Vec<Op>) = backends
+        .into_iter()
+        .partition(|op| matches!(op, Op::RemoveBackend { .. }));
+    let mut ops = new_services;
+    ops.extend(early);
+    ops.append(&mut tables);
+    ops.extend(add_frontends);
+    ops.extend(remove_frontends);
+    ops.extend(late);
+    ops.extend(cleanup);
+    Plan { ops, errors }
+}
+
+/// Plans one service's backends; returns the id of every backend it keeps.
+fn plan_backends(
+    name: &str,
+    service_id: u32,
+    service: &ServiceModel,
+    applied: &Applied,
+    ids: &mut Ids,
+    phases: &mut Phases,
+    errors: &mut Vec<PlanError>,
+) -> BTreeMap<Endpoint, u32> {
+    let existing: BTreeMap<Endpoint, u32> = applied
+        .backends
+        .iter()
+        .filter(|(_, m)| m.service_id == service_id)
+        .map(|(&id, m)| (meta_endpoint(m), id))
+        .collect();
+    let mut kept = BTreeMap::new();
+    for (endpoint, backend) in &service.backends {
+        let Some(id) = existing.get(endpoint).copied().or_else(|| ids.take()) else {
+            errors.push(PlanError::NoBackendId {
+                service: name.to_owned(),
+                endpoint: *endpoint,
+            });
+            continue;
+        };
+        kept.insert(*endpoint, id);
+        let (addr, family) = addr_key(endpoint.addr);
+        let meta = BackendMeta {
+            addr,
+            port: endpoint.port.to_be(),
+            family,
+            health: match backend.health {
+                Health::Unchecked => HEALTH_UNCHECKED,
+                Health::Up => HEALTH_UP,
+                Health::Down => HEALTH_DOWN,
+            },
+            service_id,
+            weight: backend.weight,
+            _pad: 0,
+        };
+        let filled = applied.slots.contains(&id);
+        if backend.forwarding() && !filled {
+            phases.backends.push(Op::SetBackend {
+                id,
+                backend: Backend {
+                    addr,
+                    port: meta.port,
+                    family,
+                    _pad: 0,
+                    service_id,
+                },
+            });
+        }
+        if applied.backends.get(&id) != Some(&meta) {
+            phases.backends.push(Op::SetBackendMeta { id, meta });
+        }
+        if !backend.forwarding() && filled {
+            phases.backends.push(Op::RemoveBackend { id });
+        }
+    }
+    kept
+}
+
+fn name_field(name: &str) -> Result<[u8; SERVICE_NAME_LEN], ()> {
+    let bytes = name.as_bytes();
+    // Keep one NUL so readers find the end.
+    if bytes.len() >= SERVICE_NAME_LEN {
+        return Err(());
+    }
+    let mut field = [0u8; SERVICE_NAME_LEN];
+    field[..bytes.len()].copy_from_slice(bytes);
+    Ok(field)
+}
+
+#[cfg(test)]
+mod tests;
