@@ -81,3 +81,30 @@ impl ServiceSpec {
         backend.health.as_ref().or(self.health.as_ref())
     }
 }
+
+// STUB until the parser lands (branch wip-config).
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct FileError(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service \"{service}\": {field}: {reason}")]
+pub struct ServiceError {
+    pub service: String,
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ParsedConfig {
+    pub services: Vec<ServiceSpec>,
+    pub rejected: Vec<ServiceError>,
+}
+
+pub fn parse(_text: &str) -> Result<ParsedConfig, FileError> {
+    Err(FileError("parser not merged yet".into()))
+}
+
+pub fn check_conflicts(services: Vec<ServiceSpec>) -> (Vec<ServiceSpec>, Vec<ServiceError>) {
+    (services, Vec::new())
+}

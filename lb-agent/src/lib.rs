@@ -1,4 +1,5 @@
 //! xlb agent library: turns desired services into BPF map contents.
+pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
@@ -6,4 +7,6 @@ pub mod frames;
 pub mod maglev;
 pub mod model;
 pub mod plan;
+pub mod source;
+pub mod status;
 pub mod testbed;

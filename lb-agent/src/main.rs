@@ -1,8 +1,13 @@
-//! `lb-agent`: the xlb agent. Today it runs the demo; the config-file and Kubernetes
-//! modes come with the agent issues.
+//! `lb-agent`: the xlb agent.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_agent::agent::{self, RunOptions};
+use lb_agent::dataplane::pins::{self, ModeChoice};
 
 #[derive(Parser)]
 #[command(name = "lb-agent", about = "xlb: XDP L4 load balancer agent")]
@@ -11,36 +16,128 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpMode {
+    /// In the NIC driver (fast); fails if the driver has no XDP support.
+    Native,
+    /// In the kernel's generic path (any interface, much slower).
+    Generic,
+    /// Native, else generic with a warning naming the interface.
+    Auto,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Build namespaces, attach XDP, send traffic through VIPs, print the result.
+    /// Load and attach the XDP program and keep its maps in step with a config file.
+    Run {
+        /// The services (YAML; see examples/xlb.yaml). Reloaded on change and on SIGHUP.
+        #[arg(long)]
+        config: PathBuf,
+        /// An interface that receives VIP traffic or sends to backends (repeatable).
+        #[arg(long = "interface", required = true)]
+        interfaces: Vec<String>,
+        #[arg(long, value_enum, default_value = "native")]
+        xdp_mode: XdpMode,
+        /// bpffs directory for the pinned maps and links.
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+        /// Start from scratch: detach and unpin what a previous agent left (drops
+        /// tracked connections). Without it, a restarted agent adopts them.
+        #[arg(long)]
+        replace: bool,
+        /// How often to check the config file for changes, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_ms: u64,
+    },
+    /// Print services, backends (health, share of the table) and counters from the
+    /// pinned maps; works with or without a running agent.
+    Status {
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the XDP program from every interface and remove the pinned maps.
+    Detach {
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+    },
+    /// Build namespaces, run the agent from examples/xlb.yaml, send traffic through the
+    /// VIPs, print the result.
     Demo {
-        /// Backends behind each VIP.
-        #[arg(long, default_value_t = 3)]
-        backends: usize,
         /// TCP connections per VIP.
         #[arg(long, default_value_t = 300)]
         requests: u32,
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Demo { backends, requests } => {
-            println!(
-                "xlb demo: client -> VIPs 203.0.113.10 and 2001:db8:f::10 (port 80) -> XDP on the \
-                 load-balancer node -> {backends} backends, {requests} TCP connections per VIP"
-            );
-            let report = lb_agent::demo::run(backends, requests)?;
-            print!("{report}");
-            println!("namespaces removed; done.");
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    Ok(())
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Run {
+            config,
+            interfaces,
+            xdp_mode,
+            bpffs,
+            replace,
+            poll_ms,
+        } => {
+            let opts = RunOptions {
+                config,
+                interfaces,
+                mode: match xdp_mode {
+                    XdpMode::Native => ModeChoice::Native,
+                    XdpMode::Generic => ModeChoice::Generic,
+                    XdpMode::Auto => ModeChoice::Auto,
+                },
+                pin_dir: bpffs,
+                replace,
+                poll: Duration::from_millis(poll_ms.max(10)),
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?
+                .block_on(agent::run(opts))
+        }
+        Command::Status { bpffs, json } => {
+            let report = lb_agent::status::Report::read(&bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
+        Command::Detach { bpffs } => {
+            let removed = pins::remove_all(&bpffs)?;
+            if removed.is_empty() {
+                println!("nothing pinned under {}", bpffs.display());
+            } else {
+                println!("removed from {}: {}", bpffs.display(), removed.join(", "));
+            }
+            Ok(())
+        }
+        Command::Demo { requests } => {
+            let report = lb_agent::demo::run(requests)?;
+            print!("{report}");
+            Ok(())
+        }
+    }
 }

@@ -5,5 +5,6 @@ pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod writer;
 
 pub use loader::{Dataplane, DataplaneError, TestRunOutput};

@@ -1,0 +1,251 @@
+//! `lb-agent run`: the standalone agent. One direction of flow:
+//! config file + health events -> model::Desired -> plan -> the writer task, which
+//! alone owns the maps. Stopping the agent leaves the program attached and the maps
+//! pinned (forwarding continues); the next agent adopts them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use lb_common::HEALTH_DOWN;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ServiceSpec;
+use crate::dataplane::pins::{self, Attachment, ModeChoice};
+use crate::dataplane::Dataplane;
+use crate::health::{HealthEvent, Monitor, Target};
+use crate::model::{self, Desired, Endpoint, Health};
+use crate::plan::{self, Applied, meta_endpoint, service_name};
+use crate::source::file::{FileSource, Update};
+
+/// A backend as health checking knows it: (service name, endpoint).
+pub type BackendKey = (String, Endpoint);
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub interfaces: Vec<String>,
+    pub mode: ModeChoice,
+    pub pin_dir: PathBuf,
+    /// Start from scratch: detach and unpin what a previous agent left.
+    pub replace: bool,
+    /// How often the file is checked for changes.
+    pub poll: Duration,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    if opts.interfaces.is_empty() {
+        bail!("no --interface given: name every interface that receives VIP traffic");
+    }
+    // Validate before touching the kernel: a broken file never changes anything.
+    let mut source = FileSource::new(&opts.config);
+    let specs = match source.read(true) {
+        Update::Services { services, rejected } => {
+            report_rejected(&rejected);
+            services
+        }
+        Update::Invalid(e) => bail!("{e}"),
+        Update::Unchanged => unreachable!("a forced read is never unchanged"),
+    };
+
+    if opts.replace {
+        let removed = pins::remove_all(&opts.pin_dir)?;
+        if !removed.is_empty() {
+            tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
+        }
+    }
+    let (mut dp, adopted) = Dataplane::load_pinned(None, &opts.pin_dir)?;
+    for interface in &opts.interfaces {
+        match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {
+            Attachment::Adopted => {
+                tracing::info!(interface, "adopted the pinned XDP link; program replaced in place");
+            }
+            Attachment::Attached(mode) => {
+                tracing::info!(interface, ?mode, "attached XDP");
+            }
+        }
+    }
+    for stale in pins::pinned_interfaces(&opts.pin_dir) {
+        if !opts.interfaces.contains(&stale) {
+            pins::detach_link(&opts.pin_dir, &stale)?;
+            tracing::info!(interface = stale, "detached: no longer in --interface");
+        }
+    }
+    let applied = dp.restore()?;
+    if adopted {
+        tracing::info!(
+            services = applied.services.len(),
+            backends = applied.backends.len(),
+            frontends = applied.frontends.len(),
+            "adopted pinned maps; connection tracking kept"
+        );
+    }
+    let restored_down: BTreeMap<BackendKey, bool> = applied
+        .backends
+        .values()
+        .filter(|m| m.health == HEALTH_DOWN)
+        .filter_map(|m| {
+            applied
+                .services
+                .get(&m.service_id)
+                .map(|s| ((service_name(s).to_owned(), meta_endpoint(m)), false))
+        })
+        .collect();
+
+    let (desired_tx, desired_rx) = watch::channel(Desired::default());
+    let writer = tokio::spawn(writer_task(dp, applied, desired_rx));
+
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent<BackendKey>>();
+    let mut monitor = Monitor::new(health_tx);
+    let mut health: BTreeMap<BackendKey, bool> = restored_down;
+    let mut specs = specs;
+    monitor.set_targets(health_targets(&specs, &health));
+    publish(&desired_tx, &specs, &health);
+    tracing::info!(config = %opts.config.display(), "running");
+
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut poll = tokio::time::interval(opts.poll);
+    loop {
+        let update = tokio::select! {
+            _ = poll.tick() => Some(source.read(false)),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", opts.config.display());
+                Some(source.read(true))
+            }
+            Some(event) = health_rx.recv() => {
+                health.insert(event.key, event.up);
+                None
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match update {
+            Some(Update::Unchanged) => continue,
+            Some(Update::Invalid(e)) => {
+                tracing::error!("config rejected, nothing changed: {e}");
+                continue;
+            }
+            Some(Update::Services { services, rejected }) => {
+                report_rejected(&rejected);
+                tracing::info!(services = services.len(), "config reloaded");
+                specs = services;
+                health.retain(|key, _| has_backend(&specs, key));
+                monitor.set_targets(health_targets(&specs, &health));
+            }
+            None => {}
+        }
+        publish(&desired_tx, &specs, &health);
+    }
+    drop(desired_tx);
+    writer.await.context("writer task")?;
+    tracing::info!(
+        dir = %opts.pin_dir.display(),
+        "stopped; XDP stays attached and the maps pinned, so traffic keeps flowing \
+         (`lb-agent detach` removes them)"
+    );
+    Ok(())
+}
+
+fn report_rejected(rejected: &[crate::config::ServiceError]) {
+    for error in rejected {
+        tracing::error!("config: {error}");
+    }
+}
+
+fn has_backend(specs: &[ServiceSpec], (service, endpoint): &BackendKey) -> bool {
+    specs.iter().any(|s| {
+        &s.name == service
+            && s
+                .backends
+                .iter()
+                .any(|b| b.address == endpoint.addr && b.port == endpoint.port)
+    })
+}
+
+/// Every backend that has a health check, with the state it starts in.
+fn health_targets(
+    specs: &[ServiceSpec],
+    health: &BTreeMap<BackendKey, bool>,
+) -> BTreeMap<BackendKey, Target> {
+    let mut targets = BTreeMap::new();
+    for spec in specs {
+        for backend in &spec.backends {
+            if let Some(check) = spec.health_for(backend) {
+                let endpoint = Endpoint {
+                    addr: backend.address,
+                    port: backend.port,
+                };
+                let key = (spec.name.clone(), endpoint);
+                let initial_up = health.get(&key).copied().unwrap_or(true);
+                targets.insert(
+                    key,
+                    Target {
+                        addr: SocketAddr::new(backend.address, backend.port),
+                        check: check.clone(),
+                        initial_up,
+                    },
+                );
+            }
+        }
+    }
+    targets
+}
+
+fn publish(tx: &watch::Sender<Desired>, specs: &[ServiceSpec], health: &BTreeMap<BackendKey, bool>) {
+    let desired = model::from_specs(specs, |service, endpoint| {
+        match health.get(&(service.to_owned(), endpoint)) {
+            Some(false) => Health::Down,
+            _ => Health::Up,
+        }
+    });
+    tx.send_if_modified(|current| {
+        if *current == desired {
+            false
+        } else {
+            *current = desired;
+            true
+        }
+    });
+}
+
+/// The one task that writes maps: plans each new desired state against what the maps
+/// hold and applies it. A failed write is retried with the next change or after 1 s.
+async fn writer_task(mut dp: Dataplane, mut applied: Applied, mut desired: watch::Receiver<Desired>) {
+    let mut retry = false;
+    loop {
+        let changed = if retry {
+            tokio::time::timeout(Duration::from_secs(1), desired.changed())
+                .await
+                .unwrap_or(Ok(()))
+        } else {
+            desired.changed().await
+        };
+        if changed.is_err() {
+            return;
+        }
+        let want = desired.borrow_and_update().clone();
+        let plan = plan::plan(&want, &applied);
+        for error in &plan.errors {
+            tracing::error!("{error}");
+        }
+        if plan.ops.is_empty() {
+            retry = false;
+            continue;
+        }
+        match dp.apply(&plan, &mut applied) {
+            Ok(n) => {
+                retry = false;
+                tracing::info!(writes = n, services = want.services.len(), "maps updated");
+            }
+            Err((done, e)) => {
+                retry = true;
+                tracing::error!("map write {} of {} failed: {e}; retrying", done + 1, plan.ops.len());
+            }
+        }
+    }
+}

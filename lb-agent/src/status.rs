@@ -1,0 +1,201 @@
+//! `lb-agent status`: what the data plane is doing, read from the pinned maps alone,
+//! so it works while an agent runs, after it stopped, and after it crashed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use lb_common::{
+    HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
+};
+use serde::Serialize;
+
+use crate::dataplane::{Dataplane, DataplaneError, pins};
+use crate::plan::{meta_endpoint, service_name};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub pin_dir: PathBuf,
+    /// Interfaces with a pinned XDP link.
+    pub interfaces: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Verdict counters over all services: (reason, packets).
+    pub reasons: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    pub frontends: Vec<String>,
+    pub table_size: u32,
+    /// No backend takes new connections: they are dropped (and counted).
+    pub no_backends: bool,
+    pub backends: Vec<BackendStatus>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub id: u32,
+    pub endpoint: String,
+    pub weight: u32,
+    /// `up`, `down` or `unchecked`.
+    pub health: &'static str,
+    /// In the backend array: established flows reach it.
+    pub forwarding: bool,
+    /// Fraction of the Maglev table (of new flows) it receives.
+    pub share: f64,
+}
+
+impl Report {
+    /// Reads the maps pinned under `dir`.
+    pub fn read(dir: &Path) -> Result<Report, DataplaneError> {
+        if !dir.join(lb_common::maps::FRONTENDS).exists() {
+            return Err(DataplaneError::Pin {
+                path: dir.to_path_buf(),
+                reason: "nothing pinned here: no agent has run with this --bpffs directory \
+                         (or it was detached)"
+                    .into(),
+            });
+        }
+        let mut dp = Dataplane::open_pinned(dir)?;
+        let snapshot = dp.snapshot()?;
+        let mut services = Vec::new();
+        for (id, meta) in &snapshot.services {
+            let table = dp.maglev_table(*id)?.unwrap_or_default();
+            let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
+            for backend_id in &table {
+                *slots.entry(*backend_id).or_default() += 1;
+            }
+            let backends = snapshot
+                .backends
+                .iter()
+                .filter(|(_, m, _)| m.service_id == *id)
+                .map(|(bid, m, filled)| BackendStatus {
+                    id: *bid,
+                    endpoint: meta_endpoint(m).to_string(),
+                    weight: m.weight,
+                    health: match m.health {
+                        HEALTH_UP => "up",
+                        HEALTH_DOWN => "down",
+                        _ => "unchecked",
+                    },
+                    forwarding: *filled,
+                    #[expect(clippy::cast_precision_loss, reason = "a fraction for display")]
+                    share: slots.get(bid).copied().unwrap_or(0) as f64
+                        / table.len().max(1) as f64,
+                })
+                .collect();
+            let frontends = snapshot
+                .frontends
+                .iter()
+                .filter(|(_, f)| f.service_id == *id)
+                .map(|(k, _)| {
+                    let endpoint = meta_endpoint(&lb_common::BackendMeta {
+                        addr: k.addr,
+                        port: k.port,
+                        family: k.family,
+                        ..Default::default()
+                    });
+                    let proto = if k.proto == PROTO_TCP { "TCP" } else { "UDP" };
+                    format!("{endpoint}/{proto}")
+                })
+                .collect();
+            let ServiceStats {
+                packets,
+                bytes,
+                new_flows,
+                reply_packets,
+                ..
+            } = dp.service_stats(*id)?;
+            services.push(ServiceStatus {
+                id: *id,
+                name: service_name(meta).to_owned(),
+                frontends,
+                table_size: meta.table_size,
+                no_backends: meta.flags & SERVICE_META_F_NO_BACKENDS != 0,
+                backends,
+                packets,
+                bytes,
+                new_flows,
+                reply_packets,
+            });
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        let reasons = dp
+            .reason_stats()?
+            .into_iter()
+            .filter(|(_, s)| s.packets > 0)
+            .map(|(r, s)| (r.name().to_owned(), s.packets))
+            .collect();
+        Ok(Report {
+            pin_dir: dir.to_path_buf(),
+            interfaces: pins::pinned_interfaces(dir),
+            services,
+            reasons,
+        })
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let interfaces = if self.interfaces.is_empty() {
+            "none (not attached)".to_owned()
+        } else {
+            self.interfaces.join(", ")
+        };
+        writeln!(f, "xlb status ({}): XDP on {interfaces}", self.pin_dir.display())?;
+        if self.services.is_empty() {
+            writeln!(f, "no services")?;
+        }
+        for s in &self.services {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "service {} (id {}): {}  table {}{}",
+                s.name,
+                s.id,
+                s.frontends.join(", "),
+                s.table_size,
+                if s.no_backends {
+                    "  NO BACKENDS: new connections are dropped"
+                } else {
+                    ""
+                }
+            )?;
+            writeln!(
+                f,
+                "  packets {}  bytes {}  new flows {}  reply packets {}",
+                s.packets, s.bytes, s.new_flows, s.reply_packets
+            )?;
+            writeln!(
+                f,
+                "  {:<28} {:>6} {:<10} {:<10} {:>7}",
+                "BACKEND", "WEIGHT", "HEALTH", "FORWARDING", "SHARE"
+            )?;
+            for b in &s.backends {
+                writeln!(
+                    f,
+                    "  {:<28} {:>6} {:<10} {:<10} {:>6.1}%",
+                    b.endpoint,
+                    b.weight,
+                    b.health,
+                    if b.forwarding { "yes" } else { "no" },
+                    b.share * 100.0
+                )?;
+            }
+        }
+        if !self.reasons.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "verdicts (packets):")?;
+            for (reason, n) in &self.reasons {
+                writeln!(f, "  {reason:<24} {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
