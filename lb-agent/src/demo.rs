@@ -1,89 +1,41 @@
-//! The demo behind `cargo xtask demo`: client, load-balancer node and backends in
-//! network namespaces, the XDP program attached natively to the node's interfaces,
-//! one IPv4 and one IPv6 service written into its maps, and real TCP connections
-//! through the VIPs. Returns which backend answered how often; the end-to-end test
-//! runs the same code.
-//!
-//! Until the config-file agent lands (issue 3) the services are built in here.
+//! The demo behind `cargo xtask demo`: a client, the load-balancer node and three
+//! backends in network namespaces; the real agent (`lb-agent run`) started in the
+//! load-balancer namespace with examples/xlb.yaml; HTTP requests from the client
+//! through both VIPs; which backend answered how often, and `lb-agent status`.
+//! The end-to-end tests run the same code.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use aya::programs::XdpMode;
-use lb_common::{Backend, Frontend, FrontendKey, PROTO_TCP, Reason};
 
-use crate::dataplane::Dataplane;
-use crate::maglev;
-use crate::testbed::node::{addr16, family};
-use crate::testbed::{self, Topology, TopologyConfig};
+use crate::status::Report as Status;
+use crate::testbed::{self, AgentProcess, Topology, TopologyConfig};
 
-/// Backend port of the demo's TCP servers.
+/// The demo's config; examples/xlb.yaml is the copy operators read.
+pub const CONFIG: &str = include_str!("../../examples/xlb.yaml");
+/// Backends in the demo topology (examples/xlb.yaml names three per family).
+const BACKENDS: usize = 3;
 const BACKEND_PORT: u16 = 8080;
 const VIP_PORT: u16 = 80;
-/// The demo gives up after this many failed connections.
+/// The demo gives up after this many failed requests.
 const MAX_FAILURES: u64 = 5;
 
 /// What one demo run saw.
 pub struct Report {
-    /// Per VIP, how many connections each backend answered.
+    /// Per VIP, how many requests each backend answered.
     pub answers: BTreeMap<String, BTreeMap<String, u64>>,
     pub failures: u64,
-    pub reasons: Vec<(Reason, u64)>,
+    pub status: Status,
 }
 
-/// Writes one TCP service: `vip`:80 -> every backend's `addr`:8080.
-fn install_service(
-    dp: &mut Dataplane,
-    service_id: u32,
-    vip: IpAddr,
-    backends: &[IpAddr],
-) -> Result<()> {
-    let identities: Vec<String> = backends
-        .iter()
-        .map(|b| format!("{b}:{BACKEND_PORT}/TCP"))
-        .collect();
-    let mut input = Vec::new();
-    for (i, (addr, identity)) in backends.iter().zip(&identities).enumerate() {
-        let id = service_id * 100 + u32::try_from(i).context("backend index")? + 1;
-        dp.set_backend(
-            id,
-            Backend {
-                addr: addr16(*addr),
-                port: BACKEND_PORT.to_be(),
-                family: family(*addr),
-                _pad: 0,
-                service_id,
-            },
-        )?;
-        input.push(maglev::Backend {
-            id,
-            identity: identity.as_bytes(),
-            weight: 1,
-        });
-    }
-    let table = maglev::build_table(&input, maglev::DEFAULT_TABLE_SIZE)?;
-    dp.set_maglev_table(service_id, &table)?;
-    dp.set_frontend(
-        FrontendKey {
-            addr: addr16(vip),
-            port: VIP_PORT.to_be(),
-            proto: PROTO_TCP,
-            family: family(vip),
-        },
-        Frontend {
-            service_id,
-            ..Frontend::default()
-        },
-    )?;
-    Ok(())
-}
-
-/// Runs the demo with `backends` backends and `requests` connections per VIP.
-pub fn run(backends: usize, requests: u32) -> Result<Report> {
+/// Runs the demo: `agent` is the lb-agent binary, `requests` HTTP requests per VIP.
+pub fn run(agent: &Path, requests: u32) -> Result<Report> {
     testbed::check_privileges()?;
-    let topo = Topology::build(&TopologyConfig::new("demo", backends))?;
+    println!("building namespaces: client, load balancer (XDP on xc and xb), {BACKENDS} backends");
+    let topo = Topology::build(&TopologyConfig::new("demo", BACKENDS))?;
     topo.wait_ready()?;
     let mut servers = Vec::new();
     for (i, ns) in topo.backends.iter().enumerate() {
@@ -92,91 +44,84 @@ pub fn run(backends: usize, requests: u32) -> Result<Report> {
             IpAddr::V4(Topology::backend_v4(i)),
             IpAddr::V6(Topology::backend_v6(i)),
         ] {
-            servers.push(testbed::spawn_tcp_name_server(
+            servers.push(testbed::spawn_http_server(
                 ns,
                 SocketAddr::new(ip, BACKEND_PORT),
                 &name,
             )?);
         }
     }
+    let config = std::env::temp_dir().join(format!("xlb-demo-{}.yaml", std::process::id()));
+    std::fs::write(&config, CONFIG).with_context(|| format!("writing {}", config.display()))?;
+    let _remove_config = RemoveOnDrop(&config);
+    println!("starting: lb-agent run --config examples/xlb.yaml --interface xc --interface xb");
+    let agent = AgentProcess::start(&topo.lb, agent, &config, "demo", &[])?;
+    agent.wait_for(Duration::from_secs(20), |s| {
+        s.services.len() == 2 && s.services.iter().all(|svc| !svc.frontends.is_empty())
+    })?;
+
     let vips = [
         IpAddr::V4(Topology::vip_v4(0)),
         IpAddr::V6(Topology::vip_v6(0)),
     ];
-    let dp = topo.lb.run_in(|| -> Result<Dataplane> {
-        let mut dp = Dataplane::load(None)?;
-        for iface in [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF] {
-            dp.attach(iface, XdpMode::Driver)
-                .with_context(|| format!("attach XDP (native) to {iface}"))?;
-        }
-        let v4: Vec<IpAddr> = (0..backends)
-            .map(|i| IpAddr::V4(Topology::backend_v4(i)))
-            .collect();
-        let v6: Vec<IpAddr> = (0..backends)
-            .map(|i| IpAddr::V6(Topology::backend_v6(i)))
-            .collect();
-        install_service(&mut dp, 1, vips[0], &v4)?;
-        install_service(&mut dp, 2, vips[1], &v6)?;
-        Ok(dp)
-    })??;
-
+    println!("sending {requests} HTTP requests to each VIP");
     let mut answers = BTreeMap::new();
     let mut failures = 0;
     for vip in vips {
-        let per_backend: &mut BTreeMap<String, u64> =
-            answers.entry(format!("{vip}:{VIP_PORT}")).or_default();
+        let target = SocketAddr::new(vip, VIP_PORT);
+        let per_backend: &mut BTreeMap<String, u64> = answers.entry(target.to_string()).or_default();
         for _ in 0..requests {
-            match testbed::tcp_ask(
-                &topo.client,
-                SocketAddr::new(vip, VIP_PORT),
-                Duration::from_secs(2),
-            ) {
+            match testbed::http_get(&topo.client, target, Duration::from_secs(2)) {
                 Ok(name) => *per_backend.entry(name).or_default() += 1,
                 Err(e) => {
-                    tracing::warn!("request to {vip} failed: {e:#}");
+                    tracing::warn!("request to {target} failed: {e:#}");
                     failures += 1;
                     // Bounded: a broken path fails fast instead of timing out 2N times.
                     if failures >= MAX_FAILURES {
-                        bail!("{failures} connections failed; last: {e:#}");
+                        bail!("{failures} requests failed; last: {e:#}\nagent log:\n{}", agent.log());
                     }
                 }
             }
         }
     }
-    let reasons = dp
-        .reason_stats()?
-        .into_iter()
-        .filter(|(_, s)| s.packets > 0)
-        .map(|(r, s)| (r, s.packets))
-        .collect();
     if answers.values().all(BTreeMap::is_empty) {
         bail!("no request got through the VIPs");
     }
-    drop(dp);
+    let status = Status::read(agent.pin_dir())?;
+    drop(agent);
     drop(servers);
     Ok(Report {
         answers,
         failures,
-        reasons,
+        status,
     })
+}
+
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f)?;
         for (vip, per_backend) in &self.answers {
             let total: u64 = per_backend.values().sum();
-            writeln!(f, "VIP {vip}: {total} connections answered")?;
+            writeln!(f, "VIP {vip}: {total} requests answered")?;
             for (backend, n) in per_backend {
                 #[expect(clippy::cast_precision_loss, reason = "a percentage")]
                 let share = 100.0 * *n as f64 / total.max(1) as f64;
                 writeln!(f, "  {backend:<12} {n:>5}  {share:5.1}%")?;
             }
         }
-        writeln!(f, "failed connections: {}", self.failures)?;
-        writeln!(f, "XDP verdict counters (packets):")?;
-        for (reason, n) in &self.reasons {
-            writeln!(f, "  {:<20} {n}", reason.name())?;
-        }
-        Ok(())
+        writeln!(f, "failed requests: {}", self.failures)?;
+        writeln!(f)?;
+        writeln!(f, "$ lb-agent status")?;
+        write!(f, "{}", self.status)?;
+        writeln!(f)?;
+        writeln!(f, "agent stopped, pins and namespaces removed; done.")
     }
 }

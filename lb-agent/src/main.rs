@@ -135,7 +135,8 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo { requests } => {
-            let report = lb_agent::demo::run(requests)?;
+            let agent = std::env::current_exe().context("locating the lb-agent binary")?;
+            let report = lb_agent::demo::run(&agent, requests)?;
             print!("{report}");
             Ok(())
         }

@@ -1,35 +1,396 @@
-//! Real TCP through the XDP program attached natively to veths: client namespace ->
-//! VIP (IPv4 and IPv6) -> load-balancer namespace -> backends, and the replies back
-//! through the reverse translation. Same code as `cargo xtask demo`.
+//! The agent end to end: the real `lb-agent run` in the load-balancer namespace of a
+//! namespace topology (client -> XDP on veths -> backends), configured by a YAML file
+//! the test edits, with real HTTP, TCP and UDP sockets. Every request loop is bounded
+//! in count and time; namespaces, the agent process and its pins are removed on drop.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_agent::status::Report;
+use lb_agent::testbed::{
+    self, AgentProcess, HttpConnection, ServerHandle, Topology, TopologyConfig,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const PORT: u16 = 8080;
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the agent may take to reflect a config or health change.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// A topology with HTTP servers on every backend (IPv4 and IPv6, port 8080).
+struct Bed {
+    topo: Topology,
+    servers: BTreeMap<usize, Vec<ServerHandle>>,
+    config: PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str, backends: usize) -> Bed {
+        testbed::check_privileges().expect("privileges");
+        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
+        topo.wait_ready().expect("topology ready");
+        let mut bed = Bed {
+            topo,
+            servers: BTreeMap::new(),
+            config: std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id())),
+        };
+        for i in 0..backends {
+            bed.start_server(i);
+        }
+        bed
+    }
+
+    fn start_server(&mut self, i: usize) {
+        let ns = &self.topo.backends[i];
+        let name = format!("backend-{i}");
+        let handles = [
+            IpAddr::V4(Topology::backend_v4(i)),
+            IpAddr::V6(Topology::backend_v6(i)),
+        ]
+        .into_iter()
+        .map(|ip| {
+            testbed::spawn_http_server(ns, SocketAddr::new(ip, PORT), &name).expect("server")
+        })
+        .collect();
+        self.servers.insert(i, handles);
+    }
+
+    fn stop_server(&mut self, i: usize) {
+        self.servers.remove(&i);
+    }
+
+    fn write_config(&self, yaml: &str) {
+        // Write then rename, as editors and ConfigMap updates do.
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
+    }
+
+    fn agent(&self, tag: &str) -> AgentProcess<'_> {
+        AgentProcess::start(&self.topo.lb, Path::new(AGENT), &self.config, tag, &["--poll-ms", "100"])
+            .expect("start agent")
+    }
+
+    fn get(&self, vip: SocketAddr) -> String {
+        testbed::http_get(&self.topo.client, vip, TIMEOUT).expect("request through the VIP")
+    }
+
+    /// `n` requests on new connections; answers per backend.
+    fn spread(&self, vip: SocketAddr, n: u32) -> BTreeMap<String, u32> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            *seen.entry(self.get(vip)).or_default() += 1;
+        }
+        seen
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn vip4() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Topology::vip_v4(0)), 80)
+}
+
+fn backend(i: usize) -> String {
+    format!("{}", Topology::backend_v4(i))
+}
+
+/// A one-service config: `web` on 203.0.113.10:80 over the given (backend, weight).
+fn web(backends: &[(usize, u32)], extra: &str) -> String {
+    let mut yaml = String::from(
+        "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80, protocol: TCP }]\n    backends:\n",
+    );
+    for (i, weight) in backends {
+        yaml.push_str(&format!(
+            "      - {{ address: {}, port: {PORT}, weight: {weight} }}\n",
+            backend(*i)
+        ));
+    }
+    yaml.push_str(extra);
+    yaml
+}
+
+fn service<'r>(report: &'r Report, name: &str) -> Option<&'r lb_agent::status::ServiceStatus> {
+    report.services.iter().find(|s| s.name == name)
+}
+
+/// True when `web` has exactly these backends forwarding.
+fn web_has(report: &Report, forwarding: &[usize]) -> bool {
+    let Some(web) = service(report, "web") else {
+        return false;
+    };
+    let mut got: Vec<String> = web
+        .backends
+        .iter()
+        .filter(|b| b.forwarding && b.share > 0.0)
+        .map(|b| b.endpoint.clone())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = forwarding
+        .iter()
+        .map(|i| format!("{}:{PORT}", backend(*i)))
+        .collect();
+    want.sort();
+    !web.frontends.is_empty() && got == want
+}
 
 #[test]
-fn tcp_through_vips_reaches_every_backend() {
-    let requests = 60;
-    let report = lb_agent::demo::run(3, requests).expect("demo topology");
+fn demo_serves_both_vips_from_the_example_config() {
+    let requests = 120;
+    let report = lb_agent::demo::run(Path::new(AGENT), requests).expect("demo");
     assert_eq!(report.failures, 0, "{report}");
+    assert_eq!(report.answers.len(), 2, "IPv4 and IPv6 VIPs: {report}");
     for (vip, per_backend) in &report.answers {
-        assert_eq!(
-            per_backend.values().sum::<u64>(),
-            u64::from(requests),
-            "{vip}: {report}"
-        );
-        // 60 flows over 3 equal backends: each gets some (P(one gets none) ~ 3e-11).
-        assert_eq!(per_backend.len(), 3, "{vip} reaches all backends: {report}");
+        assert_eq!(per_backend.values().sum::<u64>(), u64::from(requests), "{vip}: {report}");
+        assert_eq!(per_backend.len(), 3, "{vip} reaches all three backends: {report}");
     }
-    // Packets the XDP program counted under reasons starting with `prefix`.
-    let counted = |prefix: &str| -> u64 {
-        report
-            .reasons
-            .iter()
-            .filter(|(r, _)| r.name().starts_with(prefix))
-            .map(|(_, n)| n)
-            .sum()
-    };
-    let forwarded = counted("fwd_");
-    let replies = counted("reply_");
-    assert!(forwarded > u64::from(requests), "XDP forwarded: {report}");
     assert!(
-        replies > u64::from(requests),
-        "XDP translated replies: {report}"
+        report.status.reasons.iter().any(|(r, n)| r.starts_with("fwd_") && *n > 0),
+        "XDP forwarded: {report}"
     );
+}
+
+#[test]
+fn weights_set_each_backends_share_of_new_connections() {
+    let bed = Bed::new("weights", 3);
+    bed.write_config(&web(&[(0, 1), (1, 2), (2, 3)], ""));
+    let agent = bed.agent("weights");
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2]))
+        .expect("agent ready");
+    // 600 connections; shares 1/6, 2/6, 3/6. Tolerance 0.08 absolute is over 4
+    // standard deviations of the binomial count for every backend.
+    let n = 600;
+    let seen = bed.spread(vip4(), n);
+    for (i, weight) in [(0, 1.0), (1, 2.0), (2, 3.0)] {
+        let got = f64::from(*seen.get(&format!("backend-{i}")).unwrap_or(&0)) / f64::from(n);
+        let want = weight / 6.0;
+        assert!(
+            (got - want).abs() < 0.08,
+            "backend-{i}: share {got:.3}, weight share {want:.3}; all: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_and_ipv6_services_spread_over_their_backends() {
+    let bed = Bed::new("udp6", 2);
+    let udp: Vec<ServerHandle> = (0..2)
+        .map(|i| {
+            testbed::spawn_udp_name_server(
+                &bed.topo.backends[i],
+                SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), 5353),
+                &format!("backend-{i}"),
+            )
+            .expect("udp server")
+        })
+        .collect();
+    let v6 = |i: usize| Topology::backend_v6(i);
+    bed.write_config(&format!(
+        "services:
+  - name: dns
+    frontends: [{{ address: 203.0.113.10, port: 53, protocol: UDP }}]
+    backends: [{{ address: {}, port: 5353 }}, {{ address: {}, port: 5353 }}]
+  - name: web6
+    frontends: [{{ address: '2001:db8:f::10', port: 80, protocol: TCP }}]
+    backends: [{{ address: '{}', port: {PORT} }}, {{ address: '{}', port: {PORT} }}]
+",
+        backend(0),
+        backend(1),
+        v6(0),
+        v6(1)
+    ));
+    let agent = bed.agent("udp6");
+    agent
+        .wait_for(SETTLE, |r| {
+            r.services.len() == 2 && r.services.iter().all(|s| !s.frontends.is_empty())
+        })
+        .expect("agent ready");
+    let mut udp_seen = BTreeMap::<String, u32>::new();
+    for _ in 0..100 {
+        let name = testbed::udp_ask(
+            &bed.topo.client,
+            None,
+            SocketAddr::new(IpAddr::V4(Topology::vip_v4(0)), 53),
+            TIMEOUT,
+        )
+        .expect("UDP through the VIP");
+        *udp_seen.entry(name).or_default() += 1;
+    }
+    assert_eq!(udp_seen.len(), 2, "UDP reaches both backends: {udp_seen:?}");
+    let vip6 = SocketAddr::new(IpAddr::V6(Topology::vip_v6(0)), 80);
+    let seen6 = bed.spread(vip6, 100);
+    assert_eq!(seen6.len(), 2, "IPv6 reaches both backends: {seen6:?}");
+    drop(udp);
+}
+
+#[test]
+fn a_long_connection_survives_backend_changes_and_an_agent_kill() {
+    let mut bed = Bed::new("survive", 4);
+    bed.write_config(&web(&[(0, 1), (1, 1), (2, 1)], ""));
+    let mut agent = bed.agent("survive");
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2]))
+        .expect("agent ready");
+    let mut conn =
+        HttpConnection::open(&bed.topo.client, vip4(), TIMEOUT).expect("long-lived connection");
+    let first = conn.get(TIMEOUT).expect("first request");
+    let mine: usize = first
+        .strip_prefix("backend-")
+        .and_then(|n| n.parse().ok())
+        .expect("backend name");
+    let other = (0..3).find(|i| *i != mine).expect("another backend");
+
+    // (a) a backend is added.
+    bed.write_config(&web(&[(0, 1), (1, 1), (2, 1), (3, 1)], ""));
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2, 3]))
+        .expect("backend added");
+    assert_eq!(conn.get(TIMEOUT).expect("after adding a backend"), first);
+
+    // (b) a different backend is removed.
+    let remaining: Vec<(usize, u32)> = (0..4).filter(|i| *i != other).map(|i| (i, 1)).collect();
+    bed.write_config(&web(&remaining, ""));
+    let ids: Vec<usize> = remaining.iter().map(|(i, _)| *i).collect();
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &ids))
+        .expect("backend removed");
+    assert_eq!(conn.get(TIMEOUT).expect("after removing another backend"), first);
+
+    // (c) kill -9 and restart, with new connections running across it.
+    let client = &bed.topo.client;
+    let failures = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let mut failures = Vec::new();
+            for _ in 0..150 {
+                if let Err(e) = testbed::http_get(client, vip4(), TIMEOUT) {
+                    failures.push(format!("{e:#}"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            failures
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill9().expect("kill -9");
+        // The program stays attached: status still reads the pins with no agent.
+        let status = Report::read(agent.pin_dir()).expect("status without an agent");
+        assert!(web_has(&status, &ids), "{status}");
+        std::thread::sleep(Duration::from_millis(300));
+        agent.restart().expect("restart");
+        load.join().expect("load thread")
+    });
+    assert!(failures.is_empty(), "requests failed across the restart: {failures:?}\n{}", agent.log());
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &ids))
+        .expect("restarted agent");
+    assert!(
+        agent.log().contains("adopted pinned maps"),
+        "the restarted agent adopted the pins:\n{}",
+        agent.log()
+    );
+    assert_eq!(conn.get(TIMEOUT).expect("after kill -9 and restart"), first);
+    bed.stop_server(3);
+}
+
+#[test]
+fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
+    let mut bed = Bed::new("health", 3);
+    let check = "    health: { tcp: { interval: 200ms, timeout: 100ms, rise: 1, fall: 2 } }\n";
+    bed.write_config(&web(&[(0, 1), (1, 1), (2, 1)], check));
+    let agent = bed.agent("health");
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2]))
+        .expect("agent ready");
+
+    bed.stop_server(1);
+    let status = agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 2]))
+        .expect("backend-1 taken out");
+    let b1 = &service(&status, "web").unwrap().backends;
+    assert!(b1.iter().any(|b| b.health == "down" && !b.forwarding), "{status}");
+    let seen = bed.spread(vip4(), 60);
+    assert!(!seen.contains_key("backend-1"), "no new flow to the stopped backend: {seen:?}");
+    assert_eq!(seen.values().sum::<u32>(), 60);
+
+    bed.start_server(1);
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2]))
+        .expect("backend-1 back");
+    let seen = bed.spread(vip4(), 60);
+    assert!(seen.contains_key("backend-1"), "recovered backend serves again: {seen:?}");
+
+    // All down: the service says so and new connections are dropped (counted).
+    for i in 0..3 {
+        bed.stop_server(i);
+    }
+    let status = agent
+        .wait_for(SETTLE, |r| service(r, "web").is_some_and(|s| s.no_backends))
+        .expect("no backends");
+    assert!(status.to_string().contains("NO BACKENDS"), "{status}");
+    assert!(testbed::http_get(&bed.topo.client, vip4(), Duration::from_millis(500)).is_err());
+    let status = Report::read(agent.pin_dir()).expect("status");
+    assert!(
+        status.reasons.iter().any(|(r, n)| r == "drop_no_backend" && *n > 0),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_bad_config_edit_is_rejected_and_traffic_keeps_flowing() {
+    let bed = Bed::new("badcfg", 2);
+    let good = web(&[(0, 1), (1, 1)], "");
+    bed.write_config(&good);
+    let agent = bed.agent("badcfg");
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 1]))
+        .expect("agent ready");
+
+    // One bad field in `web` (and a new valid service beside it): web keeps its
+    // previous version, the other service is added.
+    let bad = format!(
+        "{}\n  - name: other\n    frontends: [{{ address: 203.0.113.11, port: 80 }}]\n    backends: [{{ address: {}, port: {PORT} }}]\n",
+        web(&[(0, 1), (1, 1)], "    weigth: 3\n").trim_end(),
+        backend(0)
+    );
+    bed.write_config(&bad);
+    agent
+        .wait_for(SETTLE, |r| service(r, "other").is_some())
+        .expect("the valid service is added");
+    let log = agent.log();
+    assert!(log.contains("web") && log.contains("weigth"), "error names service and field:\n{log}");
+    let status = Report::read(agent.pin_dir()).expect("status");
+    assert!(web_has(&status, &[0, 1]), "web unchanged: {status}");
+    assert_eq!(bed.spread(vip4(), 20).values().sum::<u32>(), 20);
+
+    // A file that is not YAML at all changes nothing.
+    bed.write_config("services: [ { name: web,\n");
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Report::read(agent.pin_dir()).expect("status");
+    assert!(web_has(&status, &[0, 1]) && service(&status, "other").is_some(), "{status}");
+    assert_eq!(bed.spread(vip4(), 20).values().sum::<u32>(), 20);
+}
+
+#[test]
+fn detach_removes_the_program_and_the_pins() {
+    let bed = Bed::new("detach", 1);
+    bed.write_config(&web(&[(0, 1)], ""));
+    let mut agent = bed.agent("detach");
+    agent.wait_for(SETTLE, |r| web_has(r, &[0])).expect("agent ready");
+    assert!(bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip").contains("xdp"));
+    agent.kill9().expect("stop");
+    let out = std::process::Command::new(AGENT)
+        .args(["detach", "--bpffs"])
+        .arg(agent.pin_dir())
+        .output()
+        .expect("lb-agent detach");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!agent.pin_dir().exists(), "pins removed");
+    let link = bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip");
+    assert!(!link.contains("xdp"), "XDP detached: {link}");
 }

@@ -19,6 +19,7 @@
 //! It needs root (`CAP_NET_ADMIN` and `CAP_SYS_ADMIN`); without them every
 //! constructor fails with an error that says so.
 
+pub mod agent;
 mod cmd;
 mod netns;
 pub mod node;
@@ -28,6 +29,7 @@ mod traffic;
 #[cfg(test)]
 mod tests;
 
+pub use agent::AgentProcess;
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,
