@@ -3,5 +3,6 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod frames;
+pub mod health;
 pub mod maglev;
 pub mod testbed;
