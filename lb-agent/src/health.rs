@@ -13,6 +13,44 @@
 //! backend's state after an agent restart is not this module's business: the
 //! caller restores it (e.g. from the pinned data-plane maps) and passes it as
 //! the initial state.
+//!
+//! # Probes
+//!
+//! The probe port is the check's `port` when set, else the backend's port. A
+//! TCP probe succeeds when the connection is established within `timeout`.
+//! An HTTP probe connects, sends
+//!
+//! ```text
+//! GET {path} HTTP/1.1
+//! Host: {host, or the probed address as ip:port}
+//! User-Agent: xlb-health/1
+//! Connection: close
+//! ```
+//!
+//! and reads until the status line and headers are complete (at most
+//! [`MAX_RESPONSE_HEAD`] bytes); it succeeds when the status is within
+//! `expect` (inclusive). The body is never read. Connect, send and read
+//! together must finish within `timeout`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{HealthCheck, Probe};
+
+/// Largest HTTP response head (status line and headers) a probe reads; a
+/// longer head fails the probe.
+pub const MAX_RESPONSE_HEAD: usize = 8 * 1024;
+
+/// Most headers a response head may have (each takes at least 3 bytes, so a
+/// head within [`MAX_RESPONSE_HEAD`] cannot have more).
+const MAX_HEADERS: usize = MAX_RESPONSE_HEAD / 3;
+
+/// Value of the probes' `User-Agent` header.
+pub const USER_AGENT: &str = "xlb-health/1";
 
 /// Rise/fall hysteresis: a healthy backend goes down after `fall` consecutive
 /// failed probes, an unhealthy one comes back after `rise` consecutive
@@ -59,6 +97,152 @@ impl Threshold {
     pub fn is_up(&self) -> bool {
         self.up
     }
+}
+
+/// Why a probe failed; the `Display` text is short enough for a log line or an
+/// event's detail (e.g. "connect: connection refused").
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("connect: {}", brief(.0))]
+    Connect(io::Error),
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("send: {}", brief(.0))]
+    Send(io::Error),
+    #[error("receive: {}", brief(.0))]
+    Receive(io::Error),
+    #[error("connection closed before a complete HTTP response head")]
+    Closed,
+    #[error("HTTP response head larger than {MAX_RESPONSE_HEAD} bytes")]
+    TooLarge,
+    #[error("malformed HTTP response")]
+    Malformed,
+    #[error("HTTP status {status} not in {}-{}", .expect.0, .expect.1)]
+    Status { status: u16, expect: (u16, u16) },
+    /// The check's path or host would not make a valid request line or
+    /// header (config validation should have refused it).
+    #[error("invalid HTTP health check: {0}")]
+    InvalidRequest(&'static str),
+}
+
+/// An I/O error as "connection refused" rather than
+/// "Connection refused (os error 111)".
+fn brief(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match e.raw_os_error() {
+        Some(code) => text
+            .strip_suffix(&format!(" (os error {code})"))
+            .unwrap_or(&text),
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => e.kind().to_string(),
+    }
+}
+
+/// Runs `check` once against `target` (its port is replaced by `check.port`
+/// when that is set).
+pub async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), ProbeFailure> {
+    let addr = SocketAddr::new(target.ip(), check.port.unwrap_or(target.port()));
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(ProbeFailure::Connect)?;
+        match &check.probe {
+            Probe::Tcp => Ok(()),
+            Probe::Http { path, host, expect } => {
+                let request = http_request(addr, path, host.as_deref())?;
+                http_exchange(stream, &request, *expect).await
+            }
+        }
+    };
+    tokio::time::timeout(check.timeout, attempt)
+        .await
+        .unwrap_or(Err(ProbeFailure::Timeout(check.timeout)))
+}
+
+/// The probe's request bytes.
+fn http_request(addr: SocketAddr, path: &str, host: Option<&str>) -> Result<String, ProbeFailure> {
+    let bad = |s: &str| s.is_empty() || s.bytes().any(|b| b <= b' ' || b == 0x7f);
+    if bad(path) || !path.starts_with('/') {
+        return Err(ProbeFailure::InvalidRequest(
+            "path must start with '/' and have no spaces or control characters",
+        ));
+    }
+    let host = match host {
+        Some(h) if bad(h) => {
+            return Err(ProbeFailure::InvalidRequest(
+                "host must be non-empty and have no spaces or control characters",
+            ));
+        }
+        Some(h) => h.to_owned(),
+        None => addr.to_string(),
+    };
+    Ok(format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n"
+    ))
+}
+
+/// Sends `request` and judges the response's status.
+async fn http_exchange(
+    mut stream: TcpStream,
+    request: &str,
+    expect: (u16, u16),
+) -> Result<(), ProbeFailure> {
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(ProbeFailure::Send)?;
+    let mut buf = vec![0; MAX_RESPONSE_HEAD];
+    let mut len = 0;
+    let status = loop {
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(ProbeFailure::Receive)?;
+        if n == 0 {
+            return Err(ProbeFailure::Closed);
+        }
+        len += n;
+        if let Some(status) = parse_status(&buf[..len])? {
+            break status;
+        }
+        if len == buf.len() {
+            return Err(ProbeFailure::TooLarge);
+        }
+    };
+    if (expect.0..=expect.1).contains(&status) {
+        Ok(())
+    } else {
+        Err(ProbeFailure::Status { status, expect })
+    }
+}
+
+/// The status code once `head` holds a complete status line and headers;
+/// `None` while more bytes are needed.
+fn parse_status(head: &[u8]) -> Result<Option<u16>, ProbeFailure> {
+    // Health endpoints send few headers: try a small array on the stack first.
+    let mut few = [httparse::EMPTY_HEADER; 32];
+    match parse_with(head, &mut few) {
+        Err(httparse::Error::TooManyHeaders) => {
+            parse_with(head, &mut vec![httparse::EMPTY_HEADER; MAX_HEADERS])
+        }
+        parsed => parsed,
+    }
+    .map_err(|_| ProbeFailure::Malformed)
+}
+
+fn parse_with<'b>(
+    head: &'b [u8],
+    headers: &mut [httparse::Header<'b>],
+) -> Result<Option<u16>, httparse::Error> {
+    let mut response = httparse::Response::new(headers);
+    Ok(match response.parse(head)? {
+        httparse::Status::Complete(_) => response.code,
+        httparse::Status::Partial => None,
+    })
 }
 
 #[cfg(test)]

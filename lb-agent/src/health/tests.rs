@@ -159,3 +159,648 @@ mod threshold {
         }
     }
 }
+
+/// Request building, response parsing and failure texts, without sockets.
+mod pure {
+    use std::io;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::super::{MAX_RESPONSE_HEAD, ProbeFailure, http_request, parse_status};
+
+    #[test]
+    fn request_has_the_documented_shape() {
+        let addr: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+        assert_eq!(
+            http_request(addr, "/healthz?full=1", None).unwrap(),
+            "GET /healthz?full=1 HTTP/1.1\r\nHost: 192.0.2.1:8080\r\n\
+             User-Agent: xlb-health/1\r\nConnection: close\r\n\r\n"
+        );
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        assert!(
+            http_request(v6, "/", None)
+                .unwrap()
+                .contains("\r\nHost: [2001:db8::1]:80\r\n")
+        );
+        assert!(
+            http_request(v6, "/", Some("api.example.com"))
+                .unwrap()
+                .contains("\r\nHost: api.example.com\r\n")
+        );
+    }
+
+    #[test]
+    fn request_refuses_paths_and_hosts_that_would_break_it() {
+        let addr: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        for path in ["", "healthz", "/a b", "/a\r\nX: y", "/\t", "/\x7f"] {
+            let err = http_request(addr, path, None).unwrap_err();
+            assert!(
+                matches!(err, ProbeFailure::InvalidRequest(_)),
+                "{path:?}: {err}"
+            );
+        }
+        for host in ["", "a b", "a\r\nX: y"] {
+            let err = http_request(addr, "/", Some(host)).unwrap_err();
+            assert!(
+                matches!(err, ProbeFailure::InvalidRequest(_)),
+                "{host:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_is_read_once_the_head_is_complete() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n\r\n").unwrap(), Some(200));
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n\r\nbody")
+                .unwrap(),
+            Some(503)
+        );
+        // Bare LF line endings are accepted, as by most clients.
+        assert_eq!(
+            parse_status(b"HTTP/1.1 204 No Content\n\n").unwrap(),
+            Some(204)
+        );
+        for partial in [
+            &b""[..],
+            b"HTTP/1.1",
+            b"HTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        ] {
+            assert_eq!(parse_status(partial).unwrap(), None, "{partial:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for garbage in [
+            &b"SSH-2.0-OpenSSH_9.6\r\n"[..],
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01\x00\xa5\x01\x00",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_status(garbage), Err(ProbeFailure::Malformed)),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_headers_within_the_size_limit_still_parse() {
+        let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+        while head.len() < MAX_RESPONSE_HEAD - 10 {
+            head.extend_from_slice(b"a:\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        assert!(head.len() <= MAX_RESPONSE_HEAD);
+        assert_eq!(parse_status(&head).unwrap(), Some(200));
+    }
+
+    #[test]
+    fn failures_read_concisely() {
+        let cases = [
+            (
+                ProbeFailure::Connect(io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+                "connect: connection refused",
+            ),
+            (
+                ProbeFailure::Timeout(Duration::from_millis(500)),
+                "timed out after 500ms",
+            ),
+            (
+                ProbeFailure::Timeout(Duration::from_millis(1500)),
+                "timed out after 1s 500ms",
+            ),
+            (
+                ProbeFailure::Status {
+                    status: 503,
+                    expect: (200, 399),
+                },
+                "HTTP status 503 not in 200-399",
+            ),
+            (ProbeFailure::Malformed, "malformed HTTP response"),
+            (
+                ProbeFailure::Receive(io::Error::other("Boom")),
+                "receive: boom",
+            ),
+        ];
+        for (failure, text) in cases {
+            assert_eq!(failure.to_string(), text);
+        }
+    }
+}
+
+/// Namespaces and servers for the socket tests.
+mod support {
+    use std::future::Future;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::config::{HealthCheck, Probe};
+    use crate::testbed::{Netns, check_privileges};
+
+    /// Backend addresses, on the namespace's loopback.
+    pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    pub const V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+
+    /// Upper bound of one test body; a hang fails the test instead.
+    const DEADLINE: Duration = Duration::from_secs(8);
+
+    /// Runs `body` on a current-thread tokio runtime, on a thread inside a
+    /// new namespace that has [`V4`] and [`V6`] on `lo`, so every socket the
+    /// test opens lives there. Panics (never skips) without root.
+    pub fn in_netns<F, Fut>(tag: &str, body: F)
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = ()>,
+    {
+        if let Err(e) = check_privileges() {
+            panic!("health socket tests run in their own network namespaces: {e:#}");
+        }
+        let ns = Netns::new(&format!("health-{tag}")).expect("create netns");
+        ns.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])
+            .expect("add IPv4 address");
+        ns.ip(&["addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"])
+            .expect("add IPv6 address");
+        ns.run_in(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("build runtime");
+            rt.block_on(async {
+                tokio::time::timeout(DEADLINE, body())
+                    .await
+                    .expect("test body exceeded its deadline");
+            });
+        })
+        .expect("run in netns");
+    }
+
+    pub fn tcp_check(timeout_ms: u64) -> HealthCheck {
+        HealthCheck {
+            probe: Probe::Tcp,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(timeout_ms),
+            rise: 2,
+            fall: 3,
+            port: None,
+        }
+    }
+
+    pub fn http_check(path: &str, timeout_ms: u64) -> HealthCheck {
+        HealthCheck {
+            probe: Probe::Http {
+                path: path.to_owned(),
+                host: None,
+                expect: (200, 399),
+            },
+            ..tcp_check(timeout_ms)
+        }
+    }
+
+    pub async fn listen(ip: IpAddr) -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("local_addr");
+        (listener, addr)
+    }
+
+    /// An address nothing listens on (bound once, then closed).
+    pub async fn closed_port(ip: IpAddr) -> SocketAddr {
+        listen(ip).await.1
+    }
+
+    /// Accepts connections and closes them at once, counting them. Stops
+    /// (closing the listener) when the handle is aborted or dropped.
+    pub struct Acceptor {
+        pub accepted: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Acceptor {
+        pub fn spawn(listener: TcpListener) -> Acceptor {
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let count = accepted.clone();
+            let task = tokio::spawn(async move {
+                while listener.accept().await.is_ok() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            Acceptor { accepted, task }
+        }
+
+        pub fn count(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Acceptor {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// What the test HTTP server does after reading a request head.
+    pub enum Reply {
+        /// Writes the chunks with a short pause between them, then closes.
+        Chunks(Vec<Vec<u8>>),
+        /// Keeps the connection open and never answers.
+        Silent,
+        /// Closes without answering.
+        Close,
+    }
+
+    impl Reply {
+        pub fn bytes(b: impl Into<Vec<u8>>) -> Reply {
+            Reply::Chunks(vec![b.into()])
+        }
+
+        pub fn status(code: u16) -> Reply {
+            Reply::bytes(format!(
+                "HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n"
+            ))
+        }
+    }
+
+    /// A scripted HTTP server: records each request head and answers it
+    /// with `reply(head)`.
+    pub struct HttpServer {
+        pub requests: Arc<Mutex<Vec<String>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl HttpServer {
+        pub fn spawn(
+            listener: TcpListener,
+            reply: impl Fn(&str) -> Reply + Send + Sync + 'static,
+        ) -> HttpServer {
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let log = requests.clone();
+            let reply = Arc::new(reply);
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let log = log.clone();
+                    let reply = reply.clone();
+                    tokio::spawn(async move {
+                        // Bounded: the whole test runs under a deadline.
+                        let _ = serve(stream, &log, &*reply).await;
+                    });
+                }
+            });
+            HttpServer { requests, task }
+        }
+
+        pub fn requests(&self) -> Vec<String> {
+            self.requests.lock().unwrap().clone()
+        }
+
+        /// The request lines ("GET /x HTTP/1.1") seen so far.
+        pub fn request_lines(&self) -> Vec<String> {
+            self.requests()
+                .iter()
+                .map(|r| r.lines().next().unwrap_or_default().to_owned())
+                .collect()
+        }
+    }
+
+    impl Drop for HttpServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn serve(
+        mut stream: TcpStream,
+        log: &Mutex<Vec<String>>,
+        reply: &(dyn Fn(&str) -> Reply + Send + Sync),
+    ) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        let mut buf = [0; 1024];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let action = reply(&head);
+        log.lock().unwrap().push(head);
+        match action {
+            Reply::Chunks(chunks) => {
+                for (i, chunk) in chunks.iter().enumerate() {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                    stream.write_all(chunk).await?;
+                }
+            }
+            Reply::Silent => {
+                // Until the prober gives up and closes.
+                while stream.read(&mut buf).await? > 0 {}
+            }
+            Reply::Close => {}
+        }
+        Ok(())
+    }
+}
+
+/// One probe at a time against real sockets.
+mod probes {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use tokio::net::{TcpSocket, TcpStream};
+
+    use super::super::probe;
+    use super::support::{
+        Acceptor, HttpServer, Reply, V4, V6, closed_port, http_check, in_netns, listen, tcp_check,
+    };
+    use crate::config::Probe;
+
+    async fn failure(target: SocketAddr, check: &crate::config::HealthCheck) -> String {
+        probe(target, check)
+            .await
+            .expect_err("the probe should fail")
+            .to_string()
+    }
+
+    #[test]
+    fn tcp_probe_succeeds_against_a_listener_v4_and_v6() {
+        in_netns("tcp-ok", || async {
+            for ip in [V4, V6] {
+                let (listener, addr) = listen(ip).await;
+                let acceptor = Acceptor::spawn(listener);
+                probe(addr, &tcp_check(500)).await.expect("probe");
+                // The server saw the connection.
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while acceptor.count() == 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert_eq!(acceptor.count(), 1, "{addr}");
+            }
+        });
+    }
+
+    #[test]
+    fn tcp_probe_to_a_closed_port_is_refused() {
+        in_netns("tcp-refused", || async {
+            for ip in [V4, V6] {
+                let addr = closed_port(ip).await;
+                assert_eq!(
+                    failure(addr, &tcp_check(500)).await,
+                    "connect: connection refused"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn tcp_probe_uses_the_check_port_when_set() {
+        in_netns("tcp-port", || async {
+            let (listener, open) = listen(V4).await;
+            let _acceptor = Acceptor::spawn(listener);
+            let closed = closed_port(V4).await;
+            let mut check = tcp_check(500);
+            check.port = Some(open.port());
+            probe(closed, &check).await.expect("probe the check port");
+            check.port = Some(closed.port());
+            assert_eq!(failure(open, &check).await, "connect: connection refused");
+        });
+    }
+
+    /// A listener whose accept queue is full drops new SYNs (Linux drops
+    /// them whatever the SYN-cookie setting), so a connect hangs until the
+    /// probe's timeout: the "overloaded backend" case.
+    #[test]
+    fn tcp_probe_times_out_when_syns_are_dropped() {
+        in_netns("tcp-timeout", || async {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(V4, 0)).unwrap();
+            let addr = socket.local_addr().unwrap();
+            let _listener = socket.listen(0).unwrap();
+            // Fill the accept queue (never accepted) until a connect hangs.
+            let mut held = Vec::new();
+            let mut full = false;
+            for _ in 0..8 {
+                let connect = TcpStream::connect(addr);
+                let Ok(stream) = tokio::time::timeout(Duration::from_millis(200), connect).await
+                else {
+                    full = true;
+                    break;
+                };
+                held.push(stream.expect("connect while filling the queue"));
+            }
+            assert!(full, "the accept queue never filled up");
+            let start = Instant::now();
+            assert_eq!(
+                failure(addr, &tcp_check(300)).await,
+                "timed out after 300ms"
+            );
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_millis(900),
+                "{took:?}"
+            );
+        });
+    }
+
+    /// Answers `GET /status/NNN` with status NNN.
+    fn status_server(head: &str) -> Reply {
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.strip_prefix("/status/"))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(404);
+        Reply::status(code)
+    }
+
+    #[test]
+    fn http_probe_sends_the_documented_request_and_accepts_200() {
+        in_netns("http-ok", || async {
+            for ip in [V4, V6] {
+                let (listener, addr) = listen(ip).await;
+                let server = HttpServer::spawn(listener, |_| {
+                    Reply::bytes("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                });
+                probe(addr, &http_check("/healthz", 500))
+                    .await
+                    .expect("probe");
+                assert_eq!(
+                    server.requests(),
+                    [format!(
+                        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\
+                         User-Agent: xlb-health/1\r\nConnection: close\r\n\r\n"
+                    )]
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn http_probe_sends_the_configured_host_to_the_check_port() {
+        in_netns("http-host", || async {
+            let (listener, addr) = listen(V4).await;
+            let server = HttpServer::spawn(listener, |_| Reply::status(200));
+            let target = closed_port(V4).await;
+            let mut check = http_check("/", 500);
+            check.port = Some(addr.port());
+            if let Probe::Http { host, .. } = &mut check.probe {
+                *host = Some("app.example.com".to_owned());
+            }
+            probe(target, &check).await.expect("probe");
+            let requests = server.requests();
+            assert_eq!(requests.len(), 1);
+            assert!(
+                requests[0].contains("\r\nHost: app.example.com\r\n"),
+                "{requests:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn http_probe_accepts_exactly_the_expected_status_range() {
+        in_netns("http-status", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, status_server);
+            for code in [200, 204, 301, 399] {
+                probe(addr, &http_check(&format!("/status/{code}"), 500))
+                    .await
+                    .unwrap_or_else(|e| panic!("{code}: {e}"));
+            }
+            for code in [100, 199, 400, 404, 503] {
+                assert_eq!(
+                    failure(addr, &http_check(&format!("/status/{code}"), 500)).await,
+                    format!("HTTP status {code} not in 200-399")
+                );
+            }
+            let mut exact = http_check("/status/204", 500);
+            if let Probe::Http { expect, .. } = &mut exact.probe {
+                *expect = (204, 204);
+            }
+            probe(addr, &exact).await.expect("204 in 204-204");
+            let mut exact = http_check("/status/200", 500);
+            if let Probe::Http { expect, .. } = &mut exact.probe {
+                *expect = (204, 204);
+            }
+            assert_eq!(
+                failure(addr, &exact).await,
+                "HTTP status 200 not in 204-204"
+            );
+        });
+    }
+
+    #[test]
+    fn http_probe_reads_a_head_split_across_segments() {
+        in_netns("http-split", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, |_| {
+                Reply::Chunks(vec![
+                    b"HTTP/1.1 2".to_vec(),
+                    b"00 OK\r\nContent-Le".to_vec(),
+                    b"ngth: 0\r\n".to_vec(),
+                    b"\r\n".to_vec(),
+                ])
+            });
+            probe(addr, &http_check("/", 1000)).await.expect("probe");
+        });
+    }
+
+    #[test]
+    fn http_probe_fails_on_a_malformed_response() {
+        in_netns("http-garbage", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server =
+                HttpServer::spawn(listener, |_| Reply::bytes("SSH-2.0-OpenSSH_9.6\r\n\r\n"));
+            assert_eq!(
+                failure(addr, &http_check("/", 500)).await,
+                "malformed HTTP response"
+            );
+        });
+    }
+
+    #[test]
+    fn http_probe_fails_when_the_server_closes_without_answering() {
+        in_netns("http-close", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, |_| Reply::Close);
+            assert_eq!(
+                failure(addr, &http_check("/", 500)).await,
+                "connection closed before a complete HTTP response head"
+            );
+            // Also when part of the head came first.
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, |_| Reply::bytes("HTTP/1.1 200 OK\r\n"));
+            assert_eq!(
+                failure(addr, &http_check("/", 500)).await,
+                "connection closed before a complete HTTP response head"
+            );
+        });
+    }
+
+    #[test]
+    fn http_probe_gives_up_on_an_oversized_head() {
+        in_netns("http-large", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, |_| {
+                let mut head = b"HTTP/1.1 200 OK\r\nX-Filler: ".to_vec();
+                head.resize(3 * 8192, b'a');
+                Reply::bytes(head)
+            });
+            assert_eq!(
+                failure(addr, &http_check("/", 1000)).await,
+                "HTTP response head larger than 8192 bytes"
+            );
+        });
+    }
+
+    #[test]
+    fn http_probe_times_out_when_the_server_never_answers() {
+        in_netns("http-slow", || async {
+            let (listener, addr) = listen(V4).await;
+            let server = HttpServer::spawn(listener, |_| Reply::Silent);
+            let start = Instant::now();
+            assert_eq!(
+                failure(addr, &http_check("/", 300)).await,
+                "timed out after 300ms"
+            );
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_millis(900),
+                "{took:?}"
+            );
+            // The request was sent; only the answer was missing.
+            assert_eq!(server.request_lines(), ["GET / HTTP/1.1"]);
+        });
+    }
+
+    /// The timeout covers the whole exchange, not each read: a server that
+    /// trickles its head slower than the timeout still fails.
+    #[test]
+    fn http_probe_timeout_covers_a_trickling_head() {
+        in_netns("http-trickle", || async {
+            let (listener, addr) = listen(V4).await;
+            let _server = HttpServer::spawn(listener, |_| {
+                // 12 chunks, 30 ms apart: each read is quick, the whole is not.
+                Reply::Chunks(
+                    "HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
+                        .as_bytes()
+                        .chunks(2)
+                        .map(<[u8]>::to_vec)
+                        .collect(),
+                )
+            });
+            assert_eq!(
+                failure(addr, &http_check("/", 200)).await,
+                "timed out after 200ms"
+            );
+        });
+    }
+}
