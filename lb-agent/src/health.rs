@@ -4,6 +4,9 @@
 //!
 //! - [`Threshold`] is the pure rise/fall state machine.
 //! - [`probe`] runs one check against one address.
+//! - [`Monitor`] keeps one task per backend that probes it every `interval`,
+//!   feeds a [`Threshold`] and sends a [`HealthEvent`] on each transition. It
+//!   is generic over the backend key, so it does not depend on the model.
 //!
 //! # Initial state
 //!
@@ -12,7 +15,14 @@
 //! backend that is really down is taken out after `fall` failed probes. A
 //! backend's state after an agent restart is not this module's business: the
 //! caller restores it (e.g. from the pinned data-plane maps) and passes it as
-//! the initial state.
+//! the initial state ([`Target::initial_up`]). When a monitored backend's
+//! address or check changes, its task restarts with the state it had: a down
+//! backend whose check is edited stays down until `rise` new probes pass.
+//!
+//! Only transitions are reported, never the initial state. Each task probes
+//! immediately, then every `interval`; a probe slower than `interval` delays
+//! the next one instead of piling up. There is no start-up jitter: probes of
+//! many new backends start together.
 //!
 //! # Probes
 //!
@@ -32,12 +42,18 @@
 //! `expect` (inclusive). The body is never read. Connect, send and read
 //! together must finish within `timeout`.
 
+use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
 
 use crate::config::{HealthCheck, Probe};
 
@@ -51,6 +67,197 @@ const MAX_HEADERS: usize = MAX_RESPONSE_HEAD / 3;
 
 /// Value of the probes' `User-Agent` header.
 pub const USER_AGENT: &str = "xlb-health/1";
+
+/// Shortest probe interval; shorter (e.g. zero) intervals act as this.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A backend changed state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthEvent<K> {
+    pub key: K,
+    pub up: bool,
+    /// "ok" when it came up; the last probe's failure when it went down.
+    pub detail: String,
+}
+
+/// What to probe for one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub check: HealthCheck,
+    /// The state of a key the monitor does not have yet: `true` for a new
+    /// backend, or the state restored after an agent restart. Ignored for
+    /// keys already monitored.
+    pub initial_up: bool,
+}
+
+/// One task per monitored backend. Dropping the monitor stops them all.
+///
+/// An event already queued on the channel is not withdrawn when its key is
+/// removed, but once [`Monitor::set_targets`] returns, no task it stopped
+/// sends another event.
+#[derive(Debug)]
+pub struct Monitor<K> {
+    events: UnboundedSender<HealthEvent<K>>,
+    tasks: BTreeMap<K, Running>,
+}
+
+#[derive(Debug)]
+struct Running {
+    addr: SocketAddr,
+    check: HealthCheck,
+    state: Arc<Mutex<TaskState>>,
+    handle: JoinHandle<()>,
+}
+
+/// Shared by a task and the monitor. The task updates `up` and sends its
+/// event under the lock, and only while `stopped` is false.
+#[derive(Debug)]
+struct TaskState {
+    up: bool,
+    stopped: bool,
+}
+
+impl Running {
+    /// Stops the task for good; returns its last state.
+    fn stop(&self) -> bool {
+        let up = {
+            let mut state = lock(&self.state);
+            state.stopped = true;
+            state.up
+        };
+        self.handle.abort();
+        up
+    }
+}
+
+impl<K> Monitor<K>
+where
+    K: Clone + Ord + Send + Sync + Debug + 'static,
+{
+    pub fn new(events: UnboundedSender<HealthEvent<K>>) -> Self {
+        Monitor {
+            events,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the monitored set equal to `targets`: starts a task for each new
+    /// key (in state [`Target::initial_up`]), stops the tasks of keys that are
+    /// gone, and restarts, keeping its state, a key whose address or check
+    /// changed. Unchanged keys keep running undisturbed.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (tasks are started with [`tokio::spawn`]).
+    pub fn set_targets(&mut self, mut targets: BTreeMap<K, Target>) {
+        self.tasks.retain(|key, running| {
+            let keep = targets
+                .get(key)
+                .is_some_and(|t| t.addr == running.addr && t.check == running.check);
+            if !keep {
+                let up = running.stop();
+                if let Some(target) = targets.get_mut(key) {
+                    // Changed: restart in the state it had.
+                    target.initial_up = up;
+                    tracing::debug!(?key, backend = %target.addr, "health check changed");
+                } else {
+                    tracing::debug!(?key, backend = %running.addr, "health check removed");
+                }
+            }
+            keep
+        });
+        for (key, target) in targets {
+            if !self.tasks.contains_key(&key) {
+                let running = self.start(key.clone(), target);
+                self.tasks.insert(key, running);
+            }
+        }
+    }
+
+    /// The key's state as last reported, or `None` if it is not monitored.
+    pub fn is_up(&self, key: &K) -> Option<bool> {
+        self.tasks.get(key).map(|running| lock(&running.state).up)
+    }
+
+    fn start(&self, key: K, target: Target) -> Running {
+        let state = Arc::new(Mutex::new(TaskState {
+            up: target.initial_up,
+            stopped: false,
+        }));
+        let handle = tokio::spawn(watch(
+            key,
+            target.addr,
+            target.check.clone(),
+            state.clone(),
+            self.events.clone(),
+        ));
+        Running {
+            addr: target.addr,
+            check: target.check,
+            state,
+            handle,
+        }
+    }
+}
+
+impl<K> Drop for Monitor<K> {
+    fn drop(&mut self) {
+        for running in self.tasks.values() {
+            running.stop();
+        }
+    }
+}
+
+/// One backend's task: probe, judge, report transitions; until stopped.
+async fn watch<K: Clone + Debug>(
+    key: K,
+    addr: SocketAddr,
+    check: HealthCheck,
+    state: Arc<Mutex<TaskState>>,
+    events: UnboundedSender<HealthEvent<K>>,
+) {
+    let initial_up = lock(&state).up;
+    let mut threshold = Threshold::new(initial_up, check.rise, check.fall);
+    let mut ticks = tokio::time::interval(check.interval.max(MIN_INTERVAL));
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let result = probe(addr, &check).await;
+        if let Err(failure) = &result {
+            tracing::debug!(?key, backend = %addr, %failure, "health probe failed");
+        }
+        let Some(up) = threshold.observe(result.is_ok()) else {
+            continue;
+        };
+        let detail = match result {
+            Ok(()) => "ok".to_owned(),
+            Err(failure) => failure.to_string(),
+        };
+        let mut state = lock(&state);
+        if state.stopped {
+            return;
+        }
+        state.up = up;
+        if up {
+            tracing::info!(?key, backend = %addr, "backend up");
+        } else {
+            tracing::warn!(?key, backend = %addr, %detail, "backend down");
+        }
+        // A closed channel only means nobody listens any more; `is_up` still
+        // serves the state.
+        let _ = events.send(HealthEvent {
+            key: key.clone(),
+            up,
+            detail,
+        });
+        drop(state);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Rise/fall hysteresis: a healthy backend goes down after `fall` consecutive
 /// failed probes, an unhealthy one comes back after `rise` consecutive

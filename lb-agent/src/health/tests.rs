@@ -804,3 +804,269 @@ mod probes {
         });
     }
 }
+
+/// The monitor: tasks, thresholds and events against real servers.
+mod monitor {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc::{self, UnboundedReceiver, error::TryRecvError};
+
+    use super::super::{HealthEvent, Monitor, Target};
+    use super::support::{
+        Acceptor, HttpServer, Reply, V4, closed_port, http_check, in_netns, listen, tcp_check,
+    };
+    use crate::config::HealthCheck;
+
+    type Key = &'static str;
+
+    /// Generous bound for an expected event (thresholds here take a few
+    /// 50 ms intervals).
+    const EVENT_WITHIN: Duration = Duration::from_secs(2);
+
+    fn monitor() -> (Monitor<Key>, UnboundedReceiver<HealthEvent<Key>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Monitor::new(tx), rx)
+    }
+
+    fn targets<const N: usize>(
+        list: [(Key, SocketAddr, &HealthCheck, bool); N],
+    ) -> BTreeMap<Key, Target> {
+        list.into_iter()
+            .map(|(key, addr, check, initial_up)| {
+                (
+                    key,
+                    Target {
+                        addr,
+                        check: check.clone(),
+                        initial_up,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    async fn next_event(rx: &mut UnboundedReceiver<HealthEvent<Key>>) -> HealthEvent<Key> {
+        tokio::time::timeout(EVENT_WITHIN, rx.recv())
+            .await
+            .expect("no health event in time")
+            .expect("event channel closed")
+    }
+
+    /// Asserts that no event arrives for `quiet`.
+    async fn assert_quiet(rx: &mut UnboundedReceiver<HealthEvent<Key>>, quiet: Duration) {
+        if let Ok(event) = tokio::time::timeout(quiet, rx.recv()).await {
+            panic!("unexpected event {event:?}");
+        }
+    }
+
+    /// Waits (bounded) until `cond` holds.
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + EVENT_WITHIN;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn event(key: Key, up: bool, detail: &str) -> HealthEvent<Key> {
+        HealthEvent {
+            key,
+            up,
+            detail: detail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_stopped_server_goes_down_once_after_fall_and_up_once_after_rise() {
+        in_netns("mon-flap", || async {
+            let check = tcp_check(200); // 50 ms interval, rise 2, fall 3
+            let (listener, addr) = listen(V4).await;
+            let server = Acceptor::spawn(listener);
+            let (mut monitor, mut rx) = monitor();
+            monitor.set_targets(targets([("web", addr, &check, true)]));
+            wait_until("two probes passed", || server.count() >= 2).await;
+            assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+            assert_eq!(monitor.is_up(&"web"), Some(true));
+
+            drop(server);
+            let stopped = Instant::now();
+            assert_eq!(
+                next_event(&mut rx).await,
+                event("web", false, "connect: connection refused")
+            );
+            // The third failure comes two intervals after the first at least.
+            assert!(stopped.elapsed() >= 2 * check.interval, "{stopped:?}");
+            assert_eq!(monitor.is_up(&"web"), Some(false));
+            assert_quiet(&mut rx, 4 * check.interval).await;
+
+            let server = Acceptor::spawn(TcpListener::bind(addr).await.expect("rebind"));
+            let restarted = Instant::now();
+            assert_eq!(next_event(&mut rx).await, event("web", true, "ok"));
+            assert!(restarted.elapsed() >= check.interval);
+            assert!(server.count() >= 2, "rise 2 needs two probes");
+            assert_eq!(monitor.is_up(&"web"), Some(true));
+            assert_quiet(&mut rx, 4 * check.interval).await;
+        });
+    }
+
+    #[test]
+    fn the_initial_state_is_not_reported_only_transitions() {
+        in_netns("mon-initial", || async {
+            let check = tcp_check(200);
+            let (listener, healthy) = listen(V4).await;
+            let _server = Acceptor::spawn(listener);
+            let dead = closed_port(V4).await;
+            let (mut monitor, mut rx) = monitor();
+            monitor.set_targets(targets([
+                ("up-healthy", healthy, &check, true),
+                ("down-healthy", healthy, &check, false),
+                ("down-dead", dead, &check, false),
+            ]));
+            assert_eq!(next_event(&mut rx).await, event("down-healthy", true, "ok"));
+            assert_quiet(&mut rx, 6 * check.interval).await;
+            assert_eq!(monitor.is_up(&"up-healthy"), Some(true));
+            assert_eq!(monitor.is_up(&"down-healthy"), Some(true));
+            assert_eq!(monitor.is_up(&"down-dead"), Some(false));
+            assert_eq!(monitor.is_up(&"unknown"), None);
+        });
+    }
+
+    #[test]
+    fn removing_a_key_stops_its_probes() {
+        in_netns("mon-remove", || async {
+            let check = tcp_check(200);
+            let (listener, addr_a) = listen(V4).await;
+            let server_a = Acceptor::spawn(listener);
+            let (listener, addr_b) = listen(V4).await;
+            let server_b = Acceptor::spawn(listener);
+            let (mut monitor, mut rx) = monitor();
+            monitor.set_targets(targets([
+                ("a", addr_a, &check, true),
+                ("b", addr_b, &check, true),
+            ]));
+            wait_until("both servers were probed twice", || {
+                server_a.count() >= 2 && server_b.count() >= 2
+            })
+            .await;
+
+            monitor.set_targets(targets([("b", addr_b, &check, true)]));
+            assert_eq!(monitor.is_up(&"a"), None);
+            assert_eq!(monitor.is_up(&"b"), Some(true));
+            // Let a connection already under way land, then count.
+            tokio::time::sleep(check.interval).await;
+            let (a, b) = (server_a.count(), server_b.count());
+            tokio::time::sleep(6 * check.interval).await;
+            assert_eq!(server_a.count(), a, "a removed key was still probed");
+            assert!(server_b.count() >= b + 3, "the other key kept being probed");
+            assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        });
+    }
+
+    #[test]
+    fn dropping_the_monitor_stops_every_task() {
+        in_netns("mon-drop", || async {
+            let check = tcp_check(200);
+            let (listener, addr) = listen(V4).await;
+            let server = Acceptor::spawn(listener);
+            let (mut monitor, mut rx) = monitor();
+            monitor.set_targets(targets([
+                ("a", addr, &check, true),
+                ("b", addr, &check, true),
+            ]));
+            wait_until("probes ran", || server.count() >= 4).await;
+
+            drop(monitor);
+            // Every task holds a sender: the channel closes once all ended.
+            let closed = tokio::time::timeout(EVENT_WITHIN, rx.recv()).await;
+            assert_eq!(closed, Ok(None), "tasks outlived the monitor");
+            tokio::time::sleep(check.interval).await;
+            let count = server.count();
+            tokio::time::sleep(6 * check.interval).await;
+            assert_eq!(server.count(), count);
+        });
+    }
+
+    #[test]
+    fn unchanged_targets_are_not_restarted() {
+        in_netns("mon-same", || async {
+            let mut check = tcp_check(200);
+            check.interval = Duration::from_secs(2);
+            let (listener, addr) = listen(V4).await;
+            let server = Acceptor::spawn(listener);
+            let (mut monitor, mut rx) = monitor();
+            // A restart would probe at once, so each call would add a
+            // connection. `initial_up` is ignored for a known key.
+            for i in 0..10 {
+                monitor.set_targets(targets([("a", addr, &check, i % 2 == 0)]));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            wait_until("the first probe", || server.count() >= 1).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(server.count(), 1);
+            assert_eq!(monitor.is_up(&"a"), Some(true));
+            assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        });
+    }
+
+    /// Answers `GET /status/NNN` with status NNN.
+    fn status_reply(head: &str) -> Reply {
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.strip_prefix("/status/"))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(404);
+        Reply::status(code)
+    }
+
+    #[test]
+    fn a_changed_check_or_address_restarts_the_task_with_its_state() {
+        in_netns("mon-change", || async {
+            let (listener, addr) = listen(V4).await;
+            let server = HttpServer::spawn(listener, status_reply);
+            let mut failing = http_check("/status/503", 200);
+            (failing.rise, failing.fall) = (1, 1);
+            let (mut monitor, mut rx) = monitor();
+            monitor.set_targets(targets([("k", addr, &failing, true)]));
+            assert_eq!(
+                next_event(&mut rx).await,
+                event("k", false, "HTTP status 503 not in 200-399")
+            );
+
+            // New check: the task restarts in the state it had (down), so the
+            // first passing probe is a transition although `initial_up` says
+            // up.
+            let mut passing = http_check("/status/200", 200);
+            (passing.rise, passing.fall) = (1, 1);
+            monitor.set_targets(targets([("k", addr, &passing, true)]));
+            assert_eq!(next_event(&mut rx).await, event("k", true, "ok"));
+            let seen = server.request_lines().len();
+            tokio::time::sleep(4 * passing.interval).await;
+            let after: Vec<String> = server.request_lines().split_off(seen);
+            assert!(after.len() >= 2, "{after:?}");
+            assert!(
+                after.iter().all(|l| l == "GET /status/200 HTTP/1.1"),
+                "the old check still ran: {after:?}"
+            );
+
+            // New address: probes move to the other server; the state (up)
+            // carries over, so no event.
+            let (listener, moved) = listen(V4).await;
+            let new_server = HttpServer::spawn(listener, status_reply);
+            monitor.set_targets(targets([("k", moved, &passing, false)]));
+            tokio::time::sleep(passing.interval).await;
+            let old_count = server.request_lines().len();
+            wait_until("the new address was probed twice", || {
+                new_server.request_lines().len() >= 2
+            })
+            .await;
+            tokio::time::sleep(2 * passing.interval).await;
+            assert_eq!(server.request_lines().len(), old_count);
+            assert_eq!(monitor.is_up(&"k"), Some(true));
+            assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty);
+        });
+    }
+}
