@@ -1212,3 +1212,9 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn crlf_line_endings_and_a_byte_order_mark_parse_like_the_example() {
+    let crlf = format!("\u{feff}{}", EXAMPLE.replace('\n', "\r\n"));
+    assert_eq!(parse_ok(&crlf), parse_ok(EXAMPLE));
+}
