@@ -20,6 +20,7 @@
 //! constructor fails with an error that says so.
 
 mod cmd;
+mod http;
 mod netns;
 pub mod node;
 mod topology;
@@ -28,6 +29,7 @@ mod traffic;
 #[cfg(test)]
 mod tests;
 
+pub use http::{HttpConnection, http_get, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,
