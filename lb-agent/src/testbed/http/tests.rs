@@ -497,3 +497,26 @@ fn connections_beyond_the_limit_are_closed() {
     assert_eq!(server.accepted(), 3);
     assert_within(started, Duration::from_secs(5));
 }
+
+#[test]
+fn many_open_connections_are_cut_promptly_on_drop() {
+    require_root();
+    let started = Instant::now();
+    let ns = lo_netns("http-many");
+    let server = spawn_http_server(&ns, (V6, 0).into(), "busy").unwrap();
+    let addr = server.local_addr();
+    let mut conns: Vec<HttpConnection> = (0..100)
+        .map(|_| HttpConnection::open(&ns, addr, TIMEOUT).unwrap())
+        .collect();
+    for conn in &mut conns {
+        assert_eq!(conn.get(TIMEOUT).unwrap(), "busy");
+    }
+    assert_eq!((server.accepted(), server.served()), (100, 100));
+    let t = Instant::now();
+    drop(server);
+    assert_within(t, Duration::from_secs(1));
+    for conn in &mut conns {
+        assert!(sees_eof(&mut conn.stream, TIMEOUT), "{}", conn.local_addr());
+    }
+    assert_within(started, Duration::from_secs(8));
+}
