@@ -21,6 +21,7 @@
 
 pub mod agent;
 mod cmd;
+mod http;
 mod netns;
 pub mod node;
 mod topology;
@@ -30,6 +31,7 @@ mod traffic;
 mod tests;
 
 pub use agent::AgentProcess;
+pub use http::{HttpConnection, http_get, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,

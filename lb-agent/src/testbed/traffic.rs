@@ -19,26 +19,42 @@ use anyhow::{Context, bail};
 use super::netns::Netns;
 
 /// How often a server notices that its handle was dropped.
-const STOP_POLL: Duration = Duration::from_millis(50);
+pub(super) const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// A server's deadline for writing its reply to one client, so a stuck
 /// client cannot stall it.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Most bytes a client reads as a reply.
 const MAX_REPLY: usize = 4096;
 
 /// Most connections a TCP server accepts before looking at its stop flag.
-const ACCEPT_BATCH: usize = 256;
+pub(super) const ACCEPT_BATCH: usize = 256;
 
-/// A running name server; dropping it stops the server and joins its thread
+/// A running server; dropping it stops the server and joins its thread
 /// (within about 50 ms).
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
+    state: Arc<ServerState>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What a server thread shares with its handle.
+#[derive(Debug, Default)]
+pub(super) struct ServerState {
+    /// Set when the handle is dropped.
+    pub(super) stop: AtomicBool,
+    /// Replies sent (see [`ServerHandle::served`]).
+    pub(super) served: AtomicU64,
+    /// TCP connections taken on (see [`ServerHandle::accepted`]).
+    pub(super) accepted: AtomicU64,
+}
+
+impl ServerState {
+    pub(super) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
 }
 
 impl ServerHandle {
@@ -47,21 +63,28 @@ impl ServerHandle {
         self.local_addr
     }
 
-    /// Connections (TCP) or datagrams (UDP) answered so far, e.g. to check
-    /// how a load balancer spread its flows. Counted before the reply is
-    /// sent, so a client that has its reply is already included.
+    /// Connections (TCP), datagrams (UDP) or `GET` requests (HTTP) answered
+    /// so far, e.g. to check how a load balancer spread its flows. Counted
+    /// before the reply is sent, so a client that has its reply is already
+    /// included.
     pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+        self.state.served.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections accepted and served so far (always 0 for UDP). With
+    /// HTTP keep-alive this is lower than [`ServerHandle::served`].
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.state.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
-            tracing::warn!(addr = %self.local_addr, "name server thread panicked");
+            tracing::warn!(addr = %self.local_addr, "server thread panicked");
         }
     }
 }
@@ -82,8 +105,8 @@ pub fn spawn_tcp_name_server(
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
-    spawn_server(local_addr, "tcp", move |stop, served| {
-        serve_tcp(&listener, &reply, stop, served);
+    spawn_server(local_addr, "tcp", move |state| {
+        serve_tcp(&listener, &reply, state);
     })
 }
 
@@ -101,36 +124,35 @@ pub fn spawn_udp_name_server(
     socket.set_read_timeout(Some(STOP_POLL))?;
     let local_addr = socket.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
-    spawn_server(local_addr, "udp", move |stop, served| {
-        serve_udp(&socket, &reply, stop, served);
+    spawn_server(local_addr, "udp", move |state| {
+        serve_udp(&socket, &reply, state);
     })
 }
 
-fn spawn_server(
+/// Runs `serve` on a new thread until it returns; it must return soon after
+/// the handle sets `state.stop`.
+pub(super) fn spawn_server(
     local_addr: SocketAddr,
     proto: &str,
-    serve: impl FnOnce(&AtomicBool, &AtomicU64) + Send + 'static,
+    serve: impl FnOnce(&ServerState) + Send + 'static,
 ) -> anyhow::Result<ServerHandle> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
+    let state = Arc::new(ServerState::default());
     let thread = std::thread::Builder::new()
         .name(format!("{proto}-name-{}", local_addr.port()))
         .spawn({
-            let stop = Arc::clone(&stop);
-            let served = Arc::clone(&served);
-            move || serve(&stop, &served)
+            let state = Arc::clone(&state);
+            move || serve(&state)
         })
         .context("cannot start a server thread")?;
     Ok(ServerHandle {
         local_addr,
-        stop,
-        served,
+        state,
         thread: Some(thread),
     })
 }
 
-fn serve_tcp(listener: &TcpListener, reply: &[u8], stop: &AtomicBool, served: &AtomicU64) {
-    while !stop.load(Ordering::Relaxed) {
+fn serve_tcp(listener: &TcpListener, reply: &[u8], state: &ServerState) {
+    while !state.stopping() {
         if let Err(e) = wait_readable(listener, STOP_POLL) {
             tracing::warn!(error = %e, "poll on name server failed");
             std::thread::sleep(STOP_POLL);
@@ -139,7 +161,8 @@ fn serve_tcp(listener: &TcpListener, reply: &[u8], stop: &AtomicBool, served: &A
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    served.fetch_add(1, Ordering::Relaxed);
+                    state.accepted.fetch_add(1, Ordering::Relaxed);
+                    state.served.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = answer_tcp(stream, reply) {
                         tracing::debug!(%peer, error = %e, "could not answer");
                     }
@@ -164,7 +187,7 @@ fn answer_tcp(mut stream: TcpStream, reply: &[u8]) -> io::Result<()> {
 }
 
 /// Waits until `listener` has a connection to accept or `timeout` passes.
-fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
+pub(super) fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
     let mut fd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -183,12 +206,12 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-fn serve_udp(socket: &UdpSocket, reply: &[u8], stop: &AtomicBool, served: &AtomicU64) {
+fn serve_udp(socket: &UdpSocket, reply: &[u8], state: &ServerState) {
     let mut buf = [0u8; 2048];
-    while !stop.load(Ordering::Relaxed) {
+    while !state.stopping() {
         match socket.recv_from(&mut buf) {
             Ok((_, peer)) => {
-                served.fetch_add(1, Ordering::Relaxed);
+                state.served.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = socket.send_to(reply, peer) {
                     tracing::debug!(%peer, error = %e, "could not answer");
                 }
@@ -270,14 +293,14 @@ pub fn udp_ask(
     })
 }
 
-fn deadline_after(timeout: Duration) -> anyhow::Result<Instant> {
+pub(super) fn deadline_after(timeout: Duration) -> anyhow::Result<Instant> {
     if timeout.is_zero() {
         bail!("timeout must be positive");
     }
     Ok(Instant::now() + timeout)
 }
 
-fn remaining(deadline: Instant) -> anyhow::Result<Duration> {
+pub(super) fn remaining(deadline: Instant) -> anyhow::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         bail!("timed out");
@@ -286,7 +309,7 @@ fn remaining(deadline: Instant) -> anyhow::Result<Duration> {
 }
 
 /// Names the socket timeout plainly (Linux reports it as EAGAIN).
-fn timeout_error(e: io::Error) -> anyhow::Error {
+pub(super) fn timeout_error(e: io::Error) -> anyhow::Error {
     if matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
