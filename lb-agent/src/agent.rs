@@ -14,8 +14,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ServiceSpec;
-use crate::dataplane::pins::{self, Attachment, ModeChoice};
 use crate::dataplane::Dataplane;
+use crate::dataplane::pins::{self, Attachment, ModeChoice};
 use crate::health::{HealthEvent, Monitor, Target};
 use crate::model::{self, Desired, Endpoint, Health};
 use crate::plan::{self, Applied, meta_endpoint, service_name};
@@ -61,7 +61,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     for interface in &opts.interfaces {
         match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {
             Attachment::Adopted => {
-                tracing::info!(interface, "adopted the pinned XDP link; program replaced in place");
+                tracing::info!(
+                    interface,
+                    "adopted the pinned XDP link; program replaced in place"
+                );
             }
             Attachment::Attached(mode) => {
                 tracing::info!(interface, ?mode, "attached XDP");
@@ -160,8 +163,7 @@ fn report_rejected(rejected: &[crate::config::ServiceError]) {
 fn has_backend(specs: &[ServiceSpec], (service, endpoint): &BackendKey) -> bool {
     specs.iter().any(|s| {
         &s.name == service
-            && s
-                .backends
+            && s.backends
                 .iter()
                 .any(|b| b.address == endpoint.addr && b.port == endpoint.port)
     })
@@ -196,7 +198,11 @@ fn health_targets(
     targets
 }
 
-fn publish(tx: &watch::Sender<Desired>, specs: &[ServiceSpec], health: &BTreeMap<BackendKey, bool>) {
+fn publish(
+    tx: &watch::Sender<Desired>,
+    specs: &[ServiceSpec],
+    health: &BTreeMap<BackendKey, bool>,
+) {
     let desired = model::from_specs(specs, |service, endpoint| {
         match health.get(&(service.to_owned(), endpoint)) {
             Some(false) => Health::Down,
@@ -215,7 +221,11 @@ fn publish(tx: &watch::Sender<Desired>, specs: &[ServiceSpec], health: &BTreeMap
 
 /// The one task that writes maps: plans each new desired state against what the maps
 /// hold and applies it. A failed write is retried with the next change or after 1 s.
-async fn writer_task(mut dp: Dataplane, mut applied: Applied, mut desired: watch::Receiver<Desired>) {
+async fn writer_task(
+    mut dp: Dataplane,
+    mut applied: Applied,
+    mut desired: watch::Receiver<Desired>,
+) {
     let mut retry = false;
     loop {
         let changed = if retry {
@@ -244,7 +254,11 @@ async fn writer_task(mut dp: Dataplane, mut applied: Applied, mut desired: watch
             }
             Err((done, e)) => {
                 retry = true;
-                tracing::error!("map write {} of {} failed: {e}; retrying", done + 1, plan.ops.len());
+                tracing::error!(
+                    "map write {} of {} failed: {e}; retrying",
+                    done + 1,
+                    plan.ops.len()
+                );
             }
         }
     }

@@ -69,7 +69,8 @@ pub fn run(agent: &Path, requests: u32) -> Result<Report> {
     let mut failures = 0;
     for vip in vips {
         let target = SocketAddr::new(vip, VIP_PORT);
-        let per_backend: &mut BTreeMap<String, u64> = answers.entry(target.to_string()).or_default();
+        let per_backend: &mut BTreeMap<String, u64> =
+            answers.entry(target.to_string()).or_default();
         for _ in 0..requests {
             match testbed::http_get(&topo.client, target, Duration::from_secs(2)) {
                 Ok(name) => *per_backend.entry(name).or_default() += 1,
@@ -78,7 +79,10 @@ pub fn run(agent: &Path, requests: u32) -> Result<Report> {
                     failures += 1;
                     // Bounded: a broken path fails fast instead of timing out 2N times.
                     if failures >= MAX_FAILURES {
-                        bail!("{failures} requests failed; last: {e:#}\nagent log:\n{}", agent.log());
+                        bail!(
+                            "{failures} requests failed; last: {e:#}\nagent log:\n{}",
+                            agent.log()
+                        );
                     }
                 }
             }

@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use lb_common::{
-    HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
-};
+use lb_common::{HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats};
 use serde::Serialize;
 
 use crate::dataplane::{Dataplane, DataplaneError, pins};
@@ -86,8 +84,7 @@ impl Report {
                     },
                     forwarding: *filled,
                     #[expect(clippy::cast_precision_loss, reason = "a fraction for display")]
-                    share: slots.get(bid).copied().unwrap_or(0) as f64
-                        / table.len().max(1) as f64,
+                    share: slots.get(bid).copied().unwrap_or(0) as f64 / table.len().max(1) as f64,
                 })
                 .collect();
             let frontends = snapshot
@@ -148,7 +145,11 @@ impl fmt::Display for Report {
         } else {
             self.interfaces.join(", ")
         };
-        writeln!(f, "xlb status ({}): XDP on {interfaces}", self.pin_dir.display())?;
+        writeln!(
+            f,
+            "xlb status ({}): XDP on {interfaces}",
+            self.pin_dir.display()
+        )?;
         if self.services.is_empty() {
             writeln!(f, "no services")?;
         }

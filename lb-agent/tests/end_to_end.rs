@@ -22,7 +22,8 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// A topology with HTTP servers on every backend (IPv4 and IPv6, port 8080).
 struct Bed {
     topo: Topology,
-    servers: BTreeMap<usize, Vec<ServerHandle>>,
+    /// Behind a lock so servers can stop and start while an agent borrows the bed.
+    servers: std::sync::Mutex<BTreeMap<usize, Vec<ServerHandle>>>,
     config: PathBuf,
 }
 
@@ -31,9 +32,9 @@ impl Bed {
         testbed::check_privileges().expect("privileges");
         let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
         topo.wait_ready().expect("topology ready");
-        let mut bed = Bed {
+        let bed = Bed {
             topo,
-            servers: BTreeMap::new(),
+            servers: std::sync::Mutex::default(),
             config: std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id())),
         };
         for i in 0..backends {
@@ -42,7 +43,7 @@ impl Bed {
         bed
     }
 
-    fn start_server(&mut self, i: usize) {
+    fn start_server(&self, i: usize) {
         let ns = &self.topo.backends[i];
         let name = format!("backend-{i}");
         let handles = [
@@ -50,15 +51,14 @@ impl Bed {
             IpAddr::V6(Topology::backend_v6(i)),
         ]
         .into_iter()
-        .map(|ip| {
-            testbed::spawn_http_server(ns, SocketAddr::new(ip, PORT), &name).expect("server")
-        })
+        .map(|ip| testbed::spawn_http_server(ns, SocketAddr::new(ip, PORT), &name).expect("server"))
         .collect();
-        self.servers.insert(i, handles);
+        self.servers.lock().expect("servers").insert(i, handles);
     }
 
-    fn stop_server(&mut self, i: usize) {
-        self.servers.remove(&i);
+    fn stop_server(&self, i: usize) {
+        let stopped = self.servers.lock().expect("servers").remove(&i);
+        drop(stopped);
     }
 
     fn write_config(&self, yaml: &str) {
@@ -69,8 +69,14 @@ impl Bed {
     }
 
     fn agent(&self, tag: &str) -> AgentProcess<'_> {
-        AgentProcess::start(&self.topo.lb, Path::new(AGENT), &self.config, tag, &["--poll-ms", "100"])
-            .expect("start agent")
+        AgentProcess::start(
+            &self.topo.lb,
+            Path::new(AGENT),
+            &self.config,
+            tag,
+            &["--poll-ms", "100"],
+        )
+        .expect("start agent")
     }
 
     fn get(&self, vip: SocketAddr) -> String {
@@ -147,11 +153,23 @@ fn demo_serves_both_vips_from_the_example_config() {
     assert_eq!(report.failures, 0, "{report}");
     assert_eq!(report.answers.len(), 2, "IPv4 and IPv6 VIPs: {report}");
     for (vip, per_backend) in &report.answers {
-        assert_eq!(per_backend.values().sum::<u64>(), u64::from(requests), "{vip}: {report}");
-        assert_eq!(per_backend.len(), 3, "{vip} reaches all three backends: {report}");
+        assert_eq!(
+            per_backend.values().sum::<u64>(),
+            u64::from(requests),
+            "{vip}: {report}"
+        );
+        assert_eq!(
+            per_backend.len(),
+            3,
+            "{vip} reaches all three backends: {report}"
+        );
     }
     assert!(
-        report.status.reasons.iter().any(|(r, n)| r.starts_with("fwd_") && *n > 0),
+        report
+            .status
+            .reasons
+            .iter()
+            .any(|(r, n)| r.starts_with("fwd_") && *n > 0),
         "XDP forwarded: {report}"
     );
 }
@@ -232,7 +250,7 @@ fn udp_and_ipv6_services_spread_over_their_backends() {
 
 #[test]
 fn a_long_connection_survives_backend_changes_and_an_agent_kill() {
-    let mut bed = Bed::new("survive", 4);
+    let bed = Bed::new("survive", 4);
     bed.write_config(&web(&[(0, 1), (1, 1), (2, 1)], ""));
     let mut agent = bed.agent("survive");
     agent
@@ -261,7 +279,10 @@ fn a_long_connection_survives_backend_changes_and_an_agent_kill() {
     agent
         .wait_for(SETTLE, |r| web_has(r, &ids))
         .expect("backend removed");
-    assert_eq!(conn.get(TIMEOUT).expect("after removing another backend"), first);
+    assert_eq!(
+        conn.get(TIMEOUT).expect("after removing another backend"),
+        first
+    );
 
     // (c) kill -9 and restart, with new connections running across it.
     let client = &bed.topo.client;
@@ -285,7 +306,11 @@ fn a_long_connection_survives_backend_changes_and_an_agent_kill() {
         agent.restart().expect("restart");
         load.join().expect("load thread")
     });
-    assert!(failures.is_empty(), "requests failed across the restart: {failures:?}\n{}", agent.log());
+    assert!(
+        failures.is_empty(),
+        "requests failed across the restart: {failures:?}\n{}",
+        agent.log()
+    );
     agent
         .wait_for(SETTLE, |r| web_has(r, &ids))
         .expect("restarted agent");
@@ -300,7 +325,7 @@ fn a_long_connection_survives_backend_changes_and_an_agent_kill() {
 
 #[test]
 fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
-    let mut bed = Bed::new("health", 3);
+    let bed = Bed::new("health", 3);
     let check = "    health: { tcp: { interval: 200ms, timeout: 100ms, rise: 1, fall: 2 } }\n";
     bed.write_config(&web(&[(0, 1), (1, 1), (2, 1)], check));
     let agent = bed.agent("health");
@@ -309,13 +334,22 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
         .expect("agent ready");
 
     bed.stop_server(1);
-    let status = agent
-        .wait_for(SETTLE, |r| web_has(r, &[0, 2]))
-        .expect("backend-1 taken out");
-    let b1 = &service(&status, "web").unwrap().backends;
-    assert!(b1.iter().any(|b| b.health == "down" && !b.forwarding), "{status}");
+    // The status reads maps the agent is writing: wait for the whole change.
+    let b1_down = |r: &Report| {
+        service(r, "web").is_some_and(|s| {
+            s.backends
+                .iter()
+                .any(|b| b.endpoint.starts_with(&backend(1)) && b.health == "down" && !b.forwarding)
+        })
+    };
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0, 2]) && b1_down(r))
+        .expect("backend-1 taken out: health down, out of the table and the backend array");
     let seen = bed.spread(vip4(), 60);
-    assert!(!seen.contains_key("backend-1"), "no new flow to the stopped backend: {seen:?}");
+    assert!(
+        !seen.contains_key("backend-1"),
+        "no new flow to the stopped backend: {seen:?}"
+    );
     assert_eq!(seen.values().sum::<u32>(), 60);
 
     bed.start_server(1);
@@ -323,7 +357,10 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
         .wait_for(SETTLE, |r| web_has(r, &[0, 1, 2]))
         .expect("backend-1 back");
     let seen = bed.spread(vip4(), 60);
-    assert!(seen.contains_key("backend-1"), "recovered backend serves again: {seen:?}");
+    assert!(
+        seen.contains_key("backend-1"),
+        "recovered backend serves again: {seen:?}"
+    );
 
     // All down: the service says so and new connections are dropped (counted).
     for i in 0..3 {
@@ -336,7 +373,10 @@ fn health_checks_take_a_stopped_backend_out_and_bring_it_back() {
     assert!(testbed::http_get(&bed.topo.client, vip4(), Duration::from_millis(500)).is_err());
     let status = Report::read(agent.pin_dir()).expect("status");
     assert!(
-        status.reasons.iter().any(|(r, n)| r == "drop_no_backend" && *n > 0),
+        status
+            .reasons
+            .iter()
+            .any(|(r, n)| r == "drop_no_backend" && *n > 0),
         "{status}"
     );
 }
@@ -363,7 +403,10 @@ fn a_bad_config_edit_is_rejected_and_traffic_keeps_flowing() {
         .wait_for(SETTLE, |r| service(r, "other").is_some())
         .expect("the valid service is added");
     let log = agent.log();
-    assert!(log.contains("web") && log.contains("weigth"), "error names service and field:\n{log}");
+    assert!(
+        log.contains("web") && log.contains("weigth"),
+        "error names service and field:\n{log}"
+    );
     let status = Report::read(agent.pin_dir()).expect("status");
     assert!(web_has(&status, &[0, 1]), "web unchanged: {status}");
     assert_eq!(bed.spread(vip4(), 20).values().sum::<u32>(), 20);
@@ -372,7 +415,10 @@ fn a_bad_config_edit_is_rejected_and_traffic_keeps_flowing() {
     bed.write_config("services: [ { name: web,\n");
     std::thread::sleep(Duration::from_millis(500));
     let status = Report::read(agent.pin_dir()).expect("status");
-    assert!(web_has(&status, &[0, 1]) && service(&status, "other").is_some(), "{status}");
+    assert!(
+        web_has(&status, &[0, 1]) && service(&status, "other").is_some(),
+        "{status}"
+    );
     assert_eq!(bed.spread(vip4(), 20).values().sum::<u32>(), 20);
 }
 
@@ -381,15 +427,27 @@ fn detach_removes_the_program_and_the_pins() {
     let bed = Bed::new("detach", 1);
     bed.write_config(&web(&[(0, 1)], ""));
     let mut agent = bed.agent("detach");
-    agent.wait_for(SETTLE, |r| web_has(r, &[0])).expect("agent ready");
-    assert!(bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip").contains("xdp"));
+    agent
+        .wait_for(SETTLE, |r| web_has(r, &[0]))
+        .expect("agent ready");
+    assert!(
+        bed.topo
+            .lb
+            .ip(&["link", "show", "xc"])
+            .expect("ip")
+            .contains("xdp")
+    );
     agent.kill9().expect("stop");
     let out = std::process::Command::new(AGENT)
         .args(["detach", "--bpffs"])
         .arg(agent.pin_dir())
         .output()
         .expect("lb-agent detach");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!agent.pin_dir().exists(), "pins removed");
     let link = bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip");
     assert!(!link.contains("xdp"), "XDP detached: {link}");

@@ -117,9 +117,7 @@ fn example_file_parses_into_the_demo_services() {
             .map(|a| backend(v6(a), 8080, 1))
             .collect(),
         health: None,
-        session_affinity: Some(SessionAffinity {
-            timeout: Duration::from_hours(3),
-        }),
+        session_affinity: None,
         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
     };
     assert_eq!(parsed.services, [web, web_v6]);
@@ -138,6 +136,7 @@ fn example_file_commented_settings_parse() {
                 "# maglev: {",
                 "# - { address: \"2001:db8:f::10\", port: 53",
                 "#   http: {",
+                "# sessionAffinity: {",
             ] {
                 let trimmed = line.trim_start();
                 if trimmed.starts_with(snippet) || trimmed == "# health:" {
@@ -190,6 +189,12 @@ fn example_file_commented_settings_parse() {
     };
     assert_eq!(host.as_deref(), Some("web.example.com"));
     assert_eq!(*expect, (200, 399));
+    assert_eq!(
+        web_v6.session_affinity,
+        Some(SessionAffinity {
+            timeout: Duration::from_hours(3)
+        })
+    );
     assert_eq!(*interval, Duration::from_secs(2));
 }
 

@@ -27,7 +27,11 @@ impl Dataplane {
 
     /// Runs `plan` in order; stops at the first failing write (later ops may depend
     /// on it) and returns it with the number of writes done.
-    pub fn apply(&mut self, plan: &Plan, applied: &mut Applied) -> Result<usize, (usize, DataplaneError)> {
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        applied: &mut Applied,
+    ) -> Result<usize, (usize, DataplaneError)> {
         for (done, op) in plan.ops.iter().enumerate() {
             self.execute(op).map_err(|e| (done, e))?;
             applied.record(op);

@@ -85,13 +85,12 @@ impl FileSource {
             if let Some(previous) = self.accepted.get(&error.service) {
                 order.push(error.service.clone());
                 next.insert(error.service.clone(), previous.clone());
-                error.reason.push_str("; the previous version of the service stays in service");
+                error
+                    .reason
+                    .push_str("; the previous version of the service stays in service");
             }
         }
-        let ordered: Vec<ServiceSpec> = order
-            .iter()
-            .filter_map(|name| next.remove(name))
-            .collect();
+        let ordered: Vec<ServiceSpec> = order.iter().filter_map(|name| next.remove(name)).collect();
         let (services, conflicts) = config::check_conflicts(ordered);
         rejected.extend(conflicts);
         self.accepted = services

@@ -160,8 +160,11 @@ impl Netns {
     /// then reaped) when the namespace is dropped. Its stdout and stderr are
     /// discarded; see [`Netns::spawn_with_output`] to keep them.
     ///
-    /// `ip netns exec` replaces itself with the program, so the PID is the
-    /// program's own. Processes that the program forks are not tracked.
+    /// Started with `nsenter --net=/run/netns/NAME`, which replaces itself with the
+    /// program, so the PID is the program's own (processes it forks are not
+    /// tracked). Unlike `ip netns exec` it keeps the host's mounts: `ip netns exec`
+    /// mounts a fresh /sys, which hides the bpffs at /sys/fs/bpf that the agent
+    /// pins to.
     pub fn spawn(&self, program: &str, args: &[&str]) -> anyhow::Result<u32> {
         self.spawn_with_output(program, args, Stdio::null(), Stdio::null())
     }
@@ -175,7 +178,13 @@ impl Netns {
         stdout: Stdio,
         stderr: Stdio,
     ) -> anyhow::Result<u32> {
-        let line = self.exec_line(program, args);
+        let netns_path = format!("--net=/run/netns/{}", self.name);
+        let line = CmdLine::new(
+            "nsenter",
+            [netns_path.as_str(), "--", program]
+                .into_iter()
+                .chain(args.iter().copied()),
+        );
         let mut children = lock_ignoring_poison(&self.children);
         let child = line
             .command()
