@@ -5,11 +5,14 @@
 //! output proves the incremental checksum updates. Needs root (run by `cargo xtask test`).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_agent::testbed::node::*;
 use lb_agent::{dataplane::Dataplane, frames::Frame};
 use lb_common::{
-    Reason,
+    Affinity, AffinityKey, Backend, PROTO_TCP, Reason, maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
@@ -103,6 +106,42 @@ impl Node {
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, s)| s.packets)
     }
+
+    fn assert_one_reason_per_packet(&self) {
+        let total: u64 = self
+            .dp
+            .reason_stats()
+            .expect("stats")
+            .iter()
+            .map(|(_, s)| s.packets)
+            .sum();
+        assert_eq!(total, self.runs, "one reason per packet");
+    }
+}
+
+/// Runs `fixtures` on a fresh node: its own router namespace, the program loaded, the
+/// standard services installed; then checks that every run counted exactly one reason.
+fn with_node(tag: &str, fixtures: impl FnOnce(&mut Node, &mut Vec<Service>) + Send) {
+    let router = Router::new(tag);
+    let client_if = router.ns.ifindex("cl").expect("ifindex");
+    let backend_if = router.ns.ifindex("bk").expect("ifindex");
+    router
+        .ns
+        .run_in(|| {
+            let mut node = Node {
+                dp: load_dataplane(),
+                client_if,
+                backend_if,
+                runs: 0,
+            };
+            let mut svcs = services();
+            for s in &svcs {
+                s.install(&mut node.dp);
+            }
+            fixtures(&mut node, &mut svcs);
+            node.assert_one_reason_per_packet();
+        })
+        .expect("run in the router namespace");
 }
 
 const TO_BACKEND: fn(u8) -> ([u8; 6], [u8; 6]) = |n| (LB_BACKEND_MAC, backend_mac(n));
@@ -121,14 +160,19 @@ fn last_octet(ip: IpAddr) -> u8 {
     }
 }
 
-fn client_frame(svc: &Service, sport: u16) -> Frame {
-    let (vip, port, proto) = svc.frontend;
-    let src = if vip.is_ipv4() {
+/// The test client of a service's address family.
+fn client_of(svc: &Service) -> IpAddr {
+    if svc.frontend.0.is_ipv4() {
         client_v4()
     } else {
         client_v6()
-    };
-    let f = if proto == lb_common::PROTO_TCP {
+    }
+}
+
+fn client_frame(svc: &Service, sport: u16) -> Frame {
+    let (vip, port, proto) = svc.frontend;
+    let src = client_of(svc);
+    let f = if proto == PROTO_TCP {
         Frame::tcp(src, sport, vip, port).syn()
     } else {
         Frame::udp(src, sport, vip, port)
@@ -181,25 +225,7 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
 
 #[test]
 fn packet_fixtures() {
-    let router = Router::new("fix");
-    let client_if = router.ns.ifindex("cl").expect("ifindex");
-    let backend_if = router.ns.ifindex("bk").expect("ifindex");
-    router
-        .ns
-        .run_in(|| {
-            let mut node = Node {
-                dp: load_dataplane(),
-                client_if,
-                backend_if,
-                runs: 0,
-            };
-            let mut svcs = services();
-            for s in &svcs {
-                s.install(&mut node.dp);
-            }
-            run_fixtures(&mut node, &mut svcs);
-        })
-        .expect("run in the router namespace");
+    with_node("fix", |node, svcs| run_fixtures(node, svcs));
 }
 
 #[expect(
@@ -360,16 +386,6 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     case.action = XDP_TX;
     node.check(&case);
 
-    // --- Session affinity: the client's address alone picks the backend.
-    let first = client_frame(&svcs[6], 40_110);
-    let (id, _, _) = svcs[6].expected_backend(&first);
-    for sport in 40_111..40_131 {
-        let f = client_frame(&svcs[6], sport);
-        let (other_id, backend, bport) = svcs[6].expected_backend(&f);
-        assert_eq!(id, other_id);
-        node.check(&to_backend("affinity by client IP", &f, backend, bport));
-    }
-
     // --- Established flows keep their backend when the table changes ...
     let f = client_frame(&svcs[0], 40_001);
     let (old_id, old_backend, bport) = svcs[0].expected_backend(&f);
@@ -412,16 +428,6 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
             .backend_id,
         survivor.0
     );
-
-    // --- Every run counted exactly one reason.
-    let total: u64 = node
-        .dp
-        .reason_stats()
-        .expect("stats")
-        .iter()
-        .map(|(_, s)| s.packets)
-        .sum();
-    assert_eq!(total, node.runs, "one reason per packet");
 }
 
 fn arp_request() -> Vec<u8> {
@@ -442,4 +448,358 @@ fn set_fragment(mut frame: Vec<u8>, field: u16) -> Vec<u8> {
     let c = lb_common::csum::checksum(&frame[14..34], 0);
     frame[24..26].copy_from_slice(&c.to_be_bytes());
     frame
+}
+
+// --- Session affinity (`sessionAffinity: ClientIP` with `timeoutSeconds`) -------------
+
+/// The standard IPv4 affinity service (id 7) and an IPv6 one (id 8, added to `svcs`
+/// and installed): every scenario runs for both, so both key forms are exercised.
+const AFFINITY_V4: usize = 6;
+const AFFINITY_V6: usize = 7;
+
+fn add_affinity_v6(node: &mut Node, svcs: &mut Vec<Service>) {
+    let mut svc = Service::new(
+        8,
+        (vip_v6(), 443, PROTO_TCP),
+        vec![(181, backend_v6(11), 8443), (182, backend_v6(12), 8443)],
+    );
+    svc.affinity = true;
+    svc.rebuild_table();
+    svc.install(&mut node.dp);
+    assert_eq!(
+        svcs.len(),
+        AFFINITY_V6,
+        "the v6 affinity service comes last"
+    );
+    svcs.push(svc);
+}
+
+/// The client's affinity entry for `svc`, if any.
+fn affinity_entry(node: &Node, svc: &Service) -> Option<Affinity> {
+    node.dp
+        .affinity(&svc.affinity_key(client_of(svc)))
+        .expect("read the affinity map")
+}
+
+/// A new connection (a SYN from source port `sport`) of the client of `svc` must be
+/// translated to `want`, count as a new flow and be tracked with that backend.
+fn new_connection(
+    node: &mut Node,
+    svc: &Service,
+    sport: u16,
+    want: (u32, IpAddr, u16),
+    what: &'static str,
+) {
+    let f = client_frame(svc, sport);
+    let before = node.new_flows(svc.id);
+    node.check(&to_backend(what, &f, want.1, want.2));
+    assert_eq!(node.new_flows(svc.id), before + 1, "{what}: a new flow");
+    let tracked = node
+        .dp
+        .flow(&flow_key(&f))
+        .expect("conntrack")
+        .unwrap_or_else(|| panic!("{what}: flow tracked"));
+    assert_eq!(tracked.backend_id, want.0, "{what}: conntrack backend");
+}
+
+/// The client's first connection: placed by the table, and remembered.
+fn first_connection(node: &mut Node, svc: &Service, sport: u16) -> (u32, IpAddr, u16) {
+    assert_eq!(
+        affinity_entry(node, svc),
+        None,
+        "no entry before the first connection"
+    );
+    let first = svc.expected_backend(&client_frame(svc, sport));
+    new_connection(
+        node,
+        svc,
+        sport,
+        first,
+        "first connection, placed by the table",
+    );
+    let entry = affinity_entry(node, svc).expect("the first connection writes the entry");
+    assert_eq!(
+        entry.backend_id, first.0,
+        "the entry holds the table's backend"
+    );
+    assert_ne!(entry.last_seen_ns, 0, "the entry is stamped");
+    first
+}
+
+/// A backend joins `svc` and the table is rebuilt; returns the new backend, which the
+/// client's slot now holds. (Maglev gives a newcomer about 1/N of the slots; whether the
+/// client's is among them depends on identities, so the test sees to it by writing the
+/// slot.) Writes the new backend first, then the table, as the agent does.
+fn move_client_away(node: &mut Node, svc: &mut Service, from: u32) -> (u32, IpAddr, u16) {
+    let id = svc.backends.iter().map(|b| b.0).max().expect("backends") + 1;
+    let n = RESOLVED_BACKENDS[0];
+    let ip = if svc.frontend.0.is_ipv4() {
+        backend_v4(n)
+    } else {
+        backend_v6(n)
+    };
+    let joined = (id, ip, 9_000);
+    svc.backends.push(joined);
+    svc.rebuild_table();
+    let slot = lb_common::hash::client_hash(&addr16(client_of(svc))) % TABLE_SIZE;
+    svc.table[slot as usize] = id;
+    svc.install(&mut node.dp);
+    let to = svc.expected_backend(&client_frame(svc, 1));
+    assert_eq!(to, joined, "the table gives the client the new backend");
+    assert_ne!(to.0, from);
+    to
+}
+
+/// Runs bpftool (installed by `cargo xtask test`); its stdout.
+fn bpftool(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("run bpftool (installed by `cargo xtask test`)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Every map pinned under a directory of its own (removed on drop, also when the test
+/// fails), so the test can read and age affinity entries with bpftool, as an operator
+/// would.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new(dp: &Dataplane) -> Pins {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let pins = Pins(PathBuf::from(format!(
+            "/sys/fs/bpf/xlb-test-affinity-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )));
+        dp.pin_maps(&pins.0).expect("pin the maps");
+        pins
+    }
+
+    fn affinity_path(&self) -> String {
+        self.0.join(maps::AFFINITY).display().to_string()
+    }
+
+    /// Overwrites an affinity entry from userspace.
+    fn set_affinity(&self, key: &AffinityKey, value: &Affinity) {
+        let mut k = key.client.to_vec();
+        k.extend_from_slice(&key.service_id.to_ne_bytes());
+        k.push(key.family);
+        k.extend_from_slice(&key._pad);
+        let mut v = value.backend_id.to_ne_bytes().to_vec();
+        v.extend_from_slice(&value._pad.to_ne_bytes());
+        v.extend_from_slice(&value.last_seen_ns.to_ne_bytes());
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+        let path = self.affinity_path();
+        let mut args = vec!["map", "update", "pinned", &path, "key", "hex"];
+        let (k, v) = (hex(&k), hex(&v));
+        args.extend(k.iter().map(String::as_str));
+        args.extend(["value", "hex"]);
+        args.extend(v.iter().map(String::as_str));
+        bpftool(&args);
+    }
+
+    /// How many entries the whole affinity map holds.
+    fn affinity_entries(&self) -> usize {
+        let dump = bpftool(&["-j", "map", "dump", "pinned", &self.affinity_path()]);
+        let dump: serde_json::Value = serde_json::from_slice(&dump).expect("bpftool JSON");
+        dump.as_array().expect("a JSON array").len()
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// 1. Connections from one client (different source ports) land on one backend, and
+///    the affinity entry holds it.
+#[test]
+fn affinity_keeps_a_client_on_one_backend() {
+    with_node("aff1", |node, svcs| {
+        add_affinity_v6(node, svcs);
+        for svc in &svcs[AFFINITY_V4..=AFFINITY_V6] {
+            let first = first_connection(node, svc, 40_200);
+            let stamped = affinity_entry(node, svc).expect("entry").last_seen_ns;
+            for sport in 40_201..40_221 {
+                new_connection(node, svc, sport, first, "next connection, same client");
+            }
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, first.0, "the entry keeps the backend");
+            assert!(
+                entry.last_seen_ns >= stamped,
+                "new connections refresh the entry"
+            );
+        }
+    });
+}
+
+/// 2. Within the timeout, a new connection keeps the client's backend even after the
+///    table has moved the client's slot to another backend (plain hashing would not).
+#[test]
+fn affinity_outlives_a_table_change() {
+    with_node("aff2", |node, svcs| {
+        add_affinity_v6(node, svcs);
+        for svc in &mut svcs[AFFINITY_V4..=AFFINITY_V6] {
+            let first = first_connection(node, svc, 40_300);
+            let moved = move_client_away(node, svc, first.0);
+            assert_ne!(moved.0, first.0);
+            new_connection(
+                node,
+                svc,
+                40_301,
+                first,
+                "new connection after a table change",
+            );
+            new_connection(node, svc, 40_302, first, "and another one");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(
+                entry.backend_id, first.0,
+                "the entry still holds the first backend"
+            );
+        }
+    });
+}
+
+/// 3. Once the timeout has passed since the client's last new connection, its next one
+///    follows the table, and the entry remembers the new backend. No sleeping: the test
+///    ages the entry from userspace. `now - last_seen < timeout` keeps it, so an entry
+///    exactly one timeout old has expired whatever the clock did meanwhile.
+#[test]
+fn affinity_expires_after_the_timeout() {
+    const TIMEOUT_S: u32 = 10;
+    const NS: u64 = 1_000_000_000;
+    with_node("aff3", |node, svcs| {
+        add_affinity_v6(node, svcs);
+        let pins = Pins::new(&node.dp);
+        for svc in &mut svcs[AFFINITY_V4..=AFFINITY_V6] {
+            svc.affinity_timeout_s = TIMEOUT_S;
+            svc.install(&mut node.dp);
+            let key = svc.affinity_key(client_of(svc));
+            let first = first_connection(node, svc, 40_400);
+            let moved = move_client_away(node, svc, first.0);
+
+            // Half the timeout ago: still the client's backend, and refreshed.
+            let entry = affinity_entry(node, svc).expect("entry");
+            let aged = Affinity {
+                last_seen_ns: entry.last_seen_ns - u64::from(TIMEOUT_S) / 2 * NS,
+                ..entry
+            };
+            pins.set_affinity(&key, &aged);
+            new_connection(node, svc, 40_401, first, "within the timeout");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, first.0);
+            assert!(entry.last_seen_ns > aged.last_seen_ns, "refreshed");
+
+            // A whole timeout ago: expired, the table decides and the entry follows.
+            let expired = Affinity {
+                last_seen_ns: entry.last_seen_ns - u64::from(TIMEOUT_S) * NS,
+                ..entry
+            };
+            pins.set_affinity(&key, &expired);
+            new_connection(node, svc, 40_402, moved, "after the timeout");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, moved.0, "the entry holds the new backend");
+            assert!(
+                entry.last_seen_ns > expired.last_seen_ns,
+                "and a fresh stamp"
+            );
+            new_connection(node, svc, 40_403, moved, "the new backend sticks");
+        }
+    });
+}
+
+/// 4. The client's backend is deleted (slot emptied): its next connection is placed by
+///    the table and the entry updated. The same when the id is recycled for a backend
+///    of another service.
+#[test]
+fn affinity_reselects_when_its_backend_is_removed() {
+    with_node("aff4", |node, svcs| {
+        add_affinity_v6(node, svcs);
+        for svc in &mut svcs[AFFINITY_V4..=AFFINITY_V6] {
+            let first = first_connection(node, svc, 40_500);
+
+            // Deleted: new table first, then the slot emptied (the agent's order).
+            svc.backends.retain(|b| b.0 != first.0);
+            svc.rebuild_table();
+            node.dp
+                .set_maglev_table(svc.id, &svc.table)
+                .expect("new table");
+            node.dp.remove_backend(first.0).expect("delete backend");
+            let second = svc.expected_backend(&client_frame(svc, 40_501));
+            new_connection(node, svc, 40_501, second, "affinity backend deleted");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, second.0, "the entry follows the table");
+            new_connection(node, svc, 40_502, second, "and sticks there");
+
+            // Recycled: the id now holds a backend of service 1, and this service
+            // gets a new backend (a port no other backend uses).
+            let (ip, port) = (second.1, 9_500);
+            node.dp
+                .set_backend(
+                    second.0,
+                    Backend {
+                        addr: addr16(ip),
+                        port: 7_070u16.to_be(),
+                        family: family(ip),
+                        _pad: 0,
+                        service_id: 1,
+                    },
+                )
+                .expect("recycle the backend id");
+            let third = (second.0 + 100, ip, port);
+            svc.backends = vec![third];
+            svc.rebuild_table();
+            svc.install(&mut node.dp);
+            new_connection(node, svc, 40_503, third, "affinity backend id recycled");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, third.0, "the entry follows the table");
+        }
+    });
+}
+
+/// 5. Frontends without the affinity flag never write an affinity entry.
+#[test]
+fn no_affinity_entry_without_the_flag() {
+    with_node("aff5", |node, svcs| {
+        let pins = Pins::new(&node.dp);
+        for (svc, sport) in svcs[..4].iter().zip(40_600..) {
+            assert!(!svc.affinity);
+            flow_round_trip(node, svc, sport, "new flow without affinity");
+            let no_entry = |node: &Node| {
+                assert_eq!(
+                    affinity_entry(node, svc),
+                    None,
+                    "no entry for service {}",
+                    svc.id
+                );
+            };
+            no_entry(node);
+            let f = client_frame(svc, sport + 10);
+            new_connection(
+                node,
+                svc,
+                sport + 10,
+                svc.expected_backend(&f),
+                "another one",
+            );
+            no_entry(node);
+        }
+        assert_eq!(pins.affinity_entries(), 0, "the affinity map stays empty");
+        // The map and the dump do see entries: one affinity connection writes one.
+        let svc = &svcs[AFFINITY_V4];
+        let f = client_frame(svc, 40_650);
+        new_connection(node, svc, 40_650, svc.expected_backend(&f), "affinity");
+        assert_eq!(
+            pins.affinity_entries(),
+            1,
+            "one entry, the affinity service's"
+        );
+    });
 }

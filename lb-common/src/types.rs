@@ -207,7 +207,8 @@ pub struct ServiceStats {
     /// Client -> backend packets and bytes (whole frames).
     pub packets: u64,
     pub bytes: u64,
-    /// Flows that got a backend from the Maglev table (new, or re-selected).
+    /// Flows that got a backend just now (new, or re-selected): from the Maglev table,
+    /// or from the client's session affinity.
     pub new_flows: u64,
     /// Backend -> client packets and bytes translated back.
     pub reply_packets: u64,

@@ -1,30 +1,28 @@
 //! Connection tracking: an established flow keeps its backend while that backend
 //! exists (even when the Maglev table changes); a new flow, or one whose backend is
-//! gone, gets one from the table and is remembered with its reply translation.
+//! gone, gets one from the table (or from the client's session affinity) and is
+//! remembered with its reply translation.
 
-use lb_common::{Backend, Flow, Frontend, NextHop, Reason, RevNat};
+use lb_common::{Backend, FRONTEND_F_CLIENT_AFFINITY, Flow, Frontend, NextHop, Reason, RevNat};
 
 use crate::{
-    maglev,
-    maps::{BACKENDS_V1, CONNTRACK_V1, REVNAT_V1},
+    affinity, maglev,
+    maps::{CONNTRACK_V1, REVNAT_V1},
     packet::Packet,
+    service::backend,
 };
-
-#[inline(always)]
-fn backend(id: u32, service_id: u32) -> Option<Backend> {
-    let backend = *BACKENDS_V1.get(id)?;
-    (backend.family != 0 && backend.service_id == service_id).then_some(backend)
-}
 
 /// The backend chosen for a packet.
 pub struct Chosen {
     pub id: u32,
     pub backend: Backend,
-    /// The flow got its backend from the table just now (new or re-selected).
+    /// The flow got its backend just now (new or re-selected), from the table or the
+    /// client's session affinity.
     pub new_flow: bool,
 }
 
-/// The backend for this packet: the tracked one while it exists, else the table's.
+/// The backend for this packet: the tracked one while it exists, else the client's
+/// session-affinity one (frontends with `FRONTEND_F_CLIENT_AFFINITY`) or the table's.
 #[inline(always)]
 pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> {
     // SAFETY: copied out at once.
@@ -39,8 +37,11 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> 
             new_flow: false,
         });
     }
-    let id = maglev::select_backend_id(pkt, frontend)?;
-    let b = backend(id, frontend.service_id).ok_or(Reason::DropNoBackend)?;
+    let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
+        affinity::select_backend(pkt, frontend)?
+    } else {
+        maglev::select_backend(pkt, frontend)?
+    };
     if b.family != pkt.key.family {
         return Err(Reason::DropFamilyMismatch);
     }

@@ -2,16 +2,23 @@
 //! The table itself is computed by the agent (lb-agent/src/maglev.rs).
 
 use lb_common::{
-    FRONTEND_F_CLIENT_AFFINITY, Frontend, Reason,
+    Backend, FRONTEND_F_CLIENT_AFFINITY, Frontend, Reason,
     hash::{client_hash, flow_hash},
     maps::MAGLEV_SIZE_SLOT,
 };
 
-use crate::{maps::MAGLEV_V1, packet::Packet};
+use crate::{maps::MAGLEV_V1, packet::Packet, service};
 
-/// The backend id the table assigns to this packet's flow (never 0).
+/// The backend the table assigns to this packet's flow, with its id (never 0).
 #[inline(always)]
-pub fn select_backend_id(pkt: &Packet, frontend: &Frontend) -> Result<u32, Reason> {
+pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend), Reason> {
+    let id = select_backend_id(pkt, frontend)?;
+    let backend = service::backend(id, frontend.service_id).ok_or(Reason::DropNoBackend)?;
+    Ok((id, backend))
+}
+
+#[inline(always)]
+fn select_backend_id(pkt: &Packet, frontend: &Frontend) -> Result<u32, Reason> {
     let table = MAGLEV_V1
         .get(frontend.service_id)
         .ok_or(Reason::DropNoBackend)?;

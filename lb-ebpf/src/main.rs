@@ -2,11 +2,13 @@
 //! tracking, reverse translation of replies, and FIB-based forwarding.
 //!
 //! The per-packet path reads as Cilium's lb.h does: parse -> lookup frontend ->
-//! (conntrack hit: reuse backend | Maglev select + remember) -> translate -> forward.
+//! (conntrack hit: reuse backend | session-affinity or Maglev select + remember) ->
+//! translate -> forward.
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod conntrack;
 mod fib;
 mod maglev;

@@ -1,9 +1,12 @@
-//! Frontend lookup: (destination address, port, protocol) -> service.
+//! Frontend lookup: (destination address, port, protocol) -> service; and whether a
+//! backend id (still) holds a backend of a service.
 
-use lb_common::{ADDR_F_BACKEND, ADDR_F_FRONTEND, Frontend, FrontendKey, addr_filter_slot};
+use lb_common::{
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, Frontend, FrontendKey, addr_filter_slot,
+};
 
 use crate::{
-    maps::{ADDR_FILTER_V1, FRONTENDS_V1},
+    maps::{ADDR_FILTER_V1, BACKENDS_V1, FRONTENDS_V1},
     packet::Packet,
 };
 
@@ -34,4 +37,13 @@ pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
     };
     // SAFETY: the value is copied out before anything else can touch the map entry.
     unsafe { FRONTENDS_V1.get(&key).copied() }
+}
+
+/// Backend `id`, if its slot holds a backend of `service_id`. Every remembered id
+/// (conntrack, session affinity) goes through this: an id deleted, or recycled for
+/// another service, never carries a flow of this one.
+#[inline(always)]
+pub fn backend(id: u32, service_id: u32) -> Option<Backend> {
+    let backend = *BACKENDS_V1.get(id)?;
+    (backend.family != 0 && backend.service_id == service_id).then_some(backend)
 }

@@ -245,6 +245,17 @@ impl Dataplane {
             })
             .collect()
     }
+
+    /// The session-affinity entry of a client for a service, if any.
+    pub fn affinity(
+        &self,
+        key: &lb_common::AffinityKey,
+    ) -> Result<Option<lb_common::Affinity>, DataplaneError> {
+        let name = maps::AFFINITY;
+        let m: HashMap<_, lb_common::AffinityKey, lb_common::Affinity> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(m.get(key, 0)).map_err(map_err(name))
+    }
 }
 
 /// Everything the agent keeps in the maps, read back after a restart.

@@ -13,7 +13,8 @@ use crate::{
     testbed::{self, Netns},
 };
 use lb_common::{
-    Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey, PROTO_TCP, PROTO_UDP, hash,
+    AffinityKey, Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey, PROTO_TCP,
+    PROTO_UDP, hash,
 };
 
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
@@ -180,8 +181,13 @@ pub struct Service {
     /// (backend id, address, port)
     pub backends: Vec<(u32, IpAddr, u16)>,
     pub affinity: bool,
+    /// With `affinity`: how long a client keeps its backend between new connections.
+    pub affinity_timeout_s: u32,
     pub table: Vec<u32>,
 }
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 impl Service {
     pub fn new(id: u32, frontend: (IpAddr, u16, u8), backends: Vec<(u32, IpAddr, u16)>) -> Service {
@@ -190,6 +196,7 @@ impl Service {
             frontend,
             backends,
             affinity: false,
+            affinity_timeout_s: DEFAULT_AFFINITY_TIMEOUT_S,
             table: Vec::new(),
         };
         s.rebuild_table();
@@ -248,14 +255,25 @@ impl Service {
                 } else {
                     0
                 },
-                affinity_timeout_s: 10_800,
+                affinity_timeout_s: self.affinity_timeout_s,
                 _pad: 0,
             },
         )
         .expect("frontend");
     }
 
-    /// The backend the data path must pick for a new flow `frame` (the oracle).
+    /// The session-affinity key of `client` for this service.
+    pub fn affinity_key(&self, client: IpAddr) -> AffinityKey {
+        AffinityKey {
+            client: addr16(client),
+            service_id: self.id,
+            family: family(client),
+            _pad: [0; 3],
+        }
+    }
+
+    /// The backend the table gives a new flow `frame` (the oracle). With session
+    /// affinity, that is where a client goes that has no fresh affinity entry.
     pub fn expected_backend(&self, frame: &Frame) -> (u32, IpAddr, u16) {
         let key = flow_key(frame);
         let h = if self.affinity {
