@@ -1,5 +1,5 @@
 //! `lb-agent run`: the standalone agent. One direction of flow:
-//! config file + health events -> model::Desired -> plan -> the writer task, which
+//! config file + health events -> `model::Desired` -> plan -> the writer task, which
 //! alone owns the maps. Stopping the agent leaves the program attached and the maps
 //! pinned (forwarding continues); the next agent adopts them.
 
@@ -51,41 +51,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Update::Unchanged => unreachable!("a forced read is never unchanged"),
     };
 
-    if opts.replace {
-        let removed = pins::remove_all(&opts.pin_dir)?;
-        if !removed.is_empty() {
-            tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
-        }
-    }
-    let (mut dp, adopted) = Dataplane::load_pinned(None, &opts.pin_dir)?;
-    for interface in &opts.interfaces {
-        match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {
-            Attachment::Adopted => {
-                tracing::info!(
-                    interface,
-                    "adopted the pinned XDP link; program replaced in place"
-                );
-            }
-            Attachment::Attached(mode) => {
-                tracing::info!(interface, ?mode, "attached XDP");
-            }
-        }
-    }
-    for stale in pins::pinned_interfaces(&opts.pin_dir) {
-        if !opts.interfaces.contains(&stale) {
-            pins::detach_link(&opts.pin_dir, &stale)?;
-            tracing::info!(interface = stale, "detached: no longer in --interface");
-        }
-    }
-    let applied = dp.restore()?;
-    if adopted {
-        tracing::info!(
-            services = applied.services.len(),
-            backends = applied.backends.len(),
-            frontends = applied.frontends.len(),
-            "adopted pinned maps; connection tracking kept"
-        );
-    }
+    let (dp, applied) = start_dataplane(&opts)?;
     let restored_down: BTreeMap<BackendKey, bool> = applied
         .backends
         .values()
@@ -152,6 +118,48 @@ pub async fn run(opts: RunOptions) -> Result<()> {
          (`lb-agent detach` removes them)"
     );
     Ok(())
+}
+
+/// Loads the program with the pinned maps (adopting them when present), attaches it
+/// to every interface, detaches it from pinned interfaces no longer listed, and
+/// reads back what the maps hold.
+fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
+    if opts.replace {
+        let removed = pins::remove_all(&opts.pin_dir)?;
+        if !removed.is_empty() {
+            tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
+        }
+    }
+    let (mut dp, adopted) = Dataplane::load_pinned(None, &opts.pin_dir)?;
+    for interface in &opts.interfaces {
+        match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {
+            Attachment::Adopted => {
+                tracing::info!(
+                    interface,
+                    "adopted the pinned XDP link; program replaced in place"
+                );
+            }
+            Attachment::Attached(mode) => {
+                tracing::info!(interface, ?mode, "attached XDP");
+            }
+        }
+    }
+    for stale in pins::pinned_interfaces(&opts.pin_dir) {
+        if !opts.interfaces.contains(&stale) {
+            pins::detach_link(&opts.pin_dir, &stale)?;
+            tracing::info!(interface = stale, "detached: no longer in --interface");
+        }
+    }
+    let applied = dp.restore()?;
+    if adopted {
+        tracing::info!(
+            services = applied.services.len(),
+            backends = applied.backends.len(),
+            frontends = applied.frontends.len(),
+            "adopted pinned maps; connection tracking kept"
+        );
+    }
+    Ok((dp, applied))
 }
 
 fn report_rejected(rejected: &[crate::config::ServiceError]) {

@@ -154,7 +154,7 @@ mod tests {
             ],
             health: None,
             session_affinity: Some(SessionAffinity {
-                timeout: Duration::from_secs(3 * 3600),
+                timeout: Duration::from_hours(3),
             }),
             maglev_table_size: 251,
         }

@@ -3,10 +3,14 @@
 //! one into `Applied`, so `Applied` always equals the maps.
 //!
 //! Order makes every change hitless (a packet never meets a half-written service):
-//! 1. new services' metadata; 2. backends that will be needed (slot and metadata);
-//! 3. each changed Maglev table swapped whole, then its digest recorded; 4. frontends
-//! added or changed; 5. frontends removed; 6. what nothing uses any more: tables of
-//! removed services, backend slots (their tracked flows are re-selected), metadata.
+//! 1. new services' metadata;
+//! 2. backends that will be needed (slot and metadata);
+//! 3. each changed Maglev table swapped whole, then its digest recorded;
+//! 4. frontends added or changed;
+//! 5. frontends removed;
+//! 6. what nothing uses any more: tables of removed services, backend slots (their
+//!    tracked flows are re-selected), metadata.
+//!
 //! At every step, every id in an installed table names a filled slot of its service.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -214,6 +218,32 @@ struct Phases {
     cleanup: Vec<Op>,
 }
 
+impl Phases {
+    /// The ops in their hitless order.
+    fn into_ops(self) -> Vec<Op> {
+        let Phases {
+            new_services,
+            backends,
+            mut tables,
+            add_frontends,
+            remove_frontends,
+            cleanup,
+        } = self;
+        // Down backends leave their slot only after the tables no longer name them.
+        let (late, early): (Vec<Op>, Vec<Op>) = backends
+            .into_iter()
+            .partition(|op| matches!(op, Op::RemoveBackend { .. }));
+        let mut ops = new_services;
+        ops.extend(early);
+        ops.append(&mut tables);
+        ops.extend(add_frontends);
+        ops.extend(remove_frontends);
+        ops.extend(late);
+        ops.extend(cleanup);
+        ops
+    }
+}
+
 /// The writes that make the maps hold `desired`, given that they hold `applied`.
 pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
     let mut phases = Phases::default();
@@ -267,44 +297,7 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         );
         kept_backends.extend(ids.values().copied());
 
-        // The table over the backends that take new flows.
-        let members: Vec<(u32, String, u32)> = service
-            .backends
-            .iter()
-            .filter(|(_, b)| b.selectable())
-            .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
-            .collect();
-        let digest = if members.is_empty() {
-            0
-        } else {
-            let input: Vec<maglev::Backend<'_>> = members
-                .iter()
-                .map(|(bid, identity, weight)| maglev::Backend {
-                    id: *bid,
-                    identity: identity.as_bytes(),
-                    weight: *weight,
-                })
-                .collect();
-            match maglev::build_table(&input, service.table_size) {
-                Ok(table) => {
-                    let digest = table_digest(&table);
-                    if old_meta.is_none_or(|m| m.table_digest != digest) {
-                        phases.tables.push(Op::SetTable {
-                            service_id: id,
-                            table,
-                        });
-                    }
-                    digest
-                }
-                Err(source) => {
-                    errors.push(PlanError::Maglev {
-                        service: name.clone(),
-                        source,
-                    });
-                    old_meta.map_or(0, |m| m.table_digest)
-                }
-            }
-        };
+        let digest = plan_table(name, id, service, &ids, old_meta, &mut phases, &mut errors);
         if digest == 0 && old_meta.is_some_and(|m| m.table_digest != 0) {
             phases.tables.push(Op::RemoveTable { service_id: id });
         }
@@ -342,6 +335,28 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         }
     }
 
+    plan_removals(
+        applied,
+        &kept_services,
+        &kept_backends,
+        &wanted_frontends,
+        &mut phases,
+    );
+
+    Plan {
+        ops: phases.into_ops(),
+        errors,
+    }
+}
+
+/// What the desired state no longer uses: frontends, tables, backends, metadata.
+fn plan_removals(
+    applied: &Applied,
+    kept_services: &BTreeSet<u32>,
+    kept_backends: &BTreeSet<u32>,
+    wanted_frontends: &BTreeSet<FrontendKey>,
+    phases: &mut Phases,
+) {
     for key in applied.frontends.keys() {
         if !wanted_frontends.contains(key) {
             phases
@@ -373,27 +388,56 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
             phases.cleanup.push(Op::ClearServiceMeta { id });
         }
     }
+}
 
-    let Phases {
-        new_services,
-        backends,
-        mut tables,
-        add_frontends,
-        remove_frontends,
-        cleanup,
-    } = phases;
-    // Down backends leave their slot only after the tables no longer name them.
-    let (late, early): (Vec<Op>, Vec<Op>) = backends
-        .into_iter()
-        .partition(|op| matches!(op, Op::RemoveBackend { .. }));
-    let mut ops = new_services;
-    ops.extend(early);
-    ops.append(&mut tables);
-    ops.extend(add_frontends);
-    ops.extend(remove_frontends);
-    ops.extend(late);
-    ops.extend(cleanup);
-    Plan { ops, errors }
+/// Plans the service's table over the backends that take new flows; returns the
+/// digest the service's metadata should record (0: no table).
+fn plan_table(
+    name: &str,
+    id: u32,
+    service: &ServiceModel,
+    ids: &BTreeMap<Endpoint, u32>,
+    old_meta: Option<ServiceMeta>,
+    phases: &mut Phases,
+    errors: &mut Vec<PlanError>,
+) -> u64 {
+    let members: Vec<(u32, String, u32)> = service
+        .backends
+        .iter()
+        .filter(|(_, b)| b.selectable())
+        .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
+        .collect();
+    if members.is_empty() {
+        0
+    } else {
+        let input: Vec<maglev::Backend<'_>> = members
+            .iter()
+            .map(|(bid, identity, weight)| maglev::Backend {
+                id: *bid,
+                identity: identity.as_bytes(),
+                weight: *weight,
+            })
+            .collect();
+        match maglev::build_table(&input, service.table_size) {
+            Ok(table) => {
+                let digest = table_digest(&table);
+                if old_meta.is_none_or(|m| m.table_digest != digest) {
+                    phases.tables.push(Op::SetTable {
+                        service_id: id,
+                        table,
+                    });
+                }
+                digest
+            }
+            Err(source) => {
+                errors.push(PlanError::Maglev {
+                    service: name.to_owned(),
+                    source,
+                });
+                old_meta.map_or(0, |m| m.table_digest)
+            }
+        }
+    }
 }
 
 /// Plans one service's backends; returns the id of every backend it keeps.

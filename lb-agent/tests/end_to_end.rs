@@ -4,6 +4,7 @@
 //! in count and time; namespaces, the agent process and its pins are removed on drop.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -113,10 +114,12 @@ fn web(backends: &[(usize, u32)], extra: &str) -> String {
         "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80, protocol: TCP }]\n    backends:\n",
     );
     for (i, weight) in backends {
-        yaml.push_str(&format!(
-            "      - {{ address: {}, port: {PORT}, weight: {weight} }}\n",
+        writeln!(
+            yaml,
+            "      - {{ address: {}, port: {PORT}, weight: {weight} }}",
             backend(*i)
-        ));
+        )
+        .expect("write to a String");
     }
     yaml.push_str(extra);
     yaml

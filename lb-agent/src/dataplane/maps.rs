@@ -309,7 +309,7 @@ impl Dataplane {
             let name = maps::FRONTENDS;
             let m: HashMap<_, FrontendKey, Frontend> =
                 HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-            for entry in m.iter() {
+            for entry in &m {
                 snap.frontends.push(entry.map_err(map_err(name))?);
             }
             snap.frontends.sort_by_key(|(k, _)| *k);

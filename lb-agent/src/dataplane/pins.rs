@@ -21,6 +21,10 @@ use super::{Dataplane, DataplaneError};
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/xlb";
 const LINK_PREFIX: &str = "link_";
 
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "callers pass errors they own"
+)]
 fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
     DataplaneError::Pin {
         path: path.to_path_buf(),
@@ -30,6 +34,7 @@ fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
 
 /// Creates `dir` on a bpffs, failing clearly when it is not on one (pins need bpffs).
 pub fn create_dir(dir: &Path) -> Result<(), DataplaneError> {
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
     std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
     // SAFETY: statfs on a NUL-terminated path into a zeroed struct it fills.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -39,7 +44,6 @@ pub fn create_dir(dir: &Path) -> Result<(), DataplaneError> {
     if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
         return Err(pin_err(dir, io::Error::last_os_error()));
     }
-    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
     #[expect(
         clippy::useless_conversion,
         reason = "f_type's width differs by libc target"

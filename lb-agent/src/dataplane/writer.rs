@@ -2,6 +2,8 @@
 //! into `Applied`, so after a failure `Applied` still says exactly what the maps hold
 //! and the next plan picks up from there.
 
+use lb_common::{BackendMeta, ServiceMeta};
+
 use crate::plan::{Applied, Op, Plan};
 
 use super::maps::Snapshot;
@@ -12,12 +14,12 @@ impl Dataplane {
     pub fn execute(&mut self, op: &Op) -> Result<(), DataplaneError> {
         match op {
             Op::SetServiceMeta { id, meta } => self.set_service_meta(*id, meta),
-            Op::ClearServiceMeta { id } => self.set_service_meta(*id, &Default::default()),
+            Op::ClearServiceMeta { id } => self.set_service_meta(*id, &ServiceMeta::default()),
             Op::ResetStats { id } => self.reset_service_stats(*id),
             Op::SetBackend { id, backend } => self.set_backend(*id, *backend),
             Op::RemoveBackend { id } => self.remove_backend(*id),
             Op::SetBackendMeta { id, meta } => self.set_backend_meta(*id, meta),
-            Op::ClearBackendMeta { id } => self.set_backend_meta(*id, &Default::default()),
+            Op::ClearBackendMeta { id } => self.set_backend_meta(*id, &BackendMeta::default()),
             Op::SetTable { service_id, table } => self.set_maglev_table(*service_id, table),
             Op::RemoveTable { service_id } => self.remove_maglev_table(*service_id),
             Op::SetFrontend { key, value } => self.set_frontend(*key, *value),

@@ -10,6 +10,10 @@ use proptest::prelude::*;
 use super::*;
 use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel};
 
+/// What a service looks like from outside: frontends, forwarding backends, and
+/// the table as endpoints.
+type Served = (BTreeSet<FrontendKey>, BTreeSet<Endpoint>, Vec<Endpoint>);
+
 /// The maps, as far as a plan can observe them.
 #[derive(Default, Debug)]
 struct FakeMaps {
@@ -65,9 +69,7 @@ impl FakeMaps {
 
     /// The state the maps express, in model terms: service -> (frontends, forwarding
     /// endpoints, table as endpoints).
-    fn served(
-        &self,
-    ) -> BTreeMap<String, (BTreeSet<FrontendKey>, BTreeSet<Endpoint>, Vec<Endpoint>)> {
+    fn served(&self) -> BTreeMap<String, Served> {
         let mut out = BTreeMap::new();
         for (id, meta) in &self.applied.services {
             let frontends = self
