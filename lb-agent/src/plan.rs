@@ -16,8 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey, HEALTH_DOWN,
-    HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE,
+    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey,
+    HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE,
     SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -79,7 +79,7 @@ pub struct Applied {
     pub services: BTreeMap<u32, ServiceMeta>,
     pub backends: BTreeMap<u32, BackendMeta>,
     /// Filled backend slots.
-    pub slots: BTreeSet<u32>,
+    pub slots: BTreeMap<u32, Backend>,
     pub frontends: BTreeMap<FrontendKey, Frontend>,
 }
 
@@ -93,8 +93,8 @@ impl Applied {
             Op::ClearServiceMeta { id } => {
                 self.services.remove(id);
             }
-            Op::SetBackend { id, .. } => {
-                self.slots.insert(*id);
+            Op::SetBackend { id, backend } => {
+                self.slots.insert(*id, *backend);
             }
             Op::RemoveBackend { id } => {
                 self.slots.remove(id);
@@ -371,14 +371,14 @@ fn plan_removals(
     }
     for &id in applied.backends.keys() {
         if !kept_backends.contains(&id) {
-            if applied.slots.contains(&id) {
+            if applied.slots.contains_key(&id) {
                 phases.cleanup.push(Op::RemoveBackend { id });
             }
             phases.cleanup.push(Op::ClearBackendMeta { id });
         }
     }
     // Slots filled without metadata (a write interrupted by a crash).
-    for &id in &applied.slots {
+    for &id in applied.slots.keys() {
         if !applied.backends.contains_key(&id) {
             phases.cleanup.push(Op::RemoveBackend { id });
         }
@@ -480,23 +480,25 @@ fn plan_backends(
             weight: backend.weight,
             _pad: 0,
         };
-        let filled = applied.slots.contains(&id);
-        if backend.forwarding() && !filled {
-            phases.backends.push(Op::SetBackend {
-                id,
-                backend: Backend {
-                    addr,
-                    port: meta.port,
-                    family,
-                    _pad: 0,
-                    service_id,
-                },
-            });
+        let filled = applied.slots.get(&id);
+        let slot = Backend {
+            addr,
+            port: meta.port,
+            family,
+            flags: if backend.weight == 0 {
+                BACKEND_F_DRAINING
+            } else {
+                0
+            },
+            service_id,
+        };
+        if backend.forwarding() && filled != Some(&slot) {
+            phases.backends.push(Op::SetBackend { id, backend: slot });
         }
         if applied.backends.get(&id) != Some(&meta) {
             phases.backends.push(Op::SetBackendMeta { id, meta });
         }
-        if !backend.forwarding() && filled {
+        if !backend.forwarding() && filled.is_some() {
             phases.backends.push(Op::RemoveBackend { id });
         }
     }

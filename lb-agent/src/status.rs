@@ -82,7 +82,7 @@ impl Report {
                         HEALTH_DOWN => "down",
                         _ => "unchecked",
                     },
-                    forwarding: *filled,
+                    forwarding: filled.is_some(),
                     #[expect(clippy::cast_precision_loss, reason = "a fraction for display")]
                     share: slots.get(bid).copied().unwrap_or(0) as f64 / table.len().max(1) as f64,
                 })

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use lb_agent::testbed::node::*;
 use lb_agent::{dataplane::Dataplane, frames::Frame};
 use lb_common::{
-    Affinity, AffinityKey, Backend, PROTO_TCP, Reason, maps,
+    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, PROTO_TCP, Reason, maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
@@ -748,7 +748,7 @@ fn affinity_reselects_when_its_backend_is_removed() {
                         addr: addr16(ip),
                         port: 7_070u16.to_be(),
                         family: family(ip),
-                        _pad: 0,
+                        flags: 0,
                         service_id: 1,
                     },
                 )
@@ -760,6 +760,42 @@ fn affinity_reselects_when_its_backend_is_removed() {
             new_connection(node, svc, 40_503, third, "affinity backend id recycled");
             let entry = affinity_entry(node, svc).expect("entry");
             assert_eq!(entry.backend_id, third.0, "the entry follows the table");
+        }
+    });
+}
+
+/// 4b. A drained backend (weight 0: `BACKEND_F_DRAINING`, out of the table) keeps
+/// its tracked flows but gets no new ones through affinity: the client follows the
+/// table, and the entry with it.
+#[test]
+fn affinity_does_not_send_new_flows_to_a_drained_backend() {
+    with_node("aff4b", |node, svcs| {
+        add_affinity_v6(node, svcs);
+        for svc in &mut svcs[AFFINITY_V4..=AFFINITY_V6] {
+            let first = first_connection(node, svc, 40_550);
+            // Drained as the agent does it: the new table first, then the flag.
+            svc.backends.retain(|b| b.0 != first.0);
+            svc.rebuild_table();
+            node.dp
+                .set_maglev_table(svc.id, &svc.table)
+                .expect("new table");
+            node.dp
+                .set_backend(
+                    first.0,
+                    Backend {
+                        addr: addr16(first.1),
+                        port: first.2.to_be(),
+                        family: family(first.1),
+                        flags: BACKEND_F_DRAINING,
+                        service_id: svc.id,
+                    },
+                )
+                .expect("drain");
+            let second = svc.expected_backend(&client_frame(svc, 40_551));
+            assert_ne!(second.0, first.0);
+            new_connection(node, svc, 40_551, second, "affinity backend drained");
+            let entry = affinity_entry(node, svc).expect("entry");
+            assert_eq!(entry.backend_id, second.0, "the entry follows the table");
         }
     });
 }

@@ -44,7 +44,7 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
             addr: [192, 0, 2, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             port: 8080u16.to_be(),
             family: FAMILY_V4,
-            _pad: 0,
+            flags: 0,
             service_id: 7,
         },
     )

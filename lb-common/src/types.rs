@@ -126,11 +126,16 @@ pub struct Backend {
     pub port: u16,
     /// 0 marks an empty slot of the backend array.
     pub family: u8,
-    pub _pad: u8,
+    /// `BACKEND_F_*`.
+    pub flags: u8,
     /// The service this backend serves; conntrack reuses a backend only for this service,
     /// so a recycled id can never carry another service's flow.
     pub service_id: u32,
 }
+
+/// `Backend::flags`: drained (weight 0). Tracked flows keep using it; session affinity
+/// does not send new flows to it (the Maglev table already has none of its slots).
+pub const BACKEND_F_DRAINING: u8 = 1;
 
 /// A 5-tuple as seen on the wire (source first).
 #[repr(C)]

@@ -6,7 +6,7 @@
 //! --reap` and `--set` do.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Affinity, AffinityKey, Backend, Frontend, Reason};
+use lb_common::{Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, Frontend, Reason};
 
 use crate::{maglev, maps::AFFINITY_V1, packet::Packet, service};
 
@@ -30,6 +30,7 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend
         let seen = unsafe { *entry };
         if fresh(&seen, frontend, now)
             && let Some(backend) = service::backend(seen.backend_id, frontend.service_id)
+            && backend.flags & BACKEND_F_DRAINING == 0
         {
             // SAFETY: as above. One aligned 8-byte store; racing CPUs store about the
             // same moment.

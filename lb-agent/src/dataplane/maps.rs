@@ -264,8 +264,8 @@ pub struct Snapshot {
     pub frontends: Vec<(FrontendKey, Frontend)>,
     /// Service id -> metadata, for slots marked in use.
     pub services: Vec<(u32, ServiceMeta)>,
-    /// Backend id -> metadata, and whether the backend slot is filled (forwarding).
-    pub backends: Vec<(u32, BackendMeta, bool)>,
+    /// Backend id -> metadata, and the backend slot when it is filled (forwarding).
+    pub backends: Vec<(u32, BackendMeta, Option<Backend>)>,
 }
 
 impl Dataplane {
@@ -338,7 +338,8 @@ impl Dataplane {
                     continue;
                 }
                 let slot = slots.get(&id, 0).map_err(map_err(name))?;
-                snap.backends.push((id, meta, slot.family != 0));
+                snap.backends
+                    .push((id, meta, (slot.family != 0).then_some(slot)));
             }
         }
         self.filter = FilterShadow::default();
@@ -347,7 +348,7 @@ impl Dataplane {
             self.filter.bump(&key.addr, 0, true);
         }
         for (id, meta, filled) in &snap.backends {
-            if *filled {
+            if filled.is_some() {
                 self.filter.backends.insert(*id, meta.addr);
                 self.filter.bump(&meta.addr, 1, true);
             }

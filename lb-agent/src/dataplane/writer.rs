@@ -52,8 +52,7 @@ impl Dataplane {
             services: services.into_iter().collect(),
             slots: backends
                 .iter()
-                .filter(|(_, _, filled)| *filled)
-                .map(|(id, _, _)| *id)
+                .filter_map(|(id, _, slot)| slot.map(|s| (*id, s)))
                 .collect(),
             backends: backends
                 .into_iter()

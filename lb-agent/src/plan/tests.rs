@@ -482,3 +482,45 @@ proptest! {
         prop_assert!(maps.slots.is_empty() && maps.tables.is_empty());
     }
 }
+
+#[test]
+fn draining_rewrites_the_slot_with_the_draining_flag_and_undraining_clears_it() {
+    let mut maps = FakeMaps::default();
+    let mut want = desired(vec![(
+        "web",
+        service(
+            &[fe(10, 80)],
+            &[(ep(11, 8080), 1, UP), (ep(12, 8080), 1, UP)],
+        ),
+    )]);
+    converge(&mut maps, &want);
+    let drained = |maps: &FakeMaps| {
+        maps.slots
+            .values()
+            .filter(|b| b.flags & BACKEND_F_DRAINING != 0)
+            .count()
+    };
+    want.services
+        .get_mut("web")
+        .unwrap()
+        .backends
+        .get_mut(&ep(12, 8080))
+        .unwrap()
+        .weight = 0;
+    let plan = converge(&mut maps, &want);
+    let table_at = plan
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::SetTable { .. }));
+    assert!(table_at.is_some(), "{:?}", plan.ops);
+    assert_eq!(drained(&maps), 1, "still forwarding, flagged");
+    want.services
+        .get_mut("web")
+        .unwrap()
+        .backends
+        .get_mut(&ep(12, 8080))
+        .unwrap()
+        .weight = 1;
+    converge(&mut maps, &want);
+    assert_eq!(drained(&maps), 0);
+}

@@ -239,7 +239,7 @@ impl Service {
                     addr: addr16(*ip),
                     port: port.to_be(),
                     family: family(*ip),
-                    _pad: 0,
+                    flags: 0,
                     service_id: self.id,
                 },
             )
