@@ -93,6 +93,9 @@ fn run_command(command: Cmd) -> Result<()> {
         Cmd::Test { no_lint, extra } => test::test(no_lint, &extra)?,
         Cmd::Bench { name, args } => {
             let object = build_ebpf(true)?;
+            if let Some(tools) = toolchain::ToolUse::for_bench(&name) {
+                toolchain::ensure_system_tools(tools)?;
+            }
             run(host_cargo()
                 .args([
                     "run",
