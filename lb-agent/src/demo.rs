@@ -33,26 +33,26 @@ pub struct Report {
     pub reasons: Vec<(Reason, u64)>,
 }
 
-/// Writes one TCP service: `vip`:80 -> every backend's `addr`:8080.
-fn install_service(
+/// Writes one TCP service into the maps: `frontend` -> `backends`, with a Maglev table
+/// of the default size over equal weights. Backend ids are `service_id * 100 + 1 ..`.
+/// The demo and `xlb-bench e2e` program their services with it until the config-file
+/// agent does.
+pub fn install_service(
     dp: &mut Dataplane,
     service_id: u32,
-    vip: IpAddr,
-    backends: &[IpAddr],
+    frontend: SocketAddr,
+    backends: &[SocketAddr],
 ) -> Result<()> {
-    let identities: Vec<String> = backends
-        .iter()
-        .map(|b| format!("{b}:{BACKEND_PORT}/TCP"))
-        .collect();
+    let identities: Vec<String> = backends.iter().map(|b| format!("{b}/TCP")).collect();
     let mut input = Vec::new();
     for (i, (addr, identity)) in backends.iter().zip(&identities).enumerate() {
         let id = service_id * 100 + u32::try_from(i).context("backend index")? + 1;
         dp.set_backend(
             id,
             Backend {
-                addr: addr16(*addr),
-                port: BACKEND_PORT.to_be(),
-                family: family(*addr),
+                addr: addr16(addr.ip()),
+                port: addr.port().to_be(),
+                family: family(addr.ip()),
                 _pad: 0,
                 service_id,
             },
@@ -67,10 +67,10 @@ fn install_service(
     dp.set_maglev_table(service_id, &table)?;
     dp.set_frontend(
         FrontendKey {
-            addr: addr16(vip),
-            port: VIP_PORT.to_be(),
+            addr: addr16(frontend.ip()),
+            port: frontend.port().to_be(),
             proto: PROTO_TCP,
-            family: family(vip),
+            family: family(frontend.ip()),
         },
         Frontend {
             service_id,
@@ -109,14 +109,14 @@ pub fn run(backends: usize, requests: u32) -> Result<Report> {
             dp.attach(iface, XdpMode::Driver)
                 .with_context(|| format!("attach XDP (native) to {iface}"))?;
         }
-        let v4: Vec<IpAddr> = (0..backends)
-            .map(|i| IpAddr::V4(Topology::backend_v4(i)))
+        let v4: Vec<SocketAddr> = (0..backends)
+            .map(|i| SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT))
             .collect();
-        let v6: Vec<IpAddr> = (0..backends)
-            .map(|i| IpAddr::V6(Topology::backend_v6(i)))
+        let v6: Vec<SocketAddr> = (0..backends)
+            .map(|i| SocketAddr::new(IpAddr::V6(Topology::backend_v6(i)), BACKEND_PORT))
             .collect();
-        install_service(&mut dp, 1, vips[0], &v4)?;
-        install_service(&mut dp, 2, vips[1], &v6)?;
+        install_service(&mut dp, 1, SocketAddr::new(vips[0], VIP_PORT), &v4)?;
+        install_service(&mut dp, 2, SocketAddr::new(vips[1], VIP_PORT), &v6)?;
         Ok(dp)
     })??;
 
