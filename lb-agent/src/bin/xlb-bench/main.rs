@@ -5,7 +5,10 @@
 //! - `packet`: per-packet cost of the XDP program against a trivial `XDP_PASS` program.
 //! - `maglev`: Maglev table build time against the paper's plain fill, plus balance and
 //!   disruption.
+//! - `e2e`: HTTP and TCP through a load-balancer namespace, xlb against kube-proxy's
+//!   iptables and nftables rules.
 
+mod e2e;
 mod maglev;
 mod packet;
 mod report;
@@ -36,6 +39,9 @@ enum Bench {
     /// Maglev table build time (M = 65537, N = 1000) against the paper's plain fill, and
     /// the table's balance and disruption.
     Maglev(maglev::Args),
+    /// HTTP requests/s, latency, new connections/s and TCP throughput through a
+    /// load-balancer namespace: kube-proxy's iptables rules, its nftables rules, and xlb.
+    E2e(e2e::Args),
 }
 
 fn main() -> Result<()> {
@@ -48,5 +54,6 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Packet { iterations, json } => packet::run(iterations, json.as_deref()),
         Bench::Maglev(args) => maglev::run(&args),
+        Bench::E2e(args) => e2e::run(&args),
     }
 }
