@@ -6,9 +6,11 @@
 //! 2. `nftables`: kube-proxy's nftables-mode rules (`nft -f`),
 //! 3. `xlb`: the XDP program attached natively to the LB's `xc` and `xb`,
 //!
-//! plus, first, `direct`: no load balancer at all, the client talking to backend 0's own
-//! address through the LB namespace's plain routing. It is the ceiling the rest of the
-//! set-up allows (client, servers, veths, the 2 CPUs), not a competitor.
+//! plus two references that are not competitors: `loopback`, the load generators run in
+//! backend 0's own namespace against its servers (no veth, no forwarding: what the servers
+//! and load generators can do at all, i.e. the check that the servers are not the
+//! bottleneck), and `direct`, the client talking to backend 0's own address through the LB
+//! namespace's plain routing (no NAT: the ceiling of the path).
 //!
 //! Every configuration serves the same VIP, 203.0.113.10: port 80 -> every backend's
 //! HTTP server on 8080, and port 5201 -> backend 0's iperf3 server (iperf3 opens a control
@@ -33,6 +35,7 @@ mod xlb;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -59,8 +62,8 @@ pub struct Args {
     /// Backend namespaces behind the VIP (1..=40).
     #[arg(long, default_value_t = 4)]
     backends: usize,
-    /// Seconds per measurement; each configuration runs three.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds per measurement; each configuration runs three per round.
+    #[arg(long, default_value_t = 5)]
     secs: u32,
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
@@ -72,14 +75,14 @@ pub struct Args {
     #[arg(long)]
     no_pin: bool,
     /// Run every configuration this many times, interleaved (config by config, round by
-    /// round), and report medians; spreads slow drifts in the machine's load evenly.
-    #[arg(long, default_value_t = 1)]
+    /// round), and report medians; spreads drifts in the machine's load over all of them.
+    #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Configurations to run, in this order.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,iptables,nftables,xlb"
+        default_value = "loopback,direct,iptables,nftables,xlb"
     )]
     configs: Vec<Config>,
     /// Also write the results as JSON to this file.
@@ -89,6 +92,7 @@ pub struct Args {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
+    Loopback,
     Direct,
     Iptables,
     Nftables,
@@ -98,6 +102,7 @@ enum Config {
 impl Config {
     fn label(self) -> &'static str {
         match self {
+            Config::Loopback => "loopback",
             Config::Direct => "direct",
             Config::Iptables => "iptables",
             Config::Nftables => "nftables",
@@ -190,10 +195,35 @@ struct Bench<'a> {
     topo: Topology,
 }
 
+/// Set by SIGINT or SIGTERM: the benchmark stops after the running measurement, and the
+/// namespaces and processes are removed on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; the namespaces and their processes are being removed");
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> Result<()> {
     validate(args)?;
     testbed::check_privileges()?;
     check_tools()?;
+    catch_interrupts();
     let load_line = report::load_line();
     let cpus = if args.no_pin {
         None
@@ -238,6 +268,7 @@ pub fn run(args: &Args) -> Result<()> {
             "rounds": args.rounds,
             "machine": load_line,
             "summary": summary,
+            "targets": targets(&summary),
             "runs": runs,
             "reproduce": reproduce(args),
         }),
@@ -393,6 +424,7 @@ impl<'a> Bench<'a> {
     }
 
     fn run_config(&self, config: Config, round: u32, k: usize) -> Result<Run> {
+        check_interrupted()?;
         let client_address = self.use_client_address(k)?;
         self.ensure_clean("before")?;
         let active = self.activate(config)?;
@@ -424,7 +456,7 @@ impl<'a> Bench<'a> {
     fn activate(&self, config: Config) -> Result<Active> {
         let lb = self.lb();
         Ok(match config {
-            Config::Direct => Active::Direct,
+            Config::Loopback | Config::Direct => Active::Direct,
             Config::Iptables => {
                 kube_proxy::apply_iptables(lb, &self.services)?;
                 Active::Iptables
@@ -464,7 +496,7 @@ impl<'a> Bench<'a> {
 
     /// The HTTP and iperf3 targets: the VIP, or backend 0 itself for `direct`.
     fn targets(&self, config: Config) -> (SocketAddr, SocketAddr) {
-        if config == Config::Direct {
+        if matches!(config, Config::Loopback | Config::Direct) {
             let b0 = IpAddr::V4(Topology::backend_v4(0));
             (
                 SocketAddr::new(b0, BACKEND_HTTP_PORT),
@@ -480,11 +512,16 @@ impl<'a> Bench<'a> {
 
     fn measure_all(&self, config: Config, active: &Active) -> Result<Measurements> {
         let (http, iperf) = self.targets(config);
+        let client = if config == Config::Loopback {
+            &self.topo.backends[0]
+        } else {
+            &self.topo.client
+        };
         // The path works (and ARP, conntrack and xlb's next-hop cache are warm) before
         // anything is timed.
         let mut seen = BTreeMap::<String, u32>::new();
         for _ in 0..8 * self.args.backends {
-            let name = http::get(&self.topo.client, http, Duration::from_secs(2))?;
+            let name = http::get(client, http, Duration::from_secs(2))?;
             *seen.entry(name).or_default() += 1;
         }
         tracing::info!(config = config.label(), ?seen, "path check");
@@ -502,8 +539,8 @@ impl<'a> Bench<'a> {
             close,
             cpu,
         };
-        let keep_alive = self.measure(|| wrk(false).run(&self.topo.client))?;
-        let close = self.measure(|| wrk(true).run(&self.topo.client))?;
+        let keep_alive = self.measure(|| wrk(false).run(client))?;
+        let close = self.measure(|| wrk(true).run(client))?;
         let host = iperf.ip().to_string();
         let throughput = self.measure(|| {
             Iperf {
@@ -512,7 +549,7 @@ impl<'a> Bench<'a> {
                 secs: self.args.secs,
                 cpu,
             }
-            .run(&self.topo.client)
+            .run(client)
         })?;
         Ok(Measurements {
             keep_alive,
@@ -532,6 +569,7 @@ impl<'a> Bench<'a> {
 
     /// Runs `f` (one load generator run) and records per-backend requests and CPU use.
     fn measure<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
+        check_interrupted()?;
         let requests = |s: &[HttpServer]| s.iter().map(HttpServer::requests).collect::<Vec<_>>();
         let (req0, srv0, child0) = (
             requests(&self.servers),
@@ -575,7 +613,7 @@ impl<'a> Bench<'a> {
     /// traffic as intended.
     fn check(&self, config: Config, counters: &Counters, run: &mut Run) {
         let mut problems = Vec::new();
-        let expected_backends = if config == Config::Direct {
+        let expected_backends = if matches!(config, Config::Loopback | Config::Direct) {
             1
         } else {
             self.args.backends
@@ -810,6 +848,29 @@ fn print_header(args: &Args, cpus: Option<(usize, usize)>, load_line: &str) {
     println!();
 }
 
+/// The issue's targets against what was measured (xlb over iptables).
+fn targets(summary: &BTreeMap<&'static str, Figures>) -> serde_json::Value {
+    let (Some(x), Some(ipt)) = (summary.get("xlb"), summary.get("iptables")) else {
+        return serde_json::Value::Null;
+    };
+    let entry = |target: f64, x: f64, ipt: f64| {
+        let r = ratio(x, ipt);
+        serde_json::json!({
+            "target_ratio": target,
+            "ratio": r,
+            "met": r.is_some_and(|r| r >= target),
+        })
+    };
+    serde_json::json!({
+        "keep_alive_requests_per_sec": entry(TARGET_KEEP_ALIVE, x.keep_alive_rps, ipt.keep_alive_rps),
+        "new_connections_per_sec": entry(
+            TARGET_NEW_CONNECTIONS,
+            x.new_connections_per_sec,
+            ipt.new_connections_per_sec
+        ),
+    })
+}
+
 /// A row of the main table: a figure per configuration, and the target when the issue
 /// sets one.
 struct Row {
@@ -886,11 +947,12 @@ fn print_figures(summary: &BTreeMap<&'static str, Figures>) {
             .map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
     };
     println!(
-        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  target (xlb/iptables)",
-        "metric", "direct", "iptables", "nftables", "xlb", "xlb/ipt", "xlb/nft"
+        "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  target (xlb/iptables)",
+        "metric", "loopback", "direct", "iptables", "nftables", "xlb", "xlb/ipt", "xlb/nft"
     );
     for row in &ROWS {
-        let [direct, ipt, nft, x] = [
+        let [loopback, direct, ipt, nft, x] = [
+            Config::Loopback,
             Config::Direct,
             Config::Iptables,
             Config::Nftables,
@@ -906,8 +968,9 @@ fn print_figures(summary: &BTreeMap<&'static str, Figures>) {
             (None, _) => String::new(),
         };
         println!(
-            "{:<28} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  {target}",
+            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}  {target}",
             row.name,
+            cell(loopback, row.digits),
             cell(direct, row.digits),
             cell(ipt, row.digits),
             cell(nft, row.digits),
@@ -917,22 +980,37 @@ fn print_figures(summary: &BTreeMap<&'static str, Figures>) {
         );
     }
     println!(
-        "(direct: no load balancer, client -> backend 0's own address by plain routing: the \
-         ceiling of this set-up, not a competitor. CPU per request: the load generator's, the \
-         servers' and all softirq CPU time over the requests, which leaves out other processes)"
+        "(references, not competitors: loopback = wrk/iperf3 inside backend 0's namespace \
+         against its own servers, what servers and load generators manage without any \
+         network path; direct = client -> backend 0's address through the LB namespace's \
+         plain routing, no NAT. Medians over rounds. CPU per request: the load generator's, \
+         the servers' and all softirq CPU time over the requests, which leaves out other \
+         processes on the machine)"
     );
 }
 
 fn print_cpu(runs: &[Run]) {
     println!(
-        "CPU during each measurement, in CPUs: busy/softirq per CPU (%); the load generator, \
-         the servers, softirq, and other processes on the machine:"
+        "Each measurement: its figure; busy/softirq % per CPU; CPU used (in CPUs) by the load \
+         generator, the servers, softirq, and other processes on the machine:"
     );
     for run in runs {
-        for (what, cpu) in [
-            ("keep-alive", &run.keep_alive.cpu),
-            ("close", &run.close.cpu),
-            ("iperf3", &run.throughput.cpu),
+        for (what, value, cpu) in [
+            (
+                "keep-alive",
+                format!("{:.0} req/s", run.keep_alive.result.requests_per_sec),
+                &run.keep_alive.cpu,
+            ),
+            (
+                "close",
+                format!("{:.0} conn/s", run.close.result.requests_per_sec),
+                &run.close.cpu,
+            ),
+            (
+                "iperf3",
+                format!("{:.2} Gbit/s", run.throughput.result.gbit_per_sec),
+                &run.throughput.cpu,
+            ),
         ] {
             let per_cpu: Vec<String> = cpu
                 .per_cpu
@@ -940,10 +1018,11 @@ fn print_cpu(runs: &[Run]) {
                 .map(|(busy, soft)| format!("{busy:>3.0}/{soft:>3.0}"))
                 .collect();
             println!(
-                "  {:<9} r{} {:<10} {}  client {:.2}  servers {:.2}  softirq {:.2}  other {:.2}",
+                "  {:<9} r{} {:<10} {:>14}  {}  client {:.2}  servers {:.2}  softirq {:.2}  other {:.2}",
                 run.config,
                 run.round + 1,
                 what,
+                value,
                 per_cpu.join("  "),
                 cpu.client,
                 cpu.servers,
@@ -1001,6 +1080,7 @@ mod tests {
         assert_eq!(
             args.configs,
             [
+                Config::Loopback,
                 Config::Direct,
                 Config::Iptables,
                 Config::Nftables,
@@ -1010,7 +1090,7 @@ mod tests {
         validate(&args).unwrap();
         assert_eq!(
             reproduce(&args),
-            "cargo xtask bench e2e --backends 4 --secs 10 --connections 32 --threads 1 --rounds 1 --configs direct,iptables,nftables,xlb"
+            "cargo xtask bench e2e --backends 4 --secs 5 --connections 32 --threads 1 --rounds 2 --configs loopback,direct,iptables,nftables,xlb"
         );
         let args = Cli::parse_from(["x", "--configs", "xlb,iptables", "--no-pin"]).args;
         assert_eq!(args.configs, [Config::Xlb, Config::Iptables]);
