@@ -93,16 +93,14 @@ fn run_command(command: Cmd) -> Result<()> {
         Cmd::Test { no_lint, extra } => test::test(no_lint, &extra)?,
         Cmd::Bench { name, args } => {
             let object = build_ebpf(true)?;
+            if let Some(tools) = toolchain::ToolUse::for_bench(&name) {
+                toolchain::ensure_system_tools(tools)?;
+            }
+            // Both binaries: the e2e benchmark runs the agent (`lb-agent run`) beside it.
             run(host_cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "lb-agent",
-                    "--bin",
-                    "xlb-bench",
-                    "--",
-                ])
+                .args(["build", "--release", "-p", "lb-agent", "--bins"])
+                .env(EBPF_OBJECT_VAR, &object))?;
+            run(Command::new(target_dir().join("release/xlb-bench"))
                 .arg(name)
                 .args(args)
                 .env(EBPF_OBJECT_VAR, object))?;

@@ -40,11 +40,43 @@ const OUTER_CARGO_VARS: &[&str] = &[
     "CARGO_ENCODED_RUSTFLAGS",
 ];
 
-/// Command-line tools the tests use, with the Debian package that provides each.
-const SYSTEM_TOOLS: &[(&str, &str)] = &[
-    ("bpftool", "bpftool"),
-    ("ip", "iproute2"),
-    ("ethtool", "ethtool"),
+/// What a set of system tools is for: the tests (every build checks for them), or one of
+/// the benchmarks that drive external load generators and the kernel's own NAT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolUse {
+    /// The tests, the demo and every benchmark: namespaces, veths, pinned maps.
+    Tests,
+    /// `cargo xtask bench e2e`: load generators and the kube-proxy style baselines.
+    BenchE2e,
+}
+
+impl ToolUse {
+    fn describe(self) -> &'static str {
+        match self {
+            ToolUse::Tests => "the tests",
+            ToolUse::BenchE2e => "the e2e benchmark",
+        }
+    }
+
+    /// The tool set a benchmark needs beyond the tests' (by its `cargo xtask bench` name).
+    pub fn for_bench(name: &str) -> Option<ToolUse> {
+        (name == "e2e").then_some(ToolUse::BenchE2e)
+    }
+}
+
+/// Every command-line tool xtask installs when missing: (executable, Debian package, what
+/// needs it). The one place to add a tool.
+const SYSTEM_TOOLS: &[(&str, &str, ToolUse)] = &[
+    ("bpftool", "bpftool", ToolUse::Tests),
+    ("ip", "iproute2", ToolUse::Tests),
+    ("ethtool", "ethtool", ToolUse::Tests),
+    // HTTP load: keep-alive requests/s, latency percentiles, new connections/s.
+    ("wrk", "wrk", ToolUse::BenchE2e),
+    // TCP throughput.
+    ("iperf3", "iperf3", ToolUse::BenchE2e),
+    // The two kube-proxy baselines, applied inside the benchmark's own namespace.
+    ("iptables-restore", "iptables", ToolUse::BenchE2e),
+    ("nft", "nftables", ToolUse::BenchE2e),
 ];
 
 /// Everything the eBPF build needs, found (or installed) by [`ensure`].
@@ -64,7 +96,7 @@ pub fn ensure() -> Result<Toolchain> {
     installed |= ensure_rust_src(&sysroot)?;
     let tools = tools_dir()?;
     installed |= ensure_bpf_linker(&sysroot, &tools)?;
-    installed |= ensure_system_tools()?;
+    installed |= ensure_system_tools(ToolUse::Tests)?;
     Ok(Toolchain {
         sysroot,
         tools,
@@ -288,30 +320,33 @@ fn pick_llvm_lib<'a>(names: &'a [String], lib: &Path) -> Result<&'a str> {
     )
 }
 
-/// Installs bpftool, ip (iproute2) and ethtool with apt-get when any is missing: the tests
-/// drive network namespaces, veths and pinned maps with them.
-pub fn ensure_system_tools() -> Result<bool> {
-    let packages: Vec<&str> = SYSTEM_TOOLS
-        .iter()
-        .filter(|(tool, _)| find_tool(tool).is_none())
-        .map(|(_, package)| *package)
+/// Installs the tools `purpose` needs ([`SYSTEM_TOOLS`]) with apt-get when any is missing,
+/// saying which packages; quiet when all are there.
+pub fn ensure_system_tools(purpose: ToolUse) -> Result<bool> {
+    let wanted = || {
+        SYSTEM_TOOLS
+            .iter()
+            .filter(|(_, _, usage)| *usage == purpose)
+    };
+    let packages: Vec<&str> = wanted()
+        .filter(|(tool, _, _)| find_tool(tool).is_none())
+        .map(|(_, package, _)| *package)
         .collect();
     if packages.is_empty() {
         return Ok(false);
     }
     let list = packages.join(" ");
+    let what = purpose.describe();
     if find_tool("apt-get").is_none() {
-        bail!(
-            "the tests need {list} (bpftool, ip, ethtool) and apt-get is not available; install them"
-        );
+        bail!("{what} need {list} and apt-get is not available; install them");
     }
     if let Some(uid) = effective_uid().filter(|&uid| uid != 0) {
         bail!(
-            "the tests need {list}; installing them with apt-get needs root (effective uid is {uid}): run as root (sudo -E) or install them yourself"
+            "{what} need {list}; installing them with apt-get needs root (effective uid is {uid}): run as root (sudo -E) or install them yourself"
         );
     }
     say(&format!(
-        "installing {list} (apt-get update; apt-get install -y --no-install-recommends {list})"
+        "installing {list} for {what} (apt-get update; apt-get install -y --no-install-recommends {list})"
     ));
     run(Command::new("apt-get")
         .arg("update")
@@ -322,7 +357,7 @@ pub fn ensure_system_tools() -> Result<bool> {
         .args(&packages)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdout(io::stderr()))?;
-    for (tool, package) in SYSTEM_TOOLS {
+    for (tool, package, _) in wanted() {
         if find_tool(tool).is_none() {
             bail!("`{tool}` is still missing after installing {package}");
         }
@@ -331,7 +366,7 @@ pub fn ensure_system_tools() -> Result<bool> {
 }
 
 /// Looks for an executable on PATH and in /usr/sbin and /sbin, which a non-root PATH
-/// often lacks although that is where bpftool, ip and ethtool live.
+/// often lacks although that is where bpftool, ip, ethtool, iptables and nft live.
 fn find_tool(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH").unwrap_or_default();
     env::split_paths(&path)
@@ -391,6 +426,20 @@ mod tests {
         assert!(msg.contains("libLLVM.so.23.1-rust-1.99.0-nightly"), "{msg}");
         assert!(msg.contains("llvm-22"), "{msg}");
         assert!(pick_llvm_lib(&[], Path::new("/s/lib")).is_err());
+    }
+
+    #[test]
+    fn system_tools_are_grouped_by_use() {
+        assert_eq!(ToolUse::for_bench("e2e"), Some(ToolUse::BenchE2e));
+        assert_eq!(ToolUse::for_bench("maglev"), None);
+        assert_eq!(ToolUse::for_bench("packet"), None);
+        for usage in [ToolUse::Tests, ToolUse::BenchE2e] {
+            assert!(SYSTEM_TOOLS.iter().any(|(_, _, u)| *u == usage));
+        }
+        let mut tools: Vec<&str> = SYSTEM_TOOLS.iter().map(|(t, _, _)| *t).collect();
+        tools.sort_unstable();
+        tools.dedup();
+        assert_eq!(tools.len(), SYSTEM_TOOLS.len(), "a tool is listed twice");
     }
 
     #[test]

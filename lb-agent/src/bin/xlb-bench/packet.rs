@@ -1,17 +1,13 @@
-//! Benchmarks (run through `cargo xtask bench <name>`). Every figure is printed as a
-//! ratio against a baseline measured in the same run, never as a bare time.
-//!
-//! `packet`: per-packet cost by `BPF_PROG_TEST_RUN` with repeat=1 on a fresh copy of the
-//! frame for every call (the program rewrites frames, so repeat>1 would time the pass
-//! path after the first run), interleaved call by call with a trivial `XDP_PASS` program
-//! loaded from the same object.
+//! `xlb-bench packet`: per-packet cost by `BPF_PROG_TEST_RUN` with repeat=1 on a fresh
+//! copy of the frame for every call (the program rewrites frames, so repeat>1 would time
+//! the pass path after the first run), interleaved call by call with a trivial `XDP_PASS`
+//! program loaded from the same object.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use anyhow::{Result, bail};
 use lb_agent::frames::Frame;
 use lb_agent::testbed::node::{
     CLIENT_MAC, LB_CLIENT_MAC, Router, client_v4, client_v6, load_dataplane, services, vip_v4,
@@ -19,25 +15,7 @@ use lb_agent::testbed::node::{
 };
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
 
-#[derive(Parser)]
-#[command(about = "xlb benchmarks; each prints ratios against a baseline from the same run")]
-struct Cli {
-    #[command(subcommand)]
-    bench: Bench,
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// Per-packet cost of the XDP program against a trivial `XDP_PASS` program.
-    Packet {
-        /// Calls per case (each case also runs the baseline this many times).
-        #[arg(long, default_value_t = 20_000)]
-        iterations: u32,
-        /// Also write the results as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-}
+use crate::report;
 
 #[derive(serde::Serialize)]
 struct CaseResult {
@@ -49,22 +27,12 @@ struct CaseResult {
     met: bool,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().bench {
-        Bench::Packet { iterations, json } => packet(iterations, json),
-    }
-}
-
 fn median(mut v: Vec<Duration>) -> u64 {
     v.sort_unstable();
     u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "set-up, the four cases, and the report"
-)]
-fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
+pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
     }
@@ -166,11 +134,8 @@ fn packet(iterations: u32, json: Option<PathBuf>) -> Result<()> {
     }
     println!();
     println!("reproduce: cargo xtask bench packet --iterations {iterations}");
-    if let Some(path) = json {
-        let body =
-            serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results });
-        std::fs::write(&path, serde_json::to_vec_pretty(&body)?)
-            .with_context(|| format!("write {}", path.display()))?;
-    }
-    Ok(())
+    report::write_json(
+        json,
+        &serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results }),
+    )
 }

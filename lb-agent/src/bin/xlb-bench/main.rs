@@ -1,0 +1,59 @@
+//! Benchmarks (run through `cargo xtask bench <name>`). Every figure is printed next to a
+//! baseline measured in the same run, as a ratio, with the command that reproduces it;
+//! `--json FILE` writes the results.
+//!
+//! - `packet`: per-packet cost of the XDP program against a trivial `XDP_PASS` program.
+//! - `maglev`: Maglev table build time against the paper's plain fill, plus balance and
+//!   disruption.
+//! - `e2e`: HTTP and TCP through a load-balancer namespace, xlb against kube-proxy's
+//!   iptables and nftables rules.
+
+mod e2e;
+mod maglev;
+mod packet;
+mod report;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb benchmarks; each prints ratios against a baseline from the same run")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Per-packet cost of the XDP program against a trivial `XDP_PASS` program.
+    Packet {
+        /// Calls per case (each case also runs the baseline this many times).
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u32,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Maglev table build time (M = 65537, N = 1000) against the paper's plain fill, and
+    /// the table's balance and disruption.
+    Maglev(maglev::Args),
+    /// HTTP requests/s, latency, new connections/s and TCP throughput through a
+    /// load-balancer namespace: kube-proxy's iptables rules, its nftables rules, and xlb.
+    E2e(e2e::Args),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().bench {
+        Bench::Packet { iterations, json } => packet::run(iterations, json.as_deref()),
+        Bench::Maglev(args) => maglev::run(&args),
+        Bench::E2e(args) => e2e::run(&args),
+    }
+}
