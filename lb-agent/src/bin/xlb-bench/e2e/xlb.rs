@@ -59,7 +59,12 @@ pub fn start_xlb<'a>(lb: &'a Netns, services: &[ServicePort]) -> Result<Xlb<'a>>
         )?;
         writeln!(yaml, "    backends:")?;
         for ep in &svc.endpoints {
-            writeln!(yaml, "      - {{ address: {}, port: {} }}", ep.ip(), ep.port())?;
+            writeln!(
+                yaml,
+                "      - {{ address: {}, port: {} }}",
+                ep.ip(),
+                ep.port()
+            )?;
         }
         names.push(name);
     }
