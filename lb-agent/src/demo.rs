@@ -38,18 +38,8 @@ pub fn run(agent: &Path, requests: u32) -> Result<Report> {
     let topo = Topology::build(&TopologyConfig::new("demo", BACKENDS))?;
     topo.wait_ready()?;
     let mut servers = Vec::new();
-    for (i, ns) in topo.backends.iter().enumerate() {
-        let name = format!("backend-{i}");
-        for ip in [
-            IpAddr::V4(Topology::backend_v4(i)),
-            IpAddr::V6(Topology::backend_v6(i)),
-        ] {
-            servers.push(testbed::spawn_http_server(
-                ns,
-                SocketAddr::new(ip, BACKEND_PORT),
-                &name,
-            )?);
-        }
+    for i in 0..BACKENDS {
+        servers.extend(testbed::spawn_backend_http_servers(&topo, i, BACKEND_PORT)?);
     }
     let config = std::env::temp_dir().join(format!("xlb-demo-{}.yaml", std::process::id()));
     std::fs::write(&config, CONFIG).with_context(|| format!("writing {}", config.display()))?;

@@ -45,15 +45,7 @@ impl Bed {
     }
 
     fn start_server(&self, i: usize) {
-        let ns = &self.topo.backends[i];
-        let name = format!("backend-{i}");
-        let handles = [
-            IpAddr::V4(Topology::backend_v4(i)),
-            IpAddr::V6(Topology::backend_v6(i)),
-        ]
-        .into_iter()
-        .map(|ip| testbed::spawn_http_server(ns, SocketAddr::new(ip, PORT), &name).expect("server"))
-        .collect();
+        let handles = testbed::spawn_backend_http_servers(&self.topo, i, PORT).expect("servers");
         self.servers.lock().expect("servers").insert(i, handles);
     }
 

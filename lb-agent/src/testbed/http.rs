@@ -796,3 +796,20 @@ fn read_some(
         }
     }
 }
+
+/// Starts HTTP servers answering `backend-<i>` on backend `i`'s IPv4 and IPv6
+/// addresses at `port` (the demo's and the end-to-end tests' backends).
+pub fn spawn_backend_http_servers(
+    topo: &super::Topology,
+    i: usize,
+    port: u16,
+) -> anyhow::Result<Vec<ServerHandle>> {
+    let name = format!("backend-{i}");
+    [
+        std::net::IpAddr::V4(super::Topology::backend_v4(i)),
+        std::net::IpAddr::V6(super::Topology::backend_v6(i)),
+    ]
+    .into_iter()
+    .map(|ip| spawn_http_server(&topo.backends[i], SocketAddr::new(ip, port), &name))
+    .collect()
+}

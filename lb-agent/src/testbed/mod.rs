@@ -31,7 +31,7 @@ mod traffic;
 mod tests;
 
 pub use agent::AgentProcess;
-pub use http::{HttpConnection, http_get, spawn_http_server};
+pub use http::{HttpConnection, http_get, spawn_backend_http_servers, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,
