@@ -24,8 +24,31 @@ use crate::source::file::{FileSource, Update};
 /// A backend as health checking knows it: (service name, endpoint).
 pub type BackendKey = (String, Endpoint);
 
+/// Where the services come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// An xlb config file.
+    Config(PathBuf),
+    /// The cluster's API server.
+    Kube,
+    /// A directory of Kubernetes YAML.
+    Manifests(PathBuf),
+}
+
+/// This node, for the Kubernetes sources.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Selects the Node object and the endpoints that are local.
+    pub name: Option<String>,
+    /// NodePort addresses; empty = those of the Node object.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
 pub struct RunOptions {
-    pub config: PathBuf,
+    pub source: Source,
+    pub node: NodeOptions,
+    /// Admin HTTP listener (health, readiness, metrics).
+    pub admin: SocketAddr,
     pub interfaces: Vec<String>,
     pub mode: ModeChoice,
     pub pin_dir: PathBuf,
@@ -40,8 +63,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if opts.interfaces.is_empty() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
+    let config = match &opts.source {
+        Source::Config(path) => path.clone(),
+        Source::Kube | Source::Manifests(_) => bail!("Kubernetes sources are being built"),
+    };
     // Validate before touching the kernel: a broken file never changes anything.
-    let mut source = FileSource::new(&opts.config);
+    let mut source = FileSource::new(&config);
     let specs = match source.read(true) {
         Update::Services { services, rejected } => {
             report_rejected(&rejected);
@@ -73,7 +100,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut specs = specs;
     monitor.set_targets(health_targets(&specs, &health));
     publish(&desired_tx, &specs, &health);
-    tracing::info!(config = %opts.config.display(), "running");
+    tracing::info!(config = %config.display(), "running");
 
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -83,7 +110,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let update = tokio::select! {
             _ = poll.tick() => Some(source.read(false)),
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", opts.config.display());
+                tracing::info!("SIGHUP: reloading {}", config.display());
                 Some(source.read(true))
             }
             Some(event) = health_rx.recv() => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_agent::agent::{self, RunOptions};
+use lb_agent::agent::{self, NodeOptions, RunOptions, Source};
 use lb_agent::dataplane::pins::{self, ModeChoice};
 
 #[derive(Parser)]
@@ -28,11 +28,33 @@ enum XdpMode {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the XDP program and keep its maps in step with a config file.
+    /// Load and attach the XDP program and keep its maps in step with a config file,
+    /// the cluster, or a directory of Kubernetes manifests.
+    #[command(group(clap::ArgGroup::new("source").required(true)))]
     Run {
         /// The services (YAML; see examples/xlb.yaml). Reloaded on change and on SIGHUP.
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, group = "source")]
+        config: Option<PathBuf>,
+        /// Watch Services, EndpointSlices and Nodes of the cluster (in-cluster config,
+        /// else KUBECONFIG) and serve every Service as kube-proxy would.
+        #[arg(long, group = "source")]
+        kube: bool,
+        /// Translate the Kubernetes YAML in this directory (Service, EndpointSlice,
+        /// Node; multi-document files) as `--kube` would; reloaded on change.
+        #[arg(long, group = "source", value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// This node's name: selects its Node object (NodePort addresses) and its local
+        /// endpoints (traffic policy Local). Kubernetes sources only.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// NodePort addresses of this node, instead of those of its Node object
+        /// (repeatable).
+        #[arg(long = "node-address")]
+        node_addresses: Vec<std::net::IpAddr>,
+        /// Admin HTTP address: /healthz (liveness), /readyz (ready once the first
+        /// complete state is in the maps), /metrics.
+        #[arg(long, default_value = "0.0.0.0:9190")]
+        admin: std::net::SocketAddr,
         /// An interface that receives VIP traffic or sends to backends (repeatable).
         #[arg(long = "interface", required = true)]
         interfaces: Vec<String>,
@@ -92,14 +114,32 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Run {
             config,
+            kube,
+            manifests,
+            node_name,
+            node_addresses,
+            admin,
             interfaces,
             xdp_mode,
             bpffs,
             replace,
             poll_ms,
         } => {
+            let source = match (config, manifests) {
+                (Some(path), _) => Source::Config(path),
+                (None, Some(dir)) => Source::Manifests(dir),
+                (None, None) => {
+                    debug_assert!(kube, "clap requires one source");
+                    Source::Kube
+                }
+            };
             let opts = RunOptions {
-                config,
+                source,
+                node: NodeOptions {
+                    name: node_name,
+                    addresses: node_addresses,
+                },
+                admin,
                 interfaces,
                 mode: match xdp_mode {
                     XdpMode::Native => ModeChoice::Native,

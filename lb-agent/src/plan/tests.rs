@@ -135,6 +135,8 @@ fn service(frontends: &[FrontendSpec], backends: &[(Endpoint, u32, Health)]) -> 
             .collect(),
         affinity_timeout_s: None,
         table_size: 13,
+        when_empty: crate::model::WhenEmpty::Drop,
+        source_ranges: Vec::new(),
     }
 }
 

@@ -1,4 +1,7 @@
-//! Where services come from. Sources never touch maps: they produce validated specs
-//! that the model turns into the desired state.
+//! Where services come from. Sources never touch maps: the file source produces
+//! validated specs, the Kubernetes sources (`kube`, `manifests`) produce cluster
+//! objects; the model turns either into the desired state.
 
+pub mod cluster;
 pub mod file;
+pub mod kube;

@@ -59,6 +59,22 @@ pub struct ServiceModel {
     /// Session affinity by client address, in seconds.
     pub affinity_timeout_s: Option<u32>,
     pub table_size: u32,
+    /// What a new flow meets when no backend is selectable.
+    pub when_empty: WhenEmpty,
+    /// Client prefixes allowed to open flows (Kubernetes `loadBalancerSourceRanges`);
+    /// empty allows every client. Others are dropped and counted.
+    pub source_ranges: Vec<ipnet::IpNet>,
+}
+
+/// A service's answer to new flows while it has no selectable backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WhenEmpty {
+    /// Drop silently (the client retries until its timeout).
+    #[default]
+    Drop,
+    /// Refuse at once, as kube-proxy's REJECT: TCP RST for TCP, ICMP port unreachable
+    /// for UDP.
+    Reject,
 }
 
 impl ServiceModel {
@@ -109,6 +125,8 @@ pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Heal
                     .session_affinity
                     .map(|a| u32::try_from(a.timeout.as_secs()).unwrap_or(u32::MAX)),
                 table_size: spec.maglev_table_size,
+                when_empty: WhenEmpty::Drop,
+                source_ranges: Vec::new(),
             };
             (spec.name.clone(), model)
         })
