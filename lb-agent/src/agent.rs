@@ -273,8 +273,12 @@ async fn writer_task(
         if changed.is_err() {
             return;
         }
-        let want = desired.borrow_and_update().clone();
-        let plan = plan::plan(&want, &applied);
+        // Planned under the borrow: no copy of the desired state, and the sender waits
+        // at most one plan (microseconds when one service changed).
+        let (plan, services) = {
+            let want = desired.borrow_and_update();
+            (plan::plan(&want, &applied), want.services.len())
+        };
         for error in &plan.errors {
             tracing::error!("{error}");
         }
@@ -285,7 +289,7 @@ async fn writer_task(
         match dp.apply(&plan, &mut applied) {
             Ok(n) => {
                 retry = false;
-                tracing::info!(writes = n, services = want.services.len(), "maps updated");
+                tracing::info!(writes = n, services, "maps updated");
             }
             Err((done, e)) => {
                 retry = true;

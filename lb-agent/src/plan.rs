@@ -5,7 +5,7 @@
 //! Order makes every change hitless (a packet never meets a half-written service):
 //! 1. new services' metadata;
 //! 2. backends that will be needed (slot and metadata);
-//! 3. each changed Maglev table swapped whole, then its digest recorded;
+//! 3. each changed Maglev table swapped whole, then the new digests recorded;
 //! 4. frontends added or changed;
 //! 5. frontends removed;
 //! 6. what nothing uses any more: tables of removed services, backend slots (their
@@ -14,6 +14,7 @@
 //! At every step, every id in an installed table names a filled slot of its service.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use lb_common::{
     BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey,
@@ -24,7 +25,13 @@ use lb_common::{
 
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
-use crate::model::{Desired, Endpoint, Health, ServiceModel};
+use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel};
+
+mod applied;
+pub use applied::Applied;
+#[cfg(test)]
+use applied::IdPool;
+use applied::Ids;
 
 /// One map write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,57 +80,6 @@ pub enum Op {
     },
 }
 
-/// What the maps hold, as far as the agent wrote it (restored from them on restart).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub services: BTreeMap<u32, ServiceMeta>,
-    pub backends: BTreeMap<u32, BackendMeta>,
-    /// Filled backend slots.
-    pub slots: BTreeMap<u32, Backend>,
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
-}
-
-impl Applied {
-    /// Mirrors one successful write.
-    pub fn record(&mut self, op: &Op) {
-        match op {
-            Op::SetServiceMeta { id, meta } => {
-                self.services.insert(*id, *meta);
-            }
-            Op::ClearServiceMeta { id } => {
-                self.services.remove(id);
-            }
-            Op::SetBackend { id, backend } => {
-                self.slots.insert(*id, *backend);
-            }
-            Op::RemoveBackend { id } => {
-                self.slots.remove(id);
-            }
-            Op::SetBackendMeta { id, meta } => {
-                self.backends.insert(*id, *meta);
-            }
-            Op::ClearBackendMeta { id } => {
-                self.backends.remove(id);
-            }
-            Op::SetFrontend { key, value } => {
-                self.frontends.insert(*key, *value);
-            }
-            Op::RemoveFrontend { key } => {
-                self.frontends.remove(key);
-            }
-            // Recorded by the digest in the service's metadata that follows.
-            Op::ResetStats { .. } | Op::SetTable { .. } | Op::RemoveTable { .. } => {}
-        }
-    }
-
-    fn service_id(&self, name: &str) -> Option<u32> {
-        self.services
-            .iter()
-            .find(|(_, meta)| service_name(meta) == name)
-            .map(|(id, _)| *id)
-    }
-}
-
 /// The name stored in a service's metadata.
 pub fn service_name(meta: &ServiceMeta) -> &str {
     let end = meta
@@ -167,6 +123,10 @@ pub enum PlanError {
 pub struct Plan {
     pub ops: Vec<Op>,
     pub errors: Vec<PlanError>,
+    /// The services this plan looked at: `Some(model)` when the ops bring it to that
+    /// model without error, `None` when it is removed or had an error. See
+    /// [`Applied::conclude`].
+    pub settled: Vec<(String, Option<Arc<ServiceModel>>)>,
 }
 
 /// The frontend key of a spec.
@@ -193,29 +153,22 @@ pub fn table_digest(table: &[u32]) -> u64 {
     h.max(1)
 }
 
-/// Lowest ids in `1..max` not in `used`, handed out in order.
-struct Ids {
-    used: BTreeSet<u32>,
-    max: u32,
-}
-
-impl Ids {
-    fn take(&mut self) -> Option<u32> {
-        let id = (1..self.max).find(|id| !self.used.contains(id))?;
-        self.used.insert(id);
-        Some(id)
-    }
-}
-
 /// Ordered phases; concatenated at the end.
 #[derive(Default)]
 struct Phases {
     new_services: Vec<Op>,
     backends: Vec<Op>,
+    /// Digests of tables about to change, cleared.
+    forget_digests: Vec<Op>,
+    /// Table swaps and removals, consecutive so the writer can batch them.
     tables: Vec<Op>,
+    /// Service metadata recording the new digests.
+    metas: Vec<Op>,
     add_frontends: Vec<Op>,
     remove_frontends: Vec<Op>,
-    cleanup: Vec<Op>,
+    cleanup_tables: Vec<Op>,
+    cleanup_backends: Vec<Op>,
+    cleanup_services: Vec<Op>,
 }
 
 impl Phases {
@@ -224,82 +177,141 @@ impl Phases {
         let Phases {
             new_services,
             backends,
-            mut tables,
+            forget_digests,
+            tables,
+            metas,
             add_frontends,
             remove_frontends,
-            cleanup,
+            cleanup_tables,
+            cleanup_backends,
+            cleanup_services,
         } = self;
         // Down backends leave their slot only after the tables no longer name them.
         let (late, early): (Vec<Op>, Vec<Op>) = backends
             .into_iter()
             .partition(|op| matches!(op, Op::RemoveBackend { .. }));
         let mut ops = new_services;
-        ops.extend(early);
-        ops.append(&mut tables);
-        ops.extend(add_frontends);
-        ops.extend(remove_frontends);
-        ops.extend(late);
-        ops.extend(cleanup);
+        for phase in [
+            early,
+            forget_digests,
+            tables,
+            metas,
+            add_frontends,
+            remove_frontends,
+            late,
+            cleanup_tables,
+            cleanup_backends,
+            cleanup_services,
+        ] {
+            ops.extend(phase);
+        }
         ops
     }
 }
 
 /// The writes that make the maps hold `desired`, given that they hold `applied`.
+/// Services settled on the same model (the same `Arc`, or an equal one) are skipped,
+/// so a change to one service among thousands plans in microseconds.
 pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
-    let mut phases = Phases::default();
-    let mut errors = Vec::new();
-    let mut service_ids = Ids {
-        used: applied.services.keys().copied().collect(),
-        max: MAX_SERVICES,
+    let mut planner = Planner {
+        applied,
+        phases: Phases::default(),
+        errors: Vec::new(),
+        settled: Vec::new(),
+        service_ids: applied.index.service_ids.allocator(MAX_SERVICES),
+        backend_ids: applied.index.backend_ids.allocator(MAX_BACKENDS),
+        wanted_frontends: BTreeSet::new(),
+        loose_frontends: BTreeSet::new(),
     };
-    let mut backend_ids = Ids {
-        used: applied.backends.keys().copied().collect(),
-        max: MAX_BACKENDS,
-    };
-    let mut kept_services = BTreeSet::new();
-    let mut kept_backends = BTreeSet::new();
-    let mut wanted_frontends = BTreeSet::new();
-
+    // Desired, applied names and settled models are all sorted by name: one merge pass.
+    let mut names = applied.index.names.iter().peekable();
+    let mut settled = applied.index.settled.iter().peekable();
     for (name, service) in &desired.services {
+        while let Some((gone, &id)) = names.next_if(|(n, _)| n.as_str() < name.as_str()) {
+            planner.remove_service(gone, id);
+        }
+        let id = names.next_if(|(n, _)| *n == name).map(|(_, &id)| id);
+        while settled
+            .next_if(|(n, _)| n.as_str() < name.as_str())
+            .is_some()
+        {}
+        let before = settled.next_if(|(n, _)| *n == name).map(|(_, m)| m);
+        if let Some(before) = before {
+            if Arc::ptr_eq(before, service) {
+                continue;
+            }
+            if **before == **service {
+                planner
+                    .settled
+                    .push((name.clone(), Some(Arc::clone(service))));
+                continue;
+            }
+        }
+        planner.service(name, service, id, before.map(AsRef::as_ref));
+    }
+    for (gone, &id) in names {
+        planner.remove_service(gone, id);
+    }
+    for &id in &applied.index.strays {
+        planner.remove_stray(id);
+    }
+    planner.finish()
+}
+
+/// One plan under construction.
+struct Planner<'a> {
+    applied: &'a Applied,
+    phases: Phases,
+    errors: Vec<PlanError>,
+    settled: Vec<(String, Option<Arc<ServiceModel>>)>,
+    service_ids: Ids<'a>,
+    backend_ids: Ids<'a>,
+    /// Frontends the services looked at want.
+    wanted_frontends: BTreeSet<FrontendKey>,
+    /// Frontends of the services looked at (and of removed ones): removed unless wanted.
+    loose_frontends: BTreeSet<FrontendKey>,
+}
+
+impl Planner<'_> {
+    /// Plans one service (new, changed, or not known to be settled) against the maps.
+    fn service(
+        &mut self,
+        name: &str,
+        service: &Arc<ServiceModel>,
+        id: Option<u32>,
+        before: Option<&ServiceModel>,
+    ) {
+        let errors_before = self.errors.len();
         let Ok(name_bytes) = name_field(name) else {
-            errors.push(PlanError::NameTooLong {
-                service: name.clone(),
+            self.errors.push(PlanError::NameTooLong {
+                service: name.to_owned(),
             });
-            continue;
+            return;
         };
-        let (id, old_meta) = if let Some(id) = applied.service_id(name) {
-            (id, applied.services.get(&id).copied())
-        } else if let Some(id) = service_ids.take() {
+        let (id, old_meta) = if let Some(id) = id {
+            (id, self.applied.services.get(&id).copied())
+        } else if let Some(id) = self.service_ids.take() {
             let meta = ServiceMeta {
                 name: name_bytes,
                 flags: SERVICE_META_F_IN_USE,
                 table_size: service.table_size,
                 table_digest: 0,
             };
-            phases.new_services.push(Op::ResetStats { id });
-            phases.new_services.push(Op::SetServiceMeta { id, meta });
+            self.phases.new_services.push(Op::ResetStats { id });
+            self.phases
+                .new_services
+                .push(Op::SetServiceMeta { id, meta });
             (id, Some(meta))
         } else {
-            errors.push(PlanError::NoServiceId {
-                service: name.clone(),
+            self.errors.push(PlanError::NoServiceId {
+                service: name.to_owned(),
             });
-            continue;
+            return;
         };
-        kept_services.insert(id);
-        let ids = plan_backends(
-            name,
-            id,
-            service,
-            applied,
-            &mut backend_ids,
-            &mut phases,
-            &mut errors,
-        );
-        kept_backends.extend(ids.values().copied());
-
-        let digest = plan_table(name, id, service, &ids, old_meta, &mut phases, &mut errors);
-        if digest == 0 && old_meta.is_some_and(|m| m.table_digest != 0) {
-            phases.tables.push(Op::RemoveTable { service_id: id });
+        let ids = self.backends(name, id, service);
+        let digest = self.table(name, id, service, &ids, old_meta, before);
+        if digest == 0 && self.applied.tables.contains(&id) {
+            self.phases.tables.push(Op::RemoveTable { service_id: id });
         }
         let meta = ServiceMeta {
             name: name_bytes,
@@ -312,10 +324,18 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
             table_size: service.table_size,
             table_digest: digest,
         };
-        if old_meta != Some(meta) {
-            phases.tables.push(Op::SetServiceMeta { id, meta });
+        // A table swap cleared the recorded digest first (see `table`).
+        let swapped = matches!(self.phases.tables.last(), Some(Op::SetTable { service_id, .. }) if *service_id == id);
+        if old_meta != Some(meta) || swapped {
+            self.phases.metas.push(Op::SetServiceMeta { id, meta });
         }
+        self.frontends(id, service);
+        let clean = self.errors.len() == errors_before;
+        self.settled
+            .push((name.to_owned(), clean.then(|| Arc::clone(service))));
+    }
 
+    fn frontends(&mut self, id: u32, service: &ServiceModel) {
         let value = Frontend {
             service_id: id,
             flags: if service.affinity_timeout_s.is_some() {
@@ -328,88 +348,97 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         };
         for spec in &service.frontends {
             let key = frontend_key(spec);
-            wanted_frontends.insert(key);
-            if applied.frontends.get(&key) != Some(&value) {
-                phases.add_frontends.push(Op::SetFrontend { key, value });
+            self.wanted_frontends.insert(key);
+            if self.applied.frontends.get(&key) != Some(&value) {
+                self.phases
+                    .add_frontends
+                    .push(Op::SetFrontend { key, value });
             }
         }
+        self.loose_frontends.extend(self.applied.frontends_of(id));
     }
 
-    plan_removals(
-        applied,
-        &kept_services,
-        &kept_backends,
-        &wanted_frontends,
-        &mut phases,
-    );
-
-    Plan {
-        ops: phases.into_ops(),
-        errors,
+    /// Everything a service no longer in the desired state holds.
+    fn remove_service(&mut self, name: &str, id: u32) {
+        self.remove_stray(id);
+        self.settled.push((name.to_owned(), None));
     }
-}
 
-/// What the desired state no longer uses: frontends, tables, backends, metadata.
-fn plan_removals(
-    applied: &Applied,
-    kept_services: &BTreeSet<u32>,
-    kept_backends: &BTreeSet<u32>,
-    wanted_frontends: &BTreeSet<FrontendKey>,
-    phases: &mut Phases,
-) {
-    for key in applied.frontends.keys() {
-        if !wanted_frontends.contains(key) {
-            phases
-                .remove_frontends
-                .push(Op::RemoveFrontend { key: *key });
+    /// Everything held under `id`: frontends, table, backends, metadata.
+    fn remove_stray(&mut self, id: u32) {
+        self.loose_frontends.extend(self.applied.frontends_of(id));
+        if self.applied.tables.contains(&id) {
+            self.phases
+                .cleanup_tables
+                .push(Op::RemoveTable { service_id: id });
+        }
+        for backend in self.applied.backends_of(id) {
+            self.remove_backend(backend);
+        }
+        if self.applied.services.contains_key(&id) {
+            self.phases
+                .cleanup_services
+                .push(Op::ClearServiceMeta { id });
         }
     }
-    for (&id, meta) in &applied.services {
-        if !kept_services.contains(&id) && meta.table_digest != 0 {
-            phases.cleanup.push(Op::RemoveTable { service_id: id });
+
+    fn remove_backend(&mut self, id: u32) {
+        if self.applied.slots.contains_key(&id) {
+            self.phases.cleanup_backends.push(Op::RemoveBackend { id });
         }
+        self.phases
+            .cleanup_backends
+            .push(Op::ClearBackendMeta { id });
     }
-    for &id in applied.backends.keys() {
-        if !kept_backends.contains(&id) {
-            if applied.slots.contains_key(&id) {
-                phases.cleanup.push(Op::RemoveBackend { id });
+
+    /// The frontends that nothing wants any more, and slots without metadata.
+    fn finish(mut self) -> Plan {
+        for key in &self.loose_frontends {
+            if !self.wanted_frontends.contains(key) {
+                self.phases
+                    .remove_frontends
+                    .push(Op::RemoveFrontend { key: *key });
             }
-            phases.cleanup.push(Op::ClearBackendMeta { id });
+        }
+        for &id in &self.applied.index.unowned_slots {
+            self.phases.cleanup_backends.push(Op::RemoveBackend { id });
+        }
+        Plan {
+            ops: self.phases.into_ops(),
+            errors: self.errors,
+            settled: self.settled,
         }
     }
-    // Slots filled without metadata (a write interrupted by a crash).
-    for &id in applied.slots.keys() {
-        if !applied.backends.contains_key(&id) {
-            phases.cleanup.push(Op::RemoveBackend { id });
-        }
-    }
-    for &id in applied.services.keys() {
-        if !kept_services.contains(&id) {
-            phases.cleanup.push(Op::ClearServiceMeta { id });
-        }
-    }
-}
 
-/// Plans the service's table over the backends that take new flows; returns the
-/// digest the service's metadata should record (0: no table).
-fn plan_table(
-    name: &str,
-    id: u32,
-    service: &ServiceModel,
-    ids: &BTreeMap<Endpoint, u32>,
-    old_meta: Option<ServiceMeta>,
-    phases: &mut Phases,
-    errors: &mut Vec<PlanError>,
-) -> u64 {
-    let members: Vec<(u32, String, u32)> = service
-        .backends
-        .iter()
-        .filter(|(_, b)| b.selectable())
-        .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
-        .collect();
-    if members.is_empty() {
-        0
-    } else {
+    /// Plans the service's table over the backends that take new flows; returns the
+    /// digest the service's metadata should record (0: no table). A table whose input
+    /// is that of the settled model is the installed one: not built again.
+    fn table(
+        &mut self,
+        name: &str,
+        id: u32,
+        service: &ServiceModel,
+        ids: &BTreeMap<Endpoint, u32>,
+        old_meta: Option<ServiceMeta>,
+        before: Option<&ServiceModel>,
+    ) -> u64 {
+        // The recorded digest describes the table only while one is installed.
+        let installed = match old_meta {
+            Some(m) if self.applied.tables.contains(&id) => m.table_digest,
+            _ => 0,
+        };
+        if installed != 0 && before.is_some_and(|b| same_table_input(b, service)) {
+            return installed;
+        }
+        let members: Vec<(u32, String, u32)> = service
+            .backends
+            .iter()
+            .filter(|(_, b)| b.selectable())
+            .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
+            .collect();
+        if members.is_empty() {
+            return 0;
+        }
         let input: Vec<maglev::Backend<'_>> = members
             .iter()
             .map(|(bid, identity, weight)| maglev::Backend {
@@ -421,8 +450,19 @@ fn plan_table(
         match maglev::build_table(&input, service.table_size) {
             Ok(table) => {
                 let digest = table_digest(&table);
-                if old_meta.is_none_or(|m| m.table_digest != digest) {
-                    phases.tables.push(Op::SetTable {
+                if installed != digest {
+                    // Until the new digest is recorded, the metadata must not claim
+                    // the old one (a write interrupted in between would keep it).
+                    if let Some(old) = old_meta.filter(|m| m.table_digest != 0) {
+                        let meta = ServiceMeta {
+                            table_digest: 0,
+                            ..old
+                        };
+                        self.phases
+                            .forget_digests
+                            .push(Op::SetServiceMeta { id, meta });
+                    }
+                    self.phases.tables.push(Op::SetTable {
                         service_id: id,
                         table,
                     });
@@ -430,42 +470,50 @@ fn plan_table(
                 digest
             }
             Err(source) => {
-                errors.push(PlanError::Maglev {
+                self.errors.push(PlanError::Maglev {
                     service: name.to_owned(),
                     source,
                 });
-                old_meta.map_or(0, |m| m.table_digest)
+                installed
             }
         }
     }
-}
 
-/// Plans one service's backends; returns the id of every backend it keeps.
-fn plan_backends(
-    name: &str,
-    service_id: u32,
-    service: &ServiceModel,
-    applied: &Applied,
-    ids: &mut Ids,
-    phases: &mut Phases,
-    errors: &mut Vec<PlanError>,
-) -> BTreeMap<Endpoint, u32> {
-    let existing: BTreeMap<Endpoint, u32> = applied
-        .backends
-        .iter()
-        .filter(|(_, m)| m.service_id == service_id)
-        .map(|(&id, m)| (meta_endpoint(m), id))
-        .collect();
-    let mut kept = BTreeMap::new();
-    for (endpoint, backend) in &service.backends {
-        let Some(id) = existing.get(endpoint).copied().or_else(|| ids.take()) else {
-            errors.push(PlanError::NoBackendId {
-                service: name.to_owned(),
-                endpoint: *endpoint,
-            });
-            continue;
-        };
-        kept.insert(*endpoint, id);
+    /// Plans one service's backends; returns the id of every backend it keeps, and
+    /// removes the ones it no longer has.
+    fn backends(
+        &mut self,
+        name: &str,
+        service_id: u32,
+        service: &ServiceModel,
+    ) -> BTreeMap<Endpoint, u32> {
+        let applied = self.applied;
+        let mut existing: BTreeMap<Endpoint, u32> = applied
+            .backends_of(service_id)
+            .map(|id| (meta_endpoint(&applied.backends[&id]), id))
+            .collect();
+        let mut kept = BTreeMap::new();
+        for (endpoint, backend) in &service.backends {
+            let Some(id) = existing
+                .remove(endpoint)
+                .or_else(|| self.backend_ids.take())
+            else {
+                self.errors.push(PlanError::NoBackendId {
+                    service: name.to_owned(),
+                    endpoint: *endpoint,
+                });
+                continue;
+            };
+            kept.insert(*endpoint, id);
+            self.backend(id, service_id, *endpoint, backend);
+        }
+        for id in existing.into_values() {
+            self.remove_backend(id);
+        }
+        kept
+    }
+
+    fn backend(&mut self, id: u32, service_id: u32, endpoint: Endpoint, backend: &BackendModel) {
         let (addr, family) = addr_key(endpoint.addr);
         let meta = BackendMeta {
             addr,
@@ -480,7 +528,7 @@ fn plan_backends(
             weight: backend.weight,
             _pad: 0,
         };
-        let filled = applied.slots.get(&id);
+        let filled = self.applied.slots.get(&id);
         let slot = Backend {
             addr,
             port: meta.port,
@@ -492,17 +540,30 @@ fn plan_backends(
             },
             service_id,
         };
+        let ops = &mut self.phases.backends;
         if backend.forwarding() && filled != Some(&slot) {
-            phases.backends.push(Op::SetBackend { id, backend: slot });
+            ops.push(Op::SetBackend { id, backend: slot });
         }
-        if applied.backends.get(&id) != Some(&meta) {
-            phases.backends.push(Op::SetBackendMeta { id, meta });
+        if self.applied.backends.get(&id) != Some(&meta) {
+            ops.push(Op::SetBackendMeta { id, meta });
         }
         if !backend.forwarding() && filled.is_some() {
-            phases.backends.push(Op::RemoveBackend { id });
+            ops.push(Op::RemoveBackend { id });
         }
     }
-    kept
+}
+
+/// The two models give the same Maglev table: the same selectable backends, weights
+/// and size.
+fn same_table_input(a: &ServiceModel, b: &ServiceModel) -> bool {
+    let input = |s: &ServiceModel| {
+        s.backends
+            .iter()
+            .filter(|(_, b)| b.selectable())
+            .map(|(ep, b)| (*ep, b.weight))
+            .collect::<Vec<_>>()
+    };
+    a.table_size == b.table_size && input(a) == input(b)
 }
 
 fn name_field(name: &str) -> Result<[u8; SERVICE_NAME_LEN], ()> {

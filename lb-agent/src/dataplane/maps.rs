@@ -266,6 +266,8 @@ pub struct Snapshot {
     pub services: Vec<(u32, ServiceMeta)>,
     /// Backend id -> metadata, and the backend slot when it is filled (forwarding).
     pub backends: Vec<(u32, BackendMeta, Option<Backend>)>,
+    /// Service ids whose Maglev slot holds a table.
+    pub tables: Vec<u32>,
 }
 
 impl Dataplane {
@@ -340,6 +342,19 @@ impl Dataplane {
                 let slot = slots.get(&id, 0).map_err(map_err(name))?;
                 snap.backends
                     .push((id, meta, (slot.family != 0).then_some(slot)));
+            }
+        }
+        {
+            let name = maps::MAGLEV;
+            let outer: ArrayOfMaps<_, Array<MapData, u32>> =
+                ArrayOfMaps::try_from(self.map(name)?).map_err(map_err(name))?;
+            for id in 1..maps::MAX_SERVICES {
+                if optional(outer.get(&id, 0))
+                    .map_err(map_err(name))?
+                    .is_some()
+                {
+                    snap.tables.push(id);
+                }
             }
         }
         self.filter = FilterShadow::default();

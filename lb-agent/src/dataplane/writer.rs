@@ -35,9 +35,13 @@ impl Dataplane {
         applied: &mut Applied,
     ) -> Result<usize, (usize, DataplaneError)> {
         for (done, op) in plan.ops.iter().enumerate() {
-            self.execute(op).map_err(|e| (done, e))?;
+            if let Err(e) = self.execute(op) {
+                applied.conclude(plan, false);
+                return Err((done, e));
+            }
             applied.record(op);
         }
+        applied.conclude(plan, true);
         Ok(plan.ops.len())
     }
 
@@ -47,18 +51,17 @@ impl Dataplane {
             frontends,
             services,
             backends,
+            tables,
         } = self.snapshot()?;
-        Ok(Applied {
-            services: services.into_iter().collect(),
-            slots: backends
+        Ok(Applied::from_maps(
+            services.into_iter().collect(),
+            backends.iter().map(|(id, meta, _)| (*id, *meta)).collect(),
+            backends
                 .iter()
                 .filter_map(|(id, _, slot)| slot.map(|s| (*id, s)))
                 .collect(),
-            backends: backends
-                .into_iter()
-                .map(|(id, meta, _)| (id, meta))
-                .collect(),
-            frontends: frontends.into_iter().collect(),
-        })
+            frontends.into_iter().collect(),
+            tables.into_iter().collect(),
+        ))
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crate::config::{FrontendSpec, ServiceSpec};
 
@@ -84,10 +85,11 @@ impl ServiceModel {
     }
 }
 
-/// Every service by name.
+/// Every service by name. Models are shared (`Arc`): a source that changes one service
+/// keeps the others' pointers, which lets the planner skip them without comparing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub services: BTreeMap<String, ServiceModel>,
+    pub services: BTreeMap<String, Arc<ServiceModel>>,
 }
 
 /// Builds the desired state from validated specs. `health` answers for backends that
@@ -128,7 +130,7 @@ pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Heal
                 when_empty: WhenEmpty::Drop,
                 source_ranges: Vec::new(),
             };
-            (spec.name.clone(), model)
+            (spec.name.clone(), Arc::new(model))
         })
         .collect();
     Desired { services }

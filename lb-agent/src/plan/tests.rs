@@ -24,27 +24,41 @@ struct FakeMaps {
 }
 
 impl FakeMaps {
+    /// Runs every op of `plan`, as a writer whose writes all succeed.
     fn run(&mut self, plan: &Plan) {
-        for op in &plan.ops {
-            match op {
-                Op::SetBackend { id, backend } => {
-                    self.slots.insert(*id, *backend);
-                }
-                Op::RemoveBackend { id } => {
-                    self.slots.remove(id);
-                }
-                Op::SetTable { service_id, table } => {
-                    self.tables.insert(*service_id, table.clone());
-                }
-                Op::RemoveTable { service_id } => {
-                    self.tables.remove(service_id);
-                }
-                _ => {}
-            }
-            self.applied.record(op);
-            self.writes += 1;
+        self.run_prefix(plan, plan.ops.len());
+    }
+
+    /// Runs the first `n` ops of `plan`, as a writer whose write `n` fails when `n` is
+    /// short of the whole plan.
+    fn run_prefix(&mut self, plan: &Plan, n: usize) {
+        for op in &plan.ops[..n] {
+            self.write(op);
             self.check_hitless(op);
+            check_index(&self.applied);
         }
+        self.applied.conclude(plan, n == plan.ops.len());
+    }
+
+    /// One write, unchecked.
+    fn write(&mut self, op: &Op) {
+        match op {
+            Op::SetBackend { id, backend } => {
+                self.slots.insert(*id, *backend);
+            }
+            Op::RemoveBackend { id } => {
+                self.slots.remove(id);
+            }
+            Op::SetTable { service_id, table } => {
+                self.tables.insert(*service_id, table.clone());
+            }
+            Op::RemoveTable { service_id } => {
+                self.tables.remove(service_id);
+            }
+            _ => {}
+        }
+        self.applied.record(op);
+        self.writes += 1;
     }
 
     fn check_hitless(&self, after: &Op) {
@@ -144,18 +158,72 @@ fn desired(services: Vec<(&str, ServiceModel)>) -> Desired {
     Desired {
         services: services
             .into_iter()
-            .map(|(n, s)| (n.to_owned(), s))
+            .map(|(n, s)| (n.to_owned(), Arc::new(s)))
             .collect(),
     }
 }
 
-/// Plans, runs, checks the result and that a second plan is empty.
+/// A service of `want` to change (copied when another state shares it).
+fn model_mut<'a>(want: &'a mut Desired, name: &str) -> &'a mut ServiceModel {
+    Arc::make_mut(want.services.get_mut(name).expect("service exists"))
+}
+
+/// The indexes `record` keeps equal those built from the maps alone.
+fn check_index(applied: &Applied) {
+    let mut unsettled = applied.clone();
+    unsettled.unsettle();
+    let rebuilt = Applied::from_maps(
+        applied.services.clone(),
+        applied.backends.clone(),
+        applied.slots.clone(),
+        applied.frontends.clone(),
+        applied.tables.clone(),
+    );
+    assert_eq!(unsettled, rebuilt, "indexes drifted from the maps");
+}
+
+/// The table `model` should have, as endpoints.
+fn expected_table(model: &ServiceModel) -> Vec<Endpoint> {
+    let members: Vec<(Endpoint, String, u32)> = model
+        .backends
+        .iter()
+        .filter(|(_, b)| b.selectable())
+        .map(|(e, b)| (*e, e.to_string(), b.weight))
+        .collect();
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let input: Vec<maglev::Backend<'_>> = (1..)
+        .zip(&members)
+        .map(|(id, (_, identity, weight))| maglev::Backend {
+            id,
+            identity: identity.as_bytes(),
+            weight: *weight,
+        })
+        .collect();
+    maglev::build_table(&input, model.table_size)
+        .unwrap()
+        .into_iter()
+        .map(|id| members[id as usize - 1].0)
+        .collect()
+}
+
+/// Plans, runs, checks the result and that a second plan is empty, whether it skips
+/// settled services or compares every one with the maps.
 fn converge(maps: &mut FakeMaps, want: &Desired) -> Plan {
     let plan = plan(want, &maps.applied);
     assert!(plan.errors.is_empty(), "{:?}", plan.errors);
     maps.run(&plan);
     let again = super::plan(want, &maps.applied);
     assert!(again.ops.is_empty(), "not idempotent: {:?}", again.ops);
+    let mut unsettled = maps.applied.clone();
+    unsettled.unsettle();
+    let full = super::plan(want, &unsettled);
+    assert!(
+        full.ops.is_empty(),
+        "a plan over every service finds more to do: {:?}",
+        full.ops
+    );
     let served = maps.served();
     assert_eq!(
         served.keys().collect::<Vec<_>>(),
@@ -173,14 +241,7 @@ fn converge(maps: &mut FakeMaps, want: &Desired) -> Plan {
             .map(|(e, _)| *e)
             .collect();
         assert_eq!(forwarding, &want_forwarding, "{name}: forwarding backends");
-        let in_table: BTreeSet<Endpoint> = table.iter().copied().collect();
-        let want_selectable: BTreeSet<Endpoint> = model
-            .backends
-            .iter()
-            .filter(|(_, b)| b.selectable())
-            .map(|(e, _)| *e)
-            .collect();
-        assert_eq!(in_table, want_selectable, "{name}: table members");
+        assert_eq!(table, &expected_table(model), "{name}: table");
     }
     plan
 }
@@ -238,18 +299,18 @@ fn changing_one_weight_rewrites_only_the_table_and_metadata() {
         ),
     )]);
     converge(&mut maps, &want);
-    want.services
-        .get_mut("web")
-        .unwrap()
+    model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(12, 8080))
         .unwrap()
         .weight = 3;
     let plan = converge(&mut maps, &want);
-    assert_eq!(plan.ops.len(), 3, "{:?}", plan.ops);
+    // The metadata is written twice: its digest cleared before the swap, set after.
+    assert_eq!(plan.ops.len(), 4, "{:?}", plan.ops);
     assert!(matches!(plan.ops[0], Op::SetBackendMeta { .. }));
-    assert!(matches!(plan.ops[1], Op::SetTable { .. }));
-    assert!(matches!(plan.ops[2], Op::SetServiceMeta { .. }));
+    assert!(matches!(plan.ops[1], Op::SetServiceMeta { meta, .. } if meta.table_digest == 0));
+    assert!(matches!(plan.ops[2], Op::SetTable { .. }));
+    assert!(matches!(plan.ops[3], Op::SetServiceMeta { meta, .. } if meta.table_digest != 0));
 }
 
 #[test]
@@ -263,10 +324,7 @@ fn a_down_backend_leaves_the_table_before_its_slot_and_comes_back() {
         ),
     )]);
     converge(&mut maps, &want);
-    let b = want
-        .services
-        .get_mut("web")
-        .unwrap()
+    let b = model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(12, 8080))
         .unwrap();
@@ -281,9 +339,7 @@ fn a_down_backend_leaves_the_table_before_its_slot_and_comes_back() {
         .iter()
         .position(|op| matches!(op, Op::RemoveBackend { .. }));
     assert!(table_at < slot_at, "{:?}", plan.ops);
-    want.services
-        .get_mut("web")
-        .unwrap()
+    model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(12, 8080))
         .unwrap()
@@ -299,9 +355,7 @@ fn all_backends_down_removes_the_table_and_flags_the_service() {
         service(&[fe(10, 80)], &[(ep(11, 8080), 1, Health::Up)]),
     )]);
     converge(&mut maps, &want);
-    want.services
-        .get_mut("web")
-        .unwrap()
+    model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(11, 8080))
         .unwrap()
@@ -384,8 +438,16 @@ fn a_restored_state_needs_no_writes() {
     )]);
     converge(&mut maps, &want);
     // A restarted agent only has what the maps hold.
-    let restored = maps.applied.clone();
-    assert!(plan(&want, &restored).ops.is_empty());
+    let restored = Applied::from_maps(
+        maps.applied.services.clone(),
+        maps.applied.backends.clone(),
+        maps.applied.slots.clone(),
+        maps.applied.frontends.clone(),
+        maps.applied.tables.clone(),
+    );
+    let again = plan(&want, &restored);
+    assert!(again.ops.is_empty(), "{:?}", again.ops);
+    assert_eq!(again.settled.len(), 1, "looked at the unsettled service");
 }
 
 #[test]
@@ -464,7 +526,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         .collect();
                     let mut model = service(&frontends, &backends);
                     model.affinity_timeout_s = affinity.then_some(60);
-                    (format!("svc-{n}"), model)
+                    (format!("svc-{n}"), Arc::new(model))
                 })
                 .collect(),
         }
@@ -472,6 +534,56 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
 }
 
 proptest! {
+    /// Any sequence of desired states converges, hitlessly, with nothing left over, also
+    /// when writes fail part way through a plan (the writer retries with a new plan).
+    #[test]
+    fn interrupted_plans_still_converge(
+        steps in proptest::collection::vec((arb_desired(), 0.0f64..1.0), 1..6),
+    ) {
+        let mut maps = FakeMaps::default();
+        for (want, cut) in &steps {
+            let plan = plan(want, &maps.applied);
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "a fraction of a short op list"
+            )]
+            let n = (plan.ops.len() as f64 * cut) as usize;
+            maps.run_prefix(&plan, n);
+        }
+        converge(&mut maps, &steps.last().unwrap().0);
+        converge(&mut maps, &Desired::default());
+        prop_assert_eq!(&maps.applied, &Applied::default());
+        prop_assert!(maps.slots.is_empty() && maps.tables.is_empty());
+    }
+
+    /// The id pool hands out the lowest free ids, as a scan of the used ones would.
+    #[test]
+    fn id_pool_gives_the_lowest_free_ids(
+        steps in proptest::collection::vec((any::<bool>(), 1u32..40), 0..60),
+    ) {
+        let mut pool = IdPool::default();
+        let mut used = BTreeSet::new();
+        for (insert, id) in steps {
+            if insert {
+                pool.insert(id);
+                used.insert(id);
+            } else {
+                pool.remove(id);
+                used.remove(&id);
+            }
+            let mut ids = pool.allocator(50);
+            let got: Vec<u32> = std::iter::from_fn(|| ids.take()).take(5).collect();
+            let want: Vec<u32> = (1..50).filter(|id| !used.contains(id)).take(5).collect();
+            prop_assert_eq!(got, want);
+        }
+        for id in used {
+            pool.remove(id);
+        }
+        prop_assert_eq!(pool, IdPool::default());
+    }
+
     /// Any sequence of desired states converges, hitlessly, with nothing left over.
     #[test]
     fn any_sequence_converges_hitlessly(steps in proptest::collection::vec(arb_desired(), 1..6)) {
@@ -502,9 +614,7 @@ fn draining_rewrites_the_slot_with_the_draining_flag_and_undraining_clears_it() 
             .filter(|b| b.flags & BACKEND_F_DRAINING != 0)
             .count()
     };
-    want.services
-        .get_mut("web")
-        .unwrap()
+    model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(12, 8080))
         .unwrap()
@@ -516,13 +626,110 @@ fn draining_rewrites_the_slot_with_the_draining_flag_and_undraining_clears_it() 
         .position(|op| matches!(op, Op::SetTable { .. }));
     assert!(table_at.is_some(), "{:?}", plan.ops);
     assert_eq!(drained(&maps), 1, "still forwarding, flagged");
-    want.services
-        .get_mut("web")
-        .unwrap()
+    model_mut(&mut want, "web")
         .backends
         .get_mut(&ep(12, 8080))
         .unwrap()
         .weight = 1;
     converge(&mut maps, &want);
     assert_eq!(drained(&maps), 0);
+}
+
+#[test]
+fn one_changed_service_among_many_is_the_only_one_planned() {
+    let mut maps = FakeMaps::default();
+    let mut want = Desired::default();
+    for i in 0..40u8 {
+        let model = service(&[fe(i, 80)], &[(ep(i, 8080), 1, UP), (ep(i, 8081), 1, UP)]);
+        want.services.insert(format!("svc-{i:02}"), Arc::new(model));
+    }
+    converge(&mut maps, &want);
+    let id = maps.applied.index.names["svc-07"];
+    model_mut(&mut want, "svc-07").backends.insert(
+        ep(7, 8082),
+        BackendModel {
+            weight: 1,
+            health: UP,
+        },
+    );
+    let plan = converge(&mut maps, &want);
+    assert_eq!(plan.settled.len(), 1, "{:?}", plan.settled);
+    assert!(
+        plan.ops.iter().all(|op| match op {
+            Op::SetTable { service_id, .. } => *service_id == id,
+            Op::SetServiceMeta { id: s, .. } => *s == id,
+            Op::SetBackend { backend, .. } => backend.service_id == id,
+            Op::SetBackendMeta { meta, .. } => meta.service_id == id,
+            _ => false,
+        }),
+        "{:?}",
+        plan.ops
+    );
+    // A source that rebuilt every model (new pointers, same contents) costs no writes.
+    let rebuilt = Desired {
+        services: want
+            .services
+            .iter()
+            .map(|(n, m)| (n.clone(), Arc::new((**m).clone())))
+            .collect(),
+    };
+    let plan = converge(&mut maps, &rebuilt);
+    assert!(plan.ops.is_empty());
+    assert_eq!(plan.settled.len(), 40, "re-settled on the new pointers");
+    assert!(super::plan(&rebuilt, &maps.applied).settled.is_empty());
+}
+
+#[test]
+fn a_restart_cleans_up_what_a_crash_left() {
+    let mut maps = FakeMaps::default();
+    let want = desired(vec![
+        ("a", service(&[fe(10, 80)], &[(ep(11, 8080), 1, UP)])),
+        ("b", service(&[fe(11, 80)], &[(ep(12, 8080), 1, UP)])),
+    ]);
+    converge(&mut maps, &want);
+    let a = maps.applied.index.names["a"];
+    let b = maps.applied.index.names["b"];
+    let mut services = maps.applied.services.clone();
+    let mut backends = maps.applied.backends.clone();
+    let mut slots = maps.applied.slots.clone();
+    // "b" lost its metadata (its frontend and backend still name it), a second "a" was
+    // half written, and a slot was filled without metadata.
+    services.remove(&b);
+    services.insert(9, services[&a]);
+    backends.insert(
+        20,
+        BackendMeta {
+            service_id: 9,
+            ..backends.values().next().copied().unwrap()
+        },
+    );
+    slots.insert(21, slots.values().next().copied().unwrap());
+    let mut tables = maps.applied.tables.clone();
+    tables.insert(30);
+    maps.applied = Applied::from_maps(
+        services,
+        backends,
+        slots,
+        maps.applied.frontends.clone(),
+        tables,
+    );
+    assert_eq!(
+        maps.applied.index.strays,
+        BTreeSet::from([b, 9, 30]),
+        "reachable only by id"
+    );
+    maps.slots
+        .insert(21, maps.slots.values().next().copied().unwrap());
+    maps.tables.insert(30, Vec::new());
+    // The crash left frontends without metadata: no hitless check for this plan.
+    let cleanup = plan(&want, &maps.applied);
+    for op in &cleanup.ops {
+        maps.write(op);
+    }
+    maps.applied.conclude(&cleanup, true);
+    converge(&mut maps, &want);
+    assert!(!maps.applied.tables.contains(&30));
+    assert!(maps.applied.index.strays.is_empty());
+    assert!(!maps.applied.slots.contains_key(&21));
+    assert!(!maps.applied.services.contains_key(&9));
 }

@@ -1,0 +1,331 @@
+//! What the maps hold, as the planner sees it: their contents, indexes that let a plan
+//! look at one service without scanning the others, and which services are settled.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use lb_common::{Backend, BackendMeta, Frontend, FrontendKey, ServiceMeta};
+
+use super::{Op, Plan, service_name};
+use crate::model::ServiceModel;
+
+/// What the maps hold, as far as the agent wrote it (restored from them on restart).
+/// Change it only through [`Applied::record`] and [`Applied::conclude`]: they keep the
+/// indexes that let a plan touch only what changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub services: BTreeMap<u32, ServiceMeta>,
+    pub backends: BTreeMap<u32, BackendMeta>,
+    /// Filled backend slots.
+    pub slots: BTreeMap<u32, Backend>,
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Service ids whose Maglev slot holds a table (its digest may not be recorded
+    /// yet: a write was interrupted between the two).
+    pub tables: BTreeSet<u32>,
+    pub(super) index: Index,
+}
+
+/// Derived from `Applied`'s maps (and kept in step by `record`), plus the models whose
+/// state the maps are known to hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Index {
+    /// Service name -> id.
+    pub(super) names: BTreeMap<String, u32>,
+    /// Service ids to clean up that no name reaches: a second id with a taken name, or
+    /// an id that frontends, backends or a table use without metadata (maps left by a
+    /// crash).
+    pub(super) strays: BTreeSet<u32>,
+    /// Ids in use: services and strays.
+    pub(super) service_ids: IdPool,
+    /// Ids in use: backend metadata and filled slots.
+    pub(super) backend_ids: IdPool,
+    pub(super) backends_of: BTreeMap<u32, BTreeSet<u32>>,
+    pub(super) frontends_of: BTreeMap<u32, BTreeSet<FrontendKey>>,
+    /// Filled slots without metadata (a write interrupted by a crash).
+    pub(super) unowned_slots: BTreeSet<u32>,
+    /// Services whose every write of their current model succeeded: a plan skips them
+    /// while their model is the same.
+    pub(super) settled: BTreeMap<String, Arc<ServiceModel>>,
+}
+
+/// Ids in use among `1..`, with the free gaps below the highest, so the lowest free id
+/// is found without scanning the used ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct IdPool {
+    /// Free ids below `end`.
+    free: BTreeSet<u32>,
+    /// One past the highest id in use; 0 when none is.
+    end: u32,
+}
+
+impl IdPool {
+    pub(super) fn insert(&mut self, id: u32) {
+        if id == 0 {
+            return;
+        }
+        let start = self.end.max(1);
+        if id >= start {
+            self.free.extend(start..id);
+            self.end = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: u32) {
+        if id == 0 || id >= self.end {
+            return;
+        }
+        self.free.insert(id);
+        while self.end > 1 && self.free.remove(&(self.end - 1)) {
+            self.end -= 1;
+        }
+        if self.end == 1 {
+            self.end = 0;
+        }
+    }
+
+    /// Hands out free ids, lowest first, for one plan.
+    pub(super) fn allocator(&self, max: u32) -> Ids<'_> {
+        Ids {
+            free: self.free.iter(),
+            next: self.end.max(1),
+            max,
+        }
+    }
+}
+
+impl Applied {
+    /// The planner's view of maps read back after a restart.
+    pub fn from_maps(
+        services: BTreeMap<u32, ServiceMeta>,
+        backends: BTreeMap<u32, BackendMeta>,
+        slots: BTreeMap<u32, Backend>,
+        frontends: BTreeMap<FrontendKey, Frontend>,
+        tables: BTreeSet<u32>,
+    ) -> Self {
+        let mut applied = Applied::default();
+        for service_id in tables {
+            applied.record(&Op::SetTable {
+                service_id,
+                table: Vec::new(),
+            });
+        }
+        for (id, meta) in services {
+            applied.record(&Op::SetServiceMeta { id, meta });
+        }
+        for (id, meta) in backends {
+            applied.record(&Op::SetBackendMeta { id, meta });
+        }
+        for (id, backend) in slots {
+            applied.record(&Op::SetBackend { id, backend });
+        }
+        for (key, value) in frontends {
+            applied.record(&Op::SetFrontend { key, value });
+        }
+        applied
+    }
+
+    /// Mirrors one successful write.
+    pub fn record(&mut self, op: &Op) {
+        match op {
+            Op::SetServiceMeta { id, meta } => self.set_service(*id, *meta),
+            Op::ClearServiceMeta { id } => {
+                if let Some(old) = self.services.remove(id) {
+                    self.unname(&old, *id);
+                }
+                self.index.strays.remove(id);
+                self.settle(*id);
+            }
+            Op::SetBackend { id, backend } => {
+                self.slots.insert(*id, *backend);
+                self.index.backend_ids.insert(*id);
+                if !self.backends.contains_key(id) {
+                    self.index.unowned_slots.insert(*id);
+                }
+            }
+            Op::RemoveBackend { id } => {
+                self.slots.remove(id);
+                self.index.unowned_slots.remove(id);
+                if !self.backends.contains_key(id) {
+                    self.index.backend_ids.remove(*id);
+                }
+            }
+            Op::SetBackendMeta { id, meta } => {
+                let old = self.backends.insert(*id, *meta).map(|m| m.service_id);
+                if old != Some(meta.service_id) {
+                    if let Some(old) = old {
+                        unlink(&mut self.index.backends_of, old, id);
+                        self.settle(old);
+                    }
+                    link(&mut self.index.backends_of, meta.service_id, *id);
+                    self.own(meta.service_id);
+                }
+                self.index.backend_ids.insert(*id);
+                self.index.unowned_slots.remove(id);
+            }
+            Op::ClearBackendMeta { id } => {
+                if let Some(old) = self.backends.remove(id) {
+                    unlink(&mut self.index.backends_of, old.service_id, id);
+                    self.settle(old.service_id);
+                }
+                if self.slots.contains_key(id) {
+                    self.index.unowned_slots.insert(*id);
+                } else {
+                    self.index.backend_ids.remove(*id);
+                }
+            }
+            Op::SetFrontend { key, value } => {
+                let old = self.frontends.insert(*key, *value).map(|f| f.service_id);
+                if old != Some(value.service_id) {
+                    if let Some(old) = old {
+                        unlink(&mut self.index.frontends_of, old, key);
+                        self.settle(old);
+                    }
+                    link(&mut self.index.frontends_of, value.service_id, *key);
+                    self.own(value.service_id);
+                }
+            }
+            Op::RemoveFrontend { key } => {
+                if let Some(old) = self.frontends.remove(key) {
+                    unlink(&mut self.index.frontends_of, old.service_id, key);
+                    self.settle(old.service_id);
+                }
+            }
+            // The table's contents are recorded by the digest in the service's metadata.
+            Op::SetTable { service_id, .. } => {
+                self.tables.insert(*service_id);
+                self.own(*service_id);
+            }
+            Op::RemoveTable { service_id } => {
+                self.tables.remove(service_id);
+                self.settle(*service_id);
+            }
+            Op::ResetStats { .. } => {}
+        }
+    }
+
+    /// After a plan ran: when every op succeeded (`complete`), its services are settled
+    /// on their models; otherwise the next plan looks at each of them again.
+    pub fn conclude(&mut self, plan: &Plan, complete: bool) {
+        for (name, model) in &plan.settled {
+            match model {
+                Some(model) if complete => {
+                    self.index.settled.insert(name.clone(), Arc::clone(model));
+                }
+                _ => {
+                    self.index.settled.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Forgets which services are settled, so the next plan compares every service with
+    /// the maps (as after a restart).
+    pub fn unsettle(&mut self) {
+        self.index.settled.clear();
+    }
+
+    fn set_service(&mut self, id: u32, meta: ServiceMeta) {
+        if let Some(old) = self.services.insert(id, meta) {
+            if old.name == meta.name {
+                return;
+            }
+            self.unname(&old, id);
+        }
+        self.index.service_ids.insert(id);
+        let name = service_name(&meta);
+        match self.index.names.get(name) {
+            Some(&owner) if owner != id => {
+                self.index.strays.insert(id);
+            }
+            Some(_) => {}
+            None => {
+                self.index.names.insert(name.to_owned(), id);
+                self.index.strays.remove(&id);
+            }
+        }
+    }
+
+    fn unname(&mut self, old: &ServiceMeta, id: u32) {
+        let name = service_name(old);
+        if self.index.names.get(name) == Some(&id) {
+            self.index.names.remove(name);
+        }
+    }
+
+    /// `id` is named by a frontend or backend: without metadata it is a stray.
+    fn own(&mut self, id: u32) {
+        self.index.service_ids.insert(id);
+        if !self.services.contains_key(&id) {
+            self.index.strays.insert(id);
+        }
+    }
+
+    /// Releases `id` once nothing holds it.
+    fn settle(&mut self, id: u32) {
+        if self.services.contains_key(&id) {
+            return;
+        }
+        if self.index.backends_of.contains_key(&id)
+            || self.index.frontends_of.contains_key(&id)
+            || self.tables.contains(&id)
+        {
+            self.index.strays.insert(id);
+        } else {
+            self.index.strays.remove(&id);
+            self.index.service_ids.remove(id);
+        }
+    }
+
+    /// The backend ids a service's metadata names.
+    pub(super) fn backends_of(&self, service_id: u32) -> impl Iterator<Item = u32> + '_ {
+        self.index
+            .backends_of
+            .get(&service_id)
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+
+    pub(super) fn frontends_of(&self, service_id: u32) -> impl Iterator<Item = FrontendKey> + '_ {
+        self.index
+            .frontends_of
+            .get(&service_id)
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+}
+
+fn link<K: Ord>(index: &mut BTreeMap<u32, BTreeSet<K>>, owner: u32, key: K) {
+    index.entry(owner).or_default().insert(key);
+}
+
+fn unlink<K: Ord>(index: &mut BTreeMap<u32, BTreeSet<K>>, owner: u32, key: &K) {
+    if let Some(keys) = index.get_mut(&owner) {
+        keys.remove(key);
+        if keys.is_empty() {
+            index.remove(&owner);
+        }
+    }
+}
+
+/// Free ids of an [`IdPool`], lowest first, handed out during one plan.
+pub(super) struct Ids<'a> {
+    free: std::collections::btree_set::Iter<'a, u32>,
+    next: u32,
+    max: u32,
+}
+
+impl Ids<'_> {
+    pub(super) fn take(&mut self) -> Option<u32> {
+        if let Some(&id) = self.free.next() {
+            return Some(id);
+        }
+        (self.next < self.max).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
