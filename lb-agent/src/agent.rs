@@ -177,7 +177,15 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
             tracing::info!(interface = stale, "detached: no longer in --interface");
         }
     }
-    let applied = dp.restore()?;
+    for retired in pins::remove_retired(&opts.pin_dir)? {
+        tracing::info!(map = retired, "unpinned a map of an earlier layout");
+    }
+    // Fresh maps hold nothing: reading 600,000 empty entries back would only cost time.
+    let applied = if adopted {
+        dp.restore()?
+    } else {
+        Applied::default()
+    };
     if adopted {
         tracing::info!(
             services = applied.services.len(),

@@ -11,8 +11,9 @@ pub const BACKENDS: &str = "BACKENDS_V1";
 pub const NEXTHOPS: &str = "NEXTHOPS_V1";
 /// Address pre-filter: `addr_filter_slot(addr)` -> `ADDR_F_*` bits.
 pub const ADDR_FILTER: &str = "ADDR_FILTER_V1";
-/// Service id -> Maglev table (array of maps; inner arrays are swapped whole).
-pub const MAGLEV: &str = "MAGLEV_V1";
+/// Service id -> Maglev table (array of maps; each inner array holds two copies of the
+/// table, see `MAGLEV_HEADER_SLOT`).
+pub const MAGLEV: &str = "MAGLEV_V2";
 /// Forward connection state: client flow -> chosen backend. `FlowKey` -> `Flow`.
 pub const CONNTRACK: &str = "CONNTRACK_V1";
 /// Reply translation: backend-side flow -> frontend to restore. `FlowKey` -> `RevNat`.
@@ -47,12 +48,16 @@ pub const ALL: [&str; 13] = [
     BACKEND_META,
 ];
 
+/// Maps of earlier layouts, removed with the others (`lb-agent detach`, `--replace`) and
+/// unpinned when an agent of this layout starts.
+pub const RETIRED: [&str; 1] = ["MAGLEV_V1"];
+
 /// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned.
-pub const MAX_SERVICES: u32 = 4096;
-pub const MAX_FRONTENDS: u32 = 16_384;
+pub const MAX_SERVICES: u32 = 65_536;
+pub const MAX_FRONTENDS: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` (array indexes); 0 marks an empty Maglev slot
 /// (Katran's convention).
-pub const MAX_BACKENDS: u32 = 65_536;
+pub const MAX_BACKENDS: u32 = 262_144;
 /// How long a cached next hop is used before the FIB is asked again.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
@@ -60,12 +65,65 @@ pub const CONNTRACK_ENTRIES: u32 = 262_144;
 pub const MAX_TX_PORTS: u32 = 256;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
 
-/// Layout of one Maglev inner array: slot 0 holds the table size M (prime), slots
-/// 1..=M hold backend ids. Keeping M inside the table makes a size change part of the
-/// same atomic swap as the new contents.
-pub const MAGLEV_SIZE_SLOT: u32 = 0;
+/// Layout of one Maglev inner array (`M + 1` elements of [`MaglevSlot`]): element 0 is
+/// the header, `ids[0]` = the table size M (prime) with `MAGLEV_HALF_BIT` set when copy
+/// 1 is live; elements `1..=M` hold slot `i - 1` of two copies of the table (backend
+/// ids). The agent writes the copy not in use through a memory mapping, then flips the
+/// header in one 32-bit store: a table change is atomic for packets without a
+/// map-in-map update (each costs the writer an RCU grace period, milliseconds). A size
+/// change swaps a new inner array in. Array elements are 8-byte aligned anyway, so the
+/// second copy costs no memory.
+pub const MAGLEV_HEADER_SLOT: u32 = 0;
+/// Set in the header when copy 1 is live.
+pub const MAGLEV_HALF_BIT: u32 = 1 << 31;
+
+/// One element of a Maglev inner array: the same slot in both copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaglevSlot {
+    pub ids: [u32; 2],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), two u32, no padding.
+unsafe impl aya::Pod for MaglevSlot {}
+
+/// The element and copy that `hash` selects, given the header; `None` for an empty
+/// table.
+#[inline(always)]
+pub const fn maglev_slot(header: u32, hash: u32) -> Option<(u32, bool)> {
+    let size = header & !MAGLEV_HALF_BIT;
+    if size == 0 {
+        return None;
+    }
+    Some((1 + hash % size, header & MAGLEV_HALF_BIT != 0))
+}
+
 /// Inner-array entries the object's template declares; real tables are created by the
-/// agent with `M + 1` entries and `BPF_F_INNER_MAP`, which lets sizes differ.
+/// agent with `M + 1` entries and `MAGLEV_INNER_FLAGS` (`BPF_F_INNER_MAP` lets sizes
+/// differ; the flags themselves must equal the template's).
 pub const MAGLEV_TEMPLATE_ENTRIES: u32 = 2;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in `max_entries`.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the array can be memory-mapped by userspace.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of the Maglev template and of every inner table.
+pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_picks_the_live_copy() {
+        assert_eq!(maglev_slot(0, 5), None);
+        assert_eq!(
+            maglev_slot(MAGLEV_HALF_BIT, 5),
+            None,
+            "no size, whichever copy"
+        );
+        assert_eq!(maglev_slot(13, 27), Some((2, false)));
+        assert_eq!(maglev_slot(0xd | MAGLEV_HALF_BIT, 27), Some((2, true)));
+        assert_eq!(maglev_slot(13, 12), Some((13, false)), "the last slot");
+    }
+}

@@ -1,13 +1,14 @@
-//! Backend selection from the service's Maglev table: `table[hash % M]`.
+//! Backend selection from the service's Maglev table: `table[hash % M]` in the live
+//! copy (see `lb_common::maps::MAGLEV_HEADER_SLOT`).
 //! The table itself is computed by the agent (lb-agent/src/maglev.rs).
 
 use lb_common::{
     Backend, FRONTEND_F_CLIENT_AFFINITY, Frontend, Reason,
     hash::{client_hash, flow_hash},
-    maps::MAGLEV_SIZE_SLOT,
+    maps::{MAGLEV_HEADER_SLOT, maglev_slot},
 };
 
-use crate::{maps::MAGLEV_V1, packet::Packet, service};
+use crate::{maps::MAGLEV_V2, packet::Packet, service};
 
 /// The backend the table assigns to this packet's flow, with its id (never 0).
 #[inline(always)]
@@ -19,19 +20,22 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend
 
 #[inline(always)]
 fn select_backend_id(pkt: &Packet, frontend: &Frontend) -> Result<u32, Reason> {
-    let table = MAGLEV_V1
+    let table = MAGLEV_V2
         .get(frontend.service_id)
         .ok_or(Reason::DropNoBackend)?;
-    let size = *table.get(MAGLEV_SIZE_SLOT).ok_or(Reason::DropNoBackend)?;
-    if size == 0 {
-        return Err(Reason::DropNoBackend);
-    }
+    // Read once: the agent may flip the live copy at any moment.
+    let header = table
+        .get(MAGLEV_HEADER_SLOT)
+        .ok_or(Reason::DropNoBackend)?
+        .ids[0];
     let hash = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
         client_hash(&pkt.key.src)
     } else {
         flow_hash(&pkt.key)
     };
-    let id = *table.get(1 + hash % size).ok_or(Reason::DropNoBackend)?;
+    let (slot, second) = maglev_slot(header, hash).ok_or(Reason::DropNoBackend)?;
+    let ids = table.get(slot).ok_or(Reason::DropNoBackend)?.ids;
+    let id = if second { ids[1] } else { ids[0] };
     if id == 0 {
         return Err(Reason::DropNoBackend);
     }

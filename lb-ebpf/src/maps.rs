@@ -9,8 +9,8 @@ use lb_common::{
     ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend,
     FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
     maps::{
-        AFFINITY_ENTRIES, BPF_F_INNER_MAP, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_TX_PORTS,
+        AFFINITY_ENTRIES, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS, MAGLEV_TEMPLATE_ENTRIES,
+        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot,
     },
 };
 
@@ -31,11 +31,11 @@ pub static NEXTHOPS_V1: Array<NextHop, { n(MAX_BACKENDS) }> = Array::new();
 #[btf_map]
 pub static ADDR_FILTER_V1: Array<u8, { n(ADDR_FILTER_SLOTS) }> = Array::new();
 
-/// Outer map indexed by service id; each inner array is one service's Maglev table
-/// (slot 0: table size M, slots 1..=M: backend ids), replaced whole by the agent.
+/// Outer map indexed by service id; each inner array is one service's Maglev table,
+/// twice (see `lb_common::maps::MAGLEV_HEADER_SLOT`).
 #[btf_map]
-pub static MAGLEV_V1: ArrayOfMaps<
-    Array<u32, { n(MAGLEV_TEMPLATE_ENTRIES) }, { n(BPF_F_INNER_MAP) }>,
+pub static MAGLEV_V2: ArrayOfMaps<
+    Array<MaglevSlot, { n(MAGLEV_TEMPLATE_ENTRIES) }, { n(MAGLEV_INNER_FLAGS) }>,
     { n(MAX_SERVICES) },
 > = ArrayOfMaps::new();
 

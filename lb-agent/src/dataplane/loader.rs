@@ -74,6 +74,7 @@ pub struct Dataplane {
     pub(super) ebpf: Option<Ebpf>,
     pub(super) maps: HashMap<&'static str, Map>,
     pub(super) filter: super::maps::FilterShadow,
+    pub(super) grace: super::tables::Grace,
 }
 
 impl Dataplane {
@@ -125,6 +126,7 @@ impl Dataplane {
             ebpf: None,
             maps,
             filter: super::maps::FilterShadow::default(),
+            grace: super::tables::Grace::default(),
         })
     }
 
@@ -140,6 +142,7 @@ impl Dataplane {
             ebpf: Some(ebpf),
             maps,
             filter: super::maps::FilterShadow::default(),
+            grace: super::tables::Grace::default(),
         };
         for name in [PROGRAM, BASELINE_PROGRAM] {
             dp.xdp_mut(name)?

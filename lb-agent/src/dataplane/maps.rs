@@ -1,16 +1,13 @@
 //! Typed reads and writes of the program's maps. Callers speak in lb-common's types;
 //! map names, fds and inner-map plumbing stay here.
 
-use aya::maps::{
-    Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash,
-};
+use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash};
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey,
     NextHop, Reason, ReasonStats, RevNat, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats,
-    addr_filter_slot,
-    maps::{self, BPF_F_INNER_MAP, MAGLEV_SIZE_SLOT},
+    addr_filter_slot, maps,
 };
 
 use super::{Dataplane, DataplaneError};
@@ -54,6 +51,33 @@ impl FilterShadow {
         }
         (slot, bits)
     }
+
+    /// Notes a frontend written; returns the filter write it needs, if any.
+    pub(super) fn frontend_set(&mut self, key: &FrontendKey) -> Option<(u32, u8)> {
+        self.frontends
+            .insert(*key)
+            .then(|| self.bump(&key.addr, 0, true))
+    }
+
+    pub(super) fn frontend_removed(&mut self, key: &FrontendKey) -> Option<(u32, u8)> {
+        self.frontends
+            .remove(key)
+            .then(|| self.bump(&key.addr, 0, false))
+    }
+
+    /// Notes backend slot `id` filled with `addr`; returns the filter writes it needs.
+    pub(super) fn backend_set(&mut self, id: u32, addr: [u8; 16]) -> Vec<(u32, u8)> {
+        match self.backends.insert(id, addr) {
+            Some(old) if old == addr => Vec::new(),
+            Some(old) => vec![self.bump(&old, 1, false), self.bump(&addr, 1, true)],
+            None => vec![self.bump(&addr, 1, true)],
+        }
+    }
+
+    pub(super) fn backend_removed(&mut self, id: u32) -> Option<(u32, u8)> {
+        let old = self.backends.remove(&id)?;
+        Some(self.bump(&old, 1, false))
+    }
 }
 
 impl Dataplane {
@@ -63,13 +87,16 @@ impl Dataplane {
         m.set(slot, bits, 0).map_err(map_err(name))
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+    pub(super) fn map_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::maps::Map, DataplaneError> {
         self.maps
             .get_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+    pub(super) fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
         self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
     }
 
@@ -82,11 +109,10 @@ impl Dataplane {
         let mut m: HashMap<_, FrontendKey, Frontend> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         m.insert(key, value, 0).map_err(map_err(name))?;
-        if self.filter.frontends.insert(key) {
-            let bits = self.filter.bump(&key.addr, 0, true);
-            self.write_filter(bits)?;
+        match self.filter.frontend_set(&key) {
+            Some(bits) => self.write_filter(bits),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
@@ -94,37 +120,29 @@ impl Dataplane {
         let mut m: HashMap<_, FrontendKey, Frontend> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         absent_ok(m.remove(key)).map_err(map_err(name))?;
-        if self.filter.frontends.remove(key) {
-            let bits = self.filter.bump(&key.addr, 0, false);
-            self.write_filter(bits)?;
+        match self.filter.frontend_removed(key) {
+            Some(bits) => self.write_filter(bits),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Writes backend `id` (`1..MAX_BACKENDS`) and forgets its cached next hop.
     pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
         self.write_backend(id, value)?;
-        match self.filter.backends.insert(id, value.addr) {
-            Some(old) if old == value.addr => Ok(()),
-            old => {
-                if let Some(old) = old {
-                    let bits = self.filter.bump(&old, 1, false);
-                    self.write_filter(bits)?;
-                }
-                let bits = self.filter.bump(&value.addr, 1, true);
-                self.write_filter(bits)
-            }
+        for bits in self.filter.backend_set(id, value.addr) {
+            self.write_filter(bits)?;
         }
+        Ok(())
     }
 
     /// Empties backend `id`'s slot: tracked flows to it are re-selected.
     pub fn remove_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.before_backend_removal()?;
         self.write_backend(id, Backend::default())?;
-        if let Some(old) = self.filter.backends.remove(&id) {
-            let bits = self.filter.bump(&old, 1, false);
-            self.write_filter(bits)?;
+        match self.filter.backend_removed(id) {
+            Some(bits) => self.write_filter(bits),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn write_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
@@ -136,52 +154,6 @@ impl Dataplane {
         let mut m: Array<_, NextHop> =
             Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         m.set(id, NextHop::default(), 0).map_err(map_err(name))
-    }
-
-    /// Installs `table` (backend ids, length M, prime) as the service's Maglev table in
-    /// one atomic step: a fresh inner array is filled first, then swapped into the
-    /// outer map, so a packet sees either the whole old table or the whole new one.
-    pub fn set_maglev_table(
-        &mut self,
-        service_id: u32,
-        table: &[u32],
-    ) -> Result<(), DataplaneError> {
-        let name = maps::MAGLEV;
-        let size = u32::try_from(table.len()).map_err(|_| DataplaneError::Map {
-            name,
-            source: MapError::OutOfBounds {
-                index: u32::MAX,
-                max_entries: u32::MAX,
-            },
-        })?;
-        let mut inner: Array<MapData, u32> =
-            Array::create(size + 1, BPF_F_INNER_MAP).map_err(map_err(name))?;
-        inner
-            .set(MAGLEV_SIZE_SLOT, size, 0)
-            .map_err(map_err(name))?;
-        for (slot, id) in (1..).zip(table) {
-            inner.set(slot, id, 0).map_err(map_err(name))?;
-        }
-        let mut outer: ArrayOfMaps<_, Array<MapData, u32>> =
-            ArrayOfMaps::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        outer.set(service_id, &inner, 0).map_err(map_err(name))
-    }
-
-    /// Removes the service's table: its frontends then count `drop_no_backend`.
-    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
-        let name = maps::MAGLEV;
-        let map = self.map_mut(name)?;
-        let data: &mut MapData = match map {
-            aya::maps::Map::ArrayOfMaps(data) => data,
-            _ => {
-                return Err(DataplaneError::Map {
-                    name,
-                    source: MapError::InvalidMapType { map_type: 0 },
-                });
-            }
-        };
-        let fd = std::os::fd::AsFd::as_fd(data.fd());
-        absent_ok(delete_elem(fd, &service_id)).map_err(map_err(name))
     }
 
     /// Lets the program redirect to `ifindex` through the devmap.
@@ -304,7 +276,7 @@ impl Dataplane {
     }
 
     /// Reads back what an agent wrote (after a restart), and rebuilds the address
-    /// pre-filter's bookkeeping from it.
+    /// pre-filter's bookkeeping from it. Arrays are read in batches.
     pub fn snapshot(&mut self) -> Result<Snapshot, DataplaneError> {
         let mut snap = Snapshot::default();
         {
@@ -316,76 +288,49 @@ impl Dataplane {
             }
             snap.frontends.sort_by_key(|(k, _)| *k);
         }
-        {
-            let name = maps::SERVICE_META;
-            let m: Array<_, ServiceMeta> =
-                Array::try_from(self.map(name)?).map_err(map_err(name))?;
-            for id in 1..maps::MAX_SERVICES {
-                let meta = m.get(&id, 0).map_err(map_err(name))?;
-                if meta.flags & SERVICE_META_F_IN_USE != 0 {
-                    snap.services.push((id, meta));
-                }
+        self.read_array(maps::SERVICE_META, |id, meta: &ServiceMeta| {
+            if id != 0 && meta.flags & SERVICE_META_F_IN_USE != 0 {
+                snap.services.push((id, *meta));
             }
-        }
-        {
-            let meta_name = maps::BACKEND_META;
-            let metas: Array<_, BackendMeta> =
-                Array::try_from(self.map(meta_name)?).map_err(map_err(meta_name))?;
-            let name = maps::BACKENDS;
-            let slots: Array<_, Backend> =
-                Array::try_from(self.map(name)?).map_err(map_err(name))?;
-            for id in 1..maps::MAX_BACKENDS {
-                let meta = metas.get(&id, 0).map_err(map_err(meta_name))?;
-                if meta.family == 0 {
-                    continue;
-                }
-                let slot = slots.get(&id, 0).map_err(map_err(name))?;
-                snap.backends
-                    .push((id, meta, (slot.family != 0).then_some(slot)));
+        })?;
+        self.read_array(maps::BACKEND_META, |id, meta: &BackendMeta| {
+            if id != 0 && meta.family != 0 {
+                snap.backends.push((id, *meta, None));
             }
-        }
-        {
-            let name = maps::MAGLEV;
-            let outer: ArrayOfMaps<_, Array<MapData, u32>> =
-                ArrayOfMaps::try_from(self.map(name)?).map_err(map_err(name))?;
-            for id in 1..maps::MAX_SERVICES {
-                if optional(outer.get(&id, 0))
-                    .map_err(map_err(name))?
-                    .is_some()
-                {
-                    snap.tables.push(id);
-                }
+        })?;
+        let mut filled = snap.backends.iter_mut().peekable();
+        self.read_array(maps::BACKENDS, |id, slot: &Backend| {
+            while filled.next_if(|(b, _, _)| *b < id).is_some() {}
+            if let Some((_, _, s)) = filled.next_if(|(b, _, _)| *b == id) {
+                *s = (slot.family != 0).then_some(*slot);
             }
-        }
+        })?;
+        snap.tables = self.maglev_services()?;
         self.filter = FilterShadow::default();
         for (key, _) in &snap.frontends {
-            self.filter.frontends.insert(*key);
-            self.filter.bump(&key.addr, 0, true);
+            self.filter.frontend_set(key);
         }
-        for (id, meta, filled) in &snap.backends {
-            if filled.is_some() {
-                self.filter.backends.insert(*id, meta.addr);
-                self.filter.bump(&meta.addr, 1, true);
+        for (id, _, filled) in &snap.backends {
+            if let Some(slot) = filled {
+                self.filter.backend_set(*id, slot.addr);
             }
         }
         Ok(snap)
     }
 
-    /// A service's Maglev table as installed (backend ids, without the size slot).
-    pub fn maglev_table(&self, service_id: u32) -> Result<Option<Vec<u32>>, DataplaneError> {
-        let name = maps::MAGLEV;
-        let outer: ArrayOfMaps<_, Array<MapData, u32>> =
-            ArrayOfMaps::try_from(self.map(name)?).map_err(map_err(name))?;
-        let inner = match outer.get(&service_id, 0) {
-            Ok(inner) => inner,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(map_err(name)(e)),
-        };
-        let size = inner.get(&MAGLEV_SIZE_SLOT, 0).map_err(map_err(name))?;
-        (1..=size)
-            .map(|slot| inner.get(&slot, 0).map_err(map_err(name)))
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Some)
+    /// Every entry of an array map, in index order, a batch of syscalls at a time.
+    fn read_array<V: aya::Pod + Default + Clone>(
+        &self,
+        name: &'static str,
+        f: impl FnMut(u32, &V),
+    ) -> Result<(), DataplaneError> {
+        let data = super::tables::map_data(self.map(name)?)?;
+        super::sys::for_each(std::os::fd::AsFd::as_fd(data.fd()), 4096, f).map_err(|e| {
+            DataplaneError::Map {
+                name,
+                source: MapError::IoError(e),
+            }
+        })
     }
 }
 
@@ -395,43 +340,4 @@ fn optional<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
         Err(MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// `BPF_MAP_DELETE_ELEM` on an array-of-maps slot (aya 0.14 has no typed delete for it).
-fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: &u32) -> Result<(), MapError> {
-    use std::os::fd::AsRawFd as _;
-    // union bpf_attr for BPF_MAP_DELETE_ELEM: map_fd (u32), pad, key (u64 pointer).
-    #[repr(C)]
-    struct DeleteAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let attr = DeleteAttr {
-        map_fd: fd.as_raw_fd().cast_unsigned(),
-        _pad: 0,
-        key: std::ptr::from_ref(key) as u64,
-        value: 0,
-        flags: 0,
-    };
-    // SAFETY: attr is a valid bpf_attr prefix for this command and outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &raw const attr,
-            size_of::<DeleteAttr>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let io_error = std::io::Error::last_os_error();
-    if io_error.raw_os_error() == Some(libc::ENOENT) {
-        return Err(MapError::KeyNotFound);
-    }
-    Err(MapError::IoError(io_error))
 }

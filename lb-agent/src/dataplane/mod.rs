@@ -1,10 +1,13 @@
 //! The only module that talks to the kernel's BPF side: loading and attaching the
 //! XDP program, pinning, and typed access to its maps.
 
+mod batch;
 pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+mod sys;
+pub mod tables;
 pub mod writer;
 
 pub use loader::{Dataplane, DataplaneError, TestRunOutput};

@@ -106,6 +106,20 @@ pub fn check_compatible(dir: &Path) -> Result<bool, DataplaneError> {
     Ok(any)
 }
 
+/// Unpins maps of earlier layouts that this agent replaced (a program still attached
+/// keeps its own reference until it is replaced). Returns their names.
+pub fn remove_retired(dir: &Path) -> Result<Vec<&'static str>, DataplaneError> {
+    let mut removed = Vec::new();
+    for name in maps::RETIRED {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 /// Where the link of `interface` is pinned.
 pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("{LINK_PREFIX}{interface}"))
@@ -271,7 +285,7 @@ pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
         detach_link(dir, &interface)?;
         removed.push(format!("link {interface}"));
     }
-    for name in maps::ALL {
+    for name in maps::ALL.iter().chain(&maps::RETIRED) {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;

@@ -6,6 +6,7 @@ use lb_common::{BackendMeta, ServiceMeta};
 
 use crate::plan::{Applied, Op, Plan};
 
+use super::batch;
 use super::maps::Snapshot;
 use super::{Dataplane, DataplaneError};
 
@@ -28,21 +29,53 @@ impl Dataplane {
     }
 
     /// Runs `plan` in order; stops at the first failing write (later ops may depend
-    /// on it) and returns it with the number of writes done.
+    /// on it) and returns it with the number of writes done. Consecutive plain writes
+    /// and consecutive table swaps go to the kernel in batches (see `batch`, `tables`).
     pub fn apply(
         &mut self,
         plan: &Plan,
         applied: &mut Applied,
     ) -> Result<usize, (usize, DataplaneError)> {
-        for (done, op) in plan.ops.iter().enumerate() {
-            if let Err(e) = self.execute(op) {
-                applied.conclude(plan, false);
-                return Err((done, e));
+        let result = self.apply_ops(&plan.ops, applied);
+        applied.conclude(plan, result.is_ok());
+        result.map(|()| plan.ops.len())
+    }
+
+    fn apply_ops(
+        &mut self,
+        ops: &[Op],
+        applied: &mut Applied,
+    ) -> Result<(), (usize, DataplaneError)> {
+        let mut done = 0;
+        while done < ops.len() {
+            let rest = &ops[done..];
+            let plain = rest.iter().take_while(|op| batch::is_plain(op)).count();
+            let tables = rest
+                .iter()
+                .take_while(|op| matches!(op, Op::SetTable { .. }))
+                .count();
+            let (run, result) = if plain > 0 {
+                (plain, self.write_run(&rest[..plain]))
+            } else if tables > 0 {
+                let list: Vec<(u32, &[u32])> = rest[..tables]
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::SetTable { service_id, table } => Some((*service_id, table.as_slice())),
+                        _ => None,
+                    })
+                    .collect();
+                (tables, self.set_maglev_tables(&list))
+            } else {
+                (1, self.execute(&rest[0]).map_err(|e| (0, e)))
+            };
+            let written = result.as_ref().map_or_else(|(n, _)| *n, |()| run);
+            for op in &rest[..written] {
+                applied.record(op);
             }
-            applied.record(op);
+            result.map_err(|(n, e)| (done + n, e))?;
+            done += run;
         }
-        applied.conclude(plan, true);
-        Ok(plan.ops.len())
+        Ok(())
     }
 
     /// What the maps hold, as the planner sees it (after an agent restart).

@@ -1,0 +1,301 @@
+//! Maglev tables in the data plane. Each service's inner array holds its table twice
+//! (`lb_common::maps::MAGLEV_HEADER_SLOT`): a change writes the copy packets are not
+//! reading through a memory mapping and flips the header: microseconds, and no syscall
+//! per slot. Only a new service or a new table size swaps an inner array into the outer
+//! map; those swaps are batched, because the kernel makes every map-in-map update wait
+//! for running programs (an RCU grace period, milliseconds).
+//!
+//! Grace periods also keep flips hitless: a copy that was live may still be read by a
+//! packet in flight, so it is rewritten, and a backend slot that only the old copy
+//! named is emptied, only after the kernel has waited for running programs once since.
+
+use std::collections::HashSet;
+use std::os::fd::AsFd as _;
+
+use aya::maps::{Array, ArrayOfMaps, IterableMap as _, MapData, MapError};
+use lb_common::maps::{self, MAGLEV_HALF_BIT, MAGLEV_HEADER_SLOT, MAGLEV_INNER_FLAGS, MaglevSlot};
+
+use super::sys::{self, MappedArray};
+use super::{Dataplane, DataplaneError};
+
+const NAME: &str = maps::MAGLEV;
+
+fn map_err(source: MapError) -> DataplaneError {
+    DataplaneError::Map { name: NAME, source }
+}
+
+fn io_err(e: std::io::Error) -> DataplaneError {
+    map_err(MapError::IoError(e))
+}
+
+/// Which services had their live copy flipped since the kernel last waited for running
+/// programs.
+#[derive(Debug, Default)]
+pub struct Grace {
+    flipped: HashSet<u32>,
+}
+
+/// Elements of an inner array for a table of `size` slots: the header, then one per
+/// slot (holding both copies).
+fn entries(size: u32) -> Result<u32, DataplaneError> {
+    size.checked_add(1)
+        .filter(|_| size & MAGLEV_HALF_BIT == 0)
+        .ok_or(map_err(MapError::OutOfBounds {
+            index: size,
+            max_entries: MAGLEV_HALF_BIT - 1,
+        }))
+}
+
+/// The word of a mapped inner array that holds slot `element` of copy `second`.
+fn word(element: u32, second: bool) -> usize {
+    2 * element as usize + usize::from(second)
+}
+
+/// Maps an inner array of `entries` elements.
+fn mapped(fd: std::os::fd::BorrowedFd<'_>, entries: u32) -> Result<MappedArray, DataplaneError> {
+    MappedArray::new(fd, entries as usize * size_of::<MaglevSlot>()).map_err(io_err)
+}
+
+/// Writes `table` into one copy, which no packet may be reading.
+fn write_copy(mapped: &MappedArray, second: bool, table: &[u32]) {
+    for (element, id) in (1..).zip(table) {
+        mapped.store_relaxed(word(element, second), *id);
+    }
+}
+
+fn table_size(table: &[u32]) -> Result<u32, DataplaneError> {
+    u32::try_from(table.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(map_err(MapError::OutOfBounds {
+            index: u32::MAX,
+            max_entries: MAGLEV_HALF_BIT - 1,
+        }))
+}
+
+/// Inner arrays swapped into the outer map per `BPF_MAP_UPDATE_BATCH`: each is an open
+/// fd until then, so stay well inside the process's descriptor limit.
+fn swap_chunk() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    (soft.saturating_sub(256) / 2).clamp(64, 8192)
+}
+
+impl Dataplane {
+    fn outer(&self) -> Result<ArrayOfMaps<&MapData, MapData>, DataplaneError> {
+        ArrayOfMaps::try_from(self.map(NAME)?).map_err(map_err)
+    }
+
+    /// The service's inner array, if it has one.
+    fn inner(&self, service_id: u32) -> Result<Option<MapData>, DataplaneError> {
+        match self.outer()?.get(&service_id, 0) {
+            Ok(inner) => Ok(Some(inner)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Installs `table` (backend ids, length M, prime) as the service's Maglev table in
+    /// one atomic step for packets.
+    pub fn set_maglev_table(
+        &mut self,
+        service_id: u32,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
+        self.set_maglev_tables(&[(service_id, table)])
+            .map_err(|(_, e)| e)
+    }
+
+    /// Installs several tables: flips in place where the service has an inner array of
+    /// the right size, and swaps new inner arrays in for the others, a batch at a time.
+    /// On error, returns the index of the table that failed; the ones before it are
+    /// installed.
+    pub fn set_maglev_tables(
+        &mut self,
+        tables: &[(u32, &[u32])],
+    ) -> Result<(), (usize, DataplaneError)> {
+        let mut fresh: Vec<(usize, u32, Array<MapData, MaglevSlot>)> = Vec::new();
+        let chunk = swap_chunk();
+        for (i, (service_id, table)) in tables.iter().enumerate() {
+            let step = match self.flip(*service_id, table) {
+                Ok(true) => Ok(()),
+                Ok(false) => new_inner(table).map(|inner| fresh.push((i, *service_id, inner))),
+                Err(e) => Err(e),
+            };
+            let full = fresh.len() >= chunk;
+            if let Err(e) = step {
+                self.swap_in(&fresh)?;
+                return Err((i, e));
+            }
+            if full {
+                self.swap_in(&fresh)?;
+                fresh.clear();
+            }
+        }
+        self.swap_in(&fresh)
+    }
+
+    /// One batched outer-map update for `fresh` (index in the caller's list, service
+    /// id, inner array).
+    fn swap_in(
+        &mut self,
+        fresh: &[(usize, u32, Array<MapData, MaglevSlot>)],
+    ) -> Result<(), (usize, DataplaneError)> {
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<u32> = fresh.iter().map(|(_, id, _)| *id).collect();
+        let fds: Vec<u32> = fresh
+            .iter()
+            .map(|(_, _, inner)| {
+                use std::os::fd::AsRawFd as _;
+                inner.map().fd().as_fd().as_raw_fd().cast_unsigned()
+            })
+            .collect();
+        let map = self.map(NAME).map_err(|e| (fresh[0].0, e))?;
+        let data = map_data(map).map_err(|e| (fresh[0].0, e))?;
+        let result = sys::update_batch::<u32, u32>(data.fd().as_fd(), &keys, &fds);
+        match result {
+            Ok(()) => {
+                // The kernel waited for running programs after the update.
+                self.grace.flipped.clear();
+                Ok(())
+            }
+            Err((done, e)) => Err((fresh[done.min(fresh.len() - 1)].0, io_err(e))),
+        }
+    }
+
+    /// Writes `table` into the copy of the service's inner array that packets are not
+    /// reading and makes it live. `false` when the service has no inner array of this
+    /// table's size.
+    fn flip(&mut self, service_id: u32, table: &[u32]) -> Result<bool, DataplaneError> {
+        let size = table_size(table)?;
+        let want = entries(size)?;
+        let Some(inner) = self.inner(service_id)? else {
+            return Ok(false);
+        };
+        let info = inner.info().map_err(map_err)?;
+        if info.max_entries() != want || info.map_flags() != MAGLEV_INNER_FLAGS {
+            return Ok(false);
+        }
+        let mapped = mapped(inner.fd().as_fd(), want)?;
+        if self.grace.flipped.contains(&service_id) {
+            // The copy about to be written was live a moment ago.
+            self.wait_for_readers()?;
+        }
+        let header = word(MAGLEV_HEADER_SLOT, false);
+        let second = mapped.load(header) & MAGLEV_HALF_BIT == 0;
+        write_copy(&mapped, second, table);
+        mapped.publish(header, if second { size | MAGLEV_HALF_BIT } else { size });
+        self.grace.flipped.insert(service_id);
+        Ok(true)
+    }
+
+    /// Returns once no packet can be reading a table copy that was live before the
+    /// call: an update of the outer map's reserved slot 0 (no service has id 0), which
+    /// the kernel completes only after running programs finished. Milliseconds.
+    pub fn wait_for_readers(&mut self) -> Result<(), DataplaneError> {
+        let placeholder: Array<MapData, MaglevSlot> =
+            Array::create(maps::MAGLEV_TEMPLATE_ENTRIES, MAGLEV_INNER_FLAGS).map_err(map_err)?;
+        let map = self.map_mut(NAME)?;
+        let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, MaglevSlot>> =
+            ArrayOfMaps::try_from(map).map_err(map_err)?;
+        outer.set(0, &placeholder, 0).map_err(map_err)?;
+        self.grace.flipped.clear();
+        Ok(())
+    }
+
+    /// Called before a backend slot is emptied: a flipped-out copy may still name it.
+    pub(super) fn before_backend_removal(&mut self) -> Result<(), DataplaneError> {
+        if self.grace.flipped.is_empty() {
+            Ok(())
+        } else {
+            self.wait_for_readers()
+        }
+    }
+
+    /// Removes the service's table: its frontends then count `drop_no_backend`.
+    pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        let map = self.map(NAME)?;
+        let data = map_data(map)?;
+        match sys::delete_elem(data.fd().as_fd(), service_id) {
+            Ok(()) => {
+                self.grace.flipped.clear();
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// A service's Maglev table as installed (backend ids of the live copy).
+    pub fn maglev_table(&self, service_id: u32) -> Result<Option<Vec<u32>>, DataplaneError> {
+        let Some(inner) = self.inner(service_id)? else {
+            return Ok(None);
+        };
+        let info = inner.info().map_err(map_err)?;
+        let mapped = mapped(inner.fd().as_fd(), info.max_entries())?;
+        let header = mapped.load(word(MAGLEV_HEADER_SLOT, false));
+        let size = header & !MAGLEV_HALF_BIT;
+        if size >= info.max_entries() {
+            return Err(map_err(MapError::OutOfBounds {
+                index: header,
+                max_entries: info.max_entries(),
+            }));
+        }
+        let second = header & MAGLEV_HALF_BIT != 0;
+        Ok(Some(
+            (1..=size).map(|e| mapped.load(word(e, second))).collect(),
+        ))
+    }
+
+    /// Service ids whose slot holds a table.
+    pub fn maglev_services(&self) -> Result<Vec<u32>, DataplaneError> {
+        let data = map_data(self.map(NAME)?)?;
+        let mut ids = Vec::new();
+        sys::for_each::<u32>(data.fd().as_fd(), 4096, |id, _| {
+            if id != 0 {
+                ids.push(id);
+            }
+        })
+        .map_err(io_err)?;
+        Ok(ids)
+    }
+}
+
+/// A new inner array holding `table` in its first copy, live.
+fn new_inner(table: &[u32]) -> Result<Array<MapData, MaglevSlot>, DataplaneError> {
+    let size = table_size(table)?;
+    let entries = entries(size)?;
+    let inner: Array<MapData, MaglevSlot> =
+        Array::create(entries, MAGLEV_INNER_FLAGS).map_err(map_err)?;
+    let mapped = mapped(inner.map().fd().as_fd(), entries)?;
+    write_copy(&mapped, false, table);
+    mapped.publish(word(MAGLEV_HEADER_SLOT, false), size);
+    Ok(inner)
+}
+
+/// The map behind any of the kinds the program declares.
+pub(super) fn map_data(map: &aya::maps::Map) -> Result<&MapData, DataplaneError> {
+    use aya::maps::Map;
+    match map {
+        Map::Array(d)
+        | Map::ArrayOfMaps(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::DevMapHash(d) => Ok(d),
+        _ => Err(DataplaneError::Map {
+            name: "?",
+            source: MapError::InvalidMapType { map_type: 0 },
+        }),
+    }
+}
