@@ -20,6 +20,7 @@
 //! constructor fails with an error that says so.
 
 pub mod agent;
+pub mod apiserver;
 mod cmd;
 mod http;
 mod netns;
@@ -31,6 +32,7 @@ mod traffic;
 mod tests;
 
 pub use agent::AgentProcess;
+pub use apiserver::ApiServer;
 pub use http::{HttpConnection, http_get, spawn_backend_http_servers, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
