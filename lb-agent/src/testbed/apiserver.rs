@@ -15,7 +15,8 @@
 //!
 //! Test controls: [`ApiServer::apply`], [`ApiServer::delete`],
 //! [`ApiServer::expire_history`], [`ApiServer::drop_watches`],
-//! [`ApiServer::send_bookmark`], [`ApiServer::set_available`], and the request log
+//! [`ApiServer::send_bookmark`], [`ApiServer::set_available`], [`ApiServer::forbid`],
+//! and the request log
 //! [`ApiServer::requests`], in which each request carries the RBAC verb and resource
 //! the real server's authorizer would check.
 //!
@@ -86,6 +87,35 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    fn new(
+        method: &Method,
+        path: &str,
+        query: String,
+        target: Option<&Target>,
+        watch: bool,
+    ) -> Self {
+        let (group, resource) = match target {
+            Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) => {
+                (resource.group, resource.plural)
+            }
+            Some(Target::Events { .. }) => ("events.k8s.io", "events"),
+            None => ("", ""),
+        };
+        RequestRecord {
+            method: method.to_string(),
+            path: path.to_owned(),
+            query,
+            group: group.to_owned(),
+            resource: resource.to_owned(),
+            verb: if target.is_some() {
+                verb(method, target, watch)
+            } else {
+                ""
+            }
+            .to_owned(),
+        }
+    }
+
     /// The value of one query parameter, percent-decoded.
     pub fn param(&self, name: &str) -> Option<String> {
         form_urlencoded::parse(self.query.as_bytes())
@@ -261,6 +291,12 @@ impl ApiServer {
         self.shared.available.store(available, Ordering::Relaxed);
     }
 
+    /// While forbidden, every request on `kind` gets 403 Forbidden, as when the
+    /// agent's RBAC lacks it (the request is still logged).
+    pub fn forbid(&self, kind: Kind, forbidden: bool) {
+        self.shared.forbidden[kind_index(kind)].store(forbidden, Ordering::Relaxed);
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.shared.requests).clone()
@@ -311,6 +347,8 @@ struct Shared {
     /// Wakes watches: new changes, drops, bookmarks.
     signals: watch::Sender<Signals>,
     available: AtomicBool,
+    /// Indexed like [`RESOURCES`].
+    forbidden: [AtomicBool; 3],
     requests: Mutex<Vec<RequestRecord>>,
     open_watches: AtomicUsize,
 }
@@ -329,6 +367,7 @@ impl Shared {
             store: Mutex::new(Store::default()),
             signals: watch::Sender::new(Signals::default()),
             available: AtomicBool::new(true),
+            forbidden: Default::default(),
             requests: Mutex::default(),
             open_watches: AtomicUsize::new(0),
         }
@@ -737,57 +776,12 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
     let query = Query::parse(&raw_query);
     let target = Target::parse(&path);
     let watch = query.flag("watch");
-    let record = RequestRecord {
-        method: req.method().to_string(),
-        path: path.clone(),
-        query: raw_query,
-        group: match &target {
-            Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) => {
-                resource.group.to_owned()
-            }
-            Some(Target::Events { .. }) => "events.k8s.io".to_owned(),
-            None => String::new(),
-        },
-        resource: match &target {
-            Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) => {
-                resource.plural.to_owned()
-            }
-            Some(Target::Events { .. }) => "events".to_owned(),
-            None => String::new(),
-        },
-        verb: if target.is_some() {
-            verb(req.method(), target.as_ref(), watch).to_owned()
-        } else {
-            String::new()
-        },
-    };
+    let record = RequestRecord::new(req.method(), &path, raw_query, target.as_ref(), watch);
     lock(&shared.requests).push(record);
 
-    let authorized = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {TOKEN}"));
-    if !authorized {
-        return Ok(status(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "Unauthorized",
-        ));
+    if let Some(refusal) = refuse(shared, &req, &query, target.as_ref()) {
+        return Ok(refusal);
     }
-    for unsupported in ["labelSelector", "fieldSelector", "sendInitialEvents"] {
-        if query.get(unsupported).is_some_and(|v| !v.is_empty()) {
-            return Ok(bad_request(&format!(
-                "the test API server does not support {unsupported}"
-            )));
-        }
-    }
-    if query.get("resourceVersionMatch") == Some("Exact") {
-        return Ok(bad_request(
-            "the test API server does not support resourceVersionMatch=Exact",
-        ));
-    }
-
     let method = req.method().clone();
     match (target, method) {
         (None, _) => Ok(status(
@@ -826,6 +820,54 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
             "the test API server does not allow this method on this resource",
         )),
     }
+}
+
+/// The answer to a request the server will not serve: unauthenticated, with options it
+/// does not implement, or on a forbidden resource.
+fn refuse(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    query: &Query,
+    target: Option<&Target>,
+) -> Option<Response<Body>> {
+    let authorized = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {TOKEN}"));
+    if !authorized {
+        return Some(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
+    }
+    for unsupported in ["labelSelector", "fieldSelector", "sendInitialEvents"] {
+        if query.get(unsupported).is_some_and(|v| !v.is_empty()) {
+            return Some(bad_request(&format!(
+                "the test API server does not support {unsupported}"
+            )));
+        }
+    }
+    if query.get("resourceVersionMatch") == Some("Exact") {
+        return Some(bad_request(
+            "the test API server does not support resourceVersionMatch=Exact",
+        ));
+    }
+
+    if let Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) = target
+        && shared.forbidden[kind_index(resource.kind)].load(Ordering::Relaxed)
+    {
+        return Some(status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!(
+                "{} is forbidden: the test forbids this resource",
+                resource.plural
+            ),
+        ));
+    }
+    None
 }
 
 fn get(
