@@ -1,4 +1,5 @@
 //! xlb agent library: turns desired services into BPF map contents.
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod dataplane;
@@ -8,6 +9,7 @@ pub mod health;
 pub mod maglev;
 pub mod model;
 pub mod plan;
+pub mod service_health;
 pub mod source;
 pub mod status;
 pub mod testbed;

@@ -19,7 +19,8 @@ const POLL: Duration = Duration::from_millis(50);
 pub struct AgentProcess<'a> {
     ns: &'a Netns,
     binary: PathBuf,
-    config: PathBuf,
+    /// The source arguments: `--config FILE`, `--manifests DIR` or `--kube`.
+    source: Vec<String>,
     pin_dir: PathBuf,
     log: PathBuf,
     pid: Option<u32>,
@@ -37,11 +38,23 @@ impl<'a> AgentProcess<'a> {
         tag: &str,
         extra: &[&str],
     ) -> Result<Self> {
+        let config = config.display().to_string();
+        Self::start_with_source(ns, binary, &["--config", &config], tag, extra)
+    }
+
+    /// Like [`AgentProcess::start`] with any source (`--manifests DIR`, `--kube`).
+    pub fn start_with_source(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let unique = format!("xlb-{tag}-{}", std::process::id());
         let mut agent = AgentProcess {
             ns,
             binary: binary.to_path_buf(),
-            config: config.to_path_buf(),
+            source: source.iter().map(|s| (*s).to_owned()).collect(),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             log: std::env::temp_dir().join(format!("{unique}.log")),
             pid: None,
@@ -59,17 +72,16 @@ impl<'a> AgentProcess<'a> {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("agent log {}", self.log.display()))?;
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(self.source.iter().cloned());
+        args.extend([
             "--interface".into(),
             Topology::LB_CLIENT_IF.into(),
             "--interface".into(),
             Topology::LB_BACKEND_IF.into(),
             "--bpffs".into(),
             self.pin_dir.display().to_string(),
-        ];
+        ]);
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let pid = self.ns.spawn_with_output(
