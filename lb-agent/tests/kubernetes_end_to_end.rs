@@ -93,9 +93,11 @@ impl Bed {
         }
         seen
     }
+}
 
-    /// Waits until `check` holds, within `SETTLE`.
-    fn until(&self, agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
+/// Waits until `check` holds, within `SETTLE`.
+fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
+    {
         let deadline = Instant::now() + SETTLE;
         while Instant::now() < deadline {
             if check() {
@@ -105,7 +107,6 @@ impl Bed {
         }
         panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
     }
-}
 
 impl Drop for Bed {
     fn drop(&mut self) {
@@ -312,7 +313,7 @@ fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
     let agent = bed.agent("k8sweb");
     let cluster_ip = addr("203.0.113.10", 80);
     let node_port = SocketAddr::new(IpAddr::V4(Topology::lb_client_v4()), NODE_PORT);
-    bed.until(&agent, "the ClusterIP answers", || {
+    until(&agent, "the ClusterIP answers", || {
         bed.ask(cluster_ip).is_ok()
     });
 
@@ -337,7 +338,7 @@ fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
             )
         ),
     );
-    bed.until(&agent, "backend-2 leaves", || {
+    until(&agent, "backend-2 leaves", || {
         !bed.spread(cluster_ip, 30).contains_key("backend-2")
     });
     let seen = bed.spread(node_port, 60);
@@ -361,7 +362,7 @@ fn traffic_policy_local_keeps_the_client_address_and_uses_local_endpoints_only()
     let lb_ip = addr("203.0.113.12", 80);
     let local_node_port = SocketAddr::new(IpAddr::V4(Topology::lb_client_v4()), LOCAL_NODE_PORT);
     let cluster_ip = addr("203.0.113.11", 80);
-    bed.until(&agent, "the LoadBalancer IP answers", || {
+    until(&agent, "the LoadBalancer IP answers", || {
         bed.ask(lb_ip).is_ok()
     });
 
@@ -378,7 +379,7 @@ fn traffic_policy_local_keeps_the_client_address_and_uses_local_endpoints_only()
     assert_eq!(bed.spread(cluster_ip, 60).len(), 2);
 
     // kube-proxy's health check: 200 with the local endpoint count.
-    bed.until(&agent, "healthCheckNodePort answers", || {
+    until(&agent, "healthCheckNodePort answers", || {
         health_check(&bed).is_ok()
     });
     let (status, body) = health_check(&bed).expect("health check");
@@ -395,7 +396,7 @@ fn traffic_policy_local_keeps_the_client_address_and_uses_local_endpoints_only()
         "local-slice.yaml",
         &slice("local", &[(0, "node-a", false), (1, "node-b", true)]),
     );
-    bed.until(&agent, "health check turns 503", || {
+    until(&agent, "health check turns 503", || {
         health_check(&bed).is_ok_and(|(status, _)| status == 503)
     });
     assert!(
