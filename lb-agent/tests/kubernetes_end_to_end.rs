@@ -97,16 +97,15 @@ impl Bed {
 
 /// Waits until `check` holds, within `SETTLE`.
 fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
-    {
-        let deadline = Instant::now() + SETTLE;
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        if check() {
+            return;
         }
-        panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
     }
+    panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+}
 
 impl Drop for Bed {
     fn drop(&mut self) {
