@@ -266,12 +266,17 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 
 /// GET on the healthCheckNodePort from the client: (status code, body).
 fn health_check(bed: &Bed) -> anyhow::Result<(u16, String)> {
+    http_get(bed, HEALTH_NODE_PORT, "/healthz")
+}
+
+/// A GET from the client to the node's address: (status code, body).
+fn http_get(bed: &Bed, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let target = SocketAddr::new(IpAddr::V4(Topology::lb_client_v4()), HEALTH_NODE_PORT);
+    let target = SocketAddr::new(IpAddr::V4(Topology::lb_client_v4()), port);
     let response = bed.topo.client.run_in(|| -> std::io::Result<String> {
         let mut stream = std::net::TcpStream::connect_timeout(&target, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: node-a\r\n\r\n")?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: node-a\r\n\r\n").as_bytes())?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
         Ok(text)
@@ -320,6 +325,15 @@ fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
         let seen = bed.spread(frontend, 90);
         assert_eq!(seen.len(), 3, "{frontend}: every ready endpoint: {seen:?}");
     }
+    // The admin endpoint (default 0.0.0.0:9190) says the state is in the maps.
+    let (status, body) = http_get(&bed, 9190, "/readyz").expect("readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (_, metrics) = http_get(&bed, 9190, "/metrics").expect("metrics");
+    assert!(metrics.contains("xlb_ready 1"), "{metrics}");
+    assert!(
+        metrics.contains("xlb_services 1"),
+        "one Service port: {metrics}"
+    );
 
     // Backend 2 stops being ready: it gets no new connections.
     bed.write(
