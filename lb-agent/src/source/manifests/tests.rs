@@ -207,3 +207,56 @@ fn new_object_that_does_not_parse_is_skipped_with_its_name() {
     );
     assert!(cluster_of(load).services.is_empty());
 }
+
+/// examples/kubernetes translates without a problem into what its comments promise.
+#[test]
+fn the_example_manifests_translate_cleanly() {
+    use crate::model::Desired;
+    use crate::model::translator::Translator;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
+    let mut source = ManifestSource::new(&dir);
+    let load = source.read(true).unwrap().unwrap();
+    assert!(load.errors.is_empty(), "{:?}", load.errors);
+    let mut cluster = Cluster::default();
+    for event in load.events {
+        cluster.apply(event);
+    }
+    let mut translator = Translator::new(Some("node-a".into()), Vec::new());
+    let mut desired = Desired::default();
+    let outcome = translator.update(&cluster, Dirty::All, &mut desired);
+    assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+    let names: Vec<&str> = desired.services.keys().map(String::as_str).collect();
+    assert_eq!(names, ["shop/web:http/tcp", "shop/web:http/tcp/ranges"]);
+    let plain = &desired.services["shop/web:http/tcp"];
+    let frontends: Vec<String> = plain
+        .frontends
+        .iter()
+        .map(|f| format!("{}:{}", f.address, f.port))
+        .collect();
+    assert_eq!(frontends, ["198.51.100.1:30080", "203.0.113.20:80"]);
+    let weights: Vec<(String, u32)> = plain
+        .backends
+        .iter()
+        .map(|(e, b)| (e.to_string(), b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("192.0.2.11:8080".to_owned(), 1),
+            ("192.0.2.12:8080".to_owned(), 1),
+            ("192.0.2.13:8080".to_owned(), 0)
+        ]
+    );
+    assert_eq!(plain.affinity_timeout_s, Some(600));
+    let ranged = &desired.services["shop/web:http/tcp/ranges"];
+    assert_eq!(ranged.source_ranges, ["198.51.100.0/24".parse().unwrap()]);
+    assert_eq!(
+        ranged
+            .frontends
+            .iter()
+            .map(|f| f.address.to_string())
+            .collect::<Vec<_>>(),
+        ["203.0.113.21"]
+    );
+}
