@@ -78,7 +78,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Update::Unchanged => unreachable!("a forced read is never unchanged"),
     };
 
-    let (dp, applied) = start_dataplane(&opts)?;
+    let (dp, applied) = start_dataplane(&opts).map_err(crate::capabilities::explain)?;
     let restored_down: BTreeMap<BackendKey, bool> = applied
         .backends
         .values()

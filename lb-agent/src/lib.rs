@@ -1,5 +1,6 @@
 //! xlb agent library: turns desired services into BPF map contents.
 pub mod agent;
+pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
