@@ -89,7 +89,7 @@ async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) 
         Update::Unchanged => unreachable!("a forced read is never unchanged"),
     };
 
-    let (dp, applied) = start_dataplane(opts)?;
+    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
     let restored_down: BTreeMap<BackendKey, bool> = applied
         .backends
         .values()

@@ -1,6 +1,8 @@
 //! xlb agent library: turns desired services into BPF map contents.
 pub mod admin;
 pub mod agent;
+pub mod capabilities;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod demo;

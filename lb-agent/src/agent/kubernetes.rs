@@ -61,7 +61,7 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
         );
     }
 
-    let (dp, applied) = start_dataplane(opts)?;
+    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
 
