@@ -740,3 +740,6 @@ fn auto_table_size(backends: &BTreeMap<Endpoint, BackendModel>) -> u32 {
         .find(|m| u64::from(*m) >= need)
         .unwrap_or(maglev::MAX_TABLE_SIZE)
 }
+
+#[cfg(test)]
+mod tests;
