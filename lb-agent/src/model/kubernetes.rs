@@ -605,15 +605,17 @@ fn endpoints_for(
                 }
             };
             let conditions = endpoint.conditions.as_ref();
-            // API defaults: ready and serving unknown = true, terminating unknown = false.
+            // API defaults: ready and serving unset = true, terminating unset = false.
+            // `ready` is taken as is: the controller never sets it on a terminating Pod,
+            // except for publishNotReadyAddresses Services, whose endpoints all count.
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let ep = Endpoint { addr, port: number };
             let candidate = Candidate {
                 endpoint: ep,
                 weight: weights.get(&addr).unwrap_or(weights.default),
-                ready: ready && !terminating,
+                ready,
                 serving_terminating: serving && terminating,
                 local: node.name.is_some() && endpoint.node_name.as_deref() == node.name.as_deref(),
             };
