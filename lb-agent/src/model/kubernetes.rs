@@ -239,6 +239,9 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
             ),
         }
     }
+    // Sorted by object and field; a slice's problem found once per Service port is one.
+    ctx.problems.sort();
+    ctx.problems.dedup();
     out.problems = ctx.problems;
     out
 }
@@ -562,17 +565,20 @@ fn endpoints_for(
         }) else {
             continue;
         };
-        let number = match slice_port.port.map(u16::try_from) {
-            Some(Ok(p)) if p > 0 => p,
-            Some(_) => {
-                ctx.problem(
-                    Kind::EndpointSlice,
-                    &slice_key,
-                    format!("ports[{pi}].port"),
-                    format!("{:?} is not a port number", slice_port.port),
-                );
-                continue;
-            }
+        let number = match slice_port.port {
+            Some(p) => match u16::try_from(p) {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    ctx.problem(
+                        Kind::EndpointSlice,
+                        &slice_key,
+                        format!("ports[{pi}].port"),
+                        format!("{p} is not a port number"),
+                    );
+                    continue;
+                }
+            },
+            // "Unset: ports are not restricted": nothing a port rewrite can use.
             None => continue,
         };
         let weights = slice_weights(slice, &slice_key, ctx);

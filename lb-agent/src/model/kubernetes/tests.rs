@@ -646,3 +646,23 @@ fn no_valid_source_range_serves_no_load_balancer_ip() {
     assert_eq!(t.names(), ["shop/closed:http/tcp"]);
     assert_eq!(t["shop/closed:http/tcp"].frontends, ["tcp 203.0.113.98:80"]);
 }
+
+/// A bad endpoint in a slice shared by several Service ports is one problem, not one
+/// per port.
+#[test]
+fn a_bad_endpoint_is_one_problem_whatever_the_port_count() {
+    let mut objects = load("kube-dns.yaml");
+    for object in &mut objects {
+        if let crate::source::cluster::Object::EndpointSlice(slice) = object {
+            slice.endpoints[1].addresses[0] = "2001:db8:b::3".into();
+        }
+    }
+    let t = translate_in(&cluster(objects), "kube-system/kube-dns", &node_a());
+    assert_eq!(
+        t.problems,
+        ["EndpointSlice kube-system/kube-dns-8mfzt: endpoints[1].addresses[0]: 2001:db8:b::3 \
+          is not IPv4 (addressType IPv4)"]
+    );
+    assert_eq!(t["kube-system/kube-dns:dns/udp"].backends, ["192.0.2.2:53 w1"]);
+    assert_eq!(t["kube-system/kube-dns:metrics/tcp"].backends, ["192.0.2.2:9153 w1"]);
+}
