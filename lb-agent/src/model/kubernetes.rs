@@ -188,7 +188,23 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         ));
         return out;
     }
-    let addresses = service_addresses(svc, type_, &cluster_ips, &mut ctx);
+    let mut addresses = service_addresses(svc, type_, &cluster_ips, &mut ctx);
+    let ranges = source_ranges(spec.load_balancer_source_ranges.as_deref(), &mut ctx);
+    let ranges_given = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|r| !r.is_empty());
+    if ranges_given
+        && ranges.is_empty()
+        && addresses.iter().any(|(o, _)| *o == Origin::LoadBalancer)
+    {
+        // Serving every client would ignore the restriction the user asked for.
+        addresses.retain(|(o, _)| *o != Origin::LoadBalancer);
+        ctx.service_problem(
+            "status.loadBalancer.ingress",
+            "not served: spec.loadBalancerSourceRanges has no valid range",
+        );
+    }
     let families: BTreeSet<bool> = addresses
         .iter()
         .filter(|(origin, _)| *origin == Origin::ClusterIp)
@@ -201,7 +217,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         addresses,
         etp_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         itp_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        source_ranges: source_ranges(spec.load_balancer_source_ranges.as_deref(), &mut ctx),
+        source_ranges: ranges,
         affinity_timeout_s: affinity_timeout(spec),
         table_override: table_size_override(svc, &mut ctx),
     };
