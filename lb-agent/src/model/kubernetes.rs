@@ -223,6 +223,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
     };
     let etp_local = policy.etp_local;
     let mut local_ready = BTreeSet::new();
+    let mut taken = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(spec_port) = port_spec(i, port, type_, &key, &mut ctx, &mut out.notes) else {
             continue;
@@ -231,11 +232,31 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         for c in candidates.iter().filter(|c| c.local && c.ready) {
             local_ready.insert(c.endpoint.addr);
         }
+        let mut repeated = BTreeSet::new();
         for v6 in [false, true] {
-            if families.contains(&v6) {
-                out.services
-                    .extend(family_models(&policy, &spec_port, v6, &candidates, node));
+            if !families.contains(&v6) {
+                continue;
             }
+            for (name, mut model) in family_models(&policy, &spec_port, v6, &candidates, node) {
+                // A frontend is served by the first port that has it (the API server
+                // refuses two ports with one port number and protocol; manifests may not).
+                model.frontends.retain(|f| {
+                    taken.insert(*f) || {
+                        repeated.insert(*f);
+                        false
+                    }
+                });
+                if !model.frontends.is_empty() {
+                    out.services.insert(name, model);
+                }
+            }
+        }
+        if !repeated.is_empty() {
+            let list: Vec<String> = repeated.iter().map(frontend_text).collect();
+            ctx.service_problem(
+                format!("spec.ports[{i}]"),
+                format!("{} already served by an earlier port", list.join(", ")),
+            );
         }
     }
     if type_ == "LoadBalancer"
@@ -470,8 +491,22 @@ fn family_models(
             add((policy.etp_local, false), *addr, node_port);
         }
     }
+    // A load-balancer IP that is also an external IP stays behind the source ranges.
+    let ranged: BTreeSet<FrontendSpec> = groups
+        .iter()
+        .filter(|((_, with_ranges), _)| *with_ranges)
+        .flat_map(|(_, f)| f.iter().copied())
+        .collect();
+    for ((_, with_ranges), frontends) in &mut groups {
+        if !*with_ranges {
+            frontends.retain(|f| !ranged.contains(f));
+        }
+    }
     let mut out = Vec::new();
     for ((local_only, with_ranges), frontends) in groups {
+        if frontends.is_empty() {
+            continue;
+        }
         let chosen = if local_only { &local } else { &cluster };
         let backends: BTreeMap<Endpoint, BackendModel> = chosen
             .iter()
@@ -514,6 +549,15 @@ fn family_models(
         out.push((name, model));
     }
     out
+}
+
+/// `TCP 203.0.113.10:80`, for problems.
+pub fn frontend_text(f: &FrontendSpec) -> String {
+    let proto = match f.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    format!("{proto} {}", std::net::SocketAddr::new(f.address, f.port))
 }
 
 /// `sessionAffinity: ClientIP` and its timeout.

@@ -11,7 +11,11 @@ fn node_a() -> NodeInfo {
 }
 
 fn no_problems(t: &View) {
-    assert!(t.problems.is_empty(), "unexpected problems: {:#?}", t.problems);
+    assert!(
+        t.problems.is_empty(),
+        "unexpected problems: {:#?}",
+        t.problems
+    );
 }
 
 /// Every fixture parses into k8s-openapi types (none is dead weight with a typo).
@@ -79,7 +83,10 @@ fn dual_stack_cluster_ips() {
         t["shop/web:http/tcp"].backends,
         ["192.0.2.11:8080 w1", "192.0.2.12:8080 w1"]
     );
-    assert_eq!(t["shop/web:http/tcp/v6"].frontends, ["tcp [2001:db8:c::10]:80"]);
+    assert_eq!(
+        t["shop/web:http/tcp/v6"].frontends,
+        ["tcp [2001:db8:c::10]:80"]
+    );
     assert_eq!(
         t["shop/web:http/tcp/v6"].backends,
         ["[2001:db8:b::11]:8080 w1", "[2001:db8:b::12]:8080 w1"]
@@ -111,7 +118,11 @@ fn sctp_is_passed_over_with_a_note() {
 #[test]
 fn node_port_on_the_node_objects_addresses() {
     let c = cluster(load("nodeport.yaml"));
-    let me = NodeInfo::resolve(Some("node-a"), &[], c.nodes.get("node-a").map(AsRef::as_ref));
+    let me = NodeInfo::resolve(
+        Some("node-a"),
+        &[],
+        c.nodes.get("node-a").map(AsRef::as_ref),
+    );
     assert_eq!(
         me.addresses,
         [
@@ -158,7 +169,11 @@ fn node_port_on_the_node_objects_addresses() {
 fn node_port_addresses_from_flags_override_the_node_object() {
     let c = cluster(load("nodeport.yaml"));
     let flags = ["203.0.113.250".parse().unwrap()];
-    let me = NodeInfo::resolve(Some("node-a"), &flags, c.nodes.get("node-a").map(AsRef::as_ref));
+    let me = NodeInfo::resolve(
+        Some("node-a"),
+        &flags,
+        c.nodes.get("node-a").map(AsRef::as_ref),
+    );
     assert_eq!(me.addresses, flags);
     let t = translate_in(&c, "shop/web-np", &me);
     assert_eq!(
@@ -166,8 +181,15 @@ fn node_port_addresses_from_flags_override_the_node_object() {
         ["tcp 203.0.113.22:80", "tcp 203.0.113.250:30080"]
     );
     // Another node's object is not ours.
-    let other = NodeInfo::resolve(Some("node-b"), &[], c.nodes.get("node-b").map(AsRef::as_ref));
-    assert_eq!(other.addresses, ["203.0.113.202".parse::<std::net::IpAddr>().unwrap()]);
+    let other = NodeInfo::resolve(
+        Some("node-b"),
+        &[],
+        c.nodes.get("node-b").map(AsRef::as_ref),
+    );
+    assert_eq!(
+        other.addresses,
+        ["203.0.113.202".parse::<std::net::IpAddr>().unwrap()]
+    );
 }
 
 /// A LoadBalancer Service is reachable on the IPs of `status.loadBalancer.ingress`
@@ -196,7 +218,10 @@ fn load_balancer_ingress_ips() {
 
     let t = translate_in(&c, "shop/proxied", &node_a());
     no_problems(&t);
-    assert_eq!(t["shop/proxied:http/tcp"].frontends, ["tcp 203.0.113.25:80"]);
+    assert_eq!(
+        t["shop/proxied:http/tcp"].frontends,
+        ["tcp 203.0.113.25:80"]
+    );
 
     let t = translate_in(&c, "shop/elb", &node_a());
     no_problems(&t);
@@ -263,7 +288,11 @@ fn named_target_port_resolves_per_slice() {
     no_problems(&t);
     assert_eq!(
         t["shop/api:web/tcp"].backends,
-        ["192.0.2.61:8080 w1", "192.0.2.62:8080 w1", "192.0.2.63:9090 w1"]
+        [
+            "192.0.2.61:8080 w1",
+            "192.0.2.62:8080 w1",
+            "192.0.2.63:9090 w1"
+        ]
     );
 }
 
@@ -328,7 +357,10 @@ fn unset_conditions_take_the_api_defaults() {
     assert_eq!(t["shop/bare:http/tcp"].backends, ["192.0.2.151:8080 w1"]);
     // ready false, terminating true, serving unset (= true): the fallback uses it.
     let t = translate_in(&c, "shop/external-db", &node_a());
-    assert_eq!(t["shop/external-db:http/tcp"].backends, ["192.0.2.141:8080 w1"]);
+    assert_eq!(
+        t["shop/external-db:http/tcp"].backends,
+        ["192.0.2.141:8080 w1"]
+    );
 }
 
 /// With `publishNotReadyAddresses` the controller marks every endpoint ready, even
@@ -342,7 +374,11 @@ fn publish_not_ready_addresses_are_ready() {
     let t = translate_fixture("conditions.yaml", "shop/unready", &node_a());
     assert_eq!(
         t["shop/unready:http/tcp"].backends,
-        ["192.0.2.131:8080 w1", "192.0.2.132:8080 w1", "192.0.2.133:8080 w1"]
+        [
+            "192.0.2.131:8080 w1",
+            "192.0.2.132:8080 w1",
+            "192.0.2.133:8080 w1"
+        ]
     );
 }
 
@@ -355,7 +391,11 @@ fn duplicate_endpoints_across_slices_counted_once() {
     no_problems(&t);
     assert_eq!(
         t["shop/cart:http/tcp"].backends,
-        ["192.0.2.161:8080 w1", "192.0.2.162:8080 w1", "192.0.2.163:8080 w1"]
+        [
+            "192.0.2.161:8080 w1",
+            "192.0.2.162:8080 w1",
+            "192.0.2.163:8080 w1"
+        ]
     );
 }
 
@@ -404,7 +444,11 @@ fn external_traffic_policy_local() {
     assert_eq!(cluster_wide.frontends, ["tcp 203.0.113.70:443"]);
     assert_eq!(
         cluster_wide.backends,
-        ["192.0.2.171:8443 w1", "192.0.2.172:8443 w1", "192.0.2.173:8443 w1"]
+        [
+            "192.0.2.171:8443 w1",
+            "192.0.2.172:8443 w1",
+            "192.0.2.173:8443 w1"
+        ]
     );
     let local = &t["shop/ingress:https/tcp/local"];
     assert_eq!(
@@ -415,7 +459,10 @@ fn external_traffic_policy_local() {
             "tcp 203.0.113.201:30443"
         ]
     );
-    assert_eq!(local.backends, ["192.0.2.171:8443 w1", "192.0.2.172:8443 w1"]);
+    assert_eq!(
+        local.backends,
+        ["192.0.2.171:8443 w1", "192.0.2.172:8443 w1"]
+    );
     assert_eq!(local.when_empty, Drop);
 
     // node-c has no endpoint: external traffic is dropped, not rejected (the Service
@@ -434,7 +481,10 @@ fn external_traffic_policy_local() {
 #[test]
 fn external_traffic_policy_local_drains_local_terminating() {
     let t = translate_fixture("traffic-policy.yaml", "shop/ingress", &node("node-d", &[]));
-    assert_eq!(t["shop/ingress:https/tcp/local"].backends, ["192.0.2.175:8443 w1"]);
+    assert_eq!(
+        t["shop/ingress:https/tcp/local"].backends,
+        ["192.0.2.175:8443 w1"]
+    );
 }
 
 /// healthCheckNodePort (LoadBalancer + externalTrafficPolicy Local): the agent reports
@@ -446,7 +496,10 @@ fn external_traffic_policy_local_drains_local_terminating() {
 fn health_check_node_port_counts_local_ready_endpoints() {
     let c = cluster(load("traffic-policy.yaml"));
     // Two ports, two ready local Pods (192.0.2.174 is terminating): 2, not 4 or 3.
-    assert_eq!(translate_in(&c, "shop/ingress", &node_a()).health_check, Some((32000, 2)));
+    assert_eq!(
+        translate_in(&c, "shop/ingress", &node_a()).health_check,
+        Some((32000, 2))
+    );
     assert_eq!(
         translate_in(&c, "shop/ingress", &node("node-b", &[])).health_check,
         Some((32000, 1))
@@ -460,7 +513,10 @@ fn health_check_node_port_counts_local_ready_endpoints() {
         translate_in(&c, "shop/ingress", &node("node-d", &[])).health_check,
         Some((32000, 0))
     );
-    assert_eq!(translate_in(&c, "shop/internal", &node_a()).health_check, None);
+    assert_eq!(
+        translate_in(&c, "shop/internal", &node_a()).health_check,
+        None
+    );
 }
 
 /// internalTrafficPolicy Local: the cluster IP uses only this node's endpoints; a node
@@ -473,10 +529,19 @@ fn internal_traffic_policy_local() {
     let t = translate_in(&c, "shop/internal", &node_a());
     no_problems(&t);
     assert_eq!(t.names(), ["shop/internal:http/tcp/local"]);
-    assert_eq!(t["shop/internal:http/tcp/local"].frontends, ["tcp 203.0.113.71:80"]);
-    assert_eq!(t["shop/internal:http/tcp/local"].backends, ["192.0.2.181:8080 w1"]);
+    assert_eq!(
+        t["shop/internal:http/tcp/local"].frontends,
+        ["tcp 203.0.113.71:80"]
+    );
+    assert_eq!(
+        t["shop/internal:http/tcp/local"].backends,
+        ["192.0.2.181:8080 w1"]
+    );
     let t = translate_in(&c, "shop/internal", &node("node-c", &[]));
-    assert_eq!(t["shop/internal:http/tcp/local"].backends, Vec::<String>::new());
+    assert_eq!(
+        t["shop/internal:http/tcp/local"].backends,
+        Vec::<String>::new()
+    );
     assert_eq!(t["shop/internal:http/tcp/local"].when_empty, Drop);
 }
 
@@ -496,7 +561,10 @@ fn session_affinity_client_ip() {
     };
     assert_eq!(affinity("shop/sticky"), Some(600));
     assert_eq!(affinity("shop/sticky-default"), Some(10_800));
-    assert_eq!(affinity("shop/sticky-manifest"), Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    assert_eq!(
+        affinity("shop/sticky-manifest"),
+        Some(DEFAULT_AFFINITY_TIMEOUT_S)
+    );
     assert_eq!(DEFAULT_AFFINITY_TIMEOUT_S, 10_800);
     assert_eq!(affinity("shop/plain"), None);
 }
@@ -511,7 +579,10 @@ fn source_ranges_on_load_balancer_frontends_only() {
     let c = cluster(load("source-ranges.yaml"));
     let t = translate_in(&c, "shop/admin", &node_a());
     no_problems(&t);
-    assert_eq!(t.names(), ["shop/admin:http/tcp", "shop/admin:http/tcp/ranges"]);
+    assert_eq!(
+        t.names(),
+        ["shop/admin:http/tcp", "shop/admin:http/tcp/ranges"]
+    );
     let open = &t["shop/admin:http/tcp"];
     assert_eq!(
         open.frontends,
@@ -530,7 +601,10 @@ fn source_ranges_on_load_balancer_frontends_only() {
     // Ranges of one family only: the other family's load-balancer IP admits no client
     // (xlb fails closed rather than leave it open).
     let t = translate_in(&c, "shop/admin-ds", &node_a());
-    assert_eq!(t["shop/admin-ds:http/tcp/v6/ranges"].ranges, ["198.51.100.0/24"]);
+    assert_eq!(
+        t["shop/admin-ds:http/tcp/v6/ranges"].ranges,
+        ["198.51.100.0/24"]
+    );
     assert_eq!(
         t["shop/admin-ds:http/tcp/v6/ranges"].frontends,
         ["tcp [2001:db8:e::121]:80"]
@@ -603,7 +677,10 @@ fn bad_fields_are_skipped_with_a_problem() {
              \"bogus\" is not ADDRESS=WEIGHT",
         ]
     );
-    assert_eq!(t.names(), ["shop/messy:http/tcp", "shop/messy:http/tcp/ranges"]);
+    assert_eq!(
+        t.names(),
+        ["shop/messy:http/tcp", "shop/messy:http/tcp/ranges"]
+    );
     let open = &t["shop/messy:http/tcp"];
     assert_eq!(
         open.frontends,
@@ -615,7 +692,11 @@ fn bad_fields_are_skipped_with_a_problem() {
     );
     assert_eq!(
         open.backends,
-        ["192.0.2.250:8080 w7", "192.0.2.251:8080 w1", "192.0.2.253:8080 w1"]
+        [
+            "192.0.2.250:8080 w7",
+            "192.0.2.251:8080 w1",
+            "192.0.2.253:8080 w1"
+        ]
     );
     assert_eq!(open.table_size, 1021);
     let ranged = &t["shop/messy:http/tcp/ranges"];
@@ -641,8 +722,16 @@ fn bad_cluster_ip_keeps_the_other_family() {
 fn no_valid_source_range_serves_no_load_balancer_ip() {
     let t = translate_fixture("bad-objects.yaml", "shop/closed", &node_a());
     assert_eq!(t.problems.len(), 2, "{:#?}", t.problems);
-    assert!(t.problems[0].contains("spec.loadBalancerSourceRanges[0]"), "{:?}", t.problems);
-    assert!(t.problems[1].contains("status.loadBalancer.ingress"), "{:?}", t.problems);
+    assert!(
+        t.problems[0].contains("spec.loadBalancerSourceRanges[0]"),
+        "{:?}",
+        t.problems
+    );
+    assert!(
+        t.problems[1].contains("status.loadBalancer.ingress"),
+        "{:?}",
+        t.problems
+    );
     assert_eq!(t.names(), ["shop/closed:http/tcp"]);
     assert_eq!(t["shop/closed:http/tcp"].frontends, ["tcp 203.0.113.98:80"]);
 }
@@ -660,9 +749,63 @@ fn a_bad_endpoint_is_one_problem_whatever_the_port_count() {
     let t = translate_in(&cluster(objects), "kube-system/kube-dns", &node_a());
     assert_eq!(
         t.problems,
-        ["EndpointSlice kube-system/kube-dns-8mfzt: endpoints[1].addresses[0]: 2001:db8:b::3 \
-          is not IPv4 (addressType IPv4)"]
+        [
+            "EndpointSlice kube-system/kube-dns-8mfzt: endpoints[1].addresses[0]: 2001:db8:b::3 \
+          is not IPv4 (addressType IPv4)"
+        ]
     );
-    assert_eq!(t["kube-system/kube-dns:dns/udp"].backends, ["192.0.2.2:53 w1"]);
-    assert_eq!(t["kube-system/kube-dns:metrics/tcp"].backends, ["192.0.2.2:9153 w1"]);
+    assert_eq!(
+        t["kube-system/kube-dns:dns/udp"].backends,
+        ["192.0.2.2:53 w1"]
+    );
+    assert_eq!(
+        t["kube-system/kube-dns:metrics/tcp"].backends,
+        ["192.0.2.2:9153 w1"]
+    );
+}
+
+/// One frontend, one model: a port repeating an earlier port's number and protocol (the
+/// API server refuses it, a manifest may not) is a problem, and a load-balancer IP that
+/// is also an external IP stays behind the source ranges.
+#[test]
+fn a_frontend_is_served_once_per_service() {
+    use crate::source::cluster::Object;
+    let mut objects = load("kube-dns.yaml");
+    for object in &mut objects {
+        if let Object::Service(svc) = object {
+            svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[2].port = 53;
+        }
+    }
+    let t = translate_in(&cluster(objects), "kube-system/kube-dns", &node_a());
+    assert_eq!(
+        t.problems,
+        [
+            "Service kube-system/kube-dns: spec.ports[2]: TCP 203.0.113.10:53 already served \
+          by an earlier port"
+        ]
+    );
+    assert_eq!(
+        t.names(),
+        [
+            "kube-system/kube-dns:dns-tcp/tcp",
+            "kube-system/kube-dns:dns/udp"
+        ]
+    );
+
+    let mut objects = load("source-ranges.yaml");
+    for object in &mut objects {
+        if let Object::Service(svc) = object {
+            svc.spec.as_mut().unwrap().external_ips = Some(vec!["203.0.113.120".into()]);
+        }
+    }
+    let t = translate_in(&cluster(objects), "shop/admin", &node_a());
+    no_problems(&t);
+    assert_eq!(
+        t["shop/admin:http/tcp"].frontends,
+        ["tcp 203.0.113.90:80", "tcp 203.0.113.201:30090"]
+    );
+    assert_eq!(
+        t["shop/admin:http/tcp/ranges"].frontends,
+        ["tcp 203.0.113.120:80"]
+    );
 }
