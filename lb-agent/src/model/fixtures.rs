@@ -56,8 +56,7 @@ fn push(value: serde_yaml::Value, out: &mut Vec<Object>) {
 /// The objects of one fixture file.
 pub fn load(name: &str) -> Vec<Object> {
     let path = dir().join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     parse(&text)
 }
 
@@ -66,7 +65,11 @@ pub fn load(name: &str) -> Vec<Object> {
 pub fn cluster(objects: Vec<Object>) -> Cluster {
     let mut cluster = Cluster::default();
     for kind in Kind::ALL {
-        let of_kind = objects.iter().filter(|o| o.kind() == kind).cloned().collect();
+        let of_kind = objects
+            .iter()
+            .filter(|o| o.kind() == kind)
+            .cloned()
+            .collect();
         cluster.apply(ClusterEvent::Replace(kind, of_kind));
     }
     assert!(cluster.synced());
@@ -142,7 +145,11 @@ impl ModelView {
                 .map(|(e, b)| format!("{e} w{}", b.weight))
                 .collect(),
             when_empty: model.when_empty,
-            ranges: model.source_ranges.iter().map(ToString::to_string).collect(),
+            ranges: model
+                .source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             affinity_s: model.affinity_timeout_s,
             table_size: model.table_size,
         }
