@@ -23,34 +23,29 @@ pub fn parse(yaml: &str) -> Vec<Object> {
     let mut out = Vec::new();
     for document in serde_yaml::Deserializer::from_str(yaml) {
         let value = serde_yaml::Value::deserialize(document).expect("YAML");
-        push(value, &mut out);
+        push(&value, &mut out);
     }
     out
 }
 
-fn push(value: serde_yaml::Value, out: &mut Vec<Object>) {
-    if value.is_null() {
-        return;
-    }
-    let kind = value["kind"].as_str().map(str::to_owned);
-    let context = || format!("{kind:?} {:?}", value["metadata"]["name"]);
-    match kind.as_deref() {
+fn push(value: &serde_yaml::Value, out: &mut Vec<Object>) {
+    match value["kind"].as_str() {
+        _ if value.is_null() => {}
         Some("List") => {
             for item in value["items"].as_sequence().into_iter().flatten() {
-                push(item.clone(), out);
+                push(item, out);
             }
         }
-        Some("Service") => out.push(Object::Service(
-            serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{}: {e}", context())),
-        )),
-        Some("EndpointSlice") => out.push(Object::EndpointSlice(
-            serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{}: {e}", context())),
-        )),
-        Some("Node") => out.push(Object::Node(
-            serde_yaml::from_value(value.clone()).unwrap_or_else(|e| panic!("{}: {e}", context())),
-        )),
-        _ => panic!("unexpected object {}", context()),
+        Some("Service") => out.push(Object::Service(typed(value))),
+        Some("EndpointSlice") => out.push(Object::EndpointSlice(typed(value))),
+        Some("Node") => out.push(Object::Node(typed(value))),
+        kind => panic!("unexpected {kind:?} {:?}", value["metadata"]["name"]),
     }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: &serde_yaml::Value) -> T {
+    T::deserialize(value)
+        .unwrap_or_else(|e| panic!("{:?} {:?}: {e}", value["kind"], value["metadata"]["name"]))
 }
 
 /// The objects of one fixture file.
@@ -62,7 +57,7 @@ pub fn load(name: &str) -> Vec<Object> {
 
 /// A cluster holding `objects`, each kind listed completely once (as a source does
 /// before the agent acts).
-pub fn cluster(objects: Vec<Object>) -> Cluster {
+pub fn cluster(objects: &[Object]) -> Cluster {
     let mut cluster = Cluster::default();
     for kind in Kind::ALL {
         let of_kind = objects
@@ -97,7 +92,7 @@ pub fn translate_in(cluster: &Cluster, service: &str, node: &NodeInfo) -> View {
 
 /// Loads a fixture and translates one of its Services.
 pub fn translate_fixture(file: &str, service: &str, node: &NodeInfo) -> View {
-    translate_in(&cluster(load(file)), service, node)
+    translate_in(&cluster(&load(file)), service, node)
 }
 
 /// A translation as text, for short assertions.

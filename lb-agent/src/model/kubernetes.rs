@@ -189,22 +189,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         return out;
     }
     let mut addresses = service_addresses(svc, type_, &cluster_ips, &mut ctx);
-    let ranges = source_ranges(spec.load_balancer_source_ranges.as_deref(), &mut ctx);
-    let ranges_given = spec
-        .load_balancer_source_ranges
-        .as_ref()
-        .is_some_and(|r| !r.is_empty());
-    if ranges_given
-        && ranges.is_empty()
-        && addresses.iter().any(|(o, _)| *o == Origin::LoadBalancer)
-    {
-        // Serving every client would ignore the restriction the user asked for.
-        addresses.retain(|(o, _)| *o != Origin::LoadBalancer);
-        ctx.service_problem(
-            "status.loadBalancer.ingress",
-            "not served: spec.loadBalancerSourceRanges has no valid range",
-        );
-    }
+    let ranges = source_ranges(spec, &mut addresses, &mut ctx);
     let families: BTreeSet<bool> = addresses
         .iter()
         .filter(|(origin, _)| *origin == Origin::ClusterIp)
@@ -259,22 +244,8 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
             );
         }
     }
-    if type_ == "LoadBalancer"
-        && etp_local
-        && let Some(port) = spec.health_check_node_port
-    {
-        match u16::try_from(port) {
-            Ok(port) if port > 0 => {
-                out.health_check = Some(HealthCheckPort {
-                    port,
-                    local_endpoints: local_ready.len(),
-                });
-            }
-            _ => ctx.service_problem(
-                "spec.healthCheckNodePort",
-                format!("{port} is not a port number"),
-            ),
-        }
+    if type_ == "LoadBalancer" && etp_local {
+        out.health_check = health_check(spec, local_ready.len(), &mut ctx);
     }
     // Sorted by object and field; a slice's problem found once per Service port is one.
     ctx.problems.sort();
@@ -759,9 +730,57 @@ fn parse_weight(text: &str) -> Result<u32, String> {
     }
 }
 
-fn source_ranges(ranges: Option<&[String]>, ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
+/// kube-proxy's health check for a LoadBalancer Service with policy Local.
+fn health_check(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    local_endpoints: usize,
+    ctx: &mut Ctx<'_>,
+) -> Option<HealthCheckPort> {
+    let port = spec.health_check_node_port?;
+    match u16::try_from(port) {
+        Ok(port) if port > 0 => Some(HealthCheckPort {
+            port,
+            local_endpoints,
+        }),
+        _ => {
+            ctx.service_problem(
+                "spec.healthCheckNodePort",
+                format!("{port} is not a port number"),
+            );
+            None
+        }
+    }
+}
+
+/// `loadBalancerSourceRanges`, without the invalid ones. When some were given but none
+/// is valid, the load-balancer addresses are dropped from `addresses`: serving every
+/// client would ignore the restriction the user asked for.
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    addresses: &mut Vec<(Origin, IpAddr)>,
+    ctx: &mut Ctx<'_>,
+) -> Vec<ipnet::IpNet> {
+    let given = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let ranges = parse_ranges(given, ctx);
+    if !given.is_empty()
+        && ranges.is_empty()
+        && addresses.iter().any(|(o, _)| *o == Origin::LoadBalancer)
+    {
+        addresses.retain(|(o, _)| *o != Origin::LoadBalancer);
+        ctx.service_problem(
+            "status.loadBalancer.ingress",
+            "not served: spec.loadBalancerSourceRanges has no valid range",
+        );
+    }
+    ranges
+}
+
+fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
     let mut out = Vec::new();
-    for (i, text) in ranges.into_iter().flatten().enumerate() {
+    for (i, text) in ranges.iter().enumerate() {
         match text.trim().parse::<ipnet::IpNet>() {
             Ok(net) => out.push(net.trunc()),
             Err(_) => ctx.service_problem(

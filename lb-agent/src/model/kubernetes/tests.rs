@@ -117,7 +117,7 @@ fn sctp_is_passed_over_with_a_note() {
 /// https://kubernetes.io/docs/reference/node/node-status/#addresses
 #[test]
 fn node_port_on_the_node_objects_addresses() {
-    let c = cluster(load("nodeport.yaml"));
+    let c = cluster(&load("nodeport.yaml"));
     let me = NodeInfo::resolve(
         Some("node-a"),
         &[],
@@ -167,7 +167,7 @@ fn node_port_on_the_node_objects_addresses() {
 /// https://kubernetes.io/docs/concepts/services-networking/service/#service-nodeport-custom-listen-address
 #[test]
 fn node_port_addresses_from_flags_override_the_node_object() {
-    let c = cluster(load("nodeport.yaml"));
+    let c = cluster(&load("nodeport.yaml"));
     let flags = ["203.0.113.250".parse().unwrap()];
     let me = NodeInfo::resolve(
         Some("node-a"),
@@ -201,7 +201,7 @@ fn node_port_addresses_from_flags_override_the_node_object() {
 /// https://kubernetes.io/docs/concepts/services-networking/service/#load-balancer-nodeport-allocation
 #[test]
 fn load_balancer_ingress_ips() {
-    let c = cluster(load("loadbalancer.yaml"));
+    let c = cluster(&load("loadbalancer.yaml"));
     let t = translate_in(&c, "shop/store", &node_a());
     no_problems(&t);
     assert_eq!(t.names(), ["shop/store:http/tcp"]);
@@ -235,7 +235,7 @@ fn load_balancer_ingress_ips() {
 /// https://kubernetes.io/docs/concepts/services-networking/service/#external-ips
 #[test]
 fn external_ips() {
-    let c = cluster(load("external-ips.yaml"));
+    let c = cluster(&load("external-ips.yaml"));
     let t = translate_in(&c, "shop/legacy", &node_a());
     no_problems(&t);
     assert_eq!(
@@ -262,7 +262,7 @@ fn external_ips() {
 /// https://kubernetes.io/docs/concepts/services-networking/service/#externalname
 #[test]
 fn headless_and_external_name_get_no_frontend() {
-    let c = cluster(load("headless-externalname.yaml"));
+    let c = cluster(&load("headless-externalname.yaml"));
     let t = translate_in(&c, "shop/db", &node_a());
     no_problems(&t);
     assert!(t.models.is_empty(), "{:?}", t.models);
@@ -319,7 +319,7 @@ fn endpoint_port_matched_by_name_and_protocol() {
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-to-terminating-endpoints
 #[test]
 fn only_ready_endpoints() {
-    let c = cluster(load("conditions.yaml"));
+    let c = cluster(&load("conditions.yaml"));
     let t = translate_in(&c, "shop/rolling", &node_a());
     no_problems(&t);
     assert_eq!(t["shop/rolling:http/tcp"].backends, ["192.0.2.101:8080 w1"]);
@@ -332,7 +332,7 @@ fn only_ready_endpoints() {
 /// https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#serving
 #[test]
 fn serving_terminating_when_none_ready() {
-    let c = cluster(load("conditions.yaml"));
+    let c = cluster(&load("conditions.yaml"));
     let t = translate_in(&c, "shop/draining", &node_a());
     no_problems(&t);
     assert_eq!(
@@ -352,7 +352,7 @@ fn serving_terminating_when_none_ready() {
 /// https://kubernetes.io/docs/reference/kubernetes-api/service-resources/endpoint-slice-v1/#EndpointConditions
 #[test]
 fn unset_conditions_take_the_api_defaults() {
-    let c = cluster(load("conditions.yaml"));
+    let c = cluster(&load("conditions.yaml"));
     let t = translate_in(&c, "shop/bare", &node_a());
     assert_eq!(t["shop/bare:http/tcp"].backends, ["192.0.2.151:8080 w1"]);
     // ready false, terminating true, serving unset (= true): the fallback uses it.
@@ -406,7 +406,7 @@ fn duplicate_endpoints_across_slices_counted_once() {
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/
 #[test]
 fn no_endpoints_rejects() {
-    let c = cluster(load("no-endpoints.yaml"));
+    let c = cluster(&load("no-endpoints.yaml"));
     let t = translate_in(&c, "shop/empty", &node_a());
     no_problems(&t);
     assert_eq!(t.names(), ["shop/empty:dns/udp", "shop/empty:http/tcp"]);
@@ -428,7 +428,7 @@ fn no_endpoints_rejects() {
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/#external-traffic-policy
 #[test]
 fn external_traffic_policy_local() {
-    let c = cluster(load("traffic-policy.yaml"));
+    let c = cluster(&load("traffic-policy.yaml"));
     let t = translate_in(&c, "shop/ingress", &node_a());
     no_problems(&t);
     assert_eq!(
@@ -494,7 +494,7 @@ fn external_traffic_policy_local_drains_local_terminating() {
 /// https://kubernetes.io/docs/tutorials/services/source-ip/#source-ip-for-services-with-type-loadbalancer
 #[test]
 fn health_check_node_port_counts_local_ready_endpoints() {
-    let c = cluster(load("traffic-policy.yaml"));
+    let c = cluster(&load("traffic-policy.yaml"));
     // Two ports, two ready local Pods (192.0.2.174 is terminating): 2, not 4 or 3.
     assert_eq!(
         translate_in(&c, "shop/ingress", &node_a()).health_check,
@@ -525,7 +525,7 @@ fn health_check_node_port_counts_local_ready_endpoints() {
 /// https://kubernetes.io/docs/concepts/services-networking/service-traffic-policy/
 #[test]
 fn internal_traffic_policy_local() {
-    let c = cluster(load("traffic-policy.yaml"));
+    let c = cluster(&load("traffic-policy.yaml"));
     let t = translate_in(&c, "shop/internal", &node_a());
     no_problems(&t);
     assert_eq!(t.names(), ["shop/internal:http/tcp/local"]);
@@ -553,7 +553,7 @@ fn internal_traffic_policy_local() {
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/#session-stickiness-timeout
 #[test]
 fn session_affinity_client_ip() {
-    let c = cluster(load("session-affinity.yaml"));
+    let c = cluster(&load("session-affinity.yaml"));
     let affinity = |svc: &str| {
         let t = translate_in(&c, svc, &node_a());
         no_problems(&t);
@@ -576,7 +576,7 @@ fn session_affinity_client_ip() {
 /// https://kubernetes.io/docs/reference/kubernetes-api/service-resources/service-v1/#ServiceSpec
 #[test]
 fn source_ranges_on_load_balancer_frontends_only() {
-    let c = cluster(load("source-ranges.yaml"));
+    let c = cluster(&load("source-ranges.yaml"));
     let t = translate_in(&c, "shop/admin", &node_a());
     no_problems(&t);
     assert_eq!(
@@ -637,7 +637,7 @@ fn weight_annotations() {
 /// with 100 slots per endpoint (11 endpoints need more than 1021).
 #[test]
 fn maglev_table_size() {
-    let c = cluster(load("table-size.yaml"));
+    let c = cluster(&load("table-size.yaml"));
     let size = |svc: &str| {
         let t = translate_in(&c, svc, &node_a());
         no_problems(&t);
@@ -655,7 +655,7 @@ fn maglev_table_size() {
 /// buggy controllers do not.)
 #[test]
 fn bad_fields_are_skipped_with_a_problem() {
-    let c = cluster(load("bad-objects.yaml"));
+    let c = cluster(&load("bad-objects.yaml"));
     let t = translate_in(&c, "shop/messy", &node_a());
     assert_eq!(
         t.problems,
@@ -746,7 +746,7 @@ fn a_bad_endpoint_is_one_problem_whatever_the_port_count() {
             slice.endpoints[1].addresses[0] = "2001:db8:b::3".into();
         }
     }
-    let t = translate_in(&cluster(objects), "kube-system/kube-dns", &node_a());
+    let t = translate_in(&cluster(&objects), "kube-system/kube-dns", &node_a());
     assert_eq!(
         t.problems,
         [
@@ -776,7 +776,7 @@ fn a_frontend_is_served_once_per_service() {
             svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[2].port = 53;
         }
     }
-    let t = translate_in(&cluster(objects), "kube-system/kube-dns", &node_a());
+    let t = translate_in(&cluster(&objects), "kube-system/kube-dns", &node_a());
     assert_eq!(
         t.problems,
         [
@@ -798,7 +798,7 @@ fn a_frontend_is_served_once_per_service() {
             svc.spec.as_mut().unwrap().external_ips = Some(vec!["203.0.113.120".into()]);
         }
     }
-    let t = translate_in(&cluster(objects), "shop/admin", &node_a());
+    let t = translate_in(&cluster(&objects), "shop/admin", &node_a());
     no_problems(&t);
     assert_eq!(
         t["shop/admin:http/tcp"].frontends,

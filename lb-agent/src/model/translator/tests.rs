@@ -27,7 +27,7 @@ struct Running {
 
 impl Running {
     /// Lists every kind once (the first complete state), then translates.
-    fn start(objects: Vec<Object>, node_name: &str, flags: &[&str]) -> (Self, Outcome) {
+    fn start(objects: &[Object], node_name: &str, flags: &[&str]) -> (Self, Outcome) {
         let mut running = Running {
             cluster: Cluster::default(),
             translator: Translator::new(
@@ -116,7 +116,7 @@ fn relist_of_unchanged_objects_changes_nothing() {
     ] {
         objects.extend(load(file));
     }
-    let (mut running, first) = Running::start(objects.clone(), "node-a", &[]);
+    let (mut running, first) = Running::start(&objects, "node-a", &[]);
     assert!(first.changed);
     assert!(!first.problems.is_empty());
     let before = running.desired.clone();
@@ -150,7 +150,7 @@ fn relist_of_unchanged_objects_changes_nothing() {
 #[test]
 fn irrelevant_changes_change_nothing() {
     let objects = load("nodeport.yaml");
-    let (mut running, _) = Running::start(objects.clone(), "node-a", &[]);
+    let (mut running, _) = Running::start(&objects, "node-a", &[]);
     let mut slice = slice_of(&objects, "web-np-5lq2x");
     slice.endpoints[0].zone = Some("zone-z".into());
     assert!(
@@ -182,7 +182,7 @@ fn irrelevant_changes_change_nothing() {
 #[test]
 fn node_change_re_resolves_node_port_addresses() {
     let objects = load("nodeport.yaml");
-    let (mut running, _) = Running::start(objects.clone(), "node-a", &[]);
+    let (mut running, _) = Running::start(&objects, "node-a", &[]);
     assert_eq!(
         running.model("shop/web-np:http/tcp").frontends,
         [
@@ -224,7 +224,7 @@ fn node_change_re_resolves_node_port_addresses() {
         ["tcp 203.0.113.22:80"]
     );
 
-    let (mut pinned, _) = Running::start(objects.clone(), "node-a", &["203.0.113.250"]);
+    let (mut pinned, _) = Running::start(&objects, "node-a", &["203.0.113.250"]);
     let outcome = pinned.apply(ClusterEvent::Apply(Object::Node(node)));
     assert!(!outcome.changed);
     assert_eq!(
@@ -240,7 +240,7 @@ fn node_change_re_resolves_node_port_addresses() {
 #[test]
 fn contested_frontend_goes_to_the_service_sorting_first() {
     let objects = load("conflict.yaml");
-    let (mut running, first) = Running::start(objects.clone(), "node-a", &[]);
+    let (mut running, first) = Running::start(&objects, "node-a", &[]);
     let conflict = "Service shop/b-web: spec: TCP 203.0.113.180:80 is also claimed by Service \
                     shop/a-web, which serves it";
     assert_eq!(problems(&first), [conflict]);
@@ -291,7 +291,7 @@ fn contested_frontend_goes_to_the_service_sorting_first() {
 #[test]
 fn problems_are_reported_once_while_they_last() {
     let objects = load("bad-objects.yaml");
-    let (mut running, first) = Running::start(objects.clone(), "node-a", &[]);
+    let (mut running, first) = Running::start(&objects, "node-a", &[]);
     let external_ip = "Service shop/messy: spec.externalIPs[1]: 2001:db8:e::196 is IPv6, but the \
                        Service has no IPv6 cluster IP";
     assert!(
@@ -327,7 +327,7 @@ fn problems_are_reported_once_while_they_last() {
 fn external_names_and_health_checks() {
     let mut objects = load("headless-externalname.yaml");
     objects.extend(load("traffic-policy.yaml"));
-    let (running, _) = Running::start(objects, "node-a", &[]);
+    let (running, _) = Running::start(&objects, "node-a", &[]);
     assert_eq!(
         running.translator.external_names(),
         BTreeMap::from([(
@@ -611,7 +611,7 @@ fn follow(truth: &mut Truth, event: &ClusterEvent) {
 
 /// Everything translated at once by a new translator from a new cluster.
 fn from_scratch(truth: &Truth, flags: &[IpAddr]) -> (Desired, Translator) {
-    let cluster = fixtures::cluster(truth.values().cloned().collect());
+    let cluster = fixtures::cluster(&truth.values().cloned().collect::<Vec<_>>());
     let mut translator = Translator::new(Some("node-a".into()), flags.to_vec());
     let mut desired = Desired::default();
     translator.update(&cluster, Dirty::All, &mut desired);
@@ -637,7 +637,7 @@ proptest! {
         for o in &initial {
             truth.insert(key_of(o), o.clone());
         }
-        let (mut running, _) = Running::start(truth.values().cloned().collect(), "node-a", &flag_refs);
+        let (mut running, _) = Running::start(&truth.values().cloned().collect::<Vec<_>>(), "node-a", &flag_refs);
         for event in events {
             follow(&mut truth, &event);
             running.apply(event); // also checks `changed`
