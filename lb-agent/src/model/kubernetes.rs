@@ -182,6 +182,12 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
+    if cluster_ips.is_empty() {
+        // Every other frontend hangs off a cluster IP's family.
+        ctx.service_problem("spec.clusterIP", "not set: the Service has no frontend");
+        out.problems = ctx.problems;
+        return out;
+    }
     if cluster_ips.contains(&"None") {
         out.notes.push(format!(
             "Service {key}: headless (clusterIP None), no L4 frontend"

@@ -809,3 +809,15 @@ fn a_frontend_is_served_once_per_service() {
         ["tcp 203.0.113.120:80"]
     );
 }
+
+/// A Service without a cluster IP (a hand-written manifest; the API server would have
+/// allocated one) has no frontend, and says so.
+#[test]
+fn no_cluster_ip_is_a_problem() {
+    let t = translate_fixture("bad-objects.yaml", "shop/unallocated", &node_a());
+    assert_eq!(
+        t.problems,
+        ["Service shop/unallocated: spec.clusterIP: not set: the Service has no frontend"]
+    );
+    assert!(t.models.is_empty());
+}

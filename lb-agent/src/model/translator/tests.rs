@@ -298,7 +298,7 @@ fn problems_are_reported_once_while_they_last() {
         problems(&first).contains(&external_ip.to_owned()),
         "{first:?}"
     );
-    assert_eq!(first.problems.len(), 12, "{:#?}", first.problems);
+    assert_eq!(first.problems.len(), 13, "{:#?}", first.problems);
 
     // An endpoint change translates shop/messy again: nothing new to report.
     let mut slice = slice_of(&objects, "messy-a");
