@@ -41,7 +41,8 @@ fn every_fixture_parses() {
 /// The endpoint port is the EndpointSlice port with the Service port's name and
 /// protocol: kube-dns's slice lists `dns-tcp` TCP 53 first and `dns` UDP 53 second.
 /// https://kubernetes.io/docs/reference/kubernetes-api/service-resources/endpoint-slice-v1/
-/// (EndpointPort `name`: "must match the name of a Service port")
+/// (`ports.name`: "If the EndpointSlice is derived from a Kubernetes service, this
+/// corresponds to the Service.ports[].name.")
 #[test]
 fn every_port_tcp_and_udp() {
     let t = translate_fixture("kube-dns.yaml", "kube-system/kube-dns", &node_a());
@@ -326,9 +327,11 @@ fn only_ready_endpoints() {
 }
 
 /// When no endpoint is ready, the ones that are serving while terminating are used, so
-/// connections drain gracefully (kube-proxy since 1.26); terminating endpoints that no
-/// longer serve never are.
+/// connections drain gracefully (kube-proxy since 1.26, for policy Cluster too);
+/// terminating endpoints that no longer serve never are.
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-to-terminating-endpoints
+/// https://github.com/kubernetes/enhancements/tree/master/keps/sig-network/1669-proxy-terminating-endpoints
+/// ("Example: all endpoints terminating and traffic policy is "Cluster"")
 /// https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#serving
 #[test]
 fn serving_terminating_when_none_ready() {
@@ -349,7 +352,9 @@ fn serving_terminating_when_none_ready() {
 
 /// Conditions left unset take the API's defaults: `ready` and `serving` nil mean true,
 /// `terminating` nil means false (hand-made slices often omit them).
-/// https://kubernetes.io/docs/reference/kubernetes-api/service-resources/endpoint-slice-v1/#EndpointConditions
+/// https://kubernetes.io/docs/reference/kubernetes-api/service-resources/endpoint-slice-v1/
+/// (`endpoints.conditions`: ready and serving "A nil value should be interpreted as
+/// "true""; terminating "A nil value should be interpreted as "false"")
 #[test]
 fn unset_conditions_take_the_api_defaults() {
     let c = cluster(&load("conditions.yaml"));
