@@ -182,13 +182,20 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
+    if cluster_ips.is_empty() {
+        // Every other frontend hangs off a cluster IP's family.
+        ctx.service_problem("spec.clusterIP", "not set: the Service has no frontend");
+        out.problems = ctx.problems;
+        return out;
+    }
     if cluster_ips.contains(&"None") {
         out.notes.push(format!(
             "Service {key}: headless (clusterIP None), no L4 frontend"
         ));
         return out;
     }
-    let addresses = service_addresses(svc, type_, &cluster_ips, &mut ctx);
+    let mut addresses = service_addresses(svc, type_, &cluster_ips, &mut ctx);
+    let ranges = source_ranges(spec, &mut addresses, &mut ctx);
     let families: BTreeSet<bool> = addresses
         .iter()
         .filter(|(origin, _)| *origin == Origin::ClusterIp)
@@ -201,12 +208,13 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         addresses,
         etp_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         itp_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        source_ranges: source_ranges(spec.load_balancer_source_ranges.as_deref(), &mut ctx),
+        source_ranges: ranges,
         affinity_timeout_s: affinity_timeout(spec),
         table_override: table_size_override(svc, &mut ctx),
     };
     let etp_local = policy.etp_local;
     let mut local_ready = BTreeSet::new();
+    let mut taken = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(spec_port) = port_spec(i, port, type_, &key, &mut ctx, &mut out.notes) else {
             continue;
@@ -215,30 +223,39 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         for c in candidates.iter().filter(|c| c.local && c.ready) {
             local_ready.insert(c.endpoint.addr);
         }
+        let mut repeated = BTreeSet::new();
         for v6 in [false, true] {
-            if families.contains(&v6) {
-                out.services
-                    .extend(family_models(&policy, &spec_port, v6, &candidates, node));
+            if !families.contains(&v6) {
+                continue;
             }
-        }
-    }
-    if type_ == "LoadBalancer"
-        && etp_local
-        && let Some(port) = spec.health_check_node_port
-    {
-        match u16::try_from(port) {
-            Ok(port) if port > 0 => {
-                out.health_check = Some(HealthCheckPort {
-                    port,
-                    local_endpoints: local_ready.len(),
+            for (name, mut model) in family_models(&policy, &spec_port, v6, &candidates, node) {
+                // A frontend is served by the first port that has it (the API server
+                // refuses two ports with one port number and protocol; manifests may not).
+                model.frontends.retain(|f| {
+                    taken.insert(*f) || {
+                        repeated.insert(*f);
+                        false
+                    }
                 });
+                if !model.frontends.is_empty() {
+                    out.services.insert(name, model);
+                }
             }
-            _ => ctx.service_problem(
-                "spec.healthCheckNodePort",
-                format!("{port} is not a port number"),
-            ),
+        }
+        if !repeated.is_empty() {
+            let list: Vec<String> = repeated.iter().map(frontend_text).collect();
+            ctx.service_problem(
+                format!("spec.ports[{i}]"),
+                format!("{} already served by an earlier port", list.join(", ")),
+            );
         }
     }
+    if type_ == "LoadBalancer" && etp_local {
+        out.health_check = health_check(spec, local_ready.len(), &mut ctx);
+    }
+    // Sorted by object and field; a slice's problem found once per Service port is one.
+    ctx.problems.sort();
+    ctx.problems.dedup();
     out.problems = ctx.problems;
     out
 }
@@ -451,8 +468,22 @@ fn family_models(
             add((policy.etp_local, false), *addr, node_port);
         }
     }
+    // A load-balancer IP that is also an external IP stays behind the source ranges.
+    let ranged: BTreeSet<FrontendSpec> = groups
+        .iter()
+        .filter(|((_, with_ranges), _)| *with_ranges)
+        .flat_map(|(_, f)| f.iter().copied())
+        .collect();
+    for ((_, with_ranges), frontends) in &mut groups {
+        if !*with_ranges {
+            frontends.retain(|f| !ranged.contains(f));
+        }
+    }
     let mut out = Vec::new();
     for ((local_only, with_ranges), frontends) in groups {
+        if frontends.is_empty() {
+            continue;
+        }
         let chosen = if local_only { &local } else { &cluster };
         let backends: BTreeMap<Endpoint, BackendModel> = chosen
             .iter()
@@ -495,6 +526,15 @@ fn family_models(
         out.push((name, model));
     }
     out
+}
+
+/// `TCP 203.0.113.10:80`, for problems.
+pub fn frontend_text(f: &FrontendSpec) -> String {
+    let proto = match f.protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    format!("{proto} {}", std::net::SocketAddr::new(f.address, f.port))
 }
 
 /// `sessionAffinity: ClientIP` and its timeout.
@@ -562,17 +602,20 @@ fn endpoints_for(
         }) else {
             continue;
         };
-        let number = match slice_port.port.map(u16::try_from) {
-            Some(Ok(p)) if p > 0 => p,
-            Some(_) => {
-                ctx.problem(
-                    Kind::EndpointSlice,
-                    &slice_key,
-                    format!("ports[{pi}].port"),
-                    format!("{:?} is not a port number", slice_port.port),
-                );
-                continue;
-            }
+        let number = match slice_port.port {
+            Some(p) => match u16::try_from(p) {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    ctx.problem(
+                        Kind::EndpointSlice,
+                        &slice_key,
+                        format!("ports[{pi}].port"),
+                        format!("{p} is not a port number"),
+                    );
+                    continue;
+                }
+            },
+            // "Unset: ports are not restricted": nothing a port rewrite can use.
             None => continue,
         };
         let weights = slice_weights(slice, &slice_key, ctx);
@@ -605,15 +648,17 @@ fn endpoints_for(
                 }
             };
             let conditions = endpoint.conditions.as_ref();
-            // API defaults: ready and serving unknown = true, terminating unknown = false.
+            // API defaults: ready and serving unset = true, terminating unset = false.
+            // `ready` is taken as is: the controller never sets it on a terminating Pod,
+            // except for publishNotReadyAddresses Services, whose endpoints all count.
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let ep = Endpoint { addr, port: number };
             let candidate = Candidate {
                 endpoint: ep,
                 weight: weights.get(&addr).unwrap_or(weights.default),
-                ready: ready && !terminating,
+                ready,
                 serving_terminating: serving && terminating,
                 local: node.name.is_some() && endpoint.node_name.as_deref() == node.name.as_deref(),
             };
@@ -691,9 +736,57 @@ fn parse_weight(text: &str) -> Result<u32, String> {
     }
 }
 
-fn source_ranges(ranges: Option<&[String]>, ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
+/// kube-proxy's health check for a LoadBalancer Service with policy Local.
+fn health_check(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    local_endpoints: usize,
+    ctx: &mut Ctx<'_>,
+) -> Option<HealthCheckPort> {
+    let port = spec.health_check_node_port?;
+    match u16::try_from(port) {
+        Ok(port) if port > 0 => Some(HealthCheckPort {
+            port,
+            local_endpoints,
+        }),
+        _ => {
+            ctx.service_problem(
+                "spec.healthCheckNodePort",
+                format!("{port} is not a port number"),
+            );
+            None
+        }
+    }
+}
+
+/// `loadBalancerSourceRanges`, without the invalid ones. When some were given but none
+/// is valid, the load-balancer addresses are dropped from `addresses`: serving every
+/// client would ignore the restriction the user asked for.
+fn source_ranges(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    addresses: &mut Vec<(Origin, IpAddr)>,
+    ctx: &mut Ctx<'_>,
+) -> Vec<ipnet::IpNet> {
+    let given = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let ranges = parse_ranges(given, ctx);
+    if !given.is_empty()
+        && ranges.is_empty()
+        && addresses.iter().any(|(o, _)| *o == Origin::LoadBalancer)
+    {
+        addresses.retain(|(o, _)| *o != Origin::LoadBalancer);
+        ctx.service_problem(
+            "status.loadBalancer.ingress",
+            "not served: spec.loadBalancerSourceRanges has no valid range",
+        );
+    }
+    ranges
+}
+
+fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
     let mut out = Vec::new();
-    for (i, text) in ranges.into_iter().flatten().enumerate() {
+    for (i, text) in ranges.iter().enumerate() {
         match text.trim().parse::<ipnet::IpNet>() {
             Ok(net) => out.push(net.trunc()),
             Err(_) => ctx.service_problem(
@@ -740,3 +833,6 @@ fn auto_table_size(backends: &BTreeMap<Endpoint, BackendModel>) -> u32 {
         .find(|m| u64::from(*m) >= need)
         .unwrap_or(maglev::MAX_TABLE_SIZE)
 }
+
+#[cfg(test)]
+mod tests;

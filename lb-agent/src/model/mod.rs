@@ -8,6 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::config::{FrontendSpec, ServiceSpec};
 
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod kubernetes;
 pub mod translator;
 

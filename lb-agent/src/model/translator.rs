@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::Desired;
-use super::kubernetes::{HealthCheckPort, NodeInfo, Problem, Translation, translate};
-use crate::config::{FrontendSpec, Protocol};
+use super::kubernetes::{
+    HealthCheckPort, NodeInfo, Problem, Translation, frontend_text, translate,
+};
+use crate::config::FrontendSpec;
 use crate::source::cluster::{Cluster, Dirty, Kind, ObjectKey};
 
 /// What an update produced besides the new desired state.
@@ -32,7 +34,9 @@ pub struct Translator {
     node: NodeInfo,
     raw: BTreeMap<ObjectKey, Translation>,
     claims: BTreeMap<FrontendSpec, BTreeSet<ObjectKey>>,
-    reported: BTreeSet<Problem>,
+    /// Frontends each Service lost to another, as problems, so each is reported once
+    /// while it lasts (and again if it comes back).
+    conflicts: BTreeMap<ObjectKey, BTreeSet<Problem>>,
 }
 
 impl Translator {
@@ -80,12 +84,13 @@ impl Translator {
             }
         };
         let mut affected = BTreeSet::new();
+        // Models the dirty Services had; those they no longer have are removed at the end
+        // (removing all first would make an unchanged model look changed).
+        let mut stale = BTreeSet::new();
         for key in keys {
             let mut old_problems = Vec::new();
             if let Some(old) = self.raw.remove(&key) {
-                for name in old.services.keys() {
-                    outcome.changed |= desired.services.remove(name).is_some();
-                }
+                stale.extend(old.services.keys().cloned());
                 for frontend in frontends(&old) {
                     if let Some(owners) = self.claims.get_mut(&frontend) {
                         owners.remove(&key);
@@ -95,8 +100,6 @@ impl Translator {
                         }
                     }
                 }
-                // Conflicts are judged again below.
-                self.reported.retain(|p| p.object != key);
                 old_problems = old.problems;
             }
             if let Some(svc) = cluster.services.get(&key) {
@@ -118,32 +121,23 @@ impl Translator {
             affected.insert(key);
         }
         for key in affected {
-            let Some(translation) = self.raw.get(&key) else {
-                continue;
-            };
-            for (name, model) in &translation.services {
+            let mut conflicts = BTreeSet::new();
+            for (name, model) in self.raw.get(&key).iter().flat_map(|t| &t.services) {
+                stale.remove(name);
                 let mut model = model.clone();
                 model.frontends.retain(|f| {
                     let owner = self.claims.get(f).and_then(|o| o.first());
                     match owner {
                         Some(owner) if *owner != key => {
-                            let problem = Problem {
+                            conflicts.insert(Problem {
                                 kind: Kind::Service,
                                 object: key.clone(),
                                 field: "spec".into(),
                                 reason: format!(
-                                    "{} {}:{} is also claimed by Service {owner}, which serves it",
-                                    match f.protocol {
-                                        Protocol::Tcp => "TCP",
-                                        Protocol::Udp => "UDP",
-                                    },
-                                    f.address,
-                                    f.port
+                                    "{} is also claimed by Service {owner}, which serves it",
+                                    frontend_text(f)
                                 ),
-                            };
-                            if self.reported.insert(problem.clone()) {
-                                outcome.problems.push(problem);
-                            }
+                            });
                             false
                         }
                         _ => true,
@@ -156,6 +150,16 @@ impl Translator {
                     outcome.changed = true;
                 }
             }
+            let before = self.conflicts.remove(&key).unwrap_or_default();
+            outcome
+                .problems
+                .extend(conflicts.difference(&before).cloned());
+            if !conflicts.is_empty() {
+                self.conflicts.insert(key, conflicts);
+            }
+        }
+        for name in stale {
+            outcome.changed |= desired.services.remove(&name).is_some();
         }
         outcome
     }
@@ -190,3 +194,6 @@ fn frontends(t: &Translation) -> BTreeSet<FrontendSpec> {
         .flat_map(|m| m.frontends.iter().copied())
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
