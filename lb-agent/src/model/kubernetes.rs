@@ -31,6 +31,9 @@ pub const ENDPOINT_WEIGHTS_ANNOTATION: &str = "xlb.dev/endpoint-weights";
 pub const TABLE_SIZE_ANNOTATION: &str = "xlb.dev/maglev-table-size";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Service label naming another proxy that serves it; kube-proxy, and xlb, leave such
+/// Services alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 const TABLE_SIZES: [u32; 5] = [1021, 4093, 16_381, 65_537, 131_071];
 const MAX_WEIGHT: u32 = 100;
 
@@ -164,6 +167,17 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         out.problems = ctx.problems;
         return out;
     };
+    if let Some(proxy) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        out.notes.push(format!(
+            "Service {key}: {SERVICE_PROXY_NAME_LABEL}={proxy}, served by that proxy, not xlb"
+        ));
+        return out;
+    }
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if type_ == "ExternalName" {
         out.external_name.clone_from(&spec.external_name);

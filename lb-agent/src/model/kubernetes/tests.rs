@@ -275,6 +275,20 @@ fn headless_and_external_name_get_no_frontend() {
     assert_eq!(t.external_name.as_deref(), Some("payments.example.com"));
 }
 
+/// A Service labelled `service.kubernetes.io/service-proxy-name` belongs to another
+/// proxy: kube-proxy (and xlb) leave it alone; its neighbours are served.
+/// https://kubernetes.io/docs/reference/labels-annotations-taints/#servicekubernetesioservice-proxy-name
+#[test]
+fn another_proxys_service_is_left_alone() {
+    let c = cluster(&load("service-proxy-name.yaml"));
+    let t = translate_in(&c, "shop/legacy", &node_a());
+    no_problems(&t);
+    assert!(t.models.is_empty(), "{:?}", t.models);
+    assert!(t.notes[0].contains("other-proxy"), "{:?}", t.notes);
+    let t = translate_in(&c, "shop/modern", &node_a());
+    assert_eq!(t.names(), ["shop/modern:http/tcp"]);
+}
+
 // --- Backends ----------------------------------------------------------------------
 
 /// A named targetPort resolves per Pod: the EndpointSlice controller groups Pods by the
