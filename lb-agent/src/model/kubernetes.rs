@@ -167,15 +167,8 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         out.problems = ctx.problems;
         return out;
     };
-    if let Some(proxy) = svc
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-    {
-        out.notes.push(format!(
-            "Service {key}: {SERVICE_PROXY_NAME_LABEL}={proxy}, served by that proxy, not xlb"
-        ));
+    if let Some(note) = other_proxy(svc, &key) {
+        out.notes.push(note);
         return out;
     }
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -414,6 +407,18 @@ fn port_spec(
         number: service_port,
         node_port,
     })
+}
+
+/// A note when the Service is labelled for another proxy.
+fn other_proxy(svc: &Service, key: &ObjectKey) -> Option<String> {
+    let proxy = svc
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_PROXY_NAME_LABEL)?;
+    Some(format!(
+        "Service {key}: {SERVICE_PROXY_NAME_LABEL}={proxy}, served by that proxy, not xlb"
+    ))
 }
 
 /// What every port of a Service shares.
