@@ -135,7 +135,14 @@ struct Ctx<'a> {
     problems: Vec<Problem>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(key: &'a ObjectKey) -> Self {
+        Ctx {
+            key,
+            problems: Vec::new(),
+        }
+    }
+
     fn problem(&mut self, kind: Kind, object: &ObjectKey, field: String, reason: String) {
         self.problems.push(Problem {
             kind,
@@ -153,14 +160,8 @@ impl Ctx<'_> {
 
 /// Translates one Service with the EndpointSlices labelled with its name.
 pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Translation {
-    let key = ObjectKey::new(
-        svc.metadata.namespace.as_deref().unwrap_or("default"),
-        svc.metadata.name.as_deref().unwrap_or_default(),
-    );
-    let mut ctx = Ctx {
-        key: &key,
-        problems: Vec::new(),
-    };
+    let key = ObjectKey::of(&svc.metadata);
+    let mut ctx = Ctx::new(&key);
     let mut out = Translation::default();
     let Some(spec) = svc.spec.as_ref() else {
         ctx.service_problem("spec", "missing");
