@@ -68,6 +68,23 @@ impl<'a> AgentProcess<'a> {
         Self::start_full(ns, &[], binary, source, tag, extra)
     }
 
+    /// [`AgentProcess::start_with_source`] with environment variables set for the
+    /// agent (e.g. `KUBECONFIG`), through `env`, which execs the agent (same PID).
+    pub fn start_with_env(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        env: &[(&str, &str)],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let launcher: Vec<&str> = std::iter::once("env")
+            .chain(assignments.iter().map(String::as_str))
+            .collect();
+        Self::start_full(ns, &launcher, binary, source, tag, extra)
+    }
+
     fn start_full(
         ns: &'a Netns,
         launcher: &[&str],
