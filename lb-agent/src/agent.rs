@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +14,7 @@ use lb_common::HEALTH_DOWN;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
+use crate::admin::{self, AgentState};
 use crate::config::ServiceSpec;
 use crate::dataplane::Dataplane;
 use crate::dataplane::pins::{self, Attachment, ModeChoice};
@@ -23,6 +25,8 @@ use crate::source::file::{FileSource, Update};
 
 /// A backend as health checking knows it: (service name, endpoint).
 pub type BackendKey = (String, Endpoint);
+
+mod kubernetes;
 
 /// Where the services come from.
 #[derive(Debug, Clone)]
@@ -63,22 +67,29 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if opts.interfaces.is_empty() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
-    let config = match &opts.source {
-        Source::Config(path) => path.clone(),
-        Source::Kube | Source::Manifests(_) => bail!("Kubernetes sources are being built"),
-    };
+    let state = AgentState::new();
+    let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;
+    match &opts.source {
+        Source::Config(path) => run_config(&opts, path.clone(), state).await,
+        Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state).await,
+    }
+}
+
+/// The config-file agent.
+async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) -> Result<()> {
     // Validate before touching the kernel: a broken file never changes anything.
     let mut source = FileSource::new(&config);
     let specs = match source.read(true) {
         Update::Services { services, rejected } => {
             report_rejected(&rejected);
+            state.rejected_objects.inc_by(rejected.len() as u64);
             services
         }
         Update::Invalid(e) => bail!("{e}"),
         Update::Unchanged => unreachable!("a forced read is never unchanged"),
     };
 
-    let (dp, applied) = start_dataplane(&opts)?;
+    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
     let restored_down: BTreeMap<BackendKey, bool> = applied
         .backends
         .values()
@@ -92,7 +103,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .collect();
 
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
-    let writer = tokio::spawn(writer_task(dp, applied, desired_rx));
+    let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
 
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent<BackendKey>>();
     let mut monitor = Monitor::new(health_tx);
@@ -128,6 +139,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Some(Update::Services { services, rejected }) => {
                 report_rejected(&rejected);
+                state.rejected_objects.inc_by(rejected.len() as u64);
                 tracing::info!(services = services.len(), "config reloaded");
                 specs = services;
                 health.retain(|key, _| has_backend(&specs, key));
@@ -139,12 +151,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     drop(desired_tx);
     writer.await.context("writer task")?;
+    stopped(opts);
+    Ok(())
+}
+
+fn stopped(opts: &RunOptions) {
     tracing::info!(
         dir = %opts.pin_dir.display(),
         "stopped; XDP stays attached and the maps pinned, so traffic keeps flowing \
          (`lb-agent detach` removes them)"
     );
-    Ok(())
 }
 
 /// Loads the program with the pinned maps (adopting them when present), attaches it
@@ -268,6 +284,7 @@ async fn writer_task(
     mut dp: Dataplane,
     mut applied: Applied,
     mut desired: watch::Receiver<Desired>,
+    state: Arc<AgentState>,
 ) {
     let mut retry = false;
     loop {
@@ -290,17 +307,26 @@ async fn writer_task(
         for error in &plan.errors {
             tracing::error!("{error}");
         }
+        state.applies.inc();
+        state
+            .services
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
         if plan.ops.is_empty() {
             retry = false;
+            state.set_ready();
             continue;
         }
         match dp.apply(&plan, &mut applied) {
             Ok(n) => {
                 retry = false;
+                state.map_writes.inc_by(n as u64);
+                state.set_ready();
                 tracing::info!(writes = n, services, "maps updated");
             }
             Err((done, e)) => {
                 retry = true;
+                state.map_writes.inc_by(done as u64);
+                state.map_write_errors.inc();
                 tracing::error!(
                     "map write {} of {} failed: {e}; retrying",
                     done + 1,

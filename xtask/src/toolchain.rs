@@ -13,9 +13,18 @@ use anyhow::{Context, Result, bail};
 
 use crate::run::{probe, run};
 
-/// The toolchain that builds lb-ebpf (`-Z build-std` needs nightly). Always named
-/// explicitly: `RUSTUP_AUTO_INSTALL=0` is set on these machines.
-pub const NIGHTLY: &str = "nightly";
+/// Names the toolchain that builds lb-ebpf instead of `nightly`, e.g. `nightly-2026-05-20`:
+/// the container image pins one that bpf-linker's LLVM matches.
+const NIGHTLY_VAR: &str = "XLB_NIGHTLY";
+
+/// The toolchain that builds lb-ebpf (`-Z build-std` needs nightly): `$XLB_NIGHTLY`, else
+/// `nightly`. Always named explicitly: `RUSTUP_AUTO_INSTALL=0` is set on these machines.
+pub fn nightly() -> String {
+    env::var(NIGHTLY_VAR)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "nightly".to_owned())
+}
 /// bpf-linker release known to work with nightly's LLVM 22 (feature `llvm-22`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_FEATURES: &str = "llvm-22";
@@ -108,8 +117,9 @@ impl Toolchain {
     /// `cargo +nightly` in `dir` with the eBPF build environment: bpf-linker on PATH, the
     /// nightly libLLVM loadable, BTF rustflags, and the outer stable run's variables gone.
     pub fn nightly_cargo(&self, dir: &Path) -> Result<Command> {
+        let nightly = nightly();
         let mut cmd = Command::new("cargo");
-        cmd.arg(format!("+{NIGHTLY}")).current_dir(dir);
+        cmd.arg(format!("+{nightly}")).current_dir(dir);
         strip_outer_cargo_env(&mut cmd);
         cmd.env("PATH", prepend_path("PATH", &self.tools.join("bin"))?)
             .env("LD_LIBRARY_PATH", self.ld_library_path()?)
@@ -120,6 +130,7 @@ impl Toolchain {
     /// Installs nightly's rustfmt and clippy when missing; a minimal profile lacks them and
     /// the lint steps run `cargo +nightly fmt` / `cargo +nightly clippy` for lb-ebpf.
     pub fn ensure_lint_components(&self) -> Result<()> {
+        let nightly = nightly();
         let bin = self.sysroot.join("bin");
         let missing: Vec<&str> = [("rustfmt", "rustfmt"), ("clippy", "cargo-clippy")]
             .into_iter()
@@ -131,12 +142,12 @@ impl Toolchain {
         }
         let list = missing.join(" ");
         say(&format!(
-            "installing {list} for the {NIGHTLY} toolchain (rustup component add {list} --toolchain {NIGHTLY})"
+            "installing {list} for the {nightly} toolchain (rustup component add {list} --toolchain {nightly})"
         ));
         run(Command::new("rustup")
             .args(["component", "add"])
             .args(&missing)
-            .args(["--toolchain", NIGHTLY])
+            .args(["--toolchain", &nightly])
             .stdout(io::stderr()))
     }
 
@@ -161,40 +172,43 @@ pub fn say(message: &str) {
 /// Returns nightly's sysroot (installing the toolchain when it is missing) and whether it
 /// had to be installed.
 fn ensure_nightly() -> Result<(PathBuf, bool)> {
+    let nightly = nightly();
     if let Some(sysroot) = nightly_sysroot() {
         return Ok((sysroot, false));
     }
     say(&format!(
-        "installing the {NIGHTLY} toolchain (rustup toolchain install {NIGHTLY} --profile minimal --no-self-update)"
+        "installing the {nightly} toolchain (rustup toolchain install {nightly} --profile minimal --no-self-update)"
     ));
     // --no-self-update: installing a toolchain must not also replace rustup itself.
     run(Command::new("rustup")
-        .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+        .args(["toolchain", "install", &nightly, "--profile", "minimal"])
         .arg("--no-self-update")
         .stdout(io::stderr()))?;
     let sysroot = nightly_sysroot().with_context(|| {
         format!(
-            "`rustup run {NIGHTLY} rustc --print sysroot` still fails after installing {NIGHTLY}"
+            "`rustup run {nightly} rustc --print sysroot` still fails after installing {nightly}"
         )
     })?;
     Ok((sysroot, true))
 }
 
 fn nightly_sysroot() -> Option<PathBuf> {
-    probe(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))
+    let nightly = nightly();
+    probe(Command::new("rustup").args(["run", &nightly, "rustc", "--print", "sysroot"]))
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
 }
 
 fn ensure_rust_src(sysroot: &Path) -> Result<bool> {
+    let nightly = nightly();
     if sysroot.join("lib/rustlib/src/rust/library").is_dir() {
         return Ok(false);
     }
     say(&format!(
-        "installing rust-src for the {NIGHTLY} toolchain (rustup component add rust-src --toolchain {NIGHTLY})"
+        "installing rust-src for the {nightly} toolchain (rustup component add rust-src --toolchain {nightly})"
     ));
     run(Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
+        .args(["component", "add", "rust-src", "--toolchain", &nightly])
         .stdout(io::stderr()))?;
     Ok(true)
 }
@@ -309,8 +323,9 @@ fn pick_llvm_lib<'a>(names: &'a [String], lib: &Path) -> Result<&'a str> {
         .filter(|n| n.starts_with("libLLVM"))
         .map(String::as_str)
         .collect();
+    let nightly = nightly();
     bail!(
-        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{NIGHTLY}` toolchain on LLVM 22 (verified: rustc 1.97.0-nightly of 2026-05-19)",
+        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{nightly}` toolchain on LLVM 22 (verified: rustc 1.97.0-nightly of 2026-05-19)",
         lib.display(),
         if others.is_empty() {
             "no libLLVM at all".to_owned()

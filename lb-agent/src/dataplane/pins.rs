@@ -2,7 +2,7 @@
 //! (`link_<interface>`). A restarted agent adopts what is there; `detach` removes it.
 
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
@@ -263,14 +263,14 @@ impl Dataplane {
 }
 
 /// Detaches the program from `interface` now (`BPF_LINK_DETACH`, effective even while
-/// a running agent holds the link open) and removes the pin.
+/// a running agent holds the link open), then removes the pin. The link is opened
+/// through its pin rather than by id, so CAP_SYS_ADMIN is not needed (the DaemonSet
+/// runs without it).
 pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     let path = link_path(dir, interface);
-    let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
-    let fd_link: FdLink = pinned.unpin().map_err(|e| pin_err(&path, e))?;
-    // FdLink does not expose its fd; the link info's id reopens it.
-    let id = fd_link.info().map_err(|e| pin_err(&path, e))?.id();
-    link_detach_by_id(id).map_err(|e| pin_err(&path, e))?;
+    let link = bpf_obj_get(&path).map_err(|e| pin_err(&path, format!("BPF_OBJ_GET: {e}")))?;
+    bpf_link_detach(&link).map_err(|e| pin_err(&path, format!("BPF_LINK_DETACH: {e}")))?;
+    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
     Ok(())
 }
 
@@ -296,35 +296,64 @@ pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     Ok(removed)
 }
 
-/// `BPF_LINK_GET_FD_BY_ID` then `BPF_LINK_DETACH` (Linux 5.9+); aya 0.14 has neither.
-fn link_detach_by_id(id: u32) -> io::Result<()> {
-    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    // union bpf_attr, the prefix both commands read: a u32 (link id / link fd).
+/// `BPF_OBJ_GET`: opens a pinned object (aya 0.14 keeps a pinned link's fd private).
+fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // union bpf_attr, the BPF_OBJ_* prefix: pathname, bpf_fd, file_flags.
     #[repr(C)]
     struct Attr {
-        value: u32,
-        _pad: [u32; 3],
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
     }
-    let bpf = |cmd: libc::c_long, value: u32| -> io::Result<libc::c_long> {
-        let attr = Attr {
-            value,
-            _pad: [0; 3],
-        };
-        // SAFETY: attr is a valid bpf_attr prefix for both commands and outlives the call.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, size_of::<Attr>()) };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = Attr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
     };
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, id)?;
-    // SAFETY: the kernel just returned this new fd; we own it.
-    let fd = unsafe {
-        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(
-            i32::try_from(fd).map_err(io::Error::other)?,
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; it and the path it
+    // points to outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<Attr>(),
         )
     };
-    bpf(BPF_LINK_DETACH, fd.as_fd().as_raw_fd().cast_unsigned()).map(drop)
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this new fd; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_DETACH` (Linux 5.9+); aya 0.14 does not have it.
+fn bpf_link_detach(link: &OwnedFd) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    // union bpf_attr, the link_detach member: the link's fd.
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+    }
+    let attr = Attr {
+        link_fd: link.as_raw_fd().cast_unsigned(),
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_DETACH and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            size_of::<Attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

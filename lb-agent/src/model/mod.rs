@@ -9,6 +9,11 @@ use std::sync::Arc;
 
 use crate::config::{FrontendSpec, ServiceSpec};
 
+#[cfg(test)]
+pub(crate) mod fixtures;
+pub mod kubernetes;
+pub mod translator;
+
 /// A backend's identity within a service: its address and port. Its text form
 /// (`192.0.2.11:8080`, `[2001:db8::11]:8080`) is the Maglev identity, so every agent
 /// that sees the same backends builds the same table.

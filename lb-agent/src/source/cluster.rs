@@ -108,7 +108,9 @@ impl ObjectKey {
         }
     }
 
-    fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+    /// The key of an object's metadata (namespace `default` when unset, as for a
+    /// manifest without one).
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
         ObjectKey {
             namespace: meta
                 .namespace

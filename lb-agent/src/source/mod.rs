@@ -5,3 +5,4 @@
 pub mod cluster;
 pub mod file;
 pub mod kube;
+pub mod manifests;

@@ -3,7 +3,7 @@
 //! the demo. Dropping it kills the process (by PID) and removes everything it pinned.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -19,12 +19,15 @@ const POLL: Duration = Duration::from_millis(50);
 pub struct AgentProcess<'a> {
     ns: &'a Netns,
     binary: PathBuf,
-    config: PathBuf,
+    /// The source arguments: `--config FILE`, `--manifests DIR` or `--kube`.
+    source: Vec<String>,
     pin_dir: PathBuf,
     log: PathBuf,
     pid: Option<u32>,
     /// Extra arguments for `run` (e.g. `--poll-ms 100`).
     extra: Vec<String>,
+    /// A command that runs the agent (e.g. `setpriv ... --`); empty = none.
+    launcher: Vec<String>,
 }
 
 impl<'a> AgentProcess<'a> {
@@ -37,15 +40,69 @@ impl<'a> AgentProcess<'a> {
         tag: &str,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_with_launcher(ns, &[], binary, config, tag, extra)
+    }
+
+    /// [`AgentProcess::start`] through `launcher`, a command that ends by running its
+    /// arguments (e.g. `setpriv --bounding-set=... --` to limit capabilities).
+    pub fn start_with_launcher(
+        ns: &'a Netns,
+        launcher: &[&str],
+        binary: &Path,
+        config: &Path,
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let config = config.display().to_string();
+        Self::start_full(ns, launcher, binary, &["--config", &config], tag, extra)
+    }
+
+    /// Like [`AgentProcess::start`] with any source (`--manifests DIR`, `--kube`).
+    pub fn start_with_source(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::start_full(ns, &[], binary, source, tag, extra)
+    }
+
+    /// [`AgentProcess::start_with_source`] with environment variables set for the
+    /// agent (e.g. `KUBECONFIG`), through `env`, which execs the agent (same PID).
+    pub fn start_with_env(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        env: &[(&str, &str)],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let launcher: Vec<&str> = std::iter::once("env")
+            .chain(assignments.iter().map(String::as_str))
+            .collect();
+        Self::start_full(ns, &launcher, binary, source, tag, extra)
+    }
+
+    fn start_full(
+        ns: &'a Netns,
+        launcher: &[&str],
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let unique = format!("xlb-{tag}-{}", std::process::id());
         let mut agent = AgentProcess {
             ns,
             binary: binary.to_path_buf(),
-            config: config.to_path_buf(),
+            source: source.iter().map(|s| (*s).to_owned()).collect(),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&unique),
             log: std::env::temp_dir().join(format!("{unique}.log")),
             pid: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            launcher: launcher.iter().map(|s| (*s).to_owned()).collect(),
         };
         // A directory left by a crashed earlier run with the same PID is stale.
         pins::remove_all(&agent.pin_dir).context("removing stale pins")?;
@@ -59,27 +116,64 @@ impl<'a> AgentProcess<'a> {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("agent log {}", self.log.display()))?;
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(self.source.iter().cloned());
+        args.extend([
             "--interface".into(),
             Topology::LB_CLIENT_IF.into(),
             "--interface".into(),
             Topology::LB_BACKEND_IF.into(),
             "--bpffs".into(),
             self.pin_dir.display().to_string(),
-        ];
+        ]);
         args.extend(self.extra.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let pid = self.ns.spawn_with_output(
-            &self.binary.display().to_string(),
-            &args,
-            Stdio::null(),
-            Stdio::from(log),
-        )?;
+        let binary = self.binary.display().to_string();
+        let (program, args): (&str, Vec<&str>) = match self.launcher.split_first() {
+            None => (&binary, args.iter().map(String::as_str).collect()),
+            Some((program, launcher_args)) => (
+                program,
+                launcher_args
+                    .iter()
+                    .chain(std::iter::once(&binary))
+                    .chain(&args)
+                    .map(String::as_str)
+                    .collect(),
+            ),
+        };
+        let pid = self
+            .ns
+            .spawn_with_output(program, &args, Stdio::null(), Stdio::from(log))?;
         self.pid = Some(pid);
         Ok(())
+    }
+
+    /// The agent's PID while it runs (the launcher execs it, so the PID is the
+    /// agent's own).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Waits up to `timeout` for the agent to exit (e.g. after a start-up error) and
+    /// returns its status; fails with the agent's log when it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let Some(pid) = self.pid else {
+            bail!("the agent is not running");
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.ns.try_wait(pid)? {
+                self.pid = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent still runs after {timeout:?}; log ({}):\n{}",
+                    self.log.display(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     pub fn pin_dir(&self) -> &Path {

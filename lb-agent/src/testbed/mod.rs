@@ -20,6 +20,7 @@
 //! constructor fails with an error that says so.
 
 pub mod agent;
+pub mod apiserver;
 mod cmd;
 mod http;
 mod netns;
@@ -31,13 +32,17 @@ mod traffic;
 mod tests;
 
 pub use agent::AgentProcess;
+pub use apiserver::ApiServer;
 pub use http::{HttpConnection, http_get, spawn_backend_http_servers, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
-pub use traffic::{ServerHandle, spawn_tcp_name_server, spawn_udp_name_server, tcp_ask, udp_ask};
+pub use traffic::{
+    ServerHandle, spawn_tcp_name_server, spawn_tcp_peer_server, spawn_udp_name_server, tcp_ask,
+    udp_ask,
+};
 
 /// Bit numbers from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;

@@ -7,7 +7,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 use std::time::Duration;
@@ -210,6 +210,19 @@ impl Netns {
         drop(children);
         cmd::kill_and_reap(&mut child, &format_args!("pid {pid} in {}", self.name));
         Ok(())
+    }
+
+    /// Whether a process started by [`Netns::spawn`] has exited, and with what status
+    /// (reaping it); `None` while it runs. Only PIDs this namespace started are
+    /// accepted.
+    pub fn try_wait(&self, pid: u32) -> anyhow::Result<Option<ExitStatus>> {
+        let mut children = lock_ignoring_poison(&self.children);
+        let Some(child) = children.iter_mut().find(|c| c.id() == pid) else {
+            bail!("pid {pid} was not spawned in netns {}", self.name);
+        };
+        child
+            .try_wait()
+            .with_context(|| format!("waiting for pid {pid} in {}", self.name))
     }
 
     /// Moves the current thread (only this thread: `setns` is per thread)

@@ -106,7 +106,30 @@ pub fn spawn_tcp_name_server(
     let local_addr = listener.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
     spawn_server(local_addr, "tcp", move |state| {
-        serve_tcp(&listener, &reply, state);
+        serve_tcp(&listener, |_| reply.clone(), state);
+    })
+}
+
+/// Like [`spawn_tcp_name_server`], but the answer also names the address the
+/// connection came from (`"backend-0 198.51.100.2\n"`), so a test sees whether
+/// the client's source address reached the backend.
+pub fn spawn_tcp_peer_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    name: &str,
+) -> anyhow::Result<ServerHandle> {
+    let listener = ns
+        .run_in(|| TcpListener::bind(bind))?
+        .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
+    listener.set_nonblocking(true)?;
+    let local_addr = listener.local_addr()?;
+    let name = name.to_owned();
+    spawn_server(local_addr, "tcp", move |state| {
+        serve_tcp(
+            &listener,
+            |peer| format!("{name} {}\n", peer.ip().to_canonical()).into_bytes(),
+            state,
+        );
     })
 }
 
@@ -151,7 +174,7 @@ pub(super) fn spawn_server(
     })
 }
 
-fn serve_tcp(listener: &TcpListener, reply: &[u8], state: &ServerState) {
+fn serve_tcp(listener: &TcpListener, reply: impl Fn(SocketAddr) -> Vec<u8>, state: &ServerState) {
     while !state.stopping() {
         if let Err(e) = wait_readable(listener, STOP_POLL) {
             tracing::warn!(error = %e, "poll on name server failed");
@@ -163,7 +186,7 @@ fn serve_tcp(listener: &TcpListener, reply: &[u8], state: &ServerState) {
                 Ok((stream, peer)) => {
                     state.accepted.fetch_add(1, Ordering::Relaxed);
                     state.served.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = answer_tcp(stream, reply) {
+                    if let Err(e) = answer_tcp(stream, &reply(peer)) {
                         tracing::debug!(%peer, error = %e, "could not answer");
                     }
                 }

@@ -1,0 +1,171 @@
+//! The admin HTTP endpoint: `/healthz` (liveness: the agent's loops are running),
+//! `/readyz` (ready once the first complete desired state is in the maps, so a
+//! DaemonSet rolling update waits for it) and `/metrics` (Prometheus text format).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// What the agent's loops report; read by the admin endpoint.
+pub struct AgentState {
+    ready: Gauge<i64, AtomicI64>,
+    pub services: Gauge<i64, AtomicI64>,
+    pub map_writes: Counter<u64, AtomicU64>,
+    pub map_write_errors: Counter<u64, AtomicU64>,
+    pub rejected_objects: Counter<u64, AtomicU64>,
+    pub applies: Counter<u64, AtomicU64>,
+    registry: Registry,
+}
+
+impl AgentState {
+    pub fn new() -> Arc<Self> {
+        let services = Gauge::<i64, AtomicI64>::default();
+        let map_writes = Counter::<u64, AtomicU64>::default();
+        let map_write_errors = Counter::<u64, AtomicU64>::default();
+        let rejected_objects = Counter::<u64, AtomicU64>::default();
+        let applies = Counter::<u64, AtomicU64>::default();
+        let ready = Gauge::<i64, AtomicI64>::default();
+        let mut registry = Registry::with_prefix("xlb");
+        registry.register(
+            "ready",
+            "1 once the first complete state is in the maps",
+            ready.clone(),
+        );
+        registry.register(
+            "services",
+            "Services (per port, family and traffic policy) in the desired state",
+            services.clone(),
+        );
+        registry.register(
+            "map_writes",
+            "Map writes the agent performed",
+            map_writes.clone(),
+        );
+        registry.register(
+            "map_write_errors",
+            "Map writes that failed (retried)",
+            map_write_errors.clone(),
+        );
+        registry.register(
+            "rejected_objects",
+            "Config entries or Kubernetes object fields rejected as invalid",
+            rejected_objects.clone(),
+        );
+        registry.register(
+            "applies",
+            "Desired states planned and applied to the maps",
+            applies.clone(),
+        );
+        Arc::new(AgentState {
+            ready,
+            services,
+            map_writes,
+            map_write_errors,
+            rejected_objects,
+            applies,
+            registry,
+        })
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.set(1);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Binds the admin address (failing at start-up, before anything is attached, when
+/// it is taken) and serves it until the task is dropped.
+pub async fn start(
+    addr: SocketAddr,
+    state: Arc<AgentState>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin address {addr} (--admin)"))?;
+    Ok(tokio::spawn(serve(
+        listener,
+        move |req: &Request<hyper::body::Incoming>| respond(&state, req.uri().path()),
+    )))
+}
+
+fn respond(state: &AgentState, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            if state.is_ready() {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the first complete state to reach the maps\n".into(),
+                )
+            }
+        }
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, state.metrics());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz, /readyz, /metrics\n".into(),
+        ),
+    }
+}
+
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// A small HTTP/1.1 server: every connection on its own task, answered by `handler`.
+pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,171 @@
+//! The Kubernetes agent: `--kube` or `--manifests` -> cluster index -> translator ->
+//! desired state -> the writer. Nothing is written before every kind was listed once,
+//! so a Service seen before its EndpointSlices never shrinks or flaps. A broken watch
+//! keeps the last state (fail-static), and a relist changes only what changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use super::{RunOptions, Source, start_dataplane, stopped, writer_task};
+use crate::admin::AgentState;
+use crate::model::Desired;
+use crate::model::kubernetes::Problem;
+use crate::model::translator::Translator;
+use crate::service_health::ServiceHealth;
+use crate::source::cluster::{Cluster, ClusterEvent, Dirty};
+use crate::source::manifests::{Load, ManifestSource};
+
+/// Events queued between the sources and the translator.
+const QUEUE: usize = 4096;
+
+pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()> {
+    let (tx, mut rx) = mpsc::channel::<ClusterEvent>(QUEUE);
+    let source = match &opts.source {
+        Source::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client (in-cluster service account, else KUBECONFIG)")?;
+            tracing::info!("watching Services, EndpointSlices and Nodes");
+            tokio::spawn(async move {
+                if let Err(e) = crate::source::kube::run(client, tx).await {
+                    tracing::error!("Kubernetes source stopped: {e:#}");
+                }
+            })
+        }
+        Source::Manifests(dir) => {
+            let mut manifests = ManifestSource::new(dir);
+            // An unreadable directory is fatal before anything is attached.
+            let first = manifests
+                .read(true)
+                .with_context(|| format!("reading --manifests {}", dir.display()))?
+                .context("a forced read always loads")?;
+            tracing::info!(dir = %dir.display(), "translating the manifests in");
+            tokio::spawn(watch_manifests(
+                manifests,
+                first,
+                tx,
+                opts.poll,
+                Arc::clone(&state),
+            ))
+        }
+        Source::Config(_) => unreachable!("the config file has its own loop"),
+    };
+    if opts.node.name.is_none() {
+        tracing::warn!(
+            "no --node-name (or NODE_NAME): no endpoint counts as local, so traffic \
+             policy Local has no endpoints here, and NodePorts use only --node-address"
+        );
+    }
+
+    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
+    let (desired_tx, desired_rx) = watch::channel(Desired::default());
+    let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
+
+    let mut cluster = Cluster::default();
+    let mut translator = Translator::new(opts.node.name.clone(), opts.node.addresses.clone());
+    let mut health = ServiceHealth::default();
+    let mut synced = false;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => event,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let Some(event) = event else {
+            // The source gave up (it retries API errors forever, so this is a bug or a
+            // lost client). Exit: the maps stay pinned and traffic flows while the
+            // kubelet restarts us, and the next agent adopts them.
+            anyhow::bail!("the Kubernetes source stopped; exiting so a restart resyncs");
+        };
+        let mut dirty = cluster.apply(event);
+        // One translation per burst of events.
+        while let Ok(event) = rx.try_recv() {
+            dirty.merge(cluster.apply(event));
+        }
+        if !cluster.synced() {
+            continue;
+        }
+        let first = !synced;
+        if first {
+            synced = true;
+            dirty = Dirty::All;
+            tracing::info!(
+                services = cluster.services.len(),
+                endpointslices = cluster.slices.len(),
+                nodes = cluster.nodes.len(),
+                "initial lists complete"
+            );
+        }
+        let mut problems = Vec::new();
+        desired_tx.send_if_modified(|desired| {
+            let outcome = translator.update(&cluster, dirty, desired);
+            for note in &outcome.notes {
+                tracing::debug!("{note}");
+            }
+            problems = outcome.problems;
+            outcome.changed || first
+        });
+        report(&problems, &state);
+        health.set(&translator.health_checks()).await;
+    }
+    source.abort();
+    drop(desired_tx);
+    writer.await.context("writer task")?;
+    stopped(opts);
+    Ok(())
+}
+
+fn report(problems: &[Problem], state: &AgentState) {
+    for problem in problems {
+        tracing::warn!("skipped: {problem}");
+    }
+    state.rejected_objects.inc_by(problems.len() as u64);
+}
+
+/// Sends the directory's objects whenever a file changes (polled) or on SIGHUP.
+async fn watch_manifests(
+    mut source: ManifestSource,
+    first: Load,
+    tx: mpsc::Sender<ClusterEvent>,
+    poll: Duration,
+    state: Arc<AgentState>,
+) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("no SIGHUP handler; reloading on change only");
+        return;
+    };
+    let mut load = Some(first);
+    let mut tick = tokio::time::interval(poll);
+    loop {
+        if let Some(Load { events, errors }) = load.take() {
+            for error in &errors {
+                tracing::warn!("manifests: {error}");
+            }
+            state.rejected_objects.inc_by(errors.len() as u64);
+            for event in events {
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the manifests");
+                true
+            }
+        };
+        match source.read(force) {
+            Ok(next) => load = next,
+            Err(e) => {
+                tracing::error!("manifests directory unreadable, keeping the last state: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The real agent with exactly the capabilities deploy/'s DaemonSet gives it, read from
+//! the manifest: it attaches, forwards a connection and adopts its pins after a
+//! restart (the rolling-update path). Without any one of them it exits and names the
+//! missing capability, and nothing stays attached.
+//!
+//! The container is modelled with `setpriv`, as the runtime sets it up for a uid 0
+//! process with `capabilities: {drop: [ALL], add: [...]}`: bounding, permitted and
+//! effective sets are the list; inheritable and ambient sets are empty; and
+//! `allowPrivilegeEscalation: false` is `no_new_privs`. The test reads the running
+//! agent's `CapEff` to prove the set really applied.
+
+mod manifests;
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_agent::testbed::{self, AgentProcess, ServerHandle, Topology, TopologyConfig};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const PORT: u16 = 8080;
+const TIMEOUT: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// What the DaemonSet's container gets: the added capabilities (`NET_ADMIN`) and
+/// whether `no_new_privs` is set.
+struct ContainerPrivileges {
+    capabilities: Vec<String>,
+    no_new_privs: bool,
+}
+
+fn daemonset_privileges() -> ContainerPrivileges {
+    let docs = manifests::load(&manifests::deploy_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let container = manifests::agent_container(manifests::daemonset(&docs));
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    assert_eq!(
+        security.run_as_user,
+        Some(0),
+        "the model below is a uid 0 process"
+    );
+    assert_ne!(security.privileged, Some(true));
+    let dropped = security
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default();
+    assert_eq!(dropped, ["ALL"], "only the added capabilities remain");
+    let capabilities = manifests::added_capabilities(container);
+    assert!(!capabilities.is_empty());
+    ContainerPrivileges {
+        capabilities,
+        no_new_privs: security.allow_privilege_escalation == Some(false),
+    }
+}
+
+/// `setpriv` arguments that run the agent as the container runtime would.
+fn launcher(capabilities: &[String], no_new_privs: bool) -> Vec<String> {
+    let keep = capabilities.iter().fold(String::new(), |mut s, c| {
+        write!(s, ",+{}", c.to_lowercase()).expect("write to a String");
+        s
+    });
+    let mut args = vec![
+        "setpriv".to_owned(),
+        "--inh-caps=-all".to_owned(),
+        "--ambient-caps=-all".to_owned(),
+        format!("--bounding-set=-all{keep}"),
+    ];
+    if no_new_privs {
+        args.push("--no-new-privs".to_owned());
+    }
+    args.push("--".to_owned());
+    args
+}
+
+/// linux/capability.h bit of a capability as Kubernetes names it.
+fn bit(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "SYS_ADMIN" => 21,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("add {other}'s bit to this table"),
+    }
+}
+
+/// A `/proc/PID/status` field: a hex capability mask or a number.
+fn proc_status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn mask(hex: &str) -> u64 {
+    u64::from_str_radix(hex, 16).expect("hex mask")
+}
+
+struct Bed {
+    topo: Topology,
+    _servers: Vec<ServerHandle>,
+    config: PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Bed {
+        testbed::check_privileges().expect("privileges");
+        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
+        topo.wait_ready().expect("topology ready");
+        let servers = testbed::spawn_backend_http_servers(&topo, 0, PORT).expect("servers");
+        let config = std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id()));
+        let mut yaml = String::from(
+            "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80, protocol: TCP }]\n    backends:\n",
+        );
+        writeln!(
+            yaml,
+            "      - {{ address: {}, port: {PORT} }}",
+            Topology::backend_v4(0)
+        )
+        .expect("write to a String");
+        std::fs::write(&config, yaml).expect("config");
+        Bed {
+            topo,
+            _servers: servers,
+            config,
+        }
+    }
+
+    fn agent(&self, tag: &str, launcher: &[String]) -> AgentProcess<'_> {
+        let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
+        AgentProcess::start_with_launcher(
+            &self.topo.lb,
+            &launcher,
+            Path::new(AGENT),
+            &self.config,
+            tag,
+            &[],
+        )
+        .expect("start agent")
+    }
+
+    fn xdp_attached(&self) -> Vec<String> {
+        [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
+            .into_iter()
+            .filter(|ifname| {
+                self.topo
+                    .lb
+                    .ip(&["link", "show", "dev", ifname])
+                    .expect("ip link")
+                    .contains("prog/xdp")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn web_forwards(report: &lb_agent::status::Report) -> bool {
+    report
+        .services
+        .iter()
+        .any(|s| s.name == "web" && s.backends.iter().any(|b| b.forwarding && b.share > 0.0))
+}
+
+#[test]
+fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
+    let privileges = daemonset_privileges();
+    let bed = Bed::new("caps-ok");
+    let mut agent = bed.agent(
+        "caps-ok",
+        &launcher(&privileges.capabilities, privileges.no_new_privs),
+    );
+    agent
+        .wait_for(SETTLE, web_forwards)
+        .expect("the agent programs the service");
+
+    // The agent really ran with exactly the DaemonSet's set.
+    let pid = agent.pid().expect("running");
+    let want = privileges
+        .capabilities
+        .iter()
+        .fold(0u64, |m, c| m | (1 << bit(c)));
+    for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(
+            mask(&proc_status_field(pid, field)),
+            want,
+            "{field} of the agent: {:?}",
+            privileges.capabilities
+        );
+    }
+    assert_eq!(mask(&proc_status_field(pid, "CapInh:")), 0);
+    assert_eq!(mask(&proc_status_field(pid, "CapAmb:")), 0);
+    if privileges.no_new_privs {
+        assert_eq!(proc_status_field(pid, "NoNewPrivs:"), "1");
+    }
+
+    assert_eq!(bed.xdp_attached().len(), 2, "XDP on both interfaces");
+    let vip = SocketAddr::new(IpAddr::V4(Topology::vip_v4(0)), 80);
+    assert_eq!(
+        testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
+        "backend-0"
+    );
+
+    // A restarted pod adopts the pinned maps and links with the same set.
+    agent.kill9().expect("kill");
+    agent.restart().expect("restart");
+    agent
+        .wait_for(SETTLE, |r| {
+            web_forwards(r) && agent_log_has(&agent, "adopted pinned maps")
+        })
+        .expect("the restarted agent adopts the pins");
+    assert_eq!(
+        testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
+        "backend-0"
+    );
+}
+
+fn agent_log_has(agent: &AgentProcess<'_>, text: &str) -> bool {
+    agent.log().contains(text)
+}
+
+#[test]
+fn without_any_one_of_them_the_agent_fails_naming_it() {
+    let privileges = daemonset_privileges();
+    let bed = Bed::new("caps-drop");
+    for dropped in &privileges.capabilities {
+        let rest: Vec<String> = privileges
+            .capabilities
+            .iter()
+            .filter(|c| *c != dropped)
+            .cloned()
+            .collect();
+        let tag = format!("caps-no-{}", dropped.to_lowercase().replace('_', "-"));
+        let mut agent = bed.agent(&tag, &launcher(&rest, privileges.no_new_privs));
+        let status = agent.wait_exit(SETTLE).expect("the agent exits");
+        let log = agent.log();
+        assert!(!status.success(), "without CAP_{dropped}: {status}\n{log}");
+        let message = format!("missing capability CAP_{dropped} (");
+        assert!(
+            log.contains(&message),
+            "without CAP_{dropped} the error names it; log:\n{log}"
+        );
+        // The kernel refused (EPERM or EACCES), not something else.
+        assert!(
+            log.contains("(os error 1)") || log.contains("(os error 13)"),
+            "without CAP_{dropped} the kernel refuses; log:\n{log}"
+        );
+        assert!(
+            bed.xdp_attached().is_empty(),
+            "nothing attached without CAP_{dropped}"
+        );
+    }
+}

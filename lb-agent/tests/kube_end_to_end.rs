@@ -1,0 +1,197 @@
+//! `lb-agent run --kube` end to end: the real agent in the load-balancer namespace of a
+//! namespace topology, its KUBECONFIG pointing at the test API server listening in the
+//! same namespace, real TCP connections through the ClusterIP. The maps converge to
+//! the server's objects, and stay untouched (no "maps updated") across a 410 Gone
+//! relist and a dropped watch. Every loop is bounded; namespaces, the agent, its pins
+//! and the server are removed on drop.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_agent::source::cluster::Object;
+use lb_agent::testbed::apiserver::RequestRecord;
+use lb_agent::testbed::{self, AgentProcess, ApiServer, ServerHandle, Topology, TopologyConfig};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const PORT: u16 = 8080;
+const TIMEOUT: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(20);
+const CLUSTER_IP: &str = "203.0.113.10";
+
+fn node() -> Object {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses:\n  \
+         - type: InternalIP\n    address: {}\n",
+        Topology::lb_client_v4()
+    );
+    Object::Node(serde_yaml::from_str::<Node>(&yaml).expect("node YAML"))
+}
+
+fn web() -> Object {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n\
+         spec:\n  type: ClusterIP\n  clusterIP: {CLUSTER_IP}\n  clusterIPs: [{CLUSTER_IP}]\n  \
+         ports:\n  - name: http\n    port: 80\n    protocol: TCP\n    targetPort: {PORT}\n"
+    );
+    Object::Service(serde_yaml::from_str::<Service>(&yaml).expect("service YAML"))
+}
+
+fn web_slice(backends: &[usize]) -> Object {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-x7k2p\n  \
+         namespace: shop\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\n\
+         ports:\n- name: http\n  port: {PORT}\n  protocol: TCP\nendpoints:\n"
+    );
+    for i in backends {
+        write!(
+            yaml,
+            "- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: node-b\n",
+            Topology::backend_v4(*i)
+        )
+        .expect("write to a String");
+    }
+    Object::EndpointSlice(serde_yaml::from_str::<EndpointSlice>(&yaml).expect("slice YAML"))
+}
+
+/// Waits until `check` holds, within `SETTLE`.
+fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+}
+
+/// The web Service's backends as `lb-agent status --json` prints them.
+fn web_backends(agent: &AgentProcess<'_>) -> Vec<String> {
+    let out = std::process::Command::new(AGENT)
+        .args(["status", "--json", "--bpffs"])
+        .arg(agent.pin_dir())
+        .output()
+        .expect("lb-agent status");
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let mut backends: Vec<String> = json["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.contains("shop/web")))
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["endpoint"].as_str().map(str::to_owned))
+        .collect();
+    backends.sort();
+    backends
+}
+
+fn map_writes(agent: &AgentProcess<'_>) -> usize {
+    agent.log().matches("maps updated").count()
+}
+
+fn relisted_and_watching(log: &[RequestRecord]) -> bool {
+    ["services", "endpointslices", "nodes"]
+        .iter()
+        .all(|resource| {
+            log.iter()
+                .rposition(|r| r.resource == *resource && r.verb == "list")
+                .is_some_and(|i| {
+                    log[i..]
+                        .iter()
+                        .any(|r| r.resource == *resource && r.verb == "watch")
+                })
+        })
+}
+
+fn rewatched(log: &[RequestRecord]) -> bool {
+    ["services", "endpointslices", "nodes"]
+        .iter()
+        .all(|resource| {
+            log.iter()
+                .any(|r| r.resource == *resource && r.verb == "watch")
+        })
+}
+
+#[test]
+fn kube_source_converges_and_writes_nothing_on_relist_or_reconnect() {
+    testbed::check_privileges().expect("privileges");
+    let topo = Topology::build(&TopologyConfig::new("k8skube", 3)).expect("topology");
+    topo.wait_ready().expect("topology ready");
+    let _servers: Vec<ServerHandle> = (0..3)
+        .map(|i| {
+            testbed::spawn_tcp_peer_server(
+                &topo.backends[i],
+                SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), PORT),
+                &format!("backend-{i}"),
+            )
+            .expect("peer server")
+        })
+        .collect();
+    let api = ApiServer::start(&topo.lb).expect("API server");
+    api.apply_all([node(), web(), web_slice(&[0, 1])]);
+    let kubeconfig = api.kubeconfig().display().to_string();
+    let agent = AgentProcess::start_with_env(
+        &topo.lb,
+        Path::new(AGENT),
+        &["--kube", "--node-name", "node-a"],
+        &[("KUBECONFIG", &kubeconfig)],
+        "k8skube",
+        &[],
+    )
+    .expect("start agent");
+
+    let two = [Topology::backend_v4(0), Topology::backend_v4(1)]
+        .map(|a| format!("{a}:{PORT}"))
+        .to_vec();
+    until(&agent, "the two endpoints are in the maps", || {
+        web_backends(&agent) == two
+    });
+    let cluster_ip = SocketAddr::new(CLUSTER_IP.parse().expect("IP"), 80);
+    let answer = testbed::tcp_ask(&topo.client, cluster_ip, TIMEOUT).expect("via the ClusterIP");
+    assert!(answer.starts_with("backend-"), "{answer}");
+    let writes = map_writes(&agent);
+    assert!(writes >= 1, "{}", agent.log());
+
+    // A 410 Gone: the watches are cut and the history is compacted; the agent
+    // relists every kind and resumes watching.
+    let before = api.requests().len();
+    api.expire_history();
+    api.drop_watches();
+    until(&agent, "a relist and new watches", || {
+        relisted_and_watching(&api.requests()[before..])
+    });
+
+    // A dropped connection: the agent resumes its watches.
+    let before = api.requests().len();
+    api.drop_watches();
+    until(&agent, "new watches", || {
+        rewatched(&api.requests()[before..])
+    });
+
+    // A real change, through the resumed watch: the relist's and reconnect's events
+    // were all queued before it, so once it is in the maps they were all handled.
+    api.apply(web_slice(&[0, 1, 2]));
+    let mut three = two.clone();
+    three.push(format!("{}:{PORT}", Topology::backend_v4(2)));
+    until(&agent, "the third endpoint is in the maps", || {
+        web_backends(&agent) == three
+    });
+    assert_eq!(
+        map_writes(&agent),
+        writes + 1,
+        "only the real change wrote the maps; agent log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !api.requests().iter().any(|r| r.resource.is_empty()),
+        "the agent asked for something the server does not know: {:#?}",
+        api.requests()
+    );
+}
