@@ -93,7 +93,7 @@ fn run_command(command: Cmd) -> Result<()> {
         Cmd::Test { no_lint, extra } => test::test(no_lint, &extra)?,
         Cmd::Bench { name, args } => {
             let object = build_ebpf(true)?;
-            if let Some(tools) = toolchain::ToolUse::for_bench(&name) {
+            for tools in toolchain::ToolUse::for_bench(&name) {
                 toolchain::ensure_system_tools(tools)?;
             }
             // Both binaries: the e2e benchmark runs the agent (`lb-agent run`) beside it.

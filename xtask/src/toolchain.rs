@@ -55,8 +55,10 @@ const OUTER_CARGO_VARS: &[&str] = &[
 pub enum ToolUse {
     /// The tests, the demo and every benchmark: namespaces, veths, pinned maps.
     Tests,
-    /// `cargo xtask bench e2e`: load generators and the kube-proxy style baselines.
+    /// `cargo xtask bench e2e`: load generators.
     BenchE2e,
+    /// `cargo xtask bench e2e` and `control-plane`: the kube-proxy style baselines.
+    KubeProxyBaselines,
 }
 
 impl ToolUse {
@@ -64,12 +66,17 @@ impl ToolUse {
         match self {
             ToolUse::Tests => "the tests",
             ToolUse::BenchE2e => "the e2e benchmark",
+            ToolUse::KubeProxyBaselines => "the kube-proxy baselines of the benchmarks",
         }
     }
 
-    /// The tool set a benchmark needs beyond the tests' (by its `cargo xtask bench` name).
-    pub fn for_bench(name: &str) -> Option<ToolUse> {
-        (name == "e2e").then_some(ToolUse::BenchE2e)
+    /// The tool sets a benchmark needs beyond the tests' (by its `cargo xtask bench` name).
+    pub fn for_bench(name: &str) -> Vec<ToolUse> {
+        match name {
+            "e2e" => vec![ToolUse::BenchE2e, ToolUse::KubeProxyBaselines],
+            "control-plane" => vec![ToolUse::KubeProxyBaselines],
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -84,8 +91,8 @@ const SYSTEM_TOOLS: &[(&str, &str, ToolUse)] = &[
     // TCP throughput.
     ("iperf3", "iperf3", ToolUse::BenchE2e),
     // The two kube-proxy baselines, applied inside the benchmark's own namespace.
-    ("iptables-restore", "iptables", ToolUse::BenchE2e),
-    ("nft", "nftables", ToolUse::BenchE2e),
+    ("iptables-restore", "iptables", ToolUse::KubeProxyBaselines),
+    ("nft", "nftables", ToolUse::KubeProxyBaselines),
 ];
 
 /// Everything the eBPF build needs, found (or installed) by [`ensure`].
@@ -445,10 +452,21 @@ mod tests {
 
     #[test]
     fn system_tools_are_grouped_by_use() {
-        assert_eq!(ToolUse::for_bench("e2e"), Some(ToolUse::BenchE2e));
-        assert_eq!(ToolUse::for_bench("maglev"), None);
-        assert_eq!(ToolUse::for_bench("packet"), None);
-        for usage in [ToolUse::Tests, ToolUse::BenchE2e] {
+        assert_eq!(
+            ToolUse::for_bench("e2e"),
+            [ToolUse::BenchE2e, ToolUse::KubeProxyBaselines]
+        );
+        assert_eq!(
+            ToolUse::for_bench("control-plane"),
+            [ToolUse::KubeProxyBaselines]
+        );
+        assert!(ToolUse::for_bench("maglev").is_empty());
+        assert!(ToolUse::for_bench("packet").is_empty());
+        for usage in [
+            ToolUse::Tests,
+            ToolUse::BenchE2e,
+            ToolUse::KubeProxyBaselines,
+        ] {
             assert!(SYSTEM_TOOLS.iter().any(|(_, _, u)| *u == usage));
         }
         let mut tools: Vec<&str> = SYSTEM_TOOLS.iter().map(|(t, _, _)| *t).collect();

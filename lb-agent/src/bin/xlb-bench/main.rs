@@ -7,8 +7,12 @@
 //!   disruption.
 //! - `e2e`: HTTP and TCP through a load-balancer namespace, xlb against kube-proxy's
 //!   iptables and nftables rules.
+//! - `control-plane`: full sync and change-to-map latency at 10,000 Services, the agent
+//!   against iptables-restore and nft installing kube-proxy's rules.
 
+mod control_plane;
 mod e2e;
+mod kube_proxy;
 mod maglev;
 mod packet;
 mod report;
@@ -42,6 +46,10 @@ enum Bench {
     /// HTTP requests/s, latency, new connections/s and TCP throughput through a
     /// load-balancer namespace: kube-proxy's iptables rules, its nftables rules, and xlb.
     E2e(e2e::Args),
+    /// 10,000 Services x 10 endpoints: full sync and endpoint-change latency of the agent
+    /// (`--kube` against the test API server), against iptables-restore and nft installing
+    /// kube-proxy's rules.
+    ControlPlane(control_plane::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +63,6 @@ fn main() -> Result<()> {
         Bench::Packet { iterations, json } => packet::run(iterations, json.as_deref()),
         Bench::Maglev(args) => maglev::run(&args),
         Bench::E2e(args) => e2e::run(&args),
+        Bench::ControlPlane(args) => control_plane::run(&args),
     }
 }

@@ -28,7 +28,6 @@
 //! configuration cannot collide with its connections.
 
 mod http;
-mod kube_proxy;
 mod load;
 mod xlb;
 
@@ -43,6 +42,7 @@ use lb_agent::testbed::{self, Netns, Topology, TopologyConfig};
 
 use self::http::HttpServer;
 use self::load::{CpuTimes, Iperf, IperfResult, Wrk, WrkResult};
+use crate::kube_proxy::{self, ServicePort};
 use crate::report::{self, mark, ratio};
 
 const VIP_HTTP_PORT: u16 = 80;
@@ -109,23 +109,6 @@ impl Config {
             Config::Nftables => "nftables",
             Config::Xlb => "xlb",
         }
-    }
-}
-
-/// One service port as kube-proxy sees it: `namespace/service:port_name`, a VIP:port and
-/// its endpoints.
-pub struct ServicePort {
-    pub namespace: &'static str,
-    pub service: &'static str,
-    pub port_name: &'static str,
-    pub vip: SocketAddrV4,
-    pub endpoints: Vec<SocketAddrV4>,
-}
-
-impl ServicePort {
-    /// kube-proxy's service-port name, e.g. `bench/web:http`.
-    pub fn name(&self) -> String {
-        format!("{}/{}:{}", self.namespace, self.service, self.port_name)
     }
 }
 
@@ -357,18 +340,18 @@ impl<'a> Bench<'a> {
         let backend = |i: usize, port| SocketAddrV4::new(Topology::backend_v4(i), port);
         let services = vec![
             ServicePort {
-                namespace: "bench",
-                service: "web",
-                port_name: "http",
+                namespace: "bench".into(),
+                service: "web".into(),
+                port_name: "http".into(),
                 vip: SocketAddrV4::new(vip, VIP_HTTP_PORT),
                 endpoints: (0..args.backends)
                     .map(|i| backend(i, BACKEND_HTTP_PORT))
                     .collect(),
             },
             ServicePort {
-                namespace: "bench",
-                service: "web",
-                port_name: "iperf",
+                namespace: "bench".into(),
+                service: "web".into(),
+                port_name: "iperf".into(),
                 vip: SocketAddrV4::new(vip, IPERF_PORT),
                 endpoints: vec![backend(0, IPERF_PORT)],
             },

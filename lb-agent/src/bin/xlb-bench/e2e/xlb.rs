@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use lb_agent::status::Report;
 use lb_agent::testbed::{AgentProcess, Netns};
 
-use super::ServicePort;
+use crate::kube_proxy::ServicePort;
 
 /// A running xlb configuration.
 pub struct Xlb<'a> {

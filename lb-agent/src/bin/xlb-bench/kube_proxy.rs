@@ -24,13 +24,28 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use lb_agent::testbed::Netns;
 
-use super::ServicePort;
+/// One service port as kube-proxy sees it: `namespace/service:port_name`, a VIP:port and
+/// its endpoints.
+pub struct ServicePort {
+    pub namespace: String,
+    pub service: String,
+    pub port_name: String,
+    pub vip: SocketAddrV4,
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl ServicePort {
+    /// kube-proxy's service-port name, e.g. `bench/web:http`.
+    pub fn name(&self) -> String {
+        format!("{}/{}:{}", self.namespace, self.service, self.port_name)
+    }
+}
 
 /// kube-proxy's masquerade mark.
 const MASQ_MARK: &str = "0x4000";
@@ -139,76 +154,142 @@ fn iptables_filter() -> String {
             );
         }
     }
-    let _ = write!(
-        filter,
+    filter.push_str(&kube_forward_rules());
+    filter.push_str("COMMIT\n");
+    filter
+}
+
+/// The rules of the filter table's `KUBE-FORWARD`.
+fn kube_forward_rules() -> String {
+    format!(
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
-         COMMIT\n"
-    );
-    filter
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+    )
 }
 
 /// The nat table: the masquerade chains, `KUBE-SERVICES`, and per service port its
 /// `KUBE-SVC` chain and one `KUBE-SEP` chain per endpoint.
 fn iptables_nat(services: &[ServicePort]) -> String {
-    let mut chains = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-         :POSTROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
-         :KUBE-POSTROUTING - [0:0]\n:KUBE-SERVICES - [0:0]\n",
+    let (mut chains, mut rules) = nat_top_level(true);
+    for svc in services {
+        kube_services_rule(svc, &mut rules);
+        iptables_service(svc, &mut chains, &mut rules);
+    }
+    rules.push_str(NODEPORTS_RULE);
+    format!("{chains}{rules}COMMIT\n")
+}
+
+/// The nat table's header, the top-level chains kube-proxy rewrites on every sync and
+/// their fixed rules; with `builtin`, the base chains and their jumps too (a full
+/// restore; a partial one leaves them alone).
+fn nat_top_level(builtin: bool) -> (String, String) {
+    let mut chains = String::from("*nat\n");
+    let mut rules = String::new();
+    if builtin {
+        chains.push_str(
+            ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+             :POSTROUTING ACCEPT [0:0]\n",
+        );
+        rules.push_str(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
+        );
+    }
+    chains.push_str(
+        ":KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n",
     );
-    let mut rules = format!(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
+    let _ = write!(
+        rules,
+        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
          -A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
          -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
          -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"
     );
-    for svc in services {
-        let name = svc.name();
-        let svc_chain = svc_chain(svc);
-        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+    (chains, rules)
+}
+
+const NODEPORTS_RULE: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
+
+/// The service port's jump in `KUBE-SERVICES`.
+fn kube_services_rule(svc: &ServicePort, rules: &mut String) {
+    let _ = writeln!(
+        rules,
+        "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {}",
+        svc.name(),
+        svc.vip.ip(),
+        svc.vip.port(),
+        svc_chain(svc)
+    );
+}
+
+/// The service port's `KUBE-SVC` chain choosing an endpoint, and its `KUBE-SEP` chains.
+fn iptables_service(svc: &ServicePort, chains: &mut String, rules: &mut String) {
+    let name = svc.name();
+    let svc_chain = svc_chain(svc);
+    let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+    let n = svc.endpoints.len();
+    for (i, address) in svc.endpoints.iter().enumerate() {
+        let endpoint = address.to_string();
+        let sep = sep_chain(svc, &endpoint);
+        let _ = writeln!(chains, ":{sep} - [0:0]");
+        // Endpoint i of n is taken with probability 1/(n-i) among what is left, so
+        // each gets 1/n; the last jump is unconditional.
+        let statistic = if i + 1 < n {
+            #[expect(clippy::cast_precision_loss, reason = "a few endpoints")]
+            let p = 1.0 / (n - i) as f64;
+            format!("-m statistic --mode random --probability {p:.10} ")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             rules,
-            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp -d {} --dport {} -j {svc_chain}",
-            svc.vip.ip(),
-            svc.vip.port()
+            "-A {svc_chain} -m comment --comment \"{name} -> {endpoint}\" {statistic}-j {sep}"
         );
-        let n = svc.endpoints.len();
-        for (i, address) in svc.endpoints.iter().enumerate() {
-            let endpoint = address.to_string();
-            let sep = sep_chain(svc, &endpoint);
-            let _ = writeln!(chains, ":{sep} - [0:0]");
-            // Endpoint i of n is taken with probability 1/(n-i) among what is left, so
-            // each gets 1/n; the last jump is unconditional.
-            let statistic = if i + 1 < n {
-                #[expect(clippy::cast_precision_loss, reason = "a few endpoints")]
-                let p = 1.0 / (n - i) as f64;
-                format!("-m statistic --mode random --probability {p:.10} ")
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                rules,
-                "-A {svc_chain} -m comment --comment \"{name} -> {endpoint}\" {statistic}-j {sep}"
-            );
-            let _ = writeln!(
-                rules,
-                "-A {sep} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
-                address.ip()
-            );
-            let _ = writeln!(
-                rules,
-                "-A {sep} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {endpoint}"
-            );
-        }
+        let _ = writeln!(
+            rules,
+            "-A {sep} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
+            address.ip()
+        );
+        let _ = writeln!(
+            rules,
+            "-A {sep} -m comment --comment {name} -m tcp -p tcp -j DNAT --to-destination {endpoint}"
+        );
     }
-    rules.push_str(
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+}
+
+/// `iptables-restore --noflush` input for a change of `changed`'s endpoints (`gone` are
+/// the ones it lost), as kube-proxy's partial sync writes it (the default since
+/// Kubernetes 1.27, `MinimizeIPTablesRestore`): the top-level chains rewritten whole,
+/// with every service's `KUBE-SERVICES` rule, only the changed service's own chains,
+/// and the endpoint chains that went away flushed and deleted (`-X`).
+pub fn iptables_partial(
+    services: &[ServicePort],
+    changed: &ServicePort,
+    gone: &[SocketAddrV4],
+) -> String {
+    let mut out = String::from(
+        "*filter\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n\
+         :KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n:KUBE-SERVICES - [0:0]\n",
     );
-    format!("{chains}{rules}COMMIT\n")
+    out.push_str(&kube_forward_rules());
+    out.push_str("COMMIT\n");
+    let (mut chains, mut rules) = nat_top_level(false);
+    for svc in services {
+        kube_services_rule(svc, &mut rules);
+    }
+    rules.push_str(NODEPORTS_RULE);
+    iptables_service(changed, &mut chains, &mut rules);
+    // A chain is deleted flushed: declared (which empties it) and then `-X`.
+    for endpoint in gone {
+        let sep = sep_chain(changed, &endpoint.to_string());
+        let _ = writeln!(chains, ":{sep} - [0:0]");
+        let _ = writeln!(rules, "-X {sep}");
+    }
+    let _ = writeln!(out, "{chains}{rules}COMMIT");
+    out
 }
 
 /// `iptables-restore` input that empties the filter and nat tables (flushes every chain
@@ -311,39 +392,51 @@ fn nft_base(service_cidr: &str, node_ip: Ipv4Addr) -> String {
     out
 }
 
+/// kube-proxy's nftables chain names: "service-<hash8>-<namespace>/<name>/tcp/<port
+/// name>" and "endpoint-<hash8>-<...>__<ip>/<port>".
+fn nft_service_chain(svc: &ServicePort) -> String {
+    let base = nft_base_name(svc);
+    format!("service-{}-{base}", &chain_hash(&format!("{base}tcp"))[..8])
+}
+
+fn nft_endpoint_chain(svc: &ServicePort, endpoint: SocketAddrV4) -> String {
+    let suffix = format!(
+        "{}__{}/{}",
+        nft_base_name(svc),
+        endpoint.ip(),
+        endpoint.port()
+    );
+    format!("endpoint-{}-{suffix}", &chain_hash(&suffix)[..8])
+}
+
+fn nft_base_name(svc: &ServicePort) -> String {
+    format!("{}/{}/tcp/{}", svc.namespace, svc.service, svc.port_name)
+}
+
 /// One service port: its service chain choosing an endpoint chain at random, the endpoint
 /// chains, and its elements in `cluster-ips` and `service-ips`.
 fn nft_service(out: &mut String, svc: &ServicePort) {
     let t = NFT_TABLE;
-    // kube-proxy's names: "service-<hash8>-<namespace>/<name>/tcp/<port name>" and
-    // "endpoint-<hash8>-<...>__<ip>/<port>".
-    let base = format!("{}/{}/tcp/{}", svc.namespace, svc.service, svc.port_name);
-    let chain = format!("service-{}-{base}", &chain_hash(&format!("{base}tcp"))[..8]);
-    let endpoints: Vec<String> = svc
-        .endpoints
-        .iter()
-        .map(|e| {
-            let suffix = format!("{base}__{}/{}", e.ip(), e.port());
-            format!("endpoint-{}-{suffix}", &chain_hash(&suffix)[..8])
-        })
-        .collect();
+    let chain = nft_service_chain(svc);
     // Chains before the rules that jump to them.
     let _ = writeln!(out, "add chain {t} {chain}");
-    for endpoint_chain in &endpoints {
-        let _ = writeln!(out, "add chain {t} {endpoint_chain}");
-    }
-    let vmap: Vec<String> = endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("{i} : goto {e}"))
-        .collect();
+    nft_endpoints(out, svc, &svc.endpoints);
+    nft_numgen(out, svc, &chain);
+    let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", svc.vip.ip());
     let _ = writeln!(
         out,
-        "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
-        endpoints.len(),
-        vmap.join(" , ")
+        "add element {t} service-ips {{ {} . tcp . {} : goto {chain} }}",
+        svc.vip.ip(),
+        svc.vip.port()
     );
-    for (endpoint_chain, endpoint) in endpoints.iter().zip(&svc.endpoints) {
+}
+
+/// Endpoint chains for `endpoints` of `svc`.
+fn nft_endpoints(out: &mut String, svc: &ServicePort, endpoints: &[SocketAddrV4]) {
+    let t = NFT_TABLE;
+    for endpoint in endpoints {
+        let endpoint_chain = nft_endpoint_chain(svc, *endpoint);
+        let _ = writeln!(out, "add chain {t} {endpoint_chain}");
         let _ = writeln!(
             out,
             "add rule {t} {endpoint_chain} ip saddr {} jump mark-for-masquerade",
@@ -354,13 +447,42 @@ fn nft_service(out: &mut String, svc: &ServicePort) {
             "add rule {t} {endpoint_chain} meta l4proto tcp counter dnat to {endpoint}"
         );
     }
-    let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", svc.vip.ip());
+}
+
+/// The service chain's rule choosing one of its endpoint chains at random.
+fn nft_numgen(out: &mut String, svc: &ServicePort, chain: &str) {
+    let vmap: Vec<String> = svc
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{i} : goto {}", nft_endpoint_chain(svc, *e)))
+        .collect();
     let _ = writeln!(
         out,
-        "add element {t} service-ips {{ {} . tcp . {} : goto {chain} }}",
-        svc.vip.ip(),
-        svc.vip.port()
+        "add rule {NFT_TABLE} {chain} numgen random mod {} vmap {{ {} }}",
+        svc.endpoints.len(),
+        vmap.join(" , ")
     );
+}
+
+/// `nft -f` input for a change of `changed`'s endpoints (`added` are new, `gone` went
+/// away), as kube-proxy's nftables mode sends it in one transaction: the new endpoint
+/// chains, the service chain flushed and refilled, the old endpoint chains deleted.
+pub fn nft_change(changed: &ServicePort, added: &[SocketAddrV4], gone: &[SocketAddrV4]) -> String {
+    let t = NFT_TABLE;
+    let mut out = String::new();
+    nft_endpoints(&mut out, changed, added);
+    let chain = nft_service_chain(changed);
+    let _ = writeln!(out, "flush chain {t} {chain}");
+    nft_numgen(&mut out, changed, &chain);
+    for endpoint in gone {
+        let _ = writeln!(
+            out,
+            "delete chain {t} {}",
+            nft_endpoint_chain(changed, *endpoint)
+        );
+    }
+    out
 }
 
 /// A file under the temporary directory, removed on drop.
@@ -486,24 +608,22 @@ fn parse_nft_counts(list: &str) -> Result<BTreeMap<String, u64>> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddrV4;
-
     use super::*;
 
     fn services() -> Vec<ServicePort> {
         let b = |i: u8, port| SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 11 + i), port);
         vec![
             ServicePort {
-                namespace: "bench",
-                service: "web",
-                port_name: "http",
+                namespace: "bench".into(),
+                service: "web".into(),
+                port_name: "http".into(),
                 vip: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80),
                 endpoints: (0..4).map(|i| b(i, 8080)).collect(),
             },
             ServicePort {
-                namespace: "bench",
-                service: "web",
-                port_name: "iperf",
+                namespace: "bench".into(),
+                service: "web".into(),
+                port_name: "iperf".into(),
                 vip: SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 5201),
                 endpoints: vec![b(0, 5201)],
             },
