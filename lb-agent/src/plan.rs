@@ -222,6 +222,7 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         backend_ids: applied.index.backend_ids.allocator(MAX_BACKENDS),
         wanted_frontends: BTreeSet::new(),
         loose_frontends: BTreeSet::new(),
+        pending: Vec::new(),
     };
     // Desired, applied names and settled models are all sorted by name: one merge pass.
     let mut names = applied.index.names.iter().peekable();
@@ -270,6 +271,75 @@ struct Planner<'a> {
     wanted_frontends: BTreeSet<FrontendKey>,
     /// Frontends of the services looked at (and of removed ones): removed unless wanted.
     loose_frontends: BTreeSet<FrontendKey>,
+    /// Services whose table and metadata wait for the tables to be built.
+    pending: Vec<Pending>,
+}
+
+/// A service planned but for its table and the metadata that records its digest.
+struct Pending {
+    name: String,
+    service: Arc<ServiceModel>,
+    id: u32,
+    old_meta: Option<ServiceMeta>,
+    /// The metadata to record, but for the digest.
+    meta: ServiceMeta,
+    table: TableJob,
+    /// No error so far.
+    clean: bool,
+}
+
+enum TableJob {
+    /// This digest (0: no table) without building anything.
+    Keep(u64),
+    /// A table over these members (backend id, identity, weight) of this size, where
+    /// the installed table has digest `installed` (0: none or unknown).
+    Build {
+        members: Vec<(u32, String, u32)>,
+        size: u32,
+        installed: u64,
+    },
+}
+
+/// Below this many tables, one thread builds them.
+const PARALLEL_TABLES: usize = 64;
+
+/// The tables of the pending services that need one, in order; across the CPUs when
+/// there are many (a 10,000-service sync builds 10,000 tables). Deterministic: the
+/// same results in the same order whatever the thread count.
+fn build_tables(pending: &[Pending]) -> Vec<Option<Result<Vec<u32>, maglev::MaglevError>>> {
+    let build = |p: &Pending| match &p.table {
+        TableJob::Keep(_) => None,
+        TableJob::Build { members, size, .. } => {
+            let input: Vec<maglev::Backend<'_>> = members
+                .iter()
+                .map(|(id, identity, weight)| maglev::Backend {
+                    id: *id,
+                    identity: identity.as_bytes(),
+                    weight: *weight,
+                })
+                .collect();
+            Some(maglev::build_table(&input, *size))
+        }
+    };
+    let jobs = pending
+        .iter()
+        .filter(|p| matches!(p.table, TableJob::Build { .. }))
+        .count();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if jobs < PARALLEL_TABLES || threads < 2 {
+        return pending.iter().map(build).collect();
+    }
+    let chunk = pending.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = pending
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(build).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a table build panicked"))
+            .collect()
+    })
 }
 
 impl Planner<'_> {
@@ -309,10 +379,10 @@ impl Planner<'_> {
             return;
         };
         let ids = self.backends(name, id, service);
-        let digest = self.table(name, id, service, &ids, old_meta, before);
-        if digest == 0 && self.applied.tables.contains(&id) {
-            self.phases.tables.push(Op::RemoveTable { service_id: id });
-        }
+        self.frontends(id, service);
+        // The table and the metadata recording its digest are finished in `finish`,
+        // once every table is built (in parallel when there are many).
+        let table = self.table_job(id, service, &ids, old_meta, before);
         let meta = ServiceMeta {
             name: name_bytes,
             flags: SERVICE_META_F_IN_USE
@@ -322,17 +392,17 @@ impl Planner<'_> {
                     0
                 },
             table_size: service.table_size,
-            table_digest: digest,
+            table_digest: 0,
         };
-        // A table swap cleared the recorded digest first (see `table`).
-        let swapped = matches!(self.phases.tables.last(), Some(Op::SetTable { service_id, .. }) if *service_id == id);
-        if old_meta != Some(meta) || swapped {
-            self.phases.metas.push(Op::SetServiceMeta { id, meta });
-        }
-        self.frontends(id, service);
-        let clean = self.errors.len() == errors_before;
-        self.settled
-            .push((name.to_owned(), clean.then(|| Arc::clone(service))));
+        self.pending.push(Pending {
+            name: name.to_owned(),
+            service: Arc::clone(service),
+            id,
+            old_meta,
+            meta,
+            table,
+            clean: self.errors.len() == errors_before,
+        });
     }
 
     fn frontends(&mut self, id: u32, service: &ServiceModel) {
@@ -393,6 +463,7 @@ impl Planner<'_> {
 
     /// The frontends that nothing wants any more, and slots without metadata.
     fn finish(mut self) -> Plan {
+        self.finish_tables();
         for key in &self.loose_frontends {
             if !self.wanted_frontends.contains(key) {
                 self.phases
@@ -410,25 +481,24 @@ impl Planner<'_> {
         }
     }
 
-    /// Plans the service's table over the backends that take new flows; returns the
-    /// digest the service's metadata should record (0: no table). A table whose input
-    /// is that of the settled model is the installed one: not built again.
-    fn table(
-        &mut self,
-        name: &str,
+    /// What the service's table needs: the installed one kept (its input is that of
+    /// the settled model), none (no backend takes new flows), or one built from these
+    /// members.
+    fn table_job(
+        &self,
         id: u32,
         service: &ServiceModel,
         ids: &BTreeMap<Endpoint, u32>,
         old_meta: Option<ServiceMeta>,
         before: Option<&ServiceModel>,
-    ) -> u64 {
+    ) -> TableJob {
         // The recorded digest describes the table only while one is installed.
         let installed = match old_meta {
             Some(m) if self.applied.tables.contains(&id) => m.table_digest,
             _ => 0,
         };
         if installed != 0 && before.is_some_and(|b| same_table_input(b, service)) {
-            return installed;
+            return TableJob::Keep(installed);
         }
         let members: Vec<(u32, String, u32)> = service
             .backends
@@ -437,45 +507,77 @@ impl Planner<'_> {
             .filter_map(|(ep, b)| ids.get(ep).map(|&bid| (bid, ep.to_string(), b.weight)))
             .collect();
         if members.is_empty() {
-            return 0;
+            TableJob::Keep(0)
+        } else {
+            TableJob::Build {
+                members,
+                size: service.table_size,
+                installed,
+            }
         }
-        let input: Vec<maglev::Backend<'_>> = members
-            .iter()
-            .map(|(bid, identity, weight)| maglev::Backend {
-                id: *bid,
-                identity: identity.as_bytes(),
-                weight: *weight,
-            })
-            .collect();
-        match maglev::build_table(&input, service.table_size) {
-            Ok(table) => {
-                let digest = table_digest(&table);
-                if installed != digest {
-                    // Until the new digest is recorded, the metadata must not claim
-                    // the old one (a write interrupted in between would keep it).
-                    if let Some(old) = old_meta.filter(|m| m.table_digest != 0) {
-                        let meta = ServiceMeta {
-                            table_digest: 0,
-                            ..old
-                        };
-                        self.phases
-                            .forget_digests
-                            .push(Op::SetServiceMeta { id, meta });
+    }
+
+    /// Builds every pending table, then writes each service's table and metadata ops
+    /// in the order the services were planned.
+    fn finish_tables(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut built = build_tables(&pending).into_iter();
+        for p in pending {
+            let mut clean = p.clean;
+            let installed = match &p.table {
+                TableJob::Keep(digest) => *digest,
+                TableJob::Build { installed, .. } => *installed,
+            };
+            let digest = match (&p.table, built.next().flatten()) {
+                (TableJob::Keep(digest), _) => *digest,
+                (TableJob::Build { .. }, Some(Ok(table))) => {
+                    let digest = table_digest(&table);
+                    if installed != digest {
+                        // Until the new digest is recorded, the metadata must not claim
+                        // the old one (a write interrupted in between would keep it).
+                        if let Some(old) = p.old_meta.filter(|m| m.table_digest != 0) {
+                            let meta = ServiceMeta {
+                                table_digest: 0,
+                                ..old
+                            };
+                            self.phases
+                                .forget_digests
+                                .push(Op::SetServiceMeta { id: p.id, meta });
+                        }
+                        self.phases.tables.push(Op::SetTable {
+                            service_id: p.id,
+                            table,
+                        });
                     }
-                    self.phases.tables.push(Op::SetTable {
-                        service_id: id,
-                        table,
-                    });
+                    digest
                 }
-                digest
+                (TableJob::Build { .. }, Some(Err(source))) => {
+                    clean = false;
+                    self.errors.push(PlanError::Maglev {
+                        service: p.name.clone(),
+                        source,
+                    });
+                    installed
+                }
+                (TableJob::Build { .. }, None) => unreachable!("one result per table built"),
+            };
+            if digest == 0 && self.applied.tables.contains(&p.id) {
+                self.phases
+                    .tables
+                    .push(Op::RemoveTable { service_id: p.id });
             }
-            Err(source) => {
-                self.errors.push(PlanError::Maglev {
-                    service: name.to_owned(),
-                    source,
-                });
-                installed
+            let meta = ServiceMeta {
+                table_digest: digest,
+                ..p.meta
+            };
+            // A table swap cleared the recorded digest first.
+            let swapped = matches!(self.phases.tables.last(), Some(Op::SetTable { service_id, .. }) if *service_id == p.id);
+            if p.old_meta != Some(meta) || swapped {
+                self.phases
+                    .metas
+                    .push(Op::SetServiceMeta { id: p.id, meta });
             }
+            self.settled.push((p.name, clean.then_some(p.service)));
         }
     }
 

@@ -110,37 +110,63 @@ impl Dataplane {
         service_id: u32,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        self.set_maglev_tables(&[(service_id, table)])
+        self.set_maglev_tables(&[(service_id, table)], |_| true)
             .map_err(|(_, e)| e)
     }
 
     /// Installs several tables: flips in place where the service has an inner array of
-    /// the right size, and swaps new inner arrays in for the others, a batch at a time.
-    /// On error, returns the index of the table that failed; the ones before it are
-    /// installed.
+    /// the right size, and swaps new inner arrays in for the others, a batch at a time
+    /// (built on every CPU when there are many). `installed` says which services may
+    /// have an inner array (false: do not look). On error, returns the index of the
+    /// table that failed; the ones before it are installed.
     pub fn set_maglev_tables(
         &mut self,
         tables: &[(u32, &[u32])],
+        installed: impl Fn(u32) -> bool,
     ) -> Result<(), (usize, DataplaneError)> {
-        let mut fresh: Vec<(usize, u32, Array<MapData, MaglevSlot>)> = Vec::new();
-        let chunk = swap_chunk();
+        let mut fresh = Vec::new();
         for (i, (service_id, table)) in tables.iter().enumerate() {
-            let step = match self.flip(*service_id, table) {
-                Ok(true) => Ok(()),
-                Ok(false) => new_inner(table).map(|inner| fresh.push((i, *service_id, inner))),
-                Err(e) => Err(e),
+            let flipped = if installed(*service_id) {
+                self.flip(*service_id, table)
+            } else {
+                Ok(false)
             };
-            let full = fresh.len() >= chunk;
-            if let Err(e) = step {
-                self.swap_in(&fresh)?;
-                return Err((i, e));
-            }
-            if full {
-                self.swap_in(&fresh)?;
-                fresh.clear();
+            match flipped {
+                Ok(true) => {}
+                Ok(false) => fresh.push(i),
+                Err(e) => {
+                    self.swap_fresh(tables, &fresh)?;
+                    return Err((i, e));
+                }
             }
         }
-        self.swap_in(&fresh)
+        self.swap_fresh(tables, &fresh)
+    }
+
+    /// New inner arrays for `tables[i]`, `i` in `fresh`, swapped in a batch at a time.
+    fn swap_fresh(
+        &mut self,
+        tables: &[(u32, &[u32])],
+        fresh: &[usize],
+    ) -> Result<(), (usize, DataplaneError)> {
+        for part in fresh.chunks(swap_chunk()) {
+            let mut built = Vec::with_capacity(part.len());
+            let mut failed = None;
+            for (&i, inner) in part.iter().zip(new_inners(tables, part)) {
+                match inner {
+                    Ok(inner) => built.push((i, tables[i].0, inner)),
+                    Err(e) => {
+                        failed = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            self.swap_in(&built)?;
+            if let Some(failure) = failed {
+                return Err(failure);
+            }
+        }
+        Ok(())
     }
 
     /// One batched outer-map update for `fresh` (index in the caller's list, service
@@ -269,6 +295,37 @@ impl Dataplane {
         .map_err(io_err)?;
         Ok(ids)
     }
+}
+
+/// Below this many new inner arrays, one thread creates them.
+const PARALLEL_INNERS: usize = 64;
+
+/// New inner arrays for `tables[i]`, `i` in `which`, in order; created on every CPU
+/// when there are many (the kernel's allocation and zeroing dominate).
+fn new_inners(
+    tables: &[(u32, &[u32])],
+    which: &[usize],
+) -> Vec<Result<Array<MapData, MaglevSlot>, DataplaneError>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if which.len() < PARALLEL_INNERS || threads < 2 {
+        return which.iter().map(|&i| new_inner(tables[i].1)).collect();
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = which
+            .chunks(which.len().div_ceil(threads))
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&i| new_inner(tables[i].1))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("creating inner arrays panicked"))
+            .collect()
+    })
 }
 
 /// A new inner array holding `table` in its first copy, live.

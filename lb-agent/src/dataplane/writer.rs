@@ -64,7 +64,11 @@ impl Dataplane {
                         _ => None,
                     })
                     .collect();
-                (tables, self.set_maglev_tables(&list))
+                let present = &applied.tables;
+                (
+                    tables,
+                    self.set_maglev_tables(&list, |id| present.contains(&id)),
+                )
             } else {
                 (1, self.execute(&rest[0]).map_err(|e| (0, e)))
             };

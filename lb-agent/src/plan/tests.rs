@@ -639,7 +639,9 @@ fn draining_rewrites_the_slot_with_the_draining_flag_and_undraining_clears_it() 
 fn one_changed_service_among_many_is_the_only_one_planned() {
     let mut maps = FakeMaps::default();
     let mut want = Desired::default();
-    for i in 0..40u8 {
+    // Enough services that their tables are built in parallel (`PARALLEL_TABLES`);
+    // `converge` checks each table against one built alone.
+    for i in 0..100u8 {
         let model = service(&[fe(i, 80)], &[(ep(i, 8080), 1, UP), (ep(i, 8081), 1, UP)]);
         want.services.insert(format!("svc-{i:02}"), Arc::new(model));
     }
@@ -675,7 +677,7 @@ fn one_changed_service_among_many_is_the_only_one_planned() {
     };
     let plan = converge(&mut maps, &rebuilt);
     assert!(plan.ops.is_empty());
-    assert_eq!(plan.settled.len(), 40, "re-settled on the new pointers");
+    assert_eq!(plan.settled.len(), 100, "re-settled on the new pointers");
     assert!(super::plan(&rebuilt, &maps.applied).settled.is_empty());
 }
 

@@ -39,6 +39,9 @@ pub struct AgentRun {
     pub frontends_in_maps: usize,
     pub rss_after_sync_kib: u64,
     pub peak_rss_kib: u64,
+    /// Resident set at the end.
+    pub rss_kib: u64,
+    pub timeline: Timeline,
     /// Per change, seconds from the API server's update to the map write.
     pub change_s: Vec<f64>,
     /// Changes not seen in the maps within the timeout.
@@ -128,6 +131,13 @@ pub fn measure(cluster: &Synthetic, changes: usize, gap: Duration) -> Result<Age
         std::thread::sleep(gap);
     }
     run.peak_rss_kib = vm_kib(pid, "VmHWM")?;
+    run.rss_kib = vm_kib(pid, "VmRSS")?;
+    let log = agent.log();
+    run.timeline = timeline(&log);
+    let kept = std::env::temp_dir().join("xlb-bench-control-plane-agent.log");
+    if std::fs::write(&kept, &log).is_ok() {
+        eprintln!("agent log kept at {}", kept.display());
+    }
     if run.change_s.is_empty() && changes > 0 {
         bail!(
             "no change reached the maps; agent log:\n{}",
@@ -224,5 +234,67 @@ impl Probe {
 
     fn digest(&self, id: u32) -> Result<u64> {
         Ok(self.metas.get(&id, 0)?.table_digest)
+    }
+}
+
+/// Seconds, from the agent's log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timeline {
+    /// From the log's first line to the initial lists being complete.
+    pub lists_complete: Option<f64>,
+    /// The first sync's plan and writes.
+    pub first_plan: Option<f64>,
+    pub first_write: Option<f64>,
+}
+
+/// Seconds since midnight of a log line's RFC 3339 timestamp (`...THH:MM:SS.ffffffZ`).
+fn log_time(line: &str) -> Option<f64> {
+    let (_, time) = line.split_whitespace().next()?.split_once('T')?;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A `key=value` field of a log line, as a number.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))?
+        .parse()
+        .ok()
+}
+
+/// The log without terminal colour codes (`ESC [ ... m`).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn timeline(log: &str) -> Timeline {
+    let log = plain(log);
+    let first = log.lines().find_map(log_time);
+    let lists = log
+        .lines()
+        .find(|l| l.contains("initial lists complete"))
+        .and_then(log_time);
+    let update = log.lines().find(|l| l.contains("maps updated"));
+    Timeline {
+        lists_complete: first.zip(lists).map(|(a, b)| b - a),
+        first_plan: update.and_then(|l| field(l, "plan_ms")).map(|ms| ms / 1e3),
+        first_write: update.and_then(|l| field(l, "write_ms")).map(|ms| ms / 1e3),
     }
 }

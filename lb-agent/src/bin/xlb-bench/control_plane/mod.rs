@@ -199,9 +199,11 @@ fn print(cluster: &Synthetic, r: &Results, command: &str, load: &str) -> serde_j
     print_changes(r);
     if let Some(a) = &r.agent {
         println!(
-            "\nagent peak RSS (VmHWM): {:.1} MiB after the sync, {:.1} MiB after the changes",
+            "\nagent peak RSS (VmHWM): {:.1} MiB after the sync, {:.1} MiB after the changes; \
+             resident at the end {:.1} MiB",
             kib_to_mib(a.rss_after_sync_kib),
-            kib_to_mib(a.peak_rss_kib)
+            kib_to_mib(a.peak_rss_kib),
+            kib_to_mib(a.rss_kib)
         );
     }
     println!(
@@ -257,6 +259,14 @@ fn print_full(r: &Results) {
         println!(
             "    maps then held {} services, {} backends, {} frontends",
             a.services_in_maps, a.backends_in_maps, a.frontends_in_maps
+        );
+        let t = &a.timeline;
+        let opt = |v: Option<f64>| v.map_or_else(|| "?".into(), secs);
+        println!(
+            "    agent log: first line to lists complete {}, then plan {} and writes {}",
+            opt(t.lists_complete),
+            opt(t.first_plan),
+            opt(t.first_write)
         );
     }
 }
