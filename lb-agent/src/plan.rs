@@ -38,7 +38,9 @@ use applied::Ids;
 pub enum Op {
     SetServiceMeta {
         id: u32,
-        meta: ServiceMeta,
+        /// Boxed: the name makes it the largest value, and a 10,000-service plan holds
+        /// 250,000 ops.
+        meta: Box<ServiceMeta>,
     },
     /// Zeroes a (recycled) service id's counters.
     ResetStats {
@@ -191,6 +193,18 @@ impl Phases {
             .into_iter()
             .partition(|op| matches!(op, Op::RemoveBackend { .. }));
         let mut ops = new_services;
+        ops.reserve(
+            early.len()
+                + forget_digests.len()
+                + tables.len()
+                + metas.len()
+                + add_frontends.len()
+                + remove_frontends.len()
+                + late.len()
+                + cleanup_tables.len()
+                + cleanup_backends.len()
+                + cleanup_services.len(),
+        );
         for phase in [
             early,
             forget_digests,
@@ -368,9 +382,10 @@ impl Planner<'_> {
                 table_digest: 0,
             };
             self.phases.new_services.push(Op::ResetStats { id });
-            self.phases
-                .new_services
-                .push(Op::SetServiceMeta { id, meta });
+            self.phases.new_services.push(Op::SetServiceMeta {
+                id,
+                meta: Box::new(meta),
+            });
             (id, Some(meta))
         } else {
             self.errors.push(PlanError::NoServiceId {
@@ -540,9 +555,10 @@ impl Planner<'_> {
                                 table_digest: 0,
                                 ..old
                             };
-                            self.phases
-                                .forget_digests
-                                .push(Op::SetServiceMeta { id: p.id, meta });
+                            self.phases.forget_digests.push(Op::SetServiceMeta {
+                                id: p.id,
+                                meta: Box::new(meta),
+                            });
                         }
                         self.phases.tables.push(Op::SetTable {
                             service_id: p.id,
@@ -573,9 +589,10 @@ impl Planner<'_> {
             // A table swap cleared the recorded digest first.
             let swapped = matches!(self.phases.tables.last(), Some(Op::SetTable { service_id, .. }) if *service_id == p.id);
             if p.old_meta != Some(meta) || swapped {
-                self.phases
-                    .metas
-                    .push(Op::SetServiceMeta { id: p.id, meta });
+                self.phases.metas.push(Op::SetServiceMeta {
+                    id: p.id,
+                    meta: Box::new(meta),
+                });
             }
             self.settled.push((p.name, clean.then_some(p.service)));
         }

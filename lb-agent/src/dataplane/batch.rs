@@ -33,7 +33,7 @@ impl Writes {
         for op in ops {
             match op {
                 Op::ResetStats { id } => w.stats.push(*id),
-                Op::SetServiceMeta { id, meta } => push(&mut w.service_meta, *id, *meta),
+                Op::SetServiceMeta { id, meta } => push(&mut w.service_meta, *id, **meta),
                 Op::ClearServiceMeta { id } => {
                     push(&mut w.service_meta, *id, ServiceMeta::default());
                 }

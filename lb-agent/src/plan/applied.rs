@@ -112,7 +112,10 @@ impl Applied {
             });
         }
         for (id, meta) in services {
-            applied.record(&Op::SetServiceMeta { id, meta });
+            applied.record(&Op::SetServiceMeta {
+                id,
+                meta: Box::new(meta),
+            });
         }
         for (id, meta) in backends {
             applied.record(&Op::SetBackendMeta { id, meta });
@@ -129,7 +132,7 @@ impl Applied {
     /// Mirrors one successful write.
     pub fn record(&mut self, op: &Op) {
         match op {
-            Op::SetServiceMeta { id, meta } => self.set_service(*id, *meta),
+            Op::SetServiceMeta { id, meta } => self.set_service(*id, **meta),
             Op::ClearServiceMeta { id } => {
                 if let Some(old) = self.services.remove(id) {
                     self.unname(&old, *id);

@@ -308,9 +308,9 @@ fn changing_one_weight_rewrites_only_the_table_and_metadata() {
     // The metadata is written twice: its digest cleared before the swap, set after.
     assert_eq!(plan.ops.len(), 4, "{:?}", plan.ops);
     assert!(matches!(plan.ops[0], Op::SetBackendMeta { .. }));
-    assert!(matches!(plan.ops[1], Op::SetServiceMeta { meta, .. } if meta.table_digest == 0));
+    assert!(matches!(&plan.ops[1], Op::SetServiceMeta { meta, .. } if meta.table_digest == 0));
     assert!(matches!(plan.ops[2], Op::SetTable { .. }));
-    assert!(matches!(plan.ops[3], Op::SetServiceMeta { meta, .. } if meta.table_digest != 0));
+    assert!(matches!(&plan.ops[3], Op::SetServiceMeta { meta, .. } if meta.table_digest != 0));
 }
 
 #[test]
