@@ -48,6 +48,7 @@ pub struct NodeOptions {
     pub addresses: Vec<std::net::IpAddr>,
 }
 
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     pub source: Source,
     pub node: NodeOptions,

@@ -61,7 +61,16 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
         );
     }
 
-    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
+    // Loaded on a blocking thread: meanwhile this thread lists the cluster (loading the
+    // program and creating its maps takes a few hundred milliseconds).
+    let loading = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || start_dataplane(&opts))
+    };
+    let (dp, applied) = loading
+        .await
+        .context("loading the data plane")?
+        .map_err(crate::capabilities::explain)?;
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
 
