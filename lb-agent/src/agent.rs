@@ -302,15 +302,32 @@ async fn writer_task(
     state: Arc<AgentState>,
 ) {
     let mut retry = false;
+    let slots_ready = dp.slots_ready();
     loop {
-        let changed = if retry {
-            tokio::time::timeout(Duration::from_secs(1), desired.changed())
-                .await
-                .unwrap_or(Ok(()))
-        } else {
-            desired.changed().await
+        let next = async {
+            if retry {
+                tokio::time::timeout(Duration::from_secs(1), desired.changed())
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                desired.changed().await
+            }
+        };
+        // Backend slots that a flipped-out table may still name are emptied once the
+        // kernel has waited for running programs; meanwhile the writer goes on.
+        let changed = tokio::select! {
+            changed = next => changed,
+            () = slots_ready.notified(), if dp.slots_waiting() => {
+                if let Err(e) = dp.empty_ready_slots() {
+                    tracing::error!("emptying backend slots: {e}");
+                }
+                continue;
+            }
         };
         if changed.is_err() {
+            if let Err(e) = dp.settle_slots() {
+                tracing::error!("emptying backend slots: {e}");
+            }
             return;
         }
         // Planned under the borrow: no copy of the desired state, and the sender waits

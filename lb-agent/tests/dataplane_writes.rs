@@ -261,3 +261,59 @@ fn a_failing_batch_is_retried_op_by_op_and_reports_the_failing_op() {
         "the maps hold what was recorded"
     );
 }
+
+fn slot(dir: &PinDir, id: u32) -> Backend {
+    let slots: Array<MapData, Backend> = Array::try_from(pinned(dir, maps::BACKENDS)).unwrap();
+    slots.get(&id, 0).unwrap()
+}
+
+#[test]
+fn the_writer_empties_a_slot_a_flipped_out_table_may_name_after_programs_finish() {
+    let mut dp = load();
+    let dir = PinDir::new("grace");
+    dp.pin_maps(&dir.0).expect("pin");
+    let backend = |last: u8| Backend {
+        addr: [192, 0, 2, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        port: 8080u16.to_be(),
+        family: FAMILY_V4,
+        flags: 0,
+        service_id: 5,
+    };
+    for id in 1..=3 {
+        dp.set_backend(id, backend(10 + u8::try_from(id).unwrap()))
+            .unwrap();
+    }
+    dp.set_maglev_table(5, &[1, 2, 3, 1, 2, 3, 1]).unwrap();
+    // The flip leaves the old copy, which names 2 and 3, readable by packets in flight.
+    dp.set_maglev_table(5, &[1, 3, 1, 3, 1, 3, 1]).unwrap();
+    let remove = |id| Plan {
+        ops: vec![Op::RemoveBackend { id }],
+        ..Plan::default()
+    };
+    let mut applied = Applied::default();
+    dp.apply(&remove(2), &mut applied).unwrap();
+    assert!(dp.slots_waiting(), "queued, not emptied at once");
+    assert_eq!(slot(&dir, 2).family, FAMILY_V4, "still filled");
+    // The grace thread waits; the writer only empties what is ready.
+    let mut waited = 0;
+    while dp.slots_waiting() && waited < 500 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        dp.empty_ready_slots().unwrap();
+        waited += 1;
+    }
+    assert!(!dp.slots_waiting(), "emptied within 5 s");
+    assert_eq!(slot(&dir, 2), Backend::default(), "slot 2 emptied");
+
+    // A slot reused at once: its old backend is emptied first, and the new one stays.
+    dp.set_maglev_table(5, &[1; 7]).unwrap();
+    dp.apply(&remove(3), &mut applied).unwrap();
+    assert!(dp.slots_waiting());
+    dp.set_backend(3, backend(99)).unwrap();
+    assert!(!dp.slots_waiting(), "settled before the slot was written");
+    assert_eq!(
+        slot(&dir, 3).addr[3],
+        99,
+        "the reused slot keeps its new backend"
+    );
+    assert_eq!(slot(&dir, 1).family, FAMILY_V4);
+}

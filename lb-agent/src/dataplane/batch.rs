@@ -28,7 +28,8 @@ struct Writes {
 }
 
 impl Writes {
-    fn gather(ops: &[Op]) -> Self {
+    /// The run's writes; with `defer`, slots to empty are left out (queued instead).
+    fn gather(ops: &[Op], defer: bool) -> Self {
         let mut w = Writes::default();
         for op in ops {
             match op {
@@ -42,6 +43,7 @@ impl Writes {
                     push(&mut w.backend_meta, *id, BackendMeta::default());
                 }
                 Op::SetBackend { id, backend } => push(&mut w.backends, *id, *backend),
+                Op::RemoveBackend { .. } if defer => {}
                 Op::RemoveBackend { id } => push(&mut w.backends, *id, Backend::default()),
                 Op::SetFrontend { key, value } => push(&mut w.set_frontends, *key, *value),
                 Op::RemoveFrontend { key } => w.removed_frontends.push(*key),
@@ -70,13 +72,25 @@ impl Dataplane {
     /// reports exactly which op failed. On error, returns the index of the failed op:
     /// the ones before it are written.
     pub fn write_run(&mut self, ops: &[Op]) -> Result<(), (usize, DataplaneError)> {
-        if ops.iter().any(|op| matches!(op, Op::RemoveBackend { .. })) {
-            self.before_backend_removal().map_err(|e| (0, e))?;
+        let reused = ops.iter().any(|op| match op {
+            Op::SetBackend { id, .. } => self.grace.is_deferred(*id),
+            _ => false,
+        });
+        if reused {
+            // A slot's old backend is still queued to be emptied.
+            self.settle_slots().map_err(|e| (0, e))?;
         }
-        if ops.len() > 1 && self.write_batches(&Writes::gather(ops)).is_ok() {
+        // Slots a flipped-out copy may name are emptied later (see `grace`).
+        let defer = self.grace.uncovered();
+        if ops.len() > 1 && self.write_batches(&Writes::gather(ops, defer)).is_ok() {
             let mut filter = BTreeMap::new();
-            for op in ops {
-                self.note_filter(op, &mut filter);
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    Op::RemoveBackend { id } if defer => {
+                        self.empty_slot(*id).map_err(|e| (i, e))?;
+                    }
+                    _ => self.note_filter(op, &mut filter),
+                }
             }
             let (slots, bits): (Vec<u32>, Vec<u8>) = filter.into_iter().unzip();
             return self

@@ -74,7 +74,7 @@ pub struct Dataplane {
     pub(super) ebpf: Option<Ebpf>,
     pub(super) maps: HashMap<&'static str, Map>,
     pub(super) filter: super::maps::FilterShadow,
-    pub(super) grace: super::tables::Grace,
+    pub(super) grace: super::grace::Grace,
 }
 
 impl Dataplane {
@@ -126,7 +126,7 @@ impl Dataplane {
             ebpf: None,
             maps,
             filter: super::maps::FilterShadow::default(),
-            grace: super::tables::Grace::default(),
+            grace: super::grace::Grace::default(),
         })
     }
 
@@ -142,7 +142,7 @@ impl Dataplane {
             ebpf: Some(ebpf),
             maps,
             filter: super::maps::FilterShadow::default(),
-            grace: super::tables::Grace::default(),
+            grace: super::grace::Grace::default(),
         };
         for name in [PROGRAM, BASELINE_PROGRAM] {
             dp.xdp_mut(name)?

@@ -128,6 +128,10 @@ impl Dataplane {
 
     /// Writes backend `id` (`1..MAX_BACKENDS`) and forgets its cached next hop.
     pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
+        if self.grace.is_deferred(id) {
+            // The slot's old backend is still queued to be emptied.
+            self.settle_slots()?;
+        }
         self.write_backend(id, value)?;
         for bits in self.filter.backend_set(id, value.addr) {
             self.write_filter(bits)?;
@@ -135,9 +139,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Empties backend `id`'s slot: tracked flows to it are re-selected.
+    /// Empties backend `id`'s slot: tracked flows to it are re-selected. Waits first
+    /// (milliseconds) while a flipped-out table copy that may name it can still be read;
+    /// the writer queues such slots instead (see `grace`).
     pub fn remove_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.before_backend_removal()?;
+        self.empty_slot(id)?;
+        self.settle_slots()
+    }
+
+    pub(super) fn empty_slot_now(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.write_backend(id, Backend::default())?;
         match self.filter.backend_removed(id) {
             Some(bits) => self.write_filter(bits),
@@ -278,6 +288,7 @@ impl Dataplane {
     /// Reads back what an agent wrote (after a restart), and rebuilds the address
     /// pre-filter's bookkeeping from it. Arrays are read in batches.
     pub fn snapshot(&mut self) -> Result<Snapshot, DataplaneError> {
+        self.settle_slots()?;
         let mut snap = Snapshot::default();
         {
             let name = maps::FRONTENDS;

@@ -2,6 +2,7 @@
 //! XDP program, pinning, and typed access to its maps.
 
 mod batch;
+mod grace;
 pub mod loader;
 pub mod maps;
 pub mod object;

@@ -5,16 +5,14 @@
 //! map; those swaps are batched, because the kernel makes every map-in-map update wait
 //! for running programs (an RCU grace period, milliseconds).
 //!
-//! Grace periods also keep flips hitless: a copy that was live may still be read by a
-//! packet in flight, so it is rewritten, and a backend slot that only the old copy
-//! named is emptied, only after the kernel has waited for running programs once since.
+//! Grace periods (see `grace`) keep flips hitless.
 
-use std::collections::HashSet;
 use std::os::fd::AsFd as _;
 
 use aya::maps::{Array, ArrayOfMaps, IterableMap as _, MapData, MapError};
 use lb_common::maps::{self, MAGLEV_HALF_BIT, MAGLEV_HEADER_SLOT, MAGLEV_INNER_FLAGS, MaglevSlot};
 
+use super::grace;
 use super::sys::{self, MappedArray};
 use super::{Dataplane, DataplaneError};
 
@@ -26,13 +24,6 @@ fn map_err(source: MapError) -> DataplaneError {
 
 fn io_err(e: std::io::Error) -> DataplaneError {
     map_err(MapError::IoError(e))
-}
-
-/// Which services had their live copy flipped since the kernel last waited for running
-/// programs.
-#[derive(Debug, Default)]
-pub struct Grace {
-    flipped: HashSet<u32>,
 }
 
 /// Elements of an inner array for a table of `size` slots: the header, then one per
@@ -188,11 +179,12 @@ impl Dataplane {
             .collect();
         let map = self.map(NAME).map_err(|e| (fresh[0].0, e))?;
         let data = map_data(map).map_err(|e| (fresh[0].0, e))?;
+        let upto = self.grace.now();
         let result = sys::update_batch::<u32, u32>(data.fd().as_fd(), &keys, &fds);
         match result {
             Ok(()) => {
                 // The kernel waited for running programs after the update.
-                self.grace.flipped.clear();
+                self.grace.waited(upto);
                 Ok(())
             }
             Err((done, e)) => Err((fresh[done.min(fresh.len() - 1)].0, io_err(e))),
@@ -213,7 +205,7 @@ impl Dataplane {
             return Ok(false);
         }
         let mapped = mapped(inner.fd().as_fd(), want)?;
-        if self.grace.flipped.contains(&service_id) {
+        if self.grace.copy_in_use(service_id) {
             // The copy about to be written was live a moment ago.
             self.wait_for_readers()?;
         }
@@ -221,40 +213,71 @@ impl Dataplane {
         let second = mapped.load(header) & MAGLEV_HALF_BIT == 0;
         write_copy(&mapped, second, table);
         mapped.publish(header, if second { size | MAGLEV_HALF_BIT } else { size });
-        self.grace.flipped.insert(service_id);
+        self.grace.flipped(service_id);
         Ok(true)
     }
 
     /// Returns once no packet can be reading a table copy that was live before the
-    /// call: an update of the outer map's reserved slot 0 (no service has id 0), which
-    /// the kernel completes only after running programs finished. Milliseconds.
+    /// call (milliseconds), and empties the backend slots that waited for it.
     pub fn wait_for_readers(&mut self) -> Result<(), DataplaneError> {
-        let placeholder: Array<MapData, MaglevSlot> =
-            Array::create(maps::MAGLEV_TEMPLATE_ENTRIES, MAGLEV_INNER_FLAGS).map_err(map_err)?;
-        let map = self.map_mut(NAME)?;
-        let mut outer: ArrayOfMaps<&mut MapData, Array<MapData, MaglevSlot>> =
-            ArrayOfMaps::try_from(map).map_err(map_err)?;
-        outer.set(0, &placeholder, 0).map_err(map_err)?;
-        self.grace.flipped.clear();
+        let upto = self.grace.now();
+        let data = map_data(self.map(NAME)?)?;
+        grace::wait_for_readers(data.fd().as_fd()).map_err(io_err)?;
+        self.grace.waited(upto);
+        self.empty_ready_slots()
+    }
+
+    /// Empties backend `id`'s slot now, or once no flipped-out table copy that may name
+    /// it can be read any more.
+    pub(super) fn empty_slot(&mut self, id: u32) -> Result<(), DataplaneError> {
+        if !self.grace.uncovered() {
+            return self.empty_slot_now(id);
+        }
+        let outer = || {
+            let data = map_data(self.maps.get(NAME).ok_or(std::io::ErrorKind::NotFound)?)
+                .map_err(std::io::Error::other)?;
+            data.fd().as_fd().try_clone_to_owned()
+        };
+        let outer = outer();
+        self.grace.defer(id, move || outer);
         Ok(())
     }
 
-    /// Called before a backend slot is emptied: a flipped-out copy may still name it.
-    pub(super) fn before_backend_removal(&mut self) -> Result<(), DataplaneError> {
-        if self.grace.flipped.is_empty() {
-            Ok(())
-        } else {
-            self.wait_for_readers()
+    /// Empties the queued slots whose wait is over.
+    pub fn empty_ready_slots(&mut self) -> Result<(), DataplaneError> {
+        for id in self.grace.ready() {
+            self.empty_slot_now(id)?;
         }
+        Ok(())
+    }
+
+    /// Empties every queued slot, waiting for readers first if one must.
+    pub fn settle_slots(&mut self) -> Result<(), DataplaneError> {
+        if self.grace.deferred_uncovered() {
+            self.wait_for_readers()
+        } else {
+            self.empty_ready_slots()
+        }
+    }
+
+    /// Backend slots wait to be emptied (see [`Dataplane::slots_ready`]).
+    pub fn slots_waiting(&self) -> bool {
+        self.grace.has_deferred()
+    }
+
+    /// Told when waiting slots may have become ready to empty.
+    pub fn slots_ready(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.grace.done()
     }
 
     /// Removes the service's table: its frontends then count `drop_no_backend`.
     pub fn remove_maglev_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
         let map = self.map(NAME)?;
         let data = map_data(map)?;
+        let upto = self.grace.now();
         match sys::delete_elem(data.fd().as_fd(), service_id) {
             Ok(()) => {
-                self.grace.flipped.clear();
+                self.grace.waited(upto);
                 Ok(())
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),

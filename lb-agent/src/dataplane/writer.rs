@@ -18,7 +18,7 @@ impl Dataplane {
             Op::ClearServiceMeta { id } => self.set_service_meta(*id, &ServiceMeta::default()),
             Op::ResetStats { id } => self.reset_service_stats(*id),
             Op::SetBackend { id, backend } => self.set_backend(*id, *backend),
-            Op::RemoveBackend { id } => self.remove_backend(*id),
+            Op::RemoveBackend { id } => self.empty_slot(*id),
             Op::SetBackendMeta { id, meta } => self.set_backend_meta(*id, meta),
             Op::ClearBackendMeta { id } => self.set_backend_meta(*id, &BackendMeta::default()),
             Op::SetTable { service_id, table } => self.set_maglev_table(*service_id, table),
