@@ -31,7 +31,7 @@ mod applied;
 pub use applied::Applied;
 #[cfg(test)]
 use applied::IdPool;
-use applied::Ids;
+use applied::{IdOrder, Ids};
 
 /// One map write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,8 +232,14 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         phases: Phases::default(),
         errors: Vec::new(),
         settled: Vec::new(),
-        service_ids: applied.index.service_ids.allocator(MAX_SERVICES),
-        backend_ids: applied.index.backend_ids.allocator(MAX_BACKENDS),
+        service_ids: applied
+            .index
+            .service_ids
+            .allocator(MAX_SERVICES, IdOrder::Lowest),
+        backend_ids: applied
+            .index
+            .backend_ids
+            .allocator(MAX_BACKENDS, IdOrder::AboveFirst),
         wanted_frontends: BTreeSet::new(),
         loose_frontends: BTreeSet::new(),
         pending: Vec::new(),

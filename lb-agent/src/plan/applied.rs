@@ -86,11 +86,12 @@ impl IdPool {
     }
 
     /// Hands out free ids, lowest first, for one plan.
-    pub(super) fn allocator(&self, max: u32) -> Ids<'_> {
+    pub(super) fn allocator(&self, max: u32, order: IdOrder) -> Ids<'_> {
         Ids {
             free: self.free.iter(),
             next: self.end.max(1),
             max,
+            order,
         }
     }
 }
@@ -314,21 +315,37 @@ fn unlink<K: Ord>(index: &mut BTreeMap<u32, BTreeSet<K>>, owner: u32, key: &K) {
     }
 }
 
-/// Free ids of an [`IdPool`], lowest first, handed out during one plan.
+/// Which free ids a plan hands out first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdOrder {
+    /// The lowest: ids stay dense.
+    Lowest,
+    /// Those above every id in use, then the lowest: an id freed a moment ago is not
+    /// handed out again at once. Backend slots use it, because the writer empties a slot
+    /// that a flipped-out table may still name only once running programs finished, and
+    /// writing a new backend into it must wait for that.
+    AboveFirst,
+}
+
+/// Free ids of an [`IdPool`], handed out during one plan.
 pub(super) struct Ids<'a> {
     free: std::collections::btree_set::Iter<'a, u32>,
     next: u32,
     max: u32,
+    order: IdOrder,
 }
 
 impl Ids<'_> {
     pub(super) fn take(&mut self) -> Option<u32> {
-        if let Some(&id) = self.free.next() {
-            return Some(id);
+        let above = |ids: &mut Self| {
+            (ids.next < ids.max).then(|| {
+                ids.next += 1;
+                ids.next - 1
+            })
+        };
+        match self.order {
+            IdOrder::Lowest => self.free.next().copied().or_else(|| above(self)),
+            IdOrder::AboveFirst => above(self).or_else(|| self.free.next().copied()),
         }
-        (self.next < self.max).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
     }
 }

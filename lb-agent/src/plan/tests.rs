@@ -558,7 +558,8 @@ proptest! {
         prop_assert!(maps.slots.is_empty() && maps.tables.is_empty());
     }
 
-    /// The id pool hands out the lowest free ids, as a scan of the used ones would.
+    /// The id pool hands out the lowest free ids, or those above the used ones first, as
+    /// a scan of the used ones would.
     #[test]
     fn id_pool_gives_the_lowest_free_ids(
         steps in proptest::collection::vec((any::<bool>(), 1u32..40), 0..60),
@@ -573,9 +574,16 @@ proptest! {
                 pool.remove(id);
                 used.remove(&id);
             }
-            let mut ids = pool.allocator(50);
+            let mut ids = pool.allocator(50, IdOrder::Lowest);
             let got: Vec<u32> = std::iter::from_fn(|| ids.take()).take(5).collect();
             let want: Vec<u32> = (1..50).filter(|id| !used.contains(id)).take(5).collect();
+            prop_assert_eq!(got, want);
+            let mut ids = pool.allocator(50, IdOrder::AboveFirst);
+            let got: Vec<u32> = std::iter::from_fn(|| ids.take()).collect();
+            let above = used.last().map_or(1, |top| top + 1);
+            let want: Vec<u32> = (above..50)
+                .chain((1..above).filter(|id| !used.contains(id)))
+                .collect();
             prop_assert_eq!(got, want);
         }
         for id in used {
