@@ -21,8 +21,8 @@ pub struct InProcess {
     pub plan_s: f64,
     pub apply_s: f64,
     pub writes: usize,
-    /// Per change: index + translation + plan, then the writes (which include the wait
-    /// for packets in flight before an old backend slot is emptied).
+    /// Per change: index + translation + plan, then the writes (the old backend's slot
+    /// is emptied later, once packets in flight are done; see `dataplane::grace`).
     pub change_plan_s: Vec<f64>,
     pub change_apply_s: Vec<f64>,
 }

@@ -301,7 +301,7 @@ fn print_changes(r: &Results) {
             secs(p(&i.change_plan_s, 99.0))
         );
         println!(
-            "  xlb in process: writes, with the wait before emptying the old slot {:>9}  {:>9}",
+            "  xlb in process: writes (old slot emptied later, off this path) {:>9}  {:>9}",
             secs(p(&i.change_apply_s, 50.0)),
             secs(p(&i.change_apply_s, 99.0))
         );
