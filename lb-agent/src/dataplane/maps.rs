@@ -63,13 +63,16 @@ impl Dataplane {
         m.set(slot, bits, 0).map_err(map_err(name))
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+    pub(super) fn map_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::maps::Map, DataplaneError> {
         self.maps
             .get_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+    pub(super) fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
         self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
     }
 
@@ -223,6 +226,8 @@ impl Dataplane {
             sum.new_flows += s.new_flows;
             sum.reply_packets += s.reply_packets;
             sum.reply_bytes += s.reply_bytes;
+            sum.rejected += s.rejected;
+            sum.source_denied += s.source_denied;
             sum
         }))
     }

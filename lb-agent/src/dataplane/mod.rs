@@ -5,6 +5,7 @@ pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod source_ranges;
 pub mod writer;
 
 pub use loader::{Dataplane, DataplaneError, TestRunOutput};
