@@ -1,6 +1,6 @@
 //! Refusing a new flow to a service without backends, as kube-proxy's REJECT does: a
 //! TCP segment gets a reset (RFC 793, "Reset Generation"), a UDP datagram an ICMP port
-//! unreachable (RFC 792; ICMPv6, RFC 4443) quoting its IP header and UDP header. The
+//! unreachable (RFC 792; `ICMPv6`, RFC 4443) quoting its IP header and UDP header. The
 //! answer is built in the frame itself (fresh headers, checksums computed from scratch)
 //! and sent back out of the interface the packet came in on, to the MAC it came from.
 //!
@@ -36,7 +36,7 @@ const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
 /// ICMP destination unreachable, port unreachable.
 const ICMP_PORT_UNREACHABLE: [u8; 2] = [3, 3];
-/// ICMPv6 destination unreachable, port unreachable.
+/// `ICMPv6` destination unreachable, port unreachable.
 const ICMPV6_PORT_UNREACHABLE: [u8; 2] = [1, 4];
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -180,7 +180,7 @@ fn port_unreachable(
         (PROTO_ICMPV6, ICMPV6_PORT_UNREACHABLE)
     };
     let pseudo = ip_header(ctx, pkt, proto, (ICMP_HLEN + quoted) as u16)?;
-    // ICMPv6 covers a pseudo-header, ICMP does not.
+    // `ICMPv6` covers a pseudo-header, ICMP does not.
     let sum = quoted_sum + sum_words(&type_code) + if v4 { 0 } else { pseudo };
     let c = finish(sum).to_be_bytes();
     // Type, code, checksum, 4 unused bytes.
@@ -215,7 +215,7 @@ fn turn_macs(ctx: &XdpContext, macs: &[u8; 12]) -> Result<(), Reason> {
 
 /// Writes a fresh IP header (no options) at the packet's L3 offset, from the frontend
 /// to the client, carrying `payload` bytes of `proto`; returns the unfolded sum of the
-/// pseudo-header its TCP or ICMPv6 checksum covers.
+/// pseudo-header its TCP or `ICMPv6` checksum covers.
 #[inline(always)]
 fn ip_header(ctx: &XdpContext, pkt: &Packet, proto: u8, payload: u16) -> Result<u32, Reason> {
     let l3 = pkt.l3();
@@ -225,8 +225,9 @@ fn ip_header(ctx: &XdpContext, pkt: &Packet, proto: u8, payload: u16) -> Result<
         let s = [src[0], src[1], src[2], src[3]];
         let d = [dst[0], dst[1], dst[2], dst[3]];
         let len = (IPV4_HLEN as u16 + payload).to_be_bytes();
-        // Version 4, IHL 5, TOS 0, length, id 0, no fragment flags, TTL, protocol.
-        let head = [0x45, 0, len[0], len[1], 0, 0, 0, 0, TTL, proto];
+        // Version 4, IHL 5, TOS 0, length, id 0, don't fragment (as the kernel sends its
+        // resets and ICMP errors), TTL, protocol.
+        let head = [0x45, 0, len[0], len[1], 0, 0, 0x40, 0, TTL, proto];
         let addrs = sum_words(&s) + sum_words(&d);
         let check = finish(sum_words(&head) + addrs);
         store(ctx, l3, head)?;

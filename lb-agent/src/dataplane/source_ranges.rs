@@ -75,12 +75,13 @@ impl Dataplane {
         let mut ranges = Vec::new();
         for key in m.keys() {
             let key = key.map_err(map_err)?;
-            match key_range(&key) {
-                Some(range) => ranges.push(range),
-                None => tracing::warn!(
+            if let Some(range) = key_range(&key) {
+                ranges.push(range);
+            } else {
+                tracing::warn!(
                     prefix_len = key.prefix_len(),
                     "ignoring a source range key no agent writes"
-                ),
+                );
             }
         }
         ranges.sort();
