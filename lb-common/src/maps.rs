@@ -78,3 +78,6 @@ pub const MAGLEV_SIZE_SLOT: u32 = 0;
 pub const MAGLEV_TEMPLATE_ENTRIES: u32 = 2;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in `max_entries`.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the array can be memory-mapped by userspace (the agent reads the
+/// large metadata arrays that way).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;

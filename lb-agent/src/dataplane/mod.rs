@@ -1,6 +1,7 @@
 //! The only module that talks to the kernel's BPF side: loading and attaching the
 //! XDP program, pinning, and typed access to its maps.
 
+mod arrays;
 pub mod loader;
 pub mod maps;
 pub mod object;
