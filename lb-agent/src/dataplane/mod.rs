@@ -9,4 +9,4 @@ pub mod pins;
 pub mod source_ranges;
 pub mod writer;
 
-pub use loader::{Dataplane, DataplaneError, TestRunOutput};
+pub use loader::{Dataplane, DataplaneError, PassProgram, TestRunOutput};

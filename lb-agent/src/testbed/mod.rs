@@ -37,7 +37,10 @@ pub use netns::{
     testbed_namespaces, veth_pair,
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
-pub use traffic::{ServerHandle, spawn_tcp_name_server, spawn_udp_name_server, tcp_ask, udp_ask};
+pub use traffic::{
+    Outcome, ServerHandle, spawn_tcp_name_server, spawn_udp_name_server, tcp_ask, tcp_connect,
+    udp_ask, udp_exchange,
+};
 
 /// Bit numbers from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;
