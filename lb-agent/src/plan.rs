@@ -6,25 +6,32 @@
 //! 1. new services' metadata;
 //! 2. backends that will be needed (slot and metadata);
 //! 3. each changed Maglev table swapped whole, then its digest recorded;
-//! 4. frontends added or changed;
-//! 5. frontends removed;
-//! 6. what nothing uses any more: tables of removed services, backend slots (their
+//! 4. source ranges added;
+//! 5. frontends added or changed;
+//! 6. frontends removed;
+//! 7. source ranges no frontend needs any more;
+//! 8. what nothing uses any more: tables of removed services, backend slots (their
 //!    tracked flows are re-selected), metadata.
 //!
-//! At every step, every id in an installed table names a filled slot of its service.
+//! At every step, every id in an installed table names a filled slot of its service,
+//! and a client admitted by a service's source ranges both before and after a change
+//! is admitted throughout (new ranges go in before a frontend requires them, old ones
+//! leave after).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::IpNet;
 use lb_common::{
-    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey,
-    HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE,
-    SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta, addr_key,
+    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY,
+    FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP,
+    PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN,
+    ServiceMeta, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
-use crate::model::{Desired, Endpoint, Health, ServiceModel};
+use crate::model::{Desired, Endpoint, Health, ServiceModel, WhenEmpty};
 
 /// One map write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +78,15 @@ pub enum Op {
     ClearServiceMeta {
         id: u32,
     },
+    /// Admits clients in `range` to new flows of the service (`loadBalancerSourceRanges`).
+    AddSourceRange {
+        service_id: u32,
+        range: IpNet,
+    },
+    RemoveSourceRange {
+        service_id: u32,
+        range: IpNet,
+    },
 }
 
 /// What the maps hold, as far as the agent wrote it (restored from them on restart).
@@ -81,6 +97,8 @@ pub struct Applied {
     /// Filled backend slots.
     pub slots: BTreeMap<u32, Backend>,
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Source ranges by service id (host bits cleared).
+    pub source_ranges: BTreeSet<(u32, IpNet)>,
 }
 
 impl Applied {
@@ -110,6 +128,12 @@ impl Applied {
             }
             Op::RemoveFrontend { key } => {
                 self.frontends.remove(key);
+            }
+            Op::AddSourceRange { service_id, range } => {
+                self.source_ranges.insert((*service_id, *range));
+            }
+            Op::RemoveSourceRange { service_id, range } => {
+                self.source_ranges.remove(&(*service_id, *range));
             }
             // Recorded by the digest in the service's metadata that follows.
             Op::ResetStats { .. } | Op::SetTable { .. } | Op::RemoveTable { .. } => {}
@@ -213,8 +237,10 @@ struct Phases {
     new_services: Vec<Op>,
     backends: Vec<Op>,
     tables: Vec<Op>,
+    add_ranges: Vec<Op>,
     add_frontends: Vec<Op>,
     remove_frontends: Vec<Op>,
+    remove_ranges: Vec<Op>,
     cleanup: Vec<Op>,
 }
 
@@ -225,8 +251,10 @@ impl Phases {
             new_services,
             backends,
             mut tables,
+            add_ranges,
             add_frontends,
             remove_frontends,
+            remove_ranges,
             cleanup,
         } = self;
         // Down backends leave their slot only after the tables no longer name them.
@@ -236,8 +264,10 @@ impl Phases {
         let mut ops = new_services;
         ops.extend(early);
         ops.append(&mut tables);
+        ops.extend(add_ranges);
         ops.extend(add_frontends);
         ops.extend(remove_frontends);
+        ops.extend(remove_ranges);
         ops.extend(late);
         ops.extend(cleanup);
         ops
@@ -249,7 +279,14 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
     let mut phases = Phases::default();
     let mut errors = Vec::new();
     let mut service_ids = Ids {
-        used: applied.services.keys().copied().collect(),
+        // Ids whose ranges outlived their metadata (an interrupted cleanup) wait until
+        // the ranges are gone too.
+        used: applied
+            .services
+            .keys()
+            .copied()
+            .chain(applied.source_ranges.iter().map(|(id, _)| *id))
+            .collect(),
         max: MAX_SERVICES,
     };
     let mut backend_ids = Ids {
@@ -259,6 +296,7 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
     let mut kept_services = BTreeSet::new();
     let mut kept_backends = BTreeSet::new();
     let mut wanted_frontends = BTreeSet::new();
+    let mut wanted_ranges = BTreeSet::new();
 
     for (name, service) in &desired.services {
         let Ok(name_bytes) = name_field(name) else {
@@ -316,16 +354,8 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
             phases.tables.push(Op::SetServiceMeta { id, meta });
         }
 
-        let value = Frontend {
-            service_id: id,
-            flags: if service.affinity_timeout_s.is_some() {
-                FRONTEND_F_CLIENT_AFFINITY
-            } else {
-                0
-            },
-            affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
-            _pad: 0,
-        };
+        plan_source_ranges(id, service, applied, &mut wanted_ranges, &mut phases);
+        let value = frontend_value(id, service);
         for spec in &service.frontends {
             let key = frontend_key(spec);
             wanted_frontends.insert(key);
@@ -342,10 +372,55 @@ pub fn plan(desired: &Desired, applied: &Applied) -> Plan {
         &wanted_frontends,
         &mut phases,
     );
+    for (service_id, range) in applied.source_ranges.difference(&wanted_ranges) {
+        phases.remove_ranges.push(Op::RemoveSourceRange {
+            service_id: *service_id,
+            range: *range,
+        });
+    }
 
     Plan {
         ops: phases.into_ops(),
         errors,
+    }
+}
+
+/// The frontend value of every frontend of a service.
+fn frontend_value(id: u32, service: &ServiceModel) -> Frontend {
+    let mut flags = 0;
+    if service.affinity_timeout_s.is_some() {
+        flags |= FRONTEND_F_CLIENT_AFFINITY;
+    }
+    if service.when_empty == WhenEmpty::Reject {
+        flags |= FRONTEND_F_REJECT_EMPTY;
+    }
+    if !service.source_ranges.is_empty() {
+        flags |= FRONTEND_F_SOURCE_RANGES;
+    }
+    Frontend {
+        service_id: id,
+        flags,
+        affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
+        _pad: 0,
+    }
+}
+
+/// Adds the service's ranges the maps lack; records every range it wants.
+fn plan_source_ranges(
+    id: u32,
+    service: &ServiceModel,
+    applied: &Applied,
+    wanted: &mut BTreeSet<(u32, IpNet)>,
+    phases: &mut Phases,
+) {
+    for range in &service.source_ranges {
+        let entry = (id, range.trunc());
+        if wanted.insert(entry) && !applied.source_ranges.contains(&entry) {
+            phases.add_ranges.push(Op::AddSourceRange {
+                service_id: entry.0,
+                range: entry.1,
+            });
+        }
     }
 }
 

@@ -63,13 +63,16 @@ impl Dataplane {
         m.set(slot, bits, 0).map_err(map_err(name))
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+    pub(super) fn map_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::maps::Map, DataplaneError> {
         self.maps
             .get_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
 
-    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
+    pub(super) fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
         self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
     }
 
@@ -223,6 +226,8 @@ impl Dataplane {
             sum.new_flows += s.new_flows;
             sum.reply_packets += s.reply_packets;
             sum.reply_bytes += s.reply_bytes;
+            sum.rejected += s.rejected;
+            sum.source_denied += s.source_denied;
             sum
         }))
     }
@@ -315,32 +320,29 @@ impl Dataplane {
             snap.frontends.sort_by_key(|(k, _)| *k);
         }
         {
+            // Whole arrays in batches: one syscall per index is ~1 s at these sizes.
             let name = maps::SERVICE_META;
-            let m: Array<_, ServiceMeta> =
-                Array::try_from(self.map(name)?).map_err(map_err(name))?;
-            for id in 1..maps::MAX_SERVICES {
-                let meta = m.get(&id, 0).map_err(map_err(name))?;
-                if meta.flags & SERVICE_META_F_IN_USE != 0 {
-                    snap.services.push((id, meta));
-                }
-            }
+            let metas: Vec<ServiceMeta> =
+                super::arrays::array_values(self.map(name)?).map_err(map_err(name))?;
+            snap.services = (0..)
+                .zip(metas)
+                .skip(1)
+                .filter(|(_, meta)| meta.flags & SERVICE_META_F_IN_USE != 0)
+                .collect();
         }
         {
             let meta_name = maps::BACKEND_META;
-            let metas: Array<_, BackendMeta> =
-                Array::try_from(self.map(meta_name)?).map_err(map_err(meta_name))?;
+            let metas: Vec<BackendMeta> =
+                super::arrays::array_values(self.map(meta_name)?).map_err(map_err(meta_name))?;
             let name = maps::BACKENDS;
-            let slots: Array<_, Backend> =
-                Array::try_from(self.map(name)?).map_err(map_err(name))?;
-            for id in 1..maps::MAX_BACKENDS {
-                let meta = metas.get(&id, 0).map_err(map_err(meta_name))?;
-                if meta.family == 0 {
-                    continue;
-                }
-                let slot = slots.get(&id, 0).map_err(map_err(name))?;
-                snap.backends
-                    .push((id, meta, (slot.family != 0).then_some(slot)));
-            }
+            let slots: Vec<Backend> =
+                super::arrays::array_values(self.map(name)?).map_err(map_err(name))?;
+            snap.backends = (0..)
+                .zip(metas.into_iter().zip(slots))
+                .skip(1)
+                .filter(|(_, (meta, _))| meta.family != 0)
+                .map(|(id, (meta, slot))| (id, meta, (slot.family != 0).then_some(slot)))
+                .collect();
         }
         self.filter = FilterShadow::default();
         for (key, _) in &snap.frontends {
@@ -366,11 +368,17 @@ impl Dataplane {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(map_err(name)(e)),
         };
-        let size = inner.get(&MAGLEV_SIZE_SLOT, 0).map_err(map_err(name))?;
-        (1..=size)
-            .map(|slot| inner.get(&slot, 0).map_err(map_err(name)))
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Some)
+        // Slot 0 holds the size M, slots 1..=M the table.
+        let slots: Vec<u32> = super::arrays::data_values(aya::maps::IterableMap::map(&inner))
+            .map_err(map_err(name))?;
+        let size = slots.get(MAGLEV_SIZE_SLOT as usize).copied().unwrap_or(0) as usize;
+        slots
+            .get(1..=size)
+            .map(|table| Some(table.to_vec()))
+            .ok_or(map_err(name)(MapError::OutOfBounds {
+                index: u32::try_from(size).unwrap_or(u32::MAX),
+                max_entries: u32::try_from(slots.len()).unwrap_or(u32::MAX),
+            }))
     }
 }
 
