@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -59,14 +59,7 @@ fn web_slice(backends: &[usize]) -> Object {
 
 /// Waits until `check` holds, within `SETTLE`.
 fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + SETTLE;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+    agent.until(what, SETTLE, check);
 }
 
 /// The web Service's backends as `lb-agent status --json` prints them.

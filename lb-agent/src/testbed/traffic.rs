@@ -101,15 +101,8 @@ pub fn spawn_tcp_name_server(
     bind: SocketAddr,
     name: &str,
 ) -> anyhow::Result<ServerHandle> {
-    let listener = ns
-        .run_in(|| TcpListener::bind(bind))?
-        .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
-    listener.set_nonblocking(true)?;
-    let local_addr = listener.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
-    spawn_server(local_addr, "tcp", move |state| {
-        serve_tcp(&listener, |_| reply.clone(), state);
-    })
+    spawn_tcp_server(ns, bind, move |_| reply.clone())
 }
 
 /// Like [`spawn_tcp_name_server`], but the answer also names the address the
@@ -120,18 +113,25 @@ pub fn spawn_tcp_peer_server(
     bind: SocketAddr,
     name: &str,
 ) -> anyhow::Result<ServerHandle> {
+    let name = name.to_owned();
+    spawn_tcp_server(ns, bind, move |peer| {
+        format!("{name} {}\n", peer.ip().to_canonical()).into_bytes()
+    })
+}
+
+/// A TCP server in `ns` answering each connection with `reply(peer)`, then closing it.
+fn spawn_tcp_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    reply: impl Fn(SocketAddr) -> Vec<u8> + Send + 'static,
+) -> anyhow::Result<ServerHandle> {
     let listener = ns
         .run_in(|| TcpListener::bind(bind))?
         .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
-    let name = name.to_owned();
     spawn_server(local_addr, "tcp", move |state| {
-        serve_tcp(
-            &listener,
-            |peer| format!("{name} {}\n", peer.ip().to_canonical()).into_bytes(),
-            state,
-        );
+        serve_tcp(&listener, reply, state);
     })
 }
 
