@@ -12,7 +12,9 @@
 //! Defaults: backend weight 1; health checks every 5s with a 2s timeout (or the
 //! interval, when that is shorter), 2 successes to rise and 3 failures to fall,
 //! HTTP checks expecting 200-399; session affinity timeout 10800s (Kubernetes'
-//! default); Maglev table size [`crate::maglev::DEFAULT_TABLE_SIZE`].
+//! default); Maglev table size [`crate::maglev::DEFAULT_TABLE_SIZE`]; new flows to
+//! a service without usable backends dropped (`whenEmpty: drop`); every client
+//! admitted (no `sourceRanges`).
 
 mod raw;
 #[cfg(test)]
@@ -75,6 +77,12 @@ pub struct ServiceSpec {
     pub session_affinity: Option<SessionAffinity>,
     /// Maglev table size M (prime).
     pub maglev_table_size: u32,
+    /// `whenEmpty: reject`: while no backend is usable, new connections are refused at
+    /// once (TCP reset, ICMP port unreachable) instead of dropped.
+    pub reject_when_empty: bool,
+    /// `sourceRanges`: only clients inside one of these prefixes open new flows; empty
+    /// admits everyone.
+    pub source_ranges: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

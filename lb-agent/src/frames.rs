@@ -204,7 +204,8 @@ fn tcp_header(sport: u16, dport: u16, syn: bool) -> TcpHeader {
 }
 
 /// Checks every checksum of a frame from scratch (IPv4 header, TCP/UDP with its
-/// pseudo-header). `Ok(())` for frames that are not TCP/UDP over IP.
+/// pseudo-header, ICMP, ICMPv6 with its pseudo-header). `Ok(())` for frames that are
+/// not TCP, UDP or ICMP over IP.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
     let packet = SlicedPacket::from_ethernet(frame).map_err(|e| format!("unparsable: {e}"))?;
@@ -236,6 +237,11 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                         format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum())
                     })
                 }
+                // Over the message alone; summed with its checksum it folds to zero.
+                Some(TransportSlice::Icmpv4(icmp)) => (lb_common::csum::checksum(icmp.slice(), 0)
+                    == 0)
+                    .then_some(())
+                    .ok_or_else(|| format!("bad ICMP checksum {:#06x}", icmp.checksum())),
                 _ => Ok(()),
             }
         }
@@ -260,8 +266,64 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                         format!("bad UDP checksum {:#06x} != {want:#06x}", udp.checksum())
                     })
                 }
+                Some(TransportSlice::Icmpv6(icmp)) => {
+                    // RFC 8200 8.1: addresses, upper-layer length, next header (58).
+                    let mut pseudo = header.source.to_vec();
+                    pseudo.extend_from_slice(&header.destination);
+                    let len = u32::try_from(icmp.slice().len()).map_err(|e| e.to_string())?;
+                    pseudo.extend_from_slice(&len.to_be_bytes());
+                    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+                    let mut all = pseudo;
+                    all.extend_from_slice(icmp.slice());
+                    (lb_common::csum::checksum(&all, 0) == 0)
+                        .then_some(())
+                        .ok_or_else(|| format!("bad ICMPv6 checksum {:#06x}", icmp.checksum()))
+                }
                 _ => Ok(()),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ICMP and ICMPv6 checksums are verified, and a flipped byte is caught.
+    #[test]
+    fn icmp_checksums_are_verified() {
+        let quoted = [0x45u8; 28];
+        let v4 = {
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv4([203, 0, 113, 10], [198, 51, 100, 2], 64)
+                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::Port,
+                ))
+                .write(&mut out, &quoted)
+                .expect("write");
+            out
+        };
+        let v6 = {
+            let mut out = Vec::new();
+            let vip = "2001:db8:f::10"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("addr");
+            let client = "2001:db8:c::2".parse::<std::net::Ipv6Addr>().expect("addr");
+            etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv6(vip.octets(), client.octets(), 64)
+                .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::Port,
+                ))
+                .write(&mut out, &quoted)
+                .expect("write");
+            out
+        };
+        for frame in [v4, v6] {
+            assert_eq!(verify_checksums(&frame), Ok(()));
+            let mut bad = frame.clone();
+            *bad.last_mut().expect("bytes") ^= 1;
+            assert!(verify_checksums(&bad).is_err(), "a flipped byte is caught");
         }
     }
 }

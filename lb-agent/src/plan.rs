@@ -6,26 +6,33 @@
 //! 1. new services' metadata;
 //! 2. backends that will be needed (slot and metadata);
 //! 3. each changed Maglev table swapped whole, then the new digests recorded;
-//! 4. frontends added or changed;
-//! 5. frontends removed;
-//! 6. what nothing uses any more: tables of removed services, backend slots (their
+//! 4. source ranges added;
+//! 5. frontends added or changed;
+//! 6. frontends removed;
+//! 7. source ranges no frontend needs any more;
+//! 8. what nothing uses any more: tables of removed services, backend slots (their
 //!    tracked flows are re-selected), metadata.
 //!
-//! At every step, every id in an installed table names a filled slot of its service.
+//! At every step, every id in an installed table names a filled slot of its service,
+//! and a client admitted by a service's source ranges both before and after a change
+//! is admitted throughout (new ranges go in before a frontend requires them, old ones
+//! leave after).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use lb_common::{
-    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, Frontend, FrontendKey,
-    HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE,
-    SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta, addr_key,
+    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY,
+    FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP,
+    PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN,
+    ServiceMeta, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
-use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel};
+use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel, WhenEmpty};
 
 mod applied;
 pub use applied::Applied;
@@ -79,6 +86,15 @@ pub enum Op {
     },
     ClearServiceMeta {
         id: u32,
+    },
+    /// Admits clients in `range` to new flows of the service (`loadBalancerSourceRanges`).
+    AddSourceRange {
+        service_id: u32,
+        range: IpNet,
+    },
+    RemoveSourceRange {
+        service_id: u32,
+        range: IpNet,
     },
 }
 
@@ -166,8 +182,10 @@ struct Phases {
     tables: Vec<Op>,
     /// Service metadata recording the new digests.
     metas: Vec<Op>,
+    add_ranges: Vec<Op>,
     add_frontends: Vec<Op>,
     remove_frontends: Vec<Op>,
+    remove_ranges: Vec<Op>,
     cleanup_tables: Vec<Op>,
     cleanup_backends: Vec<Op>,
     cleanup_services: Vec<Op>,
@@ -182,8 +200,10 @@ impl Phases {
             forget_digests,
             tables,
             metas,
+            add_ranges,
             add_frontends,
             remove_frontends,
+            remove_ranges,
             cleanup_tables,
             cleanup_backends,
             cleanup_services,
@@ -198,8 +218,10 @@ impl Phases {
                 + forget_digests.len()
                 + tables.len()
                 + metas.len()
+                + add_ranges.len()
                 + add_frontends.len()
                 + remove_frontends.len()
+                + remove_ranges.len()
                 + late.len()
                 + cleanup_tables.len()
                 + cleanup_backends.len()
@@ -210,8 +232,10 @@ impl Phases {
             forget_digests,
             tables,
             metas,
+            add_ranges,
             add_frontends,
             remove_frontends,
+            remove_ranges,
             late,
             cleanup_tables,
             cleanup_backends,
@@ -426,17 +450,27 @@ impl Planner<'_> {
         });
     }
 
+    /// The service's frontends, and the source ranges they admit (added before a
+    /// frontend requires them, removed after).
     fn frontends(&mut self, id: u32, service: &ServiceModel) {
-        let value = Frontend {
-            service_id: id,
-            flags: if service.affinity_timeout_s.is_some() {
-                FRONTEND_F_CLIENT_AFFINITY
-            } else {
-                0
-            },
-            affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
-            _pad: 0,
-        };
+        let wanted: BTreeSet<IpNet> = service.source_ranges.iter().map(IpNet::trunc).collect();
+        for range in &wanted {
+            if !self.applied.source_ranges.contains(&(id, *range)) {
+                self.phases.add_ranges.push(Op::AddSourceRange {
+                    service_id: id,
+                    range: *range,
+                });
+            }
+        }
+        for range in self.applied.ranges_of(id) {
+            if !wanted.contains(&range) {
+                self.phases.remove_ranges.push(Op::RemoveSourceRange {
+                    service_id: id,
+                    range,
+                });
+            }
+        }
+        let value = frontend_value(id, service);
         for spec in &service.frontends {
             let key = frontend_key(spec);
             self.wanted_frontends.insert(key);
@@ -458,6 +492,12 @@ impl Planner<'_> {
     /// Everything held under `id`: frontends, table, backends, metadata.
     fn remove_stray(&mut self, id: u32) {
         self.loose_frontends.extend(self.applied.frontends_of(id));
+        for range in self.applied.ranges_of(id) {
+            self.phases.remove_ranges.push(Op::RemoveSourceRange {
+                service_id: id,
+                range,
+            });
+        }
         if self.applied.tables.contains(&id) {
             self.phases
                 .cleanup_tables
@@ -675,6 +715,26 @@ impl Planner<'_> {
         if !backend.forwarding() && filled.is_some() {
             ops.push(Op::RemoveBackend { id });
         }
+    }
+}
+
+/// The frontend value of every frontend of a service.
+fn frontend_value(id: u32, service: &ServiceModel) -> Frontend {
+    let mut flags = 0;
+    if service.affinity_timeout_s.is_some() {
+        flags |= FRONTEND_F_CLIENT_AFFINITY;
+    }
+    if service.when_empty == WhenEmpty::Reject {
+        flags |= FRONTEND_F_REJECT_EMPTY;
+    }
+    if !service.source_ranges.is_empty() {
+        flags |= FRONTEND_F_SOURCE_RANGES;
+    }
+    Frontend {
+        service_id: id,
+        flags,
+        affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
+        _pad: 0,
     }
 }
 

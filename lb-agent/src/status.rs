@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use lb_common::{HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats};
+use lb_common::{
+    Backend, BackendMeta, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey,
+    HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
+};
 use serde::Serialize;
 
 use crate::dataplane::{Dataplane, DataplaneError, pins};
@@ -27,13 +30,21 @@ pub struct ServiceStatus {
     pub name: String,
     pub frontends: Vec<String>,
     pub table_size: u32,
-    /// No backend takes new connections: they are dropped (and counted).
+    /// No backend takes new connections: they are dropped or rejected (and counted).
     pub no_backends: bool,
+    /// What new connections meet while there is no backend: `drop` or `reject`.
+    pub when_empty: &'static str,
+    /// Client prefixes admitted to new connections; empty admits everyone.
+    pub source_ranges: Vec<String>,
     pub backends: Vec<BackendStatus>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
     pub reply_packets: u64,
+    /// New connections answered with a reset or ICMP unreachable.
+    pub rejected: u64,
+    /// New connections dropped for a client outside the source ranges.
+    pub source_denied: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,64 +73,61 @@ impl Report {
         }
         let mut dp = Dataplane::open_pinned(dir)?;
         let snapshot = dp.snapshot()?;
+        // Grouped by service once: 10,000 services must not each scan every entry.
+        let mut frontends: BTreeMap<u32, Vec<(FrontendKey, Frontend)>> = BTreeMap::new();
+        for (key, value) in &snapshot.frontends {
+            frontends
+                .entry(value.service_id)
+                .or_default()
+                .push((*key, *value));
+        }
+        let mut backends: BTreeMap<u32, Vec<&BackendEntry>> = BTreeMap::new();
+        for entry in &snapshot.backends {
+            backends.entry(entry.1.service_id).or_default().push(entry);
+        }
+        let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (id, range) in dp.source_ranges()? {
+            ranges.entry(id).or_default().push(range.to_string());
+        }
         let mut services = Vec::new();
         for (id, meta) in &snapshot.services {
             let table = dp.maglev_table(*id)?.unwrap_or_default();
-            let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
-            for backend_id in &table {
-                *slots.entry(*backend_id).or_default() += 1;
-            }
-            let backends = snapshot
-                .backends
-                .iter()
-                .filter(|(_, m, _)| m.service_id == *id)
-                .map(|(bid, m, filled)| BackendStatus {
-                    id: *bid,
-                    endpoint: meta_endpoint(m).to_string(),
-                    weight: m.weight,
-                    health: match m.health {
-                        HEALTH_UP => "up",
-                        HEALTH_DOWN => "down",
-                        _ => "unchecked",
-                    },
-                    forwarding: filled.is_some(),
-                    #[expect(clippy::cast_precision_loss, reason = "a fraction for display")]
-                    share: slots.get(bid).copied().unwrap_or(0) as f64 / table.len().max(1) as f64,
-                })
-                .collect();
-            let frontends = snapshot
-                .frontends
-                .iter()
-                .filter(|(_, f)| f.service_id == *id)
-                .map(|(k, _)| {
-                    let endpoint = meta_endpoint(&lb_common::BackendMeta {
-                        addr: k.addr,
-                        port: k.port,
-                        family: k.family,
-                        ..Default::default()
-                    });
-                    let proto = if k.proto == PROTO_TCP { "TCP" } else { "UDP" };
-                    format!("{endpoint}/{proto}")
-                })
-                .collect();
+            let own = frontends.remove(id).unwrap_or_default();
+            let flagged = |flag: u32| own.iter().any(|(_, f)| f.flags & flag != 0);
             let ServiceStats {
                 packets,
                 bytes,
                 new_flows,
                 reply_packets,
+                rejected,
+                source_denied,
                 ..
             } = dp.service_stats(*id)?;
             services.push(ServiceStatus {
                 id: *id,
                 name: service_name(meta).to_owned(),
-                frontends,
+                frontends: own.iter().map(|(k, _)| frontend_text(k)).collect(),
                 table_size: meta.table_size,
                 no_backends: meta.flags & SERVICE_META_F_NO_BACKENDS != 0,
-                backends,
+                when_empty: if flagged(FRONTEND_F_REJECT_EMPTY) {
+                    "reject"
+                } else {
+                    "drop"
+                },
+                // Ranges no frontend asks for (being added or removed) admit nobody
+                // extra: show what is enforced.
+                source_ranges: if flagged(FRONTEND_F_SOURCE_RANGES) {
+                    ranges.remove(id).unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                backends: backend_statuses(backends.get(id).map_or(&[], Vec::as_slice), &table),
                 packets,
                 bytes,
                 new_flows,
                 reply_packets,
+                rejected,
+                source_denied,
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -136,6 +144,45 @@ impl Report {
             reasons,
         })
     }
+}
+
+/// `203.0.113.10:80/TCP`, `[2001:db8:f::10]:53/UDP`.
+fn frontend_text(key: &FrontendKey) -> String {
+    let endpoint = meta_endpoint(&BackendMeta {
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
+        ..Default::default()
+    });
+    let proto = if key.proto == PROTO_TCP { "TCP" } else { "UDP" };
+    format!("{endpoint}/{proto}")
+}
+
+/// A backend as the snapshot has it: id, metadata, filled slot.
+type BackendEntry = (u32, BackendMeta, Option<Backend>);
+
+/// A service's backends with their share of its Maglev table.
+fn backend_statuses(backends: &[&BackendEntry], table: &[u32]) -> Vec<BackendStatus> {
+    let mut slots: BTreeMap<u32, usize> = BTreeMap::new();
+    for backend_id in table {
+        *slots.entry(*backend_id).or_default() += 1;
+    }
+    backends
+        .iter()
+        .map(|(bid, m, filled)| BackendStatus {
+            id: *bid,
+            endpoint: meta_endpoint(m).to_string(),
+            weight: m.weight,
+            health: match m.health {
+                HEALTH_UP => "up",
+                HEALTH_DOWN => "down",
+                _ => "unchecked",
+            },
+            forwarding: filled.is_some(),
+            #[expect(clippy::cast_precision_loss, reason = "a fraction for display")]
+            share: slots.get(bid).copied().unwrap_or(0) as f64 / table.len().max(1) as f64,
+        })
+        .collect()
 }
 
 impl fmt::Display for Report {
@@ -162,17 +209,27 @@ impl fmt::Display for Report {
                 s.id,
                 s.frontends.join(", "),
                 s.table_size,
-                if s.no_backends {
-                    "  NO BACKENDS: new connections are dropped"
-                } else {
-                    ""
+                match (s.no_backends, s.when_empty) {
+                    (false, _) => "",
+                    (true, "reject") => "  NO BACKENDS: new connections are rejected",
+                    (true, _) => "  NO BACKENDS: new connections are dropped",
                 }
             )?;
-            writeln!(
+            if !s.source_ranges.is_empty() {
+                writeln!(f, "  source ranges {}", s.source_ranges.join(", "))?;
+            }
+            write!(
                 f,
                 "  packets {}  bytes {}  new flows {}  reply packets {}",
                 s.packets, s.bytes, s.new_flows, s.reply_packets
             )?;
+            if s.when_empty == "reject" {
+                write!(f, "  rejected {}", s.rejected)?;
+            }
+            if !s.source_ranges.is_empty() {
+                write!(f, "  outside source ranges {}", s.source_denied)?;
+            }
+            writeln!(f)?;
             writeln!(
                 f,
                 "  {:<28} {:>6} {:<10} {:<10} {:>7}",

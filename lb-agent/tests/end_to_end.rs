@@ -447,3 +447,128 @@ fn detach_removes_the_program_and_the_pins() {
     let link = bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip");
     assert!(!link.contains("xdp"), "XDP detached: {link}");
 }
+
+/// `whenEmpty: reject` and `sourceRanges` through the real agent and real sockets.
+const REJECT_AND_RANGES: &str = "services:
+  - name: empty-tcp
+    frontends: [{ address: 203.0.113.10, port: 80 }]
+    backends: []
+    whenEmpty: reject
+  - name: empty-tcp6
+    frontends: [{ address: '2001:db8:f::10', port: 80 }]
+    backends: []
+    whenEmpty: reject
+  - name: empty-udp
+    frontends: [{ address: 203.0.113.10, port: 53, protocol: UDP }]
+    backends: []
+    whenEmpty: reject
+  - name: empty-udp6
+    frontends: [{ address: '2001:db8:f::10', port: 53, protocol: UDP }]
+    backends: []
+    whenEmpty: reject
+  - name: empty-drop
+    frontends: [{ address: 203.0.113.12, port: 80 }]
+    backends: []
+  - name: ranged
+    frontends: [{ address: 203.0.113.11, port: 80 }]
+    backends: [{ address: 192.0.2.11, port: 8080 }]
+    sourceRanges: [RANGE]
+";
+
+fn reject_and_ranges(range: &str) -> String {
+    REJECT_AND_RANGES.replace("RANGE", range)
+}
+
+#[test]
+fn rejecting_services_refuse_at_once_and_source_ranges_admit_only_their_clients() {
+    use testbed::Outcome;
+    let bed = Bed::new("reject", 1);
+    let client = &bed.topo.client;
+    // Resets and ICMP errors leave the load balancer's `xc` by XDP_TX; a veth passes
+    // those on at once only to a peer that runs XDP (see `PassProgram`).
+    let _pass = client
+        .run_in(|| lb_agent::dataplane::PassProgram::attach(None, Topology::CLIENT_IF))
+        .expect("enter the client namespace")
+        .expect("XDP pass program on the client");
+    let inside = IpAddr::V4(Topology::client_v4());
+    let outside = IpAddr::V4(Topology::client2_v4());
+    bed.write_config(&reject_and_ranges(&format!("{inside}/32")));
+    let agent = bed.agent("reject");
+    let ranged_has = |r: &Report, range: &str| {
+        r.services.len() == 6
+            && r.services.iter().all(|s| !s.frontends.is_empty())
+            && service(r, "ranged").is_some_and(|s| s.source_ranges == [range])
+    };
+    agent
+        .wait_for(SETTLE, |r| ranged_has(r, &format!("{inside}/32")))
+        .expect("agent ready");
+
+    // TCP: a reset, so the connect fails with "connection refused" (a drop would only
+    // time out). The bound is below TCP's first SYN retransmission (1 s): the reset
+    // answers the first SYN.
+    let refused_within = Duration::from_millis(900);
+    let vip6 = IpAddr::V6(Topology::vip_v6(0));
+    for vip in [IpAddr::V4(Topology::vip_v4(0)), vip6] {
+        let outcome = testbed::tcp_connect(client, None, SocketAddr::new(vip, 80), refused_within)
+            .expect("connect attempt");
+        assert_eq!(outcome, Outcome::Refused, "TCP to {vip}");
+    }
+    // UDP: ICMP (ICMPv6) port unreachable, which a connected socket reports as
+    // ECONNREFUSED.
+    for vip in [IpAddr::V4(Topology::vip_v4(0)), vip6] {
+        let outcome = testbed::udp_exchange(client, None, SocketAddr::new(vip, 53), refused_within)
+            .expect("exchange");
+        assert_eq!(outcome, Outcome::Refused, "UDP to {vip}");
+    }
+    // The same without `whenEmpty: reject`: dropped, the client waits.
+    let dropped = SocketAddr::new(IpAddr::V4(Topology::vip_v4(2)), 80);
+    let outcome = testbed::tcp_connect(client, None, dropped, Duration::from_millis(500))
+        .expect("connect attempt");
+    assert_eq!(outcome, Outcome::TimedOut, "drop mode");
+
+    // Source ranges: the client inside connects and gets an answer, the other address
+    // of the same client is ignored.
+    let ranged = SocketAddr::new(IpAddr::V4(Topology::vip_v4(1)), 80);
+    assert_eq!(bed.get(ranged), "backend-0");
+    let short = Duration::from_millis(700);
+    let outcome = testbed::tcp_connect(client, Some(outside), ranged, short).expect("attempt");
+    assert_eq!(outcome, Outcome::TimedOut, "outside the ranges");
+    let outcome = testbed::tcp_connect(client, Some(inside), ranged, TIMEOUT).expect("attempt");
+    assert!(matches!(outcome, Outcome::Answered(_)), "{outcome:?}");
+
+    let status = Report::read(agent.pin_dir()).expect("status");
+    for reason in [
+        "reject_tcp_reset",
+        "reject_icmp_unreachable",
+        "drop_source_range",
+    ] {
+        assert!(
+            status.reasons.iter().any(|(r, n)| r == reason && *n > 0),
+            "{reason} counted: {status}"
+        );
+    }
+    let empty_tcp = service(&status, "empty-tcp").expect("empty-tcp");
+    assert_eq!(empty_tcp.when_empty, "reject");
+    assert!(empty_tcp.rejected >= 1, "{status}");
+    assert!(service(&status, "ranged").expect("ranged").source_denied >= 1);
+    let text = status.to_string();
+    assert!(
+        text.contains("new connections are rejected")
+            && text.contains(&format!("source ranges {inside}/32")),
+        "{text}"
+    );
+
+    // The ranges change under an open connection: it keeps going (only new flows are
+    // checked), new connections follow the new ranges.
+    let mut conn = HttpConnection::open(client, ranged, TIMEOUT).expect("connection");
+    assert_eq!(conn.get(TIMEOUT).expect("before the change"), "backend-0");
+    bed.write_config(&reject_and_ranges(&format!("{outside}/32")));
+    agent
+        .wait_for(SETTLE, |r| ranged_has(r, &format!("{outside}/32")))
+        .expect("ranges changed");
+    assert_eq!(conn.get(TIMEOUT).expect("after the change"), "backend-0");
+    let outcome = testbed::tcp_connect(client, Some(inside), ranged, short).expect("attempt");
+    assert_eq!(outcome, Outcome::TimedOut, "no longer inside");
+    let outcome = testbed::tcp_connect(client, Some(outside), ranged, TIMEOUT).expect("attempt");
+    assert!(matches!(outcome, Outcome::Answered(_)), "{outcome:?}");
+}

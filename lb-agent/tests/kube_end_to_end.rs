@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -59,14 +59,7 @@ fn web_slice(backends: &[usize]) -> Object {
 
 /// Waits until `check` holds, within `SETTLE`.
 fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + SETTLE;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+    agent.until(what, SETTLE, check);
 }
 
 /// The web Service's backends as `lb-agent status --json` prints them.
@@ -193,5 +186,34 @@ fn kube_source_converges_and_writes_nothing_on_relist_or_reconnect() {
         !api.requests().iter().any(|r| r.resource.is_empty()),
         "the agent asked for something the server does not know: {:#?}",
         api.requests()
+    );
+
+    // A bad field: a slice endpoint of the wrong family. The rest still applies, the
+    // log names the object and field, and a Warning Event tells the object's owner.
+    let Object::EndpointSlice(mut bad) = web_slice(&[0, 1]) else {
+        unreachable!("a slice")
+    };
+    bad.endpoints[1].addresses = vec!["2001:db8:b::12".into()];
+    api.apply(Object::EndpointSlice(bad));
+    until(
+        &agent,
+        "the bad endpoint is skipped, the good one stays",
+        || web_backends(&agent) == [format!("{}:{PORT}", Topology::backend_v4(0))],
+    );
+    until(&agent, "a Warning Event about the slice", || {
+        api.events().iter().any(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-x7k2p")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("endpoints[1].addresses[0]"))
+        })
+    });
+    assert!(
+        agent
+            .log()
+            .contains("EndpointSlice shop/web-x7k2p: endpoints[1].addresses[0]"),
+        "{}",
+        agent.log()
     );
 }

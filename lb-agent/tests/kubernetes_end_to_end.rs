@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_agent::testbed::{self, AgentProcess, ServerHandle, Topology, TopologyConfig};
 
@@ -97,14 +97,7 @@ impl Bed {
 
 /// Waits until `check` holds, within `SETTLE`.
 fn until(agent: &AgentProcess<'_>, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + SETTLE;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{what} within {SETTLE:?}; agent log:\n{}", agent.log());
+    agent.until(what, SETTLE, check);
 }
 
 impl Drop for Bed {

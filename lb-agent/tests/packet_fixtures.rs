@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use lb_agent::testbed::node::*;
 use lb_agent::{dataplane::Dataplane, frames::Frame};
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, PROTO_TCP, Reason, maps,
+    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_REJECT_EMPTY,
+    FRONTEND_F_SOURCE_RANGES, PROTO_TCP, Reason, maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
@@ -837,5 +838,581 @@ fn no_affinity_entry_without_the_flag() {
             1,
             "one entry, the affinity service's"
         );
+    });
+}
+
+// --- Reject (kube-proxy's REJECT) -----------------------------------------------------
+
+fn vip_reject_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(203, 0, 113, 90))
+}
+
+fn vip_reject_v6() -> IpAddr {
+    IpAddr::V6("2001:db8:f::90".parse().expect("address"))
+}
+
+/// Services without backends that reject: TCP and UDP, IPv4 and IPv6 (ids 20..=23).
+/// The IPv6 TCP one has no table at all (the agent removes it when the last backend
+/// goes), the others a table of empty slots.
+fn add_reject_services(node: &mut Node) -> [Service; 4] {
+    let tcp = PROTO_TCP;
+    let udp = lb_common::PROTO_UDP;
+    let mut svcs = [
+        Service::new(20, (vip_reject_v4(), 80, tcp), vec![]),
+        Service::new(21, (vip_reject_v4(), 53, udp), vec![]),
+        Service::new(22, (vip_reject_v6(), 80, tcp), vec![]),
+        Service::new(23, (vip_reject_v6(), 53, udp), vec![]),
+    ];
+    for svc in &mut svcs {
+        svc.flags = FRONTEND_F_REJECT_EMPTY;
+        svc.install(&mut node.dp);
+    }
+    node.dp.remove_maglev_table(22).expect("remove table");
+    svcs
+}
+
+/// A TCP segment from `client` to `vip`, with the fields a reset is computed from.
+#[derive(Clone, Copy)]
+struct Segment<'a> {
+    seq: u32,
+    /// The ACK flag and number.
+    ack: Option<u32>,
+    /// SYN, FIN, RST as `CTL_*` bits.
+    ctl: u8,
+    /// An MSS option (the reset must carry none).
+    mss: bool,
+    payload: &'a [u8],
+}
+
+const CTL_FIN: u8 = 1;
+const CTL_SYN: u8 = 2;
+const CTL_RST: u8 = 4;
+
+const SYN: Segment<'static> = Segment {
+    seq: 0x1234_5678,
+    ack: None,
+    ctl: CTL_SYN,
+    mss: true,
+    payload: b"",
+};
+
+fn ip_step(
+    eth: etherparse::PacketBuilderStep<etherparse::Ethernet2Header>,
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => panic!("one family"),
+    }
+}
+
+fn tcp_segment(client: IpAddr, sport: u16, vip: IpAddr, seg: &Segment<'_>) -> Vec<u8> {
+    let eth = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_CLIENT_MAC);
+    let mut tcp = ip_step(eth, client, vip, 64).tcp(sport, 80, seg.seq, 64240);
+    if seg.ctl & CTL_SYN != 0 {
+        tcp = tcp.syn();
+    }
+    if seg.ctl & CTL_FIN != 0 {
+        tcp = tcp.fin();
+    }
+    if seg.ctl & CTL_RST != 0 {
+        tcp = tcp.rst();
+    }
+    if let Some(ack) = seg.ack {
+        tcp = tcp.ack(ack);
+    }
+    if seg.mss {
+        tcp = tcp
+            .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+            .expect("MSS option");
+    }
+    let mut out = Vec::new();
+    tcp.write(&mut out, seg.payload).expect("write to Vec");
+    out
+}
+
+/// The reset the node must send back: from the VIP to the client, to the MAC the
+/// segment came from, a fresh TTL, no options, no payload, window 0.
+fn tcp_reset(client: IpAddr, sport: u16, vip: IpAddr, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    let eth = etherparse::PacketBuilder::ethernet2(LB_CLIENT_MAC, CLIENT_MAC);
+    let mut tcp = ip_step(eth, vip, client, 64).tcp(80, sport, seq, 0).rst();
+    if let Some(ack) = ack {
+        tcp = tcp.ack(ack);
+    }
+    let mut out = Vec::new();
+    tcp.write(&mut out, &[]).expect("write to Vec");
+    out
+}
+
+/// Checks a reset field by field, as a client's stack reads it.
+fn assert_reset(frame: &[u8], what: &str, seq: u32, ack: Option<u32>) {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let ttl = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            assert!(ip.header().options().is_empty(), "{what}: IPv4 options");
+            ip.header().ttl()
+        }
+        Some(NetSlice::Ipv6(ip)) => ip.header().hop_limit(),
+        None => panic!("{what}: no IP"),
+    };
+    assert_eq!(ttl, 64, "{what}: fresh TTL");
+    let Some(TransportSlice::Tcp(tcp)) = &p.transport else {
+        panic!("{what}: not TCP");
+    };
+    assert!(tcp.rst() && !tcp.syn() && !tcp.fin(), "{what}: flags");
+    assert_eq!(tcp.sequence_number(), seq, "{what}: seq");
+    assert_eq!(tcp.ack(), ack.is_some(), "{what}: ACK flag");
+    assert_eq!(tcp.acknowledgment_number(), ack.unwrap_or(0), "{what}: ack");
+    assert_eq!(tcp.data_offset(), 5, "{what}: no options");
+    assert!(tcp.payload().is_empty(), "{what}: no payload");
+    lb_agent::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// A reset case: the segment in, the reset out (`XDP_TX`), counted, nothing tracked.
+fn check_reset(
+    node: &mut Node,
+    svc: &Service,
+    sport: u16,
+    seg: &Segment<'_>,
+    want: (u32, Option<u32>),
+    what: &'static str,
+) {
+    let (vip, _, _) = svc.frontend;
+    let client = client_of(svc);
+    let input = tcp_segment(client, sport, vip, seg);
+    let output = tcp_reset(client, sport, vip, want.0, want.1);
+    let resets = node.reason(Reason::RejectTcpReset);
+    let rejected = node.dp.service_stats(svc.id).expect("stats").rejected;
+    node.check(&Case {
+        description: what,
+        input: input.clone(),
+        ingress: Ingress::Client,
+        action: XDP_TX,
+        output: Some(output.clone()),
+    });
+    assert_reset(&output, what, want.0, want.1);
+    assert_eq!(
+        node.reason(Reason::RejectTcpReset),
+        resets + 1,
+        "{what}: counted"
+    );
+    assert_eq!(
+        node.dp.service_stats(svc.id).expect("stats").rejected,
+        rejected + 1,
+        "{what}: counted for the service"
+    );
+    let key = lb_agent::testbed::node::flow_key(&Frame::tcp(client, sport, vip, 80));
+    assert_eq!(
+        node.dp.flow(&key).expect("conntrack"),
+        None,
+        "{what}: not tracked"
+    );
+}
+
+/// A case the node must drop untouched, counted under `reason`.
+fn check_dropped(node: &mut Node, input: Vec<u8>, reason: Reason, what: &'static str) {
+    let before = node.reason(reason);
+    node.check(&Case {
+        description: what,
+        input,
+        ingress: Ingress::Client,
+        action: XDP_DROP,
+        output: None,
+    });
+    assert_eq!(
+        node.reason(reason),
+        before + 1,
+        "{what}: counted as {reason:?}"
+    );
+}
+
+#[test]
+fn tcp_to_an_empty_rejecting_service_gets_a_reset() {
+    with_node("rst", |node, _| {
+        let svcs = add_reject_services(node);
+        for svc in [&svcs[0], &svcs[2]] {
+            // A SYN (with an MSS option): RST|ACK acknowledging the SYN.
+            check_reset(node, svc, 41_000, &SYN, (0, Some(SYN.seq + 1)), "SYN");
+            // A mid-stream segment with ACK and data: RST with SEQ = its ACK.
+            let data = Segment {
+                seq: 0x0bad_cafe,
+                ack: Some(0xfeed_beef),
+                ctl: 0,
+                mss: false,
+                payload: b"GET / HTTP/1.1\r\n\r\n",
+            };
+            check_reset(
+                node,
+                svc,
+                41_001,
+                &data,
+                (0xfeed_beef, None),
+                "mid-stream ACK",
+            );
+            // No ACK: SEQ 0, ACK = SEQ + data + SYN + FIN (wrapping).
+            let odd = Segment {
+                seq: u32::MAX - 2,
+                ctl: CTL_SYN | CTL_FIN,
+                payload: b"hello",
+                ..SYN
+            };
+            check_reset(
+                node,
+                svc,
+                41_002,
+                &odd,
+                (0, Some((u32::MAX - 2).wrapping_add(5 + 2))),
+                "SYN+FIN with data, no ACK",
+            );
+            // Never a reset for a reset.
+            let reset = Segment {
+                ctl: CTL_RST,
+                ack: Some(7),
+                ..SYN
+            };
+            let (vip, _, _) = svc.frontend;
+            check_dropped(
+                node,
+                tcp_segment(client_of(svc), 41_003, vip, &reset),
+                Reason::DropNoBackend,
+                "a reset is not answered",
+            );
+        }
+
+        // IPv4 options: the reset is built without them.
+        let mut f =
+            Frame::tcp(client_v4(), 41_010, vip_reject_v4(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        f.ipv4_options = vec![0x01, 0x01, 0x01, 0x00];
+        let output = tcp_reset(client_v4(), 41_010, vip_reject_v4(), 0, None);
+        node.check(&Case {
+            description: "ACK segment with IPv4 options",
+            input: f.build(),
+            ingress: Ingress::Client,
+            action: XDP_TX,
+            output: Some(output),
+        });
+
+        // A source that must not be answered.
+        let from_nowhere = tcp_segment(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            41_011,
+            vip_reject_v4(),
+            &SYN,
+        );
+        check_dropped(
+            node,
+            from_nowhere,
+            Reason::DropNoBackend,
+            "unspecified source",
+        );
+    });
+}
+
+/// The ICMP error the node must send back for `input` (untagged or with `vlan`): from
+/// the VIP to the client, quoting the client's IP header and UDP header.
+fn port_unreachable(input: &[u8], client: IpAddr, vip: IpAddr, vlan: Option<u16>) -> Vec<u8> {
+    let l3 = if vlan.is_some() { 18 } else { 14 };
+    let quoted = &input[l3..l3 + if vip.is_ipv4() { 20 } else { 40 } + 8];
+    let eth = etherparse::PacketBuilder::ethernet2(LB_CLIENT_MAC, CLIENT_MAC);
+    let ip = match vlan {
+        Some(id) => {
+            let tagged = eth.single_vlan(etherparse::VlanId::try_new(id).expect("vlan id"));
+            match (vip, client) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => tagged.ipv4(s.octets(), d.octets(), 64),
+                (IpAddr::V6(s), IpAddr::V6(d)) => tagged.ipv6(s.octets(), d.octets(), 64),
+                _ => panic!("one family"),
+            }
+        }
+        None => ip_step(eth, vip, client, 64),
+    };
+    let mut out = Vec::new();
+    if vip.is_ipv4() {
+        ip.icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, quoted)
+    } else {
+        ip.icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+            etherparse::icmpv6::DestUnreachableCode::Port,
+        ))
+        .write(&mut out, quoted)
+    }
+    .expect("write to Vec");
+    out
+}
+
+/// Checks an ICMP error field by field: type, code, the quote, the checksum.
+fn assert_unreachable(frame: &[u8], input: &[u8], l3: usize, what: &str) {
+    use etherparse::{SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (type_code, quote) = match &p.transport {
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            (icmp.header().to_bytes()[..2].to_vec(), icmp.payload())
+        }
+        Some(TransportSlice::Icmpv6(icmp)) => {
+            (icmp.header().to_bytes()[..2].to_vec(), icmp.payload())
+        }
+        _ => panic!("{what}: not ICMP"),
+    };
+    let (want_type, hlen) = if quote[0] >> 4 == 4 {
+        ([3, 3], 20)
+    } else {
+        ([1, 4], 40)
+    };
+    assert_eq!(type_code, want_type, "{what}: port unreachable");
+    assert_eq!(
+        quote,
+        &input[l3..l3 + hlen + 8],
+        "{what}: quotes IP header + 8 bytes"
+    );
+    lb_agent::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn udp_to_an_empty_rejecting_service_gets_port_unreachable() {
+    with_node("icmp", |node, _| {
+        let svcs = add_reject_services(node);
+        for (svc, vlan, what) in [
+            (&svcs[1], None, "IPv4 UDP"),
+            (&svcs[3], None, "IPv6 UDP"),
+            (&svcs[1], Some(100), "VLAN-tagged IPv4 UDP"),
+            (&svcs[3], Some(100), "VLAN-tagged IPv6 UDP"),
+        ] {
+            let (vip, port, _) = svc.frontend;
+            let client = client_of(svc);
+            let mut f = Frame::udp(client, 42_000, vip, port).macs(CLIENT_MAC, LB_CLIENT_MAC);
+            f.vlan = vlan;
+            let input = f.build();
+            let output = port_unreachable(&input, client, vip, vlan);
+            let before = node.reason(Reason::RejectIcmpUnreachable);
+            node.check(&Case {
+                description: what,
+                input: input.clone(),
+                ingress: Ingress::Client,
+                action: XDP_TX,
+                output: Some(output.clone()),
+            });
+            assert_unreachable(&output, &input, if vlan.is_some() { 18 } else { 14 }, what);
+            assert_eq!(
+                node.reason(Reason::RejectIcmpUnreachable),
+                before + 1,
+                "{what}: counted"
+            );
+            assert_eq!(
+                node.dp.flow(&flow_key(&f)).expect("conntrack"),
+                None,
+                "{what}: not tracked"
+            );
+        }
+        assert_eq!(node.dp.service_stats(21).expect("stats").rejected, 2);
+        assert_eq!(node.dp.service_stats(23).expect("stats").rejected, 2);
+
+        // IPv4 with options: dropped (and counted), not answered.
+        let mut f =
+            Frame::udp(client_v4(), 42_001, vip_reject_v4(), 53).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        f.ipv4_options = vec![0x01, 0x01, 0x01, 0x00];
+        check_dropped(
+            node,
+            f.build(),
+            Reason::DropNoBackend,
+            "IPv4 UDP with options",
+        );
+    });
+}
+
+#[test]
+fn rejecting_applies_only_while_the_service_is_empty_and_drop_mode_still_drops() {
+    with_node("rjmode", |node, svcs| {
+        // The standard IPv4 TCP service with backends, now rejecting when empty.
+        svcs[0].flags = FRONTEND_F_REJECT_EMPTY;
+        svcs[0].install(&mut node.dp);
+        flow_round_trip(node, &svcs[0], 43_000, "rejecting service with backends");
+        // It loses its backends (table first, then the slots, as the agent does): the
+        // tracked flow and a new one are refused with a reset.
+        node.dp.remove_maglev_table(1).expect("remove table");
+        for (id, _, _) in svcs[0].backends.clone() {
+            node.dp.remove_backend(id).expect("remove backend");
+        }
+        check_reset(
+            node,
+            &svcs[0],
+            43_001,
+            &SYN,
+            (0, Some(SYN.seq + 1)),
+            "after its backends left",
+        );
+
+        // The standard empty service drops (WhenEmpty::Drop).
+        let f = client_frame(&svcs[4], 43_002);
+        check_dropped(node, f.build(), Reason::DropNoBackend, "drop-mode service");
+        let f =
+            Frame::udp(client_v4(), 43_003, svcs[4].frontend.0, 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        node.check(&Case::pass(
+            "drop-mode service, another protocol",
+            f.build(),
+            Ingress::Client,
+        ));
+    });
+}
+
+// --- Source ranges (`loadBalancerSourceRanges`) -----------------------------------------
+
+fn net(text: &str) -> ipnet::IpNet {
+    text.parse().expect("test range")
+}
+
+/// A client of `svc` from address `client`.
+fn frame_from(svc: &Service, client: IpAddr, sport: u16) -> Frame {
+    let (vip, port, _) = svc.frontend;
+    Frame::tcp(client, sport, vip, port)
+        .syn()
+        .macs(CLIENT_MAC, LB_CLIENT_MAC)
+}
+
+#[test]
+fn source_ranges_admit_clients_inside_and_drop_the_others() {
+    with_node("srcrange", |node, _| {
+        let tcp = PROTO_TCP;
+        let mut v4 = Service::new(
+            30,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 91)), 80, tcp),
+            vec![(301, backend_v4(11), 8080), (302, backend_v4(12), 8080)],
+        );
+        let mut v6 = Service::new(
+            31,
+            (
+                IpAddr::V6("2001:db8:f::91".parse().expect("address")),
+                80,
+                tcp,
+            ),
+            vec![(311, backend_v6(11), 8080), (312, backend_v6(12), 8080)],
+        );
+        for svc in [&mut v4, &mut v6] {
+            svc.flags = FRONTEND_F_SOURCE_RANGES;
+            svc.install(&mut node.dp);
+        }
+        node.dp
+            .add_source_range(30, net("198.51.100.0/28"))
+            .expect("range");
+        node.dp
+            .add_source_range(30, net("2001:db8:c::/64"))
+            .expect("range");
+        node.dp
+            .add_source_range(31, net("2001:db8:c::/64"))
+            .expect("range");
+        // Another service's range admits nobody here.
+        node.dp
+            .add_source_range(32, net("198.51.100.128/25"))
+            .expect("range");
+
+        let outside_v4 = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+        let outside_v6: IpAddr = "2001:db8:d::2".parse().expect("address");
+        for (svc, inside, outside) in [
+            (&v4, client_v4(), outside_v4),
+            (&v6, client_v6(), outside_v6),
+        ] {
+            let f = frame_from(svc, inside, 44_000);
+            let (_, backend, bport) = svc.expected_backend(&f);
+            node.check(&to_backend("client inside the ranges", &f, backend, bport));
+            let denied = node.dp.service_stats(svc.id).expect("stats").source_denied;
+            let f = frame_from(svc, outside, 44_001);
+            check_dropped(
+                node,
+                f.build(),
+                Reason::DropSourceRange,
+                "client outside the ranges",
+            );
+            assert_eq!(
+                node.dp.flow(&flow_key(&f)).expect("ct"),
+                None,
+                "not tracked"
+            );
+            assert_eq!(
+                node.dp.service_stats(svc.id).expect("stats").source_denied,
+                denied + 1,
+                "counted for the service"
+            );
+        }
+
+        // Ranges removed while the frontend still asks: nobody new gets in.
+        node.dp
+            .remove_source_range(31, net("2001:db8:c::/64"))
+            .expect("remove");
+        let f = frame_from(&v6, client_v6(), 44_002);
+        check_dropped(node, f.build(), Reason::DropSourceRange, "no range left");
+    });
+}
+
+#[test]
+fn an_established_flow_survives_new_source_ranges_that_exclude_it() {
+    with_node("srcest", |node, _| {
+        let mut svc = Service::new(
+            33,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 92)), 80, PROTO_TCP),
+            vec![(331, backend_v4(11), 8080), (332, backend_v4(12), 8080)],
+        );
+        svc.install(&mut node.dp);
+        let outsider = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+        let f = frame_from(&svc, outsider, 45_000);
+        let (_, backend, bport) = svc.expected_backend(&f);
+        node.check(&to_backend("before the ranges", &f, backend, bport));
+
+        // Ranges arrive (as the agent orders it: ranges first, then the flag).
+        node.dp
+            .add_source_range(33, net("198.51.100.0/28"))
+            .expect("range");
+        svc.flags = FRONTEND_F_SOURCE_RANGES;
+        svc.install(&mut node.dp);
+        let mut again = f.clone();
+        if let lb_agent::frames::L4::Tcp { syn, .. } = &mut again.l4 {
+            *syn = false;
+        }
+        node.check(&to_backend(
+            "the tracked flow goes on",
+            &again,
+            backend,
+            bport,
+        ));
+        let new = frame_from(&svc, outsider, 45_001);
+        check_dropped(
+            node,
+            new.build(),
+            Reason::DropSourceRange,
+            "a new flow does not",
+        );
+    });
+}
+
+#[test]
+fn a_rejecting_service_with_ranges_answers_only_clients_inside() {
+    with_node("srcrj", |node, _| {
+        let mut svc = Service::new(24, (vip_reject_v4(), 54, lb_common::PROTO_UDP), vec![]);
+        svc.flags = FRONTEND_F_REJECT_EMPTY | FRONTEND_F_SOURCE_RANGES;
+        svc.install(&mut node.dp);
+        node.dp
+            .add_source_range(24, net("198.51.100.0/28"))
+            .expect("range");
+        let outsider = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+        let f = Frame::udp(outsider, 46_000, vip_reject_v4(), 54).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        check_dropped(
+            node,
+            f.build(),
+            Reason::DropSourceRange,
+            "outside: dropped silently",
+        );
+        let f =
+            Frame::udp(client_v4(), 46_001, vip_reject_v4(), 54).macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let input = f.build();
+        node.check(&Case {
+            description: "inside: port unreachable",
+            input: input.clone(),
+            ingress: Ingress::Client,
+            action: XDP_TX,
+            output: Some(port_unreachable(&input, client_v4(), vip_reject_v4(), None)),
+        });
     });
 }

@@ -50,6 +50,8 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
     )
     .expect("backend");
     dp.set_maglev_table(7, &[42; 7]).expect("table");
+    dp.add_source_range(7, "198.51.100.0/24".parse().expect("range"))
+        .expect("source range");
     dp.pin_maps(&dir.0).expect("pin");
 
     for name in maps::ALL {
@@ -73,12 +75,30 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
     assert_eq!(entry["value"]["service_id"], 7, "typed value: {frontends}");
     assert_eq!(entry["key"]["proto"], 6, "typed key: {frontends}");
     assert_eq!(entry["key"]["family"], 4, "typed key: {frontends}");
-    let backends = dump(maps::BACKENDS);
-    let entry = backends
-        .as_array()
-        .expect("array dump")
-        .iter()
-        .find(|e| e["formatted"]["key"] == 42)
-        .unwrap_or_else(|| panic!("backend 42 in {backends}"));
-    assert_eq!(entry["formatted"]["value"]["service_id"], 7);
+    let ranges = dump(maps::SOURCE_RANGES);
+    let entry = &ranges[0]["formatted"];
+    assert_eq!(entry["key"]["prefix_len"], 64 + 24, "typed key: {ranges}");
+    assert_eq!(
+        entry["key"]["data"]["service_id"],
+        serde_json::json!([0, 0, 0, 7]),
+        "big-endian service id: {ranges}"
+    );
+    // One entry looked up: a dump of all 262,144 slots takes bpftool seconds.
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(dir.0.join(maps::BACKENDS))
+        .args(["key", "42", "0", "0", "0"])
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map lookup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entry: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    assert_eq!(entry["formatted"]["key"], 42, "typed key: {entry}");
+    assert_eq!(
+        entry["formatted"]["value"]["service_id"], 7,
+        "typed value: {entry}"
+    );
 }

@@ -19,7 +19,7 @@ pub const CONNTRACK: &str = "CONNTRACK_V1";
 /// Reply translation: backend-side flow -> frontend to restore. `FlowKey` -> `RevNat`.
 pub const REVNAT: &str = "REVNAT_V1";
 /// Per-CPU counters per service id. `u32` -> `ServiceStats`.
-pub const SERVICE_STATS: &str = "SVC_STATS_V1";
+pub const SERVICE_STATS: &str = "SVC_STATS_V2";
 /// Per-CPU counters per `Reason`. `u32` -> `ReasonStats`.
 pub const REASON_STATS: &str = "REASON_STATS_V1";
 /// Interfaces the program may redirect to (devmap hash keyed by ifindex).
@@ -30,9 +30,12 @@ pub const AFFINITY: &str = "AFFINITY_V1";
 pub const SERVICE_META: &str = "SVC_META_V1";
 /// Agent-only metadata per backend id. `u32` -> `BackendMeta`.
 pub const BACKEND_META: &str = "BACKEND_META_V1";
+/// Source ranges (`loadBalancerSourceRanges`) per service: an LPM trie keyed by
+/// `SourceRangeKey` (after the prefix length); the value is unused (1).
+pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
@@ -46,18 +49,24 @@ pub const ALL: [&str; 13] = [
     AFFINITY,
     SERVICE_META,
     BACKEND_META,
+    SOURCE_RANGES,
 ];
 
 /// Maps of earlier layouts, removed with the others (`lb-agent detach`, `--replace`) and
 /// unpinned when an agent of this layout starts.
 pub const RETIRED: [&str; 1] = ["MAGLEV_V1"];
 
-/// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned.
+/// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned. Sized for
+/// 10,000 Kubernetes Services with room for the extra ids a translation may use per
+/// Service (per port, split for traffic policy Local).
 pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_FRONTENDS: u32 = 262_144;
 /// Backend ids are `1..MAX_BACKENDS` (array indexes); 0 marks an empty Maglev slot
-/// (Katran's convention).
+/// (Katran's convention). Backends are per service: 10,000 Services x 10 endpoints, and
+/// again for split services.
 pub const MAX_BACKENDS: u32 = 262_144;
+/// Source ranges over all services (LPM trie, allocated as used).
+pub const MAX_SOURCE_RANGES: u32 = 65_536;
 /// How long a cached next hop is used before the FIB is asked again.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
@@ -105,7 +114,8 @@ pub const fn maglev_slot(header: u32, hash: u32) -> Option<(u32, bool)> {
 pub const MAGLEV_TEMPLATE_ENTRIES: u32 = 2;
 /// `BPF_F_INNER_MAP`: inner maps of one outer map may differ in `max_entries`.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
-/// `BPF_F_MMAPABLE`: the array can be memory-mapped by userspace.
+/// `BPF_F_MMAPABLE`: the array can be memory-mapped by userspace (the agent writes
+/// Maglev tables and reads the large metadata arrays that way).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Flags of the Maglev template and of every inner table.
 pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;

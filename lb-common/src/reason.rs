@@ -67,7 +67,9 @@ reasons! {
     ReplyRedirect = 10 => "reply_redirect", XDP_REDIRECT;
     /// Translated backend -> client reply sent out of the interface it came in on.
     ReplyTx = 11 => "reply_tx", XDP_TX;
-    /// The frontend's service has no backend (empty Maglev slot or no table).
+    /// The frontend's service has no backend (empty Maglev slot or no table), and drops
+    /// new flows then; or it rejects, but this packet gets no answer (a TCP reset, a
+    /// source that must not be answered, IPv4 options on UDP).
     DropNoBackend = 12 => "drop_no_backend", XDP_DROP;
     /// Addressed to a frontend, but the L4 header is inconsistent with the IP header.
     DropMalformed = 13 => "drop_malformed", XDP_DROP;
@@ -75,6 +77,15 @@ reasons! {
     DropFragment = 14 => "drop_fragment", XDP_DROP;
     /// Backend and frontend families differ (the agent never writes that; defence).
     DropFamilyMismatch = 15 => "drop_family_mismatch", XDP_DROP;
+    /// A new TCP flow to a service without backends that rejects (kube-proxy's REJECT):
+    /// answered with a TCP reset, sent back out of the interface it came in on.
+    RejectTcpReset = 16 => "reject_tcp_reset", XDP_TX;
+    /// A new UDP flow to a service without backends that rejects: answered with ICMP
+    /// port unreachable (ICMPv6 for IPv6), sent back out of the interface it came in on.
+    RejectIcmpUnreachable = 17 => "reject_icmp_unreachable", XDP_TX;
+    /// A new flow from a client outside the service's source ranges
+    /// (`loadBalancerSourceRanges`).
+    DropSourceRange = 18 => "drop_source_range", XDP_DROP;
 }
 
 impl Reason {

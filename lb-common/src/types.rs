@@ -24,6 +24,12 @@ pub const fn addr_key(ip: core::net::IpAddr) -> ([u8; 16], u8) {
 
 /// Frontend flag: choose the backend by client address only (sessionAffinity `ClientIP`).
 pub const FRONTEND_F_CLIENT_AFFINITY: u32 = 1;
+/// Frontend flag: while the service has no backend, answer new flows with a TCP reset
+/// or ICMP port unreachable (kube-proxy's REJECT) instead of dropping them.
+pub const FRONTEND_F_REJECT_EMPTY: u32 = 2;
+/// Frontend flag: new flows only from clients inside one of the service's source ranges
+/// (`SRC_RANGES_V1`); the others are dropped.
+pub const FRONTEND_F_SOURCE_RANGES: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +69,40 @@ pub struct Affinity {
     pub _pad: u32,
     /// `bpf_ktime_get_coarse_ns` of the client's last new connection.
     pub last_seen_ns: u64,
+}
+
+/// The data of a `SRC_RANGES_V1` key (an LPM trie; the prefix length in bits comes first,
+/// in host order, as the kernel's `bpf_lpm_trie_key` has it). The trie matches bits in
+/// this order, so a range of a service is the prefix `SOURCE_RANGE_FIXED_BITS + range
+/// length`, and one lookup with the client's whole address (`SOURCE_RANGE_LOOKUP_BITS`)
+/// answers whether any range of that service holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    /// Big-endian, so the trie compares it first and whole.
+    pub service_id: [u8; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// The range's address (IPv4 in the first 4 bytes), host bits zero.
+    pub addr: [u8; 16],
+}
+
+/// Key bits before the address: service id, family and padding.
+pub const SOURCE_RANGE_FIXED_BITS: u32 = 64;
+/// The prefix length of a lookup: everything, the whole 16-byte address included.
+pub const SOURCE_RANGE_LOOKUP_BITS: u32 = SOURCE_RANGE_FIXED_BITS + 128;
+
+impl SourceRangeKey {
+    /// The key of `client` (or of a range's address) for `service_id`.
+    #[inline(always)]
+    pub const fn new(service_id: u32, family: u8, addr: [u8; 16]) -> SourceRangeKey {
+        SourceRangeKey {
+            service_id: service_id.to_be_bytes(),
+            family,
+            _pad: [0; 3],
+            addr,
+        }
+    }
 }
 
 /// Longest service name the metadata map holds (bytes, NUL-padded).
@@ -218,6 +258,10 @@ pub struct ServiceStats {
     /// Backend -> client packets and bytes translated back.
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// New flows answered with a TCP reset or ICMP unreachable (no backend, rejecting).
+    pub rejected: u64,
+    /// New flows dropped because the client is outside the service's source ranges.
+    pub source_denied: u64,
 }
 
 #[repr(C)]
@@ -234,6 +278,7 @@ mod pod {
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::Frontend {}
     unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::BackendMeta {}
@@ -260,7 +305,9 @@ const _: () = {
     assert!(size_of::<Flow>() == 8);
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
-    assert!(size_of::<ServiceStats>() == 5 * 8);
+    assert!(size_of::<ServiceStats>() == 7 * 8);
+    assert!(size_of::<SourceRangeKey>() == 4 + 1 + 3 + 16);
+    assert!(SOURCE_RANGE_FIXED_BITS as usize == 8 * (4 + 1 + 3));
     assert!(size_of::<ReasonStats>() == 2 * 8);
 };
 

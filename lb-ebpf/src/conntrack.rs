@@ -3,13 +3,17 @@
 //! gone, gets one from the table (or from the client's session affinity) and is
 //! remembered with its reply translation.
 
-use lb_common::{Backend, FRONTEND_F_CLIENT_AFFINITY, Flow, Frontend, NextHop, Reason, RevNat};
+use lb_common::{
+    Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_SOURCE_RANGES, Flow, Frontend, NextHop, Reason,
+    RevNat,
+};
 
 use crate::{
     affinity, maglev,
     maps::{CONNTRACK_V1, REVNAT_V1},
     packet::Packet,
     service::backend,
+    source_range,
 };
 
 /// The backend chosen for a packet.
@@ -21,8 +25,9 @@ pub struct Chosen {
     pub new_flow: bool,
 }
 
-/// The backend for this packet: the tracked one while it exists, else the client's
-/// session-affinity one (frontends with `FRONTEND_F_CLIENT_AFFINITY`) or the table's.
+/// The backend for this packet: the tracked one while it exists, else (a client the
+/// service's source ranges admit) the client's session-affinity one (frontends with
+/// `FRONTEND_F_CLIENT_AFFINITY`) or the table's.
 #[inline(always)]
 pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> {
     // SAFETY: copied out at once.
@@ -36,6 +41,9 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> 
             backend: b,
             new_flow: false,
         });
+    }
+    if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
+        source_range::check(pkt, frontend.service_id)?;
     }
     let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
         affinity::select_backend(pkt, frontend)?

@@ -2,8 +2,9 @@
 //! tracking, reverse translation of replies, and FIB-based forwarding.
 //!
 //! The per-packet path reads as Cilium's lb.h does: parse -> lookup frontend ->
-//! (conntrack hit: reuse backend | session-affinity or Maglev select + remember) ->
-//! translate -> forward.
+//! (conntrack hit: reuse backend | source-range check, session-affinity or Maglev
+//! select + remember) -> translate -> forward; or, when a rejecting service has no
+//! backend, answer the client in place (reject).
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
 #![no_std]
 #![no_main]
@@ -16,16 +17,20 @@ mod maps;
 mod nat;
 mod packet;
 mod parse;
+mod reject;
 mod service;
+mod source_range;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{Reason, reason::XDP_PASS};
+use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason, reason::XDP_PASS};
 
 use crate::packet::Packet;
 
-/// The load balancer, attached to every interface of the node.
+/// The load balancer, attached to every interface of the node. Inlined into the
+/// macro's entry point, as the whole packet path is: one BPF function, no calls.
 #[xdp]
+#[inline(always)]
 #[expect(
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands the context over by value"
@@ -47,6 +52,7 @@ pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+#[inline(always)]
 fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::parse(ctx)?;
     match service::lookup_frontend(&pkt) {
@@ -55,7 +61,8 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
 }
 
-/// Client -> frontend: choose (or keep) the backend, DNAT, forward.
+/// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
+/// when the service has no backend and rejects.
 fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
@@ -64,7 +71,13 @@ fn to_backend(
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    let chosen = conntrack::backend_for(pkt, &frontend)?;
+    let chosen = match conntrack::backend_for(pkt, &frontend) {
+        Ok(chosen) => chosen,
+        Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
+            return reject::refuse(ctx, pkt, bytes, frontend.service_id);
+        }
+        Err(reason) => return Err(reason),
+    };
     nat::dnat(ctx, pkt, &chosen.backend)?;
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
     fib::forward(

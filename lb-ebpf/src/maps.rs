@@ -2,15 +2,16 @@
 //! `lb_common::maps`. All are BTF maps, so `bpftool map dump` prints typed entries.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend,
-    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
+    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
     maps::{
-        AFFINITY_ENTRIES, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS, MAGLEV_TEMPLATE_ENTRIES,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot,
+        AFFINITY_ENTRIES, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS,
+        MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
+        MAX_TX_PORTS, MaglevSlot,
     },
 };
 
@@ -22,8 +23,9 @@ const fn n(v: u32) -> usize {
 pub static FRONTENDS_V1: HashMap<FrontendKey, Frontend, { n(MAX_FRONTENDS) }> = HashMap::new();
 
 /// Arrays, not hashes: ids are dense and array lookups are inlined by the verifier.
+/// Memory-mappable, so a restarted agent reads it whole in milliseconds.
 #[btf_map]
-pub static BACKENDS_V1: Array<Backend, { n(MAX_BACKENDS) }> = Array::new();
+pub static BACKENDS_V1: Array<Backend, { n(MAX_BACKENDS) }, { n(BPF_F_MMAPABLE) }> = Array::new();
 
 #[btf_map]
 pub static NEXTHOPS_V1: Array<NextHop, { n(MAX_BACKENDS) }> = Array::new();
@@ -46,7 +48,7 @@ pub static CONNTRACK_V1: LruHashMap<FlowKey, Flow, { n(CONNTRACK_ENTRIES) }> = L
 pub static REVNAT_V1: LruHashMap<FlowKey, RevNat, { n(CONNTRACK_ENTRIES) }> = LruHashMap::new();
 
 #[btf_map]
-pub static SVC_STATS_V1: PerCpuArray<ServiceStats, { n(MAX_SERVICES) }> = PerCpuArray::new();
+pub static SVC_STATS_V2: PerCpuArray<ServiceStats, { n(MAX_SERVICES) }> = PerCpuArray::new();
 
 #[btf_map]
 pub static REASON_STATS_V1: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = PerCpuArray::new();
@@ -58,10 +60,17 @@ pub static TX_PORTS_V1: DevMapHash<{ n(MAX_TX_PORTS) }> = DevMapHash::new();
 pub static AFFINITY_V1: LruHashMap<AffinityKey, Affinity, { n(AFFINITY_ENTRIES) }> =
     LruHashMap::new();
 
+/// Service source ranges; the value is unused (the agent writes 1).
+#[btf_map]
+pub static SRC_RANGES_V1: LpmTrie<SourceRangeKey, u32, { n(MAX_SOURCE_RANGES) }> = LpmTrie::new();
+
 /// Written and read by the agent only; declared here so they are BTF maps that
 /// `bpftool map dump` prints typed, pinned beside the others.
+/// Memory-mappable, as `BACKENDS_V1`.
 #[btf_map]
-pub static SVC_META_V1: Array<ServiceMeta, { n(MAX_SERVICES) }> = Array::new();
+pub static SVC_META_V1: Array<ServiceMeta, { n(MAX_SERVICES) }, { n(BPF_F_MMAPABLE) }> =
+    Array::new();
 
 #[btf_map]
-pub static BACKEND_META_V1: Array<BackendMeta, { n(MAX_BACKENDS) }> = Array::new();
+pub static BACKEND_META_V1: Array<BackendMeta, { n(MAX_BACKENDS) }, { n(BPF_F_MMAPABLE) }> =
+    Array::new();

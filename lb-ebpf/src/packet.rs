@@ -123,3 +123,22 @@ impl Packet {
         Ok(())
     }
 }
+
+/// The ones' complement sum (unfolded) of the `N` bytes at `off`, as big-endian 16-bit
+/// words; `None` when the frame is shorter. One bounds check covers every read.
+#[inline(always)]
+pub fn sum_words<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u32> {
+    let start = ctx.data() + off;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < N {
+        // SAFETY: inside the range checked above; no alignment guarantee needed.
+        let word = unsafe { core::ptr::read_unaligned((start + i) as *const [u8; 2]) };
+        sum += u32::from(u16::from_be_bytes(word));
+        i += 2;
+    }
+    Some(sum)
+}

@@ -2,7 +2,7 @@
 
 use lb_common::Reason;
 
-use crate::maps::{REASON_STATS_V1, SVC_STATS_V1};
+use crate::maps::{REASON_STATS_V1, SVC_STATS_V2};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
@@ -17,7 +17,7 @@ pub fn count_reason(reason: Reason, bytes: u64) {
 
 #[inline(always)]
 pub fn count_service(service_id: u32, bytes: u64, new_flow: bool) {
-    if let Some(s) = SVC_STATS_V1.get_ptr_mut(service_id) {
+    if let Some(s) = SVC_STATS_V2.get_ptr_mut(service_id) {
         // SAFETY: as above.
         unsafe {
             (*s).packets += 1;
@@ -31,11 +31,29 @@ pub fn count_service(service_id: u32, bytes: u64, new_flow: bool) {
 
 #[inline(always)]
 pub fn count_reply(service_id: u32, bytes: u64) {
-    if let Some(s) = SVC_STATS_V1.get_ptr_mut(service_id) {
+    if let Some(s) = SVC_STATS_V2.get_ptr_mut(service_id) {
         // SAFETY: as above.
         unsafe {
             (*s).reply_packets += 1;
             (*s).reply_bytes += bytes;
         }
+    }
+}
+
+/// A new flow of the service answered with a reset or ICMP unreachable.
+#[inline(always)]
+pub fn count_rejected(service_id: u32) {
+    if let Some(s) = SVC_STATS_V2.get_ptr_mut(service_id) {
+        // SAFETY: as above.
+        unsafe { (*s).rejected += 1 };
+    }
+}
+
+/// A new flow of the service dropped for its client's address.
+#[inline(always)]
+pub fn count_source_denied(service_id: u32) {
+    if let Some(s) = SVC_STATS_V2.get_ptr_mut(service_id) {
+        // SAFETY: as above.
+        unsafe { (*s).source_denied += 1 };
     }
 }

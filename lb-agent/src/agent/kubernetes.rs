@@ -17,18 +17,36 @@ use crate::model::kubernetes::Problem;
 use crate::model::translator::Translator;
 use crate::service_health::ServiceHealth;
 use crate::source::cluster::{Cluster, ClusterEvent, Dirty};
+use crate::source::kube::EventPublisher;
 use crate::source::manifests::{Load, ManifestSource};
 
 /// Events queued between the sources and the translator.
 const QUEUE: usize = 4096;
 
+/// Loads the program and its maps on a blocking thread: meanwhile this thread lists
+/// the cluster (loading and creating the maps takes a few hundred milliseconds).
+async fn load_dataplane(
+    opts: &RunOptions,
+) -> Result<(crate::dataplane::Dataplane, crate::plan::Applied)> {
+    let opts = opts.clone();
+    tokio::task::spawn_blocking(move || start_dataplane(&opts))
+        .await
+        .context("loading the data plane")?
+        .map_err(crate::capabilities::explain)
+}
+
 pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<ClusterEvent>(QUEUE);
+    let mut events = None;
     let source = match &opts.source {
         Source::Kube => {
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes client (in-cluster service account, else KUBECONFIG)")?;
+            events = Some(EventPublisher::new(
+                client.clone(),
+                opts.node.name.as_deref().unwrap_or("unknown-node"),
+            ));
             tracing::info!("watching Services, EndpointSlices and Nodes");
             tokio::spawn(async move {
                 if let Err(e) = crate::source::kube::run(client, tx).await {
@@ -61,16 +79,7 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
         );
     }
 
-    // Loaded on a blocking thread: meanwhile this thread lists the cluster (loading the
-    // program and creating its maps takes a few hundred milliseconds).
-    let loading = {
-        let opts = opts.clone();
-        tokio::task::spawn_blocking(move || start_dataplane(&opts))
-    };
-    let (dp, applied) = loading
-        .await
-        .context("loading the data plane")?
-        .map_err(crate::capabilities::explain)?;
+    let (dp, applied) = load_dataplane(opts).await?;
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
 
@@ -120,7 +129,7 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
             problems = outcome.problems;
             outcome.changed || first
         });
-        report(&problems, &state);
+        report(&problems, &state, events.as_ref());
         health.set(&translator.health_checks()).await;
     }
     source.abort();
@@ -130,9 +139,24 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
     Ok(())
 }
 
-fn report(problems: &[Problem], state: &AgentState) {
+/// Logs each new problem and, with `--kube`, tells the object's owner with a Warning
+/// Event (published off the loop, so a slow API server never delays the maps).
+fn report(problems: &[Problem], state: &AgentState, events: Option<&EventPublisher>) {
     for problem in problems {
         tracing::warn!("skipped: {problem}");
+        if let Some(events) = events {
+            let events = events.clone();
+            let problem = problem.clone();
+            tokio::spawn(async move {
+                let note = format!("{}: {}", problem.field, problem.reason);
+                if let Err(e) = events
+                    .warn(problem.kind, &problem.object, "InvalidField", &note)
+                    .await
+                {
+                    tracing::debug!("Event about {} not published: {e}", problem.object);
+                }
+            });
+        }
     }
     state.rejected_objects.inc_by(problems.len() as u64);
 }

@@ -30,6 +30,17 @@ pub(super) struct Service {
     pub health: Option<Health>,
     pub session_affinity: Option<SessionAffinity>,
     pub maglev: Option<Maglev>,
+    pub when_empty: Option<WhenEmpty>,
+    /// CIDRs as written; parsed by validation so the message names the bad one.
+    pub source_ranges: Option<Vec<String>>,
+}
+
+/// What new flows meet while the service has no usable backend.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum WhenEmpty {
+    Drop,
+    Reject,
 }
 
 #[derive(Debug, Deserialize)]

@@ -108,6 +108,8 @@ fn example_file_parses_into_the_demo_services() {
         }),
         session_affinity: None,
         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+        reject_when_empty: false,
+        source_ranges: Vec::new(),
     };
     let web_v6 = ServiceSpec {
         name: "web-v6".to_owned(),
@@ -119,6 +121,8 @@ fn example_file_parses_into_the_demo_services() {
         health: None,
         session_affinity: None,
         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+        reject_when_empty: false,
+        source_ranges: Vec::new(),
     };
     assert_eq!(parsed.services, [web, web_v6]);
 }
@@ -137,6 +141,8 @@ fn example_file_commented_settings_parse() {
                 "# - { address: \"2001:db8:f::10\", port: 53",
                 "#   http: {",
                 "# sessionAffinity: {",
+                "# whenEmpty: reject",
+                "# sourceRanges: [",
             ] {
                 let trimmed = line.trim_start();
                 if trimmed.starts_with(snippet) || trimmed == "# health:" {
@@ -196,6 +202,11 @@ fn example_file_commented_settings_parse() {
         })
     );
     assert_eq!(*interval, Duration::from_secs(2));
+    assert!(web.reject_when_empty);
+    assert_eq!(
+        web_v6.source_ranges,
+        ["2001:db8:c::/48".parse::<ipnet::IpNet>().unwrap()]
+    );
 }
 
 #[test]
@@ -883,8 +894,97 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "svc",
         "backends[0].port",
         "must be 1..=65535, got 18446744073709551615",
+    ), // whenEmpty
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         whenEmpty: refuse",
+        "svc",
+        "whenEmpty",
+        "unknown variant `refuse`, expected `drop` or `reject`",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         whenEmpty: Reject",
+        "svc",
+        "whenEmpty",
+        "unknown variant `Reject`",
+    ),
+    // sourceRanges
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: 198.51.100.0/24",
+        "svc",
+        "sourceRanges",
+        "invalid type: string \"198.51.100.0/24\", expected a sequence",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [198.51.100.0/24, 198.51.100.0/33]",
+        "svc",
+        "sourceRanges[1]",
+        "not a CIDR such as 198.51.100.0/24 or 2001:db8::/32: \"198.51.100.0/33\"",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [198.51.100.7]",
+        "svc",
+        "sourceRanges[0]",
+        "not a CIDR",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [198.51.100.7/24]",
+        "svc",
+        "sourceRanges[0]",
+        "198.51.100.7/24 has host bits set; write the network, 198.51.100.0/24",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [\"2001:db8:c::/48\"]",
+        "svc",
+        "sourceRanges[0]",
+        "IPv6 range 2001:db8:c::/48 in a service whose frontends are IPv4: it would admit no client",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [\"::ffff:198.51.100.0/120\"]",
+        "svc",
+        "sourceRanges[0]",
+        "must be written as IPv4",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         sourceRanges: [198.51.100.0/24, 192.0.2.0/24, 198.51.100.0/24]",
+        "svc",
+        "sourceRanges[2]",
+        "duplicate range 198.51.100.0/24",
     ),
 ];
+
+#[test]
+fn when_empty_and_source_ranges() {
+    let web = accept(
+        "name: web\nfrontends: [{ address: '2001:db8:f::20', port: 80 }]\nbackends: []\n\
+         whenEmpty: reject\nsourceRanges: ['2001:db8:c::/48', '::/0']",
+    );
+    assert!(web.reject_when_empty);
+    assert_eq!(
+        web.source_ranges,
+        [
+            "2001:db8:c::/48".parse::<ipnet::IpNet>().unwrap(),
+            "::/0".parse().unwrap()
+        ]
+    );
+    let plain = accept(
+        "name: web\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         whenEmpty: drop\nsourceRanges: []",
+    );
+    assert!(!plain.reject_when_empty, "drop is the default's spelling");
+    assert!(
+        plain.source_ranges.is_empty(),
+        "an empty list admits everyone"
+    );
+}
 
 #[test]
 fn every_rule_rejects_the_service_alone() {

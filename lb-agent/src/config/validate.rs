@@ -9,6 +9,7 @@ use super::{
     ServiceSpec, SessionAffinity,
 };
 use crate::maglev;
+use ipnet::IpNet;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -102,6 +103,12 @@ pub(super) fn service(raw: raw::Service) -> Result<ServiceSpec, Invalid> {
         .transpose()?;
     let session_affinity = raw.session_affinity.as_ref().map(affinity).transpose()?;
     let maglev_table_size = table_size(raw.maglev.as_ref(), &backends)?;
+    let source_ranges = raw
+        .source_ranges
+        .as_deref()
+        .map(|ranges| source_ranges(ranges, frontends[0].address))
+        .transpose()?
+        .unwrap_or_default();
 
     Ok(ServiceSpec {
         name,
@@ -110,7 +117,58 @@ pub(super) fn service(raw: raw::Service) -> Result<ServiceSpec, Invalid> {
         health,
         session_affinity,
         maglev_table_size,
+        reject_when_empty: matches!(raw.when_empty, Some(raw::WhenEmpty::Reject)),
+        source_ranges,
     })
+}
+
+/// Client prefixes in CIDR form, network address as written (host bits zero), of the
+/// service's family (one of the other family would admit nobody), each once.
+fn source_ranges(texts: &[String], family_of: IpAddr) -> Result<Vec<IpNet>, Invalid> {
+    let mut ranges = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let at = format!("sourceRanges[{i}]");
+        let Ok(range) = text.parse::<IpNet>() else {
+            return invalid(
+                at,
+                format!("not a CIDR such as 198.51.100.0/24 or 2001:db8::/32: {text:?}"),
+            );
+        };
+        if range.trunc() != range {
+            return invalid(
+                at,
+                format!(
+                    "{range} has host bits set; write the network, {}",
+                    range.trunc()
+                ),
+            );
+        }
+        if let IpNet::V6(v6) = range
+            && v6.network().to_ipv4_mapped().is_some()
+            && v6.prefix_len() >= 96
+        {
+            return invalid(
+                at,
+                format!("must be written as IPv4, not as the IPv4-mapped IPv6 range {range}"),
+            );
+        }
+        if range.addr().is_ipv4() != family_of.is_ipv4() {
+            return invalid(
+                at,
+                format!(
+                    "{} range {range} in a service whose frontends are {}: it would admit \
+                     no client",
+                    family(range.addr()),
+                    family(family_of),
+                ),
+            );
+        }
+        if ranges.contains(&range) {
+            return invalid(at, format!("duplicate range {range}"));
+        }
+        ranges.push(range);
+    }
+    Ok(ranges)
 }
 
 fn frontend(at: &str, raw: &raw::Frontend) -> Result<FrontendSpec, Invalid> {

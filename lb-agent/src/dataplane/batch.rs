@@ -1,4 +1,4 @@
-//! A run of plain writes (every op but a Maglev table swap or removal), sent with one
+//! A run of plain writes (every op but Maglev table and source range ops), sent with one
 //! batch command per map instead of one syscall per op: a 10,000-service sync is some
 //! 250,000 writes. Within a run the order across maps does not matter for packets (the
 //! plan puts table swaps, which do order them, between runs); within a map it is kept.
@@ -47,8 +47,11 @@ impl Writes {
                 Op::RemoveBackend { id } => push(&mut w.backends, *id, Backend::default()),
                 Op::SetFrontend { key, value } => push(&mut w.set_frontends, *key, *value),
                 Op::RemoveFrontend { key } => w.removed_frontends.push(*key),
-                Op::SetTable { .. } | Op::RemoveTable { .. } => {
-                    unreachable!("table ops are not plain writes")
+                Op::SetTable { .. }
+                | Op::RemoveTable { .. }
+                | Op::AddSourceRange { .. }
+                | Op::RemoveSourceRange { .. } => {
+                    unreachable!("not a plain write")
                 }
             }
         }
@@ -61,9 +64,16 @@ fn push<K, V>((keys, values): &mut (Vec<K>, Vec<V>), key: K, value: V) {
     values.push(value);
 }
 
-/// Whether `op` can go in a run.
+/// Whether `op` can go in a run: not a table op, and not a source range (few, and an
+/// LPM trie has no batch update; their order against frontends matters).
 pub fn is_plain(op: &Op) -> bool {
-    !matches!(op, Op::SetTable { .. } | Op::RemoveTable { .. })
+    !matches!(
+        op,
+        Op::SetTable { .. }
+            | Op::RemoveTable { .. }
+            | Op::AddSourceRange { .. }
+            | Op::RemoveSourceRange { .. }
+    )
 }
 
 impl Dataplane {

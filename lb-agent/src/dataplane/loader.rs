@@ -238,6 +238,45 @@ impl Dataplane {
     }
 }
 
+/// The trivial `XDP_PASS` program on an interface of a test topology, detached when
+/// dropped. A veth hands frames that its own XDP program sends back (`XDP_TX`) to its
+/// peer at once only when the peer runs an XDP program too (the kernel's
+/// `veth_xdp_flush`); otherwise they wait for the peer's next receive. Real NICs
+/// transmit at once and need nothing of the kind.
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+impl PassProgram {
+    /// Attaches `xlb_pass` (native mode) to `interface` in the caller's network
+    /// namespace. Its maps, which it never uses, are created with one entry each.
+    pub fn attach(object: Option<&PathBuf>, interface: &str) -> Result<Self, DataplaneError> {
+        let bytes = object_bytes(object)?;
+        let mut loader = EbpfLoader::new();
+        for name in maps::ALL {
+            loader.map_max_entries(name, 1);
+        }
+        let mut ebpf = loader.load(&bytes)?;
+        let name = BASELINE_PROGRAM;
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.attach(interface, XdpMode::Driver)
+            .map_err(|source| DataplaneError::Interface {
+                name: interface.to_owned(),
+                reason: format!("XDP attach failed: {source}"),
+            })?;
+        Ok(PassProgram { _ebpf: ebpf })
+    }
+}
+
 fn run(
     prog: &Xdp,
     name: &'static str,
@@ -245,7 +284,8 @@ fn run(
     ingress_ifindex: Option<u32>,
     repeat: u32,
 ) -> Result<TestRunOutput, DataplaneError> {
-    // Room for the frame plus any headroom growth; our program never grows frames.
+    // Room for the frame plus any growth (a reject's ICMP error outgrows a short
+    // datagram by the headers it adds).
     let mut out = vec![0u8; frame.len() + 256];
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
     // egress_ifindex }: the kernel wants data_end == frame length when a context is given.

@@ -205,6 +205,8 @@ impl Dataplane {
             sum.new_flows += s.new_flows;
             sum.reply_packets += s.reply_packets;
             sum.reply_bytes += s.reply_bytes;
+            sum.rejected += s.rejected;
+            sum.source_denied += s.source_denied;
             sum
         }))
     }
@@ -299,23 +301,31 @@ impl Dataplane {
             }
             snap.frontends.sort_by_key(|(k, _)| *k);
         }
-        self.read_array(maps::SERVICE_META, |id, meta: &ServiceMeta| {
-            if id != 0 && meta.flags & SERVICE_META_F_IN_USE != 0 {
-                snap.services.push((id, *meta));
-            }
-        })?;
-        self.read_array(maps::BACKEND_META, |id, meta: &BackendMeta| {
-            if id != 0 && meta.family != 0 {
-                snap.backends.push((id, *meta, None));
-            }
-        })?;
-        let mut filled = snap.backends.iter_mut().peekable();
-        self.read_array(maps::BACKENDS, |id, slot: &Backend| {
-            while filled.next_if(|(b, _, _)| *b < id).is_some() {}
-            if let Some((_, _, s)) = filled.next_if(|(b, _, _)| *b == id) {
-                *s = (slot.family != 0).then_some(*slot);
-            }
-        })?;
+        {
+            // Whole arrays in batches: one syscall per index is ~1 s at these sizes.
+            let name = maps::SERVICE_META;
+            let metas: Vec<ServiceMeta> =
+                super::arrays::array_values(self.map(name)?).map_err(map_err(name))?;
+            snap.services = (0..)
+                .zip(metas)
+                .skip(1)
+                .filter(|(_, meta)| meta.flags & SERVICE_META_F_IN_USE != 0)
+                .collect();
+        }
+        {
+            let meta_name = maps::BACKEND_META;
+            let metas: Vec<BackendMeta> =
+                super::arrays::array_values(self.map(meta_name)?).map_err(map_err(meta_name))?;
+            let name = maps::BACKENDS;
+            let slots: Vec<Backend> =
+                super::arrays::array_values(self.map(name)?).map_err(map_err(name))?;
+            snap.backends = (0..)
+                .zip(metas.into_iter().zip(slots))
+                .skip(1)
+                .filter(|(_, (meta, _))| meta.family != 0)
+                .map(|(id, (meta, slot))| (id, meta, (slot.family != 0).then_some(slot)))
+                .collect();
+        }
         snap.tables = self.maglev_services()?;
         self.filter = FilterShadow::default();
         for (key, _) in &snap.frontends {
@@ -327,21 +337,6 @@ impl Dataplane {
             }
         }
         Ok(snap)
-    }
-
-    /// Every entry of an array map, in index order, a batch of syscalls at a time.
-    fn read_array<V: aya::Pod + Default + Clone>(
-        &self,
-        name: &'static str,
-        f: impl FnMut(u32, &V),
-    ) -> Result<(), DataplaneError> {
-        let data = super::tables::map_data(self.map(name)?)?;
-        super::sys::for_each(std::os::fd::AsFd::as_fd(data.fd()), 4096, f).map_err(|e| {
-            DataplaneError::Map {
-                name,
-                source: MapError::IoError(e),
-            }
-        })
     }
 }
 

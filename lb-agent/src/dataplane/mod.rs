@@ -1,14 +1,16 @@
 //! The only module that talks to the kernel's BPF side: loading and attaching the
 //! XDP program, pinning, and typed access to its maps.
 
+mod arrays;
 mod batch;
 mod grace;
 pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod source_ranges;
 mod sys;
 pub mod tables;
 pub mod writer;
 
-pub use loader::{Dataplane, DataplaneError, TestRunOutput};
+pub use loader::{Dataplane, DataplaneError, PassProgram, TestRunOutput};

@@ -11,7 +11,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey, NextHop,
-    ReasonStats, RevNat, ServiceMeta, ServiceStats, maps,
+    Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey, maps,
 };
 
 use super::loader::{PROGRAM, ifindex};
@@ -74,7 +74,25 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::AFFINITY => (size_of::<AffinityKey>(), Some(size_of::<Affinity>())),
         maps::SERVICE_META => (4, Some(size_of::<ServiceMeta>())),
         maps::BACKEND_META => (4, Some(size_of::<BackendMeta>())),
+        // The LPM trie's key: prefix length, then the data.
+        maps::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), Some(4)),
         _ => (4, None),
+    }
+}
+
+/// The number of entries each map of fixed size must have: an adopted array sized by an
+/// older build would refuse (or silently lack) the ids this one hands out. `None` for
+/// the LRU maps, whose sizes may be chosen at load time.
+fn expected_entries(name: &str) -> Option<u32> {
+    match name {
+        maps::FRONTENDS => Some(maps::MAX_FRONTENDS),
+        maps::BACKENDS | maps::NEXTHOPS | maps::BACKEND_META => Some(maps::MAX_BACKENDS),
+        maps::ADDR_FILTER => Some(lb_common::ADDR_FILTER_SLOTS),
+        maps::MAGLEV | maps::SERVICE_STATS | maps::SERVICE_META => Some(maps::MAX_SERVICES),
+        maps::REASON_STATS => Some(Reason::COUNT),
+        maps::TX_PORTS => Some(maps::MAX_TX_PORTS),
+        maps::SOURCE_RANGES => Some(maps::MAX_SOURCE_RANGES),
+        _ => None,
     }
 }
 
@@ -100,6 +118,15 @@ pub fn check_compatible(dir: &Path) -> Result<bool, DataplaneError> {
                     "key size {key} and value size {}",
                     value.map_or("any".into(), |v| v.to_string())
                 ),
+            });
+        }
+        if let Some(want) = expected_entries(name)
+            && info.max_entries() != want
+        {
+            return Err(DataplaneError::Incompatible {
+                path,
+                what: format!("{} entries", info.max_entries()),
+                want: format!("{want} entries"),
             });
         }
     }

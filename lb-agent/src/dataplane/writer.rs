@@ -25,6 +25,10 @@ impl Dataplane {
             Op::RemoveTable { service_id } => self.remove_maglev_table(*service_id),
             Op::SetFrontend { key, value } => self.set_frontend(*key, *value),
             Op::RemoveFrontend { key } => self.remove_frontend(key),
+            Op::AddSourceRange { service_id, range } => self.add_source_range(*service_id, *range),
+            Op::RemoveSourceRange { service_id, range } => {
+                self.remove_source_range(*service_id, *range)
+            }
         }
     }
 
@@ -99,6 +103,7 @@ impl Dataplane {
                 .collect(),
             frontends.into_iter().collect(),
             tables.into_iter().collect(),
+            self.source_ranges()?.into_iter().collect(),
         ))
     }
 }

@@ -132,8 +132,12 @@ pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Heal
                     .session_affinity
                     .map(|a| u32::try_from(a.timeout.as_secs()).unwrap_or(u32::MAX)),
                 table_size: spec.maglev_table_size,
-                when_empty: WhenEmpty::Drop,
-                source_ranges: Vec::new(),
+                when_empty: if spec.reject_when_empty {
+                    WhenEmpty::Reject
+                } else {
+                    WhenEmpty::Drop
+                },
+                source_ranges: spec.source_ranges.clone(),
             };
             (spec.name.clone(), Arc::new(model))
         })
@@ -182,6 +186,8 @@ mod tests {
                 timeout: Duration::from_hours(3),
             }),
             maglev_table_size: 251,
+            reject_when_empty: true,
+            source_ranges: vec!["198.51.100.0/24".parse().unwrap()],
         }
     }
 
@@ -192,6 +198,8 @@ mod tests {
         let states: Vec<Health> = web.backends.values().map(|b| b.health).collect();
         assert_eq!(states, [Health::Unchecked, Health::Down]);
         assert_eq!(web.affinity_timeout_s, Some(10_800));
+        assert_eq!(web.when_empty, WhenEmpty::Reject);
+        assert_eq!(web.source_ranges, ["198.51.100.0/24".parse().unwrap()]);
         assert!(!web.has_no_backends(), "the unchecked backend still serves");
     }
 

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use lb_common::{Backend, BackendMeta, Frontend, FrontendKey, ServiceMeta};
 
 use super::{Op, Plan, service_name};
@@ -22,6 +23,8 @@ pub struct Applied {
     /// Service ids whose Maglev slot holds a table (its digest may not be recorded
     /// yet: a write was interrupted between the two).
     pub tables: BTreeSet<u32>,
+    /// Source ranges by service id (host bits cleared).
+    pub source_ranges: BTreeSet<(u32, IpNet)>,
     pub(super) index: Index,
 }
 
@@ -32,8 +35,8 @@ pub(super) struct Index {
     /// Service name -> id.
     pub(super) names: BTreeMap<String, u32>,
     /// Service ids to clean up that no name reaches: a second id with a taken name, or
-    /// an id that frontends, backends or a table use without metadata (maps left by a
-    /// crash).
+    /// an id that frontends, backends, a table or source ranges use without metadata
+    /// (maps left by a crash).
     pub(super) strays: BTreeSet<u32>,
     /// Ids in use: services and strays.
     pub(super) service_ids: IdPool,
@@ -104,6 +107,7 @@ impl Applied {
         slots: BTreeMap<u32, Backend>,
         frontends: BTreeMap<FrontendKey, Frontend>,
         tables: BTreeSet<u32>,
+        source_ranges: BTreeSet<(u32, IpNet)>,
     ) -> Self {
         let mut applied = Applied::default();
         for service_id in tables {
@@ -126,6 +130,9 @@ impl Applied {
         }
         for (key, value) in frontends {
             applied.record(&Op::SetFrontend { key, value });
+        }
+        for (service_id, range) in source_ranges {
+            applied.record(&Op::AddSourceRange { service_id, range });
         }
         applied
     }
@@ -205,6 +212,14 @@ impl Applied {
                 self.tables.remove(service_id);
                 self.settle(*service_id);
             }
+            Op::AddSourceRange { service_id, range } => {
+                self.source_ranges.insert((*service_id, *range));
+                self.own(*service_id);
+            }
+            Op::RemoveSourceRange { service_id, range } => {
+                self.source_ranges.remove(&(*service_id, *range));
+                self.settle(*service_id);
+            }
             Op::ResetStats { .. } => {}
         }
     }
@@ -274,6 +289,7 @@ impl Applied {
         if self.index.backends_of.contains_key(&id)
             || self.index.frontends_of.contains_key(&id)
             || self.tables.contains(&id)
+            || self.ranges_of(id).next().is_some()
         {
             self.index.strays.insert(id);
         } else {
@@ -290,6 +306,14 @@ impl Applied {
             .into_iter()
             .flatten()
             .copied()
+    }
+
+    /// The source ranges recorded for a service id.
+    pub(super) fn ranges_of(&self, service_id: u32) -> impl Iterator<Item = IpNet> + '_ {
+        self.source_ranges
+            .range((service_id, IpNet::V4(ipnet::Ipv4Net::default()))..)
+            .take_while(move |(id, _)| *id == service_id)
+            .map(|(_, range)| *range)
     }
 
     pub(super) fn frontends_of(&self, service_id: u32) -> impl Iterator<Item = FrontendKey> + '_ {

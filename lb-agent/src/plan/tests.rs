@@ -1,14 +1,65 @@
 //! Plans executed against a fake data plane that checks, after every single write,
-//! that no installed table names an empty or foreign backend slot (the hitless
-//! property), and that a plan's result is exactly the desired state.
+//! that no installed table names an empty or foreign backend slot and that no client
+//! admitted by a frontend's source ranges before and after the plan is refused in
+//! between (the hitless properties), and that a plan's result is exactly the desired
+//! state.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use proptest::prelude::*;
 
 use super::*;
-use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel};
+use crate::model::{BackendModel, Desired, Endpoint, Health, ServiceModel, WhenEmpty};
+
+/// Which clients a frontend takes new flows from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Admits {
+    /// No such frontend.
+    Nobody,
+    Everyone,
+    /// Clients in one of these ranges.
+    Ranges(BTreeSet<IpNet>),
+}
+
+impl Admits {
+    fn of(applied: &Applied, key: &FrontendKey) -> Admits {
+        match applied.frontends.get(key) {
+            None => Admits::Nobody,
+            Some(f) if f.flags & FRONTEND_F_SOURCE_RANGES == 0 => Admits::Everyone,
+            Some(f) => Admits::Ranges(
+                applied
+                    .source_ranges
+                    .iter()
+                    .filter(|(id, _)| *id == f.service_id)
+                    .map(|(_, r)| *r)
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The clients both admit (as sets of ranges).
+    fn and(&self, other: &Admits) -> Admits {
+        match (self, other) {
+            (Admits::Nobody, _) | (_, Admits::Nobody) => Admits::Nobody,
+            (Admits::Everyone, x) | (x, Admits::Everyone) => x.clone(),
+            (Admits::Ranges(a), Admits::Ranges(b)) => {
+                Admits::Ranges(a.intersection(b).copied().collect())
+            }
+        }
+    }
+
+    /// Whether every client `need` admits is admitted here.
+    fn covers(&self, need: &Admits) -> bool {
+        match (self, need) {
+            (_, Admits::Nobody) | (Admits::Everyone, _) => true,
+            (Admits::Nobody, _) | (Admits::Ranges(_), Admits::Everyone) => false,
+            (Admits::Ranges(have), Admits::Ranges(need)) => need.is_subset(have),
+        }
+    }
+}
 
 /// What a service looks like from outside: frontends, forwarding backends, and
 /// the table as endpoints.
@@ -32,10 +83,30 @@ impl FakeMaps {
     /// Runs the first `n` ops of `plan`, as a writer whose write `n` fails when `n` is
     /// short of the whole plan.
     fn run_prefix(&mut self, plan: &Plan, n: usize) {
+        let mut end = self.applied.clone();
+        for op in &plan.ops {
+            end.record(op);
+        }
+        // Per frontend, the clients admitted before and after the whole plan.
+        let kept: BTreeMap<FrontendKey, Admits> = self
+            .applied
+            .frontends
+            .keys()
+            .chain(end.frontends.keys())
+            .map(|k| (*k, Admits::of(&self.applied, k).and(&Admits::of(&end, k))))
+            .collect();
         for op in &plan.ops[..n] {
             self.write(op);
             self.check_hitless(op);
             check_index(&self.applied);
+            for (key, need) in &kept {
+                let now = Admits::of(&self.applied, key);
+                assert!(
+                    now.covers(need),
+                    "after {op:?}: frontend {key:?} admits {now:?}, but {need:?} is admitted \
+                     before and after the plan"
+                );
+            }
         }
         self.applied.conclude(plan, n == plan.ops.len());
     }
@@ -178,6 +249,7 @@ fn check_index(applied: &Applied) {
         applied.slots.clone(),
         applied.frontends.clone(),
         applied.tables.clone(),
+        applied.source_ranges.clone(),
     );
     assert_eq!(unsettled, rebuilt, "indexes drifted from the maps");
 }
@@ -242,6 +314,23 @@ fn converge(maps: &mut FakeMaps, want: &Desired) -> Plan {
             .collect();
         assert_eq!(forwarding, &want_forwarding, "{name}: forwarding backends");
         assert_eq!(table, &expected_table(model), "{name}: table");
+        let id = maps.applied.index.names[name];
+        let want_ranges: BTreeSet<IpNet> = model.source_ranges.iter().map(IpNet::trunc).collect();
+        let ranges: BTreeSet<IpNet> = maps.applied.ranges_of(id).collect();
+        assert_eq!(ranges, want_ranges, "{name}: source ranges");
+        for key in frontends {
+            let flags = maps.applied.frontends[key].flags;
+            assert_eq!(
+                flags & FRONTEND_F_REJECT_EMPTY != 0,
+                model.when_empty == WhenEmpty::Reject,
+                "{name}: reject flag"
+            );
+            assert_eq!(
+                flags & FRONTEND_F_SOURCE_RANGES != 0,
+                !model.source_ranges.is_empty(),
+                "{name}: source range flag"
+            );
+        }
     }
     plan
 }
@@ -444,6 +533,7 @@ fn a_restored_state_needs_no_writes() {
         maps.applied.slots.clone(),
         maps.applied.frontends.clone(),
         maps.applied.tables.clone(),
+        maps.applied.source_ranges.clone(),
     );
     let again = plan(&want, &restored);
     assert!(again.ops.is_empty(), "{:?}", again.ops);
@@ -493,6 +583,20 @@ fn a_name_that_does_not_fit_is_an_error_for_that_service_only() {
     );
 }
 
+/// Source ranges the generated services draw from: nested, disjoint, both families, and
+/// one written with host bits.
+const RANGES: [&str; 5] = [
+    "198.51.100.0/24",
+    "198.51.100.128/25",
+    "192.0.2.7/24",
+    "2001:db8:c::/48",
+    "0.0.0.0/0",
+];
+
+fn range(text: &str) -> IpNet {
+    text.parse().expect("test range")
+}
+
 fn arb_desired() -> impl Strategy<Value = Desired> {
     let backend = (
         1u8..8,
@@ -507,13 +611,15 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
         proptest::collection::btree_set(1u8..6, 0..3),
         proptest::collection::vec(backend, 0..5),
         any::<bool>(),
+        proptest::collection::btree_set(0..RANGES.len(), 0..3),
+        any::<bool>(),
     );
     proptest::collection::btree_map(0u8..5, svc, 0..4).prop_map(|services| {
         let mut taken = BTreeSet::new();
         Desired {
             services: services
                 .into_iter()
-                .map(|(n, (frontends, backends, affinity))| {
+                .map(|(n, (frontends, backends, affinity, ranges, reject))| {
                     // A frontend belongs to one service (config validation ensures it).
                     let frontends: Vec<FrontendSpec> = frontends
                         .into_iter()
@@ -526,6 +632,10 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                         .collect();
                     let mut model = service(&frontends, &backends);
                     model.affinity_timeout_s = affinity.then_some(60);
+                    model.source_ranges = ranges.into_iter().map(|i| range(RANGES[i])).collect();
+                    if reject {
+                        model.when_empty = WhenEmpty::Reject;
+                    }
                     (format!("svc-{n}"), Arc::new(model))
                 })
                 .collect(),
@@ -722,6 +832,7 @@ fn a_restart_cleans_up_what_a_crash_left() {
         slots,
         maps.applied.frontends.clone(),
         tables,
+        maps.applied.source_ranges.clone(),
     );
     assert_eq!(
         maps.applied.index.strays,
@@ -742,4 +853,154 @@ fn a_restart_cleans_up_what_a_crash_left() {
     assert!(maps.applied.index.strays.is_empty());
     assert!(!maps.applied.slots.contains_key(&21));
     assert!(!maps.applied.services.contains_key(&9));
+}
+
+/// The ops of a plan that touch source ranges or frontends, in order, as short names.
+fn range_and_frontend_ops(plan: &Plan) -> Vec<String> {
+    plan.ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::AddSourceRange { range, .. } => Some(format!("+{range}")),
+            Op::RemoveSourceRange { range, .. } => Some(format!("-{range}")),
+            Op::SetFrontend { value, .. } => Some(format!(
+                "frontend{}",
+                if value.flags & FRONTEND_F_SOURCE_RANGES == 0 {
+                    ""
+                } else {
+                    " (ranges)"
+                }
+            )),
+            Op::RemoveFrontend { .. } => Some("-frontend".to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn source_ranges_go_in_before_a_frontend_requires_them_and_leave_after() {
+    let mut maps = FakeMaps::default();
+    let mut web = service(&[fe(10, 80)], &[(ep(11, 8080), 1, UP)]);
+    converge(&mut maps, &desired(vec![("web", web.clone())]));
+
+    web.source_ranges = vec![range("198.51.100.0/24")];
+    let plan = converge(&mut maps, &desired(vec![("web", web.clone())]));
+    assert_eq!(
+        range_and_frontend_ops(&plan),
+        ["+198.51.100.0/24", "frontend (ranges)"]
+    );
+
+    // A change of ranges: the new one first, the old one after (the flag stays).
+    web.source_ranges = vec![range("2001:db8:c::/48")];
+    let plan = converge(&mut maps, &desired(vec![("web", web.clone())]));
+    assert_eq!(
+        range_and_frontend_ops(&plan),
+        ["+2001:db8:c::/48", "-198.51.100.0/24"]
+    );
+
+    web.source_ranges.clear();
+    let plan = converge(&mut maps, &desired(vec![("web", web.clone())]));
+    assert_eq!(
+        range_and_frontend_ops(&plan),
+        ["frontend", "-2001:db8:c::/48"]
+    );
+
+    // A removed service loses its frontends first, its ranges after, its id last.
+    web.source_ranges = vec![range("198.51.100.0/24")];
+    converge(&mut maps, &desired(vec![("web", web)]));
+    let plan = converge(&mut maps, &Desired::default());
+    assert_eq!(
+        range_and_frontend_ops(&plan),
+        ["-frontend", "-198.51.100.0/24"]
+    );
+    assert!(matches!(plan.ops.last(), Some(Op::ClearServiceMeta { .. })));
+}
+
+#[test]
+fn ranges_with_host_bits_are_stored_as_their_network() {
+    let mut maps = FakeMaps::default();
+    let mut web = service(&[fe(10, 80)], &[]);
+    web.source_ranges = vec![range("198.51.100.77/24"), range("198.51.100.0/24")];
+    let plan = converge(&mut maps, &desired(vec![("web", web)]));
+    assert_eq!(
+        range_and_frontend_ops(&plan),
+        ["+198.51.100.0/24", "frontend (ranges)"],
+        "one range, host bits cleared"
+    );
+}
+
+#[test]
+fn restored_ranges_need_no_writes_and_leftovers_keep_their_id() {
+    let mut maps = FakeMaps::default();
+    let mut web = service(&[fe(10, 80)], &[(ep(11, 8080), 1, UP)]);
+    web.source_ranges = vec![range("198.51.100.0/24")];
+    web.when_empty = WhenEmpty::Reject;
+    let want = desired(vec![("web", web)]);
+    converge(&mut maps, &want);
+    let restored = Applied::from_maps(
+        maps.applied.services.clone(),
+        maps.applied.backends.clone(),
+        maps.applied.slots.clone(),
+        maps.applied.frontends.clone(),
+        maps.applied.tables.clone(),
+        maps.applied.source_ranges.clone(),
+    );
+    assert!(plan(&want, &restored).ops.is_empty());
+
+    // A crash left a range of a service whose metadata is gone: its id is not handed
+    // out again until the range is removed.
+    let leftover = Applied::from_maps(
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeSet::new(),
+        BTreeSet::from([(1, range("198.51.100.0/24"))]),
+    );
+    let plan = plan(
+        &desired(vec![(
+            "other",
+            service(&[fe(20, 80)], &[(ep(21, 8080), 1, UP)]),
+        )]),
+        &leftover,
+    );
+    assert!(
+        !plan.ops.contains(&Op::ResetStats { id: 1 }),
+        "{:?}",
+        plan.ops
+    );
+    assert!(plan.ops.contains(&Op::RemoveSourceRange {
+        service_id: 1,
+        range: range("198.51.100.0/24")
+    }));
+}
+
+#[test]
+fn the_reject_flag_follows_when_empty_without_other_writes() {
+    let mut maps = FakeMaps::default();
+    let mut web = service(&[fe(10, 80), fe(10, 443)], &[]);
+    converge(&mut maps, &desired(vec![("web", web.clone())]));
+    web.when_empty = WhenEmpty::Reject;
+    let plan = converge(&mut maps, &desired(vec![("web", web.clone())]));
+    assert_eq!(
+        plan.ops.len(),
+        2,
+        "both frontends, nothing else: {:?}",
+        plan.ops
+    );
+    assert!(plan.ops.iter().all(|op| matches!(
+        op,
+        Op::SetFrontend { value, .. } if value.flags & FRONTEND_F_REJECT_EMPTY != 0
+    )));
+    // Backends coming and going do not touch the flag: the data path rejects only
+    // while the table is empty.
+    web.backends = service(&[], &[(ep(11, 8080), 1, UP)]).backends;
+    let plan = converge(&mut maps, &desired(vec![("web", web)]));
+    assert!(
+        !plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::SetFrontend { .. })),
+        "{:?}",
+        plan.ops
+    );
 }

@@ -217,6 +217,19 @@ impl<'a> AgentProcess<'a> {
         )
     }
 
+    /// Polls `check` until it holds, within `timeout`; panics naming `what`, with the
+    /// agent's log.
+    pub fn until(&self, what: &str, timeout: Duration, check: impl Fn() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        panic!("{what} within {timeout:?}; agent log:\n{}", self.log());
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -40,8 +40,8 @@ pub use netns::{
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
 pub use traffic::{
-    ServerHandle, spawn_tcp_name_server, spawn_tcp_peer_server, spawn_udp_name_server, tcp_ask,
-    udp_ask,
+    Outcome, ServerHandle, spawn_tcp_name_server, spawn_tcp_peer_server, spawn_udp_name_server,
+    tcp_ask, tcp_connect, udp_ask, udp_exchange,
 };
 
 /// Bit numbers from linux/capability.h.

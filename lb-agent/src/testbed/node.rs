@@ -183,6 +183,8 @@ pub struct Service {
     pub affinity: bool,
     /// With `affinity`: how long a client keeps its backend between new connections.
     pub affinity_timeout_s: u32,
+    /// More `FRONTEND_F_*` flags for its frontend (reject, source ranges).
+    pub flags: u32,
     pub table: Vec<u32>,
 }
 
@@ -197,6 +199,7 @@ impl Service {
             backends,
             affinity: false,
             affinity_timeout_s: DEFAULT_AFFINITY_TIMEOUT_S,
+            flags: 0,
             table: Vec::new(),
         };
         s.rebuild_table();
@@ -250,11 +253,12 @@ impl Service {
             self.frontend_key(),
             Frontend {
                 service_id: self.id,
-                flags: if self.affinity {
-                    FRONTEND_F_CLIENT_AFFINITY
-                } else {
-                    0
-                },
+                flags: self.flags
+                    | if self.affinity {
+                        FRONTEND_F_CLIENT_AFFINITY
+                    } else {
+                        0
+                    },
                 affinity_timeout_s: self.affinity_timeout_s,
                 _pad: 0,
             },

@@ -6,6 +6,7 @@
 //!  eth0 ──────────────── xc        xb ────────────── plb ┐
 //!  198.51.100.2/24       198.51.100.1/24  192.0.2.1/24    br0 ─ p<i> ───── eth0
 //!  2001:db8:c::2/64      2001:db8:c::1/64 2001:db8:b::1/64               192.0.2.(11+i)/24
+//!  (and .3, ::3)
 //!  default via .1 / ::1  ip(v6) forwarding on                            2001:db8:b::<11+i>/64
 //!                                                                        default via 192.0.2.1
 //!                                                                        / 2001:db8:b::1
@@ -193,6 +194,7 @@ impl Topology {
             &format!("{}/24", Self::client_v4()),
             &format!("{}/64", Self::client_v6()),
         )?;
+        self.add_second_client_address()?;
         add_default_routes(&self.client, &client_gw4, &client_gw6)?;
         add_addrs(
             &self.lb,
@@ -215,6 +217,32 @@ impl Topology {
             )?;
             add_default_routes(backend, &backend_gw4, &backend_gw6)?;
         }
+        Ok(())
+    }
+
+    /// A second client address, for tests of per-client policy (source ranges). The
+    /// first stays the source of connections that do not bind one: an IPv4 secondary
+    /// is never chosen, and the IPv6 one is deprecated (preferred lifetime 0).
+    fn add_second_client_address(&self) -> anyhow::Result<()> {
+        self.client.ip(&[
+            "-4",
+            "addr",
+            "add",
+            &format!("{}/24", Self::client2_v4()),
+            "dev",
+            Self::CLIENT_IF,
+        ])?;
+        self.client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", Self::client2_v6()),
+            "dev",
+            Self::CLIENT_IF,
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])?;
         Ok(())
     }
 
@@ -259,6 +287,16 @@ impl Topology {
     /// The client's address, `2001:db8:c::2`.
     pub fn client_v6() -> Ipv6Addr {
         Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2)
+    }
+
+    /// The client's second address, 198.51.100.3 (bind to it to use it).
+    pub fn client2_v4() -> Ipv4Addr {
+        Ipv4Addr::new(198, 51, 100, 3)
+    }
+
+    /// The client's second address, `2001:db8:c::3`.
+    pub fn client2_v6() -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 3)
     }
 
     /// The LB's address on `xc`, the client's gateway: 198.51.100.1.
@@ -416,12 +454,14 @@ mod tests {
         let doc6 = |a: Ipv6Addr| a.segments()[..2] == [0x2001, 0xdb8];
         let mut v4 = vec![
             Topology::client_v4(),
+            Topology::client2_v4(),
             Topology::lb_client_v4(),
             Topology::lb_backend_v4(),
             Topology::vip_v4(255),
         ];
         let mut v6 = vec![
             Topology::client_v6(),
+            Topology::client2_v6(),
             Topology::lb_client_v6(),
             Topology::lb_backend_v6(),
             Topology::vip_v6(255),

@@ -7,7 +7,9 @@
 //! Every wait has a deadline and every loop stops by itself.
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,15 +101,8 @@ pub fn spawn_tcp_name_server(
     bind: SocketAddr,
     name: &str,
 ) -> anyhow::Result<ServerHandle> {
-    let listener = ns
-        .run_in(|| TcpListener::bind(bind))?
-        .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
-    listener.set_nonblocking(true)?;
-    let local_addr = listener.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
-    spawn_server(local_addr, "tcp", move |state| {
-        serve_tcp(&listener, |_| reply.clone(), state);
-    })
+    spawn_tcp_server(ns, bind, move |_| reply.clone())
 }
 
 /// Like [`spawn_tcp_name_server`], but the answer also names the address the
@@ -118,18 +113,25 @@ pub fn spawn_tcp_peer_server(
     bind: SocketAddr,
     name: &str,
 ) -> anyhow::Result<ServerHandle> {
+    let name = name.to_owned();
+    spawn_tcp_server(ns, bind, move |peer| {
+        format!("{name} {}\n", peer.ip().to_canonical()).into_bytes()
+    })
+}
+
+/// A TCP server in `ns` answering each connection with `reply(peer)`, then closing it.
+fn spawn_tcp_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    reply: impl Fn(SocketAddr) -> Vec<u8> + Send + 'static,
+) -> anyhow::Result<ServerHandle> {
     let listener = ns
         .run_in(|| TcpListener::bind(bind))?
         .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
-    let name = name.to_owned();
     spawn_server(local_addr, "tcp", move |state| {
-        serve_tcp(
-            &listener,
-            |peer| format!("{name} {}\n", peer.ip().to_canonical()).into_bytes(),
-            state,
-        );
+        serve_tcp(&listener, reply, state);
     })
 }
 
@@ -314,6 +316,96 @@ pub fn udp_ask(
             ns.name()
         )
     })
+}
+
+/// How a connection attempt or an exchange ended, as the client's socket saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected (TCP), or the reply's first line (UDP).
+    Answered(String),
+    /// Refused: a TCP reset, or (UDP) an ICMP port unreachable (`ECONNREFUSED`).
+    Refused,
+    /// Nothing came back within the timeout.
+    TimedOut,
+    /// Any other error, as text.
+    Failed(String),
+}
+
+impl Outcome {
+    fn of(e: &io::Error) -> Outcome {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Outcome::TimedOut,
+            _ => Outcome::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Opens (and closes) a TCP connection from `ns` to `addr`, from the local address
+/// `from` when given (a second address of the namespace), waiting at most `timeout`.
+/// `Err` only when the attempt could not be made at all.
+pub fn tcp_connect(
+    ns: &Netns,
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    ns.run_in(|| -> anyhow::Result<Outcome> {
+        // tokio's socket binds before it connects, which std's cannot.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if let Some(ip) = from {
+                socket
+                    .bind(SocketAddr::new(ip, 0))
+                    .with_context(|| format!("cannot bind {ip}"))?;
+            }
+            Ok(
+                match tokio::time::timeout(timeout, socket.connect(addr)).await {
+                    Ok(Ok(stream)) => Outcome::Answered(stream.local_addr()?.to_string()),
+                    Ok(Err(e)) => Outcome::of(&e),
+                    Err(_) => Outcome::TimedOut,
+                },
+            )
+        })
+    })
+    .and_then(|outcome| outcome)
+    .with_context(|| format!("tcp_connect {addr} from netns {}", ns.name()))
+}
+
+/// Sends one datagram to `addr` from a connected UDP socket in `ns` (bound to `from`
+/// when given) and waits at most `timeout` for the answer: a connected socket reports
+/// an ICMP port unreachable as `ECONNREFUSED`.
+pub fn udp_exchange(
+    ns: &Netns,
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let local = from.unwrap_or(match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    });
+    ns.run_in(|| -> anyhow::Result<Outcome> {
+        let socket = UdpSocket::bind(SocketAddr::new(local, 0))
+            .with_context(|| format!("cannot bind {local}"))?;
+        socket.connect(addr)?;
+        socket.send(b"who?\n")?;
+        socket.set_read_timeout(Some(timeout))?;
+        let mut buf = [0u8; MAX_REPLY];
+        Ok(match socket.recv(&mut buf) {
+            Ok(n) => Outcome::Answered(reply_line(&buf[..n])?),
+            Err(e) => Outcome::of(&e),
+        })
+    })
+    .and_then(|outcome| outcome)
+    .with_context(|| format!("udp_exchange {addr} from netns {}", ns.name()))
 }
 
 pub(super) fn deadline_after(timeout: Duration) -> anyhow::Result<Instant> {
