@@ -286,27 +286,22 @@ fn http_get(bed: &Bed, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// The web Service and its slice in one multi-document file, as `kubectl get -o yaml`
+/// piped into a file would be; backend 2 ready or not.
+fn web_file(backend_2_ready: bool) -> String {
+    let endpoints = [
+        (0, "node-a", true),
+        (1, "node-b", true),
+        (2, "node-b", backend_2_ready),
+    ];
+    format!("{}---\n{}", web(), slice("web", &endpoints))
+}
+
 #[test]
 fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
     let bed = Bed::new("k8sweb", 3);
     bed.write("node.yaml", &node());
-    // Service and slice in one multi-document file, as `kubectl get -o yaml` piped
-    // into a file would be.
-    bed.write(
-        "web.yaml",
-        &format!(
-            "{}---\n{}",
-            web(),
-            slice(
-                "web",
-                &[
-                    (0, "node-a", true),
-                    (1, "node-b", true),
-                    (2, "node-b", true)
-                ]
-            )
-        ),
-    );
+    bed.write("web.yaml", &web_file(true));
     let agent = bed.agent("k8sweb");
     let cluster_ip = addr("203.0.113.10", 80);
     let node_port = SocketAddr::new(IpAddr::V4(Topology::lb_client_v4()), NODE_PORT);
@@ -329,21 +324,7 @@ fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
     );
 
     // Backend 2 stops being ready: it gets no new connections.
-    bed.write(
-        "web.yaml",
-        &format!(
-            "{}---\n{}",
-            web(),
-            slice(
-                "web",
-                &[
-                    (0, "node-a", true),
-                    (1, "node-b", true),
-                    (2, "node-b", false)
-                ]
-            )
-        ),
-    );
+    bed.write("web.yaml", &web_file(false));
     until(&agent, "backend-2 leaves", || {
         !bed.spread(cluster_ip, 30).contains_key("backend-2")
     });

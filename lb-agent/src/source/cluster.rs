@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The label that ties an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -262,24 +263,24 @@ impl Cluster {
 
     fn upsert(&mut self, object: Object) -> Dirty {
         match object {
-            Object::Service(svc) => {
+            Object::Service(mut svc) => {
                 let key = ObjectKey::of(&svc.metadata);
                 if self
                     .services
                     .get(&key)
-                    .is_some_and(|old| same(old.as_ref(), &svc))
+                    .is_some_and(|old| same(old.as_ref(), &mut svc))
                 {
                     return Dirty::None;
                 }
                 self.services.insert(key.clone(), Arc::new(svc));
                 Dirty::Services(BTreeSet::from([key]))
             }
-            Object::EndpointSlice(slice) => {
+            Object::EndpointSlice(mut slice) => {
                 let key = ObjectKey::of(&slice.metadata);
                 if self
                     .slices
                     .get(&key)
-                    .is_some_and(|old| same(old.as_ref(), &slice))
+                    .is_some_and(|old| same(old.as_ref(), &mut slice))
                 {
                     return Dirty::None;
                 }
@@ -298,12 +299,12 @@ impl Cluster {
                 self.slices.insert(key, Arc::new(slice));
                 dirty
             }
-            Object::Node(node) => {
+            Object::Node(mut node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
                 if self
                     .nodes
                     .get(&name)
-                    .is_some_and(|old| same(old.as_ref(), &node))
+                    .is_some_and(|old| same(old.as_ref(), &mut node))
                 {
                     return Dirty::None;
                 }
@@ -363,31 +364,17 @@ pub fn owner_of(slice: &EndpointSlice) -> Option<ObjectKey> {
 }
 
 /// Same content, ignoring `resourceVersion` (which changes on every write, even when a
-/// relist returns an object nothing changed in).
-fn same<T: Clone + PartialEq + HasMeta>(old: &T, new: &T) -> bool {
-    let mut a = old.clone();
-    let mut b = new.clone();
-    a.meta().resource_version = None;
-    b.meta().resource_version = None;
-    a == b
-}
-
-trait HasMeta {
-    fn meta(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-}
-
-impl HasMeta for Service {
-    fn meta(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        &mut self.metadata
-    }
-}
-impl HasMeta for EndpointSlice {
-    fn meta(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        &mut self.metadata
-    }
-}
-impl HasMeta for Node {
-    fn meta(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        &mut self.metadata
-    }
+/// relist returns an object nothing changed in). Compares in place: `new` borrows the
+/// old version for the comparison and gets its own back.
+fn same<T>(old: &T, new: &mut T) -> bool
+where
+    T: PartialEq + k8s_openapi::Metadata<Ty = ObjectMeta>,
+{
+    let own = std::mem::replace(
+        &mut new.metadata_mut().resource_version,
+        old.metadata().resource_version.clone(),
+    );
+    let equal = old == new;
+    new.metadata_mut().resource_version = own;
+    equal
 }
