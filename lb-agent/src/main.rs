@@ -162,7 +162,8 @@ fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 // One write: stdout is line-buffered, and 10,000 services are 100,000 lines.
-                print!("{}", report.to_string());
+                let text = report.to_string();
+                print!("{text}");
             }
             Ok(())
         }

@@ -9,8 +9,9 @@ use lb_common::{
     ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend,
     FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
     maps::{
-        AFFINITY_ENTRIES, BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_TEMPLATE_ENTRIES,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES, MAX_TX_PORTS,
+        AFFINITY_ENTRIES, BPF_F_INNER_MAP, BPF_F_MMAPABLE, CONNTRACK_ENTRIES,
+        MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
+        MAX_TX_PORTS,
     },
 };
 
@@ -24,8 +25,7 @@ pub static FRONTENDS_V1: HashMap<FrontendKey, Frontend, { n(MAX_FRONTENDS) }> = 
 /// Arrays, not hashes: ids are dense and array lookups are inlined by the verifier.
 /// Memory-mappable, so a restarted agent reads it whole in milliseconds.
 #[btf_map]
-pub static BACKENDS_V1: Array<Backend, { n(MAX_BACKENDS) }, { n(BPF_F_MMAPABLE) }> =
-    Array::new();
+pub static BACKENDS_V1: Array<Backend, { n(MAX_BACKENDS) }, { n(BPF_F_MMAPABLE) }> = Array::new();
 
 #[btf_map]
 pub static NEXTHOPS_V1: Array<NextHop, { n(MAX_BACKENDS) }> = Array::new();
