@@ -4,7 +4,10 @@
 //! - the verdict is one of PASS / DROP / TX / REDIRECT (never `XDP_ABORTED`);
 //! - a frame that leaves changed was translated: client -> a backend *of the frontend
 //!   it was addressed to*, or backend -> the frontend of that backend's service;
-//! - a translated frame whose input had valid checksums has valid checksums.
+//! - a translated frame whose input had valid checksums has valid checksums;
+//! - a frame sent back (a reject: services without backends that refuse) goes to the
+//!   sender from the frontend it addressed, is a reset (never for a reset) or an ICMP
+//!   port unreachable quoting the input's headers, with valid checksums.
 //!
 //! The verifier accepting the program is checked by loading it. The RNG seed is fixed
 //! (override with `XLB_FUZZ_SEED`) so a failure reproduces.
@@ -13,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_agent::frames::{Frame, L4, verify_checksums};
 use lb_agent::testbed::node::*;
+use lb_common::FRONTEND_F_REJECT_EMPTY;
 use lb_common::reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -80,6 +84,13 @@ impl Oracle {
         if action == XDP_DROP || output == input {
             return Ok(());
         }
+        if let Some((_, idst)) = tuple(input)
+            && self
+                .service_of_frontend(idst)
+                .is_some_and(|s| s.flags & FRONTEND_F_REJECT_EMPTY != 0)
+        {
+            return judge_reject(input, action, output);
+        }
         if output.len() != input.len() {
             return Err("length changed".into());
         }
@@ -119,6 +130,136 @@ impl Oracle {
         }
         Ok(())
     }
+}
+
+/// A refusal: sent back (`XDP_TX`) to the sender, from the address it sent to; a reset
+/// for TCP (never for a reset), ICMP port unreachable quoting the input's IP header and
+/// first 8 bytes for UDP; valid checksums.
+fn judge_reject(input: &[u8], action: u32, output: &[u8]) -> Result<(), String> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    if action != XDP_TX {
+        return Err(format!(
+            "a rejecting frontend changed a frame with verdict {action}"
+        ));
+    }
+    let out = SlicedPacket::from_ethernet(output).map_err(|e| format!("answer: {e}"))?;
+    let addrs = |p: &SlicedPacket<'_>| match &p.net {
+        Some(NetSlice::Ipv4(ip)) => Some((
+            IpAddr::from(ip.header().source()),
+            IpAddr::from(ip.header().destination()),
+        )),
+        Some(NetSlice::Ipv6(ip)) => Some((
+            IpAddr::from(ip.header().source()),
+            IpAddr::from(ip.header().destination()),
+        )),
+        None => None,
+    };
+    // The input is read leniently (it may be damaged), by offsets.
+    let ((client, client_port, _), (vip, vip_port, _)) =
+        tuple(input).ok_or("input without ports")?;
+    if addrs(&out) != Some((vip, client)) {
+        return Err(format!("answer {:?} is not {vip} -> {client}", addrs(&out)));
+    }
+    if output[..6] != input[6..12] || output[6..12] != input[..6] {
+        return Err("answer not sent back to the sender's MAC".into());
+    }
+    match &out.transport {
+        Some(TransportSlice::Tcp(o)) => {
+            if tcp_flags(input).is_some_and(|f| f & 0x04 != 0) {
+                return Err("answered a reset".into());
+            }
+            if !o.rst() || (o.source_port(), o.destination_port()) != (vip_port, client_port) {
+                return Err("answer is not a reset of the segment's connection".into());
+            }
+        }
+        Some(TransportSlice::Icmpv4(o)) => {
+            if o.icmp_type()
+                != etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::Port,
+                )
+            {
+                return Err(format!("ICMP {:?}", o.icmp_type()));
+            }
+            quoted(input, o.payload())?;
+        }
+        Some(TransportSlice::Icmpv6(o)) => {
+            if o.icmp_type()
+                != etherparse::Icmpv6Type::DestinationUnreachable(
+                    etherparse::icmpv6::DestUnreachableCode::Port,
+                )
+            {
+                return Err(format!("ICMPv6 {:?}", o.icmp_type()));
+            }
+            quoted(input, o.payload())?;
+        }
+        _ => return Err("answer is neither a reset nor ICMP".into()),
+    }
+    verify_checksums(output).map_err(|e| format!("answer: {e}"))
+}
+
+/// Frames the program answered in place (rejecting services).
+fn answered(dp: &lb_agent::dataplane::Dataplane) -> u64 {
+    dp.reason_stats()
+        .expect("reason counters")
+        .iter()
+        .filter(|(r, _)| {
+            matches!(
+                r,
+                lb_common::Reason::RejectTcpReset | lb_common::Reason::RejectIcmpUnreachable
+            )
+        })
+        .map(|(_, s)| s.packets)
+        .sum()
+}
+
+/// The TCP flags of a frame, by offsets.
+fn tcp_flags(f: &[u8]) -> Option<u8> {
+    let l3 = if f.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
+    let l4 = if f.get(l3)? >> 4 == 4 {
+        l3 + usize::from(f.get(l3)? & 0x0f) * 4
+    } else {
+        l3 + 40
+    };
+    f.get(l4 + 13).copied()
+}
+
+/// The quote is the input's IP header and UDP header, byte for byte.
+fn quoted(input: &[u8], quote: &[u8]) -> Result<(), String> {
+    let l3 = if input.get(12..14) == Some(&[0x81, 0x00]) {
+        18
+    } else {
+        14
+    };
+    if input.get(l3..l3 + quote.len()) == Some(quote) && quote.len() >= 28 {
+        Ok(())
+    } else {
+        Err("the ICMP error does not quote the datagram's headers".into())
+    }
+}
+
+/// Services without backends that reject, on their own VIPs (TCP and UDP, both
+/// families).
+fn reject_services() -> Vec<Service> {
+    let v4 = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 90));
+    let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x90));
+    let (tcp, udp) = (lb_common::PROTO_TCP, lb_common::PROTO_UDP);
+    [
+        (20, v4, 80, tcp),
+        (21, v4, 53, udp),
+        (22, v6, 80, tcp),
+        (23, v6, 53, udp),
+    ]
+    .into_iter()
+    .map(|(id, vip, port, proto)| {
+        let mut s = Service::new(id, (vip, port, proto), vec![]);
+        s.flags = FRONTEND_F_REJECT_EMPTY;
+        s
+    })
+    .collect()
 }
 
 /// A random well-formed frame: to a frontend, to a non-frontend, or a reply.
@@ -251,7 +392,8 @@ fn hundred_thousand_frames_keep_the_invariants() {
         .ns
         .run_in(|| {
             let mut dp = load_dataplane();
-            let svcs = services();
+            let mut svcs = services();
+            svcs.extend(reject_services());
             for s in &svcs {
                 s.install(&mut dp);
             }
@@ -334,7 +476,12 @@ fn hundred_thousand_frames_keep_the_invariants() {
                 translated > runs / 10,
                 "only {translated} of {runs} frames were translated"
             );
-            eprintln!("{runs} frames, {translated} translated, seed {seed}");
+            let answered = answered(&dp);
+            assert!(
+                answered > runs / 50,
+                "only {answered} of {runs} frames were answered by rejecting services"
+            );
+            eprintln!("{runs} frames, {translated} translated, {answered} answered, seed {seed}");
         })
         .expect("run in the router namespace");
 }

@@ -102,3 +102,38 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
         "typed value: {entry}"
     );
 }
+
+/// What a restarted agent reads back (`restore`) is exactly what the writer mirrored,
+/// source ranges and frontend flags included, so planning the same state again writes
+/// nothing.
+#[test]
+fn restore_reads_back_what_was_applied() {
+    testbed::check_privileges().expect("privileges");
+    let config = lb_agent::config::parse(
+        "services:
+  - name: ranged
+    frontends: [{ address: 203.0.113.10, port: 80 }]
+    backends: [{ address: 192.0.2.11, port: 8080 }, { address: 192.0.2.12, port: 8080 }]
+    maglev: { tableSize: 13 }
+    sourceRanges: [198.51.100.0/24, 198.51.100.128/25]
+  - name: empty6
+    frontends: [{ address: '2001:db8:f::10', port: 53, protocol: UDP }]
+    backends: []
+    whenEmpty: reject
+    sourceRanges: ['2001:db8:c::/48']
+",
+    )
+    .expect("config");
+    assert!(config.rejected.is_empty(), "{:?}", config.rejected);
+    let desired =
+        lb_agent::model::from_specs(&config.services, |_, _| lb_agent::model::Health::Unchecked);
+    let mut dp = Dataplane::load(None).expect("load (run through `cargo xtask test`)");
+    let mut applied = lb_agent::plan::Applied::default();
+    let plan = lb_agent::plan::plan(&desired, &applied);
+    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+    dp.apply(&plan, &mut applied).expect("apply");
+    assert_eq!(applied.source_ranges.len(), 3, "{applied:?}");
+    let restored = dp.restore().expect("restore");
+    assert_eq!(restored, applied);
+    assert_eq!(lb_agent::plan::plan(&desired, &restored).ops, []);
+}
