@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod frames;
 pub mod health;
+pub mod l7;
 pub mod maglev;
 pub mod model;
 pub mod plan;

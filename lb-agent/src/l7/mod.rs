@@ -1,0 +1,31 @@
+//! The L7 hop: an HTTP(S) proxy that routes by host and path with Kubernetes Ingress
+//! semantics. It is fed by the same sources as the L4 data plane: `model::ingress`
+//! turns Ingresses, IngressClasses, Secrets, Services and EndpointSlices into one
+//! [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
+
+pub mod routes;
+
+use std::sync::Arc;
+
+use crate::source::cluster::ObjectKey;
+
+pub use routes::RouteTable;
+
+/// Everything the proxy serves from, rebuilt as a whole when a relevant object changes.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub routes: RouteTable,
+    /// Certificates from the `kubernetes.io/tls` Secrets named in `spec.tls`.
+    pub certificates: Vec<Certificate>,
+}
+
+/// One `spec.tls` entry's certificate, ready for rustls.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    /// The hosts `spec.tls[].hosts` lists for it (may hold `*.example.com`); empty means
+    /// the certificate's own names decide.
+    pub hosts: Vec<String>,
+    /// The Secret it came from, for logs.
+    pub secret: ObjectKey,
+    pub key: Arc<rustls::sign::CertifiedKey>,
+}
