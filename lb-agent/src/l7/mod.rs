@@ -3,6 +3,7 @@
 //! turns Ingresses, IngressClasses, Secrets, Services and EndpointSlices into one
 //! [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
 
+pub mod proxy;
 pub mod routes;
 
 use std::sync::Arc;

@@ -11,6 +11,7 @@ use crate::config::{FrontendSpec, ServiceSpec};
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod ingress;
 pub mod kubernetes;
 pub mod translator;
 
