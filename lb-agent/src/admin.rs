@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 /// What the agent's loops report; read by the admin endpoint.
 pub struct AgentState {
     ready: Gauge<i64, AtomicI64>,
+    /// Parts that must be ready before the agent is: [`PART_DATAPLANE`], [`PART_L7`].
+    pending: AtomicU8,
     pub services: Gauge<i64, AtomicI64>,
     pub map_writes: Counter<u64, AtomicU64>,
     pub map_write_errors: Counter<u64, AtomicU64>,
@@ -28,8 +30,25 @@ pub struct AgentState {
     registry: Registry,
 }
 
+/// The maps hold the first complete state.
+pub const PART_DATAPLANE: u8 = 1;
+/// The L7 hop serves the first complete routing table.
+pub const PART_L7: u8 = 2;
+
 impl AgentState {
+    /// An agent that is ready once the data plane is.
     pub fn new() -> Arc<Self> {
+        Self::with_parts(PART_DATAPLANE, |_| Ok(()))
+            .expect("registering nothing cannot fail")
+            .0
+    }
+
+    /// An agent that is ready once every part in `parts` is; `register` adds the
+    /// metrics of other components (the L7 hop) to the same registry.
+    pub fn with_parts<T>(
+        parts: u8,
+        register: impl FnOnce(&mut Registry) -> anyhow::Result<T>,
+    ) -> anyhow::Result<(Arc<Self>, T)> {
         let services = Gauge::<i64, AtomicI64>::default();
         let map_writes = Counter::<u64, AtomicU64>::default();
         let map_write_errors = Counter::<u64, AtomicU64>::default();
@@ -67,19 +86,30 @@ impl AgentState {
             "Desired states planned and applied to the maps",
             applies.clone(),
         );
-        Arc::new(AgentState {
+        let extra = register(&mut registry)?;
+        let state = Arc::new(AgentState {
             ready,
+            pending: AtomicU8::new(parts),
             services,
             map_writes,
             map_write_errors,
             rejected_objects,
             applies,
             registry,
-        })
+        });
+        Ok((state, extra))
     }
 
+    /// The maps hold the first complete state.
     pub fn set_ready(&self) {
-        self.ready.set(1);
+        self.part_ready(PART_DATAPLANE);
+    }
+
+    /// One part is ready; the agent is when none is pending.
+    pub fn part_ready(&self, part: u8) {
+        if self.pending.fetch_and(!part, Ordering::AcqRel) & !part == 0 {
+            self.ready.set(1);
+        }
     }
 
     pub fn is_ready(&self) -> bool {

@@ -27,6 +27,7 @@ use crate::source::file::{FileSource, Update};
 pub type BackendKey = (String, Endpoint);
 
 mod kubernetes;
+mod l7;
 
 /// Where the services come from.
 #[derive(Debug, Clone)]
@@ -61,18 +62,45 @@ pub struct RunOptions {
     pub replace: bool,
     /// How often the file is checked for changes.
     pub poll: Duration,
+    /// The L7 hop, when `--l7`.
+    pub l7: Option<L7Options>,
+}
+
+/// The L7 hop's settings.
+#[derive(Debug, Clone)]
+pub struct L7Options {
+    pub proxy: crate::l7::proxy::ProxyConfig,
+    pub class: crate::model::ingress::IngressClassConfig,
+    /// The L4 Service whose addresses go into the served Ingresses' status.
+    pub publish_service: Option<crate::source::cluster::ObjectKey>,
+    /// Addresses for the status instead of the publish Service's.
+    pub publish_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    if opts.interfaces.is_empty() {
+    if opts.interfaces.is_empty() && opts.l7.is_none() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
-    let state = AgentState::new();
+    let mut parts = 0;
+    if !opts.interfaces.is_empty() {
+        parts |= admin::PART_DATAPLANE;
+    }
+    if opts.l7.is_some() {
+        parts |= admin::PART_L7;
+    }
+    // The L7 listeners are bound before anything is attached: a taken port fails the
+    // start, not the first request.
+    let (state, proxy) = AgentState::with_parts(parts, |registry| {
+        opts.l7
+            .as_ref()
+            .map(|l7| crate::l7::proxy::Proxy::bind(l7.proxy.clone(), registry))
+            .transpose()
+    })?;
     let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;
     match &opts.source {
         Source::Config(path) => run_config(&opts, path.clone(), state).await,
-        Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state).await,
+        Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state, proxy).await,
     }
 }
 

@@ -1,9 +1,11 @@
 //! The `lb-agent` command line. In the library so that tests can parse argument lists
 //! (e.g. the DaemonSet's) with the same definitions the binary uses.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::dataplane::pins;
 
@@ -25,10 +27,12 @@ pub enum XdpMode {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     /// Load and attach the XDP program and keep its maps in step with a config file,
     /// the cluster, or a directory of Kubernetes manifests.
     #[command(group(clap::ArgGroup::new("source").required(true)))]
+    #[command(group(clap::ArgGroup::new("kubernetes_source").args(["kube", "manifests"])))]
     Run {
         /// The services (YAML; see examples/xlb.yaml). Reloaded on change and on SIGHUP.
         #[arg(long, group = "source")]
@@ -54,9 +58,16 @@ pub enum Command {
         #[arg(long, default_value = "0.0.0.0:9190")]
         admin: std::net::SocketAddr,
         /// An interface that receives VIP traffic or sends to backends (repeatable, or
-        /// comma-separated).
-        #[arg(long = "interface", required = true, value_delimiter = ',')]
+        /// comma-separated). Required unless `--l7` runs alone (an L7-only instance,
+        /// reached through another node's XDP).
+        #[arg(
+            long = "interface",
+            required_unless_present = "l7",
+            value_delimiter = ','
+        )]
         interfaces: Vec<String>,
+        #[command(flatten)]
+        l7: L7Args,
         #[arg(long, value_enum, default_value = "native")]
         xdp_mode: XdpMode,
         /// bpffs directory for the pinned maps and links.
@@ -91,6 +102,49 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         requests: u32,
     },
+}
+
+/// The L7 hop: an HTTP(S) proxy routing by Ingress host and path rules.
+#[derive(Args, Clone, Debug)]
+pub struct L7Args {
+    /// Run the L7 hop (Kubernetes sources only): route HTTP and HTTPS by the Ingresses
+    /// of `--l7-ingress-class`.
+    #[arg(long, requires = "kubernetes_source", conflicts_with = "config")]
+    pub l7: bool,
+    /// Plain HTTP listener of the L7 hop.
+    #[arg(long, default_value = "0.0.0.0:80", requires = "l7")]
+    pub l7_http: SocketAddr,
+    /// HTTPS listener of the L7 hop (certificates from the Ingresses' TLS Secrets).
+    #[arg(long, default_value = "0.0.0.0:443", requires = "l7")]
+    pub l7_https: SocketAddr,
+    /// The IngressClass whose Ingresses this hop serves (its spec.controller must be
+    /// `xlb.dev/ingress-controller`).
+    #[arg(long, default_value = "xlb", requires = "l7")]
+    pub l7_ingress_class: String,
+    /// The L4 Service (namespace/name) that reaches this hop: its LoadBalancer ingress
+    /// IPs and externalIPs are written to the status of the Ingresses served (`--kube`).
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "l7")]
+    pub l7_publish_service: Option<String>,
+    /// Addresses written to the Ingresses' status instead of the publish Service's
+    /// (repeatable).
+    #[arg(long = "l7-publish-address", requires = "l7")]
+    pub l7_publish_addresses: Vec<IpAddr>,
+    /// Time allowed to connect to an endpoint before the next one is tried.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_connect_timeout: Duration,
+    /// Time a client has to send a request's headers (slow clients are cut off).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_header_timeout: Duration,
+    /// Time an idle keep-alive connection is kept open.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_idle_timeout: Duration,
+    /// Time a backend has to answer a request's headers (504 after).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_request_timeout: Duration,
+    /// Request body limit in bytes (413 above it) unless the Ingress sets
+    /// `nginx.ingress.kubernetes.io/proxy-body-size`.
+    #[arg(long, default_value_t = 1 << 20, requires = "l7")]
+    pub l7_max_body: u64,
 }
 
 #[cfg(test)]

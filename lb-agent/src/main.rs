@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser as _;
-use lb_agent::agent::{self, NodeOptions, RunOptions, Source};
-use lb_agent::cli::{Cli, Command, XdpMode};
+use lb_agent::agent::{self, L7Options, NodeOptions, RunOptions, Source};
+use lb_agent::cli::{Cli, Command, L7Args, XdpMode};
 use lb_agent::dataplane::pins::{self, ModeChoice};
+use lb_agent::l7::proxy::ProxyConfig;
+use lb_agent::model::ingress::IngressClassConfig;
+use lb_agent::source::cluster::ObjectKey;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -39,6 +42,7 @@ fn run(command: Command) -> Result<()> {
             bpffs,
             replace,
             poll_ms,
+            l7,
         } => {
             let source = match (config, manifests) {
                 (Some(path), _) => Source::Config(path),
@@ -64,8 +68,15 @@ fn run(command: Command) -> Result<()> {
                 pin_dir: bpffs,
                 replace,
                 poll: Duration::from_millis(poll_ms.max(10)),
+                l7: l7_options(&l7)?,
             };
-            tokio::runtime::Builder::new_current_thread()
+            // The control loop needs one thread; the L7 hop serves on every CPU.
+            let mut runtime = if opts.l7.is_some() {
+                tokio::runtime::Builder::new_multi_thread()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+            };
+            runtime
                 .enable_all()
                 .build()
                 .context("tokio runtime")?
@@ -98,4 +109,34 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
+    if !args.l7 {
+        return Ok(None);
+    }
+    let publish_service = args
+        .l7_publish_service
+        .as_deref()
+        .map(|text| {
+            let (namespace, name) = text
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                .with_context(|| {
+                    format!("--l7-publish-service {text:?}: expected NAMESPACE/NAME")
+                })?;
+            Ok::<_, anyhow::Error>(ObjectKey::new(namespace, name))
+        })
+        .transpose()?;
+    Ok(Some(L7Options {
+        proxy: ProxyConfig {
+            http: Some(args.l7_http),
+            https: Some(args.l7_https),
+        },
+        class: IngressClassConfig {
+            name: args.l7_ingress_class.clone(),
+        },
+        publish_service,
+        publish_addresses: args.l7_publish_addresses.clone(),
+    }))
 }

@@ -10,8 +10,10 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
+use super::l7::L7Hop;
 use super::{RunOptions, Source, start_dataplane, stopped, writer_task};
 use crate::admin::AgentState;
+use crate::l7::proxy::Proxy;
 use crate::model::Desired;
 use crate::model::kubernetes::Problem;
 use crate::model::translator::Translator;
@@ -35,43 +37,17 @@ async fn load_dataplane(
         .map_err(crate::capabilities::explain)
 }
 
-pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()> {
+pub(super) async fn run(
+    opts: &RunOptions,
+    state: Arc<AgentState>,
+    proxy: Option<Proxy>,
+) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<ClusterEvent>(QUEUE);
-    let mut events = None;
-    let source = match &opts.source {
-        Source::Kube => {
-            let client = kube::Client::try_default()
-                .await
-                .context("Kubernetes client (in-cluster service account, else KUBECONFIG)")?;
-            events = Some(EventPublisher::new(
-                client.clone(),
-                opts.node.name.as_deref().unwrap_or("unknown-node"),
-            ));
-            tracing::info!("watching Services, EndpointSlices and Nodes");
-            tokio::spawn(async move {
-                if let Err(e) = crate::source::kube::run(client, tx).await {
-                    tracing::error!("Kubernetes source stopped: {e:#}");
-                }
-            })
-        }
-        Source::Manifests(dir) => {
-            let mut manifests = ManifestSource::new(dir);
-            // An unreadable directory is fatal before anything is attached.
-            let first = manifests
-                .read(true)
-                .with_context(|| format!("reading --manifests {}", dir.display()))?
-                .context("a forced read always loads")?;
-            tracing::info!(dir = %dir.display(), "translating the manifests in");
-            tokio::spawn(watch_manifests(
-                manifests,
-                first,
-                tx,
-                opts.poll,
-                Arc::clone(&state),
-            ))
-        }
-        Source::Config(_) => unreachable!("the config file has its own loop"),
-    };
+    let Started {
+        source,
+        events,
+        client,
+    } = start_source(opts, tx, &state).await?;
     if opts.node.name.is_none() {
         tracing::warn!(
             "no --node-name (or NODE_NAME): no endpoint counts as local, so traffic \
@@ -79,9 +55,23 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
         );
     }
 
-    let (dp, applied) = load_dataplane(opts).await?;
+    // Without an interface this is an L7-only instance: no XDP, no L4 translation.
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
-    let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
+    let writer = if opts.interfaces.is_empty() {
+        None
+    } else {
+        let (dp, applied) = load_dataplane(opts).await?;
+        Some(tokio::spawn(writer_task(
+            dp,
+            applied,
+            desired_rx,
+            Arc::clone(&state),
+        )))
+    };
+    let mut l7 = match (proxy, &opts.l7) {
+        (Some(proxy), Some(options)) => Some(L7Hop::start(proxy, options.clone(), client)),
+        _ => None,
+    };
 
     let mut cluster = Cluster::default();
     let mut translator = Translator::new(opts.node.name.clone(), opts.node.addresses.clone());
@@ -120,6 +110,12 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
                 "initial lists complete"
             );
         }
+        if let Some(l7) = &mut l7 {
+            l7.update(&cluster, &state, events.as_ref());
+        }
+        let Some(_) = &writer else {
+            continue;
+        };
         let mut problems = Vec::new();
         desired_tx.send_if_modified(|desired| {
             let outcome = translator.update(&cluster, dirty, desired);
@@ -133,15 +129,77 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
         health.set(&translator.health_checks()).await;
     }
     source.abort();
+    drop(l7);
     drop(desired_tx);
-    writer.await.context("writer task")?;
-    stopped(opts);
+    if let Some(writer) = writer {
+        writer.await.context("writer task")?;
+        stopped(opts);
+    }
     Ok(())
+}
+
+/// The running source and what the agent needs from it.
+struct Started {
+    source: tokio::task::JoinHandle<()>,
+    /// Warning Events about bad objects (`--kube`).
+    events: Option<EventPublisher>,
+    /// For the Ingress status writer (`--kube`).
+    client: Option<kube::Client>,
+}
+
+/// Starts `--kube` watchers or the `--manifests` reader, sending to `tx`.
+async fn start_source(
+    opts: &RunOptions,
+    tx: mpsc::Sender<ClusterEvent>,
+    state: &Arc<AgentState>,
+) -> Result<Started> {
+    let mut events = None;
+    let mut status_client = None;
+    let source = match &opts.source {
+        Source::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client (in-cluster service account, else KUBECONFIG)")?;
+            events = Some(EventPublisher::new(
+                client.clone(),
+                opts.node.name.as_deref().unwrap_or("unknown-node"),
+            ));
+            status_client = Some(client.clone());
+            tracing::info!("watching Services, EndpointSlices and Nodes");
+            tokio::spawn(async move {
+                if let Err(e) = crate::source::kube::run(client, tx).await {
+                    tracing::error!("Kubernetes source stopped: {e:#}");
+                }
+            })
+        }
+        Source::Manifests(dir) => {
+            let mut manifests = ManifestSource::new(dir);
+            // An unreadable directory is fatal before anything is attached.
+            let first = manifests
+                .read(true)
+                .with_context(|| format!("reading --manifests {}", dir.display()))?
+                .context("a forced read always loads")?;
+            tracing::info!(dir = %dir.display(), "translating the manifests in");
+            tokio::spawn(watch_manifests(
+                manifests,
+                first,
+                tx,
+                opts.poll,
+                Arc::clone(state),
+            ))
+        }
+        Source::Config(_) => unreachable!("the config file has its own loop"),
+    };
+    Ok(Started {
+        source,
+        events,
+        client: status_client,
+    })
 }
 
 /// Logs each new problem and, with `--kube`, tells the object's owner with a Warning
 /// Event (published off the loop, so a slow API server never delays the maps).
-fn report(problems: &[Problem], state: &AgentState, events: Option<&EventPublisher>) {
+pub(super) fn report(problems: &[Problem], state: &AgentState, events: Option<&EventPublisher>) {
     for problem in problems {
         tracing::warn!("skipped: {problem}");
         if let Some(events) = events {

@@ -5,6 +5,7 @@
 
 pub mod proxy;
 pub mod routes;
+pub mod status;
 
 use std::sync::Arc;
 

@@ -28,6 +28,9 @@ pub struct AgentProcess<'a> {
     extra: Vec<String>,
     /// A command that runs the agent (e.g. `setpriv ... --`); empty = none.
     launcher: Vec<String>,
+    /// Attach XDP to the topology's load-balancer interfaces; false for an L7-only
+    /// instance.
+    xdp: bool,
 }
 
 impl<'a> AgentProcess<'a> {
@@ -85,6 +88,22 @@ impl<'a> AgentProcess<'a> {
         Self::start_full(ns, &launcher, binary, source, tag, extra)
     }
 
+    /// An L7-only agent (`--l7` without `--interface`: no XDP, no pins) in `ns`,
+    /// through `launcher` (may be empty).
+    pub fn start_l7_only(
+        ns: &'a Netns,
+        launcher: &[&str],
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut agent = Self::prepare(ns, launcher, binary, source, tag, extra)?;
+        agent.xdp = false;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
     fn start_full(
         ns: &'a Netns,
         launcher: &[&str],
@@ -93,8 +112,21 @@ impl<'a> AgentProcess<'a> {
         tag: &str,
         extra: &[&str],
     ) -> Result<Self> {
+        let mut agent = Self::prepare(ns, launcher, binary, source, tag, extra)?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn prepare(
+        ns: &'a Netns,
+        launcher: &[&str],
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let unique = format!("xlb-{tag}-{}", std::process::id());
-        let mut agent = AgentProcess {
+        let agent = AgentProcess {
             ns,
             binary: binary.to_path_buf(),
             source: source.iter().map(|s| (*s).to_owned()).collect(),
@@ -103,10 +135,10 @@ impl<'a> AgentProcess<'a> {
             pid: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             launcher: launcher.iter().map(|s| (*s).to_owned()).collect(),
+            xdp: true,
         };
         // A directory left by a crashed earlier run with the same PID is stale.
         pins::remove_all(&agent.pin_dir).context("removing stale pins")?;
-        agent.spawn()?;
         Ok(agent)
     }
 
@@ -118,14 +150,16 @@ impl<'a> AgentProcess<'a> {
             .with_context(|| format!("agent log {}", self.log.display()))?;
         let mut args: Vec<String> = vec!["run".into()];
         args.extend(self.source.iter().cloned());
-        args.extend([
-            "--interface".into(),
-            Topology::LB_CLIENT_IF.into(),
-            "--interface".into(),
-            Topology::LB_BACKEND_IF.into(),
-            "--bpffs".into(),
-            self.pin_dir.display().to_string(),
-        ]);
+        if self.xdp {
+            args.extend([
+                "--interface".into(),
+                Topology::LB_CLIENT_IF.into(),
+                "--interface".into(),
+                Topology::LB_BACKEND_IF.into(),
+                "--bpffs".into(),
+                self.pin_dir.display().to_string(),
+            ]);
+        }
         args.extend(self.extra.iter().cloned());
         let binary = self.binary.display().to_string();
         let (program, args): (&str, Vec<&str>) = match self.launcher.split_first() {

@@ -21,7 +21,9 @@
 
 pub mod agent;
 pub mod apiserver;
+mod certs;
 mod cmd;
+mod echo;
 mod http;
 mod netns;
 pub mod node;
@@ -33,6 +35,8 @@ mod tests;
 
 pub use agent::AgentProcess;
 pub use apiserver::ApiServer;
+pub use certs::{IssuedCert, TestCa};
+pub use echo::{Echo, EchoServer, spawn_echo_server, websocket_echo};
 pub use http::{HttpConnection, http_get, spawn_backend_http_servers, spawn_http_server};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,

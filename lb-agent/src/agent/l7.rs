@@ -1,0 +1,123 @@
+//! The L7 hop inside the Kubernetes agent: after every burst of cluster events the
+//! Ingress translation runs again and the proxy swaps in the new snapshot; problems
+//! are reported once while they last, and (with `--kube`) Ingress status follows.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::L7Options;
+use super::kubernetes::report;
+use crate::admin::{AgentState, PART_L7};
+use crate::l7::proxy::Proxy;
+use crate::l7::{Snapshot, status};
+use crate::model::ingress::{self, IngressTranslation};
+use crate::source::cluster::{Cluster, ObjectKey};
+use crate::source::kube::EventPublisher;
+
+/// How long a failed status write waits before it is tried again.
+const STATUS_RETRY: Duration = Duration::from_secs(10);
+
+pub(super) struct L7Hop {
+    options: L7Options,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    status: Option<watch::Sender<status::Updates>>,
+    /// Problems reported while they last (by their text).
+    reported: BTreeSet<String>,
+    /// Annotations warned about once.
+    ignored: BTreeSet<(ObjectKey, String)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl L7Hop {
+    /// Starts serving (an empty table until the first translation: every request is a
+    /// 404 meanwhile, and /readyz says not ready).
+    pub(super) fn start(proxy: Proxy, options: L7Options, client: Option<kube::Client>) -> L7Hop {
+        let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let mut tasks = vec![tokio::spawn(async move {
+            if let Err(e) = proxy.run(rx).await {
+                tracing::error!("L7 hop stopped: {e:#}");
+            }
+        })];
+        let status = client.map(|client| {
+            let (tx, rx) = watch::channel(Vec::new());
+            tasks.push(tokio::spawn(status::writer(client, rx, STATUS_RETRY)));
+            tx
+        });
+        L7Hop {
+            options,
+            snapshots,
+            status,
+            reported: BTreeSet::new(),
+            ignored: BTreeSet::new(),
+            tasks,
+        }
+    }
+
+    /// Translates the cluster's Ingresses again and serves the result.
+    pub(super) fn update(
+        &mut self,
+        cluster: &Cluster,
+        state: &AgentState,
+        events: Option<&EventPublisher>,
+    ) {
+        let IngressTranslation {
+            snapshot,
+            problems,
+            owned,
+            ..
+        } = ingress::translate(cluster, &self.options.class);
+        let texts: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+        let new: Vec<_> = problems
+            .into_iter()
+            .filter(|p| !self.reported.contains(&p.to_string()))
+            .collect();
+        report(&new, state, events);
+        self.reported = texts;
+        tracing::debug!(
+            ingresses = owned.len(),
+            certificates = snapshot.certificates.len(),
+            "L7 routes rebuilt"
+        );
+        self.snapshots.send_replace(Arc::new(snapshot));
+        state.part_ready(PART_L7);
+
+        if let Some(status) = &self.status {
+            let publish = self
+                .options
+                .publish_service
+                .as_ref()
+                .and_then(|key| cluster.services.get(key));
+            let wanted =
+                status::published(&self.options.publish_addresses, publish.map(AsRef::as_ref));
+            let served = owned
+                .iter()
+                .filter_map(|key| MERGE_INGRESSES(cluster, key).map(|i| (key, i)));
+            let updates = status::updates(served, &wanted);
+            status.send_if_modified(|pending| {
+                let changed = *pending != updates;
+                *pending = updates;
+                changed
+            });
+        }
+    }
+}
+
+impl Drop for L7Hop {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+// MERGE: replaced by the cluster index's Ingresses when the model lands.
+#[allow(non_snake_case)]
+fn MERGE_INGRESSES<'a>(
+    _cluster: &'a Cluster,
+    _key: &ObjectKey,
+) -> Option<&'a k8s_openapi::api::networking::v1::Ingress> {
+    None
+}

@@ -1,0 +1,569 @@
+//! The L7 hop end to end, both hops real: client -> ingress VIP:80/443 -> XDP on the
+//! load-balancer namespace -> the L7 hop (an L7-only agent, `--manifests DIR --l7`, in
+//! backend namespace 0, which is the ingress Service's endpoint) -> echo backends
+//! chosen by Ingress host and path. Requests are made with curl from the client
+//! namespace; TLS certificates are issued by a CA made in the test, which curl trusts,
+//! so a verified handshake proves which certificate SNI selected.
+//!
+//! The ExternalName bridge resolves `api.partner.example` through the L7 agent's own
+//! `/etc/hosts`: the agent runs in a private mount namespace where a test file is bound
+//! over it (as `ip netns exec` does with /etc/netns), never touching the host's.
+//!
+//! Every loop is bounded; namespaces, agents, pins and files are removed on drop.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_agent::testbed::{
+    self, AgentProcess, Echo, EchoServer, TestCa, Topology, TopologyConfig, spawn_echo_server,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const APP_PORT: u16 = 8080;
+const SETTLE: Duration = Duration::from_secs(20);
+const STEP: Duration = Duration::from_secs(3);
+/// Backend namespace indexes.
+const L7_NODE: usize = 0;
+const WEB: usize = 1;
+const API: usize = 2;
+const PARTNER: usize = 3;
+
+fn vip() -> IpAddr {
+    IpAddr::V4(Topology::vip_v4(40))
+}
+
+struct Bed {
+    topo: Topology,
+    _servers: Vec<EchoServer>,
+    l4_dir: PathBuf,
+    l7_dir: PathBuf,
+    hosts: PathBuf,
+    ca: PathBuf,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.l4_dir);
+        let _ = std::fs::remove_dir_all(&self.l7_dir);
+        let _ = std::fs::remove_file(&self.hosts);
+        let _ = std::fs::remove_file(&self.ca);
+    }
+}
+
+impl Bed {
+    fn new(tag: &str) -> Bed {
+        testbed::check_privileges().expect("privileges");
+        let topo = Topology::build(&TopologyConfig::new(tag, 4)).expect("topology");
+        topo.wait_ready().expect("topology ready");
+        let servers = [(WEB, "web"), (API, "api"), (PARTNER, "partner")]
+            .into_iter()
+            .map(|(i, name)| {
+                spawn_echo_server(
+                    &topo.backends[i],
+                    SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), APP_PORT),
+                    name,
+                )
+                .expect("echo server")
+            })
+            .collect();
+        let base = std::env::temp_dir().join(format!("xlb-l7-{tag}-{}", std::process::id()));
+        let l4_dir = base.with_extension("l4");
+        let l7_dir = base.with_extension("l7");
+        for dir in [&l4_dir, &l7_dir] {
+            std::fs::create_dir_all(dir).expect("manifests dir");
+        }
+        let hosts = base.with_extension("hosts");
+        std::fs::write(
+            &hosts,
+            format!(
+                "127.0.0.1 localhost\n{} api.partner.example\n",
+                Topology::backend_v4(PARTNER)
+            ),
+        )
+        .expect("hosts file");
+        let ca = base.with_extension("ca.pem");
+        Bed {
+            topo,
+            _servers: servers,
+            l4_dir,
+            l7_dir,
+            hosts,
+            ca,
+        }
+    }
+
+    fn write(dir: &Path, file: &str, yaml: &str) {
+        let path = dir.join(file);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write manifest");
+        std::fs::rename(&tmp, &path).expect("rename manifest");
+    }
+
+    /// The L4 agent: XDP in the load-balancer namespace, serving the ingress Service.
+    fn l4_agent(&self) -> AgentProcess<'_> {
+        let dir = self.l4_dir.display().to_string();
+        AgentProcess::start_with_source(
+            &self.topo.lb,
+            Path::new(AGENT),
+            &["--manifests", &dir],
+            "l7e2e-l4",
+            &["--poll-ms", "100"],
+        )
+        .expect("start the L4 agent")
+    }
+
+    /// The L7-only agent in backend namespace 0, with its own /etc/hosts.
+    fn l7_agent(&self) -> AgentProcess<'_> {
+        let dir = self.l7_dir.display().to_string();
+        let hosts = self.hosts.display().to_string();
+        AgentProcess::start_l7_only(
+            &self.topo.backends[L7_NODE],
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+                &hosts,
+            ],
+            Path::new(AGENT),
+            &["--manifests", &dir],
+            "l7e2e-l7",
+            &[
+                "--l7",
+                "--l7-http",
+                "0.0.0.0:80",
+                "--l7-https",
+                "0.0.0.0:443",
+                "--poll-ms",
+                "100",
+            ],
+        )
+        .expect("start the L7 agent")
+    }
+
+    /// curl from the client namespace; `host` resolves to the VIP. Returns the status
+    /// line's code, the headers and the body.
+    fn curl(&self, url: &str, extra: &[&str]) -> anyhow::Result<Response> {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let host = rest.split(['/', ':']).next().unwrap_or_default();
+        let port = if url.starts_with("https") { 443 } else { 80 };
+        let resolve = format!("{host}:{port}:{}", vip());
+        let ca = self.ca.display().to_string();
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "3",
+            "--include",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+        ];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.topo.client.exec("curl", &args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Response::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// The echo a request reached (`200` expected).
+    fn echo(&self, url: &str, extra: &[&str]) -> Echo {
+        let response = self.curl(url, extra).expect("request through the VIP");
+        assert_eq!(response.code, 200, "{url}: {response:?}");
+        serde_json::from_str(&response.body)
+            .unwrap_or_else(|e| panic!("{url}: not an echo ({e}): {response:?}"))
+    }
+}
+
+#[derive(Debug)]
+struct Response {
+    version: String,
+    code: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    /// curl `--include` output; interim 1xx heads are skipped.
+    fn parse(text: &str) -> anyhow::Result<Response> {
+        let mut rest = text;
+        loop {
+            let (head, body) = rest
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow::anyhow!("no response head in {text:?}"))?;
+            let mut lines = head.lines();
+            let status = lines.next().unwrap_or_default();
+            let mut words = status.split_whitespace();
+            let version = words.next().unwrap_or_default().to_owned();
+            let code: u16 = words.next().unwrap_or_default().parse()?;
+            if (100..200).contains(&code) {
+                rest = body;
+                continue;
+            }
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            return Ok(Response {
+                version,
+                code,
+                headers,
+                body: body.to_owned(),
+            });
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The ingress Service (the L7 hop's instances are its endpoints) for the L4 agent.
+fn ingress_service() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: xlb-ingress
+  namespace: xlb-system
+  uid: 0c1d2e3f-0000-4000-8000-000000000001
+  resourceVersion: \"900\"
+spec:
+  type: LoadBalancer
+  clusterIP: 203.0.113.41
+  clusterIPs: [203.0.113.41]
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  externalTrafficPolicy: Cluster
+  ports:
+  - {{ name: http, port: 80, protocol: TCP, targetPort: 80, nodePort: 30880 }}
+  - {{ name: https, port: 443, protocol: TCP, targetPort: 443, nodePort: 30443 }}
+  selector:
+    app.kubernetes.io/name: xlb
+status:
+  loadBalancer:
+    ingress:
+    - {{ ip: {vip}, ipMode: VIP }}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: xlb-ingress-7k2x9
+  namespace: xlb-system
+  labels:
+    kubernetes.io/service-name: xlb-ingress
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+addressType: IPv4
+endpoints:
+- addresses: [\"{l7}\"]
+  conditions: {{ ready: true, serving: true, terminating: false }}
+  nodeName: node-b
+ports:
+- {{ name: http, port: 80, protocol: TCP }}
+- {{ name: https, port: 443, protocol: TCP }}
+",
+        vip = vip(),
+        l7 = Topology::backend_v4(L7_NODE),
+    )
+}
+
+/// A ClusterIP Service with one ready endpoint on backend `i`.
+fn app(name: &str, cluster_ip: &str, i: usize, app_protocol: Option<&str>) -> String {
+    let app_protocol = app_protocol.map_or(String::new(), |p| format!(", appProtocol: {p}"));
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: shop
+spec:
+  type: ClusterIP
+  clusterIP: {cluster_ip}
+  clusterIPs: [{cluster_ip}]
+  ports:
+  - {{ name: http, port: 80, protocol: TCP, targetPort: http{app_protocol} }}
+  selector:
+    app: {name}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-abcde
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+endpoints:
+- addresses: [\"{addr}\"]
+  conditions: {{ ready: true, serving: true, terminating: false }}
+ports:
+- {{ name: http, port: {APP_PORT}, protocol: TCP }}
+",
+        addr = Topology::backend_v4(i),
+    )
+}
+
+/// A kubernetes.io/tls Secret (stringData, as a user writes it).
+fn tls_secret(name: &str, cert: &testbed::IssuedCert) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1
+kind: Secret
+metadata:
+  name: {name}
+  namespace: shop
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+"
+    );
+    for line in cert.cert_pem.lines() {
+        writeln!(yaml, "    {line}").expect("string");
+    }
+    yaml.push_str("  tls.key: |\n");
+    for line in cert.key_pem.lines() {
+        writeln!(yaml, "    {line}").expect("string");
+    }
+    yaml
+}
+
+/// The Ingress side: our IngressClass, three apps (one h2c), an ExternalName bridge
+/// to a partner, two TLS hosts and a plain one.
+fn write_l7_manifests(bed: &Bed) {
+    let ca = TestCa::new("xlb e2e CA").expect("CA");
+    std::fs::write(&bed.ca, ca.pem()).expect("CA file");
+    let shop = ca.issue(&["shop.example.com"]).expect("shop cert");
+    let wildcard = ca.issue(&["*.legacy.example.com"]).expect("wildcard cert");
+    let mut yaml = String::from(
+        "apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: xlb
+spec:
+  controller: xlb.dev/ingress-controller
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: partner-bridge
+  namespace: shop
+spec:
+  type: ExternalName
+  externalName: api.partner.example
+---
+",
+    );
+    yaml.push_str(&app("web", "203.0.113.51", WEB, None));
+    yaml.push_str("---\n");
+    yaml.push_str(&app("api", "203.0.113.52", API, None));
+    yaml.push_str("---\n");
+    yaml.push_str(&tls_secret("shop-tls", &shop));
+    yaml.push_str("---\n");
+    yaml.push_str(&tls_secret("legacy-tls", &wildcard));
+    yaml.push_str(
+        "---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: shop
+  namespace: shop
+  creationTimestamp: \"2026-11-01T10:00:00Z\"
+spec:
+  ingressClassName: xlb
+  tls:
+  - hosts: [shop.example.com]
+    secretName: shop-tls
+  rules:
+  - host: shop.example.com
+    http:
+      paths:
+      - { path: /, pathType: Prefix, backend: { service: { name: web, port: { name: http } } } }
+      - { path: /api, pathType: Prefix, backend: { service: { name: api, port: { number: 80 } } } }
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: plain
+  namespace: shop
+  creationTimestamp: \"2026-11-01T10:00:00Z\"
+spec:
+  ingressClassName: xlb
+  rules:
+  - host: plain.example.com
+    http:
+      paths:
+      - { path: /, pathType: Prefix, backend: { service: { name: web, port: { number: 80 } } } }
+      - { path: /ws, pathType: Exact, backend: { service: { name: api, port: { number: 80 } } } }
+      - { path: /partner, pathType: Prefix, backend: { service: { name: partner-bridge, port: { number: 8080 } } } }
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: legacy
+  namespace: shop
+  creationTimestamp: \"2026-11-01T10:00:00Z\"
+  annotations:
+    nginx.ingress.kubernetes.io/ssl-redirect: \"false\"
+spec:
+  ingressClassName: xlb
+  tls:
+  - hosts: [\"*.legacy.example.com\"]
+    secretName: legacy-tls
+  rules:
+  - host: \"*.legacy.example.com\"
+    http:
+      paths:
+      - { path: /, pathType: Prefix, backend: { service: { name: api, port: { number: 80 } } } }
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: other-class
+  namespace: shop
+spec:
+  ingressClassName: nginx
+  rules:
+  - host: other.example.com
+    http:
+      paths:
+      - { path: /, pathType: Prefix, backend: { service: { name: web, port: { number: 80 } } } }
+",
+    );
+    Bed::write(&bed.l7_dir, "ingress.yaml", &yaml);
+}
+
+/// Both agents up and the first route answering through the VIP.
+fn start(bed: &Bed) -> (AgentProcess<'_>, AgentProcess<'_>) {
+    Bed::write(&bed.l4_dir, "ingress-service.yaml", &ingress_service());
+    write_l7_manifests(bed);
+    let l4 = bed.l4_agent();
+    let l7 = bed.l7_agent();
+    l7.until("a route answers through the VIP", SETTLE, || {
+        bed.curl("http://plain.example.com/", &[])
+            .is_ok_and(|r| r.code == 200)
+    });
+    (l4, l7)
+}
+
+#[test]
+fn ingress_routes_by_host_and_path_with_the_client_address_forwarded() {
+    let bed = Bed::new("l7route");
+    let (_l4, _l7) = start(&bed);
+
+    let root = bed.echo("http://plain.example.com/", &[]);
+    assert_eq!(root.name, "web");
+    assert_eq!(
+        root.header("host"),
+        Some("plain.example.com"),
+        "Host preserved"
+    );
+    let client = Topology::client_v4().to_string();
+    assert_eq!(root.header("x-forwarded-for"), Some(client.as_str()));
+    assert_eq!(root.header("x-real-ip"), Some(client.as_str()));
+    assert_eq!(root.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(root.header("x-forwarded-host"), Some("plain.example.com"));
+    assert_eq!(root.header("x-forwarded-port"), Some("80"));
+    let id = root
+        .header("x-request-id")
+        .expect("a request id is generated");
+    assert_eq!(id.len(), 32, "{id}");
+
+    // An address the client claims is kept, the real one appended.
+    let proxied = bed.echo(
+        "http://plain.example.com/x?y=1",
+        &[
+            "-H",
+            "X-Forwarded-For: 198.51.100.200",
+            "-H",
+            "X-Request-Id: abc",
+        ],
+    );
+    assert_eq!(
+        proxied.header("x-forwarded-for"),
+        Some(format!("198.51.100.200, {client}").as_str())
+    );
+    assert_eq!(proxied.header("x-request-id"), Some("abc"));
+    assert_eq!(proxied.uri, "/x?y=1", "path and query forwarded");
+
+    // Exact /ws and the partner prefix go elsewhere; /wsx is still Prefix `/`.
+    assert_eq!(bed.echo("http://plain.example.com/wsx", &[]).name, "web");
+    assert_eq!(
+        bed.echo("http://PLAIN.example.com:80/partner/v1", &[]).name,
+        "partner"
+    );
+
+    // Unknown host, and a host of another IngressClass: 404.
+    for host in ["nowhere.example.com", "other.example.com"] {
+        let response = bed.curl(&format!("http://{host}/"), &[]).expect("request");
+        assert_eq!(response.code, 404, "{host}: {response:?}");
+    }
+}
+
+#[test]
+fn tls_by_sni_redirects_and_websocket() {
+    let bed = Bed::new("l7tls");
+    let (_l4, _l7) = start(&bed);
+
+    // TLS host: plain HTTP is redirected with 308, path and query kept.
+    let redirect = bed
+        .curl("http://shop.example.com/cart?id=7", &[])
+        .expect("request");
+    assert_eq!(redirect.code, 308, "{redirect:?}");
+    assert_eq!(
+        redirect.header("location"),
+        Some("https://shop.example.com/cart?id=7")
+    );
+
+    // HTTPS, verified against the test CA: the shop certificate for shop.example.com,
+    // over HTTP/2 (ALPN) and HTTP/1.1.
+    let h2 = bed
+        .curl("https://shop.example.com/api/orders", &["--http2"])
+        .expect("h2");
+    assert_eq!(h2.code, 200, "{h2:?}");
+    assert_eq!(h2.version, "HTTP/2");
+    let echo: Echo = serde_json::from_str(&h2.body).expect("echo");
+    assert_eq!(echo.name, "api", "longest prefix /api");
+    assert_eq!(echo.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(echo.header("x-forwarded-port"), Some("443"));
+    let h1 = bed.echo("https://shop.example.com/", &["--http1.1"]);
+    assert_eq!(h1.name, "web");
+
+    // The wildcard certificate for one label under legacy.example.com; that Ingress
+    // turned the redirect off.
+    assert_eq!(bed.echo("https://a.legacy.example.com/", &[]).name, "api");
+    assert_eq!(bed.echo("http://b.legacy.example.com/", &[]).name, "api");
+
+    // An unknown SNI gets the default certificate, which the test CA did not sign.
+    let unknown = bed.curl("https://nowhere.example.com/", &[]);
+    assert!(
+        unknown.is_err(),
+        "default certificate must not verify: {unknown:?}"
+    );
+    let insecure = bed
+        .curl("https://nowhere.example.com/", &["--insecure"])
+        .expect("insecure request");
+    assert_eq!(insecure.code, 404);
+
+    // A WebSocket through both hops.
+    let echoes = testbed::websocket_echo(
+        &bed.topo.client,
+        SocketAddr::new(vip(), 80),
+        "plain.example.com",
+        "/ws",
+        &["hello", "xlb"],
+        STEP,
+    )
+    .expect("WebSocket through the L7 hop");
+    assert_eq!(echoes, ["hello", "xlb"]);
+}
