@@ -95,11 +95,7 @@ fn populate(server: &ApiServer, count: usize) {
 }
 
 fn kind_and_name(event: &ClusterEvent) -> String {
-    let object_name = |o: &Object| match o {
-        Object::Service(s) => s.metadata.name.clone().unwrap_or_default(),
-        Object::EndpointSlice(s) => s.metadata.name.clone().unwrap_or_default(),
-        Object::Node(n) => n.metadata.name.clone().unwrap_or_default(),
-    };
+    let object_name = |o: &Object| o.meta().name.clone().unwrap_or_default();
     match event {
         ClusterEvent::Apply(o) => format!("Apply {} {}", o.kind(), object_name(o)),
         ClusterEvent::Delete(o) => format!("Delete {} {}", o.kind(), object_name(o)),

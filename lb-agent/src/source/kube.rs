@@ -328,6 +328,9 @@ impl EventPublisher {
             Kind::Service => ("v1", Some(object.namespace.clone())),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", Some(object.namespace.clone())),
             Kind::Node => ("v1", None),
+            Kind::Ingress => ("networking.k8s.io/v1", Some(object.namespace.clone())),
+            Kind::IngressClass => ("networking.k8s.io/v1", None),
+            Kind::Secret => ("v1", Some(object.namespace.clone())),
         };
         let event_namespace = namespace.clone().unwrap_or_else(|| "default".to_owned());
         KubeEvent {
@@ -385,11 +388,7 @@ mod tests {
     }
 
     fn name_of(object: &Object) -> String {
-        match object {
-            Object::Service(o) => o.metadata.name.clone().unwrap_or_default(),
-            Object::EndpointSlice(o) => o.metadata.name.clone().unwrap_or_default(),
-            Object::Node(o) => o.metadata.name.clone().unwrap_or_default(),
-        }
+        object.meta().name.clone().unwrap_or_default()
     }
 
     #[test]

@@ -392,7 +392,7 @@ struct ResourceInfo {
     namespaced: bool,
 }
 
-const RESOURCES: [ResourceInfo; 3] = [
+const RESOURCES: [ResourceInfo; 6] = [
     ResourceInfo {
         kind: Kind::Service,
         group: "",
@@ -417,14 +417,34 @@ const RESOURCES: [ResourceInfo; 3] = [
         list_kind: "NodeList",
         namespaced: false,
     },
+    ResourceInfo {
+        kind: Kind::Ingress,
+        group: "networking.k8s.io",
+        api_version: "networking.k8s.io/v1",
+        plural: "ingresses",
+        list_kind: "IngressList",
+        namespaced: true,
+    },
+    ResourceInfo {
+        kind: Kind::IngressClass,
+        group: "networking.k8s.io",
+        api_version: "networking.k8s.io/v1",
+        plural: "ingressclasses",
+        list_kind: "IngressClassList",
+        namespaced: false,
+    },
+    ResourceInfo {
+        kind: Kind::Secret,
+        group: "",
+        api_version: "v1",
+        plural: "secrets",
+        list_kind: "SecretList",
+        namespaced: true,
+    },
 ];
 
 fn info(kind: Kind) -> &'static ResourceInfo {
-    match kind {
-        Kind::Service => &RESOURCES[0],
-        Kind::EndpointSlice => &RESOURCES[1],
-        Kind::Node => &RESOURCES[2],
-    }
+    &RESOURCES[kind_index(kind)]
 }
 
 /// The objects, their history and the open list snapshots.
@@ -433,7 +453,7 @@ struct Store {
     /// The last resourceVersion handed out.
     rv: u64,
     /// Indexed like [`RESOURCES`].
-    kinds: [KindStore; 3],
+    kinds: [KindStore; 6],
     snapshots: BTreeMap<u64, Snapshot>,
     next_snapshot: u64,
     next_uid: u64,
@@ -469,6 +489,9 @@ fn kind_index(kind: Kind) -> usize {
         Kind::Service => 0,
         Kind::EndpointSlice => 1,
         Kind::Node => 2,
+        Kind::Ingress => 3,
+        Kind::IngressClass => 4,
+        Kind::Secret => 5,
     }
 }
 
@@ -570,11 +593,7 @@ impl KindStore {
 fn meta_mut(
     object: &mut Object,
 ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-    match object {
-        Object::Service(o) => &mut o.metadata,
-        Object::EndpointSlice(o) => &mut o.metadata,
-        Object::Node(o) => &mut o.metadata,
-    }
+    object.meta_mut()
 }
 
 fn to_json(object: &Object) -> Bytes {
@@ -582,6 +601,9 @@ fn to_json(object: &Object) -> Bytes {
         Object::Service(o) => serde_json::to_vec(o),
         Object::EndpointSlice(o) => serde_json::to_vec(o),
         Object::Node(o) => serde_json::to_vec(o),
+        Object::Ingress(o) => serde_json::to_vec(o),
+        Object::IngressClass(o) => serde_json::to_vec(o),
+        Object::Secret(o) => serde_json::to_vec(o),
     };
     Bytes::from(json.expect("Kubernetes objects serialize"))
 }

@@ -94,7 +94,7 @@ items:
     let mut source = ManifestSource::new(&d.0);
     let load = source.read(false).unwrap().expect("first read");
     assert!(load.errors.is_empty(), "{:?}", load.errors);
-    assert_eq!(load.events.len(), 3);
+    assert_eq!(load.events.len(), Kind::ALL.len());
     let cluster = cluster_of(load);
     assert!(cluster.synced());
     let key = ObjectKey::new("shop", "web");
