@@ -325,12 +325,11 @@ impl EventPublisher {
     fn event(&self, kind: Kind, object: &ObjectKey, reason: &str, note: &str) -> KubeEvent {
         let now = k8s_openapi::jiff::Timestamp::now();
         let (api_version, namespace) = match kind {
-            Kind::Service => ("v1", Some(object.namespace.clone())),
+            Kind::Service | Kind::Secret => ("v1", Some(object.namespace.clone())),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", Some(object.namespace.clone())),
             Kind::Node => ("v1", None),
             Kind::Ingress => ("networking.k8s.io/v1", Some(object.namespace.clone())),
             Kind::IngressClass => ("networking.k8s.io/v1", None),
-            Kind::Secret => ("v1", Some(object.namespace.clone())),
         };
         let event_namespace = namespace.clone().unwrap_or_else(|| "default".to_owned());
         KubeEvent {

@@ -44,6 +44,9 @@ fn target<'a>(table: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> 
     table.lookup(host, path).map(|r| r.upstream.name.as_str())
 }
 
+/// Rule paths, request path, the rule that should match.
+type Row<'a> = (&'a [(PathKind, &'a str)], &'a str, Option<&'a str>);
+
 /// Every row of the table under "Examples" in
 /// <https://kubernetes.io/docs/concepts/services-networking/ingress/#examples>
 /// (path types, paths in the rule, request path, match).
@@ -51,7 +54,7 @@ fn target<'a>(table: &'a RouteTable, host: &str, path: &str) -> Option<&'a str> 
 fn kubernetes_docs_path_matching_table() {
     use PathKind::{Exact, Prefix};
     #[rustfmt::skip]
-    let rows: &[(&[(PathKind, &str)], &str, Option<&str>)] = &[
+    let rows: &[Row] = &[
         // Prefix  /  (all paths)  Yes
         (&[(Prefix, "/")], "/", Some("/")),
         (&[(Prefix, "/")], "/anything/at/all", Some("/")),
