@@ -49,7 +49,7 @@ pub(super) async fn run(opts: &RunOptions, state: Arc<AgentState>) -> Result<()>
             ));
             tracing::info!("watching Services, EndpointSlices and Nodes");
             tokio::spawn(async move {
-                if let Err(e) = crate::source::kube::run(client, tx).await {
+                if let Err(e) = crate::source::kube::run(client, tx, false).await {
                     tracing::error!("Kubernetes source stopped: {e:#}");
                 }
             })
