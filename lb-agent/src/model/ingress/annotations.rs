@@ -47,7 +47,7 @@ impl Settings {
         Route {
             upstream,
             ingress: ingress.clone(),
-            ssl_redirect: self.force_ssl_redirect || tls,
+            ssl_redirect: self.force_ssl_redirect || (tls && self.ssl_redirect),
             balance: self.balance,
             max_body_bytes: self.max_body_bytes,
         }
