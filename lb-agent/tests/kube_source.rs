@@ -10,11 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use lb_agent::source::cluster::{Cluster, ClusterEvent, Dirty, Kind, Object, ObjectKey};
-use lb_agent::source::kube::{self as kube_source, EventPublisher, REQUIRED_ACCESS};
+use lb_agent::source::kube::{
+    self as kube_source, EventPublisher, L7_ACCESS, REQUIRED_ACCESS, SECRET_FIELD_SELECTOR,
+};
 use lb_agent::testbed::{self, ApiServer, Netns};
 use tokio::sync::mpsc;
 
@@ -95,11 +98,7 @@ fn populate(server: &ApiServer, count: usize) {
 }
 
 fn kind_and_name(event: &ClusterEvent) -> String {
-    let object_name = |o: &Object| match o {
-        Object::Service(s) => s.metadata.name.clone().unwrap_or_default(),
-        Object::EndpointSlice(s) => s.metadata.name.clone().unwrap_or_default(),
-        Object::Node(n) => n.metadata.name.clone().unwrap_or_default(),
-    };
+    let object_name = |o: &Object| o.meta().name.clone().unwrap_or_default();
     match event {
         ClusterEvent::Apply(o) => format!("Apply {} {}", o.kind(), object_name(o)),
         ClusterEvent::Delete(o) => format!("Delete {} {}", o.kind(), object_name(o)),
@@ -109,6 +108,8 @@ fn kind_and_name(event: &ClusterEvent) -> String {
 
 /// The source running against the server, and the cluster index its events feed.
 struct Source {
+    /// The kinds it watches.
+    kinds: &'static [Kind],
     rx: mpsc::Receiver<ClusterEvent>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     cluster: Cluster,
@@ -116,14 +117,22 @@ struct Source {
 }
 
 impl Source {
+    /// The L4 source (what every agent watches).
     async fn start(server: &ApiServer) -> Source {
+        Source::start_with(server, false).await
+    }
+
+    /// With `l7`, the L7 kinds too.
+    async fn start_with(server: &ApiServer, l7: bool) -> Source {
         let client = server.client().await.expect("client from the kubeconfig");
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(kube_source::run(client.clone(), tx));
+        let task = tokio::spawn(kube_source::run(client.clone(), tx, l7));
+        let cluster = Cluster::new(l7);
         Source {
+            kinds: cluster.required_kinds(),
             rx,
             task,
-            cluster: Cluster::default(),
+            cluster,
             client,
         }
     }
@@ -138,13 +147,13 @@ impl Source {
         (event, dirty)
     }
 
-    /// Reads events until one Replace per kind arrived (as after a relist of all
-    /// three); returns them in order and the union of what they dirtied.
+    /// Reads events until one Replace per watched kind arrived (as after a relist of
+    /// all); returns them in order and the union of what they dirtied.
     async fn next_replaces(&mut self) -> (Vec<String>, Dirty) {
         let mut seen = Vec::new();
         let mut kinds = BTreeSet::new();
         let mut dirty = Dirty::None;
-        while kinds.len() < Kind::ALL.len() {
+        while kinds.len() < self.kinds.len() {
             let (event, d) = self.next().await;
             if let ClusterEvent::Replace(kind, _) = &event {
                 kinds.insert(*kind);
@@ -595,5 +604,201 @@ fn requests_stay_within_required_access_and_events_are_deduplicated() {
             "events".to_owned(),
             "create".to_owned()
         )));
+    });
+}
+
+fn ingress(name: &str) -> Object {
+    let yaml = format!(
+        r"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  ingressClassName: xlb
+  rules:
+  - host: shop.example.com
+    http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service:
+            name: web-0
+            port:
+              number: 80
+"
+    );
+    Object::Ingress(serde_yaml::from_str::<Ingress>(&yaml).expect("ingress YAML"))
+}
+
+fn ingress_class() -> Object {
+    let yaml = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata:\n  name: xlb\n\
+                spec:\n  controller: xlb.dev/ingress-controller\n";
+    Object::IngressClass(serde_yaml::from_str::<IngressClass>(yaml).expect("class YAML"))
+}
+
+fn secret(name: &str, type_: &str) -> Object {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: default\n\
+         type: {type_}\ndata:\n  tls.crt: Y2VydA==\n  tls.key: a2V5\n  password: aHVudGVyMg==\n"
+    );
+    Object::Secret(serde_yaml::from_str::<Secret>(&yaml).expect("secret YAML"))
+}
+
+/// With `l7`, Ingresses, IngressClasses and Secrets are listed and watched too, and
+/// only TLS Secrets (by field selector) ever reach the agent; without it none of them
+/// is asked for (see `requests_stay_within_required_access...`).
+#[test]
+fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
+    with_server("kube-l7", async |server| {
+        populate(server, 1);
+        server.apply_all([
+            ingress("shop"),
+            ingress_class(),
+            secret("shop-tls", "kubernetes.io/tls"),
+            secret("db-password", "Opaque"),
+        ]);
+        let mut source = Source::start_with(server, true).await;
+        let (replaces, _) = source.next_replaces().await;
+        let firsts: Vec<&str> = replaces
+            .iter()
+            .filter(|r| r.starts_with("Replace"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                "Replace Service (1)",
+                "Replace EndpointSlice (1)",
+                "Replace Node (2)",
+                "Replace Ingress (1)",
+                "Replace IngressClass (1)",
+                "Replace Secret (1)",
+            ]
+        );
+        assert!(source.cluster.synced());
+        let tls = ObjectKey::new("default", "shop-tls");
+        let keys: Vec<&ObjectKey> = source.cluster.secrets.keys().collect();
+        assert_eq!(keys, [&tls]);
+        let data: Vec<&String> = source.cluster.secrets[&tls]
+            .data
+            .as_ref()
+            .expect("data")
+            .keys()
+            .collect();
+        assert_eq!(data, ["tls.crt", "tls.key"]);
+
+        // Changes: an Opaque Secret never arrives, the TLS one does.
+        server.apply(secret("api-token", "Opaque"));
+        server.apply(secret("api-tls", "kubernetes.io/tls"));
+        let (event, dirty) = source.next().await;
+        assert_eq!(kind_and_name(&event), "Apply Secret api-tls");
+        assert_eq!(dirty, Dirty::None, "an L7 change dirties no Service");
+
+        let secret_requests: Vec<_> = server
+            .requests()
+            .into_iter()
+            .filter(|r| r.resource == "secrets")
+            .collect();
+        assert!(secret_requests.iter().any(|r| r.verb == "watch"));
+        for r in &secret_requests {
+            assert_eq!(
+                r.param("fieldSelector").as_deref(),
+                Some(SECRET_FIELD_SELECTOR),
+                "{r:?}"
+            );
+        }
+        for r in server.requests() {
+            let allowed = REQUIRED_ACCESS.iter().chain(L7_ACCESS).any(|a| {
+                a.group == r.group && a.resource == r.resource && a.verbs.contains(&r.verb.as_str())
+            });
+            assert!(
+                allowed,
+                "request outside REQUIRED_ACCESS and L7_ACCESS: {r:?}"
+            );
+        }
+    });
+}
+
+/// The Ingress status writer's request: a merge patch of the status subresource is
+/// stored (only `status`), moves the resourceVersion on and reaches watchers as a
+/// change, and the index keeps `status.loadBalancer`.
+#[test]
+fn ingress_status_patch_is_stored_and_watched() {
+    with_server("kube-status", async |server| {
+        populate(server, 1);
+        server.apply_all([ingress("shop"), ingress_class()]);
+        let mut source = Source::start_with(server, true).await;
+        source.next_replaces().await;
+        let before = server.resource_version();
+
+        let api: Api<Ingress> = Api::namespaced(source.client.clone(), "default");
+        let patch = serde_json::json!({
+            "spec": { "ingressClassName": "ignored-by-the-status-subresource" },
+            "status": { "loadBalancer": { "ingress": [ { "ip": "203.0.113.80" } ] } },
+        });
+        let patched = api
+            .patch_status("shop", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("status patch");
+        let rv: u64 = patched
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .expect("resourceVersion");
+        assert!(rv > before);
+        let ips = |i: &Ingress| -> Vec<String> {
+            i.status
+                .iter()
+                .flat_map(|s| s.load_balancer.iter())
+                .flat_map(|lb| lb.ingress.iter().flatten())
+                .filter_map(|i| i.ip.clone())
+                .collect()
+        };
+        assert_eq!(ips(&patched), ["203.0.113.80"]);
+        assert_eq!(
+            patched
+                .spec
+                .as_ref()
+                .and_then(|s| s.ingress_class_name.as_deref()),
+            Some("xlb")
+        );
+
+        let (event, _) = source.next().await;
+        assert_eq!(kind_and_name(&event), "Apply Ingress shop");
+        let stored = &source.cluster.ingresses[&ObjectKey::new("default", "shop")];
+        assert_eq!(ips(stored), ["203.0.113.80"]);
+
+        // The same patch again changes nothing; a missing Ingress is 404.
+        let again = api
+            .patch_status("shop", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("same patch");
+        assert_eq!(
+            again.metadata.resource_version,
+            patched.metadata.resource_version
+        );
+        let missing = api
+            .patch_status("nope", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect_err("no such Ingress");
+        assert!(
+            matches!(missing, kube::Error::Api(ref s) if s.code == 404),
+            "{missing:?}"
+        );
+        let patch_requests: Vec<_> = server
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH")
+            .collect();
+        assert_eq!(patch_requests.len(), 3);
+        assert!(
+            patch_requests
+                .iter()
+                .all(|r| r.resource == "ingresses/status" && r.verb == "patch"),
+            "{patch_requests:#?}"
+        );
     });
 }

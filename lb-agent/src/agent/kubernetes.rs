@@ -73,7 +73,7 @@ pub(super) async fn run(
         _ => None,
     };
 
-    let mut cluster = Cluster::default();
+    let mut cluster = Cluster::new(opts.l7.is_some());
     let mut translator = Translator::new(opts.node.name.clone(), opts.node.addresses.clone());
     let mut health = ServiceHealth::default();
     let mut synced = false;
@@ -166,8 +166,9 @@ async fn start_source(
             ));
             status_client = Some(client.clone());
             tracing::info!("watching Services, EndpointSlices and Nodes");
+            let l7 = opts.l7.is_some();
             tokio::spawn(async move {
-                if let Err(e) = crate::source::kube::run(client, tx).await {
+                if let Err(e) = crate::source::kube::run(client, tx, l7).await {
                     tracing::error!("Kubernetes source stopped: {e:#}");
                 }
             })

@@ -28,6 +28,8 @@ pub(super) struct L7Hop {
     reported: BTreeSet<String>,
     /// Annotations warned about once.
     ignored: BTreeSet<(ObjectKey, String)>,
+    /// The cluster's L7 generation the snapshot was built from.
+    built: Option<u64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -52,23 +54,40 @@ impl L7Hop {
             status,
             reported: BTreeSet::new(),
             ignored: BTreeSet::new(),
+            built: None,
             tasks,
         }
     }
 
-    /// Translates the cluster's Ingresses again and serves the result.
+    /// Translates the cluster's Ingresses again, when anything they depend on changed,
+    /// and serves the result.
     pub(super) fn update(
         &mut self,
         cluster: &Cluster,
         state: &AgentState,
         events: Option<&EventPublisher>,
     ) {
+        if self.built == Some(cluster.l7_generation()) {
+            return;
+        }
+        self.built = Some(cluster.l7_generation());
         let IngressTranslation {
             snapshot,
             problems,
             owned,
-            ..
+            ignored_annotations,
         } = ingress::translate(cluster, &self.options.class);
+        for (ingress, annotation) in ignored_annotations {
+            let key = (ingress, annotation);
+            if !self.ignored.contains(&key) {
+                tracing::warn!(
+                    ingress = %key.0,
+                    annotation = key.1,
+                    "annotation not supported by xlb; ignored"
+                );
+                self.ignored.insert(key);
+            }
+        }
         let texts: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
         let new: Vec<_> = problems
             .into_iter()
@@ -94,7 +113,7 @@ impl L7Hop {
                 status::published(&self.options.publish_addresses, publish.map(AsRef::as_ref));
             let served = owned
                 .iter()
-                .filter_map(|key| MERGE_INGRESSES(cluster, key).map(|i| (key, i)));
+                .filter_map(|key| cluster.ingresses.get(key).map(|i| (key, i.as_ref())));
             let updates = status::updates(served, &wanted);
             status.send_if_modified(|pending| {
                 let changed = *pending != updates;
@@ -113,11 +132,3 @@ impl Drop for L7Hop {
     }
 }
 
-// MERGE: replaced by the cluster index's Ingresses when the model lands.
-#[allow(non_snake_case)]
-fn MERGE_INGRESSES<'a>(
-    _cluster: &'a Cluster,
-    _key: &ObjectKey,
-) -> Option<&'a k8s_openapi::api::networking::v1::Ingress> {
-    None
-}

@@ -39,6 +39,9 @@ fn push(value: &serde_yaml::Value, out: &mut Vec<Object>) {
         Some("Service") => out.push(Object::Service(typed(value))),
         Some("EndpointSlice") => out.push(Object::EndpointSlice(typed(value))),
         Some("Node") => out.push(Object::Node(typed(value))),
+        Some("Ingress") => out.push(Object::Ingress(typed(value))),
+        Some("IngressClass") => out.push(Object::IngressClass(typed(value))),
+        Some("Secret") => out.push(Object::Secret(typed(value))),
         kind => panic!("unexpected {kind:?} {:?}", value["metadata"]["name"]),
     }
 }

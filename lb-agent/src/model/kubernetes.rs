@@ -590,6 +590,31 @@ fn usable<'a>(family: &[&'a Candidate], local: bool) -> Vec<&'a Candidate> {
     }
 }
 
+/// The endpoints the L7 hop may send a Service port's requests to: the same slices,
+/// port matching and ready-else-serving-and-terminating rule as the L4 translation (per
+/// address family), with no node locality. Problems name the slices.
+pub(crate) fn usable_endpoints(
+    service: &ObjectKey,
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+) -> (Vec<std::net::SocketAddr>, Vec<Problem>) {
+    let mut ctx = Ctx::new(service);
+    let candidates = endpoints_for(port, Protocol::Tcp, slices, &NodeInfo::default(), &mut ctx);
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let family: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.endpoint.addr.is_ipv6() == v6)
+            .collect();
+        out.extend(
+            usable(&family, false)
+                .into_iter()
+                .map(|c| std::net::SocketAddr::new(c.endpoint.addr, c.endpoint.port)),
+        );
+    }
+    (out, ctx.problems)
+}
+
 /// The endpoints of every slice that serve `port`, matched by the Service port's name
 /// and protocol (the EndpointSlice controller resolved `targetPort`, named or not, per
 /// endpoint). An address in several slices counts once (a ready copy wins).

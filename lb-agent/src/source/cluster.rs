@@ -1,17 +1,25 @@
 //! The Kubernetes objects the agent translates, as both Kubernetes sources (`--kube`
 //! and `--manifests`) deliver them, and the index that tells which Services a change
 //! touches. Objects are stored stripped of what the translation never reads.
+//!
+//! The L7 kinds (Ingress, IngressClass, Secret) are watched only with `--l7`; an index
+//! made with [`Cluster::new`]`(true)` waits for them too before it counts as synced.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 /// The label that ties an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The only Secret type the L7 hop reads; the kube source watches no other.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
 
 /// One object of a kind the agent reads.
 // Moved once from a source to the index; boxing would only add an allocation.
@@ -21,6 +29,9 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Node(Node),
+    Ingress(Ingress),
+    IngressClass(IngressClass),
+    Secret(Secret),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,10 +39,29 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    Ingress,
+    IngressClass,
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    /// What the L4 translation reads: every agent watches these.
+    pub const L4: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+    /// What only the L7 hop reads (with Services and EndpointSlices).
+    pub const L7: [Kind; 3] = [Kind::Ingress, Kind::IngressClass, Kind::Secret];
+    pub const ALL: [Kind; 6] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::Ingress,
+        Kind::IngressClass,
+        Kind::Secret,
+    ];
+
+    /// The kinds whose changes make the L7 snapshot stale.
+    pub fn feeds_l7(self) -> bool {
+        !matches!(self, Kind::Node)
+    }
 }
 
 impl fmt::Display for Kind {
@@ -40,6 +70,9 @@ impl fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Ingress => "Ingress",
+            Kind::IngressClass => "IngressClass",
+            Kind::Secret => "Secret",
         })
     }
 }
@@ -62,19 +95,49 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Node(_) => Kind::Node,
+            Object::Ingress(_) => Kind::Ingress,
+            Object::IngressClass(_) => Kind::IngressClass,
+            Object::Secret(_) => Kind::Secret,
         }
     }
 
-    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::Ingress(o) => &o.metadata,
+            Object::IngressClass(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
         match self {
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
+            Object::Ingress(o) => &mut o.metadata,
+            Object::IngressClass(o) => &mut o.metadata,
+            Object::Secret(o) => &mut o.metadata,
+        }
+    }
+
+    /// The index key: `namespace/name`, or `/name` (empty namespace) for the
+    /// cluster-scoped Node and IngressClass.
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Node(_) | Object::IngressClass(_) => {
+                ObjectKey::new("", self.meta().name.as_deref().unwrap_or_default())
+            }
+            _ => ObjectKey::of(self.meta()),
         }
     }
 
     /// Drops what the translation never reads (managed fields, the last-applied
-    /// annotation, a Node's images and conditions), so memory tracks what matters.
+    /// annotation, a Node's images and conditions, a Secret's keys other than
+    /// `tls.crt`/`tls.key`, all data of other Secret types), so memory tracks what
+    /// matters and no unrelated secret is kept.
     pub fn strip(&mut self) {
         let meta = self.meta_mut();
         meta.managed_fields = None;
@@ -91,7 +154,32 @@ impl Object {
                 };
             }
         }
+        if let Object::Secret(secret) = self {
+            strip_secret(secret);
+        }
     }
+}
+
+fn strip_secret(secret: &mut Secret) {
+    // The API server never returns stringData; a manifest may carry it (merged into
+    // data by the manifests source). Keep neither here.
+    secret.string_data = None;
+    if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
+        secret.data = None;
+        return;
+    }
+    if let Some(data) = secret.data.as_mut() {
+        data.retain(|k, _| k == TLS_CERT_KEY || k == TLS_PRIVATE_KEY_KEY);
+    }
+}
+
+/// The data keys of a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+
+/// A TLS Secret's data value, if present.
+pub fn secret_data<'a>(secret: &'a Secret, key: &str) -> Option<&'a ByteString> {
+    secret.data.as_ref()?.get(key)
 }
 
 /// `namespace/name` of a namespaced object.
@@ -170,13 +258,45 @@ pub struct Cluster {
     /// Slice keys by the Service they name (label `kubernetes.io/service-name`).
     by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
+    pub ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
+    /// IngressClasses by name (cluster-scoped).
+    pub ingress_classes: BTreeMap<String, Arc<IngressClass>>,
+    /// Secrets, stripped to `tls.crt`/`tls.key` of `kubernetes.io/tls` ones.
+    pub secrets: BTreeMap<ObjectKey, Arc<Secret>>,
+    /// Whether the L7 kinds must be listed before [`synced`](Self::synced).
+    l7: bool,
     replaced: BTreeSet<Kind>,
+    l7_generation: u64,
 }
 
 impl Cluster {
-    /// True once every kind was listed completely at least once.
+    /// An index that waits for the L4 kinds, and for the L7 kinds too when `l7`.
+    /// `Cluster::default()` is `Cluster::new(false)`.
+    pub fn new(l7: bool) -> Self {
+        Cluster {
+            l7,
+            ..Cluster::default()
+        }
+    }
+
+    /// The kinds a source must list before the index is synced.
+    pub fn required_kinds(&self) -> &'static [Kind] {
+        if self.l7 { &Kind::ALL } else { &Kind::L4 }
+    }
+
+    /// True once every required kind was listed completely at least once.
     pub fn synced(&self) -> bool {
-        Kind::ALL.iter().all(|k| self.replaced.contains(k))
+        self.required_kinds()
+            .iter()
+            .all(|k| self.replaced.contains(k))
+    }
+
+    /// Bumped by every change the L7 snapshot depends on (Ingresses, IngressClasses,
+    /// Secrets, Services, EndpointSlices; not Nodes): rebuild the snapshot when it
+    /// differs from the value the last build saw. L4 [`Dirty`] is unaffected by L7
+    /// kinds.
+    pub fn l7_generation(&self) -> u64 {
+        self.l7_generation
     }
 
     /// The slices that belong to a Service.
@@ -193,90 +313,69 @@ impl Cluster {
     /// An object that is unchanged (same content) dirties nothing, so a relist after a
     /// reconnect rewrites nothing.
     pub fn apply(&mut self, event: ClusterEvent) -> Dirty {
-        match event {
+        let kind = match &event {
+            ClusterEvent::Apply(o) | ClusterEvent::Delete(o) => o.kind(),
+            ClusterEvent::Replace(kind, _) => *kind,
+        };
+        let mut changed = false;
+        let dirty = match event {
             ClusterEvent::Apply(mut object) => {
                 object.strip();
-                self.upsert(object)
+                self.upsert(object, &mut changed)
             }
-            ClusterEvent::Delete(object) => self.remove(&object),
+            ClusterEvent::Delete(object) => self.remove(kind, &object.key(), &mut changed),
             ClusterEvent::Replace(kind, objects) => {
-                self.replaced.insert(kind);
+                // The first list of a kind completes the state the snapshot is built on.
+                changed |= self.replaced.insert(kind);
                 let mut dirty = Dirty::None;
                 let mut seen = BTreeSet::new();
-                let mut seen_nodes = BTreeSet::new();
                 for mut object in objects {
                     if object.kind() != kind {
                         continue;
                     }
                     object.strip();
-                    match &object {
-                        Object::Service(o) => {
-                            seen.insert(ObjectKey::of(&o.metadata));
-                        }
-                        Object::EndpointSlice(o) => {
-                            seen.insert(ObjectKey::of(&o.metadata));
-                        }
-                        Object::Node(o) => {
-                            seen_nodes.insert(o.metadata.name.clone().unwrap_or_default());
-                        }
-                    }
-                    dirty.merge(self.upsert(object));
+                    seen.insert(object.key());
+                    dirty.merge(self.upsert(object, &mut changed));
                 }
-                match kind {
-                    Kind::Service => {
-                        let gone: Vec<_> = self
-                            .services
-                            .keys()
-                            .filter(|k| !seen.contains(*k))
-                            .cloned()
-                            .collect();
-                        for key in gone {
-                            self.services.remove(&key);
-                            dirty.add(key);
-                        }
-                    }
-                    Kind::EndpointSlice => {
-                        let gone: Vec<_> = self
-                            .slices
-                            .keys()
-                            .filter(|k| !seen.contains(*k))
-                            .cloned()
-                            .collect();
-                        for key in gone {
-                            if let Some(owner) = self.remove_slice(&key) {
-                                dirty.add(owner);
-                            }
-                        }
-                    }
-                    Kind::Node => {
-                        let before = self.nodes.len();
-                        self.nodes.retain(|name, _| seen_nodes.contains(name));
-                        if self.nodes.len() != before {
-                            dirty = Dirty::All;
-                        }
+                for key in self.keys(kind) {
+                    if !seen.contains(&key) {
+                        dirty.merge(self.remove(kind, &key, &mut changed));
                     }
                 }
                 dirty
             }
+        };
+        if changed && kind.feeds_l7() {
+            self.l7_generation += 1;
+        }
+        dirty
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        fn named<V>(map: &BTreeMap<String, V>) -> Vec<ObjectKey> {
+            map.keys().map(|name| ObjectKey::new("", name)).collect()
+        }
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Node => named(&self.nodes),
+            Kind::Ingress => self.ingresses.keys().cloned().collect(),
+            Kind::IngressClass => named(&self.ingress_classes),
+            Kind::Secret => self.secrets.keys().cloned().collect(),
         }
     }
 
-    fn upsert(&mut self, object: Object) -> Dirty {
+    fn upsert(&mut self, object: Object, changed: &mut bool) -> Dirty {
+        let key = object.key();
         match object {
-            Object::Service(mut svc) => {
-                let key = ObjectKey::of(&svc.metadata);
-                if self
-                    .services
-                    .get(&key)
-                    .is_some_and(|old| same(old.as_ref(), &mut svc))
-                {
+            Object::Service(svc) => {
+                if !replace(&mut self.services, key.clone(), svc) {
                     return Dirty::None;
                 }
-                self.services.insert(key.clone(), Arc::new(svc));
+                *changed = true;
                 Dirty::Services(BTreeSet::from([key]))
             }
             Object::EndpointSlice(mut slice) => {
-                let key = ObjectKey::of(&slice.metadata);
                 if self
                     .slices
                     .get(&key)
@@ -284,6 +383,7 @@ impl Cluster {
                 {
                     return Dirty::None;
                 }
+                *changed = true;
                 let mut dirty = Dirty::None;
                 // The service label may change: the old owner loses the slice.
                 if let Some(old_owner) = self.remove_slice(&key) {
@@ -299,47 +399,61 @@ impl Cluster {
                 self.slices.insert(key, Arc::new(slice));
                 dirty
             }
-            Object::Node(mut node) => {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                if self
-                    .nodes
-                    .get(&name)
-                    .is_some_and(|old| same(old.as_ref(), &mut node))
-                {
+            Object::Node(node) => {
+                if !replace(&mut self.nodes, key.name, node) {
                     return Dirty::None;
                 }
-                self.nodes.insert(name, Arc::new(node));
+                *changed = true;
                 Dirty::All
+            }
+            Object::Ingress(ingress) => {
+                *changed |= replace(&mut self.ingresses, key, ingress);
+                Dirty::None
+            }
+            Object::IngressClass(class) => {
+                *changed |= replace(&mut self.ingress_classes, key.name, class);
+                Dirty::None
+            }
+            Object::Secret(secret) => {
+                *changed |= replace(&mut self.secrets, key, secret);
+                Dirty::None
             }
         }
     }
 
-    fn remove(&mut self, object: &Object) -> Dirty {
-        match object {
-            Object::Service(svc) => {
-                let key = ObjectKey::of(&svc.metadata);
-                if self.services.remove(&key).is_some() {
-                    Dirty::Services(BTreeSet::from([key]))
-                } else {
-                    Dirty::None
-                }
-            }
-            Object::EndpointSlice(slice) => {
-                let key = ObjectKey::of(&slice.metadata);
-                match self.remove_slice(&key) {
+    fn remove(&mut self, kind: Kind, key: &ObjectKey, changed: &mut bool) -> Dirty {
+        let dirty = match kind {
+            Kind::Service => match self.services.remove(key) {
+                Some(_) => Dirty::Services(BTreeSet::from([key.clone()])),
+                None => return Dirty::None,
+            },
+            Kind::EndpointSlice => {
+                let had = self.slices.contains_key(key);
+                match self.remove_slice(key) {
                     Some(owner) => Dirty::Services(BTreeSet::from([owner])),
-                    None => Dirty::None,
+                    None if had => Dirty::None,
+                    None => return Dirty::None,
                 }
             }
-            Object::Node(node) => {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                if self.nodes.remove(&name).is_some() {
-                    Dirty::All
-                } else {
-                    Dirty::None
-                }
-            }
-        }
+            Kind::Node => match self.nodes.remove(&key.name) {
+                Some(_) => Dirty::All,
+                None => return Dirty::None,
+            },
+            Kind::Ingress => match self.ingresses.remove(key) {
+                Some(_) => Dirty::None,
+                None => return Dirty::None,
+            },
+            Kind::IngressClass => match self.ingress_classes.remove(&key.name) {
+                Some(_) => Dirty::None,
+                None => return Dirty::None,
+            },
+            Kind::Secret => match self.secrets.remove(key) {
+                Some(_) => Dirty::None,
+                None => return Dirty::None,
+            },
+        };
+        *changed = true;
+        dirty
     }
 
     /// Removes a slice; returns the Service it belonged to.
@@ -354,6 +468,22 @@ impl Cluster {
         }
         Some(owner)
     }
+}
+
+/// Stores `new` under `key` unless the stored version has the same content; true when
+/// it stored.
+fn replace<K: Ord, T>(map: &mut BTreeMap<K, Arc<T>>, key: K, mut new: T) -> bool
+where
+    T: PartialEq + k8s_openapi::Metadata<Ty = ObjectMeta>,
+{
+    if map
+        .get(&key)
+        .is_some_and(|old| same(old.as_ref(), &mut new))
+    {
+        return false;
+    }
+    map.insert(key, Arc::new(new));
+    true
 }
 
 /// The Service an EndpointSlice belongs to, from its label.
@@ -377,4 +507,122 @@ where
     let equal = old == new;
     new.metadata_mut().resource_version = own;
     equal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::networking::v1::IngressSpec;
+
+    fn meta(namespace: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn ingress(name: &str, class: &str) -> Object {
+        Object::Ingress(Ingress {
+            metadata: meta("shop", name),
+            spec: Some(IngressSpec {
+                ingress_class_name: Some(class.to_owned()),
+                ..IngressSpec::default()
+            }),
+            ..Ingress::default()
+        })
+    }
+
+    fn secret(type_: &str) -> Secret {
+        Secret {
+            metadata: meta("shop", "tls"),
+            type_: Some(type_.to_owned()),
+            data: Some(BTreeMap::from([
+                ("tls.crt".to_owned(), ByteString(b"c".to_vec())),
+                ("tls.key".to_owned(), ByteString(b"k".to_vec())),
+                ("ca.crt".to_owned(), ByteString(b"a".to_vec())),
+            ])),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn l4_only_index_syncs_without_the_l7_kinds() {
+        let mut l4 = Cluster::default();
+        let mut l7 = Cluster::new(true);
+        for kind in Kind::L4 {
+            l4.apply(ClusterEvent::Replace(kind, Vec::new()));
+            l7.apply(ClusterEvent::Replace(kind, Vec::new()));
+        }
+        assert!(l4.synced());
+        assert!(!l7.synced());
+        for kind in Kind::L7 {
+            l7.apply(ClusterEvent::Replace(kind, Vec::new()));
+        }
+        assert!(l7.synced());
+    }
+
+    #[test]
+    fn l7_kinds_bump_the_generation_but_dirty_no_service() {
+        let mut cluster = Cluster::new(true);
+        let g0 = cluster.l7_generation();
+        assert_eq!(
+            cluster.apply(ClusterEvent::Apply(ingress("web", "xlb"))),
+            Dirty::None
+        );
+        let g1 = cluster.l7_generation();
+        assert!(g1 > g0);
+        // Same content again: nothing changed.
+        cluster.apply(ClusterEvent::Apply(ingress("web", "xlb")));
+        assert_eq!(cluster.l7_generation(), g1);
+        cluster.apply(ClusterEvent::Apply(ingress("web", "other")));
+        let g2 = cluster.l7_generation();
+        assert!(g2 > g1);
+        // A relist without it deletes it.
+        assert_eq!(
+            cluster.apply(ClusterEvent::Replace(Kind::Ingress, Vec::new())),
+            Dirty::None
+        );
+        assert!(cluster.ingresses.is_empty());
+        let g3 = cluster.l7_generation();
+        assert!(g3 > g2);
+        // A Node change is L4 only.
+        let node = Object::Node(Node {
+            metadata: ObjectMeta {
+                name: Some("n".into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        });
+        assert_eq!(cluster.apply(ClusterEvent::Apply(node)), Dirty::All);
+        assert_eq!(cluster.l7_generation(), g3);
+        // A Service change is both.
+        let svc = Object::Service(Service {
+            metadata: meta("shop", "web"),
+            ..Service::default()
+        });
+        assert!(matches!(
+            cluster.apply(ClusterEvent::Apply(svc.clone())),
+            Dirty::Services(_)
+        ));
+        assert!(cluster.l7_generation() > g3);
+        let g4 = cluster.l7_generation();
+        cluster.apply(ClusterEvent::Delete(svc));
+        assert!(cluster.l7_generation() > g4);
+    }
+
+    #[test]
+    fn secrets_keep_only_tls_keys_of_tls_secrets() {
+        let mut cluster = Cluster::new(true);
+        cluster.apply(ClusterEvent::Apply(Object::Secret(secret(TLS_SECRET_TYPE))));
+        let stored = &cluster.secrets[&ObjectKey::new("shop", "tls")];
+        let keys: Vec<&String> = stored.data.as_ref().unwrap().keys().collect();
+        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        cluster.apply(ClusterEvent::Apply(Object::Secret(secret("Opaque"))));
+        assert!(
+            cluster.secrets[&ObjectKey::new("shop", "tls")]
+                .data
+                .is_none()
+        );
+    }
 }

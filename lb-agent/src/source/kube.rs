@@ -1,4 +1,5 @@
-//! `--kube`: kube-rs watchers on Services, EndpointSlices and Nodes, turned into
+//! `--kube`: kube-rs watchers on Services, EndpointSlices and Nodes (with `--l7` also
+//! Ingresses, IngressClasses and `kubernetes.io/tls` Secrets), turned into
 //! `ClusterEvent`s, and the Kubernetes Events the agent publishes about objects it
 //! skips.
 //!
@@ -12,9 +13,10 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 
 use futures_util::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::runtime::WatchStreamExt;
@@ -60,18 +62,76 @@ pub const REQUIRED_ACCESS: &[Access] = &[
     },
 ];
 
+/// What the L7 hop adds to [`REQUIRED_ACCESS`] (with `--l7`): its kinds read, and the
+/// Ingress status written (a merge patch of the status subresource). deploy/'s
+/// ClusterRole grants both sets.
+pub const L7_ACCESS: &[Access] = &[
+    Access {
+        group: "networking.k8s.io",
+        resource: "ingresses",
+        verbs: &["get", "list", "watch"],
+    },
+    Access {
+        group: "networking.k8s.io",
+        resource: "ingressclasses",
+        verbs: &["get", "list", "watch"],
+    },
+    Access {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch"],
+    },
+    Access {
+        group: "networking.k8s.io",
+        resource: "ingresses/status",
+        verbs: &["update", "patch"],
+    },
+];
+
+/// The field selector on Secrets: only TLS Secrets are listed, so no other secret ever
+/// reaches the agent's memory.
+pub const SECRET_FIELD_SELECTOR: &str = "type=kubernetes.io/tls";
+
 /// Watches the cluster and sends every change to `tx` until `tx` closes (then returns
 /// `Ok`). API errors never end it: each watcher retries with kube-runtime's default
-/// backoff (0.8 s doubling to 30 s, with jitter) forever.
+/// backoff (0.8 s doubling to 30 s, with jitter) forever. With `l7`, the L7 kinds are
+/// watched too (Secrets of type `kubernetes.io/tls` only).
 ///
 /// The first events are one `Replace` per kind, in `Kind::ALL` order, each sent once
-/// that kind's first complete list is in; changes follow only after all three.
-pub async fn run(client: kube::Client, tx: mpsc::Sender<ClusterEvent>) -> anyhow::Result<()> {
-    let mut streams = [
-        relay::<Service>(&client, Kind::Service, Object::Service),
-        relay::<EndpointSlice>(&client, Kind::EndpointSlice, Object::EndpointSlice),
-        relay::<Node>(&client, Kind::Node, Object::Node),
+/// that kind's first complete list is in; changes follow only after all of them.
+pub async fn run(
+    client: kube::Client,
+    tx: mpsc::Sender<ClusterEvent>,
+    l7: bool,
+) -> anyhow::Result<()> {
+    let all = watcher::Config::default();
+    let mut streams = vec![
+        relay::<Service>(&client, Kind::Service, Object::Service, all.clone()),
+        relay::<EndpointSlice>(
+            &client,
+            Kind::EndpointSlice,
+            Object::EndpointSlice,
+            all.clone(),
+        ),
+        relay::<Node>(&client, Kind::Node, Object::Node, all.clone()),
     ];
+    if l7 {
+        streams.extend([
+            relay::<Ingress>(&client, Kind::Ingress, Object::Ingress, all.clone()),
+            relay::<IngressClass>(
+                &client,
+                Kind::IngressClass,
+                Object::IngressClass,
+                all.clone(),
+            ),
+            relay::<Secret>(
+                &client,
+                Kind::Secret,
+                Object::Secret,
+                all.fields(SECRET_FIELD_SELECTOR),
+            ),
+        ]);
+    }
     // A relay's first event is its first Replace; a kind that finished listing is not
     // polled (its watch not started) until every kind has.
     let firsts = futures_util::future::join_all(streams.iter_mut().map(StreamExt::next)).await;
@@ -98,13 +158,14 @@ fn relay<K>(
     client: &kube::Client,
     kind: Kind,
     wrap: fn(K) -> Object,
+    config: watcher::Config,
 ) -> BoxStream<'static, ClusterEvent>
 where
     K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let api: Api<K> = Api::all(client.clone());
     let mut relay = Relay::new(kind);
-    watcher(api, watcher::Config::default())
+    watcher(api, config)
         .default_backoff()
         .filter_map(move |item| {
             let event = relay.step(item.map(|event| map_event(event, wrap)));
@@ -325,9 +386,11 @@ impl EventPublisher {
     fn event(&self, kind: Kind, object: &ObjectKey, reason: &str, note: &str) -> KubeEvent {
         let now = k8s_openapi::jiff::Timestamp::now();
         let (api_version, namespace) = match kind {
-            Kind::Service => ("v1", Some(object.namespace.clone())),
+            Kind::Service | Kind::Secret => ("v1", Some(object.namespace.clone())),
             Kind::EndpointSlice => ("discovery.k8s.io/v1", Some(object.namespace.clone())),
             Kind::Node => ("v1", None),
+            Kind::Ingress => ("networking.k8s.io/v1", Some(object.namespace.clone())),
+            Kind::IngressClass => ("networking.k8s.io/v1", None),
         };
         let event_namespace = namespace.clone().unwrap_or_else(|| "default".to_owned());
         KubeEvent {
@@ -384,12 +447,16 @@ mod tests {
         Object::Service(svc)
     }
 
+    #[test]
+    fn the_secret_selector_names_the_tls_type() {
+        assert_eq!(
+            SECRET_FIELD_SELECTOR,
+            format!("type={}", crate::source::cluster::TLS_SECRET_TYPE)
+        );
+    }
+
     fn name_of(object: &Object) -> String {
-        match object {
-            Object::Service(o) => o.metadata.name.clone().unwrap_or_default(),
-            Object::EndpointSlice(o) => o.metadata.name.clone().unwrap_or_default(),
-            Object::Node(o) => o.metadata.name.clone().unwrap_or_default(),
-        }
+        object.meta().name.clone().unwrap_or_default()
     }
 
     #[test]

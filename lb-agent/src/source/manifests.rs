@@ -1,5 +1,5 @@
-//! `--manifests DIR`: Kubernetes YAML from a directory (Service, EndpointSlice, Node;
-//! multi-document files and `kind: List` as `kubectl get -o yaml` prints), translated
+//! `--manifests DIR`: Kubernetes YAML from a directory (Service, EndpointSlice, Node,
+//! Ingress, IngressClass, Secret; multi-document files and `kind: List` as `kubectl get -o yaml` prints), translated
 //! exactly as `--kube` would. A changed directory yields one `Replace` per kind.
 //!
 //! Bad input loses nothing: a document that does not parse keeps the last good version
@@ -9,8 +9,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde::de::DeserializeOwned;
 
 use super::cluster::{ClusterEvent, Kind, Object};
@@ -203,6 +205,9 @@ fn parse_object(
         ("v1", Some("Service")) => Kind::Service,
         ("discovery.k8s.io/v1", Some("EndpointSlice")) => Kind::EndpointSlice,
         ("v1", Some("Node")) => Kind::Node,
+        ("networking.k8s.io/v1", Some("Ingress")) => Kind::Ingress,
+        ("networking.k8s.io/v1", Some("IngressClass")) => Kind::IngressClass,
+        ("v1", Some("Secret")) => Kind::Secret,
         _ => return, // another kind: not ours
     };
     let meta = value.get("metadata");
@@ -212,7 +217,7 @@ fn parse_object(
             .unwrap_or("")
             .to_owned()
     };
-    let namespace = if kind == Kind::Node {
+    let namespace = if matches!(kind, Kind::Node | Kind::IngressClass) {
         String::new()
     } else {
         let ns = text("namespace");
@@ -229,6 +234,16 @@ fn parse_object(
             Object::EndpointSlice(o)
         }),
         Kind::Node => typed::<Node>(value).map(Object::Node),
+        Kind::Ingress => typed::<Ingress>(value).map(|mut o| {
+            o.metadata.namespace = Some(namespace);
+            Object::Ingress(o)
+        }),
+        Kind::IngressClass => typed::<IngressClass>(value).map(Object::IngressClass),
+        Kind::Secret => typed::<Secret>(value).map(|mut o| {
+            o.metadata.namespace = Some(namespace);
+            merge_string_data(&mut o);
+            Object::Secret(o)
+        }),
     };
     let error = |reason: String| ManifestError {
         file: path.to_owned(),
@@ -249,6 +264,17 @@ fn parse_object(
             }
             None => errors.push(error(format!("{reason}; skipped"))),
         },
+    }
+}
+
+/// Moves `stringData` into `data`, as the API server does on write (a `stringData`
+/// key wins over the same `data` key).
+fn merge_string_data(secret: &mut Secret) {
+    if let Some(strings) = secret.string_data.take() {
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        for (key, value) in strings {
+            data.insert(key, ByteString(value.into_bytes()));
+        }
     }
 }
 

@@ -2,9 +2,15 @@
 //! benchmark (no kube-apiserver can be installed on these machines). It speaks the
 //! parts of the Kubernetes API the agent uses, the way the real server does:
 //!
-//! - Services (core/v1), EndpointSlices (discovery.k8s.io/v1) and Nodes: `get`, and
-//!   `list` with `limit`/`continue` pages served from one snapshot (so a paged list is
-//!   consistent, as etcd makes it), cluster-wide or per namespace.
+//! - Services (core/v1), EndpointSlices (discovery.k8s.io/v1), Nodes, Ingresses and
+//!   IngressClasses (networking.k8s.io/v1) and Secrets: `get`, and `list` with
+//!   `limit`/`continue` pages served from one snapshot (so a paged list is consistent,
+//!   as etcd makes it), cluster-wide or per namespace.
+//! - `fieldSelector=type=...` on Secrets (lists and watches), as the L7 hop asks for
+//!   TLS Secrets only.
+//! - `patch` of an Ingress's status subresource with a JSON merge patch
+//!   (`application/merge-patch+json`): only `status` changes, the resourceVersion moves
+//!   on and watches see `MODIFIED`.
 //! - `watch` from a resourceVersion: JSON lines `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK`;
 //!   a resourceVersion older than the retained history gets an `ERROR` event with a
 //!   410 Gone Status (the client must relist); `timeoutSeconds` ends the watch cleanly.
@@ -20,8 +26,8 @@
 //! [`ApiServer::requests`], in which each request carries the RBAC verb and resource
 //! the real server's authorizer would check.
 //!
-//! Label and field selectors, `resourceVersionMatch=Exact` and streaming lists are
-//! refused with 400, so nothing silently relies on them.
+//! Label selectors, other field selectors, `resourceVersionMatch=Exact` and streaming
+//! lists are refused with 400, so nothing silently relies on them.
 //!
 //! The listener is created on a thread inside the test's network namespace (never the
 //! root namespace); its own runtime then serves from any thread. Clients must connect
@@ -96,17 +102,20 @@ impl RequestRecord {
     ) -> Self {
         let (group, resource) = match target {
             Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) => {
-                (resource.group, resource.plural)
+                (resource.group, resource.plural.to_owned())
             }
-            Some(Target::Events { .. }) => ("events.k8s.io", "events"),
-            None => ("", ""),
+            Some(Target::Status { resource, .. }) => {
+                (resource.group, format!("{}/status", resource.plural))
+            }
+            Some(Target::Events { .. }) => ("events.k8s.io", "events".to_owned()),
+            None => ("", String::new()),
         };
         RequestRecord {
             method: method.to_string(),
             path: path.to_owned(),
             query,
             group: group.to_owned(),
-            resource: resource.to_owned(),
+            resource,
             verb: if target.is_some() {
                 verb(method, target, watch)
             } else {
@@ -348,7 +357,7 @@ struct Shared {
     signals: watch::Sender<Signals>,
     available: AtomicBool,
     /// Indexed like [`RESOURCES`].
-    forbidden: [AtomicBool; 3],
+    forbidden: [AtomicBool; 6],
     requests: Mutex<Vec<RequestRecord>>,
     open_watches: AtomicUsize,
 }
@@ -392,7 +401,7 @@ struct ResourceInfo {
     namespaced: bool,
 }
 
-const RESOURCES: [ResourceInfo; 3] = [
+const RESOURCES: [ResourceInfo; 6] = [
     ResourceInfo {
         kind: Kind::Service,
         group: "",
@@ -417,14 +426,34 @@ const RESOURCES: [ResourceInfo; 3] = [
         list_kind: "NodeList",
         namespaced: false,
     },
+    ResourceInfo {
+        kind: Kind::Ingress,
+        group: "networking.k8s.io",
+        api_version: "networking.k8s.io/v1",
+        plural: "ingresses",
+        list_kind: "IngressList",
+        namespaced: true,
+    },
+    ResourceInfo {
+        kind: Kind::IngressClass,
+        group: "networking.k8s.io",
+        api_version: "networking.k8s.io/v1",
+        plural: "ingressclasses",
+        list_kind: "IngressClassList",
+        namespaced: false,
+    },
+    ResourceInfo {
+        kind: Kind::Secret,
+        group: "",
+        api_version: "v1",
+        plural: "secrets",
+        list_kind: "SecretList",
+        namespaced: true,
+    },
 ];
 
 fn info(kind: Kind) -> &'static ResourceInfo {
-    match kind {
-        Kind::Service => &RESOURCES[0],
-        Kind::EndpointSlice => &RESOURCES[1],
-        Kind::Node => &RESOURCES[2],
-    }
+    &RESOURCES[kind_index(kind)]
 }
 
 /// The objects, their history and the open list snapshots.
@@ -433,7 +462,7 @@ struct Store {
     /// The last resourceVersion handed out.
     rv: u64,
     /// Indexed like [`RESOURCES`].
-    kinds: [KindStore; 3],
+    kinds: [KindStore; 6],
     snapshots: BTreeMap<u64, Snapshot>,
     next_snapshot: u64,
     next_uid: u64,
@@ -469,6 +498,9 @@ fn kind_index(kind: Kind) -> usize {
         Kind::Service => 0,
         Kind::EndpointSlice => 1,
         Kind::Node => 2,
+        Kind::Ingress => 3,
+        Kind::IngressClass => 4,
+        Kind::Secret => 5,
     }
 }
 
@@ -570,11 +602,7 @@ impl KindStore {
 fn meta_mut(
     object: &mut Object,
 ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-    match object {
-        Object::Service(o) => &mut o.metadata,
-        Object::EndpointSlice(o) => &mut o.metadata,
-        Object::Node(o) => &mut o.metadata,
-    }
+    object.meta_mut()
 }
 
 fn to_json(object: &Object) -> Bytes {
@@ -582,6 +610,9 @@ fn to_json(object: &Object) -> Bytes {
         Object::Service(o) => serde_json::to_vec(o),
         Object::EndpointSlice(o) => serde_json::to_vec(o),
         Object::Node(o) => serde_json::to_vec(o),
+        Object::Ingress(o) => serde_json::to_vec(o),
+        Object::IngressClass(o) => serde_json::to_vec(o),
+        Object::Secret(o) => serde_json::to_vec(o),
     };
     Bytes::from(json.expect("Kubernetes objects serialize"))
 }
@@ -661,6 +692,12 @@ enum Target {
         namespace: Option<String>,
         name: String,
     },
+    /// An object's status subresource (Ingresses only).
+    Status {
+        resource: &'static ResourceInfo,
+        namespace: String,
+        name: String,
+    },
     Events {
         namespace: String,
     },
@@ -704,6 +741,14 @@ impl Target {
                 Some(Target::Object {
                     resource,
                     namespace: Some((*ns).to_owned()),
+                    name: (*name).to_owned(),
+                })
+            }
+            ["namespaces", ns, plural, name, "status"] => {
+                let resource = find(plural).filter(|r| r.kind == Kind::Ingress)?;
+                Some(Target::Status {
+                    resource,
+                    namespace: (*ns).to_owned(),
                     name: (*name).to_owned(),
                 })
             }
@@ -782,6 +827,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
     if let Some(refusal) = refuse(shared, &req, &query, target.as_ref()) {
         return Ok(refusal);
     }
+    let selector = secret_type_selector(&query);
     let method = req.method().clone();
     match (target, method) {
         (None, _) => Ok(status(
@@ -795,14 +841,20 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
                 namespace,
             }),
             Method::GET,
-        ) if watch => Ok(start_watch(shared, resource, namespace, &query)),
+        ) if watch => Ok(start_watch(shared, resource, namespace, selector, &query)),
         (
             Some(Target::Collection {
                 resource,
                 namespace,
             }),
             Method::GET,
-        ) => Ok(list(shared, resource, namespace.as_deref(), &query)),
+        ) => Ok(list(
+            shared,
+            resource,
+            namespace.as_deref(),
+            selector.as_deref(),
+            &query,
+        )),
         (
             Some(Target::Object {
                 resource,
@@ -814,6 +866,12 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> io::Result<Resp
         (Some(Target::Events { namespace }), Method::POST) => {
             Ok(create_event(shared, &namespace, req).await)
         }
+        (
+            Some(Target::Status {
+                namespace, name, ..
+            }),
+            Method::PATCH,
+        ) => Ok(patch_ingress_status(shared, &namespace, &name, req).await),
         _ => Ok(status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -842,10 +900,21 @@ fn refuse(
             "Unauthorized",
         ));
     }
-    for unsupported in ["labelSelector", "fieldSelector", "sendInitialEvents"] {
+    for unsupported in ["labelSelector", "sendInitialEvents"] {
         if query.get(unsupported).is_some_and(|v| !v.is_empty()) {
             return Some(bad_request(&format!(
                 "the test API server does not support {unsupported}"
+            )));
+        }
+    }
+    if let Some(fields) = query.get("fieldSelector").filter(|v| !v.is_empty()) {
+        let on_secrets = matches!(
+            target,
+            Some(Target::Collection { resource, .. }) if resource.kind == Kind::Secret
+        );
+        if !on_secrets || secret_type_selector(query).is_none() {
+            return Some(bad_request(&format!(
+                "the test API server supports only fieldSelector=type=... on secrets, not {fields:?}"
             )));
         }
     }
@@ -855,7 +924,11 @@ fn refuse(
         ));
     }
 
-    if let Some(Target::Collection { resource, .. } | Target::Object { resource, .. }) = target
+    if let Some(
+        Target::Collection { resource, .. }
+        | Target::Object { resource, .. }
+        | Target::Status { resource, .. },
+    ) = target
         && shared.forbidden[kind_index(resource.kind)].load(Ordering::Relaxed)
     {
         return Some(status(
@@ -895,6 +968,7 @@ fn list(
     shared: &Shared,
     resource: &ResourceInfo,
     namespace: Option<&str>,
+    selector: Option<&str>,
     query: &Query,
 ) -> Response<Body> {
     let limit = match query.get("limit").map(str::parse::<usize>) {
@@ -935,7 +1009,9 @@ fn list(
                 }
             }
             let rv = store.rv;
-            let items = Arc::new(store.kinds[kind_index(resource.kind)].items(namespace));
+            let mut items = store.kinds[kind_index(resource.kind)].items(namespace);
+            items.retain(|json| selected(json, selector));
+            let items = Arc::new(items);
             (rv, items, 0, None)
         }
     };
@@ -997,6 +1073,7 @@ fn start_watch(
     shared: &Arc<Shared>,
     resource: &'static ResourceInfo,
     namespace: Option<String>,
+    selector: Option<String>,
     query: &Query,
 ) -> Response<Body> {
     let from = match query.get("resourceVersion").filter(|v| !v.is_empty()) {
@@ -1015,6 +1092,7 @@ fn start_watch(
         shared: Arc::clone(shared),
         resource,
         namespace,
+        selector,
         bookmarks: query.flag("allowWatchBookmarks"),
         deadline: tokio::time::Instant::now() + timeout,
     };
@@ -1035,6 +1113,8 @@ struct Watch {
     shared: Arc<Shared>,
     resource: &'static ResourceInfo,
     namespace: Option<String>,
+    /// `fieldSelector=type=...` on Secrets: only objects of that type.
+    selector: Option<String>,
     bookmarks: bool,
     deadline: tokio::time::Instant,
 }
@@ -1077,7 +1157,11 @@ impl Watch {
                     store.kinds[kind_index(self.resource.kind)].items(self.namespace.as_deref());
                 (store.rv, items)
             };
-            let lines: Vec<Bytes> = items.iter().map(|json| watch_line("ADDED", json)).collect();
+            let lines: Vec<Bytes> = items
+                .iter()
+                .filter(|json| selected(json, self.selector.as_deref()))
+                .map(|json| watch_line("ADDED", json))
+                .collect();
             if send_lines(tx, lines).await.is_err() {
                 return End::Gone;
             }
@@ -1103,6 +1187,10 @@ impl Watch {
                         .history
                         .range(first..)
                         .filter(|c| self.namespace.as_deref().is_none_or(|ns| ns == c.namespace))
+                        .filter(|c| {
+                            self.selector.is_none()
+                                || line_selected(&c.line, self.selector.as_deref())
+                        })
                         .map(|c| c.line.clone())
                         .collect();
                     cursor = cursor.max(store.rv);
@@ -1164,6 +1252,134 @@ async fn send_lines(
             .map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// The Secret type a `fieldSelector=type=X` (or `type==X`) asks for.
+fn secret_type_selector(query: &Query) -> Option<String> {
+    let fields = query.get("fieldSelector").filter(|v| !v.is_empty())?;
+    let value = fields
+        .strip_prefix("type==")
+        .or_else(|| fields.strip_prefix("type="))?;
+    (!value.is_empty() && !value.contains(',')).then(|| value.to_owned())
+}
+
+/// Whether a stored object (JSON) has the selected `type`; everything without a selector.
+fn selected(json: &[u8], secret_type: Option<&str>) -> bool {
+    let Some(want) = secret_type else {
+        return true;
+    };
+    serde_json::from_slice::<serde_json::Value>(json)
+        .is_ok_and(|v| v["type"].as_str().unwrap_or("Opaque") == want)
+}
+
+/// [`selected`] for a rendered watch line (`{"type":EVENT,"object":{...}}`).
+fn line_selected(line: &[u8], secret_type: Option<&str>) -> bool {
+    let Some(want) = secret_type else {
+        return true;
+    };
+    serde_json::from_slice::<serde_json::Value>(line)
+        .is_ok_and(|v| v["object"]["type"].as_str().unwrap_or("Opaque") == want)
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(serde_json::Map::new());
+    }
+    let serde_json::Value::Object(object) = target else {
+        unreachable!("made an object above")
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge_patch(
+                object.entry(key.clone()).or_insert(serde_json::Value::Null),
+                value,
+            );
+        }
+    }
+}
+
+/// `PATCH .../ingresses/NAME/status` with a merge patch: the status subresource, so only
+/// the patch's `status` is applied (the real server ignores the rest).
+async fn patch_ingress_status(
+    shared: &Shared,
+    namespace: &str,
+    name: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if !content_type.starts_with("application/merge-patch+json") {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            &format!("the test API server takes only merge patches, not {content_type:?}"),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return bad_request(&format!("cannot read the request body: {e}")),
+    };
+    let patch: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(patch) => patch,
+        Err(e) => return bad_request(&format!("the patch is not JSON: {e}")),
+    };
+    let key = (namespace.to_owned(), name.to_owned());
+    let mut store = shared.store();
+    let Some(stored) = store.kind(Kind::Ingress).objects.get(&key).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("ingresses.networking.k8s.io \"{name}\" not found"),
+        );
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&stored).expect("stored objects are JSON");
+    if let Some(new_status) = patch.get("status") {
+        merge_patch(
+            value
+                .as_object_mut()
+                .expect("stored objects are JSON objects")
+                .entry("status")
+                .or_insert(serde_json::Value::Null),
+            new_status,
+        );
+    }
+    let ingress: k8s_openapi::api::networking::v1::Ingress = match serde_json::from_value(value) {
+        Ok(ingress) => ingress,
+        Err(e) => {
+            return status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                &format!("the patched Ingress is invalid: {e}"),
+            );
+        }
+    };
+    store.apply(Object::Ingress(ingress));
+    let rv = store.rv;
+    let json = store
+        .kind(Kind::Ingress)
+        .objects
+        .get(&key)
+        .cloned()
+        .expect("just stored");
+    drop(store);
+    shared.signals.send_modify(|s| s.rv = rv);
+    json_response(StatusCode::OK, json)
 }
 
 async fn create_event(shared: &Shared, namespace: &str, req: Request<Incoming>) -> Response<Body> {
@@ -1280,6 +1496,31 @@ mod tests {
             ),
             ("GET", "/api/v1/nodes/n1", false, "", "nodes", "get"),
             (
+                "GET",
+                "/apis/networking.k8s.io/v1/ingresses",
+                true,
+                "networking.k8s.io",
+                "ingresses",
+                "watch",
+            ),
+            (
+                "GET",
+                "/apis/networking.k8s.io/v1/ingressclasses",
+                false,
+                "networking.k8s.io",
+                "ingressclasses",
+                "list",
+            ),
+            ("GET", "/api/v1/secrets", true, "", "secrets", "watch"),
+            (
+                "PATCH",
+                "/apis/networking.k8s.io/v1/namespaces/a/ingresses/b/status",
+                false,
+                "networking.k8s.io",
+                "ingresses/status",
+                "patch",
+            ),
+            (
                 "POST",
                 "/apis/events.k8s.io/v1/namespaces/a/events",
                 false,
@@ -1290,24 +1531,37 @@ mod tests {
         ];
         for (method, path, watch, group, resource, want) in cases {
             let target = Target::parse(path).expect(path);
-            let (g, r) = match &target {
-                Target::Collection { resource, .. } | Target::Object { resource, .. } => {
-                    (resource.group, resource.plural)
-                }
-                Target::Events { .. } => ("events.k8s.io", "events"),
-            };
-            assert_eq!((g, r), (group, resource), "{path}");
             let method: Method = method.parse().expect("method");
-            assert_eq!(verb(&method, Some(&target), watch), want, "{path}");
+            let record = RequestRecord::new(&method, path, String::new(), Some(&target), watch);
+            assert_eq!(
+                (record.group.as_str(), record.resource.as_str()),
+                (group, resource),
+                "{path}"
+            );
+            assert_eq!(record.verb, want, "{path}");
         }
         for path in [
             "/api/v1/nodes/a/b",
             "/api/v1/namespaces/a/nodes",
             "/api/v2/services",
             "/apis/discovery.k8s.io/v1/services",
+            "/api/v1/namespaces/a/services/b/status",
             "/healthz",
         ] {
             assert!(Target::parse(path).is_none(), "{path}");
         }
+    }
+
+    #[test]
+    fn merge_patches_merge_objects_and_remove_nulls() {
+        let mut target = serde_json::json!({"a": {"b": 1, "c": 2}, "d": [1], "e": "x"});
+        merge_patch(
+            &mut target,
+            &serde_json::json!({"a": {"b": null, "f": 3}, "d": [2], "g": {"h": 1}}),
+        );
+        assert_eq!(
+            target,
+            serde_json::json!({"a": {"c": 2, "f": 3}, "d": [2], "e": "x", "g": {"h": 1}})
+        );
     }
 }

@@ -121,11 +121,7 @@ fn relist_of_unchanged_objects_changes_nothing() {
     assert!(!first.problems.is_empty());
     let before = running.desired.clone();
     for object in &mut objects {
-        let meta = match object {
-            Object::Service(o) => &mut o.metadata,
-            Object::EndpointSlice(o) => &mut o.metadata,
-            Object::Node(o) => &mut o.metadata,
-        };
+        let meta = object.meta_mut();
         meta.resource_version = Some("999999".into());
     }
     for kind in Kind::ALL {
@@ -561,6 +557,7 @@ fn of_kind(kind: Kind) -> BoxedStrategy<Object> {
         Kind::Service => service().boxed(),
         Kind::EndpointSlice => slice().boxed(),
         Kind::Node => node_object().boxed(),
+        other => unreachable!("no L7 objects here: {other}"),
     }
 }
 
@@ -583,11 +580,7 @@ fn event() -> impl Strategy<Value = ClusterEvent> {
 type Truth = BTreeMap<(Kind, String), Object>;
 
 fn key_of(object: &Object) -> (Kind, String) {
-    let meta = match object {
-        Object::Service(o) => &o.metadata,
-        Object::EndpointSlice(o) => &o.metadata,
-        Object::Node(o) => &o.metadata,
-    };
+    let meta = object.meta();
     (object.kind(), meta.name.clone().unwrap_or_default())
 }
 

@@ -94,7 +94,7 @@ items:
     let mut source = ManifestSource::new(&d.0);
     let load = source.read(false).unwrap().expect("first read");
     assert!(load.errors.is_empty(), "{:?}", load.errors);
-    assert_eq!(load.events.len(), 3);
+    assert_eq!(load.events.len(), Kind::ALL.len());
     let cluster = cluster_of(load);
     assert!(cluster.synced());
     let key = ObjectKey::new("shop", "web");
@@ -259,4 +259,91 @@ fn the_example_manifests_translate_cleanly() {
             .collect::<Vec<_>>(),
         ["203.0.113.21"]
     );
+}
+
+/// Ingress, IngressClass and Secret documents (data in base64, or stringData as a
+/// manifest may carry it) reach the index as `kubectl apply` would store them; the
+/// IngressClass is cluster-scoped and Secrets keep only their TLS keys.
+#[test]
+fn l7_kinds_with_secret_data_and_string_data() {
+    let d = dir();
+    let l7 = r"
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: xlb}
+spec: {controller: xlb.dev/ingress-controller}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, namespace: shop}
+spec:
+  ingressClassName: xlb
+  tls:
+  - hosts: [shop.example.com]
+    secretName: encoded
+  rules:
+  - host: shop.example.com
+    http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service: {name: web, port: {number: 80}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: encoded, namespace: shop}
+type: kubernetes.io/tls
+data:
+  tls.crt: Y2VydA==
+  tls.key: a2V5
+  ca.crt: Y2E=
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: plain, namespace: shop}
+type: kubernetes.io/tls
+data:
+  tls.crt: b2xk
+stringData:
+  tls.crt: new
+  tls.key: key
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: opaque, namespace: shop}
+type: Opaque
+stringData: {password: hunter2}
+";
+    fs::write(d.0.join("l7.yaml"), l7).unwrap();
+    let mut source = ManifestSource::new(&d.0);
+    let load = source.read(false).unwrap().expect("first read");
+    assert!(load.errors.is_empty(), "{:?}", load.errors);
+    let cluster = cluster_of(load);
+    assert!(cluster.ingress_classes.contains_key("xlb"));
+    assert!(
+        cluster
+            .ingresses
+            .contains_key(&ObjectKey::new("shop", "web"))
+    );
+    let data = |name: &str| -> Vec<(String, String)> {
+        let secret = &cluster.secrets[&ObjectKey::new("shop", name)];
+        secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).unwrap()))
+            .collect()
+    };
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    assert_eq!(
+        data("encoded"),
+        [pair("tls.crt", "cert"), pair("tls.key", "key")]
+    );
+    // stringData wins over data for the same key, as on the API server.
+    assert_eq!(
+        data("plain"),
+        [pair("tls.crt", "new"), pair("tls.key", "key")]
+    );
+    assert!(data("opaque").is_empty(), "an Opaque Secret keeps no data");
 }

@@ -37,6 +37,7 @@ pub fn measure(cluster: &Synthetic, changes: usize) -> Result<InProcess> {
             Object::Node(_) => nodes.push(object),
             Object::Service(_) => services.push(object),
             Object::EndpointSlice(_) => slices.push(object),
+            Object::Ingress(_) | Object::IngressClass(_) | Object::Secret(_) => {}
         }
     }
     let mut out = InProcess::default();
