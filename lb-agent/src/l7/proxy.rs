@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,7 +26,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::Snapshot;
-use super::balance::Balancer;
+use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
 use super::headers::{Forwarded, add_forwarding, strip_hop_by_hop};
 use super::limits::{Limited, head_within};
@@ -600,67 +601,125 @@ fn redirect(host: &str, https_port: u16, uri: &Uri) -> Local {
     }
 }
 
-/// Picks an endpoint, connects (once more to another endpoint if that fails: the
-/// request has not been sent then) and sends the request.
+/// Picks an endpoint, connects and sends the request. Once per request, a request that
+/// never left the proxy is tried again: after a connect failure on another endpoint,
+/// after a pooled connection turned out closed on a fresh connection.
 async fn send(
     shared: &Shared,
     route: &Route,
     endpoints: &[SocketAddr],
-    req: Request<Body>,
+    mut req: Request<Body>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
-    let mut failed = Vec::new();
-    let (addr, in_flight, sender) = loop {
-        let Some((addr, in_flight)) =
-            shared
-                .balancer
-                .pick(&upstream.name, endpoints, route.balance, &failed)
-        else {
-            return Err(local(
-                StatusCode::BAD_GATEWAY,
-                "connect",
-                "cannot connect to the backend",
-            ));
-        };
-        if !failed.is_empty() {
+    let cannot_connect = || {
+        local(
+            StatusCode::BAD_GATEWAY,
+            "connect",
+            "cannot connect to the backend",
+        )
+    };
+    let mut refused = Vec::new();
+    let mut retried = false;
+    loop {
+        let (addr, in_flight) = shared
+            .balancer
+            .pick(&upstream.name, endpoints, route.balance, &refused)
+            .ok_or_else(cannot_connect)?;
+        if retried {
             shared.metrics.retried();
         }
-        match shared.pool.checkout(addr, upstream.protocol).await {
-            Ok(sender) => break (addr, in_flight, sender),
+        let sender = match shared.pool.checkout(addr, upstream.protocol).await {
+            Ok(sender) => sender,
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", upstream.name);
                 shared.metrics.upstream_error(e.reason());
-                failed.push(addr);
-                if failed.len() > 1 {
-                    return Err(local(
-                        StatusCode::BAD_GATEWAY,
-                        "connect",
-                        "cannot connect to the backend",
-                    ));
+                refused.push(addr);
+                if retried {
+                    return Err(cannot_connect());
+                }
+                retried = true;
+                continue;
+            }
+        };
+        match try_send(sender, req).await {
+            Ok((response, sender)) => {
+                return Ok(respond(
+                    shared,
+                    response,
+                    sender,
+                    addr,
+                    in_flight,
+                    client_upgrade,
+                ));
+            }
+            Err((e, Some(unsent))) if !retried => {
+                tracing::debug!(
+                    "upstream {} at {addr}, request not sent: {e}",
+                    upstream.name
+                );
+                shared.metrics.upstream_error("unsent");
+                retried = true;
+                req = unsent;
+            }
+            Err((e, _)) => {
+                tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
+                shared.metrics.upstream_error("protocol");
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_protocol",
+                    "the backend failed the request",
+                ));
+            }
+        }
+    }
+}
+
+type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+
+/// Sends on one connection; on failure, the request comes back if it never left.
+async fn try_send(
+    sender: Sender,
+    req: Request<Body>,
+) -> Result<Sent, (hyper::Error, Option<Request<Body>>)> {
+    match sender {
+        Sender::H1(mut sender) => {
+            if let Err(e) = sender.ready().await {
+                return Err((e, Some(req)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => Ok((response, Some(sender))),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err((e.into_error(), unsent))
                 }
             }
         }
-    };
-    let sent = match sender {
-        Sender::H1(mut sender) => match sender.ready().await {
-            Ok(()) => sender.send_request(req).await.map(|r| (r, Some(sender))),
-            Err(e) => Err(e),
-        },
-        Sender::H2(mut sender) => match sender.ready().await {
-            Ok(()) => sender.send_request(req).await.map(|r| (r, None)),
-            Err(e) => Err(e),
-        },
-    };
-    let (mut response, sender) = sent.map_err(|e| {
-        tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
-        shared.metrics.upstream_error("protocol");
-        local(
-            StatusCode::BAD_GATEWAY,
-            "upstream_protocol",
-            "the backend failed the request",
-        )
-    })?;
+        Sender::H2(mut sender) => {
+            if let Err(e) = sender.ready().await {
+                return Err((e, Some(req)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => Ok((response, None)),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err((e.into_error(), unsent))
+                }
+            }
+        }
+    }
+}
+
+/// The backend's answer on its way to the client: a 101 becomes a tunnel, anything
+/// else streams back and returns its connection to the pool when done.
+fn respond(
+    shared: &Shared,
+    mut response: Response<Incoming>,
+    sender: Option<http1::SendRequest<Body>>,
+    addr: SocketAddr,
+    in_flight: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade
     {
@@ -669,15 +728,12 @@ async fn send(
         tokio::spawn(tunnel(client, backend, addr));
         let (mut parts, _) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
-        return Ok(Response::from_parts(parts, Body::default()));
+        return Response::from_parts(parts, Body::default());
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     let body = shared.pool.response_body(body, addr, sender, in_flight);
-    Ok(Response::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ))
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either closes.

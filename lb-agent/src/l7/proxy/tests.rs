@@ -80,6 +80,8 @@ where
 /// `release` turns true, an Upgrade request is accepted and echoed.
 struct Backend {
     addr: SocketAddr,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
     hits: Arc<AtomicUsize>,
     holding: Arc<AtomicUsize>,
 }
@@ -89,12 +91,14 @@ async fn backend(ip: IpAddr, name: &'static str, release: watch::Receiver<bool>)
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let holding = Arc::new(AtomicUsize::new(0));
-    let (h, held) = (Arc::clone(&hits), Arc::clone(&holding));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, held, accepted) = (Arc::clone(&hits), Arc::clone(&holding), Arc::clone(&conns));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            accepted.fetch_add(1, Ordering::Relaxed);
             let (hits, holding, release) = (Arc::clone(&h), Arc::clone(&held), release.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -111,6 +115,7 @@ async fn backend(ip: IpAddr, name: &'static str, release: watch::Receiver<bool>)
     });
     Backend {
         addr,
+        conns,
         hits,
         holding,
     }
@@ -482,6 +487,30 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
         let two = got.find("request: GET /two").expect("second answer");
         assert!(one < two, "{got}");
         assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+    });
+}
+
+#[test]
+fn reuses_backend_connections() {
+    in_netns("pool", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        for _ in 0..5 {
+            assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+            // Lets the finished connection park in the pool (not a timing assertion:
+            // the pool returns connections off the request path).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(a.hits.load(Ordering::Relaxed), 5);
+        assert_eq!(
+            a.conns.load(Ordering::Relaxed),
+            1,
+            "five requests, one connection"
+        );
     });
 }
 
