@@ -667,6 +667,14 @@ fn rejects_large_bodies_with_413() {
             0,
             "refused on Content-Length"
         );
+        // Refused on the announced length alone, before any body byte arrives.
+        let got = raw(
+            p.http,
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+        assert_eq!(a.hits.load(Ordering::Relaxed), 0);
 
         // Chunked: counted while streaming.
         let chunked = |n: usize| {
@@ -688,7 +696,7 @@ fn rejects_large_bodies_with_413() {
         let got = read_answer(sender.send_request(chunked(5)).await.unwrap()).await;
         assert_eq!(got.status, StatusCode::OK);
         assert_eq!(echoed(&got.body, "body-length").as_deref(), Some("500"));
-        assert_eq!(p.metrics.local_answer_count("body_too_large"), 2);
+        assert_eq!(p.metrics.local_answer_count("body_too_large"), 3);
     });
 }
 
@@ -728,6 +736,31 @@ fn rejects_oversize_and_too_many_headers_with_431() {
         );
         assert_eq!(a.hits.load(Ordering::Relaxed), 1);
         assert_eq!(p.metrics.closed_count("headers_too_large"), 2);
+
+        // Configured limits: the count inside hyper's parser, a size below hyper's
+        // 8 KiB buffer floor by the proxy's own check.
+        let config = ProxyConfig {
+            max_headers: 20,
+            max_header_bytes: 4096,
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..30 {
+            let _ = write!(many, "X-H{i}: v\r\n");
+        }
+        many.push_str("\r\n");
+        let got = raw(p.http, many.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(6 * 1024)
+        );
+        let got = raw(p.http, big.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 1);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 1);
     });
 }
 
