@@ -3,7 +3,8 @@
 //! address, so it survives snapshot swaps (a new snapshot with the same endpoints keeps
 //! its rotation and in-flight counts).
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,13 +48,20 @@ impl Balancer {
                 .upstreams
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(map.entry(upstream.to_owned()).or_default())
+            match map.get(upstream) {
+                Some(state) => Arc::clone(state),
+                None => Arc::clone(map.entry(upstream.to_owned()).or_default()),
+            }
         };
-        let candidates: Vec<SocketAddr> = endpoints
-            .iter()
-            .filter(|e| !exclude.contains(e))
-            .copied()
-            .collect();
+        let candidates: Cow<'_, [SocketAddr]> = if exclude.is_empty() {
+            Cow::Borrowed(endpoints)
+        } else {
+            endpoints
+                .iter()
+                .filter(|e| !exclude.contains(e))
+                .copied()
+                .collect()
+        };
         if candidates.is_empty() {
             return None;
         }
@@ -61,8 +69,12 @@ impl Balancer {
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // Forget endpoints that left and are idle, so the map follows the endpoints.
-        in_flight.retain(|addr, n| endpoints.contains(addr) || n.load(Ordering::Relaxed) > 0);
+        // Forget endpoints that left and are idle, so the map follows the endpoints
+        // (only once enough have left, to keep this off the per-request cost).
+        if in_flight.len() > 2 * endpoints.len() + 8 {
+            let current: HashSet<&SocketAddr> = endpoints.iter().collect();
+            in_flight.retain(|addr, n| current.contains(addr) || n.load(Ordering::Relaxed) > 0);
+        }
         let mut count = |addr: SocketAddr| Arc::clone(in_flight.entry(addr).or_default());
         let chosen = match balance {
             Balance::RoundRobin => {
@@ -92,6 +104,18 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_of_departed_endpoints_is_forgotten() {
+        let b = Balancer::default();
+        for i in 0..100 {
+            let eps = [SocketAddr::from(([192, 0, 2, 1], 9000 + i))];
+            b.pick("u", &eps, Balance::RoundRobin, &[]).unwrap();
+        }
+        let map = b.upstreams.lock().unwrap();
+        let tracked = map["u"].in_flight.lock().unwrap().len();
+        assert!(tracked <= 11, "{tracked} endpoints tracked for 1 current");
+    }
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)

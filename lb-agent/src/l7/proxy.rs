@@ -2,6 +2,7 @@
 //! route each request from the latest snapshot, forward it to a backend and stream the
 //! answer back. Every failure becomes a small, clear answer and a counter.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -494,11 +495,11 @@ async fn forward(
 }
 
 /// The route's endpoints: its Service endpoints, or its ExternalName resolved.
-async fn endpoints(shared: &Shared, route: &Route) -> Result<Arc<[SocketAddr]>, Local> {
-    let endpoints: Arc<[SocketAddr]> = match &route.upstream.target {
-        Target::Endpoints(endpoints) => endpoints.as_slice().into(),
+async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [SocketAddr]>, Local> {
+    let endpoints = match &route.upstream.target {
+        Target::Endpoints(endpoints) => Cow::Borrowed(endpoints.as_slice()),
         Target::Dns { host, port } => match shared.dns.resolve(host, *port).await {
-            Ok(addrs) => addrs,
+            Ok(addrs) => Cow::Owned(addrs.to_vec()),
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", route.upstream.name);
                 shared.metrics.upstream_error("dns");
