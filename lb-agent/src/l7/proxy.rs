@@ -1,6 +1,15 @@
 //! The L7 hop's listeners and request path: accept, (TLS,) serve HTTP/1.1 or HTTP/2,
 //! route each request from the latest snapshot, forward it to a backend and stream the
 //! answer back. Every failure becomes a small, clear answer and a counter.
+//!
+//! Answers of our own: 404 no route, 308 to HTTPS (`ssl_redirect` on the plain
+//! listener), 400 unusable host or target, 413 body over the limit (on Content-Length
+//! before forwarding, else while streaming when the backend has not answered yet),
+//! 431 header count or size, 502 no connection (after one retry on another endpoint),
+//! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
+//! 504 no response head within `upstream_timeout`. Response bodies are streamed and
+//! not timed; an upgraded (101) connection is a plain byte tunnel without an idle
+//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
