@@ -138,13 +138,20 @@ pub struct L7Args {
     /// Time an idle keep-alive connection is kept open.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_idle_timeout: Duration,
-    /// Time a backend has to answer a request's headers (504 after).
+    /// Time from choosing a backend to its response head, connecting and the retry
+    /// included (504 after).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_request_timeout: Duration,
     /// Request body limit in bytes (413 above it) unless the Ingress sets
     /// `nginx.ingress.kubernetes.io/proxy-body-size`.
     #[arg(long, default_value_t = 1 << 20, requires = "l7")]
     pub l7_max_body: u64,
+    /// Request head limit in bytes: request line and headers (431 above it).
+    #[arg(long, default_value_t = 16 * 1024, requires = "l7")]
+    pub l7_max_header_bytes: usize,
+    /// How often ExternalName targets are resolved again (DNS).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_dns_refresh: Duration,
 }
 
 #[cfg(test)]

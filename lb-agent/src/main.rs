@@ -130,8 +130,14 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
         .transpose()?;
     Ok(Some(L7Options {
         proxy: ProxyConfig {
-            http: Some(args.l7_http),
-            https: Some(args.l7_https),
+            connect_timeout: args.l7_connect_timeout,
+            header_timeout: args.l7_header_timeout,
+            idle_timeout: args.l7_idle_timeout,
+            upstream_timeout: args.l7_request_timeout,
+            max_header_bytes: args.l7_max_header_bytes,
+            max_body_bytes: args.l7_max_body,
+            dns_refresh: args.l7_dns_refresh,
+            ..ProxyConfig::new(Some(args.l7_http), Some(args.l7_https))
         },
         class: IngressClassConfig {
             name: args.l7_ingress_class.clone(),

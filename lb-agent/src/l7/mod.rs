@@ -3,9 +3,17 @@
 //! turns Ingresses, IngressClasses, Secrets, Services and EndpointSlices into one
 //! [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
 
+pub mod balance;
+pub mod dns;
+pub mod headers;
+pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 pub mod status;
+pub mod tls;
+pub mod upstream;
+pub mod watchdog;
 
 use std::sync::Arc;
 

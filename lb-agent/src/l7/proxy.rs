@@ -1,42 +1,796 @@
-//! The L7 hop's listeners and request path.
+//! The L7 hop's listeners and request path: accept, (TLS,) serve HTTP/1.1 or HTTP/2,
+//! route each request from the latest snapshot, forward it to a backend and stream the
+//! answer back. Every failure becomes a small, clear answer and a counter.
 //!
-//! PLACEHOLDER: the signatures are the contract the agent wires; the proxy lands with
-//! the proxy work.
+//! Answers of our own: 404 no route, 308 to HTTPS (`ssl_redirect` on the plain
+//! listener), 400 unusable host or target, 413 body over the limit (on Content-Length
+//! before forwarding, else while streaming when the backend has not answered yet),
+//! 431 header count or size, 502 no connection (after one retry on another endpoint),
+//! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
+//! 504 no response head within `upstream_timeout`. Response bodies are streamed and
+//! not timed; an upgraded (101) connection is a plain byte tunnel without an idle
+//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts.
 
+use std::borrow::Cow;
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use super::Snapshot;
+use super::balance::{Balancer, InFlight};
+use super::dns::Resolver;
+use super::headers::{Forwarded, add_forwarding, strip_hop_by_hop};
+use super::limits::{Limited, head_within};
+use super::metrics::Metrics;
+use super::routes::{Route, Target, UpstreamProtocol};
+use super::tls::{self, CertResolver};
+use super::upstream::{Body, BoxError, Pool, Sender};
+use super::watchdog::{ConnState, RequestGuard, Tracked};
 
-/// Listener addresses, limits and timeouts (from the CLI).
+/// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
+/// production values, with no listeners.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// Plain HTTP listener (`--l7-http`).
     pub http: Option<SocketAddr>,
     /// TLS listener (`--l7-https`).
     pub https: Option<SocketAddr>,
+    /// TCP connect to a backend (then one retry on another endpoint).
+    pub connect_timeout: Duration,
+    /// A request head (and a TLS handshake) must arrive within this once started.
+    pub header_timeout: Duration,
+    /// A client connection with no request in flight and no traffic is closed.
+    pub idle_timeout: Duration,
+    /// From choosing a backend to its response head, connect and retry included (504).
+    pub upstream_timeout: Duration,
+    /// Idle backend connections older than this are not reused.
+    pub upstream_idle_timeout: Duration,
+    /// Request head size (request target plus `name: value\r\n` lines; 431).
+    pub max_header_bytes: usize,
+    /// Request header count (431).
+    pub max_headers: usize,
+    /// Request body limit when the route sets none (413).
+    pub max_body_bytes: u64,
+    /// ExternalName targets are re-resolved at most this often.
+    pub dns_refresh: Duration,
+    /// Served for unknown SNI names; `None`: a self-signed one generated at bind.
+    pub default_certificate: Option<Arc<CertifiedKey>>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            http: None,
+            https: None,
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_mins(1),
+            upstream_timeout: Duration::from_mins(1),
+            upstream_idle_timeout: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 1024 * 1024,
+            dns_refresh: Duration::from_secs(30),
+            default_certificate: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Production defaults on the given listeners.
+    pub fn new(http: Option<SocketAddr>, https: Option<SocketAddr>) -> Self {
+        ProxyConfig {
+            http,
+            https,
+            ..ProxyConfig::default()
+        }
+    }
 }
 
 /// Bound listeners: binding happens before the agent reports ready, so an address in
 /// use is an error at start, not a silent hop that never serves.
 pub struct Proxy {
-    _config: ProxyConfig,
+    http: Option<std::net::TcpListener>,
+    https: Option<std::net::TcpListener>,
+    default_certificate: Arc<CertifiedKey>,
+    shared: Arc<Shared>,
+}
+
+/// What every connection task shares.
+struct Shared {
+    config: ProxyConfig,
+    /// The bound HTTPS port, for redirects.
+    https_port: u16,
+    metrics: Metrics,
+    balancer: Balancer,
+    pool: Pool,
+    dns: Resolver,
+    server: auto::Builder<TokioExecutor>,
+}
+
+/// The listener a connection came in on.
+#[derive(Debug, Clone, Copy)]
+struct Listener {
+    tls: bool,
+    port: u16,
 }
 
 impl Proxy {
     /// Binds the listeners and registers the proxy's counters (`xlb_l7_*`).
     pub fn bind(
         config: ProxyConfig,
-        _registry: &mut prometheus_client::registry::Registry,
+        registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Proxy> {
-        Ok(Proxy { _config: config })
+        let bind =
+            |addr: Option<SocketAddr>, what: &str| -> Result<Option<std::net::TcpListener>> {
+                let Some(addr) = addr else { return Ok(None) };
+                let listener = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen for L7 {what} on {addr}"))?;
+                listener.set_nonblocking(true)?;
+                Ok(Some(listener))
+            };
+        let http = bind(config.http, "HTTP")?;
+        let https = bind(config.https, "HTTPS")?;
+        let https_port = match &https {
+            Some(l) => l.local_addr()?.port(),
+            None => 443,
+        };
+        let default_certificate = match &config.default_certificate {
+            Some(key) => Arc::clone(key),
+            None => tls::self_signed_default()?,
+        };
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .keep_alive(true)
+            // hyper's floor is 8 KiB; `head_within` applies the exact limit.
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .max_headers(config.max_headers);
+        server
+            .http2()
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+        let shared = Arc::new(Shared {
+            https_port,
+            metrics: Metrics::register(registry),
+            balancer: Balancer::default(),
+            pool: Pool::new(config.connect_timeout, config.upstream_idle_timeout),
+            dns: Resolver::new(config.dns_refresh, config.connect_timeout),
+            server,
+            config,
+        });
+        Ok(Proxy {
+            http,
+            https,
+            default_certificate,
+            shared,
+        })
+    }
+
+    /// The bound HTTP address (port 0 resolved).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The bound HTTPS address (port 0 resolved).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn metrics(&self) -> Metrics {
+        self.shared.metrics.clone()
     }
 
     /// Serves until the task is dropped, always from the latest snapshot.
-    pub async fn run(self, _snapshots: watch::Receiver<Arc<Snapshot>>) -> Result<()> {
+    pub async fn run(self, snapshots: watch::Receiver<Arc<Snapshot>>) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(listener) = self.http {
+            let listener = TcpListener::from_std(listener)?;
+            let port = listener.local_addr()?.port();
+            let listener_kind = Listener { tls: false, port };
+            tasks.spawn(accept(
+                listener,
+                listener_kind,
+                None,
+                Arc::clone(&self.shared),
+                snapshots.clone(),
+            ));
+        }
+        if let Some(listener) = self.https {
+            let listener = TcpListener::from_std(listener)?;
+            let port = listener.local_addr()?.port();
+            let resolver = CertResolver::new(snapshots.clone(), self.default_certificate);
+            let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver)?));
+            let listener_kind = Listener { tls: true, port };
+            tasks.spawn(accept(
+                listener,
+                listener_kind,
+                Some(acceptor),
+                Arc::clone(&self.shared),
+                snapshots.clone(),
+            ));
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("L7 listener task")?;
+        }
         std::future::pending().await
     }
 }
+
+async fn accept(
+    listener: TcpListener,
+    kind: Listener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+) {
+    let name = if kind.tls { "https" } else { "http" };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!("L7 {name} accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        shared.metrics.accepted(name);
+        let shared = Arc::clone(&shared);
+        let snapshots = snapshots.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let state = ConnState::new(shared.config.header_timeout);
+            match tls {
+                None => serve(stream, peer, kind, state, shared, snapshots).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => serve(stream, peer, kind, state, shared, snapshots).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer}: {e}");
+                            shared.metrics.closed("tls_handshake");
+                        }
+                        Err(_) => shared.metrics.closed("tls_handshake_timeout"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Serves one client connection until it ends or its watchdog cuts it.
+async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    kind: Listener,
+    state: Arc<ConnState>,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(Tracked::new(stream, Arc::clone(&state)));
+    let service = {
+        let shared = Arc::clone(&shared);
+        let state = Arc::clone(&state);
+        hyper::service::service_fn(move |req| {
+            let guard = state.request_started();
+            let shared = Arc::clone(&shared);
+            let snapshot = Arc::clone(&snapshots.borrow());
+            async move { Ok::<_, Infallible>(handle(&shared, &snapshot, peer, kind, guard, req).await) }
+        })
+    };
+    let conn = shared.server.serve_connection_with_upgrades(io, service);
+    tokio::select! {
+        served = conn => if let Err(e) = served {
+            let reason = match e.downcast_ref::<hyper::Error>() {
+                Some(e) if e.is_parse_too_large() => {
+                    // hyper answered 431 itself.
+                    shared.metrics.answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    "headers_too_large"
+                }
+                Some(e) if e.is_parse() => "malformed",
+                _ => "protocol",
+            };
+            tracing::debug!("L7 connection from {peer}: {e}");
+            shared.metrics.closed(reason);
+        },
+        reason = state.expired(shared.config.idle_timeout) => {
+            tracing::debug!("L7 connection from {peer}: {reason}");
+            shared.metrics.closed(reason);
+        }
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+    kind: Listener,
+    guard: RequestGuard,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let response = match forward(shared, snapshot, peer, kind, req).await {
+        Ok(response) => response,
+        Err(local) => {
+            shared.metrics.local_answer(local.reason);
+            local.into_response()
+        }
+    };
+    shared.metrics.answered(response.status());
+    // The connection counts as busy until the answer has been sent.
+    response.map(|body| {
+        Body::new(Guarded {
+            body,
+            _guard: guard,
+        })
+    })
+}
+
+/// An answer the proxy makes itself, with the reason it is counted under.
+struct Local {
+    status: StatusCode,
+    reason: &'static str,
+    text: &'static str,
+    location: Option<HeaderValue>,
+}
+
+fn local(status: StatusCode, reason: &'static str, text: &'static str) -> Local {
+    Local {
+        status,
+        reason,
+        text,
+        location: None,
+    }
+}
+
+impl Local {
+    fn into_response(self) -> Response<Body> {
+        let mut response = Response::new(full(format!("{}\n", self.text)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(location) = self.location {
+            headers.insert(header::LOCATION, location);
+        }
+        response
+    }
+}
+
+fn full(text: String) -> Body {
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The request's host as the client sent it (`:authority` or `Host`, port included).
+fn request_host(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+/// `host` without its port (`[v6]:port` too).
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.find(']').map_or(host, |end| &host[..end + 2]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn forward(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    peer: SocketAddr,
+    kind: Listener,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Local> {
+    let config = &shared.config;
+    let target_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    if !head_within(
+        req.headers(),
+        target_len,
+        config.max_header_bytes,
+        config.max_headers,
+    ) {
+        return Err(local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            "request headers too large",
+        ));
+    }
+    let host = request_host(&req);
+    let Some(route) = snapshot.routes.lookup(&host, req.uri().path()) else {
+        return Err(local(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no route for this host and path",
+        ));
+    };
+    if route.ssl_redirect && !kind.tls {
+        return Err(redirect(&host, shared.https_port, req.uri()));
+    }
+    let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if upgrade && route.upstream.protocol == UpstreamProtocol::H2c {
+        return Err(local(
+            StatusCode::BAD_GATEWAY,
+            "upgrade_to_h2c",
+            "cannot upgrade a connection to an HTTP/2 backend",
+        ));
+    }
+
+    let endpoints = endpoints(shared, route).await?;
+
+    let (mut parts, body) = req.into_parts();
+    rewrite_head(
+        &mut parts,
+        route.upstream.protocol,
+        &host,
+        peer,
+        kind,
+        upgrade,
+    )?;
+    let (body, tripped) = Limited::new(body, limit);
+    let upstream_req = Request::from_parts(parts, Body::new(body));
+
+    let attempt = send(shared, route, &endpoints, upstream_req, client_upgrade);
+    match tokio::time::timeout(config.upstream_timeout, attempt).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(_)) if tripped.load(Ordering::Relaxed) => Err(too_large()),
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => {
+            shared.metrics.upstream_error("timeout");
+            Err(local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the backend did not answer in time",
+            ))
+        }
+    }
+}
+
+/// The route's endpoints: its Service endpoints, or its ExternalName resolved.
+async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [SocketAddr]>, Local> {
+    let endpoints = match &route.upstream.target {
+        Target::Endpoints(endpoints) => Cow::Borrowed(endpoints.as_slice()),
+        Target::Dns { host, port } => match shared.dns.resolve(host, *port).await {
+            Ok(addrs) => Cow::Owned(addrs.to_vec()),
+            Err(e) => {
+                tracing::warn!("upstream {}: {e}", route.upstream.name);
+                shared.metrics.upstream_error("dns");
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    "dns",
+                    "cannot resolve the backend",
+                ));
+            }
+        },
+    };
+    if endpoints.is_empty() {
+        return Err(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_endpoints",
+            "no ready endpoints for this route",
+        ));
+    }
+    Ok(endpoints)
+}
+
+/// Turns the client's request head into the backend's: connection headers dropped,
+/// forwarding headers added, the target in the form the backend's protocol wants
+/// (origin form and `Host` for HTTP/1.1, absolute with `:authority` for h2c).
+fn rewrite_head(
+    parts: &mut hyper::http::request::Parts,
+    protocol: UpstreamProtocol,
+    host: &str,
+    peer: SocketAddr,
+    kind: Listener,
+    upgrade: bool,
+) -> Result<(), Local> {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let forwarded = Forwarded {
+        client: peer,
+        proto: if kind.tls { "https" } else { "http" },
+        host,
+        port: kind.port,
+    };
+    add_forwarding(&mut parts.headers, &forwarded);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::try_from(path).map_err(|_| bad_request())?;
+            if !parts.headers.contains_key(header::HOST) {
+                let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        UpstreamProtocol::H2c => {
+            parts.version = Version::HTTP_2;
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(host)
+                .path_and_query(path)
+                .build()
+                .map_err(|_| bad_request())?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(())
+}
+
+fn too_large() -> Local {
+    local(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        "request body too large",
+    )
+}
+
+fn bad_request() -> Local {
+    local(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "bad request target or host",
+    )
+}
+
+/// 308 to the same host and path on the HTTPS listener (its port named unless 443).
+fn redirect(host: &str, https_port: u16, uri: &Uri) -> Local {
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{}{port}{path}", strip_port(host));
+    match HeaderValue::from_str(&location) {
+        Ok(value) => Local {
+            location: Some(value),
+            ..local(StatusCode::PERMANENT_REDIRECT, "ssl_redirect", "use HTTPS")
+        },
+        Err(_) => bad_request(),
+    }
+}
+
+/// Picks an endpoint, connects and sends the request. Once per request, a request that
+/// never left the proxy is tried again: after a connect failure on another endpoint,
+/// after a pooled connection turned out closed on a fresh connection.
+async fn send(
+    shared: &Shared,
+    route: &Route,
+    endpoints: &[SocketAddr],
+    mut req: Request<Body>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Result<Response<Body>, Local> {
+    let upstream = &route.upstream;
+    let cannot_connect = || {
+        local(
+            StatusCode::BAD_GATEWAY,
+            "connect",
+            "cannot connect to the backend",
+        )
+    };
+    let mut refused = Vec::new();
+    let mut retried = false;
+    loop {
+        let (addr, in_flight) = shared
+            .balancer
+            .pick(&upstream.name, endpoints, route.balance, &refused)
+            .ok_or_else(cannot_connect)?;
+        if retried {
+            shared.metrics.retried();
+        }
+        let sender = match shared.pool.checkout(addr, upstream.protocol).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                tracing::warn!("upstream {}: {e}", upstream.name);
+                shared.metrics.upstream_error(e.reason());
+                refused.push(addr);
+                if retried {
+                    return Err(cannot_connect());
+                }
+                retried = true;
+                continue;
+            }
+        };
+        match try_send(sender, req).await {
+            Ok((response, sender)) => {
+                return Ok(respond(
+                    shared,
+                    response,
+                    sender,
+                    addr,
+                    in_flight,
+                    client_upgrade,
+                ));
+            }
+            Err((e, Some(unsent))) if !retried => {
+                tracing::debug!(
+                    "upstream {} at {addr}, request not sent: {e}",
+                    upstream.name
+                );
+                shared.metrics.upstream_error("unsent");
+                retried = true;
+                req = unsent;
+            }
+            Err((e, _)) => {
+                tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
+                shared.metrics.upstream_error("protocol");
+                return Err(local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_protocol",
+                    "the backend failed the request",
+                ));
+            }
+        }
+    }
+}
+
+type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+
+/// Sends on one connection; on failure, the request comes back if it never left.
+async fn try_send(
+    sender: Sender,
+    req: Request<Body>,
+) -> Result<Sent, (hyper::Error, Option<Request<Body>>)> {
+    match sender {
+        Sender::H1(mut sender) => {
+            if let Err(e) = sender.ready().await {
+                return Err((e, Some(req)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => Ok((response, Some(sender))),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err((e.into_error(), unsent))
+                }
+            }
+        }
+        Sender::H2(mut sender) => {
+            if let Err(e) = sender.ready().await {
+                return Err((e, Some(req)));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => Ok((response, None)),
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    Err((e.into_error(), unsent))
+                }
+            }
+        }
+    }
+}
+
+/// The backend's answer on its way to the client: a 101 becomes a tunnel, anything
+/// else streams back and returns its connection to the pool when done.
+fn respond(
+    shared: &Shared,
+    mut response: Response<Incoming>,
+    sender: Option<http1::SendRequest<Body>>,
+    addr: SocketAddr,
+    in_flight: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<Body> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade
+    {
+        let backend = hyper::upgrade::on(&mut response);
+        shared.metrics.upgraded();
+        tokio::spawn(tunnel(client, backend, addr));
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        return Response::from_parts(parts, Body::default());
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let body = shared.pool.response_body(body, addr, sender, in_flight);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+}
+
+/// Copies bytes both ways between an upgraded client and backend until either closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    addr: SocketAddr,
+) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!("upgrade with {addr}: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut backend = TokioIo::new(backend);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        tracing::debug!("tunnel with {addr}: {e}");
+    }
+}
+
+/// A response body that keeps its request counted on the connection until it is done.
+struct Guarded {
+    body: Body,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+//! Headers the proxy rewrites between client and backend: hop-by-hop headers removed
+//! both ways (RFC 9110 7.6.1), forwarding headers added so backends see the real
+//! client, and a request id for tracing a request across hops.
+
+use std::net::SocketAddr;
+
+use hyper::HeaderMap;
+use hyper::header::{self, HeaderName, HeaderValue};
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers that describe one connection, never the message (RFC 9110 7.6.1, plus the
+/// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send).
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and those named in `Connection`. An upgrade keeps
+/// `Connection: upgrade` and `Upgrade` (they are the point of the message), and
+/// `TE: trailers` survives because gRPC over h2c requires it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade && let Some(value) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, value);
+    }
+}
+
+/// What the backend learns about the hop in front of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded<'a> {
+    pub client: SocketAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The Host the client asked for (with its port, as sent).
+    pub host: &'a str,
+    /// The port of the listener the client reached.
+    pub port: u16,
+}
+
+/// Adds `X-Forwarded-*`, `X-Real-IP` and `X-Request-Id`. `X-Forwarded-For` is
+/// appended to, so a chain of proxies stays visible; the others describe this hop and
+/// replace what the client sent. Returns the request id.
+pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) -> HeaderValue {
+    let client_ip = fwd.client.ip().to_canonical().to_string();
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if previous.is_empty() {
+        client_ip.clone()
+    } else {
+        format!("{}, {client_ip}", previous.join(", "))
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    if let Ok(value) = HeaderValue::from_str(fwd.host) {
+        headers.insert(X_FORWARDED_HOST, value);
+    }
+    headers.insert(X_FORWARDED_PORT, HeaderValue::from(fwd.port));
+    if let Ok(value) = HeaderValue::from_str(&client_ip) {
+        headers.insert(X_REAL_IP, value);
+    }
+    let id = match headers.get(&X_REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => new_request_id(),
+    };
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
+}
+
+/// 32 hex characters (128 random bits), the form ingress-nginx generates.
+pub fn new_request_id() -> HeaderValue {
+    let id = format!("{:032x}", rand::random::<u128>());
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_and_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn appends_forwarded_for_and_keeps_request_id() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
+        let fwd = Forwarded {
+            client: "[::ffff:198.51.100.1]:4000".parse().unwrap(),
+            proto: "https",
+            host: "a.example:8443",
+            port: 8443,
+        };
+        let id = add_forwarding(&mut h, &fwd);
+        assert_eq!(id, "abc");
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.7, 198.51.100.1");
+        assert_eq!(h[X_REAL_IP], "198.51.100.1");
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(h[X_FORWARDED_HOST], "a.example:8443");
+        assert_eq!(h[X_FORWARDED_PORT], "8443");
+    }
+
+    #[test]
+    fn generates_request_ids() {
+        let a = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.to_str().unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_request_id());
+    }
+}

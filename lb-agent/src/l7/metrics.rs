@@ -1,0 +1,139 @@
+//! The L7 hop's counters (`xlb_l7_*`): one sink every answer and failure goes through,
+//! so each branch of the request path is visible.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Answers by status class (`2xx` .. `5xx`), backend and proxy answers alike.
+    requests: Family<Labels, Counter>,
+    /// Answers the proxy made itself, by reason (`no_route`, `body_too_large`, ...).
+    local_answers: Family<Labels, Counter>,
+    /// Client connections the proxy cut, by reason (`header_timeout`, `idle_timeout`,
+    /// `tls_handshake`, `headers_too_large`, `protocol`).
+    closed: Family<Labels, Counter>,
+    /// Failures talking to a backend, by reason (`connect`, `timeout`, `dns`, ...).
+    upstream_errors: Family<Labels, Counter>,
+    /// Second attempts after a connect failure.
+    retries: Counter,
+    /// Accepted client connections by listener (`http`, `https`).
+    connections: Family<Labels, Counter>,
+    /// Upgraded (WebSocket and other) connections tunneled to a backend.
+    upgrades: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "l7_requests",
+            "HTTP answers by status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "l7_local_answers",
+            "Requests the proxy answered itself instead of a backend, by reason",
+            m.local_answers.clone(),
+        );
+        registry.register(
+            "l7_connections_closed",
+            "Client connections the proxy closed, by reason",
+            m.closed.clone(),
+        );
+        registry.register(
+            "l7_upstream_errors",
+            "Failures talking to backends, by reason",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "l7_retries",
+            "Requests retried on another endpoint after a connect failure",
+            m.retries.clone(),
+        );
+        registry.register(
+            "l7_connections",
+            "Accepted client connections by listener",
+            m.connections.clone(),
+        );
+        registry.register(
+            "l7_upgrades",
+            "Upgraded connections tunneled to backends",
+            m.upgrades.clone(),
+        );
+        m
+    }
+
+    pub fn answered(&self, status: hyper::StatusCode) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.requests.get_or_create(&[("code", class)]).inc();
+    }
+
+    pub fn local_answer(&self, reason: &'static str) {
+        self.local_answers
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn upstream_error(&self, reason: &'static str) {
+        self.upstream_errors
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn retried(&self) {
+        self.retries.inc();
+    }
+
+    pub fn accepted(&self, listener: &'static str) {
+        self.connections
+            .get_or_create(&[("listener", listener)])
+            .inc();
+    }
+
+    pub fn upgraded(&self) {
+        self.upgrades.inc();
+    }
+
+    #[cfg(test)]
+    pub fn local_answer_count(&self, reason: &'static str) -> u64 {
+        self.local_answers
+            .get_or_create(&[("reason", reason)])
+            .get()
+    }
+
+    #[cfg(test)]
+    pub fn closed_count(&self, reason: &'static str) -> u64 {
+        self.closed.get_or_create(&[("reason", reason)]).get()
+    }
+
+    #[cfg(test)]
+    pub fn retries_count(&self) -> u64 {
+        self.retries.get()
+    }
+
+    #[cfg(test)]
+    pub fn upgrades_count(&self) -> u64 {
+        self.upgrades.get()
+    }
+
+    #[cfg(test)]
+    pub fn upstream_error_count(&self, reason: &'static str) -> u64 {
+        self.upstream_errors
+            .get_or_create(&[("reason", reason)])
+            .get()
+    }
+}

@@ -1,0 +1,1131 @@
+//! The proxy against real sockets in a namespace the test creates: backends are hyper
+//! servers on 192.0.2.x, the proxy listens on 203.0.113.1, clients connect from
+//! 198.51.100.1 (all on the namespace's loopback).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+use super::{Proxy, ProxyConfig};
+use crate::l7::metrics::Metrics;
+use crate::l7::routes::{
+    Balance, HostPattern, HostRule, PathKind, PathRule, Route, RouteTable, Target, Upstream,
+    UpstreamProtocol,
+};
+use crate::l7::{Certificate, Snapshot, tls};
+use crate::source::cluster::ObjectKey;
+use crate::testbed::{Netns, check_privileges};
+
+const PROXY_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn backend_ip(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))
+}
+
+/// Runs `body` on a current-thread runtime in a fresh namespace holding the test
+/// addresses on `lo`; a hang fails the test at [`DEADLINE`].
+fn in_netns<F, Fut>(tag: &str, body: F)
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
+    if let Err(e) = check_privileges() {
+        panic!("proxy tests run in their own network namespaces: {e:#}");
+    }
+    let ns = Netns::new(&format!("l7-{tag}")).expect("create netns");
+    for addr in [
+        "203.0.113.1/32",
+        "198.51.100.1/32",
+        "192.0.2.1/32",
+        "192.0.2.2/32",
+        "192.0.2.3/32",
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", "lo"])
+            .expect("add address");
+    }
+    ns.run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build runtime");
+        rt.block_on(async {
+            tokio::time::timeout(DEADLINE, body())
+                .await
+                .expect("test body exceeded its deadline");
+        });
+    })
+    .expect("run in netns");
+}
+
+// ---- backends -------------------------------------------------------------------
+
+/// A hyper backend (HTTP/1.1 and h2c) that answers with its name, the request line
+/// and the headers it received; `/stall` never answers, `/hold` answers once
+/// `release` turns true, an Upgrade request is accepted and echoed.
+struct Backend {
+    addr: SocketAddr,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
+    hits: Arc<AtomicUsize>,
+    holding: Arc<AtomicUsize>,
+}
+
+async fn backend(ip: IpAddr, name: &'static str, release: watch::Receiver<bool>) -> Backend {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let holding = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (h, held, accepted) = (Arc::clone(&hits), Arc::clone(&holding), Arc::clone(&conns));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            accepted.fetch_add(1, Ordering::Relaxed);
+            let (hits, holding, release) = (Arc::clone(&h), Arc::clone(&held), release.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (hits, holding, mut release) =
+                        (Arc::clone(&hits), Arc::clone(&holding), release.clone());
+                    async move { answer(name, req, &hits, &holding, &mut release).await }
+                });
+                let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = server
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend {
+        addr,
+        conns,
+        hits,
+        holding,
+    }
+}
+
+async fn answer(
+    name: &str,
+    mut req: Request<hyper::body::Incoming>,
+    hits: &AtomicUsize,
+    holding: &AtomicUsize,
+    release: &mut watch::Receiver<bool>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    hits.fetch_add(1, Ordering::Relaxed);
+    if req.headers().contains_key("upgrade") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::default())
+            .unwrap());
+    }
+    match req.uri().path() {
+        "/stall" => std::future::pending::<()>().await,
+        "/hold" => {
+            holding.fetch_add(1, Ordering::Relaxed);
+            let _ = release.wait_for(|r| *r).await;
+        }
+        _ => {}
+    }
+    let mut text = format!(
+        "name: {name}\nversion: {:?}\nrequest: {} {}\n",
+        req.version(),
+        req.method(),
+        req.uri()
+    );
+    for (k, v) in req.headers() {
+        let _ = writeln!(text, "{k}: {}", v.to_str().unwrap_or("?"));
+    }
+    let (_, body) = req.into_parts();
+    let len = body.collect().await?.to_bytes().len();
+    let _ = writeln!(text, "body-length: {len}");
+    Ok(Response::builder()
+        .header("connection", "x-backend-secret")
+        .header("x-backend-secret", "1")
+        .header("keep-alive", "timeout=5")
+        .header("x-backend-public", "1")
+        .body(Full::new(Bytes::from(text)))
+        .unwrap())
+}
+
+/// The value of `name` in a backend's echo (first occurrence, all joined otherwise).
+fn echoed(body: &str, name: &str) -> Option<String> {
+    let values: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+        .collect();
+    (!values.is_empty()).then(|| values.join(" | "))
+}
+
+// ---- snapshots ------------------------------------------------------------------
+
+fn key(name: &str) -> ObjectKey {
+    ObjectKey {
+        namespace: "default".into(),
+        name: name.into(),
+    }
+}
+
+fn route(name: &str, endpoints: &[SocketAddr]) -> Route {
+    route_to(name, Target::Endpoints(endpoints.to_vec()))
+}
+
+fn route_to(name: &str, target: Target) -> Route {
+    Route {
+        upstream: Arc::new(Upstream {
+            name: format!("default/{name}:80"),
+            target,
+            protocol: UpstreamProtocol::Http1,
+        }),
+        ingress: key(name),
+        ssl_redirect: false,
+        balance: Balance::RoundRobin,
+        max_body_bytes: None,
+    }
+}
+
+fn host(host: &str, path: &str, route: Route) -> HostRule {
+    let pattern = match host {
+        "" => HostPattern::Any,
+        h => match h.strip_prefix('*') {
+            Some(suffix) => HostPattern::Wildcard(suffix.to_owned()),
+            None => HostPattern::Exact(h.to_owned()),
+        },
+    };
+    HostRule {
+        host: pattern,
+        paths: vec![PathRule {
+            path: path.to_owned(),
+            kind: PathKind::Prefix,
+            route,
+        }],
+    }
+}
+
+fn snapshot(rules: Vec<HostRule>) -> Arc<Snapshot> {
+    Arc::new(Snapshot {
+        routes: RouteTable::new(rules, None),
+        certificates: Vec::new(),
+    })
+}
+
+// ---- the proxy ------------------------------------------------------------------
+
+struct Running {
+    http: SocketAddr,
+    https: SocketAddr,
+    metrics: Metrics,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+}
+
+fn test_config() -> ProxyConfig {
+    ProxyConfig {
+        connect_timeout: Duration::from_secs(2),
+        upstream_timeout: Duration::from_secs(5),
+        ..ProxyConfig::new(
+            Some(SocketAddr::from((PROXY_IP, 0))),
+            Some(SocketAddr::from((PROXY_IP, 0))),
+        )
+    }
+}
+
+fn start(config: ProxyConfig, first: Arc<Snapshot>) -> Running {
+    let mut registry = Registry::with_prefix("xlb");
+    let proxy = Proxy::bind(config, &mut registry).expect("bind proxy");
+    let (tx, rx) = watch::channel(first);
+    let running = Running {
+        http: proxy.http_addr().unwrap(),
+        https: proxy.https_addr().unwrap(),
+        metrics: proxy.metrics(),
+        snapshots: tx,
+    };
+    tokio::spawn(async move { proxy.run(rx).await });
+    running
+}
+
+// ---- clients --------------------------------------------------------------------
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((CLIENT_IP, 0))).unwrap();
+    socket.connect(addr).await.expect("connect to proxy")
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
+    let io = TokioIo::new(connect(addr).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.expect("response");
+    read_answer(response).await
+}
+
+async fn read_answer(response: Response<hyper::body::Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str) -> Answer {
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Full::default())
+        .unwrap();
+    send(addr, req).await
+}
+
+/// Writes `bytes` and reads until the proxy closes (bounded by 3 s).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = connect(addr).await;
+    let _ = stream.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+// ---- routing and headers ----------------------------------------------------------
+
+#[test]
+fn routes_by_host_and_path_and_answers_404() {
+    in_netns("route", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx.clone()).await;
+        let c = backend(backend_ip(3), "c", rx.clone()).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("a.example", "/", route("a", &[a.addr])),
+                host("*.wild.example", "/", route("c", &[c.addr])),
+                host("b.example", "/api", route("b", &[b.addr])),
+            ]),
+        );
+        let got = get(p.http, "a.example", "/x").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(echoed(&got.body, "name").as_deref(), Some("a"));
+        let got = get(p.http, "B.example:8080", "/api/v1?q=1").await;
+        assert_eq!(echoed(&got.body, "name").as_deref(), Some("b"));
+        assert_eq!(
+            echoed(&got.body, "request").as_deref(),
+            Some("GET /api/v1?q=1")
+        );
+        let got = get(p.http, "x.wild.example", "/").await;
+        assert_eq!(echoed(&got.body, "name").as_deref(), Some("c"));
+        for (h, path) in [
+            ("b.example", "/other"),
+            ("nothing.example", "/"),
+            ("a.b.wild.example", "/"),
+        ] {
+            let got = get(p.http, h, path).await;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{h}{path}");
+            assert_eq!(got.body, "no route for this host and path\n");
+        }
+        assert_eq!(p.metrics.local_answer_count("no_route"), 3);
+    });
+}
+
+#[test]
+fn redirects_plain_http_to_https_with_308() {
+    in_netns("redirect", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let mut r = route("a", &[a.addr]);
+        r.ssl_redirect = true;
+        let p = start(test_config(), snapshot(vec![host("a.example", "/", r)]));
+        let got = get(p.http, "a.example:8080", "/p/q?x=1&y=2").await;
+        assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+        let expected = format!("https://a.example:{}/p/q?x=1&y=2", p.https.port());
+        assert_eq!(got.headers["location"], expected.as_str());
+        assert_eq!(a.hits.load(Ordering::Relaxed), 0);
+        // On the HTTPS listener the same route is served.
+        let tls = tls_connect(p.https, "a.example", &[]).await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/p")
+            .header("host", "a.example")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let got = read_answer(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            echoed(&got.body, "x-forwarded-proto").as_deref(),
+            Some("https")
+        );
+    });
+}
+
+#[test]
+fn adds_forwarding_headers_and_strips_hop_by_hop() {
+    in_netns("headers", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let req = Request::get("/h")
+            .header("host", "a.example:8080")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("connection", "x-client-secret")
+            .header("x-client-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("x-client-public", "1")
+            .body(Full::default())
+            .unwrap();
+        let got = send(p.http, req).await;
+        let b = &got.body;
+        assert_eq!(echoed(b, "host").as_deref(), Some("a.example:8080"));
+        assert_eq!(
+            echoed(b, "x-forwarded-for").as_deref(),
+            Some("203.0.113.9, 198.51.100.1")
+        );
+        assert_eq!(echoed(b, "x-real-ip").as_deref(), Some("198.51.100.1"));
+        assert_eq!(echoed(b, "x-forwarded-proto").as_deref(), Some("http"));
+        assert_eq!(
+            echoed(b, "x-forwarded-host").as_deref(),
+            Some("a.example:8080")
+        );
+        let port = p.http.port().to_string();
+        assert_eq!(
+            echoed(b, "x-forwarded-port").as_deref(),
+            Some(port.as_str())
+        );
+        let id = echoed(b, "x-request-id").expect("request id");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert_eq!(echoed(b, "x-client-public").as_deref(), Some("1"));
+        for gone in ["x-client-secret", "keep-alive", "proxy-connection"] {
+            assert_eq!(echoed(b, gone), None, "{gone} reached the backend:\n{b}");
+        }
+        // The same both ways: the backend's hop-by-hop headers stay with the proxy.
+        assert!(got.headers.contains_key("x-backend-public"));
+        for gone in ["x-backend-secret", "keep-alive"] {
+            assert!(!got.headers.contains_key(gone), "{gone} reached the client");
+        }
+        // An incoming request id is kept.
+        let req = Request::get("/")
+            .header("host", "a.example")
+            .header("x-request-id", "given-id")
+            .body(Full::default())
+            .unwrap();
+        let got = send(p.http, req).await;
+        assert_eq!(
+            echoed(&got.body, "x-request-id").as_deref(),
+            Some("given-id")
+        );
+    });
+}
+
+#[test]
+fn keep_alive_and_pipelined_requests_are_answered_in_order() {
+    in_netns("pipeline", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let got = raw(
+            p.http,
+            b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let one = got.find("request: GET /one").expect("first answer");
+        let two = got.find("request: GET /two").expect("second answer");
+        assert!(one < two, "{got}");
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+    });
+}
+
+#[test]
+fn reuses_backend_connections() {
+    in_netns("pool", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        for _ in 0..5 {
+            assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+            // Lets the finished connection park in the pool (not a timing assertion:
+            // the pool returns connections off the request path).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(a.hits.load(Ordering::Relaxed), 5);
+        assert_eq!(
+            a.conns.load(Ordering::Relaxed),
+            1,
+            "five requests, one connection"
+        );
+    });
+}
+
+// ---- balancing, failures and retries -------------------------------------------------
+
+#[test]
+fn round_robin_spreads_requests_evenly() {
+    in_netns("rr", || async {
+        let (_tx, rx) = watch::channel(false);
+        let mut backends = Vec::new();
+        for i in 1..=3 {
+            backends.push(backend(backend_ip(i), "b", rx.clone()).await);
+        }
+        let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("rr", &addrs))]),
+        );
+        for _ in 0..9 {
+            assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+        }
+        for b in &backends {
+            assert_eq!(b.hits.load(Ordering::Relaxed), 3);
+        }
+        // A new snapshot with the same upstream keeps the rotation going.
+        p.snapshots
+            .send(snapshot(vec![host("", "/", route("rr", &addrs))]))
+            .unwrap();
+        for _ in 0..3 {
+            get(p.http, "a", "/").await;
+        }
+        for b in &backends {
+            assert_eq!(b.hits.load(Ordering::Relaxed), 4);
+        }
+    });
+}
+
+#[test]
+fn least_request_avoids_the_busy_endpoint() {
+    in_netns("leastreq", || async {
+        let (release, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx.clone()).await;
+        let mut r = route("lr", &[a.addr, b.addr]);
+        r.balance = Balance::LeastRequest;
+        let p = start(test_config(), snapshot(vec![host("", "/", r)]));
+        let http = p.http;
+        let held = tokio::spawn(async move { get(http, "a", "/hold").await });
+        wait_until("a held request", || {
+            a.holding.load(Ordering::Relaxed) + b.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        let (busy, idle) = if a.holding.load(Ordering::Relaxed) == 1 {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        for _ in 0..10 {
+            assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+        }
+        assert_eq!(
+            busy.hits.load(Ordering::Relaxed),
+            1,
+            "only the held request"
+        );
+        assert_eq!(idle.hits.load(Ordering::Relaxed), 10);
+        release.send(true).unwrap();
+        assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    });
+}
+
+#[test]
+fn answers_503_without_endpoints_and_502_when_refused() {
+    in_netns("5xx", || async {
+        let closed = SocketAddr::from((backend_ip(1), 1));
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("empty.example", "/", route("empty", &[])),
+                host("refused.example", "/", route("refused", &[closed])),
+            ]),
+        );
+        let got = get(p.http, "empty.example", "/").await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.body, "no ready endpoints for this route\n");
+        let got = get(p.http, "refused.example", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(p.metrics.upstream_error_count("connect"), 1);
+        assert_eq!(
+            p.metrics.retries_count(),
+            0,
+            "no other endpoint to retry on"
+        );
+    });
+}
+
+#[test]
+fn retries_a_connect_failure_on_another_endpoint() {
+    in_netns("retry", || async {
+        let (_tx, rx) = watch::channel(false);
+        let live = backend(backend_ip(2), "live", rx).await;
+        let closed = SocketAddr::from((backend_ip(1), 1));
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("retry", &[closed, live.addr]))]),
+        );
+        for _ in 0..4 {
+            let got = get(p.http, "a", "/").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(echoed(&got.body, "name").as_deref(), Some("live"));
+        }
+        assert_eq!(live.hits.load(Ordering::Relaxed), 4);
+        assert!(p.metrics.retries_count() >= 1);
+    });
+}
+
+#[test]
+fn answers_504_when_the_backend_stalls() {
+    in_netns("stall", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let config = ProxyConfig {
+            upstream_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let got = get(p.http, "a", "/stall").await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(p.metrics.upstream_error_count("timeout"), 1);
+        // The same connection pool still serves.
+        assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+    });
+}
+
+// ---- limits -------------------------------------------------------------------------
+
+#[test]
+fn rejects_large_bodies_with_413() {
+    in_netns("413", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let mut r = route("a", &[a.addr]);
+        r.max_body_bytes = Some(1000);
+        let p = start(test_config(), snapshot(vec![host("", "/", r)]));
+        let req = Request::post("/")
+            .header("host", "a")
+            .body(Full::new(Bytes::from(vec![b'x'; 2000])))
+            .unwrap();
+        let got = send(p.http, req).await;
+        assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(got.body, "request body too large\n");
+        assert_eq!(
+            a.hits.load(Ordering::Relaxed),
+            0,
+            "refused on Content-Length"
+        );
+        // Refused on the announced length alone, before any body byte arrives.
+        let got = raw(
+            p.http,
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+        assert_eq!(a.hits.load(Ordering::Relaxed), 0);
+
+        // Chunked: counted while streaming.
+        let chunked = |n: usize| {
+            let chunks =
+                (0..n).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'y'; 100]))));
+            Request::post("/")
+                .header("host", "a")
+                .body(StreamBody::new(futures_util::stream::iter(chunks)))
+                .unwrap()
+        };
+        let io = TokioIo::new(connect(p.http).await);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let got = read_answer(sender.send_request(chunked(20)).await.unwrap()).await;
+        assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let io = TokioIo::new(connect(p.http).await);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let got = read_answer(sender.send_request(chunked(5)).await.unwrap()).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(echoed(&got.body, "body-length").as_deref(), Some("500"));
+        assert_eq!(p.metrics.local_answer_count("body_too_large"), 3);
+    });
+}
+
+#[test]
+fn rejects_oversize_and_too_many_headers_with_431() {
+    in_netns("431", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(20 * 1024)
+        );
+        let got = raw(p.http, big.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..150 {
+            let _ = write!(many, "X-H{i}: v\r\n");
+        }
+        many.push_str("\r\n");
+        let got = raw(p.http, many.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        // Just under the limits still passes (hyper's 8 KiB floor is not our limit).
+        let mut fine = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
+        for i in 0..90 {
+            let _ = write!(fine, "X-H{i}: v\r\n");
+        }
+        let _ = write!(fine, "X-Big: {}\r\n\r\n", "b".repeat(12 * 1024));
+        let got = raw(p.http, fine.as_bytes()).await;
+        assert!(
+            got.starts_with("HTTP/1.1 200"),
+            "{}",
+            &got[..got.len().min(200)]
+        );
+        assert_eq!(a.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 2);
+
+        // Configured limits: the count inside hyper's parser, a size below hyper's
+        // 8 KiB buffer floor by the proxy's own check.
+        let config = ProxyConfig {
+            max_headers: 20,
+            max_header_bytes: 4096,
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..30 {
+            let _ = write!(many, "X-H{i}: v\r\n");
+        }
+        many.push_str("\r\n");
+        let got = raw(p.http, many.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(6 * 1024)
+        );
+        let got = raw(p.http, big.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 1);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 1);
+    });
+}
+
+#[test]
+fn slow_headers_are_cut_off_while_others_are_served() {
+    in_netns("slowloris", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let config = ProxyConfig {
+            header_timeout: Duration::from_millis(500),
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let mut slow = connect(p.http).await;
+        let http = p.http;
+        let served = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            get(http, "a", "/").await.status
+        });
+        // 400 bytes at 20 ms each would take 8 s: far beyond the header timeout.
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Slow: {}\r\n\r\n",
+            "s".repeat(360)
+        );
+        let mut cut = false;
+        for byte in head.as_bytes() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                cut = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(20), slow.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    cut = true;
+                    break;
+                }
+                Ok(Ok(_)) => panic!("a slow head got an answer"),
+                Err(_) => {}
+            }
+        }
+        assert!(cut, "the slow client was never cut off");
+        assert_eq!(served.await.unwrap(), StatusCode::OK);
+        assert_eq!(p.metrics.closed_count("header_timeout"), 1);
+    });
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed() {
+    in_netns("idle", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let config = ProxyConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let mut stream = connect(p.http).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        // Reads the answer, then waits for the close (bounded by the test deadline).
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+            .await
+            .expect("idle connection not closed")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+        assert_eq!(p.metrics.closed_count("idle_timeout"), 1);
+    });
+}
+
+// ---- TLS and HTTP/2 -------------------------------------------------------------------
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    connector
+        .connect(name, connect(addr).await)
+        .await
+        .expect("TLS handshake")
+}
+
+/// The certificate the proxy serves for `sni`.
+async fn served_cert(addr: SocketAddr, sni: &str) -> CertificateDer<'static> {
+    let tls = tls_connect(addr, sni, &[]).await;
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+fn valid_for(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let cert = webpki::EndEntityCert::try_from(cert).unwrap();
+    cert.verify_is_valid_for_subject_name(&ServerName::try_from(name).unwrap())
+        .is_ok()
+}
+
+fn certificate(sans: &[&str], hosts: &[&str]) -> Certificate {
+    let names: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+    let c = rcgen::generate_simple_self_signed(names).unwrap();
+    Certificate {
+        hosts: hosts.iter().map(|s| (*s).to_owned()).collect(),
+        secret: key("tls"),
+        key: tls::certified_key(c.cert.der().clone(), &c.signing_key.serialize_der()).unwrap(),
+    }
+}
+
+fn with_certs(rules: Vec<HostRule>, certificates: Vec<Certificate>) -> Arc<Snapshot> {
+    Arc::new(Snapshot {
+        routes: RouteTable::new(rules, None),
+        certificates,
+    })
+}
+
+#[test]
+fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
+    in_netns("sni", || async {
+        let certs = vec![
+            certificate(&["a.example"], &["a.example"]),
+            certificate(&["*.wild.example"], &["*.wild.example"]),
+            certificate(&["san.example"], &[]),
+        ];
+        let p = start(test_config(), with_certs(Vec::new(), certs));
+        let a = served_cert(p.https, "a.example").await;
+        assert!(valid_for(&a, "a.example"));
+        let w = served_cert(p.https, "x.wild.example").await;
+        assert!(valid_for(&w, "x.wild.example"));
+        let s = served_cert(p.https, "san.example").await;
+        assert!(valid_for(&s, "san.example"));
+        let unknown = served_cert(p.https, "unknown.example").await;
+        for name in [
+            "a.example",
+            "x.wild.example",
+            "san.example",
+            "unknown.example",
+        ] {
+            assert!(!valid_for(&unknown, name));
+        }
+        let cn = tls::DEFAULT_CERT_CN.as_bytes();
+        assert!(
+            unknown.windows(cn.len()).any(|w| w == cn),
+            "not the default certificate"
+        );
+    });
+}
+
+#[test]
+fn a_new_snapshot_swaps_the_certificate() {
+    in_netns("certswap", || async {
+        let old = certificate(&["a.example"], &["a.example"]);
+        let p = start(test_config(), with_certs(Vec::new(), vec![old.clone()]));
+        let first = served_cert(p.https, "a.example").await;
+        assert_eq!(first.as_ref(), old.key.cert[0].as_ref());
+        let new = certificate(&["a.example"], &["a.example"]);
+        p.snapshots
+            .send(with_certs(Vec::new(), vec![new.clone()]))
+            .unwrap();
+        let second = served_cert(p.https, "a.example").await;
+        assert_eq!(second.as_ref(), new.key.cert[0].as_ref());
+        assert_ne!(first, second);
+    });
+}
+
+#[test]
+fn serves_h2_over_tls_via_alpn() {
+    in_netns("h2alpn", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            with_certs(
+                vec![host("a.example", "/", route("a", &[a.addr]))],
+                vec![certificate(&["a.example"], &["a.example"])],
+            ),
+        );
+        let tls = tls_connect(p.https, "a.example", &[b"h2", b"http/1.1"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..3 {
+            let req = Request::get("https://a.example/h2")
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            let response = sender.send_request(req).await.unwrap();
+            assert_eq!(response.version(), hyper::Version::HTTP_2);
+            let got = read_answer(response).await;
+            assert_eq!(got.status, StatusCode::OK);
+            // The backend speaks HTTP/1.1 and sees the :authority as Host.
+            assert_eq!(echoed(&got.body, "version").as_deref(), Some("HTTP/1.1"));
+            assert_eq!(echoed(&got.body, "host").as_deref(), Some("a.example"));
+            assert_eq!(
+                echoed(&got.body, "x-forwarded-proto").as_deref(),
+                Some("https")
+            );
+        }
+    });
+}
+
+#[test]
+fn speaks_h2c_to_backends_that_ask_for_it() {
+    in_netns("h2c", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let mut r = route("a", &[a.addr]);
+        Arc::make_mut(&mut r.upstream).protocol = UpstreamProtocol::H2c;
+        let p = start(test_config(), snapshot(vec![host("", "/", r)]));
+        for _ in 0..3 {
+            let got = get(p.http, "a.example", "/grpc").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(echoed(&got.body, "version").as_deref(), Some("HTTP/2.0"));
+            assert_eq!(
+                echoed(&got.body, "request").as_deref(),
+                Some("GET http://a.example/grpc")
+            );
+        }
+    });
+}
+
+// ---- upgrades and ExternalName ------------------------------------------------------------
+
+#[test]
+fn tunnels_a_websocket_echo() {
+    in_netns("ws", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let mut s = connect(p.http).await;
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        // A masked text frame "hello", echoed byte for byte through the tunnel.
+        let frame = [
+            0x81,
+            0x85,
+            1,
+            2,
+            3,
+            4,
+            b'h' ^ 1,
+            b'e' ^ 2,
+            b'l' ^ 3,
+            b'l' ^ 4,
+            b'o' ^ 1,
+        ];
+        for _ in 0..3 {
+            s.write_all(&frame).await.unwrap();
+            let mut echo = [0u8; 11];
+            s.read_exact(&mut echo).await.unwrap();
+            assert_eq!(echo, frame);
+        }
+        assert_eq!(p.metrics.upgrades_count(), 1);
+    });
+}
+
+#[test]
+fn resolves_external_names_by_dns() {
+    in_netns("dns", || async {
+        let (_tx, rx) = watch::channel(false);
+        let local = backend(IpAddr::V4(Ipv4Addr::LOCALHOST), "local", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "ext.example",
+                    "/",
+                    route_to(
+                        "ext",
+                        Target::Dns {
+                            host: "localhost".into(),
+                            port: local.addr.port(),
+                        },
+                    ),
+                ),
+                host(
+                    "bad.example",
+                    "/",
+                    route_to(
+                        "bad",
+                        Target::Dns {
+                            host: "no-such-name.invalid".into(),
+                            port: 80,
+                        },
+                    ),
+                ),
+            ]),
+        );
+        // `localhost` may also give ::1, where nothing listens: the retry covers it.
+        for _ in 0..3 {
+            let got = get(p.http, "ext.example", "/").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(echoed(&got.body, "name").as_deref(), Some("local"));
+        }
+        let got = get(p.http, "bad.example", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.body, "cannot resolve the backend\n");
+        assert_eq!(p.metrics.upstream_error_count("dns"), 1);
+    });
+}

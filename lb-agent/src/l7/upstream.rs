@@ -1,0 +1,224 @@
+//! Connections to backends: a pool per endpoint (idle HTTP/1.1 connections reused, one
+//! multiplexed HTTP/2 connection for h2c), connected with a timeout. Our own pool rather
+//! than hyper-util's `Client` because a connect failure must leave the request unsent and
+//! in our hands, so it can be retried on another endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::balance::InFlight;
+use super::routes::UpstreamProtocol;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when returned.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0}: {1}")]
+    Io(SocketAddr, std::io::Error),
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("HTTP/2 handshake with {0}: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+}
+
+impl ConnectError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Io(..) => "connect",
+            ConnectError::Timeout(_) => "connect_timeout",
+            ConnectError::Handshake(..) => "handshake",
+        }
+    }
+}
+
+pub enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                connect_timeout,
+                idle_timeout,
+                h1: Mutex::new(HashMap::new()),
+                h2: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A ready connection to `addr`: an idle pooled one, or a new one.
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+    ) -> Result<Sender, ConnectError> {
+        match protocol {
+            UpstreamProtocol::Http1 => {
+                if let Some(sender) = self.idle_h1(addr) {
+                    return Ok(Sender::H1(sender));
+                }
+                let io = self.connect(addr).await?;
+                let (sender, conn) = http1::handshake(io)
+                    .await
+                    .map_err(|e| ConnectError::Handshake(addr, e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!("backend connection {addr}: {e}");
+                    }
+                });
+                Ok(Sender::H1(sender))
+            }
+            UpstreamProtocol::H2c => {
+                let existing = {
+                    let h2 = self.inner.h2.lock().unwrap_or_else(PoisonError::into_inner);
+                    h2.get(&addr).filter(|s| !s.is_closed()).cloned()
+                };
+                if let Some(sender) = existing {
+                    return Ok(Sender::H2(sender));
+                }
+                let io = self.connect(addr).await?;
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| ConnectError::Handshake(addr, e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("backend h2c connection {addr}: {e}");
+                    }
+                });
+                self.inner
+                    .h2
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(addr, sender.clone());
+                Ok(Sender::H2(sender))
+            }
+        }
+    }
+
+    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut h1 = self.inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = h1.get_mut(&addr)?;
+        while let Some((sender, since)) = idle.pop() {
+            if sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let stream = tokio::time::timeout(self.inner.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout(addr))?
+            .map_err(|e| ConnectError::Io(addr, e))?;
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    /// Wraps a backend response body so that its connection returns to the pool once
+    /// the body has been read to its end (and not before: HTTP/1.1 cannot interleave),
+    /// and the endpoint's in-flight count drops when the body is done or abandoned.
+    pub fn response_body(
+        &self,
+        body: Incoming,
+        addr: SocketAddr,
+        sender: Option<http1::SendRequest<Body>>,
+        in_flight: InFlight,
+    ) -> PooledBody {
+        PooledBody {
+            body,
+            ended: false,
+            give_back: sender.map(|s| (Arc::clone(&self.inner), addr, s)),
+            _in_flight: in_flight,
+        }
+    }
+}
+
+/// A parked HTTP/1.1 connection and when it was parked.
+type IdleH1 = (http1::SendRequest<Body>, Instant);
+
+type GiveBack = (Arc<Inner>, SocketAddr, http1::SendRequest<Body>);
+
+pub struct PooledBody {
+    body: Incoming,
+    ended: bool,
+    give_back: Option<GiveBack>,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        let done = self.ended || self.body.is_end_stream();
+        if let (true, Some((inner, addr, mut sender))) = (done, self.give_back.take()) {
+            // The connection becomes ready once hyper has seen the end of the message;
+            // wait for that off the request path, then park it.
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    let mut h1 = inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
+                    let idle = h1.entry(addr).or_default();
+                    if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                        idle.push((sender, Instant::now()));
+                    }
+                }
+            });
+        }
+    }
+}
