@@ -35,6 +35,7 @@ fn vip() -> IpAddr {
 }
 
 struct Bed {
+    tag: String,
     topo: Topology,
     _servers: Vec<EchoServer>,
     l4_dir: PathBuf,
@@ -85,6 +86,7 @@ impl Bed {
         .expect("hosts file");
         let ca = base.with_extension("ca.pem");
         Bed {
+            tag: tag.to_owned(),
             topo,
             _servers: servers,
             l4_dir,
@@ -108,7 +110,7 @@ impl Bed {
             &self.topo.lb,
             Path::new(AGENT),
             &["--manifests", &dir],
-            "l7e2e-l4",
+            &format!("{}-l4", self.tag),
             &["--poll-ms", "100"],
         )
         .expect("start the L4 agent")
@@ -132,7 +134,7 @@ impl Bed {
             ],
             Path::new(AGENT),
             &["--manifests", &dir],
-            "l7e2e-l7",
+            &format!("{}-l7", self.tag),
             &[
                 "--l7",
                 "--l7-http",
