@@ -115,6 +115,7 @@ impl L7Hop {
                 .iter()
                 .filter_map(|key| cluster.ingresses.get(key).map(|i| (key, i.as_ref())));
             let updates = status::updates(served, &wanted);
+            tracing::debug!(?wanted, updates = updates.len(), "Ingress status");
             status.send_if_modified(|pending| {
                 let changed = *pending != updates;
                 *pending = updates;
@@ -131,4 +132,3 @@ impl Drop for L7Hop {
         }
     }
 }
-
