@@ -960,6 +960,26 @@ fn sni_picks_the_certificate_and_unknown_names_get_the_default() {
 }
 
 #[test]
+fn a_silent_tls_client_is_cut_off_after_the_header_timeout() {
+    in_netns("tlsslow", || async {
+        let config = ProxyConfig {
+            header_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(config, with_certs(Vec::new(), Vec::new()));
+        let mut silent = connect(p.https).await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("a silent TLS client was not cut off");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(p.metrics.closed_count("tls_handshake_timeout"), 1);
+        // Meanwhile the listener still completes handshakes.
+        served_cert(p.https, "a.example").await;
+    });
+}
+
+#[test]
 fn a_new_snapshot_swaps_the_certificate() {
     in_netns("certswap", || async {
         let old = certificate(&["a.example"], &["a.example"]);
