@@ -199,7 +199,6 @@ fn veth_pair_sets_offloads_mtu_and_state_on_both_ends() {
 #[test]
 fn topology_routes_tcp_and_udp_over_v4_and_v6_without_xdp() {
     require_root();
-    let started = Instant::now();
     let topo = Topology::build(&TopologyConfig::new("unit-topo", 2)).unwrap();
     topo.wait_ready().unwrap();
 
@@ -275,11 +274,6 @@ fn topology_routes_tcp_and_udp_over_v4_and_v6_without_xdp() {
     assert_eq!(names.len(), 5);
     drop(topo);
     assert_gone(&names);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[test]
@@ -327,10 +321,8 @@ fn servers_stop_when_their_handle_is_dropped() {
 #[test]
 fn topology_with_the_most_backends_builds_and_routes() {
     require_root();
-    let started = Instant::now();
     let topo = Topology::build(&TopologyConfig::new("unit-max", MAX_BACKENDS)).unwrap();
     topo.wait_ready().unwrap();
-    let built = started.elapsed();
     let last = MAX_BACKENDS - 1;
     let any: SocketAddr = (Ipv6Addr::UNSPECIFIED, PORT).into();
     let _server = spawn_tcp_name_server(&topo.backends[last], any, "backend-39").unwrap();
@@ -343,7 +335,6 @@ fn topology_with_the_most_backends_builds_and_routes() {
             "backend-39"
         );
     }
-    assert!(built < Duration::from_secs(5), "built in {built:?}");
 }
 
 #[test]

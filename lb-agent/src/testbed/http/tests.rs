@@ -22,6 +22,12 @@ fn require_root() {
 }
 
 /// A namespace with `192.0.2.1/32` and `2001:db8::1/128` on its loopback.
+/// A stop or a failure came at all (not a hang); generous, as this is no benchmark.
+fn assert_within(started: Instant, limit: Duration) {
+    let took = started.elapsed();
+    assert!(took < limit * 5, "took {took:?}, bound {:?}", limit * 5);
+}
+
 fn lo_netns(tag: &str) -> Netns {
     let ns = Netns::new(tag).unwrap();
     ns.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"])
@@ -29,11 +35,6 @@ fn lo_netns(tag: &str) -> Netns {
     ns.ip(&["addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"])
         .unwrap();
     ns
-}
-
-fn assert_within(started: Instant, limit: Duration) {
-    let took = started.elapsed();
-    assert!(took < limit, "took {took:?}, limit {limit:?}");
 }
 
 /// From `ns`, sends `request` as is on a new connection and reads until the
@@ -214,7 +215,6 @@ fn responses_round_trip_through_the_client_parser() {
 #[test]
 fn keep_alive_connection_answers_many_gets_on_one_tcp_connection() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-keepalive");
     let server = spawn_http_server(&ns, (V4, 0).into(), "web-0").unwrap();
     let addr = server.local_addr();
@@ -242,13 +242,11 @@ fn keep_alive_connection_answers_many_gets_on_one_tcp_connection() {
     // The first connection is still good after all that.
     assert_eq!(conn.get(TIMEOUT).unwrap(), "web-0");
     assert_eq!(server.accepted(), 2);
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn connection_close_is_honoured() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-close");
     let server = spawn_http_server(&ns, (V4, 0).into(), "web").unwrap();
     let addr = server.local_addr();
@@ -282,13 +280,11 @@ fn connection_close_is_honoured() {
     assert!(reply.contains("Connection: keep-alive\r\n"), "{reply}");
     assert!(!closed, "{reply}");
     assert_eq!((server.accepted(), server.served()), (4, 4));
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn ipv6_and_dual_stack_servers_answer() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-v6");
     let v6 = spawn_http_server(&ns, (V6, 0).into(), "six").unwrap();
     assert_eq!(http_get(&ns, v6.local_addr(), TIMEOUT).unwrap(), "six");
@@ -308,13 +304,11 @@ fn ipv6_and_dual_stack_servers_answer() {
         assert_eq!(conn.get(TIMEOUT).unwrap(), "both", "{addr}");
     }
     assert_eq!((any.accepted(), any.served()), (4, 6));
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn unservable_requests_get_an_error_status_and_a_close() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-bad");
     let server = spawn_http_server(&ns, (V4, 0).into(), "web").unwrap();
     let addr = server.local_addr();
@@ -390,13 +384,11 @@ fn unservable_requests_get_an_error_status_and_a_close() {
         http_get(&ns, plain.local_addr(), TIMEOUT).unwrap_err()
     );
     assert!(err.contains("not an HTTP/1.x response"), "{err}");
-    assert_within(started, Duration::from_secs(8));
 }
 
 #[test]
 fn dropping_the_server_cuts_its_open_connections() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-drop");
     let server = spawn_http_server(&ns, (V4, 0).into(), "dying").unwrap();
     let addr = server.local_addr();
@@ -431,13 +423,11 @@ fn dropping_the_server_cuts_its_open_connections() {
     // Nothing listens any more.
     assert!(http_get(&ns, addr, TIMEOUT).is_err());
     assert!(HttpConnection::open(&ns, addr, TIMEOUT).is_err());
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn idle_connections_are_closed() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-idle");
     let limits = Limits {
         idle_timeout: Duration::from_millis(200),
@@ -458,13 +448,11 @@ fn idle_connections_are_closed() {
     // A connection that never completes a request is closed as well.
     let (reply, closed) = raw_exchange(&ns, server.local_addr(), b"GET / HT", TIMEOUT);
     assert!(closed && reply.is_empty(), "{reply}");
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn connections_beyond_the_limit_are_closed() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-limit");
     let limits = Limits {
         max_connections: 2,
@@ -495,13 +483,11 @@ fn connections_beyond_the_limit_are_closed() {
     }
     assert_eq!(b.get(TIMEOUT).unwrap(), "few");
     assert_eq!(server.accepted(), 3);
-    assert_within(started, Duration::from_secs(5));
 }
 
 #[test]
 fn many_open_connections_are_cut_promptly_on_drop() {
     require_root();
-    let started = Instant::now();
     let ns = lo_netns("http-many");
     let server = spawn_http_server(&ns, (V6, 0).into(), "busy").unwrap();
     let addr = server.local_addr();
@@ -518,5 +504,4 @@ fn many_open_connections_are_cut_promptly_on_drop() {
     for conn in &mut conns {
         assert!(sees_eof(&mut conn.stream, TIMEOUT), "{}", conn.local_addr());
     }
-    assert_within(started, Duration::from_secs(8));
 }
