@@ -94,7 +94,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (state, proxy) = AgentState::with_parts(parts, |registry| {
         opts.l7
             .as_ref()
-            .map(|l7| crate::l7::proxy::Proxy::bind(l7.proxy.clone(), registry))
+            .map(|l7| {
+                let listener_ports: Vec<u16> = [l7.proxy.http, l7.proxy.https]
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a.port())
+                    .collect();
+                crate::l7::proxy::Proxy::bind(l7.proxy.clone(), registry)
+                    .map_err(|e| crate::capabilities::explain_bind(e, &listener_ports))
+            })
             .transpose()
     })?;
     let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;

@@ -1,6 +1,7 @@
 //! The Linux capabilities `lb-agent run` needs, so that a load failing for lack of one
 //! says which (the kernel only says "Operation not permitted" or prints a verifier log).
-//! deploy/'s DaemonSet adds exactly [`RUN`]; deploy/README.md has the measurements.
+//! deploy/'s DaemonSet adds exactly [`RUN`] and, for the L7 hop on ports 80 and 443,
+//! [`NET_BIND_SERVICE`]; deploy/README.md has the measurements.
 
 /// One capability: its bit in `CapEff` (linux/capability.h) and why the agent needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,29 @@ pub const RUN: &[Capability] = &[
         why: "the verifier rejects the program's packet pointer arithmetic without it",
     },
 ];
+
+/// What the L7 hop adds when a listener's port is below 1024 (80 and 443 in deploy/).
+/// CAP_SYS_ADMIN does not imply it.
+pub const NET_BIND_SERVICE: Capability = Capability {
+    bit: 10,
+    name: "NET_BIND_SERVICE",
+    why: "the L7 hop's listeners on ports below 1024",
+};
+
+/// Adds to a failed bind of the L7 listeners (`ports`) that CAP_NET_BIND_SERVICE is
+/// missing, when a port needs it and the process lacks it.
+pub fn explain_bind(err: anyhow::Error, ports: &[u16]) -> anyhow::Error {
+    let Some(low) = ports.iter().find(|p| **p < 1024) else {
+        return err;
+    };
+    match effective() {
+        Ok(mask) if mask & (1 << NET_BIND_SERVICE.bit) == 0 => err.context(format!(
+            "missing capability CAP_NET_BIND_SERVICE ({}); --l7 listens on port {low}",
+            NET_BIND_SERVICE.why
+        )),
+        _ => err,
+    }
+}
 
 /// The capabilities of [`RUN`] that `effective` (a `CapEff` mask) lacks; none when it
 /// holds CAP_SYS_ADMIN.
@@ -115,10 +139,11 @@ mod tests {
 
     #[test]
     fn bits_match_linux_capability_h() {
-        // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
+        // CAP_NET_BIND_SERVICE 10, CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
         let bits: Vec<(&str, u32)> = RUN.iter().map(|c| (c.name, c.bit)).collect();
         assert_eq!(bits, [("BPF", 39), ("NET_ADMIN", 12), ("PERFMON", 38)]);
         assert_eq!(SYS_ADMIN.bit, 21);
+        assert_eq!(NET_BIND_SERVICE.bit, 10);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The real agent with exactly the capabilities deploy/'s DaemonSet gives it, read from
-//! the manifest: it attaches, forwards a connection and adopts its pins after a
-//! restart (the rolling-update path). Without any one of them it exits and names the
+//! the manifest, in the DaemonSet's mode (a Kubernetes source, here `--manifests`, and
+//! the L7 hop on ports 80 and 443): it attaches, forwards a connection, serves the L7
+//! port and adopts its pins after a restart (the rolling-update path). Without any one of them it exits and names the
 //! missing capability, and nothing stays attached.
 //!
 //! The container is modelled with `setpriv`, as the runtime sets it up for a uid 0
@@ -79,6 +80,7 @@ fn launcher(capabilities: &[String], no_new_privs: bool) -> Vec<String> {
 /// linux/capability.h bit of a capability as Kubernetes names it.
 fn bit(name: &str) -> u32 {
     match name {
+        "NET_BIND_SERVICE" => 10,
         "NET_ADMIN" => 12,
         "SYS_ADMIN" => 21,
         "PERFMON" => 38,
@@ -105,7 +107,7 @@ fn mask(hex: &str) -> u64 {
 struct Bed {
     topo: Topology,
     _servers: Vec<ServerHandle>,
-    config: PathBuf,
+    manifests: PathBuf,
 }
 
 impl Bed {
@@ -114,33 +116,59 @@ impl Bed {
         let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
         topo.wait_ready().expect("topology ready");
         let servers = testbed::spawn_backend_http_servers(&topo, 0, PORT).expect("servers");
-        let config = std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id()));
-        let mut yaml = String::from(
-            "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80, protocol: TCP }]\n    backends:\n",
+        let manifests = std::env::temp_dir().join(format!("xlb-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&manifests).expect("manifests dir");
+        let yaml = format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{ name: web, namespace: shop }}
+spec:
+  type: ClusterIP
+  clusterIP: {vip}
+  ports: [{{ name: http, port: 80, protocol: TCP, targetPort: {PORT} }}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{ kubernetes.io/service-name: web }}
+addressType: IPv4
+endpoints:
+- addresses: [\"{backend}\"]
+  conditions: {{ ready: true }}
+ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
+",
+            vip = Topology::vip_v4(0),
+            backend = Topology::backend_v4(0),
         );
-        writeln!(
-            yaml,
-            "      - {{ address: {}, port: {PORT} }}",
-            Topology::backend_v4(0)
-        )
-        .expect("write to a String");
-        std::fs::write(&config, yaml).expect("config");
+        std::fs::write(manifests.join("web.yaml"), yaml).expect("manifest");
         Bed {
             topo,
             _servers: servers,
-            config,
+            manifests,
         }
     }
 
+    /// The agent as the DaemonSet runs it (ports 80 and 443 for the L7 hop).
     fn agent(&self, tag: &str, launcher: &[String]) -> AgentProcess<'_> {
         let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
-        AgentProcess::start_with_launcher(
+        let dir = self.manifests.display().to_string();
+        AgentProcess::start_full_with(
             &self.topo.lb,
             &launcher,
             Path::new(AGENT),
-            &self.config,
+            &["--manifests", &dir],
             tag,
-            &[],
+            &[
+                "--l7",
+                "--l7-http",
+                "0.0.0.0:80",
+                "--l7-https",
+                "0.0.0.0:443",
+                "--poll-ms",
+                "100",
+            ],
         )
         .expect("start agent")
     }
@@ -162,15 +190,15 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_dir_all(&self.manifests);
     }
 }
 
 fn web_forwards(report: &lb_agent::status::Report) -> bool {
-    report
-        .services
-        .iter()
-        .any(|s| s.name == "web" && s.backends.iter().any(|b| b.forwarding && b.share > 0.0))
+    report.services.iter().any(|s| {
+        s.name.contains("shop/web")
+            && s.backends.iter().any(|b| b.forwarding && b.share > 0.0)
+    })
 }
 
 #[test]
@@ -210,6 +238,30 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
     assert_eq!(
         testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
         "backend-0"
+    );
+    // The L7 hop listens on port 80 (no Ingress here: its own 404).
+    let l7 = format!("http://{}/", Topology::lb_client_v4());
+    let out = bed
+        .topo
+        .client
+        .exec(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &l7,
+            ],
+        )
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "404",
+        "the L7 hop on port 80"
     );
 
     // A restarted pod adopts the pinned maps and links with the same set.

@@ -138,16 +138,18 @@ fn every_manifest_is_a_known_kind_with_known_fields() {
             Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
             Object::ConfigMap(_) => "ConfigMap",
             Object::DaemonSet(_) => "DaemonSet",
+            Object::IngressClass(_) => "IngressClass",
+            Object::Service(_) => "Service",
         })
         .collect();
-    assert_eq!(kinds.len(), 6, "every kind present: {kinds:?}");
+    assert_eq!(kinds.len(), 8, "every kind present: {kinds:?}");
 }
 
 #[test]
 fn the_loader_refuses_unknown_kinds_and_misspelt_fields() {
     let file = Path::new("test.yaml");
-    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n";
-    let err = manifests::parse(file, service).unwrap_err();
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n";
+    let err = manifests::parse(file, deployment).unwrap_err();
     assert!(err.contains("unexpected kind"), "{err}");
 
     let typo = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: y}\ndata: {a: b}\n\
@@ -278,6 +280,8 @@ fn namespaced_objects_live_in_the_namespace() {
             Object::ServiceAccount(o) => (&o.metadata, true),
             Object::ConfigMap(o) => (&o.metadata, true),
             Object::DaemonSet(o) => (&o.metadata, true),
+            Object::IngressClass(o) => (&o.metadata, false),
+            Object::Service(o) => (&o.metadata, true),
         };
         let want = namespaced.then_some(&namespace);
         assert_eq!(
@@ -378,6 +382,7 @@ struct AgentArgs {
     admin: std::net::SocketAddr,
     bpffs: PathBuf,
     interfaces: Vec<String>,
+    l7: lb_agent::cli::L7Args,
 }
 
 fn agent_args(docs: &[Doc]) -> AgentArgs {
@@ -406,6 +411,7 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         interfaces,
         bpffs,
         replace,
+        l7,
         ..
     } = cli.command
     else {
@@ -429,6 +435,7 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         admin,
         bpffs,
         interfaces,
+        l7,
     }
 }
 
@@ -662,14 +669,16 @@ fn the_container_gets_exactly_the_capabilities_the_agent_needs() {
     let added: BTreeSet<String> = manifests::added_capabilities(container)
         .into_iter()
         .collect();
+    // The DaemonSet runs the L7 hop on ports 80 and 443.
     let needed: BTreeSet<String> = lb_agent::capabilities::RUN
         .iter()
+        .chain([&lb_agent::capabilities::NET_BIND_SERVICE])
         .map(|c| c.name.to_owned())
         .collect();
     assert_eq!(
         added, needed,
-        "capabilities.add must be lb_agent::capabilities::RUN (tests/capabilities.rs runs the \
-         agent with it)"
+        "capabilities.add must be lb_agent::capabilities::RUN and NET_BIND_SERVICE \
+         (tests/capabilities.rs runs the agent with it)"
     );
 }
 
@@ -915,5 +924,78 @@ fn container_context_excludes_build_output() {
     let ignore = read(".dockerignore");
     for dir in ["target/", "lb-ebpf/target/"] {
         assert!(ignore.lines().any(|l| l == dir), ".dockerignore: {dir}");
+    }
+}
+
+/// The L7 hop as deployed: the agent runs it for IngressClass `xlb`, whose controller
+/// is the agent's; the ingress Service selects the agent pods, targets the container
+/// ports the L7 listeners use, and is the Service whose address the agent publishes.
+#[test]
+fn the_l7_hop_is_reached_through_the_ingress_service() {
+    use k8s_openapi::api::core::v1::Service;
+    use lb_agent::model::ingress::CONTROLLER;
+
+    let docs = docs();
+    let args = agent_args(&docs);
+    assert!(args.l7.l7, "the DaemonSet runs the L7 hop: {:?}", args.argv);
+    let classes: Vec<_> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::IngressClass(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(classes.len(), 1);
+    assert_eq!(
+        classes[0].metadata.name.as_deref(),
+        Some(args.l7.l7_ingress_class.as_str())
+    );
+    assert_eq!(
+        classes[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.controller.as_deref()),
+        Some(CONTROLLER)
+    );
+
+    let services: Vec<&Service> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::Service(s) => Some(s.as_ref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(services.len(), 1);
+    let service = services[0];
+    let key = format!(
+        "{}/{}",
+        service.metadata.namespace.as_deref().unwrap_or_default(),
+        service.metadata.name.as_deref().unwrap_or_default()
+    );
+    assert_eq!(args.l7.l7_publish_service.as_deref(), Some(key.as_str()));
+
+    let ds = manifests::daemonset(&docs);
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let spec = service.spec.as_ref().expect("Service spec");
+    let selector = spec.selector.clone().unwrap_or_default();
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "{selector:?} selects the agent pods {pod_labels:?}"
+    );
+    let container = manifests::agent_container(ds);
+    let listeners = [args.l7.l7_http.port(), args.l7.l7_https.port()];
+    for port in spec.ports.as_deref().unwrap_or_default() {
+        let target = port.target_port.as_ref().expect("targetPort");
+        let resolved = resolve_port(container, target);
+        assert!(
+            listeners.contains(&u16::try_from(resolved).expect("port")),
+            "{} targets {resolved}, not an L7 listener {listeners:?}",
+            port.port
+        );
     }
 }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Deserialize as _;
 use serde::Serialize;
@@ -24,6 +25,8 @@ pub enum Object {
     ClusterRoleBinding(ClusterRoleBinding),
     ConfigMap(ConfigMap),
     DaemonSet(Box<DaemonSet>),
+    IngressClass(IngressClass),
+    Service(Box<Service>),
 }
 
 /// One YAML document and where it came from.
@@ -102,10 +105,15 @@ fn typed(value: &serde_yaml::Value) -> Result<Object, String> {
         strict(value).map(Object::ConfigMap)
     } else if is(DaemonSet::API_VERSION, DaemonSet::KIND) {
         strict(value).map(|d| Object::DaemonSet(Box::new(d)))
+    } else if is(IngressClass::API_VERSION, IngressClass::KIND) {
+        strict(value).map(Object::IngressClass)
+    } else if is(Service::API_VERSION, Service::KIND) {
+        strict(value).map(|s| Object::Service(Box::new(s)))
     } else {
         Err(format!(
             "unexpected kind {kind:?} (apiVersion {api_version:?}); deploy/ holds only \
-             Namespace, ServiceAccount, ClusterRole, ClusterRoleBinding, ConfigMap and DaemonSet"
+             Namespace, ServiceAccount, ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet, \
+             IngressClass and Service"
         ))
     }
 }
