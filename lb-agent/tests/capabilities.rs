@@ -196,8 +196,7 @@ impl Drop for Bed {
 
 fn web_forwards(report: &lb_agent::status::Report) -> bool {
     report.services.iter().any(|s| {
-        s.name.contains("shop/web")
-            && s.backends.iter().any(|b| b.forwarding && b.share > 0.0)
+        s.name.contains("shop/web") && s.backends.iter().any(|b| b.forwarding && b.share > 0.0)
     })
 }
 
