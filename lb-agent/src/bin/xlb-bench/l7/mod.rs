@@ -542,8 +542,12 @@ fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>) -> Result<()> {
                 }
             }
         }
-        if proxies.xlb.pid().is_none() {
-            break Some("the agent is not running".to_owned());
+        let exited = match proxies.xlb.pid() {
+            Some(pid) => bed.topo.lb.try_wait(pid)?,
+            None => None,
+        };
+        if let Some(status) = exited {
+            break Some(format!("the agent exited ({status})"));
         }
         std::thread::sleep(Duration::from_millis(100));
     };

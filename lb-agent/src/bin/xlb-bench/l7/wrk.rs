@@ -138,7 +138,9 @@ impl Wrk<'_> {
             &rest,
             Duration::from_secs(u64::from(self.secs) + 30),
         )?;
-        parse(&String::from_utf8_lossy(&out.stdout))
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        tracing::debug!(%stdout, "wrk's output");
+        parse(&stdout)
     }
 }
 
