@@ -289,8 +289,16 @@ pub fn run(args: &Args) -> Result<()> {
                     scenario.describe(),
                     proxy.label()
                 );
-                let run = measure(args, &bed, &proxies, pinning.as_ref(), round, scenario, proxy)
-                    .with_context(|| format!("{} through {}", scenario.describe(), proxy.label()))?;
+                let run = measure(
+                    args,
+                    &bed,
+                    &proxies,
+                    pinning.as_ref(),
+                    round,
+                    scenario,
+                    proxy,
+                )
+                .with_context(|| format!("{} through {}", scenario.describe(), proxy.label()))?;
                 for p in &run.problems {
                     eprintln!("xlb-bench l7: {}: PROBLEM: {p}", proxy.label());
                 }
@@ -333,8 +341,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn validate(args: &Args) -> Result<()> {
-    if args.secs == 0 || args.connections == 0 || args.threads == 0 || args.proxy_threads == 0
-    {
+    if args.secs == 0 || args.connections == 0 || args.threads == 0 || args.proxy_threads == 0 {
         bail!("--secs, --connections, --threads and --proxy-threads must be at least 1");
     }
     if args.threads > args.connections {
@@ -393,7 +400,12 @@ fn pinning(args: &Args) -> Result<Option<Pinning>> {
 
 /// `/` -> backend 0, `/api` -> backend 1.
 fn routes() -> Vec<Route> {
-    let backend = |i| vec![SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT)];
+    let backend = |i| {
+        vec![SocketAddr::new(
+            IpAddr::V4(Topology::backend_v4(i)),
+            BACKEND_PORT,
+        )]
+    };
     vec![
         Route {
             path: "/".into(),
@@ -426,8 +438,13 @@ impl Bed {
         topo.client
             .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         for proxy in Proxy::BOTH {
-            topo.lb
-                .ip(&["addr", "add", &format!("{}/32", proxy.address()), "dev", "lo"])?;
+            topo.lb.ip(&[
+                "addr",
+                "add",
+                &format!("{}/32", proxy.address()),
+                "dev",
+                "lo",
+            ])?;
             files.write(
                 &format!("{}.hosts", proxy.label()),
                 &format!("127.0.0.1 localhost\n{} {HOST}\n", proxy.address()),
@@ -477,9 +494,8 @@ fn start_proxies<'a>(
     routes: &[Route],
 ) -> Result<Proxies<'a>> {
     let ns = &bed.topo.lb;
-    let listen = |proxy: Proxy| {
-        [HTTP_PORT, HTTPS_PORT].map(|port| SocketAddr::new(proxy.address(), port))
-    };
+    let listen =
+        |proxy: Proxy| [HTTP_PORT, HTTPS_PORT].map(|port| SocketAddr::new(proxy.address(), port));
     let nginx = Nginx::start(
         ns,
         &taskset(pinning),
@@ -714,7 +730,7 @@ fn problems(run: &Run) -> Vec<String> {
             }
         ));
     }
-    if run.per_backend.iter().any(|&n| n == 0) {
+    if run.per_backend.contains(&0) {
         problems.push(format!(
             "{}: a backend got no request ({:?}); both routes must carry traffic",
             run.scenario, run.per_backend
@@ -845,7 +861,14 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     };
     println!(
         "{:<22} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}  target (>= {TARGET_RPS_RATIO:.1}x req/s, p99 no worse)",
-        "scenario", "nginx r/s", "xlb r/s", "ratio", "nginx p50", "xlb p50", "nginx p99", "xlb p99",
+        "scenario",
+        "nginx r/s",
+        "xlb r/s",
+        "ratio",
+        "nginx p50",
+        "xlb p50",
+        "nginx p99",
+        "xlb p99",
         "p99 x"
     );
     for c in summary {
@@ -918,7 +941,9 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
         .map(|c| c.scenario)
         .collect();
     if missed.is_empty() {
-        println!("target >= {TARGET_RPS_RATIO:.1}x nginx requests/s with p99 no worse: met in every scenario");
+        println!(
+            "target >= {TARGET_RPS_RATIO:.1}x nginx requests/s with p99 no worse: met in every scenario"
+        );
     } else {
         println!(
             "target >= {TARGET_RPS_RATIO:.1}x nginx requests/s with p99 no worse: MISSED in {}",
@@ -994,12 +1019,21 @@ mod tests {
     #[test]
     fn target_needs_both_throughput_and_p99() {
         let args = Cli::parse_from(["x", "--scenarios", "http"]).args;
-        let met = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 110.0, 2.0)]);
+        let met = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 110.0, 2.0)],
+        );
         assert!(met[0].target_met);
         assert!((met[0].requests_per_sec_ratio.unwrap() - 1.1).abs() < 1e-12);
-        let slow = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 99.0, 1.0)]);
+        let slow = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 99.0, 1.0)],
+        );
         assert!(!slow[0].target_met);
-        let tail = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 120.0, 2.1)]);
+        let tail = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 120.0, 2.1)],
+        );
         assert!(!tail[0].target_met);
         let missing = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0)]);
         assert!(!missing[0].target_met);

@@ -141,13 +141,17 @@ impl<'a> Nginx<'a> {
         config: &Config<'_>,
         listen: &[SocketAddr],
     ) -> Result<Self> {
-        let binary = binary().context("nginx is not installed (cargo xtask bench l7 installs it)")?;
+        let binary =
+            binary().context("nginx is not installed (cargo xtask bench l7 installs it)")?;
         let binary = binary.display().to_string();
         std::fs::create_dir_all(config.prefix)?;
         let conf = config.prefix.join("nginx.conf");
         std::fs::write(&conf, config.render())
             .with_context(|| format!("writing {}", conf.display()))?;
-        let (conf, prefix) = (conf.display().to_string(), config.prefix.display().to_string());
+        let (conf, prefix) = (
+            conf.display().to_string(),
+            config.prefix.display().to_string(),
+        );
         let error_log = format!("{prefix}/error.log");
         let args = ["-p", &prefix, "-e", &error_log, "-c", &conf];
         let test = ns.exec(&binary, &[&args[..], &["-t", "-q"]].concat());
@@ -197,8 +201,7 @@ impl<'a> Nginx<'a> {
         ["error.log", "stderr.log"]
             .iter()
             .map(|f| std::fs::read_to_string(self.prefix.join(f)).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("")
+            .collect::<String>()
     }
 }
 

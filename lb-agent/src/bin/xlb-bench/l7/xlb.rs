@@ -95,7 +95,10 @@ endpoints:
                 endpoint.ip()
             );
         }
-        let _ = writeln!(y, "ports:\n- {{ name: http, port: {target}, protocol: TCP }}");
+        let _ = writeln!(
+            y,
+            "ports:\n- {{ name: http, port: {target}, protocol: TCP }}"
+        );
     }
     // Plain HTTP is served, not redirected: the benchmark measures both schemes.
     let _ = write!(
@@ -247,7 +250,10 @@ mod tests {
         assert_eq!(spec.ingress_class_name.as_deref(), Some(CLASS));
         let tls = &spec.tls.unwrap()[0];
         assert_eq!(tls.secret_name.as_deref(), Some(SECRET));
-        assert_eq!(tls.hosts.as_deref(), Some(&["bench.example.com".to_owned()][..]));
+        assert_eq!(
+            tls.hosts.as_deref(),
+            Some(&["bench.example.com".to_owned()][..])
+        );
         let rule = &spec.rules.unwrap()[0];
         assert_eq!(rule.host.as_deref(), Some("bench.example.com"));
         let paths = &rule.http.as_ref().unwrap().paths;
