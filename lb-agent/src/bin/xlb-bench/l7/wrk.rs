@@ -162,14 +162,32 @@ pub fn parse(out: &str) -> Result<Outcome> {
 mod tests {
     use super::*;
 
-    /// A real run on this benchmark (HTTPS keep-alive through nginx, 2 s).
+    /// A real run of this benchmark (HTTPS keep-alive through nginx, 2 s, debug build).
     const SAMPLE: &str = "\
-TODO";
+Running 2s test @ https://bench.example.com/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    16.71ms   14.42ms  80.53ms   66.14%
+    Req/Sec     3.90k     1.88k    8.42k    80.00%
+  Latency Distribution
+     50%   15.09ms
+     75%   23.74ms
+     90%   35.30ms
+     99%   64.00ms
+  8037 requests in 2.06s, 1.21MB read
+Requests/sec:   3907.20
+Transfer/sec:    602.87KB
+xlb-bench non-200 responses: 0
+";
 
     #[test]
     fn a_real_wrk_report_is_parsed() {
         let r = parse(SAMPLE).unwrap();
-        assert_eq!(r.not_200, 0);
+        assert!((r.wrk.requests_per_sec - 3907.2).abs() < 1e-9);
+        assert_eq!(r.wrk.requests, 8037);
+        assert!((r.wrk.p50_ms - 15.09).abs() < 1e-9);
+        assert!((r.wrk.p99_ms - 64.0).abs() < 1e-9);
+        assert_eq!((r.wrk.errors, r.not_200), (0, 0));
         assert!(r.failure_share() < 1e-9);
     }
 
