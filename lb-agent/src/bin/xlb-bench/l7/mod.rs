@@ -917,7 +917,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
         }
     }
     println!();
-    println!("Each measurement (requests per backend; errors; non-200 answers):");
+    println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
         println!(
             "  r{} {:<6} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
@@ -927,7 +927,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
             r.outcome.wrk.requests_per_sec,
             r.outcome.wrk.p99_ms,
             r.per_backend,
-            r.outcome.wrk.errors,
+            r.outcome.socket_errors,
             r.outcome.not_200,
         );
         for p in &r.problems {
@@ -1008,6 +1008,7 @@ mod tests {
                     ..Default::default()
                 },
                 not_200: 0,
+                socket_errors: 0,
             },
             per_backend: vec![500, 500],
             proxy_cpus_busy: 1.0,

@@ -49,9 +49,9 @@ impl Config<'_> {
         let _ = writeln!(w, "daemon off;");
         let _ = writeln!(w, "master_process on;");
         let _ = writeln!(w, "worker_processes {};", self.workers);
-        let _ = writeln!(w, "worker_rlimit_nofile 65536;");
         let _ = writeln!(w, "pid {prefix}/nginx.pid;");
         let _ = writeln!(w, "error_log {prefix}/error.log warn;");
+        // Connections per worker; the file limit is inherited (nginx may not raise it).
         let _ = writeln!(w, "events {{\n    worker_connections 16384;\n}}");
         let _ = writeln!(w, "http {{");
         let _ = writeln!(w, "    access_log off;");

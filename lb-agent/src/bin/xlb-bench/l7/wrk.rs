@@ -68,13 +68,16 @@ pub struct Outcome {
     pub wrk: WrkResult,
     /// Answers that were not `200 OK` (3xx included).
     pub not_200: u64,
+    /// Connect, read, write and timeout errors (`wrk.errors` also counts 4xx and 5xx
+    /// answers, which `not_200` holds already).
+    pub socket_errors: u64,
 }
 
 impl Outcome {
     /// Socket errors and non-200 answers over the requests wrk completed (1.0 when none).
     pub fn failure_share(&self) -> f64 {
         #[expect(clippy::cast_precision_loss, reason = "request counts")]
-        let bad = (self.wrk.errors + self.not_200) as f64;
+        let bad = (self.socket_errors + self.not_200) as f64;
         #[expect(clippy::cast_precision_loss, reason = "request counts")]
         let total = self.wrk.requests as f64;
         if total == 0.0 { 1.0 } else { bad / total }
@@ -148,14 +151,20 @@ impl Wrk<'_> {
 /// there: without it nothing checked the status codes.
 pub fn parse(out: &str) -> Result<Outcome> {
     let wrk = load::parse_wrk(out)?;
-    let Some(not_200) = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(NOT_200_LINE))
-        .and_then(|n| n.trim().parse().ok())
-    else {
+    let count = |prefix: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    let Some(not_200) = count(NOT_200_LINE) else {
         bail!("wrk's output lacks the script's `{NOT_200_LINE} N` line:\n{out}");
     };
-    Ok(Outcome { wrk, not_200 })
+    let non_2xx_3xx = count("Non-2xx or 3xx responses:").unwrap_or(0);
+    Ok(Outcome {
+        socket_errors: wrk.errors.saturating_sub(non_2xx_3xx),
+        wrk,
+        not_200,
+    })
 }
 
 #[cfg(test)]
@@ -193,13 +202,15 @@ xlb-bench non-200 responses: 0
 
     #[test]
     fn non_200_answers_and_errors_count_as_failures() {
+        // Two of the three non-200 answers were 5xx, which wrk counts too: not twice.
         let out = "  Latency Distribution\n     50%  1.00ms\n     99%    2.50ms\n  \
                    200 requests in 1.00s, 1.00MB read\n  \
-                   Socket errors: connect 0, read 1, write 0, timeout 0\n\
+                   Socket errors: connect 0, read 1, write 0, timeout 0\n  \
+                   Non-2xx or 3xx responses: 2\n\
                    Requests/sec:    200.00\nxlb-bench non-200 responses: 3\n";
         let r = parse(out).unwrap();
         assert_eq!(r.not_200, 3);
-        assert_eq!(r.wrk.errors, 1);
+        assert_eq!((r.wrk.errors, r.socket_errors), (3, 1));
         assert!((r.failure_share() - 0.02).abs() < 1e-12);
         assert!((r.wrk.p99_ms - 2.5).abs() < 1e-12);
         // No script line: the status codes were not checked, so the run is not trusted.
