@@ -79,8 +79,9 @@ pub struct Args {
     /// nginx worker processes and xlb runtime threads (and, pinned, the CPUs they get).
     #[arg(long, default_value_t = 1)]
     proxy_threads: usize,
-    /// Measure every scenario this many times, interleaved, and report medians.
-    #[arg(long, default_value_t = 1)]
+    /// Measure every scenario this many times, interleaved, and report medians. Every
+    /// round flips which proxy goes first, so two rounds cancel an order effect.
+    #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Scenarios to run, in this order.
     #[arg(long, value_delimiter = ',', default_value = "http,https,close")]
@@ -758,6 +759,8 @@ struct Comparison {
     /// xlb / nginx.
     requests_per_sec_ratio: Option<f64>,
     p99_ratio: Option<f64>,
+    /// Proxy CPU per request, xlb / nginx (lower is better).
+    cpu_per_request_ratio: Option<f64>,
     target_met: bool,
 }
 
@@ -795,6 +798,8 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
             let (nginx, xlb) = (figures(Proxy::Nginx), figures(Proxy::Xlb));
             let requests_per_sec_ratio = ratio(xlb.requests_per_sec, nginx.requests_per_sec);
             let p99_ratio = ratio(xlb.p99_ms, nginx.p99_ms);
+            let cpu_per_request_ratio =
+                ratio(xlb.proxy_cpu_us_per_request, nginx.proxy_cpu_us_per_request);
             let target_met = requests_per_sec_ratio.is_some_and(|r| r >= TARGET_RPS_RATIO)
                 && p99_ratio.is_some_and(|r| r <= 1.0);
             Comparison {
@@ -803,6 +808,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 xlb,
                 requests_per_sec_ratio,
                 p99_ratio,
+                cpu_per_request_ratio,
                 target_met,
             }
         })
@@ -893,29 +899,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     }
     println!("(latencies in ms; ratios are xlb/nginx)");
     println!();
-    println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
-    for c in summary {
-        println!(
-            "  {:<8} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req",
-            c.scenario,
-            c.nginx.proxy_cpus_busy,
-            c.nginx.proxy_cpu_us_per_request,
-            c.xlb.proxy_cpus_busy,
-            c.xlb.proxy_cpu_us_per_request,
-        );
-        #[expect(clippy::cast_precision_loss, reason = "a thread count")]
-        let capacity = args.proxy_threads as f64;
-        for (proxy, f) in [("nginx", &c.nginx), ("xlb", &c.xlb)] {
-            if f.proxy_cpus_busy < 0.85 * capacity {
-                println!(
-                    "           note: {proxy} used {:.2} of its {capacity} CPU(s): the client or \
-                     the backends limited it, so requests/s understates the difference; \
-                     compare us/req",
-                    f.proxy_cpus_busy
-                );
-            }
-        }
-    }
+    print_cpu(args, summary);
     println!();
     println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
@@ -953,6 +937,43 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     println!("reproduce: {}", reproduce(args));
 }
 
+/// What each proxy's CPU did: how busy, and the cost of a request.
+fn print_cpu(args: &Args, summary: &[Comparison]) {
+    let cell = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    };
+    println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
+    for c in summary {
+        println!(
+            "  {:<8} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
+             xlb/nginx us/req {}",
+            c.scenario,
+            c.nginx.proxy_cpus_busy,
+            c.nginx.proxy_cpu_us_per_request,
+            c.xlb.proxy_cpus_busy,
+            c.xlb.proxy_cpu_us_per_request,
+            cell(c.cpu_per_request_ratio),
+        );
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a thread count")]
+    let capacity = args.proxy_threads as f64;
+    let unsaturated: Vec<String> = summary
+        .iter()
+        .flat_map(|c| [("nginx", c.scenario, &c.nginx), ("xlb", c.scenario, &c.xlb)])
+        .filter(|(_, _, f)| f.proxy_cpus_busy < 0.85 * capacity)
+        .map(|(proxy, scenario, f)| format!("{proxy} {scenario} {:.2}", f.proxy_cpus_busy))
+        .collect();
+    if !unsaturated.is_empty() {
+        println!(
+            "  note: proxies that kept less than 85 % of their {capacity} CPU(s) busy ({}): \
+             the client side (wrk, backends, softirq, other processes) limited the rate, so \
+             requests/s and latency understate the difference; CPU us/req compares them",
+            unsaturated.join(", ")
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -976,7 +997,7 @@ mod tests {
         assert_eq!(
             reproduce(&args),
             "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
-             --rounds 1 --scenarios http,https,close"
+             --rounds 2 --scenarios http,https,close"
         );
         let args = Cli::parse_from(["x", "--scenarios", "https", "--no-pin"]).args;
         assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));
