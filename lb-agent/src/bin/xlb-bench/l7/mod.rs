@@ -596,10 +596,11 @@ fn check_routes(bed: &Bed, proxies: &Proxies<'_>, proxy: Proxy, timeout: Duratio
         };
         if Instant::now() >= deadline {
             bail!(
-                "{}'s route {path} on port {port} did not answer 200 from {} within {timeout:?}: \
-                 {last}\n{} log:\n{}",
+                "{}'s route {path} on port {port} did not answer 200 from {} in time ({:.1} s \
+                 left after readiness): {last}\n{} log:\n{}",
                 proxy.label(),
                 expected_backend(path),
+                timeout.as_secs_f64(),
                 proxy.label(),
                 proxies.log(proxy)
             );
