@@ -676,7 +676,9 @@ fn measure(
         close: scenario == Scenario::Close,
         cpus: client_cpus.as_deref(),
     };
+    // The main process first: nginx's master, the agent.
     let pids = proxies.pids(proxy);
+    anyhow::ensure!(!pids.is_empty(), "{} is not running", proxy.label());
     let (requests0, cpu0, start) = (bed.requests(), cpu_time(&pids), Instant::now());
     let outcome = wrk.run(&bed.topo.client)?;
     let wall = start.elapsed().as_secs_f64().max(1e-9);
@@ -700,10 +702,18 @@ fn measure(
         problems: Vec::new(),
     };
     run.problems = problems(&run);
-    if proxies.pids(proxy).len() != pids.len() {
+    // A crashed agent, or an nginx worker that died and was replaced.
+    let mut after = proxies.pids(proxy);
+    let mut before = pids.clone();
+    after.sort_unstable();
+    before.sort_unstable();
+    let exited = bed.topo.lb.try_wait(pids[0])?;
+    if after != before || exited.is_some() {
         run.problems.push(format!(
-            "{}'s processes changed during the run ({pids:?} before); log:\n{}",
+            "{}'s processes changed during the run ({before:?} before, {after:?} after, \
+             main process {}); log:\n{}",
             proxy.label(),
+            exited.map_or_else(|| "running".to_owned(), |s| format!("exited: {s}")),
             proxies.log(proxy)
         ));
     }
