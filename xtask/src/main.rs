@@ -96,7 +96,7 @@ fn run_command(command: Cmd) -> Result<()> {
             for tools in toolchain::ToolUse::for_bench(&name) {
                 toolchain::ensure_system_tools(tools)?;
             }
-            // Both binaries: the e2e benchmark runs the agent (`lb-agent run`) beside it.
+            // Both binaries: the e2e and l7 benchmarks run the agent (`lb-agent run`) beside it.
             run(host_cargo()
                 .args(["build", "--release", "-p", "lb-agent", "--bins"])
                 .env(EBPF_OBJECT_VAR, &object))?;

@@ -55,10 +55,14 @@ const OUTER_CARGO_VARS: &[&str] = &[
 pub enum ToolUse {
     /// The tests, the demo and every benchmark: namespaces, veths, pinned maps.
     Tests,
-    /// `cargo xtask bench e2e`: load generators.
+    /// `cargo xtask bench e2e`: TCP throughput.
     BenchE2e,
+    /// `cargo xtask bench e2e` and `l7`: the HTTP load generator.
+    HttpLoad,
     /// `cargo xtask bench e2e` and `control-plane`: the kube-proxy style baselines.
     KubeProxyBaselines,
+    /// `cargo xtask bench l7`: nginx, the baseline of the L7 hop, and curl for its checks.
+    BenchL7,
 }
 
 impl ToolUse {
@@ -66,15 +70,22 @@ impl ToolUse {
         match self {
             ToolUse::Tests => "the tests",
             ToolUse::BenchE2e => "the e2e benchmark",
+            ToolUse::HttpLoad => "the HTTP benchmarks (e2e, l7)",
             ToolUse::KubeProxyBaselines => "the kube-proxy baselines of the benchmarks",
+            ToolUse::BenchL7 => "the l7 benchmark",
         }
     }
 
     /// The tool sets a benchmark needs beyond the tests' (by its `cargo xtask bench` name).
     pub fn for_bench(name: &str) -> Vec<ToolUse> {
         match name {
-            "e2e" => vec![ToolUse::BenchE2e, ToolUse::KubeProxyBaselines],
+            "e2e" => vec![
+                ToolUse::BenchE2e,
+                ToolUse::HttpLoad,
+                ToolUse::KubeProxyBaselines,
+            ],
             "control-plane" => vec![ToolUse::KubeProxyBaselines],
+            "l7" => vec![ToolUse::HttpLoad, ToolUse::BenchL7],
             _ => Vec::new(),
         }
     }
@@ -87,12 +98,18 @@ const SYSTEM_TOOLS: &[(&str, &str, ToolUse)] = &[
     ("ip", "iproute2", ToolUse::Tests),
     ("ethtool", "ethtool", ToolUse::Tests),
     // HTTP load: keep-alive requests/s, latency percentiles, new connections/s.
-    ("wrk", "wrk", ToolUse::BenchE2e),
+    ("wrk", "wrk", ToolUse::HttpLoad),
     // TCP throughput.
     ("iperf3", "iperf3", ToolUse::BenchE2e),
     // The two kube-proxy baselines, applied inside the benchmark's own namespace.
     ("iptables-restore", "iptables", ToolUse::KubeProxyBaselines),
     ("nft", "nftables", ToolUse::KubeProxyBaselines),
+    // The L7 baseline, run only inside the benchmark's namespaces with its own config.
+    // Debian's package starts a system nginx on install unless policy-rc.d forbids it
+    // (container images usually do); the benchmark neither needs nor touches that one.
+    ("nginx", "nginx", ToolUse::BenchL7),
+    // The L7 benchmark's route checks (HTTP and HTTPS with a test CA).
+    ("curl", "curl", ToolUse::BenchL7),
 ];
 
 /// Everything the eBPF build needs, found (or installed) by [`ensure`].
@@ -454,7 +471,15 @@ mod tests {
     fn system_tools_are_grouped_by_use() {
         assert_eq!(
             ToolUse::for_bench("e2e"),
-            [ToolUse::BenchE2e, ToolUse::KubeProxyBaselines]
+            [
+                ToolUse::BenchE2e,
+                ToolUse::HttpLoad,
+                ToolUse::KubeProxyBaselines
+            ]
+        );
+        assert_eq!(
+            ToolUse::for_bench("l7"),
+            [ToolUse::HttpLoad, ToolUse::BenchL7]
         );
         assert_eq!(
             ToolUse::for_bench("control-plane"),
@@ -465,7 +490,9 @@ mod tests {
         for usage in [
             ToolUse::Tests,
             ToolUse::BenchE2e,
+            ToolUse::HttpLoad,
             ToolUse::KubeProxyBaselines,
+            ToolUse::BenchL7,
         ] {
             assert!(SYSTEM_TOOLS.iter().any(|(_, _, u)| *u == usage));
         }

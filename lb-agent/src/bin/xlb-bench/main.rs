@@ -9,10 +9,13 @@
 //!   iptables and nftables rules.
 //! - `control-plane`: full sync and change-to-map latency at 10,000 Services, the agent
 //!   against iptables-restore and nft installing kube-proxy's rules.
+//! - `l7`: the L7 hop against nginx serving the same Ingress routes: requests/s and
+//!   latency for keep-alive HTTP, HTTPS and a new connection per request.
 
 mod control_plane;
 mod e2e;
 mod kube_proxy;
+mod l7;
 mod maglev;
 mod packet;
 mod report;
@@ -50,6 +53,9 @@ enum Bench {
     /// (`--kube` against the test API server), against iptables-restore and nft installing
     /// kube-proxy's rules.
     ControlPlane(control_plane::Args),
+    /// The L7 hop against nginx (same routes, backends, client and run): wrk requests/s,
+    /// p50 and p99 for keep-alive HTTP, HTTPS and a new connection per request.
+    L7(l7::Args),
 }
 
 fn main() -> Result<()> {
@@ -64,5 +70,6 @@ fn main() -> Result<()> {
         Bench::Maglev(args) => maglev::run(&args),
         Bench::E2e(args) => e2e::run(&args),
         Bench::ControlPlane(args) => control_plane::run(&args),
+        Bench::L7(args) => l7::run(&args),
     }
 }

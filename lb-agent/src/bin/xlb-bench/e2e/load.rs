@@ -93,7 +93,7 @@ fn parse_duration_ms(text: &str) -> Option<f64> {
     Some(value * scale)
 }
 
-fn parse_wrk(out: &str) -> Result<WrkResult> {
+pub fn parse_wrk(out: &str) -> Result<WrkResult> {
     let mut r = WrkResult::default();
     let (mut p50, mut p99, mut rps) = (None, None, None);
     let mut errors = Vec::new();

@@ -27,8 +27,8 @@
 //! fresh client address, so `TIME_WAIT` sockets and conntrack entries left by the previous
 //! configuration cannot collide with its connections.
 
-mod http;
-mod load;
+pub mod http;
+pub mod load;
 mod xlb;
 
 use std::collections::BTreeMap;
@@ -187,7 +187,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
-fn catch_interrupts() {
+pub fn catch_interrupts() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe {
@@ -196,7 +196,7 @@ fn catch_interrupts() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+pub fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted; the namespaces and their processes are being removed");
     }
