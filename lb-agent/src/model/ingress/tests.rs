@@ -692,3 +692,31 @@ fn hosts_that_are_not_names_are_reported() {
         assert!(host_pattern(Some(bad)).is_err(), "{bad}");
     }
 }
+
+/// SEC1 and PKCS#1 keys (as openssl writes them by default or with -traditional) load
+/// like PKCS#8 ones; a certificate with the other Secret's key does not.
+#[test]
+fn sec1_and_pkcs1_keys_load_and_a_swapped_key_is_refused() {
+    let secrets: Vec<Secret> = fixtures::load("tls-secrets.yaml")
+        .into_iter()
+        .map(|o| match o {
+            Object::Secret(s) => s,
+            other => panic!("not a Secret: {:?}", other.kind()),
+        })
+        .collect();
+    for secret in &secrets {
+        let key = tls::certified_key(secret)
+            .unwrap_or_else(|e| panic!("{:?}: {}: {}", secret.metadata.name, e.field, e.reason));
+        assert_eq!(key.cert.len(), 1);
+    }
+    let mut swapped = secrets[0].clone();
+    let other_key = secrets[1].data.as_ref().unwrap()["tls.key"].clone();
+    swapped
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("tls.key".into(), other_key);
+    let e = tls::certified_key(&swapped).expect_err("an RSA key for an EC certificate");
+    assert_eq!(e.field, "data[tls.key]");
+    assert!(e.reason.starts_with("does not belong"), "{}", e.reason);
+}
