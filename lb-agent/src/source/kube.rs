@@ -84,7 +84,8 @@ pub const L7_ACCESS: &[Access] = &[
     Access {
         group: "networking.k8s.io",
         resource: "ingresses/status",
-        verbs: &["update", "patch"],
+        // The status writer sends merge patches; it never replaces the object.
+        verbs: &["patch"],
     },
 ];
 
