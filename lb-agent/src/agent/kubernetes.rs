@@ -165,7 +165,14 @@ async fn start_source(
                 opts.node.name.as_deref().unwrap_or("unknown-node"),
             ));
             status_client = Some(client.clone());
-            tracing::info!("watching Services, EndpointSlices and Nodes");
+            if opts.l7.is_some() {
+                tracing::info!(
+                    "watching Services, EndpointSlices, Nodes, Ingresses, IngressClasses \
+                     and TLS Secrets"
+                );
+            } else {
+                tracing::info!("watching Services, EndpointSlices and Nodes");
+            }
             let l7 = opts.l7.is_some();
             tokio::spawn(async move {
                 if let Err(e) = crate::source::kube::run(client, tx, l7).await {
