@@ -240,26 +240,9 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
     );
     // The L7 hop listens on port 80 (no Ingress here: its own 404).
     let l7 = format!("http://{}/", Topology::lb_client_v4());
-    let out = bed
-        .topo
-        .client
-        .exec(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-                &l7,
-            ],
-        )
-        .expect("curl");
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "404",
+        testbed::curl_status(&bed.topo.client, &l7, &[]),
+        Some(404),
         "the L7 hop on port 80"
     );
 

@@ -97,26 +97,13 @@ fn status_ips(api: &ApiServer, ns: &Netns, name: &str) -> Vec<String> {
     .expect("a thread in the namespace")
 }
 
-/// The backend's answer to `GET path` with `Host: shop.example.com` on the L7 port.
+/// The answer to `GET path` with `Host: shop.example.com` on the L7 port.
 fn get(ns: &Netns, path: &str) -> Option<u16> {
-    let out = ns
-        .exec(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-                "-H",
-                "Host: shop.example.com",
-                &format!("http://{L7_HTTP}{path}"),
-            ],
-        )
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    testbed::curl_status(
+        ns,
+        &format!("http://{L7_HTTP}{path}"),
+        &["-H", "Host: shop.example.com"],
+    )
 }
 
 #[test]

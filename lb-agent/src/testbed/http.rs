@@ -813,3 +813,25 @@ pub fn spawn_backend_http_servers(
     .map(|ip| spawn_http_server(&topo.backends[i], SocketAddr::new(ip, port), &name))
     .collect()
 }
+
+/// The status code curl gets for `GET url` from `ns` (extra curl arguments, e.g.
+/// `-H "Host: ..."`), within 2 s; `None` when no answer came.
+pub fn curl_status(ns: &Netns, url: &str, extra: &[&str]) -> Option<u16> {
+    let mut args = vec![
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = ns.exec("curl", &args).ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|code| *code != 0)
+}

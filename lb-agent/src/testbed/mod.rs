@@ -37,7 +37,9 @@ pub use agent::AgentProcess;
 pub use apiserver::ApiServer;
 pub use certs::{IssuedCert, TestCa};
 pub use echo::{Echo, EchoServer, spawn_echo_server, websocket_echo};
-pub use http::{HttpConnection, http_get, spawn_backend_http_servers, spawn_http_server};
+pub use http::{
+    HttpConnection, curl_status, http_get, spawn_backend_http_servers, spawn_http_server,
+};
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
     testbed_namespaces, veth_pair,
