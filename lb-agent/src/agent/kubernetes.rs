@@ -110,23 +110,25 @@ pub(super) async fn run(
                 "initial lists complete"
             );
         }
+        // The maps first: the L7 snapshot is rebuilt whole, and must not delay them.
+        if writer.is_some() {
+            let mut problems = Vec::new();
+            desired_tx.send_if_modified(|desired| {
+                let outcome = translator.update(&cluster, dirty, desired);
+                for note in &outcome.notes {
+                    tracing::debug!("{note}");
+                }
+                problems = outcome.problems;
+                outcome.changed || first
+            });
+            report(&problems, &state, events.as_ref());
+        }
         if let Some(l7) = &mut l7 {
             l7.update(&cluster, &state, events.as_ref());
         }
-        let Some(_) = &writer else {
-            continue;
-        };
-        let mut problems = Vec::new();
-        desired_tx.send_if_modified(|desired| {
-            let outcome = translator.update(&cluster, dirty, desired);
-            for note in &outcome.notes {
-                tracing::debug!("{note}");
-            }
-            problems = outcome.problems;
-            outcome.changed || first
-        });
-        report(&problems, &state, events.as_ref());
-        health.set(&translator.health_checks()).await;
+        if writer.is_some() {
+            health.set(&translator.health_checks()).await;
+        }
     }
     source.abort();
     drop(l7);
