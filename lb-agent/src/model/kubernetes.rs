@@ -592,7 +592,9 @@ fn usable<'a>(family: &[&'a Candidate], local: bool) -> Vec<&'a Candidate> {
 
 /// The endpoints the L7 hop may send a Service port's requests to: the same slices,
 /// port matching and ready-else-serving-and-terminating rule as the L4 translation (per
-/// address family), with no node locality. Problems name the slices.
+/// address family), with no node locality. An endpoint drained with weight 0
+/// (`xlb.dev/weight`, `xlb.dev/endpoint-weights`) gets no new requests, as it gets no
+/// new flows. Problems name the slices.
 pub(crate) fn usable_endpoints(
     service: &ObjectKey,
     port: &ServicePort,
@@ -609,6 +611,7 @@ pub(crate) fn usable_endpoints(
         out.extend(
             usable(&family, false)
                 .into_iter()
+                .filter(|c| c.weight > 0)
                 .map(|c| std::net::SocketAddr::new(c.endpoint.addr, c.endpoint.port)),
         );
     }

@@ -310,6 +310,32 @@ fn ports_by_number_and_name_share_one_upstream_of_ready_endpoints() {
 }
 
 #[test]
+fn a_drained_endpoint_gets_no_requests() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::EndpointSlice(slice) = object
+            && slice.metadata.name.as_deref() == Some("web-x7k2p")
+        {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    crate::model::kubernetes::ENDPOINT_WEIGHTS_ANNOTATION.to_owned(),
+                    "192.0.2.21=0".to_owned(),
+                );
+        }
+    }
+    let t = run(&objects);
+    // 192.0.2.21, the only ready endpoint, is drained: none is left for new requests
+    // (the L4 table drops it the same way).
+    assert_eq!(
+        route(&t, "shop.example.com", "/").upstream.target,
+        Target::Endpoints(Vec::new())
+    );
+}
+
+#[test]
 fn serving_terminating_endpoints_are_used_when_none_is_ready() {
     let mut objects = shop();
     for object in &mut objects {

@@ -259,6 +259,29 @@ fn the_example_manifests_translate_cleanly() {
             .collect::<Vec<_>>(),
         ["203.0.113.21"]
     );
+
+    // The Ingress routes its host to the ready, undrained endpoints; other hosts 404.
+    let class = crate::model::ingress::IngressClassConfig { name: "xlb".into() };
+    let l7 = crate::model::ingress::translate(&cluster, &class);
+    assert!(l7.problems.is_empty(), "{:?}", l7.problems);
+    let route = l7
+        .snapshot
+        .routes
+        .lookup("shop.example.com", "/cart")
+        .expect("the example's route");
+    assert_eq!(
+        route.upstream.target,
+        crate::l7::routes::Target::Endpoints(vec![
+            "192.0.2.11:8080".parse().unwrap(),
+            "192.0.2.12:8080".parse().unwrap()
+        ])
+    );
+    assert!(
+        l7.snapshot
+            .routes
+            .lookup("other.example.com", "/")
+            .is_none()
+    );
 }
 
 /// Ingress, IngressClass and Secret documents (data in base64, or stringData as a
