@@ -122,12 +122,10 @@ pub(super) async fn run(
                 outcome.changed || first
             });
             report(&problems, &state, events.as_ref());
+            health.set(&translator.health_checks()).await;
         }
         if let Some(l7) = &mut l7 {
             l7.update(&cluster, &state, events.as_ref());
-        }
-        if writer.is_some() {
-            health.set(&translator.health_checks()).await;
         }
     }
     source.abort();

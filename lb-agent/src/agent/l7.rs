@@ -14,6 +14,7 @@ use crate::admin::{AgentState, PART_L7};
 use crate::l7::proxy::Proxy;
 use crate::l7::{Snapshot, status};
 use crate::model::ingress::{self, IngressTranslation};
+use crate::model::kubernetes::Problem;
 use crate::source::cluster::{Cluster, ObjectKey};
 use crate::source::kube::EventPublisher;
 
@@ -24,8 +25,8 @@ pub(super) struct L7Hop {
     options: L7Options,
     snapshots: watch::Sender<Arc<Snapshot>>,
     status: Option<watch::Sender<status::Updates>>,
-    /// Problems reported while they last (by their text).
-    reported: BTreeSet<String>,
+    /// Problems reported while they last.
+    reported: Vec<Problem>,
     /// Annotations warned about once.
     ignored: BTreeSet<(ObjectKey, String)>,
     /// The cluster's L7 generation the snapshot was built from.
@@ -52,7 +53,7 @@ impl L7Hop {
             options,
             snapshots,
             status,
-            reported: BTreeSet::new(),
+            reported: Vec::new(),
             ignored: BTreeSet::new(),
             built: None,
             tasks,
@@ -77,8 +78,7 @@ impl L7Hop {
             owned,
             ignored_annotations,
         } = ingress::translate(cluster, &self.options.class);
-        for (ingress, annotation) in ignored_annotations {
-            let key = (ingress, annotation);
+        for key in ignored_annotations {
             if !self.ignored.contains(&key) {
                 tracing::warn!(
                     ingress = %key.0,
@@ -88,13 +88,14 @@ impl L7Hop {
                 self.ignored.insert(key);
             }
         }
-        let texts: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
-        let new: Vec<_> = problems
-            .into_iter()
-            .filter(|p| !self.reported.contains(&p.to_string()))
+        // Reported when it appears, not on every rebuild (as the L4 translator does).
+        let new: Vec<Problem> = problems
+            .iter()
+            .filter(|p| !self.reported.contains(p))
+            .cloned()
             .collect();
         report(&new, state, events);
-        self.reported = texts;
+        self.reported = problems;
         tracing::debug!(
             ingresses = owned.len(),
             certificates = snapshot.certificates.len(),
