@@ -154,7 +154,7 @@ ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
     fn agent(&self, tag: &str, launcher: &[String]) -> AgentProcess<'_> {
         let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
         let dir = self.manifests.display().to_string();
-        AgentProcess::start_full_with(
+        AgentProcess::start_full(
             &self.topo.lb,
             &launcher,
             Path::new(AGENT),

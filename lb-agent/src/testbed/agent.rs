@@ -104,19 +104,8 @@ impl<'a> AgentProcess<'a> {
         Ok(agent)
     }
 
-    /// [`AgentProcess::start`] with any source and a launcher.
-    pub fn start_full_with(
-        ns: &'a Netns,
-        launcher: &[&str],
-        binary: &Path,
-        source: &[&str],
-        tag: &str,
-        extra: &[&str],
-    ) -> Result<Self> {
-        Self::start_full(ns, launcher, binary, source, tag, extra)
-    }
-
-    fn start_full(
+    /// [`AgentProcess::start`] with any source, through `launcher` (may be empty).
+    pub fn start_full(
         ns: &'a Netns,
         launcher: &[&str],
         binary: &Path,
