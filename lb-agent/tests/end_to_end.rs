@@ -55,10 +55,7 @@ impl Bed {
     }
 
     fn write_config(&self, yaml: &str) {
-        // Write then rename, as editors and ConfigMap updates do.
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, yaml).expect("write config");
-        std::fs::rename(&tmp, &self.config).expect("rename config");
+        testbed::write_atomically(&self.config, yaml);
     }
 
     fn agent(&self, tag: &str) -> AgentProcess<'_> {

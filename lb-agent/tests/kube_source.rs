@@ -35,16 +35,8 @@ fn with_server(tag: &str, test: impl AsyncFnOnce(&ApiServer) + Send) {
     testbed::check_privileges().expect("privileges");
     let ns = Netns::new(tag).expect("netns");
     let server = ApiServer::start(&ns).expect("API server");
-    ns.run_in(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime
-            .block_on(async { tokio::time::timeout(TEST_TIMEOUT, test(&server)).await })
-            .expect("the test timed out");
-    })
-    .expect("run in netns");
+    ns.block_on(TEST_TIMEOUT, || test(&server))
+        .expect("the test in its netns");
 }
 
 fn service(name: &str, port: u16) -> Object {

@@ -52,10 +52,7 @@ impl Bed {
     }
 
     fn write(&self, file: &str, yaml: &str) {
-        let path = self.dir.join(file);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, yaml).expect("write manifest");
-        std::fs::rename(&tmp, &path).expect("rename manifest");
+        testbed::write_atomically(&self.dir.join(file), yaml);
     }
 
     fn agent(&self, tag: &str) -> AgentProcess<'_> {

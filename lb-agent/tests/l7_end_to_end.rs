@@ -97,10 +97,7 @@ impl Bed {
     }
 
     fn write(dir: &Path, file: &str, yaml: &str) {
-        let path = dir.join(file);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, yaml).expect("write manifest");
-        std::fs::rename(&tmp, &path).expect("rename manifest");
+        testbed::write_atomically(&dir.join(file), yaml);
     }
 
     /// The L4 agent: XDP in the load-balancer namespace, serving the ingress Service.

@@ -69,32 +69,26 @@ spec:
 /// The status addresses of `shop/NAME`, read through the API like kubectl would (from
 /// a thread in the server's namespace).
 fn status_ips(api: &ApiServer, ns: &Netns, name: &str) -> Vec<String> {
-    ns.run_in(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let client = api.client().await.expect("client");
-            let ingresses: kube::Api<Ingress> = kube::Api::namespaced(client, "shop");
-            // The test server lists and watches; it has no single-object GET.
-            let list = ingresses
-                .list(&kube::api::ListParams::default())
-                .await
-                .expect("list Ingresses");
-            list.items
-                .into_iter()
-                .find(|i| i.metadata.name.as_deref() == Some(name))
-                .and_then(|i| i.status)
-                .and_then(|s| s.load_balancer)
-                .and_then(|lb| lb.ingress)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|i| i.ip)
-                .collect()
-        })
+    ns.block_on(SETTLE, || async {
+        let client = api.client().await.expect("client");
+        let ingresses: kube::Api<Ingress> = kube::Api::namespaced(client, "shop");
+        // The test server lists and watches; it has no single-object GET.
+        let list = ingresses
+            .list(&kube::api::ListParams::default())
+            .await
+            .expect("list Ingresses");
+        list.items
+            .into_iter()
+            .find(|i| i.metadata.name.as_deref() == Some(name))
+            .and_then(|i| i.status)
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| i.ip)
+            .collect()
     })
-    .expect("a thread in the namespace")
+    .expect("listing Ingresses from the namespace")
 }
 
 /// The answer to `GET path` with `Host: shop.example.com` on the L7 port.

@@ -329,18 +329,7 @@ mod support {
             .expect("add IPv4 address");
         ns.ip(&["addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"])
             .expect("add IPv6 address");
-        ns.run_in(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("build runtime");
-            rt.block_on(async {
-                tokio::time::timeout(DEADLINE, body())
-                    .await
-                    .expect("test body exceeded its deadline");
-            });
-        })
-        .expect("run in netns");
+        ns.block_on(DEADLINE, body).expect("test body in its netns");
     }
 
     pub fn tcp_check(timeout_ms: u64) -> HealthCheck {

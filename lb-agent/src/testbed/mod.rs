@@ -54,6 +54,14 @@ pub use traffic::{
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 
+/// Writes `text` to `path` through a temporary file and a rename, as editors and
+/// ConfigMap updates do, so an agent polling the file never reads half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
+
 /// Fails unless this process may create and enter network namespaces
 /// (effective `CAP_NET_ADMIN` and `CAP_SYS_ADMIN`, i.e. root), with a message
 /// saying how to run the tests. Privileged tests call it so that they fail

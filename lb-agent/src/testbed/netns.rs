@@ -263,6 +263,30 @@ impl Netns {
         })
     }
 
+    /// Runs the future `body` makes on a current-thread tokio runtime, on a thread that
+    /// entered the namespace (so every socket it opens belongs here), for at most
+    /// `deadline`.
+    pub fn block_on<F: Future>(
+        &self,
+        deadline: Duration,
+        body: impl FnOnce() -> F + Send,
+    ) -> anyhow::Result<F::Output>
+    where
+        F::Output: Send,
+    {
+        self.run_in(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("tokio runtime")?;
+            runtime
+                .block_on(async { tokio::time::timeout(deadline, body()).await })
+                .map_err(|_| {
+                    anyhow::anyhow!("exceeded its deadline of {deadline:?} in {}", self.name)
+                })
+        })?
+    }
+
     /// The interface index of `ifname` inside this namespace (what XDP
     /// attachment and devmaps use), from `ip -n NAME -j link show dev IF`.
     pub fn ifindex(&self, ifname: &str) -> anyhow::Result<u32> {

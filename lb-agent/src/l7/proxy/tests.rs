@@ -59,18 +59,7 @@ where
         ns.ip(&["addr", "add", addr, "dev", "lo"])
             .expect("add address");
     }
-    ns.run_in(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("build runtime");
-        rt.block_on(async {
-            tokio::time::timeout(DEADLINE, body())
-                .await
-                .expect("test body exceeded its deadline");
-        });
-    })
-    .expect("run in netns");
+    ns.block_on(DEADLINE, body).expect("test body in its netns");
 }
 
 // ---- backends -------------------------------------------------------------------
