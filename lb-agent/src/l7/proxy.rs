@@ -26,6 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -549,15 +550,16 @@ fn rewrite_head(
         port: kind.port,
     };
     add_forwarding(&mut parts.headers, &forwarded);
+    // Already parsed and shared (`Bytes`): reused, not copied and parsed again.
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
-            parts.uri = Uri::try_from(path).map_err(|_| bad_request())?;
+            parts.uri = Uri::from(path);
             if !parts.headers.contains_key(header::HOST) {
                 let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
                 parts.headers.insert(header::HOST, value);
