@@ -15,13 +15,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, AgentState};
-use crate::config::ServiceSpec;
 use crate::dataplane::Dataplane;
 use crate::dataplane::pins::{self, Attachment, ModeChoice};
 use crate::health::{HealthEvent, Monitor, Target};
-use crate::model::{self, Desired, Endpoint, Health};
-use crate::plan::{self, Applied, meta_endpoint, service_name};
 use crate::source::file::{FileSource, Update};
+use lb_core::config::ServiceSpec;
+use lb_core::model::{self, Desired, Endpoint, Health};
+use lb_core::plan::{self, Applied, meta_endpoint, service_name};
 
 /// A backend as health checking knows it: (service name, endpoint).
 pub type BackendKey = (String, Endpoint);
@@ -70,9 +70,9 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub struct L7Options {
     pub proxy: crate::l7::proxy::ProxyConfig,
-    pub class: crate::model::ingress::IngressClassConfig,
+    pub class: lb_core::model::ingress::IngressClassConfig,
     /// The L4 Service whose addresses go into the served Ingresses' status.
-    pub publish_service: Option<crate::source::cluster::ObjectKey>,
+    pub publish_service: Option<lb_core::cluster::ObjectKey>,
     /// Addresses for the status instead of the publish Service's.
     pub publish_addresses: Vec<std::net::IpAddr>,
 }
@@ -250,7 +250,7 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
     Ok((dp, applied))
 }
 
-fn report_rejected(rejected: &[crate::config::ServiceError]) {
+fn report_rejected(rejected: &[lb_core::config::ServiceError]) {
     for error in rejected {
         tracing::error!("config: {error}");
     }

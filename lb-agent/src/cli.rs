@@ -95,13 +95,6 @@ pub enum Command {
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs: PathBuf,
     },
-    /// Build namespaces, run the agent from examples/xlb.yaml, send traffic through the
-    /// VIPs, print the result.
-    Demo {
-        /// TCP connections per VIP.
-        #[arg(long, default_value_t = 300)]
-        requests: u32,
-    },
 }
 
 /// The L7 hop: an HTTP(S) proxy routing by Ingress host and path rules.

@@ -55,7 +55,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
-use crate::config::{HealthCheck, Probe};
+use lb_core::config::{HealthCheck, Probe};
 
 /// Largest HTTP response head (status line and headers) a probe reads; a
 /// longer head fails the probe.

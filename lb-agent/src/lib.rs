@@ -1,18 +1,13 @@
-//! xlb agent library: turns desired services into BPF map contents.
+//! The shipped xlb agent: sources (config file, manifests, Kubernetes) feed the pure
+//! core (`lb_core`: model, Maglev, plan), one agent loop hands the plan to the data-plane
+//! writer (the only code that imports aya), and the optional L7 hop serves HTTP(S).
 pub mod admin;
 pub mod agent;
 pub mod capabilities;
 pub mod cli;
-pub mod config;
 pub mod dataplane;
-pub mod demo;
-pub mod frames;
 pub mod health;
 pub mod l7;
-pub mod maglev;
-pub mod model;
-pub mod plan;
 pub mod service_health;
 pub mod source;
 pub mod status;
-pub mod testbed;

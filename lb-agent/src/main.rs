@@ -9,8 +9,8 @@ use lb_agent::agent::{self, L7Options, NodeOptions, RunOptions, Source};
 use lb_agent::cli::{Cli, Command, L7Args, XdpMode};
 use lb_agent::dataplane::pins::{self, ModeChoice};
 use lb_agent::l7::proxy::ProxyConfig;
-use lb_agent::model::ingress::IngressClassConfig;
-use lb_agent::source::cluster::ObjectKey;
+use lb_core::cluster::ObjectKey;
+use lb_core::model::ingress::IngressClassConfig;
 
 /// The L7 hop allocates per request (headers, bodies, futures); mimalloc's per-thread
 /// free lists cost less than glibc's arenas there.
@@ -105,12 +105,6 @@ fn run(command: Command) -> Result<()> {
             } else {
                 println!("removed from {}: {}", bpffs.display(), removed.join(", "));
             }
-            Ok(())
-        }
-        Command::Demo { requests } => {
-            let agent = std::env::current_exe().context("locating the lb-agent binary")?;
-            let report = lb_agent::demo::run(&agent, requests)?;
-            print!("{report}");
             Ok(())
         }
     }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{serve, text};
-use crate::source::cluster::ObjectKey;
+use lb_core::cluster::ObjectKey;
 
 struct Server {
     state: watch::Sender<(ObjectKey, usize)>,

@@ -12,7 +12,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::dataplane::{Dataplane, DataplaneError, pins};
-use crate::plan::{meta_endpoint, service_name};
+use lb_core::plan::{meta_endpoint, service_name};
 
 #[derive(Debug, Serialize)]
 pub struct Report {

@@ -9,15 +9,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aya::maps::{Array, ArrayOfMaps, Map, MapData};
-use lb_agent::config::{FrontendSpec, Protocol};
 use lb_agent::dataplane::Dataplane;
-use lb_agent::model::{BackendModel, Desired, Endpoint, Health, ServiceModel, WhenEmpty};
-use lb_agent::plan::{self, Applied, Op, Plan};
-use lb_agent::testbed;
 use lb_common::maps::{self, MAGLEV_HALF_BIT, MaglevSlot};
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FAMILY_V4, addr_filter_slot,
 };
+use lb_core::config::{FrontendSpec, Protocol};
+use lb_core::model::{BackendModel, Desired, Endpoint, Health, ServiceModel, WhenEmpty};
+use lb_core::plan::{self, Applied, Op, Plan};
+use lb_testbed as testbed;
 
 /// Removes the test's pin directory, also when the test fails.
 struct PinDir(PathBuf);

@@ -933,7 +933,7 @@ fn container_context_excludes_build_output() {
 #[test]
 fn the_l7_hop_is_reached_through_the_ingress_service() {
     use k8s_openapi::api::core::v1::Service;
-    use lb_agent::model::ingress::CONTROLLER;
+    use lb_core::model::ingress::CONTROLLER;
 
     let docs = docs();
     let args = agent_args(&docs);

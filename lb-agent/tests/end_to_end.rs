@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_agent::status::Report;
-use lb_agent::testbed::{
-    self, AgentProcess, HttpConnection, ServerHandle, Topology, TopologyConfig,
+use lb_testbed::{
+    self as testbed, AgentProcess, HttpConnection, ServerHandle, Topology, TopologyConfig,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -141,7 +141,7 @@ fn web_has(report: &Report, forwarding: &[usize]) -> bool {
 #[test]
 fn demo_serves_both_vips_from_the_example_config() {
     let requests = 120;
-    let report = lb_agent::demo::run(Path::new(AGENT), requests).expect("demo");
+    let report = testbed::demo::run(Path::new(AGENT), requests).expect("demo");
     assert_eq!(report.failures, 0, "{report}");
     assert_eq!(report.answers.len(), 2, "IPv4 and IPv6 VIPs: {report}");
     for (vip, per_backend) in &report.answers {
@@ -484,7 +484,7 @@ fn rejecting_services_refuse_at_once_and_source_ranges_admit_only_their_clients(
     // Resets and ICMP errors leave the load balancer's `xc` by XDP_TX; a veth passes
     // those on at once only to a peer that runs XDP (see `PassProgram`).
     let _pass = client
-        .run_in(|| lb_agent::dataplane::PassProgram::attach(None, Topology::CLIENT_IF))
+        .run_in(|| testbed::xdp::PassProgram::attach(Topology::CLIENT_IF))
         .expect("enter the client namespace")
         .expect("XDP pass program on the client");
     let inside = IpAddr::V4(Topology::client_v4());

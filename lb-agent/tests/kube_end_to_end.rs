@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use lb_agent::source::cluster::Object;
-use lb_agent::testbed::apiserver::RequestRecord;
-use lb_agent::testbed::{self, AgentProcess, ApiServer, ServerHandle, Topology, TopologyConfig};
+use lb_core::cluster::Object;
+use lb_testbed::apiserver::RequestRecord;
+use lb_testbed::{
+    self as testbed, AgentProcess, ApiServer, ServerHandle, Topology, TopologyConfig,
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;

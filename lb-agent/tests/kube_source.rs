@@ -14,11 +14,11 @@ use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use lb_agent::source::cluster::{Cluster, ClusterEvent, Dirty, Kind, Object, ObjectKey};
 use lb_agent::source::kube::{
     self as kube_source, EventPublisher, L7_ACCESS, REQUIRED_ACCESS, SECRET_FIELD_SELECTOR,
 };
-use lb_agent::testbed::{self, ApiServer, Netns};
+use lb_core::cluster::{Cluster, ClusterEvent, Dirty, Kind, Object, ObjectKey};
+use lb_testbed::{self as testbed, ApiServer, Netns};
 use tokio::sync::mpsc;
 
 /// Longest wait for one event from the source (its backoff starts at 0.8 s and

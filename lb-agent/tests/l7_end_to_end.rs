@@ -16,8 +16,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lb_agent::testbed::{
-    self, AgentProcess, Echo, EchoServer, TestCa, Topology, TopologyConfig, spawn_echo_server,
+use lb_testbed::{
+    self as testbed, AgentProcess, Echo, EchoServer, TestCa, Topology, TopologyConfig,
+    spawn_echo_server,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::Ingress;
-use lb_agent::source::cluster::Object;
-use lb_agent::testbed::{self, AgentProcess, ApiServer, Netns, spawn_echo_server};
+use lb_core::cluster::Object;
+use lb_testbed::{self as testbed, AgentProcess, ApiServer, Netns, spawn_echo_server};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const SETTLE: Duration = Duration::from_secs(20);

@@ -9,13 +9,15 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_agent::testbed::node::*;
-use lb_agent::{dataplane::Dataplane, frames::Frame};
+use lb_agent::dataplane::Dataplane;
 use lb_common::{
     Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_REJECT_EMPTY,
     FRONTEND_F_SOURCE_RANGES, PROTO_TCP, Reason, maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
+use lb_testbed::frames::Frame;
+use lb_testbed::node::*;
+use lb_testbed::xdp;
 
 #[derive(Clone, Copy, Debug)]
 enum Ingress {
@@ -68,9 +70,7 @@ impl Node {
             Ingress::Client => self.client_if,
             Ingress::Backend => self.backend_if,
         };
-        let out = self
-            .dp
-            .test_run(&case.input, Some(ingress))
+        let out = xdp::test_run(&self.dp, &case.input, Some(ingress))
             .unwrap_or_else(|e| panic!("{}: test run failed: {e}", case.description));
         self.runs += 1;
         assert_eq!(
@@ -87,7 +87,7 @@ impl Node {
             want
         );
         if case.action != XDP_PASS && case.action != XDP_DROP {
-            lb_agent::frames::verify_checksums(&out.frame)
+            lb_testbed::frames::verify_checksums(&out.frame)
                 .unwrap_or_else(|e| panic!("{}: {e}", case.description));
         }
     }
@@ -202,7 +202,7 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
 
     // The same flow again (a data segment): same backend, no new flow.
     let mut again = f.clone();
-    if let lb_agent::frames::L4::Tcp { syn, .. } = &mut again.l4 {
+    if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
         *syn = false;
     }
     again.payload = b"more data".to_vec();
@@ -969,7 +969,7 @@ fn assert_reset(frame: &[u8], what: &str, seq: u32, ack: Option<u32>) {
     assert_eq!(tcp.acknowledgment_number(), ack.unwrap_or(0), "{what}: ack");
     assert_eq!(tcp.data_offset(), 5, "{what}: no options");
     assert!(tcp.payload().is_empty(), "{what}: no payload");
-    lb_agent::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    lb_testbed::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 /// A reset case: the segment in, the reset out (`XDP_TX`), counted, nothing tracked.
@@ -1005,7 +1005,7 @@ fn check_reset(
         rejected + 1,
         "{what}: counted for the service"
     );
-    let key = lb_agent::testbed::node::flow_key(&Frame::tcp(client, sport, vip, 80));
+    let key = lb_testbed::node::flow_key(&Frame::tcp(client, sport, vip, 80));
     assert_eq!(
         node.dp.flow(&key).expect("conntrack"),
         None,
@@ -1169,7 +1169,7 @@ fn assert_unreachable(frame: &[u8], input: &[u8], l3: usize, what: &str) {
         &input[l3..l3 + hlen + 8],
         "{what}: quotes IP header + 8 bytes"
     );
-    lb_agent::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    lb_testbed::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 #[test]
@@ -1368,7 +1368,7 @@ fn an_established_flow_survives_new_source_ranges_that_exclude_it() {
         svc.flags = FRONTEND_F_SOURCE_RANGES;
         svc.install(&mut node.dp);
         let mut again = f.clone();
-        if let lb_agent::frames::L4::Tcp { syn, .. } = &mut again.l4 {
+        if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
             *syn = false;
         }
         node.check(&to_backend(

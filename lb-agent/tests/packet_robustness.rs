@@ -14,10 +14,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_agent::frames::{Frame, L4, verify_checksums};
-use lb_agent::testbed::node::*;
 use lb_common::FRONTEND_F_REJECT_EMPTY;
 use lb_common::reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
+use lb_testbed::frames::{Frame, L4, verify_checksums};
+use lb_testbed::node::*;
+use lb_testbed::xdp;
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 const MIN_FRAMES: u64 = 100_000;
@@ -403,7 +404,7 @@ fn hundred_thousand_frames_keep_the_invariants() {
             let mut translated = 0u64;
             let mut replies: Vec<Frame> = Vec::new();
             let run = |input: &[u8], ingress: u32, runs: &mut u64| -> Vec<u8> {
-                let out = dp.test_run(input, Some(ingress)).unwrap_or_else(|e| {
+                let out = xdp::test_run(&dp, input, Some(ingress)).unwrap_or_else(|e| {
                     panic!("seed {seed}: test run failed on {input:02x?}: {e}")
                 });
                 *runs += 1;

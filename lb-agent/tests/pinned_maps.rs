@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use lb_agent::{dataplane::Dataplane, testbed};
+use lb_agent::dataplane::Dataplane;
 use lb_common::{Backend, FAMILY_V4, Frontend, FrontendKey, PROTO_TCP, maps};
+use lb_testbed as testbed;
 
 /// Removes the test's pin directory, also when the test fails.
 struct PinDir(PathBuf);
@@ -109,7 +110,7 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
 #[test]
 fn restore_reads_back_what_was_applied() {
     testbed::check_privileges().expect("privileges");
-    let config = lb_agent::config::parse(
+    let config = lb_core::config::parse(
         "services:
   - name: ranged
     frontends: [{ address: 203.0.113.10, port: 80 }]
@@ -126,10 +127,10 @@ fn restore_reads_back_what_was_applied() {
     .expect("config");
     assert!(config.rejected.is_empty(), "{:?}", config.rejected);
     let desired =
-        lb_agent::model::from_specs(&config.services, |_, _| lb_agent::model::Health::Unchecked);
+        lb_core::model::from_specs(&config.services, |_, _| lb_core::model::Health::Unchecked);
     let mut dp = Dataplane::load(None).expect("load (run through `cargo xtask test`)");
-    let mut applied = lb_agent::plan::Applied::default();
-    let plan = lb_agent::plan::plan(&desired, &applied);
+    let mut applied = lb_core::plan::Applied::default();
+    let plan = lb_core::plan::plan(&desired, &applied);
     assert!(plan.errors.is_empty(), "{:?}", plan.errors);
     dp.apply(&plan, &mut applied).expect("apply");
     assert_eq!(applied.source_ranges.len(), 3, "{applied:?}");
@@ -138,5 +139,5 @@ fn restore_reads_back_what_was_applied() {
     // restarted agent starts without it.
     applied.unsettle();
     assert_eq!(restored, applied);
-    assert_eq!(lb_agent::plan::plan(&desired, &restored).ops, []);
+    assert_eq!(lb_core::plan::plan(&desired, &restored).ops, []);
 }

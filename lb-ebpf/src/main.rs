@@ -23,7 +23,7 @@ mod source_range;
 mod stats;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason, reason::XDP_PASS};
+use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 
 use crate::packet::Packet;
 
@@ -43,13 +43,6 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     };
     stats::count_reason(reason, bytes);
     action
-}
-
-/// A program that only returns `XDP_PASS`: the baseline `cargo xtask bench packet`
-/// measures xlb against in the same run.
-#[xdp]
-pub fn xlb_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
 }
 
 #[inline(always)]

@@ -55,13 +55,16 @@ enum Cmd {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// Run a benchmark: `cargo run --release -p lb-agent --bin xlb-bench -- <NAME> [ARGS]`.
+    /// Run a benchmark: builds `xlb-bench` (lb-bench) and `lb-agent` (release), then
+    /// `xlb-bench <NAME> [ARGS]`.
     Bench {
         name: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build (release) and run `lb-agent demo [ARGS]`.
+    /// Build (release) the agent and the demo (lb-testbed's `xlb-demo`), then run
+    /// `xlb-demo [ARGS]`: namespaces, the agent from examples/xlb.yaml, traffic through
+    /// two VIPs, a readable result.
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -98,7 +101,15 @@ fn run_command(command: Cmd) -> Result<()> {
             }
             // Both binaries: the e2e and l7 benchmarks run the agent (`lb-agent run`) beside it.
             run(host_cargo()
-                .args(["build", "--release", "-p", "lb-agent", "--bins"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "lb-agent",
+                    "-p",
+                    "lb-bench",
+                    "--bins",
+                ])
                 .env(EBPF_OBJECT_VAR, &object))?;
             run(Command::new(target_dir().join("release/xlb-bench"))
                 .arg(name)
@@ -107,8 +118,7 @@ fn run_command(command: Cmd) -> Result<()> {
         }
         Cmd::Demo { args } => {
             let object = build(true)?;
-            run(Command::new(target_dir().join("release/lb-agent"))
-                .arg("demo")
+            run(Command::new(target_dir().join("release/xlb-demo"))
                 .args(args)
                 .env(EBPF_OBJECT_VAR, object))?;
         }

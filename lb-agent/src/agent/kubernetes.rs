@@ -14,13 +14,13 @@ use super::l7::L7Hop;
 use super::{RunOptions, Source, start_dataplane, stopped, writer_task};
 use crate::admin::AgentState;
 use crate::l7::proxy::Proxy;
-use crate::model::Desired;
-use crate::model::kubernetes::Problem;
-use crate::model::translator::Translator;
 use crate::service_health::ServiceHealth;
-use crate::source::cluster::{Cluster, ClusterEvent, Dirty};
 use crate::source::kube::EventPublisher;
 use crate::source::manifests::{Load, ManifestSource};
+use lb_core::cluster::{Cluster, ClusterEvent, Dirty};
+use lb_core::model::Desired;
+use lb_core::model::kubernetes::Problem;
+use lb_core::model::translator::Translator;
 
 /// Events queued between the sources and the translator.
 const QUEUE: usize = 4096;
@@ -29,7 +29,7 @@ const QUEUE: usize = 4096;
 /// the cluster (loading and creating the maps takes a few hundred milliseconds).
 async fn load_dataplane(
     opts: &RunOptions,
-) -> Result<(crate::dataplane::Dataplane, crate::plan::Applied)> {
+) -> Result<(crate::dataplane::Dataplane, lb_core::plan::Applied)> {
     let opts = opts.clone();
     tokio::task::spawn_blocking(move || start_dataplane(&opts))
         .await

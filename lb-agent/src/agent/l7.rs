@@ -12,11 +12,11 @@ use super::L7Options;
 use super::kubernetes::report;
 use crate::admin::{AgentState, PART_L7};
 use crate::l7::proxy::Proxy;
-use crate::l7::{Snapshot, status};
-use crate::model::ingress::{self, IngressTranslation};
-use crate::model::kubernetes::Problem;
-use crate::source::cluster::{Cluster, ObjectKey};
+use crate::l7::{Snapshot, status, tls};
 use crate::source::kube::EventPublisher;
+use lb_core::cluster::{Cluster, ObjectKey};
+use lb_core::model::ingress::{self, IngressTranslation};
+use lb_core::model::kubernetes::Problem;
 
 /// How long a failed status write waits before it is tried again.
 const STATUS_RETRY: Duration = Duration::from_secs(10);
@@ -73,11 +73,18 @@ impl L7Hop {
         }
         self.built = Some(cluster.l7_generation());
         let IngressTranslation {
-            snapshot,
-            problems,
+            routes,
+            certificates,
+            mut problems,
             owned,
             ignored_annotations,
         } = ingress::translate(cluster, &self.options.class);
+        let (certificates, key_problems) = tls::load(&certificates);
+        problems.extend(key_problems);
+        let snapshot = Snapshot {
+            routes,
+            certificates,
+        };
         for key in ignored_annotations {
             if !self.ignored.contains(&key) {
                 tracing::warn!(

@@ -14,7 +14,7 @@ use lb_common::{
 use super::sys;
 use super::tables::map_data;
 use super::{Dataplane, DataplaneError};
-use crate::plan::Op;
+use lb_core::plan::Op;
 
 /// The writes of a run, per map, in op order.
 #[derive(Default)]

@@ -1,5 +1,4 @@
-//! Loading the object, attaching to interfaces, pinning, and running the program on
-//! synthetic frames (`BPF_PROG_TEST_RUN`) for tests and benchmarks.
+//! Loading the object, attaching to interfaces and pinning.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,15 +6,14 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Map, MapData, MapError},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::maps;
 
 use super::object::object_bytes;
 
-/// Program names in the object.
+/// The load balancer's program name in the object.
 pub const PROGRAM: &str = "xlb_xdp";
-pub const BASELINE_PROGRAM: &str = "xlb_pass";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -57,15 +55,6 @@ pub enum DataplaneError {
         what: String,
         want: String,
     },
-}
-
-/// Verdict and output frame of one `BPF_PROG_TEST_RUN` call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TestRunOutput {
-    pub action: u32,
-    pub frame: Vec<u8>,
-    /// Kernel-measured run time (average over `repeat`).
-    pub duration: std::time::Duration,
 }
 
 /// The loaded program and its maps. One owner writes the maps.
@@ -144,11 +133,12 @@ impl Dataplane {
             filter: super::maps::FilterShadow::default(),
             grace: super::grace::Grace::default(),
         };
-        for name in [PROGRAM, BASELINE_PROGRAM] {
-            dp.xdp_mut(name)?
-                .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-        }
+        dp.xdp_mut(PROGRAM)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                name: PROGRAM,
+                source,
+            })?;
         Ok(dp)
     }
 
@@ -190,31 +180,10 @@ impl Dataplane {
         Ok(link)
     }
 
-    /// Runs the load balancer once on `frame`. `ingress_ifindex` sets the context's
-    /// receiving interface (the FIB lookup and `XDP_TX` decision use it); `None` leaves
-    /// the kernel's default (loopback of the caller's network namespace).
-    pub fn test_run(
-        &self,
-        frame: &[u8],
-        ingress_ifindex: Option<u32>,
-    ) -> Result<TestRunOutput, DataplaneError> {
-        run(self.xdp(PROGRAM)?, PROGRAM, frame, ingress_ifindex, 1)
-    }
-
-    /// Runs the trivial `XDP_PASS` program once on `frame` (the benchmark baseline),
-    /// with the same context as `test_run`.
-    pub fn test_run_baseline(
-        &self,
-        frame: &[u8],
-        ingress_ifindex: Option<u32>,
-    ) -> Result<TestRunOutput, DataplaneError> {
-        run(
-            self.xdp(BASELINE_PROGRAM)?,
-            BASELINE_PROGRAM,
-            frame,
-            ingress_ifindex,
-            1,
-        )
+    /// The loaded load-balancer program, for read-only inspection (its id and tag) and
+    /// for the test harness, which runs it on synthetic frames (`BPF_PROG_TEST_RUN`).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        self.xdp(PROGRAM)
     }
 
     /// Pins every map under `dir` (created if missing) by its versioned name.
@@ -236,80 +205,6 @@ impl Dataplane {
         }
         Ok(())
     }
-}
-
-/// The trivial `XDP_PASS` program on an interface of a test topology, detached when
-/// dropped. A veth hands frames that its own XDP program sends back (`XDP_TX`) to its
-/// peer at once only when the peer runs an XDP program too (the kernel's
-/// `veth_xdp_flush`); otherwise they wait for the peer's next receive. Real NICs
-/// transmit at once and need nothing of the kind.
-pub struct PassProgram {
-    _ebpf: Ebpf,
-}
-
-impl PassProgram {
-    /// Attaches `xlb_pass` (native mode) to `interface` in the caller's network
-    /// namespace. Its maps, which it never uses, are created with one entry each.
-    pub fn attach(object: Option<&PathBuf>, interface: &str) -> Result<Self, DataplaneError> {
-        let bytes = object_bytes(object)?;
-        let mut loader = EbpfLoader::new();
-        for name in maps::ALL {
-            loader.map_max_entries(name, 1);
-        }
-        let mut ebpf = loader.load(&bytes)?;
-        let name = BASELINE_PROGRAM;
-        let prog: &mut Xdp = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.attach(interface, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Interface {
-                name: interface.to_owned(),
-                reason: format!("XDP attach failed: {source}"),
-            })?;
-        Ok(PassProgram { _ebpf: ebpf })
-    }
-}
-
-fn run(
-    prog: &Xdp,
-    name: &'static str,
-    frame: &[u8],
-    ingress_ifindex: Option<u32>,
-    repeat: u32,
-) -> Result<TestRunOutput, DataplaneError> {
-    // Room for the frame plus any growth (a reject's ICMP error outgrows a short
-    // datagram by the headers it adds).
-    let mut out = vec![0u8; frame.len() + 256];
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex }: the kernel wants data_end == frame length when a context is given.
-    let ctx: Option<[u8; 24]> = ingress_ifindex.map(|ifindex| {
-        let mut md = [0u8; 24];
-        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        md[4..8].copy_from_slice(&len.to_ne_bytes());
-        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        md
-    });
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = ctx.as_ref().map(<[u8; 24]>::as_slice);
-    opts.repeat = repeat;
-    let result = prog
-        .test_run(opts)
-        .map_err(|source| DataplaneError::Program { name, source })?;
-    out.truncate(result.data_size_out as usize);
-    Ok(TestRunOutput {
-        action: result.return_value,
-        frame: out,
-        duration: result.duration,
-    })
 }
 
 /// The interface's index in the caller's network namespace.

@@ -13,4 +13,4 @@ mod sys;
 pub mod tables;
 pub mod writer;
 
-pub use loader::{Dataplane, DataplaneError, PassProgram, TestRunOutput};
+pub use loader::{Dataplane, DataplaneError};

@@ -4,7 +4,7 @@
 
 use lb_common::{BackendMeta, ServiceMeta};
 
-use crate::plan::{Applied, Op, Plan};
+use lb_core::plan::{Applied, Op, Plan};
 
 use super::batch;
 use super::maps::Snapshot;

@@ -303,8 +303,8 @@ mod support {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use crate::config::{HealthCheck, Probe};
-    use crate::testbed::{Netns, check_privileges};
+    use lb_core::config::{HealthCheck, Probe};
+    use lb_testbed::{Netns, check_privileges};
 
     /// Backend addresses, on the namespace's loopback.
     pub const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -511,9 +511,9 @@ mod probes {
     use super::support::{
         Acceptor, HttpServer, Reply, V4, V6, closed_port, http_check, in_netns, listen, tcp_check,
     };
-    use crate::config::Probe;
+    use lb_core::config::Probe;
 
-    async fn failure(target: SocketAddr, check: &crate::config::HealthCheck) -> String {
+    async fn failure(target: SocketAddr, check: &lb_core::config::HealthCheck) -> String {
         probe(target, check)
             .await
             .expect_err("the probe should fail")
@@ -807,7 +807,7 @@ mod monitor {
     use super::support::{
         Acceptor, HttpServer, Reply, V4, closed_port, http_check, in_netns, listen, tcp_check,
     };
-    use crate::config::HealthCheck;
+    use lb_core::config::HealthCheck;
 
     type Key = &'static str;
 

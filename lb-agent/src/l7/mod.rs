@@ -1,7 +1,8 @@
 //! The L7 hop: an HTTP(S) proxy that routes by host and path with Kubernetes Ingress
-//! semantics. It is fed by the same sources as the L4 data plane: `model::ingress`
-//! turns Ingresses, IngressClasses, Secrets, Services and EndpointSlices into one
-//! [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
+//! semantics. It is fed by the same sources as the L4 data plane: `lb_core::model::ingress`
+//! turns Ingresses, IngressClasses, Secrets, Services and EndpointSlices into a route
+//! table and parsed certificates; [`tls::load`] makes their signing keys, and the two
+//! form one [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
 
 pub mod balance;
 pub mod dns;
@@ -9,7 +10,6 @@ pub mod headers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
-pub mod routes;
 pub mod status;
 pub mod tls;
 pub mod upstream;
@@ -17,9 +17,9 @@ pub mod watchdog;
 
 use std::sync::Arc;
 
-use crate::source::cluster::ObjectKey;
+use lb_core::cluster::ObjectKey;
 
-pub use routes::RouteTable;
+pub use lb_core::routes::{self, RouteTable};
 
 /// Everything the proxy serves from, rebuilt as a whole when a relevant object changes.
 #[derive(Debug, Default)]

@@ -10,7 +10,7 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 
-use crate::source::cluster::ObjectKey;
+use lb_core::cluster::ObjectKey;
 
 /// Status writes: each Ingress with the addresses its status should show.
 pub type Updates = Vec<(ObjectKey, Vec<String>)>;

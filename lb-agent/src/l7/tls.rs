@@ -12,6 +12,10 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::sync::watch;
 
+use lb_core::cluster::{Kind, ObjectKey, TLS_CERT_KEY};
+use lb_core::model::ingress::{CertificateSource, KeyPair, key_field};
+use lb_core::model::kubernetes::Problem;
+
 use super::{Certificate, Snapshot};
 
 /// The common name of the generated default certificate (the role of ingress-nginx's
@@ -101,6 +105,50 @@ pub fn certified_key(
     Ok(Arc::new(CertifiedKey::new(vec![cert], signing)))
 }
 
+/// Signing keys for the certificates an Ingress translation named. A key that is not
+/// usable or does not belong to its certificate is a problem on its Secret (reported once
+/// per Secret) and the hosts it was for get the default certificate.
+pub fn load(sources: &[CertificateSource]) -> (Vec<Certificate>, Vec<Problem>) {
+    let mut keys: std::collections::BTreeMap<&ObjectKey, Option<Arc<CertifiedKey>>> =
+        std::collections::BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut certificates = Vec::new();
+    for source in sources {
+        let key = keys.entry(&source.secret).or_insert_with(|| {
+            signing_key(&source.pair)
+                .map_err(|reason| {
+                    problems.push(Problem {
+                        kind: Kind::Secret,
+                        object: source.secret.clone(),
+                        field: key_field(),
+                        reason,
+                    });
+                })
+                .ok()
+        });
+        if let Some(key) = key {
+            certificates.push(Certificate {
+                hosts: source.hosts.clone(),
+                secret: source.secret.clone(),
+                key: Arc::clone(key),
+            });
+        }
+    }
+    (certificates, problems)
+}
+
+/// A rustls certified key from a parsed Secret, checked to belong to the leaf, so a
+/// mismatched pair is reported instead of failing handshakes.
+pub fn signing_key(pair: &KeyPair) -> Result<Arc<CertifiedKey>, String> {
+    let signer = rustls::crypto::ring::sign::any_supported_type(&pair.key)
+        .map_err(|e| format!("unusable private key: {e}"))?;
+    let certified = CertifiedKey::new(pair.chain.clone(), signer);
+    certified
+        .keys_match()
+        .map_err(|e| format!("does not belong to the certificate in {TLS_CERT_KEY}: {e}"))?;
+    Ok(Arc::new(certified))
+}
+
 /// Server configuration for the HTTPS listener: ring, TLS 1.2 and 1.3, ALPN h2 then
 /// http/1.1.
 pub fn server_config(resolver: CertResolver) -> Result<rustls::ServerConfig> {
@@ -117,7 +165,7 @@ pub fn server_config(resolver: CertResolver) -> Result<rustls::ServerConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::cluster::ObjectKey;
+    use lb_core::cluster::ObjectKey;
 
     pub fn cert(names: &[&str], hosts: &[&str]) -> Certificate {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
@@ -146,5 +194,81 @@ mod tests {
         assert!(choose(&certs, "x.z.example.com").is_none());
         assert!(is("b.example.org", &san));
         assert!(choose(&certs, "c.example.org").is_none());
+    }
+
+    fn fixture_secrets() -> Vec<k8s_openapi::api::core::v1::Secret> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../lb-core/tests/fixtures/kubernetes/tls-secrets.yaml");
+        let text = std::fs::read_to_string(&path).expect("tls-secrets.yaml");
+        serde_yaml::from_str::<k8s_openapi::List<k8s_openapi::api::core::v1::Secret>>(&text)
+            .expect("a kubectl List of Secrets")
+            .items
+    }
+
+    fn source(secret: &str, pair: KeyPair) -> CertificateSource {
+        CertificateSource {
+            hosts: vec!["shop.example.com".into()],
+            secret: ObjectKey::new("shop", secret),
+            pair: Arc::new(pair),
+        }
+    }
+
+    /// SEC1 and PKCS#1 keys (as openssl writes them by default or with -traditional)
+    /// make signing keys like PKCS#8 ones; a certificate with the other Secret's key is
+    /// refused, once per Secret, as a problem on its `tls.key`.
+    #[test]
+    fn sec1_and_pkcs1_keys_load_and_a_swapped_key_is_refused() {
+        let secrets = fixture_secrets();
+        assert_eq!(secrets.len(), 2);
+        let pairs: Vec<KeyPair> = secrets
+            .iter()
+            .map(|s| lb_core::model::ingress::key_pair(s).expect("parses"))
+            .collect();
+        for pair in &pairs {
+            assert_eq!(signing_key(pair).expect("usable").cert.len(), 1);
+        }
+        let swapped = KeyPair {
+            chain: pairs[0].chain.clone(),
+            key: pairs[1].key.clone_key(),
+        };
+        let e = signing_key(&swapped).expect_err("an RSA key for an EC certificate");
+        assert!(e.starts_with("does not belong"), "{e}");
+
+        // Two spec.tls entries naming the same bad Secret: one problem.
+        let bad = source("shop-tls", swapped);
+        let good = source(
+            "sec1-tls",
+            KeyPair {
+                chain: pairs[0].chain.clone(),
+                key: pairs[0].key.clone_key(),
+            },
+        );
+        let (certs, problems) = load(&[bad.clone(), good, bad]);
+        assert_eq!(certs.len(), 1);
+        assert_eq!(certs[0].secret.to_string(), "shop/sec1-tls");
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with(
+                "Secret shop/shop-tls: data[tls.key]: does not belong to the certificate in tls.crt"
+            ),
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_pem_but_no_key_is_unusable() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        let key = {
+            use rustls_pki_types::pem::PemObject as _;
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("PEM")
+        };
+        let cert = rcgen::generate_simple_self_signed(vec!["a.test".to_owned()]).unwrap();
+        let pair = KeyPair {
+            chain: vec![cert.cert.der().clone()],
+            key,
+        };
+        let e = signing_key(&pair).expect_err("not a key");
+        assert!(e.starts_with("unusable private key"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, ServiceError, ServiceSpec};
+use lb_core::config::{self, ServiceError, ServiceSpec};
 
 /// The outcome of one read.
 #[derive(Debug)]

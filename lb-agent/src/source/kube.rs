@@ -24,7 +24,7 @@ use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::cluster::{ClusterEvent, Kind, Object, ObjectKey};
+use lb_core::cluster::{ClusterEvent, Kind, Object, ObjectKey};
 
 /// One RBAC rule the agent needs: API group ("" = core), resource, verbs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,7 +452,7 @@ mod tests {
     fn the_secret_selector_names_the_tls_type() {
         assert_eq!(
             SECRET_FIELD_SELECTOR,
-            format!("type={}", crate::source::cluster::TLS_SECRET_TYPE)
+            format!("type={}", lb_core::cluster::TLS_SECRET_TYPE)
         );
     }
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use serde::de::DeserializeOwned;
 
-use super::cluster::{ClusterEvent, Kind, Object};
+use lb_core::cluster::{ClusterEvent, Kind, Object};
 
 /// One problem with one document; the rest of the directory still applies.
 #[derive(Debug, Clone, PartialEq, Eq)]

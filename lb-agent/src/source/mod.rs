@@ -2,7 +2,6 @@
 //! validated specs, the Kubernetes sources (`kube`, `manifests`) produce cluster
 //! objects; the model turns either into the desired state.
 
-pub mod cluster;
 pub mod file;
 pub mod kube;
 pub mod manifests;

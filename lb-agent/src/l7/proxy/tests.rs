@@ -22,13 +22,13 @@ use tokio::sync::watch;
 
 use super::{Proxy, ProxyConfig};
 use crate::l7::metrics::Metrics;
-use crate::l7::routes::{
+use crate::l7::{Certificate, Snapshot, tls};
+use lb_core::cluster::ObjectKey;
+use lb_core::routes::{
     Balance, HostPattern, HostRule, PathKind, PathRule, Route, RouteTable, Target, Upstream,
     UpstreamProtocol,
 };
-use crate::l7::{Certificate, Snapshot, tls};
-use crate::source::cluster::ObjectKey;
-use crate::testbed::{Netns, check_privileges};
+use lb_testbed::{Netns, check_privileges};
 
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);

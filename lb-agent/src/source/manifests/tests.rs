@@ -1,7 +1,7 @@
 use std::fs;
 
 use super::*;
-use crate::source::cluster::{Cluster, Dirty, ObjectKey};
+use lb_core::cluster::{Cluster, Dirty, ObjectKey};
 
 const SERVICE: &str = r"
 apiVersion: v1
@@ -211,8 +211,8 @@ fn new_object_that_does_not_parse_is_skipped_with_its_name() {
 /// examples/kubernetes translates without a problem into what its comments promise.
 #[test]
 fn the_example_manifests_translate_cleanly() {
-    use crate::model::Desired;
-    use crate::model::translator::Translator;
+    use lb_core::model::Desired;
+    use lb_core::model::translator::Translator;
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
     let mut source = ManifestSource::new(&dir);
@@ -261,27 +261,21 @@ fn the_example_manifests_translate_cleanly() {
     );
 
     // The Ingress routes its host to the ready, undrained endpoints; other hosts 404.
-    let class = crate::model::ingress::IngressClassConfig { name: "xlb".into() };
-    let l7 = crate::model::ingress::translate(&cluster, &class);
+    let class = lb_core::model::ingress::IngressClassConfig { name: "xlb".into() };
+    let l7 = lb_core::model::ingress::translate(&cluster, &class);
     assert!(l7.problems.is_empty(), "{:?}", l7.problems);
     let route = l7
-        .snapshot
         .routes
         .lookup("shop.example.com", "/cart")
         .expect("the example's route");
     assert_eq!(
         route.upstream.target,
-        crate::l7::routes::Target::Endpoints(vec![
+        lb_core::routes::Target::Endpoints(vec![
             "192.0.2.11:8080".parse().unwrap(),
             "192.0.2.12:8080".parse().unwrap()
         ])
     );
-    assert!(
-        l7.snapshot
-            .routes
-            .lookup("other.example.com", "/")
-            .is_none()
-    );
+    assert!(l7.routes.lookup("other.example.com", "/").is_none());
 }
 
 /// Ingress, IngressClass and Secret documents (data in base64, or stringData as a

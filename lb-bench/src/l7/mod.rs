@@ -1,0 +1,1087 @@
+//! `xlb-bench l7`: the L7 hop against nginx, in one run, on the same machine, with the
+//! same client, the same backends and the same routes.
+//!
+//! ```text
+//!  client ns (wrk, curl)   proxy ns                          backend ns 0, 1
+//!  198.51.100.2 ─────────  203.0.113.10 :80/:443  nginx      192.0.2.11:8080  "/"
+//!                          203.0.113.11 :80/:443  xlb        192.0.2.12:8080  "/api"
+//! ```
+//!
+//! The proxy namespace is the testbed topology's load-balancer namespace with both
+//! proxy addresses on its loopback (no XDP: this measures the L7 hop alone). Both proxies
+//! serve host `bench.example.com` with the Prefix routes `/` -> backend 0 and `/api` ->
+//! backend 1 over plain HTTP and over TLS (one certificate from a CA made by the run,
+//! ECDSA P-256, HTTP/2 offered by ALPN; wrk speaks HTTP/1.1). nginx gets a configuration
+//! written here (`nginx.rs`), xlb the equivalent Ingress, Service, EndpointSlice and
+//! Secret manifests (`xlb.rs`). The backends are the e2e benchmark's small HTTP servers.
+//!
+//! Pinning (2 CPUs): wrk and both backends on the first allowed CPU, the proxy under test
+//! alone on the others; nginx gets `worker_processes N` and xlb `TOKIO_WORKER_THREADS=N`
+//! with N = `--proxy-threads` (default 1). Both proxies run all along; only one has load
+//! at a time. Per round, each scenario is measured for nginx and then xlb (the order
+//! flips every round): wrk `--latency` with a Lua script that alternates the two routes
+//! and counts every answer that is not a 200. A measurement with more than 1 % socket
+//! errors or non-200 answers, or where one backend got no request, fails the run.
+
+mod nginx;
+mod wrk;
+mod xlb;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_testbed::{self as testbed, AgentProcess, Netns, TestCa, Topology, TopologyConfig};
+
+use self::nginx::Nginx;
+use self::wrk::{Outcome, Wrk};
+use crate::e2e::http::{self as backend_http, HttpServer};
+use crate::e2e::{self, load};
+use crate::report::{self, mark, ratio};
+
+/// The host both proxies serve.
+const HOST: &str = "bench.example.com";
+const BACKEND_PORT: u16 = 8080;
+const HTTP_PORT: u16 = 80;
+const HTTPS_PORT: u16 = 443;
+/// The agent's admin listener, inside the proxy namespace.
+const XLB_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 19190);
+/// How long xlb has to report ready and answer 200 on every route.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket errors plus non-200 answers above this share fail a measurement.
+const MAX_FAILURE_SHARE: f64 = 0.01;
+/// The issue's target: xlb requests/s at least nginx's, p99 no worse.
+const TARGET_RPS_RATIO: f64 = 1.0;
+const MAX_ROUNDS: u32 = 20;
+
+/// One Ingress path and the upstream that serves it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// A Kubernetes `Prefix` path.
+    pub path: String,
+    /// The upstream (nginx) and Service (xlb) name.
+    pub upstream: String,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    secs: u32,
+    /// wrk connections.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// wrk threads.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// nginx worker processes and xlb runtime threads (and, pinned, the CPUs they get).
+    #[arg(long, default_value_t = 1)]
+    proxy_threads: usize,
+    /// Measure every scenario this many times, interleaved, and report medians. Every
+    /// round flips which proxy goes first, so two rounds cancel an order effect.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Scenarios to run, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "http,https,close")]
+    scenarios: Vec<Scenario>,
+    /// Do not pin: wrk, backends and proxies share every CPU.
+    #[arg(long)]
+    no_pin: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scenario {
+    /// Keep-alive HTTP/1.1.
+    Http,
+    /// Keep-alive HTTP/1.1 over TLS.
+    Https,
+    /// `Connection: close` over plain HTTP: a new connection per request.
+    Close,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::Http => "http",
+            Scenario::Https => "https",
+            Scenario::Close => "close",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Scenario::Http => "HTTP keep-alive",
+            Scenario::Https => "HTTPS keep-alive",
+            Scenario::Close => "HTTP new conn/request",
+        }
+    }
+
+    fn url(self) -> String {
+        match self {
+            Scenario::Https => format!("https://{HOST}/"),
+            Scenario::Http | Scenario::Close => format!("http://{HOST}/"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Proxy {
+    Nginx,
+    Xlb,
+}
+
+impl Proxy {
+    const BOTH: [Proxy; 2] = [Proxy::Nginx, Proxy::Xlb];
+
+    fn label(self) -> &'static str {
+        match self {
+            Proxy::Nginx => "nginx",
+            Proxy::Xlb => "xlb",
+        }
+    }
+
+    /// Where it listens (on the proxy namespace's loopback).
+    fn address(self) -> IpAddr {
+        IpAddr::V4(match self {
+            Proxy::Nginx => Topology::vip_v4(0),
+            Proxy::Xlb => Topology::vip_v4(1),
+        })
+    }
+}
+
+/// Which CPUs run what.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Pinning {
+    /// wrk and the backends.
+    client: Vec<usize>,
+    /// The proxy under test.
+    proxy: Vec<usize>,
+}
+
+impl Pinning {
+    fn list(cpus: &[usize]) -> String {
+        cpus.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Run {
+    round: u32,
+    scenario: &'static str,
+    proxy: Proxy,
+    #[serde(flatten)]
+    outcome: Outcome,
+    /// Requests each backend answered.
+    per_backend: Vec<u64>,
+    /// CPUs the proxy's processes kept busy (1.0 = one CPU all the time).
+    proxy_cpus_busy: f64,
+    /// The proxy's CPU time per completed request, in microseconds.
+    proxy_cpu_us_per_request: f64,
+    problems: Vec<String>,
+}
+
+/// Namespaces, backends and files for the whole run. Fields drop in order: backends,
+/// namespaces (killing what runs in them), then the files.
+struct Bed {
+    backends: Vec<HttpServer>,
+    topo: Topology,
+    files: Files,
+    /// xlb's Kubernetes objects.
+    manifests: String,
+}
+
+/// The run's directory (certificates, configurations, manifests, hosts files), removed
+/// on drop.
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("xlb-bench-l7-{}", std::process::id()));
+        // A leftover of a killed run with the same PID.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Files { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.path(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The hosts file that sends [`HOST`] to `proxy`.
+    fn hosts(&self, proxy: Proxy) -> PathBuf {
+        self.path(&format!("{}.hosts", proxy.label()))
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The running proxies.
+struct Proxies<'a> {
+    nginx: Nginx<'a>,
+    xlb: AgentProcess<'a>,
+}
+
+impl Proxies<'_> {
+    fn pids(&self, proxy: Proxy) -> Vec<u32> {
+        match proxy {
+            Proxy::Nginx => self.nginx.pids(),
+            Proxy::Xlb => self.xlb.pid().into_iter().collect(),
+        }
+    }
+
+    fn log(&self, proxy: Proxy) -> String {
+        match proxy {
+            Proxy::Nginx => self.nginx.log(),
+            Proxy::Xlb => self.xlb.log(),
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    validate(args)?;
+    testbed::check_privileges()?;
+    check_tools()?;
+    e2e::catch_interrupts();
+    let load_line = report::load_line();
+    let pinning = pinning(args)?;
+    let routes = routes();
+    let bed = Bed::start(pinning.as_ref(), &routes)?;
+    let proxies = start_proxies(args, &bed, pinning.as_ref(), &routes)?;
+    for proxy in Proxy::BOTH {
+        check_routes(&bed, &proxies, proxy, Duration::from_secs(5))?;
+    }
+    print_header(args, pinning.as_ref(), &load_line);
+
+    let mut runs = Vec::new();
+    for round in 0..args.rounds {
+        for &scenario in &args.scenarios {
+            let mut order = Proxy::BOTH;
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for proxy in order {
+                e2e::check_interrupted()?;
+                eprintln!(
+                    "xlb-bench l7: round {}/{}: {} through {} ...",
+                    round + 1,
+                    args.rounds,
+                    scenario.describe(),
+                    proxy.label()
+                );
+                let run = measure(
+                    args,
+                    &bed,
+                    &proxies,
+                    pinning.as_ref(),
+                    round,
+                    scenario,
+                    proxy,
+                )
+                .with_context(|| format!("{} through {}", scenario.describe(), proxy.label()))?;
+                for p in &run.problems {
+                    eprintln!("xlb-bench l7: {}: PROBLEM: {p}", proxy.label());
+                }
+                runs.push(run);
+            }
+        }
+    }
+    drop(proxies);
+    drop(bed);
+
+    let summary = summarize(args, &runs);
+    print_report(args, &summary, &runs);
+    report::write_json(
+        args.json.as_deref(),
+        &serde_json::json!({
+            "bench": "l7",
+            "host": HOST,
+            "secs": args.secs,
+            "wrk": { "threads": args.threads, "connections": args.connections },
+            "proxy_threads": args.proxy_threads,
+            "pinning": pinning,
+            "rounds": args.rounds,
+            "machine": load_line,
+            "target": {
+                "requests_per_sec_ratio_at_least": TARGET_RPS_RATIO,
+                "p99_ratio_at_most": 1.0,
+            },
+            "summary": summary,
+            "runs": runs,
+            "reproduce": reproduce(args),
+        }),
+    )?;
+    let problems: usize = runs.iter().map(|r| r.problems.len()).sum();
+    if problems > 0 {
+        bail!(
+            "{problems} check(s) failed; see PROBLEM lines above (those figures are not trustworthy)"
+        );
+    }
+    Ok(())
+}
+
+fn validate(args: &Args) -> Result<()> {
+    if args.secs == 0 || args.connections == 0 || args.threads == 0 || args.proxy_threads == 0 {
+        bail!("--secs, --connections, --threads and --proxy-threads must be at least 1");
+    }
+    if args.threads > args.connections {
+        bail!("wrk needs at least as many connections as threads");
+    }
+    if !(1..=MAX_ROUNDS).contains(&args.rounds) {
+        bail!("--rounds must be 1..={MAX_ROUNDS}");
+    }
+    if args.scenarios.is_empty() {
+        bail!("--scenarios names none");
+    }
+    Ok(())
+}
+
+/// The external programs this benchmark drives; `cargo xtask bench l7` installs them.
+fn check_tools() -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .collect();
+    let mut missing: Vec<&str> = ["wrk", "curl", "taskset", "unshare", "ss"]
+        .into_iter()
+        .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
+        .collect();
+    if nginx::binary().is_none() {
+        missing.push("nginx");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing {}; run the benchmark through `cargo xtask bench l7`, which installs them",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// wrk and backends on the first allowed CPU, the proxy on the last `--proxy-threads`.
+fn pinning(args: &Args) -> Result<Option<Pinning>> {
+    if args.no_pin {
+        return Ok(None);
+    }
+    let allowed = load::allowed_cpus()?;
+    if allowed.len() <= args.proxy_threads {
+        bail!(
+            "pinning needs a CPU for wrk and the backends plus --proxy-threads {} for the proxy, \
+             but only CPUs {allowed:?} are allowed; lower --proxy-threads or pass --no-pin",
+            args.proxy_threads
+        );
+    }
+    let split = allowed.len() - args.proxy_threads;
+    Ok(Some(Pinning {
+        client: allowed[..1].to_vec(),
+        proxy: allowed[split..].to_vec(),
+    }))
+}
+
+/// `/` -> backend 0, `/api` -> backend 1.
+fn routes() -> Vec<Route> {
+    let backend = |i| {
+        vec![SocketAddr::new(
+            IpAddr::V4(Topology::backend_v4(i)),
+            BACKEND_PORT,
+        )]
+    };
+    vec![
+        Route {
+            path: "/".into(),
+            upstream: "web".into(),
+            endpoints: backend(0),
+        },
+        Route {
+            path: "/api".into(),
+            upstream: "api".into(),
+            endpoints: backend(1),
+        },
+    ]
+}
+
+/// The backend a request path reaches (what the routes say), by its answer's body.
+fn expected_backend(path: &str) -> &'static str {
+    if path == "/api" || path.starts_with("/api/") {
+        "backend-1"
+    } else {
+        "backend-0"
+    }
+}
+
+impl Bed {
+    fn start(pinning: Option<&Pinning>, routes: &[Route]) -> Result<Self> {
+        let files = Files::new()?;
+        let topo = Topology::build(&TopologyConfig::new("l7", routes.len()))?;
+        topo.wait_ready()?;
+        // Room for the new-connection scenario's ephemeral ports.
+        topo.client
+            .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        for proxy in Proxy::BOTH {
+            topo.lb.ip(&[
+                "addr",
+                "add",
+                &format!("{}/32", proxy.address()),
+                "dev",
+                "lo",
+            ])?;
+            files.write(
+                &format!("{}.hosts", proxy.label()),
+                &format!("127.0.0.1 localhost\n{} {HOST}\n", proxy.address()),
+            )?;
+        }
+        let ca = TestCa::new("xlb-bench l7 CA")?;
+        files.write("ca.pem", ca.pem())?;
+        let cert = ca.issue(&[HOST])?;
+        files.write("cert.pem", &cert.cert_pem)?;
+        files.write("key.pem", &cert.key_pem)?;
+        let manifests = xlb::manifests(HOST, routes, &cert);
+        files.write("routes.lua", &wrk::script())?;
+        let mut backends = Vec::new();
+        for (i, ns) in topo.backends.iter().enumerate() {
+            let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT);
+            backends.push(backend_http::spawn_http_server(
+                ns,
+                bind,
+                &format!("backend-{i}"),
+                pinning.map(|p| p.client[0]),
+            )?);
+        }
+        Ok(Bed {
+            backends,
+            topo,
+            files,
+            manifests,
+        })
+    }
+
+    fn requests(&self) -> Vec<u64> {
+        self.backends.iter().map(HttpServer::requests).collect()
+    }
+}
+
+/// `taskset -c CPUS` (pinned) or nothing.
+fn taskset(pinning: Option<&Pinning>) -> Vec<String> {
+    pinning.map_or_else(Vec::new, |p| {
+        vec!["taskset".into(), "-c".into(), Pinning::list(&p.proxy)]
+    })
+}
+
+fn start_proxies<'a>(
+    args: &Args,
+    bed: &'a Bed,
+    pinning: Option<&Pinning>,
+    routes: &[Route],
+) -> Result<Proxies<'a>> {
+    let ns = &bed.topo.lb;
+    let listen =
+        |proxy: Proxy| [HTTP_PORT, HTTPS_PORT].map(|port| SocketAddr::new(proxy.address(), port));
+    let nginx = Nginx::start(
+        ns,
+        &taskset(pinning),
+        &nginx::Config {
+            workers: args.proxy_threads,
+            address: Proxy::Nginx.address(),
+            http_port: HTTP_PORT,
+            https_port: HTTPS_PORT,
+            host: HOST,
+            routes,
+            cert: &bed.files.path("cert.pem"),
+            key: &bed.files.path("key.pem"),
+            prefix: &bed.files.path("nginx"),
+        },
+        &listen(Proxy::Nginx),
+    )
+    .context("starting nginx")?;
+
+    let mut launcher = taskset(pinning);
+    launcher.extend([
+        "env".to_owned(),
+        "NO_COLOR=1".to_owned(),
+        format!("TOKIO_WORKER_THREADS={}", args.proxy_threads),
+    ]);
+    let [http, https] = listen(Proxy::Xlb);
+    let xlb = xlb::start(
+        ns,
+        &launcher,
+        &bed.files.path("manifests"),
+        &bed.manifests,
+        &xlb::Listen {
+            http,
+            https,
+            admin: XLB_ADMIN,
+        },
+    )
+    .context("starting the xlb agent")?;
+    let proxies = Proxies { nginx, xlb };
+    wait_xlb_ready(bed, &proxies)?;
+    Ok(proxies)
+}
+
+/// Waits for xlb's `/readyz`, then for every route to answer 200 from the right backend
+/// over HTTP and HTTPS, within [`READY_TIMEOUT`] in all.
+fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let readyz = format!("http://{XLB_ADMIN}/readyz");
+    let last = loop {
+        let status = curl(&bed.topo.lb, &["-o", "/dev/null"], &readyz).map(|(code, _)| code);
+        match status {
+            Ok(200) => break None,
+            Ok(code) => {
+                if Instant::now() >= deadline {
+                    break Some(format!("{readyz} answers {code}"));
+                }
+            }
+            Err(e) => {
+                if Instant::now() >= deadline {
+                    break Some(format!("{readyz}: {e:#}"));
+                }
+            }
+        }
+        let exited = match proxies.xlb.pid() {
+            Some(pid) => bed.topo.lb.try_wait(pid)?,
+            None => None,
+        };
+        if let Some(status) = exited {
+            break Some(format!("the agent exited ({status})"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some(last) = last {
+        bail!(
+            "xlb's L7 hop did not become ready within {READY_TIMEOUT:?} ({last}); agent log:\n{}",
+            proxies.log(Proxy::Xlb)
+        );
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    check_routes(bed, proxies, Proxy::Xlb, left)
+}
+
+/// Every route, over HTTP and HTTPS, answers 200 from its backend, within `timeout`
+/// (retrying: a translation may still be on its way).
+fn check_routes(bed: &Bed, proxies: &Proxies<'_>, proxy: Proxy, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<(u16, &str)> = [HTTP_PORT, HTTPS_PORT]
+        .into_iter()
+        .flat_map(|port| wrk::PATHS.map(|path| (port, path)))
+        .collect();
+    while let Some(&(port, path)) = pending.first() {
+        let last = match route_answer(bed, proxy, port, path) {
+            Ok(()) => {
+                pending.remove(0);
+                continue;
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "{}'s route {path} on port {port} did not answer 200 from {} in time ({:.1} s \
+                 left after readiness): {last}\n{} log:\n{}",
+                proxy.label(),
+                expected_backend(path),
+                timeout.as_secs_f64(),
+                proxy.label(),
+                proxies.log(proxy)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn route_answer(bed: &Bed, proxy: Proxy, port: u16, path: &str) -> Result<()> {
+    let scheme = if port == HTTPS_PORT { "https" } else { "http" };
+    let url = format!("{scheme}://{HOST}{path}");
+    let resolve = format!("{HOST}:{port}:{}", proxy.address());
+    let ca = bed.files.path("ca.pem").display().to_string();
+    let (code, body) = curl(
+        &bed.topo.client,
+        &["--resolve", &resolve, "--cacert", &ca],
+        &url,
+    )?;
+    let want = expected_backend(path);
+    if code != 200 || body.trim() != want {
+        bail!("{url} answered {code} with {body:?}, not 200 from {want}");
+    }
+    Ok(())
+}
+
+/// `curl URL` in `ns` (3 s at most): the status code and the body.
+fn curl(ns: &Netns, extra: &[&str], url: &str) -> Result<(u16, String)> {
+    let mut args = vec!["-sS", "--max-time", "3", "-w", "\n%{http_code}"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = ns.exec("curl", &args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .with_context(|| format!("curl {url}: no status code in {text:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// CPU time of every thread of `pids`, from `/proc/PID/task/*/schedstat`.
+fn cpu_time(pids: &[u32]) -> Duration {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .sum()
+}
+
+fn measure(
+    args: &Args,
+    bed: &Bed,
+    proxies: &Proxies<'_>,
+    pinning: Option<&Pinning>,
+    round: u32,
+    scenario: Scenario,
+    proxy: Proxy,
+) -> Result<Run> {
+    let url = scenario.url();
+    let hosts = bed.files.hosts(proxy);
+    let script = bed.files.path("routes.lua");
+    let client_cpus = pinning.map(|p| Pinning::list(&p.client));
+    let wrk = Wrk {
+        url: &url,
+        hosts: &hosts,
+        script: &script,
+        threads: args.threads,
+        connections: args.connections,
+        secs: args.secs,
+        close: scenario == Scenario::Close,
+        cpus: client_cpus.as_deref(),
+    };
+    // The main process first: nginx's master, the agent.
+    let pids = proxies.pids(proxy);
+    anyhow::ensure!(!pids.is_empty(), "{} is not running", proxy.label());
+    let (requests0, cpu0, start) = (bed.requests(), cpu_time(&pids), Instant::now());
+    let outcome = wrk.run(&bed.topo.client)?;
+    let wall = start.elapsed().as_secs_f64().max(1e-9);
+    let cpu = cpu_time(&pids).saturating_sub(cpu0).as_secs_f64();
+    let per_backend: Vec<u64> = bed
+        .requests()
+        .iter()
+        .zip(&requests0)
+        .map(|(now, then)| now - then)
+        .collect();
+    #[expect(clippy::cast_precision_loss, reason = "request counts")]
+    let per_request = 1e6 * cpu / (outcome.wrk.requests.max(1) as f64);
+    let mut run = Run {
+        round,
+        scenario: scenario.label(),
+        proxy,
+        outcome,
+        per_backend,
+        proxy_cpus_busy: cpu / wall,
+        proxy_cpu_us_per_request: per_request,
+        problems: Vec::new(),
+    };
+    run.problems = problems(&run);
+    // A crashed agent, or an nginx worker that died and was replaced.
+    let mut after = proxies.pids(proxy);
+    let mut before = pids.clone();
+    after.sort_unstable();
+    before.sort_unstable();
+    let exited = bed.topo.lb.try_wait(pids[0])?;
+    if after != before || exited.is_some() {
+        run.problems.push(format!(
+            "{}'s processes changed during the run ({before:?} before, {after:?} after, \
+             main process {}); log:\n{}",
+            proxy.label(),
+            exited.map_or_else(|| "running".to_owned(), |s| format!("exited: {s}")),
+            proxies.log(proxy)
+        ));
+    }
+    Ok(run)
+}
+
+/// What makes a measurement untrustworthy.
+fn problems(run: &Run) -> Vec<String> {
+    let mut problems = Vec::new();
+    let o = &run.outcome;
+    if o.wrk.requests == 0 {
+        problems.push(format!("{}: wrk completed no request", run.scenario));
+    }
+    let share = o.failure_share();
+    if share > MAX_FAILURE_SHARE {
+        problems.push(format!(
+            "{}: FAILED: {:.2} % of {} requests were errors or not 200 ({} not 200; {})",
+            run.scenario,
+            100.0 * share,
+            o.wrk.requests,
+            o.not_200,
+            if o.wrk.error_detail.is_empty() {
+                "no socket errors"
+            } else {
+                &o.wrk.error_detail
+            }
+        ));
+    }
+    if run.per_backend.contains(&0) {
+        problems.push(format!(
+            "{}: a backend got no request ({:?}); both routes must carry traffic",
+            run.scenario, run.per_backend
+        ));
+    }
+    problems
+}
+
+/// Medians over rounds of one proxy in one scenario.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Figures {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    proxy_cpus_busy: f64,
+    proxy_cpu_us_per_request: f64,
+}
+
+/// One scenario: both proxies and the ratios.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Comparison {
+    scenario: &'static str,
+    nginx: Figures,
+    xlb: Figures,
+    /// xlb / nginx.
+    requests_per_sec_ratio: Option<f64>,
+    p99_ratio: Option<f64>,
+    /// Proxy CPU per request, xlb / nginx (lower is better).
+    cpu_per_request_ratio: Option<f64>,
+    target_met: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
+}
+
+fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
+    args.scenarios
+        .iter()
+        .map(|scenario| {
+            let figures = |proxy: Proxy| {
+                let mine: Vec<&Run> = runs
+                    .iter()
+                    .filter(|r| r.scenario == scenario.label() && r.proxy == proxy)
+                    .collect();
+                let pick = |f: fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
+                Figures {
+                    requests_per_sec: pick(|r| r.outcome.wrk.requests_per_sec),
+                    p50_ms: pick(|r| r.outcome.wrk.p50_ms),
+                    p99_ms: pick(|r| r.outcome.wrk.p99_ms),
+                    proxy_cpus_busy: pick(|r| r.proxy_cpus_busy),
+                    proxy_cpu_us_per_request: pick(|r| r.proxy_cpu_us_per_request),
+                }
+            };
+            let (nginx, xlb) = (figures(Proxy::Nginx), figures(Proxy::Xlb));
+            let requests_per_sec_ratio = ratio(xlb.requests_per_sec, nginx.requests_per_sec);
+            let p99_ratio = ratio(xlb.p99_ms, nginx.p99_ms);
+            let cpu_per_request_ratio =
+                ratio(xlb.proxy_cpu_us_per_request, nginx.proxy_cpu_us_per_request);
+            let target_met = requests_per_sec_ratio.is_some_and(|r| r >= TARGET_RPS_RATIO)
+                && p99_ratio.is_some_and(|r| r <= 1.0);
+            Comparison {
+                scenario: scenario.label(),
+                nginx,
+                xlb,
+                requests_per_sec_ratio,
+                p99_ratio,
+                cpu_per_request_ratio,
+                target_met,
+            }
+        })
+        .collect()
+}
+
+fn reproduce(args: &Args) -> String {
+    let scenarios: Vec<&str> = args.scenarios.iter().map(|s| s.label()).collect();
+    format!(
+        "cargo xtask bench l7 --secs {} --connections {} --threads {} --proxy-threads {} \
+         --rounds {} --scenarios {}{}",
+        args.secs,
+        args.connections,
+        args.threads,
+        args.proxy_threads,
+        args.rounds,
+        scenarios.join(","),
+        if args.no_pin { " --no-pin" } else { "" }
+    )
+}
+
+fn print_header(args: &Args, pinning: Option<&Pinning>, load_line: &str) {
+    println!(
+        "xlb l7 benchmark: wrk (client ns) -> proxy ns (nginx on {}, xlb L7 hop on {}) -> \
+         2 backend ns; host {HOST}: Prefix / -> backend 0, Prefix /api -> backend 1 \
+         (wrk alternates / and /api/items)",
+        Proxy::Nginx.address(),
+        Proxy::Xlb.address()
+    );
+    println!("{load_line}");
+    match pinning {
+        Some(p) => println!(
+            "pinned: wrk and both backends on CPU {}; the proxy under test on CPU {} \
+             (nginx worker_processes {n}, xlb TOKIO_WORKER_THREADS={n})",
+            Pinning::list(&p.client),
+            Pinning::list(&p.proxy),
+            n = args.proxy_threads
+        ),
+        None => println!(
+            "not pinned: everything shares every CPU (nginx worker_processes {n}, xlb \
+             TOKIO_WORKER_THREADS={n})",
+            n = args.proxy_threads
+        ),
+    }
+    println!(
+        "{} s per measurement; wrk -t{} -c{} --latency; {} round(s), medians",
+        args.secs, args.threads, args.connections, args.rounds
+    );
+    println!();
+}
+
+fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
+    let cell = |v: Option<f64>, digits: usize| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+    };
+    println!(
+        "{:<22} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}  target (>= {TARGET_RPS_RATIO:.1}x req/s, p99 no worse)",
+        "scenario",
+        "nginx r/s",
+        "xlb r/s",
+        "ratio",
+        "nginx p50",
+        "xlb p50",
+        "nginx p99",
+        "xlb p99",
+        "p99 x"
+    );
+    for c in summary {
+        let scenario = args
+            .scenarios
+            .iter()
+            .find(|s| s.label() == c.scenario)
+            .map_or(c.scenario, |s| s.describe());
+        println!(
+            "{:<22} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}  {}",
+            scenario,
+            cell(Some(c.nginx.requests_per_sec), 0),
+            cell(Some(c.xlb.requests_per_sec), 0),
+            cell(c.requests_per_sec_ratio, 3),
+            cell(Some(c.nginx.p50_ms), 3),
+            cell(Some(c.xlb.p50_ms), 3),
+            cell(Some(c.nginx.p99_ms), 3),
+            cell(Some(c.xlb.p99_ms), 3),
+            cell(c.p99_ratio, 3),
+            mark(c.target_met),
+        );
+    }
+    println!("(latencies in ms; ratios are xlb/nginx)");
+    println!();
+    print_cpu(args, summary);
+    println!();
+    println!("Each measurement (requests per backend; socket errors; non-200 answers):");
+    for r in runs {
+        println!(
+            "  r{} {:<6} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
+            r.round + 1,
+            r.scenario,
+            r.proxy.label(),
+            r.outcome.wrk.requests_per_sec,
+            r.outcome.wrk.p99_ms,
+            r.per_backend,
+            r.outcome.socket_errors,
+            r.outcome.not_200,
+        );
+        for p in &r.problems {
+            println!("      PROBLEM: {p}");
+        }
+    }
+    println!();
+    let missed: Vec<&str> = summary
+        .iter()
+        .filter(|c| !c.target_met)
+        .map(|c| c.scenario)
+        .collect();
+    if missed.is_empty() {
+        println!(
+            "target >= {TARGET_RPS_RATIO:.1}x nginx requests/s with p99 no worse: met in every scenario"
+        );
+    } else {
+        println!(
+            "target >= {TARGET_RPS_RATIO:.1}x nginx requests/s with p99 no worse: MISSED in {}",
+            missed.join(", ")
+        );
+    }
+    println!("reproduce: {}", reproduce(args));
+}
+
+/// What each proxy's CPU did: how busy, and the cost of a request.
+fn print_cpu(args: &Args, summary: &[Comparison]) {
+    let cell = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    };
+    println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
+    for c in summary {
+        println!(
+            "  {:<8} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
+             xlb/nginx us/req {}",
+            c.scenario,
+            c.nginx.proxy_cpus_busy,
+            c.nginx.proxy_cpu_us_per_request,
+            c.xlb.proxy_cpus_busy,
+            c.xlb.proxy_cpu_us_per_request,
+            cell(c.cpu_per_request_ratio),
+        );
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a thread count")]
+    let capacity = args.proxy_threads as f64;
+    let unsaturated: Vec<String> = summary
+        .iter()
+        .flat_map(|c| [("nginx", c.scenario, &c.nginx), ("xlb", c.scenario, &c.xlb)])
+        .filter(|(_, _, f)| f.proxy_cpus_busy < 0.85 * capacity)
+        .map(|(proxy, scenario, f)| format!("{proxy} {scenario} {:.2}", f.proxy_cpus_busy))
+        .collect();
+    if !unsaturated.is_empty() {
+        println!(
+            "  note: proxies that kept less than 85 % of their {capacity} CPU(s) busy ({}): \
+             the client side (wrk, backends, softirq, other processes) limited the rate, so \
+             requests/s and latency understate the difference; CPU us/req compares them",
+            unsaturated.join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn defaults_and_reproduce_line() {
+        let args = Cli::parse_from(["x"]).args;
+        validate(&args).unwrap();
+        assert_eq!(
+            args.scenarios,
+            [Scenario::Http, Scenario::Https, Scenario::Close]
+        );
+        assert_eq!(
+            reproduce(&args),
+            "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
+             --rounds 2 --scenarios http,https,close"
+        );
+        let args = Cli::parse_from(["x", "--scenarios", "https", "--no-pin"]).args;
+        assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));
+        assert!(validate(&Cli::parse_from(["x", "--proxy-threads", "0"]).args).is_err());
+        assert!(validate(&Cli::parse_from(["x", "--rounds", "0"]).args).is_err());
+    }
+
+    #[test]
+    fn routes_and_the_backends_they_reach() {
+        let routes = routes();
+        assert_eq!(routes[0].path, "/");
+        assert_eq!(routes[1].path, "/api");
+        assert_eq!(expected_backend(wrk::PATHS[0]), "backend-0");
+        assert_eq!(expected_backend(wrk::PATHS[1]), "backend-1");
+        assert_eq!(expected_backend("/apix"), "backend-0");
+    }
+
+    fn run(proxy: Proxy, rps: f64, p99: f64) -> Run {
+        Run {
+            round: 0,
+            scenario: "http",
+            proxy,
+            outcome: Outcome {
+                wrk: load::WrkResult {
+                    requests_per_sec: rps,
+                    requests: 1000,
+                    p50_ms: 1.0,
+                    p99_ms: p99,
+                    ..Default::default()
+                },
+                not_200: 0,
+                socket_errors: 0,
+            },
+            per_backend: vec![500, 500],
+            proxy_cpus_busy: 1.0,
+            proxy_cpu_us_per_request: 10.0,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn target_needs_both_throughput_and_p99() {
+        let args = Cli::parse_from(["x", "--scenarios", "http"]).args;
+        let met = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 110.0, 2.0)],
+        );
+        assert!(met[0].target_met);
+        assert!((met[0].requests_per_sec_ratio.unwrap() - 1.1).abs() < 1e-12);
+        let slow = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 99.0, 1.0)],
+        );
+        assert!(!slow[0].target_met);
+        let tail = summarize(
+            &args,
+            &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 120.0, 2.1)],
+        );
+        assert!(!tail[0].target_met);
+        let missing = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0)]);
+        assert!(!missing[0].target_met);
+    }
+
+    #[test]
+    fn failures_above_one_percent_and_idle_backends_are_problems() {
+        let mut r = run(Proxy::Xlb, 100.0, 1.0);
+        assert!(problems(&r).is_empty());
+        r.outcome.not_200 = 10;
+        assert!(problems(&r).is_empty(), "1 % is tolerated");
+        r.outcome.not_200 = 11;
+        assert!(problems(&r)[0].contains("FAILED"), "{:?}", problems(&r));
+        r.outcome.not_200 = 0;
+        r.per_backend = vec![1000, 0];
+        assert!(problems(&r)[0].contains("a backend got no request"));
+    }
+}

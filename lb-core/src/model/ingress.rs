@@ -1,0 +1,591 @@
+//! Ingresses to the L7 hop's route table and certificates: pure translation from the
+//! cluster index (Ingresses of our class, their Services, EndpointSlices and TLS Secrets).
+//!
+//! Which Ingresses are ours: `spec.ingressClassName` equal to our class name; else the
+//! deprecated annotation `kubernetes.io/ingress.class` equal to it; else, with neither,
+//! when our IngressClass (named like our class, `spec.controller` [`CONTROLLER`]) carries
+//! `ingressclass.kubernetes.io/is-default-class: "true"`.
+//!
+//! Merging: the rules of all our Ingresses form one table. Hosts are exact (lower-cased),
+//! `*.example.com` (one label) or absent (every host); a request uses the most specific
+//! host group that exists and does not fall through to the host-less rules when no path
+//! of that group matches (see [`RouteTable`]). Ingresses are taken oldest first
+//! (`metadata.creationTimestamp`, one without it counts as newest, then namespace/name):
+//! when two rules have the same host, path and path type, or two Ingresses set
+//! `spec.defaultBackend`, the older one wins, as in ingress-nginx, and the other gets a
+//! problem naming its field. ImplementationSpecific paths are Prefix paths.
+//!
+//! Backends: `service.name` in the Ingress's namespace, `service.port.number` or `.name`
+//! matched against the Service's ports; endpoints are the L4 translation's usable ones
+//! ([`usable_endpoints`]). An ExternalName Service becomes a DNS target on the Ingress's
+//! port number. A missing Service or port keeps its routes with no endpoints (the proxy
+//! answers 503, rather than some other backend answering) and reports a problem.
+//! `appProtocol: kubernetes.io/h2c` on the Service port speaks HTTP/2 without TLS.
+//!
+//! TLS: each `spec.tls[]` entry's Secret (same namespace) gives a certificate for its
+//! hosts; a missing or bad Secret is a problem and the rest applies (the proxy serves
+//! its default certificate for those hosts). Hosts listed in any of our Ingresses'
+//! `spec.tls` redirect plain HTTP to HTTPS.
+//!
+//! Annotations honoured (per Ingress, for all its routes):
+//! - `nginx.ingress.kubernetes.io/ssl-redirect: "false"`: no redirect for TLS hosts.
+//! - `nginx.ingress.kubernetes.io/force-ssl-redirect: "true"`: redirect also hosts
+//!   without TLS, and the default backend.
+//! - `nginx.ingress.kubernetes.io/proxy-body-size`: request body limit (`8m`, `512k`,
+//!   `1g`, bytes; `0` = no limit).
+//! - `xlb.dev/load-balance: round-robin | least-request`.
+//!
+//! Every other `nginx.ingress.kubernetes.io/*` annotation is listed in
+//! [`IngressTranslation::ignored_annotations`].
+
+mod annotations;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressRule, IngressTLS};
+
+use crate::cluster::{Cluster, Kind, ObjectKey};
+use crate::model::kubernetes::{Problem, usable_endpoints};
+use crate::routes::RouteTable;
+use crate::routes::{
+    HostPattern, HostRule, PathKind, PathRule, Route, Target, Upstream, UpstreamProtocol,
+    prefix_key,
+};
+
+pub use tls::{KeyPair, SecretError, key_field, key_pair};
+
+pub use annotations::{
+    FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE, PROXY_BODY_SIZE,
+    SSL_REDIRECT, body_size,
+};
+
+/// The controller name an IngressClass must carry in `spec.controller` to be ours.
+pub const CONTROLLER: &str = "xlb.dev/ingress-controller";
+
+/// The Service port `appProtocol` that makes the hop speak HTTP/2 cleartext to it.
+pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
+
+/// Which Ingresses are ours.
+#[derive(Debug, Clone)]
+pub struct IngressClassConfig {
+    /// The IngressClass name (`--l7-ingress-class`, default `xlb`).
+    pub name: String,
+}
+
+#[derive(Debug, Default)]
+pub struct IngressTranslation {
+    /// Host and path rules, as the proxy serves them.
+    pub routes: RouteTable,
+    /// Certificates from the `kubernetes.io/tls` Secrets named in `spec.tls`, parsed
+    /// but not yet turned into signing keys (that needs a crypto provider: the L7 hop's).
+    pub certificates: Vec<CertificateSource>,
+    pub problems: Vec<Problem>,
+    /// The Ingresses of our class: the ones whose status the agent keeps.
+    pub owned: Vec<ObjectKey>,
+    /// `nginx.ingress.kubernetes.io/*` annotations of our Ingresses that have no effect.
+    pub ignored_annotations: Vec<(ObjectKey, String)>,
+}
+
+/// One `spec.tls` entry's certificate: the hosts it is for and its Secret's parsed PEM.
+#[derive(Debug, Clone)]
+pub struct CertificateSource {
+    /// The hosts `spec.tls[].hosts` lists for it (may hold `*.example.com`); empty means
+    /// the certificate's own names decide.
+    pub hosts: Vec<String>,
+    /// The Secret it came from, for logs and problems.
+    pub secret: ObjectKey,
+    pub pair: Arc<KeyPair>,
+}
+
+pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTranslation {
+    let mut t = Translator {
+        cluster,
+        problems: Vec::new(),
+        upstreams: BTreeMap::new(),
+        certs: BTreeMap::new(),
+    };
+    let default_class = t.is_default_class(class);
+    let mut ours: Vec<(&ObjectKey, &Ingress)> = cluster
+        .ingresses
+        .iter()
+        .filter(|(_, i)| is_ours(i, &class.name, default_class))
+        .map(|(k, i)| (k, i.as_ref()))
+        .collect();
+    let owned = ours.iter().map(|(k, _)| (*k).clone()).collect();
+    ours.sort_by_key(|(key, i)| {
+        let created = i.metadata.creation_timestamp.as_ref();
+        (created.is_none(), created, *key)
+    });
+    let mut table = Table {
+        tls_hosts: ours
+            .iter()
+            .flat_map(|(_, i)| i.spec.iter().flat_map(|s| s.tls.iter().flatten()))
+            .flat_map(|tls| tls.hosts.iter().flatten())
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        ..Table::default()
+    };
+    for (key, ingress) in ours {
+        table.add(&mut t, key, ingress);
+    }
+    IngressTranslation {
+        routes: RouteTable::new(
+            table.groups.into_values().collect(),
+            table.default.map(|(r, _)| r),
+        ),
+        certificates: table.certificates,
+        problems: t.problems,
+        owned,
+        ignored_annotations: table.ignored_annotations,
+    }
+}
+
+/// A host group's rank (exact, wildcard, host-less) and host.
+type GroupKey = (u8, String);
+
+/// The merged routes, built one Ingress at a time, oldest first.
+#[derive(Default)]
+struct Table {
+    /// Every host in our Ingresses' `spec.tls` (lower case, may be `*.` wildcards).
+    tls_hosts: Vec<String>,
+    /// Host groups by (rank, host): exact, wildcard, host-less.
+    groups: BTreeMap<GroupKey, HostRule>,
+    /// Who routes each (group, exact?, path): the Ingress and its field.
+    claimed: BTreeMap<(GroupKey, bool, String), (ObjectKey, String)>,
+    /// The default backend and the Ingress that set it.
+    default: Option<(Route, ObjectKey)>,
+    certificates: Vec<CertificateSource>,
+    ignored_annotations: Vec<(ObjectKey, String)>,
+}
+
+impl Table {
+    fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) {
+        let mut ignored = Vec::new();
+        let (settings, bad) =
+            annotations::read(ingress.metadata.annotations.as_ref(), &mut ignored);
+        self.ignored_annotations
+            .extend(ignored.into_iter().map(|a| (key.clone(), a)));
+        for b in bad {
+            t.problem(
+                key,
+                format!("metadata.annotations[{}]", b.annotation),
+                b.reason,
+            );
+        }
+        let Some(spec) = ingress.spec.as_ref() else {
+            return;
+        };
+        for (ti, entry) in spec.tls.iter().flatten().enumerate() {
+            if let Some(cert) = t.certificate(key, ti, entry) {
+                self.certificates.push(cert);
+            }
+        }
+        if let Some(backend) = &spec.default_backend {
+            let field = "spec.defaultBackend";
+            if let Some((_, owner)) = &self.default {
+                t.problem(
+                    key,
+                    field,
+                    format!("Ingress {owner} (older) already sets the default backend"),
+                );
+            } else if let Some(upstream) = t.upstream(key, field, backend) {
+                self.default = Some((settings.route(upstream, key, false), key.clone()));
+            }
+        }
+        for (ri, rule) in spec.rules.iter().flatten().enumerate() {
+            self.add_rule(t, key, &settings, ri, rule);
+        }
+    }
+
+    fn add_rule(
+        &mut self,
+        t: &mut Translator<'_>,
+        key: &ObjectKey,
+        settings: &annotations::Settings,
+        ri: usize,
+        rule: &IngressRule,
+    ) {
+        let host = match host_pattern(rule.host.as_deref()) {
+            Ok(host) => host,
+            Err(reason) => {
+                t.problem(key, format!("spec.rules[{ri}].host"), reason);
+                return;
+            }
+        };
+        let tls = match &host {
+            HostPattern::Any => false,
+            HostPattern::Exact(h) => self.tls_hosts.iter().any(|t| covers(t, h)),
+            HostPattern::Wildcard(suffix) => self
+                .tls_hosts
+                .iter()
+                .any(|t| t.strip_prefix('*') == Some(suffix.as_str())),
+        };
+        let group_key = group_key(&host);
+        let group = self
+            .groups
+            .entry(group_key.clone())
+            .or_insert_with(|| HostRule {
+                host,
+                paths: Vec::new(),
+            });
+        for (pi, path) in rule.http.iter().flat_map(|h| &h.paths).enumerate() {
+            let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+            let (kind, text) = match path_rule(path.path_type.as_str(), path.path.as_deref()) {
+                Ok(p) => p,
+                Err((sub, reason)) => {
+                    t.problem(key, format!("{field}.{sub}"), reason);
+                    continue;
+                }
+            };
+            let normal = match kind {
+                PathKind::Exact => text.clone(),
+                PathKind::Prefix => prefix_key(&text).to_owned(),
+            };
+            match self
+                .claimed
+                .entry((group_key.clone(), kind == PathKind::Exact, normal))
+            {
+                Entry::Occupied(claim) => {
+                    let (by, by_field) = claim.get();
+                    let who = if by == key {
+                        by_field.clone()
+                    } else {
+                        format!("Ingress {by} (older) {by_field}")
+                    };
+                    let host = rule.host.as_deref().unwrap_or("every host");
+                    t.problem(
+                        key,
+                        field,
+                        format!("{kind:?} path {text:?} of {host} is already routed by {who}"),
+                    );
+                    continue;
+                }
+                Entry::Vacant(v) => {
+                    v.insert((key.clone(), field.clone()));
+                }
+            }
+            if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                group.paths.push(PathRule {
+                    path: text,
+                    kind,
+                    route: settings.route(upstream, key, tls),
+                });
+            }
+        }
+    }
+}
+
+struct Translator<'a> {
+    cluster: &'a Cluster,
+    problems: Vec<Problem>,
+    /// One shared upstream per `namespace/service:port`.
+    upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Secrets already read (each reported once).
+    certs: BTreeMap<ObjectKey, Option<Arc<KeyPair>>>,
+}
+
+impl Translator<'_> {
+    fn problem(
+        &mut self,
+        ingress: &ObjectKey,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            kind: Kind::Ingress,
+            object: ingress.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Our IngressClass says it is the default; a class of our name that names another
+    /// controller is reported (its Ingresses are still ours by name).
+    fn is_default_class(&mut self, class: &IngressClassConfig) -> bool {
+        let Some(ours) = self.cluster.ingress_classes.get(&class.name) else {
+            return false;
+        };
+        let controller = ours.spec.as_ref().and_then(|s| s.controller.as_deref());
+        if controller != Some(CONTROLLER) {
+            self.problems.push(Problem {
+                kind: Kind::IngressClass,
+                object: ObjectKey::new("", &class.name),
+                field: "spec.controller".into(),
+                reason: format!(
+                    "{:?} is not {CONTROLLER}: not taken as the default class",
+                    controller.unwrap_or("")
+                ),
+            });
+            return false;
+        }
+        ours.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(IS_DEFAULT_CLASS))
+            .is_some_and(|v| v == "true")
+    }
+
+    fn certificate(
+        &mut self,
+        ingress: &ObjectKey,
+        index: usize,
+        entry: &IngressTLS,
+    ) -> Option<CertificateSource> {
+        let field = format!("spec.tls[{index}].secretName");
+        // No secretName: the hosts use the proxy's default certificate.
+        let name = entry.secret_name.as_deref().filter(|n| !n.is_empty())?;
+        let secret_key = ObjectKey::new(&ingress.namespace, name);
+        let pair = if let Some(cached) = self.certs.get(&secret_key) {
+            cached.clone()
+        } else {
+            let read = self.read_secret(ingress, &field, &secret_key);
+            self.certs.insert(secret_key.clone(), read.clone());
+            read
+        }?;
+        Some(CertificateSource {
+            hosts: entry
+                .hosts
+                .iter()
+                .flatten()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            secret: secret_key,
+            pair,
+        })
+    }
+
+    fn read_secret(
+        &mut self,
+        ingress: &ObjectKey,
+        field: &str,
+        secret_key: &ObjectKey,
+    ) -> Option<Arc<KeyPair>> {
+        let Some(secret) = self.cluster.secrets.get(secret_key) else {
+            self.problem(ingress, field, format!("Secret {secret_key} not found"));
+            return None;
+        };
+        match tls::key_pair(secret) {
+            Ok(pair) => Some(Arc::new(pair)),
+            Err(e) => {
+                self.problems.push(Problem {
+                    kind: Kind::Secret,
+                    object: secret_key.clone(),
+                    field: e.field,
+                    reason: format!("{} (named by Ingress {ingress} {field})", e.reason),
+                });
+                None
+            }
+        }
+    }
+
+    /// The upstream a backend names, or `None` (with a problem) when it cannot be
+    /// routed at all.
+    fn upstream(
+        &mut self,
+        ingress: &ObjectKey,
+        field: &str,
+        backend: &IngressBackend,
+    ) -> Option<Arc<Upstream>> {
+        if backend.resource.is_some() {
+            self.problem(
+                ingress,
+                format!("{field}.resource"),
+                "resource backends are not supported",
+            );
+            return None;
+        }
+        let Some(service) = &backend.service else {
+            self.problem(ingress, field, "names no service");
+            return None;
+        };
+        let svc_key = ObjectKey::new(&ingress.namespace, &service.name);
+        let port = service.port.as_ref();
+        let number = port.and_then(|p| p.number);
+        let port_name = port
+            .and_then(|p| p.name.as_deref())
+            .filter(|n| !n.is_empty());
+        let written = match (number, port_name) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(name)) => name.to_owned(),
+            (None, None) => {
+                self.problem(
+                    ingress,
+                    format!("{field}.service.port"),
+                    "names no port number or name",
+                );
+                return None;
+            }
+        };
+        let empty = |name: String| Upstream {
+            name,
+            target: Target::Endpoints(Vec::new()),
+            protocol: UpstreamProtocol::Http1,
+        };
+        let Some(svc) = self.cluster.services.get(&svc_key) else {
+            self.problem(
+                ingress,
+                format!("{field}.service.name"),
+                format!("Service {svc_key} not found: its routes answer 503"),
+            );
+            return Some(self.shared(empty(format!("{svc_key}:{written}"))));
+        };
+        let spec = svc.spec.as_ref();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            let host = spec
+                .and_then(|s| s.external_name.as_deref())
+                .unwrap_or_default();
+            let number = number
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n > 0);
+            let Some(number) = number else {
+                self.problem(
+                    ingress,
+                    format!("{field}.service.port"),
+                    format!(
+                        "Service {svc_key} is ExternalName: name the port by number; routes answer 503"
+                    ),
+                );
+                return Some(self.shared(empty(format!("{svc_key}:{written}"))));
+            };
+            let protocol = protocol_of(spec_port(svc, |p| p.port == i32::from(number)));
+            return Some(self.shared(Upstream {
+                name: format!("{svc_key}:{number}"),
+                target: Target::Dns {
+                    host: host.to_owned(),
+                    port: number,
+                },
+                protocol,
+            }));
+        }
+        let found = match (number, port_name) {
+            (Some(n), _) => spec_port(svc, |p| p.port == n),
+            (None, name) => spec_port(svc, |p| p.name.as_deref() == name),
+        };
+        let Some(svc_port) = found else {
+            self.problem(
+                ingress,
+                format!("{field}.service.port"),
+                format!("Service {svc_key} has no TCP port {written}: routes answer 503"),
+            );
+            return Some(self.shared(empty(format!("{svc_key}:{written}"))));
+        };
+        let name = format!("{svc_key}:{}", svc_port.port);
+        if let Some(shared) = self.upstreams.get(&name) {
+            return Some(shared.clone());
+        }
+        let (endpoints, problems) =
+            usable_endpoints(&svc_key, svc_port, &self.cluster.slices_of(&svc_key));
+        self.problems.extend(problems);
+        Some(self.shared(Upstream {
+            name,
+            target: Target::Endpoints(endpoints),
+            protocol: protocol_of(Some(svc_port)),
+        }))
+    }
+
+    fn shared(&mut self, upstream: Upstream) -> Arc<Upstream> {
+        self.upstreams
+            .entry(upstream.name.clone())
+            .or_insert_with(|| Arc::new(upstream))
+            .clone()
+    }
+}
+
+fn spec_port(svc: &Service, pick: impl Fn(&ServicePort) -> bool) -> Option<&ServicePort> {
+    svc.spec
+        .as_ref()?
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .find(|p| pick(p))
+}
+
+fn protocol_of(port: Option<&ServicePort>) -> UpstreamProtocol {
+    match port.and_then(|p| p.app_protocol.as_deref()) {
+        Some(H2C_APP_PROTOCOL) => UpstreamProtocol::H2c,
+        _ => UpstreamProtocol::Http1,
+    }
+}
+
+fn is_ours(ingress: &Ingress, class: &str, default_class: bool) -> bool {
+    if let Some(name) = ingress
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref())
+    {
+        return name == class;
+    }
+    match ingress
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INGRESS_CLASS))
+    {
+        Some(name) => name == class,
+        None => default_class,
+    }
+}
+
+/// Whether a `spec.tls` host (exact or `*.` wildcard) covers an exact rule host.
+fn covers(tls_host: &str, host: &str) -> bool {
+    match tls_host.strip_prefix('*') {
+        Some(suffix) => host
+            .find('.')
+            .is_some_and(|dot| dot > 0 && &host[dot..] == suffix),
+        None => tls_host == host,
+    }
+}
+
+fn host_pattern(host: Option<&str>) -> Result<HostPattern, String> {
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Ok(HostPattern::Any);
+    };
+    let lower = host.to_ascii_lowercase();
+    if let Some(suffix) = lower.strip_prefix('*') {
+        if suffix.len() > 1 && suffix.starts_with('.') && !suffix.contains('*') {
+            return Ok(HostPattern::Wildcard(suffix.to_owned()));
+        }
+    } else if !lower.contains('*') && !lower.contains(':') {
+        return Ok(HostPattern::Exact(lower));
+    }
+    Err(format!(
+        "{host:?} is neither a DNS name nor \"*.\" followed by one"
+    ))
+}
+
+/// Orders host groups exact, wildcard, host-less (for readable dumps; lookup indexes).
+fn group_key(host: &HostPattern) -> GroupKey {
+    match host {
+        HostPattern::Exact(h) => (0, h.clone()),
+        HostPattern::Wildcard(s) => (1, s.clone()),
+        HostPattern::Any => (2, String::new()),
+    }
+}
+
+/// The path type and path of one HTTP path, or the sub-field and why not.
+fn path_rule(kind: &str, path: Option<&str>) -> Result<(PathKind, String), (&'static str, String)> {
+    let kind = match kind {
+        "Exact" => PathKind::Exact,
+        "Prefix" | "ImplementationSpecific" => PathKind::Prefix,
+        other => {
+            return Err((
+                "pathType",
+                format!("{other:?} is not Exact, Prefix or ImplementationSpecific"),
+            ));
+        }
+    };
+    let path = match path.filter(|p| !p.is_empty()) {
+        Some(p) if p.starts_with('/') => p.to_owned(),
+        Some(p) => return Err(("path", format!("{p:?} does not start with /"))),
+        None => "/".to_owned(),
+    };
+    Ok((kind, path))
+}
+
+#[cfg(test)]
+mod tests;

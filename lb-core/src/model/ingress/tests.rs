@@ -1,0 +1,724 @@
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+use super::*;
+use crate::cluster::Object;
+use crate::model::fixtures;
+use crate::routes::Balance;
+
+fn xlb() -> IngressClassConfig {
+    IngressClassConfig { name: "xlb".into() }
+}
+
+fn shop() -> Vec<Object> {
+    fixtures::load("ingress-shop.yaml")
+}
+
+fn run(objects: &[Object]) -> IngressTranslation {
+    translate(&fixtures::cluster(objects), &xlb())
+}
+
+/// `upstream <- ingress` for a request, `None` for a 404.
+fn to(t: &IngressTranslation, host: &str, path: &str) -> Option<String> {
+    t.routes
+        .lookup(host, path)
+        .map(|r| format!("{} <- {}", r.upstream.name, r.ingress.name))
+}
+
+fn route<'a>(t: &'a IngressTranslation, host: &str, path: &str) -> &'a Route {
+    t.routes
+        .lookup(host, path)
+        .unwrap_or_else(|| panic!("no route for {host}{path}"))
+}
+
+fn problems(t: &IngressTranslation) -> Vec<String> {
+    t.problems.iter().map(ToString::to_string).collect()
+}
+
+fn ingress_mut<'a>(objects: &'a mut [Object], name: &str) -> &'a mut Ingress {
+    objects
+        .iter_mut()
+        .find_map(|o| match o {
+            Object::Ingress(i) if i.metadata.name.as_deref() == Some(name) => Some(i),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Ingress {name} in the fixture"))
+}
+
+fn annotate(objects: &mut [Object], ingress: &str, pairs: &[(&str, &str)]) {
+    let annotations = ingress_mut(objects, ingress)
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new);
+    for (k, v) in pairs {
+        annotations.insert((*k).to_owned(), (*v).to_owned());
+    }
+}
+
+fn created(objects: &mut [Object], ingress: &str, at: &str) {
+    ingress_mut(objects, ingress).metadata.creation_timestamp = Some(Time(at.parse().unwrap()));
+}
+
+fn keys(keys: &[ObjectKey]) -> Vec<String> {
+    keys.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn class_by_name_annotation_and_default_class() {
+    let t = run(&shop());
+    // other (ingressClassName nginx) and other-legacy (annotation nginx) are not ours;
+    // payments has no class and is ours because xlb is the default class.
+    assert_eq!(
+        keys(&t.owned),
+        [
+            "shop/api",
+            "shop/catchall",
+            "shop/late-default",
+            "shop/legacy",
+            "shop/payments",
+            "shop/storefront"
+        ]
+    );
+    // The older nginx Ingress for shop.example.com / does not take the route.
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+}
+
+#[test]
+fn without_the_default_annotation_classless_ingresses_are_not_ours() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::IngressClass(c) = object {
+            c.metadata.annotations = None;
+        }
+    }
+    let t = run(&objects);
+    assert!(!keys(&t.owned).contains(&"shop/payments".to_owned()));
+    assert!(keys(&t.owned).contains(&"shop/legacy".to_owned()));
+    // pay.example.com now meets the wildcard rule instead of payments' ExternalName.
+    assert_eq!(
+        to(&t, "pay.example.com", "/").as_deref(),
+        Some("shop/web:80 <- api")
+    );
+}
+
+#[test]
+fn a_default_class_of_another_controller_is_not_ours() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::IngressClass(c) = object
+            && c.metadata.name.as_deref() == Some("xlb")
+        {
+            c.spec.as_mut().unwrap().controller = Some("k8s.io/ingress-nginx".into());
+        }
+    }
+    let t = run(&objects);
+    assert!(!keys(&t.owned).contains(&"shop/payments".to_owned()));
+    assert!(
+        problems(&t).contains(
+            &"IngressClass /xlb: spec.controller: \"k8s.io/ingress-nginx\" is not \
+              xlb.dev/ingress-controller: not taken as the default class"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+#[test]
+fn hosts_exact_wildcard_and_hostless() {
+    let t = run(&shop());
+    // Exact host, any case, with a port.
+    assert_eq!(
+        to(&t, "SHOP.example.COM:8443", "/cart").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    // The wildcard covers one label only.
+    assert_eq!(
+        to(&t, "blog.example.com", "/").as_deref(),
+        Some("shop/web:80 <- api")
+    );
+    assert_eq!(
+        to(&t, "example.com", "/static/a.css").as_deref(),
+        Some("shop/static:80 <- catchall")
+    );
+    assert_eq!(
+        to(&t, "a.blog.example.com", "/static/a.css").as_deref(),
+        Some("shop/static:80 <- catchall")
+    );
+    // Exact beats the wildcard that also covers it.
+    assert_eq!(
+        to(&t, "shop.example.com", "/api/v1").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+}
+
+#[test]
+fn a_known_host_does_not_fall_through_to_hostless_rules() {
+    let t = run(&shop());
+    // legacy.example.com routes only /legacy; /static exists only host-less, and a
+    // request for a host with its own rules gets the default backend instead.
+    assert_eq!(
+        to(&t, "legacy.example.com", "/legacy/x").as_deref(),
+        Some("shop/web:80 <- legacy")
+    );
+    assert_eq!(
+        to(&t, "legacy.example.com", "/static/a.css").as_deref(),
+        Some("shop/web:80 <- catchall")
+    );
+    assert_eq!(
+        to(&t, "unknown.test", "/static/a.css").as_deref(),
+        Some("shop/static:80 <- catchall")
+    );
+}
+
+#[test]
+fn no_match_and_no_default_backend_is_a_404() {
+    let mut objects = shop();
+    objects.retain(|o| !matches!(o.meta().name.as_deref(), Some("catchall" | "late-default")));
+    let t = run(&objects);
+    assert_eq!(t.routes.default_route(), None);
+    assert_eq!(to(&t, "legacy.example.com", "/elsewhere"), None);
+    assert_eq!(to(&t, "unknown.test", "/"), None);
+    assert_eq!(
+        to(&t, "legacy.example.com", "/legacy").as_deref(),
+        Some("shop/web:80 <- legacy")
+    );
+}
+
+#[test]
+fn ingresses_for_one_host_merge_and_the_oldest_wins_a_conflict() {
+    let t = run(&shop());
+    // storefront (older) owns shop.example.com Prefix /; api adds /api.
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/api").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/api: spec.rules[0].http.paths[1]: Prefix path \"/\" of \
+              shop.example.com is already routed by Ingress shop/storefront (older) \
+              spec.rules[0].http.paths[0]"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+
+    // Make api the older one: it takes / and storefront is told.
+    let mut objects = shop();
+    created(&mut objects, "api", "2025-05-31T09:00:00Z");
+    let t = run(&objects);
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/healthz").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    assert!(problems(&t).iter().any(|p| {
+        p.starts_with("Ingress shop/storefront: spec.rules[0].http.paths[0]: Prefix path \"/\"")
+    }));
+}
+
+#[test]
+fn same_age_conflicts_go_to_namespace_then_name() {
+    let mut objects = shop();
+    created(&mut objects, "api", "2025-06-01T09:00:00Z");
+    let t = run(&objects);
+    // Same creationTimestamp: shop/api sorts before shop/storefront.
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+}
+
+#[test]
+fn exact_and_prefix_of_one_path_do_not_conflict() {
+    let mut objects = shop();
+    let api = ingress_mut(&mut objects, "api");
+    let paths = &mut api.spec.as_mut().unwrap().rules.as_mut().unwrap()[0]
+        .http
+        .as_mut()
+        .unwrap()
+        .paths;
+    paths[1].path = Some("/healthz".into());
+    paths[1].path_type = "Prefix".into();
+    let t = run(&objects);
+    assert_eq!(
+        to(&t, "shop.example.com", "/healthz").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/healthz/deep").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        !problems(&t).iter().any(|p| p.contains("already routed")),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+#[test]
+fn the_oldest_default_backend_wins() {
+    let t = run(&shop());
+    let default = t.routes.default_route().expect("a default backend");
+    assert_eq!(default.upstream.name, "shop/web:80");
+    assert_eq!(default.ingress, ObjectKey::new("shop", "catchall"));
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/late-default: spec.defaultBackend: Ingress shop/catchall (older) \
+          already sets the default backend"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn ports_by_number_and_name_share_one_upstream_of_ready_endpoints() {
+    let t = run(&shop());
+    let by_number = route(&t, "shop.example.com", "/");
+    let by_name = route(&t, "shop.example.com", "/healthz");
+    assert!(Arc::ptr_eq(&by_number.upstream, &by_name.upstream));
+    // 192.0.2.22 is not ready; 192.0.2.23 is serving but terminating and a ready one exists.
+    let ready: Vec<SocketAddr> = vec!["192.0.2.21:8080".parse().unwrap()];
+    assert_eq!(by_number.upstream.target, Target::Endpoints(ready));
+    assert_eq!(by_number.upstream.protocol, UpstreamProtocol::Http1);
+    // The wildcard route and the default backend use it too.
+    assert!(Arc::ptr_eq(
+        &by_number.upstream,
+        &route(&t, "x.example.com", "/").upstream
+    ));
+}
+
+#[test]
+fn a_drained_endpoint_gets_no_requests() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::EndpointSlice(slice) = object
+            && slice.metadata.name.as_deref() == Some("web-x7k2p")
+        {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(
+                    crate::model::kubernetes::ENDPOINT_WEIGHTS_ANNOTATION.to_owned(),
+                    "192.0.2.21=0".to_owned(),
+                );
+        }
+    }
+    let t = run(&objects);
+    // 192.0.2.21, the only ready endpoint, is drained: none is left for new requests
+    // (the L4 table drops it the same way).
+    assert_eq!(
+        route(&t, "shop.example.com", "/").upstream.target,
+        Target::Endpoints(Vec::new())
+    );
+}
+
+#[test]
+fn serving_terminating_endpoints_are_used_when_none_is_ready() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::EndpointSlice(slice) = object
+            && slice.metadata.name.as_deref() == Some("web-x7k2p")
+        {
+            slice.endpoints[0].conditions.as_mut().unwrap().ready = Some(false);
+        }
+    }
+    let t = run(&objects);
+    let ready: Vec<SocketAddr> = vec!["192.0.2.23:8080".parse().unwrap()];
+    assert_eq!(
+        route(&t, "shop.example.com", "/").upstream.target,
+        Target::Endpoints(ready)
+    );
+}
+
+#[test]
+fn h2c_app_protocol() {
+    let t = run(&shop());
+    let api = route(&t, "shop.example.com", "/api");
+    assert_eq!(api.upstream.protocol, UpstreamProtocol::H2c);
+    assert_eq!(
+        api.upstream.target,
+        Target::Endpoints(vec!["192.0.2.31:9000".parse().unwrap()])
+    );
+}
+
+#[test]
+fn external_name_is_a_dns_target_on_the_ingress_port() {
+    let t = run(&shop());
+    let pay = route(&t, "pay.example.com", "/");
+    assert_eq!(pay.upstream.name, "shop/payments:443");
+    assert_eq!(
+        pay.upstream.target,
+        Target::Dns {
+            host: "payments.billing.svc.cluster.local".into(),
+            port: 443
+        }
+    );
+    // By port name: kept (503) with a problem.
+    let by_name = route(&t, "pay.example.com", "/by-name");
+    assert_eq!(by_name.upstream.target, Target::Endpoints(Vec::new()));
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/payments: spec.rules[0].http.paths[1].backend.service.port: Service \
+          shop/payments is ExternalName: name the port by number; routes answer 503"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn a_missing_service_or_port_keeps_the_route_without_endpoints() {
+    let t = run(&shop());
+    let statics = route(&t, "unknown.test", "/static");
+    assert_eq!(statics.upstream.name, "shop/static:80");
+    assert_eq!(statics.upstream.target, Target::Endpoints(Vec::new()));
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/catchall: spec.rules[0].http.paths[0].backend.service.name: Service \
+          shop/static not found: its routes answer 503"
+                .to_owned()
+        )
+    );
+
+    let mut objects = shop();
+    let web = ingress_mut(&mut objects, "storefront");
+    let paths = &mut web.spec.as_mut().unwrap().rules.as_mut().unwrap()[0]
+        .http
+        .as_mut()
+        .unwrap()
+        .paths;
+    paths[1]
+        .backend
+        .service
+        .as_mut()
+        .unwrap()
+        .port
+        .as_mut()
+        .unwrap()
+        .name = Some("admin".into());
+    let t = run(&objects);
+    assert_eq!(
+        route(&t, "shop.example.com", "/healthz").upstream.target,
+        Target::Endpoints(Vec::new())
+    );
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/storefront: spec.rules[0].http.paths[1].backend.service.port: \
+          Service shop/web has no TCP port admin: routes answer 503"
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn resource_backends_are_reported_and_not_routed() {
+    let t = run(&shop());
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/catchall: spec.rules[0].http.paths[1].backend.resource: resource \
+          backends are not supported"
+                .to_owned()
+        )
+    );
+    // /assets falls to the default backend.
+    assert_eq!(
+        to(&t, "unknown.test", "/assets/x").as_deref(),
+        Some("shop/web:80 <- catchall")
+    );
+}
+
+#[test]
+fn honoured_annotations_shape_the_routes() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (PROXY_BODY_SIZE, "8m"),
+            (LOAD_BALANCE, "least-request"),
+            ("nginx.ingress.kubernetes.io/rewrite-target", "/"),
+            ("nginx.ingress.kubernetes.io/proxy-read-timeout", "30"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(PROXY_BODY_SIZE, "0"), (LOAD_BALANCE, "random")],
+    );
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/");
+    assert_eq!(front.max_body_bytes, Some(8 << 20));
+    assert_eq!(front.balance, Balance::LeastRequest);
+    let api = route(&t, "shop.example.com", "/api");
+    assert_eq!(api.max_body_bytes, Some(u64::MAX));
+    assert_eq!(api.balance, Balance::RoundRobin);
+    let legacy = route(&t, "legacy.example.com", "/legacy");
+    assert_eq!(legacy.max_body_bytes, None);
+    assert_eq!(
+        t.ignored_annotations,
+        [
+            (
+                ObjectKey::new("shop", "storefront"),
+                "nginx.ingress.kubernetes.io/proxy-read-timeout".to_owned()
+            ),
+            (
+                ObjectKey::new("shop", "storefront"),
+                "nginx.ingress.kubernetes.io/rewrite-target".to_owned()
+            ),
+        ]
+    );
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/api: metadata.annotations[xlb.dev/load-balance]: \"random\" is neither \
+          \"round-robin\" nor \"least-request\""
+                .to_owned()
+        )
+    );
+}
+
+#[test]
+fn body_sizes_in_nginx_syntax() {
+    assert_eq!(body_size("1024"), Ok(1024));
+    assert_eq!(body_size("1k"), Ok(1024));
+    assert_eq!(body_size("8M"), Ok(8 << 20));
+    assert_eq!(body_size("2g"), Ok(2 << 30));
+    assert_eq!(body_size("0"), Ok(u64::MAX));
+    assert!(body_size("8mb").is_err());
+    assert!(body_size("-1").is_err());
+    assert!(body_size("").is_err());
+    assert!(body_size("99999999999999999g").is_err());
+}
+
+// --- TLS ---------------------------------------------------------------------------
+
+struct Issued {
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn issue(hosts: &[&str]) -> Issued {
+    let hosts: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+    let certified = rcgen::generate_simple_self_signed(hosts).expect("rcgen");
+    Issued {
+        cert_pem: certified.cert.pem(),
+        key_pem: certified.signing_key.serialize_pem(),
+    }
+}
+
+fn tls_secret(name: &str, crt: &str, key: &str) -> Object {
+    Object::Secret(Secret {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(crt.as_bytes().to_vec())),
+            ("tls.key".to_owned(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    })
+}
+
+/// `storefront` gets `spec.tls` for shop.example.com (Secret shop-tls) and `api` for
+/// `*.example.com` (Secret wild-tls).
+fn with_tls(objects: &mut Vec<Object>) {
+    let tls = |hosts: &[&str], secret: &str| k8s_openapi::api::networking::v1::IngressTLS {
+        hosts: Some(hosts.iter().map(|h| (*h).to_owned()).collect()),
+        secret_name: Some(secret.to_owned()),
+    };
+    ingress_mut(objects, "storefront")
+        .spec
+        .as_mut()
+        .unwrap()
+        .tls = Some(vec![tls(&["Shop.example.com"], "shop-tls")]);
+    ingress_mut(objects, "api").spec.as_mut().unwrap().tls =
+        Some(vec![tls(&["*.example.com"], "wild-tls")]);
+    let shop = issue(&["shop.example.com"]);
+    let wild = issue(&["*.example.com"]);
+    objects.push(tls_secret("shop-tls", &shop.cert_pem, &shop.key_pem));
+    objects.push(tls_secret("wild-tls", &wild.cert_pem, &wild.key_pem));
+}
+
+#[test]
+fn tls_secrets_become_certificates_for_their_hosts() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().all(|p| !p.contains("tls")),
+        "{:#?}",
+        problems(&t)
+    );
+    let certs: Vec<(Vec<String>, String)> = t
+        .certificates
+        .iter()
+        .map(|c| (c.hosts.clone(), c.secret.to_string()))
+        .collect();
+    // Oldest Ingress first: storefront, then api.
+    assert_eq!(
+        certs,
+        [
+            (
+                vec!["shop.example.com".to_owned()],
+                "shop/shop-tls".to_owned()
+            ),
+            (vec!["*.example.com".to_owned()], "shop/wild-tls".to_owned()),
+        ]
+    );
+    assert_eq!(t.certificates[0].pair.chain.len(), 1);
+}
+
+#[test]
+fn tls_hosts_redirect_unless_the_ingress_says_no() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    annotate(&mut objects, "api", &[(SSL_REDIRECT, "false")]);
+    let t = run(&objects);
+    // shop.example.com has TLS: storefront's routes redirect, api's opted out.
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+    assert!(!route(&t, "shop.example.com", "/api").ssl_redirect);
+    // The wildcard host has TLS, but its Ingress (api) opted out.
+    assert!(!route(&t, "blog.example.com", "/").ssl_redirect);
+    // Host-less rules and the default backend have no TLS host.
+    assert!(!route(&t, "unknown.test", "/static").ssl_redirect);
+    assert!(!t.routes.default_route().unwrap().ssl_redirect);
+}
+
+#[test]
+fn without_tls_only_force_ssl_redirect_redirects() {
+    let mut objects = shop();
+    annotate(&mut objects, "legacy", &[(FORCE_SSL_REDIRECT, "true")]);
+    annotate(&mut objects, "catchall", &[(FORCE_SSL_REDIRECT, "true")]);
+    let t = run(&objects);
+    assert!(!route(&t, "pay.example.com", "/").ssl_redirect);
+    assert!(!route(&t, "shop.example.com", "/").ssl_redirect);
+    assert!(route(&t, "legacy.example.com", "/legacy").ssl_redirect);
+    assert!(route(&t, "unknown.test", "/static").ssl_redirect);
+    assert!(t.routes.default_route().unwrap().ssl_redirect);
+}
+
+#[test]
+fn a_wildcard_tls_host_covers_exact_rule_hosts() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    // pay.example.com is covered by api's *.example.com certificate.
+    let t = run(&objects);
+    assert!(route(&t, "pay.example.com", "/").ssl_redirect);
+}
+
+/// A Secret whose key is not PEM is a problem on the Secret, naming the Ingress that
+/// uses it; a missing one is a problem on the Ingress; the rest applies. (Whether a
+/// well-formed key belongs to its certificate is checked where the signing key is made,
+/// in the agent's `l7::tls`.)
+#[test]
+fn a_bad_or_missing_secret_is_a_problem_and_the_rest_applies() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    objects.retain(|o| o.meta().name.as_deref() != Some("shop-tls"));
+    // shop-tls: a key that is no PEM at all; wild-tls removed.
+    let shop_cert = issue(&["shop.example.com"]);
+    objects.push(tls_secret("shop-tls", &shop_cert.cert_pem, "not a key"));
+    objects.retain(|o| o.meta().name.as_deref() != Some("wild-tls"));
+    let t = run(&objects);
+    assert!(t.certificates.is_empty());
+    let p = problems(&t);
+    assert!(
+        p.iter().any(|p| p
+            .starts_with("Secret shop/shop-tls: data[tls.key]: not a PEM private key")
+            && p.ends_with("(named by Ingress shop/storefront spec.tls[0].secretName)")),
+        "{p:#?}"
+    );
+    assert!(p.contains(
+        &"Ingress shop/api: spec.tls[0].secretName: Secret shop/wild-tls not found".to_owned()
+    ));
+    // Routes are unaffected, and the TLS hosts still redirect (default certificate).
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+}
+
+#[test]
+fn broken_pem_is_a_problem_naming_the_field() {
+    let good = issue(&["shop.example.com"]);
+    let cases = [
+        (good.cert_pem.as_str(), "not a key", "data[tls.key]"),
+        ("garbage", good.key_pem.as_str(), "data[tls.crt]"),
+        (
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+            good.key_pem.as_str(),
+            "data[tls.crt]",
+        ),
+    ];
+    for (crt, key, field) in cases {
+        let Object::Secret(secret) = tls_secret("s", crt, key) else {
+            unreachable!()
+        };
+        let e = tls::key_pair(&secret).expect_err(field);
+        assert_eq!(e.field, field, "{}", e.reason);
+    }
+    let Object::Secret(mut opaque) = tls_secret("s", &good.cert_pem, &good.key_pem) else {
+        unreachable!()
+    };
+    assert!(tls::key_pair(&opaque).is_ok());
+    opaque.type_ = Some("Opaque".into());
+    assert_eq!(tls::key_pair(&opaque).unwrap_err().field, "type");
+}
+
+#[test]
+fn a_chain_keeps_its_order() {
+    let leaf = issue(&["shop.example.com"]);
+    let extra = issue(&["ca.example.com"]);
+    let chain = format!("{}{}", leaf.cert_pem, extra.cert_pem);
+    let Object::Secret(secret) = tls_secret("s", &chain, &leaf.key_pem) else {
+        unreachable!()
+    };
+    let pair = tls::key_pair(&secret).unwrap();
+    assert_eq!(pair.chain.len(), 2);
+}
+
+#[test]
+fn hosts_that_are_not_names_are_reported() {
+    assert_eq!(host_pattern(None), Ok(HostPattern::Any));
+    assert_eq!(host_pattern(Some("")), Ok(HostPattern::Any));
+    assert_eq!(
+        host_pattern(Some("A.Example.com")),
+        Ok(HostPattern::Exact("a.example.com".into()))
+    );
+    assert_eq!(
+        host_pattern(Some("*.Example.com")),
+        Ok(HostPattern::Wildcard(".example.com".into()))
+    );
+    for bad in ["*", "*.", "a.*.com", "*example.com", "a.com:80"] {
+        assert!(host_pattern(Some(bad)).is_err(), "{bad}");
+    }
+}
+
+/// SEC1 and PKCS#1 keys (as openssl writes them by default or with -traditional) parse
+/// like PKCS#8 ones (the agent's `l7::tls` tests make signing keys of the same fixture).
+#[test]
+fn sec1_and_pkcs1_keys_parse() {
+    for object in fixtures::load("tls-secrets.yaml") {
+        let Object::Secret(secret) = object else {
+            panic!("not a Secret: {:?}", object.kind());
+        };
+        let pair = tls::key_pair(&secret)
+            .unwrap_or_else(|e| panic!("{:?}: {}: {}", secret.metadata.name, e.field, e.reason));
+        assert_eq!(pair.chain.len(), 1);
+    }
+}

@@ -1,0 +1,249 @@
+//! The routing table the proxy consults per request: host, then path, then the
+//! default backend. Built by `model::ingress`; pure data, no I/O.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::cluster::ObjectKey;
+
+/// Where one route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `namespace/service:port`, stable across rebuilds: the key the proxy keeps its
+    /// balancing state and connection pools under.
+    pub name: String,
+    pub target: Target,
+    /// HTTP/1.1, or HTTP/2 without TLS when the Service port says
+    /// `appProtocol: kubernetes.io/h2c`.
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Ready endpoints of a Service port (serving-and-terminating when none is ready, as
+    /// for L4). Empty: the proxy answers 503.
+    Endpoints(Vec<SocketAddr>),
+    /// An ExternalName Service: resolved by DNS in the proxy, re-resolved at a bounded
+    /// interval.
+    Dns { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+}
+
+/// What a matched rule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    /// The Ingress the rule came from (for logs and the conflict rule).
+    pub ingress: ObjectKey,
+    /// Answer plain HTTP with a 308 to `https://` (host has TLS and the Ingress did not
+    /// turn it off, or force-ssl-redirect).
+    pub ssl_redirect: bool,
+    pub balance: Balance,
+    /// Request body limit in bytes (413 above it); `None`: the proxy's default.
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Exact,
+    /// Element-wise prefix on `/` (ImplementationSpecific is treated as Prefix).
+    Prefix,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathRule {
+    pub path: String,
+    pub kind: PathKind,
+    pub route: Route,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Lower case, no port.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: matches exactly one more label.
+    Wildcard(String),
+    /// A rule without a host.
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRule {
+    pub host: HostPattern,
+    pub paths: Vec<PathRule>,
+}
+
+/// Host rules (already merged across Ingresses, conflicts resolved) and the default
+/// backend, indexed for [`lookup`](Self::lookup).
+///
+/// Precedence: the most specific host group that exists for the request's host decides
+/// (exact host, else the `*.` wildcard one label up, else the host-less rules); then the
+/// longest matching path inside that group; then the default backend; else `None`
+/// (404). A host group whose paths do not match does NOT fall through to the host-less
+/// rules: as in ingress-nginx, where every host is a server of its own and host-less
+/// rules live in the catch-all server that a request for a known host never reaches, so
+/// routes do not change when someone else adds a host-less Ingress.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    rules: Vec<HostRule>,
+    default: Option<Route>,
+    exact_hosts: HashMap<String, Paths>,
+    /// Keyed by the suffix with its dot: `.example.com`.
+    wildcard_hosts: HashMap<String, Paths>,
+    any_host: Option<Paths>,
+}
+
+/// One host group's paths; `(rule, path)` indexes into `RouteTable::rules`.
+#[derive(Debug, Clone, Default)]
+struct Paths {
+    exact: HashMap<String, (usize, usize)>,
+    /// Prefix paths without their trailing `/` (`/` itself is the empty string).
+    prefix: HashMap<String, (usize, usize)>,
+}
+
+/// The longest host name DNS allows is 253 characters; longer Host headers match no
+/// named host.
+const MAX_HOST: usize = 255;
+
+impl RouteTable {
+    /// Indexes `rules`. Several rules for the same host are one group; when two path
+    /// rules of a group have the same path and kind (after dropping a Prefix path's
+    /// trailing `/`), the first one wins; the translation resolved such conflicts
+    /// before, so this only keeps lookups deterministic.
+    pub fn new(rules: Vec<HostRule>, default: Option<Route>) -> Self {
+        let mut exact_hosts: HashMap<String, Paths> = HashMap::new();
+        let mut wildcard_hosts: HashMap<String, Paths> = HashMap::new();
+        let mut any_host: Option<Paths> = None;
+        for (ri, rule) in rules.iter().enumerate() {
+            let group = match &rule.host {
+                HostPattern::Exact(h) => exact_hosts.entry(h.to_ascii_lowercase()).or_default(),
+                HostPattern::Wildcard(suffix) => wildcard_hosts
+                    .entry(suffix.to_ascii_lowercase())
+                    .or_default(),
+                HostPattern::Any => any_host.get_or_insert_with(Paths::default),
+            };
+            for (pi, path) in rule.paths.iter().enumerate() {
+                let (map, key) = match path.kind {
+                    PathKind::Exact => (&mut group.exact, path.path.as_str()),
+                    PathKind::Prefix => (&mut group.prefix, prefix_key(&path.path)),
+                };
+                map.entry(key.to_owned()).or_insert((ri, pi));
+            }
+        }
+        Self {
+            rules,
+            default,
+            exact_hosts,
+            wildcard_hosts,
+            any_host,
+        }
+    }
+
+    /// The route for a request's Host header (any case, may carry `:port`) and path
+    /// (a query string is ignored). `None`: 404. Allocates nothing.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Route> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let mut buf = [0u8; MAX_HOST];
+        let group = match lower_host(host, &mut buf) {
+            Some(host) => self.host_group(host),
+            None => self.any_host.as_ref(),
+        };
+        let Some(group) = group else {
+            return self.default.as_ref();
+        };
+        match group.find(path) {
+            Some((ri, pi)) => Some(&self.rules[ri].paths[pi].route),
+            None => self.default.as_ref(),
+        }
+    }
+
+    fn host_group(&self, host: &str) -> Option<&Paths> {
+        if let Some(group) = self.exact_hosts.get(host) {
+            return Some(group);
+        }
+        if let Some(dot) = host.find('.')
+            && dot > 0
+            && let Some(group) = self.wildcard_hosts.get(&host[dot..])
+        {
+            return Some(group);
+        }
+        self.any_host.as_ref()
+    }
+
+    pub fn rules(&self) -> &[HostRule] {
+        &self.rules
+    }
+
+    pub fn default_route(&self) -> Option<&Route> {
+        self.default.as_ref()
+    }
+}
+
+impl Paths {
+    /// Exact first (an exact match is as long as the path, so it beats every prefix),
+    /// then the longest element-wise prefix: the path itself, then each of its `/`
+    /// boundaries from the right, the empty key (`/`) last.
+    fn find(&self, path: &str) -> Option<(usize, usize)> {
+        if let Some(hit) = self.exact.get(path) {
+            return Some(*hit);
+        }
+        if self.prefix.is_empty() {
+            return None;
+        }
+        if let Some(hit) = self.prefix.get(path) {
+            return Some(*hit);
+        }
+        let mut end = path.len();
+        while let Some(slash) = path[..end].rfind('/') {
+            if let Some(hit) = self.prefix.get(&path[..slash]) {
+                return Some(*hit);
+            }
+            end = slash;
+        }
+        None
+    }
+}
+
+/// A Prefix path as the index stores it: without trailing slashes, so `/foo/` and
+/// `/foo` are the same prefix and `/` is the empty string.
+pub fn prefix_key(path: &str) -> &str {
+    path.trim_end_matches('/')
+}
+
+/// The Host header's name, lower-cased into `buf`, without `:port` (an IPv6 literal
+/// keeps its brackets) and without a trailing dot. `None` when too long to be a DNS
+/// name or empty.
+fn lower_host<'b>(host: &str, buf: &'b mut [u8; MAX_HOST]) -> Option<&'b str> {
+    let name = if host.starts_with('[') {
+        host.find(']').map_or(host, |end| &host[..=end])
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > MAX_HOST {
+        return None;
+    }
+    let out = &mut buf[..name.len()];
+    out.copy_from_slice(name.as_bytes());
+    out.make_ascii_lowercase();
+    // Lower-casing ASCII bytes keeps UTF-8 valid.
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests;
