@@ -315,20 +315,6 @@ fn publish(
     });
 }
 
-/// A plan this large (a first sync, a resync) leaves tens of megabytes free in the
-/// allocator afterwards: worth handing back.
-const LARGE_PLAN: usize = 10_000;
-
-/// Returns the allocator's free memory to the system (glibc keeps it otherwise, and the
-/// resident set stays at the sync's peak).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases memory the allocator does not use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The one task that writes maps: plans each new desired state against what the maps
 /// hold and applies it. A failed write is retried with the next change or after 1 s.
 async fn writer_task(
@@ -398,10 +384,6 @@ async fn writer_task(
                     write_ms = (started.elapsed().saturating_sub(planned)).as_secs_f64() * 1e3,
                     "maps updated"
                 );
-                if n > LARGE_PLAN {
-                    drop(plan);
-                    release_free_memory();
-                }
             }
             Err((done, e)) => {
                 retry = true;

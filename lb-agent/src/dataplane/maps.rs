@@ -6,7 +6,7 @@ use std::collections::{HashMap as StdHashMap, HashSet};
 
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey,
-    NextHop, Reason, ReasonStats, RevNat, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats,
+    NextHop, Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats,
     addr_filter_slot, maps,
 };
 
@@ -181,14 +181,6 @@ impl Dataplane {
     pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>, DataplaneError> {
         let name = maps::CONNTRACK;
         let m: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(m.get(key, 0)).map_err(map_err(name))
-    }
-
-    /// The reply translation for a backend -> client flow, if any.
-    pub fn rev_nat(&self, key: &FlowKey) -> Result<Option<RevNat>, DataplaneError> {
-        let name = maps::REVNAT;
-        let m: HashMap<_, FlowKey, RevNat> =
             HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
         optional(m.get(key, 0)).map_err(map_err(name))
     }
