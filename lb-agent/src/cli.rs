@@ -157,4 +157,15 @@ mod tests {
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// The shipped binary holds only the product: the demo lives in the test harness
+    /// (`xlb-demo`, behind `cargo xtask demo`).
+    #[test]
+    fn the_shipped_binary_has_no_demo() {
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect();
+        assert_eq!(names, ["run", "status", "detach"]);
+    }
 }

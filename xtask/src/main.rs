@@ -4,6 +4,7 @@
 
 mod ebpf;
 mod privilege;
+mod roles;
 mod run;
 mod test;
 mod toolchain;
