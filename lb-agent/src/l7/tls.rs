@@ -200,9 +200,14 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../lb-core/tests/fixtures/kubernetes/tls-secrets.yaml");
         let text = std::fs::read_to_string(&path).expect("tls-secrets.yaml");
-        serde_yaml::from_str::<k8s_openapi::List<k8s_openapi::api::core::v1::Secret>>(&text)
-            .expect("a kubectl List of Secrets")
-            .items
+        // `kubectl get -o yaml` prints `kind: List`, which k8s-openapi's typed list refuses.
+        let list: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+        list["items"]
+            .as_sequence()
+            .expect("a kubectl List")
+            .iter()
+            .map(|item| serde_yaml::from_value(item.clone()).expect("a Secret"))
+            .collect()
     }
 
     fn source(secret: &str, pair: KeyPair) -> CertificateSource {
