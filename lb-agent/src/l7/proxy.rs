@@ -614,8 +614,9 @@ fn redirect(host: &str, https_port: u16, uri: &Uri) -> Local {
 }
 
 /// Picks an endpoint, connects and sends the request. Once per request, a request that
-/// never left the proxy is tried again: after a connect failure on another endpoint,
-/// after a pooled connection turned out closed on a fresh connection.
+/// never left the proxy is tried again: after a connect failure on another endpoint
+/// (the failed one is also ejected for a while, see [`super::balance`]), after a pooled
+/// connection turned out closed on a fresh connection.
 async fn send(
     shared: &Shared,
     route: &Route,
@@ -642,10 +643,16 @@ async fn send(
             shared.metrics.retried();
         }
         let sender = match shared.pool.checkout(addr, upstream.protocol).await {
-            Ok(sender) => sender,
+            Ok(sender) => {
+                in_flight.connected();
+                sender
+            }
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", upstream.name);
                 shared.metrics.upstream_error(e.reason());
+                if in_flight.connect_failed(endpoints) {
+                    shared.metrics.ejected();
+                }
                 refused.push(addr);
                 if retried {
                     return Err(cannot_connect());

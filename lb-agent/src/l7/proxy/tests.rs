@@ -33,6 +33,8 @@ use crate::testbed::{Netns, check_privileges};
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const DEADLINE: Duration = Duration::from_secs(20);
+/// Routed into a device that drops every packet (a dead endpoint).
+const DEAD_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
 
 fn backend_ip(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))
@@ -58,6 +60,17 @@ where
     ] {
         ns.ip(&["addr", "add", addr, "dev", "lo"])
             .expect("add address");
+    }
+    // DEAD_IP leads into a veth whose peer is down, which drops everything: connects
+    // to it time out.
+    for args in [
+        &[
+            "link", "add", "dead0", "type", "veth", "peer", "name", "dead1",
+        ][..],
+        &["link", "set", "dead0", "up"],
+        &["route", "add", "192.0.2.9/32", "dev", "dead0"],
+    ] {
+        ns.ip(args).expect("set up the dead route");
     }
     ns.block_on(DEADLINE, body).expect("test body in its netns");
 }
@@ -613,6 +626,35 @@ fn retries_a_connect_failure_on_another_endpoint() {
         }
         assert_eq!(live.hits.load(Ordering::Relaxed), 4);
         assert!(p.metrics.retries_count() >= 1);
+    });
+}
+
+#[test]
+fn a_dead_endpoint_is_ejected_after_one_connect_timeout() {
+    in_netns("eject", || async {
+        let (_tx, rx) = watch::channel(false);
+        let live = backend(backend_ip(2), "live", rx).await;
+        let dead = SocketAddr::from((DEAD_IP, 80));
+        let config = ProxyConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(
+            config,
+            snapshot(vec![host("", "/", route("eject", &[dead, live.addr]))]),
+        );
+        for _ in 0..6 {
+            let got = get(p.http, "a", "/").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(echoed(&got.body, "name").as_deref(), Some("live"));
+        }
+        assert_eq!(
+            p.metrics.upstream_error_count("connect_timeout"),
+            1,
+            "the dead endpoint was tried again within its back-off"
+        );
+        assert_eq!(p.metrics.ejections_count(), 1);
+        assert_eq!(p.metrics.retries_count(), 1);
     });
 }
 
