@@ -15,15 +15,47 @@ pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one connection, never the message (RFC 9110 7.6.1, plus the
-/// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send).
-const HOP_BY_HOP: [&str; 6] = [
+/// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send, and
+/// `HTTP2-Settings`, connection-specific by RFC 7540 3.2.1).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "proxy-connection",
     "keep-alive",
     "te",
     "transfer-encoding",
     "upgrade",
+    "http2-settings",
 ];
+
+/// Drops the `h2c` protocol from `Upgrade` (the header goes when nothing else is
+/// left), as nginx ignores it: switching a client connection to HTTP/2 behind the
+/// proxy's back would tunnel its requests past routing. The request then goes on as
+/// plain HTTP/1.1 (`HTTP2-Settings` is hop-by-hop and removed with the others).
+pub fn refuse_h2c_upgrade(headers: &mut HeaderMap) {
+    let is_h2c = |t: &str| t.trim().eq_ignore_ascii_case("h2c");
+    let asks_h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(is_h2c)));
+    if !asks_h2c {
+        return;
+    }
+    let others: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|t| !is_h2c(t) && !t.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let rest = (!others.is_empty())
+        .then(|| HeaderValue::from_str(&others.join(", ")).ok())
+        .flatten();
+    match rest {
+        Some(value) => headers.insert(header::UPGRADE, value),
+        None => headers.remove(header::UPGRADE),
+    };
+}
 
 /// Removes hop-by-hop headers and those named in `Connection`. An upgrade keeps
 /// `Connection: upgrade` and `Upgrade` (they are the point of the message), and

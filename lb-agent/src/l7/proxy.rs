@@ -9,7 +9,8 @@
 //! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
 //! 504 no response head within `upstream_timeout`. Response bodies are streamed and
 //! not timed; an upgraded (101) connection is a plain byte tunnel without an idle
-//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts.
+//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts. An `h2c`
+//! upgrade is never tunnelled: it is dropped and the request forwarded as HTTP/1.1.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -39,7 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
-use super::headers::{Forwarded, add_forwarding, strip_hop_by_hop};
+use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop};
 use super::limits::{Limited, head_within};
 use super::metrics::Metrics;
 use super::routes::{Route, Target, UpstreamProtocol};
@@ -464,6 +465,7 @@ async fn forward(
     if announced.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    refuse_h2c_upgrade(req.headers_mut());
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     if upgrade && route.upstream.protocol == UpstreamProtocol::H2c {

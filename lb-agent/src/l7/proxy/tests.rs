@@ -1137,6 +1137,39 @@ fn tunnels_a_websocket_echo() {
 }
 
 #[test]
+fn refuses_h2c_upgrades_and_forwards_plain_http1() {
+    in_netns("h2cup", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        // The test backend switches protocols for any Upgrade it sees.
+        let got = raw(
+            p.http,
+            b"GET /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n\
+              GET /inside HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.contains("request: GET /h2c"), "{got}");
+        for gone in ["upgrade", "http2-settings"] {
+            assert!(
+                !got.to_ascii_lowercase().contains(&format!("\n{gone}:")),
+                "{gone} reached the backend:\n{got}"
+            );
+        }
+        // The next request on the connection is routed as a request, not tunnelled.
+        assert!(got.contains("request: GET /inside"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");
+        assert_eq!(p.metrics.upgrades_count(), 0);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 2);
+    });
+}
+
+#[test]
 fn resolves_external_names_by_dns() {
     in_netns("dns", || async {
         let (_tx, rx) = watch::channel(false);
