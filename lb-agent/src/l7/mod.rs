@@ -8,6 +8,7 @@ pub mod dns;
 pub mod headers;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod status;

@@ -2,8 +2,11 @@
 //! route each request from the latest snapshot, forward it to a backend and stream the
 //! answer back. Every failure becomes a small, clear answer and a counter.
 //!
+//! The path is normalised before routing (see [`super::path`]) and the backend gets
+//! the normal form.
+//!
 //! Answers of our own: 404 no route, 308 to HTTPS (`ssl_redirect` on the plain
-//! listener), 400 unusable host or target, 413 body over the limit (on Content-Length
+//! listener), 400 unusable host or target (or a path above the root), 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
 //! 431 header count or size, 502 no connection (after one retry on another endpoint),
 //! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
@@ -43,6 +46,7 @@ use super::dns::Resolver;
 use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop};
 use super::limits::{Limited, head_within};
 use super::metrics::Metrics;
+use super::path;
 use super::routes::{Route, Target, UpstreamProtocol};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
@@ -446,6 +450,7 @@ async fn forward(
         ));
     }
     let host = request_host(&req);
+    normalize_target(&mut req)?;
     let Some(route) = snapshot.routes.lookup(&host, req.uri().path()) else {
         return Err(local(
             StatusCode::NOT_FOUND,
@@ -504,6 +509,32 @@ async fn forward(
             ))
         }
     }
+}
+
+/// Replaces the request's path by its normal form ([`path::normalize`]), the query
+/// untouched, so that routing and the backend see the same path.
+fn normalize_target<B>(req: &mut Request<B>) -> Result<(), Local> {
+    let normal = match path::normalize(req.uri().path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normal)) => normal,
+        Err(e) => {
+            tracing::debug!("request path {:?}: {e}", req.uri().path());
+            return Err(local(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "bad request path",
+            ));
+        }
+    };
+    let target = match req.uri().query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| bad_request())?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad_request())?;
+    Ok(())
 }
 
 /// The route's endpoints: its Service endpoints, or its ExternalName resolved.

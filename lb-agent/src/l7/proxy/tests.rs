@@ -377,6 +377,67 @@ fn routes_by_host_and_path_and_answers_404() {
 }
 
 #[test]
+fn normalises_the_path_before_routing_and_forwards_it() {
+    in_netns("normpath", || async {
+        let (_tx, rx) = watch::channel(false);
+        let api = backend(backend_ip(1), "api", rx.clone()).await;
+        let admin = backend(backend_ip(2), "admin", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![HostRule {
+                paths: vec![
+                    PathRule {
+                        path: "/api".into(),
+                        kind: PathKind::Prefix,
+                        route: route("api", &[api.addr]),
+                    },
+                    PathRule {
+                        path: "/admin".into(),
+                        kind: PathKind::Prefix,
+                        route: route("admin", &[admin.addr]),
+                    },
+                ],
+                ..host("a.example", "/", route("unused", &[]))
+            }]),
+        );
+        for (target, forwarded, name) in [
+            ("/api/../admin", "/admin", "admin"),
+            ("/api/%2e%2e/admin", "/admin", "admin"),
+            ("//admin", "/admin", "admin"),
+            ("/%61dmin", "/admin", "admin"),
+            (
+                "/api/./..//admin/x?q=/../%2e",
+                "/admin/x?q=/../%2e",
+                "admin",
+            ),
+            ("/api/%2Fadmin", "/api/%2Fadmin", "api"),
+        ] {
+            let req =
+                format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{target}: {got}");
+            assert_eq!(echoed(&got, "name").as_deref(), Some(name), "{target}");
+            assert_eq!(
+                echoed(&got, "request"),
+                Some(format!("GET {forwarded}")),
+                "{target}"
+            );
+        }
+        for target in ["/../admin", "/api/../../admin", "/a%zz"] {
+            let req =
+                format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 400"), "{target}: {got}");
+            assert!(
+                got.ends_with("\r\n\r\nbad request path\n"),
+                "{target}: {got}"
+            );
+        }
+        assert_eq!(p.metrics.local_answer_count("bad_path"), 3);
+    });
+}
+
+#[test]
 fn redirects_plain_http_to_https_with_308() {
     in_netns("redirect", || async {
         let (_tx, rx) = watch::channel(false);
