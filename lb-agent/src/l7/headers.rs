@@ -90,6 +90,48 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether `host` is a valid `Host` value (RFC 9110 7.2: `uri-host [ ":" port ]`): a
+/// bracketed IP literal or a non-empty reg-name / IPv4 address, then an optional port
+/// of digits. No user info, no spaces, not empty.
+pub fn valid_host(host: &str) -> bool {
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(digits);
+        return port_ok
+            && !literal.is_empty()
+            && literal.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+            });
+    }
+    let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
+    !name.is_empty()
+        && digits(port)
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+}
+
 /// What the backend learns about the hop in front of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
@@ -161,6 +203,36 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn validates_hosts() {
+        for ok in [
+            "a.example",
+            "A.example:8080",
+            "192.0.2.1",
+            "192.0.2.1:80",
+            "[2001:db8::1]",
+            "[2001:db8::1]:443",
+            "a.example:",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a.example:80a",
+            "user@a.example",
+            ":80",
+            "[2001:db8::1",
+            "[]",
+            "a/b",
+            "a.example:80:80",
+            "a\tb",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
     }
 
     #[test]

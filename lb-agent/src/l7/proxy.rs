@@ -20,7 +20,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,8 +42,8 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
-use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop};
-use super::limits::{Limited, head_within};
+use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop, valid_host};
+use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
 use super::routes::{Route, Target, UpstreamProtocol};
@@ -394,18 +393,34 @@ fn full(text: String) -> Body {
         .boxed()
 }
 
-/// The request's host as the client sent it (`:authority` or `Host`, port included).
-fn request_host(req: &Request<Incoming>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
+/// The request's authority, port included (RFC 9112 3.2, RFC 9113 8.3.1): an
+/// absolute-form target's authority or HTTP/2's `:authority` wins over `Host`;
+/// otherwise an HTTP/1.1 request needs exactly one valid `Host`. HTTP/1.0 may send
+/// none (the host-less rules then apply). Two `Host` headers are always refused.
+fn request_host<B>(req: &Request<B>) -> Result<String, Local> {
+    let bad = || {
+        local(
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "missing or invalid Host",
+        )
+    };
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad());
+    }
+    let host = match (req.uri().authority(), first) {
+        (Some(authority), _) => authority.as_str(),
+        (None, Some(value)) => value.to_str().map_err(|_| bad())?,
+        (None, None) if req.version() < Version::HTTP_11 => return Ok(String::new()),
+        (None, None) => return Err(bad()),
+    };
+    if valid_host(host) {
+        Ok(host.to_owned())
+    } else {
+        Err(bad())
+    }
 }
 
 /// `host` without its port (`[v6]:port` too).
@@ -449,7 +464,7 @@ async fn forward(
             "request headers too large",
         ));
     }
-    let host = request_host(&req);
+    let host = request_host(&req)?;
     normalize_target(&mut req)?;
     let Some(route) = snapshot.routes.lookup(&host, req.uri().path()) else {
         return Err(local(
@@ -492,14 +507,19 @@ async fn forward(
         kind,
         upgrade,
     )?;
-    let (body, tripped) = Limited::new(body, limit);
+    let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
-    let attempt = send(shared, route, &endpoints, upstream_req, client_upgrade);
+    let attempt = send(
+        shared,
+        route,
+        &endpoints,
+        upstream_req,
+        &body_state,
+        client_upgrade,
+    );
     match tokio::time::timeout(config.upstream_timeout, attempt).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(_)) if tripped.load(Ordering::Relaxed) => Err(too_large()),
-        Ok(Err(failure)) => Err(failure),
+        Ok(result) => result,
         Err(_) => {
             shared.metrics.upstream_error("timeout");
             Err(local(
@@ -593,10 +613,10 @@ fn rewrite_head(
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
-            if !parts.headers.contains_key(header::HOST) {
-                let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
-                parts.headers.insert(header::HOST, value);
-            }
+            // The request's authority, which may differ from the client's Host
+            // (absolute form, `:authority`).
+            let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
+            parts.headers.insert(header::HOST, value);
         }
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;
@@ -655,6 +675,7 @@ async fn send(
     route: &Route,
     endpoints: &[SocketAddr],
     mut req: Request<Body>,
+    body: &BodyState,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
@@ -713,6 +734,16 @@ async fn send(
                 shared.metrics.upstream_error("unsent");
                 retried = true;
                 req = unsent;
+            }
+            // The client's body failed the exchange, not the backend.
+            Err(_) if body.too_large() => return Err(too_large()),
+            Err((e, _)) if body.malformed() => {
+                tracing::debug!("request body for {}: {e}", upstream.name);
+                return Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "malformed request body",
+                ));
             }
             Err((e, _)) => {
                 tracing::warn!("upstream {} at {addr}: {e}", upstream.name);

@@ -533,6 +533,94 @@ fn adds_forwarding_headers_and_strips_hop_by_hop() {
 }
 
 #[test]
+fn host_rules_follow_rfc_9112_and_9113() {
+    in_netns("host", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx.clone()).await;
+        let any = backend(backend_ip(3), "any", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("a.test", "/", route("a", &[a.addr])),
+                host("b.test", "/", route("b", &[b.addr])),
+                host("", "/", route("any", &[any.addr])),
+            ]),
+        );
+        for head in [
+            "GET / HTTP/1.1\r\n",
+            "GET / HTTP/1.1\r\nHost:\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a.test\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: a.test\r\n",
+        ] {
+            let got = raw(
+                p.http,
+                format!("{head}Connection: close\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert!(got.starts_with("HTTP/1.1 400"), "{head:?}: {got}");
+            assert!(
+                got.ends_with("\r\n\r\nmissing or invalid Host\n"),
+                "{head:?}: {got}"
+            );
+        }
+        assert_eq!(p.metrics.local_answer_count("bad_host"), 6);
+        // Absolute form: the target's authority replaces Host, for routing and backend.
+        let got = raw(
+            p.http,
+            b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert_eq!(echoed(&got, "name").as_deref(), Some("a"));
+        assert_eq!(echoed(&got, "host").as_deref(), Some("a.test"));
+        assert_eq!(echoed(&got, "request").as_deref(), Some("GET /x"));
+        // HTTP/1.0 may omit Host: the host-less rules serve it.
+        let got = raw(p.http, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.0 200"), "{got}");
+        assert_eq!(echoed(&got, "name").as_deref(), Some("any"));
+        // HTTP/2: :authority wins over a Host header.
+        let io = TokioIo::new(connect(p.http).await);
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://a.test/h2")
+            .header("host", "b.test")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let got = read_answer(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(echoed(&got.body, "name").as_deref(), Some("a"));
+        assert_eq!(echoed(&got.body, "host").as_deref(), Some("a.test"));
+    });
+}
+
+#[test]
+fn a_malformed_chunked_body_is_a_client_error() {
+    in_netns("chunked", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let got = raw(
+            p.http,
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+        assert!(got.ends_with("\r\n\r\nmalformed request body\n"), "{got}");
+        assert_eq!(p.metrics.local_answer_count("bad_body"), 1);
+        assert_eq!(p.metrics.upstream_error_count("protocol"), 0);
+        assert_eq!(p.metrics.local_answer_count("upstream_protocol"), 0);
+    });
+}
+
+#[test]
 fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     in_netns("pipeline", || async {
         let (_tx, rx) = watch::channel(false);
