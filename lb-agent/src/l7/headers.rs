@@ -236,6 +236,35 @@ mod tests {
     }
 
     #[test]
+    fn refuses_h2c_upgrades_and_keeps_others() {
+        let settings = HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("H2C"));
+        h.insert("http2-settings", settings.clone());
+        refuse_h2c_upgrade(&mut h);
+        assert!(!h.contains_key("upgrade"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        // Settings that Connection does not name still go, upgrade or not.
+        let mut h = HeaderMap::new();
+        h.insert("http2-settings", settings);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("h2c, websocket"));
+        refuse_h2c_upgrade(&mut h);
+        assert_eq!(h["upgrade"], "websocket");
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        refuse_h2c_upgrade(&mut h);
+        assert_eq!(h["upgrade"], "websocket");
+    }
+
+    #[test]
     fn keeps_upgrade_and_te_trailers() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
