@@ -75,6 +75,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     /// Request body limit when the route sets none (413).
     pub max_body_bytes: u64,
+    /// Pending connections the kernel queues on each listener (nginx's 511).
+    pub listen_backlog: i32,
     /// ExternalName targets are re-resolved at most this often.
     pub dns_refresh: Duration,
     /// Served for unknown SNI names; `None`: a self-signed one generated at bind.
@@ -94,6 +96,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_body_bytes: 1024 * 1024,
+            listen_backlog: 511,
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
         }
@@ -148,9 +151,8 @@ impl Proxy {
         let bind =
             |addr: Option<SocketAddr>, what: &str| -> Result<Option<std::net::TcpListener>> {
                 let Some(addr) = addr else { return Ok(None) };
-                let listener = std::net::TcpListener::bind(addr)
+                let listener = listen(addr, config.listen_backlog)
                     .with_context(|| format!("cannot listen for L7 {what} on {addr}"))?;
-                listener.set_nonblocking(true)?;
                 Ok(Some(listener))
             };
         let http = bind(config.http, "HTTP")?;
@@ -164,15 +166,19 @@ impl Proxy {
             None => tls::self_signed_default()?,
         };
         let mut server = auto::Builder::new(TokioExecutor::new());
+        // The parsers' own caps, which bound memory, sit at twice the limits: a head
+        // over a limit reaches `head_within`, whose 431 has a body and a counter.
+        // Only a head over twice a limit gets the parser's empty 431 (and the
+        // connection closed). hyper's buffer floor is 8 KiB.
+        let parser_bytes = config.max_header_bytes.saturating_mul(2);
         server
             .http1()
             .keep_alive(true)
-            // hyper's floor is 8 KiB; `head_within` applies the exact limit.
-            .max_buf_size(config.max_header_bytes.max(8192))
-            .max_headers(config.max_headers);
+            .max_buf_size(parser_bytes.max(8192))
+            .max_headers(config.max_headers.saturating_mul(2));
         server
             .http2()
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
         let shared = Arc::new(Shared {
             https_port,
             metrics: Metrics::register(registry),
@@ -239,6 +245,17 @@ impl Proxy {
         }
         std::future::pending().await
     }
+}
+
+/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does.
+fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 async fn accept(

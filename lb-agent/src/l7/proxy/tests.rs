@@ -884,24 +884,36 @@ fn rejects_large_bodies_with_413() {
 fn rejects_oversize_and_too_many_headers_with_431() {
     in_netns("431", || async {
         let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
         let p = start(
             test_config(),
             snapshot(vec![host("", "/", route("a", &[a.addr]))]),
         );
+        let too_large = "\r\n\r\nrequest headers too large\n";
         let big = format!(
-            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
             "b".repeat(20 * 1024)
         );
         let got = raw(p.http, big.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        assert!(got.ends_with(too_large), "{got}");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..150 {
             let _ = write!(many, "X-H{i}: v\r\n");
         }
         many.push_str("\r\n");
         let got = raw(p.http, many.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert!(got.ends_with(too_large), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 2);
+        // Beyond twice the limit, hyper's parser refuses the head itself and closes.
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(40 * 1024)
+        );
+        let got = raw(p.http, huge.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
         // Just under the limits still passes (hyper's 8 KiB floor is not our limit).
         let mut fine = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..90 {
@@ -915,32 +927,111 @@ fn rejects_oversize_and_too_many_headers_with_431() {
             &got[..got.len().min(200)]
         );
         assert_eq!(a.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(p.metrics.closed_count("headers_too_large"), 2);
 
-        // Configured limits: the count inside hyper's parser, a size below hyper's
-        // 8 KiB buffer floor by the proxy's own check.
+        // Configured limits, a size below hyper's 8 KiB buffer floor included.
+        let a = backend(backend_ip(2), "a", rx).await;
         let config = ProxyConfig {
             max_headers: 20,
             max_header_bytes: 4096,
             ..test_config()
         };
         let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
-        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..30 {
             let _ = write!(many, "X-H{i}: v\r\n");
         }
         many.push_str("\r\n");
         let got = raw(p.http, many.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
+        assert!(got.ends_with(too_large), "{got}");
         let big = format!(
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
             "b".repeat(6 * 1024)
         );
         let got = raw(p.http, big.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 1);
-        assert_eq!(a.hits.load(Ordering::Relaxed), 1);
+        assert!(got.ends_with(too_large), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 2);
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 0);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 0);
+    });
+}
+
+#[test]
+fn every_local_answer_has_a_short_text_body() {
+    in_netns("bodies", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let refused = SocketAddr::from((backend_ip(2), 1));
+        let mut limited = route("small", &[a.addr]);
+        limited.max_body_bytes = Some(10);
+        let mut secure = route("secure", &[a.addr]);
+        secure.ssl_redirect = true;
+        let config = ProxyConfig {
+            upstream_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(
+            config,
+            snapshot(vec![
+                host("a.test", "/", route("a", &[a.addr])),
+                host("small.test", "/", limited),
+                host("refused.test", "/", route("refused", &[refused])),
+                host("empty.test", "/", route("empty", &[])),
+                host("secure.test", "/", secure),
+            ]),
+        );
+        let big_head = format!("X-Big: {}\r\n", "b".repeat(20 * 1024));
+        for (status, host, extra, path) in [
+            (400, "a b", String::new(), "/"),
+            (400, "a.test", String::new(), "/../x"),
+            (404, "none.test", String::new(), "/"),
+            (413, "small.test", "Content-Length: 11\r\n".to_owned(), "/"),
+            (431, "a.test", big_head, "/"),
+            (502, "refused.test", String::new(), "/"),
+            (503, "empty.test", String::new(), "/"),
+            (504, "a.test", String::new(), "/stall"),
+            (308, "secure.test", String::new(), "/"),
+        ] {
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{status}: {got}"
+            );
+            let (head, body) = got.split_once("\r\n\r\n").expect("a head");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: text/plain; charset=utf-8"),
+                "{status}: {head}"
+            );
+            assert!(
+                !body.trim().is_empty() && body.len() < 80 && body.ends_with('\n'),
+                "{status}: body {body:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn listens_with_nginx_backlog() {
+    in_netns("backlog", || async {
+        let p = start(test_config(), snapshot(Vec::new()));
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", "src", "203.0.113.1"])
+            .output()
+            .expect("run ss");
+        let out = String::from_utf8_lossy(&out.stdout);
+        for port in [p.http.port(), p.https.port()] {
+            let line = out
+                .lines()
+                .find(|l| l.contains(&format!("203.0.113.1:{port} ")))
+                .unwrap_or_else(|| panic!("no listener on {port} in {out}"));
+            // State, Recv-Q, Send-Q (the backlog of a listening socket), ...
+            let backlog = line.split_whitespace().nth(2);
+            assert_eq!(backlog, Some("511"), "{line}");
+        }
     });
 }
 
