@@ -5,8 +5,10 @@
 //! The path is normalised before routing (see [`super::path`]) and the backend gets
 //! the normal form.
 //!
-//! Answers of our own: 404 no route, 308 to HTTPS (`ssl_redirect` on the plain
-//! listener), 400 unusable host or target (or a path above the root), 413 body over the limit (on Content-Length
+//! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
+//! (`ssl_redirect` on the plain listener), 400 a missing, repeated or invalid Host
+//! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
+//! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
 //! 431 header count or size, 502 no connection (after one retry on another endpoint),
 //! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
@@ -535,17 +537,16 @@ async fn forward(
         &body_state,
         client_upgrade,
     );
-    match tokio::time::timeout(config.upstream_timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => {
+    tokio::time::timeout(config.upstream_timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
             shared.metrics.upstream_error("timeout");
             Err(local(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 "the backend did not answer in time",
             ))
-        }
-    }
+        })
 }
 
 /// Replaces the request's path by its normal form ([`path::normalize`]), the query
