@@ -15,15 +15,47 @@ pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one connection, never the message (RFC 9110 7.6.1, plus the
-/// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send).
-const HOP_BY_HOP: [&str; 6] = [
+/// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send, and
+/// `HTTP2-Settings`, connection-specific by RFC 7540 3.2.1).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "proxy-connection",
     "keep-alive",
     "te",
     "transfer-encoding",
     "upgrade",
+    "http2-settings",
 ];
+
+/// Drops the `h2c` protocol from `Upgrade` (the header goes when nothing else is
+/// left), as nginx ignores it: switching a client connection to HTTP/2 behind the
+/// proxy's back would tunnel its requests past routing. The request then goes on as
+/// plain HTTP/1.1 (`HTTP2-Settings` is hop-by-hop and removed with the others).
+pub fn refuse_h2c_upgrade(headers: &mut HeaderMap) {
+    let is_h2c = |t: &str| t.trim().eq_ignore_ascii_case("h2c");
+    let asks_h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(is_h2c)));
+    if !asks_h2c {
+        return;
+    }
+    let others: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|t| !is_h2c(t) && !t.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let rest = (!others.is_empty())
+        .then(|| HeaderValue::from_str(&others.join(", ")).ok())
+        .flatten();
+    match rest {
+        Some(value) => headers.insert(header::UPGRADE, value),
+        None => headers.remove(header::UPGRADE),
+    };
+}
 
 /// Removes hop-by-hop headers and those named in `Connection`. An upgrade keeps
 /// `Connection: upgrade` and `Upgrade` (they are the point of the message), and
@@ -56,6 +88,48 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);
     }
+}
+
+/// Whether `host` is a valid `Host` value (RFC 9110 7.2: `uri-host [ ":" port ]`): a
+/// bracketed IP literal or a non-empty reg-name / IPv4 address, then an optional port
+/// of digits. No user info, no spaces, not empty.
+pub fn valid_host(host: &str) -> bool {
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(digits);
+        return port_ok
+            && !literal.is_empty()
+            && literal.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+            });
+    }
+    let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
+    !name.is_empty()
+        && digits(port)
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
 }
 
 /// What the backend learns about the hop in front of it.
@@ -129,6 +203,65 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn validates_hosts() {
+        for ok in [
+            "a.example",
+            "A.example:8080",
+            "192.0.2.1",
+            "192.0.2.1:80",
+            "[2001:db8::1]",
+            "[2001:db8::1]:443",
+            "a.example:",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a.example:80a",
+            "user@a.example",
+            ":80",
+            "[2001:db8::1",
+            "[]",
+            "a/b",
+            "a.example:80:80",
+            "a\tb",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refuses_h2c_upgrades_and_keeps_others() {
+        let settings = HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("H2C"));
+        h.insert("http2-settings", settings.clone());
+        refuse_h2c_upgrade(&mut h);
+        assert!(!h.contains_key("upgrade"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        // Settings that Connection does not name still go, upgrade or not.
+        let mut h = HeaderMap::new();
+        h.insert("http2-settings", settings);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("h2c, websocket"));
+        refuse_h2c_upgrade(&mut h);
+        assert_eq!(h["upgrade"], "websocket");
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        refuse_h2c_upgrade(&mut h);
+        assert_eq!(h["upgrade"], "websocket");
     }
 
     #[test]

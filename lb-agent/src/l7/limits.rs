@@ -37,25 +37,47 @@ pub fn head_within(
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// How the client's body went, for the answer when forwarding it failed: the fault
+/// was the client's (413 or 400), not the backend's.
+#[derive(Debug, Default)]
+pub struct BodyState {
+    too_large: AtomicBool,
+    malformed: AtomicBool,
+}
+
+impl BodyState {
+    /// The body went over its limit.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+
+    /// Reading the body from the client failed (a broken chunked encoding, a body cut
+    /// short).
+    pub fn malformed(&self) -> bool {
+        self.malformed.load(Ordering::Relaxed)
+    }
+}
+
 /// Passes a body through until it exceeds `limit`, then fails it (which aborts the
-/// request to the backend) and raises `tripped` so the proxy answers 413.
+/// request to the backend) and marks the state so the proxy answers 413. An error
+/// reading the client's body is marked too, so the proxy answers 400.
 pub struct Limited<B> {
     inner: B,
     seen: u64,
     limit: u64,
-    tripped: Arc<AtomicBool>,
+    state: Arc<BodyState>,
 }
 
 impl<B> Limited<B> {
-    pub fn new(inner: B, limit: u64) -> (Limited<B>, Arc<AtomicBool>) {
-        let tripped = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: B, limit: u64) -> (Limited<B>, Arc<BodyState>) {
+        let state = Arc::new(BodyState::default());
         let body = Limited {
             inner,
             seen: 0,
             limit,
-            tripped: Arc::clone(&tripped),
+            state: Arc::clone(&state),
         };
-        (body, tripped)
+        (body, state)
     }
 }
 
@@ -77,13 +99,16 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
-                        this.tripped.store(true, Ordering::Relaxed);
+                        this.state.too_large.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(BodyTooLarge(this.limit).into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.state.malformed.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -105,12 +130,12 @@ mod tests {
 
     #[tokio::test]
     async fn body_over_the_limit_fails_and_trips() {
-        let (body, tripped) = Limited::new(Full::new(Bytes::from(vec![0u8; 11])), 10);
+        let (body, state) = Limited::new(Full::new(Bytes::from(vec![0u8; 11])), 10);
         assert!(body.collect().await.is_err());
-        assert!(tripped.load(Ordering::Relaxed));
-        let (body, tripped) = Limited::new(Full::new(Bytes::from(vec![0u8; 10])), 10);
+        assert!(state.too_large() && !state.malformed());
+        let (body, state) = Limited::new(Full::new(Bytes::from(vec![0u8; 10])), 10);
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
-        assert!(!tripped.load(Ordering::Relaxed));
+        assert!(!state.too_large() && !state.malformed());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub struct Metrics {
     upstream_errors: Family<Labels, Counter>,
     /// Second attempts after a connect failure.
     retries: Counter,
+    /// Endpoints ejected after a connect failure (a failed probe of an ejected one is
+    /// not counted again).
+    ejections: Counter,
     /// Accepted client connections by listener (`http`, `https`).
     connections: Family<Labels, Counter>,
     /// Upgraded (WebSocket and other) connections tunneled to a backend.
@@ -53,6 +56,11 @@ impl Metrics {
             "l7_retries",
             "Requests retried on another endpoint after a connect failure",
             m.retries.clone(),
+        );
+        registry.register(
+            "l7_ejections",
+            "Endpoints ejected from balancing after a connect failure",
+            m.ejections.clone(),
         );
         registry.register(
             "l7_connections",
@@ -98,6 +106,10 @@ impl Metrics {
         self.retries.inc();
     }
 
+    pub fn ejected(&self) {
+        self.ejections.inc();
+    }
+
     pub fn accepted(&self, listener: &'static str) {
         self.connections
             .get_or_create(&[("listener", listener)])
@@ -123,6 +135,11 @@ impl Metrics {
     #[cfg(test)]
     pub fn retries_count(&self) -> u64 {
         self.retries.get()
+    }
+
+    #[cfg(test)]
+    pub fn ejections_count(&self) -> u64 {
+        self.ejections.get()
     }
 
     #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod dns;
 pub mod headers;
 pub mod limits;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod status;
 pub mod tls;

@@ -2,21 +2,26 @@
 //! route each request from the latest snapshot, forward it to a backend and stream the
 //! answer back. Every failure becomes a small, clear answer and a counter.
 //!
-//! Answers of our own: 404 no route, 308 to HTTPS (`ssl_redirect` on the plain
-//! listener), 400 unusable host or target, 413 body over the limit (on Content-Length
+//! The path is normalised before routing (see [`super::path`]) and the backend gets
+//! the normal form.
+//!
+//! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
+//! (`ssl_redirect` on the plain listener), 400 a missing, repeated or invalid Host
+//! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
+//! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
 //! 431 header count or size, 502 no connection (after one retry on another endpoint),
 //! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
 //! 504 no response head within `upstream_timeout`. Response bodies are streamed and
 //! not timed; an upgraded (101) connection is a plain byte tunnel without an idle
-//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts.
+//! timeout, like WebSockets behind ingress-nginx with long proxy timeouts. An `h2c`
+//! upgrade is never tunnelled: it is dropped and the request forwarded as HTTP/1.1.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,9 +44,10 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
-use super::headers::{Forwarded, add_forwarding, strip_hop_by_hop};
-use super::limits::{Limited, head_within};
+use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop, valid_host};
+use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
+use super::path;
 use super::routes::{Route, Target, UpstreamProtocol};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
@@ -71,6 +77,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     /// Request body limit when the route sets none (413).
     pub max_body_bytes: u64,
+    /// Pending connections the kernel queues on each listener (nginx's 511).
+    pub listen_backlog: i32,
     /// ExternalName targets are re-resolved at most this often.
     pub dns_refresh: Duration,
     /// Served for unknown SNI names; `None`: a self-signed one generated at bind.
@@ -90,6 +98,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_body_bytes: 1024 * 1024,
+            listen_backlog: 511,
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
         }
@@ -144,9 +153,8 @@ impl Proxy {
         let bind =
             |addr: Option<SocketAddr>, what: &str| -> Result<Option<std::net::TcpListener>> {
                 let Some(addr) = addr else { return Ok(None) };
-                let listener = std::net::TcpListener::bind(addr)
+                let listener = listen(addr, config.listen_backlog)
                     .with_context(|| format!("cannot listen for L7 {what} on {addr}"))?;
-                listener.set_nonblocking(true)?;
                 Ok(Some(listener))
             };
         let http = bind(config.http, "HTTP")?;
@@ -160,15 +168,19 @@ impl Proxy {
             None => tls::self_signed_default()?,
         };
         let mut server = auto::Builder::new(TokioExecutor::new());
+        // The parsers' own caps, which bound memory, sit at twice the limits: a head
+        // over a limit reaches `head_within`, whose 431 has a body and a counter.
+        // Only a head over twice a limit gets the parser's empty 431 (and the
+        // connection closed). hyper's buffer floor is 8 KiB.
+        let parser_bytes = config.max_header_bytes.saturating_mul(2);
         server
             .http1()
             .keep_alive(true)
-            // hyper's floor is 8 KiB; `head_within` applies the exact limit.
-            .max_buf_size(config.max_header_bytes.max(8192))
-            .max_headers(config.max_headers);
+            .max_buf_size(parser_bytes.max(8192))
+            .max_headers(config.max_headers.saturating_mul(2));
         server
             .http2()
-            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
         let shared = Arc::new(Shared {
             https_port,
             metrics: Metrics::register(registry),
@@ -235,6 +247,17 @@ impl Proxy {
         }
         std::future::pending().await
     }
+}
+
+/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does.
+fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 async fn accept(
@@ -389,18 +412,34 @@ fn full(text: String) -> Body {
         .boxed()
 }
 
-/// The request's host as the client sent it (`:authority` or `Host`, port included).
-fn request_host(req: &Request<Incoming>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
+/// The request's authority, port included (RFC 9112 3.2, RFC 9113 8.3.1): an
+/// absolute-form target's authority or HTTP/2's `:authority` wins over `Host`;
+/// otherwise an HTTP/1.1 request needs exactly one valid `Host`. HTTP/1.0 may send
+/// none (the host-less rules then apply). Two `Host` headers are always refused.
+fn request_host<B>(req: &Request<B>) -> Result<String, Local> {
+    let bad = || {
+        local(
+            StatusCode::BAD_REQUEST,
+            "bad_host",
+            "missing or invalid Host",
+        )
+    };
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad());
+    }
+    let host = match (req.uri().authority(), first) {
+        (Some(authority), _) => authority.as_str(),
+        (None, Some(value)) => value.to_str().map_err(|_| bad())?,
+        (None, None) if req.version() < Version::HTTP_11 => return Ok(String::new()),
+        (None, None) => return Err(bad()),
+    };
+    if valid_host(host) {
+        Ok(host.to_owned())
+    } else {
+        Err(bad())
+    }
 }
 
 /// `host` without its port (`[v6]:port` too).
@@ -444,7 +483,8 @@ async fn forward(
             "request headers too large",
         ));
     }
-    let host = request_host(&req);
+    let host = request_host(&req)?;
+    normalize_target(&mut req)?;
     let Some(route) = snapshot.routes.lookup(&host, req.uri().path()) else {
         return Err(local(
             StatusCode::NOT_FOUND,
@@ -464,6 +504,7 @@ async fn forward(
     if announced.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    refuse_h2c_upgrade(req.headers_mut());
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     if upgrade && route.upstream.protocol == UpstreamProtocol::H2c {
@@ -485,23 +526,53 @@ async fn forward(
         kind,
         upgrade,
     )?;
-    let (body, tripped) = Limited::new(body, limit);
+    let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
-    let attempt = send(shared, route, &endpoints, upstream_req, client_upgrade);
-    match tokio::time::timeout(config.upstream_timeout, attempt).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(_)) if tripped.load(Ordering::Relaxed) => Err(too_large()),
-        Ok(Err(failure)) => Err(failure),
-        Err(_) => {
+    let attempt = send(
+        shared,
+        route,
+        &endpoints,
+        upstream_req,
+        &body_state,
+        client_upgrade,
+    );
+    tokio::time::timeout(config.upstream_timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
             shared.metrics.upstream_error("timeout");
             Err(local(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 "the backend did not answer in time",
             ))
+        })
+}
+
+/// Replaces the request's path by its normal form ([`path::normalize`]), the query
+/// untouched, so that routing and the backend see the same path.
+fn normalize_target<B>(req: &mut Request<B>) -> Result<(), Local> {
+    let normal = match path::normalize(req.uri().path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(normal)) => normal,
+        Err(e) => {
+            tracing::debug!("request path {:?}: {e}", req.uri().path());
+            return Err(local(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                "bad request path",
+            ));
         }
-    }
+    };
+    let target = match req.uri().query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| bad_request())?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| bad_request())?;
+    Ok(())
 }
 
 /// The route's endpoints: its Service endpoints, or its ExternalName resolved.
@@ -560,10 +631,10 @@ fn rewrite_head(
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
-            if !parts.headers.contains_key(header::HOST) {
-                let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
-                parts.headers.insert(header::HOST, value);
-            }
+            // The request's authority, which may differ from the client's Host
+            // (absolute form, `:authority`).
+            let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
+            parts.headers.insert(header::HOST, value);
         }
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;
@@ -614,13 +685,15 @@ fn redirect(host: &str, https_port: u16, uri: &Uri) -> Local {
 }
 
 /// Picks an endpoint, connects and sends the request. Once per request, a request that
-/// never left the proxy is tried again: after a connect failure on another endpoint,
-/// after a pooled connection turned out closed on a fresh connection.
+/// never left the proxy is tried again: after a connect failure on another endpoint
+/// (the failed one is also ejected for a while, see [`super::balance`]), after a pooled
+/// connection turned out closed on a fresh connection.
 async fn send(
     shared: &Shared,
     route: &Route,
     endpoints: &[SocketAddr],
     mut req: Request<Body>,
+    body: &BodyState,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
@@ -642,10 +715,16 @@ async fn send(
             shared.metrics.retried();
         }
         let sender = match shared.pool.checkout(addr, upstream.protocol).await {
-            Ok(sender) => sender,
+            Ok(sender) => {
+                in_flight.connected();
+                sender
+            }
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", upstream.name);
                 shared.metrics.upstream_error(e.reason());
+                if in_flight.connect_failed(endpoints) {
+                    shared.metrics.ejected();
+                }
                 refused.push(addr);
                 if retried {
                     return Err(cannot_connect());
@@ -673,6 +752,16 @@ async fn send(
                 shared.metrics.upstream_error("unsent");
                 retried = true;
                 req = unsent;
+            }
+            // The client's body failed the exchange, not the backend.
+            Err(_) if body.too_large() => return Err(too_large()),
+            Err((e, _)) if body.malformed() => {
+                tracing::debug!("request body for {}: {e}", upstream.name);
+                return Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "malformed request body",
+                ));
             }
             Err((e, _)) => {
                 tracing::warn!("upstream {} at {addr}: {e}", upstream.name);

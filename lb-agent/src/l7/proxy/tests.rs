@@ -33,6 +33,8 @@ use lb_testbed::{Netns, check_privileges};
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const DEADLINE: Duration = Duration::from_secs(20);
+/// Routed into a device that drops every packet (a dead endpoint).
+const DEAD_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
 
 fn backend_ip(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))
@@ -58,6 +60,17 @@ where
     ] {
         ns.ip(&["addr", "add", addr, "dev", "lo"])
             .expect("add address");
+    }
+    // DEAD_IP leads into a veth whose peer is down, which drops everything: connects
+    // to it time out.
+    for args in [
+        &[
+            "link", "add", "dead0", "type", "veth", "peer", "name", "dead1",
+        ][..],
+        &["link", "set", "dead0", "up"],
+        &["route", "add", "192.0.2.9/32", "dev", "dead0"],
+    ] {
+        ns.ip(args).expect("set up the dead route");
     }
     ns.block_on(DEADLINE, body).expect("test body in its netns");
 }
@@ -364,6 +377,67 @@ fn routes_by_host_and_path_and_answers_404() {
 }
 
 #[test]
+fn normalises_the_path_before_routing_and_forwards_it() {
+    in_netns("normpath", || async {
+        let (_tx, rx) = watch::channel(false);
+        let api = backend(backend_ip(1), "api", rx.clone()).await;
+        let admin = backend(backend_ip(2), "admin", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![HostRule {
+                paths: vec![
+                    PathRule {
+                        path: "/api".into(),
+                        kind: PathKind::Prefix,
+                        route: route("api", &[api.addr]),
+                    },
+                    PathRule {
+                        path: "/admin".into(),
+                        kind: PathKind::Prefix,
+                        route: route("admin", &[admin.addr]),
+                    },
+                ],
+                ..host("a.example", "/", route("unused", &[]))
+            }]),
+        );
+        for (target, forwarded, name) in [
+            ("/api/../admin", "/admin", "admin"),
+            ("/api/%2e%2e/admin", "/admin", "admin"),
+            ("//admin", "/admin", "admin"),
+            ("/%61dmin", "/admin", "admin"),
+            (
+                "/api/./..//admin/x?q=/../%2e",
+                "/admin/x?q=/../%2e",
+                "admin",
+            ),
+            ("/api/%2Fadmin", "/api/%2Fadmin", "api"),
+        ] {
+            let req =
+                format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{target}: {got}");
+            assert_eq!(echoed(&got, "name").as_deref(), Some(name), "{target}");
+            assert_eq!(
+                echoed(&got, "request"),
+                Some(format!("GET {forwarded}")),
+                "{target}"
+            );
+        }
+        for target in ["/../admin", "/api/../../admin", "/a%zz"] {
+            let req =
+                format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 400"), "{target}: {got}");
+            assert!(
+                got.ends_with("\r\n\r\nbad request path\n"),
+                "{target}: {got}"
+            );
+        }
+        assert_eq!(p.metrics.local_answer_count("bad_path"), 3);
+    });
+}
+
+#[test]
 fn redirects_plain_http_to_https_with_308() {
     in_netns("redirect", || async {
         let (_tx, rx) = watch::channel(false);
@@ -455,6 +529,94 @@ fn adds_forwarding_headers_and_strips_hop_by_hop() {
             echoed(&got.body, "x-request-id").as_deref(),
             Some("given-id")
         );
+    });
+}
+
+#[test]
+fn host_rules_follow_rfc_9112_and_9113() {
+    in_netns("host", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx.clone()).await;
+        let any = backend(backend_ip(3), "any", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("a.test", "/", route("a", &[a.addr])),
+                host("b.test", "/", route("b", &[b.addr])),
+                host("", "/", route("any", &[any.addr])),
+            ]),
+        );
+        for head in [
+            "GET / HTTP/1.1\r\n",
+            "GET / HTTP/1.1\r\nHost:\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a.test\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: a.test\r\n",
+        ] {
+            let got = raw(
+                p.http,
+                format!("{head}Connection: close\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert!(got.starts_with("HTTP/1.1 400"), "{head:?}: {got}");
+            assert!(
+                got.ends_with("\r\n\r\nmissing or invalid Host\n"),
+                "{head:?}: {got}"
+            );
+        }
+        assert_eq!(p.metrics.local_answer_count("bad_host"), 6);
+        // Absolute form: the target's authority replaces Host, for routing and backend.
+        let got = raw(
+            p.http,
+            b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert_eq!(echoed(&got, "name").as_deref(), Some("a"));
+        assert_eq!(echoed(&got, "host").as_deref(), Some("a.test"));
+        assert_eq!(echoed(&got, "request").as_deref(), Some("GET /x"));
+        // HTTP/1.0 may omit Host: the host-less rules serve it.
+        let got = raw(p.http, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(got.starts_with("HTTP/1.0 200"), "{got}");
+        assert_eq!(echoed(&got, "name").as_deref(), Some("any"));
+        // HTTP/2: :authority wins over a Host header.
+        let io = TokioIo::new(connect(p.http).await);
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://a.test/h2")
+            .header("host", "b.test")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let got = read_answer(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(echoed(&got.body, "name").as_deref(), Some("a"));
+        assert_eq!(echoed(&got.body, "host").as_deref(), Some("a.test"));
+    });
+}
+
+#[test]
+fn a_malformed_chunked_body_is_a_client_error() {
+    in_netns("chunked", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        let got = raw(
+            p.http,
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+        assert!(got.ends_with("\r\n\r\nmalformed request body\n"), "{got}");
+        assert_eq!(p.metrics.local_answer_count("bad_body"), 1);
+        assert_eq!(p.metrics.upstream_error_count("protocol"), 0);
+        assert_eq!(p.metrics.local_answer_count("upstream_protocol"), 0);
     });
 }
 
@@ -617,6 +779,35 @@ fn retries_a_connect_failure_on_another_endpoint() {
 }
 
 #[test]
+fn a_dead_endpoint_is_ejected_after_one_connect_timeout() {
+    in_netns("eject", || async {
+        let (_tx, rx) = watch::channel(false);
+        let live = backend(backend_ip(2), "live", rx).await;
+        let dead = SocketAddr::from((DEAD_IP, 80));
+        let config = ProxyConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(
+            config,
+            snapshot(vec![host("", "/", route("eject", &[dead, live.addr]))]),
+        );
+        for _ in 0..6 {
+            let got = get(p.http, "a", "/").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(echoed(&got.body, "name").as_deref(), Some("live"));
+        }
+        assert_eq!(
+            p.metrics.upstream_error_count("connect_timeout"),
+            1,
+            "the dead endpoint was tried again within its back-off"
+        );
+        assert_eq!(p.metrics.ejections_count(), 1);
+        assert_eq!(p.metrics.retries_count(), 1);
+    });
+}
+
+#[test]
 fn answers_504_when_the_backend_stalls() {
     in_netns("stall", || async {
         let (_tx, rx) = watch::channel(false);
@@ -693,24 +884,36 @@ fn rejects_large_bodies_with_413() {
 fn rejects_oversize_and_too_many_headers_with_431() {
     in_netns("431", || async {
         let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
         let p = start(
             test_config(),
             snapshot(vec![host("", "/", route("a", &[a.addr]))]),
         );
+        let too_large = "\r\n\r\nrequest headers too large\n";
         let big = format!(
-            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
             "b".repeat(20 * 1024)
         );
         let got = raw(p.http, big.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        assert!(got.ends_with(too_large), "{got}");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..150 {
             let _ = write!(many, "X-H{i}: v\r\n");
         }
         many.push_str("\r\n");
         let got = raw(p.http, many.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert!(got.ends_with(too_large), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 2);
+        // Beyond twice the limit, hyper's parser refuses the head itself and closes.
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(40 * 1024)
+        );
+        let got = raw(p.http, huge.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
         // Just under the limits still passes (hyper's 8 KiB floor is not our limit).
         let mut fine = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..90 {
@@ -724,32 +927,111 @@ fn rejects_oversize_and_too_many_headers_with_431() {
             &got[..got.len().min(200)]
         );
         assert_eq!(a.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(p.metrics.closed_count("headers_too_large"), 2);
 
-        // Configured limits: the count inside hyper's parser, a size below hyper's
-        // 8 KiB buffer floor by the proxy's own check.
+        // Configured limits, a size below hyper's 8 KiB buffer floor included.
+        let a = backend(backend_ip(2), "a", rx).await;
         let config = ProxyConfig {
             max_headers: 20,
             max_header_bytes: 4096,
             ..test_config()
         };
         let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
-        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
         for i in 0..30 {
             let _ = write!(many, "X-H{i}: v\r\n");
         }
         many.push_str("\r\n");
         let got = raw(p.http, many.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        assert_eq!(p.metrics.closed_count("headers_too_large"), 1);
+        assert!(got.ends_with(too_large), "{got}");
         let big = format!(
             "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
             "b".repeat(6 * 1024)
         );
         let got = raw(p.http, big.as_bytes()).await;
         assert!(got.starts_with("HTTP/1.1 431"), "{got}");
-        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 1);
-        assert_eq!(a.hits.load(Ordering::Relaxed), 1);
+        assert!(got.ends_with(too_large), "{got}");
+        assert_eq!(p.metrics.local_answer_count("headers_too_large"), 2);
+        assert_eq!(p.metrics.closed_count("headers_too_large"), 0);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 0);
+    });
+}
+
+#[test]
+fn every_local_answer_has_a_short_text_body() {
+    in_netns("bodies", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let refused = SocketAddr::from((backend_ip(2), 1));
+        let mut limited = route("small", &[a.addr]);
+        limited.max_body_bytes = Some(10);
+        let mut secure = route("secure", &[a.addr]);
+        secure.ssl_redirect = true;
+        let config = ProxyConfig {
+            upstream_timeout: Duration::from_millis(300),
+            ..test_config()
+        };
+        let p = start(
+            config,
+            snapshot(vec![
+                host("a.test", "/", route("a", &[a.addr])),
+                host("small.test", "/", limited),
+                host("refused.test", "/", route("refused", &[refused])),
+                host("empty.test", "/", route("empty", &[])),
+                host("secure.test", "/", secure),
+            ]),
+        );
+        let big_head = format!("X-Big: {}\r\n", "b".repeat(20 * 1024));
+        for (status, host, extra, path) in [
+            (400, "a b", String::new(), "/"),
+            (400, "a.test", String::new(), "/../x"),
+            (404, "none.test", String::new(), "/"),
+            (413, "small.test", "Content-Length: 11\r\n".to_owned(), "/"),
+            (431, "a.test", big_head, "/"),
+            (502, "refused.test", String::new(), "/"),
+            (503, "empty.test", String::new(), "/"),
+            (504, "a.test", String::new(), "/stall"),
+            (308, "secure.test", String::new(), "/"),
+        ] {
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+            let got = raw(p.http, req.as_bytes()).await;
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{status}: {got}"
+            );
+            let (head, body) = got.split_once("\r\n\r\n").expect("a head");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("content-type: text/plain; charset=utf-8"),
+                "{status}: {head}"
+            );
+            assert!(
+                !body.trim().is_empty() && body.len() < 80 && body.ends_with('\n'),
+                "{status}: body {body:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn listens_with_nginx_backlog() {
+    in_netns("backlog", || async {
+        let p = start(test_config(), snapshot(Vec::new()));
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", "src", "203.0.113.1"])
+            .output()
+            .expect("run ss");
+        let out = String::from_utf8_lossy(&out.stdout);
+        for port in [p.http.port(), p.https.port()] {
+            let line = out
+                .lines()
+                .find(|l| l.contains(&format!("203.0.113.1:{port} ")))
+                .unwrap_or_else(|| panic!("no listener on {port} in {out}"));
+            // State, Recv-Q, Send-Q (the backlog of a listening socket), ...
+            let backlog = line.split_whitespace().nth(2);
+            assert_eq!(backlog, Some("511"), "{line}");
+        }
     });
 }
 
@@ -1091,6 +1373,39 @@ fn tunnels_a_websocket_echo() {
             assert_eq!(echo, frame);
         }
         assert_eq!(p.metrics.upgrades_count(), 1);
+    });
+}
+
+#[test]
+fn refuses_h2c_upgrades_and_forwards_plain_http1() {
+    in_netns("h2cup", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
+        );
+        // The test backend switches protocols for any Upgrade it sees.
+        let got = raw(
+            p.http,
+            b"GET /h2c HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n\
+              GET /inside HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.contains("request: GET /h2c"), "{got}");
+        for gone in ["upgrade", "http2-settings"] {
+            assert!(
+                !got.to_ascii_lowercase().contains(&format!("\n{gone}:")),
+                "{gone} reached the backend:\n{got}"
+            );
+        }
+        // The next request on the connection is routed as a request, not tunnelled.
+        assert!(got.contains("request: GET /inside"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");
+        assert_eq!(p.metrics.upgrades_count(), 0);
+        assert_eq!(a.hits.load(Ordering::Relaxed), 2);
     });
 }
 
