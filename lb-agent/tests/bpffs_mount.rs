@@ -68,6 +68,10 @@ fn bpffs_root_mounts(pid: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+fn vip() -> SocketAddr {
+    SocketAddr::new(Topology::vip_v4(0).into(), 80)
+}
+
 struct Bed {
     topo: Topology,
     _servers: Vec<ServerHandle>,
@@ -113,10 +117,6 @@ impl Bed {
         .expect("start agent")
     }
 
-    fn vip(&self) -> SocketAddr {
-        SocketAddr::new(Topology::vip_v4(0).into(), 80)
-    }
-
     fn xdp_attached(&self) -> Vec<&'static str> {
         [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
             .into_iter()
@@ -153,7 +153,7 @@ fn the_agent_mounts_bpffs_where_there_is_none_and_forwards() {
     let agent = bed.agent("bpffs-mount", &launcher(&[]));
     let pid = agent.pid().expect("agent pid").to_string();
     agent.until("a request through the VIP is answered", SETTLE, || {
-        testbed::http_get(&bed.topo.client, bed.vip(), Duration::from_secs(2)).is_ok()
+        testbed::http_get(&bed.topo.client, vip(), Duration::from_secs(2)).is_ok()
     });
     let log = agent.log();
     assert!(

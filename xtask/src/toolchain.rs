@@ -400,7 +400,7 @@ fn pick_llvm_lib<'a>(names: &'a [String], lib: &Path) -> Result<&'a str> {
         .collect();
     let nightly = nightly();
     bail!(
-        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{nightly}` toolchain on LLVM 22 (verified: rustc 1.97.0-nightly of 2026-05-19)",
+        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{nightly}` toolchain on LLVM 22 (the pinned {PINNED_NIGHTLY} has LLVM 22.1.4)",
         lib.display(),
         if others.is_empty() {
             "no libLLVM at all".to_owned()
