@@ -82,6 +82,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if opts.interfaces.is_empty() && opts.l7.is_none() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
+    // Pins need a bpffs under --bpffs; mount one if none is there, before anything is
+    // bound, loaded or attached, so a failure leaves nothing behind.
+    if !opts.interfaces.is_empty() {
+        log_bpffs(&opts.pin_dir, pins::ensure_bpffs(&opts.pin_dir)?);
+    }
     let mut parts = 0;
     if !opts.interfaces.is_empty() {
         parts |= admin::PART_DATAPLANE;
@@ -109,6 +114,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     match &opts.source {
         Source::Config(path) => run_config(&opts, path.clone(), state).await,
         Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state, proxy).await,
+    }
+}
+
+/// Says when the agent had to mount bpffs itself.
+fn log_bpffs(pin_dir: &std::path::Path, bpffs: pins::Bpffs) {
+    if let pins::Bpffs::Mounted(target) = bpffs {
+        tracing::info!(
+            pin_dir = %pin_dir.display(),
+            "{} was not on a bpf filesystem: mounted bpffs on {} (mount -t bpf bpf {})",
+            pin_dir.display(),
+            target.display(),
+            target.display()
+        );
     }
 }
 

@@ -88,6 +88,17 @@ fn run(command: Command) -> Result<()> {
                 .block_on(agent::run(opts))
         }
         Command::Status { bpffs, json } => {
+            let probe = pins::probe_fs(&bpffs)?;
+            if !probe.is_bpffs() {
+                anyhow::bail!(
+                    "nothing pinned under {}: it is not on a bpf filesystem ({}), so no agent \
+                     has run with this --bpffs directory; `lb-agent run` mounts bpffs when it \
+                     starts (or: mount -t bpf bpf {})",
+                    bpffs.display(),
+                    probe.describe(),
+                    pins::BPFFS_ROOT
+                );
+            }
             let report = lb_agent::status::Report::read(&bpffs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -99,6 +110,16 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Detach { bpffs } => {
+            let probe = pins::probe_fs(&bpffs)?;
+            if !probe.is_bpffs() {
+                println!(
+                    "nothing pinned under {}: it is not on a bpf filesystem ({}), so there is \
+                     nothing to detach",
+                    bpffs.display(),
+                    probe.describe()
+                );
+                return Ok(());
+            }
             let removed = pins::remove_all(&bpffs)?;
             if removed.is_empty() {
                 println!("nothing pinned under {}", bpffs.display());

@@ -53,7 +53,7 @@ fn run_steps(
         let _ = steps.run("cargo fmt --all --check", || {
             run(host_cargo().args(["fmt", "--all", "--check"]))
         });
-        let _ = steps.run("cargo +nightly fmt --check (lb-ebpf)", || {
+        let _ = steps.run("cargo fmt --check (lb-ebpf, its nightly)", || {
             toolchain.ensure_lint_components()?;
             ebpf_cargo(&toolchain, &["fmt", "--check"])
         });
@@ -63,7 +63,7 @@ fn run_steps(
                 .args(["--", "-D", "warnings"])
                 .env(EBPF_OBJECT_VAR, &object))
         });
-        let _ = steps.run("cargo +nightly clippy (lb-ebpf)", || {
+        let _ = steps.run("cargo clippy (lb-ebpf, its nightly)", || {
             toolchain.ensure_lint_components()?;
             ebpf_cargo(
                 &toolchain,
@@ -168,7 +168,7 @@ mod tests {
     }
 }
 
-/// `cargo +nightly <args>` in lb-ebpf with the eBPF build environment.
+/// `cargo +TOOLCHAIN <args>` in lb-ebpf ([`toolchain::nightly`]) with the eBPF build environment.
 fn ebpf_cargo(toolchain: &Toolchain, args: &[&str]) -> Result<()> {
     run(toolchain.nightly_cargo(&ebpf::dir()?)?.args(args))
 }

@@ -13,17 +13,27 @@ use anyhow::{Context, Result, bail};
 
 use crate::run::{probe, run};
 
-/// Names the toolchain that builds lb-ebpf instead of `nightly`, e.g. `nightly-2026-05-20`:
-/// the container image pins one that bpf-linker's LLVM matches.
+/// The dated nightly that builds lb-ebpf (`-Z build-std` needs nightly). Pinned because
+/// a fresh `nightly` moves to an LLVM newer than the one bpf-linker 0.13.0's `llvm-22`
+/// feature links against; this one has LLVM 22.1.4 (rustc 1.97.0-nightly) and works with
+/// it. lb-ebpf/rust-toolchain.toml names the same channel (a test checks).
+pub const PINNED_NIGHTLY: &str = "nightly-2026-05-19";
+
+/// Names another toolchain for lb-ebpf than [`PINNED_NIGHTLY`] (trying a newer nightly).
 const NIGHTLY_VAR: &str = "XLB_NIGHTLY";
 
-/// The toolchain that builds lb-ebpf (`-Z build-std` needs nightly): `$XLB_NIGHTLY`, else
-/// `nightly`. Always named explicitly: `RUSTUP_AUTO_INSTALL=0` is set on these machines.
+/// The toolchain that builds, formats and lints lb-ebpf: `$XLB_NIGHTLY` if set and not
+/// empty, else [`PINNED_NIGHTLY`]. Always named explicitly (`cargo +TOOLCHAIN`):
+/// `RUSTUP_AUTO_INSTALL=0` is set on these machines, so xtask installs it itself.
 pub fn nightly() -> String {
-    env::var(NIGHTLY_VAR)
-        .ok()
+    choose_nightly(env::var(NIGHTLY_VAR).ok().as_deref())
+}
+
+fn choose_nightly(var: Option<&str>) -> String {
+    var.map(str::trim)
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "nightly".to_owned())
+        .unwrap_or(PINNED_NIGHTLY)
+        .to_owned()
 }
 /// bpf-linker release known to work with nightly's LLVM 22 (feature `llvm-22`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -114,38 +124,80 @@ const SYSTEM_TOOLS: &[(&str, &str, ToolUse)] = &[
 
 /// Everything the eBPF build needs, found (or installed) by [`ensure`].
 pub struct Toolchain {
-    /// `rustc +nightly --print sysroot`; its `lib` holds the libLLVM bpf-linker needs.
+    /// [`nightly()`]: the toolchain every lb-ebpf cargo call names.
+    pub name: String,
+    /// `rustc +TOOLCHAIN --print sysroot`; its `lib` holds the libLLVM bpf-linker needs.
     pub sysroot: PathBuf,
-    /// The tools folder; bpf-linker lives in its `bin`.
-    pub tools: PathBuf,
+    /// bpf-linker's own folder in the tools folder, keyed by that toolchain's build
+    /// ([`linker_root`]); bpf-linker lives in its `bin`.
+    pub linker_root: PathBuf,
     /// Whether a step had to install something; a warm run passes `--quiet` to cargo.
     pub installed: bool,
 }
 
-/// Makes sure the nightly toolchain, its rust-src, bpf-linker and the system tools the
-/// tests use are present, installing what is missing.
+/// Makes sure the lb-ebpf toolchain ([`nightly()`]), its rust-src, a bpf-linker built
+/// against its libLLVM and the system tools the tests use are present, installing what
+/// is missing.
 pub fn ensure() -> Result<Toolchain> {
-    let (sysroot, mut installed) = ensure_nightly()?;
-    installed |= ensure_rust_src(&sysroot)?;
-    let tools = tools_dir()?;
-    installed |= ensure_bpf_linker(&sysroot, &tools)?;
+    let name = nightly();
+    let (sysroot, mut installed) = ensure_nightly(&name)?;
+    installed |= ensure_rust_src(&name, &sysroot)?;
+    let version = probe(Command::new("rustup").args(["run", &name, "rustc", "-vV"]))
+        .with_context(|| format!("`rustup run {name} rustc -vV` fails"))?;
+    let linker_root = linker_root(&tools_dir()?, &name, &version)?;
+    installed |= ensure_bpf_linker(&sysroot, &linker_root)?;
     installed |= ensure_system_tools(ToolUse::Tests)?;
     Ok(Toolchain {
+        name,
         sysroot,
-        tools,
+        linker_root,
         installed,
     })
 }
 
+/// Where the bpf-linker for one toolchain lives:
+/// `TOOLS/bpf-linker-VERSION/TOOLCHAIN-COMMIT-llvm-LLVM` (e.g.
+/// `bpf-linker-0.13.0/nightly-2026-05-19-9eb3be26b-llvm-22.1.4`), from that toolchain's
+/// `rustc -vV`. bpf-linker links the toolchain's own libLLVM, so one built for another
+/// toolchain (or for an earlier build of a moving channel such as `nightly`) is never
+/// picked up by mistake: its folder has another name.
+fn linker_root(tools: &Path, toolchain: &str, rustc_vv: &str) -> Result<PathBuf> {
+    let field = |name: &str| {
+        rustc_vv
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let commit = field("commit-hash:").unwrap_or("unknown");
+    let commit = commit.get(..9).unwrap_or(commit);
+    let llvm = field("LLVM version:")
+        .with_context(|| format!("`rustc +{toolchain} -vV` names no LLVM version:\n{rustc_vv}"))?;
+    let safe = |text: &str| -> String {
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    Ok(tools
+        .join(format!("bpf-linker-{BPF_LINKER_VERSION}"))
+        .join(safe(&format!("{toolchain}-{commit}-llvm-{llvm}"))))
+}
+
 impl Toolchain {
-    /// `cargo +nightly` in `dir` with the eBPF build environment: bpf-linker on PATH, the
-    /// nightly libLLVM loadable, BTF rustflags, and the outer stable run's variables gone.
+    /// `cargo +TOOLCHAIN` ([`nightly()`]) in `dir` with the eBPF build environment: its
+    /// bpf-linker on PATH, its libLLVM loadable, BTF rustflags, and the outer stable run's
+    /// variables gone. Every lb-ebpf cargo call (build, fmt, clippy) goes through here.
     pub fn nightly_cargo(&self, dir: &Path) -> Result<Command> {
-        let nightly = nightly();
         let mut cmd = Command::new("cargo");
-        cmd.arg(format!("+{nightly}")).current_dir(dir);
+        cmd.arg(format!("+{}", self.name)).current_dir(dir);
         strip_outer_cargo_env(&mut cmd);
-        cmd.env("PATH", prepend_path("PATH", &self.tools.join("bin"))?)
+        cmd.env("PATH", prepend_path("PATH", &self.linker_root.join("bin"))?)
             .env("LD_LIBRARY_PATH", self.ld_library_path()?)
             .env("RUSTFLAGS", EBPF_RUSTFLAGS);
         Ok(cmd)
@@ -154,7 +206,7 @@ impl Toolchain {
     /// Installs nightly's rustfmt and clippy when missing; a minimal profile lacks them and
     /// the lint steps run `cargo +nightly fmt` / `cargo +nightly clippy` for lb-ebpf.
     pub fn ensure_lint_components(&self) -> Result<()> {
-        let nightly = nightly();
+        let nightly = &self.name;
         let bin = self.sysroot.join("bin");
         let missing: Vec<&str> = [("rustfmt", "rustfmt"), ("clippy", "cargo-clippy")]
             .into_iter()
@@ -171,7 +223,7 @@ impl Toolchain {
         run(Command::new("rustup")
             .args(["component", "add"])
             .args(&missing)
-            .args(["--toolchain", &nightly])
+            .args(["--toolchain", nightly])
             .stdout(io::stderr()))
     }
 
@@ -193,22 +245,21 @@ pub fn say(message: &str) {
     eprintln!("xtask: {message}");
 }
 
-/// Returns nightly's sysroot (installing the toolchain when it is missing) and whether it
-/// had to be installed.
-fn ensure_nightly() -> Result<(PathBuf, bool)> {
-    let nightly = nightly();
-    if let Some(sysroot) = nightly_sysroot() {
+/// Returns the toolchain's sysroot (installing the toolchain, with rust-src, when it is
+/// missing) and whether it had to be installed.
+fn ensure_nightly(nightly: &str) -> Result<(PathBuf, bool)> {
+    if let Some(sysroot) = nightly_sysroot(nightly) {
         return Ok((sysroot, false));
     }
     say(&format!(
-        "installing the {nightly} toolchain (rustup toolchain install {nightly} --profile minimal --no-self-update)"
+        "installing the {nightly} toolchain for lb-ebpf (rustup toolchain install {nightly} --profile minimal --component rust-src --no-self-update)"
     ));
     // --no-self-update: installing a toolchain must not also replace rustup itself.
     run(Command::new("rustup")
-        .args(["toolchain", "install", &nightly, "--profile", "minimal"])
-        .arg("--no-self-update")
+        .args(["toolchain", "install", nightly, "--profile", "minimal"])
+        .args(["--component", "rust-src", "--no-self-update"])
         .stdout(io::stderr()))?;
-    let sysroot = nightly_sysroot().with_context(|| {
+    let sysroot = nightly_sysroot(nightly).with_context(|| {
         format!(
             "`rustup run {nightly} rustc --print sysroot` still fails after installing {nightly}"
         )
@@ -216,15 +267,13 @@ fn ensure_nightly() -> Result<(PathBuf, bool)> {
     Ok((sysroot, true))
 }
 
-fn nightly_sysroot() -> Option<PathBuf> {
-    let nightly = nightly();
-    probe(Command::new("rustup").args(["run", &nightly, "rustc", "--print", "sysroot"]))
+fn nightly_sysroot(nightly: &str) -> Option<PathBuf> {
+    probe(Command::new("rustup").args(["run", nightly, "rustc", "--print", "sysroot"]))
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
 }
 
-fn ensure_rust_src(sysroot: &Path) -> Result<bool> {
-    let nightly = nightly();
+fn ensure_rust_src(nightly: &str, sysroot: &Path) -> Result<bool> {
     if sysroot.join("lib/rustlib/src/rust/library").is_dir() {
         return Ok(false);
     }
@@ -232,7 +281,7 @@ fn ensure_rust_src(sysroot: &Path) -> Result<bool> {
         "installing rust-src for the {nightly} toolchain (rustup component add rust-src --toolchain {nightly})"
     ));
     run(Command::new("rustup")
-        .args(["component", "add", "rust-src", "--toolchain", &nightly])
+        .args(["component", "add", "rust-src", "--toolchain", nightly])
         .stdout(io::stderr()))?;
     Ok(true)
 }
@@ -253,6 +302,8 @@ fn tools_dir() -> Result<PathBuf> {
     }
 }
 
+/// Builds bpf-linker into `tools` (its keyed [`linker_root`]) against the libLLVM in
+/// `sysroot` unless a working one is there.
 fn ensure_bpf_linker(sysroot: &Path, tools: &Path) -> Result<bool> {
     let bin = tools.join("bin/bpf-linker");
     let lib = sysroot.join("lib");
@@ -349,7 +400,7 @@ fn pick_llvm_lib<'a>(names: &'a [String], lib: &Path) -> Result<&'a str> {
         .collect();
     let nightly = nightly();
     bail!(
-        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{nightly}` toolchain on LLVM 22 (verified: rustc 1.97.0-nightly of 2026-05-19)",
+        "no {LLVM_LIB_PREFIX}*{LLVM_LIB_SUFFIX} in {} (found: {}); bpf-linker {BPF_LINKER_VERSION} is built with --features {BPF_LINKER_FEATURES} and needs a `{nightly}` toolchain on LLVM 22 (the pinned {PINNED_NIGHTLY} has LLVM 22.1.4)",
         lib.display(),
         if others.is_empty() {
             "no libLLVM at all".to_owned()
@@ -500,6 +551,69 @@ mod tests {
         tools.sort_unstable();
         tools.dedup();
         assert_eq!(tools.len(), SYSTEM_TOOLS.len(), "a tool is listed twice");
+    }
+
+    /// `rustc +nightly-2026-05-19 -vV` on these machines.
+    const PINNED_VV: &str = "rustc 1.97.0-nightly (9eb3be26b 2026-05-18)
+binary: rustc
+commit-hash: 9eb3be26b46eccea1de7448ea9cc3c1d20bb1a35
+commit-date: 2026-05-18
+host: x86_64-unknown-linux-gnu
+release: 1.97.0-nightly
+LLVM version: 22.1.4
+";
+
+    #[test]
+    fn lb_ebpf_uses_the_pinned_nightly_unless_told_otherwise() {
+        assert_eq!(choose_nightly(None), "nightly-2026-05-19");
+        assert_eq!(choose_nightly(Some("")), PINNED_NIGHTLY);
+        assert_eq!(choose_nightly(Some("  ")), PINNED_NIGHTLY);
+        assert_eq!(
+            choose_nightly(Some("nightly-2026-06-01")),
+            "nightly-2026-06-01"
+        );
+        assert_eq!(choose_nightly(Some("nightly")), "nightly");
+    }
+
+    #[test]
+    fn lb_ebpf_rust_toolchain_file_names_the_pinned_nightly() {
+        let file = include_str!("../../lb-ebpf/rust-toolchain.toml");
+        let channel = file
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("channel"))
+            .and_then(|rest| rest.trim().strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"'))
+            .expect("a channel line");
+        assert_eq!(channel, PINNED_NIGHTLY);
+        for component in ["rust-src", "rustfmt", "clippy"] {
+            assert!(file.contains(&format!("\"{component}\"")), "{component}");
+        }
+    }
+
+    #[test]
+    fn bpf_linker_is_keyed_by_the_toolchain_build() {
+        let tools = Path::new("/root/.cache/xlb/tools");
+        let pinned = linker_root(tools, PINNED_NIGHTLY, PINNED_VV).unwrap();
+        assert_eq!(
+            pinned,
+            Path::new(
+                "/root/.cache/xlb/tools/bpf-linker-0.13.0/nightly-2026-05-19-9eb3be26b-llvm-22.1.4"
+            )
+        );
+        // Never the unkeyed folder earlier versions of xtask used (TOOLS/bin/bpf-linker).
+        assert_ne!(pinned, tools);
+        // Another build of a moving channel, or another LLVM: another folder.
+        let moved = PINNED_VV.replace("9eb3be26b46ec", "0123456789abc");
+        let floating = linker_root(tools, "nightly", &moved).unwrap();
+        assert_ne!(floating, pinned);
+        assert!(floating.ends_with("nightly-012345678-llvm-22.1.4"));
+        let llvm23 = PINNED_VV.replace("LLVM version: 22.1.4", "LLVM version: 23.0.0");
+        assert_ne!(linker_root(tools, PINNED_NIGHTLY, &llvm23).unwrap(), pinned);
+        // Odd toolchain names stay one path component.
+        let custom = linker_root(tools, "my/tool chain", PINNED_VV).unwrap();
+        assert_eq!(custom.parent().unwrap(), tools.join("bpf-linker-0.13.0"));
+        // No LLVM version: no guessing.
+        assert!(linker_root(tools, "x", "rustc 1.0\ncommit-hash: abc\n").is_err());
     }
 
     #[test]

@@ -34,27 +34,232 @@ fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
 
 /// Creates `dir` on a bpffs, failing clearly when it is not on one (pins need bpffs).
 pub fn create_dir(dir: &Path) -> Result<(), DataplaneError> {
-    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
     std::fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct it fills.
+    let magic = statfs_magic(dir).map_err(|e| pin_err(dir, e))?;
+    if magic != BPF_FS_MAGIC {
+        return Err(pin_err(
+            dir,
+            format!(
+                "not on a bpf filesystem (it is {}): mount one with `mount -t bpf bpf {BPFFS_ROOT}`",
+                fs_name(magic)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Where bpffs is mounted on a standard system (systemd mounts it at boot; many
+/// minimal hosts and containers leave an empty directory of sysfs there).
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// `statfs(2)`'s `f_type` of a bpf filesystem (linux/magic.h).
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The file system a pin directory lies on: that of the directory, or of its nearest
+/// existing ancestor when it does not exist yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsProbe {
+    /// The directory itself or its nearest existing ancestor.
+    pub existing: PathBuf,
+    /// Its `statfs` `f_type`.
+    pub magic: i64,
+}
+
+impl FsProbe {
+    pub fn is_bpffs(&self) -> bool {
+        self.magic == BPF_FS_MAGIC
+    }
+
+    /// E.g. `/sys/fs/bpf is tmpfs`.
+    pub fn describe(&self) -> String {
+        format!("{} is {}", self.existing.display(), fs_name(self.magic))
+    }
+}
+
+/// What the agent does about bpffs before it pins anything under `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BpffsAction {
+    /// `dir` lies on a bpffs already.
+    Ready,
+    /// Mount a bpffs on `target` (created if missing): [`BPFFS_ROOT`] when `dir` is it
+    /// or lies under it, as Cilium's agent does; otherwise `dir` itself, so that an
+    /// operator's own directory never makes the agent mount over a whole other tree.
+    Mount { target: PathBuf },
+}
+
+/// The decision of [`ensure_bpffs`], without side effects: `probe` is where `dir` lies.
+pub fn bpffs_action(dir: &Path, probe: &FsProbe) -> BpffsAction {
+    if probe.is_bpffs() {
+        BpffsAction::Ready
+    } else if dir.starts_with(BPFFS_ROOT) {
+        BpffsAction::Mount {
+            target: PathBuf::from(BPFFS_ROOT),
+        }
+    } else {
+        BpffsAction::Mount {
+            target: dir.to_path_buf(),
+        }
+    }
+}
+
+/// Finds the file system of `dir` (absolute): `statfs` on it, else on its nearest
+/// existing ancestor. `statfs` is the system call, or a fake in tests.
+pub fn probe_with(
+    dir: &Path,
+    mut statfs: impl FnMut(&Path) -> io::Result<i64>,
+) -> io::Result<FsProbe> {
+    for candidate in dir.ancestors() {
+        match statfs(candidate) {
+            Ok(magic) => {
+                return Ok(FsProbe {
+                    existing: candidate.to_path_buf(),
+                    magic,
+                });
+            }
+            // Not there yet (or a dangling link): ask its parent.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no ancestor of {} exists", dir.display()),
+    ))
+}
+
+/// [`probe_with`] the real `statfs(2)`; `dir` is made absolute first.
+pub fn probe_fs(dir: &Path) -> Result<FsProbe, DataplaneError> {
+    let dir = std::path::absolute(dir).map_err(|e| pin_err(dir, e))?;
+    probe_with(&dir, statfs_magic).map_err(|e| pin_err(&dir, format!("statfs: {e}")))
+}
+
+/// What [`ensure_bpffs`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bpffs {
+    /// The directory was on a bpffs already.
+    Present,
+    /// The agent mounted one on this directory.
+    Mounted(PathBuf),
+}
+
+/// Makes sure `dir` lies on a bpffs before anything is loaded or attached: when it does
+/// not, mounts one ([`bpffs_action`]: `mount("bpffs", target, "bpf", 0, "")`, as
+/// Cilium's agent does). When that fails, the error names the directory, the errno and
+/// the command that mounts it, and nothing has been attached.
+pub fn ensure_bpffs(dir: &Path) -> Result<Bpffs, DataplaneError> {
+    let dir = std::path::absolute(dir).map_err(|e| pin_err(dir, e))?;
+    let probe = probe_fs(&dir)?;
+    let BpffsAction::Mount { target } = bpffs_action(&dir, &probe) else {
+        return Ok(Bpffs::Present);
+    };
+    let fail = |what: String| {
+        pin_err(
+            &dir,
+            format!(
+                "not on a bpf filesystem ({}), and {what}; pinned maps and links need one: \
+                 run `mount -t bpf bpf {}` as root (the agent needs CAP_SYS_ADMIN to mount \
+                 it itself), then start the agent again",
+                probe.describe(),
+                target.display()
+            ),
+        )
+    };
+    std::fs::create_dir_all(&target).map_err(|e| {
+        fail(format!(
+            "creating the mount point {} failed: {}",
+            target.display(),
+            errno_text(&e)
+        ))
+    })?;
+    mount_bpffs(&target).map_err(|e| {
+        fail(format!(
+            "mounting bpffs on {} failed: {}",
+            target.display(),
+            errno_text(&e)
+        ))
+    })?;
+    let after = probe_fs(&dir)?;
+    if !after.is_bpffs() {
+        return Err(fail(format!(
+            "after mounting bpffs on {} still {}",
+            target.display(),
+            after.describe()
+        )));
+    }
+    Ok(Bpffs::Mounted(target))
+}
+
+/// `mount("bpffs", target, "bpf", 0, "")`.
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let cpath = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: NUL-terminated strings that outlive the call; empty data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpffs".as_ptr(),
+            cpath.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"".as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `statfs(2)`'s `f_type` of `path`.
+fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a zeroed statfs is a valid value for the kernel to fill.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let cpath =
-        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| pin_err(dir, e))?;
-    // SAFETY: see above; `st` outlives the call.
+    // SAFETY: a NUL-terminated path and a struct that both outlive the call.
     if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
-        return Err(pin_err(dir, io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     #[expect(
         clippy::useless_conversion,
         reason = "f_type's width differs by libc target"
     )]
-    if i64::from(st.f_type) != i64::from(BPF_FS_MAGIC) {
-        return Err(pin_err(
-            dir,
-            "not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`",
-        ));
-    }
-    Ok(())
+    Ok(i64::from(st.f_type))
+}
+
+/// A file system's name by its magic, for messages.
+fn fs_name(magic: i64) -> String {
+    let name = match magic {
+        BPF_FS_MAGIC => "bpffs",
+        0x0102_1994 => "tmpfs",
+        0x6265_6572 => "sysfs (nothing mounted there)",
+        0x9fa0 => "procfs",
+        0xef53 => "ext2/3/4",
+        0x5846_5342 => "xfs",
+        0x9123_683e => "btrfs",
+        0x794c_7630 => "overlayfs",
+        _ => return format!("a file system with magic {magic:#x}, not bpffs"),
+    };
+    name.to_owned()
+}
+
+/// `EPERM (Operation not permitted, os error 1)`: the errno's name and the system's text.
+fn errno_text(err: &io::Error) -> String {
+    let Some(code) = err.raw_os_error() else {
+        return err.to_string();
+    };
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::ENOENT => "ENOENT",
+        libc::ENODEV => "ENODEV",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EBUSY => "EBUSY",
+        libc::EINVAL => "EINVAL",
+        libc::EROFS => "EROFS",
+        libc::ENOSPC => "ENOSPC",
+        _ => return format!("errno {code} ({err})"),
+    };
+    format!("{name} ({err})")
 }
 
 /// Key and value sizes each map must have; `None` skips the value check (devmap
@@ -382,5 +587,134 @@ fn bpf_link_detach(link: &OwnedFd) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TMPFS: i64 = 0x0102_1994;
+    const SYSFS: i64 = 0x6265_6572;
+
+    /// A fake `statfs`: the listed directories exist with their magic; anything else
+    /// is ENOENT.
+    fn fake(existing: &[(&str, i64)]) -> impl FnMut(&Path) -> io::Result<i64> {
+        let existing: Vec<(PathBuf, i64)> = existing
+            .iter()
+            .map(|(p, m)| (PathBuf::from(p), *m))
+            .collect();
+        move |path| {
+            existing
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, m)| *m)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+        }
+    }
+
+    fn decide(dir: &str, existing: &[(&str, i64)]) -> (FsProbe, BpffsAction) {
+        let probe = probe_with(Path::new(dir), fake(existing)).unwrap();
+        let action = bpffs_action(Path::new(dir), &probe);
+        (probe, action)
+    }
+
+    #[test]
+    fn a_pin_dir_on_bpffs_needs_nothing() {
+        let (probe, action) = decide(
+            "/sys/fs/bpf/xlb",
+            &[
+                ("/", 0xef53),
+                ("/sys", SYSFS),
+                ("/sys/fs/bpf", BPF_FS_MAGIC),
+            ],
+        );
+        assert_eq!(probe.existing, Path::new("/sys/fs/bpf"), "nearest ancestor");
+        assert_eq!(action, BpffsAction::Ready);
+        // The directory itself exists on bpffs.
+        let (probe, action) = decide(
+            "/sys/fs/bpf/xlb",
+            &[
+                ("/sys/fs/bpf", BPF_FS_MAGIC),
+                ("/sys/fs/bpf/xlb", BPF_FS_MAGIC),
+            ],
+        );
+        assert_eq!(probe.existing, Path::new("/sys/fs/bpf/xlb"));
+        assert_eq!(action, BpffsAction::Ready);
+    }
+
+    #[test]
+    fn an_empty_sys_fs_bpf_or_a_tmpfs_over_it_gets_bpffs_mounted_there() {
+        let standard = BpffsAction::Mount {
+            target: PathBuf::from(BPFFS_ROOT),
+        };
+        // A fresh machine: the empty directory of sysfs.
+        let (probe, action) = decide(
+            "/sys/fs/bpf/xlb-demo-9775",
+            &[("/", 0xef53), ("/sys", SYSFS), ("/sys/fs/bpf", SYSFS)],
+        );
+        assert_eq!(action, standard);
+        assert_eq!(
+            probe.describe(),
+            "/sys/fs/bpf is sysfs (nothing mounted there)"
+        );
+        // CI's private mount namespace: a tmpfs over it.
+        let (_, action) = decide(
+            "/sys/fs/bpf/xlb",
+            &[("/sys", SYSFS), ("/sys/fs/bpf", TMPFS)],
+        );
+        assert_eq!(action, standard);
+        // The standard directory itself, and one missing below a missing parent.
+        assert_eq!(decide("/sys/fs/bpf", &[("/sys/fs/bpf", SYSFS)]).1, standard);
+        assert_eq!(decide("/sys/fs/bpf/a/b", &[("/sys", SYSFS)]).1, standard);
+    }
+
+    #[test]
+    fn a_directory_elsewhere_gets_bpffs_mounted_on_itself() {
+        let (probe, action) = decide("/run/xlb/bpf", &[("/", 0xef53), ("/run", TMPFS)]);
+        assert_eq!(probe.existing, Path::new("/run"));
+        assert_eq!(
+            action,
+            BpffsAction::Mount {
+                target: PathBuf::from("/run/xlb/bpf")
+            }
+        );
+        // A look-alike prefix is not the standard directory.
+        assert_eq!(
+            decide("/sys/fs/bpfx", &[("/sys", SYSFS)]).1,
+            BpffsAction::Mount {
+                target: PathBuf::from("/sys/fs/bpfx")
+            }
+        );
+        // Under a bpffs mounted elsewhere: nothing to do.
+        assert_eq!(
+            decide(
+                "/run/bpf/xlb",
+                &[("/run", TMPFS), ("/run/bpf", BPF_FS_MAGIC)]
+            )
+            .1,
+            BpffsAction::Ready
+        );
+    }
+
+    #[test]
+    fn statfs_errors_other_than_missing_are_reported() {
+        let err = probe_with(Path::new("/sys/fs/bpf/xlb"), |_| {
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        })
+        .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        assert!(probe_with(Path::new("/a/b"), fake(&[])).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_errno() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        let text = errno_text(&eperm);
+        assert!(text.starts_with("EPERM ("), "{text}");
+        assert!(text.contains("os error 1"), "{text}");
+        assert!(errno_text(&io::Error::from_raw_os_error(1000)).starts_with("errno 1000"));
+        assert_eq!(fs_name(BPF_FS_MAGIC), "bpffs");
+        assert!(fs_name(0x1234).contains("0x1234"));
     }
 }
