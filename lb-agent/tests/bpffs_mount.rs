@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_agent::dataplane::pins;
-use lb_agent::testbed::{self, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
