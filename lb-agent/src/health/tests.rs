@@ -526,7 +526,7 @@ mod probes {
             for ip in [V4, V6] {
                 let (listener, addr) = listen(ip).await;
                 let acceptor = Acceptor::spawn(listener);
-                probe(addr, &tcp_check(500)).await.expect("probe");
+                probe(addr, &tcp_check(5000)).await.expect("probe");
                 // The server saw the connection.
                 let deadline = Instant::now() + Duration::from_secs(1);
                 while acceptor.count() == 0 && Instant::now() < deadline {
@@ -619,7 +619,7 @@ mod probes {
                 let server = HttpServer::spawn(listener, |_| {
                     Reply::bytes("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 });
-                probe(addr, &http_check("/healthz", 500))
+                probe(addr, &http_check("/healthz", 5000))
                     .await
                     .expect("probe");
                 assert_eq!(
@@ -660,7 +660,7 @@ mod probes {
             let (listener, addr) = listen(V4).await;
             let _server = HttpServer::spawn(listener, status_server);
             for code in [200, 204, 301, 399] {
-                probe(addr, &http_check(&format!("/status/{code}"), 500))
+                probe(addr, &http_check(&format!("/status/{code}"), 5000))
                     .await
                     .unwrap_or_else(|e| panic!("{code}: {e}"));
             }
