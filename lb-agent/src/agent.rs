@@ -102,7 +102,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let writer = if l4 {
         let (dp, applied) = load_dataplane(&opts).await?;
-        source.restore_down(restored_down(&applied));
+        for backend in restored_down(&applied) {
+            source.set_health(backend, false);
+        }
         Some(tokio::spawn(writer_task(
             dp,
             applied,

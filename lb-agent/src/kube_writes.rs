@@ -4,7 +4,7 @@
 //! - Warning Events about objects the translation had to skip ([`EventPublisher`]), so
 //!   `kubectl describe` on the object shows why;
 //! - the status of the Ingresses the L7 hop serves: the addresses it is reached on
-//!   (computed by the pure `l7::status` helpers, written by [`status_writer`]).
+//!   (computed by the pure `l7::status` helpers, written by a task of its own).
 //!
 //! Both run off the agent loop, so a slow API server never delays the maps. [`WRITES`]
 //! and [`L7_WRITES`] are everything this module asks of the API server; with the
@@ -107,7 +107,7 @@ impl Drop for KubeWrites {
 
 /// Writes the latest wanted Ingress status, one merge patch of the status subresource
 /// per Ingress. A failure is logged and retried after `retry` while it is still wanted.
-pub async fn status_writer(
+async fn status_writer(
     client: kube::Client,
     mut wanted: watch::Receiver<Updates>,
     retry: Duration,

@@ -121,8 +121,6 @@ enum Input {
         health: BTreeMap<BackendKey, bool>,
         /// The services or their health changed since the last update.
         stale: bool,
-        /// The services were read since the last update (the probes may change).
-        reread: bool,
     },
     Manifests {
         dir: ManifestSource,
@@ -178,7 +176,6 @@ impl Source {
                     specs,
                     health: BTreeMap::new(),
                     stale: true,
-                    reread: true,
                 }
             }
             Origin::Manifests(path) => {
@@ -274,11 +271,7 @@ impl Source {
     fn read(&mut self, force: bool) {
         match &mut self.input {
             Input::File {
-                file,
-                specs,
-                stale,
-                reread,
-                ..
+                file, specs, stale, ..
             } => match file.read(force) {
                 Read::Unchanged => {}
                 Read::Invalid(e) => tracing::error!("config rejected, nothing changed: {e}"),
@@ -288,7 +281,6 @@ impl Source {
                         .extend(rejected.into_iter().map(Problem::Config));
                     *specs = services;
                     *stale = true;
-                    *reread = true;
                 }
             },
             Input::Manifests { dir, index, .. } => match dir.read(force) {
@@ -302,15 +294,9 @@ impl Source {
         }
     }
 
-    /// Backends the maps hold as down (after a restart): they stay down until their
-    /// health checks pass `rise` times. Only the config file has health checks.
-    pub fn restore_down(&mut self, backends: impl IntoIterator<Item = BackendKey>) {
-        if let Input::File { health, .. } = &mut self.input {
-            health.extend(backends.into_iter().map(|key| (key, false)));
-        }
-    }
-
-    /// A health check says `backend` is up or down.
+    /// A health check says `backend` is up or down, or (after a restart) the maps do:
+    /// a backend restored down stays down until its check passes `rise` times. Only
+    /// the config file has health checks.
     pub fn set_health(&mut self, backend: BackendKey, up: bool) {
         if let Input::File { health, stale, .. } = &mut self.input {
             health.insert(backend, up);
@@ -331,7 +317,6 @@ impl Source {
                 specs,
                 health,
                 stale,
-                reread,
                 ..
             } => {
                 if !std::mem::take(stale) {
@@ -347,13 +332,11 @@ impl Source {
                 if update.changed {
                     *desired = wanted;
                 }
-                if std::mem::take(reread) {
-                    health.retain(|key, _| has_backend(specs, key));
-                    update.checks = Some(Checks {
-                        probes: probes(specs, health),
-                        node_ports: BTreeMap::new(),
-                    });
-                }
+                health.retain(|key, _| has_backend(specs, key));
+                update.checks = Some(Checks {
+                    probes: probes(specs, health),
+                    node_ports: BTreeMap::new(),
+                });
             }
             Input::Manifests { index, .. } | Input::Kube { index, .. } => {
                 if !index.cluster.synced() {
