@@ -1,9 +1,14 @@
-//! `lb-agent run`: the standalone agent. One direction of flow:
-//! config file + health events -> `model::Desired` -> plan -> the writer task, which
-//! alone owns the maps. Stopping the agent leaves the program attached and the maps
-//! pinned (forwarding continues); the next agent adopts them.
+//! `lb-agent run`: the one agent loop, for every source. One direction of flow:
+//! source (config file, manifests or cluster; `source::Source`) -> `model::Desired` ->
+//! plan -> the writer task, which alone owns the maps. The loop owns the signals
+//! (SIGINT/SIGTERM stop, SIGHUP re-reads the file or directory), the admin endpoint's
+//! state, the writer, the health checks (probes of the file's backends,
+//! healthCheckNodePorts of the cluster's Services) and the L7 hop; what is written to
+//! Kubernetes goes through `kube_writes`.
+//!
+//! Stopping the agent leaves the program attached and the maps pinned (forwarding
+//! continues); the next agent adopts them.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,44 +19,22 @@ use lb_common::HEALTH_DOWN;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
-use crate::admin::{self, AgentState};
+use crate::admin::{self, AgentState, PART_L7};
 use crate::dataplane::Dataplane;
 use crate::dataplane::pins::{self, Attachment, ModeChoice};
-use crate::health::{HealthEvent, Monitor, Target};
-use crate::source::file::{FileSource, Update};
-use lb_core::config::ServiceSpec;
-use lb_core::model::{self, Desired, Endpoint, Health};
+use crate::health::{HealthEvent, Monitor};
+use crate::kube_writes::KubeWrites;
+use crate::service_health::ServiceHealth;
+use crate::source::{BackendKey, NodeOptions, Origin, Problem, Source, Update};
+use l7::L7Hop;
+use lb_core::model::Desired;
 use lb_core::plan::{self, Applied, meta_endpoint, service_name};
 
-/// A backend as health checking knows it: (service name, endpoint).
-pub type BackendKey = (String, Endpoint);
-
-mod kubernetes;
 mod l7;
-
-/// Where the services come from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// An xlb config file.
-    Config(PathBuf),
-    /// The cluster's API server.
-    Kube,
-    /// A directory of Kubernetes YAML.
-    Manifests(PathBuf),
-}
-
-/// This node, for the Kubernetes sources.
-#[derive(Debug, Clone, Default)]
-pub struct NodeOptions {
-    /// Selects the Node object and the endpoints that are local.
-    pub name: Option<String>,
-    /// NodePort addresses; empty = those of the Node object.
-    pub addresses: Vec<std::net::IpAddr>,
-}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub source: Source,
+    pub source: Origin,
     pub node: NodeOptions,
     /// Admin HTTP listener (health, readiness, metrics).
     pub admin: SocketAddr,
@@ -60,7 +43,7 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Start from scratch: detach and unpin what a previous agent left.
     pub replace: bool,
-    /// How often the file is checked for changes.
+    /// How often the file or directory is checked for changes.
     pub poll: Duration,
     /// The L7 hop, when `--l7`.
     pub l7: Option<L7Options>,
@@ -77,22 +60,24 @@ pub struct L7Options {
     pub publish_addresses: Vec<std::net::IpAddr>,
 }
 
-/// Runs until SIGINT or SIGTERM.
+/// Runs until SIGINT or SIGTERM. Without an interface this is an L7-only instance: no
+/// XDP, no L4 translation.
 pub async fn run(opts: RunOptions) -> Result<()> {
     if opts.interfaces.is_empty() && opts.l7.is_none() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
+    let l4 = !opts.interfaces.is_empty();
     // Pins need a bpffs under --bpffs; mount one if none is there, before anything is
     // bound, loaded or attached, so a failure leaves nothing behind.
-    if !opts.interfaces.is_empty() {
+    if l4 {
         log_bpffs(&opts.pin_dir, pins::ensure_bpffs(&opts.pin_dir)?);
     }
     let mut parts = 0;
-    if !opts.interfaces.is_empty() {
+    if l4 {
         parts |= admin::PART_DATAPLANE;
     }
     if opts.l7.is_some() {
-        parts |= admin::PART_L7;
+        parts |= PART_L7;
     }
     // The L7 listeners are bound before anything is attached: a taken port fails the
     // start, not the first request.
@@ -111,10 +96,81 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .transpose()
     })?;
     let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;
-    match &opts.source {
-        Source::Config(path) => run_config(&opts, path.clone(), state).await,
-        Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state, proxy).await,
+
+    // Validate before touching the kernel: a broken file never changes anything.
+    let mut source =
+        Source::open(&opts.source, &opts.node, opts.poll, l4, opts.l7.is_some()).await?;
+    let to_cluster = source.client().map(|client| {
+        let node = opts.node.name.as_deref().unwrap_or("unknown-node");
+        KubeWrites::start(client.clone(), node, opts.l7.is_some())
+    });
+    let (desired_tx, desired_rx) = watch::channel(Desired::default());
+    let writer = if l4 {
+        let (dp, applied) = load_dataplane(&opts).await?;
+        for backend in restored_down(&applied) {
+            source.set_health(backend, false);
+        }
+        Some(tokio::spawn(writer_task(
+            dp,
+            applied,
+            desired_rx,
+            Arc::clone(&state),
+        )))
+    } else {
+        None
+    };
+    let mut l7 = proxy
+        .zip(opts.l7.clone())
+        .map(|(proxy, options)| L7Hop::start(proxy, options));
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent<BackendKey>>();
+    let mut probes = Monitor::new(health_tx);
+    let mut node_ports = ServiceHealth::default();
+
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    loop {
+        // The maps first: the L7 snapshot is rebuilt whole, and must not delay them.
+        let mut update = Update::default();
+        desired_tx.send_if_modified(|desired| {
+            update = source.update(desired);
+            update.changed
+        });
+        report(&update.problems, &state, to_cluster.as_ref());
+        if let Some(checks) = update.checks {
+            probes.set_targets(checks.probes);
+            node_ports.set(&checks.node_ports).await;
+        }
+        if let (Some(l7), Some(cluster)) = (&mut l7, source.cluster())
+            && let Some(rebuilt) = l7.update(cluster)
+        {
+            let problems: Vec<Problem> =
+                rebuilt.problems.into_iter().map(Problem::Object).collect();
+            report(&problems, &state, to_cluster.as_ref());
+            if let Some(to_cluster) = &to_cluster {
+                to_cluster.ingress_status(rebuilt.status);
+            }
+            state.part_ready(PART_L7);
+        }
+        tokio::select! {
+            next = source.next() => next?,
+            _ = hup.recv() => source.reload(),
+            Some(event) = health_rx.recv() => source.set_health(event.key, event.up),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
     }
+    drop((l7, to_cluster, source));
+    drop(desired_tx);
+    if let Some(writer) = writer {
+        writer.await.context("writer task")?;
+        tracing::info!(
+            dir = %opts.pin_dir.display(),
+            "stopped; XDP stays attached and the maps pinned, so traffic keeps flowing \
+             (`lb-agent detach` removes them)"
+        );
+    }
+    Ok(())
 }
 
 /// Says when the agent had to mount bpffs itself.
@@ -130,22 +186,27 @@ fn log_bpffs(pin_dir: &std::path::Path, bpffs: pins::Bpffs) {
     }
 }
 
-/// The config-file agent.
-async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) -> Result<()> {
-    // Validate before touching the kernel: a broken file never changes anything.
-    let mut source = FileSource::new(&config);
-    let specs = match source.read(true) {
-        Update::Services { services, rejected } => {
-            report_rejected(&rejected);
-            state.rejected_objects.inc_by(rejected.len() as u64);
-            services
+/// Logs and counts each problem and, with `--kube`, tells the object's owner with a
+/// Warning Event (published off the loop, so a slow API server never delays the maps).
+fn report(problems: &[Problem], state: &AgentState, writes: Option<&KubeWrites>) {
+    for problem in problems {
+        match problem {
+            Problem::Config(_) => tracing::error!("{problem}"),
+            Problem::Manifest(_) => tracing::warn!("{problem}"),
+            Problem::Object(object) => {
+                tracing::warn!("{problem}");
+                if let Some(writes) = writes {
+                    writes.warn(object);
+                }
+            }
         }
-        Update::Invalid(e) => bail!("{e}"),
-        Update::Unchanged => unreachable!("a forced read is never unchanged"),
-    };
+    }
+    state.rejected_objects.inc_by(problems.len() as u64);
+}
 
-    let (dp, applied) = start_dataplane(opts).map_err(crate::capabilities::explain)?;
-    let restored_down: BTreeMap<BackendKey, bool> = applied
+/// Backends the maps hold as down: a restarted agent keeps their health.
+fn restored_down(applied: &Applied) -> Vec<BackendKey> {
+    applied
         .backends
         .values()
         .filter(|m| m.health == HEALTH_DOWN)
@@ -153,69 +214,20 @@ async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) 
             applied
                 .services
                 .get(&m.service_id)
-                .map(|s| ((service_name(s).to_owned(), meta_endpoint(m)), false))
+                .map(|s| (service_name(s).to_owned(), meta_endpoint(m)))
         })
-        .collect();
-
-    let (desired_tx, desired_rx) = watch::channel(Desired::default());
-    let writer = tokio::spawn(writer_task(dp, applied, desired_rx, Arc::clone(&state)));
-
-    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<HealthEvent<BackendKey>>();
-    let mut monitor = Monitor::new(health_tx);
-    let mut health: BTreeMap<BackendKey, bool> = restored_down;
-    let mut specs = specs;
-    monitor.set_targets(health_targets(&specs, &health));
-    publish(&desired_tx, &specs, &health);
-    tracing::info!(config = %config.display(), "running");
-
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut poll = tokio::time::interval(opts.poll);
-    loop {
-        let update = tokio::select! {
-            _ = poll.tick() => Some(source.read(false)),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", config.display());
-                Some(source.read(true))
-            }
-            Some(event) = health_rx.recv() => {
-                health.insert(event.key, event.up);
-                None
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        match update {
-            Some(Update::Unchanged) => continue,
-            Some(Update::Invalid(e)) => {
-                tracing::error!("config rejected, nothing changed: {e}");
-                continue;
-            }
-            Some(Update::Services { services, rejected }) => {
-                report_rejected(&rejected);
-                state.rejected_objects.inc_by(rejected.len() as u64);
-                tracing::info!(services = services.len(), "config reloaded");
-                specs = services;
-                health.retain(|key, _| has_backend(&specs, key));
-                monitor.set_targets(health_targets(&specs, &health));
-            }
-            None => {}
-        }
-        publish(&desired_tx, &specs, &health);
-    }
-    drop(desired_tx);
-    writer.await.context("writer task")?;
-    stopped(opts);
-    Ok(())
+        .collect()
 }
 
-fn stopped(opts: &RunOptions) {
-    tracing::info!(
-        dir = %opts.pin_dir.display(),
-        "stopped; XDP stays attached and the maps pinned, so traffic keeps flowing \
-         (`lb-agent detach` removes them)"
-    );
+/// Loads the program and its maps on a blocking thread: meanwhile the Kubernetes
+/// source lists the cluster (loading and creating the maps takes a few hundred
+/// milliseconds).
+async fn load_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
+    let opts = opts.clone();
+    tokio::task::spawn_blocking(move || start_dataplane(&opts))
+        .await
+        .context("loading the data plane")?
+        .map_err(crate::capabilities::explain)
 }
 
 /// Loads the program with the pinned maps (adopting them when present), attaches it
@@ -266,71 +278,6 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         );
     }
     Ok((dp, applied))
-}
-
-fn report_rejected(rejected: &[lb_core::config::ServiceError]) {
-    for error in rejected {
-        tracing::error!("config: {error}");
-    }
-}
-
-fn has_backend(specs: &[ServiceSpec], (service, endpoint): &BackendKey) -> bool {
-    specs.iter().any(|s| {
-        &s.name == service
-            && s.backends
-                .iter()
-                .any(|b| b.address == endpoint.addr && b.port == endpoint.port)
-    })
-}
-
-/// Every backend that has a health check, with the state it starts in.
-fn health_targets(
-    specs: &[ServiceSpec],
-    health: &BTreeMap<BackendKey, bool>,
-) -> BTreeMap<BackendKey, Target> {
-    let mut targets = BTreeMap::new();
-    for spec in specs {
-        for backend in &spec.backends {
-            if let Some(check) = spec.health_for(backend) {
-                let endpoint = Endpoint {
-                    addr: backend.address,
-                    port: backend.port,
-                };
-                let key = (spec.name.clone(), endpoint);
-                let initial_up = health.get(&key).copied().unwrap_or(true);
-                targets.insert(
-                    key,
-                    Target {
-                        addr: SocketAddr::new(backend.address, backend.port),
-                        check: check.clone(),
-                        initial_up,
-                    },
-                );
-            }
-        }
-    }
-    targets
-}
-
-fn publish(
-    tx: &watch::Sender<Desired>,
-    specs: &[ServiceSpec],
-    health: &BTreeMap<BackendKey, bool>,
-) {
-    let desired = model::from_specs(specs, |service, endpoint| {
-        match health.get(&(service.to_owned(), endpoint)) {
-            Some(false) => Health::Down,
-            _ => Health::Up,
-        }
-    });
-    tx.send_if_modified(|current| {
-        if *current == desired {
-            false
-        } else {
-            *current = desired;
-            true
-        }
-    });
 }
 
 /// The one task that writes maps: plans each new desired state against what the maps

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser as _;
-use lb_agent::agent::{self, L7Options, NodeOptions, RunOptions, Source};
+use lb_agent::agent::{self, L7Options, RunOptions};
 use lb_agent::cli::{Cli, Command, L7Args, XdpMode};
 use lb_agent::dataplane::pins::{self, ModeChoice};
 use lb_agent::l7::proxy::ProxyConfig;
+use lb_agent::source::{NodeOptions, Origin};
 use lb_core::cluster::ObjectKey;
 use lb_core::model::ingress::IngressClassConfig;
 
@@ -50,11 +51,11 @@ fn run(command: Command) -> Result<()> {
             l7,
         } => {
             let source = match (config, manifests) {
-                (Some(path), _) => Source::Config(path),
-                (None, Some(dir)) => Source::Manifests(dir),
+                (Some(path), _) => Origin::Config(path),
+                (None, Some(dir)) => Origin::Manifests(dir),
                 (None, None) => {
                     debug_assert!(kube, "clap requires one source");
-                    Source::Kube
+                    Origin::Kube
                 }
             };
             let opts = RunOptions {

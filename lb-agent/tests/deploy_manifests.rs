@@ -1,5 +1,6 @@
 //! deploy/ checked against the code it deploys: every manifest parses into k8s-openapi
-//! types; the ClusterRole grants exactly `REQUIRED_ACCESS` and `L7_ACCESS`; the binding, namespace,
+//! types; the ClusterRole grants exactly the agent's reads (`source::kube::READS`,
+//! `L7_READS`) and writes (`kube_writes::WRITES`, `L7_WRITES`); the binding, namespace,
 //! service account and ConfigMap references fit together; the DaemonSet's arguments
 //! parse with the agent's own clap definitions (`lb_agent::cli`) and its probes, port
 //! and bpffs mount agree with them; the container recipe names paths, xtask
@@ -16,7 +17,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Probe};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lb_agent::cli::{Cli, Command};
-use lb_agent::source::kube::{L7_ACCESS, REQUIRED_ACCESS};
+use lb_agent::kube_writes::{L7_WRITES, WRITES};
+use lb_agent::source::kube::{L7_READS, READS};
 use manifests::{Doc, Object};
 
 fn docs() -> Vec<Doc> {
@@ -97,9 +99,11 @@ fn grants(rules: &[PolicyRule]) -> Result<BTreeSet<(String, String, String)>, St
 
 /// What the agent asks for, with the L7 hop (the DaemonSet runs it).
 fn required() -> BTreeSet<(String, String, String)> {
-    REQUIRED_ACCESS
+    READS
         .iter()
-        .chain(L7_ACCESS)
+        .chain(L7_READS)
+        .chain(WRITES)
+        .chain(L7_WRITES)
         .flat_map(|a| {
             a.verbs
                 .iter()
@@ -119,8 +123,9 @@ fn compare_access(rules: &[PolicyRule]) -> Option<String> {
     let extra: Vec<_> = granted.difference(&want).collect();
     (!missing.is_empty() || !extra.is_empty()).then(|| {
         format!(
-            "the ClusterRole must grant exactly REQUIRED_ACCESS and L7_ACCESS \
-             (lb-agent/src/source/kube.rs); \
+            "the ClusterRole must grant exactly READS and L7_READS \
+             (lb-agent/src/source/kube.rs) and WRITES and L7_WRITES \
+             (lb-agent/src/kube_writes.rs); \
              missing (group, resource, verb): {missing:?}; not used by the agent: {extra:?}"
         )
     })

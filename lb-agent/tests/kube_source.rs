@@ -14,9 +14,8 @@ use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use lb_agent::source::kube::{
-    self as kube_source, EventPublisher, L7_ACCESS, REQUIRED_ACCESS, SECRET_FIELD_SELECTOR,
-};
+use lb_agent::kube_writes::{EventPublisher, WRITES};
+use lb_agent::source::kube::{self as kube_source, L7_READS, READS, SECRET_FIELD_SELECTOR};
 use lb_core::cluster::{Cluster, ClusterEvent, Dirty, Kind, Object, ObjectKey};
 use lb_testbed::{self as testbed, ApiServer, Netns};
 use tokio::sync::mpsc;
@@ -519,8 +518,8 @@ fn bookmarks_are_harmless_and_advance_the_resume_point() {
     });
 }
 
-/// Everything the source and the Event publisher ask of the server is in
-/// REQUIRED_ACCESS (and RBAC built from it would therefore suffice); Events are
+/// Everything the source and the Event publisher ask of the server is in READS and
+/// WRITES (and RBAC built from them would therefore suffice); Events are
 /// published once per problem, as Warnings about the object.
 #[test]
 fn requests_stay_within_required_access_and_events_are_deduplicated() {
@@ -573,10 +572,10 @@ fn requests_stay_within_required_access_and_events_are_deduplicated() {
         // Leave out the test's own lists (through `server_state`): none were made.
         let mut used = BTreeSet::new();
         for r in server.requests() {
-            let allowed = REQUIRED_ACCESS.iter().any(|a| {
+            let allowed = READS.iter().chain(WRITES).any(|a| {
                 a.group == r.group && a.resource == r.resource && a.verbs.contains(&r.verb.as_str())
             });
-            assert!(allowed, "request outside REQUIRED_ACCESS: {r:?}");
+            assert!(allowed, "request outside READS and WRITES: {r:?}");
             used.insert((r.group, r.resource, r.verb));
         }
         for (group, resource) in [
@@ -702,13 +701,10 @@ fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
             );
         }
         for r in server.requests() {
-            let allowed = REQUIRED_ACCESS.iter().chain(L7_ACCESS).any(|a| {
+            let allowed = READS.iter().chain(L7_READS).any(|a| {
                 a.group == r.group && a.resource == r.resource && a.verbs.contains(&r.verb.as_str())
             });
-            assert!(
-                allowed,
-                "request outside REQUIRED_ACCESS and L7_ACCESS: {r:?}"
-            );
+            assert!(allowed, "request outside READS and L7_READS: {r:?}");
         }
     });
 }

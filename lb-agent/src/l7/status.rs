@@ -1,14 +1,12 @@
-//! Ingress status: the addresses the L7 hop is reached on, written to
-//! `status.loadBalancer.ingress` of every Ingress it serves (with `--kube`). Each agent
-//! writes the same value, so concurrent writers agree; only a difference is written.
+//! Ingress status, computed: the addresses the L7 hop is reached on, for
+//! `status.loadBalancer.ingress` of every Ingress it serves. Pure; `kube_writes` writes
+//! the result (with `--kube`). Each agent computes the same value, so concurrent writers
+//! agree; only a difference is written.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{Api, Patch, PatchParams};
-use tokio::sync::watch;
 
 use lb_core::cluster::ObjectKey;
 
@@ -69,41 +67,6 @@ pub fn updates<'a>(
         .filter(|(_, ingress)| current(ingress) != wanted)
         .map(|(key, _)| (key.clone(), wanted.to_vec()))
         .collect()
-}
-
-/// Writes the latest wanted updates, one merge patch of the status subresource per
-/// Ingress. A failure is logged and retried after `retry` while it is still wanted.
-pub async fn writer(client: kube::Client, mut wanted: watch::Receiver<Updates>, retry: Duration) {
-    loop {
-        let batch = wanted.borrow_and_update().clone();
-        let mut failed = false;
-        for (key, addresses) in &batch {
-            let api: Api<Ingress> = Api::namespaced(client.clone(), &key.namespace);
-            let ingress: Vec<_> = addresses
-                .iter()
-                .map(|ip| serde_json::json!({ "ip": ip }))
-                .collect();
-            let patch = serde_json::json!({ "status": { "loadBalancer": { "ingress": ingress } } });
-            match api
-                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => tracing::info!(ingress = %key, ?addresses, "Ingress status updated"),
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(ingress = %key, "Ingress status not updated: {e}");
-                }
-            }
-        }
-        let next = if failed {
-            tokio::time::timeout(retry, wanted.changed()).await.ok()
-        } else {
-            Some(wanted.changed().await)
-        };
-        if matches!(next, Some(Err(_))) {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]

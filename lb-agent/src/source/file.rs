@@ -9,7 +9,7 @@ use lb_core::config::{self, ServiceError, ServiceSpec};
 
 /// The outcome of one read.
 #[derive(Debug)]
-pub enum Update {
+pub enum Read {
     /// The file's bytes did not change since the last read.
     Unchanged,
     /// The services to serve now; `rejected` says what was refused (and, for a
@@ -43,25 +43,25 @@ impl FileSource {
     }
 
     /// Reads the file; `force` re-evaluates even when the bytes are unchanged (SIGHUP).
-    pub fn read(&mut self, force: bool) -> Update {
+    pub fn read(&mut self, force: bool) -> Read {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
-            Err(e) => return Update::Invalid(format!("cannot read {}: {e}", self.path.display())),
+            Err(e) => return Read::Invalid(format!("cannot read {}: {e}", self.path.display())),
         };
         if !force && self.last_bytes.as_ref() == Some(&bytes) {
-            return Update::Unchanged;
+            return Read::Unchanged;
         }
         self.last_bytes = Some(bytes.clone());
         let text = match String::from_utf8(bytes) {
             Ok(text) => text,
-            Err(e) => return Update::Invalid(format!("{}: not UTF-8: {e}", self.path.display())),
+            Err(e) => return Read::Invalid(format!("{}: not UTF-8: {e}", self.path.display())),
         };
         match config::parse(&text) {
             Ok(parsed) => {
                 let (services, rejected) = self.merge(parsed.services, parsed.rejected);
-                Update::Services { services, rejected }
+                Read::Services { services, rejected }
             }
-            Err(e) => Update::Invalid(format!("{}: {e}", self.path.display())),
+            Err(e) => Read::Invalid(format!("{}: {e}", self.path.display())),
         }
     }
 

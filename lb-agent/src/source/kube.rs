@@ -1,30 +1,26 @@
 //! `--kube`: kube-rs watchers on Services, EndpointSlices and Nodes (with `--l7` also
 //! Ingresses, IngressClasses and `kubernetes.io/tls` Secrets), turned into
-//! `ClusterEvent`s, and the Kubernetes Events the agent publishes about objects it
-//! skips.
+//! `ClusterEvent`s. This module only reads; what the agent writes to the cluster is in
+//! `kube_writes`.
 //!
 //! Every complete list (the first one, and every relist after a 410 Gone or a
 //! reconnect that cannot resume) arrives as one `Replace`, never as deletes and adds,
 //! so `Cluster::apply` finds unchanged objects unchanged and nothing is rewritten:
 //! forwarding keeps the last known state while the API server is away (fail-static).
 
-use std::collections::{HashSet, VecDeque};
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
 
 use futures_util::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use lb_core::cluster::{ClusterEvent, Kind, Object, ObjectKey};
+use lb_core::cluster::{ClusterEvent, Kind, Object};
 
 /// One RBAC rule the agent needs: API group ("" = core), resource, verbs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,12 +30,11 @@ pub struct Access {
     pub verbs: &'static [&'static str],
 }
 
-/// Everything the agent asks of the API server. deploy/'s ClusterRole grants exactly
-/// this (a test checks both directions). The watchers list and watch; `get` is
+/// What the source asks of the API server: the watchers list and watch; `get` is
 /// granted as read access conventionally comes (and for `kubectl`-style debugging with
-/// the agent's account); Events are only created, never patched (see
-/// [`EventPublisher`]).
-pub const REQUIRED_ACCESS: &[Access] = &[
+/// the agent's account). With `kube_writes::WRITES` this is exactly what deploy/'s
+/// ClusterRole grants (a test checks both directions).
+pub const READS: &[Access] = &[
     Access {
         group: "",
         resource: "services",
@@ -55,17 +50,11 @@ pub const REQUIRED_ACCESS: &[Access] = &[
         resource: "nodes",
         verbs: &["get", "list", "watch"],
     },
-    Access {
-        group: "events.k8s.io",
-        resource: "events",
-        verbs: &["create"],
-    },
 ];
 
-/// What the L7 hop adds to [`REQUIRED_ACCESS`] (with `--l7`): its kinds read, and the
-/// Ingress status written (a merge patch of the status subresource). deploy/'s
-/// ClusterRole grants both sets.
-pub const L7_ACCESS: &[Access] = &[
+/// What the L7 hop adds to [`READS`] (with `--l7`): its kinds (and
+/// `kube_writes::L7_WRITES` the Ingress status).
+pub const L7_READS: &[Access] = &[
     Access {
         group: "networking.k8s.io",
         resource: "ingresses",
@@ -80,12 +69,6 @@ pub const L7_ACCESS: &[Access] = &[
         group: "",
         resource: "secrets",
         verbs: &["get", "list", "watch"],
-    },
-    Access {
-        group: "networking.k8s.io",
-        resource: "ingresses/status",
-        // The status writer sends merge patches; it never replaces the object.
-        verbs: &["patch"],
     },
 ];
 
@@ -279,163 +262,6 @@ fn is_gone(error: &watcher::Error) -> bool {
     }
 }
 
-/// Who reports the Events (`reportingController`).
-pub const REPORTING_CONTROLLER: &str = "xlb/lb-agent";
-
-/// How many published problems are remembered for de-duplication; the oldest are
-/// forgotten first (and would be published again if they recur).
-const REMEMBERED_PROBLEMS: usize = 10_000;
-
-/// The API's limits on Event fields (bytes).
-const MAX_NOTE: usize = 1024;
-const MAX_REASON: usize = 128;
-
-/// Publishes a Warning Event (events.k8s.io/v1) about an object the translation had to
-/// skip, so `kubectl describe` on the object shows why, once per problem: the same
-/// (object, reason, note) is published only once per agent run (the translation
-/// meets it again on every change of the Service; the Event says it once).
-///
-/// Events are created, never patched (no series counting), so the agent needs only
-/// `create` on events. Cheap to clone; clones share the de-duplication.
-#[derive(Clone)]
-pub struct EventPublisher {
-    inner: Arc<PublisherInner>,
-}
-
-struct PublisherInner {
-    client: kube::Client,
-    /// `reportingInstance`: `lb-agent-<node>`, so each node's agent is told apart.
-    instance: String,
-    published: Mutex<Remembered>,
-}
-
-type Problem = (Kind, ObjectKey, String, String);
-
-#[derive(Default)]
-struct Remembered {
-    set: HashSet<Problem>,
-    order: VecDeque<Problem>,
-}
-
-impl Remembered {
-    /// False if already remembered.
-    fn insert(&mut self, problem: Problem) -> bool {
-        if !self.set.insert(problem.clone()) {
-            return false;
-        }
-        self.order.push_back(problem);
-        while self.order.len() > REMEMBERED_PROBLEMS {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        true
-    }
-
-    fn remove(&mut self, problem: &Problem) {
-        if self.set.remove(problem) {
-            self.order.retain(|p| p != problem);
-        }
-    }
-}
-
-impl EventPublisher {
-    pub fn new(client: kube::Client, node_name: &str) -> EventPublisher {
-        EventPublisher {
-            inner: Arc::new(PublisherInner {
-                client,
-                instance: truncate(&format!("lb-agent-{node_name}"), 128).to_owned(),
-                published: Mutex::default(),
-            }),
-        }
-    }
-
-    /// Publishes a Warning about `object` (for a Node, `object.namespace` is ignored
-    /// and the Event goes to "default", as the kubelet's do). Returns `Ok(false)`
-    /// without calling the API when this problem was published already. A failed
-    /// create is not remembered, so the next report of the problem tries again.
-    pub async fn warn(
-        &self,
-        kind: Kind,
-        object: &ObjectKey,
-        reason: &str,
-        note: &str,
-    ) -> Result<bool, kube::Error> {
-        let problem = (kind, object.clone(), reason.to_owned(), note.to_owned());
-        if !self.remembered().insert(problem.clone()) {
-            return Ok(false);
-        }
-        let event = self.event(kind, object, reason, note);
-        let namespace = event.metadata.namespace.clone().unwrap_or_default();
-        let api: Api<KubeEvent> = Api::namespaced(self.inner.client.clone(), &namespace);
-        match api.create(&PostParams::default(), &event).await {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                self.remembered().remove(&problem);
-                Err(e)
-            }
-        }
-    }
-
-    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
-        self.inner
-            .published
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn event(&self, kind: Kind, object: &ObjectKey, reason: &str, note: &str) -> KubeEvent {
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let (api_version, namespace) = match kind {
-            Kind::Service | Kind::Secret => ("v1", Some(object.namespace.clone())),
-            Kind::EndpointSlice => ("discovery.k8s.io/v1", Some(object.namespace.clone())),
-            Kind::Node => ("v1", None),
-            Kind::Ingress => ("networking.k8s.io/v1", Some(object.namespace.clone())),
-            Kind::IngressClass => ("networking.k8s.io/v1", None),
-        };
-        let event_namespace = namespace.clone().unwrap_or_else(|| "default".to_owned());
-        KubeEvent {
-            metadata: ObjectMeta {
-                // Unique like kubectl's: the object's name and the time in hex.
-                name: Some(format!(
-                    "{}.{:x}",
-                    truncate(&object.name, 200),
-                    now.as_nanosecond()
-                )),
-                namespace: Some(event_namespace),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(now)),
-            type_: Some("Warning".to_owned()),
-            reason: Some(truncate(reason, MAX_REASON).to_owned()),
-            note: Some(truncate(note, MAX_NOTE).to_owned()),
-            action: Some("Translate".to_owned()),
-            regarding: Some(ObjectReference {
-                api_version: Some(api_version.to_owned()),
-                kind: Some(kind.to_string()),
-                name: Some(object.name.clone()),
-                namespace,
-                ..ObjectReference::default()
-            }),
-            reporting_controller: Some(REPORTING_CONTROLLER.to_owned()),
-            reporting_instance: Some(self.inner.instance.clone()),
-            ..KubeEvent::default()
-        }
-    }
-}
-
-/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,35 +356,5 @@ mod tests {
         relay.step(Ok(watcher::Event::Init));
         relay.step(Ok(watcher::Event::InitDone));
         assert_eq!(relay.failures, 0);
-    }
-
-    #[test]
-    fn remembered_problems_are_bounded_and_forgettable() {
-        let mut remembered = Remembered::default();
-        let problem = |i: usize| {
-            (
-                Kind::Service,
-                ObjectKey::new("ns", &format!("s{i}")),
-                "R".to_owned(),
-                "n".to_owned(),
-            )
-        };
-        assert!(remembered.insert(problem(0)));
-        assert!(!remembered.insert(problem(0)));
-        remembered.remove(&problem(0));
-        assert!(remembered.insert(problem(0)));
-        for i in 1..=REMEMBERED_PROBLEMS {
-            assert!(remembered.insert(problem(i)));
-        }
-        assert_eq!(remembered.set.len(), REMEMBERED_PROBLEMS);
-        // The oldest was forgotten.
-        assert!(remembered.insert(problem(0)));
-    }
-
-    #[test]
-    fn truncation_keeps_char_boundaries() {
-        assert_eq!(truncate("abc", 5), "abc");
-        assert_eq!(truncate("abcdef", 3), "abc");
-        assert_eq!(truncate("aé", 2), "a");
     }
 }
