@@ -13,11 +13,12 @@
 //! namespace's plain routing (no NAT: the ceiling of the path).
 //!
 //! Every configuration serves the same VIP, 203.0.113.10: port 80 -> every backend's
-//! HTTP server on 8080, and port 5201 -> backend 0's iperf3 server (iperf3 opens a control
-//! and a data connection that must reach the same server, which neither random choice nor
-//! per-connection hashing guarantees across several backends). Measurements, each bounded
-//! by `--secs`: wrk keep-alive (requests/s, p99), wrk with `Connection: close` (one request
-//! per connection: new connections/s, p99), iperf3 (client -> VIP TCP throughput).
+//! HTTP server on 8080 (the harness's, pinned), and port 5201 -> backend 0's iperf3
+//! server (iperf3 opens a control and a data connection that must reach the same server,
+//! which neither random choice nor per-connection hashing guarantees across several
+//! backends). Measurements, each bounded by `--secs`: wrk keep-alive (requests/s, p99),
+//! wrk with `Connection: close` (one request per connection: new connections/s, p99),
+//! iperf3 (client -> VIP TCP throughput).
 //!
 //! Only one configuration is active at a time: before each, the LB namespace must have no
 //! iptables or nftables rule and no XDP program; after it, its rules are flushed or xlb
@@ -27,7 +28,6 @@
 //! fresh client address, so `TIME_WAIT` sockets and conntrack entries left by the previous
 //! configuration cannot collide with its connections.
 
-pub mod http;
 pub mod load;
 mod xlb;
 
@@ -38,9 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_testbed::{self as testbed, Netns, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, Netns, ServerHandle, Topology, TopologyConfig};
 
-use self::http::HttpServer;
 use self::load::{CpuTimes, Iperf, IperfResult, Wrk, WrkResult};
 use crate::kube_proxy::{self, ServicePort};
 use crate::report::{self, mark, ratio};
@@ -173,7 +172,7 @@ struct Bench<'a> {
     services: Vec<ServicePort>,
     /// (load generators, servers) CPUs when pinning.
     cpus: Option<(usize, usize)>,
-    servers: Vec<HttpServer>,
+    servers: Vec<ServerHandle>,
     /// The iperf3 server's PID (in backend 0's namespace).
     iperf_server: u32,
     topo: Topology,
@@ -323,7 +322,7 @@ impl<'a> Bench<'a> {
         let mut servers = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_HTTP_PORT);
-            servers.push(http::spawn_http_server(
+            servers.push(testbed::spawn_pinned_http_server(
                 ns,
                 bind,
                 &format!("backend-{i}"),
@@ -509,7 +508,7 @@ impl<'a> Bench<'a> {
         // anything is timed.
         let mut seen = BTreeMap::<String, u32>::new();
         for _ in 0..8 * self.args.backends {
-            let name = http::get(client, http, Duration::from_secs(2))?;
+            let name = testbed::http_get(client, http, Duration::from_secs(2))?;
             *seen.entry(name).or_default() += 1;
         }
         tracing::info!(config = config.label(), ?seen, "path check");
@@ -550,7 +549,7 @@ impl<'a> Bench<'a> {
     fn server_cpu(&self) -> Duration {
         self.servers
             .iter()
-            .map(HttpServer::cpu_time)
+            .map(ServerHandle::cpu_time)
             .sum::<Duration>()
             + load::process_cpu_time(self.iperf_server)
     }
@@ -558,7 +557,7 @@ impl<'a> Bench<'a> {
     /// Runs `f` (one load generator run) and records per-backend requests and CPU use.
     fn measure<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
         check_interrupted()?;
-        let requests = |s: &[HttpServer]| s.iter().map(HttpServer::requests).collect::<Vec<_>>();
+        let requests = |s: &[ServerHandle]| s.iter().map(ServerHandle::served).collect::<Vec<_>>();
         let (req0, srv0, child0) = (
             requests(&self.servers),
             self.server_cpu(),

@@ -13,7 +13,8 @@
 //! backend 1 over plain HTTP and over TLS (one certificate from a CA made by the run,
 //! ECDSA P-256, HTTP/2 offered by ALPN; wrk speaks HTTP/1.1). nginx gets a configuration
 //! written here (`nginx.rs`), xlb the equivalent Ingress, Service, EndpointSlice and
-//! Secret manifests (`xlb.rs`). The backends are the e2e benchmark's small HTTP servers.
+//! Secret manifests (`xlb.rs`). The backends are the harness's HTTP servers,
+//! as in the e2e benchmark.
 //!
 //! Pinning (2 CPUs): wrk and both backends on the first allowed CPU, the proxy under test
 //! alone on the others; nginx gets `worker_processes N` and xlb `TOKIO_WORKER_THREADS=N`
@@ -32,11 +33,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_testbed::{self as testbed, AgentProcess, Netns, TestCa, Topology, TopologyConfig};
+use lb_testbed::{
+    self as testbed, AgentProcess, Netns, ServerHandle, TestCa, Topology, TopologyConfig,
+};
 
 use self::nginx::Nginx;
 use self::wrk::{Outcome, Wrk};
-use crate::e2e::http::{self as backend_http, HttpServer};
 use crate::e2e::{self, load};
 use crate::report::{self, mark, ratio};
 
@@ -193,7 +195,7 @@ struct Run {
 /// Namespaces, backends and files for the whole run. Fields drop in order: backends,
 /// namespaces (killing what runs in them), then the files.
 struct Bed {
-    backends: Vec<HttpServer>,
+    backends: Vec<ServerHandle>,
     topo: Topology,
     files: Files,
     /// xlb's Kubernetes objects.
@@ -461,7 +463,7 @@ impl Bed {
         let mut backends = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT);
-            backends.push(backend_http::spawn_http_server(
+            backends.push(testbed::spawn_pinned_http_server(
                 ns,
                 bind,
                 &format!("backend-{i}"),
@@ -477,7 +479,7 @@ impl Bed {
     }
 
     fn requests(&self) -> Vec<u64> {
-        self.backends.iter().map(HttpServer::requests).collect()
+        self.backends.iter().map(ServerHandle::served).collect()
     }
 }
 
