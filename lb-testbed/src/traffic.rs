@@ -149,6 +149,24 @@ fn spawn_tcp_server(
     })
 }
 
+/// Starts [`spawn_tcp_peer_server`]s answering `backend-<i>` on the IPv4
+/// addresses of the topology's first `count` backends at `port`.
+pub fn spawn_backend_peer_servers(
+    topo: &super::Topology,
+    count: usize,
+    port: u16,
+) -> anyhow::Result<Vec<ServerHandle>> {
+    (0..count)
+        .map(|i| {
+            spawn_tcp_peer_server(
+                &topo.backends[i],
+                SocketAddr::new(IpAddr::V4(super::Topology::backend_v4(i)), port),
+                &format!("backend-{i}"),
+            )
+        })
+        .collect()
+}
+
 /// Runs a UDP server in `ns`, bound to `bind`, that answers every datagram
 /// with `name` and a newline, sent back to the datagram's source. It serves
 /// on its own thread until the handle is dropped.
@@ -184,7 +202,9 @@ pub(super) fn spawn_server(
             let state = Arc::clone(&state);
             move || {
                 // SAFETY: gettid has no preconditions.
-                state.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                state
+                    .tid
+                    .store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 let pinned = cpu.map_or(Ok(()), pin_current_thread);
                 let failed = pinned.is_err();
                 // The receiver waits for this message; it cannot be gone yet.
