@@ -260,13 +260,7 @@ pub fn run(args: &Args) -> Result<()> {
             "reproduce": reproduce(args),
         }),
     )?;
-    let problems: usize = runs.iter().map(|r| r.problems.len()).sum();
-    if problems > 0 {
-        bail!(
-            "{problems} check(s) failed; see PROBLEM lines above (the figures of those runs are not trustworthy)"
-        );
-    }
-    Ok(())
+    report::fail_on_problems(runs.iter().map(|r| r.problems.len()).sum())
 }
 
 fn validate(args: &Args) -> Result<()> {
@@ -287,11 +281,7 @@ fn validate(args: &Args) -> Result<()> {
 
 /// The external programs this benchmark drives; `cargo xtask bench e2e` installs them.
 fn check_tools() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .collect();
-    let missing: Vec<&str> = [
+    let missing = report::missing_tools(&[
         "wrk",
         "iperf3",
         "iptables-restore",
@@ -299,10 +289,7 @@ fn check_tools() -> Result<()> {
         "nft",
         "taskset",
         "ss",
-    ]
-    .into_iter()
-    .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
-    .collect();
+    ]);
     if !missing.is_empty() {
         bail!(
             "missing {}; run the benchmark through `cargo xtask bench e2e`, which installs them",
@@ -1051,19 +1038,12 @@ fn print_checks(runs: &[Run]) {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
+    use crate::report::parse_args;
 
     #[test]
     fn defaults_and_reproduce_line() {
-        let args = Cli::parse_from(["x"]).args;
+        let args = parse_args::<Args>(&[]);
         assert_eq!(
             args.configs,
             [
@@ -1079,10 +1059,10 @@ mod tests {
             reproduce(&args),
             "cargo xtask bench e2e --backends 4 --secs 4 --connections 32 --threads 1 --rounds 3 --configs loopback,direct,iptables,nftables,xlb"
         );
-        let args = Cli::parse_from(["x", "--configs", "xlb,iptables", "--no-pin"]).args;
+        let args = parse_args::<Args>(&["--configs", "xlb,iptables", "--no-pin"]);
         assert_eq!(args.configs, [Config::Xlb, Config::Iptables]);
         assert!(reproduce(&args).ends_with("--configs xlb,iptables --no-pin"));
-        assert!(validate(&Cli::parse_from(["x", "--backends", "0"]).args).is_err());
+        assert!(validate(&parse_args::<Args>(&["--backends", "0"])).is_err());
     }
 
     #[test]

@@ -334,13 +334,7 @@ pub fn run(args: &Args) -> Result<()> {
             "reproduce": reproduce(args),
         }),
     )?;
-    let problems: usize = runs.iter().map(|r| r.problems.len()).sum();
-    if problems > 0 {
-        bail!(
-            "{problems} check(s) failed; see PROBLEM lines above (those figures are not trustworthy)"
-        );
-    }
-    Ok(())
+    report::fail_on_problems(runs.iter().map(|r| r.problems.len()).sum())
 }
 
 fn validate(args: &Args) -> Result<()> {
@@ -361,14 +355,7 @@ fn validate(args: &Args) -> Result<()> {
 
 /// The external programs this benchmark drives; `cargo xtask bench l7` installs them.
 fn check_tools() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .collect();
-    let mut missing: Vec<&str> = ["wrk", "curl", "taskset", "unshare", "ss"]
-        .into_iter()
-        .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
-        .collect();
+    let mut missing = report::missing_tools(&["wrk", "curl", "taskset", "unshare", "ss"]);
     if nginx::binary().is_none() {
         missing.push("nginx");
     }
@@ -989,19 +976,12 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
+    use crate::report::parse_args;
 
     #[test]
     fn defaults_and_reproduce_line() {
-        let args = Cli::parse_from(["x"]).args;
+        let args = parse_args::<Args>(&[]);
         validate(&args).unwrap();
         assert_eq!(
             args.scenarios,
@@ -1012,10 +992,10 @@ mod tests {
             "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
              --rounds 2 --scenarios http,https,close"
         );
-        let args = Cli::parse_from(["x", "--scenarios", "https", "--no-pin"]).args;
+        let args = parse_args::<Args>(&["--scenarios", "https", "--no-pin"]);
         assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));
-        assert!(validate(&Cli::parse_from(["x", "--proxy-threads", "0"]).args).is_err());
-        assert!(validate(&Cli::parse_from(["x", "--rounds", "0"]).args).is_err());
+        assert!(validate(&parse_args::<Args>(&["--proxy-threads", "0"])).is_err());
+        assert!(validate(&parse_args::<Args>(&["--rounds", "0"])).is_err());
     }
 
     #[test]
@@ -1053,7 +1033,7 @@ mod tests {
 
     #[test]
     fn target_needs_both_throughput_and_p99() {
-        let args = Cli::parse_from(["x", "--scenarios", "http"]).args;
+        let args = parse_args::<Args>(&["--scenarios", "http"]);
         let met = summarize(
             &args,
             &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 110.0, 2.0)],
