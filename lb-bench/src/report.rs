@@ -53,6 +53,20 @@ pub fn parse_args<A: clap::Args>(args: &[&str]) -> A {
         .args
 }
 
+/// The median of `v` (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
+}
+
 /// Nearest-rank percentile `p` (0 < p <= 100) of sorted samples.
 pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
     assert!(!sorted.is_empty(), "percentile of no samples");
@@ -117,6 +131,13 @@ pub fn mark(met: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians() {
+        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(vec![4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
+        assert!(median(vec![]).is_nan());
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -741,19 +741,6 @@ struct Figures {
     throughput_cpu_ms_per_gbit: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 /// The benchmark's own CPU microseconds per completed request.
 fn per_request(m: &Measured<WrkResult>) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "request counts")]
@@ -765,7 +752,7 @@ fn summarize(args: &Args, runs: &[Run]) -> BTreeMap<&'static str, Figures> {
     let mut out = BTreeMap::new();
     for config in &args.configs {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.config == config.label()).collect();
-        let pick = |f: &dyn Fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
+        let pick = |f: &dyn Fn(&Run) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
         out.insert(
             config.label(),
             Figures {
@@ -1063,12 +1050,5 @@ mod tests {
         assert_eq!(args.configs, [Config::Xlb, Config::Iptables]);
         assert!(reproduce(&args).ends_with("--configs xlb,iptables --no-pin"));
         assert!(validate(&parse_args::<Args>(&["--backends", "0"])).is_err());
-    }
-
-    #[test]
-    fn medians() {
-        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
-        assert!((median(vec![4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
-        assert!(median(vec![]).is_nan());
     }
 }

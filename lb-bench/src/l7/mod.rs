@@ -764,19 +764,6 @@ struct Comparison {
     target_met: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
     args.scenarios
         .iter()
@@ -786,7 +773,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                     .iter()
                     .filter(|r| r.scenario == scenario.label() && r.proxy == proxy)
                     .collect();
-                let pick = |f: fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
+                let pick = |f: fn(&Run) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
                 Figures {
                     requests_per_sec: pick(|r| r.outcome.wrk.requests_per_sec),
                     p50_ms: pick(|r| r.outcome.wrk.p50_ms),
