@@ -160,15 +160,7 @@ ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
             Path::new(AGENT),
             &["--manifests", &dir],
             tag,
-            &[
-                "--l7",
-                "--l7-http",
-                "0.0.0.0:80",
-                "--l7-https",
-                "0.0.0.0:443",
-                "--poll-ms",
-                "100",
-            ],
+            &testbed::agent::L7_ARGS,
         )
         .expect("start agent")
     }

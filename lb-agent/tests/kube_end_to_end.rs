@@ -6,7 +6,7 @@
 //! and the server are removed on drop.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,9 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::cluster::Object;
 use lb_testbed::apiserver::RequestRecord;
-use lb_testbed::{
-    self as testbed, AgentProcess, ApiServer, ServerHandle, Topology, TopologyConfig,
-};
+use lb_testbed::{self as testbed, AgentProcess, ApiServer, Topology, TopologyConfig};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -119,16 +117,7 @@ fn kube_source_converges_and_writes_nothing_on_relist_or_reconnect() {
     testbed::check_privileges().expect("privileges");
     let topo = Topology::build(&TopologyConfig::new("k8skube", 3)).expect("topology");
     topo.wait_ready().expect("topology ready");
-    let _servers: Vec<ServerHandle> = (0..3)
-        .map(|i| {
-            testbed::spawn_tcp_peer_server(
-                &topo.backends[i],
-                SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), PORT),
-                &format!("backend-{i}"),
-            )
-            .expect("peer server")
-        })
-        .collect();
+    let _servers = testbed::spawn_backend_peer_servers(&topo, 3, PORT).expect("peer servers");
     let api = ApiServer::start(&topo.lb).expect("API server");
     api.apply_all([node(), web(), web_slice(&[0, 1])]);
     let kubeconfig = api.kubeconfig().display().to_string();

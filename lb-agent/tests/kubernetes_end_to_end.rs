@@ -32,16 +32,8 @@ impl Bed {
         testbed::check_privileges().expect("privileges");
         let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
         topo.wait_ready().expect("topology ready");
-        let servers = (0..backends)
-            .map(|i| {
-                testbed::spawn_tcp_peer_server(
-                    &topo.backends[i],
-                    SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), PORT),
-                    &format!("backend-{i}"),
-                )
-                .expect("peer server")
-            })
-            .collect();
+        let servers =
+            testbed::spawn_backend_peer_servers(&topo, backends, PORT).expect("peer servers");
         let dir = std::env::temp_dir().join(format!("xlb-k8s-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("manifests dir");
         Bed {

@@ -120,28 +120,11 @@ impl Bed {
         let hosts = self.hosts.display().to_string();
         AgentProcess::start_l7_only(
             &self.topo.backends[L7_NODE],
-            &[
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-                &hosts,
-            ],
+            &testbed::hosts_file_launcher(&hosts),
             Path::new(AGENT),
             &["--manifests", &dir],
             &format!("{}-l7", self.tag),
-            &[
-                "--l7",
-                "--l7-http",
-                "0.0.0.0:80",
-                "--l7-https",
-                "0.0.0.0:443",
-                "--poll-ms",
-                "100",
-            ],
+            &testbed::agent::L7_ARGS,
         )
         .expect("start the L7 agent")
     }

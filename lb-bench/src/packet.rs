@@ -116,6 +116,14 @@ pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
         Ok(results)
     })??;
 
+    print_results(&results, iterations);
+    report::write_json(
+        json,
+        &serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results }),
+    )
+}
+
+fn print_results(results: &[CaseResult], iterations: u32) {
     println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
     println!("interleaved with a trivial XDP_PASS program; {iterations} calls per case.");
     println!();
@@ -123,7 +131,7 @@ pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
         "{:<30} {:>10} {:>13} {:>7} {:>8}",
         "case", "xlb ns", "baseline ns", "ratio", "target"
     );
-    for r in &results {
+    for r in results {
         println!(
             "{:<30} {:>10} {:>13} {:>7.2} {:>6.1} {}",
             r.case,
@@ -136,8 +144,4 @@ pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
     }
     println!();
     println!("reproduce: cargo xtask bench packet --iterations {iterations}");
-    report::write_json(
-        json,
-        &serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results }),
-    )
 }

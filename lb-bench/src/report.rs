@@ -1,9 +1,34 @@
 //! What every benchmark shares: percentiles, ratios, target marks and the JSON file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+
+/// The programs of `tools` found neither on `PATH` nor in `/usr/sbin` or `/sbin`.
+pub fn missing_tools<'t>(tools: &[&'t str]) -> Vec<&'t str> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .collect();
+    tools
+        .iter()
+        .copied()
+        .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
+        .collect()
+}
+
+/// Fails when the runs found `problems` (each printed as a `PROBLEM` line): their
+/// figures are not trustworthy.
+pub fn fail_on_problems(problems: usize) -> Result<()> {
+    if problems > 0 {
+        bail!(
+            "{problems} check(s) failed; see PROBLEM lines above (the figures of those runs \
+             are not trustworthy)"
+        );
+    }
+    Ok(())
+}
 
 /// Writes `value` as pretty JSON to `path` when one was given.
 pub fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> {
@@ -14,6 +39,32 @@ pub fn write_json(path: Option<&Path>, value: &serde_json::Value) -> Result<()> 
         .with_context(|| format!("write {}", path.display()))?;
     println!("results written to {}", path.display());
     Ok(())
+}
+
+/// A benchmark's arguments parsed from `args` as `xlb-bench NAME ARGS` parses them.
+#[cfg(test)]
+pub fn parse_args<A: clap::Args>(args: &[&str]) -> A {
+    #[derive(clap::Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    <Cli<A> as clap::Parser>::parse_from(std::iter::once("xlb-bench").chain(args.iter().copied()))
+        .args
+}
+
+/// The median of `v` (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
 }
 
 /// Nearest-rank percentile `p` (0 < p <= 100) of sorted samples.
@@ -80,6 +131,13 @@ pub fn mark(met: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians() {
+        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(vec![4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
+        assert!(median(vec![]).is_nan());
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -16,6 +16,19 @@ use lb_agent::status::Report;
 /// How often `wait_for` reads the pinned maps.
 const POLL: Duration = Duration::from_millis(50);
 
+/// The L7 hop's arguments as the DaemonSet runs it (plain HTTP on port 80
+/// and HTTPS on 443 of every address), with manifests polled every 100 ms so
+/// that tests converge quickly.
+pub const L7_ARGS: [&str; 7] = [
+    "--l7",
+    "--l7-http",
+    "0.0.0.0:80",
+    "--l7-https",
+    "0.0.0.0:443",
+    "--poll-ms",
+    "100",
+];
+
 pub struct AgentProcess<'a> {
     ns: &'a Netns,
     binary: PathBuf,

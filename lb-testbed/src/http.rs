@@ -1,10 +1,12 @@
 //! HTTP/1.1 test traffic: a keep-alive name server for backend namespaces,
 //! a one-shot client and a long-lived keep-alive client connection.
 //!
-//! Same rules as the other traffic helpers: std threads and sockets, sockets
-//! created on a thread that entered the namespace and then used anywhere,
-//! a deadline on every wait and a bound on every loop. Requests and
-//! responses are parsed with `httparse`.
+//! Same rules as the other traffic helpers: sockets created on a thread that
+//! entered the namespace and then used anywhere, a deadline on every wait
+//! and a bound on every loop. The clients use std sockets; the server serves
+//! all its connections on one thread (a current-thread tokio runtime), which
+//! can be pinned to a CPU, so the benchmarks' backends are these servers too.
+//! Requests and responses are parsed with `httparse`.
 //!
 //! The server speaks just enough HTTP/1.1 for load-balancer tests:
 //! - `GET` (any path) gets `200 OK`, `Content-Type: text/plain` and the body
@@ -21,22 +23,25 @@
 //!   and further ones are closed as soon as they are accepted.
 //! - Dropping its [`ServerHandle`] behaves like a dying backend: the
 //!   listener is closed, every open connection is shut down both ways (its
-//!   client sees EOF at once), and every thread is joined.
+//!   client sees EOF at once), and the server's thread is joined.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard};
-use std::thread::Scope;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::netns::Netns;
 use super::traffic::{
-    ACCEPT_BATCH, REPLY_TIMEOUT, STOP_POLL, ServerHandle, ServerState, deadline_after, remaining,
-    spawn_server, timeout_error, wait_readable,
+    REPLY_TIMEOUT, STOP_POLL, ServerHandle, ServerState, deadline_after, remaining, spawn_server,
+    timeout_error,
 };
 
 #[cfg(test)]
@@ -56,7 +61,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// long since the previous response (or since it was accepted).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most connections a server serves at once (one thread each).
+/// Most connections a server serves at once.
 const MAX_CONNECTIONS: usize = 256;
 
 /// How long a server keeps reading (and discarding) after closing its side,
@@ -78,7 +83,19 @@ const READ_CHUNK: usize = 4096;
 /// [`ServerHandle::accepted`] the connections served. Binding `[::]:port`
 /// accepts IPv4 and IPv6.
 pub fn spawn_http_server(ns: &Netns, bind: SocketAddr, name: &str) -> anyhow::Result<ServerHandle> {
-    spawn_with_limits(ns, bind, name, Limits::DEFAULT)
+    spawn_with_limits(ns, bind, name, Limits::DEFAULT, None)
+}
+
+/// [`spawn_http_server`] with its thread (it serves every connection on one
+/// thread) pinned to `cpu` when given: the benchmarks' backends, whose CPU
+/// use [`ServerHandle::cpu_time`] tells.
+pub fn spawn_pinned_http_server(
+    ns: &Netns,
+    bind: SocketAddr,
+    name: &str,
+    cpu: Option<usize>,
+) -> anyhow::Result<ServerHandle> {
+    spawn_with_limits(ns, bind, name, Limits::DEFAULT, cpu)
 }
 
 /// Server limits; fixed for users, smaller in tests.
@@ -100,6 +117,7 @@ fn spawn_with_limits(
     bind: SocketAddr,
     name: &str,
     limits: Limits,
+    cpu: Option<usize>,
 ) -> anyhow::Result<ServerHandle> {
     let listener = ns
         .run_in(|| TcpListener::bind(bind))?
@@ -107,136 +125,156 @@ fn spawn_with_limits(
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
     let body = format!("{name}\n");
-    spawn_server(local_addr, "http", move |state| {
-        HttpServer {
+    spawn_server(local_addr, "http", cpu, move |state| {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the HTTP server's runtime");
+                return;
+            }
+        };
+        let server = HttpServer {
             body: &body,
             limits,
             state,
-            open: Mutex::default(),
-        }
-        .run(listener);
+            open: RefCell::default(),
+        };
+        runtime.block_on(server.run(listener));
     })
 }
 
-/// What an HTTP server's threads share.
+/// What an HTTP server's connections share. Everything runs on the server's
+/// one thread: connections are futures polled by the accept loop.
 struct HttpServer<'a> {
     body: &'a str,
     limits: Limits,
     state: &'a ServerState,
-    /// Clones of the open connections' sockets by connection number, so
-    /// that stopping can cut them; a connection's thread removes its own.
-    open: Mutex<HashMap<u64, TcpStream>>,
+    /// The open connections' sockets by connection number, so that
+    /// stopping can cut them; a connection removes its own before its
+    /// socket is closed.
+    open: RefCell<HashMap<u64, RawFd>>,
+}
+
+/// Removes a connection from [`HttpServer::open`] when it ends (declared
+/// after the socket, so dropped before it is closed).
+struct Registered<'s, 'a> {
+    server: &'s HttpServer<'a>,
+    id: u64,
+}
+
+impl Drop for Registered<'_, '_> {
+    fn drop(&mut self) {
+        self.server.open.borrow_mut().remove(&self.id);
+    }
 }
 
 impl HttpServer<'_> {
-    /// Accepts connections until the handle is dropped, then cuts the open
-    /// ones and joins their threads.
-    fn run(&self, listener: TcpListener) {
-        std::thread::scope(|scope| {
-            let mut last_id = 0_u64;
-            while !self.state.stopping() {
-                if let Err(e) = wait_readable(&listener, STOP_POLL) {
-                    tracing::warn!(error = %e, "poll on HTTP server failed");
-                    std::thread::sleep(STOP_POLL);
-                    continue;
-                }
-                for _ in 0..ACCEPT_BATCH {
-                    match listener.accept() {
-                        Ok((stream, peer)) => {
-                            last_id += 1;
-                            self.take_on(scope, last_id, stream, peer);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            // E.g. ECONNABORTED: the client gave up; keep serving.
-                            tracing::debug!(error = %e, "accept failed");
-                            break;
-                        }
-                    }
-                }
-            }
-            // As a dying backend: refuse new connections, then cut the open
-            // ones both ways so their clients see EOF now (and a reset if
-            // they send more), not at some later timeout.
-            drop(listener);
-            for stream in lock(&self.open).values() {
-                // Fails only if the peer already closed it.
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        });
-    }
-
-    /// Serves `stream` on a thread of its own, or closes it when
-    /// [`Limits::max_connections`] are open already.
-    fn take_on<'scope>(
-        &'scope self,
-        scope: &'scope Scope<'scope, '_>,
-        id: u64,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) {
-        let mut open = lock(&self.open);
-        if open.len() >= self.limits.max_connections {
-            drop(open);
-            tracing::debug!(%peer, "too many open HTTP connections; closing a new one");
-            return;
-        }
-        match stream.try_clone() {
-            Ok(clone) => open.insert(id, clone),
+    /// Accepts connections and serves them until the handle is dropped,
+    /// then cuts the open ones.
+    async fn run(&self, listener: TcpListener) {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "cannot clone an accepted socket");
+                tracing::error!(error = %e, "cannot register the HTTP listener");
                 return;
             }
         };
+        let mut connections = FuturesUnordered::new();
+        let mut poll = tokio::time::interval(STOP_POLL);
+        let mut last_id = 0_u64;
+        // Each turn accepts one connection, ends one, or ticks; the stop flag
+        // ends the loop within STOP_POLL.
+        while !self.state.stopping() {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        last_id += 1;
+                        if let Some(connection) = self.take_on(last_id, stream, peer) {
+                            connections.push(connection);
+                        }
+                    }
+                    Err(e) => {
+                        // E.g. ECONNABORTED (the client gave up) or EMFILE:
+                        // keep serving after a short pause.
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::task::yield_now().await;
+                    }
+                },
+                Some(()) = connections.next() => {}
+                _ = poll.tick() => {}
+            }
+        }
+        // As a dying backend: refuse new connections, then cut the open
+        // ones both ways so their clients see EOF now (and a reset if they
+        // send more), not at some later timeout. Dropping the connections
+        // closes their sockets.
+        drop(listener);
+        for &fd in self.open.borrow().values() {
+            // SAFETY: `fd` belongs to a connection that is still open (it
+            // leaves `open` before its socket is closed); shutdown does not
+            // close the descriptor. It fails only if the peer already closed.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        drop(connections);
+    }
+
+    /// The future serving `stream`, or `None` (closing it) when
+    /// [`Limits::max_connections`] are open already.
+    fn take_on(
+        &self,
+        id: u64,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Option<impl Future<Output = ()>> {
+        let mut open = self.open.borrow_mut();
+        if open.len() >= self.limits.max_connections {
+            tracing::debug!(%peer, "too many open HTTP connections; closing a new one");
+            return None;
+        }
+        open.insert(id, stream.as_raw_fd());
         drop(open);
         // Counted before anything is answered, like `served`.
         self.state.accepted.fetch_add(1, Ordering::Relaxed);
-        let spawned = std::thread::Builder::new()
-            .name(format!("http-conn-{id}"))
-            .spawn_scoped(scope, move || {
-                if let Err(e) = self.serve_connection(stream) {
-                    tracing::debug!(%peer, error = %e, "HTTP connection failed");
-                }
-                lock(&self.open).remove(&id);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(%peer, error = %e, "cannot start an HTTP connection thread");
-            self.state.accepted.fetch_sub(1, Ordering::Relaxed);
-            lock(&self.open).remove(&id);
-        }
+        Some(async move {
+            let mut stream = stream;
+            let _registered = Registered { server: self, id };
+            if let Err(e) = self.serve_connection(&mut stream).await {
+                tracing::debug!(%peer, error = %e, "HTTP connection failed");
+            }
+        })
     }
 
     /// Answers the requests on one connection until it is closed, idle,
-    /// asks to close, sends something unservable, or the server stops.
-    fn serve_connection(&self, mut stream: TcpStream) -> io::Result<()> {
-        stream.set_nonblocking(false)?;
+    /// asks to close, or sends something unservable (a stopping server cuts
+    /// it).
+    async fn serve_connection(&self, stream: &mut tokio::net::TcpStream) -> io::Result<()> {
         stream.set_nodelay(true)?;
-        // Short reads, so the stop flag and the idle deadline are noticed.
-        stream.set_read_timeout(Some(STOP_POLL))?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let mut buf = Vec::with_capacity(READ_CHUNK);
         let mut idle_since = Instant::now();
-        // Each turn reads more or answers one request; reads end on stop,
-        // idle timeout or EOF, and a stopped server's sockets fail writes.
-        while !self.state.stopping() {
+        // Each turn reads more or answers one request; reads end at the idle
+        // timeout or EOF.
+        loop {
             let head = match parse_request(&buf) {
                 Ok(Some(head)) => head,
                 Ok(None) => {
-                    if !self.read_more(&mut stream, &mut buf, idle_since)? {
+                    if !self.read_more(stream, &mut buf, idle_since).await? {
                         return Ok(());
                     }
                     continue;
                 }
                 Err(status) => {
                     let body = format!("{}\n", status.reason());
-                    write_response(&mut stream, status, &body, Connection::Close)?;
-                    return linger_close(&mut stream, self.state);
+                    write_response(stream, status, &body, Connection::Close).await?;
+                    return linger_close(stream).await;
                 }
             };
             buf.drain(..head.len);
             while buf.len() < head.body_len {
-                if !self.read_more(&mut stream, &mut buf, idle_since)? {
+                if !self.read_more(stream, &mut buf, idle_since).await? {
                     return Ok(());
                 }
             }
@@ -244,52 +282,43 @@ impl HttpServer<'_> {
             let connection = head.connection();
             if head.is_get {
                 self.state.served.fetch_add(1, Ordering::Relaxed);
-                write_response(&mut stream, Status::Ok, self.body, connection)?;
+                write_response(stream, Status::Ok, self.body, connection).await?;
             } else {
                 let body = format!("{}\n", Status::MethodNotAllowed.reason());
-                write_response(&mut stream, Status::MethodNotAllowed, &body, connection)?;
+                write_response(stream, Status::MethodNotAllowed, &body, connection).await?;
             }
             if connection == Connection::Close {
-                return linger_close(&mut stream, self.state);
+                return linger_close(stream).await;
             }
             idle_since = Instant::now();
         }
-        Ok(())
     }
 
     /// Appends what the client sends next to `buf`. `Ok(false)` means stop
-    /// serving: the client closed its side, the server is stopping, or the
+    /// serving: the client closed its side (or the server cut it), or the
     /// connection has been idle for the idle timeout.
-    fn read_more(
+    async fn read_more(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut tokio::net::TcpStream,
         buf: &mut Vec<u8>,
         idle_since: Instant,
     ) -> io::Result<bool> {
+        let idle_deadline = idle_since + self.limits.idle_timeout;
         let mut chunk = [0u8; READ_CHUNK];
-        // Each turn waits at most STOP_POLL; the idle deadline ends it.
-        loop {
-            if self.state.stopping() || idle_since.elapsed() >= self.limits.idle_timeout {
-                return Ok(false);
+        match tokio::time::timeout_at(idle_deadline.into(), stream.read(&mut chunk)).await {
+            // Idle for the idle timeout, or EOF.
+            Err(_) | Ok(Ok(0)) => Ok(false),
+            Ok(Ok(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
             }
-            match stream.read(&mut chunk) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return Ok(true);
-                }
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Err(e),
-            }
+            Ok(Err(e)) => Err(e),
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// A read timeout (Linux reports EAGAIN) or a signal: try again.
+#[cfg(test)]
 fn is_retry(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -300,17 +329,17 @@ fn is_retry(e: &io::Error) -> bool {
 /// Closes the server's side after its last response, then reads and drops
 /// what the client still sends (bounded in time and bytes) so that closing
 /// does not reset the connection before the client has read the response.
-fn linger_close(stream: &mut TcpStream, state: &ServerState) -> io::Result<()> {
-    stream.shutdown(Shutdown::Write)?;
-    let deadline = Instant::now() + LINGER;
+async fn linger_close(stream: &mut tokio::net::TcpStream) -> io::Result<()> {
+    stream.shutdown().await?;
+    let deadline = tokio::time::Instant::now() + LINGER;
     let mut chunk = [0u8; READ_CHUNK];
     let mut discarded = 0;
-    while discarded < MAX_LINGER_BYTES && Instant::now() < deadline && !state.stopping() {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => discarded += n,
-            Err(e) if is_retry(&e) => {}
-            Err(e) => return Err(e),
+    while discarded < MAX_LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            // Lingered long enough, or EOF.
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Ok(n)) => discarded += n,
+            Ok(Err(e)) => return Err(e),
         }
     }
     Ok(())
@@ -373,13 +402,18 @@ impl Connection {
     }
 }
 
-fn write_response(
-    stream: &mut TcpStream,
+/// Sends one response within [`REPLY_TIMEOUT`], so a stuck client cannot
+/// hold the connection.
+async fn write_response(
+    stream: &mut tokio::net::TcpStream,
     status: Status,
     body: &str,
     connection: Connection,
 ) -> io::Result<()> {
-    stream.write_all(render_response(status, body, connection).as_bytes())
+    let response = render_response(status, body, connection);
+    tokio::time::timeout(REPLY_TIMEOUT, stream.write_all(response.as_bytes()))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "writing the response timed out"))?
 }
 
 fn render_response(status: Status, body: &str, connection: Connection) -> String {

@@ -43,15 +43,16 @@ pub use certs::{IssuedCert, TestCa};
 pub use echo::{Echo, EchoServer, spawn_echo_server, websocket_echo};
 pub use http::{
     HttpConnection, curl_status, http_get, spawn_backend_http_servers, spawn_http_server,
+    spawn_pinned_http_server,
 };
 pub use netns::{
-    EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, remove_stale_namespaces,
-    testbed_namespaces, veth_pair,
+    EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, hosts_file_launcher,
+    remove_stale_namespaces, testbed_namespaces, veth_pair,
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
 pub use traffic::{
-    Outcome, ServerHandle, spawn_tcp_name_server, spawn_tcp_peer_server, spawn_udp_name_server,
-    tcp_ask, tcp_connect, udp_ask, udp_exchange,
+    Outcome, ServerHandle, spawn_backend_peer_servers, spawn_tcp_name_server,
+    spawn_tcp_peer_server, spawn_udp_name_server, tcp_ask, tcp_connect, udp_ask, udp_exchange,
 };
 
 /// Bit numbers from linux/capability.h.

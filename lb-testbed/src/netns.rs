@@ -367,6 +367,23 @@ fn setns_net(ns: &File) -> io::Result<()> {
     }
 }
 
+/// A launcher (a command that ends by running its arguments) that runs them
+/// with the file `hosts` bind-mounted over `/etc/hosts` in a private mount
+/// namespace, so that names resolve to testbed addresses for that command
+/// alone (e.g. the L7 agent's backends, wrk's target host).
+pub fn hosts_file_launcher(hosts: &str) -> [&str; 8] {
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+        hosts,
+    ]
+}
+
 /// Makes a veth end run NAPI, so frames XDP-redirected into its peer are received
 /// rather than dropped. GRO must be switched *on while the device is up* for the
 /// kernel to start NAPI: "on" when ethtool already shows it on is a no-op, and

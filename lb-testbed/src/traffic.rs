@@ -12,7 +12,7 @@ use std::net::{
 };
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ pub(super) struct ServerState {
     pub(super) served: AtomicU64,
     /// TCP connections taken on (see [`ServerHandle::accepted`]).
     pub(super) accepted: AtomicU64,
+    /// The server thread's kernel thread id (see [`ServerHandle::cpu_time`]).
+    tid: AtomicI32,
 }
 
 impl ServerState {
@@ -77,6 +79,18 @@ impl ServerHandle {
     /// HTTP keep-alive this is lower than [`ServerHandle::served`].
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// CPU time the server's thread has used so far (every server serves on
+    /// one thread), from `/proc/self/task/TID/schedstat`; zero once it has
+    /// ended. Benchmarks use it to tell whether the servers were the
+    /// bottleneck.
+    pub fn cpu_time(&self) -> Duration {
+        let tid = self.state.tid.load(Ordering::Relaxed);
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .map_or(Duration::ZERO, Duration::from_nanos)
     }
 }
 
@@ -130,9 +144,27 @@ fn spawn_tcp_server(
         .with_context(|| format!("cannot bind TCP {bind} in netns {}", ns.name()))?;
     listener.set_nonblocking(true)?;
     let local_addr = listener.local_addr()?;
-    spawn_server(local_addr, "tcp", move |state| {
+    spawn_server(local_addr, "tcp", None, move |state| {
         serve_tcp(&listener, reply, state);
     })
+}
+
+/// Starts [`spawn_tcp_peer_server`]s answering `backend-<i>` on the IPv4
+/// addresses of the topology's first `count` backends at `port`.
+pub fn spawn_backend_peer_servers(
+    topo: &super::Topology,
+    count: usize,
+    port: u16,
+) -> anyhow::Result<Vec<ServerHandle>> {
+    (0..count)
+        .map(|i| {
+            spawn_tcp_peer_server(
+                &topo.backends[i],
+                SocketAddr::new(IpAddr::V4(super::Topology::backend_v4(i)), port),
+                &format!("backend-{i}"),
+            )
+        })
+        .collect()
 }
 
 /// Runs a UDP server in `ns`, bound to `bind`, that answers every datagram
@@ -149,31 +181,67 @@ pub fn spawn_udp_name_server(
     socket.set_read_timeout(Some(STOP_POLL))?;
     let local_addr = socket.local_addr()?;
     let reply = format!("{name}\n").into_bytes();
-    spawn_server(local_addr, "udp", move |state| {
+    spawn_server(local_addr, "udp", None, move |state| {
         serve_udp(&socket, &reply, state);
     })
 }
 
-/// Runs `serve` on a new thread until it returns; it must return soon after
-/// the handle sets `state.stop`.
+/// Runs `serve` on a new thread (pinned to `cpu` when given) until it
+/// returns; it must return soon after the handle sets `state.stop`.
 pub(super) fn spawn_server(
     local_addr: SocketAddr,
     proto: &str,
+    cpu: Option<usize>,
     serve: impl FnOnce(&ServerState) + Send + 'static,
 ) -> anyhow::Result<ServerHandle> {
     let state = Arc::new(ServerState::default());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("{proto}-name-{}", local_addr.port()))
         .spawn({
             let state = Arc::clone(&state);
-            move || serve(&state)
+            move || {
+                // SAFETY: gettid has no preconditions.
+                state
+                    .tid
+                    .store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                let pinned = cpu.map_or(Ok(()), pin_current_thread);
+                let failed = pinned.is_err();
+                // The receiver waits for this message; it cannot be gone yet.
+                let _ = ready_tx.send(pinned);
+                if !failed {
+                    serve(&state);
+                }
+            }
         })
         .context("cannot start a server thread")?;
-    Ok(ServerHandle {
+    let handle = ServerHandle {
         local_addr,
         state,
         thread: Some(thread),
-    })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("the server thread did not start")??;
+    Ok(handle)
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it and
+    // sched_setaffinity(0, ...) reads it for the calling thread only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
+    };
+    if rc != 0 {
+        bail!(
+            "cannot pin a server thread to CPU {cpu}: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 fn serve_tcp(listener: &TcpListener, reply: impl Fn(SocketAddr) -> Vec<u8>, state: &ServerState) {

@@ -248,24 +248,6 @@ pub fn allowed_cpus() -> Result<Vec<usize>> {
     }
 }
 
-/// Pins the calling thread to one CPU.
-pub fn pin_current_thread(cpu: usize) -> Result<()> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it and
-    // sched_setaffinity(0, ...) reads it for the calling thread only.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
-    };
-    if rc != 0 {
-        bail!(
-            "cannot pin a thread to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 /// CPU time a process has used, from `/proc/PID/schedstat` (zero when it is gone).
 pub fn process_cpu_time(pid: u32) -> Duration {
     std::fs::read_to_string(format!("/proc/{pid}/schedstat"))

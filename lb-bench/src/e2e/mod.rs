@@ -13,11 +13,12 @@
 //! namespace's plain routing (no NAT: the ceiling of the path).
 //!
 //! Every configuration serves the same VIP, 203.0.113.10: port 80 -> every backend's
-//! HTTP server on 8080, and port 5201 -> backend 0's iperf3 server (iperf3 opens a control
-//! and a data connection that must reach the same server, which neither random choice nor
-//! per-connection hashing guarantees across several backends). Measurements, each bounded
-//! by `--secs`: wrk keep-alive (requests/s, p99), wrk with `Connection: close` (one request
-//! per connection: new connections/s, p99), iperf3 (client -> VIP TCP throughput).
+//! HTTP server on 8080 (the harness's, pinned), and port 5201 -> backend 0's iperf3
+//! server (iperf3 opens a control and a data connection that must reach the same server,
+//! which neither random choice nor per-connection hashing guarantees across several
+//! backends). Measurements, each bounded by `--secs`: wrk keep-alive (requests/s, p99),
+//! wrk with `Connection: close` (one request per connection: new connections/s, p99),
+//! iperf3 (client -> VIP TCP throughput).
 //!
 //! Only one configuration is active at a time: before each, the LB namespace must have no
 //! iptables or nftables rule and no XDP program; after it, its rules are flushed or xlb
@@ -27,7 +28,6 @@
 //! fresh client address, so `TIME_WAIT` sockets and conntrack entries left by the previous
 //! configuration cannot collide with its connections.
 
-pub mod http;
 pub mod load;
 mod xlb;
 
@@ -38,9 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_testbed::{self as testbed, Netns, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, Netns, ServerHandle, Topology, TopologyConfig};
 
-use self::http::HttpServer;
 use self::load::{CpuTimes, Iperf, IperfResult, Wrk, WrkResult};
 use crate::kube_proxy::{self, ServicePort};
 use crate::report::{self, mark, ratio};
@@ -173,7 +172,7 @@ struct Bench<'a> {
     services: Vec<ServicePort>,
     /// (load generators, servers) CPUs when pinning.
     cpus: Option<(usize, usize)>,
-    servers: Vec<HttpServer>,
+    servers: Vec<ServerHandle>,
     /// The iperf3 server's PID (in backend 0's namespace).
     iperf_server: u32,
     topo: Topology,
@@ -261,13 +260,7 @@ pub fn run(args: &Args) -> Result<()> {
             "reproduce": reproduce(args),
         }),
     )?;
-    let problems: usize = runs.iter().map(|r| r.problems.len()).sum();
-    if problems > 0 {
-        bail!(
-            "{problems} check(s) failed; see PROBLEM lines above (the figures of those runs are not trustworthy)"
-        );
-    }
-    Ok(())
+    report::fail_on_problems(runs.iter().map(|r| r.problems.len()).sum())
 }
 
 fn validate(args: &Args) -> Result<()> {
@@ -288,11 +281,7 @@ fn validate(args: &Args) -> Result<()> {
 
 /// The external programs this benchmark drives; `cargo xtask bench e2e` installs them.
 fn check_tools() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .collect();
-    let missing: Vec<&str> = [
+    let missing = report::missing_tools(&[
         "wrk",
         "iperf3",
         "iptables-restore",
@@ -300,10 +289,7 @@ fn check_tools() -> Result<()> {
         "nft",
         "taskset",
         "ss",
-    ]
-    .into_iter()
-    .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
-    .collect();
+    ]);
     if !missing.is_empty() {
         bail!(
             "missing {}; run the benchmark through `cargo xtask bench e2e`, which installs them",
@@ -323,7 +309,7 @@ impl<'a> Bench<'a> {
         let mut servers = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_HTTP_PORT);
-            servers.push(http::spawn_http_server(
+            servers.push(testbed::spawn_pinned_http_server(
                 ns,
                 bind,
                 &format!("backend-{i}"),
@@ -509,7 +495,7 @@ impl<'a> Bench<'a> {
         // anything is timed.
         let mut seen = BTreeMap::<String, u32>::new();
         for _ in 0..8 * self.args.backends {
-            let name = http::get(client, http, Duration::from_secs(2))?;
+            let name = testbed::http_get(client, http, Duration::from_secs(2))?;
             *seen.entry(name).or_default() += 1;
         }
         tracing::info!(config = config.label(), ?seen, "path check");
@@ -550,7 +536,7 @@ impl<'a> Bench<'a> {
     fn server_cpu(&self) -> Duration {
         self.servers
             .iter()
-            .map(HttpServer::cpu_time)
+            .map(ServerHandle::cpu_time)
             .sum::<Duration>()
             + load::process_cpu_time(self.iperf_server)
     }
@@ -558,7 +544,7 @@ impl<'a> Bench<'a> {
     /// Runs `f` (one load generator run) and records per-backend requests and CPU use.
     fn measure<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
         check_interrupted()?;
-        let requests = |s: &[HttpServer]| s.iter().map(HttpServer::requests).collect::<Vec<_>>();
+        let requests = |s: &[ServerHandle]| s.iter().map(ServerHandle::served).collect::<Vec<_>>();
         let (req0, srv0, child0) = (
             requests(&self.servers),
             self.server_cpu(),
@@ -755,19 +741,6 @@ struct Figures {
     throughput_cpu_ms_per_gbit: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 /// The benchmark's own CPU microseconds per completed request.
 fn per_request(m: &Measured<WrkResult>) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "request counts")]
@@ -779,7 +752,7 @@ fn summarize(args: &Args, runs: &[Run]) -> BTreeMap<&'static str, Figures> {
     let mut out = BTreeMap::new();
     for config in &args.configs {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.config == config.label()).collect();
-        let pick = |f: &dyn Fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
+        let pick = |f: &dyn Fn(&Run) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
         out.insert(
             config.label(),
             Figures {
@@ -1052,19 +1025,12 @@ fn print_checks(runs: &[Run]) {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
+    use crate::report::parse_args;
 
     #[test]
     fn defaults_and_reproduce_line() {
-        let args = Cli::parse_from(["x"]).args;
+        let args = parse_args::<Args>(&[]);
         assert_eq!(
             args.configs,
             [
@@ -1080,16 +1046,9 @@ mod tests {
             reproduce(&args),
             "cargo xtask bench e2e --backends 4 --secs 4 --connections 32 --threads 1 --rounds 3 --configs loopback,direct,iptables,nftables,xlb"
         );
-        let args = Cli::parse_from(["x", "--configs", "xlb,iptables", "--no-pin"]).args;
+        let args = parse_args::<Args>(&["--configs", "xlb,iptables", "--no-pin"]);
         assert_eq!(args.configs, [Config::Xlb, Config::Iptables]);
         assert!(reproduce(&args).ends_with("--configs xlb,iptables --no-pin"));
-        assert!(validate(&Cli::parse_from(["x", "--backends", "0"]).args).is_err());
-    }
-
-    #[test]
-    fn medians() {
-        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
-        assert!((median(vec![4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-12);
-        assert!(median(vec![]).is_nan());
+        assert!(validate(&parse_args::<Args>(&["--backends", "0"])).is_err());
     }
 }

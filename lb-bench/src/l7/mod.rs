@@ -13,7 +13,8 @@
 //! backend 1 over plain HTTP and over TLS (one certificate from a CA made by the run,
 //! ECDSA P-256, HTTP/2 offered by ALPN; wrk speaks HTTP/1.1). nginx gets a configuration
 //! written here (`nginx.rs`), xlb the equivalent Ingress, Service, EndpointSlice and
-//! Secret manifests (`xlb.rs`). The backends are the e2e benchmark's small HTTP servers.
+//! Secret manifests (`xlb.rs`). The backends are the harness's HTTP servers,
+//! as in the e2e benchmark.
 //!
 //! Pinning (2 CPUs): wrk and both backends on the first allowed CPU, the proxy under test
 //! alone on the others; nginx gets `worker_processes N` and xlb `TOKIO_WORKER_THREADS=N`
@@ -32,11 +33,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_testbed::{self as testbed, AgentProcess, Netns, TestCa, Topology, TopologyConfig};
+use lb_testbed::{
+    self as testbed, AgentProcess, Netns, ServerHandle, TestCa, Topology, TopologyConfig,
+};
 
 use self::nginx::Nginx;
 use self::wrk::{Outcome, Wrk};
-use crate::e2e::http::{self as backend_http, HttpServer};
 use crate::e2e::{self, load};
 use crate::report::{self, mark, ratio};
 
@@ -193,7 +195,7 @@ struct Run {
 /// Namespaces, backends and files for the whole run. Fields drop in order: backends,
 /// namespaces (killing what runs in them), then the files.
 struct Bed {
-    backends: Vec<HttpServer>,
+    backends: Vec<ServerHandle>,
     topo: Topology,
     files: Files,
     /// xlb's Kubernetes objects.
@@ -332,13 +334,7 @@ pub fn run(args: &Args) -> Result<()> {
             "reproduce": reproduce(args),
         }),
     )?;
-    let problems: usize = runs.iter().map(|r| r.problems.len()).sum();
-    if problems > 0 {
-        bail!(
-            "{problems} check(s) failed; see PROBLEM lines above (those figures are not trustworthy)"
-        );
-    }
-    Ok(())
+    report::fail_on_problems(runs.iter().map(|r| r.problems.len()).sum())
 }
 
 fn validate(args: &Args) -> Result<()> {
@@ -359,14 +355,7 @@ fn validate(args: &Args) -> Result<()> {
 
 /// The external programs this benchmark drives; `cargo xtask bench l7` installs them.
 fn check_tools() -> Result<()> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .collect();
-    let mut missing: Vec<&str> = ["wrk", "curl", "taskset", "unshare", "ss"]
-        .into_iter()
-        .filter(|tool| !dirs.iter().any(|d| d.join(tool).is_file()))
-        .collect();
+    let mut missing = report::missing_tools(&["wrk", "curl", "taskset", "unshare", "ss"]);
     if nginx::binary().is_none() {
         missing.push("nginx");
     }
@@ -461,7 +450,7 @@ impl Bed {
         let mut backends = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT);
-            backends.push(backend_http::spawn_http_server(
+            backends.push(testbed::spawn_pinned_http_server(
                 ns,
                 bind,
                 &format!("backend-{i}"),
@@ -477,7 +466,7 @@ impl Bed {
     }
 
     fn requests(&self) -> Vec<u64> {
-        self.backends.iter().map(HttpServer::requests).collect()
+        self.backends.iter().map(ServerHandle::served).collect()
     }
 }
 
@@ -775,19 +764,6 @@ struct Comparison {
     target_met: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
     args.scenarios
         .iter()
@@ -797,7 +773,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                     .iter()
                     .filter(|r| r.scenario == scenario.label() && r.proxy == proxy)
                     .collect();
-                let pick = |f: fn(&Run) -> f64| median(mine.iter().map(|r| f(r)).collect());
+                let pick = |f: fn(&Run) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
                 Figures {
                     requests_per_sec: pick(|r| r.outcome.wrk.requests_per_sec),
                     p50_ms: pick(|r| r.outcome.wrk.p50_ms),
@@ -987,19 +963,12 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
+    use crate::report::parse_args;
 
     #[test]
     fn defaults_and_reproduce_line() {
-        let args = Cli::parse_from(["x"]).args;
+        let args = parse_args::<Args>(&[]);
         validate(&args).unwrap();
         assert_eq!(
             args.scenarios,
@@ -1010,10 +979,10 @@ mod tests {
             "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
              --rounds 2 --scenarios http,https,close"
         );
-        let args = Cli::parse_from(["x", "--scenarios", "https", "--no-pin"]).args;
+        let args = parse_args::<Args>(&["--scenarios", "https", "--no-pin"]);
         assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));
-        assert!(validate(&Cli::parse_from(["x", "--proxy-threads", "0"]).args).is_err());
-        assert!(validate(&Cli::parse_from(["x", "--rounds", "0"]).args).is_err());
+        assert!(validate(&parse_args::<Args>(&["--proxy-threads", "0"])).is_err());
+        assert!(validate(&parse_args::<Args>(&["--rounds", "0"])).is_err());
     }
 
     #[test]
@@ -1051,7 +1020,7 @@ mod tests {
 
     #[test]
     fn target_needs_both_throughput_and_p99() {
-        let args = Cli::parse_from(["x", "--scenarios", "http"]).args;
+        let args = parse_args::<Args>(&["--scenarios", "http"]);
         let met = summarize(
             &args,
             &[run(Proxy::Nginx, 100.0, 2.0), run(Proxy::Xlb, 110.0, 2.0)],

@@ -101,18 +101,10 @@ pub struct Wrk<'a> {
 impl Wrk<'_> {
     /// The whole command line (what `ip netns exec CLIENT` runs).
     pub fn command(&self) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            r#"mount --bind "$0" /etc/hosts && exec "$@""#,
-        ]
-        .map(str::to_owned)
-        .into();
-        args.push(self.hosts.display().to_string());
+        let hosts = self.hosts.display().to_string();
+        let mut args: Vec<String> = lb_testbed::hosts_file_launcher(&hosts)
+            .map(str::to_owned)
+            .into();
         if let Some(cpus) = self.cpus {
             args.extend(["taskset".to_owned(), "-c".to_owned(), cpus.to_owned()]);
         }

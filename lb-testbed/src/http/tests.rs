@@ -433,7 +433,7 @@ fn idle_connections_are_closed() {
         idle_timeout: Duration::from_millis(200),
         ..Limits::DEFAULT
     };
-    let server = spawn_with_limits(&ns, (V4, 0).into(), "idle", limits).unwrap();
+    let server = spawn_with_limits(&ns, (V4, 0).into(), "idle", limits, None).unwrap();
     let mut conn = HttpConnection::open(&ns, server.local_addr(), TIMEOUT).unwrap();
     assert_eq!(conn.get(TIMEOUT).unwrap(), "idle");
     // Closed about 200 ms after the response, well within the wait.
@@ -458,7 +458,7 @@ fn connections_beyond_the_limit_are_closed() {
         max_connections: 2,
         ..Limits::DEFAULT
     };
-    let server = spawn_with_limits(&ns, (V4, 0).into(), "few", limits).unwrap();
+    let server = spawn_with_limits(&ns, (V4, 0).into(), "few", limits, None).unwrap();
     let addr = server.local_addr();
     let mut a = HttpConnection::open(&ns, addr, TIMEOUT).unwrap();
     let mut b = HttpConnection::open(&ns, addr, TIMEOUT).unwrap();
