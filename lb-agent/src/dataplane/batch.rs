@@ -137,7 +137,8 @@ impl Dataplane {
         self.batch(maps::FRONTENDS, &w.set_frontends.0, &w.set_frontends.1)?;
         let name = maps::FRONTENDS;
         let data = map_data(self.map(name)?)?;
-        sys::delete_batch(data.fd().as_fd(), &w.removed_frontends).map_err(|(_, e)| io_err(name, e))
+        sys::delete_batch(data.fd().as_fd(), &w.removed_frontends)
+            .map_err(|(_, e)| bpf_err(name, e))
     }
 
     fn batch<K: aya::Pod, V: aya::Pod>(
@@ -150,7 +151,7 @@ impl Dataplane {
             return Ok(());
         }
         let data = map_data(self.map(name)?)?;
-        sys::update_batch(data.fd().as_fd(), keys, values).map_err(|(_, e)| io_err(name, e))
+        sys::update_batch(data.fd().as_fd(), keys, values).map_err(|(_, e)| bpf_err(name, e))
     }
 
     /// Zeroes per-CPU counters: a batch value is one 8-byte-aligned value per CPU.
@@ -165,7 +166,7 @@ impl Dataplane {
         let keys: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
         let data = map_data(self.map(name)?)?;
         sys::update_batch_bytes(data.fd().as_fd(), &keys, &zeros, ids.len())
-            .map_err(|(_, e)| io_err(name, e))
+            .map_err(|(_, e)| bpf_err(name, e))
     }
 }
 
@@ -174,4 +175,8 @@ fn io_err(name: &'static str, e: std::io::Error) -> DataplaneError {
         name,
         source: MapError::IoError(e),
     }
+}
+
+fn bpf_err(name: &'static str, source: sys::BpfError) -> DataplaneError {
+    DataplaneError::Bpf { name, source }
 }

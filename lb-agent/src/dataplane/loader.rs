@@ -39,6 +39,11 @@ pub enum DataplaneError {
         name: &'static str,
         source: MapError,
     },
+    #[error("map {name}: {source}")]
+    Bpf {
+        name: &'static str,
+        source: super::sys::BpfError,
+    },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("interface {name}: {reason}")]

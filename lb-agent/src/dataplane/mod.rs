@@ -14,3 +14,4 @@ pub mod tables;
 pub mod writer;
 
 pub use loader::{Dataplane, DataplaneError};
+pub use sys::BpfError;
