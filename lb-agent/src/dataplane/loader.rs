@@ -67,7 +67,6 @@ pub struct Dataplane {
     /// The programs; `None` when only the pinned maps were opened (`lb-agent status`).
     pub(super) ebpf: Option<Ebpf>,
     pub(super) maps: HashMap<&'static str, Map>,
-    pub(super) filter: super::maps::FilterShadow,
     pub(super) grace: super::grace::Grace,
 }
 
@@ -119,7 +118,6 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf: None,
             maps,
-            filter: super::maps::FilterShadow::default(),
             grace: super::grace::Grace::default(),
         })
     }
@@ -135,7 +133,6 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf: Some(ebpf),
             maps,
-            filter: super::maps::FilterShadow::default(),
             grace: super::grace::Grace::default(),
         };
         dp.xdp_mut(PROGRAM)?
