@@ -3,6 +3,8 @@
 
 mod arrays;
 mod batch;
+#[cfg(test)]
+mod fake;
 mod grace;
 pub mod loader;
 pub mod maps;

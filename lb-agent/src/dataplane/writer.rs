@@ -138,3 +138,6 @@ impl Dataplane {
         restore(self)
     }
 }
+
+#[cfg(test)]
+mod tests;
