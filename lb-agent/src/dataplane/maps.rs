@@ -21,10 +21,12 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-/// A missing key on delete is success: the state we want is "absent".
-fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+/// A missing key on delete is success: the state we want is "absent". aya reports it
+/// as the delete syscall's ENOENT.
+pub(super) fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
 }
