@@ -12,7 +12,8 @@ use aya::maps::{Array, ArrayOfMaps, Map, MapData};
 use lb_agent::dataplane::Dataplane;
 use lb_common::maps::{self, MAGLEV_HALF_BIT, MaglevSlot};
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FAMILY_V4, addr_filter_slot,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FAMILY_V4, Frontend, FrontendKey,
+    PROTO_TCP, addr_filter_slot,
 };
 use lb_core::config::{FrontendSpec, Protocol};
 use lb_core::model::{BackendModel, Desired, Endpoint, Health, ServiceModel, WhenEmpty};
@@ -316,4 +317,44 @@ fn the_writer_empties_a_slot_a_flipped_out_table_may_name_after_programs_finish(
         "the reused slot keeps its new backend"
     );
     assert_eq!(slot(&dir, 1).family, FAMILY_V4);
+}
+
+/// A missing key on delete is success: inside a batch (the kernel fails it with ENOENT
+/// and the writer retries op by op), and for tables and source ranges.
+#[test]
+fn deleting_what_is_not_there_is_success() {
+    let mut dp = load();
+    let key = |last: u8| FrontendKey {
+        addr: [203, 0, 113, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+    };
+    dp.set_frontend(
+        key(20),
+        Frontend {
+            service_id: 3,
+            ..Frontend::default()
+        },
+    )
+    .unwrap();
+    let plan = Plan {
+        ops: vec![
+            Op::RemoveFrontend { key: key(21) },
+            Op::RemoveFrontend { key: key(20) },
+            Op::RemoveTable { service_id: 3 },
+            Op::RemoveSourceRange {
+                service_id: 3,
+                range: "198.51.100.0/24".parse().unwrap(),
+            },
+        ],
+        ..Plan::default()
+    };
+    let mut applied = Applied::default();
+    let written = dp
+        .apply(&plan, &mut applied)
+        .map_err(|(n, e)| format!("op {n}: {e}"))
+        .unwrap();
+    assert_eq!(written, 4);
+    assert!(dp.restore().unwrap().frontends.is_empty());
 }

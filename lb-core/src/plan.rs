@@ -3,6 +3,7 @@
 //! one into `Applied`, so `Applied` always equals the maps.
 //!
 //! Order makes every change hitless (a packet never meets a half-written service):
+//! 0. address pre-filter bits that any frontend or backend will need during the plan;
 //! 1. new services' metadata;
 //! 2. backends that will be needed (slot and metadata);
 //! 3. each changed Maglev table swapped whole, then the new digests recorded;
@@ -11,7 +12,8 @@
 //! 6. frontends removed;
 //! 7. source ranges no frontend needs any more;
 //! 8. what nothing uses any more: tables of removed services, backend slots (their
-//!    tracked flows are re-selected), metadata.
+//!    tracked flows are re-selected), metadata;
+//! 9. address pre-filter bits that nothing needs any more.
 //!
 //! At every step, every id in an installed table names a filled slot of its service,
 //! and a client admitted by a service's source ranges both before and after a change
@@ -23,10 +25,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use lb_common::{
-    BACKEND_F_DRAINING, Backend, BackendMeta, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY,
-    FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP,
-    PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN,
-    ServiceMeta, addr_key,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, BACKEND_F_DRAINING, Backend, BackendMeta,
+    FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, Frontend,
+    FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP,
+    SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta,
+    addr_filter_slot, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
@@ -95,6 +98,12 @@ pub enum Op {
     RemoveSourceRange {
         service_id: u32,
         range: IpNet,
+    },
+    /// Sets address pre-filter slot `slot` (`addr_filter_slot`) to `bits` (`ADDR_F_*`):
+    /// the program looks up only addresses whose slot has the bit.
+    SetAddrFilter {
+        slot: u32,
+        bits: u8,
     },
 }
 
@@ -535,8 +544,10 @@ impl Planner<'_> {
         for &id in &self.applied.index.unowned_slots {
             self.phases.cleanup_backends.push(Op::RemoveBackend { id });
         }
+        let ops = self.phases.into_ops();
+        let (raise, lower) = filter_ops(self.applied, &ops);
         Plan {
-            ops: self.phases.into_ops(),
+            ops: [raise, ops, lower].concat(),
             errors: self.errors,
             settled: self.settled,
         }
@@ -716,6 +727,88 @@ impl Planner<'_> {
             ops.push(Op::RemoveBackend { id });
         }
     }
+}
+
+/// The address pre-filter writes around `ops`: every bit a frontend or backend needs at
+/// any point of `ops` is set before them (a packet may need it as soon as one is
+/// written), and bits nothing needs afterwards are cleared after them. Only slots `ops`
+/// touch are looked at, and those whose bits disagree with their users (an interrupted
+/// plan raised them, or maps left by a crash).
+fn filter_ops(applied: &Applied, ops: &[Op]) -> (Vec<Op>, Vec<Op>) {
+    // Per slot touched: its users now, and every bit they needed along the way.
+    let mut slots: BTreeMap<u32, ([u32; 2], u8)> = BTreeMap::new();
+    let touch = |slots: &mut BTreeMap<u32, ([u32; 2], u8)>, slot: u32| {
+        let users = applied.filter_users(slot);
+        slots.entry(slot).or_insert((users, filter_bits(users)));
+    };
+    for &slot in applied.stale_filter_slots() {
+        touch(&mut slots, slot);
+    }
+    let mut bump = |addr: &[u8; 16], which: usize, up: bool| {
+        let slot = addr_filter_slot(addr);
+        touch(&mut slots, slot);
+        let (users, needed) = slots.get_mut(&slot).expect("touched");
+        if up {
+            users[which] += 1;
+        } else {
+            users[which] = users[which].saturating_sub(1);
+        }
+        *needed |= filter_bits(*users);
+    };
+    // What `ops` change of what `applied` holds, as far as the filter cares.
+    let mut frontends: BTreeMap<FrontendKey, bool> = BTreeMap::new();
+    let mut filled: BTreeMap<u32, Option<[u8; 16]>> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::SetFrontend { key, .. } | Op::RemoveFrontend { key } => {
+                let set = matches!(op, Op::SetFrontend { .. });
+                let was = *frontends
+                    .entry(*key)
+                    .or_insert_with(|| applied.frontends.contains_key(key));
+                if was != set {
+                    bump(&key.addr, 0, set);
+                    frontends.insert(*key, set);
+                }
+            }
+            Op::SetBackend { id, .. } | Op::RemoveBackend { id } => {
+                let new = match op {
+                    Op::SetBackend { backend, .. } => Some(backend.addr),
+                    _ => None,
+                };
+                let old = *filled
+                    .entry(*id)
+                    .or_insert_with(|| applied.slots.get(id).map(|b| b.addr));
+                if old != new {
+                    if let Some(old) = old {
+                        bump(&old, 1, false);
+                    }
+                    if let Some(new) = new {
+                        bump(&new, 1, true);
+                    }
+                    filled.insert(*id, new);
+                }
+            }
+            _ => {}
+        }
+    }
+    let (mut raise, mut lower) = (Vec::new(), Vec::new());
+    for (slot, (users, needed)) in slots {
+        let now = applied.filter.get(&slot).copied().unwrap_or(0);
+        let during = now | needed;
+        if during != now {
+            raise.push(Op::SetAddrFilter { slot, bits: during });
+        }
+        let after = filter_bits(users);
+        if after != during {
+            lower.push(Op::SetAddrFilter { slot, bits: after });
+        }
+    }
+    (raise, lower)
+}
+
+/// The pre-filter bits of a slot used by `users[0]` frontends and `users[1]` backends.
+pub fn filter_bits(users: [u32; 2]) -> u8 {
+    (if users[0] > 0 { ADDR_F_FRONTEND } else { 0 }) | if users[1] > 0 { ADDR_F_BACKEND } else { 0 }
 }
 
 /// The frontend value of every frontend of a service.

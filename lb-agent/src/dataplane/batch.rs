@@ -1,177 +1,157 @@
 //! A run of plain writes (every op but Maglev table and source range ops), sent with one
-//! batch command per map instead of one syscall per op: a 10,000-service sync is some
-//! 250,000 writes. Within a run the order across maps does not matter for packets (the
-//! plan puts table swaps, which do order them, between runs); within a map it is kept.
+//! batch per map instead of one write per op: a 10,000-service sync is some 250,000
+//! writes. Within a run the order across maps does not matter for packets (the plan
+//! puts table swaps and address-filter writes, which do order them, in runs of their
+//! own); within a map it is kept.
 
-use std::collections::BTreeMap;
-use std::os::fd::AsFd as _;
-
-use aya::maps::MapError;
-use lb_common::{
-    Backend, BackendMeta, Frontend, FrontendKey, NextHop, ServiceMeta, ServiceStats, maps,
-};
-
-use super::sys;
-use super::tables::map_data;
-use super::{Dataplane, DataplaneError};
+use lb_common::{Backend, BackendMeta, Frontend, FrontendKey, ServiceMeta};
 use lb_core::plan::Op;
 
-/// The writes of a run, per map, in op order.
+use super::DataplaneError;
+use super::store::{Batch, MapStore};
+
+/// How the writer groups consecutive ops.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// Batched with their neighbours of the same kind.
+    Plain,
+    /// Address-filter writes: batched, but never with the writes they order.
+    Filter,
+    /// Table swaps: batched (the kernel waits for running programs once per batch).
+    Tables,
+    /// One at a time: table removals, and source ranges (few, and an LPM trie has no
+    /// batch update; their order against frontends matters).
+    Single,
+}
+
+impl Run {
+    pub fn of(op: &Op) -> Run {
+        match op {
+            Op::SetAddrFilter { .. } => Run::Filter,
+            Op::SetTable { .. } => Run::Tables,
+            Op::RemoveTable { .. } | Op::AddSourceRange { .. } | Op::RemoveSourceRange { .. } => {
+                Run::Single
+            }
+            Op::SetServiceMeta { .. }
+            | Op::ResetStats { .. }
+            | Op::SetBackend { .. }
+            | Op::SetBackendMeta { .. }
+            | Op::SetFrontend { .. }
+            | Op::RemoveFrontend { .. }
+            | Op::RemoveBackend { .. }
+            | Op::ClearBackendMeta { .. }
+            | Op::ClearServiceMeta { .. } => Run::Plain,
+        }
+    }
+}
+
+/// The writes of a run, per map, in op order, each with the index of its op.
 #[derive(Default)]
 struct Writes {
-    stats: Vec<u32>,
-    service_meta: (Vec<u32>, Vec<ServiceMeta>),
-    backend_meta: (Vec<u32>, Vec<BackendMeta>),
-    backends: (Vec<u32>, Vec<Backend>),
-    set_frontends: (Vec<FrontendKey>, Vec<Frontend>),
-    removed_frontends: Vec<FrontendKey>,
+    stats: (Vec<usize>, Vec<u32>),
+    service_meta: (Vec<usize>, Vec<(u32, ServiceMeta)>),
+    backend_meta: (Vec<usize>, Vec<(u32, BackendMeta)>),
+    backends: (Vec<usize>, Vec<(u32, Backend)>),
+    set_frontends: (Vec<usize>, Vec<(FrontendKey, Frontend)>),
+    removed_frontends: (Vec<usize>, Vec<FrontendKey>),
+    filter: (Vec<usize>, Vec<(u32, u8)>),
+}
+
+fn push<T>((ops, items): &mut (Vec<usize>, Vec<T>), op: usize, item: T) {
+    ops.push(op);
+    items.push(item);
 }
 
 impl Writes {
-    /// The run's writes; with `defer`, slots to empty are left out (queued instead).
-    fn gather(ops: &[Op], defer: bool) -> Self {
+    fn gather(ops: &[Op]) -> Self {
         let mut w = Writes::default();
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             match op {
-                Op::ResetStats { id } => w.stats.push(*id),
-                Op::SetServiceMeta { id, meta } => push(&mut w.service_meta, *id, **meta),
+                Op::ResetStats { id } => push(&mut w.stats, i, *id),
+                Op::SetServiceMeta { id, meta } => push(&mut w.service_meta, i, (*id, **meta)),
                 Op::ClearServiceMeta { id } => {
-                    push(&mut w.service_meta, *id, ServiceMeta::default());
+                    push(&mut w.service_meta, i, (*id, ServiceMeta::default()));
                 }
-                Op::SetBackendMeta { id, meta } => push(&mut w.backend_meta, *id, *meta),
+                Op::SetBackendMeta { id, meta } => push(&mut w.backend_meta, i, (*id, *meta)),
                 Op::ClearBackendMeta { id } => {
-                    push(&mut w.backend_meta, *id, BackendMeta::default());
+                    push(&mut w.backend_meta, i, (*id, BackendMeta::default()));
                 }
-                Op::SetBackend { id, backend } => push(&mut w.backends, *id, *backend),
-                Op::RemoveBackend { .. } if defer => {}
-                Op::RemoveBackend { id } => push(&mut w.backends, *id, Backend::default()),
-                Op::SetFrontend { key, value } => push(&mut w.set_frontends, *key, *value),
-                Op::RemoveFrontend { key } => w.removed_frontends.push(*key),
+                Op::SetBackend { id, backend } => push(&mut w.backends, i, (*id, *backend)),
+                Op::RemoveBackend { id } => push(&mut w.backends, i, (*id, Backend::default())),
+                Op::SetFrontend { key, value } => push(&mut w.set_frontends, i, (*key, *value)),
+                Op::RemoveFrontend { key } => push(&mut w.removed_frontends, i, *key),
+                Op::SetAddrFilter { slot, bits } => push(&mut w.filter, i, (*slot, *bits)),
                 Op::SetTable { .. }
                 | Op::RemoveTable { .. }
                 | Op::AddSourceRange { .. }
-                | Op::RemoveSourceRange { .. } => {
-                    unreachable!("not a plain write")
-                }
+                | Op::RemoveSourceRange { .. } => unreachable!("not in a batched run"),
             }
         }
         w
     }
-}
 
-fn push<K, V>((keys, values): &mut (Vec<K>, Vec<V>), key: K, value: V) {
-    keys.push(key);
-    values.push(value);
-}
-
-/// Whether `op` can go in a run: not a table op, and not a source range (few, and an
-/// LPM trie has no batch update; their order against frontends matters).
-pub fn is_plain(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::SetTable { .. }
-            | Op::RemoveTable { .. }
-            | Op::AddSourceRange { .. }
-            | Op::RemoveSourceRange { .. }
-    )
-}
-
-impl Dataplane {
-    /// Writes a run of plain ops. Batches first; when one fails (a frontend to remove
-    /// that is already gone, a full map), the whole run again one op at a time, which
-    /// reports exactly which op failed. On error, returns the index of the failed op:
-    /// the ones before it are written.
-    pub fn write_run(&mut self, ops: &[Op]) -> Result<(), (usize, DataplaneError)> {
-        let reused = ops.iter().any(|op| match op {
-            Op::SetBackend { id, .. } => self.grace.is_deferred(*id),
-            _ => false,
-        });
-        if reused {
-            // A slot's old backend is still queued to be emptied.
-            self.settle_slots().map_err(|e| (0, e))?;
-        }
-        // Slots a flipped-out copy may name are emptied later (see `grace`).
-        let defer = self.grace.uncovered();
-        if ops.len() > 1 && self.write_batches(&Writes::gather(ops, defer)).is_ok() {
-            let mut filter = BTreeMap::new();
-            for (i, op) in ops.iter().enumerate() {
-                match op {
-                    Op::RemoveBackend { id } if defer => {
-                        self.empty_slot(*id).map_err(|e| (i, e))?;
+    /// One batch per map, in an order a packet may meet them (metadata before what
+    /// names it). On error, pushes the ops written onto `written`.
+    fn write(&self, store: &mut impl MapStore, written: &mut Vec<usize>) -> Result<(), ()> {
+        fn some<T>(
+            (ops, items): &(Vec<usize>, Vec<T>),
+            written: &mut Vec<usize>,
+            write: impl FnOnce(&[T]) -> Result<(), Batch>,
+        ) -> Result<(), ()> {
+            let done = match (items.is_empty(), write) {
+                (true, _) => 0,
+                (false, write) => match write(items) {
+                    Ok(()) => items.len(),
+                    Err((n, _)) => {
+                        written.extend(&ops[..n]);
+                        return Err(());
                     }
-                    _ => self.note_filter(op, &mut filter),
-                }
-            }
-            let (slots, bits): (Vec<u32>, Vec<u8>) = filter.into_iter().unzip();
-            return self
-                .batch(maps::ADDR_FILTER, &slots, &bits)
-                .map_err(|e| (ops.len() - 1, e));
+                },
+            };
+            written.extend(&ops[..done]);
+            Ok(())
         }
-        for (i, op) in ops.iter().enumerate() {
-            self.execute(op).map_err(|e| (i, e))?;
-        }
-        Ok(())
-    }
-
-    /// Updates the address filter's bookkeeping for a written op; `filter` collects the
-    /// final bits per slot.
-    fn note_filter(&mut self, op: &Op, filter: &mut BTreeMap<u32, u8>) {
-        let writes = match op {
-            Op::SetFrontend { key, .. } => self.filter.frontend_set(key).into_iter().collect(),
-            Op::RemoveFrontend { key } => self.filter.frontend_removed(key).into_iter().collect(),
-            Op::SetBackend { id, backend } => self.filter.backend_set(*id, backend.addr),
-            Op::RemoveBackend { id } => self.filter.backend_removed(*id).into_iter().collect(),
-            _ => Vec::new(),
-        };
-        filter.extend(writes);
-    }
-
-    fn write_batches(&mut self, w: &Writes) -> Result<(), DataplaneError> {
-        self.reset_stats_batch(&w.stats)?;
-        self.batch(maps::SERVICE_META, &w.service_meta.0, &w.service_meta.1)?;
-        self.batch(maps::BACKEND_META, &w.backend_meta.0, &w.backend_meta.1)?;
-        self.batch(maps::BACKENDS, &w.backends.0, &w.backends.1)?;
-        // A slot written gets a fresh next hop (the backend may have moved).
-        let hops = vec![NextHop::default(); w.backends.0.len()];
-        self.batch(maps::NEXTHOPS, &w.backends.0, &hops)?;
-        self.batch(maps::FRONTENDS, &w.set_frontends.0, &w.set_frontends.1)?;
-        let name = maps::FRONTENDS;
-        let data = map_data(self.map(name)?)?;
-        sys::delete_batch(data.fd().as_fd(), &w.removed_frontends).map_err(|(_, e)| io_err(name, e))
-    }
-
-    fn batch<K: aya::Pod, V: aya::Pod>(
-        &self,
-        name: &'static str,
-        keys: &[K],
-        values: &[V],
-    ) -> Result<(), DataplaneError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let data = map_data(self.map(name)?)?;
-        sys::update_batch(data.fd().as_fd(), keys, values).map_err(|(_, e)| io_err(name, e))
-    }
-
-    /// Zeroes per-CPU counters: a batch value is one 8-byte-aligned value per CPU.
-    fn reset_stats_batch(&self, ids: &[u32]) -> Result<(), DataplaneError> {
-        let name = maps::SERVICE_STATS;
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| io_err(name, e))?;
-        let per_value = size_of::<ServiceStats>().next_multiple_of(8) * cpus;
-        let zeros = vec![0u8; per_value * ids.len()];
-        let keys: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
-        let data = map_data(self.map(name)?)?;
-        sys::update_batch_bytes(data.fd().as_fd(), &keys, &zeros, ids.len())
-            .map_err(|(_, e)| io_err(name, e))
+        some(&self.stats, written, |ids| store.reset_stats(ids))?;
+        some(&self.service_meta, written, |m| store.set_service_metas(m))?;
+        some(&self.backend_meta, written, |m| store.set_backend_metas(m))?;
+        some(&self.backends, written, |b| store.set_backends(b))?;
+        some(&self.set_frontends, written, |f| store.set_frontends(f))?;
+        some(&self.removed_frontends, written, |k| {
+            store.remove_frontends(k)
+        })?;
+        some(&self.filter, written, |f| store.set_addr_filter(f))
     }
 }
 
-fn io_err(name: &'static str, e: std::io::Error) -> DataplaneError {
-    DataplaneError::Map {
-        name,
-        source: MapError::IoError(e),
+/// Writes a run of plain or filter ops and returns which were written (indexes into
+/// `ops`) and the first failure. Batches first; when one fails (a frontend to remove
+/// that is already gone, a full map), the ops it did not write again one at a time in
+/// op order, up to the first that fails, which is the one reported. The batch may have
+/// written ops after that one: they are returned too, so the record stays exact.
+pub fn write_run(
+    store: &mut impl MapStore,
+    ops: &[Op],
+) -> (Vec<usize>, Option<(usize, DataplaneError)>) {
+    let mut written = Vec::new();
+    if ops.len() > 1 {
+        if Writes::gather(ops).write(store, &mut written).is_ok() {
+            return (written, None);
+        }
+        written.sort_unstable();
     }
+    let batched = written.clone();
+    for (i, op) in ops.iter().enumerate() {
+        if batched.binary_search(&i).is_ok() {
+            continue;
+        }
+        match super::writer::execute(store, op) {
+            Ok(()) => written.push(i),
+            Err(e) => {
+                written.sort_unstable();
+                return (written, Some((i, e)));
+            }
+        }
+    }
+    written.sort_unstable();
+    (written, None)
 }

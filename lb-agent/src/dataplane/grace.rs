@@ -186,5 +186,5 @@ pub fn wait_for_readers(outer: BorrowedFd<'_>) -> std::io::Result<()> {
         Array::create(MAGLEV_TEMPLATE_ENTRIES, MAGLEV_INNER_FLAGS)
             .map_err(std::io::Error::other)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&placeholder.map().fd().as_fd());
-    sys::update_batch::<u32, u32>(outer, &[0], &[fd.cast_unsigned()]).map_err(|(_, e)| e)
+    sys::update_batch::<u32, u32>(outer, &[0], &[fd.cast_unsigned()]).map_err(|(_, e)| e.into())
 }

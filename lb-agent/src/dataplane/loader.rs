@@ -39,6 +39,11 @@ pub enum DataplaneError {
         name: &'static str,
         source: MapError,
     },
+    #[error("map {name}: {source}")]
+    Bpf {
+        name: &'static str,
+        source: super::sys::BpfError,
+    },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
     #[error("interface {name}: {reason}")]
@@ -62,7 +67,6 @@ pub struct Dataplane {
     /// The programs; `None` when only the pinned maps were opened (`lb-agent status`).
     pub(super) ebpf: Option<Ebpf>,
     pub(super) maps: HashMap<&'static str, Map>,
-    pub(super) filter: super::maps::FilterShadow,
     pub(super) grace: super::grace::Grace,
 }
 
@@ -114,7 +118,6 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf: None,
             maps,
-            filter: super::maps::FilterShadow::default(),
             grace: super::grace::Grace::default(),
         })
     }
@@ -130,7 +133,6 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf: Some(ebpf),
             maps,
-            filter: super::maps::FilterShadow::default(),
             grace: super::grace::Grace::default(),
         };
         dp.xdp_mut(PROGRAM)?

@@ -1,8 +1,10 @@
 //! Typed reads and writes of the program's maps. Callers speak in lb-common's types;
 //! map names, fds and inner-map plumbing stay here.
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash};
-use std::collections::{HashMap as StdHashMap, HashSet};
+use ipnet::IpNet;
 
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey,
@@ -10,81 +12,34 @@ use lb_common::{
     addr_filter_slot, maps,
 };
 
+use super::store::{Batch, MapStore, Snapshot};
+use super::sys;
+use super::tables::map_data;
 use super::{Dataplane, DataplaneError};
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-/// A missing key on delete is success: the state we want is "absent".
-fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+/// A missing key on delete is success: the state we want is "absent". aya reports it
+/// as the delete syscall's ENOENT.
+pub(super) fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
 }
 
-/// What the address pre-filter was built from: how many frontends and backends use
-/// each slot, so removing one address never clears a bit another still needs.
-#[derive(Default)]
-pub struct FilterShadow {
-    frontends: HashSet<FrontendKey>,
-    backends: StdHashMap<u32, [u8; 16]>,
-    counts: StdHashMap<u32, [u32; 2]>,
-}
-
-impl FilterShadow {
-    /// Adjusts the count of `addr` as a frontend (`which` 0) or backend (1) and returns
-    /// the slot and its new bits.
-    fn bump(&mut self, addr: &[u8; 16], which: usize, up: bool) -> (u32, u8) {
-        let slot = addr_filter_slot(addr);
-        let counts = self.counts.entry(slot).or_default();
-        if up {
-            counts[which] += 1;
-        } else {
-            counts[which] = counts[which].saturating_sub(1);
-        }
-        let bits = if counts[0] > 0 { ADDR_F_FRONTEND } else { 0 }
-            | if counts[1] > 0 { ADDR_F_BACKEND } else { 0 };
-        if bits == 0 {
-            self.counts.remove(&slot);
-        }
-        (slot, bits)
-    }
-
-    /// Notes a frontend written; returns the filter write it needs, if any.
-    pub(super) fn frontend_set(&mut self, key: &FrontendKey) -> Option<(u32, u8)> {
-        self.frontends
-            .insert(*key)
-            .then(|| self.bump(&key.addr, 0, true))
-    }
-
-    pub(super) fn frontend_removed(&mut self, key: &FrontendKey) -> Option<(u32, u8)> {
-        self.frontends
-            .remove(key)
-            .then(|| self.bump(&key.addr, 0, false))
-    }
-
-    /// Notes backend slot `id` filled with `addr`; returns the filter writes it needs.
-    pub(super) fn backend_set(&mut self, id: u32, addr: [u8; 16]) -> Vec<(u32, u8)> {
-        match self.backends.insert(id, addr) {
-            Some(old) if old == addr => Vec::new(),
-            Some(old) => vec![self.bump(&old, 1, false), self.bump(&addr, 1, true)],
-            None => vec![self.bump(&addr, 1, true)],
-        }
-    }
-
-    pub(super) fn backend_removed(&mut self, id: u32) -> Option<(u32, u8)> {
-        let old = self.backends.remove(&id)?;
-        Some(self.bump(&old, 1, false))
-    }
-}
-
 impl Dataplane {
-    fn write_filter(&mut self, (slot, bits): (u32, u8)) -> Result<(), DataplaneError> {
+    /// Adds `bit` to `addr`'s pre-filter slot, for writes outside a plan (tests and
+    /// benchmarks); plans own the filter, and a stale bit only costs a lookup.
+    fn raise_filter(&mut self, addr: &[u8; 16], bit: u8) -> Result<(), DataplaneError> {
         let name = maps::ADDR_FILTER;
         let mut m: Array<_, u8> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.set(slot, bits, 0).map_err(map_err(name))
+        let slot = addr_filter_slot(addr);
+        let bits = m.get(&slot, 0).map_err(map_err(name))?;
+        m.set(slot, bits | bit, 0).map_err(map_err(name))
     }
 
     pub(super) fn map_mut(
@@ -100,43 +55,21 @@ impl Dataplane {
         self.maps.get(name).ok_or(DataplaneError::MissingMap(name))
     }
 
+    /// Writes a frontend outside a plan.
     pub fn set_frontend(
         &mut self,
         key: FrontendKey,
         value: Frontend,
     ) -> Result<(), DataplaneError> {
-        let name = maps::FRONTENDS;
-        let mut m: HashMap<_, FrontendKey, Frontend> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.insert(key, value, 0).map_err(map_err(name))?;
-        match self.filter.frontend_set(&key) {
-            Some(bits) => self.write_filter(bits),
-            None => Ok(()),
-        }
+        self.set_frontends(&[(key, value)]).map_err(|(_, e)| e)?;
+        self.raise_filter(&key.addr, ADDR_F_FRONTEND)
     }
 
-    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Result<(), DataplaneError> {
-        let name = maps::FRONTENDS;
-        let mut m: HashMap<_, FrontendKey, Frontend> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        absent_ok(m.remove(key)).map_err(map_err(name))?;
-        match self.filter.frontend_removed(key) {
-            Some(bits) => self.write_filter(bits),
-            None => Ok(()),
-        }
-    }
-
-    /// Writes backend `id` (`1..MAX_BACKENDS`) and forgets its cached next hop.
+    /// Writes backend `id` (`1..MAX_BACKENDS`) outside a plan and forgets its cached
+    /// next hop.
     pub fn set_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
-        if self.grace.is_deferred(id) {
-            // The slot's old backend is still queued to be emptied.
-            self.settle_slots()?;
-        }
-        self.write_backend(id, value)?;
-        for bits in self.filter.backend_set(id, value.addr) {
-            self.write_filter(bits)?;
-        }
-        Ok(())
+        self.set_backends(&[(id, value)]).map_err(|(_, e)| e)?;
+        self.raise_filter(&value.addr, ADDR_F_BACKEND)
     }
 
     /// Empties backend `id`'s slot: tracked flows to it are re-selected. Waits first
@@ -148,22 +81,49 @@ impl Dataplane {
     }
 
     pub(super) fn empty_slot_now(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.write_backend(id, Backend::default())?;
-        match self.filter.backend_removed(id) {
-            Some(bits) => self.write_filter(bits),
-            None => Ok(()),
-        }
+        self.write_backends(&[(id, Backend::default())])
+            .map_err(|(_, e)| e)
     }
 
-    fn write_backend(&mut self, id: u32, value: Backend) -> Result<(), DataplaneError> {
-        let name = maps::BACKENDS;
-        let mut m: Array<_, Backend> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.set(id, value, 0).map_err(map_err(name))?;
-        let name = maps::NEXTHOPS;
-        let mut m: Array<_, NextHop> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.set(id, NextHop::default(), 0).map_err(map_err(name))
+    /// Writes backend slots, then fresh next hops (the backend may have moved; a hop
+    /// resolved in between is for the new backend). A slot counts as written once its
+    /// next hop is reset too.
+    fn write_backends(&mut self, slots: &[(u32, Backend)]) -> Result<(), Batch> {
+        self.write_array(maps::BACKENDS, slots)?;
+        let hops: Vec<(u32, NextHop)> = slots
+            .iter()
+            .map(|(id, _)| (*id, NextHop::default()))
+            .collect();
+        self.write_array(maps::NEXTHOPS, &hops)
+    }
+
+    /// Writes entries of an array: one element command for one, a batch for more.
+    fn write_array<V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(u32, V)],
+    ) -> Result<(), Batch> {
+        if let [(index, value)] = entries {
+            let mut m: Array<_, V> = Array::try_from(self.map_mut(name).map_err(|e| (0, e))?)
+                .map_err(|e| (0, map_err(name)(e)))?;
+            return m.set(*index, value, 0).map_err(|e| (0, map_err(name)(e)));
+        }
+        let (keys, values): (Vec<u32>, Vec<V>) = entries.iter().copied().unzip();
+        self.batch(name, &keys, &values)
+    }
+
+    fn batch<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        keys: &[K],
+        values: &[V],
+    ) -> Result<(), Batch> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let data = map_data(self.map(name).map_err(|e| (0, e))?).map_err(|e| (0, e))?;
+        sys::update_batch(data.fd().as_fd(), keys, values)
+            .map_err(|(done, source)| (done, DataplaneError::Bpf { name, source }))
     }
 
     /// Lets the program redirect to `ifindex` through the devmap.
@@ -234,53 +194,122 @@ impl Dataplane {
     }
 }
 
-/// Everything the agent keeps in the maps, read back after a restart.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub frontends: Vec<(FrontendKey, Frontend)>,
-    /// Service id -> metadata, for slots marked in use.
-    pub services: Vec<(u32, ServiceMeta)>,
-    /// Backend id -> metadata, and the backend slot when it is filled (forwarding).
-    pub backends: Vec<(u32, BackendMeta, Option<Backend>)>,
-    /// Service ids whose Maglev slot holds a table.
-    pub tables: Vec<u32>,
+impl MapStore for Dataplane {
+    fn reset_stats(&mut self, ids: &[u32]) -> Result<(), Batch> {
+        let name = maps::SERVICE_STATS;
+        let io = |e| {
+            (
+                0,
+                DataplaneError::Map {
+                    name,
+                    source: MapError::IoError(e),
+                },
+            )
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| io(e))?;
+        if let [id] = ids {
+            let mut m: PerCpuArray<_, ServiceStats> =
+                PerCpuArray::try_from(self.map_mut(name).map_err(|e| (0, e))?)
+                    .map_err(|e| (0, map_err(name)(e)))?;
+            let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(io)?;
+            return m.set(*id, zeros, 0).map_err(|e| (0, map_err(name)(e)));
+        }
+        // A batch value is one 8-byte-aligned value per CPU.
+        let per_value = size_of::<ServiceStats>().next_multiple_of(8) * cpus;
+        let zeros = vec![0u8; per_value * ids.len()];
+        let keys: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        let data = map_data(self.map(name).map_err(|e| (0, e))?).map_err(|e| (0, e))?;
+        sys::update_batch_bytes(data.fd().as_fd(), &keys, &zeros, ids.len())
+            .map_err(|(done, source)| (done, DataplaneError::Bpf { name, source }))
+    }
+
+    fn set_service_metas(&mut self, metas: &[(u32, ServiceMeta)]) -> Result<(), Batch> {
+        self.write_array(maps::SERVICE_META, metas)
+    }
+
+    fn set_backend_metas(&mut self, metas: &[(u32, BackendMeta)]) -> Result<(), Batch> {
+        self.write_array(maps::BACKEND_META, metas)
+    }
+
+    fn set_backends(&mut self, slots: &[(u32, Backend)]) -> Result<(), Batch> {
+        if slots.iter().any(|(id, _)| self.grace.is_deferred(*id)) {
+            // A slot's old backend is still queued to be emptied.
+            self.settle_slots().map_err(|e| (0, e))?;
+        }
+        // Slots a flipped-out copy may name are emptied later (see `grace`).
+        let defer = self.grace.uncovered();
+        let later = |(_, backend): &(u32, Backend)| defer && *backend == Backend::default();
+        let mut done = 0;
+        for group in slots.chunk_by(|a, b| later(a) == later(b)) {
+            if later(&group[0]) {
+                for (i, (id, _)) in group.iter().enumerate() {
+                    self.empty_slot(*id).map_err(|e| (done + i, e))?;
+                }
+            } else {
+                self.write_backends(group).map_err(|(n, e)| (done + n, e))?;
+            }
+            done += group.len();
+        }
+        Ok(())
+    }
+
+    fn set_frontends(&mut self, frontends: &[(FrontendKey, Frontend)]) -> Result<(), Batch> {
+        let name = maps::FRONTENDS;
+        if let [(key, value)] = frontends {
+            let mut m: HashMap<_, FrontendKey, Frontend> =
+                HashMap::try_from(self.map_mut(name).map_err(|e| (0, e))?)
+                    .map_err(|e| (0, map_err(name)(e)))?;
+            return m.insert(key, value, 0).map_err(|e| (0, map_err(name)(e)));
+        }
+        let (keys, values): (Vec<FrontendKey>, Vec<Frontend>) = frontends.iter().copied().unzip();
+        self.batch(name, &keys, &values)
+    }
+
+    fn remove_frontends(&mut self, keys: &[FrontendKey]) -> Result<(), Batch> {
+        let name = maps::FRONTENDS;
+        if let [key] = keys {
+            let mut m: HashMap<_, FrontendKey, Frontend> =
+                HashMap::try_from(self.map_mut(name).map_err(|e| (0, e))?)
+                    .map_err(|e| (0, map_err(name)(e)))?;
+            return absent_ok(m.remove(key)).map_err(|e| (0, map_err(name)(e)));
+        }
+        // A missing key stops the batch (ENOENT); the writer then goes op by op.
+        let data = map_data(self.map(name).map_err(|e| (0, e))?).map_err(|e| (0, e))?;
+        sys::delete_batch(data.fd().as_fd(), keys)
+            .map_err(|(done, source)| (done, DataplaneError::Bpf { name, source }))
+    }
+
+    fn set_addr_filter(&mut self, slots: &[(u32, u8)]) -> Result<(), Batch> {
+        self.write_array(maps::ADDR_FILTER, slots)
+    }
+
+    fn set_tables(
+        &mut self,
+        tables: &[(u32, &[u32])],
+        installed: &dyn Fn(u32) -> bool,
+    ) -> Result<(), Batch> {
+        self.set_maglev_tables(tables, installed)
+    }
+
+    fn remove_table(&mut self, service_id: u32) -> Result<(), DataplaneError> {
+        self.remove_maglev_table(service_id)
+    }
+
+    fn add_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), DataplaneError> {
+        Dataplane::add_source_range(self, service_id, range)
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), DataplaneError> {
+        Dataplane::remove_source_range(self, service_id, range)
+    }
+
+    fn contents(&mut self) -> Result<Snapshot, DataplaneError> {
+        self.snapshot()
+    }
 }
 
 impl Dataplane {
-    pub fn set_service_meta(&mut self, id: u32, meta: &ServiceMeta) -> Result<(), DataplaneError> {
-        let name = maps::SERVICE_META;
-        let mut m: Array<_, ServiceMeta> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.set(id, meta, 0).map_err(map_err(name))
-    }
-
-    pub fn set_backend_meta(&mut self, id: u32, meta: &BackendMeta) -> Result<(), DataplaneError> {
-        let name = maps::BACKEND_META;
-        let mut m: Array<_, BackendMeta> =
-            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        m.set(id, meta, 0).map_err(map_err(name))
-    }
-
-    /// Zeroes a service id's counters, so a recycled id starts from nothing.
-    pub fn reset_service_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let name = maps::SERVICE_STATS;
-        let mut m: PerCpuArray<_, ServiceStats> =
-            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
-            name,
-            source: MapError::IoError(e),
-        })?;
-        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| {
-            DataplaneError::Map {
-                name,
-                source: MapError::IoError(e),
-            }
-        })?;
-        m.set(id, zeros, 0).map_err(map_err(name))
-    }
-
-    /// Reads back what an agent wrote (after a restart), and rebuilds the address
-    /// pre-filter's bookkeeping from it. Arrays are read in batches.
+    /// Reads back what an agent wrote (after a restart). Arrays are read in batches.
     pub fn snapshot(&mut self) -> Result<Snapshot, DataplaneError> {
         self.settle_slots()?;
         let mut snap = Snapshot::default();
@@ -314,19 +343,17 @@ impl Dataplane {
             snap.backends = (0..)
                 .zip(metas.into_iter().zip(slots))
                 .skip(1)
-                .filter(|(_, (meta, _))| meta.family != 0)
+                .filter(|(_, (meta, slot))| meta.family != 0 || slot.family != 0)
                 .map(|(id, (meta, slot))| (id, meta, (slot.family != 0).then_some(slot)))
                 .collect();
         }
         snap.tables = self.maglev_services()?;
-        self.filter = FilterShadow::default();
-        for (key, _) in &snap.frontends {
-            self.filter.frontend_set(key);
-        }
-        for (id, _, filled) in &snap.backends {
-            if let Some(slot) = filled {
-                self.filter.backend_set(*id, slot.addr);
-            }
+        snap.source_ranges = self.source_ranges()?;
+        {
+            let name = maps::ADDR_FILTER;
+            let bits: Vec<u8> =
+                super::arrays::array_values(self.map(name)?).map_err(map_err(name))?;
+            snap.filter = (0..).zip(bits).filter(|(_, b)| *b != 0).collect();
         }
         Ok(snap)
     }

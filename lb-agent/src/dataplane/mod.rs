@@ -3,14 +3,18 @@
 
 mod arrays;
 mod batch;
+#[cfg(test)]
+mod fake;
 mod grace;
 pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
 pub mod source_ranges;
+pub mod store;
 mod sys;
 pub mod tables;
 pub mod writer;
 
 pub use loader::{Dataplane, DataplaneError};
+pub use sys::BpfError;

@@ -2,7 +2,7 @@
 //! (`link_<interface>`). A restarted agent adopts what is there; `detach` removes it.
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
@@ -15,6 +15,7 @@ use lb_common::{
 };
 
 use super::loader::{PROGRAM, ifindex};
+use super::sys;
 use super::{Dataplane, DataplaneError};
 
 /// The default pin directory.
@@ -500,8 +501,8 @@ impl Dataplane {
 /// runs without it).
 pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     let path = link_path(dir, interface);
-    let link = bpf_obj_get(&path).map_err(|e| pin_err(&path, format!("BPF_OBJ_GET: {e}")))?;
-    bpf_link_detach(&link).map_err(|e| pin_err(&path, format!("BPF_LINK_DETACH: {e}")))?;
+    let link = sys::obj_get(&path).map_err(|e| pin_err(&path, e))?;
+    sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;
     std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
     Ok(())
 }
@@ -527,69 +528,6 @@ pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     std::fs::remove_dir(dir).map_err(|e| pin_err(dir, e))?;
     Ok(removed)
 }
-
-/// `BPF_OBJ_GET`: opens a pinned object (aya 0.14 keeps a pinned link's fd private).
-fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    // union bpf_attr, the BPF_OBJ_* prefix: pathname, bpf_fd, file_flags.
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = Attr {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_OBJ_GET; it and the path it
-    // points to outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            size_of::<Attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(rc).map_err(io::Error::other)?;
-    // SAFETY: the kernel just returned this new fd; we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `BPF_LINK_DETACH` (Linux 5.9+); aya 0.14 does not have it.
-fn bpf_link_detach(link: &OwnedFd) -> io::Result<()> {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    // union bpf_attr, the link_detach member: the link's fd.
-    #[repr(C)]
-    struct Attr {
-        link_fd: u32,
-    }
-    let attr = Attr {
-        link_fd: link.as_raw_fd().cast_unsigned(),
-    };
-    // SAFETY: attr is a valid bpf_attr prefix for BPF_LINK_DETACH and outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw const attr,
-            size_of::<Attr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

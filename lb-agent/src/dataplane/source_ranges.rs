@@ -62,10 +62,7 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let mut m: LpmTrie<_, SourceRangeKey, u32> =
             LpmTrie::try_from(self.map_mut(maps::SOURCE_RANGES)?).map_err(map_err)?;
-        match m.remove(&range_key(service_id, range)) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            other => other.map_err(map_err),
-        }
+        super::maps::absent_ok(m.remove(&range_key(service_id, range))).map_err(map_err)
     }
 
     /// Every range in the map, by service id (sorted).

@@ -1,17 +1,59 @@
-//! `bpf(2)` commands aya 0.14 lacks (batch lookup, update and delete; delete on a map
-//! of maps) and memory-mapped arrays. Thousands of services make one syscall per element too
-//! slow: a 10,000-service sync would be millions of them.
+//! Every raw `bpf(2)` call the agent makes, behind safe wrappers: the commands aya 0.14
+//! lacks (batch lookup, update and delete; delete on a map of maps; opening a pinned
+//! link; detaching a link) and single lookups for kernels without batches; plus
+//! memory-mapped arrays. Thousands of services make one syscall per element too slow: a
+//! 10,000-service sync would be millions of them. Errors name the command and carry the
+//! errno.
 
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::Pod;
 
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// A `bpf(2)` command: its number and its name for errors.
+#[derive(Clone, Copy)]
+struct Cmd(libc::c_long, &'static str);
+
+const MAP_LOOKUP_ELEM: Cmd = Cmd(1, "BPF_MAP_LOOKUP_ELEM");
+const MAP_DELETE_ELEM: Cmd = Cmd(3, "BPF_MAP_DELETE_ELEM");
+const OBJ_GET: Cmd = Cmd(7, "BPF_OBJ_GET");
+const MAP_LOOKUP_BATCH: Cmd = Cmd(24, "BPF_MAP_LOOKUP_BATCH");
+const MAP_UPDATE_BATCH: Cmd = Cmd(26, "BPF_MAP_UPDATE_BATCH");
+const MAP_DELETE_BATCH: Cmd = Cmd(27, "BPF_MAP_DELETE_BATCH");
+const LINK_DETACH: Cmd = Cmd(34, "BPF_LINK_DETACH");
+
+/// The kernel's ENOTSUPP (not in libc): the map type has no batch operations.
+pub const ENOTSUPP: i32 = 524;
+
+/// A failed `bpf(2)` command.
+#[derive(Debug, thiserror::Error)]
+#[error("{cmd}: {errno}")]
+pub struct BpfError {
+    pub cmd: &'static str,
+    pub errno: io::Error,
+}
+
+impl BpfError {
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.errno.raw_os_error()
+    }
+
+    fn other(cmd: Cmd, message: String) -> Self {
+        BpfError {
+            cmd: cmd.1,
+            errno: io::Error::other(message),
+        }
+    }
+}
+
+impl From<BpfError> for io::Error {
+    fn from(e: BpfError) -> Self {
+        io::Error::new(e.errno.kind(), e)
+    }
+}
 
 /// `union bpf_attr` for the element commands.
 #[repr(C)]
@@ -37,19 +79,45 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: `attr` is a valid `union bpf_attr` prefix for `cmd` whose pointers (set by
-    // the callers) outlive the call; the kernel reads at most `size_of::<T>()` bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+/// `union bpf_attr`, the `BPF_OBJ_*` prefix.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr`, the `link_detach` member.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// The one `bpf(2)` call site; returns the syscall's non-negative result.
+fn bpf<T>(cmd: Cmd, attr: &mut T) -> Result<libc::c_long, BpfError> {
+    // SAFETY: every caller passes a valid `union bpf_attr` prefix for `cmd` whose
+    // pointers outlive the call and point at buffers of the sizes the kernel reads or
+    // writes for it; the kernel reads at most `size_of::<T>()` bytes of `attr`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd.0,
+            std::ptr::from_mut(attr),
+            size_of::<T>(),
+        )
+    };
     if rc < 0 {
-        Err(io::Error::last_os_error())
+        Err(BpfError {
+            cmd: cmd.1,
+            errno: io::Error::last_os_error(),
+        })
     } else {
-        Ok(())
+        Ok(rc)
     }
 }
 
 /// `BPF_MAP_DELETE_ELEM` of a `u32` key (aya has no typed delete on an array of maps).
-pub fn delete_elem(fd: BorrowedFd<'_>, key: u32) -> io::Result<()> {
+pub fn delete_elem(fd: BorrowedFd<'_>, key: u32) -> Result<(), BpfError> {
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd().cast_unsigned(),
         _pad: 0,
@@ -57,7 +125,47 @@ pub fn delete_elem(fd: BorrowedFd<'_>, key: u32) -> io::Result<()> {
         value: 0,
         flags: 0,
     };
-    bpf(BPF_MAP_DELETE_ELEM, &mut attr)
+    bpf(MAP_DELETE_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of index `key` of an array (not per-CPU) of `V`.
+pub fn lookup_elem<V: Pod>(fd: BorrowedFd<'_>, key: u32) -> Result<V, BpfError> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd().cast_unsigned(),
+        _pad: 0,
+        key: std::ptr::from_ref(&key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    bpf(MAP_LOOKUP_ELEM, &mut attr)?;
+    // SAFETY: the kernel wrote the whole value; `V` is plain bytes.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object (aya 0.14 keeps a pinned link's fd private).
+pub fn obj_get(path: &Path) -> Result<OwnedFd, BpfError> {
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| BpfError {
+        cmd: OBJ_GET.1,
+        errno: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    let mut attr = ObjAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let rc = bpf(OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(rc).map_err(|e| BpfError::other(OBJ_GET, e.to_string()))?;
+    // SAFETY: the kernel just returned this new fd; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_DETACH` (Linux 5.9+); aya 0.14 does not have it.
+pub fn link_detach(link: BorrowedFd<'_>) -> Result<(), BpfError> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd().cast_unsigned(),
+    };
+    bpf(LINK_DETACH, &mut attr).map(drop)
 }
 
 /// The bytes of plain values.
@@ -76,8 +184,8 @@ pub fn update_batch_bytes(
     keys: &[u8],
     values: &[u8],
     count: usize,
-) -> Result<(), (usize, io::Error)> {
-    batch(BPF_MAP_UPDATE_BATCH, fd, keys, Some(values), count)
+) -> Result<(), (usize, BpfError)> {
+    batch(MAP_UPDATE_BATCH, fd, keys, Some(values), count)
 }
 
 /// [`update_batch_bytes`] of typed keys and values.
@@ -85,23 +193,23 @@ pub fn update_batch<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
-) -> Result<(), (usize, io::Error)> {
+) -> Result<(), (usize, BpfError)> {
     assert_eq!(keys.len(), values.len(), "one value per key");
     update_batch_bytes(fd, bytes(keys), bytes(values), keys.len())
 }
 
 /// `BPF_MAP_DELETE_BATCH`; a missing key is an error (`ENOENT`) that stops the batch.
-pub fn delete_batch<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
-    batch(BPF_MAP_DELETE_BATCH, fd, bytes(keys), None, keys.len())
+pub fn delete_batch<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, BpfError)> {
+    batch(MAP_DELETE_BATCH, fd, bytes(keys), None, keys.len())
 }
 
 fn batch(
-    cmd: libc::c_long,
+    cmd: Cmd,
     fd: BorrowedFd<'_>,
     keys: &[u8],
     values: Option<&[u8]>,
     count: usize,
-) -> Result<(), (usize, io::Error)> {
+) -> Result<(), (usize, BpfError)> {
     if count == 0 {
         return Ok(());
     }
@@ -121,7 +229,7 @@ fn batch(
             return Err((done, e));
         }
         if attr.count == 0 {
-            return Err((done, io::Error::other("batch made no progress")));
+            return Err((done, BpfError::other(cmd, "batch made no progress".into())));
         }
     }
     Ok(())
@@ -133,7 +241,7 @@ pub fn for_each<V: Pod + Default + Clone>(
     fd: BorrowedFd<'_>,
     chunk: usize,
     mut f: impl FnMut(u32, &V),
-) -> io::Result<()> {
+) -> Result<(), BpfError> {
     let mut keys = vec![0u32; chunk];
     let mut values = vec![V::default(); chunk];
     let mut next = 0u32;
@@ -154,17 +262,69 @@ pub fn for_each<V: Pod + Default + Clone>(
         };
         // `in_batch` and `out_batch` may alias: the kernel reads the first before it
         // writes the second.
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let result = bpf(MAP_LOOKUP_BATCH, &mut attr);
         let got = attr.count as usize;
         for (key, value) in keys.iter().zip(&values).take(got) {
             f(*key, value);
         }
         match result {
-            Ok(()) if got > 0 => first = false,
-            Ok(()) => return Ok(()),
+            Ok(_) if got > 0 => first = false,
+            Ok(_) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Every value of an array of `len` values (not per-CPU), by index, through
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), `chunk` at a time.
+pub fn array_values_batched<V: Pod>(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    chunk: u32,
+) -> Result<Vec<V>, BpfError> {
+    let mut values: Vec<V> = Vec::with_capacity(len);
+    let mut keys = vec![0u32; chunk as usize];
+    let mut buf: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(chunk as usize);
+    let (mut in_batch, mut out_batch) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&in_batch) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: buf.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd: fd.as_raw_fd().cast_unsigned(),
+            elem_flags: 0,
+            flags: 0,
+        };
+        // ENOENT: the last batch (possibly with entries).
+        let done = match bpf(MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = attr.count.min(chunk) as usize;
+        for (i, key) in keys[..n].iter().enumerate() {
+            if *key as usize != values.len() {
+                return Err(BpfError::other(
+                    MAP_LOOKUP_BATCH,
+                    format!("returned index {key} where {} was due", values.len()),
+                ));
+            }
+            // SAFETY: the kernel filled the first `n` values; `V` is plain bytes.
+            values.push(unsafe { buf.as_ptr().add(i).cast::<V>().read() });
+        }
+        if done || values.len() >= len {
+            return Ok(values);
+        }
+        in_batch = out_batch;
+        first = false;
     }
 }
 

@@ -26,6 +26,10 @@ fn io_err(e: std::io::Error) -> DataplaneError {
     map_err(MapError::IoError(e))
 }
 
+fn bpf_err(source: sys::BpfError) -> DataplaneError {
+    DataplaneError::Bpf { name: NAME, source }
+}
+
 /// Elements of an inner array for a table of `size` slots: the header, then one per
 /// slot (holding both copies).
 fn entries(size: u32) -> Result<u32, DataplaneError> {
@@ -187,7 +191,7 @@ impl Dataplane {
                 self.grace.waited(upto);
                 Ok(())
             }
-            Err((done, e)) => Err((fresh[done.min(fresh.len() - 1)].0, io_err(e))),
+            Err((done, e)) => Err((fresh[done.min(fresh.len() - 1)].0, bpf_err(e))),
         }
     }
 
@@ -281,7 +285,7 @@ impl Dataplane {
                 Ok(())
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(io_err(e)),
+            Err(e) => Err(bpf_err(e)),
         }
     }
 
@@ -315,7 +319,7 @@ impl Dataplane {
                 ids.push(id);
             }
         })
-        .map_err(io_err)?;
+        .map_err(bpf_err)?;
         Ok(ids)
     }
 }

@@ -1,67 +1,72 @@
-//! Executes a plan's ops in order against the maps, mirroring each successful write
-//! into `Applied`, so after a failure `Applied` still says exactly what the maps hold
-//! and the next plan picks up from there.
+//! Executes a plan's ops in order against a [`MapStore`], mirroring each successful
+//! write into `Applied`, so after a failure `Applied` still says exactly what the maps
+//! hold and the next plan picks up from there.
 
-use lb_common::{BackendMeta, ServiceMeta};
+use lb_common::{Backend, BackendMeta, ServiceMeta};
 
 use lb_core::plan::{Applied, Op, Plan};
 
-use super::batch;
-use super::maps::Snapshot;
+use super::batch::{self, Run};
+use super::store::{Batch, MapStore, Snapshot};
 use super::{Dataplane, DataplaneError};
 
-impl Dataplane {
-    /// One map write.
-    pub fn execute(&mut self, op: &Op) -> Result<(), DataplaneError> {
-        match op {
-            Op::SetServiceMeta { id, meta } => self.set_service_meta(*id, meta),
-            Op::ClearServiceMeta { id } => self.set_service_meta(*id, &ServiceMeta::default()),
-            Op::ResetStats { id } => self.reset_service_stats(*id),
-            Op::SetBackend { id, backend } => self.set_backend(*id, *backend),
-            Op::RemoveBackend { id } => self.empty_slot(*id),
-            Op::SetBackendMeta { id, meta } => self.set_backend_meta(*id, meta),
-            Op::ClearBackendMeta { id } => self.set_backend_meta(*id, &BackendMeta::default()),
-            Op::SetTable { service_id, table } => self.set_maglev_table(*service_id, table),
-            Op::RemoveTable { service_id } => self.remove_maglev_table(*service_id),
-            Op::SetFrontend { key, value } => self.set_frontend(*key, *value),
-            Op::RemoveFrontend { key } => self.remove_frontend(key),
-            Op::AddSourceRange { service_id, range } => self.add_source_range(*service_id, *range),
-            Op::RemoveSourceRange { service_id, range } => {
-                self.remove_source_range(*service_id, *range)
-            }
+/// One map write.
+pub fn execute(store: &mut impl MapStore, op: &Op) -> Result<(), DataplaneError> {
+    let one = |result: Result<(), Batch>| result.map_err(|(_, e)| e);
+    match op {
+        Op::SetServiceMeta { id, meta } => one(store.set_service_metas(&[(*id, **meta)])),
+        Op::ClearServiceMeta { id } => {
+            one(store.set_service_metas(&[(*id, ServiceMeta::default())]))
         }
+        Op::ResetStats { id } => one(store.reset_stats(&[*id])),
+        Op::SetBackend { id, backend } => one(store.set_backends(&[(*id, *backend)])),
+        Op::RemoveBackend { id } => one(store.set_backends(&[(*id, Backend::default())])),
+        Op::SetBackendMeta { id, meta } => one(store.set_backend_metas(&[(*id, *meta)])),
+        Op::ClearBackendMeta { id } => {
+            one(store.set_backend_metas(&[(*id, BackendMeta::default())]))
+        }
+        Op::SetTable { service_id, table } => {
+            one(store.set_tables(&[(*service_id, table)], &|_| true))
+        }
+        Op::RemoveTable { service_id } => store.remove_table(*service_id),
+        Op::SetFrontend { key, value } => one(store.set_frontends(&[(*key, *value)])),
+        Op::RemoveFrontend { key } => one(store.remove_frontends(&[*key])),
+        Op::AddSourceRange { service_id, range } => store.add_source_range(*service_id, *range),
+        Op::RemoveSourceRange { service_id, range } => {
+            store.remove_source_range(*service_id, *range)
+        }
+        Op::SetAddrFilter { slot, bits } => one(store.set_addr_filter(&[(*slot, *bits)])),
     }
+}
 
-    /// Runs `plan` in order; stops at the first failing write (later ops may depend
-    /// on it) and returns it with the number of writes done. Consecutive plain writes
-    /// and consecutive table swaps go to the kernel in batches (see `batch`, `tables`).
-    pub fn apply(
-        &mut self,
-        plan: &Plan,
-        applied: &mut Applied,
-    ) -> Result<usize, (usize, DataplaneError)> {
-        let result = self.apply_ops(&plan.ops, applied);
-        applied.conclude(plan, result.is_ok());
-        result.map(|()| plan.ops.len())
-    }
+/// Runs `plan` in order; stops at the first failing write (later ops may depend on it)
+/// and returns it with the number of writes done. Consecutive plain writes, filter
+/// writes and table swaps go to the store in batches (see `batch`).
+pub fn apply(
+    store: &mut impl MapStore,
+    plan: &Plan,
+    applied: &mut Applied,
+) -> Result<usize, (usize, DataplaneError)> {
+    let result = apply_ops(store, &plan.ops, applied);
+    applied.conclude(plan, result.is_ok());
+    result.map(|()| plan.ops.len())
+}
 
-    fn apply_ops(
-        &mut self,
-        ops: &[Op],
-        applied: &mut Applied,
-    ) -> Result<(), (usize, DataplaneError)> {
-        let mut done = 0;
-        while done < ops.len() {
-            let rest = &ops[done..];
-            let plain = rest.iter().take_while(|op| batch::is_plain(op)).count();
-            let tables = rest
-                .iter()
-                .take_while(|op| matches!(op, Op::SetTable { .. }))
-                .count();
-            let (run, result) = if plain > 0 {
-                (plain, self.write_run(&rest[..plain]))
-            } else if tables > 0 {
-                let list: Vec<(u32, &[u32])> = rest[..tables]
+fn apply_ops(
+    store: &mut impl MapStore,
+    ops: &[Op],
+    applied: &mut Applied,
+) -> Result<(), (usize, DataplaneError)> {
+    let mut done = 0;
+    while done < ops.len() {
+        let rest = &ops[done..];
+        let kind = Run::of(&rest[0]);
+        let run = rest.iter().take_while(|op| Run::of(op) == kind).count();
+        let run = if kind == Run::Single { 1 } else { run };
+        let (written, failure) = match kind {
+            Run::Plain | Run::Filter => batch::write_run(store, &rest[..run]),
+            Run::Tables => {
+                let list: Vec<(u32, &[u32])> = rest[..run]
                     .iter()
                     .filter_map(|op| match op {
                         Op::SetTable { service_id, table } => Some((*service_id, table.as_slice())),
@@ -69,41 +74,70 @@ impl Dataplane {
                     })
                     .collect();
                 let present = &applied.tables;
-                (
-                    tables,
-                    self.set_maglev_tables(&list, |id| present.contains(&id)),
-                )
-            } else {
-                (1, self.execute(&rest[0]).map_err(|e| (0, e)))
-            };
-            let written = result.as_ref().map_or_else(|(n, _)| *n, |()| run);
-            for op in &rest[..written] {
-                applied.record(op);
+                match store.set_tables(&list, &|id| present.contains(&id)) {
+                    Ok(()) => ((0..run).collect(), None),
+                    Err((n, e)) => ((0..n).collect(), Some((n, e))),
+                }
             }
-            result.map_err(|(n, e)| (done + n, e))?;
-            done += run;
+            Run::Single => match execute(store, &rest[0]) {
+                Ok(()) => (vec![0], None),
+                Err(e) => (Vec::new(), Some((0, e))),
+            },
+        };
+        for i in written {
+            applied.record(&rest[i]);
         }
-        Ok(())
+        if let Some((n, e)) = failure {
+            return Err((done + n, e));
+        }
+        done += run;
+    }
+    Ok(())
+}
+
+/// What the maps hold, as the planner sees it (after an agent restart).
+pub fn restore(store: &mut impl MapStore) -> Result<Applied, DataplaneError> {
+    let Snapshot {
+        frontends,
+        services,
+        backends,
+        tables,
+        source_ranges,
+        filter,
+    } = store.contents()?;
+    Ok(Applied::from_maps(
+        services.into_iter().collect(),
+        backends
+            .iter()
+            .filter(|(_, meta, _)| meta.family != 0)
+            .map(|(id, meta, _)| (*id, *meta))
+            .collect(),
+        backends
+            .iter()
+            .filter_map(|(id, _, slot)| slot.map(|s| (*id, s)))
+            .collect(),
+        frontends.into_iter().collect(),
+        tables.into_iter().collect(),
+        source_ranges.into_iter().collect(),
+        filter.into_iter().collect(),
+    ))
+}
+
+impl Dataplane {
+    /// [`apply`] against the kernel's maps.
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        applied: &mut Applied,
+    ) -> Result<usize, (usize, DataplaneError)> {
+        apply(self, plan, applied)
     }
 
-    /// What the maps hold, as the planner sees it (after an agent restart).
+    /// [`restore`] from the kernel's maps.
     pub fn restore(&mut self) -> Result<Applied, DataplaneError> {
-        let Snapshot {
-            frontends,
-            services,
-            backends,
-            tables,
-        } = self.snapshot()?;
-        Ok(Applied::from_maps(
-            services.into_iter().collect(),
-            backends.iter().map(|(id, meta, _)| (*id, *meta)).collect(),
-            backends
-                .iter()
-                .filter_map(|(id, _, slot)| slot.map(|s| (*id, s)))
-                .collect(),
-            frontends.into_iter().collect(),
-            tables.into_iter().collect(),
-            self.source_ranges()?.into_iter().collect(),
-        ))
+        restore(self)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use lb_common::{Backend, BackendMeta, Frontend, FrontendKey, ServiceMeta};
+use lb_common::{Backend, BackendMeta, Frontend, FrontendKey, ServiceMeta, addr_filter_slot};
 
-use super::{Op, Plan, service_name};
+use super::{Op, Plan, filter_bits, service_name};
 use crate::model::ServiceModel;
 
 /// What the maps hold, as far as the agent wrote it (restored from them on restart).
@@ -25,6 +25,8 @@ pub struct Applied {
     pub tables: BTreeSet<u32>,
     /// Source ranges by service id (host bits cleared).
     pub source_ranges: BTreeSet<(u32, IpNet)>,
+    /// Address pre-filter slot -> its bits, for slots with any.
+    pub filter: BTreeMap<u32, u8>,
     pub(super) index: Index,
 }
 
@@ -49,6 +51,11 @@ pub(super) struct Index {
     /// Services whose every write of their current model succeeded: a plan skips them
     /// while their model is the same.
     pub(super) settled: BTreeMap<String, Arc<ServiceModel>>,
+    /// Per pre-filter slot: how many frontends and filled backend slots have an
+    /// address in it, so removing one never clears a bit another still needs.
+    pub(super) filter_users: BTreeMap<u32, [u32; 2]>,
+    /// Pre-filter slots whose bits differ from what their users need.
+    pub(super) stale_filter: BTreeSet<u32>,
 }
 
 /// Ids in use among `1..`, with the free gaps below the highest, so the lowest free id
@@ -108,8 +115,12 @@ impl Applied {
         frontends: BTreeMap<FrontendKey, Frontend>,
         tables: BTreeSet<u32>,
         source_ranges: BTreeSet<(u32, IpNet)>,
+        filter: BTreeMap<u32, u8>,
     ) -> Self {
         let mut applied = Applied::default();
+        for (slot, bits) in filter {
+            applied.record(&Op::SetAddrFilter { slot, bits });
+        }
         for service_id in tables {
             applied.record(&Op::SetTable {
                 service_id,
@@ -149,14 +160,19 @@ impl Applied {
                 self.settle(*id);
             }
             Op::SetBackend { id, backend } => {
-                self.slots.insert(*id, *backend);
+                if let Some(old) = self.slots.insert(*id, *backend) {
+                    self.use_filter(&old.addr, 1, false);
+                }
+                self.use_filter(&backend.addr, 1, true);
                 self.index.backend_ids.insert(*id);
                 if !self.backends.contains_key(id) {
                     self.index.unowned_slots.insert(*id);
                 }
             }
             Op::RemoveBackend { id } => {
-                self.slots.remove(id);
+                if let Some(old) = self.slots.remove(id) {
+                    self.use_filter(&old.addr, 1, false);
+                }
                 self.index.unowned_slots.remove(id);
                 if !self.backends.contains_key(id) {
                     self.index.backend_ids.remove(*id);
@@ -188,6 +204,9 @@ impl Applied {
             }
             Op::SetFrontend { key, value } => {
                 let old = self.frontends.insert(*key, *value).map(|f| f.service_id);
+                if old.is_none() {
+                    self.use_filter(&key.addr, 0, true);
+                }
                 if old != Some(value.service_id) {
                     if let Some(old) = old {
                         unlink(&mut self.index.frontends_of, old, key);
@@ -199,6 +218,7 @@ impl Applied {
             }
             Op::RemoveFrontend { key } => {
                 if let Some(old) = self.frontends.remove(key) {
+                    self.use_filter(&key.addr, 0, false);
                     unlink(&mut self.index.frontends_of, old.service_id, key);
                     self.settle(old.service_id);
                 }
@@ -220,8 +240,55 @@ impl Applied {
                 self.source_ranges.remove(&(*service_id, *range));
                 self.settle(*service_id);
             }
+            Op::SetAddrFilter { slot, bits } => {
+                if *bits == 0 {
+                    self.filter.remove(slot);
+                } else {
+                    self.filter.insert(*slot, *bits);
+                }
+                self.check_filter(*slot);
+            }
             Op::ResetStats { .. } => {}
         }
+    }
+
+    /// Counts a frontend (`which` 0) or filled backend slot (1) with `addr` in or out
+    /// of its pre-filter slot.
+    fn use_filter(&mut self, addr: &[u8; 16], which: usize, up: bool) {
+        let slot = addr_filter_slot(addr);
+        let users = self.index.filter_users.entry(slot).or_default();
+        if up {
+            users[which] += 1;
+        } else {
+            users[which] = users[which].saturating_sub(1);
+        }
+        if *users == [0, 0] {
+            self.index.filter_users.remove(&slot);
+        }
+        self.check_filter(slot);
+    }
+
+    fn check_filter(&mut self, slot: u32) {
+        let have = self.filter.get(&slot).copied().unwrap_or(0);
+        if have == filter_bits(self.filter_users(slot)) {
+            self.index.stale_filter.remove(&slot);
+        } else {
+            self.index.stale_filter.insert(slot);
+        }
+    }
+
+    /// How many frontends and filled backend slots have an address in pre-filter `slot`.
+    pub(super) fn filter_users(&self, slot: u32) -> [u32; 2] {
+        self.index
+            .filter_users
+            .get(&slot)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Pre-filter slots whose bits differ from what their users need.
+    pub(super) fn stale_filter_slots(&self) -> &BTreeSet<u32> {
+        &self.index.stale_filter
     }
 
     /// After a plan ran: when every op succeeded (`complete`), its services are settled

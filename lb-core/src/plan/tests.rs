@@ -150,6 +150,19 @@ impl FakeMaps {
                 frontend.service_id
             );
         }
+        let bits = |addr: &[u8; 16]| self.applied.filter.get(&addr_filter_slot(addr)).copied();
+        for key in self.applied.frontends.keys() {
+            assert!(
+                bits(&key.addr).is_some_and(|b| b & ADDR_F_FRONTEND != 0),
+                "after {after:?}: frontend {key:?} filtered out"
+            );
+        }
+        for (id, slot) in &self.slots {
+            assert!(
+                bits(&slot.addr).is_some_and(|b| b & ADDR_F_BACKEND != 0),
+                "after {after:?}: backend {id} filtered out"
+            );
+        }
     }
 
     /// The state the maps express, in model terms: service -> (frontends, forwarding
@@ -250,6 +263,7 @@ fn check_index(applied: &Applied) {
         applied.frontends.clone(),
         applied.tables.clone(),
         applied.source_ranges.clone(),
+        applied.filter.clone(),
     );
     assert_eq!(unsettled, rebuilt, "indexes drifted from the maps");
 }
@@ -280,6 +294,24 @@ fn expected_table(model: &ServiceModel) -> Vec<Endpoint> {
         .collect()
 }
 
+/// The pre-filter bits `want` needs, computed from nothing but `want`.
+fn filter_from_scratch(want: &Desired) -> BTreeMap<u32, u8> {
+    let mut filter = BTreeMap::new();
+    for model in want.services.values() {
+        for spec in &model.frontends {
+            *filter
+                .entry(addr_filter_slot(&frontend_key(spec).addr))
+                .or_default() |= ADDR_F_FRONTEND;
+        }
+        for (endpoint, _) in model.backends.iter().filter(|(_, b)| b.forwarding()) {
+            *filter
+                .entry(addr_filter_slot(&addr_key(endpoint.addr).0))
+                .or_default() |= ADDR_F_BACKEND;
+        }
+    }
+    filter
+}
+
 /// Plans, runs, checks the result and that a second plan is empty, whether it skips
 /// settled services or compares every one with the maps.
 fn converge(maps: &mut FakeMaps, want: &Desired) -> Plan {
@@ -295,6 +327,11 @@ fn converge(maps: &mut FakeMaps, want: &Desired) -> Plan {
         full.ops.is_empty(),
         "a plan over every service finds more to do: {:?}",
         full.ops
+    );
+    assert_eq!(
+        maps.applied.filter,
+        filter_from_scratch(want),
+        "address filter"
     );
     let served = maps.served();
     assert_eq!(
@@ -358,12 +395,16 @@ fn a_new_service_writes_backends_then_table_then_frontend() {
             Op::SetBackendMeta { .. } => "backend-meta",
             Op::SetTable { .. } => "table",
             Op::SetFrontend { .. } => "frontend",
+            Op::SetAddrFilter { .. } => "filter",
             _ => "other",
         })
         .collect();
     assert_eq!(
         kinds,
         [
+            "filter",
+            "filter",
+            "filter",
             "stats",
             "svc-meta",
             "backend",
@@ -534,6 +575,7 @@ fn a_restored_state_needs_no_writes() {
         maps.applied.frontends.clone(),
         maps.applied.tables.clone(),
         maps.applied.source_ranges.clone(),
+        maps.applied.filter.clone(),
     );
     let again = plan(&want, &restored);
     assert!(again.ops.is_empty(), "{:?}", again.ops);
@@ -833,6 +875,7 @@ fn a_restart_cleans_up_what_a_crash_left() {
         maps.applied.frontends.clone(),
         tables,
         maps.applied.source_ranges.clone(),
+        maps.applied.filter.clone(),
     );
     assert_eq!(
         maps.applied.index.strays,
@@ -912,7 +955,15 @@ fn source_ranges_go_in_before_a_frontend_requires_them_and_leave_after() {
         range_and_frontend_ops(&plan),
         ["-frontend", "-198.51.100.0/24"]
     );
-    assert!(matches!(plan.ops.last(), Some(Op::ClearServiceMeta { .. })));
+    let last = plan
+        .ops
+        .iter()
+        .rfind(|op| !matches!(op, Op::SetAddrFilter { .. }));
+    assert!(matches!(last, Some(Op::ClearServiceMeta { .. })));
+    assert!(matches!(
+        plan.ops.last(),
+        Some(Op::SetAddrFilter { bits: 0, .. })
+    ));
 }
 
 #[test]
@@ -943,6 +994,7 @@ fn restored_ranges_need_no_writes_and_leftovers_keep_their_id() {
         maps.applied.frontends.clone(),
         maps.applied.tables.clone(),
         maps.applied.source_ranges.clone(),
+        maps.applied.filter.clone(),
     );
     assert!(plan(&want, &restored).ops.is_empty());
 
@@ -955,6 +1007,7 @@ fn restored_ranges_need_no_writes_and_leftovers_keep_their_id() {
         BTreeMap::new(),
         BTreeSet::new(),
         BTreeSet::from([(1, range("198.51.100.0/24"))]),
+        BTreeMap::new(),
     );
     let plan = plan(
         &desired(vec![(
@@ -1003,4 +1056,61 @@ fn the_reject_flag_follows_when_empty_without_other_writes() {
         "{:?}",
         plan.ops
     );
+}
+
+#[test]
+fn the_address_filter_keeps_a_bit_another_frontend_or_backend_still_needs() {
+    let mut maps = FakeMaps::default();
+    // Both services use the same frontend address (other ports) and backend address.
+    let want = desired(vec![
+        ("a", service(&[fe(10, 80)], &[(ep(11, 8080), 1, UP)])),
+        ("b", service(&[fe(10, 81)], &[(ep(11, 9090), 1, UP)])),
+    ]);
+    let first = converge(&mut maps, &want);
+    let raised: Vec<&Op> = first
+        .ops
+        .iter()
+        .take_while(|op| matches!(op, Op::SetAddrFilter { .. }))
+        .collect();
+    assert_eq!(raised.len(), 2, "set first: {:?}", first.ops);
+    let filter_writes = |plan: &Plan| {
+        plan.ops
+            .iter()
+            .filter(|op| matches!(op, Op::SetAddrFilter { .. }))
+            .count()
+    };
+    assert_eq!(filter_writes(&first), 2, "each slot written once");
+
+    let only_b = desired(vec![(
+        "b",
+        service(&[fe(10, 81)], &[(ep(11, 9090), 1, UP)]),
+    )]);
+    let shrink = converge(&mut maps, &only_b);
+    assert_eq!(filter_writes(&shrink), 0, "b still needs both bits");
+
+    let gone = converge(&mut maps, &Desired::default());
+    let cleared = &gone.ops[gone.ops.len() - 2..];
+    assert!(
+        cleared
+            .iter()
+            .all(|op| matches!(op, Op::SetAddrFilter { bits: 0, .. })),
+        "cleared last: {:?}",
+        gone.ops
+    );
+    assert!(maps.applied.filter.is_empty());
+}
+
+#[test]
+fn filter_bits_an_interrupted_plan_raised_are_lowered_by_the_next() {
+    let mut maps = FakeMaps::default();
+    let want = desired(vec![(
+        "a",
+        service(&[fe(10, 80)], &[(ep(11, 8080), 1, UP)]),
+    )]);
+    let plan = plan(&want, &maps.applied);
+    // Only the filter bits went in before the failure.
+    maps.run_prefix(&plan, 2);
+    assert_eq!(maps.applied.filter.len(), 2);
+    converge(&mut maps, &Desired::default());
+    assert!(maps.applied.filter.is_empty(), "{:?}", maps.applied.filter);
 }
