@@ -67,13 +67,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
     let l4 = !opts.interfaces.is_empty();
-    // Pins need a bpffs under --bpffs; mount one if none is there, before anything is
-    // bound, loaded or attached, so a failure leaves nothing behind.
-    if l4 {
-        log_bpffs(&opts.pin_dir, pins::ensure_bpffs(&opts.pin_dir)?);
-    }
     let mut parts = 0;
     if l4 {
+        ensure_bpffs(&opts.pin_dir)?;
         parts |= admin::PART_DATAPLANE;
     }
     if opts.l7.is_some() {
@@ -173,9 +169,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Says when the agent had to mount bpffs itself.
-fn log_bpffs(pin_dir: &std::path::Path, bpffs: pins::Bpffs) {
-    if let pins::Bpffs::Mounted(target) = bpffs {
+/// Pins need a bpffs under `--bpffs`: mounts one if none is there, before anything is
+/// bound, loaded or attached, so a failure leaves nothing behind; says when it did.
+fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<()> {
+    if let pins::Bpffs::Mounted(target) = pins::ensure_bpffs(pin_dir)? {
         tracing::info!(
             pin_dir = %pin_dir.display(),
             "{} was not on a bpf filesystem: mounted bpffs on {} (mount -t bpf bpf {})",
@@ -184,6 +181,7 @@ fn log_bpffs(pin_dir: &std::path::Path, bpffs: pins::Bpffs) {
             target.display()
         );
     }
+    Ok(())
 }
 
 /// Logs and counts each problem and, with `--kube`, tells the object's owner with a
