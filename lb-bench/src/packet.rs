@@ -33,10 +33,6 @@ fn median(mut v: Vec<Duration>) -> u64 {
     u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one linear benchmark script: set up, measure each case, print"
-)]
 pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
