@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub poll: Duration,
     /// The L7 hop, when `--l7`.
     pub l7: Option<L7Options>,
+    /// Backends with their own `/metrics` series (`--metrics-max-backends`).
+    pub metrics_max_backends: usize,
 }
 
 /// The L7 hop's settings.
@@ -106,6 +108,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .transpose()
     })?;
     let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;
+    if !opts.interfaces.is_empty() {
+        state
+            .dataplane
+            .watch(&opts.pin_dir, opts.metrics_max_backends);
+    }
     match &opts.source {
         Source::Config(path) => run_config(&opts, path.clone(), state).await,
         Source::Kube | Source::Manifests(_) => kubernetes::run(&opts, state, proxy).await,
@@ -168,6 +175,7 @@ async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) 
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
+        let seen = std::time::Instant::now();
         match update {
             Some(Update::Unchanged) => continue,
             Some(Update::Invalid(e)) => {
@@ -184,7 +192,9 @@ async fn run_config(opts: &RunOptions, config: PathBuf, state: Arc<AgentState>) 
             }
             None => {}
         }
-        publish(&desired_tx, &specs, &health);
+        if publish(&desired_tx, &specs, &health) {
+            state.reconcile.changed(seen);
+        }
     }
     drop(desired_tx);
     writer.await.context("writer task")?;
@@ -294,11 +304,12 @@ fn health_targets(
     targets
 }
 
+/// Sends the desired state if it changed; returns whether it did.
 fn publish(
     tx: &watch::Sender<Desired>,
     specs: &[ServiceSpec],
     health: &BTreeMap<BackendKey, bool>,
-) {
+) -> bool {
     let desired = model::from_specs(specs, |service, endpoint| {
         match health.get(&(service.to_owned(), endpoint)) {
             Some(false) => Health::Down,
@@ -312,7 +323,7 @@ fn publish(
             *current = desired;
             true
         }
-    });
+    })
 }
 
 /// The one task that writes maps: plans each new desired state against what the maps
@@ -355,6 +366,8 @@ async fn writer_task(
         // Planned under the borrow: no copy of the desired state, and the sender waits
         // at most one plan (microseconds when one service changed).
         let started = std::time::Instant::now();
+        // Reconcile-lag hook: the change this plan carries, observed after its writes.
+        let seen = state.reconcile.take();
         let (plan, services) = {
             let want = desired.borrow_and_update();
             (plan::plan(&want, &applied), want.services.len())
@@ -374,6 +387,7 @@ async fn writer_task(
         }
         match dp.apply(&plan, &mut applied) {
             Ok(n) => {
+                state.reconcile.applied(seen);
                 retry = false;
                 state.map_writes.inc_by(n as u64);
                 state.set_ready();
@@ -386,6 +400,7 @@ async fn writer_task(
                 );
             }
             Err((done, e)) => {
+                state.reconcile.failed(seen);
                 retry = true;
                 state.map_writes.inc_by(done as u64);
                 state.map_write_errors.inc();

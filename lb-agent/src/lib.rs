@@ -8,6 +8,8 @@ pub mod cli;
 pub mod dataplane;
 pub mod health;
 pub mod l7;
+pub mod metrics;
 pub mod service_health;
 pub mod source;
 pub mod status;
+pub mod trace;

@@ -48,6 +48,7 @@ fn run(command: Command) -> Result<()> {
             replace,
             poll_ms,
             l7,
+            metrics_max_backends,
         } => {
             let source = match (config, manifests) {
                 (Some(path), _) => Source::Config(path),
@@ -74,6 +75,7 @@ fn run(command: Command) -> Result<()> {
                 replace,
                 poll: Duration::from_millis(poll_ms.max(10)),
                 l7: l7_options(&l7)?,
+                metrics_max_backends,
             };
             // The control loop needs one thread; the L7 hop serves on every CPU.
             let mut runtime = if opts.l7.is_some() {
@@ -87,7 +89,25 @@ fn run(command: Command) -> Result<()> {
                 .context("tokio runtime")?
                 .block_on(agent::run(opts))
         }
-        Command::Status { bpffs, json } => {
+        Command::Status {
+            bpffs,
+            json,
+            stats: true,
+            interval,
+        } => {
+            if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+                anyhow::bail!("--interval {interval}: expected seconds in (0, 3600]");
+            }
+            let rates =
+                lb_agent::status::Rates::measure(&bpffs, Duration::from_secs_f64(interval))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rates)?);
+            } else {
+                print!("{rates}");
+            }
+            Ok(())
+        }
+        Command::Status { bpffs, json, .. } => {
             let report = lb_agent::status::Report::read(&bpffs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -95,6 +115,37 @@ fn run(command: Command) -> Result<()> {
                 // One write: stdout is line-buffered, and 10,000 services are 100,000 lines.
                 let text = report.to_string();
                 print!("{text}");
+            }
+            Ok(())
+        }
+        Command::Trace {
+            proto,
+            src,
+            dst,
+            json,
+            bpffs,
+            nodes,
+        } => {
+            let query = lb_agent::trace::Query::parse(&proto, &src, &dst)?;
+            let traces = if nodes.is_empty() {
+                let dp =
+                    lb_agent::dataplane::Dataplane::open_pinned(&bpffs).with_context(|| {
+                        format!("opening the maps pinned under {}", bpffs.display())
+                    })?;
+                vec![lb_agent::trace::trace(&dp, &query)?]
+            } else {
+                lb_agent::trace::ask_nodes(&nodes, &proto, &src, &dst)?
+            };
+            if json {
+                if nodes.is_empty() {
+                    println!("{}", serde_json::to_string_pretty(&traces[0])?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(&traces)?);
+                }
+            } else {
+                for t in &traces {
+                    print!("{t}");
+                }
             }
             Ok(())
         }

@@ -91,6 +91,7 @@ pub(super) async fn run(
             // kubelet restarts us, and the next agent adopts them.
             anyhow::bail!("the Kubernetes source stopped; exiting so a restart resyncs");
         };
+        let seen = std::time::Instant::now();
         let mut dirty = cluster.apply(event);
         // One translation per burst of events.
         while let Ok(event) = rx.try_recv() {
@@ -119,7 +120,11 @@ pub(super) async fn run(
                     tracing::debug!("{note}");
                 }
                 problems = outcome.problems;
-                outcome.changed || first
+                let changed = outcome.changed || first;
+                if changed {
+                    state.reconcile.changed(seen);
+                }
+                changed
             });
             report(&problems, &state, events.as_ref());
             health.set(&translator.health_checks()).await;

@@ -9,6 +9,7 @@ pub mod maps;
 pub mod object;
 pub mod pins;
 pub mod source_ranges;
+pub mod stats;
 mod sys;
 pub mod tables;
 pub mod writer;
