@@ -251,6 +251,37 @@ fn trace(state: &AgentState, query: &str) -> Response<Full<Bytes>> {
     }
 }
 
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// A small HTTP/1.1 server: every connection on its own task, answered by `handler`.
+pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = handler(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,36 +351,5 @@ mod tests {
         assert!(text.contains("xlb_dataplane_metrics_up 0"), "{text}");
         assert!(text.contains("xlb_reconcile_lag_seconds_count 1"), "{text}");
         assert!(text.contains("xlb_map_write_errors_total 0"), "{text}");
-    }
-}
-
-pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-}
-
-/// A small HTTP/1.1 server: every connection on its own task, answered by `handler`.
-pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
-where
-    F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors, most likely: back off instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let handler = Arc::clone(&handler);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = handler(&req);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-        });
     }
 }

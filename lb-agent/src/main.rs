@@ -1,5 +1,6 @@
 //! `lb-agent`: the xlb agent.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -94,19 +95,7 @@ fn run(command: Command) -> Result<()> {
             json,
             stats: true,
             interval,
-        } => {
-            if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
-                anyhow::bail!("--interval {interval}: expected seconds in (0, 3600]");
-            }
-            let rates =
-                lb_agent::status::Rates::measure(&bpffs, Duration::from_secs_f64(interval))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rates)?);
-            } else {
-                print!("{rates}");
-            }
-            Ok(())
-        }
+        } => stats(&bpffs, json, interval),
         Command::Status { bpffs, json, .. } => {
             let report = lb_agent::status::Report::read(&bpffs)?;
             if json {
@@ -125,30 +114,7 @@ fn run(command: Command) -> Result<()> {
             json,
             bpffs,
             nodes,
-        } => {
-            let query = lb_agent::trace::Query::parse(&proto, &src, &dst)?;
-            let traces = if nodes.is_empty() {
-                let dp =
-                    lb_agent::dataplane::Dataplane::open_pinned(&bpffs).with_context(|| {
-                        format!("opening the maps pinned under {}", bpffs.display())
-                    })?;
-                vec![lb_agent::trace::trace(&dp, &query)?]
-            } else {
-                lb_agent::trace::ask_nodes(&nodes, &proto, &src, &dst)?
-            };
-            if json {
-                if nodes.is_empty() {
-                    println!("{}", serde_json::to_string_pretty(&traces[0])?);
-                } else {
-                    println!("{}", serde_json::to_string_pretty(&traces)?);
-                }
-            } else {
-                for t in &traces {
-                    print!("{t}");
-                }
-            }
-            Ok(())
-        }
+        } => trace(&proto, &src, &dst, json, &bpffs, &nodes),
         Command::Detach { bpffs } => {
             let removed = pins::remove_all(&bpffs)?;
             if removed.is_empty() {
@@ -159,6 +125,52 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `lb-agent status --stats`.
+fn stats(bpffs: &Path, json: bool, interval: f64) -> Result<()> {
+    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+        anyhow::bail!("--interval {interval}: expected seconds in (0, 3600]");
+    }
+    let rates = lb_agent::status::Rates::measure(bpffs, Duration::from_secs_f64(interval))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rates)?);
+    } else {
+        print!("{rates}");
+    }
+    Ok(())
+}
+
+/// `lb-agent trace`: from the local maps, or from every `--nodes` admin endpoint.
+fn trace(
+    proto: &str,
+    src: &str,
+    dst: &str,
+    json: bool,
+    bpffs: &Path,
+    nodes: &[String],
+) -> Result<()> {
+    let query = lb_agent::trace::Query::parse(proto, src, dst)?;
+    if nodes.is_empty() {
+        let dp = lb_agent::dataplane::Dataplane::open_pinned(bpffs)
+            .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?;
+        let t = lb_agent::trace::trace(&dp, &query)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        } else {
+            print!("{t}");
+        }
+        return Ok(());
+    }
+    let traces = lb_agent::trace::ask_nodes(nodes, proto, src, dst)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&traces)?);
+    } else {
+        for t in &traces {
+            print!("{t}");
+        }
+    }
+    Ok(())
 }
 
 fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {

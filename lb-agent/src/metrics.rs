@@ -275,140 +275,154 @@ impl Collector for DataplaneMetrics {
         // Without maps every family is still described (no samples): the set of names
         // `/metrics` offers does not depend on the moment of the scrape.
         let s = scrape.unwrap_or_default();
-        let svc = |name: &str| [("service", name.to_owned())];
-        counter(
-            &mut encoder,
-            "service_packets",
-            "Packets translated per service: to_backend (client -> backend), to_client (replies)",
-            None,
-            s.services.iter().flat_map(|r| {
+        encode_services(&mut encoder, &s)?;
+        encode_backends(&mut encoder, &s)?;
+        encode_kernel(&mut encoder, &s)
+    }
+}
+
+fn encode_services(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let svc = |name: &str| [("service", name.to_owned())];
+    counter(
+        encoder,
+        "service_packets",
+        "Packets translated per service: to_backend (client -> backend), to_client (replies)",
+        None,
+        s.services.iter().flat_map(|r| {
+            [
+                (dir_labels(&r.name, "to_backend"), r.stats.packets),
+                (dir_labels(&r.name, "to_client"), r.stats.reply_packets),
+            ]
+        }),
+    )?;
+    counter(
+        encoder,
+        "service",
+        "Bytes (whole frames) translated per service and direction",
+        Some(&Unit::Bytes),
+        s.services.iter().flat_map(|r| {
+            [
+                (dir_labels(&r.name, "to_backend"), r.stats.bytes),
+                (dir_labels(&r.name, "to_client"), r.stats.reply_bytes),
+            ]
+        }),
+    )?;
+    counter(
+        encoder,
+        "service_new_flows",
+        "Flows that got a backend (new or re-selected) per service",
+        None,
+        s.services.iter().map(|r| (svc(&r.name), r.stats.new_flows)),
+    )?;
+    counter(
+        encoder,
+        "service_rejected_flows",
+        "New flows answered with a TCP reset or ICMP unreachable (no backend, whenEmpty reject)",
+        None,
+        s.services.iter().map(|r| (svc(&r.name), r.stats.rejected)),
+    )?;
+    counter(
+        encoder,
+        "service_source_denied_flows",
+        "New flows dropped because the client is outside the service's source ranges",
+        None,
+        s.services
+            .iter()
+            .map(|r| (svc(&r.name), r.stats.source_denied)),
+    )?;
+    gauge(
+        encoder,
+        "frontend_info",
+        "1 per frontend (address:port/protocol) of a service; the kernel counts per service",
+        s.frontends.iter().map(|(service, frontend)| {
+            (
+                [("service", service.clone()), ("frontend", frontend.clone())],
+                1,
+            )
+        }),
+    )?;
+    Ok(())
+}
+
+fn encode_backends(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    counter(
+        encoder,
+        "backend_new_flows",
+        "Flows that got this backend (new or re-selected); backend=\"other\" sums those beyond --metrics-max-backends",
+        None,
+        s.backends.iter().map(|b| {
+            (
                 [
-                    (dir_labels(&r.name, "to_backend"), r.stats.packets),
-                    (dir_labels(&r.name, "to_client"), r.stats.reply_packets),
-                ]
-            }),
-        )?;
-        counter(
-            &mut encoder,
-            "service",
-            "Bytes (whole frames) translated per service and direction",
-            Some(&Unit::Bytes),
-            s.services.iter().flat_map(|r| {
-                [
-                    (dir_labels(&r.name, "to_backend"), r.stats.bytes),
-                    (dir_labels(&r.name, "to_client"), r.stats.reply_bytes),
-                ]
-            }),
-        )?;
-        counter(
-            &mut encoder,
-            "service_new_flows",
-            "Flows that got a backend (new or re-selected) per service",
-            None,
-            s.services.iter().map(|r| (svc(&r.name), r.stats.new_flows)),
-        )?;
-        counter(
-            &mut encoder,
-            "service_rejected_flows",
-            "New flows answered with a TCP reset or ICMP unreachable (no backend, whenEmpty reject)",
-            None,
-            s.services.iter().map(|r| (svc(&r.name), r.stats.rejected)),
-        )?;
-        counter(
-            &mut encoder,
-            "service_source_denied_flows",
-            "New flows dropped because the client is outside the service's source ranges",
-            None,
-            s.services
-                .iter()
-                .map(|r| (svc(&r.name), r.stats.source_denied)),
-        )?;
-        gauge(
-            &mut encoder,
-            "frontend_info",
-            "1 per frontend (address:port/protocol) of a service; the kernel counts per service",
-            s.frontends.iter().map(|(service, frontend)| {
-                (
-                    [("service", service.clone()), ("frontend", frontend.clone())],
-                    1,
-                )
-            }),
-        )?;
-        counter(
-            &mut encoder,
-            "backend_new_flows",
-            "Flows that got this backend (new or re-selected); backend=\"other\" sums those beyond --metrics-max-backends",
-            None,
-            s.backends.iter().map(|b| {
+                    ("service", b.service.clone()),
+                    ("backend", b.backend.clone()),
+                ],
+                b.new_flows,
+            )
+        }),
+    )?;
+    gauge(
+        encoder,
+        "backend_up",
+        "1 while the backend passes its health checks (or has none), 0 while it is down",
+        s.backends.iter().filter_map(|b| {
+            b.up.map(|up| {
                 (
                     [
                         ("service", b.service.clone()),
                         ("backend", b.backend.clone()),
                     ],
-                    b.new_flows,
+                    i64::from(up),
                 )
-            }),
-        )?;
-        gauge(
-            &mut encoder,
-            "backend_up",
-            "1 while the backend passes its health checks (or has none), 0 while it is down",
-            s.backends.iter().filter_map(|b| {
-                b.up.map(|up| {
-                    (
-                        [
-                            ("service", b.service.clone()),
-                            ("backend", b.backend.clone()),
-                        ],
-                        i64::from(up),
-                    )
-                })
-            }),
-        )?;
-        gauge1(
-            &mut encoder,
-            "metrics_backends_omitted",
-            "Backends beyond --metrics-max-backends, counted in backend=\"other\" series",
-            as_i64(s.omitted),
-        )?;
-        let reason_labels = |r: Reason| {
-            [
-                ("reason", r.name().to_owned()),
-                ("verdict", verdict(r).to_owned()),
-            ]
-        };
-        counter(
-            &mut encoder,
-            "xdp_packets",
-            "Packets the XDP program saw, by the reason of its verdict (every exit counts once)",
-            None,
-            s.reasons.iter().map(|(r, p, _)| (reason_labels(*r), *p)),
-        )?;
-        counter(
-            &mut encoder,
-            "xdp",
-            "Bytes (whole frames) the XDP program saw, by reason and verdict",
-            Some(&Unit::Bytes),
-            s.reasons.iter().map(|(r, _, b)| (reason_labels(*r), *b)),
-        )?;
-        gauge(
-            &mut encoder,
-            "table_entries",
-            "Entries in an LRU table (conntrack, revnat, affinity), counted at scrape time",
-            s.tables
-                .iter()
-                .map(|(t, n, _)| ([("table", (*t).to_owned())], as_i64(*n))),
-        )?;
-        gauge(
-            &mut encoder,
-            "table_capacity",
-            "Entries an LRU table holds before it evicts the least recently used",
-            s.tables
-                .iter()
-                .map(|(t, _, c)| ([("table", (*t).to_owned())], as_i64(*c))),
-        )?;
-        Ok(())
-    }
+            })
+        }),
+    )?;
+    gauge1(
+        encoder,
+        "metrics_backends_omitted",
+        "Backends beyond --metrics-max-backends, counted in backend=\"other\" series",
+        as_i64(s.omitted),
+    )?;
+    Ok(())
+}
+
+fn encode_kernel(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std::fmt::Error> {
+    let reason_labels = |r: Reason| {
+        [
+            ("reason", r.name().to_owned()),
+            ("verdict", verdict(r).to_owned()),
+        ]
+    };
+    counter(
+        encoder,
+        "xdp_packets",
+        "Packets the XDP program saw, by the reason of its verdict (every exit counts once)",
+        None,
+        s.reasons.iter().map(|(r, p, _)| (reason_labels(*r), *p)),
+    )?;
+    counter(
+        encoder,
+        "xdp",
+        "Bytes (whole frames) the XDP program saw, by reason and verdict",
+        Some(&Unit::Bytes),
+        s.reasons.iter().map(|(r, _, b)| (reason_labels(*r), *b)),
+    )?;
+    gauge(
+        encoder,
+        "table_entries",
+        "Entries in an LRU table (conntrack, revnat, affinity), counted at scrape time",
+        s.tables
+            .iter()
+            .map(|(t, n, _)| ([("table", (*t).to_owned())], as_i64(*n))),
+    )?;
+    gauge(
+        encoder,
+        "table_capacity",
+        "Entries an LRU table holds before it evicts the least recently used",
+        s.tables
+            .iter()
+            .map(|(t, _, c)| ([("table", (*t).to_owned())], as_i64(*c))),
+    )?;
+    Ok(())
 }
 
 fn dir_labels(service: &str, direction: &'static str) -> [(&'static str, String); 2] {

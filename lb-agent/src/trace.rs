@@ -10,8 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{
     AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY,
-    FRONTEND_F_SOURCE_RANGES, FlowKey, FrontendKey, HEALTH_DOWN, HEALTH_UP, PROTO_TCP, PROTO_UDP,
-    addr_key,
+    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UP, PROTO_TCP,
+    PROTO_UDP, Reason, ServiceMeta, addr_key,
     hash::{client_hash, flow_hash},
 };
 use lb_core::maglev;
@@ -158,8 +158,8 @@ impl Builder {
         });
     }
 
-    fn end(mut self, verdict: &str, reason: Option<lb_common::Reason>) -> Trace {
-        self.trace.verdict = verdict.to_owned();
+    fn end(mut self, verdict: &str, reason: Option<Reason>) -> Trace {
+        verdict.clone_into(&mut self.trace.verdict);
         self.trace.reason = reason.map(|r| r.name().to_owned());
         self.trace
     }
@@ -220,11 +220,26 @@ pub fn trace(dp: &Dataplane, q: &Query) -> Result<Trace, DataplaneError> {
             "verdict",
             "not for xlb: passed to the kernel untouched (unless it is a reply from a backend)",
         );
-        return Ok(t.end("pass", Some(lb_common::Reason::PassNotFrontend)));
+        return Ok(t.end("pass", Some(Reason::PassNotFrontend)));
     };
-    let sid = frontend.service_id;
-    let meta = dp.service_meta(sid)?;
-    let name = service_name(&meta).to_owned();
+    let meta = dp.service_meta(frontend.service_id)?;
+    t.step("frontend", frontend_step(&fkey, &frontend, &meta));
+    // Conntrack first, as the program does: an established flow keeps its backend.
+    if let Some((id, b)) = conntrack_step(dp, &mut t, q, &key, frontend.service_id)? {
+        return finish(dp, t, q, id, &b);
+    }
+    if !source_range_step(dp, &mut t, q, &key, &frontend)? {
+        return Ok(t.end("drop", Some(Reason::DropSourceRange)));
+    }
+    if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0
+        && let Some((id, b)) = affinity_step(dp, &mut t, q, &key, &frontend)?
+    {
+        return finish(dp, t, q, id, &b);
+    }
+    maglev_step(dp, t, q, &key, &frontend, &meta)
+}
+
+fn frontend_step(fkey: &FrontendKey, frontend: &Frontend, meta: &ServiceMeta) -> String {
     let mut flags = Vec::new();
     if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
         flags.push(format!("session affinity {}s", frontend.affinity_timeout_s));
@@ -237,106 +252,146 @@ pub fn trace(dp: &Dataplane, q: &Query) -> Result<Trace, DataplaneError> {
     } else {
         "whenEmpty drop".to_owned()
     });
-    t.step(
-        "frontend",
-        format!(
-            "{} -> service {name} (id {sid}; {})",
-            frontend_text(&fkey),
-            flags.join(", ")
-        ),
-    );
+    format!(
+        "{} -> service {} (id {}; {})",
+        frontend_text(fkey),
+        service_name(meta),
+        frontend.service_id,
+        flags.join(", ")
+    )
+}
 
-    // Conntrack first, as the program does: an established flow keeps its backend.
-    if q.sport.is_some() {
-        match dp.tracked(&key)? {
-            Some(flow) if flow.service_id == sid => {
-                if let Some(b) = usable(dp, flow.backend_id, sid)? {
-                    t.step(
-                        "conntrack",
-                        format!(
-                            "established flow -> backend {} (id {})",
-                            endpoint_of(&b),
-                            flow.backend_id
-                        ),
-                    );
-                    return finish(dp, t, q, flow.backend_id, &b);
-                }
-                t.step(
-                    "conntrack",
-                    format!(
-                        "tracked to backend id {}, which is gone: the flow is re-selected",
-                        flow.backend_id
-                    ),
-                );
-            }
-            Some(_) => t.step(
-                "conntrack",
-                "tracked for another service (a recycled frontend): re-selected",
-            ),
-            None => t.step("conntrack", "no entry: a new flow"),
-        }
-    } else {
+/// The tracked backend, if the flow is established and its backend still exists.
+fn conntrack_step(
+    dp: &Dataplane,
+    t: &mut Builder,
+    q: &Query,
+    key: &FlowKey,
+    sid: u32,
+) -> Result<Option<(u32, Backend)>, DataplaneError> {
+    if q.sport.is_none() {
         t.step(
             "conntrack",
             "not looked up: no source port given (a new flow is assumed)",
         );
+        return Ok(None);
     }
+    match dp.tracked(key)? {
+        Some(flow) if flow.service_id == sid => {
+            if let Some(b) = usable(dp, flow.backend_id, sid)? {
+                t.step(
+                    "conntrack",
+                    format!(
+                        "established flow -> backend {} (id {})",
+                        endpoint_of(&b),
+                        flow.backend_id
+                    ),
+                );
+                return Ok(Some((flow.backend_id, b)));
+            }
+            t.step(
+                "conntrack",
+                format!(
+                    "tracked to backend id {}, which is gone: the flow is re-selected",
+                    flow.backend_id
+                ),
+            );
+        }
+        Some(_) => t.step(
+            "conntrack",
+            "tracked for another service (a recycled frontend): re-selected",
+        ),
+        None => t.step("conntrack", "no entry: a new flow"),
+    }
+    Ok(None)
+}
 
+/// Whether the service's source ranges admit the client.
+fn source_range_step(
+    dp: &Dataplane,
+    t: &mut Builder,
+    q: &Query,
+    key: &FlowKey,
+    frontend: &Frontend,
+) -> Result<bool, DataplaneError> {
     if frontend.flags & FRONTEND_F_SOURCE_RANGES == 0 {
         t.step("source ranges", "none: every client is admitted");
-    } else if dp.source_range_admits(sid, key.family, key.src)? {
+        return Ok(true);
+    }
+    if dp.source_range_admits(frontend.service_id, key.family, key.src)? {
         t.step("source ranges", format!("{} is admitted", q.src));
+        Ok(true)
     } else {
         t.step(
             "source ranges",
             format!("{} is outside every range of the service", q.src),
         );
-        return Ok(t.end("drop", Some(lb_common::Reason::DropSourceRange)));
+        Ok(false)
     }
+}
 
-    let affinity = frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0;
-    if affinity {
-        let akey = AffinityKey {
-            client: key.src,
-            service_id: sid,
-            family: key.family,
-            _pad: [0; 3],
-        };
-        match dp.affinity_entry(&akey)? {
-            Some(entry) => {
-                let now = monotonic_coarse_ns();
-                let age = now.saturating_sub(entry.last_seen_ns);
-                let fresh = age < u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
-                #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
-                let age_s = age as f64 / 1e9;
-                match usable(dp, entry.backend_id, sid)? {
-                    Some(b) if fresh && b.flags & BACKEND_F_DRAINING == 0 => {
-                        t.step(
-                            "session affinity",
-                            format!(
-                                "{} last got backend {} (id {}) {age_s:.1}s ago, within {}s: kept",
-                                q.src,
-                                endpoint_of(&b),
-                                entry.backend_id,
-                                frontend.affinity_timeout_s
-                            ),
-                        );
-                        return finish(dp, t, q, entry.backend_id, &b);
-                    }
-                    _ => t.step(
-                        "session affinity",
-                        format!(
-                            "entry for backend id {} ({age_s:.1}s old) is stale, gone or \
-                             draining: the table decides",
-                            entry.backend_id
-                        ),
-                    ),
-                }
-            }
-            None => t.step("session affinity", "no entry: the table decides"),
+/// The client's remembered backend, while its entry is fresh and usable.
+fn affinity_step(
+    dp: &Dataplane,
+    t: &mut Builder,
+    q: &Query,
+    key: &FlowKey,
+    frontend: &Frontend,
+) -> Result<Option<(u32, Backend)>, DataplaneError> {
+    let sid = frontend.service_id;
+    let akey = AffinityKey {
+        client: key.src,
+        service_id: sid,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    let Some(entry) = dp.affinity_entry(&akey)? else {
+        t.step("session affinity", "no entry: the table decides");
+        return Ok(None);
+    };
+    let age = monotonic_coarse_ns().saturating_sub(entry.last_seen_ns);
+    let fresh = age < u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
+    #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
+    let age_s = age as f64 / 1e9;
+    match usable(dp, entry.backend_id, sid)? {
+        Some(b) if fresh && b.flags & BACKEND_F_DRAINING == 0 => {
+            t.step(
+                "session affinity",
+                format!(
+                    "{} last got backend {} (id {}) {age_s:.1}s ago, within {}s: kept",
+                    q.src,
+                    endpoint_of(&b),
+                    entry.backend_id,
+                    frontend.affinity_timeout_s
+                ),
+            );
+            Ok(Some((entry.backend_id, b)))
+        }
+        _ => {
+            t.step(
+                "session affinity",
+                format!(
+                    "entry for backend id {} ({age_s:.1}s old) is stale, gone or draining: \
+                     the table decides",
+                    entry.backend_id
+                ),
+            );
+            Ok(None)
         }
     }
+}
 
+/// A new flow: `table[hash % M]`, as `lb-ebpf/src/maglev.rs` picks it.
+fn maglev_step(
+    dp: &Dataplane,
+    mut t: Builder,
+    q: &Query,
+    key: &FlowKey,
+    frontend: &Frontend,
+    meta: &ServiceMeta,
+) -> Result<Trace, DataplaneError> {
+    let sid = frontend.service_id;
+    let affinity = frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0;
     if !affinity && q.sport.is_none() {
         t.step(
             "maglev",
@@ -344,36 +399,29 @@ pub fn trace(dp: &Dataplane, q: &Query) -> Result<Trace, DataplaneError> {
         );
         return Ok(t.end("unknown", None));
     }
-    let hash = if affinity {
-        client_hash(&key.src)
+    let (hash, hashed) = if affinity {
+        (client_hash(&key.src), "client-address hash")
     } else {
-        flow_hash(&key)
+        (flow_hash(key), "flow hash")
     };
-    let (table, source) = table_of(dp, sid, &meta)?;
-    let empty = || {
-        if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 {
-            if q.proto == PROTO_TCP {
-                ("reject", lb_common::Reason::RejectTcpReset)
-            } else {
-                ("reject", lb_common::Reason::RejectIcmpUnreachable)
-            }
+    let empty = |t: Builder| {
+        let (verdict, reason) = if frontend.flags & FRONTEND_F_REJECT_EMPTY == 0 {
+            ("drop", Reason::DropNoBackend)
+        } else if q.proto == PROTO_TCP {
+            ("reject", Reason::RejectTcpReset)
         } else {
-            ("drop", lb_common::Reason::DropNoBackend)
-        }
+            ("reject", Reason::RejectIcmpUnreachable)
+        };
+        t.end(verdict, Some(reason))
     };
+    let (table, source) = table_of(dp, sid, meta)?;
     let Some(table) = table else {
         t.step("maglev", format!("no table: {source}"));
-        let (verdict, reason) = empty();
-        return Ok(t.end(verdict, Some(reason)));
+        return Ok(empty(t));
     };
     let size = u32::try_from(table.len()).unwrap_or(u32::MAX).max(1);
     let slot = hash % size;
     let id = table.get(slot as usize).copied().unwrap_or(0);
-    let hashed = if affinity {
-        "client-address hash"
-    } else {
-        "flow hash"
-    };
     match usable(dp, id, sid)? {
         Some(b) if b.family == key.family => {
             t.step(
@@ -393,15 +441,14 @@ pub fn trace(dp: &Dataplane, q: &Query) -> Result<Trace, DataplaneError> {
                 "maglev",
                 format!("slot {slot} -> backend id {id} of another family"),
             );
-            Ok(t.end("drop", Some(lb_common::Reason::DropFamilyMismatch)))
+            Ok(t.end("drop", Some(Reason::DropFamilyMismatch)))
         }
         None => {
             t.step(
                 "maglev",
                 format!("{hashed} {hash:#010x} % {size} = slot {slot}: empty (no backend)"),
             );
-            let (verdict, reason) = empty();
-            Ok(t.end(verdict, Some(reason)))
+            Ok(empty(t))
         }
     }
 }
