@@ -9,6 +9,7 @@
 //! dashboard queries), `status --stats` read, and a POST to the admin port refused.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
@@ -75,7 +76,7 @@ fn get_from(bed: &Bed, sport: u16) -> String {
             let mut raw = Vec::new();
             stream.read_to_end(&mut raw).await?;
             let text = String::from_utf8_lossy(&raw).into_owned();
-            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
             Ok::<_, std::io::Error>(body.lines().next().unwrap_or("").trim().to_owned())
         })
         .expect("the request's deadline")
@@ -158,10 +159,12 @@ fn trace_names_the_backend_each_flow_reaches() {
         "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80, protocol: TCP }]\n    backends:\n",
     );
     for i in 0..BACKENDS {
-        yaml.push_str(&format!(
-            "      - {{ address: {}, port: {PORT} }}\n",
+        writeln!(
+            yaml,
+            "      - {{ address: {}, port: {PORT} }}",
             Topology::backend_v4(i)
-        ));
+        )
+        .expect("write to a String");
     }
     testbed::write_atomically(&bed.config, &yaml);
     let agent = AgentProcess::start(
@@ -186,153 +189,10 @@ fn trace_names_the_backend_each_flow_reaches() {
             .unwrap_or(false)
     });
     let pins = agent.pin_dir().to_path_buf();
-    // Where the agent cannot open the table by id (no CAP_SYS_ADMIN), trace rebuilds it
-    // from BACKEND_META: that must be the installed table, slot for slot.
-    {
-        let dp = lb_agent::dataplane::Dataplane::open_pinned(&pins).expect("open pins");
-        let (sid, meta) = dp
-            .services_in_use()
-            .expect("services")
-            .into_iter()
-            .next()
-            .expect("web");
-        let live = dp.maglev_table(sid).expect("table").expect("installed");
-        let rebuilt = lb_agent::trace::rebuilt_table(&dp, sid, &meta).expect("read");
-        assert_eq!(
-            rebuilt.as_ref(),
-            Some(&live),
-            "the rebuilt table is the installed one"
-        );
-    }
-
-    let mut reached = BTreeSet::new();
-    for sport in FIRST_PORT..FIRST_PORT + FLOWS {
-        // Before the flow exists: Maglev decides, as the kernel will.
-        let before = trace_cli(&pins, sport);
-        assert_eq!(before.verdict, "forward", "{before}");
-        assert!(
-            step(&before, "conntrack").starts_with("no entry"),
-            "a new flow: {before}"
-        );
-        assert!(step(&before, "maglev").contains("slot"), "{before}");
-        let predicted = before.backend.clone().expect("a backend");
-
-        let answered = endpoint_of_name(&get_from(&bed, sport));
-        assert_eq!(
-            predicted, answered,
-            "client port {sport}: trace said {predicted}, the request reached {answered}\n{before}"
-        );
-        reached.insert(answered.clone());
-        if sport == FIRST_PORT {
-            println!("before the flow:\n{before}");
-        }
-
-        // After: conntrack holds the flow; asked through the admin endpoint.
-        let target = format!(
-            "/trace?proto=tcp&src={}:{sport}&dst={}",
-            Topology::client_v4(),
-            vip()
-        );
-        let (status, body) = admin_request(&bed, "GET", &target);
-        assert_eq!(status, 200, "{body}");
-        let after: Trace = serde_json::from_str(&body).expect("a trace");
-        assert_eq!(after.backend.as_deref(), Some(answered.as_str()), "{after}");
-        assert!(
-            step(&after, "conntrack").starts_with("established flow"),
-            "{after}"
-        );
-        assert!(step(&after, "translation").contains(&answered), "{after}");
-        if sport == FIRST_PORT {
-            println!("after the flow (GET /trace):\n{after}");
-        }
-    }
-    assert!(reached.len() >= 2, "the flows spread: {reached:?}");
-
-    // `trace --nodes`: every listed node's admin endpoint answers for itself.
-    let node = format!("http://{}", admin());
-    let src = format!("{}:{FIRST_PORT}", Topology::client_v4());
-    let dst = vip().to_string();
-    let out = bed
-        .topo
-        .client
-        .exec(
-            AGENT,
-            &["trace", "tcp", &src, &dst, "--json", "--nodes", &node],
-        )
-        .expect("trace --nodes");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let per_node: Vec<Trace> = serde_json::from_slice(&out.stdout).expect("traces");
-    assert_eq!(per_node.len(), 1);
-    assert_eq!(per_node[0].node.as_deref(), Some(node.as_str()));
-    assert_eq!(per_node[0].verdict, "forward", "{}", per_node[0]);
-
-    // No frontend: the trace says why.
-    let miss = agent_cli(&[
-        "trace",
-        "tcp",
-        &src,
-        "203.0.113.10:81",
-        "--bpffs",
-        &pins.display().to_string(),
-    ]);
-    assert!(miss.contains("no frontend on port 81"), "{miss}");
-    println!("{miss}");
-
-    // /metrics: the data plane's series, from the maps at scrape time.
-    let (status, metrics) = admin_request(&bed, "GET", "/metrics");
-    assert_eq!(status, 200);
-    assert!(metrics.contains("xlb_dataplane_metrics_up 1"), "{metrics}");
-    println!("/metrics:\n{metrics}");
-    let flows_of = |backend: &str| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("xlb_backend_new_flows_total{")
-                    && l.contains(&format!("backend=\"{backend}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
-    let total: u64 = reached.iter().map(|b| flows_of(b)).sum();
-    assert!(
-        total >= u64::from(FLOWS),
-        "per-backend new flows {total}: {metrics}"
-    );
-    let conntrack = metrics
-        .lines()
-        .find(|l| l.starts_with("xlb_table_entries{table=\"conntrack\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .expect("conntrack fill");
-    assert!(conntrack >= u64::from(FLOWS), "{conntrack}");
-    assert!(
-        metrics.contains("xlb_xdp_packets_total{reason=\"fwd_"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("xlb_reconcile_lag_seconds_count"),
-        "{metrics}"
-    );
-    // Every data-plane name the dashboard queries is in this real scrape.
-    let dashboard = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/xlb-dashboard.json"),
-    )
-    .expect("dashboard");
-    for name in dashboard_names(&dashboard) {
-        if name.starts_with("xlb_l7_") {
-            continue; // the L7 hop's, not running here (see tests/dashboard.rs)
-        }
-        assert!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
-            "the dashboard queries {name}, not in the scrape:\n{metrics}"
-        );
-    }
-
+    rebuilt_table_is_installed(&pins);
+    let reached = flows(&bed, &pins);
+    nodes_and_a_missing_frontend(&bed, &pins);
+    scrape(&bed, &reached);
     // A config change reaches the maps: the reconcile lag is observed once.
     testbed::write_atomically(
         &bed.config,
@@ -383,6 +243,164 @@ fn trace_names_the_backend_each_flow_reaches() {
         Some(BACKENDS),
         "{json}"
     );
+}
+
+/// Where the agent cannot open the table by id (no CAP_SYS_ADMIN), trace rebuilds it
+/// from BACKEND_META: that must be the installed table, slot for slot.
+fn rebuilt_table_is_installed(pins: &Path) {
+    let dp = lb_agent::dataplane::Dataplane::open_pinned(pins).expect("open pins");
+    let (sid, meta) = dp
+        .services_in_use()
+        .expect("services")
+        .into_iter()
+        .next()
+        .expect("web");
+    let live = dp.maglev_table(sid).expect("table").expect("installed");
+    let rebuilt = lb_agent::trace::rebuilt_table(&dp, sid, &meta).expect("read");
+    assert_eq!(
+        rebuilt.as_ref(),
+        Some(&live),
+        "the rebuilt table is the installed one"
+    );
+}
+
+/// Each flow: trace before (Maglev), the request, /trace after (conntrack). Returns the
+/// backends the flows reached.
+fn flows(bed: &Bed, pins: &Path) -> BTreeSet<String> {
+    let mut reached = BTreeSet::new();
+    for sport in FIRST_PORT..FIRST_PORT + FLOWS {
+        // Before the flow exists: Maglev decides, as the kernel will.
+        let before = trace_cli(pins, sport);
+        assert_eq!(before.verdict, "forward", "{before}");
+        assert!(
+            step(&before, "conntrack").starts_with("no entry"),
+            "a new flow: {before}"
+        );
+        assert!(step(&before, "maglev").contains("slot"), "{before}");
+        let predicted = before.backend.clone().expect("a backend");
+
+        let answered = endpoint_of_name(&get_from(bed, sport));
+        assert_eq!(
+            predicted, answered,
+            "client port {sport}: trace said {predicted}, the request reached {answered}\n{before}"
+        );
+        reached.insert(answered.clone());
+        if sport == FIRST_PORT {
+            println!("before the flow:\n{before}");
+        }
+
+        // After: conntrack holds the flow; asked through the admin endpoint.
+        let target = format!(
+            "/trace?proto=tcp&src={}:{sport}&dst={}",
+            Topology::client_v4(),
+            vip()
+        );
+        let (status, body) = admin_request(bed, "GET", &target);
+        assert_eq!(status, 200, "{body}");
+        let after: Trace = serde_json::from_str(&body).expect("a trace");
+        assert_eq!(after.backend.as_deref(), Some(answered.as_str()), "{after}");
+        assert!(
+            step(&after, "conntrack").starts_with("established flow"),
+            "{after}"
+        );
+        assert!(step(&after, "translation").contains(&answered), "{after}");
+        if sport == FIRST_PORT {
+            println!("after the flow (GET /trace):\n{after}");
+        }
+    }
+    assert!(reached.len() >= 2, "the flows spread: {reached:?}");
+
+    reached
+}
+
+fn nodes_and_a_missing_frontend(bed: &Bed, pins: &Path) {
+    // `trace --nodes`: every listed node's admin endpoint answers for itself.
+    let node = format!("http://{}", admin());
+    let src = format!("{}:{FIRST_PORT}", Topology::client_v4());
+    let dst = vip().to_string();
+    let out = bed
+        .topo
+        .client
+        .exec(
+            AGENT,
+            &["trace", "tcp", &src, &dst, "--json", "--nodes", &node],
+        )
+        .expect("trace --nodes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let per_node: Vec<Trace> = serde_json::from_slice(&out.stdout).expect("traces");
+    assert_eq!(per_node.len(), 1);
+    assert_eq!(per_node[0].node.as_deref(), Some(node.as_str()));
+    assert_eq!(per_node[0].verdict, "forward", "{}", per_node[0]);
+
+    // No frontend: the trace says why.
+    let miss = agent_cli(&[
+        "trace",
+        "tcp",
+        &src,
+        "203.0.113.10:81",
+        "--bpffs",
+        &pins.display().to_string(),
+    ]);
+    assert!(miss.contains("no frontend on port 81"), "{miss}");
+    println!("{miss}");
+}
+
+/// The real /metrics scrape: the data plane's series, from the maps at scrape time.
+fn scrape(bed: &Bed, reached: &BTreeSet<String>) {
+    // /metrics: the data plane's series, from the maps at scrape time.
+    let (status, metrics) = admin_request(bed, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("xlb_dataplane_metrics_up 1"), "{metrics}");
+    println!("/metrics:\n{metrics}");
+    let flows_of = |backend: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("xlb_backend_new_flows_total{")
+                    && l.contains(&format!("backend=\"{backend}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let total: u64 = reached.iter().map(|b| flows_of(b)).sum();
+    assert!(
+        total >= u64::from(FLOWS),
+        "per-backend new flows {total}: {metrics}"
+    );
+    let conntrack = metrics
+        .lines()
+        .find(|l| l.starts_with("xlb_table_entries{table=\"conntrack\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("conntrack fill");
+    assert!(conntrack >= u64::from(FLOWS), "{conntrack}");
+    assert!(
+        metrics.contains("xlb_xdp_packets_total{reason=\"fwd_"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("xlb_reconcile_lag_seconds_count"),
+        "{metrics}"
+    );
+    // Every data-plane name the dashboard queries is in this real scrape.
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/xlb-dashboard.json"),
+    )
+    .expect("dashboard");
+    for name in dashboard_names(&dashboard) {
+        if name.starts_with("xlb_l7_") {
+            continue; // the L7 hop's, not running here (see tests/dashboard.rs)
+        }
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))),
+            "the dashboard queries {name}, not in the scrape:\n{metrics}"
+        );
+    }
 }
 
 /// `xlb_` names in the dashboard's expressions.
