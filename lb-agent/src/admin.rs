@@ -1,6 +1,10 @@
 //! The admin HTTP endpoint: `/healthz` (liveness: the agent's loops are running),
 //! `/readyz` (ready once the first complete desired state is in the maps, so a
-//! DaemonSet rolling update waits for it) and `/metrics` (Prometheus text format).
+//! DaemonSet rolling update waits for it), `/metrics` (Prometheus text format; the
+//! data plane's counters are read from the maps at scrape time, see `metrics`) and
+//! `/trace?proto=tcp&src=ADDR[:PORT]&dst=ADDR:PORT` (what the data plane does with a
+//! flow, as JSON; see `trace`). Nothing here changes state: only GET and HEAD are
+//! answered, other methods get 405.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +19,10 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use prometheus_client::registry::Unit;
 use tokio::net::TcpListener;
+
+use crate::metrics::{DataplaneMetrics, ReconcileLag};
 
 /// What the agent's loops report; read by the admin endpoint.
 pub struct AgentState {
@@ -27,6 +34,11 @@ pub struct AgentState {
     pub map_write_errors: Counter<u64, AtomicU64>,
     pub rejected_objects: Counter<u64, AtomicU64>,
     pub applies: Counter<u64, AtomicU64>,
+    /// The data plane's counters and tables, read from the pinned maps when scraped;
+    /// also what `/trace` reads.
+    pub dataplane: Arc<DataplaneMetrics>,
+    /// From a change a source saw to the map writes that carry it.
+    pub reconcile: ReconcileLag,
     registry: Registry,
 }
 
@@ -86,6 +98,16 @@ impl AgentState {
             "Desired states planned and applied to the maps",
             applies.clone(),
         );
+        let dataplane = Arc::new(DataplaneMetrics::default());
+        registry.register_collector(Box::new(Arc::clone(&dataplane)));
+        let reconcile = ReconcileLag::default();
+        registry.register_with_unit(
+            "reconcile_lag",
+            "Time from a change a source saw (file, Kubernetes object, health) to the map \
+             writes that carry it",
+            Unit::Seconds,
+            reconcile.histogram.clone(),
+        );
         let extra = register(&mut registry)?;
         let state = Arc::new(AgentState {
             ready,
@@ -95,6 +117,8 @@ impl AgentState {
             map_write_errors,
             rejected_objects,
             applies,
+            dataplane,
+            reconcile,
             registry,
         });
         Ok((state, extra))
@@ -116,7 +140,8 @@ impl AgentState {
         self.ready.get() == 1
     }
 
-    fn metrics(&self) -> String {
+    /// The `/metrics` text (OpenMetrics), as a scrape gets it.
+    pub fn metrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -135,12 +160,24 @@ pub async fn start(
         .with_context(|| format!("binding the admin address {addr} (--admin)"))?;
     Ok(tokio::spawn(serve(
         listener,
-        move |req: &Request<hyper::body::Incoming>| respond(&state, req.uri().path()),
+        move |req: &Request<hyper::body::Incoming>| respond(&state, req.method(), req.uri()),
     )))
 }
 
-fn respond(state: &AgentState, path: &str) -> Response<Full<Bytes>> {
-    match path {
+fn respond(state: &AgentState, method: &hyper::Method, uri: &hyper::Uri) -> Response<Full<Bytes>> {
+    // Read-only: nothing on this port changes state.
+    if method != hyper::Method::GET && method != hyper::Method::HEAD {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: the admin endpoint is read-only (GET, HEAD)\n".into(),
+        );
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return response;
+    }
+    match uri.path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             if state.is_ready() {
@@ -162,10 +199,55 @@ fn respond(state: &AgentState, path: &str) -> Response<Full<Bytes>> {
             );
             response
         }
+        "/trace" => trace(state, uri.query().unwrap_or("")),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz, /metrics\n".into(),
+            "not found; try /healthz, /readyz, /metrics, /trace?proto=tcp&src=ADDR:PORT&dst=ADDR:PORT\n"
+                .into(),
         ),
+    }
+}
+
+/// `GET /trace?proto=tcp&src=198.51.100.2:40000&dst=203.0.113.10:80`: the trace as JSON.
+fn trace(state: &AgentState, query: &str) -> Response<Full<Bytes>> {
+    let mut proto = None;
+    let mut src = None;
+    let mut dst = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "proto" => proto = Some(v.into_owned()),
+            "src" => src = Some(v.into_owned()),
+            "dst" => dst = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let (Some(proto), Some(src), Some(dst)) = (proto, src, dst) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: /trace?proto=tcp|udp&src=ADDR[:PORT]&dst=ADDR:PORT\n".into(),
+        );
+    };
+    let q = match crate::trace::Query::parse(&proto, &src, &dst) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match state.dataplane.with(|dp| crate::trace::trace(dp, &q)) {
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no data plane: this agent has no --interface, or its maps are not pinned yet\n".into(),
+        ),
+        Some(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Some(Ok(t)) => {
+            let mut response = text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&t).unwrap_or_default() + "\n",
+            );
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
     }
 }
 
@@ -197,5 +279,77 @@ where
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(state: &AgentState, method: &str, uri: &str) -> Response<Full<Bytes>> {
+        let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+        respond(state, &method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn only_get_and_head_are_answered() {
+        let state = AgentState::new();
+        for path in ["/healthz", "/readyz", "/metrics", "/trace", "/nothing"] {
+            for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+                let r = call(&state, method, path);
+                assert_eq!(
+                    r.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                assert_eq!(r.headers()[hyper::header::ALLOW], "GET, HEAD");
+            }
+            assert_ne!(
+                call(&state, "GET", path).status(),
+                StatusCode::METHOD_NOT_ALLOWED
+            );
+        }
+        assert_eq!(call(&state, "HEAD", "/healthz").status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn trace_validates_its_query_and_needs_a_data_plane() {
+        let state = AgentState::new();
+        assert_eq!(
+            call(&state, "GET", "/trace?proto=tcp").status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            call(
+                &state,
+                "GET",
+                "/trace?proto=sctp&src=198.51.100.2&dst=203.0.113.10:80"
+            )
+            .status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            call(
+                &state,
+                "GET",
+                "/trace?proto=tcp&src=198.51.100.2:40000&dst=203.0.113.10:80"
+            )
+            .status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn metrics_name_the_data_plane_and_the_reconcile_lag() {
+        let state = AgentState::new();
+        state.reconcile.changed(std::time::Instant::now());
+        let seen = state.reconcile.take();
+        assert!(seen.is_some());
+        assert!(state.reconcile.take().is_none(), "taken once");
+        state.reconcile.applied(seen);
+        let text = state.metrics();
+        assert!(text.contains("xlb_dataplane_metrics_up 0"), "{text}");
+        assert!(text.contains("xlb_reconcile_lag_seconds_count 1"), "{text}");
+        assert!(text.contains("xlb_map_write_errors_total 0"), "{text}");
     }
 }

@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub poll: Duration,
     /// The L7 hop, when `--l7`.
     pub l7: Option<L7Options>,
+    /// Backends with their own `/metrics` series (`--metrics-max-backends`).
+    pub metrics_max_backends: usize,
 }
 
 /// The L7 hop's settings.
@@ -102,6 +104,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     });
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
     let writer = if l4 {
+        state
+            .dataplane
+            .watch(&opts.pin_dir, opts.metrics_max_backends);
         let (dp, applied) = load_dataplane(&opts).await?;
         for backend in restored_down(&applied) {
             source.set_health(backend, false);
@@ -125,6 +130,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    // When the input the loop is taking in arrived (the reconcile lag starts there).
+    let mut seen = std::time::Instant::now();
     loop {
         // The maps first: the L7 snapshot is rebuilt whole, and must not delay them.
         let mut update = Update::default();
@@ -132,6 +139,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             update = source.update(desired);
             update.changed
         });
+        if update.changed {
+            state.reconcile.changed(seen);
+        }
         report(&update.problems, &state, to_cluster.as_ref());
         if let Some(checks) = update.checks {
             probes.set_targets(checks.probes);
@@ -155,6 +165,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        seen = std::time::Instant::now();
     }
     drop((l7, to_cluster, source));
     drop(desired_tx);
@@ -318,6 +329,8 @@ async fn writer_task(
         // Planned under the borrow: no copy of the desired state, and the sender waits
         // at most one plan (microseconds when one service changed).
         let started = std::time::Instant::now();
+        // Reconcile-lag hook: the change this plan carries, observed after its writes.
+        let seen = state.reconcile.take();
         let (plan, services) = {
             let want = desired.borrow_and_update();
             (plan::plan(&want, &applied), want.services.len())
@@ -337,6 +350,7 @@ async fn writer_task(
         }
         match dp.apply(&plan, &mut applied) {
             Ok(n) => {
+                state.reconcile.applied(seen);
                 retry = false;
                 state.map_writes.inc_by(n as u64);
                 state.set_ready();
@@ -349,6 +363,7 @@ async fn writer_task(
                 );
             }
             Err((done, e)) => {
+                state.reconcile.failed(seen);
                 retry = true;
                 state.map_writes.inc_by(done as u64);
                 state.map_write_errors.inc();

@@ -80,6 +80,10 @@ pub enum Command {
         /// How often to check the config file for changes, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         poll_ms: u64,
+        /// Backends with their own series on /metrics (`xlb_backend_*`); the others
+        /// are summed per service into `backend="other"`.
+        #[arg(long, default_value_t = crate::metrics::DEFAULT_MAX_BACKENDS)]
+        metrics_max_backends: usize,
     },
     /// Print services, backends (health, share of the table) and counters from the
     /// pinned maps; works with or without a running agent.
@@ -89,6 +93,35 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Rates instead: new flows (connections), packets and bytes per second per
+        /// service and backend, over `--interval` (like `ipvsadm --stats --rate`).
+        #[arg(long)]
+        stats: bool,
+        /// Seconds between the two reads of `--stats`.
+        #[arg(long, default_value_t = 1.0, requires = "stats")]
+        interval: f64,
+    },
+    /// What the data plane does with a flow right now, from the maps (read-only):
+    /// frontend, source ranges, conntrack, session affinity, Maglev slot, backend,
+    /// translation, next hop.
+    Trace {
+        /// `tcp` or `udp`.
+        proto: String,
+        /// The client: `198.51.100.2:40000`, `[2001:db8::2]:40000`, or an address alone
+        /// (then only affinity services can say which backend a new flow gets).
+        src: String,
+        /// The frontend: `203.0.113.10:80`, `[2001:db8::10]:80`.
+        dst: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+        /// Ask these agents' admin endpoints instead of reading local maps
+        /// (`http://10.0.0.1:9190`, comma-separated or repeated): where each node would
+        /// send the flow.
+        #[arg(long, value_delimiter = ',', value_name = "URL")]
+        nodes: Vec<String>,
     },
     /// Detach the XDP program from every interface and remove the pinned maps.
     Detach {
@@ -166,6 +199,6 @@ mod tests {
             .get_subcommands()
             .map(|c| c.get_name().to_owned())
             .collect();
-        assert_eq!(names, ["run", "status", "detach"]);
+        assert_eq!(names, ["run", "status", "trace", "detach"]);
     }
 }

@@ -10,6 +10,8 @@ pub mod dataplane;
 pub mod health;
 pub mod kube_writes;
 pub mod l7;
+pub mod metrics;
 pub mod service_health;
 pub mod source;
 pub mod status;
+pub mod trace;

@@ -1,5 +1,6 @@
 //! `lb-agent`: the xlb agent.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ fn run(command: Command) -> Result<()> {
             replace,
             poll_ms,
             l7,
+            metrics_max_backends,
         } => {
             let source = match (config, manifests) {
                 (Some(path), _) => Origin::Config(path),
@@ -75,6 +77,7 @@ fn run(command: Command) -> Result<()> {
                 replace,
                 poll: Duration::from_millis(poll_ms.max(10)),
                 l7: l7_options(&l7)?,
+                metrics_max_backends,
             };
             // The control loop needs one thread; the L7 hop serves on every CPU.
             let mut runtime = if opts.l7.is_some() {
@@ -88,7 +91,12 @@ fn run(command: Command) -> Result<()> {
                 .context("tokio runtime")?
                 .block_on(agent::run(opts))
         }
-        Command::Status { bpffs, json } => {
+        Command::Status {
+            bpffs,
+            json,
+            stats: per_second,
+            interval,
+        } => {
             let probe = pins::probe_fs(&bpffs)?;
             if !probe.is_bpffs() {
                 anyhow::bail!(
@@ -100,6 +108,9 @@ fn run(command: Command) -> Result<()> {
                     pins::BPFFS_ROOT
                 );
             }
+            if per_second {
+                return stats(&bpffs, json, interval);
+            }
             let report = lb_agent::status::Report::read(&bpffs)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -110,6 +121,14 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Trace {
+            proto,
+            src,
+            dst,
+            json,
+            bpffs,
+            nodes,
+        } => trace(&proto, &src, &dst, json, &bpffs, &nodes),
         Command::Detach { bpffs } => {
             let probe = pins::probe_fs(&bpffs)?;
             if !probe.is_bpffs() {
@@ -130,6 +149,52 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `lb-agent status --stats`.
+fn stats(bpffs: &Path, json: bool, interval: f64) -> Result<()> {
+    if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+        anyhow::bail!("--interval {interval}: expected seconds in (0, 3600]");
+    }
+    let rates = lb_agent::status::Rates::measure(bpffs, Duration::from_secs_f64(interval))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rates)?);
+    } else {
+        print!("{rates}");
+    }
+    Ok(())
+}
+
+/// `lb-agent trace`: from the local maps, or from every `--nodes` admin endpoint.
+fn trace(
+    proto: &str,
+    src: &str,
+    dst: &str,
+    json: bool,
+    bpffs: &Path,
+    nodes: &[String],
+) -> Result<()> {
+    let query = lb_agent::trace::Query::parse(proto, src, dst)?;
+    if nodes.is_empty() {
+        let dp = lb_agent::dataplane::Dataplane::open_pinned(bpffs)
+            .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?;
+        let t = lb_agent::trace::trace(&dp, &query)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        } else {
+            print!("{t}");
+        }
+        return Ok(());
+    }
+    let traces = lb_agent::trace::ask_nodes(nodes, proto, src, dst)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&traces)?);
+    } else {
+        for t in &traces {
+            print!("{t}");
+        }
+    }
+    Ok(())
 }
 
 fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use lb_common::{
     Backend, BackendMeta, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey,
-    HEALTH_DOWN, HEALTH_UP, PROTO_TCP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
+    HEALTH_DOWN, HEALTH_UP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
 };
 use serde::Serialize;
 
@@ -146,17 +146,7 @@ impl Report {
     }
 }
 
-/// `203.0.113.10:80/TCP`, `[2001:db8:f::10]:53/UDP`.
-fn frontend_text(key: &FrontendKey) -> String {
-    let endpoint = meta_endpoint(&BackendMeta {
-        addr: key.addr,
-        port: key.port,
-        family: key.family,
-        ..Default::default()
-    });
-    let proto = if key.proto == PROTO_TCP { "TCP" } else { "UDP" };
-    format!("{endpoint}/{proto}")
-}
+use crate::metrics::frontend_text;
 
 /// A backend as the snapshot has it: id, metadata, filled slot.
 type BackendEntry = (u32, BackendMeta, Option<Backend>);
@@ -252,6 +242,168 @@ impl fmt::Display for Report {
             writeln!(f, "verdicts (packets):")?;
             for (reason, n) in &self.reasons {
                 writeln!(f, "  {reason:<24} {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `lb-agent status --stats`: rates over an interval, per service (its frontends share
+/// its counters: the kernel counts per service) and per backend, like
+/// `ipvsadm --list --stats --rate`.
+#[derive(Debug, Serialize)]
+pub struct Rates {
+    pub interval_s: f64,
+    pub services: Vec<ServiceRates>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRates {
+    pub name: String,
+    pub frontends: Vec<String>,
+    /// New flows (connections) per second.
+    pub conns_per_s: f64,
+    /// Client -> backend packets and bytes per second.
+    pub in_packets_per_s: f64,
+    pub in_bytes_per_s: f64,
+    /// Backend -> client (replies) packets and bytes per second.
+    pub out_packets_per_s: f64,
+    pub out_bytes_per_s: f64,
+    /// Totals at the end of the interval.
+    pub conns: u64,
+    pub in_packets: u64,
+    pub out_packets: u64,
+    pub backends: Vec<BackendRates>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRates {
+    pub endpoint: String,
+    pub conns_per_s: f64,
+    pub conns: u64,
+}
+
+impl Rates {
+    /// Reads the counters under `dir` twice, `interval` apart.
+    pub fn measure(dir: &Path, interval: std::time::Duration) -> Result<Rates, DataplaneError> {
+        if !dir.join(lb_common::maps::FRONTENDS).exists() {
+            return Err(DataplaneError::Pin {
+                path: dir.to_path_buf(),
+                reason: "nothing pinned here: no agent has run with this --bpffs directory".into(),
+            });
+        }
+        let dp = Dataplane::open_pinned(dir)?;
+        let read = |dp: &Dataplane| -> Result<_, DataplaneError> {
+            let services = dp.services_in_use()?;
+            let mut stats = BTreeMap::new();
+            for (id, _) in &services {
+                stats.insert(*id, dp.service_stats(*id)?);
+            }
+            let mut backends = BTreeMap::new();
+            for (id, meta, _) in dp.backends_in_use()? {
+                if stats.contains_key(&meta.service_id) {
+                    backends.insert(id, (meta, dp.backend_new_flows(id)?));
+                }
+            }
+            Ok((services, stats, backends, std::time::Instant::now()))
+        };
+        let (_, before, backends_before, t0) = read(&dp)?;
+        std::thread::sleep(interval);
+        let (services, after, backends_after, t1) = read(&dp)?;
+        let secs = t1.duration_since(t0).as_secs_f64().max(1e-3);
+        #[expect(clippy::cast_precision_loss, reason = "rates for display")]
+        let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        let mut frontends: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (key, value) in dp.frontends()? {
+            frontends
+                .entry(value.service_id)
+                .or_default()
+                .push(frontend_text(&key));
+        }
+        let mut out = Vec::new();
+        for (id, meta) in &services {
+            let now = after.get(id).copied().unwrap_or_default();
+            // A service that appeared meanwhile starts from zero.
+            let was = before.get(id).copied().unwrap_or_default();
+            let backends = backends_after
+                .iter()
+                .filter(|(_, (m, _))| m.service_id == *id)
+                .map(|(bid, (m, n))| {
+                    let old = backends_before
+                        .get(bid)
+                        .filter(|(om, _)| om == m)
+                        .map_or(0, |(_, n)| *n);
+                    BackendRates {
+                        endpoint: meta_endpoint(m).to_string(),
+                        conns_per_s: rate(old, *n),
+                        conns: *n,
+                    }
+                })
+                .collect();
+            out.push(ServiceRates {
+                name: service_name(meta).to_owned(),
+                frontends: frontends.remove(id).unwrap_or_default(),
+                conns_per_s: rate(was.new_flows, now.new_flows),
+                in_packets_per_s: rate(was.packets, now.packets),
+                in_bytes_per_s: rate(was.bytes, now.bytes),
+                out_packets_per_s: rate(was.reply_packets, now.reply_packets),
+                out_bytes_per_s: rate(was.reply_bytes, now.reply_bytes),
+                conns: now.new_flows,
+                in_packets: now.packets,
+                out_packets: now.reply_packets,
+                backends,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Rates {
+            interval_s: secs,
+            services: out,
+        })
+    }
+}
+
+impl fmt::Display for Rates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "rates over {:.1}s (new flows = connections)",
+            self.interval_s
+        )?;
+        writeln!(
+            f,
+            "{:<36} {:>9} {:>10} {:>12} {:>10} {:>12} {:>10}",
+            "SERVICE / FRONTENDS",
+            "CONNS/S",
+            "INPKTS/S",
+            "INBYTES/S",
+            "OUTPKTS/S",
+            "OUTBYTES/S",
+            "CONNS"
+        )?;
+        if self.services.is_empty() {
+            writeln!(f, "no services")?;
+        }
+        for s in &self.services {
+            writeln!(
+                f,
+                "{:<36} {:>9.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>10}",
+                s.name,
+                s.conns_per_s,
+                s.in_packets_per_s,
+                s.in_bytes_per_s,
+                s.out_packets_per_s,
+                s.out_bytes_per_s,
+                s.conns
+            )?;
+            for fe in &s.frontends {
+                writeln!(f, "  {fe}")?;
+            }
+            for b in &s.backends {
+                writeln!(
+                    f,
+                    "  -> {:<31} {:>9.1} {:>10} {:>12} {:>10} {:>12} {:>10}",
+                    b.endpoint, b.conns_per_s, "", "", "", "", b.conns
+                )?;
             }
         }
         Ok(())

@@ -1,7 +1,8 @@
 //! The real agent with exactly the capabilities deploy/'s DaemonSet gives it, read from
 //! the manifest, in the DaemonSet's mode (a Kubernetes source, here `--manifests`, and
 //! the L7 hop on ports 80 and 443): it attaches, forwards a connection, serves the L7
-//! port and adopts its pins after a restart (the rolling-update path). Without any one of them it exits and names the
+//! port, reads its maps on the admin port (`/metrics`, `/trace`) and adopts its pins
+//! after a restart (the rolling-update path). Without any one of them it exits and names the
 //! missing capability, and nothing stays attached.
 //!
 //! The container is modelled with `setpriv`, as the runtime sets it up for a uid 0
@@ -236,6 +237,40 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
         testbed::curl_status(&bed.topo.client, &l7, &[]),
         Some(404),
         "the L7 hop on port 80"
+    );
+
+    // The admin port reads the maps under the same set: /metrics, and /trace with the
+    // Maglev table rebuilt from BACKEND_META (opening the installed one by id needs
+    // CAP_SYS_ADMIN, which the DaemonSet does not give).
+    let admin = format!("http://{}:9190", Topology::lb_client_v4());
+    let admin_get = |path: &str| {
+        let out = bed
+            .topo
+            .client
+            .exec(
+                "curl",
+                &["-sS", "--max-time", "2", &format!("{admin}{path}")],
+            )
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metrics = admin_get("/metrics");
+    assert!(metrics.contains("xlb_dataplane_metrics_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("xlb_table_entries{table=\"conntrack\"}"),
+        "{metrics}"
+    );
+    let trace = admin_get(&format!(
+        "/trace?proto=tcp&src={}:42000&dst={vip}",
+        Topology::client_v4()
+    ));
+    assert!(trace.contains("rebuilt from BACKEND_META"), "{trace}");
+    assert!(
+        trace.contains(&format!(
+            "\"backend\": \"{}:{PORT}\"",
+            Topology::backend_v4(0)
+        )),
+        "{trace}"
     );
 
     // A restarted pod adopts the pinned maps and links with the same set.

@@ -544,6 +544,29 @@ fn probes_and_port_are_the_admin_address_the_arguments_set() {
     );
 }
 
+/// Prometheus finds the metrics where the agent serves them: the pod's scrape
+/// annotations name the admin port and `/metrics`.
+#[test]
+fn scrape_annotations_name_the_admin_port() {
+    let docs = docs();
+    let args = agent_args(&docs);
+    let ds = manifests::daemonset(&docs);
+    let annotations = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    assert_eq!(get("prometheus.io/scrape"), Some("true"), "{annotations:?}");
+    assert_eq!(
+        get("prometheus.io/port"),
+        Some(args.admin.port().to_string().as_str()),
+        "the scrape port is --admin's"
+    );
+    assert_eq!(get("prometheus.io/path"), Some("/metrics"));
+}
+
 #[test]
 fn pins_live_on_the_hosts_bpffs() {
     let docs = docs();

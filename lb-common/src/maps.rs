@@ -20,6 +20,8 @@ pub const CONNTRACK: &str = "CONNTRACK_V1";
 pub const REVNAT: &str = "REVNAT_V1";
 /// Per-CPU counters per service id. `u32` -> `ServiceStats`.
 pub const SERVICE_STATS: &str = "SVC_STATS_V2";
+/// Per-CPU counters per backend id (new flows). `u32` -> `BackendStats`.
+pub const BACKEND_STATS: &str = "BACKEND_STATS_V1";
 /// Per-CPU counters per `Reason`. `u32` -> `ReasonStats`.
 pub const REASON_STATS: &str = "REASON_STATS_V1";
 /// Interfaces the program may redirect to (devmap hash keyed by ifindex).
@@ -35,7 +37,7 @@ pub const BACKEND_META: &str = "BACKEND_META_V1";
 pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
@@ -50,6 +52,7 @@ pub const ALL: [&str; 14] = [
     SERVICE_META,
     BACKEND_META,
     SOURCE_RANGES,
+    BACKEND_STATS,
 ];
 
 /// Maps of earlier layouts, removed with the others (`lb-agent detach`, `--replace`) and

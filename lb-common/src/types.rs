@@ -264,6 +264,15 @@ pub struct ServiceStats {
     pub source_denied: u64,
 }
 
+/// Per-CPU counters per backend id (`BACKEND_STATS_V1`). Only new flows are counted:
+/// the increment is on the new-flow path alone, so established packets pay nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Flows that got this backend just now (new, or re-selected).
+    pub new_flows: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReasonStats {
@@ -288,6 +297,7 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::ReasonStats {}
 }
 
@@ -306,6 +316,7 @@ const _: () = {
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ServiceStats>() == 7 * 8);
+    assert!(size_of::<BackendStats>() == 8);
     assert!(size_of::<SourceRangeKey>() == 4 + 1 + 3 + 16);
     assert!(SOURCE_RANGE_FIXED_BITS as usize == 8 * (4 + 1 + 3));
     assert!(size_of::<ReasonStats>() == 2 * 8);

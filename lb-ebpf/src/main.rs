@@ -73,6 +73,9 @@ fn to_backend(
     };
     nat::dnat(ctx, pkt, &chosen.backend)?;
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
+    if chosen.new_flow {
+        stats::count_backend_new_flow(chosen.id);
+    }
     fib::forward(
         ctx,
         pkt,

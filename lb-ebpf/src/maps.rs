@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend,
-    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
+    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey,
+    Frontend, FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
+    SourceRangeKey,
     maps::{
         AFFINITY_ENTRIES, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS,
         MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
@@ -49,6 +50,10 @@ pub static REVNAT_V1: LruHashMap<FlowKey, RevNat, { n(CONNTRACK_ENTRIES) }> = Lr
 
 #[btf_map]
 pub static SVC_STATS_V2: PerCpuArray<ServiceStats, { n(MAX_SERVICES) }> = PerCpuArray::new();
+
+/// Indexed by backend id, as `BACKENDS_V1`.
+#[btf_map]
+pub static BACKEND_STATS_V1: PerCpuArray<BackendStats, { n(MAX_BACKENDS) }> = PerCpuArray::new();
 
 #[btf_map]
 pub static REASON_STATS_V1: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = PerCpuArray::new();

@@ -2,7 +2,7 @@
 
 use lb_common::Reason;
 
-use crate::maps::{REASON_STATS_V1, SVC_STATS_V2};
+use crate::maps::{BACKEND_STATS_V1, REASON_STATS_V1, SVC_STATS_V2};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
@@ -55,5 +55,14 @@ pub fn count_source_denied(service_id: u32) {
     if let Some(s) = SVC_STATS_V2.get_ptr_mut(service_id) {
         // SAFETY: as above.
         unsafe { (*s).source_denied += 1 };
+    }
+}
+
+/// A flow that got backend `id` just now (new, or re-selected).
+#[inline(always)]
+pub fn count_backend_new_flow(id: u32) {
+    if let Some(s) = BACKEND_STATS_V1.get_ptr_mut(id) {
+        // SAFETY: as above.
+        unsafe { (*s).new_flows += 1 };
     }
 }

@@ -11,6 +11,7 @@ pub mod maps;
 pub mod object;
 pub mod pins;
 pub mod source_ranges;
+pub mod stats;
 pub mod store;
 mod sys;
 pub mod tables;

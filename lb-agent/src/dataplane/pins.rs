@@ -10,8 +10,9 @@ use aya::programs::XdpMode;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey, NextHop,
-    Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey, maps,
+    Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
+    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
+    maps,
 };
 
 use super::loader::{PROGRAM, ifindex};
@@ -277,6 +278,7 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::REVNAT => (size_of::<FlowKey>(), Some(size_of::<RevNat>())),
         maps::SERVICE_STATS => (4, Some(size_of::<ServiceStats>())),
         maps::REASON_STATS => (4, Some(size_of::<ReasonStats>())),
+        maps::BACKEND_STATS => (4, Some(size_of::<BackendStats>())),
         maps::AFFINITY => (size_of::<AffinityKey>(), Some(size_of::<Affinity>())),
         maps::SERVICE_META => (4, Some(size_of::<ServiceMeta>())),
         maps::BACKEND_META => (4, Some(size_of::<BackendMeta>())),
@@ -292,7 +294,9 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
 fn expected_entries(name: &str) -> Option<u32> {
     match name {
         maps::FRONTENDS => Some(maps::MAX_FRONTENDS),
-        maps::BACKENDS | maps::NEXTHOPS | maps::BACKEND_META => Some(maps::MAX_BACKENDS),
+        maps::BACKENDS | maps::NEXTHOPS | maps::BACKEND_META | maps::BACKEND_STATS => {
+            Some(maps::MAX_BACKENDS)
+        }
         maps::ADDR_FILTER => Some(lb_common::ADDR_FILTER_SLOTS),
         maps::MAGLEV | maps::SERVICE_STATS | maps::SERVICE_META => Some(maps::MAX_SERVICES),
         maps::REASON_STATS => Some(Reason::COUNT),

@@ -8,10 +8,6 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 
 #[xdp]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[xdp] macro hands the context over by value"
-)]
 pub fn xlb_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
