@@ -69,30 +69,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
     let l4 = !opts.interfaces.is_empty();
-    let mut parts = 0;
     if l4 {
         ensure_bpffs(&opts.pin_dir)?;
-        parts |= admin::PART_DATAPLANE;
     }
-    if opts.l7.is_some() {
-        parts |= PART_L7;
-    }
-    // The L7 listeners are bound before anything is attached: a taken port fails the
-    // start, not the first request.
-    let (state, proxy) = AgentState::with_parts(parts, |registry| {
-        opts.l7
-            .as_ref()
-            .map(|l7| {
-                let listener_ports: Vec<u16> = [l7.proxy.http, l7.proxy.https]
-                    .into_iter()
-                    .flatten()
-                    .map(|a| a.port())
-                    .collect();
-                crate::l7::proxy::Proxy::bind(l7.proxy.clone(), registry)
-                    .map_err(|e| crate::capabilities::explain_bind(e, &listener_ports))
-            })
-            .transpose()
-    })?;
+    let (state, proxy) = bind_listeners(&opts)?;
     let _admin = admin::start(opts.admin, Arc::clone(&state)).await?;
 
     // Validate before touching the kernel: a broken file never changes anything.
@@ -178,6 +158,32 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The agent's state (and its readiness parts) and the L7 listeners, bound before
+/// anything is attached: a taken port fails the start, not the first request.
+fn bind_listeners(opts: &RunOptions) -> Result<(Arc<AgentState>, Option<crate::l7::proxy::Proxy>)> {
+    let mut parts = 0;
+    if !opts.interfaces.is_empty() {
+        parts |= admin::PART_DATAPLANE;
+    }
+    if opts.l7.is_some() {
+        parts |= PART_L7;
+    }
+    AgentState::with_parts(parts, |registry| {
+        opts.l7
+            .as_ref()
+            .map(|l7| {
+                let listener_ports: Vec<u16> = [l7.proxy.http, l7.proxy.https]
+                    .into_iter()
+                    .flatten()
+                    .map(|a| a.port())
+                    .collect();
+                crate::l7::proxy::Proxy::bind(l7.proxy.clone(), registry)
+                    .map_err(|e| crate::capabilities::explain_bind(e, &listener_ports))
+            })
+            .transpose()
+    })
 }
 
 /// Pins need a bpffs under `--bpffs`: mounts one if none is there, before anything is

@@ -96,31 +96,7 @@ fn run(command: Command) -> Result<()> {
             json,
             stats: per_second,
             interval,
-        } => {
-            let probe = pins::probe_fs(&bpffs)?;
-            if !probe.is_bpffs() {
-                anyhow::bail!(
-                    "nothing pinned under {}: it is not on a bpf filesystem ({}), so no agent \
-                     has run with this --bpffs directory; `lb-agent run` mounts bpffs when it \
-                     starts (or: mount -t bpf bpf {})",
-                    bpffs.display(),
-                    probe.describe(),
-                    pins::BPFFS_ROOT
-                );
-            }
-            if per_second {
-                return stats(&bpffs, json, interval);
-            }
-            let report = lb_agent::status::Report::read(&bpffs)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                // One write: stdout is line-buffered, and 10,000 services are 100,000 lines.
-                let text = report.to_string();
-                print!("{text}");
-            }
-            Ok(())
-        }
+        } => status(&bpffs, json, per_second.then_some(interval)),
         Command::Trace {
             proto,
             src,
@@ -129,26 +105,56 @@ fn run(command: Command) -> Result<()> {
             bpffs,
             nodes,
         } => trace(&proto, &src, &dst, json, &bpffs, &nodes),
-        Command::Detach { bpffs } => {
-            let probe = pins::probe_fs(&bpffs)?;
-            if !probe.is_bpffs() {
-                println!(
-                    "nothing pinned under {}: it is not on a bpf filesystem ({}), so there is \
-                     nothing to detach",
-                    bpffs.display(),
-                    probe.describe()
-                );
-                return Ok(());
-            }
-            let removed = pins::remove_all(&bpffs)?;
-            if removed.is_empty() {
-                println!("nothing pinned under {}", bpffs.display());
-            } else {
-                println!("removed from {}: {}", bpffs.display(), removed.join(", "));
-            }
-            Ok(())
-        }
+        Command::Detach { bpffs } => detach(&bpffs),
     }
+}
+
+/// `lb-agent status [--stats --interval SECS]`.
+fn status(bpffs: &Path, json: bool, stats_interval: Option<f64>) -> Result<()> {
+    let probe = pins::probe_fs(bpffs)?;
+    if !probe.is_bpffs() {
+        anyhow::bail!(
+            "nothing pinned under {}: it is not on a bpf filesystem ({}), so no agent has run \
+             with this --bpffs directory; `lb-agent run` mounts bpffs when it starts (or: \
+             mount -t bpf bpf {})",
+            bpffs.display(),
+            probe.describe(),
+            pins::BPFFS_ROOT
+        );
+    }
+    if let Some(interval) = stats_interval {
+        return stats(bpffs, json, interval);
+    }
+    let report = lb_agent::status::Report::read(bpffs)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        // One write: stdout is line-buffered, and 10,000 services are 100,000 lines.
+        let text = report.to_string();
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// `lb-agent detach`.
+fn detach(bpffs: &Path) -> Result<()> {
+    let probe = pins::probe_fs(bpffs)?;
+    if !probe.is_bpffs() {
+        println!(
+            "nothing pinned under {}: it is not on a bpf filesystem ({}), so there is nothing \
+             to detach",
+            bpffs.display(),
+            probe.describe()
+        );
+        return Ok(());
+    }
+    let removed = pins::remove_all(bpffs)?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", bpffs.display());
+    } else {
+        println!("removed from {}: {}", bpffs.display(), removed.join(", "));
+    }
+    Ok(())
 }
 
 /// `lb-agent status --stats`.
