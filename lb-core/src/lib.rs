@@ -8,6 +8,7 @@
 //! lookup tables and [`routes`] the L7 hop's host and path table.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod cluster;
 pub mod config;
 pub mod maglev;

@@ -539,6 +539,27 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "loopback",
     ),
     (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\n\
+         backends: [{ address: 192.0.2.1, port: 80 }, { address: 169.254.169.254, port: 80 }]",
+        "svc",
+        "backends[1].address",
+        "a link-local address 169.254.169.254",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: '2001:db8:f::20', port: 80 }]\n\
+         backends: [{ address: 'fe80::1', port: 80 }]",
+        "svc",
+        "backends[0].address",
+        "a link-local address fe80::1",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }, { address: 203.0.113.21, port: 81 }]\n\
+         backends: [{ address: 192.0.2.1, port: 80 }, { address: 203.0.113.21, port: 8080 }]",
+        "svc",
+        "backends[1].address",
+        "203.0.113.21 is an address of this service's frontends",
+    ),
+    (
         "name: svc\nfrontends: [{ address: 'ff02::1', port: 80 }]\nbackends: []",
         "svc",
         "frontends[0].address",

@@ -478,7 +478,7 @@ impl Translator<'_> {
             return Some(shared.clone());
         }
         let (endpoints, problems) =
-            usable_endpoints(&svc_key, svc_port, &self.cluster.slices_of(&svc_key));
+            usable_endpoints(svc, svc_port, &self.cluster.slices_of(&svc_key));
         self.problems.extend(problems);
         Some(self.shared(Upstream {
             name,

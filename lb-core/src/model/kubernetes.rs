@@ -221,13 +221,14 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         table_override: table_size_override(svc, &mut ctx),
     };
     let etp_local = policy.etp_local;
+    let own = own_addresses(svc);
     let mut local_ready = BTreeSet::new();
     let mut taken = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(spec_port) = port_spec(i, port, type_, &key, &mut ctx, &mut out.notes) else {
             continue;
         };
-        let candidates = endpoints_for(port, spec_port.protocol, slices, node, &mut ctx);
+        let candidates = endpoints_for(port, spec_port.protocol, slices, &own, node, &mut ctx);
         for c in candidates.iter().filter(|c| c.local && c.ready) {
             local_ready.insert(c.endpoint.addr);
         }
@@ -596,12 +597,21 @@ fn usable<'a>(family: &[&'a Candidate], local: bool) -> Vec<&'a Candidate> {
 /// (`xlb.dev/weight`, `xlb.dev/endpoint-weights`) gets no new requests, as it gets no
 /// new flows. Problems name the slices.
 pub(crate) fn usable_endpoints(
-    service: &ObjectKey,
+    svc: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
 ) -> (Vec<std::net::SocketAddr>, Vec<Problem>) {
-    let mut ctx = Ctx::new(service);
-    let candidates = endpoints_for(port, Protocol::Tcp, slices, &NodeInfo::default(), &mut ctx);
+    let key = ObjectKey::of(&svc.metadata);
+    let mut ctx = Ctx::new(&key);
+    let own = own_addresses(svc);
+    let candidates = endpoints_for(
+        port,
+        Protocol::Tcp,
+        slices,
+        &own,
+        &NodeInfo::default(),
+        &mut ctx,
+    );
     let mut out = Vec::new();
     for v6 in [false, true] {
         let family: Vec<&Candidate> = candidates
@@ -618,13 +628,40 @@ pub(crate) fn usable_endpoints(
     (out, ctx.problems)
 }
 
+/// Every address the Service is reached on (cluster IPs, external IPs, load-balancer
+/// IPs), parsed leniently: an endpoint at one of them would send the Service's traffic
+/// back to itself.
+fn own_addresses(svc: &Service) -> BTreeSet<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return BTreeSet::new();
+    };
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_ref());
+    spec.cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+        .chain(spec.external_ips.iter().flatten())
+        .chain(lb_ips)
+        .filter_map(|text| text.parse().ok())
+        .collect()
+}
+
 /// The endpoints of every slice that serve `port`, matched by the Service port's name
 /// and protocol (the EndpointSlice controller resolved `targetPort`, named or not, per
-/// endpoint). An address in several slices counts once (a ready copy wins).
+/// endpoint). An address in several slices counts once (a ready copy wins). Addresses
+/// that can never be a backend ([`crate::address::backend_refusal`]) and the Service's
+/// own addresses (`own`) are skipped, each with a problem naming the endpoint.
 fn endpoints_for(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    own: &BTreeSet<IpAddr>,
     node: &NodeInfo,
     ctx: &mut Ctx<'_>,
 ) -> Vec<Candidate> {
@@ -695,6 +732,21 @@ fn endpoints_for(
                     continue;
                 }
             };
+            let refusal = crate::address::backend_refusal(addr)
+                .map(|kind| format!("{addr} is {kind}"))
+                .or_else(|| {
+                    own.contains(&addr)
+                        .then(|| format!("{addr} is an address of Service {} itself", ctx.key))
+                });
+            if let Some(reason) = refusal {
+                ctx.problem(
+                    Kind::EndpointSlice,
+                    &slice_key,
+                    format!("endpoints[{ei}].addresses[0]"),
+                    reason,
+                );
+                continue;
+            }
             let conditions = endpoint.conditions.as_ref();
             // API defaults: ready and serving unset = true, terminating unset = false.
             // `ready` is taken as is: the controller never sets it on a terminating Pod,
