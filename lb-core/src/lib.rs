@@ -15,3 +15,4 @@ pub mod maglev;
 pub mod model;
 pub mod plan;
 pub mod routes;
+pub mod yaml_limits;
