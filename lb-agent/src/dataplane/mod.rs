@@ -5,6 +5,7 @@ mod arrays;
 mod batch;
 mod grace;
 pub mod loader;
+pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod pins;
