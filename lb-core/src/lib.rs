@@ -14,5 +14,6 @@ pub mod config;
 pub mod maglev;
 pub mod model;
 pub mod plan;
+pub mod quote;
 pub mod routes;
 pub mod yaml_limits;

@@ -260,7 +260,10 @@ impl Table {
                     t.problem(
                         key,
                         field,
-                        format!("{kind:?} path {text:?} of {host} is already routed by {who}"),
+                        format!(
+                            "{kind:?} path {} of {host} is already routed by {who}",
+                            crate::quote::quoted(&text)
+                        ),
                     );
                     continue;
                 }
@@ -316,8 +319,8 @@ impl Translator<'_> {
                 object: ObjectKey::new("", &class.name),
                 field: "spec.controller".into(),
                 reason: format!(
-                    "{:?} is not {CONTROLLER}: not taken as the default class",
-                    controller.unwrap_or("")
+                    "{} is not {CONTROLLER}: not taken as the default class",
+                    crate::quote::quoted(controller.unwrap_or(""))
                 ),
             });
             return false;
@@ -554,7 +557,8 @@ fn host_pattern(host: Option<&str>) -> Result<HostPattern, String> {
         return Ok(HostPattern::Exact(lower));
     }
     Err(format!(
-        "{host:?} is neither a DNS name nor \"*.\" followed by one"
+        "{} is neither a DNS name nor \"*.\" followed by one",
+        crate::quote::quoted(host)
     ))
 }
 
@@ -575,13 +579,21 @@ fn path_rule(kind: &str, path: Option<&str>) -> Result<(PathKind, String), (&'st
         other => {
             return Err((
                 "pathType",
-                format!("{other:?} is not Exact, Prefix or ImplementationSpecific"),
+                format!(
+                    "{} is not Exact, Prefix or ImplementationSpecific",
+                    crate::quote::quoted(other)
+                ),
             ));
         }
     };
     let path = match path.filter(|p| !p.is_empty()) {
         Some(p) if p.starts_with('/') => p.to_owned(),
-        Some(p) => return Err(("path", format!("{p:?} does not start with /"))),
+        Some(p) => {
+            return Err((
+                "path",
+                format!("{} does not start with /", crate::quote::quoted(p)),
+            ));
+        }
         None => "/".to_owned(),
     };
     Ok((kind, path))

@@ -180,7 +180,10 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         return out;
     }
     if !matches!(type_, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        ctx.service_problem("spec.type", format!("unknown type {type_:?}"));
+        ctx.service_problem(
+            "spec.type",
+            format!("unknown type {}", crate::quote::quoted(type_)),
+        );
         out.problems = ctx.problems;
         return out;
     }
@@ -286,7 +289,7 @@ fn service_addresses(
             Ok(addr) => addresses.push((Origin::ClusterIp, addr)),
             Err(_) => ctx.service_problem(
                 format!("spec.clusterIPs[{i}]"),
-                format!("{ip:?} is not an IP address"),
+                format!("{} is not an IP address", crate::quote::quoted(ip)),
             ),
         }
     }
@@ -307,7 +310,7 @@ fn service_addresses(
             ),
             Err(_) => ctx.service_problem(
                 format!("spec.externalIPs[{i}]"),
-                format!("{ip:?} is not an IP address"),
+                format!("{} is not an IP address", crate::quote::quoted(ip)),
             ),
         }
     }
@@ -339,7 +342,7 @@ fn service_addresses(
                 ),
                 Err(_) => ctx.service_problem(
                     format!("status.loadBalancer.ingress[{i}].ip"),
-                    format!("{ip:?} is not an IP address"),
+                    format!("{} is not an IP address", crate::quote::quoted(ip)),
                 ),
             }
         }
@@ -371,7 +374,7 @@ fn port_spec(
         other => {
             ctx.service_problem(
                 format!("spec.ports[{i}].protocol"),
-                format!("unknown protocol {other:?}"),
+                format!("unknown protocol {}", crate::quote::quoted(other)),
             );
             return None;
         }
@@ -727,7 +730,7 @@ fn endpoints_for(
                         Kind::EndpointSlice,
                         &slice_key,
                         format!("endpoints[{ei}].addresses[0]"),
-                        format!("{text:?} is not an IP address"),
+                        format!("{} is not an IP address", crate::quote::quoted(text)),
                     );
                     continue;
                 }
@@ -805,12 +808,11 @@ fn slice_weights(slice: &EndpointSlice, key: &ObjectKey, ctx: &mut Ctx<'_>) -> W
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let parsed = item
                 .split_once('=')
-                .ok_or_else(|| format!("{item:?} is not ADDRESS=WEIGHT"))
+                .ok_or_else(|| format!("{} is not ADDRESS=WEIGHT", crate::quote::quoted(item)))
                 .and_then(|(a, w)| {
-                    let addr = a
-                        .trim()
-                        .parse::<IpAddr>()
-                        .map_err(|_| format!("{:?} is not an IP address", a.trim()))?;
+                    let addr = a.trim().parse::<IpAddr>().map_err(|_| {
+                        format!("{} is not an IP address", crate::quote::quoted(a.trim()))
+                    })?;
                     Ok((addr, parse_weight(w)?))
                 });
             match parsed {
@@ -832,7 +834,10 @@ fn slice_weights(slice: &EndpointSlice, key: &ObjectKey, ctx: &mut Ctx<'_>) -> W
 fn parse_weight(text: &str) -> Result<u32, String> {
     match text.trim().parse::<u32>() {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),
-        _ => Err(format!("must be a weight 0..={MAX_WEIGHT}, got {text:?}")),
+        _ => Err(format!(
+            "must be a weight 0..={MAX_WEIGHT}, got {}",
+            crate::quote::quoted(text)
+        )),
     }
 }
 
@@ -891,7 +896,7 @@ fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
             Ok(net) => out.push(net.trunc()),
             Err(_) => ctx.service_problem(
                 format!("spec.loadBalancerSourceRanges[{i}]"),
-                format!("{text:?} is not a CIDR"),
+                format!("{} is not a CIDR", crate::quote::quoted(text)),
             ),
         }
     }
@@ -912,8 +917,9 @@ fn table_size_override(svc: &Service, ctx: &mut Ctx<'_>) -> Option<u32> {
             ctx.service_problem(
                 format!("metadata.annotations[{TABLE_SIZE_ANNOTATION}]"),
                 format!(
-                    "must be a prime 2..={}, got {text:?}; using the default",
-                    maglev::MAX_TABLE_SIZE
+                    "must be a prime 2..={}, got {}; using the default",
+                    maglev::MAX_TABLE_SIZE,
+                    crate::quote::quoted(text)
                 ),
             );
             None

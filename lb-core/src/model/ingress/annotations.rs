@@ -78,7 +78,10 @@ pub fn read(
         other => {
             bad.push(BadValue {
                 annotation: name,
-                reason: format!("{other:?} is neither \"true\" nor \"false\""),
+                reason: format!(
+                    "{} is neither \"true\" nor \"false\"",
+                    crate::quote::quoted(other)
+                ),
             });
             None
         }
@@ -108,7 +111,10 @@ pub fn read(
             "least-request" => settings.balance = Balance::LeastRequest,
             other => bad.push(BadValue {
                 annotation: LOAD_BALANCE,
-                reason: format!("{other:?} is neither \"round-robin\" nor \"least-request\""),
+                reason: format!(
+                    "{} is neither \"round-robin\" nor \"least-request\"",
+                    crate::quote::quoted(other)
+                ),
             }),
         }
     }
@@ -135,15 +141,23 @@ pub fn body_size(text: &str) -> Result<u64, String> {
         'k' => 1 << 10,
         'm' => 1 << 20,
         'g' => 1 << 30,
-        _ => return Err(format!("{text:?}: unit is not k, m or g")),
+        _ => {
+            return Err(format!(
+                "{}: unit is not k, m or g",
+                crate::quote::quoted(text)
+            ));
+        }
     };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (like 8m, 512k, 1024 or 0)"))?;
+    let number: u64 = digits.parse().map_err(|_| {
+        format!(
+            "{} is not a size (like 8m, 512k, 1024 or 0)",
+            crate::quote::quoted(text)
+        )
+    })?;
     if number == 0 {
         return Ok(u64::MAX);
     }
     number
         .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| format!("{} is too large", crate::quote::quoted(text)))
 }

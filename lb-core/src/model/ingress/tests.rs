@@ -522,6 +522,31 @@ fn honoured_annotations_shape_the_routes() {
     );
 }
 
+/// A huge bad annotation value is quoted short in the problem.
+#[test]
+fn a_huge_bad_annotation_is_quoted_short() {
+    let mut objects = shop();
+    let huge = "x".repeat(4 << 20);
+    annotate(
+        &mut objects,
+        "storefront",
+        &[(annotations::LOAD_BALANCE, &huge)],
+    );
+    let problems = problems(&run(&objects));
+    let problem = problems
+        .iter()
+        .find(|p| p.contains(annotations::LOAD_BALANCE))
+        .unwrap_or_else(|| panic!("{problems:#?}"));
+    assert!(problem.len() < 400, "{} bytes", problem.len());
+    assert!(
+        problem.contains(&format!(
+            "\"{}…\" (4194304 bytes) is neither",
+            "x".repeat(200)
+        )),
+        "{problem}"
+    );
+}
+
 #[test]
 fn body_sizes_in_nginx_syntax() {
     assert_eq!(body_size("1024"), Ok(1024));

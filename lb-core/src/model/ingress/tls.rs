@@ -40,8 +40,8 @@ pub fn key_pair(secret: &Secret) -> Result<KeyPair, SecretError> {
         return Err(error(
             "type",
             format!(
-                "{:?} is not {TLS_SECRET_TYPE}",
-                secret.type_.as_deref().unwrap_or("")
+                "{} is not {TLS_SECRET_TYPE}",
+                crate::quote::quoted(secret.type_.as_deref().unwrap_or(""))
             ),
         ));
     }

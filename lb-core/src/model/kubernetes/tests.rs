@@ -782,6 +782,36 @@ fn unusable_endpoint_addresses_are_refused_one_by_one() {
     );
 }
 
+/// A huge bad value is quoted short: about 200 bytes, an ellipsis and its length.
+#[test]
+fn a_huge_bad_annotation_is_quoted_short() {
+    use crate::cluster::Object;
+    let mut objects = load("weights.yaml");
+    let huge = "9".repeat(4 << 20);
+    for object in &mut objects {
+        if let Object::EndpointSlice(slice) = object {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(super::WEIGHT_ANNOTATION.to_owned(), huge.clone());
+        }
+    }
+    let c = cluster(&objects);
+    let key = c.services.keys().next().expect("a Service").to_string();
+    let t = translate_in(&c, &key, &node_a());
+    let problem = t
+        .problems
+        .iter()
+        .find(|p| p.contains("xlb.dev/weight"))
+        .unwrap_or_else(|| panic!("{:#?}", t.problems));
+    assert!(problem.len() < 400, "{} bytes", problem.len());
+    assert!(
+        problem.ends_with(&format!("got \"{}…\" (4194304 bytes)", "9".repeat(200))),
+        "{problem}"
+    );
+}
+
 /// A bad cluster IP of a dual-stack Service: the other family is still served.
 #[test]
 fn bad_cluster_ip_keeps_the_other_family() {
