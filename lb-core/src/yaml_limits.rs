@@ -60,7 +60,7 @@ impl Scan {
     fn line(&mut self, line: &[u8]) -> usize {
         let indent = line.iter().take_while(|b| **b == b' ').count();
         let rest = &line[indent..];
-        let blank = rest.iter().all(|b| b.is_ascii_whitespace());
+        let blank = rest.iter().all(u8::is_ascii_whitespace);
         let mut i = 0;
         if let Some(quote) = self.quote {
             match close_quote(line, 0, quote) {
@@ -126,18 +126,16 @@ impl Scan {
                 }
                 b',' if self.flow > 0 => {}
                 b':' if next_blank || self.flow > 0 => {}
-                b'"' | b'\'' if token => match close_quote(line, i + 1, b) {
-                    Some(end) => {
-                        token = false;
-                        line_start = false;
-                        i = end;
-                        continue;
-                    }
-                    None => {
+                b'"' | b'\'' if token => {
+                    let Some(end) = close_quote(line, i + 1, b) else {
                         self.quote = Some(b);
                         break;
-                    }
-                },
+                    };
+                    token = false;
+                    line_start = false;
+                    i = end;
+                    continue;
+                }
                 b'|' | b'>' if self.flow == 0 && token => {
                     self.block_scalar = Some(indent);
                     break;

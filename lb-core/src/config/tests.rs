@@ -1097,7 +1097,8 @@ fn files_over_the_size_or_depth_limit_are_refused_before_parsing() {
     let head = "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80 }]\n";
     let mut block = String::from(head);
     for d in 0..440 {
-        block.push_str(&format!("{}x:\n", " ".repeat(4 + d)));
+        block.push_str(&" ".repeat(4 + d));
+        block.push_str("x:\n");
     }
     for (shape, text) in [
         (

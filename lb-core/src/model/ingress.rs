@@ -50,6 +50,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressRule, Ing
 
 use crate::cluster::{Cluster, Kind, ObjectKey};
 use crate::model::kubernetes::{Problem, usable_endpoints};
+use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
     HostPattern, HostRule, PathKind, PathRule, Route, Target, Upstream, UpstreamProtocol,
@@ -262,7 +263,7 @@ impl Table {
                         field,
                         format!(
                             "{kind:?} path {} of {host} is already routed by {who}",
-                            crate::quote::quoted(&text)
+                            quoted(&text)
                         ),
                     );
                     continue;
@@ -320,7 +321,7 @@ impl Translator<'_> {
                 field: "spec.controller".into(),
                 reason: format!(
                     "{} is not {CONTROLLER}: not taken as the default class",
-                    crate::quote::quoted(controller.unwrap_or(""))
+                    quoted(controller.unwrap_or(""))
                 ),
             });
             return false;
@@ -558,7 +559,7 @@ fn host_pattern(host: Option<&str>) -> Result<HostPattern, String> {
     }
     Err(format!(
         "{} is neither a DNS name nor \"*.\" followed by one",
-        crate::quote::quoted(host)
+        quoted(host)
     ))
 }
 
@@ -581,7 +582,7 @@ fn path_rule(kind: &str, path: Option<&str>) -> Result<(PathKind, String), (&'st
                 "pathType",
                 format!(
                     "{} is not Exact, Prefix or ImplementationSpecific",
-                    crate::quote::quoted(other)
+                    quoted(other)
                 ),
             ));
         }
@@ -589,10 +590,7 @@ fn path_rule(kind: &str, path: Option<&str>) -> Result<(PathKind, String), (&'st
     let path = match path.filter(|p| !p.is_empty()) {
         Some(p) if p.starts_with('/') => p.to_owned(),
         Some(p) => {
-            return Err((
-                "path",
-                format!("{} does not start with /", crate::quote::quoted(p)),
-            ));
+            return Err(("path", format!("{} does not start with /", quoted(p))));
         }
         None => "/".to_owned(),
     };

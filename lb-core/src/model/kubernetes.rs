@@ -19,6 +19,7 @@ use super::{BackendModel, Endpoint, Health, ServiceModel, WhenEmpty};
 use crate::cluster::{Kind, ObjectKey};
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
+use crate::quote::quoted;
 
 /// EndpointSlice annotation: Maglev weight (0..=100) of every endpoint in the slice;
 /// 0 drains them (established flows stay, no new ones). Default 1.
@@ -180,10 +181,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         return out;
     }
     if !matches!(type_, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        ctx.service_problem(
-            "spec.type",
-            format!("unknown type {}", crate::quote::quoted(type_)),
-        );
+        ctx.service_problem("spec.type", format!("unknown type {}", quoted(type_)));
         out.problems = ctx.problems;
         return out;
     }
@@ -224,14 +222,13 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         table_override: table_size_override(svc, &mut ctx),
     };
     let etp_local = policy.etp_local;
-    let own = own_addresses(svc);
     let mut local_ready = BTreeSet::new();
     let mut taken = BTreeSet::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let Some(spec_port) = port_spec(i, port, type_, &key, &mut ctx, &mut out.notes) else {
             continue;
         };
-        let candidates = endpoints_for(port, spec_port.protocol, slices, &own, node, &mut ctx);
+        let candidates = endpoints_for(port, spec_port.protocol, slices, svc, node, &mut ctx);
         for c in candidates.iter().filter(|c| c.local && c.ready) {
             local_ready.insert(c.endpoint.addr);
         }
@@ -289,7 +286,7 @@ fn service_addresses(
             Ok(addr) => addresses.push((Origin::ClusterIp, addr)),
             Err(_) => ctx.service_problem(
                 format!("spec.clusterIPs[{i}]"),
-                format!("{} is not an IP address", crate::quote::quoted(ip)),
+                format!("{} is not an IP address", quoted(ip)),
             ),
         }
     }
@@ -310,7 +307,7 @@ fn service_addresses(
             ),
             Err(_) => ctx.service_problem(
                 format!("spec.externalIPs[{i}]"),
-                format!("{} is not an IP address", crate::quote::quoted(ip)),
+                format!("{} is not an IP address", quoted(ip)),
             ),
         }
     }
@@ -342,7 +339,7 @@ fn service_addresses(
                 ),
                 Err(_) => ctx.service_problem(
                     format!("status.loadBalancer.ingress[{i}].ip"),
-                    format!("{} is not an IP address", crate::quote::quoted(ip)),
+                    format!("{} is not an IP address", quoted(ip)),
                 ),
             }
         }
@@ -374,7 +371,7 @@ fn port_spec(
         other => {
             ctx.service_problem(
                 format!("spec.ports[{i}].protocol"),
-                format!("unknown protocol {}", crate::quote::quoted(other)),
+                format!("unknown protocol {}", quoted(other)),
             );
             return None;
         }
@@ -606,15 +603,8 @@ pub(crate) fn usable_endpoints(
 ) -> (Vec<std::net::SocketAddr>, Vec<Problem>) {
     let key = ObjectKey::of(&svc.metadata);
     let mut ctx = Ctx::new(&key);
-    let own = own_addresses(svc);
-    let candidates = endpoints_for(
-        port,
-        Protocol::Tcp,
-        slices,
-        &own,
-        &NodeInfo::default(),
-        &mut ctx,
-    );
+    let node = NodeInfo::default();
+    let candidates = endpoints_for(port, Protocol::Tcp, slices, svc, &node, &mut ctx);
     let mut out = Vec::new();
     for v6 in [false, true] {
         let family: Vec<&Candidate> = candidates
@@ -659,12 +649,12 @@ fn own_addresses(svc: &Service) -> BTreeSet<IpAddr> {
 /// and protocol (the EndpointSlice controller resolved `targetPort`, named or not, per
 /// endpoint). An address in several slices counts once (a ready copy wins). Addresses
 /// that can never be a backend ([`crate::address::backend_refusal`]) and the Service's
-/// own addresses (`own`) are skipped, each with a problem naming the endpoint.
+/// own addresses are skipped, each with a problem naming the endpoint.
 fn endpoints_for(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
-    own: &BTreeSet<IpAddr>,
+    svc: &Service,
     node: &NodeInfo,
     ctx: &mut Ctx<'_>,
 ) -> Vec<Candidate> {
@@ -673,6 +663,7 @@ fn endpoints_for(
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
+    let own = own_addresses(svc);
     let mut merged: BTreeMap<Endpoint, Candidate> = BTreeMap::new();
     for slice in slices {
         let slice_key = ObjectKey::new(
@@ -730,18 +721,12 @@ fn endpoints_for(
                         Kind::EndpointSlice,
                         &slice_key,
                         format!("endpoints[{ei}].addresses[0]"),
-                        format!("{} is not an IP address", crate::quote::quoted(text)),
+                        format!("{} is not an IP address", quoted(text)),
                     );
                     continue;
                 }
             };
-            let refusal = crate::address::backend_refusal(addr)
-                .map(|kind| format!("{addr} is {kind}"))
-                .or_else(|| {
-                    own.contains(&addr)
-                        .then(|| format!("{addr} is an address of Service {} itself", ctx.key))
-                });
-            if let Some(reason) = refusal {
+            if let Some(reason) = refusal(addr, &own, ctx.key) {
                 ctx.problem(
                     Kind::EndpointSlice,
                     &slice_key,
@@ -778,6 +763,16 @@ fn endpoints_for(
     merged.into_values().collect()
 }
 
+/// Why an endpoint address is no backend: it reaches the node itself or no host, or it
+/// is one of the Service's own addresses.
+fn refusal(addr: IpAddr, own: &BTreeSet<IpAddr>, service: &ObjectKey) -> Option<String> {
+    if let Some(kind) = crate::address::backend_refusal(addr) {
+        return Some(format!("{addr} is {kind}"));
+    }
+    own.contains(&addr)
+        .then(|| format!("{addr} is an address of Service {service} itself"))
+}
+
 struct Weights {
     default: u32,
     by_addr: BTreeMap<IpAddr, u32>,
@@ -808,11 +803,12 @@ fn slice_weights(slice: &EndpointSlice, key: &ObjectKey, ctx: &mut Ctx<'_>) -> W
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let parsed = item
                 .split_once('=')
-                .ok_or_else(|| format!("{} is not ADDRESS=WEIGHT", crate::quote::quoted(item)))
+                .ok_or_else(|| format!("{} is not ADDRESS=WEIGHT", quoted(item)))
                 .and_then(|(a, w)| {
-                    let addr = a.trim().parse::<IpAddr>().map_err(|_| {
-                        format!("{} is not an IP address", crate::quote::quoted(a.trim()))
-                    })?;
+                    let addr = a
+                        .trim()
+                        .parse::<IpAddr>()
+                        .map_err(|_| format!("{} is not an IP address", quoted(a.trim())))?;
                     Ok((addr, parse_weight(w)?))
                 });
             match parsed {
@@ -836,7 +832,7 @@ fn parse_weight(text: &str) -> Result<u32, String> {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),
         _ => Err(format!(
             "must be a weight 0..={MAX_WEIGHT}, got {}",
-            crate::quote::quoted(text)
+            quoted(text)
         )),
     }
 }
@@ -896,7 +892,7 @@ fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
             Ok(net) => out.push(net.trunc()),
             Err(_) => ctx.service_problem(
                 format!("spec.loadBalancerSourceRanges[{i}]"),
-                format!("{} is not a CIDR", crate::quote::quoted(text)),
+                format!("{} is not a CIDR", quoted(text)),
             ),
         }
     }
@@ -919,7 +915,7 @@ fn table_size_override(svc: &Service, ctx: &mut Ctx<'_>) -> Option<u32> {
                 format!(
                     "must be a prime 2..={}, got {}; using the default",
                     maglev::MAX_TABLE_SIZE,
-                    crate::quote::quoted(text)
+                    quoted(text)
                 ),
             );
             None

@@ -9,11 +9,15 @@ fn nested(depth: usize) -> Vec<(&'static str, String)> {
     let mut block_map = String::new();
     let mut block_seq = String::new();
     for d in 0..depth {
-        block_map.push_str(&format!("{}a:\n", "  ".repeat(d)));
-        block_seq.push_str(&format!("{}-\n", "  ".repeat(d)));
+        block_map.push_str(&"  ".repeat(d));
+        block_map.push_str("a:\n");
+        block_seq.push_str(&"  ".repeat(d));
+        block_seq.push_str("-\n");
     }
-    block_map.push_str(&format!("{}a: 1\n", "  ".repeat(depth)));
-    block_seq.push_str(&format!("{}- 1\n", "  ".repeat(depth)));
+    block_map.push_str(&"  ".repeat(depth));
+    block_map.push_str("a: 1\n");
+    block_seq.push_str(&"  ".repeat(depth));
+    block_seq.push_str("- 1\n");
     let mixed_flow = format!(
         "a:\n  b: {}1{}\n",
         "[{x: ".repeat(depth / 2),

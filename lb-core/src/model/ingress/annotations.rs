@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cluster::ObjectKey;
+use crate::quote::quoted;
 use crate::routes::{Balance, Route, Upstream};
 
 pub const SSL_REDIRECT: &str = "nginx.ingress.kubernetes.io/ssl-redirect";
@@ -78,10 +79,7 @@ pub fn read(
         other => {
             bad.push(BadValue {
                 annotation: name,
-                reason: format!(
-                    "{} is neither \"true\" nor \"false\"",
-                    crate::quote::quoted(other)
-                ),
+                reason: format!("{} is neither \"true\" nor \"false\"", quoted(other)),
             });
             None
         }
@@ -113,7 +111,7 @@ pub fn read(
                 annotation: LOAD_BALANCE,
                 reason: format!(
                     "{} is neither \"round-robin\" nor \"least-request\"",
-                    crate::quote::quoted(other)
+                    quoted(other)
                 ),
             }),
         }
@@ -142,22 +140,16 @@ pub fn body_size(text: &str) -> Result<u64, String> {
         'm' => 1 << 20,
         'g' => 1 << 30,
         _ => {
-            return Err(format!(
-                "{}: unit is not k, m or g",
-                crate::quote::quoted(text)
-            ));
+            return Err(format!("{}: unit is not k, m or g", quoted(text)));
         }
     };
-    let number: u64 = digits.parse().map_err(|_| {
-        format!(
-            "{} is not a size (like 8m, 512k, 1024 or 0)",
-            crate::quote::quoted(text)
-        )
-    })?;
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{} is not a size (like 8m, 512k, 1024 or 0)", quoted(text)))?;
     if number == 0 {
         return Ok(u64::MAX);
     }
     number
         .checked_mul(scale)
-        .ok_or_else(|| format!("{} is too large", crate::quote::quoted(text)))
+        .ok_or_else(|| format!("{} is too large", quoted(text)))
 }

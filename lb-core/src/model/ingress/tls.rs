@@ -8,6 +8,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::cluster::{TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TLS_SECRET_TYPE, secret_data};
+use crate::quote::quoted;
 
 /// Why a Secret gives no certificate: the field and the reason.
 #[derive(Debug, Clone)]
@@ -41,7 +42,7 @@ pub fn key_pair(secret: &Secret) -> Result<KeyPair, SecretError> {
             "type",
             format!(
                 "{} is not {TLS_SECRET_TYPE}",
-                crate::quote::quoted(secret.type_.as_deref().unwrap_or(""))
+                quoted(secret.type_.as_deref().unwrap_or(""))
             ),
         ));
     }
