@@ -33,6 +33,10 @@ fn median(mut v: Vec<Duration>) -> u64 {
     u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one benchmark run, step by step; 101 lines in the base, left to its owners"
+)]
 pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
