@@ -249,8 +249,10 @@ async fn load_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
 /// to every interface, detaches it from pinned interfaces no longer listed, and
 /// reads back what the maps hold.
 fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
+    crate::dataplane::lock::hold(&opts.pin_dir)?; // before anything is read or written
     if opts.replace {
         let removed = pins::remove_all(&opts.pin_dir)?;
+        crate::dataplane::lock::hold(&opts.pin_dir)?; // the directory is a new one
         if !removed.is_empty() {
             tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
         }

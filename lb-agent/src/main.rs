@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,6 +148,12 @@ fn detach(bpffs: &Path) -> Result<()> {
             probe.describe()
         );
         return Ok(());
+    }
+    if let Some(pid) = lb_agent::dataplane::lock::holder(bpffs) {
+        tracing::warn!(
+            "agent PID {pid} is running on {}: detaching under it stops its traffic",
+            bpffs.display()
+        );
     }
     let removed = pins::remove_all(bpffs)?;
     if removed.is_empty() {

@@ -153,7 +153,8 @@ pub struct Position {
     pub column: usize,
 }
 
-/// The file as a whole is unusable: a YAML syntax error, a top level that is
+/// The file as a whole is unusable: over a [`crate::yaml_limits`] limit (size or
+/// nesting, checked before parsing), a YAML syntax error, a top level that is
 /// not a mapping, an unknown top-level field, `services` that is not a list, or
 /// an empty file. Nothing in it is applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +164,8 @@ pub struct FileError {
     pub position: Option<Position>,
     /// What is wrong, without the position.
     pub message: String,
+    /// The limit the file broke, when that is what is wrong.
+    pub exceeded: Option<crate::yaml_limits::Limit>,
 }
 
 fn at_prefix(position: Option<Position>) -> String {
@@ -213,6 +216,13 @@ pub struct ParsedConfig {
 /// but only accepted services claim frontends. `check_conflicts` on the
 /// accepted services therefore accepts all of them again.
 pub fn parse(text: &str) -> Result<ParsedConfig, FileError> {
+    if let Err(limit) = crate::yaml_limits::check(text) {
+        return Err(FileError {
+            position: None,
+            message: limit.to_string(),
+            exceeded: Some(limit),
+        });
+    }
     // An empty file is much more likely a half-written one than a wish to
     // remove every service.
     let Some(file) = serde_yaml::from_str::<Option<raw::File>>(text).map_err(|e| file_error(&e))?
@@ -220,6 +230,7 @@ pub fn parse(text: &str) -> Result<ParsedConfig, FileError> {
         return Err(FileError {
             position: None,
             message: "the file is empty; write `services: []` for no services".to_owned(),
+            exceeded: None,
         });
     };
 
@@ -346,5 +357,9 @@ fn file_error(error: &serde_yaml::Error) -> FileError {
     if let Some(p) = position {
         message = message.replacen(&format!(" at line {} column {}", p.line, p.column), "", 1);
     }
-    FileError { position, message }
+    FileError {
+        position,
+        message,
+        exceeded: None,
+    }
 }

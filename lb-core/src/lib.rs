@@ -8,9 +8,12 @@
 //! lookup tables and [`routes`] the L7 hop's host and path table.
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod cluster;
 pub mod config;
 pub mod maglev;
 pub mod model;
 pub mod plan;
+pub mod quote;
 pub mod routes;
+pub mod yaml_limits;

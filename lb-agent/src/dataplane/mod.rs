@@ -7,6 +7,7 @@ mod batch;
 mod fake;
 mod grace;
 pub mod loader;
+pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod pins;

@@ -4,7 +4,10 @@
 //!
 //! Bad input loses nothing: a document that does not parse keeps the last good version
 //! of its object (found by kind, namespace and name); a file that is not YAML at all
-//! keeps every object it held before. Documents of other kinds are ignored.
+//! keeps every object it held before, and so does a file over a `lb_core::yaml_limits`
+//! limit (4 MiB, 64 levels of nesting), refused before parsing. Documents of other kinds
+//! are ignored; one that looks meant for xlb (`kind: service`, a Service of
+//! `apiVersion: v2`) is named once per file (`kinds`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -154,6 +157,10 @@ fn parse_file(
             return None;
         }
     };
+    if let Err(limit) = lb_core::yaml_limits::check(text) {
+        errors.push(file_error(path, limit.to_string()));
+        return None;
+    }
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         match <serde_yaml::Value as serde::Deserialize>::deserialize(document) {
@@ -168,6 +175,7 @@ fn parse_file(
         }
     }
     let mut out = Vec::new();
+    let mut said = std::collections::BTreeSet::new();
     for (i, value) in documents.into_iter().enumerate() {
         let document = i + 1;
         if value.is_null() {
@@ -183,6 +191,12 @@ fn parse_file(
             vec![value]
         };
         for item in items {
+            if let Some(reason) = kinds::ignored(&item).filter(|r| said.insert(r.clone())) {
+                errors.push(ManifestError {
+                    document,
+                    ..file_error(path, reason)
+                });
+            }
             parse_object(path, document, item, old, errors, &mut out);
         }
     }
@@ -295,5 +309,6 @@ fn file_error(path: &Path, reason: String) -> ManifestError {
     }
 }
 
+mod kinds;
 #[cfg(test)]
 mod tests;

@@ -539,6 +539,27 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "loopback",
     ),
     (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }]\n\
+         backends: [{ address: 192.0.2.1, port: 80 }, { address: 169.254.169.254, port: 80 }]",
+        "svc",
+        "backends[1].address",
+        "a link-local address 169.254.169.254",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: '2001:db8:f::20', port: 80 }]\n\
+         backends: [{ address: 'fe80::1', port: 80 }]",
+        "svc",
+        "backends[0].address",
+        "a link-local address fe80::1",
+    ),
+    (
+        "name: svc\nfrontends: [{ address: 203.0.113.20, port: 80 }, { address: 203.0.113.21, port: 81 }]\n\
+         backends: [{ address: 192.0.2.1, port: 80 }, { address: 203.0.113.21, port: 8080 }]",
+        "svc",
+        "backends[1].address",
+        "203.0.113.21 is an address of this service's frontends",
+    ),
+    (
         "name: svc\nfrontends: [{ address: 'ff02::1', port: 80 }]\nbackends: []",
         "svc",
         "frontends[0].address",
@@ -1065,6 +1086,56 @@ fn whole_file_errors() {
         );
         assert!(e.to_string().starts_with("config: "), "{e}");
     }
+}
+
+/// Hostile files are refused whole before the YAML parser sees them: a file nested
+/// deeper than 64 levels (here about 200 KB of it, in several shapes) and a file over
+/// 4 MiB, even one that is otherwise valid.
+#[test]
+fn files_over_the_size_or_depth_limit_are_refused_before_parsing() {
+    use crate::yaml_limits::Limit;
+    let head = "services:\n  - name: web\n    frontends: [{ address: 203.0.113.10, port: 80 }]\n";
+    let mut block = String::from(head);
+    for d in 0..440 {
+        block.push_str(&" ".repeat(4 + d));
+        block.push_str("x:\n");
+    }
+    for (shape, text) in [
+        (
+            "flow",
+            format!("{head}    backends: {}\n", "[".repeat(200_000)),
+        ),
+        (
+            "flow mappings",
+            format!("{head}    backends: {}\n", "{a: ".repeat(50_000)),
+        ),
+        (
+            "entries",
+            format!("{head}    backends:\n{}1\n", "- ".repeat(100_000)),
+        ),
+        ("block", block),
+    ] {
+        assert!(text.len() < 300_000, "{shape}: {}", text.len());
+        let e = parse(&text).expect_err(shape);
+        assert!(
+            matches!(e.exceeded, Some(Limit::TooDeep { .. })),
+            "{shape}: {e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("nested deeper than the limit of 64 levels"),
+            "{shape}: {e}"
+        );
+    }
+
+    let big = format!("{}services: []\n", "# padding\n".repeat(420_000));
+    let e = parse(&big).expect_err("over 4 MiB");
+    assert_eq!(
+        e.exceeded,
+        Some(Limit::TooLarge { bytes: big.len() }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("size limit of 4194304 bytes"), "{e}");
 }
 
 #[test]

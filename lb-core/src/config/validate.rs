@@ -95,6 +95,18 @@ pub(super) fn service(raw: raw::Service) -> Result<ServiceSpec, Invalid> {
     }
 
     one_family(&frontends, &backends)?;
+    // A backend on one of the service's own frontend addresses sends its traffic back
+    // to the service.
+    if let Some((i, b)) = backends
+        .iter()
+        .enumerate()
+        .find(|(_, b)| frontends.iter().any(|f| f.address == b.address))
+    {
+        return invalid(
+            format!("backends[{i}].address"),
+            format!("{} is an address of this service's frontends", b.address),
+        );
+    }
 
     let health = raw
         .health
@@ -184,6 +196,14 @@ fn frontend(at: &str, raw: &raw::Frontend) -> Result<FrontendSpec, Invalid> {
 
 fn backend(at: &str, raw: &raw::Backend) -> Result<BackendSpec, Invalid> {
     let address = address(&format!("{at}.address"), &raw.address)?;
+    // Beyond what no frontend may be: link-local (the node's own neighbourhood, such as
+    // a metadata service at 169.254.169.254), the rule every source's backends follow.
+    if let Some(kind) = crate::address::backend_refusal(address) {
+        return invalid(
+            format!("{at}.address"),
+            format!("must be a unicast address of another host, got {kind} {address}"),
+        );
+    }
     let port = port(&format!("{at}.port"), raw.port)?;
     let weight = match raw.weight {
         None => DEFAULT_WEIGHT,

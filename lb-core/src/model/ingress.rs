@@ -50,6 +50,7 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressRule, Ing
 
 use crate::cluster::{Cluster, Kind, ObjectKey};
 use crate::model::kubernetes::{Problem, usable_endpoints};
+use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
     HostPattern, HostRule, PathKind, PathRule, Route, Target, Upstream, UpstreamProtocol,
@@ -260,7 +261,10 @@ impl Table {
                     t.problem(
                         key,
                         field,
-                        format!("{kind:?} path {text:?} of {host} is already routed by {who}"),
+                        format!(
+                            "{kind:?} path {} of {host} is already routed by {who}",
+                            quoted(&text)
+                        ),
                     );
                     continue;
                 }
@@ -316,8 +320,8 @@ impl Translator<'_> {
                 object: ObjectKey::new("", &class.name),
                 field: "spec.controller".into(),
                 reason: format!(
-                    "{:?} is not {CONTROLLER}: not taken as the default class",
-                    controller.unwrap_or("")
+                    "{} is not {CONTROLLER}: not taken as the default class",
+                    quoted(controller.unwrap_or(""))
                 ),
             });
             return false;
@@ -478,7 +482,7 @@ impl Translator<'_> {
             return Some(shared.clone());
         }
         let (endpoints, problems) =
-            usable_endpoints(&svc_key, svc_port, &self.cluster.slices_of(&svc_key));
+            usable_endpoints(svc, svc_port, &self.cluster.slices_of(&svc_key));
         self.problems.extend(problems);
         Some(self.shared(Upstream {
             name,
@@ -554,7 +558,8 @@ fn host_pattern(host: Option<&str>) -> Result<HostPattern, String> {
         return Ok(HostPattern::Exact(lower));
     }
     Err(format!(
-        "{host:?} is neither a DNS name nor \"*.\" followed by one"
+        "{} is neither a DNS name nor \"*.\" followed by one",
+        quoted(host)
     ))
 }
 
@@ -575,13 +580,18 @@ fn path_rule(kind: &str, path: Option<&str>) -> Result<(PathKind, String), (&'st
         other => {
             return Err((
                 "pathType",
-                format!("{other:?} is not Exact, Prefix or ImplementationSpecific"),
+                format!(
+                    "{} is not Exact, Prefix or ImplementationSpecific",
+                    quoted(other)
+                ),
             ));
         }
     };
     let path = match path.filter(|p| !p.is_empty()) {
         Some(p) if p.starts_with('/') => p.to_owned(),
-        Some(p) => return Err(("path", format!("{p:?} does not start with /"))),
+        Some(p) => {
+            return Err(("path", format!("{} does not start with /", quoted(p))));
+        }
         None => "/".to_owned(),
     };
     Ok((kind, path))

@@ -19,6 +19,7 @@ use super::{BackendModel, Endpoint, Health, ServiceModel, WhenEmpty};
 use crate::cluster::{Kind, ObjectKey};
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
+use crate::quote::quoted;
 
 /// EndpointSlice annotation: Maglev weight (0..=100) of every endpoint in the slice;
 /// 0 drains them (established flows stay, no new ones). Default 1.
@@ -180,7 +181,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         return out;
     }
     if !matches!(type_, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        ctx.service_problem("spec.type", format!("unknown type {type_:?}"));
+        ctx.service_problem("spec.type", format!("unknown type {}", quoted(type_)));
         out.problems = ctx.problems;
         return out;
     }
@@ -227,7 +228,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         let Some(spec_port) = port_spec(i, port, type_, &key, &mut ctx, &mut out.notes) else {
             continue;
         };
-        let candidates = endpoints_for(port, spec_port.protocol, slices, node, &mut ctx);
+        let candidates = endpoints_for(port, spec_port.protocol, slices, svc, node, &mut ctx);
         for c in candidates.iter().filter(|c| c.local && c.ready) {
             local_ready.insert(c.endpoint.addr);
         }
@@ -285,7 +286,7 @@ fn service_addresses(
             Ok(addr) => addresses.push((Origin::ClusterIp, addr)),
             Err(_) => ctx.service_problem(
                 format!("spec.clusterIPs[{i}]"),
-                format!("{ip:?} is not an IP address"),
+                format!("{} is not an IP address", quoted(ip)),
             ),
         }
     }
@@ -306,7 +307,7 @@ fn service_addresses(
             ),
             Err(_) => ctx.service_problem(
                 format!("spec.externalIPs[{i}]"),
-                format!("{ip:?} is not an IP address"),
+                format!("{} is not an IP address", quoted(ip)),
             ),
         }
     }
@@ -338,7 +339,7 @@ fn service_addresses(
                 ),
                 Err(_) => ctx.service_problem(
                     format!("status.loadBalancer.ingress[{i}].ip"),
-                    format!("{ip:?} is not an IP address"),
+                    format!("{} is not an IP address", quoted(ip)),
                 ),
             }
         }
@@ -370,7 +371,7 @@ fn port_spec(
         other => {
             ctx.service_problem(
                 format!("spec.ports[{i}].protocol"),
-                format!("unknown protocol {other:?}"),
+                format!("unknown protocol {}", quoted(other)),
             );
             return None;
         }
@@ -596,12 +597,14 @@ fn usable<'a>(family: &[&'a Candidate], local: bool) -> Vec<&'a Candidate> {
 /// (`xlb.dev/weight`, `xlb.dev/endpoint-weights`) gets no new requests, as it gets no
 /// new flows. Problems name the slices.
 pub(crate) fn usable_endpoints(
-    service: &ObjectKey,
+    svc: &Service,
     port: &ServicePort,
     slices: &[&EndpointSlice],
 ) -> (Vec<std::net::SocketAddr>, Vec<Problem>) {
-    let mut ctx = Ctx::new(service);
-    let candidates = endpoints_for(port, Protocol::Tcp, slices, &NodeInfo::default(), &mut ctx);
+    let key = ObjectKey::of(&svc.metadata);
+    let mut ctx = Ctx::new(&key);
+    let node = NodeInfo::default();
+    let candidates = endpoints_for(port, Protocol::Tcp, slices, svc, &node, &mut ctx);
     let mut out = Vec::new();
     for v6 in [false, true] {
         let family: Vec<&Candidate> = candidates
@@ -618,13 +621,40 @@ pub(crate) fn usable_endpoints(
     (out, ctx.problems)
 }
 
+/// Every address the Service is reached on (cluster IPs, external IPs, load-balancer
+/// IPs), parsed leniently: an endpoint at one of them would send the Service's traffic
+/// back to itself.
+fn own_addresses(svc: &Service) -> BTreeSet<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return BTreeSet::new();
+    };
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_ref());
+    spec.cluster_ip
+        .iter()
+        .chain(spec.cluster_ips.iter().flatten())
+        .chain(spec.external_ips.iter().flatten())
+        .chain(lb_ips)
+        .filter_map(|text| text.parse().ok())
+        .collect()
+}
+
 /// The endpoints of every slice that serve `port`, matched by the Service port's name
 /// and protocol (the EndpointSlice controller resolved `targetPort`, named or not, per
-/// endpoint). An address in several slices counts once (a ready copy wins).
+/// endpoint). An address in several slices counts once (a ready copy wins). Addresses
+/// that can never be a backend ([`crate::address::backend_refusal`]) and the Service's
+/// own addresses are skipped, each with a problem naming the endpoint.
 fn endpoints_for(
     port: &ServicePort,
     protocol: Protocol,
     slices: &[&EndpointSlice],
+    svc: &Service,
     node: &NodeInfo,
     ctx: &mut Ctx<'_>,
 ) -> Vec<Candidate> {
@@ -633,6 +663,7 @@ fn endpoints_for(
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
+    let own = own_addresses(svc);
     let mut merged: BTreeMap<Endpoint, Candidate> = BTreeMap::new();
     for slice in slices {
         let slice_key = ObjectKey::new(
@@ -690,11 +721,20 @@ fn endpoints_for(
                         Kind::EndpointSlice,
                         &slice_key,
                         format!("endpoints[{ei}].addresses[0]"),
-                        format!("{text:?} is not an IP address"),
+                        format!("{} is not an IP address", quoted(text)),
                     );
                     continue;
                 }
             };
+            if let Some(reason) = refusal(addr, &own, ctx.key) {
+                ctx.problem(
+                    Kind::EndpointSlice,
+                    &slice_key,
+                    format!("endpoints[{ei}].addresses[0]"),
+                    reason,
+                );
+                continue;
+            }
             let conditions = endpoint.conditions.as_ref();
             // API defaults: ready and serving unset = true, terminating unset = false.
             // `ready` is taken as is: the controller never sets it on a terminating Pod,
@@ -721,6 +761,16 @@ fn endpoints_for(
         }
     }
     merged.into_values().collect()
+}
+
+/// Why an endpoint address is no backend: it reaches the node itself or no host, or it
+/// is one of the Service's own addresses.
+fn refusal(addr: IpAddr, own: &BTreeSet<IpAddr>, service: &ObjectKey) -> Option<String> {
+    if let Some(kind) = crate::address::backend_refusal(addr) {
+        return Some(format!("{addr} is {kind}"));
+    }
+    own.contains(&addr)
+        .then(|| format!("{addr} is an address of Service {service} itself"))
 }
 
 struct Weights {
@@ -753,12 +803,12 @@ fn slice_weights(slice: &EndpointSlice, key: &ObjectKey, ctx: &mut Ctx<'_>) -> W
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let parsed = item
                 .split_once('=')
-                .ok_or_else(|| format!("{item:?} is not ADDRESS=WEIGHT"))
+                .ok_or_else(|| format!("{} is not ADDRESS=WEIGHT", quoted(item)))
                 .and_then(|(a, w)| {
                     let addr = a
                         .trim()
                         .parse::<IpAddr>()
-                        .map_err(|_| format!("{:?} is not an IP address", a.trim()))?;
+                        .map_err(|_| format!("{} is not an IP address", quoted(a.trim())))?;
                     Ok((addr, parse_weight(w)?))
                 });
             match parsed {
@@ -780,7 +830,10 @@ fn slice_weights(slice: &EndpointSlice, key: &ObjectKey, ctx: &mut Ctx<'_>) -> W
 fn parse_weight(text: &str) -> Result<u32, String> {
     match text.trim().parse::<u32>() {
         Ok(w) if w <= MAX_WEIGHT => Ok(w),
-        _ => Err(format!("must be a weight 0..={MAX_WEIGHT}, got {text:?}")),
+        _ => Err(format!(
+            "must be a weight 0..={MAX_WEIGHT}, got {}",
+            quoted(text)
+        )),
     }
 }
 
@@ -839,7 +892,7 @@ fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
             Ok(net) => out.push(net.trunc()),
             Err(_) => ctx.service_problem(
                 format!("spec.loadBalancerSourceRanges[{i}]"),
-                format!("{text:?} is not a CIDR"),
+                format!("{} is not a CIDR", quoted(text)),
             ),
         }
     }
@@ -860,8 +913,9 @@ fn table_size_override(svc: &Service, ctx: &mut Ctx<'_>) -> Option<u32> {
             ctx.service_problem(
                 format!("metadata.annotations[{TABLE_SIZE_ANNOTATION}]"),
                 format!(
-                    "must be a prime 2..={}, got {text:?}; using the default",
-                    maglev::MAX_TABLE_SIZE
+                    "must be a prime 2..={}, got {}; using the default",
+                    maglev::MAX_TABLE_SIZE,
+                    quoted(text)
                 ),
             );
             None

@@ -364,3 +364,82 @@ stringData: {password: hunter2}
     );
     assert!(data("opaque").is_empty(), "an Opaque Secret keeps no data");
 }
+
+/// A file over a size or nesting limit is refused before parsing and keeps what it held.
+#[test]
+fn a_file_over_a_limit_changes_nothing() {
+    use lb_core::yaml_limits::{Limit, MAX_BYTES};
+    let d = dir();
+    let file = d.0.join("web.yaml");
+    fs::write(&file, format!("{SERVICE}\n---\n{SLICE}")).unwrap();
+    let mut source = ManifestSource::new(&d.0);
+    let mut cluster = cluster_of(source.read(false).unwrap().unwrap());
+    let deep = format!(
+        "{SERVICE}\n---\nkind: ConfigMap\ndata: {}\n",
+        "[".repeat(200_000)
+    );
+    let big = format!("{SERVICE}\n# {}\n", "x".repeat(MAX_BYTES));
+    for (hostile, expected) in [
+        (deep, Limit::TooDeep { line: 19 }),
+        (big, Limit::TooLarge { bytes: 0 }),
+    ] {
+        let edited = hostile.replace("port: 80\n", "port: 81\n");
+        fs::write(&file, &edited).unwrap();
+        let load = source.read(false).unwrap().unwrap();
+        assert_eq!(load.errors.len(), 1, "{:?}", load.errors);
+        let error = load.errors[0].to_string();
+        let fragment = match expected {
+            Limit::TooDeep { line } => {
+                format!("web.yaml: line {line}: nested deeper than the limit of 64 levels")
+            }
+            Limit::TooLarge { .. } => {
+                format!("web.yaml: {} bytes is over the size limit", edited.len())
+            }
+        };
+        assert!(error.contains(&fragment), "{error}\nlacks {fragment}");
+        let mut dirty = Dirty::None;
+        for event in load.events {
+            dirty.merge(cluster.apply(event));
+        }
+        assert_eq!(dirty, Dirty::None, "the Service edit in a refused file");
+        assert_eq!(cluster.slices_of(&ObjectKey::new("shop", "web")).len(), 1);
+    }
+}
+
+/// A misspelt kind or a wrong apiVersion is named once per pair and file; other kinds
+/// stay silent.
+#[test]
+fn a_misspelt_kind_is_named_once_per_file() {
+    let d = dir();
+    let lower = SERVICE.replace("kind: Service", "kind: service");
+    let v2 = SERVICE.replace("apiVersion: v1", "apiVersion: v2");
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n";
+    fs::write(
+        d.0.join("a.yaml"),
+        format!("{lower}\n---\n{lower}\n---\n{v2}\n---\n{deployment}\n---\n{SLICE}"),
+    )
+    .unwrap();
+    fs::write(d.0.join("b.yaml"), &lower).unwrap();
+    let mut source = ManifestSource::new(&d.0);
+    let load = source.read(false).unwrap().unwrap();
+    let errors: Vec<String> = load.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].ends_with(
+            "a.yaml document 1: kind \"service\" apiVersion \"v1\" is not read (did you mean \
+             kind \"Service\" apiVersion \"v1\"?); every such document in this file is ignored"
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[1].contains("a.yaml document 3: kind \"Service\" apiVersion \"v2\""),
+        "{errors:#?}"
+    );
+    assert!(
+        errors[2].contains("b.yaml document 1: kind \"service\""),
+        "{errors:#?}"
+    );
+    let cluster = cluster_of(load);
+    assert!(cluster.services.is_empty());
+    assert_eq!(cluster.slices_of(&ObjectKey::new("shop", "web")).len(), 1);
+}

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cluster::ObjectKey;
+use crate::quote::quoted;
 use crate::routes::{Balance, Route, Upstream};
 
 pub const SSL_REDIRECT: &str = "nginx.ingress.kubernetes.io/ssl-redirect";
@@ -78,7 +79,7 @@ pub fn read(
         other => {
             bad.push(BadValue {
                 annotation: name,
-                reason: format!("{other:?} is neither \"true\" nor \"false\""),
+                reason: format!("{} is neither \"true\" nor \"false\"", quoted(other)),
             });
             None
         }
@@ -108,7 +109,10 @@ pub fn read(
             "least-request" => settings.balance = Balance::LeastRequest,
             other => bad.push(BadValue {
                 annotation: LOAD_BALANCE,
-                reason: format!("{other:?} is neither \"round-robin\" nor \"least-request\""),
+                reason: format!(
+                    "{} is neither \"round-robin\" nor \"least-request\"",
+                    quoted(other)
+                ),
             }),
         }
     }
@@ -135,15 +139,17 @@ pub fn body_size(text: &str) -> Result<u64, String> {
         'k' => 1 << 10,
         'm' => 1 << 20,
         'g' => 1 << 30,
-        _ => return Err(format!("{text:?}: unit is not k, m or g")),
+        _ => {
+            return Err(format!("{}: unit is not k, m or g", quoted(text)));
+        }
     };
     let number: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (like 8m, 512k, 1024 or 0)"))?;
+        .map_err(|_| format!("{} is not a size (like 8m, 512k, 1024 or 0)", quoted(text)))?;
     if number == 0 {
         return Ok(u64::MAX);
     }
     number
         .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| format!("{} is too large", quoted(text)))
 }

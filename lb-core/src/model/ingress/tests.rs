@@ -303,6 +303,36 @@ fn ports_by_number_and_name_share_one_upstream_of_ready_endpoints() {
     ));
 }
 
+/// The L7 hop uses the same rule as L4: an endpoint on the node itself, on no host or
+/// on the Service's own addresses never becomes an upstream endpoint (the hop would
+/// otherwise connect to the node's loopback), and each is a problem.
+#[test]
+fn the_hop_never_gets_an_unusable_endpoint() {
+    let t = run(&fixtures::load("unusable-endpoints.yaml"));
+    let good: Vec<SocketAddr> = [
+        "192.0.2.40:8080",
+        "192.0.2.41:8080",
+        "[2001:db8:b::40]:8080",
+    ]
+    .iter()
+    .map(|a| a.parse().unwrap())
+    .collect();
+    assert_eq!(
+        route(&t, "trap.example.com", "/").upstream.target,
+        Target::Endpoints(good)
+    );
+    let problems = problems(&t);
+    assert_eq!(problems.len(), 14, "{problems:#?}");
+    assert!(
+        problems.contains(
+            &"EndpointSlice shop/trap-v4: endpoints[1].addresses[0]: 127.0.0.1 is a loopback \
+              address"
+                .to_owned()
+        ),
+        "{problems:#?}"
+    );
+}
+
 #[test]
 fn a_drained_endpoint_gets_no_requests() {
     let mut objects = shop();
@@ -489,6 +519,31 @@ fn honoured_annotations_shape_the_routes() {
           \"round-robin\" nor \"least-request\""
                 .to_owned()
         )
+    );
+}
+
+/// A huge bad annotation value is quoted short in the problem.
+#[test]
+fn a_huge_bad_annotation_is_quoted_short() {
+    let mut objects = shop();
+    let huge = "x".repeat(4 << 20);
+    annotate(
+        &mut objects,
+        "storefront",
+        &[(annotations::LOAD_BALANCE, &huge)],
+    );
+    let problems = problems(&run(&objects));
+    let problem = problems
+        .iter()
+        .find(|p| p.contains(annotations::LOAD_BALANCE))
+        .unwrap_or_else(|| panic!("{problems:#?}"));
+    assert!(problem.len() < 400, "{} bytes", problem.len());
+    assert!(
+        problem.contains(&format!(
+            "\"{}…\" (4194304 bytes) is neither",
+            "x".repeat(200)
+        )),
+        "{problem}"
     );
 }
 

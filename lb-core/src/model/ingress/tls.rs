@@ -8,6 +8,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::cluster::{TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TLS_SECRET_TYPE, secret_data};
+use crate::quote::quoted;
 
 /// Why a Secret gives no certificate: the field and the reason.
 #[derive(Debug, Clone)]
@@ -40,8 +41,8 @@ pub fn key_pair(secret: &Secret) -> Result<KeyPair, SecretError> {
         return Err(error(
             "type",
             format!(
-                "{:?} is not {TLS_SECRET_TYPE}",
-                secret.type_.as_deref().unwrap_or("")
+                "{} is not {TLS_SECRET_TYPE}",
+                quoted(secret.type_.as_deref().unwrap_or(""))
             ),
         ));
     }

@@ -723,6 +723,95 @@ fn bad_fields_are_skipped_with_a_problem() {
     assert_eq!(ranged.ranges, ["198.51.100.0/24"]);
 }
 
+/// Endpoints that would reach the node itself (unspecified, loopback, link-local, an
+/// IPv4-mapped loopback), no host (multicast, broadcast) or the Service's own addresses
+/// are skipped one by one with a problem naming the endpoint; the rest is served.
+#[test]
+fn unusable_endpoint_addresses_are_refused_one_by_one() {
+    let t = translate_fixture("unusable-endpoints.yaml", "shop/trap", &node_a());
+    let slice = |s: &str, i: usize, reason: &str| {
+        format!("EndpointSlice shop/{s}: endpoints[{i}].addresses[0]: {reason}")
+    };
+    assert_eq!(
+        t.problems,
+        [
+            slice("trap-v4", 1, "127.0.0.1 is a loopback address"),
+            slice("trap-v4", 2, "0.0.0.0 is the unspecified address"),
+            slice("trap-v4", 3, "169.254.169.254 is a link-local address"),
+            slice("trap-v4", 4, "224.0.0.1 is a multicast address"),
+            slice("trap-v4", 5, "255.255.255.255 is the broadcast address"),
+            slice(
+                "trap-v4",
+                6,
+                "198.51.100.40 is an address of Service shop/trap itself"
+            ),
+            slice(
+                "trap-v4",
+                7,
+                "203.0.113.40 is an address of Service shop/trap itself"
+            ),
+            slice(
+                "trap-v4",
+                8,
+                "203.0.113.41 is an address of Service shop/trap itself"
+            ),
+            slice("trap-v6", 0, "::1 is a loopback address"),
+            slice("trap-v6", 1, ":: is the unspecified address"),
+            slice("trap-v6", 2, "fe80::1 is a link-local address"),
+            slice("trap-v6", 3, "ff02::1 is a multicast address"),
+            slice(
+                "trap-v6",
+                4,
+                "2001:db8:40::1 is an address of Service shop/trap itself"
+            ),
+            slice(
+                "trap-v6",
+                5,
+                "::ffff:127.0.0.1 is an IPv4-mapped address of the node itself or of no host"
+            ),
+        ]
+    );
+    assert_eq!(t.names(), ["shop/trap:http/tcp", "shop/trap:http/tcp/v6"]);
+    assert_eq!(
+        t["shop/trap:http/tcp"].backends,
+        ["192.0.2.40:8080 w1", "192.0.2.41:8080 w1"]
+    );
+    assert_eq!(
+        t["shop/trap:http/tcp/v6"].backends,
+        ["[2001:db8:b::40]:8080 w1"]
+    );
+}
+
+/// A huge bad value is quoted short: about 200 bytes, an ellipsis and its length.
+#[test]
+fn a_huge_bad_annotation_is_quoted_short() {
+    use crate::cluster::Object;
+    let mut objects = load("weights.yaml");
+    let huge = "9".repeat(4 << 20);
+    for object in &mut objects {
+        if let Object::EndpointSlice(slice) = object {
+            slice
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(super::WEIGHT_ANNOTATION.to_owned(), huge.clone());
+        }
+    }
+    let c = cluster(&objects);
+    let key = c.services.keys().next().expect("a Service").to_string();
+    let t = translate_in(&c, &key, &node_a());
+    let problem = t
+        .problems
+        .iter()
+        .find(|p| p.contains("xlb.dev/weight"))
+        .unwrap_or_else(|| panic!("{:#?}", t.problems));
+    assert!(problem.len() < 400, "{} bytes", problem.len());
+    assert!(
+        problem.ends_with(&format!("got \"{}…\" (4194304 bytes)", "9".repeat(200))),
+        "{problem}"
+    );
+}
+
 /// A bad cluster IP of a dual-stack Service: the other family is still served.
 #[test]
 fn bad_cluster_ip_keeps_the_other_family() {
