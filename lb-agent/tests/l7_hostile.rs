@@ -43,8 +43,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(6);
 /// Once an answer started, the connection is left after this much quiet.
 const QUIET: Duration = Duration::from_millis(250);
 /// The corpus stops being sent after this (and the test fails if it did not finish).
-const SEND_DEADLINE: Duration = Duration::from_secs(240);
-const TEST_DEADLINE: Duration = Duration::from_secs(300);
+const SEND_DEADLINE: Duration = Duration::from_mins(4);
+const TEST_DEADLINE: Duration = Duration::from_mins(5);
 
 /// Panics anywhere in the process (the hop's connection tasks included).
 static PANICS: AtomicUsize = AtomicUsize::new(0);
@@ -222,6 +222,7 @@ fn violation(seen: &Seen, table: &RouteTable) -> Option<String> {
 
 /// The known cases: bypasses, Host confusion, smuggling, framing and parser edges.
 /// Smuggled requests aim at `a.test/internal`, which no rule routes anywhere.
+#[expect(clippy::too_many_lines, reason = "a flat list of cases")]
 fn known_cases() -> Vec<Vec<u8>> {
     let mut cases: Vec<Vec<u8>> = Vec::new();
     let get = |target: &str, host: &str| {
@@ -398,7 +399,7 @@ fn known_cases() -> Vec<Vec<u8>> {
     many.extend_from_slice(b"Connection: close\r\n\r\n");
     cases.push(many);
     let mut wide = b"GET /admin HTTP/1.1\r\nHost: a.test\r\nX-Big: ".to_vec();
-    wide.extend_from_slice(&[b'x'; 20 * 1024]);
+    wide.resize(wide.len() + 20 * 1024, b'x');
     wide.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
     cases.push(wide);
     cases
@@ -633,14 +634,14 @@ async fn exchange(proxy: SocketAddr, req: Vec<u8>) -> Outcome {
     };
     let _ = stream.write_all(&req).await;
     let mut got = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
+    let mut buf = [0u8; 4096];
     loop {
         let wait = if got.is_empty() { READ_TIMEOUT } else { QUIET };
         match tokio::time::timeout(wait, stream.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
-            Ok(_) => break,
             Err(_) if got.is_empty() => return Outcome::Stalled,
-            Err(_) => break,
+            // A close, a reset, or quiet after an answer.
+            Ok(_) | Err(_) => break,
         }
         if got.len() > 1 << 20 {
             break;
@@ -694,6 +695,10 @@ fn ten_thousand_hostile_requests_reach_only_routed_backends() {
         .expect("test body in its netns");
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: start, send, check, report"
+)]
 async fn run() {
     let log: Log = Arc::default();
     let backend_errors = Arc::new(AtomicUsize::new(0));
