@@ -1,0 +1,162 @@
+//! How the agent behaves on hostile or unlucky input: a config file that takes seconds
+//! to parse, an empty one, one rejected as a whole, one rewritten in place, and start-ups
+//! that fail. The real `lb-agent run` in the load-balancer namespace of a topology;
+//! its admin endpoint (default port 9190) is read from inside that namespace. Every
+//! wait is bounded; namespaces, the agent and its pins are removed on drop.
+
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lb_testbed::{self as testbed, AgentProcess, Netns, Topology, TopologyConfig};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+/// How long the agent may take to reach an expected state.
+const SETTLE: Duration = Duration::from_secs(30);
+const ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9190);
+
+struct Bed {
+    topo: Topology,
+    config: PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Bed {
+        testbed::check_privileges().expect("privileges");
+        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
+        topo.wait_ready().expect("topology ready");
+        let config = std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id()));
+        Bed { topo, config }
+    }
+
+    fn agent(&self, tag: &str, extra: &[&str]) -> AgentProcess<'_> {
+        let mut args = vec!["--poll-ms", "100"];
+        args.extend_from_slice(extra);
+        AgentProcess::start(&self.topo.lb, Path::new(AGENT), &self.config, tag, &args)
+            .expect("start agent")
+    }
+
+    /// GET `path` on the admin endpoint: (status code, body).
+    fn admin(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+        admin_get(&self.topo.lb, path, timeout)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn admin_get(ns: &Netns, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    ns.run_in(|| -> anyhow::Result<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&ADMIN, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+/// Polls `check` until it holds, within `timeout`; panics naming `what`, with the log.
+fn until(agent: &AgentProcess<'_>, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} within {timeout:?}; agent log:\n{}", agent.log());
+}
+
+/// The value of a counter or gauge in the metrics text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `n` services of one backend each, on 203.0.113.0/24.
+fn services(n: usize) -> String {
+    let mut yaml = String::from("services:\n");
+    for i in 0..n {
+        writeln!(
+            yaml,
+            "  - {{ name: s{i}, frontends: [{{ address: 203.0.113.{}, port: {} }}], backends: [{{ address: 192.0.2.{}, port: 8080 }}] }}",
+            i % 250 + 1,
+            1000 + i / 250,
+            i % 250 + 1
+        )
+        .expect("write to a String");
+    }
+    yaml
+}
+
+/// A file of 350 KB that takes seconds to parse (4,000 services sharing, through a YAML
+/// alias, one list of 40 backends) and is refused as a whole at its last line, after
+/// the parse: the agent never gets to load anything.
+fn slow_broken_config() -> String {
+    let backends: Vec<String> = (1..=40)
+        .map(|j| format!("{{ address: 198.51.100.{j}, port: 8080 }}"))
+        .collect();
+    let mut yaml = String::from("services:\n");
+    for i in 0..4000 {
+        let list = if i == 0 {
+            format!("&backends [{}]", backends.join(", "))
+        } else {
+            "*backends".to_owned()
+        };
+        writeln!(
+            yaml,
+            "  - {{ name: s{i}, frontends: [{{ address: 203.0.113.{}, port: {} }}], backends: {list} }}",
+            i % 250 + 1,
+            1000 + i / 250
+        )
+        .expect("write to a String");
+    }
+    yaml.push_str("notAField: 1\n");
+    yaml
+}
+
+#[test]
+fn healthz_answers_while_a_big_config_file_is_parsed() {
+    let bed = Bed::new("slowparse");
+    testbed::write_atomically(&bed.config, &slow_broken_config());
+    let mut agent = bed.agent("slowparse", &[]);
+    // The admin endpoint is bound before the file is read; it answers during the parse,
+    // that is before the agent reports the file's error and exits.
+    let mut answered = None;
+    until(&agent, "/healthz answered", SETTLE, || {
+        answered = bed.admin("/healthz", Duration::from_secs(60)).ok();
+        answered.is_some() || agent.log().contains("notAField")
+    });
+    assert_eq!(
+        answered.as_ref().map(|(s, _)| *s),
+        Some(200),
+        "/healthz answered during the parse; agent log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !agent.log().contains("notAField"),
+        "the parse was still running when /healthz answered:\n{}",
+        agent.log()
+    );
+    let status = agent.wait_exit(SETTLE).expect("the agent exits");
+    assert!(!status.success());
+    assert!(agent.log().contains("notAField"), "{}", agent.log());
+}
