@@ -160,3 +160,18 @@ fn healthz_answers_while_a_big_config_file_is_parsed() {
     assert!(!status.success());
     assert!(agent.log().contains("notAField"), "{}", agent.log());
 }
+
+#[test]
+fn an_empty_service_list_is_ready() {
+    let bed = Bed::new("emptyready");
+    testbed::write_atomically(&bed.config, "services: []\n");
+    let agent = bed.agent("emptyready", &[]);
+    until(&agent, "/readyz says ready", SETTLE, || {
+        bed.admin("/readyz", Duration::from_secs(5))
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    let (_, metrics) = bed
+        .admin("/metrics", Duration::from_secs(5))
+        .expect("metrics");
+    assert_eq!(metric(&metrics, "xlb_services"), Some(0.0), "{metrics}");
+}
