@@ -191,7 +191,7 @@ fn log_bpffs(pin_dir: &std::path::Path, bpffs: pins::Bpffs) {
 fn report(problems: &[Problem], state: &AgentState, writes: Option<&KubeWrites>) {
     for problem in problems {
         match problem {
-            Problem::Config(_) => tracing::error!("{problem}"),
+            Problem::Config(_) | Problem::File(_) => tracing::error!("{problem}"),
             Problem::Manifest(_) => tracing::warn!("{problem}"),
             Problem::Object(object) => {
                 tracing::warn!("{problem}");

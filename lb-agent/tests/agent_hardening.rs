@@ -175,3 +175,27 @@ fn an_empty_service_list_is_ready() {
         .expect("metrics");
     assert_eq!(metric(&metrics, "xlb_services"), Some(0.0), "{metrics}");
 }
+
+#[test]
+fn a_config_file_rejected_as_a_whole_is_counted() {
+    let bed = Bed::new("rejectfile");
+    testbed::write_atomically(&bed.config, &services(1));
+    let agent = bed.agent("rejectfile", &[]);
+    until(&agent, "/readyz says ready", SETTLE, || {
+        bed.admin("/readyz", Duration::from_secs(5))
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    let rejected = || {
+        bed.admin("/metrics", Duration::from_secs(5))
+            .ok()
+            .and_then(|(_, m)| metric(&m, "xlb_rejected_objects_total"))
+    };
+    assert_eq!(rejected(), Some(0.0));
+    testbed::write_atomically(&bed.config, "services: [ { name: web,\n");
+    until(&agent, "the rejected file is counted", SETTLE, || {
+        rejected() == Some(1.0)
+    });
+    // One count per rejection, not per poll.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rejected(), Some(1.0), "{}", agent.log());
+}

@@ -67,6 +67,8 @@ pub enum Problem {
     Manifest(ManifestError),
     /// A field of a Kubernetes object (the owner is told with an Event under `--kube`).
     Object(kubernetes::Problem),
+    /// The config file as a whole (not YAML, not a config): nothing in it changed.
+    File(String),
 }
 
 impl fmt::Display for Problem {
@@ -75,6 +77,7 @@ impl fmt::Display for Problem {
             Problem::Config(e) => write!(f, "config: {e}"),
             Problem::Manifest(e) => write!(f, "manifests: {e}"),
             Problem::Object(p) => write!(f, "skipped: {p}"),
+            Problem::File(e) => write!(f, "config rejected, nothing changed: {e}"),
         }
     }
 }
@@ -311,7 +314,7 @@ impl Source {
         };
         match read {
             Read::Unchanged => {}
-            Read::Invalid(e) => tracing::error!("config rejected, nothing changed: {e}"),
+            Read::Invalid(e) => self.problems.push(Problem::File(e)),
             Read::Services { services, rejected } => {
                 tracing::info!(services = services.len(), "config reloaded");
                 self.problems
