@@ -232,14 +232,41 @@ async fn load_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
 
 /// Loads the program with the pinned maps (adopting them when present), attaches it
 /// to every interface, detaches it from pinned interfaces no longer listed, and
-/// reads back what the maps hold.
+/// reads back what the maps hold. Every interface must exist before anything is
+/// attached; a start that fails later removes what it created (links and pins that
+/// were not there before), and an adopted earlier state stays as it was.
 fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
+    for interface in &opts.interfaces {
+        crate::dataplane::loader::ifindex(interface)
+            .with_context(|| "every --interface must exist before XDP is attached anywhere")?;
+    }
     if opts.replace {
         let removed = pins::remove_all(&opts.pin_dir)?;
         if !removed.is_empty() {
             tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
         }
     }
+    let before = pins::Snapshot::take(&opts.pin_dir);
+    start_pinned(opts).map_err(|e| {
+        // The Dataplane is dropped by now: unpinned links went with it.
+        match before.undo(&opts.pin_dir) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::warn!(
+                    dir = %opts.pin_dir.display(),
+                    "start failed: removed what it created: {}",
+                    removed.join(", ")
+                );
+            }
+            Ok(_) => {}
+            Err(undo) => {
+                tracing::error!("start failed, and removing what it created failed: {undo}")
+            }
+        }
+        e
+    })
+}
+
+fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
     let (mut dp, adopted) = Dataplane::load_pinned(None, &opts.pin_dir)?;
     for interface in &opts.interfaces {
         match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {

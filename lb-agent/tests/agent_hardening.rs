@@ -199,3 +199,81 @@ fn a_config_file_rejected_as_a_whole_is_counted() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rejected(), Some(1.0), "{}", agent.log());
 }
+
+/// True when `interface` in the load-balancer namespace runs an XDP program.
+fn has_xdp(bed: &Bed, interface: &str) -> bool {
+    bed.topo
+        .lb
+        .ip(&["link", "show", "dev", interface])
+        .expect("ip link show")
+        .contains("xdp")
+}
+
+#[test]
+fn a_missing_interface_fails_the_start_and_leaves_nothing() {
+    let bed = Bed::new("nosuchif");
+    testbed::write_atomically(&bed.config, &services(1));
+    let mut agent = bed.agent("nosuchif", &["--interface", "nosuch0"]);
+    let status = agent.wait_exit(SETTLE).expect("the agent exits");
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("nosuch0") && log.contains("os error 19"),
+        "{log}"
+    );
+    assert!(!has_xdp(&bed, Topology::LB_CLIENT_IF), "{log}");
+    assert!(!has_xdp(&bed, Topology::LB_BACKEND_IF), "{log}");
+    assert!(!agent.pin_dir().exists(), "no pins left: {log}");
+}
+
+#[test]
+fn an_interface_held_by_another_program_fails_the_start_and_leaves_nothing() {
+    let bed = Bed::new("heldif");
+    testbed::write_atomically(&bed.config, &services(1));
+    // The agent attaches xc first, then finds xb taken.
+    let pass = bed
+        .topo
+        .lb
+        .run_in(|| testbed::xdp::PassProgram::attach(Topology::LB_BACKEND_IF))
+        .expect("enter the namespace")
+        .expect("attach the pass program");
+    let mut agent = bed.agent("heldif", &[]);
+    let status = agent.wait_exit(SETTLE).expect("the agent exits");
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("interface xb")
+            && (log.contains("EBUSY") || log.contains("EEXIST"))
+            && log.contains("another XDP program is attached to xb"),
+        "{log}"
+    );
+    assert!(
+        !has_xdp(&bed, Topology::LB_CLIENT_IF),
+        "xc detached again: {log}"
+    );
+    assert!(!agent.pin_dir().exists(), "no pins left: {log}");
+    drop(pass);
+}
+
+#[test]
+fn status_without_privileges_says_what_it_needs() {
+    let bed = Bed::new("statususer");
+    testbed::write_atomically(&bed.config, &services(1));
+    let agent = bed.agent("statususer", &[]);
+    until(&agent, "/readyz says ready", SETTLE, || {
+        bed.admin("/readyz", Duration::from_secs(5))
+            .is_ok_and(|(status, _)| status == 200)
+    });
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
+        .args(["status", "--bpffs"])
+        .arg(agent.pin_dir())
+        .output()
+        .expect("setpriv lb-agent status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        (stderr.contains("EPERM") || stderr.contains("EACCES")) && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+}
