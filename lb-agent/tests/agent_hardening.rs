@@ -32,7 +32,11 @@ impl Bed {
     }
 
     fn agent(&self, tag: &str, extra: &[&str]) -> AgentProcess<'_> {
-        let mut args = vec!["--poll-ms", "100"];
+        let mut args = if extra.contains(&"--poll-ms") {
+            vec![]
+        } else {
+            vec!["--poll-ms", "100"]
+        };
         args.extend_from_slice(extra);
         AgentProcess::start(&self.topo.lb, Path::new(AGENT), &self.config, tag, &args)
             .expect("start agent")
@@ -276,4 +280,46 @@ fn status_without_privileges_says_what_it_needs() {
         (stderr.contains("EPERM") || stderr.contains("EACCES")) && stderr.contains("CAP_BPF"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_config_file_rewritten_in_place_is_never_applied_half_written() {
+    const POLL_MS: u64 = 1000;
+    let bed = Bed::new("halfwrite");
+    testbed::write_atomically(&bed.config, &services(1));
+    let poll = POLL_MS.to_string();
+    let agent = bed.agent("halfwrite", &["--poll-ms", &poll]);
+    let services_now = || {
+        bed.admin("/metrics", Duration::from_secs(5))
+            .ok()
+            .and_then(|(_, m)| metric(&m, "xlb_services"))
+    };
+    until(&agent, "the first state", SETTLE, || {
+        services_now() == Some(1.0)
+    });
+    // Each round rewrites the file in place: first its head (itself a valid file with
+    // one service fewer), the rest half a poll later. The agent polls at its own pace,
+    // so in some rounds a poll falls between the two writes; it must not apply the head.
+    let mut seen = Vec::new();
+    for round in 0..6_u32 {
+        let half = 2 * round + 2;
+        let head = services(half as usize);
+        let full = services(half as usize + 1);
+        let mut file = std::fs::File::create(&bed.config).expect("rewrite in place");
+        file.write_all(head.as_bytes()).expect("write the head");
+        std::thread::sleep(Duration::from_millis(POLL_MS / 2));
+        file.write_all(&full.as_bytes()[head.len()..])
+            .expect("write the rest");
+        drop(file);
+        until(&agent, "the whole file is applied", SETTLE, || {
+            let now = services_now();
+            seen.push(now);
+            now == Some(f64::from(half + 1))
+        });
+        assert!(
+            !seen.contains(&Some(f64::from(half))),
+            "round {round}: the head alone ({half} services) was applied: {seen:?}\n{}",
+            agent.log()
+        );
+    }
 }
