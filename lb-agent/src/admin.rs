@@ -230,7 +230,7 @@ mod tests {
     fn a_half_sent_request_head_is_disconnected() {
         check_privileges().expect("admin tests run in their own network namespace");
         let ns = Netns::new("admin-slowhead").expect("create netns");
-        ns.block_on(Duration::from_secs(60), || async {
+        ns.block_on(Duration::from_mins(1), || async {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("address");
             let state = AgentState::new();

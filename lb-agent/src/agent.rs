@@ -247,7 +247,7 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         }
     }
     let before = pins::Snapshot::take(&opts.pin_dir);
-    start_pinned(opts).map_err(|e| {
+    start_pinned(opts).inspect_err(|_| {
         // The Dataplane is dropped by now: unpinned links went with it.
         match before.undo(&opts.pin_dir) {
             Ok(removed) if !removed.is_empty() => {
@@ -259,10 +259,9 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
             }
             Ok(_) => {}
             Err(undo) => {
-                tracing::error!("start failed, and removing what it created failed: {undo}")
+                tracing::error!("start failed, and removing what it created failed: {undo}");
             }
         }
-        e
     })
 }
 

@@ -1,6 +1,7 @@
 //! The pin directory: every map by its versioned name, and one XDP link per interface
 //! (`link_<interface>`). A restarted agent adopts what is there; `detach` removes it.
 
+use std::fmt::Write as _;
 use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -33,23 +34,30 @@ fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
     }
 }
 
-/// A bpf(2) call on a pin failed: its message with every cause and the errno, and what
-/// EPERM/EACCES there mean.
-fn pin_syscall_err(path: &Path, error: &dyn std::error::Error) -> DataplaneError {
-    let mut reason = error.to_string();
+/// `message` followed by every cause of `error` (errnos by name), and the last errno.
+fn with_causes(mut message: String, error: &dyn std::error::Error) -> (String, Option<i32>) {
+    let mut errno = None;
     let mut cause = error.source();
-    let mut denied = false;
     while let Some(c) = cause {
         match c.downcast_ref::<io::Error>() {
             Some(io) => {
-                denied |= matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES));
-                reason.push_str(&format!(": {}", errno_text(io)));
+                errno = io.raw_os_error();
+                let _ = write!(message, ": {}", errno_text(io));
             }
-            None => reason.push_str(&format!(": {c}")),
+            None => {
+                let _ = write!(message, ": {c}");
+            }
         }
         cause = c.source();
     }
-    if denied {
+    (message, errno)
+}
+
+/// A bpf(2) call on a pin failed: its message with every cause and the errno, and what
+/// EPERM/EACCES there mean.
+fn pin_syscall_err(path: &Path, error: &dyn std::error::Error) -> DataplaneError {
+    let (mut reason, errno) = with_causes(error.to_string(), error);
+    if matches!(errno, Some(libc::EPERM | libc::EACCES)) {
         reason.push_str(
             "; reading or writing pinned BPF objects needs root or CAP_BPF (run it with sudo)",
         );
@@ -522,33 +530,23 @@ impl Dataplane {
 
 /// Why an attach failed, with the errno and, when the interface is taken, by whom.
 fn attach_failure(interface: &str, mode: XdpMode, error: &dyn std::error::Error) -> String {
-    let mut reason = format!("XDP attach ({mode:?}) failed: {error}");
-    let mut errno = None;
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        match c.downcast_ref::<io::Error>() {
-            Some(io) => {
-                errno = io.raw_os_error();
-                reason.push_str(&format!(": {}", errno_text(io)));
-            }
-            None => reason.push_str(&format!(": {c}")),
-        }
-        cause = c.source();
-    }
+    let (mut reason, errno) = with_causes(format!("XDP attach ({mode:?}) failed: {error}"), error);
     if matches!(errno, Some(libc::EBUSY | libc::EEXIST)) {
-        reason.push_str(&format!(
+        let _ = write!(
+            reason,
             "; another XDP program is attached to {interface} (`ip link show dev {interface}`)"
-        ));
+        );
         let holders: Vec<String> = xlb_pins_of(interface)
             .iter()
             .map(|p| p.display().to_string())
             .collect();
         if !holders.is_empty() {
-            reason.push_str(&format!(
+            let _ = write!(
+                reason,
                 "; an xlb agent pinned a link for {interface} under another --bpffs: {} \
                  (`lb-agent detach --bpffs DIR` removes it)",
                 holders.join(", ")
-            ));
+            );
         }
     }
     reason
@@ -557,9 +555,10 @@ fn attach_failure(interface: &str, mode: XdpMode, error: &dyn std::error::Error)
 /// Links for `interface` pinned by xlb under the bpffs root or a directory in it.
 fn xlb_pins_of(interface: &str) -> Vec<PathBuf> {
     let root = Path::new(BPFFS_ROOT);
-    let dirs = std::fs::read_dir(root)
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_else(|_| Vec::new());
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root).map_or_else(
+        |_| Vec::new(),
+        |entries| entries.filter_map(Result::ok).map(|e| e.path()).collect(),
+    );
     std::iter::once(root.to_path_buf())
         .chain(dirs)
         .map(|dir| link_path(&dir, interface))

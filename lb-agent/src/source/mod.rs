@@ -328,7 +328,7 @@ impl Source {
     /// Reads the manifests directory (the config file is read in `next`).
     fn read(&mut self, force: bool) {
         match &mut self.input {
-            Input::File { .. } => {}
+            Input::File { .. } | Input::Kube { .. } => {}
             Input::Manifests { dir, index, .. } => match dir.read(force) {
                 Ok(Some(load)) => index.load(load, &mut self.problems),
                 Ok(None) => {}
@@ -336,7 +336,6 @@ impl Source {
                     tracing::error!("manifests directory unreadable, keeping the last state: {e}");
                 }
             },
-            Input::Kube { .. } => {}
         }
     }
 
