@@ -257,9 +257,24 @@ pub(crate) fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
+/// How long a client may take to send a request head: a half-sent request does not
+/// hold a connection open for longer.
+pub(crate) const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A small HTTP/1.1 server: every connection on its own task, answered by `handler`.
 pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
 where
+    F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    serve_with(listener, HEADER_READ_TIMEOUT, handler).await;
+}
+
+/// [`serve`], closing connections whose request head takes longer than `header_timeout`.
+pub(crate) async fn serve_with<F>(
+    listener: TcpListener,
+    header_timeout: std::time::Duration,
+    handler: F,
+) where
     F: Fn(&Request<hyper::body::Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
@@ -276,6 +291,8 @@ where
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
@@ -284,6 +301,11 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use lb_testbed::{Netns, check_privileges};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
     use super::*;
 
     fn call(state: &AgentState, method: &str, uri: &str) -> Response<Full<Bytes>> {
@@ -351,5 +373,38 @@ mod tests {
         assert!(text.contains("xlb_dataplane_metrics_up 0"), "{text}");
         assert!(text.contains("xlb_reconcile_lag_seconds_count 1"), "{text}");
         assert!(text.contains("xlb_map_write_errors_total 0"), "{text}");
+    }
+
+    #[test]
+    fn a_half_sent_request_head_is_disconnected() {
+        check_privileges().expect("admin tests run in their own network namespace");
+        let ns = Netns::new("admin-slowhead").expect("create netns");
+        ns.block_on(Duration::from_mins(1), || async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let state = AgentState::new();
+            let server = tokio::spawn(serve_with(
+                listener,
+                Duration::from_millis(200),
+                move |req: &Request<hyper::body::Incoming>| respond(&state, req.method(), req.uri()),
+            ));
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n")
+                .await
+                .expect("send half a request head");
+            let mut buf = Vec::new();
+            // Bounded: without a header timeout the server would wait forever.
+            let closed =
+                tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut buf)).await;
+            assert!(closed.is_ok(), "the connection is still open");
+            assert!(
+                !String::from_utf8_lossy(&buf).contains("200 OK"),
+                "{}",
+                String::from_utf8_lossy(&buf)
+            );
+            server.abort();
+        })
+        .expect("in the namespace");
     }
 }

@@ -206,7 +206,7 @@ fn ensure_bpffs(pin_dir: &std::path::Path) -> Result<()> {
 fn report(problems: &[Problem], state: &AgentState, writes: Option<&KubeWrites>) {
     for problem in problems {
         match problem {
-            Problem::Config(_) => tracing::error!("{problem}"),
+            Problem::Config(_) | Problem::File(_) => tracing::error!("{problem}"),
             Problem::Manifest(_) => tracing::warn!("{problem}"),
             Problem::Object(object) => {
                 tracing::warn!("{problem}");
@@ -247,16 +247,44 @@ async fn load_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
 
 /// Loads the program with the pinned maps (adopting them when present), attaches it
 /// to every interface, detaches it from pinned interfaces no longer listed, and
-/// reads back what the maps hold.
+/// reads back what the maps hold. Every interface must exist before anything is
+/// attached; a start that fails later removes what it created (links and pins that
+/// were not there before), and an adopted earlier state stays as it was.
 fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
+    for interface in &opts.interfaces {
+        crate::dataplane::loader::ifindex(interface)
+            .with_context(|| "every --interface must exist before XDP is attached anywhere")?;
+    }
+    // Taken before the lock, which creates the directory when it is missing.
+    let mut before = pins::Snapshot::take(&opts.pin_dir);
     crate::dataplane::lock::hold(&opts.pin_dir)?; // before anything is read or written
     if opts.replace {
         let removed = pins::remove_all(&opts.pin_dir)?;
+        before = pins::Snapshot::take(&opts.pin_dir); // nothing: the directory is gone
         crate::dataplane::lock::hold(&opts.pin_dir)?; // the directory is a new one
         if !removed.is_empty() {
             tracing::warn!(dir = %opts.pin_dir.display(), "--replace: removed {}", removed.join(", "));
         }
     }
+    start_pinned(opts).inspect_err(|_| {
+        // The Dataplane is dropped by now: unpinned links went with it.
+        match before.undo(&opts.pin_dir) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::warn!(
+                    dir = %opts.pin_dir.display(),
+                    "start failed: removed what it created: {}",
+                    removed.join(", ")
+                );
+            }
+            Ok(_) => {}
+            Err(undo) => {
+                tracing::error!("start failed, and removing what it created failed: {undo}");
+            }
+        }
+    })
+}
+
+fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
     let (mut dp, adopted) = Dataplane::load_pinned(None, &opts.pin_dir)?;
     for interface in &opts.interfaces {
         match dp.attach_pinned(interface, opts.mode, &opts.pin_dir)? {

@@ -1,6 +1,7 @@
 //! The pin directory: every map by its versioned name, and one XDP link per interface
 //! (`link_<interface>`). A restarted agent adopts what is there; `detach` removes it.
 
+use std::fmt::Write as _;
 use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,37 @@ fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
         path: path.to_path_buf(),
         reason: reason.to_string(),
     }
+}
+
+/// `message` followed by every cause of `error` (errnos by name), and the last errno.
+fn with_causes(mut message: String, error: &dyn std::error::Error) -> (String, Option<i32>) {
+    let mut errno = None;
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        match c.downcast_ref::<io::Error>() {
+            Some(io) => {
+                errno = io.raw_os_error();
+                let _ = write!(message, ": {}", errno_text(io));
+            }
+            None => {
+                let _ = write!(message, ": {c}");
+            }
+        }
+        cause = c.source();
+    }
+    (message, errno)
+}
+
+/// A bpf(2) call on a pin failed: its message with every cause and the errno, and what
+/// EPERM/EACCES there mean.
+fn pin_syscall_err(path: &Path, error: &dyn std::error::Error) -> DataplaneError {
+    let (mut reason, errno) = with_causes(error.to_string(), error);
+    if matches!(errno, Some(libc::EPERM | libc::EACCES)) {
+        reason.push_str(
+            "; reading or writing pinned BPF objects needs root or CAP_BPF (run it with sudo)",
+        );
+    }
+    pin_err(path, reason)
 }
 
 /// Creates `dir` on a bpffs, failing clearly when it is not on one (pins need bpffs).
@@ -256,6 +288,7 @@ fn errno_text(err: &io::Error) -> String {
         libc::ENODEV => "ENODEV",
         libc::ENOTDIR => "ENOTDIR",
         libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
         libc::EINVAL => "EINVAL",
         libc::EROFS => "EROFS",
         libc::ENOSPC => "ENOSPC",
@@ -316,7 +349,7 @@ pub fn check_compatible(dir: &Path) -> Result<bool, DataplaneError> {
             continue;
         }
         any = true;
-        let info = MapInfo::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+        let info = MapInfo::from_pin(&path).map_err(|e| pin_syscall_err(&path, &e))?;
         let (key, value) = expected_layout(name);
         let got_key = info.key_size() as usize;
         let got_value = info.value_size() as usize;
@@ -494,9 +527,47 @@ impl Dataplane {
             .attach(interface, mode)
             .map_err(|source| DataplaneError::Interface {
                 name: interface.to_owned(),
-                reason: format!("XDP attach ({mode:?}) failed: {source}"),
+                reason: attach_failure(interface, mode, &source),
             })
     }
+}
+
+/// Why an attach failed, with the errno and, when the interface is taken, by whom.
+fn attach_failure(interface: &str, mode: XdpMode, error: &dyn std::error::Error) -> String {
+    let (mut reason, errno) = with_causes(format!("XDP attach ({mode:?}) failed: {error}"), error);
+    if matches!(errno, Some(libc::EBUSY | libc::EEXIST)) {
+        let _ = write!(
+            reason,
+            "; another XDP program is attached to {interface} (`ip link show dev {interface}`)"
+        );
+        let holders: Vec<String> = xlb_pins_of(interface)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        if !holders.is_empty() {
+            let _ = write!(
+                reason,
+                "; an xlb agent pinned a link for {interface} under another --bpffs: {} \
+                 (`lb-agent detach --bpffs DIR` removes it)",
+                holders.join(", ")
+            );
+        }
+    }
+    reason
+}
+
+/// Links for `interface` pinned by xlb under the bpffs root or a directory in it.
+fn xlb_pins_of(interface: &str) -> Vec<PathBuf> {
+    let root = Path::new(BPFFS_ROOT);
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root).map_or_else(
+        |_| Vec::new(),
+        |entries| entries.filter_map(Result::ok).map(|e| e.path()).collect(),
+    );
+    std::iter::once(root.to_path_buf())
+        .chain(dirs)
+        .map(|dir| link_path(&dir, interface))
+        .filter(|path| path.exists())
+        .collect()
 }
 
 /// Detaches the program from `interface` now (`BPF_LINK_DETACH`, effective even while
@@ -509,6 +580,54 @@ pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
     sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;
     std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
     Ok(())
+}
+
+/// What was pinned under a directory before a start, so that a failed start can
+/// remove what it added and nothing else.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// `None`: the directory did not exist.
+    names: Option<Vec<std::ffi::OsString>>,
+}
+
+impl Snapshot {
+    pub fn take(dir: &Path) -> Snapshot {
+        let names = std::fs::read_dir(dir).ok().map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect()
+        });
+        Snapshot { names }
+    }
+
+    /// Detaches the links and removes the pins that were not there at [`take`], and
+    /// the directory when it was not there either. Returns what it removed.
+    pub fn undo(&self, dir: &Path) -> Result<Vec<String>, DataplaneError> {
+        let was = |name: &std::ffi::OsStr| {
+            self.names
+                .as_ref()
+                .is_some_and(|names| names.iter().any(|n| n == name))
+        };
+        let mut removed = Vec::new();
+        for interface in pinned_interfaces(dir) {
+            let path = link_path(dir, &interface);
+            if !path.file_name().is_some_and(was) {
+                detach_link(dir, &interface)?;
+                removed.push(format!("link {interface}"));
+            }
+        }
+        for name in maps::ALL.iter().chain(&maps::RETIRED) {
+            let path = dir.join(name);
+            if path.exists() && !was(std::ffi::OsStr::new(name)) {
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                removed.push(format!("map {name}"));
+            }
+        }
+        if self.names.is_none() && dir.exists() {
+            std::fs::remove_dir(dir).map_err(|e| pin_err(dir, e))?;
+        }
+        Ok(removed)
+    }
 }
 
 /// Removes every link and map pinned under `dir`, then `dir` itself. Tracked

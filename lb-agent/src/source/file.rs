@@ -1,6 +1,8 @@
 //! The config-file source: reads the file, validates it, and keeps the last accepted
 //! version of every service whose new text is rejected, so a bad edit never takes a
-//! working service down. A file that does not parse at all changes nothing.
+//! working service down. A file that does not parse at all changes nothing. A change
+//! is taken in only once the file stayed the same (size, mtime and content hash) for
+//! one poll, so a file rewritten in place is not applied half-written.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,8 @@ pub enum Read {
 pub struct FileSource {
     path: PathBuf,
     last_bytes: Option<Vec<u8>>,
+    /// A change seen at the last read, taken in when the next read finds it unchanged.
+    settling: Option<Fingerprint>,
     /// The last accepted version of each service, by name.
     accepted: BTreeMap<String, ServiceSpec>,
 }
@@ -34,6 +38,7 @@ impl FileSource {
         FileSource {
             path: path.to_path_buf(),
             last_bytes: None,
+            settling: None,
             accepted: BTreeMap::new(),
         }
     }
@@ -42,15 +47,24 @@ impl FileSource {
         &self.path
     }
 
-    /// Reads the file; `force` re-evaluates even when the bytes are unchanged (SIGHUP).
+    /// Reads the file; `force` re-evaluates at once, even when the bytes are unchanged
+    /// (the first read, SIGHUP). Otherwise a change counts once the next read finds the
+    /// file as it was.
     pub fn read(&mut self, force: bool) -> Read {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(bytes) => bytes,
+        let (bytes, fingerprint) = match read_file(&self.path) {
+            Ok(read) => read,
             Err(e) => return Read::Invalid(format!("cannot read {}: {e}", self.path.display())),
         };
         if !force && self.last_bytes.as_ref() == Some(&bytes) {
+            self.settling = None;
             return Read::Unchanged;
         }
+        if !force && self.settling.as_ref() != Some(&fingerprint) {
+            tracing::debug!(config = %self.path.display(), "changed; applied once it stays so for one poll");
+            self.settling = Some(fingerprint);
+            return Read::Unchanged;
+        }
+        self.settling = None;
         self.last_bytes = Some(bytes.clone());
         let text = match String::from_utf8(bytes) {
             Ok(text) => text,
@@ -99,4 +113,29 @@ impl FileSource {
             .collect();
         (services, rejected)
     }
+}
+
+/// What says that a file did not change between two reads.
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    hash: u64,
+}
+
+fn read_file(path: &Path) -> std::io::Result<(Vec<u8>, Fingerprint)> {
+    use std::hash::{Hash as _, Hasher as _};
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    let fingerprint = Fingerprint {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        hash: hasher.finish(),
+    };
+    Ok((bytes, fingerprint))
 }

@@ -67,6 +67,8 @@ pub enum Problem {
     Manifest(ManifestError),
     /// A field of a Kubernetes object (the owner is told with an Event under `--kube`).
     Object(kubernetes::Problem),
+    /// The config file as a whole (not YAML, not a config): nothing in it changed.
+    File(String),
 }
 
 impl fmt::Display for Problem {
@@ -75,6 +77,7 @@ impl fmt::Display for Problem {
             Problem::Config(e) => write!(f, "config: {e}"),
             Problem::Manifest(e) => write!(f, "manifests: {e}"),
             Problem::Object(p) => write!(f, "skipped: {p}"),
+            Problem::File(e) => write!(f, "config rejected, nothing changed: {e}"),
         }
     }
 }
@@ -113,7 +116,14 @@ pub struct Source {
 
 enum Input {
     File {
-        file: FileSource,
+        /// `None` while a read runs on a blocking thread (`reading`).
+        file: Option<FileSource>,
+        path: PathBuf,
+        /// The read in flight: parsing a big file takes seconds, and the runtime's
+        /// thread also answers `/healthz`.
+        reading: Option<JoinHandle<(FileSource, Read)>>,
+        /// SIGHUP asked for a read of the file, changed or not.
+        forced: bool,
         poll: Interval,
         specs: Vec<ServiceSpec>,
         /// Checked backends' health (up: true): restored from the maps, then as the
@@ -160,8 +170,10 @@ impl Source {
         let mut problems = Vec::new();
         let input = match origin {
             Origin::Config(path) => {
-                let mut file = FileSource::new(path);
-                let specs = match file.read(true) {
+                let (file, read) = spawn_read(FileSource::new(path), true)
+                    .await
+                    .context("reading the config file")?;
+                let specs = match read {
                     Read::Services { services, rejected } => {
                         problems.extend(rejected.into_iter().map(Problem::Config));
                         services
@@ -171,7 +183,10 @@ impl Source {
                 };
                 tracing::info!(config = %path.display(), "running");
                 Input::File {
-                    file,
+                    file: Some(file),
+                    path: path.clone(),
+                    reading: None,
+                    forced: false,
                     poll,
                     specs,
                     health: BTreeMap::new(),
@@ -237,7 +252,28 @@ impl Source {
     /// flows while the kubelet restarts the agent, and the next one adopts them.
     pub async fn next(&mut self) -> Result<()> {
         match &mut self.input {
-            Input::File { poll, .. } | Input::Manifests { poll, .. } => {
+            Input::File {
+                file,
+                reading,
+                forced,
+                poll,
+                ..
+            } => {
+                if reading.is_none() {
+                    if !*forced {
+                        poll.tick().await;
+                    }
+                    let source = file.take().context("the file source is being read")?;
+                    *reading = Some(spawn_read(source, std::mem::take(forced)));
+                }
+                // Awaited by reference: a cancelled `next` finds the read still running.
+                let in_flight = reading.as_mut().context("a read is in flight")?;
+                let (source, read) = in_flight.await.context("reading the config file")?;
+                *reading = None;
+                *file = Some(source);
+                self.take_read(read);
+            }
+            Input::Manifests { poll, .. } => {
                 poll.tick().await;
                 self.read(false);
             }
@@ -256,9 +292,12 @@ impl Source {
 
     /// Reads the file or the directory again, changed or not (SIGHUP).
     pub fn reload(&mut self) {
-        match &self.input {
-            Input::File { file, .. } => {
-                tracing::info!("SIGHUP: reloading {}", file.path().display());
+        match &mut self.input {
+            Input::File { path, forced, .. } => {
+                tracing::info!("SIGHUP: reloading {}", path.display());
+                // The next read starts at once (or after the one in flight).
+                *forced = true;
+                return;
             }
             Input::Manifests { .. } => tracing::info!("SIGHUP: reloading the manifests"),
             Input::Kube { .. } => {
@@ -268,21 +307,28 @@ impl Source {
         self.read(true);
     }
 
+    /// Takes in what a read of the config file found.
+    fn take_read(&mut self, read: Read) {
+        let Input::File { specs, stale, .. } = &mut self.input else {
+            return;
+        };
+        match read {
+            Read::Unchanged => {}
+            Read::Invalid(e) => self.problems.push(Problem::File(e)),
+            Read::Services { services, rejected } => {
+                tracing::info!(services = services.len(), "config reloaded");
+                self.problems
+                    .extend(rejected.into_iter().map(Problem::Config));
+                *specs = services;
+                *stale = true;
+            }
+        }
+    }
+
+    /// Reads the manifests directory (the config file is read in `next`).
     fn read(&mut self, force: bool) {
         match &mut self.input {
-            Input::File {
-                file, specs, stale, ..
-            } => match file.read(force) {
-                Read::Unchanged => {}
-                Read::Invalid(e) => tracing::error!("config rejected, nothing changed: {e}"),
-                Read::Services { services, rejected } => {
-                    tracing::info!(services = services.len(), "config reloaded");
-                    self.problems
-                        .extend(rejected.into_iter().map(Problem::Config));
-                    *specs = services;
-                    *stale = true;
-                }
-            },
+            Input::File { .. } | Input::Kube { .. } => {}
             Input::Manifests { dir, index, .. } => match dir.read(force) {
                 Ok(Some(load)) => index.load(load, &mut self.problems),
                 Ok(None) => {}
@@ -290,7 +336,6 @@ impl Source {
                     tracing::error!("manifests directory unreadable, keeping the last state: {e}");
                 }
             },
-            Input::Kube { .. } => {}
         }
     }
 
@@ -419,6 +464,14 @@ impl Index {
             self.dirty.merge(self.cluster.apply(event));
         }
     }
+}
+
+/// Reads (and parses and validates) the config file on a blocking thread.
+fn spawn_read(mut file: FileSource, force: bool) -> JoinHandle<(FileSource, Read)> {
+    tokio::task::spawn_blocking(move || {
+        let read = file.read(force);
+        (file, read)
+    })
 }
 
 fn has_backend(specs: &[ServiceSpec], (service, endpoint): &BackendKey) -> bool {
