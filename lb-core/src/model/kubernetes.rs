@@ -469,23 +469,40 @@ fn family_models(
     let local = usable(&family, true);
     let ranged = !policy.source_ranges.is_empty();
     let mut groups: BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> = BTreeMap::new();
-    let mut add = |group: (bool, bool), address: IpAddr, number: u16| {
+    let mut add = |group: (bool, bool), address: IpAddr, number: u16, in_cluster: bool| {
         groups.entry(group).or_default().insert(FrontendSpec {
             address,
             port: number,
             protocol: port.protocol,
+            in_cluster,
         });
+    };
+    // An external address of a policy Local Service, reached from inside the cluster
+    // (the socket hooks), uses every endpoint: kube-proxy short-circuits pod and node
+    // traffic to its cluster-wide chain, whatever internalTrafficPolicy says.
+    let external = |add: &mut dyn FnMut((bool, bool), IpAddr, u16, bool),
+                        group: (bool, bool),
+                        address: IpAddr,
+                        number: u16| {
+        add(group, address, number, false);
+        if policy.etp_local {
+            add((false, false), address, number, true);
+        }
     };
     for (origin, addr) in policy.addresses.iter().filter(|(_, a)| a.is_ipv6() == v6) {
         match origin {
-            Origin::ClusterIp => add((policy.itp_local, false), *addr, port.number),
-            Origin::ExternalIp => add((policy.etp_local, false), *addr, port.number),
-            Origin::LoadBalancer => add((policy.etp_local, ranged), *addr, port.number),
+            Origin::ClusterIp => add((policy.itp_local, false), *addr, port.number, false),
+            Origin::ExternalIp => {
+                external(&mut add, (policy.etp_local, false), *addr, port.number);
+            }
+            Origin::LoadBalancer => {
+                external(&mut add, (policy.etp_local, ranged), *addr, port.number);
+            }
         }
     }
     if let Some(node_port) = port.node_port {
         for addr in node.addresses.iter().filter(|a| a.is_ipv6() == v6) {
-            add((policy.etp_local, false), *addr, node_port);
+            external(&mut add, (policy.etp_local, false), *addr, node_port);
         }
     }
     // A load-balancer IP that is also an external IP stays behind the source ranges.
@@ -554,7 +571,11 @@ pub fn frontend_text(f: &FrontendSpec) -> String {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
-    format!("{proto} {}", std::net::SocketAddr::new(f.address, f.port))
+    let scope = if f.in_cluster { " (in-cluster)" } else { "" };
+    format!(
+        "{proto} {}{scope}",
+        std::net::SocketAddr::new(f.address, f.port)
+    )
 }
 
 /// `sessionAffinity: ClientIP` and its timeout.
