@@ -64,6 +64,17 @@ pub struct RunOptions {
     pub poll: Duration,
     /// The L7 hop, when `--l7`.
     pub l7: Option<L7Options>,
+    /// Socket load balancing (`--socket-lb`, `--cgroup`): the cgroup hooks serve
+    /// Services to the node's pods and processes, with or without `--interface`.
+    pub socket_lb: Option<crate::dataplane::sockets::SocketLbOptions>,
+}
+
+impl RunOptions {
+    /// Whether this agent loads the data plane and writes its maps: for XDP on an
+    /// interface, for socket load balancing, or both.
+    pub fn dataplane(&self) -> bool {
+        !self.interfaces.is_empty() || self.socket_lb.is_some()
+    }
 }
 
 /// The L7 hop's settings.
@@ -79,16 +90,16 @@ pub struct L7Options {
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    if opts.interfaces.is_empty() && opts.l7.is_none() {
+    if !opts.dataplane() && opts.l7.is_none() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
     // Pins need a bpffs under --bpffs; mount one if none is there, before anything is
     // bound, loaded or attached, so a failure leaves nothing behind.
-    if !opts.interfaces.is_empty() {
+    if opts.dataplane() {
         log_bpffs(&opts.pin_dir, pins::ensure_bpffs(&opts.pin_dir)?);
     }
     let mut parts = 0;
-    if !opts.interfaces.is_empty() {
+    if opts.dataplane() {
         parts |= admin::PART_DATAPLANE;
     }
     if opts.l7.is_some() {
@@ -248,6 +259,7 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
             tracing::info!(interface = stale, "detached: no longer in --interface");
         }
     }
+    crate::dataplane::sockets::start(&mut dp, &opts.pin_dir, opts.socket_lb.as_ref())?;
     for retired in pins::remove_retired(&opts.pin_dir)? {
         tracing::info!(map = retired, "unpinned a map of an earlier layout");
     }

@@ -43,6 +43,9 @@ fn run(command: Command) -> Result<()> {
             node_addresses,
             admin,
             interfaces,
+            socket_lb,
+            cgroup,
+            socket_lb_host_only,
             xdp_mode,
             bpffs,
             replace,
@@ -74,6 +77,12 @@ fn run(command: Command) -> Result<()> {
                 replace,
                 poll: Duration::from_millis(poll_ms.max(10)),
                 l7: l7_options(&l7)?,
+                socket_lb: (socket_lb || cgroup.is_some() || socket_lb_host_only).then_some(
+                    lb_agent::dataplane::sockets::SocketLbOptions {
+                        cgroup,
+                        host_only: socket_lb_host_only,
+                    },
+                ),
             };
             // The control loop needs one thread; the L7 hop serves on every CPU.
             let mut runtime = if opts.l7.is_some() {

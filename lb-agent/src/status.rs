@@ -148,14 +148,16 @@ impl Report {
 
 /// `203.0.113.10:80/TCP`, `[2001:db8:f::10]:53/UDP`.
 fn frontend_text(key: &FrontendKey) -> String {
+    use lb_common::sock::PROTO_F_IN_CLUSTER;
     let endpoint = meta_endpoint(&BackendMeta {
         addr: key.addr,
         port: key.port,
         family: key.family,
         ..Default::default()
     });
-    let proto = if key.proto == PROTO_TCP { "TCP" } else { "UDP" };
-    format!("{endpoint}/{proto}")
+    let proto = if key.proto & !PROTO_F_IN_CLUSTER == PROTO_TCP { "TCP" } else { "UDP" };
+    let scope = if key.proto & PROTO_F_IN_CLUSTER != 0 { " (in-cluster)" } else { "" };
+    format!("{endpoint}/{proto}{scope}")
 }
 
 /// A backend as the snapshot has it: id, metadata, filled slot.

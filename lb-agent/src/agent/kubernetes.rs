@@ -57,7 +57,7 @@ pub(super) async fn run(
 
     // Without an interface this is an L7-only instance: no XDP, no L4 translation.
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
-    let writer = if opts.interfaces.is_empty() {
+    let writer = if !opts.dataplane() {
         None
     } else {
         let (dp, applied) = load_dataplane(opts).await?;

@@ -8,6 +8,7 @@ pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod sockets;
 pub mod source_ranges;
 mod sys;
 pub mod tables;
