@@ -155,8 +155,16 @@ fn frontend_text(key: &FrontendKey) -> String {
         family: key.family,
         ..Default::default()
     });
-    let proto = if key.proto & !PROTO_F_IN_CLUSTER == PROTO_TCP { "TCP" } else { "UDP" };
-    let scope = if key.proto & PROTO_F_IN_CLUSTER != 0 { " (in-cluster)" } else { "" };
+    let proto = if key.proto & !PROTO_F_IN_CLUSTER == PROTO_TCP {
+        "TCP"
+    } else {
+        "UDP"
+    };
+    let scope = if key.proto & PROTO_F_IN_CLUSTER != 0 {
+        " (in-cluster)"
+    } else {
+        ""
+    };
     format!("{endpoint}/{proto}{scope}")
 }
 

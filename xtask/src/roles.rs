@@ -9,8 +9,8 @@ mod tests {
     /// The names under `[dependencies]` of a crate's Cargo.toml (not dev or build ones).
     fn normal_dependencies(krate: &str) -> Vec<String> {
         let path = workspace_root().join(krate).join("Cargo.toml");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut in_deps = false;
         let mut deps = Vec::new();
         for line in text.lines().map(str::trim) {
@@ -23,14 +23,26 @@ mod tests {
                 }
             }
         }
-        assert!(!deps.is_empty(), "{} lists no [dependencies]", path.display());
+        assert!(
+            !deps.is_empty(),
+            "{} lists no [dependencies]",
+            path.display()
+        );
         deps
     }
 
     #[test]
     fn the_core_links_no_kernel_client_socket_or_http_crate() {
         let deps = normal_dependencies("lb-core");
-        for banned in ["aya", "kube", "tokio", "hyper", "hyper-util", "rustls", "libc"] {
+        for banned in [
+            "aya",
+            "kube",
+            "tokio",
+            "hyper",
+            "hyper-util",
+            "rustls",
+            "libc",
+        ] {
             assert!(
                 !deps.iter().any(|d| d == banned),
                 "lb-core depends on {banned}: the pure core must not ({deps:?})"

@@ -104,7 +104,10 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         return Ok(point);
     }
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !filesystems.lines().any(|l| l.trim_end().ends_with("cgroup2")) {
+    if !filesystems
+        .lines()
+        .any(|l| l.trim_end().ends_with("cgroup2"))
+    {
         return Err(err(
             Path::new("/proc/filesystems"),
             "this kernel has no cgroup2 file system (cgroup v1 only); socket load \
@@ -245,8 +248,10 @@ impl Dataplane {
                 done.adopted += 1;
                 continue;
             }
+            // A BPF link: the kernel refuses attach flags on cgroup links (EINVAL) and
+            // always lets several coexist, so `Single` (no flags) it is.
             let id = prog
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Program { name, source })?;
             let link = prog
                 .take_link(id)
@@ -258,12 +263,17 @@ impl Dataplane {
                 )
             })?;
             // Pinned beside, then renamed over the old pin: the hook is never empty.
-            let fresh = path.with_extension("new");
+            // (bpffs refuses names with a dot.)
+            let fresh = path.with_file_name(format!(
+                "{}_new",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ));
             let _ = std::fs::remove_file(&fresh);
             fd_link.pin(&fresh).map_err(|e| err(&fresh, e))?;
             std::fs::rename(&fresh, &path).map_err(|e| err(&path, e))?;
             if let Some(old) = old {
-                link_detach(old.as_fd()).map_err(|e| err(&path, format!("BPF_LINK_DETACH: {e}")))?;
+                link_detach(old.as_fd())
+                    .map_err(|e| err(&path, format!("BPF_LINK_DETACH: {e}")))?;
             }
             done.attached += 1;
         }
@@ -454,7 +464,10 @@ mod tests {
         );
         let unified = "35 25 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n\
                        99 35 0:30 /kubepods /var/lib/x rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         let v1_only = "32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(cgroup2_mount(v1_only), None);
     }

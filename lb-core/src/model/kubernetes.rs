@@ -481,9 +481,9 @@ fn family_models(
     // (the socket hooks), uses every endpoint: kube-proxy short-circuits pod and node
     // traffic to its cluster-wide chain, whatever internalTrafficPolicy says.
     let external = |add: &mut dyn FnMut((bool, bool), IpAddr, u16, bool),
-                        group: (bool, bool),
-                        address: IpAddr,
-                        number: u16| {
+                    group: (bool, bool),
+                    address: IpAddr,
+                    number: u16| {
         add(group, address, number, false);
         if policy.etp_local {
             add((false, false), address, number, true);
