@@ -27,6 +27,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const SETTLE: Duration = Duration::from_secs(20);
 const BACKENDS: usize = 4;
 
+/// One case, run against the shared bed.
+type Case = fn(&Run<'_>);
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("client") {
@@ -42,7 +45,7 @@ fn main() {
     {
         let bed = Bed::new();
         let bed = Run::start(&bed);
-        let cases: [(&str, fn(&Run<'_>)); 10] = [
+        let cases: [(&str, Case); 10] = [
             ("tcp_to_cluster_ip_node_port_and_lb_ip", tcp_frontends),
             ("udp_connected_unconnected_and_dns_style", udp_frontends),
             (
@@ -65,12 +68,11 @@ fn main() {
             eprintln!("test {name} ...");
             let started = Instant::now();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&bed)));
-            match result {
-                Ok(()) => eprintln!("test {name} ... ok ({:.1?})", started.elapsed()),
-                Err(_) => {
-                    eprintln!("test {name} ... FAILED");
-                    failed.push(name);
-                }
+            if result.is_ok() {
+                eprintln!("test {name} ... ok ({:.1?})", started.elapsed());
+            } else {
+                eprintln!("test {name} ... FAILED");
+                failed.push(name);
             }
         }
     }
@@ -132,7 +134,7 @@ struct Run<'a> {
     agent: std::sync::Mutex<Option<AgentProcess<'a>>>,
 }
 
-impl<'a> std::ops::Deref for Run<'a> {
+impl std::ops::Deref for Run<'_> {
     type Target = Bed;
     fn deref(&self) -> &Bed {
         self.bed
@@ -291,9 +293,7 @@ fn udp_frontends(bed: &Run<'_>) {
 }
 
 fn outside_the_cgroup(bed: &Run<'_>) {
-    let lines = bed
-        .cgroup
-        .run_outside(&bed.topo.client, "tcp", "203.0.113.10:80", 1);
+    let lines = CgroupGuard::run_outside(&bed.topo.client, "tcp", "203.0.113.10:80", 1);
     assert!(
         lines.iter().all(|l| l.starts_with("err")),
         "a process outside the cgroup is not translated: {lines:?}"
@@ -488,7 +488,7 @@ impl CgroupGuard {
         CgroupGuard { path }
     }
 
-    fn command(&self, ns: &Netns, cgroup: &str, op: &str, addr: &str, count: u32) -> Command {
+    fn command(ns: &Netns, cgroup: &str, op: &str, addr: &str, count: u32) -> Command {
         let exe = std::env::current_exe().expect("own binary");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", ns.name()))
@@ -504,7 +504,7 @@ impl CgroupGuard {
     fn spawn(&self, ns: &Netns, op: &str, addr: &str, count: u32) -> Client {
         let cgroup = self.path.display().to_string();
         Client::new(
-            self.command(ns, &cgroup, op, addr, count)
+            Self::command(ns, &cgroup, op, addr, count)
                 .spawn()
                 .expect("client"),
         )
@@ -514,9 +514,9 @@ impl CgroupGuard {
         self.spawn(ns, op, addr, count).finish()
     }
 
-    fn run_outside(&self, ns: &Netns, op: &str, addr: &str, count: u32) -> Vec<String> {
+    fn run_outside(ns: &Netns, op: &str, addr: &str, count: u32) -> Vec<String> {
         Client::new(
-            self.command(ns, "none", op, addr, count)
+            Self::command(ns, "none", op, addr, count)
                 .spawn()
                 .expect("client"),
         )
@@ -586,7 +586,7 @@ impl Client {
     /// and it is killed after 60 s).
     fn finish(mut self) -> Vec<String> {
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         let mut out = String::new();
         let mut stdout = std::mem::replace(&mut self.stdout, BufReader::new(empty_stdout()));
         let reader = std::thread::spawn(move || {

@@ -57,9 +57,7 @@ pub(super) async fn run(
 
     // Without an interface this is an L7-only instance: no XDP, no L4 translation.
     let (desired_tx, desired_rx) = watch::channel(Desired::default());
-    let writer = if !opts.dataplane() {
-        None
-    } else {
+    let writer = if opts.dataplane() {
         let (dp, applied) = load_dataplane(opts).await?;
         Some(tokio::spawn(writer_task(
             dp,
@@ -67,6 +65,8 @@ pub(super) async fn run(
             desired_rx,
             Arc::clone(&state),
         )))
+    } else {
+        None
     };
     let mut l7 = match (proxy, &opts.l7) {
         (Some(proxy), Some(options)) => Some(L7Hop::start(proxy, options.clone(), client)),

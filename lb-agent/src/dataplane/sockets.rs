@@ -175,7 +175,7 @@ pub fn netns_cookie() -> io::Result<u64> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
     let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
+    let mut len: libc::socklen_t = 8;
     // SAFETY: a valid socket and an 8-byte buffer with its length, both outliving the call.
     let rc = unsafe {
         libc::getsockopt(
@@ -363,16 +363,16 @@ fn link_cgroup(link: BorrowedFd<'_>) -> io::Result<u64> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the cgroup member:
     // cgroup_id (u64), attach_type.
-    let mut info = [0u64; 8];
     #[repr(C)]
     struct Attr {
         bpf_fd: u32,
         info_len: u32,
         info: u64,
     }
+    let mut info = [0u64; 8];
     let attr = Attr {
         bpf_fd: link.as_raw_fd().cast_unsigned(),
-        info_len: size_of_val(&info) as u32,
+        info_len: 64,
         info: info.as_mut_ptr() as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;

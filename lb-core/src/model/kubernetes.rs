@@ -442,31 +442,14 @@ struct PortSpec {
     node_port: Option<u16>,
 }
 
-/// The models of one Service port in one address family: frontends grouped by
-/// (local endpoints only, source ranges).
-fn family_models(
+/// The frontends of one Service port in one address family, grouped by (local
+/// endpoints only, source ranges).
+fn frontend_groups(
     policy: &Policy,
     port: &PortSpec,
     v6: bool,
-    candidates: &[Candidate],
     node: &NodeInfo,
-) -> Vec<(String, ServiceModel)> {
-    let proto = match port.protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    };
-    let base = format!(
-        "{}:{}/{proto}{}",
-        policy.key,
-        port.name,
-        if v6 { "/v6" } else { "" }
-    );
-    let family: Vec<&Candidate> = candidates
-        .iter()
-        .filter(|c| c.endpoint.addr.is_ipv6() == v6)
-        .collect();
-    let cluster = usable(&family, false);
-    let local = usable(&family, true);
+) -> BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> {
     let ranged = !policy.source_ranges.is_empty();
     let mut groups: BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> = BTreeMap::new();
     let mut add = |group: (bool, bool), address: IpAddr, number: u16, in_cluster: bool| {
@@ -505,6 +488,35 @@ fn family_models(
             external(&mut add, (policy.etp_local, false), *addr, node_port);
         }
     }
+    groups
+}
+
+/// The models of one Service port in one address family: frontends grouped by
+/// (local endpoints only, source ranges).
+fn family_models(
+    policy: &Policy,
+    port: &PortSpec,
+    v6: bool,
+    candidates: &[Candidate],
+    node: &NodeInfo,
+) -> Vec<(String, ServiceModel)> {
+    let proto = match port.protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    let base = format!(
+        "{}:{}/{proto}{}",
+        policy.key,
+        port.name,
+        if v6 { "/v6" } else { "" }
+    );
+    let family: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.endpoint.addr.is_ipv6() == v6)
+        .collect();
+    let cluster = usable(&family, false);
+    let local = usable(&family, true);
+    let mut groups = frontend_groups(policy, port, v6, node);
     // A load-balancer IP that is also an external IP stays behind the source ranges.
     let ranged: BTreeSet<FrontendSpec> = groups
         .iter()
