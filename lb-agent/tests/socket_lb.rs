@@ -76,11 +76,17 @@ fn main() {
             }
         }
     }
-    eprintln!(
-        "socket_lb: {ran} ran, {} passed, {} failed {failed:?}",
+    // libtest's summary line on stdout, which `cargo xtask test` counts.
+    println!(
+        "test result: {}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out",
+        if failed.is_empty() { "ok" } else { "FAILED" },
         ran - failed.len(),
-        failed.len()
+        failed.len(),
+        10 - ran
     );
+    if !failed.is_empty() {
+        eprintln!("socket_lb: failed: {failed:?}");
+    }
     if !failed.is_empty() {
         std::process::exit(1);
     }

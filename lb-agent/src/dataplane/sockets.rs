@@ -473,6 +473,14 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_directory_not_on_cgroup2_is_refused_by_name() {
+        let dir = std::env::temp_dir();
+        let e = resolve_cgroup(Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains("not a cgroup v2 directory"), "{e}");
+        assert!(e.contains(&dir.display().to_string()), "{e}");
+    }
+
+    #[test]
     fn link_pins_are_named_by_hook() {
         assert_eq!(
             link_path(Path::new("/sys/fs/bpf/xlb"), "xlb_connect4"),
