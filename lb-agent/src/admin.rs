@@ -386,7 +386,9 @@ mod tests {
             let server = tokio::spawn(serve_with(
                 listener,
                 Duration::from_millis(200),
-                move |req: &Request<hyper::body::Incoming>| respond(&state, req.method(), req.uri()),
+                move |req: &Request<hyper::body::Incoming>| {
+                    respond(&state, req.method(), req.uri())
+                },
             ));
             let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
             stream

@@ -49,6 +49,17 @@ pub struct RunOptions {
     pub l7: Option<L7Options>,
     /// Backends with their own `/metrics` series (`--metrics-max-backends`).
     pub metrics_max_backends: usize,
+    /// Socket load balancing (`--socket-lb`, `--cgroup`): the cgroup hooks serve
+    /// Services to the node's pods and processes, with or without `--interface`.
+    pub socket_lb: Option<crate::dataplane::sockets::SocketLbOptions>,
+}
+
+impl RunOptions {
+    /// Whether this agent loads the data plane and writes its maps: for XDP on an
+    /// interface, for socket load balancing, or both.
+    pub fn dataplane(&self) -> bool {
+        !self.interfaces.is_empty() || self.socket_lb.is_some()
+    }
 }
 
 /// The L7 hop's settings.
@@ -65,10 +76,11 @@ pub struct L7Options {
 /// Runs until SIGINT or SIGTERM. Without an interface this is an L7-only instance: no
 /// XDP, no L4 translation.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    if opts.interfaces.is_empty() && opts.l7.is_none() {
+    if !opts.dataplane() && opts.l7.is_none() {
         bail!("no --interface given: name every interface that receives VIP traffic");
     }
-    let l4 = !opts.interfaces.is_empty();
+    // The data plane's maps serve XDP on `--interface` and the socket hooks.
+    let l4 = opts.dataplane();
     if l4 {
         ensure_bpffs(&opts.pin_dir)?;
     }
@@ -164,7 +176,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 /// anything is attached: a taken port fails the start, not the first request.
 fn bind_listeners(opts: &RunOptions) -> Result<(Arc<AgentState>, Option<crate::l7::proxy::Proxy>)> {
     let mut parts = 0;
-    if !opts.interfaces.is_empty() {
+    if opts.dataplane() {
         parts |= admin::PART_DATAPLANE;
     }
     if opts.l7.is_some() {
@@ -305,6 +317,7 @@ fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
             tracing::info!(interface = stale, "detached: no longer in --interface");
         }
     }
+    crate::dataplane::sockets::start(&mut dp, &opts.pin_dir, opts.socket_lb.as_ref())?;
     for retired in pins::remove_retired(&opts.pin_dir)? {
         tracing::info!(map = retired, "unpinned a map of an earlier layout");
     }

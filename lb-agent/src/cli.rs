@@ -62,10 +62,25 @@ pub enum Command {
         /// reached through another node's XDP).
         #[arg(
             long = "interface",
-            required_unless_present = "l7",
+            required_unless_present_any = ["l7", "socket_lb", "cgroup"],
             value_delimiter = ','
         )]
         interfaces: Vec<String>,
+        /// Socket load balancing: cgroup hooks rewrite connect/sendmsg to Services into
+        /// backend addresses for every process of the host's cgroup2 root (found in
+        /// /proc/self/mountinfo, else mounted privately). Works with or without
+        /// `--interface`.
+        #[arg(long)]
+        socket_lb: bool,
+        /// Socket load balancing attached to this cgroup v2 directory instead of the
+        /// root (implies `--socket-lb`).
+        #[arg(long, value_name = "DIR")]
+        cgroup: Option<PathBuf>,
+        /// Socket load balancing only for sockets of the host's network namespace (the
+        /// agent's), not for pods' (Cilium's `socketLB.hostNamespaceOnly`, for meshes
+        /// whose sidecars must see the Service address).
+        #[arg(long)]
+        socket_lb_host_only: bool,
         #[command(flatten)]
         l7: L7Args,
         #[arg(long, value_enum, default_value = "native")]
@@ -123,7 +138,8 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', value_name = "URL")]
         nodes: Vec<String>,
     },
-    /// Detach the XDP program from every interface and remove the pinned maps.
+    /// Detach the XDP program from every interface and the socket programs from their
+    /// cgroup, and remove the pinned maps.
     Detach {
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs: PathBuf,

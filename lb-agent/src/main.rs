@@ -46,6 +46,9 @@ fn run(command: Command) -> Result<()> {
             node_addresses,
             admin,
             interfaces,
+            socket_lb,
+            cgroup,
+            socket_lb_host_only,
             xdp_mode,
             bpffs,
             replace,
@@ -79,6 +82,7 @@ fn run(command: Command) -> Result<()> {
                 poll: Duration::from_millis(poll_ms.max(10)),
                 l7: l7_options(&l7)?,
                 metrics_max_backends,
+                socket_lb: socket_lb_options(socket_lb, cgroup, socket_lb_host_only),
             };
             // The control loop needs one thread; the L7 hop serves on every CPU.
             let mut runtime = if opts.l7.is_some() {
@@ -208,6 +212,16 @@ fn trace(
         }
     }
     Ok(())
+}
+
+/// `--socket-lb`, `--cgroup DIR` and `--socket-lb-host-only` each turn it on.
+fn socket_lb_options(
+    on: bool,
+    cgroup: Option<std::path::PathBuf>,
+    host_only: bool,
+) -> Option<lb_agent::dataplane::sockets::SocketLbOptions> {
+    (on || cgroup.is_some() || host_only)
+        .then_some(lb_agent::dataplane::sockets::SocketLbOptions { cgroup, host_only })
 }
 
 fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {

@@ -185,14 +185,25 @@ fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane:
 
 /// `203.0.113.10:80/TCP`, `[2001:db8::10]:53/UDP`.
 pub fn frontend_text(key: &FrontendKey) -> String {
+    use lb_common::sock::PROTO_F_IN_CLUSTER;
     let endpoint = meta_endpoint(&BackendMeta {
         addr: key.addr,
         port: key.port,
         family: key.family,
         ..Default::default()
     });
-    let proto = if key.proto == PROTO_TCP { "TCP" } else { "UDP" };
-    format!("{endpoint}/{proto}")
+    let proto = if key.proto & !PROTO_F_IN_CLUSTER == PROTO_TCP {
+        "TCP"
+    } else {
+        "UDP"
+    };
+    // The entries the socket hooks alone read (externalTrafficPolicy: Local from inside).
+    let scope = if key.proto & PROTO_F_IN_CLUSTER != 0 {
+        " (in-cluster)"
+    } else {
+        ""
+    };
+    format!("{endpoint}/{proto}{scope}")
 }
 
 /// The verdict label of a reason: `pass`, `drop`, `tx`, `redirect`, `aborted`.

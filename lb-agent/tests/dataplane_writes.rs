@@ -117,6 +117,7 @@ fn model(i: u32, generation: u32) -> ServiceModel {
         address: IpAddr::V4(Ipv4Addr::new(203, 0, 113, octet(i / 100))),
         port: 10_000 + u16::try_from(i % 100).unwrap(),
         protocol: Protocol::Tcp,
+        in_cluster: false,
     };
     let backends = (0..4)
         .map(|j| {

@@ -11,6 +11,8 @@
 //!   against iptables-restore and nft installing kube-proxy's rules.
 //! - `l7`: the L7 hop against nginx serving the same Ingress routes: requests/s and
 //!   latency for keep-alive HTTP, HTTPS and a new connection per request.
+//! - `socket`: connect + request + close from a pod to a ClusterIP, xlb's socket hooks
+//!   against kube-proxy's iptables and nftables rules and a direct connection.
 
 mod control_plane;
 mod e2e;
@@ -19,6 +21,7 @@ mod l7;
 mod maglev;
 mod packet;
 mod report;
+mod socket;
 
 use std::path::PathBuf;
 
@@ -56,6 +59,13 @@ enum Bench {
     /// The L7 hop against nginx (same routes, backends, client and run): wrk requests/s,
     /// p50 and p99 for keep-alive HTTP, HTTPS and a new connection per request.
     L7(l7::Args),
+    /// Connect + request + close per second and CPU per connection from a pod to a
+    /// ClusterIP: xlb's socket hooks against kube-proxy's iptables and nftables rules
+    /// and a direct connection.
+    Socket(socket::Args),
+    /// The socket benchmark's client process (started by `socket`).
+    #[command(hide = true)]
+    SocketClient(socket::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -71,5 +81,7 @@ fn main() -> Result<()> {
         Bench::E2e(args) => e2e::run(&args),
         Bench::ControlPlane(args) => control_plane::run(&args),
         Bench::L7(args) => l7::run(&args),
+        Bench::Socket(args) => socket::run(&args),
+        Bench::SocketClient(args) => socket::client(&args),
     }
 }

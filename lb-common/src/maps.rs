@@ -36,6 +36,20 @@ pub const BACKEND_META: &str = "BACKEND_META_V1";
 /// `SourceRangeKey` (after the prefix length); the value is unused (1).
 pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
 
+/// Socket load balancing: (socket cookie, backend) -> the Service address the socket
+/// asked for (`recvmsg`, `getpeername`). `SockRevKey` -> `SockRevNat`, LRU.
+pub const SOCK_REVNAT: &str = "SOCK_REVNAT_V1";
+/// Socket load balancing: (socket cookie, frontend) -> the backend of an unconnected UDP
+/// socket's datagrams. `SockFlowKey` -> `Flow`, LRU.
+pub const SOCK_FLOWS: &str = "SOCK_FLOWS_V1";
+/// Socket load balancing settings, one element. `u32` -> `SockConfig`.
+pub const SOCK_CONFIG: &str = "SOCK_CONFIG_V1";
+/// The socket programs' own maps: pinned beside `ALL` (so a restarted agent's programs
+/// keep translating the sockets the previous one translated), and removed with them.
+pub const SOCKET: [&str; 3] = [SOCK_REVNAT, SOCK_FLOWS, SOCK_CONFIG];
+pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
+pub const SOCK_FLOWS_ENTRIES: u32 = 65_536;
+
 /// All maps, in the order the agent pins and reports them.
 pub const ALL: [&str; 15] = [
     FRONTENDS,

@@ -90,6 +90,11 @@ pub struct FrontendSpec {
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// The entry only the socket hooks read, for clients inside the cluster (the
+    /// node's pods and processes): `lb_common::sock::PROTO_F_IN_CLUSTER` in its key.
+    /// Written by the Kubernetes translation only (kube-proxy's short-circuit of
+    /// `externalTrafficPolicy: Local`); config files have none.
+    pub in_cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -165,6 +165,10 @@ pub fn frontend_key(spec: &FrontendSpec) -> FrontendKey {
         proto: match spec.protocol {
             Protocol::Tcp => PROTO_TCP,
             Protocol::Udp => PROTO_UDP,
+        } | if spec.in_cluster {
+            lb_common::sock::PROTO_F_IN_CLUSTER
+        } else {
+            0
         },
         family,
     }

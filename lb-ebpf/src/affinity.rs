@@ -6,7 +6,9 @@
 //! --reap` and `--set` do.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, Frontend, Reason};
+use lb_common::{
+    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, Frontend, Reason, hash::client_hash,
+};
 
 use crate::{maglev, maps::AFFINITY_V1, packet::Packet, service};
 
@@ -17,10 +19,28 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// is refreshed), else the table's (by client address), which the entry then holds.
 #[inline(always)]
 pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend), Reason> {
+    select_for(
+        pkt.key.src,
+        pkt.key.family,
+        frontend,
+        client_hash(&pkt.key.src),
+    )
+}
+
+/// The same for any client identity: an address (`family` 4 or 6), or a socket's
+/// network namespace (`AFFINITY_FAMILY_NETNS`). `table_hash` places a client without a
+/// fresh entry.
+#[inline(always)]
+pub fn select_for(
+    client: [u8; 16],
+    family: u8,
+    frontend: &Frontend,
+    table_hash: u32,
+) -> Result<(u32, Backend), Reason> {
     let key = AffinityKey {
-        client: pkt.key.src,
+        client,
         service_id: frontend.service_id,
-        family: pkt.key.family,
+        family,
         _pad: [0; 3],
     };
     // SAFETY: plain helper call (the clock of the next-hop cache).
@@ -38,7 +58,7 @@ pub fn select_backend(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend
             return Ok((seen.backend_id, backend));
         }
     }
-    let (id, backend) = maglev::select_backend(pkt, frontend)?;
+    let (id, backend) = maglev::backend_at(frontend.service_id, table_hash)?;
     let value = Affinity {
         backend_id: id,
         _pad: 0,

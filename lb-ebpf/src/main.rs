@@ -6,6 +6,7 @@
 //! select + remember) -> translate -> forward; or, when a rejecting service has no
 //! backend, answer the client in place (reject).
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
+//! The same object holds the cgroup socket programs (`sock`), which read the same maps.
 #![no_std]
 #![no_main]
 
@@ -19,6 +20,7 @@ mod packet;
 mod parse;
 mod reject;
 mod service;
+mod sock;
 mod source_range;
 mod stats;
 

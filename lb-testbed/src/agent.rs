@@ -117,6 +117,23 @@ impl<'a> AgentProcess<'a> {
         Ok(agent)
     }
 
+    /// An agent without XDP that still loads the data plane and pins under its bpffs
+    /// directory: socket load balancing only (`extra` carries `--cgroup DIR` etc.).
+    pub fn start_socket_lb(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let mut agent = Self::prepare(ns, &[], binary, source, tag, extra)?;
+        agent.xdp = false;
+        let pin_dir = agent.pin_dir.display().to_string();
+        agent.extra.extend(["--bpffs".to_owned(), pin_dir]);
+        agent.spawn()?;
+        Ok(agent)
+    }
+
     /// [`AgentProcess::start`] with any source, through `launcher` (may be empty).
     pub fn start_full(
         ns: &'a Netns,

@@ -94,7 +94,7 @@ impl ToolUse {
                 ToolUse::HttpLoad,
                 ToolUse::KubeProxyBaselines,
             ],
-            "control-plane" => vec![ToolUse::KubeProxyBaselines],
+            "control-plane" | "socket" => vec![ToolUse::KubeProxyBaselines],
             "l7" => vec![ToolUse::HttpLoad, ToolUse::BenchL7],
             _ => Vec::new(),
         }

@@ -92,6 +92,7 @@ impl Dataplane {
         let bytes = object_bytes(object)?;
         let paths: Vec<(&'static str, PathBuf)> = maps::ALL
             .iter()
+            .chain(&maps::SOCKET)
             .map(|&name| (name, dir.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();

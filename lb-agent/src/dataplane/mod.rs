@@ -11,6 +11,7 @@ pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod sockets;
 pub mod source_ranges;
 pub mod stats;
 pub mod store;

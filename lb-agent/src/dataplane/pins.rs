@@ -14,6 +14,7 @@ use lb_common::{
     Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
     FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
     maps,
+    sock::{SockConfig, SockFlowKey, SockRevKey, SockRevNat},
 };
 
 use super::loader::{PROGRAM, ifindex};
@@ -317,6 +318,9 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::BACKEND_META => (4, Some(size_of::<BackendMeta>())),
         // The LPM trie's key: prefix length, then the data.
         maps::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), Some(4)),
+        maps::SOCK_REVNAT => (size_of::<SockRevKey>(), Some(size_of::<SockRevNat>())),
+        maps::SOCK_FLOWS => (size_of::<SockFlowKey>(), Some(size_of::<Flow>())),
+        maps::SOCK_CONFIG => (4, Some(size_of::<SockConfig>())),
         _ => (4, None),
     }
 }
@@ -343,7 +347,7 @@ fn expected_entries(name: &str) -> Option<u32> {
 /// whether any map is pinned (so this start adopts state).
 pub fn check_compatible(dir: &Path) -> Result<bool, DataplaneError> {
     let mut any = false;
-    for name in maps::ALL {
+    for name in maps::ALL.into_iter().chain(maps::SOCKET) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
@@ -636,12 +640,12 @@ pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
-    let mut removed = Vec::new();
+    let mut removed = super::sockets::detach_all(dir)?;
     for interface in pinned_interfaces(dir) {
         detach_link(dir, &interface)?;
         removed.push(format!("link {interface}"));
     }
-    for name in maps::ALL.iter().chain(&maps::RETIRED) {
+    for name in maps::ALL.iter().chain(&maps::RETIRED).chain(&maps::SOCKET) {
         let path = dir.join(name);
         if path.exists() {
             std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;

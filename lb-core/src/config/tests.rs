@@ -74,6 +74,7 @@ fn tcp(address: IpAddr, port: u16) -> FrontendSpec {
         address,
         port,
         protocol: Protocol::Tcp,
+        in_cluster: false,
     }
 }
 
@@ -182,7 +183,8 @@ fn example_file_commented_settings_parse() {
         FrontendSpec {
             address: v6("2001:db8:f::10"),
             port: 53,
-            protocol: Protocol::Udp
+            protocol: Protocol::Udp,
+            in_cluster: false
         }
     );
     let Some(HealthCheck {

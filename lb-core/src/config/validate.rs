@@ -191,6 +191,7 @@ fn frontend(at: &str, raw: &raw::Frontend) -> Result<FrontendSpec, Invalid> {
             None | Some(raw::Protocol::Tcp) => Protocol::Tcp,
             Some(raw::Protocol::Udp) => Protocol::Udp,
         },
+        in_cluster: false,
     })
 }
 

@@ -134,7 +134,11 @@ impl ModelView {
                         Protocol::Tcp => "tcp",
                         Protocol::Udp => "udp",
                     };
-                    format!("{proto} {}", std::net::SocketAddr::new(f.address, f.port))
+                    let scope = if f.in_cluster { " in-cluster" } else { "" };
+                    format!(
+                        "{proto} {}{scope}",
+                        std::net::SocketAddr::new(f.address, f.port)
+                    )
                 })
                 .collect(),
             backends: model

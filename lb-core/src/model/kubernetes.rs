@@ -443,6 +443,55 @@ struct PortSpec {
     node_port: Option<u16>,
 }
 
+/// The frontends of one Service port in one address family, grouped by (local
+/// endpoints only, source ranges).
+fn frontend_groups(
+    policy: &Policy,
+    port: &PortSpec,
+    v6: bool,
+    node: &NodeInfo,
+) -> BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> {
+    let ranged = !policy.source_ranges.is_empty();
+    let mut groups: BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> = BTreeMap::new();
+    let mut add = |group: (bool, bool), address: IpAddr, number: u16, in_cluster: bool| {
+        groups.entry(group).or_default().insert(FrontendSpec {
+            address,
+            port: number,
+            protocol: port.protocol,
+            in_cluster,
+        });
+    };
+    // An external address of a policy Local Service, reached from inside the cluster
+    // (the socket hooks), uses every endpoint: kube-proxy short-circuits pod and node
+    // traffic to its cluster-wide chain, whatever internalTrafficPolicy says.
+    let external = |add: &mut dyn FnMut((bool, bool), IpAddr, u16, bool),
+                    group: (bool, bool),
+                    address: IpAddr,
+                    number: u16| {
+        add(group, address, number, false);
+        if policy.etp_local {
+            add((false, false), address, number, true);
+        }
+    };
+    for (origin, addr) in policy.addresses.iter().filter(|(_, a)| a.is_ipv6() == v6) {
+        match origin {
+            Origin::ClusterIp => add((policy.itp_local, false), *addr, port.number, false),
+            Origin::ExternalIp => {
+                external(&mut add, (policy.etp_local, false), *addr, port.number);
+            }
+            Origin::LoadBalancer => {
+                external(&mut add, (policy.etp_local, ranged), *addr, port.number);
+            }
+        }
+    }
+    if let Some(node_port) = port.node_port {
+        for addr in node.addresses.iter().filter(|a| a.is_ipv6() == v6) {
+            external(&mut add, (policy.etp_local, false), *addr, node_port);
+        }
+    }
+    groups
+}
+
 /// The models of one Service port in one address family: frontends grouped by
 /// (local endpoints only, source ranges).
 fn family_models(
@@ -468,27 +517,7 @@ fn family_models(
         .collect();
     let cluster = usable(&family, false);
     let local = usable(&family, true);
-    let ranged = !policy.source_ranges.is_empty();
-    let mut groups: BTreeMap<(bool, bool), BTreeSet<FrontendSpec>> = BTreeMap::new();
-    let mut add = |group: (bool, bool), address: IpAddr, number: u16| {
-        groups.entry(group).or_default().insert(FrontendSpec {
-            address,
-            port: number,
-            protocol: port.protocol,
-        });
-    };
-    for (origin, addr) in policy.addresses.iter().filter(|(_, a)| a.is_ipv6() == v6) {
-        match origin {
-            Origin::ClusterIp => add((policy.itp_local, false), *addr, port.number),
-            Origin::ExternalIp => add((policy.etp_local, false), *addr, port.number),
-            Origin::LoadBalancer => add((policy.etp_local, ranged), *addr, port.number),
-        }
-    }
-    if let Some(node_port) = port.node_port {
-        for addr in node.addresses.iter().filter(|a| a.is_ipv6() == v6) {
-            add((policy.etp_local, false), *addr, node_port);
-        }
-    }
+    let mut groups = frontend_groups(policy, port, v6, node);
     // A load-balancer IP that is also an external IP stays behind the source ranges.
     let ranged: BTreeSet<FrontendSpec> = groups
         .iter()
@@ -555,7 +584,11 @@ pub fn frontend_text(f: &FrontendSpec) -> String {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
-    format!("{proto} {}", std::net::SocketAddr::new(f.address, f.port))
+    let scope = if f.in_cluster { " (in-cluster)" } else { "" };
+    format!(
+        "{proto} {}{scope}",
+        std::net::SocketAddr::new(f.address, f.port)
+    )
 }
 
 /// `sessionAffinity: ClientIP` and its timeout.

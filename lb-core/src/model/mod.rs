@@ -167,6 +167,7 @@ mod tests {
                 address: "203.0.113.10".parse().unwrap(),
                 port: 80,
                 protocol: Protocol::Tcp,
+                in_cluster: false,
             }],
             backends: vec![
                 BackendSpec {

@@ -213,6 +213,7 @@ fn fe(last: u8, port: u16) -> FrontendSpec {
         address: IpAddr::from([203, 0, 113, last]),
         port,
         protocol: Protocol::Tcp,
+        in_cluster: false,
     }
 }
 

@@ -30,6 +30,7 @@ fn service(frontends: &[(u8, u16)], backends: &[(Endpoint, u32)]) -> ServiceMode
                 address: IpAddr::from([203, 0, 113, last]),
                 port,
                 protocol: Protocol::Tcp,
+                in_cluster: false,
             })
             .collect(),
         backends: backends

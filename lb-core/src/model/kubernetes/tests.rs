@@ -460,7 +460,17 @@ fn external_traffic_policy_local() {
         ]
     );
     let cluster_wide = &t["shop/ingress:https/tcp"];
-    assert_eq!(cluster_wide.frontends, ["tcp 203.0.113.70:443"]);
+    // The cluster IP, and the in-cluster entries of the external addresses: the node's
+    // pods and processes reach them through the socket hooks with every endpoint.
+    assert_eq!(
+        cluster_wide.frontends,
+        [
+            "tcp 203.0.113.70:443",
+            "tcp 203.0.113.110:443 in-cluster",
+            "tcp 203.0.113.160:443 in-cluster",
+            "tcp 203.0.113.201:30443 in-cluster"
+        ]
+    );
     assert_eq!(
         cluster_wide.backends,
         [
@@ -562,6 +572,76 @@ fn internal_traffic_policy_local() {
         Vec::<String>::new()
     );
     assert_eq!(t["shop/internal:http/tcp/local"].when_empty, Drop);
+}
+
+/// In-cluster clients (the socket hooks) of an `externalTrafficPolicy: Local` Service:
+/// its NodePort, externalIPs and load-balancer IPs use every ready endpoint, as
+/// kube-proxy's short-circuit of pod and node traffic to the cluster chain does, also
+/// with `internalTrafficPolicy: Local` (which narrows the cluster IP only) and past
+/// `loadBalancerSourceRanges`. Services with policy Cluster need no in-cluster entry.
+/// https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-policies
+#[test]
+fn in_cluster_clients_of_external_policy_local_use_every_endpoint() {
+    use crate::cluster::Object;
+    let mut objects = load("traffic-policy.yaml");
+    for o in &mut objects {
+        if let Object::Service(svc) = o
+            && svc.metadata.name.as_deref() == Some("ingress")
+        {
+            let spec = svc.spec.as_mut().expect("spec");
+            spec.internal_traffic_policy = Some("Local".into());
+            spec.load_balancer_source_ranges = Some(vec!["198.51.100.0/25".into()]);
+        }
+    }
+    let c = cluster(&objects);
+    let t = translate_in(&c, "shop/ingress", &node_a());
+    no_problems(&t);
+    assert_eq!(
+        t.names(),
+        [
+            "shop/ingress:http/tcp",
+            "shop/ingress:http/tcp/local",
+            "shop/ingress:http/tcp/local/ranges",
+            "shop/ingress:https/tcp",
+            "shop/ingress:https/tcp/local",
+            "shop/ingress:https/tcp/local/ranges"
+        ]
+    );
+    // The cluster IP follows internalTrafficPolicy Local.
+    let local = &t["shop/ingress:https/tcp/local"];
+    assert_eq!(
+        local.frontends,
+        [
+            "tcp 203.0.113.70:443",
+            "tcp 203.0.113.160:443",
+            "tcp 203.0.113.201:30443"
+        ]
+    );
+    assert_eq!(
+        t["shop/ingress:https/tcp/local/ranges"].frontends,
+        ["tcp 203.0.113.110:443"]
+    );
+    // In-cluster entries: every ready endpoint, no source ranges.
+    let in_cluster = &t["shop/ingress:https/tcp"];
+    assert_eq!(
+        in_cluster.frontends,
+        [
+            "tcp 203.0.113.110:443 in-cluster",
+            "tcp 203.0.113.160:443 in-cluster",
+            "tcp 203.0.113.201:30443 in-cluster"
+        ]
+    );
+    assert_eq!(in_cluster.backends.len(), 3);
+    assert!(in_cluster.ranges.is_empty());
+
+    // Policy Cluster: one model, no in-cluster entries.
+    let t = translate_in(&c, "shop/internal", &node_a());
+    assert!(
+        t.models
+            .values()
+            .flat_map(|m| &m.frontends)
+            .all(|f| !f.ends_with("in-cluster"))
+    );
 }
 
 // --- Session affinity, source ranges --------------------------------------------------
