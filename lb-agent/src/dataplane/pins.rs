@@ -613,6 +613,15 @@ impl Snapshot {
                 .is_some_and(|names| names.iter().any(|n| n == name))
         };
         let mut removed = Vec::new();
+        // Socket hook links this start pinned (none were there before it).
+        let had_socket_links = self.names.as_ref().is_some_and(|names| {
+            names
+                .iter()
+                .any(|n| n.to_string_lossy().starts_with(super::sockets::LINK_PREFIX))
+        });
+        if !had_socket_links {
+            removed.extend(super::sockets::detach_all(dir)?);
+        }
         for interface in pinned_interfaces(dir) {
             let path = link_path(dir, &interface);
             if !path.file_name().is_some_and(was) {
@@ -620,7 +629,7 @@ impl Snapshot {
                 removed.push(format!("link {interface}"));
             }
         }
-        for name in maps::ALL.iter().chain(&maps::RETIRED) {
+        for name in maps::ALL.iter().chain(&maps::RETIRED).chain(&maps::SOCKET) {
             let path = dir.join(name);
             if path.exists() && !was(std::ffi::OsStr::new(name)) {
                 std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;

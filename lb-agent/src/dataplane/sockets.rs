@@ -29,7 +29,7 @@ pub const PROGRAMS: [&str; 8] = [
     "xlb_sendmsg4",
     "xlb_sendmsg6",
 ];
-const LINK_PREFIX: &str = "cgroup_";
+pub(super) const LINK_PREFIX: &str = "cgroup_";
 
 /// `statfs(2)` `f_type` of cgroup v2 (linux/magic.h `CGROUP2_SUPER_MAGIC`).
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
