@@ -430,15 +430,11 @@ fn detach_removes_the_program_and_the_pins() {
             .contains("xdp")
     );
     agent.kill9().expect("stop");
-    let out = std::process::Command::new(AGENT)
-        .args(["detach", "--bpffs"])
-        .arg(agent.pin_dir())
-        .output()
-        .expect("lb-agent detach");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let _ = lb_testbed::run_stdout(
+        std::process::Command::new(AGENT)
+            .args(["detach", "--bpffs"])
+            .arg(agent.pin_dir()),
+        "lb-agent detach",
     );
     assert!(!agent.pin_dir().exists(), "pins removed");
     let link = bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip");

@@ -115,16 +115,8 @@ fn admin_request(bed: &Bed, method: &str, target: &str) -> (u16, String) {
 
 /// `lb-agent ARGS` from the test's own process (it reads only the pinned maps).
 fn agent_cli(args: &[&str]) -> String {
-    let out = Command::new(AGENT)
-        .args(args)
-        .output()
-        .expect("running lb-agent");
-    assert!(
-        out.status.success(),
-        "lb-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
+    let out = testbed::run_stdout(Command::new(AGENT).args(args), &format!("lb-agent {args:?}"));
+    String::from_utf8(out).expect("UTF-8")
 }
 
 fn trace_cli(pins: &Path, sport: u16) -> Trace {

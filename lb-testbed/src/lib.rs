@@ -67,6 +67,27 @@ pub fn write_atomically(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
 }
 
+/// Runs `cmd` to completion and returns its stdout, for the tests that call a
+/// tool (`bpftool`, `lb-agent`) from their own process.
+///
+/// # Panics
+///
+/// When `cmd` cannot be started or exits with a failure: the message starts
+/// with `what` and, on failure, quotes the command's stderr.
+#[track_caller]
+#[must_use]
+pub fn run_stdout(cmd: &mut std::process::Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Fails unless this process may create and enter network namespaces
 /// (effective `CAP_NET_ADMIN` and `CAP_SYS_ADMIN`, i.e. root), with a message
 /// saying how to run the tests. Privileged tests call it so that they fail
