@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lb_testbed::{self as testbed, AgentProcess, Netns, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, Netns, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 /// How long the agent may take to reach an expected state.
@@ -24,9 +24,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, 1);
         let config = std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id()));
         Bed { topo, config }
     }

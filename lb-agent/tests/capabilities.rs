@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -113,9 +113,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, 1);
         let servers = testbed::spawn_backend_http_servers(&topo, 0, PORT).expect("servers");
         let manifests = std::env::temp_dir().join(format!("xlb-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&manifests).expect("manifests dir");

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_agent::status::Report;
-use lb_testbed::{
-    self as testbed, AgentProcess, HttpConnection, ServerHandle, Topology, TopologyConfig,
-};
+use lb_testbed::{self as testbed, AgentProcess, HttpConnection, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -30,9 +28,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, backends);
         let bed = Bed {
             topo,
             servers: std::sync::Mutex::default(),

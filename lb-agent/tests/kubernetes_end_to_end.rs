@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -29,9 +29,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, backends);
         let servers =
             testbed::spawn_backend_peer_servers(&topo, backends, PORT).expect("peer servers");
         let dir = std::env::temp_dir().join(format!("xlb-k8s-{tag}-{}", std::process::id()));

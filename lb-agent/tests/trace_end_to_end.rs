@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use lb_agent::trace::Trace;
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -115,7 +115,10 @@ fn admin_request(bed: &Bed, method: &str, target: &str) -> (u16, String) {
 
 /// `lb-agent ARGS` from the test's own process (it reads only the pinned maps).
 fn agent_cli(args: &[&str]) -> String {
-    let out = testbed::run_stdout(Command::new(AGENT).args(args), &format!("lb-agent {args:?}"));
+    let out = testbed::run_stdout(
+        Command::new(AGENT).args(args),
+        &format!("lb-agent {args:?}"),
+    );
     String::from_utf8(out).expect("UTF-8")
 }
 
@@ -136,9 +139,7 @@ fn step<'t>(t: &'t Trace, stage: &str) -> &'t str {
 
 #[test]
 fn trace_names_the_backend_each_flow_reaches() {
-    testbed::check_privileges().expect("privileges");
-    let topo = Topology::build(&TopologyConfig::new("trace", BACKENDS)).expect("topology");
-    topo.wait_ready().expect("topology ready");
+    let topo = Topology::for_test("trace", BACKENDS);
     let servers = (0..BACKENDS)
         .flat_map(|i| testbed::spawn_backend_http_servers(&topo, i, PORT).expect("servers"))
         .collect();
