@@ -62,16 +62,8 @@ fn admin_get(ns: &Netns, path: &str, timeout: Duration) -> anyhow::Result<(u16, 
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        testbed::status_and_body(&response)
+            .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))
     })?
 }
 

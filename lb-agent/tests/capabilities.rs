@@ -163,20 +163,6 @@ ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
         )
         .expect("start agent")
     }
-
-    fn xdp_attached(&self) -> Vec<String> {
-        [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
-            .into_iter()
-            .filter(|ifname| {
-                self.topo
-                    .lb
-                    .ip(&["link", "show", "dev", ifname])
-                    .expect("ip link")
-                    .contains("prog/xdp")
-            })
-            .map(str::to_owned)
-            .collect()
-    }
 }
 
 impl Drop for Bed {
@@ -223,7 +209,7 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
         assert_eq!(proc_status_field(pid, "NoNewPrivs:"), "1");
     }
 
-    assert_eq!(bed.xdp_attached().len(), 2, "XDP on both interfaces");
+    assert_eq!(bed.topo.xdp_attached().len(), 2, "XDP on both interfaces");
     let vip = SocketAddr::new(IpAddr::V4(Topology::vip_v4(0)), 80);
     assert_eq!(
         testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
@@ -316,7 +302,7 @@ fn without_any_one_of_them_the_agent_fails_naming_it() {
             "without CAP_{dropped} the kernel refuses; log:\n{log}"
         );
         assert!(
-            bed.xdp_attached().is_empty(),
+            bed.topo.xdp_attached().is_empty(),
             "nothing attached without CAP_{dropped}"
         );
     }

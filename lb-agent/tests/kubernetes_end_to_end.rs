@@ -261,16 +261,8 @@ fn http_get(bed: &Bed, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         stream.read_to_string(&mut text)?;
         Ok(text)
     })??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    testbed::status_and_body(&response)
+        .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))
 }
 
 /// The web Service and its slice in one multi-document file, as `kubectl get -o yaml`

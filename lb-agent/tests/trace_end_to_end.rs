@@ -101,16 +101,7 @@ fn admin_request(bed: &Bed, method: &str, target: &str) -> (u16, String) {
         })
         .expect("into the client namespace")
         .unwrap_or_else(|e| panic!("{method} {target} on the admin port: {e}"));
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    testbed::status_and_body(&text).unwrap_or_else(|| panic!("no status line: {text:?}"))
 }
 
 /// `lb-agent ARGS` from the test's own process (it reads only the pinned maps).

@@ -43,7 +43,7 @@ pub use certs::{IssuedCert, TestCa};
 pub use echo::{Echo, EchoServer, spawn_echo_server, websocket_echo};
 pub use http::{
     HttpConnection, curl_status, http_get, spawn_backend_http_servers, spawn_http_server,
-    spawn_pinned_http_server,
+    spawn_pinned_http_server, status_and_body,
 };
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, hosts_file_launcher,

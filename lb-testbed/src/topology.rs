@@ -269,6 +269,25 @@ impl Topology {
             .chain(&self.backends)
     }
 
+    /// The LB's interfaces ([`Self::LB_CLIENT_IF`], [`Self::LB_BACKEND_IF`])
+    /// that have an XDP program attached.
+    ///
+    /// # Panics
+    ///
+    /// When `ip link show` fails.
+    #[must_use]
+    pub fn xdp_attached(&self) -> Vec<&'static str> {
+        [Self::LB_CLIENT_IF, Self::LB_BACKEND_IF]
+            .into_iter()
+            .filter(|ifname| {
+                self.lb
+                    .ip(&["link", "show", "dev", ifname])
+                    .expect("ip link")
+                    .contains("prog/xdp")
+            })
+            .collect()
+    }
+
     /// Waits (at most 3 s) until every interface is up and no IPv6 address
     /// is tentative (still doing duplicate address detection, so unusable),
     /// by polling `ip -n NS -j addr`. Sends no traffic.
