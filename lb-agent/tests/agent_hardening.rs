@@ -40,6 +40,17 @@ impl Bed {
             .expect("start agent")
     }
 
+    /// Writes `config`, starts the agent and waits until `/readyz` says ready.
+    fn ready_agent(&self, tag: &str, config: &str) -> AgentProcess<'_> {
+        testbed::write_atomically(&self.config, config);
+        let agent = self.agent(tag, &[]);
+        until(&agent, "/readyz says ready", SETTLE, || {
+            self.admin("/readyz", Duration::from_secs(5))
+                .is_ok_and(|(status, _)| status == 200)
+        });
+        agent
+    }
+
     /// GET `path` on the admin endpoint: (status code, body).
     fn admin(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
         admin_get(&self.topo.lb, path, timeout)
@@ -158,12 +169,7 @@ fn healthz_answers_while_a_big_config_file_is_parsed() {
 #[test]
 fn an_empty_service_list_is_ready() {
     let bed = Bed::new("emptyready");
-    testbed::write_atomically(&bed.config, "services: []\n");
-    let agent = bed.agent("emptyready", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let _agent = bed.ready_agent("emptyready", "services: []\n");
     let (_, metrics) = bed
         .admin("/metrics", Duration::from_secs(5))
         .expect("metrics");
@@ -173,12 +179,7 @@ fn an_empty_service_list_is_ready() {
 #[test]
 fn a_config_file_rejected_as_a_whole_is_counted() {
     let bed = Bed::new("rejectfile");
-    testbed::write_atomically(&bed.config, &services(1));
-    let agent = bed.agent("rejectfile", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let agent = bed.ready_agent("rejectfile", &services(1));
     let rejected = || {
         bed.admin("/metrics", Duration::from_secs(5))
             .ok()
@@ -252,12 +253,7 @@ fn an_interface_held_by_another_program_fails_the_start_and_leaves_nothing() {
 #[test]
 fn status_without_privileges_says_what_it_needs() {
     let bed = Bed::new("statususer");
-    testbed::write_atomically(&bed.config, &services(1));
-    let agent = bed.agent("statususer", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let agent = bed.ready_agent("statususer", &services(1));
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
         .args(["status", "--bpffs"])
