@@ -15,6 +15,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use lb_common::maps;
 use lb_common::sock::{SOCK_F_HOST_ONLY, SockConfig};
 
+use super::sys::statfs_magic;
 use super::{Dataplane, DataplaneError};
 
 /// The programs, by hook, in the order they are attached (reverse translation first,
@@ -117,7 +118,7 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
     }
     let target = Path::new(PRIVATE_MOUNT);
     std::fs::create_dir_all(target).map_err(|e| err(target, e))?;
-    mount_cgroup2(target).map_err(|e| {
+    super::sys::mount(c"none", target, c"cgroup2").map_err(|e| {
         err(
             target,
             format!(
@@ -131,42 +132,6 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         "no cgroup2 mount found: mounted cgroup2 privately"
     );
     Ok(target.to_path_buf())
-}
-
-fn mount_cgroup2(target: &Path) -> io::Result<()> {
-    let cpath = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: NUL-terminated strings that outlive the call; empty data.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            cpath.as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            c"".as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn statfs_magic(path: &Path) -> io::Result<i64> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a zeroed statfs is a valid value for the kernel to fill.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a struct that both outlive the call.
-    if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type's width differs by libc target"
-    )]
-    Ok(i64::from(st.f_type))
 }
 
 /// `SO_NETNS_COOKIE` of the calling thread's network namespace (Linux 5.14+).
