@@ -29,7 +29,8 @@ const LINK_PREFIX: &str = "link_";
     clippy::needless_pass_by_value,
     reason = "callers pass errors they own"
 )]
-fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
+/// A pin (or mount) error at `path`.
+pub(super) fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
     DataplaneError::Pin {
         path: path.to_path_buf(),
         reason: reason.to_string(),
