@@ -34,11 +34,7 @@ struct ContainerPrivileges {
 
 fn daemonset_privileges() -> ContainerPrivileges {
     let docs = manifests::load(&manifests::deploy_dir()).unwrap_or_else(|e| panic!("{e}"));
-    let container = manifests::agent_container(manifests::daemonset(&docs));
-    let security = container
-        .security_context
-        .as_ref()
-        .expect("securityContext");
+    let (container, security) = manifests::agent_security(&docs);
     assert_eq!(
         security.run_as_user,
         Some(0),
