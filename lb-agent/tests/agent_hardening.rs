@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lb_testbed::{self as testbed, AgentProcess, Netns, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, Netns, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 /// How long the agent may take to reach an expected state.
@@ -24,9 +24,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, 1);
         let config = std::env::temp_dir().join(format!("xlb-{tag}-{}.yaml", std::process::id()));
         Bed { topo, config }
     }
@@ -40,6 +38,17 @@ impl Bed {
         args.extend_from_slice(extra);
         AgentProcess::start(&self.topo.lb, Path::new(AGENT), &self.config, tag, &args)
             .expect("start agent")
+    }
+
+    /// Writes `config`, starts the agent and waits until `/readyz` says ready.
+    fn ready_agent(&self, tag: &str, config: &str) -> AgentProcess<'_> {
+        testbed::write_atomically(&self.config, config);
+        let agent = self.agent(tag, &[]);
+        until(&agent, "/readyz says ready", SETTLE, || {
+            self.admin("/readyz", Duration::from_secs(5))
+                .is_ok_and(|(status, _)| status == 200)
+        });
+        agent
     }
 
     /// GET `path` on the admin endpoint: (status code, body).
@@ -64,16 +73,8 @@ fn admin_get(ns: &Netns, path: &str, timeout: Duration) -> anyhow::Result<(u16, 
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        testbed::status_and_body(&response)
+            .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))
     })?
 }
 
@@ -168,12 +169,7 @@ fn healthz_answers_while_a_big_config_file_is_parsed() {
 #[test]
 fn an_empty_service_list_is_ready() {
     let bed = Bed::new("emptyready");
-    testbed::write_atomically(&bed.config, "services: []\n");
-    let agent = bed.agent("emptyready", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let _agent = bed.ready_agent("emptyready", "services: []\n");
     let (_, metrics) = bed
         .admin("/metrics", Duration::from_secs(5))
         .expect("metrics");
@@ -183,12 +179,7 @@ fn an_empty_service_list_is_ready() {
 #[test]
 fn a_config_file_rejected_as_a_whole_is_counted() {
     let bed = Bed::new("rejectfile");
-    testbed::write_atomically(&bed.config, &services(1));
-    let agent = bed.agent("rejectfile", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let agent = bed.ready_agent("rejectfile", &services(1));
     let rejected = || {
         bed.admin("/metrics", Duration::from_secs(5))
             .ok()
@@ -262,12 +253,7 @@ fn an_interface_held_by_another_program_fails_the_start_and_leaves_nothing() {
 #[test]
 fn status_without_privileges_says_what_it_needs() {
     let bed = Bed::new("statususer");
-    testbed::write_atomically(&bed.config, &services(1));
-    let agent = bed.agent("statususer", &[]);
-    until(&agent, "/readyz says ready", SETTLE, || {
-        bed.admin("/readyz", Duration::from_secs(5))
-            .is_ok_and(|(status, _)| status == 200)
-    });
+    let agent = bed.ready_agent("statususer", &services(1));
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", AGENT])
         .args(["status", "--bpffs"])

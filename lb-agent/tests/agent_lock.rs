@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lb_testbed::{self as testbed, AgentProcess, Netns, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, Netns, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -68,9 +68,7 @@ fn no_ansi(what: &str, stderr: &[u8]) {
 
 #[test]
 fn a_second_agent_on_one_pin_directory_refuses_to_start() {
-    testbed::check_privileges().expect("privileges");
-    let topo = Topology::build(&TopologyConfig::new("lock", 1)).expect("topology");
-    topo.wait_ready().expect("topology ready");
+    let topo = Topology::for_test("lock", 1);
     let config = std::env::temp_dir().join(format!("xlb-lock-{}.yaml", std::process::id()));
     let _servers = testbed::spawn_backend_http_servers(&topo, 0, PORT).expect("servers");
     let mut yaml = String::from(

@@ -117,19 +117,6 @@ impl Bed {
         .expect("start agent")
     }
 
-    fn xdp_attached(&self) -> Vec<&'static str> {
-        [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
-            .into_iter()
-            .filter(|ifname| {
-                self.topo
-                    .lb
-                    .ip(&["link", "show", "dev", ifname])
-                    .expect("ip link")
-                    .contains("prog/xdp")
-            })
-            .collect()
-    }
-
     /// The test's own mount namespace is as it was.
     fn assert_own_mounts_unchanged(&self) {
         let now = bpffs_root_mounts("self");
@@ -185,7 +172,7 @@ fn the_agent_mounts_bpffs_where_there_is_none_and_forwards() {
         String::from_utf8_lossy(&status.stderr)
     );
     assert_eq!(
-        bed.xdp_attached(),
+        bed.topo.xdp_attached(),
         [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
     );
     // Nothing of it is in the test's namespace.
@@ -199,10 +186,14 @@ fn the_agent_mounts_bpffs_where_there_is_none_and_forwards() {
     // links goes away and XDP is detached.
     drop(agent);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !bed.xdp_attached().is_empty() && Instant::now() < deadline {
+    while !bed.topo.xdp_attached().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(bed.xdp_attached(), Vec::<&str>::new(), "XDP left attached");
+    assert_eq!(
+        bed.topo.xdp_attached(),
+        Vec::<&str>::new(),
+        "XDP left attached"
+    );
     bed.assert_own_mounts_unchanged();
 }
 
@@ -234,7 +225,7 @@ fn without_the_right_to_mount_the_agent_fails_before_attaching() {
         assert!(log.contains(wanted), "no {wanted:?} in the log:\n{log}");
     }
     assert!(!log.contains("attached XDP"), "{log}");
-    assert_eq!(bed.xdp_attached(), Vec::<&str>::new());
+    assert_eq!(bed.topo.xdp_attached(), Vec::<&str>::new());
     bed.assert_own_mounts_unchanged();
 }
 

@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -34,11 +34,7 @@ struct ContainerPrivileges {
 
 fn daemonset_privileges() -> ContainerPrivileges {
     let docs = manifests::load(&manifests::deploy_dir()).unwrap_or_else(|e| panic!("{e}"));
-    let container = manifests::agent_container(manifests::daemonset(&docs));
-    let security = container
-        .security_context
-        .as_ref()
-        .expect("securityContext");
+    let (container, security) = manifests::agent_security(&docs);
     assert_eq!(
         security.run_as_user,
         Some(0),
@@ -113,9 +109,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, 1)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, 1);
         let servers = testbed::spawn_backend_http_servers(&topo, 0, PORT).expect("servers");
         let manifests = std::env::temp_dir().join(format!("xlb-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&manifests).expect("manifests dir");
@@ -165,20 +159,6 @@ ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
         )
         .expect("start agent")
     }
-
-    fn xdp_attached(&self) -> Vec<String> {
-        [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF]
-            .into_iter()
-            .filter(|ifname| {
-                self.topo
-                    .lb
-                    .ip(&["link", "show", "dev", ifname])
-                    .expect("ip link")
-                    .contains("prog/xdp")
-            })
-            .map(str::to_owned)
-            .collect()
-    }
 }
 
 impl Drop for Bed {
@@ -225,7 +205,7 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
         assert_eq!(proc_status_field(pid, "NoNewPrivs:"), "1");
     }
 
-    assert_eq!(bed.xdp_attached().len(), 2, "XDP on both interfaces");
+    assert_eq!(bed.topo.xdp_attached().len(), 2, "XDP on both interfaces");
     let vip = SocketAddr::new(IpAddr::V4(Topology::vip_v4(0)), 80);
     assert_eq!(
         testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
@@ -318,7 +298,7 @@ fn without_any_one_of_them_the_agent_fails_naming_it() {
             "without CAP_{dropped} the kernel refuses; log:\n{log}"
         );
         assert!(
-            bed.xdp_attached().is_empty(),
+            bed.topo.xdp_attached().is_empty(),
             "nothing attached without CAP_{dropped}"
         );
     }

@@ -677,11 +677,7 @@ fn daemonset_runs_on_every_node_and_updates_one_node_at_a_time() {
 #[test]
 fn the_container_gets_exactly_the_capabilities_the_agent_needs() {
     let docs = docs();
-    let container = manifests::agent_container(manifests::daemonset(&docs));
-    let security = container
-        .security_context
-        .as_ref()
-        .expect("securityContext");
+    let (container, security) = manifests::agent_security(&docs);
     assert_eq!(
         security.privileged,
         Some(false),

@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_agent::status::Report;
-use lb_testbed::{
-    self as testbed, AgentProcess, HttpConnection, ServerHandle, Topology, TopologyConfig,
-};
+use lb_testbed::{self as testbed, AgentProcess, HttpConnection, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -30,9 +28,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, backends);
         let bed = Bed {
             topo,
             servers: std::sync::Mutex::default(),
@@ -430,15 +426,11 @@ fn detach_removes_the_program_and_the_pins() {
             .contains("xdp")
     );
     agent.kill9().expect("stop");
-    let out = std::process::Command::new(AGENT)
-        .args(["detach", "--bpffs"])
-        .arg(agent.pin_dir())
-        .output()
-        .expect("lb-agent detach");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let _ = lb_testbed::run_stdout(
+        std::process::Command::new(AGENT)
+            .args(["detach", "--bpffs"])
+            .arg(agent.pin_dir()),
+        "lb-agent detach",
     );
     assert!(!agent.pin_dir().exists(), "pins removed");
     let link = bed.topo.lb.ip(&["link", "show", "xc"]).expect("ip");

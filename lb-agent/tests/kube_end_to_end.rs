@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::cluster::Object;
 use lb_testbed::apiserver::RequestRecord;
-use lb_testbed::{self as testbed, AgentProcess, ApiServer, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ApiServer, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -114,9 +114,7 @@ fn rewatched(log: &[RequestRecord]) -> bool {
 
 #[test]
 fn kube_source_converges_and_writes_nothing_on_relist_or_reconnect() {
-    testbed::check_privileges().expect("privileges");
-    let topo = Topology::build(&TopologyConfig::new("k8skube", 3)).expect("topology");
-    topo.wait_ready().expect("topology ready");
+    let topo = Topology::for_test("k8skube", 3);
     let _servers = testbed::spawn_backend_peer_servers(&topo, 3, PORT).expect("peer servers");
     let api = ApiServer::start(&topo.lb).expect("API server");
     api.apply_all([node(), web(), web_slice(&[0, 1])]);

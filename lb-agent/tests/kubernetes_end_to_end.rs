@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -29,9 +29,7 @@ struct Bed {
 
 impl Bed {
     fn new(tag: &str, backends: usize) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, backends);
         let servers =
             testbed::spawn_backend_peer_servers(&topo, backends, PORT).expect("peer servers");
         let dir = std::env::temp_dir().join(format!("xlb-k8s-{tag}-{}", std::process::id()));
@@ -263,16 +261,8 @@ fn http_get(bed: &Bed, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         stream.read_to_string(&mut text)?;
         Ok(text)
     })??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    testbed::status_and_body(&response)
+        .ok_or_else(|| anyhow::anyhow!("no status line in {response:?}"))
 }
 
 /// The web Service and its slice in one multi-document file, as `kubectl get -o yaml`

@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_testbed::{
-    self as testbed, AgentProcess, Echo, EchoServer, TestCa, Topology, TopologyConfig,
-    spawn_echo_server,
+    self as testbed, AgentProcess, Echo, EchoServer, TestCa, Topology, spawn_echo_server,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -56,9 +55,7 @@ impl Drop for Bed {
 
 impl Bed {
     fn new(tag: &str) -> Bed {
-        testbed::check_privileges().expect("privileges");
-        let topo = Topology::build(&TopologyConfig::new(tag, 4)).expect("topology");
-        topo.wait_ready().expect("topology ready");
+        let topo = Topology::for_test(tag, 4);
         let servers = [(WEB, "web"), (API, "api"), (PARTNER, "partner")]
             .into_iter()
             .map(|(i, name)| {

@@ -680,17 +680,7 @@ fn ten_thousand_hostile_requests_reach_only_routed_backends() {
         PANICS.fetch_add(1, Ordering::Relaxed);
         previous(info);
     }));
-    let ns = Netns::new("l7-hostile").expect("create netns");
-    for addr in [
-        "203.0.113.1/32",
-        "198.51.100.1/32",
-        "192.0.2.1/32",
-        "192.0.2.2/32",
-        "192.0.2.3/32",
-    ] {
-        ns.ip(&["addr", "add", addr, "dev", "lo"])
-            .expect("add address");
-    }
+    let ns = Netns::with_l7_test_addresses("l7-hostile").expect("create netns");
     ns.block_on(TEST_DEADLINE, run)
         .expect("test body in its netns");
 }

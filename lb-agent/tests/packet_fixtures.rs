@@ -553,16 +553,10 @@ fn move_client_away(node: &mut Node, svc: &mut Service, from: u32) -> (u32, IpAd
 
 /// Runs bpftool (installed by `cargo xtask test`); its stdout.
 fn bpftool(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("bpftool")
-        .args(args)
-        .output()
-        .expect("run bpftool (installed by `cargo xtask test`)");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    lb_testbed::run_stdout(
+        Command::new("bpftool").args(args),
+        &format!("bpftool {args:?} (installed by `cargo xtask test`)"),
+    )
 }
 
 /// Every map pinned under a directory of its own (removed on drop, also when the test

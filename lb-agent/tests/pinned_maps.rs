@@ -59,17 +59,13 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
         assert!(dir.0.join(name).exists(), "{name} pinned");
     }
     let dump = |name: &str| -> serde_json::Value {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(dir.0.join(name))
-            .output()
-            .expect("run bpftool (installed by `cargo xtask test`)");
-        assert!(
-            out.status.success(),
-            "bpftool map dump {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = testbed::run_stdout(
+            Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(dir.0.join(name)),
+            &format!("bpftool map dump {name} (installed by `cargo xtask test`)"),
         );
-        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+        serde_json::from_slice(&out).expect("bpftool JSON")
     };
     let frontends = dump(maps::FRONTENDS);
     let entry = &frontends[0]["formatted"];
@@ -85,18 +81,14 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
         "big-endian service id: {ranges}"
     );
     // One entry looked up: a dump of all 262,144 slots takes bpftool seconds.
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "lookup", "pinned"])
-        .arg(dir.0.join(maps::BACKENDS))
-        .args(["key", "42", "0", "0", "0"])
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool map lookup: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = testbed::run_stdout(
+        Command::new("bpftool")
+            .args(["-j", "map", "lookup", "pinned"])
+            .arg(dir.0.join(maps::BACKENDS))
+            .args(["key", "42", "0", "0", "0"]),
+        "bpftool map lookup",
     );
-    let entry: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let entry: serde_json::Value = serde_json::from_slice(&out).expect("bpftool JSON");
     assert_eq!(entry["formatted"]["key"], 42, "typed key: {entry}");
     assert_eq!(
         entry["formatted"]["value"]["service_id"], 7,

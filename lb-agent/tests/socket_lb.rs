@@ -394,7 +394,7 @@ fn kill_and_restart(bed: &Run<'_>) {
         agent.until(
             "the restarted agent adopts the socket links",
             SETTLE,
-            || plain(&agent.log()).contains("adopted=8 attached=0"),
+            || testbed::agent::without_colours(&agent.log()).contains("adopted=8 attached=0"),
         );
     });
     let lines = stream.finish();
@@ -440,24 +440,6 @@ fn detach(bed: &Run<'_>) {
         "no hooks after detach: {lines:?}"
     );
     bed.start_agent(false);
-}
-
-/// The agent's log without its colour codes.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The backend names of `ok` lines; panics on any other line.

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use lb_agent::trace::Trace;
-use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology, TopologyConfig};
+use lb_testbed::{self as testbed, AgentProcess, ServerHandle, Topology};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const PORT: u16 = 8080;
@@ -101,30 +101,16 @@ fn admin_request(bed: &Bed, method: &str, target: &str) -> (u16, String) {
         })
         .expect("into the client namespace")
         .unwrap_or_else(|e| panic!("{method} {target} on the admin port: {e}"));
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    testbed::status_and_body(&text).unwrap_or_else(|| panic!("no status line: {text:?}"))
 }
 
 /// `lb-agent ARGS` from the test's own process (it reads only the pinned maps).
 fn agent_cli(args: &[&str]) -> String {
-    let out = Command::new(AGENT)
-        .args(args)
-        .output()
-        .expect("running lb-agent");
-    assert!(
-        out.status.success(),
-        "lb-agent {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = testbed::run_stdout(
+        Command::new(AGENT).args(args),
+        &format!("lb-agent {args:?}"),
     );
-    String::from_utf8(out.stdout).expect("UTF-8")
+    String::from_utf8(out).expect("UTF-8")
 }
 
 fn trace_cli(pins: &Path, sport: u16) -> Trace {
@@ -144,9 +130,7 @@ fn step<'t>(t: &'t Trace, stage: &str) -> &'t str {
 
 #[test]
 fn trace_names_the_backend_each_flow_reaches() {
-    testbed::check_privileges().expect("privileges");
-    let topo = Topology::build(&TopologyConfig::new("trace", BACKENDS)).expect("topology");
-    topo.wait_ready().expect("topology ready");
+    let topo = Topology::for_test("trace", BACKENDS);
     let servers = (0..BACKENDS)
         .flat_map(|i| testbed::spawn_backend_http_servers(&topo, i, PORT).expect("servers"))
         .collect();

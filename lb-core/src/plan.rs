@@ -225,22 +225,7 @@ impl Phases {
         let (late, early): (Vec<Op>, Vec<Op>) = backends
             .into_iter()
             .partition(|op| matches!(op, Op::RemoveBackend { .. }));
-        let mut ops = new_services;
-        ops.reserve(
-            early.len()
-                + forget_digests.len()
-                + tables.len()
-                + metas.len()
-                + add_ranges.len()
-                + add_frontends.len()
-                + remove_frontends.len()
-                + remove_ranges.len()
-                + late.len()
-                + cleanup_tables.len()
-                + cleanup_backends.len()
-                + cleanup_services.len(),
-        );
-        for phase in [
+        let phases = [
             early,
             forget_digests,
             tables,
@@ -253,7 +238,10 @@ impl Phases {
             cleanup_tables,
             cleanup_backends,
             cleanup_services,
-        ] {
+        ];
+        let mut ops = new_services;
+        ops.reserve(phases.iter().map(Vec::len).sum());
+        for phase in phases {
             ops.extend(phase);
         }
         ops

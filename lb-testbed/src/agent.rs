@@ -301,6 +301,25 @@ impl<'a> AgentProcess<'a> {
     }
 }
 
+/// The log without terminal colour codes (`ESC [ ... m`).
+#[must_use]
+pub fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Drop for AgentProcess<'_> {
     fn drop(&mut self) {
         let _ = self.kill9();

@@ -545,6 +545,19 @@ fn content_length(headers: &[httparse::Header<'_>]) -> anyhow::Result<Option<usi
     Ok(found)
 }
 
+/// The status code and the body of a whole HTTP/1 response as read from a
+/// socket to its end; `None` when it has no status line. The body is empty
+/// when the response has no end of head.
+#[must_use]
+pub fn status_and_body(response: &str) -> Option<(u16, String)> {
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
 /// From `ns`, sends one `GET /` with `Connection: close` to `addr` on a new
 /// connection and returns the first line of the body (the backend's name),
 /// trimmed. A status other than `200` is an error; the whole exchange must

@@ -43,7 +43,7 @@ pub use certs::{IssuedCert, TestCa};
 pub use echo::{Echo, EchoServer, spawn_echo_server, websocket_echo};
 pub use http::{
     HttpConnection, curl_status, http_get, spawn_backend_http_servers, spawn_http_server,
-    spawn_pinned_http_server,
+    spawn_pinned_http_server, status_and_body,
 };
 pub use netns::{
     EXEC_TIMEOUT, MAX_IFNAME_LEN, Netns, NetnsGuard, enable_napi, hosts_file_launcher,
@@ -65,6 +65,27 @@ pub fn write_atomically(path: &std::path::Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
+
+/// Runs `cmd` to completion and returns its stdout, for the tests that call a
+/// tool (`bpftool`, `lb-agent`) from their own process.
+///
+/// # Panics
+///
+/// When `cmd` cannot be started or exits with a failure: the message starts
+/// with `what` and, on failure, quotes the command's stderr.
+#[track_caller]
+#[must_use]
+pub fn run_stdout(cmd: &mut std::process::Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// Fails unless this process may create and enter network namespaces

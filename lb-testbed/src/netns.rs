@@ -100,6 +100,24 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A new namespace with the addresses of the L7 proxy tests on `lo`: the
+    /// proxy's 203.0.113.1, the client's 198.51.100.1 and the backends'
+    /// 192.0.2.1 to 192.0.2.3.
+    pub fn with_l7_test_addresses(tag: &str) -> anyhow::Result<Netns> {
+        let ns = Netns::new(tag)?;
+        for addr in [
+            "203.0.113.1/32",
+            "198.51.100.1/32",
+            "192.0.2.1/32",
+            "192.0.2.2/32",
+            "192.0.2.3/32",
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", "lo"])
+                .context("add address")?;
+        }
+        Ok(ns)
+    }
+
     /// The namespace's name, as `ip netns` and `/run/netns` know it.
     pub fn name(&self) -> &str {
         &self.name

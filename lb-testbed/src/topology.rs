@@ -80,6 +80,22 @@ impl Topology {
     /// The switch port that is the peer of the LB's `xb`.
     pub const SWITCH_LB_PORT: &str = "plb";
 
+    /// The set-up of a privileged test: checks the privileges, builds the
+    /// topology `TopologyConfig::new(tag, backends)` and waits until it is ready.
+    ///
+    /// # Panics
+    ///
+    /// When the process lacks the privileges, or the topology cannot be built
+    /// or does not become ready.
+    #[track_caller]
+    #[must_use]
+    pub fn for_test(tag: &str, backends: usize) -> Topology {
+        crate::check_privileges().expect("privileges");
+        let topo = Topology::build(&TopologyConfig::new(tag, backends)).expect("topology");
+        topo.wait_ready().expect("topology ready");
+        topo
+    }
+
     /// Creates the namespaces, links, addresses and routes. On error,
     /// everything already created is deleted again.
     pub fn build(cfg: &TopologyConfig) -> anyhow::Result<Topology> {
@@ -251,6 +267,25 @@ impl Topology {
         [&self.client, &self.lb, &self.switch]
             .into_iter()
             .chain(&self.backends)
+    }
+
+    /// The LB's interfaces ([`Self::LB_CLIENT_IF`], [`Self::LB_BACKEND_IF`])
+    /// that have an XDP program attached.
+    ///
+    /// # Panics
+    ///
+    /// When `ip link show` fails.
+    #[must_use]
+    pub fn xdp_attached(&self) -> Vec<&'static str> {
+        [Self::LB_CLIENT_IF, Self::LB_BACKEND_IF]
+            .into_iter()
+            .filter(|ifname| {
+                self.lb
+                    .ip(&["link", "show", "dev", ifname])
+                    .expect("ip link")
+                    .contains("prog/xdp")
+            })
+            .collect()
     }
 
     /// Waits (at most 3 s) until every interface is up and no IPv6 address

@@ -146,27 +146,14 @@ impl Dataplane {
     }
 
     pub(super) fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
-        self.ebpf
-            .as_mut()
-            .and_then(|ebpf| ebpf.program_mut(name))
-            .ok_or(DataplaneError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        as_xdp(
+            name,
+            self.ebpf.as_mut().and_then(|ebpf| ebpf.program_mut(name)),
+        )
     }
 
     fn xdp(&self, name: &'static str) -> Result<&Xdp, DataplaneError> {
-        self.ebpf
-            .as_ref()
-            .and_then(|ebpf| ebpf.program(name))
-            .ok_or(DataplaneError::Program {
-                name,
-                source: ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+        as_xdp(name, self.ebpf.as_ref().and_then(|ebpf| ebpf.program(name)))
     }
 
     /// Attaches the load balancer to `interface` and lets it redirect there.
@@ -208,6 +195,21 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// `program` as an XDP program: an error naming `name` when it is not loaded or
+/// not XDP.
+fn as_xdp<P, X>(name: &'static str, program: Option<P>) -> Result<X, DataplaneError>
+where
+    P: TryInto<X, Error = ProgramError>,
+{
+    program
+        .ok_or(DataplaneError::Program {
+            name,
+            source: ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 /// The interface's index in the caller's network namespace.

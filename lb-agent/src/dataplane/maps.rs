@@ -3,6 +3,7 @@
 
 use std::os::fd::AsFd as _;
 
+use aya::Pod;
 use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash};
 use ipnet::IpNet;
 
@@ -17,7 +18,7 @@ use super::sys;
 use super::tables::map_data;
 use super::{Dataplane, DataplaneError};
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
@@ -137,12 +138,29 @@ impl Dataplane {
             })
     }
 
+    /// Entry `key` of the hash map `name`, if any.
+    pub(super) fn hash_get<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+        key: &K,
+    ) -> Result<Option<V>, DataplaneError> {
+        let m: HashMap<_, K, V> = HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        optional(m.get(key, 0)).map_err(map_err(name))
+    }
+
+    /// Slot `id` of the array `name`.
+    pub(super) fn array_get<V: Pod>(
+        &self,
+        name: &'static str,
+        id: u32,
+    ) -> Result<V, DataplaneError> {
+        let m: Array<_, V> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        m.get(&id, 0).map_err(map_err(name))
+    }
+
     /// The conntrack entry for a client -> frontend flow, if any.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>, DataplaneError> {
-        let name = maps::CONNTRACK;
-        let m: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(m.get(key, 0)).map_err(map_err(name))
+        self.hash_get(maps::CONNTRACK, key)
     }
 
     /// A service's counters summed over CPUs.
@@ -187,10 +205,7 @@ impl Dataplane {
         &self,
         key: &lb_common::AffinityKey,
     ) -> Result<Option<lb_common::Affinity>, DataplaneError> {
-        let name = maps::AFFINITY;
-        let m: HashMap<_, lb_common::AffinityKey, lb_common::Affinity> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(m.get(key, 0)).map_err(map_err(name))
+        self.hash_get(maps::AFFINITY, key)
     }
 }
 
@@ -359,7 +374,8 @@ impl Dataplane {
     }
 }
 
-fn optional<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
+/// A missing key as `None`.
+pub(super) fn optional<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
     match result {
         Ok(v) => Ok(Some(v)),
         Err(MapError::KeyNotFound) => Ok(None),

@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use super::loader::{PROGRAM, ifindex};
-use super::sys;
+use super::sys::{self, statfs_magic};
 use super::{Dataplane, DataplaneError};
 
 /// The default pin directory.
@@ -29,7 +29,8 @@ const LINK_PREFIX: &str = "link_";
     clippy::needless_pass_by_value,
     reason = "callers pass errors they own"
 )]
-fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
+/// A pin (or mount) error at `path`.
+pub(super) fn pin_err(path: &Path, reason: impl ToString) -> DataplaneError {
     DataplaneError::Pin {
         path: path.to_path_buf(),
         reason: reason.to_string(),
@@ -205,7 +206,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<Bpffs, DataplaneError> {
             errno_text(&e)
         ))
     })?;
-    mount_bpffs(&target).map_err(|e| {
+    sys::mount(c"bpffs", &target, c"bpf").map_err(|e| {
         fail(format!(
             "mounting bpffs on {} failed: {}",
             target.display(),
@@ -221,44 +222,6 @@ pub fn ensure_bpffs(dir: &Path) -> Result<Bpffs, DataplaneError> {
         )));
     }
     Ok(Bpffs::Mounted(target))
-}
-
-/// `mount("bpffs", target, "bpf", 0, "")`.
-fn mount_bpffs(target: &Path) -> io::Result<()> {
-    let cpath = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: NUL-terminated strings that outlive the call; empty data.
-    let rc = unsafe {
-        libc::mount(
-            c"bpffs".as_ptr(),
-            cpath.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            c"".as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// `statfs(2)`'s `f_type` of `path`.
-fn statfs_magic(path: &Path) -> io::Result<i64> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a zeroed statfs is a valid value for the kernel to fill.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a struct that both outlive the call.
-    if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type's width differs by libc target"
-    )]
-    Ok(i64::from(st.f_type))
 }
 
 /// A file system's name by its magic, for messages.

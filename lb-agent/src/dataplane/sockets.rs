@@ -15,6 +15,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use lb_common::maps;
 use lb_common::sock::{SOCK_F_HOST_ONLY, SockConfig};
 
+use super::pins::pin_err;
+use super::sys::statfs_magic;
 use super::{Dataplane, DataplaneError};
 
 /// The programs, by hook, in the order they are attached (reverse translation first,
@@ -45,17 +47,6 @@ pub struct SocketLbOptions {
     pub host_only: bool,
 }
 
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "callers pass errors they own"
-)]
-fn err(path: &Path, reason: impl ToString) -> DataplaneError {
-    DataplaneError::Pin {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
-}
-
 /// Where link `program` is pinned.
 pub fn link_path(dir: &Path, program: &str) -> PathBuf {
     let hook = program.strip_prefix("xlb_").unwrap_or(program);
@@ -84,9 +75,9 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 /// (v1 only) is an error that names what is missing.
 pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneError> {
     if let Some(dir) = requested {
-        let magic = statfs_magic(dir).map_err(|e| err(dir, format!("statfs: {e}")))?;
+        let magic = statfs_magic(dir).map_err(|e| pin_err(dir, format!("statfs: {e}")))?;
         if magic != CGROUP2_MAGIC {
-            return Err(err(
+            return Err(pin_err(
                 dir,
                 format!(
                     "not a cgroup v2 directory (statfs f_type {magic:#x}, cgroup2 is \
@@ -99,7 +90,7 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         return Ok(dir.to_path_buf());
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| err(Path::new("/proc/self/mountinfo"), e))?;
+        .map_err(|e| pin_err(Path::new("/proc/self/mountinfo"), e))?;
     if let Some(point) = cgroup2_mount(&mountinfo) {
         return Ok(point);
     }
@@ -108,7 +99,7 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         .lines()
         .any(|l| l.trim_end().ends_with("cgroup2"))
     {
-        return Err(err(
+        return Err(pin_err(
             Path::new("/proc/filesystems"),
             "this kernel has no cgroup2 file system (cgroup v1 only); socket load \
              balancing needs cgroup v2 (CONFIG_CGROUPS with the unified hierarchy, \
@@ -116,9 +107,9 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         ));
     }
     let target = Path::new(PRIVATE_MOUNT);
-    std::fs::create_dir_all(target).map_err(|e| err(target, e))?;
-    mount_cgroup2(target).map_err(|e| {
-        err(
+    std::fs::create_dir_all(target).map_err(|e| pin_err(target, e))?;
+    super::sys::mount(c"none", target, c"cgroup2").map_err(|e| {
+        pin_err(
             target,
             format!(
                 "no cgroup2 mount on this host, and mounting one failed ({e}): run \
@@ -131,42 +122,6 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf, DataplaneErro
         "no cgroup2 mount found: mounted cgroup2 privately"
     );
     Ok(target.to_path_buf())
-}
-
-fn mount_cgroup2(target: &Path) -> io::Result<()> {
-    let cpath = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: NUL-terminated strings that outlive the call; empty data.
-    let rc = unsafe {
-        libc::mount(
-            c"none".as_ptr(),
-            cpath.as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            c"".as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn statfs_magic(path: &Path) -> io::Result<i64> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: a zeroed statfs is a valid value for the kernel to fill.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a struct that both outlive the call.
-    if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[expect(
-        clippy::useless_conversion,
-        reason = "f_type's width differs by libc target"
-    )]
-    Ok(i64::from(st.f_type))
 }
 
 /// `SO_NETNS_COOKIE` of the calling thread's network namespace (Linux 5.14+).
@@ -214,14 +169,17 @@ impl Dataplane {
         cgroup: &Path,
         host_only: bool,
     ) -> Result<SocketAttachment, DataplaneError> {
-        let cookie = netns_cookie().map_err(|e| err(cgroup, format!("SO_NETNS_COOKIE: {e}")))?;
+        let cookie =
+            netns_cookie().map_err(|e| pin_err(cgroup, format!("SO_NETNS_COOKIE: {e}")))?;
         self.write_sock_config(SockConfig {
             host_netns_cookie: cookie,
             flags: if host_only { SOCK_F_HOST_ONLY } else { 0 },
             _pad: 0,
         })?;
-        let cgroup_file = std::fs::File::open(cgroup).map_err(|e| err(cgroup, e))?;
-        let cgroup_id = std::fs::metadata(cgroup).map_err(|e| err(cgroup, e))?.ino();
+        let cgroup_file = std::fs::File::open(cgroup).map_err(|e| pin_err(cgroup, e))?;
+        let cgroup_id = std::fs::metadata(cgroup)
+            .map_err(|e| pin_err(cgroup, e))?
+            .ino();
         let mut done = SocketAttachment {
             cgroup: cgroup.to_path_buf(),
             adopted: 0,
@@ -233,7 +191,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program { name, source })?;
             let path = link_path(dir, name);
             let old = if path.exists() {
-                Some(bpf_obj_get(&path).map_err(|e| err(&path, format!("BPF_OBJ_GET: {e}")))?)
+                Some(bpf_obj_get(&path).map_err(|e| pin_err(&path, format!("BPF_OBJ_GET: {e}")))?)
             } else {
                 None
             };
@@ -244,7 +202,7 @@ impl Dataplane {
                     .fd()
                     .map_err(|source| DataplaneError::Program { name, source })?;
                 link_update(old.as_fd(), prog_fd.as_fd())
-                    .map_err(|e| err(&path, format!("BPF_LINK_UPDATE: {e}")))?;
+                    .map_err(|e| pin_err(&path, format!("BPF_LINK_UPDATE: {e}")))?;
                 done.adopted += 1;
                 continue;
             }
@@ -257,7 +215,7 @@ impl Dataplane {
                 .take_link(id)
                 .map_err(|source| DataplaneError::Program { name, source })?;
             let fd_link = FdLink::try_from(link).map_err(|e| {
-                err(
+                pin_err(
                     &path,
                     format!("the kernel attached without a BPF link ({e}); links need Linux 5.7+"),
                 )
@@ -269,11 +227,11 @@ impl Dataplane {
                 path.file_name().unwrap_or_default().to_string_lossy()
             ));
             let _ = std::fs::remove_file(&fresh);
-            fd_link.pin(&fresh).map_err(|e| err(&fresh, e))?;
-            std::fs::rename(&fresh, &path).map_err(|e| err(&path, e))?;
+            fd_link.pin(&fresh).map_err(|e| pin_err(&fresh, e))?;
+            std::fs::rename(&fresh, &path).map_err(|e| pin_err(&path, e))?;
             if let Some(old) = old {
                 link_detach(old.as_fd())
-                    .map_err(|e| err(&path, format!("BPF_LINK_DETACH: {e}")))?;
+                    .map_err(|e| pin_err(&path, format!("BPF_LINK_DETACH: {e}")))?;
             }
             done.attached += 1;
         }
@@ -347,9 +305,9 @@ pub fn pinned_links(dir: &Path) -> Vec<PathBuf> {
 pub fn detach_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     let mut removed = Vec::new();
     for path in pinned_links(dir) {
-        let link = bpf_obj_get(&path).map_err(|e| err(&path, format!("BPF_OBJ_GET: {e}")))?;
-        link_detach(link.as_fd()).map_err(|e| err(&path, format!("BPF_LINK_DETACH: {e}")))?;
-        std::fs::remove_file(&path).map_err(|e| err(&path, e))?;
+        let link = bpf_obj_get(&path).map_err(|e| pin_err(&path, format!("BPF_OBJ_GET: {e}")))?;
+        link_detach(link.as_fd()).map_err(|e| pin_err(&path, format!("BPF_LINK_DETACH: {e}")))?;
+        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
         removed.push(format!(
             "socket link {}",
             path.file_name().unwrap_or_default().to_string_lossy()

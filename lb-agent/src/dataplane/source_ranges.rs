@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{MapError, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
 use lb_common::{FAMILY_V6, SOURCE_RANGE_FIXED_BITS, SourceRangeKey, addr_key, maps};
 
@@ -41,6 +41,12 @@ fn map_err(source: MapError) -> DataplaneError {
 }
 
 impl Dataplane {
+    fn source_ranges_mut(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, SourceRangeKey, u32>, DataplaneError> {
+        LpmTrie::try_from(self.map_mut(maps::SOURCE_RANGES)?).map_err(map_err)
+    }
+
     /// Admits clients in `range` to new flows of `service_id`'s frontends (those that
     /// carry `FRONTEND_F_SOURCE_RANGES`).
     pub fn add_source_range(
@@ -48,9 +54,8 @@ impl Dataplane {
         service_id: u32,
         range: IpNet,
     ) -> Result<(), DataplaneError> {
-        let mut m: LpmTrie<_, SourceRangeKey, u32> =
-            LpmTrie::try_from(self.map_mut(maps::SOURCE_RANGES)?).map_err(map_err)?;
-        m.insert(&range_key(service_id, range), 1, 0)
+        self.source_ranges_mut()?
+            .insert(&range_key(service_id, range), 1, 0)
             .map_err(map_err)
     }
 
@@ -60,8 +65,7 @@ impl Dataplane {
         service_id: u32,
         range: IpNet,
     ) -> Result<(), DataplaneError> {
-        let mut m: LpmTrie<_, SourceRangeKey, u32> =
-            LpmTrie::try_from(self.map_mut(maps::SOURCE_RANGES)?).map_err(map_err)?;
+        let mut m = self.source_ranges_mut()?;
         super::maps::absent_ok(m.remove(&range_key(service_id, range))).map_err(map_err)
     }
 

@@ -6,27 +6,16 @@
 use std::io;
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 
-use aya::maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
     FrontendKey, NextHop, SERVICE_META_F_IN_USE, SOURCE_RANGE_LOOKUP_BITS, ServiceMeta,
     SourceRangeKey, maps,
 };
 
+use super::maps::{map_err, optional};
 use super::tables::map_data;
 use super::{Dataplane, DataplaneError};
-
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
-fn optional<V>(result: Result<V, MapError>) -> Result<Option<V>, MapError> {
-    match result {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
 
 /// How full an LRU table is: entries counted now, and its capacity.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -81,36 +70,25 @@ impl Dataplane {
     }
 
     pub fn frontend(&self, key: &FrontendKey) -> Result<Option<Frontend>, DataplaneError> {
-        let name = maps::FRONTENDS;
-        let m: HashMap<_, FrontendKey, Frontend> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        optional(m.get(key, 0)).map_err(map_err(name))
+        self.hash_get(maps::FRONTENDS, key)
     }
 
     /// Backend slot `id` as the program reads it (family 0: empty).
     pub fn backend_slot(&self, id: u32) -> Result<Backend, DataplaneError> {
-        let name = maps::BACKENDS;
-        let m: Array<_, Backend> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        m.get(&id, 0).map_err(map_err(name))
+        self.array_get(maps::BACKENDS, id)
     }
 
     pub fn backend_meta(&self, id: u32) -> Result<BackendMeta, DataplaneError> {
-        let name = maps::BACKEND_META;
-        let m: Array<_, BackendMeta> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        m.get(&id, 0).map_err(map_err(name))
+        self.array_get(maps::BACKEND_META, id)
     }
 
     pub fn service_meta(&self, id: u32) -> Result<ServiceMeta, DataplaneError> {
-        let name = maps::SERVICE_META;
-        let m: Array<_, ServiceMeta> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        m.get(&id, 0).map_err(map_err(name))
+        self.array_get(maps::SERVICE_META, id)
     }
 
     /// The cached next hop towards backend `id` (expired or empty ones included).
     pub fn next_hop(&self, id: u32) -> Result<NextHop, DataplaneError> {
-        let name = maps::NEXTHOPS;
-        let m: Array<_, NextHop> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
-        m.get(&id, 0).map_err(map_err(name))
+        self.array_get(maps::NEXTHOPS, id)
     }
 
     /// The conntrack entry of a client flow (`flow` exists in `maps.rs` too; this one

@@ -5,7 +5,7 @@
 //! 10,000-service sync would be millions of them. Errors name the command and carry the
 //! errno.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::path::Path;
@@ -24,6 +24,48 @@ const MAP_LOOKUP_BATCH: Cmd = Cmd(24, "BPF_MAP_LOOKUP_BATCH");
 const MAP_UPDATE_BATCH: Cmd = Cmd(26, "BPF_MAP_UPDATE_BATCH");
 const MAP_DELETE_BATCH: Cmd = Cmd(27, "BPF_MAP_DELETE_BATCH");
 const LINK_DETACH: Cmd = Cmd(34, "BPF_LINK_DETACH");
+
+/// `mount(source, target, fstype, 0, "")`: a pseudo file system (bpffs, cgroup2)
+/// with no flags and no options.
+pub(super) fn mount(source: &CStr, target: &Path, fstype: &CStr) -> io::Result<()> {
+    let cpath = path_cstring(target)?;
+    // SAFETY: NUL-terminated strings that outlive the call; empty data.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            cpath.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            c"".as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `statfs(2)`'s `f_type` of `path`.
+pub(super) fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let cpath = path_cstring(path)?;
+    // SAFETY: a zeroed statfs is a valid value for the kernel to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct that both outlive the call.
+    if unsafe { libc::statfs(cpath.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[expect(
+        clippy::useless_conversion,
+        reason = "f_type's width differs by libc target"
+    )]
+    Ok(i64::from(st.f_type))
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
 
 /// The kernel's ENOTSUPP (not in libc): the map type has no batch operations.
 pub const ENOTSUPP: i32 = 524;

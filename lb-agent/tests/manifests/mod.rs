@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, SecurityContext, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Deserialize as _;
@@ -192,6 +194,16 @@ pub fn agent_container(ds: &DaemonSet) -> &Container {
         "the DaemonSet runs one container, the agent"
     );
     &spec.containers[0]
+}
+
+/// The agent container of the DaemonSet in `docs` and its security context.
+pub fn agent_security(docs: &[Doc]) -> (&Container, &SecurityContext) {
+    let container = agent_container(daemonset(docs));
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    (container, security)
 }
 
 /// The capabilities the agent container adds (Kubernetes spelling: `NET_ADMIN`).

@@ -253,26 +253,8 @@ fn field(line: &str, key: &str) -> Option<f64> {
         .ok()
 }
 
-/// The log without terminal colour codes (`ESC [ ... m`).
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn timeline(log: &str) -> Timeline {
-    let log = plain(log);
+    let log = lb_testbed::agent::without_colours(log);
     let first = log.lines().find_map(log_time);
     let lists = log
         .lines()

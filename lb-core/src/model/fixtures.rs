@@ -58,17 +58,25 @@ pub fn load(name: &str) -> Vec<Object> {
     parse(&text)
 }
 
-/// A cluster holding `objects`, each kind listed completely once (as a source does
-/// before the agent acts).
-pub fn cluster(objects: &[Object]) -> Cluster {
-    let mut cluster = Cluster::default();
-    for kind in Kind::ALL {
+/// The events that list each kind of `objects` completely once (as a source does
+/// before the agent acts), in the order of [`Kind::ALL`].
+pub fn listed(objects: &[Object]) -> impl Iterator<Item = ClusterEvent> + '_ {
+    Kind::ALL.into_iter().map(|kind| {
         let of_kind = objects
             .iter()
             .filter(|o| o.kind() == kind)
             .cloned()
             .collect();
-        cluster.apply(ClusterEvent::Replace(kind, of_kind));
+        ClusterEvent::Replace(kind, of_kind)
+    })
+}
+
+/// A cluster holding `objects`, each kind listed completely once (as a source does
+/// before the agent acts).
+pub fn cluster(objects: &[Object]) -> Cluster {
+    let mut cluster = Cluster::default();
+    for event in listed(objects) {
+        cluster.apply(event);
     }
     assert!(cluster.synced());
     cluster

@@ -98,6 +98,18 @@ pub struct Desired {
     pub services: BTreeMap<String, Arc<ServiceModel>>,
 }
 
+/// Services by name, each model in its own `Arc`; a later name replaces an earlier one.
+impl<'a> FromIterator<(&'a str, ServiceModel)> for Desired {
+    fn from_iter<I: IntoIterator<Item = (&'a str, ServiceModel)>>(services: I) -> Self {
+        Desired {
+            services: services
+                .into_iter()
+                .map(|(name, model)| (name.to_owned(), Arc::new(model)))
+                .collect(),
+        }
+    }
+}
+
 /// Builds the desired state from validated specs. `health` answers for backends that
 /// have a health check (service name, endpoint); the others are `Unchecked`.
 pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Health) -> Desired {

@@ -240,12 +240,7 @@ fn service(frontends: &[FrontendSpec], backends: &[(Endpoint, u32, Health)]) -> 
 }
 
 fn desired(services: Vec<(&str, ServiceModel)>) -> Desired {
-    Desired {
-        services: services
-            .into_iter()
-            .map(|(n, s)| (n.to_owned(), Arc::new(s)))
-            .collect(),
-    }
+    services.into_iter().collect()
 }
 
 /// A service of `want` to change (copied when another state shares it).

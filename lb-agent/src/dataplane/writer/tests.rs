@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 use lb_common::{ADDR_F_BACKEND, ADDR_F_FRONTEND, addr_filter_slot, maps};
@@ -53,12 +52,7 @@ fn service(frontends: &[(u8, u16)], backends: &[(Endpoint, u32)]) -> ServiceMode
 }
 
 fn desired(services: Vec<(&str, ServiceModel)>) -> Desired {
-    Desired {
-        services: services
-            .into_iter()
-            .map(|(n, s)| (n.to_owned(), Arc::new(s)))
-            .collect(),
-    }
+    services.into_iter().collect()
 }
 
 /// Three states in a row: services added; changed (new, drained and removed backends,

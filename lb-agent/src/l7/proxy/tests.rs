@@ -50,17 +50,7 @@ where
     if let Err(e) = check_privileges() {
         panic!("proxy tests run in their own network namespaces: {e:#}");
     }
-    let ns = Netns::new(&format!("l7-{tag}")).expect("create netns");
-    for addr in [
-        "203.0.113.1/32",
-        "198.51.100.1/32",
-        "192.0.2.1/32",
-        "192.0.2.2/32",
-        "192.0.2.3/32",
-    ] {
-        ns.ip(&["addr", "add", addr, "dev", "lo"])
-            .expect("add address");
-    }
+    let ns = Netns::with_l7_test_addresses(&format!("l7-{tag}")).expect("create netns");
     // DEAD_IP leads into a veth whose peer is down, which drops everything: connects
     // to it time out.
     for args in [

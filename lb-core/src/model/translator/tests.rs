@@ -37,13 +37,8 @@ impl Running {
             desired: Desired::default(),
         };
         let mut dirty = Dirty::None;
-        for kind in Kind::ALL {
-            let of_kind = objects
-                .iter()
-                .filter(|o| o.kind() == kind)
-                .cloned()
-                .collect();
-            dirty.merge(running.cluster.apply(ClusterEvent::Replace(kind, of_kind)));
+        for event in fixtures::listed(objects) {
+            dirty.merge(running.cluster.apply(event));
         }
         let outcome = running.update_with(dirty);
         (running, outcome)
@@ -124,13 +119,8 @@ fn relist_of_unchanged_objects_changes_nothing() {
         let meta = object.meta_mut();
         meta.resource_version = Some("999999".into());
     }
-    for kind in Kind::ALL {
-        let of_kind = objects
-            .iter()
-            .filter(|o| o.kind() == kind)
-            .cloned()
-            .collect();
-        let outcome = running.apply(ClusterEvent::Replace(kind, of_kind));
+    for (kind, event) in Kind::ALL.into_iter().zip(fixtures::listed(&objects)) {
+        let outcome = running.apply(event);
         assert!(!outcome.changed, "{kind}");
         assert!(
             outcome.problems.is_empty(),
