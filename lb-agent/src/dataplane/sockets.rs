@@ -5,7 +5,7 @@
 //! never without translation.
 
 use std::io;
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -318,7 +318,7 @@ pub fn detach_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
 
 /// The cgroup id a cgroup link is attached to (`BPF_OBJ_GET_INFO_BY_FD`).
 fn link_cgroup(link: BorrowedFd<'_>) -> io::Result<u64> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_OBJ_GET_INFO_BY_FD: super::sys::Cmd = super::sys::OBJ_GET_INFO_BY_FD;
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the cgroup member:
     // cgroup_id (u64), attach_type.
     #[repr(C)]
@@ -328,18 +328,18 @@ fn link_cgroup(link: BorrowedFd<'_>) -> io::Result<u64> {
         info: u64,
     }
     let mut info = [0u64; 8];
-    let attr = Attr {
+    let mut attr = Attr {
         bpf_fd: link.as_raw_fd().cast_unsigned(),
         info_len: 64,
         info: info.as_mut_ptr() as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info[2])
 }
 
 /// `BPF_LINK_UPDATE`: the link runs `prog` from now on.
 fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
+    const BPF_LINK_UPDATE: super::sys::Cmd = super::sys::LINK_UPDATE;
     #[repr(C)]
     struct Attr {
         link_fd: u32,
@@ -347,60 +347,30 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
         flags: u32,
         old_prog_fd: u32,
     }
-    let attr = Attr {
+    let mut attr = Attr {
         link_fd: link.as_raw_fd().cast_unsigned(),
         new_prog_fd: prog.as_raw_fd().cast_unsigned(),
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
-/// `BPF_LINK_DETACH` (Linux 5.9+).
+/// `BPF_LINK_DETACH` (Linux 5.9+), through the one module that makes `bpf(2)` calls.
 fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    #[repr(C)]
-    struct Attr {
-        link_fd: u32,
-    }
-    let attr = Attr {
-        link_fd: link.as_raw_fd().cast_unsigned(),
-    };
-    bpf(BPF_LINK_DETACH, &attr).map(drop)
+    super::sys::link_detach(link).map_err(io::Error::from)
 }
 
 /// `BPF_OBJ_GET`: opens a pinned object.
 fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    #[repr(C)]
-    struct Attr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = Attr {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let fd = bpf(BPF_OBJ_GET, &attr)?;
-    let fd = i32::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the kernel just returned this new fd; we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    super::sys::obj_get(path).map_err(io::Error::from)
 }
 
-/// The `bpf(2)` system call with `attr` (a prefix of `union bpf_attr`).
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` and outlives the call; the
-    // pointers inside it point to memory that outlives the call too.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_ref(attr), size_of::<T>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+/// `bpf(2)` with `attr` (a prefix of `union bpf_attr`), made by `sys`.
+fn bpf<T>(cmd: super::sys::Cmd, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the callers' structs); the
+    // pointers inside it point to memory that outlives the call.
+    unsafe { super::sys::command(cmd, attr) }.map_err(io::Error::from)
 }
 
 #[cfg(test)]

@@ -153,8 +153,9 @@ impl Dataplane {
     }
 }
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+use super::sys::{
+    MAP_GET_NEXT_KEY as BPF_MAP_GET_NEXT_KEY, MAP_LOOKUP_BATCH_CMD as BPF_MAP_LOOKUP_BATCH,
+};
 /// The kernel's ENOTSUPP: no batch operations for this map type (or kernel).
 const ENOTSUPP: i32 = 524;
 const CHUNK: u32 = 4096;
@@ -180,15 +181,12 @@ struct NextKeyAttr {
     next_key: u64,
 }
 
-fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
-    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd`; every pointer in it points at
-    // a live buffer as large as the kernel will write.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+fn bpf<A>(cmd: super::sys::Cmd, attr: &mut A) -> io::Result<()> {
+    // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the structs above); every
+    // pointer in it points at a live buffer as large as the kernel will write.
+    unsafe { super::sys::command(cmd, attr) }
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// Counts a hash map's entries, never more than `capacity`: batches of `CHUNK`

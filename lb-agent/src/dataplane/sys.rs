@@ -15,7 +15,7 @@ use aya::Pod;
 
 /// A `bpf(2)` command: its number and its name for errors.
 #[derive(Clone, Copy)]
-struct Cmd(libc::c_long, &'static str);
+pub(super) struct Cmd(libc::c_long, &'static str);
 
 const MAP_LOOKUP_ELEM: Cmd = Cmd(1, "BPF_MAP_LOOKUP_ELEM");
 const MAP_DELETE_ELEM: Cmd = Cmd(3, "BPF_MAP_DELETE_ELEM");
@@ -24,6 +24,11 @@ const MAP_LOOKUP_BATCH: Cmd = Cmd(24, "BPF_MAP_LOOKUP_BATCH");
 const MAP_UPDATE_BATCH: Cmd = Cmd(26, "BPF_MAP_UPDATE_BATCH");
 const MAP_DELETE_BATCH: Cmd = Cmd(27, "BPF_MAP_DELETE_BATCH");
 const LINK_DETACH: Cmd = Cmd(34, "BPF_LINK_DETACH");
+/// Commands whose attributes their one caller builds (see [`command`]).
+pub(super) const MAP_GET_NEXT_KEY: Cmd = Cmd(4, "BPF_MAP_GET_NEXT_KEY");
+pub(super) const OBJ_GET_INFO_BY_FD: Cmd = Cmd(15, "BPF_OBJ_GET_INFO_BY_FD");
+pub(super) const LINK_UPDATE: Cmd = Cmd(29, "BPF_LINK_UPDATE");
+pub(super) const MAP_LOOKUP_BATCH_CMD: Cmd = MAP_LOOKUP_BATCH;
 
 /// `mount(source, target, fstype, 0, "")`: a pseudo file system (bpffs, cgroup2)
 /// with no flags and no options.
@@ -136,6 +141,17 @@ struct LinkDetachAttr {
 }
 
 /// The one `bpf(2)` call site; returns the syscall's non-negative result.
+/// `bpf(2)` with an attribute block a caller outside this module builds (the stats
+/// reader's iteration, the socket hooks' link commands), so that the system call itself
+/// stays here.
+///
+/// # Safety
+/// `attr` must be a valid `union bpf_attr` prefix for `cmd`, and every pointer in it
+/// must point at a live buffer as large as the kernel reads or writes for `cmd`.
+pub(super) unsafe fn command<T>(cmd: Cmd, attr: &mut T) -> Result<libc::c_long, BpfError> {
+    bpf(cmd, attr)
+}
+
 fn bpf<T>(cmd: Cmd, attr: &mut T) -> Result<libc::c_long, BpfError> {
     // SAFETY: every caller passes a valid `union bpf_attr` prefix for `cmd` whose
     // pointers outlive the call and point at buffers of the sizes the kernel reads or
