@@ -358,19 +358,19 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
 
 /// `BPF_LINK_DETACH` (Linux 5.9+), through the one module that makes `bpf(2)` calls.
 fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    super::sys::link_detach(link).map_err(io::Error::from)
+    super::sys::link_detach(link).map_err(|e| e.errno)
 }
 
 /// `BPF_OBJ_GET`: opens a pinned object.
 fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
-    super::sys::obj_get(path).map_err(io::Error::from)
+    super::sys::obj_get(path).map_err(|e| e.errno)
 }
 
 /// `bpf(2)` with `attr` (a prefix of `union bpf_attr`), made by `sys`.
 fn bpf<T>(cmd: super::sys::Cmd, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the callers' structs); the
     // pointers inside it point to memory that outlives the call.
-    unsafe { super::sys::command(cmd, attr) }.map_err(io::Error::from)
+    unsafe { super::sys::command(cmd, attr) }.map_err(|e| e.errno)
 }
 
 #[cfg(test)]

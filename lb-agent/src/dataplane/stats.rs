@@ -184,9 +184,10 @@ struct NextKeyAttr {
 fn bpf<A>(cmd: super::sys::Cmd, attr: &mut A) -> io::Result<()> {
     // SAFETY: `attr` is a valid bpf_attr prefix for `cmd` (the structs above); every
     // pointer in it points at a live buffer as large as the kernel will write.
+    // The errno itself (not wrapped), so callers can match ENOENT and ENOTSUPP.
     unsafe { super::sys::command(cmd, attr) }
         .map(drop)
-        .map_err(io::Error::from)
+        .map_err(|e| e.errno)
 }
 
 /// Counts a hash map's entries, never more than `capacity`: batches of `CHUNK`
