@@ -133,7 +133,7 @@ pub enum Command {
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs: PathBuf,
         /// Ask these agents' admin endpoints instead of reading local maps
-        /// (`http://10.0.0.1:9190`, comma-separated or repeated): where each node would
+        /// (`http://198.51.100.11:9190`, comma-separated or repeated): where each node would
         /// send the flow.
         #[arg(long, value_delimiter = ',', value_name = "URL")]
         nodes: Vec<String>,
