@@ -154,24 +154,12 @@ impl Dataplane {
 }
 
 use super::sys::{
-    MAP_GET_NEXT_KEY as BPF_MAP_GET_NEXT_KEY, MAP_LOOKUP_BATCH_CMD as BPF_MAP_LOOKUP_BATCH,
+    BatchAttr, MAP_GET_NEXT_KEY as BPF_MAP_GET_NEXT_KEY,
+    MAP_LOOKUP_BATCH_CMD as BPF_MAP_LOOKUP_BATCH,
 };
 /// The kernel's ENOTSUPP: no batch operations for this map type (or kernel).
 const ENOTSUPP: i32 = 524;
 const CHUNK: u32 = 4096;
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
 
 #[repr(C)]
 struct NextKeyAttr {

@@ -112,18 +112,19 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// `union bpf_attr` for the batch commands (`struct { ... } batch`).
+/// `union bpf_attr` for the batch commands (`struct { ... } batch`); also the stats
+/// reader's `BPF_MAP_LOOKUP_BATCH` through [`command`].
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(super) struct BatchAttr {
+    pub(super) in_batch: u64,
+    pub(super) out_batch: u64,
+    pub(super) keys: u64,
+    pub(super) values: u64,
+    pub(super) count: u32,
+    pub(super) map_fd: u32,
+    pub(super) elem_flags: u64,
+    pub(super) flags: u64,
 }
 
 /// `union bpf_attr`, the `BPF_OBJ_*` prefix.
