@@ -1,9 +1,13 @@
 //! The real agent with exactly the capabilities deploy/'s DaemonSet gives it, read from
-//! the manifest, in the DaemonSet's mode (a Kubernetes source, here `--manifests`, and
-//! the L7 hop on ports 80 and 443): it attaches, forwards a connection, serves the L7
-//! port, reads its maps on the admin port (`/metrics`, `/trace`) and adopts its pins
-//! after a restart (the rolling-update path). Without any one of them it exits and names the
-//! missing capability, and nothing stays attached.
+//! the manifest, in the DaemonSet's mode (a Kubernetes source, here `--manifests`, the
+//! L7 hop on ports 80 and 443, and socket load balancing, here on a child cgroup the
+//! test creates instead of the host's root): it attaches XDP and the socket hooks,
+//! forwards a connection through each, serves the L7 port, reads its maps on the admin
+//! port (`/metrics`, `/trace`) and adopts its pins and links after a restart (the
+//! rolling-update path). Without any one of them it exits and names the missing
+//! capability, and nothing stays attached: no XDP, no cgroup program. Together the two
+//! tests measure the set the agent needs (enough, and each one required) and show that
+//! it is deploy/'s list.
 //!
 //! The container is modelled with `setpriv`, as the runtime sets it up for a uid 0
 //! process with `capabilities: {drop: [ALL], add: [...]}`: bounding, permitted and
@@ -30,6 +34,18 @@ const SETTLE: Duration = Duration::from_secs(15);
 struct ContainerPrivileges {
     capabilities: Vec<String>,
     no_new_privs: bool,
+}
+
+/// The DaemonSet runs socket load balancing on the host's cgroup2 root (`--socket-lb
+/// --cgroup DIR`); the test runs the same with a child cgroup of its own for DIR.
+fn daemonset_runs_socket_lb() {
+    let docs = manifests::load(&manifests::deploy_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let (container, _) = manifests::agent_security(&docs);
+    let args = container.args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--socket-lb") && args.iter().any(|a| a == "--cgroup"),
+        "the DaemonSet's agent runs --socket-lb --cgroup: {args:?}"
+    );
 }
 
 fn daemonset_privileges() -> ContainerPrivileges {
@@ -105,6 +121,7 @@ struct Bed {
     topo: Topology,
     _servers: Vec<ServerHandle>,
     manifests: PathBuf,
+    cgroup: ChildCgroup,
 }
 
 impl Bed {
@@ -142,28 +159,105 @@ ports: [{{ name: http, port: {PORT}, protocol: TCP }}]
             topo,
             _servers: servers,
             manifests,
+            cgroup: ChildCgroup::new(tag),
         }
     }
 
-    /// The agent as the DaemonSet runs it (ports 80 and 443 for the L7 hop).
+    /// The agent as the DaemonSet runs it (ports 80 and 443 for the L7 hop, socket
+    /// load balancing on the test's child cgroup).
     fn agent(&self, tag: &str, launcher: &[String]) -> AgentProcess<'_> {
         let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
         let dir = self.manifests.display().to_string();
+        let cgroup = self.cgroup.path.display().to_string();
+        let mut extra: Vec<&str> = testbed::agent::L7_ARGS.to_vec();
+        extra.extend(["--socket-lb", "--cgroup", &cgroup]);
         AgentProcess::start_full(
             &self.topo.lb,
             &launcher,
             Path::new(AGENT),
             &["--manifests", &dir],
             tag,
-            &testbed::agent::L7_ARGS,
+            &extra,
         )
         .expect("start agent")
+    }
+
+    /// `curl URL` from the load-balancer ("node") namespace, by a process in the
+    /// child cgroup when `in_cgroup`: a host process, whose packets never cross XDP.
+    fn node_curl(&self, url: &str, in_cgroup: bool) -> Option<String> {
+        let join = if in_cgroup {
+            format!("echo $$ > {}/cgroup.procs && ", self.cgroup.path.display())
+        } else {
+            String::new()
+        };
+        let script = format!("{join}exec curl -sS --max-time 2 {url}");
+        // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup2 mount.
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.topo.lb.name()))
+            .args(["--", "sh", "-c", &script])
+            .output()
+            .expect("nsenter");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// A child cgroup of the host's cgroup2 mount that the test creates (the hooks never
+/// attach to the root); dropping it kills what runs in it, by PID, and removes it.
+struct ChildCgroup {
+    path: PathBuf,
+}
+
+impl ChildCgroup {
+    fn new(tag: &str) -> ChildCgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let root = lb_agent::dataplane::sockets::cgroup2_mount(&mountinfo)
+            .expect("no cgroup2 mount: this test needs cgroup v2 (e.g. /sys/fs/cgroup/unified)");
+        let path = root.join(format!("xlb-{tag}-{}", std::process::id()));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        ChildCgroup { path }
+    }
+
+    /// The xlb programs the kernel runs for this cgroup (`bpftool cgroup show`).
+    fn xlb_programs(&self) -> usize {
+        let path = self.path.display().to_string();
+        let out = std::process::Command::new("bpftool")
+            .args(["cgroup", "show", &path])
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool cgroup show {path}: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(" xlb_"))
+            .count()
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<i32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if pids.is_empty() && std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: plain system call; these PIDs are the test's curls in its cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
     }
 }
 
@@ -176,6 +270,7 @@ fn web_forwards(report: &lb_agent::status::Report) -> bool {
 #[test]
 fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
     let privileges = daemonset_privileges();
+    daemonset_runs_socket_lb();
     let bed = Bed::new("caps-ok");
     let mut agent = bed.agent(
         "caps-ok",
@@ -210,6 +305,21 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
     assert_eq!(
         testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
         "backend-0"
+    );
+    // The socket hooks: all eight attached to the child cgroup, and a node process in
+    // it reaches the Service (its connect() is rewritten; no packet crosses XDP),
+    // while one outside the cgroup is not translated.
+    assert_eq!(bed.cgroup.xlb_programs(), 8, "the socket hooks");
+    let url = format!("http://{vip}/");
+    assert_eq!(
+        bed.node_curl(&url, true).as_deref(),
+        Some("backend-0"),
+        "a node process in the cgroup reaches the Service through the socket hooks"
+    );
+    assert_eq!(
+        bed.node_curl(&url, false),
+        None,
+        "outside the cgroup the Service address is not translated"
     );
     // The L7 hop listens on port 80 (no Ingress here: its own 404).
     let l7 = format!("http://{}/", Topology::lb_client_v4());
@@ -261,10 +371,17 @@ fn the_daemonsets_capabilities_attach_forward_and_adopt_pins() {
             web_forwards(r) && agent_log_has(&agent, "adopted pinned maps")
         })
         .expect("the restarted agent adopts the pins");
+    assert!(
+        agent_log_has(&agent, "adopted=8"),
+        "the socket links adopted: {}",
+        agent.log()
+    );
     assert_eq!(
         testbed::http_get(&bed.topo.client, vip, TIMEOUT).expect("through the VIP"),
         "backend-0"
     );
+    assert_eq!(bed.cgroup.xlb_programs(), 8, "the socket hooks, once each");
+    assert_eq!(bed.node_curl(&url, true).as_deref(), Some("backend-0"));
 }
 
 fn agent_log_has(agent: &AgentProcess<'_>, text: &str) -> bool {
@@ -274,6 +391,7 @@ fn agent_log_has(agent: &AgentProcess<'_>, text: &str) -> bool {
 #[test]
 fn without_any_one_of_them_the_agent_fails_naming_it() {
     let privileges = daemonset_privileges();
+    daemonset_runs_socket_lb();
     let bed = Bed::new("caps-drop");
     for dropped in &privileges.capabilities {
         let rest: Vec<String> = privileges
@@ -300,6 +418,16 @@ fn without_any_one_of_them_the_agent_fails_naming_it() {
         assert!(
             bed.topo.xdp_attached().is_empty(),
             "nothing attached without CAP_{dropped}"
+        );
+        assert_eq!(
+            bed.cgroup.xlb_programs(),
+            0,
+            "no socket hook attached without CAP_{dropped}"
+        );
+        assert!(
+            !agent.pin_dir().exists()
+                || lb_agent::dataplane::sockets::pinned_links(agent.pin_dir()).is_empty(),
+            "no socket link pinned without CAP_{dropped}"
         );
     }
 }

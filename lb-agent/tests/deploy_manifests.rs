@@ -388,6 +388,8 @@ struct AgentArgs {
     bpffs: PathBuf,
     interfaces: Vec<String>,
     l7: lb_agent::cli::L7Args,
+    socket_lb: bool,
+    cgroup: Option<PathBuf>,
 }
 
 fn agent_args(docs: &[Doc]) -> AgentArgs {
@@ -417,6 +419,8 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         bpffs,
         replace,
         l7,
+        socket_lb,
+        cgroup,
         ..
     } = cli.command
     else {
@@ -441,6 +445,8 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         bpffs,
         interfaces,
         l7,
+        socket_lb,
+        cgroup,
     }
 }
 
@@ -604,6 +610,50 @@ fn pins_live_on_the_hosts_bpffs() {
         host.path, "/sys/fs/bpf",
         "the host's bpffs, so pins outlive the pod"
     );
+}
+
+/// Socket load balancing (kube-proxy's job for pods and host processes) attaches to the
+/// host's cgroup2 root, not to the container's own cgroup, which is all that the
+/// container's /sys/fs/cgroup shows with a private cgroup namespace.
+#[test]
+fn socket_hooks_attach_to_the_hosts_cgroup2_root() {
+    let docs = docs();
+    let args = agent_args(&docs);
+    assert!(args.socket_lb, "--socket-lb: xlb replaces kube-proxy");
+    let cgroup = args
+        .cgroup
+        .expect("--cgroup naming the host's cgroup2 root (the agent's own view is its cgroup)");
+    let ds = manifests::daemonset(&docs);
+    let container = manifests::agent_container(ds);
+    let mounts = container.volume_mounts.as_deref().unwrap_or_default();
+    let mount = mounts
+        .iter()
+        .find(|m| Path::new(&m.mount_path) == cgroup)
+        .unwrap_or_else(|| {
+            panic!(
+                "--cgroup {} is no volume mount: {mounts:?}",
+                cgroup.display()
+            )
+        });
+    assert!(
+        !mount.mount_path.starts_with("/sys/fs/cgroup"),
+        "the runtime mounts the container's own cgroup there"
+    );
+    assert_ne!(
+        mount.mount_path,
+        lb_agent::dataplane::sockets::PRIVATE_MOUNT,
+        "the agent's own cgroup2 mount point"
+    );
+    let volume = pod_spec(ds)
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .expect("the mounted volume");
+    let host = volume.host_path.as_ref().expect("a hostPath volume");
+    assert_eq!(host.path, "/sys/fs/cgroup", "the host's cgroup2 mount");
+    assert_eq!(host.type_.as_deref(), Some("Directory"));
 }
 
 #[test]
