@@ -27,6 +27,7 @@ mod cmd;
 pub mod demo;
 mod echo;
 pub mod frames;
+pub mod hostile;
 mod http;
 mod netns;
 pub mod node;
