@@ -11,9 +11,13 @@
 //!   against iptables-restore and nft installing kube-proxy's rules.
 //! - `l7`: the L7 hop against nginx serving the same Ingress routes: requests/s and
 //!   latency for keep-alive HTTP, HTTPS and a new connection per request.
+//! - `chaos`: an endpoint killed, the agent killed and restarted, a broken config and
+//!   10,000 hostile HTTP requests, under a stream of new L4 connections and keep-alive
+//!   L7 requests through the demo topology: failures, p99 and the hop's counts.
 //! - `socket`: connect + request + close from a pod to a ClusterIP, xlb's socket hooks
 //!   against kube-proxy's iptables and nftables rules and a direct connection.
 
+mod chaos;
 mod control_plane;
 mod e2e;
 mod kube_proxy;
@@ -63,6 +67,9 @@ enum Bench {
     /// ClusterIP: xlb's socket hooks against kube-proxy's iptables and nftables rules
     /// and a direct connection.
     Socket(socket::Args),
+    /// Failures and p99 under traffic when an endpoint dies, the agent is killed and
+    /// restarted, or the config is replaced by a broken one; the hostile-HTTP counts.
+    Chaos(chaos::Args),
     /// The socket benchmark's client process (started by `socket`).
     #[command(hide = true)]
     SocketClient(socket::ClientArgs),
@@ -82,6 +89,7 @@ fn main() -> Result<()> {
         Bench::ControlPlane(args) => control_plane::run(&args),
         Bench::L7(args) => l7::run(&args),
         Bench::Socket(args) => socket::run(&args),
+        Bench::Chaos(args) => chaos::run(&args),
         Bench::SocketClient(args) => socket::client(&args),
     }
 }

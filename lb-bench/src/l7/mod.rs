@@ -26,7 +26,7 @@
 
 mod nginx;
 mod wrk;
-mod xlb;
+pub(crate) mod xlb;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
