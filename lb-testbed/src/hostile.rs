@@ -739,7 +739,6 @@ impl Report {
 
 /// Runs the corpus against a fresh in-process hop and its three recording backends.
 /// Call [`count_panics`] first for [`Report::panics`] to count.
-#[expect(clippy::too_many_lines, reason = "one scenario: start, send, collect")]
 pub async fn run() -> Report {
     let log: Log = Arc::default();
     let backend_errors = Arc::new(AtomicUsize::new(0));

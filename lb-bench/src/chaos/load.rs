@@ -113,7 +113,7 @@ async fn new_connections(plan: Plan, samples: Samples) {
                 &samples,
                 Sample {
                     kind: Kind::L4,
-                    at: start - epoch,
+                    at: start.saturating_duration_since(epoch),
                     latency: start.elapsed(),
                     backend,
                 },
@@ -157,18 +157,17 @@ async fn keepalive(plan: Plan, samples: Samples) {
     while !plan.stop.load(Ordering::Relaxed) {
         let start = Instant::now();
         let result = timeout(REQUEST_TIMEOUT, request(&mut conn, plan.hop, plan.host)).await;
-        let backend = match result {
-            Ok(Ok(backend)) => Some(backend),
-            Ok(Err(_)) | Err(_) => {
-                conn = None;
-                None
-            }
+        let backend = if let Ok(Ok(backend)) = result {
+            Some(backend)
+        } else {
+            conn = None;
+            None
         };
         record(
             &samples,
             Sample {
                 kind: Kind::L7,
-                at: start - plan.epoch,
+                at: start.saturating_duration_since(plan.epoch),
                 latency: start.elapsed(),
                 backend,
             },

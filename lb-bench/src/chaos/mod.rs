@@ -26,6 +26,7 @@
 
 mod load;
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -117,7 +118,7 @@ fn stats(samples: &[Sample], kind: Kind, from: Duration, to: Duration) -> Stats 
         last_failure_ms: window
             .iter()
             .filter(|s| !s.ok())
-            .map(|s| ms(s.at - from))
+            .map(|s| ms(s.at.saturating_sub(from)))
             .reduce(f64::max),
     }
 }
@@ -192,11 +193,7 @@ fn good_config() -> String {
     );
     for i in 0..BACKENDS {
         let b = backend(i);
-        y.push_str(&format!(
-            "      - {{ address: {}, port: {} }}\n",
-            b.ip(),
-            b.port()
-        ));
+        let _ = writeln!(y, "      - {{ address: {}, port: {} }}", b.ip(), b.port());
     }
     y
 }
@@ -272,7 +269,12 @@ fn outcome(
         l4_before: stats(samples, Kind::L4, before, at),
         l4_after: stats(samples, Kind::L4, at, end),
         l7_before: stats(samples, Kind::L7, before, at),
-        l7_after: stats(samples, Kind::L7, at, at + L7_WINDOW.min(end - at)),
+        l7_after: stats(
+            samples,
+            Kind::L7,
+            at,
+            at + L7_WINDOW.min(end.saturating_sub(at)),
+        ),
         notes,
     }
 }
@@ -316,11 +318,12 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     wait_hop(&bed.topo.client, listen.http, &l7)?;
 
-    let mut outcomes = Vec::new();
-    outcomes.push(endpoint_fails(&bed, args, &l4, Failure::Killed)?);
-    outcomes.push(endpoint_fails(&bed, args, &l4, Failure::Unreachable)?);
-    outcomes.push(agent_killed(&bed, args, &mut l4)?);
-    outcomes.push(broken_config(&bed, args, &l4)?);
+    let outcomes = vec![
+        endpoint_fails(&bed, args, &l4, Failure::Killed)?,
+        endpoint_fails(&bed, args, &l4, Failure::Unreachable)?,
+        agent_killed(&bed, args, &mut l4)?,
+        broken_config(&bed, args, &l4)?,
+    ];
     drop(l7);
     drop(l4);
     let hostile = if args.no_hostile {
