@@ -159,10 +159,19 @@ pub struct L7Args {
     /// HTTPS listener of the L7 hop (certificates from the Ingresses' TLS Secrets).
     #[arg(long, default_value = "0.0.0.0:443", requires = "l7")]
     pub l7_https: SocketAddr,
-    /// The IngressClass whose Ingresses this hop serves (its spec.controller must be
-    /// `xlb.dev/ingress-controller`).
+    /// The IngressClass whose Ingresses this hop serves: by `spec.ingressClassName`, the
+    /// `kubernetes.io/ingress.class` annotation, or (neither set) when the class of
+    /// this name is the default one. `nginx` takes over ingress-nginx's Ingresses.
     #[arg(long, default_value = "xlb", requires = "l7")]
     pub l7_ingress_class: String,
+    /// The `spec.controller` that IngressClass must name to count as the default class
+    /// (`k8s.io/ingress-nginx` to take over ingress-nginx's class unedited).
+    #[arg(long, default_value = lb_core::model::ingress::CONTROLLER, requires = "l7")]
+    pub l7_controller_name: String,
+    /// The prefix of the ingress-nginx annotations read (ingress-nginx's
+    /// `--annotations-prefix`).
+    #[arg(long, default_value = lb_core::model::ingress::DEFAULT_PREFIX, requires = "l7", value_parser = annotations_prefix)]
+    pub annotations_prefix: String,
     /// The L4 Service (namespace/name) that reaches this hop: its LoadBalancer ingress
     /// IPs and externalIPs are written to the status of the Ingresses served (`--kube`).
     #[arg(long, value_name = "NAMESPACE/NAME", requires = "l7")]
@@ -196,6 +205,26 @@ pub struct L7Args {
     pub l7_dns_refresh: Duration,
 }
 
+/// An annotation prefix is the DNS-subdomain part of an annotation name (RFC 1123:
+/// lower-case letters, digits, `-` and `.`, at most 253 characters), without the `/`.
+fn annotations_prefix(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && text
+            .split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a DNS subdomain like nginx.ingress.kubernetes.io (no trailing /)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory as _;
@@ -216,5 +245,23 @@ mod tests {
             .map(|c| c.get_name().to_owned())
             .collect();
         assert_eq!(names, ["run", "status", "trace", "detach"]);
+    }
+
+    #[test]
+    fn annotation_prefixes_are_dns_subdomains() {
+        assert_eq!(
+            super::annotations_prefix("ingress.example.com").as_deref(),
+            Ok("ingress.example.com")
+        );
+        for bad in [
+            "",
+            "nginx.ingress.kubernetes.io/",
+            "Upper.case",
+            "a..b",
+            "-a.b",
+        ] {
+            let error = super::annotations_prefix(bad).expect_err(bad);
+            assert!(error.contains("not a DNS subdomain"), "{error}");
+        }
     }
 }

@@ -254,6 +254,8 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
         },
         class: IngressClassConfig {
             name: args.l7_ingress_class.clone(),
+            controller: args.l7_controller_name.clone(),
+            annotations_prefix: args.annotations_prefix.clone(),
         },
         publish_service,
         publish_addresses: args.l7_publish_addresses.clone(),

@@ -13,7 +13,8 @@
 //! (`metadata.creationTimestamp`, one without it counts as newest, then namespace/name):
 //! when two rules have the same host, path and path type, or two Ingresses set
 //! `spec.defaultBackend`, the older one wins, as in ingress-nginx, and the other gets a
-//! problem naming its field. ImplementationSpecific paths are Prefix paths.
+//! problem naming its field. ImplementationSpecific paths are Prefix paths; two Prefix
+//! paths that differ only by a trailing `/` are two routes (see [`RouteTable`]).
 //!
 //! Backends: `service.name` in the Ingress's namespace, `service.port.number` or `.name`
 //! matched against the Service's ports; endpoints are the L4 translation's usable ones
@@ -27,18 +28,15 @@
 //! its default certificate for those hosts). Hosts listed in any of our Ingresses'
 //! `spec.tls` redirect plain HTTP to HTTPS.
 //!
-//! Annotations honoured (per Ingress, for all its routes):
-//! - `nginx.ingress.kubernetes.io/ssl-redirect: "false"`: no redirect for TLS hosts.
-//! - `nginx.ingress.kubernetes.io/force-ssl-redirect: "true"`: redirect also hosts
-//!   without TLS, and the default backend.
-//! - `nginx.ingress.kubernetes.io/proxy-body-size`: request body limit (`8m`, `512k`,
-//!   `1g`, bytes; `0` = no limit).
-//! - `xlb.dev/load-balance: round-robin | least-request`.
-//!
-//! Every other `nginx.ingress.kubernetes.io/*` annotation is listed in
-//! [`IngressTranslation::ignored_annotations`].
+//! Annotations (per Ingress, for all its routes) are read under the prefix
+//! (`nginx.ingress.kubernetes.io` unless `--annotations-prefix` says otherwise) by
+//! [`annotations`]; [`catalogue`] says which are honoured. Those that change behaviour
+//! without being honoured are listed in [`IngressTranslation::ignored_annotations`]; an
+//! Ingress carrying a refused one (raw nginx snippets) is not served and gets a problem
+//! saying why. `xlb.dev/load-balance: round-robin | least-request` is xlb's own.
 
-mod annotations;
+pub mod annotations;
+pub mod catalogue;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -60,21 +58,43 @@ use crate::routes::{
 pub use tls::{KeyPair, SecretError, key_field, key_pair};
 
 pub use annotations::{
-    FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE, PROXY_BODY_SIZE,
-    SSL_REDIRECT, body_size,
+    DEFAULT_PREFIX, FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE,
+    PROXY_BODY_SIZE, SSL_REDIRECT, body_size,
 };
 
-/// The controller name an IngressClass must carry in `spec.controller` to be ours.
+/// The controller name an IngressClass must carry in `spec.controller` to be ours,
+/// unless the operator names another (`--l7-controller-name`).
 pub const CONTROLLER: &str = "xlb.dev/ingress-controller";
+
+/// ingress-nginx's controller name, which an operator may ask xlb to answer to so that
+/// existing Ingresses and IngressClasses move without edits.
+pub const INGRESS_NGINX_CONTROLLER: &str = "k8s.io/ingress-nginx";
 
 /// The Service port `appProtocol` that makes the hop speak HTTP/2 cleartext to it.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 
-/// Which Ingresses are ours.
+/// Which Ingresses are ours and how their annotations are read.
 #[derive(Debug, Clone)]
 pub struct IngressClassConfig {
-    /// The IngressClass name (`--l7-ingress-class`, default `xlb`).
+    /// The IngressClass name (`--l7-ingress-class`, default `xlb`; `nginx` to take over
+    /// ingress-nginx's Ingresses).
     pub name: String,
+    /// The `spec.controller` our IngressClass must name (`--l7-controller-name`,
+    /// default [`CONTROLLER`]; [`INGRESS_NGINX_CONTROLLER`] to take over).
+    pub controller: String,
+    /// The annotation prefix (`--annotations-prefix`, default [`DEFAULT_PREFIX`]).
+    pub annotations_prefix: String,
+}
+
+impl IngressClassConfig {
+    /// The class `name` with xlb's controller name and ingress-nginx's prefix.
+    pub fn new(name: &str) -> Self {
+        IngressClassConfig {
+            name: name.to_owned(),
+            controller: CONTROLLER.to_owned(),
+            annotations_prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -116,12 +136,12 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         .filter(|(_, i)| is_ours(i, &class.name, default_class))
         .map(|(k, i)| (k, i.as_ref()))
         .collect();
-    let owned = ours.iter().map(|(k, _)| (*k).clone()).collect();
     ours.sort_by_key(|(key, i)| {
         let created = i.metadata.creation_timestamp.as_ref();
         (created.is_none(), created, *key)
     });
     let mut table = Table {
+        prefix: &class.annotations_prefix,
         tls_hosts: ours
             .iter()
             .flat_map(|(_, i)| i.spec.iter().flat_map(|s| s.tls.iter().flatten()))
@@ -130,9 +150,13 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
             .collect(),
         ..Table::default()
     };
+    let mut owned = Vec::new();
     for (key, ingress) in ours {
-        table.add(&mut t, key, ingress);
+        if table.add(&mut t, key, ingress) {
+            owned.push(key.clone());
+        }
     }
+    owned.sort();
     IngressTranslation {
         routes: RouteTable::new(
             table.groups.into_values().collect(),
@@ -150,7 +174,9 @@ type GroupKey = (u8, String);
 
 /// The merged routes, built one Ingress at a time, oldest first.
 #[derive(Default)]
-struct Table {
+struct Table<'p> {
+    /// The annotation prefix.
+    prefix: &'p str,
     /// Every host in our Ingresses' `spec.tls` (lower case, may be `*.` wildcards).
     tls_hosts: Vec<String>,
     /// Host groups by (rank, host): exact, wildcard, host-less.
@@ -163,22 +189,29 @@ struct Table {
     ignored_annotations: Vec<(ObjectKey, String)>,
 }
 
-impl Table {
-    fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) {
-        let mut ignored = Vec::new();
-        let (settings, bad) =
-            annotations::read(ingress.metadata.annotations.as_ref(), &mut ignored);
+impl Table<'_> {
+    /// Adds one Ingress's rules; `false` when it is not served at all (a refused
+    /// annotation).
+    fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) -> bool {
+        let read = annotations::read(ingress.metadata.annotations.as_ref(), self.prefix);
         self.ignored_annotations
-            .extend(ignored.into_iter().map(|a| (key.clone(), a)));
-        for b in bad {
+            .extend(read.ignored.into_iter().map(|(a, _)| (key.clone(), a)));
+        for b in read.bad {
             t.problem(
                 key,
                 format!("metadata.annotations[{}]", b.annotation),
                 b.reason,
             );
         }
+        if !read.refused.is_empty() {
+            for (annotation, why) in read.refused {
+                t.problem(key, format!("metadata.annotations[{annotation}]"), why);
+            }
+            return false;
+        }
+        let settings = read.settings;
         let Some(spec) = ingress.spec.as_ref() else {
-            return;
+            return true;
         };
         for (ti, entry) in spec.tls.iter().flatten().enumerate() {
             if let Some(cert) = t.certificate(key, ti, entry) {
@@ -200,6 +233,7 @@ impl Table {
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
             self.add_rule(t, key, &settings, ri, rule);
         }
+        true
     }
 
     fn add_rule(
@@ -242,9 +276,11 @@ impl Table {
                     continue;
                 }
             };
+            // `/foo` and `/foo/` are two Prefix routes; `/foo//` is `/foo/`.
             let normal = match kind {
                 PathKind::Exact => text.clone(),
-                PathKind::Prefix => prefix_key(&text).to_owned(),
+                PathKind::Prefix if text.ends_with('/') => format!("{}/", prefix_key(&text)),
+                PathKind::Prefix => text.clone(),
             };
             match self
                 .claimed
@@ -314,14 +350,15 @@ impl Translator<'_> {
             return false;
         };
         let controller = ours.spec.as_ref().and_then(|s| s.controller.as_deref());
-        if controller != Some(CONTROLLER) {
+        if controller != Some(class.controller.as_str()) {
             self.problems.push(Problem {
                 kind: Kind::IngressClass,
                 object: ObjectKey::new("", &class.name),
                 field: "spec.controller".into(),
                 reason: format!(
-                    "{} is not {CONTROLLER}: not taken as the default class",
-                    quoted(controller.unwrap_or(""))
+                    "{} is not {}: not taken as the default class",
+                    quoted(controller.unwrap_or("")),
+                    class.controller
                 ),
             });
             return false;

@@ -215,12 +215,57 @@ fn same_host_in_several_rules_is_one_group_first_duplicate_wins() {
             },
             HostRule {
                 host: HostPattern::Exact("a.example.com".into()),
-                paths: vec![prefix("/x/", "second"), exact("/z", "z")],
+                paths: vec![
+                    prefix("/x", "second"),
+                    prefix("/x/", "slashed"),
+                    exact("/z", "z"),
+                ],
             },
         ],
         None,
     );
-    assert_eq!(target(&table, "a.example.com", "/x/1"), Some("first"));
+    assert_eq!(target(&table, "a.example.com", "/x"), Some("first"));
+    // `/x/` is a route of its own, not a duplicate of `/x`.
+    assert_eq!(target(&table, "a.example.com", "/x/1"), Some("slashed"));
     assert_eq!(target(&table, "a.example.com", "/y"), Some("y"));
     assert_eq!(target(&table, "a.example.com", "/z"), Some("z"));
+}
+
+/// `/foo` and `/foo/` (both Prefix) are two routes. Kubernetes has both match the
+/// same requests and the longest matching path win: `/foo/` is the longer one for
+/// every request that literally starts with it (`/foo/` and below), and `/foo` is the
+/// one a request for `/foo` itself literally matches (nginx's longest-prefix location
+/// choice gives the same answer). Exact still beats both.
+#[test]
+fn prefixes_differing_by_a_trailing_slash_are_two_routes() {
+    for order in [false, true] {
+        let mut paths = vec![prefix("/foo", "bare"), prefix("/foo/", "slashed")];
+        if order {
+            paths.reverse();
+        }
+        let table = any_host(paths);
+        assert_eq!(target(&table, "h", "/foo"), Some("bare"));
+        assert_eq!(target(&table, "h", "/foo?q=/"), Some("bare"));
+        assert_eq!(target(&table, "h", "/foo/"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foo/bar"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foo/bar/baz"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foobar"), None);
+    }
+    // Alone, each matches both forms, as the Kubernetes table says.
+    for (alone, name) in [("/foo", "bare"), ("/foo/", "slashed")] {
+        let table = any_host(vec![prefix(alone, name)]);
+        assert_eq!(target(&table, "h", "/foo"), Some(name));
+        assert_eq!(target(&table, "h", "/foo/x"), Some(name));
+    }
+    // A longer prefix still beats both, and Exact beats a Prefix of equal length.
+    let table = any_host(vec![
+        prefix("/foo", "bare"),
+        prefix("/foo/", "slashed"),
+        prefix("/foo/bar", "bar"),
+        exact("/foo/", "exact"),
+    ]);
+    assert_eq!(target(&table, "h", "/foo/bar/x"), Some("bar"));
+    assert_eq!(target(&table, "h", "/foo/"), Some("exact"));
+    assert_eq!(target(&table, "h", "/foo/baz"), Some("slashed"));
+    assert_eq!(target(&table, "h", "/foo"), Some("bare"));
 }

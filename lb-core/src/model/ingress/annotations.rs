@@ -1,24 +1,31 @@
-//! The Ingress annotations the L7 hop honours, read into one value per Ingress; every
-//! other `nginx.ingress.kubernetes.io/*` annotation is reported as ignored.
+//! The Ingress annotations the L7 hop honours, read into one value per Ingress. The
+//! prefix is ingress-nginx's `--annotations-prefix` (default
+//! `nginx.ingress.kubernetes.io`); what each name under it means to xlb is in
+//! [`catalogue`](super::catalogue). A bad value keeps ingress-nginx's default and is a
+//! problem naming the Ingress and the annotation.
 
 use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
+use super::catalogue::{self, Support};
 use crate::cluster::ObjectKey;
 use crate::quote::quoted;
 use crate::routes::{Balance, Route, Upstream};
 
-pub const SSL_REDIRECT: &str = "nginx.ingress.kubernetes.io/ssl-redirect";
-pub const FORCE_SSL_REDIRECT: &str = "nginx.ingress.kubernetes.io/force-ssl-redirect";
-pub const PROXY_BODY_SIZE: &str = "nginx.ingress.kubernetes.io/proxy-body-size";
+/// ingress-nginx's default `--annotations-prefix`.
+pub const DEFAULT_PREFIX: &str = "nginx.ingress.kubernetes.io";
+
+// Names after the prefix.
+pub const SSL_REDIRECT: &str = "ssl-redirect";
+pub const FORCE_SSL_REDIRECT: &str = "force-ssl-redirect";
+pub const PROXY_BODY_SIZE: &str = "proxy-body-size";
+
+/// xlb's own annotation (not under the prefix).
 pub const LOAD_BALANCE: &str = "xlb.dev/load-balance";
 /// The deprecated way to name an Ingress's class (before `spec.ingressClassName`).
 pub const INGRESS_CLASS: &str = "kubernetes.io/ingress.class";
 pub const IS_DEFAULT_CLASS: &str = "ingressclass.kubernetes.io/is-default-class";
-
-const NGINX_PREFIX: &str = "nginx.ingress.kubernetes.io/";
-const HONOURED_NGINX: [&str; 3] = [SSL_REDIRECT, FORCE_SSL_REDIRECT, PROXY_BODY_SIZE];
 
 /// What an Ingress's annotations ask of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,74 +62,117 @@ impl Settings {
     }
 }
 
-/// A value that could not be read: the annotation and why (its default applies).
+/// A value that could not be read: the annotation (full name) and why (its default
+/// applies).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadValue {
-    pub annotation: &'static str,
+    pub annotation: String,
     pub reason: String,
 }
 
-/// Reads the honoured annotations; bad values keep the default and are returned;
-/// the names of ignored `nginx.ingress.kubernetes.io/*` annotations are appended to
-/// `ignored`.
-pub fn read(
-    annotations: Option<&BTreeMap<String, String>>,
-    ignored: &mut Vec<String>,
-) -> (Settings, Vec<BadValue>) {
-    let mut settings = Settings::default();
-    let mut bad = Vec::new();
-    let Some(annotations) = annotations else {
-        return (settings, bad);
-    };
-    let flag = |name: &'static str, value: &str, bad: &mut Vec<BadValue>| match value {
-        "true" => Some(true),
-        "false" => Some(false),
-        other => {
-            bad.push(BadValue {
-                annotation: name,
-                reason: format!("{} is neither \"true\" nor \"false\"", quoted(other)),
-            });
-            None
+/// One Ingress's annotations, read.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub settings: Settings,
+    pub bad: Vec<BadValue>,
+    /// Annotations under the prefix that are not read and change behaviour (full name,
+    /// why).
+    pub ignored: Vec<(String, &'static str)>,
+    /// Annotations that keep the Ingress from being served (full name, why).
+    pub refused: Vec<(String, &'static str)>,
+}
+
+/// The annotations of one Ingress and the prefix they are read under.
+struct Source<'a> {
+    map: &'a BTreeMap<String, String>,
+    prefix: &'a str,
+    bad: Vec<BadValue>,
+}
+
+impl<'a> Source<'a> {
+    fn full(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.map.get(&self.full(name)).map(String::as_str)
+    }
+
+    fn bad(&mut self, name: &str, reason: String) {
+        let annotation = if name.contains('/') {
+            name.to_owned()
+        } else {
+            self.full(name)
+        };
+        self.bad.push(BadValue { annotation, reason });
+    }
+
+    /// `true`/`false` (ingress-nginx reads booleans with Go's strconv.ParseBool, but
+    /// its documentation only shows these two).
+    fn flag(&mut self, name: &str) -> Option<bool> {
+        match self.get(name)? {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                let reason = format!("{} is neither \"true\" nor \"false\"", quoted(other));
+                self.bad(name, reason);
+                None
+            }
         }
+    }
+}
+
+/// Reads an Ingress's annotations under `prefix`; bad values keep the default and are
+/// returned.
+pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Read {
+    let mut read = Read::default();
+    let Some(map) = annotations else {
+        return read;
     };
-    if let Some(v) = annotations.get(SSL_REDIRECT)
-        && let Some(on) = flag(SSL_REDIRECT, v, &mut bad)
-    {
+    let mut src = Source {
+        map,
+        prefix,
+        bad: Vec::new(),
+    };
+    let settings = &mut read.settings;
+    if let Some(on) = src.flag(SSL_REDIRECT) {
         settings.ssl_redirect = on;
     }
-    if let Some(v) = annotations.get(FORCE_SSL_REDIRECT)
-        && let Some(on) = flag(FORCE_SSL_REDIRECT, v, &mut bad)
-    {
+    if let Some(on) = src.flag(FORCE_SSL_REDIRECT) {
         settings.force_ssl_redirect = on;
     }
-    if let Some(v) = annotations.get(PROXY_BODY_SIZE) {
+    if let Some(v) = src.get(PROXY_BODY_SIZE) {
         match body_size(v) {
             Ok(limit) => settings.max_body_bytes = Some(limit),
-            Err(reason) => bad.push(BadValue {
-                annotation: PROXY_BODY_SIZE,
-                reason,
-            }),
+            Err(reason) => src.bad(PROXY_BODY_SIZE, reason),
         }
     }
-    if let Some(v) = annotations.get(LOAD_BALANCE) {
+    if let Some(v) = map.get(LOAD_BALANCE) {
         match v.as_str() {
             "round-robin" => settings.balance = Balance::RoundRobin,
             "least-request" => settings.balance = Balance::LeastRequest,
-            other => bad.push(BadValue {
-                annotation: LOAD_BALANCE,
-                reason: format!(
+            other => src.bad(
+                LOAD_BALANCE,
+                format!(
                     "{} is neither \"round-robin\" nor \"least-request\"",
                     quoted(other)
                 ),
-            }),
+            ),
         }
     }
-    ignored.extend(
-        annotations
-            .keys()
-            .filter(|k| k.starts_with(NGINX_PREFIX) && !HONOURED_NGINX.contains(&k.as_str()))
-            .cloned(),
-    );
-    (settings, bad)
+    let under = format!("{prefix}/");
+    for full in map.keys() {
+        let Some(name) = full.strip_prefix(&under) else {
+            continue;
+        };
+        match catalogue::support(name) {
+            Support::Honoured | Support::Same(_) => {}
+            Support::Differs(why) => read.ignored.push((full.clone(), why)),
+            Support::Refused(why) => read.refused.push((full.clone(), why)),
+        }
+    }
+    read.bad = src.bad;
+    read
 }
 
 /// nginx's size syntax (`client_max_body_size`): bytes, or a number with `k`, `m` or

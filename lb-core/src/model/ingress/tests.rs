@@ -11,7 +11,7 @@ use crate::model::fixtures;
 use crate::routes::Balance;
 
 fn xlb() -> IngressClassConfig {
-    IngressClassConfig { name: "xlb".into() }
+    IngressClassConfig::new("xlb")
 }
 
 fn shop() -> Vec<Object> {
@@ -55,7 +55,16 @@ fn annotate(objects: &mut [Object], ingress: &str, pairs: &[(&str, &str)]) {
         .annotations
         .get_or_insert_with(BTreeMap::new);
     for (k, v) in pairs {
-        annotations.insert((*k).to_owned(), (*v).to_owned());
+        annotations.insert(full_name(k), (*v).to_owned());
+    }
+}
+
+/// An annotation's full name: names without a `/` are under ingress-nginx's prefix.
+fn full_name(name: &str) -> String {
+    if name.contains('/') {
+        name.to_owned()
+    } else {
+        format!("{DEFAULT_PREFIX}/{name}")
     }
 }
 
@@ -776,4 +785,193 @@ fn sec1_and_pkcs1_keys_parse() {
             .unwrap_or_else(|e| panic!("{:?}: {}: {}", secret.metadata.name, e.field, e.reason));
         assert_eq!(pair.chain.len(), 1);
     }
+}
+
+/// `--l7-ingress-class nginx --l7-controller-name k8s.io/ingress-nginx` takes over
+/// ingress-nginx's Ingresses unedited: by class name, by the legacy annotation, and
+/// classless ones when the nginx class is the default.
+#[test]
+fn the_ingress_nginx_class_is_served_when_asked() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::IngressClass(c) = object {
+            let default = c.metadata.name.as_deref() == Some("nginx");
+            c.metadata.annotations = Some(BTreeMap::from([(
+                IS_DEFAULT_CLASS.to_owned(),
+                default.to_string(),
+            )]));
+        }
+    }
+    let class = IngressClassConfig {
+        controller: INGRESS_NGINX_CONTROLLER.to_owned(),
+        ..IngressClassConfig::new("nginx")
+    };
+    let t = translate(&fixtures::cluster(&objects), &class);
+    assert_eq!(
+        keys(&t.owned),
+        ["shop/other", "shop/other-legacy", "shop/payments"]
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/api:9000 <- other")
+    );
+    assert!(problems(&t).iter().all(|p| !p.contains("IngressClass")));
+    // Asked for the class name alone, the nginx class is not taken as our default.
+    let t = translate(
+        &fixtures::cluster(&objects),
+        &IngressClassConfig::new("nginx"),
+    );
+    assert_eq!(keys(&t.owned), ["shop/other", "shop/other-legacy"]);
+    assert!(
+        problems(&t).contains(
+            &"IngressClass /nginx: spec.controller: \"k8s.io/ingress-nginx\" is not \
+              xlb.dev/ingress-controller: not taken as the default class"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Annotations are read under the configured prefix only; ingress-nginx's own
+/// prefix then means nothing (as for ingress-nginx with `--annotations-prefix`).
+#[test]
+fn annotations_are_read_under_the_configured_prefix() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            ("ingress.example.com/proxy-body-size", "8m"),
+            ("ingress.example.com/rewrite-target", "/"),
+            (PROXY_BODY_SIZE, "2m"),
+        ],
+    );
+    let class = IngressClassConfig {
+        annotations_prefix: "ingress.example.com".to_owned(),
+        ..xlb()
+    };
+    let t = translate(&fixtures::cluster(&objects), &class);
+    let front = route(&t, "shop.example.com", "/");
+    assert_eq!(front.max_body_bytes, Some(8 << 20));
+    assert_eq!(
+        t.ignored_annotations,
+        [(
+            ObjectKey::new("shop", "storefront"),
+            "ingress.example.com/rewrite-target".to_owned()
+        )]
+    );
+    // A bad value names the Ingress and the annotation under its own prefix.
+    annotate(
+        &mut objects,
+        "storefront",
+        &[("ingress.example.com/ssl-redirect", "yes")],
+    );
+    let t = translate(&fixtures::cluster(&objects), &class);
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/storefront: metadata.annotations[ingress.example.com/ssl-redirect]: \
+              \"yes\" is neither \"true\" nor \"false\""
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Raw nginx snippets are refused: the Ingress is not served (its routes fall to the
+/// next rule or 404), and the problem says why.
+#[test]
+fn snippet_annotations_refuse_the_ingress() {
+    for snippet in [
+        "server-snippet",
+        "configuration-snippet",
+        "stream-snippet",
+        "auth-snippet",
+        "modsecurity-snippet",
+    ] {
+        let mut objects = shop();
+        annotate(&mut objects, "storefront", &[(snippet, "return 200;")]);
+        let t = run(&objects);
+        assert!(!keys(&t.owned).contains(&"shop/storefront".to_owned()));
+        assert_ne!(
+            to(&t, "shop.example.com", "/").as_deref(),
+            Some("shop/web:80 <- storefront")
+        );
+        let expected = format!(
+            "Ingress shop/storefront: metadata.annotations[{DEFAULT_PREFIX}/{snippet}]: raw nginx \
+             configuration written by Ingress authors"
+        );
+        assert!(
+            problems(&t).iter().any(|p| p.starts_with(&expected)),
+            "{snippet}: {:#?}",
+            problems(&t)
+        );
+    }
+}
+
+#[test]
+fn the_catalogue_knows_every_honoured_annotation_once() {
+    use super::catalogue::{Support, honoured, support};
+    let names: Vec<&str> = honoured().collect();
+    for name in [SSL_REDIRECT, FORCE_SSL_REDIRECT, PROXY_BODY_SIZE] {
+        assert!(names.contains(&name), "{name}");
+    }
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len());
+    assert!(matches!(support("server-snippet"), Support::Refused(_)));
+    assert!(matches!(
+        support("client-body-buffer-size"),
+        Support::Same(_)
+    ));
+    assert!(matches!(support("no-such-annotation"), Support::Differs(_)));
+}
+
+/// Two Prefix paths differing only by a trailing slash, in two Ingresses, are two
+/// routes (no "already routed" problem); `/x//` is still the same route as `/x/`.
+#[test]
+fn a_trailing_slash_makes_a_second_prefix_route() {
+    let mut objects = shop();
+    let set_path = |objects: &mut Vec<Object>, ingress: &str, index: usize, path: &str| {
+        let paths = &mut ingress_mut(objects, ingress)
+            .spec
+            .as_mut()
+            .unwrap()
+            .rules
+            .as_mut()
+            .unwrap()[0]
+            .http
+            .as_mut()
+            .unwrap()
+            .paths;
+        paths[index].path = Some(path.into());
+        paths[index].path_type = "Prefix".into();
+    };
+    set_path(&mut objects, "storefront", 0, "/shop");
+    set_path(&mut objects, "api", 0, "/shop/");
+    let t = run(&objects);
+    assert_eq!(
+        to(&t, "shop.example.com", "/shop").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/shop/cart").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        !problems(&t).iter().any(|p| p.contains("already routed")),
+        "{:#?}",
+        problems(&t)
+    );
+    set_path(&mut objects, "storefront", 0, "/shop//");
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p
+            .contains("Prefix path \"/shop/\" of shop.example.com is already routed")
+            || p.contains("Prefix path \"/shop//\" of shop.example.com is already routed")),
+        "{:#?}",
+        problems(&t)
+    );
 }
