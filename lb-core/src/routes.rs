@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use crate::cluster::ObjectKey;
 
+mod policy;
+
+pub use policy::{PathRegex, Policy, Redirect, Rewrite};
+
 /// Where one route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -56,6 +60,8 @@ pub struct Route {
     pub balance: Balance,
     /// Request body limit in bytes (413 above it); `None`: the proxy's default.
     pub max_body_bytes: Option<u64>,
+    /// Redirects, rewrites and headers the Ingress's annotations ask for.
+    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +69,10 @@ pub enum PathKind {
     Exact,
     /// Element-wise prefix on `/` (ImplementationSpecific is treated as Prefix).
     Prefix,
+    /// ingress-nginx's `use-regex` (or `rewrite-target`): `(?i)^PATH`, tried longest
+    /// path first, the first match wins. The translation makes every path of a host
+    /// a regex once one Ingress for that host asks, as ingress-nginx does.
+    Regex,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +121,9 @@ pub struct RouteTable {
 /// One host group's paths; `(rule, path)` indexes into `RouteTable::rules`.
 #[derive(Debug, Clone, Default)]
 struct Paths {
+    /// Regex paths in ingress-nginx's order (longest path first, then reverse
+    /// lexicographic), tried before the others.
+    regex: Vec<(PathRegex, (usize, usize))>,
     exact: HashMap<String, (usize, usize)>,
     /// Prefix paths by their elements ([`prefix_key`]: without the trailing `/`, `/`
     /// itself is the empty string).
@@ -174,8 +187,28 @@ impl RouteTable {
                         };
                         slot.get_or_insert((ri, pi));
                     }
+                    // The translation checked the pattern; a bad one cannot match.
+                    PathKind::Regex => {
+                        if let Ok(re) = PathRegex::new(&path.path, true) {
+                            group.regex.push((re, (ri, pi)));
+                        }
+                    }
                 }
             }
+        }
+        // ingress-nginx sorts a server's locations by path, descending, then (stably)
+        // by length, descending; nginx takes the first regex location that matches.
+        let order = |group: &mut Paths| {
+            group.regex.sort_by(|(_, (ra, pa)), (_, (rb, pb))| {
+                let a = &rules[*ra].paths[*pa].path;
+                let b = &rules[*rb].paths[*pb].path;
+                b.len().cmp(&a.len()).then_with(|| b.cmp(a))
+            });
+        };
+        exact_hosts.values_mut().for_each(order);
+        wildcard_hosts.values_mut().for_each(order);
+        if let Some(group) = any_host.as_mut() {
+            order(group);
         }
         Self {
             rules,
@@ -234,6 +267,9 @@ impl Paths {
     /// (`/`) last; at one boundary, `/foo` and `/foo/` are told apart by
     /// [`Prefixes::pick`].
     fn find(&self, path: &str) -> Option<(usize, usize)> {
+        if let Some((_, hit)) = self.regex.iter().find(|(re, _)| re.is_match(path)) {
+            return Some(*hit);
+        }
         if let Some(hit) = self.exact.get(path) {
             return Some(*hit);
         }

@@ -6,7 +6,8 @@
 //! the normal form.
 //!
 //! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
-//! (`ssl_redirect` on the plain listener), 400 a missing, repeated or invalid Host
+//! (`ssl_redirect` on the plain listener), 300-308 from `permanent-redirect` or
+//! `temporal-redirect`, 302 from `app-root` for `/`, 400 a missing, repeated or invalid Host
 //! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
 //! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
@@ -48,7 +49,7 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
-use super::routes::{Route, Target, UpstreamProtocol};
+use super::routes::{Policy, Route, Target, UpstreamProtocol};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
@@ -492,6 +493,23 @@ async fn forward(
             "no route for this host and path",
         ));
     };
+    // nginx's order: the server's app-root, the location's `return`, then the
+    // SSL redirect (Lua, at the end of the rewrite phase).
+    let policy = &route.policy;
+    if let Some(root) = &policy.app_root
+        && req.uri().path() == "/"
+    {
+        let scheme = if kind.tls { "https" } else { "http" };
+        return Err(redirect_to(
+            StatusCode::FOUND,
+            "app_root",
+            &format!("{scheme}://{host}{root}"),
+        ));
+    }
+    if let Some(to) = &policy.redirect {
+        let status = StatusCode::from_u16(to.code).map_err(|_| bad_request())?;
+        return Err(redirect_to(status, "annotation_redirect", &to.location));
+    }
     if route.ssl_redirect && !kind.tls {
         return Err(redirect(&host, shared.https_port, req.uri()));
     }
@@ -526,6 +544,7 @@ async fn forward(
         kind,
         upgrade,
     )?;
+    apply_policy(&mut parts, policy)?;
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
@@ -648,6 +667,47 @@ fn rewrite_head(
         }
     }
     Ok(())
+}
+
+/// The route's `rewrite-target`, `upstream-vhost` and `x-forwarded-prefix` on the
+/// backend's request head (after [`rewrite_head`], so the client's `Host` still fed
+/// `X-Forwarded-Host`).
+fn apply_policy(parts: &mut hyper::http::request::Parts, policy: &Policy) -> Result<(), Local> {
+    if let Some(rewrite) = &policy.rewrite
+        && let Some(target) = rewrite.apply(parts.uri.path(), parts.uri.query())
+    {
+        let path =
+            PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| bad_request())?;
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(uri).map_err(|_| bad_request())?;
+    }
+    if let Some(vhost) = &policy.upstream_vhost {
+        let value = HeaderValue::from_str(vhost).map_err(|_| bad_request())?;
+        if parts.version == Version::HTTP_2 {
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.authority = Some(vhost.parse().map_err(|_| bad_request())?);
+            parts.uri = Uri::from_parts(uri).map_err(|_| bad_request())?;
+        } else {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    if let Some(prefix) = &policy.forwarded_prefix {
+        let value = HeaderValue::from_str(prefix).map_err(|_| bad_request())?;
+        parts.headers.insert("x-forwarded-prefix", value);
+    }
+    Ok(())
+}
+
+/// An annotation's redirect: `status` to `location` as given.
+fn redirect_to(status: StatusCode, reason: &'static str, location: &str) -> Local {
+    match HeaderValue::from_str(location) {
+        Ok(value) => Local {
+            location: Some(value),
+            ..local(status, reason, "redirected")
+        },
+        Err(_) => bad_request(),
+    }
 }
 
 fn too_large() -> Local {

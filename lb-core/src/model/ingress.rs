@@ -39,8 +39,8 @@ pub mod annotations;
 pub mod catalogue;
 mod tls;
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -51,8 +51,8 @@ use crate::model::kubernetes::{Problem, usable_endpoints};
 use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
-    HostPattern, HostRule, PathKind, PathRule, Route, Target, Upstream, UpstreamProtocol,
-    prefix_key,
+    HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
+    UpstreamProtocol, prefix_key,
 };
 
 pub use tls::{KeyPair, SecretError, key_field, key_pair};
@@ -157,6 +157,7 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         }
     }
     owned.sort();
+    table.regex_hosts(&mut t);
     IngressTranslation {
         routes: RouteTable::new(
             table.groups.into_values().collect(),
@@ -185,6 +186,9 @@ struct Table<'p> {
     claimed: BTreeMap<(GroupKey, bool, String), (ObjectKey, String)>,
     /// The default backend and the Ingress that set it.
     default: Option<(Route, ObjectKey)>,
+    /// Host groups some Ingress asked to treat as regular expressions (`use-regex`,
+    /// `rewrite-target`).
+    regex: BTreeSet<GroupKey>,
     certificates: Vec<CertificateSource>,
     ignored_annotations: Vec<(ObjectKey, String)>,
 }
@@ -227,7 +231,7 @@ impl Table<'_> {
                     format!("Ingress {owner} (older) already sets the default backend"),
                 );
             } else if let Some(upstream) = t.upstream(key, field, backend) {
-                self.default = Some((settings.route(upstream, key, false), key.clone()));
+                self.default = Some((settings.route(upstream, key, false, None), key.clone()));
             }
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
@@ -280,7 +284,7 @@ impl Table<'_> {
             let normal = match kind {
                 PathKind::Exact => text.clone(),
                 PathKind::Prefix if text.ends_with('/') => format!("{}/", prefix_key(&text)),
-                PathKind::Prefix => text.clone(),
+                PathKind::Prefix | PathKind::Regex => text.clone(),
             };
             match self
                 .claimed
@@ -308,13 +312,58 @@ impl Table<'_> {
                     v.insert((key.clone(), field.clone()));
                 }
             }
+            if settings.regex_for(&text) {
+                if let Err(why) = PathRegex::new(&text, true) {
+                    t.problem(
+                        key,
+                        format!("{field}.path"),
+                        format!("{} is not a regular expression: {why}", quoted(&text)),
+                    );
+                    continue;
+                }
+                self.regex.insert(group_key.clone());
+            }
             if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                let route = settings.route(upstream, key, tls, Some(&text));
                 group.paths.push(PathRule {
                     path: text,
                     kind,
-                    route: settings.route(upstream, key, tls),
+                    route,
                 });
             }
+        }
+    }
+}
+
+impl Table<'_> {
+    /// Makes every path of a regex host a regex path, as ingress-nginx enforces regex
+    /// locations on all paths of a host once one Ingress for it asks; a path of another
+    /// Ingress that is no regular expression is dropped with a problem.
+    fn regex_hosts(&mut self, t: &mut Translator<'_>) {
+        for group_key in &self.regex {
+            let Some(group) = self.groups.get_mut(group_key) else {
+                continue;
+            };
+            group
+                .paths
+                .retain_mut(|rule| match PathRegex::new(&rule.path, true) {
+                    Ok(_) => {
+                        rule.kind = PathKind::Regex;
+                        true
+                    }
+                    Err(why) => {
+                        t.problem(
+                            &rule.route.ingress,
+                            "spec.rules[].http.paths[].path",
+                            format!(
+                                "{} is not a regular expression, and another Ingress for the \
+                             host asks for regex paths: {why}",
+                                quoted(&rule.path)
+                            ),
+                        );
+                        false
+                    }
+                });
         }
     }
 }

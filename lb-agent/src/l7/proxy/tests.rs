@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Balance, HostPattern, HostRule, PathKind, PathRule, Route, RouteTable, Target, Upstream,
-    UpstreamProtocol,
+    Balance, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy, Redirect, Rewrite,
+    Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -200,6 +200,7 @@ fn route_to(name: &str, target: Target) -> Route {
         ssl_redirect: false,
         balance: Balance::RoundRobin,
         max_body_bytes: None,
+        policy: Arc::default(),
     }
 }
 
@@ -1441,5 +1442,134 @@ fn resolves_external_names_by_dns() {
         assert_eq!(got.status, StatusCode::BAD_GATEWAY);
         assert_eq!(got.body, "cannot resolve the backend\n");
         assert_eq!(p.metrics.upstream_error_count("dns"), 1);
+    });
+}
+
+// ---- ingress-nginx annotations ------------------------------------------------------
+
+fn with_policy(mut route: Route, policy: Policy) -> Route {
+    route.policy = Arc::new(policy);
+    route
+}
+
+/// `permanent-redirect` (301 unless `-code`), `temporal-redirect` (302) and
+/// `app-root` (302 for `/` only) answer without a backend, before the SSL redirect.
+#[test]
+fn annotation_redirects_and_app_root() {
+    in_netns("redirects", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let mut moved = with_policy(
+            route("moved", &[app.addr]),
+            Policy {
+                redirect: Some(Redirect {
+                    code: 301,
+                    location: "https://www.example.com".into(),
+                }),
+                ..Policy::default()
+            },
+        );
+        moved.ssl_redirect = true;
+        let temporary = with_policy(
+            route("temporary", &[app.addr]),
+            Policy {
+                redirect: Some(Redirect {
+                    code: 307,
+                    location: "https://maintenance.example.com/".into(),
+                }),
+                ..Policy::default()
+            },
+        );
+        let rooted = with_policy(
+            route("rooted", &[app.addr]),
+            Policy {
+                app_root: Some("/app1".into()),
+                ..Policy::default()
+            },
+        );
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("moved.example", "/", moved),
+                host("temporary.example", "/", temporary),
+                host("approot.example", "/", rooted),
+            ]),
+        );
+        let got = get(p.http, "moved.example", "/some/page?q=1").await;
+        assert_eq!(got.status, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(got.headers["location"], "https://www.example.com");
+        let got = get(p.http, "temporary.example", "/x").await;
+        assert_eq!(got.status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(got.headers["location"], "https://maintenance.example.com/");
+        let got = get(p.http, "approot.example", "/").await;
+        assert_eq!(got.status, StatusCode::FOUND);
+        assert_eq!(got.headers["location"], "http://approot.example/app1");
+        let got = get(p.http, "approot.example", "/app1").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(echoed(&got.body, "request").as_deref(), Some("GET /app1"));
+        assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.local_answer_count("annotation_redirect"), 2);
+        assert_eq!(p.metrics.local_answer_count("app_root"), 1);
+    });
+}
+
+/// ingress-nginx's rewrite example (`/something(/|$)(.*)`, `rewrite-target: /$2`)
+/// with `upstream-vhost` and `x-forwarded-prefix`: the backend sees the rewritten
+/// path (query kept), the vhost as `Host`, the client's host as `X-Forwarded-Host`.
+#[test]
+fn rewrite_target_upstream_vhost_and_forwarded_prefix() {
+    in_netns("rewrite", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let path = "/something(/|$)(.*)";
+        let rewritten = with_policy(
+            route("rewritten", &[app.addr]),
+            Policy {
+                rewrite: Some(Rewrite {
+                    pattern: PathRegex::new(path, false).unwrap(),
+                    target: "/$2".into(),
+                }),
+                upstream_vhost: Some("internal.example".into()),
+                forwarded_prefix: Some("/something".into()),
+                ..Policy::default()
+            },
+        );
+        let rule = HostRule {
+            host: HostPattern::Exact("rewrite.bar.com".into()),
+            paths: vec![PathRule {
+                path: path.into(),
+                kind: PathKind::Regex,
+                route: rewritten,
+            }],
+        };
+        let p = start(test_config(), snapshot(vec![rule]));
+        for (request, seen) in [
+            ("/something", "GET /"),
+            ("/something/", "GET /"),
+            ("/something/new", "GET /new"),
+            ("/Something/new/deeper?q=1", "GET /new/deeper?q=1"),
+        ] {
+            let got = get(p.http, "rewrite.bar.com", request).await;
+            assert_eq!(got.status, StatusCode::OK, "{request}");
+            assert_eq!(
+                echoed(&got.body, "request").as_deref(),
+                Some(seen),
+                "{request}"
+            );
+            assert_eq!(
+                echoed(&got.body, "host").as_deref(),
+                Some("internal.example")
+            );
+            assert_eq!(
+                echoed(&got.body, "x-forwarded-host").as_deref(),
+                Some("rewrite.bar.com")
+            );
+            assert_eq!(
+                echoed(&got.body, "x-forwarded-prefix").as_deref(),
+                Some("/something")
+            );
+        }
+        let got = get(p.http, "rewrite.bar.com", "/other").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
     });
 }

@@ -5,10 +5,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+use super::annotations::*;
 use super::*;
 use crate::cluster::Object;
 use crate::model::fixtures;
-use crate::routes::Balance;
+use crate::routes::{Balance, Redirect};
 
 fn xlb() -> IngressClassConfig {
     IngressClassConfig::new("xlb")
@@ -491,7 +492,10 @@ fn honoured_annotations_shape_the_routes() {
         &[
             (PROXY_BODY_SIZE, "8m"),
             (LOAD_BALANCE, "least-request"),
-            ("nginx.ingress.kubernetes.io/rewrite-target", "/"),
+            (
+                "nginx.ingress.kubernetes.io/mirror-target",
+                "https://mirror.test",
+            ),
             ("nginx.ingress.kubernetes.io/proxy-read-timeout", "30"),
         ],
     );
@@ -514,11 +518,11 @@ fn honoured_annotations_shape_the_routes() {
         [
             (
                 ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/proxy-read-timeout".to_owned()
+                "nginx.ingress.kubernetes.io/mirror-target".to_owned()
             ),
             (
                 ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/rewrite-target".to_owned()
+                "nginx.ingress.kubernetes.io/proxy-read-timeout".to_owned()
             ),
         ]
     );
@@ -843,7 +847,7 @@ fn annotations_are_read_under_the_configured_prefix() {
         "storefront",
         &[
             ("ingress.example.com/proxy-body-size", "8m"),
-            ("ingress.example.com/rewrite-target", "/"),
+            ("ingress.example.com/mirror-target", "https://mirror.test"),
             (PROXY_BODY_SIZE, "2m"),
         ],
     );
@@ -858,7 +862,7 @@ fn annotations_are_read_under_the_configured_prefix() {
         t.ignored_annotations,
         [(
             ObjectKey::new("shop", "storefront"),
-            "ingress.example.com/rewrite-target".to_owned()
+            "ingress.example.com/mirror-target".to_owned()
         )]
     );
     // A bad value names the Ingress and the annotation under its own prefix.
@@ -974,4 +978,160 @@ fn a_trailing_slash_makes_a_second_prefix_route() {
         "{:#?}",
         problems(&t)
     );
+}
+
+/// Replace an Ingress's rules by one host with `paths` (path, pathType), all to its
+/// first backend.
+fn set_paths(objects: &mut [Object], ingress: &str, host: &str, paths: &[(&str, &str)]) {
+    let spec = ingress_mut(objects, ingress).spec.as_mut().unwrap();
+    let rule = &mut spec.rules.as_mut().unwrap()[0];
+    rule.host = Some(host.to_owned());
+    let http = rule.http.as_mut().unwrap();
+    let template = http.paths[0].clone();
+    http.paths = paths
+        .iter()
+        .map(|(p, kind)| {
+            let mut path = template.clone();
+            path.path = Some((*p).to_owned());
+            path.path_type = (*kind).to_owned();
+            path
+        })
+        .collect();
+}
+
+/// ingress-nginx's rewrite example (`/something(/|$)(.*)`, `rewrite-target: /$2`):
+/// the rewrite makes every path of the host a regex, also another Ingress's.
+#[test]
+fn rewrite_target_makes_the_host_regex() {
+    let mut objects = shop();
+    set_paths(
+        &mut objects,
+        "storefront",
+        "rewrite.bar.com",
+        &[("/something(/|$)(.*)", "ImplementationSpecific")],
+    );
+    annotate(&mut objects, "storefront", &[(REWRITE_TARGET, "/$2")]);
+    set_paths(
+        &mut objects,
+        "api",
+        "rewrite.bar.com",
+        &[("/api", "Prefix"), ("/exact", "Exact")],
+    );
+    let t = run(&objects);
+    let r = route(&t, "rewrite.bar.com", "/something/new");
+    let rewrite = r.policy.rewrite.as_ref().expect("a rewrite");
+    assert_eq!(
+        rewrite.apply("/something/new", None).as_deref(),
+        Some("/new")
+    );
+    // api's paths are regexes now: anchored at the start, case-insensitive, and an
+    // Exact path matches longer paths, as in ingress-nginx.
+    assert_eq!(
+        to(&t, "rewrite.bar.com", "/APIv2").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert_eq!(
+        to(&t, "rewrite.bar.com", "/exact/more").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        route(&t, "rewrite.bar.com", "/api")
+            .policy
+            .rewrite
+            .is_none()
+    );
+    // A path that is no regular expression in a regex host is dropped with a problem.
+    set_paths(&mut objects, "api", "rewrite.bar.com", &[("/a(", "Prefix")]);
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p.starts_with(
+            "Ingress shop/api: spec.rules[].http.paths[].path: \"/a(\" is not a regular expression"
+        )),
+        "{:#?}",
+        problems(&t)
+    );
+    set_paths(
+        &mut objects,
+        "storefront",
+        "rewrite.bar.com",
+        &[("/b(", "Prefix")],
+    );
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p.starts_with(
+            "Ingress shop/storefront: spec.rules[0].http.paths[0].path: \"/b(\" is not a regular expression"
+        )),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Redirects, app-root, upstream-vhost and x-forwarded-prefix reach the routes with
+/// ingress-nginx's defaults; bad values name the Ingress and annotation.
+#[test]
+fn redirect_and_header_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (PERMANENT_REDIRECT, "https://www.example.com"),
+            (APP_ROOT, "/app1"),
+            (UPSTREAM_VHOST, "internal.example.com"),
+            (X_FORWARDED_PREFIX, "/shop"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (PERMANENT_REDIRECT, "https://permanent.example.com"),
+            (TEMPORAL_REDIRECT, "https://temporal.example.com"),
+            (TEMPORAL_REDIRECT_CODE, "307"),
+        ],
+    );
+    let t = run(&objects);
+    let front = &route(&t, "shop.example.com", "/").policy;
+    assert_eq!(
+        front.redirect,
+        Some(Redirect {
+            code: 301,
+            location: "https://www.example.com".into()
+        })
+    );
+    assert_eq!(front.app_root.as_deref(), Some("/app1"));
+    assert_eq!(
+        front.upstream_vhost.as_deref(),
+        Some("internal.example.com")
+    );
+    assert_eq!(front.forwarded_prefix.as_deref(), Some("/shop"));
+    let api = &route(&t, "shop.example.com", "/api").policy;
+    assert_eq!(
+        api.redirect,
+        Some(Redirect {
+            code: 307,
+            location: "https://temporal.example.com".into()
+        })
+    );
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (PERMANENT_REDIRECT_CODE, "200"),
+            (APP_ROOT, "app1"),
+            (TEMPORAL_REDIRECT, "ftp://x"),
+        ],
+    );
+    let t = run(&objects);
+    let front = &route(&t, "shop.example.com", "/").policy;
+    assert_eq!(front.redirect.as_ref().map(|r| r.code), Some(301));
+    assert_eq!(front.app_root, None);
+    let p = problems(&t);
+    for expected in [
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/permanent-redirect-code]: \"200\" is not a redirect status (300 to 308): 301 applies",
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/app-root]: \"app1\" is not a path starting with /",
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/temporal-redirect]: \"ftp://x\" is not an http:// or https:// URL",
+    ] {
+        assert!(p.contains(&expected.to_owned()), "{expected}\n{p:#?}");
+    }
 }
