@@ -7,7 +7,8 @@
 //!
 //! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
 //! (`ssl_redirect` on the plain listener), 300-308 from `permanent-redirect` or
-//! `temporal-redirect`, 302 from `app-root` for `/`, 400 a missing, repeated or invalid Host
+//! `temporal-redirect`, 302 from `app-root` for `/`, 204 to a CORS preflight from an
+//! allowed origin, 403 a client outside the source ranges, 400 a missing, repeated or invalid Host
 //! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
 //! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
@@ -49,7 +50,7 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
-use super::routes::{Policy, Route, Target, UpstreamProtocol};
+use super::routes::{Cors, Policy, Route, Target, UpstreamProtocol};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
@@ -510,8 +511,31 @@ async fn forward(
         let status = StatusCode::from_u16(to.code).map_err(|_| bad_request())?;
         return Err(redirect_to(status, "annotation_redirect", &to.location));
     }
+    let cors = policy.cors.as_ref().and_then(|cors| {
+        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
+        let allowed = HeaderValue::from_str(cors.allowed_origin(origin)?).ok()?;
+        Some((cors, allowed))
+    });
+    if let Some((cors, origin)) = &cors
+        && req.method() == hyper::Method::OPTIONS
+    {
+        shared.metrics.local_answer("cors_preflight");
+        let mut response = Response::new(Body::default());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        cors_headers(response.headers_mut(), cors, origin);
+        return Ok(response);
+    }
     if route.ssl_redirect && !kind.tls {
         return Err(redirect(&host, shared.https_port, req.uri()));
+    }
+    if let Some(access) = &policy.access
+        && !access.permits(peer.ip())
+    {
+        return Err(local(
+            StatusCode::FORBIDDEN,
+            "source_range",
+            "client address not allowed",
+        ));
     }
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
     let announced = req
@@ -556,7 +580,7 @@ async fn forward(
         &body_state,
         client_upgrade,
     );
-    tokio::time::timeout(config.upstream_timeout, attempt)
+    let mut response = tokio::time::timeout(config.upstream_timeout, attempt)
         .await
         .unwrap_or_else(|_| {
             shared.metrics.upstream_error("timeout");
@@ -565,7 +589,33 @@ async fn forward(
                 "upstream_timeout",
                 "the backend did not answer in time",
             ))
-        })
+        })?;
+    if let Some((cors, origin)) = &cors {
+        cors_headers(response.headers_mut(), cors, origin);
+    }
+    Ok(response)
+}
+
+/// ingress-nginx's CORS headers for an allowed origin.
+fn cors_headers(headers: &mut hyper::HeaderMap, cors: &Cors, origin: &HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    if cors.allow_credentials {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    let mut set = |name: header::HeaderName, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value)
+            && !value.is_empty()
+        {
+            headers.insert(name, value);
+        }
+    };
+    set(header::ACCESS_CONTROL_ALLOW_METHODS, &cors.allow_methods);
+    set(header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.allow_headers);
+    set(header::ACCESS_CONTROL_EXPOSE_HEADERS, &cors.expose_headers);
+    set(header::ACCESS_CONTROL_MAX_AGE, &cors.max_age.to_string());
 }
 
 /// Replaces the request's path by its normal form ([`path::normalize`]), the query

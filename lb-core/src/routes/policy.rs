@@ -3,7 +3,9 @@
 //! `Host`, `X-Forwarded-Prefix`. Pure: the proxy asks, these answer.
 
 use std::fmt;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use regex::Regex;
 
 /// The per-route behaviour the annotations ask for; [`Default`]: none.
@@ -19,6 +21,75 @@ pub struct Policy {
     pub upstream_vhost: Option<String>,
     /// `x-forwarded-prefix`: sent as `X-Forwarded-Prefix`.
     pub forwarded_prefix: Option<String>,
+    /// `enable-cors` and its `cors-*` settings.
+    pub cors: Option<Cors>,
+    /// `allowlist-source-range` (or `whitelist-`) and `denylist-source-range`.
+    pub access: Option<Access>,
+}
+
+/// ingress-nginx's CORS: for a request whose `Origin` is allowed, the
+/// `Access-Control-*` headers are added to the answer, and a preflight (`OPTIONS`) is
+/// answered 204 by the hop itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// `cors-allow-origin` (default `*`): `*`, or origins such as `https://a.example`
+    /// and `https://*.example.com` (one label), compared case-insensitively.
+    pub allow_origin: Vec<String>,
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    pub allow_credentials: bool,
+    pub max_age: u32,
+}
+
+impl Cors {
+    /// The `Access-Control-Allow-Origin` value for a request's `Origin`, or `None` when
+    /// that origin is not allowed (no CORS headers then).
+    pub fn allowed_origin<'o>(&self, origin: &'o str) -> Option<&'o str> {
+        if self.allow_origin.iter().any(|a| a == "*") {
+            return Some("*");
+        }
+        let lower = origin.to_ascii_lowercase();
+        self.allow_origin
+            .iter()
+            .any(|allowed| origin_matches(allowed, &lower))
+            .then_some(origin)
+    }
+}
+
+/// `allowed` (lower case) against an origin (lower case): equal, or `scheme://*.rest`
+/// matching exactly one label in place of the `*`.
+fn origin_matches(allowed: &str, origin: &str) -> bool {
+    if allowed == origin {
+        return true;
+    }
+    let Some((scheme, rest)) = allowed.split_once("://*.") else {
+        return false;
+    };
+    let Some(host) = origin
+        .strip_prefix(scheme)
+        .and_then(|o| o.strip_prefix("://"))
+    else {
+        return false;
+    };
+    host.split_once('.')
+        .is_some_and(|(label, tail)| !label.is_empty() && tail == rest)
+}
+
+/// Source ranges, checked against the client's socket address (IPv4-mapped IPv6 as
+/// IPv4): a client outside a non-empty allowlist, or inside the denylist, gets 403.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl Access {
+    pub fn permits(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        let inside = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&client));
+        (self.allow.is_empty() || inside(&self.allow)) && !inside(&self.deny)
+    }
 }
 
 /// A fixed redirect: status and `Location`, as nginx's `return CODE URL` (the request's

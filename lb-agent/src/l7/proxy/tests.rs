@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Balance, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy, Redirect, Rewrite,
-    Route, RouteTable, Target, Upstream, UpstreamProtocol,
+    Access, Balance, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy, Redirect,
+    Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -1571,5 +1571,129 @@ fn rewrite_target_upstream_vhost_and_forwarded_prefix() {
         }
         let got = get(p.http, "rewrite.bar.com", "/other").await;
         assert_eq!(got.status, StatusCode::NOT_FOUND);
+    });
+}
+
+/// ingress-nginx's CORS defaults: an allowed origin gets the `Access-Control-*`
+/// headers on the answer and a 204 to its preflight; another origin gets none and its
+/// OPTIONS goes to the backend.
+#[test]
+fn cors_for_allowed_origins() {
+    in_netns("cors", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let cors = with_policy(
+            route("cors", &[app.addr]),
+            Policy {
+                cors: Some(Cors {
+                    allow_origin: vec!["https://*.example.com".into()],
+                    allow_methods: "GET, PUT, POST, DELETE, PATCH, OPTIONS".into(),
+                    allow_headers: "Content-Type,Authorization".into(),
+                    expose_headers: String::new(),
+                    allow_credentials: true,
+                    max_age: 1_728_000,
+                }),
+                ..Policy::default()
+            },
+        );
+        let p = start(
+            test_config(),
+            snapshot(vec![host("api.example", "/", cors)]),
+        );
+        let request = |method: &str, origin: &str| {
+            Request::builder()
+                .method(method)
+                .uri("/data")
+                .header("host", "api.example")
+                .header("origin", origin)
+                .body(Full::default())
+                .unwrap()
+        };
+        let got = send(p.http, request("OPTIONS", "https://app.example.com")).await;
+        assert_eq!(got.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            got.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(got.headers["access-control-allow-credentials"], "true");
+        assert_eq!(
+            got.headers["access-control-allow-methods"],
+            "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+        );
+        assert_eq!(got.headers["access-control-max-age"], "1728000");
+        assert!(!got.headers.contains_key("access-control-expose-headers"));
+        assert_eq!(app.hits.load(Ordering::Relaxed), 0);
+        let got = send(p.http, request("GET", "https://APP.example.com")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            got.headers["access-control-allow-origin"],
+            "https://APP.example.com"
+        );
+        for origin in [
+            "https://evil.test",
+            "https://a.b.example.com",
+            "http://app.example.com",
+        ] {
+            let got = send(p.http, request("OPTIONS", origin)).await;
+            assert_eq!(got.status, StatusCode::OK, "{origin}");
+            assert!(
+                !got.headers.contains_key("access-control-allow-origin"),
+                "{origin}"
+            );
+        }
+        assert_eq!(app.hits.load(Ordering::Relaxed), 4);
+    });
+}
+
+/// Source ranges are checked against the client's socket address, never
+/// `X-Forwarded-For`: 198.51.100.1 is outside 192.0.2.0/24 and inside a denylist.
+#[test]
+fn source_ranges_use_the_real_client_address() {
+    in_netns("ranges", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let policy = |allow: &[&str], deny: &[&str]| Policy {
+            access: Some(Access {
+                allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
+                deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
+            }),
+            ..Policy::default()
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "in.example",
+                    "/",
+                    with_policy(route("in", &[app.addr]), policy(&["198.51.100.0/24"], &[])),
+                ),
+                host(
+                    "out.example",
+                    "/",
+                    with_policy(route("out", &[app.addr]), policy(&["192.0.2.0/24"], &[])),
+                ),
+                host(
+                    "deny.example",
+                    "/",
+                    with_policy(
+                        route("deny", &[app.addr]),
+                        policy(&[], &["198.51.100.1/32"]),
+                    ),
+                ),
+            ]),
+        );
+        assert_eq!(get(p.http, "in.example", "/").await.status, StatusCode::OK);
+        for h in ["out.example", "deny.example"] {
+            let req = Request::get("/")
+                .header("host", h)
+                .header("x-forwarded-for", "192.0.2.7")
+                .body(Full::default())
+                .unwrap();
+            let got = send(p.http, req).await;
+            assert_eq!(got.status, StatusCode::FORBIDDEN, "{h}");
+            assert_eq!(got.body, "client address not allowed\n");
+        }
+        assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.local_answer_count("source_range"), 2);
     });
 }

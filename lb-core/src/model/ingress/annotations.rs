@@ -11,7 +11,9 @@ use std::sync::Arc;
 use super::catalogue::{self, Support};
 use crate::cluster::ObjectKey;
 use crate::quote::quoted;
-use crate::routes::{Balance, PathRegex, Policy, Redirect, Rewrite, Route, Upstream};
+use ipnet::IpNet;
+
+use crate::routes::{Access, Balance, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream};
 
 /// ingress-nginx's default `--annotations-prefix`.
 pub const DEFAULT_PREFIX: &str = "nginx.ingress.kubernetes.io";
@@ -29,6 +31,23 @@ pub const TEMPORAL_REDIRECT: &str = "temporal-redirect";
 pub const TEMPORAL_REDIRECT_CODE: &str = "temporal-redirect-code";
 pub const X_FORWARDED_PREFIX: &str = "x-forwarded-prefix";
 pub const UPSTREAM_VHOST: &str = "upstream-vhost";
+pub const ENABLE_CORS: &str = "enable-cors";
+pub const CORS_ALLOW_ORIGIN: &str = "cors-allow-origin";
+pub const CORS_ALLOW_METHODS: &str = "cors-allow-methods";
+pub const CORS_ALLOW_HEADERS: &str = "cors-allow-headers";
+pub const CORS_EXPOSE_HEADERS: &str = "cors-expose-headers";
+pub const CORS_ALLOW_CREDENTIALS: &str = "cors-allow-credentials";
+pub const CORS_MAX_AGE: &str = "cors-max-age";
+pub const ALLOWLIST_SOURCE_RANGE: &str = "allowlist-source-range";
+/// The older name of [`ALLOWLIST_SOURCE_RANGE`]; the newer one wins when both are set.
+pub const WHITELIST_SOURCE_RANGE: &str = "whitelist-source-range";
+pub const DENYLIST_SOURCE_RANGE: &str = "denylist-source-range";
+
+// ingress-nginx's CORS defaults.
+const CORS_METHODS: &str = "GET, PUT, POST, DELETE, PATCH, OPTIONS";
+const CORS_HEADERS: &str = "DNT,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,\
+    Cache-Control,Content-Type,Range,Authorization";
+const CORS_MAX_AGE_DEFAULT: u32 = 1_728_000;
 
 /// xlb's own annotation (not under the prefix).
 pub const LOAD_BALANCE: &str = "xlb.dev/load-balance";
@@ -295,6 +314,10 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     if src.get(UPSTREAM_VHOST).is_some() {
         policy.upstream_vhost = src.header_value(UPSTREAM_VHOST);
     }
+    if src.flag(ENABLE_CORS) == Some(true) {
+        settings.policy.cors = Some(cors(&mut src));
+    }
+    settings.policy.access = access(&mut src);
     if let Some(v) = map.get(LOAD_BALANCE) {
         match v.as_str() {
             "round-robin" => settings.balance = Balance::RoundRobin,
@@ -321,6 +344,139 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     }
     read.bad = src.bad;
     read
+}
+
+/// The `cors-*` annotations with ingress-nginx's defaults; a bad value keeps the
+/// default (a bad origin is left out).
+fn cors(src: &mut Source<'_>) -> Cors {
+    let list = |src: &mut Source<'_>, name: &str, default: &str, extra: &[u8]| {
+        let Some(value) = src.get(name) else {
+            return default.to_owned();
+        };
+        let ok = value.split(',').map(str::trim).all(|item| {
+            !item.is_empty()
+                && item.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || extra.contains(&b)
+                })
+        });
+        if ok {
+            value.trim().to_owned()
+        } else {
+            let reason = format!("{} is not a comma-separated list of names", quoted(value));
+            src.bad(name, reason);
+            default.to_owned()
+        }
+    };
+    let allow_methods = list(src, CORS_ALLOW_METHODS, CORS_METHODS, b"");
+    let allow_headers = list(src, CORS_ALLOW_HEADERS, CORS_HEADERS, b"");
+    let expose_headers = list(src, CORS_EXPOSE_HEADERS, "", b"*");
+    let mut allow_origin = Vec::new();
+    if let Some(value) = src.get(CORS_ALLOW_ORIGIN) {
+        for origin in value.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            if valid_origin(origin) {
+                allow_origin.push(origin.to_ascii_lowercase());
+            } else {
+                let reason = format!(
+                    "{} is not * or an origin like https://a.example or https://*.example.com: \
+                     left out",
+                    quoted(origin)
+                );
+                src.bad(CORS_ALLOW_ORIGIN, reason);
+            }
+        }
+    }
+    if allow_origin.is_empty() {
+        allow_origin.push("*".to_owned());
+    }
+    let allow_credentials = src.flag(CORS_ALLOW_CREDENTIALS).unwrap_or(true);
+    let max_age = match src.get(CORS_MAX_AGE) {
+        None => CORS_MAX_AGE_DEFAULT,
+        Some(v) => v.trim().parse().unwrap_or_else(|_| {
+            let reason = format!("{} is not a number of seconds", quoted(v));
+            src.bad(CORS_MAX_AGE, reason);
+            CORS_MAX_AGE_DEFAULT
+        }),
+    };
+    Cors {
+        allow_origin,
+        allow_methods,
+        allow_headers,
+        expose_headers,
+        allow_credentials,
+        max_age,
+    }
+}
+
+/// `*`, or `http(s)://host[:port]` where the host may start with `*.`.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let lower = origin.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let rest = rest.strip_prefix("*.").unwrap_or(rest);
+    let (host, port) = rest.split_once(':').unwrap_or((rest, "0"));
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && port.parse::<u16>().is_ok()
+}
+
+/// The source ranges. A list with a bad entry fails closed: the routes refuse every
+/// client until it is fixed (ingress-nginx denies such a location too).
+fn access(src: &mut Source<'_>) -> Option<Access> {
+    let ranges = |src: &mut Source<'_>, name: &str| -> Result<Vec<IpNet>, ()> {
+        let Some(value) = src.get(name) else {
+            return Ok(Vec::new());
+        };
+        let mut nets = Vec::new();
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let net = item
+                .parse::<IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => nets.push(net.trunc()),
+                Err(_) => {
+                    let reason = format!(
+                        "{} is not an address or CIDR range: every client is refused (403) \
+                         until this is fixed",
+                        quoted(item)
+                    );
+                    src.bad(name, reason);
+                    return Err(());
+                }
+            }
+        }
+        Ok(nets)
+    };
+    let allow_name = if src.get(ALLOWLIST_SOURCE_RANGE).is_some() {
+        ALLOWLIST_SOURCE_RANGE
+    } else {
+        WHITELIST_SOURCE_RANGE
+    };
+    let everyone = || {
+        Some(Access {
+            allow: Vec::new(),
+            // 0.0.0.0/0 and ::/0.
+            deny: vec![
+                IpNet::V4(ipnet::Ipv4Net::default()),
+                IpNet::V6(ipnet::Ipv6Net::default()),
+            ],
+        })
+    };
+    let Ok(allow) = ranges(src, allow_name) else {
+        return everyone();
+    };
+    let Ok(deny) = ranges(src, DENYLIST_SOURCE_RANGE) else {
+        return everyone();
+    };
+    (!allow.is_empty() || !deny.is_empty()).then_some(Access { allow, deny })
 }
 
 /// nginx's size syntax (`client_max_body_size`): bytes, or a number with `k`, `m` or

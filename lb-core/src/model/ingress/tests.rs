@@ -1135,3 +1135,116 @@ fn redirect_and_header_annotations() {
         assert!(p.contains(&expected.to_owned()), "{expected}\n{p:#?}");
     }
 }
+
+/// ingress-nginx's CORS defaults, the documented example values, and a bad origin
+/// left out with a problem.
+#[test]
+fn cors_annotations_with_ingress_nginx_defaults() {
+    let mut objects = shop();
+    annotate(&mut objects, "storefront", &[(ENABLE_CORS, "true")]);
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (ENABLE_CORS, "true"),
+            (
+                CORS_ALLOW_ORIGIN,
+                "https://origin-site.com:4443, http://origin-site.com, https://*.example.org, ftp://x",
+            ),
+            (CORS_ALLOW_METHODS, "PUT, GET, POST, OPTIONS"),
+            (CORS_ALLOW_HEADERS, "X-Forwarded-For, X-app123-XPTO"),
+            (CORS_EXPOSE_HEADERS, "*, X-CustomResponseHeader"),
+            (CORS_ALLOW_CREDENTIALS, "false"),
+            (CORS_MAX_AGE, "600"),
+        ],
+    );
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .cors
+        .clone()
+        .unwrap();
+    assert_eq!(front.allow_origin, ["*"]);
+    assert_eq!(
+        front.allow_methods,
+        "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+    );
+    assert!(front.allow_headers.starts_with("DNT,Keep-Alive,User-Agent"));
+    assert!(front.allow_credentials);
+    assert_eq!(front.max_age, 1_728_000);
+    assert_eq!(front.allowed_origin("https://anything.test"), Some("*"));
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .cors
+        .clone()
+        .unwrap();
+    assert_eq!(
+        api.allow_origin,
+        [
+            "https://origin-site.com:4443",
+            "http://origin-site.com",
+            "https://*.example.org"
+        ]
+    );
+    assert_eq!(api.allow_methods, "PUT, GET, POST, OPTIONS");
+    assert_eq!(api.expose_headers, "*, X-CustomResponseHeader");
+    assert!(!api.allow_credentials);
+    assert_eq!(api.max_age, 600);
+    assert_eq!(
+        api.allowed_origin("https://a.example.org"),
+        Some("https://a.example.org")
+    );
+    assert_eq!(api.allowed_origin("https://origin-site.com"), None);
+    assert!(problems(&t).iter().any(|p| p.starts_with(
+        "Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/cors-allow-origin]: \"ftp://x\" is not *"
+    )));
+}
+
+/// Source ranges: the newer allowlist name wins over whitelist; a bad range refuses
+/// everyone (fail closed) with a problem.
+#[test]
+fn source_range_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (WHITELIST_SOURCE_RANGE, "192.0.2.0/24"),
+            (ALLOWLIST_SOURCE_RANGE, "198.51.100.0/24, 2001:db8::/32"),
+            (DENYLIST_SOURCE_RANGE, "198.51.100.7"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(WHITELIST_SOURCE_RANGE, "192.0.2.0/24,nonsense")],
+    );
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .access
+        .clone()
+        .unwrap();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(front.permits(ip("198.51.100.1")));
+    assert!(front.permits(ip("::ffff:198.51.100.1")));
+    assert!(front.permits(ip("2001:db8::1")));
+    assert!(!front.permits(ip("198.51.100.7")));
+    assert!(!front.permits(ip("192.0.2.1")));
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .access
+        .clone()
+        .unwrap();
+    assert!(!api.permits(ip("192.0.2.1")));
+    assert!(!api.permits(ip("2001:db8::1")));
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/whitelist-source-range]: \
+          \"nonsense\" is not an address or CIDR range: every client is refused (403) until this is fixed"
+            .to_owned()
+    ), "{:#?}", problems(&t));
+    assert_eq!(
+        route(&t, "legacy.example.com", "/legacy").policy.access,
+        None
+    );
+}
