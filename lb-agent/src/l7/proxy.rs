@@ -50,7 +50,7 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
-use super::routes::{Cors, Policy, Route, Target, UpstreamProtocol};
+use super::routes::{Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
@@ -537,6 +537,17 @@ async fn forward(
             "client address not allowed",
         ));
     }
+    let canary_route;
+    let route = match policy.canary.as_deref() {
+        Some(canary) if takes_canary(canary, &req) => {
+            canary_route = Route {
+                upstream: Arc::clone(&canary.upstream),
+                ..route.clone()
+            };
+            &canary_route
+        }
+        _ => route,
+    };
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
     let announced = req
         .headers()
@@ -594,6 +605,41 @@ async fn forward(
         cors_headers(response.headers_mut(), cors, origin);
     }
     Ok(response)
+}
+
+/// Whether a request goes to the route's canary: its header, then its cookie, then
+/// the weight (a random draw out of the total).
+fn takes_canary<B>(canary: &Canary, req: &Request<B>) -> bool {
+    let header = canary
+        .by_header
+        .as_deref()
+        .and_then(|name| req.headers().get(name))
+        .and_then(|v| v.to_str().ok());
+    let cookie = canary
+        .by_cookie
+        .as_deref()
+        .and_then(|name| cookie_value(req.headers(), name));
+    match canary.verdict(header, cookie) {
+        CanaryVerdict::Canary => true,
+        CanaryVerdict::Main => false,
+        CanaryVerdict::ByWeight => {
+            canary.weight > 0
+                && (canary.weight >= canary.weight_total
+                    || rand::random_range(0..canary.weight_total) < canary.weight)
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (RFC 6265 5.4).
+fn cookie_value<'h>(headers: &'h hyper::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
 }
 
 /// ingress-nginx's CORS headers for an allowed origin.

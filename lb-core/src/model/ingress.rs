@@ -51,7 +51,7 @@ use crate::model::kubernetes::{Problem, usable_endpoints};
 use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
-    HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
+    Canary, HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
     UpstreamProtocol, prefix_key,
 };
 
@@ -157,6 +157,7 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         }
     }
     owned.sort();
+    table.attach_canaries(&mut t);
     table.regex_hosts(&mut t);
     IngressTranslation {
         routes: RouteTable::new(
@@ -189,6 +190,8 @@ struct Table<'p> {
     /// Host groups some Ingress asked to treat as regular expressions (`use-regex`,
     /// `rewrite-target`).
     regex: BTreeSet<GroupKey>,
+    /// Canary paths, joined to their main routes once every Ingress is in.
+    canaries: Vec<PendingCanary>,
     certificates: Vec<CertificateSource>,
     ignored_annotations: Vec<(ObjectKey, String)>,
 }
@@ -222,7 +225,11 @@ impl Table<'_> {
                 self.certificates.push(cert);
             }
         }
-        if let Some(backend) = &spec.default_backend {
+        if let Some(backend) = spec
+            .default_backend
+            .as_ref()
+            .filter(|_| settings.canary.is_none())
+        {
             let field = "spec.defaultBackend";
             if let Some((_, owner)) = &self.default {
                 t.problem(
@@ -255,6 +262,10 @@ impl Table<'_> {
                 return;
             }
         };
+        if let Some(rules) = &settings.canary {
+            self.add_canary_rule(t, key, rules, ri, rule, &host);
+            return;
+        }
         let tls = match &host {
             HostPattern::Any => false,
             HostPattern::Exact(h) => self.tls_hosts.iter().any(|t| covers(t, h)),
@@ -335,7 +346,85 @@ impl Table<'_> {
     }
 }
 
+/// A canary Ingress's path, waiting for the main route it joins.
+struct PendingCanary {
+    group: GroupKey,
+    kind: PathKind,
+    path: String,
+    canary: Canary,
+    field: String,
+}
+
 impl Table<'_> {
+    fn add_canary_rule(
+        &mut self,
+        t: &mut Translator<'_>,
+        key: &ObjectKey,
+        rules: &annotations::CanaryRules,
+        ri: usize,
+        rule: &IngressRule,
+        host: &HostPattern,
+    ) {
+        for (pi, path) in rule.http.iter().flat_map(|h| &h.paths).enumerate() {
+            let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+            let (kind, text) = match path_rule(path.path_type.as_str(), path.path.as_deref()) {
+                Ok(p) => p,
+                Err((sub, reason)) => {
+                    t.problem(key, format!("{field}.{sub}"), reason);
+                    continue;
+                }
+            };
+            if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                self.canaries.push(PendingCanary {
+                    group: group_key(host),
+                    kind,
+                    path: text,
+                    canary: rules.canary(upstream, key),
+                    field,
+                });
+            }
+        }
+    }
+
+    /// Joins each canary path to the main route of the same host, path and path type
+    /// (ingress-nginx's alternative backend); without one it is not served.
+    fn attach_canaries(&mut self, t: &mut Translator<'_>) {
+        for pending in std::mem::take(&mut self.canaries) {
+            let ingress = pending.canary.ingress.clone();
+            let main = self.groups.get_mut(&pending.group).and_then(|g| {
+                g.paths
+                    .iter_mut()
+                    .find(|p| p.kind == pending.kind && p.path == pending.path)
+            });
+            let Some(main) = main else {
+                t.problem(
+                    &ingress,
+                    pending.field,
+                    format!(
+                        "canary: no other Ingress routes {:?} path {}: not served",
+                        pending.kind,
+                        quoted(&pending.path)
+                    ),
+                );
+                continue;
+            };
+            if let Some(other) = &main.route.policy.canary {
+                t.problem(
+                    &ingress,
+                    pending.field,
+                    format!(
+                        "canary: Ingress {} is already the canary of this path",
+                        other.ingress
+                    ),
+                );
+                continue;
+            }
+            let mut policy = (*main.route.policy).clone();
+            policy.canary = Some(Arc::new(pending.canary));
+            main.route.policy = Arc::new(policy);
+        }
+    }
+
     /// Makes every path of a regex host a regex path, as ingress-nginx enforces regex
     /// locations on all paths of a host once one Ingress for it asks; a path of another
     /// Ingress that is no regular expression is dropped with a problem.

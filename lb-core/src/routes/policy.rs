@@ -5,8 +5,13 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
 use ipnet::IpNet;
 use regex::Regex;
+
+use super::Upstream;
+use crate::cluster::ObjectKey;
 
 /// The per-route behaviour the annotations ask for; [`Default`]: none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,6 +30,67 @@ pub struct Policy {
     pub cors: Option<Cors>,
     /// `allowlist-source-range` (or `whitelist-`) and `denylist-source-range`.
     pub access: Option<Access>,
+    /// The canary Ingress for the same host and path, if any.
+    pub canary: Option<Arc<Canary>>,
+}
+
+/// An ingress-nginx canary: another Ingress (`canary: "true"`) for the same host and
+/// path whose backend takes some of the requests. Rules by precedence: header, then
+/// cookie, then weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Canary {
+    pub upstream: Arc<Upstream>,
+    /// The canary Ingress.
+    pub ingress: ObjectKey,
+    /// `canary-by-header`: `always` sends to the canary, `never` does not, any other
+    /// value goes on to the next rule, unless `value` or `pattern` is set.
+    pub by_header: Option<String>,
+    /// `canary-by-header-value`: this exact value sends to the canary.
+    pub header_value: Option<String>,
+    /// `canary-by-header-pattern` (used when no `header_value`): a matching value sends
+    /// to the canary.
+    pub header_pattern: Option<PathRegex>,
+    /// `canary-by-cookie`: `always` / `never`, other values go on to the weight.
+    pub by_cookie: Option<String>,
+    /// `canary-weight` out of `canary-weight-total` (default 100).
+    pub weight: u32,
+    pub weight_total: u32,
+}
+
+/// What the header and cookie rules say for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryVerdict {
+    Canary,
+    Main,
+    /// Neither rule decided: the weight does.
+    ByWeight,
+}
+
+impl Canary {
+    /// `header`: the value of `by_header` in the request; `cookie`: the value of the
+    /// `by_cookie` cookie.
+    pub fn verdict(&self, header: Option<&str>, cookie: Option<&str>) -> CanaryVerdict {
+        if let Some(value) = header {
+            if let Some(wanted) = &self.header_value {
+                if value == wanted {
+                    return CanaryVerdict::Canary;
+                }
+            } else if let Some(pattern) = &self.header_pattern {
+                if pattern.is_match(value) {
+                    return CanaryVerdict::Canary;
+                }
+            } else if value == "always" {
+                return CanaryVerdict::Canary;
+            } else if value == "never" {
+                return CanaryVerdict::Main;
+            }
+        }
+        match cookie {
+            Some("always") => CanaryVerdict::Canary,
+            Some("never") => CanaryVerdict::Main,
+            _ => CanaryVerdict::ByWeight,
+        }
+    }
 }
 
 /// ingress-nginx's CORS: for a request whose `Origin` is allowed, the
@@ -111,6 +177,19 @@ impl PathRegex {
     pub fn new(pattern: &str, anchored: bool) -> Result<Self, String> {
         let anchor = if anchored { "^" } else { "" };
         regex::RegexBuilder::new(&format!("(?i){anchor}{pattern}"))
+            .size_limit(1 << 20)
+            .build()
+            .map(PathRegex)
+            .map_err(|e| match e {
+                regex::Error::Syntax(text) => text.lines().last().unwrap_or("").to_owned(),
+                other => other.to_string(),
+            })
+    }
+
+    /// `pattern` as written: case-sensitive, not anchored (a canary header pattern, as
+    /// ingress-nginx's Lua matches it).
+    pub fn plain(pattern: &str) -> Result<Self, String> {
+        regex::RegexBuilder::new(pattern)
             .size_limit(1 << 20)
             .build()
             .map(PathRegex)

@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Access, Balance, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy, Redirect,
-    Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
+    Access, Balance, Canary, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy,
+    Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -1695,5 +1695,154 @@ fn source_ranges_use_the_real_client_address() {
         }
         assert_eq!(app.hits.load(Ordering::Relaxed), 1);
         assert_eq!(p.metrics.local_answer_count("source_range"), 2);
+    });
+}
+
+fn canary_of(main: Route, canary: Canary) -> Route {
+    let policy = Policy {
+        canary: Some(Arc::new(canary)),
+        ..Policy::default()
+    };
+    with_policy(main, policy)
+}
+
+fn canary(upstream: &Route) -> Canary {
+    Canary {
+        upstream: Arc::clone(&upstream.upstream),
+        ingress: key("canary"),
+        by_header: None,
+        header_value: None,
+        header_pattern: None,
+        by_cookie: None,
+        weight: 0,
+        weight_total: 100,
+    }
+}
+
+/// Canary by header (`always`/`never`, an exact value, a pattern), by cookie, and by
+/// weight (0 and total are exact; a split sends both ways).
+#[test]
+fn canary_by_header_cookie_and_weight() {
+    in_netns("canary", || async {
+        let (_tx, rx) = watch::channel(false);
+        let main = backend(backend_ip(1), "main", rx.clone()).await;
+        let new = backend(backend_ip(2), "new", rx).await;
+        let new_route = route("new", &[new.addr]);
+        let by_header = Canary {
+            by_header: Some("X-Canary".into()),
+            by_cookie: Some("canary".into()),
+            ..canary(&new_route)
+        };
+        let by_value = Canary {
+            by_header: Some("X-Region".into()),
+            header_value: Some("eu-west".into()),
+            ..canary(&new_route)
+        };
+        let by_pattern = Canary {
+            by_header: Some("X-Region".into()),
+            header_pattern: Some(PathRegex::plain("^eu-.*").unwrap()),
+            ..canary(&new_route)
+        };
+        let all = Canary {
+            weight: 5,
+            weight_total: 5,
+            ..canary(&new_route)
+        };
+        let half = Canary {
+            weight: 50,
+            ..canary(&new_route)
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "header.example",
+                    "/",
+                    canary_of(route("main", &[main.addr]), by_header),
+                ),
+                host(
+                    "value.example",
+                    "/",
+                    canary_of(route("main", &[main.addr]), by_value),
+                ),
+                host(
+                    "pattern.example",
+                    "/",
+                    canary_of(route("main", &[main.addr]), by_pattern),
+                ),
+                host(
+                    "all.example",
+                    "/",
+                    canary_of(route("main", &[main.addr]), all),
+                ),
+                host(
+                    "half.example",
+                    "/",
+                    canary_of(route("main", &[main.addr]), half),
+                ),
+            ]),
+        );
+        let who = |h: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            let http = p.http;
+            async move {
+                let mut req = Request::get("/").header("host", h);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                let got = send(http, req.body(Full::default()).unwrap()).await;
+                echoed(&got.body, "name").unwrap_or_default()
+            }
+        };
+        assert_eq!(who("header.example", &[]).await, "main");
+        assert_eq!(
+            who("header.example", &[("x-canary", "always")]).await,
+            "new"
+        );
+        assert_eq!(
+            who(
+                "header.example",
+                &[("x-canary", "never"), ("cookie", "canary=always")]
+            )
+            .await,
+            "main"
+        );
+        // Another header value goes on to the cookie.
+        assert_eq!(
+            who(
+                "header.example",
+                &[("x-canary", "maybe"), ("cookie", "a=1; canary=always")]
+            )
+            .await,
+            "new"
+        );
+        assert_eq!(
+            who("header.example", &[("cookie", "canary=never")]).await,
+            "main"
+        );
+        assert_eq!(
+            who("value.example", &[("x-region", "eu-west")]).await,
+            "new"
+        );
+        assert_eq!(
+            who("value.example", &[("x-region", "always")]).await,
+            "main"
+        );
+        assert_eq!(
+            who("pattern.example", &[("x-region", "eu-north")]).await,
+            "new"
+        );
+        assert_eq!(
+            who("pattern.example", &[("x-region", "us-east")]).await,
+            "main"
+        );
+        assert_eq!(who("all.example", &[]).await, "new");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            seen.insert(who("half.example", &[]).await);
+            if seen.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 2, "a 50% canary sent every request one way");
     });
 }

@@ -13,7 +13,9 @@ use crate::cluster::ObjectKey;
 use crate::quote::quoted;
 use ipnet::IpNet;
 
-use crate::routes::{Access, Balance, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream};
+use crate::routes::{
+    Access, Balance, Canary, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream,
+};
 
 /// ingress-nginx's default `--annotations-prefix`.
 pub const DEFAULT_PREFIX: &str = "nginx.ingress.kubernetes.io";
@@ -42,6 +44,13 @@ pub const ALLOWLIST_SOURCE_RANGE: &str = "allowlist-source-range";
 /// The older name of [`ALLOWLIST_SOURCE_RANGE`]; the newer one wins when both are set.
 pub const WHITELIST_SOURCE_RANGE: &str = "whitelist-source-range";
 pub const DENYLIST_SOURCE_RANGE: &str = "denylist-source-range";
+pub const CANARY: &str = "canary";
+pub const CANARY_BY_HEADER: &str = "canary-by-header";
+pub const CANARY_BY_HEADER_VALUE: &str = "canary-by-header-value";
+pub const CANARY_BY_HEADER_PATTERN: &str = "canary-by-header-pattern";
+pub const CANARY_BY_COOKIE: &str = "canary-by-cookie";
+pub const CANARY_WEIGHT: &str = "canary-weight";
+pub const CANARY_WEIGHT_TOTAL: &str = "canary-weight-total";
 
 // ingress-nginx's CORS defaults.
 const CORS_METHODS: &str = "GET, PUT, POST, DELETE, PATCH, OPTIONS";
@@ -70,6 +79,34 @@ pub struct Settings {
     pub rewrite_target: Option<String>,
     /// Redirects and headers (the rewrite is per path, see [`Settings::route`]).
     pub policy: Policy,
+    /// `canary: "true"`: the Ingress's routes are canaries of another Ingress's.
+    pub canary: Option<CanaryRules>,
+}
+
+/// A canary Ingress's rules (its backend is per path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryRules {
+    pub by_header: Option<String>,
+    pub header_value: Option<String>,
+    pub header_pattern: Option<PathRegex>,
+    pub by_cookie: Option<String>,
+    pub weight: u32,
+    pub weight_total: u32,
+}
+
+impl CanaryRules {
+    pub fn canary(&self, upstream: Arc<Upstream>, ingress: &ObjectKey) -> Canary {
+        Canary {
+            upstream,
+            ingress: ingress.clone(),
+            by_header: self.by_header.clone(),
+            header_value: self.header_value.clone(),
+            header_pattern: self.header_pattern.clone(),
+            by_cookie: self.by_cookie.clone(),
+            weight: self.weight,
+            weight_total: self.weight_total,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -82,6 +119,7 @@ impl Default for Settings {
             use_regex: false,
             rewrite_target: None,
             policy: Policy::default(),
+            canary: None,
         }
     }
 }
@@ -318,6 +356,9 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
         settings.policy.cors = Some(cors(&mut src));
     }
     settings.policy.access = access(&mut src);
+    if src.flag(CANARY) == Some(true) {
+        settings.canary = Some(canary(&mut src));
+    }
     if let Some(v) = map.get(LOAD_BALANCE) {
         match v.as_str() {
             "round-robin" => settings.balance = Balance::RoundRobin,
@@ -405,6 +446,69 @@ fn cors(src: &mut Source<'_>) -> Cors {
         allow_credentials,
         max_age,
     }
+}
+
+/// The `canary-*` rules; a bad value is left out (weight: 0).
+fn canary(src: &mut Source<'_>) -> CanaryRules {
+    let number = |src: &mut Source<'_>, name: &str, default: u32| match src.get(name) {
+        None => default,
+        Some(v) => v.trim().parse().unwrap_or_else(|_| {
+            let reason = format!("{} is not a whole number: {default} applies", quoted(v));
+            src.bad(name, reason);
+            default
+        }),
+    };
+    let mut weight_total = number(src, CANARY_WEIGHT_TOTAL, 100);
+    if weight_total == 0 {
+        src.bad(CANARY_WEIGHT_TOTAL, "is 0: 100 applies".to_owned());
+        weight_total = 100;
+    }
+    let mut weight = number(src, CANARY_WEIGHT, 0);
+    if weight > weight_total {
+        let reason =
+            format!("{weight} is above the total {weight_total}: every request goes to the canary");
+        src.bad(CANARY_WEIGHT, reason);
+        weight = weight_total;
+    }
+    let by_header = src
+        .get(CANARY_BY_HEADER)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| header_name(v));
+    if by_header.is_none() && src.get(CANARY_BY_HEADER).is_some() {
+        src.bad(CANARY_BY_HEADER, "is not a header name".to_owned());
+    }
+    let header_pattern = match src.get(CANARY_BY_HEADER_PATTERN) {
+        None => None,
+        Some(p) => match PathRegex::plain(p) {
+            Ok(re) => Some(re),
+            Err(why) => {
+                src.bad(
+                    CANARY_BY_HEADER_PATTERN,
+                    format!("{} is not a regular expression: {why}", quoted(p)),
+                );
+                None
+            }
+        },
+    };
+    CanaryRules {
+        by_header,
+        header_value: src.get(CANARY_BY_HEADER_VALUE).map(str::to_owned),
+        header_pattern,
+        by_cookie: src
+            .get(CANARY_BY_COOKIE)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty()),
+        weight,
+        weight_total,
+    }
+}
+
+/// An HTTP field name (RFC 9110 token).
+fn header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// `*`, or `http(s)://host[:port]` where the host may start with `*.`.

@@ -1248,3 +1248,51 @@ fn source_range_annotations() {
         None
     );
 }
+
+/// A canary Ingress joins the main route of the same host and path (it claims no
+/// route of its own); one without a main route is not served.
+#[test]
+fn canary_ingresses_join_the_main_route() {
+    let mut objects = shop();
+    // api (newer) becomes the canary of storefront's shop.example.com `/`.
+    set_paths(
+        &mut objects,
+        "api",
+        "shop.example.com",
+        &[("/", "Prefix"), ("/nowhere", "Prefix")],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (CANARY, "true"),
+            (CANARY_BY_HEADER, "X-Canary"),
+            (CANARY_BY_HEADER_PATTERN, "^eu-"),
+            (CANARY_WEIGHT, "10"),
+            (CANARY_WEIGHT_TOTAL, "1000"),
+        ],
+    );
+    let t = run(&objects);
+    let main = route(&t, "shop.example.com", "/");
+    assert_eq!(main.ingress.name, "storefront");
+    let canary = main.policy.canary.as_ref().expect("a canary");
+    assert_eq!(canary.upstream.name, "shop/api:9000");
+    assert_eq!(canary.by_header.as_deref(), Some("X-Canary"));
+    assert_eq!((canary.weight, canary.weight_total), (10, 1000));
+    use crate::routes::CanaryVerdict;
+    assert_eq!(canary.verdict(Some("eu-west"), None), CanaryVerdict::Canary);
+    assert_eq!(canary.verdict(Some("us"), None), CanaryVerdict::ByWeight);
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/api: spec.rules[0].http.paths[1]: canary: no other Ingress routes \
+              Prefix path \"/nowhere\": not served"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/nowhere").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+}
