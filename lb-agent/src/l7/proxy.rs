@@ -591,7 +591,8 @@ async fn forward(
         &body_state,
         client_upgrade,
     );
-    let mut response = tokio::time::timeout(config.upstream_timeout, attempt)
+    let timeout = route.policy.read_timeout.unwrap_or(config.upstream_timeout);
+    let mut response = tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| {
             shared.metrics.upstream_error("timeout");
@@ -870,7 +871,11 @@ async fn send(
         if retried {
             shared.metrics.retried();
         }
-        let sender = match shared.pool.checkout(addr, upstream.protocol).await {
+        let sender = match shared
+            .pool
+            .checkout(addr, upstream.protocol, route.policy.connect_timeout)
+            .await
+        {
             Ok(sender) => {
                 in_flight.connected();
                 sender

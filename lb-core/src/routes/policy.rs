@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use regex::Regex;
@@ -32,6 +33,11 @@ pub struct Policy {
     pub access: Option<Access>,
     /// The canary Ingress for the same host and path, if any.
     pub canary: Option<Arc<Canary>>,
+    /// `proxy-connect-timeout`: connecting to one endpoint.
+    pub connect_timeout: Option<Duration>,
+    /// `proxy-read-timeout`: from choosing a backend to its response head (the
+    /// proxy's request timeout for this route).
+    pub read_timeout: Option<Duration>,
 }
 
 /// An ingress-nginx canary: another Ingress (`canary: "true"`) for the same host and

@@ -1846,3 +1846,47 @@ fn canary_by_header_cookie_and_weight() {
         assert_eq!(seen.len(), 2, "a 50% canary sent every request one way");
     });
 }
+
+/// `proxy-read-timeout` replaces the request timeout for its route only, and
+/// `proxy-connect-timeout` the connect timeout (a dead endpoint).
+#[test]
+fn per_route_timeouts() {
+    in_netns("timeouts", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let timeouts = |read: u64, connect: u64| Policy {
+            read_timeout: Some(Duration::from_millis(read)),
+            connect_timeout: Some(Duration::from_millis(connect)),
+            ..Policy::default()
+        };
+        let dead = SocketAddr::from((DEAD_IP, 80));
+        let p = start(
+            ProxyConfig {
+                upstream_timeout: Duration::from_secs(15),
+                connect_timeout: Duration::from_secs(15),
+                ..test_config()
+            },
+            snapshot(vec![
+                host(
+                    "short.example",
+                    "/",
+                    with_policy(route("short", &[app.addr]), timeouts(300, 300)),
+                ),
+                host(
+                    "dead.example",
+                    "/",
+                    with_policy(route("dead", &[dead]), timeouts(10_000, 300)),
+                ),
+            ]),
+        );
+        // Both would hang for 15 s under the proxy's own timeouts (the test's deadline
+        // is 20 s, so passing shows the route's shorter ones applied).
+        let got = get(p.http, "short.example", "/stall").await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+        let got = get(p.http, "dead.example", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.body, "cannot connect to the backend\n");
+        let got = get(p.http, "short.example", "/fine").await;
+        assert_eq!(got.status, StatusCode::OK);
+    });
+}

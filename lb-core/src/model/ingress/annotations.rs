@@ -44,6 +44,8 @@ pub const ALLOWLIST_SOURCE_RANGE: &str = "allowlist-source-range";
 /// The older name of [`ALLOWLIST_SOURCE_RANGE`]; the newer one wins when both are set.
 pub const WHITELIST_SOURCE_RANGE: &str = "whitelist-source-range";
 pub const DENYLIST_SOURCE_RANGE: &str = "denylist-source-range";
+pub const PROXY_CONNECT_TIMEOUT: &str = "proxy-connect-timeout";
+pub const PROXY_READ_TIMEOUT: &str = "proxy-read-timeout";
 pub const CANARY: &str = "canary";
 pub const CANARY_BY_HEADER: &str = "canary-by-header";
 pub const CANARY_BY_HEADER_VALUE: &str = "canary-by-header-value";
@@ -214,6 +216,24 @@ impl<'a> Source<'a> {
         self.bad.push(BadValue { annotation, reason });
     }
 
+    /// A whole number of seconds above 0 (ingress-nginx's timeout annotations; nginx
+    /// would also take `5s`, which is read too).
+    fn seconds(&mut self, name: &str) -> Option<std::time::Duration> {
+        let value = self.get(name)?;
+        let digits = value.trim().strip_suffix('s').unwrap_or(value.trim());
+        match digits.parse::<u64>() {
+            Ok(n) if n > 0 => Some(std::time::Duration::from_secs(n)),
+            _ => {
+                let reason = format!(
+                    "{} is not a whole number of seconds above 0: the agent's default applies",
+                    quoted(value)
+                );
+                self.bad(name, reason);
+                None
+            }
+        }
+    }
+
     /// A non-empty string value.
     fn text(&mut self, name: &str) -> Option<String> {
         let value = self.get(name)?.trim();
@@ -356,6 +376,8 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
         settings.policy.cors = Some(cors(&mut src));
     }
     settings.policy.access = access(&mut src);
+    settings.policy.connect_timeout = src.seconds(PROXY_CONNECT_TIMEOUT);
+    settings.policy.read_timeout = src.seconds(PROXY_READ_TIMEOUT);
     if src.flag(CANARY) == Some(true) {
         settings.canary = Some(canary(&mut src));
     }

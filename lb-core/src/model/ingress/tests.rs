@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -496,18 +497,36 @@ fn honoured_annotations_shape_the_routes() {
                 "nginx.ingress.kubernetes.io/mirror-target",
                 "https://mirror.test",
             ),
-            ("nginx.ingress.kubernetes.io/proxy-read-timeout", "30"),
+            ("nginx.ingress.kubernetes.io/proxy-send-timeout", "30"),
+            (PROXY_READ_TIMEOUT, "120"),
+            (PROXY_CONNECT_TIMEOUT, "2s"),
+            ("client-body-buffer-size", "1m"),
         ],
     );
     annotate(
         &mut objects,
         "api",
-        &[(PROXY_BODY_SIZE, "0"), (LOAD_BALANCE, "random")],
+        &[
+            (PROXY_BODY_SIZE, "0"),
+            (LOAD_BALANCE, "random"),
+            (PROXY_READ_TIMEOUT, "0"),
+        ],
     );
     let t = run(&objects);
     let front = route(&t, "shop.example.com", "/");
     assert_eq!(front.max_body_bytes, Some(8 << 20));
     assert_eq!(front.balance, Balance::LeastRequest);
+    assert_eq!(front.policy.read_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(front.policy.connect_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").policy.read_timeout,
+        None
+    );
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/proxy-read-timeout]: \
+          \"0\" is not a whole number of seconds above 0: the agent's default applies"
+            .to_owned()
+    ));
     let api = route(&t, "shop.example.com", "/api");
     assert_eq!(api.max_body_bytes, Some(u64::MAX));
     assert_eq!(api.balance, Balance::RoundRobin);
@@ -522,7 +541,7 @@ fn honoured_annotations_shape_the_routes() {
             ),
             (
                 ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/proxy-read-timeout".to_owned()
+                "nginx.ingress.kubernetes.io/proxy-send-timeout".to_owned()
             ),
         ]
     );
