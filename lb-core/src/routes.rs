@@ -9,7 +9,9 @@ use crate::cluster::ObjectKey;
 
 mod policy;
 
-pub use policy::{Access, Canary, CanaryVerdict, Cors, PathRegex, Policy, Redirect, Rewrite};
+pub use policy::{
+    Access, Affinity, Canary, CanaryVerdict, Cors, PathRegex, Policy, Redirect, Rewrite,
+};
 
 /// Where one route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]

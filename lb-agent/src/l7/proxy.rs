@@ -21,6 +21,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,7 +51,9 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
-use super::routes::{Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol};
+use super::routes::{
+    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol,
+};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
@@ -569,6 +572,13 @@ async fn forward(
     }
 
     let endpoints = endpoints(shared, route).await?;
+    let sticky = route.policy.affinity.as_ref().and_then(|a| {
+        let token = cookie_value(req.headers(), &a.cookie_name)?;
+        let found = endpoints
+            .iter()
+            .find(|e| Affinity::token(&route.upstream.name, **e) == token);
+        Some(found.copied())
+    });
 
     let (mut parts, body) = req.into_parts();
     rewrite_head(
@@ -590,6 +600,7 @@ async fn forward(
         upstream_req,
         &body_state,
         client_upgrade,
+        sticky,
     );
     let timeout = route.policy.read_timeout.unwrap_or(config.upstream_timeout);
     let mut response = tokio::time::timeout(timeout, attempt)
@@ -606,6 +617,36 @@ async fn forward(
         cors_headers(response.headers_mut(), cors, origin);
     }
     Ok(response)
+}
+
+/// The session-affinity cookie naming `addr`, with ingress-nginx's attributes
+/// (`HttpOnly` always).
+fn set_affinity_cookie(
+    headers: &mut hyper::HeaderMap,
+    affinity: &Affinity,
+    upstream: &str,
+    addr: SocketAddr,
+) {
+    let mut cookie = format!(
+        "{}={}; Path={}",
+        affinity.cookie_name,
+        Affinity::token(upstream, addr),
+        affinity.path
+    );
+    if let Some(seconds) = affinity.expires {
+        let at = std::time::SystemTime::now() + Duration::from_secs(seconds);
+        let _ = write!(cookie, "; Expires={}", httpdate::fmt_http_date(at));
+    }
+    if let Some(seconds) = affinity.max_age {
+        let _ = write!(cookie, "; Max-Age={seconds}");
+    }
+    if let Some(samesite) = &affinity.samesite {
+        let _ = write!(cookie, "; SameSite={samesite}");
+    }
+    cookie.push_str("; HttpOnly");
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        headers.append(header::SET_COOKIE, value);
+    }
 }
 
 /// Whether a request goes to the route's canary: its header, then its cookie, then
@@ -852,6 +893,7 @@ async fn send(
     mut req: Request<Body>,
     body: &BodyState,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    sticky: Option<Option<SocketAddr>>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
     let cannot_connect = || {
@@ -866,7 +908,13 @@ async fn send(
     loop {
         let (addr, in_flight) = shared
             .balancer
-            .pick(&upstream.name, endpoints, route.balance, &refused)
+            .pick_sticky(
+                &upstream.name,
+                endpoints,
+                route.balance,
+                &refused,
+                sticky.flatten(),
+            )
             .ok_or_else(cannot_connect)?;
         if retried {
             shared.metrics.retried();
@@ -896,14 +944,14 @@ async fn send(
         };
         match try_send(sender, req).await {
             Ok((response, sender)) => {
-                return Ok(respond(
-                    shared,
-                    response,
-                    sender,
-                    addr,
-                    in_flight,
-                    client_upgrade,
-                ));
+                let mut response =
+                    respond(shared, response, sender, addr, in_flight, client_upgrade);
+                if let Some(affinity) = &route.policy.affinity
+                    && sticky.flatten() != Some(addr)
+                {
+                    set_affinity_cookie(response.headers_mut(), affinity, &upstream.name, addr);
+                }
+                return Ok(response);
             }
             Err((e, Some(unsent))) if !retried => {
                 tracing::debug!(

@@ -33,6 +33,8 @@ pub struct Policy {
     pub access: Option<Access>,
     /// The canary Ingress for the same host and path, if any.
     pub canary: Option<Arc<Canary>>,
+    /// `affinity: cookie` and its `session-cookie-*` settings.
+    pub affinity: Option<Affinity>,
     /// `proxy-connect-timeout`: connecting to one endpoint.
     pub connect_timeout: Option<Duration>,
     /// `proxy-read-timeout`: from choosing a backend to its response head (the
@@ -61,6 +63,42 @@ pub struct Canary {
     /// `canary-weight` out of `canary-weight-total` (default 100).
     pub weight: u32,
     pub weight_total: u32,
+}
+
+/// ingress-nginx's cookie affinity: a request carrying the cookie goes to the endpoint
+/// it names while that endpoint is usable; otherwise the balancer picks and the answer
+/// sets the cookie. The value is a hash of the upstream and endpoint, not the address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Affinity {
+    /// `session-cookie-name` (default `INGRESSCOOKIE`).
+    pub cookie_name: String,
+    /// `session-cookie-path` (default: the rule's path, `/` for regex paths).
+    pub path: String,
+    /// `session-cookie-max-age`, seconds.
+    pub max_age: Option<u64>,
+    /// `session-cookie-expires`, seconds from when the cookie is set.
+    pub expires: Option<u64>,
+    /// `session-cookie-samesite`: `None`, `Lax` or `Strict`.
+    pub samesite: Option<String>,
+    /// `affinity-mode: persistent` (else `balanced`).
+    pub persistent: bool,
+}
+
+impl Affinity {
+    /// The cookie value naming `endpoint` of `upstream` (FNV-1a, stable across
+    /// restarts and agents, so a rolling restart keeps sessions).
+    pub fn token(upstream: &str, endpoint: std::net::SocketAddr) -> String {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in upstream
+            .bytes()
+            .chain([0])
+            .chain(endpoint.to_string().bytes())
+        {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{hash:016x}")
+    }
 }
 
 /// What the header and cookie rules say for one request.

@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Access, Balance, Canary, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule, Policy,
-    Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
+    Access, Affinity, Balance, Canary, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule,
+    Policy, Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -1888,5 +1888,80 @@ fn per_route_timeouts() {
         assert_eq!(got.body, "cannot connect to the backend\n");
         let got = get(p.http, "short.example", "/fine").await;
         assert_eq!(got.status, StatusCode::OK);
+    });
+}
+
+/// Cookie affinity: the first answer sets the cookie (ingress-nginx's attributes),
+/// requests carrying it stay on its endpoint under round robin, and a cookie for an
+/// endpoint that left is replaced.
+#[test]
+fn cookie_affinity_keeps_a_client_on_its_endpoint() {
+    in_netns("affinity", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx).await;
+        let sticky = |endpoints: &[SocketAddr]| {
+            with_policy(
+                route("sticky", endpoints),
+                Policy {
+                    affinity: Some(Affinity {
+                        cookie_name: "route".into(),
+                        path: "/".into(),
+                        max_age: Some(172_800),
+                        expires: Some(172_800),
+                        samesite: Some("Strict".into()),
+                        persistent: false,
+                    }),
+                    ..Policy::default()
+                },
+            )
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![host("sticky.example", "/", sticky(&[a.addr, b.addr]))]),
+        );
+        let first = get(p.http, "sticky.example", "/").await;
+        let set = first.headers["set-cookie"].to_str().unwrap().to_owned();
+        assert!(set.starts_with("route="), "{set}");
+        for attribute in [
+            "; Path=/",
+            "; Max-Age=172800",
+            "; SameSite=Strict",
+            "; HttpOnly",
+            "; Expires=",
+        ] {
+            assert!(set.contains(attribute), "{set} lacks {attribute}");
+        }
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let first_name = echoed(&first.body, "name").unwrap();
+        let with_cookie = |cookie: String| {
+            let http = p.http;
+            async move {
+                let req = Request::get("/")
+                    .header("host", "sticky.example")
+                    .header("cookie", format!("other=1; {cookie}"))
+                    .body(Full::default())
+                    .unwrap();
+                send(http, req).await
+            }
+        };
+        for _ in 0..6 {
+            let got = with_cookie(cookie.clone()).await;
+            assert_eq!(echoed(&got.body, "name").unwrap(), first_name);
+            assert!(!got.headers.contains_key("set-cookie"));
+        }
+        // The cookie's endpoint leaves: the other one answers and a new cookie is set.
+        let remaining = if first_name == "a" { b.addr } else { a.addr };
+        p.snapshots
+            .send(snapshot(vec![host(
+                "sticky.example",
+                "/",
+                sticky(&[remaining]),
+            )]))
+            .unwrap();
+        let got = with_cookie(cookie.clone()).await;
+        assert_ne!(echoed(&got.body, "name").unwrap(), first_name);
+        let renewed = got.headers["set-cookie"].to_str().unwrap();
+        assert!(!renewed.starts_with(&cookie), "{renewed}");
     });
 }

@@ -14,7 +14,7 @@ use crate::quote::quoted;
 use ipnet::IpNet;
 
 use crate::routes::{
-    Access, Balance, Canary, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream,
+    Access, Affinity, Balance, Canary, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream,
 };
 
 /// ingress-nginx's default `--annotations-prefix`.
@@ -46,6 +46,13 @@ pub const WHITELIST_SOURCE_RANGE: &str = "whitelist-source-range";
 pub const DENYLIST_SOURCE_RANGE: &str = "denylist-source-range";
 pub const PROXY_CONNECT_TIMEOUT: &str = "proxy-connect-timeout";
 pub const PROXY_READ_TIMEOUT: &str = "proxy-read-timeout";
+pub const AFFINITY: &str = "affinity";
+pub const AFFINITY_MODE: &str = "affinity-mode";
+pub const SESSION_COOKIE_NAME: &str = "session-cookie-name";
+pub const SESSION_COOKIE_PATH: &str = "session-cookie-path";
+pub const SESSION_COOKIE_MAX_AGE: &str = "session-cookie-max-age";
+pub const SESSION_COOKIE_EXPIRES: &str = "session-cookie-expires";
+pub const SESSION_COOKIE_SAMESITE: &str = "session-cookie-samesite";
 pub const CANARY: &str = "canary";
 pub const CANARY_BY_HEADER: &str = "canary-by-header";
 pub const CANARY_BY_HEADER_VALUE: &str = "canary-by-header-value";
@@ -165,6 +172,15 @@ impl Settings {
             max_body_bytes: self.max_body_bytes,
             policy: Arc::new(Policy {
                 rewrite,
+                affinity: self.policy.affinity.clone().map(|mut a| {
+                    if a.path.is_empty() {
+                        a.path = match path {
+                            Some(p) if !self.regex_for(p) => p.to_owned(),
+                            _ => "/".to_owned(),
+                        };
+                    }
+                    a
+                }),
                 ..self.policy.clone()
             }),
         }
@@ -376,6 +392,7 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
         settings.policy.cors = Some(cors(&mut src));
     }
     settings.policy.access = access(&mut src);
+    settings.policy.affinity = affinity(&mut src);
     settings.policy.connect_timeout = src.seconds(PROXY_CONNECT_TIMEOUT);
     settings.policy.read_timeout = src.seconds(PROXY_READ_TIMEOUT);
     if src.flag(CANARY) == Some(true) {
@@ -468,6 +485,65 @@ fn cors(src: &mut Source<'_>) -> Cors {
         allow_credentials,
         max_age,
     }
+}
+
+/// `affinity: cookie` with the `session-cookie-*` settings and ingress-nginx's
+/// defaults; the path is filled in per rule by [`Settings::route`] when not set.
+fn affinity(src: &mut Source<'_>) -> Option<Affinity> {
+    match src.get(AFFINITY)? {
+        "cookie" => {}
+        other => {
+            let reason = format!("{} is not \"cookie\": no affinity", quoted(other));
+            src.bad(AFFINITY, reason);
+            return None;
+        }
+    }
+    let cookie_name = match src.get(SESSION_COOKIE_NAME).map(str::trim) {
+        None => "INGRESSCOOKIE".to_owned(),
+        Some(name) if header_name(name) => name.to_owned(),
+        Some(name) => {
+            let reason = format!(
+                "{} is not a cookie name: INGRESSCOOKIE applies",
+                quoted(name)
+            );
+            src.bad(SESSION_COOKIE_NAME, reason);
+            "INGRESSCOOKIE".to_owned()
+        }
+    };
+    let path = if src.get(SESSION_COOKIE_PATH).is_some() {
+        src.path(SESSION_COOKIE_PATH).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let samesite = match src.get(SESSION_COOKIE_SAMESITE).map(str::trim) {
+        None => None,
+        Some(v @ ("None" | "Lax" | "Strict")) => Some(v.to_owned()),
+        Some(other) => {
+            let reason = format!("{} is not None, Lax or Strict: left out", quoted(other));
+            src.bad(SESSION_COOKIE_SAMESITE, reason);
+            None
+        }
+    };
+    let persistent = match src.get(AFFINITY_MODE).map(str::trim) {
+        None | Some("balanced") => false,
+        Some("persistent") => true,
+        Some(other) => {
+            let reason = format!(
+                "{} is neither balanced nor persistent: balanced applies",
+                quoted(other)
+            );
+            src.bad(AFFINITY_MODE, reason);
+            false
+        }
+    };
+    Some(Affinity {
+        cookie_name,
+        path,
+        max_age: src.seconds(SESSION_COOKIE_MAX_AGE).map(|d| d.as_secs()),
+        expires: src.seconds(SESSION_COOKIE_EXPIRES).map(|d| d.as_secs()),
+        samesite,
+        persistent,
+    })
 }
 
 /// The `canary-*` rules; a bad value is left out (weight: 0).

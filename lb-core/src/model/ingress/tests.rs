@@ -1315,3 +1315,57 @@ fn canary_ingresses_join_the_main_route() {
         Some("shop/web:80 <- storefront")
     );
 }
+
+/// ingress-nginx's documented affinity example values, and its defaults.
+#[test]
+fn cookie_affinity_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (AFFINITY, "cookie"),
+            (SESSION_COOKIE_NAME, "route"),
+            (SESSION_COOKIE_EXPIRES, "172800"),
+            (SESSION_COOKIE_MAX_AGE, "172800"),
+            (SESSION_COOKIE_SAMESITE, "Lax"),
+            (AFFINITY_MODE, "persistent"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(AFFINITY, "cookie"), (SESSION_COOKIE_SAMESITE, "Sometimes")],
+    );
+    annotate(&mut objects, "legacy", &[(AFFINITY, "ip")]);
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .affinity
+        .clone()
+        .unwrap();
+    assert_eq!(front.cookie_name, "route");
+    assert_eq!(
+        (front.max_age, front.expires),
+        (Some(172_800), Some(172_800))
+    );
+    assert_eq!(front.samesite.as_deref(), Some("Lax"));
+    assert!(front.persistent);
+    assert_eq!(front.path, "/");
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .affinity
+        .clone()
+        .unwrap();
+    assert_eq!(api.cookie_name, "INGRESSCOOKIE");
+    assert_eq!(api.path, "/api");
+    assert_eq!(api.samesite, None);
+    assert!(!api.persistent);
+    assert_eq!(
+        route(&t, "legacy.example.com", "/legacy").policy.affinity,
+        None
+    );
+    let p = problems(&t);
+    assert!(p.iter().any(|p| p.starts_with("Ingress shop/legacy: metadata.annotations[nginx.ingress.kubernetes.io/affinity]: \"ip\" is not \"cookie\"")), "{p:#?}");
+    assert!(p.iter().any(|p| p.starts_with("Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/session-cookie-samesite]")), "{p:#?}");
+}
