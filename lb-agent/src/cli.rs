@@ -144,6 +144,39 @@ pub enum Command {
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs: PathBuf,
     },
+    /// Ingress migration tools.
+    #[command(subcommand)]
+    Ingress(IngressCommand),
+}
+
+#[derive(Subcommand)]
+pub enum IngressCommand {
+    /// The migration report: for every Ingress of the class, each annotation and
+    /// whether the L7 hop honours it, ignores it (and why) or refuses it, and the
+    /// problems it would have. Exit status 2 when anything would be served
+    /// differently from ingress-nginx, 1 on an error.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["kube", "manifests"])))]
+    Check {
+        /// List the cluster's Ingresses, IngressClasses, Services, EndpointSlices and
+        /// TLS Secrets (in-cluster config, else KUBECONFIG).
+        #[arg(long)]
+        kube: bool,
+        /// Read Kubernetes YAML from this directory (as `run --manifests`).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// The class whose Ingresses to check (ingress-nginx's by default).
+        #[arg(long, default_value = "nginx")]
+        l7_ingress_class: String,
+        /// The controller that class's IngressClass names.
+        #[arg(long, default_value = lb_core::model::ingress::INGRESS_NGINX_CONTROLLER)]
+        l7_controller_name: String,
+        /// ingress-nginx's `--annotations-prefix`.
+        #[arg(long, default_value = lb_core::model::ingress::DEFAULT_PREFIX, value_parser = annotations_prefix)]
+        annotations_prefix: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The L7 hop: an HTTP(S) proxy routing by Ingress host and path rules.
@@ -244,7 +277,8 @@ mod tests {
             .get_subcommands()
             .map(|c| c.get_name().to_owned())
             .collect();
-        assert_eq!(names, ["run", "status", "trace", "detach"]);
+        // `ingress` holds the migration report (`ingress check`), a product feature.
+        assert_eq!(names, ["run", "status", "trace", "detach", "ingress"]);
     }
 
     #[test]

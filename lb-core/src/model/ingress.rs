@@ -171,6 +171,24 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
     }
 }
 
+/// The Ingresses of `class` (served or refused), sorted: the ones a migration report
+/// looks at.
+pub fn of_class(cluster: &Cluster, class: &IngressClassConfig) -> Vec<ObjectKey> {
+    let mut t = Translator {
+        cluster,
+        problems: Vec::new(),
+        upstreams: BTreeMap::new(),
+        certs: BTreeMap::new(),
+    };
+    let default_class = t.is_default_class(class);
+    cluster
+        .ingresses
+        .iter()
+        .filter(|(_, i)| is_ours(i, &class.name, default_class))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// A host group's rank (exact, wildcard, host-less) and host.
 type GroupKey = (u8, String);
 
