@@ -233,6 +233,11 @@ pub struct L7Args {
     /// Request head limit in bytes: request line and headers (431 above it).
     #[arg(long, default_value_t = 16 * 1024, requires = "l7")]
     pub l7_max_header_bytes: usize,
+    /// On SIGTERM the hop stops accepting, answers the requests in flight (with
+    /// `Connection: close`) and closes keep-alive connections; connections still open
+    /// after this long are cut.
+    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_drain_grace: Duration,
     /// How often ExternalName targets are resolved again (DNS).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_dns_refresh: Duration,

@@ -306,6 +306,7 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             max_header_bytes: args.l7_max_header_bytes,
             max_body_bytes: args.l7_max_body,
             dns_refresh: args.l7_dns_refresh,
+            drain_grace: args.l7_drain_grace,
             ..ProxyConfig::new(Some(args.l7_http), Some(args.l7_https))
         },
         class: IngressClassConfig {

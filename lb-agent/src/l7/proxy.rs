@@ -88,6 +88,9 @@ pub struct ProxyConfig {
     pub dns_refresh: Duration,
     /// Served for unknown SNI names; `None`: a self-signed one generated at bind.
     pub default_certificate: Option<Arc<CertifiedKey>>,
+    /// After a drain starts, how long in-flight requests have to finish
+    /// (`--l7-drain-grace`).
+    pub drain_grace: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -106,6 +109,7 @@ impl Default for ProxyConfig {
             listen_backlog: 511,
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
+            drain_grace: Duration::from_secs(25),
         }
     }
 }
@@ -220,6 +224,23 @@ impl Proxy {
 
     /// Serves until the task is dropped, always from the latest snapshot.
     pub async fn run(self, snapshots: watch::Receiver<Arc<Snapshot>>) -> Result<()> {
+        self.run_until(snapshots, std::future::pending()).await
+    }
+
+    /// Serves until `drain` completes, then drains: the listeners close (new
+    /// connections are refused), each connection finishes its request in flight (its
+    /// answer says `Connection: close`, HTTP/2 sends GOAWAY) and idle keep-alive
+    /// connections are closed; returns once every connection is done, or after
+    /// `drain_grace`.
+    pub async fn run_until(
+        self,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        drain: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let (draining_tx, draining) = watch::channel(false);
+        // Every connection task holds a clone; `recv` ends once all are dropped.
+        let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+        let grace = self.shared.config.drain_grace;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = self.http {
             let listener = TcpListener::from_std(listener)?;
@@ -231,6 +252,7 @@ impl Proxy {
                 None,
                 Arc::clone(&self.shared),
                 snapshots.clone(),
+                (draining.clone(), alive.clone()),
             ));
         }
         if let Some(listener) = self.https {
@@ -245,12 +267,20 @@ impl Proxy {
                 Some(acceptor),
                 Arc::clone(&self.shared),
                 snapshots.clone(),
+                (draining.clone(), alive.clone()),
             ));
         }
+        drop(alive);
+        drain.await;
+        tracing::info!(grace = ?grace, "L7 hop draining");
+        draining_tx.send_replace(true);
         while let Some(done) = tasks.join_next().await {
             done.context("L7 listener task")?;
         }
-        std::future::pending().await
+        if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
+            tracing::warn!("L7 drain grace over: the remaining connections are cut");
+        }
+        Ok(())
     }
 }
 
@@ -265,16 +295,26 @@ fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListen
     Ok(socket.into())
 }
 
+/// The drain signal and the guard every connection task holds while it lives.
+type DrainState = (watch::Receiver<bool>, tokio::sync::mpsc::Sender<()>);
+
+/// Accepts until the drain starts (the listener is then closed).
 async fn accept(
     listener: TcpListener,
     kind: Listener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    (draining, alive): DrainState,
 ) {
     let name = if kind.tls { "https" } else { "http" };
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let mut stop = draining.clone();
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -287,16 +327,21 @@ async fn accept(
         let shared = Arc::clone(&shared);
         let snapshots = snapshots.clone();
         let tls = tls.clone();
+        let draining = draining.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
+            let _alive = alive;
             let _ = stream.set_nodelay(true);
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
-                None => serve(stream, peer, kind, state, shared, snapshots).await,
+                None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
                     match handshake.await {
-                        Ok(Ok(stream)) => serve(stream, peer, kind, state, shared, snapshots).await,
+                        Ok(Ok(stream)) => {
+                            serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!("TLS handshake with {peer}: {e}");
                             shared.metrics.closed("tls_handshake");
@@ -309,7 +354,8 @@ async fn accept(
     }
 }
 
-/// Serves one client connection until it ends or its watchdog cuts it.
+/// Serves one client connection until it ends or its watchdog cuts it; once the drain
+/// starts, it ends after the request in flight (hyper's graceful shutdown).
 async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -317,6 +363,7 @@ async fn serve<S>(
     state: Arc<ConnState>,
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut draining: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -332,21 +379,39 @@ async fn serve<S>(
         })
     };
     let conn = shared.server.serve_connection_with_upgrades(io, service);
-    tokio::select! {
-        served = conn => if let Err(e) = served {
-            let reason = match e.downcast_ref::<hyper::Error>() {
-                Some(e) if e.is_parse_too_large() => {
-                    // hyper answered 431 itself.
-                    shared.metrics.answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                    "headers_too_large"
-                }
-                Some(e) if e.is_parse() => "malformed",
-                _ => "protocol",
-            };
-            tracing::debug!("L7 connection from {peer}: {e}");
-            shared.metrics.closed(reason);
-        },
-        reason = state.expired(shared.config.idle_timeout) => {
+    tokio::pin!(conn);
+    let expired = state.expired(shared.config.idle_timeout);
+    tokio::pin!(expired);
+    let mut shutting_down = false;
+    let outcome = loop {
+        tokio::select! {
+            served = conn.as_mut() => break Ok(served),
+            reason = expired.as_mut() => break Err(reason),
+            _ = draining.wait_for(|d| *d), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    };
+    match outcome {
+        Ok(served) => {
+            if let Err(e) = served {
+                let reason = match e.downcast_ref::<hyper::Error>() {
+                    Some(e) if e.is_parse_too_large() => {
+                        // hyper answered 431 itself.
+                        shared
+                            .metrics
+                            .answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                        "headers_too_large"
+                    }
+                    Some(e) if e.is_parse() => "malformed",
+                    _ => "protocol",
+                };
+                tracing::debug!("L7 connection from {peer}: {e}");
+                shared.metrics.closed(reason);
+            }
+        }
+        Err(reason) => {
             tracing::debug!("L7 connection from {peer}: {reason}");
             shared.metrics.closed(reason);
         }

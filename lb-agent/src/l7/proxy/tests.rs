@@ -1965,3 +1965,172 @@ fn cookie_affinity_keeps_a_client_on_its_endpoint() {
         assert!(!renewed.starts_with(&cookie), "{renewed}");
     });
 }
+
+// ---- graceful drain ---------------------------------------------------------------
+
+/// Starts a proxy that drains when the returned sender fires; the handle ends when
+/// the drain is done.
+fn start_drainable(
+    config: ProxyConfig,
+    first: Arc<Snapshot>,
+) -> (
+    Running,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut registry = Registry::with_prefix("xlb");
+    let proxy = Proxy::bind(config, &mut registry).expect("bind proxy");
+    let (tx, rx) = watch::channel(first);
+    let running = Running {
+        http: proxy.http_addr().unwrap(),
+        https: proxy.https_addr().unwrap(),
+        metrics: proxy.metrics(),
+        snapshots: tx,
+    };
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        let drain = async {
+            let _ = drained.await;
+        };
+        proxy.run_until(rx, drain).await.expect("proxy drains");
+    });
+    (running, drain, done)
+}
+
+/// A keep-alive client as a load balancer's health-checked pool uses one: it sends
+/// to the current target, reconnects when an answer says `Connection: close` or the
+/// connection is gone, and retries a GET once when its connection closed before any
+/// answer (RFC 9112 9.3.1). Returns the statuses it got.
+async fn keep_alive_stream(
+    targets: watch::Receiver<SocketAddr>,
+    requests: usize,
+    sent: Arc<AtomicUsize>,
+) -> Vec<Result<StatusCode, String>> {
+    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    let mut out = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let mut result = Err("not sent".to_owned());
+        for _attempt in 0..2 {
+            let sender = match conn.as_mut().filter(|s| !s.is_closed()) {
+                Some(sender) => sender,
+                None => {
+                    let target = *targets.borrow();
+                    let io = TokioIo::new(connect(target).await);
+                    let (sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                    tokio::spawn(c);
+                    conn.insert(sender)
+                }
+            };
+            let req = Request::get("/")
+                .header("host", "drain.example")
+                .body(Full::default())
+                .unwrap();
+            let sent_ok = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            match sent_ok {
+                Ok(response) => {
+                    let close = response
+                        .headers()
+                        .get("connection")
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    let status = response.status();
+                    let _ = response.into_body().collect().await;
+                    if close {
+                        conn = None;
+                    }
+                    result = Ok(status);
+                    break;
+                }
+                Err(e) => {
+                    // The connection was closed under the request: reconnect, retry.
+                    conn = None;
+                    result = Err(e.to_string());
+                }
+            }
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        out.push(result);
+    }
+    out
+}
+
+/// A rolling restart: four keep-alive clients stream requests through hop A; hop B
+/// comes up, the clients' target moves to B, and A drains while they still hold
+/// connections to it (with one slow request in flight). No request fails, the slow
+/// one is answered, A refuses new connections and ends.
+#[test]
+fn a_rolling_restart_drains_without_failed_requests() {
+    in_netns("drain", || async {
+        let (release, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx.clone()).await;
+        let other = backend(backend_ip(2), "app2", rx).await;
+        let table = || {
+            snapshot(vec![host(
+                "drain.example",
+                "/",
+                route("app", &[app.addr, other.addr]),
+            )])
+        };
+        let (a, drain_a, a_done) = start_drainable(test_config(), table());
+        let (targets_tx, targets) = watch::channel(a.http);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(keep_alive_stream(targets.clone(), 150, Arc::clone(&sent))))
+            .collect();
+        // A slow request held open on A across the drain.
+        let slow = {
+            let addr = a.http;
+            tokio::spawn(async move {
+                let req = Request::get("/hold")
+                    .header("host", "drain.example")
+                    .body(Full::default())
+                    .unwrap();
+                send(addr, req).await
+            })
+        };
+        wait_until("the slow request reaches a backend", || {
+            app.holding.load(Ordering::Relaxed) + other.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        wait_until("the clients are streaming", || {
+            sent.load(Ordering::Relaxed) >= 100
+        })
+        .await;
+        // The new hop is up; the load balancer moves to it, and A gets SIGTERM.
+        let (b, _drain_b, _b_done) = start_drainable(test_config(), table());
+        targets_tx.send_replace(b.http);
+        drain_a.send(()).unwrap();
+        // A no longer accepts (its listener is closed), while its slow request waits.
+        let mut refused = false;
+        for _ in 0..200 {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((CLIENT_IP, 0))).unwrap();
+            if socket.connect(a.http).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "the draining hop still accepts connections");
+        assert!(!a_done.is_finished(), "A ended with a request in flight");
+        release.send_replace(true);
+        let slow = slow.await.unwrap();
+        assert_eq!(slow.status, StatusCode::OK);
+        assert_eq!(slow.headers["connection"], "close");
+        a_done.await.unwrap();
+        let mut failed = Vec::new();
+        let mut total = 0;
+        for client in clients {
+            for result in client.await.unwrap() {
+                total += 1;
+                if result != Ok(StatusCode::OK) {
+                    failed.push(result);
+                }
+            }
+        }
+        assert_eq!(total, 600);
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+    });
+}
