@@ -88,7 +88,7 @@ fn only_honoured_annotations_exit_zero() {
         .join("\n- ")
         .lines()
         .filter(|line| !line.contains("nginx.ingress.kubernetes.io/auth-"))
-        .map(|line| format!("{line}\n"))
+        .flat_map(|line| [line, "\n"])
         .collect();
     if !kept.contains("\nkind: List") {
         // legacy was the last item, and the List's own tail went with it.

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use super::Verdict::{Differs, Honoured, Refused, Same};
 use super::*;
 
 fn fixture() -> Cluster {
@@ -55,7 +56,6 @@ fn reports_every_annotation_of_a_typical_deployment() {
             "shop/web-canary"
         ]
     );
-    use Verdict::{Differs, Honoured, Refused, Same};
     let owned = |v: &[(&str, Verdict)]| -> Vec<(String, Verdict)> {
         v.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect()
     };

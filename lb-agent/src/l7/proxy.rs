@@ -562,60 +562,13 @@ async fn forward(
             "no route for this host and path",
         ));
     };
-    // nginx's order: the server's app-root, the location's `return`, then the
-    // SSL redirect (Lua, at the end of the rewrite phase).
     let policy = &route.policy;
-    if let Some(root) = &policy.app_root
-        && req.uri().path() == "/"
-    {
-        let scheme = if kind.tls { "https" } else { "http" };
-        return Err(redirect_to(
-            StatusCode::FOUND,
-            "app_root",
-            &format!("{scheme}://{host}{root}"),
-        ));
-    }
-    if let Some(to) = &policy.redirect {
-        let status = StatusCode::from_u16(to.code).map_err(|_| bad_request())?;
-        return Err(redirect_to(status, "annotation_redirect", &to.location));
-    }
-    let cors = policy.cors.as_ref().and_then(|cors| {
-        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
-        let allowed = HeaderValue::from_str(cors.allowed_origin(origin)?).ok()?;
-        Some((cors, allowed))
-    });
-    if let Some((cors, origin)) = &cors
-        && req.method() == hyper::Method::OPTIONS
-    {
-        shared.metrics.local_answer("cors_preflight");
-        let mut response = Response::new(Body::default());
-        *response.status_mut() = StatusCode::NO_CONTENT;
-        cors_headers(response.headers_mut(), cors, origin);
-        return Ok(response);
-    }
-    if route.ssl_redirect && !kind.tls {
-        return Err(redirect(&host, shared.https_port, req.uri()));
-    }
-    if let Some(access) = &policy.access
-        && !access.permits(peer.ip())
-    {
-        return Err(local(
-            StatusCode::FORBIDDEN,
-            "source_range",
-            "client address not allowed",
-        ));
-    }
-    let canary_route;
-    let route = match policy.canary.as_deref() {
-        Some(canary) if takes_canary(canary, &req) => {
-            canary_route = Route {
-                upstream: Arc::clone(&canary.upstream),
-                ..route.clone()
-            };
-            &canary_route
-        }
-        _ => route,
+    let cors = match answer_by_policy(shared, route, &host, peer, kind, &req)? {
+        Before::Answer(response) => return Ok(response),
+        Before::Forward(cors) => cors,
     };
+    let route = canary_or_main(route, &req);
+    let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
     let announced = req
         .headers()
@@ -637,13 +590,7 @@ async fn forward(
     }
 
     let endpoints = endpoints(shared, route).await?;
-    let sticky = route.policy.affinity.as_ref().and_then(|a| {
-        let token = cookie_value(req.headers(), &a.cookie_name)?;
-        let found = endpoints
-            .iter()
-            .find(|e| Affinity::token(&route.upstream.name, **e) == token);
-        Some(found.copied())
-    });
+    let sticky = sticky_endpoint(route, &req, &endpoints);
 
     let (mut parts, body) = req.into_parts();
     rewrite_head(
@@ -714,6 +661,31 @@ fn set_affinity_cookie(
     }
 }
 
+/// The route with the canary's upstream when the request goes to the canary.
+fn canary_or_main<'r, B>(route: &'r Route, req: &Request<B>) -> Cow<'r, Route> {
+    match route.policy.canary.as_deref() {
+        Some(canary) if takes_canary(canary, req) => Cow::Owned(Route {
+            upstream: Arc::clone(&canary.upstream),
+            ..route.clone()
+        }),
+        _ => Cow::Borrowed(route),
+    }
+}
+
+/// The endpoint a valid affinity cookie names (an unknown one gets replaced).
+fn sticky_endpoint<B>(
+    route: &Route,
+    req: &Request<B>,
+    endpoints: &[SocketAddr],
+) -> Option<SocketAddr> {
+    let affinity = route.policy.affinity.as_ref()?;
+    let token = cookie_value(req.headers(), &affinity.cookie_name)?;
+    endpoints
+        .iter()
+        .copied()
+        .find(|e| Affinity::token(&route.upstream.name, *e) == token)
+}
+
 /// Whether a request goes to the route's canary: its header, then its cookie, then
 /// the weight (a random draw out of the total).
 fn takes_canary<B>(canary: &Canary, req: &Request<B>) -> bool {
@@ -769,6 +741,69 @@ fn cors_headers(headers: &mut hyper::HeaderMap, cors: &Cors, origin: &HeaderValu
     set(header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.allow_headers);
     set(header::ACCESS_CONTROL_EXPOSE_HEADERS, &cors.expose_headers);
     set(header::ACCESS_CONTROL_MAX_AGE, &cors.max_age.to_string());
+}
+
+/// What the route's policy says before a backend is chosen.
+enum Before<'r> {
+    /// Answered here (a CORS preflight).
+    Answer(Response<Body>),
+    /// Forward; with the CORS headers for an allowed origin.
+    Forward(Option<(&'r Cors, HeaderValue)>),
+}
+
+/// In nginx's order: the server's app-root, the location's `return`, CORS's
+/// preflight (rewrite-phase `if`s), then the SSL redirect (Lua, at the end of the
+/// rewrite phase) and the source ranges (access phase).
+fn answer_by_policy<'r, B>(
+    shared: &Shared,
+    route: &'r Route,
+    host: &str,
+    peer: SocketAddr,
+    kind: Listener,
+    req: &Request<B>,
+) -> Result<Before<'r>, Local> {
+    let policy = &route.policy;
+    if let Some(root) = &policy.app_root
+        && req.uri().path() == "/"
+    {
+        let scheme = if kind.tls { "https" } else { "http" };
+        return Err(redirect_to(
+            StatusCode::FOUND,
+            "app_root",
+            &format!("{scheme}://{host}{root}"),
+        ));
+    }
+    if let Some(to) = &policy.redirect {
+        let status = StatusCode::from_u16(to.code).map_err(|_| bad_request())?;
+        return Err(redirect_to(status, "annotation_redirect", &to.location));
+    }
+    let cors = policy.cors.as_ref().and_then(|cors| {
+        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
+        let allowed = HeaderValue::from_str(cors.allowed_origin(origin)?).ok()?;
+        Some((cors, allowed))
+    });
+    if let Some((cors, origin)) = &cors
+        && req.method() == hyper::Method::OPTIONS
+    {
+        shared.metrics.local_answer("cors_preflight");
+        let mut response = Response::new(Body::default());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        cors_headers(response.headers_mut(), cors, origin);
+        return Ok(Before::Answer(response));
+    }
+    if route.ssl_redirect && !kind.tls {
+        return Err(redirect(host, shared.https_port, req.uri()));
+    }
+    if let Some(access) = &policy.access
+        && !access.permits(peer.ip())
+    {
+        return Err(local(
+            StatusCode::FORBIDDEN,
+            "source_range",
+            "client address not allowed",
+        ));
+    }
+    Ok(Before::Forward(cors))
 }
 
 /// Replaces the request's path by its normal form ([`path::normalize`]), the query
@@ -958,7 +993,7 @@ async fn send(
     mut req: Request<Body>,
     body: &BodyState,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    sticky: Option<Option<SocketAddr>>,
+    sticky: Option<SocketAddr>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
     let cannot_connect = || {
@@ -973,13 +1008,7 @@ async fn send(
     loop {
         let (addr, in_flight) = shared
             .balancer
-            .pick_sticky(
-                &upstream.name,
-                endpoints,
-                route.balance,
-                &refused,
-                sticky.flatten(),
-            )
+            .pick_sticky(&upstream.name, endpoints, route.balance, &refused, sticky)
             .ok_or_else(cannot_connect)?;
         if retried {
             shared.metrics.retried();
@@ -1012,7 +1041,7 @@ async fn send(
                 let mut response =
                     respond(shared, response, sender, addr, in_flight, client_upgrade);
                 if let Some(affinity) = &route.policy.affinity
-                    && sticky.flatten() != Some(addr)
+                    && sticky != Some(addr)
                 {
                     set_affinity_cookie(response.headers_mut(), affinity, &upstream.name, addr);
                 }

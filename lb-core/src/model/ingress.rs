@@ -310,10 +310,10 @@ impl Table<'_> {
                 }
             };
             // `/foo` and `/foo/` are two Prefix routes; `/foo//` is `/foo/`.
-            let normal = match kind {
-                PathKind::Exact => text.clone(),
-                PathKind::Prefix if text.ends_with('/') => format!("{}/", prefix_key(&text)),
-                PathKind::Prefix | PathKind::Regex => text.clone(),
+            let normal = if kind == PathKind::Prefix && text.ends_with('/') {
+                format!("{}/", prefix_key(&text))
+            } else {
+                text.clone()
             };
             match self
                 .claimed

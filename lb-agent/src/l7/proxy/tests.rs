@@ -1719,6 +1719,16 @@ fn canary(upstream: &Route) -> Canary {
     }
 }
 
+/// The name of the backend that answers a GET / for `host` with `headers`.
+async fn backend_name(addr: SocketAddr, host: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = Request::get("/").header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let got = send(addr, req.body(Full::default()).unwrap()).await;
+    echoed(&got.body, "name").unwrap_or_default()
+}
+
 /// Canary by header (`always`/`never`, an exact value, a pattern), by cookie, and by
 /// weight (0 and total are exact; a split sends both ways).
 #[test]
@@ -1752,46 +1762,19 @@ fn canary_by_header_cookie_and_weight() {
             weight: 50,
             ..canary(&new_route)
         };
-        let p = start(
-            test_config(),
-            snapshot(vec![
-                host(
-                    "header.example",
-                    "/",
-                    canary_of(route("main", &[main.addr]), by_header),
-                ),
-                host(
-                    "value.example",
-                    "/",
-                    canary_of(route("main", &[main.addr]), by_value),
-                ),
-                host(
-                    "pattern.example",
-                    "/",
-                    canary_of(route("main", &[main.addr]), by_pattern),
-                ),
-                host(
-                    "all.example",
-                    "/",
-                    canary_of(route("main", &[main.addr]), all),
-                ),
-                host(
-                    "half.example",
-                    "/",
-                    canary_of(route("main", &[main.addr]), half),
-                ),
-            ]),
-        );
+        let rules = [
+            ("header.example", by_header),
+            ("value.example", by_value),
+            ("pattern.example", by_pattern),
+            ("all.example", all),
+            ("half.example", half),
+        ]
+        .into_iter()
+        .map(|(h, c)| host(h, "/", canary_of(route("main", &[main.addr]), c)))
+        .collect();
+        let p = start(test_config(), snapshot(rules));
         let who = |h: &'static str, headers: &'static [(&'static str, &'static str)]| {
-            let http = p.http;
-            async move {
-                let mut req = Request::get("/").header("host", h);
-                for (k, v) in headers {
-                    req = req.header(*k, *v);
-                }
-                let got = send(http, req.body(Full::default()).unwrap()).await;
-                echoed(&got.body, "name").unwrap_or_default()
-            }
+            backend_name(p.http, h, headers)
         };
         assert_eq!(who("header.example", &[]).await, "main");
         assert_eq!(
@@ -2011,15 +1994,18 @@ async fn keep_alive_stream(
     for _ in 0..requests {
         let mut result = Err("not sent".to_owned());
         for _attempt in 0..2 {
-            let sender = match conn.as_mut().filter(|s| !s.is_closed()) {
-                Some(sender) => sender,
-                None => {
-                    let target = *targets.borrow();
-                    let io = TokioIo::new(connect(target).await);
-                    let (sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
-                    tokio::spawn(c);
-                    conn.insert(sender)
-                }
+            if conn
+                .as_ref()
+                .is_none_or(hyper::client::conn::http1::SendRequest::is_closed)
+            {
+                let target = *targets.borrow();
+                let io = TokioIo::new(connect(target).await);
+                let (sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(c);
+                conn = Some(sender);
+            }
+            let Some(sender) = conn.as_mut() else {
+                unreachable!("connected above")
             };
             let req = Request::get("/")
                 .header("host", "drain.example")

@@ -367,17 +367,18 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     }
     let policy = &mut settings.policy;
     // A temporal redirect wins over a permanent one, as in ingress-nginx.
-    if src.get(TEMPORAL_REDIRECT).is_some() {
-        if let Some(location) = src.url(TEMPORAL_REDIRECT) {
-            let code = src.redirect_code(TEMPORAL_REDIRECT_CODE, 302);
-            policy.redirect = Some(Redirect { code, location });
-        }
+    if src.get(TEMPORAL_REDIRECT).is_some()
+        && let Some(location) = src.url(TEMPORAL_REDIRECT)
+    {
+        let code = src.redirect_code(TEMPORAL_REDIRECT_CODE, 302);
+        policy.redirect = Some(Redirect { code, location });
     }
-    if policy.redirect.is_none() && src.get(PERMANENT_REDIRECT).is_some() {
-        if let Some(location) = src.url(PERMANENT_REDIRECT) {
-            let code = src.redirect_code(PERMANENT_REDIRECT_CODE, 301);
-            policy.redirect = Some(Redirect { code, location });
-        }
+    if policy.redirect.is_none()
+        && src.get(PERMANENT_REDIRECT).is_some()
+        && let Some(location) = src.url(PERMANENT_REDIRECT)
+    {
+        let code = src.redirect_code(PERMANENT_REDIRECT_CODE, 301);
+        policy.redirect = Some(Redirect { code, location });
     }
     if src.get(APP_ROOT).is_some() {
         policy.app_root = src.path(APP_ROOT);
@@ -642,18 +643,16 @@ fn access(src: &mut Source<'_>) -> Option<Access> {
             let net = item
                 .parse::<IpNet>()
                 .or_else(|_| item.parse::<std::net::IpAddr>().map(IpNet::from));
-            match net {
-                Ok(net) => nets.push(net.trunc()),
-                Err(_) => {
-                    let reason = format!(
-                        "{} is not an address or CIDR range: every client is refused (403) \
-                         until this is fixed",
-                        quoted(item)
-                    );
-                    src.bad(name, reason);
-                    return Err(());
-                }
-            }
+            let Ok(net) = net else {
+                let reason = format!(
+                    "{} is not an address or CIDR range: every client is refused (403) \
+                     until this is fixed",
+                    quoted(item)
+                );
+                src.bad(name, reason);
+                return Err(());
+            };
+            nets.push(net.trunc());
         }
         Ok(nets)
     };

@@ -516,7 +516,7 @@ fn honoured_annotations_shape_the_routes() {
     let front = route(&t, "shop.example.com", "/");
     assert_eq!(front.max_body_bytes, Some(8 << 20));
     assert_eq!(front.balance, Balance::LeastRequest);
-    assert_eq!(front.policy.read_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(front.policy.read_timeout, Some(Duration::from_mins(2)));
     assert_eq!(front.policy.connect_timeout, Some(Duration::from_secs(2)));
     assert_eq!(
         route(&t, "shop.example.com", "/api").policy.read_timeout,
@@ -1298,9 +1298,14 @@ fn canary_ingresses_join_the_main_route() {
     assert_eq!(canary.upstream.name, "shop/api:9000");
     assert_eq!(canary.by_header.as_deref(), Some("X-Canary"));
     assert_eq!((canary.weight, canary.weight_total), (10, 1000));
-    use crate::routes::CanaryVerdict;
-    assert_eq!(canary.verdict(Some("eu-west"), None), CanaryVerdict::Canary);
-    assert_eq!(canary.verdict(Some("us"), None), CanaryVerdict::ByWeight);
+    assert_eq!(
+        canary.verdict(Some("eu-west"), None),
+        crate::routes::CanaryVerdict::Canary
+    );
+    assert_eq!(
+        canary.verdict(Some("us"), None),
+        crate::routes::CanaryVerdict::ByWeight
+    );
     assert!(
         problems(&t).contains(
             &"Ingress shop/api: spec.rules[0].http.paths[1]: canary: no other Ingress routes \
