@@ -548,13 +548,8 @@ fn tls_by_sni_redirects_and_websocket() {
     assert_eq!(echoes, ["hello", "xlb"]);
 }
 
-/// ingress-nginx annotations through XDP and the hop: a regex rewrite, a canary by
-/// header, CORS, an allowlist on the real client address, cookie affinity, and a
-/// refused snippet, as an operator would write them.
-#[test]
-fn ingress_nginx_annotations_through_xdp_and_the_hop() {
-    let bed = Bed::new("l7annot");
-    let (_l4, l7) = start(&bed);
+/// Ingresses with ingress-nginx annotations, over the web and api Services.
+fn write_annotated_ingresses(bed: &Bed) {
     let client = Topology::client_v4();
     let ingress = |name: &str, host: &str, service: &str, path: &str, annotations: &str| {
         format!(
@@ -621,6 +616,16 @@ metadata:
         &format!("{p}configuration-snippet: \"return 200;\"\n"),
     ));
     Bed::write(&bed.l7_dir, "annotated.yaml", &yaml);
+}
+
+/// ingress-nginx annotations through XDP and the hop: a regex rewrite, a canary by
+/// header, CORS, an allowlist on the real client address, cookie affinity, and a
+/// refused snippet, as an operator would write them.
+#[test]
+fn ingress_nginx_annotations_through_xdp_and_the_hop() {
+    let bed = Bed::new("l7annot");
+    let (_l4, mut l7) = start(&bed);
+    write_annotated_ingresses(&bed);
     l7.until("the annotated Ingresses are served", SETTLE, || {
         bed.curl("http://allowed.example.com/", &[])
             .is_ok_and(|r| r.code == 200)
@@ -684,4 +689,17 @@ metadata:
         bed.curl("http://snippet.example.com/", &[]).unwrap().code,
         404
     );
+
+    // SIGTERM: the hop drains (nothing in flight here) and the agent exits cleanly.
+    let pid = l7.pid().expect("the L7 agent runs").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = l7
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent exits");
+    assert!(status.success(), "{status:?}\n{}", l7.log());
+    assert!(l7.log().contains("L7 hop draining"), "{}", l7.log());
 }
