@@ -10,7 +10,7 @@ use crate::cluster::ObjectKey;
 mod policy;
 
 pub use policy::{
-    Access, Affinity, Canary, CanaryVerdict, Cors, PathRegex, Policy, Redirect, Rewrite,
+    Access, Affinity, Canary, CanaryVerdict, Cors, Limits, PathRegex, Policy, Redirect, Rewrite,
 };
 
 /// Where one route sends requests.

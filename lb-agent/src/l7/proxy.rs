@@ -8,7 +8,8 @@
 //! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
 //! (`ssl_redirect` on the plain listener), 300-308 from `permanent-redirect` or
 //! `temporal-redirect`, 302 from `app-root` for `/`, 204 to a CORS preflight from an
-//! allowed origin, 403 a client outside the source ranges, 400 a missing, repeated or invalid Host
+//! allowed origin, 403 a client outside the source ranges, 503 a client over a
+//! `limit-*` annotation, 400 a missing, repeated or invalid Host
 //! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
 //! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
@@ -51,6 +52,7 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
+use super::rate::{Limiter, OverLimit, Slot};
 use super::routes::{
     Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol,
 };
@@ -141,6 +143,7 @@ struct Shared {
     https_port: u16,
     metrics: Metrics,
     balancer: Balancer,
+    limiter: Limiter,
     pool: Pool,
     dns: Resolver,
     server: auto::Builder<TokioExecutor>,
@@ -194,6 +197,7 @@ impl Proxy {
             https_port,
             metrics: Metrics::register(registry),
             balancer: Balancer::default(),
+            limiter: Limiter::default(),
             pool: Pool::new(config.connect_timeout, config.upstream_idle_timeout),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
             server,
@@ -426,7 +430,7 @@ async fn handle(
     guard: RequestGuard,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let response = match forward(shared, snapshot, peer, kind, req).await {
+    let mut response = match forward(shared, snapshot, peer, kind, req).await {
         Ok(response) => response,
         Err(local) => {
             shared.metrics.local_answer(local.reason);
@@ -434,11 +438,14 @@ async fn handle(
         }
     };
     shared.metrics.answered(response.status());
-    // The connection counts as busy until the answer has been sent.
+    let slot = response.extensions_mut().remove::<Slot>();
+    // The connection counts as busy, and the request against `limit-connections`,
+    // until the answer has been sent.
     response.map(|body| {
         Body::new(Guarded {
             body,
             _guard: guard,
+            _slot: slot,
         })
     })
 }
@@ -567,6 +574,7 @@ async fn forward(
         Before::Answer(response) => return Ok(response),
         Before::Forward(cors) => cors,
     };
+    let slot = limit_slot(shared, route, peer)?;
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -628,6 +636,10 @@ async fn forward(
     if let Some((cors, origin)) = &cors {
         cors_headers(response.headers_mut(), cors, origin);
     }
+    if let Some(slot) = slot {
+        // Held by the response body until it is sent (see `handle`).
+        response.extensions_mut().insert(slot);
+    }
     Ok(response)
 }
 
@@ -659,6 +671,24 @@ fn set_affinity_cookie(
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         headers.append(header::SET_COOKIE, value);
     }
+}
+
+/// The route's `limit-*` annotations for this client: 503 over a limit, else the
+/// `limit-connections` slot the request holds.
+fn limit_slot(shared: &Shared, route: &Route, peer: SocketAddr) -> Result<Option<Slot>, Local> {
+    let Some(limits) = &route.policy.limits else {
+        return Ok(None);
+    };
+    shared
+        .limiter
+        .admit(&route.ingress, peer.ip(), limits)
+        .map_err(|OverLimit| {
+            local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rate_limited",
+                "too many requests from this client",
+            )
+        })
 }
 
 /// The route with the canary's upstream when the request goes to the canary.
@@ -1164,6 +1194,7 @@ async fn tunnel(
 struct Guarded {
     body: Body,
     _guard: RequestGuard,
+    _slot: Option<Slot>,
 }
 
 impl hyper::body::Body for Guarded {

@@ -35,6 +35,8 @@ pub struct Policy {
     pub canary: Option<Arc<Canary>>,
     /// `affinity: cookie` and its `session-cookie-*` settings.
     pub affinity: Option<Affinity>,
+    /// `limit-rps`, `limit-rpm`, `limit-connections`, `limit-burst-multiplier`.
+    pub limits: Option<Limits>,
     /// `proxy-connect-timeout`: connecting to one endpoint.
     pub connect_timeout: Option<Duration>,
     /// `proxy-read-timeout`: from choosing a backend to its response head (the
@@ -99,6 +101,17 @@ impl Affinity {
         }
         format!("{hash:016x}")
     }
+}
+
+/// ingress-nginx's per-client limits (per client address, per Ingress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rps: Option<u32>,
+    pub rpm: Option<u32>,
+    /// Requests in flight at once.
+    pub connections: Option<u32>,
+    /// The burst is the rate times this (default 5).
+    pub burst_multiplier: u32,
 }
 
 /// What the header and cookie rules say for one request.

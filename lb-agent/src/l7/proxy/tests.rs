@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Access, Affinity, Balance, Canary, Cors, HostPattern, HostRule, PathKind, PathRegex, PathRule,
-    Policy, Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
+    Access, Affinity, Balance, Canary, Cors, HostPattern, HostRule, Limits, PathKind, PathRegex,
+    PathRule, Policy, Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -2118,5 +2118,77 @@ fn a_rolling_restart_drains_without_failed_requests() {
         }
         assert_eq!(total, 600);
         assert!(failed.is_empty(), "failed requests: {failed:?}");
+    });
+}
+
+/// `limit-rpm` (burst = rate x multiplier) and `limit-connections` per client
+/// address: over them, 503; a finished request frees its connection slot. (One
+/// request a minute refills nothing within the test's deadline, so the count is
+/// exact; `limit-rps` is the same bucket, tested with a clock in `l7::rate`.)
+#[test]
+fn per_client_limits_answer_503() {
+    in_netns("limits", || async {
+        let (release, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let limited = |limits: Limits| {
+            with_policy(
+                route("limited", &[app.addr]),
+                Policy {
+                    limits: Some(limits),
+                    ..Policy::default()
+                },
+            )
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "rpm.example",
+                    "/",
+                    limited(Limits {
+                        rps: None,
+                        rpm: Some(1),
+                        connections: None,
+                        burst_multiplier: 3,
+                    }),
+                ),
+                host(
+                    "conns.example",
+                    "/",
+                    limited(Limits {
+                        rps: None,
+                        rpm: None,
+                        connections: Some(1),
+                        burst_multiplier: 5,
+                    }),
+                ),
+            ]),
+        );
+        // A burst of 3 is admitted, the next ones refused.
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            statuses.push(get(p.http, "rpm.example", "/").await.status);
+        }
+        let ok = StatusCode::OK;
+        let refused = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(statuses, [ok, ok, ok, refused, refused, refused]);
+        // One request in flight holds the only connection slot.
+        let held = {
+            let addr = p.http;
+            tokio::spawn(async move { get(addr, "conns.example", "/hold").await })
+        };
+        wait_until("the held request reaches the backend", || {
+            app.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        let got = get(p.http, "conns.example", "/").await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.body, "too many requests from this client\n");
+        release.send_replace(true);
+        assert_eq!(held.await.unwrap().status, StatusCode::OK);
+        assert_eq!(
+            get(p.http, "conns.example", "/").await.status,
+            StatusCode::OK
+        );
     });
 }

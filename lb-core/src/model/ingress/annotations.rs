@@ -14,7 +14,8 @@ use crate::quote::quoted;
 use ipnet::IpNet;
 
 use crate::routes::{
-    Access, Affinity, Balance, Canary, Cors, PathRegex, Policy, Redirect, Rewrite, Route, Upstream,
+    Access, Affinity, Balance, Canary, Cors, Limits, PathRegex, Policy, Redirect, Rewrite, Route,
+    Upstream,
 };
 
 /// ingress-nginx's default `--annotations-prefix`.
@@ -53,6 +54,10 @@ pub const SESSION_COOKIE_PATH: &str = "session-cookie-path";
 pub const SESSION_COOKIE_MAX_AGE: &str = "session-cookie-max-age";
 pub const SESSION_COOKIE_EXPIRES: &str = "session-cookie-expires";
 pub const SESSION_COOKIE_SAMESITE: &str = "session-cookie-samesite";
+pub const LIMIT_RPS: &str = "limit-rps";
+pub const LIMIT_RPM: &str = "limit-rpm";
+pub const LIMIT_CONNECTIONS: &str = "limit-connections";
+pub const LIMIT_BURST_MULTIPLIER: &str = "limit-burst-multiplier";
 pub const CANARY: &str = "canary";
 pub const CANARY_BY_HEADER: &str = "canary-by-header";
 pub const CANARY_BY_HEADER_VALUE: &str = "canary-by-header-value";
@@ -394,6 +399,7 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     }
     settings.policy.access = access(&mut src);
     settings.policy.affinity = affinity(&mut src);
+    settings.policy.limits = limits(&mut src);
     settings.policy.connect_timeout = src.seconds(PROXY_CONNECT_TIMEOUT);
     settings.policy.read_timeout = src.seconds(PROXY_READ_TIMEOUT);
     if src.flag(CANARY) == Some(true) {
@@ -544,6 +550,39 @@ fn affinity(src: &mut Source<'_>) -> Option<Affinity> {
         expires: src.seconds(SESSION_COOKIE_EXPIRES).map(|d| d.as_secs()),
         samesite,
         persistent,
+    })
+}
+
+/// The `limit-*` annotations: whole numbers above 0 (a bad one is left out);
+/// `limit-burst-multiplier` defaults to 5.
+fn limits(src: &mut Source<'_>) -> Option<Limits> {
+    let count = |src: &mut Source<'_>, name: &str| {
+        let value = src.get(name)?;
+        match value.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                let reason = format!(
+                    "{} is not a whole number above 0: no such limit",
+                    quoted(value)
+                );
+                src.bad(name, reason);
+                None
+            }
+        }
+    };
+    let rps = count(src, LIMIT_RPS);
+    let rpm = count(src, LIMIT_RPM);
+    let connections = count(src, LIMIT_CONNECTIONS);
+    let burst_multiplier = if src.get(LIMIT_BURST_MULTIPLIER).is_some() {
+        count(src, LIMIT_BURST_MULTIPLIER).unwrap_or(5)
+    } else {
+        5
+    };
+    (rps.is_some() || rpm.is_some() || connections.is_some()).then_some(Limits {
+        rps,
+        rpm,
+        connections,
+        burst_multiplier,
     })
 }
 

@@ -1374,3 +1374,46 @@ fn cookie_affinity_annotations() {
     assert!(p.iter().any(|p| p.starts_with("Ingress shop/legacy: metadata.annotations[nginx.ingress.kubernetes.io/affinity]: \"ip\" is not \"cookie\"")), "{p:#?}");
     assert!(p.iter().any(|p| p.starts_with("Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/session-cookie-samesite]")), "{p:#?}");
 }
+
+#[test]
+fn limit_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (LIMIT_RPS, "5"),
+            (LIMIT_CONNECTIONS, "10"),
+            (LIMIT_BURST_MULTIPLIER, "2"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(LIMIT_RPM, "300"), (LIMIT_RPS, "-1")],
+    );
+    let t = run(&objects);
+    assert_eq!(
+        route(&t, "shop.example.com", "/").policy.limits,
+        Some(crate::routes::Limits {
+            rps: Some(5),
+            rpm: None,
+            connections: Some(10),
+            burst_multiplier: 2
+        })
+    );
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").policy.limits,
+        Some(crate::routes::Limits {
+            rps: None,
+            rpm: Some(300),
+            connections: None,
+            burst_multiplier: 5
+        })
+    );
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/limit-rps]: \"-1\" \
+          is not a whole number above 0: no such limit"
+            .to_owned()
+    ));
+}
