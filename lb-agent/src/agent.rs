@@ -159,6 +159,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         seen = std::time::Instant::now();
     }
+    if let Some(l7) = &mut l7 {
+        l7.drain().await;
+    }
     drop((l7, to_cluster, source));
     drop(desired_tx);
     if let Some(writer) = writer {

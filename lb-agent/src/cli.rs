@@ -144,6 +144,39 @@ pub enum Command {
         #[arg(long, default_value = pins::DEFAULT_DIR)]
         bpffs: PathBuf,
     },
+    /// Ingress migration tools.
+    #[command(subcommand)]
+    Ingress(IngressCommand),
+}
+
+#[derive(Subcommand)]
+pub enum IngressCommand {
+    /// The migration report: for every Ingress of the class, each annotation and
+    /// whether the L7 hop honours it, ignores it (and why) or refuses it, and the
+    /// problems it would have. Exit status 2 when anything would be served
+    /// differently from ingress-nginx, 1 on an error.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["kube", "manifests"])))]
+    Check {
+        /// List the cluster's Ingresses, IngressClasses, Services, EndpointSlices and
+        /// TLS Secrets (in-cluster config, else KUBECONFIG).
+        #[arg(long)]
+        kube: bool,
+        /// Read Kubernetes YAML from this directory (as `run --manifests`).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// The class whose Ingresses to check (ingress-nginx's by default).
+        #[arg(long, default_value = "nginx")]
+        l7_ingress_class: String,
+        /// The controller that class's IngressClass names.
+        #[arg(long, default_value = lb_core::model::ingress::INGRESS_NGINX_CONTROLLER)]
+        l7_controller_name: String,
+        /// ingress-nginx's `--annotations-prefix`.
+        #[arg(long, default_value = lb_core::model::ingress::DEFAULT_PREFIX, value_parser = annotations_prefix)]
+        annotations_prefix: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The L7 hop: an HTTP(S) proxy routing by Ingress host and path rules.
@@ -159,10 +192,19 @@ pub struct L7Args {
     /// HTTPS listener of the L7 hop (certificates from the Ingresses' TLS Secrets).
     #[arg(long, default_value = "0.0.0.0:443", requires = "l7")]
     pub l7_https: SocketAddr,
-    /// The IngressClass whose Ingresses this hop serves (its spec.controller must be
-    /// `xlb.dev/ingress-controller`).
+    /// The IngressClass whose Ingresses this hop serves: by `spec.ingressClassName`, the
+    /// `kubernetes.io/ingress.class` annotation, or (neither set) when the class of
+    /// this name is the default one. `nginx` takes over ingress-nginx's Ingresses.
     #[arg(long, default_value = "xlb", requires = "l7")]
     pub l7_ingress_class: String,
+    /// The `spec.controller` that IngressClass must name to count as the default class
+    /// (`k8s.io/ingress-nginx` to take over ingress-nginx's class unedited).
+    #[arg(long, default_value = lb_core::model::ingress::CONTROLLER, requires = "l7")]
+    pub l7_controller_name: String,
+    /// The prefix of the ingress-nginx annotations read (ingress-nginx's
+    /// `--annotations-prefix`).
+    #[arg(long, default_value = lb_core::model::ingress::DEFAULT_PREFIX, requires = "l7", value_parser = annotations_prefix)]
+    pub annotations_prefix: String,
     /// The L4 Service (namespace/name) that reaches this hop: its LoadBalancer ingress
     /// IPs and externalIPs are written to the status of the Ingresses served (`--kube`).
     #[arg(long, value_name = "NAMESPACE/NAME", requires = "l7")]
@@ -191,9 +233,34 @@ pub struct L7Args {
     /// Request head limit in bytes: request line and headers (431 above it).
     #[arg(long, default_value_t = 16 * 1024, requires = "l7")]
     pub l7_max_header_bytes: usize,
+    /// On SIGTERM the hop stops accepting, answers the requests in flight (with
+    /// `Connection: close`) and closes keep-alive connections; connections still open
+    /// after this long are cut.
+    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_drain_grace: Duration,
     /// How often ExternalName targets are resolved again (DNS).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_dns_refresh: Duration,
+}
+
+/// An annotation prefix is the DNS-subdomain part of an annotation name (RFC 1123:
+/// lower-case letters, digits, `-` and `.`, at most 253 characters), without the `/`.
+fn annotations_prefix(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty()
+        && text.len() <= 253
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && text
+            .split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a DNS subdomain like nginx.ingress.kubernetes.io (no trailing /)"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +282,25 @@ mod tests {
             .get_subcommands()
             .map(|c| c.get_name().to_owned())
             .collect();
-        assert_eq!(names, ["run", "status", "trace", "detach"]);
+        // `ingress` holds the migration report (`ingress check`), a product feature.
+        assert_eq!(names, ["run", "status", "trace", "detach", "ingress"]);
+    }
+
+    #[test]
+    fn annotation_prefixes_are_dns_subdomains() {
+        assert_eq!(
+            super::annotations_prefix("ingress.example.com").as_deref(),
+            Ok("ingress.example.com")
+        );
+        for bad in [
+            "",
+            "nginx.ingress.kubernetes.io/",
+            "Upper.case",
+            "a..b",
+            "-a.b",
+        ] {
+            let error = super::annotations_prefix(bad).expect_err(bad);
+            assert!(error.contains("not a DNS subdomain"), "{error}");
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod cli;
 pub mod dataplane;
 pub mod health;
+pub mod ingress_check;
 pub mod kube_writes;
 pub mod l7;
 pub mod metrics;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser as _;
 use lb_agent::agent::{self, L7Options, RunOptions};
-use lb_agent::cli::{Cli, Command, L7Args, XdpMode};
+use lb_agent::cli::{Cli, Command, IngressCommand, L7Args, XdpMode};
 use lb_agent::dataplane::pins::{self, ModeChoice};
 use lb_agent::l7::proxy::ProxyConfig;
 use lb_agent::source::{NodeOptions, Origin};
@@ -27,15 +27,40 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse().command) {
-        Ok(()) => ExitCode::SUCCESS,
+    let command = Cli::parse().command;
+    let outcome = match command {
+        Command::Ingress(IngressCommand::Check {
+            kube,
+            manifests,
+            l7_ingress_class,
+            l7_controller_name,
+            annotations_prefix,
+            json,
+        }) => {
+            let class = IngressClassConfig {
+                name: l7_ingress_class,
+                controller: l7_controller_name,
+                annotations_prefix,
+            };
+            // Exit status 2: something would be served differently.
+            ingress_check(kube, manifests.as_deref(), &class, json).map(|differs| {
+                if differs {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            })
+        }
+        other => run(other).map(|()| ExitCode::SUCCESS),
+    };
+    match outcome {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lb-agent: error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
-
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Run {
@@ -111,7 +136,38 @@ fn run(command: Command) -> Result<()> {
             nodes,
         } => trace(&proto, &src, &dst, json, &bpffs, &nodes),
         Command::Detach { bpffs } => detach(&bpffs),
+        Command::Ingress(IngressCommand::Check { .. }) => {
+            anyhow::bail!("`ingress check` sets its own exit status")
+        }
     }
+}
+
+/// `lb-agent ingress check`: prints the report; `true` when something would be
+/// served differently.
+fn ingress_check(
+    kube: bool,
+    manifests: Option<&Path>,
+    class: &IngressClassConfig,
+    json: bool,
+) -> Result<bool> {
+    let cluster = match manifests {
+        Some(dir) => lb_agent::ingress_check::cluster_from_manifests(dir)?,
+        None if kube => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(lb_agent::ingress_check::cluster_from_kube(
+                std::time::Duration::from_mins(1),
+            ))?,
+        None => anyhow::bail!("name --kube or --manifests DIR"),
+    };
+    let report = lb_agent::ingress_check::report(&cluster, class);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.differs)
 }
 
 /// `lb-agent status [--stats --interval SECS]`.
@@ -250,10 +306,13 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             max_header_bytes: args.l7_max_header_bytes,
             max_body_bytes: args.l7_max_body,
             dns_refresh: args.l7_dns_refresh,
+            drain_grace: args.l7_drain_grace,
             ..ProxyConfig::new(Some(args.l7_http), Some(args.l7_https))
         },
         class: IngressClassConfig {
             name: args.l7_ingress_class.clone(),
+            controller: args.l7_controller_name.clone(),
+            annotations_prefix: args.annotations_prefix.clone(),
         },
         publish_service,
         publish_addresses: args.l7_publish_addresses.clone(),

@@ -547,3 +547,159 @@ fn tls_by_sni_redirects_and_websocket() {
     .expect("WebSocket through the L7 hop");
     assert_eq!(echoes, ["hello", "xlb"]);
 }
+
+/// Ingresses with ingress-nginx annotations, over the web and api Services.
+fn write_annotated_ingresses(bed: &Bed) {
+    let client = Topology::client_v4();
+    let ingress = |name: &str, host: &str, service: &str, path: &str, annotations: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: {name}
+  namespace: shop
+  creationTimestamp: \"2026-11-02T10:00:00Z\"
+  annotations:
+{annotations}spec:
+  ingressClassName: xlb
+  rules:
+  - host: {host}
+    http:
+      paths:
+      - {{ path: \"{path}\", pathType: ImplementationSpecific, backend: {{ service: {{ name: {service}, port: {{ number: 80 }} }} }} }}
+---
+"
+        )
+    };
+    let p = "    nginx.ingress.kubernetes.io/";
+    let mut yaml = String::new();
+    yaml.push_str(&ingress(
+        "rewrite",
+        "rewrite.example.com",
+        "web",
+        "/v1(/|$)(.*)",
+        &format!("{p}use-regex: \"true\"\n{p}rewrite-target: /$2\n{p}enable-cors: \"true\"\n{p}cors-allow-origin: https://shop.example.com\n"),
+    ));
+    yaml.push_str(&ingress(
+        "main",
+        "canary.example.com",
+        "web",
+        "/",
+        &format!("{p}affinity: cookie\n"),
+    ));
+    yaml.push_str(&ingress(
+        "canary",
+        "canary.example.com",
+        "api",
+        "/",
+        &format!("{p}canary: \"true\"\n{p}canary-by-header: X-Canary\n"),
+    ));
+    yaml.push_str(&ingress(
+        "allowed",
+        "allowed.example.com",
+        "web",
+        "/",
+        &format!("{p}allowlist-source-range: {client}/32\n"),
+    ));
+    yaml.push_str(&ingress(
+        "denied",
+        "denied.example.com",
+        "web",
+        "/",
+        &format!("{p}whitelist-source-range: 192.0.2.0/24\n"),
+    ));
+    yaml.push_str(&ingress(
+        "snippet",
+        "snippet.example.com",
+        "web",
+        "/",
+        &format!("{p}configuration-snippet: \"return 200;\"\n"),
+    ));
+    Bed::write(&bed.l7_dir, "annotated.yaml", &yaml);
+}
+
+/// ingress-nginx annotations through XDP and the hop: a regex rewrite, a canary by
+/// header, CORS, an allowlist on the real client address, cookie affinity, and a
+/// refused snippet, as an operator would write them.
+#[test]
+fn ingress_nginx_annotations_through_xdp_and_the_hop() {
+    let bed = Bed::new("l7annot");
+    let (_l4, mut l7) = start(&bed);
+    write_annotated_ingresses(&bed);
+    l7.until("the annotated Ingresses are served", SETTLE, || {
+        bed.curl("http://allowed.example.com/", &[])
+            .is_ok_and(|r| r.code == 200)
+    });
+
+    // rewrite-target with capture groups; CORS for the allowed origin only.
+    let origin = ["-H", "Origin: https://shop.example.com"];
+    let rewritten = bed
+        .curl("http://rewrite.example.com/v1/orders?id=7", &origin)
+        .unwrap();
+    assert_eq!(rewritten.code, 200, "{rewritten:?}");
+    let echo: Echo = serde_json::from_str(&rewritten.body).unwrap();
+    assert_eq!(echo.uri, "/orders?id=7");
+    assert_eq!(
+        rewritten.header("access-control-allow-origin"),
+        Some("https://shop.example.com")
+    );
+    let preflight = bed
+        .curl(
+            "http://rewrite.example.com/v1/x",
+            &["-X", "OPTIONS", origin[0], origin[1]],
+        )
+        .unwrap();
+    assert_eq!(preflight.code, 204, "{preflight:?}");
+    let other = bed
+        .curl(
+            "http://rewrite.example.com/v1/x",
+            &["-H", "Origin: https://evil.test"],
+        )
+        .unwrap();
+    assert_eq!(other.header("access-control-allow-origin"), None);
+
+    // Canary by header; affinity cookie on the main route.
+    let main = bed.curl("http://canary.example.com/", &[]).unwrap();
+    let echo: Echo = serde_json::from_str(&main.body).unwrap();
+    assert_eq!(echo.name, "web");
+    assert!(
+        main.header("set-cookie")
+            .is_some_and(|c| c.starts_with("INGRESSCOOKIE=")),
+        "{main:?}"
+    );
+    assert_eq!(
+        bed.echo("http://canary.example.com/", &["-H", "X-Canary: always"])
+            .name,
+        "api"
+    );
+
+    // The allowlist sees the real client address through XDP; X-Forwarded-For does
+    // not fool it.
+    assert_eq!(bed.echo("http://allowed.example.com/", &[]).name, "web");
+    let denied = bed
+        .curl(
+            "http://denied.example.com/",
+            &["-H", "X-Forwarded-For: 192.0.2.7"],
+        )
+        .unwrap();
+    assert_eq!(denied.code, 403, "{denied:?}");
+
+    // The snippet's Ingress is not served.
+    assert_eq!(
+        bed.curl("http://snippet.example.com/", &[]).unwrap().code,
+        404
+    );
+
+    // SIGTERM: the hop drains (nothing in flight here) and the agent exits cleanly.
+    let pid = l7.pid().expect("the L7 agent runs").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = l7
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent exits");
+    assert!(status.success(), "{status:?}\n{}", l7.log());
+    assert!(l7.log().contains("L7 hop draining"), "{}", l7.log());
+}

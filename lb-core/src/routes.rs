@@ -7,6 +7,12 @@ use std::sync::Arc;
 
 use crate::cluster::ObjectKey;
 
+mod policy;
+
+pub use policy::{
+    Access, Affinity, Canary, CanaryVerdict, Cors, Limits, PathRegex, Policy, Redirect, Rewrite,
+};
+
 /// Where one route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -56,6 +62,8 @@ pub struct Route {
     pub balance: Balance,
     /// Request body limit in bytes (413 above it); `None`: the proxy's default.
     pub max_body_bytes: Option<u64>,
+    /// Redirects, rewrites and headers the Ingress's annotations ask for.
+    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +71,10 @@ pub enum PathKind {
     Exact,
     /// Element-wise prefix on `/` (ImplementationSpecific is treated as Prefix).
     Prefix,
+    /// ingress-nginx's `use-regex` (or `rewrite-target`): `(?i)^PATH`, tried longest
+    /// path first, the first match wins. The translation makes every path of a host
+    /// a regex once one Ingress for that host asks, as ingress-nginx does.
+    Regex,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,9 +123,34 @@ pub struct RouteTable {
 /// One host group's paths; `(rule, path)` indexes into `RouteTable::rules`.
 #[derive(Debug, Clone, Default)]
 struct Paths {
+    /// Regex paths in ingress-nginx's order (longest path first, then reverse
+    /// lexicographic), tried before the others.
+    regex: Vec<(PathRegex, (usize, usize))>,
     exact: HashMap<String, (usize, usize)>,
-    /// Prefix paths without their trailing `/` (`/` itself is the empty string).
-    prefix: HashMap<String, (usize, usize)>,
+    /// Prefix paths by their elements ([`prefix_key`]: without the trailing `/`, `/`
+    /// itself is the empty string).
+    prefix: HashMap<String, Prefixes>,
+}
+
+/// The Prefix paths with the same elements: written without and with a trailing `/`
+/// (`/foo` and `/foo/`), two routes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Prefixes {
+    bare: Option<(usize, usize)>,
+    slashed: Option<(usize, usize)>,
+}
+
+impl Prefixes {
+    /// Both match the same requests (Kubernetes ignores the trailing `/`); the longest
+    /// path that the request's path literally starts with wins: `/foo/` for `/foo/`
+    /// and below, `/foo` for `/foo` itself. The other one is the fallback.
+    fn pick(&self, request_ends_here: bool) -> Option<(usize, usize)> {
+        if request_ends_here {
+            self.bare.or(self.slashed)
+        } else {
+            self.slashed.or(self.bare)
+        }
+    }
 }
 
 /// The longest host name DNS allows is 253 characters; longer Host headers match no
@@ -122,9 +159,9 @@ const MAX_HOST: usize = 255;
 
 impl RouteTable {
     /// Indexes `rules`. Several rules for the same host are one group; when two path
-    /// rules of a group have the same path and kind (after dropping a Prefix path's
-    /// trailing `/`), the first one wins; the translation resolved such conflicts
-    /// before, so this only keeps lookups deterministic.
+    /// rules of a group have the same path and kind (a Prefix path's trailing `/`
+    /// counts: `/foo` and `/foo/` are two routes), the first one wins; the translation
+    /// resolved such conflicts before, so this only keeps lookups deterministic.
     pub fn new(rules: Vec<HostRule>, default: Option<Route>) -> Self {
         let mut exact_hosts: HashMap<String, Paths> = HashMap::new();
         let mut wildcard_hosts: HashMap<String, Paths> = HashMap::new();
@@ -138,12 +175,42 @@ impl RouteTable {
                 HostPattern::Any => any_host.get_or_insert_with(Paths::default),
             };
             for (pi, path) in rule.paths.iter().enumerate() {
-                let (map, key) = match path.kind {
-                    PathKind::Exact => (&mut group.exact, path.path.as_str()),
-                    PathKind::Prefix => (&mut group.prefix, prefix_key(&path.path)),
-                };
-                map.entry(key.to_owned()).or_insert((ri, pi));
+                match path.kind {
+                    PathKind::Exact => {
+                        group.exact.entry(path.path.clone()).or_insert((ri, pi));
+                    }
+                    PathKind::Prefix => {
+                        let key = prefix_key(&path.path);
+                        let entry = group.prefix.entry(key.to_owned()).or_default();
+                        let slot = if key.len() < path.path.len() {
+                            &mut entry.slashed
+                        } else {
+                            &mut entry.bare
+                        };
+                        slot.get_or_insert((ri, pi));
+                    }
+                    // The translation checked the pattern; a bad one cannot match.
+                    PathKind::Regex => {
+                        if let Ok(re) = PathRegex::new(&path.path, true) {
+                            group.regex.push((re, (ri, pi)));
+                        }
+                    }
+                }
             }
+        }
+        // ingress-nginx sorts a server's locations by path, descending, then (stably)
+        // by length, descending; nginx takes the first regex location that matches.
+        let order = |group: &mut Paths| {
+            group.regex.sort_by(|(_, (ra, pa)), (_, (rb, pb))| {
+                let a = &rules[*ra].paths[*pa].path;
+                let b = &rules[*rb].paths[*pb].path;
+                b.len().cmp(&a.len()).then_with(|| b.cmp(a))
+            });
+        };
+        exact_hosts.values_mut().for_each(order);
+        wildcard_hosts.values_mut().for_each(order);
+        if let Some(group) = any_host.as_mut() {
+            order(group);
         }
         Self {
             rules,
@@ -195,23 +262,29 @@ impl RouteTable {
 }
 
 impl Paths {
-    /// Exact first (an exact match is as long as the path, so it beats every prefix),
-    /// then the longest element-wise prefix: the path itself, then each of its `/`
-    /// boundaries from the right, the empty key (`/`) last.
+    /// As the Kubernetes API's PathType documentation says: the longest matching path
+    /// wins, and Exact beats Prefix at equal length. An Exact match is as long as the
+    /// request's path, so it beats every Prefix. Then the longest element-wise prefix:
+    /// the path itself, then each of its `/` boundaries from the right, the empty key
+    /// (`/`) last; at one boundary, `/foo` and `/foo/` are told apart by
+    /// [`Prefixes::pick`].
     fn find(&self, path: &str) -> Option<(usize, usize)> {
+        if let Some((_, hit)) = self.regex.iter().find(|(re, _)| re.is_match(path)) {
+            return Some(*hit);
+        }
         if let Some(hit) = self.exact.get(path) {
             return Some(*hit);
         }
         if self.prefix.is_empty() {
             return None;
         }
-        if let Some(hit) = self.prefix.get(path) {
-            return Some(*hit);
+        if let Some(hit) = self.prefix.get(path).and_then(|p| p.pick(true)) {
+            return Some(hit);
         }
         let mut end = path.len();
         while let Some(slash) = path[..end].rfind('/') {
-            if let Some(hit) = self.prefix.get(&path[..slash]) {
-                return Some(*hit);
+            if let Some(hit) = self.prefix.get(&path[..slash]).and_then(|p| p.pick(false)) {
+                return Some(hit);
             }
             end = slash;
         }
@@ -219,8 +292,8 @@ impl Paths {
     }
 }
 
-/// A Prefix path as the index stores it: without trailing slashes, so `/foo/` and
-/// `/foo` are the same prefix and `/` is the empty string.
+/// A Prefix path's elements as the index stores them: without trailing slashes, so
+/// `/foo/` and `/foo` match the same requests and `/` is the empty string.
 pub fn prefix_key(path: &str) -> &str {
     path.trim_end_matches('/')
 }

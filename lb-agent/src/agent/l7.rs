@@ -25,6 +25,8 @@ pub(super) struct L7Hop {
     /// The cluster's L7 generation the snapshot was built from.
     built: Option<u64>,
     proxy: tokio::task::JoinHandle<()>,
+    /// Starts the drain; taken by [`L7Hop::drain`].
+    drain: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// What a rebuild of the routes found.
@@ -40,8 +42,12 @@ impl L7Hop {
     /// 404 meanwhile).
     pub(super) fn start(proxy: Proxy, options: L7Options) -> L7Hop {
         let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (drain, drained) = tokio::sync::oneshot::channel::<()>();
         let proxy = tokio::spawn(async move {
-            if let Err(e) = proxy.run(rx).await {
+            let drain = async {
+                let _ = drained.await;
+            };
+            if let Err(e) = proxy.run_until(rx, drain).await {
                 tracing::error!("L7 hop stopped: {e:#}");
             }
         });
@@ -52,6 +58,16 @@ impl L7Hop {
             ignored: BTreeSet::new(),
             built: None,
             proxy,
+            drain: Some(drain),
+        }
+    }
+
+    /// Drains the hop (SIGTERM): no new connections, requests in flight answered,
+    /// keep-alive connections closed, within the proxy's grace period.
+    pub(super) async fn drain(&mut self) {
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.send(());
+            let _ = (&mut self.proxy).await;
         }
     }
 

@@ -140,6 +140,26 @@ impl Balancer {
         self.pick_at(upstream, endpoints, balance, exclude, Instant::now())
     }
 
+    /// As [`pick`](Self::pick), but `sticky` (a session-affinity cookie's endpoint)
+    /// when it is still a candidate and not ejected.
+    pub fn pick_sticky(
+        &self,
+        upstream: &str,
+        endpoints: &[SocketAddr],
+        balance: Balance,
+        exclude: &[SocketAddr],
+        sticky: Option<SocketAddr>,
+    ) -> Option<(SocketAddr, InFlight)> {
+        self.pick_preferring(
+            upstream,
+            endpoints,
+            balance,
+            exclude,
+            Instant::now(),
+            sticky,
+        )
+    }
+
     fn pick_at(
         &self,
         upstream: &str,
@@ -147,6 +167,18 @@ impl Balancer {
         balance: Balance,
         exclude: &[SocketAddr],
         now: Instant,
+    ) -> Option<(SocketAddr, InFlight)> {
+        self.pick_preferring(upstream, endpoints, balance, exclude, now, None)
+    }
+
+    fn pick_preferring(
+        &self,
+        upstream: &str,
+        endpoints: &[SocketAddr],
+        balance: Balance,
+        exclude: &[SocketAddr],
+        now: Instant,
+        prefer: Option<SocketAddr>,
     ) -> Option<(SocketAddr, InFlight)> {
         let state = self.state(upstream);
         let candidates: Cow<'_, [SocketAddr]> = if exclude.is_empty() {
@@ -177,6 +209,7 @@ impl Balancer {
         }
         let mut count = |addr: SocketAddr| Arc::clone(in_flight.entry(addr).or_default());
         let chosen = match balance {
+            _ if let Some(p) = prefer.filter(|p| candidates.contains(p)) => p,
             Balance::RoundRobin => {
                 candidates[state.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]
             }

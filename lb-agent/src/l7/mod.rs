@@ -11,6 +11,7 @@ pub mod limits;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod rate;
 pub mod status;
 pub mod tls;
 pub mod upstream;

@@ -6,7 +6,10 @@
 //! the normal form.
 //!
 //! Answers of our own, each with a one-line text body: 404 no route, 308 to HTTPS
-//! (`ssl_redirect` on the plain listener), 400 a missing, repeated or invalid Host
+//! (`ssl_redirect` on the plain listener), 300-308 from `permanent-redirect` or
+//! `temporal-redirect`, 302 from `app-root` for `/`, 204 to a CORS preflight from an
+//! allowed origin, 403 a client outside the source ranges, 503 a client over a
+//! `limit-*` annotation, 400 a missing, repeated or invalid Host
 //! (RFC 9112 3.2), a path above the root or with a broken escape, a malformed request
 //! body, 413 body over the limit (on Content-Length
 //! before forwarding, else while streaming when the backend has not answered yet),
@@ -19,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,7 +52,10 @@ use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
-use super::routes::{Route, Target, UpstreamProtocol};
+use super::rate::{Limiter, OverLimit, Slot};
+use super::routes::{
+    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol,
+};
 use super::tls::{self, CertResolver};
 use super::upstream::{Body, BoxError, Pool, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
@@ -83,6 +90,9 @@ pub struct ProxyConfig {
     pub dns_refresh: Duration,
     /// Served for unknown SNI names; `None`: a self-signed one generated at bind.
     pub default_certificate: Option<Arc<CertifiedKey>>,
+    /// After a drain starts, how long in-flight requests have to finish
+    /// (`--l7-drain-grace`).
+    pub drain_grace: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -101,6 +111,7 @@ impl Default for ProxyConfig {
             listen_backlog: 511,
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
+            drain_grace: Duration::from_secs(25),
         }
     }
 }
@@ -132,6 +143,7 @@ struct Shared {
     https_port: u16,
     metrics: Metrics,
     balancer: Balancer,
+    limiter: Limiter,
     pool: Pool,
     dns: Resolver,
     server: auto::Builder<TokioExecutor>,
@@ -185,6 +197,7 @@ impl Proxy {
             https_port,
             metrics: Metrics::register(registry),
             balancer: Balancer::default(),
+            limiter: Limiter::default(),
             pool: Pool::new(config.connect_timeout, config.upstream_idle_timeout),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
             server,
@@ -215,6 +228,23 @@ impl Proxy {
 
     /// Serves until the task is dropped, always from the latest snapshot.
     pub async fn run(self, snapshots: watch::Receiver<Arc<Snapshot>>) -> Result<()> {
+        self.run_until(snapshots, std::future::pending()).await
+    }
+
+    /// Serves until `drain` completes, then drains: the listeners close (new
+    /// connections are refused), each connection finishes its request in flight (its
+    /// answer says `Connection: close`, HTTP/2 sends GOAWAY) and idle keep-alive
+    /// connections are closed; returns once every connection is done, or after
+    /// `drain_grace`.
+    pub async fn run_until(
+        self,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        drain: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let (draining_tx, draining) = watch::channel(false);
+        // Every connection task holds a clone; `recv` ends once all are dropped.
+        let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+        let grace = self.shared.config.drain_grace;
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = self.http {
             let listener = TcpListener::from_std(listener)?;
@@ -226,6 +256,7 @@ impl Proxy {
                 None,
                 Arc::clone(&self.shared),
                 snapshots.clone(),
+                (draining.clone(), alive.clone()),
             ));
         }
         if let Some(listener) = self.https {
@@ -240,12 +271,20 @@ impl Proxy {
                 Some(acceptor),
                 Arc::clone(&self.shared),
                 snapshots.clone(),
+                (draining.clone(), alive.clone()),
             ));
         }
+        drop(alive);
+        drain.await;
+        tracing::info!(grace = ?grace, "L7 hop draining");
+        draining_tx.send_replace(true);
         while let Some(done) = tasks.join_next().await {
             done.context("L7 listener task")?;
         }
-        std::future::pending().await
+        if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
+            tracing::warn!("L7 drain grace over: the remaining connections are cut");
+        }
+        Ok(())
     }
 }
 
@@ -260,16 +299,26 @@ fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListen
     Ok(socket.into())
 }
 
+/// The drain signal and the guard every connection task holds while it lives.
+type DrainState = (watch::Receiver<bool>, tokio::sync::mpsc::Sender<()>);
+
+/// Accepts until the drain starts (the listener is then closed).
 async fn accept(
     listener: TcpListener,
     kind: Listener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    (draining, alive): DrainState,
 ) {
     let name = if kind.tls { "https" } else { "http" };
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let mut stop = draining.clone();
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -282,16 +331,21 @@ async fn accept(
         let shared = Arc::clone(&shared);
         let snapshots = snapshots.clone();
         let tls = tls.clone();
+        let draining = draining.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
+            let _alive = alive;
             let _ = stream.set_nodelay(true);
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
-                None => serve(stream, peer, kind, state, shared, snapshots).await,
+                None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
                 Some(acceptor) => {
                     let handshake =
                         tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
                     match handshake.await {
-                        Ok(Ok(stream)) => serve(stream, peer, kind, state, shared, snapshots).await,
+                        Ok(Ok(stream)) => {
+                            serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!("TLS handshake with {peer}: {e}");
                             shared.metrics.closed("tls_handshake");
@@ -304,7 +358,8 @@ async fn accept(
     }
 }
 
-/// Serves one client connection until it ends or its watchdog cuts it.
+/// Serves one client connection until it ends or its watchdog cuts it; once the drain
+/// starts, it ends after the request in flight (hyper's graceful shutdown).
 async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -312,6 +367,7 @@ async fn serve<S>(
     state: Arc<ConnState>,
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut draining: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -327,21 +383,39 @@ async fn serve<S>(
         })
     };
     let conn = shared.server.serve_connection_with_upgrades(io, service);
-    tokio::select! {
-        served = conn => if let Err(e) = served {
-            let reason = match e.downcast_ref::<hyper::Error>() {
-                Some(e) if e.is_parse_too_large() => {
-                    // hyper answered 431 itself.
-                    shared.metrics.answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                    "headers_too_large"
-                }
-                Some(e) if e.is_parse() => "malformed",
-                _ => "protocol",
-            };
-            tracing::debug!("L7 connection from {peer}: {e}");
-            shared.metrics.closed(reason);
-        },
-        reason = state.expired(shared.config.idle_timeout) => {
+    tokio::pin!(conn);
+    let expired = state.expired(shared.config.idle_timeout);
+    tokio::pin!(expired);
+    let mut shutting_down = false;
+    let outcome = loop {
+        tokio::select! {
+            served = conn.as_mut() => break Ok(served),
+            reason = expired.as_mut() => break Err(reason),
+            _ = draining.wait_for(|d| *d), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    };
+    match outcome {
+        Ok(served) => {
+            if let Err(e) = served {
+                let reason = match e.downcast_ref::<hyper::Error>() {
+                    Some(e) if e.is_parse_too_large() => {
+                        // hyper answered 431 itself.
+                        shared
+                            .metrics
+                            .answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                        "headers_too_large"
+                    }
+                    Some(e) if e.is_parse() => "malformed",
+                    _ => "protocol",
+                };
+                tracing::debug!("L7 connection from {peer}: {e}");
+                shared.metrics.closed(reason);
+            }
+        }
+        Err(reason) => {
             tracing::debug!("L7 connection from {peer}: {reason}");
             shared.metrics.closed(reason);
         }
@@ -356,7 +430,7 @@ async fn handle(
     guard: RequestGuard,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let response = match forward(shared, snapshot, peer, kind, req).await {
+    let mut response = match forward(shared, snapshot, peer, kind, req).await {
         Ok(response) => response,
         Err(local) => {
             shared.metrics.local_answer(local.reason);
@@ -364,11 +438,14 @@ async fn handle(
         }
     };
     shared.metrics.answered(response.status());
-    // The connection counts as busy until the answer has been sent.
+    let slot = response.extensions_mut().remove::<Slot>();
+    // The connection counts as busy, and the request against `limit-connections`,
+    // until the answer has been sent.
     response.map(|body| {
         Body::new(Guarded {
             body,
             _guard: guard,
+            _slot: slot,
         })
     })
 }
@@ -492,9 +569,14 @@ async fn forward(
             "no route for this host and path",
         ));
     };
-    if route.ssl_redirect && !kind.tls {
-        return Err(redirect(&host, shared.https_port, req.uri()));
-    }
+    let policy = &route.policy;
+    let cors = match answer_by_policy(shared, route, &host, peer, kind, &req)? {
+        Before::Answer(response) => return Ok(response),
+        Before::Forward(cors) => cors,
+    };
+    let slot = limit_slot(shared, route, peer)?;
+    let route = canary_or_main(route, &req);
+    let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
     let announced = req
         .headers()
@@ -516,6 +598,7 @@ async fn forward(
     }
 
     let endpoints = endpoints(shared, route).await?;
+    let sticky = sticky_endpoint(route, &req, &endpoints);
 
     let (mut parts, body) = req.into_parts();
     rewrite_head(
@@ -526,6 +609,7 @@ async fn forward(
         kind,
         upgrade,
     )?;
+    apply_policy(&mut parts, policy)?;
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
@@ -536,8 +620,10 @@ async fn forward(
         upstream_req,
         &body_state,
         client_upgrade,
+        sticky,
     );
-    tokio::time::timeout(config.upstream_timeout, attempt)
+    let timeout = route.policy.read_timeout.unwrap_or(config.upstream_timeout);
+    let mut response = tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or_else(|_| {
             shared.metrics.upstream_error("timeout");
@@ -546,7 +632,208 @@ async fn forward(
                 "upstream_timeout",
                 "the backend did not answer in time",
             ))
+        })?;
+    if let Some((cors, origin)) = &cors {
+        cors_headers(response.headers_mut(), cors, origin);
+    }
+    if let Some(slot) = slot {
+        // Held by the response body until it is sent (see `handle`).
+        response.extensions_mut().insert(slot);
+    }
+    Ok(response)
+}
+
+/// The session-affinity cookie naming `addr`, with ingress-nginx's attributes
+/// (`HttpOnly` always).
+fn set_affinity_cookie(
+    headers: &mut hyper::HeaderMap,
+    affinity: &Affinity,
+    upstream: &str,
+    addr: SocketAddr,
+) {
+    let mut cookie = format!(
+        "{}={}; Path={}",
+        affinity.cookie_name,
+        Affinity::token(upstream, addr),
+        affinity.path
+    );
+    if let Some(seconds) = affinity.expires {
+        let at = std::time::SystemTime::now() + Duration::from_secs(seconds);
+        let _ = write!(cookie, "; Expires={}", httpdate::fmt_http_date(at));
+    }
+    if let Some(seconds) = affinity.max_age {
+        let _ = write!(cookie, "; Max-Age={seconds}");
+    }
+    if let Some(samesite) = &affinity.samesite {
+        let _ = write!(cookie, "; SameSite={samesite}");
+    }
+    cookie.push_str("; HttpOnly");
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+/// The route's `limit-*` annotations for this client: 503 over a limit, else the
+/// `limit-connections` slot the request holds.
+fn limit_slot(shared: &Shared, route: &Route, peer: SocketAddr) -> Result<Option<Slot>, Local> {
+    let Some(limits) = &route.policy.limits else {
+        return Ok(None);
+    };
+    shared
+        .limiter
+        .admit(&route.ingress, peer.ip(), limits)
+        .map_err(|OverLimit| {
+            local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rate_limited",
+                "too many requests from this client",
+            )
         })
+}
+
+/// The route with the canary's upstream when the request goes to the canary.
+fn canary_or_main<'r, B>(route: &'r Route, req: &Request<B>) -> Cow<'r, Route> {
+    match route.policy.canary.as_deref() {
+        Some(canary) if takes_canary(canary, req) => Cow::Owned(Route {
+            upstream: Arc::clone(&canary.upstream),
+            ..route.clone()
+        }),
+        _ => Cow::Borrowed(route),
+    }
+}
+
+/// The endpoint a valid affinity cookie names (an unknown one gets replaced).
+fn sticky_endpoint<B>(
+    route: &Route,
+    req: &Request<B>,
+    endpoints: &[SocketAddr],
+) -> Option<SocketAddr> {
+    let affinity = route.policy.affinity.as_ref()?;
+    let token = cookie_value(req.headers(), &affinity.cookie_name)?;
+    endpoints
+        .iter()
+        .copied()
+        .find(|e| Affinity::token(&route.upstream.name, *e) == token)
+}
+
+/// Whether a request goes to the route's canary: its header, then its cookie, then
+/// the weight (a random draw out of the total).
+fn takes_canary<B>(canary: &Canary, req: &Request<B>) -> bool {
+    let header = canary
+        .by_header
+        .as_deref()
+        .and_then(|name| req.headers().get(name))
+        .and_then(|v| v.to_str().ok());
+    let cookie = canary
+        .by_cookie
+        .as_deref()
+        .and_then(|name| cookie_value(req.headers(), name));
+    match canary.verdict(header, cookie) {
+        CanaryVerdict::Canary => true,
+        CanaryVerdict::Main => false,
+        CanaryVerdict::ByWeight => {
+            canary.weight > 0
+                && (canary.weight >= canary.weight_total
+                    || rand::random_range(0..canary.weight_total) < canary.weight)
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (RFC 6265 5.4).
+fn cookie_value<'h>(headers: &'h hyper::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// ingress-nginx's CORS headers for an allowed origin.
+fn cors_headers(headers: &mut hyper::HeaderMap, cors: &Cors, origin: &HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    if cors.allow_credentials {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    let mut set = |name: header::HeaderName, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value)
+            && !value.is_empty()
+        {
+            headers.insert(name, value);
+        }
+    };
+    set(header::ACCESS_CONTROL_ALLOW_METHODS, &cors.allow_methods);
+    set(header::ACCESS_CONTROL_ALLOW_HEADERS, &cors.allow_headers);
+    set(header::ACCESS_CONTROL_EXPOSE_HEADERS, &cors.expose_headers);
+    set(header::ACCESS_CONTROL_MAX_AGE, &cors.max_age.to_string());
+}
+
+/// What the route's policy says before a backend is chosen.
+enum Before<'r> {
+    /// Answered here (a CORS preflight).
+    Answer(Response<Body>),
+    /// Forward; with the CORS headers for an allowed origin.
+    Forward(Option<(&'r Cors, HeaderValue)>),
+}
+
+/// In nginx's order: the server's app-root, the location's `return`, CORS's
+/// preflight (rewrite-phase `if`s), then the SSL redirect (Lua, at the end of the
+/// rewrite phase) and the source ranges (access phase).
+fn answer_by_policy<'r, B>(
+    shared: &Shared,
+    route: &'r Route,
+    host: &str,
+    peer: SocketAddr,
+    kind: Listener,
+    req: &Request<B>,
+) -> Result<Before<'r>, Local> {
+    let policy = &route.policy;
+    if let Some(root) = &policy.app_root
+        && req.uri().path() == "/"
+    {
+        let scheme = if kind.tls { "https" } else { "http" };
+        return Err(redirect_to(
+            StatusCode::FOUND,
+            "app_root",
+            &format!("{scheme}://{host}{root}"),
+        ));
+    }
+    if let Some(to) = &policy.redirect {
+        let status = StatusCode::from_u16(to.code).map_err(|_| bad_request())?;
+        return Err(redirect_to(status, "annotation_redirect", &to.location));
+    }
+    let cors = policy.cors.as_ref().and_then(|cors| {
+        let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
+        let allowed = HeaderValue::from_str(cors.allowed_origin(origin)?).ok()?;
+        Some((cors, allowed))
+    });
+    if let Some((cors, origin)) = &cors
+        && req.method() == hyper::Method::OPTIONS
+    {
+        shared.metrics.local_answer("cors_preflight");
+        let mut response = Response::new(Body::default());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        cors_headers(response.headers_mut(), cors, origin);
+        return Ok(Before::Answer(response));
+    }
+    if route.ssl_redirect && !kind.tls {
+        return Err(redirect(host, shared.https_port, req.uri()));
+    }
+    if let Some(access) = &policy.access
+        && !access.permits(peer.ip())
+    {
+        return Err(local(
+            StatusCode::FORBIDDEN,
+            "source_range",
+            "client address not allowed",
+        ));
+    }
+    Ok(Before::Forward(cors))
 }
 
 /// Replaces the request's path by its normal form ([`path::normalize`]), the query
@@ -650,6 +937,47 @@ fn rewrite_head(
     Ok(())
 }
 
+/// The route's `rewrite-target`, `upstream-vhost` and `x-forwarded-prefix` on the
+/// backend's request head (after [`rewrite_head`], so the client's `Host` still fed
+/// `X-Forwarded-Host`).
+fn apply_policy(parts: &mut hyper::http::request::Parts, policy: &Policy) -> Result<(), Local> {
+    if let Some(rewrite) = &policy.rewrite
+        && let Some(target) = rewrite.apply(parts.uri.path(), parts.uri.query())
+    {
+        let path =
+            PathAndQuery::from_maybe_shared(Bytes::from(target)).map_err(|_| bad_request())?;
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(uri).map_err(|_| bad_request())?;
+    }
+    if let Some(vhost) = &policy.upstream_vhost {
+        let value = HeaderValue::from_str(vhost).map_err(|_| bad_request())?;
+        if parts.version == Version::HTTP_2 {
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.authority = Some(vhost.parse().map_err(|_| bad_request())?);
+            parts.uri = Uri::from_parts(uri).map_err(|_| bad_request())?;
+        } else {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    if let Some(prefix) = &policy.forwarded_prefix {
+        let value = HeaderValue::from_str(prefix).map_err(|_| bad_request())?;
+        parts.headers.insert("x-forwarded-prefix", value);
+    }
+    Ok(())
+}
+
+/// An annotation's redirect: `status` to `location` as given.
+fn redirect_to(status: StatusCode, reason: &'static str, location: &str) -> Local {
+    match HeaderValue::from_str(location) {
+        Ok(value) => Local {
+            location: Some(value),
+            ..local(status, reason, "redirected")
+        },
+        Err(_) => bad_request(),
+    }
+}
+
 fn too_large() -> Local {
     local(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -695,6 +1023,7 @@ async fn send(
     mut req: Request<Body>,
     body: &BodyState,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    sticky: Option<SocketAddr>,
 ) -> Result<Response<Body>, Local> {
     let upstream = &route.upstream;
     let cannot_connect = || {
@@ -709,12 +1038,16 @@ async fn send(
     loop {
         let (addr, in_flight) = shared
             .balancer
-            .pick(&upstream.name, endpoints, route.balance, &refused)
+            .pick_sticky(&upstream.name, endpoints, route.balance, &refused, sticky)
             .ok_or_else(cannot_connect)?;
         if retried {
             shared.metrics.retried();
         }
-        let sender = match shared.pool.checkout(addr, upstream.protocol).await {
+        let sender = match shared
+            .pool
+            .checkout(addr, upstream.protocol, route.policy.connect_timeout)
+            .await
+        {
             Ok(sender) => {
                 in_flight.connected();
                 sender
@@ -735,14 +1068,14 @@ async fn send(
         };
         match try_send(sender, req).await {
             Ok((response, sender)) => {
-                return Ok(respond(
-                    shared,
-                    response,
-                    sender,
-                    addr,
-                    in_flight,
-                    client_upgrade,
-                ));
+                let mut response =
+                    respond(shared, response, sender, addr, in_flight, client_upgrade);
+                if let Some(affinity) = &route.policy.affinity
+                    && sticky != Some(addr)
+                {
+                    set_affinity_cookie(response.headers_mut(), affinity, &upstream.name, addr);
+                }
+                return Ok(response);
             }
             Err((e, Some(unsent))) if !retried => {
                 tracing::debug!(
@@ -861,6 +1194,7 @@ async fn tunnel(
 struct Guarded {
     body: Body,
     _guard: RequestGuard,
+    _slot: Option<Slot>,
 }
 
 impl hyper::body::Body for Guarded {

@@ -79,17 +79,20 @@ impl Pool {
     }
 
     /// A ready connection to `addr`: an idle pooled one, or a new one.
+    /// An idle or new connection to `addr`; a new one must connect within
+    /// `connect_timeout` (the route's `proxy-connect-timeout`), else the pool's.
     pub async fn checkout(
         &self,
         addr: SocketAddr,
         protocol: UpstreamProtocol,
+        connect_timeout: Option<Duration>,
     ) -> Result<Sender, ConnectError> {
         match protocol {
             UpstreamProtocol::Http1 => {
                 if let Some(sender) = self.idle_h1(addr) {
                     return Ok(Sender::H1(sender));
                 }
-                let io = self.connect(addr).await?;
+                let io = self.connect(addr, connect_timeout).await?;
                 let (sender, conn) = http1::handshake(io)
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
@@ -108,7 +111,7 @@ impl Pool {
                 if let Some(sender) = existing {
                     return Ok(Sender::H2(sender));
                 }
-                let io = self.connect(addr).await?;
+                let io = self.connect(addr, connect_timeout).await?;
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
@@ -138,8 +141,13 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
-        let stream = tokio::time::timeout(self.inner.connect_timeout, TcpStream::connect(addr))
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let timeout = timeout.unwrap_or(self.inner.connect_timeout);
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout(addr))?
             .map_err(|e| ConnectError::Io(addr, e))?;

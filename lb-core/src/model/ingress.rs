@@ -13,7 +13,8 @@
 //! (`metadata.creationTimestamp`, one without it counts as newest, then namespace/name):
 //! when two rules have the same host, path and path type, or two Ingresses set
 //! `spec.defaultBackend`, the older one wins, as in ingress-nginx, and the other gets a
-//! problem naming its field. ImplementationSpecific paths are Prefix paths.
+//! problem naming its field. ImplementationSpecific paths are Prefix paths; two Prefix
+//! paths that differ only by a trailing `/` are two routes (see [`RouteTable`]).
 //!
 //! Backends: `service.name` in the Ingress's namespace, `service.port.number` or `.name`
 //! matched against the Service's ports; endpoints are the L4 translation's usable ones
@@ -27,22 +28,19 @@
 //! its default certificate for those hosts). Hosts listed in any of our Ingresses'
 //! `spec.tls` redirect plain HTTP to HTTPS.
 //!
-//! Annotations honoured (per Ingress, for all its routes):
-//! - `nginx.ingress.kubernetes.io/ssl-redirect: "false"`: no redirect for TLS hosts.
-//! - `nginx.ingress.kubernetes.io/force-ssl-redirect: "true"`: redirect also hosts
-//!   without TLS, and the default backend.
-//! - `nginx.ingress.kubernetes.io/proxy-body-size`: request body limit (`8m`, `512k`,
-//!   `1g`, bytes; `0` = no limit).
-//! - `xlb.dev/load-balance: round-robin | least-request`.
-//!
-//! Every other `nginx.ingress.kubernetes.io/*` annotation is listed in
-//! [`IngressTranslation::ignored_annotations`].
+//! Annotations (per Ingress, for all its routes) are read under the prefix
+//! (`nginx.ingress.kubernetes.io` unless `--annotations-prefix` says otherwise) by
+//! [`annotations`]; [`catalogue`] says which are honoured. Those that change behaviour
+//! without being honoured are listed in [`IngressTranslation::ignored_annotations`]; an
+//! Ingress carrying a refused one (raw nginx snippets) is not served and gets a problem
+//! saying why. `xlb.dev/load-balance: round-robin | least-request` is xlb's own.
 
-mod annotations;
+pub mod annotations;
+pub mod catalogue;
 mod tls;
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
@@ -53,28 +51,50 @@ use crate::model::kubernetes::{Problem, usable_endpoints};
 use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
-    HostPattern, HostRule, PathKind, PathRule, Route, Target, Upstream, UpstreamProtocol,
-    prefix_key,
+    Canary, HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
+    UpstreamProtocol, prefix_key,
 };
 
 pub use tls::{KeyPair, SecretError, key_field, key_pair};
 
 pub use annotations::{
-    FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE, PROXY_BODY_SIZE,
-    SSL_REDIRECT, body_size,
+    DEFAULT_PREFIX, FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE,
+    PROXY_BODY_SIZE, SSL_REDIRECT, body_size,
 };
 
-/// The controller name an IngressClass must carry in `spec.controller` to be ours.
+/// The controller name an IngressClass must carry in `spec.controller` to be ours,
+/// unless the operator names another (`--l7-controller-name`).
 pub const CONTROLLER: &str = "xlb.dev/ingress-controller";
+
+/// ingress-nginx's controller name, which an operator may ask xlb to answer to so that
+/// existing Ingresses and IngressClasses move without edits.
+pub const INGRESS_NGINX_CONTROLLER: &str = "k8s.io/ingress-nginx";
 
 /// The Service port `appProtocol` that makes the hop speak HTTP/2 cleartext to it.
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 
-/// Which Ingresses are ours.
+/// Which Ingresses are ours and how their annotations are read.
 #[derive(Debug, Clone)]
 pub struct IngressClassConfig {
-    /// The IngressClass name (`--l7-ingress-class`, default `xlb`).
+    /// The IngressClass name (`--l7-ingress-class`, default `xlb`; `nginx` to take over
+    /// ingress-nginx's Ingresses).
     pub name: String,
+    /// The `spec.controller` our IngressClass must name (`--l7-controller-name`,
+    /// default [`CONTROLLER`]; [`INGRESS_NGINX_CONTROLLER`] to take over).
+    pub controller: String,
+    /// The annotation prefix (`--annotations-prefix`, default [`DEFAULT_PREFIX`]).
+    pub annotations_prefix: String,
+}
+
+impl IngressClassConfig {
+    /// The class `name` with xlb's controller name and ingress-nginx's prefix.
+    pub fn new(name: &str) -> Self {
+        IngressClassConfig {
+            name: name.to_owned(),
+            controller: CONTROLLER.to_owned(),
+            annotations_prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -116,12 +136,12 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         .filter(|(_, i)| is_ours(i, &class.name, default_class))
         .map(|(k, i)| (k, i.as_ref()))
         .collect();
-    let owned = ours.iter().map(|(k, _)| (*k).clone()).collect();
     ours.sort_by_key(|(key, i)| {
         let created = i.metadata.creation_timestamp.as_ref();
         (created.is_none(), created, *key)
     });
     let mut table = Table {
+        prefix: &class.annotations_prefix,
         tls_hosts: ours
             .iter()
             .flat_map(|(_, i)| i.spec.iter().flat_map(|s| s.tls.iter().flatten()))
@@ -130,9 +150,15 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
             .collect(),
         ..Table::default()
     };
+    let mut owned = Vec::new();
     for (key, ingress) in ours {
-        table.add(&mut t, key, ingress);
+        if table.add(&mut t, key, ingress) {
+            owned.push(key.clone());
+        }
     }
+    owned.sort();
+    table.attach_canaries(&mut t);
+    table.regex_hosts(&mut t);
     IngressTranslation {
         routes: RouteTable::new(
             table.groups.into_values().collect(),
@@ -145,12 +171,32 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
     }
 }
 
+/// The Ingresses of `class` (served or refused), sorted: the ones a migration report
+/// looks at.
+pub fn of_class(cluster: &Cluster, class: &IngressClassConfig) -> Vec<ObjectKey> {
+    let mut t = Translator {
+        cluster,
+        problems: Vec::new(),
+        upstreams: BTreeMap::new(),
+        certs: BTreeMap::new(),
+    };
+    let default_class = t.is_default_class(class);
+    cluster
+        .ingresses
+        .iter()
+        .filter(|(_, i)| is_ours(i, &class.name, default_class))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// A host group's rank (exact, wildcard, host-less) and host.
 type GroupKey = (u8, String);
 
 /// The merged routes, built one Ingress at a time, oldest first.
 #[derive(Default)]
-struct Table {
+struct Table<'p> {
+    /// The annotation prefix.
+    prefix: &'p str,
     /// Every host in our Ingresses' `spec.tls` (lower case, may be `*.` wildcards).
     tls_hosts: Vec<String>,
     /// Host groups by (rank, host): exact, wildcard, host-less.
@@ -159,33 +205,49 @@ struct Table {
     claimed: BTreeMap<(GroupKey, bool, String), (ObjectKey, String)>,
     /// The default backend and the Ingress that set it.
     default: Option<(Route, ObjectKey)>,
+    /// Host groups some Ingress asked to treat as regular expressions (`use-regex`,
+    /// `rewrite-target`).
+    regex: BTreeSet<GroupKey>,
+    /// Canary paths, joined to their main routes once every Ingress is in.
+    canaries: Vec<PendingCanary>,
     certificates: Vec<CertificateSource>,
     ignored_annotations: Vec<(ObjectKey, String)>,
 }
 
-impl Table {
-    fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) {
-        let mut ignored = Vec::new();
-        let (settings, bad) =
-            annotations::read(ingress.metadata.annotations.as_ref(), &mut ignored);
+impl Table<'_> {
+    /// Adds one Ingress's rules; `false` when it is not served at all (a refused
+    /// annotation).
+    fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) -> bool {
+        let read = annotations::read(ingress.metadata.annotations.as_ref(), self.prefix);
         self.ignored_annotations
-            .extend(ignored.into_iter().map(|a| (key.clone(), a)));
-        for b in bad {
+            .extend(read.ignored.into_iter().map(|(a, _)| (key.clone(), a)));
+        for b in read.bad {
             t.problem(
                 key,
                 format!("metadata.annotations[{}]", b.annotation),
                 b.reason,
             );
         }
+        if !read.refused.is_empty() {
+            for (annotation, why) in read.refused {
+                t.problem(key, format!("metadata.annotations[{annotation}]"), why);
+            }
+            return false;
+        }
+        let settings = read.settings;
         let Some(spec) = ingress.spec.as_ref() else {
-            return;
+            return true;
         };
         for (ti, entry) in spec.tls.iter().flatten().enumerate() {
             if let Some(cert) = t.certificate(key, ti, entry) {
                 self.certificates.push(cert);
             }
         }
-        if let Some(backend) = &spec.default_backend {
+        if let Some(backend) = spec
+            .default_backend
+            .as_ref()
+            .filter(|_| settings.canary.is_none())
+        {
             let field = "spec.defaultBackend";
             if let Some((_, owner)) = &self.default {
                 t.problem(
@@ -194,12 +256,13 @@ impl Table {
                     format!("Ingress {owner} (older) already sets the default backend"),
                 );
             } else if let Some(upstream) = t.upstream(key, field, backend) {
-                self.default = Some((settings.route(upstream, key, false), key.clone()));
+                self.default = Some((settings.route(upstream, key, false, None), key.clone()));
             }
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
             self.add_rule(t, key, &settings, ri, rule);
         }
+        true
     }
 
     fn add_rule(
@@ -217,6 +280,10 @@ impl Table {
                 return;
             }
         };
+        if let Some(rules) = &settings.canary {
+            self.add_canary_rule(t, key, rules, ri, rule, &host);
+            return;
+        }
         let tls = match &host {
             HostPattern::Any => false,
             HostPattern::Exact(h) => self.tls_hosts.iter().any(|t| covers(t, h)),
@@ -242,9 +309,11 @@ impl Table {
                     continue;
                 }
             };
-            let normal = match kind {
-                PathKind::Exact => text.clone(),
-                PathKind::Prefix => prefix_key(&text).to_owned(),
+            // `/foo` and `/foo/` are two Prefix routes; `/foo//` is `/foo/`.
+            let normal = if kind == PathKind::Prefix && text.ends_with('/') {
+                format!("{}/", prefix_key(&text))
+            } else {
+                text.clone()
             };
             match self
                 .claimed
@@ -272,13 +341,136 @@ impl Table {
                     v.insert((key.clone(), field.clone()));
                 }
             }
+            if settings.regex_for(&text) {
+                if let Err(why) = PathRegex::new(&text, true) {
+                    t.problem(
+                        key,
+                        format!("{field}.path"),
+                        format!("{} is not a regular expression: {why}", quoted(&text)),
+                    );
+                    continue;
+                }
+                self.regex.insert(group_key.clone());
+            }
             if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                let route = settings.route(upstream, key, tls, Some(&text));
                 group.paths.push(PathRule {
                     path: text,
                     kind,
-                    route: settings.route(upstream, key, tls),
+                    route,
                 });
             }
+        }
+    }
+}
+
+/// A canary Ingress's path, waiting for the main route it joins.
+struct PendingCanary {
+    group: GroupKey,
+    kind: PathKind,
+    path: String,
+    canary: Canary,
+    field: String,
+}
+
+impl Table<'_> {
+    fn add_canary_rule(
+        &mut self,
+        t: &mut Translator<'_>,
+        key: &ObjectKey,
+        rules: &annotations::CanaryRules,
+        ri: usize,
+        rule: &IngressRule,
+        host: &HostPattern,
+    ) {
+        for (pi, path) in rule.http.iter().flat_map(|h| &h.paths).enumerate() {
+            let field = format!("spec.rules[{ri}].http.paths[{pi}]");
+            let (kind, text) = match path_rule(path.path_type.as_str(), path.path.as_deref()) {
+                Ok(p) => p,
+                Err((sub, reason)) => {
+                    t.problem(key, format!("{field}.{sub}"), reason);
+                    continue;
+                }
+            };
+            if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                self.canaries.push(PendingCanary {
+                    group: group_key(host),
+                    kind,
+                    path: text,
+                    canary: rules.canary(upstream, key),
+                    field,
+                });
+            }
+        }
+    }
+
+    /// Joins each canary path to the main route of the same host, path and path type
+    /// (ingress-nginx's alternative backend); without one it is not served.
+    fn attach_canaries(&mut self, t: &mut Translator<'_>) {
+        for pending in std::mem::take(&mut self.canaries) {
+            let ingress = pending.canary.ingress.clone();
+            let main = self.groups.get_mut(&pending.group).and_then(|g| {
+                g.paths
+                    .iter_mut()
+                    .find(|p| p.kind == pending.kind && p.path == pending.path)
+            });
+            let Some(main) = main else {
+                t.problem(
+                    &ingress,
+                    pending.field,
+                    format!(
+                        "canary: no other Ingress routes {:?} path {}: not served",
+                        pending.kind,
+                        quoted(&pending.path)
+                    ),
+                );
+                continue;
+            };
+            if let Some(other) = &main.route.policy.canary {
+                t.problem(
+                    &ingress,
+                    pending.field,
+                    format!(
+                        "canary: Ingress {} is already the canary of this path",
+                        other.ingress
+                    ),
+                );
+                continue;
+            }
+            let mut policy = (*main.route.policy).clone();
+            policy.canary = Some(Arc::new(pending.canary));
+            main.route.policy = Arc::new(policy);
+        }
+    }
+
+    /// Makes every path of a regex host a regex path, as ingress-nginx enforces regex
+    /// locations on all paths of a host once one Ingress for it asks; a path of another
+    /// Ingress that is no regular expression is dropped with a problem.
+    fn regex_hosts(&mut self, t: &mut Translator<'_>) {
+        for group_key in &self.regex {
+            let Some(group) = self.groups.get_mut(group_key) else {
+                continue;
+            };
+            group
+                .paths
+                .retain_mut(|rule| match PathRegex::new(&rule.path, true) {
+                    Ok(_) => {
+                        rule.kind = PathKind::Regex;
+                        true
+                    }
+                    Err(why) => {
+                        t.problem(
+                            &rule.route.ingress,
+                            "spec.rules[].http.paths[].path",
+                            format!(
+                                "{} is not a regular expression, and another Ingress for the \
+                             host asks for regex paths: {why}",
+                                quoted(&rule.path)
+                            ),
+                        );
+                        false
+                    }
+                });
         }
     }
 }
@@ -314,14 +506,15 @@ impl Translator<'_> {
             return false;
         };
         let controller = ours.spec.as_ref().and_then(|s| s.controller.as_deref());
-        if controller != Some(CONTROLLER) {
+        if controller != Some(class.controller.as_str()) {
             self.problems.push(Problem {
                 kind: Kind::IngressClass,
                 object: ObjectKey::new("", &class.name),
                 field: "spec.controller".into(),
                 reason: format!(
-                    "{} is not {CONTROLLER}: not taken as the default class",
-                    quoted(controller.unwrap_or(""))
+                    "{} is not {}: not taken as the default class",
+                    quoted(controller.unwrap_or("")),
+                    class.controller
                 ),
             });
             return false;

@@ -11,6 +11,7 @@ fn route(name: &str) -> Route {
         ssl_redirect: false,
         balance: Balance::RoundRobin,
         max_body_bytes: None,
+        policy: Arc::default(),
     }
 }
 
@@ -215,12 +216,122 @@ fn same_host_in_several_rules_is_one_group_first_duplicate_wins() {
             },
             HostRule {
                 host: HostPattern::Exact("a.example.com".into()),
-                paths: vec![prefix("/x/", "second"), exact("/z", "z")],
+                paths: vec![
+                    prefix("/x", "second"),
+                    prefix("/x/", "slashed"),
+                    exact("/z", "z"),
+                ],
             },
         ],
         None,
     );
-    assert_eq!(target(&table, "a.example.com", "/x/1"), Some("first"));
+    assert_eq!(target(&table, "a.example.com", "/x"), Some("first"));
+    // `/x/` is a route of its own, not a duplicate of `/x`.
+    assert_eq!(target(&table, "a.example.com", "/x/1"), Some("slashed"));
     assert_eq!(target(&table, "a.example.com", "/y"), Some("y"));
     assert_eq!(target(&table, "a.example.com", "/z"), Some("z"));
+}
+
+/// `/foo` and `/foo/` (both Prefix) are two routes. Kubernetes has both match the
+/// same requests and the longest matching path win: `/foo/` is the longer one for
+/// every request that literally starts with it (`/foo/` and below), and `/foo` is the
+/// one a request for `/foo` itself literally matches (nginx's longest-prefix location
+/// choice gives the same answer). Exact still beats both.
+#[test]
+fn prefixes_differing_by_a_trailing_slash_are_two_routes() {
+    for order in [false, true] {
+        let mut paths = vec![prefix("/foo", "bare"), prefix("/foo/", "slashed")];
+        if order {
+            paths.reverse();
+        }
+        let table = any_host(paths);
+        assert_eq!(target(&table, "h", "/foo"), Some("bare"));
+        assert_eq!(target(&table, "h", "/foo?q=/"), Some("bare"));
+        assert_eq!(target(&table, "h", "/foo/"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foo/bar"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foo/bar/baz"), Some("slashed"));
+        assert_eq!(target(&table, "h", "/foobar"), None);
+    }
+    // Alone, each matches both forms, as the Kubernetes table says.
+    for (alone, name) in [("/foo", "bare"), ("/foo/", "slashed")] {
+        let table = any_host(vec![prefix(alone, name)]);
+        assert_eq!(target(&table, "h", "/foo"), Some(name));
+        assert_eq!(target(&table, "h", "/foo/x"), Some(name));
+    }
+    // A longer prefix still beats both, and Exact beats a Prefix of equal length.
+    let table = any_host(vec![
+        prefix("/foo", "bare"),
+        prefix("/foo/", "slashed"),
+        prefix("/foo/bar", "bar"),
+        exact("/foo/", "exact"),
+    ]);
+    assert_eq!(target(&table, "h", "/foo/bar/x"), Some("bar"));
+    assert_eq!(target(&table, "h", "/foo/"), Some("exact"));
+    assert_eq!(target(&table, "h", "/foo/baz"), Some("slashed"));
+    assert_eq!(target(&table, "h", "/foo"), Some("bare"));
+}
+
+fn regex(p: &str, to: &str) -> PathRule {
+    path(PathKind::Regex, p, to)
+}
+
+/// ingress-nginx's "Ingress Path Matching" example: with `use-regex`, locations are
+/// tried longest path first and case-insensitively, so `/foo/bar/bar` is answered by
+/// `/foo/bar/[A-Z0-9]{3}`; `/foo/bar/.+` is tried before `/foo/bar/` and `/foo/bar`.
+#[test]
+fn regex_paths_are_tried_in_ingress_nginx_order() {
+    let table = any_host(vec![
+        regex("/foo/bar/bar", "bar"),
+        regex("/foo/bar/[A-Z0-9]{3}", "class"),
+    ]);
+    assert_eq!(target(&table, "h", "/foo/bar/bar"), Some("class"));
+    assert_eq!(target(&table, "h", "/FOO/bar/BAZ"), Some("class"));
+    assert_eq!(target(&table, "h", "/foo/bar/b"), None);
+    let table = any_host(vec![
+        regex("/foo/bar", "bare"),
+        regex("/foo/bar/", "slashed"),
+        regex("/foo/bar/.+", "deeper"),
+    ]);
+    assert_eq!(target(&table, "h", "/foo/bar/bar"), Some("deeper"));
+    assert_eq!(target(&table, "h", "/foo/bar/"), Some("slashed"));
+    assert_eq!(target(&table, "h", "/foo/bar"), Some("bare"));
+    // Anchored at the start only: a regex path is a prefix of sorts.
+    assert_eq!(target(&table, "h", "/foo/barbaz"), Some("bare"));
+    assert_eq!(target(&table, "h", "/x/foo/bar"), None);
+}
+
+/// ingress-nginx's rewrite example: `path: /something(/|$)(.*)` with
+/// `rewrite-target: /$2`.
+#[test]
+fn rewrite_target_with_capture_groups() {
+    let rewrite = Rewrite {
+        pattern: PathRegex::new("/something(/|$)(.*)", false).unwrap(),
+        target: "/$2".into(),
+    };
+    assert_eq!(rewrite.apply("/something", None).as_deref(), Some("/"));
+    assert_eq!(rewrite.apply("/something/", None).as_deref(), Some("/"));
+    assert_eq!(
+        rewrite.apply("/something/new", None).as_deref(),
+        Some("/new")
+    );
+    assert_eq!(
+        rewrite.apply("/SOMETHING/new", Some("a=1")).as_deref(),
+        Some("/new?a=1")
+    );
+    assert_eq!(rewrite.apply("/other", None), None);
+    let with_query = Rewrite {
+        pattern: PathRegex::new("/app(.*)", false).unwrap(),
+        target: "/v2$1?from=app".into(),
+    };
+    assert_eq!(
+        with_query.apply("/app/x", Some("q=1")).as_deref(),
+        Some("/v2/x?from=app&q=1")
+    );
+    // `$9` of a pattern without nine groups is empty; `$` alone stays.
+    let odd = Rewrite {
+        pattern: PathRegex::new("/(a)", false).unwrap(),
+        target: "/$1$9$x".into(),
+    };
+    assert_eq!(odd.apply("/a", None).as_deref(), Some("/a$x"));
+    assert!(PathRegex::new("/(?=look)", true).is_err());
 }

@@ -25,8 +25,8 @@ use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
 use lb_core::routes::{
-    Balance, HostPattern, HostRule, PathKind, PathRule, Route, RouteTable, Target, Upstream,
-    UpstreamProtocol,
+    Access, Affinity, Balance, Canary, Cors, HostPattern, HostRule, Limits, PathKind, PathRegex,
+    PathRule, Policy, Redirect, Rewrite, Route, RouteTable, Target, Upstream, UpstreamProtocol,
 };
 use lb_testbed::{Netns, check_privileges};
 
@@ -200,6 +200,7 @@ fn route_to(name: &str, target: Target) -> Route {
         ssl_redirect: false,
         balance: Balance::RoundRobin,
         max_body_bytes: None,
+        policy: Arc::default(),
     }
 }
 
@@ -1441,5 +1442,753 @@ fn resolves_external_names_by_dns() {
         assert_eq!(got.status, StatusCode::BAD_GATEWAY);
         assert_eq!(got.body, "cannot resolve the backend\n");
         assert_eq!(p.metrics.upstream_error_count("dns"), 1);
+    });
+}
+
+// ---- ingress-nginx annotations ------------------------------------------------------
+
+fn with_policy(mut route: Route, policy: Policy) -> Route {
+    route.policy = Arc::new(policy);
+    route
+}
+
+/// `permanent-redirect` (301 unless `-code`), `temporal-redirect` (302) and
+/// `app-root` (302 for `/` only) answer without a backend, before the SSL redirect.
+#[test]
+fn annotation_redirects_and_app_root() {
+    in_netns("redirects", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let mut moved = with_policy(
+            route("moved", &[app.addr]),
+            Policy {
+                redirect: Some(Redirect {
+                    code: 301,
+                    location: "https://www.example.com".into(),
+                }),
+                ..Policy::default()
+            },
+        );
+        moved.ssl_redirect = true;
+        let temporary = with_policy(
+            route("temporary", &[app.addr]),
+            Policy {
+                redirect: Some(Redirect {
+                    code: 307,
+                    location: "https://maintenance.example.com/".into(),
+                }),
+                ..Policy::default()
+            },
+        );
+        let rooted = with_policy(
+            route("rooted", &[app.addr]),
+            Policy {
+                app_root: Some("/app1".into()),
+                ..Policy::default()
+            },
+        );
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host("moved.example", "/", moved),
+                host("temporary.example", "/", temporary),
+                host("approot.example", "/", rooted),
+            ]),
+        );
+        let got = get(p.http, "moved.example", "/some/page?q=1").await;
+        assert_eq!(got.status, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(got.headers["location"], "https://www.example.com");
+        let got = get(p.http, "temporary.example", "/x").await;
+        assert_eq!(got.status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(got.headers["location"], "https://maintenance.example.com/");
+        let got = get(p.http, "approot.example", "/").await;
+        assert_eq!(got.status, StatusCode::FOUND);
+        assert_eq!(got.headers["location"], "http://approot.example/app1");
+        let got = get(p.http, "approot.example", "/app1").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(echoed(&got.body, "request").as_deref(), Some("GET /app1"));
+        assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.local_answer_count("annotation_redirect"), 2);
+        assert_eq!(p.metrics.local_answer_count("app_root"), 1);
+    });
+}
+
+/// ingress-nginx's rewrite example (`/something(/|$)(.*)`, `rewrite-target: /$2`)
+/// with `upstream-vhost` and `x-forwarded-prefix`: the backend sees the rewritten
+/// path (query kept), the vhost as `Host`, the client's host as `X-Forwarded-Host`.
+#[test]
+fn rewrite_target_upstream_vhost_and_forwarded_prefix() {
+    in_netns("rewrite", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let path = "/something(/|$)(.*)";
+        let rewritten = with_policy(
+            route("rewritten", &[app.addr]),
+            Policy {
+                rewrite: Some(Rewrite {
+                    pattern: PathRegex::new(path, false).unwrap(),
+                    target: "/$2".into(),
+                }),
+                upstream_vhost: Some("internal.example".into()),
+                forwarded_prefix: Some("/something".into()),
+                ..Policy::default()
+            },
+        );
+        let rule = HostRule {
+            host: HostPattern::Exact("rewrite.bar.com".into()),
+            paths: vec![PathRule {
+                path: path.into(),
+                kind: PathKind::Regex,
+                route: rewritten,
+            }],
+        };
+        let p = start(test_config(), snapshot(vec![rule]));
+        for (request, seen) in [
+            ("/something", "GET /"),
+            ("/something/", "GET /"),
+            ("/something/new", "GET /new"),
+            ("/Something/new/deeper?q=1", "GET /new/deeper?q=1"),
+        ] {
+            let got = get(p.http, "rewrite.bar.com", request).await;
+            assert_eq!(got.status, StatusCode::OK, "{request}");
+            assert_eq!(
+                echoed(&got.body, "request").as_deref(),
+                Some(seen),
+                "{request}"
+            );
+            assert_eq!(
+                echoed(&got.body, "host").as_deref(),
+                Some("internal.example")
+            );
+            assert_eq!(
+                echoed(&got.body, "x-forwarded-host").as_deref(),
+                Some("rewrite.bar.com")
+            );
+            assert_eq!(
+                echoed(&got.body, "x-forwarded-prefix").as_deref(),
+                Some("/something")
+            );
+        }
+        let got = get(p.http, "rewrite.bar.com", "/other").await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND);
+    });
+}
+
+/// ingress-nginx's CORS defaults: an allowed origin gets the `Access-Control-*`
+/// headers on the answer and a 204 to its preflight; another origin gets none and its
+/// OPTIONS goes to the backend.
+#[test]
+fn cors_for_allowed_origins() {
+    in_netns("cors", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let cors = with_policy(
+            route("cors", &[app.addr]),
+            Policy {
+                cors: Some(Cors {
+                    allow_origin: vec!["https://*.example.com".into()],
+                    allow_methods: "GET, PUT, POST, DELETE, PATCH, OPTIONS".into(),
+                    allow_headers: "Content-Type,Authorization".into(),
+                    expose_headers: String::new(),
+                    allow_credentials: true,
+                    max_age: 1_728_000,
+                }),
+                ..Policy::default()
+            },
+        );
+        let p = start(
+            test_config(),
+            snapshot(vec![host("api.example", "/", cors)]),
+        );
+        let request = |method: &str, origin: &str| {
+            Request::builder()
+                .method(method)
+                .uri("/data")
+                .header("host", "api.example")
+                .header("origin", origin)
+                .body(Full::default())
+                .unwrap()
+        };
+        let got = send(p.http, request("OPTIONS", "https://app.example.com")).await;
+        assert_eq!(got.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            got.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(got.headers["access-control-allow-credentials"], "true");
+        assert_eq!(
+            got.headers["access-control-allow-methods"],
+            "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+        );
+        assert_eq!(got.headers["access-control-max-age"], "1728000");
+        assert!(!got.headers.contains_key("access-control-expose-headers"));
+        assert_eq!(app.hits.load(Ordering::Relaxed), 0);
+        let got = send(p.http, request("GET", "https://APP.example.com")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(
+            got.headers["access-control-allow-origin"],
+            "https://APP.example.com"
+        );
+        for origin in [
+            "https://evil.test",
+            "https://a.b.example.com",
+            "http://app.example.com",
+        ] {
+            let got = send(p.http, request("OPTIONS", origin)).await;
+            assert_eq!(got.status, StatusCode::OK, "{origin}");
+            assert!(
+                !got.headers.contains_key("access-control-allow-origin"),
+                "{origin}"
+            );
+        }
+        assert_eq!(app.hits.load(Ordering::Relaxed), 4);
+    });
+}
+
+/// Source ranges are checked against the client's socket address, never
+/// `X-Forwarded-For`: 198.51.100.1 is outside 192.0.2.0/24 and inside a denylist.
+#[test]
+fn source_ranges_use_the_real_client_address() {
+    in_netns("ranges", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let policy = |allow: &[&str], deny: &[&str]| Policy {
+            access: Some(Access {
+                allow: allow.iter().map(|n| n.parse().unwrap()).collect(),
+                deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
+            }),
+            ..Policy::default()
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "in.example",
+                    "/",
+                    with_policy(route("in", &[app.addr]), policy(&["198.51.100.0/24"], &[])),
+                ),
+                host(
+                    "out.example",
+                    "/",
+                    with_policy(route("out", &[app.addr]), policy(&["192.0.2.0/24"], &[])),
+                ),
+                host(
+                    "deny.example",
+                    "/",
+                    with_policy(
+                        route("deny", &[app.addr]),
+                        policy(&[], &["198.51.100.1/32"]),
+                    ),
+                ),
+            ]),
+        );
+        assert_eq!(get(p.http, "in.example", "/").await.status, StatusCode::OK);
+        for h in ["out.example", "deny.example"] {
+            let req = Request::get("/")
+                .header("host", h)
+                .header("x-forwarded-for", "192.0.2.7")
+                .body(Full::default())
+                .unwrap();
+            let got = send(p.http, req).await;
+            assert_eq!(got.status, StatusCode::FORBIDDEN, "{h}");
+            assert_eq!(got.body, "client address not allowed\n");
+        }
+        assert_eq!(app.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.metrics.local_answer_count("source_range"), 2);
+    });
+}
+
+fn canary_of(main: Route, canary: Canary) -> Route {
+    let policy = Policy {
+        canary: Some(Arc::new(canary)),
+        ..Policy::default()
+    };
+    with_policy(main, policy)
+}
+
+fn canary(upstream: &Route) -> Canary {
+    Canary {
+        upstream: Arc::clone(&upstream.upstream),
+        ingress: key("canary"),
+        by_header: None,
+        header_value: None,
+        header_pattern: None,
+        by_cookie: None,
+        weight: 0,
+        weight_total: 100,
+    }
+}
+
+/// The name of the backend that answers a GET / for `host` with `headers`.
+async fn backend_name(addr: SocketAddr, host: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = Request::get("/").header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let got = send(addr, req.body(Full::default()).unwrap()).await;
+    echoed(&got.body, "name").unwrap_or_default()
+}
+
+/// Canary by header (`always`/`never`, an exact value, a pattern), by cookie, and by
+/// weight (0 and total are exact; a split sends both ways).
+#[test]
+fn canary_by_header_cookie_and_weight() {
+    in_netns("canary", || async {
+        let (_tx, rx) = watch::channel(false);
+        let main = backend(backend_ip(1), "main", rx.clone()).await;
+        let new = backend(backend_ip(2), "new", rx).await;
+        let new_route = route("new", &[new.addr]);
+        let by_header = Canary {
+            by_header: Some("X-Canary".into()),
+            by_cookie: Some("canary".into()),
+            ..canary(&new_route)
+        };
+        let by_value = Canary {
+            by_header: Some("X-Region".into()),
+            header_value: Some("eu-west".into()),
+            ..canary(&new_route)
+        };
+        let by_pattern = Canary {
+            by_header: Some("X-Region".into()),
+            header_pattern: Some(PathRegex::plain("^eu-.*").unwrap()),
+            ..canary(&new_route)
+        };
+        let all = Canary {
+            weight: 5,
+            weight_total: 5,
+            ..canary(&new_route)
+        };
+        let half = Canary {
+            weight: 50,
+            ..canary(&new_route)
+        };
+        let rules = [
+            ("header.example", by_header),
+            ("value.example", by_value),
+            ("pattern.example", by_pattern),
+            ("all.example", all),
+            ("half.example", half),
+        ]
+        .into_iter()
+        .map(|(h, c)| host(h, "/", canary_of(route("main", &[main.addr]), c)))
+        .collect();
+        let p = start(test_config(), snapshot(rules));
+        let who = |h: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            backend_name(p.http, h, headers)
+        };
+        assert_eq!(who("header.example", &[]).await, "main");
+        assert_eq!(
+            who("header.example", &[("x-canary", "always")]).await,
+            "new"
+        );
+        assert_eq!(
+            who(
+                "header.example",
+                &[("x-canary", "never"), ("cookie", "canary=always")]
+            )
+            .await,
+            "main"
+        );
+        // Another header value goes on to the cookie.
+        assert_eq!(
+            who(
+                "header.example",
+                &[("x-canary", "maybe"), ("cookie", "a=1; canary=always")]
+            )
+            .await,
+            "new"
+        );
+        assert_eq!(
+            who("header.example", &[("cookie", "canary=never")]).await,
+            "main"
+        );
+        assert_eq!(
+            who("value.example", &[("x-region", "eu-west")]).await,
+            "new"
+        );
+        assert_eq!(
+            who("value.example", &[("x-region", "always")]).await,
+            "main"
+        );
+        assert_eq!(
+            who("pattern.example", &[("x-region", "eu-north")]).await,
+            "new"
+        );
+        assert_eq!(
+            who("pattern.example", &[("x-region", "us-east")]).await,
+            "main"
+        );
+        assert_eq!(who("all.example", &[]).await, "new");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            seen.insert(who("half.example", &[]).await);
+            if seen.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 2, "a 50% canary sent every request one way");
+    });
+}
+
+/// `proxy-read-timeout` replaces the request timeout for its route only, and
+/// `proxy-connect-timeout` the connect timeout (a dead endpoint).
+#[test]
+fn per_route_timeouts() {
+    in_netns("timeouts", || async {
+        let (_tx, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let timeouts = |read: u64, connect: u64| Policy {
+            read_timeout: Some(Duration::from_millis(read)),
+            connect_timeout: Some(Duration::from_millis(connect)),
+            ..Policy::default()
+        };
+        let dead = SocketAddr::from((DEAD_IP, 80));
+        let p = start(
+            ProxyConfig {
+                upstream_timeout: Duration::from_secs(15),
+                connect_timeout: Duration::from_secs(15),
+                ..test_config()
+            },
+            snapshot(vec![
+                host(
+                    "short.example",
+                    "/",
+                    with_policy(route("short", &[app.addr]), timeouts(300, 300)),
+                ),
+                host(
+                    "dead.example",
+                    "/",
+                    with_policy(route("dead", &[dead]), timeouts(10_000, 300)),
+                ),
+            ]),
+        );
+        // Both would hang for 15 s under the proxy's own timeouts (the test's deadline
+        // is 20 s, so passing shows the route's shorter ones applied).
+        let got = get(p.http, "short.example", "/stall").await;
+        assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+        let got = get(p.http, "dead.example", "/").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(got.body, "cannot connect to the backend\n");
+        let got = get(p.http, "short.example", "/fine").await;
+        assert_eq!(got.status, StatusCode::OK);
+    });
+}
+
+/// Cookie affinity: the first answer sets the cookie (ingress-nginx's attributes),
+/// requests carrying it stay on its endpoint under round robin, and a cookie for an
+/// endpoint that left is replaced.
+#[test]
+fn cookie_affinity_keeps_a_client_on_its_endpoint() {
+    in_netns("affinity", || async {
+        let (_tx, rx) = watch::channel(false);
+        let a = backend(backend_ip(1), "a", rx.clone()).await;
+        let b = backend(backend_ip(2), "b", rx).await;
+        let sticky = |endpoints: &[SocketAddr]| {
+            with_policy(
+                route("sticky", endpoints),
+                Policy {
+                    affinity: Some(Affinity {
+                        cookie_name: "route".into(),
+                        path: "/".into(),
+                        max_age: Some(172_800),
+                        expires: Some(172_800),
+                        samesite: Some("Strict".into()),
+                        persistent: false,
+                    }),
+                    ..Policy::default()
+                },
+            )
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![host("sticky.example", "/", sticky(&[a.addr, b.addr]))]),
+        );
+        let first = get(p.http, "sticky.example", "/").await;
+        let set = first.headers["set-cookie"].to_str().unwrap().to_owned();
+        assert!(set.starts_with("route="), "{set}");
+        for attribute in [
+            "; Path=/",
+            "; Max-Age=172800",
+            "; SameSite=Strict",
+            "; HttpOnly",
+            "; Expires=",
+        ] {
+            assert!(set.contains(attribute), "{set} lacks {attribute}");
+        }
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let first_name = echoed(&first.body, "name").unwrap();
+        let with_cookie = |cookie: String| {
+            let http = p.http;
+            async move {
+                let req = Request::get("/")
+                    .header("host", "sticky.example")
+                    .header("cookie", format!("other=1; {cookie}"))
+                    .body(Full::default())
+                    .unwrap();
+                send(http, req).await
+            }
+        };
+        for _ in 0..6 {
+            let got = with_cookie(cookie.clone()).await;
+            assert_eq!(echoed(&got.body, "name").unwrap(), first_name);
+            assert!(!got.headers.contains_key("set-cookie"));
+        }
+        // The cookie's endpoint leaves: the other one answers and a new cookie is set.
+        let remaining = if first_name == "a" { b.addr } else { a.addr };
+        p.snapshots
+            .send(snapshot(vec![host(
+                "sticky.example",
+                "/",
+                sticky(&[remaining]),
+            )]))
+            .unwrap();
+        let got = with_cookie(cookie.clone()).await;
+        assert_ne!(echoed(&got.body, "name").unwrap(), first_name);
+        let renewed = got.headers["set-cookie"].to_str().unwrap();
+        assert!(!renewed.starts_with(&cookie), "{renewed}");
+    });
+}
+
+// ---- graceful drain ---------------------------------------------------------------
+
+/// Starts a proxy that drains when the returned sender fires; the handle ends when
+/// the drain is done.
+fn start_drainable(
+    config: ProxyConfig,
+    first: Arc<Snapshot>,
+) -> (
+    Running,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut registry = Registry::with_prefix("xlb");
+    let proxy = Proxy::bind(config, &mut registry).expect("bind proxy");
+    let (tx, rx) = watch::channel(first);
+    let running = Running {
+        http: proxy.http_addr().unwrap(),
+        https: proxy.https_addr().unwrap(),
+        metrics: proxy.metrics(),
+        snapshots: tx,
+    };
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        let drain = async {
+            let _ = drained.await;
+        };
+        proxy.run_until(rx, drain).await.expect("proxy drains");
+    });
+    (running, drain, done)
+}
+
+/// A keep-alive client as a load balancer's health-checked pool uses one: it sends
+/// to the current target, reconnects when an answer says `Connection: close` or the
+/// connection is gone, and retries a GET once when its connection closed before any
+/// answer (RFC 9112 9.3.1). Returns the statuses it got.
+async fn keep_alive_stream(
+    targets: watch::Receiver<SocketAddr>,
+    requests: usize,
+    sent: Arc<AtomicUsize>,
+) -> Vec<Result<StatusCode, String>> {
+    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
+    let mut out = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let mut result = Err("not sent".to_owned());
+        for _attempt in 0..2 {
+            if conn
+                .as_ref()
+                .is_none_or(hyper::client::conn::http1::SendRequest::is_closed)
+            {
+                let target = *targets.borrow();
+                let io = TokioIo::new(connect(target).await);
+                let (sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(c);
+                conn = Some(sender);
+            }
+            let Some(sender) = conn.as_mut() else {
+                unreachable!("connected above")
+            };
+            let req = Request::get("/")
+                .header("host", "drain.example")
+                .body(Full::default())
+                .unwrap();
+            let sent_ok = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            match sent_ok {
+                Ok(response) => {
+                    let close = response
+                        .headers()
+                        .get("connection")
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                    let status = response.status();
+                    let _ = response.into_body().collect().await;
+                    if close {
+                        conn = None;
+                    }
+                    result = Ok(status);
+                    break;
+                }
+                Err(e) => {
+                    // The connection was closed under the request: reconnect, retry.
+                    conn = None;
+                    result = Err(e.to_string());
+                }
+            }
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+        out.push(result);
+    }
+    out
+}
+
+/// A rolling restart: four keep-alive clients stream requests through hop A; hop B
+/// comes up, the clients' target moves to B, and A drains while they still hold
+/// connections to it (with one slow request in flight). No request fails, the slow
+/// one is answered, A refuses new connections and ends.
+#[test]
+fn a_rolling_restart_drains_without_failed_requests() {
+    in_netns("drain", || async {
+        let (release, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx.clone()).await;
+        let other = backend(backend_ip(2), "app2", rx).await;
+        let table = || {
+            snapshot(vec![host(
+                "drain.example",
+                "/",
+                route("app", &[app.addr, other.addr]),
+            )])
+        };
+        let (a, drain_a, a_done) = start_drainable(test_config(), table());
+        let (targets_tx, targets) = watch::channel(a.http);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let clients: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(keep_alive_stream(targets.clone(), 150, Arc::clone(&sent))))
+            .collect();
+        // A slow request held open on A across the drain.
+        let slow = {
+            let addr = a.http;
+            tokio::spawn(async move {
+                let req = Request::get("/hold")
+                    .header("host", "drain.example")
+                    .body(Full::default())
+                    .unwrap();
+                send(addr, req).await
+            })
+        };
+        wait_until("the slow request reaches a backend", || {
+            app.holding.load(Ordering::Relaxed) + other.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        wait_until("the clients are streaming", || {
+            sent.load(Ordering::Relaxed) >= 100
+        })
+        .await;
+        // The new hop is up; the load balancer moves to it, and A gets SIGTERM.
+        let (b, _drain_b, _b_done) = start_drainable(test_config(), table());
+        targets_tx.send_replace(b.http);
+        drain_a.send(()).unwrap();
+        // A no longer accepts (its listener is closed), while its slow request waits.
+        let mut refused = false;
+        for _ in 0..200 {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((CLIENT_IP, 0))).unwrap();
+            if socket.connect(a.http).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "the draining hop still accepts connections");
+        assert!(!a_done.is_finished(), "A ended with a request in flight");
+        release.send_replace(true);
+        let slow = slow.await.unwrap();
+        assert_eq!(slow.status, StatusCode::OK);
+        assert_eq!(slow.headers["connection"], "close");
+        a_done.await.unwrap();
+        let mut failed = Vec::new();
+        let mut total = 0;
+        for client in clients {
+            for result in client.await.unwrap() {
+                total += 1;
+                if result != Ok(StatusCode::OK) {
+                    failed.push(result);
+                }
+            }
+        }
+        assert_eq!(total, 600);
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+    });
+}
+
+/// `limit-rpm` (burst = rate x multiplier) and `limit-connections` per client
+/// address: over them, 503; a finished request frees its connection slot. (One
+/// request a minute refills nothing within the test's deadline, so the count is
+/// exact; `limit-rps` is the same bucket, tested with a clock in `l7::rate`.)
+#[test]
+fn per_client_limits_answer_503() {
+    in_netns("limits", || async {
+        let (release, rx) = watch::channel(false);
+        let app = backend(backend_ip(1), "app", rx).await;
+        let limited = |limits: Limits| {
+            with_policy(
+                route("limited", &[app.addr]),
+                Policy {
+                    limits: Some(limits),
+                    ..Policy::default()
+                },
+            )
+        };
+        let p = start(
+            test_config(),
+            snapshot(vec![
+                host(
+                    "rpm.example",
+                    "/",
+                    limited(Limits {
+                        rps: None,
+                        rpm: Some(1),
+                        connections: None,
+                        burst_multiplier: 3,
+                    }),
+                ),
+                host(
+                    "conns.example",
+                    "/",
+                    limited(Limits {
+                        rps: None,
+                        rpm: None,
+                        connections: Some(1),
+                        burst_multiplier: 5,
+                    }),
+                ),
+            ]),
+        );
+        // A burst of 3 is admitted, the next ones refused.
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            statuses.push(get(p.http, "rpm.example", "/").await.status);
+        }
+        let ok = StatusCode::OK;
+        let refused = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(statuses, [ok, ok, ok, refused, refused, refused]);
+        // One request in flight holds the only connection slot.
+        let held = {
+            let addr = p.http;
+            tokio::spawn(async move { get(addr, "conns.example", "/hold").await })
+        };
+        wait_until("the held request reaches the backend", || {
+            app.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        let got = get(p.http, "conns.example", "/").await;
+        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(got.body, "too many requests from this client\n");
+        release.send_replace(true);
+        assert_eq!(held.await.unwrap().status, StatusCode::OK);
+        assert_eq!(
+            get(p.http, "conns.example", "/").await.status,
+            StatusCode::OK
+        );
     });
 }

@@ -261,7 +261,7 @@ fn the_example_manifests_translate_cleanly() {
     );
 
     // The Ingress routes its host to the ready, undrained endpoints; other hosts 404.
-    let class = lb_core::model::ingress::IngressClassConfig { name: "xlb".into() };
+    let class = lb_core::model::ingress::IngressClassConfig::new("xlb");
     let l7 = lb_core::model::ingress::translate(&cluster, &class);
     assert!(l7.problems.is_empty(), "{:?}", l7.problems);
     let route = l7

@@ -1,17 +1,19 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+use super::annotations::*;
 use super::*;
 use crate::cluster::Object;
 use crate::model::fixtures;
-use crate::routes::Balance;
+use crate::routes::{Balance, Redirect};
 
 fn xlb() -> IngressClassConfig {
-    IngressClassConfig { name: "xlb".into() }
+    IngressClassConfig::new("xlb")
 }
 
 fn shop() -> Vec<Object> {
@@ -55,7 +57,16 @@ fn annotate(objects: &mut [Object], ingress: &str, pairs: &[(&str, &str)]) {
         .annotations
         .get_or_insert_with(BTreeMap::new);
     for (k, v) in pairs {
-        annotations.insert((*k).to_owned(), (*v).to_owned());
+        annotations.insert(full_name(k), (*v).to_owned());
+    }
+}
+
+/// An annotation's full name: names without a `/` are under ingress-nginx's prefix.
+fn full_name(name: &str) -> String {
+    if name.contains('/') {
+        name.to_owned()
+    } else {
+        format!("{DEFAULT_PREFIX}/{name}")
     }
 }
 
@@ -482,19 +493,40 @@ fn honoured_annotations_shape_the_routes() {
         &[
             (PROXY_BODY_SIZE, "8m"),
             (LOAD_BALANCE, "least-request"),
-            ("nginx.ingress.kubernetes.io/rewrite-target", "/"),
-            ("nginx.ingress.kubernetes.io/proxy-read-timeout", "30"),
+            (
+                "nginx.ingress.kubernetes.io/mirror-target",
+                "https://mirror.test",
+            ),
+            ("nginx.ingress.kubernetes.io/proxy-send-timeout", "30"),
+            (PROXY_READ_TIMEOUT, "120"),
+            (PROXY_CONNECT_TIMEOUT, "2s"),
+            ("client-body-buffer-size", "1m"),
         ],
     );
     annotate(
         &mut objects,
         "api",
-        &[(PROXY_BODY_SIZE, "0"), (LOAD_BALANCE, "random")],
+        &[
+            (PROXY_BODY_SIZE, "0"),
+            (LOAD_BALANCE, "random"),
+            (PROXY_READ_TIMEOUT, "0"),
+        ],
     );
     let t = run(&objects);
     let front = route(&t, "shop.example.com", "/");
     assert_eq!(front.max_body_bytes, Some(8 << 20));
     assert_eq!(front.balance, Balance::LeastRequest);
+    assert_eq!(front.policy.read_timeout, Some(Duration::from_mins(2)));
+    assert_eq!(front.policy.connect_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").policy.read_timeout,
+        None
+    );
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/proxy-read-timeout]: \
+          \"0\" is not a whole number of seconds above 0: the agent's default applies"
+            .to_owned()
+    ));
     let api = route(&t, "shop.example.com", "/api");
     assert_eq!(api.max_body_bytes, Some(u64::MAX));
     assert_eq!(api.balance, Balance::RoundRobin);
@@ -505,11 +537,11 @@ fn honoured_annotations_shape_the_routes() {
         [
             (
                 ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/proxy-read-timeout".to_owned()
+                "nginx.ingress.kubernetes.io/mirror-target".to_owned()
             ),
             (
                 ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/rewrite-target".to_owned()
+                "nginx.ingress.kubernetes.io/proxy-send-timeout".to_owned()
             ),
         ]
     );
@@ -776,4 +808,612 @@ fn sec1_and_pkcs1_keys_parse() {
             .unwrap_or_else(|e| panic!("{:?}: {}: {}", secret.metadata.name, e.field, e.reason));
         assert_eq!(pair.chain.len(), 1);
     }
+}
+
+/// `--l7-ingress-class nginx --l7-controller-name k8s.io/ingress-nginx` takes over
+/// ingress-nginx's Ingresses unedited: by class name, by the legacy annotation, and
+/// classless ones when the nginx class is the default.
+#[test]
+fn the_ingress_nginx_class_is_served_when_asked() {
+    let mut objects = shop();
+    for object in &mut objects {
+        if let Object::IngressClass(c) = object {
+            let default = c.metadata.name.as_deref() == Some("nginx");
+            c.metadata.annotations = Some(BTreeMap::from([(
+                IS_DEFAULT_CLASS.to_owned(),
+                default.to_string(),
+            )]));
+        }
+    }
+    let class = IngressClassConfig {
+        controller: INGRESS_NGINX_CONTROLLER.to_owned(),
+        ..IngressClassConfig::new("nginx")
+    };
+    let t = translate(&fixtures::cluster(&objects), &class);
+    assert_eq!(
+        keys(&t.owned),
+        ["shop/other", "shop/other-legacy", "shop/payments"]
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/").as_deref(),
+        Some("shop/api:9000 <- other")
+    );
+    assert!(problems(&t).iter().all(|p| !p.contains("IngressClass")));
+    // Asked for the class name alone, the nginx class is not taken as our default.
+    let t = translate(
+        &fixtures::cluster(&objects),
+        &IngressClassConfig::new("nginx"),
+    );
+    assert_eq!(keys(&t.owned), ["shop/other", "shop/other-legacy"]);
+    assert!(
+        problems(&t).contains(
+            &"IngressClass /nginx: spec.controller: \"k8s.io/ingress-nginx\" is not \
+              xlb.dev/ingress-controller: not taken as the default class"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Annotations are read under the configured prefix only; ingress-nginx's own
+/// prefix then means nothing (as for ingress-nginx with `--annotations-prefix`).
+#[test]
+fn annotations_are_read_under_the_configured_prefix() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            ("ingress.example.com/proxy-body-size", "8m"),
+            ("ingress.example.com/mirror-target", "https://mirror.test"),
+            (PROXY_BODY_SIZE, "2m"),
+        ],
+    );
+    let class = IngressClassConfig {
+        annotations_prefix: "ingress.example.com".to_owned(),
+        ..xlb()
+    };
+    let t = translate(&fixtures::cluster(&objects), &class);
+    let front = route(&t, "shop.example.com", "/");
+    assert_eq!(front.max_body_bytes, Some(8 << 20));
+    assert_eq!(
+        t.ignored_annotations,
+        [(
+            ObjectKey::new("shop", "storefront"),
+            "ingress.example.com/mirror-target".to_owned()
+        )]
+    );
+    // A bad value names the Ingress and the annotation under its own prefix.
+    annotate(
+        &mut objects,
+        "storefront",
+        &[("ingress.example.com/ssl-redirect", "yes")],
+    );
+    let t = translate(&fixtures::cluster(&objects), &class);
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/storefront: metadata.annotations[ingress.example.com/ssl-redirect]: \
+              \"yes\" is neither \"true\" nor \"false\""
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Raw nginx snippets are refused: the Ingress is not served (its routes fall to the
+/// next rule or 404), and the problem says why.
+#[test]
+fn snippet_annotations_refuse_the_ingress() {
+    for snippet in [
+        "server-snippet",
+        "configuration-snippet",
+        "stream-snippet",
+        "auth-snippet",
+        "modsecurity-snippet",
+    ] {
+        let mut objects = shop();
+        annotate(&mut objects, "storefront", &[(snippet, "return 200;")]);
+        let t = run(&objects);
+        assert!(!keys(&t.owned).contains(&"shop/storefront".to_owned()));
+        assert_ne!(
+            to(&t, "shop.example.com", "/").as_deref(),
+            Some("shop/web:80 <- storefront")
+        );
+        let expected = format!(
+            "Ingress shop/storefront: metadata.annotations[{DEFAULT_PREFIX}/{snippet}]: raw nginx \
+             configuration written by Ingress authors"
+        );
+        assert!(
+            problems(&t).iter().any(|p| p.starts_with(&expected)),
+            "{snippet}: {:#?}",
+            problems(&t)
+        );
+    }
+}
+
+#[test]
+fn the_catalogue_knows_every_honoured_annotation_once() {
+    use super::catalogue::{Support, honoured, support};
+    let names: Vec<&str> = honoured().collect();
+    for name in [SSL_REDIRECT, FORCE_SSL_REDIRECT, PROXY_BODY_SIZE] {
+        assert!(names.contains(&name), "{name}");
+    }
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len());
+    assert!(matches!(support("server-snippet"), Support::Refused(_)));
+    assert!(matches!(
+        support("client-body-buffer-size"),
+        Support::Same(_)
+    ));
+    assert!(matches!(support("no-such-annotation"), Support::Differs(_)));
+}
+
+/// Two Prefix paths differing only by a trailing slash, in two Ingresses, are two
+/// routes (no "already routed" problem); `/x//` is still the same route as `/x/`.
+#[test]
+fn a_trailing_slash_makes_a_second_prefix_route() {
+    let mut objects = shop();
+    let set_path = |objects: &mut Vec<Object>, ingress: &str, index: usize, path: &str| {
+        let paths = &mut ingress_mut(objects, ingress)
+            .spec
+            .as_mut()
+            .unwrap()
+            .rules
+            .as_mut()
+            .unwrap()[0]
+            .http
+            .as_mut()
+            .unwrap()
+            .paths;
+        paths[index].path = Some(path.into());
+        paths[index].path_type = "Prefix".into();
+    };
+    set_path(&mut objects, "storefront", 0, "/shop");
+    set_path(&mut objects, "api", 0, "/shop/");
+    let t = run(&objects);
+    assert_eq!(
+        to(&t, "shop.example.com", "/shop").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/shop/cart").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        !problems(&t).iter().any(|p| p.contains("already routed")),
+        "{:#?}",
+        problems(&t)
+    );
+    set_path(&mut objects, "storefront", 0, "/shop//");
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p
+            .contains("Prefix path \"/shop/\" of shop.example.com is already routed")
+            || p.contains("Prefix path \"/shop//\" of shop.example.com is already routed")),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Replace an Ingress's rules by one host with `paths` (path, pathType), all to its
+/// first backend.
+fn set_paths(objects: &mut [Object], ingress: &str, host: &str, paths: &[(&str, &str)]) {
+    let spec = ingress_mut(objects, ingress).spec.as_mut().unwrap();
+    let rule = &mut spec.rules.as_mut().unwrap()[0];
+    rule.host = Some(host.to_owned());
+    let http = rule.http.as_mut().unwrap();
+    let template = http.paths[0].clone();
+    http.paths = paths
+        .iter()
+        .map(|(p, kind)| {
+            let mut path = template.clone();
+            path.path = Some((*p).to_owned());
+            path.path_type = (*kind).to_owned();
+            path
+        })
+        .collect();
+}
+
+/// ingress-nginx's rewrite example (`/something(/|$)(.*)`, `rewrite-target: /$2`):
+/// the rewrite makes every path of the host a regex, also another Ingress's.
+#[test]
+fn rewrite_target_makes_the_host_regex() {
+    let mut objects = shop();
+    set_paths(
+        &mut objects,
+        "storefront",
+        "rewrite.bar.com",
+        &[("/something(/|$)(.*)", "ImplementationSpecific")],
+    );
+    annotate(&mut objects, "storefront", &[(REWRITE_TARGET, "/$2")]);
+    set_paths(
+        &mut objects,
+        "api",
+        "rewrite.bar.com",
+        &[("/api", "Prefix"), ("/exact", "Exact")],
+    );
+    let t = run(&objects);
+    let r = route(&t, "rewrite.bar.com", "/something/new");
+    let rewrite = r.policy.rewrite.as_ref().expect("a rewrite");
+    assert_eq!(
+        rewrite.apply("/something/new", None).as_deref(),
+        Some("/new")
+    );
+    // api's paths are regexes now: anchored at the start, case-insensitive, and an
+    // Exact path matches longer paths, as in ingress-nginx.
+    assert_eq!(
+        to(&t, "rewrite.bar.com", "/APIv2").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert_eq!(
+        to(&t, "rewrite.bar.com", "/exact/more").as_deref(),
+        Some("shop/api:9000 <- api")
+    );
+    assert!(
+        route(&t, "rewrite.bar.com", "/api")
+            .policy
+            .rewrite
+            .is_none()
+    );
+    // A path that is no regular expression in a regex host is dropped with a problem.
+    set_paths(&mut objects, "api", "rewrite.bar.com", &[("/a(", "Prefix")]);
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p.starts_with(
+            "Ingress shop/api: spec.rules[].http.paths[].path: \"/a(\" is not a regular expression"
+        )),
+        "{:#?}",
+        problems(&t)
+    );
+    set_paths(
+        &mut objects,
+        "storefront",
+        "rewrite.bar.com",
+        &[("/b(", "Prefix")],
+    );
+    let t = run(&objects);
+    assert!(
+        problems(&t).iter().any(|p| p.starts_with(
+            "Ingress shop/storefront: spec.rules[0].http.paths[0].path: \"/b(\" is not a regular expression"
+        )),
+        "{:#?}",
+        problems(&t)
+    );
+}
+
+/// Redirects, app-root, upstream-vhost and x-forwarded-prefix reach the routes with
+/// ingress-nginx's defaults; bad values name the Ingress and annotation.
+#[test]
+fn redirect_and_header_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (PERMANENT_REDIRECT, "https://www.example.com"),
+            (APP_ROOT, "/app1"),
+            (UPSTREAM_VHOST, "internal.example.com"),
+            (X_FORWARDED_PREFIX, "/shop"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (PERMANENT_REDIRECT, "https://permanent.example.com"),
+            (TEMPORAL_REDIRECT, "https://temporal.example.com"),
+            (TEMPORAL_REDIRECT_CODE, "307"),
+        ],
+    );
+    let t = run(&objects);
+    let front = &route(&t, "shop.example.com", "/").policy;
+    assert_eq!(
+        front.redirect,
+        Some(Redirect {
+            code: 301,
+            location: "https://www.example.com".into()
+        })
+    );
+    assert_eq!(front.app_root.as_deref(), Some("/app1"));
+    assert_eq!(
+        front.upstream_vhost.as_deref(),
+        Some("internal.example.com")
+    );
+    assert_eq!(front.forwarded_prefix.as_deref(), Some("/shop"));
+    let api = &route(&t, "shop.example.com", "/api").policy;
+    assert_eq!(
+        api.redirect,
+        Some(Redirect {
+            code: 307,
+            location: "https://temporal.example.com".into()
+        })
+    );
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (PERMANENT_REDIRECT_CODE, "200"),
+            (APP_ROOT, "app1"),
+            (TEMPORAL_REDIRECT, "ftp://x"),
+        ],
+    );
+    let t = run(&objects);
+    let front = &route(&t, "shop.example.com", "/").policy;
+    assert_eq!(front.redirect.as_ref().map(|r| r.code), Some(301));
+    assert_eq!(front.app_root, None);
+    let p = problems(&t);
+    for expected in [
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/permanent-redirect-code]: \"200\" is not a redirect status (300 to 308): 301 applies",
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/app-root]: \"app1\" is not a path starting with /",
+        "Ingress shop/storefront: metadata.annotations[nginx.ingress.kubernetes.io/temporal-redirect]: \"ftp://x\" is not an http:// or https:// URL",
+    ] {
+        assert!(p.contains(&expected.to_owned()), "{expected}\n{p:#?}");
+    }
+}
+
+/// ingress-nginx's CORS defaults, the documented example values, and a bad origin
+/// left out with a problem.
+#[test]
+fn cors_annotations_with_ingress_nginx_defaults() {
+    let mut objects = shop();
+    annotate(&mut objects, "storefront", &[(ENABLE_CORS, "true")]);
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (ENABLE_CORS, "true"),
+            (
+                CORS_ALLOW_ORIGIN,
+                "https://origin-site.com:4443, http://origin-site.com, https://*.example.org, ftp://x",
+            ),
+            (CORS_ALLOW_METHODS, "PUT, GET, POST, OPTIONS"),
+            (CORS_ALLOW_HEADERS, "X-Forwarded-For, X-app123-XPTO"),
+            (CORS_EXPOSE_HEADERS, "*, X-CustomResponseHeader"),
+            (CORS_ALLOW_CREDENTIALS, "false"),
+            (CORS_MAX_AGE, "600"),
+        ],
+    );
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .cors
+        .clone()
+        .unwrap();
+    assert_eq!(front.allow_origin, ["*"]);
+    assert_eq!(
+        front.allow_methods,
+        "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+    );
+    assert!(front.allow_headers.starts_with("DNT,Keep-Alive,User-Agent"));
+    assert!(front.allow_credentials);
+    assert_eq!(front.max_age, 1_728_000);
+    assert_eq!(front.allowed_origin("https://anything.test"), Some("*"));
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .cors
+        .clone()
+        .unwrap();
+    assert_eq!(
+        api.allow_origin,
+        [
+            "https://origin-site.com:4443",
+            "http://origin-site.com",
+            "https://*.example.org"
+        ]
+    );
+    assert_eq!(api.allow_methods, "PUT, GET, POST, OPTIONS");
+    assert_eq!(api.expose_headers, "*, X-CustomResponseHeader");
+    assert!(!api.allow_credentials);
+    assert_eq!(api.max_age, 600);
+    assert_eq!(
+        api.allowed_origin("https://a.example.org"),
+        Some("https://a.example.org")
+    );
+    assert_eq!(api.allowed_origin("https://origin-site.com"), None);
+    assert!(problems(&t).iter().any(|p| p.starts_with(
+        "Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/cors-allow-origin]: \"ftp://x\" is not *"
+    )));
+}
+
+/// Source ranges: the newer allowlist name wins over whitelist; a bad range refuses
+/// everyone (fail closed) with a problem.
+#[test]
+fn source_range_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (WHITELIST_SOURCE_RANGE, "192.0.2.0/24"),
+            (ALLOWLIST_SOURCE_RANGE, "198.51.100.0/24, 2001:db8::/32"),
+            (DENYLIST_SOURCE_RANGE, "198.51.100.7"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(WHITELIST_SOURCE_RANGE, "192.0.2.0/24,nonsense")],
+    );
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .access
+        .clone()
+        .unwrap();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(front.permits(ip("198.51.100.1")));
+    assert!(front.permits(ip("::ffff:198.51.100.1")));
+    assert!(front.permits(ip("2001:db8::1")));
+    assert!(!front.permits(ip("198.51.100.7")));
+    assert!(!front.permits(ip("192.0.2.1")));
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .access
+        .clone()
+        .unwrap();
+    assert!(!api.permits(ip("192.0.2.1")));
+    assert!(!api.permits(ip("2001:db8::1")));
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/whitelist-source-range]: \
+          \"nonsense\" is not an address or CIDR range: every client is refused (403) until this is fixed"
+            .to_owned()
+    ), "{:#?}", problems(&t));
+    assert_eq!(
+        route(&t, "legacy.example.com", "/legacy").policy.access,
+        None
+    );
+}
+
+/// A canary Ingress joins the main route of the same host and path (it claims no
+/// route of its own); one without a main route is not served.
+#[test]
+fn canary_ingresses_join_the_main_route() {
+    let mut objects = shop();
+    // api (newer) becomes the canary of storefront's shop.example.com `/`.
+    set_paths(
+        &mut objects,
+        "api",
+        "shop.example.com",
+        &[("/", "Prefix"), ("/nowhere", "Prefix")],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            (CANARY, "true"),
+            (CANARY_BY_HEADER, "X-Canary"),
+            (CANARY_BY_HEADER_PATTERN, "^eu-"),
+            (CANARY_WEIGHT, "10"),
+            (CANARY_WEIGHT_TOTAL, "1000"),
+        ],
+    );
+    let t = run(&objects);
+    let main = route(&t, "shop.example.com", "/");
+    assert_eq!(main.ingress.name, "storefront");
+    let canary = main.policy.canary.as_ref().expect("a canary");
+    assert_eq!(canary.upstream.name, "shop/api:9000");
+    assert_eq!(canary.by_header.as_deref(), Some("X-Canary"));
+    assert_eq!((canary.weight, canary.weight_total), (10, 1000));
+    assert_eq!(
+        canary.verdict(Some("eu-west"), None),
+        crate::routes::CanaryVerdict::Canary
+    );
+    assert_eq!(
+        canary.verdict(Some("us"), None),
+        crate::routes::CanaryVerdict::ByWeight
+    );
+    assert!(
+        problems(&t).contains(
+            &"Ingress shop/api: spec.rules[0].http.paths[1]: canary: no other Ingress routes \
+              Prefix path \"/nowhere\": not served"
+                .to_owned()
+        ),
+        "{:#?}",
+        problems(&t)
+    );
+    assert_eq!(
+        to(&t, "shop.example.com", "/nowhere").as_deref(),
+        Some("shop/web:80 <- storefront")
+    );
+}
+
+/// ingress-nginx's documented affinity example values, and its defaults.
+#[test]
+fn cookie_affinity_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (AFFINITY, "cookie"),
+            (SESSION_COOKIE_NAME, "route"),
+            (SESSION_COOKIE_EXPIRES, "172800"),
+            (SESSION_COOKIE_MAX_AGE, "172800"),
+            (SESSION_COOKIE_SAMESITE, "Lax"),
+            (AFFINITY_MODE, "persistent"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(AFFINITY, "cookie"), (SESSION_COOKIE_SAMESITE, "Sometimes")],
+    );
+    annotate(&mut objects, "legacy", &[(AFFINITY, "ip")]);
+    let t = run(&objects);
+    let front = route(&t, "shop.example.com", "/")
+        .policy
+        .affinity
+        .clone()
+        .unwrap();
+    assert_eq!(front.cookie_name, "route");
+    assert_eq!(
+        (front.max_age, front.expires),
+        (Some(172_800), Some(172_800))
+    );
+    assert_eq!(front.samesite.as_deref(), Some("Lax"));
+    assert!(front.persistent);
+    assert_eq!(front.path, "/");
+    let api = route(&t, "shop.example.com", "/api")
+        .policy
+        .affinity
+        .clone()
+        .unwrap();
+    assert_eq!(api.cookie_name, "INGRESSCOOKIE");
+    assert_eq!(api.path, "/api");
+    assert_eq!(api.samesite, None);
+    assert!(!api.persistent);
+    assert_eq!(
+        route(&t, "legacy.example.com", "/legacy").policy.affinity,
+        None
+    );
+    let p = problems(&t);
+    assert!(p.iter().any(|p| p.starts_with("Ingress shop/legacy: metadata.annotations[nginx.ingress.kubernetes.io/affinity]: \"ip\" is not \"cookie\"")), "{p:#?}");
+    assert!(p.iter().any(|p| p.starts_with("Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/session-cookie-samesite]")), "{p:#?}");
+}
+
+#[test]
+fn limit_annotations() {
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "storefront",
+        &[
+            (LIMIT_RPS, "5"),
+            (LIMIT_CONNECTIONS, "10"),
+            (LIMIT_BURST_MULTIPLIER, "2"),
+        ],
+    );
+    annotate(
+        &mut objects,
+        "api",
+        &[(LIMIT_RPM, "300"), (LIMIT_RPS, "-1")],
+    );
+    let t = run(&objects);
+    assert_eq!(
+        route(&t, "shop.example.com", "/").policy.limits,
+        Some(crate::routes::Limits {
+            rps: Some(5),
+            rpm: None,
+            connections: Some(10),
+            burst_multiplier: 2
+        })
+    );
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").policy.limits,
+        Some(crate::routes::Limits {
+            rps: None,
+            rpm: Some(300),
+            connections: None,
+            burst_multiplier: 5
+        })
+    );
+    assert!(problems(&t).contains(
+        &"Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/limit-rps]: \"-1\" \
+          is not a whole number above 0: no such limit"
+            .to_owned()
+    ));
 }
