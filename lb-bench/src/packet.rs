@@ -31,8 +31,8 @@ use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
 use lb_common::{PROTO_TCP, Reason};
 use lb_testbed::frames::Frame;
 use lb_testbed::node::{
-    CLIENT_MAC, LB_CLIENT_MAC, Router, client_v4, client_v6, load_dataplane, reply_from, services,
-    vip_v4, vip_v6,
+    CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, reply_from,
+    services, vip_v4, vip_v6,
 };
 use lb_testbed::xdp::{self, PassProgram};
 
@@ -141,107 +141,7 @@ pub fn run(args: &Args) -> Result<()> {
                     .find(|s| s.frontend == (vip_v4(), 80, PROTO_TCP))
                     .context("the IPv4 web service is missing from the testbed's services")?;
 
-                let to_client = |f: Frame| f.macs(CLIENT_MAC, LB_CLIENT_MAC);
-                let established = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), 80));
-                let established_v6 = to_client(Frame::tcp(client_v6(), 40_000, vip_v6(), 80));
-                // Open the established flows once.
-                for f in [&established, &established_v6] {
-                    let out = xdp::test_run(&dp, &f.build(), Some(client_if))?;
-                    if out.action != XDP_REDIRECT {
-                        bail!("set-up: flow not forwarded (verdict {})", out.action);
-                    }
-                }
-                let (_, backend, port) = web.expected_backend(&established);
-                let n = match backend {
-                    IpAddr::V4(v4) => v4.octets()[3],
-                    IpAddr::V6(_) => bail!("the IPv4 web service has an IPv6 backend"),
-                };
-                let reply = reply_from(&established, backend, port, n);
-                let non_vip = to_client(Frame::tcp(
-                    client_v4(),
-                    40_000,
-                    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
-                    80,
-                ));
-                let miss = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), UNSERVED_PORT));
-                let syn = to_client(Frame::tcp(client_v4(), 0, vip_v4(), 80).syn());
-                let arp = arp_frame();
-
-                let each =
-                    |f: Frame| -> Box<dyn Fn(u32) -> Vec<u8>> { Box::new(move |_| f.build()) };
-                let cases = vec![
-                    Case {
-                        name: "parse only (ARP, not IP)",
-                        stage: "parse",
-                        ingress: client_if,
-                        verdict: XDP_PASS,
-                        reason: Reason::PassNotIp,
-                        target: None,
-                        calls: args.iterations,
-                        frame: Box::new(move |_| arp.clone()),
-                    },
-                    Case {
-                        name: "non-VIP pass",
-                        stage: "parse + address pre-filter",
-                        ingress: client_if,
-                        verdict: XDP_PASS,
-                        reason: Reason::PassNotFrontend,
-                        target: Some(TARGET_NON_VIP),
-                        calls: args.iterations,
-                        frame: each(non_vip),
-                    },
-                    Case {
-                        name: "frontend miss (VIP, other port)",
-                        stage: "parse + pre-filter + frontend lookup",
-                        ingress: client_if,
-                        verdict: XDP_PASS,
-                        reason: Reason::PassNotFrontend,
-                        target: None,
-                        calls: args.iterations,
-                        frame: each(miss),
-                    },
-                    Case {
-                        name: "established flow (IPv4 TCP)",
-                        stage: "conntrack hit + DNAT + FIB",
-                        ingress: client_if,
-                        verdict: XDP_REDIRECT,
-                        reason: Reason::FwdRedirect,
-                        target: Some(TARGET_ESTABLISHED),
-                        calls: args.iterations,
-                        frame: each(established.clone()),
-                    },
-                    Case {
-                        name: "established flow (IPv6 TCP)",
-                        stage: "conntrack hit + DNAT + FIB",
-                        ingress: client_if,
-                        verdict: XDP_REDIRECT,
-                        reason: Reason::FwdRedirect,
-                        target: Some(TARGET_ESTABLISHED),
-                        calls: args.iterations,
-                        frame: each(established_v6),
-                    },
-                    Case {
-                        name: "reply (IPv4 TCP, backend -> client)",
-                        stage: "reverse translation + FIB",
-                        ingress: backend_if,
-                        verdict: XDP_REDIRECT,
-                        reason: Reason::ReplyRedirect,
-                        target: None,
-                        calls: args.iterations,
-                        frame: each(reply),
-                    },
-                    Case {
-                        name: "new flow, table with room",
-                        stage: "Maglev + conntrack insert",
-                        ingress: client_if,
-                        verdict: XDP_REDIRECT,
-                        reason: Reason::FwdRedirect,
-                        target: Some(TARGET_NEW_FLOW_ROOM),
-                        calls: args.iterations,
-                        // 198.51.100.100 and up, a new source port every call.
-                        frame: new_flows(&syn, 100),
-                    },
-                ];
+                let (cases, syn) = stage_cases(&dp, web, args.iterations, client_if, backend_if)?;
                 let mut results = Vec::new();
                 for case in &cases {
                     let t = time_case(&dp, &mut pass, case)?;
@@ -267,6 +167,118 @@ pub fn run(args: &Args) -> Result<()> {
             "reproduce": reproduce(args),
         }),
     )
+}
+
+/// The stage cases, and the SYN the new-flow cases vary; opens the established flows
+/// (and so the reply's translation) first.
+fn stage_cases(
+    dp: &Dataplane,
+    web: &Service,
+    iterations: u32,
+    client_if: u32,
+    backend_if: u32,
+) -> Result<(Vec<Case>, Frame)> {
+    let to_client = |f: Frame| f.macs(CLIENT_MAC, LB_CLIENT_MAC);
+    let established = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), 80));
+    let established_v6 = to_client(Frame::tcp(client_v6(), 40_000, vip_v6(), 80));
+    // Open the established flows once.
+    for f in [&established, &established_v6] {
+        let out = xdp::test_run(dp, &f.build(), Some(client_if))?;
+        if out.action != XDP_REDIRECT {
+            bail!("set-up: flow not forwarded (verdict {})", out.action);
+        }
+    }
+    let (_, backend, port) = web.expected_backend(&established);
+    let n = match backend {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(_) => bail!("the IPv4 web service has an IPv6 backend"),
+    };
+    let reply = reply_from(&established, backend, port, n);
+    let non_vip = to_client(Frame::tcp(
+        client_v4(),
+        40_000,
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
+        80,
+    ));
+    let miss = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), UNSERVED_PORT));
+    let syn = to_client(Frame::tcp(client_v4(), 0, vip_v4(), 80).syn());
+    let arp = arp_frame();
+
+    let each = |f: Frame| -> Box<dyn Fn(u32) -> Vec<u8>> { Box::new(move |_| f.build()) };
+    let cases = vec![
+        Case {
+            name: "parse only (ARP, not IP)",
+            stage: "parse",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotIp,
+            target: None,
+            calls: iterations,
+            frame: Box::new(move |_| arp.clone()),
+        },
+        Case {
+            name: "non-VIP pass",
+            stage: "parse + address pre-filter",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotFrontend,
+            target: Some(TARGET_NON_VIP),
+            calls: iterations,
+            frame: each(non_vip),
+        },
+        Case {
+            name: "frontend miss (VIP, other port)",
+            stage: "parse + pre-filter + frontend lookup",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotFrontend,
+            target: None,
+            calls: iterations,
+            frame: each(miss),
+        },
+        Case {
+            name: "established flow (IPv4 TCP)",
+            stage: "conntrack hit + DNAT + FIB",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_ESTABLISHED),
+            calls: iterations,
+            frame: each(established.clone()),
+        },
+        Case {
+            name: "established flow (IPv6 TCP)",
+            stage: "conntrack hit + DNAT + FIB",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_ESTABLISHED),
+            calls: iterations,
+            frame: each(established_v6),
+        },
+        Case {
+            name: "reply (IPv4 TCP, backend -> client)",
+            stage: "reverse translation + FIB",
+            ingress: backend_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::ReplyRedirect,
+            target: None,
+            calls: iterations,
+            frame: each(reply),
+        },
+        Case {
+            name: "new flow, table with room",
+            stage: "Maglev + conntrack insert",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_NEW_FLOW_ROOM),
+            calls: iterations,
+            // 198.51.100.100 and up, a new source port every call.
+            frame: new_flows(&syn, 100),
+        },
+    ];
+    Ok((cases, syn))
 }
 
 /// Frames of new flows: source 198.51.100.`first_host` and up, a new port every call
