@@ -2,7 +2,8 @@
 //! baseline measured in the same run, as a ratio, with the command that reproduces it;
 //! `--json FILE` writes the results.
 //!
-//! - `packet`: per-packet cost of the XDP program against a trivial `XDP_PASS` program.
+//! - `packet`: per-packet cost of the XDP program, stage by stage, against a trivial
+//!   `XDP_PASS` program; new flows over a filling conntrack table; instruction counts.
 //! - `maglev`: Maglev table build time against the paper's plain fill, plus balance and
 //!   disruption.
 //! - `e2e`: HTTP and TCP through a load-balancer namespace, xlb against kube-proxy's
@@ -27,8 +28,6 @@ mod packet;
 mod report;
 mod socket;
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -41,15 +40,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Per-packet cost of the XDP program against a trivial `XDP_PASS` program.
-    Packet {
-        /// Calls per case (each case also runs the baseline this many times).
-        #[arg(long, default_value_t = 20_000)]
-        iterations: u32,
-        /// Also write the results as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    /// Per-packet cost of the XDP program, stage by stage, against a trivial `XDP_PASS`
+    /// program, new flows over a conntrack table that fills, and the programs' sizes.
+    Packet(packet::Args),
     /// Maglev table build time (M = 65537, N = 1000) against the paper's plain fill, and
     /// the table's balance and disruption.
     Maglev(maglev::Args),
@@ -83,7 +76,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().bench {
-        Bench::Packet { iterations, json } => packet::run(iterations, json.as_deref()),
+        Bench::Packet(args) => packet::run(&args),
         Bench::Maglev(args) => maglev::run(&args),
         Bench::E2e(args) => e2e::run(&args),
         Bench::ControlPlane(args) => control_plane::run(&args),

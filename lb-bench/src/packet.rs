@@ -1,147 +1,529 @@
 //! `xlb-bench packet`: per-packet cost by `BPF_PROG_TEST_RUN` with repeat=1 on a fresh
 //! copy of the frame for every call (the program rewrites frames, so repeat>1 would time
 //! the pass path after the first run), interleaved call by call with a trivial `XDP_PASS`
-//! program loaded from the same object.
+//! program loaded from its own object (`xlb-pass`).
+//!
+//! Cases, one per stage of the packet path, each checked call by call for its verdict and
+//! afterwards for its exit reason (the reason counter must have grown by the number of
+//! calls, so a case cannot silently measure another path):
+//! - parse only: a non-IP frame (ARP), which leaves after the Ethertype;
+//! - non-VIP: TCP to an address that is not ours, stopped by the address pre-filter;
+//! - frontend miss: TCP to a VIP on a port no service uses (pre-filter hit, lookup miss);
+//! - established flows (IPv4, IPv6): conntrack hit, DNAT, FIB, redirect;
+//! - the backend's reply: reverse translation towards the client;
+//! - new flows: a new 5-tuple on every call, first while the conntrack table has room,
+//!   then over the whole table: `--flows` calls (more than the table holds), so the table
+//!   fills and every later new flow evicts an entry, as under a connection flood.
+//!
+//! Also each program's size as the kernel reports it (`BPF_OBJ_GET_INFO_BY_FD`): the
+//! instructions after the verifier's rewrites (xlated), the JIT's machine code, and the
+//! instructions the verifier walked, next to the same figures for the pass program.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
+use aya::programs::ProgramInfo;
+use lb_agent::dataplane::Dataplane;
+use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
+use lb_common::{PROTO_TCP, Reason};
 use lb_testbed::frames::Frame;
 use lb_testbed::node::{
-    CLIENT_MAC, LB_CLIENT_MAC, Router, client_v4, client_v6, load_dataplane, services, vip_v4,
-    vip_v6,
+    CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, reply_from,
+    services, vip_v4, vip_v6,
 };
-use lb_testbed::xdp;
+use lb_testbed::xdp::{self, PassProgram};
 
 use crate::report;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Calls per case (each case also runs the baseline this many times).
+    #[arg(long, default_value_t = 20_000)]
+    iterations: u32,
+    /// New flows in the table-filling case, each a new 5-tuple; must exceed the conntrack
+    /// table's size so that the table fills and later flows evict.
+    #[arg(long, default_value_t = 500_000)]
+    flows: u32,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The targets of issue 16, as ratios to the pass program in the same run.
+const TARGET_ESTABLISHED: f64 = 2.5;
+const TARGET_NEW_FLOW_FILLING: f64 = 8.0;
+const TARGET_NON_VIP: f64 = 1.3;
+/// IPv6 established over IPv4 established.
+const TARGET_V6_OVER_V4: f64 = 1.1;
+/// The new-flow case before this benchmark timed flows over a filling table (kept).
+const TARGET_NEW_FLOW_ROOM: f64 = 5.0;
+
+/// The frontend's port for the frontend-miss case: the VIP serves 80/tcp and 53/udp only.
+const UNSERVED_PORT: u16 = 8443;
 
 #[derive(serde::Serialize)]
 struct CaseResult {
     case: &'static str,
+    stage: &'static str,
+    calls: u32,
     median_ns: u64,
     baseline_median_ns: u64,
     ratio: f64,
-    target_ratio: f64,
-    met: bool,
+    target_ratio: Option<f64>,
+    met: Option<bool>,
 }
 
-fn median(mut v: Vec<Duration>) -> u64 {
-    v.sort_unstable();
-    u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
+#[derive(serde::Serialize)]
+struct ProgramSize {
+    program: &'static str,
+    /// Instructions after the verifier's rewrites (`xlated_prog_len / 8`).
+    xlated_insns: Option<u32>,
+    /// Bytes of JIT-compiled machine code (`jited_prog_len`).
+    jited_bytes: u32,
+    /// Instructions the verifier processed (`verified_insns`).
+    verified_insns: Option<u32>,
 }
 
-pub fn run(iterations: u32, json: Option<&Path>) -> Result<()> {
-    if iterations == 0 {
+#[derive(serde::Serialize)]
+struct Filling {
+    flows: u32,
+    /// Conntrack entries before the case, and the table's capacity.
+    entries_before: u64,
+    capacity: u64,
+    /// Conntrack entries after the last flow.
+    entries_after: u64,
+}
+
+/// One stage of the packet path: the frames it sends and what the program must do.
+struct Case {
+    name: &'static str,
+    stage: &'static str,
+    ingress: u32,
+    verdict: u32,
+    reason: Reason,
+    target: Option<f64>,
+    calls: u32,
+    frame: Box<dyn Fn(u32) -> Vec<u8>>,
+}
+
+/// Interleaved timings of one case: the program's and the pass program's, call by call.
+struct Timings {
+    xlb: Vec<Duration>,
+    pass: Vec<Duration>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
     let router = Router::new("bench");
     let client_if = router.ns.ifindex("cl")?;
-    let results = router.ns.run_in(|| -> Result<Vec<CaseResult>> {
-        let mut dp = load_dataplane();
-        let mut pass = xdp::PassProgram::load()?;
-        for s in services() {
-            s.install(&mut dp);
-        }
-        let established =
-            Frame::tcp(client_v4(), 40_000, vip_v4(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
-        let established_v6 =
-            Frame::tcp(client_v6(), 40_000, vip_v6(), 80).macs(CLIENT_MAC, LB_CLIENT_MAC);
-        let non_vip = Frame::tcp(
-            client_v4(),
-            40_000,
-            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
-            80,
-        )
-        .macs(CLIENT_MAC, LB_CLIENT_MAC);
-        // Open the established flows once.
-        for f in [&established, &established_v6] {
-            let out = xdp::test_run(&dp, &f.build(), Some(client_if))?;
-            if out.action != XDP_REDIRECT {
-                bail!("set-up: flow not forwarded (verdict {})", out.action);
-            }
-        }
-        let syn = Frame::tcp(client_v4(), 0, vip_v4(), 80)
-            .syn()
-            .macs(CLIENT_MAC, LB_CLIENT_MAC);
-
-        let mut results = Vec::new();
-        let cases: [(&'static str, f64, u32); 4] = [
-            ("established flow (IPv4 TCP)", 2.5, XDP_REDIRECT),
-            ("new flow (IPv4 TCP SYN)", 5.0, XDP_REDIRECT),
-            ("non-VIP pass", 1.5, XDP_PASS),
-            ("established flow (IPv6 TCP)", 2.5, XDP_REDIRECT),
-        ];
-        for (index, (case, target, want)) in cases.into_iter().enumerate() {
-            let mut xlb = Vec::with_capacity(iterations as usize);
-            let mut base = Vec::with_capacity(iterations as usize);
-            for i in 0..iterations {
-                // A fresh frame for every call: the program rewrites it.
-                let frame = match index {
-                    0 => established.build(),
-                    1 => {
-                        // A new flow every call: distinct source port and address.
-                        let mut f = syn.clone();
-                        #[expect(clippy::cast_possible_truncation, reason = "wraps on purpose")]
-                        let (port, host) = (1024 + (i % 60_000) as u16, (i / 60_000) as u8);
-                        f.src = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 100 + host));
-                        f.set_ports(port, 80);
-                        f.build()
-                    }
-                    2 => non_vip.build(),
-                    _ => established_v6.build(),
-                };
-                let b = pass.test_run(&frame, Some(client_if))?;
-                let r = xdp::test_run(&dp, &frame, Some(client_if))?;
-                if r.action != want {
-                    bail!("{case}: verdict {} instead of {want}", r.action);
+    let backend_if = router.ns.ifindex("bk")?;
+    let (results, filling, programs) =
+        router
+            .ns
+            .run_in(|| -> Result<(Vec<CaseResult>, Filling, Vec<ProgramSize>)> {
+                let mut dp = load_dataplane();
+                let mut pass = PassProgram::load()?;
+                let programs = vec![
+                    program_size("xlb_xdp", &dp.program()?.info()?),
+                    program_size("xlb_pass (baseline)", &pass.info()?),
+                ];
+                let svcs = services();
+                for s in &svcs {
+                    s.install(&mut dp);
                 }
-                base.push(b.duration);
-                xlb.push(r.duration);
-            }
-            let (m, mb) = (median(xlb), median(base));
-            #[expect(clippy::cast_precision_loss, reason = "nanoseconds")]
-            let ratio = m as f64 / mb.max(1) as f64;
-            results.push(CaseResult {
-                case,
-                median_ns: m,
-                baseline_median_ns: mb,
-                ratio,
-                target_ratio: target,
-                met: ratio <= target,
-            });
-        }
-        Ok(results)
-    })??;
+                let web = svcs
+                    .iter()
+                    .find(|s| s.frontend == (vip_v4(), 80, PROTO_TCP))
+                    .context("the IPv4 web service is missing from the testbed's services")?;
 
-    print_results(&results, iterations);
+                let (cases, syn) = stage_cases(&dp, web, args.iterations, client_if, backend_if)?;
+                let mut results = Vec::new();
+                for case in &cases {
+                    let t = time_case(&dp, &mut pass, case)?;
+                    results.push(result(case.name, case.stage, &t.xlb, &t.pass, case.target));
+                }
+                let filling =
+                    fill_conntrack(&dp, &mut pass, &syn, args.flows, client_if, &mut results)?;
+                Ok((results, filling, programs))
+            })??;
+
+    print_results(args, &results, &filling, &programs);
     report::write_json(
-        json,
-        &serde_json::json!({ "bench": "packet", "iterations": iterations, "results": results }),
+        args.json.as_deref(),
+        &serde_json::json!({
+            "bench": "packet",
+            "iterations": args.iterations,
+            "flows": args.flows,
+            "results": results,
+            "filling": filling,
+            "programs": programs,
+            "ipv6_over_ipv4_established": v6_over_v4(&results),
+            "target_ipv6_over_ipv4": TARGET_V6_OVER_V4,
+            "reproduce": reproduce(args),
+        }),
     )
 }
 
-fn print_results(results: &[CaseResult], iterations: u32) {
-    println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
-    println!("interleaved with a trivial XDP_PASS program; {iterations} calls per case.");
-    println!();
-    println!(
-        "{:<30} {:>10} {:>13} {:>7} {:>8}",
-        "case", "xlb ns", "baseline ns", "ratio", "target"
-    );
-    for r in results {
-        println!(
-            "{:<30} {:>10} {:>13} {:>7.2} {:>6.1} {}",
-            r.case,
-            r.median_ns,
-            r.baseline_median_ns,
-            r.ratio,
-            r.target_ratio,
-            if r.met { "ok" } else { "MISSED" }
+/// The stage cases, and the SYN the new-flow cases vary; opens the established flows
+/// (and so the reply's translation) first.
+fn stage_cases(
+    dp: &Dataplane,
+    web: &Service,
+    iterations: u32,
+    client_if: u32,
+    backend_if: u32,
+) -> Result<(Vec<Case>, Frame)> {
+    let to_client = |f: Frame| f.macs(CLIENT_MAC, LB_CLIENT_MAC);
+    let established = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), 80));
+    let established_v6 = to_client(Frame::tcp(client_v6(), 40_000, vip_v6(), 80));
+    // Open the established flows once.
+    for f in [&established, &established_v6] {
+        let out = xdp::test_run(dp, &f.build(), Some(client_if))?;
+        if out.action != XDP_REDIRECT {
+            bail!("set-up: flow not forwarded (verdict {})", out.action);
+        }
+    }
+    let (_, backend, port) = web.expected_backend(&established);
+    let n = match backend {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(_) => bail!("the IPv4 web service has an IPv6 backend"),
+    };
+    let reply = reply_from(&established, backend, port, n);
+    let non_vip = to_client(Frame::tcp(
+        client_v4(),
+        40_000,
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77)),
+        80,
+    ));
+    let miss = to_client(Frame::tcp(client_v4(), 40_000, vip_v4(), UNSERVED_PORT));
+    let syn = to_client(Frame::tcp(client_v4(), 0, vip_v4(), 80).syn());
+    let arp = arp_frame();
+
+    let each = |f: Frame| -> Box<dyn Fn(u32) -> Vec<u8>> { Box::new(move |_| f.build()) };
+    let cases = vec![
+        Case {
+            name: "parse only (ARP, not IP)",
+            stage: "parse",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotIp,
+            target: None,
+            calls: iterations,
+            frame: Box::new(move |_| arp.clone()),
+        },
+        Case {
+            name: "non-VIP pass",
+            stage: "parse + address pre-filter",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotFrontend,
+            target: Some(TARGET_NON_VIP),
+            calls: iterations,
+            frame: each(non_vip),
+        },
+        Case {
+            name: "frontend miss (VIP, other port)",
+            stage: "parse + pre-filter + frontend lookup",
+            ingress: client_if,
+            verdict: XDP_PASS,
+            reason: Reason::PassNotFrontend,
+            target: None,
+            calls: iterations,
+            frame: each(miss),
+        },
+        Case {
+            name: "established flow (IPv4 TCP)",
+            stage: "conntrack hit + DNAT + FIB",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_ESTABLISHED),
+            calls: iterations,
+            frame: each(established.clone()),
+        },
+        Case {
+            name: "established flow (IPv6 TCP)",
+            stage: "conntrack hit + DNAT + FIB",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_ESTABLISHED),
+            calls: iterations,
+            frame: each(established_v6),
+        },
+        Case {
+            name: "reply (IPv4 TCP, backend -> client)",
+            stage: "reverse translation + FIB",
+            ingress: backend_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::ReplyRedirect,
+            target: None,
+            calls: iterations,
+            frame: each(reply),
+        },
+        Case {
+            name: "new flow, table with room",
+            stage: "Maglev + conntrack insert",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: Some(TARGET_NEW_FLOW_ROOM),
+            calls: iterations,
+            // 198.51.100.100 and up, a new source port every call.
+            frame: new_flows(&syn, 100),
+        },
+    ];
+    Ok((cases, syn))
+}
+
+/// Frames of new flows: source 198.51.100.`first_host` and up, a new port every call
+/// (64,000 ports per address), so every call is a 5-tuple the table has not seen.
+fn new_flows(syn: &Frame, first_host: u8) -> Box<dyn Fn(u32) -> Vec<u8>> {
+    let syn = syn.clone();
+    Box::new(move |i| {
+        let mut f = syn.clone();
+        let (host, port) = (i / 64_000, i % 64_000);
+        let host = u8::try_from(u32::from(first_host) + host).expect("flows fit the /24");
+        f.src = IpAddr::V4(Ipv4Addr::new(198, 51, 100, host));
+        f.set_ports(1024 + u16::try_from(port).expect("below 64000"), 80);
+        f.build()
+    })
+}
+
+/// An ARP request (who has 198.51.100.1, tell the client): a frame that is not IP.
+fn arp_frame() -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, request.
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[198, 51, 100, 2]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[198, 51, 100, 1]);
+    f
+}
+
+fn program_size(program: &'static str, info: &ProgramInfo) -> ProgramSize {
+    ProgramSize {
+        program,
+        xlated_insns: info.size_translated().map(|bytes| bytes / 8),
+        jited_bytes: info.size_jitted(),
+        verified_insns: info.verified_instruction_count(),
+    }
+}
+
+/// Packets counted under `reason` so far.
+fn reason_packets(dp: &Dataplane, reason: Reason) -> Result<u64> {
+    Ok(dp
+        .reason_stats()?
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, s)| s.packets))
+}
+
+/// Runs `case`: the pass program and the load balancer on the same frame, call by call,
+/// checking every verdict, then that every call left by the case's reason.
+fn time_case(dp: &Dataplane, pass: &mut PassProgram, case: &Case) -> Result<Timings> {
+    let before = reason_packets(dp, case.reason)?;
+    let mut t = Timings {
+        xlb: Vec::with_capacity(case.calls as usize),
+        pass: Vec::with_capacity(case.calls as usize),
+    };
+    for i in 0..case.calls {
+        let frame = (case.frame)(i);
+        let b = pass.test_run(&frame, Some(case.ingress))?;
+        let r = xdp::test_run(dp, &frame, Some(case.ingress))?;
+        if r.action != case.verdict {
+            bail!(
+                "{}: call {i}: verdict {} instead of {}",
+                case.name,
+                r.action,
+                case.verdict
+            );
+        }
+        t.pass.push(b.duration);
+        t.xlb.push(r.duration);
+    }
+    let counted = reason_packets(dp, case.reason)? - before;
+    if counted != u64::from(case.calls) {
+        bail!(
+            "{}: {counted} of {} calls counted as {}: the case did not take the path it \
+             names",
+            case.name,
+            case.calls,
+            case.reason.name()
         );
     }
+    Ok(t)
+}
+
+/// New flows until the conntrack table is full and well past it: the median over all of
+/// them, while the table had room and once it was full (pushed to `results`), and the
+/// table's fill before and after.
+fn fill_conntrack(
+    dp: &Dataplane,
+    pass: &mut PassProgram,
+    syn: &Frame,
+    flows: u32,
+    client_if: u32,
+    results: &mut Vec<CaseResult>,
+) -> Result<Filling> {
+    /// Source addresses 198.51.100.110 to .254, 64,000 ports each.
+    const FIRST_HOST: u8 = 110;
+    const MAX_FLOWS: u32 = (255 - FIRST_HOST as u32) * 64_000;
+    let before = dp.table_fill(maps::CONNTRACK)?;
+    let room = before.capacity.saturating_sub(before.entries);
+    if u64::from(flows) <= room || flows > MAX_FLOWS {
+        bail!(
+            "--flows {flows} must fill the conntrack table ({} entries, {} in use) and be at \
+             most {MAX_FLOWS}",
+            before.capacity,
+            before.entries
+        );
+    }
+    let case = Case {
+        name: "new flow, table filling (all flows)",
+        stage: "Maglev + conntrack insert (+ LRU eviction)",
+        ingress: client_if,
+        verdict: XDP_REDIRECT,
+        reason: Reason::FwdRedirect,
+        target: Some(TARGET_NEW_FLOW_FILLING),
+        calls: flows,
+        // None of these 5-tuples was seen before.
+        frame: new_flows(syn, FIRST_HOST),
+    };
+    let t = time_case(dp, pass, &case)?;
+    let after = dp.table_fill(maps::CONNTRACK)?;
+    let split = usize::try_from(room).unwrap_or(usize::MAX).min(t.xlb.len());
+    results.push(result(case.name, case.stage, &t.xlb, &t.pass, case.target));
+    for (name, range) in [
+        ("new flow, table filling (while room)", 0..split),
+        ("new flow, table full (evicting)", split..t.xlb.len()),
+    ] {
+        if !range.is_empty() {
+            results.push(result(
+                name,
+                case.stage,
+                &t.xlb[range.clone()],
+                &t.pass[range],
+                case.target,
+            ));
+        }
+    }
+    Ok(Filling {
+        flows,
+        entries_before: before.entries,
+        capacity: before.capacity,
+        entries_after: after.entries,
+    })
+}
+
+fn median(v: &[Duration]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    u64::try_from(v[v.len() / 2].as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn result(
+    case: &'static str,
+    stage: &'static str,
+    xlb: &[Duration],
+    pass: &[Duration],
+    target: Option<f64>,
+) -> CaseResult {
+    let (m, mb) = (median(xlb), median(pass));
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds")]
+    let ratio = m as f64 / mb.max(1) as f64;
+    CaseResult {
+        case,
+        stage,
+        calls: u32::try_from(xlb.len()).unwrap_or(u32::MAX),
+        median_ns: m,
+        baseline_median_ns: mb,
+        ratio,
+        target_ratio: target,
+        met: target.map(|t| ratio <= t),
+    }
+}
+
+/// IPv6 established over IPv4 established (medians).
+fn v6_over_v4(results: &[CaseResult]) -> Option<f64> {
+    let find = |name: &str| results.iter().find(|r| r.case == name).map(|r| r.median_ns);
+    let (v4, v6) = (
+        find("established flow (IPv4 TCP)")?,
+        find("established flow (IPv6 TCP)")?,
+    );
+    #[expect(clippy::cast_precision_loss, reason = "nanoseconds")]
+    report::ratio(v6 as f64, v4 as f64)
+}
+
+fn reproduce(args: &Args) -> String {
+    format!(
+        "cargo xtask bench packet --iterations {} --flows {}",
+        args.iterations, args.flows
+    )
+}
+
+fn print_results(args: &Args, results: &[CaseResult], filling: &Filling, programs: &[ProgramSize]) {
+    println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
+    println!(
+        "interleaved with a trivial XDP_PASS program; {} calls per case, {} new flows in \
+         the table-filling case.",
+        args.iterations, args.flows
+    );
+    println!("{}", report::load_line());
     println!();
-    println!("reproduce: cargo xtask bench packet --iterations {iterations}");
+    println!(
+        "{:<38} {:<42} {:>8} {:>8} {:>7} {:>7}",
+        "case", "stage", "xlb ns", "pass ns", "ratio", "target"
+    );
+    let print = |r: &CaseResult| {
+        let target = match (r.target_ratio, r.met) {
+            (Some(t), Some(met)) => format!("{t:>6.1} {}", if met { "ok" } else { "MISSED" }),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{:<38} {:<42} {:>8} {:>8} {:>7.2} {:>7}",
+            r.case, r.stage, r.median_ns, r.baseline_median_ns, r.ratio, target
+        );
+    };
+    for r in results {
+        print(r);
+    }
+    if let Some(r) = v6_over_v4(results) {
+        println!(
+            "established IPv6 / IPv4: {r:.2} (target <= {TARGET_V6_OVER_V4:.2}: {})",
+            report::mark(r <= TARGET_V6_OVER_V4)
+        );
+    }
+    println!(
+        "conntrack: {} of {} entries in use before the table-filling case, {} after {} new \
+         flows",
+        filling.entries_before, filling.capacity, filling.entries_after, filling.flows
+    );
+    println!();
+    println!(
+        "{:<22} {:>13} {:>12} {:>15}",
+        "program", "xlated insns", "jited bytes", "verified insns"
+    );
+    let opt = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for p in programs {
+        println!(
+            "{:<22} {:>13} {:>12} {:>15}",
+            p.program,
+            opt(p.xlated_insns),
+            p.jited_bytes,
+            opt(p.verified_insns)
+        );
+    }
+    println!("(from BPF_OBJ_GET_INFO_BY_FD: xlated_prog_len / 8, jited_prog_len, verified_insns)");
+    println!();
+    println!("reproduce: {}", reproduce(args));
 }

@@ -111,43 +111,22 @@ pub fn is_prime(n: u32) -> bool {
 pub fn build_table(backends: &[Backend<'_>], size: u32) -> Result<Vec<u32>, MaglevError> {
     validate_size(size)?;
     let order = validate_backends(backends)?;
-
-    let gcd = backends
-        .iter()
-        .map(|b| b.weight)
-        .filter(|&w| w > 0)
-        .fold(0, gcd);
-    if gcd == 0 {
-        return Ok(vec![0; size as usize]);
-    }
-    let mut cursors: Vec<Cursor> = order
+    let live: Vec<&Backend<'_>> = order
         .iter()
         .map(|&i| &backends[i])
         .filter(|b| b.weight > 0)
-        .map(|b| {
-            let (offset, skip) = permutation(b.identity, size);
-            Cursor::new(offset, skip, size, b.id, b.weight / gcd)
-        })
         .collect();
-
-    let mut fill = Fill::new(size);
-    // Indices into `cursors` that still have turns left in the current round.
-    let mut active: Vec<usize> = Vec::with_capacity(cursors.len());
-    loop {
-        active.clear();
-        active.extend(0..cursors.len());
-        let mut turn = 0u32;
-        while !active.is_empty() {
-            for &i in &active {
-                fill.claim(&mut cursors[i]);
-                if fill.free == 0 {
-                    return Ok(fill.table);
-                }
-            }
-            turn += 1;
-            active.retain(|&i| cursors[i].weight > turn);
-        }
-    }
+    let Some(g) = live.iter().map(|b| b.weight).reduce(gcd) else {
+        return Ok(vec![0; size as usize]);
+    };
+    let mut walkers = Walkers::new(&live, size);
+    // Equal weights (the common case) need no schedule: turn k is backend k.
+    Ok(if live.iter().all(|b| b.weight == g) {
+        fill(&mut walkers, size, &EveryBackend(live.len()))
+    } else {
+        let weights: Vec<u32> = live.iter().map(|b| b.weight / g).collect();
+        fill(&mut walkers, size, &Schedule::new(&weights, size))
+    })
 }
 
 /// The same table as [`build_table`], filled the way the paper writes it (section 3.4,
@@ -262,64 +241,166 @@ fn gcd(mut a: u32, mut b: u32) -> u32 {
     a
 }
 
-/// The table being filled, and which of its slots are taken.
-///
-/// Nearly all of the build time is spent finding each turn's slot, so this
-/// is tuned (the target is M = 65537, N = 1000 in well under a millisecond):
-/// see [`Cursor::walk`] and [`Cursor::nearest`].
-struct Fill {
-    table: Vec<u32>,
-    /// Bitset of taken slots: at most 16 KiB, so it stays in L1 cache while
-    /// the walks probe it at random.
-    taken: Vec<u64>,
-    /// Number of free slots.
-    free: u32,
-    /// Once at most this many slots are free, turns use [`Cursor::nearest`]
-    /// on `free_list` instead of walking.
-    endgame: u32,
-    /// The free slots once the endgame has started; empty before.
-    free_list: Vec<u32>,
+/// The live backends' walks along their permutations, in identity order, as parallel
+/// arrays: a turn reads one backend's `next` and `skip`, and `id` only once it claims.
+/// No per-backend allocation.
+struct Walkers {
+    /// Each backend's next candidate slot, `(offset + j * skip) % M` for its current `j`,
+    /// advanced by [`step`] rather than recomputed.
+    next: Vec<u32>,
+    skip: Vec<u32>,
+    id: Vec<u32>,
 }
 
-impl Fill {
-    fn new(size: u32) -> Self {
-        Self {
-            table: vec![0; size as usize],
-            taken: vec![0; size.div_ceil(64) as usize],
-            free: size,
-            // Where a walk's expected cost, M / free probes, and a scan of
-            // the free list cost about the same.
-            endgame: size.isqrt() / 2,
-            free_list: Vec::new(),
+impl Walkers {
+    fn new(live: &[&Backend<'_>], size: u32) -> Self {
+        let mut walkers = Walkers {
+            next: Vec::with_capacity(live.len()),
+            skip: Vec::with_capacity(live.len()),
+            id: Vec::with_capacity(live.len()),
+        };
+        for b in live {
+            let (offset, skip) = permutation(b.identity, size);
+            walkers.next.push(offset);
+            walkers.skip.push(skip);
+            walkers.id.push(b.id);
+        }
+        walkers
+    }
+}
+
+/// Which backend (index into [`Walkers`]) takes turn `k` of a round, and how many turns a
+/// round has. The fill is generic over it so that equal weights pay for no schedule.
+trait Turns {
+    fn len(&self) -> usize;
+    fn backend(&self, turn: usize) -> usize;
+}
+
+/// Equal weights: one turn per backend per round, in identity order.
+struct EveryBackend(usize);
+
+impl Turns for EveryBackend {
+    fn len(&self) -> usize {
+        self.0
+    }
+    #[inline(always)]
+    fn backend(&self, turn: usize) -> usize {
+        turn
+    }
+}
+
+/// Weights: a round written out, everyone's 1st turn, then the 2nd turn of those with
+/// `w >= 2`, and so on; cut at `M` turns, since the table is full by then (each turn
+/// claims a slot).
+struct Schedule(Vec<u32>);
+
+impl Schedule {
+    fn new(weights: &[u32], size: u32) -> Self {
+        let limit = size as usize;
+        let mut turns: Vec<u32> = Vec::new();
+        // Backends with turns left at this depth of the round; at most `M + N` pushes.
+        let mut active: Vec<u32> = (0..).take(weights.len()).collect();
+        let mut depth = 0u32;
+        while !active.is_empty() && turns.len() < limit {
+            turns.extend_from_slice(&active);
+            depth += 1;
+            active.retain(|&i| weights[i as usize] > depth);
+        }
+        turns.truncate(limit);
+        Schedule(turns)
+    }
+}
+
+impl Turns for Schedule {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn backend(&self, turn: usize) -> usize {
+        self.0[turn] as usize
+    }
+}
+
+/// Fills the table: turn after turn, the backend walks to its next preferred free slot
+/// and claims it, until every slot is taken (exactly `M` turns).
+///
+/// Nearly all of the time goes into the walks (about `M * ln(M)` candidates in all at
+/// `N` much smaller than `M`), so they are tuned: candidates are checked in a bitmap that
+/// stays in L1 cache, stepped with an add and a conditional subtract, two at a time, and
+/// once few slots are left the walk is replaced by ranking the free slots ([`nearest`]).
+fn fill(walkers: &mut Walkers, size: u32, turns: &impl Turns) -> Vec<u32> {
+    let mut table = vec![0; size as usize];
+    let mut taken = Bitmap::new(size);
+    // Where a walk's expected cost, M / free candidates, and ranking the free slots
+    // cost about the same (measured with `xlb-bench maglev`).
+    let endgame = size.isqrt() / 2;
+    let round = turns.len();
+    let mut free = size;
+    let mut turn = 0;
+    // While at least half the slots are free, most turns take their first candidate:
+    // check it alone before setting up a walk.
+    while free > endgame {
+        let i = turns.backend(turn);
+        let (from, skip) = (walkers.next[i], walkers.skip[i]);
+        let slot = if free >= size / 2 && taken.is_free(from) {
+            from
+        } else {
+            walk(&taken, from, skip, size)
+        };
+        walkers.next[i] = step(slot, skip, size);
+        taken.set(slot);
+        table[slot as usize] = walkers.id[i];
+        free -= 1;
+        turn += 1;
+        if turn == round {
+            turn = 0;
         }
     }
-
-    /// Gives `cursor`'s backend its next preferred free slot. Needs a free
-    /// slot.
-    fn claim(&mut self, cursor: &mut Cursor) {
-        debug_assert!(self.free > 0);
-        let slot = if self.free > self.endgame {
-            let slot = cursor.walk(&self.taken);
-            self.taken[(slot / 64) as usize] |= 1 << (slot % 64);
-            slot
-        } else {
-            if self.free_list.is_empty() {
-                self.free_list = self.free_slots();
+    if free > 0 {
+        let mut free_slots = taken.free_slots(size);
+        let reduce = Reduce::new(size);
+        while let Some(&_) = free_slots.first() {
+            let i = turns.backend(turn);
+            let skip = walkers.skip[i];
+            let slot = nearest(&mut free_slots, walkers.next[i], skip, size, reduce);
+            walkers.next[i] = step(slot, skip, size);
+            table[slot as usize] = walkers.id[i];
+            turn += 1;
+            if turn == round {
+                turn = 0;
             }
-            cursor.nearest(&mut self.free_list)
-        };
-        self.table[slot as usize] = cursor.id;
-        self.free -= 1;
+        }
+    }
+    table
+}
+
+/// Which slots are taken: one bit per slot, at most 16 KiB, so it stays in L1 cache
+/// while the walks probe it at random.
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new(size: u32) -> Self {
+        Bitmap(vec![0; size.div_ceil(64) as usize])
     }
 
-    fn free_slots(&self) -> Vec<u32> {
-        let size = self.table.len();
-        let mut free = Vec::with_capacity(self.free as usize);
-        for (base, &word) in (0..).step_by(64).zip(&self.taken) {
+    #[inline(always)]
+    fn is_free(&self, slot: u32) -> bool {
+        self.0[(slot / 64) as usize] >> (slot % 64) & 1 == 0
+    }
+
+    #[inline(always)]
+    fn set(&mut self, slot: u32) {
+        self.0[(slot / 64) as usize] |= 1 << (slot % 64);
+    }
+
+    /// The free slots below `size`, in slot order.
+    fn free_slots(&self, size: u32) -> Vec<u32> {
+        let mut free = Vec::new();
+        for (base, &word) in (0u32..).step_by(64).zip(&self.0) {
             let mut bits = !word;
             while bits != 0 {
                 let slot = base + bits.trailing_zeros();
-                if slot as usize >= size {
+                if slot >= size {
                     break;
                 }
                 free.push(slot);
@@ -330,147 +411,98 @@ impl Fill {
     }
 }
 
-/// Candidates a walk examines at once before it falls back to a loop. See
-/// [`Cursor::walk`].
-const BATCH: usize = 4;
-
-/// A backend's position in its permutation while the table is being filled.
-struct Cursor {
-    /// Next candidate slot: `(offset + j * skip) % M` for the backend's
-    /// current `j`. Advanced incrementally instead of precomputing the
-    /// permutation.
-    next: u32,
-    /// `k * skip % M` for `k` in `1..=BATCH`.
-    strides: [Stride; BATCH],
-    size: u32,
-    id: u32,
-    weight: u32,
+/// `(x + d) % M` for `x, d < M`: an add and a conditional subtract, both computed and one
+/// picked without a branch (wrapping is a coin flip that a branch predictor cannot learn).
+#[inline(always)]
+fn step(x: u32, d: u32, size: u32) -> u32 {
+    let wrap = size - d;
+    // Both arms are evaluated: the unused one may wrap.
+    std::hint::select_unpredictable(x < wrap, x.wrapping_add(d), x.wrapping_sub(wrap))
 }
 
-impl Cursor {
-    fn new(offset: u32, skip: u32, size: u32, id: u32, weight: u32) -> Self {
-        let skip = Stride::new(skip, size);
-        let mut strides = [skip; BATCH];
-        for k in 1..BATCH {
-            strides[k] = Stride::new(skip.add(strides[k - 1].d), size);
+/// The first free slot of the permutation `from, from + skip, from + 2 * skip, ...`
+/// (mod M), which must have one. It terminates: `skip` is coprime with the prime `M`, so
+/// the walk visits every slot.
+///
+/// Two candidates per step, on two chains `2 * skip` apart, so that consecutive
+/// candidates do not wait on each other; the walk keeps to locals and only reads the
+/// bitmap.
+#[inline(always)]
+fn walk(taken: &Bitmap, from: u32, skip: u32, size: u32) -> u32 {
+    let skip2 = step(skip, skip, size);
+    let (mut even, mut odd) = (from, step(from, skip, size));
+    loop {
+        if taken.is_free(even) {
+            return even;
         }
-        Self {
-            next: offset,
-            strides,
+        if taken.is_free(odd) {
+            return odd;
+        }
+        even = step(even, skip2, size);
+        odd = step(odd, skip2, size);
+    }
+}
+
+/// The slot [`walk`] would find, found by ranking the free slots instead: near the end of
+/// the fill a walk passes over about `M / free` taken slots. Slot `s` is
+/// `(s - from) * skip^-1 mod M` steps ahead of `from`, and every free slot is ahead (a
+/// walk passes over taken slots only), so the free slot with the fewest steps is the one.
+/// Removes it from `free`.
+fn nearest(free: &mut Vec<u32>, from: u32, skip: u32, size: u32, reduce: Reduce) -> u32 {
+    let inverse = u64::from(inverse_mod(skip, size));
+    let back = size - from;
+    // Steps in the high half, index in the low half: the minimum picks the nearest slot
+    // without a branch (steps differ between slots, so ties cannot happen).
+    let mut best = u64::MAX;
+    for (index, &slot) in (0u64..).zip(free.iter()) {
+        let ahead = slot + back;
+        let ahead = std::hint::select_unpredictable(ahead >= size, ahead.wrapping_sub(size), ahead);
+        // ahead < 2^17 and inverse < 2^17: the product fits Reduce's range.
+        best = best.min(reduce.rem(u64::from(ahead) * inverse) << 32 | index);
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "the low half is an index")]
+    free.swap_remove(best as u32 as usize)
+}
+
+/// `x % M` without a division (Barrett): `magic` is `floor(2^64 / M) + 1`, so the
+/// quotient estimate is exact or one too large.
+#[derive(Clone, Copy)]
+struct Reduce {
+    size: u64,
+    magic: u64,
+}
+
+impl Reduce {
+    fn new(size: u32) -> Self {
+        let size = u64::from(size);
+        Reduce {
             size,
-            id,
-            weight,
+            magic: u64::MAX / size + 1,
         }
     }
 
-    /// Walks the permutation to the backend's next preferred free slot (does
-    /// not mark it taken). Terminates while any slot is free: `skip` is
-    /// coprime with the prime `M`, so the walk visits every slot, and a slot
-    /// it passed over was already taken for good.
-    ///
-    /// Tuned because this is where the time goes:
-    /// - Whether a candidate is free is a coin flip for much of the fill, so
-    ///   the first `BATCH` candidates are checked without branches and the
-    ///   first free one picked; only "none of them" is a branch, and it is
-    ///   predictable until the table is nearly full.
-    /// - The loop after that keeps the walk in locals and only reads `taken`
-    ///   (a store per step would put a store-to-load round trip on the
-    ///   critical path), and takes two candidates per step so consecutive
-    ///   candidates do not wait on each other.
-    fn walk(&mut self, taken: &[u64]) -> u32 {
-        let is_free = |slot: u32| taken[(slot / 64) as usize] >> (slot % 64) & 1 == 0;
-        let [skip, skip2, ..] = self.strides;
-
-        let base = self.next;
-        let mut candidates = [base; BATCH];
-        let mut free = u32::from(is_free(base));
-        for (k, (candidate, stride)) in (1..).zip(candidates[1..].iter_mut().zip(&self.strides)) {
-            *candidate = stride.add(base);
-            free |= u32::from(is_free(*candidate)) << k;
-        }
-        if free != 0 {
-            let slot = candidates[free.trailing_zeros() as usize];
-            self.next = skip.add(slot);
-            return slot;
-        }
-
-        let mut next = self.strides[BATCH - 1].add(base);
-        loop {
-            let first = next;
-            let second = skip.add(first);
-            next = skip2.add(first);
-            if is_free(first) {
-                self.next = second;
-                return first;
-            }
-            if is_free(second) {
-                self.next = next;
-                return second;
-            }
-        }
-    }
-
-    /// Same result as [`Cursor::walk`], found by looking at the free slots
-    /// instead of walking: near the end of the fill a walk would pass over
-    /// about `M / free.len()` taken slots per turn. Removes the slot from
-    /// `free`.
-    fn nearest(&mut self, free: &mut Vec<u32>) -> u32 {
-        let m = u64::from(self.size);
-        // Slot s is (s - next) * skip^-1 mod M steps ahead of `next`; every
-        // free slot is ahead (the walk passed over only taken slots), so the
-        // free slot with the fewest steps is the one the walk would reach.
-        let inv = u64::from(inverse_mod(self.strides[0].d, self.size));
-        let back = m - u64::from(self.next);
-        let (mut best, mut best_steps) = (0, u64::MAX);
-        for (i, &slot) in free.iter().enumerate() {
-            // s + M - next < 2^18 and inv < 2^17: no overflow.
-            let steps = (u64::from(slot) + back) * inv % m;
-            if steps < best_steps {
-                (best, best_steps) = (i, steps);
-            }
-        }
-        let slot = free.swap_remove(best);
-        self.next = self.strides[0].add(slot);
-        slot
+    /// `x % M` for `x < 2^40`.
+    #[inline(always)]
+    fn rem(self, x: u64) -> u64 {
+        debug_assert!(x < 1 << 40);
+        let quotient = ((u128::from(x) * u128::from(self.magic)) >> 64) as u64;
+        let r = x.wrapping_sub(quotient.wrapping_mul(self.size));
+        // One too large: r wrapped below zero.
+        std::hint::select_unpredictable(r > x, r.wrapping_add(self.size), r)
     }
 }
 
 /// `a^-1 mod m` for `a` coprime with `m` (extended Euclid).
 fn inverse_mod(a: u32, m: u32) -> u32 {
-    let (mut r0, mut r1) = (i64::from(m), i64::from(a));
+    let (mut r0, mut r1) = (m, a);
     let (mut t0, mut t1) = (0i64, 1i64);
     while r1 != 0 {
         let q = r0 / r1;
         (r0, r1) = (r1, r0 - q * r1);
-        (t0, t1) = (t1, t0 - q * t1);
+        (t0, t1) = (t1, t0 - i64::from(q) * t1);
     }
     debug_assert_eq!(r0, 1, "{a} is not invertible mod {m}");
     u32::try_from(t0.rem_euclid(i64::from(m))).expect("inverse < m")
-}
-
-/// A step `d` (`0 <= d < M`) along the ring of `M` slots.
-#[derive(Clone, Copy)]
-struct Stride {
-    d: u32,
-    /// `M - d`: positions at or past it wrap around.
-    wrap: u32,
-}
-
-impl Stride {
-    fn new(d: u32, size: u32) -> Self {
-        Self { d, wrap: size - d }
-    }
-
-    /// `(x + d) % M` for `x < M`. Both outcomes are computed from `x` and one
-    /// is picked without a branch (wrapping is a coin flip that the branch
-    /// predictor cannot learn), which also keeps the dependency on `x` short.
-    fn add(self, x: u32) -> u32 {
-        std::hint::select_unpredictable(
-            x < self.wrap,
-            x.wrapping_add(self.d),
-            x.wrapping_sub(self.wrap),
-        )
-    }
 }
 
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
@@ -480,6 +512,7 @@ const SKIP_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// 64-bit FNV-1a starting from `basis` (the standard hash when `basis` is
 /// [`FNV_OFFSET_BASIS`]).
+#[cfg(test)]
 fn fnv1a64(basis: u64, data: &[u8]) -> u64 {
     data.iter()
         .fold(basis, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
@@ -497,13 +530,30 @@ fn fmix64(mut k: u64) -> u64 {
 }
 
 /// Hash for the permutation offset.
+#[cfg(test)]
 fn hash_offset(identity: &[u8]) -> u64 {
     fmix64(fnv1a64(FNV_OFFSET_BASIS, identity))
 }
 
 /// Independent hash for the permutation skip.
+#[cfg(test)]
 fn hash_skip(identity: &[u8]) -> u64 {
     fmix64(fnv1a64(FNV_OFFSET_BASIS ^ SKIP_SEED, identity))
+}
+
+/// Both hashes (`hash_offset`, `hash_skip`) in one pass over the identity: the two
+/// multiply chains run side by side instead of one after the other.
+fn hash_pair(identity: &[u8]) -> (u64, u64) {
+    let (offset, skip) = identity.iter().fold(
+        (FNV_OFFSET_BASIS, FNV_OFFSET_BASIS ^ SKIP_SEED),
+        |(a, b), &byte| {
+            (
+                (a ^ u64::from(byte)).wrapping_mul(FNV_PRIME),
+                (b ^ u64::from(byte)).wrapping_mul(FNV_PRIME),
+            )
+        },
+    );
+    (fmix64(offset), fmix64(skip))
 }
 
 /// A backend's permutation `(offset, skip)` for a prime table size `M`:
@@ -512,8 +562,9 @@ fn hash_skip(identity: &[u8]) -> u64 {
 fn permutation(identity: &[u8], size: u32) -> (u32, u32) {
     debug_assert!(size >= 2);
     let m = u64::from(size);
-    let offset = hash_offset(identity) % m;
-    let skip = hash_skip(identity) % (m - 1) + 1;
+    let (offset, skip) = hash_pair(identity);
+    let offset = offset % m;
+    let skip = skip % (m - 1) + 1;
     // Both are below `size`, which is a u32.
     (
         u32::try_from(offset).expect("offset < size"),
@@ -692,33 +743,183 @@ mod tests {
         }
 
         /// The endgame's shortcut finds the slot the walk would find, however
-        /// full the table is.
+        /// full the table is, and both find the first free slot of the
+        /// permutation as the paper's one-at-a-time walk does.
         #[test]
         fn prop_nearest_agrees_with_walk(
-            size in prop::sample::select(vec![2u32, 13, 251, 4093]),
+            size in prop::sample::select(vec![2u32, 3, 13, 251, 4093, 65_537, MAX_TABLE_SIZE]),
             offset_seed in any::<u32>(),
             skip_seed in any::<u32>(),
             taken_seeds in prop::collection::vec(any::<u32>(), 0..300),
         ) {
-            let mut taken = vec![0u64; size.div_ceil(64) as usize];
+            let mut taken = Bitmap::new(size);
             for seed in taken_seeds {
-                let slot = seed % size;
-                taken[(slot / 64) as usize] |= 1 << (slot % 64);
+                taken.set(seed % size);
             }
-            let free: Vec<u32> = (0..size)
-                .filter(|&s| taken[(s / 64) as usize] >> (s % 64) & 1 == 0)
-                .collect();
+            let free: Vec<u32> = (0..size).filter(|&s| taken.is_free(s)).collect();
+            prop_assert_eq!(&taken.free_slots(size), &free);
             prop_assume!(!free.is_empty());
             let offset = offset_seed % size;
             let skip = skip_seed % (size - 1) + 1;
-            let mut by_walk = Cursor::new(offset, skip, size, 1, 1);
-            let mut by_nearest = Cursor::new(offset, skip, size, 1, 1);
+            let mut one_at_a_time = offset;
+            while !taken.is_free(one_at_a_time) {
+                one_at_a_time = (one_at_a_time + skip) % size;
+            }
+            let slot = walk(&taken, offset, skip, size);
+            prop_assert_eq!(slot, one_at_a_time);
             let mut free_list = free.clone();
-            let slot = by_walk.walk(&taken);
-            prop_assert_eq!(by_nearest.nearest(&mut free_list), slot);
-            prop_assert_eq!(by_walk.next, by_nearest.next);
+            prop_assert_eq!(nearest(&mut free_list, offset, skip, size, Reduce::new(size)), slot);
             prop_assert_eq!(free_list.len(), free.len() - 1);
             prop_assert!(!free_list.contains(&slot));
+        }
+    }
+
+    /// The paper's Pseudocode 1 as written, kept here as the reference the tuned fill
+    /// must equal slot for slot: the whole `permutation[i][j]` array, `next[i]` and
+    /// `entry[c]`, backends in identity order, and weights as `w / gcd` interleaved
+    /// turns per round. Independent of the fill's walk, stepping, bitmap, endgame and
+    /// schedule (it shares only the two hashes, which the golden values pin).
+    fn reference_table(backends: &[Backend<'_>], size: u32) -> Vec<u32> {
+        let m = size as usize;
+        let mut live: Vec<&Backend<'_>> = backends.iter().filter(|b| b.weight > 0).collect();
+        live.sort_by(|a, b| a.identity.cmp(b.identity));
+        let mut entry = vec![0u32; m];
+        let Some(g) = live.iter().map(|b| b.weight).reduce(gcd) else {
+            return entry;
+        };
+        let permutation: Vec<Vec<usize>> = live
+            .iter()
+            .map(|b| {
+                let offset = usize::try_from(hash_offset(b.identity) % m as u64).unwrap();
+                let skip = usize::try_from(hash_skip(b.identity) % (m as u64 - 1) + 1).unwrap();
+                (0..m).map(|j| (offset + j * skip) % m).collect()
+            })
+            .collect();
+        let mut next = vec![0; live.len()];
+        let mut filled = 0;
+        loop {
+            for depth in 0.. {
+                let mut took = false;
+                for (i, b) in live.iter().enumerate() {
+                    if b.weight / g <= depth {
+                        continue;
+                    }
+                    took = true;
+                    let mut c = permutation[i][next[i]];
+                    while entry[c] != 0 {
+                        next[i] += 1;
+                        c = permutation[i][next[i]];
+                    }
+                    entry[c] = b.id;
+                    next[i] += 1;
+                    filled += 1;
+                    if filled == m {
+                        return entry;
+                    }
+                }
+                if !took {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Random backend sets: distinct arbitrary identities, distinct nonzero ids in
+    /// random order, weights mostly small (0 = drained), sometimes huge.
+    fn random_backends() -> impl Strategy<Value = Vec<(Vec<u8>, u32, u32)>> {
+        (
+            prop::collection::btree_set(prop::collection::vec(any::<u8>(), 0..24), 1..=60),
+            prop::bool::weighted(0.2),
+        )
+            .prop_flat_map(|(identities, huge)| {
+                let n = identities.len();
+                let weight = if huge {
+                    prop_oneof![0u32..=6, any::<u32>()].boxed()
+                } else {
+                    (0u32..=6).boxed()
+                };
+                (
+                    Just(identities.into_iter().collect::<Vec<_>>()).prop_shuffle(),
+                    prop::collection::btree_set(1u32.., n).prop_shuffle_ids(),
+                    prop::collection::vec(weight, n),
+                )
+            })
+            .prop_map(|(identities, ids, weights)| {
+                identities
+                    .into_iter()
+                    .zip(ids)
+                    .zip(weights)
+                    .map(|((identity, id), weight)| (identity, id, weight))
+                    .collect()
+            })
+    }
+
+    /// Helper so a set of ids comes out in random order.
+    trait ShuffleIds {
+        fn prop_shuffle_ids(self) -> BoxedStrategy<Vec<u32>>;
+    }
+
+    impl<S: Strategy<Value = std::collections::BTreeSet<u32>> + 'static> ShuffleIds for S {
+        fn prop_shuffle_ids(self) -> BoxedStrategy<Vec<u32>> {
+            self.prop_map(|ids| ids.into_iter().collect::<Vec<_>>())
+                .prop_shuffle()
+                .boxed()
+        }
+    }
+
+    /// A random prime table size up to `max` (the largest prime at most a random n).
+    fn random_prime(max: u32) -> impl Strategy<Value = u32> {
+        (2..=max).prop_map(|n| (2..=n).rev().find(|&p| is_prime(p)).expect("2 is prime"))
+    }
+
+    proptest! {
+        #[test]
+        fn prop_matches_paper_reference(
+            set in random_backends(),
+            size in prop_oneof![4 => random_prime(5_000), 1 => random_prime(20_011)],
+        ) {
+            let backends: Vec<Backend<'_>> = set
+                .iter()
+                .map(|(identity, id, weight)| Backend { id: *id, identity, weight: *weight })
+                .collect();
+            let table = build_table(&backends, size).unwrap();
+            prop_assert_eq!(&table, &reference_table(&backends, size));
+        }
+
+        #[test]
+        fn prop_reduce_is_remainder(size in random_prime(MAX_TABLE_SIZE), x in 0u64..1 << 40) {
+            prop_assert_eq!(Reduce::new(size).rem(x), x % u64::from(size));
+        }
+    }
+
+    #[test]
+    fn matches_reference_at_bench_size() {
+        // The benchmark's case, M = 65537 and N = 1000, equal and mixed weights.
+        let idents = identities(1000, 3);
+        for weights in [vec![1; 1000], (0..1000).map(|i| 1 + i % 4).collect()] {
+            let backends = weighted(&idents, &weights);
+            assert_eq!(
+                build_table(&backends, 65_537).unwrap(),
+                build_table_plain(&backends, 65_537).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn schedule_interleaves_turns_and_stops_at_size() {
+        assert_eq!(Schedule::new(&[1, 3, 2], 13).0, [0, 1, 2, 1, 2, 1]);
+        assert_eq!(Schedule::new(&[1, 3, 2], 5).0, [0, 1, 2, 1, 2]);
+        assert_eq!(Schedule::new(&[u32::MAX, 1], 7).0, [0, 1, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn reduce_edges() {
+        for size in [2, 3, 13, 65_537, MAX_TABLE_SIZE] {
+            let r = Reduce::new(size);
+            let m = u64::from(size);
+            for x in [0, 1, m - 1, m, m + 1, m * m - 1, m * m, (1 << 40) - 1] {
+                assert_eq!(r.rem(x), x % m, "{x} mod {m}");
+            }
         }
     }
 
@@ -1039,6 +1240,7 @@ mod tests {
         let id = b"192.0.2.11:8080/TCP";
         assert_eq!(hash_offset(id), 0xc931_bca1_2636_f75f);
         assert_eq!(hash_skip(id), 0x16cc_94b7_01f2_d833);
+        assert_eq!(hash_pair(id), (hash_offset(id), hash_skip(id)));
         assert_eq!(permutation(id, DEFAULT_TABLE_SIZE), (11_259, 3_708));
 
         let backends = [

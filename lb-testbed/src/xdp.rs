@@ -82,6 +82,12 @@ impl PassProgram {
         Ok(pass)
     }
 
+    /// The loaded program's kernel-side facts (instruction counts, JIT size), for the
+    /// benchmark's baseline figures.
+    pub fn info(&mut self) -> Result<aya::programs::ProgramInfo> {
+        Ok(program(&mut self.ebpf)?.info()?)
+    }
+
     /// Runs it once on `frame`, with the same context as [`test_run`] (the benchmark
     /// baseline).
     pub fn test_run(
