@@ -87,6 +87,7 @@ fn route(name: &str, addr: SocketAddr) -> Route {
         ssl_redirect: false,
         balance: Balance::RoundRobin,
         max_body_bytes: None,
+        policy: std::sync::Arc::default(),
     }
 }
 
