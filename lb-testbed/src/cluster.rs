@@ -49,6 +49,7 @@ pub mod kube_proxy;
 pub mod manifests;
 pub mod scenarios;
 pub mod service;
+pub mod xlb;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
