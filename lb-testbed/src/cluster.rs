@@ -46,6 +46,7 @@
 
 pub mod apps;
 pub mod kube_proxy;
+pub mod kube_proxy_nft;
 pub mod manifests;
 pub mod scenarios;
 pub mod service;

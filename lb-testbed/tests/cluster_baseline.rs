@@ -6,29 +6,30 @@
 
 use lb_testbed::cluster::apps::PodServers;
 use lb_testbed::cluster::kube_proxy::KubeProxyIptables;
+use lb_testbed::cluster::kube_proxy_nft::KubeProxyNftables;
 use lb_testbed::cluster::manifests::ManifestDir;
 use lb_testbed::cluster::scenarios::{self, DROPPED_NODE, POD_PORT};
 use lb_testbed::cluster::{
     Cluster, ClusterService, NodeProgram, PodNetwork, Protocol, VXLAN_IF_V4, VXLAN_IF_V6,
 };
 
-/// Builds the cluster, programs kube-proxy's rules on every node and announces the
-/// Local LB IPs.
+/// Builds the cluster, programs kube-proxy's iptables rules on every node and announces
+/// the Local LB IPs.
 fn baseline(tag: &str, network: PodNetwork) -> (Cluster, PodServers, Vec<ClusterService>) {
     let cluster = Cluster::for_test(tag, network);
     let servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
     let services = scenarios::standard_services(&cluster);
     KubeProxyIptables
         .program(&cluster, &services)
-        .expect("kube-proxy rules on every node");
+        .unwrap_or_else(|e| panic!("kube-proxy rules on every node: {e:#}"));
     scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
     (cluster, servers, services)
 }
 
-fn frontends(cluster: &Cluster, services: &[ClusterService]) {
+fn frontends(cluster: &Cluster, program: &dyn NodeProgram<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
         for proto in [Protocol::Tcp, Protocol::Udp] {
-            let report = scenarios::frontends(cluster, &KubeProxyIptables, services, proto, v6)
+            let report = scenarios::frontends(cluster, program, services, proto, v6)
                 .unwrap_or_else(|e| panic!("{e:#}"));
             eprintln!("{proto:?} v6={v6}: {report:?}");
         }
@@ -38,7 +39,7 @@ fn frontends(cluster: &Cluster, services: &[ClusterService]) {
 #[test]
 fn kube_proxy_iptables_on_a_host_gw_cluster() {
     let (cluster, servers, services) = baseline("kp-hostgw", PodNetwork::HostGw);
-    frontends(&cluster, &services);
+    frontends(&cluster, &KubeProxyIptables, &services);
 
     for v6 in [false, true] {
         let flows = scenarios::node_drop(&cluster, &KubeProxyIptables, &services, v6)
@@ -78,7 +79,7 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
 #[test]
 fn kube_proxy_iptables_on_a_vxlan_cluster() {
     let (cluster, _servers, services) = baseline("kp-vxlan", PodNetwork::Vxlan);
-    frontends(&cluster, &services);
+    frontends(&cluster, &KubeProxyIptables, &services);
     // Remote pods were reached, and only VXLAN leads to them: every node sent over both
     // devices.
     for node in &cluster.nodes {
@@ -96,6 +97,23 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
     }
     for v6 in [false, true] {
         scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}
+
+/// kube-proxy's nftables mode passes the same frontends and path MTU scenarios.
+#[test]
+fn kube_proxy_nftables_on_a_host_gw_cluster() {
+    let cluster = Cluster::for_test("kp-nft", PodNetwork::HostGw);
+    let _servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
+    let services = scenarios::standard_services(&cluster);
+    KubeProxyNftables
+        .program(&cluster, &services)
+        .unwrap_or_else(|e| panic!("kube-proxy nftables on every node: {e:#}"));
+    scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
+    frontends(&cluster, &KubeProxyNftables, &services);
+    for v6 in [false, true] {
+        scenarios::path_mtu(&cluster, &KubeProxyNftables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }

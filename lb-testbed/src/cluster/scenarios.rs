@@ -32,6 +32,10 @@ pub const LONG_LIVED: usize = 20;
 /// The node [`node_drop`] withdraws from the router's multipath route.
 pub const DROPPED_NODE: usize = 1;
 
+/// A case stops after this many failed connections (each may take [`TIMEOUT`]), so a
+/// broken implementation fails in seconds, not minutes; the rest are reported untried.
+const MAX_FAILURES_PER_CASE: usize = 3;
+
 /// Deadline of one connection or exchange.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -347,7 +351,16 @@ fn case(
     failures: &mut Vec<String>,
 ) -> Spread {
     let mut spread = Spread::default();
+    let mut failed = 0;
     for n in 0..count {
+        if failed == MAX_FAILURES_PER_CASE {
+            failures.push(format!(
+                "{} {addr}: stopped after {failed} failures, {} not tried",
+                svc.name,
+                count - n
+            ));
+            break;
+        }
         let checked = ask(cluster, svc.protocol, addr).and_then(|answer| {
             let pod_node = check_answer(cluster, svc, &answer, sees, receiver, v6)?;
             let on_receiver = match (receiver, sees) {
@@ -360,7 +373,10 @@ fn case(
         match checked {
             Ok(true) => spread.local += 1,
             Ok(false) => spread.remote += 1,
-            Err(e) => failures.push(format!("{} {addr} #{n}: {e:#}", svc.name)),
+            Err(e) => {
+                failed += 1;
+                failures.push(format!("{} {addr} #{n}: {e:#}", svc.name));
+            }
         }
     }
     spread
