@@ -33,7 +33,9 @@
 //! (`cali<node>x<pod>`) has no address, the MAC ee:ee:ee:ee:ee:ee, proxy ARP and a
 //! host route to the pod's /32 and /128; the pod's default routes go via 169.254.1.1
 //! (answered by proxy ARP) and the host end's link-local address. No GRO, checksum or
-//! XDP settings are changed on pod veths: they are as a CNI leaves them. The node's
+//! XDP settings are changed on pod veths: they are as a CNI leaves them. Their MTU is
+//! the links' (1500), less the VXLAN overhead in the VXLAN variant (1430), as the CNI
+//! configures it ([`Cluster::pod_mtu`]). The node's
 //! uplink `eth0` and the other links are testbed veths (full checksums, NAPI on), as
 //! NICs are.
 //!
@@ -165,14 +167,40 @@ pub struct Node {
     pub pods: Vec<Pod>,
 }
 
+impl Node {
+    /// Its address on the segment (its InternalIP): [`Cluster::node_v4`].
+    pub fn v4(&self) -> Ipv4Addr {
+        Cluster::node_v4(self.index)
+    }
+
+    /// Its IPv6 address on the segment: [`Cluster::node_v6`].
+    pub fn v6(&self) -> Ipv6Addr {
+        Cluster::node_v6(self.index)
+    }
+}
+
 /// One pod: its namespace and addresses, and the node it runs on.
 #[derive(Debug)]
 pub struct Pod {
     /// `node-<i>-pod-<j>`, also what its servers answer with.
     pub name: String,
+    /// The index of its node.
     pub node: usize,
+    /// Its index on its node.
     pub index: usize,
     pub ns: Netns,
+}
+
+impl Pod {
+    /// Its address: [`Cluster::pod_v4`].
+    pub fn v4(&self) -> Ipv4Addr {
+        Cluster::pod_v4(self.node, self.index)
+    }
+
+    /// Its IPv6 address: [`Cluster::pod_v6`].
+    pub fn v6(&self) -> Ipv6Addr {
+        Cluster::pod_v6(self.node, self.index)
+    }
 }
 
 /// The client, router, switch, nodes and pods, wired as in the module docs. Dropping it

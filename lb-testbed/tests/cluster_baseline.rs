@@ -36,13 +36,13 @@ fn frontends(cluster: &Cluster, program: &dyn NodeProgram<'_>, services: &[Clust
     }
 }
 
-#[test]
-fn kube_proxy_iptables_on_a_host_gw_cluster() {
-    let (cluster, servers, services) = baseline("kp-hostgw", PodNetwork::HostGw);
-    frontends(&cluster, &KubeProxyIptables, &services);
-
+/// Long-lived connections while node-1 leaves the ECMP group: kube-proxy keeps per-node
+/// conntrack state, so a moved flow lands on a node that never saw it and is reset;
+/// exactly the flows that did not move survive (with Linux's hash-threshold ECMP and
+/// the middle nexthop withdrawn, those are all but node-1's).
+fn node_drop(cluster: &Cluster, services: &[ClusterService]) {
     for v6 in [false, true] {
-        let flows = scenarios::node_drop(&cluster, &KubeProxyIptables, &services, v6)
+        let flows = scenarios::node_drop(cluster, &KubeProxyIptables, services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
         let through_dropped = flows
             .iter()
@@ -57,9 +57,10 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
             "node drop v6={v6}: {survived} of {} survived; {through_dropped} went through node-{DROPPED_NODE}, {moved} moved",
             flows.len()
         );
-        // kube-proxy keeps per-node conntrack state: a moved flow lands on a node that
-        // never saw it and is reset, so exactly the flows that did not move survive.
         assert_eq!(survived, flows.len() - moved, "{flows:#?}");
+        // Hash-threshold: node-0 kept [0, 1/3) of the hash space within its new [0, 1/2),
+        // node-2 [2/3, 1) within [1/2, 1); only node-1's flows moved.
+        assert_eq!(moved, through_dropped, "{flows:#?}");
         assert!(
             flows
                 .iter()
@@ -67,6 +68,14 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
             "{flows:#?}"
         );
     }
+}
+
+#[test]
+fn kube_proxy_iptables_on_a_host_gw_cluster() {
+    let (cluster, servers, services) = baseline("kp-hostgw", PodNetwork::HostGw);
+    frontends(&cluster, &KubeProxyIptables, &services);
+
+    node_drop(&cluster, &services);
 
     for v6 in [false, true] {
         let cases = scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
@@ -95,6 +104,7 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
             assert!(sent > 0, "{} sent nothing over {dev}: {json}", node.name);
         }
     }
+    node_drop(&cluster, &services);
     for v6 in [false, true] {
         scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));

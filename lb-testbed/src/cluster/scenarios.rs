@@ -655,8 +655,12 @@ pub struct MtuCase {
 /// NodePort (so the pod is local to the receiving node for one and remote for the
 /// others): a UDP datagram too big for that link must come back as an ICMP error the
 /// client's socket sees (`EMSGSIZE`, path MTU `SMALL_MTU`: the error was translated back
-/// to the client's flow), and a TCP transfer of 64 KiB each way must complete. The MTU
-/// and the client's learnt path MTUs are restored afterwards.
+/// to the client's flow), and a TCP transfer of 64 KiB each way must complete. The pod's
+/// MTU is restored afterwards, but the client may keep the path MTUs it learnt for these
+/// frontends (IPv4 keeps them until they expire): run it after the other scenarios.
+///
+/// The pod advertises an MSS that fits its link, so the TCP transfer needs no ICMP; the
+/// datagrams show that the errors reach the client through the translation.
 pub fn path_mtu(
     cluster: &Cluster,
     program: &dyn NodeProgram<'_>,
