@@ -4,9 +4,23 @@
 //! and which source address the pod saw; a failure names every connection that went
 //! wrong.
 //!
-//! Use: build a [`Cluster`], start [`PodServers`] on [`POD_PORT`], take
-//! [`standard_services`], program them with the implementation under test, call
-//! [`announce`], then any scenario ([`frontends`], [`node_drop`], [`path_mtu`]).
+//! Use: build a [`Cluster`], start [`PodServers`](super::apps::PodServers) on
+//! [`POD_PORT`], take [`standard_services`], program them with the implementation under
+//! test, call [`announce`], then any scenario ([`frontends`], [`node_drop`], and
+//! [`path_mtu`] last):
+//!
+//! ```text
+//! let cluster = Cluster::for_test("snat", PodNetwork::HostGw);
+//! let _servers = PodServers::start(&cluster, POD_PORT)?;
+//! let services = scenarios::standard_services(&cluster);
+//! let mut xlb = XlbAgents::new(Path::new(AGENT), "xlb snat", &["--lb-mode", "snat"],
+//!                              PodSees::Node, false);
+//! xlb.program(&cluster, &services)?;
+//! scenarios::announce(&cluster, &services)?;
+//! scenarios::frontends(&cluster, &xlb, &services, Protocol::Tcp, false)?;
+//! scenarios::node_drop(&cluster, &xlb, &services, true)?;
+//! scenarios::path_mtu(&cluster, &xlb, &services, false)?;
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
