@@ -889,6 +889,46 @@ impl Cluster {
         Ok(())
     }
 
+    /// Gives node `node`'s host routes to its pod `pod` (both families) the locked MTU
+    /// `mtu` (`None`: none), so the node sends ICMP errors for larger packets it
+    /// forwards to the pod, as if a smaller link lay between them, while the pod's own
+    /// link keeps its MTU (and the pod its MSS).
+    pub fn set_pod_route_mtu(
+        &self,
+        node: usize,
+        pod: usize,
+        mtu: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let n = self
+            .nodes
+            .get(node)
+            .with_context(|| format!("set_pod_route_mtu: no node {node}"))?;
+        anyhow::ensure!(
+            pod < n.pods.len(),
+            "set_pod_route_mtu: node {node} has no pod {pod}"
+        );
+        let host_if = Self::pod_host_if(node, pod);
+        let mtu = mtu.map(|m| m.to_string());
+        for (family, dst, scope) in [
+            (
+                "-4",
+                format!("{}/32", Self::pod_v4(node, pod)),
+                Some("link"),
+            ),
+            ("-6", format!("{}/128", Self::pod_v6(node, pod)), None),
+        ] {
+            let mut args = vec![family, "route", "replace", &dst, "dev", &host_if];
+            if let Some(scope) = scope {
+                args.extend(["scope", scope]);
+            }
+            if let Some(mtu) = &mtu {
+                args.extend(["mtu", "lock", mtu]);
+            }
+            n.ns.ip(&args)?;
+        }
+        Ok(())
+    }
+
     /// The MTU of pod veths, as the CNI sets it: the link MTU, less the VXLAN overhead
     /// (the larger one, of the IPv6 underlay) in the VXLAN variant.
     pub fn pod_mtu(&self) -> u32 {
