@@ -12,7 +12,7 @@
 //!  2001:db8:c::2/64    c::1    2001:db8:d::1/64                            2001:db8:d::(66+i)/64
 //!  default via .1      ECMP: 203.0.113.0/24 and 2001:db8:f::/64             │  default via .65 / d::1
 //!                      nexthop via every node, 5-tuple hash                 │
-//!                      (fib_multipath_hash_policy=3, fields 0x37)           │ cali<i><j> (ee:ee:ee:ee:ee:ee,
+//!                      (fib_multipath_hash_policy=3, fields 0x37)           │ cali<i>x<j> (ee:ee:ee:ee:ee:ee,
 //!                                                                           │   proxy ARP, no address)
 //!                                                                           │   route 192.0.2.x/32, 2001:db8:a:i::x/128
 //!                                                 pod ns i/j:  eth0 ────────┘
@@ -35,16 +35,17 @@
 //! (answered by proxy ARP) and the host end's link-local address. No GRO, checksum or
 //! XDP settings are changed on pod veths: they are as a CNI leaves them. Their MTU is
 //! the links' (1500), less the VXLAN overhead in the VXLAN variant (1430), as the CNI
-//! configures it ([`Cluster::pod_mtu`]). The node's
-//! uplink `eth0` and the other links are testbed veths (full checksums, NAPI on), as
-//! NICs are.
+//! configures it ([`Cluster::pod_mtu`]). The node's uplink `eth0` and the other links
+//! are testbed veths (full checksums, NAPI on), as NICs are.
 //!
 //! Pods reply through their node (their only route). Nothing is programmed for
 //! Services: a [`NodeProgram`] (kube-proxy's iptables rules, xlb agents) does that.
 //! VIPs are configured on no interface; the router routes the whole VIP range to the
 //! nodes, and [`Cluster::set_route`] narrows a prefix to some nodes (a ClusterIP routed
 //! to one node, a `Local` LB IP announced only by nodes with endpoints, a node
-//! withdrawn from the ECMP group).
+//! withdrawn from the ECMP group). The router hashes by the 5-tuple with policy 3
+//! rather than 1 ([`MULTIPATH_HASH_POLICY`] says why), and [`Cluster::record_paths`]
+//! shows which node it sent each of the client's flows to.
 
 pub mod apps;
 pub mod kube_proxy;
