@@ -5,10 +5,14 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::{NextHop, Reason, maps::NEXTHOP_TTL_NS, reason::XDP_TX};
+use lb_common::{
+    NextHop, Reason,
+    maps::NEXTHOP_TTL_NS,
+    reason::{XDP_PASS, XDP_TX},
+};
 
 use crate::{
     maps::{NEXTHOPS_V1, TX_PORTS_V1},
@@ -115,29 +119,27 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
     })
 }
 
+/// Out through the next hop: `XDP_TX` when it is behind the interface the packet came
+/// in on, a devmap redirect when its device is one the agent attached to (and so takes
+/// redirects), else the kernel's stack, which forwards the translated packet itself (a
+/// pod's veth without NAPI, an overlay device, a driver without XDP transmit).
 #[inline(always)]
 fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason), Reason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (tx, redirect, stack) = match dir {
+        Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect, Reason::FwdStack),
+        Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect, Reason::ReplyStack),
+    };
+    let verdict = if hop.ifindex == ingress {
+        (XDP_TX, tx)
+    } else {
+        match TX_PORTS_V1.redirect(hop.ifindex, 0) {
+            Ok(action) => (action, redirect),
+            // The frame keeps the MACs it arrived with: it is addressed to this node.
+            Err(_) => return Ok((XDP_PASS, stack)),
+        }
+    };
     store(ctx, 0, hop.dmac)?;
     store(ctx, 6, hop.smac)?;
-    let ingress = ctx.ingress_ifindex() as u32;
-    let (tx, redirect) = match dir {
-        Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect),
-        Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect),
-    };
-    if hop.ifindex == ingress {
-        return Ok((XDP_TX, tx));
-    }
-    // Not in the devmap (an interface the agent did not attach to): the slower generic
-    // redirect still delivers it.
-    let action = TX_PORTS_V1.redirect(hop.ifindex, 0).unwrap_or_else(|_| {
-        // SAFETY: plain helper call.
-        let action = unsafe { bpf_redirect(hop.ifindex, 0) };
-        #[expect(
-            clippy::cast_sign_loss,
-            reason = "returns an XDP action, never negative"
-        )]
-        let action = action as u32;
-        action
-    });
-    Ok((action, redirect))
+    Ok(verdict)
 }

@@ -12,6 +12,7 @@
 
 mod affinity;
 mod conntrack;
+mod egress;
 mod fib;
 mod maglev;
 mod maps;
@@ -20,6 +21,7 @@ mod packet;
 mod parse;
 mod reject;
 mod service;
+mod snat;
 mod sock;
 mod source_range;
 mod stats;
@@ -58,6 +60,7 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
 /// when the service has no backend and rejects.
+#[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
@@ -66,14 +69,27 @@ fn to_backend(
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    let chosen = match conntrack::backend_for(pkt, &frontend) {
+    let tcp_flags = nat::tcp_flags(ctx, pkt);
+    let chosen = match conntrack::backend_for(pkt, &frontend, tcp_flags) {
         Ok(chosen) => chosen,
         Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
             return reject::refuse(ctx, pkt, bytes, frontend.service_id);
         }
         Err(reason) => return Err(reason),
     };
-    nat::dnat(ctx, pkt, &chosen.backend)?;
+    let snat = match chosen.snat {
+        Some(port) => Some((
+            snat::node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
+            port,
+        )),
+        None => None,
+    };
+    nat::rewrite(
+        ctx,
+        pkt,
+        snat,
+        Some((&chosen.backend.addr, chosen.backend.port)),
+    )?;
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
     if chosen.new_flow {
         stats::count_backend_new_flow(chosen.id);
@@ -87,21 +103,44 @@ fn to_backend(
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
-/// frontend the client used; everything else passes untouched.
+/// frontend the client used (and, SNATed, to the client); everything else passes
+/// untouched.
+#[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
     if !service::from_backend(pkt) {
         return Err(Reason::PassNotFrontend);
     }
-    let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
-    // SAFETY: a valid map value pointer; copied out at once.
-    let rev = unsafe { *entry };
+    // SNATed (backend -> node:port): to frontend -> client; else backend -> client:
+    // to frontend -> client. Either way the entry caches the next hop to the client.
+    let (src, dst, service_id, cache) = match snat::reply(pkt, nat::tcp_flags(ctx, pkt)) {
+        // SAFETY: a valid map value pointer; read in place (LRU values are not freed
+        // while the program runs).
+        Some(entry) => unsafe {
+            (
+                (&(*entry).frontend, (*entry).frontend_port),
+                Some((&(*entry).client, (*entry).client_port)),
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
+        },
+        None => {
+            let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+            // SAFETY: as above.
+            unsafe {
+                (
+                    (&(*entry).addr, (*entry).port),
+                    None,
+                    (*entry).service_id,
+                    &raw mut (*entry).next_hop,
+                )
+            }
+        }
+    };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    nat::rev_snat(ctx, pkt, &rev)?;
-    stats::count_reply(rev.service_id, bytes);
-    // SAFETY: the field of a valid map value.
-    let cache = unsafe { &raw mut (*entry).next_hop };
+    nat::rewrite(ctx, pkt, Some(src), dst)?;
+    stats::count_reply(service_id, bytes);
     fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache))
 }
 

@@ -142,6 +142,12 @@ impl Dataplane {
                 name: PROGRAM,
                 source,
             })?;
+        dp.egress_mut()?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                name: super::egress::EGRESS_PROGRAM,
+                source,
+            })?;
         Ok(dp)
     }
 

@@ -3,6 +3,7 @@
 
 mod arrays;
 mod batch;
+pub mod egress;
 #[cfg(test)]
 mod fake;
 mod grace;
