@@ -44,6 +44,8 @@ fn run(command: Command) -> Result<()> {
             manifests,
             node_name,
             node_addresses,
+            lb_mode,
+            snat_ports,
             admin,
             interfaces,
             socket_lb,
@@ -69,7 +71,9 @@ fn run(command: Command) -> Result<()> {
                 node: NodeOptions {
                     name: node_name,
                     addresses: node_addresses,
+                    lb_mode,
                 },
+                snat_ports,
                 admin,
                 interfaces,
                 mode: match xdp_mode {

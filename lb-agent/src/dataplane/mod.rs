@@ -12,6 +12,7 @@ pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod snat;
 pub mod sockets;
 pub mod source_ranges;
 pub mod stats;

@@ -111,6 +111,7 @@ fn example_file_parses_into_the_demo_services() {
         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
         reject_when_empty: false,
         source_ranges: Vec::new(),
+        lb_mode: None,
     };
     let web_v6 = ServiceSpec {
         name: "web-v6".to_owned(),
@@ -124,6 +125,7 @@ fn example_file_parses_into_the_demo_services() {
         maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
         reject_when_empty: false,
         source_ranges: Vec::new(),
+        lb_mode: None,
     };
     assert_eq!(parsed.services, [web, web_v6]);
 }
