@@ -1,9 +1,11 @@
-//! The two baselines: the rules kube-proxy programs for a service in its iptables mode and
+//! The two baselines of the single-LB topology: the rules kube-proxy programs for a service in its iptables mode and
 //! in its nftables mode, rendered for the benchmark's services and applied inside the
 //! load-balancer namespace (`ip netns exec LB iptables-restore FILE` / `nft -f FILE`).
 //!
 //! The shape follows kube-proxy's proxiers (pkg/proxy/iptables and pkg/proxy/nftables),
-//! written out here for one ClusterIP-style VIP per service port:
+//! written out here for one ClusterIP-style VIP per service port (the cluster topology's
+//! rules, per node with NodePorts, LB IPs and traffic policies, are in
+//! `lb_testbed::cluster::kube_proxy`):
 //! - iptables: `PREROUTING -> KUBE-SERVICES -> KUBE-SVC-<hash>`, which picks an endpoint
 //!   with `-m statistic --mode random --probability 1/(n-i)` jumps (the last one
 //!   unconditional) to `KUBE-SEP-<hash>` chains that `DNAT --to-destination ip:port`; plus
@@ -29,6 +31,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use lb_testbed::Netns;
+// kube-proxy's chain-name hash and masquerade mark are shared with the cluster
+// baseline's rules, which the testbed keeps.
+use lb_testbed::cluster::kube_proxy::{MASQ_MARK, chain_hash};
 
 /// One service port as kube-proxy sees it: `namespace/service:port_name`, a VIP:port and
 /// its endpoints.
@@ -45,26 +50,6 @@ impl ServicePort {
     pub fn name(&self) -> String {
         format!("{}/{}:{}", self.namespace, self.service, self.port_name)
     }
-}
-
-/// kube-proxy's masquerade mark.
-const MASQ_MARK: &str = "0x4000";
-
-/// kube-proxy's chain-name hash: 16 characters of base32 of a hash of the name (kube-proxy
-/// uses SHA-256; any stable hash gives the same rule shape). Two FNV-1a passes with
-/// different bases give the 80 bits.
-fn chain_hash(name: &str) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let fnv = |basis: u64| {
-        name.bytes().fold(basis, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-    };
-    let (hi, lo) = (fnv(0xcbf2_9ce4_8422_2325), fnv(0x8422_2325_cbf2_9ce4));
-    let bits = (u128::from(hi) << 64) | u128::from(lo);
-    (0..16)
-        .map(|i| char::from(ALPHABET[((bits >> (123 - 5 * i)) & 31) as usize]))
-        .collect()
 }
 
 fn svc_chain(svc: &ServicePort) -> String {

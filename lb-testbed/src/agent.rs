@@ -41,9 +41,11 @@ pub struct AgentProcess<'a> {
     extra: Vec<String>,
     /// A command that runs the agent (e.g. `setpriv ... --`); empty = none.
     launcher: Vec<String>,
-    /// Attach XDP to the topology's load-balancer interfaces; false for an L7-only
-    /// instance.
+    /// Attach XDP to `interfaces`; false for an L7-only instance.
     xdp: bool,
+    /// Where XDP attaches: the topology's load-balancer interfaces unless started with
+    /// [`AgentProcess::start_on_interfaces`].
+    interfaces: Vec<String>,
 }
 
 impl<'a> AgentProcess<'a> {
@@ -99,6 +101,26 @@ impl<'a> AgentProcess<'a> {
             .chain(assignments.iter().map(String::as_str))
             .collect();
         Self::start_full(ns, &launcher, binary, source, tag, extra)
+    }
+
+    /// An agent with any source on the given interfaces of `ns` (e.g. a cluster node's
+    /// uplink, `Cluster::NODE_IF`), pinning under a unique bpffs directory named after
+    /// `tag`.
+    pub fn start_on_interfaces(
+        ns: &'a Netns,
+        binary: &Path,
+        source: &[&str],
+        interfaces: &[&str],
+        tag: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        if interfaces.is_empty() {
+            bail!("agent {tag}: interfaces: at least one is needed");
+        }
+        let mut agent = Self::prepare(ns, &[], binary, source, tag, extra)?;
+        agent.interfaces = interfaces.iter().map(|i| (*i).to_owned()).collect();
+        agent.spawn()?;
+        Ok(agent)
     }
 
     /// An L7-only agent (`--l7` without `--interface`: no XDP, no pins) in `ns`,
@@ -167,6 +189,10 @@ impl<'a> AgentProcess<'a> {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             launcher: launcher.iter().map(|s| (*s).to_owned()).collect(),
             xdp: true,
+            interfaces: vec![
+                Topology::LB_CLIENT_IF.to_owned(),
+                Topology::LB_BACKEND_IF.to_owned(),
+            ],
         };
         // A directory left by a crashed earlier run with the same PID is stale.
         pins::remove_all(&agent.pin_dir).context("removing stale pins")?;
@@ -182,14 +208,10 @@ impl<'a> AgentProcess<'a> {
         let mut args: Vec<String> = vec!["run".into()];
         args.extend(self.source.iter().cloned());
         if self.xdp {
-            args.extend([
-                "--interface".into(),
-                Topology::LB_CLIENT_IF.into(),
-                "--interface".into(),
-                Topology::LB_BACKEND_IF.into(),
-                "--bpffs".into(),
-                self.pin_dir.display().to_string(),
-            ]);
+            for ifname in &self.interfaces {
+                args.extend(["--interface".into(), ifname.clone()]);
+            }
+            args.extend(["--bpffs".into(), self.pin_dir.display().to_string()]);
         }
         args.extend(self.extra.iter().cloned());
         let binary = self.binary.display().to_string();

@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod apiserver;
 mod certs;
+pub mod cluster;
 mod cmd;
 pub mod demo;
 mod echo;

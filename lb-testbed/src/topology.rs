@@ -426,7 +426,7 @@ fn add_default_routes(ns: &Netns, via4: &str, via6: &str) -> anyhow::Result<()> 
 /// What in `ip -j addr` output is not ready yet: interfaces that are not up
 /// and tentative IPv6 addresses. A failed duplicate address detection is an
 /// error (it will not resolve by waiting).
-fn not_ready(ns: &str, links: &serde_json::Value) -> anyhow::Result<Vec<String>> {
+pub(crate) fn not_ready(ns: &str, links: &serde_json::Value) -> anyhow::Result<Vec<String>> {
     let mut pending = Vec::new();
     for link in links.as_array().into_iter().flatten() {
         let ifname = link
@@ -437,8 +437,13 @@ fn not_ready(ns: &str, links: &serde_json::Value) -> anyhow::Result<Vec<String>>
             .get("operstate")
             .and_then(serde_json::Value::as_str)
             .unwrap_or("?");
-        // Loopback reports UNKNOWN when up.
-        if ifname != "lo" && operstate != "UP" {
+        // Devices without carrier reporting (loopback, VXLAN) say UNKNOWN when up.
+        let admin_up = link
+            .get("flags")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|f| f.iter().any(|f| f == "UP"));
+        let unknown_but_up = operstate == "UNKNOWN" && admin_up;
+        if ifname != "lo" && operstate != "UP" && !unknown_but_up {
             pending.push(format!("{ns}/{ifname} is {operstate}"));
         }
         let addrs = link.get("addr_info").and_then(serde_json::Value::as_array);
