@@ -9,8 +9,12 @@
 
 use crate::{PROTO_TCP, SNAT_STATE_CLOSING};
 
-/// Ports tried for a new flow before it is dropped as `drop_snat_exhausted`.
-pub const SNAT_ATTEMPTS: u32 = 32;
+/// Ports tried for a new flow before it is dropped as `drop_snat_exhausted`. Each
+/// attempt is verified as its own copy of the loop body: 32 attempts made the program
+/// take 4.3 s to load here, 8 take 1.9 s (0.7 s without SNAT). With the default range
+/// (4,536 ports per backend) 8 random-start probes all hit taken ports only when most
+/// of the backend's range is in use.
+pub const SNAT_ATTEMPTS: u32 = 8;
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// An open TCP flow's reservation survives this long without a packet: kube-proxy's

@@ -14,6 +14,7 @@ mod affinity;
 mod conntrack;
 mod egress;
 mod fib;
+mod handoff;
 mod maglev;
 mod maps;
 mod nat;
@@ -99,6 +100,7 @@ fn to_backend(
         pkt,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
+        chosen.snat.is_some(),
     )
 }
 
@@ -141,7 +143,7 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     let bytes = packet::frame_len(ctx);
     nat::rewrite(ctx, pkt, Some(src), dst)?;
     stats::count_reply(service_id, bytes);
-    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache))
+    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache), true)
 }
 
 #[cfg(not(test))]
