@@ -47,10 +47,12 @@ fn frontends(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
 fn statuses(xlb: &XlbAgents<'_>) -> String {
     xlb.agents()
         .iter()
-        .map(|agent| match agent.wait_for(std::time::Duration::from_secs(5), |_| true) {
-            Ok(report) => report.to_string(),
-            Err(e) => format!("{e:#}"),
-        })
+        .map(
+            |agent| match agent.wait_for(std::time::Duration::from_secs(5), |_| true) {
+                Ok(report) => report.to_string(),
+                Err(e) => format!("{e:#}"),
+            },
+        )
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -80,11 +80,7 @@ impl Bed {
             } else {
                 Topology::lb_client_v4()
             };
-            assert_eq!(
-                client,
-                expected.to_string(),
-                "the address {backend} sees"
-            );
+            assert_eq!(client, expected.to_string(), "the address {backend} sees");
             *seen.entry(backend).or_default() += 1;
         }
         seen

@@ -145,17 +145,14 @@ fn send(
     };
     let verdict = if hop.ifindex == ingress {
         (XDP_TX, tx)
+    } else if let Ok(action) = TX_PORTS_V1.redirect(hop.ifindex, 0) {
+        (action, redirect)
     } else {
-        match TX_PORTS_V1.redirect(hop.ifindex, 0) {
-            Ok(action) => (action, redirect),
-            // The frame keeps the MACs it arrived with: it is addressed to this node.
-            Err(_) => {
-                if snated {
-                    handoff::to_tc(ctx, hop.ifindex);
-                }
-                return Ok((XDP_PASS, stack));
-            }
+        // The frame keeps the MACs it arrived with: it is addressed to this node.
+        if snated {
+            handoff::to_tc(ctx, hop.ifindex);
         }
+        return Ok((XDP_PASS, stack));
     };
     store(ctx, 0, hop.dmac)?;
     store(ctx, 6, hop.smac)?;

@@ -1,4 +1,4 @@
-//! Handing a SNATed packet to the kernel when XDP cannot send it itself: its next hop's
+//! Handing a source-NATed packet to the kernel when XDP cannot send it itself: its next hop's
 //! neighbour is not resolved yet, or its device takes no redirect (an overlay, a pod's
 //! veth). The stack would drop it as a martian (its source is now this node's own
 //! address), so XDP leaves the egress ifindex in the packet's metadata and the tc
@@ -49,7 +49,7 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     let data = ctx.data();
     if meta + META_LEN > data {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: bounds checked above.
     let (magic, ifindex) = unsafe {
@@ -59,7 +59,7 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
         )
     };
     if magic != MAGIC {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // Consumed: a socket buffer keeps its metadata when it is sent on, and the next
     // node's tc ingress (over veth, a bridge) would otherwise take it for its own mark.

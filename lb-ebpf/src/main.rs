@@ -105,27 +105,28 @@ fn to_backend(
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
-/// frontend the client used (and, SNATed, to the client); everything else passes
+/// frontend the client used (and, source-NATed, to the client); everything else passes
 /// untouched.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
     if !service::from_backend(pkt) {
         return Err(Reason::PassNotFrontend);
     }
-    // SNATed (backend -> node:port): to frontend -> client; else backend -> client:
+    // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:
     // to frontend -> client. Either way the entry caches the next hop to the client.
-    let (src, dst, service_id, cache) = match snat::reply(pkt, nat::tcp_flags(ctx, pkt)) {
-        // SAFETY: a valid map value pointer; read in place (LRU values are not freed
-        // while the program runs).
-        Some(entry) => unsafe {
-            (
-                (&(*entry).frontend, (*entry).frontend_port),
-                Some((&(*entry).client, (*entry).client_port)),
-                (*entry).service_id,
-                &raw mut (*entry).next_hop,
-            )
-        },
-        None => {
+    let (src, dst, service_id, cache) =
+        if let Some(entry) = snat::reply(pkt, nat::tcp_flags(ctx, pkt)) {
+            // SAFETY: a valid map value pointer; read in place (LRU values are not freed
+            // while the program runs).
+            unsafe {
+                (
+                    (&(*entry).frontend, (*entry).frontend_port),
+                    Some((&(*entry).client, (*entry).client_port)),
+                    (*entry).service_id,
+                    &raw mut (*entry).next_hop,
+                )
+            }
+        } else {
             let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
             // SAFETY: as above.
             unsafe {
@@ -136,8 +137,7 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
                     &raw mut (*entry).next_hop,
                 )
             }
-        }
-    };
+        };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);

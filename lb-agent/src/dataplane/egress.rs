@@ -4,7 +4,7 @@
 //! - egress (`lb-ebpf/src/egress.rs`, `egress_<interface>`): translates back the
 //!   replies of backends on this node, which leave through the node's routing and never
 //!   cross XDP;
-//! - ingress (`lb-ebpf/src/handoff.rs`, `ingress_<interface>`): sends on the SNATed
+//! - ingress (`lb-ebpf/src/handoff.rs`, `ingress_<interface>`): sends on the source-NATed
 //!   packets XDP could not (unresolved neighbour, a device without redirects).
 
 use std::os::fd::AsFd as _;
@@ -88,7 +88,10 @@ impl Dataplane {
                 match self.adopt_tc(name, &path) {
                     Ok(()) => continue,
                     Err(e) => {
-                        tracing::warn!(interface, "pinned {name} link unusable ({e}); attaching anew");
+                        tracing::warn!(
+                            interface,
+                            "pinned {name} link unusable ({e}); attaching anew"
+                        );
                         std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
                     }
                 }
@@ -102,7 +105,9 @@ impl Dataplane {
                 )
                 .map_err(|source| DataplaneError::Interface {
                     name: interface.to_owned(),
-                    reason: format!("tc {hook:?} (TCX) attach of {name} failed: {source}; needs Linux 6.6+"),
+                    reason: format!(
+                        "tc {hook:?} (TCX) attach of {name} failed: {source}; needs Linux 6.6+"
+                    ),
                 })?;
             let link = prog
                 .take_link(id)

@@ -1409,11 +1409,18 @@ fn lb_mode_is_snat_or_dnat_and_the_others_are_named() {
          lbMode: dnat",
     );
     assert_eq!(dnat.lb_mode, Some(crate::mode::LbMode::Dnat));
-    for (mode, fragment) in [("dsr", "not built yet"), ("hybrid", "not built yet"), ("nat", "\"nat\"")] {
+    for (mode, fragment) in [
+        ("dsr", "not built yet"),
+        ("hybrid", "not built yet"),
+        ("nat", "\"nat\""),
+    ] {
         let service = format!(
             "name: web\nfrontends: [{{ address: 203.0.113.20, port: 80 }}]\nbackends: []\n\
              lbMode: {mode}"
         );
-        assert_eq!(rejection_mismatch(&service, "web", "lbMode", fragment), None);
+        assert_eq!(
+            rejection_mismatch(&service, "web", "lbMode", fragment),
+            None
+        );
     }
 }

@@ -1012,10 +1012,10 @@ fn no_cluster_ip_is_a_problem() {
 
 // --- Modes ---------------------------------------------------------------------------
 
-/// `externalTrafficPolicy: Cluster` frontends are SNATed in the node's mode (snat by
+/// `externalTrafficPolicy: Cluster` frontends are source-NATed in the node's mode (snat by
 /// default, as kube-proxy masquerades), `Local` ones never; `xlb.dev/lb-mode` overrides
 /// the node's mode, a bad value is a problem naming the annotation and the node's mode
-/// applies. Endpoints whose `nodeName` is this node are local (never SNATed).
+/// applies. Endpoints whose `nodeName` is this node are local (never source-NATed).
 #[test]
 fn lb_mode_snat_for_cluster_never_for_local_and_the_annotation_overrides() {
     use crate::mode::LbMode;
@@ -1028,7 +1028,10 @@ fn lb_mode_snat_for_cluster_never_for_local_and_the_annotation_overrides() {
     };
     let t = translate(&c, LbMode::Snat);
     assert!(t.services["shop/ingress:https/tcp"].snat, "Cluster scope");
-    assert!(!t.services["shop/ingress:https/tcp/local"].snat, "Local policy");
+    assert!(
+        !t.services["shop/ingress:https/tcp/local"].snat,
+        "Local policy"
+    );
     let local: Vec<bool> = t.services["shop/ingress:https/tcp"]
         .backends
         .values()
@@ -1057,8 +1060,10 @@ fn lb_mode_snat_for_cluster_never_for_local_and_the_annotation_overrides() {
     let t = translate(&c, LbMode::Snat);
     assert!(t.services["shop/ingress:https/tcp"].snat, "the node's mode");
     assert!(
-        t.problems.iter().any(|p| p.field.contains(super::LB_MODE_ANNOTATION)
-            && p.reason.contains("not built yet")),
+        t.problems
+            .iter()
+            .any(|p| p.field.contains(super::LB_MODE_ANNOTATION)
+                && p.reason.contains("not built yet")),
         "{:?}",
         t.problems
     );
