@@ -373,10 +373,14 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
             let f = client_frame(svc, sport);
             sport += 1;
             let (action, out) = node.run("filling the range", &f, true);
-            // Backend 13 has no neighbour entry: translated, then to the kernel.
+            // Backend 13 has no neighbour entry: translated, then handed to the tc
+            // ingress program through the metadata ("xlbh", the egress ifindex), which
+            // BPF_PROG_TEST_RUN returns in front of the frame.
             assert_eq!(action, XDP_PASS, "flow {sport} gets a port");
-            // Ethernet, IPv4 without options: the TCP source port at 34.
-            held.push(u16::from_be_bytes([out[34], out[35]]));
+            assert_eq!(&out[..4], &0x786c_6268u32.to_ne_bytes(), "hand-off mark");
+            assert_eq!(&out[4..8], &node.backend_if.to_ne_bytes(), "egress ifindex");
+            // Then Ethernet, IPv4 without options: the TCP source port at 8 + 34.
+            held.push(u16::from_be_bytes([out[42], out[43]]));
         }
         held.sort_unstable();
         assert_eq!(held, vec![PORT_MIN, PORT_MIN + 1], "both ports in use");

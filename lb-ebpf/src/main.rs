@@ -114,36 +114,43 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     }
     // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:
     // to frontend -> client. Either way the entry caches the next hop to the client.
-    let (src, dst, service_id, cache) =
-        if let Some(entry) = snat::reply(pkt, nat::tcp_flags(ctx, pkt)) {
-            // SAFETY: a valid map value pointer; read in place (LRU values are not freed
-            // while the program runs).
-            unsafe {
-                (
-                    (&(*entry).frontend, (*entry).frontend_port),
-                    Some((&(*entry).client, (*entry).client_port)),
-                    (*entry).service_id,
-                    &raw mut (*entry).next_hop,
-                )
-            }
-        } else {
-            let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
-            // SAFETY: as above.
-            unsafe {
-                (
-                    (&(*entry).addr, (*entry).port),
-                    None,
-                    (*entry).service_id,
-                    &raw mut (*entry).next_hop,
-                )
-            }
-        };
+    let snat_reply = snat::reply(pkt, nat::tcp_flags(ctx, pkt));
+    let (src, dst, service_id, cache) = if let Some(entry) = snat_reply {
+        // SAFETY: a valid map value pointer; read in place (LRU values are not freed
+        // while the program runs).
+        unsafe {
+            (
+                (&(*entry).frontend, (*entry).frontend_port),
+                Some((&(*entry).client, (*entry).client_port)),
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
+        }
+    } else {
+        let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+        // SAFETY: as above.
+        unsafe {
+            (
+                (&(*entry).addr, (*entry).port),
+                None,
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
+        }
+    };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
     nat::rewrite(ctx, pkt, Some(src), dst)?;
     stats::count_reply(service_id, bytes);
-    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache), true)
+    // A source-NATed reply may now come from the node's own address (a NodePort).
+    fib::forward(
+        ctx,
+        pkt,
+        fib::Direction::ToClient,
+        Some(cache),
+        snat_reply.is_some(),
+    )
 }
 
 #[cfg(not(test))]
