@@ -86,13 +86,13 @@ fn interface_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>, DataplaneEr
         let addr = unsafe {
             match i32::from((*entry.ifa_addr).sa_family) {
                 libc::AF_INET => {
-                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    let sin = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
                     Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                         sin.sin_addr.s_addr,
                     ))))
                 }
                 libc::AF_INET6 => {
-                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    let sin6 = entry.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
                     Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
                 }
                 _ => None,
