@@ -61,12 +61,14 @@ reasons! {
     PassFibOther = 7 => "pass_fib_other", XDP_PASS;
     /// Translated client -> backend packet sent on through a devmap redirect.
     FwdRedirect = 8 => "fwd_redirect", XDP_REDIRECT;
-    /// Translated client -> backend packet sent back out of the interface it came in on.
-    FwdTx = 9 => "fwd_tx", XDP_TX;
+    /// Translated client -> backend packet sent back out of the interface it came in on
+    /// (a devmap redirect to that interface; `XDP_TX` when it is not in the devmap).
+    FwdTx = 9 => "fwd_tx", XDP_REDIRECT;
     /// Translated backend -> client reply sent on through a devmap redirect.
     ReplyRedirect = 10 => "reply_redirect", XDP_REDIRECT;
-    /// Translated backend -> client reply sent out of the interface it came in on.
-    ReplyTx = 11 => "reply_tx", XDP_TX;
+    /// Translated backend -> client reply sent out of the interface it came in on (a
+    /// devmap redirect to that interface; `XDP_TX` when it is not in the devmap).
+    ReplyTx = 11 => "reply_tx", XDP_REDIRECT;
     /// The frontend's service has no backend (empty Maglev slot or no table), and drops
     /// new flows then; or it rejects, but this packet gets no answer (a TCP reset, a
     /// source that must not be answered, IPv4 options on UDP).

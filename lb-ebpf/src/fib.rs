@@ -127,9 +127,10 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<Next
     })
 }
 
-/// Out through the next hop: `XDP_TX` when it is behind the interface the packet came
-/// in on, a devmap redirect when its device is one the agent attached to (and so takes
-/// redirects), else the kernel's stack, which forwards the translated packet itself (a
+/// Out through the next hop: a devmap redirect when its device is one the agent
+/// attached to (and so takes redirects; the interface the packet came in on included),
+/// `XDP_TX` when it is behind the interface the packet came in on but that is outside
+/// the devmap, else the kernel's stack, which forwards the translated packet itself (a
 /// pod's veth without NAPI, an overlay device, a driver without XDP transmit).
 #[inline(always)]
 fn send(
@@ -143,10 +144,15 @@ fn send(
         Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect, Reason::FwdStack),
         Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect, Reason::ReplyStack),
     };
-    let verdict = if hop.ifindex == ingress {
+    // Back out of the interface the packet came in on goes through the devmap as well
+    // when the device is there: a veth sends `XDP_TX` frames on to its peer only when
+    // the peer runs an XDP program (the kernel's `veth_xdp_flush`), else they wait in
+    // its ring until other traffic wakes it (seconds), whereas a redirect is flushed at
+    // the end of the poll. A real NIC transmits both alike.
+    let verdict = if let Ok(action) = TX_PORTS_V1.redirect(hop.ifindex, 0) {
+        (action, if hop.ifindex == ingress { tx } else { redirect })
+    } else if hop.ifindex == ingress {
         (XDP_TX, tx)
-    } else if let Ok(action) = TX_PORTS_V1.redirect(hop.ifindex, 0) {
-        (action, redirect)
     } else {
         // The frame keeps the MACs it arrived with: it is addressed to this node.
         if snated {
