@@ -52,6 +52,8 @@ pub struct RunOptions {
     /// Socket load balancing (`--socket-lb`, `--cgroup`): the cgroup hooks serve
     /// Services to the node's pods and processes, with or without `--interface`.
     pub socket_lb: Option<crate::dataplane::sockets::SocketLbOptions>,
+    /// `--snat-ports`: the SNAT source port range (host order, inclusive).
+    pub snat_ports: (u16, u16),
 }
 
 impl RunOptions {
@@ -321,6 +323,10 @@ fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         }
     }
     crate::dataplane::sockets::start(&mut dp, &opts.pin_dir, opts.socket_lb.as_ref())?;
+    let snat =
+        crate::dataplane::snat::config(&opts.node.addresses, &opts.interfaces, opts.snat_ports)?;
+    dp.set_snat_config(&snat)?;
+    tracing::info!("SNAT: {}", crate::dataplane::snat::describe(&snat));
     for retired in pins::remove_retired(&opts.pin_dir)? {
         tracing::info!(map = retired, "unpinned a map of an earlier layout");
     }

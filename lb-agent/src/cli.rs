@@ -50,9 +50,22 @@ pub enum Command {
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
         /// NodePort addresses of this node, instead of those of its Node object
-        /// (repeatable).
+        /// (repeatable). The first of each family is also the SNAT source address;
+        /// without it, the first address of each family on the `--interface`s is.
         #[arg(long = "node-address")]
         node_addresses: Vec<std::net::IpAddr>,
+        /// How new flows to backends on other nodes are translated, unless a Service
+        /// says otherwise (`xlb.dev/lb-mode`, a config file service's `lbMode`):
+        /// `snat` (source to this node's address and an allocated port, as kube-proxy
+        /// masquerades) or `dnat` (destination only: replies must route back through
+        /// this node). `externalTrafficPolicy: Local` never rewrites the source.
+        /// `dsr` and `hybrid` are not built yet.
+        #[arg(long, default_value = "snat", value_parser = parse_lb_mode)]
+        lb_mode: lb_core::mode::LbMode,
+        /// The SNAT source ports, `MIN-MAX` (each backend has the whole range). The
+        /// default lies above the kernel's ephemeral ports and the NodePort range.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+        snat_ports: (u16, u16),
         /// Admin HTTP address: /healthz (liveness), /readyz (ready once the first
         /// complete state is in the maps), /metrics.
         #[arg(long, default_value = "0.0.0.0:9190")]
@@ -302,5 +315,46 @@ mod tests {
             let error = super::annotations_prefix(bad).expect_err(bad);
             assert!(error.contains("not a DNS subdomain"), "{error}");
         }
+    }
+}
+
+/// `--lb-mode`: `snat` or `dnat`; `dsr` and `hybrid` are named as not built yet.
+fn parse_lb_mode(text: &str) -> Result<lb_core::mode::LbMode, String> {
+    text.parse()
+}
+
+/// `--snat-ports MIN-MAX`: 1 <= MIN <= MAX <= 65535.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("must be MIN-MAX, such as 61000-65535, got {text:?}"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port number 1-65535"))
+    };
+    let (min, max) = (port(min)?, port(max)?);
+    if min > max {
+        return Err(format!("{min} is above {max}"));
+    }
+    Ok((min, max))
+}
+
+#[cfg(test)]
+mod snat_flag_tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_and_modes_parse_or_say_why_not() {
+        assert_eq!(parse_port_range("61000-65535"), Ok((61_000, 65_535)));
+        assert_eq!(parse_port_range("5-5"), Ok((5, 5)));
+        for bad in ["61000", "0-10", "10-5", "a-b", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_lb_mode("snat"), Ok(lb_core::mode::LbMode::Snat));
+        let err = parse_lb_mode("dsr").expect_err("dsr");
+        assert!(err.contains("not built yet"), "{err}");
     }
 }

@@ -69,6 +69,8 @@ fn run(command: Command) -> Result<()> {
             manifests,
             node_name,
             node_addresses,
+            lb_mode,
+            snat_ports,
             admin,
             interfaces,
             socket_lb,
@@ -94,7 +96,9 @@ fn run(command: Command) -> Result<()> {
                 node: NodeOptions {
                     name: node_name,
                     addresses: node_addresses,
+                    lb_mode,
                 },
+                snat_ports,
                 admin,
                 interfaces,
                 mode: match xdp_mode {

@@ -133,6 +133,7 @@ fn model(i: u32, generation: u32) -> ServiceModel {
                 BackendModel {
                     weight,
                     health: Health::Unchecked,
+                    local: false,
                 },
             )
         })
@@ -144,6 +145,7 @@ fn model(i: u32, generation: u32) -> ServiceModel {
         table_size: 31,
         when_empty: WhenEmpty::Drop,
         source_ranges: Vec::new(),
+        snat: false,
     }
 }
 

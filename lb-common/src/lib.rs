@@ -10,6 +10,7 @@ pub mod csum;
 pub mod hash;
 pub mod maps;
 pub mod reason;
+pub mod snat;
 pub mod sock;
 pub mod types;
 

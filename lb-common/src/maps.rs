@@ -14,16 +14,22 @@ pub const ADDR_FILTER: &str = "ADDR_FILTER_V1";
 /// Service id -> Maglev table (array of maps; each inner array holds two copies of the
 /// table, see `MAGLEV_HEADER_SLOT`).
 pub const MAGLEV: &str = "MAGLEV_V2";
-/// Forward connection state: client flow -> chosen backend. `FlowKey` -> `Flow`.
-pub const CONNTRACK: &str = "CONNTRACK_V1";
+/// Forward connection state: client flow -> chosen backend and SNAT port.
+/// `FlowKey` -> `TrackedFlow`.
+pub const CONNTRACK: &str = "CONNTRACK_V2";
 /// Reply translation: backend-side flow -> frontend to restore. `FlowKey` -> `RevNat`.
 pub const REVNAT: &str = "REVNAT_V1";
+/// SNAT port reservations and reply translations: reply flow (backend -> node address
+/// and allocated port) -> client and frontend. `FlowKey` -> `SnatEntry`, LRU.
+pub const SNAT: &str = "SNAT_V1";
+/// The node's SNAT addresses and port range, one element. `u32` -> `SnatConfig`.
+pub const SNAT_CONFIG: &str = "SNAT_CONFIG_V1";
 /// Per-CPU counters per service id. `u32` -> `ServiceStats`.
 pub const SERVICE_STATS: &str = "SVC_STATS_V2";
 /// Per-CPU counters per backend id (new flows). `u32` -> `BackendStats`.
 pub const BACKEND_STATS: &str = "BACKEND_STATS_V1";
 /// Per-CPU counters per `Reason`. `u32` -> `ReasonStats`.
-pub const REASON_STATS: &str = "REASON_STATS_V1";
+pub const REASON_STATS: &str = "REASON_STATS_V2";
 /// Interfaces the program may redirect to (devmap hash keyed by ifindex).
 pub const TX_PORTS: &str = "TX_PORTS_V1";
 /// Session affinity: (client, service) -> last backend. `AffinityKey` -> `Affinity`.
@@ -51,7 +57,7 @@ pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
 pub const SOCK_FLOWS_ENTRIES: u32 = 65_536;
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
@@ -67,11 +73,13 @@ pub const ALL: [&str; 15] = [
     BACKEND_META,
     SOURCE_RANGES,
     BACKEND_STATS,
+    SNAT,
+    SNAT_CONFIG,
 ];
 
 /// Maps of earlier layouts, removed with the others (`lb-agent detach`, `--replace`) and
 /// unpinned when an agent of this layout starts.
-pub const RETIRED: [&str; 1] = ["MAGLEV_V1"];
+pub const RETIRED: [&str; 3] = ["MAGLEV_V1", "CONNTRACK_V1", "REASON_STATS_V1"];
 
 /// Service ids are indexes into `MAGLEV` and `SVC_STATS`; 0 is never assigned. Sized for
 /// 10,000 Kubernetes Services with room for the extra ids a translation may use per
@@ -88,6 +96,13 @@ pub const MAX_SOURCE_RANGES: u32 = 65_536;
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
+/// SNAT reservations: one per source-NATed flow, as conntrack has one per flow.
+pub const SNAT_ENTRIES: u32 = CONNTRACK_ENTRIES;
+/// The default SNAT port range: above the kernel's ephemeral range (32768-60999) and the
+/// NodePort range (30000-32767), so a reply to a SNAT port never meets a local socket
+/// or a NodePort.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 pub const MAX_TX_PORTS: u32 = 256;
 pub const AFFINITY_ENTRIES: u32 = 65_536;
 

@@ -1,5 +1,5 @@
 //! Why the XDP program let a packet go the way it did. Every exit of the program counts
-//! exactly one reason (per-CPU packets and bytes in `REASON_STATS_V1`, indexed by the
+//! exactly one reason (per-CPU packets and bytes in `REASON_STATS_V2`, indexed by the
 //! discriminant), so the counters add up to the packets the program saw.
 
 /// The kernel's XDP verdicts (`enum xdp_action`).
@@ -61,12 +61,14 @@ reasons! {
     PassFibOther = 7 => "pass_fib_other", XDP_PASS;
     /// Translated client -> backend packet sent on through a devmap redirect.
     FwdRedirect = 8 => "fwd_redirect", XDP_REDIRECT;
-    /// Translated client -> backend packet sent back out of the interface it came in on.
-    FwdTx = 9 => "fwd_tx", XDP_TX;
+    /// Translated client -> backend packet sent back out of the interface it came in on
+    /// (a devmap redirect to that interface; `XDP_TX` when it is not in the devmap).
+    FwdTx = 9 => "fwd_tx", XDP_REDIRECT;
     /// Translated backend -> client reply sent on through a devmap redirect.
     ReplyRedirect = 10 => "reply_redirect", XDP_REDIRECT;
-    /// Translated backend -> client reply sent out of the interface it came in on.
-    ReplyTx = 11 => "reply_tx", XDP_TX;
+    /// Translated backend -> client reply sent out of the interface it came in on (a
+    /// devmap redirect to that interface; `XDP_TX` when it is not in the devmap).
+    ReplyTx = 11 => "reply_tx", XDP_REDIRECT;
     /// The frontend's service has no backend (empty Maglev slot or no table), and drops
     /// new flows then; or it rejects, but this packet gets no answer (a TCP reset, a
     /// source that must not be answered, IPv4 options on UDP).
@@ -86,10 +88,25 @@ reasons! {
     /// A new flow from a client outside the service's source ranges
     /// (`loadBalancerSourceRanges`).
     DropSourceRange = 18 => "drop_source_range", XDP_DROP;
+    /// A new flow to be source-NATed found no free port for its backend in the node's range
+    /// (`--snat-ports`) within `SNAT_ATTEMPTS` tries.
+    DropSnatExhausted = 19 => "drop_snat_exhausted", XDP_DROP;
+    /// A new flow to be source-NATed, but the agent gave no node address of its family.
+    DropNoSnatAddress = 20 => "drop_no_snat_address", XDP_DROP;
+    /// Translated client -> backend packet handed to the kernel's stack: the next hop's
+    /// device is not one the program redirects to (a pod's veth, an overlay device, a
+    /// driver without XDP transmit); the kernel forwards it.
+    FwdStack = 21 => "fwd_stack", XDP_PASS;
+    /// Translated backend -> client reply handed to the kernel's stack, for the same
+    /// reason.
+    ReplyStack = 22 => "reply_stack", XDP_PASS;
+    /// A local backend's reply translated back by the tc egress program on its way out
+    /// of the node (counted by that program, not by XDP).
+    ReplyEgress = 23 => "reply_egress", XDP_PASS;
 }
 
 impl Reason {
-    /// Number of reasons; the size of `REASON_STATS_V1`.
+    /// Number of reasons; the size of `REASON_STATS_V2`.
     #[expect(clippy::cast_possible_truncation, reason = "a handful of reasons")]
     pub const COUNT: u32 = Reason::ALL.len() as u32;
 }

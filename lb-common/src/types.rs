@@ -30,6 +30,10 @@ pub const FRONTEND_F_REJECT_EMPTY: u32 = 2;
 /// Frontend flag: new flows only from clients inside one of the service's source ranges
 /// (`SRC_RANGES_V1`); the others are dropped.
 pub const FRONTEND_F_SOURCE_RANGES: u32 = 4;
+/// Frontend flag: a new flow to a backend on another node (no `BACKEND_F_LOCAL`) also gets
+/// its source rewritten to this node's address and a port from `SNAT_CONFIG_V1` (SNAT
+/// mode), so the backend's replies come back through this node.
+pub const FRONTEND_F_SNAT: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -176,6 +180,10 @@ pub struct Backend {
 /// `Backend::flags`: drained (weight 0). Tracked flows keep using it; session affinity
 /// does not send new flows to it (the Maglev table already has none of its slots).
 pub const BACKEND_F_DRAINING: u8 = 1;
+/// `Backend::flags`: the backend runs on this node (a pod behind a local device). Never
+/// source-NATed; its replies leave through the node's uplink, where the tc egress program
+/// translates them back.
+pub const BACKEND_F_LOCAL: u8 = 2;
 
 /// A 5-tuple as seen on the wire (source first).
 #[repr(C)]
@@ -215,6 +223,80 @@ pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
 }
+
+/// Conntrack value (`CONNTRACK_V2`) for the client -> frontend direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedFlow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// The source port this node gave the flow (network byte order); 0: not source-NATed.
+    /// The `SNAT_V1` entry keyed by the reply (backend -> node address, this port) is the
+    /// port's reservation; a flow whose reservation is gone or taken gets a new port.
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The node's SNAT settings (`SNAT_CONFIG_V1`, one element), written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatConfig {
+    /// The node's IPv4 address (first 4 bytes), when `SNAT_CFG_F_V4`.
+    pub addr_v4: [u8; 16],
+    /// The node's IPv6 address, when `SNAT_CFG_F_V6`.
+    pub addr_v6: [u8; 16],
+    /// The port range, host byte order, `port_min <= port_max`.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `SNAT_CFG_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `SnatConfig::flags`: `addr_v4` is set.
+pub const SNAT_CFG_F_V4: u8 = 1;
+/// `SnatConfig::flags`: `addr_v6` is set.
+pub const SNAT_CFG_F_V6: u8 = 2;
+
+impl SnatConfig {
+    /// The node address of `family`, if the agent gave one.
+    #[inline(always)]
+    pub const fn addr(&self, family: u8) -> Option<[u8; 16]> {
+        if family == FAMILY_V4 && self.flags & SNAT_CFG_F_V4 != 0 {
+            Some(self.addr_v4)
+        } else if family == FAMILY_V6 && self.flags & SNAT_CFG_F_V6 != 0 {
+            Some(self.addr_v6)
+        } else {
+            None
+        }
+    }
+}
+
+/// A SNAT port reservation and the reply translation (`SNAT_V1`), keyed by the reply's
+/// `FlowKey`: backend -> node address and allocated port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatEntry {
+    /// The client's address and port (network byte order): the reply's destination.
+    pub client: [u8; 16],
+    /// The frontend the client used: the reply's source.
+    pub frontend: [u8; 16],
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub family: u8,
+    /// `SNAT_STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_coarse_ns` of the flow's last packet, either direction.
+    pub last_seen_ns: u64,
+    /// Next hop towards the client.
+    pub next_hop: NextHop,
+}
+
+/// `SnatEntry::state`: a TCP FIN or RST was seen; the port is free again sooner.
+pub const SNAT_STATE_CLOSING: u8 = 1;
 
 /// A cached `bpf_fib_lookup` result, so established traffic skips the FIB (its most
 /// expensive step). Refreshed when it expires or when a packet is longer than any the
@@ -294,6 +376,9 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::TrackedFlow {}
+    unsafe impl aya::Pod for super::SnatConfig {}
+    unsafe impl aya::Pod for super::SnatEntry {}
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::ServiceStats {}
@@ -313,6 +398,9 @@ const _: () = {
     assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
     assert!(size_of::<Flow>() == 8);
+    assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 6);
+    assert!(size_of::<SnatConfig>() == 16 + 16 + 2 + 2 + 1 + 3);
+    assert!(size_of::<SnatEntry>() == 16 + 16 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 8 + 32);
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ServiceStats>() == 7 * 8);

@@ -83,6 +83,8 @@ pub struct ServiceSpec {
     /// `sourceRanges`: only clients inside one of these prefixes open new flows; empty
     /// admits everyone.
     pub source_ranges: Vec<ipnet::IpNet>,
+    /// `lbMode`: how new flows are translated; `None` takes the agent's `--lb-mode`.
+    pub lb_mode: Option<crate::mode::LbMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

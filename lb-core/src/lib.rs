@@ -12,6 +12,7 @@ pub mod address;
 pub mod cluster;
 pub mod config;
 pub mod maglev;
+pub mod mode;
 pub mod model;
 pub mod plan;
 pub mod quote;

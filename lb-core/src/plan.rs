@@ -25,9 +25,9 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, BACKEND_F_DRAINING, Backend, BackendMeta,
-    FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, Frontend,
-    FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, BackendMeta,
+    FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES,
+    Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP,
     SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta,
     addr_filter_slot, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
@@ -705,7 +705,7 @@ impl Planner<'_> {
                 BACKEND_F_DRAINING
             } else {
                 0
-            },
+            } | if backend.local { BACKEND_F_LOCAL } else { 0 },
             service_id,
         };
         let ops = &mut self.phases.backends;
@@ -814,6 +814,9 @@ fn frontend_value(id: u32, service: &ServiceModel) -> Frontend {
     }
     if !service.source_ranges.is_empty() {
         flags |= FRONTEND_F_SOURCE_RANGES;
+    }
+    if service.snat {
+        flags |= FRONTEND_F_SNAT;
     }
     Frontend {
         service_id: id,

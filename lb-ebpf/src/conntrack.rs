@@ -4,16 +4,16 @@
 //! remembered with its reply translation.
 
 use lb_common::{
-    Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_SOURCE_RANGES, Flow, Frontend, NextHop, Reason,
-    RevNat,
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_SNAT,
+    FRONTEND_F_SOURCE_RANGES, Frontend, NextHop, Reason, RevNat, TrackedFlow,
 };
 
 use crate::{
     affinity, maglev,
-    maps::{CONNTRACK_V1, REVNAT_V1},
+    maps::{CONNTRACK_V2, REVNAT_SCRATCH_V1, REVNAT_V1},
     packet::Packet,
     service::backend,
-    source_range,
+    snat, source_range,
 };
 
 /// The backend chosen for a packet.
@@ -23,58 +23,101 @@ pub struct Chosen {
     /// The flow got its backend just now (new or re-selected), from the table or the
     /// client's session affinity.
     pub new_flow: bool,
+    /// SNAT: the port (network order) the flow leaves with, from the node's address.
+    pub snat: Option<u16>,
 }
 
 /// The backend for this packet: the tracked one while it exists, else (a client the
 /// service's source ranges admit) the client's session-affinity one (frontends with
-/// `FRONTEND_F_CLIENT_AFFINITY`) or the table's.
+/// `FRONTEND_F_CLIENT_AFFINITY`) or the table's. A new flow of a SNAT frontend to a
+/// backend on another node gets a SNAT port; a tracked flow keeps its translation, and
+/// its port while the reservation is still its own.
 #[inline(always)]
-pub fn backend_for(pkt: &Packet, frontend: &Frontend) -> Result<Chosen, Reason> {
+pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<Chosen, Reason> {
     // SAFETY: copied out at once.
-    let tracked = unsafe { CONNTRACK_V1.get(&pkt.key).copied() };
-    if let Some(flow) = tracked
-        && flow.service_id == frontend.service_id
-        && let Some(b) = backend(flow.backend_id, flow.service_id)
-    {
-        return Ok(Chosen {
-            id: flow.backend_id,
-            backend: b,
-            new_flow: false,
-        });
-    }
-    if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
-        source_range::check(pkt, frontend.service_id)?;
-    }
-    let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
-        affinity::select_backend(pkt, frontend)?
+    let tracked = unsafe { CONNTRACK_V2.get(&pkt.key).copied() };
+    let kept = tracked.and_then(|flow| {
+        if flow.service_id != frontend.service_id {
+            return None;
+        }
+        backend(flow.backend_id, flow.service_id).map(|b| (flow, b))
+    });
+    let (flow, b, new_flow) = if let Some((flow, b)) = kept {
+        (flow, b, false)
     } else {
-        maglev::select_backend(pkt, frontend)?
+        if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
+            source_range::check(pkt, frontend.service_id)?;
+        }
+        let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
+            affinity::select_backend(pkt, frontend)?
+        } else {
+            maglev::select_backend(pkt, frontend)?
+        };
+        if b.family != pkt.key.family {
+            return Err(Reason::DropFamilyMismatch);
+        }
+        let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
+        let flow = TrackedFlow {
+            backend_id: id,
+            service_id: frontend.service_id,
+            // Non-zero asks for SNAT; the port is allocated below.
+            nat_port: u16::from(snat),
+            _pad: [0; 6],
+        };
+        (flow, b, true)
     };
-    if b.family != pkt.key.family {
-        return Err(Reason::DropFamilyMismatch);
+    let mut snat = None;
+    if flow.nat_port != 0 {
+        let owned =
+            !new_flow && snat::owned(pkt, &b, frontend.service_id, flow.nat_port, tcp_flags);
+        let port = if owned {
+            flow.nat_port
+        } else {
+            snat::allocate(pkt, &b, frontend, tcp_flags)?
+        };
+        snat = Some(port);
+        if new_flow || port != flow.nat_port {
+            let moved = TrackedFlow {
+                nat_port: port,
+                ..flow
+            };
+            // A failed insert (LRU full of locked entries, which does not happen in
+            // practice) only means the next packet selects again, to the same backend
+            // (and SNAT port, which the reservation still names).
+            let _ = CONNTRACK_V2.insert(&pkt.key, &moved, 0);
+        }
+    } else if new_flow {
+        record_reply(pkt, &b, frontend);
+        let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
     }
-    let flow = Flow {
-        backend_id: id,
-        service_id: frontend.service_id,
-    };
-    let rev = RevNat {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        family: pkt.key.family,
-        _pad: 0,
-        service_id: frontend.service_id,
-        next_hop: NextHop::default(),
-    };
-    // The reply entry first: a reply can only follow a forwarded packet. A failed
-    // insert (LRU full of locked entries, which does not happen in practice) only
-    // means the next packet selects again, to the same backend.
-    let _ = REVNAT_V1.insert(&pkt.key.reply_after_dnat(&b), &rev, 0);
-    let _ = CONNTRACK_V1.insert(&pkt.key, &flow, 0);
     Ok(Chosen {
-        id,
+        id: flow.backend_id,
         backend: b,
-        new_flow: true,
+        new_flow,
+        snat,
     })
+}
+
+/// The reply translation of a flow that is not source-NATed: backend -> client becomes
+/// frontend -> client. Written before the first packet is forwarded: a reply can only
+/// follow one.
+#[inline(always)]
+fn record_reply(pkt: &Packet, b: &Backend, frontend: &Frontend) {
+    let Some(rev) = REVNAT_SCRATCH_V1.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used by this program run alone.
+    let rev = unsafe {
+        (*rev).addr = pkt.key.dst;
+        (*rev).port = pkt.key.dport;
+        (*rev).family = pkt.key.family;
+        (*rev).service_id = frontend.service_id;
+        (*rev).next_hop = NextHop::default();
+        &*rev
+    };
+    if let Some(key) = snat::scratch_key(pkt.key.reply_after_dnat(b)) {
+        let _ = REVNAT_V1.insert(&*key, rev, 0);
+    }
 }
 
 /// The translation for a reply from a backend, if this packet is one. A pointer into

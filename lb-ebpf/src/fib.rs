@@ -5,12 +5,17 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use lb_common::{NextHop, Reason, maps::NEXTHOP_TTL_NS, reason::XDP_TX};
+use lb_common::{
+    NextHop, Reason,
+    maps::NEXTHOP_TTL_NS,
+    reason::{XDP_PASS, XDP_TX},
+};
 
 use crate::{
+    handoff,
     maps::{NEXTHOPS_V1, TX_PORTS_V1},
     packet::{Packet, store},
 };
@@ -43,11 +48,15 @@ pub fn backend_next_hop(backend_id: u32) -> Option<*mut NextHop> {
 /// Sends the (translated) packet on: by the cached next hop while it is fresh and the
 /// packet no longer than the path has carried, else by a FIB lookup that refreshes it.
 #[inline(always)]
+/// `snated`: the packet's source is now this node's address; where XDP cannot send it,
+/// it is handed to the tc ingress program (`handoff`) rather than to the stack's
+/// forwarding, which would drop it as a martian.
 pub fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
     dir: Direction,
     cache: Option<*mut NextHop>,
+    snated: bool,
 ) -> Result<(u32, Reason), Reason> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -55,20 +64,20 @@ pub fn forward(
         // SAFETY: a valid map value pointer; copied out at once.
         let hop = unsafe { *cache };
         if now < hop.expires_ns && pkt.ip_len <= hop.max_len {
-            return send(ctx, &hop, dir);
+            return send(ctx, &hop, dir, snated);
         }
     }
-    let hop = lookup(ctx, pkt, now)?;
+    let hop = lookup(ctx, pkt, now, snated)?;
     if let Some(cache) = cache {
         // SAFETY: as above. Concurrent writers store the same kind of value; a reader
         // racing a refresh sees the old or the new next hop.
         unsafe { *cache = hop };
     }
-    send(ctx, &hop, dir)
+    send(ctx, &hop, dir, snated)
 }
 
 #[inline(always)]
-fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
+fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<NextHop, Reason> {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let src = words(&pkt.key.src);
@@ -100,6 +109,9 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Err(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+            if snated {
+                handoff::to_tc(ctx, params.ifindex);
+            }
             Reason::PassNoNeigh
         } else {
             Reason::PassFibOther
@@ -115,29 +127,40 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
     })
 }
 
+/// Out through the next hop: a devmap redirect when its device is one the agent
+/// attached to (and so takes redirects; the interface the packet came in on included),
+/// `XDP_TX` when it is behind the interface the packet came in on but that is outside
+/// the devmap, else the kernel's stack, which forwards the translated packet itself (a
+/// pod's veth without NAPI, an overlay device, a driver without XDP transmit).
 #[inline(always)]
-fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason), Reason> {
+fn send(
+    ctx: &XdpContext,
+    hop: &NextHop,
+    dir: Direction,
+    snated: bool,
+) -> Result<(u32, Reason), Reason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (tx, redirect, stack) = match dir {
+        Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect, Reason::FwdStack),
+        Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect, Reason::ReplyStack),
+    };
+    // Back out of the interface the packet came in on goes through the devmap as well
+    // when the device is there: a veth sends `XDP_TX` frames on to its peer only when
+    // the peer runs an XDP program (the kernel's `veth_xdp_flush`), else they wait in
+    // its ring until other traffic wakes it (seconds), whereas a redirect is flushed at
+    // the end of the poll. A real NIC transmits both alike.
+    let verdict = if let Ok(action) = TX_PORTS_V1.redirect(hop.ifindex, 0) {
+        (action, if hop.ifindex == ingress { tx } else { redirect })
+    } else if hop.ifindex == ingress {
+        (XDP_TX, tx)
+    } else {
+        // The frame keeps the MACs it arrived with: it is addressed to this node.
+        if snated {
+            handoff::to_tc(ctx, hop.ifindex);
+        }
+        return Ok((XDP_PASS, stack));
+    };
     store(ctx, 0, hop.dmac)?;
     store(ctx, 6, hop.smac)?;
-    let ingress = ctx.ingress_ifindex() as u32;
-    let (tx, redirect) = match dir {
-        Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect),
-        Direction::ToClient => (Reason::ReplyTx, Reason::ReplyRedirect),
-    };
-    if hop.ifindex == ingress {
-        return Ok((XDP_TX, tx));
-    }
-    // Not in the devmap (an interface the agent did not attach to): the slower generic
-    // redirect still delivers it.
-    let action = TX_PORTS_V1.redirect(hop.ifindex, 0).unwrap_or_else(|_| {
-        // SAFETY: plain helper call.
-        let action = unsafe { bpf_redirect(hop.ifindex, 0) };
-        #[expect(
-            clippy::cast_sign_loss,
-            reason = "returns an XDP action, never negative"
-        )]
-        let action = action as u32;
-        action
-    });
-    Ok((action, redirect))
+    Ok(verdict)
 }

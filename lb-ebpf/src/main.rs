@@ -12,7 +12,9 @@
 
 mod affinity;
 mod conntrack;
+mod egress;
 mod fib;
+mod handoff;
 mod maglev;
 mod maps;
 mod nat;
@@ -20,6 +22,7 @@ mod packet;
 mod parse;
 mod reject;
 mod service;
+mod snat;
 mod sock;
 mod source_range;
 mod stats;
@@ -58,6 +61,7 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
 /// when the service has no backend and rejects.
+#[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
@@ -66,14 +70,27 @@ fn to_backend(
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    let chosen = match conntrack::backend_for(pkt, &frontend) {
+    let tcp_flags = nat::tcp_flags(ctx, pkt);
+    let chosen = match conntrack::backend_for(pkt, &frontend, tcp_flags) {
         Ok(chosen) => chosen,
         Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
             return reject::refuse(ctx, pkt, bytes, frontend.service_id);
         }
         Err(reason) => return Err(reason),
     };
-    nat::dnat(ctx, pkt, &chosen.backend)?;
+    let snat = match chosen.snat {
+        Some(port) => Some((
+            snat::node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
+            port,
+        )),
+        None => None,
+    };
+    nat::rewrite(
+        ctx,
+        pkt,
+        snat,
+        Some((&chosen.backend.addr, chosen.backend.port)),
+    )?;
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
     if chosen.new_flow {
         stats::count_backend_new_flow(chosen.id);
@@ -83,26 +100,57 @@ fn to_backend(
         pkt,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
+        chosen.snat.is_some(),
     )
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
-/// frontend the client used; everything else passes untouched.
+/// frontend the client used (and, source-NATed, to the client); everything else passes
+/// untouched.
+#[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
     if !service::from_backend(pkt) {
         return Err(Reason::PassNotFrontend);
     }
-    let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
-    // SAFETY: a valid map value pointer; copied out at once.
-    let rev = unsafe { *entry };
+    // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:
+    // to frontend -> client. Either way the entry caches the next hop to the client.
+    let snat_reply = snat::reply(pkt, nat::tcp_flags(ctx, pkt));
+    let (src, dst, service_id, cache) = if let Some(entry) = snat_reply {
+        // SAFETY: a valid map value pointer; read in place (LRU values are not freed
+        // while the program runs).
+        unsafe {
+            (
+                (&(*entry).frontend, (*entry).frontend_port),
+                Some((&(*entry).client, (*entry).client_port)),
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
+        }
+    } else {
+        let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+        // SAFETY: as above.
+        unsafe {
+            (
+                (&(*entry).addr, (*entry).port),
+                None,
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
+        }
+    };
     pkt.check_reply_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    nat::rev_snat(ctx, pkt, &rev)?;
-    stats::count_reply(rev.service_id, bytes);
-    // SAFETY: the field of a valid map value.
-    let cache = unsafe { &raw mut (*entry).next_hop };
-    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache))
+    nat::rewrite(ctx, pkt, Some(src), dst)?;
+    stats::count_reply(service_id, bytes);
+    // A source-NATed reply may now come from the node's own address (a NodePort).
+    fib::forward(
+        ctx,
+        pkt,
+        fib::Direction::ToClient,
+        Some(cache),
+        snat_reply.is_some(),
+    )
 }
 
 #[cfg(not(test))]

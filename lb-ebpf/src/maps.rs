@@ -6,13 +6,13 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey,
+    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, BackendStats, FlowKey,
     Frontend, FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
-    SourceRangeKey,
+    SnatConfig, SnatEntry, SourceRangeKey, TrackedFlow,
     maps::{
         AFFINITY_ENTRIES, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS,
         MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
-        MAX_TX_PORTS, MaglevSlot,
+        MAX_TX_PORTS, MaglevSlot, SNAT_ENTRIES,
     },
 };
 
@@ -43,7 +43,28 @@ pub static MAGLEV_V2: ArrayOfMaps<
 > = ArrayOfMaps::new();
 
 #[btf_map]
-pub static CONNTRACK_V1: LruHashMap<FlowKey, Flow, { n(CONNTRACK_ENTRIES) }> = LruHashMap::new();
+pub static CONNTRACK_V2: LruHashMap<FlowKey, TrackedFlow, { n(CONNTRACK_ENTRIES) }> =
+    LruHashMap::new();
+
+/// SNAT reservations and reply translations (see `snat.rs`).
+#[btf_map]
+pub static SNAT_V1: LruHashMap<FlowKey, SnatEntry, { n(SNAT_ENTRIES) }> = LruHashMap::new();
+
+/// Per-CPU room to build a new `SNAT_V1` value in (the stack has none left).
+#[btf_map]
+pub static SNAT_SCRATCH_V1: PerCpuArray<SnatEntry, 1> = PerCpuArray::new();
+
+/// Per-CPU room for the `SNAT_V1` key a new flow's port attempts walk through.
+#[btf_map]
+pub static KEY_SCRATCH_V1: PerCpuArray<FlowKey, 1> = PerCpuArray::new();
+
+/// Per-CPU room to build a new `REVNAT_V1` value in.
+#[btf_map]
+pub static REVNAT_SCRATCH_V1: PerCpuArray<RevNat, 1> = PerCpuArray::new();
+
+/// The node's SNAT addresses and port range, written by the agent.
+#[btf_map]
+pub static SNAT_CONFIG_V1: Array<SnatConfig, 1> = Array::new();
 
 #[btf_map]
 pub static REVNAT_V1: LruHashMap<FlowKey, RevNat, { n(CONNTRACK_ENTRIES) }> = LruHashMap::new();
@@ -56,7 +77,7 @@ pub static SVC_STATS_V2: PerCpuArray<ServiceStats, { n(MAX_SERVICES) }> = PerCpu
 pub static BACKEND_STATS_V1: PerCpuArray<BackendStats, { n(MAX_BACKENDS) }> = PerCpuArray::new();
 
 #[btf_map]
-pub static REASON_STATS_V1: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = PerCpuArray::new();
+pub static REASON_STATS_V2: PerCpuArray<ReasonStats, { n(Reason::COUNT) }> = PerCpuArray::new();
 
 #[btf_map]
 pub static TX_PORTS_V1: DevMapHash<{ n(MAX_TX_PORTS) }> = DevMapHash::new();

@@ -2,7 +2,7 @@
 //! Forwarding is a router hop, so the TTL / hop limit is decremented as well.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, PROTO_UDP, Reason, RevNat, csum::CsumDelta};
+use lb_common::{PROTO_TCP, PROTO_UDP, Reason, csum::CsumDelta};
 
 use crate::packet::{Packet, load, store};
 
@@ -41,40 +41,88 @@ fn ttl_index(pkt: &Packet) -> usize {
     usize::from(!pkt.is_v4())
 }
 
-/// Client -> frontend becomes client -> backend.
+/// An address and port (network byte order) one side of the packet gets.
+pub type Endpoint<'a> = (&'a [u8; 16], u16);
+
+/// The TCP flags byte of a TCP packet (0 for UDP).
 #[inline(always)]
-pub fn dnat(ctx: &XdpContext, pkt: &mut Packet, backend: &Backend) -> Result<(), Reason> {
-    rewrite(ctx, pkt, Side::Dst, &backend.addr, backend.port)
+pub fn tcp_flags(ctx: &XdpContext, pkt: &Packet) -> u8 {
+    if pkt.key.proto != PROTO_TCP {
+        return 0;
+    }
+    load::<[u8; 2]>(ctx, pkt.l4() + 12).map_or(0, |w| w[1])
 }
 
-/// Backend -> client becomes frontend -> client.
+/// Rewrites the address of one side in the IP header, adding the change to the L4
+/// (pseudo-header) and, for IPv4, the IP header checksum deltas.
 #[inline(always)]
-pub fn rev_snat(ctx: &XdpContext, pkt: &mut Packet, rev: &RevNat) -> Result<(), Reason> {
-    rewrite(ctx, pkt, Side::Src, &rev.addr, rev.port)
-}
-
-#[inline(always)]
-fn rewrite(
+fn rewrite_addr(
     ctx: &XdpContext,
-    pkt: &mut Packet,
+    pkt: &Packet,
     side: Side,
     addr: &[u8; 16],
-    port: u16,
+    l4: &mut CsumDelta,
+    ip: &mut CsumDelta,
 ) -> Result<(), Reason> {
-    let mut l4 = CsumDelta::new();
     let old_addr = if side == Side::Dst {
         pkt.key.dst
     } else {
         pkt.key.src
     };
     if pkt.is_v4() {
-        let mut ip = CsumDelta::new();
         let old: [u8; 4] = [old_addr[0], old_addr[1], old_addr[2], old_addr[3]];
         let new: [u8; 4] = [addr[0], addr[1], addr[2], addr[3]];
         l4.replace_bytes(&old, &new);
         ip.replace_bytes(&old, &new);
         let addr_off = pkt.l3() + if side == Side::Dst { 16 } else { 12 };
-        store(ctx, addr_off, new)?;
+        store(ctx, addr_off, new)
+    } else {
+        l4.replace_bytes(&old_addr, addr);
+        let addr_off = pkt.l3() + if side == Side::Dst { 24 } else { 8 };
+        store(ctx, addr_off, *addr)
+    }
+}
+
+/// Rewrites the port of one side, adding the change to the L4 checksum delta. Ports are
+/// kept in wire order, so their in-memory bytes are the wire bytes.
+#[inline(always)]
+fn rewrite_port(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    side: Side,
+    port: u16,
+    l4: &mut CsumDelta,
+) -> Result<(), Reason> {
+    let (old_port, port_off) = if side == Side::Dst {
+        (pkt.key.dport, pkt.l4() + 2)
+    } else {
+        (pkt.key.sport, pkt.l4())
+    };
+    l4.replace_bytes(&old_port.to_ne_bytes(), &port.to_ne_bytes());
+    store(ctx, port_off, port)
+}
+
+/// Gives the source and/or destination a new address and port, decrements the TTL /
+/// hop limit once, and updates the checksums incrementally. Every translation is one
+/// call: client -> frontend to client -> backend (DNAT), or node:port -> backend (and
+/// SNAT); backend -> client to frontend -> client, or backend -> node:port to frontend
+/// -> client. One inlined copy per direction keeps the program inside its stack.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    src: Option<Endpoint<'_>>,
+    dst: Option<Endpoint<'_>>,
+) -> Result<(), Reason> {
+    let mut l4 = CsumDelta::new();
+    let mut ip = CsumDelta::new();
+    if let Some((addr, _)) = src {
+        rewrite_addr(ctx, pkt, Side::Src, addr, &mut l4, &mut ip)?;
+    }
+    if let Some((addr, _)) = dst {
+        rewrite_addr(ctx, pkt, Side::Dst, addr, &mut l4, &mut ip)?;
+    }
+    if pkt.is_v4() {
         // TTL shares a 16-bit word with the protocol.
         let ttl_proto = load::<[u8; 2]>(ctx, ttl_word(pkt)).ok_or(Reason::DropMalformed)?;
         let decremented = [ttl_proto[0].wrapping_sub(1), ttl_proto[1]];
@@ -84,21 +132,15 @@ fn rewrite(
         let check = ip.apply(u16::from_be_bytes(check));
         store(ctx, pkt.l3() + 10, check.to_be_bytes())?;
     } else {
-        l4.replace_bytes(&old_addr, addr);
-        let addr_off = pkt.l3() + if side == Side::Dst { 24 } else { 8 };
-        store(ctx, addr_off, *addr)?;
         let nh_hop = load::<[u8; 2]>(ctx, ttl_word(pkt)).ok_or(Reason::DropMalformed)?;
         store(ctx, ttl_word(pkt), [nh_hop[0], nh_hop[1].wrapping_sub(1)])?;
     }
-
-    // Ports are kept in wire order, so their in-memory bytes are the wire bytes.
-    let (old_port, port_off) = if side == Side::Dst {
-        (pkt.key.dport, pkt.l4() + 2)
-    } else {
-        (pkt.key.sport, pkt.l4())
-    };
-    l4.replace_bytes(&old_port.to_ne_bytes(), &port.to_ne_bytes());
-    store(ctx, port_off, port)?;
+    if let Some((_, port)) = src {
+        rewrite_port(ctx, pkt, Side::Src, port, &mut l4)?;
+    }
+    if let Some((_, port)) = dst {
+        rewrite_port(ctx, pkt, Side::Dst, port, &mut l4)?;
+    }
 
     let udp = pkt.key.proto == PROTO_UDP;
     let csum_off = pkt.l4() + if udp { 6 } else { 16 };
@@ -114,12 +156,13 @@ fn rewrite(
         store(ctx, csum_off, updated.to_be_bytes())?;
     }
 
-    if side == Side::Dst {
-        pkt.key.dst = *addr;
-        pkt.key.dport = port;
-    } else {
+    if let Some((addr, port)) = src {
         pkt.key.src = *addr;
         pkt.key.sport = port;
+    }
+    if let Some((addr, port)) = dst {
+        pkt.key.dst = *addr;
+        pkt.key.dport = port;
     }
     Ok(())
 }

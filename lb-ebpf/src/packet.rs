@@ -1,12 +1,54 @@
-//! Bounds-checked access to the frame and the parsed view of one packet.
+//! Bounds-checked access to the frame and the parsed view of one packet, for the XDP
+//! program and the tc egress program alike.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{FAMILY_V4, FlowKey, Reason};
+
+/// A packet's bytes as the program sees them: `data()..data_end()` is the part it can
+/// read and write directly (all of it in XDP; the linear head of a socket buffer in tc).
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Whether the packet holds `end` bytes in all (its IP length is consistent).
+    fn holds(&self, end: usize) -> bool;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    /// Compared as `data + end <= data_end`, as `fits` does.
+    #[inline(always)]
+    fn holds(&self, end: usize) -> bool {
+        fits(self, end)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    /// The whole socket buffer, paged data included.
+    #[inline(always)]
+    fn holds(&self, end: usize) -> bool {
+        end <= self.len() as usize
+    }
+}
 
 /// Reads a `T` at byte offset `off`, or `None` when the frame is shorter.
 /// The explicit `data + off + size <= data_end` check is what the verifier needs.
 #[inline(always)]
-pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+pub fn load<T: Copy>(ctx: &impl Frame, off: usize) -> Option<T> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
         return None;
@@ -19,13 +61,13 @@ pub fn load<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
 /// as a length: a length derived from `data_end - data` lets LLVM drop later bounds
 /// checks that the verifier, which only follows packet pointers, still needs.
 #[inline(always)]
-pub fn fits(ctx: &XdpContext, end: usize) -> bool {
+pub fn fits(ctx: &impl Frame, end: usize) -> bool {
     ctx.data() + end <= ctx.data_end()
 }
 
 /// Writes a `T` at byte offset `off`; `Err` when the frame is shorter.
 #[inline(always)]
-pub fn store<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Result<(), Reason> {
+pub fn store<T: Copy>(ctx: &impl Frame, off: usize, value: T) -> Result<(), Reason> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
         return Err(Reason::DropMalformed);
@@ -127,7 +169,7 @@ impl Packet {
 /// The ones' complement sum (unfolded) of the `N` bytes at `off`, as big-endian 16-bit
 /// words; `None` when the frame is shorter. One bounds check covers every read.
 #[inline(always)]
-pub fn sum_words<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u32> {
+pub fn sum_words<const N: usize>(ctx: &impl Frame, off: usize) -> Option<u32> {
     let start = ctx.data() + off;
     if start + N > ctx.data_end() {
         return None;

@@ -1,10 +1,9 @@
 //! Ethernet (+ one 802.1Q/802.1ad tag) -> IPv4 (honouring IHL) or IPv6 -> TCP/UDP.
 //! Anything else is `Err(Pass*)`: the program returns it to the kernel untouched.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 
-use crate::packet::{Fragment, Packet, fits, load};
+use crate::packet::{Fragment, Frame, Packet, load};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -20,14 +19,14 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 #[inline(always)]
-fn be16(ctx: &XdpContext, off: usize) -> Result<u16, Reason> {
+fn be16(ctx: &impl Frame, off: usize) -> Result<u16, Reason> {
     load::<[u8; 2]>(ctx, off)
         .map(u16::from_be_bytes)
         .ok_or(Reason::PassMalformed)
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
     let mut ethertype = be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -42,7 +41,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+fn parse_v4(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
     let vihl = load::<u8>(ctx, l3).ok_or(Reason::PassMalformed)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -53,7 +52,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let frag = be16(ctx, l3 + 6)?;
     let src = load::<[u8; 4]>(ctx, l3 + 12).ok_or(Reason::PassMalformed)?;
     let dst = load::<[u8; 4]>(ctx, l3 + 16).ok_or(Reason::PassMalformed)?;
-    if usize::from(ip_len) < ihl || !fits(ctx, l3 + usize::from(ip_len)) {
+    if usize::from(ip_len) < ihl || !ctx.holds(l3 + usize::from(ip_len)) {
         return Err(Reason::PassMalformed);
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -87,7 +86,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+fn parse_v6(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
     let version = load::<u8>(ctx, l3).ok_or(Reason::PassMalformed)?;
     if version >> 4 != 6 {
         return Err(Reason::PassMalformed);
@@ -97,7 +96,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let src = load::<[u8; 16]>(ctx, l3 + 8).ok_or(Reason::PassMalformed)?;
     let dst = load::<[u8; 16]>(ctx, l3 + 24).ok_or(Reason::PassMalformed)?;
     let ip_end = l3 + IPV6_HLEN + usize::from(payload_len);
-    if !fits(ctx, ip_end) {
+    if !ctx.holds(ip_end) {
         return Err(Reason::PassMalformed);
     }
     if next_header == IPPROTO_FRAGMENT {
@@ -121,7 +120,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
 /// Reads the ports and decides whether the L4 header is complete.
 #[inline(always)]
 fn finish_l4(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     l3: usize,
     l4: usize,
     ip_end: usize,

@@ -2,11 +2,11 @@
 
 use lb_common::Reason;
 
-use crate::maps::{BACKEND_STATS_V1, REASON_STATS_V1, SVC_STATS_V2};
+use crate::maps::{BACKEND_STATS_V1, REASON_STATS_V2, SVC_STATS_V2};
 
 #[inline(always)]
 pub fn count_reason(reason: Reason, bytes: u64) {
-    if let Some(s) = REASON_STATS_V1.get_ptr_mut(reason as u32) {
+    if let Some(s) = REASON_STATS_V2.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
             (*s).packets += 1;

@@ -37,6 +37,27 @@ pub fn test_run(
     run(dp.program()?, frame, ingress_ifindex)
 }
 
+/// Runs the tc egress program loaded in `dp` once on `frame` (a socket buffer built
+/// from it, as the kernel's `BPF_PROG_TEST_RUN` for tc does). The verdict is the tc
+/// action (`TC_ACT_OK` = 0 lets it go on).
+pub fn test_run_egress(dp: &Dataplane, frame: &[u8]) -> Result<TestRunOutput> {
+    let prog = dp.egress_program()?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = 1;
+    let result = prog
+        .test_run(opts)
+        .context("BPF_PROG_TEST_RUN (tc egress)")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        action: result.return_value,
+        frame: out,
+        duration: result.duration,
+    })
+}
+
 /// The pass program's object: `xlb-pass` beside the object `XLB_EBPF_OBJECT` names.
 pub fn pass_object() -> Result<PathBuf> {
     let main = std::env::var_os(OBJECT_ENV).with_context(|| {

@@ -142,6 +142,7 @@ impl Dataplane {
                 name: PROGRAM,
                 source,
             })?;
+        dp.load_tc()?;
         Ok(dp)
     }
 

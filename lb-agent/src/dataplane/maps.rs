@@ -8,9 +8,9 @@ use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMap
 use ipnet::IpNet;
 
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, Flow, FlowKey, Frontend, FrontendKey,
-    NextHop, Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats,
-    addr_filter_slot, maps,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FlowKey, Frontend, FrontendKey, NextHop,
+    Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats, SnatConfig, SnatEntry,
+    TrackedFlow, addr_filter_slot, maps,
 };
 
 use super::store::{Batch, MapStore, Snapshot};
@@ -159,8 +159,38 @@ impl Dataplane {
     }
 
     /// The conntrack entry for a client -> frontend flow, if any.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>, DataplaneError> {
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<TrackedFlow>, DataplaneError> {
         self.hash_get(maps::CONNTRACK, key)
+    }
+
+    /// The SNAT reservation keyed by a reply flow (backend -> node:port), if any.
+    pub fn snat_entry(&self, key: &FlowKey) -> Result<Option<SnatEntry>, DataplaneError> {
+        self.hash_get(maps::SNAT, key)
+    }
+
+    /// Writes a SNAT reservation as the program would (tests: a port another flow holds).
+    pub fn set_snat_entry(
+        &mut self,
+        key: &FlowKey,
+        entry: &SnatEntry,
+    ) -> Result<(), DataplaneError> {
+        let name = maps::SNAT;
+        let mut m: HashMap<_, FlowKey, SnatEntry> =
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.insert(key, entry, 0).map_err(map_err(name))
+    }
+
+    /// The node's SNAT addresses and port range.
+    pub fn set_snat_config(&mut self, config: &SnatConfig) -> Result<(), DataplaneError> {
+        let name = maps::SNAT_CONFIG;
+        let mut m: Array<_, SnatConfig> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(0, config, 0).map_err(map_err(name))
+    }
+
+    /// What the program holds as the node's SNAT settings.
+    pub fn snat_config(&self) -> Result<SnatConfig, DataplaneError> {
+        self.array_get(maps::SNAT_CONFIG, 0)
     }
 
     /// A service's counters summed over CPUs.

@@ -3,6 +3,7 @@
 
 mod arrays;
 mod batch;
+pub mod egress;
 #[cfg(test)]
 mod fake;
 mod grace;
@@ -11,6 +12,7 @@ pub mod lock;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod snat;
 pub mod sockets;
 pub mod source_ranges;
 pub mod stats;

@@ -12,8 +12,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
-    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SourceRangeKey,
-    maps,
+    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SnatConfig,
+    SnatEntry, SourceRangeKey, TrackedFlow, maps,
     sock::{SockConfig, SockFlowKey, SockRevKey, SockRevNat},
 };
 
@@ -271,7 +271,9 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::NEXTHOPS => (4, Some(size_of::<NextHop>())),
         maps::ADDR_FILTER => (4, Some(1)),
         maps::MAGLEV => (4, Some(4)),
-        maps::CONNTRACK => (size_of::<FlowKey>(), Some(size_of::<Flow>())),
+        maps::CONNTRACK => (size_of::<FlowKey>(), Some(size_of::<TrackedFlow>())),
+        maps::SNAT => (size_of::<FlowKey>(), Some(size_of::<SnatEntry>())),
+        maps::SNAT_CONFIG => (4, Some(size_of::<SnatConfig>())),
         maps::REVNAT => (size_of::<FlowKey>(), Some(size_of::<RevNat>())),
         maps::SERVICE_STATS => (4, Some(size_of::<ServiceStats>())),
         maps::REASON_STATS => (4, Some(size_of::<ReasonStats>())),
@@ -301,6 +303,7 @@ fn expected_entries(name: &str) -> Option<u32> {
         maps::MAGLEV | maps::SERVICE_STATS | maps::SERVICE_META => Some(maps::MAX_SERVICES),
         maps::REASON_STATS => Some(Reason::COUNT),
         maps::TX_PORTS => Some(maps::MAX_TX_PORTS),
+        maps::SNAT_CONFIG => Some(1),
         maps::SOURCE_RANGES => Some(maps::MAX_SOURCE_RANGES),
         _ => None,
     }
@@ -428,6 +431,7 @@ impl Dataplane {
         };
         let attachment = result?;
         self.add_tx_port(index)?;
+        self.attach_tc_pinned(interface, dir)?;
         Ok(attachment)
     }
 
@@ -542,6 +546,7 @@ fn xlb_pins_of(interface: &str) -> Vec<PathBuf> {
 /// through its pin rather than by id, so CAP_SYS_ADMIN is not needed (the DaemonSet
 /// runs without it).
 pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    super::egress::detach_tc(dir, interface)?;
     let path = link_path(dir, interface);
     let link = sys::obj_get(&path).map_err(|e| pin_err(&path, e))?;
     sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;

@@ -8,9 +8,9 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 
 use aya::maps::{HashMap, LpmTrie, MapError, PerCpuArray, lpm_trie::Key};
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
-    FrontendKey, NextHop, SERVICE_META_F_IN_USE, SOURCE_RANGE_LOOKUP_BITS, ServiceMeta,
-    SourceRangeKey, maps,
+    Affinity, AffinityKey, Backend, BackendMeta, BackendStats, FlowKey, Frontend, FrontendKey,
+    NextHop, SERVICE_META_F_IN_USE, SOURCE_RANGE_LOOKUP_BITS, ServiceMeta, SourceRangeKey,
+    TrackedFlow, maps,
 };
 
 use super::maps::{map_err, optional};
@@ -93,7 +93,7 @@ impl Dataplane {
 
     /// The conntrack entry of a client flow (`flow` exists in `maps.rs` too; this one
     /// is the read side's).
-    pub fn tracked(&self, key: &FlowKey) -> Result<Option<Flow>, DataplaneError> {
+    pub fn tracked(&self, key: &FlowKey) -> Result<Option<TrackedFlow>, DataplaneError> {
         self.flow(key)
     }
 

@@ -53,6 +53,8 @@ pub struct NodeOptions {
     pub name: Option<String>,
     /// NodePort addresses; empty = those of the Node object.
     pub addresses: Vec<IpAddr>,
+    /// `--lb-mode`: for Services (and config file services) that do not say.
+    pub lb_mode: lb_core::mode::LbMode,
 }
 
 /// A backend as health checking knows it: (service name, endpoint).
@@ -131,6 +133,8 @@ enum Input {
         health: BTreeMap<BackendKey, bool>,
         /// The services or their health changed since the last update.
         stale: bool,
+        /// `--lb-mode`, for services without `lbMode`.
+        lb_mode: lb_core::mode::LbMode,
     },
     Manifests {
         dir: ManifestSource,
@@ -191,6 +195,7 @@ impl Source {
                     specs,
                     health: BTreeMap::new(),
                     stale: true,
+                    lb_mode: node.lb_mode,
                 }
             }
             Origin::Manifests(path) => {
@@ -362,12 +367,13 @@ impl Source {
                 specs,
                 health,
                 stale,
+                lb_mode,
                 ..
             } => {
                 if !std::mem::take(stale) {
                     return update;
                 }
-                let wanted = model::from_specs(specs, |service, endpoint| {
+                let wanted = model::from_specs(specs, *lb_mode, |service, endpoint| {
                     match health.get(&(service.to_owned(), endpoint)) {
                         Some(false) => Health::Down,
                         _ => Health::Up,
@@ -453,7 +459,10 @@ impl Index {
     fn new(node: &NodeOptions, l4: bool, l7: bool) -> Index {
         Index {
             cluster: Cluster::new(l7),
-            translator: l4.then(|| Translator::new(node.name.clone(), node.addresses.clone())),
+            translator: l4.then(|| {
+                Translator::new(node.name.clone(), node.addresses.clone())
+                    .with_lb_mode(node.lb_mode)
+            }),
             dirty: Dirty::None,
         }
     }

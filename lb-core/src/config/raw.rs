@@ -33,6 +33,8 @@ pub(super) struct Service {
     pub when_empty: Option<WhenEmpty>,
     /// CIDRs as written; parsed by validation so the message names the bad one.
     pub source_ranges: Option<Vec<String>>,
+    /// `snat` or `dnat` as written; parsed by validation (which names dsr/hybrid).
+    pub lb_mode: Option<String>,
 }
 
 /// What new flows meet while the service has no usable backend.

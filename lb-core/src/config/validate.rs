@@ -122,7 +122,17 @@ pub(super) fn service(raw: raw::Service) -> Result<ServiceSpec, Invalid> {
         .transpose()?
         .unwrap_or_default();
 
+    let lb_mode = raw
+        .lb_mode
+        .as_deref()
+        .map(|text| {
+            text.parse::<crate::mode::LbMode>()
+                .or_else(|reason| invalid("lbMode", reason))
+        })
+        .transpose()?;
+
     Ok(ServiceSpec {
+        lb_mode,
         name,
         frontends,
         backends,

@@ -19,6 +19,7 @@ use super::{BackendModel, Endpoint, Health, ServiceModel, WhenEmpty};
 use crate::cluster::{Kind, ObjectKey};
 use crate::config::{FrontendSpec, Protocol};
 use crate::maglev;
+use crate::mode::LbMode;
 use crate::quote::quoted;
 
 /// EndpointSlice annotation: Maglev weight (0..=100) of every endpoint in the slice;
@@ -30,6 +31,9 @@ pub const ENDPOINT_WEIGHTS_ANNOTATION: &str = "xlb.dev/endpoint-weights";
 /// Service annotation: Maglev table size (a prime, 2..=131071). Default: the smallest
 /// of 1021, 4093, 16381, 65537, 131071 that holds 100 slots per endpoint.
 pub const TABLE_SIZE_ANNOTATION: &str = "xlb.dev/maglev-table-size";
+/// Service annotation: `snat` or `dnat`, overriding the agent's `--lb-mode` for the
+/// Service's Cluster-policy frontends (`externalTrafficPolicy: Local` never SNATs).
+pub const LB_MODE_ANNOTATION: &str = "xlb.dev/lb-mode";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Service label naming another proxy that serves it; kube-proxy, and xlb, leave such
@@ -45,6 +49,8 @@ pub struct NodeInfo {
     pub name: Option<String>,
     /// Addresses NodePorts are served on.
     pub addresses: Vec<IpAddr>,
+    /// The agent's `--lb-mode`, for Services without `xlb.dev/lb-mode`.
+    pub lb_mode: LbMode,
 }
 
 impl NodeInfo {
@@ -67,6 +73,7 @@ impl NodeInfo {
         NodeInfo {
             name: name.map(str::to_owned),
             addresses,
+            lb_mode: LbMode::default(),
         }
     }
 }
@@ -220,6 +227,7 @@ pub fn translate(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> T
         source_ranges: ranges,
         affinity_timeout_s: affinity_timeout(spec),
         table_override: table_size_override(svc, &mut ctx),
+        lb_mode: lb_mode(svc, node.lb_mode, &mut ctx),
     };
     let etp_local = policy.etp_local;
     let mut local_ready = BTreeSet::new();
@@ -432,6 +440,7 @@ struct Policy {
     source_ranges: Vec<ipnet::IpNet>,
     affinity_timeout_s: Option<u32>,
     table_override: Option<u32>,
+    lb_mode: LbMode,
 }
 
 /// One Service port.
@@ -543,6 +552,7 @@ fn family_models(
                     BackendModel {
                         weight: c.weight,
                         health: Health::Unchecked,
+                        local: c.local,
                     },
                 )
             })
@@ -572,6 +582,8 @@ fn family_models(
             } else {
                 Vec::new()
             },
+            // Local policy keeps the client's address: only local endpoints, never SNAT.
+            snat: !local_only && policy.lb_mode == LbMode::Snat,
         };
         out.push((name, model));
     }
@@ -932,6 +944,29 @@ fn parse_ranges(ranges: &[String], ctx: &mut Ctx<'_>) -> Vec<ipnet::IpNet> {
     out.sort();
     out.dedup();
     out
+}
+
+/// `xlb.dev/lb-mode`, else the node's default. A bad value is a problem naming the
+/// annotation, and the default applies.
+fn lb_mode(svc: &Service, default: LbMode, ctx: &mut Ctx<'_>) -> LbMode {
+    let Some(text) = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_MODE_ANNOTATION))
+    else {
+        return default;
+    };
+    match text.trim().parse() {
+        Ok(mode) => mode,
+        Err(reason) => {
+            ctx.service_problem(
+                format!("metadata.annotations[{LB_MODE_ANNOTATION}]"),
+                format!("{reason}; using {default}"),
+            );
+            default
+        }
+    }
 }
 
 fn table_size_override(svc: &Service, ctx: &mut Ctx<'_>) -> Option<u32> {

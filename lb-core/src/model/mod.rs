@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::config::{FrontendSpec, ServiceSpec};
+use crate::mode::LbMode;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -45,6 +46,9 @@ pub struct BackendModel {
     /// Maglev weight; 0 = drained (kept for established flows, no new ones).
     pub weight: u32,
     pub health: Health,
+    /// Runs on this node (its EndpointSlice endpoint's `nodeName`): never source-NATed, its
+    /// replies translated back on their way out of the node.
+    pub local: bool,
 }
 
 impl BackendModel {
@@ -71,6 +75,9 @@ pub struct ServiceModel {
     /// Client prefixes allowed to open flows (Kubernetes `loadBalancerSourceRanges`);
     /// empty allows every client. Others are dropped and counted.
     pub source_ranges: Vec<ipnet::IpNet>,
+    /// New flows to backends on other nodes leave with this node's address and a port
+    /// it allocates (SNAT mode); otherwise only the destination is rewritten.
+    pub snat: bool,
 }
 
 /// A service's answer to new flows while it has no selectable backend.
@@ -111,8 +118,13 @@ impl<'a> FromIterator<(&'a str, ServiceModel)> for Desired {
 }
 
 /// Builds the desired state from validated specs. `health` answers for backends that
-/// have a health check (service name, endpoint); the others are `Unchecked`.
-pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Health) -> Desired {
+/// have a health check (service name, endpoint); the others are `Unchecked`. A spec
+/// without `lbMode` gets `default_mode` (`--lb-mode`).
+pub fn from_specs(
+    specs: &[ServiceSpec],
+    default_mode: LbMode,
+    health: impl Fn(&str, Endpoint) -> Health,
+) -> Desired {
     let services = specs
         .iter()
         .map(|spec| {
@@ -134,6 +146,7 @@ pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Heal
                         BackendModel {
                             weight: b.weight,
                             health: state,
+                            local: false,
                         },
                     )
                 })
@@ -151,6 +164,7 @@ pub fn from_specs(specs: &[ServiceSpec], health: impl Fn(&str, Endpoint) -> Heal
                     WhenEmpty::Drop
                 },
                 source_ranges: spec.source_ranges.clone(),
+                snat: spec.lb_mode.unwrap_or(default_mode) == LbMode::Snat,
             };
             (spec.name.clone(), Arc::new(model))
         })
@@ -202,12 +216,13 @@ mod tests {
             maglev_table_size: 251,
             reject_when_empty: true,
             source_ranges: vec!["198.51.100.0/24".parse().unwrap()],
+            lb_mode: None,
         }
     }
 
     #[test]
     fn health_applies_only_to_checked_backends() {
-        let desired = from_specs(&[spec()], |_, _| Health::Down);
+        let desired = from_specs(&[spec()], LbMode::Snat, |_, _| Health::Down);
         let web = &desired.services["web"];
         let states: Vec<Health> = web.backends.values().map(|b| b.health).collect();
         assert_eq!(states, [Health::Unchecked, Health::Down]);
@@ -221,7 +236,7 @@ mod tests {
     fn all_down_or_drained_means_no_backends() {
         let mut s = spec();
         s.backends[0].weight = 0;
-        let desired = from_specs(&[s], |_, _| Health::Down);
+        let desired = from_specs(&[s], LbMode::Snat, |_, _| Health::Down);
         assert!(desired.services["web"].has_no_backends());
     }
 

@@ -17,6 +17,7 @@ use super::kubernetes::{
 };
 use crate::cluster::{Cluster, Dirty, Kind, ObjectKey};
 use crate::config::FrontendSpec;
+use crate::mode::LbMode;
 
 /// What an update produced besides the new desired state.
 #[derive(Debug, Default)]
@@ -48,11 +49,19 @@ impl Translator {
             node: NodeInfo {
                 name: node_name.clone(),
                 addresses: node_flags.clone(),
+                lb_mode: LbMode::default(),
             },
             node_name,
             node_flags,
             ..Translator::default()
         }
+    }
+
+    /// Services without `xlb.dev/lb-mode` get `mode` (`--lb-mode`).
+    #[must_use]
+    pub fn with_lb_mode(mut self, mode: LbMode) -> Self {
+        self.node.lb_mode = mode;
+        self
     }
 
     pub fn node(&self) -> &NodeInfo {
@@ -71,11 +80,13 @@ impl Translator {
                     .node_name
                     .as_ref()
                     .and_then(|name| cluster.nodes.get(name));
+                let lb_mode = self.node.lb_mode;
                 self.node = NodeInfo::resolve(
                     self.node_name.as_deref(),
                     &self.node_flags,
                     node_object.map(AsRef::as_ref),
                 );
+                self.node.lb_mode = lb_mode;
                 cluster
                     .services
                     .keys()

@@ -228,6 +228,7 @@ fn service(frontends: &[FrontendSpec], backends: &[(Endpoint, u32, Health)]) -> 
                     BackendModel {
                         weight: *weight,
                         health: *health,
+                        local: false,
                     },
                 )
             })
@@ -236,6 +237,7 @@ fn service(frontends: &[FrontendSpec], backends: &[(Endpoint, u32, Health)]) -> 
         table_size: 13,
         when_empty: crate::model::WhenEmpty::Drop,
         source_ranges: Vec::new(),
+        snat: false,
     }
 }
 
@@ -808,6 +810,7 @@ fn one_changed_service_among_many_is_the_only_one_planned() {
         BackendModel {
             weight: 1,
             health: UP,
+            local: false,
         },
     );
     let plan = converge(&mut maps, &want);

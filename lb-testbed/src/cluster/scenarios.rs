@@ -14,7 +14,7 @@
 //! let _servers = PodServers::start(&cluster, POD_PORT)?;
 //! let services = scenarios::standard_services(&cluster);
 //! let mut xlb = XlbAgents::new(Path::new(AGENT), "xlb snat", &["--lb-mode", "snat"],
-//!                              PodSees::Node, false);
+//!                              PodSees::NodeIfRemote, false);
 //! xlb.program(&cluster, &services)?;
 //! scenarios::announce(&cluster, &services)?;
 //! scenarios::frontends(&cluster, &xlb, &services, Protocol::Tcp, false)?;
@@ -73,6 +73,10 @@ pub enum PodSees {
     Node,
     /// The client's own address.
     Client,
+    /// A pod on another node sees the receiving node's address, a pod on the receiving
+    /// node the client's (only flows to remote backends are source-NATed; Cilium's SNAT
+    /// mode).
+    NodeIfRemote,
 }
 
 /// What programs the nodes for the scenarios: kube-proxy's rules, xlb agents.
@@ -331,7 +335,18 @@ fn check_answer(
             answer.peer,
             client_address(v6)
         ),
-        PodSees::Node => {
+        PodSees::NodeIfRemote if answer.peer == client_address(v6) => {
+            if let Some(receiver) = receiver {
+                anyhow::ensure!(
+                    pod_node == receiver,
+                    "{} on node-{pod_node} saw the client's {}, but the flow went to \
+                     node-{receiver}, which source-NATs for remote pods",
+                    answer.pod,
+                    answer.peer
+                );
+            }
+        }
+        PodSees::Node | PodSees::NodeIfRemote => {
             let node = cluster.node_of_address(answer.peer).with_context(|| {
                 format!(
                     "{} saw {}, which is no node's address",
@@ -346,6 +361,13 @@ fn check_answer(
                     answer.peer
                 );
             }
+            anyhow::ensure!(
+                sees == PodSees::Node || node != pod_node,
+                "{} saw its own node's address {}: a pod on the receiving node keeps the \
+                 client's",
+                answer.pod,
+                answer.peer
+            );
         }
     }
     Ok(pod_node)
@@ -381,6 +403,8 @@ fn case(
                 (Some(r), _) => pod_node == r,
                 (None, PodSees::Node) => cluster.node_of_address(answer.peer) == Some(pod_node),
                 (None, PodSees::Client) => svc.external_traffic_policy == TrafficPolicy::Local,
+                // A pod sees the client exactly when it is on the receiving node.
+                (None, PodSees::NodeIfRemote) => answer.peer == client_address(v6),
             };
             Ok(on_receiver)
         });
@@ -560,8 +584,9 @@ pub fn node_drop(
     for conn in &conns {
         let node = only_node(&before_counts, None, conn.local.port())
             .with_context(|| format!("the path of {} before the drop", conn.local))?;
-        if program.pod_sees(TrafficPolicy::Cluster) == PodSees::Node {
-            check_answer(cluster, svc, &conn.answer, PodSees::Node, Some(node), v6)?;
+        let sees = program.pod_sees(TrafficPolicy::Cluster);
+        if sees != PodSees::Client {
+            check_answer(cluster, svc, &conn.answer, sees, Some(node), v6)?;
         }
         before.push(node);
     }

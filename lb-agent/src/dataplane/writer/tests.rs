@@ -40,6 +40,7 @@ fn service(frontends: &[(u8, u16)], backends: &[(Endpoint, u32)]) -> ServiceMode
                     BackendModel {
                         weight,
                         health: Health::Unchecked,
+                        local: false,
                     },
                 )
             })
@@ -48,6 +49,7 @@ fn service(frontends: &[(u8, u16)], backends: &[(Endpoint, u32)]) -> ServiceMode
         table_size: 13,
         when_empty: WhenEmpty::Drop,
         source_ranges: Vec::new(),
+        snat: false,
     }
 }
 

@@ -1,0 +1,537 @@
+//! Packets in, packets out for SNAT mode, local backends, devices outside the devmap and
+//! the tc egress program, run through `BPF_PROG_TEST_RUN` in a namespace that plays the
+//! node (as `packet_fixtures.rs`). Expected frames are rebuilt from fields by etherparse
+//! (checksums from scratch), and the SNAT port is predicted by the same function the
+//! program uses (`lb_common::snat::snat_port` over the flow hash). Needs root.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, FAMILY_V4, FRONTEND_F_SNAT, PROTO_TCP, Reason, SNAT_CFG_F_V4,
+    SNAT_CFG_F_V6, SnatConfig, SnatEntry, hash,
+    reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    snat::{SNAT_UDP_IDLE_NS, snat_port},
+};
+use lb_testbed::frames::{Frame, L4, verify_checksums};
+use lb_testbed::node::*;
+use lb_testbed::xdp;
+
+/// The node's SNAT addresses: its own on the backend side.
+fn node_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
+}
+fn node_v6() -> IpAddr {
+    IpAddr::V6("2001:db8:b::1".parse().expect("address"))
+}
+/// A pod behind a device of the node that is not in the devmap (`pd`).
+fn pod_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 201))
+}
+const POD_MAC: &str = "02:00:00:00:03:01";
+const PORT_MIN: u16 = 61_000;
+const PORT_MAX: u16 = 65_535;
+const TO_CLIENT: ([u8; 6], [u8; 6]) = (LB_CLIENT_MAC, CLIENT_MAC);
+
+struct Node {
+    dp: lb_agent::dataplane::Dataplane,
+    client_if: u32,
+    backend_if: u32,
+}
+
+impl Node {
+    fn run(&self, what: &str, frame: &Frame, from_client: bool) -> (u32, Vec<u8>) {
+        let ingress = if from_client {
+            self.client_if
+        } else {
+            self.backend_if
+        };
+        let out = xdp::test_run(&self.dp, &frame.build(), Some(ingress))
+            .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+        (out.action, out.frame)
+    }
+
+    /// Runs `frame`; the verdict and the output must be `action` and `want`.
+    fn check(&self, what: &str, frame: &Frame, from_client: bool, action: u32, want: &Frame) {
+        let (got, out) = self.run(what, frame, from_client);
+        assert_eq!(got, action, "{what}: verdict");
+        assert!(
+            out == want.build(),
+            "{what}: output differs\n got: {out:02x?}\nwant: {:02x?}",
+            want.build()
+        );
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
+    fn reason(&self, reason: Reason) -> u64 {
+        self.dp
+            .reason_stats()
+            .expect("reason stats")
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, s)| s.packets)
+    }
+
+    fn configure(&mut self, port_min: u16, port_max: u16) {
+        let cfg = SnatConfig {
+            addr_v4: addr16(node_v4()),
+            addr_v6: addr16(node_v6()),
+            port_min,
+            port_max,
+            flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
+            _pad: [0; 3],
+        };
+        self.dp.set_snat_config(&cfg).expect("snat config");
+    }
+}
+
+/// Services of the SNAT fixtures: the standard ones, each frontend with `FRONTEND_F_SNAT`.
+fn snat_services() -> Vec<Service> {
+    let mut svcs = services();
+    for s in &mut svcs {
+        s.flags |= FRONTEND_F_SNAT;
+    }
+    svcs
+}
+
+/// A fresh node with the SNAT services installed and the default port range.
+fn with_node(tag: &str, body: impl FnOnce(&mut Node, &mut Vec<Service>) + Send) {
+    let router = Router::new(tag);
+    let client_if = router.ns.ifindex("cl").expect("ifindex");
+    let backend_if = router.ns.ifindex("bk").expect("ifindex");
+    // A pod's veth: routed, its neighbour known, but not a redirect port.
+    for cmd in [
+        "link add pd type veth peer name pdp",
+        "link set pd up",
+        "link set pdp up",
+        "route add 192.0.2.200/29 dev pd",
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        router.ns.ip(&args).expect("pod veth");
+    }
+    router
+        .ns
+        .ip(&[
+            "neigh",
+            "replace",
+            &pod_v4().to_string(),
+            "lladdr",
+            POD_MAC,
+            "dev",
+            "pd",
+            "nud",
+            "permanent",
+        ])
+        .expect("pod neighbour");
+    router
+        .ns
+        .run_in(|| {
+            let mut node = Node {
+                dp: load_dataplane(),
+                client_if,
+                backend_if,
+            };
+            node.configure(PORT_MIN, PORT_MAX);
+            let mut svcs = snat_services();
+            for s in &svcs {
+                s.install(&mut node.dp);
+            }
+            body(&mut node, &mut svcs);
+        })
+        .expect("run in the router namespace");
+}
+
+fn last_octet(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    }
+}
+
+fn client_frame(svc: &Service, sport: u16) -> Frame {
+    let (vip, port, proto) = svc.frontend;
+    let src = if vip.is_ipv4() {
+        client_v4()
+    } else {
+        client_v6()
+    };
+    let f = if proto == PROTO_TCP {
+        Frame::tcp(src, sport, vip, port).syn()
+    } else {
+        Frame::udp(src, sport, vip, port)
+    };
+    f.macs(CLIENT_MAC, LB_CLIENT_MAC)
+}
+
+fn node_of(frame: &Frame) -> IpAddr {
+    if frame.src.is_ipv4() {
+        node_v4()
+    } else {
+        node_v6()
+    }
+}
+
+/// The port attempt `attempt` gives the client flow `frame` in `min..=max`.
+fn predicted_port(frame: &Frame, attempt: u32, min: u16, max: u16) -> u16 {
+    snat_port(hash::flow_hash(&flow_key(frame)), attempt, min, max)
+}
+
+/// `frame` after SNAT to node:`nat_port` and DNAT to backend:`port`, towards the backend.
+fn snat_out(frame: &Frame, backend: IpAddr, port: u16, nat_port: u16) -> Frame {
+    let mut out = dnat(
+        frame,
+        backend,
+        port,
+        (LB_BACKEND_MAC, backend_mac(last_octet(backend))),
+    );
+    out.src = node_of(frame);
+    out.set_ports(nat_port, port);
+    out
+}
+
+/// The backend's reply to the source-NATed `out`.
+fn reply_to(out: &Frame) -> Frame {
+    let (sport, dport) = out.ports();
+    let mut r = out.clone();
+    r.src = out.dst;
+    r.dst = out.src;
+    r.set_ports(dport, sport);
+    r.ttl = 64;
+    r.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+    if let L4::Tcp { syn, .. } = &mut r.l4 {
+        *syn = false;
+    }
+    r.macs(backend_mac(last_octet(out.dst)), LB_BACKEND_MAC)
+}
+
+/// The reply as the client must get it: from the frontend, to the client's own port.
+fn reply_back(reply: &Frame, client: &Frame) -> Frame {
+    let mut want = reply.clone();
+    want.src = client.dst;
+    want.dst = client.src;
+    let (cport, vport) = client.ports();
+    want.set_ports(vport, cport);
+    want.ttl -= 1;
+    want.src_mac = TO_CLIENT.0;
+    want.dst_mac = TO_CLIENT.1;
+    want
+}
+
+/// A new source-NATed flow, the same flow again, and the reply, for one service.
+fn snat_round_trip(node: &Node, svc: &Service, sport: u16, what: &str) -> u16 {
+    let f = client_frame(svc, sport);
+    let (_, backend, bport) = svc.expected_backend(&f);
+    let nat_port = predicted_port(&f, 0, PORT_MIN, PORT_MAX);
+    let out = snat_out(&f, backend, bport, nat_port);
+    node.check(what, &f, true, XDP_REDIRECT, &out);
+    let tracked = node
+        .dp
+        .flow(&flow_key(&f))
+        .expect("conntrack")
+        .expect("tracked");
+    assert_eq!(
+        tracked.nat_port,
+        nat_port.to_be(),
+        "{what}: conntrack names the port"
+    );
+    let entry = node
+        .dp
+        .snat_entry(&flow_key(&reply_to(&out)))
+        .expect("snat map")
+        .expect("reservation");
+    assert_eq!(entry.client, addr16(f.src), "{what}: reservation's client");
+    assert_eq!(entry.client_port, sport.to_be());
+    assert_eq!(entry.service_id, svc.id);
+
+    let mut again = f.clone();
+    if let L4::Tcp { syn, .. } = &mut again.l4 {
+        *syn = false;
+    }
+    again.payload = b"more".to_vec();
+    node.check(
+        what,
+        &again,
+        true,
+        XDP_REDIRECT,
+        &snat_out(&again, backend, bport, nat_port),
+    );
+
+    let reply = reply_to(&out);
+    node.check(what, &reply, false, XDP_REDIRECT, &reply_back(&reply, &f));
+    nat_port
+}
+
+#[test]
+fn snat_forward_and_reply_ipv4_ipv6_tcp_udp() {
+    with_node("snat", |node, svcs| {
+        let before = node.dp.service_stats(1).expect("stats").reply_packets;
+        snat_round_trip(node, &svcs[0], 40_001, "IPv4 TCP, SNAT");
+        assert_eq!(
+            node.dp.service_stats(1).expect("stats").reply_packets,
+            before + 1,
+            "the reply is counted for the service"
+        );
+        snat_round_trip(node, &svcs[1], 40_002, "IPv4 UDP, SNAT");
+        snat_round_trip(node, &svcs[2], 40_003, "IPv6 TCP, SNAT");
+        snat_round_trip(node, &svcs[3], 40_004, "IPv6 UDP, SNAT");
+
+        // A packet to the node's address on a SNAT port that no flow holds: untouched.
+        let stray = Frame::tcp(backend_v4(11), 8080, node_v4(), 61_234)
+            .macs(backend_mac(11), LB_BACKEND_MAC);
+        let (action, out) = node.run("unknown SNAT port", &stray, false);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, stray.build());
+    });
+}
+
+#[test]
+fn a_taken_port_makes_the_flow_take_the_next_one() {
+    with_node("snatcoll", |node, svcs| {
+        let f = client_frame(&svcs[0], 42_001);
+        let (_, backend, bport) = svcs[0].expected_backend(&f);
+        let first = predicted_port(&f, 0, PORT_MIN, PORT_MAX);
+        // Another client's fresh flow holds the first port towards that backend.
+        let other = reply_to(&snat_out(&f, backend, bport, first));
+        let now = coarse_now_ns();
+        node.dp
+            .set_snat_entry(
+                &flow_key(&other),
+                &SnatEntry {
+                    client: addr16(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 3))),
+                    frontend: addr16(vip_v4()),
+                    client_port: 50_000u16.to_be(),
+                    frontend_port: 80u16.to_be(),
+                    family: FAMILY_V4,
+                    service_id: 1,
+                    last_seen_ns: now,
+                    ..SnatEntry::default()
+                },
+            )
+            .expect("reservation");
+        let second = predicted_port(&f, 1, PORT_MIN, PORT_MAX);
+        assert_ne!(first, second);
+        node.check(
+            "collision",
+            &f,
+            true,
+            XDP_REDIRECT,
+            &snat_out(&f, backend, bport, second),
+        );
+        // The other client's reservation is untouched.
+        let held = node
+            .dp
+            .snat_entry(&flow_key(&other))
+            .expect("map")
+            .expect("still there");
+        assert_eq!(held.client_port, 50_000u16.to_be());
+
+        // A stale reservation (UDP, idle longer than its timeout) is taken over.
+        let u = client_frame(&svcs[1], 42_002);
+        let (_, ubackend, ubport) = svcs[1].expected_backend(&u);
+        let ufirst = predicted_port(&u, 0, PORT_MIN, PORT_MAX);
+        let stale = reply_to(&snat_out(&u, ubackend, ubport, ufirst));
+        node.dp
+            .set_snat_entry(
+                &flow_key(&stale),
+                &SnatEntry {
+                    client: addr16(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 3))),
+                    frontend: addr16(vip_v4()),
+                    client_port: 50_001u16.to_be(),
+                    frontend_port: 53u16.to_be(),
+                    family: FAMILY_V4,
+                    service_id: 2,
+                    last_seen_ns: now.saturating_sub(SNAT_UDP_IDLE_NS + 5_000_000_000),
+                    ..SnatEntry::default()
+                },
+            )
+            .expect("stale reservation");
+        node.check(
+            "stale reservation taken over",
+            &u,
+            true,
+            XDP_REDIRECT,
+            &snat_out(&u, ubackend, ubport, ufirst),
+        );
+        let taken = node
+            .dp
+            .snat_entry(&flow_key(&stale))
+            .expect("map")
+            .expect("entry");
+        assert_eq!(taken.client_port, 42_002u16.to_be(), "now this flow's");
+    });
+}
+
+#[test]
+fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
+    with_node("snatfull", |node, svcs| {
+        // Two ports only.
+        node.configure(PORT_MIN, PORT_MIN + 1);
+        // Service 6 has one backend: every flow goes to it.
+        let svc = &svcs[5];
+        let mut held = Vec::new();
+        let mut sport = 43_000;
+        while held.len() < 2 {
+            let f = client_frame(svc, sport);
+            sport += 1;
+            let (action, out) = node.run("filling the range", &f, true);
+            // Backend 13 has no neighbour entry: translated, then handed to the tc
+            // ingress program through the metadata ("xlbh", the egress ifindex), which
+            // BPF_PROG_TEST_RUN returns in front of the frame.
+            assert_eq!(action, XDP_PASS, "flow {sport} gets a port");
+            assert_eq!(&out[..4], &0x786c_6268u32.to_ne_bytes(), "hand-off mark");
+            assert_eq!(&out[4..8], &node.backend_if.to_ne_bytes(), "egress ifindex");
+            // Then Ethernet, IPv4 without options: the TCP source port at 8 + 34.
+            held.push(u16::from_be_bytes([out[42], out[43]]));
+        }
+        held.sort_unstable();
+        assert_eq!(held, vec![PORT_MIN, PORT_MIN + 1], "both ports in use");
+        let before = node.reason(Reason::DropSnatExhausted);
+        let f = client_frame(svc, 43_100);
+        let (action, out) = node.run("range exhausted", &f, true);
+        assert_eq!(action, XDP_DROP, "no port left for backend 13");
+        assert_eq!(out, f.build(), "dropped untouched");
+        assert_eq!(
+            node.reason(Reason::DropSnatExhausted),
+            before + 1,
+            "counted"
+        );
+        assert!(
+            node.dp.flow(&flow_key(&f)).expect("conntrack").is_none(),
+            "no conntrack entry for a dropped flow"
+        );
+        // Other backends have the whole range: another service still works.
+        let g = client_frame(&svcs[0], 43_200);
+        let (_, backend, bport) = svcs[0].expected_backend(&g);
+        let port = predicted_port(&g, 0, PORT_MIN, PORT_MIN + 1);
+        node.check(
+            "another service during exhaustion",
+            &g,
+            true,
+            XDP_REDIRECT,
+            &snat_out(&g, backend, bport, port),
+        );
+    });
+}
+
+#[test]
+fn local_backends_are_not_snated_and_their_replies_are_translated_at_egress() {
+    with_node("snatlocal", |node, svcs| {
+        // Backend 11 of service 1 is on this node.
+        for (id, ip, port) in &svcs[0].backends {
+            node.dp
+                .set_backend(
+                    *id,
+                    Backend {
+                        addr: addr16(*ip),
+                        port: port.to_be(),
+                        family: FAMILY_V4,
+                        flags: if last_octet(*ip) == 11 {
+                            BACKEND_F_LOCAL
+                        } else {
+                            0
+                        },
+                        service_id: 1,
+                    },
+                )
+                .expect("backend");
+        }
+        let mut sport = 44_000;
+        let f = loop {
+            let f = client_frame(&svcs[0], sport);
+            if last_octet(svcs[0].expected_backend(&f).1) == 11 {
+                break f;
+            }
+            sport += 1;
+        };
+        let want = dnat(&f, backend_v4(11), 8080, (LB_BACKEND_MAC, backend_mac(11)));
+        node.check("local backend: DNAT only", &f, true, XDP_REDIRECT, &want);
+        assert_eq!(
+            node.dp
+                .flow(&flow_key(&f))
+                .expect("conntrack")
+                .expect("tracked")
+                .nat_port,
+            0,
+            "not source-NATed"
+        );
+
+        // Its reply leaves through the node's routing: the tc egress program gives it
+        // the VIP back (no TTL change: the kernel forwarded it already).
+        let reply = reply_from(&f, backend_v4(11), 8080, 11);
+        let before = node.reason(Reason::ReplyEgress);
+        let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
+        assert_eq!(out.action, 0, "TC_ACT_OK");
+        let mut back = reply.clone();
+        back.src = vip_v4();
+        let (_, dport) = reply.ports();
+        back.set_ports(80, dport);
+        assert!(
+            out.frame == back.build(),
+            "egress output differs\n got: {:02x?}\nwant: {:02x?}",
+            out.frame,
+            back.build()
+        );
+        verify_checksums(&out.frame).expect("checksums");
+        assert_eq!(node.reason(Reason::ReplyEgress), before + 1, "counted");
+
+        // UDP and IPv6 replies of local backends too (no SNAT: frontend flags cleared).
+        for (svc, sport) in [(&svcs[1], 44_501), (&svcs[2], 44_502), (&svcs[3], 44_503)] {
+            let mut plain = Service::new(svc.id, svc.frontend, svc.backends.clone());
+            plain.flags = 0;
+            plain.install(&mut node.dp);
+            let f = client_frame(&plain, sport);
+            let (_, backend, bport) = plain.expected_backend(&f);
+            let (action, _) = node.run("DNAT for egress", &f, true);
+            assert_eq!(action, XDP_REDIRECT);
+            let reply = reply_from(&f, backend, bport, last_octet(backend));
+            let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
+            let mut back = reply.clone();
+            back.src = plain.frontend.0;
+            let (_, dport) = reply.ports();
+            back.set_ports(plain.frontend.1, dport);
+            assert!(out.frame == back.build(), "egress {sport}: output differs");
+            verify_checksums(&out.frame).expect("checksums");
+        }
+
+        // Anything else leaves untouched.
+        let other =
+            Frame::tcp(backend_v4(12), 22, client_v4(), 40_000).macs(LB_CLIENT_MAC, CLIENT_MAC);
+        let out = xdp::test_run_egress(&node.dp, &other.build()).expect("egress run");
+        assert_eq!(out.frame, other.build(), "not a tracked reply");
+    });
+}
+
+#[test]
+fn a_device_outside_the_devmap_gets_the_translated_packet_through_the_stack() {
+    with_node("snatstack", |node, _svcs| {
+        let svc = Service::new(
+            8,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 80)), 80, PROTO_TCP),
+            vec![(81, pod_v4(), 8080)],
+        );
+        svc.install(&mut node.dp);
+        let f = client_frame(&svc, 45_000);
+        let mut want = dnat(&f, pod_v4(), 8080, (CLIENT_MAC, LB_CLIENT_MAC));
+        want.src_mac = f.src_mac;
+        want.dst_mac = f.dst_mac;
+        let before = node.reason(Reason::FwdStack);
+        node.check("pod veth: to the stack", &f, true, XDP_PASS, &want);
+        assert_eq!(
+            node.reason(Reason::FwdStack),
+            before + 1,
+            "counted as fwd_stack"
+        );
+    });
+}
+
+/// `CLOCK_MONOTONIC_COARSE`, the clock of `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    u64::try_from(ts.tv_sec).expect("seconds") * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).expect("nanoseconds")
+}

@@ -1,0 +1,130 @@
+//! The tc egress program on the node's uplinks: replies of backends on this node.
+//!
+//! A pod on the node answers through the node's own routing, out of the uplink; the
+//! XDP program (ingress only) never sees that reply. Here, after the kernel has routed
+//! it, a reply of a tracked flow that was not source-NATed (a local backend, or
+//! `externalTrafficPolicy: Local`) gets the frontend back as its source, from the same
+//! `REVNAT_V1` entry XDP would use. Everything else leaves untouched, uncounted.
+//!
+//! The packet is a socket buffer: headers are pulled into its linear part first, and
+//! checksums are fixed with the kernel's helpers, which know whether the L4 checksum is
+//! still partial (offloaded) or complete. The TTL is the kernel's: it forwarded it.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::{PROTO_UDP, Reason, RevNat};
+
+use crate::{
+    conntrack,
+    packet::{Fragment, Packet},
+    parse, service, stats,
+};
+
+/// Ethernet, one VLAN tag, IPv4 with options, a TCP header with options: all a
+/// translation reads or writes.
+const HEADERS: u32 = 14 + 4 + 60 + 60;
+
+#[classifier]
+#[inline(always)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[classifier] macro hands the context over by value"
+)]
+pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
+    if let Ok(service_id) = reply_local(&ctx) {
+        let bytes = u64::from(ctx.len());
+        stats::count_reason(Reason::ReplyEgress, bytes);
+        stats::count_reply(service_id, bytes);
+    }
+    TC_ACT_OK
+}
+
+/// Translates a local backend's reply; the service id when it did.
+#[inline(always)]
+fn reply_local(ctx: &TcContext) -> Result<u32, Reason> {
+    let want = core::cmp::min(ctx.len(), HEADERS);
+    if ctx.data() + want as usize > ctx.data_end() {
+        ctx.pull_data(want).map_err(|_| Reason::PassMalformed)?;
+    }
+    let pkt = parse::parse(ctx)?;
+    if !service::from_backend(&pkt) {
+        return Err(Reason::PassNotFrontend);
+    }
+    let entry = conntrack::reply_nat(&pkt).ok_or(Reason::PassNotFrontend)?;
+    // SAFETY: a valid map value pointer; copied out at once.
+    let rev = unsafe { *entry };
+    if pkt.fragment == Fragment::First || !pkt.l4_complete {
+        return Err(Reason::PassMalformed);
+    }
+    rev_snat(ctx, &pkt, &rev)?;
+    Ok(rev.service_id)
+}
+
+/// Backend -> client becomes frontend -> client.
+#[inline(always)]
+fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
+    let udp = pkt.key.proto == PROTO_UDP;
+    let csum_off = pkt.l4() + if udp { 6 } else { 16 };
+    let mangled = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let fail = |_| Reason::PassMalformed;
+    if pkt.is_v4() {
+        let old = u32::from_ne_bytes([
+            pkt.key.src[0],
+            pkt.key.src[1],
+            pkt.key.src[2],
+            pkt.key.src[3],
+        ]);
+        let new = u32::from_ne_bytes([rev.addr[0], rev.addr[1], rev.addr[2], rev.addr[3]]);
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old),
+            u64::from(new),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+        )
+        .map_err(fail)?;
+        ctx.l3_csum_replace(pkt.l3() + 10, u64::from(old), u64::from(new), 4)
+            .map_err(fail)?;
+        ctx.store(pkt.l3() + 12, &new, 0).map_err(fail)?;
+    } else {
+        let mut i = 0;
+        while i < 16 {
+            let old = u32::from_ne_bytes([
+                pkt.key.src[i],
+                pkt.key.src[i + 1],
+                pkt.key.src[i + 2],
+                pkt.key.src[i + 3],
+            ]);
+            let new = u32::from_ne_bytes([
+                rev.addr[i],
+                rev.addr[i + 1],
+                rev.addr[i + 2],
+                rev.addr[i + 3],
+            ]);
+            ctx.l4_csum_replace(
+                csum_off,
+                u64::from(old),
+                u64::from(new),
+                u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+            )
+            .map_err(fail)?;
+            i += 4;
+        }
+        ctx.store(pkt.l3() + 8, &rev.addr, 0).map_err(fail)?;
+    }
+    // Ports are kept in wire order.
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(pkt.key.sport),
+        u64::from(rev.port),
+        mangled | 2,
+    )
+    .map_err(fail)?;
+    ctx.store(pkt.l4(), &rev.port, 0).map_err(fail)
+}

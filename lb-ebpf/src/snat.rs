@@ -1,0 +1,184 @@
+//! SNAT (the default mode for traffic that is not `externalTrafficPolicy: Local`): a
+//! new flow to a backend on another node leaves with this node's address and a port
+//! from its range, so the backend answers this node, whose XDP program translates the
+//! reply back (frontend as the source, client as the destination).
+//!
+//! The `SNAT_V1` entry keyed by the reply (backend -> node:port) is both the port's
+//! reservation and the reply translation; the conntrack entry of the forward direction
+//! names the port. Both are LRU entries refreshed by their own direction's packets. The
+//! forward path checks on every packet that the reservation is still its own, so a flow
+//! whose reservation was evicted, or given away after going stale, takes a new port
+//! instead of sending as another client; a reservation whose flow is gone is given away
+//! once it is stale (`lb_common::snat::snat_idle_ns`), or evicted by the LRU.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    Backend, FAMILY_V4, FlowKey, Frontend, NextHop, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6,
+    SNAT_STATE_CLOSING, SnatConfig, SnatEntry,
+    hash::flow_hash,
+    snat::{SNAT_ATTEMPTS, snat_idle_ns, snat_port},
+};
+
+use crate::{
+    maps::{KEY_SCRATCH_V1, SNAT_CONFIG_V1, SNAT_SCRATCH_V1, SNAT_V1},
+    packet::Packet,
+};
+
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// The node's SNAT address of `family`, in place in the settings map; `None` on a node
+/// the agent gave none.
+#[inline(always)]
+pub fn node_addr(family: u8) -> Option<&'static [u8; 16]> {
+    let cfg: &'static SnatConfig = SNAT_CONFIG_V1.get(0)?;
+    if family == FAMILY_V4 {
+        (cfg.flags & SNAT_CFG_F_V4 != 0).then_some(&cfg.addr_v4)
+    } else {
+        (cfg.flags & SNAT_CFG_F_V6 != 0).then_some(&cfg.addr_v6)
+    }
+}
+
+/// `SNAT_STATE_CLOSING` when the TCP flags end the connection.
+#[inline(always)]
+fn state_of(tcp_flags: u8) -> u8 {
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        SNAT_STATE_CLOSING
+    } else {
+        0
+    }
+}
+
+/// The reply's key: backend -> node:port.
+#[inline(always)]
+fn reply_key(pkt: &Packet, backend: &Backend, node: &[u8; 16], port: u16) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: *node,
+        sport: backend.port,
+        dport: port,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// `key` in this CPU's scratch slot: keys built on the stack do not fit beside the rest.
+#[inline(always)]
+pub fn scratch_key(key: FlowKey) -> Option<&'static mut FlowKey> {
+    let slot = KEY_SCRATCH_V1.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, used by one program run at a time, and by one caller
+    // at a time within it.
+    unsafe {
+        *slot = key;
+        Some(&mut *slot)
+    }
+}
+
+/// Whether the reservation belongs to this packet's client flow.
+#[inline(always)]
+fn owned_by(entry: &SnatEntry, pkt: &Packet, service_id: u32) -> bool {
+    entry.client == pkt.key.src
+        && entry.client_port == pkt.key.sport
+        && entry.frontend_port == pkt.key.dport
+        && entry.service_id == service_id
+}
+
+/// A port (network order) for a new flow of `pkt` (not yet translated) to `backend`:
+/// the first free or stale one of the attempts.
+#[inline(always)]
+pub fn allocate(
+    pkt: &Packet,
+    backend: &Backend,
+    frontend: &Frontend,
+    tcp_flags: u8,
+) -> Result<u16, Reason> {
+    let cfg: &SnatConfig = SNAT_CONFIG_V1.get(0).ok_or(Reason::DropNoSnatAddress)?;
+    let node = node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?;
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // Built in the per-CPU scratch slot: the program's 512-byte stack has no room left.
+    let entry = SNAT_SCRATCH_V1
+        .get_ptr_mut(0)
+        .ok_or(Reason::DropNoSnatAddress)?;
+    // SAFETY: this CPU's slot, used by this program run alone.
+    unsafe {
+        (*entry).client = pkt.key.src;
+        (*entry).frontend = pkt.key.dst;
+        (*entry).client_port = pkt.key.sport;
+        (*entry).frontend_port = pkt.key.dport;
+        (*entry).family = pkt.key.family;
+        (*entry).state = state_of(tcp_flags);
+        (*entry).service_id = frontend.service_id;
+        (*entry).last_seen_ns = now;
+        (*entry).next_hop = NextHop::default();
+    }
+    // SAFETY: as above; a reference into the map value for the map update helper.
+    let entry = unsafe { &*entry };
+    let key = scratch_key(reply_key(pkt, backend, node, 0)).ok_or(Reason::DropNoSnatAddress)?;
+    let hash = flow_hash(&pkt.key);
+    for attempt in 0..SNAT_ATTEMPTS {
+        let port = snat_port(hash, attempt, cfg.port_min, cfg.port_max).to_be();
+        key.dport = port;
+        if SNAT_V1.insert(&*key, entry, BPF_NOEXIST).is_ok() {
+            return Ok(port);
+        }
+        let free = match SNAT_V1.get_ptr(&*key) {
+            // Evicted between the two calls.
+            None => true,
+            // SAFETY: a valid map value pointer, read in place.
+            Some(old) => unsafe {
+                owned_by(&*old, pkt, frontend.service_id)
+                    || now.saturating_sub((*old).last_seen_ns)
+                        > snat_idle_ns(pkt.key.proto, (*old).state)
+            },
+        };
+        if free && SNAT_V1.insert(&*key, entry, BPF_ANY).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(Reason::DropSnatExhausted)
+}
+
+/// Whether the reservation of `port` (network order) for this packet's flow to
+/// `backend` is still the flow's own (refreshed here); not when it was evicted or given
+/// away, and the flow needs a new port.
+#[inline(always)]
+pub fn owned(pkt: &Packet, backend: &Backend, service_id: u32, port: u16, tcp_flags: u8) -> bool {
+    let Some(node) = node_addr(pkt.key.family) else {
+        return false;
+    };
+    let Some(key) = scratch_key(reply_key(pkt, backend, node, port)) else {
+        return false;
+    };
+    let Some(entry) = SNAT_V1.get_ptr_mut(&*key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; read, then refreshed in place (racing CPUs
+    // store about the same values).
+    unsafe {
+        if !owned_by(&*entry, pkt, service_id) {
+            return false;
+        }
+        (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
+        (*entry).state |= state_of(tcp_flags);
+    }
+    true
+}
+
+/// The SNAT entry of a reply (backend -> node:port), refreshed, if this packet is one.
+#[inline(always)]
+pub fn reply(pkt: &Packet, tcp_flags: u8) -> Option<*mut SnatEntry> {
+    if *node_addr(pkt.key.family)? != pkt.key.dst {
+        return None;
+    }
+    let entry = SNAT_V1.get_ptr_mut(&pkt.key)?;
+    // SAFETY: a valid map value pointer; refreshed in place.
+    unsafe {
+        (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
+        (*entry).state |= state_of(tcp_flags);
+    }
+    Some(entry)
+}
