@@ -12,7 +12,7 @@
 //!  2001:db8:c::2/64    c::1    2001:db8:d::1/64                            2001:db8:d::(66+i)/64
 //!  default via .1      ECMP: 203.0.113.0/24 and 2001:db8:f::/64             │  default via .65 / d::1
 //!                      nexthop via every node, 5-tuple hash                 │
-//!                      (fib_multipath_hash_policy=3, fields 0x37)           │ cali<i><j> (ee:ee:ee:ee:ee:ee,
+//!                      (fib_multipath_hash_policy=3, fields 0x37)           │ cali<i>x<j> (ee:ee:ee:ee:ee:ee,
 //!                                                                           │   proxy ARP, no address)
 //!                                                                           │   route 192.0.2.x/32, 2001:db8:a:i::x/128
 //!                                                 pod ns i/j:  eth0 ────────┘
@@ -33,19 +33,23 @@
 //! (`cali<node>x<pod>`) has no address, the MAC ee:ee:ee:ee:ee:ee, proxy ARP and a
 //! host route to the pod's /32 and /128; the pod's default routes go via 169.254.1.1
 //! (answered by proxy ARP) and the host end's link-local address. No GRO, checksum or
-//! XDP settings are changed on pod veths: they are as a CNI leaves them. The node's
-//! uplink `eth0` and the other links are testbed veths (full checksums, NAPI on), as
-//! NICs are.
+//! XDP settings are changed on pod veths: they are as a CNI leaves them. Their MTU is
+//! the links' (1500), less the VXLAN overhead in the VXLAN variant (1430), as the CNI
+//! configures it ([`Cluster::pod_mtu`]). The node's uplink `eth0` and the other links
+//! are testbed veths (full checksums, NAPI on), as NICs are.
 //!
 //! Pods reply through their node (their only route). Nothing is programmed for
 //! Services: a [`NodeProgram`] (kube-proxy's iptables rules, xlb agents) does that.
 //! VIPs are configured on no interface; the router routes the whole VIP range to the
 //! nodes, and [`Cluster::set_route`] narrows a prefix to some nodes (a ClusterIP routed
 //! to one node, a `Local` LB IP announced only by nodes with endpoints, a node
-//! withdrawn from the ECMP group).
+//! withdrawn from the ECMP group). The router hashes by the 5-tuple with policy 3
+//! rather than 1 ([`MULTIPATH_HASH_POLICY`] says why), and [`Cluster::record_paths`]
+//! shows which node it sent each of the client's flows to.
 
 pub mod apps;
 pub mod kube_proxy;
+pub mod kube_proxy_nft;
 pub mod manifests;
 pub mod scenarios;
 pub mod service;
@@ -164,14 +168,40 @@ pub struct Node {
     pub pods: Vec<Pod>,
 }
 
+impl Node {
+    /// Its address on the segment (its InternalIP): [`Cluster::node_v4`].
+    pub fn v4(&self) -> Ipv4Addr {
+        Cluster::node_v4(self.index)
+    }
+
+    /// Its IPv6 address on the segment: [`Cluster::node_v6`].
+    pub fn v6(&self) -> Ipv6Addr {
+        Cluster::node_v6(self.index)
+    }
+}
+
 /// One pod: its namespace and addresses, and the node it runs on.
 #[derive(Debug)]
 pub struct Pod {
     /// `node-<i>-pod-<j>`, also what its servers answer with.
     pub name: String,
+    /// The index of its node.
     pub node: usize,
+    /// Its index on its node.
     pub index: usize,
     pub ns: Netns,
+}
+
+impl Pod {
+    /// Its address: [`Cluster::pod_v4`].
+    pub fn v4(&self) -> Ipv4Addr {
+        Cluster::pod_v4(self.node, self.index)
+    }
+
+    /// Its IPv6 address: [`Cluster::pod_v6`].
+    pub fn v6(&self) -> Ipv6Addr {
+        Cluster::pod_v6(self.node, self.index)
+    }
 }
 
 /// The client, router, switch, nodes and pods, wired as in the module docs. Dropping it
@@ -857,6 +887,46 @@ impl Cluster {
             &mtu,
         ])?;
         p.ns.ip(&["link", "set", "dev", Self::POD_IF, "mtu", &mtu])?;
+        Ok(())
+    }
+
+    /// Gives node `node`'s host routes to its pod `pod` (both families) the locked MTU
+    /// `mtu` (`None`: none), so the node sends ICMP errors for larger packets it
+    /// forwards to the pod, as if a smaller link lay between them, while the pod's own
+    /// link keeps its MTU (and the pod its MSS).
+    pub fn set_pod_route_mtu(
+        &self,
+        node: usize,
+        pod: usize,
+        mtu: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let n = self
+            .nodes
+            .get(node)
+            .with_context(|| format!("set_pod_route_mtu: no node {node}"))?;
+        anyhow::ensure!(
+            pod < n.pods.len(),
+            "set_pod_route_mtu: node {node} has no pod {pod}"
+        );
+        let host_if = Self::pod_host_if(node, pod);
+        let mtu = mtu.map(|m| m.to_string());
+        for (family, dst, scope) in [
+            (
+                "-4",
+                format!("{}/32", Self::pod_v4(node, pod)),
+                Some("link"),
+            ),
+            ("-6", format!("{}/128", Self::pod_v6(node, pod)), None),
+        ] {
+            let mut args = vec![family, "route", "replace", &dst, "dev", &host_if];
+            if let Some(scope) = scope {
+                args.extend(["scope", scope]);
+            }
+            if let Some(mtu) = &mtu {
+                args.extend(["mtu", "lock", mtu]);
+            }
+            n.ns.ip(&args)?;
+        }
         Ok(())
     }
 

@@ -6,42 +6,43 @@
 
 use lb_testbed::cluster::apps::PodServers;
 use lb_testbed::cluster::kube_proxy::KubeProxyIptables;
+use lb_testbed::cluster::kube_proxy_nft::KubeProxyNftables;
 use lb_testbed::cluster::manifests::ManifestDir;
 use lb_testbed::cluster::scenarios::{self, DROPPED_NODE, POD_PORT};
 use lb_testbed::cluster::{
     Cluster, ClusterService, NodeProgram, PodNetwork, Protocol, VXLAN_IF_V4, VXLAN_IF_V6,
 };
 
-/// Builds the cluster, programs kube-proxy's rules on every node and announces the
-/// Local LB IPs.
+/// Builds the cluster, programs kube-proxy's iptables rules on every node and announces
+/// the Local LB IPs.
 fn baseline(tag: &str, network: PodNetwork) -> (Cluster, PodServers, Vec<ClusterService>) {
     let cluster = Cluster::for_test(tag, network);
     let servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
     let services = scenarios::standard_services(&cluster);
     KubeProxyIptables
         .program(&cluster, &services)
-        .expect("kube-proxy rules on every node");
+        .unwrap_or_else(|e| panic!("kube-proxy rules on every node: {e:#}"));
     scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
     (cluster, servers, services)
 }
 
-fn frontends(cluster: &Cluster, services: &[ClusterService]) {
+fn frontends(cluster: &Cluster, program: &dyn NodeProgram<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
         for proto in [Protocol::Tcp, Protocol::Udp] {
-            let report = scenarios::frontends(cluster, &KubeProxyIptables, services, proto, v6)
+            let report = scenarios::frontends(cluster, program, services, proto, v6)
                 .unwrap_or_else(|e| panic!("{e:#}"));
             eprintln!("{proto:?} v6={v6}: {report:?}");
         }
     }
 }
 
-#[test]
-fn kube_proxy_iptables_on_a_host_gw_cluster() {
-    let (cluster, servers, services) = baseline("kp-hostgw", PodNetwork::HostGw);
-    frontends(&cluster, &services);
-
+/// Long-lived connections while node-1 leaves the ECMP group: kube-proxy keeps per-node
+/// conntrack state, so a moved flow lands on a node that never saw it and is reset;
+/// exactly the flows that did not move survive (with Linux's hash-threshold ECMP and
+/// the middle nexthop withdrawn, those are all but node-1's).
+fn node_drop(cluster: &Cluster, services: &[ClusterService]) {
     for v6 in [false, true] {
-        let flows = scenarios::node_drop(&cluster, &KubeProxyIptables, &services, v6)
+        let flows = scenarios::node_drop(cluster, &KubeProxyIptables, services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
         let through_dropped = flows
             .iter()
@@ -56,9 +57,10 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
             "node drop v6={v6}: {survived} of {} survived; {through_dropped} went through node-{DROPPED_NODE}, {moved} moved",
             flows.len()
         );
-        // kube-proxy keeps per-node conntrack state: a moved flow lands on a node that
-        // never saw it and is reset, so exactly the flows that did not move survive.
         assert_eq!(survived, flows.len() - moved, "{flows:#?}");
+        // Hash-threshold: node-0 kept [0, 1/3) of the hash space within its new [0, 1/2),
+        // node-2 [2/3, 1) within [1/2, 1); only node-1's flows moved.
+        assert_eq!(moved, through_dropped, "{flows:#?}");
         assert!(
             flows
                 .iter()
@@ -66,6 +68,14 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
             "{flows:#?}"
         );
     }
+}
+
+#[test]
+fn kube_proxy_iptables_on_a_host_gw_cluster() {
+    let (cluster, servers, services) = baseline("kp-hostgw", PodNetwork::HostGw);
+    frontends(&cluster, &KubeProxyIptables, &services);
+
+    node_drop(&cluster, &services);
 
     for v6 in [false, true] {
         let cases = scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
@@ -78,7 +88,7 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
 #[test]
 fn kube_proxy_iptables_on_a_vxlan_cluster() {
     let (cluster, _servers, services) = baseline("kp-vxlan", PodNetwork::Vxlan);
-    frontends(&cluster, &services);
+    frontends(&cluster, &KubeProxyIptables, &services);
     // Remote pods were reached, and only VXLAN leads to them: every node sent over both
     // devices.
     for node in &cluster.nodes {
@@ -94,8 +104,26 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
             assert!(sent > 0, "{} sent nothing over {dev}: {json}", node.name);
         }
     }
+    node_drop(&cluster, &services);
     for v6 in [false, true] {
         scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}
+
+/// kube-proxy's nftables mode passes the same frontends and path MTU scenarios.
+#[test]
+fn kube_proxy_nftables_on_a_host_gw_cluster() {
+    let cluster = Cluster::for_test("kp-nft", PodNetwork::HostGw);
+    let _servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
+    let services = scenarios::standard_services(&cluster);
+    KubeProxyNftables
+        .program(&cluster, &services)
+        .unwrap_or_else(|e| panic!("kube-proxy nftables on every node: {e:#}"));
+    scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
+    frontends(&cluster, &KubeProxyNftables, &services);
+    for v6 in [false, true] {
+        scenarios::path_mtu(&cluster, &KubeProxyNftables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }

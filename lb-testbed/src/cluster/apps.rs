@@ -235,14 +235,23 @@ fn read_line(mut stream: &TcpStream) -> anyhow::Result<String> {
     bail!("no newline in 4096 bytes")
 }
 
+/// What a bulk transfer saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub answer: Answer,
+    /// The path MTU the client's socket knew at the end (`IP_MTU` / `IPV6_MTU`): lower
+    /// than its link's when an ICMP error taught it.
+    pub path_mtu: u32,
+}
+
 /// Sends `bytes` bytes over a new TCP connection from `ns` to `addr` and reads them
-/// back (the pod echoes them), within `timeout`; returns who answered.
+/// back (the pod echoes them), within `timeout`.
 pub fn transfer(
     ns: &Netns,
     addr: SocketAddr,
     bytes: usize,
     timeout: Duration,
-) -> anyhow::Result<Answer> {
+) -> anyhow::Result<Transfer> {
     let started = Instant::now();
     let conn = LongLived::open(ns, addr, timeout)?;
     let data: Vec<u8> = (0..bytes)
@@ -287,7 +296,21 @@ pub fn transfer(
         back.len(),
         data.len()
     );
-    Ok(conn.answer)
+    let (level, name) = mtu_option(addr);
+    let path_mtu = u32::try_from(get_int(&conn.stream, level, name)?).unwrap_or(0);
+    Ok(Transfer {
+        answer: conn.answer,
+        path_mtu,
+    })
+}
+
+/// The socket option reading a connected socket's path MTU: (level, name).
+fn mtu_option(addr: SocketAddr) -> (i32, i32) {
+    if addr.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    }
 }
 
 /// What a UDP datagram too big for the path brought back.
@@ -361,7 +384,7 @@ pub fn udp_mtu_probe(
 /// The length of a `c_int` socket option.
 const INT_LEN: libc::socklen_t = 4;
 
-fn set_int(socket: &UdpSocket, level: i32, name: i32, value: i32) -> io::Result<()> {
+fn set_int(socket: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: a valid socket and a c_int option value of the stated length.
     let rc = unsafe {
         libc::setsockopt(
@@ -379,7 +402,7 @@ fn set_int(socket: &UdpSocket, level: i32, name: i32, value: i32) -> io::Result<
     }
 }
 
-fn get_int(socket: &UdpSocket, level: i32, name: i32) -> io::Result<i32> {
+fn get_int(socket: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
     let mut value: i32 = 0;
     let mut len = INT_LEN;
     // SAFETY: a valid socket, and a c_int buffer whose length is passed.

@@ -4,9 +4,23 @@
 //! and which source address the pod saw; a failure names every connection that went
 //! wrong.
 //!
-//! Use: build a [`Cluster`], start [`PodServers`] on [`POD_PORT`], take
-//! [`standard_services`], program them with the implementation under test, call
-//! [`announce`], then any scenario ([`frontends`], [`node_drop`], [`path_mtu`]).
+//! Use: build a [`Cluster`], start [`PodServers`](super::apps::PodServers) on
+//! [`POD_PORT`], take [`standard_services`], program them with the implementation under
+//! test, call [`announce`], then any scenario ([`frontends`], [`node_drop`],
+//! [`path_mtu`]):
+//!
+//! ```text
+//! let cluster = Cluster::for_test("snat", PodNetwork::HostGw);
+//! let _servers = PodServers::start(&cluster, POD_PORT)?;
+//! let services = scenarios::standard_services(&cluster);
+//! let mut xlb = XlbAgents::new(Path::new(AGENT), "xlb snat", &["--lb-mode", "snat"],
+//!                              PodSees::Node, false);
+//! xlb.program(&cluster, &services)?;
+//! scenarios::announce(&cluster, &services)?;
+//! scenarios::frontends(&cluster, &xlb, &services, Protocol::Tcp, false)?;
+//! scenarios::node_drop(&cluster, &xlb, &services, true)?;
+//! scenarios::path_mtu(&cluster, &xlb, &services, false)?;
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -31,6 +45,10 @@ pub const LONG_LIVED: usize = 20;
 
 /// The node [`node_drop`] withdraws from the router's multipath route.
 pub const DROPPED_NODE: usize = 1;
+
+/// A case stops after this many failed connections (each may take [`TIMEOUT`]), so a
+/// broken implementation fails in seconds, not minutes; the rest are reported untried.
+const MAX_FAILURES_PER_CASE: usize = 3;
 
 /// Deadline of one connection or exchange.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -347,7 +365,16 @@ fn case(
     failures: &mut Vec<String>,
 ) -> Spread {
     let mut spread = Spread::default();
+    let mut failed = 0;
     for n in 0..count {
+        if failed == MAX_FAILURES_PER_CASE {
+            failures.push(format!(
+                "{} {addr}: stopped after {failed} failures, {} not tried",
+                svc.name,
+                count - n
+            ));
+            break;
+        }
         let checked = ask(cluster, svc.protocol, addr).and_then(|answer| {
             let pod_node = check_answer(cluster, svc, &answer, sees, receiver, v6)?;
             let on_receiver = match (receiver, sees) {
@@ -360,7 +387,10 @@ fn case(
         match checked {
             Ok(true) => spread.local += 1,
             Ok(false) => spread.remote += 1,
-            Err(e) => failures.push(format!("{} {addr} #{n}: {e:#}", svc.name)),
+            Err(e) => {
+                failed += 1;
+                failures.push(format!("{} {addr} #{n}: {e:#}", svc.name));
+            }
         }
     }
     spread
@@ -629,18 +659,42 @@ fn only_node(
 /// What [`path_mtu`] saw per frontend.
 #[derive(Debug, Clone)]
 pub struct MtuCase {
-    pub frontend: SocketAddr,
+    /// The TCP frontend (`mtu`).
+    pub tcp: SocketAddr,
+    /// The pod that answered the transfer, and the path MTU the client's socket knew
+    /// at its end.
+    pub transfer: apps::Transfer,
+    /// The UDP frontend (`mtu-udp`).
+    pub udp: SocketAddr,
     pub probe: apps::MtuProbe,
-    pub transfer_pod: String,
 }
 
-/// Lowers the MTU of [`MTU_POD`]'s link to [`SMALL_MTU`] (both ends, as a CNI
-/// configured so would), then for `mtu-udp` and `mtu` through the LB IP and each node's
-/// NodePort (so the pod is local to the receiving node for one and remote for the
-/// others): a UDP datagram too big for that link must come back as an ICMP error the
-/// client's socket sees (`EMSGSIZE`, path MTU `SMALL_MTU`: the error was translated back
-/// to the client's flow), and a TCP transfer of 64 KiB each way must complete. The MTU
-/// and the client's learnt path MTUs are restored afterwards.
+/// `svc`'s LB IP and its NodePort on every node.
+fn lb_ip_and_node_ports(
+    cluster: &Cluster,
+    svc: &ClusterService,
+    v6: bool,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs = vec![svc.load_balancer_ip(v6).context("no LB IP")?];
+    let node_port = svc.node_port.context("no NodePort")?;
+    addrs.extend((0..cluster.nodes.len()).map(|i| SocketAddr::new(node_address(i, v6), node_port)));
+    Ok(addrs)
+}
+
+/// Path MTU discovery through the translation, to [`MTU_POD`] through the LB IP and
+/// every node's NodePort (so the pod is local to the receiving node for one and remote
+/// for the others):
+/// 1. TCP (`mtu`): the node's route to the pod gets `mtu lock` [`SMALL_MTU`], as a
+///    smaller link between the node and the pod would be, while the pod's own link
+///    stays as it is (so it advertises the larger MSS). A 64 KiB transfer each way must
+///    complete, and the client's socket must end with path MTU `SMALL_MTU`: the node's
+///    ICMP "fragmentation needed" / "packet too big" reached it, translated.
+/// 2. UDP (`mtu-udp`): the pod's link itself (both veth ends, as a CNI configured so
+///    would) gets `SMALL_MTU`; a datagram too big for it must come back as an ICMP error
+///    the client's socket sees (`EMSGSIZE`, path MTU `SMALL_MTU`).
+///
+/// The pod's route and MTU are restored afterwards, and the client's learnt path MTUs
+/// flushed (`ip route flush cache`).
 pub fn path_mtu(
     cluster: &Cluster,
     program: &dyn NodeProgram<'_>,
@@ -648,46 +702,53 @@ pub fn path_mtu(
     v6: bool,
 ) -> anyhow::Result<Vec<MtuCase>> {
     let (node, pod) = MTU_POD;
-    let udp = find(services, MTU_UDP)?;
-    let tcp = find(services, MTU_TCP)?;
-    cluster.set_pod_mtu(node, pod, SMALL_MTU)?;
-    let result = (|| -> anyhow::Result<Vec<MtuCase>> {
-        let mut cases = Vec::new();
-        let mut failures = Vec::new();
-        let frontends = |svc: &ClusterService| -> anyhow::Result<Vec<SocketAddr>> {
-            let mut addrs = vec![svc.load_balancer_ip(v6).context("no LB IP")?];
-            let node_port = svc.node_port.context("no NodePort")?;
-            addrs.extend(
-                (0..cluster.nodes.len()).map(|i| SocketAddr::new(node_address(i, v6), node_port)),
-            );
-            Ok(addrs)
-        };
-        for (udp_addr, tcp_addr) in frontends(udp)?.into_iter().zip(frontends(tcp)?) {
-            let probe = apps::udp_mtu_probe(&cluster.client, udp_addr, PROBE_BYTES, TIMEOUT)?;
-            if !probe.icmp_error || probe.path_mtu != SMALL_MTU {
-                failures.push(format!(
-                    "{udp_addr}: a {PROBE_BYTES}-byte datagram brought {probe:?}, expected an ICMP error and path MTU {SMALL_MTU}"
-                ));
-            }
-            match apps::transfer(&cluster.client, tcp_addr, TRANSFER_BYTES, TIMEOUT * 5) {
-                Ok(answer) => cases.push(MtuCase {
-                    frontend: udp_addr,
-                    probe,
-                    transfer_pod: answer.pod,
-                }),
-                Err(e) => failures.push(format!("{tcp_addr}: {e:#}")),
-            }
+    let tcp = lb_ip_and_node_ports(cluster, find(services, MTU_TCP)?, v6)?;
+    let udp = lb_ip_and_node_ports(cluster, find(services, MTU_UDP)?, v6)?;
+    let mut failures = Vec::new();
+    let mut transfers = Vec::new();
+    cluster.set_pod_route_mtu(node, pod, Some(SMALL_MTU))?;
+    for addr in &tcp {
+        match apps::transfer(&cluster.client, *addr, TRANSFER_BYTES, TIMEOUT * 5) {
+            Ok(t) if t.path_mtu == SMALL_MTU => transfers.push(t),
+            Ok(t) => failures.push(format!(
+                "TCP {addr}: the transfer completed with path MTU {}, expected {SMALL_MTU} (no ICMP error reached the client)",
+                t.path_mtu
+            )),
+            Err(e) => failures.push(format!("TCP {addr}: {e:#}")),
         }
-        if failures.is_empty() {
-            Ok(cases)
-        } else {
-            bail!("{}: path MTU:\n{}", program.name(), failures.join("\n"))
-        }
-    })();
-    cluster.set_pod_mtu(node, pod, cluster.pod_mtu())?;
+    }
+    cluster.set_pod_route_mtu(node, pod, None)?;
+    // Forget what TCP taught the client about the node addresses: the datagrams must
+    // meet the small link themselves.
     let family = if v6 { "-6" } else { "-4" };
     cluster.client.ip(&[family, "route", "flush", "cache"])?;
-    result
+    cluster.set_pod_mtu(node, pod, SMALL_MTU)?;
+    let mut probes = Vec::new();
+    for addr in &udp {
+        match apps::udp_mtu_probe(&cluster.client, *addr, PROBE_BYTES, TIMEOUT) {
+            Ok(p) if p.icmp_error && p.path_mtu == SMALL_MTU => probes.push(p),
+            Ok(p) => failures.push(format!(
+                "UDP {addr}: a {PROBE_BYTES}-byte datagram brought {p:?}, expected an ICMP error and path MTU {SMALL_MTU}"
+            )),
+            Err(e) => failures.push(format!("UDP {addr}: {e:#}")),
+        }
+    }
+    cluster.set_pod_mtu(node, pod, cluster.pod_mtu())?;
+    cluster.client.ip(&[family, "route", "flush", "cache"])?;
+    if !failures.is_empty() {
+        bail!("{}: path MTU:\n{}", program.name(), failures.join("\n"));
+    }
+    Ok(tcp
+        .into_iter()
+        .zip(transfers)
+        .zip(udp.into_iter().zip(probes))
+        .map(|((tcp, transfer), (udp, probe))| MtuCase {
+            tcp,
+            transfer,
+            udp,
+            probe,
+        })
+        .collect())
 }
 
 #[cfg(test)]
