@@ -255,8 +255,21 @@ fn run_config(
         cpu: cpus.map(|c| c.0),
     };
     let none = || Duration::ZERO;
-    let keep_alive = super::measure(&servers, &none, || wrk(false).run(&cluster.client))?;
-    let close = super::measure(&servers, &none, || wrk(true).run(&cluster.client))?;
+    // A measurement that fails (wrk hanging on connections that never complete) is
+    // recorded as a problem of this configuration; the others still run.
+    let mut failures = Vec::new();
+    let mut measured = |what: &str, close| {
+        super::measure(&servers, &none, || wrk(close).run(&cluster.client)).unwrap_or_else(|e| {
+            failures.push(format!("{what}: the measurement failed: {e:#}"));
+            Measured {
+                result: WrkResult::default(),
+                per_backend: Vec::new(),
+                cpu: super::CpuUse::default(),
+            }
+        })
+    };
+    let keep_alive = measured("keep-alive", false);
+    let close = measured("close", true);
     let mut run = Run {
         config: config.label(),
         round,
@@ -267,6 +280,7 @@ fn run_config(
         problems: Vec::new(),
     };
     check(&mut run);
+    run.problems.extend(failures);
     drop(program);
     drop(servers);
     drop(cluster);
@@ -489,6 +503,13 @@ fn print_report(
         );
     }
     println!();
+    print_runs(runs);
+    println!();
+    println!("reproduce: {}", reproduce(args));
+}
+
+/// Per run: the probe through each node, wrk's figures and failures, CPU, problems.
+fn print_runs(runs: &[Run]) {
     println!(
         "Per run: probe through each node alone (answers per pod, failures), wrk figures, CPU:"
     );
@@ -542,6 +563,4 @@ fn print_report(
             println!("    PROBLEM: {p}");
         }
     }
-    println!();
-    println!("reproduce: {}", reproduce(args));
 }
