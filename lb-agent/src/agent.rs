@@ -320,11 +320,8 @@ fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         }
     }
     crate::dataplane::sockets::start(&mut dp, &opts.pin_dir, opts.socket_lb.as_ref())?;
-    let snat = crate::dataplane::snat::config(
-        &opts.node.addresses,
-        &opts.interfaces,
-        opts.snat_ports,
-    )?;
+    let snat =
+        crate::dataplane::snat::config(&opts.node.addresses, &opts.interfaces, opts.snat_ports)?;
     dp.set_snat_config(&snat)?;
     tracing::info!("SNAT: {}", crate::dataplane::snat::describe(&snat));
     for retired in pins::remove_retired(&opts.pin_dir)? {

@@ -71,11 +71,16 @@ impl Bed {
         let mut seen = BTreeMap::new();
         for _ in 0..n {
             let (backend, client) = self.ask(addr).expect("connection through the frontend");
-            assert_eq!(
-                client,
-                Topology::client_v4().to_string(),
-                "the backend sees the client's own address"
-            );
+            // backend-0 runs on this node (nodeName node-a): only its destination is
+            // rewritten, so it sees the client. The others run on node-b: in SNAT mode
+            // (the default, as kube-proxy masquerades) they see this node's address, the
+            // first of its --interface xc.
+            let expected = if backend == "backend-0" {
+                Topology::client_v4()
+            } else {
+                Topology::lb_client_v4()
+            };
+            assert_eq!(client, expected.to_string(), "the address {backend} sees");
             *seen.entry(backend).or_default() += 1;
         }
         seen

@@ -220,6 +220,11 @@ metadata:
   namespace: xlb-system
   uid: 0c1d2e3f-0000-4000-8000-000000000001
   resourceVersion: \"900\"
+  annotations:
+    # The load balancer is the L7 node's gateway here, so destination-only
+    # translation works, and the L7 hop sees (and forwards) the client's address; in
+    # the default SNAT mode it would see the node's.
+    xlb.dev/lb-mode: dnat
 spec:
   type: LoadBalancer
   clusterIP: 203.0.113.41

@@ -119,11 +119,9 @@ fn restore_reads_back_what_was_applied() {
     .expect("config");
     assert!(config.rejected.is_empty(), "{:?}", config.rejected);
     let desired =
-        lb_core::model::from_specs(
-            &config.services,
-            lb_core::mode::LbMode::Snat,
-            |_, _| lb_core::model::Health::Unchecked,
-        );
+        lb_core::model::from_specs(&config.services, lb_core::mode::LbMode::Snat, |_, _| {
+            lb_core::model::Health::Unchecked
+        });
     let mut dp = Dataplane::load(None).expect("load (run through `cargo xtask test`)");
     let mut applied = lb_core::plan::Applied::default();
     let plan = lb_core::plan::plan(&desired, &applied);

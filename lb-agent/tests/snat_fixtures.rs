@@ -188,7 +188,7 @@ fn snat_out(frame: &Frame, backend: IpAddr, port: u16, nat_port: u16) -> Frame {
     out
 }
 
-/// The backend's reply to the SNATed `out`.
+/// The backend's reply to the source-NATed `out`.
 fn reply_to(out: &Frame) -> Frame {
     let (sport, dport) = out.ports();
     let mut r = out.clone();
@@ -216,7 +216,7 @@ fn reply_back(reply: &Frame, client: &Frame) -> Frame {
     want
 }
 
-/// A new SNATed flow, the same flow again, and the reply, for one service.
+/// A new source-NATed flow, the same flow again, and the reply, for one service.
 fn snat_round_trip(node: &Node, svc: &Service, sport: u16, what: &str) -> u16 {
     let f = client_frame(svc, sport);
     let (_, backend, bport) = svc.expected_backend(&f);
@@ -228,7 +228,11 @@ fn snat_round_trip(node: &Node, svc: &Service, sport: u16, what: &str) -> u16 {
         .flow(&flow_key(&f))
         .expect("conntrack")
         .expect("tracked");
-    assert_eq!(tracked.nat_port, nat_port.to_be(), "{what}: conntrack names the port");
+    assert_eq!(
+        tracked.nat_port,
+        nat_port.to_be(),
+        "{what}: conntrack names the port"
+    );
     let entry = node
         .dp
         .snat_entry(&flow_key(&reply_to(&out)))
@@ -369,10 +373,14 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
             let f = client_frame(svc, sport);
             sport += 1;
             let (action, out) = node.run("filling the range", &f, true);
-            // Backend 13 has no neighbour entry: translated, then to the kernel.
+            // Backend 13 has no neighbour entry: translated, then handed to the tc
+            // ingress program through the metadata ("xlbh", the egress ifindex), which
+            // BPF_PROG_TEST_RUN returns in front of the frame.
             assert_eq!(action, XDP_PASS, "flow {sport} gets a port");
-            // Ethernet, IPv4 without options: the TCP source port at 34.
-            held.push(u16::from_be_bytes([out[34], out[35]]));
+            assert_eq!(&out[..4], &0x786c_6268u32.to_ne_bytes(), "hand-off mark");
+            assert_eq!(&out[4..8], &node.backend_if.to_ne_bytes(), "egress ifindex");
+            // Then Ethernet, IPv4 without options: the TCP source port at 8 + 34.
+            held.push(u16::from_be_bytes([out[42], out[43]]));
         }
         held.sort_unstable();
         assert_eq!(held, vec![PORT_MIN, PORT_MIN + 1], "both ports in use");
@@ -381,7 +389,11 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
         let (action, out) = node.run("range exhausted", &f, true);
         assert_eq!(action, XDP_DROP, "no port left for backend 13");
         assert_eq!(out, f.build(), "dropped untouched");
-        assert_eq!(node.reason(Reason::DropSnatExhausted), before + 1, "counted");
+        assert_eq!(
+            node.reason(Reason::DropSnatExhausted),
+            before + 1,
+            "counted"
+        );
         assert!(
             node.dp.flow(&flow_key(&f)).expect("conntrack").is_none(),
             "no conntrack entry for a dropped flow"
@@ -439,7 +451,7 @@ fn local_backends_are_not_snated_and_their_replies_are_translated_at_egress() {
                 .expect("tracked")
                 .nat_port,
             0,
-            "not SNATed"
+            "not source-NATed"
         );
 
         // Its reply leaves through the node's routing: the tc egress program gives it
@@ -481,8 +493,8 @@ fn local_backends_are_not_snated_and_their_replies_are_translated_at_egress() {
         }
 
         // Anything else leaves untouched.
-        let other = Frame::tcp(backend_v4(12), 22, client_v4(), 40_000)
-            .macs(LB_CLIENT_MAC, CLIENT_MAC);
+        let other =
+            Frame::tcp(backend_v4(12), 22, client_v4(), 40_000).macs(LB_CLIENT_MAC, CLIENT_MAC);
         let out = xdp::test_run_egress(&node.dp, &other.build()).expect("egress run");
         assert_eq!(out.frame, other.build(), "not a tracked reply");
     });
@@ -503,7 +515,11 @@ fn a_device_outside_the_devmap_gets_the_translated_packet_through_the_stack() {
         want.dst_mac = f.dst_mac;
         let before = node.reason(Reason::FwdStack);
         node.check("pod veth: to the stack", &f, true, XDP_PASS, &want);
-        assert_eq!(node.reason(Reason::FwdStack), before + 1, "counted as fwd_stack");
+        assert_eq!(
+            node.reason(Reason::FwdStack),
+            before + 1,
+            "counted as fwd_stack"
+        );
     });
 }
 

@@ -96,7 +96,7 @@ pub const MAX_SOURCE_RANGES: u32 = 65_536;
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Default LRU sizes; the agent may override them at load time.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
-/// SNAT reservations: one per SNATed flow, as conntrack has one per flow.
+/// SNAT reservations: one per source-NATed flow, as conntrack has one per flow.
 pub const SNAT_ENTRIES: u32 = CONNTRACK_ENTRIES;
 /// The default SNAT port range: above the kernel's ephemeral range (32768-60999) and the
 /// NodePort range (30000-32767), so a reply to a SNAT port never meets a local socket

@@ -86,10 +86,10 @@ reasons! {
     /// A new flow from a client outside the service's source ranges
     /// (`loadBalancerSourceRanges`).
     DropSourceRange = 18 => "drop_source_range", XDP_DROP;
-    /// A new flow to be SNATed found no free port for its backend in the node's range
+    /// A new flow to be source-NATed found no free port for its backend in the node's range
     /// (`--snat-ports`) within `SNAT_ATTEMPTS` tries.
     DropSnatExhausted = 19 => "drop_snat_exhausted", XDP_DROP;
-    /// A new flow to be SNATed, but the agent gave no node address of its family.
+    /// A new flow to be source-NATed, but the agent gave no node address of its family.
     DropNoSnatAddress = 20 => "drop_no_snat_address", XDP_DROP;
     /// Translated client -> backend packet handed to the kernel's stack: the next hop's
     /// device is not one the program redirects to (a pod's veth, an overlay device, a

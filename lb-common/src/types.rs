@@ -181,7 +181,7 @@ pub struct Backend {
 /// does not send new flows to it (the Maglev table already has none of its slots).
 pub const BACKEND_F_DRAINING: u8 = 1;
 /// `Backend::flags`: the backend runs on this node (a pod behind a local device). Never
-/// SNATed; its replies leave through the node's uplink, where the tc egress program
+/// source-NATed; its replies leave through the node's uplink, where the tc egress program
 /// translates them back.
 pub const BACKEND_F_LOCAL: u8 = 2;
 
@@ -230,7 +230,7 @@ pub struct Flow {
 pub struct TrackedFlow {
     pub backend_id: u32,
     pub service_id: u32,
-    /// The source port this node gave the flow (network byte order); 0: not SNATed.
+    /// The source port this node gave the flow (network byte order); 0: not source-NATed.
     /// The `SNAT_V1` entry keyed by the reply (backend -> node address, this port) is the
     /// port's reservation; a flow whose reservation is gone or taken gets a new port.
     pub nat_port: u16,

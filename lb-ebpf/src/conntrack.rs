@@ -42,30 +42,29 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
         }
         backend(flow.backend_id, flow.service_id).map(|b| (flow, b))
     });
-    let (flow, b, new_flow) = match kept {
-        Some((flow, b)) => (flow, b, false),
-        None => {
-            if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
-                source_range::check(pkt, frontend.service_id)?;
-            }
-            let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
-                affinity::select_backend(pkt, frontend)?
-            } else {
-                maglev::select_backend(pkt, frontend)?
-            };
-            if b.family != pkt.key.family {
-                return Err(Reason::DropFamilyMismatch);
-            }
-            let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
-            let flow = TrackedFlow {
-                backend_id: id,
-                service_id: frontend.service_id,
-                // Any non-zero port: asks for SNAT; it is never this flow's own.
-                nat_port: u16::from(snat),
-                _pad: [0; 6],
-            };
-            (flow, b, true)
+    let (flow, b, new_flow) = if let Some((flow, b)) = kept {
+        (flow, b, false)
+    } else {
+        if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
+            source_range::check(pkt, frontend.service_id)?;
         }
+        let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
+            affinity::select_backend(pkt, frontend)?
+        } else {
+            maglev::select_backend(pkt, frontend)?
+        };
+        if b.family != pkt.key.family {
+            return Err(Reason::DropFamilyMismatch);
+        }
+        let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
+        let flow = TrackedFlow {
+            backend_id: id,
+            service_id: frontend.service_id,
+            // Non-zero asks for SNAT; the port is allocated below.
+            nat_port: u16::from(snat),
+            _pad: [0; 6],
+        };
+        (flow, b, true)
     };
     let mut snat = None;
     if flow.nat_port != 0 {
@@ -77,7 +76,7 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
             snat::allocate(pkt, &b, frontend, tcp_flags)?
         };
         snat = Some(port);
-        if port != flow.nat_port {
+        if new_flow || port != flow.nat_port {
             let moved = TrackedFlow {
                 nat_port: port,
                 ..flow
@@ -99,7 +98,7 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
     })
 }
 
-/// The reply translation of a flow that is not SNATed: backend -> client becomes
+/// The reply translation of a flow that is not source-NATed: backend -> client becomes
 /// frontend -> client. Written before the first packet is forwarded: a reply can only
 /// follow one.
 #[inline(always)]

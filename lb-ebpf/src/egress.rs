@@ -2,7 +2,7 @@
 //!
 //! A pod on the node answers through the node's own routing, out of the uplink; the
 //! XDP program (ingress only) never sees that reply. Here, after the kernel has routed
-//! it, a reply of a tracked flow that was not SNATed (a local backend, or
+//! it, a reply of a tracked flow that was not source-NATed (a local backend, or
 //! `externalTrafficPolicy: Local`) gets the frontend back as its source, from the same
 //! `REVNAT_V1` entry XDP would use. Everything else leaves untouched, uncounted.
 //!
@@ -39,7 +39,7 @@ pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
         stats::count_reason(Reason::ReplyEgress, bytes);
         stats::count_reply(service_id, bytes);
     }
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// Translates a local backend's reply; the service id when it did.
@@ -75,7 +75,12 @@ fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
     };
     let fail = |_| Reason::PassMalformed;
     if pkt.is_v4() {
-        let old = u32::from_ne_bytes([pkt.key.src[0], pkt.key.src[1], pkt.key.src[2], pkt.key.src[3]]);
+        let old = u32::from_ne_bytes([
+            pkt.key.src[0],
+            pkt.key.src[1],
+            pkt.key.src[2],
+            pkt.key.src[3],
+        ]);
         let new = u32::from_ne_bytes([rev.addr[0], rev.addr[1], rev.addr[2], rev.addr[3]]);
         ctx.l4_csum_replace(
             csum_off,
@@ -96,7 +101,12 @@ fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
                 pkt.key.src[i + 2],
                 pkt.key.src[i + 3],
             ]);
-            let new = u32::from_ne_bytes([rev.addr[i], rev.addr[i + 1], rev.addr[i + 2], rev.addr[i + 3]]);
+            let new = u32::from_ne_bytes([
+                rev.addr[i],
+                rev.addr[i + 1],
+                rev.addr[i + 2],
+                rev.addr[i + 3],
+            ]);
             ctx.l4_csum_replace(
                 csum_off,
                 u64::from(old),

@@ -15,6 +15,7 @@ use lb_common::{
 };
 
 use crate::{
+    handoff,
     maps::{NEXTHOPS_V1, TX_PORTS_V1},
     packet::{Packet, store},
 };
@@ -47,11 +48,15 @@ pub fn backend_next_hop(backend_id: u32) -> Option<*mut NextHop> {
 /// Sends the (translated) packet on: by the cached next hop while it is fresh and the
 /// packet no longer than the path has carried, else by a FIB lookup that refreshes it.
 #[inline(always)]
+/// `snated`: the packet's source is now this node's address; where XDP cannot send it,
+/// it is handed to the tc ingress program (`handoff`) rather than to the stack's
+/// forwarding, which would drop it as a martian.
 pub fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
     dir: Direction,
     cache: Option<*mut NextHop>,
+    snated: bool,
 ) -> Result<(u32, Reason), Reason> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -59,20 +64,20 @@ pub fn forward(
         // SAFETY: a valid map value pointer; copied out at once.
         let hop = unsafe { *cache };
         if now < hop.expires_ns && pkt.ip_len <= hop.max_len {
-            return send(ctx, &hop, dir);
+            return send(ctx, &hop, dir, snated);
         }
     }
-    let hop = lookup(ctx, pkt, now)?;
+    let hop = lookup(ctx, pkt, now, snated)?;
     if let Some(cache) = cache {
         // SAFETY: as above. Concurrent writers store the same kind of value; a reader
         // racing a refresh sees the old or the new next hop.
         unsafe { *cache = hop };
     }
-    send(ctx, &hop, dir)
+    send(ctx, &hop, dir, snated)
 }
 
 #[inline(always)]
-fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
+fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<NextHop, Reason> {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let src = words(&pkt.key.src);
@@ -104,6 +109,9 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return Err(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+            if snated {
+                handoff::to_tc(ctx, params.ifindex);
+            }
             Reason::PassNoNeigh
         } else {
             Reason::PassFibOther
@@ -124,7 +132,12 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64) -> Result<NextHop, Reason> {
 /// redirects), else the kernel's stack, which forwards the translated packet itself (a
 /// pod's veth without NAPI, an overlay device, a driver without XDP transmit).
 #[inline(always)]
-fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason), Reason> {
+fn send(
+    ctx: &XdpContext,
+    hop: &NextHop,
+    dir: Direction,
+    snated: bool,
+) -> Result<(u32, Reason), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     let (tx, redirect, stack) = match dir {
         Direction::ToBackend => (Reason::FwdTx, Reason::FwdRedirect, Reason::FwdStack),
@@ -132,12 +145,14 @@ fn send(ctx: &XdpContext, hop: &NextHop, dir: Direction) -> Result<(u32, Reason)
     };
     let verdict = if hop.ifindex == ingress {
         (XDP_TX, tx)
+    } else if let Ok(action) = TX_PORTS_V1.redirect(hop.ifindex, 0) {
+        (action, redirect)
     } else {
-        match TX_PORTS_V1.redirect(hop.ifindex, 0) {
-            Ok(action) => (action, redirect),
-            // The frame keeps the MACs it arrived with: it is addressed to this node.
-            Err(_) => return Ok((XDP_PASS, stack)),
+        // The frame keeps the MACs it arrived with: it is addressed to this node.
+        if snated {
+            handoff::to_tc(ctx, hop.ifindex);
         }
+        return Ok((XDP_PASS, stack));
     };
     store(ctx, 0, hop.dmac)?;
     store(ctx, 6, hop.smac)?;

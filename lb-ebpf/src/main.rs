@@ -14,6 +14,7 @@ mod affinity;
 mod conntrack;
 mod egress;
 mod fib;
+mod handoff;
 mod maglev;
 mod maps;
 mod nat;
@@ -99,41 +100,42 @@ fn to_backend(
         pkt,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
+        chosen.snat.is_some(),
     )
 }
 
 /// Anything else: a reply from a backend of a tracked flow is translated back to the
-/// frontend the client used (and, SNATed, to the client); everything else passes
+/// frontend the client used (and, source-NATed, to the client); everything else passes
 /// untouched.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
     if !service::from_backend(pkt) {
         return Err(Reason::PassNotFrontend);
     }
-    // SNATed (backend -> node:port): to frontend -> client; else backend -> client:
+    // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:
     // to frontend -> client. Either way the entry caches the next hop to the client.
-    let (src, dst, service_id, cache) = match snat::reply(pkt, nat::tcp_flags(ctx, pkt)) {
+    let snat_reply = snat::reply(pkt, nat::tcp_flags(ctx, pkt));
+    let (src, dst, service_id, cache) = if let Some(entry) = snat_reply {
         // SAFETY: a valid map value pointer; read in place (LRU values are not freed
         // while the program runs).
-        Some(entry) => unsafe {
+        unsafe {
             (
                 (&(*entry).frontend, (*entry).frontend_port),
                 Some((&(*entry).client, (*entry).client_port)),
                 (*entry).service_id,
                 &raw mut (*entry).next_hop,
             )
-        },
-        None => {
-            let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
-            // SAFETY: as above.
-            unsafe {
-                (
-                    (&(*entry).addr, (*entry).port),
-                    None,
-                    (*entry).service_id,
-                    &raw mut (*entry).next_hop,
-                )
-            }
+        }
+    } else {
+        let entry = conntrack::reply_nat(pkt).ok_or(Reason::PassNotFrontend)?;
+        // SAFETY: as above.
+        unsafe {
+            (
+                (&(*entry).addr, (*entry).port),
+                None,
+                (*entry).service_id,
+                &raw mut (*entry).next_hop,
+            )
         }
     };
     pkt.check_reply_translatable()?;
@@ -141,7 +143,14 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     let bytes = packet::frame_len(ctx);
     nat::rewrite(ctx, pkt, Some(src), dst)?;
     stats::count_reply(service_id, bytes);
-    fib::forward(ctx, pkt, fib::Direction::ToClient, Some(cache))
+    // A source-NATed reply may now come from the node's own address (a NodePort).
+    fib::forward(
+        ctx,
+        pkt,
+        fib::Direction::ToClient,
+        Some(cache),
+        snat_reply.is_some(),
+    )
 }
 
 #[cfg(not(test))]

@@ -13,8 +13,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Backend, FAMILY_V4, FlowKey, Frontend, NextHop, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SNAT_STATE_CLOSING,
-    SnatConfig, SnatEntry,
+    Backend, FAMILY_V4, FlowKey, Frontend, NextHop, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6,
+    SNAT_STATE_CLOSING, SnatConfig, SnatEntry,
     hash::flow_hash,
     snat::{SNAT_ATTEMPTS, snat_idle_ns, snat_port},
 };
@@ -100,7 +100,9 @@ pub fn allocate(
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Built in the per-CPU scratch slot: the program's 512-byte stack has no room left.
-    let entry = SNAT_SCRATCH_V1.get_ptr_mut(0).ok_or(Reason::DropNoSnatAddress)?;
+    let entry = SNAT_SCRATCH_V1
+        .get_ptr_mut(0)
+        .ok_or(Reason::DropNoSnatAddress)?;
     // SAFETY: this CPU's slot, used by this program run alone.
     unsafe {
         (*entry).client = pkt.key.src;
@@ -144,13 +146,7 @@ pub fn allocate(
 /// `backend` is still the flow's own (refreshed here); not when it was evicted or given
 /// away, and the flow needs a new port.
 #[inline(always)]
-pub fn owned(
-    pkt: &Packet,
-    backend: &Backend,
-    service_id: u32,
-    port: u16,
-    tcp_flags: u8,
-) -> bool {
+pub fn owned(pkt: &Packet, backend: &Backend, service_id: u32, port: u16, tcp_flags: u8) -> bool {
     let Some(node) = node_addr(pkt.key.family) else {
         return false;
     };

@@ -47,7 +47,9 @@ pub fn test_run_egress(dp: &Dataplane, frame: &[u8]) -> Result<TestRunOutput> {
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
     opts.repeat = 1;
-    let result = prog.test_run(opts).context("BPF_PROG_TEST_RUN (tc egress)")?;
+    let result = prog
+        .test_run(opts)
+        .context("BPF_PROG_TEST_RUN (tc egress)")?;
     out.truncate(result.data_size_out as usize);
     Ok(TestRunOutput {
         action: result.return_value,

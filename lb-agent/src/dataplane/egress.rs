@@ -1,8 +1,11 @@
-//! The tc egress program (`lb-ebpf/src/egress.rs`) on each interface the XDP program is
-//! on: it translates back the replies of backends on this node, which leave through the
-//! node's routing and never cross XDP. Attached as a TCX link (Linux 6.6+) pinned as
-//! `egress_<interface>` beside the XDP link, adopted by a restarted agent with one
-//! `bpf_link_update` (replies are never left untranslated), and detached with it.
+//! The tc programs on each interface the XDP program is on, as TCX links (Linux 6.6+)
+//! pinned beside the XDP link, adopted by a restarted agent with one `bpf_link_update`,
+//! and detached with it:
+//! - egress (`lb-ebpf/src/egress.rs`, `egress_<interface>`): translates back the
+//!   replies of backends on this node, which leave through the node's routing and never
+//!   cross XDP;
+//! - ingress (`lb-ebpf/src/handoff.rs`, `ingress_<interface>`): sends on the source-NATed
+//!   packets XDP could not (unresolved neighbour, a device without redirects).
 
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -17,29 +20,46 @@ use super::{Dataplane, DataplaneError};
 
 /// The egress program's name in the object.
 pub const EGRESS_PROGRAM: &str = "xlb_tc_egress";
-const EGRESS_PREFIX: &str = "egress_";
+/// The ingress program's name in the object.
+pub const INGRESS_PROGRAM: &str = "xlb_tc_ingress";
 
-/// Where the egress link of `interface` is pinned.
-pub fn egress_path(dir: &Path, interface: &str) -> PathBuf {
-    dir.join(format!("{EGRESS_PREFIX}{interface}"))
+/// The two tc hooks: program, attach type and pin prefix.
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (EGRESS_PROGRAM, TcAttachType::Egress, "egress_"),
+    (INGRESS_PROGRAM, TcAttachType::Ingress, "ingress_"),
+];
+
+/// Where the tc link `prefix` of `interface` is pinned.
+fn tc_path(dir: &Path, prefix: &str, interface: &str) -> PathBuf {
+    dir.join(format!("{prefix}{interface}"))
 }
 
 impl Dataplane {
-    pub(super) fn egress_mut(&mut self) -> Result<&mut SchedClassifier, DataplaneError> {
+    pub(super) fn tc_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DataplaneError> {
         let program = self
             .ebpf
             .as_mut()
-            .and_then(|ebpf| ebpf.program_mut(EGRESS_PROGRAM))
+            .and_then(|ebpf| ebpf.program_mut(name))
             .ok_or(DataplaneError::Program {
-                name: EGRESS_PROGRAM,
+                name,
                 source: aya::programs::ProgramError::NotLoaded,
             })?;
         program
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: EGRESS_PROGRAM,
-                source,
-            })
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Loads both tc programs (the verifier runs here).
+    pub(super) fn load_tc(&mut self) -> Result<(), DataplaneError> {
+        for (name, _, _) in HOOKS {
+            self.tc_mut(name)?
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(())
     }
 
     /// The loaded egress program, for the test harness (`BPF_PROG_TEST_RUN`).
@@ -58,70 +78,69 @@ impl Dataplane {
             })
     }
 
-    /// Runs the egress program on `interface`'s egress through a link pinned under
-    /// `dir`: an existing pin gets the new program atomically, else it is attached
-    /// (TCX) and pinned.
-    pub fn attach_egress_pinned(
-        &mut self,
-        interface: &str,
-        dir: &Path,
-    ) -> Result<(), DataplaneError> {
-        let path = egress_path(dir, interface);
-        if path.exists() {
-            match self.adopt_egress(&path) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(interface, "pinned egress link unusable ({e}); attaching anew");
-                    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+    /// Runs both tc programs on `interface` through links pinned under `dir`: an
+    /// existing pin gets the new program atomically, else it is attached (TCX) and
+    /// pinned.
+    pub fn attach_tc_pinned(&mut self, interface: &str, dir: &Path) -> Result<(), DataplaneError> {
+        for (name, hook, prefix) in HOOKS {
+            let path = tc_path(dir, prefix, interface);
+            if path.exists() {
+                match self.adopt_tc(name, &path) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            interface,
+                            "pinned {name} link unusable ({e}); attaching anew"
+                        );
+                        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                    }
                 }
             }
+            let prog = self.tc_mut(name)?;
+            let id = prog
+                .attach_with_options(
+                    interface,
+                    hook,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| DataplaneError::Interface {
+                    name: interface.to_owned(),
+                    reason: format!(
+                        "tc {hook:?} (TCX) attach of {name} failed: {source}; needs Linux 6.6+"
+                    ),
+                })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let fd_link: FdLink = link.try_into().map_err(|e| pin_err(&path, e))?;
+            fd_link.pin(&path).map_err(|e| pin_err(&path, e))?;
         }
-        let prog = self.egress_mut()?;
-        let id = prog
-            .attach_with_options(
-                interface,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|source| DataplaneError::Interface {
-                name: interface.to_owned(),
-                reason: format!("tc egress (TCX) attach failed: {source}; needs Linux 6.6+"),
-            })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| DataplaneError::Program {
-                name: EGRESS_PROGRAM,
-                source,
-            })?;
-        let fd_link: FdLink = link.try_into().map_err(|e| pin_err(&path, e))?;
-        fd_link.pin(&path).map_err(|e| pin_err(&path, e))?;
         Ok(())
     }
 
-    fn adopt_egress(&mut self, path: &Path) -> Result<(), DataplaneError> {
+    fn adopt_tc(&mut self, name: &'static str, path: &Path) -> Result<(), DataplaneError> {
         let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(path, e))?;
         let link = FdLink::from(pinned)
             .try_into()
             .map_err(|e| pin_err(path, e))?;
-        self.egress_mut()?
+        self.tc_mut(name)?
             .attach_to_link(link)
-            .map_err(|source| DataplaneError::Program {
-                name: EGRESS_PROGRAM,
-                source,
-            })?;
+            .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(())
     }
 }
 
-/// Detaches the egress program from `interface` and removes its pin, when there is
-/// one (through the pin: no CAP_SYS_ADMIN needed).
-pub fn detach_egress(dir: &Path, interface: &str) -> Result<bool, DataplaneError> {
-    let path = egress_path(dir, interface);
-    if !path.exists() {
-        return Ok(false);
+/// Detaches both tc programs from `interface` and removes their pins, where there are
+/// some (through the pins: no CAP_SYS_ADMIN needed).
+pub fn detach_tc(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
+    for (_, _, prefix) in HOOKS {
+        let path = tc_path(dir, prefix, interface);
+        if !path.exists() {
+            continue;
+        }
+        let link = sys::obj_get(&path).map_err(|e| pin_err(&path, e))?;
+        sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;
+        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
     }
-    let link = sys::obj_get(&path).map_err(|e| pin_err(&path, e))?;
-    sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;
-    std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
-    Ok(true)
+    Ok(())
 }

@@ -142,12 +142,7 @@ impl Dataplane {
                 name: PROGRAM,
                 source,
             })?;
-        dp.egress_mut()?
-            .load()
-            .map_err(|source| DataplaneError::Program {
-                name: super::egress::EGRESS_PROGRAM,
-                source,
-            })?;
+        dp.load_tc()?;
         Ok(dp)
     }
 

@@ -8,9 +8,9 @@ use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMap
 use ipnet::IpNet;
 
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FlowKey, Frontend, FrontendKey,
-    NextHop, Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats, SnatConfig,
-    SnatEntry, TrackedFlow, addr_filter_slot, maps,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FlowKey, Frontend, FrontendKey, NextHop,
+    Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats, SnatConfig, SnatEntry,
+    TrackedFlow, addr_filter_slot, maps,
 };
 
 use super::store::{Batch, MapStore, Snapshot};
@@ -169,7 +169,11 @@ impl Dataplane {
     }
 
     /// Writes a SNAT reservation as the program would (tests: a port another flow holds).
-    pub fn set_snat_entry(&mut self, key: &FlowKey, entry: &SnatEntry) -> Result<(), DataplaneError> {
+    pub fn set_snat_entry(
+        &mut self,
+        key: &FlowKey,
+        entry: &SnatEntry,
+    ) -> Result<(), DataplaneError> {
         let name = maps::SNAT;
         let mut m: HashMap<_, FlowKey, SnatEntry> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;

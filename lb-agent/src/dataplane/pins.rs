@@ -431,7 +431,7 @@ impl Dataplane {
         };
         let attachment = result?;
         self.add_tx_port(index)?;
-        self.attach_egress_pinned(interface, dir)?;
+        self.attach_tc_pinned(interface, dir)?;
         Ok(attachment)
     }
 
@@ -546,7 +546,7 @@ fn xlb_pins_of(interface: &str) -> Vec<PathBuf> {
 /// through its pin rather than by id, so CAP_SYS_ADMIN is not needed (the DaemonSet
 /// runs without it).
 pub fn detach_link(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
-    super::egress::detach_egress(dir, interface)?;
+    super::egress::detach_tc(dir, interface)?;
     let path = link_path(dir, interface);
     let link = sys::obj_get(&path).map_err(|e| pin_err(&path, e))?;
     sys::link_detach(link.as_fd()).map_err(|e| pin_err(&path, e))?;

@@ -1,5 +1,5 @@
 //! The node's SNAT settings (`SNAT_CONFIG_V1`): the source address per family that
-//! SNATed flows leave with, and the port range. The address is the first
+//! source-NATed flows leave with, and the port range. The address is the first
 //! `--node-address` of its family, else the first address of that family on the
 //! `--interface`s (link-local ones skipped), as MASQUERADE takes the address of the
 //! interface a packet leaves by.
@@ -79,16 +79,20 @@ fn interface_addresses(interfaces: &[String]) -> Result<Vec<IpAddr>, DataplaneEr
             continue;
         }
         // SAFETY: a NUL-terminated name of the list.
-        let name = unsafe { CStr::from_ptr(entry.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: ifa_addr points at a sockaddr of the family it names.
         let addr = unsafe {
             match i32::from((*entry.ifa_addr).sa_family) {
                 libc::AF_INET => {
-                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
-                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+                    let sin = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
+                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))))
                 }
                 libc::AF_INET6 => {
-                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    let sin6 = entry.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
                     Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
                 }
                 _ => None,
@@ -130,7 +134,11 @@ mod tests {
         assert_eq!(cfg.flags, SNAT_CFG_F_V4);
         assert_eq!(&cfg.addr_v4[..4], &[198, 51, 100, 11]);
         assert_eq!((cfg.port_min, cfg.port_max), (61_000, 61_001));
-        assert!(describe(&cfg).contains("no IPv6 address"), "{}", describe(&cfg));
+        assert!(
+            describe(&cfg).contains("no IPv6 address"),
+            "{}",
+            describe(&cfg)
+        );
         let lo = config(&[], &["lo".to_owned()], (1, 2)).expect("config");
         assert_eq!(lo.flags, 0, "loopback addresses are not SNAT addresses");
     }

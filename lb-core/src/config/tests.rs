@@ -145,6 +145,7 @@ fn example_file_commented_settings_parse() {
                 "#   http: {",
                 "# sessionAffinity: {",
                 "# whenEmpty: reject",
+                "# lbMode: dnat",
                 "# sourceRanges: [",
             ] {
                 let trimmed = line.trim_start();
@@ -165,6 +166,8 @@ fn example_file_commented_settings_parse() {
         panic!("two services expected: {:?}", parsed.services);
     };
     assert_eq!(web.backends.len(), 4, "{uncommented}");
+    assert_eq!(web.lb_mode, Some(crate::mode::LbMode::Dnat));
+    assert_eq!(web_v6.lb_mode, None, "the agent's --lb-mode");
     let http = HealthCheck {
         probe: Probe::Http {
             path: "/healthz".to_owned(),
@@ -1397,4 +1400,27 @@ proptest! {
 fn crlf_line_endings_and_a_byte_order_mark_parse_like_the_example() {
     let crlf = format!("\u{feff}{}", EXAMPLE.replace('\n', "\r\n"));
     assert_eq!(parse_ok(&crlf), parse_ok(EXAMPLE));
+}
+
+#[test]
+fn lb_mode_is_snat_or_dnat_and_the_others_are_named() {
+    let dnat = accept(
+        "name: web\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
+         lbMode: dnat",
+    );
+    assert_eq!(dnat.lb_mode, Some(crate::mode::LbMode::Dnat));
+    for (mode, fragment) in [
+        ("dsr", "not built yet"),
+        ("hybrid", "not built yet"),
+        ("nat", "\"nat\""),
+    ] {
+        let service = format!(
+            "name: web\nfrontends: [{{ address: 203.0.113.20, port: 80 }}]\nbackends: []\n\
+             lbMode: {mode}"
+        );
+        assert_eq!(
+            rejection_mismatch(&service, "web", "lbMode", fragment),
+            None
+        );
+    }
 }

@@ -125,7 +125,10 @@ pub(super) fn service(raw: raw::Service) -> Result<ServiceSpec, Invalid> {
     let lb_mode = raw
         .lb_mode
         .as_deref()
-        .map(|text| text.parse::<crate::mode::LbMode>().or_else(|reason| invalid("lbMode", reason)))
+        .map(|text| {
+            text.parse::<crate::mode::LbMode>()
+                .or_else(|reason| invalid("lbMode", reason))
+        })
         .transpose()?;
 
     Ok(ServiceSpec {

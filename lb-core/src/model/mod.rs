@@ -46,7 +46,7 @@ pub struct BackendModel {
     /// Maglev weight; 0 = drained (kept for established flows, no new ones).
     pub weight: u32,
     pub health: Health,
-    /// Runs on this node (its EndpointSlice endpoint's `nodeName`): never SNATed, its
+    /// Runs on this node (its EndpointSlice endpoint's `nodeName`): never source-NATed, its
     /// replies translated back on their way out of the node.
     pub local: bool,
 }

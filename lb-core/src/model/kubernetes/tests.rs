@@ -1009,3 +1009,62 @@ fn no_cluster_ip_is_a_problem() {
     );
     assert!(t.models.is_empty());
 }
+
+// --- Modes ---------------------------------------------------------------------------
+
+/// `externalTrafficPolicy: Cluster` frontends are source-NATed in the node's mode (snat by
+/// default, as kube-proxy masquerades), `Local` ones never; `xlb.dev/lb-mode` overrides
+/// the node's mode, a bad value is a problem naming the annotation and the node's mode
+/// applies. Endpoints whose `nodeName` is this node are local (never source-NATed).
+#[test]
+fn lb_mode_snat_for_cluster_never_for_local_and_the_annotation_overrides() {
+    use crate::mode::LbMode;
+    let mut c = cluster(&load("traffic-policy.yaml"));
+    let key = crate::cluster::ObjectKey::new("shop", "ingress");
+    let translate = |c: &crate::cluster::Cluster, mode: LbMode| {
+        let mut node = node_a();
+        node.lb_mode = mode;
+        super::translate(&c.services[&key], &c.slices_of(&key), &node)
+    };
+    let t = translate(&c, LbMode::Snat);
+    assert!(t.services["shop/ingress:https/tcp"].snat, "Cluster scope");
+    assert!(
+        !t.services["shop/ingress:https/tcp/local"].snat,
+        "Local policy"
+    );
+    let local: Vec<bool> = t.services["shop/ingress:https/tcp"]
+        .backends
+        .values()
+        .map(|b| b.local)
+        .collect();
+    assert!(local.contains(&true) && local.contains(&false), "{local:?}");
+    assert!(
+        t.services["shop/ingress:https/tcp/local"]
+            .backends
+            .values()
+            .all(|b| b.local)
+    );
+    assert!(!translate(&c, LbMode::Dnat).services["shop/ingress:https/tcp"].snat);
+
+    let svc = std::sync::Arc::make_mut(c.services.get_mut(&key).expect("ingress"));
+    svc.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(super::LB_MODE_ANNOTATION.into(), "dnat".into());
+    assert!(!translate(&c, LbMode::Snat).services["shop/ingress:https/tcp"].snat);
+    let svc = std::sync::Arc::make_mut(c.services.get_mut(&key).expect("ingress"));
+    svc.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(super::LB_MODE_ANNOTATION.into(), "dsr".into());
+    let t = translate(&c, LbMode::Snat);
+    assert!(t.services["shop/ingress:https/tcp"].snat, "the node's mode");
+    assert!(
+        t.problems
+            .iter()
+            .any(|p| p.field.contains(super::LB_MODE_ANNOTATION)
+                && p.reason.contains("not built yet")),
+        "{:?}",
+        t.problems
+    );
+}
