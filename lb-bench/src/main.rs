@@ -7,7 +7,8 @@
 //! - `maglev`: Maglev table build time against the paper's plain fill, plus balance and
 //!   disruption.
 //! - `e2e`: HTTP and TCP through a load-balancer namespace, xlb against kube-proxy's
-//!   iptables and nftables rules.
+//!   iptables and nftables rules; `--topology cluster`: HTTP through a three-node
+//!   cluster behind an ECMP router, every node programmed by xlb agents or kube-proxy.
 //! - `control-plane`: full sync and change-to-map latency at 10,000 Services, the agent
 //!   against iptables-restore and nft installing kube-proxy's rules.
 //! - `l7`: the L7 hop against nginx serving the same Ingress routes: requests/s and

@@ -28,6 +28,7 @@
 //! fresh client address, so `TIME_WAIT` sockets and conntrack entries left by the previous
 //! configuration cannot collide with its connections.
 
+mod cluster;
 pub mod load;
 mod xlb;
 
@@ -56,9 +57,14 @@ const TARGET_NEW_CONNECTIONS: f64 = 1.5;
 const FIRST_CLIENT_HOST: u8 = 20;
 const MAX_RUNS: usize = 200;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
-    /// Backend namespaces behind the VIP (1..=40).
+    /// `lb`: client -> one load-balancer namespace -> backends. `cluster`: client ->
+    /// router (ECMP) -> three nodes, each programmed the same way -> pods (see
+    /// `e2e/cluster.rs`).
+    #[arg(long, value_enum, default_value = "lb")]
+    topology: TopologyKind,
+    /// Backend namespaces behind the VIP (1..=40; the `lb` topology).
     #[arg(long, default_value_t = 4)]
     backends: usize,
     /// Seconds per measurement; each configuration runs three per round.
@@ -78,16 +84,20 @@ pub struct Args {
     /// does not decide the result. The loopback reference runs in the first round only.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// Configurations to run, in this order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "loopback,direct,iptables,nftables,xlb"
-    )]
+    /// Configurations to run, in this order. Default for `lb`:
+    /// loopback,direct,iptables,nftables,xlb; for `cluster`:
+    /// iptables,nftables,xlb-snat,xlb-dsr.
+    #[arg(long, value_delimiter = ',')]
     configs: Vec<Config>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyKind {
+    Lb,
+    Cluster,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,7 +106,12 @@ enum Config {
     Direct,
     Iptables,
     Nftables,
+    /// The `lb` topology's xlb (one agent, XDP on both sides of the LB namespace).
     Xlb,
+    /// The `cluster` topology's xlb: an agent per node, `--lb-mode snat`.
+    XlbSnat,
+    /// The `cluster` topology's xlb: an agent per node, `--lb-mode dsr`.
+    XlbDsr,
 }
 
 impl Config {
@@ -107,7 +122,39 @@ impl Config {
             Config::Iptables => "iptables",
             Config::Nftables => "nftables",
             Config::Xlb => "xlb",
+            Config::XlbSnat => "xlb-snat",
+            Config::XlbDsr => "xlb-dsr",
         }
+    }
+
+    /// The configurations a topology can run, in their default order.
+    fn of(topology: TopologyKind) -> &'static [Config] {
+        match topology {
+            TopologyKind::Lb => &[
+                Config::Loopback,
+                Config::Direct,
+                Config::Iptables,
+                Config::Nftables,
+                Config::Xlb,
+            ],
+            TopologyKind::Cluster => &[
+                Config::Iptables,
+                Config::Nftables,
+                Config::XlbSnat,
+                Config::XlbDsr,
+            ],
+        }
+    }
+}
+
+impl Args {
+    /// The arguments with the topology's default configurations when none were given.
+    fn resolved(&self) -> Args {
+        let mut args = self.clone();
+        if args.configs.is_empty() {
+            args.configs = Config::of(args.topology).to_vec();
+        }
+        args
     }
 }
 
@@ -203,9 +250,21 @@ pub fn check_interrupted() -> Result<()> {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let args = &args.resolved();
     validate(args)?;
+    if args.topology == TopologyKind::Cluster {
+        return cluster::run(args);
+    }
     testbed::check_privileges()?;
-    check_tools()?;
+    check_tools(&[
+        "wrk",
+        "iperf3",
+        "iptables-restore",
+        "iptables-save",
+        "nft",
+        "taskset",
+        "ss",
+    ])?;
     catch_interrupts();
     let load_line = report::load_line();
     let cpus = if args.no_pin {
@@ -276,20 +335,22 @@ fn validate(args: &Args) -> Result<()> {
     if args.configs.is_empty() || args.configs.len() * args.rounds as usize > MAX_RUNS {
         bail!("between 1 and {MAX_RUNS} configuration runs (configs x rounds)");
     }
+    let allowed = Config::of(args.topology);
+    if let Some(bad) = args.configs.iter().find(|c| !allowed.contains(c)) {
+        let names: Vec<&str> = allowed.iter().map(|c| c.label()).collect();
+        bail!(
+            "--configs: {} is not a configuration of the {:?} topology (it has {})",
+            bad.label(),
+            args.topology,
+            names.join(", ")
+        );
+    }
     Ok(())
 }
 
 /// The external programs this benchmark drives; `cargo xtask bench e2e` installs them.
-fn check_tools() -> Result<()> {
-    let missing = report::missing_tools(&[
-        "wrk",
-        "iperf3",
-        "iptables-restore",
-        "iptables-save",
-        "nft",
-        "taskset",
-        "ss",
-    ]);
+fn check_tools(tools: &[&'static str]) -> Result<()> {
+    let missing = report::missing_tools(tools);
     if !missing.is_empty() {
         bail!(
             "missing {}; run the benchmark through `cargo xtask bench e2e`, which installs them",
@@ -454,6 +515,9 @@ impl<'a> Bench<'a> {
                 }
                 Active::Xlb(Box::new(started))
             }
+            Config::XlbSnat | Config::XlbDsr => {
+                bail!("{} runs on the cluster topology only", config.label())
+            }
         })
     }
 
@@ -532,55 +596,13 @@ impl<'a> Bench<'a> {
         })
     }
 
-    /// CPU time of the servers: the HTTP server threads and the iperf3 server.
-    fn server_cpu(&self) -> Duration {
-        self.servers
-            .iter()
-            .map(ServerHandle::cpu_time)
-            .sum::<Duration>()
-            + load::process_cpu_time(self.iperf_server)
-    }
-
     /// Runs `f` (one load generator run) and records per-backend requests and CPU use.
     fn measure<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
-        check_interrupted()?;
-        let requests = |s: &[ServerHandle]| s.iter().map(ServerHandle::served).collect::<Vec<_>>();
-        let (req0, srv0, child0) = (
-            requests(&self.servers),
-            self.server_cpu(),
-            load::children_cpu_time(),
-        );
-        let cpu0 = CpuTimes::read()?;
-        let start = Instant::now();
-        let result = f()?;
-        let wall_s = start.elapsed().as_secs_f64().max(1e-9);
-        let cpu1 = CpuTimes::read()?;
-        let per_backend = requests(&self.servers)
-            .iter()
-            .zip(&req0)
-            .map(|(now, then)| now - then)
-            .collect();
-        let per_cpu = cpu1.since(&cpu0);
-        let busy: f64 = per_cpu.iter().map(|(b, _)| b / 100.0).sum();
-        let softirq: f64 = per_cpu.iter().map(|(_, s)| s / 100.0).sum();
-        let client = load::children_cpu_time()
-            .saturating_sub(child0)
-            .as_secs_f64()
-            / wall_s;
-        let servers = self.server_cpu().saturating_sub(srv0).as_secs_f64() / wall_s;
-        let cpu = CpuUse {
-            wall_s,
-            per_cpu,
-            client,
-            servers,
-            softirq,
-            other: (busy - client - servers - softirq).max(0.0),
-        };
-        Ok(Measured {
-            result,
-            per_backend,
-            cpu,
-        })
+        measure(
+            &self.servers,
+            &|| load::process_cpu_time(self.iperf_server),
+            f,
+        )
     }
 
     /// Records in `run.problems` whatever says the configuration did not carry the
@@ -708,6 +730,53 @@ impl Active<'_> {
             Active::Xlb(x) => Counters::Xlb(x.counters()?),
         })
     }
+}
+
+/// Runs `f` (one load generator run) and records the requests each of `servers` answered
+/// and where the CPU time went: the load generator (this process's reaped children), the
+/// servers (their threads, plus `extra_server_cpu`), softirq on every CPU (`/proc/stat`),
+/// and the rest of the machine's busy time.
+fn measure<T>(
+    servers: &[ServerHandle],
+    extra_server_cpu: &dyn Fn() -> Duration,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<Measured<T>> {
+    check_interrupted()?;
+    let server_cpu =
+        || servers.iter().map(ServerHandle::cpu_time).sum::<Duration>() + extra_server_cpu();
+    let requests = || servers.iter().map(ServerHandle::served).collect::<Vec<_>>();
+    let (req0, srv0, child0) = (requests(), server_cpu(), load::children_cpu_time());
+    let cpu0 = CpuTimes::read()?;
+    let start = Instant::now();
+    let result = f()?;
+    let wall_s = start.elapsed().as_secs_f64().max(1e-9);
+    let cpu1 = CpuTimes::read()?;
+    let per_backend = requests()
+        .iter()
+        .zip(&req0)
+        .map(|(now, then)| now - then)
+        .collect();
+    let per_cpu = cpu1.since(&cpu0);
+    let busy: f64 = per_cpu.iter().map(|(b, _)| b / 100.0).sum();
+    let softirq: f64 = per_cpu.iter().map(|(_, s)| s / 100.0).sum();
+    let client = load::children_cpu_time()
+        .saturating_sub(child0)
+        .as_secs_f64()
+        / wall_s;
+    let servers = server_cpu().saturating_sub(srv0).as_secs_f64() / wall_s;
+    let cpu = CpuUse {
+        wall_s,
+        per_cpu,
+        client,
+        servers,
+        softirq,
+        other: (busy - client - servers - softirq).max(0.0),
+    };
+    Ok(Measured {
+        result,
+        per_backend,
+        cpu,
+    })
 }
 
 /// Waits (at most 5 s) until something listens on TCP `port` in `ns`.
@@ -1030,7 +1099,7 @@ mod tests {
 
     #[test]
     fn defaults_and_reproduce_line() {
-        let args = parse_args::<Args>(&[]);
+        let args = parse_args::<Args>(&[]).resolved();
         assert_eq!(
             args.configs,
             [
@@ -1046,9 +1115,25 @@ mod tests {
             reproduce(&args),
             "cargo xtask bench e2e --backends 4 --secs 4 --connections 32 --threads 1 --rounds 3 --configs loopback,direct,iptables,nftables,xlb"
         );
-        let args = parse_args::<Args>(&["--configs", "xlb,iptables", "--no-pin"]);
+        let args = parse_args::<Args>(&["--configs", "xlb,iptables", "--no-pin"]).resolved();
         assert_eq!(args.configs, [Config::Xlb, Config::Iptables]);
         assert!(reproduce(&args).ends_with("--configs xlb,iptables --no-pin"));
-        assert!(validate(&parse_args::<Args>(&["--backends", "0"])).is_err());
+        assert!(validate(&parse_args::<Args>(&["--backends", "0"]).resolved()).is_err());
+        // Each topology runs only its own configurations.
+        let cluster = parse_args::<Args>(&["--topology", "cluster"]).resolved();
+        assert_eq!(
+            cluster.configs,
+            [
+                Config::Iptables,
+                Config::Nftables,
+                Config::XlbSnat,
+                Config::XlbDsr
+            ]
+        );
+        validate(&cluster).unwrap();
+        let mixed = parse_args::<Args>(&["--topology", "cluster", "--configs", "xlb"]).resolved();
+        assert!(validate(&mixed).is_err());
+        let mixed = parse_args::<Args>(&["--configs", "xlb-snat"]).resolved();
+        assert!(validate(&mixed).is_err());
     }
 }
