@@ -50,6 +50,28 @@ fn frontends(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
     }
 }
 
+/// 20 long-lived connections while the router withdraws one node from the VIP range's
+/// multipath route. SNAT keeps its state on the receiving node (the source port it
+/// allocated), so a flow the router moves to another node is source-NATed there to a
+/// different address and the pod resets it: exactly the flows that did not move survive,
+/// as with kube-proxy (the scenario checks this since `flows_survive_moving` is false).
+fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
+    for v6 in [false, true] {
+        let flows = scenarios::node_drop(cluster, xlb, services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", statuses(xlb)));
+        let survived = flows.iter().filter(|f| f.survived).count();
+        let moved = flows
+            .iter()
+            .filter(|f| f.node_before != f.node_after)
+            .count();
+        eprintln!(
+            "node drop v6={v6}: {survived} of {} survived, {moved} moved",
+            flows.len()
+        );
+        assert_eq!(survived, flows.len() - moved, "{flows:#?}");
+    }
+}
+
 /// Every agent's `lb-agent status`, for a failure's message.
 fn statuses(xlb: &XlbAgents<'_>) -> String {
     xlb.agents()
@@ -69,6 +91,7 @@ fn xlb_snat_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xs-hostgw", PodNetwork::HostGw);
     let (servers, services, xlb) = snat_cluster(&cluster, &[]);
     frontends(&cluster, &xlb, &services);
+    node_drop(&cluster, &xlb, &services);
     eprintln!("served per pod: {:?}", servers.served());
 }
 
