@@ -59,7 +59,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -717,26 +717,8 @@ impl Cluster {
     /// Waits (at most 5 s) until every interface is up and no IPv6 address is
     /// tentative. Sends no traffic.
     pub fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let mut pending = Vec::new();
-            for ns in self.namespaces() {
-                let json = ns.ip(&["-j", "addr", "show"])?;
-                let links: serde_json::Value = serde_json::from_str(&json)
-                    .with_context(|| format!("cannot parse `ip -j addr` output {json:?}"))?;
-                pending.extend(crate::topology::not_ready(ns.name(), &links)?);
-            }
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "cluster not ready after {READY_TIMEOUT:?}: {}",
-                    pending.join(", ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let namespaces: Vec<&Netns> = self.namespaces().collect();
+        crate::topology::wait_until_ready("cluster", &namespaces, READY_TIMEOUT)
     }
 
     /// Routes `prefix` (an IPv4 or IPv6 CIDR, e.g. a ClusterIP's /32 or the whole VIP

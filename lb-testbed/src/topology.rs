@@ -292,26 +292,8 @@ impl Topology {
     /// is tentative (still doing duplicate address detection, so unusable),
     /// by polling `ip -n NS -j addr`. Sends no traffic.
     pub fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let mut pending = Vec::new();
-            for ns in self.namespaces() {
-                let json = ns.ip(&["-j", "addr", "show"])?;
-                let links: serde_json::Value = serde_json::from_str(&json)
-                    .with_context(|| format!("cannot parse `ip -j addr` output {json:?}"))?;
-                pending.extend(not_ready(ns.name(), &links)?);
-            }
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "topology not ready after {READY_TIMEOUT:?}: {}",
-                    pending.join(", ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let namespaces: Vec<&Netns> = self.namespaces().collect();
+        wait_until_ready("topology", &namespaces, READY_TIMEOUT)
     }
 
     /// The client's address, 198.51.100.2.
@@ -426,6 +408,33 @@ fn add_default_routes(ns: &Netns, via4: &str, via6: &str) -> anyhow::Result<()> 
 /// What in `ip -j addr` output is not ready yet: interfaces that are not up
 /// and tentative IPv6 addresses. A failed duplicate address detection is an
 /// error (it will not resolve by waiting).
+/// Polls every namespace's links until none is pending (see [`not_ready`]) or
+/// `timeout` passes; `what` names the topology in the error. Shared by every topology
+/// of the testbed.
+pub(crate) fn wait_until_ready(
+    what: &str,
+    namespaces: &[&Netns],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut pending = Vec::new();
+        for ns in namespaces {
+            let json = ns.ip(&["-j", "addr", "show"])?;
+            let links: serde_json::Value = serde_json::from_str(&json)
+                .with_context(|| format!("cannot parse `ip -j addr` output {json:?}"))?;
+            pending.extend(not_ready(ns.name(), &links)?);
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} not ready after {timeout:?}: {}", pending.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub(crate) fn not_ready(ns: &str, links: &serde_json::Value) -> anyhow::Result<Vec<String>> {
     let mut pending = Vec::new();
     for link in links.as_array().into_iter().flatten() {
