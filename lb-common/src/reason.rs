@@ -103,6 +103,10 @@ reasons! {
     /// A local backend's reply translated back by the tc egress program on its way out
     /// of the node (counted by that program, not by XDP).
     ReplyEgress = 23 => "reply_egress", XDP_PASS;
+    /// An ICMP error about a source-NATed flow (fragmentation needed, packet too big,
+    /// unreachable, time exceeded, sent to node:port) translated to its client, the
+    /// quoted packet as the client sent it, and sent on as a reply is.
+    ReplyIcmp = 24 => "reply_icmp", XDP_REDIRECT;
 }
 
 impl Reason {

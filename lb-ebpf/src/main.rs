@@ -15,6 +15,7 @@ mod conntrack;
 mod egress;
 mod fib;
 mod handoff;
+mod icmp;
 mod maglev;
 mod maps;
 mod nat;
@@ -43,15 +44,34 @@ use crate::packet::Packet;
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let bytes = packet::frame_len(&ctx);
     let (action, reason) = match process(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => (reason.action(), reason),
+        // An ICMP error about a source-NATed flow goes to the flow's client.
+        (_, Reason::PassNotL4) => icmp::snat_error(&ctx),
+        verdict => verdict,
     };
     stats::count_reason(reason, bytes);
     action
 }
 
+/// Its own BPF function, as `icmp::snat_error`'s translations are: the stack of either
+/// alone is near the 512 bytes a program may use (one 32-byte frame of the entry point
+/// above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
+/// member at a non-zero offset).
+#[inline(never)]
+fn process(ctx: &XdpContext) -> (u32, Reason) {
+    verdict(pipeline(ctx))
+}
+
+/// The action and the reason to count of a stage's outcome.
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
+    match outcome {
+        Ok(verdict) => verdict,
+        Err(reason) => (reason.action(), reason),
+    }
+}
+
+#[inline(always)]
+fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::parse(ctx)?;
     match service::lookup_frontend(&pkt) {
         Some(frontend) => to_backend(ctx, &mut pkt, frontend),
@@ -97,7 +117,8 @@ fn to_backend(
     }
     fib::forward(
         ctx,
-        pkt,
+        &pkt.key,
+        pkt.ip_len,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
         chosen.snat.is_some(),
@@ -146,7 +167,8 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     // A source-NATed reply may now come from the node's own address (a NodePort).
     fib::forward(
         ctx,
-        pkt,
+        &pkt.key,
+        pkt.ip_len,
         fib::Direction::ToClient,
         Some(cache),
         snat_reply.is_some(),
