@@ -535,3 +535,154 @@ fn coarse_now_ns() -> u64 {
     u64::try_from(ts.tv_sec).expect("seconds") * 1_000_000_000
         + u64::try_from(ts.tv_nsec).expect("nanoseconds")
 }
+
+/// An ICMP error (`kind`: type, code, the header's last word) from `from` to `to`,
+/// quoting the IP packet `quoted`; every checksum computed from scratch.
+fn icmp_error(
+    from: IpAddr,
+    to: IpAddr,
+    ttl: u8,
+    kind: (u8, u8, u32),
+    quoted: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header};
+    let mut icmp = vec![kind.0, kind.1, 0, 0];
+    icmp.extend_from_slice(&kind.2.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let len = u16::try_from(icmp.len()).expect("small error");
+    let mut out = Vec::new();
+    let ether_type = if from.is_ipv4() {
+        EtherType::IPV4
+    } else {
+        EtherType::IPV6
+    };
+    Ethernet2Header {
+        source: macs.0,
+        destination: macs.1,
+        ether_type,
+    }
+    .write(&mut out)
+    .expect("write to Vec");
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip =
+                Ipv4Header::new(len, ttl, IpNumber::ICMP, s.octets(), d.octets()).expect("fits");
+            ip.header_checksum = ip.calc_header_checksum();
+            ip.write(&mut out).expect("write to Vec");
+            let check = lb_common::csum::checksum(&icmp, 0);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: len,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            }
+            .write(&mut out)
+            .expect("write to Vec");
+            let mut pseudo = s.octets().to_vec();
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(&icmp);
+            let check = lb_common::csum::checksum(&pseudo, 0);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        }
+        _ => panic!("source and destination of different families"),
+    }
+    out.extend_from_slice(&icmp);
+    out
+}
+
+#[test]
+fn icmp_errors_about_snated_flows_reach_the_client_translated() {
+    with_node("snaticmp", |node, svcs| {
+        let router_v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254));
+        let router_v6: IpAddr = IpAddr::V6("2001:db8:b::fe".parse().expect("address"));
+        let cases = [
+            (
+                0,
+                44_001,
+                Some(router_v4),
+                (3, 4, 1400),
+                "IPv4 TCP, fragmentation needed",
+            ),
+            (
+                2,
+                44_002,
+                Some(router_v6),
+                (2, 0, 1280),
+                "IPv6 TCP, packet too big",
+            ),
+            (
+                1,
+                44_003,
+                None,
+                (3, 3, 0),
+                "IPv4 UDP, port unreachable from the backend",
+            ),
+        ];
+        for (svc, sport, router, kind, what) in cases {
+            let f = client_frame(&svcs[svc], sport);
+            let (_, backend, bport) = svcs[svc].expected_backend(&f);
+            let nat_port = predicted_port(&f, 0, PORT_MIN, PORT_MAX);
+            let out = snat_out(&f, backend, bport, nat_port);
+            node.check(what, &f, true, XDP_REDIRECT, &out);
+
+            let from = router.unwrap_or(backend);
+            let error = icmp_error(
+                from,
+                node_of(&f),
+                64,
+                kind,
+                &out.build()[14..],
+                (backend_mac(last_octet(backend)), LB_BACKEND_MAC),
+            );
+            // To the client, one hop on, quoting the packet as the client sent it (as it
+            // left the node: one hop on as well), the MTU as the router said.
+            let mut quoted = f.clone();
+            quoted.ttl = out.ttl;
+            let want = icmp_error(from, f.src, 63, kind, &quoted.build()[14..], TO_CLIENT);
+            let before = node.reason(Reason::ReplyIcmp);
+            let got = xdp::test_run(&node.dp, &error, Some(node.backend_if))
+                .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+            assert_eq!(got.action, XDP_REDIRECT, "{what}: verdict");
+            assert!(
+                got.frame == want,
+                "{what}: output differs\n got: {:02x?}\nwant: {want:02x?}",
+                got.frame
+            );
+            verify_checksums(&got.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(
+                node.reason(Reason::ReplyIcmp),
+                before + 1,
+                "{what}: counted"
+            );
+        }
+
+        // An error about a flow the node does not hold: untouched, the kernel's.
+        let stray = Frame::tcp(node_v4(), 61_234, backend_v4(11), 8080);
+        let error = icmp_error(
+            router_v4,
+            node_v4(),
+            64,
+            (3, 4, 1400),
+            &stray.build()[14..],
+            (backend_mac(11), LB_BACKEND_MAC),
+        );
+        let before = node.reason(Reason::PassNotL4);
+        let got = xdp::test_run(&node.dp, &error, Some(node.backend_if)).expect("test run");
+        assert_eq!(got.action, XDP_PASS, "unknown flow: verdict");
+        assert_eq!(got.frame, error, "unknown flow: untouched");
+        assert_eq!(
+            node.reason(Reason::PassNotL4),
+            before + 1,
+            "unknown flow: counted"
+        );
+    });
+}
