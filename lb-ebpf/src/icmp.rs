@@ -11,9 +11,7 @@
 //! options only (routers send none); anything else goes to the kernel untouched.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, csum::CsumDelta,
-};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, csum::CsumDelta};
 
 use crate::{
     fib,
@@ -66,10 +64,7 @@ fn translate<const V4: bool>(ctx: &XdpContext, l3: usize) -> (u32, Reason) {
 }
 
 #[inline(always)]
-fn translate_family<const V4: bool>(
-    ctx: &XdpContext,
-    l3: usize,
-) -> Result<(u32, Reason), Reason> {
+fn translate_family<const V4: bool>(ctx: &XdpContext, l3: usize) -> Result<(u32, Reason), Reason> {
     let v4 = V4;
     let at = layout(ctx, v4, l3).ok_or(Reason::PassNotL4)?;
     let (family, addr_off, alen) = if v4 {
@@ -115,7 +110,14 @@ fn translate_family<const V4: bool>(
     // The quoted packet: addresses and ports (the quoted L4 checksum covers both).
     let mut addrs = CsumDelta::new();
     put_addr(ctx, at.inner + addr_off, v4, node, client, &mut addrs)?;
-    put_addr(ctx, at.inner + addr_off + alen, v4, &key.src, frontend, &mut addrs)?;
+    put_addr(
+        ctx,
+        at.inner + addr_off + alen,
+        v4,
+        &key.src,
+        frontend,
+        &mut addrs,
+    )?;
     let mut l4 = addrs;
     l4.replace_bytes(&ports[0].to_ne_bytes(), &cport.to_ne_bytes());
     l4.replace_bytes(&ports[1].to_ne_bytes(), &fport.to_ne_bytes());
@@ -144,26 +146,7 @@ fn translate_family<const V4: bool>(
         }
     }
 
-    // The outer header: to the client, one hop on. `ICMPv6`'s checksum covers the
-    // destination (pseudo-header), the IPv4 header's checksum the TTL as well.
-    let mut outer = CsumDelta::new();
-    put_addr(ctx, at.l3 + addr_off + alen, v4, node, client, &mut outer)?;
-    if v4 {
-        let ttl_proto = load::<[u8; 2]>(ctx, at.l3 + 8).ok_or(Reason::PassMalformed)?;
-        let decremented = [ttl_proto[0].wrapping_sub(1), ttl_proto[1]];
-        outer.replace_bytes(&ttl_proto, &decremented);
-        store(ctx, at.l3 + 8, decremented)?;
-        let check = load::<[u8; 2]>(ctx, at.l3 + 10).ok_or(Reason::PassMalformed)?;
-        store(
-            ctx,
-            at.l3 + 10,
-            outer.apply(u16::from_be_bytes(check)).to_be_bytes(),
-        )?;
-    } else {
-        let nh_hop = load::<[u8; 2]>(ctx, at.l3 + 6).ok_or(Reason::PassMalformed)?;
-        store(ctx, at.l3 + 6, [nh_hop[0], nh_hop[1].wrapping_sub(1)])?;
-        icmp.add(outer);
-    }
+    outer_to_client(ctx, at.l3, v4, node, client, &mut icmp)?;
     let check = load::<[u8; 2]>(ctx, at.icmp + 2).ok_or(Reason::PassMalformed)?;
     store(
         ctx,
@@ -188,6 +171,46 @@ fn translate_family<const V4: bool>(
         false,
     )?;
     Ok((action, Reason::ReplyIcmp))
+}
+
+/// The outer header of the error: to the client, one hop on. `ICMPv6`'s checksum
+/// covers the destination (pseudo-header; added to `icmp`), the IPv4 header's checksum
+/// the TTL as well.
+#[inline(always)]
+fn outer_to_client(
+    ctx: &XdpContext,
+    l3: usize,
+    v4: bool,
+    node: &[u8; 16],
+    client: &[u8; 16],
+    icmp: &mut CsumDelta,
+) -> Result<(), Reason> {
+    let mut outer = CsumDelta::new();
+    put_addr(
+        ctx,
+        l3 + if v4 { 16 } else { 24 },
+        v4,
+        node,
+        client,
+        &mut outer,
+    )?;
+    if v4 {
+        let ttl_proto = load::<[u8; 2]>(ctx, l3 + 8).ok_or(Reason::PassMalformed)?;
+        let decremented = [ttl_proto[0].wrapping_sub(1), ttl_proto[1]];
+        outer.replace_bytes(&ttl_proto, &decremented);
+        store(ctx, l3 + 8, decremented)?;
+        let check = load::<[u8; 2]>(ctx, l3 + 10).ok_or(Reason::PassMalformed)?;
+        store(
+            ctx,
+            l3 + 10,
+            outer.apply(u16::from_be_bytes(check)).to_be_bytes(),
+        )?;
+    } else {
+        let nh_hop = load::<[u8; 2]>(ctx, l3 + 6).ok_or(Reason::PassMalformed)?;
+        store(ctx, l3 + 6, [nh_hop[0], nh_hop[1].wrapping_sub(1)])?;
+        icmp.add(outer);
+    }
+    Ok(())
 }
 
 /// The offsets of an ICMP error of a kind worth translating, with a quoted IP header

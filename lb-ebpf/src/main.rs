@@ -63,6 +63,7 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
 
 /// The action and the reason to count of a stage's outcome.
 #[inline(always)]
+#[must_use]
 pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
     match outcome {
         Ok(verdict) => verdict,
