@@ -34,7 +34,8 @@ use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node. Inlined into the
-/// macro's entry point, as the whole packet path is: one BPF function, no calls.
+/// macro's entry point; the path below is two BPF functions it calls, `process` and
+/// `icmp::snat_error`'s translation (one per family), each with the stack to itself.
 #[xdp]
 #[inline(always)]
 #[expect(
