@@ -103,10 +103,17 @@ reasons! {
     /// A local backend's reply translated back by the tc egress program on its way out
     /// of the node (counted by that program, not by XDP).
     ReplyEgress = 23 => "reply_egress", XDP_PASS;
-    /// An ICMP error about a source-NATed flow (fragmentation needed, packet too big,
-    /// unreachable, time exceeded, sent to node:port) translated to its client, the
-    /// quoted packet as the client sent it, and sent on as a reply is.
+    /// An ICMP error about a translated flow (fragmentation needed, packet too big,
+    /// unreachable, time exceeded) translated to its client, the quoted packet as the
+    /// client sent it, and sent on as a reply is: one about a source-NATed flow (sent to
+    /// node:port), or one about a flow translated at the destination only (quoting the
+    /// backend) that passes through XDP or, sent or forwarded by the node itself, leaves
+    /// through the tc egress program (counted there).
     ReplyIcmp = 24 => "reply_icmp", XDP_REDIRECT;
+    /// An ICMP error from the client's side about a reply (sent to the frontend, quoting
+    /// frontend -> client) translated to the flow's backend, the quoted packet as the
+    /// backend sent it, and sent on as a packet to the backend is.
+    FwdIcmp = 25 => "fwd_icmp", XDP_REDIRECT;
 }
 
 impl Reason {

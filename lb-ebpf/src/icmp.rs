@@ -14,14 +14,14 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, csum::CsumDelta};
 
 use crate::{
-    fib,
+    fib, icmp_dnat,
     maps::SNAT_V1,
-    packet::{load, store},
+    packet::{Frame, load, store},
     parse, snat,
 };
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const ICMP_HLEN: usize = 8;
@@ -36,22 +36,29 @@ const IP_OFFSET: u16 = 0x1fff;
 
 /// Where the parts of an error lie: outer IP header, ICMP header, quoted IP header and
 /// quoted L4 header, and the end of the outer IP packet.
-struct Layout {
-    l3: usize,
-    icmp: usize,
-    inner: usize,
-    inner_l4: usize,
-    ip_end: usize,
-    ip_len: u16,
+pub struct Layout {
+    pub l3: usize,
+    pub icmp: usize,
+    pub inner: usize,
+    pub inner_l4: usize,
+    pub ip_end: usize,
+    pub ip_len: u16,
 }
 
-/// Translates an ICMP error about a source-NATed flow and sends it to the client;
-/// `Err(PassNotL4)` (the kernel's) for any other packet that is not TCP or UDP.
+/// Translates an ICMP error about a source-NATed flow and sends it to the client, or
+/// one about a flow translated at the destination only (`icmp_dnat`) to the client or
+/// the backend; `PassNotL4` (the kernel's) for any other packet that is not TCP or UDP.
 #[inline(always)]
-pub fn snat_error(ctx: &XdpContext) -> (u32, Reason) {
+pub fn error(ctx: &XdpContext) -> (u32, Reason) {
     match parse::l3(ctx) {
-        Ok((true, l3)) => translate::<true>(ctx, l3),
-        Ok((false, l3)) => translate::<false>(ctx, l3),
+        Ok((true, l3)) => match translate::<true>(ctx, l3) {
+            (_, Reason::PassNotL4) => icmp_dnat::forwarded::<true>(ctx, l3),
+            verdict => verdict,
+        },
+        Ok((false, l3)) => match translate::<false>(ctx, l3) {
+            (_, Reason::PassNotL4) => icmp_dnat::forwarded::<false>(ctx, l3),
+            verdict => verdict,
+        },
         Err(reason) => (reason.action(), reason),
     }
 }
@@ -216,7 +223,7 @@ fn outer_to_client(
 /// The offsets of an ICMP error of a kind worth translating, with a quoted IP header
 /// of the same family (first fragment or whole) and room for its ports; `None` else.
 #[inline(always)]
-fn layout(ctx: &XdpContext, v4: bool, l3: usize) -> Option<Layout> {
+pub fn layout(ctx: &impl Frame, v4: bool, l3: usize) -> Option<Layout> {
     let (icmp, ip_len, inner_l4) = if v4 {
         let head = load::<[u8; IPV4_HLEN]>(ctx, l3)?;
         if head[0] != 0x45 || head[9] != PROTO_ICMP {
@@ -262,7 +269,7 @@ fn layout(ctx: &XdpContext, v4: bool, l3: usize) -> Option<Layout> {
     let ip_end = l3 + usize::from(ip_len);
     // The quoted ports lie inside the outer packet and the frame.
     load::<[u8; 4]>(ctx, inner_l4)?;
-    if inner_l4 + 4 > ip_end || !crate::packet::fits(ctx, ip_end) {
+    if inner_l4 + 4 > ip_end || !ctx.holds(ip_end) {
         return None;
     }
     Some(Layout {
@@ -277,7 +284,7 @@ fn layout(ctx: &XdpContext, v4: bool, l3: usize) -> Option<Layout> {
 
 /// Reads the address of the family at `off` into `addr` (as a `FlowKey` holds it).
 #[inline(always)]
-fn read_addr(ctx: &XdpContext, off: usize, v4: bool, addr: &mut [u8; 16]) -> Option<()> {
+pub fn read_addr(ctx: &impl Frame, off: usize, v4: bool, addr: &mut [u8; 16]) -> Option<()> {
     if v4 {
         *addr = [0; 16];
         addr[..4].copy_from_slice(&load::<[u8; 4]>(ctx, off)?);
@@ -289,7 +296,7 @@ fn read_addr(ctx: &XdpContext, off: usize, v4: bool, addr: &mut [u8; 16]) -> Opt
 
 /// Whether the address of the family at `off` is `addr`.
 #[inline(always)]
-fn is_addr(ctx: &XdpContext, off: usize, v4: bool, addr: &[u8; 16]) -> bool {
+pub fn is_addr(ctx: &impl Frame, off: usize, v4: bool, addr: &[u8; 16]) -> bool {
     if v4 {
         load::<[u8; 4]>(ctx, off).is_some_and(|a| a == [addr[0], addr[1], addr[2], addr[3]])
     } else {
@@ -299,8 +306,8 @@ fn is_addr(ctx: &XdpContext, off: usize, v4: bool, addr: &[u8; 16]) -> bool {
 
 /// Writes `new` over the address `old` at `off`, adding the change to `delta`.
 #[inline(always)]
-fn put_addr(
-    ctx: &XdpContext,
+pub fn put_addr(
+    ctx: &impl Frame,
     off: usize,
     v4: bool,
     old: &[u8; 16],
@@ -327,7 +334,7 @@ fn addr6_delta(old: &[u8; 16], new: &[u8; 16], delta: &mut CsumDelta) {
 
 /// As `nat::check_ttl`: an error that would expire here is the kernel's to answer.
 #[inline(always)]
-fn check_ttl(ctx: &XdpContext, l3: usize, v4: bool) -> Result<(), Reason> {
+pub fn check_ttl(ctx: &impl Frame, l3: usize, v4: bool) -> Result<(), Reason> {
     let (off, index) = if v4 { (l3 + 8, 0) } else { (l3 + 6, 1) };
     match load::<[u8; 2]>(ctx, off) {
         Some(word) if word[index] > 1 => Ok(()),

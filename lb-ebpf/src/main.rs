@@ -16,6 +16,7 @@ mod egress;
 mod fib;
 mod handoff;
 mod icmp;
+mod icmp_dnat;
 mod maglev;
 mod maps;
 mod nat;
@@ -35,7 +36,7 @@ use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node. Inlined into the
 /// macro's entry point; the path below is two BPF functions it calls, `process` and
-/// `icmp::snat_error`'s translation (one per family), each with the stack to itself.
+/// `icmp::error`'s translations (per family), each with the stack to itself.
 #[xdp]
 #[inline(always)]
 #[expect(
@@ -45,15 +46,15 @@ use crate::packet::Packet;
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let bytes = packet::frame_len(&ctx);
     let (action, reason) = match process(&ctx) {
-        // An ICMP error about a source-NATed flow goes to the flow's client.
-        (_, Reason::PassNotL4) => icmp::snat_error(&ctx),
+        // An ICMP error about a translated flow goes on translated (`icmp`).
+        (_, Reason::PassNotL4) => icmp::error(&ctx),
         verdict => verdict,
     };
     stats::count_reason(reason, bytes);
     action
 }
 
-/// Its own BPF function, as `icmp::snat_error`'s translations are: the stack of either
+/// Its own BPF function, as `icmp::error`'s translations are: the stack of either
 /// alone is near the 512 bytes a program may use (one 32-byte frame of the entry point
 /// above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
 /// member at a non-zero offset).

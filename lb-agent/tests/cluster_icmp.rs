@@ -1,0 +1,54 @@
+//! Path MTU discovery through xlb on the cluster in namespaces (`lb_testbed::cluster`):
+//! one agent per node in SNAT mode, as the DaemonSet runs it, held to the `path_mtu`
+//! scenario that kube-proxy's iptables rules pass (lb-testbed/tests/cluster_baseline.rs).
+//! A packet larger than a smaller link's MTU on the way to the pod draws an ICMP error
+//! ("fragmentation needed" / "packet too big") about the translated packet; it must
+//! reach the client translated back, whether the pod is on another node (the flow was
+//! source-NATed) or on the receiving node (destination only), so the client's socket
+//! learns the smaller MTU and a TCP transfer completes, and a too-big UDP datagram
+//! fails with `EMSGSIZE`.
+
+use std::path::Path;
+
+use lb_testbed::cluster::apps::PodServers;
+use lb_testbed::cluster::scenarios::{self, POD_PORT};
+use lb_testbed::cluster::xlb::XlbAgents;
+use lb_testbed::cluster::{Cluster, NodeProgram, PodNetwork, PodSees};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+
+/// Every agent's `lb-agent status`, for a failure's message.
+fn statuses(xlb: &XlbAgents<'_>) -> String {
+    xlb.agents()
+        .iter()
+        .map(
+            |agent| match agent.wait_for(std::time::Duration::from_secs(5), |_| true) {
+                Ok(report) => report.to_string(),
+                Err(e) => format!("{e:#}"),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
+    let cluster = Cluster::for_test("xi-hostgw", PodNetwork::HostGw);
+    let _servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
+    let services = scenarios::standard_services(&cluster);
+    let mut xlb = XlbAgents::new(
+        Path::new(AGENT),
+        "xlb snat",
+        &["--lb-mode", "snat"],
+        PodSees::NodeIfRemote,
+        false,
+    );
+    xlb.program(&cluster, &services)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
+    for v6 in [false, true] {
+        let cases = scenarios::path_mtu(&cluster, &xlb, &services, v6)
+            .unwrap_or_else(|e| panic!("path MTU v6={v6}: {e:#}\n{}", statuses(&xlb)));
+        eprintln!("path MTU v6={v6}: {cases:?}");
+    }
+}
