@@ -80,11 +80,13 @@ reasons! {
     /// Backend and frontend families differ (the agent never writes that; defence).
     DropFamilyMismatch = 15 => "drop_family_mismatch", XDP_DROP;
     /// A new TCP flow to a service without backends that rejects (kube-proxy's REJECT):
-    /// answered with a TCP reset, sent back out of the interface it came in on.
-    RejectTcpReset = 16 => "reject_tcp_reset", XDP_TX;
+    /// answered with a TCP reset, sent back out of the interface it came in on (a devmap
+    /// redirect to that interface; `XDP_TX` when it is not in the devmap).
+    RejectTcpReset = 16 => "reject_tcp_reset", XDP_REDIRECT;
     /// A new UDP flow to a service without backends that rejects: answered with ICMP
-    /// port unreachable (ICMPv6 for IPv6), sent back out of the interface it came in on.
-    RejectIcmpUnreachable = 17 => "reject_icmp_unreachable", XDP_TX;
+    /// port unreachable (ICMPv6 for IPv6), sent back out of the interface it came in on
+    /// (as a reset is).
+    RejectIcmpUnreachable = 17 => "reject_icmp_unreachable", XDP_REDIRECT;
     /// A new flow from a client outside the service's source ranges
     /// (`loadBalancerSourceRanges`).
     DropSourceRange = 18 => "drop_source_range", XDP_DROP;
