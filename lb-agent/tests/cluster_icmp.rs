@@ -6,7 +6,10 @@
 //! reach the client translated back, whether the pod is on another node (the flow was
 //! source-NATed) or on the receiving node (destination only), so the client's socket
 //! learns the smaller MTU and a TCP transfer completes, and a too-big UDP datagram
-//! fails with `EMSGSIZE`.
+//! fails with `EMSGSIZE`. The other way, a smaller link on the client's side makes the
+//! router answer the pod's full-size replies with an ICMP error sent to the NodePort's
+//! node; it must reach the pod translated (`fwd_icmp`), so a transfer through every
+//! node's NodePort completes.
 
 use std::path::Path;
 
@@ -16,6 +19,24 @@ use lb_testbed::cluster::xlb::XlbAgents;
 use lb_testbed::cluster::{Cluster, NodeProgram, PodNetwork, PodSees};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+
+/// Packets the agents together counted under `reason`.
+fn counted(xlb: &XlbAgents<'_>, reason: &str) -> u64 {
+    xlb.agents()
+        .iter()
+        .map(|agent| {
+            let report = agent
+                .wait_for(std::time::Duration::from_secs(5), |_| true)
+                .unwrap_or_else(|e| panic!("status: {e:#}"));
+            report
+                .reasons
+                .iter()
+                .filter(|(r, _)| r == reason)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        })
+        .sum()
+}
 
 /// Every agent's `lb-agent status`, for a failure's message.
 fn statuses(xlb: &XlbAgents<'_>) -> String {
@@ -47,8 +68,22 @@ fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
     for v6 in [false, true] {
+        let before = counted(&xlb, "reply_icmp");
         let cases = scenarios::path_mtu(&cluster, &xlb, &services, v6)
             .unwrap_or_else(|e| panic!("path MTU v6={v6}: {e:#}\n{}", statuses(&xlb)));
         eprintln!("path MTU v6={v6}: {cases:?}");
+        // The errors went through xlb's translation, not around it.
+        assert!(
+            counted(&xlb, "reply_icmp") > before,
+            "v6={v6}: reply_icmp counted"
+        );
+        let before = counted(&xlb, "fwd_icmp");
+        let replies = scenarios::reply_path_mtu(&cluster, &xlb, &services, v6)
+            .unwrap_or_else(|e| panic!("reply path MTU v6={v6}: {e:#}\n{}", statuses(&xlb)));
+        eprintln!("path MTU of the replies v6={v6}: {replies:?}");
+        assert!(
+            counted(&xlb, "fwd_icmp") > before,
+            "v6={v6}: fwd_icmp counted"
+        );
     }
 }
