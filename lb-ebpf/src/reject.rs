@@ -16,7 +16,6 @@
 //! sent.
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
