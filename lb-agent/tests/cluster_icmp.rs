@@ -1,6 +1,7 @@
 //! Path MTU discovery through xlb on the cluster in namespaces (`lb_testbed::cluster`):
-//! one agent per node in SNAT mode, as the DaemonSet runs it, held to the `path_mtu`
-//! scenario that kube-proxy's iptables rules pass (lb-testbed/tests/cluster_baseline.rs).
+//! one agent per node in SNAT mode, as the DaemonSet runs it, held to the `path_mtu` and
+//! `reply_path_mtu` scenarios that kube-proxy's iptables rules pass
+//! (lb-testbed/tests/cluster_baseline.rs), host-gw and VXLAN, IPv4 and IPv6.
 //! A packet larger than a smaller link's MTU on the way to the pod draws an ICMP error
 //! ("fragmentation needed" / "packet too big") about the translated packet; it must
 //! reach the client translated back, whether the pod is on another node (the flow was
@@ -16,7 +17,7 @@ use std::path::Path;
 use lb_testbed::cluster::apps::PodServers;
 use lb_testbed::cluster::scenarios::{self, POD_PORT};
 use lb_testbed::cluster::xlb::XlbAgents;
-use lb_testbed::cluster::{Cluster, NodeProgram, PodNetwork, PodSees};
+use lb_testbed::cluster::{Cluster, ClusterService, NodeProgram, PodNetwork, PodSees};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 
@@ -52,11 +53,10 @@ fn statuses(xlb: &XlbAgents<'_>) -> String {
         .join("\n")
 }
 
-#[test]
-fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
-    let cluster = Cluster::for_test("xi-hostgw", PodNetwork::HostGw);
-    let _servers = PodServers::start(&cluster, POD_PORT).expect("pod servers");
-    let services = scenarios::standard_services(&cluster);
+/// Builds the cluster and starts an xlb agent in SNAT mode on every node.
+fn snat_cluster(cluster: &Cluster) -> (PodServers, Vec<ClusterService>, XlbAgents<'_>) {
+    let servers = PodServers::start(cluster, POD_PORT).expect("pod servers");
+    let services = scenarios::standard_services(cluster);
     let mut xlb = XlbAgents::new(
         Path::new(AGENT),
         "xlb snat",
@@ -64,26 +64,45 @@ fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
         PodSees::NodeIfRemote,
         false,
     );
-    xlb.program(&cluster, &services)
+    xlb.program(cluster, &services)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
+    scenarios::announce(cluster, &services).expect("announce Local LB IPs");
+    (servers, services, xlb)
+}
+
+/// Both scenarios, IPv4 and IPv6; the errors went through xlb's translation, not
+/// around it (`reply_icmp`, `fwd_icmp` counted).
+fn path_mtu_both_ways(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
-        let before = counted(&xlb, "reply_icmp");
-        let cases = scenarios::path_mtu(&cluster, &xlb, &services, v6)
-            .unwrap_or_else(|e| panic!("path MTU v6={v6}: {e:#}\n{}", statuses(&xlb)));
+        let before = counted(xlb, "reply_icmp");
+        let cases = scenarios::path_mtu(cluster, xlb, services, v6)
+            .unwrap_or_else(|e| panic!("path MTU v6={v6}: {e:#}\n{}", statuses(xlb)));
         eprintln!("path MTU v6={v6}: {cases:?}");
-        // The errors went through xlb's translation, not around it.
         assert!(
-            counted(&xlb, "reply_icmp") > before,
+            counted(xlb, "reply_icmp") > before,
             "v6={v6}: reply_icmp counted"
         );
-        let before = counted(&xlb, "fwd_icmp");
-        let replies = scenarios::reply_path_mtu(&cluster, &xlb, &services, v6)
-            .unwrap_or_else(|e| panic!("reply path MTU v6={v6}: {e:#}\n{}", statuses(&xlb)));
+        let before = counted(xlb, "fwd_icmp");
+        let replies = scenarios::reply_path_mtu(cluster, xlb, services, v6)
+            .unwrap_or_else(|e| panic!("reply path MTU v6={v6}: {e:#}\n{}", statuses(xlb)));
         eprintln!("path MTU of the replies v6={v6}: {replies:?}");
         assert!(
-            counted(&xlb, "fwd_icmp") > before,
+            counted(xlb, "fwd_icmp") > before,
             "v6={v6}: fwd_icmp counted"
         );
     }
+}
+
+#[test]
+fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
+    let cluster = Cluster::for_test("xi-hostgw", PodNetwork::HostGw);
+    let (_servers, services, xlb) = snat_cluster(&cluster);
+    path_mtu_both_ways(&cluster, &xlb, &services);
+}
+
+#[test]
+fn xlb_snat_path_mtu_on_a_vxlan_cluster() {
+    let cluster = Cluster::for_test("xi-vxlan", PodNetwork::Vxlan);
+    let (_servers, services, xlb) = snat_cluster(&cluster);
+    path_mtu_both_ways(&cluster, &xlb, &services);
 }

@@ -111,6 +111,8 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
     for v6 in [false, true] {
         scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
+        scenarios::reply_path_mtu(&cluster, &KubeProxyIptables, &services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
