@@ -13,7 +13,7 @@ use lb_agent::dataplane::Dataplane;
 use lb_common::{
     Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_REJECT_EMPTY,
     FRONTEND_F_SOURCE_RANGES, PROTO_TCP, Reason, maps,
-    reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
 use lb_testbed::frames::Frame;
 use lb_testbed::node::*;
@@ -966,7 +966,8 @@ fn assert_reset(frame: &[u8], what: &str, seq: u32, ack: Option<u32>) {
     lb_testbed::frames::verify_checksums(frame).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
-/// A reset case: the segment in, the reset out (`XDP_TX`), counted, nothing tracked.
+/// A reset case: the segment in, the reset out (redirected back out of the client's
+/// interface), counted, nothing tracked.
 fn check_reset(
     node: &mut Node,
     svc: &Service,
@@ -985,7 +986,7 @@ fn check_reset(
         description: what,
         input: input.clone(),
         ingress: Ingress::Client,
-        action: XDP_TX,
+        action: XDP_REDIRECT,
         output: Some(output.clone()),
     });
     assert_reset(&output, what, want.0, want.1);
@@ -1086,7 +1087,7 @@ fn tcp_to_an_empty_rejecting_service_gets_a_reset() {
             description: "ACK segment with IPv4 options",
             input: f.build(),
             ingress: Ingress::Client,
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Some(output),
         });
 
@@ -1187,7 +1188,7 @@ fn udp_to_an_empty_rejecting_service_gets_port_unreachable() {
                 description: what,
                 input: input.clone(),
                 ingress: Ingress::Client,
-                action: XDP_TX,
+                action: XDP_REDIRECT,
                 output: Some(output.clone()),
             });
             assert_unreachable(&output, &input, if vlan.is_some() { 18 } else { 14 }, what);
@@ -1405,7 +1406,7 @@ fn a_rejecting_service_with_ranges_answers_only_clients_inside() {
             description: "inside: port unreachable",
             input: input.clone(),
             ingress: Ingress::Client,
-            action: XDP_TX,
+            action: XDP_REDIRECT,
             output: Some(port_unreachable(&input, client_v4(), vip_reject_v4(), None)),
         });
     });

@@ -133,12 +133,13 @@ impl Oracle {
     }
 }
 
-/// A refusal: sent back (`XDP_TX`) to the sender, from the address it sent to; a reset
-/// for TCP (never for a reset), ICMP port unreachable quoting the input's IP header and
-/// first 8 bytes for UDP; valid checksums.
+/// A refusal: sent back to the sender (a redirect back out of the interface it came in
+/// on, which is in the devmap), from the address it sent to; a reset for TCP (never for
+/// a reset), ICMP port unreachable quoting the input's IP header and first 8 bytes for
+/// UDP; valid checksums.
 fn judge_reject(input: &[u8], action: u32, output: &[u8]) -> Result<(), String> {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    if action != XDP_TX {
+    if action != XDP_REDIRECT {
         return Err(format!(
             "a rejecting frontend changed a frame with verdict {action}"
         ));

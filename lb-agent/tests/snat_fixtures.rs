@@ -535,3 +535,395 @@ fn coarse_now_ns() -> u64 {
     u64::try_from(ts.tv_sec).expect("seconds") * 1_000_000_000
         + u64::try_from(ts.tv_nsec).expect("nanoseconds")
 }
+
+/// An ICMP error (`kind`: type, code, the header's last word) from `from` to `to`,
+/// quoting the IP packet `quoted`; every checksum computed from scratch.
+fn icmp_error(
+    from: IpAddr,
+    to: IpAddr,
+    ttl: u8,
+    kind: (u8, u8, u32),
+    quoted: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header};
+    let mut icmp = vec![kind.0, kind.1, 0, 0];
+    icmp.extend_from_slice(&kind.2.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let len = u16::try_from(icmp.len()).expect("small error");
+    let mut out = Vec::new();
+    let ether_type = if from.is_ipv4() {
+        EtherType::IPV4
+    } else {
+        EtherType::IPV6
+    };
+    Ethernet2Header {
+        source: macs.0,
+        destination: macs.1,
+        ether_type,
+    }
+    .write(&mut out)
+    .expect("write to Vec");
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip =
+                Ipv4Header::new(len, ttl, IpNumber::ICMP, s.octets(), d.octets()).expect("fits");
+            ip.header_checksum = ip.calc_header_checksum();
+            ip.write(&mut out).expect("write to Vec");
+            let check = lb_common::csum::checksum(&icmp, 0);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: len,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            }
+            .write(&mut out)
+            .expect("write to Vec");
+            let mut pseudo = s.octets().to_vec();
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(&icmp);
+            let check = lb_common::csum::checksum(&pseudo, 0);
+            icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        }
+        _ => panic!("source and destination of different families"),
+    }
+    out.extend_from_slice(&icmp);
+    out
+}
+
+#[test]
+fn icmp_errors_about_snated_flows_reach_the_client_translated() {
+    with_node("snaticmp", |node, svcs| {
+        let router_v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254));
+        let router_v6: IpAddr = IpAddr::V6("2001:db8:b::fe".parse().expect("address"));
+        let cases = [
+            (
+                0,
+                44_001,
+                Some(router_v4),
+                (3, 4, 1400),
+                "IPv4 TCP, fragmentation needed",
+            ),
+            (
+                2,
+                44_002,
+                Some(router_v6),
+                (2, 0, 1280),
+                "IPv6 TCP, packet too big",
+            ),
+            (
+                1,
+                44_003,
+                None,
+                (3, 3, 0),
+                "IPv4 UDP, port unreachable from the backend",
+            ),
+        ];
+        for (svc, sport, router, kind, what) in cases {
+            let f = client_frame(&svcs[svc], sport);
+            let (_, backend, bport) = svcs[svc].expected_backend(&f);
+            let nat_port = predicted_port(&f, 0, PORT_MIN, PORT_MAX);
+            let out = snat_out(&f, backend, bport, nat_port);
+            node.check(what, &f, true, XDP_REDIRECT, &out);
+
+            let from = router.unwrap_or(backend);
+            let error = icmp_error(
+                from,
+                node_of(&f),
+                64,
+                kind,
+                &out.build()[14..],
+                (backend_mac(last_octet(backend)), LB_BACKEND_MAC),
+            );
+            // To the client, one hop on, quoting the packet as the client sent it (as it
+            // left the node: one hop on as well), the MTU as the router said.
+            let mut quoted = f.clone();
+            quoted.ttl = out.ttl;
+            let want = icmp_error(from, f.src, 63, kind, &quoted.build()[14..], TO_CLIENT);
+            let before = node.reason(Reason::ReplyIcmp);
+            let got = xdp::test_run(&node.dp, &error, Some(node.backend_if))
+                .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+            assert_eq!(got.action, XDP_REDIRECT, "{what}: verdict");
+            assert!(
+                got.frame == want,
+                "{what}: output differs\n got: {:02x?}\nwant: {want:02x?}",
+                got.frame
+            );
+            verify_checksums(&got.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(
+                node.reason(Reason::ReplyIcmp),
+                before + 1,
+                "{what}: counted"
+            );
+        }
+
+        // An error about a flow the node does not hold: untouched, the kernel's.
+        let stray = Frame::tcp(node_v4(), 61_234, backend_v4(11), 8080);
+        let error = icmp_error(
+            router_v4,
+            node_v4(),
+            64,
+            (3, 4, 1400),
+            &stray.build()[14..],
+            (backend_mac(11), LB_BACKEND_MAC),
+        );
+        let before = node.reason(Reason::PassNotL4);
+        let got = xdp::test_run(&node.dp, &error, Some(node.backend_if)).expect("test run");
+        assert_eq!(got.action, XDP_PASS, "unknown flow: verdict");
+        assert_eq!(got.frame, error, "unknown flow: untouched");
+        assert_eq!(
+            node.reason(Reason::PassNotL4),
+            before + 1,
+            "unknown flow: counted"
+        );
+    });
+}
+
+/// `frame` with `ttl`: a packet as an ICMP error quotes it, where it was met.
+fn with_ttl(frame: &Frame, ttl: u8) -> Frame {
+    let mut f = frame.clone();
+    f.ttl = ttl;
+    f
+}
+
+/// A router on the client's side and one on the backends' side, of `frame`'s family.
+fn routers(frame: &Frame) -> (IpAddr, IpAddr) {
+    if frame.src.is_ipv4() {
+        (
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 254)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)),
+        )
+    } else {
+        (
+            "2001:db8:c::fe".parse().expect("address"),
+            "2001:db8:b::fe".parse().expect("address"),
+        )
+    }
+}
+
+/// Runs `error` through the tc egress program: it must leave as `want`, counted once
+/// as `reply_icmp`.
+fn check_egress_error(node: &Node, what: &str, error: &[u8], want: &[u8]) {
+    let before = node.reason(Reason::ReplyIcmp);
+    let out = xdp::test_run_egress(&node.dp, error).expect("egress run");
+    assert_eq!(out.action, 0, "{what}: TC_ACT_OK");
+    assert!(
+        out.frame == want,
+        "{what}: output differs\n got: {:02x?}\nwant: {want:02x?}",
+        out.frame
+    );
+    verify_checksums(&out.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        node.reason(Reason::ReplyIcmp),
+        before + 1,
+        "{what}: counted"
+    );
+}
+
+/// Runs `error` through XDP on `ingress`: redirected as `want`, counted once as `reason`.
+fn check_xdp_error(
+    node: &Node,
+    what: &str,
+    error: &[u8],
+    ingress: u32,
+    want: &[u8],
+    reason: Reason,
+) {
+    let before = node.reason(reason);
+    let got = xdp::test_run(&node.dp, error, Some(ingress))
+        .unwrap_or_else(|e| panic!("{what}: test run failed: {e}"));
+    assert_eq!(got.action, XDP_REDIRECT, "{what}: verdict");
+    assert!(
+        got.frame == want,
+        "{what}: output differs\n got: {:02x?}\nwant: {want:02x?}",
+        got.frame
+    );
+    verify_checksums(&got.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(node.reason(reason), before + 1, "{what}: counted");
+}
+
+#[test]
+fn icmp_errors_about_dnat_only_flows_reach_the_client_translated() {
+    with_node("dnaticmp", |node, svcs| {
+        let cases = [
+            (0, 46_001, (3, 4, 1280), "IPv4 TCP, fragmentation needed"),
+            (1, 46_002, (3, 3, 0), "IPv4 UDP, port unreachable"),
+            (2, 46_003, (2, 0, 1280), "IPv6 TCP, packet too big"),
+            (3, 46_004, (1, 4, 0), "IPv6 UDP, port unreachable"),
+        ];
+        for (svc, sport, kind, what) in cases {
+            // Destination only: `--lb-mode dnat` (a local backend is the same flow).
+            let mut plain =
+                Service::new(svcs[svc].id, svcs[svc].frontend, svcs[svc].backends.clone());
+            plain.flags = 0;
+            plain.install(&mut node.dp);
+            let f = client_frame(&plain, sport);
+            let (_, backend, bport) = plain.expected_backend(&f);
+            let bmac = backend_mac(last_octet(backend));
+            let out = dnat(&f, backend, bport, (LB_BACKEND_MAC, bmac));
+            node.check(what, &f, true, XDP_REDIRECT, &out);
+            // Every error quotes the translated packet; the client must get its own.
+            let quoted = with_ttl(&f, out.ttl).build();
+            let out = out.build();
+            let (_, backend_router) = routers(&f);
+
+            // From the node itself (it forwards the packet to a local pod over a smaller
+            // link), leaving through the uplink: the quote only.
+            let node_addr = node_of(&f);
+            check_egress_error(
+                node,
+                &format!("{what}: from the node, at egress"),
+                &icmp_error(node_addr, f.src, 64, kind, &out[14..], TO_CLIENT),
+                &icmp_error(node_addr, f.src, 64, kind, &quoted[14..], TO_CLIENT),
+            );
+            // From the (local) backend itself: it comes from the frontend, as its replies.
+            check_egress_error(
+                node,
+                &format!("{what}: from the backend, at egress"),
+                &icmp_error(backend, f.src, 63, kind, &out[14..], TO_CLIENT),
+                &icmp_error(f.dst, f.src, 63, kind, &quoted[14..], TO_CLIENT),
+            );
+            // From a router between the node and a remote backend, through XDP: to the
+            // client, one hop on.
+            check_xdp_error(
+                node,
+                &format!("{what}: from a router, through XDP"),
+                &icmp_error(
+                    backend_router,
+                    f.src,
+                    64,
+                    kind,
+                    &out[14..],
+                    (bmac, LB_BACKEND_MAC),
+                ),
+                node.backend_if,
+                &icmp_error(backend_router, f.src, 63, kind, &quoted[14..], TO_CLIENT),
+                Reason::ReplyIcmp,
+            );
+        }
+
+        // An error leaving the node about a flow it does not hold: untouched, uncounted.
+        let stray = Frame::tcp(client_v4(), 40_000, backend_v4(12), 8080);
+        let error = icmp_error(
+            node_v4(),
+            client_v4(),
+            64,
+            (3, 4, 1280),
+            &stray.build()[14..],
+            TO_CLIENT,
+        );
+        let before = node.reason(Reason::ReplyIcmp);
+        let out = xdp::test_run_egress(&node.dp, &error).expect("egress run");
+        assert_eq!(out.frame, error, "unknown flow: untouched");
+        assert_eq!(
+            node.reason(Reason::ReplyIcmp),
+            before,
+            "unknown flow: uncounted"
+        );
+    });
+}
+
+#[test]
+fn icmp_errors_from_the_client_side_reach_the_backend_translated() {
+    with_node("fwdicmp", |node, svcs| {
+        // (service, destination only, client port, error, what)
+        let cases = [
+            (
+                0,
+                true,
+                47_001,
+                (3, 4, 1280),
+                "IPv4 TCP, fragmentation needed",
+            ),
+            (2, true, 47_002, (2, 0, 1280), "IPv6 TCP, packet too big"),
+            (3, true, 47_003, (1, 4, 0), "IPv6 UDP, port unreachable"),
+            (
+                1,
+                false,
+                47_004,
+                (3, 3, 0),
+                "IPv4 UDP, port unreachable, SNAT",
+            ),
+            (
+                0,
+                false,
+                47_005,
+                (3, 4, 1280),
+                "IPv4 TCP, fragmentation needed, SNAT",
+            ),
+        ];
+        for (svc, dnat_only, sport, kind, what) in cases {
+            let mut s = Service::new(svcs[svc].id, svcs[svc].frontend, svcs[svc].backends.clone());
+            s.flags = if dnat_only { 0 } else { svcs[svc].flags };
+            s.install(&mut node.dp);
+            let f = client_frame(&s, sport);
+            let (_, backend, bport) = s.expected_backend(&f);
+            let bmac = backend_mac(last_octet(backend));
+            let out = if dnat_only {
+                dnat(&f, backend, bport, (LB_BACKEND_MAC, bmac))
+            } else {
+                snat_out(
+                    &f,
+                    backend,
+                    bport,
+                    predicted_port(&f, 0, PORT_MIN, PORT_MAX),
+                )
+            };
+            node.check(what, &f, true, XDP_REDIRECT, &out);
+            // The backend's reply, and as it left the node for the client.
+            let mut reply = reply_to(&out);
+            reply.ttl = 64;
+            let (action, back) = node.run(what, &reply, false);
+            assert_eq!(action, XDP_REDIRECT, "{what}: reply");
+            // A router on the client's side answers the frontend about it; the backend
+            // must get it about its own reply.
+            let (client_router, _) = routers(&f);
+            let quoted = with_ttl(&reply, reply.ttl - 1).build();
+            check_xdp_error(
+                node,
+                &format!("{what}: to the backend"),
+                &icmp_error(
+                    client_router,
+                    f.dst,
+                    64,
+                    kind,
+                    &back[14..],
+                    (CLIENT_MAC, LB_CLIENT_MAC),
+                ),
+                node.client_if,
+                &icmp_error(
+                    client_router,
+                    backend,
+                    63,
+                    kind,
+                    &quoted[14..],
+                    (LB_BACKEND_MAC, bmac),
+                ),
+                Reason::FwdIcmp,
+            );
+        }
+
+        // An error to a frontend about a flow the node does not hold: the kernel's.
+        let stray = Frame::tcp(vip_v4(), 80, client_v4(), 40_000);
+        let (client_router, _) = routers(&stray);
+        let error = icmp_error(
+            client_router,
+            vip_v4(),
+            64,
+            (3, 4, 1280),
+            &stray.build()[14..],
+            (CLIENT_MAC, LB_CLIENT_MAC),
+        );
+        let got = xdp::test_run(&node.dp, &error, Some(node.client_if)).expect("test run");
+        assert_eq!(got.action, XDP_PASS, "unknown flow: verdict");
+        assert_eq!(got.frame, error, "unknown flow: untouched");
+    });
+}

@@ -34,6 +34,13 @@ impl CsumDelta {
         }
     }
 
+    /// Adds the changes of `other`: a field covered by two checksums (the quoted
+    /// header's and the ICMP message's) changes both.
+    #[inline(always)]
+    pub fn add(&mut self, other: CsumDelta) {
+        self.0 = (self.0 & 0xffff) + (self.0 >> 16) + (other.0 & 0xffff) + (other.0 >> 16);
+    }
+
     /// The updated checksum for a header whose checksum field was `check`.
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {

@@ -80,11 +80,13 @@ reasons! {
     /// Backend and frontend families differ (the agent never writes that; defence).
     DropFamilyMismatch = 15 => "drop_family_mismatch", XDP_DROP;
     /// A new TCP flow to a service without backends that rejects (kube-proxy's REJECT):
-    /// answered with a TCP reset, sent back out of the interface it came in on.
-    RejectTcpReset = 16 => "reject_tcp_reset", XDP_TX;
+    /// answered with a TCP reset, sent back out of the interface it came in on (a devmap
+    /// redirect to that interface; `XDP_TX` when it is not in the devmap).
+    RejectTcpReset = 16 => "reject_tcp_reset", XDP_REDIRECT;
     /// A new UDP flow to a service without backends that rejects: answered with ICMP
-    /// port unreachable (ICMPv6 for IPv6), sent back out of the interface it came in on.
-    RejectIcmpUnreachable = 17 => "reject_icmp_unreachable", XDP_TX;
+    /// port unreachable (ICMPv6 for IPv6), sent back out of the interface it came in on
+    /// (as a reset is).
+    RejectIcmpUnreachable = 17 => "reject_icmp_unreachable", XDP_REDIRECT;
     /// A new flow from a client outside the service's source ranges
     /// (`loadBalancerSourceRanges`).
     DropSourceRange = 18 => "drop_source_range", XDP_DROP;
@@ -103,6 +105,17 @@ reasons! {
     /// A local backend's reply translated back by the tc egress program on its way out
     /// of the node (counted by that program, not by XDP).
     ReplyEgress = 23 => "reply_egress", XDP_PASS;
+    /// An ICMP error about a translated flow (fragmentation needed, packet too big,
+    /// unreachable, time exceeded) translated to its client, the quoted packet as the
+    /// client sent it, and sent on as a reply is: one about a source-NATed flow (sent to
+    /// node:port), or one about a flow translated at the destination only (quoting the
+    /// backend) that passes through XDP or, sent or forwarded by the node itself, leaves
+    /// through the tc egress program (counted there).
+    ReplyIcmp = 24 => "reply_icmp", XDP_REDIRECT;
+    /// An ICMP error from the client's side about a reply (sent to the frontend, quoting
+    /// frontend -> client) translated to the flow's backend, the quoted packet as the
+    /// backend sent it, and sent on as a packet to the backend is.
+    FwdIcmp = 25 => "fwd_icmp", XDP_REDIRECT;
 }
 
 impl Reason {

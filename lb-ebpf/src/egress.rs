@@ -4,7 +4,9 @@
 //! XDP program (ingress only) never sees that reply. Here, after the kernel has routed
 //! it, a reply of a tracked flow that was not source-NATed (a local backend, or
 //! `externalTrafficPolicy: Local`) gets the frontend back as its source, from the same
-//! `REVNAT_V1` entry XDP would use. Everything else leaves untouched, uncounted.
+//! `REVNAT_V1` entry XDP would use; an ICMP error the node or a local pod sends about
+//! such a flow gets its quote translated (`icmp_dnat`). Everything else leaves
+//! untouched, uncounted.
 //!
 //! The packet is a socket buffer: headers are pulled into its linear part first, and
 //! checksums are fixed with the kernel's helpers, which know whether the L4 checksum is
@@ -18,7 +20,7 @@ use aya_ebpf::{
 use lb_common::{PROTO_UDP, Reason, RevNat};
 
 use crate::{
-    conntrack,
+    conntrack, icmp_dnat,
     packet::{Fragment, Packet},
     parse, service, stats,
 };
@@ -34,12 +36,17 @@ const HEADERS: u32 = 14 + 4 + 60 + 60;
     reason = "the #[classifier] macro hands the context over by value"
 )]
 pub fn xlb_tc_egress(ctx: TcContext) -> i32 {
-    if let Ok(service_id) = reply_local(&ctx) {
-        let bytes = u64::from(ctx.len());
-        stats::count_reason(Reason::ReplyEgress, bytes);
-        stats::count_reply(service_id, bytes);
+    match reply_local(&ctx) {
+        Ok(service_id) => {
+            let bytes = u64::from(ctx.len());
+            stats::count_reason(Reason::ReplyEgress, bytes);
+            stats::count_reply(service_id, bytes);
+            TC_ACT_OK
+        }
+        // An ICMP error (the node's or a local pod's) about a flow to a local backend.
+        Err(Reason::PassNotL4) => icmp_dnat::egress(&ctx),
+        Err(_) => TC_ACT_OK,
     }
-    TC_ACT_OK
 }
 
 /// Translates a local backend's reply; the service id when it did.

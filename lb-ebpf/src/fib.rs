@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    NextHop, Reason,
+    FAMILY_V4, FlowKey, NextHop, Reason,
     maps::NEXTHOP_TTL_NS,
     reason::{XDP_PASS, XDP_TX},
 };
@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     handoff,
     maps::{NEXTHOPS_V1, TX_PORTS_V1},
-    packet::{Packet, store},
+    packet::store,
 };
 
 const AF_INET: u8 = 2;
@@ -53,7 +53,8 @@ pub fn backend_next_hop(backend_id: u32) -> Option<*mut NextHop> {
 /// forwarding, which would drop it as a martian.
 pub fn forward(
     ctx: &XdpContext,
-    pkt: &Packet,
+    key: &FlowKey,
+    ip_len: u16,
     dir: Direction,
     cache: Option<*mut NextHop>,
     snated: bool,
@@ -63,11 +64,11 @@ pub fn forward(
     if let Some(cache) = cache {
         // SAFETY: a valid map value pointer; copied out at once.
         let hop = unsafe { *cache };
-        if now < hop.expires_ns && pkt.ip_len <= hop.max_len {
+        if now < hop.expires_ns && ip_len <= hop.max_len {
             return send(ctx, &hop, dir, snated);
         }
     }
-    let hop = lookup(ctx, pkt, now, snated)?;
+    let hop = lookup(ctx, key, ip_len, now, snated)?;
     if let Some(cache) = cache {
         // SAFETY: as above. Concurrent writers store the same kind of value; a reader
         // racing a refresh sees the old or the new next hop.
@@ -77,12 +78,18 @@ pub fn forward(
 }
 
 #[inline(always)]
-fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<NextHop, Reason> {
+fn lookup(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    ip_len: u16,
+    now: u64,
+    snated: bool,
+) -> Result<NextHop, Reason> {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    let src = words(&pkt.key.src);
-    let dst = words(&pkt.key.dst);
-    if pkt.is_v4() {
+    let src = words(&key.src);
+    let dst = words(&key.dst);
+    if key.family == FAMILY_V4 {
         params.family = AF_INET;
         params.__bindgen_anon_3.ipv4_src = src[0];
         params.__bindgen_anon_4.ipv4_dst = dst[0];
@@ -91,10 +98,10 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<Next
         params.__bindgen_anon_3.ipv6_src = src;
         params.__bindgen_anon_4.ipv6_dst = dst;
     }
-    params.l4_protocol = pkt.key.proto;
-    params.sport = pkt.key.sport;
-    params.dport = pkt.key.dport;
-    params.__bindgen_anon_1.tot_len = pkt.ip_len;
+    params.l4_protocol = key.proto;
+    params.sport = key.sport;
+    params.dport = key.dport;
+    params.__bindgen_anon_1.tot_len = ip_len;
     let ingress = ctx.ingress_ifindex() as u32;
     params.ifindex = ingress;
 
@@ -120,7 +127,7 @@ fn lookup(ctx: &XdpContext, pkt: &Packet, now: u64, snated: bool) -> Result<Next
     Ok(NextHop {
         expires_ns: now + NEXTHOP_TTL_NS,
         ifindex: params.ifindex,
-        max_len: pkt.ip_len,
+        max_len: ip_len,
         smac: params.smac,
         dmac: params.dmac,
         _pad: [0; 6],

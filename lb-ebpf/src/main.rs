@@ -15,6 +15,8 @@ mod conntrack;
 mod egress;
 mod fib;
 mod handoff;
+mod icmp;
+mod icmp_dnat;
 mod maglev;
 mod maps;
 mod nat;
@@ -33,7 +35,8 @@ use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node. Inlined into the
-/// macro's entry point, as the whole packet path is: one BPF function, no calls.
+/// macro's entry point; the path below is two BPF functions it calls, `process` and
+/// `icmp::error`'s translations (per family), each with the stack to itself.
 #[xdp]
 #[inline(always)]
 #[expect(
@@ -43,15 +46,35 @@ use crate::packet::Packet;
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let bytes = packet::frame_len(&ctx);
     let (action, reason) = match process(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => (reason.action(), reason),
+        // An ICMP error about a translated flow goes on translated (`icmp`).
+        (_, Reason::PassNotL4) => icmp::error(&ctx),
+        verdict => verdict,
     };
     stats::count_reason(reason, bytes);
     action
 }
 
+/// Its own BPF function, as `icmp::error`'s translations are: the stack of either
+/// alone is near the 512 bytes a program may use (one 32-byte frame of the entry point
+/// above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
+/// member at a non-zero offset).
+#[inline(never)]
+fn process(ctx: &XdpContext) -> (u32, Reason) {
+    verdict(pipeline(ctx))
+}
+
+/// The action and the reason to count of a stage's outcome.
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+#[must_use]
+pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
+    match outcome {
+        Ok(verdict) => verdict,
+        Err(reason) => (reason.action(), reason),
+    }
+}
+
+#[inline(always)]
+fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::parse(ctx)?;
     match service::lookup_frontend(&pkt) {
         Some(frontend) => to_backend(ctx, &mut pkt, frontend),
@@ -97,7 +120,8 @@ fn to_backend(
     }
     fib::forward(
         ctx,
-        pkt,
+        &pkt.key,
+        pkt.ip_len,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
         chosen.snat.is_some(),
@@ -146,7 +170,8 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
     // A source-NATed reply may now come from the node's own address (a NodePort).
     fib::forward(
         ctx,
-        pkt,
+        &pkt.key,
+        pkt.ip_len,
         fib::Direction::ToClient,
         Some(cache),
         snat_reply.is_some(),

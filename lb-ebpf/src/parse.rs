@@ -27,6 +27,17 @@ fn be16(ctx: &impl Frame, off: usize) -> Result<u16, Reason> {
 
 #[inline(always)]
 pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
+    let (v4, l3) = l3(ctx)?;
+    if v4 {
+        parse_v4(ctx, l3)
+    } else {
+        parse_v6(ctx, l3)
+    }
+}
+
+/// Whether the frame carries IPv4 (else IPv6), and the offset of its IP header.
+#[inline(always)]
+pub fn l3(ctx: &impl Frame) -> Result<(bool, usize), Reason> {
     let mut ethertype = be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -34,8 +45,8 @@ pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
         l3 += VLAN_HLEN;
     }
     match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3),
-        ETH_P_IPV6 => parse_v6(ctx, l3),
+        ETH_P_IP => Ok((true, l3)),
+        ETH_P_IPV6 => Ok((false, l3)),
         _ => Err(Reason::PassNotIp),
     }
 }

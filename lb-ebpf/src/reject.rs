@@ -2,7 +2,10 @@
 //! TCP segment gets a reset (RFC 793, "Reset Generation"), a UDP datagram an ICMP port
 //! unreachable (RFC 792; `ICMPv6`, RFC 4443) quoting its IP header and UDP header. The
 //! answer is built in the frame itself (fresh headers, checksums computed from scratch)
-//! and sent back out of the interface the packet came in on, to the MAC it came from.
+//! and sent back out of the interface the packet came in on, to the MAC it came from:
+//! through the devmap when that interface is in it, as `fib` sends (a veth passes
+//! `XDP_TX` frames on only to a peer that runs XDP; a redirect is flushed at the end of
+//! the poll), else by `XDP_TX`.
 //!
 //! Not answered (dropped, `drop_no_backend`): a reset (never a reset for a reset), a
 //! source that must not get errors (multicast, broadcast, unspecified, loopback), and
@@ -19,6 +22,7 @@ use aya_ebpf::{
 use lb_common::{PROTO_TCP, Reason, csum::finish, reason::XDP_TX};
 
 use crate::{
+    maps::TX_PORTS_V1,
     packet::{self, Packet, load, store},
     stats,
 };
@@ -43,7 +47,8 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// Answers the client's packet in place: `XDP_TX` with the reason, or `Err` (drop) when
+/// Answers the client's packet in place: a redirect back out of the interface it came
+/// in on (`XDP_TX` when that is not in the devmap) with the reason, or `Err` (drop) when
 /// it must not be answered. `frame_len` is the frame's length as it came in.
 ///
 /// Header fields are written as words from registers, never built as arrays: built as
@@ -75,7 +80,10 @@ pub fn refuse(
     put32(ctx, 6, dst_mac.0)?;
     put16(ctx, 10, dst_mac.1)?;
     stats::count_rejected(service_id);
-    Ok((XDP_TX, reason))
+    let back = TX_PORTS_V1
+        .redirect(ctx.ingress_ifindex() as u32, 0)
+        .unwrap_or(XDP_TX);
+    Ok((back, reason))
 }
 
 /// Whether the client's address may receive an error (RFC 1122 3.2.2, RFC 4443 2.4):

@@ -81,6 +81,9 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
         let cases = scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("path MTU v6={v6}: {cases:?}");
+        let replies = scenarios::reply_path_mtu(&cluster, &KubeProxyIptables, &services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        eprintln!("path MTU of the replies v6={v6}: {replies:?}");
     }
     eprintln!("served per pod: {:?}", servers.served());
 }
@@ -107,6 +110,8 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
     node_drop(&cluster, &services);
     for v6 in [false, true] {
         scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        scenarios::reply_path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }

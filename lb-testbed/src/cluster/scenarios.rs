@@ -7,7 +7,7 @@
 //! Use: build a [`Cluster`], start [`PodServers`](super::apps::PodServers) on
 //! [`POD_PORT`], take [`standard_services`], program them with the implementation under
 //! test, call [`announce`], then any scenario ([`frontends`], [`node_drop`],
-//! [`path_mtu`]):
+//! [`path_mtu`], [`reply_path_mtu`]):
 //!
 //! ```text
 //! let cluster = Cluster::for_test("snat", PodNetwork::HostGw);
@@ -774,6 +774,73 @@ pub fn path_mtu(
             probe,
         })
         .collect())
+}
+
+/// Path MTU discovery of the pod's replies, to [`MTU_POD`] through every node's
+/// NodePort of `mtu` (the pod local to one node, remote to the others): the router's
+/// route to the client gets `mtu lock` [`SMALL_MTU`], as a smaller link on the client's
+/// side would, so the pod's full-size segments draw the router's ICMP "fragmentation
+/// needed" / "packet too big", sent to the address they came from (the node of the
+/// NodePort). A 64 KiB transfer each way must complete: the error reached the pod,
+/// translated to what it sent.
+///
+/// NodePorts only: the router spreads errors sent to an LB IP over the nodes by the
+/// error's own addresses, so one reaches the node that holds the flow only by chance,
+/// for kube-proxy and xlb alike. The route is removed and the pods' learnt path MTUs
+/// flushed afterwards.
+pub fn reply_path_mtu(
+    cluster: &Cluster,
+    program: &dyn NodeProgram<'_>,
+    services: &[ClusterService],
+    v6: bool,
+) -> anyhow::Result<Vec<apps::Transfer>> {
+    let svc = find(services, MTU_TCP)?;
+    let node_port = svc.node_port.context("no NodePort")?;
+    let family = if v6 { "-6" } else { "-4" };
+    let client = host_prefix(client_address(v6));
+    let mtu = SMALL_MTU.to_string();
+    cluster.router.ip(&[
+        family,
+        "route",
+        "replace",
+        &client,
+        "dev",
+        Cluster::ROUTER_CLIENT_IF,
+        "mtu",
+        "lock",
+        &mtu,
+    ])?;
+    let mut failures = Vec::new();
+    let mut transfers = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        let addr = SocketAddr::new(node_address(i, v6), node_port);
+        match apps::transfer(&cluster.client, addr, TRANSFER_BYTES, TIMEOUT * 5) {
+            Ok(t) => transfers.push(t),
+            Err(e) => failures.push(format!("TCP {addr}: {e:#}")),
+        }
+    }
+    let restored = cluster.router.ip(&[
+        family,
+        "route",
+        "del",
+        &client,
+        "dev",
+        Cluster::ROUTER_CLIENT_IF,
+    ]);
+    for node in &cluster.nodes {
+        for pod in &node.pods {
+            pod.ns.ip(&[family, "route", "flush", "cache"])?;
+        }
+    }
+    restored?;
+    if !failures.is_empty() {
+        bail!(
+            "{}: path MTU of the replies (the client's side at {SMALL_MTU}):\n{}",
+            program.name(),
+            failures.join("\n")
+        );
+    }
+    Ok(transfers)
 }
 
 #[cfg(test)]
