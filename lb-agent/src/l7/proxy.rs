@@ -54,10 +54,10 @@ use super::metrics::Metrics;
 use super::path;
 use super::rate::{Limiter, OverLimit, Slot};
 use super::routes::{
-    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol,
+    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
 use super::tls::{self, CertResolver};
-use super::upstream::{Body, BoxError, Pool, Sender};
+use super::upstream::{Body, BoxError, Pool, PoolKey, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
 
 /// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
@@ -601,14 +601,7 @@ async fn forward(
     let sticky = sticky_endpoint(route, &req, &endpoints);
 
     let (mut parts, body) = req.into_parts();
-    rewrite_head(
-        &mut parts,
-        route.upstream.protocol,
-        &host,
-        peer,
-        kind,
-        upgrade,
-    )?;
+    rewrite_head(&mut parts, &route.upstream, &host, peer, kind, upgrade)?;
     apply_policy(&mut parts, policy)?;
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
@@ -894,7 +887,7 @@ async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [Soc
 /// (origin form and `Host` for HTTP/1.1, absolute with `:authority` for h2c).
 fn rewrite_head(
     parts: &mut hyper::http::request::Parts,
-    protocol: UpstreamProtocol,
+    upstream: &Upstream,
     host: &str,
     peer: SocketAddr,
     kind: Listener,
@@ -914,7 +907,7 @@ fn rewrite_head(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    match protocol {
+    match upstream.protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
@@ -926,7 +919,11 @@ fn rewrite_head(
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;
             parts.uri = Uri::builder()
-                .scheme("http")
+                .scheme(if upstream.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                })
                 .authority(host)
                 .path_and_query(path)
                 .build()
@@ -1045,7 +1042,7 @@ async fn send(
         }
         let sender = match shared
             .pool
-            .checkout(addr, upstream.protocol, route.policy.connect_timeout)
+            .checkout(addr, upstream, route.policy.connect_timeout)
             .await
         {
             Ok(sender) => {
@@ -1068,8 +1065,9 @@ async fn send(
         };
         match try_send(sender, req).await {
             Ok((response, sender)) => {
+                let key = PoolKey::new(addr, upstream);
                 let mut response =
-                    respond(shared, response, sender, addr, in_flight, client_upgrade);
+                    respond(shared, response, sender, key, in_flight, client_upgrade);
                 if let Some(affinity) = &route.policy.affinity
                     && sticky != Some(addr)
                 {
@@ -1150,7 +1148,7 @@ fn respond(
     shared: &Shared,
     mut response: Response<Incoming>,
     sender: Option<http1::SendRequest<Body>>,
-    addr: SocketAddr,
+    key: PoolKey,
     in_flight: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
@@ -1159,14 +1157,14 @@ fn respond(
     {
         let backend = hyper::upgrade::on(&mut response);
         shared.metrics.upgraded();
-        tokio::spawn(tunnel(client, backend, addr));
+        tokio::spawn(tunnel(client, backend, key.addr));
         let (mut parts, _) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, Body::default());
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let body = shared.pool.response_body(body, addr, sender, in_flight);
+    let body = shared.pool.response_body(body, key, sender, in_flight);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 

@@ -195,6 +195,7 @@ fn route_to(name: &str, target: Target) -> Route {
             name: format!("default/{name}:80"),
             target,
             protocol: UpstreamProtocol::Http1,
+            tls: None,
         }),
         ingress: key(name),
         ssl_redirect: false,
@@ -2192,3 +2193,5 @@ fn per_client_limits_answer_503() {
         );
     });
 }
+
+mod backend_protocol;
