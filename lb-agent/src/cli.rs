@@ -254,6 +254,11 @@ pub struct L7Args {
     /// How often ExternalName targets are resolved again (DNS).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_dns_refresh: Duration,
+    /// Honour the `ssl-passthrough` annotation (ingress-nginx's
+    /// `--enable-ssl-passthrough`): TLS whose SNI names such an Ingress's host goes to
+    /// its backend untouched; every other handshake is terminated as before.
+    #[arg(long, requires = "l7")]
+    pub l7_enable_ssl_passthrough: bool,
 }
 
 /// An annotation prefix is the DNS-subdomain part of an annotation name (RFC 1123:

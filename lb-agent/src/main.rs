@@ -311,6 +311,7 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             max_body_bytes: args.l7_max_body,
             dns_refresh: args.l7_dns_refresh,
             drain_grace: args.l7_drain_grace,
+            ssl_passthrough: args.l7_enable_ssl_passthrough,
             ..ProxyConfig::new(Some(args.l7_http), Some(args.l7_https))
         },
         class: IngressClassConfig {

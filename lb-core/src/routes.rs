@@ -161,6 +161,9 @@ pub struct RouteTable {
     /// Keyed by the suffix with its dot: `.example.com`.
     wildcard_hosts: HashMap<String, Paths>,
     any_host: Option<Paths>,
+    /// `ssl-passthrough`: TLS for these exact hosts (lower case) goes to the upstream
+    /// untouched, chosen by the ClientHello's SNI.
+    passthrough: HashMap<String, Arc<Upstream>>,
 }
 
 /// One host group's paths; `(rule, path)` indexes into `RouteTable::rules`.
@@ -201,6 +204,21 @@ impl Prefixes {
 const MAX_HOST: usize = 255;
 
 impl RouteTable {
+    /// The table with `ssl-passthrough` hosts (exact, lower case) and their upstreams.
+    #[must_use]
+    pub fn with_passthrough(mut self, hosts: HashMap<String, Arc<Upstream>>) -> Self {
+        self.passthrough = hosts;
+        self
+    }
+
+    /// The upstream TLS for SNI name `sni` is passed to untouched, if any.
+    pub fn passthrough(&self, sni: &str) -> Option<&Arc<Upstream>> {
+        if self.passthrough.is_empty() {
+            return None;
+        }
+        self.passthrough.get(&sni.to_ascii_lowercase())
+    }
+
     /// Indexes `rules`. Several rules for the same host are one group; when two path
     /// rules of a group have the same path and kind (a Prefix path's trailing `/`
     /// counts: `/foo` and `/foo/` are two routes), the first one wins; the translation
@@ -261,6 +279,7 @@ impl RouteTable {
             exact_hosts,
             wildcard_hosts,
             any_host,
+            passthrough: HashMap::new(),
         }
     }
 

@@ -93,6 +93,9 @@ pub struct ProxyConfig {
     /// After a drain starts, how long in-flight requests have to finish
     /// (`--l7-drain-grace`).
     pub drain_grace: Duration,
+    /// Honour `ssl-passthrough` (`--l7-enable-ssl-passthrough`): the HTTPS listener
+    /// reads each ClientHello's SNI first (see [`passthrough`]).
+    pub ssl_passthrough: bool,
 }
 
 impl Default for ProxyConfig {
@@ -112,6 +115,7 @@ impl Default for ProxyConfig {
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
             drain_grace: Duration::from_secs(25),
+            ssl_passthrough: false,
         }
     }
 }
@@ -339,22 +343,48 @@ async fn accept(
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
                 None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
+                Some(acceptor) if shared.config.ssl_passthrough => {
+                    let snapshot = Arc::clone(&snapshots.borrow());
+                    let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
+                    drop(snapshot);
+                    if let passthrough::Diverted::Terminate(stream) = diverted
+                        && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
+                    {
+                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                    }
+                }
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!("TLS handshake with {peer}: {e}");
-                            shared.metrics.closed("tls_handshake");
-                        }
-                        Err(_) => shared.metrics.closed("tls_handshake_timeout"),
+                    if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
+                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
                     }
                 }
             }
         });
+    }
+}
+
+/// The TLS handshake of a client connection, within `header_timeout`.
+async fn handshake<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer}: {e}");
+            shared.metrics.closed("tls_handshake");
+            None
+        }
+        Err(_) => {
+            shared.metrics.closed("tls_handshake_timeout");
+            None
+        }
     }
 }
 
@@ -1214,6 +1244,8 @@ impl hyper::body::Body for Guarded {
         self.body.size_hint()
     }
 }
+
+mod passthrough;
 
 #[cfg(test)]
 mod tests;

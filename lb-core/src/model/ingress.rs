@@ -167,6 +167,13 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         routes: RouteTable::new(
             table.groups.into_values().collect(),
             table.default.map(|(r, _)| r),
+        )
+        .with_passthrough(
+            table
+                .passthrough
+                .into_iter()
+                .map(|(host, (upstream, _))| (host, upstream))
+                .collect(),
         ),
         certificates: table.certificates,
         problems: t.problems,
@@ -216,6 +223,8 @@ struct Table<'p> {
     canaries: Vec<PendingCanary>,
     certificates: Vec<CertificateSource>,
     ignored_annotations: Vec<(ObjectKey, String)>,
+    /// `ssl-passthrough` hosts: the upstream of their `/` path and the Ingress.
+    passthrough: BTreeMap<String, (Arc<Upstream>, ObjectKey)>,
 }
 
 impl Table<'_> {
@@ -299,6 +308,11 @@ impl Table<'_> {
                 .any(|t| t.strip_prefix('*') == Some(suffix.as_str())),
         };
         let group_key = group_key(&host);
+        let exact_host = match &host {
+            HostPattern::Exact(h) => Some(h.clone()),
+            _ => None,
+        };
+        let mut passthrough_root = None;
         let group = self
             .groups
             .entry(group_key.clone())
@@ -359,12 +373,61 @@ impl Table<'_> {
                 self.regex.insert(group_key.clone());
             }
             if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
-                let route = settings.route(plan.apply(upstream), key, tls, Some(&text));
+                let upstream = plan.apply(upstream);
+                if settings.ssl_passthrough && text == "/" {
+                    passthrough_root = Some(Arc::clone(&upstream));
+                }
+                let route = settings.route(upstream, key, tls, Some(&text));
                 group.paths.push(PathRule {
                     path: text,
                     kind,
                     route,
                 });
+            }
+        }
+        if settings.ssl_passthrough {
+            self.add_passthrough(t, key, ri, exact_host, passthrough_root);
+        }
+    }
+
+    /// ingress-nginx passes TLS for an `ssl-passthrough` Ingress's host to the backend
+    /// of its `/` path; the oldest Ingress wins a host.
+    fn add_passthrough(
+        &mut self,
+        t: &mut Translator<'_>,
+        key: &ObjectKey,
+        ri: usize,
+        host: Option<String>,
+        root: Option<Arc<Upstream>>,
+    ) {
+        let field = format!("spec.rules[{ri}]");
+        let Some(host) = host else {
+            t.problem(
+                key,
+                format!("{field}.host"),
+                "ssl-passthrough needs an exact host (TLS is routed by SNI): not passed through",
+            );
+            return;
+        };
+        let Some(root) = root else {
+            t.problem(
+                key,
+                format!("{field}.http.paths"),
+                format!("ssl-passthrough: {host} has no path / whose backend takes the TLS: not passed through"),
+            );
+            return;
+        };
+        match self.passthrough.entry(host) {
+            Entry::Occupied(owner) => {
+                let (host, (_, by)) = (owner.key(), owner.get());
+                t.problem(
+                    key,
+                    format!("{field}.host"),
+                    format!("ssl-passthrough for {host} is already set by Ingress {by} (older)"),
+                );
+            }
+            Entry::Vacant(v) => {
+                v.insert((root, key.clone()));
             }
         }
     }

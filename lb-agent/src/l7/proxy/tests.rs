@@ -2195,3 +2195,4 @@ fn per_client_limits_answer_503() {
 }
 
 mod backend_protocol;
+mod passthrough;

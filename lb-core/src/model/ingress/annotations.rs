@@ -66,6 +66,7 @@ pub const CANARY_BY_COOKIE: &str = "canary-by-cookie";
 pub const CANARY_WEIGHT: &str = "canary-weight";
 pub const CANARY_WEIGHT_TOTAL: &str = "canary-weight-total";
 pub const BACKEND_PROTOCOL: &str = "backend-protocol";
+pub const SSL_PASSTHROUGH: &str = "ssl-passthrough";
 pub const PROXY_SSL_VERIFY: &str = "proxy-ssl-verify";
 pub const PROXY_SSL_SECRET: &str = "proxy-ssl-secret";
 pub const PROXY_SSL_NAME: &str = "proxy-ssl-name";
@@ -85,6 +86,10 @@ pub const IS_DEFAULT_CLASS: &str = "ingressclass.kubernetes.io/is-default-class"
 
 /// What an Ingress's annotations ask of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is one independent true/false annotation"
+)]
 pub struct Settings {
     /// Redirect plain HTTP for hosts with TLS (default true).
     pub ssl_redirect: bool,
@@ -102,6 +107,10 @@ pub struct Settings {
     pub canary: Option<CanaryRules>,
     /// `backend-protocol` and `proxy-ssl-*`.
     pub backend: Backend,
+    /// `ssl-passthrough: "true"`: TLS for the Ingress's hosts goes to the backend of
+    /// their `/` path untouched (when the agent runs with
+    /// `--l7-enable-ssl-passthrough`).
+    pub ssl_passthrough: bool,
 }
 
 /// How the hop speaks to the Ingress's backends: `backend-protocol` and the
@@ -188,6 +197,7 @@ impl Default for Settings {
             policy: Policy::default(),
             canary: None,
             backend: Backend::default(),
+            ssl_passthrough: false,
         }
     }
 }
@@ -475,6 +485,7 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     if src.flag(CANARY) == Some(true) {
         settings.canary = Some(canary(&mut src));
     }
+    settings.ssl_passthrough = src.flag(SSL_PASSTHROUGH) == Some(true);
     let (backend, refused) = backend(&mut src);
     settings.backend = backend;
     read.refused.extend(refused);

@@ -158,7 +158,7 @@ const CATALOGUE: &[(&str, Support)] = &[
         "proxy-ssl-protocols",
         Support::Differs("TLS 1.2 and 1.3 (rustls's safe defaults) with every backend"),
     ),
-    ("ssl-passthrough", Support::Differs(UNSUPPORTED)),
+    ("ssl-passthrough", Support::Honoured),
     ("ssl-ciphers", Support::Differs(UNSUPPORTED)),
     ("ssl-prefer-server-ciphers", Support::Differs(UNSUPPORTED)),
     ("custom-headers", Support::Differs(UNSUPPORTED)),

@@ -1616,3 +1616,60 @@ fn backend_protocol_values_xlb_cannot_speak() {
         );
     }
 }
+
+// --- ssl-passthrough -------------------------------------------------------------------
+
+#[test]
+fn ssl_passthrough_sends_a_hosts_tls_to_its_root_path_backend() {
+    let mut objects = shop();
+    annotate(&mut objects, "payments", &[("ssl-passthrough", "true")]);
+    // `storefront`'s host has `/` too, but from an Ingress without the annotation.
+    let t = run(&objects);
+    let pay = t
+        .routes
+        .passthrough("Pay.Example.com")
+        .expect("passed through");
+    assert_eq!(pay.name, "shop/payments:443");
+    assert!(t.routes.passthrough("shop.example.com").is_none());
+    assert_eq!(problems(&t), problems(&run(&shop())));
+    // HTTP routes stay (ingress-nginx still serves plain HTTP for the host).
+    assert_eq!(
+        to(&t, "pay.example.com", "/by-name"),
+        Some("shop/payments:https <- payments".to_owned())
+    );
+    // Off, or set to false: nothing passes.
+    annotate(&mut objects, "payments", &[("ssl-passthrough", "false")]);
+    assert!(
+        run(&objects)
+            .routes
+            .passthrough("pay.example.com")
+            .is_none()
+    );
+    assert!(run(&shop()).routes.passthrough("pay.example.com").is_none());
+}
+
+#[test]
+fn ssl_passthrough_needs_an_exact_host_with_a_root_path() {
+    let mut objects = shop();
+    // `api`: shop.example.com /api (no `/` of its own: storefront, older, has it) and a
+    // `*.example.com` rule.
+    annotate(&mut objects, "api", &[("ssl-passthrough", "true")]);
+    let t = run(&objects);
+    assert!(t.routes.passthrough("shop.example.com").is_none());
+    let problems = problems(&t);
+    assert!(
+        problems.iter().any(|p| p.starts_with(
+            "Ingress shop/api: spec.rules[0].http.paths: ssl-passthrough: shop.example.com \
+             has no path /"
+        )),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.contains(
+            &"Ingress shop/api: spec.rules[1].host: ssl-passthrough needs an exact host (TLS is \
+              routed by SNI): not passed through"
+                .to_owned()
+        ),
+        "{problems:#?}"
+    );
+}

@@ -11,7 +11,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject as _;
 
-fn chain(pem: &str) -> Vec<CertificateDer<'static>> {
+pub(super) fn chain(pem: &str) -> Vec<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .expect("PEM certificates")
@@ -28,7 +28,7 @@ fn key_pair(issued: &IssuedCert) -> KeyPair {
 /// asked for, not required), HTTP/1.1 or HTTP/2, or cleartext when `cert` is `None`.
 /// It echoes what it saw: SNI, client certificate, version, URI, `te`; a gRPC call
 /// (`content-type: application/grpc`) gets a gRPC answer with trailers.
-async fn tls_backend(
+pub(super) async fn tls_backend(
     ip: IpAddr,
     name: &'static str,
     cert: Option<&IssuedCert>,
