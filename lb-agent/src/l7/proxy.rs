@@ -48,7 +48,10 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
-use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop, valid_host};
+use super::headers::{
+    Forwarded, ForwardedTrust, add_forwarding, client_ip, refuse_h2c_upgrade, strip_hop_by_hop,
+    valid_host,
+};
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
@@ -93,6 +96,8 @@ pub struct ProxyConfig {
     /// After a drain starts, how long in-flight requests have to finish
     /// (`--l7-drain-grace`).
     pub drain_grace: Duration,
+    /// Which `X-Forwarded-*` headers from clients are believed.
+    pub forwarded: ForwardedTrust,
     /// Honour `ssl-passthrough` (`--l7-enable-ssl-passthrough`): the HTTPS listener
     /// reads each ClientHello's SNI first (see [`passthrough`]).
     pub ssl_passthrough: bool,
@@ -115,6 +120,7 @@ impl Default for ProxyConfig {
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
             drain_grace: Duration::from_secs(25),
+            forwarded: ForwardedTrust::default(),
             ssl_passthrough: false,
         }
     }
@@ -600,11 +606,16 @@ async fn forward(
         ));
     };
     let policy = &route.policy;
-    let cors = match answer_by_policy(shared, route, &host, peer, kind, &req)? {
+    // The client the source ranges and limits judge (X-Forwarded-For when trusted).
+    let client = SocketAddr::new(
+        client_ip(req.headers(), peer.ip(), config.forwarded),
+        peer.port(),
+    );
+    let cors = match answer_by_policy(shared, route, &host, client, kind, &req)? {
         Before::Answer(response) => return Ok(response),
         Before::Forward(cors) => cors,
     };
-    let slot = limit_slot(shared, route, peer)?;
+    let slot = limit_slot(shared, route, client)?;
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -631,7 +642,14 @@ async fn forward(
     let sticky = sticky_endpoint(route, &req, &endpoints);
 
     let (mut parts, body) = req.into_parts();
-    rewrite_head(&mut parts, &route.upstream, &host, peer, kind, upgrade)?;
+    let forwarded = Forwarded {
+        peer,
+        proto: if kind.tls { "https" } else { "http" },
+        host: &host,
+        port: kind.port,
+        trust: config.forwarded,
+    };
+    rewrite_head(&mut parts, &route.upstream, &forwarded, upgrade)?;
     apply_policy(&mut parts, policy)?;
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
@@ -918,19 +936,12 @@ async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [Soc
 fn rewrite_head(
     parts: &mut hyper::http::request::Parts,
     upstream: &Upstream,
-    host: &str,
-    peer: SocketAddr,
-    kind: Listener,
+    forwarded: &Forwarded<'_>,
     upgrade: bool,
 ) -> Result<(), Local> {
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let forwarded = Forwarded {
-        client: peer,
-        proto: if kind.tls { "https" } else { "http" },
-        host,
-        port: kind.port,
-    };
-    add_forwarding(&mut parts.headers, &forwarded);
+    add_forwarding(&mut parts.headers, forwarded);
+    let host = forwarded.host;
     // Already parsed and shared (`Bytes`): reused, not copied and parsed again.
     let path = parts
         .uri

@@ -88,6 +88,8 @@ pub struct IngressClassConfig {
     pub controller: String,
     /// The annotation prefix (`--annotations-prefix`, default [`DEFAULT_PREFIX`]).
     pub annotations_prefix: String,
+    /// What applies where an Ingress sets no annotation (ingress-nginx's ConfigMap).
+    pub defaults: annotations::Defaults,
 }
 
 impl IngressClassConfig {
@@ -97,6 +99,7 @@ impl IngressClassConfig {
             name: name.to_owned(),
             controller: CONTROLLER.to_owned(),
             annotations_prefix: DEFAULT_PREFIX.to_owned(),
+            defaults: annotations::Defaults::default(),
         }
     }
 }
@@ -146,6 +149,7 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
     });
     let mut table = Table {
         prefix: &class.annotations_prefix,
+        defaults: class.defaults.clone(),
         tls_hosts: ours
             .iter()
             .flat_map(|(_, i)| i.spec.iter().flat_map(|s| s.tls.iter().flatten()))
@@ -208,6 +212,8 @@ type GroupKey = (u8, String);
 struct Table<'p> {
     /// The annotation prefix.
     prefix: &'p str,
+    /// The agent's defaults for what annotations leave unset.
+    defaults: annotations::Defaults,
     /// Every host in our Ingresses' `spec.tls` (lower case, may be `*.` wildcards).
     tls_hosts: Vec<String>,
     /// Host groups by (rank, host): exact, wildcard, host-less.
@@ -231,7 +237,11 @@ impl Table<'_> {
     /// Adds one Ingress's rules; `false` when it is not served at all (a refused
     /// annotation).
     fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) -> bool {
-        let read = annotations::read(ingress.metadata.annotations.as_ref(), self.prefix);
+        let read = annotations::read(
+            ingress.metadata.annotations.as_ref(),
+            self.prefix,
+            &self.defaults,
+        );
         self.ignored_annotations
             .extend(read.ignored.into_iter().map(|(a, _)| (key.clone(), a)));
         for b in read.bad {

@@ -159,6 +159,21 @@ const REFUSED_PROTOCOL: &str = "xlb speaks HTTP, HTTPS, GRPC, GRPCS or H2C to ba
     client's scheme per request) is not built; the Ingress is not served until the value \
     is changed";
 
+/// The agent's defaults for what an Ingress's annotations leave unset: ingress-nginx's
+/// ConfigMap keys of the same names (body size and timeouts are the proxy's own
+/// defaults, which a route without the annotation uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// `ssl-redirect` (`--l7-ssl-redirect`, default true).
+    pub ssl_redirect: bool,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { ssl_redirect: true }
+    }
+}
+
 /// A canary Ingress's rules (its backend is per path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CanaryRules {
@@ -419,10 +434,15 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Reads an Ingress's annotations under `prefix`; bad values keep the default and are
-/// returned.
-pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Read {
+/// Reads an Ingress's annotations under `prefix`; what they leave unset is `defaults`
+/// (then ingress-nginx's); bad values keep the default and are returned.
+pub fn read(
+    annotations: Option<&BTreeMap<String, String>>,
+    prefix: &str,
+    defaults: &Defaults,
+) -> Read {
     let mut read = Read::default();
+    read.settings.ssl_redirect = defaults.ssl_redirect;
     let Some(map) = annotations else {
         return read;
     };

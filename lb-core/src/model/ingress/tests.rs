@@ -1673,3 +1673,30 @@ fn ssl_passthrough_needs_an_exact_host_with_a_root_path() {
         "{problems:#?}"
     );
 }
+
+// --- the agent's defaults (ingress-nginx's ConfigMap) -----------------------------------
+
+#[test]
+fn the_ssl_redirect_default_applies_where_no_annotation_says_otherwise() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    let off = IngressClassConfig {
+        defaults: Defaults {
+            ssl_redirect: false,
+        },
+        ..xlb()
+    };
+    // Default on (ingress-nginx's): a TLS host redirects.
+    let t = translate(&fixtures::cluster(&objects), &xlb());
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+    // Off by the agent: no redirect, unless the Ingress asks.
+    let t = translate(&fixtures::cluster(&objects), &off);
+    assert!(!route(&t, "shop.example.com", "/").ssl_redirect);
+    annotate(&mut objects, "storefront", &[(SSL_REDIRECT, "true")]);
+    let t = translate(&fixtures::cluster(&objects), &off);
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+    // An annotation turning it off beats the default on.
+    annotate(&mut objects, "storefront", &[(SSL_REDIRECT, "false")]);
+    let t = translate(&fixtures::cluster(&objects), &xlb());
+    assert!(!route(&t, "shop.example.com", "/").ssl_redirect);
+}
