@@ -475,10 +475,7 @@ fn ingress_routes_by_host_and_path_with_the_client_address_forwarded() {
             "X-Request-Id: abc",
         ],
     );
-    assert_eq!(
-        proxied.header("x-forwarded-for"),
-        Some(client.as_str())
-    );
+    assert_eq!(proxied.header("x-forwarded-for"), Some(client.as_str()));
     assert_eq!(proxied.header("x-request-id"), Some("abc"));
     assert_eq!(proxied.uri, "/x?y=1", "path and query forwarded");
 
