@@ -194,6 +194,10 @@ pub enum IngressCommand {
 
 /// The L7 hop: an HTTP(S) proxy routing by Ingress host and path rules.
 #[derive(Args, Clone, Debug)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches, each an independent flag"
+)]
 pub struct L7Args {
     /// Run the L7 hop (Kubernetes sources only): route HTTP and HTTPS by the Ingresses
     /// of `--l7-ingress-class`.
@@ -254,6 +258,24 @@ pub struct L7Args {
     /// How often ExternalName targets are resolved again (DNS).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_dns_refresh: Duration,
+    /// Honour the `ssl-passthrough` annotation (ingress-nginx's
+    /// `--enable-ssl-passthrough`): TLS whose SNI names such an Ingress's host goes to
+    /// its backend untouched; every other handshake is terminated as before.
+    #[arg(long, requires = "l7")]
+    pub l7_enable_ssl_passthrough: bool,
+    /// ingress-nginx's `ssl-redirect` ConfigMap key: redirect plain HTTP to HTTPS for
+    /// hosts with TLS unless an Ingress's `ssl-redirect` annotation says otherwise.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, requires = "l7")]
+    pub l7_ssl_redirect: bool,
+    /// ingress-nginx's `use-forwarded-headers`: believe `X-Forwarded-For` (the client
+    /// the source ranges and limits judge), `-Proto`, `-Host` and `-Port` from clients;
+    /// only behind another proxy that sets them.
+    #[arg(long, requires = "l7")]
+    pub l7_use_forwarded_headers: bool,
+    /// ingress-nginx's `compute-full-forwarded-for`: append the connection's address
+    /// to the client's `X-Forwarded-For` instead of replacing it.
+    #[arg(long, requires = "l7")]
+    pub l7_compute_full_forwarded_for: bool,
 }
 
 /// An annotation prefix is the DNS-subdomain part of an annotation name (RFC 1123:
@@ -297,6 +319,34 @@ mod tests {
             .collect();
         // `ingress` holds the migration report (`ingress check`), a product feature.
         assert_eq!(names, ["run", "status", "trace", "detach", "ingress"]);
+    }
+
+    /// ingress-nginx's ConfigMap defaults as flags: off unless given, `ssl-redirect` on
+    /// unless turned off.
+    #[test]
+    fn configmap_defaults_parse() {
+        use clap::Parser as _;
+        let l7 = |extra: &[&str]| {
+            let mut argv = vec!["lb-agent", "run", "--kube", "--l7"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(&argv).expect("parses").command {
+                super::Command::Run { l7, .. } => l7,
+                _ => unreachable!("run"),
+            }
+        };
+        let plain = l7(&[]);
+        assert!(plain.l7_ssl_redirect);
+        assert!(!plain.l7_use_forwarded_headers && !plain.l7_compute_full_forwarded_for);
+        assert!(!plain.l7_enable_ssl_passthrough);
+        let set = l7(&[
+            "--l7-ssl-redirect=false",
+            "--l7-use-forwarded-headers",
+            "--l7-compute-full-forwarded-for",
+            "--l7-enable-ssl-passthrough",
+        ]);
+        assert!(!set.l7_ssl_redirect);
+        assert!(set.l7_use_forwarded_headers && set.l7_compute_full_forwarded_for);
+        assert!(set.l7_enable_ssl_passthrough);
     }
 
     #[test]

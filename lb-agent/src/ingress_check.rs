@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use lb_core::cluster::{Cluster, ObjectKey};
+use lb_core::model::ingress::annotations;
 use lb_core::model::ingress::catalogue::{self, Support};
 use lb_core::model::ingress::{self, INGRESS_CLASS, IngressClassConfig, LOAD_BALANCE};
 use serde::Serialize;
@@ -88,12 +89,28 @@ pub fn report(cluster: &Cluster, class: &IngressClassConfig) -> Report {
         .iter()
         .filter_map(|key| Some((key, cluster.ingresses.get(key)?)))
         .map(|(key, object)| {
+            // Values can refuse too (`backend-protocol: FCGI`): the translation's
+            // reading of this Ingress says which.
+            let read = annotations::read(
+                object.metadata.annotations.as_ref(),
+                &class.annotations_prefix,
+                &class.defaults,
+            );
             let annotations = object
                 .metadata
                 .annotations
                 .iter()
                 .flatten()
-                .map(|(name, _)| annotation(name, &under))
+                .map(
+                    |(name, _)| match read.refused.iter().find(|(r, _)| r == name) {
+                        Some((_, why)) => AnnotationReport {
+                            name: name.clone(),
+                            verdict: Verdict::Refused,
+                            why: Some((*why).to_owned()),
+                        },
+                        None => annotation(name, &under),
+                    },
+                )
                 .collect();
             // A refused annotation's problem repeats its verdict.
             let annotations: Vec<AnnotationReport> = annotations;

@@ -9,10 +9,12 @@ use clap::Parser as _;
 use lb_agent::agent::{self, L7Options, RunOptions};
 use lb_agent::cli::{Cli, Command, IngressCommand, L7Args, XdpMode};
 use lb_agent::dataplane::pins::{self, ModeChoice};
+use lb_agent::l7::headers::ForwardedTrust;
 use lb_agent::l7::proxy::ProxyConfig;
 use lb_agent::source::{NodeOptions, Origin};
 use lb_core::cluster::ObjectKey;
 use lb_core::model::ingress::IngressClassConfig;
+use lb_core::model::ingress::annotations::Defaults;
 
 /// The L7 hop allocates per request (headers, bodies, futures); mimalloc's per-thread
 /// free lists cost less than glibc's arenas there.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
                 name: l7_ingress_class,
                 controller: l7_controller_name,
                 annotations_prefix,
+                defaults: Defaults::default(),
             };
             // Exit status 2: something would be served differently.
             ingress_check(kube, manifests.as_deref(), &class, json).map(|differs| {
@@ -311,12 +314,20 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             max_body_bytes: args.l7_max_body,
             dns_refresh: args.l7_dns_refresh,
             drain_grace: args.l7_drain_grace,
+            ssl_passthrough: args.l7_enable_ssl_passthrough,
+            forwarded: ForwardedTrust {
+                use_forwarded_headers: args.l7_use_forwarded_headers,
+                compute_full_forwarded_for: args.l7_compute_full_forwarded_for,
+            },
             ..ProxyConfig::new(Some(args.l7_http), Some(args.l7_https))
         },
         class: IngressClassConfig {
             name: args.l7_ingress_class.clone(),
             controller: args.l7_controller_name.clone(),
             annotations_prefix: args.annotations_prefix.clone(),
+            defaults: Defaults {
+                ssl_redirect: args.l7_ssl_redirect,
+            },
         },
         publish_service,
         publish_addresses: args.l7_publish_addresses.clone(),

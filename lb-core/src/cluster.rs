@@ -136,7 +136,7 @@ impl Object {
 
     /// Drops what the translation never reads (managed fields, the last-applied
     /// annotation, a Node's images and conditions, a Secret's keys other than
-    /// `tls.crt`/`tls.key`, all data of other Secret types), so memory tracks what
+    /// `tls.crt`/`tls.key`/`ca.crt`, all data of other Secret types), so memory tracks what
     /// matters and no unrelated secret is kept.
     pub fn strip(&mut self) {
         let meta = self.meta_mut();
@@ -169,13 +169,16 @@ fn strip_secret(secret: &mut Secret) {
         return;
     }
     if let Some(data) = secret.data.as_mut() {
-        data.retain(|k, _| k == TLS_CERT_KEY || k == TLS_PRIVATE_KEY_KEY);
+        data.retain(|k, _| k == TLS_CERT_KEY || k == TLS_PRIVATE_KEY_KEY || k == CA_CERT_KEY);
     }
 }
 
 /// The data keys of a `kubernetes.io/tls` Secret.
 pub const TLS_CERT_KEY: &str = "tls.crt";
 pub const TLS_PRIVATE_KEY_KEY: &str = "tls.key";
+/// The trusted CA certificates (as cert-manager writes them), read for
+/// `proxy-ssl-secret`.
+pub const CA_CERT_KEY: &str = "ca.crt";
 
 /// A TLS Secret's data value, if present.
 pub fn secret_data<'a>(secret: &'a Secret, key: &str) -> Option<&'a ByteString> {
@@ -261,7 +264,7 @@ pub struct Cluster {
     pub ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
     /// IngressClasses by name (cluster-scoped).
     pub ingress_classes: BTreeMap<String, Arc<IngressClass>>,
-    /// Secrets, stripped to `tls.crt`/`tls.key` of `kubernetes.io/tls` ones.
+    /// Secrets, stripped to `tls.crt`/`tls.key`/`ca.crt` of `kubernetes.io/tls` ones.
     pub secrets: BTreeMap<ObjectKey, Arc<Secret>>,
     /// Whether the L7 kinds must be listed before [`synced`](Self::synced).
     l7: bool,
@@ -541,6 +544,7 @@ mod tests {
                 ("tls.crt".to_owned(), ByteString(b"c".to_vec())),
                 ("tls.key".to_owned(), ByteString(b"k".to_vec())),
                 ("ca.crt".to_owned(), ByteString(b"a".to_vec())),
+                ("other".to_owned(), ByteString(b"o".to_vec())),
             ])),
             ..Secret::default()
         }
@@ -617,7 +621,7 @@ mod tests {
         cluster.apply(ClusterEvent::Apply(Object::Secret(secret(TLS_SECRET_TYPE))));
         let stored = &cluster.secrets[&ObjectKey::new("shop", "tls")];
         let keys: Vec<&String> = stored.data.as_ref().unwrap().keys().collect();
-        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
         cluster.apply(ClusterEvent::Apply(Object::Secret(secret("Opaque"))));
         assert!(
             cluster.secrets[&ObjectKey::new("shop", "tls")]

@@ -20,9 +20,50 @@ pub struct Upstream {
     /// balancing state and connection pools under.
     pub name: String,
     pub target: Target,
-    /// HTTP/1.1, or HTTP/2 without TLS when the Service port says
-    /// `appProtocol: kubernetes.io/h2c`.
+    /// HTTP/1.1, or HTTP/2 when the Service port says `appProtocol: kubernetes.io/h2c`
+    /// or the Ingress's `backend-protocol` is `GRPC`, `GRPCS` or `H2C`.
     pub protocol: UpstreamProtocol,
+    /// TLS to the backend (`backend-protocol: HTTPS` or `GRPCS`); `None`: cleartext.
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+/// How the hop speaks TLS to a backend: ingress-nginx's `proxy-ssl-*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// `proxy-ssl-verify: on`: the backend's certificate must chain to `ca` and be
+    /// valid for `name`; off (the default, as in ingress-nginx): anything is accepted.
+    pub verify: bool,
+    /// `ca.crt` of the `proxy-ssl-secret`.
+    pub ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// `tls.crt` and `tls.key` of the `proxy-ssl-secret`: the client certificate.
+    pub client: Option<Arc<crate::model::ingress::KeyPair>>,
+    /// `proxy-ssl-name`, else the Service's DNS name (`NAME.NAMESPACE.svc`) or the
+    /// ExternalName: the name verified, and sent as SNI when `sni` is set.
+    pub name: String,
+    /// `proxy-ssl-server-name: on`: send `name` as SNI (off by default, as nginx).
+    pub sni: bool,
+}
+
+impl UpstreamTls {
+    /// A stable digest of the settings: connections made with different settings are
+    /// never shared, the same settings across snapshots keep their pooled connections.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.verify.hash(&mut h);
+        self.sni.hash(&mut h);
+        self.name.hash(&mut h);
+        for ca in &self.ca {
+            ca.as_ref().hash(&mut h);
+        }
+        if let Some(client) = &self.client {
+            for cert in &client.chain {
+                cert.as_ref().hash(&mut h);
+            }
+            client.key.secret_der().hash(&mut h);
+        }
+        h.finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +76,12 @@ pub enum Target {
     Dns { host: String, port: u16 },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum UpstreamProtocol {
     #[default]
     Http1,
+    /// HTTP/2 from the first byte (prior knowledge): cleartext h2c, or inside TLS
+    /// (ALPN `h2`) when the upstream has [`UpstreamTls`].
     H2c,
 }
 
@@ -118,6 +161,9 @@ pub struct RouteTable {
     /// Keyed by the suffix with its dot: `.example.com`.
     wildcard_hosts: HashMap<String, Paths>,
     any_host: Option<Paths>,
+    /// `ssl-passthrough`: TLS for these exact hosts (lower case) goes to the upstream
+    /// untouched, chosen by the ClientHello's SNI.
+    passthrough: HashMap<String, Arc<Upstream>>,
 }
 
 /// One host group's paths; `(rule, path)` indexes into `RouteTable::rules`.
@@ -158,6 +204,21 @@ impl Prefixes {
 const MAX_HOST: usize = 255;
 
 impl RouteTable {
+    /// The table with `ssl-passthrough` hosts (exact, lower case) and their upstreams.
+    #[must_use]
+    pub fn with_passthrough(mut self, hosts: HashMap<String, Arc<Upstream>>) -> Self {
+        self.passthrough = hosts;
+        self
+    }
+
+    /// The upstream TLS for SNI name `sni` is passed to untouched, if any.
+    pub fn passthrough(&self, sni: &str) -> Option<&Arc<Upstream>> {
+        if self.passthrough.is_empty() {
+            return None;
+        }
+        self.passthrough.get(&sni.to_ascii_lowercase())
+    }
+
     /// Indexes `rules`. Several rules for the same host are one group; when two path
     /// rules of a group have the same path and kind (a Prefix path's trailing `/`
     /// counts: `/foo` and `/foo/` are two routes), the first one wins; the translation
@@ -218,6 +279,7 @@ impl RouteTable {
             exact_hosts,
             wildcard_hosts,
             any_host,
+            passthrough: HashMap::new(),
         }
     }
 

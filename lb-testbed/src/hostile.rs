@@ -79,6 +79,7 @@ fn route(name: &str, addr: SocketAddr) -> Route {
             name: format!("default/{name}:80"),
             target: Target::Endpoints(vec![addr]),
             protocol: UpstreamProtocol::Http1,
+            tls: None,
         }),
         ingress: ObjectKey {
             namespace: "default".into(),

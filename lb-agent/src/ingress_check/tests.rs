@@ -143,3 +143,49 @@ fn the_fixture_translates_as_the_report_says() {
     assert!(auth.policy.access.is_some());
     assert!(t.routes.lookup("legacy.example.com", "/").is_none());
 }
+
+/// `backend-protocol` is honoured by name, but a value xlb cannot speak refuses the
+/// Ingress, and the report says so on the annotation itself.
+#[test]
+fn a_backend_protocol_xlb_cannot_speak_is_refused_by_value() {
+    let with = |value: &str| {
+        let mut cluster = fixture();
+        let key = ObjectKey::new("shop", "api");
+        let mut api = (*cluster.ingresses[&key]).clone();
+        api.metadata.annotations.get_or_insert_default().insert(
+            "nginx.ingress.kubernetes.io/backend-protocol".to_owned(),
+            value.to_owned(),
+        );
+        cluster.ingresses.insert(key, std::sync::Arc::new(api));
+        report(&cluster, &nginx())
+    };
+    let verdict = |report: &Report| {
+        verdicts(report, "shop/api")
+            .into_iter()
+            .find(|(n, _)| n == "backend-protocol")
+            .unwrap()
+            .1
+    };
+    let api = |report: &Report| {
+        report
+            .ingresses
+            .iter()
+            .find(|i| i.ingress == "shop/api")
+            .unwrap()
+            .clone()
+    };
+    let grpcs = with("GRPCS");
+    assert_eq!(verdict(&grpcs), Honoured);
+    assert!(api(&grpcs).served && !api(&grpcs).differs());
+    let fcgi = with("FCGI");
+    assert_eq!(verdict(&fcgi), Refused);
+    assert!(!api(&fcgi).served && api(&fcgi).differs());
+    // The refusal is the annotation's verdict, not repeated as a problem.
+    assert!(api(&fcgi).problems.is_empty(), "{:#?}", api(&fcgi).problems);
+    assert!(
+        fcgi.text()
+            .contains("backend-protocol: xlb speaks HTTP, HTTPS"),
+        "{}",
+        fcgi.text()
+    );
+}

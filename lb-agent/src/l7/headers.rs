@@ -2,7 +2,7 @@
 //! both ways (RFC 9110 7.6.1), forwarding headers added so backends see the real
 //! client, and a request id for tracing a request across hops.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use hyper::HeaderMap;
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -132,41 +132,98 @@ pub fn valid_host(host: &str) -> bool {
         })
 }
 
+/// Which `X-Forwarded-*` headers from clients are believed: ingress-nginx's ConfigMap
+/// keys of the same names, as agent flags. [`Default`]: neither, as in ingress-nginx.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardedTrust {
+    /// `use-forwarded-headers` (`--l7-use-forwarded-headers`): the hop sits behind
+    /// another proxy, so the client is the first address of `X-Forwarded-For` (for the
+    /// source ranges, limits and `X-Real-IP`), and `X-Forwarded-Proto`, `-Host` and
+    /// `-Port` pass on as the client sent them. Off: all of them describe this hop.
+    pub use_forwarded_headers: bool,
+    /// `compute-full-forwarded-for` (`--l7-compute-full-forwarded-for`): the
+    /// connection's address is appended to the client's `X-Forwarded-For`; off: the
+    /// header is replaced by the client address.
+    pub compute_full_forwarded_for: bool,
+}
+
+/// The client's address: the connection's, or with `use-forwarded-headers` the
+/// `X-Forwarded-For` address nginx's realip module takes when every hop is trusted
+/// (`real_ip_recursive on`, `proxy-real-ip-cidr` 0.0.0.0/0): the leftmost of the
+/// addresses that parse from the right.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trust: ForwardedTrust) -> IpAddr {
+    if !trust.use_forwarded_headers {
+        return peer;
+    }
+    let mut client = peer;
+    let values: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for item in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        match item.trim().parse::<IpAddr>() {
+            Ok(ip) => client = ip,
+            Err(_) => break,
+        }
+    }
+    client
+}
+
 /// What the backend learns about the hop in front of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
-    pub client: SocketAddr,
+    /// The connection's address.
+    pub peer: SocketAddr,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The Host the client asked for (with its port, as sent).
     pub host: &'a str,
     /// The port of the listener the client reached.
     pub port: u16,
+    pub trust: ForwardedTrust,
 }
 
-/// Adds `X-Forwarded-*`, `X-Real-IP` and `X-Request-Id`. `X-Forwarded-For` is
-/// appended to, so a chain of proxies stays visible; the others describe this hop and
-/// replace what the client sent. Returns the request id.
+/// Adds `X-Forwarded-*`, `X-Real-IP` and `X-Request-Id` as ingress-nginx does:
+/// `X-Forwarded-For` is the client address (appended to what the client sent with
+/// `compute-full-forwarded-for`), the others describe this hop unless
+/// `use-forwarded-headers` lets the client's through. Returns the request id.
 pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) -> HeaderValue {
-    let client_ip = fwd.client.ip().to_canonical().to_string();
-    let previous: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let xff = if previous.is_empty() {
-        client_ip.clone()
+    let client_ip = client_ip(headers, fwd.peer.ip(), fwd.trust)
+        .to_canonical()
+        .to_string();
+    let xff = if fwd.trust.compute_full_forwarded_for {
+        let peer = fwd.peer.ip().to_canonical().to_string();
+        let previous: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if previous.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", previous.join(", "))
+        }
     } else {
-        format!("{}, {client_ip}", previous.join(", "))
+        client_ip.clone()
     };
     if let Ok(value) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
-    if let Ok(value) = HeaderValue::from_str(fwd.host) {
+    let keep = |headers: &HeaderMap, name: &HeaderName| {
+        fwd.trust.use_forwarded_headers && headers.get(name).is_some_and(|v| !v.is_empty())
+    };
+    if !keep(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    }
+    if !keep(headers, &X_FORWARDED_HOST)
+        && let Ok(value) = HeaderValue::from_str(fwd.host)
+    {
         headers.insert(X_FORWARDED_HOST, value);
     }
-    headers.insert(X_FORWARDED_PORT, HeaderValue::from(fwd.port));
+    if !keep(headers, &X_FORWARDED_PORT) {
+        headers.insert(X_FORWARDED_PORT, HeaderValue::from(fwd.port));
+    }
     if let Ok(value) = HeaderValue::from_str(&client_ip) {
         headers.insert(X_REAL_IP, value);
     }
@@ -276,24 +333,89 @@ mod tests {
         assert_eq!(h["te"], "trailers");
     }
 
-    #[test]
-    fn appends_forwarded_for_and_keeps_request_id() {
-        let mut h = HeaderMap::new();
-        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.7"));
-        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
-        let fwd = Forwarded {
-            client: "[::ffff:198.51.100.1]:4000".parse().unwrap(),
+    fn forwarded(trust: ForwardedTrust) -> Forwarded<'static> {
+        Forwarded {
+            peer: "[::ffff:198.51.100.1]:4000".parse().unwrap(),
             proto: "https",
             host: "a.example:8443",
             port: 8443,
-        };
-        let id = add_forwarding(&mut h, &fwd);
+            trust,
+        }
+    }
+
+    fn from_client() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("198.51.100.7, garbage"),
+        );
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("198.51.100.8, 198.51.100.9"),
+        );
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        h.insert(X_FORWARDED_HOST, HeaderValue::from_static("outer.example"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc"));
+        h
+    }
+
+    /// ingress-nginx's default: the client's X-Forwarded-* are replaced.
+    #[test]
+    fn by_default_forwarding_headers_describe_this_hop() {
+        let mut h = from_client();
+        let id = add_forwarding(&mut h, &forwarded(ForwardedTrust::default()));
         assert_eq!(id, "abc");
-        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.7, 198.51.100.1");
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1");
         assert_eq!(h[X_REAL_IP], "198.51.100.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");
         assert_eq!(h[X_FORWARDED_HOST], "a.example:8443");
         assert_eq!(h[X_FORWARDED_PORT], "8443");
+    }
+
+    #[test]
+    fn use_forwarded_headers_trusts_the_client_chain() {
+        let trust = ForwardedTrust {
+            use_forwarded_headers: true,
+            compute_full_forwarded_for: false,
+        };
+        let mut h = from_client();
+        // From the right, the first address that does not parse stops the walk.
+        let peer = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            client_ip(&h, peer, trust),
+            "198.51.100.8".parse::<IpAddr>().unwrap()
+        );
+        add_forwarding(&mut h, &forwarded(trust));
+        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.8");
+        assert_eq!(h[X_REAL_IP], "198.51.100.8");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "outer.example");
+        // Not sent by the client: this hop's.
+        assert_eq!(h[X_FORWARDED_PORT], "8443");
+        // Without the header the connection's address.
+        assert_eq!(client_ip(&HeaderMap::new(), peer, trust), peer);
+    }
+
+    #[test]
+    fn compute_full_forwarded_for_appends_the_connection() {
+        for use_forwarded_headers in [false, true] {
+            let trust = ForwardedTrust {
+                use_forwarded_headers,
+                compute_full_forwarded_for: true,
+            };
+            let mut h = from_client();
+            add_forwarding(&mut h, &forwarded(trust));
+            assert_eq!(
+                h[X_FORWARDED_FOR],
+                "198.51.100.7, garbage, 198.51.100.8, 198.51.100.9, 198.51.100.1"
+            );
+            let real = if use_forwarded_headers {
+                "198.51.100.8"
+            } else {
+                "198.51.100.1"
+            };
+            assert_eq!(h[X_REAL_IP], real);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! table and parsed certificates; [`tls::load`] makes their signing keys, and the two
 //! form one [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
 
+pub mod backend_tls;
 pub mod balance;
 pub mod dns;
 pub mod headers;

@@ -48,16 +48,19 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
-use super::headers::{Forwarded, add_forwarding, refuse_h2c_upgrade, strip_hop_by_hop, valid_host};
+use super::headers::{
+    Forwarded, ForwardedTrust, add_forwarding, client_ip, refuse_h2c_upgrade, strip_hop_by_hop,
+    valid_host,
+};
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
 use super::rate::{Limiter, OverLimit, Slot};
 use super::routes::{
-    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, UpstreamProtocol,
+    Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
 use super::tls::{self, CertResolver};
-use super::upstream::{Body, BoxError, Pool, Sender};
+use super::upstream::{Body, BoxError, Pool, PoolKey, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
 
 /// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
@@ -93,6 +96,11 @@ pub struct ProxyConfig {
     /// After a drain starts, how long in-flight requests have to finish
     /// (`--l7-drain-grace`).
     pub drain_grace: Duration,
+    /// Which `X-Forwarded-*` headers from clients are believed.
+    pub forwarded: ForwardedTrust,
+    /// Honour `ssl-passthrough` (`--l7-enable-ssl-passthrough`): the HTTPS listener
+    /// reads each ClientHello's SNI first (see [`passthrough`]).
+    pub ssl_passthrough: bool,
 }
 
 impl Default for ProxyConfig {
@@ -112,6 +120,8 @@ impl Default for ProxyConfig {
             dns_refresh: Duration::from_secs(30),
             default_certificate: None,
             drain_grace: Duration::from_secs(25),
+            forwarded: ForwardedTrust::default(),
+            ssl_passthrough: false,
         }
     }
 }
@@ -339,22 +349,48 @@ async fn accept(
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
                 None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
+                Some(acceptor) if shared.config.ssl_passthrough => {
+                    let snapshot = Arc::clone(&snapshots.borrow());
+                    let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
+                    drop(snapshot);
+                    if let passthrough::Diverted::Terminate(stream) = diverted
+                        && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
+                    {
+                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                    }
+                }
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(stream)) => {
-                            serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!("TLS handshake with {peer}: {e}");
-                            shared.metrics.closed("tls_handshake");
-                        }
-                        Err(_) => shared.metrics.closed("tls_handshake_timeout"),
+                    if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
+                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
                     }
                 }
             }
         });
+    }
+}
+
+/// The TLS handshake of a client connection, within `header_timeout`.
+async fn handshake<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<tokio_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = tokio::time::timeout(shared.config.header_timeout, acceptor.accept(stream));
+    match handshake.await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake with {peer}: {e}");
+            shared.metrics.closed("tls_handshake");
+            None
+        }
+        Err(_) => {
+            shared.metrics.closed("tls_handshake_timeout");
+            None
+        }
     }
 }
 
@@ -570,11 +606,16 @@ async fn forward(
         ));
     };
     let policy = &route.policy;
-    let cors = match answer_by_policy(shared, route, &host, peer, kind, &req)? {
+    // The client the source ranges and limits judge (X-Forwarded-For when trusted).
+    let client = SocketAddr::new(
+        client_ip(req.headers(), peer.ip(), config.forwarded),
+        peer.port(),
+    );
+    let cors = match answer_by_policy(shared, route, &host, client, kind, &req)? {
         Before::Answer(response) => return Ok(response),
         Before::Forward(cors) => cors,
     };
-    let slot = limit_slot(shared, route, peer)?;
+    let slot = limit_slot(shared, route, client)?;
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -601,14 +642,14 @@ async fn forward(
     let sticky = sticky_endpoint(route, &req, &endpoints);
 
     let (mut parts, body) = req.into_parts();
-    rewrite_head(
-        &mut parts,
-        route.upstream.protocol,
-        &host,
+    let forwarded = Forwarded {
         peer,
-        kind,
-        upgrade,
-    )?;
+        proto: if kind.tls { "https" } else { "http" },
+        host: &host,
+        port: kind.port,
+        trust: config.forwarded,
+    };
+    rewrite_head(&mut parts, &route.upstream, &forwarded, upgrade)?;
     apply_policy(&mut parts, policy)?;
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
@@ -894,27 +935,20 @@ async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [Soc
 /// (origin form and `Host` for HTTP/1.1, absolute with `:authority` for h2c).
 fn rewrite_head(
     parts: &mut hyper::http::request::Parts,
-    protocol: UpstreamProtocol,
-    host: &str,
-    peer: SocketAddr,
-    kind: Listener,
+    upstream: &Upstream,
+    forwarded: &Forwarded<'_>,
     upgrade: bool,
 ) -> Result<(), Local> {
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let forwarded = Forwarded {
-        client: peer,
-        proto: if kind.tls { "https" } else { "http" },
-        host,
-        port: kind.port,
-    };
-    add_forwarding(&mut parts.headers, &forwarded);
+    add_forwarding(&mut parts.headers, forwarded);
+    let host = forwarded.host;
     // Already parsed and shared (`Bytes`): reused, not copied and parsed again.
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    match protocol {
+    match upstream.protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
@@ -926,7 +960,11 @@ fn rewrite_head(
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;
             parts.uri = Uri::builder()
-                .scheme("http")
+                .scheme(if upstream.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                })
                 .authority(host)
                 .path_and_query(path)
                 .build()
@@ -1045,7 +1083,7 @@ async fn send(
         }
         let sender = match shared
             .pool
-            .checkout(addr, upstream.protocol, route.policy.connect_timeout)
+            .checkout(addr, upstream, route.policy.connect_timeout)
             .await
         {
             Ok(sender) => {
@@ -1068,8 +1106,9 @@ async fn send(
         };
         match try_send(sender, req).await {
             Ok((response, sender)) => {
+                let key = PoolKey::new(addr, upstream);
                 let mut response =
-                    respond(shared, response, sender, addr, in_flight, client_upgrade);
+                    respond(shared, response, sender, key, in_flight, client_upgrade);
                 if let Some(affinity) = &route.policy.affinity
                     && sticky != Some(addr)
                 {
@@ -1150,7 +1189,7 @@ fn respond(
     shared: &Shared,
     mut response: Response<Incoming>,
     sender: Option<http1::SendRequest<Body>>,
-    addr: SocketAddr,
+    key: PoolKey,
     in_flight: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
@@ -1159,14 +1198,14 @@ fn respond(
     {
         let backend = hyper::upgrade::on(&mut response);
         shared.metrics.upgraded();
-        tokio::spawn(tunnel(client, backend, addr));
+        tokio::spawn(tunnel(client, backend, key.addr));
         let (mut parts, _) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);
         return Response::from_parts(parts, Body::default());
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let body = shared.pool.response_body(body, addr, sender, in_flight);
+    let body = shared.pool.response_body(body, key, sender, in_flight);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
 }
 
@@ -1216,6 +1255,8 @@ impl hyper::body::Body for Guarded {
         self.body.size_hint()
     }
 }
+
+mod passthrough;
 
 #[cfg(test)]
 mod tests;

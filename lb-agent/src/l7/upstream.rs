@@ -1,5 +1,6 @@
-//! Connections to backends: a pool per endpoint (idle HTTP/1.1 connections reused, one
-//! multiplexed HTTP/2 connection for h2c), connected with a timeout. Our own pool rather
+//! Connections to backends: a pool per endpoint and TLS setting (idle HTTP/1.1
+//! connections reused, one multiplexed HTTP/2 connection for h2c or h2 over TLS),
+//! connected (and TLS handshaken, see [`super::backend_tls`]) with a timeout. Our own pool rather
 //! than hyper-util's `Client` because a connect failure must leave the request unsent and
 //! in our hands, so it can be retried on another endpoint.
 
@@ -18,8 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::backend_tls::{self, Connectors};
 use super::balance::InFlight;
-use super::routes::UpstreamProtocol;
+use super::routes::{Upstream, UpstreamProtocol};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -36,6 +38,10 @@ pub enum ConnectError {
     Timeout(SocketAddr),
     #[error("HTTP/2 handshake with {0}: {1}")]
     Handshake(SocketAddr, hyper::Error),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, std::io::Error),
+    #[error("TLS settings for {0}: {1}")]
+    TlsConfig(SocketAddr, rustls::Error),
 }
 
 impl ConnectError {
@@ -44,6 +50,24 @@ impl ConnectError {
             ConnectError::Io(..) => "connect",
             ConnectError::Timeout(_) => "connect_timeout",
             ConnectError::Handshake(..) => "handshake",
+            ConnectError::Tls(..) | ConnectError::TlsConfig(..) => "tls_handshake",
+        }
+    }
+}
+
+/// Which pooled connections a request may use: the endpoint, and the digest of the
+/// upstream's TLS settings (0: cleartext).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: SocketAddr,
+    tls: u64,
+}
+
+impl PoolKey {
+    pub fn new(addr: SocketAddr, upstream: &Upstream) -> PoolKey {
+        PoolKey {
+            addr,
+            tls: upstream.tls.as_ref().map_or(0, |t| t.digest()),
         }
     }
 }
@@ -62,8 +86,9 @@ pub struct Pool {
 struct Inner {
     connect_timeout: Duration,
     idle_timeout: Duration,
-    h1: Mutex<HashMap<SocketAddr, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
+    h2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+    tls: Connectors,
 }
 
 impl Pool {
@@ -74,25 +99,70 @@ impl Pool {
                 idle_timeout,
                 h1: Mutex::new(HashMap::new()),
                 h2: Mutex::new(HashMap::new()),
+                tls: Connectors::default(),
             }),
         }
     }
 
-    /// A ready connection to `addr`: an idle pooled one, or a new one.
-    /// An idle or new connection to `addr`; a new one must connect within
+    /// An idle or new connection to `addr` for `upstream` (its HTTP version and TLS
+    /// settings); a new one must connect, and finish its TLS handshake, each within
     /// `connect_timeout` (the route's `proxy-connect-timeout`), else the pool's.
     pub async fn checkout(
         &self,
         addr: SocketAddr,
-        protocol: UpstreamProtocol,
+        upstream: &Upstream,
         connect_timeout: Option<Duration>,
     ) -> Result<Sender, ConnectError> {
+        let key = PoolKey::new(addr, upstream);
+        let protocol = upstream.protocol;
         match protocol {
             UpstreamProtocol::Http1 => {
-                if let Some(sender) = self.idle_h1(addr) {
+                if let Some(sender) = self.idle_h1(key) {
                     return Ok(Sender::H1(sender));
                 }
-                let io = self.connect(addr, connect_timeout).await?;
+            }
+            UpstreamProtocol::H2c => {
+                let existing = {
+                    let h2 = self.inner.h2.lock().unwrap_or_else(PoisonError::into_inner);
+                    h2.get(&key).filter(|s| !s.is_closed()).cloned()
+                };
+                if let Some(sender) = existing {
+                    return Ok(Sender::H2(sender));
+                }
+            }
+        }
+        let tcp = self.connect(addr, connect_timeout).await?;
+        let Some(tls) = &upstream.tls else {
+            return self.handshake(key, protocol, tcp).await;
+        };
+        let config = self
+            .inner
+            .tls
+            .config(tls, protocol)
+            .map_err(|e| ConnectError::TlsConfig(addr, e))?;
+        let name = backend_tls::server_name(tls).map_err(|e| ConnectError::TlsConfig(addr, e))?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let timeout = connect_timeout.unwrap_or(self.inner.connect_timeout);
+        let stream = tokio::time::timeout(timeout, connector.connect(name, tcp.into_inner()))
+            .await
+            .map_err(|_| ConnectError::Timeout(addr))?
+            .map_err(|e| ConnectError::Tls(addr, e))?;
+        self.handshake(key, protocol, TokioIo::new(stream)).await
+    }
+
+    /// HTTP/1.1 or HTTP/2 on a fresh connection; an HTTP/2 one is shared from now on.
+    async fn handshake<I>(
+        &self,
+        key: PoolKey,
+        protocol: UpstreamProtocol,
+        io: TokioIo<I>,
+    ) -> Result<Sender, ConnectError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let addr = key.addr;
+        match protocol {
+            UpstreamProtocol::Http1 => {
                 let (sender, conn) = http1::handshake(io)
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
@@ -104,35 +174,27 @@ impl Pool {
                 Ok(Sender::H1(sender))
             }
             UpstreamProtocol::H2c => {
-                let existing = {
-                    let h2 = self.inner.h2.lock().unwrap_or_else(PoisonError::into_inner);
-                    h2.get(&addr).filter(|s| !s.is_closed()).cloned()
-                };
-                if let Some(sender) = existing {
-                    return Ok(Sender::H2(sender));
-                }
-                let io = self.connect(addr, connect_timeout).await?;
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| ConnectError::Handshake(addr, e))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!("backend h2c connection {addr}: {e}");
+                        tracing::debug!("backend HTTP/2 connection {addr}: {e}");
                     }
                 });
                 self.inner
                     .h2
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(addr, sender.clone());
+                    .insert(key, sender.clone());
                 Ok(Sender::H2(sender))
             }
         }
     }
 
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn idle_h1(&self, key: PoolKey) -> Option<http1::SendRequest<Body>> {
         let mut h1 = self.inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
-        let idle = h1.get_mut(&addr)?;
+        let idle = h1.get_mut(&key)?;
         while let Some((sender, since)) = idle.pop() {
             if sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
                 return Some(sender);
@@ -161,14 +223,14 @@ impl Pool {
     pub fn response_body(
         &self,
         body: Incoming,
-        addr: SocketAddr,
+        key: PoolKey,
         sender: Option<http1::SendRequest<Body>>,
         in_flight: InFlight,
     ) -> PooledBody {
         PooledBody {
             body,
             ended: false,
-            give_back: sender.map(|s| (Arc::clone(&self.inner), addr, s)),
+            give_back: sender.map(|s| (Arc::clone(&self.inner), key, s)),
             _in_flight: in_flight,
         }
     }
@@ -177,7 +239,7 @@ impl Pool {
 /// A parked HTTP/1.1 connection and when it was parked.
 type IdleH1 = (http1::SendRequest<Body>, Instant);
 
-type GiveBack = (Arc<Inner>, SocketAddr, http1::SendRequest<Body>);
+type GiveBack = (Arc<Inner>, PoolKey, http1::SendRequest<Body>);
 
 pub struct PooledBody {
     body: Incoming,
@@ -215,13 +277,13 @@ impl hyper::body::Body for PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         let done = self.ended || self.body.is_end_stream();
-        if let (true, Some((inner, addr, mut sender))) = (done, self.give_back.take()) {
+        if let (true, Some((inner, key, mut sender))) = (done, self.give_back.take()) {
             // The connection becomes ready once hyper has seen the end of the message;
             // wait for that off the request path, then park it.
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     let mut h1 = inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
-                    let idle = h1.entry(addr).or_default();
+                    let idle = h1.entry(key).or_default();
                     if idle.len() < MAX_IDLE_PER_ENDPOINT {
                         idle.push((sender, Instant::now()));
                     }

@@ -22,6 +22,10 @@
 //! port number. A missing Service or port keeps its routes with no endpoints (the proxy
 //! answers 503, rather than some other backend answering) and reports a problem.
 //! `appProtocol: kubernetes.io/h2c` on the Service port speaks HTTP/2 without TLS.
+//! An Ingress's `backend-protocol` overrides that for its routes (HTTP, HTTPS, GRPC,
+//! GRPCS, H2C), with TLS as its `proxy-ssl-*` annotations say; the `proxy-ssl-secret`
+//! must be a `kubernetes.io/tls` Secret in the Ingress's namespace (`ca.crt` trusted,
+//! `tls.crt`/`tls.key` the client certificate), else the routes answer 503.
 //!
 //! TLS: each `spec.tls[]` entry's Secret (same namespace) gives a certificate for its
 //! hosts; a missing or bad Secret is a problem and the rest applies (the proxy serves
@@ -46,16 +50,16 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressRule, IngressTLS};
 
-use crate::cluster::{Cluster, Kind, ObjectKey};
+use crate::cluster::{CA_CERT_KEY, Cluster, Kind, ObjectKey};
 use crate::model::kubernetes::{Problem, usable_endpoints};
 use crate::quote::quoted;
 use crate::routes::RouteTable;
 use crate::routes::{
     Canary, HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
-    UpstreamProtocol, prefix_key,
+    UpstreamProtocol, UpstreamTls, prefix_key,
 };
 
-pub use tls::{KeyPair, SecretError, key_field, key_pair};
+pub use tls::{KeyPair, SecretError, ca_certificates, key_field, key_pair};
 
 pub use annotations::{
     DEFAULT_PREFIX, FORCE_SSL_REDIRECT, INGRESS_CLASS, IS_DEFAULT_CLASS, LOAD_BALANCE,
@@ -84,6 +88,8 @@ pub struct IngressClassConfig {
     pub controller: String,
     /// The annotation prefix (`--annotations-prefix`, default [`DEFAULT_PREFIX`]).
     pub annotations_prefix: String,
+    /// What applies where an Ingress sets no annotation (ingress-nginx's ConfigMap).
+    pub defaults: annotations::Defaults,
 }
 
 impl IngressClassConfig {
@@ -93,6 +99,7 @@ impl IngressClassConfig {
             name: name.to_owned(),
             controller: CONTROLLER.to_owned(),
             annotations_prefix: DEFAULT_PREFIX.to_owned(),
+            defaults: annotations::Defaults::default(),
         }
     }
 }
@@ -142,6 +149,7 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
     });
     let mut table = Table {
         prefix: &class.annotations_prefix,
+        defaults: class.defaults.clone(),
         tls_hosts: ours
             .iter()
             .flat_map(|(_, i)| i.spec.iter().flat_map(|s| s.tls.iter().flatten()))
@@ -163,6 +171,13 @@ pub fn translate(cluster: &Cluster, class: &IngressClassConfig) -> IngressTransl
         routes: RouteTable::new(
             table.groups.into_values().collect(),
             table.default.map(|(r, _)| r),
+        )
+        .with_passthrough(
+            table
+                .passthrough
+                .into_iter()
+                .map(|(host, (upstream, _))| (host, upstream))
+                .collect(),
         ),
         certificates: table.certificates,
         problems: t.problems,
@@ -197,6 +212,8 @@ type GroupKey = (u8, String);
 struct Table<'p> {
     /// The annotation prefix.
     prefix: &'p str,
+    /// The agent's defaults for what annotations leave unset.
+    defaults: annotations::Defaults,
     /// Every host in our Ingresses' `spec.tls` (lower case, may be `*.` wildcards).
     tls_hosts: Vec<String>,
     /// Host groups by (rank, host): exact, wildcard, host-less.
@@ -212,13 +229,19 @@ struct Table<'p> {
     canaries: Vec<PendingCanary>,
     certificates: Vec<CertificateSource>,
     ignored_annotations: Vec<(ObjectKey, String)>,
+    /// `ssl-passthrough` hosts: the upstream of their `/` path and the Ingress.
+    passthrough: BTreeMap<String, (Arc<Upstream>, ObjectKey)>,
 }
 
 impl Table<'_> {
     /// Adds one Ingress's rules; `false` when it is not served at all (a refused
     /// annotation).
     fn add(&mut self, t: &mut Translator<'_>, key: &ObjectKey, ingress: &Ingress) -> bool {
-        let read = annotations::read(ingress.metadata.annotations.as_ref(), self.prefix);
+        let read = annotations::read(
+            ingress.metadata.annotations.as_ref(),
+            self.prefix,
+            &self.defaults,
+        );
         self.ignored_annotations
             .extend(read.ignored.into_iter().map(|(a, _)| (key.clone(), a)));
         for b in read.bad {
@@ -235,6 +258,7 @@ impl Table<'_> {
             return false;
         }
         let settings = read.settings;
+        let plan = t.backend_plan(key, self.prefix, &settings.backend);
         let Some(spec) = ingress.spec.as_ref() else {
             return true;
         };
@@ -256,11 +280,12 @@ impl Table<'_> {
                     format!("Ingress {owner} (older) already sets the default backend"),
                 );
             } else if let Some(upstream) = t.upstream(key, field, backend) {
+                let upstream = plan.apply(upstream);
                 self.default = Some((settings.route(upstream, key, false, None), key.clone()));
             }
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
-            self.add_rule(t, key, &settings, ri, rule);
+            self.add_rule(t, key, (&settings, &plan), ri, rule);
         }
         true
     }
@@ -269,7 +294,7 @@ impl Table<'_> {
         &mut self,
         t: &mut Translator<'_>,
         key: &ObjectKey,
-        settings: &annotations::Settings,
+        (settings, plan): (&annotations::Settings, &BackendPlan),
         ri: usize,
         rule: &IngressRule,
     ) {
@@ -281,7 +306,7 @@ impl Table<'_> {
             }
         };
         if let Some(rules) = &settings.canary {
-            self.add_canary_rule(t, key, rules, ri, rule, &host);
+            self.add_canary_rule(t, key, (rules, plan), ri, rule, &host);
             return;
         }
         let tls = match &host {
@@ -293,6 +318,11 @@ impl Table<'_> {
                 .any(|t| t.strip_prefix('*') == Some(suffix.as_str())),
         };
         let group_key = group_key(&host);
+        let exact_host = match &host {
+            HostPattern::Exact(h) => Some(h.clone()),
+            _ => None,
+        };
+        let mut passthrough_root = None;
         let group = self
             .groups
             .entry(group_key.clone())
@@ -353,12 +383,61 @@ impl Table<'_> {
                 self.regex.insert(group_key.clone());
             }
             if let Some(upstream) = t.upstream(key, &format!("{field}.backend"), &path.backend) {
+                let upstream = plan.apply(upstream);
+                if settings.ssl_passthrough && text == "/" {
+                    passthrough_root = Some(Arc::clone(&upstream));
+                }
                 let route = settings.route(upstream, key, tls, Some(&text));
                 group.paths.push(PathRule {
                     path: text,
                     kind,
                     route,
                 });
+            }
+        }
+        if settings.ssl_passthrough {
+            self.add_passthrough(t, key, ri, exact_host, passthrough_root);
+        }
+    }
+
+    /// ingress-nginx passes TLS for an `ssl-passthrough` Ingress's host to the backend
+    /// of its `/` path; the oldest Ingress wins a host.
+    fn add_passthrough(
+        &mut self,
+        t: &mut Translator<'_>,
+        key: &ObjectKey,
+        ri: usize,
+        host: Option<String>,
+        root: Option<Arc<Upstream>>,
+    ) {
+        let field = format!("spec.rules[{ri}]");
+        let Some(host) = host else {
+            t.problem(
+                key,
+                format!("{field}.host"),
+                "ssl-passthrough needs an exact host (TLS is routed by SNI): not passed through",
+            );
+            return;
+        };
+        let Some(root) = root else {
+            t.problem(
+                key,
+                format!("{field}.http.paths"),
+                format!("ssl-passthrough: {host} has no path / whose backend takes the TLS: not passed through"),
+            );
+            return;
+        };
+        match self.passthrough.entry(host) {
+            Entry::Occupied(owner) => {
+                let (host, (_, by)) = (owner.key(), owner.get());
+                t.problem(
+                    key,
+                    format!("{field}.host"),
+                    format!("ssl-passthrough for {host} is already set by Ingress {by} (older)"),
+                );
+            }
+            Entry::Vacant(v) => {
+                v.insert((root, key.clone()));
             }
         }
     }
@@ -378,7 +457,7 @@ impl Table<'_> {
         &mut self,
         t: &mut Translator<'_>,
         key: &ObjectKey,
-        rules: &annotations::CanaryRules,
+        (rules, plan): (&annotations::CanaryRules, &BackendPlan),
         ri: usize,
         rule: &IngressRule,
         host: &HostPattern,
@@ -397,7 +476,7 @@ impl Table<'_> {
                     group: group_key(host),
                     kind,
                     path: text,
-                    canary: rules.canary(upstream, key),
+                    canary: rules.canary(plan.apply(upstream), key),
                     field,
                 });
             }
@@ -475,6 +554,63 @@ impl Table<'_> {
     }
 }
 
+/// One Ingress's `backend-protocol` and `proxy-ssl-*` settings, its Secret read.
+enum BackendPlan {
+    /// No `backend-protocol`: the Service port's `appProtocol` decides.
+    ServicePort,
+    Set {
+        protocol: UpstreamProtocol,
+        /// With TLS: the settings, `name` still `None` when `proxy-ssl-name` is unset.
+        tls: Option<(UpstreamTls, bool)>,
+    },
+    /// The TLS settings cannot be met (bad `proxy-ssl-secret`, verification without a
+    /// CA): the routes answer 503, as ingress-nginx denies such a location.
+    Denied,
+}
+
+impl BackendPlan {
+    /// `upstream` spoken to as the plan says.
+    fn apply(&self, upstream: Arc<Upstream>) -> Arc<Upstream> {
+        match self {
+            BackendPlan::ServicePort => upstream,
+            BackendPlan::Denied => Arc::new(Upstream {
+                target: Target::Endpoints(Vec::new()),
+                ..(*upstream).clone()
+            }),
+            BackendPlan::Set { protocol, tls } => {
+                let tls = tls.as_ref().map(|(tls, named)| {
+                    let mut tls = tls.clone();
+                    if !named {
+                        tls.name = default_tls_name(&upstream);
+                    }
+                    Arc::new(tls)
+                });
+                Arc::new(Upstream {
+                    protocol: *protocol,
+                    tls,
+                    ..(*upstream).clone()
+                })
+            }
+        }
+    }
+}
+
+/// The name a backend's certificate is checked against without `proxy-ssl-name`: the
+/// Service's cluster DNS name (`NAME.NAMESPACE.svc`), or an ExternalName's host.
+fn default_tls_name(upstream: &Upstream) -> String {
+    if let Target::Dns { host, .. } = &upstream.target {
+        return host.clone();
+    }
+    let service = upstream
+        .name
+        .rsplit_once(':')
+        .map_or(upstream.name.as_str(), |(s, _)| s);
+    match service.split_once('/') {
+        Some((namespace, name)) => format!("{name}.{namespace}.svc"),
+        None => service.to_owned(),
+    }
+}
+
 struct Translator<'a> {
     cluster: &'a Cluster,
     problems: Vec<Problem>,
@@ -497,6 +633,111 @@ impl Translator<'_> {
             field: field.into(),
             reason: reason.into(),
         });
+    }
+
+    /// Reads the `proxy-ssl-secret` the Ingress names (same namespace, as
+    /// ingress-nginx without cross-namespace resources) into the backend plan.
+    fn backend_plan(
+        &mut self,
+        ingress: &ObjectKey,
+        prefix: &str,
+        backend: &annotations::Backend,
+    ) -> BackendPlan {
+        let Some(protocol) = backend.protocol else {
+            return BackendPlan::ServicePort;
+        };
+        let (protocol, with_tls) = protocol.upstream();
+        if !with_tls {
+            return BackendPlan::Set {
+                protocol,
+                tls: None,
+            };
+        }
+        let mut tls = UpstreamTls {
+            verify: backend.verify,
+            ca: Vec::new(),
+            client: None,
+            name: backend.name.clone().unwrap_or_default(),
+            sni: backend.sni,
+        };
+        let secret_field = format!(
+            "metadata.annotations[{prefix}/{}]",
+            annotations::PROXY_SSL_SECRET
+        );
+        if let Some(written) = &backend.secret {
+            let Some(secret_key) = written
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+                .map(|(ns, name)| ObjectKey::new(ns, name))
+            else {
+                self.problem(
+                    ingress,
+                    secret_field,
+                    format!(
+                        "{} is not NAMESPACE/NAME: its routes answer 503",
+                        quoted(written)
+                    ),
+                );
+                return BackendPlan::Denied;
+            };
+            if secret_key.namespace != ingress.namespace {
+                self.problem(
+                    ingress,
+                    secret_field,
+                    format!(
+                        "Secret {secret_key} is in another namespace, which is not allowed: \
+                         its routes answer 503"
+                    ),
+                );
+                return BackendPlan::Denied;
+            }
+            let Some(secret) = self.cluster.secrets.get(&secret_key) else {
+                self.problem(
+                    ingress,
+                    secret_field,
+                    format!("Secret {secret_key} not found: its routes answer 503"),
+                );
+                return BackendPlan::Denied;
+            };
+            let read = tls::ca_certificates(secret).and_then(|ca| Ok((ca, tls::key_pair(secret)?)));
+            match read {
+                Ok((ca, pair)) => {
+                    tls.ca = ca;
+                    tls.client = Some(Arc::new(pair));
+                }
+                Err(e) => {
+                    self.problems.push(Problem {
+                        kind: Kind::Secret,
+                        object: secret_key,
+                        field: e.field,
+                        reason: format!(
+                            "{} (named by Ingress {ingress} {secret_field}): its routes answer 503",
+                            e.reason
+                        ),
+                    });
+                    return BackendPlan::Denied;
+                }
+            }
+        }
+        if tls.verify && tls.ca.is_empty() {
+            let field = format!(
+                "metadata.annotations[{prefix}/{}]",
+                annotations::PROXY_SSL_VERIFY
+            );
+            self.problem(
+                ingress,
+                field,
+                format!(
+                    "is on, but no proxy-ssl-secret with {CA_CERT_KEY} says whom to trust: \
+                     its routes answer 503"
+                ),
+            );
+            return BackendPlan::Denied;
+        }
+        BackendPlan::Set {
+            protocol,
+            tls: Some((tls, backend.name.is_some())),
+        }
     }
 
     /// Our IngressClass says it is the default; a class of our name that names another
@@ -621,6 +862,7 @@ impl Translator<'_> {
             name,
             target: Target::Endpoints(Vec::new()),
             protocol: UpstreamProtocol::Http1,
+            tls: None,
         };
         let Some(svc) = self.cluster.services.get(&svc_key) else {
             self.problem(
@@ -656,6 +898,7 @@ impl Translator<'_> {
                     port: number,
                 },
                 protocol,
+                tls: None,
             }));
         }
         let found = match (number, port_name) {
@@ -681,6 +924,7 @@ impl Translator<'_> {
             name,
             target: Target::Endpoints(endpoints),
             protocol: protocol_of(Some(svc_port)),
+            tls: None,
         }))
     }
 

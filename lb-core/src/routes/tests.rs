@@ -6,6 +6,7 @@ fn route(name: &str) -> Route {
             name: name.to_owned(),
             target: Target::Endpoints(Vec::new()),
             protocol: UpstreamProtocol::Http1,
+            tls: None,
         }),
         ingress: ObjectKey::new("test", name),
         ssl_redirect: false,

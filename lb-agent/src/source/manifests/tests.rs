@@ -315,6 +315,7 @@ data:
   tls.crt: Y2VydA==
   tls.key: a2V5
   ca.crt: Y2E=
+  other.key: b3RoZXI=
 ---
 apiVersion: v1
 kind: Secret
@@ -353,9 +354,14 @@ stringData: {password: hunter2}
             .collect()
     };
     let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    // ca.crt is kept (`proxy-ssl-secret`), other keys are not.
     assert_eq!(
         data("encoded"),
-        [pair("tls.crt", "cert"), pair("tls.key", "key")]
+        [
+            pair("ca.crt", "ca"),
+            pair("tls.crt", "cert"),
+            pair("tls.key", "key")
+        ]
     );
     // stringData wins over data for the same key, as on the API server.
     assert_eq!(

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 
 use crate::routes::{
     Access, Affinity, Balance, Canary, Cors, Limits, PathRegex, Policy, Redirect, Rewrite, Route,
-    Upstream,
+    Upstream, UpstreamProtocol,
 };
 
 /// ingress-nginx's default `--annotations-prefix`.
@@ -65,6 +65,12 @@ pub const CANARY_BY_HEADER_PATTERN: &str = "canary-by-header-pattern";
 pub const CANARY_BY_COOKIE: &str = "canary-by-cookie";
 pub const CANARY_WEIGHT: &str = "canary-weight";
 pub const CANARY_WEIGHT_TOTAL: &str = "canary-weight-total";
+pub const BACKEND_PROTOCOL: &str = "backend-protocol";
+pub const SSL_PASSTHROUGH: &str = "ssl-passthrough";
+pub const PROXY_SSL_VERIFY: &str = "proxy-ssl-verify";
+pub const PROXY_SSL_SECRET: &str = "proxy-ssl-secret";
+pub const PROXY_SSL_NAME: &str = "proxy-ssl-name";
+pub const PROXY_SSL_SERVER_NAME: &str = "proxy-ssl-server-name";
 
 // ingress-nginx's CORS defaults.
 const CORS_METHODS: &str = "GET, PUT, POST, DELETE, PATCH, OPTIONS";
@@ -80,6 +86,10 @@ pub const IS_DEFAULT_CLASS: &str = "ingressclass.kubernetes.io/is-default-class"
 
 /// What an Ingress's annotations ask of its routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is one independent true/false annotation"
+)]
 pub struct Settings {
     /// Redirect plain HTTP for hosts with TLS (default true).
     pub ssl_redirect: bool,
@@ -95,6 +105,73 @@ pub struct Settings {
     pub policy: Policy,
     /// `canary: "true"`: the Ingress's routes are canaries of another Ingress's.
     pub canary: Option<CanaryRules>,
+    /// `backend-protocol` and `proxy-ssl-*`.
+    pub backend: Backend,
+    /// `ssl-passthrough: "true"`: TLS for the Ingress's hosts goes to the backend of
+    /// their `/` path untouched (when the agent runs with
+    /// `--l7-enable-ssl-passthrough`).
+    pub ssl_passthrough: bool,
+}
+
+/// How the hop speaks to the Ingress's backends: `backend-protocol` and the
+/// `proxy-ssl-*` settings (the Secret is read by the translation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// `None`: not set, the Service port's `appProtocol` decides.
+    pub protocol: Option<BackendProtocol>,
+    /// `proxy-ssl-verify: on`.
+    pub verify: bool,
+    /// `proxy-ssl-secret`, as written (`namespace/name`).
+    pub secret: Option<String>,
+    /// `proxy-ssl-name`.
+    pub name: Option<String>,
+    /// `proxy-ssl-server-name: on`.
+    pub sni: bool,
+}
+
+/// The `backend-protocol` values xlb serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProtocol {
+    Http,
+    Https,
+    /// gRPC: HTTP/2 without TLS.
+    Grpc,
+    /// gRPC over TLS: HTTP/2 inside TLS.
+    Grpcs,
+    /// HTTP/2 without TLS.
+    H2c,
+}
+
+impl BackendProtocol {
+    /// The HTTP version and whether TLS wraps it.
+    pub fn upstream(self) -> (UpstreamProtocol, bool) {
+        match self {
+            BackendProtocol::Http => (UpstreamProtocol::Http1, false),
+            BackendProtocol::Https => (UpstreamProtocol::Http1, true),
+            BackendProtocol::Grpc | BackendProtocol::H2c => (UpstreamProtocol::H2c, false),
+            BackendProtocol::Grpcs => (UpstreamProtocol::H2c, true),
+        }
+    }
+}
+
+const REFUSED_PROTOCOL: &str = "xlb speaks HTTP, HTTPS, GRPC, GRPCS or H2C to backends: \
+    FCGI and AJP backends would get requests they cannot read, and AUTO_HTTP (the \
+    client's scheme per request) is not built; the Ingress is not served until the value \
+    is changed";
+
+/// The agent's defaults for what an Ingress's annotations leave unset: ingress-nginx's
+/// ConfigMap keys of the same names (body size and timeouts are the proxy's own
+/// defaults, which a route without the annotation uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// `ssl-redirect` (`--l7-ssl-redirect`, default true).
+    pub ssl_redirect: bool,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { ssl_redirect: true }
+    }
 }
 
 /// A canary Ingress's rules (its backend is per path).
@@ -134,6 +211,8 @@ impl Default for Settings {
             rewrite_target: None,
             policy: Policy::default(),
             canary: None,
+            backend: Backend::default(),
+            ssl_passthrough: false,
         }
     }
 }
@@ -324,6 +403,22 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// nginx's `on`/`off` (the `proxy-ssl-*` switches).
+    fn on_off(&mut self, name: &str) -> Option<bool> {
+        match self.get(name)?.trim() {
+            "on" => Some(true),
+            "off" => Some(false),
+            other => {
+                let reason = format!(
+                    "{} is neither \"on\" nor \"off\": off applies",
+                    quoted(other)
+                );
+                self.bad(name, reason);
+                None
+            }
+        }
+    }
+
     /// `true`/`false` (ingress-nginx reads booleans with Go's strconv.ParseBool, but
     /// its documentation only shows these two).
     fn flag(&mut self, name: &str) -> Option<bool> {
@@ -339,10 +434,15 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Reads an Ingress's annotations under `prefix`; bad values keep the default and are
-/// returned.
-pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Read {
+/// Reads an Ingress's annotations under `prefix`; what they leave unset is `defaults`
+/// (then ingress-nginx's); bad values keep the default and are returned.
+pub fn read(
+    annotations: Option<&BTreeMap<String, String>>,
+    prefix: &str,
+    defaults: &Defaults,
+) -> Read {
     let mut read = Read::default();
+    read.settings.ssl_redirect = defaults.ssl_redirect;
     let Some(map) = annotations else {
         return read;
     };
@@ -405,6 +505,10 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
     if src.flag(CANARY) == Some(true) {
         settings.canary = Some(canary(&mut src));
     }
+    settings.ssl_passthrough = src.flag(SSL_PASSTHROUGH) == Some(true);
+    let (backend, refused) = backend(&mut src);
+    settings.backend = backend;
+    read.refused.extend(refused);
     if let Some(v) = map.get(LOAD_BALANCE) {
         match v.as_str() {
             "round-robin" => settings.balance = Balance::RoundRobin,
@@ -584,6 +688,56 @@ fn limits(src: &mut Source<'_>) -> Option<Limits> {
         connections,
         burst_multiplier,
     })
+}
+
+/// `backend-protocol` (case-insensitive, as ingress-nginx; an unknown value keeps
+/// HTTP) and the `proxy-ssl-*` switches; a protocol xlb cannot speak is refused.
+fn backend(src: &mut Source<'_>) -> (Backend, Option<(String, &'static str)>) {
+    let mut refused = None;
+    let protocol = match src
+        .get(BACKEND_PROTOCOL)
+        .map(|v| v.trim().to_ascii_uppercase())
+    {
+        None => None,
+        Some(v) => match v.as_str() {
+            "HTTP" => Some(BackendProtocol::Http),
+            "HTTPS" => Some(BackendProtocol::Https),
+            "GRPC" => Some(BackendProtocol::Grpc),
+            "GRPCS" => Some(BackendProtocol::Grpcs),
+            "H2C" => Some(BackendProtocol::H2c),
+            "AUTO_HTTP" | "FCGI" | "AJP" => {
+                refused = Some((src.full(BACKEND_PROTOCOL), REFUSED_PROTOCOL));
+                None
+            }
+            _ => {
+                let reason = format!(
+                    "{} is not HTTP, HTTPS, GRPC, GRPCS or H2C: HTTP applies",
+                    quoted(&v)
+                );
+                src.bad(BACKEND_PROTOCOL, reason);
+                Some(BackendProtocol::Http)
+            }
+        },
+    };
+    let name = match src.get(PROXY_SSL_NAME) {
+        None => None,
+        Some(_) => src.text(PROXY_SSL_NAME).filter(|name| {
+            let ok = rustls_pki_types::ServerName::try_from(name.as_str()).is_ok();
+            if !ok {
+                let reason = format!("{} is not a DNS name or IP address", quoted(name));
+                src.bad(PROXY_SSL_NAME, reason);
+            }
+            ok
+        }),
+    };
+    let backend = Backend {
+        protocol,
+        verify: src.on_off(PROXY_SSL_VERIFY).unwrap_or(false),
+        secret: src.get(PROXY_SSL_SECRET).map(|v| v.trim().to_owned()),
+        name,
+        sni: src.on_off(PROXY_SSL_SERVER_NAME).unwrap_or(false),
+    };
+    (backend, refused)
 }
 
 /// The `canary-*` rules; a bad value is left out (weight: 0).

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use super::annotations::*;
 use super::*;
-use crate::cluster::Object;
+use crate::cluster::{CA_CERT_KEY, Object};
 use crate::model::fixtures;
 use crate::routes::{Balance, Redirect};
 
@@ -1416,4 +1416,287 @@ fn limit_annotations() {
           is not a whole number above 0: no such limit"
             .to_owned()
     ));
+}
+
+// --- backend-protocol and proxy-ssl-* ------------------------------------------------
+
+fn no_endpoints(route: &Route) -> bool {
+    matches!(&route.upstream.target, Target::Endpoints(e) if e.is_empty())
+}
+
+fn with_ca(mut secret: Object, ca_pem: &str) -> Object {
+    if let Object::Secret(s) = &mut secret {
+        s.data.get_or_insert_with(BTreeMap::new).insert(
+            CA_CERT_KEY.to_owned(),
+            ByteString(ca_pem.as_bytes().to_vec()),
+        );
+    }
+    secret
+}
+
+#[test]
+fn backend_protocol_sets_version_and_tls_and_overrides_the_app_protocol() {
+    let cases = [
+        ("HTTP", UpstreamProtocol::Http1, false),
+        ("https", UpstreamProtocol::Http1, true),
+        ("GRPC", UpstreamProtocol::H2c, false),
+        (" grpcs ", UpstreamProtocol::H2c, true),
+        ("H2C", UpstreamProtocol::H2c, false),
+    ];
+    for (value, protocol, tls) in cases {
+        let mut objects = shop();
+        // `api` is on a port with `appProtocol: kubernetes.io/h2c`.
+        annotate(&mut objects, "api", &[("backend-protocol", value)]);
+        let t = run(&objects);
+        let api = route(&t, "shop.example.com", "/api");
+        assert_eq!(api.upstream.protocol, protocol, "{value}");
+        assert_eq!(api.upstream.tls.is_some(), tls, "{value}");
+        assert_eq!(api.upstream.name, "shop/api:9000");
+        assert_eq!(problems(&t), problems(&run(&shop())), "{value}");
+        // Another Ingress on the same Service keeps the Service's protocol.
+        if value == "HTTP" {
+            let storefront = route(&t, "shop.example.com", "/");
+            assert_eq!(storefront.upstream.protocol, UpstreamProtocol::Http1);
+        }
+    }
+    // Without the annotation the Service port decides.
+    let t = run(&shop());
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").upstream.protocol,
+        UpstreamProtocol::H2c
+    );
+}
+
+#[test]
+fn backend_tls_defaults_are_ingress_nginx_ones_and_the_name_is_the_service() {
+    let mut objects = shop();
+    annotate(&mut objects, "api", &[("backend-protocol", "HTTPS")]);
+    let t = run(&objects);
+    let tls = route(&t, "shop.example.com", "/api")
+        .upstream
+        .tls
+        .clone()
+        .expect("TLS");
+    assert!(!tls.verify, "proxy-ssl-verify is off by default");
+    assert!(!tls.sni, "proxy-ssl-server-name is off by default");
+    assert_eq!(tls.name, "api.shop.svc");
+    assert!(tls.ca.is_empty() && tls.client.is_none());
+    // An ExternalName's host is its name.
+    let mut objects = shop();
+    annotate(&mut objects, "payments", &[("backend-protocol", "HTTPS")]);
+    let t = run(&objects);
+    let pay = route(&t, "pay.example.com", "/")
+        .upstream
+        .tls
+        .clone()
+        .unwrap();
+    assert_eq!(pay.name, "payments.billing.svc.cluster.local");
+}
+
+#[test]
+fn proxy_ssl_secret_gives_the_ca_and_client_certificate() {
+    let mut objects = shop();
+    let client = issue(&["client.example"]);
+    let ca = issue(&["ca.example"]);
+    objects.push(with_ca(
+        tls_secret("backend-tls", &client.cert_pem, &client.key_pem),
+        &ca.cert_pem,
+    ));
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            ("backend-protocol", "GRPCS"),
+            ("proxy-ssl-secret", "shop/backend-tls"),
+            ("proxy-ssl-verify", "on"),
+            ("proxy-ssl-name", "api.internal.example"),
+            ("proxy-ssl-server-name", "on"),
+        ],
+    );
+    let t = run(&objects);
+    assert_eq!(problems(&t), problems(&run(&shop())));
+    let tls = route(&t, "shop.example.com", "/api")
+        .upstream
+        .tls
+        .clone()
+        .unwrap();
+    assert!(tls.verify && tls.sni);
+    assert_eq!(tls.name, "api.internal.example");
+    assert_eq!(tls.ca.len(), 1);
+    assert_eq!(tls.client.as_ref().unwrap().chain.len(), 1);
+    assert!(!no_endpoints(route(&t, "shop.example.com", "/api")));
+}
+
+#[test]
+fn unusable_backend_tls_settings_answer_503_with_a_problem() {
+    let p = "metadata.annotations[nginx.ingress.kubernetes.io";
+    let cases: [(&[(&str, &str)], String); 4] = [
+        (
+            &[("proxy-ssl-secret", "backend-tls")],
+            format!("{p}/proxy-ssl-secret]: \"backend-tls\" is not NAMESPACE/NAME"),
+        ),
+        (
+            &[("proxy-ssl-secret", "other/backend-tls")],
+            format!("{p}/proxy-ssl-secret]: Secret other/backend-tls is in another namespace"),
+        ),
+        (
+            &[("proxy-ssl-secret", "shop/missing")],
+            format!("{p}/proxy-ssl-secret]: Secret shop/missing not found"),
+        ),
+        (
+            &[("proxy-ssl-verify", "on")],
+            format!("{p}/proxy-ssl-verify]: is on, but no proxy-ssl-secret with ca.crt"),
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let mut objects = shop();
+        let mut all = vec![("backend-protocol", "HTTPS")];
+        all.extend_from_slice(pairs);
+        annotate(&mut objects, "api", &all);
+        let t = run(&objects);
+        let api = route(&t, "shop.example.com", "/api");
+        assert!(no_endpoints(api), "{expected}");
+        let problems = problems(&t);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("Ingress shop/api: {expected}"))
+                    && p.ends_with("its routes answer 503")),
+            "{expected}: {problems:#?}"
+        );
+    }
+}
+
+#[test]
+fn backend_protocol_values_xlb_cannot_speak() {
+    // Refused: the Ingress is not served.
+    for value in ["FCGI", "ajp", "AUTO_HTTP"] {
+        let mut objects = shop();
+        annotate(&mut objects, "api", &[("backend-protocol", value)]);
+        let t = run(&objects);
+        assert_eq!(
+            to(&t, "shop.example.com", "/api"),
+            Some("shop/web:80 <- storefront".to_owned()),
+            "{value}"
+        );
+        assert!(
+            problems(&t).iter().any(|p| p.starts_with(
+                "Ingress shop/api: metadata.annotations[nginx.ingress.kubernetes.io/backend-protocol]: \
+                 xlb speaks HTTP, HTTPS, GRPC, GRPCS or H2C"
+            )),
+            "{value}: {:#?}",
+            problems(&t)
+        );
+    }
+    // Unknown: HTTP, as ingress-nginx, with a problem; bad switches stay off.
+    let mut objects = shop();
+    annotate(
+        &mut objects,
+        "api",
+        &[
+            ("backend-protocol", "SPDY"),
+            ("proxy-ssl-verify", "true"),
+            ("proxy-ssl-name", "not a name"),
+        ],
+    );
+    let t = run(&objects);
+    assert_eq!(
+        route(&t, "shop.example.com", "/api").upstream.protocol,
+        UpstreamProtocol::Http1
+    );
+    let problems = problems(&t);
+    for expected in [
+        "backend-protocol]: \"SPDY\" is not HTTP, HTTPS, GRPC, GRPCS or H2C: HTTP applies",
+        "proxy-ssl-verify]: \"true\" is neither \"on\" nor \"off\": off applies",
+        "proxy-ssl-name]: \"not a name\" is not a DNS name or IP address",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.ends_with(expected)),
+            "{expected}: {problems:#?}"
+        );
+    }
+}
+
+// --- ssl-passthrough -------------------------------------------------------------------
+
+#[test]
+fn ssl_passthrough_sends_a_hosts_tls_to_its_root_path_backend() {
+    let mut objects = shop();
+    annotate(&mut objects, "payments", &[("ssl-passthrough", "true")]);
+    // `storefront`'s host has `/` too, but from an Ingress without the annotation.
+    let t = run(&objects);
+    let pay = t
+        .routes
+        .passthrough("Pay.Example.com")
+        .expect("passed through");
+    assert_eq!(pay.name, "shop/payments:443");
+    assert!(t.routes.passthrough("shop.example.com").is_none());
+    assert_eq!(problems(&t), problems(&run(&shop())));
+    // HTTP routes stay (ingress-nginx still serves plain HTTP for the host).
+    assert_eq!(
+        to(&t, "pay.example.com", "/by-name"),
+        Some("shop/payments:https <- payments".to_owned())
+    );
+    // Off, or set to false: nothing passes.
+    annotate(&mut objects, "payments", &[("ssl-passthrough", "false")]);
+    assert!(
+        run(&objects)
+            .routes
+            .passthrough("pay.example.com")
+            .is_none()
+    );
+    assert!(run(&shop()).routes.passthrough("pay.example.com").is_none());
+}
+
+#[test]
+fn ssl_passthrough_needs_an_exact_host_with_a_root_path() {
+    let mut objects = shop();
+    // `api`: shop.example.com /api (no `/` of its own: storefront, older, has it) and a
+    // `*.example.com` rule.
+    annotate(&mut objects, "api", &[("ssl-passthrough", "true")]);
+    let t = run(&objects);
+    assert!(t.routes.passthrough("shop.example.com").is_none());
+    let problems = problems(&t);
+    assert!(
+        problems.iter().any(|p| p.starts_with(
+            "Ingress shop/api: spec.rules[0].http.paths: ssl-passthrough: shop.example.com \
+             has no path /"
+        )),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.contains(
+            &"Ingress shop/api: spec.rules[1].host: ssl-passthrough needs an exact host (TLS is \
+              routed by SNI): not passed through"
+                .to_owned()
+        ),
+        "{problems:#?}"
+    );
+}
+
+// --- the agent's defaults (ingress-nginx's ConfigMap) -----------------------------------
+
+#[test]
+fn the_ssl_redirect_default_applies_where_no_annotation_says_otherwise() {
+    let mut objects = shop();
+    with_tls(&mut objects);
+    let off = IngressClassConfig {
+        defaults: Defaults {
+            ssl_redirect: false,
+        },
+        ..xlb()
+    };
+    // Default on (ingress-nginx's): a TLS host redirects.
+    let t = translate(&fixtures::cluster(&objects), &xlb());
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+    // Off by the agent: no redirect, unless the Ingress asks.
+    let t = translate(&fixtures::cluster(&objects), &off);
+    assert!(!route(&t, "shop.example.com", "/").ssl_redirect);
+    annotate(&mut objects, "storefront", &[(SSL_REDIRECT, "true")]);
+    let t = translate(&fixtures::cluster(&objects), &off);
+    assert!(route(&t, "shop.example.com", "/").ssl_redirect);
+    // An annotation turning it off beats the default on.
+    annotate(&mut objects, "storefront", &[(SSL_REDIRECT, "false")]);
+    let t = translate(&fixtures::cluster(&objects), &xlb());
+    assert!(!route(&t, "shop.example.com", "/").ssl_redirect);
 }

@@ -7,7 +7,9 @@ use k8s_openapi::api::core::v1::Secret;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::cluster::{TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TLS_SECRET_TYPE, secret_data};
+use crate::cluster::{
+    CA_CERT_KEY, TLS_CERT_KEY, TLS_PRIVATE_KEY_KEY, TLS_SECRET_TYPE, secret_data,
+};
 use crate::quote::quoted;
 
 /// Why a Secret gives no certificate: the field and the reason.
@@ -25,7 +27,7 @@ fn error(field: impl Into<String>, reason: impl Into<String>) -> SecretError {
 }
 
 /// A certificate chain and its private key, as DER.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct KeyPair {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
@@ -60,4 +62,19 @@ pub fn key_pair(secret: &Secret) -> Result<KeyPair, SecretError> {
     let key = PrivateKeyDer::from_pem_slice(&key.0)
         .map_err(|e| error(&key_field, format!("not a PEM private key: {e}")))?;
     Ok(KeyPair { chain, key })
+}
+
+/// The PEM certificates in a Secret's `ca.crt`; `Ok(empty)` when it has none.
+pub fn ca_certificates(secret: &Secret) -> Result<Vec<CertificateDer<'static>>, SecretError> {
+    let field = format!("data[{CA_CERT_KEY}]");
+    let Some(pem) = secret_data(secret, CA_CERT_KEY) else {
+        return Ok(Vec::new());
+    };
+    let certs = CertificateDer::pem_slice_iter(&pem.0)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(&field, format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(error(&field, "holds no PEM CERTIFICATE block"));
+    }
+    Ok(certs)
 }
