@@ -1,8 +1,10 @@
 //! The node's SNAT settings (`SNAT_CONFIG_V1`): the source address per family that
-//! source-NATed flows leave with, and the port range. The address is the first
-//! `--node-address` of its family, else the first address of that family on the
-//! `--interface`s (link-local ones skipped), as MASQUERADE takes the address of the
-//! interface a packet leaves by.
+//! source-NATed flows leave with, and the port range. The address is the first of the
+//! known addresses of its family (`--node-address`, else the Node object's InternalIP,
+//! else its ExternalIP: `lb_core::model::kubernetes::NodeInfo`), else the first
+//! address of that family on the `--interface`s (link-local ones skipped), as
+//! MASQUERADE takes the address of the interface a packet leaves by. Also what the
+//! reservations hold (`usage`), for `status`.
 
 use std::ffi::CStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,7 +14,8 @@ use lb_common::{FlowKey, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SnatConfig, SnatEntry, ad
 
 use super::DataplaneError;
 
-/// The settings for `flags` (`--node-address`), the `interfaces` and `ports`.
+/// The settings for the `known` addresses (`--node-address`, or the Node object's),
+/// the `interfaces` and `ports`.
 pub fn config(
     flags: &[IpAddr],
     interfaces: &[String],
