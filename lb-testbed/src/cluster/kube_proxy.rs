@@ -395,34 +395,7 @@ impl<'c> NodeProgram<'c> for KubeProxyIptables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Protocol;
-
-    fn svc(policy: TrafficPolicy, endpoints: &[(&str, &str)]) -> ClusterService {
-        ClusterService {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: 8080,
-            cluster_ips: vec![
-                "203.0.113.10".parse().unwrap(),
-                "2001:db8:f::10".parse().unwrap(),
-            ],
-            node_port: Some(30_080),
-            load_balancer_ips: vec!["203.0.113.100".parse().unwrap()],
-            external_traffic_policy: policy,
-            health_check_node_port: None,
-            endpoints: endpoints
-                .iter()
-                .map(|(ip, node)| Endpoint {
-                    address: ip.parse().unwrap(),
-                    node: (*node).into(),
-                    pod: format!("{node}-pod"),
-                })
-                .collect(),
-        }
-    }
+    use crate::cluster::service::fixture::web as svc;
 
     fn declared_chains_are_complete(rules: &str) {
         for line in rules.lines().filter(|l| l.starts_with("-A ")) {

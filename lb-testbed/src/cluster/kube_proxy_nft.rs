@@ -362,37 +362,18 @@ impl<'c> NodeProgram<'c> for KubeProxyNftables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Protocol;
+    use crate::cluster::service::fixture;
 
+    /// Two endpoints on node-0 (one per family) and one IPv4 endpoint on node-1.
     fn svc(policy: TrafficPolicy) -> ClusterService {
-        ClusterService {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: 8080,
-            cluster_ips: vec![
-                "203.0.113.10".parse().unwrap(),
-                "2001:db8:f::10".parse().unwrap(),
+        fixture::web(
+            policy,
+            &[
+                ("192.0.2.10", "node-0"),
+                ("2001:db8:a::10", "node-0"),
+                ("192.0.2.42", "node-1"),
             ],
-            node_port: Some(30_080),
-            load_balancer_ips: vec![
-                "203.0.113.100".parse().unwrap(),
-                "2001:db8:f::100".parse().unwrap(),
-            ],
-            external_traffic_policy: policy,
-            health_check_node_port: None,
-            endpoints: ["192.0.2.10", "2001:db8:a::10", "192.0.2.42"]
-                .iter()
-                .zip(["node-0", "node-0", "node-1"])
-                .map(|(ip, node)| Endpoint {
-                    address: ip.parse().unwrap(),
-                    node: node.into(),
-                    pod: format!("{node}-pod"),
-                })
-                .collect(),
-        }
+        )
     }
 
     #[test]
