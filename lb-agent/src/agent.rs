@@ -9,7 +9,7 @@
 //! Stopping the agent leaves the program attached and the maps pinned (forwarding
 //! continues); the next agent adopts them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +92,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Validate before touching the kernel: a broken file never changes anything.
     let mut source =
         Source::open(&opts.source, &opts.node, opts.poll, l4, opts.l7.is_some()).await?;
+    check_snat_addresses(&source, &opts)?;
     let to_cluster = source.client().map(|client| {
         let node = opts.node.name.as_deref().unwrap_or("unknown-node");
         KubeWrites::start(client.clone(), node, opts.l7.is_some())
@@ -109,6 +110,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             dp,
             applied,
             desired_rx,
+            SnatSource::new(&opts),
             Arc::clone(&state),
         )))
     } else {
@@ -251,6 +253,78 @@ fn restored_down(applied: &Applied) -> Vec<BackendKey> {
         .collect()
 }
 
+/// A config file's services that source-NAT need this node's address of their backends'
+/// family: without a `--node-address` or an address on an `--interface` of that family,
+/// the agent refuses to start rather than drop every such flow.
+fn check_snat_addresses(source: &Source, opts: &RunOptions) -> Result<()> {
+    let needed = source.snat_families();
+    // Only XDP source-NATs; the socket hooks translate before a packet exists.
+    if needed.is_empty() || opts.interfaces.is_empty() {
+        return Ok(());
+    }
+    let cfg =
+        crate::dataplane::snat::config(&opts.node.addresses, &opts.interfaces, opts.snat_ports)?;
+    for (service, v6) in needed {
+        let family = if v6 {
+            lb_common::FAMILY_V6
+        } else {
+            lb_common::FAMILY_V4
+        };
+        if cfg.addr(family).is_none() {
+            let name = if v6 { "IPv6" } else { "IPv4" };
+            bail!(
+                "--node-address: service {service} source-NATs (lbMode snat, the default) \
+                 to {name} backends, and this node has no {name} address for it: give \
+                 --node-address with one, put one on an --interface ({}), or set the \
+                 service's lbMode to dnat",
+                opts.interfaces.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The node's SNAT settings as the writer keeps them: the addresses the Kubernetes
+/// sources know (the Node object's), completed per family by the interfaces'.
+struct SnatSource {
+    interfaces: Vec<String>,
+    ports: (u16, u16),
+    /// The addresses last written; `None`: the ones the agent started with.
+    applied: Option<Vec<IpAddr>>,
+}
+
+impl SnatSource {
+    fn new(opts: &RunOptions) -> SnatSource {
+        SnatSource {
+            interfaces: opts.interfaces.clone(),
+            ports: opts.snat_ports,
+            applied: None,
+        }
+    }
+
+    /// Writes the settings for `addresses` when they changed; a failure is logged and
+    /// retried with the next change.
+    fn apply(&mut self, dp: &mut Dataplane, addresses: Option<&[IpAddr]>) {
+        let Some(addresses) = addresses else { return };
+        if self.applied.as_deref() == Some(addresses) {
+            return;
+        }
+        let written = crate::dataplane::snat::config(addresses, &self.interfaces, self.ports)
+            .and_then(|cfg| dp.set_snat_config(&cfg).map(|()| cfg));
+        match written {
+            Ok(cfg) => {
+                tracing::info!(
+                    "SNAT: {} (node addresses {addresses:?}: --node-address, else the Node \
+                     object's InternalIP, else its ExternalIP, else the interface's)",
+                    crate::dataplane::snat::describe(&cfg)
+                );
+                self.applied = Some(addresses.to_vec());
+            }
+            Err(e) => tracing::error!("writing the SNAT settings: {e}"),
+        }
+    }
+}
+
 /// Loads the program and its maps on a blocking thread: meanwhile the Kubernetes
 /// source lists the cluster (loading and creating the maps takes a few hundred
 /// milliseconds).
@@ -353,6 +427,7 @@ async fn writer_task(
     mut dp: Dataplane,
     mut applied: Applied,
     mut desired: watch::Receiver<Desired>,
+    mut snat: SnatSource,
     state: Arc<AgentState>,
 ) {
     let mut retry = false;
@@ -391,6 +466,8 @@ async fn writer_task(
         let seen = state.reconcile.take();
         let (plan, services) = {
             let want = desired.borrow_and_update();
+            // The source address first: a new SNAT service must not meet the old one.
+            snat.apply(&mut dp, want.snat_addresses.as_deref());
             (plan::plan(&want, &applied), want.services.len())
         };
         let planned = started.elapsed();

@@ -51,7 +51,8 @@ pub enum Command {
         node_name: Option<String>,
         /// NodePort addresses of this node, instead of those of its Node object
         /// (repeatable). The first of each family is also the SNAT source address;
-        /// without it, the first address of each family on the `--interface`s is.
+        /// without it, the Node object's first InternalIP of each family is (else its
+        /// ExternalIP), else the first address of that family on the `--interface`s.
         #[arg(long = "node-address")]
         node_addresses: Vec<std::net::IpAddr>,
         /// How new flows to backends on other nodes are translated, unless a Service

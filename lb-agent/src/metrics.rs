@@ -176,6 +176,7 @@ fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane:
         ("conntrack", maps::CONNTRACK),
         ("revnat", maps::REVNAT),
         ("affinity", maps::AFFINITY),
+        ("snat", maps::SNAT),
     ] {
         let fill = dp.table_fill(map)?;
         scrape.tables.push((table, fill.entries, fill.capacity));
@@ -420,7 +421,7 @@ fn encode_kernel(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std:
     gauge(
         encoder,
         "table_entries",
-        "Entries in an LRU table (conntrack, revnat, affinity), counted at scrape time",
+        "Entries in an LRU table (conntrack, revnat, affinity, snat), counted at scrape time",
         s.tables
             .iter()
             .map(|(t, n, _)| ([("table", (*t).to_owned())], as_i64(*n))),

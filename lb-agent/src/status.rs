@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use lb_common::{
     Backend, BackendMeta, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey,
-    HEALTH_DOWN, HEALTH_UP, SERVICE_META_F_NO_BACKENDS, ServiceStats,
+    HEALTH_DOWN, HEALTH_UP, Reason, SERVICE_META_F_NO_BACKENDS, ServiceStats,
 };
 use serde::Serialize;
 
-use crate::dataplane::{Dataplane, DataplaneError, pins};
+use crate::dataplane::{Dataplane, DataplaneError, pins, snat};
 use lb_core::plan::{meta_endpoint, service_name};
 
 #[derive(Debug, Serialize)]
@@ -22,6 +22,42 @@ pub struct Report {
     pub services: Vec<ServiceStatus>,
     /// Verdict counters over all services: (reason, packets).
     pub reasons: Vec<(String, u64)>,
+    /// The node's source NAT: addresses, port range, ports held, exhaustion. `None`
+    /// before an agent wrote its settings.
+    pub snat: Option<SnatStatus>,
+}
+
+/// Source NAT on this node. Reservations are keyed by backend (address, port,
+/// protocol) and node address: each backend has the whole range, so a full backend
+/// drops only new source-NATed flows to itself from this node (`drop_snat_exhausted`).
+#[derive(Debug, Serialize)]
+pub struct SnatStatus {
+    /// The source addresses source-NATed flows leave with; `None`: that family's
+    /// flows to be source-NATed are dropped (`drop_no_snat_address`).
+    pub address_v4: Option<String>,
+    pub address_v6: Option<String>,
+    /// `--snat-ports`, inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Ports each backend can hold at once per node address.
+    pub ports_per_backend: u32,
+    /// Reservations whose flow is live (or closed within the backend's TIME_WAIT).
+    pub held: u64,
+    /// Reservations past their timeout, free for the next flow that tries the port.
+    pub idle: u64,
+    /// New flows dropped for no free port since the maps were created.
+    pub exhausted: u64,
+    /// Backends with held ports, fullest first.
+    pub backends: Vec<SnatBackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnatBackendStatus {
+    /// `192.0.2.43:8080/TCP`.
+    pub backend: String,
+    pub held: u64,
+    /// Every port of the range is held: new source-NATed flows to it are dropped.
+    pub full: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -131,19 +167,60 @@ impl Report {
             });
         }
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        let reasons = dp
+        let reasons: Vec<(String, u64)> = dp
             .reason_stats()?
             .into_iter()
             .filter(|(_, s)| s.packets > 0)
             .map(|(r, s)| (r.name().to_owned(), s.packets))
             .collect();
+        let exhausted = reasons
+            .iter()
+            .find(|(r, _)| r == Reason::DropSnatExhausted.name())
+            .map_or(0, |(_, n)| *n);
         Ok(Report {
             pin_dir: dir.to_path_buf(),
             interfaces: pins::pinned_interfaces(dir),
             services,
             reasons,
+            snat: snat_status(&dp, exhausted)?,
         })
     }
+}
+
+/// The SNAT section, from the settings and reservation maps; `None` while no agent has
+/// written the settings (an empty range).
+fn snat_status(dp: &Dataplane, exhausted: u64) -> Result<Option<SnatStatus>, DataplaneError> {
+    let cfg = dp.snat_config()?;
+    if cfg == lb_common::SnatConfig::default() {
+        return Ok(None);
+    }
+    let per_backend = snat::range_size(&cfg);
+    let usage = snat::usage(&dp.snat_reservations()?, snat::now_ns());
+    let mut backends: Vec<SnatBackendStatus> = usage
+        .per_backend
+        .iter()
+        .map(|(backend, held)| SnatBackendStatus {
+            backend: backend.to_string(),
+            held: *held,
+            full: *held >= u64::from(per_backend),
+        })
+        .collect();
+    backends.sort_by(|a, b| b.held.cmp(&a.held).then_with(|| a.backend.cmp(&b.backend)));
+    Ok(Some(SnatStatus {
+        address_v4: cfg
+            .addr(lb_common::FAMILY_V4)
+            .map(|a| std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()),
+        address_v6: cfg
+            .addr(lb_common::FAMILY_V6)
+            .map(|a| std::net::Ipv6Addr::from(a).to_string()),
+        port_min: cfg.port_min,
+        port_max: cfg.port_max,
+        ports_per_backend: per_backend,
+        held: usage.held,
+        idle: usage.idle,
+        exhausted,
+        backends,
+    }))
 }
 
 use crate::metrics::frontend_text;
@@ -237,11 +314,57 @@ impl fmt::Display for Report {
                 )?;
             }
         }
+        if let Some(snat) = &self.snat {
+            writeln!(f)?;
+            write!(f, "{snat}")?;
+        }
         if !self.reasons.is_empty() {
             writeln!(f)?;
             writeln!(f, "verdicts (packets):")?;
             for (reason, n) in &self.reasons {
                 writeln!(f, "  {reason:<24} {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for SnatStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let family = |addr: &Option<String>, name: &str| {
+            addr.clone()
+                .unwrap_or_else(|| format!("no {name} address (drop_no_snat_address)"))
+        };
+        writeln!(
+            f,
+            "SNAT from {}, {}; ports {}-{} ({} per backend address, port and protocol)",
+            family(&self.address_v4, "IPv4"),
+            family(&self.address_v6, "IPv6"),
+            self.port_min,
+            self.port_max,
+            self.ports_per_backend
+        )?;
+        writeln!(
+            f,
+            "  ports held {}  idle past their timeout {}  new flows dropped for no free port \
+             (drop_snat_exhausted) {}",
+            self.held, self.idle, self.exhausted
+        )?;
+        if !self.backends.is_empty() {
+            writeln!(f, "  {:<40} {:>13}", "BACKEND", "PORTS HELD")?;
+            for b in &self.backends {
+                writeln!(
+                    f,
+                    "  {:<40} {:>6} of {:<5}{}",
+                    b.backend,
+                    b.held,
+                    self.ports_per_backend,
+                    if b.full {
+                        "  FULL: new flows to it from this node are dropped"
+                    } else {
+                        ""
+                    }
+                )?;
             }
         }
         Ok(())

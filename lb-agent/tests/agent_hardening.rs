@@ -309,3 +309,42 @@ fn a_config_file_rewritten_in_place_is_never_applied_half_written() {
         );
     }
 }
+
+/// A config file whose service source-NATs to IPv6 backends on a node with no IPv6
+/// address (none on the interfaces, no `--node-address`): the agent refuses to start,
+/// naming the flag, the service and the family, and leaves nothing behind; with
+/// `--node-address` it serves.
+#[test]
+fn snat_without_a_node_address_of_the_family_fails_the_start_naming_the_flag() {
+    let bed = Bed::new("nosnataddr");
+    for interface in [Topology::LB_CLIENT_IF, Topology::LB_BACKEND_IF] {
+        bed.topo
+            .lb
+            .ip(&["-6", "addr", "flush", "dev", interface, "scope", "global"])
+            .expect("remove the IPv6 addresses");
+    }
+    testbed::write_atomically(
+        &bed.config,
+        "services:\n  - { name: web6, frontends: [{ address: \"2001:db8:f::10\", port: 80 }], \
+         backends: [{ address: \"2001:db8:b::10\", port: 8080 }] }\n",
+    );
+    let mut agent = bed.agent("nosnataddr", &[]);
+    let status = agent.wait_exit(SETTLE).expect("the agent exits");
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("--node-address")
+            && log.contains("service web6")
+            && log.contains("no IPv6 address"),
+        "{log}"
+    );
+    assert!(!has_xdp(&bed, Topology::LB_CLIENT_IF), "{log}");
+    assert!(!agent.pin_dir().exists(), "no pins left: {log}");
+
+    let agent = bed.agent("snataddr", &["--node-address", "2001:db8:c::1"]);
+    let report = agent
+        .wait_for(SETTLE, |r| !r.services.is_empty())
+        .expect("with --node-address the agent serves");
+    let snat = report.snat.expect("a SNAT section");
+    assert_eq!(snat.address_v6.as_deref(), Some("2001:db8:c::1"));
+}

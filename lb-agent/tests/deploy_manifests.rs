@@ -390,6 +390,9 @@ struct AgentArgs {
     l7: lb_agent::cli::L7Args,
     socket_lb: bool,
     cgroup: Option<PathBuf>,
+    lb_mode: lb_core::mode::LbMode,
+    node_addresses: Vec<std::net::IpAddr>,
+    snat_ports: (u16, u16),
 }
 
 fn agent_args(docs: &[Doc]) -> AgentArgs {
@@ -421,6 +424,9 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         l7,
         socket_lb,
         cgroup,
+        lb_mode,
+        node_addresses,
+        snat_ports,
         ..
     } = cli.command
     else {
@@ -447,7 +453,48 @@ fn agent_args(docs: &[Doc]) -> AgentArgs {
         l7,
         socket_lb,
         cgroup,
+        lb_mode,
+        node_addresses,
+        snat_ports,
     }
+}
+
+/// deploy/ sets the mode explicitly (snat, from the ConfigMap, not by the agent's
+/// default) and gives no `--node-address`: one list of addresses for every node of a
+/// DaemonSet would be right on one node at most, so each agent takes its SNAT source
+/// address from its own Node object (`--node-name` = the pod's node; the role reads
+/// Nodes). The port range is the ConfigMap's.
+#[test]
+fn snat_mode_is_explicit_and_each_node_takes_its_own_address() {
+    let docs = docs();
+    let args = agent_args(&docs);
+    assert!(
+        args.argv.iter().any(|a| a == "--lb-mode"),
+        "--lb-mode is set, not defaulted: {:?}",
+        args.argv
+    );
+    assert_eq!(args.lb_mode, lb_core::mode::LbMode::Snat);
+    assert!(
+        args.node_addresses.is_empty(),
+        "--node-address would give every node the same SNAT address: {:?}",
+        args.argv
+    );
+    assert!(
+        required().contains(&(String::new(), "nodes".into(), "watch".into())),
+        "the agent watches Nodes"
+    );
+    let cm = config_maps(&docs)[0];
+    let data = cm.data.as_ref().expect("ConfigMap data");
+    assert_eq!(data.get("lb-mode").map(String::as_str), Some("snat"));
+    let range = data.get("snat-ports").expect("snat-ports");
+    assert_eq!(
+        format!("{}-{}", args.snat_ports.0, args.snat_ports.1),
+        *range
+    );
+    assert!(
+        args.snat_ports.0 > 60_999,
+        "above the kernel's ephemeral ports: {range}"
+    );
 }
 
 #[test]

@@ -206,3 +206,80 @@ fn kube_source_converges_and_writes_nothing_on_relist_or_reconnect() {
         agent.log()
     );
 }
+
+/// A Node object with these `status.addresses` (type, address), in this order.
+fn node_with(addresses: &[(&str, String)]) -> Object {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nstatus:\n  addresses:\n",
+    );
+    for (kind, address) in addresses {
+        writeln!(yaml, "  - type: {kind}\n    address: \"{address}\"").expect("write to a String");
+    }
+    Object::Node(serde_yaml::from_str::<Node>(&yaml).expect("node YAML"))
+}
+
+/// Without `--node-address`, `--node-name`'s Node object gives the SNAT source
+/// addresses: its first InternalIP of each family (ahead of an ExternalIP listed
+/// first), else its ExternalIP, as kube-proxy and Cilium pick the node IP; they follow
+/// the Node when its addresses change. A source-NATed connection leaves with it.
+#[test]
+fn snat_source_addresses_come_from_the_node_object() {
+    let topo = Topology::for_test("k8ssnat", 1);
+    let _servers = testbed::spawn_backend_peer_servers(&topo, 1, PORT).expect("peer servers");
+    let api = ApiServer::start(&topo.lb).expect("API server");
+    let external_v6 = "2001:db8:e::200".to_owned();
+    api.apply_all([
+        node_with(&[
+            ("ExternalIP", "198.51.100.200".to_owned()),
+            ("Hostname", "node-a".to_owned()),
+            ("InternalIP", Topology::lb_backend_v4().to_string()),
+            ("ExternalIP", external_v6.clone()),
+            ("InternalIP", Topology::lb_backend_v6().to_string()),
+        ]),
+        web(),
+        web_slice(&[0]),
+    ]);
+    let kubeconfig = api.kubeconfig().display().to_string();
+    let agent = AgentProcess::start_with_env(
+        &topo.lb,
+        Path::new(AGENT),
+        &["--kube", "--node-name", "node-a"],
+        &[("KUBECONFIG", &kubeconfig)],
+        "k8ssnat",
+        &["--lb-mode", "snat"],
+    )
+    .expect("start agent");
+    let addresses = |v4: String, v6: String| {
+        agent
+            .wait_for(SETTLE, |r| {
+                r.snat.as_ref().is_some_and(|s| {
+                    s.address_v4.as_deref() == Some(&v4) && s.address_v6.as_deref() == Some(&v6)
+                }) && !r.services.is_empty()
+            })
+            .unwrap_or_else(|e| panic!("SNAT from {v4} and {v6}: {e:#}"))
+    };
+    addresses(
+        Topology::lb_backend_v4().to_string(),
+        Topology::lb_backend_v6().to_string(),
+    );
+    // The backend (on another node, as its slice says) sees the InternalIP.
+    let cluster_ip = SocketAddr::new(CLUSTER_IP.parse().expect("IP"), 80);
+    let answer = testbed::tcp_ask(&topo.client, cluster_ip, TIMEOUT).expect("via the ClusterIP");
+    assert_eq!(
+        answer.trim(),
+        format!("backend-0 {}", Topology::lb_backend_v4()),
+        "the backend saw the InternalIP"
+    );
+
+    // The Node's addresses change: no IPv6 InternalIP any more.
+    api.apply(node_with(&[
+        ("InternalIP", Topology::lb_client_v4().to_string()),
+        ("ExternalIP", external_v6.clone()),
+    ]));
+    addresses(Topology::lb_client_v4().to_string(), external_v6);
+    assert!(
+        agent.log().contains("the Node object's InternalIP"),
+        "{}",
+        agent.log()
+    );
+}

@@ -3,9 +3,13 @@
 //! load-balancer namespace (`ip netns exec LB iptables-restore FILE` / `nft -f FILE`).
 //!
 //! The shape follows kube-proxy's proxiers (pkg/proxy/iptables and pkg/proxy/nftables),
-//! written out here for one ClusterIP-style VIP per service port (the cluster topology's
-//! rules, per node with NodePorts, LB IPs and traffic policies, are in
-//! `lb_testbed::cluster::kube_proxy`):
+//! for one ClusterIP-style VIP per service port. What every kube-proxy ruleset has (the
+//! chain-name hash, the filter table, the nat table's fixed chains, the endpoint
+//! choice, the nftables table with its sets, maps and base chains) is rendered once, in
+//! `lb_testbed::cluster::kube_proxy` and `kube_proxy_nft`, which also render the cluster
+//! topology's rules per node (NodePorts, LB IPs, traffic policies); this module adds
+//! the per-service-port rules of the single-LB topology, the partial syncs and the
+//! counters:
 //! - iptables: `PREROUTING -> KUBE-SERVICES -> KUBE-SVC-<hash>`, which picks an endpoint
 //!   with `-m statistic --mode random --probability 1/(n-i)` jumps (the last one
 //!   unconditional) to `KUBE-SEP-<hash>` chains that `DNAT --to-destination ip:port`; plus
@@ -26,14 +30,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use lb_testbed::Netns;
-// kube-proxy's chain-name hash and masquerade mark are shared with the cluster
-// baseline's rules, which the testbed keeps.
-use lb_testbed::cluster::kube_proxy::{MASQ_MARK, chain_hash};
+// kube-proxy's chain-name hash, its fixed chains and rules and its endpoint choice are
+// rendered once, in the testbed, for this and the cluster baseline.
+use lb_testbed::cluster::kube_proxy::{
+    NODEPORTS_RULE, chain_hash, filter_head, kube_forward_rules, nat_top_level, statistic,
+};
+use lb_testbed::cluster::kube_proxy_nft;
 
 /// One service port as kube-proxy sees it: `namespace/service:port_name`, a VIP:port and
 /// its endpoints.
@@ -71,86 +78,10 @@ pub fn iptables_rules(services: &[ServicePort]) -> String {
 
 /// The filter table: kube-proxy's jumps from the base chains and `KUBE-FORWARD`.
 fn iptables_filter() -> String {
-    let mut filter = String::from(
-        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-         :KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
-         :KUBE-PROXY-FIREWALL - [0:0]\n:KUBE-SERVICES - [0:0]\n",
-    );
-    let new = "-m conntrack --ctstate NEW";
-    for (chain, jumps) in [
-        (
-            "INPUT",
-            &[
-                (
-                    new,
-                    "kubernetes load balancer firewall",
-                    "KUBE-PROXY-FIREWALL",
-                ),
-                (
-                    "",
-                    "kubernetes health check service ports",
-                    "KUBE-NODEPORTS",
-                ),
-                (
-                    new,
-                    "kubernetes externally-visible service portals",
-                    "KUBE-EXTERNAL-SERVICES",
-                ),
-            ][..],
-        ),
-        (
-            "FORWARD",
-            &[
-                (
-                    new,
-                    "kubernetes load balancer firewall",
-                    "KUBE-PROXY-FIREWALL",
-                ),
-                ("", "kubernetes forwarding rules", "KUBE-FORWARD"),
-                (new, "kubernetes service portals", "KUBE-SERVICES"),
-                (
-                    new,
-                    "kubernetes externally-visible service portals",
-                    "KUBE-EXTERNAL-SERVICES",
-                ),
-            ][..],
-        ),
-        (
-            "OUTPUT",
-            &[
-                (
-                    new,
-                    "kubernetes load balancer firewall",
-                    "KUBE-PROXY-FIREWALL",
-                ),
-                (new, "kubernetes service portals", "KUBE-SERVICES"),
-            ][..],
-        ),
-    ] {
-        for (matches, comment, target) in jumps {
-            let matches = if matches.is_empty() {
-                String::new()
-            } else {
-                format!("{matches} ")
-            };
-            let _ = writeln!(
-                filter,
-                "-A {chain} {matches}-m comment --comment \"{comment}\" -j {target}"
-            );
-        }
-    }
+    let mut filter = filter_head();
     filter.push_str(&kube_forward_rules());
     filter.push_str("COMMIT\n");
     filter
-}
-
-/// The rules of the filter table's `KUBE-FORWARD`.
-fn kube_forward_rules() -> String {
-    format!(
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT\n\
-         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
-    )
 }
 
 /// The nat table: the masquerade chains, `KUBE-SERVICES`, and per service port its
@@ -164,39 +95,6 @@ fn iptables_nat(services: &[ServicePort]) -> String {
     rules.push_str(NODEPORTS_RULE);
     format!("{chains}{rules}COMMIT\n")
 }
-
-/// The nat table's header, the top-level chains kube-proxy rewrites on every sync and
-/// their fixed rules; with `builtin`, the base chains and their jumps too (a full
-/// restore; a partial one leaves them alone).
-fn nat_top_level(builtin: bool) -> (String, String) {
-    let mut chains = String::from("*nat\n");
-    let mut rules = String::new();
-    if builtin {
-        chains.push_str(
-            ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-             :POSTROUTING ACCEPT [0:0]\n",
-        );
-        rules.push_str(
-            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-             -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
-        );
-    }
-    chains.push_str(
-        ":KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
-         :KUBE-SERVICES - [0:0]\n",
-    );
-    let _ = write!(
-        rules,
-        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
-         -A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
-         -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
-         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"
-    );
-    (chains, rules)
-}
-
-const NODEPORTS_RULE: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
 
 /// The service port's jump in `KUBE-SERVICES`.
 fn kube_services_rule(svc: &ServicePort, rules: &mut String) {
@@ -220,15 +118,7 @@ fn iptables_service(svc: &ServicePort, chains: &mut String, rules: &mut String) 
         let endpoint = address.to_string();
         let sep = sep_chain(svc, &endpoint);
         let _ = writeln!(chains, ":{sep} - [0:0]");
-        // Endpoint i of n is taken with probability 1/(n-i) among what is left, so
-        // each gets 1/n; the last jump is unconditional.
-        let statistic = if i + 1 < n {
-            #[expect(clippy::cast_precision_loss, reason = "a few endpoints")]
-            let p = 1.0 / (n - i) as f64;
-            format!("-m statistic --mode random --probability {p:.10} ")
-        } else {
-            String::new()
-        };
+        let statistic = statistic(i, n);
         let _ = writeln!(
             rules,
             "-A {svc_chain} -m comment --comment \"{name} -> {endpoint}\" {statistic}-j {sep}"
@@ -289,91 +179,10 @@ const NFT_TABLE: &str = "ip kube-proxy";
 /// `nft -f` input: kube-proxy's nftables-mode table for `services`. `service_cidr` is the
 /// range the VIPs come from; `node_ip` accepts `NodePort` traffic (none here).
 pub fn nft_rules(services: &[ServicePort], service_cidr: &str, node_ip: Ipv4Addr) -> String {
-    let mut out = nft_base(service_cidr, node_ip);
+    let mut out = kube_proxy_nft::base(false, Some(service_cidr), IpAddr::V4(node_ip));
     for svc in services {
         nft_service(&mut out, svc);
     }
-    out
-}
-
-/// The table, its sets and maps, base chains and base rules.
-fn nft_base(service_cidr: &str, node_ip: Ipv4Addr) -> String {
-    let t = NFT_TABLE;
-    let key = "ipv4_addr . inet_proto . inet_service";
-    let mut out = format!(
-        "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
-         add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}\n\
-         add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}\n\
-         add map {t} firewall-ips {{ type {key} : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}\n\
-         add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}\n\
-         add map {t} no-endpoint-services {{ type {key} : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}\n\
-         add map {t} service-ips {{ type {key} : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
-         add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n"
-    );
-    for (chain, hook) in [
-        ("cluster-ips-check", ""),
-        (
-            "filter-prerouting-pre-dnat",
-            "type filter hook prerouting priority -110 ;",
-        ),
-        (
-            "filter-output-pre-dnat",
-            "type filter hook output priority -110 ;",
-        ),
-        ("filter-forward", "type filter hook forward priority 0 ;"),
-        ("filter-input", "type filter hook input priority 0 ;"),
-        ("filter-output", "type filter hook output priority 0 ;"),
-        ("firewall-check", ""),
-        ("mark-for-masquerade", ""),
-        ("masquerading", ""),
-        ("nat-output", "type nat hook output priority -100 ;"),
-        (
-            "nat-postrouting",
-            "type nat hook postrouting priority 100 ;",
-        ),
-        ("nat-prerouting", "type nat hook prerouting priority -100 ;"),
-        ("nodeport-endpoints-check", ""),
-        (
-            "reject-chain",
-            "comment \"helper for @no-endpoint-services / @no-endpoint-nodeports\" ;",
-        ),
-        ("services", ""),
-        ("service-endpoints-check", ""),
-    ] {
-        if hook.is_empty() {
-            let _ = writeln!(out, "add chain {t} {chain}");
-        } else {
-            let _ = writeln!(out, "add chain {t} {chain} {{ {hook} }}");
-        }
-    }
-    for rule in [
-        "cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"".to_owned(),
-        format!("cluster-ips-check ip daddr {{ {service_cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""),
-        "filter-prerouting-pre-dnat ct state new jump firewall-check".to_owned(),
-        "filter-forward ct state new jump service-endpoints-check".to_owned(),
-        "filter-forward ct state new jump cluster-ips-check".to_owned(),
-        "filter-input ct state new jump nodeport-endpoints-check".to_owned(),
-        "filter-input ct state new jump service-endpoints-check".to_owned(),
-        "filter-output ct state new jump service-endpoints-check".to_owned(),
-        "filter-output-pre-dnat ct state new jump firewall-check".to_owned(),
-        "filter-output ct state new jump cluster-ips-check".to_owned(),
-        "firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips".to_owned(),
-        format!("mark-for-masquerade mark set mark or {MASQ_MARK}"),
-        format!("masquerading mark and {MASQ_MARK} == 0 return"),
-        format!("masquerading mark set mark xor {MASQ_MARK}"),
-        "masquerading masquerade fully-random".to_owned(),
-        "nat-output jump services".to_owned(),
-        "nat-postrouting jump masquerading".to_owned(),
-        "nat-prerouting jump services".to_owned(),
-        "nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports".to_owned(),
-        "reject-chain reject".to_owned(),
-        "services ip daddr . meta l4proto . th dport vmap @service-ips".to_owned(),
-        "services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports".to_owned(),
-        "service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services".to_owned(),
-    ] {
-        let _ = writeln!(out, "add rule {t} {rule}");
-    }
-    let _ = writeln!(out, "add element {t} nodeport-ips {{ {node_ip} }}");
     out
 }
 

@@ -168,6 +168,24 @@ impl Dataplane {
         self.hash_get(maps::SNAT, key)
     }
 
+    /// Every SNAT reservation (reply flow backend -> node:port, and its entry), for
+    /// `status`: key by key, at most the map's capacity.
+    pub fn snat_reservations(&self) -> Result<Vec<(FlowKey, SnatEntry)>, DataplaneError> {
+        let name = maps::SNAT;
+        let m: HashMap<_, FlowKey, SnatEntry> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        let mut out = Vec::new();
+        for item in m.iter().take(maps::SNAT_ENTRIES as usize) {
+            match item {
+                Ok(pair) => out.push(pair),
+                // Evicted while the iteration stood on it: gone, as it should be.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes a SNAT reservation as the program would (tests: a port another flow holds).
     pub fn set_snat_entry(
         &mut self,

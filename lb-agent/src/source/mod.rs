@@ -438,6 +438,27 @@ impl Source {
         }
     }
 
+    /// The config file's services that source-NAT, with each backend family they need
+    /// a node address of (`true`: IPv6); empty for the Kubernetes sources, whose
+    /// addresses come from the Node object.
+    pub fn snat_families(&self) -> Vec<(String, bool)> {
+        let Input::File { specs, lb_mode, .. } = &self.input else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for spec in specs {
+            if spec.lb_mode.unwrap_or(*lb_mode) != lb_core::mode::LbMode::Snat {
+                continue;
+            }
+            for v6 in [false, true] {
+                if spec.backends.iter().any(|b| b.address.is_ipv6() == v6) {
+                    out.push((spec.name.clone(), v6));
+                }
+            }
+        }
+        out
+    }
+
     /// The API client of `--kube`, for the agent's writes.
     pub fn client(&self) -> Option<&::kube::Client> {
         match &self.input {

@@ -87,6 +87,7 @@ pub fn node(name: &str, addresses: &[&str]) -> NodeInfo {
     NodeInfo {
         name: Some(name.to_owned()),
         addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+        snat_addresses: Vec::new(),
         lb_mode: crate::mode::LbMode::default(),
     }
 }

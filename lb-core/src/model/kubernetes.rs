@@ -49,6 +49,9 @@ pub struct NodeInfo {
     pub name: Option<String>,
     /// Addresses NodePorts are served on.
     pub addresses: Vec<IpAddr>,
+    /// The source addresses of source-NATed flows, at most one per family (see
+    /// [`NodeInfo::resolve`]); empty when neither flags nor a Node object give one.
+    pub snat_addresses: Vec<IpAddr>,
     /// The agent's `--lb-mode`, for Services without `xlb.dev/lb-mode`.
     pub lb_mode: LbMode,
 }
@@ -73,9 +76,38 @@ impl NodeInfo {
         NodeInfo {
             name: name.map(str::to_owned),
             addresses,
+            snat_addresses: snat_addresses(flags, node),
             lb_mode: LbMode::default(),
         }
     }
+}
+
+/// The SNAT source address of each family: the first flag of the family when any flag
+/// is given; else the Node object's first InternalIP of the family, else its first
+/// ExternalIP, in the order `status.addresses` lists them (kube-proxy's and Cilium's
+/// choice of the node IP: the address the other nodes and the pods reach it by).
+fn snat_addresses(flags: &[IpAddr], node: Option<&Node>) -> Vec<IpAddr> {
+    let from_node: Vec<(&str, IpAddr)> = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| Some((a.type_.as_str(), a.address.parse().ok()?)))
+        .collect();
+    [false, true]
+        .into_iter()
+        .filter_map(|v6| {
+            if !flags.is_empty() {
+                return flags.iter().copied().find(|a| a.is_ipv6() == v6);
+            }
+            ["InternalIP", "ExternalIP"].into_iter().find_map(|kind| {
+                from_node
+                    .iter()
+                    .find(|(t, a)| *t == kind && a.is_ipv6() == v6)
+                    .map(|(_, a)| *a)
+            })
+        })
+        .collect()
 }
 
 /// A field of an object the translation skipped; the rest of the object still applies.

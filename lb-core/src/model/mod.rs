@@ -103,6 +103,11 @@ impl ServiceModel {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub services: BTreeMap<String, Arc<ServiceModel>>,
+    /// The node's SNAT source addresses as the Kubernetes sources know them (at most
+    /// one per family: `--node-address`, else the Node object's InternalIP, else its
+    /// ExternalIP); `None` when the source has no say (a config file: the agent keeps
+    /// the flags and the interfaces' addresses it started with).
+    pub snat_addresses: Option<Vec<std::net::IpAddr>>,
 }
 
 /// Services by name, each model in its own `Arc`; a later name replaces an earlier one.
@@ -113,6 +118,7 @@ impl<'a> FromIterator<(&'a str, ServiceModel)> for Desired {
                 .into_iter()
                 .map(|(name, model)| (name.to_owned(), Arc::new(model)))
                 .collect(),
+            snat_addresses: None,
         }
     }
 }
@@ -169,7 +175,10 @@ pub fn from_specs(
             (spec.name.clone(), Arc::new(model))
         })
         .collect();
-    Desired { services }
+    Desired {
+        services,
+        snat_addresses: None,
+    }
 }
 
 #[cfg(test)]

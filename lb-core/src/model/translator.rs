@@ -46,11 +46,7 @@ impl Translator {
     /// empty, replace the Node object's addresses for NodePorts.
     pub fn new(node_name: Option<String>, node_flags: Vec<IpAddr>) -> Self {
         Translator {
-            node: NodeInfo {
-                name: node_name.clone(),
-                addresses: node_flags.clone(),
-                lb_mode: LbMode::default(),
-            },
+            node: NodeInfo::resolve(node_name.as_deref(), &node_flags, None),
             node_name,
             node_flags,
             ..Translator::default()
@@ -76,17 +72,7 @@ impl Translator {
             Dirty::None => return outcome,
             Dirty::Services(keys) => keys,
             Dirty::All => {
-                let node_object = self
-                    .node_name
-                    .as_ref()
-                    .and_then(|name| cluster.nodes.get(name));
-                let lb_mode = self.node.lb_mode;
-                self.node = NodeInfo::resolve(
-                    self.node_name.as_deref(),
-                    &self.node_flags,
-                    node_object.map(AsRef::as_ref),
-                );
-                self.node.lb_mode = lb_mode;
+                outcome.changed |= self.resolve_node(cluster, desired);
                 cluster
                     .services
                     .keys()
@@ -174,6 +160,27 @@ impl Translator {
             outcome.changed |= desired.services.remove(&name).is_some();
         }
         outcome
+    }
+
+    /// Resolves this node from its Node object (`Dirty::All` comes with every Node
+    /// change) and puts its SNAT addresses into `desired`; true when they changed.
+    fn resolve_node(&mut self, cluster: &Cluster, desired: &mut Desired) -> bool {
+        let node_object = self
+            .node_name
+            .as_ref()
+            .and_then(|name| cluster.nodes.get(name));
+        let lb_mode = self.node.lb_mode;
+        self.node = NodeInfo::resolve(
+            self.node_name.as_deref(),
+            &self.node_flags,
+            node_object.map(AsRef::as_ref),
+        );
+        self.node.lb_mode = lb_mode;
+        if desired.snat_addresses.as_ref() == Some(&self.node.snat_addresses) {
+            return false;
+        }
+        desired.snat_addresses = Some(self.node.snat_addresses.clone());
+        true
     }
 
     /// healthCheckNodePort listeners to serve: port -> (Service, local endpoints).

@@ -679,6 +679,7 @@ fn arb_desired() -> impl Strategy<Value = Desired> {
                     (format!("svc-{n}"), Arc::new(model))
                 })
                 .collect(),
+            snat_addresses: None,
         }
     })
 }
@@ -833,6 +834,7 @@ fn one_changed_service_among_many_is_the_only_one_planned() {
             .iter()
             .map(|(n, m)| (n.clone(), Arc::new((**m).clone())))
             .collect(),
+        snat_addresses: None,
     };
     let plan = converge(&mut maps, &rebuilt);
     assert!(plan.ops.is_empty());

@@ -73,6 +73,30 @@ fn sep_chain(svc: &ClusterService, endpoint: &SocketAddr) -> String {
 /// tables on node `node_name` for `services`.
 pub fn rules(services: &[ClusterService], node_name: &str, v6: bool) -> String {
     let cluster_cidr = if v6 { CLUSTER_CIDR_V6 } else { CLUSTER_CIDR_V4 };
+    let mut filter = filter_head();
+    filter.push_str(&kube_forward_rules());
+    let (chains, nat) = nat_top_level(true);
+    let mut t = Tables {
+        filter,
+        chains,
+        nat,
+    };
+    for svc in services {
+        service_rules(svc, node_name, v6, cluster_cidr, &mut t);
+    }
+    let Tables {
+        filter,
+        chains,
+        mut nat,
+    } = t;
+    nat.push_str(NODEPORTS_RULE);
+    format!("{filter}COMMIT\n{chains}{nat}COMMIT\n")
+}
+
+/// The filter table's header, base chains, kube-proxy's chains and the jumps from the
+/// base chains to them (without `KUBE-FORWARD`'s rules and `COMMIT`). Shared with the
+/// single-LB benchmark's rules (lb-bench), which render the same kube-proxy.
+pub fn filter_head() -> String {
     let mut filter = String::from(
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
          :KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
@@ -135,44 +159,65 @@ pub fn rules(services: &[ClusterService], node_name: &str, v6: bool) -> String {
             "-A {chain} {matches}-m comment --comment \"{comment}\" -j {target}"
         );
     }
-    let _ = write!(
-        filter,
+    filter
+}
+
+/// The rules of the filter table's `KUBE-FORWARD`: drop conntrack INVALID, accept
+/// marked and established traffic.
+pub fn kube_forward_rules() -> String {
+    format!(
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT\n\
          -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
-    );
+    )
+}
 
-    let chains = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
-         :POSTROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
-         :KUBE-POSTROUTING - [0:0]\n:KUBE-SERVICES - [0:0]\n",
+/// The nat table's header, the top-level chains kube-proxy rewrites on every sync and
+/// their fixed rules (the masquerade mark and `KUBE-POSTROUTING`), as (chain
+/// declarations, rules); with `builtin`, the base chains and their jumps too (a full
+/// restore; a partial one leaves them alone).
+pub fn nat_top_level(builtin: bool) -> (String, String) {
+    let mut chains = String::from("*nat\n");
+    let mut rules = String::new();
+    if builtin {
+        chains.push_str(
+            ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+             :POSTROUTING ACCEPT [0:0]\n",
+        );
+        rules.push_str(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n",
+        );
+    }
+    chains.push_str(
+        ":KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n\
+         :KUBE-SERVICES - [0:0]\n",
     );
-    let nat = format!(
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
-         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
-         -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
+    let _ = write!(
+        rules,
+        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
          -A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n\
          -A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n\
          -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"
     );
-    let mut t = Tables {
-        filter,
-        chains,
-        nat,
-    };
-    for svc in services {
-        service_rules(svc, node_name, v6, cluster_cidr, &mut t);
+    (chains, rules)
+}
+
+/// The last rule of `KUBE-SERVICES`: local destinations on to `KUBE-NODEPORTS`.
+pub const NODEPORTS_RULE: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
+
+/// The `-m statistic` match of the jump to endpoint `i` of `n` (with a trailing
+/// space): probability 1/(n-i) among those left, so each gets 1/n; none for the last,
+/// whose jump is unconditional.
+pub fn statistic(i: usize, n: usize) -> String {
+    if i + 1 < n {
+        #[expect(clippy::cast_precision_loss, reason = "a few endpoints")]
+        let p = 1.0 / (n - i) as f64;
+        format!("-m statistic --mode random --probability {p:.10} ")
+    } else {
+        String::new()
     }
-    let Tables {
-        filter,
-        chains,
-        mut nat,
-    } = t;
-    nat.push_str(
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
-    );
-    format!("{filter}COMMIT\n{chains}{nat}COMMIT\n")
 }
 
 /// The three parts of the restore input that Services add to.
@@ -332,13 +377,7 @@ fn pick_endpoint(svc: &ClusterService, chain: &str, endpoints: &[&Endpoint], nat
     let name = svc.port_name_full();
     for (i, e) in endpoints.iter().enumerate() {
         let target = SocketAddr::new(e.address, svc.target_port);
-        let statistic = if i + 1 < n {
-            #[expect(clippy::cast_precision_loss, reason = "a few endpoints")]
-            let p = 1.0 / (n - i) as f64;
-            format!("-m statistic --mode random --probability {p:.10} ")
-        } else {
-            String::new()
-        };
+        let statistic = statistic(i, n);
         let _ = writeln!(
             nat,
             "-A {chain} -m comment --comment \"{name} -> {target}\" {statistic}-j {}",
@@ -395,34 +434,7 @@ impl<'c> NodeProgram<'c> for KubeProxyIptables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Protocol;
-
-    fn svc(policy: TrafficPolicy, endpoints: &[(&str, &str)]) -> ClusterService {
-        ClusterService {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: 8080,
-            cluster_ips: vec![
-                "203.0.113.10".parse().unwrap(),
-                "2001:db8:f::10".parse().unwrap(),
-            ],
-            node_port: Some(30_080),
-            load_balancer_ips: vec!["203.0.113.100".parse().unwrap()],
-            external_traffic_policy: policy,
-            health_check_node_port: None,
-            endpoints: endpoints
-                .iter()
-                .map(|(ip, node)| Endpoint {
-                    address: ip.parse().unwrap(),
-                    node: (*node).into(),
-                    pod: format!("{node}-pod"),
-                })
-                .collect(),
-        }
-    }
+    use crate::cluster::service::fixture::web as svc;
 
     fn declared_chains_are_complete(rules: &str) {
         for line in rules.lines().filter(|l| l.starts_with("-A ")) {

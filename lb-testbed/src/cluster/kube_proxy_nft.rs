@@ -92,10 +92,30 @@ fn endpoint_chain(svc: &ClusterService, endpoint: &SocketAddr) -> String {
 pub fn rules(services: &[ClusterService], node: usize, node_name: &str, v6: bool) -> String {
     let f = family(v6);
     let t = f.table;
+    let node_ip = if v6 {
+        IpAddr::V6(Cluster::node_v6(node))
+    } else {
+        IpAddr::V4(Cluster::node_v4(node))
+    };
+    let mut out = format!("add table {t}\ndelete table {t}\n");
+    out.push_str(&base(v6, None, node_ip));
+    for svc in services {
+        service(&mut out, &f, svc, node_name, v6);
+    }
+    out
+}
+
+/// kube-proxy's table of family `v6` without any Service: its sets and maps, base
+/// chains and base rules. With `service_cidr` (the ClusterIP range), traffic to an
+/// unallocated ClusterIP is dropped, as kube-proxy does when it knows the range;
+/// `node_ip` accepts NodePort traffic. Shared with the single-LB benchmark's rules
+/// (lb-bench), which render the same kube-proxy.
+pub fn base(v6: bool, service_cidr: Option<&str>, node_ip: IpAddr) -> String {
+    let f = family(v6);
+    let t = f.table;
     let key = format!("{} . inet_proto . inet_service", f.addr_type);
     let mut out = format!(
-        "add table {t}\ndelete table {t}\n\
-         add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
          add set {t} cluster-ips {{ type {addr_type} ; comment \"Active ClusterIPs\" ; }}\n\
          add set {t} nodeport-ips {{ type {addr_type} ; comment \"IPs that accept NodePort traffic\" ; }}\n\
          add map {t} firewall-ips {{ type {key} : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}\n\
@@ -128,7 +148,10 @@ pub fn rules(services: &[ClusterService], node: usize, node_name: &str, v6: bool
         ),
         ("nat-prerouting", "type nat hook prerouting priority -100 ;"),
         ("nodeport-endpoints-check", ""),
-        ("reject-chain", ""),
+        (
+            "reject-chain",
+            "comment \"helper for @no-endpoint-services / @no-endpoint-nodeports\" ;",
+        ),
         ("services", ""),
         ("service-endpoints-check", ""),
     ] {
@@ -139,8 +162,10 @@ pub fn rules(services: &[ClusterService], node: usize, node_name: &str, v6: bool
         }
     }
     let a = f.addr;
-    for rule in [
-        format!("cluster-ips-check {a} daddr @cluster-ips reject"),
+    let mut rules = vec![
+        format!(
+            "cluster-ips-check {a} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+        ),
         "filter-prerouting-pre-dnat ct state new jump firewall-check".to_owned(),
         "filter-output-pre-dnat ct state new jump firewall-check".to_owned(),
         "filter-forward ct state new jump service-endpoints-check".to_owned(),
@@ -166,18 +191,17 @@ pub fn rules(services: &[ClusterService], node: usize, node_name: &str, v6: bool
         format!(
             "service-endpoints-check {a} daddr . meta l4proto . th dport vmap @no-endpoint-services"
         ),
-    ] {
+    ];
+    if let Some(cidr) = service_cidr {
+        rules.insert(
+            1,
+            format!("cluster-ips-check {a} daddr {{ {cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""),
+        );
+    }
+    for rule in rules {
         let _ = writeln!(out, "add rule {t} {rule}");
     }
-    let node_ip = if v6 {
-        IpAddr::V6(Cluster::node_v6(node))
-    } else {
-        IpAddr::V4(Cluster::node_v4(node))
-    };
     let _ = writeln!(out, "add element {t} nodeport-ips {{ {node_ip} }}");
-    for svc in services {
-        service(&mut out, &f, svc, node_name, v6);
-    }
     out
 }
 
@@ -362,37 +386,18 @@ impl<'c> NodeProgram<'c> for KubeProxyNftables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Protocol;
+    use crate::cluster::service::fixture;
 
+    /// Two endpoints on node-0 (one per family) and one IPv4 endpoint on node-1.
     fn svc(policy: TrafficPolicy) -> ClusterService {
-        ClusterService {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: 8080,
-            cluster_ips: vec![
-                "203.0.113.10".parse().unwrap(),
-                "2001:db8:f::10".parse().unwrap(),
+        fixture::web(
+            policy,
+            &[
+                ("192.0.2.10", "node-0"),
+                ("2001:db8:a::10", "node-0"),
+                ("192.0.2.42", "node-1"),
             ],
-            node_port: Some(30_080),
-            load_balancer_ips: vec![
-                "203.0.113.100".parse().unwrap(),
-                "2001:db8:f::100".parse().unwrap(),
-            ],
-            external_traffic_policy: policy,
-            health_check_node_port: None,
-            endpoints: ["192.0.2.10", "2001:db8:a::10", "192.0.2.42"]
-                .iter()
-                .zip(["node-0", "node-0", "node-1"])
-                .map(|(ip, node)| Endpoint {
-                    address: ip.parse().unwrap(),
-                    node: node.into(),
-                    pod: format!("{node}-pod"),
-                })
-                .collect(),
-        }
+        )
     }
 
     #[test]

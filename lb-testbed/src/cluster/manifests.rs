@@ -289,37 +289,15 @@ fn endpoint_slice(svc: &ClusterService, v6: bool) -> Option<EndpointSlice> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{Endpoint, Protocol, TrafficPolicy};
+    use crate::cluster::TrafficPolicy;
+    use crate::cluster::service::fixture;
 
+    /// A `Local` Service with an IPv4 endpoint on node-0 and an IPv6 one on node-1.
     fn svc() -> ClusterService {
-        ClusterService {
-            namespace: "shop".into(),
-            name: "web".into(),
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: 8080,
-            cluster_ips: vec![
-                "203.0.113.10".parse().unwrap(),
-                "2001:db8:f::10".parse().unwrap(),
-            ],
-            node_port: Some(30_080),
-            load_balancer_ips: vec!["203.0.113.100".parse().unwrap()],
-            external_traffic_policy: TrafficPolicy::Local,
-            health_check_node_port: Some(32_000),
-            endpoints: vec![
-                Endpoint {
-                    address: "192.0.2.10".parse().unwrap(),
-                    node: "node-0".into(),
-                    pod: "node-0-pod-0".into(),
-                },
-                Endpoint {
-                    address: "2001:db8:a:1::10".parse().unwrap(),
-                    node: "node-1".into(),
-                    pod: "node-1-pod-0".into(),
-                },
-            ],
-        }
+        fixture::web(
+            TrafficPolicy::Local,
+            &[("192.0.2.10", "node-0"), ("2001:db8:a:1::10", "node-1")],
+        )
     }
 
     #[test]

@@ -164,3 +164,42 @@ impl ClusterService {
         Ok(())
     }
 }
+
+/// The one Service the renderers' and the manifest writer's unit tests use.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use super::{ClusterService, Endpoint, Protocol, TrafficPolicy};
+
+    /// `shop/web` (port `http`, TCP 80 -> 8080): dual-stack ClusterIPs (.10) and LB IPs
+    /// (.100), NodePort 30080, with `policy` (a `Local` one has the healthCheckNodePort
+    /// the API server would allocate), and an endpoint per `(address, node)`.
+    pub(crate) fn web(policy: TrafficPolicy, endpoints: &[(&str, &str)]) -> ClusterService {
+        ClusterService {
+            namespace: "shop".into(),
+            name: "web".into(),
+            port_name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: 8080,
+            cluster_ips: vec![
+                "203.0.113.10".parse().unwrap(),
+                "2001:db8:f::10".parse().unwrap(),
+            ],
+            node_port: Some(30_080),
+            load_balancer_ips: vec![
+                "203.0.113.100".parse().unwrap(),
+                "2001:db8:f::100".parse().unwrap(),
+            ],
+            external_traffic_policy: policy,
+            health_check_node_port: (policy == TrafficPolicy::Local).then_some(32_000),
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, node)| Endpoint {
+                    address: ip.parse().unwrap(),
+                    node: (*node).into(),
+                    pod: format!("{node}-pod"),
+                })
+                .collect(),
+        }
+    }
+}

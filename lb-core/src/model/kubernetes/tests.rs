@@ -4,6 +4,7 @@
 use super::{DEFAULT_AFFINITY_TIMEOUT_S, NodeInfo};
 use crate::model::WhenEmpty::{Drop, Reject};
 use crate::model::fixtures::{self, View, cluster, load, node, translate_fixture, translate_in};
+use k8s_openapi::api::core::v1::Node;
 
 /// node-a with one NodePort address given as a flag.
 fn node_a() -> NodeInfo {
@@ -116,6 +117,48 @@ fn sctp_is_passed_over_with_a_note() {
 /// Service's families only.
 /// https://kubernetes.io/docs/concepts/services-networking/service/#type-nodeport
 /// https://kubernetes.io/docs/reference/node/node-status/#addresses
+/// The SNAT source address of each family is the Node's first InternalIP of it, else
+/// its first ExternalIP (as kube-proxy and Cilium pick the node IP); flags replace the
+/// Node object entirely.
+#[test]
+fn snat_addresses_are_the_nodes_internal_ips_first() {
+    let c = cluster(&load("nodeport.yaml"));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let me = NodeInfo::resolve(
+        Some("node-a"),
+        &[],
+        c.nodes.get("node-a").map(AsRef::as_ref),
+    );
+    assert_eq!(
+        me.snat_addresses,
+        [ip("203.0.113.201"), ip("2001:db8:d::201")]
+    );
+    // node-b has no IPv6 address: no IPv6 SNAT address.
+    let b = NodeInfo::resolve(
+        Some("node-b"),
+        &[],
+        c.nodes.get("node-b").map(AsRef::as_ref),
+    );
+    assert_eq!(b.snat_addresses, [ip("203.0.113.202")]);
+    // An ExternalIP listed first still comes after the InternalIP; one serves when no
+    // InternalIP of the family exists.
+    let node: Node = serde_yaml::from_str(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-c}\nstatus:\n  addresses:\n  \
+         - {type: ExternalIP, address: 198.51.100.30}\n  - {type: Hostname, address: node-c}\n  \
+         - {type: InternalIP, address: 198.51.100.3}\n  - {type: ExternalIP, address: \"2001:db8::30\"}\n",
+    )
+    .unwrap();
+    let c3 = NodeInfo::resolve(Some("node-c"), &[], Some(&node));
+    assert_eq!(c3.snat_addresses, [ip("198.51.100.3"), ip("2001:db8::30")]);
+    let flagged = NodeInfo::resolve(Some("node-c"), &[ip("2001:db8::9")], Some(&node));
+    assert_eq!(
+        flagged.snat_addresses,
+        [ip("2001:db8::9")],
+        "flags replace the Node's"
+    );
+    assert!(NodeInfo::resolve(None, &[], None).snat_addresses.is_empty());
+}
+
 #[test]
 fn node_port_on_the_node_objects_addresses() {
     let c = cluster(&load("nodeport.yaml"));

@@ -36,11 +36,12 @@ impl Running {
             ),
             desired: Desired::default(),
         };
-        let mut dirty = Dirty::None;
         for event in fixtures::listed(objects) {
-            dirty.merge(running.cluster.apply(event));
+            running.cluster.apply(event);
         }
-        let outcome = running.update_with(dirty);
+        // As the agent's source does: the first complete state is translated whole
+        // (the node's addresses included).
+        let outcome = running.update_with(Dirty::All);
         (running, outcome)
     }
 
