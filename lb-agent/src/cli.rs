@@ -57,9 +57,11 @@ pub enum Command {
         /// How new flows to backends on other nodes are translated, unless a Service
         /// says otherwise (`xlb.dev/lb-mode`, a config file service's `lbMode`):
         /// `snat` (source to this node's address and an allocated port, as kube-proxy
-        /// masquerades) or `dnat` (destination only: replies must route back through
-        /// this node). `externalTrafficPolicy: Local` never rewrites the source.
-        /// `dsr` and `hybrid` are not built yet.
+        /// masquerades), `dsr` (encapsulated, untranslated, to the backend's node,
+        /// which delivers it: the pod sees the client and answers it directly),
+        /// `hybrid` (DSR for TCP, SNAT for UDP) or `dnat` (destination only: replies
+        /// must route back through this node). `externalTrafficPolicy: Local` never
+        /// rewrites the source nor encapsulates.
         #[arg(long, default_value = "snat", value_parser = parse_lb_mode)]
         lb_mode: lb_core::mode::LbMode,
         /// The SNAT source ports, `MIN-MAX` (each backend has the whole range). The
@@ -318,7 +320,7 @@ mod tests {
     }
 }
 
-/// `--lb-mode`: `snat` or `dnat`; `dsr` and `hybrid` are named as not built yet.
+/// `--lb-mode`: `snat`, `dsr`, `hybrid` or `dnat`.
 fn parse_lb_mode(text: &str) -> Result<lb_core::mode::LbMode, String> {
     text.parse()
 }
@@ -354,7 +356,9 @@ mod snat_flag_tests {
             assert!(parse_port_range(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_lb_mode("snat"), Ok(lb_core::mode::LbMode::Snat));
-        let err = parse_lb_mode("dsr").expect_err("dsr");
-        assert!(err.contains("not built yet"), "{err}");
+        assert_eq!(parse_lb_mode("dsr"), Ok(lb_core::mode::LbMode::Dsr));
+        assert_eq!(parse_lb_mode("hybrid"), Ok(lb_core::mode::LbMode::Hybrid));
+        let err = parse_lb_mode("direct").expect_err("direct");
+        assert!(err.contains("\"direct\""), "{err}");
     }
 }
