@@ -64,18 +64,24 @@ impl Dataplane {
 
     /// The loaded egress program, for the test harness (`BPF_PROG_TEST_RUN`).
     pub fn egress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc_program(EGRESS_PROGRAM)
+    }
+
+    /// The loaded tc ingress program, for the test harness (`BPF_PROG_TEST_RUN`).
+    pub fn ingress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc_program(INGRESS_PROGRAM)
+    }
+
+    fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
         self.ebpf
             .as_ref()
-            .and_then(|ebpf| ebpf.program(EGRESS_PROGRAM))
+            .and_then(|ebpf| ebpf.program(name))
             .ok_or(DataplaneError::Program {
-                name: EGRESS_PROGRAM,
+                name,
                 source: aya::programs::ProgramError::NotLoaded,
             })?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: EGRESS_PROGRAM,
-                source,
-            })
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Runs both tc programs on `interface` through links pinned under `dir`: an
