@@ -282,3 +282,69 @@ fn local_backends_are_not_encapsulated_and_strangers_are_not_decapsulated() {
         assert_eq!(node.reason(Reason::DropDsrMalformed), before + 1, "counted");
     });
 }
+
+/// `frame` (TCP, a 4-byte payload) as a SYN-ACK whose payload is its MSS option.
+fn syn_ack_with_mss(frame: &Frame, mss: u16) -> Vec<u8> {
+    let mut f = frame.clone();
+    f.payload = vec![2, 4, (mss >> 8) as u8, mss as u8];
+    if let L4::Tcp { syn, .. } = &mut f.l4 {
+        *syn = true;
+    }
+    let mut bytes = f.build();
+    let l4 = if f.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+    let old = u16::from_be_bytes([bytes[l4 + 12], bytes[l4 + 13]]);
+    // Data offset 6 (the option), SYN and ACK.
+    bytes[l4 + 12] = 0x60;
+    bytes[l4 + 13] |= 0x12;
+    let new = u16::from_be_bytes([bytes[l4 + 12], bytes[l4 + 13]]);
+    let mut d = csum::CsumDelta::new();
+    d.replace_u16(old, new);
+    let check = d.apply(u16::from_be_bytes([bytes[l4 + 16], bytes[l4 + 17]]));
+    bytes[l4 + 16..l4 + 18].copy_from_slice(&check.to_be_bytes());
+    verify_checksums(&bytes).expect("a well-formed SYN-ACK");
+    bytes
+}
+
+/// A DSR flow's SYN-ACK leaves with its MSS clamped to what fits the device's MTU once
+/// the client's segments are encapsulated (IPv4: 1500 - 20 - 40; IPv6: 1500 - 40 - 60);
+/// a smaller one and other flows' are left alone.
+#[test]
+fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
+    with_node("dsrmss", |node, svcs| {
+        // The device the test runs see as the socket buffer's.
+        let lo = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1500"])
+            .status()
+            .expect("ip");
+        assert!(lo.success(), "lo mtu");
+        for (svc, sport, clamped) in [(&svcs[0], 45_001, 1440), (&svcs[2], 45_101, 1400)] {
+            let (f, backend, bport) = client_frame(svc, sport, true);
+            let n = last_octet(backend);
+            let macs = (LB_BACKEND_MAC, backend_mac(n));
+            let tunnel = encapsulated(&f, node_of(backend), backend, bport, macs);
+            let out = xdp::test_run_ingress(&node.dp, &tunnel).expect("tc ingress run");
+            assert_eq!(out.action, TC_ACT_OK);
+            let reply = reply_from(&f, backend, bport, n);
+            let l4 = if f.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+            for (announced, want) in [(1460, clamped), (1200, 1200)] {
+                let syn_ack = syn_ack_with_mss(&reply, announced);
+                let out = xdp::test_run_egress(&node.dp, &syn_ack).expect("egress run");
+                assert_eq!(out.action, TC_ACT_OK);
+                verify_checksums(&out.frame).expect("checksums");
+                let mss = u16::from_be_bytes([out.frame[l4 + 22], out.frame[l4 + 23]]);
+                assert_eq!(mss, want, "{:?} MSS {announced}", svc.frontend);
+                assert_eq!(out.frame[l4..l4 + 2], svc.frontend.1.to_be_bytes(), "translated");
+            }
+        }
+        // A local backend's flow (not DSR) keeps its MSS.
+        let (f, backend, bport) = client_frame(&svcs[0], 45_201, true);
+        let mut plain = Service::new(svcs[0].id, svcs[0].frontend, svcs[0].backends.clone());
+        plain.flags = 0;
+        plain.install(&mut node.dp);
+        let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT);
+        let reply = reply_from(&f, backend, bport, last_octet(backend));
+        let out = xdp::test_run_egress(&node.dp, &syn_ack_with_mss(&reply, 1460)).expect("egress");
+        assert_eq!(u16::from_be_bytes([out.frame[56], out.frame[57]]), 1460);
+    });
+}

@@ -48,7 +48,7 @@ mod tests {
         assert_eq!(dsr_overhead(FAMILY_V4), 20);
         assert_eq!(dsr_overhead(FAMILY_V6), 40);
         assert_eq!(dsr_mss(FAMILY_V4, 1500), 1440);
-        assert_eq!(dsr_mss(FAMILY_V6, 1500), 1380);
+        assert_eq!(dsr_mss(FAMILY_V6, 1500), 1400);
         assert_eq!(dsr_mss(FAMILY_V4, 50), 0, "never wraps");
     }
 }

@@ -16,13 +16,15 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::bpf_xdp_adjust_head,
+    helpers::{bpf_check_mtu, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    ADDR_F_BACKEND, BACKEND_F_LOCAL, FAMILY_V4, FAMILY_V6, FRONTEND_F_DSR, Frontend, Reason,
+    ADDR_F_BACKEND, BACKEND_F_LOCAL, FAMILY_V4, FAMILY_V6, FRONTEND_F_DSR, Frontend, PROTO_TCP,
+    Reason,
     dsr::{
-        DSR_OUTER_TTL, DSR_OVERHEAD_V4, DSR_OVERHEAD_V6, IPPROTO_IPIP, IPPROTO_IPV6, dsr_overhead,
+        DSR_OUTER_TTL, DSR_OVERHEAD_V4, DSR_OVERHEAD_V6, IPPROTO_IPIP, IPPROTO_IPV6, dsr_mss,
+        dsr_overhead,
     },
 };
 
@@ -240,4 +242,46 @@ fn try_deliver(ctx: &TcContext) -> Result<Option<u32>, Reason> {
     egress::translate(ctx, &pkt, true, &key.src, key.sport)
         .map_err(|_| Reason::DropDsrMalformed)?;
     Ok(Some(service_id))
+}
+
+/// TCP SYN and ACK.
+const TCP_SYN_ACK: u8 = 0x12;
+/// TCP option kind and length of the MSS option.
+const TCP_OPT_MSS: [u8; 2] = [2, 4];
+
+/// In the tc egress program, on a DSR-delivered flow's reply: a SYN-ACK announcing an
+/// MSS larger than the client's segments can be once encapsulated on a link of this
+/// device's MTU gets that MSS (`lb_common::dsr::dsr_mss`), so the client never sends a
+/// segment the receiving node cannot encapsulate. Only an MSS option first among the
+/// options is read (where Linux and the BSDs put it); anything else goes on as it is.
+#[inline(always)]
+pub fn clamp_mss(ctx: &TcContext, pkt: &Packet) {
+    if pkt.key.proto != PROTO_TCP {
+        return;
+    }
+    let l4 = pkt.l4();
+    let Some(hdr) = load::<[u8; 24]>(ctx, l4) else {
+        return;
+    };
+    if hdr[13] & TCP_SYN_ACK != TCP_SYN_ACK || hdr[12] >> 4 < 6 || [hdr[20], hdr[21]] != TCP_OPT_MSS
+    {
+        return;
+    }
+    let mut mtu: u32 = 0;
+    // SAFETY: helper call on this program's socket buffer; ifindex 0 is its device, whose
+    // MTU the helper leaves in `mtu` whatever it returns.
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), 0, &raw mut mtu, 0, 0) };
+    let max = dsr_mss(pkt.key.family, u16::try_from(mtu).unwrap_or(u16::MAX));
+    let mss = u16::from_be_bytes([hdr[22], hdr[23]]);
+    if max == 0 || mss <= max {
+        return;
+    }
+    let old = u16::from_ne_bytes([hdr[22], hdr[23]]);
+    let new = max.to_be();
+    if ctx
+        .l4_csum_replace(l4 + 16, u64::from(old), u64::from(new), 2)
+        .is_ok()
+    {
+        let _ = ctx.store(l4 + 22, &new, 0);
+    }
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, Reason};
+use lb_common::{PROTO_UDP, REVNAT_F_DSR, Reason};
 
 use crate::{
     conntrack,
@@ -60,6 +60,9 @@ fn reply_local(ctx: &TcContext) -> Result<u32, Reason> {
         return Err(Reason::PassMalformed);
     }
     translate(ctx, &pkt, false, &rev.addr, rev.port)?;
+    if rev.flags & REVNAT_F_DSR != 0 {
+        crate::dsr::clamp_mss(ctx, &pkt);
+    }
     Ok(rev.service_id)
 }
 
