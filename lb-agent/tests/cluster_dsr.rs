@@ -119,6 +119,37 @@ fn statuses(xlb: &XlbAgents<'_>) -> String {
         .join("\n")
 }
 
+/// Bulk transfers both ways through `web`'s NodePort on every node, to local and remote
+/// pods: the client's full-size segments reach remote pods encapsulated only because the
+/// pods' SYN-ACKs were given an MSS that leaves room for the outer header.
+fn bulk(cluster: &Cluster, services: &[ClusterService]) {
+    let web = services
+        .iter()
+        .find(|s| s.name == scenarios::WEB)
+        .expect("web");
+    let node_port = web.node_port.expect("NodePort");
+    for v6 in [false, true] {
+        for node in &cluster.nodes {
+            let ip: std::net::IpAddr = if v6 {
+                node.v6().into()
+            } else {
+                node.v4().into()
+            };
+            for n in 0..4 {
+                let addr = std::net::SocketAddr::new(ip, node_port);
+                let t = lb_testbed::cluster::apps::transfer(
+                    &cluster.client,
+                    addr,
+                    256 * 1024,
+                    std::time::Duration::from_secs(10),
+                )
+                .unwrap_or_else(|e| panic!("transfer #{n} through {addr}: {e:#}"));
+                eprintln!("{addr} #{n}: {} (path MTU {})", t.answer.pod, t.path_mtu);
+            }
+        }
+    }
+}
+
 #[test]
 fn xlb_dsr_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xd-hostgw", PodNetwork::HostGw);
@@ -131,6 +162,7 @@ fn xlb_dsr_on_a_host_gw_cluster() {
         &[Protocol::Tcp, Protocol::Udp],
     );
     node_drop(&cluster, &xlb, &services);
+    bulk(&cluster, &services);
     eprintln!("served per pod: {:?}", servers.served());
 }
 
