@@ -101,7 +101,10 @@ fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
             flows.len()
         );
         assert!(flows.iter().all(|f| f.survived), "{flows:#?}");
-        assert!(moved > 0, "no flow moved, the scenario shows nothing: {flows:#?}");
+        assert!(
+            moved > 0,
+            "no flow moved, the scenario shows nothing: {flows:#?}"
+        );
     }
 }
 
@@ -171,7 +174,10 @@ fn xlb_hybrid_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xh-hostgw", PodNetwork::HostGw);
     let (_servers, services, xlb) = cluster_in(&cluster, "hybrid", PodSees::Client);
     for proto in [Protocol::Tcp, Protocol::Udp] {
-        let view = Hybrid { agents: &xlb, proto };
+        let view = Hybrid {
+            agents: &xlb,
+            proto,
+        };
         frontends(&cluster, &view, &xlb, &services, &[proto]);
     }
 }

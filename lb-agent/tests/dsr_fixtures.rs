@@ -166,13 +166,16 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
     let n = last_octet(backend);
     let macs = (LB_BACKEND_MAC, backend_mac(n));
     let want = encapsulated(&f, node_of(backend), backend, bport, macs);
-    for (packet, frame) in [("new flow", f.clone()), ("established", {
-        let mut g = f.clone();
-        if let L4::Tcp { syn, .. } = &mut g.l4 {
-            *syn = false;
-        }
-        g
-    })] {
+    for (packet, frame) in [
+        ("new flow", f.clone()),
+        ("established", {
+            let mut g = f.clone();
+            if let L4::Tcp { syn, .. } = &mut g.l4 {
+                *syn = false;
+            }
+            g
+        }),
+    ] {
         let want = encapsulated(&frame, node_of(backend), backend, bport, macs);
         let out = xdp::test_run(&node.dp, &frame.build(), Some(node.client_if))
             .unwrap_or_else(|e| panic!("{what} {packet}: {e}"));
@@ -184,7 +187,10 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
         );
     }
     assert!(
-        node.dp.rev_nat(&flow_key(&reply_from(&f, backend, bport, n))).expect("map").is_none(),
+        node.dp
+            .rev_nat(&flow_key(&reply_from(&f, backend, bport, n)))
+            .expect("map")
+            .is_none(),
         "{what}: the receiving node keeps no reply translation"
     );
 
@@ -202,7 +208,11 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
         delivered.build()
     );
     verify_checksums(&out.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(node.reason(Reason::DsrDelivered), before + 1, "{what}: counted");
+    assert_eq!(
+        node.reason(Reason::DsrDelivered),
+        before + 1,
+        "{what}: counted"
+    );
     let reply = reply_from(&f, backend, bport, n);
     let rev = node
         .dp
@@ -256,7 +266,10 @@ fn local_backends_are_not_encapsulated_and_strangers_are_not_decapsulated() {
         let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
         let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
         assert_eq!(out.action, XDP_REDIRECT);
-        assert!(out.frame == dnat(&f, backend, bport, macs).build(), "plain DNAT");
+        assert!(
+            out.frame == dnat(&f, backend, bport, macs).build(),
+            "plain DNAT"
+        );
 
         // IPIP to an address that is no backend: left to the kernel untouched.
         let (g, _, _) = client_frame(&svcs[1], 41_101, false);
@@ -333,7 +346,11 @@ fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
                 verify_checksums(&out.frame).expect("checksums");
                 let mss = u16::from_be_bytes([out.frame[l4 + 22], out.frame[l4 + 23]]);
                 assert_eq!(mss, want, "{:?} MSS {announced}", svc.frontend);
-                assert_eq!(out.frame[l4..l4 + 2], svc.frontend.1.to_be_bytes(), "translated");
+                assert_eq!(
+                    out.frame[l4..l4 + 2],
+                    svc.frontend.1.to_be_bytes(),
+                    "translated"
+                );
             }
         }
         // A local backend's flow (not DSR) keeps its MSS.

@@ -103,8 +103,7 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
 
 /// The reply translation of a flow that is not source-NATed: `reply` (backend ->
 /// client) becomes frontend -> client. Written before the first packet is forwarded: a
-/// reply can only follow one. An existing translation is kept (a DSR flow's packets all
-/// come this way).
+/// reply can only follow one.
 #[inline(always)]
 fn record_reply_to(pkt: &Packet, reply: FlowKey, service_id: u32, flags: u8) {
     let Some(key) = snat::scratch_key(reply) else {
@@ -113,8 +112,9 @@ fn record_reply_to(pkt: &Packet, reply: FlowKey, service_id: u32, flags: u8) {
     write_reply(pkt, key, service_id, flags);
 }
 
-/// A DSR-delivered flow's reply translation, unless it has one: `key` (in the
-/// scratch slot) is the reply, backend -> client.
+/// A DSR-delivered flow's reply translation (flag `REVNAT_F_DSR`), unless it has one:
+/// every packet of the flow comes this way, and the entry is written once. `key` (in
+/// the scratch slot) is the reply, backend -> client.
 #[inline(always)]
 pub fn record_dsr_reply(pkt: &Packet, key: &FlowKey, service_id: u32) {
     if REVNAT_V1.get_ptr(key).is_none() {

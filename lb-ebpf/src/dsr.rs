@@ -11,8 +11,7 @@
 //!
 //! Decapsulation runs in the tc ingress program of the same interfaces (XDP passes the
 //! encapsulated packet, `pass_not_l4`): the XDP program's 512-byte stack has no room
-//! for a second translation path, and tc can also take packets from devices XDP does
-//! not see (an overlay's).
+//! for a second translation path beside the first.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
@@ -44,10 +43,14 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 /// Ethernet, the larger outer header, IPv4 with options, a TCP header with options.
 const TC_HEADERS: u32 = 14 + 40 + 60 + 60;
 
-/// Whether the chosen backend is reached by DSR: a DSR frontend, a backend elsewhere.
+/// Whether the chosen backend is reached by DSR: a DSR frontend, a backend elsewhere,
+/// and not a flow that was source-NATed before the service's mode changed (it keeps its
+/// port while the reservation lasts).
 #[inline(always)]
 pub fn wanted(frontend: &Frontend, chosen: &Chosen) -> bool {
-    frontend.flags & FRONTEND_F_DSR != 0 && chosen.backend.flags & BACKEND_F_LOCAL == 0
+    frontend.flags & FRONTEND_F_DSR != 0
+        && chosen.backend.flags & BACKEND_F_LOCAL == 0
+        && chosen.snat.is_none()
 }
 
 /// A big-endian word of the frame.
@@ -192,8 +195,8 @@ pub fn deliver(ctx: &TcContext) -> i32 {
 }
 
 /// `Ok(None)`: not an encapsulated packet for a backend here; `Ok(Some(service))`:
-/// delivered (service 0 when this node does not hold the frontend: another node's
-/// NodePort).
+/// delivered (service 0 when this node does not hold the frontend: a `NodePort` of
+/// another node).
 #[inline(always)]
 fn try_deliver(ctx: &TcContext) -> Result<Option<u32>, Reason> {
     let want = core::cmp::min(ctx.len(), TC_HEADERS);

@@ -169,9 +169,9 @@ pub fn from_specs(
                 },
                 source_ranges: spec.source_ranges.clone(),
                 snat: matches!(
-                spec.lb_mode.unwrap_or(default_mode),
-                LbMode::Snat | LbMode::Hybrid
-            ),
+                    spec.lb_mode.unwrap_or(default_mode),
+                    LbMode::Snat | LbMode::Hybrid
+                ),
                 dsr: matches!(
                     spec.lb_mode.unwrap_or(default_mode),
                     LbMode::Dsr | LbMode::Hybrid
