@@ -299,7 +299,8 @@ fn local_backends_are_not_encapsulated_and_strangers_are_not_decapsulated() {
 /// `frame` (TCP, a 4-byte payload) as a SYN-ACK whose payload is its MSS option.
 fn syn_ack_with_mss(frame: &Frame, mss: u16) -> Vec<u8> {
     let mut f = frame.clone();
-    f.payload = vec![2, 4, (mss >> 8) as u8, mss as u8];
+    let [hi, lo] = mss.to_be_bytes();
+    f.payload = vec![2, 4, hi, lo];
     if let L4::Tcp { syn, .. } = &mut f.l4 {
         *syn = true;
     }
