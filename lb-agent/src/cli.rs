@@ -81,6 +81,12 @@ pub enum Command {
             value_delimiter = ','
         )]
         interfaces: Vec<String>,
+        /// A device on which DSR packets for this node's pods arrive without crossing
+        /// an `--interface` (an overlay such as flannel's `flannel.1`): the
+        /// decapsulating tc ingress program is attached there too (repeatable, or
+        /// comma-separated).
+        #[arg(long = "decap-interface", value_delimiter = ',')]
+        decap_interfaces: Vec<String>,
         /// Socket load balancing: cgroup hooks rewrite connect/sendmsg to Services into
         /// backend addresses for every process of the host's cgroup2 root (found in
         /// /proc/self/mountinfo, else mounted privately). Works with or without

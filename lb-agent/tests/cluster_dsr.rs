@@ -28,10 +28,16 @@ fn cluster_in<'c>(
 ) -> (PodServers, Vec<ClusterService>, XlbAgents<'c>) {
     let servers = PodServers::start(cluster, POD_PORT).expect("pod servers");
     let services = scenarios::standard_services(cluster);
+    let mut args = vec!["--lb-mode", mode];
+    if cluster.network == PodNetwork::Vxlan {
+        // Encapsulated packets for a remote pod travel over the overlay and arrive on
+        // its devices, not on eth0.
+        args.extend(["--decap-interface", "flannel.1,flannel-v6.1"]);
+    }
     let mut xlb = XlbAgents::new(
         Path::new(AGENT),
         &format!("xlb {mode}"),
-        &["--lb-mode", mode],
+        &args,
         pod_sees,
         true,
     );
@@ -180,4 +186,17 @@ fn xlb_hybrid_on_a_host_gw_cluster() {
         };
         frontends(&cluster, &view, &xlb, &services, &[proto]);
     }
+}
+
+#[test]
+fn xlb_dsr_on_a_vxlan_cluster() {
+    let cluster = Cluster::for_test("xd-vxlan", PodNetwork::Vxlan);
+    let (_servers, services, xlb) = cluster_in(&cluster, "dsr", PodSees::Client);
+    frontends(
+        &cluster,
+        &xlb,
+        &xlb,
+        &services,
+        &[Protocol::Tcp, Protocol::Udp],
+    );
 }
