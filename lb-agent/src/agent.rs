@@ -39,6 +39,9 @@ pub struct RunOptions {
     /// Admin HTTP listener (health, readiness, metrics).
     pub admin: SocketAddr,
     pub interfaces: Vec<String>,
+    /// `--decap-interface`: devices that get the tc ingress program alone (DSR packets
+    /// arriving over an overlay).
+    pub decap_interfaces: Vec<String>,
     pub mode: ModeChoice,
     pub pin_dir: PathBuf,
     /// Start from scratch: detach and unpin what a previous agent left.
@@ -346,6 +349,10 @@ fn start_dataplane(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         crate::dataplane::loader::ifindex(interface)
             .with_context(|| "every --interface must exist before XDP is attached anywhere")?;
     }
+    for interface in &opts.decap_interfaces {
+        crate::dataplane::loader::ifindex(interface)
+            .with_context(|| "every --decap-interface must exist before anything is attached")?;
+    }
     // Taken before the lock, which creates the directory when it is missing.
     let mut before = pins::Snapshot::take(&opts.pin_dir);
     crate::dataplane::lock::hold(&opts.pin_dir)?; // before anything is read or written
@@ -394,6 +401,21 @@ fn start_pinned(opts: &RunOptions) -> Result<(Dataplane, Applied)> {
         if !opts.interfaces.contains(&stale) {
             pins::detach_link(&opts.pin_dir, &stale)?;
             tracing::info!(interface = stale, "detached: no longer in --interface");
+        }
+    }
+    for interface in &opts.decap_interfaces {
+        if !opts.interfaces.contains(interface) {
+            dp.attach_decap_pinned(interface, &opts.pin_dir)?;
+            tracing::info!(interface, "attached the DSR decapsulation (tc ingress)");
+        }
+    }
+    for stale in pins::decap_interfaces(&opts.pin_dir) {
+        if !opts.decap_interfaces.contains(&stale) {
+            crate::dataplane::egress::detach_tc(&opts.pin_dir, &stale)?;
+            tracing::info!(
+                interface = stale,
+                "detached: no longer in --decap-interface"
+            );
         }
     }
     crate::dataplane::sockets::start(&mut dp, &opts.pin_dir, opts.socket_lb.as_ref())?;

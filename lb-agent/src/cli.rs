@@ -58,9 +58,11 @@ pub enum Command {
         /// How new flows to backends on other nodes are translated, unless a Service
         /// says otherwise (`xlb.dev/lb-mode`, a config file service's `lbMode`):
         /// `snat` (source to this node's address and an allocated port, as kube-proxy
-        /// masquerades) or `dnat` (destination only: replies must route back through
-        /// this node). `externalTrafficPolicy: Local` never rewrites the source.
-        /// `dsr` and `hybrid` are not built yet.
+        /// masquerades), `dsr` (encapsulated, untranslated, to the backend's node,
+        /// which delivers it: the pod sees the client and answers it directly),
+        /// `hybrid` (DSR for TCP, SNAT for UDP) or `dnat` (destination only: replies
+        /// must route back through this node). `externalTrafficPolicy: Local` never
+        /// rewrites the source nor encapsulates.
         #[arg(long, default_value = "snat", value_parser = parse_lb_mode)]
         lb_mode: lb_core::mode::LbMode,
         /// The SNAT source ports, `MIN-MAX` (each backend has the whole range). The
@@ -80,6 +82,12 @@ pub enum Command {
             value_delimiter = ','
         )]
         interfaces: Vec<String>,
+        /// A device on which DSR packets for this node's pods arrive without crossing
+        /// an `--interface` (an overlay such as flannel's `flannel.1`): the
+        /// decapsulating tc ingress program is attached there too (repeatable, or
+        /// comma-separated).
+        #[arg(long = "decap-interface", value_delimiter = ',')]
+        decap_interfaces: Vec<String>,
         /// Socket load balancing: cgroup hooks rewrite connect/sendmsg to Services into
         /// backend addresses for every process of the host's cgroup2 root (found in
         /// /proc/self/mountinfo, else mounted privately). Works with or without
@@ -369,7 +377,7 @@ mod tests {
     }
 }
 
-/// `--lb-mode`: `snat` or `dnat`; `dsr` and `hybrid` are named as not built yet.
+/// `--lb-mode`: `snat`, `dsr`, `hybrid` or `dnat`.
 fn parse_lb_mode(text: &str) -> Result<lb_core::mode::LbMode, String> {
     text.parse()
 }
@@ -405,7 +413,9 @@ mod snat_flag_tests {
             assert!(parse_port_range(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_lb_mode("snat"), Ok(lb_core::mode::LbMode::Snat));
-        let err = parse_lb_mode("dsr").expect_err("dsr");
-        assert!(err.contains("not built yet"), "{err}");
+        assert_eq!(parse_lb_mode("dsr"), Ok(lb_core::mode::LbMode::Dsr));
+        assert_eq!(parse_lb_mode("hybrid"), Ok(lb_core::mode::LbMode::Hybrid));
+        let err = parse_lb_mode("direct").expect_err("direct");
+        assert!(err.contains("\"direct\""), "{err}");
     }
 }

@@ -76,6 +76,7 @@ fn run(command: Command) -> Result<()> {
             snat_ports,
             admin,
             interfaces,
+            decap_interfaces,
             socket_lb,
             cgroup,
             socket_lb_host_only,
@@ -104,6 +105,7 @@ fn run(command: Command) -> Result<()> {
                 snat_ports,
                 admin,
                 interfaces,
+                decap_interfaces,
                 mode: match xdp_mode {
                     XdpMode::Native => ModeChoice::Native,
                     XdpMode::Generic => ModeChoice::Generic,

@@ -146,6 +146,7 @@ fn model(i: u32, generation: u32) -> ServiceModel {
         when_empty: WhenEmpty::Drop,
         source_ranges: Vec::new(),
         snat: false,
+        dsr: false,
     }
 }
 

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod dsr;
 pub mod hash;
 pub mod maps;
 pub mod reason;

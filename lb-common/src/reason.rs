@@ -93,7 +93,8 @@ reasons! {
     /// A new flow to be source-NATed found no free port for its backend in the node's range
     /// (`--snat-ports`) within `SNAT_ATTEMPTS` tries.
     DropSnatExhausted = 19 => "drop_snat_exhausted", XDP_DROP;
-    /// A new flow to be source-NATed, but the agent gave no node address of its family.
+    /// A new flow to be source-NATed or encapsulated (DSR), but the agent gave no node
+    /// address of its family.
     DropNoSnatAddress = 20 => "drop_no_snat_address", XDP_DROP;
     /// Translated client -> backend packet handed to the kernel's stack: the next hop's
     /// device is not one the program redirects to (a pod's veth, an overlay device, a
@@ -116,6 +117,17 @@ reasons! {
     /// frontend -> client) translated to the flow's backend, the quoted packet as the
     /// backend sent it, and sent on as a packet to the backend is.
     FwdIcmp = 25 => "fwd_icmp", XDP_REDIRECT;
+    /// DSR: the frame had no room for the outer header (or carries a VLAN tag, which
+    /// encapsulation does not handle).
+    DropDsrEncap = 26 => "drop_dsr_encap", XDP_DROP;
+    /// DSR: an encapsulated packet for a backend on this node, decapsulated, translated
+    /// to the backend and handed on by the tc ingress program (counted by that program;
+    /// XDP counted the encapsulated packet as `pass_not_l4`).
+    DsrDelivered = 27 => "dsr_delivered", XDP_PASS;
+    /// DSR: an encapsulated packet for a backend on this node whose inner packet is not a
+    /// whole, unfragmented TCP/UDP packet of the outer header's family, or that could not
+    /// be decapsulated: dropped by the tc ingress program.
+    DropDsrMalformed = 28 => "drop_dsr_malformed", XDP_DROP;
 }
 
 impl Reason {

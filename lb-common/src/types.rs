@@ -34,6 +34,11 @@ pub const FRONTEND_F_SOURCE_RANGES: u32 = 4;
 /// its source rewritten to this node's address and a port from `SNAT_CONFIG_V1` (SNAT
 /// mode), so the backend's replies come back through this node.
 pub const FRONTEND_F_SNAT: u32 = 8;
+/// Frontend flag: a flow to a backend on another node (no `BACKEND_F_LOCAL`) is sent there
+/// untranslated, encapsulated (IPIP / IPv6-in-IPv6) to the backend's address (DSR mode);
+/// that node's program decapsulates, translates and delivers, and its replies go to
+/// the client directly (see `lb_common::dsr`).
+pub const FRONTEND_F_DSR: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -314,6 +319,10 @@ pub struct NextHop {
     pub _pad: [u8; 6],
 }
 
+/// `RevNat::flags`: the flow reached this node encapsulated (DSR); the backend's SYN-ACK
+/// gets its MSS clamped for the encapsulation overhead (`lb_common::dsr`).
+pub const REVNAT_F_DSR: u8 = 1;
+
 /// What a reply from a backend is translated back to (the frontend the client used).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -322,7 +331,8 @@ pub struct RevNat {
     /// Network byte order.
     pub port: u16,
     pub family: u8,
-    pub _pad: u8,
+    /// `REVNAT_F_*`.
+    pub flags: u8,
     pub service_id: u32,
     /// Next hop towards the client.
     pub next_hop: NextHop,

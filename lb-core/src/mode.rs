@@ -15,6 +15,12 @@ pub enum LbMode {
     /// Destination only: the backend sees the client's address, and its replies must be
     /// routed back through this node (it is the backends' gateway), as in IPVS NAT mode.
     Dnat,
+    /// Direct server return: the packet goes untranslated, encapsulated, to the
+    /// backend's node, which translates and delivers it; the backend sees the client's
+    /// address and answers the client directly (Cilium's DSR, Katran).
+    Dsr,
+    /// DSR for TCP, SNAT for UDP (Cilium's hybrid).
+    Hybrid,
 }
 
 impl LbMode {
@@ -22,6 +28,20 @@ impl LbMode {
         match self {
             LbMode::Snat => "snat",
             LbMode::Dnat => "dnat",
+            LbMode::Dsr => "dsr",
+            LbMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// What a new flow of `protocol` to a backend on another node gets in this mode:
+    /// (source-NATed, encapsulated).
+    pub const fn translation(self, protocol: crate::config::Protocol) -> (bool, bool) {
+        let tcp = matches!(protocol, crate::config::Protocol::Tcp);
+        match self {
+            LbMode::Snat => (true, false),
+            LbMode::Dnat => (false, false),
+            LbMode::Dsr => (false, true),
+            LbMode::Hybrid => (!tcp, tcp),
         }
     }
 }
@@ -35,15 +55,16 @@ impl fmt::Display for LbMode {
 impl FromStr for LbMode {
     type Err = String;
 
-    /// `snat` or `dnat`; `dsr` and `hybrid` are named as not built yet.
+    /// `snat`, `dnat`, `dsr` or `hybrid`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "snat" => Ok(LbMode::Snat),
             "dnat" => Ok(LbMode::Dnat),
-            "dsr" | "hybrid" => Err(format!(
-                "{text:?} is not built yet in xlb (only \"snat\" and \"dnat\" are)"
+            "dsr" => Ok(LbMode::Dsr),
+            "hybrid" => Ok(LbMode::Hybrid),
+            other => Err(format!(
+                "must be \"snat\", \"dsr\", \"hybrid\" or \"dnat\", got {other:?}"
             )),
-            other => Err(format!("must be \"snat\" or \"dnat\", got {other:?}")),
         }
     }
 }
@@ -53,15 +74,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_built_modes_and_names_the_others() {
-        assert_eq!("snat".parse(), Ok(LbMode::Snat));
-        assert_eq!("dnat".parse(), Ok(LbMode::Dnat));
-        assert_eq!(LbMode::default(), LbMode::Snat);
-        for not_yet in ["dsr", "hybrid"] {
-            let err = not_yet.parse::<LbMode>().expect_err(not_yet);
-            assert!(err.contains("not built yet"), "{err}");
+    fn parses_every_mode_and_names_a_bad_one() {
+        for mode in [LbMode::Snat, LbMode::Dnat, LbMode::Dsr, LbMode::Hybrid] {
+            assert_eq!(mode.name().parse(), Ok(mode));
         }
+        assert_eq!(LbMode::default(), LbMode::Snat);
         let err = "SNAT".parse::<LbMode>().expect_err("case");
         assert!(err.contains("\"SNAT\""), "{err}");
+    }
+
+    #[test]
+    fn hybrid_is_dsr_for_tcp_and_snat_for_udp() {
+        use crate::config::Protocol::{Tcp, Udp};
+        assert_eq!(LbMode::Hybrid.translation(Tcp), (false, true));
+        assert_eq!(LbMode::Hybrid.translation(Udp), (true, false));
+        assert_eq!(LbMode::Dsr.translation(Udp), (false, true));
+        assert_eq!(LbMode::Snat.translation(Tcp), (true, false));
+        assert_eq!(LbMode::Dnat.translation(Tcp), (false, false));
     }
 }

@@ -26,10 +26,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, BackendMeta,
-    FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES,
-    Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP, PROTO_TCP, PROTO_UDP,
-    SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN, ServiceMeta,
-    addr_filter_slot, addr_key,
+    FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SNAT,
+    FRONTEND_F_SOURCE_RANGES, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UNCHECKED, HEALTH_UP,
+    PROTO_TCP, PROTO_UDP, SERVICE_META_F_IN_USE, SERVICE_META_F_NO_BACKENDS, SERVICE_NAME_LEN,
+    ServiceMeta, addr_filter_slot, addr_key,
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
@@ -471,8 +471,8 @@ impl Planner<'_> {
                 });
             }
         }
-        let value = frontend_value(id, service);
         for spec in &service.frontends {
+            let value = frontend_value(id, service, spec.protocol);
             let key = frontend_key(spec);
             self.wanted_frontends.insert(key);
             if self.applied.frontends.get(&key) != Some(&value) {
@@ -803,8 +803,8 @@ pub fn filter_bits(users: [u32; 2]) -> u8 {
     (if users[0] > 0 { ADDR_F_FRONTEND } else { 0 }) | if users[1] > 0 { ADDR_F_BACKEND } else { 0 }
 }
 
-/// The frontend value of every frontend of a service.
-fn frontend_value(id: u32, service: &ServiceModel) -> Frontend {
+/// The frontend value of a service's frontends of `protocol`.
+fn frontend_value(id: u32, service: &ServiceModel, protocol: Protocol) -> Frontend {
     let mut flags = 0;
     if service.affinity_timeout_s.is_some() {
         flags |= FRONTEND_F_CLIENT_AFFINITY;
@@ -815,7 +815,11 @@ fn frontend_value(id: u32, service: &ServiceModel) -> Frontend {
     if !service.source_ranges.is_empty() {
         flags |= FRONTEND_F_SOURCE_RANGES;
     }
-    if service.snat {
+    // Both: hybrid, DSR for TCP and SNAT for UDP.
+    let tcp = protocol == Protocol::Tcp;
+    if service.dsr && (tcp || !service.snat) {
+        flags |= FRONTEND_F_DSR;
+    } else if service.snat {
         flags |= FRONTEND_F_SNAT;
     }
     Frontend {

@@ -4,8 +4,8 @@
 //! remembered with its reply translation.
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_SNAT,
-    FRONTEND_F_SOURCE_RANGES, Frontend, NextHop, Reason, RevNat, TrackedFlow,
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
+    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
 };
 
 use crate::{
@@ -87,7 +87,10 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
             let _ = CONNTRACK_V2.insert(&pkt.key, &moved, 0);
         }
     } else if new_flow {
-        record_reply(pkt, &b, frontend);
+        // DSR to another node: the reply leaves that node, which remembers it.
+        if frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0 {
+            record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
+        }
         let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
     }
     Ok(Chosen {
@@ -98,11 +101,29 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
     })
 }
 
-/// The reply translation of a flow that is not source-NATed: backend -> client becomes
-/// frontend -> client. Written before the first packet is forwarded: a reply can only
-/// follow one.
+/// The reply translation of a flow that is not source-NATed: `reply` (backend ->
+/// client) becomes frontend -> client. Written before the first packet is forwarded: a
+/// reply can only follow one.
 #[inline(always)]
-fn record_reply(pkt: &Packet, b: &Backend, frontend: &Frontend) {
+fn record_reply_to(pkt: &Packet, reply: FlowKey, service_id: u32, flags: u8) {
+    let Some(key) = snat::scratch_key(reply) else {
+        return;
+    };
+    write_reply(pkt, key, service_id, flags);
+}
+
+/// A DSR-delivered flow's reply translation (flag `REVNAT_F_DSR`), unless it has one:
+/// every packet of the flow comes this way, and the entry is written once. `key` (in
+/// the scratch slot) is the reply, backend -> client.
+#[inline(always)]
+pub fn record_dsr_reply(pkt: &Packet, key: &FlowKey, service_id: u32) {
+    if REVNAT_V1.get_ptr(key).is_none() {
+        write_reply(pkt, key, service_id, lb_common::REVNAT_F_DSR);
+    }
+}
+
+#[inline(always)]
+fn write_reply(pkt: &Packet, key: &FlowKey, service_id: u32, flags: u8) {
     let Some(rev) = REVNAT_SCRATCH_V1.get_ptr_mut(0) else {
         return;
     };
@@ -111,13 +132,12 @@ fn record_reply(pkt: &Packet, b: &Backend, frontend: &Frontend) {
         (*rev).addr = pkt.key.dst;
         (*rev).port = pkt.key.dport;
         (*rev).family = pkt.key.family;
-        (*rev).service_id = frontend.service_id;
+        (*rev).flags = flags;
+        (*rev).service_id = service_id;
         (*rev).next_hop = NextHop::default();
         &*rev
     };
-    if let Some(key) = snat::scratch_key(pkt.key.reply_after_dnat(b)) {
-        let _ = REVNAT_V1.insert(&*key, rev, 0);
-    }
+    let _ = REVNAT_V1.insert(key, rev, 0);
 }
 
 /// The translation for a reply from a backend, if this packet is one. A pointer into

@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{PROTO_UDP, Reason, RevNat};
+use lb_common::{PROTO_UDP, REVNAT_F_DSR, Reason};
 
 use crate::{
     conntrack, icmp_dnat,
@@ -66,13 +66,26 @@ fn reply_local(ctx: &TcContext) -> Result<u32, Reason> {
     if pkt.fragment == Fragment::First || !pkt.l4_complete {
         return Err(Reason::PassMalformed);
     }
-    rev_snat(ctx, &pkt, &rev)?;
+    translate(ctx, &pkt, false, &rev.addr, rev.port)?;
+    if rev.flags & REVNAT_F_DSR != 0 {
+        crate::dsr::clamp_mss(ctx, &pkt);
+    }
     Ok(rev.service_id)
 }
 
-/// Backend -> client becomes frontend -> client.
+/// Gives the source (backend -> client becomes frontend -> client) or, `dst`, the
+/// destination (client -> frontend becomes client -> backend: a DSR packet delivered)
+/// a new address and port (network order).
 #[inline(always)]
-fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
+pub fn translate(
+    ctx: &TcContext,
+    pkt: &Packet,
+    dst: bool,
+    addr: &[u8; 16],
+    port: u16,
+) -> Result<(), Reason> {
+    let old_addr = if dst { &pkt.key.dst } else { &pkt.key.src };
+    let old_port = if dst { pkt.key.dport } else { pkt.key.sport };
     let udp = pkt.key.proto == PROTO_UDP;
     let csum_off = pkt.l4() + if udp { 6 } else { 16 };
     let mangled = if udp {
@@ -82,13 +95,8 @@ fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
     };
     let fail = |_| Reason::PassMalformed;
     if pkt.is_v4() {
-        let old = u32::from_ne_bytes([
-            pkt.key.src[0],
-            pkt.key.src[1],
-            pkt.key.src[2],
-            pkt.key.src[3],
-        ]);
-        let new = u32::from_ne_bytes([rev.addr[0], rev.addr[1], rev.addr[2], rev.addr[3]]);
+        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+        let new = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
         ctx.l4_csum_replace(
             csum_off,
             u64::from(old),
@@ -98,22 +106,18 @@ fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
         .map_err(fail)?;
         ctx.l3_csum_replace(pkt.l3() + 10, u64::from(old), u64::from(new), 4)
             .map_err(fail)?;
-        ctx.store(pkt.l3() + 12, &new, 0).map_err(fail)?;
+        ctx.store(pkt.l3() + if dst { 16 } else { 12 }, &new, 0)
+            .map_err(fail)?;
     } else {
         let mut i = 0;
         while i < 16 {
             let old = u32::from_ne_bytes([
-                pkt.key.src[i],
-                pkt.key.src[i + 1],
-                pkt.key.src[i + 2],
-                pkt.key.src[i + 3],
+                old_addr[i],
+                old_addr[i + 1],
+                old_addr[i + 2],
+                old_addr[i + 3],
             ]);
-            let new = u32::from_ne_bytes([
-                rev.addr[i],
-                rev.addr[i + 1],
-                rev.addr[i + 2],
-                rev.addr[i + 3],
-            ]);
+            let new = u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
             ctx.l4_csum_replace(
                 csum_off,
                 u64::from(old),
@@ -123,15 +127,12 @@ fn rev_snat(ctx: &TcContext, pkt: &Packet, rev: &RevNat) -> Result<(), Reason> {
             .map_err(fail)?;
             i += 4;
         }
-        ctx.store(pkt.l3() + 8, &rev.addr, 0).map_err(fail)?;
+        ctx.store(pkt.l3() + if dst { 24 } else { 8 }, addr, 0)
+            .map_err(fail)?;
     }
     // Ports are kept in wire order.
-    ctx.l4_csum_replace(
-        csum_off,
-        u64::from(pkt.key.sport),
-        u64::from(rev.port),
-        mangled | 2,
-    )
-    .map_err(fail)?;
-    ctx.store(pkt.l4(), &rev.port, 0).map_err(fail)
+    ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), mangled | 2)
+        .map_err(fail)?;
+    ctx.store(pkt.l4() + if dst { 2 } else { 0 }, &port, 0)
+        .map_err(fail)
 }

@@ -3,11 +3,11 @@
 //! veth). The stack would drop it as a martian (its source is now this node's own
 //! address), so XDP leaves the egress ifindex in the packet's metadata and the tc
 //! ingress program (`xlb_tc_ingress`) sends it there with `bpf_redirect_neigh`, which
-//! resolves the neighbour as the kernel's own output path does (Cilium's split).
+//! resolves the neighbour as the kernel's own output path does (Cilium's split). Unmarked
+//! packets may be DSR packets for a backend here, which `dsr::deliver` decapsulates.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::TC_ACT_OK,
     helpers::{bpf_redirect_neigh, bpf_xdp_adjust_meta},
     macros::classifier,
     programs::{TcContext, XdpContext},
@@ -49,7 +49,8 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     let data = ctx.data();
     if meta + META_LEN > data {
-        return TC_ACT_OK;
+        // Not marked: maybe a DSR packet for a backend here (`dsr`).
+        return crate::dsr::deliver(&ctx);
     }
     // SAFETY: bounds checked above.
     let (magic, ifindex) = unsafe {
@@ -59,7 +60,7 @@ pub fn xlb_tc_ingress(ctx: TcContext) -> i32 {
         )
     };
     if magic != MAGIC {
-        return TC_ACT_OK;
+        return crate::dsr::deliver(&ctx);
     }
     // Consumed: a socket buffer keeps its metadata when it is sent on, and the next
     // node's tc ingress (over veth, a bridge) would otherwise take it for its own mark.

@@ -3,8 +3,8 @@
 //!
 //! The per-packet path reads as Cilium's lb.h does: parse -> lookup frontend ->
 //! (conntrack hit: reuse backend | source-range check, session-affinity or Maglev
-//! select + remember) -> translate -> forward; or, when a rejecting service has no
-//! backend, answer the client in place (reject).
+//! select + remember) -> translate (or encapsulate, DSR) -> forward; or, when a
+//! rejecting service has no backend, answer the client in place (reject).
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
 //! The same object holds the cgroup socket programs (`sock`), which read the same maps.
 #![no_std]
@@ -12,6 +12,7 @@
 
 mod affinity;
 mod conntrack;
+mod dsr;
 mod egress;
 mod fib;
 mod handoff;
@@ -83,7 +84,8 @@ fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
 }
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
-/// when the service has no backend and rejects.
+/// when the service has no backend and rejects; or encapsulate it untranslated to a
+/// backend on another node (DSR).
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
@@ -101,30 +103,39 @@ fn to_backend(
         }
         Err(reason) => return Err(reason),
     };
-    let snat = match chosen.snat {
-        Some(port) => Some((
-            snat::node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
-            port,
-        )),
-        None => None,
-    };
-    nat::rewrite(
-        ctx,
-        pkt,
-        snat,
-        Some((&chosen.backend.addr, chosen.backend.port)),
-    )?;
+    let dsr = dsr::wanted(&frontend, &chosen);
+    if dsr {
+        // Untranslated, inside an outer header to the backend; `pkt` now describes
+        // the outer header.
+        dsr::encapsulate(ctx, pkt, &chosen)?;
+    } else {
+        let snat = match chosen.snat {
+            Some(port) => Some((
+                snat::node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
+                port,
+            )),
+            None => None,
+        };
+        nat::rewrite(
+            ctx,
+            pkt,
+            snat,
+            Some((&chosen.backend.addr, chosen.backend.port)),
+        )?;
+    }
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
     if chosen.new_flow {
         stats::count_backend_new_flow(chosen.id);
     }
+    // Source-NATed or encapsulated, the packet's source is this node's own address:
+    // where XDP cannot send it, the tc ingress program does (`handoff`).
     fib::forward(
         ctx,
         &pkt.key,
         pkt.ip_len,
         fib::Direction::ToBackend,
         fib::backend_next_hop(chosen.id),
-        chosen.snat.is_some(),
+        chosen.snat.is_some() || dsr,
     )
 }
 

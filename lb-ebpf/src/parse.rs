@@ -27,28 +27,35 @@ fn be16(ctx: &impl Frame, off: usize) -> Result<u16, Reason> {
 
 #[inline(always)]
 pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
-    let (v4, l3) = l3(ctx)?;
-    if v4 {
-        parse_v4(ctx, l3)
-    } else {
-        parse_v6(ctx, l3)
+    let (l3, ethertype) = l2(ctx)?;
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx, l3),
+        ETH_P_IPV6 => parse_v6(ctx, l3),
+        _ => Err(Reason::PassNotIp),
     }
 }
 
 /// Whether the frame carries IPv4 (else IPv6), and the offset of its IP header.
 #[inline(always)]
 pub fn l3(ctx: &impl Frame) -> Result<(bool, usize), Reason> {
+    let (l3, ethertype) = l2(ctx)?;
+    match ethertype {
+        ETH_P_IP => Ok((true, l3)),
+        ETH_P_IPV6 => Ok((false, l3)),
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+/// The offset of the IP header and the ethertype, after one optional VLAN tag.
+#[inline(always)]
+pub fn l2(ctx: &impl Frame) -> Result<(usize, u16), Reason> {
     let mut ethertype = be16(ctx, 12)?;
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         ethertype = be16(ctx, ETH_HLEN + 2)?;
         l3 += VLAN_HLEN;
     }
-    match ethertype {
-        ETH_P_IP => Ok((true, l3)),
-        ETH_P_IPV6 => Ok((false, l3)),
-        _ => Err(Reason::PassNotIp),
-    }
+    Ok((l3, ethertype))
 }
 
 #[inline(always)]

@@ -41,7 +41,19 @@ pub fn test_run(
 /// from it, as the kernel's `BPF_PROG_TEST_RUN` for tc does). The verdict is the tc
 /// action (`TC_ACT_OK` = 0 lets it go on).
 pub fn test_run_egress(dp: &Dataplane, frame: &[u8]) -> Result<TestRunOutput> {
-    let prog = dp.egress_program()?;
+    run_tc(dp.egress_program()?, frame, "tc egress")
+}
+
+/// Runs the tc ingress program loaded in `dp` once on `frame`, as `test_run_egress`.
+pub fn test_run_ingress(dp: &Dataplane, frame: &[u8]) -> Result<TestRunOutput> {
+    run_tc(dp.ingress_program()?, frame, "tc ingress")
+}
+
+fn run_tc(
+    prog: &aya::programs::SchedClassifier,
+    frame: &[u8],
+    what: &str,
+) -> Result<TestRunOutput> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
@@ -49,7 +61,7 @@ pub fn test_run_egress(dp: &Dataplane, frame: &[u8]) -> Result<TestRunOutput> {
     opts.repeat = 1;
     let result = prog
         .test_run(opts)
-        .context("BPF_PROG_TEST_RUN (tc egress)")?;
+        .with_context(|| format!("BPF_PROG_TEST_RUN ({what})"))?;
     out.truncate(result.data_size_out as usize);
     Ok(TestRunOutput {
         action: result.return_value,

@@ -23,15 +23,29 @@ pub const EGRESS_PROGRAM: &str = "xlb_tc_egress";
 /// The ingress program's name in the object.
 pub const INGRESS_PROGRAM: &str = "xlb_tc_ingress";
 
+/// The pin prefix of the ingress link.
+pub const INGRESS_PREFIX: &str = "ingress_";
+
 /// The two tc hooks: program, attach type and pin prefix.
 const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (EGRESS_PROGRAM, TcAttachType::Egress, "egress_"),
-    (INGRESS_PROGRAM, TcAttachType::Ingress, "ingress_"),
+    (INGRESS_PROGRAM, TcAttachType::Ingress, INGRESS_PREFIX),
 ];
 
-/// Where the tc link `prefix` of `interface` is pinned.
+/// Where the tc link `prefix` of `interface` is pinned. bpffs refuses names with a dot
+/// (`flannel.1`, a VLAN's `eth0.100`), so a dot is written `%2E` (`pin_name`).
 fn tc_path(dir: &Path, prefix: &str, interface: &str) -> PathBuf {
-    dir.join(format!("{prefix}{interface}"))
+    dir.join(format!("{prefix}{}", pin_name(interface)))
+}
+
+/// `interface` as a bpffs name allows it: every `.` as `%2E`.
+pub fn pin_name(interface: &str) -> String {
+    interface.replace('.', "%2E")
+}
+
+/// The interface a pin name made by `pin_name` stands for.
+pub fn interface_of(pin_name: &str) -> String {
+    pin_name.replace("%2E", ".")
 }
 
 impl Dataplane {
@@ -64,25 +78,51 @@ impl Dataplane {
 
     /// The loaded egress program, for the test harness (`BPF_PROG_TEST_RUN`).
     pub fn egress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc_program(EGRESS_PROGRAM)
+    }
+
+    /// The loaded tc ingress program, for the test harness (`BPF_PROG_TEST_RUN`).
+    pub fn ingress_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        self.tc_program(INGRESS_PROGRAM)
+    }
+
+    fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
         self.ebpf
             .as_ref()
-            .and_then(|ebpf| ebpf.program(EGRESS_PROGRAM))
+            .and_then(|ebpf| ebpf.program(name))
             .ok_or(DataplaneError::Program {
-                name: EGRESS_PROGRAM,
+                name,
                 source: aya::programs::ProgramError::NotLoaded,
             })?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: EGRESS_PROGRAM,
-                source,
-            })
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Runs both tc programs on `interface` through links pinned under `dir`: an
     /// existing pin gets the new program atomically, else it is attached (TCX) and
     /// pinned.
     pub fn attach_tc_pinned(&mut self, interface: &str, dir: &Path) -> Result<(), DataplaneError> {
-        for (name, hook, prefix) in HOOKS {
+        self.attach_hooks(interface, dir, &HOOKS)
+    }
+
+    /// Runs the tc ingress program alone on `interface` (`--decap-interface`: a device
+    /// DSR packets arrive on without crossing XDP, an overlay's), pinned as for
+    /// `attach_tc_pinned`.
+    pub fn attach_decap_pinned(
+        &mut self,
+        interface: &str,
+        dir: &Path,
+    ) -> Result<(), DataplaneError> {
+        self.attach_hooks(interface, dir, &HOOKS[1..])
+    }
+
+    fn attach_hooks(
+        &mut self,
+        interface: &str,
+        dir: &Path,
+        hooks: &[(&'static str, TcAttachType, &str)],
+    ) -> Result<(), DataplaneError> {
+        for &(name, hook, prefix) in hooks {
             let path = tc_path(dir, prefix, interface);
             if path.exists() {
                 match self.adopt_tc(name, &path) {
@@ -143,4 +183,19 @@ pub fn detach_tc(dir: &Path, interface: &str) -> Result<(), DataplaneError> {
         std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_have_no_dots_and_map_back() {
+        for interface in ["eth0", "flannel.1", "eth0.100.2"] {
+            let name = pin_name(interface);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(interface_of(&name), interface);
+        }
+        assert_eq!(pin_name("eth0"), "eth0", "undotted names as before");
+    }
 }

@@ -163,6 +163,11 @@ impl Dataplane {
         self.hash_get(maps::CONNTRACK, key)
     }
 
+    /// The reply translation keyed by a reply flow (backend -> client), if any.
+    pub fn rev_nat(&self, key: &FlowKey) -> Result<Option<lb_common::RevNat>, DataplaneError> {
+        self.hash_get(maps::REVNAT, key)
+    }
+
     /// The SNAT reservation keyed by a reply flow (backend -> node:port), if any.
     pub fn snat_entry(&self, key: &FlowKey) -> Result<Option<SnatEntry>, DataplaneError> {
         self.hash_get(maps::SNAT, key)

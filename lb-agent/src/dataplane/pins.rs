@@ -383,6 +383,25 @@ pub fn pinned_interfaces(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Interfaces with only the tc ingress link pinned (`--decap-interface`), no XDP link.
+pub fn decap_interfaces(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(super::egress::INGRESS_PREFIX))
+                .map(super::egress::interface_of)
+        })
+        .filter(|interface| !link_path(dir, interface).exists())
+        .collect();
+    names.sort();
+    names
+}
+
 /// How an interface got the program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attachment {
@@ -597,6 +616,17 @@ impl Snapshot {
                 removed.push(format!("link {interface}"));
             }
         }
+        for interface in decap_interfaces(dir) {
+            let name = format!(
+                "{}{}",
+                super::egress::INGRESS_PREFIX,
+                super::egress::pin_name(&interface)
+            );
+            if !was(std::ffi::OsStr::new(&name)) {
+                super::egress::detach_tc(dir, &interface)?;
+                removed.push(format!("decap link {interface}"));
+            }
+        }
         for name in maps::ALL.iter().chain(&maps::RETIRED).chain(&maps::SOCKET) {
             let path = dir.join(name);
             if path.exists() && !was(std::ffi::OsStr::new(name)) {
@@ -621,6 +651,10 @@ pub fn remove_all(dir: &Path) -> Result<Vec<String>, DataplaneError> {
     for interface in pinned_interfaces(dir) {
         detach_link(dir, &interface)?;
         removed.push(format!("link {interface}"));
+    }
+    for interface in decap_interfaces(dir) {
+        super::egress::detach_tc(dir, &interface)?;
+        removed.push(format!("decap link {interface}"));
     }
     for name in maps::ALL.iter().chain(&maps::RETIRED).chain(&maps::SOCKET) {
         let path = dir.join(name);

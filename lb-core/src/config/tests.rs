@@ -1403,17 +1403,19 @@ fn crlf_line_endings_and_a_byte_order_mark_parse_like_the_example() {
 }
 
 #[test]
-fn lb_mode_is_snat_or_dnat_and_the_others_are_named() {
-    let dnat = accept(
-        "name: web\nfrontends: [{ address: 203.0.113.20, port: 80 }]\nbackends: []\n\
-         lbMode: dnat",
-    );
-    assert_eq!(dnat.lb_mode, Some(crate::mode::LbMode::Dnat));
-    for (mode, fragment) in [
-        ("dsr", "not built yet"),
-        ("hybrid", "not built yet"),
-        ("nat", "\"nat\""),
+fn lb_mode_is_one_of_the_four_and_a_bad_one_is_named() {
+    for (text, mode) in [
+        ("dnat", crate::mode::LbMode::Dnat),
+        ("dsr", crate::mode::LbMode::Dsr),
+        ("hybrid", crate::mode::LbMode::Hybrid),
     ] {
+        let service = accept(&format!(
+            "name: web\nfrontends: [{{ address: 203.0.113.20, port: 80 }}]\nbackends: []\n\
+             lbMode: {text}"
+        ));
+        assert_eq!(service.lb_mode, Some(mode));
+    }
+    for (mode, fragment) in [("nat", "\"nat\""), ("DSR", "\"DSR\"")] {
         let service = format!(
             "name: web\nfrontends: [{{ address: 203.0.113.20, port: 80 }}]\nbackends: []\n\
              lbMode: {mode}"

@@ -31,7 +31,7 @@ pub const ENDPOINT_WEIGHTS_ANNOTATION: &str = "xlb.dev/endpoint-weights";
 /// Service annotation: Maglev table size (a prime, 2..=131071). Default: the smallest
 /// of 1021, 4093, 16381, 65537, 131071 that holds 100 slots per endpoint.
 pub const TABLE_SIZE_ANNOTATION: &str = "xlb.dev/maglev-table-size";
-/// Service annotation: `snat` or `dnat`, overriding the agent's `--lb-mode` for the
+/// Service annotation: `snat`, `dsr`, `hybrid` or `dnat`, overriding the agent's `--lb-mode` for the
 /// Service's Cluster-policy frontends (`externalTrafficPolicy: Local` never SNATs).
 pub const LB_MODE_ANNOTATION: &str = "xlb.dev/lb-mode";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -614,8 +614,10 @@ fn family_models(
             } else {
                 Vec::new()
             },
-            // Local policy keeps the client's address: only local endpoints, never SNAT.
-            snat: !local_only && policy.lb_mode == LbMode::Snat,
+            // Local policy keeps the client's address: only local endpoints, never SNAT,
+            // never encapsulated.
+            snat: !local_only && policy.lb_mode.translation(port.protocol).0,
+            dsr: !local_only && policy.lb_mode.translation(port.protocol).1,
         };
         out.push((name, model));
     }

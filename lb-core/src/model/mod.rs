@@ -78,6 +78,10 @@ pub struct ServiceModel {
     /// New flows to backends on other nodes leave with this node's address and a port
     /// it allocates (SNAT mode); otherwise only the destination is rewritten.
     pub snat: bool,
+    /// New flows to backends on other nodes go there untranslated, encapsulated (DSR
+    /// mode). With `snat` too (a config file service in hybrid mode with TCP and UDP
+    /// frontends): DSR for its TCP frontends, SNAT for its UDP ones.
+    pub dsr: bool,
 }
 
 /// A service's answer to new flows while it has no selectable backend.
@@ -170,7 +174,14 @@ pub fn from_specs(
                     WhenEmpty::Drop
                 },
                 source_ranges: spec.source_ranges.clone(),
-                snat: spec.lb_mode.unwrap_or(default_mode) == LbMode::Snat,
+                snat: matches!(
+                    spec.lb_mode.unwrap_or(default_mode),
+                    LbMode::Snat | LbMode::Hybrid
+                ),
+                dsr: matches!(
+                    spec.lb_mode.unwrap_or(default_mode),
+                    LbMode::Dsr | LbMode::Hybrid
+                ),
             };
             (spec.name.clone(), Arc::new(model))
         })

@@ -238,6 +238,7 @@ fn service(frontends: &[FrontendSpec], backends: &[(Endpoint, u32, Health)]) -> 
         when_empty: crate::model::WhenEmpty::Drop,
         source_ranges: Vec::new(),
         snat: false,
+        dsr: false,
     }
 }
 

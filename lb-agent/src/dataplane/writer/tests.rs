@@ -50,6 +50,7 @@ fn service(frontends: &[(u8, u16)], backends: &[(Endpoint, u32)]) -> ServiceMode
         when_empty: WhenEmpty::Drop,
         source_ranges: Vec::new(),
         snat: false,
+        dsr: false,
     }
 }
 

@@ -1099,15 +1099,43 @@ fn lb_mode_snat_for_cluster_never_for_local_and_the_annotation_overrides() {
     svc.metadata
         .annotations
         .get_or_insert_default()
-        .insert(super::LB_MODE_ANNOTATION.into(), "dsr".into());
+        .insert(super::LB_MODE_ANNOTATION.into(), "DSR".into());
     let t = translate(&c, LbMode::Snat);
     assert!(t.services["shop/ingress:https/tcp"].snat, "the node's mode");
     assert!(
         t.problems
             .iter()
-            .any(|p| p.field.contains(super::LB_MODE_ANNOTATION)
-                && p.reason.contains("not built yet")),
+            .any(|p| p.field.contains(super::LB_MODE_ANNOTATION) && p.reason.contains("\"DSR\"")),
         "{:?}",
         t.problems
     );
+}
+
+/// `dsr` encapsulates `Cluster` frontends (never `Local` ones, never source-NATed);
+/// `hybrid` encapsulates TCP and source-NATs UDP; the annotation picks either.
+#[test]
+fn lb_mode_dsr_and_hybrid() {
+    use crate::mode::LbMode;
+    let mut c = cluster(&load("traffic-policy.yaml"));
+    let key = crate::cluster::ObjectKey::new("shop", "ingress");
+    let translate = |c: &crate::cluster::Cluster, mode: LbMode| {
+        let mut node = node_a();
+        node.lb_mode = mode;
+        super::translate(&c.services[&key], &c.slices_of(&key), &node)
+    };
+    for mode in [LbMode::Dsr, LbMode::Hybrid] {
+        let t = translate(&c, mode);
+        let tcp = &t.services["shop/ingress:https/tcp"];
+        assert!(tcp.dsr && !tcp.snat, "{mode}: TCP is encapsulated");
+        let local = &t.services["shop/ingress:https/tcp/local"];
+        assert!(!local.dsr && !local.snat, "{mode}: Local policy");
+    }
+    let svc = std::sync::Arc::make_mut(c.services.get_mut(&key).expect("ingress"));
+    svc.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(super::LB_MODE_ANNOTATION.into(), "dsr".into());
+    let t = translate(&c, LbMode::Snat);
+    assert!(t.services["shop/ingress:https/tcp"].dsr, "the annotation");
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
 }

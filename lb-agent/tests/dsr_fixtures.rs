@@ -1,0 +1,368 @@
+//! Packets in, packets out for DSR, run through `BPF_PROG_TEST_RUN` in a namespace that
+//! plays the node (as `snat_fixtures.rs`): the receiving node's XDP program encapsulates
+//! a flow for a remote backend (IPIP / IPv6-in-IPv6, the backend's port in the outer
+//! header), the backend's node's tc ingress program decapsulates and translates it, and
+//! its tc egress program gives the reply the frontend back. Expected frames are built
+//! from fields (the outer header by hand, checksums from scratch). Needs root.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_DSR, PROTO_TCP, REVNAT_F_DSR, Reason, SNAT_CFG_F_V4,
+    SNAT_CFG_F_V6, SnatConfig, csum,
+    dsr::{DSR_OUTER_TTL, IPPROTO_IPIP, IPPROTO_IPV6},
+    reason::XDP_REDIRECT,
+};
+use lb_testbed::frames::{Frame, L4, verify_checksums};
+use lb_testbed::node::*;
+use lb_testbed::xdp;
+
+/// tc verdicts.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// The node's own addresses (the outer source).
+fn node_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
+}
+fn node_v6() -> IpAddr {
+    IpAddr::V6("2001:db8:b::1".parse().expect("address"))
+}
+
+struct Node {
+    dp: lb_agent::dataplane::Dataplane,
+    client_if: u32,
+}
+
+impl Node {
+    fn reason(&self, reason: Reason) -> u64 {
+        self.dp
+            .reason_stats()
+            .expect("reason stats")
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, s)| s.packets)
+    }
+}
+
+/// A fresh node with the standard services in DSR mode and its addresses configured.
+fn with_node(tag: &str, body: impl FnOnce(&mut Node, &[Service]) + Send) {
+    let router = Router::new(tag);
+    let client_if = router.ns.ifindex("cl").expect("ifindex");
+    router
+        .ns
+        .run_in(|| {
+            let mut node = Node {
+                dp: load_dataplane(),
+                client_if,
+            };
+            let cfg = SnatConfig {
+                addr_v4: addr16(node_v4()),
+                addr_v6: addr16(node_v6()),
+                port_min: 61_000,
+                port_max: 65_535,
+                flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
+                _pad: [0; 3],
+            };
+            node.dp.set_snat_config(&cfg).expect("node addresses");
+            let mut svcs = services();
+            for s in &mut svcs {
+                s.flags |= FRONTEND_F_DSR;
+                s.install(&mut node.dp);
+            }
+            body(&mut node, &svcs);
+        })
+        .expect("run in the router namespace");
+}
+
+fn last_octet(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    }
+}
+
+/// The first client frame (from source port `sport` on) whose flow Maglev sends to a
+/// backend whose MAC the node knows, with that backend and its port.
+fn client_frame(svc: &Service, mut sport: u16, syn: bool) -> (Frame, IpAddr, u16) {
+    loop {
+        let (vip, port, proto) = svc.frontend;
+        let src = if vip.is_ipv4() {
+            client_v4()
+        } else {
+            client_v6()
+        };
+        let mut f = if proto == PROTO_TCP {
+            Frame::tcp(src, sport, vip, port)
+        } else {
+            Frame::udp(src, sport, vip, port)
+        };
+        if syn {
+            f = f.syn();
+        }
+        f.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+        let f = f.macs(CLIENT_MAC, LB_CLIENT_MAC);
+        let (_, backend, bport) = svc.expected_backend(&f);
+        if RESOLVED_BACKENDS.contains(&last_octet(backend)) {
+            return (f, backend, bport);
+        }
+        sport += 1;
+    }
+}
+
+/// `inner` (untouched, its MACs replaced) inside the outer header from `node` to
+/// `backend` carrying `bport`, between the MACs `(src, dst)`.
+fn encapsulated(
+    inner: &Frame,
+    node: IpAddr,
+    backend: IpAddr,
+    bport: u16,
+    macs: ([u8; 6], [u8; 6]),
+) -> Vec<u8> {
+    let bytes = inner.build();
+    let ip = &bytes[14..];
+    let mut out = Vec::new();
+    out.extend_from_slice(&macs.1);
+    out.extend_from_slice(&macs.0);
+    out.extend_from_slice(&bytes[12..14]);
+    let len = u16::try_from(ip.len()).expect("short");
+    match (node, backend) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut hdr = vec![0x45, ip[1]];
+            hdr.extend_from_slice(&(len + 20).to_be_bytes());
+            hdr.extend_from_slice(&bport.to_be_bytes());
+            hdr.extend_from_slice(&[0x40, 0, DSR_OUTER_TTL, IPPROTO_IPIP, 0, 0]);
+            hdr.extend_from_slice(&s.octets());
+            hdr.extend_from_slice(&d.octets());
+            let check = csum::checksum(&hdr, 0);
+            hdr[10..12].copy_from_slice(&check.to_be_bytes());
+            out.extend_from_slice(&hdr);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // Traffic class copied, flow label = the port.
+            let tc = (ip[0] << 4) | (ip[1] >> 4);
+            out.extend_from_slice(&[0x60 | (tc >> 4), tc << 4]);
+            out.extend_from_slice(&bport.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(&[IPPROTO_IPV6, DSR_OUTER_TTL]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        _ => panic!("families differ"),
+    }
+    out.extend_from_slice(ip);
+    out
+}
+
+fn node_of(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() { node_v4() } else { node_v6() }
+}
+
+/// One service's flow through both nodes: encapsulated by the receiving node (a new
+/// flow and a later packet of it alike), decapsulated and translated by the backend's
+/// node, its reply given the frontend back there.
+fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
+    let (f, backend, bport) = client_frame(svc, sport, true);
+    let n = last_octet(backend);
+    let macs = (LB_BACKEND_MAC, backend_mac(n));
+    let want = encapsulated(&f, node_of(backend), backend, bport, macs);
+    for (packet, frame) in [
+        ("new flow", f.clone()),
+        ("established", {
+            let mut g = f.clone();
+            if let L4::Tcp { syn, .. } = &mut g.l4 {
+                *syn = false;
+            }
+            g
+        }),
+    ] {
+        let want = encapsulated(&frame, node_of(backend), backend, bport, macs);
+        let out = xdp::test_run(&node.dp, &frame.build(), Some(node.client_if))
+            .unwrap_or_else(|e| panic!("{what} {packet}: {e}"));
+        assert_eq!(out.action, XDP_REDIRECT, "{what} {packet}: verdict");
+        assert!(
+            out.frame == want,
+            "{what} {packet}: encapsulation differs\n got: {:02x?}\nwant: {want:02x?}",
+            out.frame
+        );
+    }
+    assert!(
+        node.dp
+            .rev_nat(&flow_key(&reply_from(&f, backend, bport, n)))
+            .expect("map")
+            .is_none(),
+        "{what}: the receiving node keeps no reply translation"
+    );
+
+    // At the backend's node (this namespace plays it too): the tc ingress program.
+    let before = node.reason(Reason::DsrDelivered);
+    let arrived = want;
+    let out = xdp::test_run_ingress(&node.dp, &arrived).expect("tc ingress run");
+    assert_eq!(out.action, TC_ACT_OK, "{what}: delivered");
+    let mut delivered = dnat(&f, backend, bport, macs);
+    delivered.ttl = f.ttl;
+    assert!(
+        out.frame == delivered.build(),
+        "{what}: decapsulation differs\n got: {:02x?}\nwant: {:02x?}",
+        out.frame,
+        delivered.build()
+    );
+    verify_checksums(&out.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        node.reason(Reason::DsrDelivered),
+        before + 1,
+        "{what}: counted"
+    );
+    let reply = reply_from(&f, backend, bport, n);
+    let rev = node
+        .dp
+        .rev_nat(&flow_key(&reply))
+        .expect("map")
+        .expect("the backend's node remembers the reply translation");
+    assert_eq!(rev.addr, addr16(svc.frontend.0), "{what}");
+    assert_eq!(rev.port, svc.frontend.1.to_be(), "{what}");
+    assert_eq!(rev.flags, REVNAT_F_DSR, "{what}");
+    assert_eq!(rev.service_id, svc.id, "{what}: this node has the frontend");
+
+    // The pod's reply leaves with the frontend as its source, to the client directly.
+    let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
+    let mut back = reply.clone();
+    back.src = svc.frontend.0;
+    let (_, dport) = reply.ports();
+    back.set_ports(svc.frontend.1, dport);
+    assert!(out.frame == back.build(), "{what}: reply differs");
+    verify_checksums(&out.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn dsr_encapsulates_decapsulates_and_translates_replies() {
+    with_node("dsr", |node, svcs| {
+        round_trip(node, &svcs[0], 40_001, "IPv4 TCP");
+        round_trip(node, &svcs[1], 40_101, "IPv4 UDP");
+        round_trip(node, &svcs[2], 40_201, "IPv6 TCP");
+        round_trip(node, &svcs[3], 40_301, "IPv6 UDP");
+    });
+}
+
+#[test]
+fn local_backends_are_not_encapsulated_and_strangers_are_not_decapsulated() {
+    with_node("dsrlocal", |node, svcs| {
+        // Every backend of service 1 on this node: DNAT, as without DSR.
+        for (id, ip, port) in &svcs[0].backends {
+            node.dp
+                .set_backend(
+                    *id,
+                    Backend {
+                        addr: addr16(*ip),
+                        port: port.to_be(),
+                        family: lb_common::FAMILY_V4,
+                        flags: BACKEND_F_LOCAL,
+                        service_id: 1,
+                    },
+                )
+                .expect("backend");
+        }
+        let (f, backend, bport) = client_frame(&svcs[0], 41_001, true);
+        let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
+        let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT);
+        assert!(
+            out.frame == dnat(&f, backend, bport, macs).build(),
+            "plain DNAT"
+        );
+
+        // IPIP to an address that is no backend: left to the kernel untouched.
+        let (g, _, _) = client_frame(&svcs[1], 41_101, false);
+        let stranger = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+        let tunnel = encapsulated(&g, node_v4(), stranger, 5353, macs);
+        let out = xdp::test_run_ingress(&node.dp, &tunnel).expect("tc ingress run");
+        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(out.frame, tunnel, "untouched");
+
+        // IPIP to a backend whose inner packet is cut short: dropped, counted.
+        let (h, backend, bport) = client_frame(&svcs[1], 41_201, false);
+        let mut cut = encapsulated(&h, node_v4(), backend, bport, macs);
+        cut.truncate(14 + 20 + 20 + 4);
+        // The outer length says what is left, the inner one more.
+        let outer_len = u16::try_from(cut.len() - 14).expect("short");
+        cut[16..18].copy_from_slice(&outer_len.to_be_bytes());
+        cut[24..26].copy_from_slice(&[0, 0]);
+        let check = csum::checksum(&cut[14..34], 0);
+        cut[24..26].copy_from_slice(&check.to_be_bytes());
+        let before = node.reason(Reason::DropDsrMalformed);
+        let out = xdp::test_run_ingress(&node.dp, &cut).expect("tc ingress run");
+        assert_eq!(out.action, TC_ACT_SHOT, "dropped");
+        assert_eq!(node.reason(Reason::DropDsrMalformed), before + 1, "counted");
+    });
+}
+
+/// `frame` (TCP, a 4-byte payload) as a SYN-ACK whose payload is its MSS option.
+fn syn_ack_with_mss(frame: &Frame, mss: u16) -> Vec<u8> {
+    let mut f = frame.clone();
+    let [hi, lo] = mss.to_be_bytes();
+    f.payload = vec![2, 4, hi, lo];
+    if let L4::Tcp { syn, .. } = &mut f.l4 {
+        *syn = true;
+    }
+    let mut bytes = f.build();
+    let l4 = if f.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+    let old = u16::from_be_bytes([bytes[l4 + 12], bytes[l4 + 13]]);
+    // Data offset 6 (the option), SYN and ACK.
+    bytes[l4 + 12] = 0x60;
+    bytes[l4 + 13] |= 0x12;
+    let new = u16::from_be_bytes([bytes[l4 + 12], bytes[l4 + 13]]);
+    let mut d = csum::CsumDelta::new();
+    d.replace_u16(old, new);
+    let check = d.apply(u16::from_be_bytes([bytes[l4 + 16], bytes[l4 + 17]]));
+    bytes[l4 + 16..l4 + 18].copy_from_slice(&check.to_be_bytes());
+    verify_checksums(&bytes).expect("a well-formed SYN-ACK");
+    bytes
+}
+
+/// A DSR flow's SYN-ACK leaves with its MSS clamped to what fits the device's MTU once
+/// the client's segments are encapsulated (IPv4: 1500 - 20 - 40; IPv6: 1500 - 40 - 60);
+/// a smaller one and other flows' are left alone.
+#[test]
+fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
+    with_node("dsrmss", |node, svcs| {
+        // The device the test runs see as the socket buffer's.
+        let lo = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "mtu", "1500"])
+            .status()
+            .expect("ip");
+        assert!(lo.success(), "lo mtu");
+        for (svc, sport, clamped) in [(&svcs[0], 45_001, 1440), (&svcs[2], 45_101, 1400)] {
+            let (f, backend, bport) = client_frame(svc, sport, true);
+            let n = last_octet(backend);
+            let macs = (LB_BACKEND_MAC, backend_mac(n));
+            let tunnel = encapsulated(&f, node_of(backend), backend, bport, macs);
+            let out = xdp::test_run_ingress(&node.dp, &tunnel).expect("tc ingress run");
+            assert_eq!(out.action, TC_ACT_OK);
+            let reply = reply_from(&f, backend, bport, n);
+            let l4 = if f.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+            for (announced, want) in [(1460, clamped), (1200, 1200)] {
+                let syn_ack = syn_ack_with_mss(&reply, announced);
+                let out = xdp::test_run_egress(&node.dp, &syn_ack).expect("egress run");
+                assert_eq!(out.action, TC_ACT_OK);
+                verify_checksums(&out.frame).expect("checksums");
+                let mss = u16::from_be_bytes([out.frame[l4 + 22], out.frame[l4 + 23]]);
+                assert_eq!(mss, want, "{:?} MSS {announced}", svc.frontend);
+                assert_eq!(
+                    out.frame[l4..l4 + 2],
+                    svc.frontend.1.to_be_bytes(),
+                    "translated"
+                );
+            }
+        }
+        // A local backend's flow (not DSR) keeps its MSS.
+        let (f, backend, bport) = client_frame(&svcs[0], 45_201, true);
+        let mut plain = Service::new(svcs[0].id, svcs[0].frontend, svcs[0].backends.clone());
+        plain.flags = 0;
+        plain.install(&mut node.dp);
+        let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT);
+        let reply = reply_from(&f, backend, bport, last_octet(backend));
+        let out = xdp::test_run_egress(&node.dp, &syn_ack_with_mss(&reply, 1460)).expect("egress");
+        assert_eq!(u16::from_be_bytes([out.frame[56], out.frame[57]]), 1460);
+    });
+}
