@@ -4,6 +4,8 @@
 //! [`catalogue`](super::catalogue). A bad value keeps ingress-nginx's default and is a
 //! problem naming the Ingress and the annotation.
 
+mod auth;
+
 use std::collections::BTreeMap;
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::routes::{
     Access, Affinity, Balance, Canary, Cors, Limits, PathRegex, Policy, Redirect, Rewrite, Route,
     Upstream,
 };
+
+pub use auth::{AUTH_SECRET, BasicAuthRef};
 
 /// ingress-nginx's default `--annotations-prefix`.
 pub const DEFAULT_PREFIX: &str = "nginx.ingress.kubernetes.io";
@@ -95,6 +99,8 @@ pub struct Settings {
     pub policy: Policy,
     /// `canary: "true"`: the Ingress's routes are canaries of another Ingress's.
     pub canary: Option<CanaryRules>,
+    /// `auth-type: basic`: the Secret the translator reads the users from.
+    pub basic_auth: Option<BasicAuthRef>,
 }
 
 /// A canary Ingress's rules (its backend is per path).
@@ -134,6 +140,7 @@ impl Default for Settings {
             rewrite_target: None,
             policy: Policy::default(),
             canary: None,
+            basic_auth: None,
         }
     }
 }
@@ -418,6 +425,7 @@ pub fn read(annotations: Option<&BTreeMap<String, String>>, prefix: &str) -> Rea
             ),
         }
     }
+    auth::read(&mut src, &mut read);
     let under = format!("{prefix}/");
     for full in map.keys() {
         let Some(name) = full.strip_prefix(&under) else {
