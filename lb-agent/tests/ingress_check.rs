@@ -137,6 +137,10 @@ fn assert_json_verdicts(code: Option<i32>, out: &str, err: &str) {
 fn a_typical_ingress_nginx_deployment_would_differ() {
     let (code, out, err) = check(&fixture_dir(), &[]);
     assert_text_verdicts(code, &out, &err);
+    // The whole report, as reviewed: every annotation honoured (the oauth2-proxy
+    // external auth included) but the legacy Ingress's snippet.
+    let expected = std::fs::read_to_string(fixture_dir().join("check.txt")).expect("check.txt");
+    assert_eq!(out, expected);
     let (code, out, err) = check(&fixture_dir(), &["--json"]);
     assert_json_verdicts(code, &out, &err);
 }
