@@ -92,7 +92,12 @@ fn reports_every_annotation_of_a_typical_deployment() {
     let by_name = |n: &str| report.ingresses.iter().find(|i| i.ingress == n).unwrap();
     assert!(!by_name("shop/legacy").served);
     assert!(by_name("shop/legacy").differs());
-    for fine in ["shop/api", "shop/oauth2-proxy", "shop/web", "shop/web-canary"] {
+    for fine in [
+        "shop/api",
+        "shop/oauth2-proxy",
+        "shop/web",
+        "shop/web-canary",
+    ] {
         assert!(!by_name(fine).differs(), "{fine}: {:#?}", by_name(fine));
         assert!(by_name(fine).served);
     }

@@ -130,7 +130,54 @@ spec:
             route.path, route.upstream
         );
     }
+    annotated(&mut y, routes);
     y
+}
+
+/// The annotations scenario's Ingresses (the same as `nginx.rs` renders): the main one
+/// with the regex rewrite, CORS and the allowlist on the first route's Service, and a
+/// canary by header on the second's.
+fn annotated(y: &mut String, routes: &[Route]) {
+    let [main, canary] = [0, 1].map(|i| routes.get(i).map_or("none", |r| r.upstream.as_str()));
+    let p = "    nginx.ingress.kubernetes.io/";
+    let allowed = super::ALLOWED_CLIENTS;
+    for (name, service, annotations) in [
+        (
+            "annotated",
+            main,
+            format!(
+                "{p}use-regex: \"true\"\n{p}rewrite-target: /$2\n{p}enable-cors: \"true\"\n\
+                 {p}cors-allow-origin: https://shop.example.com\n\
+                 {p}allowlist-source-range: {allowed}\n"
+            ),
+        ),
+        (
+            "annotated-canary",
+            canary,
+            format!("{p}canary: \"true\"\n{p}canary-by-header: X-Canary\n"),
+        ),
+    ] {
+        let _ = write!(
+            y,
+            "---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+  creationTimestamp: \"2026-01-01T00:00:00Z\"
+  annotations:
+{annotations}spec:
+  ingressClassName: {CLASS}
+  rules:
+  - host: {host}
+    http:
+      paths:
+      - {{ path: \"/app(/|$)(.*)\", pathType: ImplementationSpecific, backend: {{ service: {{ name: {service}, port: {{ name: http }} }} }} }}
+",
+            host = super::ANNOTATED_HOST,
+        );
+    }
 }
 
 /// The agent's command-line arguments after `run`.
@@ -217,9 +264,31 @@ mod tests {
                 "EndpointSlice",
                 "Service",
                 "EndpointSlice",
+                "Ingress",
+                "Ingress",
                 "Ingress"
             ]
         );
+        // The annotations scenario's Ingresses: the main one on the first route's
+        // Service, the canary on the second's, one regex path each.
+        for (i, service, annotation) in [
+            (7, "web", "nginx.ingress.kubernetes.io/rewrite-target"),
+            (8, "api", "nginx.ingress.kubernetes.io/canary-by-header"),
+        ] {
+            let ingress: Ingress = serde_yaml::from_value(docs[i].clone()).unwrap();
+            assert!(
+                ingress
+                    .metadata
+                    .annotations
+                    .unwrap()
+                    .contains_key(annotation)
+            );
+            let rule = &ingress.spec.unwrap().rules.unwrap()[0];
+            assert_eq!(rule.host.as_deref(), Some("annotated.example.com"));
+            let path = &rule.http.as_ref().unwrap().paths[0];
+            assert_eq!(path.path.as_deref(), Some("/app(/|$)(.*)"));
+            assert_eq!(path.backend.service.as_ref().unwrap().name, service);
+        }
         // Every document is a valid object of its kind (the agent reads them as these).
         let typed = |i: usize| docs[i].clone();
         let class: IngressClass = serde_yaml::from_value(typed(0)).unwrap();
