@@ -269,26 +269,6 @@ mod tests {
                 "Ingress"
             ]
         );
-        // The annotations scenario's Ingresses: the main one on the first route's
-        // Service, the canary on the second's, one regex path each.
-        for (i, service, annotation) in [
-            (7, "web", "nginx.ingress.kubernetes.io/rewrite-target"),
-            (8, "api", "nginx.ingress.kubernetes.io/canary-by-header"),
-        ] {
-            let ingress: Ingress = serde_yaml::from_value(docs[i].clone()).unwrap();
-            assert!(
-                ingress
-                    .metadata
-                    .annotations
-                    .unwrap()
-                    .contains_key(annotation)
-            );
-            let rule = &ingress.spec.unwrap().rules.unwrap()[0];
-            assert_eq!(rule.host.as_deref(), Some("annotated.example.com"));
-            let path = &rule.http.as_ref().unwrap().paths[0];
-            assert_eq!(path.path.as_deref(), Some("/app(/|$)(.*)"));
-            assert_eq!(path.backend.service.as_ref().unwrap().name, service);
-        }
         // Every document is a valid object of its kind (the agent reads them as these).
         let typed = |i: usize| docs[i].clone();
         let class: IngressClass = serde_yaml::from_value(typed(0)).unwrap();
@@ -346,5 +326,49 @@ mod tests {
             arguments(Path::new("/m"), &listen).join(" "),
             "--manifests /m --l7 --l7-http 203.0.113.11:80 --l7-https 203.0.113.11:443 --admin 127.0.0.1:19190"
         );
+    }
+
+    #[test]
+    fn the_annotations_scenario_has_a_main_and_a_canary_ingress() {
+        let routes = [
+            Route {
+                path: "/".into(),
+                upstream: "web".into(),
+                endpoints: vec!["192.0.2.11:8080".parse().unwrap()],
+            },
+            Route {
+                path: "/api".into(),
+                upstream: "api".into(),
+                endpoints: vec!["192.0.2.12:8080".parse().unwrap()],
+            },
+        ];
+        let cert = IssuedCert {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        let yaml = manifests("bench.example.com", &routes, &cert);
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        // The annotations scenario's Ingresses: the main one on the first route's
+        // Service, the canary on the second's, one regex path each.
+        for (i, service, annotation) in [
+            (7, "web", "nginx.ingress.kubernetes.io/rewrite-target"),
+            (8, "api", "nginx.ingress.kubernetes.io/canary-by-header"),
+        ] {
+            let ingress: Ingress = serde_yaml::from_value(docs[i].clone()).unwrap();
+            assert!(
+                ingress
+                    .metadata
+                    .annotations
+                    .unwrap()
+                    .contains_key(annotation)
+            );
+            let rule = &ingress.spec.unwrap().rules.unwrap()[0];
+            assert_eq!(rule.host.as_deref(), Some("annotated.example.com"));
+            let path = &rule.http.as_ref().unwrap().paths[0];
+            assert_eq!(path.path.as_deref(), Some("/app(/|$)(.*)"));
+            assert_eq!(path.backend.service.as_ref().unwrap().name, service);
+        }
     }
 }
