@@ -917,7 +917,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
         println!(
-            "  r{} {:<6} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
+            "  r{} {:<11} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
             r.round + 1,
             r.scenario,
             r.proxy.label(),
@@ -959,7 +959,7 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
     println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
     for c in summary {
         println!(
-            "  {:<8} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
+            "  {:<11} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
              xlb/nginx us/req {}",
             c.scenario,
             c.nginx.proxy_cpus_busy,
