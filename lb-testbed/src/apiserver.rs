@@ -1495,6 +1495,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secret_type_terms_all_hold() {
+        let selector = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1";
+        assert!(type_matches(selector, "Opaque"));
+        assert!(type_matches(selector, "kubernetes.io/tls"));
+        assert!(!type_matches(selector, "helm.sh/release.v1"));
+        assert!(type_matches("type=kubernetes.io/tls", "kubernetes.io/tls"));
+        assert!(!type_matches("type==kubernetes.io/tls", "Opaque"));
+        assert_eq!(type_term("name=x"), None);
+        assert_eq!(type_term("type!="), None);
+    }
+
+    #[test]
     fn paths_resolve_to_resources_and_verbs() {
         let cases = [
             ("GET", "/api/v1/services", false, "", "services", "list"),
