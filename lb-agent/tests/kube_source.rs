@@ -637,11 +637,12 @@ fn secret(name: &str, type_: &str) -> Object {
     Object::Secret(serde_yaml::from_str::<Secret>(&yaml).expect("secret YAML"))
 }
 
-/// With `l7`, Ingresses, IngressClasses and Secrets are listed and watched too, and
-/// only TLS Secrets (by field selector) ever reach the agent; without it none of them
-/// is asked for (see `requests_stay_within_required_access...`).
+/// With `l7`, Ingresses, IngressClasses and Secrets are listed and watched too: TLS
+/// and Opaque Secrets (by field selector; an Opaque one keeps only password hashes,
+/// here none), never token or registry Secrets; without it none of them is asked for
+/// (see `requests_stay_within_required_access...`).
 #[test]
-fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
+fn l7_kinds_are_watched_and_only_tls_and_opaque_secrets_arrive() {
     with_server("kube-l7", async |server| {
         populate(server, 1);
         server.apply_all([
@@ -649,6 +650,7 @@ fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
             ingress_class(),
             secret("shop-tls", "kubernetes.io/tls"),
             secret("db-password", "Opaque"),
+            secret("sa-token", "kubernetes.io/service-account-token"),
         ]);
         let mut source = Source::start_with(server, true).await;
         let (replaces, _) = source.next_replaces().await;
@@ -665,13 +667,15 @@ fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
                 "Replace Node (2)",
                 "Replace Ingress (1)",
                 "Replace IngressClass (1)",
-                "Replace Secret (1)",
+                "Replace Secret (2)",
             ]
         );
         assert!(source.cluster.synced());
         let tls = ObjectKey::new("default", "shop-tls");
+        let opaque = ObjectKey::new("default", "db-password");
         let keys: Vec<&ObjectKey> = source.cluster.secrets.keys().collect();
-        assert_eq!(keys, [&tls]);
+        assert_eq!(keys, [&opaque, &tls]);
+        assert!(source.cluster.secrets[&opaque].data.is_none());
         let data: Vec<&String> = source.cluster.secrets[&tls]
             .data
             .as_ref()
@@ -680,8 +684,8 @@ fn l7_kinds_are_watched_and_only_tls_secrets_arrive() {
             .collect();
         assert_eq!(data, ["tls.crt", "tls.key"]);
 
-        // Changes: an Opaque Secret never arrives, the TLS one does.
-        server.apply(secret("api-token", "Opaque"));
+        // Changes: a token Secret never arrives, the TLS one does.
+        server.apply(secret("api-token", "kubernetes.io/service-account-token"));
         server.apply(secret("api-tls", "kubernetes.io/tls"));
         let (event, dirty) = source.next().await;
         assert_eq!(kind_and_name(&event), "Apply Secret api-tls");

@@ -706,3 +706,319 @@ fn ingress_nginx_annotations_through_xdp_and_the_hop() {
     assert!(status.success(), "{status:?}\n{}", l7.log());
     assert!(l7.log().contains("L7 hop draining"), "{}", l7.log());
 }
+
+// ---- the typical ingress-nginx deployment (tests/fixtures/ingress-nginx) -----------
+
+/// Backend namespaces for the fixture: the hop, then the fixture's endpoints.
+const FIXTURE_BACKENDS: [(&str, usize); 6] = [
+    ("192.0.2.11", 1), // web
+    ("192.0.2.12", 2), // web
+    ("192.0.2.13", 3), // web-canary
+    ("192.0.2.21", 4), // api
+    ("192.0.2.22", 5), // api
+    ("192.0.2.31", 6), // oauth2-proxy
+];
+
+/// The fixture (a `kubectl get -o yaml` List) with its endpoint addresses moved onto
+/// the topology's backends; everything else as the operator's cluster has it.
+fn fixture_on_topology() -> String {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ingress-nginx/cluster.yaml");
+    let mut text = std::fs::read_to_string(path).expect("fixture");
+    // Through placeholders, so one replacement never feeds the next.
+    for (i, (from, _)) in FIXTURE_BACKENDS.iter().enumerate() {
+        text = text.replace(&format!("- {from}\n"), &format!("- @{i}@\n"));
+    }
+    for (i, (_, backend)) in FIXTURE_BACKENDS.iter().enumerate() {
+        text = text.replace(
+            &format!("- @{i}@\n"),
+            &format!("- {}\n", Topology::backend_v4(*backend)),
+        );
+    }
+    text
+}
+
+/// oauth2-proxy's `/oauth2/auth` as the auth service (202 with the user headers for
+/// the `_oauth2_proxy=valid` cookie, 401 otherwise) and `/oauth2/start` (200), one
+/// request per connection; stopped and joined on drop.
+struct AuthService {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AuthService {
+    fn start(ns: &testbed::Netns, addr: SocketAddr) -> AuthService {
+        let listener = ns
+            .run_in(|| std::net::TcpListener::bind(addr))
+            .expect("netns")
+            .expect("bind the auth service");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => answer_auth(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        AuthService {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AuthService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn answer_auth(mut stream: std::net::TcpStream) {
+    use std::io::{Read as _, Write as _};
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(STEP));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65_536 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let answer = if head.starts_with("get /oauth2/start") {
+        "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsign in\n"
+    } else if head.contains("_oauth2_proxy=valid") {
+        "HTTP/1.1 202 Accepted\r\nx-auth-request-user: alice\r\n\
+         x-auth-request-email: alice@example.com\r\ncontent-length: 0\r\n\r\n"
+    } else {
+        "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+    };
+    let _ = stream.write_all(answer.as_bytes());
+}
+
+/// The kubectl-shaped fixture of a typical ingress-nginx deployment (the one
+/// `ingress_check.rs` reports on), served unchanged but for its endpoint addresses by
+/// an agent that takes over ingress-nginx's class, through XDP and the hop: the
+/// oauth2-proxy external auth, the canary by header and by weight, the regex rewrite
+/// with CORS, cookie affinity, the allowlist, and the refused snippet.
+#[test]
+fn the_typical_ingress_nginx_deployment_through_xdp_and_the_hop() {
+    let tag = "l7fixture";
+    let (bed, _auth) = fixture_bed(tag);
+    let _l4 = bed.l4_agent();
+    let dir = bed.l7_dir.display().to_string();
+    let mut args = testbed::agent::L7_ARGS.to_vec();
+    args.extend([
+        "--l7-ingress-class",
+        "nginx",
+        "--l7-controller-name",
+        "k8s.io/ingress-nginx",
+    ]);
+    let l7 = AgentProcess::start_l7_only(
+        &bed.topo.backends[L7_NODE],
+        &[],
+        Path::new(AGENT),
+        &["--manifests", &dir],
+        &format!("{tag}-l7"),
+        &args,
+    )
+    .expect("start the L7 agent");
+    l7.until("the fixture is served through the VIP", SETTLE, || {
+        bed.curl("http://api.example.com/v1/x", &[])
+            .is_ok_and(|r| r.code == 200)
+    });
+
+    fixture_auth_and_affinity(&bed);
+    fixture_canary(&bed);
+    fixture_rewrite_cors_and_snippet(&bed);
+    let session = ["-H", "Cookie: _oauth2_proxy=valid"];
+    // The allowlist, narrowed to the backends' range, now refuses the client, whatever
+    // X-Forwarded-For says; the check still reaches the auth service (the hop routes
+    // it to the backend directly).
+    let narrowed = fixture_on_topology().replace(
+        "allowlist-source-range: \"198.51.100.0/24\"",
+        "allowlist-source-range: \"192.0.2.0/24\"",
+    );
+    Bed::write(&bed.l7_dir, "cluster.yaml", &narrowed);
+    l7.until("the narrowed allowlist applies", SETTLE, || {
+        bed.curl(
+            "http://auth.example.com/oauth2/start",
+            &["-H", "X-Forwarded-For: 192.0.2.7"],
+        )
+        .is_ok_and(|r| r.code == 403)
+    });
+    assert_eq!(
+        bed.curl("http://shop.example.com/", &session).unwrap().code,
+        200
+    );
+}
+
+/// Seven backend namespaces: the hop, the fixture's echo endpoints, the auth service.
+fn fixture_bed(tag: &str) -> (Bed, AuthService) {
+    let topo = Topology::for_test(tag, 7);
+    let names = ["web-a", "web-b", "web-canary", "api-a", "api-b"];
+    let servers: Vec<EchoServer> = names
+        .iter()
+        .enumerate()
+        .map(|(n, name)| {
+            let i = n + 1;
+            spawn_echo_server(
+                &topo.backends[i],
+                SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), APP_PORT),
+                name,
+            )
+            .expect("echo server")
+        })
+        .collect();
+    let auth = AuthService::start(
+        &topo.backends[6],
+        SocketAddr::new(IpAddr::V4(Topology::backend_v4(6)), 4180),
+    );
+    let base = std::env::temp_dir().join(format!("xlb-l7-{tag}-{}", std::process::id()));
+    let bed = Bed {
+        tag: tag.to_owned(),
+        topo,
+        _servers: servers,
+        l4_dir: base.with_extension("l4"),
+        l7_dir: base.with_extension("l7"),
+        hosts: base.with_extension("hosts"),
+        ca: base.with_extension("ca.pem"),
+    };
+    for dir in [&bed.l4_dir, &bed.l7_dir] {
+        std::fs::create_dir_all(dir).expect("manifests dir");
+    }
+    std::fs::write(&bed.hosts, "127.0.0.1 localhost\n").expect("hosts");
+    std::fs::write(&bed.ca, TestCa::new("unused").expect("CA").pem()).expect("CA file");
+    Bed::write(&bed.l4_dir, "ingress-service.yaml", &ingress_service());
+    Bed::write(&bed.l7_dir, "cluster.yaml", &fixture_on_topology());
+    (bed, auth)
+}
+
+/// External auth (sign-in, the user headers) and cookie affinity.
+fn fixture_auth_and_affinity(bed: &Bed) {
+    // External auth: no session is sent to sign in, with rd; the app is not asked.
+    let signin = bed.curl("http://shop.example.com/cart?id=7", &[]).unwrap();
+    assert_eq!(signin.code, 302, "{signin:?}");
+    assert_eq!(
+        signin.header("location"),
+        Some("https://auth.example.com/oauth2/start?rd=%2Fcart%3Fid%3D7")
+    );
+    // The oauth2-proxy Ingress itself is open to the allowlisted client.
+    assert_eq!(
+        bed.curl("http://auth.example.com/oauth2/start", &[])
+            .unwrap()
+            .code,
+        200
+    );
+    // A session: forwarded with the auth service's user headers, not the client's.
+    // `X-Canary: never` keeps these on the main route: xlb's canary rules do not look
+    // at the affinity cookie (ingress-nginx's affinity-canary-behavior, reported as a
+    // difference).
+    let session = [
+        "-H",
+        "Cookie: _oauth2_proxy=valid",
+        "-H",
+        "X-Auth-Request-User: mallory",
+        "-H",
+        "X-Canary: never",
+    ];
+    let web = bed.curl("http://shop.example.com/", &session).unwrap();
+    assert_eq!(web.code, 200, "{web:?}");
+    let echo: Echo = serde_json::from_str(&web.body).unwrap();
+    assert!(echo.name.starts_with("web-"), "{echo:?}");
+    assert_eq!(echo.header("x-auth-request-user"), Some("alice"));
+    assert_eq!(
+        echo.header("x-auth-request-email"),
+        Some("alice@example.com")
+    );
+
+    // Cookie affinity (session-cookie-name route): the cookie keeps the endpoint.
+    let cookie = web
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .filter(|c| c.starts_with("route="))
+        .unwrap_or_else(|| panic!("no affinity cookie: {web:?}"))
+        .to_owned();
+    assert!(web.header("set-cookie").unwrap().contains("Max-Age=172800"));
+    let sticky = format!("Cookie: _oauth2_proxy=valid; {cookie}");
+    assert_ne!(echo.name, "web-canary");
+    for _ in 0..10 {
+        let again = bed.echo(
+            "http://shop.example.com/",
+            &["-H", &sticky, "-H", "X-Canary: never"],
+        );
+        assert_eq!(
+            again.name, echo.name,
+            "the affinity cookie keeps the endpoint"
+        );
+    }
+}
+
+/// The canary by header (always / never) and by weight.
+fn fixture_canary(bed: &Bed) {
+    let session = ["-H", "Cookie: _oauth2_proxy=valid"];
+    // The canary by header (always / never) and by weight (10 of 100).
+    let canary = |value: &str| {
+        bed.echo(
+            "http://shop.example.com/",
+            &[
+                "-H",
+                "Cookie: _oauth2_proxy=valid",
+                "-H",
+                &format!("X-Canary: {value}"),
+            ],
+        )
+        .name
+    };
+    assert_eq!(canary("always"), "web-canary");
+    assert!(canary("never").starts_with("web-"));
+    assert_ne!(canary("never"), "web-canary");
+    let mut to_canary = 0;
+    for _ in 0..100 {
+        if bed.echo("http://shop.example.com/", &session).name == "web-canary" {
+            to_canary += 1;
+        }
+    }
+    // Binomial(100, 0.1): outside 1..=35 with probability below 1e-4.
+    assert!(
+        (1..=35).contains(&to_canary),
+        "{to_canary} of 100 to the canary"
+    );
+}
+
+/// The regex rewrite with CORS, and the refused snippet.
+fn fixture_rewrite_cors_and_snippet(bed: &Bed) {
+    // The regex rewrite (/v1(/|$)(.*) -> /$2) with CORS for the shop's origin.
+    let origin = ["-H", "Origin: https://shop.example.com"];
+    let api = bed
+        .curl("http://api.example.com/v1/orders?id=7", &origin)
+        .unwrap();
+    assert_eq!(api.code, 200, "{api:?}");
+    let echo: Echo = serde_json::from_str(&api.body).unwrap();
+    assert!(echo.name.starts_with("api-"));
+    assert_eq!(echo.uri, "/orders?id=7");
+    assert_eq!(
+        api.header("access-control-allow-origin"),
+        Some("https://shop.example.com")
+    );
+    let preflight = bed
+        .curl(
+            "http://api.example.com/v1/x",
+            &["-X", "OPTIONS", origin[0], origin[1]],
+        )
+        .unwrap();
+    assert_eq!(preflight.code, 204, "{preflight:?}");
+
+    // The snippet's Ingress is refused, so not served.
+    assert_eq!(
+        bed.curl("http://legacy.example.com/", &[]).unwrap().code,
+        404
+    );
+}

@@ -135,9 +135,9 @@ impl Object {
     }
 
     /// Drops what the translation never reads (managed fields, the last-applied
-    /// annotation, a Node's images and conditions, a Secret's keys other than
-    /// `tls.crt`/`tls.key`/`ca.crt`, all data of other Secret types), so memory tracks what
-    /// matters and no unrelated secret is kept.
+    /// annotation, a Node's images and conditions, a TLS Secret's keys other than
+    /// `tls.crt`/`tls.key`/`ca.crt`, other Secrets' data but basic authentication's
+    /// users), so memory tracks what matters and no unrelated secret is kept.
     pub fn strip(&mut self) {
         let meta = self.meta_mut();
         meta.managed_fields = None;
@@ -165,13 +165,28 @@ fn strip_secret(secret: &mut Secret) {
     // data by the manifests source). Keep neither here.
     secret.string_data = None;
     if secret.type_.as_deref() != Some(TLS_SECRET_TYPE) {
-        secret.data = None;
+        // Basic authentication's users: the `auth` key (an htpasswd file) and, for
+        // `auth-secret-type: auth-map`, values shaped like password hashes. Nothing
+        // else of another Secret is kept.
+        if let Some(data) = secret.data.as_mut() {
+            data.retain(|k, v| {
+                k == BASIC_AUTH_KEY
+                    || std::str::from_utf8(&v.0)
+                        .is_ok_and(|v| crate::routes::auth::hash_kind(v).is_some())
+            });
+        }
+        if secret.data.as_ref().is_some_and(BTreeMap::is_empty) {
+            secret.data = None;
+        }
         return;
     }
     if let Some(data) = secret.data.as_mut() {
         data.retain(|k, _| k == TLS_CERT_KEY || k == TLS_PRIVATE_KEY_KEY || k == CA_CERT_KEY);
     }
 }
+
+/// The data key of an `auth-secret` holding an htpasswd file (ingress-nginx's).
+pub const BASIC_AUTH_KEY: &str = "auth";
 
 /// The data keys of a `kubernetes.io/tls` Secret.
 pub const TLS_CERT_KEY: &str = "tls.crt";
@@ -264,7 +279,8 @@ pub struct Cluster {
     pub ingresses: BTreeMap<ObjectKey, Arc<Ingress>>,
     /// IngressClasses by name (cluster-scoped).
     pub ingress_classes: BTreeMap<String, Arc<IngressClass>>,
-    /// Secrets, stripped to `tls.crt`/`tls.key`/`ca.crt` of `kubernetes.io/tls` ones.
+    /// Secrets, stripped to `tls.crt`/`tls.key`/`ca.crt` of `kubernetes.io/tls` ones and
+    /// to the users of other ones (basic authentication).
     pub secrets: BTreeMap<ObjectKey, Arc<Secret>>,
     /// Whether the L7 kinds must be listed before [`synced`](Self::synced).
     l7: bool,
@@ -628,5 +644,16 @@ mod tests {
                 .data
                 .is_none()
         );
+        // Basic authentication's users survive, other values do not.
+        let mut users = secret("Opaque");
+        users.data.as_mut().unwrap().extend([
+            ("auth".to_owned(), ByteString(b"foo:{SHA}x".to_vec())),
+            ("bar".to_owned(), ByteString(b"$apr1$salt$hash".to_vec())),
+            ("password".to_owned(), ByteString(b"hunter2".to_vec())),
+        ]);
+        cluster.apply(ClusterEvent::Apply(Object::Secret(users)));
+        let stored = &cluster.secrets[&ObjectKey::new("shop", "tls")];
+        let keys: Vec<&String> = stored.data.as_ref().unwrap().keys().collect();
+        assert_eq!(keys, ["auth", "bar"]);
     }
 }

@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use crate::cluster::ObjectKey;
 
+pub mod auth;
 mod policy;
 
+pub use auth::{BasicAuth, ExternalAuth};
 pub use policy::{
     Access, Affinity, Canary, CanaryVerdict, Cors, Limits, PathRegex, Policy, Redirect, Rewrite,
 };
@@ -299,6 +301,20 @@ impl RouteTable {
             Some((ri, pi)) => Some(&self.rules[ri].paths[pi].route),
             None => self.default.as_ref(),
         }
+    }
+
+    /// The route for `host` and `path` only when some rule names that host (exactly or
+    /// by wildcard): no host-less rule, no default backend. An `auth-url` on a host the
+    /// hop serves itself is sent to that route's backend without leaving the hop.
+    pub fn lookup_named(&self, host: &str, path: &str) -> Option<&Route> {
+        let mut buf = [0u8; MAX_HOST];
+        let host = lower_host(host, &mut buf)?;
+        let named = self.exact_hosts.contains_key(host)
+            || host
+                .find('.')
+                .is_some_and(|dot| dot > 0 && self.wildcard_hosts.contains_key(&host[dot..]));
+        let (ri, pi) = self.host_group(host).filter(|_| named)?.find(path)?;
+        Some(&self.rules[ri].paths[pi].route)
     }
 
     fn host_group(&self, host: &str) -> Option<&Paths> {

@@ -6,7 +6,7 @@
 //!   IngressClasses (networking.k8s.io/v1) and Secrets: `get`, and `list` with
 //!   `limit`/`continue` pages served from one snapshot (so a paged list is consistent,
 //!   as etcd makes it), cluster-wide or per namespace.
-//! - `fieldSelector=type=...` on Secrets (lists and watches), as the L7 hop asks for
+//! - `fieldSelector=type=...` / `type!=...` terms on Secrets (lists and watches), as the L7 hop asks for
 //!   TLS Secrets only.
 //! - `patch` of an Ingress's status subresource with a JSON merge patch
 //!   (`application/merge-patch+json`): only `status` changes, the resourceVersion moves
@@ -914,7 +914,7 @@ fn refuse(
         );
         if !on_secrets || secret_type_selector(query).is_none() {
             return Some(bad_request(&format!(
-                "the test API server supports only fieldSelector=type=... on secrets, not {fields:?}"
+                "the test API server supports only fieldSelector=type(!)=... on secrets, not {fields:?}"
             )));
         }
     }
@@ -1254,13 +1254,34 @@ async fn send_lines(
     Ok(())
 }
 
-/// The Secret type a `fieldSelector=type=X` (or `type==X`) asks for.
+/// A `fieldSelector` on Secrets made only of `type=X`, `type==X` and `type!=X` terms
+/// (comma-separated, all must hold), kept as written.
 fn secret_type_selector(query: &Query) -> Option<String> {
     let fields = query.get("fieldSelector").filter(|v| !v.is_empty())?;
-    let value = fields
-        .strip_prefix("type==")
-        .or_else(|| fields.strip_prefix("type="))?;
-    (!value.is_empty() && !value.contains(',')).then(|| value.to_owned())
+    fields
+        .split(',')
+        .all(|term| type_term(term).is_some())
+        .then(|| fields.to_owned())
+}
+
+/// One term: (wanted equal?, the type).
+fn type_term(term: &str) -> Option<(bool, &str)> {
+    let (equal, value) = if let Some(v) = term.strip_prefix("type!=") {
+        (false, v)
+    } else if let Some(v) = term.strip_prefix("type==") {
+        (true, v)
+    } else {
+        (true, term.strip_prefix("type=")?)
+    };
+    (!value.is_empty()).then_some((equal, value))
+}
+
+/// Whether a Secret of `actual` type passes every term of `selector`.
+fn type_matches(selector: &str, actual: &str) -> bool {
+    selector
+        .split(',')
+        .filter_map(type_term)
+        .all(|(equal, value)| (actual == value) == equal)
 }
 
 /// Whether a stored object (JSON) has the selected `type`; everything without a selector.
@@ -1269,7 +1290,7 @@ fn selected(json: &[u8], secret_type: Option<&str>) -> bool {
         return true;
     };
     serde_json::from_slice::<serde_json::Value>(json)
-        .is_ok_and(|v| v["type"].as_str().unwrap_or("Opaque") == want)
+        .is_ok_and(|v| type_matches(want, v["type"].as_str().unwrap_or("Opaque")))
 }
 
 /// [`selected`] for a rendered watch line (`{"type":EVENT,"object":{...}}`).
@@ -1278,7 +1299,7 @@ fn line_selected(line: &[u8], secret_type: Option<&str>) -> bool {
         return true;
     };
     serde_json::from_slice::<serde_json::Value>(line)
-        .is_ok_and(|v| v["object"]["type"].as_str().unwrap_or("Opaque") == want)
+        .is_ok_and(|v| type_matches(want, v["object"]["type"].as_str().unwrap_or("Opaque")))
 }
 
 /// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
@@ -1472,6 +1493,18 @@ fn error_line(code: StatusCode, reason: &str, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_type_terms_all_hold() {
+        let selector = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1";
+        assert!(type_matches(selector, "Opaque"));
+        assert!(type_matches(selector, "kubernetes.io/tls"));
+        assert!(!type_matches(selector, "helm.sh/release.v1"));
+        assert!(type_matches("type=kubernetes.io/tls", "kubernetes.io/tls"));
+        assert!(!type_matches("type==kubernetes.io/tls", "Opaque"));
+        assert_eq!(type_term("name=x"), None);
+        assert_eq!(type_term("type!="), None);
+    }
 
     #[test]
     fn paths_resolve_to_resources_and_verbs() {

@@ -4,10 +4,12 @@
 //! table and parsed certificates; [`tls::load`] makes their signing keys, and the two
 //! form one [`Snapshot`], which the proxy swaps in whole; the proxy never reads Kubernetes.
 
+pub mod auth;
 pub mod backend_tls;
 pub mod balance;
 pub mod dns;
 pub mod headers;
+pub mod htpasswd;
 pub mod limits;
 pub mod metrics;
 pub mod path;

@@ -46,6 +46,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::Snapshot;
+use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
 use super::headers::{
@@ -156,6 +157,7 @@ struct Shared {
     limiter: Limiter,
     pool: Pool,
     dns: Resolver,
+    auth: Checker,
     server: auto::Builder<TokioExecutor>,
 }
 
@@ -210,6 +212,7 @@ impl Proxy {
             limiter: Limiter::default(),
             pool: Pool::new(config.connect_timeout, config.upstream_idle_timeout),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
+            auth: Checker::new(),
             server,
             config,
         });
@@ -616,6 +619,10 @@ async fn forward(
         Before::Forward(cors) => cors,
     };
     let slot = limit_slot(shared, route, client)?;
+    let granted = match authenticate(shared, snapshot, route, &host, client, kind, &req).await {
+        Ok(granted) => granted,
+        Err(answer) => return Ok(answer),
+    };
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -651,6 +658,7 @@ async fn forward(
     };
     rewrite_head(&mut parts, &route.upstream, &forwarded, upgrade)?;
     apply_policy(&mut parts, policy)?;
+    granted.to_backend(&mut parts.headers);
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
@@ -677,6 +685,7 @@ async fn forward(
     if let Some((cors, origin)) = &cors {
         cors_headers(response.headers_mut(), cors, origin);
     }
+    granted.to_client(response.status(), response.headers_mut());
     if let Some(slot) = slot {
         // Held by the response body until it is sent (see `handle`).
         response.extensions_mut().insert(slot);
@@ -730,6 +739,45 @@ fn limit_slot(shared: &Shared, route: &Route, peer: SocketAddr) -> Result<Option
                 "too many requests from this client",
             )
         })
+}
+
+/// The route's authentication ([`auth::check`]), with the route's timeouts: what it
+/// grants, or its answer (counted).
+async fn authenticate<B>(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    route: &Route,
+    host: &str,
+    peer: SocketAddr,
+    kind: Listener,
+    req: &Request<B>,
+) -> Result<auth::Granted, Response<Body>> {
+    let policy = &route.policy;
+    if policy.denied.is_none() && policy.basic_auth.is_none() && policy.external_auth.is_none() {
+        return Ok(auth::Granted::default());
+    }
+    let seen = Seen {
+        authority: host,
+        scheme: if kind.tls { "https" } else { "http" },
+        peer,
+        uri: req.uri().path_and_query().map_or("/", PathAndQuery::as_str),
+    };
+    let timeouts = auth::Timeouts {
+        connect: policy
+            .connect_timeout
+            .unwrap_or(shared.config.connect_timeout),
+        read: policy
+            .read_timeout
+            .unwrap_or(shared.config.upstream_timeout),
+    };
+    let (checker, dns, routes) = (&shared.auth, &shared.dns, &snapshot.routes);
+    match auth::check(checker, dns, routes, policy, &seen, &timeouts, req).await {
+        Verdict::Forward(granted) => Ok(granted),
+        Verdict::Answer(reason, answer) => {
+            shared.metrics.local_answer(reason);
+            Err(answer)
+        }
+    }
 }
 
 /// The route with the canary's upstream when the request goes to the canary.

@@ -1,5 +1,5 @@
 //! `--kube`: kube-rs watchers on Services, EndpointSlices and Nodes (with `--l7` also
-//! Ingresses, IngressClasses and `kubernetes.io/tls` Secrets), turned into
+//! Ingresses, IngressClasses and TLS and basic-auth Secrets), turned into
 //! `ClusterEvent`s. This module only reads; what the agent writes to the cluster is in
 //! `kube_writes`.
 //!
@@ -72,14 +72,20 @@ pub const L7_READS: &[Access] = &[
     },
 ];
 
-/// The field selector on Secrets: only TLS Secrets are listed, so no other secret ever
-/// reaches the agent's memory.
-pub const SECRET_FIELD_SELECTOR: &str = "type=kubernetes.io/tls";
+/// The field selector on Secrets: TLS Secrets and the Opaque ones basic authentication
+/// reads (`auth-secret`); the Secret types that hold credentials of other kinds
+/// (service account and bootstrap tokens, registry logins) and Helm's large release
+/// records are never listed. What is listed is stripped on arrival to TLS keys and
+/// password hashes ([`lb_core::cluster::Object::strip`]).
+pub const SECRET_FIELD_SELECTOR: &str = "type!=kubernetes.io/service-account-token,\
+    type!=bootstrap.kubernetes.io/token,type!=kubernetes.io/dockerconfigjson,\
+    type!=kubernetes.io/dockercfg,type!=kubernetes.io/basic-auth,\
+    type!=kubernetes.io/ssh-auth,type!=helm.sh/release.v1";
 
 /// Watches the cluster and sends every change to `tx` until `tx` closes (then returns
 /// `Ok`). API errors never end it: each watcher retries with kube-runtime's default
 /// backoff (0.8 s doubling to 30 s, with jitter) forever. With `l7`, the L7 kinds are
-/// watched too (Secrets of type `kubernetes.io/tls` only).
+/// watched too (Secrets by [`SECRET_FIELD_SELECTOR`]).
 ///
 /// The first events are one `Replace` per kind, in `Kind::ALL` order, each sent once
 /// that kind's first complete list is in; changes follow only after all of them.
@@ -275,11 +281,14 @@ mod tests {
     }
 
     #[test]
-    fn the_secret_selector_names_the_tls_type() {
-        assert_eq!(
-            SECRET_FIELD_SELECTOR,
-            format!("type={}", lb_core::cluster::TLS_SECRET_TYPE)
-        );
+    fn the_secret_selector_keeps_tls_and_opaque_secrets() {
+        let excluded: Vec<&str> = SECRET_FIELD_SELECTOR
+            .split(',')
+            .map(|term| term.strip_prefix("type!=").expect("only type!= terms"))
+            .collect();
+        assert!(!excluded.contains(&lb_core::cluster::TLS_SECRET_TYPE));
+        assert!(!excluded.contains(&"Opaque"));
+        assert!(excluded.contains(&"kubernetes.io/service-account-token"));
     }
 
     fn name_of(object: &Object) -> String {

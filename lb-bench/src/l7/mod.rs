@@ -44,6 +44,11 @@ use crate::report::{self, mark, ratio};
 
 /// The host both proxies serve.
 const HOST: &str = "bench.example.com";
+/// The host of the annotations scenario: a regex rewrite, a canary by header, CORS and
+/// an allowlist on one route (see [`nginx::Config::render`] and [`xlb::manifests`]).
+const ANNOTATED_HOST: &str = "annotated.example.com";
+/// The annotations scenario's allowlist: the client's network.
+const ALLOWED_CLIENTS: &str = "198.51.100.0/24";
 const BACKEND_PORT: u16 = 8080;
 const HTTP_PORT: u16 = 80;
 const HTTPS_PORT: u16 = 443;
@@ -86,7 +91,11 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Scenarios to run, in this order.
-    #[arg(long, value_delimiter = ',', default_value = "http,https,close")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "http,https,close,annotations"
+    )]
     scenarios: Vec<Scenario>,
     /// Do not pin: wrk, backends and proxies share every CPU.
     #[arg(long)]
@@ -104,6 +113,10 @@ enum Scenario {
     Https,
     /// `Connection: close` over plain HTTP: a new connection per request.
     Close,
+    /// Keep-alive HTTP/1.1 to the annotated host: every request is rewritten, checked
+    /// against the allowlist, routed by the canary header (half each way) and answered
+    /// with CORS headers (an answer without them counts as a failure).
+    Annotations,
 }
 
 impl Scenario {
@@ -112,6 +125,7 @@ impl Scenario {
             Scenario::Http => "http",
             Scenario::Https => "https",
             Scenario::Close => "close",
+            Scenario::Annotations => "annotations",
         }
     }
 
@@ -120,6 +134,7 @@ impl Scenario {
             Scenario::Http => "HTTP keep-alive",
             Scenario::Https => "HTTPS keep-alive",
             Scenario::Close => "HTTP new conn/request",
+            Scenario::Annotations => "HTTP annotations",
         }
     }
 
@@ -127,6 +142,7 @@ impl Scenario {
         match self {
             Scenario::Https => format!("https://{HOST}/"),
             Scenario::Http | Scenario::Close => format!("http://{HOST}/"),
+            Scenario::Annotations => format!("http://{ANNOTATED_HOST}/"),
         }
     }
 }
@@ -437,7 +453,10 @@ impl Bed {
             ])?;
             files.write(
                 &format!("{}.hosts", proxy.label()),
-                &format!("127.0.0.1 localhost\n{} {HOST}\n", proxy.address()),
+                &format!(
+                    "127.0.0.1 localhost\n{addr} {HOST}\n{addr} {ANNOTATED_HOST}\n",
+                    addr = proxy.address()
+                ),
             )?;
         }
         let ca = TestCa::new("xlb-bench l7 CA")?;
@@ -447,6 +466,7 @@ impl Bed {
         files.write("key.pem", &cert.key_pem)?;
         let manifests = xlb::manifests(HOST, routes, &cert);
         files.write("routes.lua", &wrk::script())?;
+        files.write("annotations.lua", &wrk::annotations_script())?;
         let mut backends = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT);
@@ -653,7 +673,11 @@ fn measure(
 ) -> Result<Run> {
     let url = scenario.url();
     let hosts = bed.files.hosts(proxy);
-    let script = bed.files.path("routes.lua");
+    let script = bed.files.path(if scenario == Scenario::Annotations {
+        "annotations.lua"
+    } else {
+        "routes.lua"
+    });
     let client_cpus = pinning.map(|p| Pinning::list(&p.client));
     let wrk = Wrk {
         url: &url,
@@ -821,7 +845,9 @@ fn print_header(args: &Args, pinning: Option<&Pinning>, load_line: &str) {
     println!(
         "xlb l7 benchmark: wrk (client ns) -> proxy ns (nginx on {}, xlb L7 hop on {}) -> \
          2 backend ns; host {HOST}: Prefix / -> backend 0, Prefix /api -> backend 1 \
-         (wrk alternates / and /api/items)",
+         (wrk alternates / and /api/items); annotations: host {ANNOTATED_HOST}, regex \
+         /app(/|$)(.*) rewritten to /$2, CORS, allowlist, canary by X-Canary (wrk \
+         alternates never -> backend 0 and always -> backend 1)",
         Proxy::Nginx.address(),
         Proxy::Xlb.address()
     );
@@ -891,7 +917,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
         println!(
-            "  r{} {:<6} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
+            "  r{} {:<11} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
             r.round + 1,
             r.scenario,
             r.proxy.label(),
@@ -933,7 +959,7 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
     println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
     for c in summary {
         println!(
-            "  {:<8} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
+            "  {:<11} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
              xlb/nginx us/req {}",
             c.scenario,
             c.nginx.proxy_cpus_busy,
@@ -972,12 +998,17 @@ mod tests {
         validate(&args).unwrap();
         assert_eq!(
             args.scenarios,
-            [Scenario::Http, Scenario::Https, Scenario::Close]
+            [
+                Scenario::Http,
+                Scenario::Https,
+                Scenario::Close,
+                Scenario::Annotations
+            ]
         );
         assert_eq!(
             reproduce(&args),
             "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
-             --rounds 2 --scenarios http,https,close"
+             --rounds 2 --scenarios http,https,close,annotations"
         );
         let args = parse_args::<Args>(&["--scenarios", "https", "--no-pin"]);
         assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));

@@ -112,8 +112,62 @@ impl Config<'_> {
             }
         }
         let _ = writeln!(w, "    }}");
+        self.render_annotated(w, &listen);
         let _ = writeln!(w, "}}");
         c
+    }
+
+    /// The annotations scenario's host as ingress-nginx renders its Ingresses
+    /// (`xlb::manifests`): a regex location (`use-regex`) with `rewrite ... break`
+    /// (`rewrite-target: /$2`), `allow`/`deny all` (`allowlist-source-range`), its CORS
+    /// block (`enable-cors`, `cors-allow-origin`, ingress-nginx's default methods,
+    /// headers, credentials and max age), and the canary by header, which
+    /// ingress-nginx decides in Lua per request and is a `$http_x_canary` test here.
+    /// The first route's upstream is the main backend, the second's the canary.
+    fn render_annotated(&self, w: &mut String, listen: &dyn Fn(&mut String, &str)) {
+        let [main, canary] =
+            [0, 1].map(|i| self.routes.get(i).map_or("none", |r| r.upstream.as_str()));
+        let _ = writeln!(w, "    server {{");
+        listen(w, "");
+        let _ = writeln!(w, "        server_name {};", super::ANNOTATED_HOST);
+        let _ = writeln!(w, "        location ~* \"^/app(/|$)(.*)\" {{");
+        let _ = writeln!(w, "            set $annotated_upstream {main};");
+        let _ = writeln!(
+            w,
+            "            if ($http_x_canary = \"always\") {{ set $annotated_upstream {canary}; }}"
+        );
+        let _ = writeln!(w, "            allow {};", super::ALLOWED_CLIENTS);
+        let _ = writeln!(w, "            deny all;");
+        let _ = writeln!(
+            w,
+            "            if ($http_origin ~* ((https://shop\\.example\\.com))$) {{ set $cors 'true'; }}"
+        );
+        let _ = writeln!(
+            w,
+            "            if ($request_method = 'OPTIONS') {{ set $cors ${{cors}}options; }}"
+        );
+        let _ = writeln!(w, "            if ($cors = \"true\") {{");
+        for (name, value) in [
+            ("Access-Control-Allow-Origin", "$http_origin"),
+            ("Access-Control-Allow-Credentials", "true"),
+            (
+                "Access-Control-Allow-Methods",
+                "\"GET, PUT, POST, DELETE, PATCH, OPTIONS\"",
+            ),
+            (
+                "Access-Control-Allow-Headers",
+                "\"DNT,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,\
+                 Cache-Control,Content-Type,Range,Authorization\"",
+            ),
+            ("Access-Control-Max-Age", "1728000"),
+        ] {
+            let _ = writeln!(w, "                add_header {name} {value} always;");
+        }
+        let _ = writeln!(w, "            }}");
+        let _ = writeln!(w, "            rewrite \"(?i)/app(/|$)(.*)\" /$2 break;");
+        let _ = writeln!(w, "            proxy_pass http://$annotated_upstream;");
+        let _ = writeln!(w, "        }}");
+        let _ = writeln!(w, "    }}");
     }
 }
 
@@ -310,6 +364,12 @@ mod tests {
             "        location / { proxy_pass http://web; }",
             // Kubernetes Prefix: /api and /api/..., never /apix.
             "        location = /api { proxy_pass http://api; }\n        location /api/ { proxy_pass http://api; }",
+            // The annotations scenario's host, as ingress-nginx renders it.
+            "        server_name annotated.example.com;\n        location ~* \"^/app(/|$)(.*)\" {",
+            "            if ($http_x_canary = \"always\") { set $annotated_upstream api; }",
+            "            allow 198.51.100.0/24;\n            deny all;",
+            "                add_header Access-Control-Allow-Origin $http_origin always;",
+            "            rewrite \"(?i)/app(/|$)(.*)\" /$2 break;\n            proxy_pass http://$annotated_upstream;",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -61,6 +61,53 @@ end
     )
 }
 
+/// The annotations scenario's requests: both to the rewritten regex route, with the
+/// allowed `Origin`, one kept on the main backend and one sent to the canary.
+pub const ANNOTATED_PATH: &str = "/app/items";
+pub const ORIGIN: &str = "https://shop.example.com";
+
+/// The annotations scenario's script: alternates `X-Canary: never` and `always`, and
+/// counts an answer that is not a 200 or lacks the CORS header for the origin.
+pub fn annotations_script() -> String {
+    format!(
+        r#"-- xlb-bench l7 annotations: canary header both ways, CORS checked.
+local threads = {{}}
+local prepared = {{}}
+local n = 0
+not200 = 0
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  prepared[1] = wrk.format("GET", "{ANNOTATED_PATH}", {{ ["Origin"] = "{ORIGIN}", ["X-Canary"] = "never" }})
+  prepared[2] = wrk.format("GET", "{ANNOTATED_PATH}", {{ ["Origin"] = "{ORIGIN}", ["X-Canary"] = "always" }})
+end
+
+function request()
+  n = n + 1
+  return prepared[n % 2 + 1]
+end
+
+function response(status, headers, body)
+  local allowed = headers["Access-Control-Allow-Origin"] or headers["access-control-allow-origin"]
+  if status ~= 200 or allowed ~= "{ORIGIN}" then
+    not200 = not200 + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local total = 0
+  for _, thread in ipairs(threads) do
+    total = total + thread:get("not200")
+  end
+  io.write(string.format("{NOT_200_LINE} %d\n", total))
+end
+"#
+    )
+}
+
 /// What one run reported: wrk's figures plus the script's count.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Outcome {

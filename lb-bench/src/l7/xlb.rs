@@ -130,7 +130,54 @@ spec:
             route.path, route.upstream
         );
     }
+    annotated(&mut y, routes);
     y
+}
+
+/// The annotations scenario's Ingresses (the same as `nginx.rs` renders): the main one
+/// with the regex rewrite, CORS and the allowlist on the first route's Service, and a
+/// canary by header on the second's.
+fn annotated(y: &mut String, routes: &[Route]) {
+    let [main, canary] = [0, 1].map(|i| routes.get(i).map_or("none", |r| r.upstream.as_str()));
+    let p = "    nginx.ingress.kubernetes.io/";
+    let allowed = super::ALLOWED_CLIENTS;
+    for (name, service, annotations) in [
+        (
+            "annotated",
+            main,
+            format!(
+                "{p}use-regex: \"true\"\n{p}rewrite-target: /$2\n{p}enable-cors: \"true\"\n\
+                 {p}cors-allow-origin: https://shop.example.com\n\
+                 {p}allowlist-source-range: {allowed}\n"
+            ),
+        ),
+        (
+            "annotated-canary",
+            canary,
+            format!("{p}canary: \"true\"\n{p}canary-by-header: X-Canary\n"),
+        ),
+    ] {
+        let _ = write!(
+            y,
+            "---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+  creationTimestamp: \"2026-01-01T00:00:00Z\"
+  annotations:
+{annotations}spec:
+  ingressClassName: {CLASS}
+  rules:
+  - host: {host}
+    http:
+      paths:
+      - {{ path: \"/app(/|$)(.*)\", pathType: ImplementationSpecific, backend: {{ service: {{ name: {service}, port: {{ name: http }} }} }} }}
+",
+            host = super::ANNOTATED_HOST,
+        );
+    }
 }
 
 /// The agent's command-line arguments after `run`.
@@ -217,6 +264,8 @@ mod tests {
                 "EndpointSlice",
                 "Service",
                 "EndpointSlice",
+                "Ingress",
+                "Ingress",
                 "Ingress"
             ]
         );
@@ -277,5 +326,49 @@ mod tests {
             arguments(Path::new("/m"), &listen).join(" "),
             "--manifests /m --l7 --l7-http 203.0.113.11:80 --l7-https 203.0.113.11:443 --admin 127.0.0.1:19190"
         );
+    }
+
+    #[test]
+    fn the_annotations_scenario_has_a_main_and_a_canary_ingress() {
+        let routes = [
+            Route {
+                path: "/".into(),
+                upstream: "web".into(),
+                endpoints: vec!["192.0.2.11:8080".parse().unwrap()],
+            },
+            Route {
+                path: "/api".into(),
+                upstream: "api".into(),
+                endpoints: vec!["192.0.2.12:8080".parse().unwrap()],
+            },
+        ];
+        let cert = IssuedCert {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        let yaml = manifests("bench.example.com", &routes, &cert);
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+        // The annotations scenario's Ingresses: the main one on the first route's
+        // Service, the canary on the second's, one regex path each.
+        for (i, service, annotation) in [
+            (7, "web", "nginx.ingress.kubernetes.io/rewrite-target"),
+            (8, "api", "nginx.ingress.kubernetes.io/canary-by-header"),
+        ] {
+            let ingress: Ingress = serde_yaml::from_value(docs[i].clone()).unwrap();
+            assert!(
+                ingress
+                    .metadata
+                    .annotations
+                    .unwrap()
+                    .contains_key(annotation)
+            );
+            let rule = &ingress.spec.unwrap().rules.unwrap()[0];
+            assert_eq!(rule.host.as_deref(), Some("annotated.example.com"));
+            let path = &rule.http.as_ref().unwrap().paths[0];
+            assert_eq!(path.path.as_deref(), Some("/app(/|$)(.*)"));
+            assert_eq!(path.backend.service.as_ref().unwrap().name, service);
+        }
     }
 }

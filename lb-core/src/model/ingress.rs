@@ -50,10 +50,11 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressRule, IngressTLS};
 
-use crate::cluster::{CA_CERT_KEY, Cluster, Kind, ObjectKey};
+use crate::cluster::{BASIC_AUTH_KEY, CA_CERT_KEY, Cluster, Kind, ObjectKey};
 use crate::model::kubernetes::{Problem, usable_endpoints};
 use crate::quote::quoted;
-use crate::routes::RouteTable;
+use crate::routes::auth;
+use crate::routes::{BasicAuth, RouteTable};
 use crate::routes::{
     Canary, HostPattern, HostRule, PathKind, PathRegex, PathRule, Route, Target, Upstream,
     UpstreamProtocol, UpstreamTls, prefix_key,
@@ -257,7 +258,24 @@ impl Table<'_> {
             }
             return false;
         }
-        let settings = read.settings;
+        let mut settings = read.settings;
+        if let Some(basic) = settings.basic_auth.take() {
+            match t.basic_auth(key, &basic) {
+                Ok(users) => settings.policy.basic_auth = Some(Arc::new(users)),
+                Err((annotation, reason)) => {
+                    let field = format!("metadata.annotations[{}/{annotation}]", self.prefix);
+                    settings.policy.denied = Some(format!("{field}: {reason}"));
+                    t.problem(
+                        key,
+                        field,
+                        format!(
+                            "{reason}: every request to its routes is answered 503 until this \
+                             is fixed"
+                        ),
+                    );
+                }
+            }
+        }
         let plan = t.backend_plan(key, self.prefix, &settings.backend);
         let Some(spec) = ingress.spec.as_ref() else {
             return true;
@@ -818,6 +836,66 @@ impl Translator<'_> {
                 None
             }
         }
+    }
+
+    /// The users of an `auth-secret` (`name` in the Ingress's namespace, or
+    /// `namespace/name`): its `auth` key as an htpasswd file, or with `auth-map` each
+    /// key a user and its value the hash. The error names the annotation to blame.
+    fn basic_auth(
+        &mut self,
+        ingress: &ObjectKey,
+        basic: &annotations::BasicAuthRef,
+    ) -> Result<BasicAuth, (&'static str, String)> {
+        let key = match basic.secret.split_once('/') {
+            Some((namespace, name)) => ObjectKey::new(namespace, name),
+            None => ObjectKey::new(&ingress.namespace, &basic.secret),
+        };
+        let secret_field = annotations::AUTH_SECRET;
+        let Some(secret) = self.cluster.secrets.get(&key) else {
+            return Err((secret_field, format!("Secret {key} not found")));
+        };
+        let data = secret.data.as_ref();
+        let users = if basic.auth_map {
+            let mut users = BTreeMap::new();
+            for (user, hash) in data.into_iter().flatten() {
+                let hash = std::str::from_utf8(&hash.0).map_err(|_| {
+                    (
+                        secret_field,
+                        format!("Secret {key}: data[{user}] is not text"),
+                    )
+                })?;
+                auth::check_hash(user, hash)
+                    .map_err(|e| (secret_field, format!("Secret {key}: {e}")))?;
+                users.insert(user.clone(), hash.to_owned());
+            }
+            if users.is_empty() {
+                return Err((secret_field, format!("Secret {key} holds no user")));
+            }
+            users
+        } else {
+            let Some(file) = data.and_then(|d| d.get(BASIC_AUTH_KEY)) else {
+                return Err((
+                    secret_field,
+                    format!("Secret {key} has no data[{BASIC_AUTH_KEY}] (an htpasswd file)"),
+                ));
+            };
+            let text = std::str::from_utf8(&file.0).map_err(|_| {
+                (
+                    secret_field,
+                    format!("Secret {key}: data[{BASIC_AUTH_KEY}] is not text"),
+                )
+            })?;
+            auth::htpasswd(text).map_err(|e| {
+                (
+                    secret_field,
+                    format!("Secret {key}: data[{BASIC_AUTH_KEY}]: {e}"),
+                )
+            })?
+        };
+        Ok(BasicAuth {
+            realm: basic.realm.clone(),
+            users,
+        })
     }
 
     /// The upstream a backend names, or `None` (with a problem) when it cannot be

@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use super::Upstream;
+use super::auth::{BasicAuth, ExternalAuth};
 use crate::cluster::ObjectKey;
 
 /// The per-route behaviour the annotations ask for; [`Default`]: none.
@@ -42,6 +43,14 @@ pub struct Policy {
     /// `proxy-read-timeout`: from choosing a backend to its response head (the
     /// proxy's request timeout for this route).
     pub read_timeout: Option<Duration>,
+    /// `auth-url` and its `auth-*` settings (nginx's `auth_request`).
+    pub external_auth: Option<Arc<ExternalAuth>>,
+    /// `auth-type: basic` with the users of its `auth-secret`.
+    pub basic_auth: Option<Arc<BasicAuth>>,
+    /// Why every request to the route is answered 503: an authentication annotation
+    /// it needs is broken or its Secret is missing (ingress-nginx's denied location),
+    /// so it is never served unauthenticated.
+    pub denied: Option<String>,
 }
 
 /// An ingress-nginx canary: another Ingress (`canary: "true"`) for the same host and

@@ -30,6 +30,8 @@ use lb_core::routes::{
 };
 use lb_testbed::{Netns, check_privileges};
 
+mod auth;
+
 const PROXY_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const DEADLINE: Duration = Duration::from_secs(20);

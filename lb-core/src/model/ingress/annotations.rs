@@ -4,6 +4,8 @@
 //! [`catalogue`](super::catalogue). A bad value keeps ingress-nginx's default and is a
 //! problem naming the Ingress and the annotation.
 
+mod auth;
+
 use std::collections::BTreeMap;
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::routes::{
     Access, Affinity, Balance, Canary, Cors, Limits, PathRegex, Policy, Redirect, Rewrite, Route,
     Upstream, UpstreamProtocol,
 };
+
+pub use auth::{AUTH_SECRET, BasicAuthRef};
 
 /// ingress-nginx's default `--annotations-prefix`.
 pub const DEFAULT_PREFIX: &str = "nginx.ingress.kubernetes.io";
@@ -111,6 +115,8 @@ pub struct Settings {
     /// their `/` path untouched (when the agent runs with
     /// `--l7-enable-ssl-passthrough`).
     pub ssl_passthrough: bool,
+    /// `auth-type: basic`: the Secret the translator reads the users from.
+    pub basic_auth: Option<BasicAuthRef>,
 }
 
 /// How the hop speaks to the Ingress's backends: `backend-protocol` and the
@@ -213,6 +219,7 @@ impl Default for Settings {
             canary: None,
             backend: Backend::default(),
             ssl_passthrough: false,
+            basic_auth: None,
         }
     }
 }
@@ -522,6 +529,7 @@ pub fn read(
             ),
         }
     }
+    auth::read(&mut src, &mut read);
     let under = format!("{prefix}/");
     for full in map.keys() {
         let Some(name) = full.strip_prefix(&under) else {

@@ -21,6 +21,10 @@ const SNIPPET: &str = "raw nginx configuration written by Ingress authors: xlb i
     CVE-2025-1974) were the security debt that ended ingress-nginx; the Ingress is not \
     served until the annotation is removed";
 const BUFFERING: &str = "the hop streams bodies instead of buffering them in nginx buffers";
+const AUTH_NO_CACHE: &str = "the hop asks the auth service on every request: no cached \
+    answer, so a revoked session ends at once; the service sees every request";
+const AUTH_NO_KEEPALIVE: &str = "the hop opens a connection per check (ingress-nginx's default); \
+    the answers are the same";
 const UNSUPPORTED: &str = "not supported by xlb";
 const NGINX_ONLY: &str = "an nginx module or log setting with no counterpart in xlb";
 
@@ -110,25 +114,36 @@ const CATALOGUE: &[(&str, Support)] = &[
     ("limit-rate-after", Support::Differs(UNSUPPORTED)),
     ("limit-whitelist", Support::Differs(UNSUPPORTED)),
     ("limit-allowlist", Support::Differs(UNSUPPORTED)),
-    ("auth-url", Support::Differs(UNSUPPORTED)),
-    ("auth-signin", Support::Differs(UNSUPPORTED)),
-    ("auth-signin-redirect-param", Support::Differs(UNSUPPORTED)),
-    ("auth-response-headers", Support::Differs(UNSUPPORTED)),
-    ("auth-request-redirect", Support::Differs(UNSUPPORTED)),
-    ("auth-method", Support::Differs(UNSUPPORTED)),
-    ("auth-cache-key", Support::Differs(UNSUPPORTED)),
-    ("auth-cache-duration", Support::Differs(UNSUPPORTED)),
-    ("auth-always-set-cookie", Support::Differs(UNSUPPORTED)),
-    ("auth-keepalive", Support::Differs(UNSUPPORTED)),
-    ("auth-keepalive-requests", Support::Differs(UNSUPPORTED)),
-    ("auth-keepalive-share-vars", Support::Differs(UNSUPPORTED)),
-    ("auth-keepalive-timeout", Support::Differs(UNSUPPORTED)),
-    ("auth-proxy-set-headers", Support::Differs(UNSUPPORTED)),
-    ("enable-global-auth", Support::Differs(UNSUPPORTED)),
-    ("auth-type", Support::Differs(UNSUPPORTED)),
-    ("auth-secret", Support::Differs(UNSUPPORTED)),
-    ("auth-secret-type", Support::Differs(UNSUPPORTED)),
-    ("auth-realm", Support::Differs(UNSUPPORTED)),
+    ("auth-url", Support::Honoured),
+    ("auth-signin", Support::Honoured),
+    ("auth-signin-redirect-param", Support::Honoured),
+    ("auth-response-headers", Support::Honoured),
+    ("auth-request-redirect", Support::Honoured),
+    ("auth-method", Support::Honoured),
+    ("auth-always-set-cookie", Support::Honoured),
+    ("auth-cache-key", Support::Same(AUTH_NO_CACHE)),
+    ("auth-cache-duration", Support::Same(AUTH_NO_CACHE)),
+    ("auth-keepalive", Support::Same(AUTH_NO_KEEPALIVE)),
+    ("auth-keepalive-requests", Support::Same(AUTH_NO_KEEPALIVE)),
+    (
+        "auth-keepalive-share-vars",
+        Support::Same(AUTH_NO_KEEPALIVE),
+    ),
+    ("auth-keepalive-timeout", Support::Same(AUTH_NO_KEEPALIVE)),
+    (
+        "auth-proxy-set-headers",
+        Support::Differs(
+            "xlb does not read ConfigMaps: these headers are not sent to the auth service",
+        ),
+    ),
+    (
+        "enable-global-auth",
+        Support::Same("xlb has no global-auth-url, so there is no global check to turn off"),
+    ),
+    ("auth-type", Support::Honoured),
+    ("auth-secret", Support::Honoured),
+    ("auth-secret-type", Support::Honoured),
+    ("auth-realm", Support::Honoured),
     ("auth-tls-secret", Support::Differs(UNSUPPORTED)),
     ("auth-tls-verify-client", Support::Differs(UNSUPPORTED)),
     ("auth-tls-verify-depth", Support::Differs(UNSUPPORTED)),

@@ -12,6 +12,8 @@ use crate::cluster::{CA_CERT_KEY, Object};
 use crate::model::fixtures;
 use crate::routes::{Balance, Redirect};
 
+mod auth;
+
 fn xlb() -> IngressClassConfig {
     IngressClassConfig::new("xlb")
 }
