@@ -252,6 +252,12 @@ pub struct L7Args {
     /// included (504 after).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
     pub l7_request_timeout: Duration,
+    /// Time a write to a backend may stay pending (the backend not reading the
+    /// request) before the request fails, unless the Ingress sets
+    /// `nginx.ingress.kubernetes.io/proxy-send-timeout`; between two writes, not the
+    /// whole request.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, requires = "l7")]
+    pub l7_send_timeout: Duration,
     /// Request body limit in bytes (413 above it) unless the Ingress sets
     /// `nginx.ingress.kubernetes.io/proxy-body-size`.
     #[arg(long, default_value_t = 1 << 20, requires = "l7")]

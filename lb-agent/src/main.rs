@@ -312,6 +312,7 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             header_timeout: args.l7_header_timeout,
             idle_timeout: args.l7_idle_timeout,
             upstream_timeout: args.l7_request_timeout,
+            send_timeout: args.l7_send_timeout,
             max_header_bytes: args.l7_max_header_bytes,
             max_body_bytes: args.l7_max_body,
             dns_refresh: args.l7_dns_refresh,

@@ -33,7 +33,6 @@ use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -60,8 +59,9 @@ use super::rate::{Limiter, OverLimit, Slot};
 use super::routes::{
     Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
+use super::send_timeout::is_send_timeout;
 use super::tls::{self, CertResolver};
-use super::upstream::{Body, BoxError, Pool, PoolKey, Sender};
+use super::upstream::{Body, BoxError, H1, Pool, PoolKey, Sender};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
 
 /// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
@@ -80,6 +80,10 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// From choosing a backend to its response head, connect and retry included (504).
     pub upstream_timeout: Duration,
+    /// A write to a backend pending this long fails the request (504, or the answer
+    /// cut if it had started): nginx's `proxy_send_timeout`, between two successive
+    /// writes, not over the whole request.
+    pub send_timeout: Duration,
     /// Idle backend connections older than this are not reused.
     pub upstream_idle_timeout: Duration,
     /// Request head size (request target plus `name: value\r\n` lines; 431).
@@ -113,6 +117,7 @@ impl Default for ProxyConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_mins(1),
             upstream_timeout: Duration::from_mins(1),
+            send_timeout: Duration::from_mins(1),
             upstream_idle_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             max_headers: 100,
@@ -205,12 +210,17 @@ impl Proxy {
         server
             .http2()
             .max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
+        let metrics = Metrics::register(registry);
         let shared = Arc::new(Shared {
             https_port,
-            metrics: Metrics::register(registry),
+            metrics: metrics.clone(),
             balancer: Balancer::default(),
             limiter: Limiter::default(),
-            pool: Pool::new(config.connect_timeout, config.upstream_idle_timeout),
+            pool: Pool::new(
+                config.connect_timeout,
+                config.upstream_idle_timeout,
+                metrics,
+            ),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
             auth: Checker::new(),
             server,
@@ -1138,7 +1148,15 @@ async fn send(
         }
         let sender = match shared
             .pool
-            .checkout(addr, upstream, route.policy.connect_timeout)
+            .checkout(
+                addr,
+                upstream,
+                route.policy.connect_timeout,
+                route
+                    .policy
+                    .send_timeout
+                    .unwrap_or(shared.config.send_timeout),
+            )
             .await
         {
             Ok(sender) => {
@@ -1190,6 +1208,15 @@ async fn send(
                     "malformed request body",
                 ));
             }
+            // Counted as `send_timeout` where it fired (see [`super::send_timeout`]).
+            Err((e, _)) if is_send_timeout(&e) => {
+                tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
+                return Err(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_send_timeout",
+                    "the backend stopped reading the request",
+                ));
+            }
             Err((e, _)) => {
                 tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
                 shared.metrics.upstream_error("protocol");
@@ -1203,7 +1230,7 @@ async fn send(
     }
 }
 
-type Sent = (Response<Incoming>, Option<http1::SendRequest<Body>>);
+type Sent = (Response<Incoming>, Option<H1>);
 
 /// Sends on one connection; on failure, the request comes back if it never left.
 async fn try_send(
@@ -1211,12 +1238,12 @@ async fn try_send(
     req: Request<Body>,
 ) -> Result<Sent, (hyper::Error, Option<Request<Body>>)> {
     match sender {
-        Sender::H1(mut sender) => {
+        Sender::H1((mut sender, limit)) => {
             if let Err(e) = sender.ready().await {
                 return Err((e, Some(req)));
             }
             match sender.try_send_request(req).await {
-                Ok(response) => Ok((response, Some(sender))),
+                Ok(response) => Ok((response, Some((sender, limit)))),
                 Err(mut e) => {
                     let unsent = e.take_message();
                     Err((e.into_error(), unsent))
@@ -1243,7 +1270,7 @@ async fn try_send(
 fn respond(
     shared: &Shared,
     mut response: Response<Incoming>,
-    sender: Option<http1::SendRequest<Body>>,
+    sender: Option<H1>,
     key: PoolKey,
     in_flight: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,

@@ -21,7 +21,9 @@ use tokio::time::Instant;
 
 use super::backend_tls::{self, Connectors};
 use super::balance::InFlight;
+use super::metrics::Metrics;
 use super::routes::{Upstream, UpstreamProtocol};
+use super::send_timeout::{Limit, WriteTimeout};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -72,8 +74,11 @@ impl PoolKey {
     }
 }
 
+/// An HTTP/1.1 connection's sender and its write timeout.
+pub type H1 = (http1::SendRequest<Body>, Limit);
+
 pub enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(H1),
     H2(http2::SendRequest<Body>),
 }
 
@@ -87,12 +92,14 @@ struct Inner {
     connect_timeout: Duration,
     idle_timeout: Duration,
     h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
-    h2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+    h2: Mutex<HashMap<PoolKey, (http2::SendRequest<Body>, Limit)>>,
     tls: Connectors,
+    /// Counts send timeouts (see [`WriteTimeout`]).
+    metrics: Metrics,
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, metrics: Metrics) -> Pool {
         Pool {
             inner: Arc::new(Inner {
                 connect_timeout,
@@ -100,40 +107,47 @@ impl Pool {
                 h1: Mutex::new(HashMap::new()),
                 h2: Mutex::new(HashMap::new()),
                 tls: Connectors::default(),
+                metrics,
             }),
         }
     }
 
     /// An idle or new connection to `addr` for `upstream` (its HTTP version and TLS
     /// settings); a new one must connect, and finish its TLS handshake, each within
-    /// `connect_timeout` (the route's `proxy-connect-timeout`), else the pool's.
+    /// `connect_timeout` (the route's `proxy-connect-timeout`), else the pool's. Its
+    /// writes then time out after `send_timeout` (the route's `proxy-send-timeout`,
+    /// else the agent's).
     pub async fn checkout(
         &self,
         addr: SocketAddr,
         upstream: &Upstream,
         connect_timeout: Option<Duration>,
+        send_timeout: Duration,
     ) -> Result<Sender, ConnectError> {
         let key = PoolKey::new(addr, upstream);
         let protocol = upstream.protocol;
         match protocol {
             UpstreamProtocol::Http1 => {
-                if let Some(sender) = self.idle_h1(key) {
-                    return Ok(Sender::H1(sender));
+                if let Some((sender, limit)) = self.idle_h1(key) {
+                    limit.set(send_timeout);
+                    return Ok(Sender::H1((sender, limit)));
                 }
             }
             UpstreamProtocol::H2c => {
                 let existing = {
                     let h2 = self.inner.h2.lock().unwrap_or_else(PoisonError::into_inner);
-                    h2.get(&key).filter(|s| !s.is_closed()).cloned()
+                    h2.get(&key).filter(|(s, _)| !s.is_closed()).cloned()
                 };
-                if let Some(sender) = existing {
+                if let Some((sender, limit)) = existing {
+                    limit.set(send_timeout);
                     return Ok(Sender::H2(sender));
                 }
             }
         }
-        let tcp = self.connect(addr, connect_timeout).await?;
+        let limit = Limit::new(send_timeout);
+        let tcp = self.connect(addr, connect_timeout, &limit).await?;
         let Some(tls) = &upstream.tls else {
-            return self.handshake(key, protocol, tcp).await;
+            return self.handshake(key, protocol, tcp, limit).await;
         };
         let config = self
             .inner
@@ -147,7 +161,8 @@ impl Pool {
             .await
             .map_err(|_| ConnectError::Timeout(addr))?
             .map_err(|e| ConnectError::Tls(addr, e))?;
-        self.handshake(key, protocol, TokioIo::new(stream)).await
+        self.handshake(key, protocol, TokioIo::new(stream), limit)
+            .await
     }
 
     /// HTTP/1.1 or HTTP/2 on a fresh connection; an HTTP/2 one is shared from now on.
@@ -156,6 +171,7 @@ impl Pool {
         key: PoolKey,
         protocol: UpstreamProtocol,
         io: TokioIo<I>,
+        limit: Limit,
     ) -> Result<Sender, ConnectError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -171,7 +187,7 @@ impl Pool {
                         tracing::debug!("backend connection {addr}: {e}");
                     }
                 });
-                Ok(Sender::H1(sender))
+                Ok(Sender::H1((sender, limit)))
             }
             UpstreamProtocol::H2c => {
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
@@ -186,18 +202,18 @@ impl Pool {
                     .h2
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(key, sender.clone());
+                    .insert(key, (sender.clone(), limit));
                 Ok(Sender::H2(sender))
             }
         }
     }
 
-    fn idle_h1(&self, key: PoolKey) -> Option<http1::SendRequest<Body>> {
+    fn idle_h1(&self, key: PoolKey) -> Option<H1> {
         let mut h1 = self.inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let idle = h1.get_mut(&key)?;
-        while let Some((sender, since)) = idle.pop() {
-            if sender.is_ready() && since.elapsed() < self.inner.idle_timeout {
-                return Some(sender);
+        while let Some((conn, since)) = idle.pop() {
+            if conn.0.is_ready() && since.elapsed() < self.inner.idle_timeout {
+                return Some(conn);
             }
         }
         None
@@ -207,14 +223,20 @@ impl Pool {
         &self,
         addr: SocketAddr,
         timeout: Option<Duration>,
-    ) -> Result<TokioIo<TcpStream>, ConnectError> {
+        limit: &Limit,
+    ) -> Result<TokioIo<WriteTimeout<TcpStream>>, ConnectError> {
         let timeout = timeout.unwrap_or(self.inner.connect_timeout);
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout(addr))?
             .map_err(|e| ConnectError::Io(addr, e))?;
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let metrics = self.inner.metrics.clone();
+        Ok(TokioIo::new(WriteTimeout::new(
+            stream,
+            limit.clone(),
+            metrics,
+        )))
     }
 
     /// Wraps a backend response body so that its connection returns to the pool once
@@ -224,7 +246,7 @@ impl Pool {
         &self,
         body: Incoming,
         key: PoolKey,
-        sender: Option<http1::SendRequest<Body>>,
+        sender: Option<H1>,
         in_flight: InFlight,
     ) -> PooledBody {
         PooledBody {
@@ -237,9 +259,9 @@ impl Pool {
 }
 
 /// A parked HTTP/1.1 connection and when it was parked.
-type IdleH1 = (http1::SendRequest<Body>, Instant);
+type IdleH1 = (H1, Instant);
 
-type GiveBack = (Arc<Inner>, PoolKey, http1::SendRequest<Body>);
+type GiveBack = (Arc<Inner>, PoolKey, H1);
 
 pub struct PooledBody {
     body: Incoming,
@@ -277,7 +299,7 @@ impl hyper::body::Body for PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         let done = self.ended || self.body.is_end_stream();
-        if let (true, Some((inner, key, mut sender))) = (done, self.give_back.take()) {
+        if let (true, Some((inner, key, (mut sender, limit)))) = (done, self.give_back.take()) {
             // The connection becomes ready once hyper has seen the end of the message;
             // wait for that off the request path, then park it.
             tokio::spawn(async move {
@@ -285,7 +307,7 @@ impl Drop for PooledBody {
                     let mut h1 = inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
                     let idle = h1.entry(key).or_default();
                     if idle.len() < MAX_IDLE_PER_ENDPOINT {
-                        idle.push((sender, Instant::now()));
+                        idle.push(((sender, limit), Instant::now()));
                     }
                 }
             });

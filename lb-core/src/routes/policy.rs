@@ -43,6 +43,10 @@ pub struct Policy {
     /// `proxy-read-timeout`: from choosing a backend to its response head (the
     /// proxy's request timeout for this route).
     pub read_timeout: Option<Duration>,
+    /// `proxy-send-timeout`: the longest a write to the backend may stay pending
+    /// (nginx's `proxy_send_timeout`: between two successive writes, not the whole
+    /// request).
+    pub send_timeout: Option<Duration>,
     /// `auth-url` and its `auth-*` settings (nginx's `auth_request`).
     pub external_auth: Option<Arc<ExternalAuth>>,
     /// `auth-type: basic` with the users of its `auth-secret`.

@@ -2200,3 +2200,4 @@ fn per_client_limits_answer_503() {
 mod backend_protocol;
 mod forwarded;
 mod passthrough;
+mod send_timeout;

@@ -51,6 +51,7 @@ pub const WHITELIST_SOURCE_RANGE: &str = "whitelist-source-range";
 pub const DENYLIST_SOURCE_RANGE: &str = "denylist-source-range";
 pub const PROXY_CONNECT_TIMEOUT: &str = "proxy-connect-timeout";
 pub const PROXY_READ_TIMEOUT: &str = "proxy-read-timeout";
+pub const PROXY_SEND_TIMEOUT: &str = "proxy-send-timeout";
 pub const AFFINITY: &str = "affinity";
 pub const AFFINITY_MODE: &str = "affinity-mode";
 pub const SESSION_COOKIE_NAME: &str = "session-cookie-name";
@@ -509,6 +510,7 @@ pub fn read(
     settings.policy.limits = limits(&mut src);
     settings.policy.connect_timeout = src.seconds(PROXY_CONNECT_TIMEOUT);
     settings.policy.read_timeout = src.seconds(PROXY_READ_TIMEOUT);
+    settings.policy.send_timeout = src.seconds(PROXY_SEND_TIMEOUT);
     if src.flag(CANARY) == Some(true) {
         settings.canary = Some(canary(&mut src));
     }

@@ -87,10 +87,7 @@ const CATALOGUE: &[(&str, Support)] = &[
     ),
     ("proxy-connect-timeout", Support::Honoured),
     ("proxy-read-timeout", Support::Honoured),
-    (
-        "proxy-send-timeout",
-        Support::Differs("the hop sets no timeout on writes to the backend"),
-    ),
+    ("proxy-send-timeout", Support::Honoured),
     ("proxy-next-upstream", Support::Differs(UNSUPPORTED)),
     ("proxy-next-upstream-timeout", Support::Differs(UNSUPPORTED)),
     ("proxy-next-upstream-tries", Support::Differs(UNSUPPORTED)),

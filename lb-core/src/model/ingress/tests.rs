@@ -499,7 +499,7 @@ fn honoured_annotations_shape_the_routes() {
                 "nginx.ingress.kubernetes.io/mirror-target",
                 "https://mirror.test",
             ),
-            ("nginx.ingress.kubernetes.io/proxy-send-timeout", "30"),
+            (PROXY_SEND_TIMEOUT, "30"),
             (PROXY_READ_TIMEOUT, "120"),
             (PROXY_CONNECT_TIMEOUT, "2s"),
             ("client-body-buffer-size", "1m"),
@@ -520,6 +520,7 @@ fn honoured_annotations_shape_the_routes() {
     assert_eq!(front.balance, Balance::LeastRequest);
     assert_eq!(front.policy.read_timeout, Some(Duration::from_mins(2)));
     assert_eq!(front.policy.connect_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(front.policy.send_timeout, Some(Duration::from_secs(30)));
     assert_eq!(
         route(&t, "shop.example.com", "/api").policy.read_timeout,
         None
@@ -536,16 +537,10 @@ fn honoured_annotations_shape_the_routes() {
     assert_eq!(legacy.max_body_bytes, None);
     assert_eq!(
         t.ignored_annotations,
-        [
-            (
-                ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/mirror-target".to_owned()
-            ),
-            (
-                ObjectKey::new("shop", "storefront"),
-                "nginx.ingress.kubernetes.io/proxy-send-timeout".to_owned()
-            ),
-        ]
+        [(
+            ObjectKey::new("shop", "storefront"),
+            "nginx.ingress.kubernetes.io/mirror-target".to_owned()
+        )]
     );
     assert!(
         problems(&t).contains(
