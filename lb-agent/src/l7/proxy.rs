@@ -15,7 +15,8 @@
 //! before forwarding, else while streaming when the backend has not answered yet),
 //! 431 header count or size, 502 no connection (after one retry on another endpoint),
 //! a failed exchange or an ExternalName that never resolved, 503 no endpoints,
-//! 504 no response head within `upstream_timeout`. Response bodies are streamed and
+//! 504 no response head within `upstream_timeout` or a write to the backend pending
+//! past `send_timeout` (see [`super::send_timeout`]). Response bodies are streamed and
 //! not timed; an upgraded (101) connection is a plain byte tunnel without an idle
 //! timeout, like WebSockets behind ingress-nginx with long proxy timeouts. An `h2c`
 //! upgrade is never tunnelled: it is dropped and the request forwarded as HTTP/1.1.

@@ -53,7 +53,7 @@ pub fn is_send_timeout(e: &(dyn Error + 'static)) -> bool {
         if e.is::<SendTimedOut>()
             || e.downcast_ref::<io::Error>()
                 .and_then(io::Error::get_ref)
-                .is_some_and(|inner| inner.is::<SendTimedOut>())
+                .is_some_and(<dyn Error + Send + Sync>::is::<SendTimedOut>)
         {
             return true;
         }

@@ -17,7 +17,7 @@ const PAUSE: Duration = Duration::from_millis(200);
 /// A raw TCP backend on port 80 of `ip`. `steady` false: it accepts and never reads
 /// (the connections stay open); true: it reads each request's [`BODY`] in [`STEP`]s
 /// with a [`PAUSE`] after each, then answers 200.
-async fn raw_backend(ip: IpAddr, steady: bool) -> SocketAddr {
+fn raw_backend(ip: IpAddr, steady: bool) -> SocketAddr {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(BACKEND_RCVBUF).unwrap();
     socket.bind(SocketAddr::new(ip, 80)).unwrap();
@@ -102,8 +102,8 @@ fn send_timeout(seconds: u64) -> Policy {
 #[test]
 fn a_backend_that_stops_reading_is_cut_after_the_send_timeout() {
     in_netns("sendto", || async {
-        let stalled = raw_backend(backend_ip(1), false).await;
-        let steady = raw_backend(backend_ip(2), true).await;
+        let stalled = raw_backend(backend_ip(1), false);
+        let steady = raw_backend(backend_ip(2), true);
         // The proxy's own send and request timeouts are 15 s: the test's deadline is
         // 20 s, so a 504 here shows the route's 1 s applied.
         let config = ProxyConfig {
