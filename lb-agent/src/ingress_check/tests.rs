@@ -78,6 +78,7 @@ fn reports_every_annotation_of_a_typical_deployment() {
             ("cors-allow-origin", Honoured),
             ("enable-cors", Honoured),
             ("proxy-read-timeout", Honoured),
+            ("proxy-send-timeout", Honoured),
             ("rewrite-target", Honoured),
             ("use-regex", Honoured),
         ])
@@ -110,7 +111,7 @@ fn reports_every_annotation_of_a_typical_deployment() {
     );
     assert!(
         text.contains(
-            "5 Ingresses of class nginx: 16 annotations honoured, 2 ignored with the same result, \
+            "5 Ingresses of class nginx: 17 annotations honoured, 2 ignored with the same result, \
          0 ignored with a different result, 1 refused; 0 problems"
         ),
         "{text}"
