@@ -1,7 +1,7 @@
 //! Path MTU discovery through xlb on the cluster in namespaces (`lb_testbed::cluster`):
-//! one agent per node in SNAT mode, as the DaemonSet runs it, held to the `path_mtu` and
-//! `reply_path_mtu` scenarios that kube-proxy's iptables rules pass
-//! (lb-testbed/tests/cluster_baseline.rs), host-gw and VXLAN, IPv4 and IPv6.
+//! one agent per node in SNAT mode (host-gw and VXLAN) and in DSR mode (host-gw), as the
+//! DaemonSet runs it, held to the `path_mtu` and `reply_path_mtu` scenarios that
+//! kube-proxy's iptables rules pass (lb-testbed/tests/cluster_baseline.rs), IPv4 and IPv6.
 //! A packet larger than a smaller link's MTU on the way to the pod draws an ICMP error
 //! ("fragmentation needed" / "packet too big") about the translated packet; it must
 //! reach the client translated back, whether the pod is on another node (the flow was
@@ -121,5 +121,11 @@ fn xlb_snat_path_mtu_on_a_vxlan_cluster() {
 fn xlb_dsr_path_mtu_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xi-dsr", PodNetwork::HostGw);
     let (_servers, services, xlb) = cluster_in(&cluster, "dsr", PodSees::Client);
+    let before = counted(&xlb, "dsr_delivered");
     path_mtu_both_ways(&cluster, &xlb, &services);
+    // The pod is remote for most frontends: their packets reached it encapsulated.
+    assert!(
+        counted(&xlb, "dsr_delivered") > before,
+        "dsr_delivered counted"
+    );
 }
