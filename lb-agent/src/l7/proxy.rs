@@ -578,6 +578,25 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// 431 when the request line and headers exceed the configured size or count.
+fn check_head_size<B>(req: &Request<B>, config: &ProxyConfig) -> Result<(), Local> {
+    let target_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    if head_within(
+        req.headers(),
+        target_len,
+        config.max_header_bytes,
+        config.max_headers,
+    ) {
+        Ok(())
+    } else {
+        Err(local(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            "request headers too large",
+        ))
+    }
+}
+
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
@@ -586,19 +605,7 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Local> {
     let config = &shared.config;
-    let target_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
-    if !head_within(
-        req.headers(),
-        target_len,
-        config.max_header_bytes,
-        config.max_headers,
-    ) {
-        return Err(local(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            "request headers too large",
-        ));
-    }
+    check_head_size(&req, config)?;
     let host = request_host(&req)?;
     normalize_target(&mut req)?;
     let Some(route) = snapshot.routes.lookup(&host, req.uri().path()) else {
