@@ -1,7 +1,7 @@
 //! Path MTU discovery through xlb on the cluster in namespaces (`lb_testbed::cluster`):
-//! one agent per node in SNAT mode, as the DaemonSet runs it, held to the `path_mtu` and
-//! `reply_path_mtu` scenarios that kube-proxy's iptables rules pass
-//! (lb-testbed/tests/cluster_baseline.rs), host-gw and VXLAN, IPv4 and IPv6.
+//! one agent per node in SNAT mode (host-gw and VXLAN) and in DSR mode (host-gw), as the
+//! DaemonSet runs it, held to the `path_mtu` and `reply_path_mtu` scenarios that
+//! kube-proxy's iptables rules pass (lb-testbed/tests/cluster_baseline.rs), IPv4 and IPv6.
 //! A packet larger than a smaller link's MTU on the way to the pod draws an ICMP error
 //! ("fragmentation needed" / "packet too big") about the translated packet; it must
 //! reach the client translated back, whether the pod is on another node (the flow was
@@ -53,16 +53,21 @@ fn statuses(xlb: &XlbAgents<'_>) -> String {
         .join("\n")
 }
 
-/// Builds the cluster and starts an xlb agent in SNAT mode on every node.
-fn snat_cluster(cluster: &Cluster) -> (PodServers, Vec<ClusterService>, XlbAgents<'_>) {
+/// Builds the cluster and starts an xlb agent in `mode` on every node; `pod_sees`: the
+/// source a pod sees for external traffic of a `Cluster` Service in that mode.
+fn cluster_in<'c>(
+    cluster: &'c Cluster,
+    mode: &str,
+    pod_sees: PodSees,
+) -> (PodServers, Vec<ClusterService>, XlbAgents<'c>) {
     let servers = PodServers::start(cluster, POD_PORT).expect("pod servers");
     let services = scenarios::standard_services(cluster);
     let mut xlb = XlbAgents::new(
         Path::new(AGENT),
-        "xlb snat",
-        &["--lb-mode", "snat"],
-        PodSees::NodeIfRemote,
-        false,
+        &format!("xlb {mode}"),
+        &["--lb-mode", mode],
+        pod_sees,
+        mode == "dsr",
     );
     xlb.program(cluster, &services)
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -96,13 +101,31 @@ fn path_mtu_both_ways(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[Cluste
 #[test]
 fn xlb_snat_path_mtu_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xi-hostgw", PodNetwork::HostGw);
-    let (_servers, services, xlb) = snat_cluster(&cluster);
+    let (_servers, services, xlb) = cluster_in(&cluster, "snat", PodSees::NodeIfRemote);
     path_mtu_both_ways(&cluster, &xlb, &services);
 }
 
 #[test]
 fn xlb_snat_path_mtu_on_a_vxlan_cluster() {
     let cluster = Cluster::for_test("xi-vxlan", PodNetwork::Vxlan);
-    let (_servers, services, xlb) = snat_cluster(&cluster);
+    let (_servers, services, xlb) = cluster_in(&cluster, "snat", PodSees::NodeIfRemote);
     path_mtu_both_ways(&cluster, &xlb, &services);
+}
+
+/// DSR: the pod's node forwards the decapsulated client -> pod:targetPort; its error
+/// about it quotes the pod, and the tc egress program translates the quote back with
+/// the reply translation the decapsulation left (`reply_icmp`). The pod's replies leave
+/// its node with the NodePort's node as their source, so the router's error about them
+/// goes to that node, which sends it on to the pod (`fwd_icmp`).
+#[test]
+fn xlb_dsr_path_mtu_on_a_host_gw_cluster() {
+    let cluster = Cluster::for_test("xi-dsr", PodNetwork::HostGw);
+    let (_servers, services, xlb) = cluster_in(&cluster, "dsr", PodSees::Client);
+    let before = counted(&xlb, "dsr_delivered");
+    path_mtu_both_ways(&cluster, &xlb, &services);
+    // The pod is remote for most frontends: their packets reached it encapsulated.
+    assert!(
+        counted(&xlb, "dsr_delivered") > before,
+        "dsr_delivered counted"
+    );
 }

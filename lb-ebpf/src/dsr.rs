@@ -14,7 +14,9 @@
 //! for a second translation path beside the first.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     helpers::{bpf_check_mtu, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
@@ -212,8 +214,15 @@ fn try_deliver(ctx: &TcContext) -> Result<Option<u32>, Reason> {
     if l3 != ETH_HLEN {
         return Err(Reason::DropDsrMalformed);
     }
-    ctx.adjust_room(-i32::from(overhead), BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| Reason::DropDsrMalformed)?;
+    // A GRO aggregate keeps its segment size: without `FIXED_GSO` the kernel grows it by
+    // the outer header's length, and the forwarded segments would be that much larger
+    // than the client sent them (and than the path MTU it learnt).
+    ctx.adjust_room(
+        -i32::from(overhead),
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Reason::DropDsrMalformed)?;
     let want = core::cmp::min(ctx.len(), TC_HEADERS);
     if ctx.data() + want as usize > ctx.data_end() {
         ctx.pull_data(want).map_err(|_| Reason::DropDsrMalformed)?;
