@@ -366,3 +366,48 @@ fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
         assert_eq!(u16::from_be_bytes([out.frame[56], out.frame[57]]), 1460);
     });
 }
+
+/// The client reuses a source port towards another frontend of the same pod (another
+/// Service, or the same one's NodePort): the backend's node must give the new flow's
+/// replies the new frontend, not keep the reply translation the earlier flow left.
+#[test]
+fn a_reused_client_port_towards_another_frontend_gets_that_frontend_back() {
+    with_node("dsr-reuse", |node, svcs| {
+        let first = &svcs[0];
+        let mut second = Service::new(
+            90,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 90)), 80, PROTO_TCP),
+            first
+                .backends
+                .iter()
+                .map(|(id, ip, port)| (id + 900, *ip, *port))
+                .collect(),
+        );
+        second.flags |= FRONTEND_F_DSR;
+        second.install(&mut node.dp);
+
+        let (f, backend, bport) = client_frame(first, 41_001, true);
+        let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
+        let (sport, _) = f.ports();
+        let mut g = f.clone();
+        g.dst = second.frontend.0;
+        g.set_ports(sport, second.frontend.1);
+        let reply = reply_from(&f, backend, bport, last_octet(backend));
+        for (what, frame, svc) in [("first", &f, first), ("second", &g, &second)] {
+            let arrived = encapsulated(frame, node_of(backend), backend, bport, macs);
+            let out = xdp::test_run_ingress(&node.dp, &arrived).expect("tc ingress run");
+            assert_eq!(out.action, TC_ACT_OK, "{what}: delivered");
+            let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
+            let mut back = reply.clone();
+            back.src = svc.frontend.0;
+            let (_, dport) = reply.ports();
+            back.set_ports(svc.frontend.1, dport);
+            assert!(
+                out.frame == back.build(),
+                "{what} flow's reply differs\n got: {:02x?}\nwant: {:02x?}",
+                out.frame,
+                back.build()
+            );
+        }
+    });
+}

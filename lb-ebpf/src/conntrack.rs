@@ -112,14 +112,25 @@ fn record_reply_to(pkt: &Packet, reply: FlowKey, service_id: u32, flags: u8) {
     write_reply(pkt, key, service_id, flags);
 }
 
-/// A DSR-delivered flow's reply translation (flag `REVNAT_F_DSR`), unless it has one:
-/// every packet of the flow comes this way, and the entry is written once. `key` (in
-/// the scratch slot) is the reply, backend -> client.
+/// A DSR-delivered flow's reply translation (flag `REVNAT_F_DSR`), unless it has this
+/// one: every packet of the flow comes this way, and the entry is written once. An
+/// entry for another frontend is an earlier flow's with the same addresses and ports
+/// (the client reused its port towards another frontend of the same pod): left, it
+/// would give the replies the old frontend as their source, so it is replaced. `key`
+/// (in the scratch slot) is the reply, backend -> client.
 #[inline(always)]
 pub fn record_dsr_reply(pkt: &Packet, key: &FlowKey, service_id: u32) {
-    if REVNAT_V1.get_ptr(key).is_none() {
-        write_reply(pkt, key, service_id, lb_common::REVNAT_F_DSR);
+    if let Some(rev) = REVNAT_V1.get_ptr(key) {
+        // SAFETY: a valid map value pointer, read at once.
+        let rev = unsafe { &*rev };
+        if rev.addr == pkt.key.dst
+            && rev.port == pkt.key.dport
+            && rev.flags == lb_common::REVNAT_F_DSR
+        {
+            return;
+        }
     }
+    write_reply(pkt, key, service_id, lb_common::REVNAT_F_DSR);
 }
 
 #[inline(always)]
