@@ -14,6 +14,8 @@
 //! (not `std`'s `DefaultHasher`, whose output may change between Rust
 //! releases), and backends are sorted by identity before the table is filled.
 
+use std::ops::Range;
+
 /// Default table size (prime). Cilium's default: the paper picks `M > 100 * N`
 /// so that backends' shares differ by at most 1%, which this allows for up to
 /// 163 backends, while keeping each service's table at 64 KiB.
@@ -119,13 +121,20 @@ pub fn build_table(backends: &[Backend<'_>], size: u32) -> Result<Vec<u32>, Magl
     let Some(g) = live.iter().map(|b| b.weight).reduce(gcd) else {
         return Ok(vec![0; size as usize]);
     };
-    let mut walkers = Walkers::new(&live, size);
+    let mut walkers: Vec<Walker> = live
+        .iter()
+        .map(|b| {
+            let (next, skip) = permutation(b.identity, size);
+            Walker { next, skip }
+        })
+        .collect();
+    let ids: Vec<u32> = live.iter().map(|b| b.id).collect();
     // Equal weights (the common case) need no schedule: turn k is backend k.
     Ok(if live.iter().all(|b| b.weight == g) {
-        fill(&mut walkers, size, &EveryBackend(live.len()))
+        fill(&mut walkers, &ids, size, &EveryBackend)
     } else {
         let weights: Vec<u32> = live.iter().map(|b| b.weight / g).collect();
-        fill(&mut walkers, size, &Schedule::new(&weights, size))
+        fill(&mut walkers, &ids, size, &Schedule::new(&weights, size))
     })
 }
 
@@ -241,51 +250,49 @@ fn gcd(mut a: u32, mut b: u32) -> u32 {
     a
 }
 
-/// The live backends' walks along their permutations, in identity order, as parallel
-/// arrays: a turn reads one backend's `next` and `skip`, and `id` only once it claims.
-/// No per-backend allocation.
-struct Walkers {
-    /// Each backend's next candidate slot, `(offset + j * skip) % M` for its current `j`,
-    /// advanced by [`step`] rather than recomputed.
-    next: Vec<u32>,
-    skip: Vec<u32>,
-    id: Vec<u32>,
+/// A live backend's walk along its permutation: the next candidate slot,
+/// `(offset + j * skip) % M` for its current `j`, advanced by [`step`] rather than
+/// recomputed. The two fields a turn reads sit side by side; ids are a separate slice,
+/// read only to claim.
+struct Walker {
+    next: u32,
+    skip: u32,
 }
 
-impl Walkers {
-    fn new(live: &[&Backend<'_>], size: u32) -> Self {
-        let mut walkers = Walkers {
-            next: Vec::with_capacity(live.len()),
-            skip: Vec::with_capacity(live.len()),
-            id: Vec::with_capacity(live.len()),
-        };
-        for b in live {
-            let (offset, skip) = permutation(b.identity, size);
-            walkers.next.push(offset);
-            walkers.skip.push(skip);
-            walkers.id.push(b.id);
-        }
-        walkers
-    }
-}
-
-/// Which backend (index into [`Walkers`]) takes turn `k` of a round, and how many turns a
-/// round has. The fill is generic over it so that equal weights pay for no schedule.
+/// Which walkers take the turns of a round, in order. The fill is generic over it so
+/// that equal weights pay for no schedule and their turns run over the walkers as a
+/// plain slice (no index, no bounds check per turn).
 trait Turns {
-    fn len(&self) -> usize;
-    fn backend(&self, turn: usize) -> usize;
+    /// Turns per round.
+    fn len(&self, walkers: usize) -> usize;
+    /// Runs `turn` for each turn in `range` (within one round), in order.
+    fn each(
+        &self,
+        walkers: &mut [Walker],
+        ids: &[u32],
+        range: Range<usize>,
+        turn: &mut impl FnMut(&mut Walker, u32),
+    );
 }
 
 /// Equal weights: one turn per backend per round, in identity order.
-struct EveryBackend(usize);
+struct EveryBackend;
 
 impl Turns for EveryBackend {
-    fn len(&self) -> usize {
-        self.0
+    fn len(&self, walkers: usize) -> usize {
+        walkers
     }
     #[inline(always)]
-    fn backend(&self, turn: usize) -> usize {
-        turn
+    fn each(
+        &self,
+        walkers: &mut [Walker],
+        ids: &[u32],
+        range: Range<usize>,
+        turn: &mut impl FnMut(&mut Walker, u32),
+    ) {
+        for (w, &id) in walkers[range.clone()].iter_mut().zip(&ids[range]) {
+            turn(w, id);
+        }
     }
 }
 
@@ -312,12 +319,41 @@ impl Schedule {
 }
 
 impl Turns for Schedule {
-    fn len(&self) -> usize {
+    fn len(&self, _walkers: usize) -> usize {
         self.0.len()
     }
     #[inline(always)]
-    fn backend(&self, turn: usize) -> usize {
-        self.0[turn] as usize
+    fn each(
+        &self,
+        walkers: &mut [Walker],
+        ids: &[u32],
+        range: Range<usize>,
+        turn: &mut impl FnMut(&mut Walker, u32),
+    ) {
+        for &b in &self.0[range] {
+            turn(&mut walkers[b as usize], ids[b as usize]);
+        }
+    }
+}
+
+/// Runs `count` turns from `*turn` on, wrapping around rounds, and leaves `*turn` at the
+/// turn after them. The phases of [`fill`] each run their own loop over a stretch of
+/// turns, so no turn checks which phase it is in.
+#[inline(always)]
+fn run_turns(
+    turns: &impl Turns,
+    walkers: &mut [Walker],
+    ids: &[u32],
+    turn: &mut usize,
+    mut count: usize,
+    mut body: impl FnMut(&mut Walker, u32),
+) {
+    let round = turns.len(walkers.len());
+    while count > 0 {
+        let end = (*turn + count).min(round);
+        turns.each(walkers, ids, *turn..end, &mut body);
+        count -= end - *turn;
+        *turn = if end == round { 0 } else { end };
     }
 }
 
@@ -326,77 +362,121 @@ impl Turns for Schedule {
 ///
 /// Nearly all of the time goes into the walks (about `M * ln(M)` candidates in all at
 /// `N` much smaller than `M`), so they are tuned: candidates are checked in a bitmap that
-/// stays in L1 cache, stepped with an add and a conditional subtract, two at a time, and
-/// once few slots are left the walk is replaced by ranking the free slots ([`nearest`]).
-fn fill(walkers: &mut Walkers, size: u32, turns: &impl Turns) -> Vec<u32> {
-    let mut table = vec![0; size as usize];
-    let mut taken = Bitmap::new(size);
-    // Where a walk's expected cost, M / free candidates, and ranking the free slots
-    // cost about the same (measured with `xlb-bench maglev`).
+/// stays in L1 cache and stepped with an add and a conditional subtract. The fill runs in
+/// phases by how full the table is, each with the walk that suits its walk lengths
+/// (measured with `xlb-bench maglev`): while at least half the slots are free most turns
+/// take their first candidate, so it is checked alone; then walks check two candidates
+/// per step, from a sixteenth free on four; and once few slots are left, the walk is
+/// replaced by ranking the free slots ([`nearest`]). Where a phase starts does not change
+/// the table: every walk finds the same slot.
+fn fill(walkers: &mut [Walker], ids: &[u32], size: u32, turns: &impl Turns) -> Vec<u32> {
+    let mut state = Fill {
+        table: vec![0; size as usize],
+        taken: Bitmap::new(),
+        size,
+        free: size,
+        turn: 0,
+    };
+    // Where a walk's expected cost, M / free candidates, and ranking the free slots cost
+    // about the same.
     let endgame = size.isqrt() / 2;
-    let round = turns.len();
-    let mut free = size;
-    let mut turn = 0;
-    // While at least half the slots are free, most turns take their first candidate:
-    // check it alone before setting up a walk.
-    while free > endgame {
-        let i = turns.backend(turn);
-        let (from, skip) = (walkers.next[i], walkers.skip[i]);
-        let slot = if free >= size / 2 && taken.is_free(from) {
+    state.phase(turns, walkers, ids, size / 2, |taken, from, skip, size| {
+        if taken.is_free(from) {
             from
         } else {
-            walk(&taken, from, skip, size)
-        };
-        walkers.next[i] = step(slot, skip, size);
-        taken.set(slot);
-        table[slot as usize] = walkers.id[i];
-        free -= 1;
-        turn += 1;
-        if turn == round {
-            turn = 0;
+            walk2(taken, step(from, skip, size), skip, size)
         }
-    }
+    });
+    state.phase(turns, walkers, ids, (size / 16).max(endgame), walk2);
+    state.phase(turns, walkers, ids, endgame, walk4);
+    let Fill {
+        mut table,
+        taken,
+        free,
+        mut turn,
+        ..
+    } = state;
     if free > 0 {
         let mut free_slots = taken.free_slots(size);
         let reduce = Reduce::new(size);
-        while let Some(&_) = free_slots.first() {
-            let i = turns.backend(turn);
-            let skip = walkers.skip[i];
-            let slot = nearest(&mut free_slots, walkers.next[i], skip, size, reduce);
-            walkers.next[i] = step(slot, skip, size);
-            table[slot as usize] = walkers.id[i];
-            turn += 1;
-            if turn == round {
-                turn = 0;
-            }
-        }
+        run_turns(turns, walkers, ids, &mut turn, free as usize, |w, id| {
+            let slot = nearest(&mut free_slots, w.next, w.skip, size, reduce);
+            w.next = step(slot, w.skip, size);
+            table[slot as usize] = id;
+        });
     }
     table
 }
 
-/// Which slots are taken: one bit per slot, at most 16 KiB, so it stays in L1 cache
-/// while the walks probe it at random.
-struct Bitmap(Vec<u64>);
+/// The table being filled and where the fill is.
+struct Fill {
+    table: Vec<u32>,
+    taken: Bitmap,
+    size: u32,
+    /// Free slots left.
+    free: u32,
+    /// The next turn of the round.
+    turn: usize,
+}
+
+impl Fill {
+    /// Runs turns until `until` slots are left free, each claiming the slot `walk` finds
+    /// (the first free one from the walker's next candidate on).
+    #[inline(always)]
+    fn phase(
+        &mut self,
+        turns: &impl Turns,
+        walkers: &mut [Walker],
+        ids: &[u32],
+        until: u32,
+        walk: impl Fn(&Bitmap, u32, u32, u32) -> u32,
+    ) {
+        let count = self.free.saturating_sub(until);
+        let (table, taken, size) = (&mut self.table, &mut self.taken, self.size);
+        run_turns(
+            turns,
+            walkers,
+            ids,
+            &mut self.turn,
+            count as usize,
+            |w, id| {
+                let slot = walk(taken, w.next, w.skip, size);
+                w.next = step(slot, w.skip, size);
+                taken.set(slot);
+                table[slot as usize] = id;
+            },
+        );
+        self.free -= count;
+    }
+}
+
+/// Words in a [`Bitmap`]: enough for [`MAX_TABLE_SIZE`] slots, rounded up to a power of
+/// two so that a slot's word index is masked into range instead of bounds-checked.
+const BITMAP_WORDS: usize = (MAX_TABLE_SIZE as usize).div_ceil(64).next_power_of_two();
+
+/// Which slots are taken: one bit per slot, 16 KiB, so it stays in L1 cache while the
+/// walks probe it at random.
+struct Bitmap(Box<[u64; BITMAP_WORDS]>);
 
 impl Bitmap {
-    fn new(size: u32) -> Self {
-        Bitmap(vec![0; size.div_ceil(64) as usize])
+    fn new() -> Self {
+        Bitmap(Box::new([0; BITMAP_WORDS]))
     }
 
     #[inline(always)]
     fn is_free(&self, slot: u32) -> bool {
-        self.0[(slot / 64) as usize] >> (slot % 64) & 1 == 0
+        self.0[slot as usize / 64 % BITMAP_WORDS] >> (slot % 64) & 1 == 0
     }
 
     #[inline(always)]
     fn set(&mut self, slot: u32) {
-        self.0[(slot / 64) as usize] |= 1 << (slot % 64);
+        self.0[slot as usize / 64 % BITMAP_WORDS] |= 1 << (slot % 64);
     }
 
     /// The free slots below `size`, in slot order.
     fn free_slots(&self, size: u32) -> Vec<u32> {
         let mut free = Vec::new();
-        for (base, &word) in (0u32..).step_by(64).zip(&self.0) {
+        for (base, &word) in (0u32..size).step_by(64).zip(self.0.iter()) {
             let mut bits = !word;
             while bits != 0 {
                 let slot = base + bits.trailing_zeros();
@@ -428,7 +508,7 @@ fn step(x: u32, d: u32, size: u32) -> u32 {
 /// candidates do not wait on each other; the walk keeps to locals and only reads the
 /// bitmap.
 #[inline(always)]
-fn walk(taken: &Bitmap, from: u32, skip: u32, size: u32) -> u32 {
+fn walk2(taken: &Bitmap, from: u32, skip: u32, size: u32) -> u32 {
     let skip2 = step(skip, skip, size);
     let (mut even, mut odd) = (from, step(from, skip, size));
     loop {
@@ -440,6 +520,41 @@ fn walk(taken: &Bitmap, from: u32, skip: u32, size: u32) -> u32 {
         }
         even = step(even, skip2, size);
         odd = step(odd, skip2, size);
+    }
+}
+
+/// [`walk2`] with four chains and one branch per four candidates, for long walks (most
+/// candidates taken): more candidates in flight, fewer branches per candidate.
+#[inline(always)]
+fn walk4(taken: &Bitmap, from: u32, skip: u32, size: u32) -> u32 {
+    let skip4 = step(step(skip, skip, size), step(skip, skip, size), size);
+    let mut a = from;
+    let mut b = step(a, skip, size);
+    let mut c = step(b, skip, size);
+    let mut d = step(c, skip, size);
+    loop {
+        let (fa, fb, fc, fd) = (
+            taken.is_free(a),
+            taken.is_free(b),
+            taken.is_free(c),
+            taken.is_free(d),
+        );
+        if fa | fb | fc | fd {
+            // The earliest free one in the permutation's order.
+            return if fa {
+                a
+            } else if fb {
+                b
+            } else if fc {
+                c
+            } else {
+                d
+            };
+        }
+        a = step(a, skip4, size);
+        b = step(b, skip4, size);
+        c = step(c, skip4, size);
+        d = step(d, skip4, size);
     }
 }
 
@@ -752,7 +867,7 @@ mod tests {
             skip_seed in any::<u32>(),
             taken_seeds in prop::collection::vec(any::<u32>(), 0..300),
         ) {
-            let mut taken = Bitmap::new(size);
+            let mut taken = Bitmap::new();
             for seed in taken_seeds {
                 taken.set(seed % size);
             }
@@ -765,8 +880,9 @@ mod tests {
             while !taken.is_free(one_at_a_time) {
                 one_at_a_time = (one_at_a_time + skip) % size;
             }
-            let slot = walk(&taken, offset, skip, size);
+            let slot = walk2(&taken, offset, skip, size);
             prop_assert_eq!(slot, one_at_a_time);
+            prop_assert_eq!(walk4(&taken, offset, skip, size), slot);
             let mut free_list = free.clone();
             prop_assert_eq!(nearest(&mut free_list, offset, skip, size, Reduce::new(size)), slot);
             prop_assert_eq!(free_list.len(), free.len() - 1);
@@ -889,6 +1005,54 @@ mod tests {
         #[test]
         fn prop_reduce_is_remainder(size in random_prime(MAX_TABLE_SIZE), x in 0u64..1 << 40) {
             prop_assert_eq!(Reduce::new(size).rem(x), x % u64::from(size));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        /// At the sizes the agent uses and with up to 1500 backends, so that every phase
+        /// of the fill (first candidate, two and four candidates per step, ranking) runs
+        /// long: the same table as the paper's one-candidate-at-a-time fill.
+        #[test]
+        fn prop_matches_plain_fill_at_scale(
+            n in 1usize..=1500,
+            size in prop::sample::select(vec![DEFAULT_TABLE_SIZE, 65_537, MAX_TABLE_SIZE]),
+            weights in prop_oneof![Just(None), Just(Some(4u32)), Just(Some(100))],
+            seed in any::<u64>(),
+            salt in any::<u16>(),
+        ) {
+            let idents = identities(n, salt);
+            // Weights 1 (all equal) or pseudo-random in 0..=w (some drained).
+            let mut state = seed | 1;
+            let weights: Vec<u32> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    weights.map_or(1, |w| u32::try_from(state % u64::from(w + 1)).unwrap())
+                })
+                .collect();
+            let backends = weighted(&idents, &weights);
+            prop_assert_eq!(
+                build_table(&backends, size).unwrap(),
+                build_table_plain(&backends, size).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn matches_plain_fill_with_more_backends_than_slots() {
+        let idents = identities(300, 5);
+        for size in [2, 3, 13, 251] {
+            for weights in [vec![1; 300], (0..300).map(|i| i % 3).collect()] {
+                let backends = weighted(&idents, &weights);
+                assert_eq!(
+                    build_table(&backends, size).unwrap(),
+                    build_table_plain(&backends, size).unwrap(),
+                    "M={size}"
+                );
+            }
         }
     }
 
