@@ -8,8 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FRONTEND_F_DSR, PROTO_TCP, REVNAT_F_DSR, Reason, SNAT_CFG_F_V4,
-    SNAT_CFG_F_V6, SnatConfig, csum,
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_DSR, PROTO_TCP, REVNAT_F_DSR, Reason, csum,
     dsr::{DSR_OUTER_TTL, IPPROTO_IPIP, IPPROTO_IPV6},
     reason::{XDP_DROP, XDP_REDIRECT},
 };
@@ -21,14 +20,6 @@ use lb_testbed::xdp;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 
-/// The node's own addresses (the outer source).
-fn node_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
-}
-fn node_v6() -> IpAddr {
-    IpAddr::V6("2001:db8:b::1".parse().expect("address"))
-}
-
 struct Node {
     dp: lb_agent::dataplane::Dataplane,
     client_if: u32,
@@ -36,12 +27,7 @@ struct Node {
 
 impl Node {
     fn reason(&self, reason: Reason) -> u64 {
-        self.dp
-            .reason_stats()
-            .expect("reason stats")
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, s)| s.packets)
+        reason_packets(&self.dp, reason)
     }
 }
 
@@ -56,15 +42,9 @@ fn with_node(tag: &str, body: impl FnOnce(&mut Node, &[Service]) + Send) {
                 dp: load_dataplane(),
                 client_if,
             };
-            let cfg = SnatConfig {
-                addr_v4: addr16(node_v4()),
-                addr_v6: addr16(node_v6()),
-                port_min: 61_000,
-                port_max: 65_535,
-                flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
-                _pad: [0; 3],
-            };
-            node.dp.set_snat_config(&cfg).expect("node addresses");
+            node.dp
+                .set_snat_config(&node_config(61_000, 65_535))
+                .expect("node addresses");
             let mut svcs = services();
             for s in &mut svcs {
                 s.flags |= FRONTEND_F_DSR;
@@ -73,13 +53,6 @@ fn with_node(tag: &str, body: impl FnOnce(&mut Node, &[Service]) + Send) {
             body(&mut node, &svcs);
         })
         .expect("run in the router namespace");
-}
-
-fn last_octet(ip: IpAddr) -> u8 {
-    match ip {
-        IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(v6) => v6.octets()[15],
-    }
 }
 
 /// The first client frame (from source port `sport` on) whose flow Maglev sends to a
@@ -154,10 +127,6 @@ fn encapsulated(
     out
 }
 
-fn node_of(ip: IpAddr) -> IpAddr {
-    if ip.is_ipv4() { node_v4() } else { node_v6() }
-}
-
 /// One service's flow through both nodes: encapsulated by the receiving node (a new
 /// flow and a later packet of it alike), decapsulated and translated by the backend's
 /// node, its reply given the frontend back there.
@@ -165,7 +134,7 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
     let (f, backend, bport) = client_frame(svc, sport, true);
     let n = last_octet(backend);
     let macs = (LB_BACKEND_MAC, backend_mac(n));
-    let want = encapsulated(&f, node_of(backend), backend, bport, macs);
+    let want = encapsulated(&f, node_addr_for(backend), backend, bport, macs);
     for (packet, frame) in [
         ("new flow", f.clone()),
         ("established", {
@@ -176,7 +145,7 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
             g
         }),
     ] {
-        let want = encapsulated(&frame, node_of(backend), backend, bport, macs);
+        let want = encapsulated(&frame, node_addr_for(backend), backend, bport, macs);
         let out = xdp::test_run(&node.dp, &frame.build(), Some(node.client_if))
             .unwrap_or_else(|e| panic!("{what} {packet}: {e}"));
         assert_eq!(out.action, XDP_REDIRECT, "{what} {packet}: verdict");
@@ -335,7 +304,7 @@ fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
             let (f, backend, bport) = client_frame(svc, sport, true);
             let n = last_octet(backend);
             let macs = (LB_BACKEND_MAC, backend_mac(n));
-            let tunnel = encapsulated(&f, node_of(backend), backend, bport, macs);
+            let tunnel = encapsulated(&f, node_addr_for(backend), backend, bport, macs);
             let out = xdp::test_run_ingress(&node.dp, &tunnel).expect("tc ingress run");
             assert_eq!(out.action, TC_ACT_OK);
             let reply = reply_from(&f, backend, bport, n);
@@ -394,7 +363,7 @@ fn a_reused_client_port_towards_another_frontend_gets_that_frontend_back() {
         g.set_ports(sport, second.frontend.1);
         let reply = reply_from(&f, backend, bport, last_octet(backend));
         for (what, frame, svc) in [("first", &f, first), ("second", &g, &second)] {
-            let arrived = encapsulated(frame, node_of(backend), backend, bport, macs);
+            let arrived = encapsulated(frame, node_addr_for(backend), backend, bport, macs);
             let out = xdp::test_run_ingress(&node.dp, &arrived).expect("tc ingress run");
             assert_eq!(out.action, TC_ACT_OK, "{what}: delivered");
             let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
@@ -497,7 +466,7 @@ fn dsr_packets_too_big_to_encapsulate_get_an_icmp_error() {
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(out.action, XDP_REDIRECT, "{what}: fits");
             assert!(
-                out.frame == encapsulated(&f, node_of(backend), backend, bport, macs),
+                out.frame == encapsulated(&f, node_addr_for(backend), backend, bport, macs),
                 "{what}: encapsulated"
             );
 
