@@ -106,11 +106,16 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, frame_len: u64, mtu: u16) -> Resu
     send_back(ctx, macs)
 }
 
+/// A MAC address as two words from registers: its first four bytes and its last two.
+type Mac = (u32, u16);
+/// A frame's destination and source MACs.
+type Macs = (Mac, Mac);
+
 /// The frame's destination and source MACs. Read first, at constant offsets: LLVM may
 /// drop these bounds checks when a later check at a variable offset implies them, but
 /// the verifier follows only its own.
 #[inline(always)]
-fn macs(ctx: &XdpContext) -> Result<((u32, u16), (u32, u16)), Reason> {
+fn macs(ctx: &XdpContext) -> Result<Macs, Reason> {
     Ok((
         (be32(ctx, 0)?, be16(ctx, 4)?),
         (be32(ctx, 6)?, be16(ctx, 10)?),
@@ -120,10 +125,7 @@ fn macs(ctx: &XdpContext) -> Result<((u32, u16), (u32, u16)), Reason> {
 /// Back to where the frame came from: the MACs turned around, out of the interface it
 /// came in on.
 #[inline(always)]
-fn send_back(
-    ctx: &XdpContext,
-    (dst_mac, src_mac): ((u32, u16), (u32, u16)),
-) -> Result<u32, Reason> {
+fn send_back(ctx: &XdpContext, (dst_mac, src_mac): Macs) -> Result<u32, Reason> {
     put32(ctx, 0, src_mac.0)?;
     put16(ctx, 4, src_mac.1)?;
     put32(ctx, 6, dst_mac.0)?;

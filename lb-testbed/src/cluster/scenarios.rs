@@ -57,8 +57,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 pub const SMALL_MTU: u32 = 1280;
 
 /// The payload of [`path_mtu`]'s UDP probe: over [`SMALL_MTU`] with headers of either
-/// family, under every other link's MTU (VXLAN's 1430 included).
-const PROBE_BYTES: usize = 1350;
+/// family, under every other link's MTU (VXLAN's 1430 included) even inside DSR's outer
+/// header, so it meets the small link first.
+const PROBE_BYTES: usize = 1300;
 
 /// The bulk transfer of [`path_mtu`].
 const TRANSFER_BYTES: usize = 64 * 1024;
@@ -593,6 +594,9 @@ pub fn node_drop(
     }
     let remaining: Vec<usize> = all.iter().copied().filter(|&i| i != DROPPED_NODE).collect();
     cluster.set_route(range, &remaining)?;
+    // Counted again once the route changed: the client's delayed ACKs of the pings
+    // above may still have left by the old route after the first count.
+    let at_drop = paths.counts()?;
     let result = (|| -> anyhow::Result<Vec<DroppedFlow>> {
         // In parallel: a moved flow may only fail after the read timeout.
         let pings: Vec<_> = conns
@@ -611,7 +615,7 @@ pub fn node_drop(
         let after_counts = paths.counts()?;
         let mut flows = Vec::with_capacity(done.len());
         for ((conn, result), node_before) in done.into_iter().zip(before) {
-            let node_after = only_node(&after_counts, Some(&before_counts), conn.local.port())
+            let node_after = only_node(&after_counts, Some(&at_drop), conn.local.port())
                 .with_context(|| format!("the path of {} after the drop", conn.local))?;
             flows.push(DroppedFlow {
                 client_port: conn.local.port(),
@@ -722,10 +726,10 @@ pub enum SmallLink {
     BetweenNodes { overhead: u32 },
 }
 
-/// [`SmallLink::BetweenNodes`]' MTU: under the full-size packets of either family
-/// (after [`SMALL_MTU`]'s TCP segments and [`PROBE_BYTES`]' datagrams) once encapsulated,
-/// and still above IPv6's minimum of 1280 less an outer IPv6 header.
-pub const NODE_LINK_MTU: u32 = 1380;
+/// [`SmallLink::BetweenNodes`]' MTU: under the full-size TCP segments and the
+/// [`PROBE_BYTES`] datagrams of either family once encapsulated, and at least IPv6's
+/// minimum MTU (1280) plus an outer IPv6 header, so what the client learns is usable.
+pub const NODE_LINK_MTU: u32 = 1340;
 
 /// Path MTU discovery through the translation, to [`MTU_POD`], with a smaller link
 /// where `small` says (and the frontends it names):
