@@ -594,9 +594,6 @@ pub fn node_drop(
     }
     let remaining: Vec<usize> = all.iter().copied().filter(|&i| i != DROPPED_NODE).collect();
     cluster.set_route(range, &remaining)?;
-    // Counted again once the route changed: the client's delayed ACKs of the pings
-    // above may still have left by the old route after the first count.
-    let at_drop = paths.counts()?;
     let result = (|| -> anyhow::Result<Vec<DroppedFlow>> {
         // In parallel: a moved flow may only fail after the read timeout.
         let pings: Vec<_> = conns
@@ -615,8 +612,13 @@ pub fn node_drop(
         let after_counts = paths.counts()?;
         let mut flows = Vec::with_capacity(done.len());
         for ((conn, result), node_before) in done.into_iter().zip(before) {
-            let node_after = only_node(&after_counts, Some(&at_drop), conn.local.port())
-                .with_context(|| format!("the path of {} after the drop", conn.local))?;
+            let node_after = node_after(
+                &after_counts,
+                &before_counts,
+                conn.local.port(),
+                node_before,
+            )
+            .with_context(|| format!("the path of {} after the drop", conn.local))?;
             flows.push(DroppedFlow {
                 client_port: conn.local.port(),
                 pod: conn.answer.pod.clone(),
@@ -663,6 +665,36 @@ pub fn node_drop(
             "{}: after node-{DROPPED_NODE} left the ECMP group:\n{wrong}",
             program.name()
         )
+    }
+}
+
+/// The node a TCP flow from `port` went to after the route changed (packets counted
+/// since `before`, when it went to `node_before`). A moved flow may show packets on
+/// both nodes: the client's delayed ACK of the last exchange can leave by the old route
+/// after the first count; only its old node can see such a packet, so the other one
+/// is where the flow went.
+fn node_after(
+    counts: &super::PathCounts,
+    before: &super::PathCounts,
+    port: u16,
+    node_before: usize,
+) -> anyhow::Result<usize> {
+    match only_node(counts, Some(before), port) {
+        Ok(node) => Ok(node),
+        Err(e) => {
+            let key = (Protocol::Tcp, port);
+            let (Some(now), Some(then)) = (counts.get(&key), before.get(&key)) else {
+                return Err(e);
+            };
+            let moved: Vec<usize> = (0..now.len())
+                .filter(|&i| now[i] > then.get(i).copied().unwrap_or(0))
+                .collect();
+            match moved[..] {
+                [a, b] if a == node_before => Ok(b),
+                [a, b] if b == node_before => Ok(a),
+                _ => Err(e),
+            }
+        }
     }
 }
 

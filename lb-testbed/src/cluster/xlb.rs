@@ -16,8 +16,10 @@ use super::scenarios::{self, NodeProgram, POD_PORT, PodSees};
 use super::{Cluster, ClusterService, PodNetwork, TrafficPolicy, VXLAN_IF_V4, VXLAN_IF_V6};
 use crate::AgentProcess;
 
-/// How long the agents may take to hold every Service after a change of manifests.
-const SETTLE: Duration = Duration::from_secs(20);
+/// How long the agents may take to hold every Service after a change of manifests. The
+/// first time includes loading the programs: three agents' verifier runs at once took
+/// over 20 s on a loaded two-core test machine.
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// One agent per node of a cluster, started on the first [`NodeProgram::program`] and
 /// killed (pins removed) on drop.
