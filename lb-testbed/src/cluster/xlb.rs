@@ -19,7 +19,7 @@ use crate::AgentProcess;
 /// How long the agents may take to hold every Service after a change of manifests. The
 /// first time includes loading the programs: three agents' verifier runs at once took
 /// over 20 s on a loaded two-core test machine.
-const SETTLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_mins(1);
 
 /// One agent per node of a cluster, started on the first [`NodeProgram::program`] and
 /// killed (pins removed) on drop.
