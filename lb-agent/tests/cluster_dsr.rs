@@ -6,46 +6,19 @@
 //! and UDP, IPv4 and IPv6. In DSR every pod sees the client's address (the packet
 //! reaches the pod's node untranslated, encapsulated), and every long-lived connection
 //! survives the router moving it to another node (every node picks the same pod, whose
-//! node keeps the reply translation). Hybrid: TCP as DSR, UDP as SNAT.
+//! node keeps the reply translation). Hybrid: TCP as DSR, UDP as SNAT. Host-gw and
+//! VXLAN (`--decap-interface flannel.1,flannel-v6.1`): the frontends, the router
+//! dropping a node, and bulk transfers through every node.
 
 use std::path::Path;
 
-use lb_testbed::cluster::apps::PodServers;
-use lb_testbed::cluster::scenarios::{self, POD_PORT};
-use lb_testbed::cluster::xlb::XlbAgents;
+use lb_testbed::cluster::scenarios;
+use lb_testbed::cluster::xlb::{self, Mode, XlbAgents};
 use lb_testbed::cluster::{
     Cluster, ClusterService, NodeProgram, PodNetwork, PodSees, Protocol, TrafficPolicy,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
-
-/// Builds the cluster's pod servers and Services, starts an xlb agent in `mode` on every
-/// node and announces the Local LB IPs.
-fn cluster_in<'c>(
-    cluster: &'c Cluster,
-    mode: &str,
-    pod_sees: PodSees,
-) -> (PodServers, Vec<ClusterService>, XlbAgents<'c>) {
-    let servers = PodServers::start(cluster, POD_PORT).expect("pod servers");
-    let services = scenarios::standard_services(cluster);
-    let mut args = vec!["--lb-mode", mode];
-    if cluster.network == PodNetwork::Vxlan {
-        // Encapsulated packets for a remote pod travel over the overlay and arrive on
-        // its devices, not on eth0.
-        args.extend(["--decap-interface", "flannel.1,flannel-v6.1"]);
-    }
-    let mut xlb = XlbAgents::new(
-        Path::new(AGENT),
-        &format!("xlb {mode}"),
-        &args,
-        pod_sees,
-        true,
-    );
-    xlb.program(cluster, &services)
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    scenarios::announce(cluster, &services).expect("announce Local LB IPs");
-    (servers, services, xlb)
-}
 
 /// The agents as seen by a scenario of one protocol: what a pod sees in hybrid mode
 /// depends on it.
@@ -85,18 +58,18 @@ fn frontends(
     for v6 in [false, true] {
         for proto in protos {
             let report = scenarios::frontends(cluster, program, services, *proto, v6)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", statuses(xlb)));
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", xlb.statuses()));
             eprintln!("{proto:?} v6={v6}: {report:?}");
         }
     }
 }
 
-/// 20 long-lived connections while the router withdraws one node from the VIP range's
-/// multipath route: in DSR every one survives, moved or not.
+/// 20 long-lived TCP connections while the router withdraws one node from the VIP
+/// range's multipath route: in DSR (hybrid's TCP too) every one survives, moved or not.
 fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
         let flows = scenarios::node_drop(cluster, xlb, services, v6)
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", statuses(xlb)));
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", xlb.statuses()));
         let moved = flows
             .iter()
             .filter(|f| f.node_before != f.node_after)
@@ -114,55 +87,37 @@ fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
     }
 }
 
-/// Every agent's `lb-agent status`, for a failure's message.
-fn statuses(xlb: &XlbAgents<'_>) -> String {
-    xlb.agents()
-        .iter()
-        .map(
-            |agent| match agent.wait_for(std::time::Duration::from_secs(5), |_| true) {
-                Ok(report) => report.to_string(),
-                Err(e) => format!("{e:#}"),
-            },
-        )
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Bulk transfers both ways through `web`'s NodePort on every node, to local and remote
-/// pods: the client's full-size segments reach remote pods encapsulated only because the
-/// pods' SYN-ACKs were given an MSS that leaves room for the outer header.
-fn bulk(cluster: &Cluster, services: &[ClusterService]) {
-    let web = services
-        .iter()
-        .find(|s| s.name == scenarios::WEB)
-        .expect("web");
-    let node_port = web.node_port.expect("NodePort");
+/// pods: the client's full-size segments reach remote pods encapsulated only because
+/// the pods' SYN-ACKs were given an MSS that leaves room for the outer header, or
+/// (where the path to the pod is smaller than the link the SYN-ACK leaves by: IPv6 over
+/// VXLAN) the receiving node told the client the MTU that fits (`dsr_icmp_too_big`).
+fn bulk(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
-        for node in &cluster.nodes {
-            let ip: std::net::IpAddr = if v6 {
-                node.v6().into()
-            } else {
-                node.v4().into()
-            };
-            for n in 0..4 {
-                let addr = std::net::SocketAddr::new(ip, node_port);
-                let t = lb_testbed::cluster::apps::transfer(
-                    &cluster.client,
-                    addr,
-                    256 * 1024,
-                    std::time::Duration::from_secs(10),
-                )
-                .unwrap_or_else(|e| panic!("transfer #{n} through {addr}: {e:#}"));
-                eprintln!("{addr} #{n}: {} (path MTU {})", t.answer.pod, t.path_mtu);
-            }
+        let done = scenarios::bulk(cluster, xlb, services, v6)
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", xlb.statuses()));
+        for (addr, t) in done {
+            eprintln!("{addr}: {} (path MTU {})", t.answer.pod, t.path_mtu);
         }
     }
+}
+
+/// The standard set-up with an agent in `mode` on every node.
+fn start(
+    cluster: &Cluster,
+    mode: Mode,
+) -> (
+    lb_testbed::cluster::apps::PodServers,
+    Vec<ClusterService>,
+    XlbAgents<'_>,
+) {
+    xlb::start(cluster, Path::new(AGENT), mode, &[]).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
 fn xlb_dsr_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xd-hostgw", PodNetwork::HostGw);
-    let (servers, services, xlb) = cluster_in(&cluster, "dsr", PodSees::Client);
+    let (servers, services, xlb) = start(&cluster, Mode::Dsr);
     frontends(
         &cluster,
         &xlb,
@@ -171,14 +126,14 @@ fn xlb_dsr_on_a_host_gw_cluster() {
         &[Protocol::Tcp, Protocol::Udp],
     );
     node_drop(&cluster, &xlb, &services);
-    bulk(&cluster, &services);
+    bulk(&cluster, &xlb, &services);
     eprintln!("served per pod: {:?}", servers.served());
 }
 
 #[test]
 fn xlb_hybrid_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xh-hostgw", PodNetwork::HostGw);
-    let (_servers, services, xlb) = cluster_in(&cluster, "hybrid", PodSees::Client);
+    let (_servers, services, xlb) = start(&cluster, Mode::Hybrid);
     for proto in [Protocol::Tcp, Protocol::Udp] {
         let view = Hybrid {
             agents: &xlb,
@@ -186,12 +141,13 @@ fn xlb_hybrid_on_a_host_gw_cluster() {
         };
         frontends(&cluster, &view, &xlb, &services, &[proto]);
     }
+    node_drop(&cluster, &xlb, &services);
 }
 
 #[test]
 fn xlb_dsr_on_a_vxlan_cluster() {
     let cluster = Cluster::for_test("xd-vxlan", PodNetwork::Vxlan);
-    let (_servers, services, xlb) = cluster_in(&cluster, "dsr", PodSees::Client);
+    let (_servers, services, xlb) = start(&cluster, Mode::Dsr);
     frontends(
         &cluster,
         &xlb,
@@ -199,4 +155,6 @@ fn xlb_dsr_on_a_vxlan_cluster() {
         &services,
         &[Protocol::Tcp, Protocol::Udp],
     );
+    node_drop(&cluster, &xlb, &services);
+    bulk(&cluster, &xlb, &services);
 }

@@ -16,41 +16,23 @@ use lb_agent::status::Report;
 use lb_common::snat::{SNAT_ATTEMPTS, SNAT_TCP_CLOSING_NS};
 use lb_testbed::cluster::apps::{LongLived, PodServers, ask_tcp, ask_udp};
 use lb_testbed::cluster::scenarios::{self, POD_PORT};
-use lb_testbed::cluster::xlb::XlbAgents;
+use lb_testbed::cluster::xlb::{self, Mode, XlbAgents};
 use lb_testbed::cluster::{
     Cluster, ClusterService, Endpoint, NodeProgram, PodNetwork, PodSees, Protocol,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 
-/// Builds the cluster, starts an xlb agent in SNAT mode on every node and announces the
-/// Local LB IPs.
-fn snat_cluster<'c>(
-    cluster: &'c Cluster,
-    extra: &[&str],
-) -> (PodServers, Vec<ClusterService>, XlbAgents<'c>) {
-    let servers = PodServers::start(cluster, POD_PORT).expect("pod servers");
-    let services = scenarios::standard_services(cluster);
-    let mut args = vec!["--lb-mode", "snat"];
-    args.extend_from_slice(extra);
-    let mut xlb = XlbAgents::new(
-        Path::new(AGENT),
-        "xlb snat",
-        &args,
-        PodSees::NodeIfRemote,
-        false,
-    );
-    xlb.program(cluster, &services)
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    scenarios::announce(cluster, &services).expect("announce Local LB IPs");
-    (servers, services, xlb)
+/// The standard set-up with an agent in SNAT mode on every node.
+fn snat_cluster(cluster: &Cluster) -> (PodServers, Vec<ClusterService>, XlbAgents<'_>) {
+    xlb::start(cluster, Path::new(AGENT), Mode::Snat, &[]).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn frontends(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
         for proto in [Protocol::Tcp, Protocol::Udp] {
             let report = scenarios::frontends(cluster, xlb, services, proto, v6)
-                .unwrap_or_else(|e| panic!("{e:#}\n{}", statuses(xlb)));
+                .unwrap_or_else(|e| panic!("{e:#}\n{}", xlb.statuses()));
             eprintln!("{proto:?} v6={v6}: {report:?}");
         }
     }
@@ -64,7 +46,7 @@ fn frontends(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
 fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     for v6 in [false, true] {
         let flows = scenarios::node_drop(cluster, xlb, services, v6)
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", statuses(xlb)));
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", xlb.statuses()));
         let survived = flows.iter().filter(|f| f.survived).count();
         let moved = flows
             .iter()
@@ -78,24 +60,10 @@ fn node_drop(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]
     }
 }
 
-/// Every agent's `lb-agent status`, for a failure's message.
-fn statuses(xlb: &XlbAgents<'_>) -> String {
-    xlb.agents()
-        .iter()
-        .map(
-            |agent| match agent.wait_for(std::time::Duration::from_secs(5), |_| true) {
-                Ok(report) => report.to_string(),
-                Err(e) => format!("{e:#}"),
-            },
-        )
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn xlb_snat_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xs-hostgw", PodNetwork::HostGw);
-    let (servers, services, xlb) = snat_cluster(&cluster, &[]);
+    let (servers, services, xlb) = snat_cluster(&cluster);
     frontends(&cluster, &xlb, &services);
     node_drop(&cluster, &xlb, &services);
     eprintln!("served per pod: {:?}", servers.served());
@@ -104,7 +72,7 @@ fn xlb_snat_on_a_host_gw_cluster() {
 #[test]
 fn xlb_snat_on_a_vxlan_cluster() {
     let cluster = Cluster::for_test("xs-vxlan", PodNetwork::Vxlan);
-    let (_servers, services, xlb) = snat_cluster(&cluster, &[]);
+    let (_servers, services, xlb) = snat_cluster(&cluster);
     frontends(&cluster, &xlb, &services);
 }
 
@@ -239,7 +207,7 @@ fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
     let mut open = Vec::new();
     for n in 0..TINY_PORTS {
         let conn = LongLived::open(&cluster.client, t.mtu_via_full_node(), TIMEOUT)
-            .unwrap_or_else(|e| panic!("long-lived #{n}: {e:#}\n{}", statuses(&xlb)));
+            .unwrap_or_else(|e| panic!("long-lived #{n}: {e:#}\n{}", xlb.statuses()));
         assert_eq!((&conn.answer.pod, conn.answer.peer), (&t.pod, t.full_node));
         open.push(conn);
     }
@@ -284,7 +252,7 @@ fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
     );
     for n in 0..TINY_PORTS {
         let answer = ask_tcp(&cluster.client, t.mtu_via_full_node(), TIMEOUT).unwrap_or_else(|e| {
-            panic!("#{n} after the ports were freed: {e:#}\n{}", statuses(&xlb))
+            panic!("#{n} after the ports were freed: {e:#}\n{}", xlb.statuses())
         });
         assert_eq!((&answer.pod, answer.peer), (&t.pod, t.full_node));
     }

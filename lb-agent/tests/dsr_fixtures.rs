@@ -8,10 +8,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FRONTEND_F_DSR, PROTO_TCP, REVNAT_F_DSR, Reason, SNAT_CFG_F_V4,
-    SNAT_CFG_F_V6, SnatConfig, csum,
+    BACKEND_F_LOCAL, Backend, FRONTEND_F_DSR, PROTO_TCP, REVNAT_F_DSR, Reason, csum,
     dsr::{DSR_OUTER_TTL, IPPROTO_IPIP, IPPROTO_IPV6},
-    reason::XDP_REDIRECT,
+    reason::{XDP_DROP, XDP_REDIRECT},
 };
 use lb_testbed::frames::{Frame, L4, verify_checksums};
 use lb_testbed::node::*;
@@ -21,14 +20,6 @@ use lb_testbed::xdp;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 
-/// The node's own addresses (the outer source).
-fn node_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
-}
-fn node_v6() -> IpAddr {
-    IpAddr::V6("2001:db8:b::1".parse().expect("address"))
-}
-
 struct Node {
     dp: lb_agent::dataplane::Dataplane,
     client_if: u32,
@@ -36,12 +27,7 @@ struct Node {
 
 impl Node {
     fn reason(&self, reason: Reason) -> u64 {
-        self.dp
-            .reason_stats()
-            .expect("reason stats")
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, s)| s.packets)
+        reason_packets(&self.dp, reason)
     }
 }
 
@@ -56,15 +42,9 @@ fn with_node(tag: &str, body: impl FnOnce(&mut Node, &[Service]) + Send) {
                 dp: load_dataplane(),
                 client_if,
             };
-            let cfg = SnatConfig {
-                addr_v4: addr16(node_v4()),
-                addr_v6: addr16(node_v6()),
-                port_min: 61_000,
-                port_max: 65_535,
-                flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
-                _pad: [0; 3],
-            };
-            node.dp.set_snat_config(&cfg).expect("node addresses");
+            node.dp
+                .set_snat_config(&node_config(61_000, 65_535))
+                .expect("node addresses");
             let mut svcs = services();
             for s in &mut svcs {
                 s.flags |= FRONTEND_F_DSR;
@@ -73,13 +53,6 @@ fn with_node(tag: &str, body: impl FnOnce(&mut Node, &[Service]) + Send) {
             body(&mut node, &svcs);
         })
         .expect("run in the router namespace");
-}
-
-fn last_octet(ip: IpAddr) -> u8 {
-    match ip {
-        IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(v6) => v6.octets()[15],
-    }
 }
 
 /// The first client frame (from source port `sport` on) whose flow Maglev sends to a
@@ -154,10 +127,6 @@ fn encapsulated(
     out
 }
 
-fn node_of(ip: IpAddr) -> IpAddr {
-    if ip.is_ipv4() { node_v4() } else { node_v6() }
-}
-
 /// One service's flow through both nodes: encapsulated by the receiving node (a new
 /// flow and a later packet of it alike), decapsulated and translated by the backend's
 /// node, its reply given the frontend back there.
@@ -165,7 +134,7 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
     let (f, backend, bport) = client_frame(svc, sport, true);
     let n = last_octet(backend);
     let macs = (LB_BACKEND_MAC, backend_mac(n));
-    let want = encapsulated(&f, node_of(backend), backend, bport, macs);
+    let want = encapsulated(&f, node_addr_for(backend), backend, bport, macs);
     for (packet, frame) in [
         ("new flow", f.clone()),
         ("established", {
@@ -176,7 +145,7 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
             g
         }),
     ] {
-        let want = encapsulated(&frame, node_of(backend), backend, bport, macs);
+        let want = encapsulated(&frame, node_addr_for(backend), backend, bport, macs);
         let out = xdp::test_run(&node.dp, &frame.build(), Some(node.client_if))
             .unwrap_or_else(|e| panic!("{what} {packet}: {e}"));
         assert_eq!(out.action, XDP_REDIRECT, "{what} {packet}: verdict");
@@ -335,7 +304,7 @@ fn dsr_syn_acks_get_the_mss_that_fits_encapsulated() {
             let (f, backend, bport) = client_frame(svc, sport, true);
             let n = last_octet(backend);
             let macs = (LB_BACKEND_MAC, backend_mac(n));
-            let tunnel = encapsulated(&f, node_of(backend), backend, bport, macs);
+            let tunnel = encapsulated(&f, node_addr_for(backend), backend, bport, macs);
             let out = xdp::test_run_ingress(&node.dp, &tunnel).expect("tc ingress run");
             assert_eq!(out.action, TC_ACT_OK);
             let reply = reply_from(&f, backend, bport, n);
@@ -394,7 +363,7 @@ fn a_reused_client_port_towards_another_frontend_gets_that_frontend_back() {
         g.set_ports(sport, second.frontend.1);
         let reply = reply_from(&f, backend, bport, last_octet(backend));
         for (what, frame, svc) in [("first", &f, first), ("second", &g, &second)] {
-            let arrived = encapsulated(frame, node_of(backend), backend, bport, macs);
+            let arrived = encapsulated(frame, node_addr_for(backend), backend, bport, macs);
             let out = xdp::test_run_ingress(&node.dp, &arrived).expect("tc ingress run");
             assert_eq!(out.action, TC_ACT_OK, "{what}: delivered");
             let out = xdp::test_run_egress(&node.dp, &reply.build()).expect("egress run");
@@ -408,6 +377,128 @@ fn a_reused_client_port_towards_another_frontend_gets_that_frontend_back() {
                 out.frame,
                 back.build()
             );
+        }
+    });
+}
+
+/// What the node must send back for `client` (whole, as the client sent it), too big to
+/// encapsulate for a next hop of `mtu`: ICMP "fragmentation needed" / `ICMPv6` "packet
+/// too big" from the frontend to the client, advertising `mtu` less the outer header,
+/// quoting the client's IP header and the 8 bytes after it; back to the client's MAC.
+fn too_big_answer(client: &[u8], mtu: u16) -> Vec<u8> {
+    let ip = &client[14..];
+    let v4 = ip[0] >> 4 == 4;
+    let mut out = Vec::new();
+    out.extend_from_slice(&client[6..12]);
+    out.extend_from_slice(&client[0..6]);
+    out.extend_from_slice(&client[12..14]);
+    if v4 {
+        let quote = &ip[..28];
+        let mut icmp = vec![3, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&(mtu - 20).to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let check = csum::checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        let len = u16::try_from(20 + icmp.len()).expect("short");
+        let mut hdr = vec![0x45, 0];
+        hdr.extend_from_slice(&len.to_be_bytes());
+        hdr.extend_from_slice(&[0, 0, 0x40, 0, 64, 1, 0, 0]);
+        hdr.extend_from_slice(&ip[16..20]);
+        hdr.extend_from_slice(&ip[12..16]);
+        let check = csum::checksum(&hdr, 0);
+        hdr[10..12].copy_from_slice(&check.to_be_bytes());
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(&icmp);
+    } else {
+        let quote = &ip[..48];
+        let mut icmp = vec![2, 0, 0, 0];
+        icmp.extend_from_slice(&u32::from(mtu - 40).to_be_bytes());
+        icmp.extend_from_slice(quote);
+        let len = u16::try_from(icmp.len()).expect("short");
+        let (src, dst) = (&ip[24..40], &ip[8..24]);
+        let mut pseudo = src.to_vec();
+        pseudo.extend_from_slice(dst);
+        pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(&icmp);
+        let check = csum::checksum(&pseudo, 0);
+        icmp[2..4].copy_from_slice(&check.to_be_bytes());
+        out.extend_from_slice(&[0x60, 0, 0, 0]);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&[58, 64]);
+        out.extend_from_slice(src);
+        out.extend_from_slice(dst);
+        out.extend_from_slice(&icmp);
+    }
+    out
+}
+
+/// A client frame of `svc` whose IP packet is `ip_len` bytes long.
+fn sized_frame(svc: &Service, sport: u16, ip_len: usize) -> (Frame, IpAddr, u16) {
+    let (mut f, _, _) = client_frame(svc, sport, false);
+    let headers =
+        if f.src.is_ipv4() { 20 } else { 40 } + if svc.frontend.2 == PROTO_TCP { 20 } else { 8 };
+    f.payload = vec![b'x'; ip_len - headers];
+    let (_, backend, bport) = svc.expected_backend(&f);
+    (f, backend, bport)
+}
+
+/// A client's packet that fits the 1500-byte link to the backends only without the
+/// outer header: answered with ICMP "fragmentation needed" (IPv4, DF set) or `ICMPv6`
+/// "packet too big" advertising 1480 / 1460, quoting it, from the frontend, back out of
+/// the client's interface (`dsr_icmp_too_big`); one byte less is encapsulated as usual.
+/// IPv4 without DF is dropped (`drop_dsr_too_big`).
+#[test]
+fn dsr_packets_too_big_to_encapsulate_get_an_icmp_error() {
+    with_node("dsr-toobig", |node, svcs| {
+        for (svc, sport) in [
+            (&svcs[0], 46_001),
+            (&svcs[1], 46_101),
+            (&svcs[2], 46_201),
+            (&svcs[3], 46_301),
+        ] {
+            let what = format!("{:?}", svc.frontend);
+            let overhead = if svc.frontend.0.is_ipv4() { 20 } else { 40 };
+            // Fits: encapsulated to exactly the link's MTU.
+            let (f, backend, bport) = sized_frame(svc, sport, 1500 - overhead);
+            let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
+            let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(out.action, XDP_REDIRECT, "{what}: fits");
+            assert!(
+                out.frame == encapsulated(&f, node_addr_for(backend), backend, bport, macs),
+                "{what}: encapsulated"
+            );
+
+            // One byte more each: too big once encapsulated.
+            let (g, _, _) = sized_frame(svc, sport + 1, 1500);
+            let bytes = g.build();
+            let before = node.reason(Reason::DsrIcmpTooBig);
+            let out = xdp::test_run(&node.dp, &bytes, Some(node.client_if))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(out.action, XDP_REDIRECT, "{what}: answered");
+            let want = too_big_answer(&bytes, 1500);
+            assert!(
+                out.frame == want,
+                "{what}: answer differs\n got: {:02x?}\nwant: {want:02x?}",
+                out.frame
+            );
+            verify_checksums(&out.frame).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(node.reason(Reason::DsrIcmpTooBig), before + 1, "{what}");
+
+            if svc.frontend.0.is_ipv4() {
+                // Without "don't fragment": dropped, counted.
+                let mut no_df = bytes.clone();
+                no_df[20] &= !0x40;
+                no_df[24..26].copy_from_slice(&[0, 0]);
+                let check = csum::checksum(&no_df[14..34], 0);
+                no_df[24..26].copy_from_slice(&check.to_be_bytes());
+                let before = node.reason(Reason::DropDsrTooBig);
+                let out = xdp::test_run(&node.dp, &no_df, Some(node.client_if))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(out.action, XDP_DROP, "{what}: no DF");
+                assert_eq!(node.reason(Reason::DropDsrTooBig), before + 1, "{what}");
+            }
         }
     });
 }

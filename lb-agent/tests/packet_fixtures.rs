@@ -100,12 +100,7 @@ impl Node {
     }
 
     fn reason(&self, reason: Reason) -> u64 {
-        self.dp
-            .reason_stats()
-            .expect("reason stats")
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, s)| s.packets)
+        reason_packets(&self.dp, reason)
     }
 
     fn assert_one_reason_per_packet(&self) {
@@ -153,13 +148,6 @@ fn to_backend(description: &'static str, input: &Frame, backend: IpAddr, port: u
     Case::forward(description, input, Ingress::Client, &output)
 }
 const TO_CLIENT: ([u8; 6], [u8; 6]) = (LB_CLIENT_MAC, CLIENT_MAC);
-
-fn last_octet(ip: IpAddr) -> u8 {
-    match ip {
-        IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(v6) => v6.octets()[15],
-    }
-}
 
 /// The test client of a service's address family.
 fn client_of(svc: &Service) -> IpAddr {

@@ -7,8 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FAMILY_V4, FRONTEND_F_SNAT, PROTO_TCP, Reason, SNAT_CFG_F_V4,
-    SNAT_CFG_F_V6, SnatConfig, SnatEntry, hash,
+    BACKEND_F_LOCAL, Backend, FAMILY_V4, FRONTEND_F_SNAT, PROTO_TCP, Reason, SnatEntry, hash,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
     snat::{SNAT_UDP_IDLE_NS, snat_port},
 };
@@ -16,13 +15,6 @@ use lb_testbed::frames::{Frame, L4, verify_checksums};
 use lb_testbed::node::*;
 use lb_testbed::xdp;
 
-/// The node's SNAT addresses: its own on the backend side.
-fn node_v4() -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
-}
-fn node_v6() -> IpAddr {
-    IpAddr::V6("2001:db8:b::1".parse().expect("address"))
-}
 /// A pod behind a device of the node that is not in the devmap (`pd`).
 fn pod_v4() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, 201))
@@ -63,24 +55,13 @@ impl Node {
     }
 
     fn reason(&self, reason: Reason) -> u64 {
-        self.dp
-            .reason_stats()
-            .expect("reason stats")
-            .into_iter()
-            .find(|(r, _)| *r == reason)
-            .map_or(0, |(_, s)| s.packets)
+        reason_packets(&self.dp, reason)
     }
 
     fn configure(&mut self, port_min: u16, port_max: u16) {
-        let cfg = SnatConfig {
-            addr_v4: addr16(node_v4()),
-            addr_v6: addr16(node_v6()),
-            port_min,
-            port_max,
-            flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
-            _pad: [0; 3],
-        };
-        self.dp.set_snat_config(&cfg).expect("snat config");
+        self.dp
+            .set_snat_config(&node_config(port_min, port_max))
+            .expect("snat config");
     }
 }
 
@@ -140,13 +121,6 @@ fn with_node(tag: &str, body: impl FnOnce(&mut Node, &mut Vec<Service>) + Send) 
         .expect("run in the router namespace");
 }
 
-fn last_octet(ip: IpAddr) -> u8 {
-    match ip {
-        IpAddr::V4(v4) => v4.octets()[3],
-        IpAddr::V6(v6) => v6.octets()[15],
-    }
-}
-
 fn client_frame(svc: &Service, sport: u16) -> Frame {
     let (vip, port, proto) = svc.frontend;
     let src = if vip.is_ipv4() {
@@ -163,11 +137,7 @@ fn client_frame(svc: &Service, sport: u16) -> Frame {
 }
 
 fn node_of(frame: &Frame) -> IpAddr {
-    if frame.src.is_ipv4() {
-        node_v4()
-    } else {
-        node_v6()
-    }
+    node_addr_for(frame.src)
 }
 
 /// The port attempt `attempt` gives the client flow `frame` in `min..=max`.

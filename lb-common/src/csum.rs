@@ -66,6 +66,20 @@ pub fn sum_words<const N: usize>(bytes: &[u8; N]) -> u32 {
     sum
 }
 
+/// Bytes `i..i + 4` of an address (as a `FlowKey` holds it), as a big-endian word: the
+/// data path writes headers it builds as words from registers.
+#[inline(always)]
+pub const fn word(addr: &[u8; 16], i: usize) -> u32 {
+    u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]])
+}
+
+/// A big-endian word's two 16-bit halves added: its part of an unfolded ones'
+/// complement sum.
+#[inline(always)]
+pub const fn words(w: u32) -> u32 {
+    (w >> 16) + (w & 0xffff)
+}
+
 /// The checksum field for an unfolded sum of everything it covers (RFC 1071).
 #[inline(always)]
 pub const fn finish(sum: u32) -> u16 {
@@ -161,6 +175,10 @@ mod tests {
         );
         assert_eq!(finish(sum_words(&a) + sum_words(&b)), 0xb861);
         assert_eq!(finish(0), 0xffff);
+        // Header words built from registers sum as the bytes do.
+        let addr = [0xc0, 0xa8, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(word(&addr, 0), 0xc0a8_0001);
+        assert_eq!(words(word(&addr, 0)), sum_words(&[0xc0, 0xa8, 0x00, 0x01]));
     }
 
     #[test]

@@ -128,6 +128,16 @@ reasons! {
     /// whole, unfragmented TCP/UDP packet of the outer header's family, or that could not
     /// be decapsulated: dropped by the tc ingress program.
     DropDsrMalformed = 28 => "drop_dsr_malformed", XDP_DROP;
+    /// DSR: a client's packet that does not fit the next hop's MTU once encapsulated
+    /// (the FIB's "fragmentation needed"), answered with ICMP "fragmentation needed" /
+    /// `ICMPv6` "packet too big" quoting it, from the frontend, advertising the MTU less
+    /// the outer header, and sent back out of the interface it came in on.
+    DsrIcmpTooBig = 29 => "dsr_icmp_too_big", XDP_REDIRECT;
+    /// DSR: a client's packet too big to encapsulate that must not be answered: IPv4
+    /// without "don't fragment" (the outer header may not be fragmented: it is
+    /// decapsulated before any reassembly), IPv4 with options, or from a source that
+    /// must not get errors. Dropped, as Katran drops it.
+    DropDsrTooBig = 30 => "drop_dsr_too_big", XDP_DROP;
 }
 
 impl Reason {

@@ -23,6 +23,7 @@ use aya_ebpf::{
 use lb_common::{
     ADDR_F_BACKEND, BACKEND_F_LOCAL, FAMILY_V4, FAMILY_V6, FRONTEND_F_DSR, Frontend, PROTO_TCP,
     Reason,
+    csum::{finish, word, words},
     dsr::{
         DSR_OUTER_TTL, DSR_OVERHEAD_V4, DSR_OVERHEAD_V6, IPPROTO_IPIP, IPPROTO_IPV6, dsr_mss,
         dsr_overhead,
@@ -68,18 +69,6 @@ fn put32(ctx: &XdpContext, off: usize, value: u32) -> Result<(), Reason> {
     store(ctx, off, value.to_be_bytes())
 }
 
-/// Bytes `i..i + 4` of an address, as a big-endian word.
-#[inline(always)]
-fn word(addr: &[u8; 16], i: usize) -> u32 {
-    u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]])
-}
-
-/// A word's two 16-bit halves added, for a ones' complement sum.
-#[inline(always)]
-fn words(w: u32) -> u32 {
-    (w >> 16) + (w & 0xffff)
-}
-
 /// Puts `pkt` (client -> frontend, untranslated) inside an outer header from this node
 /// to `chosen`'s backend; `pkt` then describes the outer header for the FIB (its
 /// addresses and length; its offsets and ports stay the inner's). The caller forwards
@@ -118,8 +107,7 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &mut Packet, chosen: &Chosen) -> Resul
         let w1 = port << 16 | u32::from(IP_DF);
         let w2 = u32::from(DSR_OUTER_TTL) << 24 | u32::from(IPPROTO_IPIP) << 16;
         let (s, d) = (word(node, 0), word(dst, 0));
-        let check =
-            lb_common::csum::finish(words(w0) + words(w1) + words(w2) + words(s) + words(d));
+        let check = finish(words(w0) + words(w1) + words(w2) + words(s) + words(d));
         put32(ctx, ETH_HLEN, w0)?;
         put32(ctx, ETH_HLEN + 4, w1)?;
         put32(ctx, ETH_HLEN + 8, w2 | u32::from(check))?;

@@ -131,27 +131,7 @@ fn translate_family<const V4: bool>(ctx: &XdpContext, l3: usize) -> Result<(u32,
     store(ctx, at.inner_l4, [cport, fport])?;
     // The ICMP checksum covers every quoted byte that changes.
     let mut icmp = l4;
-    if v4 {
-        let old = load::<[u8; 2]>(ctx, at.inner + 10).ok_or(Reason::PassMalformed)?;
-        let new = addrs.apply(u16::from_be_bytes(old)).to_be_bytes();
-        icmp.replace_bytes(&old, &new);
-        store(ctx, at.inner + 10, new)?;
-    }
-    let csum_off = at.inner_l4 + if proto == PROTO_UDP { 6 } else { 16 };
-    if csum_off + 2 <= at.ip_end
-        && let Some(old) = load::<[u8; 2]>(ctx, csum_off)
-    {
-        let check = u16::from_be_bytes(old);
-        // A zero UDP checksum over IPv4 means "none" and stays zero.
-        if !(proto == PROTO_UDP && v4 && check == 0) {
-            let mut updated = l4.apply(check);
-            if proto == PROTO_UDP && updated == 0 {
-                updated = 0xffff;
-            }
-            icmp.replace_bytes(&old, &updated.to_be_bytes());
-            store(ctx, csum_off, updated.to_be_bytes())?;
-        }
-    }
+    quoted_checksums(ctx, &at, v4, proto, addrs, l4, &mut icmp)?;
 
     outer_to_client(ctx, at.l3, v4, node, client, &mut icmp)?;
     let check = load::<[u8; 2]>(ctx, at.icmp + 2).ok_or(Reason::PassMalformed)?;
@@ -178,6 +158,44 @@ fn translate_family<const V4: bool>(ctx: &XdpContext, l3: usize) -> Result<(u32,
         false,
     )?;
     Ok((action, Reason::ReplyIcmp))
+}
+
+/// The quote's own checksums after its addresses and ports were rewritten: the quoted
+/// IPv4 header's by `addrs` (the addresses' change), the quoted TCP/UDP checksum by
+/// `l4` (addresses and ports: its pseudo-header covers both) where the quote holds it,
+/// as Linux's NAT updates it; each changed checksum goes into `icmp`, the ICMP
+/// checksum's delta. A zero UDP checksum over IPv4 means "none" and stays zero.
+#[inline(always)]
+pub fn quoted_checksums(
+    ctx: &impl Frame,
+    at: &Layout,
+    v4: bool,
+    proto: u8,
+    addrs: CsumDelta,
+    l4: CsumDelta,
+    icmp: &mut CsumDelta,
+) -> Result<(), Reason> {
+    if v4 {
+        let old = load::<[u8; 2]>(ctx, at.inner + 10).ok_or(Reason::PassMalformed)?;
+        let new = addrs.apply(u16::from_be_bytes(old)).to_be_bytes();
+        icmp.replace_bytes(&old, &new);
+        store(ctx, at.inner + 10, new)?;
+    }
+    let csum_off = at.inner_l4 + if proto == PROTO_UDP { 6 } else { 16 };
+    if csum_off + 2 <= at.ip_end
+        && let Some(old) = load::<[u8; 2]>(ctx, csum_off)
+    {
+        let check = u16::from_be_bytes(old);
+        if !(proto == PROTO_UDP && v4 && check == 0) {
+            let mut updated = l4.apply(check);
+            if proto == PROTO_UDP && updated == 0 {
+                updated = 0xffff;
+            }
+            icmp.replace_bytes(&old, &updated.to_be_bytes());
+            store(ctx, csum_off, updated.to_be_bytes())?;
+        }
+    }
+    Ok(())
 }
 
 /// The outer header of the error: to the client, one hop on. `ICMPv6`'s checksum

@@ -29,7 +29,10 @@ use lb_common::{
 
 use crate::{
     fib,
-    icmp::{Layout, PROTO_ICMP, PROTO_ICMPV6, check_ttl, is_addr, layout, put_addr, read_addr},
+    icmp::{
+        Layout, PROTO_ICMP, PROTO_ICMPV6, check_ttl, is_addr, layout, put_addr, quoted_checksums,
+        read_addr,
+    },
     maps::{CONNTRACK_V2, REVNAT_V1},
     packet::{Frame, load, store},
     parse, service, snat, stats,
@@ -287,26 +290,5 @@ fn quoted_end(
     let mut l4 = addrs;
     l4.replace_bytes(&old_port.to_ne_bytes(), &port.to_ne_bytes());
     icmp.add(l4);
-    if v4 {
-        let old = load::<[u8; 2]>(ctx, at.inner + 10).ok_or(Reason::PassMalformed)?;
-        let new = addrs.apply(u16::from_be_bytes(old)).to_be_bytes();
-        icmp.replace_bytes(&old, &new);
-        store(ctx, at.inner + 10, new)?;
-    }
-    let csum_off = at.inner_l4 + if proto == PROTO_UDP { 6 } else { 16 };
-    if csum_off + 2 <= at.ip_end
-        && let Some(old) = load::<[u8; 2]>(ctx, csum_off)
-    {
-        let check = u16::from_be_bytes(old);
-        // A zero UDP checksum over IPv4 means "none" and stays zero.
-        if !(proto == PROTO_UDP && v4 && check == 0) {
-            let mut updated = l4.apply(check);
-            if proto == PROTO_UDP && updated == 0 {
-                updated = 0xffff;
-            }
-            icmp.replace_bytes(&old, &updated.to_be_bytes());
-            store(ctx, csum_off, updated.to_be_bytes())?;
-        }
-    }
-    Ok(())
+    quoted_checksums(ctx, at, v4, proto, addrs, l4, icmp)
 }

@@ -13,6 +13,7 @@
 mod affinity;
 mod conntrack;
 mod dsr;
+mod dsr_mtu;
 mod egress;
 mod fib;
 mod handoff;
@@ -36,8 +37,9 @@ use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node. Inlined into the
-/// macro's entry point; the path below is two BPF functions it calls, `process` and
-/// `icmp::error`'s translations (per family), each with the stack to itself.
+/// macro's entry point; the path below is BPF functions it calls, `process`,
+/// `icmp::error`'s translations (per family) and `dsr_mtu::too_big`, each with the
+/// stack to itself.
 #[xdp]
 #[inline(always)]
 #[expect(
@@ -49,6 +51,9 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let (action, reason) = match process(&ctx) {
         // An ICMP error about a translated flow goes on translated (`icmp`).
         (_, Reason::PassNotL4) => icmp::error(&ctx),
+        // A DSR packet too big for its next hop once encapsulated is answered
+        // (`dsr_mtu`).
+        (_, Reason::PassFibOther) => dsr_mtu::too_big(&ctx),
         verdict => verdict,
     };
     stats::count_reason(reason, bytes);

@@ -5,7 +5,9 @@
 //! and sent back out of the interface the packet came in on, to the MAC it came from:
 //! through the devmap when that interface is in it, as `fib` sends (a veth passes
 //! `XDP_TX` frames on only to a peer that runs XDP; a redirect is flushed at the end of
-//! the poll), else by `XDP_TX`.
+//! the poll), else by `XDP_TX`. The same builder answers a DSR packet too large to
+//! encapsulate for its next hop (`dsr_mtu`) with ICMP "fragmentation needed" /
+//! `ICMPv6` "packet too big" (RFC 1191, RFC 8201).
 //!
 //! Not answered (dropped, `drop_no_backend`): a reset (never a reset for a reset), a
 //! source that must not get errors (multicast, broadcast, unspecified, loopback), and
@@ -19,7 +21,11 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{PROTO_TCP, Reason, csum::finish, reason::XDP_TX};
+use lb_common::{
+    PROTO_TCP, Reason,
+    csum::{finish, word, words},
+    reason::XDP_TX,
+};
 
 use crate::{
     maps::TX_PORTS_V1,
@@ -34,14 +40,11 @@ const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
-/// What an ICMP error quotes after the client's IP header: its UDP header.
+/// What an ICMP error quotes after the client's IP header: 8 bytes (RFC 792), its UDP
+/// header or its TCP ports and sequence number, all a sender needs to find the socket.
 const QUOTED_L4: usize = 8;
 const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
-/// ICMP destination unreachable (type 3), port unreachable (code 3).
-const ICMP_PORT_UNREACHABLE: u16 = 0x0303;
-/// `ICMPv6` destination unreachable (type 1), port unreachable (code 4).
-const ICMPV6_PORT_UNREACHABLE: u16 = 0x0104;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -63,27 +66,73 @@ pub fn refuse(
     if !answerable(pkt) {
         return Err(Reason::DropNoBackend);
     }
-    // First, at constant offsets: LLVM may drop these bounds checks when a later check
-    // at a variable offset implies them, but the verifier follows only its own.
-    let dst_mac = (be32(ctx, 0)?, be16(ctx, 4)?);
-    let src_mac = (be32(ctx, 6)?, be16(ctx, 10)?);
+    let macs = macs(ctx)?;
     let reason = if pkt.key.proto == PROTO_TCP {
         tcp_reset(ctx, pkt, frame_len)?;
         Reason::RejectTcpReset
     } else {
-        port_unreachable(ctx, pkt, frame_len)?;
+        icmp_error(
+            ctx,
+            pkt,
+            frame_len,
+            PORT_UNREACHABLE,
+            0,
+            Reason::DropNoBackend,
+        )?;
         Reason::RejectIcmpUnreachable
     };
-    // Back to where the frame came from.
+    stats::count_rejected(service_id);
+    Ok((send_back(ctx, macs)?, reason))
+}
+
+/// DSR (`dsr_mtu`): answers the client's packet, too large to encapsulate for the
+/// next hop, with ICMP "fragmentation needed" (IPv4) or `ICMPv6` "packet too big",
+/// advertising `mtu`, sent back as `refuse` sends; `Err` (`drop_dsr_too_big`) when it
+/// must not be answered.
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, frame_len: u64, mtu: u16) -> Result<u32, Reason> {
+    if !answerable(pkt) {
+        return Err(Reason::DropDsrTooBig);
+    }
+    let macs = macs(ctx)?;
+    icmp_error(
+        ctx,
+        pkt,
+        frame_len,
+        TOO_BIG,
+        u32::from(mtu),
+        Reason::DropDsrTooBig,
+    )?;
+    send_back(ctx, macs)
+}
+
+/// A MAC address as two words from registers: its first four bytes and its last two.
+type Mac = (u32, u16);
+/// A frame's destination and source MACs.
+type Macs = (Mac, Mac);
+
+/// The frame's destination and source MACs. Read first, at constant offsets: LLVM may
+/// drop these bounds checks when a later check at a variable offset implies them, but
+/// the verifier follows only its own.
+#[inline(always)]
+fn macs(ctx: &XdpContext) -> Result<Macs, Reason> {
+    Ok((
+        (be32(ctx, 0)?, be16(ctx, 4)?),
+        (be32(ctx, 6)?, be16(ctx, 10)?),
+    ))
+}
+
+/// Back to where the frame came from: the MACs turned around, out of the interface it
+/// came in on.
+#[inline(always)]
+fn send_back(ctx: &XdpContext, (dst_mac, src_mac): Macs) -> Result<u32, Reason> {
     put32(ctx, 0, src_mac.0)?;
     put16(ctx, 4, src_mac.1)?;
     put32(ctx, 6, dst_mac.0)?;
     put16(ctx, 10, dst_mac.1)?;
-    stats::count_rejected(service_id);
-    let back = TX_PORTS_V1
+    Ok(TX_PORTS_V1
         .redirect(ctx.ingress_ifindex() as u32, 0)
-        .unwrap_or(XDP_TX);
-    Ok((back, reason))
+        .unwrap_or(XDP_TX))
 }
 
 /// Whether the client's address may receive an error (RFC 1122 3.2.2, RFC 4443 2.4):
@@ -138,17 +187,46 @@ fn tcp_reset(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<(), Reaso
     put32(ctx, tcp + 12, ctl)?;
     // Checksum, urgent pointer 0.
     put32(ctx, tcp + 16, u32::from(check) << 16)?;
-    truncate(ctx, frame_len, tcp + TCP_HLEN)
+    truncate(ctx, frame_len, tcp + TCP_HLEN, Reason::DropNoBackend)
 }
 
-/// A new IP and ICMP header in front of the client's IP header and UDP header, which
-/// stay where they are as the quote; everything after them is cut.
+/// An ICMP error's (type, code) pair, as a big-endian word: `ICMP` for IPv4, `ICMPv6`.
+#[derive(Clone, Copy)]
+struct ErrorKind {
+    v4: u16,
+    v6: u16,
+}
+
+/// Destination unreachable, port unreachable (ICMP 3/3, `ICMPv6` 1/4).
+const PORT_UNREACHABLE: ErrorKind = ErrorKind {
+    v4: 0x0303,
+    v6: 0x0104,
+};
+/// ICMP destination unreachable, fragmentation needed (3/4, RFC 1191: the next-hop MTU
+/// in the low half of the second word); `ICMPv6` packet too big (2/0, RFC 4443: the
+/// MTU is the second word).
+const TOO_BIG: ErrorKind = ErrorKind {
+    v4: 0x0304,
+    v6: 0x0200,
+};
+
+/// A new IP and ICMP header in front of the client's IP header and the first 8 bytes
+/// after it (its UDP header, or its TCP ports and sequence number), which stay where
+/// they are as the quote; everything after them is cut. `rest`: the ICMP header's
+/// second word; `fail`: the reason when it cannot be built.
 #[inline(always)]
-fn port_unreachable(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<(), Reason> {
+fn icmp_error(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    frame_len: u64,
+    kind: ErrorKind,
+    rest: u32,
+    fail: Reason,
+) -> Result<(), Reason> {
     let l3 = pkt.l3();
     let v4 = pkt.is_v4();
     if v4 && pkt.l4() != l3 + IPV4_HLEN {
-        return Err(Reason::DropNoBackend);
+        return Err(fail);
     }
     let quoted_sum = if v4 {
         packet::sum_words::<{ IPV4_HLEN + QUOTED_L4 }>(ctx, l3)
@@ -165,7 +243,7 @@ fn port_unreachable(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<()
     let headers = hlen + ICMP_HLEN;
     // SAFETY: helper call on this program's context; packet pointers are re-read after.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(headers as i32)) } != 0 {
-        return Err(Reason::DropNoBackend);
+        return Err(fail);
     }
     // The Ethernet header moves to the new front (the caller turns its MACs around).
     if tagged {
@@ -174,21 +252,21 @@ fn port_unreachable(ctx: &XdpContext, pkt: &Packet, frame_len: u64) -> Result<()
     put16(ctx, ethertype_at, ethertype)?;
     let quoted = hlen + QUOTED_L4;
     let (proto, type_code) = if v4 {
-        (PROTO_ICMP, ICMP_PORT_UNREACHABLE)
+        (PROTO_ICMP, kind.v4)
     } else {
-        (PROTO_ICMPV6, ICMPV6_PORT_UNREACHABLE)
+        (PROTO_ICMPV6, kind.v6)
     };
     let pseudo = ip_header(ctx, pkt, proto, (ICMP_HLEN + quoted) as u16)?;
     // `ICMPv6` covers a pseudo-header, ICMP does not.
-    let sum = quoted_sum + u32::from(type_code) + if v4 { 0 } else { pseudo };
-    // Type, code, checksum; then 4 unused bytes.
+    let sum = quoted_sum + u32::from(type_code) + words(rest) + if v4 { 0 } else { pseudo };
+    // Type, code, checksum; then the second word.
     put32(
         ctx,
         l3 + hlen,
         u32::from(type_code) << 16 | u32::from(finish(sum)),
     )?;
-    put32(ctx, l3 + hlen + 4, 0)?;
-    truncate(ctx, frame_len + headers as u64, l3 + headers + quoted)
+    put32(ctx, l3 + hlen + 4, rest)?;
+    truncate(ctx, frame_len + headers as u64, l3 + headers + quoted, fail)
 }
 
 #[inline(always)]
@@ -239,18 +317,6 @@ fn ip_header(ctx: &XdpContext, pkt: &Packet, proto: u8, payload: u16) -> Result<
     }
 }
 
-/// Bytes `i..i + 4` of an address, as a big-endian word.
-#[inline(always)]
-fn word(addr: &[u8; 16], i: usize) -> u32 {
-    u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]])
-}
-
-/// A word's two 16-bit halves added, for a ones' complement sum.
-#[inline(always)]
-fn words(w: u32) -> u32 {
-    (w >> 16) + (w & 0xffff)
-}
-
 #[inline(always)]
 fn be32(ctx: &XdpContext, off: usize) -> Result<u32, Reason> {
     load::<[u8; 4]>(ctx, off)
@@ -279,11 +345,11 @@ fn put16(ctx: &XdpContext, off: usize, value: u16) -> Result<(), Reason> {
 /// `data_end - data` again: LLVM would fold that into arithmetic on `data_end`, which
 /// the verifier refuses.
 #[inline(always)]
-fn truncate(ctx: &XdpContext, frame_len: u64, len: usize) -> Result<(), Reason> {
+fn truncate(ctx: &XdpContext, frame_len: u64, len: usize, fail: Reason) -> Result<(), Reason> {
     let delta = len as i64 - frame_len as i64;
     // SAFETY: helper call on this program's context; it only shrinks the frame here.
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
-        return Err(Reason::DropNoBackend);
+        return Err(fail);
     }
     Ok(())
 }

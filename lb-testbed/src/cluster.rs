@@ -912,6 +912,50 @@ impl Cluster {
         Ok(())
     }
 
+    /// Gives node `from`'s route to node `to`'s pod CIDRs (both families) the locked MTU
+    /// `mtu` (`None`: none), as a smaller link between the two nodes would: packets that
+    /// `from` sends towards `to`'s pods (forwarded, or encapsulated to them) larger than
+    /// that meet "fragmentation needed" / "packet too big". The route is otherwise the
+    /// one the pod network wrote.
+    pub fn set_pod_cidr_route_mtu(
+        &self,
+        from: usize,
+        to: usize,
+        mtu: Option<u32>,
+    ) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .get(from)
+            .with_context(|| format!("set_pod_cidr_route_mtu: no node {from}"))?;
+        anyhow::ensure!(
+            to < self.nodes.len() && to != from,
+            "set_pod_cidr_route_mtu: node {to} is not another node of the cluster"
+        );
+        let mtu = mtu.map(|m| m.to_string());
+        for v6 in [false, true] {
+            let (family, cidr) = if v6 {
+                ("-6", Self::pod_cidr_v6(to))
+            } else {
+                ("-4", Self::pod_cidr_v4(to))
+            };
+            let via = match (self.network, v6) {
+                (PodNetwork::HostGw, false) => Self::node_v4(to).to_string(),
+                (PodNetwork::HostGw, true) => Self::node_v6(to).to_string(),
+                (PodNetwork::Vxlan, false) => Self::tunnel_v4(to).to_string(),
+                (PodNetwork::Vxlan, true) => Self::tunnel_v6(to).to_string(),
+            };
+            let mut args = vec![family, "route", "replace", &cidr, "via", &via];
+            if self.network == PodNetwork::Vxlan {
+                args.extend(["dev", if v6 { VXLAN_IF_V6 } else { VXLAN_IF_V4 }, "onlink"]);
+            }
+            if let Some(mtu) = &mtu {
+                args.extend(["mtu", "lock", mtu]);
+            }
+            node.ns.ip(&args)?;
+        }
+        Ok(())
+    }
+
     /// The MTU of pod veths, as the CNI sets it: the link MTU, less the VXLAN overhead
     /// (the larger one, of the IPv6 underlay) in the VXLAN variant.
     pub fn pod_mtu(&self) -> u32 {

@@ -13,7 +13,7 @@ use crate::frames::{Frame, L4};
 use crate::{self as testbed, Netns};
 use lb_common::{
     AffinityKey, Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey, PROTO_TCP,
-    PROTO_UDP, hash,
+    PROTO_UDP, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SnatConfig, hash,
 };
 
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
@@ -47,6 +47,45 @@ pub fn backend_v6(n: u8) -> IpAddr {
 }
 pub fn backend_mac(n: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x02, n]
+}
+/// The node's own addresses, on its backends' side (`bk`): the source of what it
+/// source-NATs and of the outer header of what it encapsulates (DSR).
+pub fn node_v4() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
+}
+pub fn node_v6() -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 1))
+}
+/// The node's own address of `ip`'s family.
+pub fn node_addr_for(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() { node_v4() } else { node_v6() }
+}
+/// The node's addresses ([`node_v4`], [`node_v6`]) and the port range `min..=max`, as
+/// the agent writes them (`--snat-ports`, the node's addresses).
+pub fn node_config(port_min: u16, port_max: u16) -> SnatConfig {
+    SnatConfig {
+        addr_v4: addr16(node_v4()),
+        addr_v6: addr16(node_v6()),
+        port_min,
+        port_max,
+        flags: SNAT_CFG_F_V4 | SNAT_CFG_F_V6,
+        _pad: [0; 3],
+    }
+}
+/// The last byte of an address: a test backend's number (`backend_v4(n)`).
+pub fn last_octet(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(v6) => v6.octets()[15],
+    }
+}
+/// Packets the program counted under `reason` so far.
+pub fn reason_packets(dp: &Dataplane, reason: Reason) -> u64 {
+    dp.reason_stats()
+        .expect("reason stats")
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, s)| s.packets)
 }
 /// Backends 11 and 12 have neighbour entries; 13 has none (FIB: no neighbour).
 pub const RESOLVED_BACKENDS: [u8; 2] = [11, 12];

@@ -8,7 +8,7 @@ use lb_testbed::cluster::apps::PodServers;
 use lb_testbed::cluster::kube_proxy::KubeProxyIptables;
 use lb_testbed::cluster::kube_proxy_nft::KubeProxyNftables;
 use lb_testbed::cluster::manifests::ManifestDir;
-use lb_testbed::cluster::scenarios::{self, DROPPED_NODE, POD_PORT};
+use lb_testbed::cluster::scenarios::{self, DROPPED_NODE, POD_PORT, SmallLink};
 use lb_testbed::cluster::{
     Cluster, ClusterService, NodeProgram, PodNetwork, Protocol, VXLAN_IF_V4, VXLAN_IF_V6,
 };
@@ -78,8 +78,14 @@ fn kube_proxy_iptables_on_a_host_gw_cluster() {
     node_drop(&cluster, &services);
 
     for v6 in [false, true] {
-        let cases = scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let cases = scenarios::path_mtu(
+            &cluster,
+            &KubeProxyIptables,
+            &services,
+            v6,
+            SmallLink::PodLink,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!("path MTU v6={v6}: {cases:?}");
         let replies = scenarios::reply_path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
@@ -109,8 +115,14 @@ fn kube_proxy_iptables_on_a_vxlan_cluster() {
     }
     node_drop(&cluster, &services);
     for v6 in [false, true] {
-        scenarios::path_mtu(&cluster, &KubeProxyIptables, &services, v6)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        scenarios::path_mtu(
+            &cluster,
+            &KubeProxyIptables,
+            &services,
+            v6,
+            SmallLink::PodLink,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         scenarios::reply_path_mtu(&cluster, &KubeProxyIptables, &services, v6)
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
@@ -128,8 +140,14 @@ fn kube_proxy_nftables_on_a_host_gw_cluster() {
     scenarios::announce(&cluster, &services).expect("announce Local LB IPs");
     frontends(&cluster, &KubeProxyNftables, &services);
     for v6 in [false, true] {
-        scenarios::path_mtu(&cluster, &KubeProxyNftables, &services, v6)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        scenarios::path_mtu(
+            &cluster,
+            &KubeProxyNftables,
+            &services,
+            v6,
+            SmallLink::PodLink,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 

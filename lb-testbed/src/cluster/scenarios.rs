@@ -7,7 +7,7 @@
 //! Use: build a [`Cluster`], start [`PodServers`](super::apps::PodServers) on
 //! [`POD_PORT`], take [`standard_services`], program them with the implementation under
 //! test, call [`announce`], then any scenario ([`frontends`], [`node_drop`],
-//! [`path_mtu`], [`reply_path_mtu`]):
+//! [`path_mtu`], [`reply_path_mtu`], [`bulk`]):
 //!
 //! ```text
 //! let cluster = Cluster::for_test("snat", PodNetwork::HostGw);
@@ -19,7 +19,7 @@
 //! scenarios::announce(&cluster, &services)?;
 //! scenarios::frontends(&cluster, &xlb, &services, Protocol::Tcp, false)?;
 //! scenarios::node_drop(&cluster, &xlb, &services, true)?;
-//! scenarios::path_mtu(&cluster, &xlb, &services, false)?;
+//! scenarios::path_mtu(&cluster, &xlb, &services, false, SmallLink::PodLink)?;
 //! ```
 
 use std::collections::BTreeMap;
@@ -57,8 +57,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 pub const SMALL_MTU: u32 = 1280;
 
 /// The payload of [`path_mtu`]'s UDP probe: over [`SMALL_MTU`] with headers of either
-/// family, under every other link's MTU (VXLAN's 1430 included).
-const PROBE_BYTES: usize = 1350;
+/// family, under every other link's MTU (VXLAN's 1430 included) even inside DSR's outer
+/// header, so it meets the small link first.
+const PROBE_BYTES: usize = 1300;
 
 /// The bulk transfer of [`path_mtu`].
 const TRANSFER_BYTES: usize = 64 * 1024;
@@ -611,8 +612,13 @@ pub fn node_drop(
         let after_counts = paths.counts()?;
         let mut flows = Vec::with_capacity(done.len());
         for ((conn, result), node_before) in done.into_iter().zip(before) {
-            let node_after = only_node(&after_counts, Some(&before_counts), conn.local.port())
-                .with_context(|| format!("the path of {} after the drop", conn.local))?;
+            let node_after = node_after(
+                &after_counts,
+                &before_counts,
+                conn.local.port(),
+                node_before,
+            )
+            .with_context(|| format!("the path of {} after the drop", conn.local))?;
             flows.push(DroppedFlow {
                 client_port: conn.local.port(),
                 pod: conn.answer.pod.clone(),
@@ -662,6 +668,36 @@ pub fn node_drop(
     }
 }
 
+/// The node a TCP flow from `port` went to after the route changed (packets counted
+/// since `before`, when it went to `node_before`). A moved flow may show packets on
+/// both nodes: the client's delayed ACK of the last exchange can leave by the old route
+/// after the first count; only its old node can see such a packet, so the other one
+/// is where the flow went.
+fn node_after(
+    counts: &super::PathCounts,
+    before: &super::PathCounts,
+    port: u16,
+    node_before: usize,
+) -> anyhow::Result<usize> {
+    match only_node(counts, Some(before), port) {
+        Ok(node) => Ok(node),
+        Err(e) => {
+            let key = (Protocol::Tcp, port);
+            let (Some(now), Some(then)) = (counts.get(&key), before.get(&key)) else {
+                return Err(e);
+            };
+            let moved: Vec<usize> = (0..now.len())
+                .filter(|&i| now[i] > then.get(i).copied().unwrap_or(0))
+                .collect();
+            match moved[..] {
+                [a, b] if a == node_before => Ok(b),
+                [a, b] if b == node_before => Ok(a),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
 /// The one node a TCP flow from `port` went to (packets counted since `since`).
 fn only_node(
     counts: &super::PathCounts,
@@ -707,62 +743,116 @@ fn lb_ip_and_node_ports(
     Ok(addrs)
 }
 
-/// Path MTU discovery through the translation, to [`MTU_POD`] through the LB IP and
-/// every node's NodePort (so the pod is local to the receiving node for one and remote
-/// for the others):
-/// 1. TCP (`mtu`): the node's route to the pod gets `mtu lock` [`SMALL_MTU`], as a
-///    smaller link between the node and the pod would be, while the pod's own link
-///    stays as it is (so it advertises the larger MSS). A 64 KiB transfer each way must
-///    complete, and the client's socket must end with path MTU `SMALL_MTU`: the node's
-///    ICMP "fragmentation needed" / "packet too big" reached it, translated.
-/// 2. UDP (`mtu-udp`): the pod's link itself (both veth ends, as a CNI configured so
-///    would) gets `SMALL_MTU`; a datagram too big for it must come back as an ICMP error
-///    the client's socket sees (`EMSGSIZE`, path MTU `SMALL_MTU`).
+/// Where [`path_mtu`]'s smaller link lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmallLink {
+    /// Between [`MTU_POD`] and its node, at [`SMALL_MTU`]: the TCP case gives the node's
+    /// route to the pod `mtu lock`, the UDP case the pod's veth itself. Every frontend
+    /// (the LB IP, every node's NodePort) meets it; the client learns [`SMALL_MTU`].
+    PodLink,
+    /// Between the nodes, at [`NODE_LINK_MTU`]: every other node's route to
+    /// [`MTU_POD`]'s node's pod CIDRs gets `mtu lock`. Only packets sent on to a pod on
+    /// another node meet it, so the frontends are the NodePorts of the other nodes; they
+    /// cross it inside an outer header of `overhead` bytes (DSR's encapsulation of the
+    /// family tried), so the client learns [`NODE_LINK_MTU`] less that.
+    BetweenNodes { overhead: u32 },
+}
+
+/// [`SmallLink::BetweenNodes`]' MTU: under the full-size TCP segments and the
+/// [`PROBE_BYTES`] datagrams of either family once encapsulated, and at least IPv6's
+/// minimum MTU (1280) plus an outer IPv6 header, so what the client learns is usable.
+pub const NODE_LINK_MTU: u32 = 1340;
+
+/// Path MTU discovery through the translation, to [`MTU_POD`], with a smaller link
+/// where `small` says (and the frontends it names):
+/// 1. TCP (`mtu`): a 64 KiB transfer each way must complete, and the client's socket
+///    must end with the small path MTU: an ICMP "fragmentation needed" / "packet too
+///    big" reached it, translated (or, between the nodes, sent by the receiving node).
+///    The pod's own link keeps its MTU, so it advertises the larger MSS.
+/// 2. UDP (`mtu-udp`): a [`PROBE_BYTES`] datagram (DF set) must come back as an ICMP
+///    error the client's socket sees (`EMSGSIZE`, the small path MTU).
 ///
-/// The pod's route and MTU are restored afterwards, and the client's learnt path MTUs
+/// The routes and MTUs are restored afterwards, and the client's learnt path MTUs
 /// flushed (`ip route flush cache`).
 pub fn path_mtu(
     cluster: &Cluster,
     program: &dyn NodeProgram<'_>,
     services: &[ClusterService],
     v6: bool,
+    small: SmallLink,
 ) -> anyhow::Result<Vec<MtuCase>> {
     let (node, pod) = MTU_POD;
-    let tcp = lb_ip_and_node_ports(cluster, find(services, MTU_TCP)?, v6)?;
-    let udp = lb_ip_and_node_ports(cluster, find(services, MTU_UDP)?, v6)?;
+    let frontends = |name| -> anyhow::Result<Vec<SocketAddr>> {
+        let svc = find(services, name)?;
+        Ok(match small {
+            SmallLink::PodLink => lb_ip_and_node_ports(cluster, svc, v6)?,
+            SmallLink::BetweenNodes { .. } => {
+                let node_port = svc.node_port.context("no NodePort")?;
+                (0..cluster.nodes.len())
+                    .filter(|&i| i != node)
+                    .map(|i| SocketAddr::new(node_address(i, v6), node_port))
+                    .collect()
+            }
+        })
+    };
+    let tcp = frontends(MTU_TCP)?;
+    let udp = frontends(MTU_UDP)?;
+    let (expected, where_) = match small {
+        SmallLink::PodLink => (SMALL_MTU, "the pod's link"),
+        SmallLink::BetweenNodes { overhead } => (NODE_LINK_MTU - overhead, "between the nodes"),
+    };
+    let others: Vec<usize> = (0..cluster.nodes.len()).filter(|&i| i != node).collect();
+    let narrow = |on: bool| -> anyhow::Result<()> {
+        match small {
+            SmallLink::PodLink => cluster.set_pod_route_mtu(node, pod, on.then_some(SMALL_MTU)),
+            SmallLink::BetweenNodes { .. } => others.iter().try_for_each(|&i| {
+                cluster.set_pod_cidr_route_mtu(i, node, on.then_some(NODE_LINK_MTU))
+            }),
+        }
+    };
+    let family = if v6 { "-6" } else { "-4" };
     let mut failures = Vec::new();
     let mut transfers = Vec::new();
-    cluster.set_pod_route_mtu(node, pod, Some(SMALL_MTU))?;
+    narrow(true)?;
     for addr in &tcp {
         match apps::transfer(&cluster.client, *addr, TRANSFER_BYTES, TIMEOUT * 5) {
-            Ok(t) if t.path_mtu == SMALL_MTU => transfers.push(t),
+            Ok(t) if t.path_mtu == expected => transfers.push(t),
             Ok(t) => failures.push(format!(
-                "TCP {addr}: the transfer completed with path MTU {}, expected {SMALL_MTU} (no ICMP error reached the client)",
+                "TCP {addr}: the transfer completed with path MTU {}, expected {expected} (no ICMP error reached the client)",
                 t.path_mtu
             )),
             Err(e) => failures.push(format!("TCP {addr}: {e:#}")),
         }
     }
-    cluster.set_pod_route_mtu(node, pod, None)?;
+    if small == SmallLink::PodLink {
+        // The datagrams meet the pod's link itself.
+        narrow(false)?;
+        cluster.set_pod_mtu(node, pod, SMALL_MTU)?;
+    }
     // Forget what TCP taught the client about the node addresses: the datagrams must
     // meet the small link themselves.
-    let family = if v6 { "-6" } else { "-4" };
     cluster.client.ip(&[family, "route", "flush", "cache"])?;
-    cluster.set_pod_mtu(node, pod, SMALL_MTU)?;
     let mut probes = Vec::new();
     for addr in &udp {
         match apps::udp_mtu_probe(&cluster.client, *addr, PROBE_BYTES, TIMEOUT) {
-            Ok(p) if p.icmp_error && p.path_mtu == SMALL_MTU => probes.push(p),
+            Ok(p) if p.icmp_error && p.path_mtu == expected => probes.push(p),
             Ok(p) => failures.push(format!(
-                "UDP {addr}: a {PROBE_BYTES}-byte datagram brought {p:?}, expected an ICMP error and path MTU {SMALL_MTU}"
+                "UDP {addr}: a {PROBE_BYTES}-byte datagram brought {p:?}, expected an ICMP error and path MTU {expected}"
             )),
             Err(e) => failures.push(format!("UDP {addr}: {e:#}")),
         }
     }
-    cluster.set_pod_mtu(node, pod, cluster.pod_mtu())?;
+    match small {
+        SmallLink::PodLink => cluster.set_pod_mtu(node, pod, cluster.pod_mtu())?,
+        SmallLink::BetweenNodes { .. } => narrow(false)?,
+    }
     cluster.client.ip(&[family, "route", "flush", "cache"])?;
     if !failures.is_empty() {
-        bail!("{}: path MTU:\n{}", program.name(), failures.join("\n"));
+        bail!(
+            "{}: path MTU (a smaller link {where_}):\n{}",
+            program.name(),
+            failures.join("\n")
+        );
     }
     Ok(tcp
         .into_iter()
@@ -776,6 +866,45 @@ pub fn path_mtu(
         })
         .collect())
 }
+
+/// Bulk transfers (`BULK_BYTES` each way, `BULK_ROUNDS` per node) through `web`'s
+/// NodePort on every node, to local and remote pods: the client's full-size segments
+/// must reach remote pods whatever the program adds to them on the way (DSR's outer
+/// header: the MSS the pods' SYN-ACKs were given, or the path MTU the client learnt
+/// from the node). Returns the pod and the client's path MTU of every transfer.
+pub fn bulk(
+    cluster: &Cluster,
+    program: &dyn NodeProgram<'_>,
+    services: &[ClusterService],
+    v6: bool,
+) -> anyhow::Result<Vec<(SocketAddr, apps::Transfer)>> {
+    let web = find(services, WEB)?;
+    let node_port = web.node_port.context("no NodePort")?;
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for node in &cluster.nodes {
+        let addr = SocketAddr::new(node_address(node.index, v6), node_port);
+        for n in 0..BULK_ROUNDS {
+            match apps::transfer(&cluster.client, addr, BULK_BYTES, TIMEOUT * 5) {
+                Ok(t) => done.push((addr, t)),
+                Err(e) => failures.push(format!("transfer #{n} through {addr}: {e:#}")),
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{}: bulk transfers:\n{}",
+            program.name(),
+            failures.join("\n")
+        );
+    }
+    Ok(done)
+}
+
+/// The size of one [`bulk`] transfer, each way.
+const BULK_BYTES: usize = 256 * 1024;
+/// [`bulk`] transfers per node.
+const BULK_ROUNDS: usize = 4;
 
 /// Path MTU discovery of the pod's replies, to [`MTU_POD`] through every node's
 /// NodePort of `mtu` (the pod local to one node, remote to the others): the router's

@@ -10,13 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::apps::PodServers;
 use super::manifests::ManifestDir;
-use super::scenarios::{NodeProgram, PodSees};
-use super::{Cluster, ClusterService, TrafficPolicy};
+use super::scenarios::{self, NodeProgram, POD_PORT, PodSees};
+use super::{Cluster, ClusterService, PodNetwork, TrafficPolicy, VXLAN_IF_V4, VXLAN_IF_V6};
 use crate::AgentProcess;
 
-/// How long the agents may take to hold every Service after a change of manifests.
-const SETTLE: Duration = Duration::from_secs(20);
+/// How long the agents may take to hold every Service after a change of manifests. The
+/// first time includes loading the programs: three agents' verifier runs at once took
+/// over 20 s on a loaded two-core test machine.
+const SETTLE: Duration = Duration::from_mins(1);
 
 /// One agent per node of a cluster, started on the first [`NodeProgram::program`] and
 /// killed (pins removed) on drop.
@@ -63,6 +66,92 @@ impl<'c> XlbAgents<'c> {
     pub fn manifests(&self) -> Option<&ManifestDir> {
         self.manifests.as_ref()
     }
+
+    /// Every agent's `lb-agent status`, for a failure's message.
+    pub fn statuses(&self) -> String {
+        self.agents
+            .iter()
+            .map(|agent| match agent.wait_for(STATUS_TIMEOUT, |_| true) {
+                Ok(report) => report.to_string(),
+                Err(e) => format!("{e:#}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Packets the agents together counted under `reason` (its metrics name).
+    pub fn counted(&self, reason: &str) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for agent in &self.agents {
+            let report = agent.wait_for(STATUS_TIMEOUT, |_| true)?;
+            total += report
+                .reasons
+                .iter()
+                .filter(|(r, _)| r == reason)
+                .map(|(_, n)| n)
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+}
+
+/// How long a status read may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A mode of `--lb-mode`, with what the scenarios expect of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Snat,
+    Dsr,
+    /// DSR for TCP, SNAT for UDP.
+    Hybrid,
+}
+
+impl Mode {
+    /// As `--lb-mode` takes it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Mode::Snat => "snat",
+            Mode::Dsr => "dsr",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// The standard scenario set-up on `cluster` for xlb in `mode`: the pod servers, the
+/// standard Services, an agent (`binary`, with `extra` arguments) on every node holding
+/// them, and the `Local` LB IPs announced. On the VXLAN variant, a mode that
+/// encapsulates also decapsulates on the overlay devices (`--decap-interface`), where
+/// packets for remote pods arrive. What a pod sees and whether flows survive a move
+/// follow from the mode (hybrid: as DSR, its TCP; its UDP is `PodSees::NodeIfRemote`).
+pub fn start<'c>(
+    cluster: &'c Cluster,
+    binary: &Path,
+    mode: Mode,
+    extra: &[&str],
+) -> anyhow::Result<(PodServers, Vec<ClusterService>, XlbAgents<'c>)> {
+    let servers = PodServers::start(cluster, POD_PORT)?;
+    let services = scenarios::standard_services(cluster);
+    let decap = format!("{VXLAN_IF_V4},{VXLAN_IF_V6}");
+    let mut args = vec!["--lb-mode", mode.flag()];
+    if mode != Mode::Snat && cluster.network == PodNetwork::Vxlan {
+        args.extend(["--decap-interface", &decap]);
+    }
+    args.extend_from_slice(extra);
+    let (pod_sees, survive) = match mode {
+        Mode::Snat => (PodSees::NodeIfRemote, false),
+        Mode::Dsr | Mode::Hybrid => (PodSees::Client, true),
+    };
+    let mut xlb = XlbAgents::new(
+        binary,
+        &format!("xlb {}", mode.flag()),
+        &args,
+        pod_sees,
+        survive,
+    );
+    xlb.program(cluster, &services)?;
+    scenarios::announce(cluster, &services)?;
+    Ok((servers, services, xlb))
 }
 
 impl<'c> NodeProgram<'c> for XlbAgents<'c> {
