@@ -9,6 +9,7 @@
 //! The same object holds the cgroup socket programs (`sock`), which read the same maps.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod affinity;
 mod conntrack;

@@ -53,8 +53,59 @@ pub fn load<T: Copy>(ctx: &impl Frame, off: usize) -> Option<T> {
     if start + off + size_of::<T>() > ctx.data_end() {
         return None;
     }
-    // SAFETY: bounds checked above; packet data has no alignment guarantee.
-    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    // SAFETY: bounds checked above.
+    Some(unsafe { read_words::<T>(start + off) })
+}
+
+/// Reads a `T` from packet memory at `addr` in the widest loads its size allows (8, 4,
+/// 2 bytes). `read_unaligned` would compile to one load per byte: the BPF backend
+/// assumes nothing about alignment, while the kernel allows misaligned packet loads on
+/// the machines XDP runs on (`CONFIG_HAVE_EFFICIENT_UNALIGNED_ACCESS`; the verifier
+/// checks packet alignment only under `BPF_F_STRICT_ALIGNMENT`). The loads are written
+/// in assembly so that no misaligned access is expressed in Rust; the stack copy is
+/// aligned for `u64`, as the verifier requires of stack accesses.
+///
+/// # Safety
+/// `addr..addr + size_of::<T>()` lies inside the checked packet range.
+#[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "`out` is aligned to 8 and each width is stored at a multiple of itself"
+)]
+unsafe fn read_words<T: Copy>(addr: usize) -> T {
+    let mut out = Aligned::<T>(core::mem::MaybeUninit::uninit());
+    let dst = out.0.as_mut_ptr().cast::<u8>();
+    let n = size_of::<T>();
+    let mut i = 0;
+    // SAFETY (all loads): inside the range the caller checked; every store is into
+    // `out` at an offset aligned for its width.
+    unsafe {
+        while i + 8 <= n {
+            let v: u64;
+            core::arch::asm!("{0} = *(u64 *)({1} + 0)", out(reg) v, in(reg) addr + i,
+                options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u64>().write(v);
+            i += 8;
+        }
+        while i + 4 <= n {
+            let v: u64;
+            core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) addr + i,
+                options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u32>().write(v as u32);
+            i += 4;
+        }
+        while i + 2 <= n {
+            let v: u64;
+            core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) addr + i,
+                options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u16>().write(v as u16);
+            i += 2;
+        }
+        if i < n {
+            dst.add(i).write(*((addr + i) as *const u8));
+        }
+        out.0.assume_init()
+    }
 }
 
 /// Whether the frame holds `end` bytes. Compared as `data + end <= data_end`, never
@@ -76,6 +127,10 @@ pub fn store<T: Copy>(ctx: &impl Frame, off: usize, value: T) -> Result<(), Reas
     unsafe { core::ptr::write_unaligned((start + off) as *mut T, value) };
     Ok(())
 }
+
+/// A `T` on the stack aligned for the widest packet access.
+#[repr(C, align(8))]
+struct Aligned<T>(core::mem::MaybeUninit<T>);
 
 /// The frame's length in bytes (for byte counters).
 #[inline(always)]
