@@ -637,10 +637,22 @@ async fn forward(
         Before::Forward(cors) => cors,
     };
     let slot = limit_slot(shared, route, client)?;
-    let granted = match authenticate(shared, snapshot, route, &host, client, kind, &req).await {
-        Ok(granted) => granted,
-        Err(answer) => return Ok(answer),
-    };
+    let granted =
+        if policy.denied.is_none() && policy.basic_auth.is_none() && policy.external_auth.is_none()
+        {
+            auth::Granted::default()
+        } else {
+            // Boxed: an external check is an HTTP exchange of its own, a large future
+            // that every request would otherwise carry and move.
+            match Box::pin(authenticate(
+                shared, snapshot, route, &host, client, kind, &req,
+            ))
+            .await
+            {
+                Ok(granted) => granted,
+                Err(answer) => return Ok(answer),
+            }
+        };
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -771,9 +783,6 @@ async fn authenticate<B>(
     req: &Request<B>,
 ) -> Result<auth::Granted, Response<Body>> {
     let policy = &route.policy;
-    if policy.denied.is_none() && policy.basic_auth.is_none() && policy.external_auth.is_none() {
-        return Ok(auth::Granted::default());
-    }
     let seen = Seen {
         authority: host,
         scheme: if kind.tls { "https" } else { "http" },
@@ -973,7 +982,8 @@ fn normalize_target<B>(req: &mut Request<B>) -> Result<(), Local> {
 async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [SocketAddr]>, Local> {
     let endpoints = match &route.upstream.target {
         Target::Endpoints(endpoints) => Cow::Borrowed(endpoints.as_slice()),
-        Target::Dns { host, port } => match shared.dns.resolve(host, *port).await {
+        // Boxed: the resolver's future is large and only ExternalNames need it.
+        Target::Dns { host, port } => match Box::pin(shared.dns.resolve(host, *port)).await {
             Ok(addrs) => Cow::Owned(addrs.to_vec()),
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", route.upstream.name);
@@ -1019,9 +1029,15 @@ fn rewrite_head(
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
             // The request's authority, which may differ from the client's Host
-            // (absolute form, `:authority`).
-            let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
-            parts.headers.insert(header::HOST, value);
+            // (absolute form, `:authority`); usually it is that Host, kept as it is.
+            let same = parts
+                .headers
+                .get(header::HOST)
+                .is_some_and(|v| v.as_bytes() == host.as_bytes());
+            if !same {
+                let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
+                parts.headers.insert(header::HOST, value);
+            }
         }
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;
