@@ -637,22 +637,10 @@ async fn forward(
         Before::Forward(cors) => cors,
     };
     let slot = limit_slot(shared, route, client)?;
-    let granted =
-        if policy.denied.is_none() && policy.basic_auth.is_none() && policy.external_auth.is_none()
-        {
-            auth::Granted::default()
-        } else {
-            // Boxed: an external check is an HTTP exchange of its own, a large future
-            // that every request would otherwise carry and move.
-            match Box::pin(authenticate(
-                shared, snapshot, route, &host, client, kind, &req,
-            ))
-            .await
-            {
-                Ok(granted) => granted,
-                Err(answer) => return Ok(answer),
-            }
-        };
+    let granted = match authenticate(shared, snapshot, route, &host, client, kind, &req).await {
+        Ok(granted) => granted,
+        Err(answer) => return Ok(answer),
+    };
     let route = canary_or_main(route, &req);
     let route = route.as_ref();
     let limit = route.max_body_bytes.unwrap_or(config.max_body_bytes);
@@ -783,6 +771,9 @@ async fn authenticate<B>(
     req: &Request<B>,
 ) -> Result<auth::Granted, Response<Body>> {
     let policy = &route.policy;
+    if policy.denied.is_none() && policy.basic_auth.is_none() && policy.external_auth.is_none() {
+        return Ok(auth::Granted::default());
+    }
     let seen = Seen {
         authority: host,
         scheme: if kind.tls { "https" } else { "http" },
@@ -798,7 +789,13 @@ async fn authenticate<B>(
             .unwrap_or(shared.config.upstream_timeout),
     };
     let (checker, dns, routes) = (&shared.auth, &shared.dns, &snapshot.routes);
-    match auth::check(checker, dns, routes, policy, &seen, &timeouts, req).await {
+    // Boxed: an external check is an HTTP exchange of its own, a large future that
+    // every request's would otherwise carry and move.
+    match Box::pin(auth::check(
+        checker, dns, routes, policy, &seen, &timeouts, req,
+    ))
+    .await
+    {
         Verdict::Forward(granted) => Ok(granted),
         Verdict::Answer(reason, answer) => {
             shared.metrics.local_answer(reason);
