@@ -72,7 +72,7 @@ pub fn client_config(
             .build()
             .map_err(|e| rustls::Error::General(format!("backend CA: {e}")))?
     } else {
-        Arc::new(SignaturesOnly(Arc::clone(&provider)))
+        Arc::new(SignaturesOnly::new(Arc::clone(&provider)))
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -91,9 +91,15 @@ pub fn client_config(
 }
 
 /// `proxy-ssl-verify: off`: any certificate is accepted (nginx's default), the
-/// handshake signatures are verified.
+/// handshake signatures are verified. The proxy tests' clients use it too.
 #[derive(Debug)]
-struct SignaturesOnly(Arc<CryptoProvider>);
+pub(crate) struct SignaturesOnly(Arc<CryptoProvider>);
+
+impl SignaturesOnly {
+    pub(crate) fn new(provider: Arc<CryptoProvider>) -> SignaturesOnly {
+        SignaturesOnly(provider)
+    }
+}
 
 impl ServerCertVerifier for SignaturesOnly {
     fn verify_server_cert(

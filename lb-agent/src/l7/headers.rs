@@ -17,14 +17,15 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Headers that describe one connection, never the message (RFC 9110 7.6.1, plus the
 /// non-standard `Proxy-Connection` and `Keep-Alive` that clients still send, and
 /// `HTTP2-Settings`, connection-specific by RFC 7540 3.2.1).
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
+/// Names, not strings: removing by a string parses it again on every call.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Drops the `h2c` protocol from `Upgrade` (the header goes when nothing else is
@@ -68,7 +69,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    let upgrade_value = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     let trailers = headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',')
@@ -84,7 +89,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if upgrade && let Some(value) = upgrade_value {
+    if let Some(value) = upgrade_value {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, value);
     }
@@ -187,27 +192,31 @@ pub struct Forwarded<'a> {
 /// Adds `X-Forwarded-*`, `X-Real-IP` and `X-Request-Id` as ingress-nginx does:
 /// `X-Forwarded-For` is the client address (appended to what the client sent with
 /// `compute-full-forwarded-for`), the others describe this hop unless
-/// `use-forwarded-headers` lets the client's through. Returns the request id.
-pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) -> HeaderValue {
+/// `use-forwarded-headers` lets the client's through; a request without an
+/// `X-Request-Id` gets a new one.
+pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
     let client_ip = client_ip(headers, fwd.peer.ip(), fwd.trust)
         .to_canonical()
         .to_string();
-    let xff = if fwd.trust.compute_full_forwarded_for {
+    let client_value = HeaderValue::from_str(&client_ip).ok();
+    let xff_value = if fwd.trust.compute_full_forwarded_for {
         let peer = fwd.peer.ip().to_canonical().to_string();
         let previous: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        if previous.is_empty() {
+        let xff = if previous.is_empty() {
             peer
         } else {
             format!("{}, {peer}", previous.join(", "))
-        }
+        };
+        HeaderValue::from_str(&xff).ok()
     } else {
-        client_ip.clone()
+        // Shared with `X-Real-IP`, not copied.
+        client_value.clone()
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
+    if let Some(value) = xff_value {
         headers.insert(X_FORWARDED_FOR, value);
     }
     let keep = |headers: &HeaderMap, name: &HeaderName| {
@@ -216,29 +225,41 @@ pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) -> HeaderVal
     if !keep(headers, &X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
     }
-    if !keep(headers, &X_FORWARDED_HOST)
-        && let Ok(value) = HeaderValue::from_str(fwd.host)
-    {
-        headers.insert(X_FORWARDED_HOST, value);
+    if !keep(headers, &X_FORWARDED_HOST) {
+        // The client's Host, shared rather than copied, when the host came from it.
+        let value = match headers.get(header::HOST) {
+            Some(host) if host.as_bytes() == fwd.host.as_bytes() => Ok(host.clone()),
+            _ => HeaderValue::from_str(fwd.host),
+        };
+        if let Ok(value) = value {
+            headers.insert(X_FORWARDED_HOST, value);
+        }
     }
     if !keep(headers, &X_FORWARDED_PORT) {
         headers.insert(X_FORWARDED_PORT, HeaderValue::from(fwd.port));
     }
-    if let Ok(value) = HeaderValue::from_str(&client_ip) {
+    if let Some(value) = client_value {
         headers.insert(X_REAL_IP, value);
     }
-    let id = match headers.get(&X_REQUEST_ID) {
-        Some(id) if !id.is_empty() => id.clone(),
+    // The client's id when it sent one (its first, if several), else a new one.
+    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+    let id = match (ids.next(), ids.next()) {
+        (Some(id), None) if !id.is_empty() => return,
+        (Some(id), _) if !id.is_empty() => id.clone(),
         _ => new_request_id(),
     };
-    headers.insert(X_REQUEST_ID, id.clone());
-    id
+    headers.insert(X_REQUEST_ID, id);
 }
 
 /// 32 hex characters (128 random bits), the form ingress-nginx generates.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = rand::random::<u128>();
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[usize::try_from((bits >> (124 - 4 * i)) & 0xf).unwrap_or(0)];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 #[cfg(test)]
@@ -363,8 +384,8 @@ mod tests {
     #[test]
     fn by_default_forwarding_headers_describe_this_hop() {
         let mut h = from_client();
-        let id = add_forwarding(&mut h, &forwarded(ForwardedTrust::default()));
-        assert_eq!(id, "abc");
+        add_forwarding(&mut h, &forwarded(ForwardedTrust::default()));
+        assert_eq!(h[X_REQUEST_ID], "abc");
         assert_eq!(h[X_FORWARDED_FOR], "198.51.100.1");
         assert_eq!(h[X_REAL_IP], "198.51.100.1");
         assert_eq!(h[X_FORWARDED_PROTO], "https");

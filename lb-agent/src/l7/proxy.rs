@@ -789,7 +789,13 @@ async fn authenticate<B>(
             .unwrap_or(shared.config.upstream_timeout),
     };
     let (checker, dns, routes) = (&shared.auth, &shared.dns, &snapshot.routes);
-    match auth::check(checker, dns, routes, policy, &seen, &timeouts, req).await {
+    // Boxed: an external check is an HTTP exchange of its own, a large future that
+    // every request's would otherwise carry and move.
+    match Box::pin(auth::check(
+        checker, dns, routes, policy, &seen, &timeouts, req,
+    ))
+    .await
+    {
         Verdict::Forward(granted) => Ok(granted),
         Verdict::Answer(reason, answer) => {
             shared.metrics.local_answer(reason);
@@ -973,7 +979,8 @@ fn normalize_target<B>(req: &mut Request<B>) -> Result<(), Local> {
 async fn endpoints<'r>(shared: &Shared, route: &'r Route) -> Result<Cow<'r, [SocketAddr]>, Local> {
     let endpoints = match &route.upstream.target {
         Target::Endpoints(endpoints) => Cow::Borrowed(endpoints.as_slice()),
-        Target::Dns { host, port } => match shared.dns.resolve(host, *port).await {
+        // Boxed: the resolver's future is large and only ExternalNames need it.
+        Target::Dns { host, port } => match Box::pin(shared.dns.resolve(host, *port)).await {
             Ok(addrs) => Cow::Owned(addrs.to_vec()),
             Err(e) => {
                 tracing::warn!("upstream {}: {e}", route.upstream.name);
@@ -1019,9 +1026,15 @@ fn rewrite_head(
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path);
             // The request's authority, which may differ from the client's Host
-            // (absolute form, `:authority`).
-            let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
-            parts.headers.insert(header::HOST, value);
+            // (absolute form, `:authority`); usually it is that Host, kept as it is.
+            let same = parts
+                .headers
+                .get(header::HOST)
+                .is_some_and(|v| v.as_bytes() == host.as_bytes());
+            if !same {
+                let value = HeaderValue::from_str(host).map_err(|_| bad_request())?;
+                parts.headers.insert(header::HOST, value);
+            }
         }
         UpstreamProtocol::H2c => {
             parts.version = Version::HTTP_2;

@@ -144,6 +144,20 @@ impl Pool {
                 }
             }
         }
+        // Boxed: connecting, TLS and the handshakes make a future of kilobytes, which
+        // every request's future would otherwise carry and move (see `proxy::send`).
+        Box::pin(self.open(key, upstream, connect_timeout, send_timeout)).await
+    }
+
+    /// A new connection for `upstream` to `key.addr` (see [`Pool::checkout`]).
+    async fn open(
+        &self,
+        key: PoolKey,
+        upstream: &Upstream,
+        connect_timeout: Option<Duration>,
+        send_timeout: Duration,
+    ) -> Result<Sender, ConnectError> {
+        let (addr, protocol) = (key.addr, upstream.protocol);
         let limit = Limit::new(send_timeout);
         let tcp = self.connect(addr, connect_timeout, &limit).await?;
         let Some(tls) = &upstream.tls else {

@@ -14,13 +14,13 @@ use hyper::body::Frame;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use super::{Proxy, ProxyConfig};
+use crate::l7::backend_tls::SignaturesOnly;
 use crate::l7::metrics::Metrics;
 use crate::l7::{Certificate, Snapshot, tls};
 use lb_core::cluster::ObjectKey;
@@ -268,6 +268,15 @@ fn start(config: ProxyConfig, first: Arc<Snapshot>) -> Running {
 
 // ---- clients --------------------------------------------------------------------
 
+/// The commonest setup: backend `a` on 192.0.2.1 as the route for every host, behind
+/// a proxy with `config`; the sender releases the backend's `/hold`.
+async fn proxy_to_a(config: ProxyConfig) -> (Backend, Running, watch::Sender<bool>) {
+    let (release, rx) = watch::channel(false);
+    let a = backend(backend_ip(1), "a", rx).await;
+    let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+    (a, p, release)
+}
+
 async fn connect(addr: SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::from((CLIENT_IP, 0))).unwrap();
@@ -466,12 +475,7 @@ fn redirects_plain_http_to_https_with_308() {
 #[test]
 fn adds_forwarding_headers_and_strips_hop_by_hop() {
     in_netns("headers", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
         let req = Request::get("/h")
             .header("host", "a.example:8080")
             .header("x-forwarded-for", "203.0.113.9")
@@ -595,12 +599,7 @@ fn host_rules_follow_rfc_9112_and_9113() {
 #[test]
 fn a_malformed_chunked_body_is_a_client_error() {
     in_netns("chunked", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
         let got = raw(
             p.http,
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -618,12 +617,7 @@ fn a_malformed_chunked_body_is_a_client_error() {
 #[test]
 fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     in_netns("pipeline", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
         let got = raw(
             p.http,
             b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -639,12 +633,7 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
 #[test]
 fn reuses_backend_connections() {
     in_netns("pool", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (a, p, _tx) = proxy_to_a(test_config()).await;
         for _ in 0..5 {
             assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
             // Lets the finished connection park in the pool (not a timing assertion:
@@ -805,13 +794,11 @@ fn a_dead_endpoint_is_ejected_after_one_connect_timeout() {
 #[test]
 fn answers_504_when_the_backend_stalls() {
     in_netns("stall", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
         let config = ProxyConfig {
             upstream_timeout: Duration::from_millis(300),
             ..test_config()
         };
-        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let (_a, p, _tx) = proxy_to_a(config).await;
         let got = get(p.http, "a", "/stall").await;
         assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(p.metrics.upstream_error_count("timeout"), 1);
@@ -1033,13 +1020,11 @@ fn listens_with_nginx_backlog() {
 #[test]
 fn slow_headers_are_cut_off_while_others_are_served() {
     in_netns("slowloris", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
         let config = ProxyConfig {
             header_timeout: Duration::from_millis(500),
             ..test_config()
         };
-        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let (_a, p, _tx) = proxy_to_a(config).await;
         let mut slow = connect(p.http).await;
         let http = p.http;
         let served = tokio::spawn(async move {
@@ -1076,13 +1061,11 @@ fn slow_headers_are_cut_off_while_others_are_served() {
 #[test]
 fn idle_keep_alive_connections_are_closed() {
     in_netns("idle", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
         let config = ProxyConfig {
             idle_timeout: Duration::from_millis(300),
             ..test_config()
         };
-        let p = start(config, snapshot(vec![host("", "/", route("a", &[a.addr]))]));
+        let (_a, p, _tx) = proxy_to_a(config).await;
         let mut stream = connect(p.http).await;
         stream
             .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -1101,57 +1084,18 @@ fn idle_keep_alive_connections_are_closed() {
 
 // ---- TLS and HTTP/2 -------------------------------------------------------------------
 
-#[derive(Debug)]
-struct AcceptAny;
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 async fn tls_connect(
     addr: SocketAddr,
     sni: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(SignaturesOnly::new(Arc::clone(&provider)));
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -1325,12 +1269,7 @@ fn speaks_h2c_to_backends_that_ask_for_it() {
 #[test]
 fn tunnels_a_websocket_echo() {
     in_netns("ws", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
         let mut s = connect(p.http).await;
         s.write_all(
             b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -1374,12 +1313,7 @@ fn tunnels_a_websocket_echo() {
 #[test]
 fn refuses_h2c_upgrades_and_forwards_plain_http1() {
     in_netns("h2cup", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            snapshot(vec![host("", "/", route("a", &[a.addr]))]),
-        );
+        let (a, p, _tx) = proxy_to_a(test_config()).await;
         // The test backend switches protocols for any Upgrade it sees.
         let got = raw(
             p.http,
