@@ -77,9 +77,9 @@ fn xlb_snat_on_a_vxlan_cluster() {
 }
 
 /// The `--snat-ports` range of [`snat_exhaustion_is_counted_and_other_backends_keep_working`]:
-/// as many ports as a new flow tries (`SNAT_ATTEMPTS`, from its hash on), so a new flow
-/// tries every port and fails exactly when all are held.
-const TINY_RANGE: (u16, u16) = (61_000, 61_003);
+/// as many ports as a new flow tries (`SNAT_ATTEMPTS`), so a new flow tries every port
+/// and fails exactly when all are held.
+const TINY_RANGE: (u16, u16) = (61_000, 61_007);
 const TINY_PORTS: usize = (TINY_RANGE.1 - TINY_RANGE.0 + 1) as usize;
 const _: () = assert!((TINY_RANGE.1 - TINY_RANGE.0 + 1) as u32 == SNAT_ATTEMPTS);
 
