@@ -1,5 +1,5 @@
-//! xlb's own kernel work as the kernel counts it: the run time and run count of every BPF
-//! program attached in a namespace (XDP and tc on any of its links), read before and
+//! xlb's own kernel work as the kernel counts it: the run time and run count of each
+//! agent's programs (the XDP and tc programs behind the links it pinned), read before and
 //! after a measurement.
 //!
 //! The kernel keeps these counters only while run-time statistics are on. They are turned
@@ -11,9 +11,13 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use lb_testbed::Netns;
+use aya::programs::links::{FdLink, PinnedLink};
+
+/// How deep [`linked_program_ids`] looks under a pin directory.
+const MAX_PIN_DEPTH: usize = 2;
 
 /// Run-time statistics are on while this lives.
 pub struct StatsEnabled {
@@ -30,7 +34,7 @@ pub fn enable() -> Result<StatsEnabled> {
 /// One program's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramStat {
-    /// The namespace it is attached in (the node's name as given).
+    /// The node whose agent attached it.
     pub node: String,
     pub name: String,
     pub id: u32,
@@ -38,11 +42,13 @@ pub struct ProgramStat {
     pub run_ns: u64,
 }
 
-/// The counters of every program attached in each of `namespaces` (name, namespace).
-pub fn snapshot(namespaces: &[(&str, &Netns)]) -> Result<Vec<ProgramStat>> {
+/// The counters of the programs behind every BPF link pinned under each agent's pin
+/// directory (node name, directory): its XDP program and its tc programs (TCX links,
+/// which Debian's bpftool 7.1 does not list).
+pub fn snapshot(agents: &[(&str, &Path)]) -> Result<Vec<ProgramStat>> {
     let mut wanted = BTreeMap::new();
-    for (node, ns) in namespaces {
-        for id in attached_ids(ns)? {
+    for (node, dir) in agents {
+        for id in linked_program_ids(dir)? {
             wanted.insert(id, (*node).to_owned());
         }
     }
@@ -64,6 +70,35 @@ pub fn snapshot(namespaces: &[(&str, &Netns)]) -> Result<Vec<ProgramStat>> {
     Ok(out)
 }
 
+/// The program ids of the links pinned in `dir` and its subdirectories (maps and other
+/// pins are not links and are passed over).
+fn linked_program_ids(dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    let mut dirs = vec![(dir.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if depth < MAX_PIN_DEPTH {
+                    dirs.push((path, depth + 1));
+                }
+                continue;
+            }
+            let Ok(link) = PinnedLink::from_pin(&path) else {
+                continue;
+            };
+            if let Ok(info) = FdLink::from(link).info() {
+                ids.push(info.program_id());
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// Each program of `after` less its counters in `before` (programs that were not there
 /// before count from zero).
 pub fn since(after: &[ProgramStat], before: &[ProgramStat]) -> Vec<ProgramStat> {
@@ -80,52 +115,9 @@ pub fn since(after: &[ProgramStat], before: &[ProgramStat]) -> Vec<ProgramStat> 
         .collect()
 }
 
-/// Program ids attached to the links of `ns`, from `bpftool -j net show`.
-fn attached_ids(ns: &Netns) -> Result<Vec<u32>> {
-    let out = ns.exec("bpftool", &["-j", "net", "show"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_net_show(&text).with_context(|| format!("`bpftool -j net show` in {}", ns.name()))
-}
-
-/// The ids in bpftool's `net show` JSON: `id` of each XDP entry, `prog_id` (TCX) or `id`
-/// (a classic tc filter) of each tc entry.
-fn parse_net_show(text: &str) -> Result<Vec<u32>> {
-    let json: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
-    let mut ids = Vec::new();
-    for section in json.as_array().into_iter().flatten() {
-        for (hook, keys) in [("xdp", &["id"][..]), ("tc", &["prog_id", "id"][..])] {
-            for entry in section
-                .get(hook)
-                .and_then(|v| v.as_array())
-                .into_iter()
-                .flatten()
-            {
-                if let Some(id) = keys
-                    .iter()
-                    .find_map(|k| entry.get(*k).and_then(serde_json::Value::as_u64))
-                {
-                    ids.push(u32::try_from(id).context("program id")?);
-                }
-            }
-        }
-    }
-    Ok(ids)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn net_show_ids() {
-        let text = r#"[{"xdp":[{"devname":"eth0","ifindex":2,"mode":"driver","id":41}],
-            "tc":[{"devname":"eth0","ifindex":2,"kind":"tcx/ingress","name":"xlb_tc_ingress","prog_id":42,"link_id":7},
-                  {"devname":"eth0","ifindex":2,"kind":"clsact/egress","name":"x","id":43}],
-            "flow_dissector":[],"netfilter":[]}]"#;
-        assert_eq!(parse_net_show(text).unwrap(), [41, 42, 43]);
-        assert_eq!(parse_net_show("[{}]").unwrap(), Vec::<u32>::new());
-        assert!(parse_net_show("no").is_err());
-    }
 
     #[test]
     fn deltas() {

@@ -100,10 +100,10 @@ pub struct Args {
     /// `cluster`: new connections per second of the fixed-rate run, which the CPU per
     /// connection that the target is judged on comes from (below every configuration's
     /// saturation, so that every configuration does the same work in the same time).
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 800)]
     rate: u32,
     /// `cluster`: seconds of the fixed-rate run.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     paced_secs: u32,
     /// Also write the results as JSON to this file.
     #[arg(long)]
