@@ -28,8 +28,11 @@
 //! fresh client address, so `TIME_WAIT` sockets and conntrack entries left by the previous
 //! configuration cannot collide with its connections.
 
+mod bpf_stats;
 mod cluster;
+mod figures;
 pub mod load;
+mod paced;
 mod xlb;
 
 use std::collections::BTreeMap;
@@ -41,6 +44,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lb_testbed::{self as testbed, Netns, ServerHandle, Topology, TopologyConfig};
 
+use self::figures::{Spread, WrkFigures};
 use self::load::{CpuTimes, Iperf, IperfResult, Wrk, WrkResult};
 use crate::kube_proxy::{self, ServicePort};
 use crate::report::{self, mark, ratio};
@@ -56,6 +60,8 @@ const TARGET_NEW_CONNECTIONS: f64 = 1.5;
 /// Client addresses used per configuration: 198.51.100.(20 + k).
 const FIRST_CLIENT_HOST: u8 = 20;
 const MAX_RUNS: usize = 200;
+/// Most connections of one fixed-rate run (the client's port range has 64511 ports).
+const MAX_PACED_CONNECTIONS: u64 = 50_000;
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -82,13 +88,23 @@ pub struct Args {
     /// Run every configuration this many times, interleaved (config by config, round by
     /// round), and report medians: a round disturbed by other processes on the machine
     /// does not decide the result. The loopback reference runs in the first round only.
-    #[arg(long, default_value_t = 3)]
-    rounds: u32,
+    /// Default: 3 for `lb`, 5 for `cluster` (whose target is judged on a difference of
+    /// two CPU figures, which needs more rounds to be steady).
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Configurations to run, in this order. Default for `lb`:
     /// loopback,direct,iptables,nftables,xlb; for `cluster`:
-    /// iptables,nftables,xlb-snat,xlb-dsr.
+    /// direct,iptables,nftables,xlb-snat,xlb-dsr.
     #[arg(long, value_delimiter = ',')]
     configs: Vec<Config>,
+    /// `cluster`: new connections per second of the fixed-rate run, which the CPU per
+    /// connection that the target is judged on comes from (below every configuration's
+    /// saturation, so that every configuration does the same work in the same time).
+    #[arg(long, default_value_t = 800)]
+    rate: u32,
+    /// `cluster`: seconds of the fixed-rate run.
+    #[arg(long, default_value_t = 8)]
+    paced_secs: u32,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -138,6 +154,7 @@ impl Config {
                 Config::Xlb,
             ],
             TopologyKind::Cluster => &[
+                Config::Direct,
                 Config::Iptables,
                 Config::Nftables,
                 Config::XlbSnat,
@@ -154,7 +171,18 @@ impl Args {
         if args.configs.is_empty() {
             args.configs = Config::of(args.topology).to_vec();
         }
+        if args.rounds.is_none() {
+            args.rounds = Some(match args.topology {
+                TopologyKind::Lb => 3,
+                TopologyKind::Cluster => 5,
+            });
+        }
         args
+    }
+
+    /// Rounds, once [`Args::resolved`].
+    fn rounds(&self) -> u32 {
+        self.rounds.unwrap_or(1)
     }
 }
 
@@ -277,7 +305,7 @@ pub fn run(args: &Args) -> Result<()> {
     print_header(args, cpus, &load_line);
 
     let mut runs = Vec::new();
-    for round in 0..args.rounds {
+    for round in 0..args.rounds() {
         for (i, &config) in args.configs.iter().enumerate() {
             // The loopback reference checks capacity; once is enough.
             if config == Config::Loopback && round > 0 {
@@ -287,7 +315,7 @@ pub fn run(args: &Args) -> Result<()> {
             eprintln!(
                 "xlb-bench e2e: round {}/{}: {} ...",
                 round + 1,
-                args.rounds,
+                args.rounds(),
                 config.label()
             );
             let run = bench
@@ -311,7 +339,7 @@ pub fn run(args: &Args) -> Result<()> {
             "secs": args.secs,
             "wrk": { "threads": args.threads, "connections": args.connections },
             "pinned_cpus": cpus,
-            "rounds": args.rounds,
+            "rounds": args.rounds(),
             "machine": load_line,
             "summary": summary,
             "targets": targets(&summary),
@@ -326,14 +354,23 @@ fn validate(args: &Args) -> Result<()> {
     if !(1..=testbed::MAX_BACKENDS).contains(&args.backends) {
         bail!("--backends must be 1..={}", testbed::MAX_BACKENDS);
     }
-    if args.secs == 0 || args.connections == 0 || args.threads == 0 || args.rounds == 0 {
+    if args.secs == 0 || args.connections == 0 || args.threads == 0 || args.rounds() == 0 {
         bail!("--secs, --connections, --threads and --rounds must be at least 1");
     }
     if args.threads > args.connections {
         bail!("wrk needs at least as many connections as threads");
     }
-    if args.configs.is_empty() || args.configs.len() * args.rounds as usize > MAX_RUNS {
+    if args.configs.is_empty() || args.configs.len() * args.rounds() as usize > MAX_RUNS {
         bail!("between 1 and {MAX_RUNS} configuration runs (configs x rounds)");
+    }
+    if args.topology == TopologyKind::Cluster {
+        let connections = u64::from(args.rate) * u64::from(args.paced_secs);
+        if connections == 0 || connections > MAX_PACED_CONNECTIONS {
+            bail!(
+                "--rate x --paced-secs must be 1..={MAX_PACED_CONNECTIONS} connections (the \
+                 client's port range), got {connections}"
+            );
+        }
     }
     let allowed = Config::of(args.topology);
     if let Some(bad) = args.configs.iter().find(|c| !allowed.contains(c)) {
@@ -810,32 +847,28 @@ struct Figures {
     throughput_cpu_ms_per_gbit: f64,
 }
 
-/// The benchmark's own CPU microseconds per completed request.
-fn per_request(m: &Measured<WrkResult>) -> f64 {
-    #[expect(clippy::cast_precision_loss, reason = "request counts")]
-    let requests = m.result.requests as f64;
-    1e6 * m.cpu.own_seconds() / requests
-}
-
 fn summarize(args: &Args, runs: &[Run]) -> BTreeMap<&'static str, Figures> {
     let mut out = BTreeMap::new();
     for config in &args.configs {
         let mine: Vec<&Run> = runs.iter().filter(|r| r.config == config.label()).collect();
-        let pick = |f: &dyn Fn(&Run) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
+        let keep_alive = WrkFigures::of(mine.iter().map(|r| &r.keep_alive));
+        let close = WrkFigures::of(mine.iter().map(|r| &r.close));
         out.insert(
             config.label(),
             Figures {
-                keep_alive_rps: pick(&|r| r.keep_alive.result.requests_per_sec),
-                keep_alive_p99_ms: pick(&|r| r.keep_alive.result.p99_ms),
-                new_connections_per_sec: pick(&|r| r.close.result.requests_per_sec),
-                close_p99_ms: pick(&|r| r.close.result.p99_ms),
-                throughput_gbit: pick(&|r| r.throughput.result.gbit_per_sec),
-                keep_alive_cpu_us_per_request: pick(&|r| per_request(&r.keep_alive)),
-                close_cpu_us_per_connection: pick(&|r| per_request(&r.close)),
-                throughput_cpu_ms_per_gbit: pick(&|r| {
+                keep_alive_rps: keep_alive.requests_per_sec.median,
+                keep_alive_p99_ms: keep_alive.p99_ms.median,
+                new_connections_per_sec: close.requests_per_sec.median,
+                close_p99_ms: close.p99_ms.median,
+                throughput_gbit: Spread::of(mine.iter().map(|r| r.throughput.result.gbit_per_sec))
+                    .median,
+                keep_alive_cpu_us_per_request: keep_alive.cpu_us_per_request.median,
+                close_cpu_us_per_connection: close.cpu_us_per_request.median,
+                throughput_cpu_ms_per_gbit: Spread::of(mine.iter().map(|r| {
                     let gbit = r.throughput.result.gbit_per_sec * f64::from(args.secs);
                     1e3 * r.throughput.cpu.own_seconds() / gbit
-                }),
+                }))
+                .median,
             },
         );
     }
@@ -850,7 +883,7 @@ fn reproduce(args: &Args) -> String {
         args.secs,
         args.connections,
         args.threads,
-        args.rounds,
+        args.rounds(),
         configs.join(","),
         if args.no_pin { " --no-pin" } else { "" }
     )
@@ -873,7 +906,10 @@ fn print_header(args: &Args, cpus: Option<(usize, usize)>, load_line: &str) {
     }
     println!(
         "{} s per measurement; wrk -t{} -c{}; {} round(s)",
-        args.secs, args.threads, args.connections, args.rounds
+        args.secs,
+        args.threads,
+        args.connections,
+        args.rounds()
     );
     println!();
 }
@@ -1124,13 +1160,25 @@ mod tests {
         assert_eq!(
             cluster.configs,
             [
+                Config::Direct,
                 Config::Iptables,
                 Config::Nftables,
                 Config::XlbSnat,
                 Config::XlbDsr
             ]
         );
+        assert_eq!(cluster.rounds(), 5);
         validate(&cluster).unwrap();
+        let too_many = parse_args::<Args>(&[
+            "--topology",
+            "cluster",
+            "--rate",
+            "10000",
+            "--paced-secs",
+            "6",
+        ])
+        .resolved();
+        assert!(validate(&too_many).is_err());
         let mixed = parse_args::<Args>(&["--topology", "cluster", "--configs", "xlb"]).resolved();
         assert!(validate(&mixed).is_err());
         let mixed = parse_args::<Args>(&["--configs", "xlb-snat"]).resolved();
