@@ -158,3 +158,16 @@ fn xlb_dsr_on_a_vxlan_cluster() {
     node_drop(&cluster, &xlb, &services);
     bulk(&cluster, &xlb, &services);
 }
+
+#[test]
+fn xlb_hybrid_on_a_vxlan_cluster() {
+    let cluster = Cluster::for_test("xh-vxlan", PodNetwork::Vxlan);
+    let (_servers, services, xlb) = start(&cluster, Mode::Hybrid);
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let view = Hybrid {
+            agents: &xlb,
+            proto,
+        };
+        frontends(&cluster, &view, &xlb, &services, &[proto]);
+    }
+}
