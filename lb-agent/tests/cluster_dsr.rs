@@ -102,6 +102,14 @@ fn bulk(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
     }
 }
 
+/// The frontends scenario in `hybrid` mode: TCP seen as `dsr`, UDP as `snat`.
+fn hybrid_frontends(cluster: &Cluster, xlb: &XlbAgents<'_>, services: &[ClusterService]) {
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let view = Hybrid { agents: xlb, proto };
+        frontends(cluster, &view, xlb, services, &[proto]);
+    }
+}
+
 /// The standard set-up with an agent in `mode` on every node.
 fn start(
     cluster: &Cluster,
@@ -134,13 +142,7 @@ fn xlb_dsr_on_a_host_gw_cluster() {
 fn xlb_hybrid_on_a_host_gw_cluster() {
     let cluster = Cluster::for_test("xh-hostgw", PodNetwork::HostGw);
     let (_servers, services, xlb) = start(&cluster, Mode::Hybrid);
-    for proto in [Protocol::Tcp, Protocol::Udp] {
-        let view = Hybrid {
-            agents: &xlb,
-            proto,
-        };
-        frontends(&cluster, &view, &xlb, &services, &[proto]);
-    }
+    hybrid_frontends(&cluster, &xlb, &services);
     node_drop(&cluster, &xlb, &services);
 }
 
@@ -163,11 +165,5 @@ fn xlb_dsr_on_a_vxlan_cluster() {
 fn xlb_hybrid_on_a_vxlan_cluster() {
     let cluster = Cluster::for_test("xh-vxlan", PodNetwork::Vxlan);
     let (_servers, services, xlb) = start(&cluster, Mode::Hybrid);
-    for proto in [Protocol::Tcp, Protocol::Udp] {
-        let view = Hybrid {
-            agents: &xlb,
-            proto,
-        };
-        frontends(&cluster, &view, &xlb, &services, &[proto]);
-    }
+    hybrid_frontends(&cluster, &xlb, &services);
 }
