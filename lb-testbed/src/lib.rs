@@ -53,7 +53,7 @@ pub use netns::{
 };
 pub use topology::{MAX_BACKENDS, Topology, TopologyConfig};
 pub use traffic::{
-    Outcome, ServerHandle, spawn_backend_peer_servers, spawn_tcp_name_server,
+    Outcome, ServerHandle, pin_current_thread, spawn_backend_peer_servers, spawn_tcp_name_server,
     spawn_tcp_peer_server, spawn_udp_name_server, tcp_ask, tcp_connect, udp_ask, udp_exchange,
 };
 

@@ -226,8 +226,9 @@ pub(super) fn spawn_server(
     Ok(handle)
 }
 
-/// Pins the calling thread to one CPU.
-fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
+/// Pins the calling thread to one CPU (the servers here, the benchmarks' load
+/// generators).
+pub fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it and
     // sched_setaffinity(0, ...) reads it for the calling thread only.
     let rc = unsafe {
@@ -237,7 +238,7 @@ fn pin_current_thread(cpu: usize) -> anyhow::Result<()> {
     };
     if rc != 0 {
         bail!(
-            "cannot pin a server thread to CPU {cpu}: {}",
+            "cannot pin a thread to CPU {cpu}: {}",
             io::Error::last_os_error()
         );
     }

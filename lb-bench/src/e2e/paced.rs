@@ -81,29 +81,11 @@ impl Paced<'_> {
         let (targets, rate, secs) = (self.targets.to_vec(), self.rate, self.secs);
         client.block_on(deadline, move || async move {
             if let Some(cpu) = cpu {
-                pin_this_thread(cpu)?;
+                lb_testbed::pin_current_thread(cpu)?;
             }
             Ok(schedule(&targets, rate, secs).await)
         })?
     }
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_this_thread(cpu: usize) -> Result<()> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes within it and
-    // sched_setaffinity(0) only reads it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set)
-    };
-    if rc != 0 {
-        bail!(
-            "sched_setaffinity to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 async fn schedule(targets: &[SocketAddr], rate: u32, secs: u32) -> PacedResult {
