@@ -40,7 +40,8 @@ pub const FRONTEND_F_SNAT: u32 = 8;
 /// the client directly (see `lb_common::dsr`).
 pub const FRONTEND_F_DSR: u32 = 16;
 
-#[repr(C)]
+/// Aligned to 4 (size unchanged) for the same reason as [`FlowKey`].
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     pub addr: [u8; 16],
@@ -190,8 +191,11 @@ pub const BACKEND_F_DRAINING: u8 = 1;
 /// translates them back.
 pub const BACKEND_F_LOCAL: u8 = 2;
 
-/// A 5-tuple as seen on the wire (source first).
-#[repr(C)]
+/// A 5-tuple as seen on the wire (source first). Aligned to 8 (its size already is a
+/// multiple of 8, so the map layout is the same): the BPF backend assumes nothing about
+/// the alignment of a byte array and would read, copy and hash the addresses a byte at
+/// a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -239,8 +243,16 @@ pub struct TrackedFlow {
     /// The `SNAT_V1` entry keyed by the reply (backend -> node address, this port) is the
     /// port's reservation; a flow whose reservation is gone or taken gets a new port.
     pub nat_port: u16,
-    pub _pad: [u8; 6],
+    /// The frontend's `FRONTEND_F_*` flags when the flow was tracked, with
+    /// [`FLOW_F_FRONTEND_REMEMBERED`]: an established flow's packets then need no
+    /// frontend lookup. 0 in an entry an older build wrote (the frontend is looked up).
+    pub frontend_flags: u8,
+    pub _pad: [u8; 5],
 }
+
+/// `TrackedFlow::frontend_flags`: the entry remembers its frontend's flags (the other
+/// bits). Every `FRONTEND_F_*` flag fits below it.
+pub const FLOW_F_FRONTEND_REMEMBERED: u8 = 0x80;
 
 /// The node's SNAT settings (`SNAT_CONFIG_V1`, one element), written by the agent.
 #[repr(C)]
@@ -398,7 +410,7 @@ mod pod {
 
 // No implicit padding anywhere: the sums of the field sizes.
 const _: () = {
-    use core::mem::size_of;
+    use core::mem::{align_of, size_of};
     assert!(size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
     assert!(size_of::<Frontend>() == 16);
     assert!(size_of::<AffinityKey>() == 16 + 4 + 1 + 3);
@@ -407,8 +419,19 @@ const _: () = {
     assert!(size_of::<BackendMeta>() == 16 + 2 + 1 + 1 + 12);
     assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
+    // Aligned for word access (see `FlowKey`); the sizes above are unchanged by it.
+    assert!(align_of::<FlowKey>() == 8);
+    assert!(align_of::<FrontendKey>() == 4);
+    assert!(
+        (FRONTEND_F_CLIENT_AFFINITY
+            | FRONTEND_F_REJECT_EMPTY
+            | FRONTEND_F_SOURCE_RANGES
+            | FRONTEND_F_SNAT
+            | FRONTEND_F_DSR)
+            < FLOW_F_FRONTEND_REMEMBERED as u32
+    );
     assert!(size_of::<Flow>() == 8);
-    assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 6);
+    assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 1 + 5);
     assert!(size_of::<SnatConfig>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<SnatEntry>() == 16 + 16 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 8 + 32);
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);

@@ -83,10 +83,18 @@ pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::parse(ctx)?;
-    match service::lookup_frontend(&pkt) {
-        Some(frontend) => to_backend(ctx, &mut pkt, frontend),
-        None => to_client(ctx, &mut pkt),
+    if service::to_frontend(&pkt) {
+        // An established flow's entry remembers its frontend: no frontend lookup.
+        let kept = conntrack::kept(&pkt);
+        let frontend = match kept.as_ref().and_then(conntrack::Kept::frontend) {
+            Some(remembered) => Some(remembered),
+            None => service::frontend(&pkt),
+        };
+        if let Some(frontend) = frontend {
+            return to_backend(ctx, &mut pkt, frontend, kept);
+        }
     }
+    to_client(ctx, &mut pkt)
 }
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
@@ -97,12 +105,13 @@ fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
     frontend: lb_common::Frontend,
+    kept: Option<conntrack::Kept>,
 ) -> Result<(u32, Reason), Reason> {
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
     let tcp_flags = nat::tcp_flags(ctx, pkt);
-    let chosen = match conntrack::backend_for(pkt, &frontend, tcp_flags) {
+    let chosen = match conntrack::backend_for(pkt, &frontend, kept, tcp_flags) {
         Ok(chosen) => chosen,
         Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
             return reject::refuse(ctx, pkt, bytes, frontend.service_id);

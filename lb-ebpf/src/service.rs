@@ -24,11 +24,24 @@ pub fn from_backend(pkt: &Packet) -> bool {
     may_be(&pkt.key.src, ADDR_F_BACKEND)
 }
 
+/// Whether the packet's destination may be a frontend (a packet to translate).
+#[inline(always)]
+pub fn to_frontend(pkt: &Packet) -> bool {
+    may_be(&pkt.key.dst, ADDR_F_FRONTEND)
+}
+
+/// The frontend the packet is addressed to, after the pre-filter.
 #[inline(always)]
 pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
-    if !may_be(&pkt.key.dst, ADDR_F_FRONTEND) {
+    if !to_frontend(pkt) {
         return None;
     }
+    frontend(pkt)
+}
+
+/// The frontend the packet is addressed to; callers have passed [`to_frontend`].
+#[inline(always)]
+pub fn frontend(pkt: &Packet) -> Option<Frontend> {
     let key = FrontendKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,
