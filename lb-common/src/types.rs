@@ -210,6 +210,34 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The source address as four 32-bit words in memory order (each holds its four
+    /// bytes as on the wire): one load each, where a byte array is read a byte at a
+    /// time by the BPF backend.
+    #[inline(always)]
+    #[must_use]
+    pub const fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `FlowKey` is aligned to 8 and `src` lies at offset 0.
+        unsafe { *(&raw const self.src).cast::<[u32; 4]>() }
+    }
+
+    /// The destination address as words (see [`FlowKey::src_words`]).
+    #[inline(always)]
+    #[must_use]
+    pub const fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `FlowKey` is aligned to 8 and `dst` lies at offset 16.
+        unsafe { *(&raw const self.dst).cast::<[u32; 4]>() }
+    }
+
+    /// Sets both addresses from words in memory order, in word stores.
+    #[inline(always)]
+    pub fn set_addr_words(&mut self, src: [u32; 4], dst: [u32; 4]) {
+        // SAFETY: as in `src_words` and `dst_words`; the fields are plain bytes.
+        unsafe {
+            (&raw mut self.src).cast::<[u32; 4]>().write(src);
+            (&raw mut self.dst).cast::<[u32; 4]>().write(dst);
+        }
+    }
+
     /// The key of the reply direction after DNAT to `backend`: backend -> client.
     #[must_use]
     pub const fn reply_after_dnat(&self, backend: &Backend) -> FlowKey {
@@ -454,11 +482,23 @@ pub const ADDR_FILTER_SLOTS: u32 = 1 << 16;
 /// The pre-filter slot of an address: its four words folded to 16 bits.
 #[inline(always)]
 pub const fn addr_filter_slot(addr: &[u8; 16]) -> u32 {
-    let mut x = 0u32;
+    let mut words = [0u32; 4];
     let mut i = 0;
-    while i < 16 {
-        x ^= u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-        i += 4;
+    while i < 4 {
+        let b = 4 * i;
+        words[i] = u32::from_ne_bytes([addr[b], addr[b + 1], addr[b + 2], addr[b + 3]]);
+        i += 1;
     }
+    addr_filter_slot_words(&words)
+}
+
+/// [`addr_filter_slot`] of an address given as words in memory order (as
+/// [`FlowKey::src_words`] reads them): the same slot on any host.
+#[inline(always)]
+pub const fn addr_filter_slot_words(words: &[u32; 4]) -> u32 {
+    let x = u32::from_le(words[0])
+        ^ u32::from_le(words[1])
+        ^ u32::from_le(words[2])
+        ^ u32::from_le(words[3]);
     (x ^ (x >> 16)) & (ADDR_FILTER_SLOTS - 1)
 }

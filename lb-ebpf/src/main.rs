@@ -82,19 +82,21 @@ pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
 
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let mut pkt = parse::parse(ctx)?;
-    if service::to_frontend(&pkt) {
+    let mut pkt = Packet::default();
+    parse::parse_into(ctx, &mut pkt)?;
+    let pkt = &mut pkt;
+    if service::to_frontend(pkt) {
         // An established flow's entry remembers its frontend: no frontend lookup.
-        let kept = conntrack::kept(&pkt);
+        let kept = conntrack::kept(pkt);
         let frontend = match kept.as_ref().and_then(conntrack::Kept::frontend) {
             Some(remembered) => Some(remembered),
-            None => service::frontend(&pkt),
+            None => service::frontend(pkt),
         };
         if let Some(frontend) = frontend {
-            return to_backend(ctx, &mut pkt, frontend, kept);
+            return to_backend(ctx, pkt, frontend, kept);
         }
     }
-    to_client(ctx, &mut pkt)
+    to_client(ctx, pkt)
 }
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow

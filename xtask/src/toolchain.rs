@@ -42,7 +42,8 @@ const BPF_LINKER_FEATURES: &str = "llvm-22";
 const LLVM_LIB_PREFIX: &str = "libLLVM.so.22.1-rust-";
 const LLVM_LIB_SUFFIX: &str = "-nightly";
 /// eBPF rustflags: BTF lets `bpftool map dump` print typed keys and values.
-const EBPF_RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order";
+const EBPF_RUSTFLAGS: &str =
+    "-C debuginfo=2 -C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order";
 
 /// Variables that the outer (stable) `cargo xtask` run leaves in our environment and that
 /// would make a nested cargo pick the stable toolchain or the wrong target/flags.
