@@ -231,11 +231,22 @@ impl FlowKey {
     /// Sets both addresses from words in memory order, in word stores.
     #[inline(always)]
     pub fn set_addr_words(&mut self, src: [u32; 4], dst: [u32; 4]) {
-        // SAFETY: as in `src_words` and `dst_words`; the fields are plain bytes.
-        unsafe {
-            (&raw mut self.src).cast::<[u32; 4]>().write(src);
-            (&raw mut self.dst).cast::<[u32; 4]>().write(dst);
-        }
+        self.set_src_words(src);
+        self.set_dst_words(dst);
+    }
+
+    /// Sets the source address from words in memory order.
+    #[inline(always)]
+    pub fn set_src_words(&mut self, src: [u32; 4]) {
+        // SAFETY: as in `src_words`; the field is plain bytes.
+        unsafe { (&raw mut self.src).cast::<[u32; 4]>().write(src) };
+    }
+
+    /// Sets the destination address from words in memory order.
+    #[inline(always)]
+    pub fn set_dst_words(&mut self, dst: [u32; 4]) {
+        // SAFETY: as in `dst_words`; the field is plain bytes.
+        unsafe { (&raw mut self.dst).cast::<[u32; 4]>().write(dst) };
     }
 
     /// The key of the reply direction after DNAT to `backend`: backend -> client.
@@ -283,7 +294,8 @@ pub struct TrackedFlow {
 pub const FLOW_F_FRONTEND_REMEMBERED: u8 = 0x80;
 
 /// The node's SNAT settings (`SNAT_CONFIG_V1`, one element), written by the agent.
-#[repr(C)]
+/// Aligned to 4 (size unchanged) so its addresses are read as words ([`addr_words`]).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnatConfig {
     /// The node's IPv4 address (first 4 bytes), when `SNAT_CFG_F_V4`.
@@ -436,6 +448,73 @@ mod pod {
     unsafe impl aya::Pod for super::ReasonStats {}
 }
 
+/// An address field of a key or value as words in memory order (see
+/// [`FlowKey::src_words`]).
+///
+/// # Safety
+/// `addr` is aligned to 4: a field at a multiple of 4 in a struct aligned to 4 or more.
+#[inline(always)]
+const unsafe fn addr_words(addr: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: the caller's alignment; any bytes are a valid `u32`.
+    unsafe { *core::ptr::from_ref(addr).cast::<[u32; 4]>() }
+}
+
+impl Backend {
+    /// `addr` as words (`Backend` is aligned to 4; `addr` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr) }
+    }
+}
+
+impl SnatEntry {
+    /// `client` as words (`SnatEntry` is aligned to 8; `client` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn client_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.client) }
+    }
+
+    /// `frontend` as words (offset 16).
+    #[inline(always)]
+    #[must_use]
+    pub const fn frontend_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.frontend) }
+    }
+}
+
+impl RevNat {
+    /// `addr` as words (`RevNat` is aligned to 8; `addr` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr) }
+    }
+}
+
+impl SnatConfig {
+    /// `addr_v4` as words (`SnatConfig` is aligned to 4; `addr_v4` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_v4_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr_v4) }
+    }
+
+    /// `addr_v6` as words (offset 16).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_v6_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr_v6) }
+    }
+}
+
 // No implicit padding anywhere: the sums of the field sizes.
 const _: () = {
     use core::mem::{align_of, size_of};
@@ -450,6 +529,11 @@ const _: () = {
     // Aligned for word access (see `FlowKey`); the sizes above are unchanged by it.
     assert!(align_of::<FlowKey>() == 8);
     assert!(align_of::<FrontendKey>() == 4);
+    // The address accessors' alignment (`addr_words`).
+    assert!(align_of::<Backend>() >= 4);
+    assert!(align_of::<SnatEntry>() >= 4);
+    assert!(align_of::<RevNat>() >= 4);
+    assert!(align_of::<SnatConfig>() >= 4);
     assert!(
         (FRONTEND_F_CLIENT_AFFINITY
             | FRONTEND_F_REJECT_EMPTY
@@ -501,4 +585,35 @@ pub const fn addr_filter_slot_words(words: &[u32; 4]) -> u32 {
         ^ u32::from_le(words[2])
         ^ u32::from_le(words[3]);
     (x ^ (x >> 16)) & (ADDR_FILTER_SLOTS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_are_the_bytes_in_memory_order() {
+        let src = [198, 51, 100, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst = [32, 1, 13, 184, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16];
+        let key = FlowKey {
+            src,
+            dst,
+            ..FlowKey::default()
+        };
+        let bytes = |w: [u32; 4]| w.map(u32::to_ne_bytes).concat();
+        assert_eq!(bytes(key.src_words()), src);
+        assert_eq!(bytes(key.dst_words()), dst);
+        let mut written = FlowKey::default();
+        written.set_addr_words(key.src_words(), key.dst_words());
+        assert_eq!(written, key);
+        assert_eq!(
+            addr_filter_slot_words(&key.src_words()),
+            addr_filter_slot(&src)
+        );
+        let backend = Backend {
+            addr: dst,
+            ..Backend::default()
+        };
+        assert_eq!(backend.addr_words(), key.dst_words());
+    }
 }
