@@ -215,6 +215,7 @@ impl FlowKey {
     /// time by the BPF backend.
     #[inline(always)]
     #[must_use]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub const fn src_words(&self) -> [u32; 4] {
         // SAFETY: `FlowKey` is aligned to 8 and `src` lies at offset 0.
         unsafe { *(&raw const self.src).cast::<[u32; 4]>() }
@@ -223,6 +224,7 @@ impl FlowKey {
     /// The destination address as words (see [`FlowKey::src_words`]).
     #[inline(always)]
     #[must_use]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub const fn dst_words(&self) -> [u32; 4] {
         // SAFETY: `FlowKey` is aligned to 8 and `dst` lies at offset 16.
         unsafe { *(&raw const self.dst).cast::<[u32; 4]>() }
@@ -237,6 +239,7 @@ impl FlowKey {
 
     /// Sets the source address from words in memory order.
     #[inline(always)]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub fn set_src_words(&mut self, src: [u32; 4]) {
         // SAFETY: as in `src_words`; the field is plain bytes.
         unsafe { (&raw mut self.src).cast::<[u32; 4]>().write(src) };
@@ -244,6 +247,7 @@ impl FlowKey {
 
     /// Sets the destination address from words in memory order.
     #[inline(always)]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub fn set_dst_words(&mut self, dst: [u32; 4]) {
         // SAFETY: as in `dst_words`; the field is plain bytes.
         unsafe { (&raw mut self.dst).cast::<[u32; 4]>().write(dst) };
@@ -454,6 +458,7 @@ mod pod {
 /// # Safety
 /// `addr` is aligned to 4: a field at a multiple of 4 in a struct aligned to 4 or more.
 #[inline(always)]
+#[expect(clippy::cast_ptr_alignment, reason = "the caller's guarantee")]
 const unsafe fn addr_words(addr: &[u8; 16]) -> [u32; 4] {
     // SAFETY: the caller's alignment; any bytes are a valid `u32`.
     unsafe { *core::ptr::from_ref(addr).cast::<[u32; 4]>() }

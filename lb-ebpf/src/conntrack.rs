@@ -5,8 +5,8 @@
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, FLOW_F_FRONTEND_REMEMBERED, FRONTEND_F_CLIENT_AFFINITY,
-    FRONTEND_F_DSR, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop,
-    Reason, RevNat, TrackedFlow,
+    FRONTEND_F_DSR, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason,
+    RevNat, TrackedFlow,
 };
 
 use crate::{
