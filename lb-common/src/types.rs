@@ -365,14 +365,21 @@ pub const SNAT_STATE_CLOSING: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// `bpf_ktime_get_coarse_ns` deadline; 0 = empty.
-    pub expires_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` when the FIB gave this next hop; 0 = empty. For
+    /// operators (`lb-agent trace`): the data path checks `expires_jiffies`.
+    pub refreshed_ns: u64,
     pub ifindex: u32,
     /// Longest IP packet the FIB accepted for this path.
     pub max_len: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Until when (`bpf_jiffies64`, low 32 bits, compared wrapping) the next hop is
+    /// used: [`maps::NEXTHOP_TTL_JIFFIES`](crate::maps::NEXTHOP_TTL_JIFFIES) after
+    /// `refreshed_ns`. Jiffies are one load for the program, the nanosecond clock a
+    /// helper call (about 40 ns per packet). 0 = expired (so is an entry an older
+    /// build wrote).
+    pub expires_jiffies: u32,
 }
 
 /// `RevNat::flags`: the flow reached this node encapsulated (DSR); the backend's SYN-ACK
@@ -551,7 +558,7 @@ const _: () = {
     assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 1 + 5);
     assert!(size_of::<SnatConfig>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<SnatEntry>() == 16 + 16 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 8 + 32);
-    assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
+    assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 2 + 4);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ServiceStats>() == 7 * 8);
     assert!(size_of::<BackendStats>() == 8);
