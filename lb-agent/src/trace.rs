@@ -13,6 +13,7 @@ use lb_common::{
     FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, FrontendKey, HEALTH_DOWN, HEALTH_UP, PROTO_TCP,
     PROTO_UDP, Reason, ServiceMeta, addr_key,
     hash::{client_hash, flow_hash},
+    maps::NEXTHOP_TTL_JIFFIES,
 };
 use lb_core::maglev;
 use lb_core::plan::{meta_endpoint, service_name, table_digest};
@@ -163,6 +164,15 @@ impl Builder {
         self.trace.reason = reason.map(|r| r.name().to_owned());
         self.trace
     }
+}
+
+/// The kernel's tick (one jiffy) in ns: the resolution of the coarse clocks.
+fn tick_ns() -> u64 {
+    // SAFETY: clock_getres into a zeroed timespec it fills.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `ts` outlives the call.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u64::try_from(ts.tv_nsec).unwrap_or(0).max(1)
 }
 
 /// `bpf_ktime_get_coarse_ns`'s clock, as the program reads it.
@@ -549,8 +559,9 @@ fn finish(
     );
     t.step("translation", format!("DNAT {} -> {endpoint}", q.dst));
     let hop = dp.next_hop(id)?;
-    let now = monotonic_coarse_ns();
-    if hop.expires_ns > now {
+    let ttl_ns = u64::from(NEXTHOP_TTL_JIFFIES) * tick_ns();
+    let age_ns = monotonic_coarse_ns().saturating_sub(hop.refreshed_ns);
+    if hop.refreshed_ns != 0 && hop.expires_jiffies != 0 && age_ns < ttl_ns {
         let mac = |m: [u8; 6]| {
             m.iter()
                 .map(|b| format!("{b:02x}"))
@@ -564,7 +575,7 @@ fn finish(
                 ifname(hop.ifindex),
                 mac(hop.dmac),
                 mac(hop.smac),
-                (hop.expires_ns - now) / 1_000_000
+                (ttl_ns - age_ns) / 1_000_000
             ),
         );
     } else {

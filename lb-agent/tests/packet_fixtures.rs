@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_agent::dataplane::Dataplane;
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_REJECT_EMPTY,
-    FRONTEND_F_SOURCE_RANGES, PROTO_TCP, Reason, maps,
+    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FLOW_F_FRONTEND_REMEMBERED,
+    FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, FlowKey, PROTO_TCP, Reason, TrackedFlow,
+    maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
 use lb_testbed::frames::Frame;
@@ -548,8 +549,8 @@ fn bpftool(args: &[&str]) -> Vec<u8> {
 }
 
 /// Every map pinned under a directory of its own (removed on drop, also when the test
-/// fails), so the test can read and age affinity entries with bpftool, as an operator
-/// would.
+/// fails), so the test can read and rewrite affinity and conntrack entries with bpftool,
+/// as an operator would.
 struct Pins(PathBuf);
 
 impl Pins {
@@ -577,10 +578,31 @@ impl Pins {
         let mut v = value.backend_id.to_ne_bytes().to_vec();
         v.extend_from_slice(&value._pad.to_ne_bytes());
         v.extend_from_slice(&value.last_seen_ns.to_ne_bytes());
+        self.update(maps::AFFINITY, &k, &v);
+    }
+
+    /// Overwrites a conntrack entry from userspace.
+    fn set_flow(&self, key: &FlowKey, value: &TrackedFlow) {
+        let mut k = key.src.to_vec();
+        k.extend_from_slice(&key.dst);
+        k.extend_from_slice(&key.sport.to_ne_bytes());
+        k.extend_from_slice(&key.dport.to_ne_bytes());
+        k.extend_from_slice(&[key.proto, key.family]);
+        k.extend_from_slice(&key._pad);
+        let mut v = value.backend_id.to_ne_bytes().to_vec();
+        v.extend_from_slice(&value.service_id.to_ne_bytes());
+        v.extend_from_slice(&value.nat_port.to_ne_bytes());
+        v.push(value.frontend_flags);
+        v.extend_from_slice(&value._pad);
+        self.update(maps::CONNTRACK, &k, &v);
+    }
+
+    /// `bpftool map update` of the pinned map `name`.
+    fn update(&self, name: &str, key: &[u8], value: &[u8]) {
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
-        let path = self.affinity_path();
+        let path = self.0.join(name).display().to_string();
         let mut args = vec!["map", "update", "pinned", &path, "key", "hex"];
-        let (k, v) = (hex(&k), hex(&v));
+        let (k, v) = (hex(key), hex(value));
         args.extend(k.iter().map(String::as_str));
         args.extend(["value", "hex"]);
         args.extend(v.iter().map(String::as_str));
@@ -599,6 +621,43 @@ impl Drop for Pins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// An established flow's conntrack entry remembers its frontend's service and flags,
+/// so its packets skip the frontend lookup; an entry that does not (written by an
+/// older build, the byte zero) is still served, by the lookup.
+#[test]
+fn conntrack_entries_remember_their_frontend() {
+    with_node("ctfe", |node, svcs| {
+        let pins = Pins::new(&node.dp);
+        for svc in &svcs[..4] {
+            let f = client_frame(svc, 40_400);
+            let (_, backend, bport) = svc.expected_backend(&f);
+            node.check(&to_backend("new flow", &f, backend, bport));
+            let key = flow_key(&f);
+            let tracked = node.dp.flow(&key).expect("conntrack").expect("tracked");
+            assert_eq!(
+                tracked.frontend_flags, FLOW_F_FRONTEND_REMEMBERED,
+                "{:?}: the entry remembers the frontend (no flags)",
+                svc.frontend
+            );
+            pins.set_flow(
+                &key,
+                &TrackedFlow {
+                    frontend_flags: 0,
+                    ..tracked
+                },
+            );
+            let mut again = f.clone();
+            if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
+                *syn = false;
+            }
+            again.payload = b"after an upgrade".to_vec();
+            let before = node.new_flows(svc.id);
+            node.check(&to_backend("older entry", &again, backend, bport));
+            assert_eq!(node.new_flows(svc.id), before, "still the same flow");
+        }
+    });
 }
 
 /// 1. Connections from one client (different source ports) land on one backend, and

@@ -34,6 +34,19 @@ impl CsumDelta {
         }
     }
 
+    /// A 32-bit field changes from `old` to `new`, both as loaded from memory (its four
+    /// bytes in wire order, as `FlowKey::src_words` gives them): two 16-bit words.
+    #[inline(always)]
+    pub fn replace_word(&mut self, old: u32, new: u32) {
+        let (old, new) = (u32::from_be(old), u32::from_be(new));
+        #[expect(clippy::cast_possible_truncation, reason = "the halves of a word")]
+        {
+            self.replace_u16((old >> 16) as u16, (new >> 16) as u16);
+            self.replace_u16(old as u16, new as u16);
+        }
+        self.0 = (self.0 & 0xffff) + (self.0 >> 16);
+    }
+
     /// Adds the changes of `other`: a field covered by two checksums (the quoted
     /// header's and the ICMP message's) changes both.
     #[inline(always)]
@@ -119,6 +132,26 @@ mod tests {
         buf[at + 1] = 0;
         let c = checksum(buf, 0);
         buf[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+
+    #[test]
+    fn a_word_changes_the_sum_as_its_bytes_do() {
+        let mut x: u32 = 0x9e37_79b9;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let (old, new) = (x, x.rotate_left(11) ^ 0x5a5a_a5a5);
+            let mut by_word = CsumDelta::new();
+            by_word.replace_word(old, new);
+            let mut by_bytes = CsumDelta::new();
+            by_bytes.replace_bytes(&old.to_ne_bytes(), &new.to_ne_bytes());
+            assert_eq!(
+                by_word.apply(0x1234),
+                by_bytes.apply(0x1234),
+                "{old:#x} -> {new:#x}"
+            );
+        }
     }
 
     #[test]

@@ -102,15 +102,17 @@ const fn word(b: &[u8; 16], i: usize) -> u32 {
 /// Hash of the whole 5-tuple (client -> frontend direction).
 #[inline(always)]
 pub const fn flow_hash(k: &crate::FlowKey) -> u32 {
+    // The addresses' words as `word` reads them (little-endian), in word loads.
+    let (src, dst) = (k.src_words(), k.dst_words());
     let words: [u32; 12] = [
-        word(&k.src, 0),
-        word(&k.src, 4),
-        word(&k.src, 8),
-        word(&k.src, 12),
-        word(&k.dst, 0),
-        word(&k.dst, 4),
-        word(&k.dst, 8),
-        word(&k.dst, 12),
+        u32::from_le(src[0]),
+        u32::from_le(src[1]),
+        u32::from_le(src[2]),
+        u32::from_le(src[3]),
+        u32::from_le(dst[0]),
+        u32::from_le(dst[1]),
+        u32::from_le(dst[2]),
+        u32::from_le(dst[3]),
         k.sport as u32 | (k.dport as u32) << 16,
         k.proto as u32 | (k.family as u32) << 8,
         0,

@@ -92,8 +92,10 @@ pub const MAX_FRONTENDS: u32 = 262_144;
 pub const MAX_BACKENDS: u32 = 262_144;
 /// Source ranges over all services (LPM trie, allocated as used).
 pub const MAX_SOURCE_RANGES: u32 = 65_536;
-/// How long a cached next hop is used before the FIB is asked again.
-pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// How long a cached next hop is used before the FIB is asked again, in kernel ticks
+/// (jiffies): 1 s at `HZ=250` (Debian's and Ubuntu's kernels), 0.25 s at 1000, 2.5 s at
+/// 100. `lb-agent trace` converts it with the tick length of `CLOCK_MONOTONIC_COARSE`.
+pub const NEXTHOP_TTL_JIFFIES: u32 = 250;
 /// Default LRU sizes; the agent may override them at load time.
 pub const CONNTRACK_ENTRIES: u32 = 262_144;
 /// SNAT reservations: one per source-NATed flow, as conntrack has one per flow.

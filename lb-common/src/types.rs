@@ -40,7 +40,8 @@ pub const FRONTEND_F_SNAT: u32 = 8;
 /// the client directly (see `lb_common::dsr`).
 pub const FRONTEND_F_DSR: u32 = 16;
 
-#[repr(C)]
+/// Aligned to 4 (size unchanged) for the same reason as [`FlowKey`].
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     pub addr: [u8; 16],
@@ -190,8 +191,11 @@ pub const BACKEND_F_DRAINING: u8 = 1;
 /// translates them back.
 pub const BACKEND_F_LOCAL: u8 = 2;
 
-/// A 5-tuple as seen on the wire (source first).
-#[repr(C)]
+/// A 5-tuple as seen on the wire (source first). Aligned to 8 (its size already is a
+/// multiple of 8, so the map layout is the same): the BPF backend assumes nothing about
+/// the alignment of a byte array and would read, copy and hash the addresses a byte at
+/// a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -206,6 +210,49 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The source address as four 32-bit words in memory order (each holds its four
+    /// bytes as on the wire): one load each, where a byte array is read a byte at a
+    /// time by the BPF backend.
+    #[inline(always)]
+    #[must_use]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
+    pub const fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `FlowKey` is aligned to 8 and `src` lies at offset 0.
+        unsafe { *(&raw const self.src).cast::<[u32; 4]>() }
+    }
+
+    /// The destination address as words (see [`FlowKey::src_words`]).
+    #[inline(always)]
+    #[must_use]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
+    pub const fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `FlowKey` is aligned to 8 and `dst` lies at offset 16.
+        unsafe { *(&raw const self.dst).cast::<[u32; 4]>() }
+    }
+
+    /// Sets both addresses from words in memory order, in word stores.
+    #[inline(always)]
+    pub fn set_addr_words(&mut self, src: [u32; 4], dst: [u32; 4]) {
+        self.set_src_words(src);
+        self.set_dst_words(dst);
+    }
+
+    /// Sets the source address from words in memory order.
+    #[inline(always)]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
+    pub fn set_src_words(&mut self, src: [u32; 4]) {
+        // SAFETY: as in `src_words`; the field is plain bytes.
+        unsafe { (&raw mut self.src).cast::<[u32; 4]>().write(src) };
+    }
+
+    /// Sets the destination address from words in memory order.
+    #[inline(always)]
+    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
+    pub fn set_dst_words(&mut self, dst: [u32; 4]) {
+        // SAFETY: as in `dst_words`; the field is plain bytes.
+        unsafe { (&raw mut self.dst).cast::<[u32; 4]>().write(dst) };
+    }
+
     /// The key of the reply direction after DNAT to `backend`: backend -> client.
     #[must_use]
     pub const fn reply_after_dnat(&self, backend: &Backend) -> FlowKey {
@@ -239,11 +286,20 @@ pub struct TrackedFlow {
     /// The `SNAT_V1` entry keyed by the reply (backend -> node address, this port) is the
     /// port's reservation; a flow whose reservation is gone or taken gets a new port.
     pub nat_port: u16,
-    pub _pad: [u8; 6],
+    /// The frontend's `FRONTEND_F_*` flags when the flow was tracked, with
+    /// [`FLOW_F_FRONTEND_REMEMBERED`]: an established flow's packets then need no
+    /// frontend lookup. 0 in an entry an older build wrote (the frontend is looked up).
+    pub frontend_flags: u8,
+    pub _pad: [u8; 5],
 }
 
+/// `TrackedFlow::frontend_flags`: the entry remembers its frontend's flags (the other
+/// bits). Every `FRONTEND_F_*` flag fits below it.
+pub const FLOW_F_FRONTEND_REMEMBERED: u8 = 0x80;
+
 /// The node's SNAT settings (`SNAT_CONFIG_V1`, one element), written by the agent.
-#[repr(C)]
+/// Aligned to 4 (size unchanged) so its addresses are read as words ([`addr_words`]).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SnatConfig {
     /// The node's IPv4 address (first 4 bytes), when `SNAT_CFG_F_V4`.
@@ -309,14 +365,21 @@ pub const SNAT_STATE_CLOSING: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// `bpf_ktime_get_coarse_ns` deadline; 0 = empty.
-    pub expires_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` when the FIB gave this next hop; 0 = empty. For
+    /// operators (`lb-agent trace`): the data path checks `expires_jiffies`.
+    pub refreshed_ns: u64,
     pub ifindex: u32,
     /// Longest IP packet the FIB accepted for this path.
     pub max_len: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Until when (`bpf_jiffies64`, low 32 bits, compared wrapping) the next hop is
+    /// used: [`maps::NEXTHOP_TTL_JIFFIES`](crate::maps::NEXTHOP_TTL_JIFFIES) after
+    /// `refreshed_ns`. Jiffies are one load for the program, the nanosecond clock a
+    /// helper call (about 40 ns per packet). 0 = expired (so is an entry an older
+    /// build wrote).
+    pub expires_jiffies: u32,
 }
 
 /// `RevNat::flags`: the flow reached this node encapsulated (DSR); the backend's SYN-ACK
@@ -396,9 +459,77 @@ mod pod {
     unsafe impl aya::Pod for super::ReasonStats {}
 }
 
+/// An address field of a key or value as words in memory order (see
+/// [`FlowKey::src_words`]).
+///
+/// # Safety
+/// `addr` is aligned to 4: a field at a multiple of 4 in a struct aligned to 4 or more.
+#[inline(always)]
+#[expect(clippy::cast_ptr_alignment, reason = "the caller's guarantee")]
+const unsafe fn addr_words(addr: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: the caller's alignment; any bytes are a valid `u32`.
+    unsafe { *core::ptr::from_ref(addr).cast::<[u32; 4]>() }
+}
+
+impl Backend {
+    /// `addr` as words (`Backend` is aligned to 4; `addr` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr) }
+    }
+}
+
+impl SnatEntry {
+    /// `client` as words (`SnatEntry` is aligned to 8; `client` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn client_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.client) }
+    }
+
+    /// `frontend` as words (offset 16).
+    #[inline(always)]
+    #[must_use]
+    pub const fn frontend_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.frontend) }
+    }
+}
+
+impl RevNat {
+    /// `addr` as words (`RevNat` is aligned to 8; `addr` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr) }
+    }
+}
+
+impl SnatConfig {
+    /// `addr_v4` as words (`SnatConfig` is aligned to 4; `addr_v4` at offset 0).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_v4_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr_v4) }
+    }
+
+    /// `addr_v6` as words (offset 16).
+    #[inline(always)]
+    #[must_use]
+    pub const fn addr_v6_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.addr_v6) }
+    }
+}
+
 // No implicit padding anywhere: the sums of the field sizes.
 const _: () = {
-    use core::mem::size_of;
+    use core::mem::{align_of, size_of};
     assert!(size_of::<FrontendKey>() == 16 + 2 + 1 + 1);
     assert!(size_of::<Frontend>() == 16);
     assert!(size_of::<AffinityKey>() == 16 + 4 + 1 + 3);
@@ -407,11 +538,27 @@ const _: () = {
     assert!(size_of::<BackendMeta>() == 16 + 2 + 1 + 1 + 12);
     assert!(size_of::<Backend>() == 16 + 2 + 1 + 1 + 4);
     assert!(size_of::<FlowKey>() == 16 + 16 + 2 + 2 + 1 + 1 + 2);
+    // Aligned for word access (see `FlowKey`); the sizes above are unchanged by it.
+    assert!(align_of::<FlowKey>() == 8);
+    assert!(align_of::<FrontendKey>() == 4);
+    // The address accessors' alignment (`addr_words`).
+    assert!(align_of::<Backend>() >= 4);
+    assert!(align_of::<SnatEntry>() >= 4);
+    assert!(align_of::<RevNat>() >= 4);
+    assert!(align_of::<SnatConfig>() >= 4);
+    assert!(
+        (FRONTEND_F_CLIENT_AFFINITY
+            | FRONTEND_F_REJECT_EMPTY
+            | FRONTEND_F_SOURCE_RANGES
+            | FRONTEND_F_SNAT
+            | FRONTEND_F_DSR)
+            < FLOW_F_FRONTEND_REMEMBERED as u32
+    );
     assert!(size_of::<Flow>() == 8);
-    assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 6);
+    assert!(size_of::<TrackedFlow>() == 4 + 4 + 2 + 1 + 5);
     assert!(size_of::<SnatConfig>() == 16 + 16 + 2 + 2 + 1 + 3);
     assert!(size_of::<SnatEntry>() == 16 + 16 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 8 + 32);
-    assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 6);
+    assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 2 + 4);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ServiceStats>() == 7 * 8);
     assert!(size_of::<BackendStats>() == 8);
@@ -431,11 +578,54 @@ pub const ADDR_FILTER_SLOTS: u32 = 1 << 16;
 /// The pre-filter slot of an address: its four words folded to 16 bits.
 #[inline(always)]
 pub const fn addr_filter_slot(addr: &[u8; 16]) -> u32 {
-    let mut x = 0u32;
+    let mut words = [0u32; 4];
     let mut i = 0;
-    while i < 16 {
-        x ^= u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-        i += 4;
+    while i < 4 {
+        let b = 4 * i;
+        words[i] = u32::from_ne_bytes([addr[b], addr[b + 1], addr[b + 2], addr[b + 3]]);
+        i += 1;
     }
+    addr_filter_slot_words(&words)
+}
+
+/// [`addr_filter_slot`] of an address given as words in memory order (as
+/// [`FlowKey::src_words`] reads them): the same slot on any host.
+#[inline(always)]
+pub const fn addr_filter_slot_words(words: &[u32; 4]) -> u32 {
+    let x = u32::from_le(words[0])
+        ^ u32::from_le(words[1])
+        ^ u32::from_le(words[2])
+        ^ u32::from_le(words[3]);
     (x ^ (x >> 16)) & (ADDR_FILTER_SLOTS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_are_the_bytes_in_memory_order() {
+        let src = [198, 51, 100, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst = [32, 1, 13, 184, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16];
+        let key = FlowKey {
+            src,
+            dst,
+            ..FlowKey::default()
+        };
+        let bytes = |w: [u32; 4]| w.map(u32::to_ne_bytes).concat();
+        assert_eq!(bytes(key.src_words()), src);
+        assert_eq!(bytes(key.dst_words()), dst);
+        let mut written = FlowKey::default();
+        written.set_addr_words(key.src_words(), key.dst_words());
+        assert_eq!(written, key);
+        assert_eq!(
+            addr_filter_slot_words(&key.src_words()),
+            addr_filter_slot(&src)
+        );
+        let backend = Backend {
+            addr: dst,
+            ..Backend::default()
+        };
+        assert_eq!(backend.addr_words(), key.dst_words());
+    }
 }

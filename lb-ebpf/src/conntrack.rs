@@ -4,8 +4,9 @@
 //! remembered with its reply translation.
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
-    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
+    BACKEND_F_LOCAL, Backend, FLOW_F_FRONTEND_REMEMBERED, FRONTEND_F_CLIENT_AFFINITY,
+    FRONTEND_F_DSR, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason,
+    RevNat, TrackedFlow,
 };
 
 use crate::{
@@ -27,23 +28,53 @@ pub struct Chosen {
     pub snat: Option<u16>,
 }
 
-/// The backend for this packet: the tracked one while it exists, else (a client the
-/// service's source ranges admit) the client's session-affinity one (frontends with
-/// `FRONTEND_F_CLIENT_AFFINITY`) or the table's. A new flow of a SNAT frontend to a
-/// backend on another node gets a SNAT port; a tracked flow keeps its translation, and
-/// its port while the reservation is still its own.
+/// A tracked flow of the packet's 5-tuple whose backend still serves the flow's service.
+pub struct Kept {
+    flow: TrackedFlow,
+    backend: Backend,
+}
+
+impl Kept {
+    /// The frontend the flow was tracked for, as its entry remembers it: its service and
+    /// flags, all an established flow needs of it. `None` for an entry an older build
+    /// wrote.
+    #[inline(always)]
+    pub fn frontend(&self) -> Option<Frontend> {
+        let flags = self.flow.frontend_flags;
+        (flags & FLOW_F_FRONTEND_REMEMBERED != 0).then_some(Frontend {
+            service_id: self.flow.service_id,
+            flags: u32::from(flags & !FLOW_F_FRONTEND_REMEMBERED),
+            // Read only when a new flow gets a backend.
+            affinity_timeout_s: 0,
+            _pad: 0,
+        })
+    }
+}
+
+/// The packet's tracked flow, while its backend exists and still serves its service.
 #[inline(always)]
-pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<Chosen, Reason> {
+pub fn kept(pkt: &Packet) -> Option<Kept> {
     // SAFETY: copied out at once.
-    let tracked = unsafe { CONNTRACK_V2.get(&pkt.key).copied() };
-    let kept = tracked.and_then(|flow| {
-        if flow.service_id != frontend.service_id {
-            return None;
-        }
-        backend(flow.backend_id, flow.service_id).map(|b| (flow, b))
-    });
-    let (flow, b, new_flow) = if let Some((flow, b)) = kept {
-        (flow, b, false)
+    let flow = unsafe { CONNTRACK_V2.get(&pkt.key).copied() }?;
+    let backend = backend(flow.backend_id, flow.service_id)?;
+    Some(Kept { flow, backend })
+}
+
+/// The backend for this packet: the tracked one (`kept`) while it serves `frontend`'s
+/// service, else (a client the service's source ranges admit) the client's
+/// session-affinity one (frontends with `FRONTEND_F_CLIENT_AFFINITY`) or the table's. A
+/// new flow of a SNAT frontend to a backend on another node gets a SNAT port; a tracked
+/// flow keeps its translation, and its port while the reservation is still its own.
+#[inline(always)]
+pub fn backend_for(
+    pkt: &Packet,
+    frontend: &Frontend,
+    kept: Option<Kept>,
+    tcp_flags: u8,
+) -> Result<Chosen, Reason> {
+    let kept = kept.filter(|k| k.flow.service_id == frontend.service_id);
+    let (flow, b, new_flow) = if let Some(Kept { flow, backend }) = kept {
+        (flow, backend, false)
     } else {
         if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
             source_range::check(pkt, frontend.service_id)?;
@@ -62,7 +93,8 @@ pub fn backend_for(pkt: &Packet, frontend: &Frontend, tcp_flags: u8) -> Result<C
             service_id: frontend.service_id,
             // Non-zero asks for SNAT; the port is allocated below.
             nat_port: u16::from(snat),
-            _pad: [0; 6],
+            frontend_flags: frontend.flags as u8 | FLOW_F_FRONTEND_REMEMBERED,
+            _pad: [0; 5],
         };
         (flow, b, true)
     };

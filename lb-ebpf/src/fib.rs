@@ -5,12 +5,12 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use lb_common::{
     FAMILY_V4, FlowKey, NextHop, Reason,
-    maps::NEXTHOP_TTL_NS,
+    maps::NEXTHOP_TTL_JIFFIES,
     reason::{XDP_PASS, XDP_TX},
 };
 
@@ -59,12 +59,15 @@ pub fn forward(
     cache: Option<*mut NextHop>,
     snated: bool,
 ) -> Result<(u32, Reason), Reason> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: plain helper call (inlined by the verifier: one load of `jiffies`).
+    let now = unsafe { bpf_jiffies64() } as u32;
     if let Some(cache) = cache {
         // SAFETY: a valid map value pointer; copied out at once.
         let hop = unsafe { *cache };
-        if now < hop.expires_ns && ip_len <= hop.max_len {
+        // Fresh: the deadline lies at most `NEXTHOP_TTL_JIFFIES` ahead. Compared
+        // wrapping, so a deadline long past reads as expired, not as a wrapped future.
+        let ahead = hop.expires_jiffies.wrapping_sub(now);
+        if ahead != 0 && ahead <= NEXTHOP_TTL_JIFFIES && ip_len <= hop.max_len {
             return send(ctx, &hop, dir, snated);
         }
     }
@@ -82,7 +85,7 @@ fn lookup(
     ctx: &XdpContext,
     key: &FlowKey,
     ip_len: u16,
-    now: u64,
+    now_jiffies: u32,
     snated: bool,
 ) -> Result<NextHop, Reason> {
     // SAFETY: a plain C struct; all-zero is its documented initial state.
@@ -125,12 +128,15 @@ fn lookup(
         });
     }
     Ok(NextHop {
-        expires_ns: now + NEXTHOP_TTL_NS,
+        // SAFETY: plain helper call; here only, on the way through the FIB.
+        refreshed_ns: unsafe { bpf_ktime_get_coarse_ns() },
         ifindex: params.ifindex,
         max_len: ip_len,
         smac: params.smac,
         dmac: params.dmac,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        // 0 reads as expired.
+        expires_jiffies: now_jiffies.wrapping_add(NEXTHOP_TTL_JIFFIES).max(1),
     })
 }
 

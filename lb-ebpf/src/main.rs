@@ -1,10 +1,11 @@
 //! xlb's XDP data plane: VIP -> backend DNAT with Maglev selection, connection
 //! tracking, reverse translation of replies, and FIB-based forwarding.
 //!
-//! The per-packet path reads as Cilium's lb.h does: parse -> lookup frontend ->
-//! (conntrack hit: reuse backend | source-range check, session-affinity or Maglev
-//! select + remember) -> translate (or encapsulate, DSR) -> forward; or, when a
-//! rejecting service has no backend, answer the client in place (reject).
+//! The per-packet path reads as Cilium's lb.h does: parse -> pre-filter -> (conntrack
+//! hit: reuse backend and the frontend the entry remembers | lookup frontend,
+//! source-range check, session-affinity or Maglev select + remember) -> translate (or
+//! encapsulate, DSR) -> forward; or, when a rejecting service has no backend, answer
+//! the client in place (reject).
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
 //! The same object holds the cgroup socket programs (`sock`), which read the same maps.
 #![no_std]
@@ -82,11 +83,23 @@ pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
 
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let mut pkt = parse::parse(ctx)?;
-    match service::lookup_frontend(&pkt) {
-        Some(frontend) => to_backend(ctx, &mut pkt, frontend),
-        None => to_client(ctx, &mut pkt),
+    let mut pkt = Packet::default();
+    parse::parse_into(ctx, &mut pkt)?;
+    let pkt = &mut pkt;
+    if service::to_frontend(pkt) {
+        // An established flow's entry remembers its frontend's service and flags: no
+        // frontend lookup. Its flow then outlives the frontend while its backend serves
+        // the service, as conntrack entries do under kube-proxy.
+        let kept = conntrack::kept(pkt);
+        let frontend = match kept.as_ref().and_then(conntrack::Kept::frontend) {
+            Some(remembered) => Some(remembered),
+            None => service::frontend(pkt),
+        };
+        if let Some(frontend) = frontend {
+            return to_backend(ctx, pkt, frontend, kept);
+        }
     }
+    to_client(ctx, pkt)
 }
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
@@ -97,12 +110,13 @@ fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
     frontend: lb_common::Frontend,
+    kept: Option<conntrack::Kept>,
 ) -> Result<(u32, Reason), Reason> {
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
     let tcp_flags = nat::tcp_flags(ctx, pkt);
-    let chosen = match conntrack::backend_for(pkt, &frontend, tcp_flags) {
+    let chosen = match conntrack::backend_for(pkt, &frontend, kept, tcp_flags) {
         Ok(chosen) => chosen,
         Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
             return reject::refuse(ctx, pkt, bytes, frontend.service_id);
@@ -117,7 +131,7 @@ fn to_backend(
     } else {
         let snat = match chosen.snat {
             Some(port) => Some((
-                snat::node_addr(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
+                snat::node_addr_words(pkt.key.family).ok_or(Reason::DropNoSnatAddress)?,
                 port,
             )),
             None => None,
@@ -126,7 +140,7 @@ fn to_backend(
             ctx,
             pkt,
             snat,
-            Some((&chosen.backend.addr, chosen.backend.port)),
+            Some((chosen.backend.addr_words(), chosen.backend.port)),
         )?;
     }
     stats::count_service(frontend.service_id, bytes, chosen.new_flow);
@@ -161,8 +175,8 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
         // while the program runs).
         unsafe {
             (
-                (&(*entry).frontend, (*entry).frontend_port),
-                Some((&(*entry).client, (*entry).client_port)),
+                ((*entry).frontend_words(), (*entry).frontend_port),
+                Some(((*entry).client_words(), (*entry).client_port)),
                 (*entry).service_id,
                 &raw mut (*entry).next_hop,
             )
@@ -172,7 +186,7 @@ fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason
         // SAFETY: as above.
         unsafe {
             (
-                (&(*entry).addr, (*entry).port),
+                ((*entry).addr_words(), (*entry).port),
                 None,
                 (*entry).service_id,
                 &raw mut (*entry).next_hop,

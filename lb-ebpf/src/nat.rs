@@ -41,8 +41,9 @@ fn ttl_index(pkt: &Packet) -> usize {
     usize::from(!pkt.is_v4())
 }
 
-/// An address and port (network byte order) one side of the packet gets.
-pub type Endpoint<'a> = (&'a [u8; 16], u16);
+/// An address (as words in memory order, `FlowKey::src_words`) and port (network byte
+/// order) one side of the packet gets.
+pub type Endpoint = ([u32; 4], u16);
 
 /// The TCP flags byte of a TCP packet (0 for UDP).
 #[inline(always)]
@@ -60,26 +61,26 @@ fn rewrite_addr(
     ctx: &XdpContext,
     pkt: &Packet,
     side: Side,
-    addr: &[u8; 16],
+    addr: [u32; 4],
     l4: &mut CsumDelta,
     ip: &mut CsumDelta,
 ) -> Result<(), Reason> {
-    let old_addr = if side == Side::Dst {
-        pkt.key.dst
+    let old = if side == Side::Dst {
+        pkt.key.dst_words()
     } else {
-        pkt.key.src
+        pkt.key.src_words()
     };
     if pkt.is_v4() {
-        let old: [u8; 4] = [old_addr[0], old_addr[1], old_addr[2], old_addr[3]];
-        let new: [u8; 4] = [addr[0], addr[1], addr[2], addr[3]];
-        l4.replace_bytes(&old, &new);
-        ip.replace_bytes(&old, &new);
+        l4.replace_word(old[0], addr[0]);
+        ip.replace_word(old[0], addr[0]);
         let addr_off = pkt.l3() + if side == Side::Dst { 16 } else { 12 };
-        store(ctx, addr_off, new)
+        store(ctx, addr_off, addr[0])
     } else {
-        l4.replace_bytes(&old_addr, addr);
+        for i in 0..4 {
+            l4.replace_word(old[i], addr[i]);
+        }
         let addr_off = pkt.l3() + if side == Side::Dst { 24 } else { 8 };
-        store(ctx, addr_off, *addr)
+        store(ctx, addr_off, addr)
     }
 }
 
@@ -111,8 +112,8 @@ fn rewrite_port(
 pub fn rewrite(
     ctx: &XdpContext,
     pkt: &mut Packet,
-    src: Option<Endpoint<'_>>,
-    dst: Option<Endpoint<'_>>,
+    src: Option<Endpoint>,
+    dst: Option<Endpoint>,
 ) -> Result<(), Reason> {
     let mut l4 = CsumDelta::new();
     let mut ip = CsumDelta::new();
@@ -157,11 +158,11 @@ pub fn rewrite(
     }
 
     if let Some((addr, port)) = src {
-        pkt.key.src = *addr;
+        pkt.key.set_src_words(addr);
         pkt.key.sport = port;
     }
     if let Some((addr, port)) = dst {
-        pkt.key.dst = *addr;
+        pkt.key.set_dst_words(addr);
         pkt.key.dport = port;
     }
     Ok(())

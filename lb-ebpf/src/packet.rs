@@ -163,24 +163,36 @@ pub struct Packet {
     pub l4_complete: bool,
 }
 
-impl Packet {
+impl Default for Packet {
     #[inline(always)]
-    pub fn new(
+    fn default() -> Packet {
+        Packet {
+            l3: 0,
+            l4: 0,
+            ip_len: 0,
+            key: FlowKey::default(),
+            fragment: Fragment::None,
+            l4_complete: false,
+        }
+    }
+}
+
+impl Packet {
+    /// Where the headers are, once parsed (the key is filled in place).
+    #[inline(always)]
+    pub fn set_layout(
+        &mut self,
         l3: usize,
         l4: usize,
         ip_len: u16,
-        key: FlowKey,
         fragment: Fragment,
         l4_complete: bool,
-    ) -> Packet {
-        Packet {
-            l3: l3 as u8,
-            l4: l4 as u8,
-            ip_len,
-            key,
-            fragment,
-            l4_complete,
-        }
+    ) {
+        self.l3 = l3 as u8;
+        self.l4 = l4 as u8;
+        self.ip_len = ip_len;
+        self.fragment = fragment;
+        self.l4_complete = l4_complete;
     }
 
     #[inline(always)]

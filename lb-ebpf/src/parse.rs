@@ -1,7 +1,7 @@
 //! Ethernet (+ one 802.1Q/802.1ad tag) -> IPv4 (honouring IHL) or IPv6 -> TCP/UDP.
 //! Anything else is `Err(Pass*)`: the program returns it to the kernel untouched.
 
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason};
 
 use crate::packet::{Fragment, Frame, Packet, load};
 
@@ -27,10 +27,19 @@ fn be16(ctx: &impl Frame, off: usize) -> Result<u16, Reason> {
 
 #[inline(always)]
 pub fn parse(ctx: &impl Frame) -> Result<Packet, Reason> {
+    let mut pkt = Packet::default();
+    parse_into(ctx, &mut pkt)?;
+    Ok(pkt)
+}
+
+/// [`parse`] into a packet the caller holds: the key's addresses go into it in word
+/// stores, where a `Packet` returned by value is copied a byte at a time.
+#[inline(always)]
+pub fn parse_into(ctx: &impl Frame, pkt: &mut Packet) -> Result<(), Reason> {
     let (l3, ethertype) = l2(ctx)?;
     match ethertype {
-        ETH_P_IP => parse_v4(ctx, l3),
-        ETH_P_IPV6 => parse_v6(ctx, l3),
+        ETH_P_IP => parse_v4(ctx, l3, pkt),
+        ETH_P_IPV6 => parse_v6(ctx, l3, pkt),
         _ => Err(Reason::PassNotIp),
     }
 }
@@ -59,7 +68,7 @@ pub fn l2(ctx: &impl Frame) -> Result<(usize, u16), Reason> {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
+fn parse_v4(ctx: &impl Frame, l3: usize, pkt: &mut Packet) -> Result<(), Reason> {
     let vihl = load::<u8>(ctx, l3).ok_or(Reason::PassMalformed)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -68,8 +77,8 @@ fn parse_v4(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
     let ip_len = be16(ctx, l3 + 2)?;
     let proto = load::<u8>(ctx, l3 + 9).ok_or(Reason::PassMalformed)?;
     let frag = be16(ctx, l3 + 6)?;
-    let src = load::<[u8; 4]>(ctx, l3 + 12).ok_or(Reason::PassMalformed)?;
-    let dst = load::<[u8; 4]>(ctx, l3 + 16).ok_or(Reason::PassMalformed)?;
+    let src = load::<u32>(ctx, l3 + 12).ok_or(Reason::PassMalformed)?;
+    let dst = load::<u32>(ctx, l3 + 16).ok_or(Reason::PassMalformed)?;
     if usize::from(ip_len) < ihl || !ctx.holds(l3 + usize::from(ip_len)) {
         return Err(Reason::PassMalformed);
     }
@@ -85,34 +94,30 @@ fn parse_v4(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
     } else {
         Fragment::None
     };
-    let mut key = FlowKey {
-        family: FAMILY_V4,
-        proto,
-        ..FlowKey::default()
-    };
-    key.src[..4].copy_from_slice(&src);
-    key.dst[..4].copy_from_slice(&dst);
+    pkt.key.family = FAMILY_V4;
+    pkt.key.proto = proto;
+    pkt.key.set_addr_words([src, 0, 0, 0], [dst, 0, 0, 0]);
     finish_l4(
         ctx,
         l3,
         l3 + ihl,
         l3 + usize::from(ip_len),
         ip_len,
-        key,
         fragment,
+        pkt,
     )
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
+fn parse_v6(ctx: &impl Frame, l3: usize, pkt: &mut Packet) -> Result<(), Reason> {
     let version = load::<u8>(ctx, l3).ok_or(Reason::PassMalformed)?;
     if version >> 4 != 6 {
         return Err(Reason::PassMalformed);
     }
     let payload_len = be16(ctx, l3 + 4)?;
     let next_header = load::<u8>(ctx, l3 + 6).ok_or(Reason::PassMalformed)?;
-    let src = load::<[u8; 16]>(ctx, l3 + 8).ok_or(Reason::PassMalformed)?;
-    let dst = load::<[u8; 16]>(ctx, l3 + 24).ok_or(Reason::PassMalformed)?;
+    let src = load::<[u32; 4]>(ctx, l3 + 8).ok_or(Reason::PassMalformed)?;
+    let dst = load::<[u32; 4]>(ctx, l3 + 24).ok_or(Reason::PassMalformed)?;
     let ip_end = l3 + IPV6_HLEN + usize::from(payload_len);
     if !ctx.holds(ip_end) {
         return Err(Reason::PassMalformed);
@@ -124,15 +129,11 @@ fn parse_v6(ctx: &impl Frame, l3: usize) -> Result<Packet, Reason> {
         // ICMPv6, other protocols and extension headers go to the kernel.
         return Err(Reason::PassNotL4);
     }
-    let key = FlowKey {
-        src,
-        dst,
-        family: FAMILY_V6,
-        proto: next_header,
-        ..FlowKey::default()
-    };
+    pkt.key.family = FAMILY_V6;
+    pkt.key.proto = next_header;
+    pkt.key.set_addr_words(src, dst);
     let ip_len = payload_len.saturating_add(IPV6_HLEN as u16);
-    finish_l4(ctx, l3, l3 + IPV6_HLEN, ip_end, ip_len, key, Fragment::None)
+    finish_l4(ctx, l3, l3 + IPV6_HLEN, ip_end, ip_len, Fragment::None, pkt)
 }
 
 /// Reads the ports and decides whether the L4 header is complete.
@@ -143,14 +144,14 @@ fn finish_l4(
     l4: usize,
     ip_end: usize,
     ip_len: u16,
-    mut key: FlowKey,
     fragment: Fragment,
-) -> Result<Packet, Reason> {
+    pkt: &mut Packet,
+) -> Result<(), Reason> {
     let ports = load::<[u16; 2]>(ctx, l4).ok_or(Reason::PassMalformed)?;
-    key.sport = ports[0];
-    key.dport = ports[1];
+    pkt.key.sport = ports[0];
+    pkt.key.dport = ports[1];
     // Loads before comparisons with `ip_end`, so no bounds check is derived away.
-    let l4_complete = if key.proto == PROTO_TCP {
+    let l4_complete = if pkt.key.proto == PROTO_TCP {
         match load::<[u8; TCP_HLEN]>(ctx, l4) {
             Some(tcp) => {
                 let doff = usize::from(tcp[12] >> 4) * 4;
@@ -161,5 +162,6 @@ fn finish_l4(
     } else {
         load::<[u8; UDP_HLEN]>(ctx, l4).is_some() && l4 + UDP_HLEN <= ip_end
     };
-    Ok(Packet::new(l3, l4, ip_len, key, fragment, l4_complete))
+    pkt.set_layout(l3, l4, ip_len, fragment, l4_complete);
+    Ok(())
 }

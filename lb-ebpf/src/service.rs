@@ -3,6 +3,7 @@
 
 use lb_common::{
     ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, Frontend, FrontendKey, addr_filter_slot,
+    addr_filter_slot_words,
 };
 
 use crate::{
@@ -18,17 +19,38 @@ pub fn may_be(addr: &[u8; 16], flag: u8) -> bool {
         .is_some_and(|bits| bits & flag != 0)
 }
 
+/// [`may_be`] of an address as words (`FlowKey::src_words`).
+#[inline(always)]
+fn words_may_be(words: &[u32; 4], flag: u8) -> bool {
+    ADDR_FILTER_V1
+        .get(addr_filter_slot_words(words))
+        .is_some_and(|bits| bits & flag != 0)
+}
+
 /// Whether the packet's source may be a backend (a reply to translate).
 #[inline(always)]
 pub fn from_backend(pkt: &Packet) -> bool {
-    may_be(&pkt.key.src, ADDR_F_BACKEND)
+    words_may_be(&pkt.key.src_words(), ADDR_F_BACKEND)
 }
 
+/// Whether the packet's destination may be a frontend (a packet to translate).
+#[inline(always)]
+pub fn to_frontend(pkt: &Packet) -> bool {
+    words_may_be(&pkt.key.dst_words(), ADDR_F_FRONTEND)
+}
+
+/// The frontend the packet is addressed to, after the pre-filter.
 #[inline(always)]
 pub fn lookup_frontend(pkt: &Packet) -> Option<Frontend> {
-    if !may_be(&pkt.key.dst, ADDR_F_FRONTEND) {
+    if !to_frontend(pkt) {
         return None;
     }
+    frontend(pkt)
+}
+
+/// The frontend the packet is addressed to; callers have passed [`to_frontend`].
+#[inline(always)]
+pub fn frontend(pkt: &Packet) -> Option<Frontend> {
     let key = FrontendKey {
         addr: pkt.key.dst,
         port: pkt.key.dport,

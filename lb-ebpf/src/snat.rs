@@ -41,6 +41,17 @@ pub fn node_addr(family: u8) -> Option<&'static [u8; 16]> {
     }
 }
 
+/// [`node_addr`] as words in memory order (`FlowKey::src_words`).
+#[inline(always)]
+pub fn node_addr_words(family: u8) -> Option<[u32; 4]> {
+    let cfg: &'static SnatConfig = SNAT_CONFIG_V1.get(0)?;
+    if family == FAMILY_V4 {
+        (cfg.flags & SNAT_CFG_F_V4 != 0).then(|| cfg.addr_v4_words())
+    } else {
+        (cfg.flags & SNAT_CFG_F_V6 != 0).then(|| cfg.addr_v6_words())
+    }
+}
+
 /// `SNAT_STATE_CLOSING` when the TCP flags end the connection.
 #[inline(always)]
 fn state_of(tcp_flags: u8) -> u8 {
@@ -171,7 +182,7 @@ pub fn owned(pkt: &Packet, backend: &Backend, service_id: u32, port: u16, tcp_fl
 /// The SNAT entry of a reply (backend -> node:port), refreshed, if this packet is one.
 #[inline(always)]
 pub fn reply(pkt: &Packet, tcp_flags: u8) -> Option<*mut SnatEntry> {
-    if *node_addr(pkt.key.family)? != pkt.key.dst {
+    if node_addr_words(pkt.key.family)? != pkt.key.dst_words() {
         return None;
     }
     let entry = SNAT_V1.get_ptr_mut(&pkt.key)?;

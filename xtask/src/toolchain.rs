@@ -41,8 +41,11 @@ const BPF_LINKER_FEATURES: &str = "llvm-22";
 /// The nightly libLLVM that bpf-linker links against: `libLLVM.so.22.1-rust-*-nightly`.
 const LLVM_LIB_PREFIX: &str = "libLLVM.so.22.1-rust-";
 const LLVM_LIB_SUFFIX: &str = "-nightly";
-/// eBPF rustflags: BTF lets `bpftool map dump` print typed keys and values.
-const EBPF_RUSTFLAGS: &str = "-C debuginfo=2 -C link-arg=--btf";
+/// eBPF rustflags: BTF lets `bpftool map dump` print typed keys and values; without
+/// `--bpf-expand-memcpy-in-order` (bpf-linker's default) LLVM expands `memset` and `memmove`
+/// of known size inline instead of calling byte-at-a-time loops.
+const EBPF_RUSTFLAGS: &str =
+    "-C debuginfo=2 -C link-arg=--btf -C link-arg=--disable-expand-memcpy-in-order";
 
 /// Variables that the outer (stable) `cargo xtask` run leaves in our environment and that
 /// would make a nested cargo pick the stable toolchain or the wrong target/flags.
