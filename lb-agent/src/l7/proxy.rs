@@ -1252,17 +1252,9 @@ async fn try_send(
     req: Request<Body>,
 ) -> Result<Sent, (hyper::Error, Option<Request<Body>>)> {
     match sender {
-        Sender::H1((mut sender, limit)) => {
-            if let Err(e) = sender.ready().await {
-                return Err((e, Some(req)));
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => Ok((response, Some((sender, limit)))),
-                Err(mut e) => {
-                    let unsent = e.take_message();
-                    Err((e.into_error(), unsent))
-                }
-            }
+        Sender::H1(mut conn) => {
+            let response = conn.send(req).await?;
+            Ok((response, Some(conn)))
         }
         Sender::H2(mut sender) => {
             if let Err(e) = sender.ready().await {
@@ -1294,6 +1286,10 @@ fn respond(
     {
         let backend = hyper::upgrade::on(&mut response);
         shared.metrics.upgraded();
+        // The connection hands itself over to `backend` once it has seen the 101 out.
+        if let Some(conn) = sender {
+            conn.detach();
+        }
         tokio::spawn(tunnel(client, backend, key.addr));
         let (mut parts, _) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers, true);

@@ -649,6 +649,94 @@ fn reuses_backend_connections() {
     });
 }
 
+/// A bare HTTP/1.1 backend: answers every request head `200 ok` (keep-alive), and
+/// closes the connection right after when `close_after_answer`. Counts the connections
+/// it accepted and those its peer closed.
+struct RawBackend {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    closed_by_peer: Arc<AtomicUsize>,
+}
+
+async fn raw_backend(ip: IpAddr, close_after_answer: bool) -> RawBackend {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let closed_by_peer = Arc::new(AtomicUsize::new(0));
+    let (accepted, closed) = (Arc::clone(&conns), Arc::clone(&closed_by_peer));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::Relaxed);
+            let closed = Arc::clone(&closed);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() || close_after_answer {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    RawBackend {
+        addr,
+        conns,
+        closed_by_peer,
+    }
+}
+
+#[test]
+fn a_parked_connection_the_backend_closed_is_not_reused() {
+    in_netns("stale", || async {
+        let b = raw_backend(backend_ip(1), true).await;
+        let p = start(
+            test_config(),
+            snapshot(vec![host("", "/", route("b", &[b.addr]))]),
+        );
+        for _ in 0..3 {
+            let got = get(p.http, "a", "/").await;
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(got.body, "ok");
+        }
+        assert_eq!(
+            b.conns.load(Ordering::Relaxed),
+            3,
+            "a connection per request"
+        );
+    });
+}
+
+#[test]
+fn parked_backend_connections_are_closed_after_the_idle_timeout() {
+    in_netns("parked", || async {
+        let b = raw_backend(backend_ip(1), false).await;
+        let config = ProxyConfig {
+            upstream_idle_timeout: Duration::from_millis(200),
+            ..test_config()
+        };
+        let p = start(config, snapshot(vec![host("", "/", route("b", &[b.addr]))]));
+        assert_eq!(get(p.http, "a", "/").await.status, StatusCode::OK);
+        // Nothing checks this endpoint out again: only the pool's sweep closes it.
+        wait_until("the parked connection closed", || {
+            b.closed_by_peer.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(b.conns.load(Ordering::Relaxed), 1);
+    });
+}
+
 // ---- balancing, failures and retries -------------------------------------------------
 
 #[test]
