@@ -39,9 +39,10 @@ use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 use crate::packet::Packet;
 
 /// The load balancer, attached to every interface of the node. Inlined into the
-/// macro's entry point; the path below is BPF functions it calls, `process`,
-/// `icmp::error`'s translations (per family) and `dsr_mtu::too_big`, each with the
-/// stack to itself.
+/// macro's entry point, which parses and pre-filters: a packet neither to a frontend
+/// nor from a backend (most of a node's traffic) passes there, without a call. The
+/// rest of the path is BPF functions it calls, `process`, `icmp::error`'s translations
+/// (per family) and `dsr_mtu::too_big`, each with the stack to itself.
 #[xdp]
 #[inline(always)]
 #[expect(
@@ -50,7 +51,16 @@ use crate::packet::Packet;
 )]
 pub fn xlb_xdp(ctx: XdpContext) -> u32 {
     let bytes = packet::frame_len(&ctx);
-    let (action, reason) = match process(&ctx) {
+    let mut pkt = Packet::default();
+    let verdict = match parse::parse_into(&ctx, &mut pkt) {
+        Err(reason) => (reason.action(), reason),
+        Ok(()) => match service::ours(&pkt) {
+            Some(ours) => process(&ctx, &pkt, ours),
+            // Neither to a frontend nor from a backend (most of a node's traffic).
+            None => (Reason::PassNotFrontend.action(), Reason::PassNotFrontend),
+        },
+    };
+    let (action, reason) = match verdict {
         // An ICMP error about a translated flow goes on translated (`icmp`).
         (_, Reason::PassNotL4) => icmp::error(&ctx),
         // A DSR packet too big for its next hop once encapsulated is answered
@@ -63,12 +73,14 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// Its own BPF function, as `icmp::error`'s translations are: the stack of either
-/// alone is near the 512 bytes a program may use (one 32-byte frame of the entry point
-/// above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
+/// alone is near the 512 bytes a program may use (with the entry point's frame, which
+/// holds the parsed packet, above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
 /// member at a non-zero offset).
 #[inline(never)]
-fn process(ctx: &XdpContext) -> (u32, Reason) {
-    verdict(pipeline(ctx))
+fn process(ctx: &XdpContext, parsed: &Packet, ours: service::Ours) -> (u32, Reason) {
+    // A copy in this function's own frame, which the verifier follows as before.
+    let mut pkt = *parsed;
+    verdict(pipeline(ctx, &mut pkt, ours))
 }
 
 /// The action and the reason to count of a stage's outcome.
@@ -82,11 +94,12 @@ pub fn verdict(outcome: Result<(u32, Reason), Reason>) -> (u32, Reason) {
 }
 
 #[inline(always)]
-fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let mut pkt = Packet::default();
-    parse::parse_into(ctx, &mut pkt)?;
-    let pkt = &mut pkt;
-    if service::to_frontend(pkt) {
+fn pipeline(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    ours: service::Ours,
+) -> Result<(u32, Reason), Reason> {
+    if ours.to_frontend {
         // An established flow's entry remembers its frontend's service and flags: no
         // frontend lookup. Its flow then outlives the frontend while its backend serves
         // the service, as conntrack entries do under kube-proxy.
@@ -99,7 +112,7 @@ fn pipeline(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
             return to_backend(ctx, pkt, frontend, kept);
         }
     }
-    to_client(ctx, pkt)
+    to_client(ctx, pkt, ours)
 }
 
 /// Client -> frontend: choose (or keep) the backend, DNAT, forward; or refuse the flow
@@ -163,8 +176,12 @@ fn to_backend(
 /// frontend the client used (and, source-NATed, to the client); everything else passes
 /// untouched.
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &mut Packet) -> Result<(u32, Reason), Reason> {
-    if !service::from_backend(pkt) {
+fn to_client(
+    ctx: &XdpContext,
+    pkt: &mut Packet,
+    ours: service::Ours,
+) -> Result<(u32, Reason), Reason> {
+    if !ours.from_backend {
         return Err(Reason::PassNotFrontend);
     }
     // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:

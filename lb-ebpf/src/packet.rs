@@ -148,6 +148,7 @@ pub enum Fragment {
 }
 
 /// A parsed TCP/UDP packet: header offsets and the 5-tuple as on the wire.
+#[derive(Clone, Copy)]
 pub struct Packet {
     /// Offset of the IP header (after Ethernet and an optional 802.1Q tag). Kept as a
     /// byte: wherever the struct lives, the verifier then knows the offset is < 256.

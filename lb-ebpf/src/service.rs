@@ -27,6 +27,26 @@ fn words_may_be(words: &[u32; 4], flag: u8) -> bool {
         .is_some_and(|bits| bits & flag != 0)
 }
 
+/// What the pre-filter says of a packet that may be ours.
+#[derive(Clone, Copy)]
+pub struct Ours {
+    /// Its destination may be a frontend (a packet to translate).
+    pub to_frontend: bool,
+    /// Its source may be a backend (a reply to translate).
+    pub from_backend: bool,
+}
+
+/// The pre-filter's word on a packet: `None` when it is neither to a frontend nor from
+/// a backend, and so passes.
+#[inline(always)]
+pub fn ours(pkt: &Packet) -> Option<Ours> {
+    let ours = Ours {
+        to_frontend: to_frontend(pkt),
+        from_backend: from_backend(pkt),
+    };
+    (ours.to_frontend || ours.from_backend).then_some(ours)
+}
+
 /// Whether the packet's source may be a backend (a reply to translate).
 #[inline(always)]
 pub fn from_backend(pkt: &Packet) -> bool {
