@@ -215,19 +215,17 @@ impl FlowKey {
     /// time by the BPF backend.
     #[inline(always)]
     #[must_use]
-    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub const fn src_words(&self) -> [u32; 4] {
         // SAFETY: `FlowKey` is aligned to 8 and `src` lies at offset 0.
-        unsafe { *(&raw const self.src).cast::<[u32; 4]>() }
+        unsafe { addr_words(&self.src) }
     }
 
     /// The destination address as words (see [`FlowKey::src_words`]).
     #[inline(always)]
     #[must_use]
-    #[expect(clippy::cast_ptr_alignment, reason = "FlowKey is aligned to 8")]
     pub const fn dst_words(&self) -> [u32; 4] {
         // SAFETY: `FlowKey` is aligned to 8 and `dst` lies at offset 16.
-        unsafe { *(&raw const self.dst).cast::<[u32; 4]>() }
+        unsafe { addr_words(&self.dst) }
     }
 
     /// Sets both addresses from words in memory order, in word stores.

@@ -74,8 +74,8 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
 
 /// Its own BPF function, as `icmp::error`'s translations are: the stack of either
 /// alone is near the 512 bytes a program may use (with the entry point's frame, which
-/// holds the parsed packet, above it). Returns a plain pair: the kernel rejects the BTF of a `Result` (a union
-/// member at a non-zero offset).
+/// holds the parsed packet, above it). Returns a plain pair: the kernel rejects the BTF
+/// of a `Result` (a union member at a non-zero offset).
 #[inline(never)]
 fn process(ctx: &XdpContext, parsed: &Packet, ours: service::Ours) -> (u32, Reason) {
     // A copy in this function's own frame, which the verifier follows as before.
