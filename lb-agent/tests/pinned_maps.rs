@@ -72,6 +72,13 @@ fn pinned_maps_dump_typed_entries_with_bpftool() {
     assert_eq!(entry["value"]["service_id"], 7, "typed value: {frontends}");
     assert_eq!(entry["key"]["proto"], 6, "typed key: {frontends}");
     assert_eq!(entry["key"]["family"], 4, "typed key: {frontends}");
+    // Both rare paths of the XDP program are in their tail-call slots.
+    let slow = dump(maps::SLOW_PATHS);
+    assert_eq!(
+        slow.as_array().map(Vec::len),
+        Some(maps::SLOW_PATH_SLOTS as usize),
+        "program array: {slow}"
+    );
     let ranges = dump(maps::SOURCE_RANGES);
     let entry = &ranges[0]["formatted"];
     assert_eq!(entry["key"]["prefix_len"], 64 + 24, "typed key: {ranges}");

@@ -41,6 +41,14 @@ pub const BACKEND_META: &str = "BACKEND_META_V1";
 /// Source ranges (`loadBalancerSourceRanges`) per service: an LPM trie keyed by
 /// `SourceRangeKey` (after the prefix length); the value is unused (1).
 pub const SOURCE_RANGES: &str = "SRC_RANGES_V1";
+/// The XDP entry's rare paths, each a program of its own reached by tail call (program
+/// array): `SLOW_PATH_ICMP_ERROR`, `SLOW_PATH_TOO_BIG`. The agent fills it at load.
+pub const SLOW_PATHS: &str = "SLOW_PATHS_V1";
+/// `SLOW_PATHS` slot of the program that translates ICMP errors about translated flows.
+pub const SLOW_PATH_ICMP_ERROR: u32 = 0;
+/// `SLOW_PATHS` slot of the program that answers DSR packets too big for their next hop.
+pub const SLOW_PATH_TOO_BIG: u32 = 1;
+pub const SLOW_PATH_SLOTS: u32 = 2;
 
 /// Socket load balancing: (socket cookie, backend) -> the Service address the socket
 /// asked for (`recvmsg`, `getpeername`). `SockRevKey` -> `SockRevNat`, LRU.
@@ -57,7 +65,7 @@ pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
 pub const SOCK_FLOWS_ENTRIES: u32 = 65_536;
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
@@ -75,6 +83,7 @@ pub const ALL: [&str; 17] = [
     BACKEND_STATS,
     SNAT,
     SNAT_CONFIG,
+    SLOW_PATHS,
 ];
 
 /// Maps of earlier layouts, removed with the others (`lb-agent detach`, `--replace`) and

@@ -10,8 +10,8 @@
 //! The FIB says when: `bpf_fib_lookup` with the outer packet's length returns
 //! `BPF_FIB_LKUP_RET_FRAG_NEEDED` and the route's MTU in `mtu_result`. The forward
 //! path counts that as `pass_fib_other` with the encapsulated packet still in the frame;
-//! the XDP entry then hands the frame here, a BPF function of its own (its stack apart
-//! from `process`'s, which is near the limit), which recognises the encapsulation
+//! the XDP entry then hands the frame here, in a program of its own reached by tail
+//! call (`slow_path`, with the whole stack to itself), which recognises the encapsulation
 //! (outer protocol 4 or 41 from this node's own address), asks the FIB again for the
 //! MTU, strips the outer header and builds the answer in place (`reject::too_big`).
 //! Anything else keeps the verdict it had.
@@ -47,9 +47,8 @@ const AF_INET6: u8 = 10;
 
 /// The XDP entry's hook for a forward that ended in `pass_fib_other`: a DSR packet too
 /// big for its next hop is answered (`dsr_icmp_too_big`) or dropped
-/// (`drop_dsr_too_big`); anything else goes on to the kernel as it was. A plain pair,
-/// as `process` returns.
-#[inline(never)]
+/// (`drop_dsr_too_big`); anything else goes on to the kernel as it was.
+#[inline(always)]
 pub fn too_big(ctx: &XdpContext) -> (u32, Reason) {
     match answer(ctx) {
         Ok(verdict) => verdict,

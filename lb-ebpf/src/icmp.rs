@@ -63,8 +63,9 @@ pub fn error(ctx: &XdpContext) -> (u32, Reason) {
     }
 }
 
-/// One BPF function per family: the two in one spill past the stack's limit. A plain
-/// pair, as `process` returns.
+/// One BPF function per family: the two in one spill past the stack's limit. Returns a
+/// plain pair: the kernel rejects the BTF of a `Result` (a union member at a non-zero
+/// offset).
 #[inline(never)]
 fn translate<const V4: bool>(ctx: &XdpContext, l3: usize) -> (u32, Reason) {
     crate::verdict(translate_family::<V4>(ctx, l3))

@@ -7,7 +7,9 @@
 //! encapsulate, DSR) -> forward; or, when a rejecting service has no backend, answer
 //! the client in place (reject).
 //! Every stage returns `Result<_, Reason>`; every exit counts exactly one reason.
-//! The same object holds the cgroup socket programs (`sock`), which read the same maps.
+//! Rare paths (ICMP errors, DSR packets too big) are programs of their own, tail-called
+//! (`slow_path`). The same object holds the cgroup socket programs (`sock`), which read
+//! the same maps.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -28,6 +30,7 @@ mod packet;
 mod parse;
 mod reject;
 mod service;
+mod slow_path;
 mod snat;
 mod sock;
 mod source_range;
@@ -38,11 +41,11 @@ use lb_common::{FRONTEND_F_REJECT_EMPTY, Reason};
 
 use crate::packet::Packet;
 
-/// The load balancer, attached to every interface of the node. Inlined into the
-/// macro's entry point, which parses and pre-filters: a packet neither to a frontend
-/// nor from a backend (most of a node's traffic) passes there, without a call. The
-/// rest of the path is BPF functions it calls, `process`, `icmp::error`'s translations
-/// (per family) and `dsr_mtu::too_big`, each with the stack to itself.
+/// The load balancer, attached to every interface of the node. Parses and
+/// pre-filters: a packet neither to a frontend nor from a backend (most of a node's
+/// traffic) passes at once. The rest of the common path is inlined into this one frame
+/// (no BPF function call, whose return costs); the rare paths are programs of their own
+/// (`slow_path`), reached by tail call.
 #[xdp]
 #[inline(always)]
 #[expect(
@@ -60,25 +63,17 @@ pub fn xlb_xdp(ctx: XdpContext) -> u32 {
             None => (Reason::PassNotFrontend.action(), Reason::PassNotFrontend),
         },
     };
-    let (action, reason) = match verdict {
-        // An ICMP error about a translated flow goes on translated (`icmp`).
-        (_, Reason::PassNotL4) => icmp::error(&ctx),
-        // A DSR packet too big for its next hop once encapsulated is answered
-        // (`dsr_mtu`).
-        (_, Reason::PassFibOther) => dsr_mtu::too_big(&ctx),
-        verdict => verdict,
-    };
+    let (action, reason) = slow_path::take(&ctx, verdict, bytes);
     stats::count_reason(reason, bytes);
     action
 }
 
-/// Its own BPF function, as `icmp::error`'s translations are: the stack of either
-/// alone is near the 512 bytes a program may use (with the entry point's frame, which
-/// holds the parsed packet, above it). Returns a plain pair: the kernel rejects the BTF
-/// of a `Result` (a union member at a non-zero offset).
-#[inline(never)]
+/// A frontend's or a backend's packet.
+#[inline(always)]
 fn process(ctx: &XdpContext, parsed: &Packet, ours: service::Ours) -> (u32, Reason) {
-    // A copy in this function's own frame, which the verifier follows as before.
+    // Stages work on a copy: on the parsed packet itself, LLVM shares a stack slot
+    // between a map pointer and a scalar, and the verifier rejects the program ("R1
+    // bitwise operator &= on pointer prohibited").
     let mut pkt = *parsed;
     verdict(pipeline(ctx, &mut pkt, ours))
 }

@@ -2,7 +2,9 @@
 //! `lb_common::maps`. All are BTF maps, so `bpftool map dump` prints typed entries.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray,
+    },
     macros::btf_map,
 };
 use lb_common::{
@@ -12,7 +14,7 @@ use lb_common::{
     maps::{
         AFFINITY_ENTRIES, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS,
         MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
-        MAX_TX_PORTS, MaglevSlot, SNAT_ENTRIES,
+        MAX_TX_PORTS, MaglevSlot, SLOW_PATH_SLOTS, SNAT_ENTRIES,
     },
 };
 
@@ -100,3 +102,13 @@ pub static SVC_META_V1: Array<ServiceMeta, { n(MAX_SERVICES) }, { n(BPF_F_MMAPAB
 #[btf_map]
 pub static BACKEND_META_V1: Array<BackendMeta, { n(MAX_BACKENDS) }, { n(BPF_F_MMAPABLE) }> =
     Array::new();
+
+/// The entry's rare paths, tail-called (`slow_path`): each program then has the whole
+/// stack, and the entry's common path calls no BPF function at all.
+#[btf_map]
+pub static SLOW_PATHS_V1: ProgramArray<{ n(SLOW_PATH_SLOTS) }> = ProgramArray::new();
+
+/// Per-CPU: the length the frame arrived with, for the slow path's counters (the DSR
+/// path has encapsulated it by then).
+#[btf_map]
+pub static ARRIVED_BYTES_V1: PerCpuArray<u64, 1> = PerCpuArray::new();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Map, MapData, MapError},
+    maps::{Map, MapData, MapError, ProgramArray},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::maps;
@@ -14,6 +14,13 @@ use super::object::object_bytes;
 
 /// The load balancer's program name in the object.
 pub const PROGRAM: &str = "xlb_xdp";
+
+/// The load balancer's rare paths: programs `PROGRAM` tail-calls through
+/// `maps::SLOW_PATHS`, with their slots.
+pub const SLOW_PATH_PROGRAMS: [(&str, u32); 2] = [
+    ("xlb_icmp_error", maps::SLOW_PATH_ICMP_ERROR),
+    ("xlb_too_big", maps::SLOW_PATH_TOO_BIG),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -142,8 +149,34 @@ impl Dataplane {
                 name: PROGRAM,
                 source,
             })?;
+        dp.load_slow_paths()?;
         dp.load_tc()?;
         Ok(dp)
+    }
+
+    /// Loads the rare paths' programs into their `SLOW_PATHS` slots, where the load
+    /// balancer's tail calls find them. The pinned array keeps them while no agent
+    /// runs; a restarted agent's programs replace them.
+    fn load_slow_paths(&mut self) -> Result<(), DataplaneError> {
+        let map = maps::SLOW_PATHS;
+        for (name, slot) in SLOW_PATH_PROGRAMS {
+            let program: &mut Xdp =
+                as_xdp(name, self.ebpf.as_mut().and_then(|e| e.program_mut(name)))?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let fd = program
+                .fd()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+            let array = self
+                .maps
+                .get_mut(map)
+                .ok_or(DataplaneError::MissingMap(map))?;
+            ProgramArray::try_from(array)
+                .and_then(|mut array| array.set(slot, fd, 0))
+                .map_err(|source| DataplaneError::Map { name: map, source })?;
+        }
+        Ok(())
     }
 
     pub(super) fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
