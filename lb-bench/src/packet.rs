@@ -134,10 +134,11 @@ pub fn run(args: &Args) -> Result<()> {
             .run_in(|| -> Result<(Vec<CaseResult>, Filling, Vec<ProgramSize>)> {
                 let mut dp = load_dataplane();
                 let mut pass = PassProgram::load()?;
-                let programs = vec![
-                    program_size("xlb_xdp", &dp.program()?.info()?),
-                    program_size("xlb_pass (baseline)", &pass.info()?),
-                ];
+                let mut programs = vec![program_size("xlb_xdp", &dp.program()?.info()?)];
+                for (name, program) in dp.slow_path_programs()? {
+                    programs.push(program_size(name, &program.info()?));
+                }
+                programs.push(program_size("xlb_pass (baseline)", &pass.info()?));
                 let svcs = services();
                 for s in &svcs {
                     s.install(&mut dp);
@@ -551,7 +552,8 @@ fn print_results(args: &Args, results: &[CaseResult], filling: &Filling, program
             opt(p.verified_insns)
         );
     }
-    println!("(from BPF_OBJ_GET_INFO_BY_FD: xlated_prog_len / 8, jited_prog_len, verified_insns)");
+    println!("(from BPF_OBJ_GET_INFO_BY_FD: xlated_prog_len / 8, jited_prog_len, verified_insns;");
+    println!(" xlb_icmp_error and xlb_too_big are xlb_xdp's rare paths, reached by tail call)");
     println!();
     println!("reproduce: {}", reproduce(args));
 }

@@ -210,6 +210,14 @@ impl Dataplane {
         self.xdp(PROGRAM)
     }
 
+    /// The loaded rare-path programs (`SLOW_PATH_PROGRAMS`), by name, for inspection.
+    pub fn slow_path_programs(&self) -> Result<Vec<(&'static str, &Xdp)>, DataplaneError> {
+        SLOW_PATH_PROGRAMS
+            .iter()
+            .map(|&(name, _)| Ok((name, self.xdp(name)?)))
+            .collect()
+    }
+
     /// Pins every map under `dir` (created if missing) by its versioned name.
     pub fn pin_maps(&self, dir: &Path) -> Result<(), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
