@@ -57,6 +57,7 @@ use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
 use super::rate::{Limiter, OverLimit, Slot};
+use super::read_ahead::ReadAhead;
 use super::routes::{
     Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
@@ -312,11 +313,14 @@ impl Proxy {
     }
 }
 
-/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does.
+/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does,
+/// and `TCP_NODELAY`, which Linux passes on to every accepted connection (one
+/// `setsockopt` per listener instead of one per connection).
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;
@@ -359,10 +363,12 @@ async fn accept(
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            let _ = stream.set_nodelay(true);
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
-                None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
+                None => {
+                    let stream = ReadAhead::new(stream);
+                    serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                }
                 Some(acceptor) if shared.config.ssl_passthrough => {
                     let snapshot = Arc::clone(&snapshots.borrow());
                     let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
