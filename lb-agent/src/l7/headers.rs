@@ -62,6 +62,12 @@ pub fn refuse_h2c_upgrade(headers: &mut HeaderMap) {
 /// `Connection: upgrade` and `Upgrade` (they are the point of the message), and
 /// `TE: trailers` survives because gRPC over h2c requires it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over their few names costs less than hashing
+    // every hop-by-hop name to look it up. (Without them there is no `Connection`
+    // naming others, no `TE`, and no `Upgrade` to keep.)
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -175,17 +181,38 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trust: ForwardedTrust) -> Ip
     client
 }
 
+/// A connection's forwarding header values, formatted once when it is accepted rather
+/// than for each of its requests.
+#[derive(Debug, Clone)]
+pub struct PeerValues {
+    /// The connection's address in canonical form (IPv4-mapped IPv6 as IPv4).
+    ip: HeaderValue,
+    /// The port of the listener the client reached.
+    port: HeaderValue,
+}
+
+impl PeerValues {
+    pub fn new(peer: IpAddr, port: u16) -> PeerValues {
+        let ip = peer.to_canonical().to_string();
+        PeerValues {
+            ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(ip))
+                .expect("an IP address is a valid header value"),
+            port: HeaderValue::from(port),
+        }
+    }
+}
+
 /// What the backend learns about the hop in front of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded<'a> {
     /// The connection's address.
     pub peer: SocketAddr,
+    /// `peer`, and the port of the listener the client reached, as header values.
+    pub values: &'a PeerValues,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The Host the client asked for (with its port, as sent).
     pub host: &'a str,
-    /// The port of the listener the client reached.
-    pub port: u16,
     pub trust: ForwardedTrust,
 }
 
@@ -195,12 +222,14 @@ pub struct Forwarded<'a> {
 /// `use-forwarded-headers` lets the client's through; a request without an
 /// `X-Request-Id` gets a new one.
 pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
-    let client_ip = client_ip(headers, fwd.peer.ip(), fwd.trust)
-        .to_canonical()
-        .to_string();
-    let client_value = HeaderValue::from_str(&client_ip).ok();
+    let client = client_ip(headers, fwd.peer.ip(), fwd.trust);
+    let client_value = if client == fwd.peer.ip() {
+        Some(fwd.values.ip.clone())
+    } else {
+        HeaderValue::from_str(&client.to_canonical().to_string()).ok()
+    };
     let xff_value = if fwd.trust.compute_full_forwarded_for {
-        let peer = fwd.peer.ip().to_canonical().to_string();
+        let peer = fwd.values.ip.to_str().unwrap_or_default().to_owned();
         let previous: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -236,7 +265,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, fwd: &Forwarded<'_>) {
         }
     }
     if !keep(headers, &X_FORWARDED_PORT) {
-        headers.insert(X_FORWARDED_PORT, HeaderValue::from(fwd.port));
+        headers.insert(X_FORWARDED_PORT, fwd.values.port.clone());
     }
     if let Some(value) = client_value {
         headers.insert(X_REAL_IP, value);
@@ -355,11 +384,13 @@ mod tests {
     }
 
     fn forwarded(trust: ForwardedTrust) -> Forwarded<'static> {
+        let peer: SocketAddr = "[::ffff:198.51.100.1]:4000".parse().unwrap();
+        let values = Box::leak(Box::new(PeerValues::new(peer.ip(), 8443)));
         Forwarded {
-            peer: "[::ffff:198.51.100.1]:4000".parse().unwrap(),
+            peer,
+            values,
             proto: "https",
             host: "a.example:8443",
-            port: 8443,
             trust,
         }
     }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod rate;
+pub mod read_ahead;
 pub mod same_task;
 pub mod send_timeout;
 pub mod status;

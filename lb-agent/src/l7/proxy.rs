@@ -50,13 +50,14 @@ use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
 use super::headers::{
-    Forwarded, ForwardedTrust, add_forwarding, client_ip, refuse_h2c_upgrade, strip_hop_by_hop,
-    valid_host,
+    Forwarded, ForwardedTrust, PeerValues, add_forwarding, client_ip, refuse_h2c_upgrade,
+    strip_hop_by_hop, valid_host,
 };
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
 use super::rate::{Limiter, OverLimit, Slot};
+use super::read_ahead::ReadAhead;
 use super::routes::{
     Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
@@ -312,11 +313,14 @@ impl Proxy {
     }
 }
 
-/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does.
+/// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does,
+/// and `TCP_NODELAY`, which Linux passes on to every accepted connection (one
+/// `setsockopt` per listener instead of one per connection).
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;
@@ -359,10 +363,12 @@ async fn accept(
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            let _ = stream.set_nodelay(true);
             let state = ConnState::new(shared.config.header_timeout);
             match tls {
-                None => serve(stream, peer, kind, state, shared, snapshots, draining).await,
+                None => {
+                    let stream = ReadAhead::new(stream);
+                    serve(stream, peer, kind, state, shared, snapshots, draining).await;
+                }
                 Some(acceptor) if shared.config.ssl_passthrough => {
                     let snapshot = Arc::clone(&snapshots.borrow());
                     let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
@@ -425,11 +431,17 @@ async fn serve<S>(
     let service = {
         let shared = Arc::clone(&shared);
         let state = Arc::clone(&state);
+        let conn = Arc::new(Conn {
+            peer,
+            kind,
+            values: PeerValues::new(peer.ip(), kind.port),
+        });
         hyper::service::service_fn(move |req| {
             let guard = state.request_started();
             let shared = Arc::clone(&shared);
             let snapshot = Arc::clone(&snapshots.borrow());
-            async move { Ok::<_, Infallible>(handle(&shared, &snapshot, peer, kind, guard, req).await) }
+            let conn = Arc::clone(&conn);
+            async move { Ok::<_, Infallible>(handle(&shared, &snapshot, &conn, guard, req).await) }
         })
     };
     let conn = shared.server.serve_connection_with_upgrades(io, service);
@@ -472,15 +484,21 @@ async fn serve<S>(
     }
 }
 
+/// What every request of a client connection shares.
+struct Conn {
+    peer: SocketAddr,
+    kind: Listener,
+    values: PeerValues,
+}
+
 async fn handle(
     shared: &Shared,
     snapshot: &Snapshot,
-    peer: SocketAddr,
-    kind: Listener,
+    conn: &Conn,
     guard: RequestGuard,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let mut response = match forward(shared, snapshot, peer, kind, req).await {
+    let mut response = match forward(shared, snapshot, conn, req).await {
         Ok(response) => response,
         Err(local) => {
             shared.metrics.local_answer(local.reason);
@@ -611,10 +629,10 @@ fn check_head_size<B>(req: &Request<B>, config: &ProxyConfig) -> Result<(), Loca
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
-    peer: SocketAddr,
-    kind: Listener,
+    conn: &Conn,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Local> {
+    let Conn { peer, kind, .. } = *conn;
     let config = &shared.config;
     check_head_size(&req, config)?;
     let host = request_host(&req)?;
@@ -669,9 +687,9 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let forwarded = Forwarded {
         peer,
+        values: &conn.values,
         proto: if kind.tls { "https" } else { "http" },
         host: &host,
-        port: kind.port,
         trust: config.forwarded,
     };
     rewrite_head(&mut parts, &route.upstream, &forwarded, upgrade)?;

@@ -312,6 +312,8 @@ pub fn run(args: &Args) -> Result<()> {
     let l7 = l7_agent::start(
         &bed.topo.lb,
         &[],
+        &lb_testbed::agent::sibling_agent_binary()?,
+        "bench-l7",
         &bed.dir.join("manifests"),
         &l7_agent::manifests(HOST, &routes, &cert),
         &listen,

@@ -23,13 +23,18 @@
 //! flips every round): wrk `--latency` with a Lua script that alternates the two routes
 //! and counts every answer that is not a 200. A measurement with more than 1 % socket
 //! errors or non-200 answers, or where one backend got no request, fails the run.
+//!
+//! `--baseline-agent PATH` adds a third proxy: another `lb-agent` build (say, main's),
+//! fed the same manifests on its own address and measured in the same rounds, so that
+//! two builds are compared under the same load (the machine's other work shifts the
+//! figures from one run to the next far more than most changes do).
 
 mod nginx;
 mod wrk;
 pub(crate) mod xlb;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -52,8 +57,9 @@ const ALLOWED_CLIENTS: &str = "198.51.100.0/24";
 const BACKEND_PORT: u16 = 8080;
 const HTTP_PORT: u16 = 80;
 const HTTPS_PORT: u16 = 443;
-/// The agent's admin listener, inside the proxy namespace.
+/// The agents' admin listeners, inside the proxy namespace.
 const XLB_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 19190);
+const BASELINE_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 19191);
 /// How long xlb has to report ready and answer 200 on every route.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket errors plus non-200 answers above this share fail a measurement.
@@ -103,6 +109,10 @@ pub struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Another lb-agent binary to measure beside the one next to xlb-bench, in the same
+    /// rounds (an A/B of two builds under the same load).
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,15 +162,27 @@ impl Scenario {
 enum Proxy {
     Nginx,
     Xlb,
+    /// The `--baseline-agent` build.
+    Baseline,
 }
 
 impl Proxy {
-    const BOTH: [Proxy; 2] = [Proxy::Nginx, Proxy::Xlb];
+    const ALL: [Proxy; 3] = [Proxy::Nginx, Proxy::Xlb, Proxy::Baseline];
+
+    /// The proxies this run measures, in the first round's order.
+    fn measured(args: &Args) -> Vec<Proxy> {
+        let mut proxies = vec![Proxy::Nginx, Proxy::Xlb];
+        if args.baseline_agent.is_some() {
+            proxies.push(Proxy::Baseline);
+        }
+        proxies
+    }
 
     fn label(self) -> &'static str {
         match self {
             Proxy::Nginx => "nginx",
             Proxy::Xlb => "xlb",
+            Proxy::Baseline => "baseline",
         }
     }
 
@@ -169,6 +191,7 @@ impl Proxy {
         IpAddr::V4(match self {
             Proxy::Nginx => Topology::vip_v4(0),
             Proxy::Xlb => Topology::vip_v4(1),
+            Proxy::Baseline => Topology::vip_v4(2),
         })
     }
 }
@@ -259,20 +282,33 @@ impl Drop for Files {
 struct Proxies<'a> {
     nginx: Nginx<'a>,
     xlb: AgentProcess<'a>,
+    baseline: Option<AgentProcess<'a>>,
 }
 
 impl Proxies<'_> {
+    fn agent(&self, proxy: Proxy) -> Option<&AgentProcess<'_>> {
+        match proxy {
+            Proxy::Nginx => None,
+            Proxy::Xlb => Some(&self.xlb),
+            Proxy::Baseline => self.baseline.as_ref(),
+        }
+    }
+
     fn pids(&self, proxy: Proxy) -> Vec<u32> {
         match proxy {
             Proxy::Nginx => self.nginx.pids(),
-            Proxy::Xlb => self.xlb.pid().into_iter().collect(),
+            _ => self
+                .agent(proxy)
+                .and_then(AgentProcess::pid)
+                .into_iter()
+                .collect(),
         }
     }
 
     fn log(&self, proxy: Proxy) -> String {
         match proxy {
             Proxy::Nginx => self.nginx.log(),
-            Proxy::Xlb => self.xlb.log(),
+            _ => self.agent(proxy).map(AgentProcess::log).unwrap_or_default(),
         }
     }
 }
@@ -287,7 +323,7 @@ pub fn run(args: &Args) -> Result<()> {
     let routes = routes();
     let bed = Bed::start(pinning.as_ref(), &routes)?;
     let proxies = start_proxies(args, &bed, pinning.as_ref(), &routes)?;
-    for proxy in Proxy::BOTH {
+    for proxy in Proxy::measured(args) {
         check_routes(&bed, &proxies, proxy, Duration::from_secs(5))?;
     }
     print_header(args, pinning.as_ref(), &load_line);
@@ -295,7 +331,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut runs = Vec::new();
     for round in 0..args.rounds {
         for &scenario in &args.scenarios {
-            let mut order = Proxy::BOTH;
+            let mut order = Proxy::measured(args);
             if round % 2 == 1 {
                 order.reverse();
             }
@@ -443,7 +479,7 @@ impl Bed {
         // Room for the new-connection scenario's ephemeral ports.
         topo.client
             .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        for proxy in Proxy::BOTH {
+        for proxy in Proxy::ALL {
             topo.lb.ip(&[
                 "addr",
                 "add",
@@ -530,29 +566,51 @@ fn start_proxies<'a>(
         "NO_COLOR=1".to_owned(),
         format!("TOKIO_WORKER_THREADS={}", args.proxy_threads),
     ]);
-    let [http, https] = listen(Proxy::Xlb);
-    let xlb = xlb::start(
-        ns,
-        &launcher,
-        &bed.files.path("manifests"),
-        &bed.manifests,
-        &xlb::Listen {
-            http,
-            https,
-            admin: XLB_ADMIN,
-        },
-    )
-    .context("starting the xlb agent")?;
-    let proxies = Proxies { nginx, xlb };
-    wait_xlb_ready(bed, &proxies)?;
+    let agent = |proxy: Proxy, binary: &Path, admin: SocketAddr| {
+        let [http, https] = listen(proxy);
+        xlb::start(
+            ns,
+            &launcher,
+            binary,
+            &format!("bench-l7-{}", proxy.label()),
+            &bed.files.path("manifests"),
+            &bed.manifests,
+            &xlb::Listen { http, https, admin },
+        )
+        .with_context(|| {
+            format!(
+                "starting the {} agent ({})",
+                proxy.label(),
+                binary.display()
+            )
+        })
+    };
+    let xlb = agent(
+        Proxy::Xlb,
+        &lb_testbed::agent::sibling_agent_binary()?,
+        XLB_ADMIN,
+    )?;
+    let baseline = match &args.baseline_agent {
+        Some(binary) => Some(agent(Proxy::Baseline, binary, BASELINE_ADMIN)?),
+        None => None,
+    };
+    let proxies = Proxies {
+        nginx,
+        xlb,
+        baseline,
+    };
+    wait_xlb_ready(bed, &proxies, Proxy::Xlb, XLB_ADMIN)?;
+    if proxies.baseline.is_some() {
+        wait_xlb_ready(bed, &proxies, Proxy::Baseline, BASELINE_ADMIN)?;
+    }
     Ok(proxies)
 }
 
-/// Waits for xlb's `/readyz`, then for every route to answer 200 from the right backend
-/// over HTTP and HTTPS, within [`READY_TIMEOUT`] in all.
-fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>) -> Result<()> {
+/// Waits for an agent's `/readyz`, then for every route to answer 200 from the right
+/// backend over HTTP and HTTPS, within [`READY_TIMEOUT`] in all.
+fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>, proxy: Proxy, admin: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let readyz = format!("http://{XLB_ADMIN}/readyz");
+    let readyz = format!("http://{admin}/readyz");
     let last = loop {
         let status = curl(&bed.topo.lb, &["-o", "/dev/null"], &readyz).map(|(code, _)| code);
         match status {
@@ -568,7 +626,7 @@ fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>) -> Result<()> {
                 }
             }
         }
-        let exited = match proxies.xlb.pid() {
+        let exited = match proxies.agent(proxy).and_then(AgentProcess::pid) {
             Some(pid) => bed.topo.lb.try_wait(pid)?,
             None => None,
         };
@@ -579,12 +637,13 @@ fn wait_xlb_ready(bed: &Bed, proxies: &Proxies<'_>) -> Result<()> {
     };
     if let Some(last) = last {
         bail!(
-            "xlb's L7 hop did not become ready within {READY_TIMEOUT:?} ({last}); agent log:\n{}",
-            proxies.log(Proxy::Xlb)
+            "{}'s L7 hop did not become ready within {READY_TIMEOUT:?} ({last}); agent log:\n{}",
+            proxy.label(),
+            proxies.log(proxy)
         );
     }
     let left = deadline.saturating_duration_since(Instant::now());
-    check_routes(bed, proxies, Proxy::Xlb, left)
+    check_routes(bed, proxies, proxy, left)
 }
 
 /// Every route, over HTTP and HTTPS, answers 200 from its backend, within `timeout`
@@ -786,6 +845,19 @@ struct Comparison {
     /// Proxy CPU per request, xlb / nginx (lower is better).
     cpu_per_request_ratio: Option<f64>,
     target_met: bool,
+    /// The `--baseline-agent` build, and xlb over it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<AgainstBaseline>,
+}
+
+/// xlb against the `--baseline-agent` build in the same run.
+#[derive(Debug, Clone, serde::Serialize)]
+struct AgainstBaseline {
+    figures: Figures,
+    /// xlb / baseline.
+    requests_per_sec_ratio: Option<f64>,
+    p99_ratio: Option<f64>,
+    cpu_per_request_ratio: Option<f64>,
 }
 
 fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
@@ -813,6 +885,18 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 ratio(xlb.proxy_cpu_us_per_request, nginx.proxy_cpu_us_per_request);
             let target_met = requests_per_sec_ratio.is_some_and(|r| r >= TARGET_RPS_RATIO)
                 && p99_ratio.is_some_and(|r| r <= 1.0);
+            let baseline = args.baseline_agent.is_some().then(|| {
+                let figures = figures(Proxy::Baseline);
+                AgainstBaseline {
+                    requests_per_sec_ratio: ratio(xlb.requests_per_sec, figures.requests_per_sec),
+                    p99_ratio: ratio(xlb.p99_ms, figures.p99_ms),
+                    cpu_per_request_ratio: ratio(
+                        xlb.proxy_cpu_us_per_request,
+                        figures.proxy_cpu_us_per_request,
+                    ),
+                    figures,
+                }
+            });
             Comparison {
                 scenario: scenario.label(),
                 nginx,
@@ -821,6 +905,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 p99_ratio,
                 cpu_per_request_ratio,
                 target_met,
+                baseline,
             }
         })
         .collect()
@@ -830,14 +915,18 @@ fn reproduce(args: &Args) -> String {
     let scenarios: Vec<&str> = args.scenarios.iter().map(|s| s.label()).collect();
     format!(
         "cargo xtask bench l7 --secs {} --connections {} --threads {} --proxy-threads {} \
-         --rounds {} --scenarios {}{}",
+         --rounds {} --scenarios {}{}{}",
         args.secs,
         args.connections,
         args.threads,
         args.proxy_threads,
         args.rounds,
         scenarios.join(","),
-        if args.no_pin { " --no-pin" } else { "" }
+        if args.no_pin { " --no-pin" } else { "" },
+        args.baseline_agent
+            .as_ref()
+            .map(|b| format!(" --baseline-agent {}", b.display()))
+            .unwrap_or_default()
     )
 }
 
@@ -913,11 +1002,12 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     println!("(latencies in ms; ratios are xlb/nginx)");
     println!();
     print_cpu(args, summary);
+    print_baseline(args, summary);
     println!();
     println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
         println!(
-            "  r{} {:<11} {:<6} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
+            "  r{} {:<11} {:<8} {:>9.0} req/s  p99 {:>8.3} ms  backends {:?}  errors {}  not 200 {}",
             r.round + 1,
             r.scenario,
             r.proxy.label(),
@@ -948,6 +1038,39 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
         );
     }
     println!("reproduce: {}", reproduce(args));
+}
+
+/// xlb against the `--baseline-agent` build, when there is one.
+fn print_baseline(args: &Args, summary: &[Comparison]) {
+    let Some(binary) = &args.baseline_agent else {
+        return;
+    };
+    let cell = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    };
+    println!();
+    println!(
+        "xlb against the baseline build ({}), same rounds (ratios xlb/baseline):",
+        binary.display()
+    );
+    for c in summary {
+        let Some(b) = &c.baseline else { continue };
+        println!(
+            "  {:<11} baseline {:>7.0} req/s p99 {:>7.3} ms {:>6.1} us/req   xlb {:>7.0} req/s \
+             p99 {:>7.3} ms {:>6.1} us/req   ratios r/s {} p99 {} us/req {}",
+            c.scenario,
+            b.figures.requests_per_sec,
+            b.figures.p99_ms,
+            b.figures.proxy_cpu_us_per_request,
+            c.xlb.requests_per_sec,
+            c.xlb.p99_ms,
+            c.xlb.proxy_cpu_us_per_request,
+            cell(b.requests_per_sec_ratio),
+            cell(b.p99_ratio),
+            cell(b.cpu_per_request_ratio),
+        );
+    }
 }
 
 /// What each proxy's CPU did: how busy, and the cost of a request.
@@ -1070,6 +1193,31 @@ mod tests {
         assert!(!tail[0].target_met);
         let missing = summarize(&args, &[run(Proxy::Nginx, 100.0, 2.0)]);
         assert!(!missing[0].target_met);
+    }
+
+    #[test]
+    fn a_baseline_build_is_compared_with_xlb() {
+        let args = parse_args::<Args>(&["--scenarios", "http"]);
+        assert!(
+            summarize(&args, &[run(Proxy::Xlb, 100.0, 2.0)])[0]
+                .baseline
+                .is_none()
+        );
+        let args = parse_args::<Args>(&["--scenarios", "http", "--baseline-agent", "/b/lb-agent"]);
+        assert_eq!(
+            Proxy::measured(&args),
+            [Proxy::Nginx, Proxy::Xlb, Proxy::Baseline]
+        );
+        assert!(reproduce(&args).ends_with("--scenarios http --baseline-agent /b/lb-agent"));
+        let mut slow = run(Proxy::Baseline, 80.0, 4.0);
+        slow.proxy_cpu_us_per_request = 20.0;
+        let summary = summarize(&args, &[run(Proxy::Xlb, 100.0, 2.0), slow]);
+        let baseline = summary[0].baseline.as_ref().unwrap();
+        assert!((baseline.requests_per_sec_ratio.unwrap() - 1.25).abs() < 1e-12);
+        assert!((baseline.p99_ratio.unwrap() - 0.5).abs() < 1e-12);
+        assert!((baseline.cpu_per_request_ratio.unwrap() - 0.5).abs() < 1e-12);
+        // The target stays xlb against nginx.
+        assert!(!summary[0].target_met);
     }
 
     #[test]

@@ -197,11 +197,14 @@ pub fn arguments(dir: &Path, listen: &Listen) -> Vec<String> {
     .into()
 }
 
-/// Writes the manifests into `dir` and starts the agent in `ns` through `launcher`
-/// (taskset, and `env TOKIO_WORKER_THREADS=N`, which keep the agent's PID).
+/// Writes the manifests into `dir` and starts `binary` in `ns` through `launcher`
+/// (taskset, and `env TOKIO_WORKER_THREADS=N`, which keep the agent's PID); `tag`
+/// names its files.
 pub fn start<'a>(
     ns: &'a Netns,
     launcher: &[String],
+    binary: &Path,
+    tag: &str,
     dir: &Path,
     manifests: &str,
     listen: &Listen,
@@ -214,14 +217,7 @@ pub fn start<'a>(
     let launcher: Vec<&str> = launcher.iter().map(String::as_str).collect();
     let source: Vec<&str> = source.iter().map(String::as_str).collect();
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    AgentProcess::start_l7_only(
-        ns,
-        &launcher,
-        &lb_testbed::agent::sibling_agent_binary()?,
-        &source,
-        "bench-l7",
-        &extra,
-    )
+    AgentProcess::start_l7_only(ns, &launcher, binary, &source, tag, &extra)
 }
 
 #[cfg(test)]

@@ -2223,3 +2223,18 @@ mod backend_protocol;
 mod forwarded;
 mod passthrough;
 mod send_timeout;
+
+/// The listener's `TCP_NODELAY` reaches every accepted connection, which therefore
+/// needs no `setsockopt` of its own.
+#[test]
+fn accepted_connections_have_nodelay_from_the_listener() {
+    let listener = super::listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    assert!(accepted.nodelay().unwrap());
+    assert!(
+        !client.nodelay().unwrap(),
+        "the client side keeps its own setting"
+    );
+}
