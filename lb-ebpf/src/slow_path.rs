@@ -38,11 +38,14 @@ pub fn take(ctx: &XdpContext, verdict: (u32, Reason), bytes: u64) -> (u32, Reaso
     verdict
 }
 
-/// The length the frame arrived with, as the entry saw it.
+/// A slow path's verdict, counted as the entry counts its own: its reason, with the
+/// length the frame arrived with (this CPU's slot, written by the entry just before the
+/// tail call). Returns the action.
 #[inline(always)]
-fn arrived_bytes() -> u64 {
-    // This CPU's slot, written by the entry just before the tail call.
-    ARRIVED_BYTES_V1.get(0).copied().unwrap_or(0)
+fn counted((action, reason): (u32, Reason)) -> u32 {
+    let arrived = ARRIVED_BYTES_V1.get(0).copied().unwrap_or(0);
+    stats::count_reason(reason, arrived);
+    action
 }
 
 /// `SLOW_PATH_ICMP_ERROR`.
@@ -52,9 +55,7 @@ fn arrived_bytes() -> u64 {
     reason = "the #[xdp] macro hands the context over by value"
 )]
 pub fn xlb_icmp_error(ctx: XdpContext) -> u32 {
-    let (action, reason) = icmp::error(&ctx);
-    stats::count_reason(reason, arrived_bytes());
-    action
+    counted(icmp::error(&ctx))
 }
 
 /// `SLOW_PATH_TOO_BIG`.
@@ -64,7 +65,5 @@ pub fn xlb_icmp_error(ctx: XdpContext) -> u32 {
     reason = "the #[xdp] macro hands the context over by value"
 )]
 pub fn xlb_too_big(ctx: XdpContext) -> u32 {
-    let (action, reason) = dsr_mtu::too_big(&ctx);
-    stats::count_reason(reason, arrived_bytes());
-    action
+    counted(dsr_mtu::too_big(&ctx))
 }
