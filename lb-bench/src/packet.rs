@@ -13,7 +13,10 @@
 //! - the backend's reply: reverse translation towards the client;
 //! - new flows: a new 5-tuple on every call, first while the conntrack table has room,
 //!   then over the whole table: `--flows` calls (more than the table holds), so the table
-//!   fills and every later new flow evicts an entry, as under a connection flood.
+//!   fills and every later new flow evicts an entry, as under a connection flood;
+//! - established flows of that full table, a different one on every call: each lookup
+//!   finds its entry out of the CPU's caches, as on a busy node (no target; it shows what
+//!   the memory costs, which the single replayed flow above never pays).
 //!
 //! Also each program's size as the kernel reports it (`BPF_OBJ_GET_INFO_BY_FD`): the
 //! instructions after the verifier's rewrites (xlated), the JIT's machine code, and the
@@ -29,7 +32,7 @@ use lb_agent::dataplane::Dataplane;
 use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
 use lb_common::{PROTO_TCP, Reason};
-use lb_testbed::frames::Frame;
+use lb_testbed::frames::{Frame, L4};
 use lb_testbed::node::{
     CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, reply_from,
     services, vip_v4, vip_v6,
@@ -63,6 +66,13 @@ const TARGET_NEW_FLOW_ROOM: f64 = 5.0;
 
 /// The frontend's port for the frontend-miss case: the VIP serves 80/tcp and 53/udp only.
 const UNSERVED_PORT: u16 = 8443;
+/// The table-filling flows' sources: 198.51.100.110 to .254, 64,000 ports each.
+const FILL_FIRST_HOST: u8 = 110;
+/// Calls of the full-table established case.
+const FULL_TABLE_CALLS: u32 = 20_000;
+/// Its step through the flows: a prime, so the calls visit distinct flows (unless the
+/// span is a multiple of it).
+const FULL_TABLE_STRIDE: u64 = 7_919;
 
 #[derive(serde::Serialize)]
 struct CaseResult {
@@ -156,6 +166,9 @@ pub fn run(args: &Args) -> Result<()> {
                 }
                 let filling =
                     fill_conntrack(&dp, &mut pass, &syn, args.flows, client_if, &mut results)?;
+                let busy =
+                    established_in_full_table(&dp, &mut pass, web, &syn, &filling, client_if)?;
+                results.push(busy);
                 Ok((results, filling, programs))
             })??;
 
@@ -382,9 +395,7 @@ fn fill_conntrack(
     client_if: u32,
     results: &mut Vec<CaseResult>,
 ) -> Result<Filling> {
-    /// Source addresses 198.51.100.110 to .254, 64,000 ports each.
-    const FIRST_HOST: u8 = 110;
-    const MAX_FLOWS: u32 = (255 - FIRST_HOST as u32) * 64_000;
+    const MAX_FLOWS: u32 = (255 - FILL_FIRST_HOST as u32) * 64_000;
     let before = dp.table_fill(maps::CONNTRACK)?;
     let room = before.capacity.saturating_sub(before.entries);
     if u64::from(flows) <= room || flows > MAX_FLOWS {
@@ -404,7 +415,7 @@ fn fill_conntrack(
         target: Some(TARGET_NEW_FLOW_FILLING),
         calls: flows,
         // None of these 5-tuples was seen before.
-        frame: new_flows(syn, FIRST_HOST),
+        frame: new_flows(syn, FILL_FIRST_HOST),
     };
     let t = time_case(dp, pass, &case)?;
     let after = dp.table_fill(maps::CONNTRACK)?;
@@ -430,6 +441,58 @@ fn fill_conntrack(
         capacity: before.capacity,
         entries_after: after.entries,
     })
+}
+
+/// Established flows of a full table, a different one on every call, in an order that
+/// jumps through the table: each call's conntrack entry (and its hash bucket) is likely
+/// out of the CPU's caches, as on a busy node, where the single replayed flow of the
+/// established case is always in them. No target: it shows what the memory costs.
+/// Checked to be conntrack hits: the service counts no new flow.
+fn established_in_full_table(
+    dp: &Dataplane,
+    pass: &mut PassProgram,
+    web: &Service,
+    syn: &Frame,
+    filling: &Filling,
+    client_if: u32,
+) -> Result<CaseResult> {
+    // The newest half of the table's capacity: the LRU evicts the oldest entries.
+    let span = u32::try_from(filling.capacity / 2)
+        .unwrap_or(u32::MAX)
+        .min(filling.flows);
+    let first = filling.flows - span;
+    // The filling case's flows, past their SYN.
+    let mut flow = syn.clone();
+    if let L4::Tcp { syn, .. } = &mut flow.l4 {
+        *syn = false;
+    }
+    let frames = new_flows(&flow, FILL_FIRST_HOST);
+    let case = Case {
+        name: "established flow, full table",
+        stage: "conntrack hit (cold entry) + DNAT + FIB",
+        ingress: client_if,
+        verdict: XDP_REDIRECT,
+        reason: Reason::FwdRedirect,
+        target: None,
+        calls: span.min(FULL_TABLE_CALLS),
+        // A stride prime to the span: every call a flow inserted far from the last one.
+        frame: Box::new(move |i| {
+            let step = u64::from(i) * FULL_TABLE_STRIDE % u64::from(span);
+            frames(first + u32::try_from(step).expect("below the span"))
+        }),
+    };
+    let new_before = dp.service_stats(web.id)?.new_flows;
+    let t = time_case(dp, pass, &case)?;
+    let new_flows = dp.service_stats(web.id)?.new_flows - new_before;
+    if new_flows != 0 {
+        bail!(
+            "{}: {new_flows} of {} calls were new flows, not conntrack hits (entries evicted \
+             early?)",
+            case.name,
+            case.calls
+        );
+    }
+    Ok(result(case.name, case.stage, &t.xlb, &t.pass, case.target))
 }
 
 fn median(v: &[Duration]) -> u64 {
