@@ -9,7 +9,10 @@
 //! - parse only: a non-IP frame (ARP), which leaves after the Ethertype;
 //! - non-VIP: TCP to an address that is not ours, stopped by the address pre-filter;
 //! - frontend miss: TCP to a VIP on a port no service uses (pre-filter hit, lookup miss);
-//! - established flows (IPv4, IPv6): conntrack hit, DNAT, FIB, redirect;
+//! - established flows (IPv4, IPv6): conntrack hit, DNAT, FIB, redirect; and the IPv4
+//!   one again with the CPU's private caches (L1, L2) evicted before every call, as when
+//!   packets arrive between other work (no target: it shows the cost of cold code and
+//!   maps, which a hot loop of calls never pays);
 //! - the backend's reply: reverse translation towards the client;
 //! - new flows: a new 5-tuple on every call, first while the conntrack table has room,
 //!   then over the whole table: `--flows` calls (more than the table holds), so the table
@@ -68,6 +71,11 @@ const TARGET_NEW_FLOW_ROOM: f64 = 5.0;
 const UNSERVED_PORT: u16 = 8443;
 /// The table-filling flows' sources: 198.51.100.110 to .254, 64,000 ports each.
 const FILL_FIRST_HOST: u8 = 110;
+/// Calls of the caches-cold case (each evicts twice, about 0.1 ms).
+const COLD_CALLS: u32 = 5_000;
+/// What the caches-cold case writes before each call: twice the L2 of the CPUs these
+/// machines have (1 MiB), so it leaves nothing of the last run in L1 or L2.
+const EVICT_BYTES: usize = 2 << 20;
 /// Calls of the full-table established case.
 const FULL_TABLE_CALLS: u32 = 20_000;
 /// Its step through the flows: a prime, so the calls visit distinct flows (unless the
@@ -123,6 +131,8 @@ struct Case {
     target: Option<f64>,
     calls: u32,
     frame: Box<dyn Fn(u32) -> Vec<u8>>,
+    /// Evict the CPU's private caches before every call (of both programs).
+    cold: bool,
 }
 
 /// Interleaved timings of one case: the program's and the pass program's, call by call.
@@ -235,6 +245,7 @@ fn stage_cases(
             target: None,
             calls: iterations,
             frame: Box::new(move |_| arp.clone()),
+            cold: false,
         },
         Case {
             name: "non-VIP pass",
@@ -245,6 +256,7 @@ fn stage_cases(
             target: Some(TARGET_NON_VIP),
             calls: iterations,
             frame: each(non_vip),
+            cold: false,
         },
         Case {
             name: "frontend miss (VIP, other port)",
@@ -255,6 +267,7 @@ fn stage_cases(
             target: None,
             calls: iterations,
             frame: each(miss),
+            cold: false,
         },
         Case {
             name: "established flow (IPv4 TCP)",
@@ -265,6 +278,18 @@ fn stage_cases(
             target: Some(TARGET_ESTABLISHED),
             calls: iterations,
             frame: each(established.clone()),
+            cold: false,
+        },
+        Case {
+            name: "established flow, caches cold",
+            stage: "as above, L1/L2 evicted before each call",
+            ingress: client_if,
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRedirect,
+            target: None,
+            calls: iterations.min(COLD_CALLS),
+            frame: each(established.clone()),
+            cold: true,
         },
         Case {
             name: "established flow (IPv6 TCP)",
@@ -275,6 +300,7 @@ fn stage_cases(
             target: Some(TARGET_ESTABLISHED),
             calls: iterations,
             frame: each(established_v6),
+            cold: false,
         },
         Case {
             name: "reply (IPv4 TCP, backend -> client)",
@@ -285,6 +311,7 @@ fn stage_cases(
             target: None,
             calls: iterations,
             frame: each(reply),
+            cold: false,
         },
         Case {
             name: "new flow, table with room",
@@ -296,6 +323,7 @@ fn stage_cases(
             calls: iterations,
             // 198.51.100.100 and up, a new source port every call.
             frame: new_flows(&syn, 100),
+            cold: false,
         },
     ];
     Ok((cases, syn))
@@ -356,9 +384,16 @@ fn time_case(dp: &Dataplane, pass: &mut PassProgram, case: &Case) -> Result<Timi
         xlb: Vec::with_capacity(case.calls as usize),
         pass: Vec::with_capacity(case.calls as usize),
     };
+    let mut evictor = case.cold.then(|| vec![0u8; EVICT_BYTES]);
     for i in 0..case.calls {
         let frame = (case.frame)(i);
+        if let Some(buf) = &mut evictor {
+            evict(buf);
+        }
         let b = pass.test_run(&frame, Some(case.ingress))?;
+        if let Some(buf) = &mut evictor {
+            evict(buf);
+        }
         let r = xdp::test_run(dp, &frame, Some(case.ingress))?;
         if r.action != case.verdict {
             bail!(
@@ -382,6 +417,16 @@ fn time_case(dp: &Dataplane, pass: &mut PassProgram, case: &Case) -> Result<Timi
         );
     }
     Ok(t)
+}
+
+/// Writes a line of `buf` every 64 bytes: with `buf` twice this CPU's L2, the caches
+/// private to the CPU (L1 data and instructions, L2) then hold none of what the last
+/// program run left there, as when a packet arrives after the kernel and other tasks ran.
+fn evict(buf: &mut [u8]) {
+    for line in buf.chunks_mut(64) {
+        line[0] = line[0].wrapping_add(1);
+    }
+    std::hint::black_box(buf);
 }
 
 /// New flows until the conntrack table is full and well past it: the median over all of
@@ -416,6 +461,7 @@ fn fill_conntrack(
         calls: flows,
         // None of these 5-tuples was seen before.
         frame: new_flows(syn, FILL_FIRST_HOST),
+        cold: false,
     };
     let t = time_case(dp, pass, &case)?;
     let after = dp.table_fill(maps::CONNTRACK)?;
@@ -480,6 +526,7 @@ fn established_in_full_table(
             let step = u64::from(i) * FULL_TABLE_STRIDE % u64::from(span);
             frames(first + u32::try_from(step).expect("below the span"))
         }),
+        cold: false,
     };
     let new_before = dp.service_stats(web.id)?.new_flows;
     let t = time_case(dp, pass, &case)?;
