@@ -94,7 +94,7 @@ fn pipeline(
     pkt: &mut Packet,
     ours: service::Ours,
 ) -> Result<(u32, Reason), Reason> {
-    if ours.to_frontend {
+    if ours == service::Ours::ToFrontend {
         // An established flow's entry remembers its frontend's service and flags: no
         // frontend lookup. Its flow then outlives the frontend while its backend serves
         // the service, as conntrack entries do under kube-proxy.
@@ -176,7 +176,7 @@ fn to_client(
     pkt: &mut Packet,
     ours: service::Ours,
 ) -> Result<(u32, Reason), Reason> {
-    if !ours.from_backend {
+    if ours == service::Ours::ToFrontend && !service::from_backend(pkt) {
         return Err(Reason::PassNotFrontend);
     }
     // source-NATed (backend -> node:port): to frontend -> client; else backend -> client:

@@ -28,23 +28,25 @@ fn words_may_be(words: &[u32; 4], flag: u8) -> bool {
 }
 
 /// What the pre-filter says of a packet that may be ours.
-#[derive(Clone, Copy)]
-pub struct Ours {
-    /// Its destination may be a frontend (a packet to translate).
-    pub to_frontend: bool,
-    /// Its source may be a backend (a reply to translate).
-    pub from_backend: bool,
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ours {
+    /// Its destination may be a frontend (a packet to translate). Its source is not
+    /// looked at yet: that read is left for the rare packet to a frontend's address that
+    /// no frontend takes ([`from_backend`]).
+    ToFrontend,
+    /// Not to a frontend, but its source may be a backend (a reply to translate).
+    FromBackend,
 }
 
 /// The pre-filter's word on a packet: `None` when it is neither to a frontend nor from
 /// a backend, and so passes.
 #[inline(always)]
 pub fn ours(pkt: &Packet) -> Option<Ours> {
-    let ours = Ours {
-        to_frontend: to_frontend(pkt),
-        from_backend: from_backend(pkt),
-    };
-    (ours.to_frontend || ours.from_backend).then_some(ours)
+    if to_frontend(pkt) {
+        Some(Ours::ToFrontend)
+    } else {
+        from_backend(pkt).then_some(Ours::FromBackend)
+    }
 }
 
 /// Whether the packet's source may be a backend (a reply to translate).
