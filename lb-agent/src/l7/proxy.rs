@@ -41,7 +41,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -363,30 +363,57 @@ async fn accept(
         let tls = tls.clone();
         let draining = draining.clone();
         let alive = alive.clone();
-        tokio::spawn(async move {
-            let _alive = alive;
-            let state = ConnState::new(shared.config.header_timeout);
-            match tls {
-                None => {
-                    serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                }
-                Some(acceptor) if shared.config.ssl_passthrough => {
-                    let snapshot = Arc::clone(&snapshots.borrow());
-                    let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
-                    drop(snapshot);
-                    if let passthrough::Diverted::Terminate(stream) = diverted
-                        && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
-                    {
-                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                    }
-                }
-                Some(acceptor) => {
-                    if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
-                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                    }
-                }
-            }
-        });
+        // Each kind of connection its own task: a task's future is as large as its
+        // largest state, and tokio copies it when spawning and finishing it.
+        let _ = match tls {
+            None => tokio::spawn(plain(
+                stream, peer, kind, shared, snapshots, draining, alive,
+            )),
+            Some(acceptor) => tokio::spawn(secure(
+                acceptor, stream, peer, kind, shared, snapshots, draining, alive,
+            )),
+        };
+    }
+}
+
+/// Serves a plain client connection.
+async fn plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
+    let state = ConnState::new(shared.config.header_timeout);
+    serve(stream, peer, kind, state, shared, snapshots, draining).await;
+}
+
+/// Serves a TLS client connection: handshake (unless passed through), then HTTP.
+#[expect(clippy::too_many_arguments, reason = "what the connection task owns")]
+async fn secure(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
+    let state = ConnState::new(shared.config.header_timeout);
+    if shared.config.ssl_passthrough {
+        let snapshot = Arc::clone(&snapshots.borrow());
+        let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
+        drop(snapshot);
+        if let passthrough::Diverted::Terminate(stream) = diverted
+            && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
+        {
+            serve(stream, peer, kind, state, shared, snapshots, draining).await;
+        }
+    } else if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
+        serve(stream, peer, kind, state, shared, snapshots, draining).await;
     }
 }
 
@@ -468,11 +495,13 @@ async fn serve<S>(
     let outcome = match protocol {
         Protocol::Http1 => {
             let conn = shared.http1.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
             until_done(conn, expired, draining).await
         }
         Protocol::Http2 => {
-            let conn = shared.http2.serve_connection(io, service);
-            until_done(conn, expired, draining).await
+            // Boxed: HTTP/2 connections are rare here and their state is large.
+            let mut conn = Box::pin(shared.http2.serve_connection(io, service));
+            until_done(conn.as_mut(), expired, draining).await
         }
     };
     match outcome {
@@ -534,11 +563,10 @@ where
 /// Drives `conn` until it ends or the watchdog cuts it (the reason); once the drain
 /// starts, it ends after the request in flight.
 async fn until_done<C: Graceful>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     mut expired: Pin<&mut impl Future<Output = &'static str>>,
     mut draining: watch::Receiver<bool>,
 ) -> Result<hyper::Result<()>, &'static str> {
-    tokio::pin!(conn);
     let mut shutting_down = false;
     loop {
         tokio::select! {
