@@ -342,6 +342,7 @@ async fn accept(
     (draining, alive): DrainState,
 ) {
     let name = if kind.tls { "https" } else { "http" };
+    let accepted_count = shared.metrics.accepted(name);
     loop {
         let mut stop = draining.clone();
         let accepted = tokio::select! {
@@ -357,7 +358,7 @@ async fn accept(
                 continue;
             }
         };
-        shared.metrics.accepted(name);
+        accepted_count.inc();
         let shared = Arc::clone(&shared);
         let snapshots = snapshots.clone();
         let tls = tls.clone();
