@@ -201,18 +201,18 @@ impl Proxy {
             Some(key) => Arc::clone(key),
             None => tls::self_signed_default()?,
         };
-        let mut http1 = http1::Builder::new();
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        let mut h1_server = http1::Builder::new();
+        let mut h2_server = http2::Builder::new(TokioExecutor::new());
         // The parsers' own caps, which bound memory, sit at twice the limits: a head
         // over a limit reaches `head_within`, whose 431 has a body and a counter.
         // Only a head over twice a limit gets the parser's empty 431 (and the
         // connection closed). hyper's buffer floor is 8 KiB.
         let parser_bytes = config.max_header_bytes.saturating_mul(2);
-        http1
+        h1_server
             .keep_alive(true)
             .max_buf_size(parser_bytes.max(8192))
             .max_headers(config.max_headers.saturating_mul(2));
-        http2.max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
+        h2_server.max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
         let metrics = Metrics::register(registry);
         let shared = Arc::new(Shared {
             https_port,
@@ -226,8 +226,8 @@ impl Proxy {
             ),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
             auth: Checker::new(),
-            http1,
-            http2,
+            http1: h1_server,
+            http2: h2_server,
             config,
         });
         Ok(Proxy {
@@ -366,14 +366,18 @@ async fn accept(
         let alive = alive.clone();
         // Each kind of connection its own task: a task's future is as large as its
         // largest state, and tokio copies it when spawning and finishing it.
-        let _ = match tls {
-            None => tokio::spawn(plain(
-                stream, peer, kind, shared, snapshots, draining, alive,
-            )),
-            Some(acceptor) => tokio::spawn(secure(
-                acceptor, stream, peer, kind, shared, snapshots, draining, alive,
-            )),
-        };
+        match tls {
+            None => {
+                tokio::spawn(plain(
+                    stream, peer, kind, shared, snapshots, draining, alive,
+                ));
+            }
+            Some(acceptor) => {
+                tokio::spawn(secure(
+                    acceptor, stream, peer, kind, shared, snapshots, draining, alive,
+                ));
+            }
+        }
     }
 }
 
