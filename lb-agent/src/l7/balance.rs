@@ -12,6 +12,7 @@
 //! every ejection. When every candidate is ejected, one is tried anyway (fail open, as
 //! nginx forgets `max_fails` when all its peers have failed).
 
+use foldhash::fast::RandomState;
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -31,7 +32,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 struct UpstreamState {
     next: AtomicUsize,
-    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    in_flight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>, RandomState>>,
     /// Endpoints ejected, so the request path skips the ejection lock when empty.
     ejected_count: AtomicUsize,
     ejected: Mutex<Ejections>,
@@ -41,7 +42,7 @@ struct UpstreamState {
 struct Ejections {
     /// The endpoint set the ejections were made under (a hash of it).
     endpoints: u64,
-    by_addr: HashMap<SocketAddr, Ejection>,
+    by_addr: HashMap<SocketAddr, Ejection, RandomState>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +110,7 @@ impl UpstreamState {
 
 #[derive(Debug, Default)]
 pub struct Balancer {
-    upstreams: Mutex<HashMap<String, Arc<UpstreamState>>>,
+    upstreams: Mutex<HashMap<String, Arc<UpstreamState>, RandomState>>,
 }
 
 /// Counts one request in flight on an endpoint until dropped (when the response

@@ -133,10 +133,12 @@ impl Metrics {
         self.ejections.inc();
     }
 
-    pub fn accepted(&self, listener: &'static str) {
+    /// The accepted-connections counter of `listener`, which its accept loop keeps
+    /// (no label lookup per connection).
+    pub fn accepted(&self, listener: &'static str) -> Counter {
         self.connections
             .get_or_create(&[("listener", listener)])
-            .inc();
+            .clone()
     }
 
     pub fn upgraded(&self) {

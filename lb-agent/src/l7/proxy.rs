@@ -36,12 +36,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
+use hyper::server::conn::{http1, http2};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -57,7 +57,7 @@ use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
 use super::path;
 use super::rate::{Limiter, OverLimit, Slot};
-use super::read_ahead::ReadAhead;
+use super::read_ahead::{Protocol, ReadAhead};
 use super::routes::{
     Affinity, Canary, CanaryVerdict, Cors, Policy, Route, Target, Upstream, UpstreamProtocol,
 };
@@ -165,7 +165,10 @@ struct Shared {
     pool: Pool,
     dns: Resolver,
     auth: Checker,
-    server: auto::Builder<TokioExecutor>,
+    /// The servers of each protocol: the proxy tells the protocol itself, from the
+    /// connection's first read (see [`super::read_ahead`]).
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 /// The listener a connection came in on.
@@ -198,20 +201,18 @@ impl Proxy {
             Some(key) => Arc::clone(key),
             None => tls::self_signed_default()?,
         };
-        let mut server = auto::Builder::new(TokioExecutor::new());
+        let mut h1_server = http1::Builder::new();
+        let mut h2_server = http2::Builder::new(TokioExecutor::new());
         // The parsers' own caps, which bound memory, sit at twice the limits: a head
         // over a limit reaches `head_within`, whose 431 has a body and a counter.
         // Only a head over twice a limit gets the parser's empty 431 (and the
         // connection closed). hyper's buffer floor is 8 KiB.
         let parser_bytes = config.max_header_bytes.saturating_mul(2);
-        server
-            .http1()
+        h1_server
             .keep_alive(true)
             .max_buf_size(parser_bytes.max(8192))
             .max_headers(config.max_headers.saturating_mul(2));
-        server
-            .http2()
-            .max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
+        h2_server.max_header_list_size(u32::try_from(parser_bytes).unwrap_or(u32::MAX));
         let metrics = Metrics::register(registry);
         let shared = Arc::new(Shared {
             https_port,
@@ -225,7 +226,8 @@ impl Proxy {
             ),
             dns: Resolver::new(config.dns_refresh, config.connect_timeout),
             auth: Checker::new(),
-            server,
+            http1: h1_server,
+            http2: h2_server,
             config,
         });
         Ok(Proxy {
@@ -340,6 +342,7 @@ async fn accept(
     (draining, alive): DrainState,
 ) {
     let name = if kind.tls { "https" } else { "http" };
+    let accepted_count = shared.metrics.accepted(name);
     loop {
         let mut stop = draining.clone();
         let accepted = tokio::select! {
@@ -355,37 +358,67 @@ async fn accept(
                 continue;
             }
         };
-        shared.metrics.accepted(name);
+        accepted_count.inc();
         let shared = Arc::clone(&shared);
         let snapshots = snapshots.clone();
         let tls = tls.clone();
         let draining = draining.clone();
         let alive = alive.clone();
-        tokio::spawn(async move {
-            let _alive = alive;
-            let state = ConnState::new(shared.config.header_timeout);
-            match tls {
-                None => {
-                    let stream = ReadAhead::new(stream);
-                    serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                }
-                Some(acceptor) if shared.config.ssl_passthrough => {
-                    let snapshot = Arc::clone(&snapshots.borrow());
-                    let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
-                    drop(snapshot);
-                    if let passthrough::Diverted::Terminate(stream) = diverted
-                        && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
-                    {
-                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                    }
-                }
-                Some(acceptor) => {
-                    if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
-                        serve(stream, peer, kind, state, shared, snapshots, draining).await;
-                    }
-                }
+        // Each kind of connection its own task: a task's future is as large as its
+        // largest state, and tokio copies it when spawning and finishing it.
+        match tls {
+            None => {
+                tokio::spawn(plain(
+                    stream, peer, kind, shared, snapshots, draining, alive,
+                ));
             }
-        });
+            Some(acceptor) => {
+                tokio::spawn(secure(
+                    acceptor, stream, peer, kind, shared, snapshots, draining, alive,
+                ));
+            }
+        }
+    }
+}
+
+/// Serves a plain client connection.
+async fn plain(
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
+    let state = ConnState::new(shared.config.header_timeout);
+    serve(stream, peer, kind, state, shared, snapshots, draining).await;
+}
+
+/// Serves a TLS client connection: handshake (unless passed through), then HTTP.
+#[expect(clippy::too_many_arguments, reason = "what the connection task owns")]
+async fn secure(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+    _alive: tokio::sync::mpsc::Sender<()>,
+) {
+    let state = ConnState::new(shared.config.header_timeout);
+    if shared.config.ssl_passthrough {
+        let snapshot = Arc::clone(&snapshots.borrow());
+        let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
+        drop(snapshot);
+        if let passthrough::Diverted::Terminate(stream) = diverted
+            && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
+        {
+            serve(stream, peer, kind, state, shared, snapshots, draining).await;
+        }
+    } else if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
+        serve(stream, peer, kind, state, shared, snapshots, draining).await;
     }
 }
 
@@ -427,7 +460,26 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(Tracked::new(stream, Arc::clone(&state)));
+    let mut io = ReadAhead::new(Tracked::new(stream, Arc::clone(&state)));
+    let expired = state.expired(shared.config.idle_timeout);
+    tokio::pin!(expired);
+    let protocol = tokio::select! {
+        detected = io.detect() => detected,
+        reason = expired.as_mut() => {
+            tracing::debug!("L7 connection from {peer}: {reason}");
+            shared.metrics.closed(reason);
+            return;
+        }
+        _ = draining.wait_for(|d| *d) => return,
+    };
+    let protocol = match protocol {
+        Ok(protocol) => protocol,
+        Err(e) => {
+            tracing::debug!("L7 connection from {peer}: {e}");
+            shared.metrics.closed("protocol");
+            return;
+        }
+    };
     let service = {
         let shared = Arc::clone(&shared);
         let state = Arc::clone(&state);
@@ -444,12 +496,84 @@ async fn serve<S>(
             async move { Ok::<_, Infallible>(handle(&shared, &snapshot, &conn, guard, req).await) }
         })
     };
-    let conn = shared.server.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let expired = state.expired(shared.config.idle_timeout);
-    tokio::pin!(expired);
+    let io = TokioIo::new(io);
+    let outcome = match protocol {
+        Protocol::Http1 => {
+            let conn = shared.http1.serve_connection(io, service).with_upgrades();
+            tokio::pin!(conn);
+            until_done(conn, expired, draining).await
+        }
+        Protocol::Http2 => {
+            // Boxed: HTTP/2 connections are rare here and their state is large.
+            let mut conn = Box::pin(shared.http2.serve_connection(io, service));
+            until_done(conn.as_mut(), expired, draining).await
+        }
+    };
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let reason = if e.is_parse_too_large() {
+                // hyper answered 431 itself.
+                shared
+                    .metrics
+                    .answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                "headers_too_large"
+            } else if e.is_parse() {
+                "malformed"
+            } else {
+                "protocol"
+            };
+            tracing::debug!("L7 connection from {peer}: {e}");
+            shared.metrics.closed(reason);
+        }
+        Err(reason) => {
+            tracing::debug!("L7 connection from {peer}: {reason}");
+            shared.metrics.closed(reason);
+        }
+    }
+}
+
+/// A hyper server connection of either protocol, which can be wound down.
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Graceful for http2::Connection<I, S, TokioExecutor>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Drives `conn` until it ends or the watchdog cuts it (the reason); once the drain
+/// starts, it ends after the request in flight.
+async fn until_done<C: Graceful>(
+    mut conn: Pin<&mut C>,
+    mut expired: Pin<&mut impl Future<Output = &'static str>>,
+    mut draining: watch::Receiver<bool>,
+) -> Result<hyper::Result<()>, &'static str> {
     let mut shutting_down = false;
-    let outcome = loop {
+    loop {
         tokio::select! {
             served = conn.as_mut() => break Ok(served),
             reason = expired.as_mut() => break Err(reason),
@@ -457,29 +581,6 @@ async fn serve<S>(
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
             }
-        }
-    };
-    match outcome {
-        Ok(served) => {
-            if let Err(e) = served {
-                let reason = match e.downcast_ref::<hyper::Error>() {
-                    Some(e) if e.is_parse_too_large() => {
-                        // hyper answered 431 itself.
-                        shared
-                            .metrics
-                            .answered(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                        "headers_too_large"
-                    }
-                    Some(e) if e.is_parse() => "malformed",
-                    _ => "protocol",
-                };
-                tracing::debug!("L7 connection from {peer}: {e}");
-                shared.metrics.closed(reason);
-            }
-        }
-        Err(reason) => {
-            tracing::debug!("L7 connection from {peer}: {reason}");
-            shared.metrics.closed(reason);
         }
     }
 }

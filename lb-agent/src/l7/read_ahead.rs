@@ -1,27 +1,38 @@
-//! A plain client connection's first read, made big enough for a request head.
-//! hyper-util's protocol detection (HTTP/1.1, or HTTP/2 with prior knowledge) reads
-//! the first 24 bytes alone, and hyper then reads the rest of the head: two
-//! `recvfrom`s where one does. With a new connection per request, that is one
-//! syscall in a dozen. [`ReadAhead`] answers a first read asking for less than
-//! [`AHEAD`] bytes from one read of up to [`AHEAD`], and the next reads from what is
-//! left over, before reading from the connection again.
+//! A client connection's first read, made big enough for a request head, and the
+//! protocol told from it. hyper-util's auto builder read the first 24 bytes alone to
+//! tell HTTP/2 with prior knowledge from HTTP/1.x, and hyper then read the rest of the
+//! head into a buffer it had to grow (an 8 KiB copy) and parsed twice (the first time
+//! on 24 bytes). [`ReadAhead::detect`] makes one read of up to [`AHEAD`] bytes, tells
+//! the protocol from it as hyper-util does, and the reads after it get those bytes
+//! first, so hyper sees the whole head in its first read.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The first read's size: most request heads fit.
 pub const AHEAD: usize = 4096;
 
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (over TLS too, whatever ALPN said, as hyper-util's
+    /// auto builder serves it).
+    Http2,
+}
+
 pub struct ReadAhead<S> {
     inner: S,
-    /// The first read's bytes, `pending[taken..]` not handed out yet; empty once all
-    /// have been (and then never filled again).
+    /// What [`ReadAhead::detect`] read, `pending[taken..]` not handed out yet; empty
+    /// once all have been.
     pending: Vec<u8>,
     taken: usize,
-    first: bool,
 }
 
 impl<S> ReadAhead<S> {
@@ -30,7 +41,6 @@ impl<S> ReadAhead<S> {
             inner,
             pending: Vec::new(),
             taken: 0,
-            first: true,
         }
     }
 
@@ -51,6 +61,30 @@ impl<S> ReadAhead<S> {
     }
 }
 
+impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    /// Reads until the first bytes tell the protocol: one read of up to [`AHEAD`]
+    /// bytes unless they are a strict prefix of the HTTP/2 preface. The end of the
+    /// stream, or anything else than the preface, is HTTP/1.x (hyper then answers or
+    /// closes). Call it before any read.
+    pub async fn detect(&mut self) -> io::Result<Protocol> {
+        self.pending.reserve_exact(AHEAD);
+        loop {
+            let seen = &self.pending[self.taken..];
+            let n = seen.len().min(H2_PREFACE.len());
+            if seen[..n] != H2_PREFACE[..n] {
+                return Ok(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(Protocol::Http2);
+            }
+            // `read_buf` reads into the spare capacity, never zeroed.
+            if self.inner.read_buf(&mut self.pending).await? == 0 {
+                return Ok(Protocol::Http1);
+            }
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -61,21 +95,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         if this.drain(buf) {
             return Poll::Ready(Ok(()));
         }
-        if !this.first || buf.remaining() >= AHEAD {
-            this.first = false;
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        let mut ahead = vec![0; AHEAD];
-        let mut read = ReadBuf::new(&mut ahead);
-        let polled = Pin::new(&mut this.inner).poll_read(cx, &mut read);
-        if let Poll::Ready(Ok(())) = polled {
-            let n = read.filled().len();
-            this.first = false;
-            ahead.truncate(n);
-            this.pending = ahead;
-            this.drain(buf);
-        }
-        polled
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -152,9 +172,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_first_reads_come_from_one_big_read() {
+    async fn an_http1_head_comes_from_one_read_and_is_read_again() {
         let head = b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Long: 0123456789abcdef\r\n\r\n";
         let mut io = ReadAhead::new(Chunks::new(&[head, b"next"]));
+        assert_eq!(io.detect().await.unwrap(), Protocol::Http1);
+        assert_eq!(io.inner.reads, 1);
         let mut got = Vec::new();
         let mut small = [0u8; 24];
         while got.len() < head.len() {
@@ -168,17 +190,35 @@ mod tests {
         // Then from the connection again.
         assert_eq!(io.read(&mut small).await.unwrap(), 4);
         assert_eq!(&small[..4], b"next");
+        assert_eq!(io.inner.reads, 2);
     }
 
     #[tokio::test]
-    async fn large_first_reads_and_later_reads_pass_through() {
-        let mut io = ReadAhead::new(Chunks::new(&[b"abc", b"defgh"]));
-        let mut large = vec![0u8; AHEAD];
-        assert_eq!(io.read(&mut large).await.unwrap(), 3);
-        let mut small = [0u8; 2];
-        assert_eq!(io.read(&mut small).await.unwrap(), 2);
-        assert_eq!(&small, b"de");
+    async fn the_h2_preface_is_http2_even_when_it_trickles_in() {
+        let mut io = ReadAhead::new(Chunks::new(&[
+            &H2_PREFACE[..3],
+            &H2_PREFACE[3..],
+            b"SETTINGS",
+        ]));
+        assert_eq!(io.detect().await.unwrap(), Protocol::Http2);
         assert_eq!(io.inner.reads, 2);
-        assert!(io.pending.is_empty());
+        let mut got = vec![0u8; AHEAD];
+        let n = io.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], H2_PREFACE);
+    }
+
+    #[tokio::test]
+    async fn a_partial_preface_then_anything_else_or_the_end_is_http1() {
+        let mut io = ReadAhead::new(Chunks::new(&[b"PRI", b" / HTTP/1.1\r\n"]));
+        assert_eq!(io.detect().await.unwrap(), Protocol::Http1);
+        let mut got = vec![0u8; AHEAD];
+        let n = io.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"PRI / HTTP/1.1\r\n");
+
+        let mut io = ReadAhead::new(Chunks::new(&[b"PRI * HT"]));
+        assert_eq!(io.detect().await.unwrap(), Protocol::Http1);
+        let mut io = ReadAhead::new(Chunks::new(&[]));
+        assert_eq!(io.detect().await.unwrap(), Protocol::Http1);
+        assert_eq!(io.read(&mut got).await.unwrap(), 0);
     }
 }

@@ -11,6 +11,7 @@
 //! request). An idle connection the backend closed is noticed at checkout or by the
 //! pool's sweep; one closed in between fails its request unsent, which is retried.
 
+use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -223,10 +224,10 @@ pub struct Pool {
 struct Inner {
     connect_timeout: Duration,
     idle_timeout: Duration,
-    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>>>,
+    h1: Mutex<HashMap<PoolKey, Vec<IdleH1>, RandomState>>,
     /// Whether the sweep of idle connections runs (see [`sweep`]).
     sweeping: std::sync::atomic::AtomicBool,
-    h2: Mutex<HashMap<PoolKey, (http2::SendRequest<Body>, Limit)>>,
+    h2: Mutex<HashMap<PoolKey, (http2::SendRequest<Body>, Limit), RandomState>>,
     tls: Connectors,
     /// Counts send timeouts (see [`WriteTimeout`]).
     metrics: Metrics,
@@ -238,9 +239,9 @@ impl Pool {
             inner: Arc::new(Inner {
                 connect_timeout,
                 idle_timeout,
-                h1: Mutex::new(HashMap::new()),
+                h1: Mutex::new(HashMap::default()),
                 sweeping: std::sync::atomic::AtomicBool::new(false),
-                h2: Mutex::new(HashMap::new()),
+                h2: Mutex::new(HashMap::default()),
                 tls: Connectors::default(),
                 metrics,
             }),
