@@ -359,54 +359,62 @@ async fn accept(
             }
         };
         accepted_count.inc();
-        let shared = Arc::clone(&shared);
-        let snapshots = snapshots.clone();
-        let tls = tls.clone();
-        let draining = draining.clone();
-        let alive = alive.clone();
+        let task = Task {
+            peer,
+            kind,
+            shared: Arc::clone(&shared),
+            snapshots: snapshots.clone(),
+            draining: draining.clone(),
+            _alive: alive.clone(),
+        };
         // Each kind of connection its own task: a task's future is as large as its
         // largest state, and tokio copies it when spawning and finishing it.
-        match tls {
+        match &tls {
             None => {
-                tokio::spawn(plain(
-                    stream, peer, kind, shared, snapshots, draining, alive,
-                ));
+                tokio::spawn(plain(stream, task));
             }
             Some(acceptor) => {
-                tokio::spawn(secure(
-                    acceptor, stream, peer, kind, shared, snapshots, draining, alive,
-                ));
+                tokio::spawn(secure(acceptor.clone(), stream, task));
             }
         }
     }
 }
 
-/// Serves a plain client connection.
-async fn plain(
-    stream: TcpStream,
+/// What a client connection's task owns besides its socket.
+struct Task {
     peer: SocketAddr,
     kind: Listener,
     shared: Arc<Shared>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     draining: watch::Receiver<bool>,
+    /// Held while the connection lives: the drain waits until every copy is gone.
     _alive: tokio::sync::mpsc::Sender<()>,
-) {
+}
+
+/// Serves a plain client connection.
+async fn plain(stream: TcpStream, task: Task) {
+    let Task {
+        peer,
+        kind,
+        shared,
+        snapshots,
+        draining,
+        _alive,
+    } = task;
     let state = ConnState::new(shared.config.header_timeout);
     serve(stream, peer, kind, state, shared, snapshots, draining).await;
 }
 
 /// Serves a TLS client connection: handshake (unless passed through), then HTTP.
-#[expect(clippy::too_many_arguments, reason = "what the connection task owns")]
-async fn secure(
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
-    kind: Listener,
-    shared: Arc<Shared>,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    draining: watch::Receiver<bool>,
-    _alive: tokio::sync::mpsc::Sender<()>,
-) {
+async fn secure(acceptor: TlsAcceptor, stream: TcpStream, task: Task) {
+    let Task {
+        peer,
+        kind,
+        shared,
+        snapshots,
+        draining,
+        _alive,
+    } = task;
     let state = ConnState::new(shared.config.header_timeout);
     if shared.config.ssl_passthrough {
         let snapshot = Arc::clone(&snapshots.borrow());
