@@ -391,42 +391,47 @@ struct Task {
     _alive: tokio::sync::mpsc::Sender<()>,
 }
 
+impl Task {
+    /// Serves HTTP on the connection (plain, or after its TLS handshake); the task's
+    /// hold on the drain goes when it ends.
+    async fn serve<S>(self, stream: S, state: Arc<ConnState>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Task {
+            peer,
+            kind,
+            shared,
+            snapshots,
+            draining,
+            _alive,
+        } = self;
+        serve(stream, peer, kind, state, shared, snapshots, draining).await;
+    }
+}
+
 /// Serves a plain client connection.
 async fn plain(stream: TcpStream, task: Task) {
-    let Task {
-        peer,
-        kind,
-        shared,
-        snapshots,
-        draining,
-        _alive,
-    } = task;
-    let state = ConnState::new(shared.config.header_timeout);
-    serve(stream, peer, kind, state, shared, snapshots, draining).await;
+    let state = ConnState::new(task.shared.config.header_timeout);
+    task.serve(stream, state).await;
 }
 
 /// Serves a TLS client connection: handshake (unless passed through), then HTTP.
 async fn secure(acceptor: TlsAcceptor, stream: TcpStream, task: Task) {
-    let Task {
-        peer,
-        kind,
-        shared,
-        snapshots,
-        draining,
-        _alive,
-    } = task;
-    let state = ConnState::new(shared.config.header_timeout);
+    // The header timeout runs from here: the handshake counts against it.
+    let state = ConnState::new(task.shared.config.header_timeout);
+    let (peer, shared) = (task.peer, &task.shared);
     if shared.config.ssl_passthrough {
-        let snapshot = Arc::clone(&snapshots.borrow());
-        let diverted = passthrough::divert(stream, peer, &shared, &snapshot).await;
+        let snapshot = Arc::clone(&task.snapshots.borrow());
+        let diverted = passthrough::divert(stream, peer, shared, &snapshot).await;
         drop(snapshot);
         if let passthrough::Diverted::Terminate(stream) = diverted
-            && let Some(stream) = handshake(&acceptor, stream, peer, &shared).await
+            && let Some(stream) = handshake(&acceptor, stream, peer, shared).await
         {
-            serve(stream, peer, kind, state, shared, snapshots, draining).await;
+            task.serve(stream, state).await;
         }
-    } else if let Some(stream) = handshake(&acceptor, stream, peer, &shared).await {
-        serve(stream, peer, kind, state, shared, snapshots, draining).await;
+    } else if let Some(stream) = handshake(&acceptor, stream, peer, shared).await {
+        task.serve(stream, state).await;
     }
 }
 
