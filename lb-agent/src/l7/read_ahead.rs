@@ -4,7 +4,8 @@
 //! head into a buffer it had to grow (an 8 KiB copy) and parsed twice (the first time
 //! on 24 bytes). [`ReadAhead::detect`] makes one read of up to [`AHEAD`] bytes, tells
 //! the protocol from it as hyper-util does, and the reads after it get those bytes
-//! first, so hyper sees the whole head in its first read.
+//! first, so hyper sees the whole head in its first read. The same stream puts back
+//! the ClientHello that `ssl-passthrough` read ([`ReadAhead::with_read`]).
 
 use std::io;
 use std::pin::Pin;
@@ -27,19 +28,25 @@ pub enum Protocol {
     Http2,
 }
 
+/// A stream whose first bytes were read ahead: its reads get them again first.
 pub struct ReadAhead<S> {
     inner: S,
-    /// What [`ReadAhead::detect`] read, `pending[taken..]` not handed out yet; empty
-    /// once all have been.
+    /// What was read ahead, `pending[taken..]` not handed out yet; empty once all have
+    /// been.
     pending: Vec<u8>,
     taken: usize,
 }
 
 impl<S> ReadAhead<S> {
     pub fn new(inner: S) -> Self {
+        Self::with_read(inner, Vec::new())
+    }
+
+    /// `inner`, from which `read` was already read.
+    pub fn with_read(inner: S, read: Vec<u8>) -> Self {
         ReadAhead {
             inner,
-            pending: Vec::new(),
+            pending: read,
             taken: 0,
         }
     }
@@ -65,13 +72,12 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
     /// Reads until the first bytes tell the protocol: one read of up to [`AHEAD`]
     /// bytes unless they are a strict prefix of the HTTP/2 preface. The end of the
     /// stream, or anything else than the preface, is HTTP/1.x (hyper then answers or
-    /// closes). Call it before any read.
+    /// closes). Call it before any read, on a stream made with [`ReadAhead::new`].
     pub async fn detect(&mut self) -> io::Result<Protocol> {
         self.pending.reserve_exact(AHEAD);
         loop {
-            let seen = &self.pending[self.taken..];
-            let n = seen.len().min(H2_PREFACE.len());
-            if seen[..n] != H2_PREFACE[..n] {
+            let n = self.pending.len().min(H2_PREFACE.len());
+            if self.pending[..n] != H2_PREFACE[..n] {
                 return Ok(Protocol::Http1);
             }
             if n == H2_PREFACE.len() {

@@ -7,14 +7,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::Shared;
 use crate::l7::Snapshot;
+use crate::l7::read_ahead::ReadAhead;
 use crate::l7::routes::{Balance, Target, Upstream};
 
 /// A ClientHello larger than this is not looked into (it goes on to termination).
@@ -25,7 +24,7 @@ pub enum Diverted {
     /// Passed through (or dropped): nothing more to do.
     Done,
     /// Not a passthrough name: terminate TLS here, from the bytes already read.
-    Terminate(Prefixed<TcpStream>),
+    Terminate(ReadAhead<TcpStream>),
 }
 
 /// Reads the ClientHello within `header_timeout` and passes the connection through
@@ -57,11 +56,7 @@ pub async fn divert(
             splice(stream, read, peer, upstream, shared).await;
             Diverted::Done
         }
-        None => Diverted::Terminate(Prefixed {
-            prefix: read,
-            offset: 0,
-            inner: stream,
-        }),
+        None => Diverted::Terminate(ReadAhead::with_read(stream, read)),
     }
 }
 
@@ -158,63 +153,5 @@ async fn splice(
     }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
         tracing::debug!("passthrough for {peer}: {e}");
-    }
-}
-
-/// A stream whose first bytes were already read: they are read again first.
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    offset: usize,
-    inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.offset < self.prefix.len() {
-            let rest = &self.prefix[self.offset..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            self.offset += n;
-            if self.offset == self.prefix.len() {
-                self.prefix = Vec::new();
-                self.offset = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
