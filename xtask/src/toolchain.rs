@@ -72,9 +72,7 @@ pub enum ToolUse {
     BenchE2e,
     /// `cargo xtask bench e2e` and `l7`: the HTTP load generator.
     HttpLoad,
-    /// `cargo xtask bench e2e` and `control-plane`: the kube-proxy style baselines.
-    KubeProxyBaselines,
-    /// `cargo xtask bench l7`: nginx, the baseline of the L7 hop, and curl for its checks.
+    /// `cargo xtask bench l7`: nginx, the baseline of the L7 hop.
     BenchL7,
 }
 
@@ -84,7 +82,6 @@ impl ToolUse {
             ToolUse::Tests => "the tests",
             ToolUse::BenchE2e => "the e2e benchmark",
             ToolUse::HttpLoad => "the HTTP benchmarks (e2e, l7)",
-            ToolUse::KubeProxyBaselines => "the kube-proxy baselines of the benchmarks",
             ToolUse::BenchL7 => "the l7 benchmark",
         }
     }
@@ -92,12 +89,7 @@ impl ToolUse {
     /// The tool sets a benchmark needs beyond the tests' (by its `cargo xtask bench` name).
     pub fn for_bench(name: &str) -> Vec<ToolUse> {
         match name {
-            "e2e" => vec![
-                ToolUse::BenchE2e,
-                ToolUse::HttpLoad,
-                ToolUse::KubeProxyBaselines,
-            ],
-            "control-plane" | "socket" => vec![ToolUse::KubeProxyBaselines],
+            "e2e" => vec![ToolUse::BenchE2e, ToolUse::HttpLoad],
             "l7" => vec![ToolUse::HttpLoad, ToolUse::BenchL7],
             _ => Vec::new(),
         }
@@ -110,19 +102,21 @@ const SYSTEM_TOOLS: &[(&str, &str, ToolUse)] = &[
     ("bpftool", "bpftool", ToolUse::Tests),
     ("ip", "iproute2", ToolUse::Tests),
     ("ethtool", "ethtool", ToolUse::Tests),
+    // kube-proxy's rules (iptables and nftables modes): the cluster tests' baseline and
+    // the benchmarks' (applied only inside their own namespaces); nft also counts the
+    // paths packets take through the cluster tests' router.
+    ("iptables-restore", "iptables", ToolUse::Tests),
+    ("nft", "nftables", ToolUse::Tests),
+    // HTTP(S) requests of the L7 and cluster tests and of the L7 benchmark's route checks.
+    ("curl", "curl", ToolUse::Tests),
     // HTTP load: keep-alive requests/s, latency percentiles, new connections/s.
     ("wrk", "wrk", ToolUse::HttpLoad),
     // TCP throughput.
     ("iperf3", "iperf3", ToolUse::BenchE2e),
-    // The two kube-proxy baselines, applied inside the benchmark's own namespace.
-    ("iptables-restore", "iptables", ToolUse::KubeProxyBaselines),
-    ("nft", "nftables", ToolUse::KubeProxyBaselines),
     // The L7 baseline, run only inside the benchmark's namespaces with its own config.
     // Debian's package starts a system nginx on install unless policy-rc.d forbids it
     // (container images usually do); the benchmark neither needs nor touches that one.
     ("nginx", "nginx", ToolUse::BenchL7),
-    // The L7 benchmark's route checks (HTTP and HTTPS with a test CA).
-    ("curl", "curl", ToolUse::BenchL7),
 ];
 
 /// Everything the eBPF build needs, found (or installed) by [`ensure`].
@@ -525,27 +519,19 @@ mod tests {
     fn system_tools_are_grouped_by_use() {
         assert_eq!(
             ToolUse::for_bench("e2e"),
-            [
-                ToolUse::BenchE2e,
-                ToolUse::HttpLoad,
-                ToolUse::KubeProxyBaselines
-            ]
+            [ToolUse::BenchE2e, ToolUse::HttpLoad]
         );
         assert_eq!(
             ToolUse::for_bench("l7"),
             [ToolUse::HttpLoad, ToolUse::BenchL7]
         );
-        assert_eq!(
-            ToolUse::for_bench("control-plane"),
-            [ToolUse::KubeProxyBaselines]
-        );
+        assert!(ToolUse::for_bench("control-plane").is_empty());
         assert!(ToolUse::for_bench("maglev").is_empty());
         assert!(ToolUse::for_bench("packet").is_empty());
         for usage in [
             ToolUse::Tests,
             ToolUse::BenchE2e,
             ToolUse::HttpLoad,
-            ToolUse::KubeProxyBaselines,
             ToolUse::BenchL7,
         ] {
             assert!(SYSTEM_TOOLS.iter().any(|(_, _, u)| *u == usage));
