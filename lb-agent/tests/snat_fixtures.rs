@@ -145,6 +145,13 @@ fn predicted_port(frame: &Frame, attempt: u32, min: u16, max: u16) -> u16 {
     snat_port(hash::flow_hash(&flow_key(frame)), attempt, min, max)
 }
 
+/// The source MAC of a frame XDP hands to the tc ingress program: "xl", then the
+/// egress ifindex.
+fn handoff_mac(ifindex: u32) -> [u8; 6] {
+    let i = ifindex.to_be_bytes();
+    [b'x', b'l', i[0], i[1], i[2], i[3]]
+}
+
 /// `frame` after SNAT to node:`nat_port` and DNAT to backend:`port`, towards the backend.
 fn snat_out(frame: &Frame, backend: IpAddr, port: u16, nat_port: u16) -> Frame {
     let mut out = dnat(
@@ -344,13 +351,23 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
             sport += 1;
             let (action, out) = node.run("filling the range", &f, true);
             // Backend 13 has no neighbour entry: translated, then handed to the tc
-            // ingress program through the metadata ("xlbh", the egress ifindex), which
-            // BPF_PROG_TEST_RUN returns in front of the frame.
+            // ingress program by the mark (`handoff`): the frame keeps its destination
+            // MAC, carries "xl" and the egress ifindex as its source MAC, and is tagged
+            // with the reserved VLAN ID 4095.
             assert_eq!(action, XDP_PASS, "flow {sport} gets a port");
-            assert_eq!(&out[..4], &0x786c_6268u32.to_ne_bytes(), "hand-off mark");
-            assert_eq!(&out[4..8], &node.backend_if.to_ne_bytes(), "egress ifindex");
-            // Then Ethernet, IPv4 without options: the TCP source port at 8 + 34.
-            held.push(u16::from_be_bytes([out[42], out[43]]));
+            // Ethernet, the tag, IPv4 without options: the TCP source port at 18 + 20.
+            let port = u16::from_be_bytes([out[38], out[39]]);
+            let mut want = snat_out(&f, backend_v4(13), 8080, port);
+            want.dst_mac = f.dst_mac;
+            want.src_mac = handoff_mac(node.backend_if);
+            want.vlan = Some(4095);
+            assert!(
+                out == want.build(),
+                "flow {sport}: hand-off frame differs\n got: {out:02x?}\nwant: {:02x?}",
+                want.build()
+            );
+            verify_checksums(&out).expect("checksums");
+            held.push(port);
         }
         held.sort_unstable();
         assert_eq!(held, vec![PORT_MIN, PORT_MIN + 1], "both ports in use");
