@@ -347,7 +347,12 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
         let mut held = Vec::new();
         let mut sport = 43_000;
         while held.len() < 2 {
-            let f = client_frame(svc, sport);
+            let mut f = client_frame(svc, sport);
+            // The second comes in tagged (VLAN 100): its tag's ID becomes the mark, so
+            // the hand-off frame is the same as the untagged one's.
+            if !held.is_empty() {
+                f.vlan = Some(100);
+            }
             sport += 1;
             let (action, out) = node.run("filling the range", &f, true);
             // Backend 13 has no neighbour entry: translated, then handed to the tc

@@ -35,6 +35,21 @@ const MAGIC: [u8; 2] = *b"xl";
 /// that cannot take the tag goes to the stack unmarked.
 #[inline(always)]
 pub fn to_tc(ctx: &XdpContext, ifindex: u32) {
+    let start = ctx.data();
+    if start + 12 + VLAN_HLEN > ctx.data_end() {
+        return;
+    }
+    // SAFETY: bounds checked above.
+    let tagged = unsafe { core::ptr::read_unaligned((start + 12) as *const [u8; 2]) }
+        == ETH_P_8021Q.to_be_bytes();
+    if tagged {
+        // A frame that came in tagged (the one tag `parse` takes) has its tag's ID
+        // replaced: the tc program pops it, so the packet leaves untagged, as a
+        // redirect out of another device should.
+        // SAFETY: bounds checked above.
+        unsafe { mark(start, ifindex) };
+        return;
+    }
     // SAFETY: the context of this program run.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(VLAN_HLEN as i32)) } != 0 {
         return;
@@ -52,9 +67,21 @@ pub fn to_tc(ctx: &XdpContext, ifindex: u32) {
     unsafe {
         let dmac = core::ptr::read_unaligned((start + VLAN_HLEN) as *const [u8; 6]);
         core::ptr::write_unaligned(start as *mut [u8; 6], dmac);
+        core::ptr::write_unaligned((start + 12) as *mut [u8; 2], ETH_P_8021Q.to_be_bytes());
+        mark(start, ifindex);
+    }
+}
+
+/// Writes the source MAC's mark and the tag's control information.
+///
+/// # Safety
+/// `start` is the frame's first byte, with at least 16 bytes after it.
+#[inline(always)]
+unsafe fn mark(start: usize, ifindex: u32) {
+    // SAFETY: the caller's bounds.
+    unsafe {
         core::ptr::write_unaligned((start + 6) as *mut [u8; 2], MAGIC);
         core::ptr::write_unaligned((start + 8) as *mut [u8; 4], ifindex.to_be_bytes());
-        core::ptr::write_unaligned((start + 12) as *mut [u8; 2], ETH_P_8021Q.to_be_bytes());
         core::ptr::write_unaligned((start + 14) as *mut [u8; 2], HANDOFF_VID.to_be_bytes());
     }
 }
