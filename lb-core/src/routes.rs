@@ -159,9 +159,9 @@ pub struct HostRule {
 pub struct RouteTable {
     rules: Vec<HostRule>,
     default: Option<Route>,
-    exact_hosts: HashMap<String, Paths>,
+    exact_hosts: Map<Paths>,
     /// Keyed by the suffix with its dot: `.example.com`.
-    wildcard_hosts: HashMap<String, Paths>,
+    wildcard_hosts: Map<Paths>,
     any_host: Option<Paths>,
     /// `ssl-passthrough`: TLS for these exact hosts (lower case) goes to the upstream
     /// untouched, chosen by the ClientHello's SNI.
@@ -174,11 +174,14 @@ struct Paths {
     /// Regex paths in ingress-nginx's order (longest path first, then reverse
     /// lexicographic), tried before the others.
     regex: Vec<(PathRegex, (usize, usize))>,
-    exact: HashMap<String, (usize, usize)>,
+    exact: Map<(usize, usize)>,
     /// Prefix paths by their elements ([`prefix_key`]: without the trailing `/`, `/`
     /// itself is the empty string).
-    prefix: HashMap<String, Prefixes>,
+    prefix: Map<Prefixes>,
 }
+
+/// The maps a lookup hashes the request's host and path into (see `Cargo.toml`).
+type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// The Prefix paths with the same elements: written without and with a trailing `/`
 /// (`/foo` and `/foo/`), two routes.
@@ -226,8 +229,8 @@ impl RouteTable {
     /// counts: `/foo` and `/foo/` are two routes), the first one wins; the translation
     /// resolved such conflicts before, so this only keeps lookups deterministic.
     pub fn new(rules: Vec<HostRule>, default: Option<Route>) -> Self {
-        let mut exact_hosts: HashMap<String, Paths> = HashMap::new();
-        let mut wildcard_hosts: HashMap<String, Paths> = HashMap::new();
+        let mut exact_hosts: Map<Paths> = Map::default();
+        let mut wildcard_hosts: Map<Paths> = Map::default();
         let mut any_host: Option<Paths> = None;
         for (ri, rule) in rules.iter().enumerate() {
             let group = match &rule.host {

@@ -812,7 +812,9 @@ async fn forward(
     let (body, body_state) = Limited::new(body, limit);
     let upstream_req = Request::from_parts(parts, Body::new(body));
 
-    let attempt = send(
+    // Boxed: the exchange's future is most of a request's future, which hyper moves
+    // into its connection state and each `await` moves into its caller's.
+    let attempt = Box::pin(send(
         shared,
         route,
         &endpoints,
@@ -820,7 +822,7 @@ async fn forward(
         &body_state,
         client_upgrade,
         sticky,
-    );
+    ));
     let timeout = route.policy.read_timeout.unwrap_or(config.upstream_timeout);
     let mut response = tokio::time::timeout(timeout, attempt)
         .await
