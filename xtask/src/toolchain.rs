@@ -66,7 +66,8 @@ const OUTER_CARGO_VARS: &[&str] = &[
 /// the benchmarks that drive external load generators and the kernel's own NAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolUse {
-    /// The tests, the demo and every benchmark: namespaces, veths, pinned maps.
+    /// The tests, the demo and every benchmark: namespaces, veths, pinned maps,
+    /// kube-proxy's rules as the cluster tests' baseline, HTTP requests.
     Tests,
     /// `cargo xtask bench e2e`: TCP throughput.
     BenchE2e,
