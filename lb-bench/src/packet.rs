@@ -20,6 +20,11 @@
 //! - established flows of that full table, a different one on every call: each lookup
 //!   finds its entry out of the CPU's caches, as on a busy node (no target; it shows what
 //!   the memory costs, which the single replayed flow above never pays).
+//! - new flows again, over a fresh table, to the same service in DSR mode: the flow's
+//!   only entry is its conntrack entry (the backend's node answers the client and keeps
+//!   the reply's translation), as every flow of Katran's has one entry. No target: the
+//!   targets are for the default mode, whose new flow also writes its reply entry; this
+//!   case shows what that second entry costs, and compares like with like to Katran.
 //!
 //! Before the first case, the trivial program runs in batches until its timing is
 //! steady (a previous run's maps take the kernel seconds to free), and the wait is printed.
@@ -37,11 +42,11 @@ use aya::programs::ProgramInfo;
 use lb_agent::dataplane::Dataplane;
 use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
-use lb_common::{PROTO_TCP, Reason};
+use lb_common::{FRONTEND_F_DSR, PROTO_TCP, Reason};
 use lb_testbed::frames::{Frame, L4};
 use lb_testbed::node::{
-    CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, reply_from,
-    services, vip_v4, vip_v6,
+    CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, node_config,
+    reply_from, services, vip_v4, vip_v6,
 };
 use lb_testbed::xdp::{self, PassProgram};
 
@@ -131,6 +136,22 @@ struct Filling {
     entries_after: u64,
 }
 
+/// Everything a run measured.
+struct Measured {
+    results: Vec<CaseResult>,
+    filling: Filling,
+    dsr: DsrFilling,
+    programs: Vec<ProgramSize>,
+    settled: Settled,
+}
+
+/// The DSR table-filling case's table, and how long its fresh dataplane took to settle.
+#[derive(serde::Serialize)]
+struct DsrFilling {
+    filling: Filling,
+    settled: Settled,
+}
+
 /// One stage of the packet path: the frames it sends and what the program must do.
 struct Case {
     name: &'static str,
@@ -158,51 +179,65 @@ pub fn run(args: &Args) -> Result<()> {
     let router = Router::new("bench");
     let client_if = router.ns.ifindex("cl")?;
     let backend_if = router.ns.ifindex("bk")?;
-    let (results, filling, programs, settled) = router.ns.run_in(
-        || -> Result<(Vec<CaseResult>, Filling, Vec<ProgramSize>, Settled)> {
-            let mut dp = load_dataplane();
-            let mut pass = PassProgram::load()?;
-            let mut programs = vec![program_size("xlb_xdp", &dp.program()?.info()?)];
-            for (name, program) in dp.slow_path_programs()? {
-                programs.push(program_size(name, &program.info()?));
-            }
-            programs.push(program_size("xlb_pass (baseline)", &pass.info()?));
-            let svcs = services();
-            for s in &svcs {
-                s.install(&mut dp);
-            }
-            let web = svcs
-                .iter()
-                .find(|s| s.frontend == (vip_v4(), 80, PROTO_TCP))
-                .context("the IPv4 web service is missing from the testbed's services")?;
+    let m = router.ns.run_in(|| -> Result<Measured> {
+        let mut dp = load_dataplane();
+        let mut pass = PassProgram::load()?;
+        let mut programs = vec![program_size("xlb_xdp", &dp.program()?.info()?)];
+        for (name, program) in dp.slow_path_programs()? {
+            programs.push(program_size(name, &program.info()?));
+        }
+        programs.push(program_size("xlb_pass (baseline)", &pass.info()?));
+        let svcs = services();
+        for s in &svcs {
+            s.install(&mut dp);
+        }
+        let web = svcs
+            .iter()
+            .find(|s| s.frontend == (vip_v4(), 80, PROTO_TCP))
+            .context("the IPv4 web service is missing from the testbed's services")?;
 
-            let (cases, syn) = stage_cases(&dp, web, args.iterations, client_if, backend_if)?;
-            let settled = settle(&mut pass, &arp_frame(), client_if)?;
-            let mut results = Vec::new();
-            for case in &cases {
-                let t = time_case(&dp, &mut pass, case)?;
-                results.push(result(case.name, case.stage, &t.xlb, &t.pass, case.target));
-            }
-            let filling =
-                fill_conntrack(&dp, &mut pass, &syn, args.flows, client_if, &mut results)?;
-            let busy = established_in_full_table(&dp, &mut pass, web, &syn, &filling, client_if)?;
-            results.push(busy);
-            Ok((results, filling, programs, settled))
-        },
-    )??;
+        let (cases, syn) = stage_cases(&dp, web, args.iterations, client_if, backend_if)?;
+        let settled = settle(&mut pass, &arp_frame(), client_if)?;
+        let mut results = Vec::new();
+        for case in &cases {
+            let t = time_case(&dp, &mut pass, case)?;
+            results.push(result(case.name, case.stage, &t.xlb, &t.pass, case.target));
+        }
+        let filling = fill_conntrack(
+            &dp,
+            &mut pass,
+            &syn,
+            args.flows,
+            client_if,
+            FillMode::Nat,
+            &mut results,
+        )?;
+        let busy = established_in_full_table(&dp, &mut pass, web, &syn, &filling, client_if)?;
+        results.push(busy);
+        drop(dp);
+        let dsr = fill_dsr(&mut pass, &syn, args.flows, client_if, &mut results)?;
+        Ok(Measured {
+            results,
+            filling,
+            dsr,
+            programs,
+            settled,
+        })
+    })??;
 
-    print_results(args, &results, &filling, &programs, &settled);
+    print_results(args, &m);
     report::write_json(
         args.json.as_deref(),
         &serde_json::json!({
             "bench": "packet",
             "iterations": args.iterations,
             "flows": args.flows,
-            "results": results,
-            "filling": filling,
-            "programs": programs,
-            "settled": settled,
-            "ipv6_over_ipv4_established": v6_over_v4(&results),
+            "results": m.results,
+            "filling": m.filling,
+            "dsr_filling": m.dsr,
+            "programs": m.programs,
+            "settled": m.settled,
+            "ipv6_over_ipv4_established": v6_over_v4(&m.results),
             "target_ipv6_over_ipv4": TARGET_V6_OVER_V4,
             "reproduce": reproduce(args),
         }),
@@ -487,6 +522,7 @@ fn fill_conntrack(
     syn: &Frame,
     flows: u32,
     client_if: u32,
+    mode: FillMode,
     results: &mut Vec<CaseResult>,
 ) -> Result<Filling> {
     const MAX_FLOWS: u32 = (255 - FILL_FIRST_HOST as u32) * 64_000;
@@ -500,13 +536,14 @@ fn fill_conntrack(
             before.entries
         );
     }
+    let [all, while_room, full] = mode.names();
     let case = Case {
-        name: "new flow, table filling (all flows)",
-        stage: "Maglev + conntrack insert (+ LRU eviction)",
+        name: all,
+        stage: mode.stage(),
         ingress: client_if,
         verdict: XDP_REDIRECT,
         reason: Reason::FwdRedirect,
-        target: Some(TARGET_NEW_FLOW_FILLING),
+        target: mode.target(),
         calls: flows,
         // None of these 5-tuples was seen before.
         frame: new_flows(syn, FILL_FIRST_HOST),
@@ -516,10 +553,7 @@ fn fill_conntrack(
     let after = dp.table_fill(maps::CONNTRACK)?;
     let split = usize::try_from(room).unwrap_or(usize::MAX).min(t.xlb.len());
     results.push(result(case.name, case.stage, &t.xlb, &t.pass, case.target));
-    for (name, range) in [
-        ("new flow, table filling (while room)", 0..split),
-        ("new flow, table full (evicting)", split..t.xlb.len()),
-    ] {
+    for (name, range) in [(while_room, 0..split), (full, split..t.xlb.len())] {
         if !range.is_empty() {
             results.push(result(
                 name,
@@ -536,6 +570,70 @@ fn fill_conntrack(
         capacity: before.capacity,
         entries_after: after.entries,
     })
+}
+
+/// Which frontend the table-filling flows go to.
+#[derive(Clone, Copy)]
+enum FillMode {
+    /// The default: DNAT to the backend; a new flow writes its conntrack entry and its
+    /// reply's translation (two LRU inserts).
+    Nat,
+    /// DSR to a backend on another node: a new flow writes its conntrack entry alone.
+    Dsr,
+}
+
+impl FillMode {
+    /// The case over all flows, while the table had room, once it was full.
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            Self::Nat => [
+                "new flow, table filling (all flows)",
+                "new flow, table filling (while room)",
+                "new flow, table full (evicting)",
+            ],
+            Self::Dsr => [
+                "DSR new flow, table filling (all)",
+                "DSR new flow, filling (while room)",
+                "DSR new flow, table full (evicting)",
+            ],
+        }
+    }
+
+    fn stage(self) -> &'static str {
+        match self {
+            Self::Nat => "Maglev + conntrack, reply inserts (+ LRU)",
+            Self::Dsr => "Maglev + conntrack insert + encapsulation",
+        }
+    }
+
+    fn target(self) -> Option<f64> {
+        match self {
+            Self::Nat => Some(TARGET_NEW_FLOW_FILLING),
+            Self::Dsr => None,
+        }
+    }
+}
+
+/// The table-filling case again on a fresh dataplane whose services are all DSR (their
+/// backends on other nodes), after waiting for the machine to settle (the kernel frees
+/// the last dataplane's maps meanwhile).
+fn fill_dsr(
+    pass: &mut PassProgram,
+    syn: &Frame,
+    flows: u32,
+    client_if: u32,
+    results: &mut Vec<CaseResult>,
+) -> Result<DsrFilling> {
+    let mut dp = load_dataplane();
+    // The outer header's source.
+    dp.set_snat_config(&node_config(maps::SNAT_PORT_MIN, maps::SNAT_PORT_MAX))?;
+    for mut s in services() {
+        s.flags |= FRONTEND_F_DSR;
+        s.install(&mut dp);
+    }
+    let settled = settle(pass, &arp_frame(), client_if)?;
+    let filling = fill_conntrack(&dp, pass, syn, flows, client_if, FillMode::Dsr, results)?;
+    Ok(DsrFilling { filling, settled })
 }
 
 /// Established flows of a full table, a different one on every call, in an order that
@@ -651,13 +749,14 @@ fn reproduce(args: &Args) -> String {
     )
 }
 
-fn print_results(
-    args: &Args,
-    results: &[CaseResult],
-    filling: &Filling,
-    programs: &[ProgramSize],
-    settled: &Settled,
-) {
+fn print_results(args: &Args, m: &Measured) {
+    let Measured {
+        results,
+        filling,
+        dsr,
+        programs,
+        settled,
+    } = m;
     println!("xlb packet benchmark: BPF_PROG_TEST_RUN, repeat=1, fresh frame per call,");
     println!(
         "interleaved with a trivial XDP_PASS program; {} calls per case, {} new flows in \
@@ -711,6 +810,21 @@ fn print_results(
         "conntrack: {} of {} entries in use before the table-filling case, {} after {} new \
          flows",
         filling.entries_before, filling.capacity, filling.entries_after, filling.flows
+    );
+    println!(
+        "DSR cases: a fresh table ({} of {} entries in use before, {} after {} new flows), \
+         the trivial program steady at {} ns after {} ms{}",
+        dsr.filling.entries_before,
+        dsr.filling.capacity,
+        dsr.filling.entries_after,
+        dsr.filling.flows,
+        dsr.settled.pass_median_ns,
+        dsr.settled.waited_ms,
+        if dsr.settled.steady {
+            ""
+        } else {
+            " (NOT steady)"
+        }
     );
     println!();
     println!(
