@@ -176,6 +176,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
+    // The DSR case fills an empty table: it needs more flows than the table holds.
+    if args.flows <= maps::CONNTRACK_ENTRIES {
+        bail!(
+            "--flows {} must exceed the conntrack table's {} entries",
+            args.flows,
+            maps::CONNTRACK_ENTRIES
+        );
+    }
     let router = Router::new("bench");
     let client_if = router.ns.ifindex("cl")?;
     let backend_if = router.ns.ifindex("bk")?;
