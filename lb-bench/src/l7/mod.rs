@@ -228,6 +228,11 @@ struct Run {
     proxy_cpus_busy: f64,
     /// The proxy's CPU time per completed request, in microseconds.
     proxy_cpu_us_per_request: f64,
+    /// The same split into user and kernel time (the kernel's share is mostly the TCP
+    /// stack under the proxy's reads and writes, which any proxy of the same syscalls
+    /// pays), from the threads' `utime` and `stime` (clock ticks, so coarser).
+    proxy_user_us_per_request: f64,
+    proxy_kernel_us_per_request: f64,
     problems: Vec<String>,
 }
 
@@ -721,6 +726,34 @@ fn cpu_time(pids: &[u32]) -> Duration {
         .sum()
 }
 
+/// User and kernel time of every thread of `pids` (`utime` and `stime` of
+/// `/proc/PID/task/TID/stat`, in clock ticks).
+fn user_kernel_time(pids: &[u32]) -> (Duration, Duration) {
+    // SAFETY: sysconf reads a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    let ticks = |t: u64| Duration::from_nanos(t * 1_000_000_000 / hz);
+    let (user, kernel) = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| stat_times(&stat))
+        .fold((0, 0), |(u, k), (tu, tk)| (u + tu, k + tk));
+    (ticks(user), ticks(kernel))
+}
+
+/// `utime` and `stime` (fields 14 and 15) of a `/proc/.../stat` line; the command name
+/// (field 2, in parentheses) may hold spaces, so fields are counted after its `)`.
+fn stat_times(stat: &str) -> Option<(u64, u64)> {
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
 fn measure(
     args: &Args,
     bed: &Bed,
@@ -751,10 +784,20 @@ fn measure(
     // The main process first: nginx's master, the agent.
     let pids = proxies.pids(proxy);
     anyhow::ensure!(!pids.is_empty(), "{} is not running", proxy.label());
-    let (requests0, cpu0, start) = (bed.requests(), cpu_time(&pids), Instant::now());
+    let (requests0, cpu0, split0, start) = (
+        bed.requests(),
+        cpu_time(&pids),
+        user_kernel_time(&pids),
+        Instant::now(),
+    );
     let outcome = wrk.run(&bed.topo.client)?;
     let wall = start.elapsed().as_secs_f64().max(1e-9);
     let cpu = cpu_time(&pids).saturating_sub(cpu0).as_secs_f64();
+    let split = user_kernel_time(&pids);
+    let (user, kernel) = (
+        split.0.saturating_sub(split0.0).as_secs_f64(),
+        split.1.saturating_sub(split0.1).as_secs_f64(),
+    );
     let per_backend: Vec<u64> = bed
         .requests()
         .iter()
@@ -762,7 +805,8 @@ fn measure(
         .map(|(now, then)| now - then)
         .collect();
     #[expect(clippy::cast_precision_loss, reason = "request counts")]
-    let per_request = 1e6 * cpu / (outcome.wrk.requests.max(1) as f64);
+    let requests = outcome.wrk.requests.max(1) as f64;
+    let per_request = 1e6 * cpu / requests;
     let mut run = Run {
         round,
         scenario: scenario.label(),
@@ -771,6 +815,8 @@ fn measure(
         per_backend,
         proxy_cpus_busy: cpu / wall,
         proxy_cpu_us_per_request: per_request,
+        proxy_user_us_per_request: 1e6 * user / requests,
+        proxy_kernel_us_per_request: 1e6 * kernel / requests,
         problems: Vec::new(),
     };
     run.problems = problems(&run);
@@ -831,6 +877,8 @@ struct Figures {
     p99_ms: f64,
     proxy_cpus_busy: f64,
     proxy_cpu_us_per_request: f64,
+    proxy_user_us_per_request: f64,
+    proxy_kernel_us_per_request: f64,
 }
 
 /// One scenario: both proxies and the ratios.
@@ -876,6 +924,8 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                     p99_ms: pick(|r| r.outcome.wrk.p99_ms),
                     proxy_cpus_busy: pick(|r| r.proxy_cpus_busy),
                     proxy_cpu_us_per_request: pick(|r| r.proxy_cpu_us_per_request),
+                    proxy_user_us_per_request: pick(|r| r.proxy_user_us_per_request),
+                    proxy_kernel_us_per_request: pick(|r| r.proxy_kernel_us_per_request),
                 }
             };
             let (nginx, xlb) = (figures(Proxy::Nginx), figures(Proxy::Xlb));
@@ -1092,6 +1142,22 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
             cell(c.cpu_per_request_ratio),
         );
     }
+    println!("  of which user / kernel (utime / stime, us per request):");
+    for c in summary {
+        println!(
+            "  {:<11} nginx {:>5.1} / {:>5.1}           xlb {:>5.1} / {:>5.1}           \
+             xlb/nginx user {}",
+            c.scenario,
+            c.nginx.proxy_user_us_per_request,
+            c.nginx.proxy_kernel_us_per_request,
+            c.xlb.proxy_user_us_per_request,
+            c.xlb.proxy_kernel_us_per_request,
+            cell(ratio(
+                c.xlb.proxy_user_us_per_request,
+                c.nginx.proxy_user_us_per_request
+            )),
+        );
+    }
     #[expect(clippy::cast_precision_loss, reason = "a thread count")]
     let capacity = args.proxy_threads as f64;
     let unsaturated: Vec<String> = summary
@@ -1168,8 +1234,17 @@ mod tests {
             per_backend: vec![500, 500],
             proxy_cpus_busy: 1.0,
             proxy_cpu_us_per_request: 10.0,
+            proxy_user_us_per_request: 4.0,
+            proxy_kernel_us_per_request: 6.0,
             problems: Vec::new(),
         }
+    }
+
+    #[test]
+    fn user_and_kernel_ticks_are_read_after_the_command_name() {
+        let stat = "4242 (tokio rt) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0";
+        assert_eq!(stat_times(stat), Some((1234, 567)));
+        assert_eq!(stat_times("4242 (x) S 1"), None);
     }
 
     #[test]
