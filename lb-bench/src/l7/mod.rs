@@ -20,7 +20,7 @@
 //! alone on the others; nginx gets `worker_processes N` and xlb `TOKIO_WORKER_THREADS=N`
 //! with N = `--proxy-threads` (default 1). Both proxies run all along; only one has load
 //! at a time. Per round, each scenario is measured for nginx and then xlb (the order
-//! flips every round): wrk `--latency` with a Lua script that alternates the two routes
+//! rotates every round, so each proxy takes each place in turn): wrk `--latency` with a Lua script that alternates the two routes
 //! and counts every answer that is not a 200. A measurement with more than 1 % socket
 //! errors or non-200 answers, or where one backend got no request, fails the run.
 //!
@@ -93,7 +93,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     proxy_threads: usize,
     /// Measure every scenario this many times, interleaved, and report medians. Every
-    /// round flips which proxy goes first, so two rounds cancel an order effect.
+    /// round rotates the proxies' order, so as many rounds as proxies (two, three with
+    /// `--baseline-agent`) give each proxy each place once and cancel an order effect.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
     /// Scenarios to run, in this order.
@@ -336,10 +337,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut runs = Vec::new();
     for round in 0..args.rounds {
         for &scenario in &args.scenarios {
-            let mut order = Proxy::measured(args);
-            if round % 2 == 1 {
-                order.reverse();
-            }
+            let order = measurement_order(args, round);
             for proxy in order {
                 e2e::check_interrupted()?;
                 eprintln!(
@@ -724,6 +722,16 @@ fn cpu_time(pids: &[u32]) -> Duration {
         .filter_map(|s| s.split_whitespace().next()?.parse().ok())
         .map(Duration::from_nanos)
         .sum()
+}
+
+/// The proxies in the order `round` measures them: the first round's order rotated by
+/// the round (with two proxies, flipped every round). Reversing instead would keep the
+/// middle one of three in the middle every round.
+fn measurement_order(args: &Args, round: u32) -> Vec<Proxy> {
+    let mut order = Proxy::measured(args);
+    let turn = usize::try_from(round).unwrap_or(0) % order.len().max(1);
+    order.rotate_left(turn);
+    order
 }
 
 /// User and kernel time of every thread of `pids` (`utime` and `stime` of
@@ -1237,6 +1245,24 @@ mod tests {
             proxy_user_us_per_request: 4.0,
             proxy_kernel_us_per_request: 6.0,
             problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_proxy_takes_every_place_in_turn() {
+        let two = parse_args::<Args>(&["--scenarios", "http"]);
+        assert_eq!(measurement_order(&two, 0), [Proxy::Nginx, Proxy::Xlb]);
+        assert_eq!(measurement_order(&two, 1), [Proxy::Xlb, Proxy::Nginx]);
+        assert_eq!(measurement_order(&two, 2), [Proxy::Nginx, Proxy::Xlb]);
+        let three = parse_args::<Args>(&["--scenarios", "http", "--baseline-agent", "/b/lb-agent"]);
+        let places: Vec<Vec<Proxy>> = (0..3).map(|r| measurement_order(&three, r)).collect();
+        for proxy in [Proxy::Nginx, Proxy::Xlb, Proxy::Baseline] {
+            let mut at: Vec<usize> = places
+                .iter()
+                .map(|order| order.iter().position(|p| *p == proxy).unwrap())
+                .collect();
+            at.sort_unstable();
+            assert_eq!(at, [0, 1, 2], "{proxy:?}");
         }
     }
 
