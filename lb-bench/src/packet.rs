@@ -42,7 +42,7 @@ use aya::programs::ProgramInfo;
 use lb_agent::dataplane::Dataplane;
 use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
-use lb_common::{FRONTEND_F_DSR, PROTO_TCP, Reason};
+use lb_common::{FRONTEND_F_DSR, PROTO_TCP, Reason, dsr::IPPROTO_IPIP};
 use lb_testbed::frames::{Frame, L4};
 use lb_testbed::node::{
     CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, node_config,
@@ -79,6 +79,10 @@ const TARGET_NEW_FLOW_ROOM: f64 = 5.0;
 const UNSERVED_PORT: u16 = 8443;
 /// The table-filling flows' sources: 198.51.100.110 to .254, 64,000 ports each.
 const FILL_FIRST_HOST: u8 = 110;
+/// The DSR case's check flow comes from 198.51.100.100, apart from the filling flows.
+const DSR_PROBE_HOST: u8 = 100;
+/// The IPv4 header's protocol byte in an Ethernet frame.
+const IPV4_PROTOCOL_AT: usize = 14 + 9;
 /// Calls of the caches-cold case (each evicts twice, about 0.1 ms).
 const COLD_CALLS: u32 = 5_000;
 /// What the caches-cold case writes before each call: twice the L2 of the CPUs these
@@ -639,8 +643,18 @@ fn fill_dsr(
         s.flags |= FRONTEND_F_DSR;
         s.install(&mut dp);
     }
+    // The case must time the DSR path: a new flow leaves encapsulated (IPIP)...
+    let probe = xdp::test_run(&dp, &new_flows(syn, DSR_PROBE_HOST)(0), Some(client_if))?;
+    if probe.frame.get(IPV4_PROTOCOL_AT) != Some(&IPPROTO_IPIP) {
+        bail!("DSR case: a new flow did not leave encapsulated (IPIP)");
+    }
     let settled = settle(pass, &arp_frame(), client_if)?;
     let filling = fill_conntrack(&dp, pass, syn, flows, client_if, FillMode::Dsr, results)?;
+    // ...and writes no reply entry: that is the backend's node's.
+    let replies = dp.table_fill(maps::REVNAT)?.entries;
+    if replies != 0 {
+        bail!("DSR case: {replies} reply entries written, expected none");
+    }
     Ok(DsrFilling { filling, settled })
 }
 
