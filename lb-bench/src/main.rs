@@ -67,6 +67,9 @@ enum Bench {
     /// The socket benchmark's client process (started by `socket`).
     #[command(hide = true)]
     SocketClient(socket::ClientArgs),
+    /// The L7 benchmark's floor proxy (started by `l7 --floor`).
+    #[command(hide = true)]
+    L7Floor(l7::floor::Args),
 }
 
 fn main() -> Result<()> {
@@ -85,5 +88,6 @@ fn main() -> Result<()> {
         Bench::Socket(args) => socket::run(&args),
         Bench::Chaos(args) => chaos::run(&args),
         Bench::SocketClient(args) => socket::client(&args),
+        Bench::L7Floor(args) => l7::floor::serve(&args),
     }
 }

@@ -28,13 +28,20 @@
 //! fed the same manifests on its own address and measured in the same rounds, so that
 //! two builds are compared under the same load (the machine's other work shifts the
 //! figures from one run to the next far more than most changes do).
+//!
+//! `--floor` adds the floor proxy (`floor.rs`, run as `xlb-bench l7-floor`): the least
+//! an HTTP/1.1 proxy on tokio must do for these requests, in every scenario but
+//! annotations. Its CPU per request is mostly the kernel's work under the same socket
+//! calls: what no proxy of this design goes below.
 
+pub mod floor;
 mod nginx;
 mod wrk;
 pub(crate) mod xlb;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -114,6 +121,10 @@ pub struct Args {
     /// rounds (an A/B of two builds under the same load).
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
+    /// Also measure the floor proxy (`l7/floor.rs`: httparse, a backend pool, nothing
+    /// else) in the same rounds, but in the annotations scenario, which it cannot serve.
+    #[arg(long)]
+    floor: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -165,10 +176,12 @@ enum Proxy {
     Xlb,
     /// The `--baseline-agent` build.
     Baseline,
+    /// The `--floor` proxy.
+    Floor,
 }
 
 impl Proxy {
-    const ALL: [Proxy; 3] = [Proxy::Nginx, Proxy::Xlb, Proxy::Baseline];
+    const ALL: [Proxy; 4] = [Proxy::Nginx, Proxy::Xlb, Proxy::Baseline, Proxy::Floor];
 
     /// The proxies this run measures, in the first round's order.
     fn measured(args: &Args) -> Vec<Proxy> {
@@ -176,7 +189,15 @@ impl Proxy {
         if args.baseline_agent.is_some() {
             proxies.push(Proxy::Baseline);
         }
+        if args.floor {
+            proxies.push(Proxy::Floor);
+        }
         proxies
+    }
+
+    /// Whether it serves `scenario` (the floor proxy has no annotations).
+    fn serves(self, scenario: Scenario) -> bool {
+        self != Proxy::Floor || scenario != Scenario::Annotations
     }
 
     fn label(self) -> &'static str {
@@ -184,6 +205,7 @@ impl Proxy {
             Proxy::Nginx => "nginx",
             Proxy::Xlb => "xlb",
             Proxy::Baseline => "baseline",
+            Proxy::Floor => "floor",
         }
     }
 
@@ -193,6 +215,7 @@ impl Proxy {
             Proxy::Nginx => Topology::vip_v4(0),
             Proxy::Xlb => Topology::vip_v4(1),
             Proxy::Baseline => Topology::vip_v4(2),
+            Proxy::Floor => Topology::vip_v4(3),
         })
     }
 }
@@ -289,12 +312,14 @@ struct Proxies<'a> {
     nginx: Nginx<'a>,
     xlb: AgentProcess<'a>,
     baseline: Option<AgentProcess<'a>>,
+    /// The floor proxy's PID and log (the namespace kills it when it goes).
+    floor: Option<(u32, PathBuf)>,
 }
 
 impl Proxies<'_> {
     fn agent(&self, proxy: Proxy) -> Option<&AgentProcess<'_>> {
         match proxy {
-            Proxy::Nginx => None,
+            Proxy::Nginx | Proxy::Floor => None,
             Proxy::Xlb => Some(&self.xlb),
             Proxy::Baseline => self.baseline.as_ref(),
         }
@@ -303,6 +328,7 @@ impl Proxies<'_> {
     fn pids(&self, proxy: Proxy) -> Vec<u32> {
         match proxy {
             Proxy::Nginx => self.nginx.pids(),
+            Proxy::Floor => self.floor.iter().map(|(pid, _)| *pid).collect(),
             _ => self
                 .agent(proxy)
                 .and_then(AgentProcess::pid)
@@ -314,6 +340,11 @@ impl Proxies<'_> {
     fn log(&self, proxy: Proxy) -> String {
         match proxy {
             Proxy::Nginx => self.nginx.log(),
+            Proxy::Floor => self
+                .floor
+                .as_ref()
+                .and_then(|(_, log)| std::fs::read_to_string(log).ok())
+                .unwrap_or_default(),
             _ => self.agent(proxy).map(AgentProcess::log).unwrap_or_default(),
         }
     }
@@ -338,7 +369,7 @@ pub fn run(args: &Args) -> Result<()> {
     for round in 0..args.rounds {
         for &scenario in &args.scenarios {
             let order = measurement_order(args, round);
-            for proxy in order {
+            for proxy in order.into_iter().filter(|p| p.serves(scenario)) {
                 e2e::check_interrupted()?;
                 eprintln!(
                     "xlb-bench l7: round {}/{}: {} through {} ...",
@@ -597,16 +628,68 @@ fn start_proxies<'a>(
         Some(binary) => Some(agent(Proxy::Baseline, binary, BASELINE_ADMIN)?),
         None => None,
     };
+    let floor = if args.floor {
+        Some(start_floor(
+            ns,
+            &launcher,
+            bed,
+            &listen(Proxy::Floor),
+            routes,
+        )?)
+    } else {
+        None
+    };
     let proxies = Proxies {
         nginx,
         xlb,
         baseline,
+        floor,
     };
     wait_xlb_ready(bed, &proxies, Proxy::Xlb, XLB_ADMIN)?;
     if proxies.baseline.is_some() {
         wait_xlb_ready(bed, &proxies, Proxy::Baseline, BASELINE_ADMIN)?;
     }
     Ok(proxies)
+}
+
+/// Starts the floor proxy (`xlb-bench l7-floor`) in `ns` through `launcher`, with the
+/// run's certificate and routes; its readiness is the route check's.
+fn start_floor(
+    ns: &Netns,
+    launcher: &[String],
+    bed: &Bed,
+    [http, https]: &[SocketAddr; 2],
+    routes: &[Route],
+) -> Result<(u32, PathBuf)> {
+    let exe = std::env::current_exe()?.display().to_string();
+    // The launcher's program runs the rest: its arguments, then ours.
+    let (program, mut argv) = match launcher.split_first() {
+        Some((program, rest)) => (program.clone(), [rest, &[exe]].concat()),
+        None => (exe, Vec::new()),
+    };
+    argv.push("l7-floor".into());
+    for (flag, value) in [
+        ("--http", http.to_string()),
+        ("--https", https.to_string()),
+        ("--cert", bed.files.path("cert.pem").display().to_string()),
+        ("--key", bed.files.path("key.pem").display().to_string()),
+    ] {
+        argv.extend([flag.into(), value]);
+    }
+    for route in routes {
+        let endpoint = route
+            .endpoints
+            .first()
+            .context("a route without endpoints")?;
+        argv.extend(["--route".into(), format!("{}={endpoint}", route.path)]);
+    }
+    let log = bed.files.path("floor.log");
+    let out = std::fs::File::create(&log)?;
+    let arguments: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let pid = ns
+        .spawn_with_output(&program, &arguments, Stdio::null(), Stdio::from(out))
+        .context("starting the floor proxy")?;
+    Ok((pid, log))
 }
 
 /// Waits for an agent's `/readyz`, then for every route to answer 200 from the right
@@ -904,6 +987,9 @@ struct Comparison {
     /// The `--baseline-agent` build, and xlb over it.
     #[serde(skip_serializing_if = "Option::is_none")]
     baseline: Option<AgainstBaseline>,
+    /// The `--floor` proxy, and xlb over it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor: Option<AgainstBaseline>,
 }
 
 /// xlb against the `--baseline-agent` build in the same run.
@@ -943,8 +1029,8 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 ratio(xlb.proxy_cpu_us_per_request, nginx.proxy_cpu_us_per_request);
             let target_met = requests_per_sec_ratio.is_some_and(|r| r >= TARGET_RPS_RATIO)
                 && p99_ratio.is_some_and(|r| r <= 1.0);
-            let baseline = args.baseline_agent.is_some().then(|| {
-                let figures = figures(Proxy::Baseline);
+            let against = |proxy: Proxy| {
+                let figures = figures(proxy);
                 AgainstBaseline {
                     requests_per_sec_ratio: ratio(xlb.requests_per_sec, figures.requests_per_sec),
                     p99_ratio: ratio(xlb.p99_ms, figures.p99_ms),
@@ -954,7 +1040,13 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                     ),
                     figures,
                 }
-            });
+            };
+            let baseline = args
+                .baseline_agent
+                .is_some()
+                .then(|| against(Proxy::Baseline));
+            let floor =
+                (args.floor && Proxy::Floor.serves(*scenario)).then(|| against(Proxy::Floor));
             Comparison {
                 scenario: scenario.label(),
                 nginx,
@@ -964,6 +1056,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 cpu_per_request_ratio,
                 target_met,
                 baseline,
+                floor,
             }
         })
         .collect()
@@ -985,6 +1078,7 @@ fn reproduce(args: &Args) -> String {
             .as_ref()
             .map(|b| format!(" --baseline-agent {}", b.display()))
             .unwrap_or_default()
+            + if args.floor { " --floor" } else { "" }
     )
 }
 
@@ -1061,6 +1155,7 @@ fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
     println!();
     print_cpu(args, summary);
     print_baseline(args, summary);
+    print_floor(summary);
     println!();
     println!("Each measurement (requests per backend; socket errors; non-200 answers):");
     for r in runs {
@@ -1127,6 +1222,40 @@ fn print_baseline(args: &Args, summary: &[Comparison]) {
             cell(b.requests_per_sec_ratio),
             cell(b.p99_ratio),
             cell(b.cpu_per_request_ratio),
+        );
+    }
+}
+
+/// The floor proxy's figures, and xlb's and nginx's CPU per request over its.
+fn print_floor(summary: &[Comparison]) {
+    let cell = |v: Option<f64>| {
+        v.filter(|v| v.is_finite())
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+    };
+    if summary.iter().all(|c| c.floor.is_none()) {
+        return;
+    }
+    println!();
+    println!(
+        "The floor proxy (lb-bench/src/l7/floor.rs: httparse, a backend pool, nothing else), \
+         same rounds; CPU us/req as user / kernel:"
+    );
+    for c in summary {
+        let Some(f) = &c.floor else { continue };
+        println!(
+            "  {:<11} floor {:>7.0} req/s p99 {:>7.3} ms {:>6.1} us/req ({:.1} / {:.1})   \
+             us/req over the floor's: nginx {} xlb {}",
+            c.scenario,
+            f.figures.requests_per_sec,
+            f.figures.p99_ms,
+            f.figures.proxy_cpu_us_per_request,
+            f.figures.proxy_user_us_per_request,
+            f.figures.proxy_kernel_us_per_request,
+            cell(ratio(
+                c.nginx.proxy_cpu_us_per_request,
+                f.figures.proxy_cpu_us_per_request
+            )),
+            cell(f.cpu_per_request_ratio),
         );
     }
 }
@@ -1264,6 +1393,32 @@ mod tests {
             at.sort_unstable();
             assert_eq!(at, [0, 1, 2], "{proxy:?}");
         }
+    }
+
+    #[test]
+    fn the_floor_proxy_is_measured_in_every_scenario_it_serves() {
+        let args = parse_args::<Args>(&["--scenarios", "http,annotations", "--floor"]);
+        assert_eq!(
+            Proxy::measured(&args),
+            [Proxy::Nginx, Proxy::Xlb, Proxy::Floor]
+        );
+        assert!(Proxy::Floor.serves(Scenario::Http));
+        assert!(!Proxy::Floor.serves(Scenario::Annotations));
+        assert!(Proxy::Xlb.serves(Scenario::Annotations));
+        assert!(reproduce(&args).ends_with("--scenarios http,annotations --floor"));
+        let mut floor = run(Proxy::Floor, 200.0, 1.0);
+        floor.proxy_cpu_us_per_request = 5.0;
+        let summary = summarize(
+            &args,
+            &[
+                run(Proxy::Nginx, 100.0, 2.0),
+                run(Proxy::Xlb, 100.0, 2.0),
+                floor,
+            ],
+        );
+        let http = summary[0].floor.as_ref().unwrap();
+        assert!((http.cpu_per_request_ratio.unwrap() - 2.0).abs() < 1e-12);
+        assert!(summary[1].floor.is_none(), "no floor in annotations");
     }
 
     #[test]
