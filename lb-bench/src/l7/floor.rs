@@ -6,8 +6,9 @@
 //! writes them back (with `Connection: close` when the client asked to close). TLS by
 //! rustls, as xlb's.
 //!
-//! Nothing else: no limits, timeouts, retries, logs, metrics, chunked bodies or HTTP/2,
-//! so it is no proxy to deploy. It shows how much of xlb's and nginx's CPU per request
+//! Nothing else: no request bodies (the benchmark's requests are GETs), limits,
+//! timeouts, retries, logs, metrics, chunked responses or HTTP/2, so it is no proxy to
+//! deploy. It shows how much of xlb's and nginx's CPU per request
 //! is the kernel's work under the same socket calls, which no proxy of this design
 //! avoids, and how little a lean user-space path adds to it.
 
