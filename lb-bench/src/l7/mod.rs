@@ -1114,11 +1114,13 @@ fn print_header(args: &Args, pinning: Option<&Pinning>, load_line: &str) {
     println!();
 }
 
+/// A ratio with `digits` decimals, or `-` when there is none.
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.filter(|v| v.is_finite())
+        .map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
 fn print_report(args: &Args, summary: &[Comparison], runs: &[Run]) {
-    let cell = |v: Option<f64>, digits: usize| {
-        v.filter(|v| v.is_finite())
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
-    };
     println!(
         "{:<22} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}  target (>= {TARGET_RPS_RATIO:.1}x req/s, p99 no worse)",
         "scenario",
@@ -1198,10 +1200,6 @@ fn print_baseline(args: &Args, summary: &[Comparison]) {
     let Some(binary) = &args.baseline_agent else {
         return;
     };
-    let cell = |v: Option<f64>| {
-        v.filter(|v| v.is_finite())
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
-    };
     println!();
     println!(
         "xlb against the baseline build ({}), same rounds (ratios xlb/baseline):",
@@ -1219,19 +1217,15 @@ fn print_baseline(args: &Args, summary: &[Comparison]) {
             c.xlb.requests_per_sec,
             c.xlb.p99_ms,
             c.xlb.proxy_cpu_us_per_request,
-            cell(b.requests_per_sec_ratio),
-            cell(b.p99_ratio),
-            cell(b.cpu_per_request_ratio),
+            cell(b.requests_per_sec_ratio, 3),
+            cell(b.p99_ratio, 3),
+            cell(b.cpu_per_request_ratio, 3),
         );
     }
 }
 
 /// The floor proxy's figures, and xlb's and nginx's CPU per request over its.
 fn print_floor(summary: &[Comparison]) {
-    let cell = |v: Option<f64>| {
-        v.filter(|v| v.is_finite())
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
-    };
     if summary.iter().all(|c| c.floor.is_none()) {
         return;
     }
@@ -1251,21 +1245,20 @@ fn print_floor(summary: &[Comparison]) {
             f.figures.proxy_cpu_us_per_request,
             f.figures.proxy_user_us_per_request,
             f.figures.proxy_kernel_us_per_request,
-            cell(ratio(
-                c.nginx.proxy_cpu_us_per_request,
-                f.figures.proxy_cpu_us_per_request
-            )),
-            cell(f.cpu_per_request_ratio),
+            cell(
+                ratio(
+                    c.nginx.proxy_cpu_us_per_request,
+                    f.figures.proxy_cpu_us_per_request
+                ),
+                3
+            ),
+            cell(f.cpu_per_request_ratio, 3),
         );
     }
 }
 
 /// What each proxy's CPU did: how busy, and the cost of a request.
 fn print_cpu(args: &Args, summary: &[Comparison]) {
-    let cell = |v: Option<f64>| {
-        v.filter(|v| v.is_finite())
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
-    };
     println!("Proxy CPU: CPUs kept busy, and CPU microseconds per request (lower is better):");
     for c in summary {
         println!(
@@ -1276,7 +1269,7 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
             c.nginx.proxy_cpu_us_per_request,
             c.xlb.proxy_cpus_busy,
             c.xlb.proxy_cpu_us_per_request,
-            cell(c.cpu_per_request_ratio),
+            cell(c.cpu_per_request_ratio, 3),
         );
     }
     println!("  of which user / kernel (utime / stime, us per request):");
@@ -1289,10 +1282,13 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
             c.nginx.proxy_kernel_us_per_request,
             c.xlb.proxy_user_us_per_request,
             c.xlb.proxy_kernel_us_per_request,
-            cell(ratio(
-                c.xlb.proxy_user_us_per_request,
-                c.nginx.proxy_user_us_per_request
-            )),
+            cell(
+                ratio(
+                    c.xlb.proxy_user_us_per_request,
+                    c.nginx.proxy_user_us_per_request
+                ),
+                3
+            ),
         );
     }
     #[expect(clippy::cast_precision_loss, reason = "a thread count")]
