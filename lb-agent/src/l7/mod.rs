@@ -22,6 +22,7 @@ pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod watchdog;
+pub mod wire;
 
 use std::sync::Arc;
 

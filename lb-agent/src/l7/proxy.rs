@@ -63,7 +63,7 @@ use super::routes::{
 };
 use super::send_timeout::is_send_timeout;
 use super::tls::{self, CertResolver};
-use super::upstream::{Body, BoxError, H1, Pool, PoolKey, Sender};
+use super::upstream::{Answer, Body, BoxError, H1, Pool, PoolKey, Sender, Source};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
 
 /// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
@@ -1326,10 +1326,9 @@ async fn send(
             }
         };
         match try_send(sender, req).await {
-            Ok((response, sender)) => {
+            Ok((answer, sender)) => {
                 let key = PoolKey::new(addr, upstream);
-                let mut response =
-                    respond(shared, response, sender, key, in_flight, client_upgrade);
+                let mut response = respond(shared, answer, sender, key, in_flight, client_upgrade);
                 if let Some(affinity) = &route.policy.affinity
                     && sticky != Some(addr)
                 {
@@ -1357,7 +1356,7 @@ async fn send(
                 ));
             }
             // Counted as `send_timeout` where it fired (see [`super::send_timeout`]).
-            Err((e, _)) if is_send_timeout(&e) => {
+            Err((e, _)) if is_send_timeout(e.as_ref()) => {
                 tracing::warn!("upstream {} at {addr}: {e}", upstream.name);
                 return Err(local(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -1378,27 +1377,27 @@ async fn send(
     }
 }
 
-type Sent = (Response<Incoming>, Option<H1>);
+type Sent = (Answer, Option<H1>);
 
 /// Sends on one connection; on failure, the request comes back if it never left.
 async fn try_send(
     sender: Sender,
     req: Request<Body>,
-) -> Result<Sent, (hyper::Error, Option<Request<Body>>)> {
+) -> Result<Sent, (BoxError, Option<Request<Body>>)> {
     match sender {
         Sender::H1(mut conn) => {
-            let response = conn.send(req).await?;
-            Ok((response, Some(conn)))
+            let answer = conn.send(req).await?;
+            Ok((answer, Some(conn)))
         }
         Sender::H2(mut sender) => {
             if let Err(e) = sender.ready().await {
-                return Err((e, Some(req)));
+                return Err((e.into(), Some(req)));
             }
             match sender.try_send_request(req).await {
-                Ok(response) => Ok((response, None)),
+                Ok(response) => Ok((Answer::Hyper(response), None)),
                 Err(mut e) => {
                     let unsent = e.take_message();
-                    Err((e.into_error(), unsent))
+                    Err((e.into_error().into(), unsent))
                 }
             }
         }
@@ -1409,30 +1408,37 @@ async fn try_send(
 /// else streams back and returns its connection to the pool when done.
 fn respond(
     shared: &Shared,
-    mut response: Response<Incoming>,
+    answer: Answer,
     sender: Option<H1>,
     key: PoolKey,
     in_flight: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client) = client_upgrade
-    {
-        let backend = hyper::upgrade::on(&mut response);
-        shared.metrics.upgraded();
-        // The connection hands itself over to `backend` once it has seen the 101 out.
-        if let Some(conn) = sender {
-            conn.detach();
+    let (mut parts, body) = match answer {
+        Answer::Own(parts, decoder) => (parts, Source::Own(decoder)),
+        Answer::Hyper(mut response) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client) = client_upgrade
+            {
+                let backend = hyper::upgrade::on(&mut response);
+                shared.metrics.upgraded();
+                // The connection hands itself over to `backend` once it has seen the 101
+                // out.
+                if let Some(conn) = sender {
+                    conn.detach();
+                }
+                tokio::spawn(tunnel(client, backend, key.addr));
+                let (mut parts, _) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers, true);
+                return Response::from_parts(parts, Body::default());
+            }
+            let (parts, body) = response.into_parts();
+            (parts, Source::Hyper(body))
         }
-        tokio::spawn(tunnel(client, backend, key.addr));
-        let (mut parts, _) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers, true);
-        return Response::from_parts(parts, Body::default());
-    }
-    let (mut parts, body) = response.into_parts();
+    };
     strip_hop_by_hop(&mut parts.headers, false);
     let body = shared.pool.response_body(body, key, sender, in_flight);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    Response::from_parts(parts, body.boxed())
 }
 
 /// Copies bytes both ways between an upgraded client and backend until either closes.

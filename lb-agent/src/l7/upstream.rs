@@ -8,8 +8,10 @@
 //! of the request using it ([`H1`]): while the response head is awaited and while its
 //! body streams, then it is parked in the pool, undriven, until the next checkout
 //! (a connection task per backend connection cost a wake-up and a task switch per
-//! request). An idle connection the backend closed is noticed at checkout or by the
-//! pool's sweep; one closed in between fails its request unsent, which is retried.
+//! request). A request without a body is written and its answer read by [`super::wire`];
+//! the first with a body or an upgrade moves the connection to hyper's client for good.
+//! An idle connection the backend closed is noticed at checkout or by the pool's sweep;
+//! one closed in between fails its request unsent, which is retried.
 
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
@@ -23,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
+use hyper::http::response::Parts;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sync_wrapper::SyncWrapper;
@@ -35,6 +38,7 @@ use super::metrics::Metrics;
 use super::routes::{Upstream, UpstreamProtocol};
 use super::same_task::SameTask;
 use super::send_timeout::{Limit, WriteTimeout};
+use super::wire;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -85,25 +89,49 @@ impl PoolKey {
     }
 }
 
-/// A backend HTTP/1.1 connection (with upgrades), its IO type erased.
+/// A backend HTTP/1.1 connection (with upgrades) driven by hyper, its IO type erased.
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
-/// An HTTP/1.1 backend connection: its sender, and the connection itself, which
-/// whoever holds this drives (see the module doc).
+/// An HTTP/1.1 backend connection, which whoever holds it drives (see the module doc).
+/// It starts on [`wire`] and moves to hyper for good the first time a request has a
+/// body or an upgrade.
 pub struct H1 {
+    client: Client,
+    limit: Limit,
+}
+
+enum Client {
+    Own(wire::Connection),
+    Hyper(HyperH1),
+    /// In the middle of the move, or after a failed one.
+    Gone,
+}
+
+/// hyper's side of a connection: its sender, and the connection itself.
+struct HyperH1 {
     sender: http1::SendRequest<Body>,
     /// `None` once the connection has ended. In a wrapper because response bodies
     /// must be `Sync` and the connection needs only `&mut` access.
     driver: Option<SyncWrapper<Driver>>,
     /// The waker the connection and its channels see.
     same_task: SameTask,
-    limit: Limit,
+}
+
+/// A backend's answer: its head, and how to read its body off the connection.
+pub enum Answer {
+    Own(Parts, wire::Decoder),
+    Hyper(Response<Incoming>),
 }
 
 impl std::fmt::Debug for H1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.client {
+            Client::Own(_) => "own",
+            Client::Hyper(h) if h.driver.is_some() => "hyper",
+            _ => "ended",
+        };
         f.debug_struct("H1")
-            .field("ended", &self.driver.is_none())
+            .field("client", &state)
             .finish_non_exhaustive()
     }
 }
@@ -122,16 +150,7 @@ fn drive(driver: &mut Option<SyncWrapper<Driver>>, cx: &mut Context<'_>) -> bool
     driver.is_some()
 }
 
-impl H1 {
-    fn new(sender: http1::SendRequest<Body>, driver: Driver, limit: Limit) -> H1 {
-        H1 {
-            sender,
-            driver: Some(SyncWrapper::new(driver)),
-            same_task: SameTask::default(),
-            limit,
-        }
-    }
-
+impl HyperH1 {
     /// Drives the connection, then polls `then` (what the connection feeds) with the
     /// sender, in this task (see [`SameTask`]).
     fn poll_driven<T>(
@@ -139,11 +158,10 @@ impl H1 {
         cx: &mut Context<'_>,
         mut then: impl FnMut(&mut Context<'_>, &mut http1::SendRequest<Body>) -> Poll<T>,
     ) -> Poll<T> {
-        let H1 {
+        let HyperH1 {
             sender,
             driver,
             same_task,
-            ..
         } = self;
         same_task.poll(cx, |cx| {
             drive(driver, cx);
@@ -151,23 +169,12 @@ impl H1 {
         })
     }
 
-    /// Whether the connection can carry a new request now: alive (a close or reset
-    /// the backend sent is read here) and done with its last exchange.
-    fn reusable(&mut self) -> bool {
-        drive(&mut self.driver, &mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
-    }
-
     /// Sends `req` and drives the connection until the response head; on failure the
     /// request comes back if it never left.
-    pub async fn send(
+    async fn send(
         &mut self,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
-        // The other ready connections run first: writes to backends then come in
-        // batches, and a backend woken once finds several requests. Measured: without
-        // this, driving the connection here woke the backends and clients about twice
-        // as often per request, and cost more CPU than the connection task it saves.
-        tokio::task::yield_now().await;
         let mut req = Some(req);
         // Sent from inside the poll, so that the hand-over does not wake this task.
         let mut response = std::pin::pin!(None);
@@ -196,16 +203,96 @@ impl H1 {
         })
         .await
     }
+}
+
+impl H1 {
+    fn new(io: Box<dyn wire::Io>, limit: Limit) -> H1 {
+        H1 {
+            client: Client::Own(wire::Connection::new(io)),
+            limit,
+        }
+    }
+
+    /// Whether the connection can carry a new request now: alive (a close or reset
+    /// the backend sent is read here) and done with its last exchange.
+    fn reusable(&mut self) -> bool {
+        match &mut self.client {
+            Client::Own(conn) => conn.reusable(),
+            Client::Hyper(h) => {
+                drive(&mut h.driver, &mut Context::from_waker(Waker::noop())) && h.sender.is_ready()
+            }
+            Client::Gone => false,
+        }
+    }
+
+    /// Sends `req` and reads the response head; on failure the request comes back if
+    /// it never left.
+    pub async fn send(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Answer, (BoxError, Option<Request<Body>>)> {
+        // The other ready connections run first: writes to backends then come in
+        // batches, and a backend woken once finds several requests. Measured: without
+        // this, driving the connection here woke the backends and clients about twice
+        // as often per request, and cost more CPU than the connection task it saves.
+        tokio::task::yield_now().await;
+        if let Client::Own(conn) = &mut self.client {
+            if wire::fits(&req) {
+                return match conn.exchange(&req).await {
+                    Ok((parts, decoder)) => Ok(Answer::Own(parts, decoder)),
+                    Err((e, unsent)) => Err((e.into(), unsent.then_some(req))),
+                };
+            }
+            if let Err(e) = self.move_to_hyper().await {
+                return Err((e, Some(req)));
+            }
+        }
+        let Client::Hyper(h) = &mut self.client else {
+            return Err(("backend connection ended".into(), Some(req)));
+        };
+        h.send(req)
+            .await
+            .map(Answer::Hyper)
+            .map_err(|(e, unsent)| (e.into(), unsent))
+    }
+
+    /// Hands the connection to hyper, for a request with a body or an upgrade.
+    async fn move_to_hyper(&mut self) -> Result<(), BoxError> {
+        let Client::Own(conn) = std::mem::replace(&mut self.client, Client::Gone) else {
+            return Ok(());
+        };
+        let io = conn
+            .into_io()
+            .ok_or("backend connection has unread bytes")?;
+        let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+        self.client = Client::Hyper(HyperH1 {
+            sender,
+            driver: Some(SyncWrapper::new(Box::pin(conn.with_upgrades()))),
+            same_task: SameTask::default(),
+        });
+        Ok(())
+    }
 
     /// Hands the connection to a task of its own, to finish what it is doing (an
     /// upgrade's handover after a 101).
     pub fn detach(self) {
-        if let Some(driver) = self.driver {
+        if let Client::Hyper(HyperH1 {
+            driver: Some(driver),
+            ..
+        }) = self.client
+        {
             tokio::spawn(async move {
                 if let Err(e) = driver.into_inner().await {
                     tracing::debug!("backend connection: {e}");
                 }
             });
+        }
+    }
+
+    /// Forgets the task the connection last woke (before it is parked).
+    fn forget_task(&self) {
+        if let Client::Hyper(h) = &self.client {
+            h.same_task.forget();
         }
     }
 }
@@ -328,16 +415,7 @@ impl Pool {
     {
         let addr = key.addr;
         match protocol {
-            UpstreamProtocol::Http1 => {
-                let (sender, conn) = http1::handshake(io)
-                    .await
-                    .map_err(|e| ConnectError::Handshake(addr, e))?;
-                Ok(Sender::H1(H1::new(
-                    sender,
-                    Box::pin(conn.with_upgrades()),
-                    limit,
-                )))
-            }
+            UpstreamProtocol::Http1 => Ok(Sender::H1(H1::new(Box::new(io.into_inner()), limit))),
             UpstreamProtocol::H2c => {
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                     .await
@@ -393,7 +471,7 @@ impl Pool {
     /// and the endpoint's in-flight count drops when the body is done or abandoned.
     pub fn response_body(
         &self,
-        body: Incoming,
+        body: Source,
         key: PoolKey,
         sender: Option<H1>,
         in_flight: InFlight,
@@ -407,6 +485,20 @@ impl Pool {
     }
 }
 
+/// Where a response body comes from.
+pub enum Source {
+    Own(wire::Decoder),
+    Hyper(Incoming),
+}
+
+impl Source {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Own(decoder) => decoder.is_end_stream(),
+            Source::Hyper(body) => body.is_end_stream(),
+        }
+    }
+}
 /// A parked HTTP/1.1 connection and when it was parked.
 type IdleH1 = (H1, Instant);
 
@@ -414,7 +506,7 @@ type GiveBack = (Arc<Inner>, PoolKey, H1);
 
 /// A backend's response body, which drives its HTTP/1.1 connection while it streams.
 pub struct PooledBody {
-    body: Incoming,
+    body: Source,
     ended: bool,
     give_back: Option<GiveBack>,
     _in_flight: InFlight,
@@ -422,17 +514,23 @@ pub struct PooledBody {
 
 impl hyper::body::Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let body = &mut this.body;
-        let polled = match &mut this.give_back {
-            Some((_, _, conn)) => conn.poll_driven(cx, |cx, _| Pin::new(&mut *body).poll_frame(cx)),
-            None => Pin::new(body).poll_frame(cx),
+        let conn = this.give_back.as_mut().map(|(_, _, conn)| &mut conn.client);
+        let polled = match (&mut this.body, conn) {
+            (Source::Own(decoder), Some(Client::Own(conn))) => decoder.poll_frame(cx, conn),
+            (Source::Own(_), _) => {
+                Poll::Ready(Some(Err("backend connection lost mid-body".into())))
+            }
+            (Source::Hyper(body), Some(Client::Hyper(h))) => h
+                .poll_driven(cx, |cx, _| Pin::new(&mut *body).poll_frame(cx))
+                .map_err(BoxError::from),
+            (Source::Hyper(body), _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         };
         match &polled {
             Poll::Ready(None) => this.ended = true,
@@ -447,7 +545,10 @@ impl hyper::body::Body for PooledBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Source::Own(decoder) => decoder.size_hint(),
+            Source::Hyper(body) => body.size_hint(),
+        }
     }
 }
 
@@ -463,7 +564,7 @@ impl Drop for PooledBody {
 /// Parks a connection whose exchange is over, if it can carry another, and starts the
 /// sweep if it is not running.
 fn park(inner: &Arc<Inner>, key: PoolKey, mut conn: H1) {
-    conn.same_task.forget();
+    conn.forget_task();
     if !conn.reusable() {
         return;
     }

@@ -2219,6 +2219,7 @@ fn per_client_limits_answer_503() {
     });
 }
 
+mod backend_framing;
 mod backend_protocol;
 mod forwarded;
 mod passthrough;

@@ -1,0 +1,316 @@
+//! Packets in, packets out: a request head written and a backend's bytes read over an
+//! in-memory pipe, with the framing cases of RFC 9112 6.3. The proxy's tests drive the
+//! same path over real sockets, end to end.
+
+use super::*;
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, DuplexStream};
+
+fn pair() -> (Connection, DuplexStream) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    (Connection::new(Box::new(ours)), theirs)
+}
+
+fn get(path: &str) -> Request<()> {
+    Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(header::HOST, "app.example.com")
+        .body(())
+        .unwrap()
+}
+
+/// Reads the request head the backend got (up to its empty line).
+async fn request_head(backend: &mut DuplexStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        backend.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// The whole body, frame by frame.
+async fn body(conn: &mut Connection, decoder: Decoder) -> Result<String, BoxError> {
+    Ok(body_and_trailers(conn, decoder).await?.0)
+}
+
+/// The whole body and its trailer fields.
+async fn body_and_trailers(
+    conn: &mut Connection,
+    mut decoder: Decoder,
+) -> Result<(String, HeaderMap), BoxError> {
+    let (mut out, mut trailers) = (Vec::new(), HeaderMap::new());
+    while let Some(frame) = std::future::poll_fn(|cx| decoder.poll_frame(cx, conn)).await {
+        match frame?.into_data() {
+            Ok(data) => out.extend_from_slice(&data),
+            Err(frame) => trailers.extend(frame.into_trailers().unwrap()),
+        }
+    }
+    assert!(decoder.is_end_stream());
+    Ok((String::from_utf8(out).unwrap(), trailers))
+}
+
+#[tokio::test]
+async fn a_keep_alive_exchange_leaves_the_connection_reusable_for_the_next() {
+    let (mut conn, mut backend) = pair();
+    for (path, answer) in [("/a?x=1", "first"), ("/b", "second!")] {
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Backend: one\r\n\r\n{answer}",
+            answer.len()
+        );
+        let req = get(path);
+        let (exchanged, head) = tokio::join!(conn.exchange(&req), async {
+            let head = request_head(&mut backend).await;
+            backend.write_all(reply.as_bytes()).await.unwrap();
+            head
+        });
+        assert_eq!(
+            head,
+            format!("GET {path} HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        );
+        let (parts, decoder) = exchanged.unwrap();
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(parts.headers["x-backend"], "one");
+        assert_eq!(decoder.size_hint().exact(), Some(answer.len() as u64));
+        assert_eq!(body(&mut conn, decoder).await.unwrap(), answer);
+        assert!(conn.reusable());
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_body_is_decoded_with_its_extensions_dropped_and_trailers_kept() {
+    let (mut conn, mut backend) = pair();
+    let reply = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 5;name=v\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
+    backend.write_all(reply.as_bytes()).await.unwrap();
+    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (text, trailers) = body_and_trailers(&mut conn, decoder).await.unwrap();
+    assert_eq!(text, "hello, world");
+    assert_eq!(trailers["x-trailer"], "t");
+    assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn a_body_without_length_runs_until_close_and_ends_the_connection() {
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        .await
+        .unwrap();
+    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    drop(backend);
+    assert_eq!(body(&mut conn, decoder).await.unwrap(), "until the end");
+    assert!(!conn.reusable());
+}
+
+#[tokio::test]
+async fn head_204_and_304_answers_have_no_body_whatever_their_length_says() {
+    for (method, status) in [(Method::HEAD, 200), (Method::GET, 204), (Method::GET, 304)] {
+        let (mut conn, mut backend) = pair();
+        let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 42\r\n\r\n");
+        backend.write_all(reply.as_bytes()).await.unwrap();
+        let mut req = get("/");
+        *req.method_mut() = method.clone();
+        let (parts, decoder) = conn.exchange(&req).await.unwrap();
+        assert_eq!(
+            parts.headers[header::CONTENT_LENGTH],
+            "42",
+            "{method} {status}"
+        );
+        assert!(decoder.is_end_stream(), "{method} {status}");
+        assert_eq!(body(&mut conn, decoder).await.unwrap(), "");
+        assert!(conn.reusable(), "{method} {status}");
+    }
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped_and_an_unasked_101_refused() {
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    let (parts, decoder) = conn.exchange(&get("/")).await.unwrap();
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(body(&mut conn, decoder).await.unwrap(), "ok");
+
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (e, unsent) = conn.exchange(&get("/")).await.unwrap_err();
+    assert!(matches!(e, WireError::Malformed(_)), "{e}");
+    assert!(!unsent);
+}
+
+#[tokio::test]
+async fn close_and_http10_answers_leave_the_connection_unusable() {
+    for (reply, reusable) in [
+        (
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+        ("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+        (
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            true,
+        ),
+    ] {
+        let (mut conn, mut backend) = pair();
+        backend.write_all(reply.as_bytes()).await.unwrap();
+        let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+        assert_eq!(body(&mut conn, decoder).await.unwrap(), "");
+        assert_eq!(conn.reusable(), reusable, "{reply:?}");
+    }
+}
+
+#[tokio::test]
+async fn bad_framing_and_oversized_heads_are_errors() {
+    for reply in [
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        "HTTP/1.1 999x\r\n\r\n",
+    ] {
+        let (mut conn, mut backend) = pair();
+        backend.write_all(reply.as_bytes()).await.unwrap();
+        let (e, _) = conn.exchange(&get("/")).await.unwrap_err();
+        assert!(matches!(e, WireError::Malformed(_)), "{reply:?}: {e}");
+    }
+    let (mut conn, mut backend) = pair();
+    let big = format!(
+        "HTTP/1.1 200 OK\r\nX: {}\r\n",
+        "a".repeat(MAX_HEAD_BYTES + 1)
+    );
+    let req = get("/");
+    let (answer, _) = tokio::join!(conn.exchange(&req), backend.write_all(big.as_bytes()));
+    assert!(matches!(answer.unwrap_err().0, WireError::HeadTooLarge));
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_fails_the_exchange_and_the_body() {
+    // Closed after reading the request: sent, so not to be sent again.
+    let (mut conn, backend) = pair();
+    let closing = async move {
+        let mut backend = backend;
+        request_head(&mut backend).await;
+    };
+    let req = get("/");
+    let (answer, ()) = tokio::join!(conn.exchange(&req), closing);
+    let (e, unsent) = answer.unwrap_err();
+    assert!(matches!(e, WireError::Closed), "{e}");
+    assert!(!unsent);
+
+    // Closed before the request: it never left.
+    let (mut conn, backend) = pair();
+    drop(backend);
+    let (_, unsent) = conn.exchange(&get("/")).await.unwrap_err();
+    assert!(unsent);
+
+    // Closed mid-body.
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+        .await
+        .unwrap();
+    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    drop(backend);
+    assert!(body(&mut conn, decoder).await.is_err());
+    assert!(!conn.reusable());
+}
+
+#[tokio::test]
+async fn an_answer_with_both_lengths_is_read_chunked_and_ends_the_connection() {
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n\
+              2\r\nok\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    assert_eq!(body(&mut conn, decoder).await.unwrap(), "ok");
+    assert!(!conn.reusable());
+}
+
+#[tokio::test]
+async fn stray_bytes_after_an_exchange_make_the_connection_unusable() {
+    let (mut conn, mut backend) = pair();
+    backend
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    body(&mut conn, decoder).await.unwrap();
+    backend.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+    assert!(!conn.reusable());
+}
+
+#[test]
+fn a_request_that_usually_has_a_body_says_it_has_none() {
+    let mut out = Vec::new();
+    let mut req = get("/");
+    *req.method_mut() = Method::POST;
+    encode_head(&mut out, &req);
+    assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
+    encode_head(&mut out, &get("/"));
+    assert!(!out.windows(14).any(|w| w == b"content-length"));
+}
+
+#[test]
+fn only_bodyless_http11_requests_without_upgrade_fit() {
+    let empty = || http_body_util::Empty::<Bytes>::new();
+    let with =
+        |name: header::HeaderName| Request::builder().header(name, "x").body(empty()).unwrap();
+    assert!(fits(&Request::new(empty())));
+    assert!(!fits(&with(header::UPGRADE)));
+    assert!(!fits(&with(header::TRANSFER_ENCODING)));
+    assert!(!fits(&Request::new(http_body_util::Full::new(
+        Bytes::from("x")
+    ))));
+}
+
+/// A chunked response and the read after it, cut anywhere: the same body, and the
+/// connection ends exactly at the body's end.
+fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> (String, HeaderMap, bool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut conn, mut backend) = pair();
+        let wire = wire.to_vec();
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        let writer = async move {
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([wire.len()]) {
+                backend.write_all(&wire[at..cut]).await.unwrap();
+                backend.flush().await.unwrap();
+                tokio::task::yield_now().await;
+                at = cut;
+            }
+            backend
+        };
+        let reader = async {
+            let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+            body_and_trailers(&mut conn, decoder).await.unwrap()
+        };
+        let ((text, trailers), _backend) = tokio::join!(reader, writer);
+        (text, trailers, conn.reusable())
+    })
+}
+
+proptest! {
+    #[test]
+    fn a_chunked_body_survives_any_cut(cuts in proptest::collection::vec(0usize..200, 0..8)) {
+        let wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                     3\r\nabc\r\n10;ext=1\r\n0123456789abcdef\r\n1\r\nz\r\n0\r\nT: 1\r\n\r\n";
+        let (text, trailers, reusable) = decode_in_pieces(wire, &cuts);
+        prop_assert_eq!(text, "abc0123456789abcdefz");
+        prop_assert_eq!(&trailers["t"], "1");
+        prop_assert!(reusable);
+    }
+}
