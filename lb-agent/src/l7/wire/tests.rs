@@ -314,3 +314,40 @@ proptest! {
         prop_assert!(reusable);
     }
 }
+
+/// Whatever a backend sends, then closes: an answer and a body, or an error; never a
+/// panic or a hang.
+fn exchange_any(reply: &[u8]) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut conn, mut backend) = pair();
+        backend.write_all(reply).await.unwrap();
+        drop(backend);
+        let (_, decoder) = conn
+            .exchange(&get("/"))
+            .await
+            .map_err(|(e, _)| e.to_string())?;
+        body(&mut conn, decoder).await.map_err(|e| e.to_string())
+    })
+}
+
+proptest! {
+    #[test]
+    fn any_bytes_from_a_backend_are_an_answer_or_an_error(
+        reply in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let _ = exchange_any(&reply);
+    }
+
+    #[test]
+    fn any_head_and_body_bytes_after_a_valid_status_line(
+        fields in "([A-Za-z-]{1,12}: [ -~]{0,20}\r\n){0,6}",
+        rest in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let mut reply = format!("HTTP/1.1 200 OK\r\n{fields}\r\n").into_bytes();
+        reply.extend_from_slice(&rest);
+        let _ = exchange_any(&reply);
+    }
+}
