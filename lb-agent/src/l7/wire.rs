@@ -231,16 +231,24 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Parts, usize)>, WireError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let headers = response.headers_mut();
-    headers.reserve(parsed.headers.len());
-    for field in parsed.headers.iter() {
+    append_fields(response.headers_mut(), parsed.headers)?;
+    Ok(Some((response.into_parts().0, len)))
+}
+
+/// Parsed fields (a head's or a trailer's) into `headers`.
+fn append_fields(
+    headers: &mut HeaderMap,
+    fields: &[httparse::Header<'_>],
+) -> Result<(), WireError> {
+    headers.reserve(fields.len());
+    for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| WireError::Malformed("header name"))?;
+            .map_err(|_| WireError::Malformed("field name"))?;
         let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| WireError::Malformed("header value"))?;
+            .map_err(|_| WireError::Malformed("field value"))?;
         headers.append(name, value);
     }
-    Ok(Some((response.into_parts().0, len)))
+    Ok(())
 }
 
 /// How a response body ends (RFC 9112 6.3).
@@ -464,13 +472,7 @@ fn chunk_step(
                 let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 match httparse::parse_headers(read, &mut fields)? {
                     httparse::Status::Complete((len, fields)) => {
-                        for field in fields {
-                            let name = HeaderName::from_bytes(field.name.as_bytes())
-                                .map_err(|_| WireError::Malformed("trailer name"))?;
-                            let value = HeaderValue::from_bytes(field.value)
-                                .map_err(|_| WireError::Malformed("trailer value"))?;
-                            trailers.append(name, value);
-                        }
+                        append_fields(trailers, fields)?;
                         read.advance(len);
                         *state = Chunked::Done;
                     }
