@@ -16,7 +16,6 @@ pub mod path;
 pub mod proxy;
 pub mod rate;
 pub mod read_ahead;
-pub mod same_task;
 pub mod send_timeout;
 pub mod status;
 pub mod tls;

@@ -40,7 +40,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -65,6 +65,7 @@ use super::send_timeout::is_send_timeout;
 use super::tls::{self, CertResolver};
 use super::upstream::{Answer, Body, BoxError, H1, Pool, PoolKey, Sender, Source};
 use super::watchdog::{ConnState, RequestGuard, Tracked};
+use super::wire;
 
 /// Listener addresses, limits and timeouts (from the CLI). [`Default`] holds the
 /// production values, with no listeners.
@@ -1415,23 +1416,20 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
     let (mut parts, body) = match answer {
-        Answer::Own(parts, decoder) => (parts, Source::Own(decoder)),
-        Answer::Hyper(mut response) => {
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        Answer::Own(mut parts, decoder) => {
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(client) = client_upgrade
+                && let Some(conn) = sender
             {
-                let backend = hyper::upgrade::on(&mut response);
                 shared.metrics.upgraded();
-                // The connection hands itself over to `backend` once it has seen the 101
-                // out.
-                if let Some(conn) = sender {
-                    conn.detach();
-                }
-                tokio::spawn(tunnel(client, backend, key.addr));
-                let (mut parts, _) = response.into_parts();
+                let (backend, early) = conn.into_tunnel();
+                tokio::spawn(tunnel(client, backend, early, key.addr));
                 strip_hop_by_hop(&mut parts.headers, true);
                 return Response::from_parts(parts, Body::default());
             }
+            (parts, Source::Own(decoder))
+        }
+        Answer::Hyper(response) => {
             let (parts, body) = response.into_parts();
             (parts, Source::Hyper(body))
         }
@@ -1441,21 +1439,25 @@ fn respond(
     Response::from_parts(parts, body.boxed())
 }
 
-/// Copies bytes both ways between an upgraded client and backend until either closes.
+/// Copies bytes both ways between an upgraded client and backend until either closes;
+/// `early` is what the backend sent right after its 101, before the client switched.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    backend: hyper::upgrade::OnUpgrade,
+    mut backend: Box<dyn wire::Io>,
+    early: Bytes,
     addr: SocketAddr,
 ) {
-    let (client, backend) = match tokio::try_join!(client, backend) {
-        Ok(both) => both,
+    let mut client = match client.await {
+        Ok(client) => TokioIo::new(client),
         Err(e) => {
             tracing::debug!("upgrade with {addr}: {e}");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut backend = TokioIo::new(backend);
+    if let Err(e) = client.write_all(&early).await {
+        tracing::debug!("tunnel with {addr}: {e}");
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
         tracing::debug!("tunnel with {addr}: {e}");
     }

@@ -8,27 +8,25 @@
 //! of the request using it ([`H1`]): while the response head is awaited and while its
 //! body streams, then it is parked in the pool, undriven, until the next checkout
 //! (a connection task per backend connection cost a wake-up and a task switch per
-//! request). A request without a body is written and its answer read by [`super::wire`];
-//! the first with a body or an upgrade moves the connection to hyper's client for good.
-//! An idle connection the backend closed is noticed at checkout or by the pool's sweep;
-//! one closed in between fails its request unsent, which is retried.
+//! request). The exchange itself is [`super::wire`]'s. An idle connection the backend
+//! closed is noticed at checkout or by the pool's sweep; one closed in between fails
+//! its request unsent, which is retried.
 
 use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper::http::response::Parts;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sync_wrapper::SyncWrapper;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -36,7 +34,6 @@ use super::backend_tls::{self, Connectors};
 use super::balance::InFlight;
 use super::metrics::Metrics;
 use super::routes::{Upstream, UpstreamProtocol};
-use super::same_task::SameTask;
 use super::send_timeout::{Limit, WriteTimeout};
 use super::wire;
 
@@ -89,139 +86,27 @@ impl PoolKey {
     }
 }
 
-/// A backend HTTP/1.1 connection (with upgrades) driven by hyper, its IO type erased.
-type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
-
-/// An HTTP/1.1 backend connection, which whoever holds it drives (see the module doc).
-/// It starts on [`wire`] and moves to hyper for good the first time a request has a
-/// body or an upgrade.
+/// An HTTP/1.1 backend connection, which the task of the request using it drives (see
+/// the module doc).
+#[derive(Debug)]
 pub struct H1 {
-    client: Client,
+    conn: wire::Connection,
     limit: Limit,
 }
 
-enum Client {
-    Own(wire::Connection),
-    Hyper(HyperH1),
-    /// In the middle of the move, or after a failed one.
-    Gone,
-}
-
-/// hyper's side of a connection: its sender, and the connection itself.
-struct HyperH1 {
-    sender: http1::SendRequest<Body>,
-    /// `None` once the connection has ended. In a wrapper because response bodies
-    /// must be `Sync` and the connection needs only `&mut` access.
-    driver: Option<SyncWrapper<Driver>>,
-    /// The waker the connection and its channels see.
-    same_task: SameTask,
-}
-
-/// A backend's answer: its head, and how to read its body off the connection.
+/// A backend's answer: its head, and how to read its body.
 pub enum Answer {
+    /// From an HTTP/1.1 connection: read off it by [`wire::Decoder`].
     Own(Parts, wire::Decoder),
+    /// From hyper's HTTP/2 client.
     Hyper(Response<Incoming>),
-}
-
-impl std::fmt::Debug for H1 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.client {
-            Client::Own(_) => "own",
-            Client::Hyper(h) if h.driver.is_some() => "hyper",
-            _ => "ended",
-        };
-        f.debug_struct("H1")
-            .field("client", &state)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Makes progress on a connection (reading, writing, parsing); false once it has
-/// ended.
-fn drive(driver: &mut Option<SyncWrapper<Driver>>, cx: &mut Context<'_>) -> bool {
-    if let Some(running) = driver
-        && let Poll::Ready(ended) = running.get_mut().as_mut().poll(cx)
-    {
-        if let Err(e) = ended {
-            tracing::debug!("backend connection: {e}");
-        }
-        *driver = None;
-    }
-    driver.is_some()
-}
-
-impl HyperH1 {
-    /// Drives the connection, then polls `then` (what the connection feeds) with the
-    /// sender, in this task (see [`SameTask`]).
-    fn poll_driven<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut then: impl FnMut(&mut Context<'_>, &mut http1::SendRequest<Body>) -> Poll<T>,
-    ) -> Poll<T> {
-        let HyperH1 {
-            sender,
-            driver,
-            same_task,
-        } = self;
-        same_task.poll(cx, |cx| {
-            drive(driver, cx);
-            then(cx, sender)
-        })
-    }
-
-    /// Sends `req` and drives the connection until the response head; on failure the
-    /// request comes back if it never left.
-    async fn send(
-        &mut self,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
-        let mut req = Some(req);
-        // Sent from inside the poll, so that the hand-over does not wake this task.
-        let mut response = std::pin::pin!(None);
-        std::future::poll_fn(|cx| {
-            self.poll_driven(cx, |cx, sender| {
-                if let Some(unsent) = req.take() {
-                    match sender.poll_ready(cx) {
-                        Poll::Pending => {
-                            req = Some(unsent);
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err((e, Some(unsent)))),
-                        Poll::Ready(Ok(())) => {
-                            response.set(Some(sender.try_send_request(unsent)));
-                        }
-                    }
-                }
-                match response.as_mut().as_pin_mut() {
-                    Some(response) => response.poll(cx).map_err(|mut e| {
-                        let unsent = e.take_message();
-                        (e.into_error(), unsent)
-                    }),
-                    None => Poll::Pending,
-                }
-            })
-        })
-        .await
-    }
 }
 
 impl H1 {
     fn new(io: Box<dyn wire::Io>, limit: Limit) -> H1 {
         H1 {
-            client: Client::Own(wire::Connection::new(io)),
+            conn: wire::Connection::new(io),
             limit,
-        }
-    }
-
-    /// Whether the connection can carry a new request now: alive (a close or reset
-    /// the backend sent is read here) and done with its last exchange.
-    fn reusable(&mut self) -> bool {
-        match &mut self.client {
-            Client::Own(conn) => conn.reusable(),
-            Client::Hyper(h) => {
-                drive(&mut h.driver, &mut Context::from_waker(Waker::noop())) && h.sender.is_ready()
-            }
-            Client::Gone => false,
         }
     }
 
@@ -233,67 +118,18 @@ impl H1 {
     ) -> Result<Answer, (BoxError, Option<Request<Body>>)> {
         // The other ready connections run first: writes to backends then come in
         // batches, and a backend woken once finds several requests. Measured: without
-        // this, driving the connection here woke the backends and clients about twice
-        // as often per request, and cost more CPU than the connection task it saves.
+        // it the hop took 2-4 % more CPU per request (`cargo xtask bench l7`).
         tokio::task::yield_now().await;
-        if let Client::Own(conn) = &mut self.client {
-            if wire::fits(&req) {
-                return match conn.exchange(&req).await {
-                    Ok((parts, decoder)) => Ok(Answer::Own(parts, decoder)),
-                    Err((e, unsent)) => Err((e.into(), unsent.then_some(req))),
-                };
-            }
-            if let Err(e) = self.move_to_hyper().await {
-                return Err((e, Some(req)));
-            }
-        }
-        let Client::Hyper(h) = &mut self.client else {
-            return Err(("backend connection ended".into(), Some(req)));
-        };
-        h.send(req)
-            .await
-            .map(Answer::Hyper)
-            .map_err(|(e, unsent)| (e.into(), unsent))
-    }
-
-    /// Hands the connection to hyper, for a request with a body or an upgrade.
-    async fn move_to_hyper(&mut self) -> Result<(), BoxError> {
-        let Client::Own(conn) = std::mem::replace(&mut self.client, Client::Gone) else {
-            return Ok(());
-        };
-        let io = conn
-            .into_io()
-            .ok_or("backend connection has unread bytes")?;
-        let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
-        self.client = Client::Hyper(HyperH1 {
-            sender,
-            driver: Some(SyncWrapper::new(Box::pin(conn.with_upgrades()))),
-            same_task: SameTask::default(),
-        });
-        Ok(())
-    }
-
-    /// Hands the connection to a task of its own, to finish what it is doing (an
-    /// upgrade's handover after a 101).
-    pub fn detach(self) {
-        if let Client::Hyper(HyperH1 {
-            driver: Some(driver),
-            ..
-        }) = self.client
-        {
-            tokio::spawn(async move {
-                if let Err(e) = driver.into_inner().await {
-                    tracing::debug!("backend connection: {e}");
-                }
-            });
+        match self.conn.exchange(req).await {
+            Ok((parts, decoder)) => Ok(Answer::Own(parts, decoder)),
+            Err((e, unsent)) => Err((e.into(), unsent)),
         }
     }
 
-    /// Forgets the task the connection last woke (before it is parked).
-    fn forget_task(&self) {
-        if let Client::Hyper(h) = &self.client {
-            h.same_task.forget();
-        }
+    /// After a 101: the connection's IO for the tunnel, and what the backend already
+    /// sent on it.
+    pub fn into_tunnel(self) -> (Box<dyn wire::Io>, Bytes) {
+        self.conn.into_tunnel()
     }
 }
 
@@ -439,7 +275,7 @@ impl Pool {
         let mut h1 = self.inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
         let idle = h1.get_mut(&key)?;
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < self.inner.idle_timeout && conn.reusable() {
+            if since.elapsed() < self.inner.idle_timeout && conn.conn.reusable() {
                 return Some(conn);
             }
         }
@@ -521,15 +357,12 @@ impl hyper::body::Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let conn = this.give_back.as_mut().map(|(_, _, conn)| &mut conn.client);
+        let conn = this.give_back.as_mut().map(|(_, _, h1)| &mut h1.conn);
         let polled = match (&mut this.body, conn) {
-            (Source::Own(decoder), Some(Client::Own(conn))) => decoder.poll_frame(cx, conn),
-            (Source::Own(_), _) => {
+            (Source::Own(decoder), Some(conn)) => decoder.poll_frame(cx, conn),
+            (Source::Own(_), None) => {
                 Poll::Ready(Some(Err("backend connection lost mid-body".into())))
             }
-            (Source::Hyper(body), Some(Client::Hyper(h))) => h
-                .poll_driven(cx, |cx, _| Pin::new(&mut *body).poll_frame(cx))
-                .map_err(BoxError::from),
             (Source::Hyper(body), _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
         };
         match &polled {
@@ -564,8 +397,7 @@ impl Drop for PooledBody {
 /// Parks a connection whose exchange is over, if it can carry another, and starts the
 /// sweep if it is not running.
 fn park(inner: &Arc<Inner>, key: PoolKey, mut conn: H1) {
-    conn.forget_task();
-    if !conn.reusable() {
+    if !conn.conn.reusable() {
         return;
     }
     {
@@ -598,7 +430,7 @@ async fn sweep(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         let mut h1 = inner.h1.lock().unwrap_or_else(PoisonError::into_inner);
         h1.retain(|_, idle| {
-            idle.retain_mut(|(conn, since)| since.elapsed() < period && conn.reusable());
+            idle.retain_mut(|(conn, since)| since.elapsed() < period && conn.conn.reusable());
             !idle.is_empty()
         });
     }

@@ -1,26 +1,25 @@
-//! HTTP/1.1 exchanges without a request body on a backend connection, written and
-//! parsed here instead of by hyper's client: the request head goes from the request's
-//! task straight to the socket (one write), the response head is parsed with
-//! `httparse` from one read buffer, and the body is read from the same buffer as the
-//! client's side asks for it. hyper's client hands each request, response and body
-//! chunk through channels to the connection's state machine: with it, the backend side
-//! was 30 % of the hop's user time in a profile of `cargo xtask bench l7`.
-//! Requests with a body and upgrades still go through hyper (see [`super::upstream`]),
-//! which reads the response while the body is still being written.
+//! HTTP/1.1 exchanges on a backend connection, written and parsed here instead of by
+//! hyper's client: the request head goes from the request's task straight to the socket
+//! (one write), its body follows as the client sends it (watching for an early
+//! answer), the response head is parsed with `httparse` from one read buffer, and the
+//! response body is read from the same buffer as the client's side asks for it; after
+//! a 101 the connection becomes the tunnel. hyper's client hands each request, response
+//! and body chunk through channels to the connection's state machine: with it, the
+//! backend side was 30 % of the hop's user time in a profile of `cargo xtask bench l7`.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::body::{Frame, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::upstream::BoxError;
+use super::upstream::{Body, BoxError};
 
 /// Response header fields accepted, as hyper's client.
 const MAX_HEADERS: usize = 100;
@@ -44,6 +43,9 @@ pub enum WireError {
     HeadTooLarge,
     #[error("malformed response from the backend: {0}")]
     Malformed(&'static str),
+    /// The client's body failed (too large, malformed, cut): the proxy tells which.
+    #[error("request body: {0}")]
+    Body(#[source] BoxError),
 }
 
 impl From<httparse::Error> for WireError {
@@ -76,14 +78,6 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// Whether a request can go on this path: no body and no upgrade.
-pub fn fits<B: hyper::body::Body>(req: &Request<B>) -> bool {
-    req.body().is_end_stream()
-        && !req.headers().contains_key(header::UPGRADE)
-        && !req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.version() == Version::HTTP_11
-}
-
 impl Connection {
     pub fn new(io: Box<dyn Io>) -> Connection {
         Connection {
@@ -94,10 +88,9 @@ impl Connection {
         }
     }
 
-    /// The IO, for hyper to take over; `None` if bytes were left unread (then the
-    /// connection is not reusable anyway).
-    pub fn into_io(self) -> Option<Box<dyn Io>> {
-        self.read.is_empty().then(|| self.io.into_inner())
+    /// After a 101, the IO for the tunnel and what the backend already sent on it.
+    pub fn into_tunnel(self) -> (Box<dyn Io>, Bytes) {
+        (self.io.into_inner(), self.read.freeze())
     }
 
     /// Whether the connection can carry a new exchange: the last one ended cleanly and
@@ -117,42 +110,75 @@ impl Connection {
         self.reusable
     }
 
-    /// Writes `req`'s head (the request has no body, see [`fits`]) and reads the
-    /// response head. On failure, whether the request never reached the backend (so it
-    /// can be sent elsewhere).
+    /// Writes `req` (its head in one write, then its body as the client sends it) and
+    /// reads the response head, which may come before the body is all sent (an early
+    /// 413, say; the connection is then not reused). On failure, the request if it never
+    /// reached the backend (so it can be sent elsewhere).
     pub async fn exchange(
         &mut self,
-        req: &Request<impl Sized>,
-    ) -> Result<(Parts, Decoder), (WireError, bool)> {
+        req: Request<Body>,
+    ) -> Result<(Parts, Decoder), (WireError, Option<Request<Body>>)> {
         self.reusable = false;
-        encode_head(&mut self.head, req);
+        let sending = Sending::of(&req);
+        encode_head(&mut self.head, &req, sending);
         // A first write that fails sent nothing: the backend closed an idle connection.
-        let written = self
-            .io
-            .get_mut()
-            .write(&self.head)
-            .await
-            .map_err(|e| (WireError::Io(e), true))?;
-        let sent = async {
-            let io = self.io.get_mut();
-            io.write_all(&self.head[written..]).await?;
-            io.flush().await
+        let written = match self.io.get_mut().write(&self.head).await {
+            Ok(written) => written,
+            Err(e) => return Err((WireError::Io(e), Some(req))),
         };
-        sent.await.map_err(|e| (WireError::Io(e), false))?;
         let head_only = req.method() == Method::HEAD;
-        self.read_head(head_only).await.map_err(|e| (e, false))
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        let mut out = Outgoing {
+            body: (sending != Sending::Nothing).then(|| req.into_body()),
+            chunked: sending == Sending::Chunked,
+            buf: self.head[written..].to_vec(),
+            pos: 0,
+            trailers: None,
+            done: false,
+        };
+        std::future::poll_fn(|cx| {
+            // The answer is looked for first: once it is there, the rest of the body is
+            // not sent.
+            if let Poll::Ready(answer) = self.poll_head(cx, head_only, upgrade) {
+                if !out.all_written() {
+                    self.reusable = false;
+                }
+                return Poll::Ready(answer);
+            }
+            if !out.done {
+                ready!(out.poll_send(cx, self.io.get_mut()))?;
+            }
+            Poll::Pending
+        })
+        .await
+        .map_err(|e| (e, None))
     }
 
-    /// Reads until a final (non-1xx) response head, and decides how its body is framed
-    /// (RFC 9112 6.3).
-    async fn read_head(&mut self, head_only: bool) -> Result<(Parts, Decoder), WireError> {
+    /// Reads until a final response head (a 1xx other than an asked-for 101 is
+    /// skipped), and decides how its body is framed (RFC 9112 6.3).
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_only: bool,
+        upgrade: bool,
+    ) -> Poll<Result<(Parts, Decoder), WireError>> {
         loop {
             if let Some((parts, len)) = parse_head(&self.read)? {
                 self.read.advance(len);
-                if parts.status.is_informational() {
-                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        return Err(WireError::Malformed("101 to a request without Upgrade"));
+                let decoder = |framing| Decoder {
+                    framing,
+                    trailers: HeaderMap::new(),
+                };
+                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    if !upgrade {
+                        return Poll::Ready(Err(WireError::Malformed(
+                            "101 to a request without Upgrade",
+                        )));
                     }
+                    // The connection is the tunnel's from here.
+                    return Poll::Ready(Ok((parts, decoder(Framing::Empty))));
+                }
+                if parts.status.is_informational() {
                     continue;
                 }
                 let framing = framing(&parts, head_only)?;
@@ -161,23 +187,13 @@ impl Connection {
                 let both = parts.headers.contains_key(header::TRANSFER_ENCODING)
                     && parts.headers.contains_key(header::CONTENT_LENGTH);
                 self.reusable = framing != Framing::UntilClose && keeps_alive(&parts) && !both;
-                return Ok((
-                    parts,
-                    Decoder {
-                        framing,
-                        trailers: HeaderMap::new(),
-                    },
-                ));
+                return Poll::Ready(Ok((parts, decoder(framing))));
             }
             if self.read.len() > MAX_HEAD_BYTES {
-                return Err(WireError::HeadTooLarge);
+                return Poll::Ready(Err(WireError::HeadTooLarge));
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx))
-                .await
-                .map_err(WireError::Io)?
-                == 0
-            {
-                return Err(WireError::Closed);
+            if ready!(self.poll_fill(cx)).map_err(WireError::Io)? == 0 {
+                return Poll::Ready(Err(WireError::Closed));
             }
         }
     }
@@ -189,8 +205,34 @@ impl Connection {
     }
 }
 
-/// The request line and fields, in origin form (the proxy rewrote the target).
-fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>) {
+/// How a request's body goes to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Nothing,
+    /// By the client's `Content-Length`, or this length (added).
+    Length(Option<u64>),
+    /// Chunked: its length is not known in advance.
+    Chunked,
+}
+
+impl Sending {
+    fn of(req: &Request<Body>) -> Sending {
+        let body = req.body();
+        if body.is_end_stream() {
+            Sending::Nothing
+        } else if req.headers().contains_key(header::CONTENT_LENGTH) {
+            Sending::Length(None)
+        } else if let Some(n) = body.size_hint().exact() {
+            Sending::Length(Some(n))
+        } else {
+            Sending::Chunked
+        }
+    }
+}
+
+/// The request line and fields, in origin form (the proxy rewrote the target), with
+/// the framing of its body.
+fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>, sending: Sending) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -203,12 +245,102 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>) {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    // A request that usually has a body says it has none (RFC 9110 8.6).
-    let expects_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
-    if expects_body && !req.headers().contains_key(header::CONTENT_LENGTH) {
-        out.extend_from_slice(b"content-length: 0\r\n");
+    let has_length = req.headers().contains_key(header::CONTENT_LENGTH);
+    match sending {
+        // A request that usually has a body says it has none (RFC 9110 8.6).
+        Sending::Nothing
+            if !has_length
+                && matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) =>
+        {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Sending::Length(Some(n)) => {
+            out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        }
+        Sending::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// A request body on its way to the backend.
+struct Outgoing {
+    /// `None` once it has all been taken.
+    body: Option<Body>,
+    chunked: bool,
+    /// Bytes to write (the head's rest, then each piece of the body, framed).
+    buf: Vec<u8>,
+    /// How much of `buf` is written.
+    pos: usize,
+    /// The client's trailer fields, sent after the last chunk.
+    trailers: Option<HeaderMap>,
+    /// All written and flushed.
+    done: bool,
+}
+
+impl Outgoing {
+    fn all_written(&self) -> bool {
+        self.pos >= self.buf.len() && self.body.is_none()
+    }
+
+    /// Writes what there is; ready once the whole body is written and flushed.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut Box<dyn Io>,
+    ) -> Poll<Result<(), WireError>> {
+        loop {
+            if self.pos < self.buf.len() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf[self.pos..]))
+                    .map_err(WireError::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(WireError::Io(io::ErrorKind::WriteZero.into())));
+                }
+                self.pos += n;
+                continue;
+            }
+            self.buf.clear();
+            self.pos = 0;
+            let Some(body) = self.body.as_mut() else {
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WireError::Io)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => {
+                    // What is written reaches the backend while the client is slow (a
+                    // TLS stream holds it until flushed).
+                    ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WireError::Io)?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if self.chunked && data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        self.buf
+                            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        self.buf.extend_from_slice(&data);
+                        self.buf.extend_from_slice(b"\r\n");
+                    }
+                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Err(frame) => self.trailers = frame.into_trailers().ok(),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(WireError::Body(e))),
+                Poll::Ready(None) => {
+                    self.body = None;
+                    if self.chunked {
+                        self.buf.extend_from_slice(b"0\r\n");
+                        for (name, value) in self.trailers.take().iter().flatten() {
+                            self.buf.extend_from_slice(name.as_str().as_bytes());
+                            self.buf.extend_from_slice(b": ");
+                            self.buf.extend_from_slice(value.as_bytes());
+                            self.buf.extend_from_slice(b"\r\n");
+                        }
+                        self.buf.extend_from_slice(b"\r\n");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The response head at the start of `buf` and its length, once it is all there.

@@ -3,6 +3,8 @@
 //! same path over real sockets, end to end.
 
 use super::*;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, DuplexStream};
 
@@ -11,12 +13,26 @@ fn pair() -> (Connection, DuplexStream) {
     (Connection::new(Box::new(ours)), theirs)
 }
 
-fn get(path: &str) -> Request<()> {
+fn get(path: &str) -> Request<Body> {
     Request::builder()
         .method(Method::GET)
         .uri(path)
         .header(header::HOST, "app.example.com")
-        .body(())
+        .body(Body::default())
+        .unwrap()
+}
+
+/// A request whose body the client sends in `pieces`, with no length announced.
+fn post_streamed(pieces: &[&'static str]) -> Request<Body> {
+    let frames: Vec<Result<Frame<Bytes>, BoxError>> = pieces
+        .iter()
+        .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes()))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    Request::builder()
+        .method(Method::POST)
+        .uri("/upload")
+        .body(BodyExt::boxed(body))
         .unwrap()
 }
 
@@ -61,7 +77,7 @@ async fn a_keep_alive_exchange_leaves_the_connection_reusable_for_the_next() {
             answer.len()
         );
         let req = get(path);
-        let (exchanged, head) = tokio::join!(conn.exchange(&req), async {
+        let (exchanged, head) = tokio::join!(conn.exchange(req), async {
             let head = request_head(&mut backend).await;
             backend.write_all(reply.as_bytes()).await.unwrap();
             head
@@ -85,7 +101,7 @@ async fn a_chunked_body_is_decoded_with_its_extensions_dropped_and_trailers_kept
     let reply = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
                  5;name=v\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
     backend.write_all(reply.as_bytes()).await.unwrap();
-    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (_, decoder) = conn.exchange(get("/")).await.unwrap();
     let (text, trailers) = body_and_trailers(&mut conn, decoder).await.unwrap();
     assert_eq!(text, "hello, world");
     assert_eq!(trailers["x-trailer"], "t");
@@ -99,7 +115,7 @@ async fn a_body_without_length_runs_until_close_and_ends_the_connection() {
         .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
         .await
         .unwrap();
-    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (_, decoder) = conn.exchange(get("/")).await.unwrap();
     drop(backend);
     assert_eq!(body(&mut conn, decoder).await.unwrap(), "until the end");
     assert!(!conn.reusable());
@@ -113,7 +129,7 @@ async fn head_204_and_304_answers_have_no_body_whatever_their_length_says() {
         backend.write_all(reply.as_bytes()).await.unwrap();
         let mut req = get("/");
         *req.method_mut() = method.clone();
-        let (parts, decoder) = conn.exchange(&req).await.unwrap();
+        let (parts, decoder) = conn.exchange(req).await.unwrap();
         assert_eq!(
             parts.headers[header::CONTENT_LENGTH],
             "42",
@@ -132,7 +148,7 @@ async fn interim_answers_are_skipped_and_an_unasked_101_refused() {
         .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         .await
         .unwrap();
-    let (parts, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (parts, decoder) = conn.exchange(get("/")).await.unwrap();
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(body(&mut conn, decoder).await.unwrap(), "ok");
 
@@ -141,9 +157,9 @@ async fn interim_answers_are_skipped_and_an_unasked_101_refused() {
         .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
         .await
         .unwrap();
-    let (e, unsent) = conn.exchange(&get("/")).await.unwrap_err();
+    let (e, unsent) = conn.exchange(get("/")).await.unwrap_err();
     assert!(matches!(e, WireError::Malformed(_)), "{e}");
-    assert!(!unsent);
+    assert!(unsent.is_none());
 }
 
 #[tokio::test]
@@ -161,7 +177,7 @@ async fn close_and_http10_answers_leave_the_connection_unusable() {
     ] {
         let (mut conn, mut backend) = pair();
         backend.write_all(reply.as_bytes()).await.unwrap();
-        let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+        let (_, decoder) = conn.exchange(get("/")).await.unwrap();
         assert_eq!(body(&mut conn, decoder).await.unwrap(), "");
         assert_eq!(conn.reusable(), reusable, "{reply:?}");
     }
@@ -176,7 +192,7 @@ async fn bad_framing_and_oversized_heads_are_errors() {
     ] {
         let (mut conn, mut backend) = pair();
         backend.write_all(reply.as_bytes()).await.unwrap();
-        let (e, _) = conn.exchange(&get("/")).await.unwrap_err();
+        let (e, _) = conn.exchange(get("/")).await.unwrap_err();
         assert!(matches!(e, WireError::Malformed(_)), "{reply:?}: {e}");
     }
     let (mut conn, mut backend) = pair();
@@ -185,7 +201,7 @@ async fn bad_framing_and_oversized_heads_are_errors() {
         "a".repeat(MAX_HEAD_BYTES + 1)
     );
     let req = get("/");
-    let (answer, _) = tokio::join!(conn.exchange(&req), backend.write_all(big.as_bytes()));
+    let (answer, _) = tokio::join!(conn.exchange(req), backend.write_all(big.as_bytes()));
     assert!(matches!(answer.unwrap_err().0, WireError::HeadTooLarge));
 }
 
@@ -198,16 +214,16 @@ async fn a_backend_that_closes_fails_the_exchange_and_the_body() {
         request_head(&mut backend).await;
     };
     let req = get("/");
-    let (answer, ()) = tokio::join!(conn.exchange(&req), closing);
+    let (answer, ()) = tokio::join!(conn.exchange(req), closing);
     let (e, unsent) = answer.unwrap_err();
     assert!(matches!(e, WireError::Closed), "{e}");
-    assert!(!unsent);
+    assert!(unsent.is_none());
 
     // Closed before the request: it never left.
     let (mut conn, backend) = pair();
     drop(backend);
-    let (_, unsent) = conn.exchange(&get("/")).await.unwrap_err();
-    assert!(unsent);
+    let (_, unsent) = conn.exchange(get("/")).await.unwrap_err();
+    assert_eq!(unsent.expect("the request comes back").uri(), "/");
 
     // Closed mid-body.
     let (mut conn, mut backend) = pair();
@@ -215,7 +231,7 @@ async fn a_backend_that_closes_fails_the_exchange_and_the_body() {
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
         .await
         .unwrap();
-    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (_, decoder) = conn.exchange(get("/")).await.unwrap();
     drop(backend);
     assert!(body(&mut conn, decoder).await.is_err());
     assert!(!conn.reusable());
@@ -231,7 +247,7 @@ async fn an_answer_with_both_lengths_is_read_chunked_and_ends_the_connection() {
         )
         .await
         .unwrap();
-    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (_, decoder) = conn.exchange(get("/")).await.unwrap();
     assert_eq!(body(&mut conn, decoder).await.unwrap(), "ok");
     assert!(!conn.reusable());
 }
@@ -243,34 +259,152 @@ async fn stray_bytes_after_an_exchange_make_the_connection_unusable() {
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         .await
         .unwrap();
-    let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+    let (_, decoder) = conn.exchange(get("/")).await.unwrap();
     body(&mut conn, decoder).await.unwrap();
     backend.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
     assert!(!conn.reusable());
 }
 
 #[test]
-fn a_request_that_usually_has_a_body_says_it_has_none() {
-    let mut out = Vec::new();
-    let mut req = get("/");
-    *req.method_mut() = Method::POST;
-    encode_head(&mut out, &req);
-    assert!(out.ends_with(b"content-length: 0\r\n\r\n"));
-    encode_head(&mut out, &get("/"));
-    assert!(!out.windows(14).any(|w| w == b"content-length"));
+fn a_request_head_says_how_its_body_is_framed() {
+    let head = |req: Request<Body>| {
+        let mut out = Vec::new();
+        encode_head(&mut out, &req, Sending::of(&req));
+        String::from_utf8(out).unwrap()
+    };
+    let mut post = get("/");
+    *post.method_mut() = Method::POST;
+    assert!(head(post).ends_with("\r\ncontent-length: 0\r\n\r\n"));
+    assert!(!head(get("/")).contains("content-length"));
+    let full = Request::post("/")
+        .body(BodyExt::boxed(
+            http_body_util::Full::new(Bytes::from("abc")).map_err(|e| match e {}),
+        ))
+        .unwrap();
+    assert!(head(full).ends_with("\r\ncontent-length: 3\r\n\r\n"));
+    assert!(head(post_streamed(&["a"])).ends_with("\r\ntransfer-encoding: chunked\r\n\r\n"));
 }
 
-#[test]
-fn only_bodyless_http11_requests_without_upgrade_fit() {
-    let empty = || http_body_util::Empty::<Bytes>::new();
-    let with =
-        |name: header::HeaderName| Request::builder().header(name, "x").body(empty()).unwrap();
-    assert!(fits(&Request::new(empty())));
-    assert!(!fits(&with(header::UPGRADE)));
-    assert!(!fits(&with(header::TRANSFER_ENCODING)));
-    assert!(!fits(&Request::new(http_body_util::Full::new(
-        Bytes::from("x")
-    ))));
+/// Reads from the backend's end until `n` bytes have come.
+async fn read_n(backend: &mut DuplexStream, n: usize) -> String {
+    let mut got = vec![0u8; n];
+    backend.read_exact(&mut got).await.unwrap();
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_goes_chunked_with_its_trailers() {
+    let (mut conn, mut backend) = pair();
+    let mut req = post_streamed(&["hello", "", ", world"]);
+    let frames = ["hello", ", world"]
+        .into_iter()
+        .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes()))));
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-sum", HeaderValue::from_static("7"));
+    let with_trailers = frames.chain([Ok(Frame::trailers(trailers))]);
+    *req.body_mut() = BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+        with_trailers,
+    )));
+    let expected = "5\r\nhello\r\n7\r\n, world\r\n0\r\nx-sum: 7\r\n\r\n";
+    let (answer, sent) = tokio::join!(conn.exchange(req), async {
+        let head = request_head(&mut backend).await;
+        let body = read_n(&mut backend, expected.len()).await;
+        backend
+            .write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        (head, body)
+    });
+    assert!(
+        sent.0.contains("transfer-encoding: chunked\r\n"),
+        "{}",
+        sent.0
+    );
+    assert_eq!(sent.1, expected);
+    let (parts, decoder) = answer.unwrap();
+    assert_eq!(parts.status, StatusCode::CREATED);
+    body(&mut conn, decoder).await.unwrap();
+    assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn a_body_with_its_length_goes_as_it_is() {
+    let (mut conn, mut backend) = pair();
+    let mut req = post_streamed(&["abc", "defg"]);
+    req.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+    let (answer, sent) = tokio::join!(conn.exchange(req), async {
+        let head = request_head(&mut backend).await;
+        let body = read_n(&mut backend, 7).await;
+        backend
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        (head, body)
+    });
+    assert!(sent.0.ends_with("content-length: 7\r\n\r\n"), "{}", sent.0);
+    assert_eq!(sent.1, "abcdefg");
+    let (_, decoder) = answer.unwrap();
+    assert_eq!(body(&mut conn, decoder).await.unwrap(), "ok");
+    assert!(conn.reusable());
+}
+
+#[tokio::test]
+async fn an_answer_before_the_whole_body_wins_and_ends_the_connection() {
+    let (mut conn, mut backend) = pair();
+    // A body that never ends: the client stalls after its first piece.
+    let frames = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from("part")))])
+        .chain(futures_util::stream::pending());
+    let req = Request::post("/big")
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+        .unwrap();
+    let (answer, ()) = tokio::join!(conn.exchange(req), async {
+        request_head(&mut backend).await;
+        backend
+            .write_all(b"HTTP/1.1 413 Too Large\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let (parts, decoder) = answer.unwrap();
+    assert_eq!(parts.status, StatusCode::PAYLOAD_TOO_LARGE);
+    body(&mut conn, decoder).await.unwrap();
+    assert!(!conn.reusable(), "the body was not all sent");
+}
+
+#[tokio::test]
+async fn a_failing_body_fails_the_exchange_as_the_body() {
+    let (mut conn, _backend) = pair();
+    let frames = futures_util::stream::iter([
+        Ok::<_, BoxError>(Frame::data(Bytes::from("part"))),
+        Err("client went away".into()),
+    ]);
+    let req = Request::post("/")
+        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+        .unwrap();
+    let (e, unsent) = conn.exchange(req).await.unwrap_err();
+    assert!(matches!(e, WireError::Body(_)), "{e}");
+    assert!(unsent.is_none());
+}
+
+#[tokio::test]
+async fn an_asked_for_101_hands_the_connection_and_its_early_bytes_to_the_tunnel() {
+    let (mut conn, mut backend) = pair();
+    let mut req = get("/ws");
+    req.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    backend
+        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\nearly")
+        .await
+        .unwrap();
+    let (parts, decoder) = conn.exchange(req).await.unwrap();
+    assert_eq!(parts.status, StatusCode::SWITCHING_PROTOCOLS);
+    assert!(decoder.is_end_stream());
+    let (mut io, early) = conn.into_tunnel();
+    assert_eq!(early, "early");
+    backend.write_all(b"later").await.unwrap();
+    let mut later = [0u8; 5];
+    io.read_exact(&mut later).await.unwrap();
+    assert_eq!(&later, b"later");
 }
 
 /// A chunked response and the read after it, cut anywhere: the same body, and the
@@ -295,7 +429,7 @@ fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> (String, HeaderMap, bool) {
             backend
         };
         let reader = async {
-            let (_, decoder) = conn.exchange(&get("/")).await.unwrap();
+            let (_, decoder) = conn.exchange(get("/")).await.unwrap();
             body_and_trailers(&mut conn, decoder).await.unwrap()
         };
         let ((text, trailers), _backend) = tokio::join!(reader, writer);
@@ -326,7 +460,7 @@ fn exchange_any(reply: &[u8]) -> Result<String, String> {
         backend.write_all(reply).await.unwrap();
         drop(backend);
         let (_, decoder) = conn
-            .exchange(&get("/"))
+            .exchange(get("/"))
             .await
             .map_err(|(e, _)| e.to_string())?;
         body(&mut conn, decoder).await.map_err(|e| e.to_string())

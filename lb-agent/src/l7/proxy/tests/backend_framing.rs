@@ -1,6 +1,6 @@
-//! Backend answers read by [`crate::l7::wire`] over real sockets: every framing a
+//! Backend exchanges by [`crate::l7::wire`] over real sockets: every framing a
 //! backend may use streams through whole, and one backend connection carries
-//! requests with and without a body (moving to hyper's client for the first body).
+//! requests with and without a body, one after the other.
 
 use super::*;
 
