@@ -17,7 +17,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::response::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use sync_wrapper::SyncWrapper;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::upstream::{Body, BoxError};
 
@@ -27,6 +27,8 @@ const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// How much room each read asks for.
 const READ_CHUNK: usize = 16 * 1024;
+/// How much of a request body is gathered before it is written.
+const GATHER_BYTES: usize = 64 * 1024;
 
 /// A backend connection's IO (plain TCP or TLS, with the send timeout below either).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -120,38 +122,53 @@ impl Connection {
     ) -> Result<(Parts, Decoder), (WireError, Option<Request<Body>>)> {
         self.reusable = false;
         let sending = Sending::of(&req);
-        encode_head(&mut self.head, &req, sending);
-        // A first write that fails sent nothing: the backend closed an idle connection.
-        let written = match self.io.get_mut().write(&self.head).await {
-            Ok(written) => written,
-            Err(e) => return Err((WireError::Io(e), Some(req))),
-        };
         let head_only = req.method() == Method::HEAD;
         let upgrade = req.headers().contains_key(header::UPGRADE);
+        let mut head = std::mem::take(&mut self.head);
+        encode_head(&mut head, &req, sending);
+        let (parts, body) = req.into_parts();
+        // A request without a body keeps it, to come back whole if it is never sent.
+        let (kept, body) = match sending {
+            Sending::Nothing => (Some(body), None),
+            _ => (None, Some(body)),
+        };
         let mut out = Outgoing {
-            body: (sending != Sending::Nothing).then(|| req.into_body()),
+            body,
             chunked: sending == Sending::Chunked,
-            buf: self.head[written..].to_vec(),
+            buf: head,
             pos: 0,
+            wrote: false,
             trailers: None,
             done: false,
         };
-        std::future::poll_fn(|cx| {
-            // The answer is looked for first: once it is there, the rest of the body is
-            // not sent.
+        let answer = std::future::poll_fn(|cx| {
+            let sent = if out.done {
+                Poll::Ready(Ok(()))
+            } else {
+                out.poll_send(cx, self.io.get_mut())
+            };
+            // An answer wins over the rest of the body, and over a write that failed
+            // because the backend answered early and closed.
             if let Poll::Ready(answer) = self.poll_head(cx, head_only, upgrade) {
                 if !out.all_written() {
                     self.reusable = false;
                 }
                 return Poll::Ready(answer);
             }
-            if !out.done {
-                ready!(out.poll_send(cx, self.io.get_mut()))?;
+            match sent {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
             }
-            Poll::Pending
         })
-        .await
-        .map_err(|e| (e, None))
+        .await;
+        // The buffer's allocation serves the next request's head.
+        self.head = std::mem::take(&mut out.buf);
+        answer.map_err(|e| {
+            let unsent = kept
+                .filter(|_| !out.wrote)
+                .map(|body| Request::from_parts(parts, body));
+            (e, unsent)
+        })
     }
 
     /// Reads until a final response head (a 1xx other than an asked-for 101 is
@@ -272,6 +289,8 @@ struct Outgoing {
     buf: Vec<u8>,
     /// How much of `buf` is written.
     pos: usize,
+    /// Whether any byte has been written (else the request never left).
+    wrote: bool,
     /// The client's trailer fields, sent after the last chunk.
     trailers: Option<HeaderMap>,
     /// All written and flushed.
@@ -290,56 +309,77 @@ impl Outgoing {
         io: &mut Box<dyn Io>,
     ) -> Poll<Result<(), WireError>> {
         loop {
+            // What the client has sent already goes out in one write with what waits
+            // (the head, first): a write per piece cost a packet and a wake-up each.
+            let mut body_pending = false;
+            while let Some(body) = self.body.as_mut()
+                && self.buf.len() - self.pos < GATHER_BYTES
+            {
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => {
+                        body_pending = true;
+                        break;
+                    }
+                    Poll::Ready(frame) => self.frame(frame)?,
+                }
+            }
             if self.pos < self.buf.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf[self.pos..]))
                     .map_err(WireError::Io)?;
                 if n == 0 {
                     return Poll::Ready(Err(WireError::Io(io::ErrorKind::WriteZero.into())));
                 }
+                self.wrote = true;
                 self.pos += n;
+                if self.pos == self.buf.len() {
+                    self.buf.clear();
+                    self.pos = 0;
+                }
                 continue;
             }
-            self.buf.clear();
-            self.pos = 0;
-            let Some(body) = self.body.as_mut() else {
-                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WireError::Io)?;
+            // All written so far reaches the backend, also while the client is slow (a
+            // TLS stream holds it until flushed).
+            ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WireError::Io)?;
+            if self.body.is_none() {
                 self.done = true;
                 return Poll::Ready(Ok(()));
-            };
-            match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => {
-                    // What is written reaches the backend while the client is slow (a
-                    // TLS stream holds it until flushed).
-                    ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WireError::Io)?;
-                    return Poll::Pending;
+            }
+            if body_pending {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Frames a piece of the client's body (or its end) into the buffer.
+    fn frame(&mut self, frame: Option<Result<Frame<Bytes>, BoxError>>) -> Result<(), WireError> {
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if self.chunked && data.is_empty() => {}
+                Ok(data) if self.chunked => {
+                    self.buf
+                        .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    self.buf.extend_from_slice(&data);
+                    self.buf.extend_from_slice(b"\r\n");
                 }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) if self.chunked && data.is_empty() => {}
-                    Ok(data) if self.chunked => {
-                        self.buf
-                            .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                        self.buf.extend_from_slice(&data);
+                Ok(data) => self.buf.extend_from_slice(&data),
+                Err(frame) => self.trailers = frame.into_trailers().ok(),
+            },
+            Some(Err(e)) => return Err(WireError::Body(e)),
+            None => {
+                self.body = None;
+                if self.chunked {
+                    self.buf.extend_from_slice(b"0\r\n");
+                    for (name, value) in self.trailers.take().iter().flatten() {
+                        self.buf.extend_from_slice(name.as_str().as_bytes());
+                        self.buf.extend_from_slice(b": ");
+                        self.buf.extend_from_slice(value.as_bytes());
                         self.buf.extend_from_slice(b"\r\n");
                     }
-                    Ok(data) => self.buf.extend_from_slice(&data),
-                    Err(frame) => self.trailers = frame.into_trailers().ok(),
-                },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(WireError::Body(e))),
-                Poll::Ready(None) => {
-                    self.body = None;
-                    if self.chunked {
-                        self.buf.extend_from_slice(b"0\r\n");
-                        for (name, value) in self.trailers.take().iter().flatten() {
-                            self.buf.extend_from_slice(name.as_str().as_bytes());
-                            self.buf.extend_from_slice(b": ");
-                            self.buf.extend_from_slice(value.as_bytes());
-                            self.buf.extend_from_slice(b"\r\n");
-                        }
-                        self.buf.extend_from_slice(b"\r\n");
-                    }
+                    self.buf.extend_from_slice(b"\r\n");
                 }
             }
         }
+        Ok(())
     }
 }
 

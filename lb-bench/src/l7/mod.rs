@@ -108,7 +108,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "http,https,close,annotations"
+        default_value = "http,https,close,body,annotations"
     )]
     scenarios: Vec<Scenario>,
     /// Do not pin: wrk, backends and proxies share every CPU.
@@ -135,6 +135,9 @@ enum Scenario {
     Https,
     /// `Connection: close` over plain HTTP: a new connection per request.
     Close,
+    /// Keep-alive HTTP/1.1, each request with a body of [`wrk::BODY_BYTES`] (a GET with
+    /// `Content-Length`: the harness's backends answer only GET, and read the body).
+    Body,
     /// Keep-alive HTTP/1.1 to the annotated host: every request is rewritten, checked
     /// against the allowlist, routed by the canary header (half each way) and answered
     /// with CORS headers (an answer without them counts as a failure).
@@ -147,6 +150,7 @@ impl Scenario {
             Scenario::Http => "http",
             Scenario::Https => "https",
             Scenario::Close => "close",
+            Scenario::Body => "body",
             Scenario::Annotations => "annotations",
         }
     }
@@ -156,6 +160,7 @@ impl Scenario {
             Scenario::Http => "HTTP keep-alive",
             Scenario::Https => "HTTPS keep-alive",
             Scenario::Close => "HTTP new conn/request",
+            Scenario::Body => "HTTP 1 KiB request body",
             Scenario::Annotations => "HTTP annotations",
         }
     }
@@ -163,7 +168,7 @@ impl Scenario {
     fn url(self) -> String {
         match self {
             Scenario::Https => format!("https://{HOST}/"),
-            Scenario::Http | Scenario::Close => format!("http://{HOST}/"),
+            Scenario::Http | Scenario::Close | Scenario::Body => format!("http://{HOST}/"),
             Scenario::Annotations => format!("http://{ANNOTATED_HOST}/"),
         }
     }
@@ -195,9 +200,10 @@ impl Proxy {
         proxies
     }
 
-    /// Whether it serves `scenario` (the floor proxy has no annotations).
+    /// Whether it serves `scenario` (the floor proxy has no annotations and takes no
+    /// request bodies).
     fn serves(self, scenario: Scenario) -> bool {
-        self != Proxy::Floor || scenario != Scenario::Annotations
+        self != Proxy::Floor || !matches!(scenario, Scenario::Annotations | Scenario::Body)
     }
 
     fn label(self) -> &'static str {
@@ -537,6 +543,7 @@ impl Bed {
         let manifests = xlb::manifests(HOST, routes, &cert);
         files.write("routes.lua", &wrk::script())?;
         files.write("annotations.lua", &wrk::annotations_script())?;
+        files.write("body.lua", &wrk::body_script())?;
         let mut backends = Vec::new();
         for (i, ns) in topo.backends.iter().enumerate() {
             let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), BACKEND_PORT);
@@ -856,10 +863,10 @@ fn measure(
 ) -> Result<Run> {
     let url = scenario.url();
     let hosts = bed.files.hosts(proxy);
-    let script = bed.files.path(if scenario == Scenario::Annotations {
-        "annotations.lua"
-    } else {
-        "routes.lua"
+    let script = bed.files.path(match scenario {
+        Scenario::Annotations => "annotations.lua",
+        Scenario::Body => "body.lua",
+        Scenario::Http | Scenario::Https | Scenario::Close => "routes.lua",
     });
     let client_cpus = pinning.map(|p| Pinning::list(&p.client));
     let wrk = Wrk {
@@ -1324,6 +1331,7 @@ mod tests {
                 Scenario::Http,
                 Scenario::Https,
                 Scenario::Close,
+                Scenario::Body,
                 Scenario::Annotations
             ]
         );
@@ -1400,6 +1408,7 @@ mod tests {
         );
         assert!(Proxy::Floor.serves(Scenario::Http));
         assert!(!Proxy::Floor.serves(Scenario::Annotations));
+        assert!(!Proxy::Floor.serves(Scenario::Body));
         assert!(Proxy::Xlb.serves(Scenario::Annotations));
         assert!(reproduce(&args).ends_with("--scenarios http,annotations --floor"));
         let mut floor = run(Proxy::Floor, 200.0, 1.0);

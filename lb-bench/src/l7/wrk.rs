@@ -61,6 +61,31 @@ end
     )
 }
 
+/// The body scenario's request body size.
+pub const BODY_BYTES: usize = 1024;
+
+/// The body scenario's script: the routes alternated as in [`script`], each request
+/// with a [`BODY_BYTES`] body (`wrk.format` adds its `Content-Length`).
+pub fn body_script() -> String {
+    script()
+        .replace(
+            "-- xlb-bench l7: alternate the routes",
+            "-- xlb-bench l7 body: alternate the routes, each request with a body",
+        )
+        .replace(
+            &format!(r#"wrk.format(nil, "{}")"#, PATHS[0]),
+            &format!(r#"wrk.format("GET", "{}", nil, body)"#, PATHS[0]),
+        )
+        .replace(
+            &format!(r#"wrk.format(nil, "{}")"#, PATHS[1]),
+            &format!(r#"wrk.format("GET", "{}", nil, body)"#, PATHS[1]),
+        )
+        .replace(
+            "function init(args)\n",
+            &format!("function init(args)\n  local body = string.rep(\"x\", {BODY_BYTES})\n"),
+        )
+}
+
 /// The annotations scenario's requests: both to the rewritten regex route, with the
 /// allowed `Origin`, one kept on the main backend and one sent to the canary.
 pub const ANNOTATED_PATH: &str = "/app/items";
@@ -227,6 +252,22 @@ Requests/sec:   3907.20
 Transfer/sec:    602.87KB
 xlb-bench non-200 responses: 0
 ";
+
+    /// The body script is the routes script with every request carrying the body: a
+    /// replacement that missed would leave a request without it.
+    #[test]
+    fn the_body_script_sends_the_body_on_both_routes() {
+        let body = body_script();
+        assert!(
+            body.contains(r#"local body = string.rep("x", 1024)"#),
+            "{body}"
+        );
+        for path in PATHS {
+            assert!(body.contains(&format!(r#"wrk.format("GET", "{path}", nil, body)"#)));
+        }
+        assert!(!body.contains("wrk.format(nil"), "{body}");
+        assert!(body.contains(NOT_200_LINE));
+    }
 
     #[test]
     fn a_real_wrk_report_is_parsed() {
