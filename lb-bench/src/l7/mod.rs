@@ -1338,7 +1338,7 @@ mod tests {
         assert_eq!(
             reproduce(&args),
             "cargo xtask bench l7 --secs 10 --connections 64 --threads 1 --proxy-threads 1 \
-             --rounds 2 --scenarios http,https,close,annotations"
+             --rounds 2 --scenarios http,https,close,body,annotations"
         );
         let args = parse_args::<Args>(&["--scenarios", "https", "--no-pin"]);
         assert!(reproduce(&args).ends_with("--scenarios https --no-pin"));
