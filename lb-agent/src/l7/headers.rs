@@ -58,6 +58,17 @@ pub fn refuse_h2c_upgrade(headers: &mut HeaderMap) {
     };
 }
 
+/// Whether the comma-separated list in header `name` holds `token` (in any case), as
+/// `Connection: close` or `TE: trailers`.
+pub fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Removes hop-by-hop headers and those named in `Connection`. An upgrade keeps
 /// `Connection: upgrade` and `Upgrade` (they are the point of the message), and
 /// `TE: trailers` survives because gRPC over h2c requires it.
@@ -80,12 +91,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         None
     };
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let trailers = lists_token(headers, &header::TE, "trailers");
     for name in named {
         headers.remove(name);
     }

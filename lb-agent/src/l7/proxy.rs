@@ -50,8 +50,8 @@ use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
 use super::headers::{
-    Forwarded, ForwardedTrust, PeerValues, add_forwarding, client_ip, refuse_h2c_upgrade,
-    strip_hop_by_hop, valid_host,
+    Forwarded, ForwardedTrust, PeerValues, add_forwarding, client_ip, lists_token,
+    refuse_h2c_upgrade, strip_hop_by_hop, valid_host,
 };
 use super::limits::{BodyState, Limited, head_within};
 use super::metrics::Metrics;
@@ -713,13 +713,7 @@ fn strip_port(host: &str) -> &str {
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && lists_token(req.headers(), &header::CONNECTION, "upgrade")
 }
 
 /// 431 when the request line and headers exceed the configured size or count.

@@ -19,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::headers::lists_token;
 use super::upstream::{Body, BoxError};
 
 /// Response header fields accepted, as hyper's client.
@@ -256,12 +257,7 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>, sending: Sending) {
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    put_fields(out, req.headers());
     let has_length = req.headers().contains_key(header::CONTENT_LENGTH);
     match sending {
         // A request that usually has a body says it has none (RFC 9110 8.6).
@@ -278,6 +274,17 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>, sending: Sending) {
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Fields as `name: value` lines (a head's or a trailer's), the counterpart of
+/// [`append_fields`].
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// A request body on its way to the backend.
@@ -369,11 +376,8 @@ impl Outgoing {
                 self.body = None;
                 if self.chunked {
                     self.buf.extend_from_slice(b"0\r\n");
-                    for (name, value) in self.trailers.take().iter().flatten() {
-                        self.buf.extend_from_slice(name.as_str().as_bytes());
-                        self.buf.extend_from_slice(b": ");
-                        self.buf.extend_from_slice(value.as_bytes());
-                        self.buf.extend_from_slice(b"\r\n");
+                    if let Some(trailers) = self.trailers.take() {
+                        put_fields(&mut self.buf, &trailers);
                     }
                     self.buf.extend_from_slice(b"\r\n");
                 }
@@ -491,15 +495,7 @@ fn framing(parts: &Parts, head_only: bool) -> Result<Framing, WireError> {
 }
 
 fn keeps_alive(parts: &Parts) -> bool {
-    let says = |token: &str| {
-        parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let says = |token| lists_token(&parts.headers, &header::CONNECTION, token);
     if parts.version == Version::HTTP_10 {
         says("keep-alive") && !says("close")
     } else {
