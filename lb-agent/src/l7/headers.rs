@@ -61,12 +61,14 @@ pub fn refuse_h2c_upgrade(headers: &mut HeaderMap) {
 /// Whether the comma-separated list in header `name` holds `token` (in any case), as
 /// `Connection: close` or `TE: trailers`.
 pub fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.get_all(name).iter().any(|v| value_lists(v, token))
+}
+
+/// Whether one comma-separated header value lists `token` (case-insensitive).
+pub fn value_lists(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Removes hop-by-hop headers and those named in `Connection`. An upgrade keeps

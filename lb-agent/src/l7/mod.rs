@@ -8,6 +8,7 @@ pub mod auth;
 pub mod backend_tls;
 pub mod balance;
 pub mod dns;
+pub mod h1_server;
 pub mod headers;
 pub mod htpasswd;
 pub mod limits;

@@ -49,6 +49,7 @@ use super::Snapshot;
 use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
 use super::dns::Resolver;
+use super::h1_server::{self, ClientBody};
 use super::headers::{
     Forwarded, ForwardedTrust, PeerValues, add_forwarding, client_ip, lists_token,
     refuse_h2c_upgrade, strip_hop_by_hop, valid_host,
@@ -494,22 +495,49 @@ async fn serve<S>(
             return;
         }
     };
-    let service = {
-        let shared = Arc::clone(&shared);
-        let state = Arc::clone(&state);
-        let conn = Arc::new(Conn {
+    let requests = Requests {
+        shared: Arc::clone(&shared),
+        state: Arc::clone(&state),
+        snapshots,
+        conn: Arc::new(Conn {
             peer,
             kind,
             values: PeerValues::new(peer.ip(), kind.port),
-        });
-        hyper::service::service_fn(move |req| {
-            let guard = state.request_started();
-            let shared = Arc::clone(&shared);
-            let snapshot = Arc::clone(&snapshots.borrow());
-            let conn = Arc::clone(&conn);
-            async move { Ok::<_, Infallible>(handle(&shared, &snapshot, &conn, guard, req).await) }
-        })
+        }),
     };
+    if protocol == Protocol::Http1 {
+        // Plain requests first, without hyper; hyper takes the connection from the
+        // first request that is not (see `h1_server`).
+        let read = io.take_read();
+        let fast = h1_server::serve(
+            &mut io,
+            read,
+            h1_server::HeadLimits {
+                bytes: shared.config.max_header_bytes,
+                fields: shared.config.max_headers.saturating_mul(2),
+            },
+            &mut draining,
+            |req| requests.serve(req),
+        );
+        let ended = tokio::select! {
+            ended = fast => ended,
+            reason = expired.as_mut() => h1_server::Ended::Closed(Some(reason)),
+        };
+        match ended {
+            h1_server::Ended::HandOff(read) => io.put_back(read),
+            h1_server::Ended::Closed(reason) => {
+                if let Some(reason) = reason {
+                    tracing::debug!("L7 connection from {peer}: {reason}");
+                    shared.metrics.closed(reason);
+                }
+                return;
+            }
+        }
+    }
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let answer = requests.serve(req.map(ClientBody::Hyper));
+        async move { Ok::<_, Infallible>(answer.await) }
+    });
     let io = TokioIo::new(io);
     let outcome = match protocol {
         Protocol::Http1 => {
@@ -599,6 +627,29 @@ async fn until_done<C: Graceful>(
     }
 }
 
+/// What serves each request of one client connection, for either server.
+struct Requests {
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    conn: Arc<Conn>,
+}
+
+impl Requests {
+    /// The answer to `req`, from the latest snapshot; the request counts as in flight
+    /// (for the watchdog) from here until its answer has been sent.
+    fn serve(
+        &self,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<Body>> + Send + use<> {
+        let guard = self.state.request_started();
+        let shared = Arc::clone(&self.shared);
+        let snapshot = Arc::clone(&self.snapshots.borrow());
+        let conn = Arc::clone(&self.conn);
+        async move { handle(&shared, &snapshot, &conn, guard, req).await }
+    }
+}
+
 /// What every request of a client connection shares.
 struct Conn {
     peer: SocketAddr,
@@ -611,7 +662,7 @@ async fn handle(
     snapshot: &Snapshot,
     conn: &Conn,
     guard: RequestGuard,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<Body> {
     let mut response = match forward(shared, snapshot, conn, req).await {
         Ok(response) => response,
@@ -710,7 +761,7 @@ fn strip_port(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade(req: &Request<ClientBody>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && lists_token(req.headers(), &header::CONNECTION, "upgrade")
@@ -739,7 +790,7 @@ async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
     conn: &Conn,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<Body>, Local> {
     let Conn { peer, kind, .. } = *conn;
     let config = &shared.config;

@@ -51,6 +51,23 @@ impl<S> ReadAhead<S> {
         }
     }
 
+    /// What was read ahead and not handed out yet, taken out of the stream (for a
+    /// reader with a buffer of its own, `super::h1_server`).
+    pub fn take_read(&mut self) -> Vec<u8> {
+        let mut read = std::mem::take(&mut self.pending);
+        read.drain(..self.taken);
+        self.taken = 0;
+        read
+    }
+
+    /// Puts `read` back in front of the stream's next bytes (what a reader took and
+    /// did not use); whatever is still pending stays behind it.
+    pub fn put_back(&mut self, mut read: Vec<u8>) {
+        read.extend_from_slice(&self.pending[self.taken..]);
+        self.pending = read;
+        self.taken = 0;
+    }
+
     /// Hands out what the first read left over; false when nothing is left.
     fn drain(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         let left = &self.pending[self.taken..];

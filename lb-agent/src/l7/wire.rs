@@ -29,7 +29,7 @@ pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// How much room each read asks for.
 const READ_CHUNK: usize = 16 * 1024;
 /// How much of a request body is gathered before it is written.
-const GATHER_BYTES: usize = 64 * 1024;
+pub(super) const GATHER_BYTES: usize = 64 * 1024;
 
 /// A backend connection's IO (plain TCP or TLS, with the send timeout below either).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}

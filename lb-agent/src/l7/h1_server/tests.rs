@@ -1,0 +1,303 @@
+//! Requests in, bytes out, over an in-memory pipe: what the client sees of each
+//! answer, and which requests are handed to hyper with every byte read.
+
+use std::time::Duration;
+
+use http_body_util::{Full, StreamBody};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+
+const LIMITS: HeadLimits = HeadLimits {
+    bytes: 8192,
+    fields: 2 * MAX_FIELDS,
+};
+
+/// What one `serve` run did: the bytes the client got and how it ended.
+struct Run {
+    sent: String,
+    ended: Ended,
+    seen: Vec<String>,
+}
+
+/// Serves `input` (written by the client, which then closes its side) with
+/// `answer` for every request; `draining` set from the start when asked.
+async fn exchange(
+    input: &[u8],
+    draining: bool,
+    answer: fn(&Request<ClientBody>) -> Response<Body>,
+) -> Run {
+    let (mut client, mut server) = tokio::io::duplex(1 << 20);
+    client.write_all(input).await.unwrap();
+    client.shutdown().await.unwrap();
+    let (_tx, mut rx) = watch::channel(draining);
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        serve(&mut server, Vec::new(), LIMITS, &mut rx, |req| {
+            seen.push(format!("{} {}", req.method(), req.uri()));
+            let response = answer(&req);
+            async move { response }
+        }),
+    )
+    .await
+    .expect("serve ends by itself");
+    drop(server);
+    Run {
+        sent: read_all(&mut client).await,
+        ended,
+        seen,
+    }
+}
+
+async fn read_all(client: &mut DuplexStream) -> String {
+    let mut out = Vec::new();
+    client.read_to_end(&mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+fn full(text: &'static str) -> Body {
+    Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body of unknown length, in these pieces.
+fn streamed(pieces: &'static [&'static str]) -> Body {
+    let frames = pieces
+        .iter()
+        .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from_static(p.as_bytes()))));
+    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+}
+
+use super::super::upstream::BoxError;
+
+fn ok(_: &Request<ClientBody>) -> Response<Body> {
+    Response::new(full("hello"))
+}
+
+/// The answer without its `date` line (which changes every second).
+fn undated(sent: &str) -> String {
+    sent.split_inclusive("\r\n")
+        .filter(|l| !l.starts_with("date: "))
+        .collect()
+}
+
+#[tokio::test]
+async fn keep_alive_requests_are_answered_in_order_on_one_connection() {
+    let run = exchange(
+        b"GET /a HTTP/1.1\r\nHost: x.example\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n\
+          HEAD /b?q=1 HTTP/1.1\r\nHost: x.example\r\n\r\n",
+        false,
+        ok,
+    )
+    .await;
+    assert_eq!(run.seen, ["GET /a", "HEAD /b?q=1"]);
+    assert_eq!(
+        undated(&run.sent),
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello\
+         HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+    );
+    assert_eq!(run.sent.matches("date: ").count(), 2);
+    assert!(matches!(run.ended, Ended::Closed(None)), "{:?}", run.ended);
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_is_chunked() {
+    let run = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false, |_| {
+        Response::new(streamed(&["ab", "", "cde"]))
+    })
+    .await;
+    assert_eq!(
+        undated(&run.sent),
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn bodiless_answers_are_framed_as_hyper_frames_them() {
+    // 204 and 304 get no length; an empty 200 gets `content-length: 0`; a HEAD answer
+    // keeps the length GET would get.
+    let run = exchange(
+        b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\nGET /304 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /empty HTTP/1.1\r\nHost: x\r\n\r\nHEAD /len HTTP/1.1\r\nHost: x\r\n\r\n",
+        false,
+        |req| {
+            let (status, length) = match req.uri().path() {
+                "/204" => (StatusCode::NO_CONTENT, Some("0")),
+                "/304" => (StatusCode::NOT_MODIFIED, Some("12")),
+                "/empty" => (StatusCode::OK, Some("0")),
+                _ => (StatusCode::OK, Some("42")),
+            };
+            let mut response = Response::new(full(""));
+            *response.status_mut() = status;
+            if let Some(length) = length {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from_static(length));
+            }
+            response
+        },
+    )
+    .await;
+    assert_eq!(
+        undated(&run.sent),
+        "HTTP/1.1 204 No Content\r\n\r\n\
+         HTTP/1.1 304 Not Modified\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn connection_close_and_the_drain_end_the_connection_after_the_answer() {
+    let run = exchange(
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n",
+        false,
+        ok,
+    )
+    .await;
+    assert_eq!(run.seen, ["GET /"]);
+    assert!(
+        undated(&run.sent).ends_with("connection: close\r\n\r\nhello"),
+        "{}",
+        run.sent
+    );
+    assert!(matches!(run.ended, Ended::Closed(None)));
+
+    // The drain starts while the first request is in flight; the next one, already
+    // read, is not served.
+    let (mut client, mut server) = tokio::io::duplex(1 << 16);
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (drain, mut draining) = watch::channel(false);
+    let mut requests = 0;
+    let ended = serve(&mut server, Vec::new(), LIMITS, &mut draining, |_| {
+        requests += 1;
+        drain.send_replace(true);
+        async { Response::new(full("hello")) }
+    })
+    .await;
+    drop(server);
+    assert_eq!(requests, 1);
+    assert!(matches!(ended, Ended::Closed(None)));
+    let sent = read_all(&mut client).await;
+    assert!(
+        undated(&sent).ends_with("connection: close\r\n\r\nhello"),
+        "{sent}"
+    );
+
+    // A drain that started before anything was read ends the connection at once.
+    let run = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true, ok).await;
+    assert!(run.seen.is_empty() && run.sent.is_empty());
+    assert!(matches!(run.ended, Ended::Closed(None)));
+}
+
+#[tokio::test]
+async fn requests_this_server_does_not_serve_go_to_hyper_with_every_byte() {
+    for request in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let run = exchange(request, false, ok).await;
+        let what = String::from_utf8_lossy(request);
+        assert!(run.seen.is_empty(), "{what}");
+        assert!(run.sent.is_empty(), "{what}");
+        match run.ended {
+            Ended::HandOff(read) => assert_eq!(read, request, "{what}"),
+            Ended::Closed(r) => panic!("{what}: closed ({r:?}), not handed off"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hand_off_after_served_requests_keeps_the_rest() {
+    let rest = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+    let mut input = b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec();
+    input.extend_from_slice(rest);
+    let run = exchange(&input, false, ok).await;
+    assert_eq!(run.seen, ["GET /a"]);
+    assert!(run.sent.ends_with("hello"));
+    match run.ended {
+        Ended::HandOff(read) => assert_eq!(read, rest),
+        Ended::Closed(r) => panic!("closed ({r:?})"),
+    }
+}
+
+#[tokio::test]
+async fn too_many_fields_or_too_long_a_head_go_to_hyper() {
+    let mut many = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..MAX_FIELDS {
+        many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let run = exchange(&many, false, ok).await;
+    assert!(matches!(run.ended, Ended::HandOff(ref read) if *read == many));
+
+    // Fewer slots when hyper's parser allows fewer (a low `max_headers`).
+    let head = |fields: usize| {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..fields {
+            head.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    };
+    let low = HeadLimits {
+        bytes: 8192,
+        fields: 10,
+    };
+    assert!(matches!(parse(&head(10), low), Parsed::Request { .. }));
+    assert!(matches!(parse(&head(11), low), Parsed::HandOff));
+
+    // Over the limit (8 KiB here) before the head ends.
+    let mut long = b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: ".to_vec();
+    long.resize(9000, b'a');
+    let run = exchange(&long, false, ok).await;
+    assert!(matches!(run.ended, Ended::HandOff(ref read) if *read == long));
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_head_or_a_failing_body_is_a_protocol_close() {
+    let run = exchange(b"GET / HTTP/1.1\r\nHost:", false, ok).await;
+    assert!(matches!(run.ended, Ended::Closed(Some("protocol"))));
+
+    let run = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false, |_| {
+        let failing = futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            Err::<Frame<Bytes>, BoxError>("backend reset".into()),
+        ]);
+        Response::new(StreamBody::new(failing).boxed())
+    })
+    .await;
+    assert!(matches!(run.ended, Ended::Closed(Some("protocol"))));
+    // The chunked answer never ends: the client sees it cut.
+    assert!(!run.sent.ends_with("0\r\n\r\n"));
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_its_content_length_cuts_the_connection() {
+    let run = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false, |_| {
+        let mut response = Response::new(streamed(&["abc"]));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        response
+    })
+    .await;
+    assert!(matches!(run.ended, Ended::Closed(Some("protocol"))));
+    // Nothing the client could take for a whole answer.
+    assert!(!run.sent.contains("abc"), "{}", run.sent);
+}
