@@ -1,16 +1,18 @@
 //! The client side's plain HTTP/1.1 requests, served without hyper: the counterpart
 //! of `wire.rs` on the backend side. Most requests a hop sees are HTTP/1.1 keep-alive
-//! requests without a body; for them hyper's server was a fifth of the hop's user time
-//! (dispatch, its parser with twice `max_headers` slots, per-connection buffers). Here
-//! the head is parsed with `httparse` from one read buffer, handed to the same request
-//! handler, and the answer's head and ready body go to the client in one write.
+//! requests with no body or a small one; for them hyper's server was a fifth of the
+//! hop's user time (dispatch, its parser with twice `max_headers` slots,
+//! per-connection buffers). Here the head is parsed with `httparse` from one read
+//! buffer (a body announced by `Content-Length` and already read whole comes from the
+//! same buffer), handed to the same request handler, and the answer's head and ready
+//! body go to the client in one write.
 //!
 //! Anything else goes to hyper, at a request boundary and with every byte read so far:
 //! heads that do not parse or are over a limit (hyper answers 400 or 431, or
-//! `head_within` does), request bodies, `Expect`, `TE`, upgrades, `CONNECT`, targets
-//! other than origin-form, HTTP/1.0. hyper then serves the rest of the connection.
-//! Answers are framed as hyper frames them (`Server::encode` in hyper 1.x), so a client
-//! sees the same answer whichever server took its request.
+//! `head_within` does), bodies still on their way or chunked, `Expect`, `TE`, upgrades,
+//! `CONNECT`, targets other than origin-form, HTTP/1.0. hyper then serves the rest of
+//! the connection. Answers are framed as hyper frames them (`Server::encode` in hyper
+//! 1.x), so a client sees the same answer whichever server took its request.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -47,10 +49,12 @@ pub struct HeadLimits {
     pub fields: usize,
 }
 
-/// A client's request body: hyper's, or none (a request this module served).
+/// A client's request body: hyper's, or one this module read whole (or none).
 #[derive(Debug)]
 pub enum ClientBody {
     Hyper(Incoming),
+    /// `None` once taken.
+    Read(Option<Bytes>),
     Empty,
 }
 
@@ -64,6 +68,7 @@ impl HttpBody for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Read(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
             ClientBody::Empty => Poll::Ready(None),
         }
     }
@@ -71,6 +76,7 @@ impl HttpBody for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::Read(body) => body.is_none(),
             ClientBody::Empty => true,
         }
     }
@@ -78,6 +84,9 @@ impl HttpBody for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::Read(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
             ClientBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -113,8 +122,16 @@ where
     loop {
         match parse(&buf, limits) {
             Parsed::HandOff => return Ended::HandOff(buf.to_vec()),
-            Parsed::Request { req, len, close } => {
-                buf.advance(len);
+            Parsed::Request {
+                mut req,
+                head: head_len,
+                body,
+                close,
+            } => {
+                buf.advance(head_len);
+                if body > 0 {
+                    *req.body_mut() = ClientBody::Read(Some(buf.split_to(body).freeze()));
+                }
                 let head = req.method() == Method::HEAD;
                 let response = handle(req).await;
                 // The answer to a request that asked to close, or once the drain has
@@ -157,10 +174,12 @@ where
     reason = "one at a time, on the stack: boxing would allocate once per request"
 )]
 enum Parsed {
-    /// A whole plain request, `len` bytes of head; `close` when it asked for it.
+    /// A whole plain request: `head` bytes of head, then `body` bytes of body (all
+    /// read already); `close` when it asked for it.
     Request {
         req: Request<ClientBody>,
-        len: usize,
+        head: usize,
+        body: usize,
         close: bool,
     },
     /// More bytes needed.
@@ -177,8 +196,8 @@ fn parse(buf: &[u8], limits: HeadLimits) -> Parsed {
     let fields = limits.fields.min(MAX_FIELDS);
     let mut parsed = httparse::Request::new(&mut []);
     match parsed.parse_with_uninit_headers(buf, &mut slots[..fields]) {
-        Ok(httparse::Status::Complete(len)) => {
-            plain_request(&parsed, len).unwrap_or(Parsed::HandOff)
+        Ok(httparse::Status::Complete(head)) => {
+            plain_request(&parsed, head, buf.len() - head).unwrap_or(Parsed::HandOff)
         }
         Ok(httparse::Status::Partial) if buf.len() <= limits.bytes => Parsed::Partial,
         // Over the limit, too many fields, or malformed: hyper answers.
@@ -186,8 +205,8 @@ fn parse(buf: &[u8], limits: HeadLimits) -> Parsed {
     }
 }
 
-/// The request, when it is one this module serves.
-fn plain_request(parsed: &httparse::Request<'_, '_>, len: usize) -> Option<Parsed> {
+/// The request, when it is one this module serves: `read` bytes came after its head.
+fn plain_request(parsed: &httparse::Request<'_, '_>, head: usize, read: usize) -> Option<Parsed> {
     if parsed.version != Some(1) {
         return None;
     }
@@ -198,21 +217,27 @@ fn plain_request(parsed: &httparse::Request<'_, '_>, len: usize) -> Option<Parse
     }
     let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut body = None;
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
         match name {
-            // A body, or what hyper does for it (100-continue, trailers, upgrades).
+            // A streamed body, or what hyper does for one (100-continue, trailers,
+            // upgrades).
             header::TRANSFER_ENCODING | header::EXPECT | header::TE | header::UPGRADE => {
                 return None;
             }
-            header::CONTENT_LENGTH if field.value != b"0" => return None,
+            // One length, of a body read whole already.
+            header::CONTENT_LENGTH => {
+                if body.is_some() {
+                    return None;
+                }
+                body = Some(buffered_length(field.value, read)?);
+            }
             _ => {}
         }
         headers.append(name, HeaderValue::from_bytes(field.value).ok()?);
     }
-    if headers.get_all(header::CONTENT_LENGTH).iter().count() > 1
-        || lists_token(&headers, &header::CONNECTION, "upgrade")
-    {
+    if lists_token(&headers, &header::CONNECTION, "upgrade") {
         return None;
     }
     let close = lists_token(&headers, &header::CONNECTION, "close");
@@ -221,7 +246,23 @@ fn plain_request(parsed: &httparse::Request<'_, '_>, len: usize) -> Option<Parse
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Some(Parsed::Request { req, len, close })
+    Some(Parsed::Request {
+        req,
+        head,
+        body: body.unwrap_or(0),
+        close,
+    })
+}
+
+/// The body length a `Content-Length` value announces, when the body is all in the
+/// `read` bytes after the head (and within what one write gathers). A body still on
+/// its way is streamed, by hyper.
+fn buffered_length(value: &[u8], read: usize) -> Option<usize> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let length: usize = std::str::from_utf8(value).ok()?.parse().ok()?;
+    (length <= read && length <= GATHER_BYTES).then_some(length)
 }
 
 /// An answer's body as hyper's server sees it before sending it.

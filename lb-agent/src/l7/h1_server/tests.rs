@@ -198,7 +198,8 @@ async fn connection_close_and_the_drain_end_the_connection_after_the_answer() {
 #[tokio::test]
 async fn requests_this_server_does_not_serve_go_to_hyper_with_every_byte() {
     for request in [
-        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"[..],
+        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\nabc",
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
@@ -223,8 +224,39 @@ async fn requests_this_server_does_not_serve_go_to_hyper_with_every_byte() {
 }
 
 #[tokio::test]
+async fn a_body_read_whole_with_its_head_is_served_from_the_buffer() {
+    let run = exchange(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          GET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+        false,
+        |req| {
+            let body = match req.body() {
+                ClientBody::Read(Some(body)) => format!("read {body:?}"),
+                ClientBody::Empty => "none".to_owned(),
+                other => format!("{other:?}"),
+            };
+            Response::new(
+                Full::new(Bytes::from(body))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+        },
+    )
+    .await;
+    assert_eq!(run.seen, ["POST /a", "GET /b"]);
+    assert!(
+        run.sent.contains("\r\n\r\nread b\"abc\"HTTP/1.1 200 OK"),
+        "{}",
+        run.sent
+    );
+    assert!(run.sent.ends_with("\r\n\r\nnone"), "{}", run.sent);
+    assert!(matches!(run.ended, Ended::Closed(None)));
+}
+
+#[tokio::test]
 async fn a_hand_off_after_served_requests_keeps_the_rest() {
-    let rest = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi";
+    let rest =
+        b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
     let mut input = b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec();
     input.extend_from_slice(rest);
     let run = exchange(&input, false, ok).await;
