@@ -39,6 +39,10 @@ use super::wire::GATHER_BYTES;
 /// over the limit with its 431), goes to hyper, which answers it as before.
 const MAX_FIELDS: usize = 100;
 
+/// Fields the proxy adds to a request on its way (`X-Forwarded-*`, `X-Real-IP`,
+/// `X-Request-ID`; see `headers::add_forwarding`).
+const FORWARDING_FIELDS: usize = 6;
+
 /// The limits a head is parsed within: hyper's parser's, so that a head hyper would
 /// refuse is hyper's to refuse.
 #[derive(Debug, Clone, Copy)]
@@ -216,7 +220,9 @@ fn plain_request(parsed: &httparse::Request<'_, '_>, head: usize, read: usize) -
         return None;
     }
     let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes())).ok()?;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for the forwarding headers the proxy adds, so that adding them does not
+    // grow (and rehash) the map.
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + FORWARDING_FIELDS);
     let mut body = None;
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
