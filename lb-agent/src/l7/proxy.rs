@@ -637,16 +637,19 @@ struct Requests {
 
 impl Requests {
     /// The answer to `req`, from the latest snapshot; the request counts as in flight
-    /// (for the watchdog) from here until its answer has been sent.
+    /// (for the watchdog) from here until its answer has been sent. Boxed: unboxed,
+    /// the request's future (kilobytes) made every connection's task that large, and
+    /// tokio copies a task's future when it spawns it (new connection per request:
+    /// user time 10.5 -> 10.1 µs per request, HTTPS 6.6 -> 6.4; keep-alive the same).
     fn serve(
         &self,
         req: Request<ClientBody>,
-    ) -> impl Future<Output = Response<Body>> + Send + use<> {
+    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
         let guard = self.state.request_started();
         let shared = Arc::clone(&self.shared);
         let snapshot = Arc::clone(&self.snapshots.borrow());
         let conn = Arc::clone(&self.conn);
-        async move { handle(&shared, &snapshot, &conn, guard, req).await }
+        Box::pin(async move { handle(&shared, &snapshot, &conn, guard, req).await })
     }
 }
 
