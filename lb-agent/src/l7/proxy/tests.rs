@@ -630,6 +630,33 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     });
 }
 
+/// One connection, pipelined: a plain GET and a POST whose body arrived with it
+/// (the hop's own server), then a chunked POST (handed to hyper with what was read),
+/// then a GET that hyper serves too. All answered, in order.
+#[test]
+fn a_connection_handed_to_hyper_mid_stream_keeps_every_request() {
+    in_netns("handoff", || async {
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
+        let got = raw(
+            p.http,
+            b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n\
+              POST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi\
+              POST /three HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n\
+              GET /four HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let at = |what: &str| got.find(what).unwrap_or_else(|| panic!("{what}: {got}"));
+        let order = [
+            at("request: GET /one"),
+            at("request: POST /two"),
+            at("request: POST /three"),
+            at("request: GET /four"),
+        ];
+        assert!(order.is_sorted(), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 4, "{got}");
+    });
+}
+
 #[test]
 fn reuses_backend_connections() {
     in_netns("pool", || async {
