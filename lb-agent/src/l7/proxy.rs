@@ -1,5 +1,6 @@
-//! The L7 hop's listeners and request path: accept, (TLS,) serve HTTP/1.1 or HTTP/2,
-//! route each request from the latest snapshot, forward it to a backend and stream the
+//! The L7 hop's listeners and request path: accept, (TLS,) serve HTTP/1.1 (plain
+//! requests with [`super::h1_server`], the rest with hyper) or HTTP/2 (hyper), route
+//! each request from the latest snapshot, forward it to a backend and stream the
 //! answer back. Every failure becomes a small, clear answer and a counter.
 //!
 //! The path is normalised before routing (see [`super::path`]) and the backend gets

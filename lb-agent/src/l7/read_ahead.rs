@@ -4,8 +4,10 @@
 //! head into a buffer it had to grow (an 8 KiB copy) and parsed twice (the first time
 //! on 24 bytes). [`ReadAhead::detect`] makes one read of up to [`AHEAD`] bytes, tells
 //! the protocol from it as hyper-util does, and the reads after it get those bytes
-//! first, so hyper sees the whole head in its first read. The same stream puts back
-//! the ClientHello that `ssl-passthrough` read ([`ReadAhead::with_read`]).
+//! first, so the first parse sees the whole head. The hop's own HTTP/1.1 server takes
+//! them out of the stream ([`ReadAhead::take_read`]) and puts back what it hands to
+//! hyper ([`ReadAhead::put_back`]); the same stream puts back the ClientHello that
+//! `ssl-passthrough` read ([`ReadAhead::with_read`]).
 
 use std::io;
 use std::pin::Pin;
