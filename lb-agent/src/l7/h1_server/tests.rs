@@ -333,3 +333,100 @@ async fn a_body_that_breaks_its_content_length_cuts_the_connection() {
     // Nothing the client could take for a whole answer.
     assert!(!run.sent.contains("abc"), "{}", run.sent);
 }
+
+/// The requests of `wire`, written by the client in pieces cut at `cuts`, then the
+/// client's side closed: the requests this server saw, and the bytes hyper would get
+/// (those handed to it, then the rest of the stream), if it did.
+fn serve_in_pieces(wire: &[u8], cuts: &[usize]) -> (Vec<String>, Option<Vec<u8>>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let wire = wire.to_vec();
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        let writer = async move {
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([wire.len()]) {
+                // A write fails once the server has closed the connection.
+                if client.write_all(&wire[at..cut]).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                at = cut;
+            }
+            let _ = client.shutdown().await;
+            // Keeps reading the answers, so that the server's writes never block.
+            read_all(&mut client).await
+        };
+        let (_drain, mut draining) = watch::channel(false);
+        let server = async move {
+            let mut seen = Vec::new();
+            let mut ended = serve(&mut server, Vec::new(), LIMITS, &mut draining, |req| {
+                seen.push(format!("{} {}", req.method(), req.uri()));
+                async { Response::new(full("ok")) }
+            })
+            .await;
+            // hyper would read on from here.
+            if let Ended::HandOff(read) = &mut ended {
+                server.read_to_end(read).await.unwrap();
+            }
+            drop(server);
+            (ended, seen)
+        };
+        let ((ended, seen), _answers) = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(server, writer)
+        })
+        .await
+        .expect("serve ends by itself");
+        let handed = match ended {
+            Ended::HandOff(read) => Some(read),
+            Ended::Closed(_) => None,
+        };
+        (seen, handed)
+    })
+}
+
+proptest::proptest! {
+    /// However the client's bytes are cut, no byte is lost: the requests served here
+    /// are the first ones, in order, and whatever follows them is handed to hyper
+    /// whole (a body not yet all read when its head was parsed goes to hyper too).
+    #[test]
+    fn no_byte_is_lost_however_the_requests_are_cut(
+        cuts in proptest::collection::vec(0usize..400, 0..8),
+    ) {
+        let requests: [(&str, &[u8]); 4] = [
+            ("GET /a", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("POST /b", b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"),
+            ("HEAD /c", b"HEAD /c HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("PUT /d", b"PUT /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ];
+        let wire: Vec<u8> = requests.iter().flat_map(|(_, bytes)| bytes.iter().copied()).collect();
+        let (seen, handed) = serve_in_pieces(&wire, &cuts);
+        // The chunked PUT is always hyper's.
+        proptest::prop_assert!(seen.len() < requests.len());
+        for (seen, (expected, _)) in seen.iter().zip(&requests) {
+            proptest::prop_assert_eq!(seen, expected);
+        }
+        let rest: Vec<u8> = requests[seen.len()..]
+            .iter()
+            .flat_map(|(_, bytes)| bytes.iter().copied())
+            .collect();
+        proptest::prop_assert_eq!(handed, Some(rest));
+    }
+
+    /// Whatever a client sends: requests served, or bytes handed to hyper, or the
+    /// connection closed; never a panic or a hang.
+    #[test]
+    fn any_bytes_end_in_an_answer_a_hand_off_or_a_close(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        cuts in proptest::collection::vec(0usize..600, 0..4),
+    ) {
+        let (_, handed) = serve_in_pieces(&bytes, &cuts);
+        if let Some(handed) = handed {
+            proptest::prop_assert!(bytes.ends_with(&handed));
+        }
+    }
+}
