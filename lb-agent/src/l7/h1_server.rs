@@ -30,9 +30,9 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::headers::{lists_token, value_lists};
+use super::headers::{content_length, lists_token, value_lists};
 use super::upstream::Body;
-use super::wire::GATHER_BYTES;
+use super::wire::{GATHER_BYTES, put_field};
 
 /// Header slots of the parse, at most. A head with more fields than this, or than
 /// hyper's parser allows (twice `max_headers`, so that `head_within` answers those
@@ -434,9 +434,7 @@ fn write_head(
                     framing = Some(Framing::Length(n));
                 }
                 BodyLen::Unknown => {
-                    let n = std::str::from_utf8(value.as_bytes())
-                        .ok()
-                        .and_then(|v| v.trim().parse::<u64>().ok())
+                    let n = content_length(value)
                         .ok_or_else(|| io::Error::other("an invalid content-length"))?;
                     match framing {
                         Some(Framing::Length(m)) if m == n => continue,
@@ -534,13 +532,6 @@ fn implicit_framing(
             Framing::Length(n)
         }
     }
-}
-
-fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Today's IMF-fixdate, formatted once a second per thread (as hyper caches it).

@@ -64,6 +64,12 @@ pub fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool 
     headers.get_all(name).iter().any(|v| value_lists(v, token))
 }
 
+/// The length a `Content-Length` value states (surrounding whitespace allowed), as
+/// both sides of the hop read it from answers.
+pub fn content_length(value: &HeaderValue) -> Option<u64> {
+    value.to_str().ok().and_then(|v| v.trim().parse().ok())
+}
+
 /// Whether one comma-separated header value lists `token` (case-insensitive).
 pub fn value_lists(value: &HeaderValue, token: &str) -> bool {
     value

@@ -19,7 +19,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use sync_wrapper::SyncWrapper;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::headers::lists_token;
+use super::headers::{content_length, lists_token};
 use super::upstream::{Body, BoxError};
 
 /// Response header fields accepted, as hyper's client.
@@ -280,11 +280,16 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<impl Sized>, sending: Sending) {
 /// [`append_fields`].
 fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value.as_bytes());
     }
+}
+
+/// One `name: value` line.
+pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A request body on its way to the backend.
@@ -481,11 +486,7 @@ fn framing(parts: &Parts, head_only: bool) -> Result<Framing, WireError> {
     }
     let mut length = None;
     for value in parts.headers.get_all(header::CONTENT_LENGTH) {
-        let n = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or(WireError::Malformed("Content-Length"))?;
+        let n = content_length(value).ok_or(WireError::Malformed("Content-Length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(WireError::Malformed("Content-Length"));
         }
