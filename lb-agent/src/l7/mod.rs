@@ -14,6 +14,8 @@ pub mod htpasswd;
 pub mod limits;
 pub mod metrics;
 pub mod path;
+#[cfg(test)]
+mod pieces;
 pub mod proxy;
 pub mod rate;
 pub mod read_ahead;

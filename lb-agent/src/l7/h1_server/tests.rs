@@ -7,6 +7,7 @@ use http_body_util::{Full, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
+use crate::l7::pieces::write_in_pieces;
 
 const LIMITS: HeadLimits = HeadLimits {
     bytes: 8192,
@@ -344,19 +345,9 @@ fn serve_in_pieces(wire: &[u8], cuts: &[usize]) -> (Vec<String>, Option<Vec<u8>>
         .unwrap();
     runtime.block_on(async {
         let (mut client, mut server) = tokio::io::duplex(1 << 20);
-        let wire = wire.to_vec();
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
-        cuts.sort_unstable();
         let writer = async move {
-            let mut at = 0;
-            for cut in cuts.into_iter().chain([wire.len()]) {
-                // A write fails once the server has closed the connection.
-                if client.write_all(&wire[at..cut]).await.is_err() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-                at = cut;
-            }
+            // A write fails once the server has closed the connection.
+            let _ = write_in_pieces(&mut client, wire, cuts).await;
             let _ = client.shutdown().await;
             // Keeps reading the answers, so that the server's writes never block.
             read_all(&mut client).await

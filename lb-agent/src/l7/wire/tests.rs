@@ -3,6 +3,7 @@
 //! same path over real sockets, end to end.
 
 use super::*;
+use crate::l7::pieces::write_in_pieces;
 use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
@@ -415,17 +416,8 @@ fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> (String, HeaderMap, bool) {
         .unwrap();
     runtime.block_on(async {
         let (mut conn, mut backend) = pair();
-        let wire = wire.to_vec();
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
-        cuts.sort_unstable();
         let writer = async move {
-            let mut at = 0;
-            for cut in cuts.into_iter().chain([wire.len()]) {
-                backend.write_all(&wire[at..cut]).await.unwrap();
-                backend.flush().await.unwrap();
-                tokio::task::yield_now().await;
-                at = cut;
-            }
+            write_in_pieces(&mut backend, wire, cuts).await.unwrap();
             backend
         };
         let reader = async {
