@@ -121,7 +121,8 @@ where
     H: FnMut(Request<ClientBody>) -> F,
     F: Future<Output = Response<Body>>,
 {
-    let mut buf = BytesMut::from(&read[..]);
+    // The first read's buffer itself, not a copy of it.
+    let mut buf = BytesMut::from(Bytes::from(read));
     let mut out = Vec::new();
     loop {
         match parse(&buf, limits) {
