@@ -319,17 +319,46 @@ impl Proxy {
 }
 
 /// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does,
-/// and `TCP_NODELAY`, which Linux passes on to every accepted connection (one
-/// `setsockopt` per listener instead of one per connection).
+/// `TCP_NODELAY`, which Linux passes on to every accepted connection (one
+/// `setsockopt` per listener instead of one per connection), and `TCP_DEFER_ACCEPT`.
 fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_tcp_nodelay(true)?;
+    defer_accept(&socket)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// `TCP_DEFER_ACCEPT` (nginx's `listen ... deferred`): the kernel queues a connection
+/// for `accept` once its first bytes arrive, so the hop's first read finds them
+/// instead of failing (`EAGAIN`) and waiting for another wake-up, which two in three
+/// new connections did under load. Every client of the hop speaks first (an HTTP
+/// request, a TLS ClientHello, the HTTP/2 preface). A client that sends nothing is
+/// held by the kernel for about a second (one SYN-ACK retransmission), then accepted,
+/// and the header timeout runs from there.
+fn defer_accept(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seconds: libc::c_int = 1;
+    let len = libc::socklen_t::try_from(std::mem::size_of_val(&seconds)).expect("4 bytes");
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&seconds).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The drain signal and the guard every connection task holds while it lives.

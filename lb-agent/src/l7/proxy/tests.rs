@@ -1112,6 +1112,30 @@ fn every_local_answer_has_a_short_text_body() {
 }
 
 #[test]
+fn a_connection_is_accepted_with_its_first_bytes() {
+    in_netns("defer", || async {
+        let (_a, p, _tx) = proxy_to_a(test_config()).await;
+        let accepted = p.metrics.accepted("http");
+        let mut client = connect(p.http).await;
+        // Connected, but silent: the kernel holds it (TCP_DEFER_ACCEPT), the hop has
+        // not accepted it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(accepted.get(), 0, "accepted before its first bytes");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut got))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert_eq!(accepted.get(), 1);
+    });
+}
+
+#[test]
 fn listens_with_nginx_backlog() {
     in_netns("backlog", || async {
         let p = start(test_config(), snapshot(Vec::new()));
