@@ -53,6 +53,16 @@ pub struct HeadLimits {
     pub fields: usize,
 }
 
+/// How the server ends a connection it closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// `shutdown` first: TLS sends its close_notify.
+    Shutdown,
+    /// The socket's close alone: on plain TCP it sends the FIN after whatever is still
+    /// queued, as `shutdown` would, one system call sooner.
+    Drop,
+}
+
 /// A client's request body: hyper's, or one this module read whole (or none).
 #[derive(Debug)]
 pub enum ClientBody {
@@ -113,6 +123,7 @@ pub async fn serve<I, H, F>(
     io: &mut I,
     read: Vec<u8>,
     limits: HeadLimits,
+    ending: Ending,
     draining: &mut watch::Receiver<bool>,
     mut handle: H,
 ) -> Ended
@@ -146,13 +157,13 @@ where
                     return Ended::Closed(Some("protocol"));
                 };
                 if last {
-                    let _ = io.shutdown().await;
+                    end(io, ending).await;
                     return Ended::Closed(None);
                 }
             }
             Parsed::Partial => {
                 if buf.is_empty() && *draining.borrow() {
-                    let _ = io.shutdown().await;
+                    end(io, ending).await;
                     return Ended::Closed(None);
                 }
                 buf.reserve(4096);
@@ -162,7 +173,7 @@ where
                 };
                 match n {
                     Ok(0) if buf.is_empty() => {
-                        let _ = io.shutdown().await;
+                        end(io, ending).await;
                         return Ended::Closed(None);
                     }
                     // The client went away in the middle of a head.
@@ -171,6 +182,13 @@ where
                 }
             }
         }
+    }
+}
+
+/// Ends the connection's write side as `ending` says; the caller then drops `io`.
+async fn end<I: AsyncWrite + Unpin>(io: &mut I, ending: Ending) {
+    if ending == Ending::Shutdown {
+        let _ = io.shutdown().await;
     }
 }
 

@@ -181,6 +181,18 @@ struct Listener {
     port: u16,
 }
 
+impl Listener {
+    /// How the hop's own HTTP/1.1 server ends a connection: TLS announces its end
+    /// (close_notify), plain TCP's close says it alone.
+    fn ending(self) -> h1_server::Ending {
+        if self.tls {
+            h1_server::Ending::Shutdown
+        } else {
+            h1_server::Ending::Drop
+        }
+    }
+}
+
 impl Proxy {
     /// Binds the listeners and registers the proxy's counters (`xlb_l7_*`).
     pub fn bind(
@@ -546,6 +558,7 @@ async fn serve<S>(
                 bytes: shared.config.max_header_bytes,
                 fields: shared.config.max_headers.saturating_mul(2),
             },
+            kind.ending(),
             &mut draining,
             |req| requests.serve(req),
         );

@@ -35,11 +35,18 @@ async fn exchange(
     let mut seen = Vec::new();
     let ended = tokio::time::timeout(
         Duration::from_secs(5),
-        serve(&mut server, Vec::new(), LIMITS, &mut rx, |req| {
-            seen.push(format!("{} {}", req.method(), req.uri()));
-            let response = answer(&req);
-            async move { response }
-        }),
+        serve(
+            &mut server,
+            Vec::new(),
+            LIMITS,
+            Ending::Shutdown,
+            &mut rx,
+            |req| {
+                seen.push(format!("{} {}", req.method(), req.uri()));
+                let response = answer(&req);
+                async move { response }
+            },
+        ),
     )
     .await
     .expect("serve ends by itself");
@@ -175,11 +182,18 @@ async fn connection_close_and_the_drain_end_the_connection_after_the_answer() {
         .unwrap();
     let (drain, mut draining) = watch::channel(false);
     let mut requests = 0;
-    let ended = serve(&mut server, Vec::new(), LIMITS, &mut draining, |_| {
-        requests += 1;
-        drain.send_replace(true);
-        async { Response::new(full("hello")) }
-    })
+    let ended = serve(
+        &mut server,
+        Vec::new(),
+        LIMITS,
+        Ending::Shutdown,
+        &mut draining,
+        |_| {
+            requests += 1;
+            drain.send_replace(true);
+            async { Response::new(full("hello")) }
+        },
+    )
     .await;
     drop(server);
     assert_eq!(requests, 1);
@@ -194,6 +208,46 @@ async fn connection_close_and_the_drain_end_the_connection_after_the_answer() {
     let run = exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", true, ok).await;
     assert!(run.seen.is_empty() && run.sent.is_empty());
     assert!(matches!(run.ended, Ended::Closed(None)));
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_dropping_gets_its_whole_answer_and_no_shutdown() {
+    // Plain TCP: the socket's close sends the FIN, so the server writes the answer and
+    // leaves the end to the drop; a TLS connection shuts down (close_notify) first.
+    for ending in [Ending::Drop, Ending::Shutdown] {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (_tx, mut draining) = watch::channel(false);
+        let ended = serve(
+            &mut server,
+            Vec::new(),
+            LIMITS,
+            ending,
+            &mut draining,
+            |_| async { Response::new(full("hello")) },
+        )
+        .await;
+        assert!(matches!(ended, Ended::Closed(None)), "{ending:?}");
+        let answer = b"hello";
+        let mut sent = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !sent.ends_with(answer) {
+            let n = client.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "{ending:?}: the answer was cut");
+            sent.extend_from_slice(&buf[..n]);
+        }
+        let after = tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await;
+        match ending {
+            // Still open until the socket goes: nothing shut it down.
+            Ending::Drop => assert!(after.is_err(), "{after:?}"),
+            Ending::Shutdown => assert!(matches!(after, Ok(Ok(0))), "{after:?}"),
+        }
+        drop(server);
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0, "{ending:?}");
+    }
 }
 
 #[tokio::test]
@@ -355,10 +409,17 @@ fn serve_in_pieces(wire: &[u8], cuts: &[usize]) -> (Vec<String>, Option<Vec<u8>>
         let (_drain, mut draining) = watch::channel(false);
         let server = async move {
             let mut seen = Vec::new();
-            let mut ended = serve(&mut server, Vec::new(), LIMITS, &mut draining, |req| {
-                seen.push(format!("{} {}", req.method(), req.uri()));
-                async { Response::new(full("ok")) }
-            })
+            let mut ended = serve(
+                &mut server,
+                Vec::new(),
+                LIMITS,
+                Ending::Shutdown,
+                &mut draining,
+                |req| {
+                    seen.push(format!("{} {}", req.method(), req.uri()));
+                    async { Response::new(full("ok")) }
+                },
+            )
             .await;
             // hyper would read on from here.
             if let Ended::HandOff(read) = &mut ended {
