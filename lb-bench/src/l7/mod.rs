@@ -125,6 +125,10 @@ pub struct Args {
     /// else) in the same rounds, but in the annotations scenario, which it cannot serve.
     #[arg(long)]
     floor: bool,
+    /// nginx listens with `deferred` (`TCP_DEFER_ACCEPT`, a connection is accepted with
+    /// its first bytes), as xlb's hop does. Off by default: nginx as it comes.
+    #[arg(long)]
+    nginx_deferred: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -414,6 +418,7 @@ pub fn run(args: &Args) -> Result<()> {
             "secs": args.secs,
             "wrk": { "threads": args.threads, "connections": args.connections },
             "proxy_threads": args.proxy_threads,
+            "nginx_deferred": args.nginx_deferred,
             "pinning": pinning,
             "rounds": args.rounds,
             "machine": load_line,
@@ -596,6 +601,7 @@ fn start_proxies<'a>(
             cert: &bed.files.path("cert.pem"),
             key: &bed.files.path("key.pem"),
             prefix: &bed.files.path("nginx"),
+            deferred: args.nginx_deferred,
         },
         &listen(Proxy::Nginx),
     )
@@ -1086,6 +1092,11 @@ fn reproduce(args: &Args) -> String {
             .map(|b| format!(" --baseline-agent {}", b.display()))
             .unwrap_or_default()
             + if args.floor { " --floor" } else { "" }
+            + if args.nginx_deferred {
+                " --nginx-deferred"
+            } else {
+                ""
+            }
     )
 }
 

@@ -35,6 +35,8 @@ pub struct Config<'a> {
     pub key: &'a Path,
     /// nginx's prefix: pid file, logs, temporary files.
     pub prefix: &'a Path,
+    /// `listen ... deferred` (`TCP_DEFER_ACCEPT`), as xlb's hop listens.
+    pub deferred: bool,
 }
 
 impl Config<'_> {
@@ -94,7 +96,15 @@ impl Config<'_> {
             let _ = writeln!(w, "        listen {https} ssl http2{default};");
         };
         let _ = writeln!(w, "    server {{");
-        listen(w, " default_server");
+        // Socket options go on one `listen` per address, the default server's.
+        listen(
+            w,
+            if self.deferred {
+                " default_server deferred"
+            } else {
+                " default_server"
+            },
+        );
         let _ = writeln!(w, "        server_name _;");
         let _ = writeln!(w, "        return 404 \"no route\\n\";");
         let _ = writeln!(w, "    }}");
@@ -340,7 +350,7 @@ mod tests {
                 ],
             },
         ];
-        let text = Config {
+        let config = Config {
             workers: 2,
             address: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
             http_port: 80,
@@ -350,8 +360,9 @@ mod tests {
             cert: Path::new("/t/cert.pem"),
             key: Path::new("/t/key.pem"),
             prefix: Path::new("/t/nginx"),
-        }
-        .render();
+            deferred: false,
+        };
+        let text = config.render();
         for line in [
             "worker_processes 2;",
             "pid /t/nginx/nginx.pid;",
@@ -375,6 +386,22 @@ mod tests {
         }
         assert!(!text.contains("location /api {"), "{text}");
         assert_eq!(text.matches('{').count(), text.matches('}').count());
+
+        // `deferred` on the one `listen` per address that may carry socket options.
+        assert!(!text.contains("deferred"), "{text}");
+        let deferred = Config {
+            deferred: true,
+            ..config
+        }
+        .render();
+        assert!(
+            deferred.contains(
+                "        listen 203.0.113.10:80 default_server deferred;\n        \
+                 listen 203.0.113.10:443 ssl http2 default_server deferred;"
+            ),
+            "{deferred}"
+        );
+        assert_eq!(deferred.matches("deferred").count(), 2, "{deferred}");
     }
 
     #[test]
