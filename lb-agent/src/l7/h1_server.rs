@@ -59,7 +59,7 @@ pub enum Ending {
     /// `shutdown` first: TLS sends its close_notify.
     Shutdown,
     /// The socket's close alone: on plain TCP it sends the FIN after whatever is still
-    /// queued, as `shutdown` would, one system call sooner.
+    /// queued, as `shutdown` would, with one system call fewer.
     Drop,
 }
 
