@@ -591,7 +591,7 @@ impl Snapshot {
         Snapshot { names }
     }
 
-    /// Detaches the links and removes the pins that were not there at [`take`], and
+    /// Detaches the links and removes the pins that were not there at [`take`](Self::take), and
     /// the directory when it was not there either. Returns what it removed.
     pub fn undo(&self, dir: &Path) -> Result<Vec<String>, DataplaneError> {
         let was = |name: &std::ffi::OsStr| {

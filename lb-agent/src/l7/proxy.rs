@@ -109,7 +109,7 @@ pub struct ProxyConfig {
     /// Which `X-Forwarded-*` headers from clients are believed.
     pub forwarded: ForwardedTrust,
     /// Honour `ssl-passthrough` (`--l7-enable-ssl-passthrough`): the HTTPS listener
-    /// reads each ClientHello's SNI first (see [`passthrough`]).
+    /// reads each ClientHello's SNI first (see `proxy/passthrough.rs`).
     pub ssl_passthrough: bool,
 }
 
