@@ -173,7 +173,8 @@ fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane:
         .map(|(r, s)| (r, s.packets, s.bytes))
         .collect();
     for (table, map) in [
-        ("conntrack", maps::CONNTRACK),
+        ("conntrack", maps::FLOWS),
+        ("conntrack_pairs", maps::CONNTRACK),
         ("revnat", maps::REVNAT),
         ("affinity", maps::AFFINITY),
         ("snat", maps::SNAT),
@@ -421,7 +422,7 @@ fn encode_kernel(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), std:
     gauge(
         encoder,
         "table_entries",
-        "Entries in an LRU table (conntrack, revnat, affinity, snat), counted at scrape time",
+        "Entries in an LRU table (conntrack: one per flow; conntrack_pairs and revnat: the flows whose client port has another; affinity, snat), counted at scrape time",
         s.tables
             .iter()
             .map(|(t, n, _)| ([("table", (*t).to_owned())], as_i64(*n))),

@@ -565,10 +565,6 @@ impl Pins {
         pins
     }
 
-    fn affinity_path(&self) -> String {
-        self.0.join(maps::AFFINITY).display().to_string()
-    }
-
     /// Overwrites an affinity entry from userspace.
     fn set_affinity(&self, key: &AffinityKey, value: &Affinity) {
         let mut k = key.client.to_vec();
@@ -597,6 +593,19 @@ impl Pins {
         self.update(maps::CONNTRACK, &k, &v);
     }
 
+    /// Removes the client's `FLOWS` entry of the flow `key`, as an older build (which
+    /// wrote none) would have left it.
+    fn forget_client_entry(&self, key: &FlowKey) {
+        let mut k = key.src.to_vec();
+        k.extend_from_slice(&key.sport.to_ne_bytes());
+        k.extend_from_slice(&[key.proto, key.family]);
+        let hex: Vec<String> = k.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.0.join(maps::FLOWS).display().to_string();
+        let mut args = vec!["map", "delete", "pinned", &path, "key", "hex"];
+        args.extend(hex.iter().map(String::as_str));
+        bpftool(&args);
+    }
+
     /// `bpftool map update` of the pinned map `name`.
     fn update(&self, name: &str, key: &[u8], value: &[u8]) {
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
@@ -611,7 +620,13 @@ impl Pins {
 
     /// How many entries the whole affinity map holds.
     fn affinity_entries(&self) -> usize {
-        let dump = bpftool(&["-j", "map", "dump", "pinned", &self.affinity_path()]);
+        self.entries(maps::AFFINITY)
+    }
+
+    /// How many entries the pinned map `name` holds.
+    fn entries(&self, name: &str) -> usize {
+        let path = self.0.join(name).display().to_string();
+        let dump = bpftool(&["-j", "map", "dump", "pinned", &path]);
         let dump: serde_json::Value = serde_json::from_slice(&dump).expect("bpftool JSON");
         dump.as_array().expect("a JSON array").len()
     }
@@ -625,7 +640,8 @@ impl Drop for Pins {
 
 /// An established flow's conntrack entry remembers its frontend's service and flags,
 /// so its packets skip the frontend lookup; an entry that does not (written by an
-/// older build, the byte zero) is still served, by the lookup.
+/// older build in `CONNTRACK`, with the byte zero, and no `FLOWS` entry) is still
+/// served, by the lookup.
 #[test]
 fn conntrack_entries_remember_their_frontend() {
     with_node("ctfe", |node, svcs| {
@@ -641,6 +657,7 @@ fn conntrack_entries_remember_their_frontend() {
                 "{:?}: the entry remembers the frontend (no flags)",
                 svc.frontend
             );
+            pins.forget_client_entry(&key);
             pins.set_flow(
                 &key,
                 &TrackedFlow {
@@ -657,6 +674,79 @@ fn conntrack_entries_remember_their_frontend() {
             node.check(&to_backend("older entry", &again, backend, bport));
             assert_eq!(node.new_flows(svc.id), before, "still the same flow");
         }
+    });
+}
+
+/// One entry per flow, keyed by the client's address and port: a client port that
+/// talks to two frontends at once, with different backends, keeps both flows (the
+/// second in the `CONNTRACK`/`REVNAT` pair), each with its backend and each reply with
+/// its frontend; a flow to another frontend that reaches the same backend as the
+/// client port's entry replaces it (the backend cannot tell the two apart), and the
+/// replies get the newer frontend.
+#[test]
+fn one_client_port_two_frontends() {
+    with_node("ports", |node, svcs| {
+        let pins = Pins::new(&node.dp);
+        let a = &svcs[0];
+        // Another frontend on the same VIP, to other backend ports.
+        let b = Service::new(
+            8,
+            (vip_v4(), 8081, PROTO_TCP),
+            vec![(81, backend_v4(11), 9090), (82, backend_v4(12), 9090)],
+        );
+        b.install(&mut node.dp);
+        let fa = client_frame(a, 40_500);
+        let fb = client_frame(&b, 40_500);
+        let (_, ba, pa) = a.expected_backend(&fa);
+        let (_, bb, pb) = b.expected_backend(&fb);
+        node.check(&to_backend("first frontend", &fa, ba, pa));
+        assert_eq!(pins.entries(maps::CONNTRACK), 0, "one entry, in FLOWS");
+        node.check(&to_backend("second frontend, same port", &fb, bb, pb));
+        assert_eq!(pins.entries(maps::CONNTRACK), 1, "the second in the pair");
+        assert_eq!(pins.entries(maps::REVNAT), 1, "with its reply entry");
+        for (svc, f, backend, port) in [(a, &fa, ba, pa), (&b, &fb, bb, pb)] {
+            let mut again = f.clone();
+            if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
+                *syn = false;
+            }
+            again.payload = b"both at once".to_vec();
+            let before = node.new_flows(svc.id);
+            node.check(&to_backend(
+                "each flow keeps its backend",
+                &again,
+                backend,
+                port,
+            ));
+            assert_eq!(node.new_flows(svc.id), before, "no new flow");
+            let tracked = node.dp.flow(&flow_key(f)).expect("conntrack");
+            assert_eq!(tracked.map(|t| t.service_id), Some(svc.id));
+            let reply = reply_from(f, backend, port, last_octet(backend));
+            let (vip, vport, _) = svc.frontend;
+            node.check(&Case::forward(
+                "each reply gets its frontend",
+                &reply,
+                Ingress::Backend,
+                &rev_snat(&reply, vip, vport, TO_CLIENT),
+            ));
+        }
+
+        // A third frontend whose one backend is the first flow's.
+        let c = Service::new(9, (vip_v4(), 8082, PROTO_TCP), vec![(91, ba, pa)]);
+        c.install(&mut node.dp);
+        let fc = client_frame(&c, 40_500);
+        node.check(&to_backend("third frontend, same backend", &fc, ba, pa));
+        assert_eq!(
+            pins.entries(maps::CONNTRACK),
+            1,
+            "the client entry replaced"
+        );
+        let reply = reply_from(&fc, ba, pa, last_octet(ba));
+        node.check(&Case::forward(
+            "the reply gets the newer frontend",
+            &reply,
+            Ingress::Backend,
+            &rev_snat(&reply, vip_v4(), 8082, TO_CLIENT),
+        ));
     });
 }
 

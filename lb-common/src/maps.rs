@@ -14,10 +14,16 @@ pub const ADDR_FILTER: &str = "ADDR_FILTER_V1";
 /// Service id -> Maglev table (array of maps; each inner array holds two copies of the
 /// table, see `MAGLEV_HEADER_SLOT`).
 pub const MAGLEV: &str = "MAGLEV_V2";
-/// Forward connection state: client flow -> chosen backend and SNAT port.
-/// `FlowKey` -> `TrackedFlow`.
+/// Connection state, one entry per flow for both directions: client address and port
+/// -> frontend, backend, SNAT port, reply translation. `ClientKey` -> `ClientFlow`, LRU.
+pub const FLOWS: &str = "FLOWS_V1";
+/// Forward connection state of a flow whose client port already has a `FLOWS` entry
+/// for another frontend (and of entries older builds wrote): client flow -> chosen
+/// backend and SNAT port. `FlowKey` -> `TrackedFlow`.
 pub const CONNTRACK: &str = "CONNTRACK_V2";
-/// Reply translation: backend-side flow -> frontend to restore. `FlowKey` -> `RevNat`.
+/// Reply translation of the flows in `CONNTRACK`, and of DSR-delivered flows whose
+/// client port has a `FLOWS` entry for another flow: backend-side flow -> frontend to
+/// restore. `FlowKey` -> `RevNat`.
 pub const REVNAT: &str = "REVNAT_V1";
 /// SNAT port reservations and reply translations: reply flow (backend -> node address
 /// and allocated port) -> client and frontend. `FlowKey` -> `SnatEntry`, LRU.
@@ -65,12 +71,13 @@ pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
 pub const SOCK_FLOWS_ENTRIES: u32 = 65_536;
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
     ADDR_FILTER,
     MAGLEV,
+    FLOWS,
     CONNTRACK,
     REVNAT,
     SERVICE_STATS,

@@ -399,6 +399,103 @@ pub struct RevNat {
     pub next_hop: NextHop,
 }
 
+/// `FLOWS_V1` key: a client's address, port and protocol. Both directions of a flow
+/// know it (the forward packet's source, the reply's destination), so one entry serves
+/// both; the frontend and the backend in the value tell which flow it is.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub addr: [u8; 16],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl ClientKey {
+    /// The client of a packet towards a frontend (its source).
+    #[inline(always)]
+    #[must_use]
+    pub const fn of_forward(key: &FlowKey) -> Self {
+        Self {
+            addr: key.src,
+            port: key.sport,
+            proto: key.proto,
+            family: key.family,
+        }
+    }
+
+    /// The client of a reply from a backend (its destination).
+    #[inline(always)]
+    #[must_use]
+    pub const fn of_reply(key: &FlowKey) -> Self {
+        Self {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        }
+    }
+}
+
+/// `ClientFlow::reply.family` when the entry translates no reply on this node: a
+/// source-NATed flow (its replies come to the node's address, `SNAT_V1`) or one sent to
+/// another node by DSR (its replies leave from there).
+pub const FLOW_REPLY_ELSEWHERE: u8 = 0;
+
+/// One flow, both directions (`FLOWS_V1`, keyed by its client): the forward packets'
+/// conntrack entry (`tracked`, when they go to `reply.addr`:`reply.port`, the frontend)
+/// and the replies' translation (`reply`, when they come from
+/// `backend_addr`:`backend_port`). One insert per new flow, where a pair of entries
+/// (`CONNTRACK_V2` and `REVNAT_V1`) costs two; the pair remains for a client port that
+/// talks to two frontends at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientFlow {
+    /// The frontend the client used and the next hop back to it. `reply.family` is
+    /// [`FLOW_REPLY_ELSEWHERE`] when this node translates no reply of the flow.
+    pub reply: RevNat,
+    /// The forward state: backend, service, SNAT port. `frontend_flags` lacks
+    /// [`FLOW_F_FRONTEND_REMEMBERED`] in an entry written for a DSR-delivered flow (on
+    /// the backend's node), which has no forward state.
+    pub tracked: TrackedFlow,
+    /// The backend's address and port (network order) as the client's packets leave
+    /// with them.
+    pub backend_addr: [u8; 16],
+    pub backend_port: u16,
+    pub _pad: [u8; 6],
+}
+
+impl ClientFlow {
+    /// The flow's forward state, when `key` (client -> frontend) is this flow's.
+    #[inline(always)]
+    #[must_use]
+    pub fn forward(&self, key: &FlowKey) -> Option<TrackedFlow> {
+        (self.tracked.frontend_flags & FLOW_F_FRONTEND_REMEMBERED != 0
+            && self.reply.port == key.dport
+            && self.reply.addr_words() == key.dst_words())
+        .then_some(self.tracked)
+    }
+
+    /// Whether `key` (backend -> client) is a reply of this flow that this node
+    /// translates.
+    #[inline(always)]
+    #[must_use]
+    pub fn is_reply(&self, key: &FlowKey) -> bool {
+        self.reply.family == key.family
+            && self.backend_port == key.sport
+            && self.backend_addr_words() == key.src_words()
+    }
+
+    /// `backend_addr` as words (`ClientFlow` is aligned to 8; the field at offset 72).
+    #[inline(always)]
+    #[must_use]
+    pub const fn backend_addr_words(&self) -> [u32; 4] {
+        // SAFETY: see above.
+        unsafe { addr_words(&self.backend_addr) }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
@@ -451,6 +548,8 @@ mod pod {
     unsafe impl aya::Pod for super::SnatConfig {}
     unsafe impl aya::Pod for super::SnatEntry {}
     unsafe impl aya::Pod for super::RevNat {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ClientFlow {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::BackendStats {}
@@ -558,6 +657,9 @@ const _: () = {
     assert!(size_of::<SnatEntry>() == 16 + 16 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 8 + 32);
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 2 + 4);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
+    assert!(size_of::<ClientKey>() == 16 + 2 + 1 + 1);
+    assert!(size_of::<ClientFlow>() == size_of::<RevNat>() + size_of::<TrackedFlow>() + 16 + 2 + 6);
+    assert!(core::mem::offset_of!(ClientFlow, backend_addr) % 4 == 0);
     assert!(size_of::<ServiceStats>() == 7 * 8);
     assert!(size_of::<BackendStats>() == 8);
     assert!(size_of::<SourceRangeKey>() == 4 + 1 + 3 + 16);

@@ -2,20 +2,28 @@
 //! exists (even when the Maglev table changes); a new flow, or one whose backend is
 //! gone, gets one from the table (or from the client's session affinity) and is
 //! remembered with its reply translation.
+//!
+//! A flow is one `FLOWS_V1` entry keyed by its client's address and port, which both
+//! directions know: one insert per new flow. A client port whose entry is another
+//! flow's (it talks to two frontends at once, to different backends) gets the classic
+//! pair instead: `CONNTRACK_V2` by the forward 5-tuple, `REVNAT_V1` by the reply's.
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FLOW_F_FRONTEND_REMEMBERED, FRONTEND_F_CLIENT_AFFINITY,
-    FRONTEND_F_DSR, FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason,
-    RevNat, TrackedFlow,
+    BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
+    FLOW_REPLY_ELSEWHERE, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
+    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
 };
 
 use crate::{
     affinity, maglev,
-    maps::{CONNTRACK_V2, REVNAT_SCRATCH_V1, REVNAT_V1},
+    maps::{CONNTRACK_V2, FLOW_SCRATCH_V1, FLOWS_V1, REVNAT_SCRATCH_V1, REVNAT_V1},
     packet::Packet,
     service::backend,
     snat, source_range,
 };
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// The backend chosen for a packet.
 pub struct Chosen {
@@ -28,10 +36,22 @@ pub struct Chosen {
     pub snat: Option<u16>,
 }
 
+/// Where a flow's state is kept.
+#[derive(Clone, Copy)]
+enum Home {
+    /// Its client's `FLOWS_V1` entry, in place.
+    Client(*mut ClientFlow),
+    /// A new `FLOWS_V1` entry (written, or rewritten, for this flow).
+    NewClient,
+    /// The `CONNTRACK_V2` / `REVNAT_V1` pair.
+    Pair,
+}
+
 /// A tracked flow of the packet's 5-tuple whose backend still serves the flow's service.
 pub struct Kept {
     flow: TrackedFlow,
     backend: Backend,
+    home: Home,
 }
 
 impl Kept {
@@ -51,30 +71,89 @@ impl Kept {
     }
 }
 
-/// The packet's tracked flow, while its backend exists and still serves its service.
-#[inline(always)]
-pub fn kept(pkt: &Packet) -> Option<Kept> {
-    // SAFETY: copied out at once.
-    let flow = unsafe { CONNTRACK_V2.get(&pkt.key).copied() }?;
-    let backend = backend(flow.backend_id, flow.service_id)?;
-    Some(Kept { flow, backend })
+/// What conntrack knows of a packet towards a frontend.
+pub struct Tracked {
+    /// Its flow, while the flow's backend exists.
+    pub kept: Option<Kept>,
+    /// Its client's `FLOWS_V1` entry when that is another flow's (another frontend).
+    other: Option<*mut ClientFlow>,
 }
 
-/// The backend for this packet: the tracked one (`kept`) while it serves `frontend`'s
-/// service, else (a client the service's source ranges admit) the client's
-/// session-affinity one (frontends with `FRONTEND_F_CLIENT_AFFINITY`) or the table's. A
-/// new flow of a SNAT frontend to a backend on another node gets a SNAT port; a tracked
-/// flow keeps its translation, and its port while the reservation is still its own.
+/// The packet's tracked flow: its client's entry when that is this flow's, else the
+/// pair. A bare TCP SYN whose client has no entry is a new connection and skips the
+/// pair's lookup; any other packet looks there too (a flow an older build tracked, or
+/// a pair's whose client entry the LRU took).
+#[inline(always)]
+pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
+    let entry = FLOWS_V1.get_ptr_mut(&ClientKey::of_forward(&pkt.key));
+    if let Some(e) = entry {
+        // SAFETY: a valid map value pointer (LRU values are not freed while the program
+        // runs); read at once.
+        if let Some(flow) = unsafe { (*e).forward(&pkt.key) } {
+            return Tracked {
+                kept: kept_in(flow, Home::Client(e)),
+                other: None,
+            };
+        }
+    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return Tracked {
+            kept: None,
+            other: None,
+        };
+    }
+    // SAFETY: copied out at once.
+    let pair = unsafe { CONNTRACK_V2.get(&pkt.key).copied() };
+    Tracked {
+        kept: pair.and_then(|flow| kept_in(flow, Home::Pair)),
+        other: entry,
+    }
+}
+
+#[inline(always)]
+fn kept_in(flow: TrackedFlow, home: Home) -> Option<Kept> {
+    let backend = backend(flow.backend_id, flow.service_id)?;
+    Some(Kept {
+        flow,
+        backend,
+        home,
+    })
+}
+
+/// The forward state of the flow `key` (client -> frontend), wherever it is kept.
+#[inline(always)]
+pub fn forward_state(key: &FlowKey) -> Option<TrackedFlow> {
+    if let Some(e) = FLOWS_V1.get_ptr(&ClientKey::of_forward(key)) {
+        // SAFETY: as in `tracked`.
+        if let Some(flow) = unsafe { (*e).forward(key) } {
+            return Some(flow);
+        }
+    }
+    // SAFETY: copied out at once.
+    unsafe { CONNTRACK_V2.get(key).copied() }
+}
+
+/// The backend for this packet: the tracked one while it serves `frontend`'s service,
+/// else (a client the service's source ranges admit) the client's session-affinity one
+/// (frontends with `FRONTEND_F_CLIENT_AFFINITY`) or the table's. A new flow of a SNAT
+/// frontend to a backend on another node gets a SNAT port; a tracked flow keeps its
+/// translation, and its port while the reservation is still its own.
 #[inline(always)]
 pub fn backend_for(
     pkt: &Packet,
     frontend: &Frontend,
-    kept: Option<Kept>,
+    tracked: Tracked,
     tcp_flags: u8,
 ) -> Result<Chosen, Reason> {
-    let kept = kept.filter(|k| k.flow.service_id == frontend.service_id);
-    let (flow, b, new_flow) = if let Some(Kept { flow, backend }) = kept {
-        (flow, backend, false)
+    let kept = tracked
+        .kept
+        .filter(|k| k.flow.service_id == frontend.service_id);
+    let (mut flow, b, new_flow, home) = if let Some(Kept {
+        flow,
+        backend,
+        home,
+    }) = kept
+    {
+        (flow, backend, false, home)
     } else {
         if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
             source_range::check(pkt, frontend.service_id)?;
@@ -96,7 +175,7 @@ pub fn backend_for(
             frontend_flags: frontend.flags as u8 | FLOW_F_FRONTEND_REMEMBERED,
             _pad: [0; 5],
         };
-        (flow, b, true)
+        (flow, b, true, new_home(tracked.other, &b))
     };
     let mut snat = None;
     if flow.nat_port != 0 {
@@ -108,22 +187,34 @@ pub fn backend_for(
             snat::allocate(pkt, &b, frontend, tcp_flags)?
         };
         snat = Some(port);
-        if new_flow || port != flow.nat_port {
-            let moved = TrackedFlow {
-                nat_port: port,
-                ..flow
-            };
+        if !new_flow && port != flow.nat_port {
+            flow.nat_port = port;
             // A failed insert (LRU full of locked entries, which does not happen in
             // practice) only means the next packet selects again, to the same backend
             // (and SNAT port, which the reservation still names).
-            let _ = CONNTRACK_V2.insert(&pkt.key, &moved, 0);
+            match home {
+                // SAFETY: a valid map value pointer; one field written in place.
+                Home::Client(e) => unsafe { (*e).tracked.nat_port = port },
+                _ => {
+                    let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
+                }
+            }
         }
-    } else if new_flow {
-        // DSR to another node: the reply leaves that node, which remembers it.
-        if frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0 {
-            record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
+        flow.nat_port = port;
+    }
+    if new_flow {
+        // Replies come back through this node unless source-NATed (they come to the
+        // node's address: `SNAT_V1`) or sent by DSR to another node (they leave there).
+        let replies_here = flow.nat_port == 0
+            && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
+        if let Home::Pair = home {
+            if replies_here {
+                record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
+            }
+            let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
+        } else {
+            write_client(pkt, &flow, &b, replies_here);
         }
-        let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
     }
     Ok(Chosen {
         id: flow.backend_id,
@@ -131,6 +222,54 @@ pub fn backend_for(
         new_flow,
         snat,
     })
+}
+
+/// Where a new flow goes: its client's entry, unless that is another flow's to a
+/// different backend (a client port talking to two frontends: the pair). Another
+/// flow's entry to the same backend is replaced: the backend sees the two as one (the
+/// same addresses and ports), and its replies belong to the newer, as a `REVNAT_V1`
+/// entry written over would give them.
+#[inline(always)]
+fn new_home(other: Option<*mut ClientFlow>, b: &Backend) -> Home {
+    match other {
+        // SAFETY: a valid map value pointer, read at once.
+        Some(e) if unsafe { !same_backend(&*e, b) } => Home::Pair,
+        _ => Home::NewClient,
+    }
+}
+
+#[inline(always)]
+fn same_backend(e: &ClientFlow, b: &Backend) -> bool {
+    e.backend_port == b.port && e.backend_addr_words() == b.addr_words()
+}
+
+/// Writes the flow's `FLOWS_V1` entry (built in this CPU's scratch slot).
+#[inline(always)]
+fn write_client(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: bool) {
+    let Some(e) = FLOW_SCRATCH_V1.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used by this program run alone.
+    let e = unsafe {
+        (*e).reply = RevNat {
+            addr: pkt.key.dst,
+            port: pkt.key.dport,
+            family: if replies_here {
+                pkt.key.family
+            } else {
+                FLOW_REPLY_ELSEWHERE
+            },
+            flags: 0,
+            service_id: flow.service_id,
+            next_hop: NextHop::default(),
+        };
+        (*e).tracked = *flow;
+        (*e).backend_addr = b.addr;
+        (*e).backend_port = b.port;
+        (*e)._pad = [0; 6];
+        &*e
+    };
+    let _ = FLOWS_V1.insert(&ClientKey::of_forward(&pkt.key), e, 0);
 }
 
 /// The reply translation of a flow that is not source-NATed: `reply` (backend ->
@@ -145,13 +284,58 @@ fn record_reply_to(pkt: &Packet, reply: FlowKey, service_id: u32, flags: u8) {
 }
 
 /// A DSR-delivered flow's reply translation (flag `REVNAT_F_DSR`), unless it has this
-/// one: every packet of the flow comes this way, and the entry is written once. An
-/// entry for another frontend is an earlier flow's with the same addresses and ports
-/// (the client reused its port towards another frontend of the same pod): left, it
-/// would give the replies the old frontend as their source, so it is replaced. `key`
-/// (in the scratch slot) is the reply, backend -> client.
+/// one: every packet of the flow comes this way, and the entry is written once. `key`
+/// (in the scratch slot) is the reply, backend -> client. It goes in the client's
+/// `FLOWS_V1` entry (without forward state) when that is free or names the same
+/// backend: an entry for another frontend there is an earlier flow's with the same
+/// addresses and ports (the client reused its port towards another frontend of the
+/// same pod); left, it would give the replies the old frontend as their source. A
+/// client entry of another flow (another backend) leaves the translation to `REVNAT_V1`.
 #[inline(always)]
 pub fn record_dsr_reply(pkt: &Packet, key: &FlowKey, service_id: u32) {
+    let client = ClientKey::of_reply(key);
+    if let Some(e) = FLOWS_V1.get_ptr(&client) {
+        // SAFETY: a valid map value pointer, read at once.
+        let e = unsafe { &*e };
+        if !e.is_reply(key) {
+            record_dsr_pair(pkt, key, service_id);
+            return;
+        }
+        if e.reply.flags == lb_common::REVNAT_F_DSR
+            && e.reply.port == pkt.key.dport
+            && e.reply.addr_words() == pkt.key.dst_words()
+        {
+            return;
+        }
+    }
+    let Some(e) = FLOW_SCRATCH_V1.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used by this program run alone.
+    let e = unsafe {
+        (*e).reply = RevNat {
+            addr: pkt.key.dst,
+            port: pkt.key.dport,
+            family: pkt.key.family,
+            flags: lb_common::REVNAT_F_DSR,
+            service_id,
+            next_hop: NextHop::default(),
+        };
+        (*e).tracked = TrackedFlow {
+            service_id,
+            ..TrackedFlow::default()
+        };
+        (*e).backend_addr = key.src;
+        (*e).backend_port = key.sport;
+        (*e)._pad = [0; 6];
+        &*e
+    };
+    let _ = FLOWS_V1.insert(&client, e, 0);
+}
+
+/// `record_dsr_reply` for a client whose entry is another flow's.
+#[inline(always)]
+fn record_dsr_pair(pkt: &Packet, key: &FlowKey, service_id: u32) {
     if let Some(rev) = REVNAT_V1.get_ptr(key) {
         // SAFETY: a valid map value pointer, read at once.
         let rev = unsafe { &*rev };
@@ -187,5 +371,20 @@ fn write_reply(pkt: &Packet, key: &FlowKey, service_id: u32, flags: u8) {
 /// the LRU entry, so the next-hop cache in it can be refreshed in place.
 #[inline(always)]
 pub fn reply_nat(pkt: &Packet) -> Option<*mut RevNat> {
-    REVNAT_V1.get_ptr_mut(&pkt.key)
+    reply_entry(&pkt.key)
+}
+
+/// The translation for the reply `key` (backend -> client): its client's entry when it
+/// names this backend, else the pair's.
+#[inline(always)]
+pub fn reply_entry(key: &FlowKey) -> Option<*mut RevNat> {
+    if let Some(e) = FLOWS_V1.get_ptr_mut(&ClientKey::of_reply(key)) {
+        // SAFETY: a valid map value pointer; the translation stays in place.
+        unsafe {
+            if (*e).is_reply(key) {
+                return Some(&raw mut (*e).reply);
+            }
+        }
+    }
+    REVNAT_V1.get_ptr_mut(key)
 }

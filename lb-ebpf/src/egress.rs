@@ -4,9 +4,9 @@
 //! XDP program (ingress only) never sees that reply. Here, after the kernel has routed
 //! it, a reply of a tracked flow that was not source-NATed (a local backend, or
 //! `externalTrafficPolicy: Local`) gets the frontend back as its source, from the same
-//! `REVNAT_V1` entry XDP would use; an ICMP error the node or a local pod sends about
-//! such a flow gets its quote translated (`icmp_dnat`). Everything else leaves
-//! untouched, uncounted.
+//! reply translation XDP would use (`conntrack::reply_nat`); an ICMP error the node or
+//! a local pod sends about such a flow gets its quote translated (`icmp_dnat`).
+//! Everything else leaves untouched, uncounted.
 //!
 //! The packet is a socket buffer: headers are pulled into its linear part first, and
 //! checksums are fixed with the kernel's helpers, which know whether the L4 checksum is

@@ -4,14 +4,15 @@
 //!
 //! - To the client: an error about the translated packet client:port -> backend:port
 //!   (from the node forwarding it to a local pod over a smaller link, from the pod, from
-//!   a router in between) quotes the backend; its reverse is the flow's `REVNAT_V1` key.
+//!   a router in between) quotes the backend; its reverse is the flow's reply key
+//!   (`conntrack::reply_entry`).
 //!   The quoted destination becomes frontend:port, and an outer source that is the
 //!   backend the frontend (as the backend's replies get). The node's own errors, and
 //!   those of its pods, leave through the uplink's tc egress program (`egress`); XDP
 //!   translates the ones that pass through the node (`forwarded`).
 //! - To the backend (XDP): an error about a reply frontend:port -> client:port (from a
 //!   router on the client's side, sent to the frontend) quotes the frontend; its reverse
-//!   is the flow's `CONNTRACK_V2` key. The quoted source becomes backend:port, the outer
+//!   is the flow's forward key (`conntrack::forward_state`). The quoted source becomes backend:port, the outer
 //!   destination the backend; for a source-NATed flow the quoted destination becomes
 //!   node:port too, as the backend sent its reply.
 //!
@@ -28,12 +29,11 @@ use lb_common::{
 };
 
 use crate::{
-    fib,
+    conntrack, fib,
     icmp::{
         Layout, PROTO_ICMP, PROTO_ICMPV6, check_ttl, is_addr, layout, put_addr, quoted_checksums,
         read_addr,
     },
-    maps::{CONNTRACK_V2, REVNAT_V1},
     packet::{Frame, load, store},
     parse, service, snat, stats,
 };
@@ -163,7 +163,7 @@ fn translate<const V4: bool>(
     }
     let mut icmp = CsumDelta::new();
     let mut outer = CsumDelta::new();
-    let toward = if let Some(rev) = REVNAT_V1.get_ptr_mut(&key) {
+    let toward = if let Some(rev) = conntrack::reply_entry(&key) {
         // SAFETY: a valid map value pointer; copied out at once, but for the next-hop
         // cache, which stays in the LRU entry.
         let (frontend, port, cache) =
@@ -179,8 +179,7 @@ fn translate<const V4: bool>(
             backend_id: 0,
         }
     } else if hop {
-        // SAFETY: copied out at once.
-        let flow = unsafe { CONNTRACK_V2.get(&key).copied() }.ok_or(Reason::PassNotL4)?;
+        let flow = conntrack::forward_state(&key).ok_or(Reason::PassNotL4)?;
         let backend = service::backend(flow.backend_id, flow.service_id)
             .filter(|b| b.family == family)
             .ok_or(Reason::PassNotL4)?;

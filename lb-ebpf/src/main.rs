@@ -98,13 +98,14 @@ fn pipeline(
         // An established flow's entry remembers its frontend's service and flags: no
         // frontend lookup. Its flow then outlives the frontend while its backend serves
         // the service, as conntrack entries do under kube-proxy.
-        let kept = conntrack::kept(pkt);
-        let frontend = match kept.as_ref().and_then(conntrack::Kept::frontend) {
+        let tcp_flags = nat::tcp_flags(ctx, pkt);
+        let tracked = conntrack::tracked(pkt, tcp_flags);
+        let frontend = match tracked.kept.as_ref().and_then(conntrack::Kept::frontend) {
             Some(remembered) => Some(remembered),
             None => service::frontend(pkt),
         };
         if let Some(frontend) = frontend {
-            return to_backend(ctx, pkt, frontend, kept);
+            return to_backend(ctx, pkt, frontend, tracked, tcp_flags);
         }
     }
     to_client(ctx, pkt, ours)
@@ -118,13 +119,13 @@ fn to_backend(
     ctx: &XdpContext,
     pkt: &mut Packet,
     frontend: lb_common::Frontend,
-    kept: Option<conntrack::Kept>,
+    tracked: conntrack::Tracked,
+    tcp_flags: u8,
 ) -> Result<(u32, Reason), Reason> {
     pkt.check_translatable()?;
     nat::check_ttl(ctx, pkt)?;
     let bytes = packet::frame_len(ctx);
-    let tcp_flags = nat::tcp_flags(ctx, pkt);
-    let chosen = match conntrack::backend_for(pkt, &frontend, kept, tcp_flags) {
+    let chosen = match conntrack::backend_for(pkt, &frontend, tracked, tcp_flags) {
         Ok(chosen) => chosen,
         Err(Reason::DropNoBackend) if frontend.flags & FRONTEND_F_REJECT_EMPTY != 0 => {
             return reject::refuse(ctx, pkt, bytes, frontend.service_id);

@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, BackendStats, FlowKey,
-    Frontend, FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats,
-    SnatConfig, SnatEntry, SourceRangeKey, TrackedFlow,
+    ADDR_FILTER_SLOTS, Affinity, AffinityKey, Backend, BackendMeta, BackendStats, ClientFlow,
+    ClientKey, FlowKey, Frontend, FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta,
+    ServiceStats, SnatConfig, SnatEntry, SourceRangeKey, TrackedFlow,
     maps::{
         AFFINITY_ENTRIES, BPF_F_MMAPABLE, CONNTRACK_ENTRIES, MAGLEV_INNER_FLAGS,
         MAGLEV_TEMPLATE_ENTRIES, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES,
@@ -44,6 +44,16 @@ pub static MAGLEV_V2: ArrayOfMaps<
     { n(MAX_SERVICES) },
 > = ArrayOfMaps::new();
 
+/// One entry per flow, both directions (see `lb_common::ClientFlow`).
+#[btf_map]
+pub static FLOWS_V1: LruHashMap<ClientKey, ClientFlow, { n(CONNTRACK_ENTRIES) }> =
+    LruHashMap::new();
+
+/// Per-CPU room to build a new `FLOWS_V1` value in.
+#[btf_map]
+pub static FLOW_SCRATCH_V1: PerCpuArray<ClientFlow, 1> = PerCpuArray::new();
+
+/// The flows `FLOWS_V1` cannot hold: a client port already there for another flow.
 #[btf_map]
 pub static CONNTRACK_V2: LruHashMap<FlowKey, TrackedFlow, { n(CONNTRACK_ENTRIES) }> =
     LruHashMap::new();

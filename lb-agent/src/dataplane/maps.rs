@@ -8,9 +8,9 @@ use aya::maps::{Array, HashMap, MapError, PerCpuArray, PerCpuValues, xdp::DevMap
 use ipnet::IpNet;
 
 use lb_common::{
-    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, FlowKey, Frontend, FrontendKey, NextHop,
-    Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta, ServiceStats, SnatConfig, SnatEntry,
-    TrackedFlow, addr_filter_slot, maps,
+    ADDR_F_BACKEND, ADDR_F_FRONTEND, Backend, BackendMeta, ClientFlow, ClientKey, FlowKey,
+    Frontend, FrontendKey, NextHop, Reason, ReasonStats, SERVICE_META_F_IN_USE, ServiceMeta,
+    ServiceStats, SnatConfig, SnatEntry, TrackedFlow, addr_filter_slot, maps,
 };
 
 use super::store::{Batch, MapStore, Snapshot};
@@ -158,13 +158,24 @@ impl Dataplane {
         m.get(&id, 0).map_err(map_err(name))
     }
 
-    /// The conntrack entry for a client -> frontend flow, if any.
+    /// The conntrack entry for a client -> frontend flow, if any: its client's
+    /// `FLOWS` entry when that is this flow's, else the `CONNTRACK` one (as the program
+    /// looks).
     pub fn flow(&self, key: &FlowKey) -> Result<Option<TrackedFlow>, DataplaneError> {
+        let client: Option<ClientFlow> = self.hash_get(maps::FLOWS, &ClientKey::of_forward(key))?;
+        if let Some(flow) = client.and_then(|c| c.forward(key)) {
+            return Ok(Some(flow));
+        }
         self.hash_get(maps::CONNTRACK, key)
     }
 
-    /// The reply translation keyed by a reply flow (backend -> client), if any.
+    /// The reply translation for a reply flow (backend -> client), if any: its client's
+    /// `FLOWS` entry when that names this backend, else the `REVNAT` one.
     pub fn rev_nat(&self, key: &FlowKey) -> Result<Option<lb_common::RevNat>, DataplaneError> {
+        let client: Option<ClientFlow> = self.hash_get(maps::FLOWS, &ClientKey::of_reply(key))?;
+        if let Some(c) = client.filter(|c| c.is_reply(key)) {
+            return Ok(Some(c.reply));
+        }
         self.hash_get(maps::REVNAT, key)
     }
 

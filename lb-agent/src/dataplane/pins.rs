@@ -11,9 +11,9 @@ use aya::programs::XdpMode;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendMeta, BackendStats, Flow, FlowKey, Frontend,
-    FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta, ServiceStats, SnatConfig,
-    SnatEntry, SourceRangeKey, TrackedFlow, maps,
+    Affinity, AffinityKey, Backend, BackendMeta, BackendStats, ClientFlow, ClientKey, Flow,
+    FlowKey, Frontend, FrontendKey, NextHop, Reason, ReasonStats, RevNat, ServiceMeta,
+    ServiceStats, SnatConfig, SnatEntry, SourceRangeKey, TrackedFlow, maps,
     sock::{SockConfig, SockFlowKey, SockRevKey, SockRevNat},
 };
 
@@ -271,6 +271,7 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::NEXTHOPS => (4, Some(size_of::<NextHop>())),
         maps::ADDR_FILTER => (4, Some(1)),
         maps::MAGLEV => (4, Some(4)),
+        maps::FLOWS => (size_of::<ClientKey>(), Some(size_of::<ClientFlow>())),
         maps::CONNTRACK => (size_of::<FlowKey>(), Some(size_of::<TrackedFlow>())),
         maps::SNAT => (size_of::<FlowKey>(), Some(size_of::<SnatEntry>())),
         maps::SNAT_CONFIG => (4, Some(size_of::<SnatConfig>())),
