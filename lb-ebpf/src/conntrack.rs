@@ -243,33 +243,47 @@ fn same_backend(e: &ClientFlow, b: &Backend) -> bool {
     e.backend_port == b.port && e.backend_addr_words() == b.addr_words()
 }
 
-/// Writes the flow's `FLOWS_V1` entry (built in this CPU's scratch slot).
+/// Writes the flow's `FLOWS_V1` entry.
 #[inline(always)]
 fn write_client(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: bool) {
-    let Some(e) = FLOW_SCRATCH_V1.get_ptr_mut(0) else {
-        return;
+    let family = if replies_here {
+        pkt.key.family
+    } else {
+        FLOW_REPLY_ELSEWHERE
     };
+    if let Some(e) = scratch_flow(pkt, family, 0, *flow, &b.addr, b.port) {
+        let _ = FLOWS_V1.insert(&ClientKey::of_forward(&pkt.key), e, 0);
+    }
+}
+
+/// A `FLOWS_V1` value for the packet's frontend (its destination), built in this CPU's
+/// scratch slot: the stack has no room for it beside the rest.
+#[inline(always)]
+fn scratch_flow(
+    pkt: &Packet,
+    reply_family: u8,
+    reply_flags: u8,
+    tracked: TrackedFlow,
+    backend_addr: &[u8; 16],
+    backend_port: u16,
+) -> Option<&'static ClientFlow> {
+    let e = FLOW_SCRATCH_V1.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, used by this program run alone.
-    let e = unsafe {
+    unsafe {
         (*e).reply = RevNat {
             addr: pkt.key.dst,
             port: pkt.key.dport,
-            family: if replies_here {
-                pkt.key.family
-            } else {
-                FLOW_REPLY_ELSEWHERE
-            },
-            flags: 0,
-            service_id: flow.service_id,
+            family: reply_family,
+            flags: reply_flags,
+            service_id: tracked.service_id,
             next_hop: NextHop::default(),
         };
-        (*e).tracked = *flow;
-        (*e).backend_addr = b.addr;
-        (*e).backend_port = b.port;
+        (*e).tracked = tracked;
+        (*e).backend_addr = *backend_addr;
+        (*e).backend_port = backend_port;
         (*e)._pad = [0; 6];
-        &*e
-    };
-    let _ = FLOWS_V1.insert(&ClientKey::of_forward(&pkt.key), e, 0);
+        Some(&*e)
+    }
 }
 
 /// The reply translation of a flow that is not source-NATed: `reply` (backend ->
@@ -308,29 +322,21 @@ pub fn record_dsr_reply(pkt: &Packet, key: &FlowKey, service_id: u32) {
             return;
         }
     }
-    let Some(e) = FLOW_SCRATCH_V1.get_ptr_mut(0) else {
-        return;
+    let tracked = TrackedFlow {
+        service_id,
+        ..TrackedFlow::default()
     };
-    // SAFETY: this CPU's slot, used by this program run alone.
-    let e = unsafe {
-        (*e).reply = RevNat {
-            addr: pkt.key.dst,
-            port: pkt.key.dport,
-            family: pkt.key.family,
-            flags: lb_common::REVNAT_F_DSR,
-            service_id,
-            next_hop: NextHop::default(),
-        };
-        (*e).tracked = TrackedFlow {
-            service_id,
-            ..TrackedFlow::default()
-        };
-        (*e).backend_addr = key.src;
-        (*e).backend_port = key.sport;
-        (*e)._pad = [0; 6];
-        &*e
-    };
-    let _ = FLOWS_V1.insert(&client, e, 0);
+    let family = pkt.key.family;
+    if let Some(e) = scratch_flow(
+        pkt,
+        family,
+        lb_common::REVNAT_F_DSR,
+        tracked,
+        &key.src,
+        key.sport,
+    ) {
+        let _ = FLOWS_V1.insert(&client, e, 0);
+    }
 }
 
 /// `record_dsr_reply` for a client whose entry is another flow's.
