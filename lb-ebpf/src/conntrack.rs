@@ -10,8 +10,9 @@
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
-    FLOW_REPLY_ELSEWHERE, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
-    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
+    FLOW_REPLY_ELSEWHERE, FLOW_STATE_CLOSING, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR,
+    FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat,
+    TrackedFlow,
 };
 
 use crate::{
@@ -22,7 +23,9 @@ use crate::{
     snat, source_range,
 };
 
+const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// The backend chosen for a packet.
@@ -153,6 +156,9 @@ pub fn backend_for(
         home,
     }) = kept
     {
+        if let Home::Client(e) = home {
+            note_closing(e, tcp_flags);
+        }
         (flow, backend, false, home)
     } else {
         if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
@@ -224,16 +230,39 @@ pub fn backend_for(
     })
 }
 
-/// Where a new flow goes: its client's entry, unless that is another flow's to a
+/// A client entry's flow ends with the client's FIN or RST, and starts again with a
+/// SYN (the same 5-tuple reused): `FLOW_STATE_CLOSING` follows, written only when it
+/// changes.
+#[inline(always)]
+fn note_closing(e: *mut ClientFlow, tcp_flags: u8) {
+    let state = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_STATE_CLOSING
+    } else if tcp_flags & TCP_SYN != 0 {
+        0
+    } else {
+        return;
+    };
+    // SAFETY: a valid map value pointer; one byte read and written in place.
+    unsafe {
+        if (*e).state != state {
+            (*e).state = state;
+        }
+    }
+}
+
+/// Where a new flow goes: its client's entry, unless that is another live flow's to a
 /// different backend (a client port talking to two frontends: the pair). Another
 /// flow's entry to the same backend is replaced: the backend sees the two as one (the
 /// same addresses and ports), and its replies belong to the newer, as a `REVNAT_V1`
-/// entry written over would give them.
+/// entry written over would give them. So is one whose client closed it (a port
+/// reused after its connection ended).
 #[inline(always)]
 fn new_home(other: Option<*mut ClientFlow>, b: &Backend) -> Home {
     match other {
         // SAFETY: a valid map value pointer, read at once.
-        Some(e) if unsafe { !same_backend(&*e, b) } => Home::Pair,
+        Some(e) if unsafe { (*e).state != FLOW_STATE_CLOSING && !same_backend(&*e, b) } => {
+            Home::Pair
+        }
         _ => Home::NewClient,
     }
 }
@@ -281,7 +310,8 @@ fn scratch_flow(
         (*e).tracked = tracked;
         (*e).backend_addr = *backend_addr;
         (*e).backend_port = backend_port;
-        (*e)._pad = [0; 6];
+        (*e).state = 0;
+        (*e)._pad = [0; 5];
         Some(&*e)
     }
 }
