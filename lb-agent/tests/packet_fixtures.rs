@@ -682,8 +682,7 @@ fn conntrack_entries_remember_their_frontend() {
 /// second in the `CONNTRACK`/`REVNAT` pair), each with its backend and each reply with
 /// its frontend; a flow to another frontend that reaches the same backend as the
 /// client port's entry replaces it (the backend cannot tell the two apart), and the
-/// replies get the newer frontend; so does a flow to another backend once the client
-/// has ended the entry's connection.
+/// replies get the newer frontend.
 #[test]
 fn one_client_port_two_frontends() {
     with_node("ports", |node, svcs| {
@@ -747,28 +746,6 @@ fn one_client_port_two_frontends() {
             &reply,
             Ingress::Backend,
             &rev_snat(&reply, vip_v4(), 8082, TO_CLIENT),
-        ));
-
-        // A port whose connection the client ended (FIN) is taken over by its next
-        // flow, to another frontend and backend, instead of going to the pair.
-        let fa = client_frame(a, 40_600);
-        let (_, ba, pa) = a.expected_backend(&fa);
-        node.check(&to_backend("a flow", &fa, ba, pa));
-        node.check(&to_backend("its FIN", &fa.clone().fin(), ba, pa));
-        let fb = client_frame(&b, 40_600);
-        let (_, bb, pb) = b.expected_backend(&fb);
-        node.check(&to_backend("the port reused", &fb, bb, pb));
-        assert_eq!(
-            pins.entries(maps::CONNTRACK),
-            1,
-            "the closed flow's entry taken over"
-        );
-        let reply = reply_from(&fb, bb, pb, last_octet(bb));
-        node.check(&Case::forward(
-            "the reused port's reply",
-            &reply,
-            Ingress::Backend,
-            &rev_snat(&reply, vip_v4(), 8081, TO_CLIENT),
         ));
     });
 }

@@ -260,6 +260,46 @@ fn snat_forward_and_reply_ipv4_ipv6_tcp_udp() {
     });
 }
 
+/// One client port to two source-NATed frontends whose flows reach the same backend:
+/// the backend sees two connections (two SNAT ports), so both flows keep their own
+/// state (the second in the `CONNTRACK`/`REVNAT` pair), and neither is taken for a new
+/// flow again.
+#[test]
+fn one_client_port_two_snat_frontends_one_backend() {
+    with_node("snat2fe", |node, svcs| {
+        let a = &svcs[0];
+        let fa = client_frame(a, 40_700);
+        let (_, backend, bport) = a.expected_backend(&fa);
+        let mut b = Service::new(8, (vip_v4(), 8081, PROTO_TCP), vec![(81, backend, bport)]);
+        b.flags |= FRONTEND_F_SNAT;
+        b.install(&mut node.dp);
+        let port_a = snat_round_trip(node, a, 40_700, "first frontend");
+        let port_b = snat_round_trip(node, &b, 40_700, "second frontend, same backend");
+        assert_ne!(port_a, port_b, "two connections at the backend");
+        for (svc, port) in [(a, port_a), (&b, port_b)] {
+            let mut again = client_frame(svc, 40_700);
+            if let L4::Tcp { syn, .. } = &mut again.l4 {
+                *syn = false;
+            }
+            again.payload = b"both at once".to_vec();
+            let before = node.dp.service_stats(svc.id).expect("stats").new_flows;
+            node.check(
+                "each flow keeps its port",
+                &again,
+                true,
+                XDP_REDIRECT,
+                &snat_out(&again, backend, bport, port),
+            );
+            assert_eq!(
+                node.dp.service_stats(svc.id).expect("stats").new_flows,
+                before,
+                "{:?}: still the same flow",
+                svc.frontend
+            );
+        }
+    });
+}
+
 #[test]
 fn a_taken_port_makes_the_flow_take_the_next_one() {
     with_node("snatcoll", |node, svcs| {

@@ -463,16 +463,8 @@ pub struct ClientFlow {
     /// with them.
     pub backend_addr: [u8; 16],
     pub backend_port: u16,
-    /// `FLOW_STATE_*`.
-    pub state: u8,
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 6],
 }
-
-/// `ClientFlow::state`: the client sent a FIN or a RST. A new flow of the client's port
-/// to another frontend and backend then takes the entry over (a port reused after its
-/// connection ended), where a live flow's entry sends it to the pair. A SYN of the
-/// entry's own flow clears it.
-pub const FLOW_STATE_CLOSING: u8 = 1;
 
 impl ClientFlow {
     /// The flow's forward state, when `key` (client -> frontend) is this flow's.
@@ -666,9 +658,7 @@ const _: () = {
     assert!(size_of::<NextHop>() == 8 + 4 + 2 + 6 + 6 + 2 + 4);
     assert!(size_of::<RevNat>() == 16 + 2 + 1 + 1 + 4 + size_of::<NextHop>());
     assert!(size_of::<ClientKey>() == 16 + 2 + 1 + 1);
-    assert!(
-        size_of::<ClientFlow>() == size_of::<RevNat>() + size_of::<TrackedFlow>() + 16 + 2 + 1 + 5
-    );
+    assert!(size_of::<ClientFlow>() == size_of::<RevNat>() + size_of::<TrackedFlow>() + 16 + 2 + 6);
     assert!(core::mem::offset_of!(ClientFlow, backend_addr) % 4 == 0);
     assert!(size_of::<ServiceStats>() == 7 * 8);
     assert!(size_of::<BackendStats>() == 8);

@@ -10,9 +10,8 @@
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
-    FLOW_REPLY_ELSEWHERE, FLOW_STATE_CLOSING, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR,
-    FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat,
-    TrackedFlow,
+    FLOW_REPLY_ELSEWHERE, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
+    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
 };
 
 use crate::{
@@ -23,9 +22,7 @@ use crate::{
     snat, source_range,
 };
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// The backend chosen for a packet.
@@ -150,16 +147,16 @@ pub fn backend_for(
     let kept = tracked
         .kept
         .filter(|k| k.flow.service_id == frontend.service_id);
-    let (mut flow, b, new_flow, home) = if let Some(Kept {
+    // `replies_here`, for a new flow: its replies come back through this node, unless
+    // source-NATed (they come to the node's address: `SNAT_V1`) or sent by DSR to another
+    // node (they leave there).
+    let (mut flow, b, new_flow, home, replies_here) = if let Some(Kept {
         flow,
         backend,
         home,
     }) = kept
     {
-        if let Home::Client(e) = home {
-            note_closing(e, tcp_flags);
-        }
-        (flow, backend, false, home)
+        (flow, backend, false, home, false)
     } else {
         if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
             source_range::check(pkt, frontend.service_id)?;
@@ -181,7 +178,10 @@ pub fn backend_for(
             frontend_flags: frontend.flags as u8 | FLOW_F_FRONTEND_REMEMBERED,
             _pad: [0; 5],
         };
-        (flow, b, true, new_home(tracked.other, &b))
+        let replies_here =
+            !snat && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
+        let home = new_home(tracked.other, &b, replies_here);
+        (flow, b, true, home, replies_here)
     };
     let mut snat = None;
     if flow.nat_port != 0 {
@@ -209,10 +209,6 @@ pub fn backend_for(
         flow.nat_port = port;
     }
     if new_flow {
-        // Replies come back through this node unless source-NATed (they come to the
-        // node's address: `SNAT_V1`) or sent by DSR to another node (they leave there).
-        let replies_here = flow.nat_port == 0
-            && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
         if let Home::Pair = home {
             if replies_here {
                 record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
@@ -230,46 +226,28 @@ pub fn backend_for(
     })
 }
 
-/// A client entry's flow ends with the client's FIN or RST, and starts again with a
-/// SYN (the same 5-tuple reused): `FLOW_STATE_CLOSING` follows, written only when it
-/// changes.
+/// Where a new flow goes: its client's entry, unless that is another flow's (a client
+/// port talking to two frontends: the pair). Another flow's entry is replaced when
+/// the backend sees the two as one connection: the same backend, both translated at
+/// the destination only (neither source-NATed nor sent by DSR, which the backend tells
+/// apart by their source port or their destination). Its replies belong to the newer
+/// flow, as a `REVNAT_V1` entry written over would give them.
 #[inline(always)]
-fn note_closing(e: *mut ClientFlow, tcp_flags: u8) {
-    let state = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        FLOW_STATE_CLOSING
-    } else if tcp_flags & TCP_SYN != 0 {
-        0
-    } else {
-        return;
-    };
-    // SAFETY: a valid map value pointer; one byte read and written in place.
-    unsafe {
-        if (*e).state != state {
-            (*e).state = state;
-        }
-    }
-}
-
-/// Where a new flow goes: its client's entry, unless that is another live flow's to a
-/// different backend (a client port talking to two frontends: the pair). Another
-/// flow's entry to the same backend is replaced: the backend sees the two as one (the
-/// same addresses and ports), and its replies belong to the newer, as a `REVNAT_V1`
-/// entry written over would give them. So is one whose client closed it (a port
-/// reused after its connection ended).
-#[inline(always)]
-fn new_home(other: Option<*mut ClientFlow>, b: &Backend) -> Home {
+fn new_home(other: Option<*mut ClientFlow>, b: &Backend, replies_here: bool) -> Home {
     match other {
         // SAFETY: a valid map value pointer, read at once.
-        Some(e) if unsafe { (*e).state != FLOW_STATE_CLOSING && !same_backend(&*e, b) } => {
-            Home::Pair
-        }
+        Some(e) if unsafe { !(replies_here && same_connection(&*e, b)) } => Home::Pair,
         _ => Home::NewClient,
     }
 }
 
+/// The entry's flow reaches `b` translated at the destination only, as the client's
+/// address and port.
 #[inline(always)]
-fn same_backend(e: &ClientFlow, b: &Backend) -> bool {
-    e.backend_port == b.port && e.backend_addr_words() == b.addr_words()
+fn same_connection(e: &ClientFlow, b: &Backend) -> bool {
+    e.reply.family != FLOW_REPLY_ELSEWHERE
+        && e.backend_port == b.port
+        && e.backend_addr_words() == b.addr_words()
 }
 
 /// Writes the flow's `FLOWS_V1` entry.
@@ -310,8 +288,7 @@ fn scratch_flow(
         (*e).tracked = tracked;
         (*e).backend_addr = *backend_addr;
         (*e).backend_port = backend_port;
-        (*e).state = 0;
-        (*e)._pad = [0; 5];
+        (*e)._pad = [0; 6];
         Some(&*e)
     }
 }

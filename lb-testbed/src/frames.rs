@@ -30,8 +30,6 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// IPv4 UDP only: send without a checksum (field 0).
     pub udp_no_checksum: bool,
-    /// TCP only: the FIN flag (beside ACK).
-    pub tcp_fin: bool,
 }
 
 impl Frame {
@@ -51,7 +49,6 @@ impl Frame {
             },
             payload: b"GET / HTTP/1.1\r\nHost: xlb\r\n\r\n".to_vec(),
             udp_no_checksum: false,
-            tcp_fin: false,
         }
     }
 
@@ -68,17 +65,6 @@ impl Frame {
         if let L4::Tcp { syn, .. } = &mut self.l4 {
             *syn = true;
         }
-        self.payload.clear();
-        self
-    }
-
-    /// A TCP FIN (with ACK), no data: the connection's end.
-    #[must_use]
-    pub fn fin(mut self) -> Frame {
-        if let L4::Tcp { syn, .. } = &mut self.l4 {
-            *syn = false;
-        }
-        self.tcp_fin = true;
         self.payload.clear();
         self
     }
@@ -158,7 +144,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = tcp_header(sport, dport, syn, self.tcp_fin);
+                        let mut tcp = tcp_header(sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv4(&ip, &self.payload)
                             .expect("checksum");
@@ -188,7 +174,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = tcp_header(sport, dport, syn, self.tcp_fin);
+                        let mut tcp = tcp_header(sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv6(&ip, &self.payload)
                             .expect("checksum");
@@ -209,12 +195,11 @@ impl Frame {
     }
 }
 
-/// A TCP header as the tests send it: a SYN, or an ACK carrying data (or a FIN).
-fn tcp_header(sport: u16, dport: u16, syn: bool, fin: bool) -> TcpHeader {
+/// A TCP header as the tests send it: a SYN, or an ACK carrying data.
+fn tcp_header(sport: u16, dport: u16, syn: bool) -> TcpHeader {
     let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
     tcp.syn = syn;
     tcp.ack = !syn;
-    tcp.fin = fin;
     tcp
 }
 
