@@ -658,6 +658,8 @@ fn conntrack_entries_remember_their_frontend() {
                 svc.frontend
             );
             pins.forget_client_entry(&key);
+            // As the agent does when it adopts an older build's tables.
+            node.dp.mark_flow_pairs().expect("flag");
             pins.set_flow(
                 &key,
                 &TrackedFlow {
@@ -701,8 +703,10 @@ fn one_client_port_two_frontends() {
         let (_, bb, pb) = b.expected_backend(&fb);
         node.check(&to_backend("first frontend", &fa, ba, pa));
         assert_eq!(pins.entries(maps::CONNTRACK), 0, "one entry, in FLOWS");
+        assert!(!node.dp.flow_pairs_marked().expect("flag"), "no pair yet");
         node.check(&to_backend("second frontend, same port", &fb, bb, pb));
         assert_eq!(pins.entries(maps::CONNTRACK), 1, "the second in the pair");
+        assert!(node.dp.flow_pairs_marked().expect("flag"), "pairs in use");
         assert_eq!(pins.entries(maps::REVNAT), 1, "with its reply entry");
         for (svc, f, backend, port) in [(a, &fa, ba, pa), (&b, &fb, bb, pb)] {
             let mut again = f.clone();

@@ -142,3 +142,28 @@ fn restore_reads_back_what_was_applied() {
     assert_eq!(restored, applied);
     assert_eq!(lb_core::plan::plan(&desired, &restored).ops, []);
 }
+
+/// The pair tables' flag (`FLOW_PAIRS_V1`): clear on a fresh start and on a restart of
+/// this build, set when the pins are an older build's (its flows are in `CONNTRACK_V2`
+/// and `REVNAT_V1`, and it pinned no flag), so the program looks there.
+#[test]
+fn the_pair_flag_is_set_for_an_older_builds_tables() {
+    testbed::check_privileges().expect("privileges");
+    let dir = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/xlb-test-pairs-{}",
+        std::process::id()
+    )));
+    let load = || {
+        Dataplane::load_pinned(None, &dir.0)
+            .expect("load (run through `cargo xtask test`)")
+            .0
+    };
+    assert!(!load().flow_pairs_marked().expect("flag"), "a fresh start");
+    assert!(!load().flow_pairs_marked().expect("flag"), "a restart");
+    std::fs::remove_file(dir.0.join(maps::FLOW_PAIRS)).expect("unpin the flag");
+    assert!(
+        load().flow_pairs_marked().expect("flag"),
+        "an older build's pins: no flag, pair tables"
+    );
+    assert!(load().flow_pairs_marked().expect("flag"), "and it stays");
+}

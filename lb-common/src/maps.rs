@@ -21,6 +21,10 @@ pub const FLOWS: &str = "FLOWS_V1";
 /// for another frontend (and of entries older builds wrote): client flow -> chosen
 /// backend and SNAT port. `FlowKey` -> `TrackedFlow`.
 pub const CONNTRACK: &str = "CONNTRACK_V2";
+/// Whether the pair tables (`CONNTRACK`, `REVNAT`) may hold entries: slot 0 is non-zero
+/// once the program wrote one, or the agent adopted them from a build before `FLOWS`.
+/// Until then a packet without a `FLOWS` entry skips their lookups. `u32` -> `u32`.
+pub const FLOW_PAIRS: &str = "FLOW_PAIRS_V1";
 /// Reply translation of the flows in `CONNTRACK`, and of DSR-delivered flows whose
 /// client port has a `FLOWS` entry for another flow: backend-side flow -> frontend to
 /// restore. `FlowKey` -> `RevNat`.
@@ -71,13 +75,14 @@ pub const SOCK_REVNAT_ENTRIES: u32 = 131_072;
 pub const SOCK_FLOWS_ENTRIES: u32 = 65_536;
 
 /// All maps, in the order the agent pins and reports them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     FRONTENDS,
     BACKENDS,
     NEXTHOPS,
     ADDR_FILTER,
     MAGLEV,
     FLOWS,
+    FLOW_PAIRS,
     CONNTRACK,
     REVNAT,
     SERVICE_STATS,

@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     affinity, maglev,
-    maps::{CONNTRACK_V2, FLOW_SCRATCH_V1, FLOWS_V1, REVNAT_SCRATCH_V1, REVNAT_V1},
+    maps::{CONNTRACK_V2, FLOW_PAIRS_V1, FLOW_SCRATCH_V1, FLOWS_V1, REVNAT_SCRATCH_V1, REVNAT_V1},
     packet::Packet,
     service::backend,
     snat, source_range,
@@ -79,10 +79,30 @@ pub struct Tracked {
     other: Option<*mut ClientFlow>,
 }
 
+/// Whether the pair tables may hold entries: until the program writes one (or the agent
+/// adopts an older build's), their lookups are skipped.
+#[inline(always)]
+fn pairs_in_use() -> bool {
+    FLOW_PAIRS_V1.get(0).is_some_and(|v| *v != 0)
+}
+
+/// Marks the pair tables as in use, before an entry is written there.
+#[inline(always)]
+fn note_pair() {
+    if let Some(v) = FLOW_PAIRS_V1.get_ptr_mut(0) {
+        // SAFETY: the map's one slot; written once, when it still reads 0.
+        unsafe {
+            if *v == 0 {
+                *v = 1;
+            }
+        }
+    }
+}
+
 /// The packet's tracked flow: its client's entry when that is this flow's, else the
 /// pair. A bare TCP SYN whose client has no entry is a new connection and skips the
-/// pair's lookup; any other packet looks there too (a flow an older build tracked, or
-/// a pair's whose client entry the LRU took).
+/// pair's lookup; any other packet looks there too, while the pairs are in use (a flow
+/// an older build tracked, or a pair's whose client entry the LRU took).
 #[inline(always)]
 pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
     let entry = FLOWS_V1.get_ptr_mut(&ClientKey::of_forward(&pkt.key));
@@ -101,8 +121,12 @@ pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
             other: None,
         };
     }
-    // SAFETY: copied out at once.
-    let pair = unsafe { CONNTRACK_V2.get(&pkt.key).copied() };
+    let pair = if pairs_in_use() {
+        // SAFETY: copied out at once.
+        unsafe { CONNTRACK_V2.get(&pkt.key).copied() }
+    } else {
+        None
+    };
     Tracked {
         kept: pair.and_then(|flow| kept_in(flow, Home::Pair)),
         other: entry,
@@ -127,6 +151,9 @@ pub fn forward_state(key: &FlowKey) -> Option<TrackedFlow> {
         if let Some(flow) = unsafe { (*e).forward(key) } {
             return Some(flow);
         }
+    }
+    if !pairs_in_use() {
+        return None;
     }
     // SAFETY: copied out at once.
     unsafe { CONNTRACK_V2.get(key).copied() }
@@ -213,6 +240,7 @@ pub fn backend_for(
             if replies_here {
                 record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
             }
+            note_pair();
             let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
         } else {
             write_client(pkt, &flow, &b, replies_here);
@@ -377,6 +405,7 @@ fn write_reply(pkt: &Packet, key: &FlowKey, service_id: u32, flags: u8) {
         (*rev).next_hop = NextHop::default();
         &*rev
     };
+    note_pair();
     let _ = REVNAT_V1.insert(key, rev, 0);
 }
 
@@ -388,7 +417,7 @@ pub fn reply_nat(pkt: &Packet) -> Option<*mut RevNat> {
 }
 
 /// The translation for the reply `key` (backend -> client): its client's entry when it
-/// names this backend, else the pair's.
+/// names this backend, else the pair's (while the pairs are in use).
 #[inline(always)]
 pub fn reply_entry(key: &FlowKey) -> Option<*mut RevNat> {
     if let Some(e) = FLOWS_V1.get_ptr_mut(&ClientKey::of_reply(key)) {
@@ -398,6 +427,9 @@ pub fn reply_entry(key: &FlowKey) -> Option<*mut RevNat> {
                 return Some(&raw mut (*e).reply);
             }
         }
+    }
+    if !pairs_in_use() {
+        return None;
     }
     REVNAT_V1.get_ptr_mut(key)
 }

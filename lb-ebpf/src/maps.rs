@@ -53,6 +53,10 @@ pub static FLOWS_V1: LruHashMap<ClientKey, ClientFlow, { n(CONNTRACK_ENTRIES) }>
 #[btf_map]
 pub static FLOW_SCRATCH_V1: PerCpuArray<ClientFlow, 1> = PerCpuArray::new();
 
+/// Non-zero once the pair tables may hold entries (see `lb_common::maps::FLOW_PAIRS`).
+#[btf_map]
+pub static FLOW_PAIRS_V1: Array<u32, 1> = Array::new();
+
 /// The flows `FLOWS_V1` cannot hold: a client port already there for another flow.
 #[btf_map]
 pub static CONNTRACK_V2: LruHashMap<FlowKey, TrackedFlow, { n(CONNTRACK_ENTRIES) }> =

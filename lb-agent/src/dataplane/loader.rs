@@ -96,6 +96,11 @@ impl Dataplane {
     ) -> Result<(Self, bool), DataplaneError> {
         super::pins::create_dir(dir)?;
         let adopted = super::pins::check_compatible(dir)?;
+        // A build before `FLOWS_V1` left its flows in the pair tables and no flag.
+        let older_pairs = !dir.join(maps::FLOW_PAIRS).exists()
+            && [maps::CONNTRACK, maps::REVNAT]
+                .iter()
+                .any(|name| dir.join(name).exists());
         let bytes = object_bytes(object)?;
         let paths: Vec<(&'static str, PathBuf)> = maps::ALL
             .iter()
@@ -106,7 +111,11 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        Ok((Self::from_ebpf(loader.load(&bytes)?)?, adopted))
+        let mut dp = Self::from_ebpf(loader.load(&bytes)?)?;
+        if older_pairs {
+            dp.mark_flow_pairs()?;
+        }
+        Ok((dp, adopted))
     }
 
     /// Opens the maps pinned under `dir` without loading any program, for reading

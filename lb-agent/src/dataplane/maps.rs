@@ -214,6 +214,18 @@ impl Dataplane {
         m.insert(key, entry, 0).map_err(map_err(name))
     }
 
+    /// Tells the program that the pair tables may hold entries (`maps::FLOW_PAIRS`).
+    pub fn mark_flow_pairs(&mut self) -> Result<(), DataplaneError> {
+        let name = maps::FLOW_PAIRS;
+        let mut m: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        m.set(0, 1, 0).map_err(map_err(name))
+    }
+
+    /// Whether the pair tables may hold entries, as the program sees it.
+    pub fn flow_pairs_marked(&self) -> Result<bool, DataplaneError> {
+        self.array_get::<u32>(maps::FLOW_PAIRS, 0).map(|v| v != 0)
+    }
+
     /// The node's SNAT addresses and port range.
     pub fn set_snat_config(&mut self, config: &SnatConfig) -> Result<(), DataplaneError> {
         let name = maps::SNAT_CONFIG;

@@ -270,7 +270,7 @@ fn expected_layout(name: &str) -> (usize, Option<usize>) {
         maps::BACKENDS => (4, Some(size_of::<Backend>())),
         maps::NEXTHOPS => (4, Some(size_of::<NextHop>())),
         maps::ADDR_FILTER => (4, Some(1)),
-        maps::MAGLEV => (4, Some(4)),
+        maps::MAGLEV | maps::FLOW_PAIRS => (4, Some(4)),
         maps::FLOWS => (size_of::<ClientKey>(), Some(size_of::<ClientFlow>())),
         maps::CONNTRACK => (size_of::<FlowKey>(), Some(size_of::<TrackedFlow>())),
         maps::SNAT => (size_of::<FlowKey>(), Some(size_of::<SnatEntry>())),
@@ -304,7 +304,7 @@ fn expected_entries(name: &str) -> Option<u32> {
         maps::MAGLEV | maps::SERVICE_STATS | maps::SERVICE_META => Some(maps::MAX_SERVICES),
         maps::REASON_STATS => Some(Reason::COUNT),
         maps::TX_PORTS => Some(maps::MAX_TX_PORTS),
-        maps::SNAT_CONFIG => Some(1),
+        maps::SNAT_CONFIG | maps::FLOW_PAIRS => Some(1),
         maps::SOURCE_RANGES => Some(maps::MAX_SOURCE_RANGES),
         _ => None,
     }
