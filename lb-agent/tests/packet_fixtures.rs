@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_agent::dataplane::Dataplane;
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, FLOW_F_FRONTEND_REMEMBERED,
+    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
     FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, FlowKey, PROTO_TCP, Reason, TrackedFlow,
     maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
@@ -596,25 +596,31 @@ impl Pins {
     /// Removes the client's `FLOWS` entry of the flow `key`, as an older build (which
     /// wrote none) would have left it.
     fn forget_client_entry(&self, key: &FlowKey) {
-        let mut k = key.src.to_vec();
-        k.extend_from_slice(&key.sport.to_ne_bytes());
-        k.extend_from_slice(&[key.proto, key.family]);
-        let hex: Vec<String> = k.iter().map(|b| format!("{b:02x}")).collect();
-        let path = self.0.join(maps::FLOWS).display().to_string();
-        let mut args = vec!["map", "delete", "pinned", &path, "key", "hex"];
-        args.extend(hex.iter().map(String::as_str));
-        bpftool(&args);
+        let client = ClientKey::of_forward(key);
+        let mut k = client.addr.to_vec();
+        k.extend_from_slice(&client.port.to_ne_bytes());
+        k.extend_from_slice(&[client.proto, client.family]);
+        self.bpftool_map("delete", maps::FLOWS, &k, None);
     }
 
     /// `bpftool map update` of the pinned map `name`.
     fn update(&self, name: &str, key: &[u8], value: &[u8]) {
+        self.bpftool_map("update", name, key, Some(value));
+    }
+
+    /// `bpftool map <op>` of the pinned map `name`, with the key and value (if any) in
+    /// hex.
+    fn bpftool_map(&self, op: &str, name: &str, key: &[u8], value: Option<&[u8]>) {
         let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
         let path = self.0.join(name).display().to_string();
-        let mut args = vec!["map", "update", "pinned", &path, "key", "hex"];
-        let (k, v) = (hex(key), hex(value));
+        let mut args = vec!["map", op, "pinned", &path, "key", "hex"];
+        let k = hex(key);
         args.extend(k.iter().map(String::as_str));
-        args.extend(["value", "hex"]);
-        args.extend(v.iter().map(String::as_str));
+        let v = value.map(hex).unwrap_or_default();
+        if value.is_some() {
+            args.extend(["value", "hex"]);
+            args.extend(v.iter().map(String::as_str));
+        }
         bpftool(&args);
     }
 
