@@ -220,8 +220,9 @@ pub fn backend_for(
             snat::allocate(pkt, &b, frontend, tcp_flags)?
         };
         snat = Some(port);
-        if !new_flow && port != flow.nat_port {
-            flow.nat_port = port;
+        let moved = !new_flow && port != flow.nat_port;
+        flow.nat_port = port;
+        if moved {
             // A failed insert (LRU full of locked entries, which does not happen in
             // practice) only means the next packet selects again, to the same backend
             // (and SNAT port, which the reservation still names).
@@ -233,7 +234,6 @@ pub fn backend_for(
                 }
             }
         }
-        flow.nat_port = port;
     }
     if new_flow {
         if let Home::Pair = home {
