@@ -189,6 +189,14 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
         .expect("flow tracked");
     assert_eq!(tracked.service_id, svc.id, "{what}: conntrack service");
 
+    // The SYN again (retransmitted; its entry is there): same backend, no new flow.
+    node.check(&to_backend(what, &f, backend, bport));
+    assert_eq!(
+        node.new_flows(svc.id),
+        before + 1,
+        "{what}: a retransmitted first packet is no new flow"
+    );
+
     // The same flow again (a data segment): same backend, no new flow.
     let mut again = f.clone();
     if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
@@ -390,12 +398,14 @@ fn run_fixtures(node: &mut Node, svcs: &mut [Service]) {
     node.dp
         .set_maglev_table(1, &svcs[0].table)
         .expect("new table");
+    let before = node.new_flows(1);
     node.check(&to_backend(
-        "established flow after a table change",
+        "established flow after a table change (its SYN again)",
         &f,
         old_backend,
         bport,
     ));
+    assert_eq!(node.new_flows(1), before, "the flow is kept, not new");
     // ... and are re-selected when their backend is deleted.
     node.dp.remove_backend(old_id).expect("delete backend");
     let before = node.new_flows(1);

@@ -4,9 +4,10 @@
 //! remembered with its reply translation.
 //!
 //! A flow is one `FLOWS_V1` entry keyed by its client's address and port, which both
-//! directions know: one insert per new flow. A client port whose entry is another
-//! flow's (it talks to two frontends at once, to different backends) gets the classic
-//! pair instead: `CONNTRACK_V2` by the forward 5-tuple, `REVNAT_V1` by the reply's.
+//! directions know: one insert per new flow (a bare SYN's with `BPF_NOEXIST`, and no
+//! lookup before it). A client port whose entry is another flow's (it talks to two
+//! frontends at once, to different backends) gets the classic pair instead:
+//! `CONNTRACK_V2` by the forward 5-tuple, `REVNAT_V1` by the reply's.
 
 use lb_common::{
     BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
@@ -24,6 +25,8 @@ use crate::{
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 
 /// The backend chosen for a packet.
 pub struct Chosen {
@@ -39,8 +42,9 @@ pub struct Chosen {
 /// Where a flow's state is kept.
 #[derive(Clone, Copy)]
 enum Home {
-    /// Its client's `FLOWS_V1` entry, in place.
-    Client(*mut ClientFlow),
+    /// Its client's `FLOWS_V1` entry. (No pointer to it: a map value pointer kept in
+    /// one path's state and not another's keeps the verifier from merging them.)
+    Client,
     /// A new `FLOWS_V1` entry (written, or rewritten, for this flow).
     NewClient,
     /// The `CONNTRACK_V2` / `REVNAT_V1` pair.
@@ -77,6 +81,8 @@ pub struct Tracked {
     pub kept: Option<Kept>,
     /// Its client's `FLOWS_V1` entry when that is another flow's (another frontend).
     other: Option<*mut ClientFlow>,
+    /// A bare SYN: not looked up yet.
+    unresolved: bool,
 }
 
 /// Whether the pair tables may hold entries: until the program writes one (or the agent
@@ -99,26 +105,49 @@ fn note_pair() {
     }
 }
 
+/// The packet's tracked flow. A bare TCP SYN (a new connection, but for a retransmitted
+/// SYN or a reused port) is left unresolved: its new entry is written unless one is
+/// there (`BPF_NOEXIST`), and only then is it looked up ([`backend_for`]). The new flow
+/// pays one hash walk instead of two.
+#[inline(always)]
+pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
+    if bare_syn(tcp_flags) {
+        return Tracked {
+            kept: None,
+            other: None,
+            unresolved: true,
+        };
+    }
+    resolve(pkt, tcp_flags)
+}
+
+#[inline(always)]
+fn bare_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// The packet's tracked flow: its client's entry when that is this flow's, else the
 /// pair. A bare TCP SYN whose client has no entry is a new connection and skips the
 /// pair's lookup; any other packet looks there too, while the pairs are in use (a flow
 /// an older build tracked, or a pair's whose client entry the LRU took).
 #[inline(always)]
-pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
+fn resolve(pkt: &Packet, tcp_flags: u8) -> Tracked {
     let entry = FLOWS_V1.get_ptr_mut(&ClientKey::of_forward(&pkt.key));
     if let Some(e) = entry {
         // SAFETY: a valid map value pointer (LRU values are not freed while the program
         // runs); read at once.
         if let Some(flow) = unsafe { (*e).forward(&pkt.key) } {
             return Tracked {
-                kept: kept_in(flow, Home::Client(e)),
+                kept: kept_in(flow, Home::Client),
                 other: None,
+                unresolved: false,
             };
         }
-    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    } else if bare_syn(tcp_flags) {
         return Tracked {
             kept: None,
             other: None,
+            unresolved: false,
         };
     }
     let pair = if pairs_in_use() {
@@ -130,6 +159,7 @@ pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
     Tracked {
         kept: pair.and_then(|flow| kept_in(flow, Home::Pair)),
         other: entry,
+        unresolved: false,
     }
 }
 
@@ -171,45 +201,22 @@ pub fn backend_for(
     tracked: Tracked,
     tcp_flags: u8,
 ) -> Result<Chosen, Reason> {
-    let kept = tracked
-        .kept
-        .filter(|k| k.flow.service_id == frontend.service_id);
-    // `replies_here`, for a new flow: its replies come back through this node, unless
-    // source-NATed (they come to the node's address: `SNAT_V1`) or sent by DSR to another
-    // node (they leave there).
-    let (mut flow, b, new_flow, home, replies_here) = if let Some(Kept {
-        flow,
-        backend,
+    let Pick {
+        mut flow,
+        backend: b,
+        new_flow,
         home,
-    }) = kept
-    {
-        (flow, backend, false, home, false)
-    } else {
-        if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
-            source_range::check(pkt, frontend.service_id)?;
-        }
-        let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
-            affinity::select_backend(pkt, frontend)?
-        } else {
-            maglev::select_backend(pkt, frontend)?
-        };
-        if b.family != pkt.key.family {
-            return Err(Reason::DropFamilyMismatch);
-        }
-        let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
-        let flow = TrackedFlow {
-            backend_id: id,
-            service_id: frontend.service_id,
-            // Non-zero asks for SNAT; the port is allocated below.
-            nat_port: u16::from(snat),
-            frontend_flags: frontend.flags as u8 | FLOW_F_FRONTEND_REMEMBERED,
-            _pad: [0; 5],
-        };
-        let replies_here =
-            !snat && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
-        let home = new_home(tracked.other, &b, replies_here);
-        (flow, b, true, home, replies_here)
-    };
+        replies_here,
+        written,
+    } = pick(pkt, frontend, tracked, tcp_flags)?;
+    if written {
+        return Ok(Chosen {
+            id: flow.backend_id,
+            backend: b,
+            new_flow,
+            snat: None,
+        });
+    }
     let mut snat = None;
     if flow.nat_port != 0 {
         let owned =
@@ -227,8 +234,12 @@ pub fn backend_for(
             // practice) only means the next packet selects again, to the same backend
             // (and SNAT port, which the reservation still names).
             match home {
-                // SAFETY: a valid map value pointer; one field written in place.
-                Home::Client(e) => unsafe { (*e).tracked.nat_port = port },
+                Home::Client => {
+                    if let Some(e) = FLOWS_V1.get_ptr_mut(&ClientKey::of_forward(&pkt.key)) {
+                        // SAFETY: a valid map value pointer; one field written in place.
+                        unsafe { (*e).tracked.nat_port = port }
+                    }
+                }
                 _ => {
                     let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
                 }
@@ -252,6 +263,94 @@ pub fn backend_for(
         new_flow,
         snat,
     })
+}
+
+/// A flow's state, kept or new, before its SNAT port and its entry are written.
+struct Pick {
+    flow: TrackedFlow,
+    backend: Backend,
+    new_flow: bool,
+    home: Home,
+    /// For a new flow: its replies come back through this node, unless source-NATed
+    /// (they come to the node's address: `SNAT_V1`) or sent by DSR to another node (they
+    /// leave there).
+    replies_here: bool,
+    /// A bare SYN's new flow whose entry is written: nothing is left to do. (A flag,
+    /// not an enum variant: LLVM merges a payload enum's fields in ways the verifier
+    /// refuses.)
+    written: bool,
+}
+
+/// The kept flow, or a new one from the affinity or the table.
+#[inline(always)]
+fn pick(
+    pkt: &Packet,
+    frontend: &Frontend,
+    tracked: Tracked,
+    tcp_flags: u8,
+) -> Result<Pick, Reason> {
+    if let Some(k) = kept_of(tracked.kept, frontend) {
+        return Ok(k);
+    }
+    if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
+        source_range::check(pkt, frontend.service_id)?;
+    }
+    let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
+        affinity::select_backend(pkt, frontend)?
+    } else {
+        maglev::select_backend(pkt, frontend)?
+    };
+    if b.family != pkt.key.family {
+        return Err(Reason::DropFamilyMismatch);
+    }
+    let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
+    let flow = TrackedFlow {
+        backend_id: id,
+        service_id: frontend.service_id,
+        // Non-zero asks for SNAT; the port is allocated by the caller.
+        nat_port: u16::from(snat),
+        frontend_flags: frontend.flags as u8 | FLOW_F_FRONTEND_REMEMBERED,
+        _pad: [0; 5],
+    };
+    let replies_here =
+        !snat && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
+    let mut written = false;
+    let other = if !tracked.unresolved {
+        tracked.other
+    } else if !snat && write_first(pkt, &flow, &b, replies_here) {
+        written = true;
+        None
+    } else {
+        // The client has an entry (a retransmitted SYN, a reused port, another
+        // frontend's flow), or the flow needs a SNAT port first: looked up as any packet.
+        let tracked = resolve(pkt, tcp_flags);
+        if let Some(k) = kept_of(tracked.kept, frontend) {
+            return Ok(k);
+        }
+        tracked.other
+    };
+    Ok(Pick {
+        flow,
+        home: new_home(other, &b, replies_here),
+        backend: b,
+        new_flow: true,
+        replies_here,
+        written,
+    })
+}
+
+/// The kept flow, while it is `frontend`'s service's.
+#[inline(always)]
+fn kept_of(kept: Option<Kept>, frontend: &Frontend) -> Option<Pick> {
+    kept.filter(|k| k.flow.service_id == frontend.service_id)
+        .map(|k| Pick {
+            flow: k.flow,
+            backend: k.backend,
+            new_flow: false,
+            home: k.home,
+            replies_here: false,
+            written: false,
+        })
 }
 
 /// Where a new flow goes: its client's entry, unless that is another flow's (a client
@@ -281,14 +380,35 @@ fn same_connection(e: &ClientFlow, b: &Backend) -> bool {
 /// Writes the flow's `FLOWS_V1` entry.
 #[inline(always)]
 fn write_client(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: bool) {
+    let _ = insert_client(pkt, flow, b, replies_here, BPF_ANY);
+}
+
+/// Writes a bare SYN's `FLOWS_V1` entry unless its client has one; false if it has.
+/// (When the table is full, the failed insert may still have evicted its oldest entry,
+/// as an insert does: at most one eviction early, for a retransmitted SYN.)
+#[inline(always)]
+fn write_first(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: bool) -> bool {
+    insert_client(pkt, flow, b, replies_here, BPF_NOEXIST)
+}
+
+#[inline(always)]
+fn insert_client(
+    pkt: &Packet,
+    flow: &TrackedFlow,
+    b: &Backend,
+    replies_here: bool,
+    map_flags: u64,
+) -> bool {
     let family = if replies_here {
         pkt.key.family
     } else {
         FLOW_REPLY_ELSEWHERE
     };
-    if let Some(e) = scratch_flow(pkt, family, 0, *flow, &b.addr, b.port) {
-        let _ = FLOWS_V1.insert(&ClientKey::of_forward(&pkt.key), e, 0);
-    }
+    scratch_flow(pkt, family, 0, *flow, &b.addr, b.port).is_some_and(|e| {
+        FLOWS_V1
+            .insert(&ClientKey::of_forward(&pkt.key), e, map_flags)
+            .is_ok()
+    })
 }
 
 /// A `FLOWS_V1` value for the packet's frontend (its destination), built in this CPU's
