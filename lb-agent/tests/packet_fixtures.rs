@@ -1529,12 +1529,51 @@ fn an_established_flow_survives_new_source_ranges_that_exclude_it() {
             backend,
             bport,
         ));
+        node.check(&to_backend(
+            "and so does its SYN again (retransmitted)",
+            &f,
+            backend,
+            bport,
+        ));
         let new = frame_from(&svc, outsider, 45_001);
         check_dropped(
             node,
             new.build(),
             Reason::DropSourceRange,
             "a new flow does not",
+        );
+    });
+}
+
+/// A bare SYN is not looked up before its backend is chosen; when the table has none
+/// for it (every backend draining), a kept flow's SYN again still reaches its backend,
+/// without counting a new flow, while a new connection is dropped.
+#[test]
+fn a_kept_flows_syn_again_keeps_its_backend_when_the_table_empties() {
+    with_node("synkept", |node, _| {
+        let mut svc = Service::new(
+            34,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 93)), 80, PROTO_TCP),
+            vec![(341, backend_v4(11), 8080), (342, backend_v4(12), 8080)],
+        );
+        svc.install(&mut node.dp);
+        let f = client_frame(&svc, 45_100);
+        let (_, backend, bport) = svc.expected_backend(&f);
+        node.check(&to_backend("first SYN", &f, backend, bport));
+
+        // Both backends drain: still there, out of the table.
+        svc.table = vec![0; svc.table.len()];
+        node.dp
+            .set_maglev_table(34, &svc.table)
+            .expect("empty table");
+        let before = node.new_flows(34);
+        node.check(&to_backend("its SYN again", &f, backend, bport));
+        assert_eq!(node.new_flows(34), before, "the flow is kept, not new");
+        check_dropped(
+            node,
+            client_frame(&svc, 45_101).build(),
+            Reason::DropNoBackend,
+            "a new connection",
         );
     });
 }

@@ -236,8 +236,13 @@ pub fn backend_for(
             match home {
                 Home::Client => {
                     if let Some(e) = FLOWS_V1.get_ptr_mut(&ClientKey::of_forward(&pkt.key)) {
-                        // SAFETY: a valid map value pointer; one field written in place.
-                        unsafe { (*e).tracked.nat_port = port }
+                        // SAFETY: a valid map value pointer; one field written in place,
+                        // while the entry is still this flow's.
+                        unsafe {
+                            if (*e).forward(&pkt.key).is_some() {
+                                (*e).tracked.nat_port = port;
+                            }
+                        }
                     }
                 }
                 _ => {
@@ -289,12 +294,53 @@ fn pick(
     tracked: Tracked,
     tcp_flags: u8,
 ) -> Result<Pick, Reason> {
+    // A SYN to a frontend whose choice has conditions or side effects (source ranges may
+    // refuse the client; session affinity writes its entry) is looked up first, as any
+    // packet: a kept flow's retransmitted SYN must meet neither.
+    let tracked = if tracked.unresolved
+        && frontend.flags & (FRONTEND_F_SOURCE_RANGES | FRONTEND_F_CLIENT_AFFINITY) != 0
+    {
+        resolve(pkt, tcp_flags)
+    } else {
+        tracked
+    };
     if let Some(k) = kept_of(tracked.kept, frontend) {
         return Ok(k);
     }
     if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
         source_range::check(pkt, frontend.service_id)?;
     }
+    let new = select(pkt, frontend).map(|(id, b)| new_flow_state(frontend, id, b));
+    let written = tracked.unresolved
+        && new.as_ref().is_ok_and(|(flow, b, replies_here)| {
+            flow.nat_port == 0 && write_first(pkt, flow, b, *replies_here)
+        });
+    let other = if !tracked.unresolved || written {
+        tracked.other
+    } else {
+        // The client has an entry (a retransmitted SYN, a reused port, another
+        // frontend's flow), the table has no backend for the flow, or it needs a SNAT
+        // port first: looked up as any packet, and a kept flow stays kept.
+        let tracked = resolve(pkt, tcp_flags);
+        if let Some(k) = kept_of(tracked.kept, frontend) {
+            return Ok(k);
+        }
+        tracked.other
+    };
+    let (flow, b, replies_here) = new?;
+    Ok(Pick {
+        flow,
+        home: new_home(other, &b, replies_here),
+        backend: b,
+        new_flow: true,
+        replies_here,
+        written,
+    })
+}
+
+/// The client's session-affinity backend, or the table's.
+#[inline(always)]
+fn select(pkt: &Packet, frontend: &Frontend) -> Result<(u32, Backend), Reason> {
     let (id, b) = if frontend.flags & FRONTEND_F_CLIENT_AFFINITY != 0 {
         affinity::select_backend(pkt, frontend)?
     } else {
@@ -303,6 +349,13 @@ fn pick(
     if b.family != pkt.key.family {
         return Err(Reason::DropFamilyMismatch);
     }
+    Ok((id, b))
+}
+
+/// A new flow's state towards backend `id`, and whether its replies come back through
+/// this node ([`Pick::replies_here`]).
+#[inline(always)]
+fn new_flow_state(frontend: &Frontend, id: u32, b: Backend) -> (TrackedFlow, Backend, bool) {
     let snat = frontend.flags & FRONTEND_F_SNAT != 0 && b.flags & BACKEND_F_LOCAL == 0;
     let flow = TrackedFlow {
         backend_id: id,
@@ -314,29 +367,7 @@ fn pick(
     };
     let replies_here =
         !snat && (frontend.flags & FRONTEND_F_DSR == 0 || b.flags & BACKEND_F_LOCAL != 0);
-    let mut written = false;
-    let other = if !tracked.unresolved {
-        tracked.other
-    } else if !snat && write_first(pkt, &flow, &b, replies_here) {
-        written = true;
-        None
-    } else {
-        // The client has an entry (a retransmitted SYN, a reused port, another
-        // frontend's flow), or the flow needs a SNAT port first: looked up as any packet.
-        let tracked = resolve(pkt, tcp_flags);
-        if let Some(k) = kept_of(tracked.kept, frontend) {
-            return Ok(k);
-        }
-        tracked.other
-    };
-    Ok(Pick {
-        flow,
-        home: new_home(other, &b, replies_here),
-        backend: b,
-        new_flow: true,
-        replies_here,
-        written,
-    })
+    (flow, b, replies_here)
 }
 
 /// The kept flow, while it is `frontend`'s service's.
@@ -384,8 +415,10 @@ fn write_client(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: boo
 }
 
 /// Writes a bare SYN's `FLOWS_V1` entry unless its client has one; false if it has.
-/// (When the table is full, the failed insert may still have evicted its oldest entry,
-/// as an insert does: at most one eviction early, for a retransmitted SYN.)
+/// (The kernel takes a free LRU node before it looks for the key: with the table full,
+/// that evicts the least recently used entries, as any insert does. If the client's own
+/// entry is among them, a retransmitted SYN gets a new one, to the same backend while
+/// the table is unchanged.)
 #[inline(always)]
 fn write_first(pkt: &Packet, flow: &TrackedFlow, b: &Backend, replies_here: bool) -> bool {
     insert_client(pkt, flow, b, replies_here, BPF_NOEXIST)
