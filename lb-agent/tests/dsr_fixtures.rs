@@ -381,6 +381,53 @@ fn a_reused_client_port_towards_another_frontend_gets_that_frontend_back() {
     });
 }
 
+/// A kept flow keeps the mode it was forwarded in when its service turns DSR: its SYN
+/// again (its frontend looked up anew) is translated as before, not encapsulated, and
+/// is no new flow; a new connection is encapsulated.
+#[test]
+fn a_kept_flows_syn_keeps_its_mode_when_the_service_turns_dsr() {
+    with_node("dsr-mode", |node, svcs| {
+        let mut svc = Service::new(
+            91,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 91)), 80, PROTO_TCP),
+            svcs[0]
+                .backends
+                .iter()
+                .map(|(id, ip, port)| (id + 910, *ip, *port))
+                .collect(),
+        );
+        svc.install(&mut node.dp);
+        let (f, backend, bport) = client_frame(&svc, 41_200, true);
+        let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
+        let translated = dnat(&f, backend, bport, macs).build();
+        let new_flows = |node: &Node| node.dp.service_stats(91).expect("service stats").new_flows;
+
+        let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT, "first SYN forwarded");
+        assert!(out.frame == translated, "first SYN translated");
+
+        svc.flags |= FRONTEND_F_DSR;
+        svc.install(&mut node.dp);
+        let before = new_flows(node);
+        let out = xdp::test_run(&node.dp, &f.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT, "its SYN again forwarded");
+        assert!(
+            out.frame == translated,
+            "its SYN again translated as before, not encapsulated"
+        );
+        assert_eq!(new_flows(node), before, "the flow is kept, not new");
+
+        let (g, backend, bport) = client_frame(&svc, 42_200, true);
+        let macs = (LB_BACKEND_MAC, backend_mac(last_octet(backend)));
+        let out = xdp::test_run(&node.dp, &g.build(), Some(node.client_if)).expect("run");
+        assert_eq!(out.action, XDP_REDIRECT, "a new connection forwarded");
+        assert!(
+            out.frame == encapsulated(&g, node_addr_for(backend), backend, bport, macs),
+            "a new connection encapsulated"
+        );
+    });
+}
+
 /// What the node must send back for `client` (whole, as the client sent it), too big to
 /// encapsulate for a next hop of `mtu`: ICMP "fragmentation needed" / `ICMPv6` "packet
 /// too big" from the frontend to the client, advertising `mtu` less the outer header,

@@ -37,6 +37,9 @@ pub struct Chosen {
     pub new_flow: bool,
     /// SNAT: the port (network order) the flow leaves with, from the node's address.
     pub snat: Option<u16>,
+    /// The frontend flags the flow goes by: those its entry remembers (a kept flow's
+    /// SYN, whose frontend was looked up, keeps its mode), else the frontend's.
+    pub frontend_flags: u32,
 }
 
 /// Where a flow's state is kept.
@@ -215,6 +218,7 @@ pub fn backend_for(
             backend: b,
             new_flow,
             snat: None,
+            frontend_flags: frontend.flags,
         });
     }
     let mut snat = None;
@@ -262,11 +266,17 @@ pub fn backend_for(
             write_client(pkt, &flow, &b, replies_here);
         }
     }
+    let remembered = flow.frontend_flags & FLOW_F_FRONTEND_REMEMBERED != 0;
     Ok(Chosen {
         id: flow.backend_id,
         backend: b,
         new_flow,
         snat,
+        frontend_flags: if new_flow || !remembered {
+            frontend.flags
+        } else {
+            u32::from(flow.frontend_flags & !FLOW_F_FRONTEND_REMEMBERED)
+        },
     })
 }
 

@@ -21,8 +21,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    ADDR_F_BACKEND, BACKEND_F_LOCAL, FAMILY_V4, FAMILY_V6, FRONTEND_F_DSR, Frontend, PROTO_TCP,
-    Reason,
+    ADDR_F_BACKEND, BACKEND_F_LOCAL, FAMILY_V4, FAMILY_V6, FRONTEND_F_DSR, PROTO_TCP, Reason,
     csum::{finish, word, words},
     dsr::{
         DSR_OUTER_TTL, DSR_OVERHEAD_V4, DSR_OVERHEAD_V6, IPPROTO_IPIP, IPPROTO_IPV6, dsr_mss,
@@ -46,12 +45,12 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 /// Ethernet, the larger outer header, IPv4 with options, a TCP header with options.
 const TC_HEADERS: u32 = 14 + 40 + 60 + 60;
 
-/// Whether the chosen backend is reached by DSR: a DSR frontend, a backend elsewhere,
-/// and not a flow that was source-NATed before the service's mode changed (it keeps its
-/// port while the reservation lasts).
+/// Whether the chosen backend is reached by DSR: a DSR flow (`Chosen::frontend_flags`),
+/// a backend elsewhere, and not a flow that was source-NATed before the service's mode
+/// changed (it keeps its port while the reservation lasts).
 #[inline(always)]
-pub fn wanted(frontend: &Frontend, chosen: &Chosen) -> bool {
-    frontend.flags & FRONTEND_F_DSR != 0
+pub fn wanted(chosen: &Chosen) -> bool {
+    chosen.frontend_flags & FRONTEND_F_DSR != 0
         && chosen.backend.flags & BACKEND_F_LOCAL == 0
         && chosen.snat.is_none()
 }

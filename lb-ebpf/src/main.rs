@@ -132,7 +132,7 @@ fn to_backend(
         }
         Err(reason) => return Err(reason),
     };
-    let dsr = dsr::wanted(&frontend, &chosen);
+    let dsr = dsr::wanted(&chosen);
     if dsr {
         // Untranslated, inside an outer header to the backend; `pkt` now describes
         // the outer header.
