@@ -21,10 +21,13 @@
 //!   finds its entry out of the CPU's caches, as on a busy node (no target; it shows what
 //!   the memory costs, which the single replayed flow above never pays).
 //! - new flows again, over a fresh table, to the same service in DSR mode: the flow's
-//!   only entry is its conntrack entry (the backend's node answers the client and keeps
-//!   the reply's translation), as every flow of Katran's has one entry. No target: the
-//!   targets are for the default mode, whose new flow also writes its reply entry; this
-//!   case shows what that second entry costs, and compares like with like to Katran.
+//!   one entry holds no reply translation (the backend's node answers the client and
+//!   keeps it), as every flow of Katran's has one entry. No target: it compares like
+//!   with like to Katran;
+//! - new flows to the same service source-NATed, over a fresh dataplane with room (the
+//!   Kubernetes default for `externalTrafficPolicy: Cluster` to a backend on another
+//!   node): each also reserves a port of the node's, whose entry is the reply's
+//!   translation (two inserts). No target: it shows what the default mode costs.
 //!
 //! Before the first case, the trivial program runs in batches until its timing is
 //! steady (a previous run's maps take the kernel seconds to free), and the wait is printed.
@@ -42,11 +45,11 @@ use aya::programs::ProgramInfo;
 use lb_agent::dataplane::Dataplane;
 use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
-use lb_common::{FRONTEND_F_DSR, PROTO_TCP, Reason, dsr::IPPROTO_IPIP};
+use lb_common::{FRONTEND_F_DSR, FRONTEND_F_SNAT, PROTO_TCP, Reason, dsr::IPPROTO_IPIP};
 use lb_testbed::frames::{Frame, L4};
 use lb_testbed::node::{
     CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, node_config,
-    reply_from, services, vip_v4, vip_v6,
+    node_v4, reply_from, services, vip_v4, vip_v6,
 };
 use lb_testbed::xdp::{self, PassProgram};
 
@@ -236,6 +239,7 @@ pub fn run(args: &Args) -> Result<()> {
         results.push(busy);
         drop(dp);
         let dsr = fill_dsr(&mut pass, &syn, args.flows, client_if, &mut results)?;
+        results.push(snat_new_flows(&mut pass, &syn, args.iterations, client_if)?);
         Ok(Measured {
             results,
             filling,
@@ -595,8 +599,8 @@ fn fill_conntrack(
 /// Which frontend the table-filling flows go to.
 #[derive(Clone, Copy)]
 enum FillMode {
-    /// The default: DNAT to the backend; a new flow writes its conntrack entry and its
-    /// reply's translation (two LRU inserts).
+    /// The default: DNAT to the backend; a new flow writes one entry, which holds its
+    /// reply's translation too (one LRU insert).
     Nat,
     /// DSR to a backend on another node: a new flow writes its conntrack entry alone.
     Dsr,
@@ -664,6 +668,59 @@ fn fill_dsr(
         bail!("DSR case: {replies} reply entries written, expected none");
     }
     Ok(DsrFilling { filling, settled })
+}
+
+/// The first port of the SNAT case's range: wide (as `--snat-ports 1024-65535` makes
+/// it), so that its new flows find a free port within few attempts.
+const SNAT_BENCH_PORT_MIN: u16 = 1024;
+/// Where an IPv4 frame's source address starts.
+const IPV4_SOURCE_AT: usize = 14 + 12;
+/// The SNAT case's calls at most: spread over the service's two backends, each with
+/// 64,512 ports, so few enough that every flow finds a free port within its
+/// `SNAT_ATTEMPTS` (one in about a million runs would not, at 10,000).
+const SNAT_CASE_FLOWS: u32 = 10_000;
+
+/// New flows source-NATed, a new 5-tuple on every call (at most [`SNAT_CASE_FLOWS`]), on
+/// a fresh dataplane whose services are all SNAT (their backends on other nodes):
+/// checked to leave from the node's address and to reserve one port each.
+fn snat_new_flows(
+    pass: &mut PassProgram,
+    syn: &Frame,
+    iterations: u32,
+    client_if: u32,
+) -> Result<CaseResult> {
+    let mut dp = load_dataplane();
+    dp.set_snat_config(&node_config(SNAT_BENCH_PORT_MIN, maps::SNAT_PORT_MAX))?;
+    for mut s in services() {
+        s.flags |= FRONTEND_F_SNAT;
+        s.install(&mut dp);
+    }
+    let probe = xdp::test_run(&dp, &new_flows(syn, DSR_PROBE_HOST)(0), Some(client_if))?;
+    let IpAddr::V4(node) = node_v4() else {
+        bail!("the testbed's IPv4 node address is not IPv4");
+    };
+    if probe.frame.get(IPV4_SOURCE_AT..IPV4_SOURCE_AT + 4) != Some(&node.octets()[..]) {
+        bail!("SNAT case: a new flow did not leave from the node's address {node}");
+    }
+    settle(pass, &arp_frame(), client_if)?;
+    let case = Case {
+        name: "SNAT new flow, table with room",
+        stage: "Maglev + flow entry + SNAT port (2 inserts)",
+        ingress: client_if,
+        verdict: XDP_REDIRECT,
+        reason: Reason::FwdRedirect,
+        target: None,
+        calls: iterations.min(SNAT_CASE_FLOWS),
+        frame: new_flows(syn, FILL_FIRST_HOST),
+        cold: false,
+    };
+    let t = time_case(&dp, pass, &case)?;
+    let reserved = dp.table_fill(maps::SNAT)?.entries;
+    let flows = u64::from(case.calls) + 1;
+    if reserved != flows {
+        bail!("SNAT case: {reserved} port reservations after {flows} new flows");
+    }
+    Ok(result(case.name, case.stage, &t.xlb, &t.pass, case.target))
 }
 
 /// Established flows of a full table, a different one on every call, in an order that
