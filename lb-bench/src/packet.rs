@@ -676,8 +676,9 @@ const SNAT_BENCH_PORT_MIN: u16 = 1024;
 /// Where an IPv4 frame's source address starts.
 const IPV4_SOURCE_AT: usize = 14 + 12;
 /// The SNAT case's calls at most: spread over the service's two backends, each with
-/// 64,512 ports, so few enough that every flow finds a free port within its
-/// `SNAT_ATTEMPTS` (one in about a million runs would not, at 10,000).
+/// 64,512 ports, under 8 % of a range is held, so every flow finds a free port within
+/// its `SNAT_ATTEMPTS` draws (one flow in 10^8 would not). The flows are fixed: a
+/// refusal would fail every run, not one now and then.
 const SNAT_CASE_FLOWS: u32 = 10_000;
 
 /// New flows source-NATed, a new 5-tuple on every call (at most [`SNAT_CASE_FLOWS`]), on
