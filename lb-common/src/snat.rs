@@ -5,9 +5,9 @@
 //! first the one at its flow hash, then ports drawn from the hash mixed with the
 //! attempt's number (in a range no larger than the attempts, consecutive ones, so that
 //! every port is tried); the first whose reservation (the `SNAT_V1` entry of backend ->
-//! node address:port) is free, or stale, is taken. Every attempt lands apart from the
-//! others and from other flows' attempts, so a flow is refused only when all of its
-//! draws hit held ports: with a share `p` of the range held, one flow in `1 / p^8` (one
+//! node address:port) is free, or stale, is taken. Every draw is independent of the
+//! others and of other flows' (two may coincide), so a flow is refused only when all of
+//! its attempts hit held ports: with a share `p` of the range held, one flow in `1 / p^8` (one
 //! in 700 at 44 %, one in 60 at 60 %, one in 17 at 70 %). Attempts a fixed step apart
 //! (an eighth of the range) made every flow whose first port fell in one of `range / 8`
 //! groups compete for that group's eight ports: a group filled, and refused flows, with
