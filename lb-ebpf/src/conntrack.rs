@@ -110,8 +110,9 @@ fn note_pair() {
 
 /// The packet's tracked flow. A bare TCP SYN (a new connection, but for a retransmitted
 /// SYN or a reused port) is left unresolved: its new entry is written unless one is
-/// there (`BPF_NOEXIST`), and only then is it looked up ([`backend_for`]). The new flow
-/// pays one hash walk instead of two.
+/// there (`BPF_NOEXIST`), and only then is it looked up (`pick`, which looks it up
+/// first for frontends with source ranges or session affinity). The new flow pays one
+/// hash walk instead of two.
 #[inline(always)]
 pub fn tracked(pkt: &Packet, tcp_flags: u8) -> Tracked {
     if bare_syn(tcp_flags) {
