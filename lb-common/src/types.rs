@@ -295,6 +295,19 @@ pub struct TrackedFlow {
 /// bits). Every `FRONTEND_F_*` flag fits below it.
 pub const FLOW_F_FRONTEND_REMEMBERED: u8 = 0x80;
 
+impl TrackedFlow {
+    /// The frontend flags the entry remembers (without the marker); `None` in an entry
+    /// an older build wrote.
+    #[inline(always)]
+    #[must_use]
+    pub const fn remembered_frontend_flags(&self) -> Option<u32> {
+        if self.frontend_flags & FLOW_F_FRONTEND_REMEMBERED == 0 {
+            return None;
+        }
+        Some((self.frontend_flags & !FLOW_F_FRONTEND_REMEMBERED) as u32)
+    }
+}
+
 /// The node's SNAT settings (`SNAT_CONFIG_V1`, one element), written by the agent.
 /// Aligned to 4 (size unchanged) so its addresses are read as words ([`addr_words`]).
 #[repr(C, align(4))]

@@ -48,8 +48,10 @@ enum Home {
     /// Its client's `FLOWS_V1` entry. (No pointer to it: a map value pointer kept in
     /// one path's state and not another's keeps the verifier from merging them.)
     Client,
-    /// A new `FLOWS_V1` entry (written, or rewritten, for this flow).
+    /// A new `FLOWS_V1` entry, to write (or write over) for this flow.
     NewClient,
+    /// A bare SYN's new `FLOWS_V1` entry, written already (`BPF_NOEXIST`).
+    Written,
     /// The `CONNTRACK_V2` / `REVNAT_V1` pair.
     Pair,
 }
@@ -67,10 +69,10 @@ impl Kept {
     /// wrote.
     #[inline(always)]
     pub fn frontend(&self) -> Option<Frontend> {
-        let flags = self.flow.frontend_flags;
-        (flags & FLOW_F_FRONTEND_REMEMBERED != 0).then_some(Frontend {
+        let flags = self.flow.remembered_frontend_flags()?;
+        Some(Frontend {
             service_id: self.flow.service_id,
-            flags: u32::from(flags & !FLOW_F_FRONTEND_REMEMBERED),
+            flags,
             // Read only when a new flow gets a backend.
             affinity_timeout_s: 0,
             _pad: 0,
@@ -211,17 +213,7 @@ pub fn backend_for(
         new_flow,
         home,
         replies_here,
-        written,
     } = pick(pkt, frontend, tracked, tcp_flags)?;
-    if written {
-        return Ok(Chosen {
-            id: flow.backend_id,
-            backend: b,
-            new_flow,
-            snat: None,
-            frontend_flags: frontend.flags,
-        });
-    }
     let mut snat = None;
     if flow.nat_port != 0 {
         let owned =
@@ -257,26 +249,27 @@ pub fn backend_for(
         }
     }
     if new_flow {
-        if let Home::Pair = home {
-            if replies_here {
-                record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
+        match home {
+            Home::Pair => {
+                if replies_here {
+                    record_reply_to(pkt, pkt.key.reply_after_dnat(&b), frontend.service_id, 0);
+                }
+                note_pair();
+                let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
             }
-            note_pair();
-            let _ = CONNTRACK_V2.insert(&pkt.key, &flow, 0);
-        } else {
-            write_client(pkt, &flow, &b, replies_here);
+            Home::NewClient => write_client(pkt, &flow, &b, replies_here),
+            Home::Client | Home::Written => {}
         }
     }
-    let remembered = flow.frontend_flags & FLOW_F_FRONTEND_REMEMBERED != 0;
     Ok(Chosen {
         id: flow.backend_id,
         backend: b,
         new_flow,
         snat,
-        frontend_flags: if new_flow || !remembered {
+        frontend_flags: if new_flow {
             frontend.flags
         } else {
-            u32::from(flow.frontend_flags & !FLOW_F_FRONTEND_REMEMBERED)
+            flow.remembered_frontend_flags().unwrap_or(frontend.flags)
         },
     })
 }
@@ -291,10 +284,6 @@ struct Pick {
     /// (they come to the node's address: `SNAT_V1`) or sent by DSR to another node (they
     /// leave there).
     replies_here: bool,
-    /// A bare SYN's new flow whose entry is written: nothing is left to do. (A flag,
-    /// not an enum variant: LLVM merges a payload enum's fields in ways the verifier
-    /// refuses.)
-    written: bool,
 }
 
 /// The kept flow, or a new one from the affinity or the table.
@@ -341,11 +330,14 @@ fn pick(
     let (flow, b, replies_here) = new?;
     Ok(Pick {
         flow,
-        home: new_home(other, &b, replies_here),
+        home: if written {
+            Home::Written
+        } else {
+            new_home(other, &b, replies_here)
+        },
         backend: b,
         new_flow: true,
         replies_here,
-        written,
     })
 }
 
@@ -391,7 +383,6 @@ fn kept_of(kept: Option<Kept>, frontend: &Frontend) -> Option<Pick> {
             new_flow: false,
             home: k.home,
             replies_here: false,
-            written: false,
         })
 }
 
