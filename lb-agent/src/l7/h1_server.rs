@@ -30,6 +30,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::cork::Cork;
 use super::headers::{content_length, lists_token, value_lists};
 use super::upstream::Body;
 use super::wire::{GATHER_BYTES, put_field};
@@ -128,7 +129,7 @@ pub async fn serve<I, H, F>(
     mut handle: H,
 ) -> Ended
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Cork + Unpin,
     H: FnMut(Request<ClientBody>) -> F,
     F: Future<Output = Response<Body>>,
 {
@@ -319,7 +320,8 @@ enum Framing {
 }
 
 /// Writes `response` to the client, with `Connection: close` when `closing`;
-/// `Ok(true)` when the connection must close after it (it says `close`). A body that
+/// `Ok(true)` when the connection must close after it (it says `close`): then its last
+/// write is corked, to leave with the FIN (see `cork`). A body that
 /// fails, or that does not match its length, is an error: the client cannot tell
 /// where the answer ends, so the connection ends with it, as hyper ends it.
 async fn respond<I>(
@@ -330,7 +332,7 @@ async fn respond<I>(
     closing: bool,
 ) -> io::Result<bool>
 where
-    I: AsyncWrite + Unpin,
+    I: AsyncWrite + Cork + Unpin,
 {
     let (parts, mut body) = response.into_parts();
     out.clear();
@@ -339,6 +341,9 @@ where
         Framing::Length(0) => {
             // No body on the wire; hyper does not poll it either.
             drop(body);
+            if last {
+                io.cork();
+            }
             io.write_all(out).await?;
             io.flush().await?;
             return Ok(last);
@@ -398,6 +403,9 @@ where
             return Err(io::Error::other("body shorter than its content-length"));
         }
         Framing::Length(_) => {}
+    }
+    if last {
+        io.cork();
     }
     io.write_all(out).await?;
     io.flush().await?;

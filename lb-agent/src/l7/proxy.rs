@@ -49,6 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use super::Snapshot;
 use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
+use super::cork::Cork;
 use super::dns::Resolver;
 use super::h1_server::{self, ClientBody};
 use super::headers::{
@@ -440,7 +441,7 @@ impl Task {
     /// hold on the drain goes when it ends.
     async fn serve<S>(self, stream: S, state: Arc<ConnState>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Cork + Unpin + Send + 'static,
     {
         let Task {
             peer,
@@ -515,7 +516,7 @@ async fn serve<S>(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     mut draining: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Cork + Unpin + Send + 'static,
 {
     let mut io = ReadAhead::new(Tracked::new(stream, Arc::clone(&state)));
     let expired = state.expired(shared.config.idle_timeout);

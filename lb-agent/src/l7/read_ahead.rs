@@ -15,6 +15,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use super::cork::Cork;
+
 /// The first read's size: most request heads fit.
 pub const AHEAD: usize = 4096;
 
@@ -107,6 +109,12 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
                 return Ok(Protocol::Http1);
             }
         }
+    }
+}
+
+impl<S: Cork> Cork for ReadAhead<S> {
+    fn cork(&self) {
+        self.inner.cork();
     }
 }
 

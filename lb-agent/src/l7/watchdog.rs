@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::cork::Cork;
+
 /// What the connection's I/O and its requests tell the watchdog.
 #[derive(Debug)]
 pub struct ConnState {
@@ -120,6 +122,12 @@ pub struct Tracked<S> {
 impl<S> Tracked<S> {
     pub fn new(inner: S, state: Arc<ConnState>) -> Self {
         Tracked { inner, state }
+    }
+}
+
+impl<S: Cork> Cork for Tracked<S> {
+    fn cork(&self) {
+        self.inner.cork();
     }
 }
 

@@ -58,6 +58,11 @@ async fn exchange(
     }
 }
 
+/// The in-memory pipe has no segments to hold back.
+impl Cork for DuplexStream {
+    fn cork(&self) {}
+}
+
 async fn read_all(client: &mut DuplexStream) -> String {
     let mut out = Vec::new();
     client.read_to_end(&mut out).await.unwrap();
@@ -481,4 +486,140 @@ proptest::proptest! {
             proptest::prop_assert!(bytes.ends_with(&handed));
         }
     }
+}
+
+/// A pipe that notes how many bytes it had taken each time it was corked.
+struct Watched {
+    pipe: DuplexStream,
+    written: usize,
+    corked_at: RefCell<Vec<usize>>,
+}
+
+impl Cork for Watched {
+    fn cork(&self) {
+        self.corked_at.borrow_mut().push(self.written);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.pipe).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.pipe).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.pipe).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.pipe).poll_shutdown(cx)
+    }
+}
+
+/// Serves `input` (the client then closes its side) on a [`Watched`] pipe, each
+/// request answered by `answer`: what the client got, and where the pipe was corked.
+async fn corked(
+    input: &[u8],
+    answer: impl FnMut(Request<ClientBody>) -> Response<Body>,
+) -> (String, Vec<usize>) {
+    let (mut client, pipe) = tokio::io::duplex(1 << 20);
+    client.write_all(input).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut server = Watched {
+        pipe,
+        written: 0,
+        corked_at: RefCell::new(Vec::new()),
+    };
+    let (_tx, mut draining) = watch::channel(false);
+    let mut answer = answer;
+    let serving = serve(
+        &mut server,
+        Vec::new(),
+        LIMITS,
+        Ending::Drop,
+        &mut draining,
+        |req| std::future::ready(answer(req)),
+    );
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("serve ends by itself");
+    let corked_at = server.corked_at.take();
+    drop(server);
+    (read_all(&mut client).await, corked_at)
+}
+
+#[tokio::test]
+async fn only_the_last_write_of_the_answer_that_closes_is_corked() {
+    // Keep-alive answers are never corked: the next one would wait for the kernel's
+    // 200 ms ceiling.
+    let (sent, at) = corked(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", |_| {
+        Response::new(full("hello"))
+    })
+    .await;
+    assert!(sent.ends_with("hello"), "{sent}");
+    assert!(at.is_empty(), "{at:?}");
+
+    // The answer that says `close` (the client asked) is corked once, before it.
+    let (sent, at) = corked(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        |_| Response::new(full("hello")),
+    )
+    .await;
+    let second = sent.rfind("HTTP/1.1 200").unwrap();
+    assert_eq!(at, [second], "{sent}");
+    assert!(sent[second..].contains("connection: close\r\n"), "{sent}");
+
+    // So is one a backend closes (`Connection: close` in its answer).
+    let (sent, at) = corked(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", |_| {
+        let mut response = Response::new(full("bye"));
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    })
+    .await;
+    assert_eq!(at, [0], "{sent}");
+
+    // A streamed answer: what was written while its body waited went out uncorked;
+    // only the end is held for the FIN.
+    let (sent, at) = corked(
+        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        |_| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _ = tx.send(Bytes::from_static(b"ab")).await;
+            });
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                let data = rx.recv().await?;
+                Some((Ok::<_, BoxError>(Frame::data(data)), rx))
+            });
+            Response::new(StreamBody::new(frames).boxed())
+        },
+    )
+    .await;
+    let head = sent.find("\r\n\r\n").unwrap() + 4;
+    assert_eq!(at.len(), 1, "{at:?}");
+    assert!(
+        at[0] >= head,
+        "corked at {at:?} before the head ({head} bytes) went: {sent}"
+    );
+    assert!(sent.ends_with("2\r\nab\r\n0\r\n\r\n"), "{sent}");
 }

@@ -2272,6 +2272,7 @@ fn per_client_limits_answer_503() {
 
 mod backend_framing;
 mod backend_protocol;
+mod closing;
 mod forwarded;
 mod passthrough;
 mod send_timeout;
