@@ -291,6 +291,10 @@ pub struct L7Args {
     /// to the client's `X-Forwarded-For` instead of replacing it.
     #[arg(long, requires = "l7")]
     pub l7_compute_full_forwarded_for: bool,
+    /// Worker threads of the L7 hop (nginx's `worker_processes`), each accepting on
+    /// listeners of its own; default: one per CPU the agent may run on.
+    #[arg(long, env = "XLB_L7_WORKERS", requires = "l7")]
+    pub l7_workers: Option<std::num::NonZeroUsize>,
 }
 
 /// An annotation prefix is the DNS-subdomain part of an annotation name (RFC 1123:

@@ -118,13 +118,8 @@ fn run(command: Command) -> Result<()> {
                 metrics_max_backends,
                 socket_lb: socket_lb_options(socket_lb, cgroup, socket_lb_host_only),
             };
-            // The control loop needs one thread; the L7 hop serves on every CPU.
-            let mut runtime = if opts.l7.is_some() {
-                tokio::runtime::Builder::new_multi_thread()
-            } else {
-                tokio::runtime::Builder::new_current_thread()
-            };
-            runtime
+            // The control loop needs one thread; the L7 hop runs its own workers.
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("tokio runtime")?
@@ -318,6 +313,10 @@ fn l7_options(args: &L7Args) -> Result<Option<L7Options>> {
             dns_refresh: args.l7_dns_refresh,
             drain_grace: args.l7_drain_grace,
             ssl_passthrough: args.l7_enable_ssl_passthrough,
+            workers: args.l7_workers.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                std::num::NonZeroUsize::get,
+            ),
             forwarded: ForwardedTrust {
                 use_forwarded_headers: args.l7_use_forwarded_headers,
                 compute_full_forwarded_for: args.l7_compute_full_forwarded_for,

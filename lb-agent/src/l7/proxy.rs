@@ -112,6 +112,8 @@ pub struct ProxyConfig {
     /// Honour `ssl-passthrough` (`--l7-enable-ssl-passthrough`): the HTTPS listener
     /// reads each ClientHello's SNI first (see `proxy/passthrough.rs`).
     pub ssl_passthrough: bool,
+    /// Worker threads (`--l7-workers`), each with its own listeners (see [`Proxy`]).
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -134,6 +136,7 @@ impl Default for ProxyConfig {
             drain_grace: Duration::from_secs(25),
             forwarded: ForwardedTrust::default(),
             ssl_passthrough: false,
+            workers: 1,
         }
     }
 }
@@ -151,9 +154,18 @@ impl ProxyConfig {
 
 /// Bound listeners: binding happens before the agent reports ready, so an address in
 /// use is an error at start, not a silent hop that never serves.
+///
+/// The hop runs as nginx does, in workers: each worker is a thread with a
+/// single-threaded runtime and listeners of its own on the same addresses
+/// (`SO_REUSEPORT`, so the kernel spreads new connections over them). A connection stays
+/// on the worker that accepted it, with that worker's backend connections, so its
+/// requests never wait on another thread's wake-up, lock or reactor; a multi-threaded
+/// runtime spent about 7 % more CPU per request on that (`xlb-bench l7`, one thread).
+/// The route table, counters, balancer state and rate limits are shared.
 pub struct Proxy {
-    http: Option<std::net::TcpListener>,
-    https: Option<std::net::TcpListener>,
+    /// Each worker's listener per address (none when the address is not served).
+    http: Vec<std::net::TcpListener>,
+    https: Vec<std::net::TcpListener>,
     default_certificate: Arc<CertifiedKey>,
     shared: Arc<Shared>,
 }
@@ -164,11 +176,12 @@ struct Shared {
     /// The bound HTTPS port, for redirects.
     https_port: u16,
     metrics: Metrics,
-    balancer: Balancer,
-    limiter: Limiter,
+    balancer: Arc<Balancer>,
+    limiter: Arc<Limiter>,
+    /// This worker's own: a backend connection is served by the runtime that made it.
     pool: Pool,
-    dns: Resolver,
-    auth: Checker,
+    dns: Arc<Resolver>,
+    auth: Arc<Checker>,
     /// The servers of each protocol: the proxy tells the protocol itself, from the
     /// connection's first read (see [`super::read_ahead`]).
     http1: http1::Builder,
@@ -200,16 +213,29 @@ impl Proxy {
         config: ProxyConfig,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<Proxy> {
-        let bind =
-            |addr: Option<SocketAddr>, what: &str| -> Result<Option<std::net::TcpListener>> {
-                let Some(addr) = addr else { return Ok(None) };
-                let listener = listen(addr, config.listen_backlog)
-                    .with_context(|| format!("cannot listen for L7 {what} on {addr}"))?;
-                Ok(Some(listener))
+        let workers = config.workers.max(1);
+        let bind = |addr: Option<SocketAddr>, what: &str| -> Result<Vec<std::net::TcpListener>> {
+            let Some(addr) = addr else {
+                return Ok(Vec::new());
             };
+            let shared_port = workers > 1;
+            let first = listen(addr, config.listen_backlog, shared_port)
+                .with_context(|| format!("cannot listen for L7 {what} on {addr}"))?;
+            // Port 0 resolved: the other workers listen on the port the first got.
+            let addr = first.local_addr()?;
+            let mut listeners = vec![first];
+            for _ in 1..workers {
+                listeners.push(
+                    listen(addr, config.listen_backlog, shared_port).with_context(|| {
+                        format!("cannot listen for L7 {what} on {addr} (another worker)")
+                    })?,
+                );
+            }
+            Ok(listeners)
+        };
         let http = bind(config.http, "HTTP")?;
         let https = bind(config.https, "HTTPS")?;
-        let https_port = match &https {
+        let https_port = match https.first() {
             Some(l) => l.local_addr()?.port(),
             None => 443,
         };
@@ -233,15 +259,15 @@ impl Proxy {
         let shared = Arc::new(Shared {
             https_port,
             metrics: metrics.clone(),
-            balancer: Balancer::default(),
-            limiter: Limiter::default(),
+            balancer: Arc::default(),
+            limiter: Arc::default(),
             pool: Pool::new(
                 config.connect_timeout,
                 config.upstream_idle_timeout,
                 metrics,
             ),
-            dns: Resolver::new(config.dns_refresh, config.connect_timeout),
-            auth: Checker::new(),
+            dns: Arc::new(Resolver::new(config.dns_refresh, config.connect_timeout)),
+            auth: Arc::new(Checker::new()),
             http1: h1_server,
             http2: h2_server,
             config,
@@ -256,12 +282,12 @@ impl Proxy {
 
     /// The bound HTTP address (port 0 resolved).
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().and_then(|l| l.local_addr().ok())
+        self.http.first().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound HTTPS address (port 0 resolved).
     pub fn https_addr(&self) -> Option<SocketAddr> {
-        self.https.as_ref().and_then(|l| l.local_addr().ok())
+        self.https.first().and_then(|l| l.local_addr().ok())
     }
 
     #[cfg(test)]
@@ -285,59 +311,193 @@ impl Proxy {
         drain: impl Future<Output = ()>,
     ) -> Result<()> {
         let (draining_tx, draining) = watch::channel(false);
-        // Every connection task holds a clone; `recv` ends once all are dropped.
-        let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
         let grace = self.shared.config.drain_grace;
-        let mut tasks = tokio::task::JoinSet::new();
-        if let Some(listener) = self.http {
-            let listener = TcpListener::from_std(listener)?;
-            let port = listener.local_addr()?.port();
-            let listener_kind = Listener { tls: false, port };
-            tasks.spawn(accept(
-                listener,
-                listener_kind,
-                None,
-                Arc::clone(&self.shared),
-                snapshots.clone(),
-                (draining.clone(), alive.clone()),
-            ));
-        }
-        if let Some(listener) = self.https {
-            let listener = TcpListener::from_std(listener)?;
-            let port = listener.local_addr()?.port();
+        let tls = if self.https.is_empty() {
+            None
+        } else {
             let resolver = CertResolver::new(snapshots.clone(), self.default_certificate);
-            let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver)?));
-            let listener_kind = Listener { tls: true, port };
-            tasks.spawn(accept(
-                listener,
-                listener_kind,
-                Some(acceptor),
-                Arc::clone(&self.shared),
+            Some(TlsAcceptor::from(Arc::new(tls::server_config(resolver)?)))
+        };
+        let mut http = self.http.into_iter();
+        let mut https = self.https.into_iter();
+        let mut workers = Vec::new();
+        for index in 0..self.shared.config.workers.max(1) {
+            let shared = if index == 0 {
+                Arc::clone(&self.shared)
+            } else {
+                Arc::new(self.shared.for_another_worker())
+            };
+            let listeners = Listeners {
+                http: http.next(),
+                https: https.next().zip(tls.clone()),
+            };
+            workers.push(Worker::spawn(
+                index,
+                listeners,
+                shared,
                 snapshots.clone(),
-                (draining.clone(), alive.clone()),
-            ));
+                draining.clone(),
+            )?);
         }
-        drop(alive);
         drain.await;
         tracing::info!(grace = ?grace, "L7 hop draining");
         draining_tx.send_replace(true);
-        while let Some(done) = tasks.join_next().await {
-            done.context("L7 listener task")?;
-        }
-        if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
-            tracing::warn!("L7 drain grace over: the remaining connections are cut");
+        for worker in &mut workers {
+            worker.finished().await?;
         }
         Ok(())
     }
 }
 
+impl Shared {
+    /// The same configuration, counters and shared state, with a backend pool of its
+    /// own.
+    fn for_another_worker(&self) -> Shared {
+        Shared {
+            config: self.config.clone(),
+            https_port: self.https_port,
+            metrics: self.metrics.clone(),
+            balancer: Arc::clone(&self.balancer),
+            limiter: Arc::clone(&self.limiter),
+            pool: Pool::new(
+                self.config.connect_timeout,
+                self.config.upstream_idle_timeout,
+                self.metrics.clone(),
+            ),
+            dns: Arc::clone(&self.dns),
+            auth: Arc::clone(&self.auth),
+            http1: self.http1.clone(),
+            http2: self.http2.clone(),
+        }
+    }
+}
+
+/// One worker's listeners, the HTTPS one with the TLS acceptor all share.
+struct Listeners {
+    http: Option<std::net::TcpListener>,
+    https: Option<(std::net::TcpListener, TlsAcceptor)>,
+}
+
+/// A worker thread (see [`Proxy`]).
+struct Worker {
+    /// Dropped (the proxy's future is): the worker stops at once, its runtime and its
+    /// connections with it.
+    _abort: tokio::sync::oneshot::Sender<()>,
+    /// How the worker ended: after the drain, once its connections are done.
+    done: tokio::sync::oneshot::Receiver<Result<()>>,
+}
+
+impl Worker {
+    /// Starts worker `index` on `listeners`; it serves until `draining` turns true,
+    /// then drains its own connections within the grace period.
+    fn spawn(
+        index: usize,
+        listeners: Listeners,
+        shared: Arc<Shared>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        draining: watch::Receiver<bool>,
+    ) -> Result<Worker> {
+        let (abort_tx, abort) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        // A thread made here shares this thread's network namespace.
+        std::thread::Builder::new()
+            .name(format!("xlb-l7-{index}"))
+            .spawn(move || {
+                let ended = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("L7 worker runtime")
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            tokio::select! {
+                                served = work(listeners, shared, snapshots, draining) => served,
+                                _ = abort => Ok(()),
+                            }
+                        })
+                    });
+                let _ = done_tx.send(ended);
+            })
+            .context("L7 worker thread")?;
+        Ok(Worker {
+            _abort: abort_tx,
+            done,
+        })
+    }
+
+    /// Waits until the worker has drained.
+    async fn finished(&mut self) -> Result<()> {
+        match (&mut self.done).await {
+            Ok(ended) => ended,
+            Err(_) => Err(anyhow::anyhow!("an L7 worker thread panicked")),
+        }
+    }
+}
+
+/// A worker's work: accepts on its listeners until the drain, then waits for its
+/// connections, at most the grace period.
+async fn work(
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    draining: watch::Receiver<bool>,
+) -> Result<()> {
+    // Every connection task holds a clone; `recv` ends once all are dropped.
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let grace = shared.config.drain_grace;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = listeners.http {
+        let listener = TcpListener::from_std(listener)?;
+        let port = listener.local_addr()?.port();
+        let listener_kind = Listener { tls: false, port };
+        tasks.spawn(accept(
+            listener,
+            listener_kind,
+            None,
+            Arc::clone(&shared),
+            snapshots.clone(),
+            (draining.clone(), alive.clone()),
+        ));
+    }
+    if let Some((listener, acceptor)) = listeners.https {
+        let listener = TcpListener::from_std(listener)?;
+        let port = listener.local_addr()?.port();
+        let listener_kind = Listener { tls: true, port };
+        tasks.spawn(accept(
+            listener,
+            listener_kind,
+            Some(acceptor),
+            Arc::clone(&shared),
+            snapshots.clone(),
+            (draining.clone(), alive.clone()),
+        ));
+    }
+    drop(alive);
+    // The accept loops end when the drain starts.
+    while let Some(done) = tasks.join_next().await {
+        done.context("L7 listener task")?;
+    }
+    if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
+        tracing::warn!("L7 drain grace over: the remaining connections are cut");
+    }
+    Ok(())
+}
+
 /// A non-blocking listener on `addr` with `backlog`, `SO_REUSEADDR` set as std does,
 /// `TCP_NODELAY`, which Linux passes on to every accepted connection (one
-/// `setsockopt` per listener instead of one per connection), and `TCP_DEFER_ACCEPT`.
-fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+/// `setsockopt` per listener instead of one per connection), and `TCP_DEFER_ACCEPT`;
+/// `SO_REUSEPORT` when `shared_port` (several workers), which the kernel allows only to
+/// sockets of the same user.
+fn listen(
+    addr: SocketAddr,
+    backlog: i32,
+    shared_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if shared_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_tcp_nodelay(true)?;
     defer_accept(&socket)?;
     socket.bind(&addr.into())?;

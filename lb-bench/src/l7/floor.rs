@@ -39,6 +39,9 @@ pub struct Args {
     /// to ADDR; the longest prefix wins.
     #[arg(long = "route", value_parser = parse_route, required = true)]
     routes: Vec<(String, SocketAddr)>,
+    /// Worker threads.
+    #[arg(long, env = "XLB_L7_WORKERS", default_value_t = 1)]
+    workers: usize,
 }
 
 fn parse_route(s: &str) -> Result<(String, SocketAddr), String> {
@@ -47,11 +50,12 @@ fn parse_route(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((prefix.to_owned(), addr))
 }
 
-/// Idle backend connections, one list per route.
+/// Idle backend connections, one list per route (each worker its own).
 type Pool = Arc<Vec<Mutex<Vec<TcpStream>>>>;
 
-/// `xlb-bench l7-floor`: serves until killed. Worker threads: tokio's default, which the
-/// benchmark sets with `TOKIO_WORKER_THREADS` as it does for xlb.
+/// `xlb-bench l7-floor`: serves until killed, in `--workers` threads (as many as xlb's
+/// hop gets: the benchmark sets `XLB_L7_WORKERS` for both), each a single-threaded
+/// runtime with listeners of its own (`SO_REUSEPORT`), as xlb's hop runs.
 pub fn serve(args: &Args) -> Result<()> {
     let certs = CertificateDer::pem_file_iter(&args.cert)
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
@@ -66,14 +70,55 @@ pub fn serve(args: &Args) -> Result<()> {
     .with_single_cert(certs, key)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let routes: Arc<Vec<(String, SocketAddr)>> = Arc::new(args.routes.clone());
+    let workers = args.workers.max(1);
+    let mut threads = Vec::new();
+    for index in 0..workers {
+        let plain = listen(args.http, workers > 1)?;
+        let secure = listen(args.https, workers > 1)?;
+        let (routes, acceptor) = (Arc::clone(&routes), acceptor.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("floor-{index}"))
+                .spawn(move || work(plain, secure, &routes, &acceptor))?,
+        );
+    }
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a floor worker panicked"))??;
+    }
+    Ok(())
+}
+
+/// A non-blocking listener on `addr`, sharing its port with the other workers'.
+fn listen(addr: SocketAddr, shared_port: bool) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if shared_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// One worker: accepts on its listeners and serves their connections.
+fn work(
+    plain: std::net::TcpListener,
+    secure: std::net::TcpListener,
+    routes: &Arc<Vec<(String, SocketAddr)>>,
+    acceptor: &tokio_rustls::TlsAcceptor,
+) -> Result<()> {
     let pool: Pool = Arc::new(routes.iter().map(|_| Mutex::default()).collect());
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(async {
-            let plain = TcpListener::bind(args.http).await?;
-            let secure = TcpListener::bind(args.https).await?;
-            let (routes2, pool2) = (Arc::clone(&routes), Arc::clone(&pool));
+            let plain = TcpListener::from_std(plain)?;
+            let secure = TcpListener::from_std(secure)?;
+            let (routes2, pool2) = (Arc::clone(routes), Arc::clone(&pool));
             tokio::spawn(async move {
                 while let Ok((stream, peer)) = plain.accept().await {
                     tokio::spawn(proxy(
@@ -87,7 +132,7 @@ pub fn serve(args: &Args) -> Result<()> {
             loop {
                 let (stream, peer) = secure.accept().await?;
                 let (acceptor, routes, pool) =
-                    (acceptor.clone(), Arc::clone(&routes), Arc::clone(&pool));
+                    (acceptor.clone(), Arc::clone(routes), Arc::clone(&pool));
                 tokio::spawn(async move {
                     if let Ok(stream) = acceptor.accept(stream).await {
                         proxy(stream, peer, routes, pool).await;

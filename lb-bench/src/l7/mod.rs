@@ -17,7 +17,7 @@
 //! as in the e2e benchmark.
 //!
 //! Pinning (2 CPUs): wrk and both backends on the first allowed CPU, the proxy under test
-//! alone on the others; nginx gets `worker_processes N` and xlb `TOKIO_WORKER_THREADS=N`
+//! alone on the others; nginx gets `worker_processes N` and xlb `XLB_L7_WORKERS=N` (`--l7-workers`)
 //! with N = `--proxy-threads` (default 1). Both proxies run all along; only one has load
 //! at a time. Per round, each scenario is measured for nginx and then xlb (the order
 //! rotates every round, so each proxy takes each place in turn): wrk `--latency` with a Lua script that alternates the two routes
@@ -611,6 +611,8 @@ fn start_proxies<'a>(
     launcher.extend([
         "env".to_owned(),
         "NO_COLOR=1".to_owned(),
+        // The hop's workers; older builds (a baseline) ran a multi-threaded runtime.
+        format!("XLB_L7_WORKERS={}", args.proxy_threads),
         format!("TOKIO_WORKER_THREADS={}", args.proxy_threads),
     ]);
     let agent = |proxy: Proxy, binary: &Path, admin: SocketAddr| {
@@ -1114,14 +1116,14 @@ fn print_header(args: &Args, pinning: Option<&Pinning>, load_line: &str) {
     match pinning {
         Some(p) => println!(
             "pinned: wrk and both backends on CPU {}; the proxy under test on CPU {} \
-             (nginx worker_processes {n}, xlb TOKIO_WORKER_THREADS={n})",
+             (nginx worker_processes {n}, xlb --l7-workers {n})",
             Pinning::list(&p.client),
             Pinning::list(&p.proxy),
             n = args.proxy_threads
         ),
         None => println!(
             "not pinned: everything shares every CPU (nginx worker_processes {n}, xlb \
-             TOKIO_WORKER_THREADS={n})",
+             --l7-workers {n})",
             n = args.proxy_threads
         ),
     }

@@ -198,7 +198,7 @@ pub fn arguments(dir: &Path, listen: &Listen) -> Vec<String> {
 }
 
 /// Writes the manifests into `dir` and starts `binary` in `ns` through `launcher`
-/// (taskset, and `env TOKIO_WORKER_THREADS=N`, which keep the agent's PID); `tag`
+/// (taskset, and `env XLB_L7_WORKERS=N`, which keep the agent's PID); `tag`
 /// names its files.
 pub fn start<'a>(
     ns: &'a Netns,

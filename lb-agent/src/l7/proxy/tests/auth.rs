@@ -208,9 +208,9 @@ fn external_auth_as_the_oauth2_proxy_example() {
         .await;
         assert_eq!(got.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(app.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(p.metrics.local_answer_count("auth_signin"), 1);
-        assert_eq!(p.metrics.local_answer_count("auth_forbidden"), 1);
-        assert_eq!(p.metrics.local_answer_count("auth_error"), 1);
+        settles_at(|| p.metrics.local_answer_count("auth_signin"), 1).await;
+        settles_at(|| p.metrics.local_answer_count("auth_forbidden"), 1).await;
+        settles_at(|| p.metrics.local_answer_count("auth_error"), 1).await;
     });
 }
 
@@ -278,8 +278,8 @@ fn external_auth_method_plain_401_and_failures() {
         let got = send(p.http, request("GET", "denied.example", "/", None)).await;
         assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(app.hits.load(Ordering::Relaxed), 1);
-        assert_eq!(p.metrics.local_answer_count("auth_unauthorized"), 1);
-        assert_eq!(p.metrics.local_answer_count("auth_denied"), 1);
+        settles_at(|| p.metrics.local_answer_count("auth_unauthorized"), 1).await;
+        settles_at(|| p.metrics.local_answer_count("auth_denied"), 1).await;
     });
 }
 
@@ -343,6 +343,6 @@ fn basic_auth_checks_htpasswd_users() {
             assert_eq!(echoed(&got.body, "authorization"), None);
         }
         assert_eq!(app.hits.load(Ordering::Relaxed), 2);
-        assert_eq!(p.metrics.local_answer_count("auth_basic"), 4);
+        settles_at(|| p.metrics.local_answer_count("auth_basic"), 4).await;
     });
 }

@@ -257,7 +257,7 @@ fn https_backends_are_verified_as_asked_with_sni_and_client_certificates() {
             );
         }
         // One failed handshake per attempt (the retry finds no other endpoint).
-        assert_eq!(p.metrics.upstream_error_count("tls_handshake"), 2);
+        settles_at(|| p.metrics.upstream_error_count("tls_handshake"), 2).await;
         // Cleartext to a TLS port fails the exchange, not silently.
         let plain = get(p.http, "plain.example", "/").await;
         assert_eq!(plain.status, StatusCode::BAD_GATEWAY, "{}", plain.body);
