@@ -3,8 +3,9 @@
 //! nginx and xlb. It parses each request head (httparse), picks the route by path prefix,
 //! writes the head to a pooled backend connection with `Connection` dropped and
 //! `X-Forwarded-For` added, reads the response head and its `Content-Length` body, and
-//! writes them back (with `Connection: close` when the client asked to close). TLS by
-//! rustls, as xlb's.
+//! writes them back (with `Connection: close` when the client asked to close, corked so
+//! that the FIN leaves with them, as xlb's hop does). TLS by rustls, as xlb's. Workers as
+//! xlb's hop runs them.
 //!
 //! Nothing else: no request bodies (the benchmark's requests are GETs), limits,
 //! timeouts, retries, logs, metrics, chunked responses or HTTP/2, so it is no proxy to
@@ -209,8 +210,26 @@ fn response_length(buf: &[u8]) -> Result<Option<(usize, usize)>> {
     Ok(Some((head, head + length)))
 }
 
+/// A client connection that can hold its last segment for the FIN, as xlb's hop does
+/// (`lb-agent/src/l7/cork.rs`).
+trait Cork {
+    fn cork(&self);
+}
+
+impl Cork for TcpStream {
+    fn cork(&self) {
+        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
+    }
+}
+
+impl Cork for tokio_rustls::server::TlsStream<TcpStream> {
+    fn cork(&self) {
+        self.get_ref().0.cork();
+    }
+}
+
 /// One client connection: request after request until it closes or asks to.
-async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
+async fn proxy<S: AsyncRead + AsyncWrite + Cork + Unpin>(
     mut client: S,
     peer: SocketAddr,
     routes: Arc<Vec<(String, SocketAddr)>>,
@@ -280,6 +299,7 @@ async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
             out.extend_from_slice(&response[..head - 2]);
             out.extend_from_slice(b"Connection: close\r\n\r\n");
             out.extend_from_slice(&response[head..total]);
+            client.cork();
             client.write_all(&out).await
         } else {
             client.write_all(&response[..total]).await
