@@ -293,7 +293,8 @@ pub struct L7Args {
     pub l7_compute_full_forwarded_for: bool,
     /// Worker threads of the L7 hop (nginx's `worker_processes`), each accepting on
     /// listeners of its own; default: one per CPU the agent may run on.
-    #[arg(long, env = "XLB_L7_WORKERS", requires = "l7")]
+    /// Ignored without `--l7`.
+    #[arg(long, env = "XLB_L7_WORKERS")]
     pub l7_workers: Option<std::num::NonZeroUsize>,
 }
 

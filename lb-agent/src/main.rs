@@ -118,8 +118,17 @@ fn run(command: Command) -> Result<()> {
                 metrics_max_backends,
                 socket_lb: socket_lb_options(socket_lb, cgroup, socket_lb_host_only),
             };
-            // The control loop needs one thread; the L7 hop runs its own workers.
-            tokio::runtime::Builder::new_current_thread()
+            // The control loop needs one thread. With the L7 hop (which runs its own
+            // workers), two: a rebuild of a large route table must not hold up the
+            // admin server's probes.
+            let mut runtime = if opts.l7.is_some() {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(2);
+                builder
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+            };
+            runtime
                 .enable_all()
                 .build()
                 .context("tokio runtime")?

@@ -54,13 +54,14 @@ pub struct HeadLimits {
     pub fields: usize,
 }
 
-/// How the server ends a connection it closes.
+/// How the server ends a connection it closes without an answer (the client's end,
+/// a drain between requests); after an answer that closes, it always shuts down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
     /// `shutdown` first: TLS sends its close_notify.
     Shutdown,
-    /// The socket's close alone: on plain TCP it sends the FIN after whatever is still
-    /// queued, as `shutdown` would, with one system call fewer.
+    /// The socket's close alone: on plain TCP it sends the FIN, as `shutdown` would,
+    /// with one system call fewer.
     Drop,
 }
 
@@ -158,7 +159,11 @@ where
                     return Ended::Closed(Some("protocol"));
                 };
                 if last {
-                    end(io, ending).await;
+                    // Shut down whatever the ending: the corked answer leaves with the
+                    // FIN now. A close alone, with client bytes still unread (a
+                    // pipelined request), sends a reset instead of the FIN, and the
+                    // kernel drops the answer it held.
+                    let _ = io.shutdown().await;
                     return Ended::Closed(None);
                 }
             }

@@ -339,13 +339,37 @@ impl Proxy {
                 draining.clone(),
             )?);
         }
-        drain.await;
+        // A worker that ends before the drain (its listener failed, it panicked) ends
+        // the hop, as a failed listener did before there were workers: the others
+        // stop with it, and the caller logs why.
+        let early = {
+            let ended =
+                futures_util::future::select_all(workers.iter_mut().enumerate().map(
+                    |(index, worker)| Box::pin(async move { (index, worker.finished().await) }),
+                ));
+            tokio::select! {
+                () = drain => None,
+                ((index, ended), _, _) = ended => Some((index, ended)),
+            }
+        };
+        if let Some((index, ended)) = early {
+            let e = ended
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("it stopped serving"));
+            return Err(e.context(format!("L7 worker {index} ended before the drain")));
+        }
         tracing::info!(grace = ?grace, "L7 hop draining");
         draining_tx.send_replace(true);
-        for worker in &mut workers {
-            worker.finished().await?;
+        // Every worker drains its own connections within the grace; one that fails
+        // does not cut the others short.
+        let mut failed = None;
+        for (index, worker) in workers.iter_mut().enumerate() {
+            if let Err(e) = worker.finished().await {
+                tracing::error!("L7 worker {index}: {e:#}");
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -380,8 +404,9 @@ struct Listeners {
 
 /// A worker thread (see [`Proxy`]).
 struct Worker {
-    /// Dropped (the proxy's future is): the worker stops at once, its runtime and its
-    /// connections with it.
+    /// Dropped (the proxy's future is): the worker's runtime stops at its next turn,
+    /// and its connections and listeners close with it. Nothing waits for the thread
+    /// itself, which a blocking DNS lookup in progress may keep a little longer.
     _abort: tokio::sync::oneshot::Sender<()>,
     /// How the worker ended: after the drain, once its connections are done.
     done: tokio::sync::oneshot::Receiver<Result<()>>,
@@ -424,11 +449,11 @@ impl Worker {
         })
     }
 
-    /// Waits until the worker has drained.
+    /// Waits until the worker has ended: drained, failed or panicked.
     async fn finished(&mut self) -> Result<()> {
         match (&mut self.done).await {
             Ok(ended) => ended,
-            Err(_) => Err(anyhow::anyhow!("an L7 worker thread panicked")),
+            Err(_) => Err(anyhow::anyhow!("its thread panicked")),
         }
     }
 }
@@ -486,7 +511,8 @@ async fn work(
 /// `TCP_NODELAY`, which Linux passes on to every accepted connection (one
 /// `setsockopt` per listener instead of one per connection), and `TCP_DEFER_ACCEPT`;
 /// `SO_REUSEPORT` when `shared_port` (several workers), which the kernel allows only to
-/// sockets of the same user.
+/// sockets of the same user: another process of that user that sets it too (a second
+/// agent, nginx with `reuseport`) then shares the port instead of failing to bind.
 fn listen(
     addr: SocketAddr,
     backlog: i32,

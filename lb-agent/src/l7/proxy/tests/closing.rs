@@ -179,3 +179,38 @@ fn the_answer_that_closes_leaves_with_the_fin() {
         fin_rides_with_the_answer(&capture, client, p.https);
     });
 }
+
+#[test]
+fn the_answer_that_closes_survives_client_bytes_left_unread() {
+    in_netns("corkrst", || async {
+        let (a, p, release) = proxy_to_a(test_config()).await;
+        let mut stream = connect(p.http).await;
+        stream
+            .write_all(b"GET /hold HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        wait_until("the request reaches the backend", || {
+            a.holding.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // A pipelined request while the hop waits for the backend: it is never read (the
+        // connection closes after this answer), so the socket's close sends a reset.
+        // The answer must have left before it.
+        stream
+            .write_all(b"GET /next HTTP/1.1\r\nHost: a.example\r\n\r\n")
+            .await
+            .unwrap();
+        release.send_replace(true);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+        }
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n"),
+            "the answer was lost: {out:?}"
+        );
+        assert_eq!(echoed(&out, "request").as_deref(), Some("GET /hold"));
+    });
+}
