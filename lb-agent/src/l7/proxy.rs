@@ -159,8 +159,9 @@ impl ProxyConfig {
 /// single-threaded runtime and listeners of its own on the same addresses
 /// (`SO_REUSEPORT`, so the kernel spreads new connections over them). A connection stays
 /// on the worker that accepted it, with that worker's backend connections, so its
-/// requests never wait on another thread's wake-up, lock or reactor; a multi-threaded
-/// runtime spent about 7 % more CPU per request on that (`xlb-bench l7`, one thread).
+/// requests never wait on another thread's wake-up, lock or reactor. With one thread,
+/// a multi-threaded runtime spent about 5 % more CPU per request (`xlb-bench l7
+/// --scenarios http --rounds 10 --baseline-agent`, the median of the rounds' ratios).
 /// The route table, counters, balancer state and rate limits are shared.
 pub struct Proxy {
     /// Each worker's listener per address (none when the address is not served).
