@@ -153,7 +153,9 @@ impl ProxyConfig {
 }
 
 /// Bound listeners: binding happens before the agent reports ready, so an address in
-/// use is an error at start, not a silent hop that never serves.
+/// use is an error at start, not a silent hop that never serves (with several workers,
+/// unless its holder is a process of the same user that set `SO_REUSEPORT` too: see
+/// [`listen`]).
 ///
 /// The hop runs as nginx does, in workers: each worker is a thread with a
 /// single-threaded runtime and listeners of its own on the same addresses
@@ -363,11 +365,16 @@ impl Proxy {
         draining_tx.send_replace(true);
         // Every worker drains its own connections within the grace; one that fails
         // does not cut the others short.
-        let mut failed = None;
+        let mut failed: Option<anyhow::Error> = None;
         for (index, worker) in workers.iter_mut().enumerate() {
             if let Err(e) = worker.finished().await {
-                tracing::error!("L7 worker {index}: {e:#}");
-                failed.get_or_insert(e);
+                let e = e.context(format!("L7 worker {index}"));
+                // The first goes to the caller, which logs it; any other is logged here.
+                if failed.is_some() {
+                    tracing::error!("{e:#}");
+                } else {
+                    failed = Some(e);
+                }
             }
         }
         failed.map_or(Ok(()), Err)
@@ -434,12 +441,16 @@ impl Worker {
                     .build()
                     .context("L7 worker runtime")
                     .and_then(|runtime| {
-                        runtime.block_on(async move {
+                        let ended = runtime.block_on(async move {
                             tokio::select! {
                                 served = work(listeners, shared, snapshots, draining) => served,
                                 _ = abort => Ok(()),
                             }
-                        })
+                        });
+                        // Without waiting for a blocking DNS lookup still running: it
+                        // must not stretch the drain past its grace.
+                        runtime.shutdown_background();
+                        ended
                     });
                 let _ = done_tx.send(ended);
             })
