@@ -482,27 +482,21 @@ async fn work(
     let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
     let grace = shared.config.drain_grace;
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(listener) = listeners.http {
+    let plain = listeners.http.map(|listener| (listener, None));
+    let secure = listeners
+        .https
+        .map(|(listener, acceptor)| (listener, Some(acceptor)));
+    for (listener, acceptor) in plain.into_iter().chain(secure) {
         let listener = TcpListener::from_std(listener)?;
         let port = listener.local_addr()?.port();
-        let listener_kind = Listener { tls: false, port };
+        let listener_kind = Listener {
+            tls: acceptor.is_some(),
+            port,
+        };
         tasks.spawn(accept(
             listener,
             listener_kind,
-            None,
-            Arc::clone(&shared),
-            snapshots.clone(),
-            (draining.clone(), alive.clone()),
-        ));
-    }
-    if let Some((listener, acceptor)) = listeners.https {
-        let listener = TcpListener::from_std(listener)?;
-        let port = listener.local_addr()?.port();
-        let listener_kind = Listener { tls: true, port };
-        tasks.spawn(accept(
-            listener,
-            listener_kind,
-            Some(acceptor),
+            acceptor,
             Arc::clone(&shared),
             snapshots.clone(),
             (draining.clone(), alive.clone()),
