@@ -264,11 +264,7 @@ impl Proxy {
             metrics: metrics.clone(),
             balancer: Arc::default(),
             limiter: Arc::default(),
-            pool: Pool::new(
-                config.connect_timeout,
-                config.upstream_idle_timeout,
-                metrics,
-            ),
+            pool: backend_pool(&config, metrics),
             dns: Arc::new(Resolver::new(config.dns_refresh, config.connect_timeout)),
             auth: Arc::new(Checker::new()),
             http1: h1_server,
@@ -391,17 +387,22 @@ impl Shared {
             metrics: self.metrics.clone(),
             balancer: Arc::clone(&self.balancer),
             limiter: Arc::clone(&self.limiter),
-            pool: Pool::new(
-                self.config.connect_timeout,
-                self.config.upstream_idle_timeout,
-                self.metrics.clone(),
-            ),
+            pool: backend_pool(&self.config, self.metrics.clone()),
             dns: Arc::clone(&self.dns),
             auth: Arc::clone(&self.auth),
             http1: self.http1.clone(),
             http2: self.http2.clone(),
         }
     }
+}
+
+/// A worker's pool of backend connections.
+fn backend_pool(config: &ProxyConfig, metrics: Metrics) -> Pool {
+    Pool::new(
+        config.connect_timeout,
+        config.upstream_idle_timeout,
+        metrics,
+    )
 }
 
 /// One worker's listeners, the HTTPS one with the TLS acceptor all share.

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context as _, Result, bail};
+use lb_agent::l7::cork::Cork;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -208,24 +209,6 @@ fn response_length(buf: &[u8]) -> Result<Option<(usize, usize)>> {
     };
     let length: usize = std::str::from_utf8(length.value)?.trim().parse()?;
     Ok(Some((head, head + length)))
-}
-
-/// A client connection that can hold its last segment for the FIN, as xlb's hop does
-/// (`lb-agent/src/l7/cork.rs`).
-trait Cork {
-    fn cork(&self);
-}
-
-impl Cork for TcpStream {
-    fn cork(&self) {
-        let _ = socket2::SockRef::from(self).set_tcp_cork(true);
-    }
-}
-
-impl Cork for tokio_rustls::server::TlsStream<TcpStream> {
-    fn cork(&self) {
-        self.get_ref().0.cork();
-    }
 }
 
 /// One client connection: request after request until it closes or asks to.

@@ -132,15 +132,7 @@ fn fin_rides_with_the_answer(capture: &Capture, client: SocketAddr, proxy: Socke
 #[test]
 fn the_answer_that_closes_leaves_with_the_fin() {
     in_netns("cork", || async {
-        let (_tx, rx) = watch::channel(false);
-        let a = backend(backend_ip(1), "a", rx).await;
-        let p = start(
-            test_config(),
-            with_certs(
-                vec![host("a.example", "/", route("a", &[a.addr]))],
-                vec![certificate(&["a.example"], &["a.example"])],
-            ),
-        );
+        let (_a, p, _release) = proxy_to_a(test_config()).await;
         let capture = Capture::open();
 
         // Plain HTTP: a keep-alive answer first (not corked: it must not wait), then
