@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod backend_tls;
 pub mod balance;
+pub mod client_socket;
 pub mod cork;
 pub mod dns;
 pub mod h1_server;

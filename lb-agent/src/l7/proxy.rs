@@ -42,13 +42,13 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::Snapshot;
 use super::auth::{self, Checker, Seen, Verdict};
 use super::balance::{Balancer, InFlight};
+use super::client_socket::{Acceptor, ClientSocket};
 use super::cork::Cork;
 use super::dns::Resolver;
 use super::h1_server::{self, ClientBody};
@@ -488,7 +488,7 @@ async fn work(
         .https
         .map(|(listener, acceptor)| (listener, Some(acceptor)));
     for (listener, acceptor) in plain.into_iter().chain(secure) {
-        let listener = TcpListener::from_std(listener)?;
+        let listener = Acceptor::new(listener)?;
         let port = listener.local_addr()?.port();
         let listener_kind = Listener {
             tls: acceptor.is_some(),
@@ -572,7 +572,7 @@ type DrainState = (watch::Receiver<bool>, tokio::sync::mpsc::Sender<()>);
 
 /// Accepts until the drain starts (the listener is then closed).
 async fn accept(
-    listener: TcpListener,
+    listener: Acceptor,
     kind: Listener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
@@ -649,13 +649,13 @@ impl Task {
 }
 
 /// Serves a plain client connection.
-async fn plain(stream: TcpStream, task: Task) {
+async fn plain(stream: ClientSocket, task: Task) {
     let state = ConnState::new(task.shared.config.header_timeout);
     task.serve(stream, state).await;
 }
 
 /// Serves a TLS client connection: handshake (unless passed through), then HTTP.
-async fn secure(acceptor: TlsAcceptor, stream: TcpStream, task: Task) {
+async fn secure(acceptor: TlsAcceptor, stream: ClientSocket, task: Task) {
     // The header timeout runs from here: the handshake counts against it.
     let state = ConnState::new(task.shared.config.header_timeout);
     let (peer, shared) = (task.peer, &task.shared);

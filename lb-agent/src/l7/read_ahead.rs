@@ -113,7 +113,7 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
 }
 
 impl<S: Cork> Cork for ReadAhead<S> {
-    fn cork(&self) {
+    fn cork(&mut self) {
         self.inner.cork();
     }
 }

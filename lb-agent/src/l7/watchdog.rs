@@ -126,7 +126,7 @@ impl<S> Tracked<S> {
 }
 
 impl<S: Cork> Cork for Tracked<S> {
-    fn cork(&self) {
+    fn cork(&mut self) {
         self.inner.cork();
     }
 }

@@ -4,8 +4,9 @@
 //! writes the head to a pooled backend connection with `Connection` dropped and
 //! `X-Forwarded-For` added, reads the response head and its `Content-Length` body, and
 //! writes them back (with `Connection: close` when the client asked to close, corked so
-//! that the FIN leaves with them, as xlb's hop does). TLS by rustls, as xlb's. Workers as
-//! xlb's hop runs them.
+//! that the FIN leaves with them, as xlb's hop does). TLS by rustls, as xlb's. Workers,
+//! and client sockets registered with the poller only once they have to wait
+//! (`ClientSocket`), as xlb's hop runs them.
 //!
 //! Nothing else: no request bodies (the benchmark's requests are GETs), limits,
 //! timeouts, retries, logs, metrics, chunked responses or HTTP/2, so it is no proxy to
@@ -18,11 +19,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context as _, Result, bail};
+use lb_agent::l7::client_socket::Acceptor;
 use lb_agent::l7::cork::Cork;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Headers a request or response head may have here (the benchmark's have a few).
 const MAX_HEADERS: usize = 64;
@@ -118,8 +120,8 @@ fn work(
         .enable_all()
         .build()?
         .block_on(async {
-            let plain = TcpListener::from_std(plain)?;
-            let secure = TcpListener::from_std(secure)?;
+            let plain = Acceptor::new(plain)?;
+            let secure = Acceptor::new(secure)?;
             let (routes2, pool2) = (Arc::clone(routes), Arc::clone(&pool));
             tokio::spawn(async move {
                 while let Ok((stream, peer)) = plain.accept().await {

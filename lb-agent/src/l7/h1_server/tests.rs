@@ -60,7 +60,7 @@ async fn exchange(
 
 /// The in-memory pipe has no segments to hold back.
 impl Cork for DuplexStream {
-    fn cork(&self) {}
+    fn cork(&mut self) {}
 }
 
 async fn read_all(client: &mut DuplexStream) -> String {
@@ -509,7 +509,7 @@ struct Watched {
 }
 
 impl Cork for Watched {
-    fn cork(&self) {
+    fn cork(&mut self) {
         self.corked_at.borrow_mut().push(self.written);
     }
 }

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use super::Shared;
 use crate::l7::Snapshot;
+use crate::l7::client_socket::ClientSocket;
 use crate::l7::read_ahead::ReadAhead;
 use crate::l7::routes::{Balance, Target, Upstream};
 
@@ -24,13 +25,13 @@ pub enum Diverted {
     /// Passed through (or dropped): nothing more to do.
     Done,
     /// Not a passthrough name: terminate TLS here, from the bytes already read.
-    Terminate(ReadAhead<TcpStream>),
+    Terminate(ReadAhead<ClientSocket>),
 }
 
 /// Reads the ClientHello within `header_timeout` and passes the connection through
 /// when its SNI names a passthrough host.
 pub async fn divert(
-    mut stream: TcpStream,
+    mut stream: ClientSocket,
     peer: SocketAddr,
     shared: &Shared,
     snapshot: &Snapshot,
@@ -62,7 +63,7 @@ pub async fn divert(
 
 /// The bytes read until rustls has a whole ClientHello (or gives up on it), and the
 /// SNI name if there is one; EOF before that is an error.
-async fn read_hello(stream: &mut TcpStream) -> io::Result<(Vec<u8>, Option<String>)> {
+async fn read_hello(stream: &mut ClientSocket) -> io::Result<(Vec<u8>, Option<String>)> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut read = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
@@ -94,7 +95,7 @@ async fn read_hello(stream: &mut TcpStream) -> io::Result<(Vec<u8>, Option<Strin
 /// Connects to an endpoint of `upstream` (one retry on another after a connect
 /// failure, as for HTTP) and copies bytes both ways until either side closes.
 async fn splice(
-    client: TcpStream,
+    client: ClientSocket,
     hello: Vec<u8>,
     peer: SocketAddr,
     upstream: &Upstream,

@@ -2292,6 +2292,7 @@ fn per_client_limits_answer_503() {
 
 mod backend_framing;
 mod backend_protocol;
+mod client_socket;
 mod closing;
 mod forwarded;
 mod passthrough;
