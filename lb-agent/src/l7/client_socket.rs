@@ -16,7 +16,11 @@
 //!
 //! It also corks without a system call: after [`Cork::cork`], its writes carry
 //! `MSG_MORE`, so the last partial segment stays in the socket until the shutdown
-//! sends it with the FIN (see `cork`).
+//! sends it with the FIN (see `cork`). Unlike `TCP_CORK`, `MSG_MORE` holds the
+//! segment only against its own write: when earlier bytes of the answer are still
+//! unacknowledged, their acknowledgement sends it (`TCP_NODELAY`), and the FIN follows
+//! alone, as without the cork. Nothing waits longer either way; the answers that fit
+//! one write, most of them, always leave with their FIN.
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
@@ -31,6 +35,9 @@ use tokio::net::TcpStream;
 use tokio::task::coop;
 
 use super::cork::Cork;
+
+/// The most slices one `sendmsg` takes (Linux's `UIO_MAXIOV`).
+const MAX_SLICES: usize = 1024;
 
 /// A listener whose connections come out as [`ClientSocket`]s, not registered.
 #[derive(Debug)]
@@ -224,6 +231,8 @@ impl AsyncWrite for ClientSocket {
         if let (State::Registered(stream), false) = (&mut this.state, this.more) {
             return Pin::new(stream).poll_write_vectored(cx, bufs);
         }
+        // As std's `writev`: at most `UIO_MAXIOV` slices per call, which Linux allows.
+        let bufs = &bufs[..bufs.len().min(MAX_SLICES)];
         this.poll_send(cx, |socket, flags| {
             socket.send_vectored_with_flags(bufs, flags)
         })
