@@ -163,6 +163,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Some(event) = health_rx.recv() => source.set_health(event.key, event.up),
             _ = term.recv() => break,
             _ = int.recv() => break,
+            stopped = hop_stopped(l7.as_mut()) => return Err(stopped),
         }
         seen = std::time::Instant::now();
     }
@@ -180,6 +181,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Why the L7 hop stopped serving, when it does before its drain; never without one.
+async fn hop_stopped(l7: Option<&mut L7Hop>) -> anyhow::Error {
+    match l7 {
+        Some(l7) => l7.stopped().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The agent's state (and its readiness parts) and the L7 listeners, bound before

@@ -24,7 +24,8 @@ pub(super) struct L7Hop {
     ignored: BTreeSet<(ObjectKey, String)>,
     /// The cluster's L7 generation the snapshot was built from.
     built: Option<u64>,
-    proxy: tokio::task::JoinHandle<()>,
+    /// The proxy's task: it ends before the drain only when the hop failed.
+    proxy: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// Starts the drain; taken by [`L7Hop::drain`].
     drain: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -47,10 +48,17 @@ impl L7Hop {
             let drain = async {
                 let _ = drained.await;
             };
-            if let Err(e) = proxy.run_until(rx, drain).await {
-                tracing::error!("L7 hop stopped: {e:#}");
-            }
+            proxy.run_until(rx, drain).await
         });
+        Self::serving(proxy, drain, options, snapshots)
+    }
+
+    fn serving(
+        proxy: tokio::task::JoinHandle<anyhow::Result<()>>,
+        drain: tokio::sync::oneshot::Sender<()>,
+        options: L7Options,
+        snapshots: watch::Sender<Arc<Snapshot>>,
+    ) -> L7Hop {
         L7Hop {
             options,
             snapshots,
@@ -67,7 +75,25 @@ impl L7Hop {
     pub(super) async fn drain(&mut self) {
         if let Some(drain) = self.drain.take() {
             let _ = drain.send(());
-            let _ = (&mut self.proxy).await;
+            match (&mut self.proxy).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("L7 hop drain: {e:#}"),
+                Err(e) => tracing::error!("L7 hop drain: {e}"),
+            }
+        }
+    }
+
+    /// Resolves, with why, if the hop stops serving before its drain: a listener or a
+    /// worker failed (or panicked). The agent then exits with that error, so that its
+    /// pod restarts with a hop again (the XDP programs and maps stay, and L4 traffic
+    /// with them); a hop that is gone while the agent stays up and ready would take
+    /// the node's share of the Ingress traffic and refuse it. Once it has resolved,
+    /// it is not to be awaited again.
+    pub(super) async fn stopped(&mut self) -> anyhow::Error {
+        match (&mut self.proxy).await {
+            Ok(Ok(())) => anyhow::anyhow!("the L7 hop stopped serving"),
+            Ok(Err(e)) => e.context("the L7 hop stopped"),
+            Err(e) => anyhow::anyhow!("the L7 hop stopped: {e}"),
         }
     }
 
@@ -136,5 +162,48 @@ impl L7Hop {
 impl Drop for L7Hop {
     fn drop(&mut self) {
         self.proxy.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> L7Options {
+        L7Options {
+            class: ingress::IngressClassConfig::new("xlb"),
+            publish_service: None,
+            publish_addresses: Vec::new(),
+            proxy: crate::l7::proxy::ProxyConfig::default(),
+        }
+    }
+
+    fn hop(serve: impl Future<Output = anyhow::Result<()>> + Send + 'static) -> L7Hop {
+        let (snapshots, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (drain, _) = tokio::sync::oneshot::channel();
+        L7Hop::serving(tokio::spawn(serve), drain, options(), snapshots)
+    }
+
+    #[tokio::test]
+    async fn a_hop_that_fails_before_its_drain_says_why() {
+        let mut failed = hop(async { Err(anyhow::anyhow!("L7 worker 1 ended: accept")) });
+        let e = failed.stopped().await;
+        assert_eq!(
+            format!("{e:#}"),
+            "the L7 hop stopped: L7 worker 1 ended: accept"
+        );
+        let mut panicked = hop(async { panic!("a worker's bug") });
+        let e = panicked.stopped().await;
+        assert!(format!("{e:#}").contains("panicked"), "{e:#}");
+    }
+
+    #[tokio::test]
+    async fn a_serving_hop_has_not_stopped() {
+        let mut serving = hop(std::future::pending());
+        let stopped = tokio::time::timeout(std::time::Duration::from_millis(50), serving.stopped());
+        assert!(
+            stopped.await.is_err(),
+            "a hop still serving counted as stopped"
+        );
     }
 }

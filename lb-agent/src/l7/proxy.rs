@@ -339,8 +339,8 @@ impl Proxy {
             )?);
         }
         // A worker that ends before the drain (its listener failed, it panicked) ends
-        // the hop, as a failed listener did before there were workers: the others
-        // stop with it, and the caller logs why.
+        // the hop: the others stop with it, and the agent exits with why (see
+        // `agent::l7::L7Hop::stopped`).
         let early = {
             let ended =
                 futures_util::future::select_all(workers.iter_mut().enumerate().map(
