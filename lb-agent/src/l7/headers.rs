@@ -207,13 +207,44 @@ pub struct PeerValues {
 
 impl PeerValues {
     pub fn new(peer: IpAddr, port: u16) -> PeerValues {
-        let ip = peer.to_canonical().to_string();
+        let ip = match peer.to_canonical() {
+            IpAddr::V4(v4) => {
+                let (text, len) = ipv4_text(v4);
+                HeaderValue::from_bytes(&text[..len])
+            }
+            v6 @ IpAddr::V6(_) => {
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(v6.to_string()))
+            }
+        };
         PeerValues {
-            ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(ip))
-                .expect("an IP address is a valid header value"),
+            ip: ip.expect("an IP address is a valid header value"),
             port: HeaderValue::from(port),
         }
     }
+}
+
+/// An IPv4 address in dotted decimal, written digit by digit: `to_string` goes
+/// through the formatter four times and grows its string twice, a few hundred
+/// nanoseconds of each new connection.
+fn ipv4_text(addr: std::net::Ipv4Addr) -> ([u8; 15], usize) {
+    let (mut out, mut len) = ([0u8; 15], 0);
+    let mut push = |byte: u8| {
+        out[len] = byte;
+        len += 1;
+    };
+    for (i, octet) in addr.octets().into_iter().enumerate() {
+        if i > 0 {
+            push(b'.');
+        }
+        if octet >= 100 {
+            push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            push(b'0' + octet / 10 % 10);
+        }
+        push(b'0' + octet % 10);
+    }
+    (out, len)
 }
 
 /// What the backend learns about the hop in front of it.
@@ -308,6 +339,20 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_text_is_the_dotted_decimal_to_string_writes() {
+        for octet in 0..=255u8 {
+            let addr = std::net::Ipv4Addr::new(octet, 255 - octet, octet / 7, octet % 10);
+            let (text, len) = ipv4_text(addr);
+            assert_eq!(&text[..len], addr.to_string().as_bytes());
+        }
+        let mapped = IpAddr::V6(std::net::Ipv4Addr::new(192, 0, 2, 10).to_ipv6_mapped());
+        assert_eq!(PeerValues::new(mapped, 80).ip, "192.0.2.10");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(PeerValues::new(v6, 443).ip, "2001:db8::1");
+        assert_eq!(PeerValues::new(v6, 443).port, "443");
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
