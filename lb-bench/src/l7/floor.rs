@@ -9,7 +9,9 @@
 //! (`ClientSocket`), as xlb's hop runs them.
 //!
 //! Nothing else: no request bodies (the benchmark's requests are GETs), limits,
-//! timeouts, retries, logs, metrics, chunked responses or HTTP/2, so it is no proxy to
+//! timeouts, retries (but the one every pool needs: a request whose pooled backend
+//! connection turns out closed goes once more on a new one), logs, metrics, chunked
+//! responses or HTTP/2, so it is no proxy to
 //! deploy. It shows how much of xlb's and nginx's CPU per request
 //! is the kernel's work under the same socket calls, which no proxy of this design
 //! avoids, and how little a lean user-space path adds to it.
@@ -252,32 +254,26 @@ async fn proxy<S: AsyncRead + AsyncWrite + Cork + Unpin>(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop();
+        let reused = idle.is_some();
         let mut upstream = match idle {
             Some(stream) => stream,
-            None => match TcpStream::connect(routes[backend].1).await {
-                Ok(stream) if stream.set_nodelay(true).is_ok() => stream,
-                _ => return,
+            None => match connect(routes[backend].1).await {
+                Some(stream) => stream,
+                None => return,
             },
         };
-        if upstream.write_all(&out).await.is_err() {
+        let mut answered = exchange(&mut upstream, &out, &mut response).await;
+        if answered.is_none() && reused && response.is_empty() {
+            // The backend closed it while it sat in the pool: once more, on a new one.
+            let Some(fresh) = connect(routes[backend].1).await else {
+                return;
+            };
+            upstream = fresh;
+            answered = exchange(&mut upstream, &out, &mut response).await;
+        }
+        let Some((head, total)) = answered else {
             return;
-        }
-        response.clear();
-        let (head, total) = loop {
-            if !matches!(upstream.read_buf(&mut response).await, Ok(n) if n > 0) {
-                return;
-            }
-            match response_length(&response) {
-                Ok(Some(lengths)) => break lengths,
-                Ok(None) => {}
-                Err(_) => return,
-            }
         };
-        while response.len() < total {
-            if !matches!(upstream.read_buf(&mut response).await, Ok(n) if n > 0) {
-                return;
-            }
-        }
         let written = if close {
             // The head but its last CRLF, the close, the body.
             out.clear();
@@ -301,6 +297,40 @@ async fn proxy<S: AsyncRead + AsyncWrite + Cork + Unpin>(
             return;
         }
     }
+}
+
+async fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    stream.set_nodelay(true).ok()?;
+    Some(stream)
+}
+
+/// Writes the request head in `out` and reads the whole response into `response`:
+/// its head's and its end's offsets, or `None` if the connection failed or the
+/// response is not one this proxy reads.
+async fn exchange(
+    upstream: &mut TcpStream,
+    out: &[u8],
+    response: &mut Vec<u8>,
+) -> Option<(usize, usize)> {
+    response.clear();
+    upstream.write_all(out).await.ok()?;
+    let (head, total) = loop {
+        if !matches!(upstream.read_buf(response).await, Ok(n) if n > 0) {
+            return None;
+        }
+        match response_length(response) {
+            Ok(Some(lengths)) => break lengths,
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+    };
+    while response.len() < total {
+        if !matches!(upstream.read_buf(response).await, Ok(n) if n > 0) {
+            return None;
+        }
+    }
+    Some((head, total))
 }
 
 #[cfg(test)]
