@@ -7,9 +7,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, FAMILY_V4, FRONTEND_F_SNAT, PROTO_TCP, Reason, SnatEntry, hash,
+    BACKEND_F_LOCAL, Backend, FAMILY_V4, FRONTEND_F_SNAT, PROTO_TCP, Reason,
+    SNAT_STATE_BACKEND_WAITS, SNAT_STATE_CLOSING, SNAT_STATE_FIN_BACKEND, SNAT_STATE_FIN_CLIENT,
+    SNAT_STATE_RESET, SnatEntry, hash,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-    snat::{SNAT_UDP_IDLE_NS, snat_port},
+    snat::{SNAT_TCP_CLOSED_NS, SNAT_UDP_IDLE_NS, snat_port},
 };
 use lb_testbed::frames::{Frame, L4, verify_checksums};
 use lb_testbed::node::*;
@@ -441,6 +443,175 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
             XDP_REDIRECT,
             &snat_out(&g, backend, bport, port),
         );
+    });
+}
+
+/// `frame` after its handshake: an ACK.
+fn established(frame: &Frame) -> Frame {
+    let mut f = frame.clone();
+    if let L4::Tcp { syn, .. } = &mut f.l4 {
+        *syn = false;
+    }
+    f
+}
+
+const TEN_S_AGO: u64 = SNAT_TCP_CLOSED_NS + 1_000_000_000;
+const FINS: u8 = SNAT_STATE_CLOSING | SNAT_STATE_FIN_CLIENT | SNAT_STATE_FIN_BACKEND;
+
+/// Flows of service 1 to one of its backends, through a node with a small port range,
+/// for the tests of closed flows' ports.
+struct Closing<'a> {
+    node: &'a mut Node,
+    svc: &'a Service,
+    backend: IpAddr,
+    bport: u16,
+}
+
+impl<'a> Closing<'a> {
+    /// One port: every flow to the backend wants it.
+    fn new(node: &'a mut Node, svcs: &'a [Service]) -> Self {
+        node.configure(PORT_MIN, PORT_MIN);
+        let svc = &svcs[0];
+        let (_, backend, bport) = svc.expected_backend(&client_frame(svc, 44_001));
+        Closing {
+            node,
+            svc,
+            backend,
+            bport,
+        }
+    }
+
+    /// A new flow from the first client port from `from` whose flow goes to the backend.
+    fn flow(&self, from: u16) -> Frame {
+        (from..from + 1_000)
+            .map(|p| client_frame(self.svc, p))
+            .find(|f| self.svc.expected_backend(f).1 == self.backend)
+            .expect("a flow to the backend")
+    }
+
+    fn out(&self, f: &Frame, port: u16) -> Frame {
+        snat_out(f, self.backend, self.bport, port)
+    }
+
+    /// `f` (a client's packet) leaves from `port`.
+    fn forward(&self, what: &str, f: &Frame, port: u16) {
+        self.node
+            .check(what, f, true, XDP_REDIRECT, &self.out(f, port));
+    }
+
+    /// The backend's answer to `f` on `port`, made by `how` (`Frame::fin`, `Frame::rst`),
+    /// reaches the client.
+    fn backend_sends(&self, what: &str, f: &Frame, port: u16, how: fn(Frame) -> Frame) {
+        let reply = how(reply_to(&self.out(f, port)));
+        self.node
+            .check(what, &reply, false, XDP_REDIRECT, &reply_back(&reply, f));
+    }
+
+    /// The state of `f`'s reservation of `port`.
+    fn state(&self, f: &Frame, port: u16) -> u8 {
+        let entry = self
+            .node
+            .dp
+            .snat_entry(&self.reply_key(f, port))
+            .expect("snat map")
+            .expect("reservation");
+        assert_eq!(entry.client_port, f.ports().0.to_be(), "the flow's own");
+        entry.state
+    }
+
+    fn reply_key(&self, f: &Frame, port: u16) -> lb_common::FlowKey {
+        flow_key(&reply_to(&self.out(f, port)))
+    }
+
+    /// The reservation of `f` on `port` as if its last packet were over 10 s ago.
+    fn age(&mut self, f: &Frame, port: u16) {
+        let key = self.reply_key(f, port);
+        let mut entry = self
+            .node
+            .dp
+            .snat_entry(&key)
+            .expect("snat map")
+            .expect("reservation");
+        entry.last_seen_ns = coarse_now_ns() - TEN_S_AGO;
+        self.node.dp.set_snat_entry(&key, &entry).expect("aged");
+    }
+
+    /// `f` is dropped for want of a port, and counted.
+    fn dropped(&self, what: &str, f: &Frame) {
+        let before = self.node.reason(Reason::DropSnatExhausted);
+        let (action, _) = self.node.run(what, f, true);
+        assert_eq!(action, XDP_DROP, "{what}");
+        assert_eq!(
+            self.node.reason(Reason::DropSnatExhausted),
+            before + 1,
+            "{what}"
+        );
+    }
+}
+
+/// A flow the client closed first (its FIN, then the backend's), or that an RST ended,
+/// leaves the backend nothing: its port is free 10 s after its last packet, driven by
+/// the flows' own FINs and RSTs through the program (`snat_state_after`).
+#[test]
+fn a_flow_the_client_closed_or_reset_frees_its_port_10_s_later() {
+    with_node("snatcfirst", |node, svcs| {
+        let mut t = Closing::new(node, svcs);
+        let first = t.flow(44_001);
+        t.forward("first opens", &first, PORT_MIN);
+        let fin = established(&first).fin();
+        t.forward("first's FIN", &fin, PORT_MIN);
+        t.backend_sends("the backend's FIN", &first, PORT_MIN, Frame::fin);
+        assert_eq!(t.state(&first, PORT_MIN), FINS);
+        let second = t.flow(first.ports().0 + 1);
+        t.dropped("second, within 10 s of the close", &second);
+        t.age(&first, PORT_MIN);
+        t.forward("second, 10 s after the close", &second, PORT_MIN);
+        assert_eq!(t.state(&second, PORT_MIN), 0, "second's SYN opened it");
+
+        t.backend_sends("the backend's RST", &second, PORT_MIN, Frame::rst);
+        assert_eq!(
+            t.state(&second, PORT_MIN),
+            SNAT_STATE_CLOSING | SNAT_STATE_RESET
+        );
+        let third = t.flow(second.ports().0 + 1);
+        t.dropped("third, within 10 s of the RST", &third);
+        t.age(&second, PORT_MIN);
+        t.forward("third, 10 s after the RST", &third, PORT_MIN);
+    });
+}
+
+/// A flow the backend closed first (its FIN, then the client's) leaves the backend in
+/// `TIME_WAIT`: its port is held while another port is free, and given to a new flow
+/// none of whose ports is free 10 s after the close.
+#[test]
+fn a_flow_the_backend_closed_keeps_its_port_until_none_other_is_free() {
+    with_node("snatbfirst", |node, svcs| {
+        let mut t = Closing::new(node, svcs);
+        let first = t.flow(44_001);
+        t.forward("first opens", &first, PORT_MIN);
+        t.backend_sends("the backend's FIN", &first, PORT_MIN, Frame::fin);
+        let fin = established(&first).fin();
+        t.forward("first's FIN", &fin, PORT_MIN);
+        assert_eq!(t.state(&first, PORT_MIN), FINS | SNAT_STATE_BACKEND_WAITS);
+        t.dropped("second, within 10 s of the close", &t.flow(44_100));
+        t.age(&first, PORT_MIN);
+        // With a second port free, a new flow takes that one, even when its first try
+        // is the closed one.
+        t.node.configure(PORT_MIN, PORT_MIN + 1);
+        let second = (44_100..45_100)
+            .map(|p| t.flow(p))
+            .find(|f| predicted_port(f, 0, PORT_MIN, PORT_MIN + 1) == PORT_MIN)
+            .expect("a flow whose first try is the closed port");
+        t.forward("second, a free port", &second, PORT_MIN + 1);
+        assert_eq!(
+            t.state(&first, PORT_MIN),
+            FINS | SNAT_STATE_BACKEND_WAITS,
+            "first's untouched"
+        );
+        // With none free, the next flow takes the closed one.
+        let third = t.flow(second.ports().0 + 1);
+        t.forward("third, the closed port", &third, PORT_MIN);
+        t.dropped("fourth, both ports open", &t.flow(third.ports().0 + 1));
     });
 }
 

@@ -14,8 +14,22 @@
 //! under half of the range held. Consecutive attempts do worse: runs of held ports grow
 //! where linear probes land. A port is unique per backend address and port, as Linux's
 //! NAT keeps reply tuples unique, so every backend has the whole range.
+//!
+//! How long a closed TCP flow keeps its port depends on who closed it. The side that
+//! sends the first FIN keeps the connection in `TIME_WAIT`; when that is the client, or
+//! an RST ended it, the backend keeps nothing, and the port is free 10 s after the
+//! last packet (Cilium's `bpf-ct-timeout-regular-tcp-fin`, conntrack's CLOSE). When
+//! the backend closed first, its `TIME_WAIT` socket answers a new SYN from the same
+//! address and port only if the SYN's sequence number or timestamp is newer (Linux's
+//! `tcp_timewait_state_process`), and otherwise with an ACK that makes the client
+//! reset it and send its SYN again one second later: such a port is held for 120 s
+//! while other ports are free, and given to a new flow 10 s after the close when none
+//! of the flow's attempts is.
 
-use crate::{PROTO_TCP, SNAT_STATE_CLOSING};
+use crate::{
+    PROTO_TCP, SNAT_STATE_BACKEND_WAITS, SNAT_STATE_CLOSING, SNAT_STATE_FIN_BACKEND,
+    SNAT_STATE_FIN_CLIENT, SNAT_STATE_RESET,
+};
 
 /// Ports tried for a new flow before it is dropped as `drop_snat_exhausted`. The
 /// verifier walks every attempt as its own copy of the loop body, and load time is what
@@ -30,9 +44,14 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// An open TCP flow's reservation survives this long without a packet: kube-proxy's
 /// `conntrack.tcpEstablishedTimeout` (24 h).
 pub const SNAT_TCP_IDLE_NS: u64 = 86_400 * NS_PER_S;
-/// After a FIN or RST: the kernel's `nf_conntrack_tcp_timeout_time_wait` (120 s), so a
-/// backend's TIME_WAIT socket is gone before the port is given to another client.
+/// After a FIN or RST, and after the backend closed first: the kernel's
+/// `nf_conntrack_tcp_timeout_time_wait` (120 s), so a backend's `TIME_WAIT` socket is gone
+/// before the port is given to another client while other ports are free.
 pub const SNAT_TCP_CLOSING_NS: u64 = 120 * NS_PER_S;
+/// After a close that left the backend nothing to wait for (the client's FIN first,
+/// then the backend's; or an RST): time for the last ACK and stray retransmissions
+/// (Cilium's `bpf-ct-timeout-regular-tcp-fin`, conntrack's CLOSE state: 10 s).
+pub const SNAT_TCP_CLOSED_NS: u64 = 10 * NS_PER_S;
 /// UDP: the kernel's `nf_conntrack_udp_timeout_stream` (120 s).
 pub const SNAT_UDP_IDLE_NS: u64 = 120 * NS_PER_S;
 
@@ -70,17 +89,70 @@ const fn draw(hash: u32, attempt: u32) -> u32 {
     h
 }
 
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// A reservation's `SNAT_STATE_*` after a packet with `tcp_flags` (0 for UDP), from
+/// the client (`from_client`) or the backend. A client's SYN opens the connection again
+/// (a new connection on the same addresses and ports, or the retry after an RST); an
+/// RST counts only while it is the last word: a packet after it shows the connection
+/// (or its peer's retransmissions) still there, and the port is held as closing.
+#[inline(always)]
+pub const fn snat_state_after(state: u8, tcp_flags: u8, from_client: bool) -> u8 {
+    if from_client && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
+        return 0;
+    }
+    let mut state = state & !SNAT_STATE_RESET;
+    if tcp_flags & TCP_RST != 0 {
+        state |= SNAT_STATE_CLOSING | SNAT_STATE_RESET;
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        state |= SNAT_STATE_CLOSING;
+        if from_client {
+            state |= SNAT_STATE_FIN_CLIENT;
+        } else {
+            if state & SNAT_STATE_FIN_CLIENT == 0 {
+                state |= SNAT_STATE_BACKEND_WAITS;
+            }
+            state |= SNAT_STATE_FIN_BACKEND;
+        }
+    }
+    state
+}
+
+/// Both ends sent their FIN.
+#[inline(always)]
+const fn both_fins(state: u8) -> bool {
+    let fins = SNAT_STATE_FIN_CLIENT | SNAT_STATE_FIN_BACKEND;
+    state & fins == fins
+}
+
 /// How long a reservation of protocol `proto` in `state` may sit idle before its port
 /// may be given to another flow.
 #[inline(always)]
 pub const fn snat_idle_ns(proto: u8, state: u8) -> u64 {
     if proto != PROTO_TCP {
         SNAT_UDP_IDLE_NS
+    } else if state & SNAT_STATE_RESET != 0
+        || (both_fins(state) && state & SNAT_STATE_BACKEND_WAITS == 0)
+    {
+        SNAT_TCP_CLOSED_NS
     } else if state & SNAT_STATE_CLOSING != 0 {
         SNAT_TCP_CLOSING_NS
     } else {
         SNAT_TCP_IDLE_NS
     }
+}
+
+/// Whether a reservation held only for its backend's `TIME_WAIT` (both FINs seen, the
+/// backend's first, no packet for `idle_ns`) may go to a new flow none of whose
+/// attempts found a free port: the new SYN reopens the backend's connection, or costs
+/// the client one retransmission, where the alternative is a refused connection.
+#[inline(always)]
+pub const fn snat_reusable_when_full(proto: u8, state: u8, idle_ns: u64) -> bool {
+    proto == PROTO_TCP && both_fins(state) && idle_ns > SNAT_TCP_CLOSED_NS
 }
 
 #[cfg(test)]
@@ -178,5 +250,90 @@ mod tests {
     fn closing_tcp_frees_sooner() {
         assert!(snat_idle_ns(PROTO_TCP, SNAT_STATE_CLOSING) < snat_idle_ns(PROTO_TCP, 0));
         assert_eq!(snat_idle_ns(crate::PROTO_UDP, 0), SNAT_UDP_IDLE_NS);
+    }
+
+    const SYN: u8 = TCP_SYN;
+    const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+    const ACK: u8 = TCP_ACK;
+    const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+    const RST: u8 = TCP_RST;
+
+    /// The state after `packets` (flags, from the client?), from a new reservation.
+    fn after(packets: &[(u8, bool)]) -> u8 {
+        packets.iter().fold(0, |state, &(flags, client)| {
+            snat_state_after(state, flags, client)
+        })
+    }
+
+    #[test]
+    fn who_closed_first_sets_how_long_the_port_is_held() {
+        let open = [(SYN, true), (SYN_ACK, false), (ACK, true), (ACK, false)];
+        let opened = after(&open);
+        assert_eq!(opened, 0);
+        assert_eq!(snat_idle_ns(PROTO_TCP, opened), SNAT_TCP_IDLE_NS);
+
+        // The client closes first: the backend keeps nothing once it has its last ACK.
+        let client_first =
+            after(&[&open[..], &[(FIN_ACK, true), (FIN_ACK, false), (ACK, true)]].concat());
+        assert_eq!(snat_idle_ns(PROTO_TCP, client_first), SNAT_TCP_CLOSED_NS);
+        assert!(!snat_reusable_when_full(PROTO_TCP, client_first, 0));
+
+        // Half closed by the client: the backend may still send.
+        let half = after(&[&open[..], &[(FIN_ACK, true), (ACK, false)]].concat());
+        assert_eq!(snat_idle_ns(PROTO_TCP, half), SNAT_TCP_CLOSING_NS);
+        assert!(!snat_reusable_when_full(
+            PROTO_TCP,
+            half,
+            SNAT_TCP_CLOSING_NS
+        ));
+
+        // The backend closes first: its `TIME_WAIT` holds the port, unless none is free.
+        let backend_first = after(
+            &[
+                &open[..],
+                &[(FIN_ACK, false), (FIN_ACK, true), (ACK, false)],
+            ]
+            .concat(),
+        );
+        assert_ne!(backend_first & SNAT_STATE_BACKEND_WAITS, 0);
+        assert_eq!(snat_idle_ns(PROTO_TCP, backend_first), SNAT_TCP_CLOSING_NS);
+        assert!(!snat_reusable_when_full(
+            PROTO_TCP,
+            backend_first,
+            SNAT_TCP_CLOSED_NS
+        ));
+        assert!(snat_reusable_when_full(
+            PROTO_TCP,
+            backend_first,
+            SNAT_TCP_CLOSED_NS + 1
+        ));
+        // A retransmitted FIN of the client's does not change who was first.
+        assert_eq!(
+            snat_state_after(backend_first, FIN_ACK, true),
+            backend_first
+        );
+
+        // An RST ends it at both ends ...
+        let reset = after(&[&open[..], &[(RST, false)]].concat());
+        assert_eq!(snat_idle_ns(PROTO_TCP, reset), SNAT_TCP_CLOSED_NS);
+        // ... unless the connection goes on after it (an RST out of the window).
+        let went_on = snat_state_after(reset, ACK, true);
+        assert_eq!(snat_idle_ns(PROTO_TCP, went_on), SNAT_TCP_CLOSING_NS);
+
+        // The client's SYN opens the connection again; the backend's SYN-ACK does not.
+        assert_eq!(snat_state_after(backend_first, SYN, true), 0);
+        assert_eq!(snat_state_after(reset, SYN, true), 0);
+        assert_eq!(
+            snat_state_after(backend_first, SYN_ACK, false),
+            backend_first
+        );
+
+        // UDP: no flags, no change.
+        assert_eq!(snat_state_after(0, 0, true), 0);
+        assert!(!snat_reusable_when_full(
+            crate::PROTO_UDP,
+            backend_first,
+            u64::MAX
+        ));
     }
 }

@@ -369,6 +369,16 @@ pub struct SnatEntry {
 
 /// `SnatEntry::state`: a TCP FIN or RST was seen; the port is free again sooner.
 pub const SNAT_STATE_CLOSING: u8 = 1;
+/// `SnatEntry::state`: the client's FIN went to the backend.
+pub const SNAT_STATE_FIN_CLIENT: u8 = 2;
+/// `SnatEntry::state`: the backend's FIN came back.
+pub const SNAT_STATE_FIN_BACKEND: u8 = 4;
+/// `SnatEntry::state`: the backend's FIN came before the client's, so the backend
+/// closed first and holds the connection in `TIME_WAIT` (60 s on Linux).
+pub const SNAT_STATE_BACKEND_WAITS: u8 = 8;
+/// `SnatEntry::state`: the last packet carried an RST, which ends the connection at
+/// both ends (no `TIME_WAIT`).
+pub const SNAT_STATE_RESET: u8 = 16;
 
 /// A cached `bpf_fib_lookup` result, so established traffic skips the FIB (its most
 /// expensive step). Refreshed when it expires or when a packet is longer than any the

@@ -9,14 +9,15 @@
 //! forward path checks on every packet that the reservation is still its own, so a flow
 //! whose reservation was evicted, or given away after going stale, takes a new port
 //! instead of sending as another client; a reservation whose flow is gone is given away
-//! once it is stale (`lb_common::snat::snat_idle_ns`), or evicted by the LRU.
+//! once it is stale (`lb_common::snat::snat_idle_ns`: sooner when the connection closed
+//! without leaving the backend in `TIME_WAIT`), or evicted by the LRU.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Backend, FAMILY_V4, FlowKey, Frontend, NextHop, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6,
-    SNAT_STATE_CLOSING, SnatConfig, SnatEntry,
+    SnatConfig, SnatEntry,
     hash::flow_hash,
-    snat::{SNAT_ATTEMPTS, snat_idle_ns, snat_port},
+    snat::{SNAT_ATTEMPTS, snat_idle_ns, snat_port, snat_reusable_when_full, snat_state_after},
 };
 
 use crate::{
@@ -26,8 +27,6 @@ use crate::{
 
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
 
 /// The node's SNAT address of `family`, in place in the settings map; `None` on a node
 /// the agent gave none.
@@ -49,16 +48,6 @@ pub fn node_addr_words(family: u8) -> Option<[u32; 4]> {
         (cfg.flags & SNAT_CFG_F_V4 != 0).then(|| cfg.addr_v4_words())
     } else {
         (cfg.flags & SNAT_CFG_F_V6 != 0).then(|| cfg.addr_v6_words())
-    }
-}
-
-/// `SNAT_STATE_CLOSING` when the TCP flags end the connection.
-#[inline(always)]
-fn state_of(tcp_flags: u8) -> u8 {
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        SNAT_STATE_CLOSING
-    } else {
-        0
     }
 }
 
@@ -98,7 +87,8 @@ fn owned_by(entry: &SnatEntry, pkt: &Packet, service_id: u32) -> bool {
 }
 
 /// A port (network order) for a new flow of `pkt` (not yet translated) to `backend`:
-/// the first free or stale one of the attempts.
+/// the first free or stale one of the attempts; when there is none, the first whose
+/// connection is over but for the backend's `TIME_WAIT` (`snat_reusable_when_full`).
 #[inline(always)]
 pub fn allocate(
     pkt: &Packet,
@@ -121,7 +111,7 @@ pub fn allocate(
         (*entry).client_port = pkt.key.sport;
         (*entry).frontend_port = pkt.key.dport;
         (*entry).family = pkt.key.family;
-        (*entry).state = state_of(tcp_flags);
+        (*entry).state = snat_state_after(0, tcp_flags, true);
         (*entry).service_id = frontend.service_id;
         (*entry).last_seen_ns = now;
         (*entry).next_hop = NextHop::default();
@@ -130,24 +120,38 @@ pub fn allocate(
     let entry = unsafe { &*entry };
     let key = scratch_key(reply_key(pkt, backend, node, 0)).ok_or(Reason::DropNoSnatAddress)?;
     let hash = flow_hash(&pkt.key);
+    // Port 0 is never in the range (`--snat-ports` starts at 1).
+    let mut closed = 0u16;
     for attempt in 0..SNAT_ATTEMPTS {
         let port = snat_port(hash, attempt, cfg.port_min, cfg.port_max).to_be();
         key.dport = port;
         if SNAT_V1.insert(&*key, entry, BPF_NOEXIST).is_ok() {
             return Ok(port);
         }
-        let free = match SNAT_V1.get_ptr(&*key) {
+        let (free, reusable) = match SNAT_V1.get_ptr(&*key) {
             // Evicted between the two calls.
-            None => true,
+            None => (true, false),
             // SAFETY: a valid map value pointer, read in place.
             Some(old) => unsafe {
-                owned_by(&*old, pkt, frontend.service_id)
-                    || now.saturating_sub((*old).last_seen_ns)
-                        > snat_idle_ns(pkt.key.proto, (*old).state)
+                let idle = now.saturating_sub((*old).last_seen_ns);
+                (
+                    owned_by(&*old, pkt, frontend.service_id)
+                        || idle > snat_idle_ns(pkt.key.proto, (*old).state),
+                    snat_reusable_when_full(pkt.key.proto, (*old).state, idle),
+                )
             },
         };
         if free && SNAT_V1.insert(&*key, entry, BPF_ANY).is_ok() {
             return Ok(port);
+        }
+        if reusable && closed == 0 {
+            closed = port;
+        }
+    }
+    if closed != 0 {
+        key.dport = closed;
+        if SNAT_V1.insert(&*key, entry, BPF_ANY).is_ok() {
+            return Ok(closed);
         }
     }
     Err(Reason::DropSnatExhausted)
@@ -174,7 +178,7 @@ pub fn owned(pkt: &Packet, backend: &Backend, service_id: u32, port: u16, tcp_fl
             return false;
         }
         (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
-        (*entry).state |= state_of(tcp_flags);
+        (*entry).state = snat_state_after((*entry).state, tcp_flags, true);
     }
     true
 }
@@ -189,7 +193,7 @@ pub fn reply(pkt: &Packet, tcp_flags: u8) -> Option<*mut SnatEntry> {
     // SAFETY: a valid map value pointer; refreshed in place.
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
-        (*entry).state |= state_of(tcp_flags);
+        (*entry).state = snat_state_after((*entry).state, tcp_flags, false);
     }
     Some(entry)
 }

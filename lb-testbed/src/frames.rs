@@ -30,6 +30,9 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// IPv4 UDP only: send without a checksum (field 0).
     pub udp_no_checksum: bool,
+    /// TCP only: the FIN flag (a segment that closes its side), and the RST flag.
+    pub fin: bool,
+    pub rst: bool,
 }
 
 impl Frame {
@@ -49,6 +52,8 @@ impl Frame {
             },
             payload: b"GET / HTTP/1.1\r\nHost: xlb\r\n\r\n".to_vec(),
             udp_no_checksum: false,
+            fin: false,
+            rst: false,
         }
     }
 
@@ -65,6 +70,22 @@ impl Frame {
         if let L4::Tcp { syn, .. } = &mut self.l4 {
             *syn = true;
         }
+        self.payload.clear();
+        self
+    }
+
+    /// This segment with FIN set, without a payload.
+    #[must_use]
+    pub fn fin(mut self) -> Frame {
+        self.fin = true;
+        self.payload.clear();
+        self
+    }
+
+    /// This segment with RST set, without a payload.
+    #[must_use]
+    pub fn rst(mut self) -> Frame {
+        self.rst = true;
         self.payload.clear();
         self
     }
@@ -144,7 +165,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = tcp_header(sport, dport, syn);
+                        let mut tcp = tcp_header(self, sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv4(&ip, &self.payload)
                             .expect("checksum");
@@ -174,7 +195,7 @@ impl Frame {
                 ip.write(&mut out).expect("write to Vec");
                 match self.l4 {
                     L4::Tcp { sport, dport, syn } => {
-                        let mut tcp = tcp_header(sport, dport, syn);
+                        let mut tcp = tcp_header(self, sport, dport, syn);
                         tcp.checksum = tcp
                             .calc_checksum_ipv6(&ip, &self.payload)
                             .expect("checksum");
@@ -195,11 +216,14 @@ impl Frame {
     }
 }
 
-/// A TCP header as the tests send it: a SYN, or an ACK carrying data.
-fn tcp_header(sport: u16, dport: u16, syn: bool) -> TcpHeader {
+/// A TCP header as the tests send it: a SYN, or an ACK carrying data, with FIN or RST
+/// where the frame asks for them.
+fn tcp_header(frame: &Frame, sport: u16, dport: u16, syn: bool) -> TcpHeader {
     let mut tcp = TcpHeader::new(sport, dport, 0x1000_0000, 64240);
     tcp.syn = syn;
     tcp.ack = !syn;
+    tcp.fin = frame.fin;
+    tcp.rst = frame.rst;
     tcp
 }
 
