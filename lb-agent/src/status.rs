@@ -41,8 +41,11 @@ pub struct SnatStatus {
     pub port_max: u16,
     /// Ports each backend can hold at once per node address.
     pub ports_per_backend: u32,
-    /// Reservations whose flow is live (or closed within the backend's TIME_WAIT).
+    /// Reservations whose flow is live (or closed within the backend's `TIME_WAIT`).
     pub held: u64,
+    /// Of `held`, connections over but for the backend's `TIME_WAIT`: a new flow
+    /// takes one of their ports when it finds no free one.
+    pub reusable: u64,
     /// Reservations past their timeout, free for the next flow that tries the port.
     pub idle: u64,
     /// New flows dropped for no free port since the maps were created.
@@ -56,7 +59,10 @@ pub struct SnatBackendStatus {
     /// `192.0.2.43:8080/TCP`.
     pub backend: String,
     pub held: u64,
-    /// Every port of the range is held: new source-NATed flows to it are dropped.
+    /// Of `held`, given to a new flow that finds no free port.
+    pub reusable: u64,
+    /// Every port of the range is held, none reusable: new source-NATed flows to it
+    /// are dropped.
     pub full: bool,
 }
 
@@ -201,8 +207,9 @@ fn snat_status(dp: &Dataplane, exhausted: u64) -> Result<Option<SnatStatus>, Dat
         .iter()
         .map(|(backend, held)| SnatBackendStatus {
             backend: backend.to_string(),
-            held: *held,
-            full: *held >= u64::from(per_backend),
+            held: held.held,
+            reusable: held.reusable,
+            full: held.held - held.reusable >= u64::from(per_backend),
         })
         .collect();
     backends.sort_by(|a, b| b.held.cmp(&a.held).then_with(|| a.backend.cmp(&b.backend)));
@@ -217,6 +224,7 @@ fn snat_status(dp: &Dataplane, exhausted: u64) -> Result<Option<SnatStatus>, Dat
         port_max: cfg.port_max,
         ports_per_backend: per_backend,
         held: usage.held,
+        reusable: usage.reusable,
         idle: usage.idle,
         exhausted,
         backends,
@@ -346,9 +354,9 @@ impl fmt::Display for SnatStatus {
         )?;
         writeln!(
             f,
-            "  ports held {}  idle past their timeout {}  new flows dropped for no free port \
-             (drop_snat_exhausted) {}",
-            self.held, self.idle, self.exhausted
+            "  ports held {} (closed, kept for the backend's TIME_WAIT {})  idle past their \
+             timeout {}  new flows dropped for no free port (drop_snat_exhausted) {}",
+            self.held, self.reusable, self.idle, self.exhausted
         )?;
         if !self.backends.is_empty() {
             writeln!(f, "  {:<40} {:>13}", "BACKEND", "PORTS HELD")?;

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_agent::status::Report;
-use lb_common::snat::{SNAT_ATTEMPTS, SNAT_TCP_CLOSING_NS};
-use lb_testbed::cluster::apps::{LongLived, PodServers, ask_tcp, ask_udp};
+use lb_common::snat::{SNAT_ATTEMPTS, SNAT_TCP_CLOSED_NS};
+use lb_testbed::cluster::apps::{LongLived, PodServers, ask_tcp, ask_tcp_pod_closes, ask_udp};
 use lb_testbed::cluster::scenarios::{self, POD_PORT};
 use lb_testbed::cluster::xlb::{self, Mode, XlbAgents};
 use lb_testbed::cluster::{
@@ -138,8 +138,9 @@ fn exhausted_count(report: &Report) -> u64 {
         .map_or(0, |(_, n)| *n)
 }
 
-/// Ports held for `backend` (`192.0.2.43:8080/TCP`) in a status report.
-fn held(report: &Report, backend: &str) -> u64 {
+/// Ports held for `backend` (`192.0.2.43:8080/TCP`) in a status report, and of them
+/// those a new flow takes when it finds no free port.
+fn held_reusable(report: &Report, backend: &str) -> (u64, u64) {
     report
         .snat
         .as_ref()
@@ -147,7 +148,11 @@ fn held(report: &Report, backend: &str) -> u64 {
         .backends
         .iter()
         .find(|b| b.backend == backend)
-        .map_or(0, |b| b.held)
+        .map_or((0, 0), |b| (b.held, b.reusable))
+}
+
+fn held(report: &Report, backend: &str) -> u64 {
+    held_reusable(report, backend).0
 }
 
 /// `lb-agent status [--json]` as an operator runs it, for the agent's pins.
@@ -169,7 +174,7 @@ fn status_cli(xlb: &XlbAgents<'_>, node: usize, json: bool) -> String {
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
-/// SNAT exhaustion with a tiny range (`--snat-ports 61000-61003`). A reservation is
+/// SNAT exhaustion with a tiny range (`--snat-ports 61000-61007`). A reservation is
 /// keyed by the backend (address, port, protocol) and the node's address, as Linux's
 /// NAT keeps reply tuples unique: each backend has the whole range on each node. So
 /// when `mtu`'s one backend (pod 1/1, TCP 8080) holds every port of node 0:
@@ -181,9 +186,12 @@ fn status_cli(xlb: &XlbAgents<'_>, node: usize, json: bool) -> String {
 ///   address and its UDP port (other backends), the same backend through another
 ///   node (another node address), a `Local` Service (never source-NATed), and the
 ///   established flows;
-/// - a closed flow's port stays held while the pod may hold the connection in
-///   TIME_WAIT (120 s after the FIN), then goes: the Service serves new connections
-///   through node 0 again, a full range of them.
+/// - a flow the client closed first keeps its port for 10 s after its last packet
+///   (the pod keeps nothing), then the Service serves new connections through node 0
+///   again, a full range of them;
+/// - a flow the pod closed first keeps its port for the pod's `TIME_WAIT` while other
+///   ports are free; with none free, 10 s after the close, a new flow takes it, and
+///   the pod's `TIME_WAIT` socket takes the new connection.
 #[test]
 fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
     let cluster = Cluster::for_test("xs-exhaust", PodNetwork::HostGw);
@@ -229,17 +237,11 @@ fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
     }
     assert_eq!(held(&t.status(FULL_NODE), &t.backend), TINY_PORTS as u64);
 
-    // Closed flows keep their ports while the pod may hold them in TIME_WAIT ...
+    // Flows the client closed keep their ports for a while ...
     drop(open);
-    let before = exhausted_count(&t.status(FULL_NODE));
-    let early = ask_tcp(&cluster.client, t.mtu_via_full_node(), TIMEOUT);
-    assert!(
-        early.is_err(),
-        "a port given away right after its flow closed: {early:?}"
-    );
-    assert!(exhausted_count(&t.status(FULL_NODE)) > before);
+    t.refused("right after the client closed its flows");
     // ... and then go: every port of the range serves a new connection again.
-    let freed = Duration::from_nanos(SNAT_TCP_CLOSING_NS) + Duration::from_secs(20);
+    let freed = Duration::from_nanos(SNAT_TCP_CLOSED_NS) + Duration::from_secs(20);
     let report = xlb.agents()[FULL_NODE]
         .wait_for(freed, |r| held(r, &t.backend) == 0)
         .unwrap_or_else(|e| panic!("the closed flows' ports: {e:#}"));
@@ -250,12 +252,60 @@ fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
             .is_some_and(|s| s.idle >= TINY_PORTS as u64),
         "{report}"
     );
+
+    // Flows the pod closes first keep their ports while the pod holds them in
+    // TIME_WAIT ...
+    let before = exhausted_count(&t.status(FULL_NODE));
+    for n in 0..TINY_PORTS {
+        let answer = ask_tcp_pod_closes(&cluster.client, t.mtu_via_full_node(), TIMEOUT)
+            .unwrap_or_else(|e| {
+                panic!("#{n} after the ports were freed: {e:#}\n{}", xlb.statuses())
+            });
+        assert_eq!((&answer.pod, answer.peer), (&t.pod, t.full_node));
+    }
+    assert_eq!(
+        exhausted_count(&t.status(FULL_NODE)),
+        before,
+        "no port was short"
+    );
+    assert_eq!(
+        held_reusable(&t.status(FULL_NODE), &t.backend),
+        (TINY_PORTS as u64, 0)
+    );
+    t.refused("right after the pod closed its flows");
+    // ... until a new flow finds no free port, 10 s after the close: then it takes one,
+    // and the pod's TIME_WAIT socket takes the new connection.
+    let report = xlb.agents()[FULL_NODE]
+        .wait_for(freed, |r| {
+            held_reusable(r, &t.backend) == (TINY_PORTS as u64, TINY_PORTS as u64)
+        })
+        .unwrap_or_else(|e| panic!("the pod-closed flows' ports: {e:#}"));
+    let text = report.to_string();
+    assert!(
+        text.contains(&format!("kept for the backend's TIME_WAIT {TINY_PORTS}")),
+        "{text}"
+    );
+    assert!(!text.contains("FULL"), "{text}");
+    let waiting = t.pod_time_wait();
+    assert!(
+        waiting >= TINY_PORTS,
+        "{waiting} connections in TIME_WAIT on the pod"
+    );
+    let before = exhausted_count(&report);
     for n in 0..TINY_PORTS {
         let answer = ask_tcp(&cluster.client, t.mtu_via_full_node(), TIMEOUT).unwrap_or_else(|e| {
-            panic!("#{n} after the ports were freed: {e:#}\n{}", xlb.statuses())
+            panic!(
+                "#{n} on a port the pod holds in TIME_WAIT: {e:#}\n{}",
+                xlb.statuses()
+            )
         });
         assert_eq!((&answer.pod, answer.peer), (&t.pod, t.full_node));
     }
+    assert_eq!(
+        exhausted_count(&t.status(FULL_NODE)),
+        before,
+        "no port was short"
+    );
 }
 
 /// What [`snat_exhaustion_is_counted_and_other_backends_keep_working`] works with.
@@ -284,8 +334,33 @@ impl<'a> Exhaustion<'a> {
         }
     }
 
+    /// TCP connections from node 0 that `mtu`'s pod holds in `TIME_WAIT` (`ss`).
+    fn pod_time_wait(&self) -> usize {
+        let (node, pod) = scenarios::MTU_POD;
+        let peer = Cluster::node_v4(FULL_NODE).to_string();
+        let out = self.cluster.nodes[node].pods[pod]
+            .ns
+            .exec("ss", &["-Htn", "state", "time-wait", "dst", &peer])
+            .expect("ss in the pod");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
     fn mtu_via_full_node(&self) -> SocketAddr {
         node_port(find(self.services, scenarios::MTU_TCP), FULL_NODE, false)
+    }
+
+    /// A new flow to `mtu`'s backend through node 0 is dropped for want of a port, and
+    /// counted.
+    fn refused(&self, when: &str) {
+        let before = exhausted_count(&self.status(FULL_NODE));
+        let early = ask_tcp(&self.cluster.client, self.mtu_via_full_node(), TIMEOUT);
+        assert!(early.is_err(), "a port given away {when}: {early:?}");
+        assert!(exhausted_count(&self.status(FULL_NODE)) > before, "{when}");
     }
 
     fn status(&self, node: usize) -> Report {

@@ -9,7 +9,7 @@
 use std::ffi::CStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::snat::snat_idle_ns;
+use lb_common::snat::{snat_idle_ns, snat_reusable_when_full};
 use lb_common::{FlowKey, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SnatConfig, SnatEntry, addr_key};
 
 use super::DataplaneError;
@@ -109,8 +109,20 @@ pub struct Usage {
     /// Reservations past their timeout (`lb_common::snat::snat_idle_ns`): the next flow
     /// that tries their port takes it.
     pub idle: u64,
+    /// Held reservations of connections that are over but for the backend's
+    /// `TIME_WAIT` (`snat_reusable_when_full`): a new flow takes one when none of its
+    /// attempts is free.
+    pub reusable: u64,
     /// Held ports per backend.
-    pub per_backend: std::collections::BTreeMap<SnatBackend, u64>,
+    pub per_backend: std::collections::BTreeMap<SnatBackend, BackendUsage>,
+}
+
+/// One backend's held ports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendUsage {
+    pub held: u64,
+    /// Of `held`, those a new flow takes when it finds no free port.
+    pub reusable: u64,
 }
 
 /// Sorts `entries` (the `SNAT_V1` map) into held and idle at `now_ns` (`now_ns()`), by
@@ -124,6 +136,8 @@ pub fn usage(entries: &[(FlowKey, SnatEntry)], now_ns: u64) -> Usage {
             continue;
         }
         usage.held += 1;
+        let reusable = snat_reusable_when_full(key.proto, entry.state, age);
+        usage.reusable += u64::from(reusable);
         let addr = if key.family == lb_common::FAMILY_V6 {
             IpAddr::V6(Ipv6Addr::from(key.src))
         } else {
@@ -136,7 +150,9 @@ pub fn usage(entries: &[(FlowKey, SnatEntry)], now_ns: u64) -> Usage {
             port: u16::from_be(key.sport),
             proto: key.proto,
         };
-        *usage.per_backend.entry(backend).or_default() += 1;
+        let held = usage.per_backend.entry(backend).or_default();
+        held.held += 1;
+        held.reusable += u64::from(reusable);
     }
     usage
 }
@@ -259,8 +275,12 @@ mod tests {
 
     #[test]
     fn held_and_idle_follow_the_programs_timeouts_per_backend() {
-        use lb_common::snat::{SNAT_TCP_CLOSING_NS, SNAT_UDP_IDLE_NS};
-        use lb_common::{PROTO_TCP, PROTO_UDP, SNAT_STATE_CLOSING};
+        use lb_common::snat::{SNAT_TCP_CLOSED_NS, SNAT_TCP_CLOSING_NS, SNAT_UDP_IDLE_NS};
+        use lb_common::{
+            PROTO_TCP, PROTO_UDP, SNAT_STATE_BACKEND_WAITS, SNAT_STATE_CLOSING,
+            SNAT_STATE_FIN_BACKEND, SNAT_STATE_FIN_CLIENT,
+        };
+        let fins = SNAT_STATE_CLOSING | SNAT_STATE_FIN_CLIENT | SNAT_STATE_FIN_BACKEND;
         let now = 10 * SNAT_TCP_CLOSING_NS;
         let entries = [
             // Open TCP, quiet for longer than a closing one may be: still held.
@@ -281,6 +301,22 @@ mod tests {
                 SNAT_STATE_CLOSING,
                 now - SNAT_TCP_CLOSING_NS - 1,
             ),
+            // Closed by the client first, 10 s ago: the backend keeps nothing; idle.
+            reservation(
+                [192, 0, 2, 43],
+                8080,
+                PROTO_TCP,
+                fins,
+                now - SNAT_TCP_CLOSED_NS - 1,
+            ),
+            // Closed by the backend first, 10 s ago: held, but reusable.
+            reservation(
+                [192, 0, 2, 43],
+                8080,
+                PROTO_TCP,
+                fins | SNAT_STATE_BACKEND_WAITS,
+                now - SNAT_TCP_CLOSED_NS - 1,
+            ),
             // The same pod over UDP is another backend; this one is idle.
             reservation(
                 [192, 0, 2, 43],
@@ -292,18 +328,25 @@ mod tests {
             reservation([192, 0, 2, 43], 8080, PROTO_UDP, 0, now - SNAT_UDP_IDLE_NS),
         ];
         let u = usage(&entries, now);
-        assert_eq!((u.held, u.idle), (3, 2));
+        assert_eq!((u.held, u.reusable, u.idle), (4, 1, 3));
         let tcp = SnatBackend {
             addr: "192.0.2.43".parse().unwrap(),
             port: 8080,
             proto: PROTO_TCP,
         };
-        assert_eq!(u.per_backend[&tcp], 2);
+        assert_eq!(
+            u.per_backend[&tcp],
+            BackendUsage {
+                held: 3,
+                reusable: 1
+            }
+        );
         assert_eq!(
             u.per_backend[&SnatBackend {
                 proto: PROTO_UDP,
                 ..tcp
-            }],
+            }]
+                .held,
             1
         );
         assert_eq!(tcp.to_string(), "192.0.2.43:8080/TCP");

@@ -1,8 +1,8 @@
 //! What runs in the pods and the client of the cluster scenarios: a server in every pod
 //! that greets each TCP connection and answers each UDP datagram with its pod name and
 //! the peer address it saw (`node-1-pod-0 198.51.100.66`), then echoes the TCP stream
-//! back (for long-lived connections and bulk transfers); and the client's side of
-//! those exchanges.
+//! back (for long-lived connections and bulk transfers), or closes first when a
+//! connection sends it [`BYE`]; and the client's side of those exchanges.
 //!
 //! Servers run a current-thread tokio runtime on their own thread, on sockets made in
 //! the pod's namespace; dropping the handle stops them. Every client call has a deadline.
@@ -19,6 +19,10 @@ use crate::netns::Netns;
 
 /// How long one TCP connection may stay open on a pod server.
 const CONNECTION_LIFETIME: Duration = Duration::from_mins(2);
+
+/// A segment of exactly these bytes makes the pod close the connection first, so
+/// that the pod, not the client, keeps it in `TIME_WAIT`.
+pub const BYE: &[u8] = b"bye\n";
 
 /// The pod servers of a cluster: TCP and UDP on `[::]:port` in every pod.
 pub struct PodServers {
@@ -133,9 +137,7 @@ async fn serve(
                 connections.spawn(async move {
                     let _ = tokio::time::timeout(CONNECTION_LIFETIME, async {
                         stream.write_all(hello.as_bytes()).await?;
-                        let (mut r, mut w) = stream.split();
-                        tokio::io::copy(&mut r, &mut w).await?;
-                        w.shutdown().await
+                        echo_until_bye(&mut stream).await
                     })
                     .await;
                 });
@@ -149,6 +151,22 @@ async fn serve(
         }
     }
     connections.shutdown().await;
+}
+
+/// Echoes `stream` until its end (then closes its side), or until a segment that is
+/// [`BYE`] (then closes first, and reads to the client's end).
+async fn echo_until_bye(stream: &mut tokio::net::TcpStream) -> io::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 16_384];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || &buf[..n] == BYE {
+            stream.shutdown().await?;
+            while stream.read(&mut buf).await? != 0 {}
+            return Ok(());
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
 }
 
 /// Who answered and the address it saw the connection come from.
@@ -174,6 +192,23 @@ impl Answer {
 /// One TCP connection from `ns` to `addr`: the greeting, then closed.
 pub fn ask_tcp(ns: &Netns, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Answer> {
     Answer::parse(&crate::tcp_ask(ns, addr, timeout)?)
+}
+
+/// One TCP connection from `ns` to `addr` that the pod closes first: the greeting,
+/// [`BYE`], the pod's FIN, then the client's.
+pub fn ask_tcp_pod_closes(
+    ns: &Netns,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
+    let mut conn = LongLived::open(ns, addr, timeout)?;
+    conn.stream.write_all(BYE)?;
+    let mut rest = Vec::new();
+    conn.stream
+        .read_to_end(&mut rest)
+        .with_context(|| format!("waiting for {addr} to close"))?;
+    anyhow::ensure!(rest.is_empty(), "{addr} sent {rest:?} after {BYE:?}");
+    Ok(conn.answer)
 }
 
 /// One UDP datagram from `ns` to `addr` and its answer (no retry: a lost datagram is a
