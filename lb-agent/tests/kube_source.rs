@@ -382,6 +382,10 @@ fn gone_relists_and_dirties_only_what_changed() {
         populate(server, 50);
         let mut source = Source::start(server).await;
         source.next_replaces().await;
+        // A watch logged but not yet open would miss the drop, and would get the 410
+        // itself when the history goes: its kind would relist without a resumed watch
+        // in the log below.
+        wait_for_requests(server, "three watches", |_| server.open_watches() == 3).await;
         let requests_before = server.requests().len();
 
         server.set_available(false);
