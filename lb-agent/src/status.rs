@@ -43,8 +43,8 @@ pub struct SnatStatus {
     pub ports_per_backend: u32,
     /// Reservations whose flow is live (or closed within the backend's `TIME_WAIT`).
     pub held: u64,
-    /// Of `held`, connections over but for the backend's `TIME_WAIT`: a new flow
-    /// takes one of their ports when it finds no free one.
+    /// Of `held`, connections the backend closed first over 10 s ago, held only for
+    /// its `TIME_WAIT`: a new flow takes one of their ports when it finds no free one.
     pub reusable: u64,
     /// Reservations past their timeout, free for the next flow that tries the port.
     pub idle: u64,
@@ -354,8 +354,8 @@ impl fmt::Display for SnatStatus {
         )?;
         writeln!(
             f,
-            "  ports held {} (closed, kept for the backend's TIME_WAIT {})  idle past their \
-             timeout {}  new flows dropped for no free port (drop_snat_exhausted) {}",
+            "  ports held {} (reusable when none is free {})  idle past their timeout {}  new \
+             flows dropped for no free port (drop_snat_exhausted) {}",
             self.held, self.reusable, self.idle, self.exhausted
         )?;
         if !self.backends.is_empty() {

@@ -237,75 +237,7 @@ fn snat_exhaustion_is_counted_and_other_backends_keep_working() {
     }
     assert_eq!(held(&t.status(FULL_NODE), &t.backend), TINY_PORTS as u64);
 
-    // Flows the client closed keep their ports for a while ...
-    drop(open);
-    t.refused("right after the client closed its flows");
-    // ... and then go: every port of the range serves a new connection again.
-    let freed = Duration::from_nanos(SNAT_TCP_CLOSED_NS) + Duration::from_secs(20);
-    let report = xlb.agents()[FULL_NODE]
-        .wait_for(freed, |r| held(r, &t.backend) == 0)
-        .unwrap_or_else(|e| panic!("the closed flows' ports: {e:#}"));
-    assert!(
-        report
-            .snat
-            .as_ref()
-            .is_some_and(|s| s.idle >= TINY_PORTS as u64),
-        "{report}"
-    );
-
-    // Flows the pod closes first keep their ports while the pod holds them in
-    // TIME_WAIT ...
-    let before = exhausted_count(&t.status(FULL_NODE));
-    for n in 0..TINY_PORTS {
-        let answer = ask_tcp_pod_closes(&cluster.client, t.mtu_via_full_node(), TIMEOUT)
-            .unwrap_or_else(|e| {
-                panic!("#{n} after the ports were freed: {e:#}\n{}", xlb.statuses())
-            });
-        assert_eq!((&answer.pod, answer.peer), (&t.pod, t.full_node));
-    }
-    assert_eq!(
-        exhausted_count(&t.status(FULL_NODE)),
-        before,
-        "no port was short"
-    );
-    assert_eq!(
-        held_reusable(&t.status(FULL_NODE), &t.backend),
-        (TINY_PORTS as u64, 0)
-    );
-    t.refused("right after the pod closed its flows");
-    // ... until a new flow finds no free port, 10 s after the close: then it takes one,
-    // and the pod's TIME_WAIT socket takes the new connection.
-    let report = xlb.agents()[FULL_NODE]
-        .wait_for(freed, |r| {
-            held_reusable(r, &t.backend) == (TINY_PORTS as u64, TINY_PORTS as u64)
-        })
-        .unwrap_or_else(|e| panic!("the pod-closed flows' ports: {e:#}"));
-    let text = report.to_string();
-    assert!(
-        text.contains(&format!("kept for the backend's TIME_WAIT {TINY_PORTS}")),
-        "{text}"
-    );
-    assert!(!text.contains("FULL"), "{text}");
-    let waiting = t.pod_time_wait();
-    assert!(
-        waiting >= TINY_PORTS,
-        "{waiting} connections in TIME_WAIT on the pod"
-    );
-    let before = exhausted_count(&report);
-    for n in 0..TINY_PORTS {
-        let answer = ask_tcp(&cluster.client, t.mtu_via_full_node(), TIMEOUT).unwrap_or_else(|e| {
-            panic!(
-                "#{n} on a port the pod holds in TIME_WAIT: {e:#}\n{}",
-                xlb.statuses()
-            )
-        });
-        assert_eq!((&answer.pod, answer.peer), (&t.pod, t.full_node));
-    }
-    assert_eq!(
-        exhausted_count(&t.status(FULL_NODE)),
-        before,
-        "no port was short"
-    );
+    t.closed_flows_give_their_ports_back(open);
 }
 
 /// What [`snat_exhaustion_is_counted_and_other_backends_keep_working`] works with.
@@ -348,6 +280,96 @@ impl<'a> Exhaustion<'a> {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// Flows the client closed (`open`, which fill the range) give their ports back 10 s
+    /// after the close; flows the pod closed keep them for its `TIME_WAIT` until none is
+    /// free, then serve new connections from 10 s after the close.
+    fn closed_flows_give_their_ports_back(&self, open: Vec<LongLived>) {
+        // Flows the client closed keep their ports for a while ...
+        drop(open);
+        self.refused("right after the client closed its flows");
+        // ... and then go: every port of the range serves a new connection again.
+        let freed = Duration::from_nanos(SNAT_TCP_CLOSED_NS) + Duration::from_secs(20);
+        let report = self.xlb.agents()[FULL_NODE]
+            .wait_for(freed, |r| held(r, &self.backend) == 0)
+            .unwrap_or_else(|e| panic!("the closed flows' ports: {e:#}"));
+        assert!(
+            report
+                .snat
+                .as_ref()
+                .is_some_and(|s| s.idle >= TINY_PORTS as u64),
+            "{report}"
+        );
+
+        // Flows the pod closes first keep their ports while the pod holds them in
+        // TIME_WAIT ...
+        let before = exhausted_count(&self.status(FULL_NODE));
+        let first_close = std::time::Instant::now();
+        for n in 0..TINY_PORTS {
+            let answer =
+                ask_tcp_pod_closes(&self.cluster.client, self.mtu_via_full_node(), TIMEOUT)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "#{n} after the ports were freed: {e:#}\n{}",
+                            self.xlb.statuses()
+                        )
+                    });
+            assert_eq!((&answer.pod, answer.peer), (&self.pod, self.full_node));
+        }
+        assert_eq!(
+            exhausted_count(&self.status(FULL_NODE)),
+            before,
+            "no port was short"
+        );
+        assert_eq!(
+            held_reusable(&self.status(FULL_NODE), &self.backend),
+            (TINY_PORTS as u64, 0)
+        );
+        // The refused connection takes 2 s; it must end within the 10 s hold.
+        let elapsed = first_close.elapsed();
+        assert!(
+            elapsed
+                < Duration::from_nanos(SNAT_TCP_CLOSED_NS).saturating_sub(Duration::from_secs(4)),
+            "{elapsed:?} after the first close: too late to check that the ports are still held"
+        );
+        self.refused("right after the pod closed its flows");
+        // ... until a new flow finds no free port, 10 s after the close: then it takes one,
+        // and the pod's TIME_WAIT socket takes the new connection.
+        let report = self.xlb.agents()[FULL_NODE]
+            .wait_for(freed, |r| {
+                held_reusable(r, &self.backend) == (TINY_PORTS as u64, TINY_PORTS as u64)
+            })
+            .unwrap_or_else(|e| panic!("the pod-closed flows' ports: {e:#}"));
+        let text = report.to_string();
+        assert!(
+            text.contains(&format!("reusable when none is free {TINY_PORTS}")),
+            "{text}"
+        );
+        assert!(!text.contains("FULL"), "{text}");
+        let waiting = self.pod_time_wait();
+        assert!(
+            waiting >= TINY_PORTS,
+            "{waiting} connections in TIME_WAIT on the pod"
+        );
+        let before = exhausted_count(&report);
+        // Half of the SYNs may need their retransmission, a second later.
+        let retry = TIMEOUT + Duration::from_secs(3);
+        for n in 0..TINY_PORTS {
+            let answer = ask_tcp(&self.cluster.client, self.mtu_via_full_node(), retry)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "#{n} on a port the pod holds in TIME_WAIT: {e:#}\n{}",
+                        self.xlb.statuses()
+                    )
+                });
+            assert_eq!((&answer.pod, answer.peer), (&self.pod, self.full_node));
+        }
+        assert_eq!(
+            exhausted_count(&self.status(FULL_NODE)),
+            before,
+            "no port was short"
+        );
     }
 
     fn mtu_via_full_node(&self) -> SocketAddr {

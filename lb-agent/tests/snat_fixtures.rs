@@ -525,6 +525,11 @@ impl<'a> Closing<'a> {
 
     /// The reservation of `f` on `port` as if its last packet were over 10 s ago.
     fn age(&mut self, f: &Frame, port: u16) {
+        self.age_by(f, port, TEN_S_AGO);
+    }
+
+    /// The reservation of `f` on `port` as if its last packet were `ago_ns` ago.
+    fn age_by(&mut self, f: &Frame, port: u16, ago_ns: u64) {
         let key = self.reply_key(f, port);
         let mut entry = self
             .node
@@ -532,7 +537,7 @@ impl<'a> Closing<'a> {
             .snat_entry(&key)
             .expect("snat map")
             .expect("reservation");
-        entry.last_seen_ns = coarse_now_ns() - TEN_S_AGO;
+        entry.last_seen_ns = coarse_now_ns() - ago_ns;
         self.node.dp.set_snat_entry(&key, &entry).expect("aged");
     }
 
@@ -612,6 +617,44 @@ fn a_flow_the_backend_closed_keeps_its_port_until_none_other_is_free() {
         let third = t.flow(second.ports().0 + 1);
         t.forward("third, the closed port", &third, PORT_MIN);
         t.dropped("fourth, both ports open", &t.flow(third.ports().0 + 1));
+    });
+}
+
+/// Of the ports held for their backends' `TIME_WAIT`, a flow that finds none free takes
+/// the one idle longest (the likeliest to have left it), whatever its tries' order.
+#[test]
+fn of_the_closed_ports_the_longest_idle_goes_first() {
+    with_node("snatoldest", |node, svcs| {
+        let mut t = Closing::new(node, svcs);
+        t.node.configure(PORT_MIN, PORT_MIN + 1);
+        let mut closed: Vec<(Frame, u16)> = Vec::new();
+        let mut from = 44_001;
+        while closed.len() < 2 {
+            let f = t.flow(from);
+            from = f.ports().0 + 1;
+            let port = if closed.is_empty() {
+                predicted_port(&f, 0, PORT_MIN, PORT_MIN + 1)
+            } else {
+                // The other port: the first is held.
+                if closed[0].1 == PORT_MIN {
+                    PORT_MIN + 1
+                } else {
+                    PORT_MIN
+                }
+            };
+            t.forward("opens", &f, port);
+            t.backend_sends("the backend's FIN", &f, port, Frame::fin);
+            t.forward("the client's FIN", &established(&f).fin(), port);
+            closed.push((f, port));
+        }
+        // The first closed 12 s ago, the second 50 s ago.
+        t.age_by(&closed[0].0, closed[0].1, TEN_S_AGO + 1_000_000_000);
+        t.age_by(&closed[1].0, closed[1].1, 50_000_000_000);
+        let next = (from..from + 1_000)
+            .map(|p| t.flow(p))
+            .find(|f| predicted_port(f, 0, PORT_MIN, PORT_MIN + 1) == closed[0].1)
+            .expect("a flow whose first try is the port idle 12 s");
+        t.forward("the port idle 50 s", &next, closed[1].1);
     });
 }
 

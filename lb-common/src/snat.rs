@@ -18,13 +18,21 @@
 //! How long a closed TCP flow keeps its port depends on who closed it. The side that
 //! sends the first FIN keeps the connection in `TIME_WAIT`; when that is the client, or
 //! an RST ended it, the backend keeps nothing, and the port is free 10 s after the
-//! last packet (Cilium's `bpf-ct-timeout-regular-tcp-fin`, conntrack's CLOSE). When
-//! the backend closed first, its `TIME_WAIT` socket answers a new SYN from the same
-//! address and port only if the SYN's sequence number or timestamp is newer (Linux's
-//! `tcp_timewait_state_process`), and otherwise with an ACK that makes the client
-//! reset it and send its SYN again one second later: such a port is held for 120 s
-//! while other ports are free, and given to a new flow 10 s after the close when none
-//! of the flow's attempts is.
+//! last packet (Cilium's `bpf-ct-timeout-regular-tcp-fin`). When the backend closed
+//! first, its `TIME_WAIT` socket takes a new SYN from the same address and port when
+//! the SYN's timestamp is newer (its sequence number, without timestamps: Linux's
+//! `tcp_timewait_state_process`), and otherwise answers with an ACK that makes the
+//! client reset it and send its SYN again one second later (a backend with
+//! `tcp_rfc1337=1` ignores that reset, and the client waits out the `TIME_WAIT`): such
+//! a port is held for 120 s while other ports are free, and given to a new flow none of
+//! whose attempts is free 10 s after the close, the longest idle first.
+//!
+//! What the node cannot see: FINs that cross (the backend sent its own before the
+//! client's arrived) leave both ends in `TIME_WAIT` but count as the client's close
+//! (the flow that gets the port next may need a SYN retransmission); and an RST the
+//! receiver drops (outside its window, as a stray or forged one is) counts as the end
+//! of the connection until another packet passes, so a connection still open and idle
+//! 10 s after it loses its port.
 
 use crate::{
     PROTO_TCP, SNAT_STATE_BACKEND_WAITS, SNAT_STATE_CLOSING, SNAT_STATE_FIN_BACKEND,
@@ -44,13 +52,15 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// An open TCP flow's reservation survives this long without a packet: kube-proxy's
 /// `conntrack.tcpEstablishedTimeout` (24 h).
 pub const SNAT_TCP_IDLE_NS: u64 = 86_400 * NS_PER_S;
-/// After a FIN or RST, and after the backend closed first: the kernel's
-/// `nf_conntrack_tcp_timeout_time_wait` (120 s), so a backend's `TIME_WAIT` socket is gone
-/// before the port is given to another client while other ports are free.
+/// After a FIN, when the backend closed first or only one side has closed, and after a
+/// packet that followed an RST: the kernel's `nf_conntrack_tcp_timeout_time_wait`
+/// (120 s), so a backend's `TIME_WAIT` socket is gone before the port is given to
+/// another client while other ports are free.
 pub const SNAT_TCP_CLOSING_NS: u64 = 120 * NS_PER_S;
 /// After a close that left the backend nothing to wait for (the client's FIN first,
-/// then the backend's; or an RST): time for the last ACK and stray retransmissions
-/// (Cilium's `bpf-ct-timeout-regular-tcp-fin`, conntrack's CLOSE state: 10 s).
+/// then the backend's; or an RST as the last packet): time for the last ACK and stray
+/// retransmissions (Cilium's `bpf-ct-timeout-regular-tcp-fin`, 10 s; conntrack gives
+/// its CLOSE state, after an RST, as long).
 pub const SNAT_TCP_CLOSED_NS: u64 = 10 * NS_PER_S;
 /// UDP: the kernel's `nf_conntrack_udp_timeout_stream` (120 s).
 pub const SNAT_UDP_IDLE_NS: u64 = 120 * NS_PER_S;

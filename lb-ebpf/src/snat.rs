@@ -87,8 +87,9 @@ fn owned_by(entry: &SnatEntry, pkt: &Packet, service_id: u32) -> bool {
 }
 
 /// A port (network order) for a new flow of `pkt` (not yet translated) to `backend`:
-/// the first free or stale one of the attempts; when there is none, the first whose
-/// connection is over but for the backend's `TIME_WAIT` (`snat_reusable_when_full`).
+/// the first free or stale one of the attempts; when there is none, the one idle
+/// longest of those whose connection is over but for the backend's `TIME_WAIT`
+/// (`snat_reusable_when_full`), the likeliest to have left it.
 #[inline(always)]
 pub fn allocate(
     pkt: &Packet,
@@ -122,15 +123,16 @@ pub fn allocate(
     let hash = flow_hash(&pkt.key);
     // Port 0 is never in the range (`--snat-ports` starts at 1).
     let mut closed = 0u16;
+    let mut closed_idle = 0u64;
     for attempt in 0..SNAT_ATTEMPTS {
         let port = snat_port(hash, attempt, cfg.port_min, cfg.port_max).to_be();
         key.dport = port;
         if SNAT_V1.insert(&*key, entry, BPF_NOEXIST).is_ok() {
             return Ok(port);
         }
-        let (free, reusable) = match SNAT_V1.get_ptr(&*key) {
+        let (free, reusable, idle) = match SNAT_V1.get_ptr(&*key) {
             // Evicted between the two calls.
-            None => (true, false),
+            None => (true, false, 0),
             // SAFETY: a valid map value pointer, read in place.
             Some(old) => unsafe {
                 let idle = now.saturating_sub((*old).last_seen_ns);
@@ -138,14 +140,16 @@ pub fn allocate(
                     owned_by(&*old, pkt, frontend.service_id)
                         || idle > snat_idle_ns(pkt.key.proto, (*old).state),
                     snat_reusable_when_full(pkt.key.proto, (*old).state, idle),
+                    idle,
                 )
             },
         };
         if free && SNAT_V1.insert(&*key, entry, BPF_ANY).is_ok() {
             return Ok(port);
         }
-        if reusable && closed == 0 {
+        if reusable && idle > closed_idle {
             closed = port;
+            closed_idle = idle;
         }
     }
     if closed != 0 {
@@ -155,6 +159,23 @@ pub fn allocate(
         }
     }
     Err(Reason::DropSnatExhausted)
+}
+
+/// The reservation's state after this packet, stored only when it changes: the two
+/// directions of a flow often run on two CPUs, and a plain ACK's store of the state it
+/// read could undo the other CPU's FIN or RST.
+///
+/// # Safety
+/// `entry` is a valid map value pointer.
+#[inline(always)]
+unsafe fn refresh_state(entry: *mut SnatEntry, tcp_flags: u8, from_client: bool) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        let state = snat_state_after((*entry).state, tcp_flags, from_client);
+        if state != (*entry).state {
+            (*entry).state = state;
+        }
+    }
 }
 
 /// Whether the reservation of `port` (network order) for this packet's flow to
@@ -178,7 +199,7 @@ pub fn owned(pkt: &Packet, backend: &Backend, service_id: u32, port: u16, tcp_fl
             return false;
         }
         (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
-        (*entry).state = snat_state_after((*entry).state, tcp_flags, true);
+        refresh_state(entry, tcp_flags, true);
     }
     true
 }
@@ -193,7 +214,7 @@ pub fn reply(pkt: &Packet, tcp_flags: u8) -> Option<*mut SnatEntry> {
     // SAFETY: a valid map value pointer; refreshed in place.
     unsafe {
         (*entry).last_seen_ns = bpf_ktime_get_coarse_ns();
-        (*entry).state = snat_state_after((*entry).state, tcp_flags, false);
+        refresh_state(entry, tcp_flags, false);
     }
     Some(entry)
 }

@@ -109,9 +109,9 @@ pub struct Usage {
     /// Reservations past their timeout (`lb_common::snat::snat_idle_ns`): the next flow
     /// that tries their port takes it.
     pub idle: u64,
-    /// Held reservations of connections that are over but for the backend's
-    /// `TIME_WAIT` (`snat_reusable_when_full`): a new flow takes one when none of its
-    /// attempts is free.
+    /// Held reservations of connections the backend closed first over 10 s ago, held
+    /// only for its `TIME_WAIT` (`snat_reusable_when_full`): a new flow takes one when
+    /// none of its attempts is free.
     pub reusable: u64,
     /// Held ports per backend.
     pub per_backend: std::collections::BTreeMap<SnatBackend, BackendUsage>,

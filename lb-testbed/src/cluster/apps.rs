@@ -20,8 +20,9 @@ use crate::netns::Netns;
 /// How long one TCP connection may stay open on a pod server.
 const CONNECTION_LIFETIME: Duration = Duration::from_mins(2);
 
-/// A segment of exactly these bytes makes the pod close the connection first, so
-/// that the pod, not the client, keeps it in `TIME_WAIT`.
+/// A read of exactly these bytes makes the pod close the connection first, so that
+/// the pod, not the client, keeps it in `TIME_WAIT`. Send it alone, once every echo
+/// has come back: bytes read with it are echoed as data.
 pub const BYE: &[u8] = b"bye\n";
 
 /// The pod servers of a cluster: TCP and UDP on `[::]:port` in every pod.
