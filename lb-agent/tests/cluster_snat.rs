@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use lb_agent::status::Report;
 use lb_common::snat::{SNAT_ATTEMPTS, SNAT_TCP_CLOSED_NS};
-use lb_testbed::cluster::apps::{LongLived, PodServers, ask_tcp, ask_tcp_pod_closes, ask_udp};
+use lb_testbed::Netns;
+use lb_testbed::cluster::apps::{
+    Answer, LongLived, PodServers, ask_tcp, ask_tcp_pod_closes, ask_udp,
+};
 use lb_testbed::cluster::scenarios::{self, POD_PORT};
 use lb_testbed::cluster::xlb::{self, Mode, XlbAgents};
 use lb_testbed::cluster::{
@@ -304,24 +307,8 @@ impl<'a> Exhaustion<'a> {
 
         // Flows the pod closes first keep their ports while the pod holds them in
         // TIME_WAIT ...
-        let before = exhausted_count(&self.status(FULL_NODE));
         let first_close = std::time::Instant::now();
-        for n in 0..TINY_PORTS {
-            let answer =
-                ask_tcp_pod_closes(&self.cluster.client, self.mtu_via_full_node(), TIMEOUT)
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "#{n} after the ports were freed: {e:#}\n{}",
-                            self.xlb.statuses()
-                        )
-                    });
-            assert_eq!((&answer.pod, answer.peer), (&self.pod, self.full_node));
-        }
-        assert_eq!(
-            exhausted_count(&self.status(FULL_NODE)),
-            before,
-            "no port was short"
-        );
+        self.fill_range("after the ports were freed", ask_tcp_pod_closes, TIMEOUT);
         assert_eq!(
             held_reusable(&self.status(FULL_NODE), &self.backend),
             (TINY_PORTS as u64, 0)
@@ -352,23 +339,29 @@ impl<'a> Exhaustion<'a> {
             waiting >= TINY_PORTS,
             "{waiting} connections in TIME_WAIT on the pod"
         );
-        let before = exhausted_count(&report);
         // Half of the SYNs may need their retransmission, a second later.
         let retry = TIMEOUT + Duration::from_secs(3);
+        self.fill_range("on a port the pod holds in TIME_WAIT", ask_tcp, retry);
+    }
+
+    /// A range's worth of new connections to `mtu` through node 0, made by `ask`
+    /// within `timeout` each: every one served, none short of a port.
+    fn fill_range(
+        &self,
+        what: &str,
+        ask: fn(&Netns, SocketAddr, Duration) -> anyhow::Result<Answer>,
+        timeout: Duration,
+    ) {
+        let before = exhausted_count(&self.status(FULL_NODE));
         for n in 0..TINY_PORTS {
-            let answer = ask_tcp(&self.cluster.client, self.mtu_via_full_node(), retry)
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "#{n} on a port the pod holds in TIME_WAIT: {e:#}\n{}",
-                        self.xlb.statuses()
-                    )
-                });
+            let answer = ask(&self.cluster.client, self.mtu_via_full_node(), timeout)
+                .unwrap_or_else(|e| panic!("#{n} {what}: {e:#}\n{}", self.xlb.statuses()));
             assert_eq!((&answer.pod, answer.peer), (&self.pod, self.full_node));
         }
         assert_eq!(
             exhausted_count(&self.status(FULL_NODE)),
             before,
-            "no port was short"
+            "{what}: no port was short"
         );
     }
 
