@@ -75,7 +75,9 @@ impl Bed {
     /// As [`Bed::spread`], but the first failed connection ends it with the error, for
     /// waits across a change: there one connection can fail (one did in a CI run of
     /// 2026-12-07, connected but unanswered within 2 s while backend-2's slot was being
-    /// emptied; why is not known yet), and only the checks after the wait must see none.
+    /// emptied, most likely one whose handshake reached backend-2 and whose next packets
+    /// were moved to another endpoint; an endpoint that stops being ready now drains
+    /// instead), and only the checks after the wait must see none.
     fn try_spread(&self, addr: SocketAddr, n: u32) -> anyhow::Result<BTreeMap<String, u32>> {
         let mut seen = BTreeMap::new();
         for _ in 0..n {
@@ -162,6 +164,11 @@ spec:
 
 /// An EndpointSlice for `service` with (backend index, node, ready).
 fn slice(service: &str, endpoints: &[(usize, &str, bool)]) -> String {
+    slice_on(service, PORT, endpoints)
+}
+
+/// As [`slice`], with the endpoints serving on `port`.
+fn slice_on(service: &str, port: u16, endpoints: &[(usize, &str, bool)]) -> String {
     let mut yaml = format!(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -183,7 +190,7 @@ metadata:
 addressType: IPv4
 ports:
 - name: http
-  port: {PORT}
+  port: {port}
   protocol: TCP
 endpoints:
 "
@@ -330,6 +337,85 @@ fn cluster_ip_and_node_port_spread_over_every_ready_endpoint() {
         ["backend-0", "backend-1"],
         "{seen:?}"
     );
+}
+
+/// `api` (ClusterIP 203.0.113.12:80) on the keep-alive HTTP servers at `API_PORT`,
+/// backend 2 ready or not.
+fn api_file(backend_2_ready: bool) -> String {
+    let svc = service(
+        "api",
+        "203.0.113.12",
+        "ClusterIP",
+        "  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: http
+",
+        "  loadBalancer: {}\n",
+    );
+    let endpoints = [
+        (0, "node-a", true),
+        (1, "node-b", true),
+        (2, "node-b", backend_2_ready),
+    ];
+    format!("{svc}---\n{}", slice_on("api", API_PORT, &endpoints))
+}
+
+const API_PORT: u16 = 8081;
+
+/// An endpoint that stops being ready (a Pod failing its readiness probe, or one a
+/// rolling update is replacing) gets no new connections, but a TCP connection already
+/// open to it keeps it, as kube-proxy's conntrack entry keeps it: a keep-alive HTTP
+/// connection to backend 2 (on node-b, so source-NATed) is answered by backend 2 on
+/// every request before, during and after the change, while new connections go to
+/// the others.
+#[test]
+fn an_endpoint_that_stops_being_ready_keeps_its_open_connections() {
+    let bed = Bed::new("k8sdrain", 3);
+    let _http: Vec<ServerHandle> = (0..3)
+        .map(|i| {
+            let bind = SocketAddr::new(IpAddr::V4(Topology::backend_v4(i)), API_PORT);
+            testbed::spawn_http_server(&bed.topo.backends[i], bind, &format!("backend-{i}"))
+                .expect("HTTP server")
+        })
+        .collect();
+    bed.write("node.yaml", &node());
+    bed.write("api.yaml", &api_file(true));
+    let agent = bed.agent("k8sdrain");
+    let api = addr("203.0.113.12", 80);
+    let get_new = || -> anyhow::Result<String> {
+        testbed::HttpConnection::open(&bed.topo.client, api, TIMEOUT)?.get(TIMEOUT)
+    };
+    until(&agent, "the ClusterIP answers", || get_new().is_ok());
+
+    // A keep-alive connection that backend 2 answers (Maglev spreads new connections
+    // over the three: one in three lands there).
+    let kept = (0..60)
+        .find_map(|_| {
+            let mut conn = testbed::HttpConnection::open(&bed.topo.client, api, TIMEOUT).ok()?;
+            (conn.get(TIMEOUT).ok()? == "backend-2").then_some(conn)
+        })
+        .expect("a connection to backend-2 in 60");
+    // `until` takes a plain `Fn`.
+    let kept = std::cell::RefCell::new(kept);
+
+    bed.write("api.yaml", &api_file(false));
+    until(&agent, "new connections avoid backend-2", || {
+        let again = kept
+            .borrow_mut()
+            .get(TIMEOUT)
+            .expect("the open connection, during the change");
+        assert_eq!(again, "backend-2", "the open connection moved");
+        (0..30).all(|_| get_new().is_ok_and(|b| b != "backend-2"))
+    });
+    for n in 0..5 {
+        let again = kept
+            .borrow_mut()
+            .get(TIMEOUT)
+            .unwrap_or_else(|e| panic!("request {n} on the open connection after: {e:#}"));
+        assert_eq!(again, "backend-2", "the open connection moved");
+    }
 }
 
 #[test]

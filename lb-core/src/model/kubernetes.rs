@@ -576,7 +576,7 @@ fn family_models(
             continue;
         }
         let chosen = if local_only { &local } else { &cluster };
-        let backends: BTreeMap<Endpoint, BackendModel> = chosen
+        let mut backends: BTreeMap<Endpoint, BackendModel> = chosen
             .iter()
             .map(|c| {
                 (
@@ -589,14 +589,17 @@ fn family_models(
                 )
             })
             .collect();
+        let table_size = policy
+            .table_override
+            .unwrap_or_else(|| auto_table_size(&backends));
+        if port.protocol == Protocol::Tcp {
+            drain_the_rest(&mut backends, &family, local_only);
+        }
         let name = format!(
             "{base}{}{}",
             if local_only { "/local" } else { "" },
             if with_ranges { "/ranges" } else { "" }
         );
-        let table_size = policy
-            .table_override
-            .unwrap_or_else(|| auto_table_size(&backends));
         let model = ServiceModel {
             frontends,
             // kube-proxy REJECTs when the Service has no endpoints at all and DROPs
@@ -667,6 +670,26 @@ fn usable<'a>(family: &[&'a Candidate], local: bool) -> Vec<&'a Candidate> {
             .collect()
     } else {
         ready
+    }
+}
+
+/// The endpoints of the slices that new connections do not get (not ready, or
+/// terminating while others are ready), as draining backends (weight 0): a TCP
+/// connection already open to one keeps it until it ends, as kube-proxy's conntrack
+/// entries keep theirs, so a rolling update drains instead of resetting the
+/// connections of the Pods it replaces. (UDP flows move: kube-proxy deletes the
+/// conntrack entries of UDP endpoints that stop serving.) `local_only`: this node's.
+fn drain_the_rest(
+    backends: &mut BTreeMap<Endpoint, BackendModel>,
+    family: &[&Candidate],
+    local_only: bool,
+) {
+    for c in family.iter().filter(|c| !local_only || c.local) {
+        backends.entry(c.endpoint).or_insert(BackendModel {
+            weight: 0,
+            health: Health::Unchecked,
+            local: c.local,
+        });
     }
 }
 

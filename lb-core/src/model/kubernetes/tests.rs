@@ -371,8 +371,11 @@ fn endpoint_port_matched_by_name_and_protocol() {
     );
 }
 
-/// Only ready endpoints get traffic while any is ready: not-ready Pods, and terminating
-/// ones still serving, are left out.
+/// Only ready endpoints get new connections while any is ready: not-ready Pods, and
+/// terminating ones, are left out of the table. Over TCP they drain (weight 0): a
+/// connection already open to one keeps it, as kube-proxy's conntrack entries keep
+/// theirs through a rolling update. Over UDP they are gone (kube-proxy deletes the
+/// conntrack entries of UDP endpoints that stop serving).
 /// https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#conditions
 /// https://kubernetes.io/docs/reference/networking/virtual-ips/#traffic-to-terminating-endpoints
 #[test]
@@ -380,7 +383,16 @@ fn only_ready_endpoints() {
     let c = cluster(&load("conditions.yaml"));
     let t = translate_in(&c, "shop/rolling", &node_a());
     no_problems(&t);
-    assert_eq!(t["shop/rolling:http/tcp"].backends, ["192.0.2.101:8080 w1"]);
+    assert_eq!(
+        t["shop/rolling:http/tcp"].backends,
+        [
+            "192.0.2.101:8080 w1",
+            "192.0.2.102:8080 w0",
+            "192.0.2.103:8080 w0",
+            "192.0.2.104:8080 w0"
+        ]
+    );
+    assert_eq!(t["shop/rolling:dns/udp"].backends, ["192.0.2.101:8053 w1"]);
 }
 
 /// When no endpoint is ready, the ones that are serving while terminating are used, so
@@ -397,13 +409,22 @@ fn serving_terminating_when_none_ready() {
     no_problems(&t);
     assert_eq!(
         t["shop/draining:http/tcp"].backends,
-        ["192.0.2.111:8080 w1", "192.0.2.112:8080 w1"]
+        [
+            "192.0.2.111:8080 w1",
+            "192.0.2.112:8080 w1",
+            "192.0.2.113:8080 w0",
+            "192.0.2.114:8080 w0"
+        ]
     );
     assert_eq!(t["shop/draining:http/tcp"].when_empty, Drop);
 
-    // Only terminating-not-serving and not-ready endpoints: nothing usable.
+    // Only terminating-not-serving and not-ready endpoints: nothing usable, so new
+    // connections are refused; open ones drain.
     let t = translate_in(&c, "shop/gone", &node_a());
-    assert_eq!(t["shop/gone:http/tcp"].backends, Vec::<String>::new());
+    assert_eq!(
+        t["shop/gone:http/tcp"].backends,
+        ["192.0.2.121:8080 w0", "192.0.2.122:8080 w0"]
+    );
     assert_eq!(t["shop/gone:http/tcp"].when_empty, Reject);
 }
 
@@ -421,7 +442,7 @@ fn unset_conditions_take_the_api_defaults() {
     let t = translate_in(&c, "shop/external-db", &node_a());
     assert_eq!(
         t["shop/external-db:http/tcp"].backends,
-        ["192.0.2.141:8080 w1"]
+        ["192.0.2.141:8080 w1", "192.0.2.142:8080 w0"]
     );
 }
 
@@ -519,7 +540,9 @@ fn external_traffic_policy_local() {
         [
             "192.0.2.171:8443 w1",
             "192.0.2.172:8443 w1",
-            "192.0.2.173:8443 w1"
+            "192.0.2.173:8443 w1",
+            "192.0.2.174:8443 w0",
+            "192.0.2.175:8443 w0"
         ]
     );
     let local = &t["shop/ingress:https/tcp/local"];
@@ -533,7 +556,11 @@ fn external_traffic_policy_local() {
     );
     assert_eq!(
         local.backends,
-        ["192.0.2.171:8443 w1", "192.0.2.172:8443 w1"]
+        [
+            "192.0.2.171:8443 w1",
+            "192.0.2.172:8443 w1",
+            "192.0.2.174:8443 w0"
+        ]
     );
     assert_eq!(local.when_empty, Drop);
 
@@ -543,7 +570,14 @@ fn external_traffic_policy_local() {
     let local = &t["shop/ingress:https/tcp/local"];
     assert_eq!(local.backends, Vec::<String>::new());
     assert_eq!(local.when_empty, Drop);
-    assert_eq!(t["shop/ingress:https/tcp"].backends.len(), 3);
+    assert_eq!(
+        t["shop/ingress:https/tcp"]
+            .backends
+            .iter()
+            .filter(|b| b.ends_with("w1"))
+            .count(),
+        3
+    );
 }
 
 /// With policy Local and only terminating endpoints on this node, those that still
@@ -674,7 +708,14 @@ fn in_cluster_clients_of_external_policy_local_use_every_endpoint() {
             "tcp 203.0.113.201:30443 in-cluster"
         ]
     );
-    assert_eq!(in_cluster.backends.len(), 3);
+    assert_eq!(
+        in_cluster
+            .backends
+            .iter()
+            .filter(|b| b.ends_with("w1"))
+            .count(),
+        3
+    );
     assert!(in_cluster.ranges.is_empty());
 
     // Policy Cluster: one model, no in-cluster entries.
