@@ -1578,6 +1578,55 @@ fn a_kept_flows_syn_again_keeps_its_backend_when_the_table_empties() {
     });
 }
 
+/// A bare SYN whose kept flow's backend drains (weight 0, or an endpoint that is no
+/// longer ready) is a new connection on a reused client port: it goes to the table and
+/// counts as a new flow, and the flow's later packets follow it. Until then the open
+/// flow's packets stay with the draining backend.
+#[test]
+fn a_syn_on_a_reused_port_leaves_a_draining_backend() {
+    with_node("syndrain", |node, _| {
+        let mut svc = Service::new(
+            35,
+            (IpAddr::V4(Ipv4Addr::new(203, 0, 113, 94)), 80, PROTO_TCP),
+            vec![(351, backend_v4(11), 8080), (352, backend_v4(12), 8080)],
+        );
+        svc.install(&mut node.dp);
+        let f = client_frame(&svc, 45_200);
+        let (id, backend, bport) = svc.expected_backend(&f);
+        node.check(&to_backend("first SYN", &f, backend, bport));
+
+        // Its backend drains as the agent does it: the new table first, then the flag.
+        svc.backends.retain(|b| b.0 != id);
+        svc.rebuild_table();
+        node.dp.set_maglev_table(35, &svc.table).expect("new table");
+        node.dp
+            .set_backend(
+                id,
+                Backend {
+                    addr: addr16(backend),
+                    port: bport.to_be(),
+                    family: family(backend),
+                    flags: BACKEND_F_DRAINING,
+                    service_id: 35,
+                },
+            )
+            .expect("drain");
+        let mut data = f.clone();
+        if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut data.l4 {
+            *syn = false;
+        }
+        data.payload = b"more".to_vec();
+        node.check(&to_backend("the open flow's data", &data, backend, bport));
+
+        let (_, other, oport) = svc.expected_backend(&f);
+        assert_ne!(other, backend);
+        let before = node.new_flows(35);
+        node.check(&to_backend("a SYN on the reused port", &f, other, oport));
+        assert_eq!(node.new_flows(35), before + 1, "a new flow");
+        node.check(&to_backend("its data", &data, other, oport));
+    });
+}
+
 #[test]
 fn a_rejecting_service_with_ranges_answers_only_clients_inside() {
     with_node("srcrj", |node, _| {

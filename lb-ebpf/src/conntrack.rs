@@ -10,9 +10,10 @@
 //! `CONNTRACK_V2` by the forward 5-tuple, `REVNAT_V1` by the reply's.
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
-    FLOW_REPLY_ELSEWHERE, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR, FRONTEND_F_SNAT,
-    FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat, TrackedFlow,
+    BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, ClientFlow, ClientKey,
+    FLOW_F_FRONTEND_REMEMBERED, FLOW_REPLY_ELSEWHERE, FRONTEND_F_CLIENT_AFFINITY, FRONTEND_F_DSR,
+    FRONTEND_F_SNAT, FRONTEND_F_SOURCE_RANGES, FlowKey, Frontend, NextHop, Reason, RevNat,
+    TrackedFlow,
 };
 
 use crate::{
@@ -304,7 +305,7 @@ fn pick(
     } else {
         tracked
     };
-    if let Some(k) = kept_of(tracked.kept, frontend) {
+    if let Some(k) = kept_of(tracked.kept, frontend, tcp_flags) {
         return Ok(k);
     }
     if frontend.flags & FRONTEND_F_SOURCE_RANGES != 0 {
@@ -322,7 +323,7 @@ fn pick(
         // frontend's flow), the table has no backend for the flow, or it needs a SNAT
         // port first: looked up as any packet, and a kept flow stays kept.
         let tracked = resolve(pkt, tcp_flags);
-        if let Some(k) = kept_of(tracked.kept, frontend) {
+        if let Some(k) = kept_of(tracked.kept, frontend, tcp_flags) {
             return Ok(k);
         }
         tracked.other
@@ -373,10 +374,14 @@ fn new_flow_state(frontend: &Frontend, id: u32, b: Backend) -> (TrackedFlow, Bac
     (flow, b, replies_here)
 }
 
-/// The kept flow, while it is `frontend`'s service's.
+/// The kept flow, while it is `frontend`'s service's; but a bare SYN whose backend
+/// drains (weight 0, or an endpoint no longer ready) is a new connection on a reused
+/// client port, or a retry of one that never opened: it goes to the table, as Linux's
+/// conntrack gives a closed entry's tuple a new NAT on a new SYN.
 #[inline(always)]
-fn kept_of(kept: Option<Kept>, frontend: &Frontend) -> Option<Pick> {
+fn kept_of(kept: Option<Kept>, frontend: &Frontend, tcp_flags: u8) -> Option<Pick> {
     kept.filter(|k| k.flow.service_id == frontend.service_id)
+        .filter(|k| !(bare_syn(tcp_flags) && k.backend.flags & BACKEND_F_DRAINING != 0))
         .map(|k| Pick {
             flow: k.flow,
             backend: k.backend,
