@@ -137,13 +137,7 @@ fn round_trip(node: &Node, svc: &Service, sport: u16, what: &str) {
     let want = encapsulated(&f, node_addr_for(backend), backend, bport, macs);
     for (packet, frame) in [
         ("new flow", f.clone()),
-        ("established", {
-            let mut g = f.clone();
-            if let L4::Tcp { syn, .. } = &mut g.l4 {
-                *syn = false;
-            }
-            g
-        }),
+        ("established", f.clone().established()),
     ] {
         let want = encapsulated(&frame, node_addr_for(backend), backend, bport, macs);
         let out = xdp::test_run(&node.dp, &frame.build(), Some(node.client_if))

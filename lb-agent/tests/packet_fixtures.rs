@@ -198,10 +198,7 @@ fn flow_round_trip(node: &mut Node, svc: &Service, sport: u16, what: &'static st
     );
 
     // The same flow again (a data segment): same backend, no new flow.
-    let mut again = f.clone();
-    if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
-        *syn = false;
-    }
+    let mut again = f.clone().established();
     again.payload = b"more data".to_vec();
     node.check(&to_backend(what, &again, backend, bport));
     assert_eq!(
@@ -683,10 +680,7 @@ fn conntrack_entries_remember_their_frontend() {
                     ..tracked
                 },
             );
-            let mut again = f.clone();
-            if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
-                *syn = false;
-            }
+            let mut again = f.clone().established();
             again.payload = b"after an upgrade".to_vec();
             let before = node.new_flows(svc.id);
             node.check(&to_backend("older entry", &again, backend, bport));
@@ -725,10 +719,7 @@ fn one_client_port_two_frontends() {
         assert!(node.dp.flow_pairs_marked().expect("flag"), "pairs in use");
         assert_eq!(pins.entries(maps::REVNAT), 1, "with its reply entry");
         for (svc, f, backend, port) in [(a, &fa, ba, pa), (&b, &fb, bb, pb)] {
-            let mut again = f.clone();
-            if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
-                *syn = false;
-            }
+            let mut again = f.clone().established();
             again.payload = b"both at once".to_vec();
             let before = node.new_flows(svc.id);
             node.check(&to_backend(
@@ -1519,10 +1510,7 @@ fn an_established_flow_survives_new_source_ranges_that_exclude_it() {
             .expect("range");
         svc.flags = FRONTEND_F_SOURCE_RANGES;
         svc.install(&mut node.dp);
-        let mut again = f.clone();
-        if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut again.l4 {
-            *syn = false;
-        }
+        let again = f.clone().established();
         node.check(&to_backend(
             "the tracked flow goes on",
             &again,
@@ -1611,10 +1599,7 @@ fn a_syn_on_a_reused_port_leaves_a_draining_backend() {
                 },
             )
             .expect("drain");
-        let mut data = f.clone();
-        if let lb_testbed::frames::L4::Tcp { syn, .. } = &mut data.l4 {
-            *syn = false;
-        }
+        let mut data = f.clone().established();
         data.payload = b"more".to_vec();
         node.check(&to_backend("the open flow's data", &data, backend, bport));
 

@@ -13,7 +13,7 @@ use lb_common::{
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
     snat::{SNAT_TCP_CLOSED_NS, SNAT_UDP_IDLE_NS, snat_port},
 };
-use lb_testbed::frames::{Frame, L4, verify_checksums};
+use lb_testbed::frames::{Frame, verify_checksums};
 use lb_testbed::node::*;
 use lb_testbed::xdp;
 
@@ -170,15 +170,12 @@ fn snat_out(frame: &Frame, backend: IpAddr, port: u16, nat_port: u16) -> Frame {
 /// The backend's reply to the source-NATed `out`.
 fn reply_to(out: &Frame) -> Frame {
     let (sport, dport) = out.ports();
-    let mut r = out.clone();
+    let mut r = out.clone().established();
     r.src = out.dst;
     r.dst = out.src;
     r.set_ports(dport, sport);
     r.ttl = 64;
     r.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
-    if let L4::Tcp { syn, .. } = &mut r.l4 {
-        *syn = false;
-    }
     r.macs(backend_mac(last_octet(out.dst)), LB_BACKEND_MAC)
 }
 
@@ -221,10 +218,7 @@ fn snat_round_trip(node: &Node, svc: &Service, sport: u16, what: &str) -> u16 {
     assert_eq!(entry.client_port, sport.to_be());
     assert_eq!(entry.service_id, svc.id);
 
-    let mut again = f.clone();
-    if let L4::Tcp { syn, .. } = &mut again.l4 {
-        *syn = false;
-    }
+    let mut again = f.clone().established();
     again.payload = b"more".to_vec();
     node.check(
         what,
@@ -279,10 +273,7 @@ fn one_client_port_two_snat_frontends_one_backend() {
         let port_b = snat_round_trip(node, &b, 40_700, "second frontend, same backend");
         assert_ne!(port_a, port_b, "two connections at the backend");
         for (svc, port) in [(a, port_a), (&b, port_b)] {
-            let mut again = client_frame(svc, 40_700);
-            if let L4::Tcp { syn, .. } = &mut again.l4 {
-                *syn = false;
-            }
+            let mut again = client_frame(svc, 40_700).established();
             again.payload = b"both at once".to_vec();
             let before = node.dp.service_stats(svc.id).expect("stats").new_flows;
             node.check(
@@ -446,15 +437,6 @@ fn exhaustion_is_dropped_and_counted_while_other_backends_and_services_work() {
     });
 }
 
-/// `frame` after its handshake: an ACK.
-fn established(frame: &Frame) -> Frame {
-    let mut f = frame.clone();
-    if let L4::Tcp { syn, .. } = &mut f.l4 {
-        *syn = false;
-    }
-    f
-}
-
 const TEN_S_AGO: u64 = SNAT_TCP_CLOSED_NS + 1_000_000_000;
 const FINS: u8 = SNAT_STATE_CLOSING | SNAT_STATE_FIN_CLIENT | SNAT_STATE_FIN_BACKEND;
 
@@ -509,18 +491,21 @@ impl<'a> Closing<'a> {
 
     /// The state of `f`'s reservation of `port`.
     fn state(&self, f: &Frame, port: u16) -> u8 {
-        let entry = self
-            .node
-            .dp
-            .snat_entry(&self.reply_key(f, port))
-            .expect("snat map")
-            .expect("reservation");
+        let (_, entry) = self.reservation(f, port);
         assert_eq!(entry.client_port, f.ports().0.to_be(), "the flow's own");
         entry.state
     }
 
-    fn reply_key(&self, f: &Frame, port: u16) -> lb_common::FlowKey {
-        flow_key(&reply_to(&self.out(f, port)))
+    /// The reservation of `port` for `f`'s backend: its key and its entry.
+    fn reservation(&self, f: &Frame, port: u16) -> (lb_common::FlowKey, SnatEntry) {
+        let key = flow_key(&reply_to(&self.out(f, port)));
+        let entry = self
+            .node
+            .dp
+            .snat_entry(&key)
+            .expect("snat map")
+            .expect("reservation");
+        (key, entry)
     }
 
     /// The reservation of `f` on `port` as if its last packet were over 10 s ago.
@@ -530,13 +515,7 @@ impl<'a> Closing<'a> {
 
     /// The reservation of `f` on `port` as if its last packet were `ago_ns` ago.
     fn age_by(&mut self, f: &Frame, port: u16, ago_ns: u64) {
-        let key = self.reply_key(f, port);
-        let mut entry = self
-            .node
-            .dp
-            .snat_entry(&key)
-            .expect("snat map")
-            .expect("reservation");
+        let (key, mut entry) = self.reservation(f, port);
         entry.last_seen_ns = coarse_now_ns() - ago_ns;
         self.node.dp.set_snat_entry(&key, &entry).expect("aged");
     }
@@ -563,7 +542,7 @@ fn a_flow_the_client_closed_or_reset_frees_its_port_10_s_later() {
         let mut t = Closing::new(node, svcs);
         let first = t.flow(44_001);
         t.forward("first opens", &first, PORT_MIN);
-        let fin = established(&first).fin();
+        let fin = first.clone().established().fin();
         t.forward("first's FIN", &fin, PORT_MIN);
         t.backend_sends("the backend's FIN", &first, PORT_MIN, Frame::fin);
         assert_eq!(t.state(&first, PORT_MIN), FINS);
@@ -595,7 +574,7 @@ fn a_flow_the_backend_closed_keeps_its_port_until_none_other_is_free() {
         let first = t.flow(44_001);
         t.forward("first opens", &first, PORT_MIN);
         t.backend_sends("the backend's FIN", &first, PORT_MIN, Frame::fin);
-        let fin = established(&first).fin();
+        let fin = first.clone().established().fin();
         t.forward("first's FIN", &fin, PORT_MIN);
         assert_eq!(t.state(&first, PORT_MIN), FINS | SNAT_STATE_BACKEND_WAITS);
         t.dropped("second, within 10 s of the close", &t.flow(44_100));
@@ -644,7 +623,7 @@ fn of_the_closed_ports_the_longest_idle_goes_first() {
             };
             t.forward("opens", &f, port);
             t.backend_sends("the backend's FIN", &f, port, Frame::fin);
-            t.forward("the client's FIN", &established(&f).fin(), port);
+            t.forward("the client's FIN", &f.clone().established().fin(), port);
             closed.push((f, port));
         }
         // The first closed 12 s ago, the second 50 s ago.

@@ -46,7 +46,7 @@ use lb_agent::dataplane::Dataplane;
 use lb_common::maps;
 use lb_common::reason::{XDP_PASS, XDP_REDIRECT};
 use lb_common::{FRONTEND_F_DSR, FRONTEND_F_SNAT, PROTO_TCP, Reason, dsr::IPPROTO_IPIP};
-use lb_testbed::frames::{Frame, L4};
+use lb_testbed::frames::Frame;
 use lb_testbed::node::{
     CLIENT_MAC, LB_CLIENT_MAC, Router, Service, client_v4, client_v6, load_dataplane, node_config,
     node_v4, reply_from, services, vip_v4, vip_v6,
@@ -743,10 +743,7 @@ fn established_in_full_table(
         .min(filling.flows);
     let first = filling.flows - span;
     // The filling case's flows, past their SYN.
-    let mut flow = syn.clone();
-    if let L4::Tcp { syn, .. } = &mut flow.l4 {
-        *syn = false;
-    }
+    let flow = syn.clone().established();
     let frames = new_flows(&flow, FILL_FIRST_HOST);
     let case = Case {
         name: "established flow, full table",

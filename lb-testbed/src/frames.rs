@@ -74,6 +74,15 @@ impl Frame {
         self
     }
 
+    /// This segment past the handshake: SYN clear (an ACK), the payload kept.
+    #[must_use]
+    pub fn established(mut self) -> Frame {
+        if let L4::Tcp { syn, .. } = &mut self.l4 {
+            *syn = false;
+        }
+        self
+    }
+
     /// This segment with FIN set, without a payload.
     #[must_use]
     pub fn fin(mut self) -> Frame {

@@ -376,14 +376,11 @@ pub fn rev_snat(frame: &Frame, from: IpAddr, port: u16, macs: ([u8; 6], [u8; 6])
 /// The reply a backend sends for `frame` after DNAT to (`backend`, `port`).
 pub fn reply_from(frame: &Frame, backend: IpAddr, port: u16, n: u8) -> Frame {
     let (sport, _) = frame.ports();
-    let mut r = frame.clone();
+    let mut r = frame.clone().established();
     r.src = backend;
     r.dst = frame.src;
     r.set_ports(port, sport);
     r.payload = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
-    if let L4::Tcp { syn, .. } = &mut r.l4 {
-        *syn = false;
-    }
     r.macs(backend_mac(n), LB_BACKEND_MAC)
 }
 
