@@ -886,7 +886,9 @@ impl Requests {
         let shared = Arc::clone(&self.shared);
         let snapshot = Arc::clone(&self.snapshots.borrow());
         let conn = Arc::clone(&self.conn);
-        Box::pin(async move { handle(&shared, &snapshot, &conn, guard, req).await })
+        // `handle` itself, not an `async` block around it: a block would hold the
+        // request, and `handle`'s future, once more.
+        Box::pin(handle(shared, snapshot, conn, guard, req))
     }
 }
 
@@ -898,13 +900,13 @@ struct Conn {
 }
 
 async fn handle(
-    shared: &Shared,
-    snapshot: &Snapshot,
-    conn: &Conn,
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    conn: Arc<Conn>,
     guard: RequestGuard,
     req: Request<ClientBody>,
 ) -> Response<Body> {
-    let mut response = match forward(shared, snapshot, conn, req).await {
+    let mut response = match forward(&shared, &snapshot, &conn, req).await {
         Ok(response) => response,
         Err(local) => {
             shared.metrics.local_answer(local.reason);
@@ -1675,17 +1677,25 @@ async fn try_send(
             let answer = conn.send(req).await?;
             Ok((answer, Some(conn)))
         }
-        Sender::H2(mut sender) => {
-            if let Err(e) = sender.ready().await {
-                return Err((e.into(), Some(req)));
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => Ok((Answer::Hyper(response), None)),
-                Err(mut e) => {
-                    let unsent = e.take_message();
-                    Err((e.into_error().into(), unsent))
-                }
-            }
+        // Boxed: hyper's HTTP/2 client futures would make every HTTP/1.1 request's
+        // future as large as theirs.
+        Sender::H2(sender) => Box::pin(try_send_h2(sender, req)).await,
+    }
+}
+
+/// [`try_send`] on a shared HTTP/2 connection.
+async fn try_send_h2(
+    mut sender: hyper::client::conn::http2::SendRequest<Body>,
+    req: Request<Body>,
+) -> Result<Sent, (BoxError, Option<Request<Body>>)> {
+    if let Err(e) = sender.ready().await {
+        return Err((e.into(), Some(req)));
+    }
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok((Answer::Hyper(response), None)),
+        Err(mut e) => {
+            let unsent = e.take_message();
+            Err((e.into_error().into(), unsent))
         }
     }
 }

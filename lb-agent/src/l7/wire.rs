@@ -116,11 +116,9 @@ impl Connection {
     /// Writes `req` (its head in one write, then its body as the client sends it) and
     /// reads the response head, which may come before the body is all sent (an early
     /// 413, say; the connection is then not reused). On failure, the request if it never
-    /// reached the backend (so it can be sent elsewhere).
-    pub async fn exchange(
-        &mut self,
-        req: Request<Body>,
-    ) -> Result<(Parts, Decoder), (WireError, Option<Request<Body>>)> {
+    /// reached the backend (so it can be sent elsewhere). The head is encoded now; the
+    /// returned future, which owns only what the exchange needs, does the rest.
+    pub fn exchange(&mut self, req: Request<Body>) -> Exchange<'_> {
         self.reusable = false;
         let sending = Sending::of(&req);
         let head_only = req.method() == Method::HEAD;
@@ -133,43 +131,21 @@ impl Connection {
             Sending::Nothing => (Some(body), None),
             _ => (None, Some(body)),
         };
-        let mut out = Outgoing {
-            body,
-            chunked: sending == Sending::Chunked,
-            buf: head,
-            pos: 0,
-            wrote: false,
-            trailers: None,
-            done: false,
-        };
-        let answer = std::future::poll_fn(|cx| {
-            let sent = if out.done {
-                Poll::Ready(Ok(()))
-            } else {
-                out.poll_send(cx, self.io.get_mut())
-            };
-            // An answer wins over the rest of the body, and over a write that failed
-            // because the backend answered early and closed.
-            if let Poll::Ready(answer) = self.poll_head(cx, head_only, upgrade) {
-                if !out.all_written() {
-                    self.reusable = false;
-                }
-                return Poll::Ready(answer);
-            }
-            match sent {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            }
-        })
-        .await;
-        // The buffer's allocation serves the next request's head.
-        self.head = std::mem::take(&mut out.buf);
-        answer.map_err(|e| {
-            let unsent = kept
-                .filter(|_| !out.wrote)
-                .map(|body| Request::from_parts(parts, body));
-            (e, unsent)
-        })
+        Exchange {
+            conn: self,
+            out: Outgoing {
+                body,
+                chunked: sending == Sending::Chunked,
+                buf: head,
+                pos: 0,
+                wrote: false,
+                trailers: None,
+                done: false,
+            },
+            unsent: kept.map(|body| (parts, body)),
+            head_only,
+            upgrade,
+        }
     }
 
     /// Reads until a final response head (a 1xx other than an asked-for 101 is
@@ -220,6 +196,57 @@ impl Connection {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.read.reserve(READ_CHUNK);
         tokio_util::io::poll_read_buf(Pin::new(self.io.get_mut()), cx, &mut self.read)
+    }
+}
+
+/// One exchange on a [`Connection`] (see [`Connection::exchange`]): a future of its
+/// own, not an `async fn`, so that it holds the request's parts once. As an `async fn`
+/// it was 976 bytes, and every layer above it carried the request again; each is
+/// copied when a request's future is built.
+pub struct Exchange<'c> {
+    conn: &'c mut Connection,
+    out: Outgoing,
+    /// A request without a body, to give back if none of it was written.
+    unsent: Option<(hyper::http::request::Parts, Body)>,
+    head_only: bool,
+    upgrade: bool,
+}
+
+impl Future for Exchange<'_> {
+    type Output = Result<(Parts, Decoder), (WireError, Option<Request<Body>>)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let (conn, out) = (&mut *this.conn, &mut this.out);
+        let sent = if out.done {
+            Poll::Ready(Ok(()))
+        } else {
+            out.poll_send(cx, conn.io.get_mut())
+        };
+        // An answer wins over the rest of the body, and over a write that failed
+        // because the backend answered early and closed.
+        let answer = match conn.poll_head(cx, this.head_only, this.upgrade) {
+            Poll::Ready(answer) => {
+                if !out.all_written() {
+                    conn.reusable = false;
+                }
+                answer
+            }
+            Poll::Pending => match sent {
+                Poll::Ready(Err(e)) => Err(e),
+                _ => return Poll::Pending,
+            },
+        };
+        // The buffer's allocation serves the next request's head.
+        conn.head = std::mem::take(&mut out.buf);
+        Poll::Ready(answer.map_err(|e| {
+            let unsent = this
+                .unsent
+                .take()
+                .filter(|_| !out.wrote)
+                .map(|(parts, body)| Request::from_parts(parts, body));
+            (e, unsent)
+        }))
     }
 }
 
