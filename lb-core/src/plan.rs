@@ -661,7 +661,12 @@ impl Planner<'_> {
             .map(|id| (meta_endpoint(&applied.backends[&id]), id))
             .collect();
         let mut kept = BTreeMap::new();
-        for (endpoint, backend) in &service.backends {
+        // Serving backends take new ids before draining ones (weight 0: not ready, or
+        // terminating), so that when the ids run out a draining one, which keeps only
+        // open connections, goes without rather than one that new connections need.
+        let (serving, draining): (Vec<_>, Vec<_>) =
+            service.backends.iter().partition(|(_, b)| b.weight > 0);
+        for (endpoint, backend) in serving.into_iter().chain(draining) {
             let Some(id) = existing
                 .remove(endpoint)
                 .or_else(|| self.backend_ids.take())

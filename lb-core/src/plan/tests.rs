@@ -795,6 +795,37 @@ fn draining_rewrites_the_slot_with_the_draining_flag_and_undraining_clears_it() 
     assert_eq!(drained(&maps), 0);
 }
 
+/// New ids go to serving backends first: when the pool runs out, the one left
+/// without is a draining backend (its open connections move), not one that new
+/// connections need.
+#[test]
+fn serving_backends_take_new_ids_before_draining_ones() {
+    let mut maps = FakeMaps::default();
+    let want = desired(vec![(
+        "web",
+        service(
+            &[fe(10, 80)],
+            &[
+                (ep(11, 8080), 0, UP),
+                (ep(12, 8080), 1, UP),
+                (ep(13, 8080), 0, UP),
+            ],
+        ),
+    )]);
+    converge(&mut maps, &want);
+    let id_of = |last: u8| {
+        let addr = IpAddr::from([192, 0, 2, last]);
+        maps.slots
+            .iter()
+            .find(|(_, b)| b.addr == addr_key(addr).0)
+            .map(|(id, _)| *id)
+            .expect("has a slot")
+    };
+    // In address order the draining 192.0.2.11 came first and took the lowest id.
+    assert!(id_of(12) < id_of(11), "{:?}", maps.slots);
+    assert!(id_of(12) < id_of(13), "{:?}", maps.slots);
+}
+
 #[test]
 fn one_changed_service_among_many_is_the_only_one_planned() {
     let mut maps = FakeMaps::default();
