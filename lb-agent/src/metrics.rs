@@ -6,7 +6,7 @@
 //! `service_bytes_total` (`direction` = `to_backend` | `to_client`),
 //! `service_new_flows_total`, `service_rejected_flows_total`,
 //! `service_source_denied_flows_total`; `frontend_info` (service -> frontend);
-//! per backend `backend_new_flows_total` and `backend_up`; `xdp_packets_total` and
+//! per backend `backend_new_flows_total`, `backend_up` and `backend_draining`; `xdp_packets_total` and
 //! `xdp_bytes_total` by `reason` and `verdict`; `table_entries` and `table_capacity`
 //! by `table`; `dataplane_metrics_up`; `metrics_backends_omitted`;
 //! `reconcile_lag_seconds`.
@@ -119,6 +119,8 @@ struct BackendRow {
     backend: String,
     new_flows: u64,
     up: Option<bool>,
+    /// Weight 0: new flows go elsewhere, open ones stay (`None` for `other`).
+    draining: Option<bool>,
 }
 
 fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane::DataplaneError> {
@@ -153,6 +155,7 @@ fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane:
                 backend: meta_endpoint(meta).to_string(),
                 new_flows,
                 up: Some(meta.health != HEALTH_DOWN),
+                draining: Some(meta.weight == 0),
             });
         } else {
             scrape.omitted += 1;
@@ -166,6 +169,7 @@ fn read(dp: &Dataplane, max_backends: usize) -> Result<Scrape, crate::dataplane:
             backend: "other".into(),
             new_flows,
             up: None,
+            draining: None,
         }));
     scrape.reasons = dp
         .reason_stats()?
@@ -385,6 +389,22 @@ fn encode_backends(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), st
                         ("backend", b.backend.clone()),
                     ],
                     i64::from(up),
+                )
+            })
+        }),
+    )?;
+    gauge(
+        encoder,
+        "backend_draining",
+        "1 while the backend gets no new flows but keeps its open ones (weight 0: a not-ready or terminating endpoint, or the weight annotation), else 0",
+        s.backends.iter().filter_map(|b| {
+            b.draining.map(|draining| {
+                (
+                    [
+                        ("service", b.service.clone()),
+                        ("backend", b.backend.clone()),
+                    ],
+                    i64::from(draining),
                 )
             })
         }),

@@ -415,6 +415,18 @@ fn an_endpoint_that_stops_being_ready_keeps_its_open_connections() {
             .unwrap_or_else(|e| panic!("request {n} on the open connection after: {e:#}"));
         assert_eq!(again, "backend-2", "the open connection moved");
     }
+    // An operator sees which backend drains.
+    let (_, metrics) = http_get(&bed, 9190, "/metrics").expect("metrics");
+    let draining: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("xlb_backend_draining{"))
+        .collect();
+    let drained = format!("backend=\"{}:{API_PORT}\"", Topology::backend_v4(2));
+    assert_eq!(draining.len(), 3, "{metrics}");
+    for line in draining {
+        let want = if line.contains(&drained) { " 1" } else { " 0" };
+        assert!(line.ends_with(want), "{line}");
+    }
 }
 
 #[test]
