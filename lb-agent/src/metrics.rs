@@ -377,37 +377,30 @@ fn encode_backends(encoder: &mut DescriptorEncoder, s: &Scrape) -> Result<(), st
             )
         }),
     )?;
-    gauge(
-        encoder,
-        "backend_up",
-        "1 while the backend passes its health checks (or has none), 0 while it is down",
-        s.backends.iter().filter_map(|b| {
-            b.up.map(|up| {
+    let flag = |of: fn(&BackendRow) -> Option<bool>| {
+        s.backends.iter().filter_map(move |b| {
+            of(b).map(|on| {
                 (
                     [
                         ("service", b.service.clone()),
                         ("backend", b.backend.clone()),
                     ],
-                    i64::from(up),
+                    i64::from(on),
                 )
             })
-        }),
+        })
+    };
+    gauge(
+        encoder,
+        "backend_up",
+        "1 while the backend passes its health checks (or has none), 0 while it is down",
+        flag(|b| b.up),
     )?;
     gauge(
         encoder,
         "backend_draining",
         "1 while the backend gets no new flows but keeps its open ones (weight 0: a not-ready or terminating endpoint, or the weight annotation), else 0",
-        s.backends.iter().filter_map(|b| {
-            b.draining.map(|draining| {
-                (
-                    [
-                        ("service", b.service.clone()),
-                        ("backend", b.backend.clone()),
-                    ],
-                    i64::from(draining),
-                )
-            })
-        }),
+        flag(|b| b.draining),
     )?;
     gauge1(
         encoder,
