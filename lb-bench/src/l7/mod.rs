@@ -998,6 +998,8 @@ struct Comparison {
     p99_ratio: Option<f64>,
     /// Proxy CPU per request, xlb / nginx (lower is better).
     cpu_per_request_ratio: Option<f64>,
+    /// The same, round by round.
+    cpu_per_request_by_round: Option<RoundRatios>,
     target_met: bool,
     /// The `--baseline-agent` build, and xlb over it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1015,6 +1017,49 @@ struct AgainstBaseline {
     requests_per_sec_ratio: Option<f64>,
     p99_ratio: Option<f64>,
     cpu_per_request_ratio: Option<f64>,
+    /// The same, round by round.
+    cpu_per_request_by_round: Option<RoundRatios>,
+}
+
+/// xlb's CPU per request over another proxy's, taken in each round (the two measured
+/// within a minute of each other) and then summarised: the spread shows how far one
+/// run's ratio of medians can be trusted, which on a shared machine is often less
+/// than a change is worth.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct RoundRatios {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl RoundRatios {
+    fn of(runs: &[Run], scenario: &str, other: Proxy) -> Option<RoundRatios> {
+        let cpu = |proxy: Proxy, round: u32| {
+            runs.iter()
+                .find(|r| r.scenario == scenario && r.proxy == proxy && r.round == round)
+                .map(|r| r.proxy_cpu_us_per_request)
+        };
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.scenario == scenario && r.proxy == Proxy::Xlb)
+            .filter_map(|x| ratio(x.proxy_cpu_us_per_request, cpu(other, x.round)?))
+            .collect();
+        let min = ratios.iter().copied().reduce(f64::min)?;
+        let max = ratios.iter().copied().reduce(f64::max)?;
+        Some(RoundRatios {
+            median: report::median(ratios),
+            min,
+            max,
+        })
+    }
+}
+
+/// `median (min-max)` of [`RoundRatios`], or `-`.
+fn by_round(r: Option<RoundRatios>) -> String {
+    r.map_or_else(
+        || "-".to_owned(),
+        |r| format!("{:.3} ({:.3}-{:.3})", r.median, r.min, r.max),
+    )
 }
 
 fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
@@ -1042,6 +1087,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
             let p99_ratio = ratio(xlb.p99_ms, nginx.p99_ms);
             let cpu_per_request_ratio =
                 ratio(xlb.proxy_cpu_us_per_request, nginx.proxy_cpu_us_per_request);
+            let by_round = |other: Proxy| RoundRatios::of(runs, scenario.label(), other);
             let target_met = requests_per_sec_ratio.is_some_and(|r| r >= TARGET_RPS_RATIO)
                 && p99_ratio.is_some_and(|r| r <= 1.0);
             let against = |proxy: Proxy| {
@@ -1053,6 +1099,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                         xlb.proxy_cpu_us_per_request,
                         figures.proxy_cpu_us_per_request,
                     ),
+                    cpu_per_request_by_round: by_round(proxy),
                     figures,
                 }
             };
@@ -1069,6 +1116,7 @@ fn summarize(args: &Args, runs: &[Run]) -> Vec<Comparison> {
                 requests_per_sec_ratio,
                 p99_ratio,
                 cpu_per_request_ratio,
+                cpu_per_request_by_round: by_round(Proxy::Nginx),
                 target_met,
                 baseline,
                 floor,
@@ -1229,7 +1277,7 @@ fn print_baseline(args: &Args, summary: &[Comparison]) {
         let Some(b) = &c.baseline else { continue };
         println!(
             "  {:<11} baseline {:>7.0} req/s p99 {:>7.3} ms {:>6.1} us/req   xlb {:>7.0} req/s \
-             p99 {:>7.3} ms {:>6.1} us/req   ratios r/s {} p99 {} us/req {}",
+             p99 {:>7.3} ms {:>6.1} us/req   ratios r/s {} p99 {} us/req {} (by round {})",
             c.scenario,
             b.figures.requests_per_sec,
             b.figures.p99_ms,
@@ -1240,6 +1288,7 @@ fn print_baseline(args: &Args, summary: &[Comparison]) {
             cell(b.requests_per_sec_ratio, 3),
             cell(b.p99_ratio, 3),
             cell(b.cpu_per_request_ratio, 3),
+            by_round(b.cpu_per_request_by_round),
         );
     }
 }
@@ -1258,7 +1307,7 @@ fn print_floor(summary: &[Comparison]) {
         let Some(f) = &c.floor else { continue };
         println!(
             "  {:<11} floor {:>7.0} req/s p99 {:>7.3} ms {:>6.1} us/req ({:.1} / {:.1})   \
-             us/req over the floor's: nginx {} xlb {}",
+             us/req over the floor's: nginx {} xlb {} (by round {})",
             c.scenario,
             f.figures.requests_per_sec,
             f.figures.p99_ms,
@@ -1273,6 +1322,7 @@ fn print_floor(summary: &[Comparison]) {
                 3
             ),
             cell(f.cpu_per_request_ratio, 3),
+            by_round(f.cpu_per_request_by_round),
         );
     }
 }
@@ -1283,13 +1333,14 @@ fn print_cpu(args: &Args, summary: &[Comparison]) {
     for c in summary {
         println!(
             "  {:<11} nginx {:.2} CPUs {:>7.1} us/req   xlb {:.2} CPUs {:>7.1} us/req   \
-             xlb/nginx us/req {}",
+             xlb/nginx us/req {}   by round {}",
             c.scenario,
             c.nginx.proxy_cpus_busy,
             c.nginx.proxy_cpu_us_per_request,
             c.xlb.proxy_cpus_busy,
             c.xlb.proxy_cpu_us_per_request,
             cell(c.cpu_per_request_ratio, 3),
+            by_round(c.cpu_per_request_by_round),
         );
     }
     println!("  of which user / kernel (utime / stime, us per request):");
@@ -1492,6 +1543,39 @@ mod tests {
         assert!((baseline.cpu_per_request_ratio.unwrap() - 0.5).abs() < 1e-12);
         // The target stays xlb against nginx.
         assert!(!summary[0].target_met);
+    }
+
+    /// Each round's xlb run is paired with the other proxy's of the same round.
+    #[test]
+    fn cpu_ratios_are_also_taken_round_by_round() {
+        let args = parse_args::<Args>(&["--scenarios", "http", "--baseline-agent", "/b/lb-agent"]);
+        let at = |proxy, round, cpu| {
+            let mut r = run(proxy, 100.0, 2.0);
+            r.round = round;
+            r.proxy_cpu_us_per_request = cpu;
+            r
+        };
+        let runs = [
+            at(Proxy::Nginx, 0, 20.0),
+            at(Proxy::Xlb, 0, 10.0),
+            at(Proxy::Baseline, 0, 10.0),
+            at(Proxy::Nginx, 1, 10.0),
+            at(Proxy::Xlb, 1, 8.0),
+            at(Proxy::Baseline, 1, 10.0),
+            at(Proxy::Nginx, 2, 12.0),
+            at(Proxy::Xlb, 2, 12.0),
+            at(Proxy::Baseline, 2, 16.0),
+        ];
+        let summary = summarize(&args, &runs);
+        let nginx = summary[0].cpu_per_request_by_round.unwrap();
+        assert_eq!((nginx.median, nginx.min, nginx.max), (0.8, 0.5, 1.0));
+        let baseline = summary[0].baseline.as_ref().unwrap();
+        let rounds = baseline.cpu_per_request_by_round.unwrap();
+        assert_eq!((rounds.median, rounds.min, rounds.max), (0.8, 0.75, 1.0));
+        // The ratio of the medians (10 / 10) can differ from the rounds' median.
+        assert!((baseline.cpu_per_request_ratio.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(super::by_round(Some(rounds)), "0.800 (0.750-1.000)");
+        assert_eq!(super::by_round(None), "-");
     }
 
     #[test]
