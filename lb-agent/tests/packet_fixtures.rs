@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_agent::dataplane::Dataplane;
 use lb_common::{
-    Affinity, AffinityKey, BACKEND_F_DRAINING, Backend, ClientKey, FLOW_F_FRONTEND_REMEMBERED,
-    FRONTEND_F_REJECT_EMPTY, FRONTEND_F_SOURCE_RANGES, FlowKey, PROTO_TCP, Reason, TrackedFlow,
-    maps,
+    Affinity, AffinityKey, Backend, ClientKey, FLOW_F_FRONTEND_REMEMBERED, FRONTEND_F_REJECT_EMPTY,
+    FRONTEND_F_SOURCE_RANGES, FlowKey, PROTO_TCP, Reason, TrackedFlow, maps,
     reason::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
 };
 use lb_testbed::frames::Frame;
@@ -916,24 +915,7 @@ fn affinity_does_not_send_new_flows_to_a_drained_backend() {
         add_affinity_v6(node, svcs);
         for svc in &mut svcs[AFFINITY_V4..=AFFINITY_V6] {
             let first = first_connection(node, svc, 40_550);
-            // Drained as the agent does it: the new table first, then the flag.
-            svc.backends.retain(|b| b.0 != first.0);
-            svc.rebuild_table();
-            node.dp
-                .set_maglev_table(svc.id, &svc.table)
-                .expect("new table");
-            node.dp
-                .set_backend(
-                    first.0,
-                    Backend {
-                        addr: addr16(first.1),
-                        port: first.2.to_be(),
-                        family: family(first.1),
-                        flags: BACKEND_F_DRAINING,
-                        service_id: svc.id,
-                    },
-                )
-                .expect("drain");
+            svc.drain(&mut node.dp, first.0);
             let second = svc.expected_backend(&client_frame(svc, 40_551));
             assert_ne!(second.0, first.0);
             new_connection(node, svc, 40_551, second, "affinity backend drained");
@@ -1583,22 +1565,7 @@ fn a_syn_on_a_reused_port_leaves_a_draining_backend() {
         let (id, backend, bport) = svc.expected_backend(&f);
         node.check(&to_backend("first SYN", &f, backend, bport));
 
-        // Its backend drains as the agent does it: the new table first, then the flag.
-        svc.backends.retain(|b| b.0 != id);
-        svc.rebuild_table();
-        node.dp.set_maglev_table(35, &svc.table).expect("new table");
-        node.dp
-            .set_backend(
-                id,
-                Backend {
-                    addr: addr16(backend),
-                    port: bport.to_be(),
-                    family: family(backend),
-                    flags: BACKEND_F_DRAINING,
-                    service_id: 35,
-                },
-            )
-            .expect("drain");
+        svc.drain(&mut node.dp, id);
         let mut data = f.clone().established();
         data.payload = b"more".to_vec();
         node.check(&to_backend("the open flow's data", &data, backend, bport));

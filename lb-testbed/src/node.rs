@@ -12,8 +12,8 @@ use lb_core::maglev;
 use crate::frames::{Frame, L4};
 use crate::{self as testbed, Netns};
 use lb_common::{
-    AffinityKey, Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend, FrontendKey, PROTO_TCP,
-    PROTO_UDP, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SnatConfig, hash,
+    AffinityKey, BACKEND_F_DRAINING, Backend, FRONTEND_F_CLIENT_AFFINITY, FlowKey, Frontend,
+    FrontendKey, PROTO_TCP, PROTO_UDP, Reason, SNAT_CFG_F_V4, SNAT_CFG_F_V6, SnatConfig, hash,
 };
 
 pub const LB_CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
@@ -272,19 +272,21 @@ impl Service {
         }
     }
 
+    /// The backend slot of `ip`:`port` in this service.
+    fn slot(&self, ip: IpAddr, port: u16, flags: u8) -> Backend {
+        Backend {
+            addr: addr16(ip),
+            port: port.to_be(),
+            family: family(ip),
+            flags,
+            service_id: self.id,
+        }
+    }
+
     pub fn install(&self, dp: &mut Dataplane) {
         for (id, ip, port) in &self.backends {
-            dp.set_backend(
-                *id,
-                Backend {
-                    addr: addr16(*ip),
-                    port: port.to_be(),
-                    family: family(*ip),
-                    flags: 0,
-                    service_id: self.id,
-                },
-            )
-            .expect("backend");
+            dp.set_backend(*id, self.slot(*ip, *port, 0))
+                .expect("backend");
         }
         dp.set_maglev_table(self.id, &self.table).expect("table");
         dp.set_frontend(
@@ -302,6 +304,22 @@ impl Service {
             },
         )
         .expect("frontend");
+    }
+
+    /// Drains backend `id` as the agent does (weight 0): the table without it first,
+    /// then its slot flagged `BACKEND_F_DRAINING`, so its tracked flows keep it.
+    pub fn drain(&mut self, dp: &mut Dataplane, id: u32) {
+        let (_, ip, port) = *self
+            .backends
+            .iter()
+            .find(|b| b.0 == id)
+            .expect("a backend of the service");
+        self.backends.retain(|b| b.0 != id);
+        self.rebuild_table();
+        dp.set_maglev_table(self.id, &self.table)
+            .expect("new table");
+        dp.set_backend(id, self.slot(ip, port, BACKEND_F_DRAINING))
+            .expect("drain");
     }
 
     /// The session-affinity key of `client` for this service.
